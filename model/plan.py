@@ -1,0 +1,337 @@
+"""Embedding plans: which tables exist and which rows each feature reads (numpy only).
+
+A plan is the whole contract between the hashing spec and an embedding module: tables
+(rows x dim, one dim per model), and per feature its lookups (table, hash seed) and how
+many values it pools. Each method is one way of building a plan under a budget:
+
+=====================  ==================================================================
+collisionless          one table per feature, one row per training value + row 0 (unknown)
+hashing-trick          one hashed table per feature, the budget split by vocabulary share
+unified                ONE hashed table, every feature with its own seed
+multi-size-unified     ONE hashed table; feature f concatenates ``lookups_f`` lookups
+semantic-group         one hashed table per declared group (+ per ungrouped feature), split
+                       by vocabulary share, a learned per-feature bias added after lookup
+=====================  ==================================================================
+
+Every budgeted method has *exactly* ``budget_rows * dim`` embedding parameters: the
+semantic-group tables give up one row per biased feature to pay for the biases.
+
+Encoding lays out *slots*: feature by feature, lookup by lookup, ``width`` values each.
+``encode`` turns feature columns into ``rows [N, S]`` (row within the slot's table) and
+``weights [N, S]`` (pooling weights, 0 on padding), which the torch module consumes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from model.data import FeatureColumn
+from model.errors import BudgetError, SpecError
+from model.features import DatasetSpec
+from model.hashing import hash_canonical, lookup_seed, rows_of, vocabulary_rows
+
+METHODS = ("collisionless", "hashing-trick", "unified", "multi-size-unified", "semantic-group")
+BUDGETED_METHODS = tuple(m for m in METHODS if m != "collisionless")
+MAX_MULTI_SIZE_LOOKUPS = 4
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    name: str
+    rows: int
+    dim: int
+
+    @property
+    def parameters(self) -> int:
+        return self.rows * self.dim
+
+
+@dataclass(frozen=True)
+class LookupPlan:
+    """One lookup: a table, and the hash namespace and lookup index that give its seed."""
+
+    table: str
+    namespace: str
+    index: int = 0
+
+    @property
+    def seed(self) -> int:
+        return lookup_seed(self.namespace, self.index)
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    name: str
+    lookups: tuple[LookupPlan, ...]
+    width: int = 1
+    pooling: str = "mean"
+    bias: bool = False
+    vocabulary: bool = False  # collisionless: rows come from the sorted vocabulary keys
+
+
+@dataclass
+class EmbeddingPlan:
+    method: str
+    dim: int
+    tables: tuple[TablePlan, ...]
+    features: tuple[FeaturePlan, ...]
+    budget_rows: int
+    vocabularies: dict[str, np.ndarray] = field(default_factory=dict)
+
+    # --- layout -----------------------------------------------------------------------------
+    def table(self, name: str) -> TablePlan:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+    @property
+    def slots(self) -> int:
+        return sum(len(f.lookups) * f.width for f in self.features)
+
+    @property
+    def groups(self) -> int:
+        """Pooled vectors in the output: one per (feature, lookup)."""
+        return sum(len(f.lookups) for f in self.features)
+
+    @property
+    def output_dim(self) -> int:
+        return self.groups * self.dim
+
+    def feature_columns(self) -> dict[str, tuple[int, int]]:
+        """Output column range [start, stop) of each feature."""
+        out, start = {}, 0
+        for feature in self.features:
+            stop = start + len(feature.lookups) * self.dim
+            out[feature.name] = (start, stop)
+            start = stop
+        return out
+
+    def table_features(self) -> dict[str, list[str]]:
+        """Features that read each table."""
+        out: dict[str, list[str]] = {t.name: [] for t in self.tables}
+        for feature in self.features:
+            for table in dict.fromkeys(lookup.table for lookup in feature.lookups):
+                out[table].append(feature.name)
+        return out
+
+    def slot_tables(self) -> np.ndarray:
+        """Index into ``tables`` of every slot (int64 [S])."""
+        position = {t.name: i for i, t in enumerate(self.tables)}
+        return np.array(
+            [position[lookup.table] for f in self.features for lookup in f.lookups for _ in range(f.width)],
+            dtype=np.int64,
+        )
+
+    def pooling_matrix(self) -> np.ndarray:
+        """float32 [groups, slots]: 1 where a slot belongs to a (feature, lookup) group."""
+        matrix = np.zeros((self.groups, self.slots), dtype=np.float32)
+        slot = 0
+        for group in range(self.groups):
+            width = self._group_widths()[group]
+            matrix[group, slot : slot + width] = 1.0
+            slot += width
+        return matrix
+
+    def _group_widths(self) -> list[int]:
+        return [f.width for f in self.features for _ in f.lookups]
+
+    def bias_columns(self) -> np.ndarray:
+        """Output columns that carry a learned per-feature bias (int64)."""
+        ranges = self.feature_columns()
+        return np.array(
+            [c for f in self.features if f.bias for c in range(*ranges[f.name])], dtype=np.int64
+        )
+
+    # --- sizes ------------------------------------------------------------------------------
+    @property
+    def table_parameters(self) -> int:
+        return sum(t.parameters for t in self.tables)
+
+    @property
+    def bias_parameters(self) -> int:
+        return int(self.bias_columns().size)
+
+    @property
+    def embedding_parameters(self) -> int:
+        """Table rows x dim plus per-feature biases: what the budget pays for."""
+        return self.table_parameters + self.bias_parameters
+
+    def embedding_bytes(self, bytes_per_value: int = 4) -> int:
+        return self.embedding_parameters * bytes_per_value
+
+    # --- encoding ---------------------------------------------------------------------------
+    def encode(self, columns: Mapping[str, FeatureColumn]) -> tuple[np.ndarray, np.ndarray]:
+        """rows int64 [N, S] and pooling weights float32 [N, S] for canonical columns."""
+        missing = [f.name for f in self.features if f.name not in columns]
+        if missing:
+            raise SpecError(f"no column for feature(s) {', '.join(missing)}")
+        row_parts, weight_parts = [], []
+        for feature in self.features:
+            column = columns[feature.name]
+            codes = column.codes[:, : feature.width]
+            if codes.shape[1] < feature.width:
+                pad = np.full((codes.shape[0], feature.width - codes.shape[1]), -1, dtype=codes.dtype)
+                codes = np.concatenate([codes, pad], axis=1)
+            present = codes >= 0
+            if feature.pooling == "mean":
+                weights = present / np.maximum(present.sum(axis=1, keepdims=True), 1)
+            else:
+                weights = present.astype(np.float32)
+            safe_codes = np.where(present, codes, 0)
+            for lookup in feature.lookups:
+                unique_rows = self.rows_of_values(feature, lookup, column.uniques)
+                row_parts.append(unique_rows[safe_codes])
+                weight_parts.append(weights.astype(np.float32))
+        return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)
+
+    def rows_of_values(self, feature: FeaturePlan, lookup: LookupPlan, values: list[bytes]) -> np.ndarray:
+        """Row ids (int64) of canonical values for one lookup of one feature."""
+        keys = hash_canonical(values, lookup.seed, count=len(values))
+        if feature.vocabulary:
+            return vocabulary_rows(keys, self.vocabularies[feature.name])
+        return rows_of(keys, self.table(lookup.table).rows)
+
+    # --- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "dim": self.dim,
+            "budget_rows": self.budget_rows,
+            "tables": [asdict(t) for t in self.tables],
+            "features": [
+                {**asdict(f), "lookups": [asdict(lookup) for lookup in f.lookups]} for f in self.features
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict, vocabularies: Mapping[str, np.ndarray] | None = None) -> EmbeddingPlan:
+        features = tuple(
+            FeaturePlan(**{**f, "lookups": tuple(LookupPlan(**lookup) for lookup in f["lookups"])})
+            for f in raw["features"]
+        )
+        return cls(
+            method=raw["method"],
+            dim=int(raw["dim"]),
+            tables=tuple(TablePlan(**t) for t in raw["tables"]),
+            features=features,
+            budget_rows=int(raw["budget_rows"]),
+            vocabularies=dict(vocabularies or {}),
+        )
+
+
+# --- building plans ---------------------------------------------------------------------------
+
+
+def vocabulary_sizes(columns: Mapping[str, FeatureColumn]) -> dict[str, int]:
+    """Distinct non-missing values per feature (of the training split)."""
+    return {name: len(column.present_values()) for name, column in columns.items()}
+
+
+def collisionless_rows(vocabulary: Mapping[str, int]) -> int:
+    """Rows of the collisionless model: every value plus one unknown row per feature."""
+    return sum(v + 1 for v in vocabulary.values())
+
+
+def resolve_budget(vocabulary: Mapping[str, int], fraction: float | None, rows: int | None) -> int:
+    """Budget in rows: an absolute row count (wins when given), or a fraction of the collisionless rows."""
+    if rows is None:
+        if not fraction or fraction <= 0 or not math.isfinite(fraction):
+            raise BudgetError(f"budget fraction must be positive, got {fraction}")
+        rows = int(round(fraction * collisionless_rows(vocabulary)))
+    if rows <= 0:
+        raise BudgetError(f"budget must be at least one row, got {rows}")
+    return rows
+
+
+def split_by_share(total: int, shares: Mapping[str, float], minimum: int = 1) -> dict[str, int]:
+    """Integers proportional to ``shares`` summing exactly to ``total`` (largest remainder).
+
+    Example: ``split_by_share(10, {"a": 3, "b": 1})`` -> ``{"a": 7, "b": 3}`` (7.5 and 2.5
+    rounded so the sum stays 10; ties go to the first).
+    """
+    names = list(shares)
+    if total < minimum * len(names):
+        raise BudgetError(f"a budget of {total} rows cannot give {len(names)} tables {minimum} row(s) each")
+    spare = total - minimum * len(names)
+    weight = sum(shares.values()) or len(names)
+    exact = {n: spare * ((shares[n] / weight) if sum(shares.values()) else 1 / len(names)) for n in names}
+    out = {n: minimum + int(math.floor(exact[n])) for n in names}
+    left = total - sum(out.values())
+    by_remainder = sorted(names, key=lambda n: (-(exact[n] - math.floor(exact[n])), names.index(n)))
+    for name in by_remainder[:left]:
+        out[name] += 1
+    return out
+
+
+def default_lookups(vocabulary_size: int) -> int:
+    """Multi-size default: one lookup per decade of vocabulary past the first, 1 to 4."""
+    return max(1, min(MAX_MULTI_SIZE_LOOKUPS, math.ceil(math.log10(max(vocabulary_size, 1))) - 1))
+
+
+def build_plan(
+    method: str,
+    spec: DatasetSpec,
+    train_columns: Mapping[str, FeatureColumn],
+    dim: int,
+    budget_fraction: float | None = None,
+    budget_rows: int | None = None,
+) -> EmbeddingPlan:
+    """Plan ``method`` for the features of ``spec``, sized from the training columns."""
+    if method not in METHODS:
+        raise SpecError(f"unknown embedding method {method!r}; choose one of {', '.join(METHODS)}")
+    if dim <= 0:
+        raise SpecError(f"embedding dim must be positive, got {dim}")
+    vocabulary = vocabulary_sizes({f.name: train_columns[f.name] for f in spec.features})
+    widths = {f.name: max(1, f.max_values or train_columns[f.name].codes.shape[1]) for f in spec.features}
+    names = [f.name for f in spec.features]
+
+    def feature(name: str, lookups: tuple[LookupPlan, ...], **extra) -> FeaturePlan:
+        return FeaturePlan(name=name, lookups=lookups, width=widths[name], pooling=spec.feature(name).pooling, **extra)
+
+    if method == "collisionless":
+        tables = tuple(TablePlan(name, vocabulary[name] + 1, dim) for name in names)
+        features = tuple(feature(n, (LookupPlan(n, n),), vocabulary=True) for n in names)
+        vocabularies = {}
+        for name in names:
+            values = train_columns[name].present_values()
+            vocabularies[name] = np.unique(hash_canonical(values, lookup_seed(name), count=len(values)))
+        return EmbeddingPlan(method, dim, tables, features, collisionless_rows(vocabulary), vocabularies)
+
+    budget = resolve_budget(vocabulary, budget_fraction, budget_rows)
+    if budget < len(names):
+        raise BudgetError(f"a budget of {budget} rows is smaller than the {len(names)} features it must serve")
+
+    if method == "hashing-trick":
+        rows = split_by_share(budget, vocabulary)
+        tables = tuple(TablePlan(n, rows[n], dim) for n in names)
+        features = tuple(feature(n, (LookupPlan(n, n),)) for n in names)
+    elif method == "unified":
+        tables = (TablePlan("unified", budget, dim),)
+        features = tuple(feature(n, (LookupPlan("unified", n),)) for n in names)
+    elif method == "multi-size-unified":
+        tables = (TablePlan("unified", budget, dim),)
+        lookups = {f.name: f.lookups or default_lookups(vocabulary[f.name]) for f in spec.features}
+        features = tuple(
+            feature(n, tuple(LookupPlan("unified", n, j) for j in range(lookups[n]))) for n in names
+        )
+    else:  # semantic-group
+        table_of = {n: spec.group_of(n) or n for n in names}
+        members: dict[str, list[str]] = {}
+        for name in names:
+            members.setdefault(table_of[name], []).append(name)
+        biased = {n for n in names if spec.group_of(n)}
+        # Each biased feature pays for its bias (dim values) with one row of the budget.
+        table_rows = budget - len(biased)
+        if table_rows < len(members):
+            raise BudgetError(
+                f"a budget of {budget} rows cannot hold {len(members)} tables and {len(biased)} feature biases"
+            )
+        rows = split_by_share(table_rows, {t: sum(vocabulary[n] for n in m) for t, m in members.items()})
+        tables = tuple(TablePlan(t, rows[t], dim) for t in members)
+        features = tuple(feature(n, (LookupPlan(table_of[n], n),), bias=n in biased) for n in names)
+    return EmbeddingPlan(method, dim, tables, features, budget)

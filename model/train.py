@@ -1,0 +1,260 @@
+"""Training and evaluation: Adam on binary cross-entropy, early stopping on validation AUC.
+
+A run writes a directory that export and the study read back::
+
+    runs/<name>/config.json        the TrainConfig, dataset spec and split sizes
+    runs/<name>/plan.json          the embedding plan (tables, lookups, seeds)
+    runs/<name>/vocabularies.npz   sorted vocabulary keys (collisionless features only)
+    runs/<name>/checkpoint.pt      model state dict (tensors only; load with weights_only=True)
+    runs/<name>/metrics.json       per-epoch history with embedding health, test AUC / LogLoss
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm import tqdm
+
+from model.data import Dataset
+from model.embeddings import PlanEmbedding
+from model.networks import RankingModel, build_network
+from model.plan import EmbeddingPlan, build_plan
+
+DOMINANCE_THRESHOLD = 0.5  # a feature with more gradient than all its table-mates together
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run besides the data. Defaults suit MovieLens-100K."""
+
+    embedding: str = "unified"
+    budget_fraction: float | None = 0.1
+    budget_rows: int | None = None
+    dim: int = 16
+    network: str = "dcn"
+    hidden: tuple[int, ...] = (192,)
+    cross_layers: int = 1
+    learning_rate: float = 1e-3
+    batch_size: int = 256
+    epochs: int = 20
+    patience: int = 2
+    seed: int = 0
+    split_seed: int = 0
+    dominance_threshold: float = DOMINANCE_THRESHOLD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: RankingModel
+    plan: EmbeddingPlan
+    metrics: dict
+    run_dir: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
+    network = build_network(config.network, plan.output_dim, config.hidden, config.cross_layers)
+    return RankingModel(PlanEmbedding(plan), network)
+
+
+def predict(model: RankingModel, rows: np.ndarray, weights: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Probabilities (float32) for encoded examples."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            logits = model(torch.from_numpy(rows[start : start + batch_size]), torch.from_numpy(weights[start : start + batch_size]))
+            out.append(torch.sigmoid(logits).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def evaluate(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    return {
+        "auc": float(roc_auc_score(labels, probabilities)),
+        "logloss": float(log_loss(labels, np.clip(probabilities, 1e-7, 1 - 1e-7), labels=[0, 1])),
+    }
+
+
+def embedding_health(model: RankingModel, plan: EmbeddingPlan, rows: np.ndarray, weights: np.ndarray) -> dict:
+    """Per-feature norm quantiles of the assembled embeddings of (a sample of) examples."""
+    model.eval()
+    with torch.no_grad():
+        vectors = model.embedding(torch.from_numpy(rows[:4096]), torch.from_numpy(weights[:4096]))
+    out = {}
+    for name, (start, stop) in plan.feature_columns().items():
+        norms = vectors[:, start:stop].norm(dim=1).numpy()
+        p5, p50, p95 = np.percentile(norms, [5, 50, 95])
+        out[name] = {"norm_p5": float(p5), "norm_p50": float(p50), "norm_p95": float(p95)}
+    return out
+
+
+def gradient_dominance(plan: EmbeddingPlan, gradient: dict[str, float], threshold: float) -> tuple[dict, list[str]]:
+    """Each feature's share of the gradient flowing into every shared table."""
+    shares, warnings = {}, []
+    for table, features in plan.table_features().items():
+        if len(features) < 2:
+            continue
+        total = sum(gradient[f] for f in features) or 1.0
+        shares[table] = {f: gradient[f] / total for f in features}
+        top = max(features, key=lambda f: shares[table][f])
+        if shares[table][top] > threshold:
+            warnings.append(
+                f"feature {top!r} carries {shares[table][top]:.0%} of the gradient into shared table {table!r}"
+            )
+    return shares, warnings
+
+
+def train(
+    config: TrainConfig,
+    train_set: Dataset,
+    val_set: Dataset,
+    test_set: Dataset,
+    run_dir: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one model; the best validation-AUC epoch is the one kept and tested."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    plan = build_plan(
+        config.embedding, train_set.spec, train_set.columns, config.dim, config.budget_fraction, config.budget_rows
+    )
+    model = build_model(plan, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    train_rows, train_weights = plan.encode(train_set.columns)
+    val_rows, val_weights = plan.encode(val_set.columns)
+    labels = torch.from_numpy(train_set.labels)
+    feature_columns = plan.feature_columns()
+
+    history, warnings = [], []
+    best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
+    train_seconds = 0.0
+    for epoch in range(config.epochs):
+        model.train()
+        started = time.perf_counter()
+        order = torch.from_numpy(rng.permutation(len(train_set)))
+        rows_t, weights_t = torch.from_numpy(train_rows), torch.from_numpy(train_weights)
+        gradient = {name: 0.0 for name in feature_columns}
+        loss_sum, batches = 0.0, range(0, len(order), config.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, file=sys.stderr)
+        for start in bar:
+            index = order[start : start + config.batch_size]
+            vectors = model.embedding(rows_t[index], weights_t[index])
+            vectors.retain_grad()
+            loss = loss_fn(model.network(vectors), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(index)
+            grad = vectors.grad
+            for name, (a, b) in feature_columns.items():
+                gradient[name] += float(grad[:, a:b].norm(dim=1).sum())
+        train_seconds += time.perf_counter() - started
+        gradient = {name: value / len(order) for name, value in gradient.items()}
+        val_metrics = evaluate(val_set.labels, predict(model, val_rows, val_weights))
+        shares, epoch_warnings = gradient_dominance(plan, gradient, config.dominance_threshold)
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / len(order),
+            "val_auc": val_metrics["auc"],
+            "val_logloss": val_metrics["logloss"],
+            "seconds": time.perf_counter() - started,
+            "health": {
+                "norms": embedding_health(model, plan, val_rows, val_weights),
+                "gradient_per_feature": gradient,
+                "gradient_share_per_table": shares,
+            },
+        }
+        history.append(entry)
+        for message in epoch_warnings:
+            if message not in warnings:
+                warnings.append(message)
+                print(f"warning: epoch {epoch + 1}: {message}", file=sys.stderr)
+        if progress:
+            print(
+                f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}  val AUC {val_metrics['auc']:.4f}"
+                f"  val LogLoss {val_metrics['logloss']:.4f}  ({entry['seconds']:.1f}s)",
+                file=sys.stderr,
+            )
+        if val_metrics["auc"] > best_auc:
+            best_auc, best_epoch, stale = val_metrics["auc"], epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    test_rows, test_weights = plan.encode(test_set.columns)
+    test_metrics = evaluate(test_set.labels, predict(model, test_rows, test_weights))
+    metrics = {
+        "dataset": train_set.name,
+        "embedding": config.embedding,
+        "test_auc": test_metrics["auc"],
+        "test_logloss": test_metrics["logloss"],
+        "best_epoch": best_epoch,
+        "best_val_auc": best_auc,
+        "epochs_run": len(history),
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / max(len(history), 1),
+        "budget_rows": plan.budget_rows,
+        "embedding_parameters": plan.embedding_parameters,
+        "embedding_bytes": plan.embedding_bytes(),
+        "tables": {t.name: {"rows": t.rows, "dim": t.dim} for t in plan.tables},
+        "warnings": warnings,
+        "history": history,
+    }
+    result = TrainResult(model=model, plan=plan, metrics=metrics, warnings=warnings)
+    if run_dir is not None:
+        result.run_dir = save_run(run_dir, config, plan, model, metrics, train_set, val_set, test_set)
+    return result
+
+
+def save_run(
+    run_dir: Path,
+    config: TrainConfig,
+    plan: EmbeddingPlan,
+    model: RankingModel,
+    metrics: dict,
+    train_set: Dataset,
+    val_set: Dataset,
+    test_set: Dataset,
+) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_doc = {
+        "train": config.to_dict(),
+        "dataset": {"name": train_set.name, "spec": train_set.spec.to_dict()},
+        "split": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
+    }
+    (run_dir / "config.json").write_text(json.dumps(config_doc, indent=2))
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
+    torch.save(model.state_dict(), run_dir / "checkpoint.pt")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return run_dir
+
+
+def load_run(run_dir: Path) -> tuple[TrainConfig, EmbeddingPlan, RankingModel, dict]:
+    """Rebuild a trained model from its run directory (no pickle: tensors only)."""
+    doc = json.loads((run_dir / "config.json").read_text())
+    raw = doc["train"]
+    raw["hidden"] = tuple(raw["hidden"])
+    config = TrainConfig(**raw)
+    with np.load(run_dir / "vocabularies.npz", allow_pickle=False) as stored:
+        vocabularies = {name: stored[name] for name in stored.files}
+    plan = EmbeddingPlan.from_dict(json.loads((run_dir / "plan.json").read_text()), vocabularies)
+    model = build_model(plan, config)
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True))
+    model.eval()
+    return config, plan, model, doc

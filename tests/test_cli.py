@@ -1,0 +1,49 @@
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+
+
+def uembed(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "uembed", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_explains_the_commands():
+    result = uembed("train", "--help")
+    assert result.returncode == 0
+    for option in ("--dataset", "--embedding", "--budget", "--budget-rows", "--spec", "--seed"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "missing.csv", "--spec", "spec.toml"], "data file missing.csv does not exist"),
+        (["--dataset", "data.csv"], "--spec is required"),
+        (["--dataset", "data.csv", "--spec", "spec.toml", "--budget-rows", "1"], "smaller than the 2 features"),
+        (["--dataset", "synthetic:huge"], "unknown synthetic preset 'huge'"),
+    ],
+)
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, args, message):
+    pacsv.write_csv(pa.table({"a": ["x", "y"] * 5, "b": ["1", "2"] * 5, "y": [0, 1] * 5}), tmp_path / "data.csv")
+    (tmp_path / "spec.toml").write_text("label = 'y'\n[[features]]\nname = 'a'\n[[features]]\nname = 'b'\n")
+    result = uembed("train", *args, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in result.stderr
+
+
+def test_train_on_a_user_file_from_the_cli(tmp_path):
+    rows = 400
+    table = pa.table({"a": [f"v{i % 40}" for i in range(rows)], "b": [str(i % 7) for i in range(rows)], "y": [int(i % 40 < 20) for i in range(rows)]})
+    pacsv.write_csv(table, tmp_path / "data.csv")
+    (tmp_path / "spec.toml").write_text("label = 'y'\n[[features]]\nname = 'a'\n[[features]]\nname = 'b'\n")
+    result = uembed(
+        "train", "--dataset", "data.csv", "--spec", "spec.toml", "--embedding", "hashing-trick",
+        "--budget", "0.5", "--epochs", "2", "--quiet", "--name", "r", "--runs-dir", "runs", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "test AUC" in result.stdout and (tmp_path / "runs" / "r" / "checkpoint.pt").is_file()

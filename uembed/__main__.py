@@ -1,0 +1,5 @@
+import sys
+
+from uembed.cli import main
+
+sys.exit(main())

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -80,19 +80,27 @@ class Dataset:
     spec: DatasetSpec
     columns: dict[str, FeatureColumn]
     labels: np.ndarray
+    source: dict = field(default_factory=dict)  # the CLI's data options, to load it again
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def take(self, index: np.ndarray) -> Dataset:
-        return Dataset(self.name, self.spec, {n: c.take(index) for n, c in self.columns.items()}, self.labels[index])
+        return Dataset(self.name, self.spec, {n: c.take(index) for n, c in self.columns.items()}, self.labels[index], self.source)
 
     def split(self, seed: int, fractions: tuple[float, float] = (0.8, 0.1)) -> tuple[Dataset, Dataset, Dataset]:
         """Seeded shuffle into train / validation / test (the rest)."""
-        order = np.random.default_rng(seed).permutation(len(self))
-        n_train = int(round(fractions[0] * len(self)))
-        n_val = int(round(fractions[1] * len(self)))
-        return self.take(order[:n_train]), self.take(order[n_train : n_train + n_val]), self.take(order[n_train + n_val :])
+        return tuple(self.take(index) for index in split_indices(len(self), seed, fractions))
+
+
+def split_indices(
+    examples: int, seed: int, fractions: tuple[float, float] = (0.8, 0.1)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of the train / validation / test split (so raw rows can be matched too)."""
+    order = np.random.default_rng(seed).permutation(examples)
+    n_train = int(round(fractions[0] * examples))
+    n_val = int(round(fractions[1] * examples))
+    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
 
 
 def binary_labels(values: np.ndarray, label: LabelSpec, source: str) -> np.ndarray:

@@ -236,6 +236,12 @@ def save_run(
         "train": config.to_dict(),
         "dataset": {"name": train_set.name, "spec": train_set.spec.to_dict()},
         "split": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
+        "source": train_set.source,
+        # A few real training values per feature: the export's hashing test vectors use them.
+        "sample_values": {
+            name: [v.decode("utf-8", "surrogateescape") for v in sorted(column.present_values())[:3]]
+            for name, column in train_set.columns.items()
+        },
     }
     (run_dir / "config.json").write_text(json.dumps(config_doc, indent=2))
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))

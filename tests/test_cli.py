@@ -47,3 +47,8 @@ def test_train_on_a_user_file_from_the_cli(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "test AUC" in result.stdout and (tmp_path / "runs" / "r" / "checkpoint.pt").is_file()
+    exported = uembed("export", "runs/r", "--out", "bundles", "--name", "clicks", "--dtype", "int8", "--evaluate", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert "bundle bundles/clicks/1: int8 rows" in exported.stdout and "bundle test AUC" in exported.stdout
+    again = uembed("export", "runs/r", "--out", "bundles", "--name", "clicks", "--version", "1", cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.startswith("error: bundle bundles/clicks/1 already exists")

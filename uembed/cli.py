@@ -35,7 +35,6 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
-    from model.networks import NETWORKS
     from model.plan import METHODS
 
     parser = commands.add_parser(
@@ -45,13 +44,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "Prints test AUC and LogLoss and writes config, plan, checkpoint and metrics to a run directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="movielens100k", help=DATASET_HELP)
-    data.add_argument("--spec", type=Path, help="feature spec (TOML or JSON) for a data file; see model/features.py")
-    data.add_argument("--label-threshold", type=float, default=3.0, help="MovieLens: label = rating >= this")
-    data.add_argument("--synthetic-examples", type=positive_int, default=200_000, help="examples of a synthetic dataset")
-    data.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 train/validation/test split")
-
+    add_data_options(parser)
     emb = parser.add_argument_group("embeddings")
     emb.add_argument("--embedding", choices=METHODS, default="unified", help="embedding method")
     budget = emb.add_mutually_exclusive_group()
@@ -59,8 +52,32 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--budget", type=float, default=0.1, help="embedding budget as a fraction of the collisionless table's rows"
     )
     budget.add_argument("--budget-rows", type=positive_int, help="embedding budget as an absolute number of rows")
-    emb.add_argument("--dim", type=positive_int, default=16, help="embedding dimension (per lookup)")
+    add_model_options(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of the run directory")
+    out.add_argument("--name", help="run directory name (default: dataset-method-budget-seed-time)")
+    out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    parser.set_defaults(handler=run_train)
 
+
+DATA_OPTIONS = ("dataset", "spec", "label_threshold", "synthetic_examples", "split_seed")
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="movielens100k", help=DATASET_HELP)
+    data.add_argument("--spec", type=Path, help="feature spec (TOML or JSON) for a data file; see model/features.py")
+    data.add_argument("--label-threshold", type=float, default=3.0, help="MovieLens: label = rating >= this")
+    data.add_argument("--synthetic-examples", type=positive_int, default=200_000, help="examples of a synthetic dataset")
+    data.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 train/validation/test split")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from model.networks import NETWORKS
+
+    parser.add_argument_group("embeddings").add_argument(
+        "--dim", type=positive_int, default=16, help="embedding dimension (per lookup)"
+    )
     net = parser.add_argument_group("network and optimiser")
     net.add_argument("--network", choices=NETWORKS, default="dcn", help="dcn: DCN-v2 cross layers then an MLP")
     net.add_argument("--hidden", type=int_list, default=(192,), help="hidden layer sizes, comma-separated")
@@ -71,14 +88,154 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     net.add_argument("--patience", type=positive_int, default=2, help="stop after this many epochs without a better validation AUC")
     net.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
 
-    out = parser.add_argument_group("output")
-    out.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of the run directory")
-    out.add_argument("--name", help="run directory name (default: dataset-method-budget-seed-time)")
-    out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    parser.set_defaults(handler=run_train)
+
+def config_from_args(args: argparse.Namespace, **overrides):
+    from model.train import TrainConfig
+
+    values = dict(
+        dim=args.dim,
+        network=args.network,
+        hidden=args.hidden,
+        cross_layers=args.cross_layers,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        split_seed=args.split_seed,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive budgets, got {text!r}")
+    return values
+
+
+def name_list(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def add_study_parser(commands: argparse._SubParsersAction) -> None:
+    from model.plan import METHODS
+
+    parser = commands.add_parser(
+        "study",
+        help="train methods x budgets x seeds; write a CSV, a markdown table and a Pareto plot",
+        description="Parameter-accuracy study: every method at every budget with every seed, on one dataset "
+        "and one split. Writes runs.csv, summary.md and pareto.png into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_data_options(parser)
+    parser.add_argument("--methods", type=name_list(METHODS), default=METHODS, help="comma-separated methods")
+    parser.add_argument(
+        "--budgets", type=float_list, default=(0.01, 0.03, 0.1, 0.3, 1.0),
+        help="comma-separated budgets, fractions of the collisionless rows",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per (method, budget): 0..N-1")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    add_model_options(parser)
+    parser.set_defaults(handler=run_study_command)
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from model.study import run_study, write_outputs
+
+    torch.set_num_threads(1)
+    dataset = load_dataset(args)
+    records = run_study(dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args))
+    command = "uembed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    summary = write_outputs(records, args.out, command, dataset.name)
+    for row in summary:
+        print(f"{row['method']:>20} {row['budget_fraction']:<6g} AUC {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}  "
+              f"LogLoss {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f}  {row['embedding_bytes']:>10,} bytes")
+    print(f"wrote {args.out}/runs.csv, summary.md, pareto.png")
+    return 0
+
+
+def add_export_parser(commands: argparse._SubParsersAction) -> None:
+    from export.format import ROW_DTYPES
+
+    parser = commands.add_parser(
+        "export",
+        help="turn a training run into a versioned bundle the service can load",
+        description="Export a training run directory as <out>/<name>/<version>/: manifest.json, one row file "
+        "per table, dense.onnx, and (float32, small tables) a full-model ONNX and TorchScript file. "
+        "The bundle is validated by loading it back before the command succeeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("run_dir", type=Path, help="a run directory written by `uembed train`")
+    parser.add_argument("--out", type=Path, default=Path("bundles"), help="bundle store (parent of <name>/)")
+    parser.add_argument("--name", help="model name (default: the run's dataset)")
+    parser.add_argument("--version", help="bundle version (default: one more than the highest numeric version)")
+    parser.add_argument(
+        "--dtype", choices=ROW_DTYPES, default="float32",
+        help="row dtype: float16 halves the rows, int8 (rowwise scale and offset) quarters them, at a small accuracy cost",
+    )  # fmt: skip
+    parser.add_argument(
+        "--full-model-limit-mb", type=float, default=64.0,
+        help="also write model.onnx and model.pt (tables embedded) when the float32 tables are at most this size",
+    )  # fmt: skip
+    parser.add_argument(
+        "--evaluate", action="store_true",
+        help="reload the run's dataset, score its test split with the bundle, and print test AUC and LogLoss",
+    )  # fmt: skip
+    parser.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from export.bundle import export_run
+    from export.loader import load_bundle
+
+    torch.set_num_threads(1)
+    config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() else {}
+    name = args.name or config.get("dataset", {}).get("name", "model")
+    path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20))
+    bundle = load_bundle(path)
+    table_bytes = sum(t.nbytes for t in bundle.tables.values())
+    float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)
+    print(f"bundle {path}: {args.dtype} rows, {table_bytes:,} table bytes ({table_bytes / float32_bytes:.1%} of float32)")
+    if args.evaluate:
+        from export.scorer import ReferenceScorer
+        from model.train import evaluate
+
+        source = config.get("source") or {}
+        data_args = argparse.Namespace(**{**source, "spec": Path(source["spec"]) if source.get("spec") else None})
+        _, _, test_set = read_dataset(data_args).split(source.get("split_seed", 0))
+        rows, weights = bundle.plan.encode(test_set.columns)
+        metrics = evaluate(test_set.labels, ReferenceScorer(bundle).score_encoded(rows, weights))
+        print(f"bundle test AUC {metrics['auc']:.4f}  test LogLoss {metrics['logloss']:.4f}  ({len(test_set):,} examples)")
+    return 0
 
 
 def load_dataset(args: argparse.Namespace):
+    dataset = read_dataset(args)
+    dataset.source = {name: str(getattr(args, name)) if name == "spec" and args.spec else getattr(args, name) for name in DATA_OPTIONS}
+    return dataset
+
+
+def read_dataset(args: argparse.Namespace):
     from model.data import SYNTHETIC_PRESETS, load_file, load_movielens100k, synthetic
     from model.errors import DataError
     from model.features import load_spec
@@ -98,26 +255,17 @@ def load_dataset(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from model.train import TrainConfig, train
+    from model.train import train
 
     # One compute thread per process: measured faster than two on this 2-core machine.
     torch.set_num_threads(1)
     dataset = load_dataset(args)
     train_set, val_set, test_set = dataset.split(args.split_seed)
-    config = TrainConfig(
+    config = config_from_args(
+        args,
         embedding=args.embedding,
         budget_fraction=None if args.budget_rows else args.budget,
         budget_rows=args.budget_rows,
-        dim=args.dim,
-        network=args.network,
-        hidden=args.hidden,
-        cross_layers=args.cross_layers,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        patience=args.patience,
-        seed=args.seed,
-        split_seed=args.split_seed,
     )
     budget = f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
     name = args.name or f"{dataset.name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -139,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(commands)
+    add_study_parser(commands)
+    add_export_parser(commands)
     return parser
 
 

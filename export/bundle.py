@@ -1,0 +1,243 @@
+"""Writing bundles: a trained run directory -> ``<out>/<name>/<version>/``.
+
+A bundle is what the service loads, with no pickle and no training code::
+
+    manifest.json              format version, features, tables, hashing spec + test vectors,
+                               dense input layout, training metrics, software versions
+    tables/<table>.npy         rows, float32 / float16, or uint8 (int8 rowwise-quantised)
+    tables/<table>.scale_bias.npy   float32 [rows, 2] per-row scale and offset (int8 only)
+    vocab/<feature>.npy        sorted uint64 keys of a collisionless feature
+    dense.onnx                 network after the embeddings: embeddings [B, E] -> probability [B]
+    model.onnx, model.pt       full model (rows, weights -> probability), float32 bundles whose
+                               tables fit under the size limit
+
+The bundle is written to a temporary folder beside the target and renamed into place, so
+a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry
+from model.errors import UembedError
+from model.hashing import MISSING, spec_description
+from model.networks import RankingModel
+from model.plan import EmbeddingPlan
+from model.train import load_run
+
+TEST_VECTORS = 12
+
+
+class ExportError(UembedError):
+    kind = "export"
+
+
+class ProbabilityModel(torch.nn.Module):
+    """Full model with a sigmoid: rows ``[B, S]``, weights ``[B, S]`` -> probability ``[B]``."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(rows, weights))
+
+
+class DenseProbability(torch.nn.Module):
+    """The network after the embeddings: embeddings ``[B, E]`` -> probability ``[B]``."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.network = model.network
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.network(embeddings))
+
+
+def quantise_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rowwise int8: uint8 codes and float32 ``[rows, 2]`` (scale, offset); x ~ q * scale + offset."""
+    low = rows.min(axis=1)
+    high = rows.max(axis=1)
+    scale = ((high - low) / 255.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    codes = np.clip(np.rint((rows - low[:, None]) / safe[:, None]), 0, 255).astype(np.uint8)
+    return codes, np.stack([scale, low.astype(np.float32)], axis=1)
+
+
+def test_vectors(plan: EmbeddingPlan, train_values: dict[str, list[bytes]], count: int = TEST_VECTORS) -> list[dict]:
+    """(feature, value) -> rows per lookup, for a few real values of each feature and a missing one."""
+    per_feature = max(1, count // max(len(plan.features), 1))
+    vectors = []
+    for feature in plan.features:
+        values = sorted(train_values.get(feature.name, []))[:per_feature]
+        for value in values + ([MISSING] if feature is plan.features[0] else []):
+            rows = [int(plan.rows_of_values(feature, lookup, [value])[0]) for lookup in feature.lookups]
+            vectors.append({"feature": feature.name, "value": value.decode("utf-8", "surrogateescape"), "rows": rows})
+    return vectors
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("uembed", "torch", "numpy", "onnx", "onnxruntime", "xxhash"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def next_version(root: Path) -> str:
+    existing = [int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()] if root.is_dir() else []
+    return str(max(existing, default=0) + 1)
+
+
+def export_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path) -> None:
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(
+            module.eval(),
+            inputs,
+            str(path),
+            input_names=names,
+            output_names=["probability"],
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def export_run(
+    run_dir: Path,
+    out_root: Path,
+    name: str,
+    version: str | None = None,
+    dtype: str = "float32",
+    full_model_limit_bytes: int = 64 * 2**20,
+) -> Path:
+    """Export a training run as ``out_root/name/version``; returns the bundle path."""
+    if dtype not in ROW_DTYPES:
+        raise ExportError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
+    config, plan, model, doc = load_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    version = version or next_version(out_root / name)
+    target = out_root / name / version
+    if target.exists():
+        raise ExportError(f"bundle {target} already exists; choose another --version")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+    try:
+        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service's user
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def write_bundle(
+    folder: Path,
+    plan: EmbeddingPlan,
+    model: RankingModel,
+    doc: dict,
+    metrics: dict,
+    name: str,
+    version: str,
+    dtype: str,
+    full_model_limit_bytes: int,
+) -> dict:
+    (folder / "tables").mkdir()
+    tables = []
+    weights = {n: w.detach().numpy() for n, w in model.embedding.table_weights().items()}
+    for table in plan.tables:
+        rows = np.ascontiguousarray(weights[table.name], dtype=np.float32)
+        entry = {"name": table.name, "rows": table.rows, "dim": table.dim, "dtype": dtype}
+        if dtype == "int8":
+            codes, scale_bias = quantise_rows(rows)
+            np.save(folder / "tables" / f"{table.name}.npy", codes)
+            np.save(folder / "tables" / f"{table.name}.scale_bias.npy", scale_bias)
+            entry["scale_bias"] = file_entry(folder, f"tables/{table.name}.scale_bias.npy")
+        else:
+            np.save(folder / "tables" / f"{table.name}.npy", rows.astype(dtype))
+        entry.update(file_entry(folder, f"tables/{table.name}.npy"))
+        tables.append(entry)
+
+    spec = doc["dataset"]["spec"]
+    spec_by_name = {f["name"]: f for f in spec["features"]}
+    group_of = {member: group for group, members in spec.get("groups", {}).items() for member in members}
+    bias = model.embedding.bias.detach().numpy().astype(np.float32)
+    bias_at, features = 0, []
+    for feature in plan.features:
+        entry = {**spec_by_name[feature.name], "group": group_of.get(feature.name), "bias": None, "vocabulary": None}
+        if feature.bias:
+            size = len(feature.lookups) * plan.dim
+            entry["bias"] = [float(v) for v in bias[bias_at : bias_at + size]]
+            bias_at += size
+        if feature.vocabulary:
+            (folder / "vocab").mkdir(exist_ok=True)
+            np.save(folder / "vocab" / f"{feature.name}.npy", plan.vocabularies[feature.name])
+            entry["vocabulary"] = {"size": int(plan.vocabularies[feature.name].size), **file_entry(folder, f"vocab/{feature.name}.npy")}
+        features.append(entry)
+
+    example_rows = torch.zeros(2, plan.slots, dtype=torch.long)
+    example_weights = torch.ones(2, plan.slots)
+    export_onnx(DenseProbability(model), (torch.zeros(2, plan.output_dim),), ["embeddings"], folder / "dense.onnx")
+    full_model = None
+    if dtype == "float32" and plan.table_parameters * 4 <= full_model_limit_bytes:
+        export_onnx(ProbabilityModel(model), (example_rows, example_weights), ["rows", "weights"], folder / "model.onnx")
+        torch.jit.script(ProbabilityModel(model).eval()).save(str(folder / "model.pt"))
+        full_model = {
+            "inputs": {"rows": ["batch", plan.slots, "int64"], "weights": ["batch", plan.slots, "float32"]},
+            "output": {"probability": ["batch", "float32"]},
+            "onnx": file_entry(folder, "model.onnx"),
+            "torchscript": file_entry(folder, "model.pt"),
+        }
+
+    train_values = {}
+    for feature in plan.features:
+        # Real values for the test vectors: the collisionless vocabulary cannot be reversed,
+        # so every bundle takes its vectors from the values recorded at training time.
+        train_values[feature.name] = [v.encode("utf-8", "surrogateescape") for v in doc.get("sample_values", {}).get(feature.name, [])]
+    columns = plan.feature_columns()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": software_versions(),
+        "hashing": {**spec_description(), "test_vectors": test_vectors(plan, train_values)},
+        "embedding": plan.to_dict(),
+        "features": features,
+        "label": spec["label"],
+        "tables": tables,
+        "dense": {
+            **file_entry(folder, "dense.onnx"),
+            "input": {"name": "embeddings", "shape": ["batch", plan.output_dim], "dtype": "float32"},
+            "output": {"name": "probability", "shape": ["batch"], "dtype": "float32"},
+            "layout": [{"feature": f, "start": a, "stop": b} for f, (a, b) in columns.items()],
+        },
+        "full_model": full_model,
+        "training": {k: metrics.get(k) for k in ("dataset", "embedding", "test_auc", "test_logloss", "best_epoch", "embedding_bytes")}
+        | {"config": doc.get("train"), "source": doc.get("source")},
+        "command": " ".join(sys.argv),
+    }

@@ -1,0 +1,172 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from export.bundle import ExportError, export_run, quantise_rows
+from export.loader import BundleError, load_bundle
+from export.scorer import ExampleError, ReferenceScorer, onnx_session
+from model.data import load_movielens100k, movielens100k_table, split_indices
+from model.train import TrainConfig, load_run, train
+
+FEATURES = ("user_id", "movie_id", "zip_code", "age", "occupation", "gender", "genres")
+
+
+@pytest.fixture(scope="module")
+def movielens():
+    torch.set_num_threads(1)
+    dataset = load_movielens100k()
+    _, _, test_index = split_indices(len(dataset), 0)
+    raw = movielens100k_table().take(test_index[:1000]).to_pylist()
+    examples = [{name: row[name] for name in FEATURES} for row in raw]
+    return dataset.split(0), examples
+
+
+@pytest.fixture(scope="module", params=["collisionless", "semantic-group", "multi-size-unified"])
+def exported(request, movielens, tmp_path_factory):
+    (train_set, val_set, test_set), _ = movielens
+    root = tmp_path_factory.mktemp(request.param)
+    config = TrainConfig(embedding=request.param, budget_fraction=0.1, epochs=2, seed=0)
+    train(config, train_set, val_set, test_set, run_dir=root / "run", progress=False)
+    bundles = {dtype: export_run(root / "run", root / "bundles", "ml", dtype=dtype) for dtype in ("float32", "float16", "int8")}
+    return root / "run", bundles
+
+
+def test_parity_of_torch_torchscript_onnx_and_reference_scorer(movielens, exported):
+    (_, _, test_set), examples = movielens
+    run_dir, bundles = exported
+    _, plan, model, _ = load_run(run_dir)
+    rows, weights = plan.encode(test_set.take(np.arange(1000)).columns)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(torch.from_numpy(rows), torch.from_numpy(weights))).numpy()
+        scripted = torch.jit.load(str(bundles["float32"] / "model.pt"))(torch.from_numpy(rows), torch.from_numpy(weights)).numpy()
+    full_onnx = onnx_session(bundles["float32"] / "model.onnx").run(None, {"rows": rows, "weights": weights})[0]
+    reference = ReferenceScorer(load_bundle(bundles["float32"])).score(examples)
+    for name, scores in (("torchscript", scripted), ("full onnx", full_onnx), ("reference scorer", reference)):
+        np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_float16_and_int8_bundles_keep_the_auc(movielens, exported):
+    (_, _, test_set), _ = movielens
+    _, bundles = exported
+    aucs = {}
+    for dtype, path in bundles.items():
+        bundle = load_bundle(path)
+        rows, weights = bundle.plan.encode(test_set.columns)
+        aucs[dtype] = roc_auc_score(test_set.labels, ReferenceScorer(bundle).score_encoded(rows, weights))
+        assert bundle.manifest["full_model"] is (None if dtype != "float32" else bundle.manifest["full_model"])
+    assert abs(aucs["float16"] - aucs["float32"]) < 0.002
+    assert abs(aucs["int8"] - aucs["float32"]) < 0.01
+    sizes = {d: sum(t.nbytes for t in load_bundle(p).tables.values()) for d, p in bundles.items()}
+    assert sizes["float16"] * 2 == sizes["float32"] and sizes["int8"] < sizes["float16"]
+
+
+def test_manifest_carries_the_contract(exported):
+    _, bundles = exported
+    manifest = json.loads((bundles["float32"] / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["version"] == "1"
+    assert len(manifest["hashing"]["test_vectors"]) >= 7
+    assert {f["name"] for f in manifest["features"]} == set(FEATURES)
+    assert manifest["dense"]["input"]["shape"][1] == manifest["dense"]["layout"][-1]["stop"]
+    assert manifest["training"]["test_auc"] > 0.5 and manifest["software"]["xxhash"]
+    assert sorted(p.name for p in bundles["float32"].parent.iterdir()) == ["1", "2", "3"]  # no staging left
+
+
+def test_reference_scorer_rejects_unknown_features_and_scores_missing_ones(exported):
+    _, bundles = exported
+    scorer = ReferenceScorer(load_bundle(bundles["float32"]))
+    with pytest.raises(ExampleError, match="examples\\[1\\]: unknown feature\\(s\\) colour"):
+        scorer.score([{"user_id": 1}, {"colour": "red"}])
+    with pytest.raises(ExampleError, match="takes one value"):
+        scorer.score([{"user_id": [1, 2]}])
+    alone = scorer.score([{"user_id": 196}])
+    assert alone.shape == (1,) and 0 < alone[0] < 1
+
+
+def test_quantise_rows_round_trips_within_half_a_step():
+    rows = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
+    rows[3] = 0.25  # a constant row has zero range
+    codes, scale_bias = quantise_rows(rows)
+    restored = codes.astype(np.float32) * scale_bias[:, :1] + scale_bias[:, 1:]
+    assert codes.dtype == np.uint8
+    assert np.all(np.abs(restored - rows) <= scale_bias[:, :1] / 2 + 1e-6)
+    np.testing.assert_array_equal(restored[3], rows[3])
+
+
+@pytest.fixture
+def bundle_copy(exported, tmp_path):
+    _, bundles = exported
+    return shutil.copytree(bundles["float32"], tmp_path / "bundle")
+
+
+def first_table_file(path):
+    return path / json.loads((path / "manifest.json").read_text())["tables"][0]["file"]
+
+
+def edit_manifest(path, change):
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_missing_file_is_refused(bundle_copy):
+    (bundle_copy / "dense.onnx").unlink()
+    with pytest.raises(BundleError, match="file dense.onnx is missing"):
+        load_bundle(bundle_copy)
+
+
+def test_truncated_row_file_is_refused(bundle_copy):
+    table = first_table_file(bundle_copy)
+    table.write_bytes(table.read_bytes()[:-100])
+    with pytest.raises(BundleError, match=f"file tables/{table.name} is truncated"):
+        load_bundle(bundle_copy)
+
+
+def test_flipped_byte_is_refused(bundle_copy):
+    table = first_table_file(bundle_copy)
+    data = bytearray(table.read_bytes())
+    data[-7] ^= 0x01
+    table.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"file tables/{table.name} fails its sha256 checksum"):
+        load_bundle(bundle_copy)
+
+
+def test_unknown_format_version_is_refused(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m.update(format_version=99))
+    with pytest.raises(BundleError, match="format version 99; this build reads version 1"):
+        load_bundle(bundle_copy)
+
+
+def test_mismatched_hashing_test_vector_is_refused(bundle_copy):
+    def corrupt(manifest):
+        manifest["hashing"]["test_vectors"][0]["rows"][0] += 1
+
+    edit_manifest(bundle_copy, corrupt)
+    with pytest.raises(BundleError, match="hashing test vector user_id=.* this build hashes differently"):
+        load_bundle(bundle_copy)
+
+
+def test_a_directory_that_is_not_a_bundle_is_named_as_such(tmp_path):
+    with pytest.raises(BundleError, match="is not a bundle: it has no manifest.json"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="is not a bundle: no such directory"):
+        load_bundle(tmp_path / "absent")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="manifest.json is not valid JSON"):
+        load_bundle(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"name": "something else"}')
+    with pytest.raises(BundleError, match="is not a bundle: manifest.json does not declare format"):
+        load_bundle(tmp_path)
+
+
+def test_export_refuses_an_existing_version_and_a_non_run(exported, tmp_path):
+    run_dir, bundles = exported
+    with pytest.raises(ExportError, match="already exists"):
+        export_run(run_dir, bundles["float32"].parent.parent, "ml", version="1")
+    with pytest.raises(ExportError, match="not a training run directory"):
+        export_run(tmp_path, tmp_path / "out", "ml")
+    with pytest.raises(ExportError, match="row dtype"):
+        export_run(run_dir, tmp_path / "out", "ml", dtype="int4")

@@ -100,9 +100,12 @@ def embedding_health(model: RankingModel, plan: EmbeddingPlan, rows: np.ndarray,
     return out
 
 
-def gradient_dominance(plan: EmbeddingPlan, gradient: dict[str, float], threshold: float) -> tuple[dict, list[str]]:
-    """Each feature's share of the gradient flowing into every shared table."""
-    shares, warnings = {}, []
+def gradient_dominance(
+    plan: EmbeddingPlan, gradient: dict[str, float], threshold: float
+) -> tuple[dict, list[tuple[str, str, float]]]:
+    """Each feature's share of the gradient into every shared table, and the (table, feature,
+    share) of each feature whose share is above ``threshold``."""
+    shares, dominant = {}, []
     for table, features in plan.table_features().items():
         if len(features) < 2:
             continue
@@ -110,10 +113,8 @@ def gradient_dominance(plan: EmbeddingPlan, gradient: dict[str, float], threshol
         shares[table] = {f: gradient[f] / total for f in features}
         top = max(features, key=lambda f: shares[table][f])
         if shares[table][top] > threshold:
-            warnings.append(
-                f"feature {top!r} carries {shares[table][top]:.0%} of the gradient into shared table {table!r}"
-            )
-    return shares, warnings
+            dominant.append((table, top, shares[table][top]))
+    return shares, dominant
 
 
 def train(
@@ -138,7 +139,7 @@ def train(
     labels = torch.from_numpy(train_set.labels)
     feature_columns = plan.feature_columns()
 
-    history, warnings = [], []
+    history, warnings, warned = [], [], set()
     best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
     train_seconds = 0.0
     for epoch in range(config.epochs):
@@ -164,7 +165,7 @@ def train(
         train_seconds += time.perf_counter() - started
         gradient = {name: value / len(order) for name, value in gradient.items()}
         val_metrics = evaluate(val_set.labels, predict(model, val_rows, val_weights))
-        shares, epoch_warnings = gradient_dominance(plan, gradient, config.dominance_threshold)
+        shares, dominant = gradient_dominance(plan, gradient, config.dominance_threshold)
         entry = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / len(order),
@@ -178,10 +179,13 @@ def train(
             },
         }
         history.append(entry)
-        for message in epoch_warnings:
-            if message not in warnings:
+        for table, feature, share in dominant:
+            # Once per run for each (table, feature): the share itself drifts from epoch to epoch.
+            if (table, feature) not in warned:
+                warned.add((table, feature))
+                message = f"epoch {epoch + 1}: feature {feature!r} carries {share:.0%} of the gradient into shared table {table!r}"
                 warnings.append(message)
-                print(f"warning: epoch {epoch + 1}: {message}", file=sys.stderr)
+                print(f"warning: {message}", file=sys.stderr)
         if progress:
             print(
                 f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}  val AUC {val_metrics['auc']:.4f}"

@@ -225,7 +225,7 @@ def run_export(args: argparse.Namespace) -> int:
         _, _, test_set = read_dataset(data_args).split(source.get("split_seed", 0))
         rows, weights = bundle.plan.encode(test_set.columns)
         metrics = evaluate(test_set.labels, ReferenceScorer(bundle).score_encoded(rows, weights))
-        print(f"bundle test AUC {metrics['auc']:.4f}  test LogLoss {metrics['logloss']:.4f}  ({len(test_set):,} examples)")
+        print(f"bundle test AUC {metrics['auc']:.5f}  test LogLoss {metrics['logloss']:.5f}  ({len(test_set):,} examples)")
     return 0
 
 

@@ -40,9 +40,9 @@ def test_same_seed_same_result(small_synthetic):
 
 def test_gradient_dominance_warns_only_for_shared_tables(small_synthetic):
     result = train(TrainConfig(embedding="unified", budget_rows=30, dim=4, hidden=(8,), epochs=1), *small_synthetic, progress=False)
-    shares, warnings = gradient_dominance(result.plan, {"user": 9.0, "item": 0.5, "city": 0.5}, 0.5)
+    shares, dominant = gradient_dominance(result.plan, {"user": 9.0, "item": 0.5, "city": 0.5}, 0.5)
     assert shares["unified"]["user"] == pytest.approx(0.9)
-    assert warnings == ["feature 'user' carries 90% of the gradient into shared table 'unified'"]
+    assert dominant == [("unified", "user", pytest.approx(0.9))]
     assert gradient_dominance(result.plan, {"user": 1.0, "item": 1.0, "city": 1.0}, 0.5)[1] == []
 
 

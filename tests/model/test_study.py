@@ -1,0 +1,28 @@
+import csv
+
+from model.data import synthetic
+from model.study import read_csv, run_study, summarise, write_outputs
+from model.train import TrainConfig
+
+
+def test_study_writes_every_run_a_summary_and_a_plot(tmp_path):
+    dataset = synthetic({"user": 200, "item": 100}, 3000, seed=0)
+    base = TrainConfig(dim=4, hidden=(8,), epochs=1)
+    records = run_study(dataset, ["collisionless", "unified"], [0.1, 0.5], [0, 1], base)
+    # collisionless once per seed; unified at each budget and seed
+    assert [(r["method"], r["budget_fraction"], r["seed"]) for r in records] == [
+        ("collisionless", 1.0, 0), ("collisionless", 1.0, 1),
+        ("unified", 0.1, 0), ("unified", 0.1, 1), ("unified", 0.5, 0), ("unified", 0.5, 1),
+    ]  # fmt: skip
+    summary = write_outputs(records, tmp_path, "uembed study ...", "synthetic")
+    assert [(s["method"], s["budget_fraction"], s["runs"]) for s in summary] == [
+        ("collisionless", 1.0, 2), ("unified", 0.1, 2), ("unified", 0.5, 2),
+    ]  # fmt: skip
+    assert summary[1]["embedding_bytes"] < summary[2]["embedding_bytes"]
+    rows = read_csv(tmp_path / "runs.csv")
+    assert len(rows) == 6 and summarise(rows)[0]["auc"][0] == summary[0]["auc"][0]
+    table = (tmp_path / "summary.md").read_text()
+    assert "uembed study ..." in table and table.count("| unified |") == 2
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    with (tmp_path / "runs.csv").open() as handle:
+        assert next(csv.reader(handle))[:3] == ["method", "budget_fraction", "seed"]

@@ -79,7 +79,7 @@ def quantise_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def test_vectors(plan: EmbeddingPlan, train_values: dict[str, list[bytes]], count: int = TEST_VECTORS) -> list[dict]:
     """(feature, value) -> rows per lookup, for a few real values of each feature and a missing one."""
-    per_feature = max(1, count // max(len(plan.features), 1))
+    per_feature = max(1, -(-count // max(len(plan.features), 1)))  # ceiling: at least `count` vectors
     vectors = []
     for feature in plan.features:
         values = sorted(train_values.get(feature.name, []))[:per_feature]

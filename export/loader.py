@@ -165,8 +165,9 @@ def _load(root: Path, manifest: dict) -> Bundle:
         for kind in ("onnx", "torchscript"):
             _check_file(root, manifest["full_model"][kind])
 
+    features = {f.name: f for f in plan.features}
     for vector in manifest["hashing"]["test_vectors"]:
-        feature = next(f for f in plan.features if f.name == vector["feature"])
+        feature = features[vector["feature"]]
         value = vector["value"].encode("utf-8", "surrogateescape")
         rows = [int(plan.rows_of_values(feature, lookup, [value])[0]) for lookup in feature.lookups]
         if rows != vector["rows"]:

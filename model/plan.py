@@ -130,15 +130,11 @@ class EmbeddingPlan:
     def pooling_matrix(self) -> np.ndarray:
         """float32 [groups, slots]: 1 where a slot belongs to a (feature, lookup) group."""
         matrix = np.zeros((self.groups, self.slots), dtype=np.float32)
-        slot = 0
-        for group in range(self.groups):
-            width = self._group_widths()[group]
-            matrix[group, slot : slot + width] = 1.0
-            slot += width
+        widths = [f.width for f in self.features for _ in f.lookups]
+        starts = np.cumsum([0] + widths[:-1])
+        for group, (start, width) in enumerate(zip(starts, widths)):
+            matrix[group, start : start + width] = 1.0
         return matrix
-
-    def _group_widths(self) -> list[int]:
-        return [f.width for f in self.features for _ in f.lookups]
 
     def bias_columns(self) -> np.ndarray:
         """Output columns that carry a learned per-feature bias (int64)."""

@@ -24,14 +24,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive layer sizes, got {text!r}")
-    return values
+def positive_list(kind: type, what: str):
+    """Parser of a comma-separated list of positive numbers of one type."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive {what}, got {text!r}")
+        return values
+
+    return parse
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -80,7 +85,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     net = parser.add_argument_group("network and optimiser")
     net.add_argument("--network", choices=NETWORKS, default="dcn", help="dcn: DCN-v2 cross layers then an MLP")
-    net.add_argument("--hidden", type=int_list, default=(192,), help="hidden layer sizes, comma-separated")
+    net.add_argument("--hidden", type=positive_list(int, "layer sizes"), default=(192,), help="hidden layer sizes, comma-separated")
     net.add_argument("--cross-layers", type=positive_int, default=1, help="DCN-v2 cross layers")
     net.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     net.add_argument("--batch-size", type=positive_int, default=256)
@@ -108,16 +113,6 @@ def config_from_args(args: argparse.Namespace, **overrides):
     return TrainConfig(**values)
 
 
-def float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive budgets, got {text!r}")
-    return values
-
-
 def name_list(choices: tuple[str, ...]):
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(part.strip() for part in text.split(",") if part.strip())
@@ -142,7 +137,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     add_data_options(parser)
     parser.add_argument("--methods", type=name_list(METHODS), default=METHODS, help="comma-separated methods")
     parser.add_argument(
-        "--budgets", type=float_list, default=(0.01, 0.03, 0.1, 0.3, 1.0),
+        "--budgets", type=positive_list(float, "budgets"), default=(0.01, 0.03, 0.1, 0.3, 1.0),
         help="comma-separated budgets, fractions of the collisionless rows",
     )  # fmt: skip
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per (method, budget): 0..N-1")

@@ -138,9 +138,7 @@ def _load(root: Path, manifest: dict) -> Bundle:
     specs = {}
     bias_parts = []
     for feature in manifest["features"]:
-        spec_fields = {k: feature[k] for k in FeatureSpec.__dataclass_fields__ if k in feature}
-        spec_fields["boundaries"] = tuple(spec_fields.get("boundaries", ()))
-        specs[feature["name"]] = FeatureSpec(**spec_fields)
+        specs[feature["name"]] = FeatureSpec.from_dict(feature)
         if feature.get("vocabulary"):
             entry = feature["vocabulary"]
             vocabularies[feature["name"]] = np.asarray(_load_array(root, entry, "uint64", (entry["size"],)))

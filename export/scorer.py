@@ -42,8 +42,10 @@ class ReferenceScorer:
         self.bundle = bundle
         self.plan = bundle.plan
         self.session = onnx_session(bundle.dense_path, threads)
-        self.slot_tables = self.plan.slot_tables()
-        self.table_names = [t.name for t in self.plan.tables]
+        slot_tables = self.plan.slot_tables()
+        self.table_slots = [
+            (bundle.tables[t.name], np.flatnonzero(slot_tables == i)) for i, t in enumerate(self.plan.tables)
+        ]
         self.pooling = self.plan.pooling_matrix()
         self.bias_columns = self.plan.bias_columns()
 
@@ -65,9 +67,8 @@ class ReferenceScorer:
     def lookup(self, rows: np.ndarray) -> np.ndarray:
         """Rows of every slot: float32 [B, S, D]."""
         out = np.empty(rows.shape + (self.plan.dim,), dtype=np.float32)
-        for index, name in enumerate(self.table_names):
-            slots = self.slot_tables == index
-            out[:, slots] = self.bundle.tables[name].gather(rows[:, slots])
+        for table, slots in self.table_slots:
+            out[:, slots] = table.gather(rows[:, slots])
         return out
 
     def assemble(self, looked_up: np.ndarray, weights: np.ndarray) -> np.ndarray:

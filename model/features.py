@@ -117,6 +117,13 @@ class FeatureSpec:
             return MISSING
         return str(int(np.searchsorted(np.asarray(self.boundaries), number, side="right"))).encode()
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> FeatureSpec:
+        """From a spec file's or a manifest's feature table (keys that are not settings ignored)."""
+        fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        fields["boundaries"] = tuple(float(b) for b in fields.get("boundaries", ()))
+        return cls(**fields)
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -204,9 +211,7 @@ class DatasetSpec:
             extra = set(item) - allowed
             if extra:
                 raise SpecError(f"{source}: features[{index}] has unknown key(s) {', '.join(sorted(extra))}")
-            item = dict(item)
-            item["boundaries"] = tuple(float(b) for b in item.get("boundaries", ()))
-            features.append(FeatureSpec(**item))
+            features.append(FeatureSpec.from_dict(item))
         groups = {str(g): tuple(m) for g, m in (raw.get("groups") or {}).items()}
         threshold = label_raw.get("threshold")
         return cls(

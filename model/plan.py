@@ -253,9 +253,10 @@ def split_by_share(total: int, shares: Mapping[str, float], minimum: int = 1) ->
     names = list(shares)
     if total < minimum * len(names):
         raise BudgetError(f"a budget of {total} rows cannot give {len(names)} tables {minimum} row(s) each")
+    if not sum(shares.values()):
+        shares = dict.fromkeys(names, 1.0)
     spare = total - minimum * len(names)
-    weight = sum(shares.values()) or len(names)
-    exact = {n: spare * ((shares[n] / weight) if sum(shares.values()) else 1 / len(names)) for n in names}
+    exact = {n: spare * shares[n] / sum(shares.values()) for n in names}
     out = {n: minimum + int(math.floor(exact[n])) for n in names}
     left = total - sum(out.values())
     by_remainder = sorted(names, key=lambda n: (-(exact[n] - math.floor(exact[n])), names.index(n)))

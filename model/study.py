@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +35,6 @@ def run_study(
     budgets: Sequence[float],
     seeds: Sequence[int],
     base: TrainConfig,
-    trainer: Callable[..., dict] | None = None,
 ) -> list[dict]:
     """Train every (method, budget, seed); return one record per run."""
     train_set, val_set, test_set = dataset.split(base.split_seed)
@@ -48,10 +47,7 @@ def run_study(
     records = []
     for method, budget, seed in tqdm(jobs, desc="study", file=sys.stderr):
         config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed)
-        if trainer is not None:
-            metrics = trainer(config, train_set, val_set, test_set)
-        else:
-            metrics = train(config, train_set, val_set, test_set, progress=False).metrics
+        metrics = train(config, train_set, val_set, test_set, progress=False).metrics
         record = {"method": method, "budget_fraction": budget, "seed": seed}
         record.update({k: metrics[k] for k in CSV_COLUMNS if k in metrics})
         records.append(record)

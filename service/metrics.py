@@ -1,0 +1,139 @@
+"""Prometheus metrics: prefix ``uembed_``, base units in names, bounded labels.
+
+Labels are route, outcome, status, stage, tier, table, model, version, feature, reason:
+values the bundle or the code fixes, never a user's value. With several uvicorn
+workers, ``PROMETHEUS_MULTIPROC_DIR`` makes ``/metrics`` sum them (``uembed serve
+--workers N`` sets it up).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from service.rowstore import TierCounts
+
+LATENCY_BUCKETS = tuple(round(0.0001 * 2**i, 6) for i in range(17))  # 0.1 ms .. 6.5 s
+STAGES = ("queue", "hash", "lookup", "assemble", "dense")
+SIZE_BUCKETS = tuple(float(2**i) for i in range(18))  # 1 .. 131072
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # *_created series only double the scrape size here
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "uembed_request_duration_seconds", "HTTP request latency, end to end in the service.",
+            ["route", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "uembed_http_requests_total", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "uembed_stage_duration_seconds",
+            "Time per stage: queue (per request, admission to batch start), hash, lookup, assemble, dense (per batch).",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_examples = Histogram(
+            "uembed_batch_examples", "Examples per batch.", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_ids = Histogram(
+            "uembed_batch_ids", "Row ids looked up per batch (before dedupe).", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_unique_ids = Histogram(
+            "uembed_batch_unique_ids", "Distinct row ids per batch (after dedupe, summed over tables).",
+            buckets=SIZE_BUCKETS, registry=r,
+        )
+        self.queue_examples = Gauge(
+            "uembed_queue_examples", "Examples admitted and waiting for a batch.", registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rejected = Counter(
+            "uembed_rejected_requests_total",
+            "Requests refused or dropped by the batcher: overloaded (admission bound), deadline, shutting_down.",
+            ["reason"], registry=r,
+        )
+        self.examples = Counter("uembed_scored_examples_total", "Examples scored.", ["model"], registry=r)
+        self.table_memory = Gauge(
+            "uembed_table_memory_bytes",
+            "Bytes per table and tier: hot (tier 1 records), file (tier 3 mapped row files).",
+            ["model", "table", "tier"], registry=r, multiprocess_mode="livesum",
+        )
+        self.row_hits = Counter(
+            "uembed_row_cache_hits_total", "Row lookups answered by a tier (hot, redis; file answers the rest).",
+            ["tier"], registry=r,
+        )
+        self.row_misses = Counter(
+            "uembed_row_cache_misses_total", "Row lookups a tier could not answer (hot, redis).", ["tier"], registry=r
+        )
+        self.redis_errors = Counter(
+            "uembed_redis_errors_total", "Redis calls that failed or timed out.", ["operation"], registry=r
+        )
+        self.redis_fallbacks = Counter(
+            "uembed_redis_fallbacks_total",
+            "Table lookups served from the row files because Redis was down, slow or skipped after an error.",
+            registry=r,
+        )
+        self.redis_fills_dropped = Counter(
+            "uembed_redis_fills_dropped_total", "Row write-backs to Redis dropped because the fill queue was full.",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "uembed_model_info", "Loaded model versions (value 1).", ["model", "version", "method", "dtype"],
+            registry=r, multiprocess_mode="max",
+        )
+        self.reloads = Counter(
+            "uembed_model_reloads_total", "Model loads through the reload endpoint.", ["model", "outcome"], registry=r
+        )
+        self.truncated = Counter(
+            "uembed_truncated_lists_total",
+            "Multivalent lists longer than the trained width, cut to it.", ["feature"], registry=r,
+        )
+        self._redis_seen = {"fetch": 0, "fill": 0, "dropped": 0}
+        # Label sets that exist from the start, so dashboards show 0 rather than "no data".
+        for tier in ("hot", "redis", "file"):
+            self.row_hits.labels(tier)
+        for tier in ("hot", "redis"):
+            self.row_misses.labels(tier)
+        for operation in ("fetch", "fill"):
+            self.redis_errors.labels(operation)
+        for reason in ("overloaded", "deadline", "shutting_down"):
+            self.rejected.labels(reason)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+
+    def observe_tiers(self, counts: TierCounts) -> None:
+        for tier, value in counts.hits.items():
+            if value:
+                self.row_hits.labels(tier).inc(value)
+        for tier, value in counts.misses.items():
+            if value:
+                self.row_misses.labels(tier).inc(value)
+        if counts.redis_fallbacks:
+            self.redis_fallbacks.inc(counts.redis_fallbacks)
+
+    def observe_redis(self, error_counts: dict[str, int], fills_dropped: int) -> None:
+        """Counters from the Redis tier's running totals (its fill thread updates them)."""
+        for operation in ("fetch", "fill"):
+            delta = error_counts[operation] - self._redis_seen[operation]
+            if delta:
+                self.redis_errors.labels(operation).inc(delta)
+                self._redis_seen[operation] += delta
+        delta = fills_dropped - self._redis_seen["dropped"]
+        if delta:
+            self.redis_fills_dropped.inc(delta)
+            self._redis_seen["dropped"] += delta
+
+    def exposition(self) -> bytes:
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,356 @@
+"""The row store: tier 1 in-process hot rows, tier 2 Redis, tier 3 the bundle's mmap'd row files.
+
+Every tier holds a row as the same *record*: the bytes of the stored row (float32,
+float16 or int8 values) followed, for int8 tables, by its float32 scale and offset. One
+decode turns records into float32 rows, so every tier returns bit-identical rows.
+
+Example (tiers 1 and 3; ``table`` from :func:`export.loader.load_bundle`)::
+
+    >>> store = TableStore(table, namespace="ml:1:unified", hot=HotRows.for_budget(table, 2**20))  # doctest: +SKIP
+    >>> store.gather(np.array([3, 17, 3]))                        # float32 [3, dim]  # doctest: +SKIP
+
+Only the batch thread calls ``gather`` (one compute thread per process), so tier 1 needs
+no locks; Redis fills run on a background thread and never block a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from export.loader import TableRows
+
+log = logging.getLogger("uembed.rowstore")
+
+
+class RowCodec:
+    """Records of one table: ``read`` from the row files, ``decode`` to float32 ``[k, dim]``."""
+
+    def __init__(self, table: TableRows) -> None:
+        self.table = table
+        self.row_bytes = table.dim * table.data.dtype.itemsize
+        self.record_bytes = self.row_bytes + (8 if table.scale_bias is not None else 0)
+
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        """Tier 3: uint8 ``[k, record_bytes]`` straight from the memory-mapped files."""
+        rows = np.ascontiguousarray(self.table.data[ids]).view(np.uint8).reshape(len(ids), self.row_bytes)
+        if self.table.scale_bias is None:
+            return rows
+        scale_bias = np.ascontiguousarray(self.table.scale_bias[ids]).view(np.uint8).reshape(len(ids), 8)
+        return np.concatenate([rows, scale_bias], axis=1)
+
+    def decode(self, records: np.ndarray) -> np.ndarray:
+        records = np.ascontiguousarray(records)
+        values = records[:, : self.row_bytes].view(self.table.data.dtype)
+        if self.table.scale_bias is None:
+            return values.astype(np.float32, copy=False)
+        scale_bias = records[:, self.row_bytes :].view(np.float32)
+        return values.astype(np.float32) * scale_bias[:, :1] + scale_bias[:, 1:]
+
+
+class FrequencySketch:
+    """Count-min sketch of row accesses (4 hashes), halved periodically so old heat fades.
+
+    Tier 1 admits a row only when it is estimated to be more frequent than the row it
+    would evict (TinyLFU's idea), so a scan of cold rows cannot flush the hot set.
+    """
+
+    MULTIPLIERS = np.array(
+        [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64
+    )
+
+    def __init__(self, width: int) -> None:
+        self.bits = max(10, int(np.ceil(np.log2(max(width, 2)))))
+        self.counts = np.zeros((len(self.MULTIPLIERS), 1 << self.bits), dtype=np.uint32)
+        self.added = 0
+        self.halve_every = 10 << self.bits
+
+    def _index(self, ids: np.ndarray) -> np.ndarray:
+        mixed = ids.astype(np.uint64)[None, :] * self.MULTIPLIERS[:, None]
+        return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def add(self, ids: np.ndarray) -> None:
+        index = self._index(ids)
+        for depth in range(len(self.MULTIPLIERS)):
+            np.add.at(self.counts[depth], index[depth], 1)
+        self.added += len(ids)
+        if self.added >= self.halve_every:
+            self.counts >>= 1
+            self.added = 0
+
+    def estimate(self, ids: np.ndarray) -> np.ndarray:
+        index = self._index(ids)
+        return np.min(self.counts[np.arange(len(self.MULTIPLIERS))[:, None], index], axis=0)
+
+
+class HotRows:
+    """Tier 1: at most ``capacity`` records in one array, admitted by frequency.
+
+    ``slot_of_row`` maps a row id to its slot + 1 (0: not cached). It is allocated with
+    zeros, so the OS maps its pages only where rows were cached.
+    """
+
+    SAMPLE = 4  # eviction looks at this many random slots per admitted row (like Redis' LFU)
+
+    def __init__(self, table_rows: int, capacity: int, record_bytes: int, seed: int = 0) -> None:
+        self.capacity = int(capacity)
+        self.slot_of_row = np.zeros(table_rows, dtype=np.int32)
+        self.records = np.empty((self.capacity, record_bytes), dtype=np.uint8)
+        self.owner = np.full(self.capacity, -1, dtype=np.int64)
+        self.used = 0
+        self.sketch = FrequencySketch(4 * self.capacity)
+        self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def for_budget(cls, codec: RowCodec, budget_bytes: int) -> HotRows | None:
+        capacity = min(budget_bytes // codec.record_bytes, codec.table.rows)
+        return cls(codec.table.rows, capacity, codec.record_bytes) if capacity > 0 else None
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes: the records in use (the slot index is counted where touched, at most 4 per row)."""
+        return int(self.used * self.records.shape[1])
+
+    def lookup(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Copy cached records of ``ids`` (unique) into ``out``; returns the hit mask."""
+        self.sketch.add(ids)
+        slots = self.slot_of_row[ids]
+        hit = slots > 0
+        out[hit] = self.records[slots[hit] - 1]
+        return hit
+
+    def offer(self, ids: np.ndarray, records: np.ndarray) -> None:
+        """Admit missed rows: into free slots first, then over sampled colder rows."""
+        if not len(ids) or not self.capacity:
+            return
+        order = np.argsort(-self.sketch.estimate(ids).astype(np.int64), kind="stable")
+        ids, records = ids[order], records[order]
+        free = min(self.capacity - self.used, len(ids))
+        if free:
+            slots = np.arange(self.used, self.used + free)
+            self._place(slots, ids[:free], records[:free])
+            self.used += free
+            ids, records = ids[free:], records[free:]
+        if not len(ids):
+            return
+        sample = self.rng.integers(0, self.capacity, size=(len(ids), self.SAMPLE))
+        sample_heat = self.sketch.estimate(self.owner[sample].ravel()).reshape(sample.shape)
+        victims = sample[np.arange(len(ids)), np.argmin(sample_heat, axis=1)]
+        admit = self.sketch.estimate(ids) > sample_heat.min(axis=1)
+        victims, first = np.unique(np.where(admit, victims, -1), return_index=True)
+        keep = victims >= 0
+        victims, chosen = victims[keep], first[keep]
+        if len(victims):
+            self.slot_of_row[self.owner[victims]] = 0
+            self._place(victims, ids[chosen], records[chosen])
+
+    def _place(self, slots: np.ndarray, ids: np.ndarray, records: np.ndarray) -> None:
+        self.records[slots] = records
+        self.owner[slots] = ids
+        self.slot_of_row[ids] = slots + 1
+
+
+@dataclass
+class TierCounts:
+    """Hits and misses per tier since the last ``take`` (the metrics layer drains them)."""
+
+    hits: dict[str, int] = field(default_factory=lambda: {"hot": 0, "redis": 0, "file": 0})
+    misses: dict[str, int] = field(default_factory=lambda: {"hot": 0, "redis": 0})
+    redis_fallbacks: int = 0
+
+
+class RedisTier:
+    """Tier 2: records packed into Redis hashes of ``bucket_rows`` rows.
+
+    Key ``<prefix>:<model>:<version>:<table>:<row // bucket_rows>``, field ``row % bucket_rows``.
+    A key per row would cost Redis more in key overhead than a 64-byte row; small hashes
+    keep the compact listpack encoding (measured in docs/BENCHMARKS.md). Any error or
+    timeout is a miss; after one, Redis is skipped for ``retry_s`` so a dead Redis costs
+    no timeout per request, and it is used again once it answers.
+    """
+
+    def __init__(self, url: str, timeout_s: float, retry_s: float, bucket_rows: int, fill_queue: int) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self.errors = redis.RedisError, OSError
+        self.retry_s = retry_s
+        self.bucket_rows = bucket_rows
+        self.skip_until = 0.0
+        self.error_counts: dict[str, int] = {"fetch": 0, "fill": 0}
+        self.fills_dropped = 0
+        self._fills: queue.Queue = queue.Queue(maxsize=max(fill_queue, 1))
+        self._fill_enabled = fill_queue > 0
+        self._filler = threading.Thread(target=self._fill_loop, name="uembed-redis-fill", daemon=True)
+        self._filler.start()
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.skip_until
+
+    def _failed(self, operation: str, exc: Exception) -> None:
+        self.error_counts[operation] += 1
+        if self.available:
+            log.warning("redis %s failed (%s: %s); serving from the row files for %.1fs", operation, type(exc).__name__, exc, self.retry_s)
+        self.skip_until = time.monotonic() + self.retry_s
+
+    def _buckets(self, namespace: str, ids: np.ndarray) -> tuple[list[str], list[list[bytes]], list[np.ndarray]]:
+        """Group ids by hash key: keys, their field names, and positions of each group in ``ids``."""
+        bucket = ids // self.bucket_rows
+        order = np.argsort(bucket, kind="stable")
+        starts = np.flatnonzero(np.diff(bucket[order], prepend=-1))
+        groups = np.split(order, starts[1:])
+        keys = [f"{namespace}:{int(bucket[g[0]])}" for g in groups]
+        fields = [[str(int(i)).encode() for i in ids[g] % self.bucket_rows] for g in groups]
+        return keys, fields, groups
+
+    def fetch(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """Records of ``ids`` into ``out`` in one round trip; the hit mask, or None when Redis was not used."""
+        if not len(ids) or not self.available:
+            return None
+        keys, fields, groups = self._buckets(namespace, ids)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, names in zip(keys, fields):
+                pipe.hmget(key, names)
+            replies = pipe.execute()
+        except self.errors as exc:
+            self._failed("fetch", exc)
+            return None
+        hit = np.zeros(len(ids), dtype=bool)
+        width = out.shape[1]
+        for positions, values in zip(groups, replies):
+            for position, value in zip(positions, values):
+                if value is not None and len(value) == width:
+                    out[position] = np.frombuffer(value, dtype=np.uint8)
+                    hit[position] = True
+        return hit
+
+    def fill(self, namespace: str, ids: np.ndarray, records: np.ndarray) -> None:
+        """Queue rows to write back; dropped (and counted) when the queue is full or Redis is down."""
+        if not len(ids) or not self._fill_enabled or not self.available:
+            return
+        try:
+            self._fills.put_nowait((namespace, ids.copy(), records.copy()))
+        except queue.Full:
+            self.fills_dropped += 1
+
+    def write(self, namespace: str, ids: np.ndarray, records: np.ndarray) -> None:
+        """Write rows now (bulk loads, the fill thread)."""
+        keys, fields, groups = self._buckets(namespace, ids)
+        pipe = self.client.pipeline(transaction=False)
+        for key, names, positions in zip(keys, fields, groups):
+            pipe.hset(key, mapping={name: records[p].tobytes() for name, p in zip(names, positions)})
+        pipe.execute()
+
+    def _fill_loop(self) -> None:
+        while True:
+            item = self._fills.get()
+            if item is None:
+                return
+            try:
+                self.write(*item)
+            except self.errors as exc:
+                self._failed("fill", exc)
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait until queued fills are written (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while self._fills.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self._fills.put(None)
+        self._filler.join(timeout=2)
+        self.client.close()
+
+    def compact_encoding_problem(self, record_bytes: int) -> str | None:
+        """Why this Redis would store our hashes uncompactly, if it would (checked at start)."""
+        try:
+            config = self.client.config_get("hash-max-listpack-*")
+        except self.errors:
+            return None
+        entries = int(config.get("hash-max-listpack-entries", 0) or 0)
+        value = int(config.get("hash-max-listpack-value", 0) or 0)
+        if entries < self.bucket_rows or value < record_bytes:
+            return (
+                f"Redis has hash-max-listpack-entries={entries}, hash-max-listpack-value={value}; rows of "
+                f"{record_bytes} bytes in buckets of {self.bucket_rows} need at least {self.bucket_rows} and "
+                f"{record_bytes} or every hash falls back to a memory-hungry encoding"
+            )
+        return None
+
+
+class TableStore:
+    """One table of one model version, through tiers 1, 2 and 3."""
+
+    def __init__(self, table: TableRows, namespace: str, hot_bytes: int = 0, redis: RedisTier | None = None) -> None:
+        self.codec = RowCodec(table)
+        self.table = table
+        self.namespace = namespace
+        self.hot = HotRows.for_budget(self.codec, hot_bytes) if hot_bytes else None
+        self.redis = redis
+        self.counts = TierCounts()
+        self.stats_lock = threading.Lock()
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """float32 rows ``[k, dim]`` of unique row ids."""
+        records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
+        missed = np.ones(len(ids), dtype=bool)
+        hot_hits = 0
+        if self.hot is not None:
+            missed = ~self.hot.lookup(ids, records)
+            hot_hits = len(ids) - int(missed.sum())
+        miss_positions = np.flatnonzero(missed)
+        miss_ids = ids[miss_positions]
+        from_redis = 0
+        need_file = miss_positions
+        redis_used = False
+        if self.redis is not None and len(miss_ids):
+            fetched = np.empty((len(miss_ids), self.codec.record_bytes), dtype=np.uint8)
+            redis_hit = self.redis.fetch(self.namespace, miss_ids, fetched)
+            if redis_hit is not None:
+                redis_used = True
+                records[miss_positions[redis_hit]] = fetched[redis_hit]
+                from_redis = int(redis_hit.sum())
+                need_file = miss_positions[~redis_hit]
+        if len(need_file):
+            records[need_file] = self.codec.read(ids[need_file])
+            if redis_used:
+                self.redis.fill(self.namespace, ids[need_file], records[need_file])
+        if self.hot is not None and len(miss_positions):
+            self.hot.offer(miss_ids, records[miss_positions])
+        with self.stats_lock:
+            counts = self.counts
+            counts.hits["hot"] += hot_hits
+            if self.hot is not None:
+                counts.misses["hot"] += len(miss_ids)
+            if redis_used:
+                counts.hits["redis"] += from_redis
+                counts.misses["redis"] += len(miss_ids) - from_redis
+            elif self.redis is not None and len(miss_ids):
+                counts.redis_fallbacks += 1
+            counts.hits["file"] += len(need_file)
+        return self.codec.decode(records)
+
+    def take_counts(self) -> TierCounts:
+        with self.stats_lock:
+            counts, self.counts = self.counts, TierCounts()
+        return counts
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes per tier: tier 1 resident records, tier 3 the mapped row files (Redis is shared: see INFO)."""
+        return {"hot": self.hot.nbytes if self.hot is not None else 0, "file": self.table.nbytes}

@@ -1,0 +1,153 @@
+"""Service settings: every field from an environment variable ``UEMBED_<FIELD>``.
+
+Built by :func:`load_settings` (never at import), so tests construct their own. Each
+field's description says what it trades off; ``uembed serve --help`` and the README
+list them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.errors import UembedError
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UEMBED_", extra="ignore")
+
+    # --- what to serve ------------------------------------------------------------------
+    bundles: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Bundle directories to load at start (JSON list or comma-separated). Empty: the demo "
+        "bundle, trained on MovieLens-100K the first time (needs the `train` extra).",
+    )
+    bundle_store: Path = Field(
+        Path("bundles"),
+        description="Root of `<name>/<version>/` bundle directories that POST /v1/models/{name}/load reads from.",
+    )
+    reload_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for POST /v1/models/{name}/load. Unset: the endpoint answers 404 (off).",
+    )
+    dense_backend: Literal["onnx", "torchscript"] = Field(
+        "onnx",
+        description="onnx: the bundle's dense.onnx on ONNX Runtime (CUDA when present, no torch needed). "
+        "torchscript: the bundle's full model.pt (float32 bundles under the full-model size limit; needs torch; "
+        "rows then come from the TorchScript tables, not the row store).",
+    )
+    compute_threads: int = Field(
+        1, ge=1, description="Intra-op threads of the dense network. 1 is fastest per core here: scale with workers."
+    )
+
+    # --- batching and admission ---------------------------------------------------------
+    max_batch_ids: int = Field(
+        16384,
+        ge=1,
+        description="A batch closes once its examples look up this many row ids (slots). Larger batches "
+        "amortise the dense call but hold early requests longer. One request bigger than this is its own batch.",
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Extra time a batch waits for more requests after the first arrives. 0: batch only what "
+        "queued while the previous batch ran (lowest latency when idle).",
+    )
+    max_queue_examples: int = Field(
+        8192,
+        ge=1,
+        description="Admission bound: examples waiting to be scored. Past it a request gets 503 with "
+        "Retry-After at once instead of waiting; lower it to keep admitted latency tighter.",
+    )
+    request_timeout_ms: float = Field(
+        2000.0, gt=0, description="Per-request deadline, queueing included. Past it: 504, never a hang."
+    )
+
+    # --- request limits (4xx beyond them) ----------------------------------------------
+    max_examples: int = Field(1024, ge=1, description="Most examples in one request (422 beyond).")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body in bytes (413 beyond).")
+    max_value_chars: int = Field(256, ge=1, description="Longest string value of a feature (422 beyond).")
+    max_list_values: int = Field(256, ge=1, description="Longest list of a multivalent feature in a request (422 beyond).")
+
+    # --- row store ----------------------------------------------------------------------
+    hot_rows_bytes: int = Field(
+        64 * 2**20,
+        ge=0,
+        description="Tier 1 (in-process hot rows) budget per model, in bytes of stored rows. Rows are admitted "
+        "by access frequency. 0 turns tier 1 off. Tier 1 also keeps a 4-byte slot index per table row, "
+        "touched (and so resident) only where rows are cached.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Tier 2: redis://host:port/db shared by replicas. Unset (the default): tiers 1 and 3 only.",
+    )
+    redis_timeout_ms: float = Field(
+        50.0,
+        gt=0,
+        description="Socket timeout of Redis calls. A timeout counts as a miss and the rows come from the "
+        "bundle's row files; keep it well under request_timeout_ms.",
+    )
+    redis_retry_s: float = Field(
+        1.0,
+        ge=0,
+        description="After a Redis error, skip Redis for this long before trying again (no timeout paid per "
+        "request while it is down; picked up again without a restart once it is back).",
+    )
+    redis_bucket_rows: int = Field(
+        64,
+        ge=1,
+        le=512,
+        description="Rows per Redis hash. Packing rows into small hashes costs far less memory than a key "
+        "per row, but Redis then evicts a bucket at a time. Keep it at most Redis' hash-max-listpack-entries "
+        "(128 by default) and rows at most hash-max-listpack-value bytes, or hashes lose their compact encoding.",
+    )
+    redis_prefix: str = Field("uembed", description="Key prefix: <prefix>:<model>:<version>:<table>:<bucket>.")
+    redis_fill_queue: int = Field(
+        256,
+        ge=0,
+        description="Batches of rows waiting to be written back to Redis after a miss. When full, fills are "
+        "dropped (counted): scoring never waits on a fill.",
+    )
+
+    @field_validator("bundles", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> ServiceSettings:
+        if self.redis_url and self.redis_timeout_ms >= self.request_timeout_ms:
+            raise ValueError(
+                f"redis_timeout_ms ({self.redis_timeout_ms}) must be below request_timeout_ms "
+                f"({self.request_timeout_ms}), or a slow Redis would time out every request"
+            )
+        if self.reload_token is not None and len(self.reload_token.get_secret_value()) < 16:
+            raise ValueError("reload_token must be at least 16 characters")
+        return self
+
+
+def load_settings(**overrides) -> ServiceSettings:
+    """Settings from the environment, with explicit overrides (CLI flags, tests) winning."""
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"UEMBED_{'_'.join(map(str, e['loc'])).upper() or 'SETTINGS'}: {e['msg']}" for e in exc.errors())
+        raise UembedError(f"invalid settings: {problems}") from None
+
+
+def describe_settings() -> str:
+    """One line per setting: environment variable, default and description (for --help and docs)."""
+    lines = []
+    for name, field in ServiceSettings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"UEMBED_{name.upper()} (default {default!r}): {field.description}")
+    return "\n".join(lines)

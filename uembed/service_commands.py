@@ -1,0 +1,78 @@
+"""``uembed serve`` (and the benchmark driver): the HTTP service on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    from service.settings import describe_settings
+
+    parser = commands.add_parser(
+        "serve",
+        help="serve bundles over HTTP (FastAPI on uvicorn)",
+        description="Serve one or more bundles: POST /v1/score, GET /v1/models, POST /v1/models/{name}/load, "
+        "/healthz, /readyz, /metrics, OpenAPI at /docs. With no --bundle and no UEMBED_BUNDLES it serves the "
+        "demo bundle (MovieLens-100K, unified at 10%), training it the first time. Without --redis-url rows "
+        "come from the in-process hot tier and the bundle's row files (no Redis needed).",
+        epilog="Every setting can also come from the environment:\n\n" + describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--bundle", action="append", type=Path, help="bundle directory (repeat for several models)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="uvicorn worker processes, one compute thread each (default 1; use one per core)",
+    )  # fmt: skip
+    parser.add_argument("--redis-url", help="tier 2 Redis, e.g. redis://127.0.0.1:6379/0 (default: none)")
+    parser.add_argument("--hot-rows-mb", type=float, help="tier 1 budget per model in MiB (default 64)")
+    parser.add_argument("--bundle-store", type=Path, help="root of <name>/<version>/ bundles (default ./bundles)")
+    parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    parser.set_defaults(handler=run_serve)
+
+
+def serve_environment(args: argparse.Namespace) -> dict[str, str]:
+    """CLI flags as UEMBED_* variables, so every worker process builds the same settings."""
+    from service.demo import demo_bundle
+    from service.settings import load_settings
+
+    env = {}
+    if args.bundle:
+        env["UEMBED_BUNDLES"] = ",".join(str(p.resolve()) for p in args.bundle)
+    if args.redis_url:
+        env["UEMBED_REDIS_URL"] = args.redis_url
+    if args.hot_rows_mb is not None:
+        env["UEMBED_HOT_ROWS_BYTES"] = str(int(args.hot_rows_mb * 2**20))
+    if args.bundle_store:
+        env["UEMBED_BUNDLE_STORE"] = str(args.bundle_store.resolve())
+    os.environ.update(env)
+    settings = load_settings()  # refuses bad settings here, before any worker starts
+    if not settings.bundles:
+        env["UEMBED_BUNDLES"] = str(demo_bundle(settings.bundle_store).resolve())
+    return env
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    os.environ.update(serve_environment(args))
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="uembed-metrics-")
+    print(f"serving {os.environ['UEMBED_BUNDLES']} on http://{args.host}:{args.port} "
+          f"({args.workers} worker(s)); try:\n  curl -s http://{args.host}:{args.port}/v1/models", file=sys.stderr)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=15,
+        log_level="info",
+    )
+    return 0

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install system-deps demo test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default: MovieLens-100K, unified embedding at 10% of the
-# collisionless budget. No Redis or other service needed.
-demo: $(STAMP)
-	$(BIN)/uembed train --dataset movielens100k --embedding unified --budget 0.1
+# Servers the tests start on their own loopback ports (never the machine's own instances).
+system-deps:
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
-test: $(STAMP)
+# The main job on the embedded default: serve the demo bundle (MovieLens-100K, unified
+# embedding at 10%, trained and exported the first time) on http://127.0.0.1:8000.
+# No Redis or other service needed.
+demo: $(STAMP)
+	$(BIN)/uembed serve
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 clean:

@@ -1,0 +1,73 @@
+"""The engine without HTTP: micro-batching, failure isolation, admission, deadlines."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from export.loader import load_bundle
+from export.scorer import ReferenceScorer
+from service.engine import DeadlineExceeded, Overloaded, ScoringEngine
+from service.settings import load_settings
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def sample_count(engine, name):
+    return next(s.value for m in engine.metrics.registry.collect() for s in m.samples if s.name == name)
+
+
+def test_concurrent_requests_are_merged_into_batches(bundle_store, movielens_examples):
+    path = bundle_store / "movielens" / "1"
+    expected = ReferenceScorer(load_bundle(path)).score(movielens_examples[:200])
+
+    async def main():
+        engine = ScoringEngine(load_settings(max_wait_ms=5))
+        engine.load(path)
+        await engine.astart()
+        chunks = [movielens_examples[i : i + 10] for i in range(0, 200, 10)]
+        results = await asyncio.gather(*(engine.score(chunk) for chunk in chunks))
+        await engine.astop()
+        return engine, np.concatenate([scores for scores, _ in results])
+
+    engine, scores = run(main())
+    np.testing.assert_allclose(scores, expected, atol=1e-6, rtol=0)
+    batches = sample_count(engine, "uembed_batch_examples_count")
+    assert batches < 20  # 20 requests, fewer dense calls
+    assert sample_count(engine, "uembed_batch_examples_sum") == 200
+
+
+def test_a_failing_batch_fails_its_requests_and_not_the_loop(bundle_store, movielens_examples):
+    async def main():
+        engine = ScoringEngine(load_settings())
+        runtime = engine.load(bundle_store / "movielens" / "1")
+        await engine.astart()
+        original = runtime.dense
+        runtime.dense = lambda embeddings: (_ for _ in ()).throw(RuntimeError("onnx blew up"))
+        with pytest.raises(Exception, match="scoring failed: RuntimeError") as failed:
+            await engine.score(movielens_examples[:4])
+        runtime.dense = original
+        scores, _ = await engine.score(movielens_examples[:4])
+        await engine.astop()
+        return failed.value, scores
+
+    error, scores = run(main())
+    assert error.status == 500 and len(scores) == 4
+
+
+def test_admission_bound_and_deadline(bundle_store, movielens_examples):
+    async def main():
+        engine = ScoringEngine(load_settings(max_queue_examples=10, request_timeout_ms=50, max_wait_ms=200))
+        engine.load(bundle_store / "movielens" / "1")
+        await engine.astart()
+        first = asyncio.create_task(engine.score(movielens_examples[:8]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await engine.score(movielens_examples[:8])
+        with pytest.raises(DeadlineExceeded):
+            await first  # the 200 ms batching window outlasts the 50 ms deadline
+        await engine.astop()
+
+    run(main())

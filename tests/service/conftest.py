@@ -1,91 +1,18 @@
 """Real servers for service tests: redis-server and uvicorn on free loopback ports.
 
-``RedisServer`` and ``ServiceProcess`` are processes a test can kill, pause (SIGSTOP)
-and restart. The MovieLens bundles are trained once per session (2 epochs) and exported
+``RedisServer`` and ``UvicornProcess`` (``loadtest/servers.py``) are processes a test can
+kill, pause (SIGSTOP) and restart. The MovieLens bundles are trained once per session (2 epochs) and exported
 as version 1 (float32) and version 2 (float16, so the two versions score differently).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 import pytest
 
+from loadtest.servers import RedisServer, UvicornProcess
 from model.data import movielens100k_table, split_indices
 
 FEATURES = ("user_id", "movie_id", "zip_code", "age", "occupation", "gender", "genres")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (OSError, httpx.HTTPError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not up within {timeout_s}s")
-
-
-class RedisServer:
-    """A redis-server of our own (never the machine's), configured as the service expects."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed; `make test` installs it (apt-get install redis-server)")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--hash-max-listpack-value", "256", "--maxmemory-policy", "allkeys-lfu"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_until(lambda: self.client().ping(), 10, "redis-server")
-        return self
-
-    def client(self):
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-    def pause(self) -> None:
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.resume()
-            self.kill()
 
 
 @pytest.fixture
@@ -95,63 +22,15 @@ def redis_server(tmp_path):
     server.stop()
 
 
-class ServiceProcess:
-    """``uvicorn service.app:create_app --factory`` in its own process, settings from UEMBED_* variables."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = env
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 60) -> ServiceProcess:
-        env = {**os.environ, **self.env}
-        self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-access-log", "--timeout-graceful-shutdown", "10"],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
-
-        wait_until(ready, timeout_s, "the service")
-        return self
-
-    def stop(self, timeout_s: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
-
-    def metrics(self) -> dict[str, float]:
-        """Samples of /metrics as {'name{labels}': value} (labels sorted as exposed)."""
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-
 @pytest.fixture
 def start_service(tmp_path):
-    """Factory: start_service(bundle_store, bundles, **settings) -> a running ServiceProcess."""
+    """Factory: start_service(bundles, **settings) -> a running UvicornProcess of the service."""
     started = []
 
-    def start(bundles: list[Path], **settings) -> ServiceProcess:
+    def start(bundles: list, **settings) -> UvicornProcess:
         env = {"UEMBED_BUNDLES": ",".join(str(b) for b in bundles)}
         env.update({f"UEMBED_{k.upper()}": str(v) for k, v in settings.items()})
-        service = ServiceProcess(env, tmp_path / f"service-{len(started)}.log").start()
+        service = UvicornProcess("service.app:create_app", env, tmp_path / f"service-{len(started)}.log").start()
         started.append(service)
         return service
 

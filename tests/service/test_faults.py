@@ -10,7 +10,7 @@ import pytest
 
 from export.loader import load_bundle
 from export.scorer import ReferenceScorer
-from tests.service.conftest import RedisServer
+from loadtest.servers import RedisServer
 
 TOKEN = "a-test-token-of-some-length"
 

@@ -63,7 +63,7 @@ def test_batch_invariance_over_http(start_service, bundle_store, movielens_examp
 
 @pytest.fixture(scope="module")
 def shared_service(bundle_store, tmp_path_factory):
-    from tests.service.conftest import ServiceProcess
+    from loadtest.servers import UvicornProcess
 
     env = {
         "UEMBED_BUNDLES": str(bundle_store / "movielens" / "1"),
@@ -72,7 +72,7 @@ def shared_service(bundle_store, tmp_path_factory):
         "UEMBED_MAX_VALUE_CHARS": "64",
         "UEMBED_MAX_LIST_VALUES": "16",
     }
-    service = ServiceProcess(env, tmp_path_factory.mktemp("svc") / "service.log").start()
+    service = UvicornProcess("service.app:create_app", env, tmp_path_factory.mktemp("svc") / "service.log").start()
     yield service
     service.stop()
 

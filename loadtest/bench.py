@@ -1,0 +1,283 @@
+"""``uembed bench``: the service's speed and memory figures, measured side by side in one run.
+
+Phases (each prints its figures; all go to a JSON file):
+
+1. ceiling    the same canonicalise + hash + lookup + assemble + dense work per request, in a loop, no HTTP
+2. service    HTTP throughput at saturation (closed loop), unloaded p50, and p50/p99 at half saturation (open loop)
+3. naive      a naive FastAPI service (TorchScript once per request, no batching, no cache) at saturation
+4. redis      Redis memory per cached row (INFO memory over N rows) in our hash layout, and a key per row
+5. hot tier   tier-1 hit rate for Zipf(1.1) traffic over a synthetic 10M-row unified table
+
+Requests carry 64 real MovieLens-100K examples. Server and load generator share this
+machine over loopback (the generator is threads on keep-alive connections).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from loadtest.servers import RedisServer, UvicornProcess
+
+FEATURES = ("user_id", "movie_id", "zip_code", "age", "occupation", "gender", "genres")
+
+
+def movielens_requests(examples_per_request: int, count: int = 200, seed: int = 0) -> list[list[dict]]:
+    from model.data import movielens100k_table
+
+    rows = movielens100k_table().select(list(FEATURES)).to_pylist()
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(rows) - examples_per_request, count)
+    return [rows[s : s + examples_per_request] for s in starts]
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    values = np.asarray(seconds) * 1000
+    return {f"p{q}_ms": float(np.percentile(values, q)) for q in (50, 95, 99)} if len(values) else {}
+
+
+# --- load generation -------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    failures: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def summary(self) -> dict:
+        return {"requests": self.requests, "failures": self.failures, "requests_per_s": round(self.throughput, 1),
+                **{k: round(v, 3) for k, v in percentiles(self.latencies).items()}}  # fmt: skip
+
+
+def post(connection: http.client.HTTPConnection, body: bytes) -> bool:
+    connection.request("POST", "/v1/score", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    return response.status == 200
+
+
+def run_load(url: str, bodies: list[bytes], seconds: float, concurrency: int, rate: float | None = None) -> LoadResult:
+    """Closed loop (``rate`` None: each thread sends as fast as answers come) or open loop at ``rate``
+    requests/s, latency measured from the scheduled send time (no coordinated omission)."""
+    host, port = url.removeprefix("http://").split(":")
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(10**9))
+    start = time.perf_counter() + 0.05
+    stop_at = start + seconds
+
+    def worker(seed: int) -> None:
+        nonlocal failures
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        local, local_failures = [], 0
+        while True:
+            if rate is None:
+                scheduled = time.perf_counter()
+            else:
+                scheduled = start + next(counter) / rate
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            if scheduled >= stop_at:
+                break
+            try:
+                ok = post(connection, bodies[(seed * 7919 + len(local)) % len(bodies)])
+            except (OSError, http.client.HTTPException):
+                ok = False
+                connection.close()
+                connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            local.append(time.perf_counter() - scheduled)
+            local_failures += not ok
+        with lock:
+            latencies.extend(local)
+            failures += local_failures
+        connection.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return LoadResult(len(latencies), failures, time.perf_counter() - start, latencies)
+
+
+def unloaded(url: str, bodies: list[bytes], requests: int) -> LoadResult:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    latencies, failures = [], 0
+    started = time.perf_counter()
+    for i in range(requests):
+        sent = time.perf_counter()
+        failures += not post(connection, bodies[i % len(bodies)])
+        latencies.append(time.perf_counter() - sent)
+    return LoadResult(requests, failures, time.perf_counter() - started, latencies)
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+
+def ceiling(bundle_path: Path, requests: list[list[dict]], seconds: float) -> dict:
+    """Requests/s of the scoring work alone, one request per batch, in this process."""
+    from service.engine import ScoringEngine
+    from service.settings import load_settings
+
+    runtime = ScoringEngine(load_settings()).open(bundle_path)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        examples = runtime.canonicalise(requests[done % len(requests)])
+        rows, weights = runtime.hash([examples])
+        runtime.dense(runtime.assemble(runtime.lookup(rows), weights))
+        done += 1
+    elapsed = time.perf_counter() - started
+    return {"requests": done, "requests_per_s": round(done / elapsed, 1)}
+
+
+def http_phase(app: str, env: dict, bodies: list[bytes], seconds: float, concurrency: int, workdir: Path,
+               half_load: bool, workers: int = 1) -> dict:  # fmt: skip
+    server = UvicornProcess(app, env, workdir / f"{app.split('.')[1].split(':')[0]}.log", workers=workers).start()
+    try:
+        run_load(server.url, bodies, 1.0, concurrency)  # warm-up: tier 1, allocator, connections
+        single = unloaded(server.url, bodies, 200)
+        saturated = run_load(server.url, bodies, seconds, concurrency)
+        out = {"unloaded": single.summary(), "saturated": saturated.summary()}
+        if half_load:
+            half = run_load(server.url, bodies, seconds, 8, rate=saturated.throughput / 2)
+            out["half_saturation"] = half.summary() | {"offered_per_s": round(saturated.throughput / 2, 1)}
+        return out
+    finally:
+        server.stop()
+
+
+def redis_memory(rows: int, workdir: Path, dim: int = 16) -> dict:
+    """Bytes Redis uses per cached float32 row: our hash buckets, and for contrast a key per row."""
+    from service.rowstore import RedisTier
+
+    records = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32).view(np.uint8)
+    server = RedisServer(workdir).start()
+    try:
+        client = server.client()
+        base = client.info("memory")["used_memory"]
+        tier = RedisTier(server.url, timeout_s=5, retry_s=1, bucket_rows=64, fill_queue=0)
+        for start in tqdm(range(0, rows, 65536), desc="redis: hash buckets", unit="chunk", leave=False):
+            ids = np.arange(start, min(start + 65536, rows))
+            tier.write("bench:1:unified", ids, records[ids])
+        hashed = client.info("memory")["used_memory"] - base
+        encodings = {client.object("encoding", f"bench:1:unified:{b}") for b in (0, rows // 128, rows // 64 - 1)}
+        client.flushall()
+        base = client.info("memory")["used_memory"]
+        sample = min(rows, 200_000)
+        pipe = client.pipeline(transaction=False)
+        for row in range(sample):
+            pipe.set(f"bench:1:unified:{row}", records[row].tobytes())
+            if row % 10_000 == 9_999:
+                pipe.execute()
+        pipe.execute()
+        per_key = (client.info("memory")["used_memory"] - base) / sample
+        tier.close()
+    finally:
+        server.stop()
+    row_bytes = dim * 4
+    return {
+        "rows": rows, "row_bytes": row_bytes, "bucket_rows": 64, "encodings": sorted(e.decode() for e in encodings),
+        "bytes_per_row": round(hashed / rows, 1), "ratio_to_row": round(hashed / rows / row_bytes, 2),
+        "key_per_row_bytes_per_row": round(per_key, 1), "key_per_row_ratio": round(per_key / row_bytes, 2),
+    }  # fmt: skip
+
+
+def zipf_ranks(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.ndarray:
+    return np.searchsorted(cdf, rng.random(size) * cdf[-1])
+
+
+def hot_tier_hit_rate(table_rows: int, hot_bytes: int, batches: int, workdir: Path, exponent: float = 1.1,
+                      features: int = 8, examples: int = 64, dim: int = 16) -> dict:  # fmt: skip
+    """Tier-1 hit rate of a unified table fed Zipf(exponent) values of ``features`` features, hashed by the contract."""
+    from export.loader import TableRows
+    from model.hashing import lookup_seed, rows_of
+    from service.rowstore import TableStore
+
+    path = workdir / "unified.npy"
+    table = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(table_rows, dim))
+    for start in range(0, table_rows, 1 << 20):
+        stop = min(start + (1 << 20), table_rows)
+        table[start:stop] = np.random.default_rng(start).normal(size=(stop - start, dim))
+    table.flush()
+    rows = TableRows("unified", table_rows, dim, "float32", np.load(path, mmap_mode="r"))
+    store = TableStore(rows, "bench", hot_bytes=hot_bytes)
+    rng = np.random.default_rng(0)
+    cdf = np.cumsum(1.0 / np.arange(1, table_rows + 1, dtype=np.float64) ** exponent)
+    seeds = [np.uint64(lookup_seed(f"f{i}")) for i in range(features)]
+    warm = batches // 4
+    hits = lookups = 0
+    started = time.perf_counter()
+    for batch in tqdm(range(batches), desc="hot tier: zipf batches", unit="batch", leave=False):
+        ranks = zipf_ranks(rng, cdf, examples * features).reshape(features, examples).astype(np.uint64)
+        # A value's key: a cheap stand-in for hashing its bytes (rank mixed with the feature's seed).
+        keys = np.concatenate([(r * np.uint64(0x9E3779B97F4A7C15)) ^ s for r, s in zip(ranks, seeds)])
+        ids = np.unique(rows_of(keys, table_rows))
+        store.gather(ids)
+        counts = store.take_counts()
+        if batch >= warm:
+            hits += counts.hits["hot"]
+            lookups += len(ids)
+    elapsed = time.perf_counter() - started
+    return {
+        "table_rows": table_rows, "hot_bytes": hot_bytes, "hot_rows": store.hot.capacity, "zipf_exponent": exponent,
+        "features": features, "examples_per_batch": examples, "batches_measured": batches - warm,
+        "hit_rate": round(hits / max(lookups, 1), 4), "batches_per_s": round(batches / elapsed, 1),
+    }  # fmt: skip
+
+
+def run_bench(args) -> dict:
+    from service.demo import demo_bundle
+
+    results: dict = {"examples_per_request": args.examples, "seconds_per_phase": args.seconds}
+    workdir = Path(tempfile.mkdtemp(prefix="uembed-bench-"))
+    bundle = args.bundle or demo_bundle(args.bundle_store)
+    results["bundle"] = str(bundle)
+    requests = movielens_requests(args.examples)
+    bodies = [json.dumps({"examples": r}).encode() for r in requests]
+    phases = set(args.phases)
+
+    def report(name: str, figures: dict) -> None:
+        results[name] = figures
+        print(f"{name}: {json.dumps(figures)}", flush=True)
+
+    if "service" in phases:
+        report("ceiling", ceiling(bundle, requests, args.seconds))
+        env = {"UEMBED_BUNDLES": str(bundle)}
+        report("service", http_phase("service.app:create_app", env, bodies, args.seconds, args.concurrency, workdir, True))
+        if args.workers > 1:
+            report(f"service_{args.workers}_workers", http_phase(
+                "service.app:create_app", env, bodies, args.seconds, args.concurrency, workdir, False, args.workers))  # fmt: skip
+        report("naive", http_phase("loadtest.naive_app:create_app", {"NAIVE_BUNDLE": str(bundle)}, bodies,
+                                   args.seconds, args.concurrency, workdir, False))  # fmt: skip
+        service, ceiling_rps = results["service"], results["ceiling"]["requests_per_s"]
+        report("ratios", {
+            "service_over_ceiling": round(service["saturated"]["requests_per_s"] / ceiling_rps, 3),
+            "service_over_naive": round(service["saturated"]["requests_per_s"] / results["naive"]["saturated"]["requests_per_s"], 2),
+            "p99_at_half_over_unloaded_p50": round(service["half_saturation"]["p99_ms"] / service["unloaded"]["p50_ms"], 2),
+        })  # fmt: skip
+    if "redis" in phases:
+        report("redis_memory", redis_memory(args.redis_rows, workdir))
+    if "hot" in phases:
+        report("hot_tier", hot_tier_hit_rate(args.table_rows, int(args.hot_rows_mb * 2**20), args.hot_batches, workdir))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return results

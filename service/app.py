@@ -7,6 +7,7 @@ from the model's own check, and one handler maps the error taxonomy to status co
 """
 
 
+import gc
 import logging
 import secrets
 import time
@@ -165,6 +166,9 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
                 raise UembedError("no bundle to serve: set UEMBED_BUNDLES, or start with `uembed serve` (demo bundle)")
             for path in settings.bundles:
                 engine.load(path)
+        # Bundles, sessions and caches live as long as the process: keep them out of GC passes (tail latency).
+        gc.collect()
+        gc.freeze()
         await engine.astart()
         yield
         await engine.astop()

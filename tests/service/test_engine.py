@@ -71,3 +71,28 @@ def test_admission_bound_and_deadline(bundle_store, movielens_examples):
         await engine.astop()
 
     run(main())
+
+
+def test_torchscript_backend_scores_like_onnx(bundle_store, movielens_examples):
+    path = bundle_store / "movielens" / "1"
+
+    async def scores(backend):
+        engine = ScoringEngine(load_settings(dense_backend=backend))
+        engine.load(path)
+        await engine.astart()
+        out, runtime = await engine.score(movielens_examples[:256])
+        await engine.astop()
+        return out, runtime
+
+    onnx, _ = run(scores("onnx"))
+    scripted, runtime = run(scores("torchscript"))
+    assert runtime.torchscript is not None
+    np.testing.assert_allclose(scripted, onnx, atol=1e-5, rtol=0)
+
+
+def test_torchscript_backend_refuses_a_bundle_without_the_full_model(bundle_store):
+    from export.loader import BundleError
+
+    engine = ScoringEngine(load_settings(dense_backend="torchscript"))
+    with pytest.raises(BundleError, match="dense_backend=onnx"):
+        engine.load(bundle_store / "movielens" / "2")  # float16: no full model

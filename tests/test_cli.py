@@ -52,3 +52,29 @@ def test_train_on_a_user_file_from_the_cli(tmp_path):
     assert "bundle bundles/clicks/1: int8 rows" in exported.stdout and "bundle test AUC" in exported.stdout
     again = uembed("export", "runs/r", "--out", "bundles", "--name", "clicks", "--version", "1", cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.startswith("error: bundle bundles/clicks/1 already exists")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--bundle", "no-such-bundle"], {}, "no-such-bundle is not a bundle: no such directory"),
+        ([], {"UEMBED_MAX_WAIT_MS": "-1"}, "UEMBED_MAX_WAIT_MS"),
+        ([], {"UEMBED_RELOAD_TOKEN": "short"}, "reload_token must be at least 16 characters"),
+    ],
+)
+def test_serve_refuses_bad_bundles_and_settings_in_one_line(tmp_path, monkeypatch, args, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = uembed("serve", "--port", "1", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_serve_help_lists_every_setting():
+    from service.settings import ServiceSettings
+
+    result = uembed("serve", "--help")
+    assert result.returncode == 0
+    for name in ServiceSettings.model_fields:
+        assert f"UEMBED_{name.upper()}" in result.stdout

@@ -54,6 +54,11 @@ def serve_environment(args: argparse.Namespace) -> dict[str, str]:
     settings = load_settings()  # refuses bad settings here, before any worker starts
     if not settings.bundles:
         env["UEMBED_BUNDLES"] = str(demo_bundle(settings.bundle_store).resolve())
+    else:
+        from export.loader import load_bundle
+
+        for path in settings.bundles:
+            load_bundle(path)  # a missing or corrupt bundle is a one-line error here, not a worker traceback
     return env
 
 

@@ -96,3 +96,29 @@ def test_torchscript_backend_refuses_a_bundle_without_the_full_model(bundle_stor
     engine = ScoringEngine(load_settings(dense_backend="torchscript"))
     with pytest.raises(BundleError, match="dense_backend=onnx"):
         engine.load(bundle_store / "movielens" / "2")  # float16: no full model
+
+
+def test_several_models_are_chosen_by_name(bundle_store, movielens_examples, tmp_path):
+    import json
+    import shutil
+
+    from service.engine import ModelNotFound
+
+    other = tmp_path / "other" / "1"
+    shutil.copytree(bundle_store / "movielens" / "1", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest | {"name": "other"}))
+
+    async def main():
+        engine = ScoringEngine(load_settings())
+        engine.load(bundle_store / "movielens" / "1")
+        engine.load(other)
+        await engine.astart()
+        _, default = await engine.score(movielens_examples[:2])
+        _, chosen = await engine.score(movielens_examples[:2], model="other")
+        with pytest.raises(ModelNotFound, match="loaded: movielens, other"):
+            await engine.score(movielens_examples[:2], model="nope")
+        await engine.astop()
+        return default.name, chosen.name, [m["name"] for m in engine.describe()]
+
+    assert run(main()) == ("movielens", "other", ["movielens", "other"])

@@ -136,6 +136,11 @@ def export_run(
     if not (run_dir / "checkpoint.pt").is_file():
         raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
     config, plan, model, doc = load_run(run_dir)
+    if plan.method == "seo-search":
+        raise ExportError(
+            f"{run_dir} is an SEO search run: it explores chunk policies and is not served. Train the Applier from "
+            f"its policy (uembed train --embedding seo-applier --policy {run_dir / 'policy.json'}) and export that"
+        )
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     version = version or next_version(out_root / name)
     target = out_root / name / version
@@ -237,6 +242,8 @@ def write_bundle(
             "layout": [{"feature": f, "start": a, "stop": b} for f, (a, b) in columns.items()],
         },
         "full_model": full_model,
+        # SEO Applier bundles: the chunk policy the tables were built from (model/seo.py).
+        "policy": (doc.get("train") or {}).get("policy"),
         "training": {k: metrics.get(k) for k in ("dataset", "embedding", "test_auc", "test_logloss", "best_epoch", "embedding_bytes")}
         | {"config": doc.get("train"), "source": doc.get("source")},
         "command": " ".join(sys.argv),

@@ -43,3 +43,45 @@ class PlanEmbedding(nn.Module):
     def table_weights(self) -> dict[str, torch.Tensor]:
         """Each table's rows, as views of the one parameter matrix."""
         return {name: self.weight[start:stop] for name, start, stop in self.table_slices}
+
+
+class SearchEmbedding(nn.Module):
+    """SEO stage 1: a wide plan table whose rows are cut into chunks weighted by learned attention.
+
+    The plan (method ``seo-search``) gives every feature one lookup into a table of
+    ``N' * chunk_dim`` columns. Logits ``[F, N']`` go through ONE softmax over all
+    ``F * N'`` entries (temperature ``temperature``), rescaled by ``F * N'`` so uniform
+    attention leaves the chunks unchanged. Output: the scaled chunks concatenated
+    ``[B, F * N' * chunk_dim]``, or with ``projected_chunks = M`` the pool of ``F * N'``
+    chunks linearly projected to ``M`` chunks ``[B, M * chunk_dim]`` (down projection).
+    """
+
+    def __init__(self, plan: EmbeddingPlan, chunk_dim: int, temperature: float = 1.0, projected_chunks: int = 0) -> None:
+        super().__init__()
+        if plan.dim % chunk_dim or any(len(f.lookups) != 1 for f in plan.features):
+            raise ValueError("a search plan has one lookup per feature and a width that is a multiple of chunk_dim")
+        self.base = PlanEmbedding(plan)
+        self.features = len(plan.features)
+        self.chunks = plan.dim // chunk_dim
+        self.chunk_dim = chunk_dim
+        self.temperature = temperature
+        self.logits = nn.Parameter(torch.zeros(self.features, self.chunks))
+        pool = self.features * self.chunks
+        self.projection = nn.Parameter(torch.randn(pool, projected_chunks) * pool**-0.5) if projected_chunks else None
+        self.output_dim = (projected_chunks or pool) * chunk_dim
+
+    def attention(self) -> torch.Tensor:
+        """float ``[F, N']`` summing to 1 over all entries."""
+        return torch.softmax(self.logits.flatten() / self.temperature, dim=0).view(self.features, self.chunks)
+
+    def forward(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        batch = rows.shape[0]
+        chunks = self.base(rows, weights).view(batch, self.features, self.chunks, self.chunk_dim)
+        scaled = chunks * (self.attention() * (self.features * self.chunks)).unsqueeze(-1)
+        if self.projection is None:
+            return scaled.reshape(batch, -1)
+        pool = scaled.reshape(batch, self.features * self.chunks, self.chunk_dim)
+        return torch.einsum("bpd,pm->bmd", pool, self.projection).reshape(batch, -1)
+
+    def table_weights(self) -> dict[str, torch.Tensor]:
+        return self.base.table_weights()

@@ -11,6 +11,14 @@ unified                ONE hashed table, every feature with its own seed
 multi-size-unified     ONE hashed table; feature f concatenates ``lookups_f`` lookups
 semantic-group         one hashed table per declared group (+ per ungrouped feature), split
                        by vocabulary share, a learned per-feature bias added after lookup
+separate               one hashed table per feature, the budget split evenly (SEO's baseline)
+monolithic-shared      ONE table of ``dim`` columns as chunk tables every feature reads in
+                       full (SEO's MSE baseline; the same function class as unified)
+seo-search             SEO stage 1: ONE table ``search_multiplier`` times wider, rows cut so
+                       the parameters match the budget (adjust hash buckets), read by every
+                       feature; the chunk attention lives in the torch module
+seo-applier-exact/-rr  SEO stage 2 from a policy (``model/seo.py``): chunk tables of
+                       ``chunk_dim`` columns, a feature concatenating its chunks
 =====================  ==================================================================
 
 Every budgeted method has *exactly* ``budget_rows * dim`` embedding parameters: the
@@ -33,9 +41,16 @@ from model.data import FeatureColumn
 from model.errors import BudgetError, SpecError
 from model.features import DatasetSpec
 from model.hashing import hash_canonical, lookup_seed, rows_of, vocabulary_rows
+from model.seo import ChunkPolicy, applier_assignment, chunk_table_rows
 
-METHODS = ("collisionless", "hashing-trick", "unified", "multi-size-unified", "semantic-group")
-BUDGETED_METHODS = tuple(m for m in METHODS if m != "collisionless")
+METHODS = (
+    "collisionless", "hashing-trick", "unified", "multi-size-unified", "semantic-group",
+    "separate", "monolithic-shared", "seo-search", "seo-applier-exact", "seo-applier-rr",
+)  # fmt: skip
+APPLIER_METHODS = {"seo-applier-exact": "exact", "seo-applier-rr": "rr"}
+# Methods whose plan needs only a budget, with exactly budget_rows * dim parameters (the search
+# model's are only close to it, the Appliers need a policy).
+BUDGETED_METHODS = tuple(m for m in METHODS if m not in ("collisionless", "seo-search", *APPLIER_METHODS))
 MAX_MULTI_SIZE_LOOKUPS = 4
 
 
@@ -276,8 +291,17 @@ def build_plan(
     dim: int,
     budget_fraction: float | None = None,
     budget_rows: int | None = None,
+    policy: ChunkPolicy | None = None,
+    chunk_dim: int = 8,
+    search_multiplier: int = 2,
+    adjust_hash_buckets: bool = True,
 ) -> EmbeddingPlan:
-    """Plan ``method`` for the features of ``spec``, sized from the training columns."""
+    """Plan ``method`` for the features of ``spec``, sized from the training columns.
+
+    ``policy`` is the SEO policy of the Applier methods; ``chunk_dim`` the chunk width of
+    the monolithic baseline; ``search_multiplier`` and ``adjust_hash_buckets`` shape the
+    SEO search table (``dim * search_multiplier`` wide, rows cut to keep the budget).
+    """
     if method not in METHODS:
         raise SpecError(f"unknown embedding method {method!r}; choose one of {', '.join(METHODS)}")
     if dim <= 0:
@@ -302,7 +326,39 @@ def build_plan(
     if budget < len(names):
         raise BudgetError(f"a budget of {budget} rows is smaller than the {len(names)} features it must serve")
 
-    if method == "hashing-trick":
+    if method in ("monolithic-shared", *APPLIER_METHODS):
+        if method == "monolithic-shared":
+            chunks = max(dim // chunk_dim, 1)
+            policy = ChunkPolicy(dim // chunks, chunks, dim, {n: tuple(range(chunks)) for n in names})
+            variant = "exact"
+        else:
+            if policy is None:
+                raise SpecError(f"{method} needs a policy file from `uembed search` (--policy)")
+            variant = APPLIER_METHODS[method]
+        missing = set(names) - set(policy.features)
+        if missing:
+            raise SpecError(f"the policy has no chunks for feature(s) {', '.join(sorted(missing))}")
+        if policy.dim != dim:
+            raise SpecError(f"the policy was searched for dim {policy.dim}, this model has dim {dim}")
+        count, assignment = applier_assignment(policy, variant)
+        rows = chunk_table_rows(budget, dim, policy.chunk_dim, count)
+        tables = tuple(TablePlan(f"chunk{i}", rows[i], policy.chunk_dim) for i in range(count))
+        # One key per feature for all its chunks: the chunk tables are column blocks of one table.
+        features = tuple(feature(n, tuple(LookupPlan(f"chunk{t}", n) for t in assignment[n])) for n in names)
+        return EmbeddingPlan(method, policy.chunk_dim, tables, features, budget)
+    if method == "seo-search":
+        search_dim = dim * search_multiplier
+        rows = budget * dim // search_dim if adjust_hash_buckets else budget
+        if rows < 1:
+            raise BudgetError(f"a budget of {budget} rows leaves no rows for a table {search_multiplier}x wider")
+        tables = (TablePlan("search", rows, search_dim),)
+        features = tuple(feature(n, (LookupPlan("search", n),)) for n in names)
+        return EmbeddingPlan(method, search_dim, tables, features, budget)
+    if method == "separate":
+        rows = split_by_share(budget, dict.fromkeys(names, 1.0))
+        tables = tuple(TablePlan(n, rows[n], dim) for n in names)
+        features = tuple(feature(n, (LookupPlan(n, n),)) for n in names)
+    elif method == "hashing-trick":
         rows = split_by_share(budget, vocabulary)
         tables = tuple(TablePlan(n, rows[n], dim) for n in names)
         features = tuple(feature(n, (LookupPlan(n, n),)) for n in names)

@@ -12,12 +12,16 @@ Collisionless has one size (its own), so it is trained once per seed whatever th
 from __future__ import annotations
 
 import csv
+import json
+import multiprocessing
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from model.data import Dataset
@@ -25,8 +29,44 @@ from model.train import TrainConfig, train
 
 CSV_COLUMNS = (
     "method", "budget_fraction", "seed", "test_auc", "test_logloss", "embedding_parameters",
-    "embedding_bytes", "seconds_per_epoch", "best_epoch", "epochs_run",
+    "embedding_bytes", "seconds_per_epoch", "best_epoch", "epochs_run", "policy",
 )  # fmt: skip
+
+
+SEO_CHAIN = ("seo-search", "seo-applier-exact", "seo-applier-rr")
+
+
+def study_units(methods: Sequence[str], budgets: Sequence[float], seeds: Sequence[int]) -> list[list[tuple[str, float, int]]]:
+    """Independent pieces of work: one run each, except SEO, whose Appliers follow their own search."""
+    units = []
+    for seed in seeds:
+        if "collisionless" in methods:
+            units.append([("collisionless", 1.0, seed)])
+        for budget in budgets:
+            units.extend([(m, budget, seed)] for m in methods if m not in SEO_CHAIN and m != "collisionless")
+            chain = [m for m in SEO_CHAIN if m in methods]
+            if chain:
+                units.append([("seo-search", budget, seed)] + [(m, budget, seed) for m in chain if m != "seo-search"])
+    return units
+
+
+def run_unit(unit: list[tuple[str, float, int]], dataset: Dataset, base: TrainConfig, keep_search: bool) -> list[dict]:
+    torch.set_num_threads(1)
+    train_set, val_set, test_set = dataset.split(base.split_seed)
+    records, policy = [], None
+    for method, budget, seed in unit:
+        config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed, policy=policy)
+        metrics = train(config, train_set, val_set, test_set, progress=False).metrics
+        if method == "seo-search":
+            policy = metrics["policy"]
+            if not keep_search:
+                continue
+        record = {"method": method, "budget_fraction": budget, "seed": seed}
+        record.update({k: metrics[k] for k in CSV_COLUMNS if k in metrics})
+        if policy is not None:
+            record["policy"] = json.dumps(policy["features"], separators=(",", ":"))
+        records.append(record)
+    return records
 
 
 def run_study(
@@ -35,28 +75,35 @@ def run_study(
     budgets: Sequence[float],
     seeds: Sequence[int],
     base: TrainConfig,
+    jobs: int = 1,
 ) -> list[dict]:
-    """Train every (method, budget, seed); return one record per run."""
-    train_set, val_set, test_set = dataset.split(base.split_seed)
-    jobs = [
-        (method, budget, seed)
-        for method in methods
-        for budget in ([1.0] if method == "collisionless" else budgets)
-        for seed in seeds
-    ]
+    """Train every (method, budget, seed), ``jobs`` processes at a time; one record per run."""
+    units = study_units(methods, budgets, seeds)
+    keep_search = "seo-search" in methods
     records = []
-    for method, budget, seed in tqdm(jobs, desc="study", file=sys.stderr):
-        config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed)
-        metrics = train(config, train_set, val_set, test_set, progress=False).metrics
-        record = {"method": method, "budget_fraction": budget, "seed": seed}
-        record.update({k: metrics[k] for k in CSV_COLUMNS if k in metrics})
-        records.append(record)
-        tqdm.write(
-            f"{method:>20} budget {budget:<6g} seed {seed}: AUC {metrics['test_auc']:.4f} "
-            f"LogLoss {metrics['test_logloss']:.4f}",
-            file=sys.stderr,
-        )
-    return records
+    bar = tqdm(total=sum(len(u) for u in units), desc="study", file=sys.stderr)
+
+    def collect(found: list[dict], unit: list) -> None:
+        records.extend(found)
+        bar.update(len(unit))
+        for r in found:
+            tqdm.write(
+                f"{r['method']:>20} budget {r['budget_fraction']:<6g} seed {r['seed']}: AUC {r['test_auc']:.4f} "
+                f"LogLoss {r['test_logloss']:.4f}",
+                file=sys.stderr,
+            )
+
+    if jobs <= 1:
+        for unit in units:
+            collect(run_unit(unit, dataset, base, keep_search), unit)
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_unit, unit, dataset, base, keep_search): unit for unit in units}
+            for future in as_completed(futures):
+                collect(future.result(), futures[future])
+    bar.close()
+    order = {m: i for i, m in enumerate(methods)}
+    return sorted(records, key=lambda r: (order.get(r["method"], 99), r["budget_fraction"], r["seed"]))
 
 
 def summarise(records: Sequence[dict]) -> list[dict]:

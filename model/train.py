@@ -7,6 +7,7 @@ A run writes a directory that export and the study read back::
     runs/<name>/vocabularies.npz   sorted vocabulary keys (collisionless features only)
     runs/<name>/checkpoint.pt      model state dict (tensors only; load with weights_only=True)
     runs/<name>/metrics.json       per-epoch history with embedding health, test AUC / LogLoss
+    runs/<name>/policy.json        SEO search runs only: the derived chunk policy (model/seo.py)
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
 from model.data import Dataset
-from model.embeddings import PlanEmbedding
+from model.embeddings import PlanEmbedding, SearchEmbedding
 from model.networks import RankingModel, build_network
 from model.plan import EmbeddingPlan, build_plan
+from model.seo import ChunkPolicy, derive_policy
 
 DOMINANCE_THRESHOLD = 0.5  # a feature with more gradient than all its table-mates together
 
@@ -50,6 +52,14 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0
     dominance_threshold: float = DOMINANCE_THRESHOLD
+    # SEO (model/seo.py): the Applier's policy, and the search model's shape.
+    policy: dict | None = None
+    chunk_dim: int = 8
+    search_multiplier: int = 2
+    adjust_hash_buckets: bool = True
+    down_projection: bool = False
+    temperature: float = 1.0
+    logits_learning_rate: float = 0.02
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,8 +75,38 @@ class TrainResult:
 
 
 def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
-    network = build_network(config.network, plan.output_dim, config.hidden, config.cross_layers)
-    return RankingModel(PlanEmbedding(plan), network)
+    if plan.method == "seo-search":
+        # Down projection keeps the network's input as wide as the baselines': F * dim columns.
+        projected = len(plan.features) * config.dim // config.chunk_dim if config.down_projection else 0
+        embedding = SearchEmbedding(plan, config.chunk_dim, config.temperature, projected)
+        input_dim = embedding.output_dim
+    else:
+        embedding, input_dim = PlanEmbedding(plan), plan.output_dim
+    network = build_network(config.network, input_dim, config.hidden, config.cross_layers)
+    return RankingModel(embedding, network)
+
+
+def plan_for(config: TrainConfig, train_set: Dataset) -> EmbeddingPlan:
+    policy = ChunkPolicy.from_dict(config.policy) if config.policy else None
+    return build_plan(
+        config.embedding, train_set.spec, train_set.columns, config.dim, config.budget_fraction, config.budget_rows,
+        policy=policy, chunk_dim=config.chunk_dim, search_multiplier=config.search_multiplier,
+        adjust_hash_buckets=config.adjust_hash_buckets,
+    )  # fmt: skip
+
+
+def feature_columns_of(model: RankingModel, plan: EmbeddingPlan) -> dict[str, tuple[int, int]]:
+    """Each feature's columns of the embedding output; none when a projection mixes them."""
+    if getattr(model.embedding, "projection", None) is not None:
+        return {}
+    return plan.feature_columns()
+
+
+def search_policy(model: RankingModel, plan: EmbeddingPlan, config: TrainConfig, search: dict) -> ChunkPolicy:
+    """The SEO policy a trained search model's logits give (model/seo.py: derive_policy)."""
+    logits = model.embedding.logits.detach().numpy()
+    names = [f.name for f in plan.features]
+    return derive_policy(logits, names, config.temperature, config.chunk_dim, config.dim, search)
 
 
 def predict(model: RankingModel, rows: np.ndarray, weights: np.ndarray, batch_size: int = 4096) -> np.ndarray:
@@ -93,7 +133,7 @@ def embedding_health(model: RankingModel, plan: EmbeddingPlan, rows: np.ndarray,
     with torch.no_grad():
         vectors = model.embedding(torch.from_numpy(rows[:4096]), torch.from_numpy(weights[:4096]))
     out = {}
-    for name, (start, stop) in plan.feature_columns().items():
+    for name, (start, stop) in feature_columns_of(model, plan).items():
         norms = vectors[:, start:stop].norm(dim=1).numpy()
         p5, p50, p95 = np.percentile(norms, [5, 50, 95])
         out[name] = {"norm_p5": float(p5), "norm_p50": float(p50), "norm_p95": float(p95)}
@@ -128,16 +168,17 @@ def train(
     """Train one model; the best validation-AUC epoch is the one kept and tested."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    plan = build_plan(
-        config.embedding, train_set.spec, train_set.columns, config.dim, config.budget_fraction, config.budget_rows
-    )
+    plan = plan_for(config, train_set)
     model = build_model(plan, config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    logits = [p for name, p in model.named_parameters() if name == "embedding.logits"]
+    others = [p for name, p in model.named_parameters() if name != "embedding.logits"]
+    groups = [{"params": others}] + ([{"params": logits, "lr": config.logits_learning_rate}] if logits else [])
+    optimizer = torch.optim.Adam(groups, lr=config.learning_rate)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     train_rows, train_weights = plan.encode(train_set.columns)
     val_rows, val_weights = plan.encode(val_set.columns)
     labels = torch.from_numpy(train_set.labels)
-    feature_columns = plan.feature_columns()
+    feature_columns = feature_columns_of(model, plan)
 
     history, warnings, warned = [], [], set()
     best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
@@ -219,6 +260,12 @@ def train(
         "warnings": warnings,
         "history": history,
     }
+    if plan.method == "seo-search":
+        search = {"dataset": train_set.name, "budget_rows": plan.budget_rows, "seed": config.seed,
+                  "search_multiplier": config.search_multiplier, "adjust_hash_buckets": config.adjust_hash_buckets,
+                  "down_projection": config.down_projection, "temperature": config.temperature,
+                  "test_auc": test_metrics["auc"]}  # fmt: skip
+        metrics["policy"] = search_policy(model, plan, config, search).to_dict()
     result = TrainResult(model=model, plan=plan, metrics=metrics, warnings=warnings)
     if run_dir is not None:
         result.run_dir = save_run(run_dir, config, plan, model, metrics, train_set, val_set, test_set)
@@ -252,6 +299,8 @@ def save_run(
     np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
     torch.save(model.state_dict(), run_dir / "checkpoint.pt")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if metrics.get("policy"):
+        ChunkPolicy.from_dict(metrics["policy"]).save(run_dir / "policy.json")
     return run_dir
 
 

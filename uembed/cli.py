@@ -52,7 +52,15 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_data_options(parser)
     emb = parser.add_argument_group("embeddings")
-    emb.add_argument("--embedding", choices=METHODS, default="unified", help="embedding method")
+    emb.add_argument(
+        "--embedding", choices=(*METHODS, "seo-applier"), default="unified",
+        help="embedding method; seo-applier (with --policy, --applier) trains SEO stage 2 from a policy",
+    )  # fmt: skip
+    emb.add_argument("--policy", type=Path, help="SEO policy JSON written by `uembed search` (for seo-applier)")
+    emb.add_argument(
+        "--applier", choices=("exact", "rr"), default="exact",
+        help="exact: the chunks the search chose; rr: only their number, dealt round-robin over the tables",
+    )  # fmt: skip
     budget = emb.add_mutually_exclusive_group()
     budget.add_argument(
         "--budget", type=float, default=0.1, help="embedding budget as a fraction of the collisionless table's rows"
@@ -93,6 +101,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--epochs", type=positive_int, default=20, help="at most this many epochs")
     net.add_argument("--patience", type=positive_int, default=2, help="stop after this many epochs without a better validation AUC")
     net.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
+    seo = parser.add_argument_group("SEO (shared embedding optimization)")
+    seo.add_argument("--chunk-dim", type=positive_int, default=8, help="width of one chunk (search, Applier, monolithic-shared)")
+    seo.add_argument("--search-multiplier", type=positive_int, default=2, help="search table width = dim x this")
+    seo.add_argument(
+        "--no-adjust-hash-buckets", dest="adjust_hash_buckets", action="store_false",
+        help="search: keep budget rows in the wider table (more parameters) instead of cutting them to match the budget",
+    )  # fmt: skip
+    seo.add_argument(
+        "--down-projection", action="store_true",
+        help="search: project the pool of F x N' chunks down to F x dim/chunk_dim chunks (a narrower network input)",
+    )  # fmt: skip
+    seo.add_argument("--temperature", type=float, default=1.0, help="search: softmax temperature of the chunk attention")
 
 
 def config_from_args(args: argparse.Namespace, **overrides):
@@ -109,6 +129,11 @@ def config_from_args(args: argparse.Namespace, **overrides):
         patience=args.patience,
         seed=args.seed,
         split_seed=args.split_seed,
+        chunk_dim=args.chunk_dim,
+        search_multiplier=args.search_multiplier,
+        adjust_hash_buckets=args.adjust_hash_buckets,
+        down_projection=args.down_projection,
+        temperature=args.temperature,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -142,6 +167,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
         help="comma-separated budgets, fractions of the collisionless rows",
     )  # fmt: skip
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per (method, budget): 0..N-1")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="training processes in parallel (one thread each)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     add_model_options(parser)
     parser.set_defaults(handler=run_study_command)
@@ -156,7 +182,7 @@ def run_study_command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     dataset = load_dataset(args)
-    records = run_study(dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args))
+    records = run_study(dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args), jobs=args.jobs)
     command = "uembed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = write_outputs(records, args.out, command, dataset.name)
     for row in summary:
@@ -255,13 +281,18 @@ def run_train(args: argparse.Namespace) -> int:
 
     # One compute thread per process: measured faster than two on this 2-core machine.
     torch.set_num_threads(1)
+    from model.seo import load_policy
+
+    embedding = f"seo-applier-{args.applier}" if args.embedding == "seo-applier" else args.embedding
+    policy = load_policy(args.policy).to_dict() if args.policy else None
     dataset = load_dataset(args)
     train_set, val_set, test_set = dataset.split(args.split_seed)
     config = config_from_args(
         args,
-        embedding=args.embedding,
+        embedding=embedding,
         budget_fraction=None if args.budget_rows else args.budget,
         budget_rows=args.budget_rows,
+        policy=policy,
     )
     budget = f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
     name = args.name or f"{dataset.name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -273,7 +304,40 @@ def run_train(args: argparse.Namespace) -> int:
         f"best epoch {m['best_epoch']}/{m['epochs_run']}  {m['train_seconds']:.1f}s"
     )
     print(f"run directory: {result.run_dir}")
+    if m.get("policy"):
+        policy_path = getattr(args, "policy_out", None) or result.run_dir / "policy.json"
+        if policy_path != result.run_dir / "policy.json":
+            from model.seo import ChunkPolicy
+
+            ChunkPolicy.from_dict(m["policy"]).save(policy_path)
+        chunks = ", ".join(f"{name} {list(c)}" for name, c in m["policy"]["features"].items())
+        print(f"policy (feature -> chunks): {chunks}")
+        print(f"policy file: {policy_path}  (train the Applier: uembed train --embedding seo-applier --policy {policy_path})")
     return 0
+
+
+def add_search_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "search",
+        help="SEO stage 1: train the search model and write a chunk policy (JSON)",
+        description="Train the over-parameterised SEO search model (a table search-multiplier times wider, cut "
+        "into chunks of --chunk-dim, with learned attention over all features' chunks) under the budget, then "
+        "derive the policy: per feature the chunks with at least the uniform share of attention. The policy is "
+        "a readable JSON file; `uembed train --embedding seo-applier --policy FILE` trains the Applier from it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_data_options(parser)
+    emb = parser.add_argument_group("embeddings")
+    budget = emb.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=float, default=0.1, help="budget as a fraction of the collisionless rows")
+    budget.add_argument("--budget-rows", type=positive_int, help="budget as an absolute number of rows (of width --dim)")
+    add_model_options(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
+    out.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of the run directory")
+    out.add_argument("--name", help="run directory name")
+    out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    parser.set_defaults(handler=run_train, embedding="seo-search", policy=None, applier="exact")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(commands)
+    add_search_parser(commands)
     add_study_parser(commands)
     add_export_parser(commands)
     add_serve_parser(commands)

@@ -26,3 +26,18 @@ def test_study_writes_every_run_a_summary_and_a_plot(tmp_path):
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     with (tmp_path / "runs.csv").open() as handle:
         assert next(csv.reader(handle))[:3] == ["method", "budget_fraction", "seed"]
+
+
+def test_study_runs_each_applier_after_its_own_search_in_parallel(tmp_path):
+    dataset = synthetic({"user": 200, "item": 100}, 3000, seed=0)
+    base = TrainConfig(dim=8, chunk_dim=4, network="mlp", hidden=(8,), epochs=1)
+    methods = ["separate", "seo-search", "seo-applier-exact", "seo-applier-rr"]
+    records = run_study(dataset, methods, [0.5], [0, 1], base, jobs=2)
+    assert [(r["method"], r["seed"]) for r in records] == [
+        ("separate", 0), ("separate", 1), ("seo-search", 0), ("seo-search", 1),
+        ("seo-applier-exact", 0), ("seo-applier-exact", 1), ("seo-applier-rr", 0), ("seo-applier-rr", 1),
+    ]  # fmt: skip
+    by = {(r["method"], r["seed"]): r for r in records}
+    for seed in (0, 1):
+        assert by[("seo-applier-exact", seed)]["policy"] == by[("seo-search", seed)]["policy"]
+        assert by[("seo-applier-rr", seed)]["embedding_parameters"] == by[("separate", seed)]["embedding_parameters"]

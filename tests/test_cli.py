@@ -78,3 +78,34 @@ def test_serve_help_lists_every_setting():
     assert result.returncode == 0
     for name in ServiceSettings.model_fields:
         assert f"UEMBED_{name.upper()}" in result.stdout
+
+
+def test_search_then_applier_then_export_from_the_cli(tmp_path):
+    import json
+
+    rows = 600
+    table = pa.table({
+        "a": [f"v{i % 40}" for i in range(rows)], "b": [str(i % 7) for i in range(rows)],
+        "c": [f"n{(i * 7919) % 13}" for i in range(rows)], "y": [int(i % 40 < 20) for i in range(rows)],
+    })  # fmt: skip
+    pacsv.write_csv(table, tmp_path / "data.csv")
+    (tmp_path / "spec.toml").write_text("label = 'y'\n" + "".join(f"[[features]]\nname = '{n}'\n" for n in "abc"))
+    common = ("--dataset", "data.csv", "--spec", "spec.toml", "--budget", "0.5", "--epochs", "2", "--quiet",
+              "--runs-dir", "runs", "--dim", "8", "--chunk-dim", "4", "--network", "mlp", "--hidden", "8")  # fmt: skip
+    searched = uembed("search", *common, "--name", "s", "--policy-out", "policy.json", cwd=tmp_path)
+    assert searched.returncode == 0, searched.stderr
+    policy = json.loads((tmp_path / "policy.json").read_text())
+    assert set(policy["features"]) == {"a", "b", "c"} and policy["pool_chunks"] == 4
+    assert "policy file: policy.json" in searched.stdout
+
+    applier = uembed("train", *common, "--embedding", "seo-applier", "--applier", "rr", "--policy", "policy.json", "--name", "a", cwd=tmp_path)
+    assert applier.returncode == 0, applier.stderr
+    exported = uembed("export", "runs/a", "--out", "bundles", "--name", "clicks", "--evaluate", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    manifest = json.loads((tmp_path / "bundles" / "clicks" / "1" / "manifest.json").read_text())
+    assert manifest["policy"]["features"] == policy["features"] and manifest["embedding"]["method"] == "seo-applier-rr"
+
+    refused = uembed("export", "runs/s", "--out", "bundles", cwd=tmp_path)
+    assert refused.returncode == 2 and "SEO search run" in refused.stderr
+    missing = uembed("train", *common, "--embedding", "seo-applier", "--name", "m", cwd=tmp_path)
+    assert missing.returncode == 2 and "needs a policy" in missing.stderr

@@ -5,6 +5,7 @@ import torch
 from model.embeddings import PlanEmbedding
 from model.networks import RankingModel, build_network
 from model.plan import METHODS, build_plan
+from model.seo import ChunkPolicy
 
 
 def reference_assembly(plan, embedding, rows, weights):
@@ -24,7 +25,10 @@ def reference_assembly(plan, embedding, rows, weights):
 @pytest.mark.parametrize("method", METHODS)
 def test_module_matches_a_plain_reference(tiny_dataset, method):
     torch.manual_seed(0)
-    plan = build_plan(method, tiny_dataset.spec, tiny_dataset.columns, 4, budget_rows=70)
+    # Appliers need a policy: here features read different numbers of 2-wide chunks.
+    names = [f.name for f in tiny_dataset.spec.features]
+    policy = ChunkPolicy(2, 4, 4, {n: tuple(range(1 + i % 3)) for i, n in enumerate(names)})
+    plan = build_plan(method, tiny_dataset.spec, tiny_dataset.columns, 4, budget_rows=70, policy=policy)
     embedding = PlanEmbedding(plan)
     with torch.no_grad():
         embedding.bias.normal_()

@@ -6,6 +6,7 @@ import torch
 
 from model.data import load_movielens100k, synthetic
 from model.plan import METHODS
+from model.seo import ChunkPolicy
 from model.train import TrainConfig, gradient_dominance, load_run, predict, train
 
 
@@ -16,7 +17,8 @@ def small_synthetic():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_learns_and_writes_a_run_directory(tmp_path, small_synthetic, method):
-    config = TrainConfig(embedding=method, budget_fraction=0.5, dim=8, hidden=(32,), epochs=4, seed=1)
+    policy = ChunkPolicy(4, 4, 8, {"user": (0, 1, 3), "item": (1, 2), "city": (3,)}).to_dict()
+    config = TrainConfig(embedding=method, budget_fraction=0.5, dim=8, hidden=(32,), epochs=4, seed=1, chunk_dim=4, policy=policy)
     result = train(config, *small_synthetic, run_dir=tmp_path / "run", progress=False)
     m = result.metrics
     assert 0.6 < m["test_auc"] <= 1.0 and m["test_logloss"] > 0

@@ -61,17 +61,26 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--applier", choices=("exact", "rr"), default="exact",
         help="exact: the chunks the search chose; rr: only their number, dealt round-robin over the tables",
     )  # fmt: skip
-    budget = emb.add_mutually_exclusive_group()
+    add_budget_options(emb)
+    add_model_options(parser)
+    add_run_output_options(parser)
+    parser.set_defaults(handler=run_train)
+
+
+def add_budget_options(group: argparse._ArgumentGroup) -> None:
+    budget = group.add_mutually_exclusive_group()
     budget.add_argument(
         "--budget", type=float, default=0.1, help="embedding budget as a fraction of the collisionless table's rows"
     )
-    budget.add_argument("--budget-rows", type=positive_int, help="embedding budget as an absolute number of rows")
-    add_model_options(parser)
+    budget.add_argument("--budget-rows", type=positive_int, help="embedding budget as an absolute number of rows (of width --dim)")
+
+
+def add_run_output_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     out = parser.add_argument_group("output")
     out.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of the run directory")
     out.add_argument("--name", help="run directory name (default: dataset-method-budget-seed-time)")
     out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    parser.set_defaults(handler=run_train)
+    return out
 
 
 DATA_OPTIONS = ("dataset", "spec", "label_threshold", "synthetic_examples", "split_seed")
@@ -327,16 +336,10 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_data_options(parser)
-    emb = parser.add_argument_group("embeddings")
-    budget = emb.add_mutually_exclusive_group()
-    budget.add_argument("--budget", type=float, default=0.1, help="budget as a fraction of the collisionless rows")
-    budget.add_argument("--budget-rows", type=positive_int, help="budget as an absolute number of rows (of width --dim)")
+    add_budget_options(parser.add_argument_group("embeddings"))
     add_model_options(parser)
-    out = parser.add_argument_group("output")
+    out = add_run_output_options(parser)
     out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
-    out.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of the run directory")
-    out.add_argument("--name", help="run directory name")
-    out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     parser.set_defaults(handler=run_train, embedding="seo-search", policy=None, applier="exact")
 
 

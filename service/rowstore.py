@@ -128,20 +128,21 @@ class HotRows:
         """Admit missed rows: into free slots first, then over sampled colder rows."""
         if not len(ids) or not self.capacity:
             return
-        order = np.argsort(-self.sketch.estimate(ids).astype(np.int64), kind="stable")
-        ids, records = ids[order], records[order]
+        heat = self.sketch.estimate(ids)
+        order = np.argsort(-heat.astype(np.int64), kind="stable")
+        ids, records, heat = ids[order], records[order], heat[order]
         free = min(self.capacity - self.used, len(ids))
         if free:
             slots = np.arange(self.used, self.used + free)
             self._place(slots, ids[:free], records[:free])
             self.used += free
-            ids, records = ids[free:], records[free:]
+            ids, records, heat = ids[free:], records[free:], heat[free:]
         if not len(ids):
             return
         sample = self.rng.integers(0, self.capacity, size=(len(ids), self.SAMPLE))
         sample_heat = self.sketch.estimate(self.owner[sample].ravel()).reshape(sample.shape)
         victims = sample[np.arange(len(ids)), np.argmin(sample_heat, axis=1)]
-        admit = self.sketch.estimate(ids) > sample_heat.min(axis=1)
+        admit = heat > sample_heat.min(axis=1)
         victims, first = np.unique(np.where(admit, victims, -1), return_index=True)
         keep = victims >= 0
         victims, chosen = victims[keep], first[keep]
@@ -230,13 +231,14 @@ class RedisTier:
         except self.errors as exc:
             self._failed("fetch", exc)
             return None
-        hit = np.zeros(len(ids), dtype=bool)
         width = out.shape[1]
-        for positions, values in zip(groups, replies):
-            for position, value in zip(positions, values):
-                if value is not None and len(value) == width:
-                    out[position] = np.frombuffer(value, dtype=np.uint8)
-                    hit[position] = True
+        found = [(p, v) for positions, values in zip(groups, replies) for p, v in zip(positions, values)
+                 if v is not None and len(v) == width]  # fmt: skip
+        hit = np.zeros(len(ids), dtype=bool)
+        if found:
+            positions = np.fromiter((p for p, _ in found), dtype=np.int64, count=len(found))
+            out[positions] = np.frombuffer(b"".join(v for _, v in found), dtype=np.uint8).reshape(-1, width)
+            hit[positions] = True
         return hit
 
     def fill(self, namespace: str, ids: np.ndarray, records: np.ndarray) -> None:
@@ -303,8 +305,7 @@ class TableStore:
         self.namespace = namespace
         self.hot = HotRows.for_budget(self.codec, hot_bytes) if hot_bytes else None
         self.redis = redis
-        self.counts = TierCounts()
-        self.stats_lock = threading.Lock()
+        self.counts = TierCounts()  # only the batch thread gathers and drains them: no lock
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows ``[k, dim]`` of unique row ids."""
@@ -333,22 +334,20 @@ class TableStore:
                 self.redis.fill(self.namespace, ids[need_file], records[need_file])
         if self.hot is not None and len(miss_positions):
             self.hot.offer(miss_ids, records[miss_positions])
-        with self.stats_lock:
-            counts = self.counts
-            counts.hits["hot"] += hot_hits
-            if self.hot is not None:
-                counts.misses["hot"] += len(miss_ids)
-            if redis_used:
-                counts.hits["redis"] += from_redis
-                counts.misses["redis"] += len(miss_ids) - from_redis
-            elif self.redis is not None and len(miss_ids):
-                counts.redis_fallbacks += 1
-            counts.hits["file"] += len(need_file)
+        counts = self.counts
+        counts.hits["hot"] += hot_hits
+        if self.hot is not None:
+            counts.misses["hot"] += len(miss_ids)
+        if redis_used:
+            counts.hits["redis"] += from_redis
+            counts.misses["redis"] += len(miss_ids) - from_redis
+        elif self.redis is not None and len(miss_ids):
+            counts.redis_fallbacks += 1
+        counts.hits["file"] += len(need_file)
         return self.codec.decode(records)
 
     def take_counts(self) -> TierCounts:
-        with self.stats_lock:
-            counts, self.counts = self.counts, TierCounts()
+        counts, self.counts = self.counts, TierCounts()
         return counts
 
     def memory_bytes(self) -> dict[str, int]:

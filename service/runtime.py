@@ -93,7 +93,6 @@ class ModelRuntime(ReferenceScorer):
     ) -> None:
         super().__init__(bundle, threads)
         self.widths = {f.name: f.width for f in self.plan.features}
-        self.multivalent = [name for name, spec in bundle.feature_specs.items() if spec.multivalent]
         self.slots = self.plan.slots
         # Hot-row budget is per model, shared by its tables in proportion to their bytes.
         total_bytes = sum(t.nbytes for t in bundle.tables.values()) or 1
@@ -159,13 +158,12 @@ class ModelRuntime(ReferenceScorer):
                             cache.clear()
                         cache[key] = items
                 column.append(items)
-            if not spec.multivalent:
-                column = [items[0] for items in column]
             if spec.multivalent:
-                width = self.widths[name]
-                cut = sum(len(items) > width for items in column)
+                cut = sum(len(items) > self.widths[name] for items in column)
                 if cut:
                     truncated[name] = cut
+            else:
+                column = [items[0] for items in column]
             values[name] = column
         return CanonicalExamples(len(examples), values, len(examples) * self.slots, truncated)
 

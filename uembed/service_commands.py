@@ -36,8 +36,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_serve)
 
 
-def serve_environment(args: argparse.Namespace) -> dict[str, str]:
-    """CLI flags as UEMBED_* variables, so every worker process builds the same settings."""
+def set_serve_environment(args: argparse.Namespace) -> None:
+    """CLI flags (and the demo bundle) as UEMBED_* variables, so every worker builds the same settings."""
     from service.demo import demo_bundle
     from service.settings import load_settings
 
@@ -53,19 +53,18 @@ def serve_environment(args: argparse.Namespace) -> dict[str, str]:
     os.environ.update(env)
     settings = load_settings()  # refuses bad settings here, before any worker starts
     if not settings.bundles:
-        env["UEMBED_BUNDLES"] = str(demo_bundle(settings.bundle_store).resolve())
+        os.environ["UEMBED_BUNDLES"] = str(demo_bundle(settings.bundle_store).resolve())
     else:
         from export.loader import load_bundle
 
         for path in settings.bundles:
             load_bundle(path)  # a missing or corrupt bundle is a one-line error here, not a worker traceback
-    return env
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    os.environ.update(serve_environment(args))
+    set_serve_environment(args)
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="uembed-metrics-")
     print(f"serving {os.environ['UEMBED_BUNDLES']} on http://{args.host}:{args.port} "

@@ -169,6 +169,9 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         # Bundles, sessions and caches live as long as the process: keep them out of GC passes (tail latency).
         gc.collect()
         gc.freeze()
+        if settings.gc_gen0_threshold:
+            _, older, oldest = gc.get_threshold()
+            gc.set_threshold(settings.gc_gen0_threshold, older, oldest)
         await engine.astart()
         yield
         await engine.astop()

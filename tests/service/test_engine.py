@@ -122,3 +122,21 @@ def test_several_models_are_chosen_by_name(bundle_store, movielens_examples, tmp
         return default.name, chosen.name, [m["name"] for m in engine.describe()]
 
     assert run(main()) == ("movielens", "other", ["movielens", "other"])
+
+
+def test_value_caches_overflowing_mid_batch_still_hash_every_value(bundle_store, monkeypatch):
+    """A batch whose new values overflow the per-feature row cache: values cached before the
+    overflow must be hashed again, not looked up in the emptied cache (found by the locust run)."""
+    import service.runtime
+
+    monkeypatch.setattr(service.runtime, "CANONICAL_CACHE_ENTRIES", 8)
+    bundle = load_bundle(bundle_store / "movielens" / "1")
+    runtime = service.runtime.ModelRuntime(bundle)
+    reference = ReferenceScorer(bundle)
+    first = [{"user_id": str(u), "movie_id": str(u)} for u in range(6)]
+    second = [{"user_id": str(u), "movie_id": str(u)} for u in range(3, 12)]  # 3 cached, 6 new: over the cap
+    for examples in (first, second):
+        rows, weights = runtime.hash([runtime.canonicalise(examples)])
+        expected_rows, expected_weights = reference.encode(examples)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_array_equal(weights, expected_weights)

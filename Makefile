@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test clean
+.PHONY: install system-deps demo test stack loadtest clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +16,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Servers the tests start on their own loopback ports (never the machine's own instances).
+# Servers the tests and `make stack` start on their own loopback ports (never the machine's
+# own instances): Debian's redis-server and prometheus.
 system-deps:
-	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null || { \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server prometheus; }
 
 # The main job on the embedded default: serve the demo bundle (MovieLens-100K, unified
 # embedding at 10%, trained and exported the first time) on http://127.0.0.1:8000.
@@ -28,5 +31,15 @@ demo: $(STAMP)
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
+# The local stack without Docker: redis-server, the service (demo bundle) and prometheus on
+# 127.0.0.1 ports 6380, 8000 and 9090, in the foreground until Ctrl-C (uembed stack --help).
+stack: $(STAMP) system-deps
+	$(BIN)/uembed stack
+
+# 60 s of locust against the service on 127.0.0.1:8000 (e.g. `make stack` in another terminal);
+# reports in loadtest-results/. More options: .venv/bin/uembed loadtest --help
+loadtest: $(STAMP)
+	$(BIN)/uembed loadtest --seconds 60
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .stack loadtest-results

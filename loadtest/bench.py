@@ -26,17 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 from loadtest.servers import RedisServer, UvicornProcess
-
-FEATURES = ("user_id", "movie_id", "zip_code", "age", "occupation", "gender", "genres")
-
+from loadtest.traffic import MovieLensExamples, zipf_cdf, zipf_ranks
 
 def movielens_requests(examples_per_request: int, count: int = 200, seed: int = 0) -> list[list[dict]]:
-    from model.data import movielens100k_table
-
-    rows = movielens100k_table().select(list(FEATURES)).to_pylist()
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(rows) - examples_per_request, count)
-    return [rows[s : s + examples_per_request] for s in starts]
+    examples = MovieLensExamples(seed)
+    return [examples.batch(examples_per_request) for _ in range(count)]
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -199,10 +193,6 @@ def redis_memory(rows: int, workdir: Path, dim: int = 16) -> dict:
     }  # fmt: skip
 
 
-def zipf_ranks(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.ndarray:
-    return np.searchsorted(cdf, rng.random(size) * cdf[-1])
-
-
 def hot_tier_hit_rate(table_rows: int, hot_bytes: int, batches: int, workdir: Path, exponent: float = 1.1,
                       features: int = 8, examples: int = 64, dim: int = 16) -> dict:  # fmt: skip
     """Tier-1 hit rate of a unified table fed Zipf(exponent) values of ``features`` features, hashed by the contract."""
@@ -219,7 +209,7 @@ def hot_tier_hit_rate(table_rows: int, hot_bytes: int, batches: int, workdir: Pa
     rows = TableRows("unified", table_rows, dim, "float32", np.load(path, mmap_mode="r"))
     store = TableStore(rows, "bench", hot_bytes=hot_bytes)
     rng = np.random.default_rng(0)
-    cdf = np.cumsum(1.0 / np.arange(1, table_rows + 1, dtype=np.float64) ** exponent)
+    cdf = zipf_cdf(table_rows, exponent)
     seeds = [np.uint64(lookup_seed(f"f{i}")) for i in range(features)]
     warm = batches // 4
     hits = lookups = 0

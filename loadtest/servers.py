@@ -37,12 +37,15 @@ def wait_until(check, timeout_s: float, what: str) -> None:
     raise TimeoutError(f"{what} not up within {timeout_s}s")
 
 
-class RedisServer:
-    """A redis-server of our own (never the machine's), configured as the service expects:
-    hashes of up to 128 rows of up to 256 bytes stay listpack-encoded; LFU eviction."""
+REDIS_CONF = ROOT / "deploy" / "redis" / "redis.conf"
 
-    def __init__(self, workdir: Path, maxmemory: str = "0") -> None:
-        self.port = free_port()
+
+class RedisServer:
+    """A redis-server of our own (never the machine's), from the stack's ``deploy/redis/redis.conf``
+    (no persistence, LFU eviction, compact hashes), with its port, directory and memory cap set here."""
+
+    def __init__(self, workdir: Path, maxmemory: str = "0", port: int = 0) -> None:
+        self.port = port or free_port()
         self.workdir = workdir
         self.maxmemory = maxmemory
         self.process: subprocess.Popen | None = None
@@ -54,11 +57,10 @@ class RedisServer:
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed; `make test` installs it (apt-get install redis-server)")
+            raise RuntimeError("redis-server is not installed; `make system-deps` installs it (apt-get install redis-server)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--hash-max-listpack-value", "256", "--hash-max-listpack-entries", "128",
-             "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lfu"],
+            [binary, str(REDIS_CONF), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--maxmemory", self.maxmemory],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_until(lambda: self.client().ping(), 10, "redis-server")
@@ -85,33 +87,32 @@ class RedisServer:
             self.kill()
 
 
-class UvicornProcess:
-    """``uvicorn APP --factory`` in its own process, configured by environment variables."""
+class HttpProcess:
+    """A server process that logs to a file, is ready once ``ready_url`` answers 200, and stops on SIGTERM."""
 
-    def __init__(self, app: str, env: dict[str, str], log_path: Path, workers: int = 1) -> None:
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, ready_url: str, name: str) -> None:
+        self.argv = argv
         self.env = env
         self.log_path = log_path
-        self.workers = workers
+        self.ready_url = ready_url
+        self.name = name
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 60, ready_path: str = "/readyz") -> UvicornProcess:
+    def start(self, timeout_s: float = 60):
         env = {**os.environ, **self.env}
         self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", self.app, "--factory", "--host", "127.0.0.1", "--port", str(self.port),
-             "--no-access-log", "--timeout-graceful-shutdown", "10", "--workers", str(self.workers)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self.process = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.app} exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            return httpx.get(f"{self.url}{ready_path}", timeout=1).status_code == 200
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            return httpx.get(self.ready_url, timeout=1).status_code == 200
 
-        wait_until(ready, timeout_s, self.app)
+        try:
+            wait_until(ready, timeout_s, self.name)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self, timeout_s: float = 20) -> int:
@@ -125,11 +126,42 @@ class UvicornProcess:
         self.log.close()
         return self.process.returncode
 
+
+class UvicornProcess(HttpProcess):
+    """``uvicorn APP --factory`` in its own process, configured by environment variables."""
+
+    def __init__(self, app: str, env: dict[str, str], log_path: Path, workers: int = 1, port: int = 0,
+                 ready_path: str = "/readyz") -> None:  # fmt: skip
+        self.app = app
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(self.port),
+                "--no-access-log", "--timeout-graceful-shutdown", "10", "--workers", str(workers)]  # fmt: skip
+        super().__init__(argv, env, log_path, f"{self.url}{ready_path}", app)
+
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value} (labels sorted as exposed)."""
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return parse_exposition(httpx.get(f"{self.url}/metrics").text)
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+class PrometheusServer(HttpProcess):
+    """Debian's ``prometheus`` on a loopback port with its own data directory."""
+
+    def __init__(self, config: Path, workdir: Path, log_path: Path, port: int = 0) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus is not installed; `make system-deps` installs it (apt-get install prometheus)")
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d", "--log.level=warn"]
+        super().__init__(argv, {}, log_path, f"{self.url}/-/ready", "prometheus")

@@ -117,6 +117,11 @@ class ScoringEngine:
         if previous is not None:
             self.metrics.model_info.remove(previous.name, previous.version, previous.plan.method, rows_dtype(previous))
         self.metrics.model_info.labels(runtime.name, runtime.version, runtime.plan.method, rows_dtype(runtime)).set(1)
+        # Series that exist before their first event, so dashboards show 0 rather than "no data".
+        self.metrics.reloads.labels(runtime.name, "ok")
+        for spec in runtime.bundle.feature_specs.values():
+            if spec.kind == "multivalent":
+                self.metrics.truncated.labels(spec.name)
         self._observe_memory(runtime)
 
     def load(self, path: str | Path) -> ModelRuntime:

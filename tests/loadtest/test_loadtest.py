@@ -1,0 +1,86 @@
+"""The load generator: Zipf examples from a model's features, the loopback guard, and a real
+stepped locust run (MovieLens scenario) against the service, with its plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.loader import load_bundle
+from export.scorer import ReferenceScorer
+from loadtest.run import check_target
+from loadtest.traffic import ZipfExamples, served_features
+from model.errors import UembedError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def features(bundle_store):
+    bundle = load_bundle(bundle_store / "movielens" / "1")
+    widths = {feature.name: feature.width for feature in bundle.plan.features}
+    return [spec.to_dict() | {"width": widths[name]} for name, spec in bundle.feature_specs.items()], bundle
+
+
+def test_zipf_examples_fit_the_model_and_are_skewed(features):
+    specs, bundle = features
+    examples = ZipfExamples(specs, exponent=1.1, vocabulary=1000, seed=0).batch(20_000)
+    assert len(examples) == 20_000 and all(set(e) == set(bundle.feature_specs) for e in examples[:100])
+    ReferenceScorer(bundle).encode(examples[:2000])  # every value is one the service accepts
+    by_kind = {spec["kind"]: spec for spec in specs}
+    genres = [e[by_kind["multivalent"]["name"]] for e in examples]
+    assert all(1 <= len(g) <= by_kind["multivalent"]["width"] for g in genres)
+    edges = [1.0, 5.0, 10.0, 50.0]
+    prices = [e["price"] for e in ZipfExamples([{"name": "price", "kind": "numeric", "boundaries": edges}], seed=0).batch(5000)]
+    buckets = np.searchsorted(edges, prices, side="right")
+    assert set(buckets) == set(range(len(edges) + 1)), "every bucket of a numeric feature is reached"
+    users = np.array([int(e["user_id"]) for e in examples])
+    hottest = np.mean(users == 0)
+    expected = 1 / np.sum(1 / np.arange(1, 1001) ** 1.1)
+    assert abs(hottest - expected) < 0.01, (hottest, expected)
+    assert np.mean(users < 10) > 0.3 and users.max() > 500, "a hot head and a long tail"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:8000"])
+def test_loopback_targets_are_allowed(url):
+    check_target(url, allow_remote=False)
+
+
+def test_other_targets_need_allow_remote():
+    with pytest.raises(UembedError, match="--url: 10.1.2.3 is not a loopback address"):
+        check_target("http://10.1.2.3:8000", allow_remote=False)
+    check_target("http://10.1.2.3:8000", allow_remote=True)
+    with pytest.raises(UembedError, match="--url"):
+        check_target("127.0.0.1:8000", allow_remote=False)
+    run = subprocess.run([sys.executable, "-m", "uembed", "loadtest", "--url", "http://example.com"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and "not a loopback address" in run.stderr
+
+
+def test_a_stepped_movielens_run_reports_each_step_and_plots_latency_against_load(bundle_store, start_service, tmp_path):
+    service = start_service([bundle_store / "movielens" / "1"])
+    model, features = served_features(service.url)
+    assert model == "movielens" and {f["name"] for f in features} >= {"user_id", "genres"}
+    with pytest.raises(ValueError, match="not served"):
+        served_features(service.url, "no-such-model")
+    plot = tmp_path / "latency.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "uembed", "loadtest", "--url", service.url, "--scenario", "movielens", "--examples", "16",
+         "--steps", "2", "--step-users", "2", "--step-seconds", "8", "--user-rate", "10", "--plot", str(plot),
+         "--out", str(tmp_path / "out"), "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failures"] == 0 and summary["requests"] > 100
+    assert [s["users"] for s in summary["steps"]] == [2, 4]
+    assert [s["offered_per_s"] for s in summary["steps"]] == [20, 40]
+    for step in summary["steps"]:
+        assert 0.5 * step["offered_per_s"] < step["achieved_per_s"] < 1.5 * step["offered_per_s"], step
+        assert 0 < step["p50_ms"] <= step["p95_ms"] <= step["p99_ms"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000

@@ -33,6 +33,8 @@ def onnx_session(path, threads: int = 1, providers: Sequence[str] | None = None)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the runtime-cuda image); a no-op otherwise
     chosen = [p for p in (providers or ("CUDAExecutionProvider", "CPUExecutionProvider")) if p in available]
     return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
 

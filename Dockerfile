@@ -1,0 +1,74 @@
+# syntax=docker/dockerfile:1
+# Images of uembed. Targets (docker build --target NAME .):
+#   runtime       the default: CPU scoring service, no torch, non-root, healthcheck on /readyz
+#   runtime-cuda  the same with onnxruntime-gpu and its CUDA/cuDNN wheels (run with --gpus all)
+#   trainer       adds torch (CPU) to train and export bundles; the compose stack builds the demo bundle with it
+#   loadtest      adds locust, the load generator of the compose stack
+# Every stage runs as the unprivileged user uembed (uid 10001).
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+# --- build: a virtual environment with the serving install ------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/uembed/bin:$PATH
+WORKDIR /src
+RUN python -m venv /opt/uembed
+COPY pyproject.toml README.md ./
+COPY uembed ./uembed
+COPY model ./model
+COPY export ./export
+COPY service ./service
+COPY loadtest ./loadtest
+RUN pip install --no-cache-dir .
+
+FROM build AS build-cuda
+# onnxruntime and onnxruntime-gpu install the same module: swap one for the other.
+RUN pip uninstall -y onnxruntime \
+    && pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+
+FROM build AS build-trainer
+# The CPU wheel of torch (PyPI's default build for Linux carries CUDA: gigabytes). The extras'
+# versions are pinned in pyproject.toml, which hadolint cannot see.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+    && pip install --no-cache-dir ".[train]"
+
+FROM build AS build-loadtest
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[loadtest]"
+
+# --- runtime images ------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS base
+RUN groupadd --system --gid 10001 uembed \
+    && useradd --system --uid 10001 --gid uembed --create-home --home-dir /home/uembed uembed \
+    && mkdir -p /bundles /home/uembed/.cache/uembed \
+    && chown -R uembed:uembed /bundles /home/uembed/.cache
+ENV PATH=/opt/uembed/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    UEMBED_BUNDLE_STORE=/bundles \
+    UEMBED_CACHE=/home/uembed/.cache/uembed
+WORKDIR /home/uembed
+USER 10001:10001
+
+FROM base AS trainer
+COPY --from=build-trainer /opt/uembed /opt/uembed
+CMD ["uembed", "demo-bundle", "--bundle-store", "/bundles"]
+
+FROM base AS loadtest
+COPY --from=build-loadtest /opt/uembed /opt/uembed
+COPY --chown=uembed:uembed loadtest/locustfile.py loadtest/shapes.py ./
+EXPOSE 8089
+CMD ["locust", "-f", "locustfile.py", "--host", "http://uembed:8000"]
+
+# What both serving images share: port, healthcheck, command.
+FROM base AS serving
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]
+CMD ["uembed", "serve", "--host", "0.0.0.0", "--port", "8000"]
+
+FROM serving AS runtime-cuda
+COPY --from=build-cuda /opt/uembed /opt/uembed
+
+FROM serving AS runtime
+COPY --from=build /opt/uembed /opt/uembed

@@ -5,7 +5,7 @@
 #   trainer       adds torch (CPU) to train and export bundles; the compose stack builds the demo bundle with it
 #   loadtest      adds locust, the load generator of the compose stack
 # Every stage runs as the unprivileged user uembed (uid 10001).
-ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: a virtual environment with the serving install ------------------------------
 FROM ${PYTHON_IMAGE} AS build

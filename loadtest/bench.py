@@ -28,6 +28,7 @@ from tqdm import tqdm
 from loadtest.servers import RedisServer, UvicornProcess
 from loadtest.traffic import MovieLensExamples, zipf_cdf, zipf_ranks
 
+
 def movielens_requests(examples_per_request: int, count: int = 200, seed: int = 0) -> list[list[dict]]:
     examples = MovieLensExamples(seed)
     return [examples.batch(examples_per_request) for _ in range(count)]

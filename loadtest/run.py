@@ -37,9 +37,13 @@ def check_target(url: str, allow_remote: bool) -> None:
         raise UembedError(f"--url: {host} is not a loopback address; pass --allow-remote to load another machine")
 
 
+def run_seconds(args) -> float:
+    return args.steps * args.step_seconds if args.steps else args.seconds
+
+
 def locust_command(args, prefix: Path) -> list[str]:
     files = str(HERE / "locustfile.py") + (f",{HERE / 'shapes.py'}" if args.steps else "")
-    seconds = args.steps * args.step_seconds if args.steps else args.seconds
+    seconds = run_seconds(args)
     command = [
         sys.executable, "-m", "locust", "-f", files, "--headless", "--host", args.url,
         "--run-time", f"{int(seconds + 0.999)}s", "--stop-timeout", "5",
@@ -146,7 +150,7 @@ def run_loadtest(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / "locust"
     command = locust_command(args, prefix)
-    seconds = args.steps * args.step_seconds if args.steps else args.seconds
+    seconds = run_seconds(args)
     log_path = out / "locust.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -44,6 +44,8 @@ class RedisServer:
     """A redis-server of our own (never the machine's), from the stack's ``deploy/redis/redis.conf``
     (no persistence, LFU eviction, compact hashes), with its port, directory and memory cap set here."""
 
+    name = "redis-server"
+
     def __init__(self, workdir: Path, maxmemory: str = "0", port: int = 0) -> None:
         self.port = port or free_port()
         self.workdir = workdir

@@ -89,7 +89,7 @@ class LocalStack:
     def failed_component(self) -> str | None:
         for component in self.components:
             if component.process.poll() is not None:
-                return getattr(component, "name", "redis-server")
+                return component.name
         return None
 
     def down(self) -> None:
@@ -101,6 +101,7 @@ class LocalStack:
 def run_stack(args) -> int:
     stack = LocalStack(args.dir, args.bundle or [], args.bundle_store, args.port, args.redis_port,
                        args.prometheus_port, args.workers, args.redis_maxmemory)  # fmt: skip
+
     def interrupt(*_):
         raise KeyboardInterrupt
 

@@ -31,15 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry
+from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, quantise_rows, test_vectors
 from model.errors import UembedError
-from model.hashing import MISSING, spec_description
+from model.hashing import spec_description
 from model.networks import RankingModel
 from model.plan import EmbeddingPlan
 from model.train import load_run
-
-TEST_VECTORS = 12
-
 
 class ExportError(UembedError):
     kind = "export"
@@ -65,28 +62,6 @@ class DenseProbability(torch.nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.network(embeddings))
-
-
-def quantise_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rowwise int8: uint8 codes and float32 ``[rows, 2]`` (scale, offset); x ~ q * scale + offset."""
-    low = rows.min(axis=1)
-    high = rows.max(axis=1)
-    scale = ((high - low) / 255.0).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    codes = np.clip(np.rint((rows - low[:, None]) / safe[:, None]), 0, 255).astype(np.uint8)
-    return codes, np.stack([scale, low.astype(np.float32)], axis=1)
-
-
-def test_vectors(plan: EmbeddingPlan, train_values: dict[str, list[bytes]], count: int = TEST_VECTORS) -> list[dict]:
-    """(feature, value) -> rows per lookup, for a few real values of each feature and a missing one."""
-    per_feature = max(1, -(-count // max(len(plan.features), 1)))  # ceiling: at least `count` vectors
-    vectors = []
-    for feature in plan.features:
-        values = sorted(train_values.get(feature.name, []))[:per_feature]
-        for value in values + ([MISSING] if feature is plan.features[0] else []):
-            rows = [int(plan.rows_of_values(feature, lookup, [value])[0]) for lookup in feature.lookups]
-            vectors.append({"feature": feature.name, "value": value.decode("utf-8", "surrogateescape"), "rows": rows})
-    return vectors
 
 
 def software_versions() -> dict[str, str]:

@@ -27,23 +27,30 @@ class ExampleError(UembedError):
     status = 422
 
 
-def onnx_session(path, threads: int = 1, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session with one compute thread (scale with processes, not threads)."""
+CPU_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def onnx_session(path, threads: int = 1, providers: Sequence = CPU_PROVIDERS) -> ort.InferenceSession:
+    """An ONNX Runtime session with one compute thread (scale with processes, not threads).
+
+    ``providers`` as ONNX Runtime takes them (names, or ``(name, options)`` pairs). The CPU provider unless a
+    caller asks for another, so a score never depends on whether the machine happens to have a GPU.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the runtime-cuda image); a no-op otherwise
-    chosen = [p for p in (providers or ("CUDAExecutionProvider", "CPUExecutionProvider")) if p in available]
-    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    if "CUDAExecutionProvider" in names and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels the gpu extra installs
+    model = path if isinstance(path, bytes) else str(path)  # a file, or a serialised model
+    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
 
 
 class ReferenceScorer:
-    def __init__(self, bundle: Bundle, threads: int = 1) -> None:
+    def __init__(self, bundle: Bundle, threads: int = 1, providers: Sequence = CPU_PROVIDERS) -> None:
         self.bundle = bundle
         self.plan = bundle.plan
-        self.session = onnx_session(bundle.dense_path, threads)
+        self.session = onnx_session(bundle.dense_path, threads, providers)
         slot_tables = self.plan.slot_tables()
         self.table_slots = [
             (bundle.tables[t.name], np.flatnonzero(slot_tables == i)) for i, t in enumerate(self.plan.tables)

@@ -7,6 +7,8 @@ Phases (each prints its figures; all go to a JSON file):
 3. naive      a naive FastAPI service (TorchScript once per request, no batching, no cache) at saturation
 4. redis      Redis memory per cached row (INFO memory over N rows) in our hash layout, and a key per row
 5. hot tier   tier-1 hit rate for Zipf(1.1) traffic over a synthetic 10M-row unified table
+6. gpu        (asked for by name; needs a CUDA device) the CUDA path beside the CPU path over a 100M-row
+              Criteo-shaped table: ``loadtest/gpu_bench.py``
 
 Requests carry 64 real MovieLens-100K examples. Server and load generator share this
 machine over loopback (the generator is threads on keep-alive connections).
@@ -238,10 +240,6 @@ def run_bench(args) -> dict:
 
     results: dict = {"examples_per_request": args.examples, "seconds_per_phase": args.seconds}
     workdir = Path(tempfile.mkdtemp(prefix="uembed-bench-"))
-    bundle = args.bundle or demo_bundle(args.bundle_store)
-    results["bundle"] = str(bundle)
-    requests = movielens_requests(args.examples)
-    bodies = [json.dumps({"examples": r}).encode() for r in requests]
     phases = set(args.phases)
 
     def report(name: str, figures: dict) -> None:
@@ -249,6 +247,10 @@ def run_bench(args) -> dict:
         print(f"{name}: {json.dumps(figures)}", flush=True)
 
     if "service" in phases:
+        bundle = args.bundle or demo_bundle(args.bundle_store)
+        results["bundle"] = str(bundle)
+        requests = movielens_requests(args.examples)
+        bodies = [json.dumps({"examples": r}).encode() for r in requests]
         report("ceiling", ceiling(bundle, requests, args.seconds))
         env = {"UEMBED_BUNDLES": str(bundle)}
         report("service", http_phase("service.app:create_app", env, bodies, args.seconds, args.concurrency, workdir, True))
@@ -267,6 +269,11 @@ def run_bench(args) -> dict:
         report("redis_memory", redis_memory(args.redis_rows, workdir))
     if "hot" in phases:
         report("hot_tier", hot_tier_hit_rate(args.table_rows, int(args.hot_rows_mb * 2**20), args.hot_batches, workdir))
+    if "gpu" in phases:
+        from loadtest.gpu_bench import run_gpu_bench
+
+        run_gpu_bench(workdir, args.gpu_table_rows, args.gpu_hot_gib, args.gpu_batch_sizes, args.gpu_batches,
+                      args.gpu_warm_batches, args.gpu_zipf, args.gpu_bundle, report)  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -27,6 +27,7 @@ import numpy as np
 
 from export.loader import load_bundle
 from model.errors import UembedError
+from service.device import open_runtime
 from service.metrics import ServiceMetrics
 from service.rowstore import RedisTier
 from service.runtime import CanonicalExamples, ModelRuntime, ValueLimits
@@ -93,9 +94,11 @@ class ScoringEngine:
     def open(self, path: str | Path) -> ModelRuntime:
         """Load and validate a bundle and score one example with it (not yet live)."""
         bundle = load_bundle(path)
-        runtime = ModelRuntime(
+        runtime = open_runtime(
             bundle,
+            self.settings.device,
             hot_rows_bytes=self.settings.hot_rows_bytes,
+            device_hot_rows_bytes=self.settings.device_hot_rows_bytes,
             redis=self.redis,
             redis_prefix=self.settings.redis_prefix,
             threads=self.settings.compute_threads,
@@ -169,6 +172,7 @@ class ScoringEngine:
                     "version": runtime.version,
                     "method": runtime.plan.method,
                     "default": runtime.name == self.default_model,
+                    "device": runtime.device,
                     "features": [spec.to_dict() | {"width": runtime.widths[spec.name]} for spec in runtime.bundle.feature_specs.values()],
                     "tables": [
                         {
@@ -178,6 +182,7 @@ class ScoringEngine:
                             "dtype": store.table.dtype,
                             "bytes": memory[store.table.name],
                             "hot_rows_capacity": store.hot.capacity if store.hot is not None else 0,
+                            "hot_rows_on_device": store.hot_on_device,
                             "redis": self.redis is not None,
                         }
                         for store in runtime.stores

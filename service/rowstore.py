@@ -6,7 +6,7 @@ decode turns records into float32 rows, so every tier returns bit-identical rows
 
 Example (tiers 1 and 3; ``table`` from :func:`export.loader.load_bundle`)::
 
-    >>> store = TableStore(table, namespace="ml:1:unified", hot=HotRows.for_budget(table, 2**20))  # doctest: +SKIP
+    >>> store = TableStore(table, namespace="ml:1:unified", hot_bytes=2**20)  # doctest: +SKIP
     >>> store.gather(np.array([3, 17, 3]))                        # float32 [3, dim]  # doctest: +SKIP
 
 Only the batch thread calls ``gather`` (one compute thread per process), so tier 1 needs
@@ -89,69 +89,87 @@ class FrequencySketch:
 
 
 class HotRows:
-    """Tier 1: at most ``capacity`` records in one array, admitted by frequency.
+    """Tier 1's index and (on the host) its records: at most ``capacity`` rows, admitted by frequency.
 
     ``slot_of_row`` maps a row id to its slot + 1 (0: not cached). It is allocated with
-    zeros, so the OS maps its pages only where rows were cached.
+    zeros, so the OS maps its pages only where rows were cached. With ``host_records``
+    False the records live elsewhere (GPU memory, ``service/device.py``) and this object
+    only decides which row sits in which slot.
     """
 
     SAMPLE = 4  # eviction looks at this many random slots per admitted row (like Redis' LFU)
 
-    def __init__(self, table_rows: int, capacity: int, record_bytes: int, seed: int = 0) -> None:
+    def __init__(self, table_rows: int, capacity: int, record_bytes: int, seed: int = 0, host_records: bool = True) -> None:
         self.capacity = int(capacity)
+        self.record_bytes = record_bytes
         self.slot_of_row = np.zeros(table_rows, dtype=np.int32)
-        self.records = np.empty((self.capacity, record_bytes), dtype=np.uint8)
+        self.records = np.empty((self.capacity, record_bytes), dtype=np.uint8) if host_records else None
         self.owner = np.full(self.capacity, -1, dtype=np.int64)
         self.used = 0
         self.sketch = FrequencySketch(4 * self.capacity)
         self.rng = np.random.default_rng(seed)
 
     @classmethod
-    def for_budget(cls, codec: RowCodec, budget_bytes: int) -> HotRows | None:
-        capacity = min(budget_bytes // codec.record_bytes, codec.table.rows)
-        return cls(codec.table.rows, capacity, codec.record_bytes) if capacity > 0 else None
+    def for_budget(cls, table_rows: int, record_bytes: int, budget_bytes: int, host_records: bool = True) -> HotRows | None:
+        capacity = min(budget_bytes // record_bytes, table_rows)
+        return cls(table_rows, capacity, record_bytes, host_records=host_records) if capacity > 0 else None
 
     @property
     def nbytes(self) -> int:
         """Resident bytes: the records in use (the slot index is counted where touched, at most 4 per row)."""
-        return int(self.used * self.records.shape[1])
+        return int(self.used * self.record_bytes)
+
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """Slot of each of ``ids`` (unique), -1 where not cached; counts the accesses for admission."""
+        self.sketch.add(ids)
+        return self.slot_of_row[ids].astype(np.int64) - 1
 
     def lookup(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Copy cached records of ``ids`` (unique) into ``out``; returns the hit mask."""
-        self.sketch.add(ids)
-        slots = self.slot_of_row[ids]
-        hit = slots > 0
-        out[hit] = self.records[slots[hit] - 1]
+        slots = self.slots(ids)
+        hit = slots >= 0
+        out[hit] = self.records[slots[hit]]
         return hit
 
     def offer(self, ids: np.ndarray, records: np.ndarray) -> None:
-        """Admit missed rows: into free slots first, then over sampled colder rows."""
+        """Admit missed rows (host records)."""
+        slots, chosen = self.admit(ids)
+        self.records[slots] = records[chosen]
+
+    def admit(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decide where missed ``ids`` (unique, not cached) go: free slots first, then over sampled colder
+        rows. Updates the index and returns ``(slots, chosen)``: row ``ids[chosen[k]]`` now owns ``slots[k]``,
+        and the caller must write its record there."""
+        none = np.empty(0, dtype=np.int64)
         if not len(ids) or not self.capacity:
-            return
+            return none, none
         heat = self.sketch.estimate(ids)
         order = np.argsort(-heat.astype(np.int64), kind="stable")
-        ids, records, heat = ids[order], records[order], heat[order]
         free = min(self.capacity - self.used, len(ids))
+        placed_slots, placed = [none], [none]
         if free:
-            slots = np.arange(self.used, self.used + free)
-            self._place(slots, ids[:free], records[:free])
+            slots = np.arange(self.used, self.used + free, dtype=np.int64)
+            self._own(slots, ids[order[:free]])
             self.used += free
-            ids, records, heat = ids[free:], records[free:], heat[free:]
-        if not len(ids):
-            return
-        sample = self.rng.integers(0, self.capacity, size=(len(ids), self.SAMPLE))
-        sample_heat = self.sketch.estimate(self.owner[sample].ravel()).reshape(sample.shape)
-        victims = sample[np.arange(len(ids)), np.argmin(sample_heat, axis=1)]
-        admit = heat > sample_heat.min(axis=1)
-        victims, first = np.unique(np.where(admit, victims, -1), return_index=True)
-        keep = victims >= 0
-        victims, chosen = victims[keep], first[keep]
-        if len(victims):
-            self.slot_of_row[self.owner[victims]] = 0
-            self._place(victims, ids[chosen], records[chosen])
+            placed_slots.append(slots)
+            placed.append(order[:free])
+        rest = order[free:]
+        if len(rest):
+            sample = self.rng.integers(0, self.capacity, size=(len(rest), self.SAMPLE))
+            sample_heat = self.sketch.estimate(self.owner[sample].ravel()).reshape(sample.shape)
+            victims = sample[np.arange(len(rest)), np.argmin(sample_heat, axis=1)]
+            admitted = heat[rest] > sample_heat.min(axis=1)
+            victims, first = np.unique(np.where(admitted, victims, -1), return_index=True)
+            keep = victims >= 0
+            victims, chosen = victims[keep], rest[first[keep]]
+            if len(victims):
+                self.slot_of_row[self.owner[victims]] = 0
+                self._own(victims, ids[chosen])
+                placed_slots.append(victims)
+                placed.append(chosen)
+        return np.concatenate(placed_slots), np.concatenate(placed)
 
-    def _place(self, slots: np.ndarray, ids: np.ndarray, records: np.ndarray) -> None:
-        self.records[slots] = records
+    def _own(self, slots: np.ndarray, ids: np.ndarray) -> None:
         self.owner[slots] = ids
         self.slot_of_row[ids] = slots + 1
 
@@ -297,13 +315,23 @@ class RedisTier:
 
 
 class TableStore:
-    """One table of one model version, through tiers 1, 2 and 3."""
+    """One table of one model version, through tiers 1, 2 and 3.
 
-    def __init__(self, table: TableRows, namespace: str, hot_bytes: int = 0, redis: RedisTier | None = None) -> None:
+    ``gather`` serves the CPU path: float32 rows on the host. With ``hot_on_device`` tier 1's
+    records are float32 rows in GPU memory (``service/device.py`` owns them); this object keeps
+    their index and ``resolve`` tells the device path which rows it holds and fetches the rest.
+    """
+
+    def __init__(
+        self, table: TableRows, namespace: str, hot_bytes: int = 0, redis: RedisTier | None = None, hot_on_device: bool = False
+    ) -> None:
         self.codec = RowCodec(table)
         self.table = table
         self.namespace = namespace
-        self.hot = HotRows.for_budget(self.codec, hot_bytes) if hot_bytes else None
+        self.hot_on_device = hot_on_device
+        # On the device tier 1 holds decoded float32 rows (what the gather kernel reads), whatever the file dtype.
+        hot_record_bytes = table.dim * 4 if hot_on_device else self.codec.record_bytes
+        self.hot = HotRows.for_budget(table.rows, hot_record_bytes, hot_bytes, host_records=not hot_on_device) if hot_bytes else None
         self.redis = redis
         self.counts = TierCounts()  # only the batch thread gathers and drains them: no lock
 
@@ -311,45 +339,64 @@ class TableStore:
         """float32 rows ``[k, dim]`` of unique row ids."""
         records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
         missed = np.ones(len(ids), dtype=bool)
-        hot_hits = 0
         if self.hot is not None:
             missed = ~self.hot.lookup(ids, records)
-            hot_hits = len(ids) - int(missed.sum())
         miss_positions = np.flatnonzero(missed)
         miss_ids = ids[miss_positions]
-        from_redis = 0
-        need_file = miss_positions
+        records[miss_positions] = self._fetch(miss_ids)
+        if self.hot is not None and len(miss_positions):
+            self.hot.offer(miss_ids, records[miss_positions])
+        self._count_hot(len(ids), len(miss_ids))
+        return self.codec.decode(records)
+
+    def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For the device path, of unique ``ids``: ``slots`` (device tier-1 slot, -1 for a miss), ``misses``
+        (positions in ``ids`` of the misses), their float32 ``rows [m, dim]`` from Redis or the row files, and
+        the admissions ``(admit_slots, admit_from)``: miss ``admit_from[k]`` (a position in ``misses``) is to be
+        written to device slot ``admit_slots[k]`` after this batch's gather. The index already counts them."""
+        slots = self.hot.slots(ids) if self.hot is not None else np.full(len(ids), -1, dtype=np.int64)
+        misses = np.flatnonzero(slots < 0)
+        rows = self.codec.decode(self._fetch(ids[misses]))
+        if self.hot is not None:
+            admit_slots, admit_from = self.hot.admit(ids[misses])
+        else:
+            admit_slots = admit_from = np.empty(0, dtype=np.int64)
+        self._count_hot(len(ids), len(misses))
+        return slots, misses, rows, admit_slots, admit_from
+
+    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+        """Records of tier-1 misses from tier 2, else tier 3 (then filled back into tier 2): uint8 ``[k, record_bytes]``."""
+        records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
+        need_file = np.arange(len(ids))
         redis_used = False
-        if self.redis is not None and len(miss_ids):
-            fetched = np.empty((len(miss_ids), self.codec.record_bytes), dtype=np.uint8)
-            redis_hit = self.redis.fetch(self.namespace, miss_ids, fetched)
+        counts = self.counts
+        if self.redis is not None and len(ids):
+            redis_hit = self.redis.fetch(self.namespace, ids, records)
             if redis_hit is not None:
                 redis_used = True
-                records[miss_positions[redis_hit]] = fetched[redis_hit]
-                from_redis = int(redis_hit.sum())
-                need_file = miss_positions[~redis_hit]
+                need_file = np.flatnonzero(~redis_hit)
+                counts.hits["redis"] += len(ids) - len(need_file)
+                counts.misses["redis"] += len(need_file)
+            else:
+                counts.redis_fallbacks += 1
         if len(need_file):
             records[need_file] = self.codec.read(ids[need_file])
             if redis_used:
                 self.redis.fill(self.namespace, ids[need_file], records[need_file])
-        if self.hot is not None and len(miss_positions):
-            self.hot.offer(miss_ids, records[miss_positions])
-        counts = self.counts
-        counts.hits["hot"] += hot_hits
-        if self.hot is not None:
-            counts.misses["hot"] += len(miss_ids)
-        if redis_used:
-            counts.hits["redis"] += from_redis
-            counts.misses["redis"] += len(miss_ids) - from_redis
-        elif self.redis is not None and len(miss_ids):
-            counts.redis_fallbacks += 1
         counts.hits["file"] += len(need_file)
-        return self.codec.decode(records)
+        return records
+
+    def _count_hot(self, looked_up: int, missed: int) -> None:
+        if self.hot is not None:
+            self.counts.hits["hot"] += looked_up - missed
+            self.counts.misses["hot"] += missed
 
     def take_counts(self) -> TierCounts:
         counts, self.counts = self.counts, TierCounts()
         return counts
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes per tier: tier 1 resident records, tier 3 the mapped row files (Redis is shared: see INFO)."""
-        return {"hot": self.hot.nbytes if self.hot is not None else 0, "file": self.table.nbytes}
+        """Bytes per tier: tier 1 resident records (``device`` when they sit in GPU memory), tier 3 the mapped
+        row files (Redis is shared: see INFO)."""
+        hot = self.hot.nbytes if self.hot is not None else 0
+        return {"device" if self.hot_on_device else "hot": hot, "file": self.table.nbytes}

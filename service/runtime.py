@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.loader import Bundle
-from export.scorer import ExampleError, ReferenceScorer
+from export.scorer import CPU_PROVIDERS, ExampleError, ReferenceScorer
 from model.data import canonical_column
 from service.rowstore import RedisTier, TableStore
 
@@ -82,6 +82,10 @@ class CanonicalExamples:
 
 
 class ModelRuntime(ReferenceScorer):
+    """The CPU path. ``service/device.py`` has the CUDA path, which keeps every stage's name and contract."""
+
+    device = "cpu"
+
     def __init__(
         self,
         bundle: Bundle,
@@ -90,8 +94,10 @@ class ModelRuntime(ReferenceScorer):
         redis_prefix: str = "uembed",
         threads: int = 1,
         dense_backend: str = "onnx",
+        providers: Sequence = CPU_PROVIDERS,
+        hot_on_device: bool = False,
     ) -> None:
-        super().__init__(bundle, threads)
+        super().__init__(bundle, threads, providers)
         self.widths = {f.name: f.width for f in self.plan.features}
         self.slots = self.plan.slots
         # Hot-row budget is per model, shared by its tables in proportion to their bytes.
@@ -102,6 +108,7 @@ class ModelRuntime(ReferenceScorer):
                 namespace=f"{redis_prefix}:{bundle.name}:{bundle.version}:{rows.name}",
                 hot_bytes=int(hot_rows_bytes * rows.nbytes / total_bytes),
                 redis=redis,
+                hot_on_device=hot_on_device,
             )
             for rows, _ in self.table_slots
         ]

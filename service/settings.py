@@ -41,6 +41,21 @@ class ServiceSettings(BaseSettings):
         "torchscript: the bundle's full model.pt (float32 bundles under the full-model size limit; needs torch; "
         "rows then come from the TorchScript tables, not the row store).",
     )
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:[0-9]+)?)$",
+        description="Where a batch is scored. cpu: everything on the host. cuda (or cuda:N): tier 1 (hot rows) "
+        "in GPU memory, rows gathered and embeddings assembled on the GPU, the dense net on ONNX Runtime's CUDA "
+        "provider with I/O binding; misses come from Redis / the row files and go up in one copy per batch. Needs "
+        "a CUDA device and the `gpu` extra (onnxruntime-gpu, CuPy); refused at start without them.",
+    )
+    device_hot_rows_bytes: int = Field(
+        2**30,
+        ge=0,
+        description="With device=cuda: tier 1 budget per model in GPU memory, in bytes of float32 rows "
+        "(dim x 4 bytes a row, whatever the bundle's row dtype), admitted by access frequency like the host "
+        "tier; hot_rows_bytes is then unused. The GPU also holds per-batch buffers and the dense net's arena.",
+    )
     compute_threads: int = Field(
         1, ge=1, description="Intra-op threads of the dense network. 1 is fastest per core here: scale with workers."
     )
@@ -138,6 +153,8 @@ class ServiceSettings(BaseSettings):
                 f"redis_timeout_ms ({self.redis_timeout_ms}) must be below request_timeout_ms "
                 f"({self.request_timeout_ms}), or a slow Redis would time out every request"
             )
+        if self.device != "cpu" and self.dense_backend != "onnx":
+            raise ValueError(f"device={self.device} runs the dense net on ONNX Runtime: use dense_backend=onnx")
         if self.reload_token is not None and len(self.reload_token.get_secret_value()) < 16:
             raise ValueError("reload_token must be at least 16 characters")
         return self

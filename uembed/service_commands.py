@@ -31,6 +31,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--redis-url", help="tier 2 Redis, e.g. redis://127.0.0.1:6379/0 (default: none)")
     parser.add_argument("--hot-rows-mb", type=float, help="tier 1 budget per model in MiB (default 64)")
+    parser.add_argument("--device", help="cpu (default) or cuda[:N]: tier 1, gather, assemble and the dense net on a GPU "
+                        "(needs the gpu extra; see UEMBED_DEVICE below)")  # fmt: skip
     parser.add_argument("--bundle-store", type=Path, help="root of <name>/<version>/ bundles (default ./bundles)")
     parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     parser.set_defaults(handler=run_serve)
@@ -50,8 +52,14 @@ def set_serve_environment(args: argparse.Namespace) -> None:
         env["UEMBED_HOT_ROWS_BYTES"] = str(int(args.hot_rows_mb * 2**20))
     if args.bundle_store:
         env["UEMBED_BUNDLE_STORE"] = str(args.bundle_store.resolve())
+    if args.device:
+        env["UEMBED_DEVICE"] = args.device
     os.environ.update(env)
     settings = load_settings()  # refuses bad settings here, before any worker starts
+    if settings.device != "cpu":
+        from service.device import cuda_modules
+
+        cuda_modules(settings.device)  # no GPU, no CuPy or a CPU-only onnxruntime: a one-line error here
     if not settings.bundles:
         os.environ["UEMBED_BUNDLES"] = str(demo_bundle(settings.bundle_store).resolve())
     else:
@@ -93,7 +101,8 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo bundle, built if missing)")
     parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="where the demo bundle lives")
-    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot"), default=["service", "redis", "hot"])
+    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "gpu"), default=["service", "redis", "hot"],
+                        help="gpu is not in the default: it needs a CUDA device and the gpu extra")  # fmt: skip
     parser.add_argument("--examples", type=int, default=64, help="examples per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per measured load phase")
     parser.add_argument("--concurrency", type=int, default=16, help="connections of the closed-loop load")
@@ -102,6 +111,15 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--table-rows", type=int, default=10_000_000, help="rows of the synthetic unified table")
     parser.add_argument("--hot-rows-mb", type=float, default=64.0, help="tier-1 budget for the hit-rate figure")
     parser.add_argument("--hot-batches", type=int, default=4000, help="batches of Zipf traffic (first quarter warms up)")
+    gpu = parser.add_argument_group("gpu phase", "the CUDA path beside the CPU path (loadtest/gpu_bench.py)")
+    gpu.add_argument("--gpu-table-rows", type=int, default=100_000_000, help="rows of the synthetic Criteo-shaped table")
+    gpu.add_argument("--gpu-hot-gib", type=float, default=3.0, help="device tier-1 size, GiB of float32 rows "
+                     "(the CPU path gets as many rows)")  # fmt: skip
+    gpu.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=[64, 256, 1024, 4096, 8192], help="examples per batch")
+    gpu.add_argument("--gpu-batches", type=int, default=40, help="measured batches per batch size and path")
+    gpu.add_argument("--gpu-warm-batches", type=int, default=150, help="batches of the largest size that warm both tiers first")
+    gpu.add_argument("--gpu-zipf", type=float, default=1.05, help="Zipf exponent of each feature's values")
+    gpu.add_argument("--gpu-bundle", type=Path, help="a synthetic bundle already written (skips writing the table)")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON file of every figure")
     parser.set_defaults(handler=run_bench_command)
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The CUDA path on a machine with an NVIDIA GPU: install the gpu extra's requirements the way the
+# runtime-cuda image does (onnxruntime swapped for onnxruntime-gpu), run the cuda-marked tests, then
+# `uembed bench --phases gpu`. Run from the repository root; OUT (default ./gpu-results) receives the logs
+# and the benchmark's JSON. WHEELS names a folder of wheels for a machine with no package index (optional).
+#
+#   scripts/gpu-check.sh                       # with a package index
+#   WHEELS=/tmp/wheels scripts/gpu-check.sh    # offline, as on the lent GPU machine (docs/BENCHMARKS.md)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+$PYTHON -V | tee -a "$OUT/device.txt"
+
+# The gpu extra's requirements, read from pyproject.toml so this script and the image cannot drift.
+mapfile -t GPU_REQUIREMENTS < <($PYTHON -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]))')
+SERVICE_REQUIREMENTS=(fastapi==0.163.2 pydantic-settings==2.16.3 uvicorn==0.54.0 redis==8.1.0)
+INDEX=()
+[ -n "${WHEELS:-}" ] && INDEX=(--no-index --find-links "$WHEELS")
+$PYTHON -m pip uninstall -y -q onnxruntime 2>/dev/null
+if ! $PYTHON -m pip install "${INDEX[@]}" "${GPU_REQUIREMENTS[@]}" "${SERVICE_REQUIREMENTS[@]}" 2>&1 | tee "$OUT/pip.log"; then
+  echo "pip could not resolve every requirement (see pip.log); installing the wheels at hand without their dependencies" | tee -a "$OUT/pip.log"
+  $PYTHON -m pip install --no-deps "${INDEX[@]}" "${GPU_REQUIREMENTS[@]}" "${SERVICE_REQUIREMENTS[@]}" 2>&1 | tee -a "$OUT/pip.log"
+fi
+$PYTHON -m pip list 2>/dev/null | grep -i -E "^(onnxruntime|cupy|nvidia-cu|cuda-|numpy |fastapi)" | tee "$OUT/packages.txt"
+$PYTHON -c 'import onnxruntime as o, cupy; print("onnxruntime", o.__version__, o.get_available_providers(), "cupy", cupy.__version__)' | tee -a "$OUT/packages.txt"
+
+$PYTHON -m pytest -p no:cacheprovider -q -m cuda tests/service/test_device.py 2>&1 | tee "$OUT/pytest-cuda.log"
+tests=${PIPESTATUS[0]}
+if [ "$tests" != 0 ]; then  # tell a failure from a warning (the suite turns warnings into errors) of this machine's libraries
+  $PYTHON -m pytest -p no:cacheprovider -q -m cuda -W ignore tests/service/test_device.py 2>&1 | tail -15 | tee "$OUT/pytest-cuda-warnings-ignored.log"
+fi
+$PYTHON -m uembed bench --phases gpu --out "$OUT/gpu-bench.json" "$@" 2>&1 | grep -v "it/s\]$" | tee "$OUT/bench.log"
+bench=${PIPESTATUS[0]}
+echo "cuda tests exit $tests, bench exit $bench"
+[ "$tests" = 0 ] && [ "$bench" = 0 ]

@@ -86,7 +86,6 @@ def event_median(cp, work, repeats: int) -> float:
 
 def ort_gather_session(runtime, rows: int):
     """ONNX Runtime's Gather over the device tier, bound by pointer (the alternative to the CuPy kernel)."""
-    import onnx
     from onnx import TensorProto, helper
 
     dim = runtime.plan.dim
@@ -122,7 +121,7 @@ def gather_figures(runtime, batch_sizes: list[int], bandwidth: float) -> list[di
             all_columns = cp.arange(slots, dtype=cp.int32)
 
             def kernel() -> None:
-                runtime.gather_kernel(table.rows, table.rows, index, all_columns, dim, slots, slots, rows, size=count * dim)
+                runtime.gather(table.rows, table.rows, index, all_columns, slots, rows)
 
             seconds = event_median(cp, kernel, 50)
             index64 = index.astype(cp.int64)

@@ -24,7 +24,7 @@ INDEX=()
 $PYTHON -m pip uninstall -y -q onnxruntime 2>/dev/null
 if ! $PYTHON -m pip install "${INDEX[@]}" "${GPU_REQUIREMENTS[@]}" "${SERVICE_REQUIREMENTS[@]}" 2>&1 | tee "$OUT/pip.log"; then
   echo "pip could not resolve every requirement (see pip.log); installing the wheels at hand without their dependencies" | tee -a "$OUT/pip.log"
-  $PYTHON -m pip install --no-deps "${INDEX[@]}" "${GPU_REQUIREMENTS[@]}" "${SERVICE_REQUIREMENTS[@]}" 2>&1 | tee -a "$OUT/pip.log"
+  $PYTHON -m pip install --no-deps "${INDEX[@]}" "${GPU_REQUIREMENTS[@]}" ${WHEELS:+"$WHEELS"/*.whl} 2>&1 | tee -a "$OUT/pip.log"
 fi
 $PYTHON -m pip list 2>/dev/null | grep -i -E "^(onnxruntime|cupy|nvidia-cu|cuda-|numpy |fastapi)" | tee "$OUT/packages.txt"
 $PYTHON -c 'import onnxruntime as o, cupy; print("onnxruntime", o.__version__, o.get_available_providers(), "cupy", cupy.__version__)' | tee -a "$OUT/packages.txt"

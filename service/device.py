@@ -32,6 +32,17 @@ from export.loader import Bundle
 from model.errors import UembedError
 from service.rowstore import RedisTier
 from service.runtime import ModelRuntime
+from service.settings import ServiceSettings
+
+# Rows whose dim is a multiple of 4 move as float4 (16-byte loads and stores): a 64-byte row is 4 threads, not 16.
+GATHER_ROWS_VEC4 = r"""
+const long long d = i % dim4;
+const long long k = i / dim4;  // (example, slot of this table), example-major
+const long long source = index[k];
+const float4* from = source >= 0 ? reinterpret_cast<const float4*>(&table[0]) + source * dim4
+                                 : reinterpret_cast<const float4*>(&misses[0]) + (-1 - source) * dim4;
+reinterpret_cast<float4*>(&out[0])[((k / width) * slots + columns[k % width]) * dim4 + d] = from[d];
+"""
 
 GATHER_ROWS = r"""
 const long long d = i % dim;
@@ -111,6 +122,7 @@ class CudaModelRuntime(ModelRuntime):
         redis: RedisTier | None = None,
         redis_prefix: str = "uembed",
         threads: int = 1,
+        tf32: bool = False,
     ) -> None:
         self.cupy, ort = cuda_modules(device)
         cp = self.cupy
@@ -119,7 +131,11 @@ class CudaModelRuntime(ModelRuntime):
         self.cuda = cp.cuda.Device(self.device_id)
         with self.cuda:
             self.stream = cp.cuda.Stream(non_blocking=True)
-        cuda_options = {"device_id": str(self.device_id), "user_compute_stream": str(self.stream.ptr)}
+        cuda_options = {
+            "device_id": str(self.device_id),
+            "user_compute_stream": str(self.stream.ptr),
+            "use_tf32": "1" if tf32 else "0",  # ORT's default is on: matmuls then round inputs to 10-bit mantissas
+        }
         super().__init__(
             bundle,
             hot_rows_bytes=device_hot_rows_bytes,
@@ -145,9 +161,11 @@ class CudaModelRuntime(ModelRuntime):
     # --- set-up ------------------------------------------------------------------------------
     def _kernels(self) -> None:
         cp = self.cupy
+        self.vector = 4 if self.plan.dim % 4 == 0 else 1
         self.gather_kernel = cp.ElementwiseKernel(
-            "raw float32 table, raw float32 misses, raw int32 index, raw int32 columns, int64 dim, int64 width, int64 slots",
-            "raw float32 out", GATHER_ROWS, "uembed_gather_rows",
+            f"raw float32 table, raw float32 misses, raw int32 index, raw int32 columns, int64 {'dim4' if self.vector == 4 else 'dim'}, "
+            "int64 width, int64 slots",
+            "raw float32 out", GATHER_ROWS_VEC4 if self.vector == 4 else GATHER_ROWS, f"uembed_gather_rows_{self.vector}",
         )  # fmt: skip
         self.admit_kernel = cp.ElementwiseKernel(
             "raw float32 misses, raw int32 source, raw int32 slot, int64 dim", "raw float32 table", ADMIT_ROWS, "uembed_admit_rows"
@@ -190,7 +208,7 @@ class CudaModelRuntime(ModelRuntime):
         cp, slots, dim = self.cupy, self.slots, self.plan.dim
         capacity = max(2 * examples, 64)
         # Upload: per table its slot sources, admissions (at most one per slot), then the missed rows.
-        upload_words = capacity * slots * (3 + dim)
+        upload_words = capacity * slots * (3 + dim) + 4
         with self.cuda:
             self.upload_host = cupyx.empty_pinned(upload_words, dtype=np.int32)
             self.upload = cp.empty(upload_words, dtype=cp.int32)
@@ -201,6 +219,11 @@ class CudaModelRuntime(ModelRuntime):
             self.scores = cp.empty(capacity, dtype=cp.float32)
             self.scores_host = cupyx.empty_pinned(capacity, dtype=np.float32)
         self.capacity = capacity
+
+    def gather(self, table, misses, index, columns, width: int, out) -> None:
+        """Kernel: ``out[b, columns[j]] = table[index[b, j]]`` (or miss ``-1 - index``) for ``index.size`` items."""
+        units = self.plan.dim // self.vector
+        self.gather_kernel(table, misses, index, columns, units, width, self.slots, out, size=index.size * units)
 
     def _to_device(self, host: np.ndarray, device, words: int) -> None:
         runtime = self.cupy.cuda.runtime
@@ -233,7 +256,7 @@ class CudaModelRuntime(ModelRuntime):
                 spans.append((offset, part.size))
                 offset += part.size
             layout.append(spans)
-        miss_offset = offset
+        offset = miss_offset = -(-offset // 4) * 4  # 16-byte aligned: the gather reads missed rows as float4
         for *_, miss_rows in resolved:
             host[offset : offset + miss_rows.size].view(np.float32)[:] = miss_rows.ravel()
             offset += miss_rows.size
@@ -245,9 +268,7 @@ class CudaModelRuntime(ModelRuntime):
             if not misses.size:
                 misses = self.upload[:1].view(cp.float32)  # never read: no slot points at a miss
             for table, (index, _, _) in zip(self.tables, layout):
-                span = self.upload[index[0] : index[0] + index[1]]
-                self.gather_kernel(table.rows, misses, span, table.columns, dim, table.width, self.slots, out,
-                                   size=index[1] * dim)  # fmt: skip
+                self.gather(table.rows, misses, self.upload[index[0] : index[0] + index[1]], table.columns, table.width, out)
             for table, (_, slots_span, sources_span) in zip(self.tables, layout):
                 if slots_span[1]:
                     self.admit_kernel(
@@ -290,10 +311,11 @@ class CudaModelRuntime(ModelRuntime):
         return self.scores_host[:batch].copy()
 
 
-def open_runtime(bundle: Bundle, device: str, *, hot_rows_bytes: int, device_hot_rows_bytes: int,
-                 redis: RedisTier | None, redis_prefix: str, threads: int, dense_backend: str) -> ModelRuntime:  # fmt: skip
-    """The runtime for ``device``: :class:`ModelRuntime` on the CPU, :class:`CudaModelRuntime` on ``cuda[:N]``."""
-    if device == "cpu":
-        return ModelRuntime(bundle, hot_rows_bytes, redis, redis_prefix, threads, dense_backend)
-    return CudaModelRuntime(bundle, device, device_hot_rows_bytes, redis, redis_prefix, threads)
+def open_runtime(bundle: Bundle, settings: ServiceSettings, redis: RedisTier | None) -> ModelRuntime:
+    """The runtime for ``settings.device``: :class:`ModelRuntime` on the CPU, :class:`CudaModelRuntime` on ``cuda[:N]``."""
+    if settings.device == "cpu":
+        return ModelRuntime(bundle, settings.hot_rows_bytes, redis, settings.redis_prefix, settings.compute_threads,
+                            settings.dense_backend)  # fmt: skip
+    return CudaModelRuntime(bundle, settings.device, settings.device_hot_rows_bytes, redis, settings.redis_prefix,
+                            settings.compute_threads, settings.device_tf32)  # fmt: skip
 

@@ -94,16 +94,7 @@ class ScoringEngine:
     def open(self, path: str | Path) -> ModelRuntime:
         """Load and validate a bundle and score one example with it (not yet live)."""
         bundle = load_bundle(path)
-        runtime = open_runtime(
-            bundle,
-            self.settings.device,
-            hot_rows_bytes=self.settings.hot_rows_bytes,
-            device_hot_rows_bytes=self.settings.device_hot_rows_bytes,
-            redis=self.redis,
-            redis_prefix=self.settings.redis_prefix,
-            threads=self.settings.compute_threads,
-            dense_backend=self.settings.dense_backend,
-        )
+        runtime = open_runtime(bundle, self.settings, self.redis)
         runtime.score_encoded(*runtime.hash([runtime.canonicalise([{}])]))
         if self.redis is not None:
             for store in runtime.stores:

@@ -120,8 +120,8 @@ def test_cuda_path_scores_like_cpu_path_cold_warm_and_under_eviction(synthetic_b
 
     bundle = load_bundle(synthetic_bundles[dtype])
     cpu = ModelRuntime(bundle, hot_rows_bytes=0)
-    # A device tier of 1,500 rows for a few thousand distinct rows: admissions evict all the time.
-    device = CudaModelRuntime(bundle, "cuda", device_hot_rows_bytes=1_500 * 16 * 4)
+    # A device tier of 300 rows for about 850 distinct rows: admissions evict all the time.
+    device = CudaModelRuntime(bundle, "cuda", device_hot_rows_bytes=300 * 16 * 4)
     traffic = examples(1_000, seed=1)
     expected = np.concatenate([score(cpu, traffic[i : i + 100]) for i in range(0, 1_000, 100)])
     passes = []
@@ -131,10 +131,10 @@ def test_cuda_path_scores_like_cpu_path_cold_warm_and_under_eviction(synthetic_b
     for got in passes:
         assert np.abs(got - expected).max() <= 1e-5
     store = device.stores[0]
-    assert store.hot.used == store.hot.capacity == 1_500
+    assert store.hot.used == store.hot.capacity == 300
     counts = store.take_counts()
     assert counts.hits["hot"] > 0 and counts.misses["hot"] > 0
-    assert device.memory_bytes()[store.table.name]["device"] == 1_500 * 16 * 4
+    assert device.memory_bytes()[store.table.name]["device"] == 300 * 16 * 4
 
 
 @cuda

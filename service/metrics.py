@@ -63,7 +63,8 @@ class ServiceMetrics:
         self.examples = Counter("uembed_scored_examples_total", "Examples scored.", ["model"], registry=r)
         self.table_memory = Gauge(
             "uembed_table_memory_bytes",
-            "Bytes per table and tier: hot (tier 1 records), file (tier 3 mapped row files).",
+            "Bytes per table and tier: hot (tier 1 records in process), device (tier 1 rows in GPU memory), "
+            "file (tier 3 mapped row files).",
             ["model", "table", "tier"], registry=r, multiprocess_mode="livesum",
         )
         self.row_hits = Counter(

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from model.embeddings import PlanEmbedding
-
-NETWORKS = ("mlp", "dcn")
+from model.names import NETWORKS
 
 
 def feed_forward(width: int, hidden: Sequence[int]) -> nn.Sequential:

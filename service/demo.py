@@ -25,7 +25,7 @@ def demo_bundle(store: Path, epochs: int = 20) -> Path:
         import torch
     except ImportError as exc:
         raise UembedError(
-            "no bundle given and no demo bundle yet: building it needs the training extra "
+            "no bundle given and no demo bundle yet: building it needs the train extra "
             "(pip install 'uembed[train]'), or pass --bundle PATH"
         ) from exc
     import tempfile

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 from model.errors import UembedError
@@ -70,7 +72,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add_budget_options(emb)
     add_model_options(parser)
     add_run_output_options(parser)
-    parser.set_defaults(handler=run_train)
+    parser.set_defaults(handler=run_train, extras=("train",))
 
 
 def add_budget_options(group: argparse._ArgumentGroup) -> None:
@@ -102,7 +104,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    from model.networks import NETWORKS
+    from model.names import NETWORKS
 
     parser.add_argument_group("embeddings").add_argument(
         "--dim", type=positive_int, default=16, help="embedding dimension (per lookup)"
@@ -185,7 +187,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=positive_int, default=1, help="training processes in parallel (one thread each)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     add_model_options(parser)
-    parser.set_defaults(handler=run_study_command)
+    parser.set_defaults(handler=run_study_command, extras=("train",))
 
 
 def run_study_command(args: argparse.Namespace) -> int:
@@ -234,7 +236,7 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
         "--evaluate", action="store_true",
         help="reload the run's dataset, score its test split with the bundle, and print test AUC and LogLoss",
     )  # fmt: skip
-    parser.set_defaults(handler=run_export)
+    parser.set_defaults(handler=run_export, extras=("train",))
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -346,7 +348,7 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     out = add_run_output_options(parser)
     out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
-    parser.set_defaults(handler=run_train, embedding="seo-search", policy=None, applier="exact")
+    parser.set_defaults(handler=run_train, extras=("train",), embedding="seo-search", policy=None, applier="exact")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,9 +369,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_distributions(extra: str) -> list[str]:
+    """The distributions of ``uembed[extra]`` that are not installed, read from this install's own
+    metadata (pyproject.toml's optional-dependencies), so the list cannot drift from the pins."""
+    try:
+        requirements = metadata.requires("uembed") or []
+    except metadata.PackageNotFoundError:  # a source tree that was never installed: nothing to check against
+        return []
+    missing = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        if re.search(rf"""extra\s*==\s*["']{re.escape(extra)}["']""", marker):
+            name = re.match(r"[A-Za-z0-9._-]+", spec.strip()).group(0)
+            try:
+                metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                missing.append(name)
+    return missing
+
+
+def require_extras(command: str, extras: tuple[str, ...]) -> None:
+    """Refuse a command whose extra is not installed before it imports anything of it."""
+    for extra in extras:
+        missing = missing_distributions(extra)
+        if missing:
+            raise UembedError(
+                f"`uembed {command}` needs the {extra} extra ({', '.join(missing)} not installed): "
+                f"pip install 'uembed[{extra}]'"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        require_extras(args.command, getattr(args, "extras", ()))
         return args.handler(args)
     except UembedError as exc:
         print(f"error: {exc}", file=sys.stderr)

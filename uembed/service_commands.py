@@ -121,7 +121,8 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     gpu.add_argument("--gpu-zipf", type=float, default=1.05, help="Zipf exponent of each feature's values")
     gpu.add_argument("--gpu-bundle", type=Path, help="a synthetic bundle already written (skips writing the table)")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON file of every figure")
-    parser.set_defaults(handler=run_bench_command)
+    # The naive baseline runs TorchScript (train extra); the servers are driven with httpx (loadtest extra).
+    parser.set_defaults(handler=run_bench_command, extras=("train", "loadtest"))
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -170,7 +171,7 @@ def add_stack_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=1, help="service worker processes")
     parser.add_argument("--redis-maxmemory", default="1gb", help="Redis memory cap (LFU eviction past it)")
     parser.add_argument("--seconds", type=float, default=0, help="stop by itself after this long (0: run until stopped)")
-    parser.set_defaults(handler=run_stack_command)
+    parser.set_defaults(handler=run_stack_command, extras=("loadtest",))
 
 
 def run_stack_command(args: argparse.Namespace) -> int:
@@ -207,16 +208,10 @@ def add_loadtest_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("loadtest-results"), help="reports directory")
     parser.add_argument("--allow-remote", action="store_true", help="allow a target that is not loopback")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=run_loadtest_command)
+    parser.set_defaults(handler=run_loadtest_command, extras=("loadtest",))
 
 
 def run_loadtest_command(args: argparse.Namespace) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("locust") is None:  # importing it here would monkey-patch this process (gevent)
-        from model.errors import UembedError
-
-        raise UembedError("loadtest needs locust: pip install 'uembed[loadtest]'")
     from loadtest.run import run_loadtest
 
     return run_loadtest(args)

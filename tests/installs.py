@@ -1,0 +1,45 @@
+"""Fresh virtual environments holding this project as a user installs it (``pip install uembed``,
+no extras), for the tests that must run without torch or with another ONNX Runtime.
+
+The venv's pip reads this machine's pip configuration, as ``make install`` does."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROBE = Path(__file__).with_name("serving_probe.py")
+
+
+def source_copy(where: Path) -> Path:
+    """What the images install (.dockerignore's list): pyproject.toml, README.md and the packages.
+    Built from a copy so pip's build never writes into the working tree."""
+    where.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, where / name)
+    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+        shutil.copytree(ROOT / package, where / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return where
+
+
+def serving_install(where: Path) -> Path:
+    """A venv at ``where/venv`` with ``pip install <this project>`` and nothing else; its bin folder."""
+    subprocess.run([sys.executable, "-m", "venv", str(where / "venv")], check=True)
+    bin_dir = where / "venv" / "bin"
+    pip(bin_dir, "install", str(source_copy(where / "src")))
+    return bin_dir
+
+
+def pip(bin_dir: Path, *args: str) -> None:
+    result = subprocess.run([str(bin_dir / "python"), "-m", "pip", "-q", *args], capture_output=True, text=True)
+    assert result.returncode == 0, f"pip {' '.join(args)}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """``uembed[extra]``'s requirement strings, from pyproject.toml (the one place they are pinned)."""
+    return PYPROJECT["project"]["optional-dependencies"][extra]

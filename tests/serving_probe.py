@@ -1,0 +1,45 @@
+"""Run by an installed interpreter (``python -I serving_probe.py EXAMPLES_JSON``): the serving
+path end to end in one process, then which modules it loaded.
+
+Builds the CLI's parser, starts the service (``service.app:create_app`` on uvicorn, bundles from
+``UEMBED_BUNDLES``) on a free loopback port, scores the examples over HTTP and prints JSON:
+the scores, the ONNX Runtime in use, and every loaded module of torch (there should be none)."""
+
+import json
+import socket
+import sys
+import threading
+import time
+import urllib.request
+
+import uvicorn
+
+from uembed.cli import build_parser
+
+build_parser()
+examples = json.loads(open(sys.argv[1]).read())
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+server = uvicorn.Server(uvicorn.Config("service.app:create_app", factory=True, log_level="warning"))
+thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+thread.start()
+deadline = time.monotonic() + 60
+while not server.started and thread.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.05)
+port = sock.getsockname()[1]
+request = urllib.request.Request(
+    f"http://127.0.0.1:{port}/v1/score", json.dumps({"examples": examples}).encode(), {"content-type": "application/json"}
+)
+scores = json.loads(urllib.request.urlopen(request, timeout=30).read())["scores"]
+server.should_exit = True
+thread.join(30)
+
+import onnxruntime  # noqa: E402  (already loaded by the service; imported here only to report it)
+
+print(json.dumps({
+    "scores": scores,
+    "onnxruntime": {"version": onnxruntime.__version__, "file": onnxruntime.__file__,
+                    "providers": onnxruntime.get_available_providers()},
+    "service_file": sys.modules["service.app"].__file__,
+    "torch_modules": sorted(name for name in sys.modules if name.split(".")[0] == "torch"),
+}))

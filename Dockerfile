@@ -21,9 +21,11 @@ COPY loadtest ./loadtest
 RUN pip install --no-cache-dir .
 
 FROM build AS build-cuda
-# onnxruntime and onnxruntime-gpu install the same module: swap one for the other.
+# onnxruntime and onnxruntime-gpu install the same module: swap one for the other. The gpu extra
+# (pyproject.toml) also brings CuPy, which holds tier 1 in GPU memory (UEMBED_DEVICE=cuda).
+# hadolint ignore=DL3013
 RUN pip uninstall -y onnxruntime \
-    && pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+    && pip install --no-cache-dir ".[gpu]"
 
 FROM build AS build-trainer
 # The CPU wheel of torch (PyPI's default build for Linux carries CUDA: gigabytes). The extras'

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -99,7 +100,10 @@ def test_dockerfile_images_are_small_non_root_and_healthchecked():
         chain = stage_chain(stages, name)
         assert re.search(r"HEALTHCHECK .*http://127\.0\.0\.1:8000/readyz", chain), name
         assert "EXPOSE 8000" in chain and '"--port", "8000"' in chain
-    assert "onnxruntime-gpu" in stage_chain(stages, "build-cuda")
+    # The CUDA image installs the gpu extra, whose pins live in pyproject.toml (one place for image and venv).
+    assert 'pip install --no-cache-dir ".[gpu]"' in stage_chain(stages, "build-cuda")
+    gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert {r.split("[")[0].split("=")[0] for r in gpu_extra} == {"onnxruntime-gpu", "cupy-cuda13x"}
     assert "onnxruntime-gpu" not in stage_chain(stages, "build"), "the CPU image must not carry CUDA libraries"
     ignored = (ROOT / ".dockerignore").read_text()
     assert ignored.splitlines()[1] == "**", ".dockerignore should admit only what the images install"

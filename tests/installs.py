@@ -5,6 +5,8 @@ The venv's pip reads this machine's pip configuration, as ``make install`` does.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,3 +45,18 @@ def pip(bin_dir: Path, *args: str) -> None:
 def extra_requirements(extra: str) -> list[str]:
     """``uembed[extra]``'s requirement strings, from pyproject.toml (the one place they are pinned)."""
     return PYPROJECT["project"]["optional-dependencies"][extra]
+
+
+def run_serving_probe(bin_dir: Path, bundle: Path, examples: list[dict], workdir: Path) -> dict:
+    """serving_probe.py under the venv's interpreter: scores of ``examples`` from ``bundle`` through
+    the installed service, its ONNX Runtime, and the torch modules it loaded."""
+    (workdir / "examples.json").write_text(json.dumps(examples))
+    # -I: the venv's own packages only (not this checkout, not PYTHON* variables).
+    result = subprocess.run([str(bin_dir / "python"), "-I", str(PROBE), str(workdir / "examples.json"), str(workdir / "probe.json")],
+                            capture_output=True, text=True, env={**os.environ, "UEMBED_BUNDLES": str(bundle)},
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads((workdir / "probe.json").read_text())
+    assert probe["service_file"].startswith(str(bin_dir.parent)), "the probe must run the installed service"
+    assert probe["onnxruntime"]["file"].startswith(str(bin_dir.parent))
+    return probe

@@ -1,9 +1,10 @@
-"""Run by an installed interpreter (``python -I serving_probe.py EXAMPLES_JSON``): the serving
-path end to end in one process, then which modules it loaded.
+"""Run by an installed interpreter (``python -I serving_probe.py EXAMPLES_JSON OUT_JSON``): the
+serving path end to end in one process, then which modules it loaded.
 
 Builds the CLI's parser, starts the service (``service.app:create_app`` on uvicorn, bundles from
-``UEMBED_BUNDLES``) on a free loopback port, scores the examples over HTTP and prints JSON:
-the scores, the ONNX Runtime in use, and every loaded module of torch (there should be none)."""
+``UEMBED_BUNDLES``) on a free loopback port, scores the examples over HTTP and writes JSON to
+OUT_JSON (stdout carries what the libraries print): the scores, the ONNX Runtime in use, and
+every loaded module of torch (there should be none)."""
 
 import json
 import socket
@@ -36,10 +37,11 @@ thread.join(30)
 
 import onnxruntime  # noqa: E402  (already loaded by the service; imported here only to report it)
 
-print(json.dumps({
-    "scores": scores,
-    "onnxruntime": {"version": onnxruntime.__version__, "file": onnxruntime.__file__,
-                    "providers": onnxruntime.get_available_providers()},
-    "service_file": sys.modules["service.app"].__file__,
-    "torch_modules": sorted(name for name in sys.modules if name.split(".")[0] == "torch"),
-}))
+with open(sys.argv[2], "w") as out:
+    json.dump({
+        "scores": scores,
+        "onnxruntime": {"version": onnxruntime.__version__, "file": onnxruntime.__file__,
+                        "providers": onnxruntime.get_available_providers()},
+        "service_file": sys.modules["service.app"].__file__,
+        "torch_modules": sorted(name for name in sys.modules if name.split(".")[0] == "torch"),
+    }, out)

@@ -4,7 +4,6 @@ like this environment without loading any torch module."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
@@ -13,7 +12,7 @@ import pytest
 
 from export.loader import load_bundle
 from export.scorer import ReferenceScorer
-from tests.installs import PROBE, serving_install
+from tests.installs import run_serving_probe, serving_install
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +65,7 @@ def test_serve_without_a_bundle_says_the_demo_bundle_needs_the_train_extra(venv,
 def test_the_serving_path_loads_no_torch_and_scores_like_this_environment(venv, bundle_store, movielens_examples, tmp_path):
     bundle = bundle_store / "movielens" / "1"
     examples = movielens_examples[:64]
-    (tmp_path / "examples.json").write_text(json.dumps(examples))
-    # -I: the venv's own packages only (not this checkout, not PYTHON* variables).
-    result = subprocess.run([str(venv / "python"), "-I", str(PROBE), str(tmp_path / "examples.json")], capture_output=True,
-                            text=True, env={**os.environ, "UEMBED_BUNDLES": str(bundle)}, timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    probe = json.loads(result.stdout)
+    probe = run_serving_probe(venv, bundle, examples, tmp_path)
     assert probe["torch_modules"] == []
-    assert probe["service_file"].startswith(str(venv.parent)), "the probe must run the installed service"
-    assert probe["onnxruntime"]["file"].startswith(str(venv.parent))
     expected = ReferenceScorer(load_bundle(bundle)).score(examples)
     np.testing.assert_allclose(probe["scores"], expected, rtol=0, atol=1e-6)

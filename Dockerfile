@@ -22,17 +22,22 @@ RUN pip install --no-cache-dir .
 
 FROM build AS build-cuda
 # onnxruntime and onnxruntime-gpu install the same module: swap one for the other. The gpu extra
-# (pyproject.toml) also brings CuPy, which holds tier 1 in GPU memory (UEMBED_DEVICE=cuda).
-# hadolint ignore=DL3013
+# (pyproject.toml) brings onnxruntime-gpu with its CUDA and cuDNN wheels and CuPy, which holds
+# tier 1 in GPU memory (UEMBED_DEVICE=cuda). Its requirements are read from pyproject.toml (their
+# one place): `pip install ".[gpu]"` would also reinstall the CPU onnxruntime of the base
+# dependencies, over the same files.
+# hadolint ignore=DL3013,SC2046
 RUN pip uninstall -y onnxruntime \
-    && pip install --no-cache-dir ".[gpu]"
+    && pip install --no-cache-dir $(python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu'])")
 
 FROM build AS build-trainer
-# The CPU wheel of torch (PyPI's default build for Linux carries CUDA: gigabytes). The extras'
-# versions are pinned in pyproject.toml, which hadolint cannot see.
+# The CPU wheel of torch (PyPI's default build for Linux carries CUDA: gigabytes): the extra
+# index offers torch==<pin>+cpu, which pip prefers to PyPI's build of the same version. Empty:
+# no extra index (deploy/podman/images.py, where pip is configured with a local CPU wheel).
+# The extras' versions are pinned in pyproject.toml, which hadolint cannot see.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
-    && pip install --no-cache-dir ".[train]"
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[train]"
 
 FROM build AS build-loadtest
 # hadolint ignore=DL3013

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test stack loadtest clean
+.PHONY: install system-deps demo test stack loadtest images clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
@@ -16,11 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Servers the tests and `make stack` start on their own loopback ports (never the machine's
-# own instances): Debian's redis-server and prometheus.
+# Debian packages the tests use. Servers the tests and `make stack` start on their own loopback
+# ports (never the machine's own instances): redis-server and prometheus. The images and the
+# compose stack (`make images`, tests/deploy): podman with runc (crun fails on hosts with hybrid
+# cgroups), netavark and aardvark-dns (compose services find each other by name), debootstrap
+# (the base image, where no image registry is reachable).
+SYSTEM_PACKAGES := redis-server prometheus podman runc netavark aardvark-dns debootstrap
 system-deps:
-	@command -v redis-server >/dev/null && command -v prometheus >/dev/null || { \
-	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server prometheus; }
+	@for tool in redis-server prometheus podman runc debootstrap /usr/lib/podman/netavark /usr/lib/podman/aardvark-dns; do \
+	  command -v $$tool >/dev/null || missing=1; done; [ -z "$$missing" ] || { \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 
 # The main job on the embedded default: serve the demo bundle (MovieLens-100K, unified
 # embedding at 10%, trained and exported the first time) on http://127.0.0.1:8000.
@@ -40,6 +45,13 @@ stack: $(STAMP) system-deps
 # reports in loadtest-results/. More options: .venv/bin/uembed loadtest --help
 loadtest: $(STAMP)
 	$(BIN)/uembed loadtest --seconds 60
+
+# Every image docker-compose.yml uses, built with podman: the Dockerfile's runtime, trainer and
+# loadtest targets, and (where podman has no image of those names) stand-ins for redis and
+# prometheus from Debian packages, on a debootstrapped base (deploy/podman/images.py explains).
+# `make images TARGETS=runtime-cuda` builds the CUDA image (gigabytes of CUDA wheels).
+images: $(STAMP) system-deps
+	$(BIN)/python deploy/podman/images.py $(TARGETS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .stack loadtest-results

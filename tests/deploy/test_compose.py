@@ -100,13 +100,24 @@ def test_dockerfile_images_are_small_non_root_and_healthchecked():
         chain = stage_chain(stages, name)
         assert re.search(r"HEALTHCHECK .*http://127\.0\.0\.1:8000/readyz", chain), name
         assert "EXPOSE 8000" in chain and '"--port", "8000"' in chain
-    # The CUDA image installs the gpu extra, whose pins live in pyproject.toml (one place for image and venv).
-    assert 'pip install --no-cache-dir ".[gpu]"' in stage_chain(stages, "build-cuda")
+    # The CUDA image installs the gpu extra's own requirements, pinned in pyproject.toml (one place for image and venv).
+    assert "optional-dependencies']['gpu']" in stage_chain(stages, "build-cuda")
     gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     assert {r.split("[")[0].split("=")[0] for r in gpu_extra} == {"onnxruntime-gpu", "cupy-cuda13x"}
-    assert "onnxruntime-gpu" not in stage_chain(stages, "build"), "the CPU image must not carry CUDA libraries"
+    assert "gpu" not in stage_chain(stages, "build"), "the CPU image must not carry CUDA libraries"
     ignored = (ROOT / ".dockerignore").read_text()
     assert ignored.splitlines()[1] == "**", ".dockerignore should admit only what the images install"
+
+
+def test_images_install_the_pins_of_pyproject_extras_and_repeat_none():
+    stages = dockerfile_stages()
+    instructions = "".join(stages.values())
+    assert not re.search(r"[A-Za-z0-9_.-]+(\[[\w,]+\])?==\d", instructions), "pin versions in pyproject.toml only"
+    assert re.search(r"pip install .*\.\[train\]", stages["build-trainer"])
+    assert re.search(r"pip install .*\.\[loadtest\]", stages["build-loadtest"])
+    # The gpu extra's own requirements: `.[gpu]` would reinstall the CPU onnxruntime over the same module.
+    cuda = stages["build-cuda"]
+    assert cuda.index("pip uninstall -y onnxruntime") < cuda.index("['optional-dependencies']['gpu']")
 
 
 def test_every_service_builds_from_a_stage_or_a_pinned_image():

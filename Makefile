@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test stack loadtest images clean
+.PHONY: install system-deps demo test stack loadtest images compose-up compose-down clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
@@ -52,6 +52,15 @@ loadtest: $(STAMP)
 # `make images TARGETS=runtime-cuda` builds the CUDA image (gigabytes of CUDA wheels).
 images: $(STAMP) system-deps
 	$(BIN)/python deploy/podman/images.py $(TARGETS)
+
+# The compose stack under podman-compose (redis, the demo bundle job, the service, prometheus,
+# locust; Grafana only with Docker: see README), after `make images`. compose-down keeps the
+# volumes (the demo bundle): `$(BIN)/python deploy/podman/compose.py down -v` drops them.
+compose-up: $(STAMP)
+	$(BIN)/python deploy/podman/compose.py up
+
+compose-down: $(STAMP)
+	$(BIN)/python deploy/podman/compose.py down
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .stack loadtest-results

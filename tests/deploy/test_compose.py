@@ -120,6 +120,18 @@ def test_images_install_the_pins_of_pyproject_extras_and_repeat_none():
     assert cuda.index("pip uninstall -y onnxruntime") < cuda.index("['optional-dependencies']['gpu']")
 
 
+def test_every_pulled_image_has_a_local_stand_in_or_sits_in_a_profile():
+    """What `make images` builds is what `compose up` needs on a machine with no registry."""
+    from deploy.podman.images import UPSTREAM_STAND_INS, project_images
+
+    for name, service in SERVICES.items():
+        if "build" in service:
+            assert project_images()[service["build"]["target"]] == service["image"]
+        elif not service.get("profiles"):
+            assert name in UPSTREAM_STAND_INS, f"{name} pulls {service['image']}, which no stand-in replaces"
+    assert SERVICES["grafana"]["profiles"] == ["grafana"], "Grafana has no Debian package: it needs its own profile"
+
+
 def test_every_service_builds_from_a_stage_or_a_pinned_image():
     stages = dockerfile_stages()
     for name, service in SERVICES.items():
@@ -166,7 +178,7 @@ def test_service_environment_is_valid_settings(monkeypatch):
 def test_ports_agree_across_service_healthcheck_prometheus_grafana_and_locust():
     service = SERVICES["uembed"]
     port = command_option(service["command"], "--port")
-    assert f"127.0.0.1:{port}:{port}" in service["ports"]
+    assert f"127.0.0.1:{port}:{port}" in published(service)
     assert f"127.0.0.1:{port}/readyz" in " ".join(service["healthcheck"]["test"])
     scrape = yaml.safe_load((ROOT / bind_target_source(SERVICES["prometheus"], "/etc/prometheus/prometheus.yml")).read_text())
     config_path = command_option(SERVICES["prometheus"]["command"], "--config.file")
@@ -176,12 +188,17 @@ def test_ports_agree_across_service_healthcheck_prometheus_grafana_and_locust():
     assert jobs["uembed"].get("metrics_path", "/metrics") == "/metrics"
     datasources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     prometheus_url = urlparse(datasources["datasources"][0]["url"])
-    assert prometheus_url.hostname == "prometheus" and f"127.0.0.1:{prometheus_url.port}:{prometheus_url.port}" in SERVICES["prometheus"]["ports"]
+    assert prometheus_url.hostname == "prometheus" and f"127.0.0.1:{prometheus_url.port}:{prometheus_url.port}" in published(SERVICES["prometheus"])
     locust_host = urlparse(command_option(SERVICES["locust"]["command"], "--host"))
     assert (locust_host.hostname, str(locust_host.port)) == ("uembed", port)
     for service in SERVICES.values():
         for mapping in service.get("ports", []):
             assert mapping.startswith("127.0.0.1:"), f"{mapping}: publish on loopback only"
+
+
+def published(service: dict) -> list[str]:
+    """Port mappings as `docker compose up` publishes them with no variable set."""
+    return [interpolate(mapping) for mapping in service.get("ports", [])]
 
 
 def bind_target_source(service: dict, target: str) -> Path:

@@ -1,0 +1,123 @@
+"""`compose up` for real: docker-compose.yml under podman-compose (deploy/podman/compose.py, as
+`make compose-up` runs it) with the images of `make images`, Grafana left out by its profile.
+
+The stack runs under its own project name and free loopback ports, so a developer's stack is
+never touched. Its `bundles` volume starts with the demo bundle the trainer image wrote (the
+trainer's training is tested in test_images.py): the stack's one-shot `bundle` job finds it and
+exits 0, as on every `up` after the first."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from deploy.podman import compose
+from deploy.podman.images import compose_services, podman, podman_env
+from loadtest.servers import free_port, wait_until
+from tests.deploy.containers import assert_scores_like_the_host, demo_bundle_path, healthcheck_passes, inspect
+
+pytestmark = pytest.mark.containers
+PORTS = ("UEMBED_PORT", "PROMETHEUS_PORT", "LOCUST_PORT")
+
+
+@dataclass
+class Stack:
+    project: str
+    ports: dict[str, int]
+    env: dict[str, str]
+
+    @property
+    def service_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['UEMBED_PORT']}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['PROMETHEUS_PORT']}"
+
+    def container(self, service: str) -> str:
+        (name,) = compose.containers(self.project, service)
+        return name
+
+
+def seed_volume(name: str, project: str, folder) -> None:
+    """A named volume as podman-compose creates it (its labels, so `down --volumes` removes it),
+    holding the files of ``folder``."""
+    podman("volume", "create", "--label", f"io.podman.compose.project={project}",
+           "--label", f"com.docker.compose.project={project}", name)  # fmt: skip
+    with subprocess.Popen(["tar", "-C", str(folder), "-c", "."], stdout=subprocess.PIPE) as tar:
+        subprocess.run(["podman", "volume", "import", name, "-"], stdin=tar.stdout, env=podman_env(), check=True)
+    assert tar.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def stack(images, trainer_store):
+    project = f"uembed-test-{os.getpid()}"
+    ports = {name: free_port() for name in PORTS}
+    env = {name: str(port) for name, port in ports.items()}
+    seed_volume(f"{project}_bundles", project, trainer_store)
+    try:
+        compose.up(project, env)
+        yield Stack(project, ports, env)
+    finally:
+        compose.down(project, volumes=True, env=env)
+
+
+def healthchecked_services() -> list[str]:
+    return [name for name, service in compose_services().items() if "healthcheck" in service and not service.get("profiles")]
+
+
+def test_every_healthcheck_passes(stack):
+    for service in healthchecked_services():
+        container = stack.container(service)
+        wait_until(lambda: healthcheck_passes(container), 120, f"{service}'s healthcheck")
+        assert inspect(container, ".State.Status") == "running"
+    assert "grafana" not in healthchecked_services() and not compose.containers(stack.project, "grafana")
+    assert inspect(stack.container("bundle"), ".State.ExitCode") == 0
+
+
+def test_the_service_scores_through_the_published_port_like_the_host(stack, trainer_store, movielens_examples):
+    wait_until(lambda: httpx.get(f"{stack.service_url}/readyz").status_code == 200, 60, "the service")
+    assert_scores_like_the_host(stack.service_url, demo_bundle_path(trainer_store), movielens_examples[:256])
+
+
+def prometheus_value(stack: Stack, expr: str) -> float | None:
+    answer = httpx.get(f"{stack.prometheus_url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert answer["status"] == "success", answer
+    results = answer["data"]["result"]
+    return float(results[0]["value"][1]) if results else None
+
+
+def test_prometheus_scrapes_the_service_by_its_compose_name(stack, movielens_examples):
+    httpx.post(f"{stack.service_url}/v1/score", json={"examples": movielens_examples[:100]}, timeout=30).raise_for_status()
+    wait_until(lambda: prometheus_value(stack, 'up{job="uembed"}') == 1, 60, "a scrape of uembed:8000")
+    # Two scrapes at 5 s apart at most: the 100 examples above are counted by then.
+    wait_until(lambda: (prometheus_value(stack, "sum(uembed_scored_examples_total)") or 0) >= 100, 30,
+               "the scored examples in Prometheus")  # fmt: skip
+
+
+def test_a_killed_service_container_is_restarted_and_serves_again(stack, movielens_examples):
+    container = stack.container("uembed")
+    restarts = inspect(container, ".RestartCount")
+    os.kill(inspect(container, ".State.Pid"), signal.SIGKILL)  # a crash, not a stop: the restart policy applies
+    wait_until(lambda: inspect(container, ".RestartCount") > restarts, 60, "the restart of the killed service")
+    wait_until(lambda: healthcheck_passes(container), 120, "the restarted service's healthcheck")
+    response = httpx.post(f"{stack.service_url}/v1/score", json={"examples": movielens_examples[:10]}, timeout=30)
+    assert response.status_code == 200
+
+
+def test_down_leaves_nothing_running(stack):
+    compose.down(stack.project, volumes=True, env=stack.env)
+    assert compose.containers(stack.project) == []
+    volumes = podman("volume", "ls", "--filter", f"label=io.podman.compose.project={stack.project}", "--format",
+                     "{{.Name}}").stdout.split()  # fmt: skip
+    assert volumes == []
+    assert podman("network", "exists", f"{stack.project}_default", check=False).returncode != 0
+    for port in stack.ports.values():
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open after down"

@@ -10,18 +10,30 @@ import time
 
 import pytest
 
-from deploy.podman.images import ROOT, pip_mounts, podman, project_images
+from deploy.podman.images import OTHER_TARGETS, ROOT, pip_mounts, podman, project_images
 from tests.deploy.containers import UEMBED_UID
+
+
+def build_images(*args: str) -> None:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "deploy/podman/images.py"), *args], capture_output=True, text=True)
+    assert result.returncode == 0, f"deploy/podman/images.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    print(f"\nimages built in {time.monotonic() - started:.0f} s:\n{result.stdout}")
 
 
 @pytest.fixture(scope="session")
 def images() -> dict[str, str]:
-    """Dockerfile target -> image name, every image of docker-compose.yml built (stand-ins too)."""
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, str(ROOT / "deploy/podman/images.py")], capture_output=True, text=True)
-    assert result.returncode == 0, f"deploy/podman/images.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    print(f"\nimages built in {time.monotonic() - started:.0f} s:\n{result.stdout}")
+    """Dockerfile target -> image name, every image of docker-compose.yml built (stand-ins too),
+    as `make images` builds them."""
+    build_images()
     return project_images()
+
+
+@pytest.fixture(scope="session")
+def cuda_image() -> str:
+    """The runtime-cuda image (`make images TARGETS=runtime-cuda`: about 3 GB of CUDA wheels)."""
+    build_images("runtime-cuda", "--no-upstream")
+    return OTHER_TARGETS["runtime-cuda"]
 
 
 @pytest.fixture(scope="session")

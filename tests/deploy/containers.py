@@ -4,6 +4,10 @@ its healthcheck run by hand (podman's healthcheck timers need systemd, which is 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -12,6 +16,7 @@ import numpy as np
 from deploy.podman.images import podman
 from export.loader import load_bundle
 from export.scorer import ReferenceScorer
+from loadtest.servers import free_port, wait_until
 
 UEMBED_UID = 10001  # the Dockerfile's unprivileged user
 
@@ -42,3 +47,24 @@ def healthcheck_passes(container: str) -> bool:
 def inspect(container: str, field: str):
     """``podman inspect`` of one field (``.State.Pid``, ``.Config.User``...), decoded from JSON."""
     return json.loads(podman("inspect", "--format", "{{json " + field + "}}", container).stdout)
+
+
+@dataclass
+class Container:
+    name: str
+    url: str
+
+
+@contextmanager
+def serving_container(image: str, store: Path) -> Iterator[Container]:
+    """A serving image run with its own command, ``store`` mounted read-only at /bundles and its
+    port published on a free loopback port; removed afterwards."""
+    port = free_port()
+    name = f"uembed-test-{image.split(':')[0]}-{os.getpid()}"
+    podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "-v", f"{store}:/bundles:ro", image)
+    container = Container(name, f"http://127.0.0.1:{port}")
+    try:
+        wait_until(lambda: httpx.get(f"{container.url}/readyz").status_code == 200, 60, f"the {image} container")
+        yield container
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)

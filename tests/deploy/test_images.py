@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from deploy.podman.images import podman
+from deploy.podman.images import ROOT, image_size_bytes, podman
 from export.loader import load_bundle
 from loadtest.servers import wait_until
 from tests.deploy.containers import (
@@ -145,3 +145,20 @@ print(json.dumps({"onnxruntime": ort.__version__, "providers": ort.get_available
                   "loaded": loaded, "cpu_wheel_installed": cpu_wheel}))
 """
 
+
+def readme_image_table() -> dict[str, tuple[str, float]]:
+    """README's image table: target -> (image name, size in bytes)."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `([\w-]+)`[^|]*\| `([^`]+)` \| ([\d.]+) (MB|GB) \|", readme, re.MULTILINE)
+    return {target: (image, float(size) * (1e9 if unit == "GB" else 1e6)) for target, image, size, unit in rows}
+
+
+def test_the_readme_image_table_names_every_target_with_its_size(images, cuda_image):
+    table = readme_image_table()
+    assert {target: image for target, (image, _) in table.items()} == {**images, "runtime-cuda": cuda_image}
+    for target, (image, documented) in table.items():
+        measured = image_size_bytes(image)
+        # Within 10 %: another base image (the official one rather than the stand-in) moves them a little.
+        assert abs(measured - documented) <= 0.1 * documented, (
+            f"{target}: README says {documented / 1e6:.0f} MB, podman measures {measured / 1e6:.0f} MB"
+        )

@@ -76,6 +76,9 @@ CMD ["uembed", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM serving AS runtime-cuda
 COPY --from=build-cuda /opt/uembed /opt/uembed
+# The GPU path by default (run with --gpus all); without a usable GPU `serve` stops with a one-line
+# error naming what is missing. UEMBED_DEVICE=cpu serves on the CPU with the same image.
+ENV UEMBED_DEVICE=cuda
 
 FROM serving AS runtime
 COPY --from=build /opt/uembed /opt/uembed

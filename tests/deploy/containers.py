@@ -56,12 +56,13 @@ class Container:
 
 
 @contextmanager
-def serving_container(image: str, store: Path) -> Iterator[Container]:
+def serving_container(image: str, store: Path, env: dict[str, str] | None = None) -> Iterator[Container]:
     """A serving image run with its own command, ``store`` mounted read-only at /bundles and its
     port published on a free loopback port; removed afterwards."""
     port = free_port()
     name = f"uembed-test-{image.split(':')[0]}-{os.getpid()}"
-    podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "-v", f"{store}:/bundles:ro", image)
+    variables = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
+    podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "-v", f"{store}:/bundles:ro", *variables, image)
     container = Container(name, f"http://127.0.0.1:{port}")
     try:
         wait_until(lambda: httpx.get(f"{container.url}/readyz").status_code == 200, 60, f"the {image} container")

@@ -103,30 +103,40 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(runtime, movielens_exa
     assert "Finished server process" in logs
 
 
-def test_the_runtime_cuda_image_serves_like_the_host_and_lacks_only_the_gpu_driver(cuda_image, trainer_store,
-                                                                                  movielens_examples):  # fmt: skip
-    """Short of a GPU, what the runtime-cuda image can show here: it carries onnxruntime-gpu at
-    the gpu extra's pin (and not the CPU wheel), its CUDA and cuDNN libraries load, and the
-    service scores like the host with the CUDA provider failing only for want of the driver
-    (libcuda.so.1, which `--gpus all` brings from the host)."""
-    with serving_container(cuda_image, trainer_store) as container:
-        assert_scores_like_the_host(container.url, demo_bundle_path(trainer_store), movielens_examples[:256])
+def test_the_runtime_cuda_image_serves_on_the_gpu_by_default_and_says_what_is_missing(cuda_image, trainer_store):
+    result = podman("run", "--rm", "-v", f"{trainer_store}:/bundles:ro", cuda_image, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "device=cuda: no usable CUDA device" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_runtime_cuda_image_on_the_cpu_scores_like_the_host_and_lacks_only_the_gpu_driver(cuda_image, trainer_store,
+                                                                                            movielens_examples):  # fmt: skip
+    """Short of a GPU, what the runtime-cuda image can show here: with UEMBED_DEVICE=cpu it serves
+    like the host; it carries the gpu extra's onnxruntime-gpu and CuPy at their pins (and not the
+    CPU onnxruntime); its CUDA and cuDNN libraries load; and both ONNX Runtime's CUDA provider and
+    CuPy fail only for want of the GPU driver (libcuda.so.1, which `--gpus all` brings)."""
+    bundle = demo_bundle_path(trainer_store)
+    with serving_container(cuda_image, trainer_store, env={"UEMBED_DEVICE": "cpu"}) as container:
+        assert_scores_like_the_host(container.url, bundle, movielens_examples[:256])
         assert healthcheck_passes(container.name)
-        inside = podman("exec", container.name, "python", "-c", CUDA_LIBRARIES_LOAD).stdout
-        logs = podman("logs", container.name).stderr
-    report = json.loads(inside.strip().splitlines()[-1])
-    assert report["onnxruntime"] == re.search(r"==(\S+)", extra_requirements("gpu")[0]).group(1)
-    assert report["cpu_wheel_installed"] is False
+        probe = podman("exec", container.name, "python", "-c", CUDA_PROBE, f"/bundles/{bundle.relative_to(trainer_store)}/dense.onnx")
+    report = json.loads(probe.stdout.strip().splitlines()[-1])
+    pins = dict(re.match(r"([\w-]+)(?:\[[^]]*\])?==(\S+)", r).groups() for r in extra_requirements("gpu"))
+    assert report["onnxruntime"] == pins["onnxruntime-gpu"] and report["cupy"] == pins["cupy-cuda13x"], report
+    assert report["cpu_onnxruntime_installed"] is False
     assert "CUDAExecutionProvider" in report["providers"]
     assert report["loaded"] == ["libcublas.so.13", "libcudart.so.13", "libcudnn.so.9"], report
-    failure = re.search(r"Failed to load library \S*libonnxruntime_providers_cuda\.so with error: (\S+):", logs)
-    assert failure and failure.group(1) == "libcuda.so.1", logs[-3000:]
+    assert report["session_providers"] == ["CPUExecutionProvider"]  # the CUDA provider could not start...
+    cuda_failure = re.search(r"Failed to load library \S*libonnxruntime_providers_cuda\.so with error: (\S+):", probe.stderr)
+    assert cuda_failure and cuda_failure.group(1) == "libcuda.so.1", probe.stderr[-3000:]  # ...for want of the driver
+    assert "driver" in report["cupy_error"].lower(), report
 
 
-# Run inside the runtime-cuda image: the ONNX Runtime it carries and the CUDA libraries its
-# preload_dlls() loads from the nvidia wheels (as the service's first session does).
-CUDA_LIBRARIES_LOAD = """
-import ctypes, importlib.metadata as metadata, json, os
+# Run inside the runtime-cuda image (argument: a dense.onnx): the ONNX Runtime and CuPy it carries,
+# the CUDA libraries preload_dlls() loads from the nvidia wheels (as the service's CUDA path does),
+# and what becomes of a CUDA session and of CuPy with no GPU driver.
+CUDA_PROBE = """
+import ctypes, importlib.metadata as metadata, json, os, sys
 import onnxruntime as ort
 ort.preload_dlls()
 loaded = []
@@ -136,13 +146,21 @@ for library in ("libcublas.so.13", "libcudart.so.13", "libcudnn.so.9"):
         loaded.append(library)
     except OSError:
         pass
+session = ort.InferenceSession(sys.argv[1], providers=["CUDAExecutionProvider"])  # logs why CUDA fails, falls back
+import cupy
+try:
+    cupy.cuda.runtime.getDeviceCount()
+    cupy_error = None
+except cupy.cuda.runtime.CUDARuntimeError as exc:
+    cupy_error = str(exc)
 try:
     metadata.distribution("onnxruntime")
-    cpu_wheel = True
+    cpu_onnxruntime = True
 except metadata.PackageNotFoundError:
-    cpu_wheel = False
-print(json.dumps({"onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
-                  "loaded": loaded, "cpu_wheel_installed": cpu_wheel}))
+    cpu_onnxruntime = False
+print(json.dumps({"onnxruntime": ort.__version__, "providers": ort.get_available_providers(), "loaded": loaded,
+                  "session_providers": session.get_providers(), "cupy": cupy.__version__, "cupy_error": cupy_error,
+                  "cpu_onnxruntime_installed": cpu_onnxruntime}))
 """
 
 

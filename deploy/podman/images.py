@@ -112,14 +112,17 @@ def base_image() -> str:
 def host_pip_config() -> dict[str, str]:
     """This machine's effective pip settings (files and PIP_* variables), as ``pip config list`` says."""
     out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True)
-    settings = {}
+    # Lines like "global.find-links='/opt/wheels'" or ":env:.cert='...'" (a PIP_CERT variable). For
+    # `pip install`, a variable wins over the [install] section, which wins over [global].
+    precedence = {"global": 1, "install": 2, ":env:": 3}
+    settings: dict[str, tuple[int, str]] = {}
     for line in out.stdout.splitlines():
         key, _, value = line.partition("=")
-        # "global.find-links='/opt/wheels'" or ":env:.cert='...'": the variable wins over the files.
-        option = key.split(".", 1)[1]
-        if key.startswith(":env:") or option not in settings:
-            settings[option] = value.strip().strip("'\"")
-    return settings
+        section, _, option = key.partition(".")
+        rank = precedence.get(section, 0)
+        if rank and rank > settings.get(option, (0, ""))[0]:
+            settings[option] = (rank, value.strip().strip("'\""))
+    return {option: value for option, (_, value) in settings.items()}
 
 
 def local_paths(option: str, value: str) -> list[Path]:

@@ -16,9 +16,10 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 $PYTHON -V | tee -a "$OUT/device.txt"
 
-# The gpu extra's requirements, read from pyproject.toml so this script and the image cannot drift.
+# The gpu extra and the service's web and Redis pins, read from pyproject.toml so this script cannot drift
+# from the image. The other base pins (numpy, onnxruntime, ...) are the GPU machine's own or replaced.
 mapfile -t GPU_REQUIREMENTS < <($PYTHON -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]))')
-SERVICE_REQUIREMENTS=(fastapi==0.163.2 pydantic-settings==2.16.3 uvicorn==0.54.0 redis==8.1.0)
+mapfile -t SERVICE_REQUIREMENTS < <($PYTHON -c 'import re, tomllib; print("\n".join(re.sub(r"\[.*\]", "", r) for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if r.startswith(("fastapi", "pydantic-settings", "uvicorn", "redis"))))')
 INDEX=()
 [ -n "${WHEELS:-}" ] && INDEX=(--no-index --find-links "$WHEELS")
 $PYTHON -m pip uninstall -y -q onnxruntime 2>/dev/null

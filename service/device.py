@@ -180,8 +180,9 @@ class CudaModelRuntime(ModelRuntime):
         """Per model, once: device tables, each table's slot columns, group ranges and the bias row."""
         cp, plan = self.cupy, self.plan
         dim = plan.dim
-        widths = [f.width for f in plan.features for _ in f.lookups]
-        first = np.cumsum([0] + widths[:-1]).astype(np.int32)
+        # Each (feature, lookup) group pools a contiguous run of slots: the pooling matrix's rows say which.
+        first = self.pooling.argmax(axis=1).astype(np.int32)
+        stop = first + self.pooling.sum(axis=1).astype(np.int32)
         bias = np.zeros(plan.output_dim, dtype=np.float32)
         if self.bias_columns.size:
             bias[self.bias_columns] = self.bundle.bias
@@ -195,7 +196,7 @@ class CudaModelRuntime(ModelRuntime):
                 for (_, slots), store in zip(self.table_slots, self.stores)
             ]
             self.group_first = cp.asarray(first)
-            self.group_stop = cp.asarray(first + np.asarray(widths, dtype=np.int32))
+            self.group_stop = cp.asarray(stop)
             self.bias_row = cp.asarray(bias)
         self.stream.synchronize()
 

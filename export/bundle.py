@@ -34,6 +34,7 @@ import torch
 from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, quantise_rows, test_vectors
 from model.errors import UembedError
 from model.hashing import spec_description
+from model.known import KnownValues, load_known_values
 from model.networks import RankingModel
 from model.plan import EmbeddingPlan
 from model.train import load_run
@@ -124,7 +125,8 @@ def export_run(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
-        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes)
+        known = load_known_values(run_dir / "known_values.npz")
+        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service's user
         staging.rename(target)
@@ -144,7 +146,9 @@ def write_bundle(
     version: str,
     dtype: str,
     full_model_limit_bytes: int,
+    known: dict[str, KnownValues] | None = None,
 ) -> dict:
+    known = known or {}
     (folder / "tables").mkdir()
     tables = []
     weights = {n: w.detach().numpy() for n, w in model.embedding.table_weights().items()}
@@ -176,6 +180,10 @@ def write_bundle(
             (folder / "vocab").mkdir(exist_ok=True)
             np.save(folder / "vocab" / f"{feature.name}.npy", plan.vocabularies[feature.name])
             entry["vocabulary"] = {"size": int(plan.vocabularies[feature.name].size), **file_entry(folder, f"vocab/{feature.name}.npy")}
+        if feature.name in known:
+            (folder / "known").mkdir(exist_ok=True)
+            np.save(folder / "known" / f"{feature.name}.npy", known[feature.name].bits)
+            entry["known"] = {"bits": known[feature.name].size, "hashes": KnownValues.HASHES, **file_entry(folder, f"known/{feature.name}.npy")}
         features.append(entry)
 
     example_rows = torch.zeros(2, plan.slots, dtype=torch.long)

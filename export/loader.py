@@ -9,23 +9,17 @@ Every refusal is a :class:`BundleError` naming the file and the reason.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from export.format import FORMAT, FORMAT_VERSION, NUMPY_ROW_DTYPE, sha256_file
-from model.errors import UembedError
+from model.errors import BundleError, UembedError
 from model.features import FeatureSpec
 from model.hashing import SPEC_VERSION
+from model.known import KnownValues
 from model.plan import EmbeddingPlan
-
-
-class BundleError(UembedError):
-    """A bundle cannot be served; the message names the file and why."""
-
-    kind = "bundle"
-    status = 422
 
 
 @dataclass
@@ -59,6 +53,7 @@ class Bundle:
     feature_specs: dict[str, FeatureSpec]
     tables: dict[str, TableRows]
     bias: np.ndarray  # float32 [n bias columns], added at plan.bias_columns()
+    known_values: dict[str, KnownValues] = field(default_factory=dict)  # feature -> values seen in training
 
     @property
     def name(self) -> str:
@@ -135,6 +130,7 @@ def load_bundle(path: str | Path) -> Bundle:
 
 def _load(root: Path, manifest: dict) -> Bundle:
     vocabularies = {}
+    known = {}
     specs = {}
     bias_parts = []
     for feature in manifest["features"]:
@@ -142,6 +138,12 @@ def _load(root: Path, manifest: dict) -> Bundle:
         if feature.get("vocabulary"):
             entry = feature["vocabulary"]
             vocabularies[feature["name"]] = np.asarray(_load_array(root, entry, "uint64", (entry["size"],)))
+        if feature.get("known"):
+            entry = feature["known"]
+            if entry.get("hashes") != KnownValues.HASHES:
+                raise BundleError(f"bundle {root}: known/{feature['name']}.npy uses {entry.get('hashes')} hashes, this build {KnownValues.HASHES}")
+            bits = np.asarray(_load_array(root, entry, "uint8", ((entry["bits"] + 7) // 8,)))
+            known[feature["name"]] = KnownValues.from_arrays(np.ascontiguousarray(bits), entry["bits"])
         if feature.get("bias") is not None:
             bias_parts.append(np.asarray(feature["bias"], dtype=np.float32))
     plan = EmbeddingPlan.from_dict(manifest["embedding"], vocabularies)
@@ -176,4 +178,4 @@ def _load(root: Path, manifest: dict) -> Bundle:
     bias = np.concatenate(bias_parts) if bias_parts else np.zeros(0, dtype=np.float32)
     if bias.size != plan.bias_columns().size:
         raise BundleError(f"bundle {root}: manifest.json has {bias.size} bias values, the plan needs {plan.bias_columns().size}")
-    return Bundle(root, manifest, plan, specs, tables, bias)
+    return Bundle(root, manifest, plan, specs, tables, bias, known)

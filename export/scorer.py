@@ -1,7 +1,7 @@
-"""The reference scorer: examples -> hash -> rows from the row files -> assemble -> dense ONNX.
+"""The reference scorer: examples -> rows (``export/encoding.py``) -> rows from the row files -> assemble -> dense ONNX.
 
 Plain and unbatched beyond the batch it is given; the service and the tests reuse its
-stages. Each stage is one function:
+stages (``export/encoding.py`` lists them in order). Each stage is one function:
 
 >>> scorer = ReferenceScorer(load_bundle("bundles/movielens/1"))       # doctest: +SKIP
 >>> scorer.score([{"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}])  # doctest: +SKIP
@@ -15,17 +15,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from export.encoding import NO_LIMITS, CanonicalExamples, ExampleEncoder, ValueLimits
 from export.loader import Bundle
-from model.data import encode_values
-from model.errors import UembedError
+from model.errors import ExampleError
 
-
-class ExampleError(UembedError):
-    """An example does not fit the bundle's features."""
-
-    kind = "example"
-    status = 422
-
+__all__ = ["CPU_PROVIDERS", "ExampleError", "ReferenceScorer", "onnx_session"]
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -47,9 +41,17 @@ def onnx_session(path, threads: int = 1, providers: Sequence = CPU_PROVIDERS) ->
 
 
 class ReferenceScorer:
-    def __init__(self, bundle: Bundle, threads: int = 1, providers: Sequence = CPU_PROVIDERS) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        threads: int = 1,
+        providers: Sequence = CPU_PROVIDERS,
+        limits: ValueLimits = NO_LIMITS,
+        cache_bytes: int = 0,
+    ) -> None:
         self.bundle = bundle
         self.plan = bundle.plan
+        self.encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, limits, cache_bytes, bundle.known_values)
         self.session = onnx_session(bundle.dense_path, threads, providers)
         slot_tables = self.plan.slot_tables()
         self.table_slots = [
@@ -58,20 +60,17 @@ class ReferenceScorer:
         self.pooling = self.plan.pooling_matrix()
         self.bias_columns = self.plan.bias_columns()
 
+    def canonicalise(self, examples: Sequence[Mapping[str, object]]) -> CanonicalExamples:
+        """Check one request's examples and turn their values into canonical bytes (a missing feature is the missing value)."""
+        return self.encoder.canonicalise(examples)
+
+    def hash(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows int64 [B, S] and pooling weights float32 [B, S] of canonical examples, concatenated in order."""
+        return self.encoder.hash(parts)
+
     def encode(self, examples: Sequence[Mapping[str, object]]) -> tuple[np.ndarray, np.ndarray]:
-        """Hash: rows int64 [B, S] and pooling weights float32 [B, S]. A missing feature is the missing value."""
-        known = self.bundle.feature_specs
-        for index, example in enumerate(examples):
-            unknown = set(example) - set(known)
-            if unknown:
-                raise ExampleError(f"examples[{index}]: unknown feature(s) {', '.join(sorted(unknown))}")
-        columns = {}
-        for name, spec in known.items():
-            try:
-                columns[name] = encode_values(spec, [example.get(name) for example in examples])
-            except TypeError as exc:
-                raise ExampleError(str(exc)) from exc
-        return self.plan.encode(columns)
+        """canonicalise + hash of one batch."""
+        return self.encoder.encode(examples)
 
     def lookup(self, rows: np.ndarray) -> np.ndarray:
         """Rows of every slot: float32 [B, S, D]."""

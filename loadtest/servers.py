@@ -12,9 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,13 +25,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def http_get(url: str, timeout_s: float = 5) -> tuple[int, bytes]:
+    """Status and body of a GET (any status, no exception for 4xx/5xx): the standard library, so a
+    ``[loadtest]`` or ``[train]`` install can run the servers without an HTTP client package."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
 def wait_until(check, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if check():
                 return
-        except (OSError, httpx.HTTPError):
+        except OSError:  # refused, reset, timed out, or an HTTP error status (urllib.error.URLError)
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{what} not up within {timeout_s}s")
@@ -108,7 +118,7 @@ class HttpProcess:
         def ready() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            return httpx.get(self.ready_url, timeout=1).status_code == 200
+            return http_get(self.ready_url, timeout_s=1)[0] == 200
 
         try:
             wait_until(ready, timeout_s, self.name)
@@ -133,17 +143,19 @@ class UvicornProcess(HttpProcess):
     """``uvicorn APP --factory`` in its own process, configured by environment variables."""
 
     def __init__(self, app: str, env: dict[str, str], log_path: Path, workers: int = 1, port: int = 0,
-                 ready_path: str = "/readyz") -> None:  # fmt: skip
+                 ready_path: str = "/readyz", limit_concurrency: int | None = None) -> None:  # fmt: skip
         self.app = app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(self.port),
                 "--no-access-log", "--timeout-graceful-shutdown", "10", "--workers", str(workers)]  # fmt: skip
+        if limit_concurrency:
+            argv += ["--limit-concurrency", str(limit_concurrency)]  # as `uembed serve` passes UEMBED_MAX_CONNECTIONS
         super().__init__(argv, env, log_path, f"{self.url}{ready_path}", app)
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value} (labels sorted as exposed)."""
-        return parse_exposition(httpx.get(f"{self.url}/metrics").text)
+        return parse_exposition(http_get(f"{self.url}/metrics")[1].decode())
 
 
 def parse_exposition(text: str) -> dict[str, float]:

@@ -1,19 +1,30 @@
-"""One error taxonomy: every failure a user can cause is a UembedError with a kind.
+"""The error table: every failure a user or a client can cause, in one place.
 
-The CLI prints ``error: <message>`` for these (no traceback); the service maps
-``status`` to an HTTP status code in one place.
+Each class is one row: its ``kind`` (the ``error`` field of an HTTP error body), its HTTP
+``status`` and any ``headers`` the response carries. They are class data, never changed
+on an instance, so one handler maps any of them to a response and a failure that is not
+in this table goes out as :class:`Internal` (500, kind ``internal``). The CLI prints
+``error: <message>`` for all of them (no traceback) and exits 2.
+
+Every HTTP error body has one shape, ``{"error": kind, "detail": message}`` plus, for
+request validation, ``errors``: a list of ``{"field", "message", "type"}``.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class UembedError(Exception):
     """Base of the errors a user can fix; the message names the field, file or value."""
 
-    kind = "error"
-    status = 400
+    kind: ClassVar[str] = "error"
+    status: ClassVar[int] = 400
+    headers: ClassVar[dict[str, str]] = {}
+    description: ClassVar[str] = "A request the service cannot take"
 
 
+# --- training and specs (the CLI's errors; 400 if they ever reach HTTP) --------------------
 class SpecError(UembedError):
     """A feature spec or a model configuration is inconsistent."""
 
@@ -30,3 +41,107 @@ class BudgetError(UembedError):
     """An embedding budget cannot be met (too small for the features, or not positive)."""
 
     kind = "budget"
+
+
+# --- bundles and devices --------------------------------------------------------------------
+class BundleError(UembedError):
+    """A bundle cannot be served; the message names the file and why."""
+
+    kind = "bundle"
+    status = 422
+    description = "The bundle asked for cannot be served (the message names the file and why)"
+
+
+class DeviceError(UembedError):
+    """The CUDA path cannot run here; the message says what is missing."""
+
+    kind = "device"
+    status = 503
+    description = "The configured device cannot run here"
+
+
+# --- requests ---------------------------------------------------------------------------------
+class ValidationFailed(UembedError):
+    """The body does not parse, or does not fit the request schema."""
+
+    kind = "validation"
+    status = 422
+    description = "The body is not valid JSON or does not fit the schema; `errors` lists each field"
+
+
+class ExampleError(UembedError):
+    """An example does not fit the model's features (a feature name or a value the schema cannot state)."""
+
+    kind = "example"
+    status = 422
+    description = "An example does not fit the model's features; the message names examples[i].feature"
+
+
+class InvalidName(UembedError):
+    """A model or version name that may not become a path."""
+
+    kind = "invalid_name"
+    status = 422
+    description = "A model or version name breaks the naming rule"
+
+
+class Unauthorized(UembedError):
+    kind = "unauthorized"
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+    description = "A valid bearer token is required"
+
+
+class NotFound(UembedError):
+    kind = "not_found"
+    status = 404
+    description = "No such model, or no such bundle in the store, or the route is switched off"
+
+
+class RequestTimeout(UembedError):
+    kind = "request_timeout"
+    status = 408
+    headers = {"Connection": "close"}
+    description = "The body did not arrive within body_timeout_ms"
+
+
+class BodyTooLarge(UembedError):
+    kind = "body_too_large"
+    status = 413
+    headers = {"Connection": "close"}
+    description = "The body is over max_body_bytes"
+
+
+class Overloaded(UembedError):
+    kind = "overloaded"
+    status = 503
+    headers = {"Retry-After": "1"}
+    description = "Too many examples waiting, or shutting down; retry after Retry-After seconds"
+
+
+class NotReady(UembedError):
+    kind = "not_ready"
+    status = 503
+    headers = {"Retry-After": "1"}
+    description = "No model is loaded yet"
+
+
+class DeadlineExceeded(UembedError):
+    kind = "deadline"
+    status = 504
+    description = "Not scored within request_timeout_ms"
+
+
+class Internal(UembedError):
+    """A failure that is not the client's: the message names only the exception type; the log has the rest."""
+
+    kind = "internal"
+    status = 500
+    description = "A bug or a failed dependency; the service log has the traceback"
+
+
+def internal(exc: BaseException) -> UembedError:
+    """``exc`` itself if it is in the table, else an :class:`Internal` naming its type."""
+    if isinstance(exc, UembedError):
+        return exc
+    return Internal(f"internal error ({type(exc).__name__}); see the service log")

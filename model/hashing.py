@@ -18,6 +18,16 @@ The spec, version ``uembed-hash-v1``:
    a sorted array of known keys; a key found at index ``i`` reads row ``i + 1``, an
    unknown or missing key reads row 0.
 
+From another language (a Go or Java feature pipeline, a C++ ranker) the same keys need:
+XXH3 64-bit (the reference C library or a port that passes its test vectors; not XXH64,
+not XXH3-128), called with a 64-bit seed; the canonical bytes above, byte for byte (UTF-8
+without normalisation, integers without a sign for zero or leading zeros, Python's
+``repr`` for non-integral floats: the shortest string that round-trips, e.g. ``0.1`` and
+``1e-05``); the seed string ``<namespace>#<lookup>`` in UTF-8, hashed with seed 0; and
+``key % rows`` on unsigned 64-bit integers. ``tests/model/test_golden_hashing.py`` lists
+literal (namespace, value, lookup) -> seed, key and rows to check a port against; every
+bundle's manifest also carries test vectors of its own values.
+
 Example::
 
     >>> seed = lookup_seed("user_id", 0)

@@ -25,6 +25,7 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
+from model.known import known_values
 from model.data import Dataset
 from model.embeddings import PlanEmbedding, SearchEmbedding
 from model.networks import RankingModel, build_network
@@ -297,6 +298,9 @@ def save_run(
     (run_dir / "config.json").write_text(json.dumps(config_doc, indent=2))
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
+    # Which values training saw, per feature: the export puts them in the bundle so the service can count unseen ones.
+    known = known_values(train_set.columns)
+    np.savez(run_dir / "known_values.npz", **{f"{name}.{part}": a for name, k in known.items() for part, a in k.to_arrays().items()})
     torch.save(model.state_dict(), run_dir / "checkpoint.pt")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if metrics.get("policy"):

@@ -1,27 +1,45 @@
 """The HTTP adapter: FastAPI routes over a :class:`ScoringEngine` held on app state.
 
 ``create_app(settings)`` builds the app (tests build their own); the engine starts in the
-lifespan and drains admitted requests on shutdown. Every error a client can cause is a
-4xx whose message names the field: request-shape errors from pydantic, feature values
-from the model's own check, and one handler maps the error taxonomy to status codes.
+lifespan and drains admitted requests on shutdown. Every error goes out in one shape,
+``{"error": kind, "detail": message}`` (``errors`` too for validation), with the status
+and headers of its row in the error table (``model/errors.py``): one handler, no special
+cases. The OpenAPI document declares every status a route can return, and the examples'
+schema lists the loaded models' features with the value types and limits the service
+enforces, so a schema-valid request is refused only for what a schema cannot say
+(a model name that is not loaded: 404).
 """
 
 
+import asyncio
 import gc
 import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, WithJsonSchema, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import UembedError
-from service.engine import Overloaded, ScoringEngine
+from export.encoding import NUMERIC_STRING
+from model import errors
+from model.errors import (
+    BodyTooLarge,
+    Internal,
+    NotFound,
+    RequestTimeout,
+    Unauthorized,
+    UembedError,
+    ValidationFailed,
+    internal,
+)
+from service.engine import NAME_PATTERN, NAME_RULE, ScoringEngine
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings, load_settings
 
@@ -46,6 +64,24 @@ EXAMPLE_REQUEST = {
         {"user_id": "186", "movie_id": "302", "genres": ["Crime", "Film-Noir", "Mystery", "Thriller"]},
     ]
 }
+# Starlette's own errors (an unknown route, a wrong method, a body it cannot parse), in our shape.
+HTTP_KINDS = {404: "not_found", 405: "method_not_allowed"}
+ERROR_KINDS = tuple(sorted({cls.kind for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, UembedError)}
+                           | set(HTTP_KINDS.values())))  # fmt: skip
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Where: `examples[3].user_id`, `version`, `body`.")
+    message: str
+    type: str = Field(description="pydantic's error type, e.g. `missing`, `string_too_long`, `json_invalid`.")
+
+
+class ErrorBody(BaseModel):
+    """Every error the service sends, 4xx and 5xx."""
+
+    error: Literal[ERROR_KINDS] = Field(description="The kind of error (a row of the error table).")  # type: ignore[valid-type]
+    detail: str = Field(description="What is wrong, naming the field, file or value.")
+    errors: list[FieldError] | None = Field(None, description="Validation only: every field at fault (at most 20).")
 
 
 class ScoreResponse(BaseModel):
@@ -54,18 +90,25 @@ class ScoreResponse(BaseModel):
     scores: list[float] = Field(description="Probability per example, in request order.")
 
 
+class LoadResponse(BaseModel):
+    model: str
+    version: str
+
+
 class LoadRequest(BaseModel):
-    version: str = Field(min_length=1, max_length=128, description="Version folder under <bundle_store>/<name>/.")
+    version: str = Field(pattern=NAME_PATTERN, description=f"Version folder under <bundle_store>/<name>/: {NAME_RULE}.")
 
 
-class BodyTooLarge(UembedError):
-    kind = "body_too_large"
-    status = 413
+def declared(*kinds: type[UembedError]) -> dict:
+    """OpenAPI responses for these rows of the error table, all with the one error body."""
+    out: dict[int, dict] = {}
+    for kind in (*kinds, Internal):
+        entry = out.setdefault(kind.status, {"model": ErrorBody, "description": ""})
+        entry["description"] = "; ".join(filter(None, (entry["description"], f"{kind.kind}: {kind.description}")))
+    return out
 
 
-class Unauthorized(UembedError):
-    kind = "unauthorized"
-    status = 401
+BODY_ERRORS = (ValidationFailed, BodyTooLarge, RequestTimeout)
 
 
 def score_request_model(settings: ServiceSettings) -> type[BaseModel]:
@@ -84,24 +127,52 @@ def score_request_model(settings: ServiceSettings) -> type[BaseModel]:
     )
 
 
+def feature_schema(spec, settings: ServiceSettings) -> dict:
+    """What one feature's value may be, as the encoder checks it (``export/encoding.py``)."""
+    text = {"type": "string", "maxLength": settings.max_value_chars}
+    scalars = [text, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+    if spec.kind == "numeric":
+        return {"anyOf": [{"type": "number"}, {"type": "null"}, {**text, "pattern": NUMERIC_STRING}],
+                "description": "A finite number (or a string of one); null when missing."}
+    if spec.multivalent:
+        items = {"type": "array", "maxItems": settings.max_list_values, "items": {"anyOf": scalars}}
+        return {"anyOf": [items, *scalars], "description": f"A list (or one string split on {spec.separator!r})."}
+    return {"anyOf": scalars}
+
+
+def examples_schema(engine: ScoringEngine, settings: ServiceSettings) -> dict | None:
+    """An example's schema from the loaded models' features (their union when several are loaded)."""
+    properties: dict[str, dict] = {}
+    for runtime in engine.models.values():
+        for name, spec in runtime.bundle.feature_specs.items():
+            properties.setdefault(name, feature_schema(spec, settings))
+    if not properties:
+        return None
+    return {"type": "object", "properties": properties, "additionalProperties": False,
+            "description": "Feature name -> value. Features of the loaded models: " + ", ".join(properties)}  # fmt: skip
+
+
 def field_path(location: tuple) -> str:
     """('body', 'examples', 3, 'user_id') -> 'examples[3].user_id'."""
     out = ""
-    for part in location[1:] if location and location[0] == "body" else location:
+    for part in location[1:] if location and location[0] in ("body", "path", "header") else location:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
 
 
-def error_response(status: int, kind: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    return JSONResponse({"error": kind, "detail": message, **extra}, status_code=status, headers=headers)
+def error_response(error: UembedError, **extra) -> JSONResponse:
+    return JSONResponse({"error": error.kind, "detail": str(error), **extra}, status_code=error.status,
+                        headers=error.headers or None)  # fmt: skip
 
 
 class LimitsAndMetrics:
-    """ASGI middleware: refuses bodies over ``max_body_bytes`` (413) and times every request."""
+    """ASGI middleware: a body over ``max_body_bytes`` (413) or slower than ``body_timeout_s`` (408) is refused
+    and its connection closed; every request is timed and counted."""
 
-    def __init__(self, app, max_body_bytes: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float, metrics: ServiceMetrics) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
@@ -111,25 +182,33 @@ class LimitsAndMetrics:
         status = 500
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            response = error_response(413, BodyTooLarge.kind, f"body: {int(length)} bytes is over the limit of {self.max_body_bytes}")
-            await response(scope, receive, send)
+            await error_response(BodyTooLarge(f"body: {int(length)} bytes is over the limit of {self.max_body_bytes}"))(scope, receive, send)
             return self._observe(scope, 413, started)
         received = 0
-        too_large = False
+        refused: UembedError | None = None
+        body_done = False
+        deadline = time.monotonic() + self.body_timeout_s
 
         async def limited_receive():
-            # A streamed body over the limit: the app sees a disconnect, the client gets our 413.
-            nonlocal received, too_large
-            message = await receive()
+            # A body over the limit or too slow: the app sees a disconnect, the client gets our 413 or 408.
+            nonlocal received, refused, body_done
+            if body_done:
+                return await receive()  # after the body: waits for the client to go away
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                refused = RequestTimeout(f"body: not received within body_timeout_ms={self.body_timeout_s * 1000:g}")
+                return {"type": "http.disconnect"}
             received += len(message.get("body", b""))
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if received > self.max_body_bytes:
-                too_large = True
+                refused = BodyTooLarge(f"body: over the limit of {self.max_body_bytes} bytes")
                 return {"type": "http.disconnect"}
             return message
 
         async def recording_send(message):
             nonlocal status
-            if too_large:
+            if refused is not None:
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -139,12 +218,11 @@ class LimitsAndMetrics:
             try:
                 await self.app(scope, limited_receive, recording_send)
             except Exception:
-                if not too_large:
+                if refused is None:
                     raise
-            if too_large:
-                status = 413
-                response = error_response(413, BodyTooLarge.kind, f"body: over the limit of {self.max_body_bytes} bytes")
-                await response(scope, receive, send)
+            if refused is not None:
+                status = refused.status
+                await error_response(refused)(scope, receive, send)
         finally:
             self._observe(scope, status, started)
 
@@ -153,6 +231,12 @@ class LimitsAndMetrics:
         outcome = "ok" if status < 400 else {503: "overloaded", 504: "timeout"}.get(status, "client_error" if status < 500 else "error")
         self.metrics.request_seconds.labels(route, outcome).observe(time.perf_counter() - started)
         self.metrics.requests.labels(route, str(status)).inc()
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | None = None) -> FastAPI:
@@ -184,68 +268,115 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     )
     app.state.engine = engine
     app.state.settings = settings
-    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=engine.metrics)
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_ms / 1000, metrics=engine.metrics)  # fmt: skip
     ScoreRequest = score_request_model(settings)
 
     @app.exception_handler(UembedError)
     async def uembed_error(request: Request, exc: UembedError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
-        if isinstance(exc, Unauthorized):
-            headers = {"WWW-Authenticate": "Bearer"}
-        return error_response(exc.status, exc.kind, str(exc), headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = []
+        found = []
         for e in exc.errors()[:20]:
             if e["type"] == "json_invalid":  # loc is ('body', character offset)
-                errors.append({"field": "body", "message": f"invalid JSON at character {e['loc'][-1]}", "type": e["type"]})
+                found.append({"field": "body", "message": f"invalid JSON at character {e['loc'][-1]}", "type": e["type"]})
             else:
-                errors.append({"field": field_path(tuple(e["loc"])), "message": e["msg"], "type": e["type"]})
-        first = errors[0] if errors else {"field": "body", "message": "invalid request"}
-        return error_response(422, "validation", f"{first['field']}: {first['message']}", errors=errors)
+                found.append({"field": field_path(tuple(e["loc"])), "message": e["msg"], "type": e["type"]})
+        first = found[0] if found else {"field": "body", "message": "invalid request"}
+        return error_response(ValidationFailed(f"{first['field']}: {first['message']}"), errors=found)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not read the body (not UTF-8, or not JSON): as any bad body
+            found = [{"field": "body", "message": str(exc.detail), "type": "body_invalid"}]
+            return error_response(ValidationFailed(f"body: {exc.detail}"), errors=found)
+        body = {"error": HTTP_KINDS.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal"),
+                "detail": f"{request.url.path}: {exc.detail}"}  # fmt: skip
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the service log")
+        return error_response(internal(exc))
 
     @app.post(
         "/v1/score",
         response_model=ScoreResponse,
-        responses={413: {"description": "Body too large"}, 422: {"description": "Invalid example; the message names the field"},
-                   503: {"description": "Overloaded (Retry-After set) or no model"}, 504: {"description": "Deadline passed"}},
+        responses=declared(*BODY_ERRORS, errors.ExampleError, NotFound, errors.Overloaded, errors.NotReady, errors.DeadlineExceeded),
         summary="Score examples",
+        description="Each example maps feature names to values; the schema lists the loaded models' features and "
+        "what each takes. A `model` that is not loaded is a 404. With several models loaded the schema lists "
+        "the union of their features, and a feature of another model is a 422 naming it.",
     )
-    async def score(body: ScoreRequest) -> JSONResponse:  # type: ignore[valid-type]
-        scores, runtime = await engine.score(body.examples, body.model)
+    async def score(request: Request, body: ScoreRequest) -> JSONResponse:  # type: ignore[valid-type]
+        scoring = asyncio.ensure_future(engine.score(body.examples, body.model))
+        gone = asyncio.ensure_future(client_gone(request))
+        try:
+            await asyncio.wait((scoring, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not scoring.done():
+                scoring.cancel()  # the client left: its queued work is skipped (uembed_abandoned_requests_total)
+        if scoring.cancelled():
+            return Response(status_code=499)  # nobody reads it; logged as a client close, as nginx does
+        scores, runtime = scoring.result()
         return JSONResponse({"model": runtime.name, "version": runtime.version, "scores": scores.tolist()})
 
-    @app.get("/v1/models", summary="Loaded models, features and tables with bytes per tier")
+    @app.get("/v1/models", summary="Loaded models, features and tables with bytes per tier", responses=declared())
     async def models() -> dict:
         return {"models": engine.describe()}
 
-    @app.post("/v1/models/{name}/load", summary="Load another version from the bundle store (bearer token)")
-    async def load_model(name: str, body: LoadRequest, authorization: Annotated[str | None, Header()] = None) -> dict:
+    @app.post(
+        "/v1/models/{name}/load",
+        response_model=LoadResponse,
+        responses=declared(*BODY_ERRORS, Unauthorized, NotFound, errors.InvalidName, errors.BundleError, errors.NotReady),
+        summary="Load another version from the bundle store (bearer token)",
+        description="404 when the endpoint is off (no UEMBED_RELOAD_TOKEN), or there is no such bundle; 422 when "
+        "the bundle cannot be served. Requests already admitted finish on the version they started with.",
+    )
+    async def load_model(
+        body: LoadRequest,
+        name: Annotated[str, Path(pattern=NAME_PATTERN, description=f"Model name: {NAME_RULE}.")],
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> dict:
         if settings.reload_token is None:
-            return error_response(404, "not_found", "the reload endpoint is off: set UEMBED_RELOAD_TOKEN to enable it")
+            raise NotFound("the reload endpoint is off: set UEMBED_RELOAD_TOKEN to enable it")
         expected = f"Bearer {settings.reload_token.get_secret_value()}"
         if not authorization or not secrets.compare_digest(authorization.encode(), expected.encode()):
             raise Unauthorized("Authorization: a valid bearer token is required")
         runtime = await engine.reload(name, body.version)
         return {"model": runtime.name, "version": runtime.version}
 
-    @app.get("/healthz", summary="The process is alive")
+    @app.get("/healthz", summary="The process is alive", responses=declared())
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="A model is loaded and a one-example score succeeds")
+    @app.get("/readyz", summary="A model is loaded and a one-example score succeeds",
+             responses=declared(errors.NotReady, errors.Overloaded, errors.DeadlineExceeded))  # fmt: skip
     async def readyz() -> dict:
         runtime = await engine.ready()
         return {"status": "ready", "model": runtime.name, "version": runtime.version}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"description": "The Prometheus text format", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+                   **declared()},  # fmt: skip
+    )
     async def metrics() -> Response:
         return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict:
+        # Built per call (it is small), so the examples' schema follows the models a reload brings in.
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        example = examples_schema(engine, settings)
+        if example is not None:
+            request = schema["components"]["schemas"]["ScoreRequest"]["properties"]["examples"]
+            request["items"] = example
+        return schema
+
+    app.openapi = openapi
     return app

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.encoding import ValueLimits
 from export.loader import Bundle
-from model.errors import UembedError
+from model.errors import DeviceError, UembedError
 from service.rowstore import RedisTier
 from service.runtime import ModelRuntime
 from service.settings import ServiceSettings
@@ -68,13 +69,6 @@ for (long long s = first[g]; s < stop[g]; ++s) {
 }
 out[i] = total + bias[g * dim + d];
 """
-
-
-class DeviceError(UembedError):
-    """The CUDA path cannot run here; the message says what is missing."""
-
-    kind = "device"
-    status = 503
 
 
 def cuda_index(device: str) -> int:
@@ -123,6 +117,7 @@ class CudaModelRuntime(ModelRuntime):
         redis_prefix: str = "uembed",
         threads: int = 1,
         tf32: bool = False,
+        **encoding,
     ) -> None:
         self.cupy, ort = cuda_modules(device)
         cp = self.cupy
@@ -144,6 +139,7 @@ class CudaModelRuntime(ModelRuntime):
             threads=threads,
             providers=[("CUDAExecutionProvider", cuda_options)],
             hot_on_device=True,
+            **encoding,
         )
         if self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise DeviceError(
@@ -314,9 +310,11 @@ class CudaModelRuntime(ModelRuntime):
 
 def open_runtime(bundle: Bundle, settings: ServiceSettings, redis: RedisTier | None) -> ModelRuntime:
     """The runtime for ``settings.device``: :class:`ModelRuntime` on the CPU, :class:`CudaModelRuntime` on ``cuda[:N]``."""
+    encoding = {"limits": ValueLimits(settings.max_value_chars, settings.max_list_values),
+                "value_cache_bytes": settings.value_cache_bytes}  # fmt: skip
     if settings.device == "cpu":
         return ModelRuntime(bundle, settings.hot_rows_bytes, redis, settings.redis_prefix, settings.compute_threads,
-                            settings.dense_backend)  # fmt: skip
+                            settings.dense_backend, **encoding)  # fmt: skip
     return CudaModelRuntime(bundle, settings.device, settings.device_hot_rows_bytes, redis, settings.redis_prefix,
-                            settings.compute_threads, settings.device_tf32)  # fmt: skip
+                            settings.compute_threads, settings.device_tf32, **encoding)  # fmt: skip
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,34 +27,27 @@ from pathlib import Path
 import numpy as np
 
 from export.loader import load_bundle
-from model.errors import UembedError
+from export.encoding import CanonicalExamples
+from model.errors import DeadlineExceeded, Internal, InvalidName, NotFound, NotReady, Overloaded, UembedError, internal
 from service.device import open_runtime
 from service.metrics import ServiceMetrics
 from service.rowstore import RedisTier
-from service.runtime import CanonicalExamples, ModelRuntime, ValueLimits
+from service.runtime import ModelRuntime
 from service.settings import ServiceSettings
 
 log = logging.getLogger("uembed.engine")
 
+ModelNotFound = NotFound  # the name the engine's callers know
+__all__ = ["DeadlineExceeded", "ModelNotFound", "NotReady", "Overloaded", "ScoringEngine", "check_name"]
 
-class Overloaded(UembedError):
-    kind = "overloaded"
-    status = 503
-
-
-class DeadlineExceeded(UembedError):
-    kind = "deadline"
-    status = 504
+# A model or version name becomes one path component under the bundle store: checked before any path is built.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+NAME_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
 
-class ModelNotFound(UembedError):
-    kind = "not_found"
-    status = 404
-
-
-class NotReady(UembedError):
-    kind = "not_ready"
-    status = 503
+def check_name(what: str, name: str) -> None:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise InvalidName(f"{what}: {name[:40]!r}{'...' if len(name) > 40 else ''} is not a valid name ({NAME_RULE})")
 
 
 @dataclass
@@ -68,7 +62,6 @@ class ScoringEngine:
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
-        self.limits = ValueLimits(settings.max_value_chars, settings.max_list_values)
         self.models: dict[str, ModelRuntime] = {}
         self.default_model: str | None = None
         self.redis = None
@@ -96,6 +89,7 @@ class ScoringEngine:
         bundle = load_bundle(path)
         runtime = open_runtime(bundle, self.settings, self.redis)
         runtime.score_encoded(*runtime.hash([runtime.canonicalise([{}])]))
+        runtime.encoder.take_unseen()
         if self.redis is not None:
             for store in runtime.stores:
                 problem = self.redis.compact_encoding_problem(store.codec.record_bytes)
@@ -116,6 +110,8 @@ class ScoringEngine:
         for spec in runtime.bundle.feature_specs.values():
             if spec.kind == "multivalent":
                 self.metrics.truncated.labels(spec.name)
+        for feature in runtime.encoder.known:
+            self.metrics.unseen.labels(runtime.name, feature)
         self._observe_memory(runtime)
 
     def load(self, path: str | Path) -> ModelRuntime:
@@ -126,11 +122,15 @@ class ScoringEngine:
 
     async def reload(self, name: str, version: str) -> ModelRuntime:
         """Load ``<bundle_store>/<name>/<version>`` off the batch thread, then switch to it atomically."""
+        check_name("name", name)
+        check_name("version", version)
         root = Path(self.settings.bundle_store)
         path = root / name / version
-        if name != Path(name).name or version != Path(version).name or not path.is_dir():
+        if not path.is_dir():
             self.metrics.reloads.labels(name if name in self.models else "unknown", "not_found").inc()
             raise ModelNotFound(f"no bundle {name}/{version} under the bundle store {root}")
+        if not self.running:
+            raise NotReady("the engine is not running")
         async with self._reload_lock:
             try:
                 runtime = await asyncio.to_thread(self.open, path)
@@ -185,6 +185,11 @@ class ScoringEngine:
 
     # --- lifecycle ------------------------------------------------------------------------
     async def astart(self) -> None:
+        """Start the batch loop; a second call while it runs does nothing. A stopped engine does not start again."""
+        if self.running:
+            return
+        if self.closing:
+            raise NotReady("the engine was stopped; create a new one")
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -193,8 +198,16 @@ class ScoringEngine:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="uembed-batch-loop")
 
     async def astop(self, drain_timeout_s: float = 10.0) -> None:
-        """Refuse new work, finish what was admitted, then stop the loop and the Redis filler."""
+        """Refuse new work, finish what was admitted, then stop the loop and the Redis filler. Idempotent;
+        stopping an engine that never started releases its threads and Redis connections."""
+        if self.closing:
+            return
         self.closing = True
+        if not self.running:
+            self.executor.shutdown(wait=True)
+            if self.redis is not None:
+                self.redis.close()
+            return
         deadline = time.monotonic() + drain_timeout_s
         while (self.queue or not self._idle.is_set()) and time.monotonic() < deadline:
             self._wakeup.set()
@@ -216,7 +229,7 @@ class ScoringEngine:
             self.metrics.rejected.labels("shutting_down").inc()
             raise Overloaded("the service is shutting down")
         runtime = self.runtime(model)
-        canonical = runtime.canonicalise(examples, self.limits)
+        canonical = runtime.canonicalise(examples)
         for feature, count in canonical.truncated.items():
             self.metrics.truncated.labels(feature).inc(count)
         if self.queued_examples + canonical.count > self.settings.max_queue_examples and self.queue:
@@ -231,6 +244,10 @@ class ScoringEngine:
         self._wakeup.set()
         try:
             scores = await asyncio.wait_for(future, timeout=self.settings.request_timeout_ms / 1000)
+        except asyncio.CancelledError:
+            # The client went away (the server cancels its request task): wait_for has cancelled the future,
+            # and the batch loop skips it and counts it as abandoned if its batch had not run yet.
+            raise
         except TimeoutError:
             self.metrics.rejected.labels("deadline").inc()
             raise DeadlineExceeded(
@@ -245,8 +262,9 @@ class ScoringEngine:
         ids = 0
         while self.queue:
             pending = self.queue.popleft()
-            if pending.future.done():  # timed out or the client went away
+            if pending.future.done():  # timed out or the client went away: its work is skipped
                 self.queued_examples -= pending.examples.count
+                self.metrics.abandoned.labels("cancelled" if pending.future.cancelled() else "deadline").inc()
                 continue
             if batch and (pending.runtime is not batch[0].runtime or ids + pending.examples.ids > self.settings.max_batch_ids):
                 skipped.append(pending)
@@ -281,8 +299,7 @@ class ScoringEngine:
                 results = await loop.run_in_executor(self.executor, self._run_batch, batch)
             except Exception as exc:  # noqa: BLE001 - one bad batch fails its requests, never the loop
                 log.exception("batch of %d requests failed", len(batch))
-                error = exc if isinstance(exc, UembedError) else UembedError(f"scoring failed: {type(exc).__name__}")
-                error.status = getattr(exc, "status", 500)
+                error = internal(exc)
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(error)
@@ -323,9 +340,17 @@ class ScoringEngine:
         self.metrics.batch_unique_ids.observe(unique)
         if self.redis is not None:
             self.metrics.observe_redis(self.redis.error_counts, self.redis.fills_dropped)
+        for feature, count in runtime.encoder.take_unseen().items():
+            if count:
+                self.metrics.unseen.labels(runtime.name, feature).inc(count)
+        self.metrics.value_cache_bytes.labels(runtime.name).set(runtime.encoder.cached_bytes())
         self._observe_memory(runtime)
-        bounds = np.cumsum([p.examples.count for p in batch])[:-1]
-        return np.split(np.asarray(scores, dtype=np.float32), bounds)
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        expected = sum(p.examples.count for p in batch)
+        if scores.shape[0] != expected:
+            # A dense net that returns the wrong shape must not hand one request another's scores.
+            raise Internal(f"the dense network returned {scores.shape[0]} scores for {expected} examples")
+        return np.split(scores, np.cumsum([p.examples.count for p in batch])[:-1])
 
     def _observe_memory(self, runtime: ModelRuntime) -> None:
         for table, tiers in runtime.memory_bytes().items():

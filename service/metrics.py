@@ -97,6 +97,22 @@ class ServiceMetrics:
             "uembed_truncated_lists_total",
             "Multivalent lists longer than the trained width, cut to it.", ["feature"], registry=r,
         )
+        self.unseen = Counter(
+            "uembed_unseen_values_total",
+            "Feature values not seen in training (scored with whatever row they hash to): a rise is drift. "
+            "Counted where the bundle records its training values; false 'seen' at about 1%.",
+            ["model", "feature"], registry=r,
+        )
+        self.abandoned = Counter(
+            "uembed_abandoned_requests_total",
+            "Requests whose batch had not run when they ended, so their work was skipped: cancelled (the client "
+            "went away) or deadline (request_timeout_ms passed while queued).",
+            ["reason"], registry=r,
+        )
+        self.value_cache_bytes = Gauge(
+            "uembed_value_cache_bytes", "Bytes held by a model's caches of recent feature values (value_cache_bytes bounds it).",
+            ["model"], registry=r, multiprocess_mode="livesum",
+        )
         self._redis_seen = {"fetch": 0, "fill": 0, "dropped": 0}
         # Label sets that exist from the start, so dashboards show 0 rather than "no data".
         for tier in ("hot", "redis", "file"):
@@ -107,6 +123,8 @@ class ServiceMetrics:
             self.redis_errors.labels(operation)
         for reason in ("overloaded", "deadline", "shutting_down"):
             self.rejected.labels(reason)
+        for reason in ("cancelled", "deadline"):
+            self.abandoned.labels(reason)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
 

@@ -279,18 +279,21 @@ class RedisTier:
     def _fill_loop(self) -> None:
         while True:
             item = self._fills.get()
-            if item is None:
-                return
             try:
+                if item is None:
+                    return
                 self.write(*item)
             except self.errors as exc:
                 self._failed("fill", exc)
+            finally:
+                self._fills.task_done()
 
-    def flush(self, timeout_s: float = 5.0) -> None:
-        """Wait until queued fills are written (tests and benchmarks)."""
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until queued fills are written (tests and benchmarks); False if some were still queued at the timeout."""
         deadline = time.monotonic() + timeout_s
         while self._fills.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.005)
+        return not self._fills.unfinished_tasks
 
     def close(self) -> None:
         self._fills.put(None)

@@ -101,6 +101,21 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body in bytes (413 beyond).")
     max_value_chars: int = Field(256, ge=1, description="Longest string value of a feature (422 beyond).")
     max_list_values: int = Field(256, ge=1, description="Longest list of a multivalent feature in a request (422 beyond).")
+    body_timeout_ms: float = Field(
+        10_000, gt=0,
+        description="Longest wait for a request's body once its headers arrived (408 and the connection closed "
+        "beyond): a client that dribbles its body cannot hold a connection.",
+    )
+    max_connections: int = Field(
+        1000, ge=1,
+        description="Most open connections per worker process; beyond it new connections get 503 (uvicorn's "
+        "limit_concurrency). Set the proxy's own limits below it (README, Production settings).",
+    )
+    value_cache_bytes: int = Field(
+        32 * 2**20, ge=0,
+        description="Bytes per model for recent feature values' canonical forms and rows (most traffic repeats "
+        "values; canonicalising is the costliest per-request step). Emptied when full. 0 turns the caches off.",
+    )
 
     # --- row store ----------------------------------------------------------------------
     hot_rows_bytes: int = Field(

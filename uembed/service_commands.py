@@ -56,6 +56,7 @@ def set_serve_environment(args: argparse.Namespace) -> None:
         env["UEMBED_DEVICE"] = args.device
     os.environ.update(env)
     settings = load_settings()  # refuses bad settings here, before any worker starts
+    args.max_connections = settings.max_connections
     if settings.device != "cpu":
         from service.device import cuda_modules
 
@@ -85,6 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         access_log=args.access_log,
         timeout_graceful_shutdown=15,
+        limit_concurrency=args.max_connections,  # per worker; beyond it uvicorn answers 503
         log_level="info",
     )
     return 0
@@ -121,7 +123,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     gpu.add_argument("--gpu-zipf", type=float, default=1.05, help="Zipf exponent of each feature's values")
     gpu.add_argument("--gpu-bundle", type=Path, help="a synthetic bundle already written (skips writing the table)")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON file of every figure")
-    # The naive baseline runs TorchScript (train extra); the servers are driven with httpx (loadtest extra).
+    # The naive baseline runs TorchScript (train extra); the load side is the loadtest extra.
     parser.set_defaults(handler=run_bench_command, extras=("train", "loadtest"))
 
 

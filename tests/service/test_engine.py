@@ -7,7 +7,8 @@ import pytest
 
 from export.loader import load_bundle
 from export.scorer import ReferenceScorer
-from service.engine import DeadlineExceeded, Overloaded, ScoringEngine
+from model.errors import Internal
+from service.engine import DeadlineExceeded, NotReady, Overloaded, ScoringEngine
 from service.settings import load_settings
 
 
@@ -46,7 +47,7 @@ def test_a_failing_batch_fails_its_requests_and_not_the_loop(bundle_store, movie
         await engine.astart()
         original = runtime.dense
         runtime.dense = lambda embeddings: (_ for _ in ()).throw(RuntimeError("onnx blew up"))
-        with pytest.raises(Exception, match="scoring failed: RuntimeError") as failed:
+        with pytest.raises(Internal, match=r"internal error \(RuntimeError\)") as failed:
             await engine.score(movielens_examples[:4])
         runtime.dense = original
         scores, _ = await engine.score(movielens_examples[:4])
@@ -54,7 +55,7 @@ def test_a_failing_batch_fails_its_requests_and_not_the_loop(bundle_store, movie
         return failed.value, scores
 
     error, scores = run(main())
-    assert error.status == 500 and len(scores) == 4
+    assert (error.status, error.kind, type(error).status) == (500, "internal", 500) and len(scores) == 4
 
 
 def test_admission_bound_and_deadline(bundle_store, movielens_examples):
@@ -124,14 +125,14 @@ def test_several_models_are_chosen_by_name(bundle_store, movielens_examples, tmp
     assert run(main()) == ("movielens", "other", ["movielens", "other"])
 
 
-def test_value_caches_overflowing_mid_batch_still_hash_every_value(bundle_store, monkeypatch):
+def test_value_caches_overflowing_mid_batch_still_hash_every_value(bundle_store):
     """A batch whose new values overflow the per-feature row cache: values cached before the
     overflow must be hashed again, not looked up in the emptied cache (found by the locust run)."""
     import service.runtime
 
-    monkeypatch.setattr(service.runtime, "CANONICAL_CACHE_ENTRIES", 8)
     bundle = load_bundle(bundle_store / "movielens" / "1")
-    runtime = service.runtime.ModelRuntime(bundle)
+    runtime = service.runtime.ModelRuntime(bundle, value_cache_bytes=13 * 2000)  # about 8 values per feature's cache
+    assert 5 <= runtime.encoder.row_cache["user_id"].max_bytes // 250 <= 10
     reference = ReferenceScorer(bundle)
     first = [{"user_id": str(u), "movie_id": str(u)} for u in range(6)]
     second = [{"user_id": str(u), "movie_id": str(u)} for u in range(3, 12)]  # 3 cached, 6 new: over the cap
@@ -140,3 +141,44 @@ def test_value_caches_overflowing_mid_batch_still_hash_every_value(bundle_store,
         expected_rows, expected_weights = reference.encode(examples)
         np.testing.assert_array_equal(rows, expected_rows)
         np.testing.assert_array_equal(weights, expected_weights)
+
+
+def test_lifecycle_calls_are_safe_in_any_order(bundle_store, movielens_examples):
+    async def main():
+        never_started = ScoringEngine(load_settings())
+        await never_started.astop()  # releases its thread; nothing to drain
+        await never_started.astop()
+        engine = ScoringEngine(load_settings(bundle_store=bundle_store))
+        engine.load(bundle_store / "movielens" / "1")
+        with pytest.raises(NotReady):
+            await engine.reload("movielens", "2")  # not started: refused, not a hang on a missing lock
+        await engine.astart()
+        await engine.astart()  # a second start keeps the one batch loop
+        first_loop = engine._loop_task
+        scores, _ = await engine.score(movielens_examples[:3])
+        runtime = await engine.reload("movielens", "2")
+        assert engine._loop_task is first_loop and runtime.version == "2"
+        await engine.astop()
+        await engine.astop()
+        with pytest.raises(Overloaded):
+            await engine.score(movielens_examples[:3])
+        with pytest.raises(NotReady):
+            await engine.astart()  # a stopped engine stays stopped
+        return len(scores)
+
+    assert run(main()) == 3
+
+
+def test_a_dense_net_that_returns_the_wrong_number_of_scores_fails_its_batch(bundle_store, movielens_examples):
+    async def main():
+        engine = ScoringEngine(load_settings())
+        runtime = engine.load(bundle_store / "movielens" / "1")
+        await engine.astart()
+        original = runtime.dense
+        runtime.dense = lambda embeddings: original(embeddings)[:-1]
+        with pytest.raises(Internal, match="returned 3 scores for 4 examples"):
+            await engine.score(movielens_examples[:4])
+        runtime.dense = original
+        await engine.astop()
+
+    run(main())

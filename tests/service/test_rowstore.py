@@ -27,7 +27,7 @@ def test_every_tier_returns_bit_identical_rows(dtype, redis_server):
     ids = np.unique(np.random.default_rng(1).integers(0, table.rows, 600))
     expected = table.gather(ids)
     from_files = store.gather(ids)  # tier 3 (tier 1 admits some, Redis is filled)
-    redis.flush()
+    assert redis.flush(), "the fill thread never marked its writes done (flush would wait out its timeout)"
     from_redis_and_hot = store.gather(ids)
     counts = store.take_counts()
     assert counts.hits["hot"] > 0 and counts.hits["redis"] > 0 and counts.hits["file"] == len(ids)

@@ -1,0 +1,264 @@
+"""Examples -> row ids: the one path from a client's feature values to rows.
+
+The export check (``ReferenceScorer``), the service (``ModelRuntime`` and the CUDA path)
+and the naive benchmark baseline all encode through :class:`ExampleEncoder`, so a value
+scores the same everywhere by construction. The service only adds caches around it.
+
+A score runs these stages, in this order (each one function)::
+
+    canonicalise  per request: raw values -> checked canonical bytes per feature
+                  (a bad value is an ExampleError naming examples[i].feature)       ExampleEncoder.canonicalise
+    hash          per batch: canonical bytes -> row ids [B, S], pooling weights [B, S]  ExampleEncoder.hash
+    lookup        rows through the row store (hot rows, Redis, row files) -> [B, S, D]  ReferenceScorer / ModelRuntime
+    assemble      pooling, multi-size concat, feature biases -> [B, E]
+    dense         the dense network -> probabilities [B]
+
+What a value may be over HTTP (:class:`ValueLimits`): a string of at most ``max_chars``
+characters, a number, a boolean or null; a list of those (at most ``max_list`` items) for
+multivalent features. Numbers must be finite: JSON has no NaN or Infinity, and the strings
+``"NaN"``, ``"inf"`` and ``"-Infinity"`` are refused for numeric features for the same
+reason (send null for a missing value). A numeric feature takes a number, null, or a
+string holding a finite decimal number; a boolean is not a number.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.data import canonical_column
+from model.errors import ExampleError
+from model.features import FeatureSpec
+from model.known import KnownValues
+from model.plan import EmbeddingPlan, FeaturePlan
+
+
+# A numeric feature's value sent as a string: a finite decimal number (or blank: missing). Written as a
+# regular expression so the OpenAPI schema can carry it; float() alone would also take "NaN", "inf" and "1_0".
+NUMERIC_STRING = r"^\s*([-+]?([0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20})([eE][-+]?[0-9]{1,2})?)?\s*$"
+
+
+@dataclass(frozen=True)
+class ValueLimits:
+    """What a feature value may be. ``None`` turns a limit off (the export check, on training values)."""
+
+    max_chars: int | None = 256
+    max_list: int | None = 256
+    finite_only: bool = True
+
+    def check(self, value: object, spec: FeatureSpec) -> None:
+        if isinstance(value, list):
+            if not spec.multivalent:
+                raise TypeError("takes one value, got a list")
+            if self.max_list is not None and len(value) > self.max_list:
+                raise ValueError(f"a list of {len(value)} values is longer than the limit of {self.max_list}")
+            for item in value:
+                self._scalar(item, spec)
+        else:
+            self._scalar(value, spec)
+
+    def _scalar(self, value: object, spec: FeatureSpec) -> None:
+        if value is None or isinstance(value, (bool, int)):
+            return
+        if isinstance(value, str):
+            if self.max_chars is not None and len(value) > self.max_chars:
+                raise ValueError(f"a value of {len(value)} characters is longer than the limit of {self.max_chars}")
+            if self.finite_only and spec.kind == "numeric" and not re.fullmatch(NUMERIC_STRING, value):
+                raise TypeError(f"takes a finite number (a number, or a string of decimal digits; null when missing), got {value[:40]!r}")
+            return
+        if isinstance(value, float):
+            if self.finite_only and not math.isfinite(value):
+                raise ValueError(f"{value} is not a finite number (send null for a missing value)")
+            return
+        raise TypeError(f"takes a string, number, boolean or null, got {type(value).__name__}")
+
+
+NO_LIMITS = ValueLimits(max_chars=None, max_list=None, finite_only=False)
+
+
+class ValueCache:
+    """A dict bounded by an estimate of the bytes its keys and values hold; emptied when full.
+
+    Emptying (rather than evicting one by one) keeps a hit to one dict lookup; the values
+    that recur come straight back.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: dict = {}
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, key, value, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        if self.bytes + size > self.max_bytes:
+            self.entries.clear()
+            self.bytes = 0
+        self.entries[key] = value
+        self.bytes += size
+
+
+ENTRY_OVERHEAD = 104  # a dict slot and the tuple around a value, as sys.getsizeof counts them on CPython 3.11
+
+
+def entry_bytes(key: object, items: tuple) -> int:
+    return ENTRY_OVERHEAD + sys.getsizeof(key) + sum(map(sys.getsizeof, items))
+
+
+def cache_key(value: object) -> object:
+    """A dict key for values whose canonical form depends on the value alone: str and int (not bool,
+    which equals 1), and lists of str. None for anything else (checked and canonicalised every time)."""
+    kind = type(value)
+    if kind is str or kind is int:
+        return value
+    if kind is list and all(type(item) is str for item in value):
+        return tuple(value)
+    return None
+
+
+@dataclass
+class CanonicalExamples:
+    """One request's examples as canonical bytes, ready to join a batch."""
+
+    count: int
+    values: dict[str, list]  # feature -> per example, a tuple of canonical values (multivalent) or one value
+    ids: int  # row ids this request looks up (its cost in a batch)
+    truncated: dict[str, int]  # feature -> lists cut to the trained width
+
+
+@dataclass
+class ExampleEncoder:
+    """Canonicalise and hash examples for one bundle's features and plan.
+
+    ``cache_bytes`` > 0 keeps recent values' canonical forms and rows (most traffic repeats
+    values, and canonicalising in Python is the costliest per-request step), bounded in bytes
+    in all. ``known`` (feature -> :class:`KnownValues`) counts values unseen in training.
+    """
+
+    specs: Mapping[str, FeatureSpec]
+    plan: EmbeddingPlan
+    limits: ValueLimits = NO_LIMITS
+    cache_bytes: int = 0
+    known: Mapping[str, KnownValues] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.widths = {f.name: f.width for f in self.plan.features}
+        self.slots = self.plan.slots
+        # One-value features with one cached tuple of rows per value (weight 1 under either pooling).
+        scalar = [f.name for f in self.plan.features if f.width == 1 and not self.specs[f.name].multivalent]
+        share = self.cache_bytes // max(len(self.specs) + len(scalar), 1)
+        self.canonical_cache = {name: ValueCache(share) for name in self.specs} if self.cache_bytes else {}
+        self.row_cache = {name: ValueCache(share) for name in scalar} if self.cache_bytes else {}
+        self.unseen = dict.fromkeys(self.known, 0)  # feature -> values unseen in training since take_unseen()
+
+    # --- canonicalise -----------------------------------------------------------------------
+    def canonicalise(self, examples: Sequence[Mapping[str, object]]) -> CanonicalExamples:
+        """Check one request's examples against the features; a feature left out is the missing value."""
+        specs = self.specs
+        for index, example in enumerate(examples):
+            if not isinstance(example, Mapping):
+                raise ExampleError(f"examples[{index}]: an example is an object of feature -> value, got {type(example).__name__}")
+            unknown = example.keys() - specs.keys()
+            if unknown:
+                raise ExampleError(
+                    f"examples[{index}]: unknown feature {', '.join(sorted(map(str, unknown)))[:200]}; "
+                    f"this model takes {', '.join(specs)}"
+                )
+        values: dict[str, list] = {}
+        truncated = {}
+        for name, spec in specs.items():
+            cache = self.canonical_cache.get(name)
+            column = []
+            for index, example in enumerate(examples):
+                value = example.get(name)
+                key = cache_key(value) if cache is not None else None
+                items = cache.get(key) if key is not None else None
+                if items is None:
+                    try:
+                        self.limits.check(value, spec)
+                        # A tuple of bytes, not a list: the collector stops tracking it, so a full cache
+                        # does not make every garbage collection walk it (measured: -25% throughput).
+                        items = tuple(spec.canonical_values(value))
+                    except (TypeError, ValueError) as exc:
+                        message = str(exc).removeprefix(f"feature {name!r} ")
+                        raise ExampleError(f"examples[{index}].{name}: {message}") from exc
+                    if key is not None:
+                        cache.put(key, items, entry_bytes(key, items))
+                column.append(items)
+            if spec.multivalent:
+                cut = sum(len(items) > self.widths[name] for items in column)
+                if cut:
+                    truncated[name] = cut
+            else:
+                column = [items[0] for items in column]
+            values[name] = column
+        return CanonicalExamples(len(examples), values, len(examples) * self.slots, truncated)
+
+    # --- hash -------------------------------------------------------------------------------
+    def hash(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, np.ndarray]:
+        """Row ids int64 [B, S] and pooling weights float32 [B, S] of a whole batch, hashing each distinct value once."""
+        row_parts, weight_parts = [], []
+        for feature in self.plan.features:
+            values = parts[0].values[feature.name] if len(parts) == 1 else [v for p in parts for v in p.values[feature.name]]
+            if feature.name in self.row_cache:
+                rows = self._scalar_rows(feature, values)
+                row_parts.append(rows)
+                weight_parts.append(np.ones(rows.shape, dtype=np.float32))
+            else:
+                column = canonical_column(values if self.specs[feature.name].multivalent else [(v,) for v in values])
+                rows, weights = self.plan.encode_feature(feature, column)
+                row_parts.append(rows)
+                weight_parts.append(weights)
+                if feature.name in self.known:
+                    unseen = ~self._known(feature.name, column.uniques)
+                    unseen[0] = False  # the missing value
+                    codes = column.codes[column.codes >= 0]
+                    self.unseen[feature.name] += int(unseen[codes].sum())
+        return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)
+
+    def encode(self, examples: Sequence[Mapping[str, object]]) -> tuple[np.ndarray, np.ndarray]:
+        """canonicalise + hash of one batch of examples."""
+        return self.hash([self.canonicalise(examples)])
+
+    def _known(self, name: str, values: list[bytes]) -> np.ndarray:
+        return self.known[name].contains(KnownValues.keys(name, values))
+
+    def _scalar_rows(self, feature: FeaturePlan, values: list[bytes]) -> np.ndarray:
+        """Rows [N, lookups] of a one-value feature, remembering each value's rows (and, last, whether it is unseen)."""
+        cache = self.row_cache[feature.name]
+        entries = cache.entries
+        table = [entries.get(v) for v in values]
+        if None in table:
+            distinct = {v: entries.get(v) for v in values}
+            missed = [v for v, entry in distinct.items() if entry is None]
+            found = np.stack([self.plan.rows_of_values(feature, lookup, missed) for lookup in feature.lookups], axis=1)
+            unseen = np.zeros(len(missed), dtype=np.int64)
+            if feature.name in self.known:
+                unseen = (~self._known(feature.name, missed)).astype(np.int64)
+                unseen[[v == b"" for v in missed]] = 0
+            # Tuples of ints: untracked by the collector.
+            distinct.update(zip(missed, map(tuple, np.column_stack([found, unseen]).tolist())))
+            for value in missed:
+                cache.put(value, distinct[value], entry_bytes(value, distinct[value]))
+            table = [distinct[v] for v in values]
+        matrix = np.array(table, dtype=np.int64).reshape(len(values), len(feature.lookups) + 1)
+        if feature.name in self.known:
+            self.unseen[feature.name] += int(matrix[:, -1].sum())
+        return np.ascontiguousarray(matrix[:, :-1])
+
+    def take_unseen(self) -> dict[str, int]:
+        """Values unseen in training per feature since the last call (then reset)."""
+        counts, self.unseen = self.unseen, dict.fromkeys(self.known, 0)
+        return counts
+
+    def cached_bytes(self) -> int:
+        return sum(c.bytes for c in (*self.canonical_cache.values(), *self.row_cache.values()))
+

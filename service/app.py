@@ -233,6 +233,10 @@ class LimitsAndMetrics:
         self.metrics.requests.labels(route, str(status)).inc()
 
 
+ABANDON_GRACE_S = 0.02
+ABANDONED = "the client went away"
+
+
 async def client_gone(request: Request) -> None:
     """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -310,18 +314,29 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         "what each takes. A `model` that is not loaded is a 404. With several models loaded the schema lists "
         "the union of their features, and a feature of another model is a 422 naming it.",
     )
-    async def score(request: Request, body: ScoreRequest) -> JSONResponse:  # type: ignore[valid-type]
-        scoring = asyncio.ensure_future(engine.score(body.examples, body.model))
-        gone = asyncio.ensure_future(client_gone(request))
+    async def score(request: Request, body: ScoreRequest) -> Response:  # type: ignore[valid-type]
+        # A request still waiting after ABANDON_GRACE_S starts watching its connection; if the client goes away
+        # its task is cancelled and the batcher skips its work (uembed_abandoned_requests_total). Requests that
+        # are scored sooner (nearly all, below overload) pay only for a timer.
+        task = asyncio.current_task()
+        watcher: list[asyncio.Task] = []
+
+        async def cancel_when_gone() -> None:
+            await client_gone(request)
+            task.cancel(ABANDONED)
+
+        timer = asyncio.get_running_loop().call_later(ABANDON_GRACE_S, lambda: watcher.append(asyncio.ensure_future(cancel_when_gone())))
         try:
-            await asyncio.wait((scoring, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not scoring.done():
-                scoring.cancel()  # the client left: its queued work is skipped (uembed_abandoned_requests_total)
-        if scoring.cancelled():
+            scores, runtime = await engine.score(body.examples, body.model)
+        except asyncio.CancelledError as exc:
+            if exc.args != (ABANDONED,):
+                raise
+            task.uncancel()
             return Response(status_code=499)  # nobody reads it; logged as a client close, as nginx does
-        scores, runtime = scoring.result()
+        finally:
+            timer.cancel()
+            for watching in watcher:
+                watching.cancel()
         return JSONResponse({"model": runtime.name, "version": runtime.version, "scores": scores.tolist()})
 
     @app.get("/v1/models", summary="Loaded models, features and tables with bytes per tier", responses=declared())

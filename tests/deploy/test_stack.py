@@ -150,6 +150,11 @@ def test_a_60_second_locust_run_has_no_failures_and_every_panel_has_data(stack, 
 
 def test_the_stack_stops_cleanly(stack):
     ports = [int(url.rsplit(":", 1)[1].split("/")[0]) for url in (stack["service"], stack["prometheus"], stack["redis"])]
+    # Precondition: the stack is up (run alone, or after the locust test), so a clean stop is really tested.
+    assert stack["process"].poll() is None, "the stack had already exited: nothing to stop"
+    for port in ports:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) == 0, f"port {port} is not open before the stop"
     stack["process"].send_signal(signal.SIGTERM)
     assert stack["process"].wait(60) == 0, (stack["workdir"] / "stack-command.log").read_text()
     assert not (stack["workdir"] / "stack.json").exists()

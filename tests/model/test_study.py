@@ -1,5 +1,7 @@
 import csv
 
+import pytest
+
 from model.data import synthetic
 from model.study import read_csv, run_study, summarise, write_outputs
 from model.train import TrainConfig
@@ -28,6 +30,7 @@ def test_study_writes_every_run_a_summary_and_a_plot(tmp_path):
         assert next(csv.reader(handle))[:3] == ["method", "budget_fraction", "seed"]
 
 
+@pytest.mark.slow
 def test_study_runs_each_applier_after_its_own_search_in_parallel(tmp_path):
     dataset = synthetic({"user": 200, "item": 100}, 3000, seed=0)
     base = TrainConfig(dim=8, chunk_dim=4, network="mlp", hidden=(8,), epochs=1)

@@ -48,6 +48,7 @@ def test_gradient_dominance_warns_only_for_shared_tables(small_synthetic):
     assert gradient_dominance(result.plan, {"user": 1.0, "item": 1.0, "city": 1.0}, 0.5)[1] == []
 
 
+@pytest.mark.slow
 def test_collisionless_on_movielens_reaches_the_papers_quality():
     torch.set_num_threads(1)
     train_set, val_set, test_set = load_movielens100k().split(0)

@@ -181,3 +181,22 @@ def test_reload_is_off_without_a_token(bundle_store):
         assert response.status_code == 404 and "UEMBED_RELOAD_TOKEN" in response.json()["detail"]
     finally:
         service.close()
+
+
+def test_the_readme_routes_table_and_the_openapi_document_agree(app):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("| route | does | statuses |"):]
+    table = table[: table.index("\n\n")]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for route in re.findall(r"`(GET|POST) (/[^`]*)`", cells[0]):
+            if route[1] not in ("/docs",):
+                documented[route] = set(re.findall(r"\b\d{3}\b", cells[2]))
+    paths = app.get("/openapi.json").json()["paths"]
+    served = {(method.upper(), path): set(operation["responses"]) for path, ops in paths.items() for method, operation in ops.items()}
+    documented.pop(("GET", "/openapi.json"), None)
+    assert documented == served

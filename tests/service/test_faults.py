@@ -158,8 +158,9 @@ def test_shutdown_drains_requests_in_flight(start_service, bundle_store, moviele
         futures = [pool.submit(httpx.post, f"{service.url}/v1/score", json={"examples": movielens_examples[:8]}, timeout=10)
                    for _ in range(6)]  # fmt: skip
         deadline = time.monotonic() + 5
-        while service.metrics()["uembed_queue_examples"] < 48 and time.monotonic() < deadline:
+        while (queued := service.metrics()["uembed_queue_examples"]) < 48 and time.monotonic() < deadline:
             time.sleep(0.02)  # until all six are admitted and waiting in the batcher's window
+        assert queued == 48, "the six requests were not all waiting when the stop began: nothing would be drained"
         # uvicorn re-raises SIGTERM once it has shut down cleanly, so -15 is a clean exit.
         assert service.stop() in (0, -15)
         responses = [f.result() for f in futures]
@@ -205,3 +206,26 @@ def test_connections_over_the_cap_get_503(bundle_store, tmp_path):
         assert httpx.get(f"{service.url}/healthz").status_code == 200
     finally:
         service.stop()
+
+
+def test_a_client_that_leaves_before_its_batch_is_skipped_and_counted(start_service, bundle_store, movielens_examples):
+    import json
+    import socket
+
+    service = start_service([bundle_store / "movielens" / "1"], max_wait_ms=1500)
+    before = service.metrics()
+    body = json.dumps({"examples": movielens_examples[:5]}).encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        deadline = time.monotonic() + 5
+        while service.metrics()["uembed_queue_examples"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.metrics()["uembed_queue_examples"] == 5, "the request never reached the batcher"
+    time.sleep(2.0)  # past the batch window: the batch loop has met the abandoned request
+    after = service.metrics()
+    key = 'uembed_abandoned_requests_total{reason="cancelled"}'
+    assert after[key] - before[key] == 1
+    scored = 'uembed_scored_examples_total{model="movielens"}'
+    assert after.get(scored, 0) == before.get(scored, 0)  # its five examples were never scored
+    assert httpx.post(f"{service.url}/v1/score", json={"examples": movielens_examples[:2]}).status_code == 200

@@ -84,3 +84,14 @@ def test_a_stepped_movielens_run_reports_each_step_and_plots_latency_against_loa
         assert 0.5 * step["offered_per_s"] < step["achieved_per_s"] < 1.5 * step["offered_per_s"], step
         assert 0 < step["p50_ms"] <= step["p95_ms"] <= step["p99_ms"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
+
+
+def test_the_server_helpers_need_no_http_client_package():
+    """`uembed stack` and `uembed bench` start their servers through loadtest/servers.py; it imported httpx,
+    which their extras need not bring. The standard library serves now."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['httpx'] = None; import loadtest.servers as s; assert callable(s.http_get)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -38,9 +38,10 @@ from model.known import KnownValues
 from model.plan import EmbeddingPlan, FeaturePlan
 
 
-# A numeric feature's value sent as a string: a finite decimal number (or blank: missing). Written as a
-# regular expression so the OpenAPI schema can carry it; float() alone would also take "NaN", "inf" and "1_0".
-NUMERIC_STRING = r"^\s*([-+]?([0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20})([eE][-+]?[0-9]{1,2})?)?\s*$"
+# A numeric feature's value sent as a string: a finite decimal number, blanks around it allowed, or "" (missing).
+# Written as a regular expression so the OpenAPI schema can carry it; float() alone would also take "NaN",
+# "inf" and "1_0".
+NUMERIC_STRING = r"^(\s*[-+]?([0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20})([eE][-+]?[0-9]{1,2})?\s*)?$"
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,11 @@ class ValueLimits:
             self._scalar(value, spec)
 
     def _scalar(self, value: object, spec: FeatureSpec) -> None:
-        if value is None or isinstance(value, (bool, int)):
+        if value is None or isinstance(value, bool):
+            return
+        if isinstance(value, int):
+            if spec.kind == "numeric" and abs(value) > sys.float_info.max:
+                raise ValueError(f"takes a finite number, got an integer of {value.bit_length()} bits, past a float's range")
             return
         if isinstance(value, str):
             if self.max_chars is not None and len(value) > self.max_chars:
@@ -110,7 +115,11 @@ ENTRY_OVERHEAD = 104  # a dict slot and the tuple around a value, as sys.getsize
 
 
 def entry_bytes(key: object, items: tuple) -> int:
-    return ENTRY_OVERHEAD + sys.getsizeof(key) + sum(map(sys.getsizeof, items))
+    """Bytes of a key (a tuple key: with its items) and a tuple of values, as sys.getsizeof counts them."""
+    size = ENTRY_OVERHEAD + sys.getsizeof(key) + sum(map(sys.getsizeof, items))
+    if type(key) is tuple:
+        size += sum(map(sys.getsizeof, key))
+    return size
 
 
 def cache_key(value: object) -> object:
@@ -187,7 +196,7 @@ class ExampleEncoder:
                         # A tuple of bytes, not a list: the collector stops tracking it, so a full cache
                         # does not make every garbage collection walk it (measured: -25% throughput).
                         items = tuple(spec.canonical_values(value))
-                    except (TypeError, ValueError) as exc:
+                    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int past float's range
                         message = str(exc).removeprefix(f"feature {name!r} ")
                         raise ExampleError(f"examples[{index}].{name}: {message}") from exc
                     if key is not None:
@@ -220,7 +229,8 @@ class ExampleEncoder:
                 if feature.name in self.known:
                     unseen = ~self._known(feature.name, column.uniques)
                     unseen[0] = False  # the missing value
-                    codes = column.codes[column.codes >= 0]
+                    codes = column.codes[:, : feature.width]  # values past the trained width are cut, not scored
+                    codes = codes[codes >= 0]
                     self.unseen[feature.name] += int(unseen[codes].sum())
         return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)
 

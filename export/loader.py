@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from export.format import FORMAT, FORMAT_VERSION, NUMPY_ROW_DTYPE, sha256_file
-from model.errors import BundleError, UembedError
+from model.errors import BundleError
 from model.features import FeatureSpec
 from model.hashing import SPEC_VERSION
 from model.known import KnownValues
@@ -143,7 +143,10 @@ def _load(root: Path, manifest: dict) -> Bundle:
             if entry.get("hashes") != KnownValues.HASHES:
                 raise BundleError(f"bundle {root}: known/{feature['name']}.npy uses {entry.get('hashes')} hashes, this build {KnownValues.HASHES}")
             bits = np.asarray(_load_array(root, entry, "uint8", ((entry["bits"] + 7) // 8,)))
-            known[feature["name"]] = KnownValues.from_arrays(np.ascontiguousarray(bits), entry["bits"])
+            try:
+                known[feature["name"]] = KnownValues.from_arrays(np.ascontiguousarray(bits), entry["bits"])
+            except ValueError as exc:
+                raise BundleError(f"bundle {root}: known/{feature['name']}.npy: {exc}") from exc
         if feature.get("bias") is not None:
             bias_parts.append(np.asarray(feature["bias"], dtype=np.float32))
     plan = EmbeddingPlan.from_dict(manifest["embedding"], vocabularies)

@@ -1,4 +1,4 @@
-"""The reference scorer: examples -> rows (``export/encoding.py``) -> rows from the row files -> assemble -> dense ONNX.
+"""The reference scorer: examples -> row ids (``export/encoding.py``) -> rows from the row files -> assemble -> dense ONNX.
 
 Plain and unbatched beyond the batch it is given; the service and the tests reuse its
 stages (``export/encoding.py`` lists them in order). Each stage is one function:

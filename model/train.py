@@ -25,9 +25,9 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
-from model.known import known_values
 from model.data import Dataset
 from model.embeddings import PlanEmbedding, SearchEmbedding
+from model.known import known_values
 from model.networks import RankingModel, build_network
 from model.plan import EmbeddingPlan, build_plan
 from model.seo import ChunkPolicy, derive_policy

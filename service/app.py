@@ -65,9 +65,9 @@ EXAMPLE_REQUEST = {
     ]
 }
 # Starlette's own errors (an unknown route, a wrong method, a body it cannot parse), in our shape.
-HTTP_KINDS = {404: "not_found", 405: "method_not_allowed"}
+HTTP_KINDS = {404: "not_found", 405: "method_not_allowed"}  # any other 4xx from Starlette: bad_request
 ERROR_KINDS = tuple(sorted({cls.kind for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, UembedError)}
-                           | set(HTTP_KINDS.values())))  # fmt: skip
+                           | {*HTTP_KINDS.values(), "bad_request"}))  # fmt: skip
 
 
 class FieldError(BaseModel):
@@ -329,9 +329,8 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         try:
             scores, runtime = await engine.score(body.examples, body.model)
         except asyncio.CancelledError as exc:
-            if exc.args != (ABANDONED,):
+            if exc.args != (ABANDONED,) or task.uncancel():  # another cancel too (a shutdown): let it through
                 raise
-            task.uncancel()
             return Response(status_code=499)  # nobody reads it; logged as a client close, as nginx does
         finally:
             timer.cancel()

@@ -30,7 +30,7 @@ import numpy as np
 
 from export.encoding import ValueLimits
 from export.loader import Bundle
-from model.errors import DeviceError, UembedError
+from model.errors import DeviceError
 from service.rowstore import RedisTier
 from service.runtime import ModelRuntime
 from service.settings import ServiceSettings
@@ -117,7 +117,8 @@ class CudaModelRuntime(ModelRuntime):
         redis_prefix: str = "uembed",
         threads: int = 1,
         tf32: bool = False,
-        **encoding,
+        limits: ValueLimits | None = None,
+        value_cache_bytes: int = 32 * 2**20,
     ) -> None:
         self.cupy, ort = cuda_modules(device)
         cp = self.cupy
@@ -139,7 +140,8 @@ class CudaModelRuntime(ModelRuntime):
             threads=threads,
             providers=[("CUDAExecutionProvider", cuda_options)],
             hot_on_device=True,
-            **encoding,
+            limits=limits,
+            value_cache_bytes=value_cache_bytes,
         )
         if self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise DeviceError(

@@ -37,8 +37,7 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger("uembed.engine")
 
-ModelNotFound = NotFound  # the name the engine's callers know
-__all__ = ["DeadlineExceeded", "ModelNotFound", "NotReady", "Overloaded", "ScoringEngine", "check_name"]
+__all__ = ["DeadlineExceeded", "NotFound", "NotReady", "Overloaded", "ScoringEngine", "check_name"]
 
 # A model or version name becomes one path component under the bundle store: checked before any path is built.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -56,6 +55,7 @@ class Pending:
     examples: CanonicalExamples
     future: asyncio.Future
     admitted: float = field(default_factory=time.perf_counter)
+    timed_out: bool = False  # else a done future still queued was cancelled: its client went away
 
 
 class ScoringEngine:
@@ -128,7 +128,7 @@ class ScoringEngine:
         path = root / name / version
         if not path.is_dir():
             self.metrics.reloads.labels(name if name in self.models else "unknown", "not_found").inc()
-            raise ModelNotFound(f"no bundle {name}/{version} under the bundle store {root}")
+            raise NotFound(f"no bundle {name}/{version} under the bundle store {root}")
         if not self.running:
             raise NotReady("the engine is not running")
         async with self._reload_lock:
@@ -139,7 +139,7 @@ class ScoringEngine:
                 raise
             if runtime.name != name:
                 self.metrics.reloads.labels(name, "refused").inc()
-                raise ModelNotFound(f"bundle {path} is model {runtime.name!r}, not {name!r}")
+                raise NotFound(f"bundle {path} is model {runtime.name!r}, not {name!r}")
             self.activate(runtime)
             self.metrics.reloads.labels(name, "ok").inc()
             log.info("reloaded %s: now version %s", name, runtime.version)
@@ -150,7 +150,7 @@ class ScoringEngine:
             raise NotReady("no model is loaded")
         chosen = name or self.default_model
         if chosen not in self.models:
-            raise ModelNotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models)}")
+            raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models)}")
         return self.models[chosen]
 
     def describe(self) -> list[dict]:
@@ -238,17 +238,15 @@ class ScoringEngine:
                 f"{self.queued_examples} examples are already waiting (limit {self.settings.max_queue_examples}); retry shortly"
             )
         future = asyncio.get_running_loop().create_future()
-        self.queue.append(Pending(runtime, canonical, future))
+        pending = Pending(runtime, canonical, future)
+        self.queue.append(pending)
         self.queued_examples += canonical.count
         self.metrics.queue_examples.set(self.queued_examples)
         self._wakeup.set()
         try:
             scores = await asyncio.wait_for(future, timeout=self.settings.request_timeout_ms / 1000)
-        except asyncio.CancelledError:
-            # The client went away (the server cancels its request task): wait_for has cancelled the future,
-            # and the batch loop skips it and counts it as abandoned if its batch had not run yet.
-            raise
-        except TimeoutError:
+        except TimeoutError:  # wait_for has cancelled the future: the batch loop skips it if it is still queued
+            pending.timed_out = True
             self.metrics.rejected.labels("deadline").inc()
             raise DeadlineExceeded(
                 f"not scored within request_timeout_ms={self.settings.request_timeout_ms:g}"
@@ -264,7 +262,7 @@ class ScoringEngine:
             pending = self.queue.popleft()
             if pending.future.done():  # timed out or the client went away: its work is skipped
                 self.queued_examples -= pending.examples.count
-                self.metrics.abandoned.labels("cancelled" if pending.future.cancelled() else "deadline").inc()
+                self.metrics.abandoned.labels("deadline" if pending.timed_out else "cancelled").inc()
                 continue
             if batch and (pending.runtime is not batch[0].runtime or ids + pending.examples.ids > self.settings.max_batch_ids):
                 skipped.append(pending)

@@ -296,7 +296,10 @@ class RedisTier:
         return not self._fills.unfinished_tasks
 
     def close(self) -> None:
-        self._fills.put(None)
+        try:
+            self._fills.put(None, timeout=2)  # a filler stuck on a dead Redis must not hold the shutdown
+        except queue.Full:
+            pass
         self._filler.join(timeout=2)
         self.client.close()
 

@@ -83,7 +83,7 @@ class ModelRuntime(ReferenceScorer):
 
 def load_torchscript(bundle: Bundle, threads: int):
     """The bundle's TorchScript full model as a numpy -> numpy function (torch imported only here)."""
-    from export.loader import BundleError
+    from model.errors import BundleError
 
     if not bundle.manifest.get("full_model"):
         raise BundleError(

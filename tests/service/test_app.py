@@ -66,7 +66,7 @@ def numeric_app(tmp_path_factory):
     service.close()
 
 
-@pytest.mark.parametrize("value", ["NaN", "nan", "inf", "-Infinity", "1e400", "1_000", "twelve", True])
+@pytest.mark.parametrize("value", ["NaN", "nan", "inf", "-Infinity", "1e400", "1_000", "twelve", "  ", True, 10**400])
 def test_a_numeric_feature_refuses_what_is_not_a_finite_number(numeric_app, value):
     response = numeric_app.score([{"I1": value}])
     assert response.status_code == 422, response.text

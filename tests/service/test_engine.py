@@ -103,7 +103,7 @@ def test_several_models_are_chosen_by_name(bundle_store, movielens_examples, tmp
     import json
     import shutil
 
-    from service.engine import ModelNotFound
+    from model.errors import NotFound as ModelNotFound
 
     other = tmp_path / "other" / "1"
     shutil.copytree(bundle_store / "movielens" / "1", other)

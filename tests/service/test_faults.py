@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import pytest
 
 from export.loader import load_bundle
 from export.scorer import ReferenceScorer

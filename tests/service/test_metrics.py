@@ -81,3 +81,26 @@ def test_requests_abandoned_before_their_batch_are_counted_and_skipped(bundle_st
         assert service.engine.queued_examples == 0
     finally:
         service.close()
+
+
+def test_requests_past_their_deadline_in_the_queue_are_counted_as_deadline(bundle_store):
+    from model.errors import DeadlineExceeded
+
+    service = InProcessService(bundles=[bundle_store / "movielens" / "1"], max_wait_ms=400, request_timeout_ms=100)
+    try:
+        async def late():
+            try:
+                await service.engine.score([GOOD])
+            except DeadlineExceeded:
+                await asyncio.sleep(0.5)  # the batch loop wakes after max_wait_ms and meets the expired request
+                return True
+            return False
+
+        before = service.metrics()
+        assert service.run(late())
+        after = service.metrics()
+        for reason, added in (("deadline", 1), ("cancelled", 0)):
+            key = f'uembed_abandoned_requests_total{{reason="{reason}"}}'
+            assert after[key] - before[key] == added, reason
+    finally:
+        service.close()

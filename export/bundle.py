@@ -35,7 +35,7 @@ from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, quanti
 from model.errors import UembedError
 from model.hashing import spec_description
 from model.networks import RankingModel
-from model.plan import EmbeddingPlan
+from model.plan import EmbeddingPlan, method_spec
 from model.train import load_run
 
 class ExportError(UembedError):
@@ -111,7 +111,7 @@ def export_run(
     if not (run_dir / "checkpoint.pt").is_file():
         raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
     config, plan, model, doc = load_run(run_dir)
-    if plan.method == "seo-search":
+    if not method_spec(plan.method).servable:
         raise ExportError(
             f"{run_dir} is an SEO search run: it explores chunk policies and is not served. Train the Applier from "
             f"its policy (uembed train --embedding seo-applier --policy {run_dir / 'policy.json'}) and export that"

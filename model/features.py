@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import tomllib
 from dataclasses import dataclass, field
+from enum import StrEnum, unique
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,23 @@ import numpy as np
 from model.errors import SpecError
 from model.hashing import MISSING, canonical_bytes
 
-FEATURE_KINDS = ("categorical", "multivalent", "numeric")
-POOLINGS = ("mean", "sum")
+
+
+@unique
+class FeatureKind(StrEnum):
+    CATEGORICAL = "categorical"  # one value per example
+    MULTIVALENT = "multivalent"  # a list per example, pooled
+    NUMERIC = "numeric"  # a number, bucketised by boundaries
+
+
+@unique
+class Pooling(StrEnum):
+    MEAN = "mean"
+    SUM = "sum"
+
+
+FEATURE_KINDS = tuple(k.value for k in FeatureKind)
+POOLINGS = tuple(p.value for p in Pooling)
 
 
 @dataclass(frozen=True)
@@ -51,9 +67,9 @@ class FeatureSpec:
     """
 
     name: str
-    kind: str = "categorical"
+    kind: FeatureKind = FeatureKind.CATEGORICAL
     column: str = ""
-    pooling: str = "mean"
+    pooling: Pooling = Pooling.MEAN
     separator: str = "|"
     boundaries: tuple[float, ...] = ()
     max_values: int = 0
@@ -66,7 +82,9 @@ class FeatureSpec:
             raise SpecError(f"feature {self.name!r}: kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
         if self.pooling not in POOLINGS:
             raise SpecError(f"feature {self.name!r}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.kind == "numeric" and not self.boundaries:
+        object.__setattr__(self, "kind", FeatureKind(self.kind))
+        object.__setattr__(self, "pooling", Pooling(self.pooling))
+        if self.kind == FeatureKind.NUMERIC and not self.boundaries:
             raise SpecError(f"feature {self.name!r}: a numeric feature needs bucket boundaries")
         if list(self.boundaries) != sorted(self.boundaries):
             raise SpecError(f"feature {self.name!r}: boundaries must be increasing")
@@ -75,7 +93,7 @@ class FeatureSpec:
 
     @property
     def multivalent(self) -> bool:
-        return self.kind == "multivalent"
+        return self.kind == FeatureKind.MULTIVALENT
 
     def canonical_values(self, value: object) -> list[bytes]:
         """Canonical bytes of one example's value; always a non-empty list.
@@ -99,7 +117,7 @@ class FeatureSpec:
             return out or [MISSING]
         if isinstance(value, (list, tuple, dict)):
             raise TypeError(f"feature {self.name!r} takes one value, got a {type(value).__name__}")
-        if self.kind == "numeric":
+        if self.kind == FeatureKind.NUMERIC:
             return [self.bucket(value)]
         return [canonical_bytes(value)]
 
@@ -127,9 +145,9 @@ class FeatureSpec:
     def to_dict(self) -> dict:
         return {
             "name": self.name,
-            "kind": self.kind,
+            "kind": self.kind.value,
             "column": self.column,
-            "pooling": self.pooling,
+            "pooling": self.pooling.value,
             "separator": self.separator,
             "boundaries": list(self.boundaries),
             "max_values": self.max_values,

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from model.data import Dataset
+from model.plan import SEARCH_METHOD, method_spec
 from model.train import TrainConfig, train
 
 CSV_COLUMNS = (
@@ -33,20 +34,21 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
-SEO_CHAIN = ("seo-search", "seo-applier-exact", "seo-applier-rr")
-
-
 def study_units(methods: Sequence[str], budgets: Sequence[float], seeds: Sequence[int]) -> list[list[tuple[str, float, int]]]:
-    """Independent pieces of work: one run each, except SEO, whose Appliers follow their own search."""
+    """Independent pieces of work: one run each, except SEO, whose Appliers follow their own search.
+
+    A method of fixed size (collisionless) runs once per seed, at budget 1.0.
+    """
+    specs = {m: method_spec(m) for m in methods}
     units = []
     for seed in seeds:
-        if "collisionless" in methods:
-            units.append([("collisionless", 1.0, seed)])
+        units.extend([(m, 1.0, seed)] for m in methods if specs[m].fixed_size)
         for budget in budgets:
-            units.extend([(m, budget, seed)] for m in methods if m not in SEO_CHAIN and m != "collisionless")
-            chain = [m for m in SEO_CHAIN if m in methods]
+            alone = [m for m in methods if not (specs[m].fixed_size or specs[m].search or specs[m].needs_policy)]
+            units.extend([(m, budget, seed)] for m in alone)
+            chain = [m for m in methods if specs[m].search or specs[m].needs_policy]
             if chain:
-                units.append([("seo-search", budget, seed)] + [(m, budget, seed) for m in chain if m != "seo-search"])
+                units.append([(SEARCH_METHOD, budget, seed)] + [(m, budget, seed) for m in chain if not specs[m].search])
     return units
 
 
@@ -57,7 +59,7 @@ def run_unit(unit: list[tuple[str, float, int]], dataset: Dataset, base: TrainCo
     for method, budget, seed in unit:
         config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed, policy=policy)
         metrics = train(config, train_set, val_set, test_set, progress=False).metrics
-        if method == "seo-search":
+        if method_spec(method).search:
             policy = metrics["policy"]
             if not keep_search:
                 continue
@@ -79,7 +81,7 @@ def run_study(
 ) -> list[dict]:
     """Train every (method, budget, seed), ``jobs`` processes at a time; one record per run."""
     units = study_units(methods, budgets, seeds)
-    keep_search = "seo-search" in methods
+    keep_search = SEARCH_METHOD in methods
     records = []
     bar = tqdm(total=sum(len(u) for u in units), desc="study", file=sys.stderr)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from model.data import Dataset
 from model.embeddings import PlanEmbedding, SearchEmbedding
 from model.networks import RankingModel, build_network
-from model.plan import EmbeddingPlan, build_plan
+from model.plan import EmbeddingPlan, build_plan, method_spec
 from model.seo import ChunkPolicy, derive_policy
 
 DOMINANCE_THRESHOLD = 0.5  # a feature with more gradient than all its table-mates together
@@ -75,7 +75,7 @@ class TrainResult:
 
 
 def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
-    if plan.method == "seo-search":
+    if method_spec(plan.method).search:
         # Down projection keeps the network's input as wide as the baselines': F * dim columns.
         projected = len(plan.features) * config.dim // config.chunk_dim if config.down_projection else 0
         embedding = SearchEmbedding(plan, config.chunk_dim, config.temperature, projected)
@@ -260,7 +260,7 @@ def train(
         "warnings": warnings,
         "history": history,
     }
-    if plan.method == "seo-search":
+    if method_spec(plan.method).search:
         search = {"dataset": train_set.name, "budget_rows": plan.budget_rows, "seed": config.seed,
                   "search_multiplier": config.search_multiplier, "adjust_hash_buckets": config.adjust_hash_buckets,
                   "down_projection": config.down_projection, "temperature": config.temperature,

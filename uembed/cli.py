@@ -49,7 +49,7 @@ def positive_list(kind: type, what: str):
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
-    from model.plan import METHODS
+    from model.plan import APPLIER_ALIAS, APPLIER_METHODS, METHOD_REGISTRY, METHODS
 
     parser = commands.add_parser(
         "train",
@@ -61,12 +61,13 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add_data_options(parser)
     emb = parser.add_argument_group("embeddings")
     emb.add_argument(
-        "--embedding", choices=(*METHODS, "seo-applier"), default="unified",
-        help="embedding method; seo-applier (with --policy, --applier) trains SEO stage 2 from a policy",
+        "--embedding", choices=(*METHODS, APPLIER_ALIAS), default="unified",
+        help=f"embedding method; {APPLIER_ALIAS} (with --policy, --applier) trains SEO stage 2 from a policy. "
+        + "; ".join(f"{name}: {spec.summary}" for name, spec in METHOD_REGISTRY.items()).replace("%", "%%"),
     )  # fmt: skip
     emb.add_argument("--policy", type=Path, help="SEO policy JSON written by `uembed search` (for seo-applier)")
     emb.add_argument(
-        "--applier", choices=("exact", "rr"), default="exact",
+        "--applier", choices=tuple(APPLIER_METHODS.values()), default="exact",
         help="exact: the chunks the search chose; rr: only their number, dealt round-robin over the tables",
     )  # fmt: skip
     add_budget_options(emb)
@@ -300,7 +301,9 @@ def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     from model.seo import load_policy
 
-    embedding = f"seo-applier-{args.applier}" if args.embedding == "seo-applier" else args.embedding
+    from model.plan import APPLIER_ALIAS, applier_method
+
+    embedding = applier_method(args.applier) if args.embedding == APPLIER_ALIAS else args.embedding
     policy = load_policy(args.policy).to_dict() if args.policy else None
     dataset = load_dataset(args)
     train_set, val_set, test_set = dataset.split(args.split_seed)
@@ -348,7 +351,9 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     out = add_run_output_options(parser)
     out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
-    parser.set_defaults(handler=run_train, extras=("train",), embedding="seo-search", policy=None, applier="exact")
+    from model.plan import SEARCH_METHOD
+
+    parser.set_defaults(handler=run_train, extras=("train",), embedding=SEARCH_METHOD, policy=None, applier="exact")
 
 
 def build_parser() -> argparse.ArgumentParser:

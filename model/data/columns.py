@@ -1,0 +1,155 @@
+"""In-memory datasets as canonical feature values: columns, datasets, splits, labels.
+
+Every dataset becomes a :class:`Dataset`: per feature a :class:`FeatureColumn` (the
+distinct canonical byte strings, and per example the indices into them), plus a float
+label. Hashing happens later, per embedding plan, on the distinct values only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from model.errors import DataError
+from model.features import DatasetSpec, FeatureSpec, LabelSpec
+from model.hashing import MISSING
+
+
+@dataclass
+class FeatureColumn:
+    """One feature of N examples.
+
+    ``uniques[0]`` is always the missing value ``b""``; ``codes`` is int32 ``[N, L]``,
+    ``L`` the longest list (1 for univalent features), ``-1`` padding shorter lists.
+    Example: values ``["a", None, "a"]`` -> uniques ``[b"", b"a"]``, codes ``[[1], [0], [1]]``.
+    """
+
+    uniques: list[bytes]
+    codes: np.ndarray
+
+    def take(self, index: np.ndarray) -> FeatureColumn:
+        return FeatureColumn(self.uniques, self.codes[index])
+
+    def present_values(self) -> list[bytes]:
+        """Distinct non-missing values that occur in these examples."""
+        used = np.unique(self.codes[self.codes > 0])
+        return [self.uniques[i] for i in used]
+
+
+def encode_values(spec: FeatureSpec, values: Sequence[object]) -> FeatureColumn:
+    """Canonicalise one feature's raw values (scalars, or lists for multivalent)."""
+    index: dict[bytes, int] = {MISSING: 0}
+    memo: dict[object, list[int]] = {}
+    rows: list[list[int]] = []
+    for value in values:
+        memo_key = tuple(value) if isinstance(value, (list, np.ndarray)) else value
+        try:
+            codes = memo.get(memo_key)
+        except TypeError:  # an unhashable value: canonical_values raises the clear error
+            memo_key, codes = None, None
+        if codes is None:
+            codes = [index.setdefault(item, len(index)) for item in spec.canonical_values(value)]
+            if memo_key is not None:
+                memo[memo_key] = codes
+        rows.append(codes)
+    return FeatureColumn(uniques=list(index), codes=code_matrix(rows))
+
+
+def canonical_column(lists: Sequence[list[bytes]]) -> FeatureColumn:
+    """A column from already-canonical values (one list per example, as ``canonical_values`` gives)."""
+    index: dict[bytes, int] = {MISSING: 0}
+    codes = [[index.setdefault(value, len(index)) for value in items] for items in lists]
+    return FeatureColumn(uniques=list(index), codes=code_matrix(codes))
+
+
+def code_matrix(rows: Sequence[list[int]]) -> np.ndarray:
+    """int32 ``[N, longest]`` codes, ``-1`` padding shorter lists."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
+    width = int(lengths.max()) if len(rows) else 1
+    if width == 1 and flat.size == len(rows):
+        return flat.reshape(-1, 1)
+    matrix = np.full((len(rows), max(width, 1)), -1, dtype=np.int32)
+    matrix[np.arange(matrix.shape[1]) < lengths[:, None]] = flat
+    return matrix
+
+
+@dataclass
+class Dataset:
+    """Examples with canonical features and a 0/1 float32 label."""
+
+    name: str
+    spec: DatasetSpec
+    columns: dict[str, FeatureColumn]
+    labels: np.ndarray
+    source: dict = field(default_factory=dict)  # the CLI's data options, to load it again
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: np.ndarray) -> Dataset:
+        return Dataset(self.name, self.spec, {n: c.take(index) for n, c in self.columns.items()}, self.labels[index], self.source)
+
+    def split(self, seed: int, fractions: tuple[float, float] = (0.8, 0.1)) -> tuple[Dataset, Dataset, Dataset]:
+        """Seeded shuffle into train / validation / test (the rest)."""
+        return tuple(self.take(index) for index in split_indices(len(self), seed, fractions))
+
+
+def split_indices(
+    examples: int, seed: int, fractions: tuple[float, float] = (0.8, 0.1)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of the train / validation / test split (so raw rows can be matched too)."""
+    order = np.random.default_rng(seed).permutation(examples)
+    n_train = int(round(fractions[0] * examples))
+    n_val = int(round(fractions[1] * examples))
+    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+
+
+def binary_labels(values: np.ndarray, label: LabelSpec, source: str) -> np.ndarray:
+    """Threshold (or check) a label column; refuse anything that is not binary."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).any():
+        raise DataError(f"{source}: label column {label.column!r} has missing values")
+    if label.threshold is not None:
+        out = (values >= label.threshold).astype(np.float32)
+    else:
+        distinct = set(np.unique(values).tolist())
+        if not distinct <= {0.0, 1.0}:
+            shown = ", ".join(str(v) for v in sorted(distinct)[:5])
+            raise DataError(
+                f"{source}: label column {label.column!r} is not binary (values {shown}...); "
+                "give a threshold to binarise it"
+            )
+        out = values.astype(np.float32)
+    if out.size and (out.min() == out.max()):
+        raise DataError(f"{source}: label column {label.column!r} has one class only after thresholding")
+    return out
+
+
+def from_table(table: pa.Table, spec: DatasetSpec, name: str) -> Dataset:
+    """Build a dataset from an Arrow table; errors name missing columns."""
+    if table.num_rows == 0:
+        raise DataError(f"{name}: the data has no rows")
+    needed = [spec.label.column] + [f.column for f in spec.features]
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"{name}: unknown column(s) {', '.join(repr(c) for c in missing)}; "
+            f"the data has {', '.join(table.column_names)}"
+        )
+    columns = {}
+    for feature in spec.features:
+        raw = table[feature.column]
+        if feature.multivalent and pa.types.is_string(raw.type):
+            raw = pc.split_pattern(raw, feature.separator)
+        try:
+            columns[feature.name] = encode_values(feature, raw.to_pylist())
+        except TypeError as exc:
+            raise DataError(f"{name}: column {feature.column!r}: {exc}") from exc
+    labels = binary_labels(table[spec.label.column].to_numpy(zero_copy_only=False), spec.label, name)
+    return Dataset(name=name, spec=spec, columns=columns, labels=labels)

@@ -79,6 +79,8 @@ class EmbeddingPlan:
     features: tuple[FeaturePlan, ...]
     budget_rows: int
     vocabularies: dict[str, np.ndarray] = field(default_factory=dict)
+    # What a user must hear about this plan (a feature with a constant embedding...); not serialised.
+    warnings: list[str] = field(default_factory=list, compare=False)
 
     # --- layout -----------------------------------------------------------------------------
     def table(self, name: str) -> TablePlan:
@@ -280,7 +282,7 @@ class PlanRequest:
 
     method: Method
     spec: DatasetSpec
-    train_columns: Mapping[str, FeatureColumn]
+    vocabulary_keys: Callable[[str], np.ndarray]  # sorted keys of a feature's training values
     dim: int
     vocabulary: dict[str, int]
     widths: dict[str, int]
@@ -378,10 +380,7 @@ def _collisionless(request: PlanRequest) -> EmbeddingPlan:
     names, vocabulary = request.names, request.vocabulary
     tables = tuple(TablePlan(name, vocabulary[name] + 1, request.dim) for name in names)
     features = tuple(request.feature(n, (LookupPlan(n, n),), vocabulary=True) for n in names)
-    vocabularies = {}
-    for name in names:
-        values = request.train_columns[name].present_values()
-        vocabularies[name] = np.unique(hash_canonical(values, lookup_seed(name), count=len(values)))
+    vocabularies = {name: request.vocabulary_keys(name) for name in names}
     return EmbeddingPlan(request.method, request.dim, tables, features, collisionless_rows(vocabulary), vocabularies)
 
 
@@ -420,7 +419,8 @@ def _semantic_group(request: PlanRequest) -> EmbeddingPlan:
     table_rows = budget - len(biased)
     if table_rows < len(members):
         raise BudgetError(
-            f"a budget of {budget} rows cannot hold {len(members)} tables and {len(biased)} feature biases"
+            f"a budget of {budget} rows cannot hold {len(members)} tables and {len(biased)} feature biases: "
+            f"semantic-group needs at least {len(members) + len(biased)} rows (--budget-rows {len(members) + len(biased)})"
         )
     rows = split_by_share(table_rows, {t: sum(request.vocabulary[n] for n in m) for t, m in members.items()})
     tables = tuple(TablePlan(t, rows[t], request.dim) for t in members)
@@ -498,10 +498,44 @@ def applier_method(variant: str) -> str:
     raise SpecError(f"unknown Applier variant {variant!r}; choose one of {', '.join(APPLIER_METHODS.values())}")
 
 
+def column_keys(column: FeatureColumn, name: str) -> np.ndarray:
+    """Sorted keys of a column's distinct non-missing values under the feature's seed."""
+    values = column.present_values()
+    return np.unique(hash_canonical(values, lookup_seed(name), count=len(values)))
+
+
+def minimum_budget(method: str, spec: DatasetSpec) -> int:
+    """The fewest rows a budget of ``method`` can have: one per table and per feature bias."""
+    names = [f.name for f in spec.features]
+    if Method(method) == Method.SEMANTIC_GROUP:
+        tables = len({spec.group_of(n) or n for n in names})
+        return max(len(names), tables + sum(1 for n in names if spec.group_of(n)))
+    return len(names)
+
+
+def plan_warnings(plan: EmbeddingPlan) -> list[str]:
+    """What a user must hear about a plan: features whose embedding is a constant, and a
+    multi-size plan that is the unified plan."""
+    out = []
+    for feature in plan.features:
+        if not feature.vocabulary and all(plan.table(lookup.table).rows == 1 for lookup in feature.lookups):
+            out.append(
+                f"feature {feature.name!r} gets a single row in {plan.method} (table "
+                f"{feature.lookups[0].table!r}): its embedding is a constant and it carries no information; "
+                "raise the budget (--budget or --budget-rows) or use a shared table (unified)"
+            )
+    if plan.method == Method.MULTI_SIZE_UNIFIED and all(len(f.lookups) == 1 for f in plan.features):
+        out.append(
+            "multi-size-unified: every feature has one lookup (small vocabularies), so this model is identical to "
+            "unified; set `lookups` per feature in the spec to give some features more"
+        )
+    return out
+
+
 def build_plan(
     method: str,
     spec: DatasetSpec,
-    train_columns: Mapping[str, FeatureColumn],
+    train_columns,
     dim: int,
     budget_fraction: float | None = None,
     budget_rows: int | None = None,
@@ -512,6 +546,10 @@ def build_plan(
 ) -> EmbeddingPlan:
     """Plan ``method`` for the features of ``spec``, sized from the training columns.
 
+    ``train_columns`` is a mapping of feature name to :class:`FeatureColumn` (in-memory
+    data), or statistics of a streamed training split (``model.data.stream.StreamStats``:
+    ``vocabulary``, ``widths`` and ``keys`` per feature).
+
     ``policy`` is the SEO policy of the Applier methods; ``chunk_dim`` the chunk width of
     the monolithic baseline; ``search_multiplier`` and ``adjust_hash_buckets`` shape the
     SEO search table (``dim * search_multiplier`` wide, rows cut to keep the budget).
@@ -519,14 +557,30 @@ def build_plan(
     entry = method_spec(method)
     if dim <= 0:
         raise SpecError(f"embedding dim must be positive, got {dim}")
-    vocabulary = vocabulary_sizes({f.name: train_columns[f.name] for f in spec.features})
-    widths = {f.name: max(1, f.max_values or train_columns[f.name].codes.shape[1]) for f in spec.features}
+    if isinstance(train_columns, Mapping):
+        vocabulary = vocabulary_sizes({f.name: train_columns[f.name] for f in spec.features})
+        widths = {f.name: max(1, f.max_values or train_columns[f.name].codes.shape[1]) for f in spec.features}
+
+        def keys(name: str) -> np.ndarray:
+            return column_keys(train_columns[name], name)
+    else:
+        vocabulary = {f.name: int(train_columns.vocabulary[f.name]) for f in spec.features}
+        widths = {f.name: int(train_columns.widths[f.name]) for f in spec.features}
+        keys = train_columns.keys.__getitem__
     request = PlanRequest(
-        entry.name, spec, train_columns, dim, vocabulary, widths, policy=policy, chunk_dim=chunk_dim,
+        entry.name, spec, keys, dim, vocabulary, widths, policy=policy, chunk_dim=chunk_dim,
         search_multiplier=search_multiplier, adjust_hash_buckets=adjust_hash_buckets,
     )  # fmt: skip
     if not entry.fixed_size:
         request.budget = resolve_budget(vocabulary, budget_fraction, budget_rows)
-        if request.budget < len(request.names):
-            raise BudgetError(f"a budget of {request.budget} rows is smaller than the {len(request.names)} features it must serve")
-    return entry.build(request)
+        minimum = minimum_budget(method, spec)
+        if request.budget < minimum:
+            collisionless = collisionless_rows(vocabulary)
+            raise BudgetError(
+                f"a budget of {request.budget} rows is smaller than the {len(request.names)} features it must serve: "
+                f"{method} needs at least {minimum} rows (--budget-rows {minimum}, or --budget "
+                f"{math.ceil(minimum / collisionless * 1000) / 1000:g} of the {collisionless:,} collisionless rows)"
+            )
+    plan = entry.build(request)
+    plan.warnings = plan_warnings(plan)
+    return plan

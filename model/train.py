@@ -60,6 +60,14 @@ class TrainConfig:
     down_projection: bool = False
     temperature: float = 1.0
     logits_learning_rate: float = 0.02
+    # Streaming (model/streaming.py): the tables' optimiser (model/optim.py), the shuffle buffer
+    # and record batch sizes in examples, a resumable checkpoint every so many examples (0: none).
+    embedding_optimizer: str = "adam"
+    embedding_learning_rate: float | None = None  # None: learning_rate
+    shuffle_buffer: int = 1 << 18
+    read_rows: int = 1 << 16
+    checkpoint_every: int = 0
+    max_examples: int = 0  # train on at most this many examples per epoch (0: all)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +177,8 @@ def train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     plan = plan_for(config, train_set)
+    for message in plan.warnings:
+        print(f"warning: {message}", file=sys.stderr)
     model = build_model(plan, config)
     logits = [p for name, p in model.named_parameters() if name == "embedding.logits"]
     others = [p for name, p in model.named_parameters() if name != "embedding.logits"]
@@ -180,7 +190,7 @@ def train(
     labels = torch.from_numpy(train_set.labels)
     feature_columns = feature_columns_of(model, plan)
 
-    history, warnings, warned = [], [], set()
+    history, warnings, warned = [], list(plan.warnings), set()
     best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
     train_seconds = 0.0
     for epoch in range(config.epochs):

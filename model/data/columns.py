@@ -88,15 +88,22 @@ class Dataset:
     columns: dict[str, FeatureColumn]
     labels: np.ndarray
     source: dict = field(default_factory=dict)  # the CLI's data options, to load it again
+    split_codes: np.ndarray | None = None  # 0 train, 1 validation, 2 test: from the spec's split column
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def take(self, index: np.ndarray) -> Dataset:
-        return Dataset(self.name, self.spec, {n: c.take(index) for n, c in self.columns.items()}, self.labels[index], self.source)
+        codes = None if self.split_codes is None else self.split_codes[index]
+        return Dataset(self.name, self.spec, {n: c.take(index) for n, c in self.columns.items()}, self.labels[index], self.source, codes)
 
-    def split(self, seed: int, fractions: tuple[float, float] = (0.8, 0.1)) -> tuple[Dataset, Dataset, Dataset]:
-        """Seeded shuffle into train / validation / test (the rest)."""
+    def split(self, seed: int, fractions: tuple[float, float] | None = None) -> tuple[Dataset, Dataset, Dataset]:
+        """Train / validation / test: by the spec's split column when it has one, else a seeded
+        shuffle by ``fractions`` (default: the spec's, else 80/10/10; the rest is test)."""
+        if self.split_codes is not None:
+            return tuple(self.take(np.flatnonzero(self.split_codes == code)) for code in range(3))
+        if fractions is None:
+            fractions = self.spec.split.fractions if self.spec.split else (0.8, 0.1)
         return tuple(self.take(index) for index in split_indices(len(self), seed, fractions))
 
 
@@ -110,38 +117,53 @@ def split_indices(
     return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
 
 
-def binary_labels(values: np.ndarray, label: LabelSpec, source: str) -> np.ndarray:
-    """Threshold (or check) a label column; refuse anything that is not binary."""
-    values = np.asarray(values, dtype=np.float64)
-    if np.isnan(values).any():
-        raise DataError(f"{source}: label column {label.column!r} has missing values")
-    if label.threshold is not None:
-        out = (values >= label.threshold).astype(np.float32)
-    else:
-        distinct = set(np.unique(values).tolist())
-        if not distinct <= {0.0, 1.0}:
-            shown = ", ".join(str(v) for v in sorted(distinct)[:5])
-            raise DataError(
-                f"{source}: label column {label.column!r} is not binary (values {shown}...); "
-                "give a threshold to binarise it"
-            )
-        out = values.astype(np.float32)
-    if out.size and (out.min() == out.max()):
-        raise DataError(f"{source}: label column {label.column!r} has one class only after thresholding")
-    return out
+def binary_labels(values, label: LabelSpec, source: str) -> np.ndarray:
+    """0/1 float32 labels by the spec's rule (``LabelSpec.binarise``); numbers or an Arrow array."""
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pa.array(np.asarray(values))
+    return label.binarise(values, source)
+
+
+def quantile_boundaries(sample: np.ndarray, buckets: int) -> tuple[float, ...]:
+    """Boundaries that cut ``sample`` (numbers, NaN ignored) into ``buckets`` equally filled
+    buckets: the inner quantiles, repeated ones dropped (heavy ties give fewer buckets)."""
+    values = np.asarray(sample, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return (0.0,)
+    cuts = np.quantile(values, np.arange(1, buckets) / buckets, method="higher")
+    return tuple(float(c) for c in np.unique(cuts))
+
+
+def resolve_table_quantiles(table: pa.Table, spec: DatasetSpec) -> DatasetSpec:
+    """Resolve ``quantiles:N`` boundaries from the whole column of an in-memory table."""
+    boundaries = {}
+    for name in spec.needs_quantiles:
+        feature = spec.feature(name)
+        column = table[feature.column]
+        if feature.missing:
+            column = pc.if_else(pc.is_in(column.cast(pa.string()), value_set=pa.array(list(feature.missing), pa.string())), None, column)
+        try:
+            numbers = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataError(f"column {feature.column!r} of numeric feature {name!r} holds values that are not numbers: {exc}") from exc
+        boundaries[name] = quantile_boundaries(numbers, feature.quantiles)
+    return spec.with_boundaries(boundaries)
 
 
 def from_table(table: pa.Table, spec: DatasetSpec, name: str) -> Dataset:
     """Build a dataset from an Arrow table; errors name missing columns."""
     if table.num_rows == 0:
         raise DataError(f"{name}: the data has no rows")
-    needed = [spec.label.column] + [f.column for f in spec.features]
+    split_column = spec.split.column if spec.split else None
+    needed = [spec.label.column] + [f.column for f in spec.features] + ([split_column] if split_column else [])
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise DataError(
             f"{name}: unknown column(s) {', '.join(repr(c) for c in missing)}; "
             f"the data has {', '.join(table.column_names)}"
         )
+    spec = resolve_table_quantiles(table, spec)
     columns = {}
     for feature in spec.features:
         raw = table[feature.column]
@@ -151,5 +173,20 @@ def from_table(table: pa.Table, spec: DatasetSpec, name: str) -> Dataset:
             columns[feature.name] = encode_values(feature, raw.to_pylist())
         except TypeError as exc:
             raise DataError(f"{name}: column {feature.column!r}: {exc}") from exc
-    labels = binary_labels(table[spec.label.column].to_numpy(zero_copy_only=False), spec.label, name)
-    return Dataset(name=name, spec=spec, columns=columns, labels=labels)
+    labels = spec.label.binarise(table[spec.label.column], name)
+    codes = split_codes(table[split_column], name) if split_column else None
+    return Dataset(name=name, spec=spec, columns=columns, labels=labels, split_codes=codes)
+
+
+SPLIT_NAMES = {"train": 0, "validation": 1, "val": 1, "valid": 1, "test": 2}
+
+
+def split_codes(values, source: str) -> np.ndarray:
+    """int8 split of each example (0 train, 1 validation, 2 test) from a split column's names."""
+    names = pc.utf8_lower(pc.cast(values, pa.string()))
+    unknown = set(pc.unique(names).to_pylist()) - set(SPLIT_NAMES)
+    if unknown:
+        shown = ", ".join(repr(v) for v in sorted(unknown, key=str)[:5])
+        raise DataError(f"{source}: the split column holds {shown}; expected train, validation (or val) and test")
+    codes = pc.index_in(names, value_set=pa.array(list(SPLIT_NAMES)))
+    return np.asarray(list(SPLIT_NAMES.values()), dtype=np.int8)[codes.to_numpy(zero_copy_only=False)]

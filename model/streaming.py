@@ -134,9 +134,11 @@ def table_module(model):
     return getattr(model.embedding, "base", model.embedding)
 
 
-def _checkpoint_key(config: TrainConfig, source: StreamSource) -> dict:
-    return {"config": {k: v for k, v in config.to_dict().items() if k != "checkpoint_every"},
-            "source": [str(p) for p in source.paths]}  # fmt: skip
+def _checkpoint_key(config: TrainConfig, source: StreamSource) -> str:
+    """What a checkpoint must match to be resumed: the configuration and the files."""
+    doc = {"config": {k: v for k, v in config.to_dict().items() if k != "checkpoint_every"},
+           "source": [str(p) for p in source.paths]}  # fmt: skip
+    return json.dumps(doc, sort_keys=True, default=str)
 
 
 def train_stream(
@@ -180,7 +182,7 @@ def train_stream(
     key = _checkpoint_key(config, source)
     if resume_path.is_file():
         saved = torch.load(resume_path, weights_only=True)
-        if saved["key"] != json.loads(json.dumps(key)):
+        if saved["key"] != key:
             raise UembedError(f"{run_dir} holds a checkpoint of another configuration or data; choose another run directory")
         model.load_state_dict(saved["model"])
         dense_optimizer.load_state_dict(saved["dense_optimizer"])

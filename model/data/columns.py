@@ -126,13 +126,16 @@ def binary_labels(values, label: LabelSpec, source: str) -> np.ndarray:
 
 def quantile_boundaries(sample: np.ndarray, buckets: int) -> tuple[float, ...]:
     """Boundaries that cut ``sample`` (numbers, NaN ignored) into ``buckets`` equally filled
-    buckets: the inner quantiles, repeated ones dropped (heavy ties give fewer buckets)."""
-    values = np.asarray(sample, dtype=np.float64)
+    buckets. Boundary ``i`` is the first value above the ``i / buckets`` quantile, so a value
+    never shares a bucket with a larger one because of ties; repeated boundaries are dropped
+    (heavy ties give fewer buckets). Example: 90 zeros and 10 ones in 4 buckets -> ``(1.0,)``."""
+    values = np.sort(np.asarray(sample, dtype=np.float64))
     values = values[~np.isnan(values)]
     if values.size == 0:
         return (0.0,)
-    cuts = np.quantile(values, np.arange(1, buckets) / buckets, method="higher")
-    return tuple(float(c) for c in np.unique(cuts))
+    cuts = np.quantile(values, np.arange(1, buckets) / buckets, method="lower")
+    above = np.searchsorted(values, cuts, side="right")
+    return tuple(float(v) for v in np.unique(values[above[above < values.size]])) or (float(values[-1]),)
 
 
 def resolve_table_quantiles(table: pa.Table, spec: DatasetSpec) -> DatasetSpec:

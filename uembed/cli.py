@@ -144,7 +144,7 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--shuffle-buffer", type=count, default=1 << 18, help="examples in the shuffle buffer (memory: about 200 bytes each for 39 features)")
     stream.add_argument("--read-rows", type=count, default=1 << 16, help="rows per record batch read from the files")
     stream.add_argument("--checkpoint-every", type=count, default=5_000_000, help="write a resumable checkpoint (resume.pt) every so many examples")
-    stream.add_argument("--max-examples", type=count, help="train on at most this many examples per epoch")
+    stream.add_argument("--max-examples", type=count, help="end each epoch at the first shuffle-window boundary past this many examples")
     stream.add_argument("--stop-after", type=count, help="stop after this many examples, leaving a checkpoint; run the same command again to resume")
     stream.add_argument("--stats", type=Path, help="reuse the statistics folder of an earlier scan of the same data (runs/<run>/stats)")
 
@@ -232,7 +232,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per (method, budget): 0..N-1")
     parser.add_argument("--jobs", type=positive_int, default=1, help="training processes in parallel (one thread each)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--search-examples", type=count, help="streaming: train the SEO search on at most this many examples")
+    parser.add_argument("--search-examples", type=count, help="streaming: end the SEO search's epoch at the first shuffle-window boundary past this many examples")
     add_model_options(parser)
     add_stream_options(parser)
     parser.set_defaults(handler=run_study_command, extras=("train",))
@@ -308,6 +308,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() else {}
+    if args.evaluate and (config.get("source") or {}).get("streaming"):
+        raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
     name = args.name or config.get("dataset", {}).get("name", "model")
     path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20))
     bundle = load_bundle(path)

@@ -18,13 +18,11 @@ the test split.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from model.data.columns import FeatureColumn, canonical_column, encode_values, quantile_boundaries, split_codes
+from model.data.columns import FeatureColumn, encode_values, quantile_boundaries, split_codes
 from model.data.criteo import CRITEO_COLUMNS, read_criteo
 from model.data.synthetic import _unit, splitmix64
 from model.errors import DataError

@@ -56,7 +56,7 @@ def test_a_file_that_is_not_criteo_is_refused(tmp_path):
 def test_generator_is_deterministic_and_a_prefix_of_larger_data(tmp_path):
     a = write_criteo_shards(tmp_path / "a", 70_000, TINY, shard_rows=65_536, row_group_rows=65_536, progress=False)
     b = write_criteo_shards(tmp_path / "b", 140_000, TINY, shard_rows=131_072, progress=False)
-    c = write_criteo_shards(tmp_path / "c", 70_000, CriteoShape(vocabulary=TINY.vocabulary, seed=4), progress=False)
+    write_criteo_shards(tmp_path / "c", 70_000, CriteoShape(vocabulary=TINY.vocabulary, seed=4), progress=False)
     read = lambda folder: __import__("pyarrow").concat_tables(pq.read_table(p) for p in sorted(folder.glob("*.parquet")))  # noqa: E731
     first, second, other = read(tmp_path / "a"), read(tmp_path / "b"), read(tmp_path / "c")
     assert a["examples"] == first.num_rows == 70_000 and len(list((tmp_path / "a").glob("*.parquet"))) == 2

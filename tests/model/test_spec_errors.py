@@ -103,3 +103,16 @@ def test_a_criteo_file_and_a_folder_of_shards_train_through_the_same_cli(tmp_pat
     assert auc(folder.stdout) == auc(text.stdout)
     exported = uembed("export", "runs/p", "--out", "bundles", "--name", "criteo", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
+
+
+def test_a_csv_file_streams_with_the_same_spec(tmp_path):
+    adult_like(tmp_path, rows=2000)
+    (tmp_path / "spec.toml").write_text("label=\"income == '>50K'\"\n[split]\ncolumn='fold'\n" + FEATURES)
+    result = uembed("train", "--dataset", "adult.csv", "--spec", "spec.toml", "--stream", "--embedding", "unified",
+                    "--budget", "0.5", "--epochs", "1", "--quiet", "--name", "s", "--runs-dir", "runs", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    import json
+
+    stats = json.loads((tmp_path / "runs" / "s" / "stats" / "stats.json").read_text())
+    assert stats["examples"] == {"train": 1200, "validation": 400, "test": 400}
+    assert stats["vocabulary"]["workclass"] == 2  # '?' is missing, not a value

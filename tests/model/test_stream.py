@@ -208,3 +208,13 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_model(tiny_stream, tmp
     train_stream(other, source, stats, tmp_path / "cut2", progress=False, stop_after_examples=4000)
     with pytest.raises(Exception, match="checkpoint of another configuration"):
         train_stream(config, source, stats, tmp_path / "cut2", progress=False)
+
+
+@pytest.mark.parametrize("optimizer", ["sparse-adam", "adam"])
+def test_every_table_optimizer_trains_on_the_stream(tiny_stream, tmp_path, optimizer):
+    torch.set_num_threads(1)
+    source, stats = tiny_stream
+    config = stream_config(embedding="collisionless", epochs=1, embedding_optimizer=optimizer, embedding_learning_rate=0.01)
+    result = train_stream(config, source, stats, tmp_path / optimizer, progress=False)
+    assert result.metrics["test_auc"] > 0.6 and result.metrics["embedding_optimizer"] == optimizer
+    assert result.metrics["peak_rss_bytes"] > 0 and result.metrics["examples_per_second"] > 0

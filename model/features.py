@@ -76,8 +76,9 @@ class FeatureSpec:
     0 means "derived from the vocabulary size". ``missing`` lists values that mean missing
     (compared in canonical form: ``"?"``, ``""``, ``-1``). A numeric feature takes
     ``boundaries`` or ``quantiles`` (``boundaries = "quantiles:16"`` in a spec file): that
-    many buckets at quantiles of the training data, computed before training
-    (``resolve_quantiles``); the resolved boundaries are what a run and a bundle record.
+    many buckets at quantiles of the data, computed before training (streamed data: from a
+    seeded sample of the training split, ``model/data/stream.py: scan``; a file read whole:
+    from its whole column); the resolved boundaries are what a run and a bundle record.
     """
 
     name: str

@@ -4,7 +4,7 @@
 * ``files``: a user's Parquet or CSV file read whole (small data);
 * ``movielens``: MovieLens-100K;
 * ``synthetic``: power-law data in memory (``synthetic``) and the Criteo-shaped shard generator;
-* ``criteo``: the Criteo click-log format (``label \\t I1..I13 \\t C1..C26``, plain or gzip);
+* ``criteo``: the Criteo click-log format (label, I1..I13, C1..C26, tab-separated; plain or gzip);
 * ``stream``: the streaming pipeline (record batches -> encoded, shuffled batches) for data
   that does not fit in Python objects.
 

@@ -240,7 +240,7 @@ def markdown_table(summary: Sequence[dict], command: str, dataset: str) -> str:
     ]
     streamed = bool(summary) and all("examples_per_second" in row for row in summary)
     if streamed:
-        lines[-3:] = [
+        lines[-4:] = [
             "Budget: fraction of the collisionless table's rows (collisionless is its own size). One pass over the "
             "training examples; examples/s of training alone (one thread per run), peak RSS of the run's process, "
             "wall time of the run including its evaluation passes.",

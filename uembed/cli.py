@@ -250,9 +250,10 @@ def run_study_command(args: argparse.Namespace) -> int:
     if is_streaming(args):
         from model.study import run_stream_study
 
-        source, stats = open_stream(args, args.out / "stats")
+        stats_dir = args.stats or args.out / "stats"  # the workers read the statistics from here
+        source, stats = open_stream(args, stats_dir)
         records = run_stream_study(
-            source, stats, args.out / "stats", args.methods, args.budgets, range(args.seeds), stream_config(args),
+            source, stats, stats_dir, args.methods, args.budgets, range(args.seeds), stream_config(args),
             jobs=args.jobs, runs_dir=args.out / "runs", search_examples=args.search_examples,
         )  # fmt: skip
         name = source.name

@@ -403,7 +403,7 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
         stats = StreamStats.load(stats_dir)
     else:
         stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False))
-        stats.save(stats_dir)
+        stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them
     print(
         f"{source.name}: {stats.examples['train']:,} training, {stats.examples['validation']:,} validation and "
         f"{stats.examples['test']:,} test examples; {sum(stats.vocabulary.values()):,} distinct training values "

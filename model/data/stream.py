@@ -15,7 +15,7 @@ batch, never by the number of examples.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,7 +204,7 @@ class StreamStats:
     positives: dict[str, int]
     vocabulary: dict[str, int]
     widths: dict[str, int]
-    keys: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    keys: Mapping[str, np.ndarray] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
 
     def save(self, path: Path) -> Path:
@@ -212,16 +212,40 @@ class StreamStats:
         doc = {"spec": self.spec.to_dict(), "examples": self.examples, "positives": self.positives,
                "vocabulary": self.vocabulary, "widths": self.widths, "seconds": self.seconds}  # fmt: skip
         (path / "stats.json").write_text(json.dumps(doc, indent=2))
-        np.savez(path / "keys.npz", **self.keys)
+        target = path / "keys.npz"
+        if not (isinstance(self.keys, StoredKeys) and self.keys.path.resolve() == target.resolve()):
+            np.savez(target, **{name: self.keys[name] for name in self.keys})
         return path
 
     @classmethod
     def load(cls, path: Path) -> StreamStats:
+        """Statistics saved by ``save``; the keys stay on disk until a plan asks for them (collisionless)."""
         doc = json.loads((path / "stats.json").read_text())
-        with np.load(path / "keys.npz", allow_pickle=False) as stored:
-            keys = {name: stored[name] for name in stored.files}
+        keys = StoredKeys(path / "keys.npz")
         return cls(DatasetSpec.from_dict(doc["spec"]), doc["examples"], doc["positives"], doc["vocabulary"],
                    doc["widths"], keys, doc.get("seconds", 0.0))  # fmt: skip
+
+
+class StoredKeys(Mapping):
+    """A feature's sorted keys read from ``keys.npz`` when asked for, so a run whose plan does not
+    need them (every hashed method) never holds the collisionless vocabulary in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with np.load(path, allow_pickle=False) as stored:
+            self.names = list(stored.files)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        with np.load(self.path, allow_pickle=False) as stored:
+            return stored[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class _KeySet:

@@ -218,3 +218,18 @@ def test_every_table_optimizer_trains_on_the_stream(tiny_stream, tmp_path, optim
     result = train_stream(config, source, stats, tmp_path / optimizer, progress=False)
     assert result.metrics["test_auc"] > 0.6 and result.metrics["embedding_optimizer"] == optimizer
     assert result.metrics["peak_rss_bytes"] > 0 and result.metrics["examples_per_second"] > 0
+
+
+def test_statistics_round_trip_and_keep_their_keys_on_disk(tiny_stream, tmp_path):
+    from model.data.stream import StoredKeys, StreamStats
+
+    _, stats = tiny_stream
+    loaded = StreamStats.load(stats.save(tmp_path / "a"))
+    assert isinstance(loaded.keys, StoredKeys) and loaded.vocabulary == stats.vocabulary
+    assert loaded.spec.feature("I1").boundaries == stats.spec.feature("I1").boundaries
+    loaded.save(tmp_path / "a")  # over its own files: the keys are not rewritten while read
+    loaded.save(tmp_path / "b")
+    for folder in ("a", "b"):
+        again = StreamStats.load(tmp_path / folder)
+        for name in stats.keys:
+            np.testing.assert_array_equal(again.keys[name], stats.keys[name])

@@ -265,7 +265,7 @@ def markdown_table(summary: Sequence[dict], command: str, dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(summary: Sequence[dict], path: Path, title: str) -> None:
+def pareto_plot(summary: Sequence[dict], path: Path, title: str, ylim: tuple[float, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,6 +283,8 @@ def pareto_plot(summary: Sequence[dict], path: Path, title: str) -> None:
     axis.set_xscale("log")
     axis.set_xlabel("embedding bytes (float32, log scale)")
     axis.set_ylabel("test AUC")
+    if ylim:
+        axis.set_ylim(*ylim)
     axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")

@@ -36,7 +36,7 @@ from model.errors import UembedError
 from model.hashing import spec_description
 from model.known import KnownValues, load_known_values
 from model.networks import RankingModel
-from model.plan import EmbeddingPlan
+from model.plan import EmbeddingPlan, method_spec
 from model.train import load_run
 
 class ExportError(UembedError):
@@ -112,7 +112,7 @@ def export_run(
     if not (run_dir / "checkpoint.pt").is_file():
         raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
     config, plan, model, doc = load_run(run_dir)
-    if plan.method == "seo-search":
+    if not method_spec(plan.method).servable:
         raise ExportError(
             f"{run_dir} is an SEO search run: it explores chunk policies and is not served. Train the Applier from "
             f"its policy (uembed train --embedding seo-applier --policy {run_dir / 'policy.json'}) and export that"

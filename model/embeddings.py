@@ -19,13 +19,16 @@ from model.plan import EmbeddingPlan
 
 
 class PlanEmbedding(nn.Module):
-    def __init__(self, plan: EmbeddingPlan, init_std: float | None = None) -> None:
+    def __init__(self, plan: EmbeddingPlan, init_std: float | None = None, sparse: bool = False) -> None:
         super().__init__()
         self.dim = plan.dim
+        # sparse: the table's gradient holds only the rows a batch touched (model/optim.py).
+        self.sparse = sparse
         first_rows = np.cumsum([0] + [t.rows for t in plan.tables])
         total_rows = int(first_rows[-1])
         std = init_std if init_std is not None else plan.dim**-0.5
-        self.weight = nn.Parameter(torch.randn(total_rows, plan.dim) * std)
+        # In place: a table of tens of millions of rows is allocated once (same values as randn * std).
+        self.weight = nn.Parameter(torch.empty(total_rows, plan.dim).normal_(0.0, std))
         self.register_buffer("slot_offset", torch.from_numpy(first_rows[plan.slot_tables()]).long())
         self.register_buffer("pooling", torch.from_numpy(plan.pooling_matrix()))
         bias_columns = plan.bias_columns()
@@ -36,7 +39,7 @@ class PlanEmbedding(nn.Module):
         self.table_slices = [(t.name, int(a), int(b)) for t, a, b in zip(plan.tables, first_rows[:-1], first_rows[1:])]
 
     def forward(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        looked_up = nn.functional.embedding(rows + self.slot_offset, self.weight)  # [B, S, D]
+        looked_up = nn.functional.embedding(rows + self.slot_offset, self.weight, sparse=self.sparse)  # [B, S, D]
         pooled = torch.einsum("gs,bsd->bgd", self.pooling, looked_up * weights.unsqueeze(-1))
         return pooled.reshape(rows.shape[0], -1) + self.bias @ self.bias_scatter
 

@@ -25,28 +25,32 @@ import torch
 from tqdm import tqdm
 
 from model.data import Dataset
+from model.plan import SEARCH_METHOD, method_spec
 from model.train import TrainConfig, train
 
 CSV_COLUMNS = (
     "method", "budget_fraction", "seed", "test_auc", "test_logloss", "embedding_parameters",
     "embedding_bytes", "seconds_per_epoch", "best_epoch", "epochs_run", "policy",
+    # streamed studies only
+    "train_examples", "examples_per_second", "peak_rss_bytes", "wall_seconds",
 )  # fmt: skip
 
 
-SEO_CHAIN = ("seo-search", "seo-applier-exact", "seo-applier-rr")
-
-
 def study_units(methods: Sequence[str], budgets: Sequence[float], seeds: Sequence[int]) -> list[list[tuple[str, float, int]]]:
-    """Independent pieces of work: one run each, except SEO, whose Appliers follow their own search."""
+    """Independent pieces of work: one run each, except SEO, whose Appliers follow their own search.
+
+    A method of fixed size (collisionless) runs once per seed, at budget 1.0.
+    """
+    specs = {m: method_spec(m) for m in methods}
     units = []
     for seed in seeds:
-        if "collisionless" in methods:
-            units.append([("collisionless", 1.0, seed)])
+        units.extend([(m, 1.0, seed)] for m in methods if specs[m].fixed_size)
         for budget in budgets:
-            units.extend([(m, budget, seed)] for m in methods if m not in SEO_CHAIN and m != "collisionless")
-            chain = [m for m in SEO_CHAIN if m in methods]
+            alone = [m for m in methods if not (specs[m].fixed_size or specs[m].search or specs[m].needs_policy)]
+            units.extend([(m, budget, seed)] for m in alone)
+            chain = [m for m in methods if specs[m].search or specs[m].needs_policy]
             if chain:
-                units.append([("seo-search", budget, seed)] + [(m, budget, seed) for m in chain if m != "seo-search"])
+                units.append([(SEARCH_METHOD, budget, seed)] + [(m, budget, seed) for m in chain if not specs[m].search])
     return units
 
 
@@ -57,7 +61,7 @@ def run_unit(unit: list[tuple[str, float, int]], dataset: Dataset, base: TrainCo
     for method, budget, seed in unit:
         config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed, policy=policy)
         metrics = train(config, train_set, val_set, test_set, progress=False).metrics
-        if method == "seo-search":
+        if method_spec(method).search:
             policy = metrics["policy"]
             if not keep_search:
                 continue
@@ -79,7 +83,7 @@ def run_study(
 ) -> list[dict]:
     """Train every (method, budget, seed), ``jobs`` processes at a time; one record per run."""
     units = study_units(methods, budgets, seeds)
-    keep_search = "seo-search" in methods
+    keep_search = SEARCH_METHOD in methods
     records = []
     bar = tqdm(total=sum(len(u) for u in units), desc="study", file=sys.stderr)
 
@@ -106,6 +110,71 @@ def run_study(
     return sorted(records, key=lambda r: (order.get(r["method"], 99), r["budget_fraction"], r["seed"]))
 
 
+def run_stream_unit(
+    unit: list[tuple[str, float, int]], source, stats_dir: Path, base: TrainConfig, keep_search: bool, runs_dir: Path,
+    search_examples: int | None,
+) -> list[dict]:  # fmt: skip
+    """One unit of a streamed study in its own process: peak RSS is measured per run (VmHWM reset first)."""
+    import time
+
+    from model.data.stream import StreamStats
+    from model.streaming import reset_peak_rss, train_stream
+
+    torch.set_num_threads(1)
+    stats = StreamStats.load(stats_dir)
+    records, policy = [], None
+    for method, budget, seed in unit:
+        search = method_spec(method).search
+        config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed, policy=policy,
+                         max_examples=(search_examples or base.max_examples) if search else base.max_examples)  # fmt: skip
+        reset_peak_rss()
+        started = time.perf_counter()
+        name = f"{method}-b{budget:g}-s{seed}"
+        metrics = train_stream(config, source, stats, runs_dir / name, progress=False).metrics
+        wall = time.perf_counter() - started
+        if search:
+            policy = metrics["policy"]
+            if not keep_search:
+                continue
+        record = {"method": method, "budget_fraction": budget, "seed": seed, "wall_seconds": wall}
+        record.update({k: metrics[k] for k in CSV_COLUMNS if k in metrics})
+        if policy is not None:
+            record["policy"] = json.dumps(policy["features"], separators=(",", ":"))
+        tqdm.write(
+            f"{method:>20} budget {budget:<6g}: AUC {metrics['test_auc']:.4f} LogLoss {metrics['test_logloss']:.4f} "
+            f"{metrics['examples_per_second']:,.0f} ex/s, peak RSS {metrics['peak_rss_bytes'] / 2**30:.2f} GiB, {wall:.0f}s",
+            file=sys.stderr,
+        )
+        records.append(record)
+    return records
+
+
+def run_stream_study(
+    source, stats, stats_dir: Path, methods: Sequence[str], budgets: Sequence[float], seeds: Sequence[int],
+    base: TrainConfig, jobs: int = 1, runs_dir: Path = Path("runs"), search_examples: int | None = None,
+) -> list[dict]:  # fmt: skip
+    """A study on streamed data: each unit in a fresh process (``jobs`` at a time), its runs under ``runs_dir``."""
+    units = study_units(methods, budgets, seeds)
+    # Largest first, so the longest units do not start last.
+    cost = {m: 3 if method_spec(m).search else 2 if m in ("multi-size-unified", "collisionless") else 1 for m in methods}
+    units.sort(key=lambda unit: -sum(cost.get(m, 1) for m, _, _ in unit))
+    keep_search = SEARCH_METHOD in methods
+    records = []
+    bar = tqdm(total=sum(len(u) for u in units), desc="study", file=sys.stderr)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(jobs, 1), mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {
+            pool.submit(run_stream_unit, unit, source, stats_dir, base, keep_search, runs_dir, search_examples): unit
+            for unit in units
+        }
+        for future in as_completed(futures):
+            records.extend(future.result())
+            bar.update(len(futures[future]))
+    bar.close()
+    order = {m: i for i, m in enumerate(methods)}
+    return sorted(records, key=lambda r: (order.get(r["method"], 99), r["budget_fraction"], r["seed"]))
+
+
 def summarise(records: Sequence[dict]) -> list[dict]:
     """Mean and standard deviation per (method, budget), in first-seen order."""
     groups: dict[tuple[str, float], list[dict]] = {}
@@ -127,6 +196,11 @@ def summarise(records: Sequence[dict]) -> list[dict]:
                 "logloss": stats("test_logloss"),
                 "embedding_bytes": int(runs[0]["embedding_bytes"]),
                 "seconds_per_epoch": stats("seconds_per_epoch")[0],
+                **(
+                    {"examples_per_second": stats("examples_per_second")[0], "peak_rss_bytes": max(int(float(r["peak_rss_bytes"])) for r in runs),
+                     "train_examples": int(float(runs[0]["train_examples"])), "wall_seconds": stats("wall_seconds")[0]}
+                    if runs[0].get("examples_per_second") not in (None, "") else {}
+                ),  # fmt: skip
             }
         )
     return out
@@ -164,7 +238,25 @@ def markdown_table(summary: Sequence[dict], command: str, dataset: str) -> str:
         "| method | budget | runs | test AUC | test LogLoss | embedding bytes | s / epoch |",
         "| --- | ---: | ---: | --- | --- | ---: | ---: |",
     ]
+    streamed = bool(summary) and all("examples_per_second" in row for row in summary)
+    if streamed:
+        lines[-4:] = [
+            "Budget: fraction of the collisionless table's rows (collisionless is its own size). One pass over the "
+            "training examples; examples/s of training alone (one thread per run), peak RSS of the run's process, "
+            "wall time of the run including its evaluation passes.",
+            "",
+            "| method | budget | runs | train examples | test AUC | test LogLoss | embedding bytes | examples/s | peak RSS | wall s |",
+            "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+        ]
     for row in summary:
+        if streamed:
+            lines.append(
+                f"| {row['method']} | {row['budget_fraction']:g} | {row['runs']} | {row['train_examples']:,} "
+                f"| {row['auc'][0]:.4f} ± {row['auc'][1]:.4f} | {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f} "
+                f"| {row['embedding_bytes']:,} | {row['examples_per_second']:,.0f} | {row['peak_rss_bytes'] / 2**30:.2f} GiB "
+                f"| {row['wall_seconds']:.0f} |"
+            )
+            continue
         lines.append(
             f"| {row['method']} | {row['budget_fraction']:g} | {row['runs']} "
             f"| {row['auc'][0]:.4f} ± {row['auc'][1]:.4f} | {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f} "
@@ -173,7 +265,7 @@ def markdown_table(summary: Sequence[dict], command: str, dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(summary: Sequence[dict], path: Path, title: str) -> None:
+def pareto_plot(summary: Sequence[dict], path: Path, title: str, ylim: tuple[float, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +283,8 @@ def pareto_plot(summary: Sequence[dict], path: Path, title: str) -> None:
     axis.set_xscale("log")
     axis.set_xlabel("embedding bytes (float32, log scale)")
     axis.set_ylabel("test AUC")
+    if ylim:
+        axis.set_ylim(*ylim)
     axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")

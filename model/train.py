@@ -29,7 +29,7 @@ from model.data import Dataset
 from model.embeddings import PlanEmbedding, SearchEmbedding
 from model.known import known_values
 from model.networks import RankingModel, build_network
-from model.plan import EmbeddingPlan, build_plan
+from model.plan import EmbeddingPlan, build_plan, method_spec
 from model.seo import ChunkPolicy, derive_policy
 
 DOMINANCE_THRESHOLD = 0.5  # a feature with more gradient than all its table-mates together
@@ -61,6 +61,14 @@ class TrainConfig:
     down_projection: bool = False
     temperature: float = 1.0
     logits_learning_rate: float = 0.02
+    # Streaming (model/streaming.py): the tables' optimiser (model/optim.py), the shuffle buffer
+    # and record batch sizes in examples, a resumable checkpoint every so many examples (0: none).
+    embedding_optimizer: str = "adam"
+    embedding_learning_rate: float | None = None  # None: learning_rate
+    shuffle_buffer: int = 1 << 18
+    read_rows: int = 1 << 16
+    checkpoint_every: int = 0
+    max_examples: int = 0  # train on at most this many examples per epoch (0: all)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +84,7 @@ class TrainResult:
 
 
 def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
-    if plan.method == "seo-search":
+    if method_spec(plan.method).search:
         # Down projection keeps the network's input as wide as the baselines': F * dim columns.
         projected = len(plan.features) * config.dim // config.chunk_dim if config.down_projection else 0
         embedding = SearchEmbedding(plan, config.chunk_dim, config.temperature, projected)
@@ -170,6 +178,8 @@ def train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     plan = plan_for(config, train_set)
+    for message in plan.warnings:
+        print(f"warning: {message}", file=sys.stderr)
     model = build_model(plan, config)
     logits = [p for name, p in model.named_parameters() if name == "embedding.logits"]
     others = [p for name, p in model.named_parameters() if name != "embedding.logits"]
@@ -181,7 +191,7 @@ def train(
     labels = torch.from_numpy(train_set.labels)
     feature_columns = feature_columns_of(model, plan)
 
-    history, warnings, warned = [], [], set()
+    history, warnings, warned = [], list(plan.warnings), set()
     best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
     train_seconds = 0.0
     for epoch in range(config.epochs):
@@ -261,7 +271,7 @@ def train(
         "warnings": warnings,
         "history": history,
     }
-    if plan.method == "seo-search":
+    if method_spec(plan.method).search:
         search = {"dataset": train_set.name, "budget_rows": plan.budget_rows, "seed": config.seed,
                   "search_multiplier": config.search_multiplier, "adjust_hash_buckets": config.adjust_hash_buckets,
                   "down_projection": config.down_projection, "temperature": config.temperature,

@@ -24,7 +24,8 @@ def source_copy(where: Path) -> Path:
     where.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, where / name)
-    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+    # Top-level folders only: a subpackage (model.data) is copied with its parent.
+    for package in dict.fromkeys(name.split(".")[0] for name in PYPROJECT["tool"]["setuptools"]["packages"]):
         shutil.copytree(ROOT / package, where / package, ignore=shutil.ignore_patterns("__pycache__"))
     return where
 

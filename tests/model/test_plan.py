@@ -99,3 +99,27 @@ def test_plan_round_trips_through_a_dict(tiny_dataset):
     again = EmbeddingPlan.from_dict(plan.to_dict(), plan.vocabularies)
     assert again.to_dict() == plan.to_dict()
     assert np.array_equal(again.encode(tiny_dataset.columns)[0], plan.encode(tiny_dataset.columns)[0])
+
+
+def test_the_registry_holds_every_method_and_its_role():
+    from model.plan import APPLIER_METHODS, METHOD_REGISTRY, METHODS, SEARCH_METHOD, Method, applier_method, method_spec
+
+    assert tuple(METHOD_REGISTRY) == tuple(Method) and METHODS == tuple(m.value for m in Method)
+    assert [m for m in METHODS if method_spec(m).fixed_size] == ["collisionless"]
+    assert SEARCH_METHOD == "seo-search" and not method_spec(SEARCH_METHOD).servable
+    assert applier_method("rr") == "seo-applier-rr" and set(APPLIER_METHODS) == {"seo-applier-exact", "seo-applier-rr"}
+    assert all(method_spec(m).needs_policy for m in APPLIER_METHODS)
+    with pytest.raises(SpecError, match="unknown embedding method 'magic'"):
+        method_spec("magic")
+
+
+def test_feature_kind_and_pooling_are_enums(tiny_dataset):
+    from model.features import FeatureKind, FeatureSpec, Pooling
+
+    spec = FeatureSpec("tags", kind="multivalent", pooling="sum")
+    assert spec.kind is FeatureKind.MULTIVALENT and spec.pooling is Pooling.SUM
+    assert spec.to_dict()["pooling"] == "sum" and type(spec.to_dict()["kind"]) is str
+    with pytest.raises(SpecError, match="pooling must be one of"):
+        FeatureSpec("tags", pooling="max")
+    plan = build_plan("unified", tiny_dataset.spec, tiny_dataset.columns, 4, budget_rows=50)
+    assert EmbeddingPlan.from_dict(plan.to_dict()).features[4].pooling is Pooling.SUM

@@ -44,3 +44,14 @@ def test_study_runs_each_applier_after_its_own_search_in_parallel(tmp_path):
     for seed in (0, 1):
         assert by[("seo-applier-exact", seed)]["policy"] == by[("seo-search", seed)]["policy"]
         assert by[("seo-applier-rr", seed)]["embedding_parameters"] == by[("separate", seed)]["embedding_parameters"]
+
+
+def test_a_streamed_study_table_shows_examples_rss_and_wall_time():
+    from model.study import markdown_table
+
+    row = {"method": "unified", "budget_fraction": 0.1, "runs": 1, "auc": (0.81, 0.0), "logloss": (0.44, 0.0),
+           "embedding_bytes": 1000, "seconds_per_epoch": 10.0, "examples_per_second": 30000.0,
+           "peak_rss_bytes": 2**30, "train_examples": 5000, "wall_seconds": 12.0}  # fmt: skip
+    table = markdown_table([row], "uembed study ...", "d")
+    assert "| unified | 0.1 | 1 | 5,000 | 0.8100 ± 0.0000 | 0.4400 ± 0.0000 | 1,000 | 30,000 | 1.00 GiB | 12 |" in table
+    assert "seconds per training epoch" not in table and table.count("| method |") == 1

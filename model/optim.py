@@ -1,0 +1,62 @@
+"""Sparse optimisers for embedding tables: only the rows a batch touched are read and written.
+
+The embedding module gives its table a sparse gradient (``PlanEmbedding(sparse=True)``):
+the touched row ids and their gradient rows. A dense optimiser would still pass over the
+whole table every step (Adam's moments and the update are dense), which at tens of millions
+of rows costs more than the batch itself. These optimisers work on the touched rows only:
+
+* ``rowwise-adagrad`` (FBGEMM's and TorchRec's default for embedding tables): one
+  accumulator per row, ``s_r += mean(g_r ** 2)``, ``w_r -= lr * g_r / (sqrt(s_r) + eps)``.
+  State: 4 bytes per row. With a zero gradient a row is left as it is, so the sparse update
+  equals the dense one exactly.
+* ``sparse-adam`` (``torch.optim.SparseAdam``): Adam whose moments and bias correction move
+  only on touched rows ("lazy Adam"). State: two floats per table value.
+* ``adam``: the dense reference (``torch.optim.Adam``), for small tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EMBEDDING_OPTIMIZERS = ("adam", "sparse-adam", "rowwise-adagrad")
+
+
+class RowWiseAdagrad(torch.optim.Optimizer):
+    """Row-wise Adagrad for ``[rows, dim]`` parameters with sparse (or dense) gradients."""
+
+    def __init__(self, params, lr: float = 0.05, eps: float = 1e-8) -> None:
+        if lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {lr}")
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                state = self.state[param]
+                if "sum" not in state:
+                    state["sum"] = torch.zeros(param.shape[0], dtype=param.dtype)
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows, values = grad.indices()[0], grad.values()
+                else:
+                    rows, values = torch.arange(param.shape[0]), grad
+                accumulator = state["sum"]
+                accumulator.index_add_(0, rows, values.pow(2).mean(dim=1))
+                scale = group["lr"] / (accumulator[rows].sqrt() + group["eps"])
+                param.index_add_(0, rows, values * -scale.unsqueeze(1))
+        return None
+
+
+def embedding_optimizer(kind: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The optimiser of the embedding tables by name (see the module docstring)."""
+    if kind == "rowwise-adagrad":
+        return RowWiseAdagrad(params, lr=lr)
+    if kind == "sparse-adam":
+        return torch.optim.SparseAdam(params, lr=lr)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown embedding optimizer {kind!r}; choose one of {', '.join(EMBEDDING_OPTIMIZERS)}")

@@ -6,7 +6,7 @@ feature's manifest entry; the service counts unseen values in ``uembed_unseen_va
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +63,19 @@ class KnownValues:
         return cls(bits, int(size))
 
 
-def known_values(columns) -> dict[str, KnownValues]:
-    """Per feature, the filter of its present training values (``columns``: feature -> FeatureColumn)."""
-    return {name: KnownValues.build(KnownValues.keys(name, column.present_values())) for name, column in columns.items()}
+def save_known_values(path: Path, keys: Mapping[str, np.ndarray]) -> None:
+    """``known_values.npz`` of a training run from each feature's training keys (feature -> uint64 keys under
+    ``lookup_seed(feature, 0)``: a streamed run's statistics hold exactly these), built one feature at a time."""
+    arrays = {}
+    for name in keys:
+        for part, array in KnownValues.build(np.asarray(keys[name], dtype=np.uint64)).to_arrays().items():
+            arrays[f"{name}.{part}"] = array
+    np.savez(path, **arrays)
+
+
+def training_keys(columns) -> dict[str, np.ndarray]:
+    """Per feature, the keys of its present training values (``columns``: feature -> FeatureColumn)."""
+    return {name: KnownValues.keys(name, column.present_values()) for name, column in columns.items()}
 
 
 def load_known_values(path: Path) -> dict[str, KnownValues]:

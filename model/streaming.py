@@ -32,6 +32,7 @@ from tqdm import tqdm
 from model.data.stream import SPLITS, StreamSource, StreamStats, encode_batch, encoded_chunks, shuffled_batches, split_of_rows
 from model.errors import UembedError
 from model.features import SplitSpec
+from model.known import save_known_values
 from model.optim import EMBEDDING_OPTIMIZERS, embedding_optimizer
 from model.plan import EmbeddingPlan, build_plan, method_spec
 from model.seo import ChunkPolicy
@@ -328,6 +329,8 @@ def save_stream_run(
     (run_dir / "config.json").write_text(json.dumps(doc, indent=2, default=str))
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
+    # Which values training saw (the scan's keys), so the service can count unseen ones.
+    save_known_values(run_dir / "known_values.npz", stats.keys)
     torch.save(model.state_dict(), run_dir / "checkpoint.pt")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if metrics.get("policy"):

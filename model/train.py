@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from model.data import Dataset
 from model.embeddings import PlanEmbedding, SearchEmbedding
-from model.known import known_values
+from model.known import save_known_values, training_keys
 from model.networks import RankingModel, build_network
 from model.plan import EmbeddingPlan, build_plan, method_spec
 from model.seo import ChunkPolicy, derive_policy
@@ -309,8 +309,7 @@ def save_run(
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
     # Which values training saw, per feature: the export puts them in the bundle so the service can count unseen ones.
-    known = known_values(train_set.columns)
-    np.savez(run_dir / "known_values.npz", **{f"{name}.{part}": a for name, k in known.items() for part, a in k.to_arrays().items()})
+    save_known_values(run_dir / "known_values.npz", training_keys(train_set.columns))
     torch.save(model.state_dict(), run_dir / "checkpoint.pt")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if metrics.get("policy"):

@@ -233,3 +233,19 @@ def test_statistics_round_trip_and_keep_their_keys_on_disk(tiny_stream, tmp_path
         again = StreamStats.load(tmp_path / folder)
         for name in stats.keys:
             np.testing.assert_array_equal(again.keys[name], stats.keys[name])
+
+
+def test_a_streamed_run_exports_what_training_saw_so_the_service_counts_unseen_values(tiny_stream, tmp_path):
+    from export.bundle import export_run
+    from export.loader import load_bundle
+    from model.known import KnownValues
+
+    torch.set_num_threads(1)
+    source, stats = tiny_stream
+    train_stream(stream_config(epochs=1), source, stats, tmp_path / "run", progress=False)
+    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "bundles", "criteo"))
+    assert set(bundle.known_values) == set(stats.keys)
+    name = next(iter(stats.keys))
+    assert bundle.known_values[name].contains(stats.keys[name]).all()
+    fresh = bundle.known_values[name].contains(KnownValues.keys(name, [f"never-{i}".encode() for i in range(10_000)]))
+    assert fresh.mean() < 0.03

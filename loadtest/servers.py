@@ -35,13 +35,23 @@ def http_get(url: str, timeout_s: float = 5) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a check may raise while a server is still starting: connection errors, from the standard
+    library or (where it is installed, as in the tests) from httpx, which does not subclass OSError."""
+    try:
+        import httpx
+    except ImportError:
+        return (OSError,)
+    return (OSError, httpx.TransportError)
+
+
 def wait_until(check, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if check():
                 return
-        except OSError:  # refused, reset, timed out, or an HTTP error status (urllib.error.URLError)
+        except transient_errors():  # refused, reset or timed out (urllib's URLError is an OSError)
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{what} not up within {timeout_s}s")

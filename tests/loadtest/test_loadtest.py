@@ -95,3 +95,14 @@ def test_the_server_helpers_need_no_http_client_package():
     code = "import sys; sys.modules['httpx'] = None; import loadtest.servers as s; assert callable(s.http_get)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_wait_until_retries_connection_errors_of_either_client():
+    import httpx
+
+    from loadtest.servers import free_port, wait_until
+
+    url = f"http://127.0.0.1:{free_port()}/readyz"  # nothing listens there
+    for check in (lambda: httpx.get(url).status_code == 200, lambda: __import__("urllib.request").request.urlopen(url)):
+        with pytest.raises(TimeoutError):
+            wait_until(check, 0.3, "nothing")

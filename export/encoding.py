@@ -34,6 +34,7 @@ import numpy as np
 from model.data import canonical_column
 from model.errors import ExampleError
 from model.features import FeatureSpec
+from model.hashing import MISSING
 from model.known import KnownValues
 from model.plan import EmbeddingPlan, FeaturePlan
 
@@ -163,9 +164,12 @@ class ExampleEncoder:
         self.slots = self.plan.slots
         # One-value features with one cached tuple of rows per value (weight 1 under either pooling).
         scalar = [f.name for f in self.plan.features if f.width == 1 and not self.specs[f.name].multivalent]
-        share = self.cache_bytes // max(len(self.specs) + len(scalar), 1)
+        # Unseen flags of the other features' values (a filter lookup per batch costs more than the hash).
+        flagged = [f.name for f in self.plan.features if f.name not in scalar and f.name in self.known]
+        share = self.cache_bytes // max(len(self.specs) + len(scalar) + len(flagged), 1)
         self.canonical_cache = {name: ValueCache(share) for name in self.specs} if self.cache_bytes else {}
         self.row_cache = {name: ValueCache(share) for name in scalar} if self.cache_bytes else {}
+        self.flag_cache = {name: ValueCache(share) for name in flagged} if self.cache_bytes else {}
         self.unseen = dict.fromkeys(self.known, 0)  # feature -> values unseen in training since take_unseen()
 
     # --- canonicalise -----------------------------------------------------------------------
@@ -185,11 +189,12 @@ class ExampleEncoder:
         truncated = {}
         for name, spec in specs.items():
             cache = self.canonical_cache.get(name)
+            entries = cache.entries if cache is not None else None  # dict.get on the hot path, not a method call
             column = []
             for index, example in enumerate(examples):
                 value = example.get(name)
-                key = cache_key(value) if cache is not None else None
-                items = cache.get(key) if key is not None else None
+                key = cache_key(value) if entries is not None else None
+                items = entries.get(key) if key is not None else None
                 if items is None:
                     try:
                         self.limits.check(value, spec)
@@ -227,8 +232,7 @@ class ExampleEncoder:
                 row_parts.append(rows)
                 weight_parts.append(weights)
                 if feature.name in self.known:
-                    unseen = ~self._known(feature.name, column.uniques)
-                    unseen[0] = False  # the missing value
+                    unseen = self._unseen(feature.name, column.uniques)
                     codes = column.codes[:, : feature.width]  # values past the trained width are cut, not scored
                     codes = codes[codes >= 0]
                     self.unseen[feature.name] += int(unseen[codes].sum())
@@ -241,12 +245,28 @@ class ExampleEncoder:
     def _known(self, name: str, values: list[bytes]) -> np.ndarray:
         return self.known[name].contains(KnownValues.keys(name, values))
 
+    def _unseen(self, name: str, values: list[bytes]) -> np.ndarray:
+        """Per value, whether training never saw it (the missing value never counts); remembered per value."""
+        flags = self.flag_cache.get(name)
+        if flags is not None:
+            try:
+                return np.array([flags.entries[v] for v in values], dtype=bool)
+            except KeyError:
+                pass
+        unseen = ~self._known(name, values)
+        unseen[[v == MISSING for v in values]] = False
+        if flags is not None:
+            for value, flag in zip(values, unseen.tolist()):
+                flags.put(value, flag, ENTRY_OVERHEAD + sys.getsizeof(value))
+        return unseen
+
     def _scalar_rows(self, feature: FeaturePlan, values: list[bytes]) -> np.ndarray:
         """Rows [N, lookups] of a one-value feature, remembering each value's rows (and, last, whether it is unseen)."""
         cache = self.row_cache[feature.name]
         entries = cache.entries
-        table = [entries.get(v) for v in values]
-        if None in table:
+        try:
+            table = [entries[v] for v in values]
+        except KeyError:
             distinct = {v: entries.get(v) for v in values}
             missed = [v for v, entry in distinct.items() if entry is None]
             found = np.stack([self.plan.rows_of_values(feature, lookup, missed) for lookup in feature.lookups], axis=1)
@@ -270,5 +290,5 @@ class ExampleEncoder:
         return counts
 
     def cached_bytes(self) -> int:
-        return sum(c.bytes for c in (*self.canonical_cache.values(), *self.row_cache.values()))
+        return sum(c.bytes for c in (*self.canonical_cache.values(), *self.row_cache.values(), *self.flag_cache.values()))
 

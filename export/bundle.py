@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, quantise_rows, test_vectors
+from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, test_vectors, write_table_rows
 from model.errors import UembedError
 from model.hashing import spec_description
 from model.known import KnownValues, load_known_values
@@ -105,6 +105,7 @@ def export_run(
     version: str | None = None,
     dtype: str = "float32",
     full_model_limit_bytes: int = 64 * 2**20,
+    progress: bool = False,
 ) -> Path:
     """Export a training run as ``out_root/name/version``; returns the bundle path."""
     if dtype not in ROW_DTYPES:
@@ -126,7 +127,7 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
         known = load_known_values(run_dir / "known_values.npz")
-        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known)
+        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service's user
         staging.rename(target)
@@ -147,23 +148,18 @@ def write_bundle(
     dtype: str,
     full_model_limit_bytes: int,
     known: dict[str, KnownValues] | None = None,
+    progress: bool = False,
 ) -> dict:
     known = known or {}
     (folder / "tables").mkdir()
     tables = []
     weights = {n: w.detach().numpy() for n, w in model.embedding.table_weights().items()}
     for table in plan.tables:
-        rows = np.ascontiguousarray(weights[table.name], dtype=np.float32)
-        entry = {"name": table.name, "rows": table.rows, "dim": table.dim, "dtype": dtype}
-        if dtype == "int8":
-            codes, scale_bias = quantise_rows(rows)
-            np.save(folder / "tables" / f"{table.name}.npy", codes)
-            np.save(folder / "tables" / f"{table.name}.scale_bias.npy", scale_bias)
-            entry["scale_bias"] = file_entry(folder, f"tables/{table.name}.scale_bias.npy")
-        else:
-            np.save(folder / "tables" / f"{table.name}.npy", rows.astype(dtype))
-        entry.update(file_entry(folder, f"tables/{table.name}.npy"))
-        tables.append(entry)
+        # Streamed: one chunk converted at a time, so a table as large as memory exports (the checkpoint
+        # is memory-mapped by load_run; no second full copy of the rows exists at any point).
+        rows = weights[table.name]
+        tables.append(write_table_rows(folder, table.name, table.rows, table.dim, dtype,
+                                       lambda start, stop, rows=rows: rows[start:stop], progress))  # fmt: skip
 
     spec = doc["dataset"]["spec"]
     spec_by_name = {f["name"]: f for f in spec["features"]}

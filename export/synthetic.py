@@ -4,7 +4,7 @@ A synthetic bundle is a real bundle: the loader checks it like any other, and it
 test vectors are real. Only its numbers mean nothing. It serves where training a model of
 the size at hand is beside the point: a 100M-row Criteo-shaped table for the serving
 benchmarks, small tables of every row dtype for the CUDA path's parity tests. Rows are
-written in chunks through a memory map, so memory stays flat whatever the table size.
+written in chunks (``export.format.write_table_rows``), so memory stays flat whatever the table size.
 Needs numpy and onnx (the ``train`` extra), not torch.
 
 >>> write_synthetic_bundle(Path("bundles"), "criteo-synth", criteo_features(), table_rows=100_000_000)  # doctest: +SKIP
@@ -22,15 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, quantise_rows, test_vectors
+from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, test_vectors, write_table_rows
 from model.errors import UembedError
 from model.features import FeatureSpec
 from model.hashing import spec_description
 from model.plan import EmbeddingPlan, FeaturePlan, LookupPlan, TablePlan
 
-CHUNK_ROWS = 1 << 20
 TABLE = "unified"
 
 
@@ -55,30 +53,9 @@ def synthetic_plan(features: Sequence[FeatureSpec], table_rows: int, dim: int, w
     return EmbeddingPlan("unified", dim, (TablePlan(TABLE, table_rows, dim),), plans, budget_rows=table_rows)
 
 
-def write_rows(folder: Path, rows: int, dim: int, dtype: str, rng: np.random.Generator, progress: bool) -> dict:
-    """``tables/unified.npy`` (and the int8 scale/offset file) filled chunk by chunk; returns its manifest entry."""
-    numpy_dtype = "uint8" if dtype == "int8" else dtype
-    data = np.lib.format.open_memmap(folder / "tables" / f"{TABLE}.npy", mode="w+", dtype=numpy_dtype, shape=(rows, dim))
-    scale_bias = None
-    if dtype == "int8":
-        scale_bias = np.lib.format.open_memmap(folder / "tables" / f"{TABLE}.scale_bias.npy", mode="w+", dtype="float32", shape=(rows, 2))
-    with tqdm(total=rows, desc="synthetic rows", unit="row", unit_scale=True, disable=not progress) as bar:
-        for start in range(0, rows, CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, rows)
-            values = rng.standard_normal((stop - start, dim), dtype=np.float32) * np.float32(0.2)
-            if scale_bias is not None:
-                data[start:stop], scale_bias[start:stop] = quantise_rows(values)
-            else:
-                data[start:stop] = values
-            bar.update(stop - start)
-    data.flush()
-    del data
-    entry = {"name": TABLE, "rows": rows, "dim": dim, "dtype": dtype}
-    if scale_bias is not None:
-        scale_bias.flush()
-        del scale_bias
-        entry["scale_bias"] = file_entry(folder, f"tables/{TABLE}.scale_bias.npy")
-    return entry | file_entry(folder, f"tables/{TABLE}.npy")
+def random_rows(dim: int, rng: np.random.Generator):
+    """Chunks of random float32 rows for :func:`export.format.write_table_rows`."""
+    return lambda start, stop: rng.standard_normal((stop - start, dim), dtype=np.float32) * np.float32(0.2)
 
 
 def write_dense(path: Path, inputs: int, hidden: Sequence[int], rng: np.random.Generator) -> None:
@@ -140,7 +117,7 @@ def write_synthetic_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
         (staging / "tables").mkdir()
-        table = write_rows(staging, table_rows, dim, dtype, rng, progress)
+        table = write_table_rows(staging, TABLE, table_rows, dim, dtype, random_rows(dim, rng), progress)
         write_dense(staging / "dense.onnx", plan.output_dim, hidden, rng)
         feature_entries = []
         for spec, feature in zip(features, plan.features):

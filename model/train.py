@@ -326,7 +326,10 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, EmbeddingPlan, RankingModel, d
     with np.load(run_dir / "vocabularies.npz", allow_pickle=False) as stored:
         vocabularies = {name: stored[name] for name in stored.files}
     plan = EmbeddingPlan.from_dict(json.loads((run_dir / "plan.json").read_text()), vocabularies)
-    model = build_model(plan, config)
-    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True))
+    # Built on the meta device and given the checkpoint's tensors, memory-mapped: the tables are never
+    # initialised, copied or read whole (an export of a table as large as memory streams it from the file).
+    with torch.device("meta"):
+        model = build_model(plan, config)
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True, mmap=True), assign=True)
     model.eval()
     return config, plan, model, doc

@@ -312,7 +312,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.evaluate and (config.get("source") or {}).get("streaming"):
         raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
     name = args.name or config.get("dataset", {}).get("name", "model")
-    path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20))
+    path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True)
     bundle = load_bundle(path)
     table_bytes = sum(t.nbytes for t in bundle.tables.values())
     float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from export.bundle import ExportError, export_run, quantise_rows
+from export.bundle import ExportError, export_run
+from export.format import quantise_rows
 from export.loader import BundleError, load_bundle
 from export.scorer import ExampleError, ReferenceScorer, onnx_session
 from model.data import load_movielens100k, movielens100k_table, split_indices

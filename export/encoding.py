@@ -13,6 +13,12 @@ A score runs these stages, in this order (each one function)::
     assemble      pooling, multi-size concat, feature biases -> [B, E]
     dense         the dense network -> probabilities [B]
 
+A ranking request sends the features its candidates share once, as a context, and the
+candidates' own features per candidate. The context is checked and canonicalised once
+per request (errors name ``context.feature``; the candidates' name ``candidates[i].feature``)
+and its rows are hashed once and repeated to every candidate, so it scores exactly as the
+same examples sent flat, with the context's values copied into each.
+
 What a value may be over HTTP (:class:`ValueLimits`): a string of at most ``max_chars``
 characters, a number, a boolean or null; a list of those (at most ``max_list`` items) for
 multivalent features. Numbers must be finite: JSON has no NaN or Infinity, and the strings
@@ -28,6 +34,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 
@@ -142,6 +149,8 @@ class CanonicalExamples:
     values: dict[str, list]  # feature -> per example, a tuple of canonical values (multivalent) or one value
     ids: int  # row ids this request looks up (its cost in a batch)
     truncated: dict[str, int]  # feature -> lists cut to the trained width
+    # Features given once for the whole request (its context): their ``values`` hold one entry, not ``count``.
+    shared: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -173,70 +182,142 @@ class ExampleEncoder:
         self.unseen = dict.fromkeys(self.known, 0)  # feature -> values unseen in training since take_unseen()
 
     # --- canonicalise -----------------------------------------------------------------------
-    def canonicalise(self, examples: Sequence[Mapping[str, object]]) -> CanonicalExamples:
-        """Check one request's examples against the features; a feature left out is the missing value."""
+    def canonicalise(
+        self,
+        examples: Sequence[Mapping[str, object]],
+        context: Mapping[str, object] | None = None,
+        where: str | None = None,
+    ) -> CanonicalExamples:
+        """Check one request's examples against the features; a feature left out is the missing value.
+
+        With ``context`` (feature -> value, for every example of the request: a ranking request's user and
+        query), each context value is checked and canonicalised once and kept once (``shared``); ``hash``
+        broadcasts its rows. A feature goes in the context or in the examples, not both. ``where`` names the
+        examples in error messages: ``examples``, or ``candidates`` when there is a context; the context's
+        errors name ``context.feature``. A context list cut to the trained width counts once in ``truncated``
+        (and ``hash`` counts an unseen context value once): per request, not per candidate.
+        """
         specs = self.specs
+        where = where or ("examples" if context is None else "candidates")
+        if context is not None:
+            if not isinstance(context, Mapping):
+                raise ExampleError(f"context: an object of feature -> value, got {type(context).__name__}")
+            unknown = context.keys() - specs.keys()
+            if unknown:
+                self._refuse_unknown("context", unknown)
         for index, example in enumerate(examples):
             if not isinstance(example, Mapping):
-                raise ExampleError(f"examples[{index}]: an example is an object of feature -> value, got {type(example).__name__}")
+                raise ExampleError(f"{where}[{index}]: an example is an object of feature -> value, got {type(example).__name__}")
             unknown = example.keys() - specs.keys()
             if unknown:
-                raise ExampleError(
-                    f"examples[{index}]: unknown feature {', '.join(sorted(map(str, unknown)))[:200]}; "
-                    f"this model takes {', '.join(specs)}"
-                )
+                self._refuse_unknown(f"{where}[{index}]", unknown)
+            if context:
+                both = example.keys() & context.keys()
+                if both:
+                    raise ExampleError(
+                        f"{where}[{index}].{min(both)}: also given in context "
+                        "(a feature goes in the context or in the candidates, not both)"
+                    )
         values: dict[str, list] = {}
         truncated = {}
         for name, spec in specs.items():
             cache = self.canonical_cache.get(name)
             entries = cache.entries if cache is not None else None  # dict.get on the hot path, not a method call
-            column = []
-            for index, example in enumerate(examples):
-                value = example.get(name)
+            if context and name in context:
+                value = context[name]
                 key = cache_key(value) if entries is not None else None
                 items = entries.get(key) if key is not None else None
                 if items is None:
-                    try:
-                        self.limits.check(value, spec)
-                        # A tuple of bytes, not a list: the collector stops tracking it, so a full cache
-                        # does not make every garbage collection walk it (measured: -25% throughput).
-                        items = tuple(spec.canonical_values(value))
-                    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int past float's range
-                        message = str(exc).removeprefix(f"feature {name!r} ")
-                        raise ExampleError(f"examples[{index}].{name}: {message}") from exc
-                    if key is not None:
-                        cache.put(key, items, entry_bytes(key, items))
-                column.append(items)
+                    items = self._canonical(name, spec, value, key, cache, "context")
+                column = [items]
+            else:
+                column = []
+                for index, example in enumerate(examples):
+                    value = example.get(name)
+                    key = cache_key(value) if entries is not None else None
+                    items = entries.get(key) if key is not None else None
+                    if items is None:
+                        items = self._canonical(name, spec, value, key, cache, where, index)
+                    column.append(items)
             if spec.multivalent:
-                cut = sum(len(items) > self.widths[name] for items in column)
+                cut = sum(len(items) > self.widths[name] for items in column)  # a context list counts once
                 if cut:
                     truncated[name] = cut
             else:
                 column = [items[0] for items in column]
             values[name] = column
-        return CanonicalExamples(len(examples), values, len(examples) * self.slots, truncated)
+        shared = frozenset(context.keys() & specs.keys()) if context else frozenset()
+        return CanonicalExamples(len(examples), values, len(examples) * self.slots, truncated, shared)
+
+    def _refuse_unknown(self, location: str, unknown: set) -> NoReturn:
+        raise ExampleError(
+            f"{location}: unknown feature {', '.join(sorted(map(str, unknown)))[:200]}; this model takes {', '.join(self.specs)}"
+        )
+
+    def _canonical(self, name: str, spec: FeatureSpec, value: object, key: object, cache: ValueCache | None,
+                   where: str, index: int | None = None) -> tuple:  # fmt: skip
+        """A value the cache did not have: checked, canonicalised, and cached when it has a key."""
+        try:
+            self.limits.check(value, spec)
+            # A tuple of bytes, not a list: the collector stops tracking it, so a full cache
+            # does not make every garbage collection walk it (measured: -25% throughput).
+            items = tuple(spec.canonical_values(value))
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int past float's range
+            message = str(exc).removeprefix(f"feature {name!r} ")
+            location = where if index is None else f"{where}[{index}]"
+            raise ExampleError(f"{location}.{name}: {message}") from exc
+        if key is not None:
+            cache.put(key, items, entry_bytes(key, items))
+        return items
 
     # --- hash -------------------------------------------------------------------------------
     def hash(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, np.ndarray]:
-        """Row ids int64 [B, S] and pooling weights float32 [B, S] of a whole batch, hashing each distinct value once."""
+        """Row ids int64 [B, S] and pooling weights float32 [B, S] of a whole batch, hashing each distinct value once.
+
+        A feature that some part shares (its request's context) is hashed on the column as it comes, one entry
+        per shared part and one per example of the others, and its rows repeated to one per example; so a
+        context value is hashed, and counted as unseen, once per request. A batch with no context takes the
+        plain path.
+        """
+        broadcast = {name for part in parts for name in part.shared}
         row_parts, weight_parts = [], []
         for feature in self.plan.features:
-            values = parts[0].values[feature.name] if len(parts) == 1 else [v for p in parts for v in p.values[feature.name]]
-            if feature.name in self.row_cache:
-                rows = self._scalar_rows(feature, values)
-                row_parts.append(rows)
-                weight_parts.append(np.ones(rows.shape, dtype=np.float32))
+            name = feature.name
+            repeats = None
+            if name in broadcast:
+                values, repeats = self._broadcast_column(name, parts)
+            elif len(parts) == 1:
+                values = parts[0].values[name]
             else:
-                column = canonical_column(values if self.specs[feature.name].multivalent else [(v,) for v in values])
+                values = [v for p in parts for v in p.values[name]]
+            if name in self.row_cache:
+                rows = self._scalar_rows(feature, values)
+                if repeats is not None:
+                    rows = np.repeat(rows, repeats, axis=0)
+                weights = np.ones(rows.shape, dtype=np.float32)
+            else:
+                column = canonical_column(values if self.specs[name].multivalent else [(v,) for v in values])
                 rows, weights = self.plan.encode_feature(feature, column)
-                row_parts.append(rows)
-                weight_parts.append(weights)
-                if feature.name in self.known:
-                    unseen = self._unseen(feature.name, column.uniques)
+                if name in self.known:
+                    unseen = self._unseen(name, column.uniques)
                     codes = column.codes[:, : feature.width]  # values past the trained width are cut, not scored
                     codes = codes[codes >= 0]
-                    self.unseen[feature.name] += int(unseen[codes].sum())
+                    self.unseen[name] += int(unseen[codes].sum())
+                if repeats is not None:
+                    rows, weights = np.repeat(rows, repeats, axis=0), np.repeat(weights, repeats, axis=0)
+            row_parts.append(rows)
+            weight_parts.append(weights)
         return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)
+
+    @staticmethod
+    def _broadcast_column(name: str, parts: Sequence[CanonicalExamples]) -> tuple[list, np.ndarray]:
+        """One feature's values across parts, a shared part's one value standing for all its examples, and
+        how many examples each value stands for."""
+        values = [v for p in parts for v in p.values[name]]
+        repeats = np.concatenate(
+            [np.array([p.count]) if name in p.shared else np.ones(p.count, dtype=np.int64) for p in parts]
+        )
+        return values, repeats
 
     def encode(self, examples: Sequence[Mapping[str, object]]) -> tuple[np.ndarray, np.ndarray]:
         """canonicalise + hash of one batch of examples."""

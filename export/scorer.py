@@ -60,9 +60,13 @@ class ReferenceScorer:
         self.pooling = self.plan.pooling_matrix()
         self.bias_columns = self.plan.bias_columns()
 
-    def canonicalise(self, examples: Sequence[Mapping[str, object]]) -> CanonicalExamples:
-        """Check one request's examples and turn their values into canonical bytes (a missing feature is the missing value)."""
-        return self.encoder.canonicalise(examples)
+    def canonicalise(
+        self, examples: Sequence[Mapping[str, object]], context: Mapping[str, object] | None = None
+    ) -> CanonicalExamples:
+        """Check one request's examples and turn their values into canonical bytes (a missing feature is the missing value).
+
+        ``context``: feature -> value shared by every example (a ranking request's candidates), encoded once."""
+        return self.encoder.canonicalise(examples, context)
 
     def hash(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, np.ndarray]:
         """Rows int64 [B, S] and pooling weights float32 [B, S] of canonical examples, concatenated in order."""

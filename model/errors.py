@@ -74,7 +74,10 @@ class ExampleError(UembedError):
 
     kind = "example"
     status = 422
-    description = "An example does not fit the model's features; the message names examples[i].feature"
+    description = (
+        "An example does not fit the model's features; the message names examples[i].feature "
+        "(context.feature or candidates[i].feature in a ranking request)"
+    )
 
 
 class InvalidName(UembedError):

@@ -5,8 +5,9 @@ lifespan and drains admitted requests on shutdown. Every error goes out in one s
 ``{"error": kind, "detail": message}`` (``errors`` too for validation), with the status
 and headers of its row in the error table (``model/errors.py``): one handler, no special
 cases. The OpenAPI document declares every status a route can return, and the examples'
-schema lists the loaded models' features with the value types and limits the service
-enforces, so a schema-valid request is refused only for what a schema cannot say
+schema (the candidates' and the context's in a ranking request) lists the loaded models'
+features with the value types and limits the service enforces, and which fields go
+together, so a schema-valid request is refused only for what a schema cannot say
 (a model name that is not loaded: 404).
 """
 
@@ -24,7 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field, WithJsonSchema, create_model
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from export.encoding import NUMERIC_STRING
@@ -64,6 +66,10 @@ EXAMPLE_REQUEST = {
         {"user_id": "186", "movie_id": "302", "genres": ["Crime", "Film-Noir", "Mystery", "Thriller"]},
     ]
 }
+EXAMPLE_RANKING_REQUEST = {
+    "context": {"user_id": "196", "age": 49, "gender": "M", "occupation": "writer", "zip_code": "55105"},
+    "candidates": [{"movie_id": "242", "genres": ["Comedy"]}, {"movie_id": "302", "genres": ["Crime", "Film-Noir"]}],
+}
 # Starlette's own errors (an unknown route, a wrong method, a body it cannot parse), in our shape.
 HTTP_KINDS = {404: "not_found", 405: "method_not_allowed"}  # any other 4xx from Starlette: bad_request
 ERROR_KINDS = tuple(sorted({cls.kind for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, UembedError)}
@@ -71,7 +77,7 @@ ERROR_KINDS = tuple(sorted({cls.kind for cls in vars(errors).values() if isinsta
 
 
 class FieldError(BaseModel):
-    field: str = Field(description="Where: `examples[3].user_id`, `version`, `body`.")
+    field: str = Field(description="Where: `examples[3].user_id`, `context.user_id`, `candidates[3].movie_id`, `version`, `body`.")
     message: str
     type: str = Field(description="pydantic's error type, e.g. `missing`, `string_too_long`, `json_invalid`.")
 
@@ -87,7 +93,7 @@ class ErrorBody(BaseModel):
 class ScoreResponse(BaseModel):
     model: str = Field(description="Name of the model that scored the examples.")
     version: str = Field(description="Version that scored them (in-flight requests keep theirs across a reload).")
-    scores: list[float] = Field(description="Probability per example, in request order.")
+    scores: list[float] = Field(description="Probability per example (per candidate), in request order.")
 
 
 class LoadResponse(BaseModel):
@@ -111,19 +117,55 @@ def declared(*kinds: type[UembedError]) -> dict:
 BODY_ERRORS = (ValidationFailed, BodyTooLarge, RequestTimeout)
 
 
+# The two forms of a score request, as the schema states them (so a schema-valid body is never refused for its form).
+REQUEST_FORMS = [
+    {"title": "Examples", "required": ["examples"], "not": {"anyOf": [{"required": ["context"]}, {"required": ["candidates"]}]}},
+    {"title": "Ranking", "required": ["candidates"], "not": {"required": ["examples"]}},
+]
+REQUEST_FORM_RULE = "give either examples, or context and candidates"
+
+
+def request_forms_schema(schema: dict) -> None:
+    # The fields are optional to pydantic (it checks the form after them); the schema says which go together,
+    # and drops the `default: null` that would contradict their types (null is not accepted for any of them).
+    for name in ("examples", "context", "candidates"):
+        schema["properties"][name].pop("default", None)
+    schema["oneOf"] = REQUEST_FORMS
+    schema["examples"] = [EXAMPLE_REQUEST, EXAMPLE_RANKING_REQUEST]
+
+
+class ScoreRequestForms(BaseModel):
+    """Either ``examples``, or ``candidates`` with an optional ``context`` shared by them all; the fields are
+    added per deployment by :func:`score_request_model`, with its limits."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=request_forms_schema)
+
+    @model_validator(mode="after")
+    def one_form(self):
+        if self.examples is not None and (self.candidates is not None or self.context is not None):
+            raise PydanticCustomError("request_form", f"{REQUEST_FORM_RULE}, not both")
+        if self.examples is None and self.candidates is None:
+            rule = f"context goes with candidates: {REQUEST_FORM_RULE}" if self.context is not None else REQUEST_FORM_RULE
+            raise PydanticCustomError("request_form", rule)
+        return self
+
+
 def score_request_model(settings: ServiceSettings) -> type[BaseModel]:
     """The request body, with this deployment's limits in its schema."""
+    example = dict[Annotated[str, Field(max_length=128)], FeatureValue]
+    examples = Annotated[list[example], Field(min_length=1, max_length=settings.max_examples)]
     return create_model(
         "ScoreRequest",
-        examples=(
-            Annotated[
-                list[dict[Annotated[str, Field(max_length=128)], FeatureValue]],
-                Field(min_length=1, max_length=settings.max_examples, description="Feature name -> value, per example."),
-            ],
-            ...,
-        ),
+        __base__=ScoreRequestForms,
+        __doc__="Either `examples`, each with all its features, or `candidates` and a `context`: the context's "
+        "features are the same for every candidate (a ranking request's user), sent and encoded once. The scores "
+        "are identical to sending each candidate with the context's features copied into it.",
+        examples=(examples, Field(None, description="Feature name -> value, per example.")),
+        context=(example, Field(None, description="Feature name -> value, shared by every candidate: encoded once "
+                                "per request. A feature goes in the context or in the candidates, not both.")),  # fmt: skip
+        candidates=(examples, Field(None, description="Feature name -> value, per candidate (with `context`); the "
+                                    "same limits as `examples`. Scores come back in candidate order.")),  # fmt: skip
         model=(str | None, Field(None, max_length=128, description="Model name; the first loaded model when left out.")),
-        __config__={"extra": "forbid", "json_schema_extra": {"examples": [EXAMPLE_REQUEST]}},
     )
 
 
@@ -150,6 +192,17 @@ def examples_schema(engine: ScoringEngine, settings: ServiceSettings) -> dict | 
         return None
     return {"type": "object", "properties": properties, "additionalProperties": False,
             "description": "Feature name -> value. Features of the loaded models: " + ", ".join(properties)}  # fmt: skip
+
+
+def given_twice_schema(features: list[str]) -> dict:
+    """A ranking request that gives a feature both in its context and in a candidate (refused with a 422)."""
+    return {
+        "required": ["context", "candidates"],
+        "anyOf": [
+            {"properties": {"context": {"required": [name]}, "candidates": {"contains": {"required": [name]}}}}
+            for name in features
+        ],
+    }
 
 
 def field_path(location: tuple) -> str:
@@ -310,10 +363,13 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         "/v1/score",
         response_model=ScoreResponse,
         responses=declared(*BODY_ERRORS, errors.ExampleError, NotFound, errors.Overloaded, errors.NotReady, errors.DeadlineExceeded),
-        summary="Score examples",
+        summary="Score examples, or a context's candidates",
         description="Each example maps feature names to values; the schema lists the loaded models' features and "
-        "what each takes. A `model` that is not loaded is a 404. With several models loaded the schema lists "
-        "the union of their features, and a feature of another model is a 422 naming it.",
+        "what each takes. A ranking request sends the features its candidates share once, as `context`, and "
+        "`candidates` with their own: the context is checked and encoded once, and the scores are those of the "
+        "flat examples. Errors name `examples[i].feature`, `context.feature` or `candidates[i].feature`. A "
+        "`model` that is not loaded is a 404. With several models loaded the schema lists the union of their "
+        "features, and a feature of another model is a 422 naming it.",
     )
     async def score(request: Request, body: ScoreRequest) -> Response:  # type: ignore[valid-type]
         # A request still waiting after ABANDON_GRACE_S starts watching its connection; if the client goes away
@@ -328,7 +384,10 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
 
         timer = asyncio.get_running_loop().call_later(ABANDON_GRACE_S, lambda: watcher.append(asyncio.ensure_future(cancel_when_gone())))
         try:
-            scores, runtime = await engine.score(body.examples, body.model)
+            if body.candidates is not None:
+                scores, runtime = await engine.score(body.candidates, body.model, context=body.context or {})
+            else:
+                scores, runtime = await engine.score(body.examples, body.model)
         except asyncio.CancelledError as exc:
             if exc.args != (ABANDONED,) or task.uncancel():  # another cancel too (a shutdown): let it through
                 raise
@@ -389,8 +448,11 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         example = examples_schema(engine, settings)
         if example is not None:
-            request = schema["components"]["schemas"]["ScoreRequest"]["properties"]["examples"]
-            request["items"] = example
+            request = schema["components"]["schemas"]["ScoreRequest"]
+            fields = request["properties"]
+            fields["examples"]["items"] = fields["candidates"]["items"] = example
+            fields["context"] = {**example, "description": fields["context"]["description"]}
+            request["not"] = given_twice_schema(list(example["properties"]))
         return schema
 
     app.openapi = openapi

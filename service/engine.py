@@ -10,6 +10,7 @@ never the loop.
     engine.load(path)                     # validate, warm, make it the model's live version
     await engine.astart()
     scores, runtime = await engine.score([{"user_id": "196"}])
+    scores, runtime = await engine.score([{"movie_id": "242"}, {"movie_id": "302"}], context={"user_id": "196"})
     await engine.astop()                  # drains what was admitted
 """
 
@@ -224,12 +225,16 @@ class ScoringEngine:
             self.redis.close()
 
     # --- scoring --------------------------------------------------------------------------
-    async def score(self, examples: list[dict], model: str | None = None) -> tuple[np.ndarray, ModelRuntime]:
+    async def score(
+        self, examples: list[dict], model: str | None = None, context: dict | None = None
+    ) -> tuple[np.ndarray, ModelRuntime]:
+        """Scores of ``examples`` in order; with ``context``, the examples are a ranking request's candidates and the
+        context's features (shared by all of them) are canonicalised and hashed once."""
         if self.closing or not self.running:
             self.metrics.rejected.labels("shutting_down").inc()
             raise Overloaded("the service is shutting down")
         runtime = self.runtime(model)
-        canonical = runtime.canonicalise(examples)
+        canonical = runtime.canonicalise(examples, context)
         for feature, count in canonical.truncated.items():
             self.metrics.truncated.labels(feature).inc(count)
         if self.queued_examples + canonical.count > self.settings.max_queue_examples and self.queue:

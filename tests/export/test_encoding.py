@@ -4,10 +4,12 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from export.encoding import ExampleEncoder, ValueLimits
 from export.loader import load_bundle
 from export.scorer import ReferenceScorer
+from model.errors import ExampleError
 from model.known import KnownValues
 from service.runtime import ModelRuntime
 
@@ -52,3 +54,67 @@ def test_value_caches_stay_within_their_bytes(bundle_store):
         tracemalloc.stop()
     assert 0 < encoder.cached_bytes() <= budget
     assert held < 2 * budget, f"{held / 2**20:.1f} MiB held for a {budget / 2**20:.0f} MiB budget"
+
+
+USER = ("user_id", "age", "gender", "occupation", "zip_code")
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**20], ids=["no-caches", "caches"])
+@pytest.mark.parametrize("shared", [USER, ("user_id", "genres")], ids=["user", "with-multivalent"])
+def test_a_context_encodes_as_its_values_copied_into_every_candidate(bundle_store, movielens_examples, cache_bytes, shared):
+    """A ranking request (context + candidates) hashes to the rows and weights of the flat examples, alone and
+    in a batch with flat requests; its context is kept once, not once per candidate."""
+    bundle = load_bundle(bundle_store / "movielens" / "1")
+    encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits(), cache_bytes, bundle.known_values)
+    context = {name: movielens_examples[0][name] for name in shared}
+    candidates = [{k: v for k, v in example.items() if k not in shared} for example in movielens_examples[:30]]
+    flat = [{**context, **candidate} for candidate in candidates]
+    before, after = movielens_examples[100:107], movielens_examples[200:203]
+
+    ranked = encoder.canonicalise(candidates, context)
+    assert ranked.count == len(candidates) and ranked.ids == len(candidates) * encoder.slots
+    assert ranked.shared == set(shared) and all(len(ranked.values[name]) == 1 for name in shared)
+    for pass_ in ("cold", "warm"):  # warm: the row and value caches answer
+        for got, want in zip(encoder.hash([encoder.canonicalise(candidates, context)]), encoder.encode(flat)):
+            np.testing.assert_array_equal(got, want, err_msg=pass_)
+        mixed = encoder.hash([encoder.canonicalise(before), encoder.canonicalise(candidates, context), encoder.canonicalise(after)])
+        for got, want in zip(mixed, encoder.encode(before + flat + after)):
+            np.testing.assert_array_equal(got, want, err_msg=pass_)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**20], ids=["no-caches", "caches"])
+def test_a_context_value_counts_once_per_request(bundle_store, cache_bytes):
+    """Unseen values and cut lists in a context are counted once per request, not once per candidate."""
+    bundle = load_bundle(bundle_store / "movielens" / "1")
+    encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits(), cache_bytes, bundle.known_values)
+    width = encoder.widths["genres"]
+    context = {"user_id": "a-user-training-never-saw", "genres": ["Comedy"] * (width + 1)}
+    candidates = [{"movie_id": "242"}, {"movie_id": "302"}, {"movie_id": "1"}]
+    encoder.take_unseen()
+    ranked = encoder.canonicalise(candidates, context)
+    encoder.hash([ranked])
+    assert ranked.truncated == {"genres": 1}
+    assert encoder.take_unseen()["user_id"] == 1
+    flat = encoder.canonicalise([{**context, **c} for c in candidates])
+    encoder.hash([flat])
+    assert flat.truncated == {"genres": 3}
+    assert encoder.take_unseen()["user_id"] == 3
+
+
+@pytest.mark.parametrize("context,candidates,message", [
+    ({"user_id": "196"}, [{"movie_id": "1"}, {"movie_id": "2", "user_id": "196"}],
+     "candidates[1].user_id: also given in context (a feature goes in the context or in the candidates, not both)"),
+    ({"user_idd": "196"}, [{}], "context: unknown feature user_idd; this model takes"),
+    ({}, [{}, {"movie": "1"}], "candidates[1]: unknown feature movie;"),
+    ({"zip_code": "9" * 300}, [{}], "context.zip_code: a value of 300 characters is longer than the limit of 256"),
+    ({"user_id": ["1", "2"]}, [{}], "context.user_id: takes one value, got a list"),
+    ({}, [{"movie_id": ["1", "2"]}], "candidates[0].movie_id: takes one value, got a list"),
+    ([("user_id", "1")], [{}], "context: an object of feature -> value, got list"),
+    ({}, [{}, 3], "candidates[1]: an example is an object of feature -> value, got int"),
+])  # fmt: skip
+def test_a_ranking_request_s_errors_name_the_context_or_the_candidate(bundle_store, context, candidates, message):
+    bundle = load_bundle(bundle_store / "movielens" / "1")
+    encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits())
+    with pytest.raises(ExampleError) as refused:
+        encoder.canonicalise(candidates, context)
+    assert str(refused.value).startswith(message)

@@ -10,6 +10,8 @@ import pytest
 from tests.service.inprocess import InProcessService
 
 GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
+CONTEXT = {"user_id": "196", "age": 49, "gender": "M", "occupation": "writer", "zip_code": "55105"}
+CANDIDATES = [{"movie_id": "242", "genres": ["Comedy"]}, {"movie_id": "302", "genres": ["Crime", "Film-Noir"]}]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,29 @@ BAD_BODIES = [
     ("absurd list", json.dumps({"examples": [{"genres": ["Comedy"] * 17}]}).encode(), 422, "examples[0].genres"),
     ("unknown model", json.dumps({"examples": [GOOD], "model": "nope"}).encode(), 404, "model"),
     ("oversized body", json.dumps({"examples": [{"user_id": "1" * 60}] * 2000}).encode(), 413, "body"),
+    # The ranking form: the same limits, errors naming context.feature and candidates[i].feature.
+    ("no candidates", json.dumps({"context": CONTEXT, "candidates": []}).encode(), 422, "candidates"),
+    ("too many candidates", json.dumps({"context": CONTEXT, "candidates": CANDIDATES * 5}).encode(), 422, "candidates"),
+    ("candidate not an object", json.dumps({"context": CONTEXT, "candidates": [CANDIDATES[0], "242"]}).encode(), 422, "candidates[1]"),
+    ("context not an object", json.dumps({"context": ["196"], "candidates": CANDIDATES}).encode(), 422, "context"),
+    ("unknown feature in context", json.dumps({"context": {"user": "196"}, "candidates": CANDIDATES}).encode(), 422,
+     "context: unknown feature user;"),
+    ("unknown feature in a candidate", json.dumps({"context": CONTEXT, "candidates": [{}, {"movie": "1"}]}).encode(), 422,
+     "candidates[1]: unknown feature movie;"),
+    ("feature in context and candidate", json.dumps({"context": CONTEXT, "candidates": [{}, {"age": 3}]}).encode(), 422,
+     "candidates[1].age: also given in context"),
+    ("absurd string in context", json.dumps({"context": {"zip_code": "9" * 100}, "candidates": CANDIDATES}).encode(), 422,
+     "context.zip_code: a value of 100 characters is longer than the limit of 64"),
+    ("list for a single-valued feature in context", json.dumps({"context": {"user_id": ["1", "2"]}, "candidates": CANDIDATES}).encode(),
+     422, "context.user_id: takes one value"),
+    ("NaN in a candidate", b'{"context": {}, "candidates": [{}, {"age": NaN}]}', 422, "candidates[1].age"),
+    ("examples and candidates", json.dumps({"examples": [GOOD], "candidates": CANDIDATES}).encode(), 422,
+     "body: give either examples, or context and candidates, not both"),
+    ("examples and context", json.dumps({"examples": [GOOD], "context": CONTEXT}).encode(), 422, "body: give either examples"),
+    ("context without candidates", json.dumps({"context": CONTEXT}).encode(), 422, "body: context goes with candidates"),
+    ("null candidates", json.dumps({"context": CONTEXT, "candidates": None}).encode(), 422, "candidates"),
+    ("ranking with an unknown model", json.dumps({"context": CONTEXT, "candidates": CANDIDATES, "model": "nope"}).encode(), 404, "model"),
+    ("oversized ranking body", json.dumps({"context": CONTEXT, "candidates": [{"movie_id": "1" * 60}] * 2000}).encode(), 413, "body"),
 ]
 
 
@@ -105,6 +130,24 @@ def test_the_service_still_scores_after_bad_requests(app):
     assert app.metrics().get('uembed_http_requests_total{route="/v1/score",status="500"}', 0) == 0
 
 
+@pytest.mark.parametrize("shared", [tuple(CONTEXT), ("user_id", "genres"), ()], ids=["user", "with-multivalent", "empty"])
+def test_a_ranking_request_scores_exactly_as_its_flat_examples(app, movielens_examples, shared):
+    """context + candidates gives the flat form's floats, in candidate order."""
+    context = {name: movielens_examples[0][name] for name in shared}
+    candidates = [{k: v for k, v in example.items() if k not in shared} for example in movielens_examples[10:18]]
+    flat = app.score([{**context, **candidate} for candidate in candidates])
+    ranked = app.post("/v1/score", json={"context": context, "candidates": candidates})
+    assert flat.status_code == ranked.status_code == 200, ranked.text
+    assert ranked.json() == flat.json()
+    assert len(set(ranked.json()["scores"])) > 1  # distinct candidates, so the order is checked too
+    reversed_ = app.post("/v1/score", json={"context": context, "candidates": candidates[::-1], "model": "movielens"})
+    assert reversed_.json()["scores"] == flat.json()["scores"][::-1]
+
+
+def test_candidates_without_a_context_score_as_examples(app):
+    assert app.post("/v1/score", json={"candidates": [GOOD]}).json() == app.score([GOOD]).json()
+
+
 def test_a_missing_feature_scores_as_the_missing_value(app):
     explicit = {"user_id": "196", "movie_id": None, "genres": [], "age": None}
     left_out = {"user_id": "196"}
@@ -151,6 +194,36 @@ def test_openapi_states_the_features_limits_and_every_status(app):
     assert {"401", "404", "422"} <= set(load)
     metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == [app.get("/metrics").headers["content-type"]]
+
+
+def test_openapi_states_the_two_request_forms(app):
+    """The schema says which fields go together, so a body it accepts is scored and one it refuses is a 422
+    (schemathesis checks both ways in test_contract.py; here, the cases it may not happen to generate)."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")  # schemathesis's validator (the dev extra)
+    request = app.get("/openapi.json").json()["components"]["schemas"]["ScoreRequest"]
+    fields = request["properties"]
+    assert fields["candidates"]["items"] == fields["examples"]["items"] and fields["candidates"]["maxItems"] == 8
+    assert fields["context"]["properties"] == fields["examples"]["items"]["properties"]
+    assert fields["context"]["additionalProperties"] is False
+    ranking = request["examples"][1]
+    assert ranking["context"]["user_id"] == "196" and ranking["candidates"][1]["movie_id"] == "302"
+    schema = jsonschema_rs.Draft202012Validator(request)
+    bodies = [
+        *request["examples"],
+        {"candidates": [{"movie_id": "1"}]},
+        {"context": {}, "candidates": [{}], "model": "movielens"},
+        {"examples": [GOOD], "candidates": CANDIDATES},
+        {"examples": [GOOD], "context": {}},
+        {"context": CONTEXT},
+        {"context": CONTEXT, "candidates": [{}, {"movie_id": "1", "user_id": "2"}]},
+        {"context": {"genres": []}, "candidates": [{"genres": "Comedy"}]},
+        {"context": CONTEXT, "candidates": None},
+        {},
+    ]
+    for body in bodies:
+        response = app.post("/v1/score", json=body)
+        assert response.status_code == (200 if schema.is_valid(body) else 422), (body, response.text)
+    assert sum(schema.is_valid(body) for body in bodies) == 4
 
 
 def test_reload_needs_the_token(app):

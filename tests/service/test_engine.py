@@ -40,6 +40,36 @@ def test_concurrent_requests_are_merged_into_batches(bundle_store, movielens_exa
     assert sample_count(engine, "uembed_batch_examples_sum") == 200
 
 
+def test_ranking_requests_batch_with_flat_ones_and_score_as_their_flat_examples(bundle_store, movielens_examples):
+    """Requests with a context (one per user, its candidates the user's examples) and flat requests, merged
+    into batches: each scores as its examples sent flat, and the batch's size is the candidates'."""
+    path = bundle_store / "movielens" / "1"
+    user = ("user_id", "age", "gender", "occupation", "zip_code")
+    requests = []
+    for start in range(0, 120, 12):
+        chunk = movielens_examples[start : start + 12]
+        if start % 24:
+            requests.append((None, chunk))
+        else:
+            context = {name: chunk[0][name] for name in user}
+            requests.append((context, [{k: v for k, v in e.items() if k not in user} for e in chunk]))
+    flat = [[{**(context or {}), **example} for example in examples] for context, examples in requests]
+    expected = ReferenceScorer(load_bundle(path)).score([example for examples in flat for example in examples])
+
+    async def main():
+        engine = ScoringEngine(load_settings(max_wait_ms=5))
+        engine.load(path)
+        await engine.astart()
+        results = await asyncio.gather(*(engine.score(examples, context=context) for context, examples in requests))
+        await engine.astop()
+        return engine, np.concatenate([scores for scores, _ in results])
+
+    engine, scores = run(main())
+    np.testing.assert_allclose(scores, expected, atol=1e-6, rtol=0)
+    assert sample_count(engine, "uembed_batch_examples_count") < len(requests)  # merged
+    assert sample_count(engine, "uembed_batch_examples_sum") == 120
+
+
 def test_a_failing_batch_fails_its_requests_and_not_the_loop(bundle_store, movielens_examples):
     async def main():
         engine = ScoringEngine(load_settings())

@@ -59,3 +59,14 @@ def test_batch_invariance_over_http(start_service, bundle_store, movielens_examp
     for index in (0, 137, 511):
         alone = score(service, [batch[index]]).json()["scores"][0]
         assert alone == in_batch[index]
+
+
+def test_a_ranking_request_over_http_scores_as_its_flat_examples(start_service, bundle_store, movielens_examples):
+    service = start_service([bundle_store / "movielens" / "1"], max_examples=512)
+    user = ("user_id", "age", "gender", "occupation", "zip_code")
+    context = {name: movielens_examples[0][name] for name in user}
+    candidates = [{k: v for k, v in example.items() if k not in user} for example in movielens_examples[:300]]
+    flat = score(service, [{**context, **candidate} for candidate in candidates])
+    ranked = httpx.post(f"{service.url}/v1/score", json={"context": context, "candidates": candidates}, timeout=30)
+    assert ranked.status_code == 200, ranked.text
+    assert ranked.json()["scores"] == flat.json()["scores"]

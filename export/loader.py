@@ -4,11 +4,25 @@
 missing, truncated or altered (size and sha256 of every file), whose row files do not
 have the declared shape, or whose hashing test vectors this build does not reproduce.
 Every refusal is a :class:`BundleError` naming the file and the reason.
+
+Row files are by far the largest (gigabytes at Criteo scale), and a sha256 reads every
+byte. ``load_bundle(path, defer_row_checks=True)`` maps them after checking their size and
+shape only, and returns their sha256 checks as :class:`RowChecks`, which run on a thread
+(hashlib releases the GIL): the caller decides what may happen before they pass (the
+service: nothing is scored, ``/readyz`` answers 503). Either way each byte is read once at
+start-up, and that read also brings the rows into the page cache.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
+import logging
+import mmap
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +34,8 @@ from model.features import FeatureSpec
 from model.hashing import SPEC_VERSION
 from model.known import KnownValues
 from model.plan import EmbeddingPlan
+
+log = logging.getLogger("uembed.bundle")
 
 
 @dataclass
@@ -44,6 +60,44 @@ class TableRows:
     def nbytes(self) -> int:
         return int(self.data.nbytes + (self.scale_bias.nbytes if self.scale_bias is not None else 0))
 
+    def resident_bytes(self) -> int:
+        """Bytes of the mapped row files now in memory (the page cache, shared by every process mapping them)."""
+        arrays = [self.data] if self.scale_bias is None else [self.data, self.scale_bias]
+        return sum(resident_bytes(array) for array in arrays)
+
+
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _page_span(array: np.ndarray) -> tuple[int, int]:
+    start = array.ctypes.data // PAGE * PAGE
+    return start, array.ctypes.data + array.nbytes - start
+
+
+def advise_random_access(array: np.ndarray) -> None:
+    """madvise(MADV_RANDOM) on a mapped array: a page fault reads its page, not the device's read-ahead window
+    (8 MiB on some disks), which a lookup of scattered rows would waste on rows nobody asked for."""
+    if array.nbytes:
+        start, length = _page_span(array)
+        if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), mmap.MADV_RANDOM) != 0:
+            log.warning("madvise(MADV_RANDOM) failed: %s", os.strerror(ctypes.get_errno()))
+
+
+def resident_bytes(array: np.ndarray) -> int:
+    """Bytes of ``array``'s pages in memory, by mincore(2): for a memory-mapped file, how much of it is cached
+    (whoever read it); for an ordinary array, its resident pages. Whole pages, so up to a page over nbytes."""
+    if array.nbytes == 0:
+        return 0
+    start, length = _page_span(array)
+    pages = (length + PAGE - 1) // PAGE
+    flags = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), flags) != 0:
+        raise OSError(ctypes.get_errno(), f"mincore: {os.strerror(ctypes.get_errno())}")
+    return int(np.count_nonzero(np.frombuffer(flags, dtype=np.uint8) & 1)) * PAGE
+
 
 @dataclass
 class Bundle:
@@ -54,6 +108,7 @@ class Bundle:
     tables: dict[str, TableRows]
     bias: np.ndarray  # float32 [n bias columns], added at plan.bias_columns()
     known_values: dict[str, KnownValues] = field(default_factory=dict)  # feature -> values seen in training
+    row_checks: RowChecks | None = None  # deferred sha256 checks of the row files (None: all checked at load)
 
     @property
     def name(self) -> str:
@@ -68,7 +123,71 @@ class Bundle:
         return self.path / self.manifest["dense"]["file"]
 
 
-def _check_file(root: Path, entry: dict) -> Path:
+class RowChecks:
+    """The sha256 checks of a bundle's row files, run once on a thread: progress, outcome, a wait."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, root: Path, entries: list[dict]) -> None:
+        self.root = root
+        self.entries = entries
+        self.total_bytes = sum(e["bytes"] for e in entries)
+        self.checked_bytes = 0
+        self.error: BundleError | None = None
+        self.seconds: float | None = None
+        self.done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> RowChecks:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.run, name="uembed-row-checks", daemon=True)
+            self._thread.start()
+        return self
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            for entry in self.entries:
+                digest = hashlib.sha256()
+                with (self.root / entry["file"]).open("rb") as handle:
+                    while block := handle.read(self.CHUNK):
+                        digest.update(block)
+                        self.checked_bytes += len(block)
+                if digest.hexdigest() != entry["sha256"]:
+                    raise BundleError(f"bundle {self.root}: file {entry['file']} fails its sha256 checksum (corrupt or altered bytes)")
+        except BundleError as exc:
+            self.error = exc
+        except OSError as exc:
+            self.error = BundleError(f"bundle {self.root}: reading its row files failed: {exc}")
+        self.seconds = time.perf_counter() - started
+        if self.error is None:
+            log.info("bundle %s: %d row files (%.2f GB) pass their sha256 checks in %.1fs",
+                     self.root, len(self.entries), self.total_bytes / 1e9, self.seconds)  # fmt: skip
+        else:
+            log.error("%s", self.error)
+        self.done.set()
+
+    @property
+    def passed(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Run the checks here if nobody started them; raise the BundleError of a failed one."""
+        if self._thread is None:
+            self.run()
+        self.done.wait(timeout_s)
+        if self.error is not None:
+            raise self.error
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"failed: {self.error}"
+        if self.done.is_set():
+            return "passed"
+        return f"checking: {self.checked_bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB"
+
+
+def _check_file(root: Path, entry: dict, checksum: bool = True) -> Path:
     relative = entry.get("file", "?")
     path = root / relative
     if not path.is_file():
@@ -77,13 +196,13 @@ def _check_file(root: Path, entry: dict) -> Path:
     if size != entry["bytes"]:
         state = "truncated" if size < entry["bytes"] else "larger than recorded"
         raise BundleError(f"bundle {root}: file {relative} is {state} ({size} bytes, manifest says {entry['bytes']})")
-    if sha256_file(path) != entry["sha256"]:
+    if checksum and sha256_file(path) != entry["sha256"]:
         raise BundleError(f"bundle {root}: file {relative} fails its sha256 checksum (corrupt or altered bytes)")
     return path
 
 
-def _load_array(root: Path, entry: dict, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    path = _check_file(root, entry)
+def _load_array(root: Path, entry: dict, dtype: str, shape: tuple[int, ...], checksum: bool = True) -> np.ndarray:
+    path = _check_file(root, entry, checksum)
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
@@ -118,17 +237,18 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Validate every file of a bundle and return it ready to score."""
+def load_bundle(path: str | Path, defer_row_checks: bool = False) -> Bundle:
+    """Validate every file of a bundle and return it ready to score; with ``defer_row_checks`` the row
+    files' sha256 checks are left to ``bundle.row_checks`` (not started: call ``start()`` or ``wait()``)."""
     root = Path(path)
     manifest = read_manifest(root)
     try:
-        return _load(root, manifest)
+        return _load(root, manifest, defer_row_checks)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle {root}: manifest.json is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
 
 
-def _load(root: Path, manifest: dict) -> Bundle:
+def _load(root: Path, manifest: dict, defer_row_checks: bool = False) -> Bundle:
     vocabularies = {}
     known = {}
     specs = {}
@@ -152,12 +272,17 @@ def _load(root: Path, manifest: dict) -> Bundle:
     plan = EmbeddingPlan.from_dict(manifest["embedding"], vocabularies)
 
     tables = {}
+    deferred = []
     for entry in manifest["tables"]:
         shape = (entry["rows"], entry["dim"])
-        data = _load_array(root, entry, NUMPY_ROW_DTYPE[entry["dtype"]], shape)
+        data = _load_array(root, entry, NUMPY_ROW_DTYPE[entry["dtype"]], shape, checksum=not defer_row_checks)
+        deferred.append(entry)
         scale_bias = None
         if entry["dtype"] == "int8":
-            scale_bias = np.asarray(_load_array(root, entry["scale_bias"], "float32", (entry["rows"], 2)))
+            scale_bias = _load_array(root, entry["scale_bias"], "float32", (entry["rows"], 2), checksum=not defer_row_checks)
+            deferred.append(entry["scale_bias"])
+        for array in (data, scale_bias) if scale_bias is not None else (data,):
+            advise_random_access(array)
         tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], entry["dtype"], data, scale_bias)
     for table in plan.tables:
         if table.name not in tables:
@@ -181,4 +306,5 @@ def _load(root: Path, manifest: dict) -> Bundle:
     bias = np.concatenate(bias_parts) if bias_parts else np.zeros(0, dtype=np.float32)
     if bias.size != plan.bias_columns().size:
         raise BundleError(f"bundle {root}: manifest.json has {bias.size} bias values, the plan needs {plan.bias_columns().size}")
-    return Bundle(root, manifest, plan, specs, tables, bias, known)
+    row_checks = RowChecks(root, deferred) if defer_row_checks else None
+    return Bundle(root, manifest, plan, specs, tables, bias, known, row_checks)

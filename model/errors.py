@@ -126,7 +126,7 @@ class NotReady(UembedError):
     kind = "not_ready"
     status = 503
     headers = {"Retry-After": "1"}
-    description = "No model is loaded yet"
+    description = "No model is loaded yet, or its row files are still being checked (row_checks=background)"
 
 
 class DeadlineExceeded(UembedError):

@@ -74,6 +74,7 @@ class ScoringEngine:
                 bucket_rows=settings.redis_bucket_rows,
                 fill_queue=settings.redis_fill_queue,
             )
+        self._files_observed = -float("inf")
         self.queue: deque[Pending] = deque()
         self.queued_examples = 0
         self.running = False
@@ -85,9 +86,17 @@ class ScoringEngine:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uembed-compute")
 
     # --- models ---------------------------------------------------------------------------
-    def open(self, path: str | Path) -> ModelRuntime:
-        """Load and validate a bundle and score one example with it (not yet live)."""
-        bundle = load_bundle(path)
+    BACKGROUND_ROW_CHECKS_BYTES = 64 * 2**20  # row files under this, in all, are checked before serving anyway
+
+    def open(self, path: str | Path, defer_row_checks: bool = False) -> ModelRuntime:
+        """Load and validate a bundle and score one example with it (not yet live). With ``defer_row_checks`` the
+        row files' sha256 checks start on a thread and the model refuses to score (503) until they pass."""
+        bundle = load_bundle(path, defer_row_checks=defer_row_checks)
+        if bundle.row_checks is not None:
+            if bundle.row_checks.total_bytes < self.BACKGROUND_ROW_CHECKS_BYTES:
+                bundle.row_checks.wait()  # small files: checked here, as fast as starting a thread
+            else:
+                bundle.row_checks.start()
         runtime = open_runtime(bundle, self.settings, self.redis)
         runtime.score_encoded(*runtime.hash([runtime.canonicalise([{}])]))
         runtime.encoder.take_unseen()
@@ -105,6 +114,7 @@ class ScoringEngine:
         self.default_model = self.default_model or runtime.name
         if previous is not None:
             self.metrics.model_info.remove(previous.name, previous.version, previous.plan.method, rows_dtype(previous))
+        self._files_observed = -float("inf")  # the next scrape reports the new version's files
         self.metrics.model_info.labels(runtime.name, runtime.version, runtime.plan.method, rows_dtype(runtime)).set(1)
         # Series that exist before their first event, so dashboards show 0 rather than "no data".
         self.metrics.reloads.labels(runtime.name, "ok")
@@ -116,7 +126,8 @@ class ScoringEngine:
         self._observe_memory(runtime)
 
     def load(self, path: str | Path) -> ModelRuntime:
-        runtime = self.open(path)
+        """Load a bundle at start-up (row checks per ``settings.row_checks``) and make it live."""
+        runtime = self.open(path, defer_row_checks=self.settings.row_checks == "background")
         self.activate(runtime)
         log.info("serving %s version %s from %s", runtime.name, runtime.version, runtime.bundle.path)
         return runtime
@@ -152,7 +163,11 @@ class ScoringEngine:
         chosen = name or self.default_model
         if chosen not in self.models:
             raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models)}")
-        return self.models[chosen]
+        runtime = self.models[chosen]
+        checks = runtime.bundle.row_checks
+        if checks is not None and not checks.passed:
+            raise NotReady(f"model {chosen} version {runtime.version}: row files {checks.describe()}")
+        return runtime
 
     def describe(self) -> list[dict]:
         out = []
@@ -172,7 +187,7 @@ class ScoringEngine:
                             "rows": store.table.rows,
                             "dim": store.table.dim,
                             "dtype": store.table.dtype,
-                            "bytes": memory[store.table.name],
+                            "bytes": {**memory[store.table.name], "file": store.table.nbytes},  # file: mapped
                             "hot_rows_capacity": store.hot.capacity if store.hot is not None else 0,
                             "hot_rows_on_device": store.hot_on_device,
                             "redis": self.redis is not None,
@@ -180,6 +195,7 @@ class ScoringEngine:
                         for store in runtime.stores
                     ],
                     "training": {k: runtime.bundle.manifest["training"].get(k) for k in ("dataset", "test_auc", "test_logloss")},
+                    "row_checks": runtime.bundle.row_checks.describe() if runtime.bundle.row_checks else "passed",
                 }
             )
         return out
@@ -359,6 +375,20 @@ class ScoringEngine:
         for table, tiers in runtime.memory_bytes().items():
             for tier, value in tiers.items():
                 self.metrics.table_memory.labels(runtime.name, table, tier).set(value)
+
+    FILE_BYTES_EVERY_S = 5.0
+
+    def observe_files(self) -> None:
+        """Mapped and resident bytes of every live model's row files, at most every FILE_BYTES_EVERY_S
+        (a mincore pass over a 100 M-row table takes tenths of a second: run it off the event loop)."""
+        now = time.monotonic()
+        if now - self._files_observed < self.FILE_BYTES_EVERY_S:
+            return
+        self._files_observed = now
+        for runtime in list(self.models.values()):
+            for table, states in runtime.file_bytes().items():
+                for state, value in states.items():
+                    self.metrics.table_file.labels(runtime.name, table, state).set(value)
 
     async def ready(self) -> ModelRuntime:
         """Ready when a model is loaded and one example goes through the batcher and back."""

@@ -63,9 +63,17 @@ class ServiceMetrics:
         self.examples = Counter("uembed_scored_examples_total", "Examples scored.", ["model"], registry=r)
         self.table_memory = Gauge(
             "uembed_table_memory_bytes",
-            "Bytes per table and tier: hot (tier 1 records in process), device (tier 1 rows in GPU memory), "
-            "file (tier 3 mapped row files).",
+            "Bytes each process holds of its own, per table and tier: hot (tier 1 records in process memory), "
+            "device (tier 1 rows in GPU memory). Summed over workers. The row files are shared: "
+            "uembed_table_file_bytes.",
             ["model", "table", "tier"], registry=r, multiprocess_mode="livesum",
+        )
+        self.table_file = Gauge(
+            "uembed_table_file_bytes",
+            "Tier 3, a table's row files, shared by every worker through the page cache (not summed over workers): "
+            "mapped (their size) and resident (how much of them is in memory now, by mincore(2); refreshed at "
+            "most every few seconds, when /metrics is read).",
+            ["model", "table", "state"], registry=r, multiprocess_mode="mostrecent",
         )
         self.row_hits = Counter(
             "uembed_row_cache_hits_total", "Row lookups answered by a tier (hot, redis; file answers the rest).",

@@ -402,7 +402,11 @@ class TableStore:
         return counts
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes per tier: tier 1 resident records (``device`` when they sit in GPU memory), tier 3 the mapped
-        row files (Redis is shared: see INFO)."""
+        """Bytes of tier 1 this process holds: resident records (``device`` when they sit in GPU memory). The row
+        files (tier 3) are shared through the page cache: ``file_bytes``; Redis is shared too: see its INFO."""
         hot = self.hot.nbytes if self.hot is not None else 0
-        return {"device" if self.hot_on_device else "hot": hot, "file": self.table.nbytes}
+        return {"device" if self.hot_on_device else "hot": hot}
+
+    def file_bytes(self) -> dict[str, int]:
+        """Tier 3: the row files' size (mapped) and how much of them is in memory now (resident)."""
+        return {"mapped": self.table.nbytes, "resident": self.table.resident_bytes()}

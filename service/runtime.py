@@ -77,8 +77,12 @@ class ModelRuntime(ReferenceScorer):
         return super().score_encoded(rows, weights)
 
     def memory_bytes(self) -> dict[str, dict[str, int]]:
-        """Per table, bytes per tier."""
+        """Per table, bytes of tier 1 this process holds."""
         return {store.table.name: store.memory_bytes() for store in self.stores}
+
+    def file_bytes(self) -> dict[str, dict[str, int]]:
+        """Per table, the row files' mapped and resident bytes (a mincore pass over each: not per batch)."""
+        return {store.table.name: store.file_bytes() for store in self.stores}
 
 
 def load_torchscript(bundle: Bundle, threads: int):

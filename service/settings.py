@@ -125,6 +125,14 @@ class ServiceSettings(BaseSettings):
         "by access frequency. 0 turns tier 1 off. Tier 1 also keeps a 4-byte slot index per table row, "
         "touched (and so resident) only where rows are cached.",
     )
+    row_checks: Literal["background", "startup"] = Field(
+        "background",
+        description="When the sha256 of the bundles' row files (gigabytes at Criteo scale) is checked. background: "
+        "a bundle with 64 MiB of row files or more starts at once (liveness, metrics) and reads each row file once on a thread; /readyz and "
+        "/v1/score answer 503 until every check passes, and a failed check keeps the model unservable (the "
+        "detail says which file). startup: checked before the worker starts serving. Either way each byte is "
+        "read once, which also brings the rows into the page cache. Reloads always check before switching.",
+    )
     redis_url: str | None = Field(
         None,
         description="Tier 2: redis://host:port/db shared by replicas. Unset (the default): tiers 1 and 3 only.",

@@ -26,7 +26,7 @@ def test_metrics_follow_prometheus_conventions(app):
         "uembed_row_cache_hits_total", "uembed_row_cache_misses_total", "uembed_redis_errors_total",
         "uembed_redis_fallbacks_total", "uembed_model_info", "uembed_model_reloads_total",
         "uembed_rejected_requests_total", "uembed_unseen_values_total", "uembed_abandoned_requests_total",
-        "uembed_value_cache_bytes",
+        "uembed_value_cache_bytes", "uembed_table_file_bytes",
     }  # fmt: skip
     assert expected <= names
     assert not any(name.endswith("_created") for name in names)
@@ -34,7 +34,11 @@ def test_metrics_follow_prometheus_conventions(app):
     for stage in ("queue", "hash", "lookup", "assemble", "dense"):
         assert samples[f'uembed_stage_duration_seconds_count{{stage="{stage}"}}'] >= 1
     assert samples['uembed_model_info{dtype="float32",method="unified",model="movielens",version="1"}'] == 1
-    assert samples['uembed_table_memory_bytes{model="movielens",table="unified",tier="file"}'] > 0
+    mapped = samples['uembed_table_file_bytes{model="movielens",state="mapped",table="unified"}']
+    resident = samples['uembed_table_file_bytes{model="movielens",state="resident",table="unified"}']
+    table = app.get("/v1/models").json()["models"][0]["tables"][0]
+    assert mapped == table["rows"] * table["dim"] * 4
+    assert 0 < resident <= mapped + 4096  # whole pages; the bundle was just written and scored, so it is cached
 
 
 def test_values_unseen_in_training_are_counted_per_feature(app):

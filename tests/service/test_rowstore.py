@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from export.bundle import quantise_rows
+from export.format import quantise_rows
 from export.loader import TableRows
 from service.rowstore import FrequencySketch, HotRows, RedisTier, RowCodec, TableStore
 

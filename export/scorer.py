@@ -58,6 +58,7 @@ class ReferenceScorer:
             (bundle.tables[t.name], np.flatnonzero(slot_tables == i)) for i, t in enumerate(self.plan.tables)
         ]
         self.pooling = self.plan.pooling_matrix()
+        self.one_slot_per_group = self.pooling.shape[0] == self.pooling.shape[1] and np.array_equal(self.pooling, np.eye(len(self.pooling)))
         self.bias_columns = self.plan.bias_columns()
 
     def canonicalise(
@@ -85,8 +86,11 @@ class ReferenceScorer:
 
     def assemble(self, looked_up: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Pool each (feature, lookup), concatenate, add feature biases: float32 [B, E]."""
-        pooled = np.einsum("gs,bsd->bgd", self.pooling, looked_up * weights[..., None])
-        out = pooled.reshape(len(looked_up), -1).astype(np.float32)
+        weighted = looked_up * weights[..., None]
+        if self.one_slot_per_group:  # every (feature, lookup) one slot: pooling is the identity (most plans)
+            out = weighted.reshape(len(looked_up), -1)
+        else:
+            out = np.einsum("gs,bsd->bgd", self.pooling, weighted).reshape(len(looked_up), -1).astype(np.float32)
         if self.bias_columns.size:
             out[:, self.bias_columns] += self.bundle.bias
         return out

@@ -7,7 +7,10 @@ Phases (each prints its figures; all go to a JSON file):
 3. naive      a naive FastAPI service (TorchScript once per request, no batching, no cache) at saturation
 4. redis      Redis memory per cached row (INFO memory over N rows) in our hash layout, and a key per row
 5. hot tier   tier-1 hit rate for Zipf(1.1) traffic over a synthetic 10M-row unified table
-6. gpu        (asked for by name; needs a CUDA device) the CUDA path beside the CPU path over a 100M-row
+6. scale      (asked for by name) a 100M-row Criteo-shaped bundle on 1 and 2 workers: start-up, cold and
+              warm latency, ranking (1 context x 500 candidates) against flat requests, tiers, RSS/PSS per
+              worker, beside the naive design's full tables per worker: ``loadtest/scale_bench.py``
+7. gpu        (asked for by name; needs a CUDA device) the CUDA path beside the CPU path over a 100M-row
               Criteo-shaped table: ``loadtest/gpu_bench.py``
 
 Requests carry 64 real MovieLens-100K examples. Server and load generator share this
@@ -269,6 +272,10 @@ def run_bench(args) -> dict:
         report("redis_memory", redis_memory(args.redis_rows, workdir))
     if "hot" in phases:
         report("hot_tier", hot_tier_hit_rate(args.table_rows, int(args.hot_rows_mb * 2**20), args.hot_batches, workdir))
+    if "scale" in phases:
+        from loadtest.scale_bench import run_scale_bench
+
+        run_scale_bench(args, workdir, report)
     if "gpu" in phases:
         from loadtest.gpu_bench import run_gpu_bench
 

@@ -103,8 +103,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo bundle, built if missing)")
     parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="where the demo bundle lives")
-    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "gpu"), default=["service", "redis", "hot"],
-                        help="gpu is not in the default: it needs a CUDA device and the gpu extra")  # fmt: skip
+    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "scale", "gpu"), default=["service", "redis", "hot"],
+                        help="scale and gpu are not in the default: scale writes a 3.2 GB bundle and needs ~15 GB of "
+                        "memory for its naive baseline; gpu needs a CUDA device and the gpu extra")  # fmt: skip
     parser.add_argument("--examples", type=int, default=64, help="examples per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per measured load phase")
     parser.add_argument("--concurrency", type=int, default=16, help="connections of the closed-loop load")
@@ -113,6 +114,15 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--table-rows", type=int, default=10_000_000, help="rows of the synthetic unified table")
     parser.add_argument("--hot-rows-mb", type=float, default=64.0, help="tier-1 budget for the hit-rate figure")
     parser.add_argument("--hot-batches", type=int, default=4000, help="batches of Zipf traffic (first quarter warms up)")
+    scale = parser.add_argument_group("scale phase", "a 100 M-row bundle, 1 and 2 workers, ranking requests "
+                                      "(loadtest/scale_bench.py); --examples sets the flat requests' size")  # fmt: skip
+    scale.add_argument("--scale-bundle", type=Path, help="a synthetic Criteo-shaped bundle already written (skips writing one)")
+    scale.add_argument("--scale-dir", type=Path, help="where to write the bundle (default: the run's temporary folder)")
+    scale.add_argument("--scale-rows", type=int, default=100_000_000, help="rows of the unified table")
+    scale.add_argument("--scale-dtype", choices=("float32", "float16", "int8"), default="float16", help="row dtype")
+    scale.add_argument("--scale-zipf", type=float, default=1.05, help="Zipf exponent of each feature's values")
+    scale.add_argument("--scale-candidates", type=int, default=500, help="candidates per ranking request")
+    scale.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     gpu = parser.add_argument_group("gpu phase", "the CUDA path beside the CPU path (loadtest/gpu_bench.py)")
     gpu.add_argument("--gpu-table-rows", type=int, default=100_000_000, help="rows of the synthetic Criteo-shaped table")
     gpu.add_argument("--gpu-hot-gib", type=float, default=3.0, help="device tier-1 size, GiB of float32 rows "

@@ -88,13 +88,89 @@ class FrequencySketch:
         return np.min(self.counts[np.arange(len(self.MULTIPLIERS))[:, None], index], axis=0)
 
 
+class SlotIndex:
+    """Row id -> tier-1 slot: an open-addressing hash table (linear probing) in numpy, vectorised per batch.
+
+    Sized by the tier's capacity, not the table's rows: for 2 M cached rows of a 100 M-row table it
+    holds 48 MB, where an array with an entry per table row would grow to 400 MB per worker as
+    scattered rows get cached. Evicted entries become tombstones, cleared by a rebuild once they
+    fill a quarter of the table, so probes stay short (the table is at most half full of live ids).
+    """
+
+    EMPTY, DELETED = -1, -2
+    MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+
+    def __init__(self, capacity: int) -> None:
+        bits = max(4, int(np.ceil(np.log2(max(2 * capacity, 2)))))
+        self.mask = (1 << bits) - 1
+        self.shift = np.uint64(64 - bits)
+        self.keys = np.full(1 << bits, self.EMPTY, dtype=np.int64)
+        self.values = np.zeros(1 << bits, dtype=np.int32)
+        self.deleted = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.values.nbytes)
+
+    def _home(self, ids: np.ndarray) -> np.ndarray:
+        return ((ids.astype(np.uint64) * self.MULTIPLIER) >> self.shift).astype(np.int64)
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """Where each of ``ids`` sits in the table, -1 where absent."""
+        found = np.full(len(ids), -1, dtype=np.int64)
+        pending = np.arange(len(ids))
+        position = self._home(ids)
+        while pending.size:
+            keys = self.keys[position]
+            hit = keys == ids[pending]
+            found[pending[hit]] = position[hit]
+            probing = ~hit & (keys != self.EMPTY)  # past tombstones and other ids, up to an empty entry
+            pending, position = pending[probing], (position[probing] + 1) & self.mask
+        return found
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """Slot of each of ``ids``, -1 where not cached."""
+        position = self._positions(ids)
+        return np.where(position >= 0, self.values[position], -1).astype(np.int64)
+
+    def remove(self, ids: np.ndarray) -> None:
+        position = self._positions(ids)
+        position = position[position >= 0]
+        self.keys[position] = self.DELETED
+        self.deleted += len(position)
+
+    def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Add ``ids`` (unique, not present) owning ``slots``: each takes the first free entry from its home."""
+        pending = np.arange(len(ids))
+        position = self._home(ids)
+        while pending.size:
+            free = np.flatnonzero(self.keys[position] < 0)  # empty, or a tombstone (reusable: ids are absent)
+            won = np.zeros(len(pending), dtype=bool)
+            if free.size:
+                _, first = np.unique(position[free], return_index=True)  # one id per free entry this round
+                winners = free[first]
+                self.deleted -= int(np.count_nonzero(self.keys[position[winners]] == self.DELETED))
+                self.keys[position[winners]] = ids[pending[winners]]
+                self.values[position[winners]] = slots[pending[winners]]
+                won[winners] = True
+            pending, position = pending[~won], (position[~won] + 1) & self.mask
+        if self.deleted > len(self.keys) // 4:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        live = np.flatnonzero(self.keys >= 0)
+        ids, slots = self.keys[live].copy(), self.values[live].copy()
+        self.keys.fill(self.EMPTY)
+        self.deleted = 0
+        self.insert(ids, slots)
+
+
 class HotRows:
     """Tier 1's index and (on the host) its records: at most ``capacity`` rows, admitted by frequency.
 
-    ``slot_of_row`` maps a row id to its slot + 1 (0: not cached). It is allocated with
-    zeros, so the OS maps its pages only where rows were cached. With ``host_records``
-    False the records live elsewhere (GPU memory, ``service/device.py``) and this object
-    only decides which row sits in which slot.
+    ``index`` maps a row id to its slot (:class:`SlotIndex`). With ``host_records`` False the
+    records live elsewhere (GPU memory, ``service/device.py``) and this object only decides
+    which row sits in which slot.
     """
 
     SAMPLE = 4  # eviction looks at this many random slots per admitted row (like Redis' LFU)
@@ -102,7 +178,7 @@ class HotRows:
     def __init__(self, table_rows: int, capacity: int, record_bytes: int, seed: int = 0, host_records: bool = True) -> None:
         self.capacity = int(capacity)
         self.record_bytes = record_bytes
-        self.slot_of_row = np.zeros(table_rows, dtype=np.int32)
+        self.index = SlotIndex(self.capacity)
         self.records = np.empty((self.capacity, record_bytes), dtype=np.uint8) if host_records else None
         self.owner = np.full(self.capacity, -1, dtype=np.int64)
         self.used = 0
@@ -116,13 +192,13 @@ class HotRows:
 
     @property
     def nbytes(self) -> int:
-        """Resident bytes: the records in use (the slot index is counted where touched, at most 4 per row)."""
-        return int(self.used * self.record_bytes)
+        """Resident bytes: the records in use and the slot index."""
+        return int(self.used * self.record_bytes + self.index.nbytes)
 
     def slots(self, ids: np.ndarray) -> np.ndarray:
         """Slot of each of ``ids`` (unique), -1 where not cached; counts the accesses for admission."""
         self.sketch.add(ids)
-        return self.slot_of_row[ids].astype(np.int64) - 1
+        return self.index.get(ids)
 
     def lookup(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Copy cached records of ``ids`` (unique) into ``out``; returns the hit mask."""
@@ -163,7 +239,7 @@ class HotRows:
             keep = victims >= 0
             victims, chosen = victims[keep], rest[first[keep]]
             if len(victims):
-                self.slot_of_row[self.owner[victims]] = 0
+                self.index.remove(self.owner[victims])
                 self._own(victims, ids[chosen])
                 placed_slots.append(victims)
                 placed.append(chosen)
@@ -171,7 +247,7 @@ class HotRows:
 
     def _own(self, slots: np.ndarray, ids: np.ndarray) -> None:
         self.owner[slots] = ids
-        self.slot_of_row[ids] = slots + 1
+        self.index.insert(ids, slots)
 
 
 @dataclass

@@ -122,8 +122,8 @@ class ServiceSettings(BaseSettings):
         64 * 2**20,
         ge=0,
         description="Tier 1 (in-process hot rows) budget per model, in bytes of stored rows. Rows are admitted "
-        "by access frequency. 0 turns tier 1 off. Tier 1 also keeps a 4-byte slot index per table row, "
-        "touched (and so resident) only where rows are cached.",
+        "by access frequency. 0 turns tier 1 off. Tier 1 also keeps an index of 24 to 48 bytes per cached row "
+        "(a hash table sized by the budget, not by the table's rows).",
     )
     row_checks: Literal["background", "startup"] = Field(
         "background",

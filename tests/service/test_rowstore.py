@@ -114,3 +114,36 @@ def test_the_service_does_not_import_torch():
     code = "import sys, service.app, service.engine; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_slot_index_agrees_with_a_dict_through_inserts_evictions_and_rebuilds():
+    from service.rowstore import SlotIndex
+
+    rng = np.random.default_rng(3)
+    index = SlotIndex(capacity=500)
+    reference: dict[int, int] = {}
+    rebuilt = False
+    for _ in range(400):
+        absent = np.setdiff1d(np.unique(rng.integers(0, 10**12, 40)), list(reference))
+        room = 500 - len(reference)
+        if room < len(absent):  # full: evict some, as tier 1 does
+            victims = rng.choice(list(reference), size=len(absent) - room + 5, replace=False)
+            index.remove(victims)
+            for victim in victims.tolist():
+                del reference[victim]
+        deleted_before = index.deleted
+        slots = rng.integers(0, 500, len(absent))
+        index.insert(absent, slots)
+        rebuilt |= index.deleted < deleted_before - len(absent)  # tombstones cleared
+        reference.update(zip(absent.tolist(), slots.tolist()))
+        probe = np.concatenate([np.array(list(reference), dtype=np.int64), rng.integers(0, 10**12, 50)])
+        expected = np.array([reference.get(i, -1) for i in probe.tolist()])
+        assert np.array_equal(index.get(probe), expected)
+    assert rebuilt, "the tombstones never reached a rebuild"
+    assert index.nbytes <= 1024 * 12 * 2  # sized by the capacity (500), not by ids up to 10**12
+
+
+def test_hot_rows_memory_follows_the_budget_not_the_table():
+    hot = HotRows.for_budget(table_rows=100_000_000, record_bytes=32, budget_bytes=2**20)
+    assert hot.capacity == 2**15
+    assert hot.index.nbytes <= 4 * hot.capacity * 12  # an entry per table row would be 400 MB

@@ -106,3 +106,25 @@ def test_wait_until_retries_connection_errors_of_either_client():
     for check in (lambda: httpx.get(url).status_code == 200, lambda: __import__("urllib.request").request.urlopen(url)):
         with pytest.raises(TimeoutError):
             wait_until(check, 0.3, "nothing")
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_end_to_end_on_a_small_bundle(tmp_path):
+    """`uembed bench --phases scale` at a test size: every figure it reports, from real servers (1 worker)."""
+    out = tmp_path / "scale.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "uembed", "bench", "--phases", "scale", "--scale-rows", "200000", "--seconds", "0.5",
+         "--scale-workers", "1", "--scale-candidates", "40", "--examples", "16", "--scale-dir", str(tmp_path),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    service, naive = figures["scale_service_1_workers"], figures["scale_naive_1_workers"]
+    for shape in ("ranking", "flat_same_examples", "flat_16"):
+        assert service[f"{shape}_saturated"]["requests"] > 0 and service[f"{shape}_saturated"]["failures"] == 0
+    assert service["start_up"]["live_s"] <= service["start_up"]["ready_s"]
+    assert service["candidates_over_flat"] > 0 and set(service["tier_hit_rates"]) == {"hot", "redis", "file"}
+    (worker,) = service["memory_per_worker"]
+    assert 0 < worker["pss_gib"] <= worker["rss_gib"]
+    assert naive["flat_same_examples_saturated"]["failures"] == 0 and len(naive["memory_per_worker"]) == 1

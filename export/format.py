@@ -44,13 +44,13 @@ class NpyWriter:
 
     def __init__(self, folder: Path, relative: str, dtype: str, shape: tuple[int, ...]) -> None:
         self.folder, self.relative = folder, relative
-        self.dtype, self.shape = np.dtype(dtype), shape
+        self.dtype, self.shape = np.dtype(dtype), tuple(int(n) for n in shape)  # numpy ints would enter the header as np.int64(..)
         self.rows_written = 0
         self.digest = hashlib.sha256()
         self.handle = (folder / relative).open("wb")
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
-            header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+            header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
         )
         self._write(header.getvalue())
 

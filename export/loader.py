@@ -9,7 +9,7 @@ Row files are by far the largest (gigabytes at Criteo scale), and a sha256 reads
 byte. ``load_bundle(path, defer_row_checks=True)`` maps them after checking their size and
 shape only, and returns their sha256 checks as :class:`RowChecks`, which run on a thread
 (hashlib releases the GIL): the caller decides what may happen before they pass (the
-service: nothing is scored, ``/readyz`` answers 503). Either way each byte is read once at
+service: nothing is scored, ``/readyz`` answers 503). Either way each byte is read once (by each worker) at
 start-up, and that read also brings the rows into the page cache.
 """
 
@@ -77,13 +77,14 @@ def _page_span(array: np.ndarray) -> tuple[int, int]:
     return start, array.ctypes.data + array.nbytes - start
 
 
-def advise_random_access(array: np.ndarray) -> None:
-    """madvise(MADV_RANDOM) on a mapped array: a page fault reads its page, not the device's read-ahead window
-    (8 MiB on some disks), which a lookup of scattered rows would waste on rows nobody asked for."""
+def advise(array: np.ndarray, advice: int = mmap.MADV_RANDOM) -> None:
+    """madvise(2) on a mapped array. MADV_RANDOM (the loader's, for row files): a page fault reads its page,
+    not the device's read-ahead window (8 MiB on some disks), which a lookup of scattered rows would waste
+    on rows nobody asked for. MADV_SEQUENTIAL: for a reader that goes through a whole file."""
     if array.nbytes:
         start, length = _page_span(array)
-        if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), mmap.MADV_RANDOM) != 0:
-            log.warning("madvise(MADV_RANDOM) failed: %s", os.strerror(ctypes.get_errno()))
+        if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) != 0:
+            log.warning("madvise(%d) failed: %s", advice, os.strerror(ctypes.get_errno()))
 
 
 def resident_bytes(array: np.ndarray) -> int:
@@ -134,6 +135,7 @@ class RowChecks:
         self.total_bytes = sum(e["bytes"] for e in entries)
         self.checked_bytes = 0
         self.error: BundleError | None = None
+        self.failed_file: str | None = None
         self.seconds: float | None = None
         self.done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,34 +156,43 @@ class RowChecks:
                         digest.update(block)
                         self.checked_bytes += len(block)
                 if digest.hexdigest() != entry["sha256"]:
+                    self.failed_file = entry["file"]
                     raise BundleError(f"bundle {self.root}: file {entry['file']} fails its sha256 checksum (corrupt or altered bytes)")
         except BundleError as exc:
             self.error = exc
-        except OSError as exc:
-            self.error = BundleError(f"bundle {self.root}: reading its row files failed: {exc}")
-        self.seconds = time.perf_counter() - started
-        if self.error is None:
-            log.info("bundle %s: %d row files (%.2f GB) pass their sha256 checks in %.1fs",
-                     self.root, len(self.entries), self.total_bytes / 1e9, self.seconds)  # fmt: skip
-        else:
-            log.error("%s", self.error)
-        self.done.set()
+        except Exception as exc:  # noqa: BLE001 - whatever stops the check must fail it, never leave it running
+            self.error = BundleError(f"bundle {self.root}: checking its row files failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.seconds = time.perf_counter() - started
+            if self.error is None:
+                log.info("bundle %s: %d row files (%.2f GB) pass their sha256 checks in %.1fs",
+                         self.root, len(self.entries), self.total_bytes / 1e9, self.seconds)  # fmt: skip
+            else:
+                log.error("%s", self.error)
+            self.done.set()
 
     @property
     def passed(self) -> bool:
         return self.done.is_set() and self.error is None
 
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
     def wait(self, timeout_s: float | None = None) -> None:
-        """Run the checks here if nobody started them; raise the BundleError of a failed one."""
-        if self._thread is None:
+        """Run the checks here if nobody started them; raise the BundleError of a failed one, or TimeoutError."""
+        if self._thread is None and not self.done.is_set():
+            self._thread = threading.current_thread()
             self.run()
-        self.done.wait(timeout_s)
+        if not self.done.wait(timeout_s):
+            raise TimeoutError(f"row checks of {self.root}: {self.describe()} after {timeout_s}s")
         if self.error is not None:
             raise self.error
 
     def describe(self) -> str:
+        """For clients: the progress, or which file failed (no server paths; the log has the whole error)."""
         if self.error is not None:
-            return f"failed: {self.error}"
+            return f"failed: {self.failed_file or 'the row files'} did not pass its sha256 check (see the service log)"
         if self.done.is_set():
             return "passed"
         return f"checking: {self.checked_bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB"
@@ -196,7 +207,8 @@ def _check_file(root: Path, entry: dict, checksum: bool = True) -> Path:
     if size != entry["bytes"]:
         state = "truncated" if size < entry["bytes"] else "larger than recorded"
         raise BundleError(f"bundle {root}: file {relative} is {state} ({size} bytes, manifest says {entry['bytes']})")
-    if checksum and sha256_file(path) != entry["sha256"]:
+    expected = entry["sha256"]  # recorded even when the check is left for later
+    if checksum and sha256_file(path) != expected:
         raise BundleError(f"bundle {root}: file {relative} fails its sha256 checksum (corrupt or altered bytes)")
     return path
 
@@ -282,7 +294,7 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False) -> Bundle:
             scale_bias = _load_array(root, entry["scale_bias"], "float32", (entry["rows"], 2), checksum=not defer_row_checks)
             deferred.append(entry["scale_bias"])
         for array in (data, scale_bias) if scale_bias is not None else (data,):
-            advise_random_access(array)
+            advise(array, mmap.MADV_RANDOM)
         tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], entry["dtype"], data, scale_bias)
     for table in plan.tables:
         if table.name not in tables:

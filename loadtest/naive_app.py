@@ -17,6 +17,7 @@ Two models, by what the bundle carries:
   dense net through ONNX Runtime.
 """
 
+import mmap
 import os
 
 import numpy as np
@@ -25,7 +26,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from export.encoding import ExampleEncoder, ValueLimits
-from export.loader import load_bundle
+from export.loader import advise, load_bundle
 from export.scorer import ReferenceScorer
 from model.errors import UembedError
 
@@ -37,6 +38,7 @@ def full_tables_scorer(bundle):
     scorer = ReferenceScorer(bundle)
     tables = []
     for table, slots in scorer.table_slots:
+        advise(table.data, mmap.MADV_SEQUENTIAL)  # read front to back: read-ahead helps (the loader advised random)
         weight = torch.empty((table.rows, table.dim), dtype=torch.float32)
         for start in range(0, table.rows, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, table.rows)

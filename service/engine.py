@@ -164,10 +164,18 @@ class ScoringEngine:
         if chosen not in self.models:
             raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models)}")
         runtime = self.models[chosen]
-        checks = runtime.bundle.row_checks
-        if checks is not None and not checks.passed:
-            raise NotReady(f"model {chosen} version {runtime.version}: row files {checks.describe()}")
+        self._require_checked(runtime)
         return runtime
+
+    @staticmethod
+    def _require_checked(runtime: ModelRuntime) -> None:
+        """A model whose row files are still being checked is not ready (503, retry); one whose check failed
+        will not become ready (500: the log names the file, a reload of a good version replaces it)."""
+        checks = runtime.bundle.row_checks
+        if checks is None or checks.passed:
+            return
+        message = f"model {runtime.name} version {runtime.version}: row files {checks.describe()}"
+        raise Internal(message) if checks.failed else NotReady(message)
 
     def describe(self) -> list[dict]:
         out = []
@@ -386,12 +394,23 @@ class ScoringEngine:
             return
         self._files_observed = now
         for runtime in list(self.models.values()):
-            for table, states in runtime.file_bytes().items():
-                for state, value in states.items():
-                    self.metrics.table_file.labels(runtime.name, table, state).set(value)
+            checks = runtime.bundle.row_checks
+            state = 1 if checks is None or checks.passed else (-1 if checks.failed else 0)
+            self.metrics.row_checks.labels(runtime.name, runtime.version).set(state)
+            try:
+                for table, states in runtime.file_bytes().items():
+                    for name, value in states.items():
+                        self.metrics.table_file.labels(runtime.name, table, name).set(value)
+                for table, value in runtime.index_bytes().items():
+                    self.metrics.table_memory.labels(runtime.name, table, "index").set(value)
+            except OSError as exc:  # a failed mincore must not cost the scrape every other metric
+                log.warning("measuring the row files of %s failed: %s", runtime.name, exc)
 
     async def ready(self) -> ModelRuntime:
-        """Ready when a model is loaded and one example goes through the batcher and back."""
+        """Ready when every loaded model's row files passed their checks and one example goes through the
+        batcher and back."""
+        for runtime in list(self.models.values()):
+            self._require_checked(runtime)
         _, runtime = await self.score([{}])
         return runtime
 

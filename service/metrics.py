@@ -64,8 +64,8 @@ class ServiceMetrics:
         self.table_memory = Gauge(
             "uembed_table_memory_bytes",
             "Bytes each process holds of its own, per table and tier: hot (tier 1 records in process memory), "
-            "device (tier 1 rows in GPU memory). Summed over workers. The row files are shared: "
-            "uembed_table_file_bytes.",
+            "device (tier 1 rows in GPU memory), index (tier 1's row -> slot index, in process memory; refreshed "
+            "when /metrics is read). Summed over workers. The row files are shared: uembed_table_file_bytes.",
             ["model", "table", "tier"], registry=r, multiprocess_mode="livesum",
         )
         self.table_file = Gauge(
@@ -74,6 +74,12 @@ class ServiceMetrics:
             "mapped (their size) and resident (how much of them is in memory now, by mincore(2); refreshed at "
             "most every few seconds, when /metrics is read).",
             ["model", "table", "state"], registry=r, multiprocess_mode="mostrecent",
+        )
+        self.row_checks = Gauge(
+            "uembed_row_checks",
+            "sha256 checks of a model version's row files (row_checks=background): 1 passed, 0 running, -1 failed "
+            "(the model is not served; the log names the file). The lowest over workers.",
+            ["model", "version"], registry=r, multiprocess_mode="livemin",
         )
         self.row_hits = Counter(
             "uembed_row_cache_hits_total", "Row lookups answered by a tier (hot, redis; file answers the rest).",

@@ -165,10 +165,40 @@ class SlotIndex:
         self.insert(ids, slots)
 
 
+class DenseSlotIndex:
+    """Row id -> tier-1 slot as an int32 per table row (slot + 1; 0: not cached). Allocated as zeros, so
+    only its pages where rows were cached become resident: the smaller index when the tier holds a good
+    share of a table (:meth:`HotRows.for_budget` picks)."""
+
+    def __init__(self, table_rows: int) -> None:
+        self.slot_of_row = np.zeros(table_rows, dtype=np.int32)
+
+    @property
+    def nbytes(self) -> int:
+        from export.loader import resident_bytes
+
+        return resident_bytes(self.slot_of_row)  # the touched pages (mincore): not for every batch
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        return self.slot_of_row[ids].astype(np.int64) - 1
+
+    def remove(self, ids: np.ndarray) -> None:
+        self.slot_of_row[ids] = 0
+
+    def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        self.slot_of_row[ids] = slots + 1
+
+
+def slot_index(table_rows: int, capacity: int) -> SlotIndex | DenseSlotIndex:
+    """The smaller index at its largest: a hash table of 24-48 bytes per cached row, or 4 bytes per table row."""
+    hashed_bytes = 12 << max(4, int(np.ceil(np.log2(max(2 * capacity, 2)))))
+    return SlotIndex(capacity) if hashed_bytes < 4 * table_rows else DenseSlotIndex(table_rows)
+
+
 class HotRows:
     """Tier 1's index and (on the host) its records: at most ``capacity`` rows, admitted by frequency.
 
-    ``index`` maps a row id to its slot (:class:`SlotIndex`). With ``host_records`` False the
+    ``index`` maps a row id to its slot (:func:`slot_index`). With ``host_records`` False the
     records live elsewhere (GPU memory, ``service/device.py``) and this object only decides
     which row sits in which slot.
     """
@@ -178,7 +208,7 @@ class HotRows:
     def __init__(self, table_rows: int, capacity: int, record_bytes: int, seed: int = 0, host_records: bool = True) -> None:
         self.capacity = int(capacity)
         self.record_bytes = record_bytes
-        self.index = SlotIndex(self.capacity)
+        self.index = slot_index(table_rows, self.capacity)
         self.records = np.empty((self.capacity, record_bytes), dtype=np.uint8) if host_records else None
         self.owner = np.full(self.capacity, -1, dtype=np.int64)
         self.used = 0
@@ -192,8 +222,8 @@ class HotRows:
 
     @property
     def nbytes(self) -> int:
-        """Resident bytes: the records in use and the slot index."""
-        return int(self.used * self.record_bytes + self.index.nbytes)
+        """Resident bytes of the records in use (the index: ``index.nbytes``)."""
+        return int(self.used * self.record_bytes)
 
     def slots(self, ids: np.ndarray) -> np.ndarray:
         """Slot of each of ``ids`` (unique), -1 where not cached; counts the accesses for admission."""
@@ -482,6 +512,10 @@ class TableStore:
         files (tier 3) are shared through the page cache: ``file_bytes``; Redis is shared too: see its INFO."""
         hot = self.hot.nbytes if self.hot is not None else 0
         return {"device" if self.hot_on_device else "hot": hot}
+
+    def index_bytes(self) -> int:
+        """Tier 1's row -> slot index, resident bytes."""
+        return self.hot.index.nbytes if self.hot is not None else 0
 
     def file_bytes(self) -> dict[str, int]:
         """Tier 3: the row files' size (mapped) and how much of them is in memory now (resident)."""

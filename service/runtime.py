@@ -80,6 +80,10 @@ class ModelRuntime(ReferenceScorer):
         """Per table, bytes of tier 1 this process holds."""
         return {store.table.name: store.memory_bytes() for store in self.stores}
 
+    def index_bytes(self) -> dict[str, int]:
+        """Per table, bytes of tier 1's index (a mincore pass for a dense one: not per batch)."""
+        return {store.table.name: store.index_bytes() for store in self.stores}
+
     def file_bytes(self) -> dict[str, dict[str, int]]:
         """Per table, the row files' mapped and resident bytes (a mincore pass over each: not per batch)."""
         return {store.table.name: store.file_bytes() for store in self.stores}

@@ -122,16 +122,17 @@ class ServiceSettings(BaseSettings):
         64 * 2**20,
         ge=0,
         description="Tier 1 (in-process hot rows) budget per model, in bytes of stored rows. Rows are admitted "
-        "by access frequency. 0 turns tier 1 off. Tier 1 also keeps an index of 24 to 48 bytes per cached row "
-        "(a hash table sized by the budget, not by the table's rows).",
+        "by access frequency. 0 turns tier 1 off. Tier 1 also keeps an index beside the budget, the smaller "
+        "of 24-48 bytes per row the budget holds (a hash table, allocated at start) and 4 bytes per table row "
+        "(resident only where rows were cached): uembed_table_memory_bytes{tier=\"index\"}.",
     )
     row_checks: Literal["background", "startup"] = Field(
         "background",
         description="When the sha256 of the bundles' row files (gigabytes at Criteo scale) is checked. background: "
         "a bundle with 64 MiB of row files or more starts at once (liveness, metrics) and reads each row file once on a thread; /readyz and "
         "/v1/score answer 503 until every check passes, and a failed check keeps the model unservable (the "
-        "detail says which file). startup: checked before the worker starts serving. Either way each byte is "
-        "read once, which also brings the rows into the page cache. Reloads always check before switching.",
+        "detail says which file). startup: checked before the worker starts serving. Either way each worker "
+        "reads each byte once, which also brings the rows into the page cache. Reloads always check before switching.",
     )
     redis_url: str | None = Field(
         None,

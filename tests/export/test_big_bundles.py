@@ -6,6 +6,7 @@ the table. (``RLIMIT_DATA`` cannot be the limit here: it counts torch's copy-on-
 checkpoint, which never becomes private memory unless written.)
 """
 
+import asyncio
 import json
 import os
 import shutil
@@ -110,6 +111,8 @@ def test_deferred_row_checks_hold_scoring_until_they_pass(bundle_store):
     engine.activate(ModelRuntime(bundle))
     with pytest.raises(NotReady, match=r"row files checking: 0\.00 of"):
         engine.runtime(None)
+    with pytest.raises(NotReady, match="row files checking"):
+        asyncio.run(engine.ready())
     bundle.row_checks.start().wait(timeout_s=30)
     assert engine.runtime(None).bundle is bundle
     assert bundle.row_checks.describe() == "passed"
@@ -127,11 +130,15 @@ def test_a_row_file_that_fails_its_check_keeps_the_model_unservable(bundle_store
     try:
         service.engine.models["movielens"].bundle.row_checks.done.wait(30)
         assert service.get("/healthz").status_code == 200
+        # Not a 503 with Retry-After: waiting will not fix it. The detail names the file, not the server's paths.
         ready = service.get("/readyz")
-        assert ready.status_code == 503 and "tables/unified.npy fails its sha256" in ready.json()["detail"]
+        assert ready.status_code == 500 and "Retry-After" not in ready.headers
+        assert "tables/unified.npy did not pass its sha256 check" in ready.json()["detail"]
+        assert str(tmp_path) not in ready.text
         scored = service.score([{"user_id": "196"}])
-        assert scored.status_code == 503 and scored.json()["error"] == "not_ready"
+        assert scored.status_code == 500 and scored.json()["error"] == "internal"
         assert service.get("/v1/models").json()["models"][0]["row_checks"].startswith("failed: ")
+        assert service.metrics()['uembed_row_checks{model="movielens",version="1"}'] == -1
     finally:
         service.close()
 

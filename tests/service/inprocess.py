@@ -54,3 +54,4 @@ class InProcessService:
         self.run(self.client.aclose())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        self.loop.close()

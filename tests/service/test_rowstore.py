@@ -143,7 +143,17 @@ def test_slot_index_agrees_with_a_dict_through_inserts_evictions_and_rebuilds():
     assert index.nbytes <= 1024 * 12 * 2  # sized by the capacity (500), not by ids up to 10**12
 
 
-def test_hot_rows_memory_follows_the_budget_not_the_table():
-    hot = HotRows.for_budget(table_rows=100_000_000, record_bytes=32, budget_bytes=2**20)
-    assert hot.capacity == 2**15
-    assert hot.index.nbytes <= 4 * hot.capacity * 12  # an entry per table row would be 400 MB
+def test_the_slot_index_is_the_smaller_of_a_hash_table_and_an_entry_per_row():
+    from service.rowstore import DenseSlotIndex, SlotIndex
+
+    big = HotRows.for_budget(table_rows=100_000_000, record_bytes=32, budget_bytes=2**20)
+    assert big.capacity == 2**15 and isinstance(big.index, SlotIndex)
+    assert big.index.nbytes <= 4 * big.capacity * 12  # an entry per table row would be up to 400 MB
+    small = HotRows.for_budget(table_rows=100_000, record_bytes=32, budget_bytes=2**20)
+    assert isinstance(small.index, DenseSlotIndex)
+    rows = 10_000_000  # a 40 MB index: mapped zero pages (an array this size does not come from the heap)
+    store = TableStore(make_table("float32", rows=rows, dim=1), "dense", hot_bytes=8 * 2**20)
+    assert isinstance(store.hot.index, DenseSlotIndex)
+    assert store.index_bytes() <= 8192  # nothing cached yet: only touched pages count
+    store.gather(np.arange(0, rows, 7))
+    assert store.index_bytes() >= rows * 4 // 2  # rows cached across the table touched most of it

@@ -213,19 +213,14 @@ class ExampleEncoder:
             unknown = context.keys() - specs.keys()
             if unknown:
                 self._refuse_unknown("context", unknown)
-        for index, example in enumerate(examples):
-            if not isinstance(example, Mapping):
-                raise ExampleError(f"{where}[{index}]: an example is an object of feature -> value, got {type(example).__name__}")
-            unknown = example.keys() - specs.keys()
-            if unknown:
-                self._refuse_unknown(f"{where}[{index}]", unknown)
-            if context:
-                both = example.keys() & context.keys()
-                if both:
-                    raise ExampleError(
-                        f"{where}[{index}].{min(both)}: also given in context "
-                        "(a feature goes in the context or in the candidates, not both)"
-                    )
+        # One union of every example's features (a C-level pass) rather than a check per example; only a
+        # request at fault is walked example by example, to name the first one.
+        try:
+            named = set().union(*examples) if all(type(e) is dict for e in examples) else None
+        except TypeError:
+            named = None
+        if named is None or not named <= specs.keys() or (context and not named.isdisjoint(context.keys())):
+            self._refuse_examples(examples, context, where)
         values: dict[str, list] = {}
         truncated = {}
         for name, spec in specs.items():
@@ -274,6 +269,22 @@ class ExampleEncoder:
             return None
         missing = spec.missing_bytes
         return [MISSING if value in missing else value for value in encoded] if missing else encoded
+
+    def _refuse_examples(self, examples: Sequence, context: Mapping | None, where: str) -> None:
+        """Raise for the first example that is not an object, names an unknown feature or one of the context's."""
+        for index, example in enumerate(examples):
+            if not isinstance(example, Mapping):
+                raise ExampleError(f"{where}[{index}]: an example is an object of feature -> value, got {type(example).__name__}")
+            unknown = example.keys() - self.specs.keys()
+            if unknown:
+                self._refuse_unknown(f"{where}[{index}]", unknown)
+            if context:
+                both = example.keys() & context.keys()
+                if both:
+                    raise ExampleError(
+                        f"{where}[{index}].{min(both)}: also given in context "
+                        "(a feature goes in the context or in the candidates, not both)"
+                    )
 
     def _refuse_unknown(self, location: str, unknown: set) -> NoReturn:
         raise ExampleError(

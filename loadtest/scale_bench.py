@@ -12,9 +12,10 @@ Figures, for each worker count:
   start-up   seconds from the process start to ``/healthz`` (the port is up: row files mapped, their
              sha256 checks running on a thread) and to ``/readyz`` (checks passed)
   cold       unloaded latency of ranking requests right after the row file is dropped from the page
-             cache (``POSIX_FADV_DONTNEED``; pages a worker already mapped stay), p50/p99
-  warm       unloaded p50/p99 and saturated requests/s of each request shape; the candidates form
-             against the flat form of the same 500 examples
+             cache (``POSIX_FADV_DONTNEED``; pages a worker already mapped stay), p50/p99, and the tiers
+  warm       after the row file is read back into the page cache (the steady state the start-up check
+             leaves): unloaded p50/p99 and saturated requests/s of each request shape; the candidates
+             form against the flat form of the same 500 examples
   tiers      hit rates over the warm phases (hot: tier 1, of all lookups; file: the rest)
   memory     per worker RSS and PSS (``/proc/PID/smaps_rollup``: PSS splits shared file pages between
              the processes mapping them) and the row file's resident bytes (mincore)
@@ -98,6 +99,19 @@ def evict(path: Path) -> None:
         os.close(descriptor)
 
 
+def read_through(path: Path, chunk: int = 64 << 20) -> None:
+    """Read a file front to back, so its pages are in the page cache."""
+    with path.open("rb", buffering=0) as handle:
+        while handle.read(chunk):
+            pass
+
+
+def hit_rates(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Share of the row lookups between two readings of the counters that each tier answered."""
+    looked_up = sum(after[t] - before.get(t, 0.0) for t in after) or 1.0
+    return {t: round((after[t] - before.get(t, 0.0)) / looked_up, 4) for t in after}
+
+
 def worker_pids(server: UvicornProcess) -> list[int]:
     """The processes that serve: uvicorn's own with one worker, its spawned children with several."""
     import psutil
@@ -151,18 +165,21 @@ def service_figures(bundle: Path, workers: int, bodies: dict[str, list[bytes]], 
         out["start_up"] = start_timed(server)
         row_file = bundle / "tables" / "unified.npy"
         evict(row_file)
+        out["start_counts"] = tier_counts(server)
         out["row_file_resident_gib_after_evict"] = round(file_resident(server) / GiB, 3)
         cold = unloaded(server.url, bodies["ranking"], 100)
         out["cold_ranking_unloaded"] = cold.summary()
+        out["cold_tier_hit_rates"] = hit_rates(out.pop("start_counts"), tier_counts(server))
+        started = time.perf_counter()
+        read_through(row_file)  # the steady state: the row file in the page cache, as the start-up check left it
+        out["page_cache_fill_s"] = round(time.perf_counter() - started, 2)
         before = tier_counts(server)
         for shape, shape_bodies in bodies.items():
             concurrency = 16 if shape.startswith("flat_") and "same" not in shape else 8
             run_load(server.url, shape_bodies, 1.0, concurrency)  # warm-up of this shape
             out[f"{shape}_unloaded"] = unloaded(server.url, shape_bodies, 100).summary()
             out[f"{shape}_saturated"] = run_load(server.url, shape_bodies, seconds, concurrency).summary()
-        after = tier_counts(server)
-        looked_up = sum(after[t] - before[t] for t in after) or 1.0
-        out["tier_hit_rates"] = {t: round((after[t] - before[t]) / looked_up, 4) for t in after}
+        out["tier_hit_rates"] = hit_rates(before, tier_counts(server))
         out["row_file_resident_gib"] = round(file_resident(server) / GiB, 3)
         out["memory_per_worker"] = [memory_of(pid) for pid in worker_pids(server)]
     finally:

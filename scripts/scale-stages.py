@@ -1,0 +1,68 @@
+"""Per-stage time of one ranking request and of the same examples flat, in process, on a scale bundle.
+
+    .venv/bin/python scripts/scale-stages.py scale-work/criteo-scale/1
+
+Each stage of ``/v1/score`` timed alone over 20 requests of each shape (the traffic of
+``uembed bench --phases scale``: 1 context x 500 candidates), after one warm pass: JSON
+parsing, request validation (the service's pydantic model), canonicalise, hash, lookup,
+assemble, dense, and writing the response. BENCHMARKS.md quotes its output.
+"""
+
+import gc
+import json
+import sys
+import time
+
+import numpy as np
+import orjson
+
+from loadtest.scale_bench import request_bodies
+from service.app import score_request_model
+from service.engine import ScoringEngine
+from service.settings import load_settings
+
+
+def per_call_ms(work, count: int) -> float:
+    started = time.perf_counter()
+    for i in range(count):
+        work(i)
+    return (time.perf_counter() - started) / count * 1000
+
+
+def main(bundle: str) -> None:
+    settings = load_settings(max_examples=1024)
+    runtime = ScoringEngine(settings).open(bundle)
+    request_model = score_request_model(settings)
+    bodies = request_bodies(1.05, 500, 64, 20)
+    gc.freeze()
+    for _ in range(2):  # the first pass fills caches and pages; the second is reported
+        figures = {}
+        for shape in ("ranking", "flat_same_examples"):
+            raw = bodies[shape]
+            docs = [json.loads(b) for b in raw]
+            n = len(raw)
+            timing = {"json": per_call_ms(lambda i: json.loads(raw[i]), n),
+                      "validation": per_call_ms(lambda i: request_model.model_validate_json(raw[i]), n)}  # fmt: skip
+
+            def canonicalise(i):
+                return runtime.canonicalise(docs[i].get("candidates") or docs[i]["examples"], context=docs[i].get("context"))
+
+            timing["canonicalise"] = per_call_ms(canonicalise, n)
+            canonical = [canonicalise(i) for i in range(n)]
+            timing["hash"] = per_call_ms(lambda i: runtime.hash([canonical[i]]), n)
+            hashed = [runtime.hash([c]) for c in canonical]
+            timing["lookup"] = per_call_ms(lambda i: runtime.lookup(hashed[i][0]), n)
+            looked_up = [runtime.lookup(rows) for rows, _ in hashed]
+            timing["assemble"] = per_call_ms(lambda i: runtime.assemble(looked_up[i], hashed[i][1]), n)
+            embeddings = [runtime.assemble(rows, h[1]) for rows, h in zip(looked_up, hashed)]
+            timing["dense"] = per_call_ms(lambda i: runtime.dense(embeddings[i]), n)
+            scores = [runtime.dense(e) for e in embeddings]
+            timing["response"] = per_call_ms(
+                lambda i: orjson.dumps({"scores": np.asarray(scores[i], dtype=np.float64)}, option=orjson.OPT_SERIALIZE_NUMPY), n
+            )
+            figures[shape] = {k: round(v, 3) for k, v in timing.items()} | {"total": round(sum(timing.values()), 3)}
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

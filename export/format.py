@@ -21,11 +21,14 @@ TEST_VECTORS = 12
 CHUNK_ROWS = 1 << 20  # rows converted and written at a time: 64 MiB of float32 rows of 16
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20, progress: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file read in chunks; ``progress(bytes)`` after each chunk."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
+            if progress is not None:
+                progress(len(block))
     return digest.hexdigest()
 
 

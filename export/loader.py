@@ -16,7 +16,6 @@ start-up, and that read also brings the rows into the page cache.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import mmap
@@ -150,12 +149,7 @@ class RowChecks:
         started = time.perf_counter()
         try:
             for entry in self.entries:
-                digest = hashlib.sha256()
-                with (self.root / entry["file"]).open("rb") as handle:
-                    while block := handle.read(self.CHUNK):
-                        digest.update(block)
-                        self.checked_bytes += len(block)
-                if digest.hexdigest() != entry["sha256"]:
+                if sha256_file(self.root / entry["file"], self.CHUNK, self._checked) != entry["sha256"]:
                     self.failed_file = entry["file"]
                     raise BundleError(f"bundle {self.root}: file {entry['file']} fails its sha256 checksum (corrupt or altered bytes)")
         except BundleError as exc:
@@ -170,6 +164,9 @@ class RowChecks:
             else:
                 log.error("%s", self.error)
             self.done.set()
+
+    def _checked(self, count: int) -> None:
+        self.checked_bytes += count
 
     @property
     def passed(self) -> bool:

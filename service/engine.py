@@ -387,8 +387,9 @@ class ScoringEngine:
     FILE_BYTES_EVERY_S = 5.0
 
     def observe_files(self) -> None:
-        """Mapped and resident bytes of every live model's row files, at most every FILE_BYTES_EVERY_S
-        (a mincore pass over a 100 M-row table takes tenths of a second: run it off the event loop)."""
+        """The gauges read when /metrics is: every live model's row-check state, its row files' mapped and
+        resident bytes and tier 1's index bytes, at most every FILE_BYTES_EVERY_S (a mincore pass over a
+        100 M-row table takes tenths of a second: run it off the event loop)."""
         now = time.monotonic()
         if now - self._files_observed < self.FILE_BYTES_EVERY_S:
             return

@@ -59,7 +59,7 @@ class FrequencySketch:
 
     Tier 1 admits a row only when it is estimated to be more frequent than the row it
     would evict (TinyLFU's idea), so a scan of cold rows cannot flush the hot set. A width of
-    the tier's capacity (as Caffeine sizes its sketch) costs 4 bytes per cached row. An
+    the tier's capacity (as Caffeine sizes its sketch) costs 4 to 8 bytes per cached row. An
     increment is a plain fancy-index add: two ids of one batch that meet in a counter count once
     there (rare, and a sketch undercounting by one is harmless), at a tenth of ``np.add.at``'s cost.
     """
@@ -104,8 +104,15 @@ class SlotIndex:
     EMPTY, DELETED = -1, -2
     MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
+    ENTRY_BYTES = 12  # an int64 key and an int32 slot
+
+    @staticmethod
+    def bits_for(capacity: int) -> int:
+        """log2 of the entries for ``capacity`` ids: at most half full."""
+        return max(4, int(np.ceil(np.log2(max(2 * capacity, 2)))))
+
     def __init__(self, capacity: int) -> None:
-        bits = max(4, int(np.ceil(np.log2(max(2 * capacity, 2)))))
+        bits = self.bits_for(capacity)
         self.mask = (1 << bits) - 1
         self.shift = np.uint64(64 - bits)
         self.keys = np.full(1 << bits, self.EMPTY, dtype=np.int64)
@@ -172,7 +179,7 @@ class SlotIndex:
 class DenseSlotIndex:
     """Row id -> tier-1 slot as an int32 per table row (slot + 1; 0: not cached). Allocated as zeros, so
     only its pages where rows were cached become resident: the smaller index when the tier holds a good
-    share of a table (:meth:`HotRows.for_budget` picks)."""
+    share of a table (:func:`slot_index` picks)."""
 
     def __init__(self, table_rows: int) -> None:
         self.slot_of_row = np.zeros(table_rows, dtype=np.int32)
@@ -195,7 +202,7 @@ class DenseSlotIndex:
 
 def slot_index(table_rows: int, capacity: int) -> SlotIndex | DenseSlotIndex:
     """The smaller index at its largest: a hash table of 24-48 bytes per cached row, or 4 bytes per table row."""
-    hashed_bytes = 12 << max(4, int(np.ceil(np.log2(max(2 * capacity, 2)))))
+    hashed_bytes = SlotIndex.ENTRY_BYTES << SlotIndex.bits_for(capacity)
     return SlotIndex(capacity) if hashed_bytes < 4 * table_rows else DenseSlotIndex(table_rows)
 
 

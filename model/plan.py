@@ -265,9 +265,9 @@ def split_by_share(total: int, shares: Mapping[str, float], minimum: int = 1) ->
     return out
 
 
-def default_lookups(vocabulary_size: int) -> int:
-    """Multi-size default: one lookup per decade of vocabulary past the first, 1 to 4."""
-    return max(1, min(MAX_MULTI_SIZE_LOOKUPS, math.ceil(math.log10(max(vocabulary_size, 1))) - 1))
+def default_lookups(vocabulary_size: int, offset: int = 0) -> int:
+    """Multi-size default: one lookup per decade of vocabulary past the first (plus ``offset``), 1 to 4."""
+    return max(1, min(MAX_MULTI_SIZE_LOOKUPS, math.ceil(math.log10(max(vocabulary_size, 1))) - 1 + offset))
 
 
 @dataclass
@@ -291,6 +291,7 @@ class PlanRequest:
     chunk_dim: int = 8
     search_multiplier: int = 2
     adjust_hash_buckets: bool = True
+    lookups_offset: int = 0
 
     @property
     def names(self) -> list[str]:
@@ -400,7 +401,9 @@ def _unified(request: PlanRequest) -> EmbeddingPlan:
 @register(Method.MULTI_SIZE_UNIFIED, "one shared table; a feature concatenates 1-4 lookups (more for larger vocabularies)")
 def _multi_size_unified(request: PlanRequest) -> EmbeddingPlan:
     tables = (TablePlan("unified", request.budget, request.dim),)
-    lookups = {f.name: f.lookups or default_lookups(request.vocabulary[f.name]) for f in request.spec.features}
+    lookups = {
+        f.name: f.lookups or default_lookups(request.vocabulary[f.name], request.lookups_offset) for f in request.spec.features
+    }
     features = tuple(
         request.feature(n, tuple(LookupPlan("unified", n, j) for j in range(lookups[n]))) for n in request.names
     )
@@ -543,6 +546,7 @@ def build_plan(
     chunk_dim: int = 8,
     search_multiplier: int = 2,
     adjust_hash_buckets: bool = True,
+    lookups_offset: int = 0,
 ) -> EmbeddingPlan:
     """Plan ``method`` for the features of ``spec``, sized from the training columns.
 
@@ -552,7 +556,9 @@ def build_plan(
 
     ``policy`` is the SEO policy of the Applier methods; ``chunk_dim`` the chunk width of
     the monolithic baseline; ``search_multiplier`` and ``adjust_hash_buckets`` shape the
-    SEO search table (``dim * search_multiplier`` wide, rows cut to keep the budget).
+    SEO search table (``dim * search_multiplier`` wide, rows cut to keep the budget);
+    ``lookups_offset`` moves every multi-size feature's default lookup count (a spec's own
+    ``lookups`` wins).
     """
     entry = method_spec(method)
     if dim <= 0:
@@ -569,7 +575,7 @@ def build_plan(
         keys = train_columns.keys.__getitem__
     request = PlanRequest(
         entry.name, spec, keys, dim, vocabulary, widths, policy=policy, chunk_dim=chunk_dim,
-        search_multiplier=search_multiplier, adjust_hash_buckets=adjust_hash_buckets,
+        search_multiplier=search_multiplier, adjust_hash_buckets=adjust_hash_buckets, lookups_offset=lookups_offset,
     )  # fmt: skip
     if not entry.fixed_size:
         request.budget = resolve_budget(vocabulary, budget_fraction, budget_rows)

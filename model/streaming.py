@@ -34,9 +34,11 @@ from model.errors import UembedError
 from model.features import SplitSpec
 from model.known import save_known_values
 from model.optim import EMBEDDING_OPTIMIZERS, embedding_optimizer
-from model.plan import EmbeddingPlan, build_plan, method_spec
+from model.plan import EmbeddingPlan, method_spec
 from model.seo import ChunkPolicy
-from model.train import TrainConfig, TrainResult, build_model, feature_columns_of, gradient_dominance, search_policy
+from model.train import (
+    TrainConfig, TrainResult, build_model, feature_columns_of, gradient_dominance, plan_for, search_policy,
+)  # fmt: skip
 
 AUC_BINS = 1 << 20
 
@@ -120,14 +122,6 @@ def evaluate_stream(
     return {SPLITS[code]: m.result() for code, m in metrics.items()}
 
 
-def stream_plan(config: TrainConfig, stats: StreamStats) -> EmbeddingPlan:
-    policy = ChunkPolicy.from_dict(config.policy) if config.policy else None
-    return build_plan(
-        config.embedding, stats.spec, stats, config.dim, config.budget_fraction, config.budget_rows, policy=policy,
-        chunk_dim=config.chunk_dim, search_multiplier=config.search_multiplier, adjust_hash_buckets=config.adjust_hash_buckets,
-    )  # fmt: skip
-
-
 def table_module(model):
     """The PlanEmbedding that holds the model's tables (the search model wraps one)."""
     return getattr(model.embedding, "base", model.embedding)
@@ -159,7 +153,7 @@ def train_stream(
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    plan = stream_plan(config, stats)
+    plan = plan_for(config, stats.spec, stats)
     for message in plan.warnings:
         print(f"warning: {message}", file=sys.stderr)
     model = build_model(plan, config)

@@ -30,7 +30,7 @@ from model.train import TrainConfig, train
 
 CSV_COLUMNS = (
     "method", "budget_fraction", "seed", "test_auc", "test_logloss", "embedding_parameters",
-    "embedding_bytes", "seconds_per_epoch", "best_epoch", "epochs_run", "policy",
+    "embedding_bytes", "dense_parameters", "seconds_per_epoch", "best_epoch", "epochs_run", "policy",
     # streamed studies only
     "train_examples", "examples_per_second", "peak_rss_bytes", "wall_seconds",
 )  # fmt: skip
@@ -195,6 +195,8 @@ def summarise(records: Sequence[dict]) -> list[dict]:
                 "auc": stats("test_auc"),
                 "logloss": stats("test_logloss"),
                 "embedding_bytes": int(runs[0]["embedding_bytes"]),
+                "embedding_parameters": int(runs[0]["embedding_parameters"]),
+                "dense_parameters": int(float(runs[0].get("dense_parameters") or 0)),
                 "seconds_per_epoch": stats("seconds_per_epoch")[0],
                 **(
                     {"examples_per_second": stats("examples_per_second")[0], "peak_rss_bytes": max(int(float(r["peak_rss_bytes"])) for r in runs),
@@ -206,12 +208,12 @@ def summarise(records: Sequence[dict]) -> list[dict]:
     return out
 
 
-def write_csv(records: Sequence[dict], path: Path) -> None:
+def write_csv(records: Sequence[dict], path: Path, columns: Sequence[str] = CSV_COLUMNS) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for record in records:
-            writer.writerow({k: record.get(k) for k in CSV_COLUMNS})
+            writer.writerow({k: record.get(k) for k in columns})
 
 
 def read_csv(path: Path) -> list[dict]:

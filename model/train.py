@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,12 +48,16 @@ class TrainConfig:
     hidden: tuple[int, ...] = (192,)
     cross_layers: int = 1
     learning_rate: float = 1e-3
+    # Decoupled (AdamW) weight decay on the embedding tables only; 0 keeps plain Adam.
+    embedding_weight_decay: float = 0.0
     batch_size: int = 256
     epochs: int = 20
     patience: int = 2
     seed: int = 0
     split_seed: int = 0
     dominance_threshold: float = DOMINANCE_THRESHOLD
+    # Multi-size unified: lookups per feature = the default for its vocabulary (model/plan.py) plus this.
+    lookups_offset: int = 0
     # SEO (model/seo.py): the Applier's policy, and the search model's shape.
     policy: dict | None = None
     chunk_dim: int = 8
@@ -95,13 +100,38 @@ def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
     return RankingModel(embedding, network)
 
 
-def plan_for(config: TrainConfig, train_set: Dataset) -> EmbeddingPlan:
+def plan_for(config: TrainConfig, spec, statistics) -> EmbeddingPlan:
+    """The run's embedding plan; ``statistics`` is the training split's columns, or a streamed split's StreamStats."""
     policy = ChunkPolicy.from_dict(config.policy) if config.policy else None
     return build_plan(
-        config.embedding, train_set.spec, train_set.columns, config.dim, config.budget_fraction, config.budget_rows,
+        config.embedding, spec, statistics, config.dim, config.budget_fraction, config.budget_rows,
         policy=policy, chunk_dim=config.chunk_dim, search_multiplier=config.search_multiplier,
-        adjust_hash_buckets=config.adjust_hash_buckets,
+        adjust_hash_buckets=config.adjust_hash_buckets, lookups_offset=config.lookups_offset,
     )  # fmt: skip
+
+
+def build_optimizer(model: RankingModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the network and tables; the SEO search's logits at their own rate; AdamW-style
+    decay on the tables alone when ``embedding_weight_decay`` is set (the network is never decayed)."""
+    groups: dict[str, list] = {"logits": [], "tables": [], "network": []}
+    for name, parameter in model.named_parameters():
+        kind = "logits" if name == "embedding.logits" else "tables" if name.startswith("embedding.") else "network"
+        groups[kind].append(parameter)
+    decay = config.embedding_weight_decay
+    param_groups = [
+        {"params": groups["network"], "weight_decay": 0.0},
+        {"params": groups["tables"], "weight_decay": decay},
+        {"params": groups["logits"], "lr": config.logits_learning_rate, "weight_decay": 0.0},
+    ]
+    param_groups = [group for group in param_groups if group["params"]]
+    if decay > 0:
+        return torch.optim.AdamW(param_groups, lr=config.learning_rate)
+    return torch.optim.Adam(param_groups, lr=config.learning_rate)
+
+
+def dense_parameters(model: RankingModel) -> int:
+    """Parameters of the network on top of the embeddings: what a wider input (multi-size) costs."""
+    return sum(p.numel() for p in model.network.parameters())
 
 
 def feature_columns_of(model: RankingModel, plan: EmbeddingPlan) -> dict[str, tuple[int, int]]:
@@ -170,21 +200,26 @@ def train(
     config: TrainConfig,
     train_set: Dataset,
     val_set: Dataset,
-    test_set: Dataset,
+    test_set: Dataset | None,
     run_dir: Path | None = None,
     progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
+    echo_warnings: bool = True,
 ) -> TrainResult:
-    """Train one model; the best validation-AUC epoch is the one kept and tested."""
+    """Train one model; the best validation-AUC epoch is the one kept and tested.
+
+    ``on_epoch(epoch, val_auc)`` is called after each epoch's validation (hyperparameter search
+    reports to its pruner there, and may raise to stop the run). Without a ``test_set`` nothing is
+    tested: the metrics hold validation figures only (model selection never sees the test split).
+    Warnings are printed to stderr unless ``echo_warnings`` is off; they are in the metrics either way.
+    """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    plan = plan_for(config, train_set)
-    for message in plan.warnings:
+    plan = plan_for(config, train_set.spec, train_set.columns)
+    for message in plan.warnings if echo_warnings else ():
         print(f"warning: {message}", file=sys.stderr)
     model = build_model(plan, config)
-    logits = [p for name, p in model.named_parameters() if name == "embedding.logits"]
-    others = [p for name, p in model.named_parameters() if name != "embedding.logits"]
-    groups = [{"params": others}] + ([{"params": logits, "lr": config.logits_learning_rate}] if logits else [])
-    optimizer = torch.optim.Adam(groups, lr=config.learning_rate)
+    optimizer = build_optimizer(model, config)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     train_rows, train_weights = plan.encode(train_set.columns)
     val_rows, val_weights = plan.encode(val_set.columns)
@@ -237,23 +272,29 @@ def train(
                 warned.add((table, feature))
                 message = f"epoch {epoch + 1}: feature {feature!r} carries {share:.0%} of the gradient into shared table {table!r}"
                 warnings.append(message)
-                print(f"warning: {message}", file=sys.stderr)
+                if echo_warnings:
+                    print(f"warning: {message}", file=sys.stderr)
         if progress:
             print(
                 f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}  val AUC {val_metrics['auc']:.4f}"
                 f"  val LogLoss {val_metrics['logloss']:.4f}  ({entry['seconds']:.1f}s)",
                 file=sys.stderr,
             )
-        if val_metrics["auc"] > best_auc:
+        improved = val_metrics["auc"] > best_auc
+        if improved:
             best_auc, best_epoch, stale = val_metrics["auc"], epoch + 1, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if stale >= config.patience:
-                break
+        if on_epoch is not None:
+            on_epoch(epoch + 1, val_metrics["auc"])
+        if stale >= config.patience:
+            break
     model.load_state_dict(best_state)
-    test_rows, test_weights = plan.encode(test_set.columns)
-    test_metrics = evaluate(test_set.labels, predict(model, test_rows, test_weights))
+    test_metrics = {"auc": None, "logloss": None}
+    if test_set is not None:
+        test_rows, test_weights = plan.encode(test_set.columns)
+        test_metrics = evaluate(test_set.labels, predict(model, test_rows, test_weights))
     metrics = {
         "dataset": train_set.name,
         "embedding": config.embedding,
@@ -267,6 +308,7 @@ def train(
         "budget_rows": plan.budget_rows,
         "embedding_parameters": plan.embedding_parameters,
         "embedding_bytes": plan.embedding_bytes(),
+        "dense_parameters": dense_parameters(model),
         "tables": {t.name: {"rows": t.rows, "dim": t.dim} for t in plan.tables},
         "warnings": warnings,
         "history": history,

@@ -233,6 +233,16 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=positive_int, default=1, help="training processes in parallel (one thread each)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--search-examples", type=count, help="streaming: end the SEO search's epoch at the first shuffle-window boundary past this many examples")
+    tune = parser.add_argument_group(
+        "tuning (in-memory datasets)",
+        "With --trials N every (method, budget) gets N Optuna trials over the same space (learning rate, batch size, "
+        "dim at a fixed parameter budget, network width, depth and cross layers, table weight decay, multi-size lookups), "
+        "selected on validation AUC; the first trial is the fixed settings below. Then the selected and the fixed "
+        "settings each train once per seed, with the test split. Writes trials.csv and selected.json too; a selection "
+        "already in --out/selected.json is re-used, not tuned again.",
+    )  # fmt: skip
+    tune.add_argument("--trials", type=int, default=0, help="trials per (method, budget); 0: no tuning, the fixed settings only")
+    tune.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (the same in every cell)")
     add_model_options(parser)
     add_stream_options(parser)
     parser.set_defaults(handler=run_study_command, extras=("train",))
@@ -247,6 +257,10 @@ def run_study_command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     command = "uembed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.trials < 0:
+        raise UembedError(f"--trials must be 0 (no tuning) or more, got {args.trials}")
+    if args.trials:
+        return run_tuned_study_command(args, command)
     if is_streaming(args):
         from model.study import run_stream_study
 
@@ -266,6 +280,24 @@ def run_study_command(args: argparse.Namespace) -> int:
         print(f"{row['method']:>20} {row['budget_fraction']:<6g} AUC {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}  "
               f"LogLoss {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f}  {row['embedding_bytes']:>10,} bytes")
     print(f"wrote {args.out}/runs.csv, summary.md, pareto.png")
+    return 0
+
+
+def run_tuned_study_command(args: argparse.Namespace, command: str) -> int:
+    from model.tuning import run_tuned_study, write_tuned_outputs
+
+    if is_streaming(args):
+        raise UembedError("--trials tunes in-memory datasets (movielens100k, synthetic:PRESET, a data file without --stream)")
+    dataset = load_dataset(args)
+    chosen, records = run_tuned_study(
+        dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args), args.trials, args.out,
+        jobs=args.jobs, sampler_seed=args.sampler_seed,
+    )  # fmt: skip
+    tuned, fixed = write_tuned_outputs(chosen, records, args.out, command, dataset.name)
+    for row, base in zip(tuned, fixed, strict=True):
+        print(f"{row['method']:>20} {row['budget_fraction']:<6g} test AUC tuned {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}, "
+              f"fixed {base['auc'][0]:.4f} ± {base['auc'][1]:.4f}")
+    print(f"wrote {args.out}/trials.csv, selected.json, runs.csv, summary.md, pareto.png")
     return 0
 
 

@@ -42,10 +42,11 @@ from model.errors import BudgetError, SpecError
 from model.plan import SEARCH_METHOD, Method, collisionless_rows, method_spec, vocabulary_sizes
 from model.train import TrainConfig, train
 
-# Searched for every method: the same space, the same number of trials.
-BATCH_SIZES = (128, 256, 512, 1024)
-DIMS = (8, 16, 32)
-HIDDEN_WIDTHS = (64, 128, 192, 256, 384)
+# Searched for every method: the same space around the fixed settings, the same number of trials.
+# With the defaults (batch 256, dim 16, hidden 192): batch 128-1024, dim 8/16/32, width 64-384.
+BATCH_SCALES = (0.5, 1, 2, 4)
+DIM_SCALES = (0.5, 1, 2)
+WIDTH_SCALES = (1 / 3, 2 / 3, 1, 4 / 3, 2)
 TRIAL_COLUMNS = ("method", "budget_fraction", "trial", "state", "val_auc", "epochs", "seconds", "params")
 TUNED_RUN_COLUMNS = ("settings", "dim", "learning_rate", "batch_size")
 
@@ -78,14 +79,20 @@ def study_cells(methods: Sequence[str], budgets: Sequence[float]) -> list[Cell]:
     return out
 
 
-def suggest(trial, method: str) -> dict:
-    """One point of the search space (Optuna's define-by-run API). Conditional parameters: the
-    weight decay only when decay is on, the lookup offset only for multi-size unified."""
+def scaled(value: int, scales: Sequence[float]) -> tuple[int, ...]:
+    """``value`` times each scale, rounded, at least 1, without repeats."""
+    return tuple(dict.fromkeys(max(1, round(value * scale)) for scale in scales))
+
+
+def suggest(trial, method: str, base: TrainConfig) -> dict:
+    """One point of the search space (Optuna's define-by-run API), around the fixed settings
+    ``base``. Conditional parameters: the weight decay only when decay is on, the lookup offset
+    only for multi-size unified."""
     params = {
         "learning_rate": trial.suggest_float("learning_rate", 3e-4, 1e-2, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", BATCH_SIZES),
-        "dim": trial.suggest_categorical("dim", DIMS),
-        "hidden_width": trial.suggest_categorical("hidden_width", HIDDEN_WIDTHS),
+        "batch_size": trial.suggest_categorical("batch_size", scaled(base.batch_size, BATCH_SCALES)),
+        "dim": trial.suggest_categorical("dim", scaled(base.dim, DIM_SCALES)),
+        "hidden_width": trial.suggest_categorical("hidden_width", scaled(base.hidden[0], WIDTH_SCALES)),
         "hidden_layers": trial.suggest_int("hidden_layers", 1, 3),
         "cross_layers": trial.suggest_int("cross_layers", 1, 3),
         "decay_tables": trial.suggest_categorical("decay_tables", (False, True)),
@@ -159,7 +166,7 @@ def tune_cell(cell: Cell, train_set: Dataset, val_set: Dataset, base: TrainConfi
     started = time.perf_counter()
 
     def objective(trial) -> float:
-        config = cell_config(cell, suggest(trial, cell.method), base, reference_rows)
+        config = cell_config(cell, suggest(trial, cell.method, base), base, reference_rows)
         trial_started = time.perf_counter()
 
         def report(epoch: int, val_auc: float) -> None:

@@ -547,6 +547,7 @@ def build_plan(
     search_multiplier: int = 2,
     adjust_hash_buckets: bool = True,
     lookups_offset: int = 0,
+    exact_features: tuple[str, ...] = (),
 ) -> EmbeddingPlan:
     """Plan ``method`` for the features of ``spec``, sized from the training columns.
 
@@ -558,7 +559,8 @@ def build_plan(
     the monolithic baseline; ``search_multiplier`` and ``adjust_hash_buckets`` shape the
     SEO search table (``dim * search_multiplier`` wide, rows cut to keep the budget);
     ``lookups_offset`` moves every multi-size feature's default lookup count (a spec's own
-    ``lookups`` wins).
+    ``lookups`` wins). ``exact_features`` are taken out of the method's tables and looked up
+    collisionless (an ablation: what a feature's collisions cost; see :func:`with_exact_features`).
     """
     entry = method_spec(method)
     if dim <= 0:
@@ -588,5 +590,26 @@ def build_plan(
                 f"{math.ceil(minimum / collisionless * 1000) / 1000:g} of the {collisionless:,} collisionless rows)"
             )
     plan = entry.build(request)
+    if exact_features:
+        plan = with_exact_features(plan, exact_features, request)
     plan.warnings = plan_warnings(plan)
     return plan
+
+
+def with_exact_features(plan: EmbeddingPlan, names: tuple[str, ...], request: PlanRequest) -> EmbeddingPlan:
+    """``plan`` with each of ``names`` reading one collisionless table of its own instead of its lookups.
+
+    The method's tables keep their rows, so the plan grows by the exact tables; the features left
+    in the shared tables collide less too. The gain over ``plan`` is what those features' collisions cost.
+    """
+    unknown = sorted(set(names) - set(request.names))
+    if unknown:
+        raise SpecError(f"unknown feature(s) {', '.join(unknown)} to look up exactly; the features are {', '.join(request.names)}")
+    exact = {name: TablePlan(f"exact:{name}", request.vocabulary[name] + 1, plan.dim) for name in names}
+    features = tuple(
+        # Namespace = the feature, index 0: the keys the collisionless vocabulary was built with.
+        request.feature(f.name, (LookupPlan(exact[f.name].name, f.name),), vocabulary=True) if f.name in exact else f
+        for f in plan.features
+    )
+    vocabularies = {**plan.vocabularies, **{name: request.vocabulary_keys(name) for name in names}}
+    return EmbeddingPlan(plan.method, plan.dim, plan.tables + tuple(exact.values()), features, plan.budget_rows, vocabularies)

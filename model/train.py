@@ -58,6 +58,8 @@ class TrainConfig:
     dominance_threshold: float = DOMINANCE_THRESHOLD
     # Multi-size unified: lookups per feature = the default for its vocabulary (model/plan.py) plus this.
     lookups_offset: int = 0
+    # Ablation: these features get a collisionless table of their own, outside the budget.
+    exact_features: tuple[str, ...] = ()
     # SEO (model/seo.py): the Applier's policy, and the search model's shape.
     policy: dict | None = None
     chunk_dim: int = 8
@@ -107,6 +109,7 @@ def plan_for(config: TrainConfig, spec, statistics) -> EmbeddingPlan:
         config.embedding, spec, statistics, config.dim, config.budget_fraction, config.budget_rows,
         policy=policy, chunk_dim=config.chunk_dim, search_multiplier=config.search_multiplier,
         adjust_hash_buckets=config.adjust_hash_buckets, lookups_offset=config.lookups_offset,
+        exact_features=tuple(config.exact_features),
     )  # fmt: skip
 
 
@@ -364,6 +367,7 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, EmbeddingPlan, RankingModel, d
     doc = json.loads((run_dir / "config.json").read_text())
     raw = doc["train"]
     raw["hidden"] = tuple(raw["hidden"])
+    raw["exact_features"] = tuple(raw.get("exact_features", ()))
     config = TrainConfig(**raw)
     with np.load(run_dir / "vocabularies.npz", allow_pickle=False) as stored:
         vocabularies = {name: stored[name] for name in stored.files}

@@ -393,3 +393,37 @@ def write_tuned_outputs(chosen: dict, records: Sequence[dict], out_dir: Path, co
     (out_dir / "summary.md").write_text(tuned_markdown(chosen, tuned, fixed, command, dataset))
     tuned_pareto_plot(tuned, fixed, out_dir / "pareto.png", f"{dataset}: tuned (solid) and fixed (dashed) settings")
     return tuned, fixed
+
+
+def ablation_runs(
+    dataset: Dataset, cell: Cell, params: dict, base: TrainConfig, variant: tuple[str, ...], seeds: Sequence[int]
+) -> list[dict]:
+    """The cell's configuration with ``variant``'s features looked up collisionless, once per seed."""
+    torch.set_num_threads(1)
+    train_set, val_set, test_set = dataset.split(base.split_seed)
+    config = cell_config(cell, params, base, collisionless_rows(vocabulary_sizes(train_set.columns)))
+    records = []
+    for seed in seeds:
+        metrics = train_cell(cell, replace(config, seed=seed, exact_features=variant), train_set, val_set, test_set)
+        records.append({"exact_features": "+".join(variant) or "(none)", "seed": seed, "test_auc": metrics["test_auc"],
+                        "test_logloss": metrics["test_logloss"], "embedding_parameters": metrics["embedding_parameters"],
+                        "dense_parameters": metrics["dense_parameters"]})  # fmt: skip
+    return records
+
+
+def collision_ablation(
+    dataset: Dataset, cell: Cell, params: dict, base: TrainConfig, seeds: Sequence[int], jobs: int = 1
+) -> list[dict]:
+    """What each feature's collisions cost in one cell: its configuration as selected, then with
+    each feature (and with every feature) in a collisionless table of its own beside the budget."""
+    if cell.runs_search or method_spec(cell.method).fixed_size:
+        raise SpecError(f"the collision ablation takes a hashed method without a search, not {cell.method}")
+    names = [f.name for f in dataset.spec.features]
+    variants = [(), *((name,) for name in names), tuple(names)]
+    records: list[dict] = []
+    with ProcessPoolExecutor(max(jobs, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(ablation_runs, dataset, cell, params, base, v, tuple(seeds)) for v in variants]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="ablation", file=sys.stderr):
+            records.extend(future.result())
+    order = {"+".join(v) or "(none)": i for i, v in enumerate(variants)}
+    return sorted(records, key=lambda r: (order[r["exact_features"]], r["seed"]))

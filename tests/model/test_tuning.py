@@ -138,3 +138,28 @@ def test_the_seo_search_is_a_stage_not_a_cell():
     ]  # fmt: skip
     with pytest.raises(SpecError, match="seo-applier"):
         study_cells(["seo-search"], [0.1])
+
+
+def test_an_exact_feature_leaves_the_shared_table_for_a_collisionless_one(dataset):
+    train_set, _, _ = dataset.split(0)
+    shared = build_plan("multi-size-unified", train_set.spec, train_set.columns, 4, budget_rows=60)
+    ablated = build_plan("multi-size-unified", train_set.spec, train_set.columns, 4, budget_rows=60, exact_features=("user",))
+    user = next(f for f in ablated.features if f.name == "user")
+    assert user.vocabulary and [lookup.table for lookup in user.lookups] == ["exact:user"]
+    assert ablated.table("unified").rows == shared.table("unified").rows
+    vocabulary = vocabulary_sizes(train_set.columns)["user"]
+    assert ablated.embedding_parameters == shared.embedding_parameters + (vocabulary + 1) * 4
+    # Every training value of the exact feature has a row of its own (row 0: unknown).
+    rows, _ = ablated.encode({"user": train_set.columns["user"], **{k: v for k, v in train_set.columns.items() if k != "user"}})
+    user_rows = rows[:, : user.width]
+    assert len(np.unique(user_rows)) == vocabulary and user_rows.min() >= 1
+    with pytest.raises(SpecError, match="unknown feature"):
+        build_plan("unified", train_set.spec, train_set.columns, 4, budget_rows=60, exact_features=("nope",))
+
+
+def test_the_collision_ablation_trains_each_feature_exact(dataset):
+    from model.tuning import collision_ablation
+
+    records = collision_ablation(dataset, Cell("unified", 0.2), fixed_params(BASE, "unified"), BASE, [0])
+    assert [r["exact_features"] for r in records] == ["(none)", "user", "item", "city", "user+item+city"]
+    assert records[0]["embedding_parameters"] < records[1]["embedding_parameters"] < records[-1]["embedding_parameters"]

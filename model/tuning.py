@@ -142,6 +142,21 @@ def cell_config(cell: Cell, params: dict, base: TrainConfig, reference_rows: int
     )  # fmt: skip
 
 
+def train_arguments(config: TrainConfig) -> str:
+    """The options of ``uembed train`` (or ``uembed search``) that give ``config``: how a user re-trains a selection."""
+    parts = [f"--budget-rows {config.budget_rows}"] if config.budget_rows else []
+    parts += [
+        f"--dim {config.dim}", f"--lr {config.learning_rate:.4g}", f"--batch-size {config.batch_size}",
+        f"--hidden {','.join(map(str, config.hidden))}", f"--cross-layers {config.cross_layers}",
+        f"--chunk-dim {config.chunk_dim}", f"--epochs {config.epochs}", f"--patience {config.patience}",
+    ]  # fmt: skip
+    if config.embedding_weight_decay:
+        parts.append(f"--embedding-weight-decay {config.embedding_weight_decay:.4g}")
+    if config.lookups_offset:
+        parts.append(f"--lookups-offset {config.lookups_offset}")
+    return " ".join(parts)
+
+
 def train_cell(
     cell: Cell, config: TrainConfig, train_set: Dataset, val_set: Dataset, test_set: Dataset | None,
     on_epoch: Callable[[int, float], None] | None = None,
@@ -220,9 +235,10 @@ def run_cell(
     """A cell in its own process: tune it (unless ``selected`` is given), then the final seeded runs."""
     torch.set_num_threads(1)
     train_set, val_set, test_set = dataset.split(base.split_seed)
+    reference_rows = collisionless_rows(vocabulary_sizes(train_set.columns))
     if selected is None:
         selected = tune_cell(cell, train_set, val_set, base, trials, sampler_seed)
-    reference_rows = collisionless_rows(vocabulary_sizes(train_set.columns))
+        selected["train_arguments"] = train_arguments(cell_config(cell, selected["params"], base, reference_rows))
     records = []
     for settings, params in (("tuned", selected["params"]), ("fixed", fixed_params(base, cell.method))):
         config = cell_config(cell, params, base, reference_rows)

@@ -152,14 +152,18 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     from model.names import NETWORKS
 
-    parser.add_argument_group("embeddings").add_argument(
-        "--dim", type=positive_int, default=16, help="embedding dimension (per lookup)"
-    )
+    emb = parser.add_argument_group("embeddings")
+    emb.add_argument("--dim", type=positive_int, default=16, help="embedding dimension (per lookup)")
+    emb.add_argument(
+        "--lookups-offset", type=int, default=0,
+        help="multi-size-unified: add this to every feature's default lookup count (kept within 1-4)",
+    )  # fmt: skip
     net = parser.add_argument_group("network and optimiser")
     net.add_argument("--network", choices=NETWORKS, default="dcn", help="dcn: DCN-v2 cross layers then an MLP")
     net.add_argument("--hidden", type=positive_list(int, "layer sizes"), default=(192,), help="hidden layer sizes, comma-separated")
     net.add_argument("--cross-layers", type=positive_int, default=1, help="DCN-v2 cross layers")
     net.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    net.add_argument("--embedding-weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay on the embedding tables only; 0: plain Adam")
     net.add_argument("--batch-size", type=positive_int, default=256)
     net.add_argument("--epochs", type=positive_int, default=20, help="at most this many epochs")
     net.add_argument("--patience", type=positive_int, default=2, help="stop after this many epochs without a better validation AUC")
@@ -187,6 +191,8 @@ def config_from_args(args: argparse.Namespace, **overrides):
         hidden=args.hidden,
         cross_layers=args.cross_layers,
         learning_rate=args.lr,
+        embedding_weight_decay=args.embedding_weight_decay,
+        lookups_offset=args.lookups_offset,
         batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.patience,
@@ -446,6 +452,8 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
 
 
 def stream_config(args: argparse.Namespace, **overrides):
+    if args.embedding_weight_decay:
+        raise UembedError("--embedding-weight-decay is for in-memory training; streamed tables use --embedding-optimizer")
     optimizer = args.embedding_optimizer or "rowwise-adagrad"
     embedding_lr = args.embedding_lr or (0.05 if optimizer == "rowwise-adagrad" else None)
     return config_from_args(

@@ -163,3 +163,17 @@ def test_the_collision_ablation_trains_each_feature_exact(dataset):
     records = collision_ablation(dataset, Cell("unified", 0.2), fixed_params(BASE, "unified"), BASE, [0])
     assert [r["exact_features"] for r in records] == ["(none)", "user", "item", "city", "user+item+city"]
     assert records[0]["embedding_parameters"] < records[1]["embedding_parameters"] < records[-1]["embedding_parameters"]
+
+
+def test_a_selection_is_retrained_by_the_train_command_it_names(tmp_path, dataset):
+    from uembed.cli import build_parser, config_from_args
+
+    train_set, _, _ = dataset.split(0)
+    reference = collisionless_rows(vocabulary_sizes(train_set.columns))
+    params = dict(fixed_params(BASE, "multi-size-unified"), dim=8, learning_rate=0.004, batch_size=512, hidden_layers=2,
+                  cross_layers=3, decay_tables=True, embedding_weight_decay=0.01, lookups_offset=1)  # fmt: skip
+    config = cell_config(Cell("multi-size-unified", 0.2), params, BASE, reference)
+    arguments = model.tuning.train_arguments(config)
+    args = build_parser().parse_args(["train", "--embedding", "multi-size-unified", *arguments.split()])
+    again = config_from_args(args, embedding="multi-size-unified", budget_rows=args.budget_rows, budget_fraction=None)
+    assert again == config

@@ -45,6 +45,7 @@ from model.errors import (
 )
 from service.engine import NAME_PATTERN, NAME_RULE, ScoringEngine
 from service.metrics import ServiceMetrics
+from service.protocols.disconnect import unless_abandoned
 from service.settings import ServiceSettings, load_settings
 
 log = logging.getLogger("uembed.app")
@@ -289,16 +290,6 @@ class LimitsAndMetrics:
         self.metrics.requests.labels(route, str(status)).inc()
 
 
-ABANDON_GRACE_S = 0.02
-ABANDONED = "the client went away"
-
-
-async def client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | None = None) -> FastAPI:
     settings = settings or load_settings()
     engine = engine or ScoringEngine(settings)
@@ -374,30 +365,14 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         "features, and a feature of another model is a 422 naming it.",
     )
     async def score(request: Request, body: ScoreRequest) -> Response:  # type: ignore[valid-type]
-        # A request still waiting after ABANDON_GRACE_S starts watching its connection; if the client goes away
-        # its task is cancelled and the batcher skips its work (uembed_abandoned_requests_total). Requests that
-        # are scored sooner (nearly all, below overload) pay only for a timer.
-        task = asyncio.current_task()
-        watcher: list[asyncio.Task] = []
-
-        async def cancel_when_gone() -> None:
-            await client_gone(request)
-            task.cancel(ABANDONED)
-
-        timer = asyncio.get_running_loop().call_later(ABANDON_GRACE_S, lambda: watcher.append(asyncio.ensure_future(cancel_when_gone())))
-        try:
-            if body.candidates is not None:
-                scores, runtime = await engine.score(body.candidates, body.model, context=body.context or {})
-            else:
-                scores, runtime = await engine.score(body.examples, body.model)
-        except asyncio.CancelledError as exc:
-            if exc.args != (ABANDONED,) or task.uncancel():  # another cancel too (a shutdown): let it through
-                raise
+        if body.candidates is not None:
+            scoring = engine.score(body.candidates, body.model, context=body.context or {})
+        else:
+            scoring = engine.score(body.examples, body.model)
+        scored = await unless_abandoned(request, scoring)
+        if scored is None:
             return Response(status_code=499)  # nobody reads it; logged as a client close, as nginx does
-        finally:
-            timer.cancel()
-            for watching in watcher:
-                watching.cancel()
+        scores, runtime = scored
         # orjson writes the float64 scores digit for digit as json.dumps would, 20x faster (0.17 ms for 500).
         body = {"model": runtime.name, "version": runtime.version, "scores": scores.astype(np.float64)}
         return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")

@@ -8,7 +8,9 @@ cases. The OpenAPI document declares every status a route can return, and the ex
 schema (the candidates' and the context's in a ranking request) lists the loaded models'
 features with the value types and limits the service enforces, and which fields go
 together, so a schema-valid request is refused only for what a schema cannot say
-(a model name that is not loaded: 404).
+(a model name that is not loaded: 404). The Open Inference Protocol's routes under ``/v2``
+(``service/protocols/oip_rest.py``) share the engine, the batcher and the error table but
+render errors in that protocol's shape, ``{"error": message}``.
 """
 
 
@@ -46,6 +48,8 @@ from model.errors import (
 from service.engine import NAME_PATTERN, NAME_RULE, ScoringEngine
 from service.metrics import ServiceMetrics
 from service.protocols.disconnect import unless_abandoned
+from service.protocols.oip import InferencePlane
+from service.protocols.oip_rest import oip_router
 from service.settings import ServiceSettings, load_settings
 
 log = logging.getLogger("uembed.app")
@@ -319,6 +323,8 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     )
     app.state.engine = engine
     app.state.settings = settings
+    plane = InferencePlane(engine, settings)  # the Open Inference Protocol's data plane
+    app.include_router(oip_router(plane))
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_ms / 1000, metrics=engine.metrics)  # fmt: skip
     ScoreRequest = score_request_model(settings)

@@ -1,5 +1,8 @@
 """The service's fronts, one module each, over one :class:`~service.engine.ScoringEngine` and its batcher.
 
-``/v1`` REST lives in ``service/app.py``. :mod:`service.protocols.disconnect` is what the HTTP
-fronts share: skipping the work of a client that went away.
+``/v1`` REST lives in ``service/app.py``; the Open Inference Protocol (KServe "v2") has its
+protocol-neutral part in :mod:`service.protocols.oip` (tensors in, examples out; metadata;
+readiness), rendered by :mod:`service.protocols.oip_rest` (FastAPI routes under ``/v2``).
+:mod:`service.protocols.disconnect` is what the HTTP fronts share: skipping the work of a
+client that went away.
 """

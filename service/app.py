@@ -10,7 +10,8 @@ features with the value types and limits the service enforces, and which fields 
 together, so a schema-valid request is refused only for what a schema cannot say
 (a model name that is not loaded: 404). The Open Inference Protocol's routes under ``/v2``
 (``service/protocols/oip_rest.py``) share the engine, the batcher and the error table but
-render errors in that protocol's shape, ``{"error": message}``.
+render errors in that protocol's shape, ``{"error": message}``; its gRPC server starts and
+stops in the same lifespan.
 """
 
 
@@ -46,9 +47,10 @@ from model.errors import (
     internal,
 )
 from service.engine import NAME_PATTERN, NAME_RULE, ScoringEngine
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, outcome
 from service.protocols.disconnect import unless_abandoned
 from service.protocols.oip import InferencePlane
+from service.protocols.oip_grpc import start_grpc_server, stop_grpc_server
 from service.protocols.oip_rest import oip_router
 from service.settings import ServiceSettings, load_settings
 
@@ -289,8 +291,7 @@ class LimitsAndMetrics:
 
     def _observe(self, scope, status: int, started: float) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
-        outcome = "ok" if status < 400 else {503: "overloaded", 504: "timeout"}.get(status, "client_error" if status < 500 else "error")
-        self.metrics.request_seconds.labels(route, outcome).observe(time.perf_counter() - started)
+        self.metrics.request_seconds.labels(route, outcome(status)).observe(time.perf_counter() - started)
         self.metrics.requests.labels(route, str(status)).inc()
 
 
@@ -312,7 +313,13 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
             _, older, oldest = gc.get_threshold()
             gc.set_threshold(settings.gc_gen0_threshold, older, oldest)
         await engine.astart()
+        try:
+            grpc_server = await start_grpc_server(plane, settings)
+        except BaseException:
+            await engine.astop()
+            raise
         yield
+        await stop_grpc_server(grpc_server)  # its calls in flight finish before the engine drains
         await engine.astop()
 
     app = FastAPI(
@@ -323,7 +330,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     )
     app.state.engine = engine
     app.state.settings = settings
-    plane = InferencePlane(engine, settings)  # the Open Inference Protocol's data plane
+    plane = InferencePlane(engine, settings)  # the Open Inference Protocol, REST here and gRPC from the lifespan
     app.include_router(oip_router(plane))
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_ms / 1000, metrics=engine.metrics)  # fmt: skip

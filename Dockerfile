@@ -67,9 +67,9 @@ COPY --chown=uembed:uembed loadtest/locustfile.py loadtest/shapes.py ./
 EXPOSE 8089
 CMD ["locust", "-f", "locustfile.py", "--host", "http://uembed:8000"]
 
-# What both serving images share: port, healthcheck, command.
+# What both serving images share: ports (HTTP; the Open Inference Protocol's gRPC), healthcheck, command.
 FROM base AS serving
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]
 CMD ["uembed", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -150,13 +150,19 @@ class HttpProcess:
 
 
 class UvicornProcess(HttpProcess):
-    """``uvicorn APP --factory`` in its own process, configured by environment variables."""
+    """``uvicorn APP --factory`` in its own process, configured by environment variables.
+
+    The service's gRPC port is a free one unless ``env`` sets ``UEMBED_GRPC_PORT`` (never the default 8001, which
+    a service started by hand may hold: with SO_REUSEPORT both would bind it and share its connections)."""
 
     def __init__(self, app: str, env: dict[str, str], log_path: Path, workers: int = 1, port: int = 0,
                  ready_path: str = "/readyz", limit_concurrency: int | None = None) -> None:  # fmt: skip
         self.app = app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        env = {"UEMBED_GRPC_PORT": str(free_port()), **env}
+        self.grpc_port = int(env["UEMBED_GRPC_PORT"])
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(self.port),
                 "--no-access-log", "--timeout-graceful-shutdown", "10", "--workers", str(workers)]  # fmt: skip
         if limit_concurrency:

@@ -80,6 +80,17 @@ class ExampleError(UembedError):
     )
 
 
+class TensorError(UembedError):
+    """An Open Inference Protocol request whose tensors do not fit the model's inputs."""
+
+    kind = "tensor"
+    status = 422
+    description = (
+        "An Open Inference Protocol input tensor does not fit the model (its name, datatype, shape or data; "
+        "the message names the tensor), or the binary-data framing is malformed"
+    )
+
+
 class InvalidName(UembedError):
     """A model or version name that may not become a path."""
 

@@ -8,7 +8,10 @@ cases. The OpenAPI document declares every status a route can return, and the ex
 schema (the candidates' and the context's in a ranking request) lists the loaded models'
 features with the value types and limits the service enforces, and which fields go
 together, so a schema-valid request is refused only for what a schema cannot say
-(a model name that is not loaded: 404).
+(a model name that is not loaded: 404). The Open Inference Protocol's routes under ``/v2``
+(``service/protocols/oip_rest.py``) share the engine, the batcher and the error table but
+render errors in that protocol's shape, ``{"error": message}``; its gRPC server starts and
+stops in the same lifespan.
 """
 
 
@@ -44,7 +47,11 @@ from model.errors import (
     internal,
 )
 from service.engine import NAME_PATTERN, NAME_RULE, ScoringEngine
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, outcome
+from service.protocols.disconnect import unless_abandoned
+from service.protocols.oip import InferencePlane
+from service.protocols.oip_grpc import start_grpc_server, stop_grpc_server
+from service.protocols.oip_rest import oip_router
 from service.settings import ServiceSettings, load_settings
 
 log = logging.getLogger("uembed.app")
@@ -284,19 +291,8 @@ class LimitsAndMetrics:
 
     def _observe(self, scope, status: int, started: float) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
-        outcome = "ok" if status < 400 else {503: "overloaded", 504: "timeout"}.get(status, "client_error" if status < 500 else "error")
-        self.metrics.request_seconds.labels(route, outcome).observe(time.perf_counter() - started)
+        self.metrics.request_seconds.labels(route, outcome(status)).observe(time.perf_counter() - started)
         self.metrics.requests.labels(route, str(status)).inc()
-
-
-ABANDON_GRACE_S = 0.02
-ABANDONED = "the client went away"
-
-
-async def client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | None = None) -> FastAPI:
@@ -317,7 +313,13 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
             _, older, oldest = gc.get_threshold()
             gc.set_threshold(settings.gc_gen0_threshold, older, oldest)
         await engine.astart()
+        try:
+            grpc_server = await start_grpc_server(plane, settings)
+        except BaseException:
+            await engine.astop()
+            raise
         yield
+        await stop_grpc_server(grpc_server)  # its calls in flight finish before the engine drains
         await engine.astop()
 
     app = FastAPI(
@@ -328,6 +330,8 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     )
     app.state.engine = engine
     app.state.settings = settings
+    plane = InferencePlane(engine, settings)  # the Open Inference Protocol, REST here and gRPC from the lifespan
+    app.include_router(oip_router(plane))
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_ms / 1000, metrics=engine.metrics)  # fmt: skip
     ScoreRequest = score_request_model(settings)
@@ -374,30 +378,14 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         "features, and a feature of another model is a 422 naming it.",
     )
     async def score(request: Request, body: ScoreRequest) -> Response:  # type: ignore[valid-type]
-        # A request still waiting after ABANDON_GRACE_S starts watching its connection; if the client goes away
-        # its task is cancelled and the batcher skips its work (uembed_abandoned_requests_total). Requests that
-        # are scored sooner (nearly all, below overload) pay only for a timer.
-        task = asyncio.current_task()
-        watcher: list[asyncio.Task] = []
-
-        async def cancel_when_gone() -> None:
-            await client_gone(request)
-            task.cancel(ABANDONED)
-
-        timer = asyncio.get_running_loop().call_later(ABANDON_GRACE_S, lambda: watcher.append(asyncio.ensure_future(cancel_when_gone())))
-        try:
-            if body.candidates is not None:
-                scores, runtime = await engine.score(body.candidates, body.model, context=body.context or {})
-            else:
-                scores, runtime = await engine.score(body.examples, body.model)
-        except asyncio.CancelledError as exc:
-            if exc.args != (ABANDONED,) or task.uncancel():  # another cancel too (a shutdown): let it through
-                raise
+        if body.candidates is not None:
+            scoring = engine.score(body.candidates, body.model, context=body.context or {})
+        else:
+            scoring = engine.score(body.examples, body.model)
+        scored = await unless_abandoned(request, scoring)
+        if scored is None:
             return Response(status_code=499)  # nobody reads it; logged as a client close, as nginx does
-        finally:
-            timer.cancel()
-            for watching in watcher:
-                watching.cancel()
+        scores, runtime = scored
         # orjson writes the float64 scores digit for digit as json.dumps would, 20x faster (0.17 ms for 500).
         body = {"model": runtime.name, "version": runtime.version, "scores": scores.astype(np.float64)}
         return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")

@@ -20,6 +20,13 @@ STAGES = ("queue", "hash", "lookup", "assemble", "dense")
 SIZE_BUCKETS = tuple(float(2**i) for i in range(18))  # 1 .. 131072
 
 
+def outcome(status: int) -> str:
+    """A request's outcome label from its HTTP status (a gRPC call's: the status of its row in the error table)."""
+    if status < 400:
+        return "ok"
+    return {503: "overloaded", 504: "timeout"}.get(status, "client_error" if status < 500 else "error")
+
+
 def multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -35,6 +42,14 @@ class ServiceMetrics:
         )
         self.requests = Counter(
             "uembed_http_requests_total", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.grpc_seconds = Histogram(
+            "uembed_grpc_request_duration_seconds", "gRPC call latency (Open Inference Protocol), end to end in the service.",
+            ["method", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.grpc_requests = Counter(
+            "uembed_grpc_requests_total", "gRPC calls (Open Inference Protocol) by method and status code.",
+            ["method", "code"], registry=r,
         )
         self.stage_seconds = Histogram(
             "uembed_stage_duration_seconds",

@@ -65,6 +65,19 @@ class ServiceSettings(BaseSettings):
         1, ge=1, description="Intra-op threads of the dense network. 1 is fastest per core here: scale with workers."
     )
 
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService), served "
+        "in each worker's event loop beside HTTP, over the same engine and batcher. 8001, as Triton. 0: no gRPC. "
+        "Each worker binds it with SO_REUSEPORT, so the kernel spreads connections (not calls) across workers.",
+    )
+    grpc_host: str = Field(
+        "127.0.0.1",
+        description="Address the gRPC service binds (`uembed serve --host` sets it too; 0.0.0.0 in a container).",
+    )
+
     # --- batching and admission ---------------------------------------------------------
     max_batch_ids: int = Field(
         16384,

@@ -13,6 +13,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from loadtest.servers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROBE = Path(__file__).with_name("serving_probe.py")
@@ -52,10 +54,11 @@ def run_serving_probe(bin_dir: Path, bundle: Path, examples: list[dict], workdir
     """serving_probe.py under the venv's interpreter: scores of ``examples`` from ``bundle`` through
     the installed service, its ONNX Runtime, and the torch modules it loaded."""
     (workdir / "examples.json").write_text(json.dumps(examples))
-    # -I: the venv's own packages only (not this checkout, not PYTHON* variables).
+    # -I: the venv's own packages only (not this checkout, not PYTHON* variables). The gRPC server starts too,
+    # on a free port (the installed service needs its packages to start at all).
+    env = {**os.environ, "UEMBED_BUNDLES": str(bundle), "UEMBED_GRPC_PORT": str(free_port())}
     result = subprocess.run([str(bin_dir / "python"), "-I", str(PROBE), str(workdir / "examples.json"), str(workdir / "probe.json")],
-                            capture_output=True, text=True, env={**os.environ, "UEMBED_BUNDLES": str(bundle)},
-                            timeout=120)  # fmt: skip
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     probe = json.loads((workdir / "probe.json").read_text())
     assert probe["service_file"].startswith(str(bin_dir.parent)), "the probe must run the installed service"

@@ -16,7 +16,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "serve",
         help="serve bundles over HTTP (FastAPI on uvicorn)",
         description="Serve one or more bundles: POST /v1/score, GET /v1/models, POST /v1/models/{name}/load, "
-        "/healthz, /readyz, /metrics, OpenAPI at /docs. With no --bundle and no UEMBED_BUNDLES it serves the "
+        "/healthz, /readyz, /metrics, OpenAPI at /docs; the Open Inference Protocol (KServe v2) under /v2 and "
+        "over gRPC (--grpc-port). With no --bundle and no UEMBED_BUNDLES it serves the "
         "demo bundle (MovieLens-100K, unified at 10%), training it the first time. Without --redis-url rows "
         "come from the in-process hot tier and the bundle's row files (no Redis needed).",
         epilog="Every setting can also come from the environment:\n\n" + describe_settings(),
@@ -25,6 +26,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--bundle", action="append", type=Path, help="bundle directory (repeat for several models)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, help="port of the Open Inference Protocol's gRPC service, on the same "
+                        "host (default 8001, as Triton; 0: none; see UEMBED_GRPC_PORT below)")  # fmt: skip
     parser.add_argument(
         "--workers", type=int, default=1,
         help="uvicorn worker processes, one compute thread each (default 1; use one per core)",
@@ -54,9 +57,14 @@ def set_serve_environment(args: argparse.Namespace) -> None:
         env["UEMBED_BUNDLE_STORE"] = str(args.bundle_store.resolve())
     if args.device:
         env["UEMBED_DEVICE"] = args.device
+    if args.grpc_port is not None:
+        env["UEMBED_GRPC_PORT"] = str(args.grpc_port)
+    if "UEMBED_GRPC_HOST" not in os.environ:
+        env["UEMBED_GRPC_HOST"] = args.host  # gRPC listens where HTTP does unless told otherwise
     os.environ.update(env)
     settings = load_settings()  # refuses bad settings here, before any worker starts
     args.max_connections = settings.max_connections
+    args.grpc_address = f"{settings.grpc_host}:{settings.grpc_port}" if settings.grpc_port else None
     if settings.device != "cpu":
         from service.device import cuda_modules
 
@@ -76,7 +84,8 @@ def run_serve(args: argparse.Namespace) -> int:
     set_serve_environment(args)
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="uembed-metrics-")
-    print(f"serving {os.environ['UEMBED_BUNDLES']} on http://{args.host}:{args.port} "
+    grpc = f", gRPC on {args.grpc_address}" if args.grpc_address else ""
+    print(f"serving {os.environ['UEMBED_BUNDLES']} on http://{args.host}:{args.port}{grpc} "
           f"({args.workers} worker(s)); try:\n  curl -s http://{args.host}:{args.port}/v1/models", file=sys.stderr)
     uvicorn.run(
         "service.app:create_app",

@@ -301,7 +301,8 @@ class TierCounts:
 
 
 class RedisTier:
-    """Tier 2: records packed into Redis hashes of ``bucket_rows`` rows.
+    """Tier 2: records packed into Redis hashes of ``bucket_rows`` rows, on one Redis or a Redis Cluster
+    (a ``redis+cluster://`` url: ``service/rows/cluster.py``).
 
     Key ``<prefix>:<model>:<version>:<table>:<row // bucket_rows>``, field ``row % bucket_rows``.
     A key per row would cost Redis more in key overhead than a 64-byte row; small hashes
@@ -310,28 +311,41 @@ class RedisTier:
     no timeout per request, and it is used again once it answers.
     """
 
-    def __init__(self, url: str, timeout_s: float, retry_s: float, bucket_rows: int, fill_queue: int) -> None:
+    def __init__(self, url: str, timeout_s: float, retry_s: float, bucket_rows: int, fill_queue: int, retries: int = 0) -> None:
         import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        from redis.exceptions import RedisClusterException
 
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self.errors = redis.RedisError, OSError
+        from service.rows.cluster import is_cluster_url
+
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.cluster = is_cluster_url(url)
+        self._client = None
+        self.errors = redis.RedisError, RedisClusterException, OSError
         self.retry_s = retry_s
         self.bucket_rows = bucket_rows
         self.skip_until = 0.0
+        self.last_error: str | None = None
+        self._refresh_slots = False
         self.error_counts: dict[str, int] = {"fetch": 0, "fill": 0}
         self.fills_dropped = 0
         self._fills: queue.Queue = queue.Queue(maxsize=max(fill_queue, 1))
         self._fill_enabled = fill_queue > 0
-        self._filler = threading.Thread(target=self._fill_loop, name="uembed-redis-fill", daemon=True)
-        self._filler.start()
+        self._filler = None
+        if self._fill_enabled:
+            self._filler = threading.Thread(target=self._fill_loop, name="uembed-redis-fill", daemon=True)
+            self._filler.start()
+
+    @property
+    def client(self):
+        """The client, made on first use: a cluster client reads the slot map when it is made, and a cluster
+        that is down at start must cost misses (then a retry), not the service's start."""
+        if self._client is None:
+            from service.rows.cluster import redis_client
+
+            self._client = redis_client(self.url, self.timeout_s, self.retries)
+        return self._client
 
     @property
     def available(self) -> bool:
@@ -339,6 +353,8 @@ class RedisTier:
 
     def _failed(self, operation: str, exc: Exception) -> None:
         self.error_counts[operation] += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._refresh_slots = self.cluster  # a failover moves slots: re-read the map before the next try
         if self.available:
             log.warning("redis %s failed (%s: %s); serving from the row files for %.1fs", operation, type(exc).__name__, exc, self.retry_s)
         self.skip_until = time.monotonic() + self.retry_s
@@ -353,27 +369,55 @@ class RedisTier:
         fields = [[str(int(i)).encode() for i in ids[g] % self.bucket_rows] for g in groups]
         return keys, fields, groups
 
-    def fetch(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> np.ndarray | None:
-        """Records of ``ids`` into ``out`` in one round trip; the hit mask, or None when Redis was not used."""
-        if not len(ids) or not self.available:
-            return None
+    def _read(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, Exception | None]:
+        """Records of ``ids`` into ``out``: the hit mask, and on a cluster the first error of a node whose
+        rows were not read (its rows are misses). One pipelined round (per node, on a cluster)."""
         keys, fields, groups = self._buckets(namespace, ids)
-        try:
+        commands = [("HMGET", key, *names) for key, names in zip(keys, fields)]
+        if self.cluster:
+            from service.rows.cluster import send_by_node
+
+            replies = send_by_node(self.client, commands)
+        else:
             pipe = self.client.pipeline(transaction=False)
-            for key, names in zip(keys, fields):
-                pipe.hmget(key, names)
+            for command in commands:
+                pipe.execute_command(*command)
             replies = pipe.execute()
-        except self.errors as exc:
-            self._failed("fetch", exc)
-            return None
+        error = next((r for r in replies if isinstance(r, Exception)), None)
         width = out.shape[1]
-        found = [(p, v) for positions, values in zip(groups, replies) for p, v in zip(positions, values)
-                 if v is not None and len(v) == width]  # fmt: skip
+        found = [(p, v) for positions, values in zip(groups, replies) if not isinstance(values, Exception)
+                 for p, v in zip(positions, values) if v is not None and len(v) == width]  # fmt: skip
         hit = np.zeros(len(ids), dtype=bool)
         if found:
             positions = np.fromiter((p for p, _ in found), dtype=np.int64, count=len(found))
             out[positions] = np.frombuffer(b"".join(v for _, v in found), dtype=np.uint8).reshape(-1, width)
             hit[positions] = True
+        return hit, error
+
+    def fetch(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """Records of ``ids`` into ``out`` in one round trip (one per node on a cluster); the hit mask, or None
+        when Redis was not used. A cluster node that failed costs its rows (misses) and starts the skip window."""
+        if not len(ids) or not self.available:
+            return None
+        try:
+            if self._refresh_slots:
+                from service.rows.cluster import refresh_slots
+
+                refresh_slots(self.client)
+                self._refresh_slots = False
+            hit, error = self._read(namespace, ids, out)
+        except self.errors as exc:
+            self._failed("fetch", exc)
+            return None
+        if error is not None:
+            self._failed("fetch", error)
+        return hit
+
+    def read(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """As :meth:`fetch`, but any failure raises (bulk checks: ``uembed publish --verify``)."""
+        hit, error = self._read(namespace, ids, out)
+        if error is not None:
+            raise error
         return hit
 
     def fill(self, namespace: str, ids: np.ndarray, records: np.ndarray) -> None:
@@ -413,12 +457,14 @@ class RedisTier:
         return not self._fills.unfinished_tasks
 
     def close(self) -> None:
-        try:
-            self._fills.put(None, timeout=2)  # a filler stuck on a dead Redis must not hold the shutdown
-        except queue.Full:
-            pass
-        self._filler.join(timeout=2)
-        self.client.close()
+        if self._filler is not None:
+            try:
+                self._fills.put(None, timeout=2)  # a filler stuck on a dead Redis must not hold the shutdown
+            except queue.Full:
+                pass
+            self._filler.join(timeout=2)
+        if self._client is not None:
+            self._client.close()
 
     def compact_encoding_problem(self, record_bytes: int) -> str | None:
         """Why this Redis would store our hashes uncompactly, if it would (checked at start)."""

@@ -136,7 +136,9 @@ class ServiceSettings(BaseSettings):
     )
     redis_url: str | None = Field(
         None,
-        description="Tier 2: redis://host:port/db shared by replicas. Unset (the default): tiers 1 and 3 only.",
+        description="Tier 2, shared by replicas: redis://host:port/db (one Redis), or redis+cluster://host:port "
+        "(a Redis Cluster: any one node, the client discovers the rest; rediss:// and rediss+cluster:// for TLS). "
+        "Unset (the default): tiers 1 and 3 only.",
     )
     redis_timeout_ms: float = Field(
         50.0,
@@ -173,6 +175,20 @@ class ServiceSettings(BaseSettings):
             if value.lstrip().startswith("["):
                 return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+            raise ValueError(f"{parts.scheme or 'no'} scheme: use redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        if parts.scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0: leave the database number out")
         return value
 
     @model_validator(mode="after")

@@ -33,8 +33,8 @@ class RowCodec:
 
     def __init__(self, table: TableRows) -> None:
         self.table = table
-        self.row_bytes = table.dim * table.data.dtype.itemsize
-        self.record_bytes = self.row_bytes + (8 if table.scale_bias is not None else 0)
+        self.row_bytes = table.dim * table.row_dtype.itemsize
+        self.record_bytes = table.record_bytes
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         """Tier 3: uint8 ``[k, record_bytes]`` straight from the memory-mapped files."""
@@ -46,8 +46,8 @@ class RowCodec:
 
     def decode(self, records: np.ndarray) -> np.ndarray:
         records = np.ascontiguousarray(records)
-        values = records[:, : self.row_bytes].view(self.table.data.dtype)
-        if self.table.scale_bias is None:
+        values = records[:, : self.row_bytes].view(self.table.row_dtype)
+        if self.table.dtype != "int8":
             return values.astype(np.float32, copy=False)
         scale_bias = records[:, self.row_bytes :].view(np.float32)
         return values.astype(np.float32) * scale_bias[:, :1] + scale_bias[:, 1:]

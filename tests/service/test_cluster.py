@@ -1,10 +1,16 @@
 """Redis Cluster as tier 2, `uembed publish`, and rows that live only in Redis: against a real 6-process
 Redis Cluster (3 masters, 3 replicas) on loopback, started once for this module."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from export.loader import load_bundle
 from loadtest.servers import RedisClusterServers
+from service.rows.published import marker_key, table_namespace
 from service.rowstore import RedisTier, RowCodec, TableStore
 from tests.service.test_rowstore import make_table
 
@@ -63,3 +69,65 @@ def test_a_batch_read_is_one_pipelined_round_per_node(redis_cluster, monkeypatch
     assert hit is not None and hit.all()
     assert sorted(sends) == sorted(redis_cluster.masters()), sends
     redis.close()
+
+
+# --- uembed publish -------------------------------------------------------------------------------
+
+
+def publish_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uembed", "publish", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("where", ["cluster", "plain"])
+def test_publish_writes_every_row_and_verify_reads_them_back(where, bundle_store, redis_cluster, redis_server):
+    url = redis_cluster.url if where == "cluster" else redis_server.url
+    bundle = bundle_store / "movielens" / "2"  # float16 rows
+    result = publish_cli(str(bundle), "--redis-url", url, "--verify", "--chunk-rows", "1000")
+    assert result.returncode == 0, result.stderr
+    assert "all match the row files" in result.stdout
+    assert "publish" in result.stderr  # the progress bar
+
+    loaded = load_bundle(bundle)
+    table = next(iter(loaded.tables.values()))
+    tier = RedisTier(url, timeout_s=2, retry_s=0, bucket_rows=64, fill_queue=0)
+    ids = np.arange(table.rows)
+    out = np.empty((table.rows, RowCodec(table).record_bytes), dtype=np.uint8)
+    assert tier.read(table_namespace("uembed", "movielens", "2", table.name), ids, out).all()
+    assert np.array_equal(out, RowCodec(table).read(ids)), "rows are stored as the tier stores them"
+    marker = json.loads(tier.client.get(marker_key("uembed", "movielens", "2")))
+    assert marker["tables"][0]["sha256"] == [loaded.manifest["tables"][0]["sha256"]]
+    assert marker["rows"] == table.rows and marker["bucket_rows"] == 64
+
+    again = publish_cli(str(bundle), "--redis-url", url, "--quiet")  # idempotent: the same keys, the same bytes
+    assert again.returncode == 0 and again.stderr == ""
+    assert publish_cli(str(bundle), "--redis-url", url, "--verify-only", "--quiet").returncode == 0
+    tier.close()
+
+
+def test_verify_finds_a_corrupted_row_and_a_missing_bucket(bundle_store, redis_cluster):
+    bundle = bundle_store / "movielens" / "1"
+    assert publish_cli(str(bundle), "--redis-url", redis_cluster.url, "--quiet").returncode == 0
+    table = next(iter(load_bundle(bundle).tables.values()))
+    client = redis_cluster.client()
+    namespace = table_namespace("uembed", "movielens", "1", table.name)
+    record = client.hget(f"{namespace}:2", "5")
+    client.hset(f"{namespace}:2", "5", bytes([record[0] ^ 1]) + record[1:])  # row 2 * 64 + 5, one bit flipped
+    client.delete(f"{namespace}:3")  # rows 192 to 255
+    result = publish_cli(str(bundle), "--redis-url", redis_cluster.url, "--verify-only", "--quiet")
+    assert result.returncode == 1
+    assert f"table {table.name}: 65 rows missing or different in Redis (first: [133, 192, 193" in result.stdout
+    fixed = publish_cli(str(bundle), "--redis-url", redis_cluster.url, "--verify", "--quiet")
+    assert fixed.returncode == 0, fixed.stdout
+    client.close()
+
+
+def test_verify_refuses_a_marker_of_other_row_files(bundle_store, redis_server, tmp_path):
+    bundle = bundle_store / "movielens" / "1"
+    assert publish_cli(str(bundle), "--redis-url", redis_server.url, "--quiet").returncode == 0
+    client = redis_server.client()
+    key = marker_key("uembed", "movielens", "1")
+    marker = json.loads(client.get(key))
+    marker["tables"][0]["sha256"] = ["0" * 64]
+    client.set(key, json.dumps(marker))
+    result = publish_cli(str(bundle), "--redis-url", redis_server.url, "--verify-only", "--quiet")
+    assert result.returncode == 1 and "of other row files than this bundle's manifest" in result.stdout

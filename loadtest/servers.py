@@ -139,7 +139,8 @@ class RedisClusterServers:
             [binary, str(REDIS_CONF), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
              "--maxmemory", "0", "--maxmemory-policy", "noeviction", "--cluster-enabled", "yes",
              "--cluster-port", str(bus_port), "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", str(self.node_timeout_ms)],
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--repl-diskless-sync-delay", "0",
+             "--logfile", str(folder / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
@@ -172,14 +173,20 @@ class RedisClusterServers:
         return [port for port, role in self.roles().items() if role == "master"]
 
     def wait_healthy(self, timeout_s: float = 30) -> None:
-        """Until every running node reports ``cluster_state:ok`` with all 16384 slots served."""
+        """Until every running node reports ``cluster_state:ok``, every slot is served by a running master,
+        and every running replica is in sync with its master (so a master can fail over)."""
 
         def healthy() -> bool:
-            for port, process in self.processes.items():
-                if process.poll() is None:
-                    info = self.node(port).cluster("info")
-                    if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
-                        return False
+            running = {port for port, process in self.processes.items() if process.poll() is None}
+            for port in running:
+                node = self.node(port)
+                if node.cluster("info")["cluster_state"] != "ok":
+                    return False
+                if any(slot[2][1] not in running for slot in node.execute_command("CLUSTER SLOTS")):
+                    return False
+                replication = node.info("replication")
+                if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                    return False
             return True
 
         wait_until(healthy, timeout_s, "the Redis Cluster")

@@ -535,6 +535,8 @@ class TableStore:
 
     def _fetch(self, ids: np.ndarray) -> np.ndarray:
         """Records of tier-1 misses from tier 2, else tier 3 (then filled back into tier 2): uint8 ``[k, record_bytes]``."""
+        if not self.table.files:
+            return self._fetch_published(ids)
         records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
         need_file = np.arange(len(ids))
         redis_used = False
@@ -553,6 +555,31 @@ class TableStore:
             if redis_used:
                 self.redis.fill(self.namespace, ids[need_file], records[need_file])
         counts.hits["file"] += len(need_file)
+        return records
+
+    def _fetch_published(self, ids: np.ndarray) -> np.ndarray:
+        """Records of tier-1 misses of a table whose rows live only in Redis (``row_source=redis``): all of them,
+        or :class:`RowsUnavailable` (a 503 for the batch) naming why; never rows made up."""
+        from model.errors import RowsUnavailable
+
+        records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
+        if not len(ids):
+            return records
+        where = f"table {self.table.name} (rows only in Redis, row_source=redis)"
+        hit = self.redis.fetch(self.namespace, ids, records) if self.redis is not None else None
+        if hit is None:
+            self.counts.redis_fallbacks += 1
+            raise RowsUnavailable(f"{where}: Redis is unavailable ({self.redis.last_error if self.redis else 'no redis_url'}); retry shortly")
+        missed = len(ids) - int(hit.sum())
+        self.counts.hits["redis"] += len(ids) - missed
+        self.counts.misses["redis"] += missed
+        if missed and not self.redis.available:  # a cluster node failed in this round: its rows were not read
+            raise RowsUnavailable(f"{where}: {missed} of {len(ids)} rows were not read ({self.redis.last_error}); retry shortly")
+        if missed:
+            raise RowsUnavailable(
+                f"{where}: {missed} of {len(ids)} rows are not in Redis under {self.namespace}:*; publish the bundle "
+                "again and check it (`uembed publish BUNDLE --redis-url URL --verify`)"
+            )
         return records
 
     def _count_hot(self, looked_up: int, missed: int) -> None:
@@ -575,5 +602,6 @@ class TableStore:
         return self.hot.index.nbytes if self.hot is not None else 0
 
     def file_bytes(self) -> dict[str, int]:
-        """Tier 3: the row files' size (mapped) and how much of them is in memory now (resident)."""
-        return {"mapped": self.table.nbytes, "resident": self.table.resident_bytes()}
+        """Tier 3: the row files' size (mapped) and how much of them is in memory now (resident); 0 for rows
+        that live only in Redis."""
+        return {"mapped": self.table.nbytes if self.table.files else 0, "resident": self.table.resident_bytes()}

@@ -134,6 +134,15 @@ class ServiceSettings(BaseSettings):
         "detail says which file). startup: checked before the worker starts serving. Either way each worker "
         "reads each byte once, which also brings the rows into the page cache. Reloads always check before switching.",
     )
+    row_source: Literal["files", "redis"] = Field(
+        "files",
+        description="Where rows come from past tiers 1 and 2. files: the bundle's memory-mapped row files (Redis, "
+        "if set, is a cache: its misses and failures fall through to the files). redis: rows live only in Redis "
+        "(redis_url, typically a Redis Cluster), published there by `uembed publish`; the bundle directory needs "
+        "no row files (manifest, vocabularies and dense graph only). /readyz answers 503 until the publication's "
+        "completion marker matches the manifest, and a batch whose rows Redis cannot give (down, failing over, "
+        "missing) gets 503 rows_unavailable, never zero rows. Give that Redis maxmemory-policy noeviction.",
+    )
     redis_url: str | None = Field(
         None,
         description="Tier 2, shared by replicas: redis://host:port/db (one Redis), or redis+cluster://host:port "
@@ -198,6 +207,10 @@ class ServiceSettings(BaseSettings):
                 f"redis_timeout_ms ({self.redis_timeout_ms}) must be below request_timeout_ms "
                 f"({self.request_timeout_ms}), or a slow Redis would time out every request"
             )
+        if self.row_source == "redis" and not self.redis_url:
+            raise ValueError("row_source=redis serves rows that live only in Redis: set redis_url")
+        if self.row_source == "redis" and self.dense_backend != "onnx":
+            raise ValueError("row_source=redis looks rows up in Redis; dense_backend=torchscript carries its own tables: use onnx")
         if self.device != "cpu" and self.dense_backend != "onnx":
             raise ValueError(f"device={self.device} runs the dense net on ONNX Runtime: use dense_backend=onnx")
         if self.reload_token is not None and len(self.reload_token.get_secret_value()) < 16:

@@ -68,8 +68,8 @@ def set_serve_environment(args: argparse.Namespace) -> None:
     else:
         from export.loader import load_bundle
 
-        for path in settings.bundles:
-            load_bundle(path)  # a missing or corrupt bundle is a one-line error here, not a worker traceback
+        for path in settings.bundles:  # a missing or corrupt bundle is a one-line error here, not a worker traceback
+            load_bundle(path, row_files=settings.row_source == "files")
 
 
 def run_serve(args: argparse.Namespace) -> int:

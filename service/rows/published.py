@@ -193,7 +193,7 @@ class PublicationCheck:
         try:
             found = self.redis.client.get(self.key)
         except self.redis.errors as exc:
-            self.state = f"Redis unavailable ({type(exc).__name__}: {exc})"
+            self.state = f"not checked: Redis unavailable ({type(exc).__name__}: {exc})"
             return False
         problem = marker_problem(found, self.manifest, self.redis.bucket_rows, self.key)
         if problem is None:
@@ -201,7 +201,7 @@ class PublicationCheck:
             self.done.set()
             log.info("rows of %s version %s are published (%s)", self.manifest["name"], self.manifest["version"], self.key)
             return True
-        self.state = problem
+        self.state = f"not published: {problem}"
         return False
 
     def start(self) -> PublicationCheck:
@@ -223,7 +223,7 @@ class PublicationCheck:
         for the poll; a BundleError that says why when the rows are not published."""
         if self._thread is None:
             if not self.check():
-                raise BundleError(f"model {self.manifest['name']} version {self.manifest['version']}: {self.state}")
+                raise BundleError(f"model {self.manifest['name']} version {self.manifest['version']}: {self.what} {self.state}")
             return
         if not self.done.wait(timeout_s):
             raise TimeoutError(f"{self.key}: {self.state} after {timeout_s}s")

@@ -2,16 +2,22 @@
 Redis Cluster (3 masters, 3 replicas) on loopback, started once for this module."""
 
 import json
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from export.loader import load_bundle
-from loadtest.servers import RedisClusterServers
+from export.scorer import ReferenceScorer
+from loadtest.servers import RedisClusterServers, UvicornProcess, http_get, wait_until
 from service.rows.published import marker_key, table_namespace
 from service.rowstore import RedisTier, RowCodec, TableStore
+from tests.service.test_faults import Traffic
 from tests.service.test_rowstore import make_table
 
 
@@ -131,3 +137,136 @@ def test_verify_refuses_a_marker_of_other_row_files(bundle_store, redis_server, 
     client.set(key, json.dumps(marker))
     result = publish_cli(str(bundle), "--redis-url", redis_server.url, "--verify-only", "--quiet")
     assert result.returncode == 1 and "of other row files than this bundle's manifest" in result.stdout
+
+
+# --- serving rows that live only in Redis ---------------------------------------------------------
+
+
+def without_row_files(bundle: Path, folder: Path) -> Path:
+    """A copy of ``bundle`` as a rows-in-Redis replica holds it: manifest, vocabularies, dense graph; no tables/."""
+    copy = folder / bundle.name
+    shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("tables"))
+    return copy
+
+
+def score_all(url: str, examples: list[dict], chunk: int = 250) -> list[float]:
+    scores = []
+    with httpx.Client(timeout=30) as client:
+        for start in range(0, len(examples), chunk):
+            response = client.post(f"{url}/v1/score", json={"examples": examples[start : start + chunk]})
+            assert response.status_code == 200, response.text
+            scores += response.json()["scores"]
+    return scores
+
+
+@pytest.fixture
+def start_unready_service(tmp_path):
+    """Factory: a uvicorn process of the service that is running (``/healthz``), ready or not."""
+    started = []
+
+    def start(bundles: list, **settings) -> UvicornProcess:
+        env = {"UEMBED_BUNDLES": ",".join(str(b) for b in bundles)}
+        env.update({f"UEMBED_{k.upper()}": str(v) for k, v in settings.items()})
+        log = tmp_path / f"service-{len(started)}.log"
+        service = UvicornProcess("service.app:create_app", env, log, ready_path="/healthz").start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def test_rows_only_in_the_cluster_score_as_the_row_files_do(
+    bundle_store, redis_cluster, movielens_examples, start_service, start_unready_service, tmp_path
+):
+    bundle = bundle_store / "movielens" / "2"
+    replica_bundle = without_row_files(bundle, tmp_path)
+    prefix = "rows-only"  # nothing published under it yet
+    service = start_unready_service([replica_bundle], redis_url=redis_cluster.url, row_source="redis",
+                                    redis_prefix=prefix, hot_rows_bytes=4096)  # fmt: skip
+    status, body = http_get(f"{service.url}/readyz")
+    detail = json.loads(body)["detail"]
+    assert status == 503 and "rows in Redis not published: no completion marker at rows-only:movielens:2:published" in detail
+    response = httpx.post(f"{service.url}/v1/score", json={"examples": movielens_examples[:2]})
+    assert response.status_code == 503 and response.json()["error"] == "not_ready"
+
+    result = publish_cli(str(bundle), "--redis-url", redis_cluster.url, "--prefix", prefix, "--quiet")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: http_get(f"{service.url}/readyz")[0] == 200, 10, "readiness after publish")
+
+    from_redis = score_all(service.url, movielens_examples)
+    from_files = score_all(start_service([bundle]).url, movielens_examples)
+    assert from_redis == from_files
+    metrics = service.metrics()
+    assert metrics['uembed_row_cache_hits_total{tier="redis"}'] > 0
+    assert metrics.get('uembed_row_cache_hits_total{tier="file"}', 0) == 0
+
+
+def test_rows_only_refuses_what_redis_does_not_hold(bundle_store, redis_cluster, movielens_examples, start_unready_service, tmp_path):
+    """A published version whose rows were deleted: the batch's requests get 503 rows_unavailable, never zeros."""
+    bundle = bundle_store / "movielens" / "1"
+    prefix = "rows-lost"
+    assert publish_cli(str(bundle), "--redis-url", redis_cluster.url, "--prefix", prefix, "--quiet").returncode == 0
+    service = start_unready_service([without_row_files(bundle, tmp_path)], redis_url=redis_cluster.url,
+                                    row_source="redis", redis_prefix=prefix, hot_rows_bytes=0)  # fmt: skip
+    wait_until(lambda: http_get(f"{service.url}/readyz")[0] == 200, 10, "readiness")
+    client = redis_cluster.client()
+    for key in client.scan_iter(match=f"{prefix}:movielens:1:unified:*", count=1000):
+        client.delete(key)
+    response = httpx.post(f"{service.url}/v1/score", json={"examples": movielens_examples[:4]})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    body = response.json()
+    assert body["error"] == "rows_unavailable" and "are not in Redis under rows-lost:movielens:1:unified" in body["detail"]
+    client.close()
+
+
+def test_the_cluster_as_a_cache_scores_as_the_row_files_do(bundle_store, redis_cluster, movielens_examples, start_service):
+    bundle = bundle_store / "movielens" / "1"
+    cached = start_service([bundle], redis_url=redis_cluster.url, redis_prefix="cache", hot_rows_bytes=0)
+    first = score_all(cached.url, movielens_examples)  # rows from the files, filled into the cluster
+    wait_until(lambda: cached.metrics()['uembed_row_cache_hits_total{tier="file"}'] > 0, 5, "fills")
+    time.sleep(0.5)  # the fill thread writes behind the batches
+    second = score_all(cached.url, movielens_examples)
+    metrics = cached.metrics()
+    assert metrics['uembed_row_cache_hits_total{tier="redis"}'] > 0
+    assert metrics.get('uembed_redis_errors_total{operation="fetch"}', 0) == 0
+    assert first == second == score_all(start_service([bundle]).url, movielens_examples)
+
+
+def test_a_killed_master_fails_over_under_traffic(bundle_store, movielens_examples, start_service, start_unready_service, tmp_path):
+    """One master killed under traffic, on a cluster of our own (cluster-node-timeout 1 s). With row files the
+    cluster is a cache: not one request fails. With rows only in the cluster, the killed master's rows are
+    503 rows_unavailable until its replica takes over; then the service scores again, with no restart."""
+    cluster = RedisClusterServers(tmp_path / "cluster").start()
+    try:
+        bundle = bundle_store / "movielens" / "1"
+        assert publish_cli(str(bundle), "--redis-url", cluster.url, "--quiet").returncode == 0
+        options = {"redis_url": cluster.url, "hot_rows_bytes": 0, "redis_retry_s": 0.3, "request_timeout_ms": 1000}
+        cached = start_service([bundle], **options)
+        only = start_unready_service([without_row_files(bundle, tmp_path)], row_source="redis", **options)
+        wait_until(lambda: http_get(f"{only.url}/readyz")[0] == 200, 10, "readiness")
+        reference = ReferenceScorer(load_bundle(bundle)).score(movielens_examples)
+        with Traffic(cached.url, movielens_examples, threads=2) as on_files, Traffic(only.url, movielens_examples, threads=2) as on_redis:
+            time.sleep(1.0)
+            killed_at = time.perf_counter()
+            cluster.kill(cluster.masters()[0])
+            cluster.wait_healthy(timeout_s=20)  # the replica took over its slots
+            failed_over_s = time.perf_counter() - killed_at
+            time.sleep(2.0)
+        assert on_files.failures() == []
+        failures = on_redis.failures()
+        assert {(f["status"], f["body"]["error"]) for f in failures} <= {(503, "rows_unavailable")}
+        recovered = [r for r in on_redis.results if r["sent_at"] > killed_at + failed_over_s + 0.5]
+        assert recovered and all(r["status"] == 200 for r in recovered), "the service did not recover without a restart"
+        for traffic in (on_files, on_redis):
+            for record in traffic.results:
+                if record["status"] == 200:
+                    expected = reference[record["start"] : record["start"] + traffic.chunk]
+                    np.testing.assert_allclose(record["body"]["scores"], expected, atol=1e-6, rtol=0)
+        window = [f["sent_at"] - killed_at for f in failures]
+        print(f"\nfailover {failed_over_s:.1f}s after the kill; rows only in Redis: {len(failures)} of "
+              f"{len(on_redis.results)} requests failed (503), from {min(window, default=0):.1f}s to "
+              f"{max(window, default=0):.1f}s after the kill; with row files: 0 of {len(on_files.results)}")  # fmt: skip
+    finally:
+        cluster.stop()

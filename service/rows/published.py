@@ -129,37 +129,36 @@ def publish(
     return report
 
 
-def _write(tier: RedisTier, bundle: Bundle, prefix: str, chunk_rows: int, progress: bool) -> int:
+def _each_chunk(bundle: Bundle, prefix: str, chunk_rows: int, what: str, progress: bool):
+    """``(table name, namespace, row ids, their records from the row files)`` a chunk at a time, every table,
+    under one progress bar."""
     total = sum(t.rows for t in bundle.tables.values())
-    with tqdm(total=total, unit="rows", unit_scale=True, desc="publish", disable=not progress) as bar:
+    with tqdm(total=total, unit="rows", unit_scale=True, desc=what, disable=not progress) as bar:
         for table in bundle.tables.values():
             codec = RowCodec(table)
             namespace = table_namespace(prefix, bundle.name, bundle.version, table.name)
             for ids in _chunks(table.rows, chunk_rows):
-                tier.write(namespace, ids, codec.read(ids))
+                yield table.name, namespace, ids, codec.read(ids)
                 bar.update(len(ids))
-    return total
+
+
+def _write(tier: RedisTier, bundle: Bundle, prefix: str, chunk_rows: int, progress: bool) -> int:
+    for _, namespace, ids, records in _each_chunk(bundle, prefix, chunk_rows, "publish", progress):
+        tier.write(namespace, ids, records)
+    return sum(t.rows for t in bundle.tables.values())
 
 
 def _verify(tier: RedisTier, bundle: Bundle, prefix: str, chunk_rows: int, progress: bool) -> dict[str, dict]:
     """Table -> ``{"count", "first"}`` of its rows whose record in Redis is missing or differs from the row
     files (``first``: the lowest 20 row ids); tables whose rows all match are left out."""
     bad: dict[str, dict] = {}
-    total = sum(t.rows for t in bundle.tables.values())
-    with tqdm(total=total, unit="rows", unit_scale=True, desc="verify", disable=not progress) as bar:
-        for table in bundle.tables.values():
-            codec = RowCodec(table)
-            namespace = table_namespace(prefix, bundle.name, bundle.version, table.name)
-            for ids in _chunks(table.rows, chunk_rows):
-                expected = codec.read(ids)
-                got = np.zeros_like(expected)
-                hit = tier.read(namespace, ids, got)
-                wrong = ~hit | np.any(got != expected, axis=1)
-                if wrong.any():
-                    entry = bad.setdefault(table.name, {"count": 0, "first": []})
-                    entry["count"] += int(wrong.sum())
-                    entry["first"] = (entry["first"] + ids[wrong][:20].tolist())[:20]
-                bar.update(len(ids))
+    for name, namespace, ids, expected in _each_chunk(bundle, prefix, chunk_rows, "verify", progress):
+        got = np.zeros_like(expected)
+        wrong = ~tier.read(namespace, ids, got) | np.any(got != expected, axis=1)
+        if wrong.any():
+            entry = bad.setdefault(name, {"count": 0, "first": []})
+            entry["count"] += int(wrong.sum())
+            entry["first"] = (entry["first"] + ids[wrong][:20].tolist())[:20]
     return bad
 
 

@@ -1,6 +1,7 @@
 """Redis Cluster as tier 2, `uembed publish`, and rows that live only in Redis: against a real 6-process
 Redis Cluster (3 masters, 3 replicas) on loopback, started once for this module."""
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -14,8 +15,8 @@ import pytest
 
 from export.loader import load_bundle
 from export.scorer import ReferenceScorer
-from loadtest.servers import RedisClusterServers, UvicornProcess, http_get, wait_until
-from service.rows.published import marker_key, table_namespace
+from loadtest.servers import RedisClusterServers, http_get, wait_until
+from service.rows.published import expected_marker, marker_key, table_namespace
 from service.rowstore import RedisTier, RowCodec, TableStore
 from tests.service.test_faults import Traffic
 from tests.service.test_rowstore import make_table
@@ -159,32 +160,12 @@ def score_all(url: str, examples: list[dict], chunk: int = 250) -> list[float]:
     return scores
 
 
-@pytest.fixture
-def start_unready_service(tmp_path):
-    """Factory: a uvicorn process of the service that is running (``/healthz``), ready or not."""
-    started = []
-
-    def start(bundles: list, **settings) -> UvicornProcess:
-        env = {"UEMBED_BUNDLES": ",".join(str(b) for b in bundles)}
-        env.update({f"UEMBED_{k.upper()}": str(v) for k, v in settings.items()})
-        log = tmp_path / f"service-{len(started)}.log"
-        service = UvicornProcess("service.app:create_app", env, log, ready_path="/healthz").start()
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.stop()
-
-
-def test_rows_only_in_the_cluster_score_as_the_row_files_do(
-    bundle_store, redis_cluster, movielens_examples, start_service, start_unready_service, tmp_path
-):
+def test_rows_only_in_the_cluster_score_as_the_row_files_do(bundle_store, redis_cluster, movielens_examples, start_service, tmp_path):
     bundle = bundle_store / "movielens" / "2"
     replica_bundle = without_row_files(bundle, tmp_path)
     prefix = "rows-only"  # nothing published under it yet
-    service = start_unready_service([replica_bundle], redis_url=redis_cluster.url, row_source="redis",
-                                    redis_prefix=prefix, hot_rows_bytes=4096)  # fmt: skip
+    service = start_service([replica_bundle], ready_path="/healthz", redis_url=redis_cluster.url, row_source="redis",
+                            redis_prefix=prefix, hot_rows_bytes=4096)  # fmt: skip
     status, body = http_get(f"{service.url}/readyz")
     detail = json.loads(body)["detail"]
     assert status == 503 and "rows in Redis not published: no completion marker at rows-only:movielens:2:published" in detail
@@ -203,13 +184,13 @@ def test_rows_only_in_the_cluster_score_as_the_row_files_do(
     assert metrics.get('uembed_row_cache_hits_total{tier="file"}', 0) == 0
 
 
-def test_rows_only_refuses_what_redis_does_not_hold(bundle_store, redis_cluster, movielens_examples, start_unready_service, tmp_path):
+def test_rows_only_refuses_what_redis_does_not_hold(bundle_store, redis_cluster, movielens_examples, start_service, tmp_path):
     """A published version whose rows were deleted: the batch's requests get 503 rows_unavailable, never zeros."""
     bundle = bundle_store / "movielens" / "1"
     prefix = "rows-lost"
     assert publish_cli(str(bundle), "--redis-url", redis_cluster.url, "--prefix", prefix, "--quiet").returncode == 0
-    service = start_unready_service([without_row_files(bundle, tmp_path)], redis_url=redis_cluster.url,
-                                    row_source="redis", redis_prefix=prefix, hot_rows_bytes=0)  # fmt: skip
+    service = start_service([without_row_files(bundle, tmp_path)], ready_path="/healthz", redis_url=redis_cluster.url,
+                            row_source="redis", redis_prefix=prefix, hot_rows_bytes=0)  # fmt: skip
     wait_until(lambda: http_get(f"{service.url}/readyz")[0] == 200, 10, "readiness")
     client = redis_cluster.client()
     for key in client.scan_iter(match=f"{prefix}:movielens:1:unified:*", count=1000):
@@ -234,7 +215,7 @@ def test_the_cluster_as_a_cache_scores_as_the_row_files_do(bundle_store, redis_c
     assert first == second == score_all(start_service([bundle]).url, movielens_examples)
 
 
-def test_a_killed_master_fails_over_under_traffic(bundle_store, movielens_examples, start_service, start_unready_service, tmp_path):
+def test_a_killed_master_fails_over_under_traffic(bundle_store, movielens_examples, start_service, tmp_path):
     """One master killed under traffic, on a cluster of our own (cluster-node-timeout 1 s). With row files the
     cluster is a cache: not one request fails. With rows only in the cluster, the killed master's rows are
     503 rows_unavailable until its replica takes over; then the service scores again, with no restart."""
@@ -244,7 +225,7 @@ def test_a_killed_master_fails_over_under_traffic(bundle_store, movielens_exampl
         assert publish_cli(str(bundle), "--redis-url", cluster.url, "--quiet").returncode == 0
         options = {"redis_url": cluster.url, "hot_rows_bytes": 0, "redis_retry_s": 0.3, "request_timeout_ms": 1000}
         cached = start_service([bundle], **options)
-        only = start_unready_service([without_row_files(bundle, tmp_path)], row_source="redis", **options)
+        only = start_service([without_row_files(bundle, tmp_path)], ready_path="/healthz", row_source="redis", **options)
         wait_until(lambda: http_get(f"{only.url}/readyz")[0] == 200, 10, "readiness")
         reference = ReferenceScorer(load_bundle(bundle)).score(movielens_examples)
         with Traffic(cached.url, movielens_examples, threads=2) as on_files, Traffic(only.url, movielens_examples, threads=2) as on_redis:
@@ -270,3 +251,27 @@ def test_a_killed_master_fails_over_under_traffic(bundle_store, movielens_exampl
               f"{max(window, default=0):.1f}s after the kill; with row files: 0 of {len(on_files.results)}")  # fmt: skip
     finally:
         cluster.stop()
+
+
+def test_an_unpublished_or_differently_published_version_is_not_served(bundle_store, redis_server, tmp_path):
+    """In process: a reload of a version with no marker is refused; a marker of other row files keeps the
+    model not ready, and says so, until the bundle is published."""
+    from model.errors import BundleError, NotReady
+    from service.engine import ScoringEngine
+    from service.settings import load_settings
+
+    bundle = without_row_files(bundle_store / "movielens" / "1", tmp_path)
+    engine = ScoringEngine(load_settings(redis_url=redis_server.url, row_source="redis", redis_prefix="engine"))
+    with pytest.raises(BundleError, match="rows in Redis not published: no completion marker at engine:movielens:1:published"):
+        engine.open(bundle)  # as a reload opens it
+    client = redis_server.client()
+    marker = expected_marker(load_bundle(bundle, row_files=False).manifest, 64) | {"rows": 1}
+    client.set(marker_key("engine", "movielens", "1"), json.dumps(marker))
+    runtime = engine.load(bundle)  # as at start: waits in the background
+    with pytest.raises(NotReady, match="the completion marker at engine:movielens:1:published has rows=1"):
+        engine.runtime(None)
+    assert publish_cli(str(bundle_store / "movielens" / "1"), "--redis-url", redis_server.url, "--prefix", "engine", "--quiet").returncode == 0
+    runtime.bundle.row_checks.wait(timeout_s=5)
+    assert engine.runtime(None) is runtime
+    asyncio.run(engine.astop())
+    client.close()

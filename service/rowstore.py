@@ -356,7 +356,7 @@ class RedisTier:
         self.last_error = f"{type(exc).__name__}: {exc}"
         self._refresh_slots = self.cluster  # a failover moves slots: re-read the map before the next try
         if self.available:
-            log.warning("redis %s failed (%s: %s); serving from the row files for %.1fs", operation, type(exc).__name__, exc, self.retry_s)
+            log.warning("redis %s failed (%s: %s); not using it for %.1fs", operation, type(exc).__name__, exc, self.retry_s)
         self.skip_until = time.monotonic() + self.retry_s
 
     def _buckets(self, namespace: str, ids: np.ndarray) -> tuple[list[str], list[list[bytes]], list[np.ndarray]]:

@@ -39,14 +39,31 @@ log = logging.getLogger("uembed.bundle")
 
 @dataclass
 class TableRows:
-    """One table's rows, memory-mapped; ``gather`` returns float32 rows."""
+    """One table's rows, memory-mapped; ``gather`` returns float32 rows. ``data`` is None for a bundle loaded
+    with ``row_files=False`` (its rows live only in Redis, ``UEMBED_ROW_SOURCE=redis``): the table then has its
+    shape and dtype but no rows here."""
 
     name: str
     rows: int
     dim: int
     dtype: str
-    data: np.ndarray
+    data: np.ndarray | None
     scale_bias: np.ndarray | None = None
+
+    @property
+    def files(self) -> bool:
+        """Whether the rows are here, in the bundle's row files."""
+        return self.data is not None
+
+    @property
+    def row_dtype(self) -> np.dtype:
+        """The stored values' numpy dtype (uint8 codes for int8 tables)."""
+        return np.dtype(NUMPY_ROW_DTYPE[self.dtype])
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one row as every tier stores it: its values, then for int8 its float32 scale and offset."""
+        return self.dim * self.row_dtype.itemsize + (8 if self.dtype == "int8" else 0)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         picked = self.data[ids]
@@ -57,10 +74,13 @@ class TableRows:
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes + (self.scale_bias.nbytes if self.scale_bias is not None else 0))
+        """Bytes of the table's rows (the row files' arrays, whether or not they are here)."""
+        return int(self.rows * self.record_bytes)
 
     def resident_bytes(self) -> int:
         """Bytes of the mapped row files now in memory (the page cache, shared by every process mapping them)."""
+        if not self.files:
+            return 0
         arrays = [self.data] if self.scale_bias is None else [self.data, self.scale_bias]
         return sum(resident_bytes(array) for array in arrays)
 
@@ -108,7 +128,9 @@ class Bundle:
     tables: dict[str, TableRows]
     bias: np.ndarray  # float32 [n bias columns], added at plan.bias_columns()
     known_values: dict[str, KnownValues] = field(default_factory=dict)  # feature -> values seen in training
-    row_checks: RowChecks | None = None  # deferred sha256 checks of the row files (None: all checked at load)
+    # Deferred checks that gate scoring: the row files' sha256 (RowChecks; None: all checked at load), or for rows
+    # that live only in Redis their completion marker (service/rows/published.py, set by the service).
+    row_checks: RowChecks | None = None
 
     @property
     def name(self) -> str:
@@ -127,6 +149,7 @@ class RowChecks:
     """The sha256 checks of a bundle's row files, run once on a thread: progress, outcome, a wait."""
 
     CHUNK = 8 << 20
+    what = "row files"  # what the checks are of, in the service's not-ready messages
 
     def __init__(self, root: Path, entries: list[dict]) -> None:
         self.root = root
@@ -246,18 +269,20 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def load_bundle(path: str | Path, defer_row_checks: bool = False) -> Bundle:
+def load_bundle(path: str | Path, defer_row_checks: bool = False, row_files: bool = True) -> Bundle:
     """Validate every file of a bundle and return it ready to score; with ``defer_row_checks`` the row
-    files' sha256 checks are left to ``bundle.row_checks`` (not started: call ``start()`` or ``wait()``)."""
+    files' sha256 checks are left to ``bundle.row_checks`` (not started: call ``start()`` or ``wait()``).
+    With ``row_files=False`` the row files are neither needed nor read (rows that live only in Redis,
+    published by ``uembed publish``): every other file is checked as always, and the tables have no rows."""
     root = Path(path)
     manifest = read_manifest(root)
     try:
-        return _load(root, manifest, defer_row_checks)
+        return _load(root, manifest, defer_row_checks, row_files)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle {root}: manifest.json is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
 
 
-def _load(root: Path, manifest: dict, defer_row_checks: bool = False) -> Bundle:
+def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files: bool = True) -> Bundle:
     vocabularies = {}
     known = {}
     specs = {}
@@ -283,6 +308,9 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False) -> Bundle:
     tables = {}
     deferred = []
     for entry in manifest["tables"]:
+        if not row_files:
+            tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], entry["dtype"], None)
+            continue
         shape = (entry["rows"], entry["dim"])
         data = _load_array(root, entry, NUMPY_ROW_DTYPE[entry["dtype"]], shape, checksum=not defer_row_checks)
         deferred.append(entry)
@@ -315,5 +343,5 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False) -> Bundle:
     bias = np.concatenate(bias_parts) if bias_parts else np.zeros(0, dtype=np.float32)
     if bias.size != plan.bias_columns().size:
         raise BundleError(f"bundle {root}: manifest.json has {bias.size} bias values, the plan needs {plan.bias_columns().size}")
-    row_checks = RowChecks(root, deferred) if defer_row_checks else None
+    row_checks = RowChecks(root, deferred) if defer_row_checks and row_files else None
     return Bundle(root, manifest, plan, specs, tables, bias, known, row_checks)

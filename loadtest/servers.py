@@ -1,4 +1,5 @@
-"""Real servers on free loopback ports, for tests and benchmarks: redis-server and uvicorn.
+"""Real servers on free loopback ports, for tests and benchmarks: redis-server (alone or as a Redis Cluster)
+and uvicorn.
 
 Each is a process that can be killed, paused (SIGSTOP) and started again on the same port.
 """
@@ -107,6 +108,103 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.resume()
             self.kill()
+
+
+class RedisClusterServers:
+    """A Redis Cluster of our own on loopback: ``masters`` redis-server processes in cluster mode, each with
+    ``replicas`` replicas, joined by ``redis-cli --cluster create``. Every node runs the stack's
+    ``deploy/redis/redis.conf`` with no eviction (rows published to the cluster are the only copy) and a short
+    ``cluster-node-timeout``, so a killed master fails over to its replica in a few seconds."""
+
+    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.workdir = workdir
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = [free_port() for _ in range(masters * (1 + replicas))]
+        self.bus_ports = [free_port() for _ in self.ports]  # cluster-port: port + 10000 may be past 65535
+        self.processes: dict[int, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        """The service's ``UEMBED_REDIS_URL`` for this cluster: any one node, the client discovers the rest."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def _start_node(self, port: int, bus_port: int) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; `make system-deps` installs it (apt-get install redis-server)")
+        folder = self.workdir / f"node-{port}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [binary, str(REDIS_CONF), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+             "--maxmemory", "0", "--maxmemory-policy", "noeviction", "--cluster-enabled", "yes",
+             "--cluster-port", str(bus_port), "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--repl-diskless-sync-delay", "0",
+             "--logfile", str(folder / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def start(self) -> RedisClusterServers:
+        for port, bus_port in zip(self.ports, self.bus_ports):
+            self._start_node(port, bus_port)
+        for port in self.ports:
+            wait_until(lambda: self.node(port).ping(), 10, f"redis-server {port}")
+        create = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if create.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout[-2000:]}{create.stderr[-2000:]}")
+        self.wait_healthy()
+        return self
+
+    def node(self, port: int):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+    def roles(self) -> dict[int, str]:
+        """Port -> ``master`` or ``slave`` of each running node, as the node itself says."""
+        return {port: self.node(port).info("replication")["role"] for port, p in self.processes.items() if p.poll() is None}
+
+    def masters(self) -> list[int]:
+        return [port for port, role in self.roles().items() if role == "master"]
+
+    def wait_healthy(self, timeout_s: float = 30) -> None:
+        """Until every running node reports ``cluster_state:ok``, every slot is served by a running master,
+        and every running replica is in sync with its master (so a master can fail over)."""
+
+        def healthy() -> bool:
+            running = {port for port, process in self.processes.items() if process.poll() is None}
+            for port in running:
+                node = self.node(port)
+                if node.cluster("info")["cluster_state"] != "ok":
+                    return False
+                if any(slot[2][1] not in running for slot in node.execute_command("CLUSTER SLOTS")):
+                    return False
+                replication = node.info("replication")
+                if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                    return False
+            return True
+
+        wait_until(healthy, timeout_s, "the Redis Cluster")
+
+    def kill(self, port: int) -> None:
+        self.processes[port].kill()
+        self.processes[port].wait()
+
+    def client(self):
+        import redis.cluster
+
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.ports[0], socket_timeout=5)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 class HttpProcess:

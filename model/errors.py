@@ -137,7 +137,22 @@ class NotReady(UembedError):
     kind = "not_ready"
     status = 503
     headers = {"Retry-After": "1"}
-    description = "No model is loaded yet, or its row files are still being checked (row_checks=background)"
+    description = (
+        "No model is loaded yet, or its row files are still being checked (row_checks=background), or its rows in "
+        "Redis are not published yet (row_source=redis)"
+    )
+
+
+class RowsUnavailable(UembedError):
+    """Rows that live only in Redis (``UEMBED_ROW_SOURCE=redis``) could not be read: never served as zeros."""
+
+    kind = "rows_unavailable"
+    status = 503
+    headers = {"Retry-After": "1"}
+    description = (
+        "With rows only in Redis (UEMBED_ROW_SOURCE=redis), a batch's rows could not be read: Redis failed or "
+        "is failing over, or rows are missing; retry after Retry-After seconds"
+    )
 
 
 class DeadlineExceeded(UembedError):

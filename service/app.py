@@ -368,7 +368,8 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     @app.post(
         "/v1/score",
         response_model=ScoreResponse,
-        responses=declared(*BODY_ERRORS, errors.ExampleError, NotFound, errors.Overloaded, errors.NotReady, errors.DeadlineExceeded),
+        responses=declared(*BODY_ERRORS, errors.ExampleError, NotFound, errors.Overloaded, errors.NotReady,
+                           errors.RowsUnavailable, errors.DeadlineExceeded),  # fmt: skip
         summary="Score examples, or a context's candidates",
         description="Each example maps feature names to values; the schema lists the loaded models' features and "
         "what each takes. A ranking request sends the features its candidates share once, as `context`, and "
@@ -420,7 +421,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         return {"status": "ok"}
 
     @app.get("/readyz", summary="A model is loaded and a one-example score succeeds",
-             responses=declared(errors.NotReady, errors.Overloaded, errors.DeadlineExceeded))  # fmt: skip
+             responses=declared(errors.NotReady, errors.Overloaded, errors.RowsUnavailable, errors.DeadlineExceeded))  # fmt: skip
     async def readyz() -> dict:
         runtime = await engine.ready()
         return {"status": "ready", "model": runtime.name, "version": runtime.version}

@@ -90,15 +90,24 @@ class ScoringEngine:
 
     def open(self, path: str | Path, defer_row_checks: bool = False) -> ModelRuntime:
         """Load and validate a bundle and score one example with it (not yet live). With ``defer_row_checks`` the
-        row files' sha256 checks start on a thread and the model refuses to score (503) until they pass."""
-        bundle = load_bundle(path, defer_row_checks=defer_row_checks)
-        if bundle.row_checks is not None:
+        row files' sha256 checks start on a thread and the model refuses to score (503) until they pass. With
+        ``row_source=redis`` the bundle needs no row files and its check is its publication's completion marker
+        (``service/rows/published.py``): polled on a thread when deferred, else read once (unpublished: refused)."""
+        rows_in_redis = self.settings.row_source == "redis"
+        bundle = load_bundle(path, defer_row_checks=defer_row_checks, row_files=not rows_in_redis)
+        if rows_in_redis:
+            from service.rows.published import PublicationCheck
+
+            bundle.row_checks = PublicationCheck(self.redis, self.settings.redis_prefix, bundle)
+            bundle.row_checks.start() if defer_row_checks else bundle.row_checks.wait()
+        elif bundle.row_checks is not None:
             if bundle.row_checks.total_bytes < self.BACKGROUND_ROW_CHECKS_BYTES:
                 bundle.row_checks.wait()  # small files: checked here, as fast as starting a thread
             else:
                 bundle.row_checks.start()
         runtime = open_runtime(bundle, self.settings, self.redis)
-        runtime.score_encoded(*runtime.hash([runtime.canonicalise([{}])]))
+        if not (rows_in_redis and defer_row_checks):  # rows perhaps not yet published: /readyz scores the first
+            runtime.score_encoded(*runtime.hash([runtime.canonicalise([{}])]))
         runtime.encoder.take_unseen()
         if self.redis is not None:
             for store in runtime.stores:
@@ -126,8 +135,10 @@ class ScoringEngine:
         self._observe_memory(runtime)
 
     def load(self, path: str | Path) -> ModelRuntime:
-        """Load a bundle at start-up (row checks per ``settings.row_checks``) and make it live."""
-        runtime = self.open(path, defer_row_checks=self.settings.row_checks == "background")
+        """Load a bundle at start-up (row checks per ``settings.row_checks``; with rows in Redis, the wait for their
+        publication always in the background) and make it live."""
+        defer = self.settings.row_checks == "background" or self.settings.row_source == "redis"
+        runtime = self.open(path, defer_row_checks=defer)
         self.activate(runtime)
         log.info("serving %s version %s from %s", runtime.name, runtime.version, runtime.bundle.path)
         return runtime
@@ -169,12 +180,13 @@ class ScoringEngine:
 
     @staticmethod
     def _require_checked(runtime: ModelRuntime) -> None:
-        """A model whose row files are still being checked is not ready (503, retry); one whose check failed
-        will not become ready (500: the log names the file, a reload of a good version replaces it)."""
+        """A model whose row files are still being checked, or whose rows in Redis are not published yet, is not
+        ready (503, retry); one whose check failed will not become ready (500: the log names the file, a reload
+        of a good version replaces it)."""
         checks = runtime.bundle.row_checks
         if checks is None or checks.passed:
             return
-        message = f"model {runtime.name} version {runtime.version}: row files {checks.describe()}"
+        message = f"model {runtime.name} version {runtime.version}: {checks.what} {checks.describe()}"
         raise Internal(message) if checks.failed else NotReady(message)
 
     def describe(self) -> list[dict]:
@@ -195,7 +207,7 @@ class ScoringEngine:
                             "rows": store.table.rows,
                             "dim": store.table.dim,
                             "dtype": store.table.dtype,
-                            "bytes": {**memory[store.table.name], "file": store.table.nbytes},  # file: mapped
+                            "bytes": {**memory[store.table.name], "file": store.table.nbytes if store.table.files else 0},  # mapped
                             "hot_rows_capacity": store.hot.capacity if store.hot is not None else 0,
                             "hot_rows_on_device": store.hot_on_device,
                             "redis": self.redis is not None,

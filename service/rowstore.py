@@ -33,8 +33,8 @@ class RowCodec:
 
     def __init__(self, table: TableRows) -> None:
         self.table = table
-        self.row_bytes = table.dim * table.data.dtype.itemsize
-        self.record_bytes = self.row_bytes + (8 if table.scale_bias is not None else 0)
+        self.row_bytes = table.dim * table.row_dtype.itemsize
+        self.record_bytes = table.record_bytes
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         """Tier 3: uint8 ``[k, record_bytes]`` straight from the memory-mapped files."""
@@ -46,8 +46,8 @@ class RowCodec:
 
     def decode(self, records: np.ndarray) -> np.ndarray:
         records = np.ascontiguousarray(records)
-        values = records[:, : self.row_bytes].view(self.table.data.dtype)
-        if self.table.scale_bias is None:
+        values = records[:, : self.row_bytes].view(self.table.row_dtype)
+        if self.table.dtype != "int8":
             return values.astype(np.float32, copy=False)
         scale_bias = records[:, self.row_bytes :].view(np.float32)
         return values.astype(np.float32) * scale_bias[:, :1] + scale_bias[:, 1:]
@@ -301,7 +301,8 @@ class TierCounts:
 
 
 class RedisTier:
-    """Tier 2: records packed into Redis hashes of ``bucket_rows`` rows.
+    """Tier 2: records packed into Redis hashes of ``bucket_rows`` rows, on one Redis or a Redis Cluster
+    (a ``redis+cluster://`` url: ``service/rows/cluster.py``).
 
     Key ``<prefix>:<model>:<version>:<table>:<row // bucket_rows>``, field ``row % bucket_rows``.
     A key per row would cost Redis more in key overhead than a 64-byte row; small hashes
@@ -310,28 +311,41 @@ class RedisTier:
     no timeout per request, and it is used again once it answers.
     """
 
-    def __init__(self, url: str, timeout_s: float, retry_s: float, bucket_rows: int, fill_queue: int) -> None:
+    def __init__(self, url: str, timeout_s: float, retry_s: float, bucket_rows: int, fill_queue: int, retries: int = 0) -> None:
         import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        from redis.exceptions import RedisClusterException
 
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self.errors = redis.RedisError, OSError
+        from service.rows.cluster import is_cluster_url
+
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.cluster = is_cluster_url(url)
+        self._client = None
+        self.errors = redis.RedisError, RedisClusterException, OSError
         self.retry_s = retry_s
         self.bucket_rows = bucket_rows
         self.skip_until = 0.0
+        self.last_error: str | None = None
+        self._refresh_slots = False
         self.error_counts: dict[str, int] = {"fetch": 0, "fill": 0}
         self.fills_dropped = 0
         self._fills: queue.Queue = queue.Queue(maxsize=max(fill_queue, 1))
         self._fill_enabled = fill_queue > 0
-        self._filler = threading.Thread(target=self._fill_loop, name="uembed-redis-fill", daemon=True)
-        self._filler.start()
+        self._filler = None
+        if self._fill_enabled:
+            self._filler = threading.Thread(target=self._fill_loop, name="uembed-redis-fill", daemon=True)
+            self._filler.start()
+
+    @property
+    def client(self):
+        """The client, made on first use: a cluster client reads the slot map when it is made, and a cluster
+        that is down at start must cost misses (then a retry), not the service's start."""
+        if self._client is None:
+            from service.rows.cluster import redis_client
+
+            self._client = redis_client(self.url, self.timeout_s, self.retries)
+        return self._client
 
     @property
     def available(self) -> bool:
@@ -339,8 +353,10 @@ class RedisTier:
 
     def _failed(self, operation: str, exc: Exception) -> None:
         self.error_counts[operation] += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._refresh_slots = self.cluster  # a failover moves slots: re-read the map before the next try
         if self.available:
-            log.warning("redis %s failed (%s: %s); serving from the row files for %.1fs", operation, type(exc).__name__, exc, self.retry_s)
+            log.warning("redis %s failed (%s: %s); not using it for %.1fs", operation, type(exc).__name__, exc, self.retry_s)
         self.skip_until = time.monotonic() + self.retry_s
 
     def _buckets(self, namespace: str, ids: np.ndarray) -> tuple[list[str], list[list[bytes]], list[np.ndarray]]:
@@ -353,27 +369,55 @@ class RedisTier:
         fields = [[str(int(i)).encode() for i in ids[g] % self.bucket_rows] for g in groups]
         return keys, fields, groups
 
-    def fetch(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> np.ndarray | None:
-        """Records of ``ids`` into ``out`` in one round trip; the hit mask, or None when Redis was not used."""
-        if not len(ids) or not self.available:
-            return None
+    def _read(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, Exception | None]:
+        """Records of ``ids`` into ``out``: the hit mask, and on a cluster the first error of a node whose
+        rows were not read (its rows are misses). One pipelined round (per node, on a cluster)."""
         keys, fields, groups = self._buckets(namespace, ids)
-        try:
+        commands = [("HMGET", key, *names) for key, names in zip(keys, fields)]
+        if self.cluster:
+            from service.rows.cluster import send_by_node
+
+            replies = send_by_node(self.client, commands)
+        else:
             pipe = self.client.pipeline(transaction=False)
-            for key, names in zip(keys, fields):
-                pipe.hmget(key, names)
+            for command in commands:
+                pipe.execute_command(*command)
             replies = pipe.execute()
-        except self.errors as exc:
-            self._failed("fetch", exc)
-            return None
+        error = next((r for r in replies if isinstance(r, Exception)), None)
         width = out.shape[1]
-        found = [(p, v) for positions, values in zip(groups, replies) for p, v in zip(positions, values)
-                 if v is not None and len(v) == width]  # fmt: skip
+        found = [(p, v) for positions, values in zip(groups, replies) if not isinstance(values, Exception)
+                 for p, v in zip(positions, values) if v is not None and len(v) == width]  # fmt: skip
         hit = np.zeros(len(ids), dtype=bool)
         if found:
             positions = np.fromiter((p for p, _ in found), dtype=np.int64, count=len(found))
             out[positions] = np.frombuffer(b"".join(v for _, v in found), dtype=np.uint8).reshape(-1, width)
             hit[positions] = True
+        return hit, error
+
+    def fetch(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """Records of ``ids`` into ``out`` in one round trip (one per node on a cluster); the hit mask, or None
+        when Redis was not used. A cluster node that failed costs its rows (misses) and starts the skip window."""
+        if not len(ids) or not self.available:
+            return None
+        try:
+            if self._refresh_slots:
+                from service.rows.cluster import refresh_slots
+
+                refresh_slots(self.client)
+                self._refresh_slots = False
+            hit, error = self._read(namespace, ids, out)
+        except self.errors as exc:
+            self._failed("fetch", exc)
+            return None
+        if error is not None:
+            self._failed("fetch", error)
+        return hit
+
+    def read(self, namespace: str, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """As :meth:`fetch`, but any failure raises (bulk checks: ``uembed publish --verify``)."""
+        hit, error = self._read(namespace, ids, out)
+        if error is not None:
+            raise error
         return hit
 
     def fill(self, namespace: str, ids: np.ndarray, records: np.ndarray) -> None:
@@ -413,12 +457,14 @@ class RedisTier:
         return not self._fills.unfinished_tasks
 
     def close(self) -> None:
-        try:
-            self._fills.put(None, timeout=2)  # a filler stuck on a dead Redis must not hold the shutdown
-        except queue.Full:
-            pass
-        self._filler.join(timeout=2)
-        self.client.close()
+        if self._filler is not None:
+            try:
+                self._fills.put(None, timeout=2)  # a filler stuck on a dead Redis must not hold the shutdown
+            except queue.Full:
+                pass
+            self._filler.join(timeout=2)
+        if self._client is not None:
+            self._client.close()
 
     def compact_encoding_problem(self, record_bytes: int) -> str | None:
         """Why this Redis would store our hashes uncompactly, if it would (checked at start)."""
@@ -489,6 +535,8 @@ class TableStore:
 
     def _fetch(self, ids: np.ndarray) -> np.ndarray:
         """Records of tier-1 misses from tier 2, else tier 3 (then filled back into tier 2): uint8 ``[k, record_bytes]``."""
+        if not self.table.files:
+            return self._fetch_published(ids)
         records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
         need_file = np.arange(len(ids))
         redis_used = False
@@ -507,6 +555,31 @@ class TableStore:
             if redis_used:
                 self.redis.fill(self.namespace, ids[need_file], records[need_file])
         counts.hits["file"] += len(need_file)
+        return records
+
+    def _fetch_published(self, ids: np.ndarray) -> np.ndarray:
+        """Records of tier-1 misses of a table whose rows live only in Redis (``row_source=redis``): all of them,
+        or :class:`RowsUnavailable` (a 503 for the batch) naming why; never rows made up."""
+        from model.errors import RowsUnavailable
+
+        records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
+        if not len(ids):
+            return records
+        where = f"table {self.table.name} (rows only in Redis, row_source=redis)"
+        hit = self.redis.fetch(self.namespace, ids, records) if self.redis is not None else None
+        if hit is None:
+            self.counts.redis_fallbacks += 1
+            raise RowsUnavailable(f"{where}: Redis is unavailable ({self.redis.last_error if self.redis else 'no redis_url'}); retry shortly")
+        missed = len(ids) - int(hit.sum())
+        self.counts.hits["redis"] += len(ids) - missed
+        self.counts.misses["redis"] += missed
+        if missed and not self.redis.available:  # a cluster node failed in this round: its rows were not read
+            raise RowsUnavailable(f"{where}: {missed} of {len(ids)} rows were not read ({self.redis.last_error}); retry shortly")
+        if missed:
+            raise RowsUnavailable(
+                f"{where}: {missed} of {len(ids)} rows are not in Redis under {self.namespace}:*; publish the bundle "
+                "again and check it (`uembed publish BUNDLE --redis-url URL --verify`)"
+            )
         return records
 
     def _count_hot(self, looked_up: int, missed: int) -> None:
@@ -529,5 +602,6 @@ class TableStore:
         return self.hot.index.nbytes if self.hot is not None else 0
 
     def file_bytes(self) -> dict[str, int]:
-        """Tier 3: the row files' size (mapped) and how much of them is in memory now (resident)."""
-        return {"mapped": self.table.nbytes, "resident": self.table.resident_bytes()}
+        """Tier 3: the row files' size (mapped) and how much of them is in memory now (resident); 0 for rows
+        that live only in Redis."""
+        return {"mapped": self.table.nbytes if self.table.files else 0, "resident": self.table.resident_bytes()}

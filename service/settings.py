@@ -147,9 +147,20 @@ class ServiceSettings(BaseSettings):
         "detail says which file). startup: checked before the worker starts serving. Either way each worker "
         "reads each byte once, which also brings the rows into the page cache. Reloads always check before switching.",
     )
+    row_source: Literal["files", "redis"] = Field(
+        "files",
+        description="Where rows come from past tiers 1 and 2. files: the bundle's memory-mapped row files (Redis, "
+        "if set, is a cache: its misses and failures fall through to the files). redis: rows live only in Redis "
+        "(redis_url, typically a Redis Cluster), published there by `uembed publish`; the bundle directory needs "
+        "no row files (manifest, vocabularies and dense graph only). /readyz answers 503 until the publication's "
+        "completion marker matches the manifest, and a batch whose rows Redis cannot give (down, failing over, "
+        "missing) gets 503 rows_unavailable, never zero rows. Give that Redis maxmemory-policy noeviction.",
+    )
     redis_url: str | None = Field(
         None,
-        description="Tier 2: redis://host:port/db shared by replicas. Unset (the default): tiers 1 and 3 only.",
+        description="Tier 2, shared by replicas: redis://host:port/db (one Redis), or redis+cluster://host:port "
+        "(a Redis Cluster: any one node, the client discovers the rest; rediss:// and rediss+cluster:// for TLS). "
+        "Unset (the default): tiers 1 and 3 only.",
     )
     redis_timeout_ms: float = Field(
         50.0,
@@ -188,6 +199,20 @@ class ServiceSettings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+            raise ValueError(f"{parts.scheme or 'no'} scheme: use redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        if parts.scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0: leave the database number out")
+        return value
+
     @model_validator(mode="after")
     def _timeouts_fit(self) -> ServiceSettings:
         if self.redis_url and self.redis_timeout_ms >= self.request_timeout_ms:
@@ -195,6 +220,10 @@ class ServiceSettings(BaseSettings):
                 f"redis_timeout_ms ({self.redis_timeout_ms}) must be below request_timeout_ms "
                 f"({self.request_timeout_ms}), or a slow Redis would time out every request"
             )
+        if self.row_source == "redis" and not self.redis_url:
+            raise ValueError("row_source=redis serves rows that live only in Redis: set redis_url")
+        if self.row_source == "redis" and self.dense_backend != "onnx":
+            raise ValueError("row_source=redis looks rows up in Redis; dense_backend=torchscript carries its own tables: use onnx")
         if self.device != "cpu" and self.dense_backend != "onnx":
             raise ValueError(f"device={self.device} runs the dense net on ONNX Runtime: use dense_backend=onnx")
         if self.reload_token is not None and len(self.reload_token.get_secret_value()) < 16:

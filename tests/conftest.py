@@ -65,13 +65,15 @@ def redis_server(tmp_path):
 
 @pytest.fixture
 def start_service(tmp_path):
-    """Factory: start_service(bundles, **settings) -> a running UvicornProcess of the service."""
+    """Factory: start_service(bundles, **settings) -> a running UvicornProcess of the service, ready (or with
+    ready_path="/healthz", running, ready or not)."""
     started = []
 
-    def start(bundles: list, **settings) -> UvicornProcess:
+    def start(bundles: list, ready_path: str = "/readyz", **settings) -> UvicornProcess:
         env = {"UEMBED_BUNDLES": ",".join(str(b) for b in bundles)}
         env.update({f"UEMBED_{k.upper()}": str(v) for k, v in settings.items()})
-        service = UvicornProcess("service.app:create_app", env, tmp_path / f"service-{len(started)}.log").start()
+        log = tmp_path / f"service-{len(started)}.log"
+        service = UvicornProcess("service.app:create_app", env, log, ready_path=ready_path).start()
         started.append(service)
         return service
 

@@ -1,4 +1,4 @@
-"""``uembed``: one entry point, one subcommand per job: train, study, export, serve, bench."""
+"""``uembed``: one entry point, one subcommand per job: train, study, export, serve, publish, bench."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from uembed.service_commands import (
     add_bench_parser,
     add_demo_bundle_parser,
     add_loadtest_parser,
+    add_publish_parser,
     add_serve_parser,
     add_stack_parser,
 )
@@ -606,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(commands)
     add_export_parser(commands)
     add_serve_parser(commands)
+    add_publish_parser(commands)
     add_bench_parser(commands)
     add_demo_bundle_parser(commands)
     add_stack_parser(commands)

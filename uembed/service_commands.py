@@ -1,4 +1,4 @@
-"""``uembed serve`` (and the benchmark driver): the HTTP service on uvicorn."""
+"""``uembed serve`` (and the benchmark driver): the HTTP service on uvicorn; ``uembed publish``: a bundle's rows to Redis."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+from model.errors import UembedError
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -74,8 +76,8 @@ def set_serve_environment(args: argparse.Namespace) -> None:
     else:
         from export.loader import load_bundle
 
-        for path in settings.bundles:
-            load_bundle(path)  # a missing or corrupt bundle is a one-line error here, not a worker traceback
+        for path in settings.bundles:  # a missing or corrupt bundle is a one-line error here, not a worker traceback
+            load_bundle(path, row_files=settings.row_source == "files")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -98,6 +100,56 @@ def run_serve(args: argparse.Namespace) -> int:
         limit_concurrency=args.max_connections,  # per worker; beyond it uvicorn answers 503
         log_level="info",
     )
+    return 0
+
+
+def add_publish_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "publish",
+        help="load every row of a bundle into Redis or a Redis Cluster (for UEMBED_ROW_SOURCE=redis)",
+        description="Writes every row of every table of BUNDLE to Redis in the service's tier-2 layout "
+        "(<prefix>:<model>:<version>:<table>:<bucket> hashes of --bucket-rows rows, the rows' stored bytes), "
+        "pipelined a chunk at a time, then a completion marker <prefix>:<model>:<version>:published with the "
+        "tables' shapes and their row files' sha256. A service with UEMBED_ROW_SOURCE=redis serves the bundle "
+        "without its row files once the marker matches its manifest. Running it again rewrites the same keys. "
+        "Exits 1 when --verify finds a row that is missing or differs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bundle", type=Path, help="bundle directory, with its row files")
+    parser.add_argument("--redis-url", required=True,
+                        help="redis://host:port/db, or redis+cluster://host:port (any node of a Redis Cluster)")  # fmt: skip
+    parser.add_argument("--prefix", default="uembed", help="key prefix: the service's UEMBED_REDIS_PREFIX")
+    parser.add_argument("--bucket-rows", type=int, default=64, help="rows per hash: the service's UEMBED_REDIS_BUCKET_ROWS")
+    parser.add_argument("--chunk-rows", type=int, default=32768, help="rows written per pipelined round (whole buckets)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per Redis call (3 retries after a failure)")
+    parser.add_argument("--verify", action="store_true", help="then read every row back and compare it with the row files")
+    parser.add_argument("--verify-only", action="store_true", help="only read back and compare (write nothing)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_publish)
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from service.rows.published import publish
+
+    if not 1 <= args.bucket_rows <= 512:
+        raise UembedError(f"--bucket-rows {args.bucket_rows}: use 1 to 512, the service's UEMBED_REDIS_BUCKET_ROWS")
+    report = publish(
+        args.bundle, args.redis_url, prefix=args.prefix, bucket_rows=args.bucket_rows, chunk_rows=args.chunk_rows,
+        timeout_s=args.timeout, write=not args.verify_only, verify=args.verify or args.verify_only, progress=not args.quiet,
+    )  # fmt: skip
+    name = f"{report['model']} version {report['version']}"
+    if report["write_seconds"] is not None:
+        print(f"published {report['rows']:,} rows of {name} to {args.redis_url} in {report['write_seconds']:.1f}s; "
+              f"marker {report['marker']}")  # fmt: skip
+    if report["verify_seconds"] is None:
+        return 0
+    for table, bad in report["bad_rows"].items():
+        print(f"verify: table {table}: {bad['count']:,} rows missing or different in Redis (first: {bad['first']})")
+    if report["marker_problem"]:
+        print(f"verify: {report['marker_problem']}")
+    if report["bad_rows"] or report["marker_problem"]:
+        return 1
+    print(f"verified {report['rows']:,} rows of {name} in {report['verify_seconds']:.1f}s: all match the row files")
     return 0
 
 

@@ -35,7 +35,7 @@ class Traffic:
                     body = response.json()
                 except httpx.HTTPError as exc:
                     response, body = None, {"error": repr(exc)}
-                record = {"start": start, "status": response.status_code if response else None, "body": body,
+                record = {"start": start, "sent_at": sent, "status": response.status_code if response else None, "body": body,
                           "seconds": time.perf_counter() - sent, "headers": dict(response.headers) if response else {}}  # fmt: skip
                 with self.lock:
                     self.results.append(record)

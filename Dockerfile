@@ -49,7 +49,9 @@ RUN groupadd --system --gid 10001 uembed \
     && useradd --system --uid 10001 --gid uembed --create-home --home-dir /home/uembed uembed \
     && mkdir -p /bundles /home/uembed/.cache/uembed \
     && chown -R uembed:uembed /bundles /home/uembed/.cache
+# ORT_DISABLE_TELEMETRY: ONNX Runtime 1.31 otherwise writes a device id and an event database under $HOME.
 ENV PATH=/opt/uembed/bin:$PATH \
+    ORT_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     UEMBED_BUNDLE_STORE=/bundles \

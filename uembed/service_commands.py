@@ -63,6 +63,8 @@ def set_serve_environment(args: argparse.Namespace) -> None:
         env["UEMBED_GRPC_PORT"] = str(args.grpc_port)
     if "UEMBED_GRPC_HOST" not in os.environ:
         env["UEMBED_GRPC_HOST"] = args.host  # gRPC listens where HTTP does unless told otherwise
+    # ONNX Runtime 1.31 otherwise writes a device id and an event database under $HOME in every worker.
+    env.setdefault("ORT_DISABLE_TELEMETRY", os.environ.get("ORT_DISABLE_TELEMETRY", "1"))
     os.environ.update(env)
     settings = load_settings()  # refuses bad settings here, before any worker starts
     args.max_connections = settings.max_connections
@@ -76,8 +78,11 @@ def set_serve_environment(args: argparse.Namespace) -> None:
     else:
         from export.loader import load_bundle
 
-        for path in settings.bundles:  # a missing or corrupt bundle is a one-line error here, not a worker traceback
-            load_bundle(path, row_files=settings.row_source == "files")
+        # A missing or corrupt bundle is a one-line error here, not a worker traceback. The row files' sha256
+        # is left to the workers when they check in the background: reading gigabytes here would hold the
+        # port closed for as long (each worker reads them again anyway).
+        for path in settings.bundles:
+            load_bundle(path, defer_row_checks=settings.row_checks == "background", row_files=settings.row_source == "files")
 
 
 def run_serve(args: argparse.Namespace) -> int:

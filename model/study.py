@@ -224,16 +224,14 @@ def read_csv(path: Path) -> list[dict]:
     return rows
 
 
+def command_heading(title: str, command: str) -> list[str]:
+    """A results page's first lines: its title and the command that produced it."""
+    return [f"# {title}", "", "Produced by:", "", "```bash", command, "```", ""]
+
+
 def markdown_table(summary: Sequence[dict], command: str, dataset: str) -> str:
     lines = [
-        f"# Parameter-accuracy study on {dataset}",
-        "",
-        "Produced by:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *command_heading(f"Parameter-accuracy study on {dataset}", command),
         "Budget: fraction of the collisionless table's rows (collisionless is its own size). "
         "Mean ± standard deviation over the seeds; seconds per training epoch on this 2-core machine.",
         "",

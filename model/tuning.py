@@ -40,6 +40,7 @@ from tqdm import tqdm
 from model.data import Dataset
 from model.errors import BudgetError, SpecError
 from model.plan import SEARCH_METHOD, Method, collisionless_rows, method_spec, vocabulary_sizes
+from model.study import CSV_COLUMNS, command_heading, summarise, write_csv
 from model.train import TrainConfig, train
 
 # Searched for every method: the same space around the fixed settings, the same number of trials.
@@ -332,14 +333,7 @@ def tuned_markdown(chosen: dict, tuned: Sequence[dict], fixed: Sequence[dict], c
     fixed_by_cell = {(r["method"], r["budget_fraction"]): r for r in fixed}
     wall = chosen.get("_wall_seconds")
     lines = [
-        f"# Tuned parameter-accuracy study on {dataset}",
-        "",
-        "Produced by:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *command_heading(f"Tuned parameter-accuracy study on {dataset}", command),
         f"Wall time of this command: {wall / 60:.1f} min." if wall else "",
         "",
         "Every (method, budget) had the same Optuna search (model/tuning.py); selection on validation AUC only. "
@@ -401,8 +395,6 @@ def tuned_pareto_plot(tuned: Sequence[dict], fixed: Sequence[dict], path: Path, 
 
 def write_tuned_outputs(chosen: dict, records: Sequence[dict], out_dir: Path, command: str, dataset: str) -> tuple[list, list]:
     """runs.csv (every final run), summary.md (tuned beside fixed) and pareto.png; the two summaries."""
-    from model.study import CSV_COLUMNS, summarise, write_csv
-
     write_csv(records, out_dir / "runs.csv", (*TUNED_RUN_COLUMNS, *CSV_COLUMNS))
     tuned = summarise([r for r in records if r["settings"] == "tuned"])
     fixed = summarise([r for r in records if r["settings"] == "fixed"])

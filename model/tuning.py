@@ -368,20 +368,27 @@ def tuned_pareto_plot(tuned: Sequence[dict], fixed: Sequence[dict], path: Path, 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=120, sharey=True)
     methods = list(dict.fromkeys(row["method"] for row in tuned))
     colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3, strict=False))
-    for axis, x_of, label in (
+    panels = (
         (axes[0], lambda r: r["embedding_parameters"] * 4, "embedding bytes (float32, log scale)"),
         (axes[1], lambda r: r["embedding_parameters"] + r["dense_parameters"], "embedding + dense parameters (log scale)"),
-    ):
+    )
+    for axis, x_of, label in panels:
         for settings, rows_all, style in (("tuned", tuned, "-"), ("fixed", fixed, "--")):
             for method in methods:
-                rows = sorted((r for r in rows_all if r["method"] == method), key=x_of)
+                rows = sorted((r for r in rows_all if r["method"] == method), key=lambda r: r["budget_fraction"])
                 marker = "*" if len(rows) == 1 else "o"
+                # Left: one line per method, in budget order. Right: the dense parameters a selection picked
+                # move a point anywhere along x, so points only, each marked with its budget.
                 axis.errorbar(
                     [x_of(r) for r in rows], [r["auc"][0] for r in rows], yerr=[r["auc"][1] for r in rows],
-                    linestyle=style, marker=marker, markersize=9 if marker == "*" else 4, capsize=3,
-                    color=colours[method], alpha=1.0 if settings == "tuned" else 0.55,
+                    linestyle=style if axis is axes[0] else "none", marker=marker, markersize=9 if marker == "*" else 4,
+                    capsize=3, color=colours[method], alpha=1.0 if settings == "tuned" else 0.55,
                     label=f"{method} ({settings})",
                 )  # fmt: skip
+                if axis is axes[1] and settings == "tuned" and len(rows) > 1:
+                    for r in rows:
+                        axis.annotate(f"{r['budget_fraction']:.0%}", (x_of(r), r["auc"][0]), fontsize=6,
+                                      xytext=(3, 3), textcoords="offset points", color=colours[method])  # fmt: skip
         axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.grid(True, which="both", alpha=0.3)

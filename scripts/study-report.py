@@ -1,20 +1,26 @@
-"""The papers' claims, checked on a tuned study's final runs: differences of mean test AUC and Welch's t-test.
+"""A tuned study's report from its stored files: summary.md and pareto.png again, and claims.md.
 
-    python scripts/study-claims.py docs/results/movielens100k-tuned > docs/results/movielens100k-tuned/claims.md
+    python scripts/study-report.py docs/results/movielens100k-tuned
 
-Each row compares two (method, settings) at every budget both have: the mean of the seeds of the
+Reads runs.csv and selected.json (no training): the summary and the plot as ``uembed study
+--trials`` wrote them (with the command kept from the old summary.md), and claims.md, the
+papers' claims checked on the final runs. Each row of claims.md compares two (method, settings) at every budget both have: the mean of the seeds of the
 first minus the mean of the seeds of the second, with Welch's p over the seeds (scipy).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
+import re
 import statistics
 import sys
 from pathlib import Path
 
 from scipy.stats import ttest_ind
+
+from model.study import read_csv
+from model.tuning import write_tuned_outputs
 
 # (label, first (method, settings), second (method, settings)); "*" in a budget means collisionless's one size.
 CLAIMS = (
@@ -45,12 +51,8 @@ def compare(first: list[float], second: list[float]) -> str:
     return f"{difference:+.4f} ({'p<0.001' if p < 0.001 else f'p={p:.3f}'})"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path, help="folder of a tuned study (runs.csv with a settings column)")
-    args = parser.parse_args()
-    with (args.study / "runs.csv").open() as handle:
-        aucs = cell_aucs(list(csv.DictReader(handle)))
+def claims_table(rows: list[dict]) -> str:
+    aucs = cell_aucs(rows)
     budgets = sorted({b for (m, _, b) in aucs if m != "collisionless"})
     shared = sorted({m for (m, _, _) in aucs if m != "collisionless"})
     lines = [
@@ -68,7 +70,27 @@ def main() -> int:
                 b = aucs.get((second, second_settings, budget))
             cells.append(compare(a, b) if a and b else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path, help="folder of a tuned study (runs.csv with a settings column, selected.json)")
+    args = parser.parse_args()
+    rows = read_csv(args.study / "runs.csv")
+    chosen = json.loads((args.study / "selected.json").read_text())
+    old = (args.study / "summary.md").read_text()
+    command = re.search(r"```bash\n(.*?)\n```", old, re.DOTALL).group(1)
+    dataset = re.match(r"# Tuned parameter-accuracy study on (\S+)", old).group(1)
+    write_tuned_outputs(chosen, rows, args.study, command, dataset)
+    claims = (
+        "# The papers' claims on the tuned study\n\nProduced by:\n\n```bash\n"
+        f"python scripts/study-report.py {args.study}\n```\n\n"
+        "Mean test AUC of the first minus the second (5 seeds each), Welch's p over the seeds (scipy). "
+        "Columns: the budget as a fraction of the collisionless rows.\n\n" + claims_table(rows)
+    )
+    (args.study / "claims.md").write_text(claims)
+    print(claims)
     return 0
 
 

@@ -121,9 +121,9 @@ def get_routes() -> frozenset[str]:
 
 
 def image_port() -> int:
-    """The port the serving images listen on: the Dockerfile's `serving` stage (EXPOSE and its CMD)."""
+    """The HTTP port the serving images listen on: the Dockerfile's `serving` stage (EXPOSE's first and its CMD)."""
     serving = re.search(r"^FROM \S+ AS serving$(.*?)(?=^FROM )", (ROOT / "Dockerfile").read_text(), re.M | re.S).group(1)
-    exposed = re.findall(r"^EXPOSE (\d+)$", serving, re.M)
+    exposed = re.findall(r"^EXPOSE (\d+)(?: \d+)*$", serving, re.M)  # HTTP first, then gRPC
     assert len(exposed) == 1 and f'"--port", "{exposed[0]}"' in serving
     return int(exposed[0])
 

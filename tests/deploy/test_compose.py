@@ -184,7 +184,7 @@ def test_ports_agree_across_service_healthcheck_prometheus_grafana_and_locust():
     config_path = command_option(SERVICES["prometheus"]["command"], "--config.file")
     assert bind_target(SERVICES["prometheus"], "deploy/prometheus/prometheus.yml") == config_path
     jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
-    assert jobs["uembed"]["static_configs"][0]["targets"] == [f"uembed:{port}"]
+    assert jobs["uembed"]["dns_sd_configs"] == [{"names": ["uembed"], "type": "A", "port": int(port), "refresh_interval": "5s"}]
     assert jobs["uembed"].get("metrics_path", "/metrics") == "/metrics"
     datasources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     prometheus_url = urlparse(datasources["datasources"][0]["url"])

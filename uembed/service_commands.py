@@ -294,6 +294,14 @@ def add_loadtest_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--step-seconds", type=float, default=20, help="seconds per step")
     parser.add_argument("--plot", type=Path, help="with --steps: PNG of latency percentiles against offered load")
     parser.add_argument("--out", type=Path, default=Path("loadtest-results"), help="reports directory")
+    kill = parser.add_argument_group(
+        "killing a replica", "against `uembed stack --replicas N`: SIGKILL one replica during the run; the summary "
+        "gets the requests haproxy had in flight on it (from its counters), those it resent, the client's failures, "
+        "when haproxy took the replica out and (once the stack restarted it) back, and the throughput before, during "
+        "and after. Exit 1 only if more requests failed than were in flight on it (loadtest/failover.py)")  # fmt: skip
+    kill.add_argument("--kill-replica", metavar="NAME", help="replica to kill, as stack.json names it (e.g. replica-2)")
+    kill.add_argument("--kill-after", type=float, help="seconds into the run; none: half of it")
+    kill.add_argument("--stack-dir", type=Path, default=Path(".stack"), help="the stack's --dir (its stack.json)")
     parser.add_argument("--allow-remote", action="store_true", help="allow a target that is not loopback")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_loadtest_command, extras=("loadtest",))

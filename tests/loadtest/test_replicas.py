@@ -6,8 +6,10 @@ copy. The live tests start the stack's real processes on free loopback ports (ab
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -17,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.failover import ANSWERS, ReplicaKill, kill_cost
+from loadtest.failover import ANSWERS, ReplicaKill, kill_cost, throughput_around
 from loadtest.servers import haproxy_stats, wait_until
 from loadtest.stack import HAPROXY_CONFIG, LocalStack, local_haproxy_config, local_scrape_config
 
@@ -69,6 +71,37 @@ def test_the_cost_of_a_kill_is_read_from_haproxys_counters():
     after = {**zero, "stot": "524", "hrsp_2xx": "519", "wredis": "3"}
     assert kill_cost(before, after) == {"in_flight": 5, "resent": 3}
     assert kill_cost(zero, {**zero, "stot": ""}) == {"in_flight": 0, "resent": 0}
+
+
+def test_throughput_around_a_kill_from_locusts_history(tmp_path):
+    """100 requests a second, 40 in the second after the kill, 80 the next, then 100 again."""
+    per_second = [100] * 12 + [40, 80] + [100] * 12
+    history = tmp_path / "locust_stats_history.csv"
+    with history.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Timestamp", "User Count", "Name", "Total Request Count"])
+        writer.writerow([1000, 8, "/v1/score", 0])
+        total = 0
+        for second, count in enumerate(per_second, start=1001):
+            total += count
+            writer.writerow([second, 8, "/v1/score", total])  # not the aggregate: skipped
+            writer.writerow([second, 8, "Aggregated", total])
+    figures = throughput_around(history, killed_at=1012.4)
+    assert figures["before_per_s"] == 100 and figures["lowest_after_per_s"] == 40 and figures["after_per_s"] == 100
+    assert figures["recovered_after_s"] == pytest.approx(1015 - 1012.4)
+    assert [count for _, count in figures["per_second"]][3:8] == [100, 100, 40, 80, 100]
+    assert throughput_around(history, killed_at=2000)["before_per_s"] is None
+
+
+def test_loadtest_refuses_a_kill_it_cannot_do_before_loading(tmp_path):
+    base = [sys.executable, "-m", "uembed", "loadtest", "--url", "http://127.0.0.1:9", "--seconds", "10",
+            "--out", str(tmp_path / "out"), "--kill-replica", "replica-2"]  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([*base, "--stack-dir", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "--kill-replica:" in run.stderr and "stack.json" in run.stderr, run.stderr
+    run = subprocess.run([*base, "--kill-after", "10"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "--kill-after 10: kill within the run's 10 s" in run.stderr, run.stderr
+    assert not (tmp_path / "out" / "locust.log").exists(), "locust never started"
 
 
 # --- the live stack -------------------------------------------------------------------------

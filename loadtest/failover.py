@@ -11,7 +11,8 @@ haproxy's own per-server counters (its stats page), what the kill put at risk:
   will never answer; those were in flight on it too.
 - ``resent``: requests haproxy resent from it to another replica (``wredis``): in flight on it and closed
   without an answer (``retry-on empty-response``), or sent to it after its sockets closed and refused
-  (``retry-on conn-failure``; these never reached it and are not in ``in_flight``).
+  (``retry-on conn-failure``). A refused one never reached it; haproxy may still count it in ``stot``, and then
+  in ``in_flight`` too, which is therefore an upper bound of what the replica held.
 
 What is lost is what the clients saw fail (locust's failures, or the test's own count): requests in flight on
 the replica that haproxy could not resend, because their connection was reset (the kernel resets a

@@ -125,11 +125,11 @@ class ReplicaKill(threading.Thread):
 
 
 def throughput_around(history_csv: Path, killed_at: float, window_s: int = 10) -> dict:
-    """Requests answered per second, from locust's history (its cumulative request count, a row a second):
-    the mean over the ``window_s`` seconds before the kill (``before_per_s``), the lowest second after it, the
-    mean of the last ``window_s`` full seconds of the run (``after_per_s``), and the seconds from the kill to the
-    end of the first of three seconds in a row back at 90% of the mean before (``recovered_after_s``, to the
-    second; None if never)."""
+    """Requests answered per second, from locust's history (its cumulative request count, a row a second; a
+    second is named by its end): the mean over the ``window_s`` seconds before the kill (``before_per_s``), the
+    lowest of the 5 seconds after it (``dip_per_s``), the mean over the ``window_s`` seconds from 5 s after it
+    (``after_per_s``), the seconds from the kill to the end of the first of three seconds in a row back at 90%
+    of the mean before (``recovered_after_s``; None if never), and each second from 5 s before to 16 s after."""
     totals: dict[int, int] = {}
     with Path(history_csv).open() as handle:
         for row in csv.DictReader(handle):
@@ -137,24 +137,20 @@ def throughput_around(history_csv: Path, killed_at: float, window_s: int = 10) -
                 totals[int(row["Timestamp"])] = int(row["Total Request Count"])
     seconds = sorted(totals)
     per_second = {t: totals[t] - totals[p] for p, t in zip(seconds, seconds[1:]) if t - p == 1}
-    kill_second = int(killed_at)
-    before = [v for t, v in per_second.items() if kill_second - window_s <= t < kill_second]
-    after = sorted((t, v) for t, v in per_second.items() if t > kill_second)
-    if not before or not after:
-        return {"before_per_s": None, "lowest_after_per_s": None, "after_per_s": None, "recovered_after_s": None,
-                "per_second": []}  # fmt: skip
+    before = [v for t, v in per_second.items() if killed_at - window_s - 1 < t <= killed_at]
+    after = sorted((t, v) for t, v in per_second.items() if t > killed_at)
+    dip = [v for t, v in after if t <= killed_at + 5]
+    later = [v for t, v in after if killed_at + 5 < t <= killed_at + 5 + window_s]
+    figures = {"before_per_s": None, "dip_per_s": None, "after_per_s": None, "recovered_after_s": None,
+               "per_second": [[round(t - killed_at, 1), v] for t, v in sorted(per_second.items()) if -5 <= t - killed_at <= 16]}  # fmt: skip
+    if not before or not dip:
+        return figures
     mean_before = sum(before) / len(before)
-    recovered = None
+    figures.update(before_per_s=round(mean_before, 1), dip_per_s=min(dip))
+    if later:
+        figures["after_per_s"] = round(sum(later) / len(later), 1)
     for i in range(len(after) - 2):
         if all(v >= 0.9 * mean_before for _, v in after[i : i + 3]):
-            recovered = after[i][0] - killed_at
+            figures["recovered_after_s"] = round(after[i][0] - killed_at, 1)
             break
-    tail = [v for _, v in after[-window_s - 1 : -1]] or [after[-1][1]]  # the last full seconds
-    return {
-        "before_per_s": round(mean_before, 1),
-        "lowest_after_per_s": min(v for _, v in after[:-1] or after),
-        "after_per_s": round(sum(tail) / len(tail), 1),
-        "recovered_after_s": None if recovered is None else round(recovered, 1),
-        # Requests answered in each second from 5 before the kill to 15 after (the second's end, from the kill).
-        "per_second": [[round(t - killed_at, 1), v] for t, v in sorted(per_second.items()) if -5 <= t - killed_at <= 16],
-    }
+    return figures

@@ -186,8 +186,9 @@ def print_kill(report: dict) -> None:
           f"{report['failed_requests']} failed at the client; {down}, {back}")  # fmt: skip
     if report.get("before_per_s") is not None:
         recovered = f"{report['recovered_after_s']:g} s" if report["recovered_after_s"] is not None else "never"
-        print(f"  throughput: {report['before_per_s']:g}/s in the 10 s before, lowest second after "
-              f"{report['lowest_after_per_s']}/s, {report['after_per_s']:g}/s in the last 10 s; back at 90% after {recovered}")  # fmt: skip
+        after = f"{report['after_per_s']:g}/s" if report["after_per_s"] is not None else "(run ended)"
+        print(f"  requests answered per second: {report['before_per_s']:g} in the 10 s before, {report['dip_per_s']} in "
+              f"the slowest of the 5 s after, {after} from 5 to 15 s after; back at 90% after {recovered}")  # fmt: skip
 
 
 def run_loadtest(args) -> int:

@@ -87,7 +87,7 @@ def test_throughput_around_a_kill_from_locusts_history(tmp_path):
             writer.writerow([second, 8, "/v1/score", total])  # not the aggregate: skipped
             writer.writerow([second, 8, "Aggregated", total])
     figures = throughput_around(history, killed_at=1012.4)
-    assert figures["before_per_s"] == 100 and figures["lowest_after_per_s"] == 40 and figures["after_per_s"] == 100
+    assert figures["before_per_s"] == 100 and figures["dip_per_s"] == 40 and figures["after_per_s"] == 100
     assert figures["recovered_after_s"] == pytest.approx(1015 - 1012.4)
     assert [count for _, count in figures["per_second"]][3:8] == [100, 100, 40, 80, 100]
     assert throughput_around(history, killed_at=2000)["before_per_s"] is None

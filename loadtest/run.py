@@ -1,7 +1,8 @@
 """``uembed loadtest``: locust headless against a URL, with CSV stats, an HTML report and a summary.
 
 A stepped run (``--steps``) also writes per-step figures and, with ``--plot``, a PNG of latency
-percentiles against offered load.
+percentiles against offered load. ``--kill-replica`` SIGKILLs one replica of ``uembed stack --replicas N``
+during the run and reports what it cost (loadtest/failover.py).
 """
 
 from __future__ import annotations
@@ -144,6 +145,52 @@ def last_history_row(history_csv: Path) -> dict | None:
     return dict(zip(lines[0].split(","), aggregated[-1].split(","))) if aggregated else None
 
 
+def replica_kill(args, seconds: float):
+    """With ``--kill-replica``: the thread (not started) that SIGKILLs that replica of the stack in ``--stack-dir``
+    after ``--kill-after`` seconds (default: half the run)."""
+    if not args.kill_replica:
+        return None
+    from loadtest.failover import ReplicaKill
+
+    after_s = args.kill_after if args.kill_after is not None else seconds / 2
+    if not 0 < after_s < seconds:
+        raise UembedError(f"--kill-after {after_s:g}: kill within the run's {seconds:g} s")
+    try:
+        return ReplicaKill(args.stack_dir, args.kill_replica, after_s=after_s, watch_s=seconds)
+    except (OSError, ValueError) as exc:
+        raise UembedError(f"--kill-replica: {exc}") from exc
+
+
+def kill_summary(kill, history_csv: Path, failures: int) -> dict:
+    """The kill's figures (loadtest/failover.py) with locust's throughput around it and its failures."""
+    from loadtest.failover import throughput_around
+
+    kill.stop()
+    report = kill.report()
+    if report["killed"]:
+        report.update(throughput_around(history_csv, report["killed_at"]))
+    report["failed_requests"] = failures
+    return report
+
+
+def print_kill(report: dict) -> None:
+    if not report["killed"]:
+        print(f"{report['replica']} was not killed: the run ended first")
+        return
+    down = report["marked_down_after_s"]
+    down = f"marked down after {down:g} s" if down is not None else "never marked down"
+    back = report["back_up_after_s"]
+    back = f"back in rotation after {back:g} s" if back is not None else "not back in rotation before the run ended"
+    print(f"killed {report['replica']}: haproxy had handed it {report['in_flight']} request(s) it never answered "
+          f"(in flight), {report['resent']} resent to other replicas (with any refused after its death); "
+          f"{report['failed_requests']} failed at the client; {down}, {back}")  # fmt: skip
+    if report.get("before_per_s") is not None:
+        recovered = f"{report['recovered_after_s']:g} s" if report["recovered_after_s"] is not None else "never"
+        after = f"{report['after_per_s']:g}/s" if report["after_per_s"] is not None else "(run ended)"
+        print(f"  requests answered per second: {report['before_per_s']:g} in the 10 s before, {report['dip_per_s']} in "
+              f"the slowest of the 5 s after, {after} from 5 to 15 s after; back at 90% after {recovered}")  # fmt: skip
+
+
 def run_loadtest(args) -> int:
     check_target(args.url, args.allow_remote)
     out = Path(args.out)
@@ -152,8 +199,11 @@ def run_loadtest(args) -> int:
     command = locust_command(args, prefix)
     seconds = run_seconds(args)
     log_path = out / "locust.log"
+    kill = replica_kill(args, seconds)
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        if kill:
+            kill.start()
         with tqdm(total=int(seconds), desc=f"locust -> {args.url}", unit="s", disable=args.quiet) as bar:
             started = time.monotonic()
             while process.poll() is None:
@@ -175,6 +225,8 @@ def run_loadtest(args) -> int:
             plot_steps(summary["steps"], Path(args.plot),
                        f"uembed /v1/score, {args.examples} examples/request ({args.scenario}), "
                        f"{args.step_users} users per step")  # fmt: skip
+    if kill:
+        summary["kill"] = kill_summary(kill, Path(f"{prefix}_stats_history.csv"), summary["failures"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"{summary['requests']} requests in {seconds:g} s: {summary['requests_per_s']} req/s, "
@@ -185,5 +237,9 @@ def run_loadtest(args) -> int:
         offered = f"offered {step['offered_per_s']:g}/s, " if step["offered_per_s"] is not None else ""
         print(f"  {step['users']:4d} users: {offered}achieved {step['achieved_per_s']:.1f}/s, "
               f"p50 {step['p50_ms']:g} ms, p95 {step['p95_ms']:g} ms, p99 {step['p99_ms']:g} ms")  # fmt: skip
+    if kill:
+        print_kill(summary["kill"])
     print(f"reports: {out}/report.html, {prefix}_stats.csv, {out}/summary.json" + (f", plot {args.plot}" if args.steps and args.plot else ""))
+    if kill and summary["kill"]["killed"]:  # failures are expected: at most the requests in flight on the replica
+        return 1 if summary["failures"] > (summary["kill"]["in_flight"] or 0) else 0
     return 1 if summary["failures"] else 0

@@ -1,5 +1,5 @@
-"""Real servers on free loopback ports, for tests and benchmarks: redis-server (alone or as a Redis Cluster)
-and uvicorn.
+"""Real servers on free loopback ports, for tests, benchmarks and the local stack: redis-server (alone or as a
+Redis Cluster), uvicorn, prometheus and haproxy.
 
 Each is a process that can be killed, paused (SIGSTOP) and started again on the same port.
 """
@@ -217,12 +217,21 @@ class HttpProcess:
         self.ready_url = ready_url
         self.name = name
         self.process: subprocess.Popen | None = None
+        self.log = None
 
     def start(self, timeout_s: float = 60):
-        env = {**os.environ, **self.env}
-        self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.launch()
+        return self.wait_ready(timeout_s)
 
+    def launch(self):
+        """Start the process (again, after it exited: same command, same log) without waiting for it."""
+        env = {**os.environ, **self.env}
+        if self.log is None or self.log.closed:
+            self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout_s: float = 60):
         def ready() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
@@ -293,3 +302,27 @@ class PrometheusServer(HttpProcess):
         argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir}",
                 f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d", "--log.level=warn"]
         super().__init__(argv, {}, log_path, f"{self.url}/-/ready", "prometheus")
+
+
+class HaproxyServer(HttpProcess):
+    """Debian's ``haproxy`` in the foreground on a config file; ready once its health URL answers 200 (a replica
+    is up). ``stats()`` reads its stats page (``/stats;csv``): one row per frontend, server and backend."""
+
+    def __init__(self, config: Path, log_path: Path, stats_port: int) -> None:
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise RuntimeError("haproxy is not installed; `make system-deps` installs it (apt-get install haproxy)")
+        self.stats_url = f"http://127.0.0.1:{stats_port}"
+        super().__init__([binary, "-db", "-f", str(config)], {}, log_path, f"{self.stats_url}/healthz", "haproxy")
+
+    def stats(self) -> list[dict[str, str]]:
+        return haproxy_stats(self.stats_url)
+
+
+def haproxy_stats(stats_url: str) -> list[dict[str, str]]:
+    """haproxy's stats CSV as rows: ``pxname`` (frontend or backend), ``svname`` (a server, FRONTEND or BACKEND),
+    ``status`` (UP, DOWN, ...), ``scur`` (sessions now), ``wretr``/``wredis`` (retries, redispatches) and more."""
+    import csv
+
+    text = http_get(f"{stats_url}/stats;csv")[1].decode()
+    return list(csv.DictReader(text.removeprefix("# ").splitlines()))

@@ -232,21 +232,28 @@ def run_demo_bundle(args: argparse.Namespace) -> int:
 def add_stack_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "stack",
-        help="run the local stack without Docker: redis-server, the service and prometheus",
+        help="run the local stack without Docker: redis-server, the service (or N replicas behind haproxy) and prometheus",
         description="Starts redis-server (deploy/redis/redis.conf), `uembed serve` with Redis as tier 2, and "
         "Prometheus (deploy/prometheus/prometheus.yml, pointed at these ports) from this machine's packages, "
-        "then waits. Ctrl-C, SIGTERM or --seconds stops them in reverse order. The state (URLs) is written to "
-        "DIR/stack.json and each component logs to DIR. Needs redis-server and prometheus "
-        "(`make system-deps` installs both on Debian). Port 0 picks a free port.",
+        "then waits. With --replicas N, N `uembed serve` processes on free ports share the one Redis behind "
+        "haproxy (deploy/haproxy/haproxy.cfg) on --port: health checks on /readyz, least-connections balancing, "
+        "a request resent to another replica when its replica dies holding it; Prometheus scrapes each replica "
+        "and haproxy's exporter, and a replica that exits is started again. Ctrl-C, SIGTERM or --seconds stops "
+        "everything in reverse order. The state (URLs, each replica's ports and pid) is written to "
+        "DIR/stack.json and each component logs to DIR. Needs redis-server, prometheus and (for replicas) "
+        "haproxy: `make system-deps` installs them on Debian. Port 0 picks a free port.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--dir", type=Path, default=Path(".stack"), help="state, logs and Prometheus data")
     parser.add_argument("--bundle", action="append", type=Path, help="bundle to serve (default: the demo bundle)")
     parser.add_argument("--bundle-store", type=Path, help="root of <name>/<version>/ bundles (default ./bundles)")
-    parser.add_argument("--port", type=int, default=8000, help="service port")
+    parser.add_argument("--port", type=int, default=8000, help="service port (haproxy's with --replicas above 1)")
+    parser.add_argument("--replicas", type=int, default=1, help="service processes; above 1, behind haproxy")
+    parser.add_argument("--haproxy-stats-port", type=int, default=8405,
+                        help="haproxy's stats page, health URL and Prometheus metrics (with --replicas above 1)")  # fmt: skip
     parser.add_argument("--redis-port", type=int, default=6380, help="redis-server port")
     parser.add_argument("--prometheus-port", type=int, default=9090, help="prometheus port")
-    parser.add_argument("--workers", type=int, default=1, help="service worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of each service process")
     parser.add_argument("--redis-maxmemory", default="1gb", help="Redis memory cap (LFU eviction past it)")
     parser.add_argument("--seconds", type=float, default=0, help="stop by itself after this long (0: run until stopped)")
     parser.set_defaults(handler=run_stack_command, extras=("loadtest",))
@@ -254,6 +261,9 @@ def add_stack_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_stack_command(args: argparse.Namespace) -> int:
     from loadtest.stack import run_stack
+
+    if args.replicas < 1:
+        raise UembedError(f"--replicas {args.replicas}: use 1 or more")
 
     return run_stack(args)
 
@@ -284,6 +294,14 @@ def add_loadtest_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--step-seconds", type=float, default=20, help="seconds per step")
     parser.add_argument("--plot", type=Path, help="with --steps: PNG of latency percentiles against offered load")
     parser.add_argument("--out", type=Path, default=Path("loadtest-results"), help="reports directory")
+    kill = parser.add_argument_group(
+        "killing a replica", "against `uembed stack --replicas N`: SIGKILL one replica during the run; the summary "
+        "gets the requests haproxy had in flight on it (from its counters), those it resent, the client's failures, "
+        "when haproxy took the replica out and (once the stack restarted it) back, and the throughput before, during "
+        "and after. Exit 1 only if more requests failed than were in flight on it (loadtest/failover.py)")  # fmt: skip
+    kill.add_argument("--kill-replica", metavar="NAME", help="replica to kill, as stack.json names it (e.g. replica-2)")
+    kill.add_argument("--kill-after", type=float, help="seconds into the run; none: half of it")
+    kill.add_argument("--stack-dir", type=Path, default=Path(".stack"), help="the stack's --dir (its stack.json)")
     parser.add_argument("--allow-remote", action="store_true", help="allow a target that is not loopback")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_loadtest_command, extras=("loadtest",))

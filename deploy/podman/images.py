@@ -5,7 +5,7 @@
 
 Images, with the names docker-compose.yml gives them:
 - the project's Dockerfile targets that compose builds (runtime, trainer, loadtest);
-- the upstream services compose pulls (redis, prometheus): where no image of that name exists
+- the upstream services compose pulls (redis, prometheus, haproxy): where no image of that name exists
   locally, a stand-in built from Debian's packages (``*.Containerfile`` beside this file);
 - their base, the Dockerfile's ``FROM`` (python:3.11-slim-bookworm): where it does not exist
   locally, a stand-in made with debootstrap from the Debian mirror apt uses. It is built once
@@ -53,7 +53,8 @@ Dir::Cache::srcpkgcache "";
 # Dockerfile targets compose does not use, built only when named: target -> image name.
 OTHER_TARGETS = {"runtime-cuda": "uembed-cuda:local"}
 # docker-compose.yml service -> the Containerfile of its stand-in (for services that pull an image).
-UPSTREAM_STAND_INS = {"redis": "redis.Containerfile", "prometheus": "prometheus.Containerfile"}
+UPSTREAM_STAND_INS = {"redis": "redis.Containerfile", "prometheus": "prometheus.Containerfile",
+                      "haproxy": "haproxy.Containerfile"}
 
 
 class PodmanError(RuntimeError):

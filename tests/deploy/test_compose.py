@@ -175,25 +175,42 @@ def test_service_environment_is_valid_settings(monkeypatch):
     assert any(v.split(":")[1] == str(settings.bundle_store) for v in trainer["volumes"])
 
 
-def test_ports_agree_across_service_healthcheck_prometheus_grafana_and_locust():
+def test_ports_agree_across_service_haproxy_healthcheck_prometheus_grafana_and_locust():
     service = SERVICES["uembed"]
     port = command_option(service["command"], "--port")
-    assert f"127.0.0.1:{port}:{port}" in published(service)
     assert f"127.0.0.1:{port}/readyz" in " ".join(service["healthcheck"]["test"])
+    haproxy = SERVICES["haproxy"]
+    config_path = command_option(haproxy["command"], "-f")
+    assert bind_target(haproxy, "deploy/haproxy/haproxy.cfg") == config_path
+    config = (ROOT / "deploy/haproxy/haproxy.cfg").read_text()
+    assert f"    bind :{port}\n" in config and f"uembed:{port} " in config, "haproxy listens and balances on the service's port"
+    assert f"127.0.0.1:{port}:{port}" in published(haproxy), "the service's published port is haproxy's"
+    stats_port = re.search(r"frontend lb-stats\n    bind :(\d+)", config).group(1)
+    assert f"127.0.0.1:{stats_port}:{stats_port}" in published(haproxy)
+    assert f"http://127.0.0.1:{stats_port}/healthz" in haproxy["healthcheck"]["test"]
     scrape = yaml.safe_load((ROOT / bind_target_source(SERVICES["prometheus"], "/etc/prometheus/prometheus.yml")).read_text())
     config_path = command_option(SERVICES["prometheus"]["command"], "--config.file")
     assert bind_target(SERVICES["prometheus"], "deploy/prometheus/prometheus.yml") == config_path
     jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
-    assert jobs["uembed"]["static_configs"][0]["targets"] == [f"uembed:{port}"]
+    assert jobs["uembed"]["dns_sd_configs"] == [{"names": ["uembed"], "type": "A", "port": int(port), "refresh_interval": "5s"}]
     assert jobs["uembed"].get("metrics_path", "/metrics") == "/metrics"
+    assert jobs["haproxy"]["static_configs"] == [{"targets": [f"haproxy:{stats_port}"]}]
     datasources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     prometheus_url = urlparse(datasources["datasources"][0]["url"])
     assert prometheus_url.hostname == "prometheus" and f"127.0.0.1:{prometheus_url.port}:{prometheus_url.port}" in published(SERVICES["prometheus"])
     locust_host = urlparse(command_option(SERVICES["locust"]["command"], "--host"))
-    assert (locust_host.hostname, str(locust_host.port)) == ("uembed", port)
+    assert (locust_host.hostname, str(locust_host.port)) == ("haproxy", port), "locust loads the balancer"
     for service in SERVICES.values():
         for mapping in service.get("ports", []):
             assert mapping.startswith("127.0.0.1:"), f"{mapping}: publish on loopback only"
+
+
+def test_the_service_is_replicated_behind_haproxy():
+    service = SERVICES["uembed"]
+    assert int(interpolate(service["deploy"]["replicas"])) >= 2
+    assert "ports" not in service and "container_name" not in service, "replicas cannot share a host port or a name"
+    assert SERVICES["haproxy"]["depends_on"] == {"uembed": {"condition": "service_started"}}
+    assert SERVICES["locust"]["depends_on"] == {"haproxy": {"condition": "service_healthy"}}
 
 
 def published(service: dict) -> list[str]:
@@ -256,6 +273,6 @@ def test_locust_options_in_the_environment_exist_in_the_locustfile():
     assert command_option(SERVICES["locust"]["command"], "-f") == "locustfile.py"
 
 
-@pytest.mark.parametrize("name", ["uembed", "prometheus", "grafana", "redis"])
+@pytest.mark.parametrize("name", ["uembed", "haproxy", "prometheus", "grafana", "redis"])
 def test_long_running_services_have_healthchecks(name):
     assert SERVICES[name]["healthcheck"]["test"]

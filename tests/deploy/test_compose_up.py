@@ -23,7 +23,7 @@ from loadtest.servers import free_port, wait_until
 from tests.deploy.containers import assert_scores_like_the_host, demo_bundle_path, healthcheck_passes, inspect
 
 pytestmark = pytest.mark.containers
-PORTS = ("UEMBED_PORT", "PROMETHEUS_PORT", "LOCUST_PORT")
+PORTS = ("UEMBED_PORT", "HAPROXY_STATS_PORT", "PROMETHEUS_PORT", "LOCUST_PORT")
 
 
 @dataclass
@@ -43,6 +43,9 @@ class Stack:
     def container(self, service: str) -> str:
         (name,) = compose.containers(self.project, service)
         return name
+
+    def replicas(self, service: str = "uembed") -> list[str]:
+        return sorted(compose.containers(self.project, service))
 
 
 def seed_volume(name: str, project: str, folder) -> None:
@@ -73,15 +76,16 @@ def healthchecked_services() -> list[str]:
 
 
 def test_every_healthcheck_passes(stack):
+    assert len(stack.replicas()) >= 2, "the service runs replicated (UEMBED_REPLICAS, 2 by default)"
     for service in healthchecked_services():
-        container = stack.container(service)
-        wait_until(lambda: healthcheck_passes(container), 120, f"{service}'s healthcheck")
-        assert inspect(container, ".State.Status") == "running"
+        for container in stack.replicas(service):
+            wait_until(lambda: healthcheck_passes(container), 120, f"{container}'s healthcheck")
+            assert inspect(container, ".State.Status") == "running"
     assert "grafana" not in healthchecked_services() and not compose.containers(stack.project, "grafana")
     assert inspect(stack.container("bundle"), ".State.ExitCode") == 0
 
 
-def test_the_service_scores_through_the_published_port_like_the_host(stack, trainer_store, movielens_examples):
+def test_the_service_scores_through_haproxy_s_published_port_like_the_host(stack, trainer_store, movielens_examples):
     wait_until(lambda: httpx.get(f"{stack.service_url}/readyz").status_code == 200, 60, "the service")
     assert_scores_like_the_host(stack.service_url, demo_bundle_path(trainer_store), movielens_examples[:256])
 
@@ -93,20 +97,27 @@ def prometheus_value(stack: Stack, expr: str) -> float | None:
     return float(results[0]["value"][1]) if results else None
 
 
-def test_prometheus_scrapes_the_service_by_its_compose_name(stack, movielens_examples):
+def test_prometheus_scrapes_every_replica_by_the_compose_name(stack, movielens_examples):
     httpx.post(f"{stack.service_url}/v1/score", json={"examples": movielens_examples[:100]}, timeout=30).raise_for_status()
-    wait_until(lambda: prometheus_value(stack, 'up{job="uembed"}') == 1, 60, "a scrape of uembed:8000")
+    replicas = len(stack.replicas())
+    wait_until(lambda: prometheus_value(stack, 'count(up{job="uembed"} == 1)') == replicas, 60,
+               "a scrape of each replica, found by DNS as uembed:8000")  # fmt: skip
+    wait_until(lambda: prometheus_value(stack, 'up{job="haproxy"}') == 1, 60, "a scrape of haproxy:8405")
     # Two scrapes at 5 s apart at most: the 100 examples above are counted by then.
     wait_until(lambda: (prometheus_value(stack, "sum(uembed_scored_examples_total)") or 0) >= 100, 30,
                "the scored examples in Prometheus")  # fmt: skip
 
 
-def test_a_killed_service_container_is_restarted_and_serves_again(stack, movielens_examples):
-    container = stack.container("uembed")
+def test_a_killed_replica_is_routed_around_then_restarted_and_serves_again(stack, movielens_examples):
+    container = stack.replicas()[0]
     restarts = inspect(container, ".RestartCount")
     os.kill(inspect(container, ".State.Pid"), signal.SIGKILL)  # a crash, not a stop: the restart policy applies
-    wait_until(lambda: inspect(container, ".RestartCount") > restarts, 60, "the restart of the killed service")
-    wait_until(lambda: healthcheck_passes(container), 120, "the restarted service's healthcheck")
+    # Meanwhile haproxy sends every request to the other replica(s).
+    for _ in range(20):
+        response = httpx.post(f"{stack.service_url}/v1/score", json={"examples": movielens_examples[:10]}, timeout=30)
+        assert response.status_code == 200
+    wait_until(lambda: inspect(container, ".RestartCount") > restarts, 60, "the restart of the killed replica")
+    wait_until(lambda: healthcheck_passes(container), 120, "the restarted replica's healthcheck")
     response = httpx.post(f"{stack.service_url}/v1/score", json={"examples": movielens_examples[:10]}, timeout=30)
     assert response.status_code == 200
 

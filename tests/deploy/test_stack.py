@@ -1,6 +1,7 @@
-"""The Grafana dashboard against the real service and Prometheus: `uembed stack` brings up
-redis-server, the service and Debian's prometheus; a 60-second locust run loads it; then
-EVERY PromQL expression of EVERY panel must return data through Prometheus' HTTP API."""
+"""The Grafana dashboard against the real service and Prometheus: `uembed stack --replicas 2` brings
+up redis-server, two replicas of the service behind Debian's haproxy and Debian's prometheus; a
+60-second locust run loads it; then EVERY PromQL expression of EVERY panel must return data through
+Prometheus' HTTP API, with the dashboard's replica variable at All."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
 DATASOURCES = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
 METRIC = re.compile(r"\buembed_[a-z0-9_]+")
-# Grafana's built-in variables, as Grafana would expand them for a 5 s scrape interval.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "15m"}
+# Grafana's built-in variables, as Grafana would expand them for a 5 s scrape interval, and the
+# dashboard's own replica variable at All (its allValue).
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "15m", "$instance": ".*"}
+SERIES = re.compile(r"\b(uembed_[a-z0-9_]+)(\{[^}]*\})?")
 TOKEN = "stack-test-reload-token"
 
 
@@ -89,13 +92,28 @@ def test_latency_panels_show_p50_p95_p99_end_to_end_and_by_stage():
     assert any("uembed_stage_duration_seconds" in e and "stage" in e for e in exprs)
 
 
+def test_the_replica_variable_filters_every_service_series_and_panels_split_by_replica():
+    for path in DASHBOARDS:
+        variables = {v["name"]: v for v in json.loads(path.read_text())["templating"]["list"]}
+        instance = variables["instance"]
+        assert instance["includeAll"] and instance["allValue"] == ".*" and instance["multi"]
+        assert instance["query"]["query"] == 'label_values(up{job="uembed"}, instance)'
+    for label, expr in queries():
+        for name, labels in SERIES.findall(expr):
+            assert 'instance=~"$instance"' in labels, f"{label}: {name} is not filtered by the replica variable"
+    split = [label for label, expr in queries() if re.search(r"by \([^)]*\binstance\b", expr)]
+    assert len(split) >= 3, f"panels split by replica: {split}"
+    assert any("haproxy_" in expr for _, expr in queries()), "the load balancer's own figures are shown"
+
+
 # --- the live stack -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(bundle_store, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("stack")
     log = open(workdir / "stack-command.log", "wb")
     command = [sys.executable, "-m", "uembed", "stack", "--dir", str(workdir), "--bundle", str(bundle_store / "movielens" / "1"),
-               "--bundle-store", str(bundle_store), "--port", "0", "--redis-port", "0", "--prometheus-port", "0"]  # fmt: skip
+               "--bundle-store", str(bundle_store), "--port", "0", "--redis-port", "0", "--prometheus-port", "0",
+               "--replicas", "2", "--haproxy-stats-port", "0"]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "UEMBED_RELOAD_TOKEN": TOKEN}, stdout=log,
                                stderr=subprocess.STDOUT)  # fmt: skip
 
@@ -122,9 +140,10 @@ def test_a_60_second_locust_run_has_no_failures_and_every_panel_has_data(stack, 
     service = stack["service"]
     for bad in ({"examples": []}, {"examples": [{"no_such_feature": "1"}]}, {"examples": "x"}):
         assert httpx.post(f"{service}/v1/score", json=bad).status_code == 422
-    reload = httpx.post(f"{service}/v1/models/movielens/load", json={"version": "2"},
-                        headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)  # fmt: skip
-    assert reload.status_code == 200, reload.text
+    for replica in stack["replicas"]:  # through haproxy a reload would reach one replica only
+        reload = httpx.post(f"{replica['url']}/v1/models/movielens/load", json={"version": "2"},
+                            headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)  # fmt: skip
+        assert reload.status_code == 200, reload.text
 
     run = subprocess.run(
         [sys.executable, "-m", "uembed", "loadtest", "--url", service, "--seconds", "60", "--users", "8",
@@ -149,7 +168,8 @@ def test_a_60_second_locust_run_has_no_failures_and_every_panel_has_data(stack, 
 
 
 def test_the_stack_stops_cleanly(stack):
-    ports = [int(url.rsplit(":", 1)[1].split("/")[0]) for url in (stack["service"], stack["prometheus"], stack["redis"])]
+    urls = [stack["service"], stack["prometheus"], stack["redis"], stack["haproxy"]["stats"], *(r["url"] for r in stack["replicas"])]
+    ports = [int(url.rsplit(":", 1)[1].split("/")[0]) for url in urls]
     # Precondition: the stack is up (run alone, or after the locust test), so a clean stop is really tested.
     assert stack["process"].poll() is None, "the stack had already exited: nothing to stop"
     for port in ports:

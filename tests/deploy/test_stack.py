@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +137,20 @@ def query(prometheus: str, expr: str) -> list:
     return answer["data"]["result"]
 
 
+def call_grpc_until(replicas: list[dict], deadline: float) -> None:
+    """A few Open Inference Protocol calls a second on each replica's own gRPC port (gRPC is not balanced)."""
+    from tritonclient.grpc import InferenceServerClient
+
+    clients = [InferenceServerClient(f"127.0.0.1:{replica['grpc_port']}") for replica in replicas]
+    while time.monotonic() < deadline:
+        for client in clients:
+            client.is_server_live()
+            client.get_model_metadata("movielens")
+        time.sleep(0.5)
+    for client in clients:
+        client.close()
+
+
 def test_a_60_second_locust_run_has_no_failures_and_every_panel_has_data(stack, tmp_path):
     service = stack["service"]
     for bad in ({"examples": []}, {"examples": [{"no_such_feature": "1"}]}, {"examples": "x"}):
@@ -145,6 +160,8 @@ def test_a_60_second_locust_run_has_no_failures_and_every_panel_has_data(stack, 
                             headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)  # fmt: skip
         assert reload.status_code == 200, reload.text
 
+    grpc_calls = threading.Thread(target=call_grpc_until, args=(stack["replicas"], time.monotonic() + 50), daemon=True)
+    grpc_calls.start()  # the gRPC panel's data, beside the HTTP load
     run = subprocess.run(
         [sys.executable, "-m", "uembed", "loadtest", "--url", service, "--seconds", "60", "--users", "8",
          "--spawn-rate", "4", "--out", str(tmp_path), "--quiet"],

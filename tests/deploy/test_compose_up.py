@@ -79,7 +79,11 @@ def test_every_healthcheck_passes(stack):
     assert len(stack.replicas()) >= 2, "the service runs replicated (UEMBED_REPLICAS, 2 by default)"
     for service in healthchecked_services():
         for container in stack.replicas(service):
-            wait_until(lambda: healthcheck_passes(container), 120, f"{container}'s healthcheck")
+            try:
+                wait_until(lambda: healthcheck_passes(container), 120, f"{container}'s healthcheck")
+            except TimeoutError as error:  # say why: the container's own last lines
+                logs = podman("logs", "--tail", "30", container, check=False)
+                raise TimeoutError(f"{error}; its log ends:\n{logs.stdout}{logs.stderr}") from None
             assert inspect(container, ".State.Status") == "running"
     assert "grafana" not in healthchecked_services() and not compose.containers(stack.project, "grafana")
     assert inspect(stack.container("bundle"), ".State.ExitCode") == 0

@@ -162,19 +162,25 @@ def train_cell(
     cell: Cell, config: TrainConfig, train_set: Dataset, val_set: Dataset, test_set: Dataset | None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict:  # fmt: skip
-    """Train one configuration of a cell (an Applier after its own search); its metrics."""
+    """Train one configuration of a cell (an Applier after its own search); its metrics, with the
+    Applier's policy under ``policy``."""
     if cell.runs_search:
         searched = train(replace(config, embedding=SEARCH_METHOD), train_set, val_set, None, progress=False, echo_warnings=False)
         config = replace(config, policy=searched.metrics["policy"])
-    return train(config, train_set, val_set, test_set, progress=False, on_epoch=on_epoch, echo_warnings=False).metrics
+    metrics = train(config, train_set, val_set, test_set, progress=False, on_epoch=on_epoch, echo_warnings=False).metrics
+    if config.policy:
+        metrics["policy"] = config.policy
+    return metrics
 
 
-def tune_cell(cell: Cell, train_set: Dataset, val_set: Dataset, base: TrainConfig, trials: int, sampler_seed: int) -> dict:
-    """Run a cell's trials; the selected parameters, their validation AUC and every trial's record."""
+def tune_cell(
+    cell: Cell, train_set: Dataset, val_set: Dataset, base: TrainConfig, trials: int, sampler_seed: int, reference_rows: int
+) -> dict:  # fmt: skip
+    """Run a cell's trials; the selected parameters, their validation AUC and every trial's record.
+    ``reference_rows``: the collisionless rows of the training split (see :func:`cell_config`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    reference_rows = collisionless_rows(vocabulary_sizes(train_set.columns))
     sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=max(1, trials // 2))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=max(1, trials // 4), n_warmup_steps=2)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
@@ -238,7 +244,7 @@ def run_cell(
     train_set, val_set, test_set = dataset.split(base.split_seed)
     reference_rows = collisionless_rows(vocabulary_sizes(train_set.columns))
     if selected is None:
-        selected = tune_cell(cell, train_set, val_set, base, trials, sampler_seed)
+        selected = tune_cell(cell, train_set, val_set, base, trials, sampler_seed, reference_rows)
         selected["train_arguments"] = train_arguments(cell_config(cell, selected["params"], base, reference_rows))
     records = []
     for settings, params in (("tuned", selected["params"]), ("fixed", fixed_params(base, cell.method))):
@@ -248,7 +254,7 @@ def run_cell(
             record = {"method": cell.method, "budget_fraction": cell.budget, "seed": seed, "settings": settings,
                       "dim": config.dim, "learning_rate": config.learning_rate, "batch_size": config.batch_size}  # fmt: skip
             record.update(metrics)
-            if config.policy or "policy" in metrics:
+            if "policy" in metrics:
                 record["policy"] = json.dumps(metrics["policy"]["features"], separators=(",", ":"))
             records.append(record)
     return selected, records

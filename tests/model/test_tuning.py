@@ -66,6 +66,7 @@ def test_a_two_trial_study_runs_end_to_end_and_never_selects_on_test(tmp_path, d
         assert chosen[cell]["trials"] == 2
     # Final runs: tuned and fixed settings, each once per seed, with the test split.
     assert len(records) == 3 * 2 * 2 and all(r["test_auc"] is not None for r in records)
+    assert all(r.get("policy") for r in records if r["method"] == "seo-applier-exact")  # the policy each Applier used
     tuned, fixed = write_tuned_outputs(chosen, records, tmp_path, "uembed study --trials 2 ...", "synthetic")
     assert len(tuned) == len(fixed) == 3
     table = (tmp_path / "summary.md").read_text()

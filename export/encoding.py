@@ -141,6 +141,15 @@ def cache_key(value: object) -> object:
     return None
 
 
+def int_bytes(value: int) -> bytes:
+    """An int's canonical bytes, as ``canonical_bytes`` gives them (its decimal digits)."""
+    return str(value).encode()
+
+
+def scalar_bytes(value: str | int) -> bytes:
+    return value.encode() if type(value) is str else str(value).encode()
+
+
 @dataclass
 class CanonicalExamples:
     """One request's examples as canonical bytes, ready to join a batch."""
@@ -259,13 +268,25 @@ class ExampleEncoder:
 
     def _text_column(self, spec: FeatureSpec, raw: list) -> list[bytes] | None:
         """Canonical bytes of a one-value categorical feature's column when every value is a string within the
-        length limit: its UTF-8, with no per-value checks or cache (a few times faster than a cache hit, and
-        values never seen before, the long tail of an item id, cost the same). None: take the checked path."""
-        if set(map(type, raw)) != {str} or (self.limits.max_chars is not None and max(map(len, raw)) > self.limits.max_chars):
+        length limit or an integer (ids sent as JSON numbers): UTF-8 and decimal digits, with no per-value checks
+        or cache (a few times faster than a cache hit, and values never seen before, the long tail of an item id,
+        cost the same). None: take the checked path."""
+        kinds = set(map(type, raw))
+        if kinds == {str}:
+            if self.limits.max_chars is not None and max(map(len, raw)) > self.limits.max_chars:
+                return None
+            to_bytes = str.encode
+        elif kinds == {int}:
+            to_bytes = int_bytes
+        elif kinds == {str, int}:
+            if self.limits.max_chars is not None and max(len(v) for v in raw if type(v) is str) > self.limits.max_chars:
+                return None
+            to_bytes = scalar_bytes
+        else:
             return None
         try:
-            encoded = [value.encode("utf-8") for value in raw]
-        except UnicodeEncodeError:  # a lone surrogate: the checked path names the example
+            encoded = list(map(to_bytes, raw))
+        except (UnicodeEncodeError, ValueError):  # a lone surrogate, an int past str()'s digits: the checked path names it
             return None
         missing = spec.missing_bytes
         return [MISSING if value in missing else value for value in encoded] if missing else encoded

@@ -119,3 +119,22 @@ def test_a_ranking_request_s_errors_name_the_context_or_the_candidate(bundle_sto
     with pytest.raises(ExampleError) as refused:
         encoder.canonicalise(candidates, context)
     assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize("column", [[196, 7, 0, -3], [196, "7", "", 0], ["196", "7"], [196, True], [196, 1.0], [196, None]],
+                         ids=["ints", "ints-and-strings", "strings", "with-bool", "with-float", "with-null"])  # fmt: skip
+def test_a_column_of_ids_canonicalises_as_each_value_does(bundle_store, column):
+    """The column path (strings and JSON integers, no per-value checks) gives each value's own canonical bytes;
+    any other mix takes the checked path, with the same result."""
+    bundle = load_bundle(bundle_store / "movielens" / "1")
+    encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits(), 2**20, bundle.known_values)
+    spec = bundle.feature_specs["user_id"]
+    got = encoder.canonicalise([{"user_id": value} for value in column]).values["user_id"]
+    assert got == [spec.canonical_values(value)[0] for value in column]
+
+
+def test_an_integer_past_str_s_digit_limit_is_refused_by_name(bundle_store):
+    bundle = load_bundle(bundle_store / "movielens" / "1")
+    encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits())
+    with pytest.raises(ExampleError, match=r"^examples\[1\]\.user_id: "):
+        encoder.canonicalise([{"user_id": 1}, {"user_id": 10**5000}])

@@ -12,6 +12,8 @@ Phases (each prints its figures; all go to a JSON file):
               worker, beside the naive design's full tables per worker: ``loadtest/scale_bench.py``
 7. gpu        (asked for by name; needs a CUDA device) the CUDA path beside the CPU path over a 100M-row
               Criteo-shaped table: ``loadtest/gpu_bench.py``
+8. peers      (asked for by name, or ``--peers``) the request path beside its peers: REST v1, REST v2 and gRPC
+              against LitServe and the naive service, 1 and 2 workers, 8/64/512 examples: ``loadtest/peers.py``
 
 Requests carry 64 real MovieLens-100K examples. Server and load generator share this
 machine over loopback (the generator is threads on keep-alive connections).
@@ -63,14 +65,15 @@ class LoadResult:
                 **{k: round(v, 3) for k, v in percentiles(self.latencies).items()}}  # fmt: skip
 
 
-def post(connection: http.client.HTTPConnection, body: bytes) -> bool:
-    connection.request("POST", "/v1/score", body=body, headers={"Content-Type": "application/json"})
+def post(connection: http.client.HTTPConnection, body: bytes, path: str = "/v1/score") -> bool:
+    connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     response.read()
     return response.status == 200
 
 
-def run_load(url: str, bodies: list[bytes], seconds: float, concurrency: int, rate: float | None = None) -> LoadResult:
+def run_load(url: str, bodies: list[bytes], seconds: float, concurrency: int, rate: float | None = None,
+             path: str = "/v1/score") -> LoadResult:  # fmt: skip
     """Closed loop (``rate`` None: each thread sends as fast as answers come) or open loop at ``rate``
     requests/s, latency measured from the scheduled send time (no coordinated omission)."""
     host, port = url.removeprefix("http://").split(":")
@@ -96,7 +99,7 @@ def run_load(url: str, bodies: list[bytes], seconds: float, concurrency: int, ra
             if scheduled >= stop_at:
                 break
             try:
-                ok = post(connection, bodies[(seed * 7919 + len(local)) % len(bodies)])
+                ok = post(connection, bodies[(seed * 7919 + len(local)) % len(bodies)], path)
             except (OSError, http.client.HTTPException):
                 ok = False
                 connection.close()
@@ -276,6 +279,10 @@ def run_bench(args) -> dict:
         from loadtest.scale_bench import run_scale_bench
 
         run_scale_bench(args, workdir, report)
+    if "peers" in phases:
+        from loadtest.peers import run_peers
+
+        run_peers(args, workdir, report)
     if "gpu" in phases:
         from loadtest.gpu_bench import run_gpu_bench
 

@@ -169,9 +169,15 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo bundle, built if missing)")
     parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="where the demo bundle lives")
-    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "scale", "gpu"), default=["service", "redis", "hot"],
-                        help="scale and gpu are not in the default: scale writes a 3.2 GB bundle and needs ~15 GB of "
-                        "memory for its naive baseline; gpu needs a CUDA device and the gpu extra")  # fmt: skip
+    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "scale", "gpu", "peers"),
+                        default=["service", "redis", "hot"],
+                        help="scale, gpu and peers are not in the default: scale writes a 3.2 GB bundle and needs ~15 GB "
+                        "of memory for its naive baseline; gpu needs a CUDA device and the gpu extra; peers takes about "
+                        "10 minutes (see --peers)")  # fmt: skip
+    parser.add_argument("--peers", action="store_const", const=["peers"], dest="phases",
+                        help="only the peers phase: this service's REST v1, REST v2 and gRPC fronts beside LitServe and "
+                        "a naive FastAPI service, the same bundle and scoring code, wrk for HTTP load "
+                        "(loadtest/peers.py); needs wrk (make system-deps)")  # fmt: skip
     parser.add_argument("--examples", type=int, default=64, help="examples per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per measured load phase")
     parser.add_argument("--concurrency", type=int, default=16, help="connections of the closed-loop load")
@@ -189,6 +195,10 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     scale.add_argument("--scale-zipf", type=float, default=1.05, help="Zipf exponent of each feature's values")
     scale.add_argument("--scale-candidates", type=int, default=500, help="candidates per ranking request")
     scale.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    peers = parser.add_argument_group("peers phase", "each front closed loop at --concurrency connections for --seconds, "
+                                      "then open loop at half its saturated rate (at 64 examples)")  # fmt: skip
+    peers.add_argument("--peer-sizes", type=int, nargs="+", default=[8, 64, 512], help="examples per request")
+    peers.add_argument("--peer-workers", type=int, nargs="+", default=[1, 2], help="worker counts of every server")
     gpu = parser.add_argument_group("gpu phase", "the CUDA path beside the CPU path (loadtest/gpu_bench.py)")
     gpu.add_argument("--gpu-table-rows", type=int, default=100_000_000, help="rows of the synthetic Criteo-shaped table")
     gpu.add_argument("--gpu-hot-gib", type=float, default=3.0, help="device tier-1 size, GiB of float32 rows "

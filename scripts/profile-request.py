@@ -1,0 +1,109 @@
+"""Where the time of one /v1/score request goes: py-spy samples a saturated service, grouped by stage.
+
+Starts the service (one worker) on the demo bundle, saturates it with wrk (16 connections, real MovieLens
+examples), records py-spy samples of the worker for --seconds and prints, per thread, microseconds per
+request of each stage: the event loop's side (HTTP, framework, JSON, validation, canonicalise) and the
+compute thread's (hash, lookup, assemble, dense). Needs wrk and py-spy (the loadtest extra). Run it alone.
+
+    python scripts/profile-request.py --examples 64 --out profile.txt
+    python scripts/profile-request.py --tree ../an-older-checkout     # the same measurement of other code
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.bench import movielens_requests  # noqa: E402
+from loadtest.peers import wrk  # noqa: E402
+from loadtest.servers import UvicornProcess  # noqa: E402
+
+# A sample's stage: the first of these found walking from the innermost frame outwards.
+STAGES = [
+    ("JSON decode", ("json/decoder.py", "json/__init__.py")),
+    ("request validation (pydantic)", ("pydantic", "TypeAdapter")),
+    ("canonicalise", ("export/encoding.py", "model/data/columns.py", "model/features.py", "model/hashing.py")),
+    ("dense (ONNX Runtime)", ("onnxruntime",)),
+    ("assemble", ("assemble",)),
+    ("lookup", ("lookup", "rowstore.py", "dedupe")),
+    ("metrics", ("prometheus_client", "service/metrics.py")),
+    ("batcher", ("service/engine.py",)),
+    ("our ASGI layers (limits, lean path, route)", ("service/app.py", "lean_json.py", "disconnect.py")),
+    ("framework (FastAPI, Starlette)", ("starlette/", "fastapi/")),
+    ("HTTP (uvicorn, httptools)", ("uvicorn/",)),
+    ("event loop", ("asyncio/", "uvloop")),
+]
+IDLE = ("concurrent/futures/thread.py:81",)  # the compute thread waiting for a batch
+
+
+def stage(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, keys in STAGES:
+            if any(key in frame for key in keys):
+                return name
+    return "other"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=64, help="examples per request")
+    parser.add_argument("--seconds", type=float, default=10, help="seconds of samples")
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "movielens100k" / "1", help="bundle to serve")
+    parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose service to profile")
+    parser.add_argument("--out", type=Path, help="also write py-spy's raw samples (collapsed stacks) here")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="uembed-profile-"))
+    bodies = [json.dumps({"examples": r}).encode() for r in movielens_requests(args.examples)]
+    env = {"UEMBED_BUNDLES": str(args.bundle.resolve()), "PYTHONPATH": str(args.tree.resolve())}
+    service = UvicornProcess("service.app:create_app", env, workdir / "service.log")
+    service.argv += ["--app-dir", str(args.tree.resolve())]  # ahead of this checkout on the server's path
+    lean = args.tree / "service" / "protocols" / "lean_json.py"
+    if lean.exists():  # msgspec decodes in C, on this line of the lean path
+        line = next(i for i, text in enumerate(lean.read_text().splitlines(), 1) if "self.decoder.decode(" in text)
+        STAGES[0] = (STAGES[0][0], (*STAGES[0][1], f"lean_json.py:{line})"))
+    service = service.start()
+    raw = args.out or workdir / "samples.txt"
+    try:
+        wrk(service.url, "/v1/score", bodies, 3, 16, workdir)  # warm-up
+        load = subprocess.Popen(["wrk", "-t1", "-c16", f"-d{args.seconds + 4:g}s", "-s", str(workdir / "post.lua"),
+                                 service.url, "--", str(workdir / "bodies.jsonl")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(1)
+        before = service.metrics().get('uembed_http_requests_total{route="/v1/score",status="200"}', 0)
+        subprocess.run(["py-spy", "record", "-p", str(service.process.pid), "-d", f"{args.seconds:g}", "-r", str(args.rate),
+                        "-f", "raw", "-o", str(raw), "--threads", "--nonblocking"], check=True, capture_output=True)  # fmt: skip
+        scored = service.metrics().get('uembed_http_requests_total{route="/v1/score",status="200"}', 0) - before
+        load.wait()
+    finally:
+        service.stop()
+    per_thread: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for line in raw.read_text().splitlines():
+        stack, count = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        thread = "event loop thread" if "MainThread" in frames[0] else "compute thread" if "uembed-compute" in frames[0] else "other threads"
+        if any(key in frames[-1] for key in IDLE):
+            continue
+        per_thread[thread][stage(frames[1:])] += int(count)
+    us_per_sample = 1e6 / args.rate
+    print(f"{scored:.0f} requests of {args.examples} examples scored while sampling ({scored / args.seconds:.0f}/s); "
+          f"microseconds of each thread per request:")  # fmt: skip
+    for thread, stages in per_thread.items():
+        total = sum(stages.values())
+        print(f"  {thread}: {total * us_per_sample / scored:.0f} us")
+        for name, samples in stages.most_common():
+            print(f"    {samples * us_per_sample / scored:7.0f} us  {100 * samples / total:5.1f}%  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The peer benchmark (``uembed bench --peers``, loadtest/peers.py): its request bodies carry the same examples on
+every front, and the whole phase runs end to end against real servers (this service, LitServe, the naive
+service) with wrk and the gRPC load client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import orjson
+import pytest
+from tritonclient.grpc import service_pb2
+
+from export.loader import load_bundle
+from export.scorer import ReferenceScorer
+from loadtest.bench import movielens_requests
+from loadtest.peers import grpc_request, peer_ratios, run_peers, v2_json_body
+from service.protocols.oip import InputTensor, examples_from_inputs
+from service.protocols.oip_grpc import read_inputs
+from service.runtime import ModelRuntime
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle_store):
+    return ModelRuntime(load_bundle(bundle_store / "movielens" / "1"))
+
+
+def test_every_front_s_body_holds_the_same_examples(runtime):
+    """The v2 JSON body and the gRPC request decode, through the service's own readers, to examples that score
+    exactly as the v1 examples they were built from."""
+    examples = movielens_requests(64, count=1)[0]
+    specs = runtime.bundle.feature_specs
+    want = ReferenceScorer(runtime.bundle).score(examples)
+    body = orjson.loads(v2_json_body(examples, specs))
+    from_json = examples_from_inputs(runtime, [InputTensor(t["name"], t["datatype"], t["shape"], t["data"]) for t in body["inputs"]], 1024)
+    request = service_pb2.ModelInferRequest.FromString(grpc_request(runtime.name, examples, specs))
+    assert request.model_name == runtime.name and len(request.raw_input_contents) == len(specs)
+    from_grpc = examples_from_inputs(runtime, read_inputs(request), 1024)
+    for decoded in (from_json, from_grpc):
+        np.testing.assert_array_equal(ReferenceScorer(runtime.bundle).score(decoded), want)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make system-deps)")
+def test_the_peers_phase_runs_every_front_and_reports_its_ratios(bundle_store, tmp_path, capsys):
+    args = argparse.Namespace(bundle=bundle_store / "movielens" / "1", bundle_store=bundle_store, peer_sizes=[8],
+                              peer_workers=[1], seconds=1.0, concurrency=4)  # fmt: skip
+    reported = {}
+    run_peers(args, tmp_path, lambda name, figures: reported.__setitem__(name, figures))
+    results = reported["peers"]
+    assert set(results) == {"ceiling", "v1", "v2", "grpc", "litserve", "naive"}
+    for front in ("v1", "v2", "grpc", "litserve", "naive"):
+        closed = results[front]["1w"]["8"]["closed"]
+        assert closed["requests"] > 0 and closed["failures"] == 0, (front, closed)
+        open_loop = results[front]["1w"]["8"]["open_at_half"]
+        assert open_loop["failures"] == 0 and open_loop["requests"] > 0, (front, open_loop)
+    ratios = reported["peers_ratios"]["1w 8"]
+    assert ratios == peer_ratios(results)["1w 8"] and all(value > 0 for value in ratios.values())
+    json.dumps(reported)  # the bench writes every figure as JSON

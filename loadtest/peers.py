@@ -120,7 +120,10 @@ def wrk(url: str, path: str, bodies: list[bytes], seconds: float, connections: i
         figures[f"p{q}_ms"] = round(float(value) * UNITS[unit], 3)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    figures["failures"] = (int(errors.group(1)) if errors else 0) + (sum(map(int, sockets.groups())) if sockets else 0)
+    figures["non_2xx"] = int(errors.group(1)) if errors else 0
+    # Reads cut at the end of the run (wrk closes its connections with answers on the way) count here too.
+    figures["socket_errors"] = sum(map(int, sockets.groups())) if sockets else 0
+    figures["failures"] = figures["non_2xx"] + figures["socket_errors"]
     return figures
 
 
@@ -219,6 +222,31 @@ class LitServeProcess(HttpProcess):
         super().__init__(argv, {}, log_path, f"{self.url}/health", "litserve")
 
 
+def process_cpu_seconds(server: HttpProcess) -> dict[int, float]:
+    """CPU seconds so far of a server's process and all its descendants (its workers), by pid."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    seconds = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def cpu_split(server: HttpProcess, load):
+    """``load()``'s figures with the CPU seconds each of the server's processes spent meanwhile, busiest first:
+    with several workers, how the kernel and the workers' accept loops happened to spread the connections."""
+    before = process_cpu_seconds(server)
+    figures = load()
+    after = process_cpu_seconds(server)
+    spent = sorted((after[pid] - before.get(pid, 0.0) for pid in after), reverse=True)
+    return figures | {"server_cpu_s": [round(s, 1) for s in spent if s >= 0.05]}
+
+
 def run_peers(args, workdir: Path, report) -> None:
     from export.loader import load_bundle
     from loadtest.bench import ceiling, movielens_requests, run_load
@@ -245,10 +273,11 @@ def run_peers(args, workdir: Path, report) -> None:
         results.setdefault(front, {}).setdefault(f"{workers}w", {})[str(size)] = figures
         report(f"peers {front} {workers}w {size}", figures)
 
-    def http_front(front: str, url: str, workers: int, body_kind: str) -> None:
+    def http_front(front: str, server: HttpProcess, workers: int, body_kind: str) -> None:
+        url = server.url
         for size in args.peer_sizes:
             wrk(url, paths[body_kind], bodies[body_kind][size], 2, connections, workdir)  # warm-up
-            saturated = wrk(url, paths[body_kind], bodies[body_kind][size], seconds, connections, workdir)
+            saturated = cpu_split(server, lambda: wrk(url, paths[body_kind], bodies[body_kind][size], seconds, connections, workdir))
             measure(front, workers, size, {"closed": saturated})
             if size == open_size:
                 rate = saturated["requests_per_s"] / 2
@@ -260,11 +289,11 @@ def run_peers(args, workdir: Path, report) -> None:
         service = UvicornProcess("service.app:create_app", {"UEMBED_BUNDLES": str(bundle_path)},
                                  workdir / f"service-{workers}w.log", workers=workers).start()  # fmt: skip
         try:
-            http_front("v1", service.url, workers, "v1")
-            http_front("v2", service.url, workers, "v2")
+            http_front("v1", service, workers, "v1")
+            http_front("v2", service, workers, "v2")
             for size in args.peer_sizes:
                 grpc_load(service.grpc_target, bodies["grpc"][size], 2, concurrency=connections)  # warm-up
-                saturated = grpc_load(service.grpc_target, bodies["grpc"][size], seconds, concurrency=connections)
+                saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, bodies["grpc"][size], seconds, concurrency=connections))
                 measure("grpc", workers, size, {"closed": saturated})
                 if size == open_size:
                     rate = saturated["requests_per_s"] / 2
@@ -275,13 +304,13 @@ def run_peers(args, workdir: Path, report) -> None:
             service.stop()
         litserve = LitServeProcess(bundle_path, workdir / f"litserve-{workers}w.log", workers).start(timeout_s=120)
         try:
-            http_front("litserve", litserve.url, workers, "v1")
+            http_front("litserve", litserve, workers, "v1")
         finally:
             litserve.stop()
         naive = UvicornProcess("loadtest.naive_app:create_app", {"NAIVE_BUNDLE": str(bundle_path)},
                                workdir / f"naive-{workers}w.log", workers=workers).start()  # fmt: skip
         try:
-            http_front("naive", naive.url, workers, "v1")
+            http_front("naive", naive, workers, "v1")
         finally:
             naive.stop()
 

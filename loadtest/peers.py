@@ -221,6 +221,26 @@ class LitServeProcess(HttpProcess):
                 "--workers", str(workers)]  # fmt: skip
         super().__init__(argv, {}, log_path, f"{self.url}/health", "litserve")
 
+    def stop(self, timeout_s: float = 20) -> int:
+        """LitServe's server process outlives SIGTERM to the parent (and keeps polling its queues, a tenth of a
+        core each): the whole tree is stopped, children first seen before the parent goes."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        code = super().stop(timeout_s)
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        gone, alive = psutil.wait_procs(children, timeout=timeout_s)
+        for child in alive:
+            child.kill()
+        return code
+
 
 def process_cpu_seconds(server: HttpProcess) -> dict[int, float]:
     """CPU seconds so far of a server's process and all its descendants (its workers), by pid."""

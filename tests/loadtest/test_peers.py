@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import orjson
+import psutil
 import pytest
 from tritonclient.grpc import service_pb2
 
@@ -58,3 +59,7 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(bundle_store, t
     ratios = reported["peers_ratios"]["1w 8"]
     assert ratios == peer_ratios(results)["1w 8"] and all(value > 0 for value in ratios.values())
     json.dumps(reported)  # the bench writes every figure as JSON
+    # LitServe's processes outlive a SIGTERM to its parent: none of this run's may be left polling.
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if "loadtest.litserve_app" in (p.info["cmdline"] or [])
+            and str(args.bundle) in (p.info["cmdline"] or [])]  # fmt: skip
+    assert not left, f"LitServe processes left running: {left}"

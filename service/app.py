@@ -35,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from export.encoding import NUMERIC_STRING
 from model import errors
@@ -422,7 +423,12 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
             return error_response(ValidationFailed(f"body: {exc.detail}"), errors=found)
         body = {"error": HTTP_KINDS.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal"),
                 "detail": f"{request.url.path}: {exc.detail}"}  # fmt: skip
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names the first route of the path's methods; a path may have several
+            allowed = {method for route in app.routes if route.matches(request.scope)[0] != Match.NONE
+                       for method in getattr(route, "methods", None) or ()}  # fmt: skip
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -515,7 +521,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     @app.delete(
         "/v1/models/{name}/versions/{version}",
         response_model=UnloadResponse,
-        responses=declared(Unauthorized, NotFound, Conflict, errors.NotReady),
+        responses=declared(ValidationFailed, Unauthorized, NotFound, Conflict, errors.NotReady),
         summary="Unload a version and delete its rows from Redis (bearer token)",
         description="409 for the primary version (make another primary first) or a version the routing rule uses. "
         "Requests already admitted finish on it; then its keys are deleted from Redis (SCAN and UNLINK, in "
@@ -543,7 +549,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     @app.delete(
         "/v1/models/{name}/routing",
         response_model=RoutingResponse,
-        responses=declared(Unauthorized, NotFound),
+        responses=declared(ValidationFailed, Unauthorized, NotFound),
         summary="Remove a model's routing rule: its primary scores every request naming no version (bearer token)",
     )
     async def clear_routing(name: ModelName, authorization: Authorization = None) -> dict:

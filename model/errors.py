@@ -112,6 +112,15 @@ class NotFound(UembedError):
     description = "No such model, or no such bundle in the store, or the route is switched off"
 
 
+class Conflict(UembedError):
+    """A change the model's current state does not allow: unloading its primary version, or a version its routing
+    rule uses."""
+
+    kind = "conflict"
+    status = 409
+    description = "The model's state does not allow it (the primary version, or a version the routing rule uses)"
+
+
 class RequestTimeout(UembedError):
     kind = "request_timeout"
     status = 408

@@ -32,14 +32,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from export.encoding import NUMERIC_STRING
 from model import errors
 from model.errors import (
     BodyTooLarge,
+    Conflict,
     Internal,
     NotFound,
     RequestTimeout,
@@ -49,6 +51,7 @@ from model.errors import (
     internal,
 )
 from service.engine import NAME_PATTERN, NAME_RULE, ScoringEngine
+from service.routing import Route
 from service.metrics import ServiceMetrics, outcome
 from service.protocols.disconnect import unless_abandoned
 from service.protocols.lean_json import SCORE_PATH, LeanScoreRoute
@@ -117,6 +120,63 @@ class LoadRequest(BaseModel):
     version: str = Field(pattern=NAME_PATTERN, description=f"Version folder under <bundle_store>/<name>/: {NAME_RULE}.")
 
 
+class VersionResponse(BaseModel):
+    model: str
+    version: str
+    primary: bool = Field(description="Whether requests naming no version (and no routing rule) get this version.")
+
+
+class UnloadResponse(BaseModel):
+    model: str
+    version: str
+    redis_keys_deleted: int | None = Field(
+        description="Keys of the version's rows deleted from Redis; null without Redis, and with row_source=redis "
+        "(the publication, which other replicas may read, is kept)."
+    )
+
+
+VersionName = Annotated[str, Field(pattern=NAME_PATTERN)]
+Weight = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+class RoutingRule(BaseModel):
+    """A model's routing rule: a weighted split between loaded versions, sticky per user, and a shadow."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"split": {"1": 90, "2": 10}, "sticky_feature": "user_id", "shadow": "3", "shadow_fraction": 0.5}]})  # fmt: skip
+
+    split: dict[VersionName, Weight] = Field(
+        min_length=1, max_length=16,
+        description="Loaded version -> weight; the weights sum to 1 or to 100. A version keeps the range of users "
+        "its place in this order gives it: add weight to the last one to move users onto it only.",
+    )  # fmt: skip
+    sticky_feature: str | None = Field(
+        None, min_length=1, max_length=128,
+        description="The feature whose value keeps a user on one version (looked up in the context, else the first "
+        "example or candidate); a request's routing_key wins over it. None: only routing_key is sticky, and a "
+        "request without one gets a random version by the weights.",
+    )  # fmt: skip
+    shadow: VersionName | None = Field(
+        None, description="A loaded version that also scores a copy of the requests, its scores only metered."
+    )
+    shadow_fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of requests (by routing key, else at random) copied to the shadow."
+    )
+
+    @field_validator("split")
+    @classmethod
+    def weights_sum(cls, split: dict[str, float]) -> dict[str, float]:
+        total = sum(split.values())
+        if not (abs(total - 1) <= 1e-6 or abs(total - 100) <= 1e-4):
+            raise PydanticCustomError("weights_sum", f"the weights sum to {total:g}; they must sum to 1 or to 100")
+        return split
+
+
+class RoutingResponse(BaseModel):
+    model: str
+    routing: dict | None = Field(description="The rule now in force, weights as shares of 1; null: none.")
+
+
 def declared(*kinds: type[UembedError]) -> dict:
     """OpenAPI responses for these rows of the error table, all with the one error body."""
     out: dict[int, dict] = {}
@@ -178,6 +238,10 @@ def score_request_model(settings: ServiceSettings) -> type[BaseModel]:
         candidates=(examples, Field(None, description="Feature name -> value, per candidate (with `context`); the "
                                     "same limits as `examples`. Scores come back in candidate order.")),  # fmt: skip
         model=(str | None, Field(None, max_length=128, description="Model name; the first loaded model when left out.")),
+        version=(str | None, Field(None, max_length=128, description="A loaded version of the model (404 if it is "
+                                   "not loaded); left out: the model's routing rule, else its primary version.")),  # fmt: skip
+        routing_key=(str | None, Field(None, max_length=256, description="Keeps a user on one version under a "
+                                       "routing rule (wins over the rule's sticky feature); an integer id as its digits.")),  # fmt: skip
     )
 
 
@@ -197,7 +261,7 @@ def feature_schema(spec, settings: ServiceSettings) -> dict:
 def examples_schema(engine: ScoringEngine, settings: ServiceSettings) -> dict | None:
     """An example's schema from the loaded models' features (their union when several are loaded)."""
     properties: dict[str, dict] = {}
-    for runtime in engine.models.values():
+    for runtime in engine.loaded():
         for name, spec in runtime.bundle.feature_specs.items():
             properties.setdefault(name, feature_schema(spec, settings))
     if not properties:
@@ -359,7 +423,12 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
             return error_response(ValidationFailed(f"body: {exc.detail}"), errors=found)
         body = {"error": HTTP_KINDS.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal"),
                 "detail": f"{request.url.path}: {exc.detail}"}  # fmt: skip
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names the first route of the path's methods; a path may have several
+            allowed = {method for route in app.routes if route.matches(request.scope)[0] != Match.NONE
+                       for method in getattr(route, "methods", None) or ()}  # fmt: skip
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -376,19 +445,20 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         "what each takes. A ranking request sends the features its candidates share once, as `context`, and "
         "`candidates` with their own: the context is checked and encoded once, and the scores are those of the "
         "flat examples. Errors name `examples[i].feature`, `context.feature` or `candidates[i].feature`. A "
-        "`model` that is not loaded is a 404. With several models loaded the schema lists the union of their "
+        "`model` or `version` that is not loaded is a 404. With several models loaded the schema lists the union of their "
         "features, and a feature of another model is a 422 naming it.",
     )
     async def score(request: Request, body: ScoreRequest) -> Response:  # type: ignore[valid-type]
-        return await score_examples(request, body.examples, body.context, body.candidates, body.model)
+        return await score_examples(request, body.examples, body.context, body.candidates, body.model, body.version,
+                                    body.routing_key)  # fmt: skip
 
     async def score_examples(request: Request, examples: list | None, context: dict | None, candidates: list | None,
-                             model: str | None) -> Response:  # fmt: skip
+                             model: str | None, version: str | None, routing_key: str | None) -> Response:  # fmt: skip
         """The route's work once its body is valid, for the route and its lean path (``LeanScoreRoute``) alike."""
         if candidates is not None:
-            scoring = engine.score(candidates, model, context=context or {})
+            scoring = engine.score(candidates, model, context=context or {}, version=version, routing_key=routing_key)
         else:
-            scoring = engine.score(examples, model)
+            scoring = engine.score(examples, model, version=version, routing_key=routing_key)
         scored = await unless_abandoned(request, scoring)
         if scored is None:
             return Response(status_code=499)  # nobody reads it; logged as a client close, as nginx does
@@ -404,9 +474,22 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_ms / 1000, metrics=engine.metrics)  # fmt: skip
 
-    @app.get("/v1/models", summary="Loaded models, features and tables with bytes per tier", responses=declared())
+    @app.get("/v1/models", summary="Loaded models and versions, features, tables with bytes per tier, routing rules",
+             responses=declared())  # fmt: skip
     async def models() -> dict:
-        return {"models": engine.describe()}
+        return {"models": engine.describe(), "routing": engine.describe_routing()}
+
+    def require_token(authorization: str | None) -> None:
+        """The admin calls' guard: off (404) without a configured token, 401 without the right bearer token."""
+        if settings.reload_token is None:
+            raise NotFound("the admin endpoints are off: set UEMBED_RELOAD_TOKEN to enable them")
+        expected = f"Bearer {settings.reload_token.get_secret_value()}"
+        if not authorization or not secrets.compare_digest(authorization.encode(), expected.encode()):
+            raise Unauthorized("Authorization: a valid bearer token is required")
+
+    ModelName = Annotated[str, Path(pattern=NAME_PATTERN, description=f"Model name: {NAME_RULE}.")]
+    VersionPath = Annotated[str, Path(pattern=NAME_PATTERN, description=f"Version folder under <bundle_store>/<name>/: {NAME_RULE}.")]
+    Authorization = Annotated[str | None, Header()]
 
     @app.post(
         "/v1/models/{name}/load",
@@ -416,18 +499,63 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         description="404 when the endpoint is off (no UEMBED_RELOAD_TOKEN), or there is no such bundle; 422 when "
         "the bundle cannot be served. Requests already admitted finish on the version they started with.",
     )
-    async def load_model(
-        body: LoadRequest,
-        name: Annotated[str, Path(pattern=NAME_PATTERN, description=f"Model name: {NAME_RULE}.")],
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> dict:
-        if settings.reload_token is None:
-            raise NotFound("the reload endpoint is off: set UEMBED_RELOAD_TOKEN to enable it")
-        expected = f"Bearer {settings.reload_token.get_secret_value()}"
-        if not authorization or not secrets.compare_digest(authorization.encode(), expected.encode()):
-            raise Unauthorized("Authorization: a valid bearer token is required")
+    async def load_model(body: LoadRequest, name: ModelName, authorization: Authorization = None) -> dict:
+        require_token(authorization)
         runtime = await engine.reload(name, body.version)
         return {"model": runtime.name, "version": runtime.version}
+
+    @app.post(
+        "/v1/models/{name}/versions/{version}",
+        response_model=VersionResponse,
+        responses=declared(Unauthorized, NotFound, errors.InvalidName, errors.BundleError, errors.NotReady),
+        summary="Load a version beside the loaded ones, not primary (bearer token)",
+        description="Requests get it when they name it (`version`) or a routing rule sends them; the first version "
+        "of a model is its primary. A version already loaded is answered as it is. 404 when the admin endpoints "
+        "are off (no UEMBED_RELOAD_TOKEN) or there is no such bundle; 422 when the bundle cannot be served.",
+    )
+    async def load_version(name: ModelName, version: VersionPath, authorization: Authorization = None) -> dict:
+        require_token(authorization)
+        runtime = await engine.add_version(name, version)
+        return {"model": runtime.name, "version": runtime.version, "primary": engine.models[name] is runtime}
+
+    @app.delete(
+        "/v1/models/{name}/versions/{version}",
+        response_model=UnloadResponse,
+        responses=declared(ValidationFailed, Unauthorized, NotFound, Conflict, errors.NotReady),
+        summary="Unload a version and delete its rows from Redis (bearer token)",
+        description="409 for the primary version (make another primary first) or a version the routing rule uses. "
+        "Requests already admitted finish on it; then its keys are deleted from Redis (SCAN and UNLINK, in "
+        "batches; on a cluster, every node). 404 when the admin endpoints are off or the version is not loaded.",
+    )
+    async def unload_version(name: ModelName, version: VersionPath, authorization: Authorization = None) -> dict:
+        require_token(authorization)
+        runtime, deleted = await engine.remove_version(name, version)
+        return {"model": runtime.name, "version": runtime.version, "redis_keys_deleted": deleted}
+
+    @app.put(
+        "/v1/models/{name}/routing",
+        response_model=RoutingResponse,
+        responses=declared(*BODY_ERRORS, Unauthorized, NotFound),
+        summary="Set a model's routing rule: weighted split, sticky key, shadow (bearer token)",
+        description="The versions named must be loaded (404 naming `split.<version>` or `shadow`); weights that do "
+        "not sum to 1 or 100 are a 422 naming `split`. Visible in GET /v1/models.",
+    )
+    async def set_routing(body: RoutingRule, name: ModelName, authorization: Authorization = None) -> dict:
+        require_token(authorization)
+        route = Route(name, body.split, body.sticky_feature, body.shadow, body.shadow_fraction)
+        await engine.set_routing(route)
+        return {"model": name, "routing": route.describe()}
+
+    @app.delete(
+        "/v1/models/{name}/routing",
+        response_model=RoutingResponse,
+        responses=declared(ValidationFailed, Unauthorized, NotFound),
+        summary="Remove a model's routing rule: its primary scores every request naming no version (bearer token)",
+    )
+    async def clear_routing(name: ModelName, authorization: Authorization = None) -> dict:
+        require_token(authorization)
+        engine.clear_routing(name)
+        return {"model": name, "routing": None}
 
     @app.get("/healthz", summary="The process is alive", responses=declared())
     async def healthz() -> dict:

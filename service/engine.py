@@ -7,11 +7,17 @@ one dedupe and lookup per table, one dense call. A failed batch fails its reques
 never the loop.
 
     engine = ScoringEngine(settings)
-    engine.load(path)                     # validate, warm, make it the model's live version
+    engine.load(path)                     # validate, warm, make it the model's live (primary) version
     await engine.astart()
     scores, runtime = await engine.score([{"user_id": "196"}])
     scores, runtime = await engine.score([{"movie_id": "242"}, {"movie_id": "302"}], context={"user_id": "196"})
+    await engine.add_version("movielens", "2")          # loaded beside the primary
+    await engine.set_routing(Route("movielens", {"1": 90, "2": 10}, sticky_feature="user_id"))
+    scores, runtime = await engine.score([{"user_id": "196"}], "movielens", version="2")   # pinned
     await engine.astop()                  # drains what was admitted
+
+Several versions of a model may be loaded (``versions``); ``models`` holds each name's primary, which a request
+naming no version gets unless the name has a routing rule (``service/routing.py``).
 """
 
 from __future__ import annotations
@@ -29,16 +35,27 @@ import numpy as np
 
 from export.loader import load_bundle
 from export.encoding import CanonicalExamples
-from model.errors import DeadlineExceeded, Internal, InvalidName, NotFound, NotReady, Overloaded, UembedError, internal
+from model.errors import (
+    Conflict,
+    DeadlineExceeded,
+    Internal,
+    InvalidName,
+    NotFound,
+    NotReady,
+    Overloaded,
+    UembedError,
+    internal,
+)
 from service.device import open_runtime
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, remove_quietly
+from service.routing import Route, ShadowCopy, ShadowScorer
 from service.rowstore import RedisTier
 from service.runtime import ModelRuntime
 from service.settings import ServiceSettings
 
 log = logging.getLogger("uembed.engine")
 
-__all__ = ["DeadlineExceeded", "NotFound", "NotReady", "Overloaded", "ScoringEngine", "check_name"]
+__all__ = ["Conflict", "DeadlineExceeded", "NotFound", "NotReady", "Overloaded", "Route", "ScoringEngine", "check_name"]
 
 # A model or version name becomes one path component under the bundle store: checked before any path is built.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -63,8 +80,13 @@ class ScoringEngine:
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
-        self.models: dict[str, ModelRuntime] = {}
+        self.models: dict[str, ModelRuntime] = {}  # name -> its primary version
+        self.versions: dict[str, dict[str, ModelRuntime]] = {}  # name -> version -> runtime, the primary among them
+        self.routes: dict[str, Route] = {}
+        self.shadow_runtimes: dict[str, ModelRuntime] = {}  # name -> the shadow version's own copy (shadow thread only)
+        self.shadow = ShadowScorer(self.metrics, settings.shadow_queue)
         self.default_model: str | None = None
+        self._batch_runtime: ModelRuntime | None = None
         self.redis = None
         if settings.redis_url:
             self.redis = RedisTier(
@@ -117,14 +139,29 @@ class ScoringEngine:
         return runtime
 
     def activate(self, runtime: ModelRuntime) -> None:
-        """Make ``runtime`` its model's live version; requests already admitted keep their version."""
+        """Make ``runtime`` its model's primary version; requests already admitted keep their version. The
+        previous primary is unloaded (one version per name, as before several could be loaded) unless the
+        model's routing rule still names it; its Redis keys stay (other replicas may still serve it)."""
         previous = self.models.get(runtime.name)
+        self._attach(runtime)
         self.models[runtime.name] = runtime
         self.default_model = self.default_model or runtime.name
-        if previous is not None:
-            self.metrics.model_info.remove(previous.name, previous.version, previous.plan.method, rows_dtype(previous))
+        route = self.routes.get(runtime.name)
+        if previous is not None and previous is not runtime and previous.version != runtime.version:
+            if route is None or previous.version not in route.versions():
+                self._detach(previous)
+        self._publish_shares(runtime.name)
+
+    def _attach(self, runtime: ModelRuntime) -> None:
+        """``runtime`` among its model's loaded versions (replacing a copy of the same version), with its series."""
+        loaded = self.versions.setdefault(runtime.name, {})
+        replaced = loaded.get(runtime.version)
+        if replaced is not None:
+            self.metrics.model_info.remove(replaced.name, replaced.version, replaced.plan.method, rows_dtype(replaced))
+        loaded[runtime.version] = runtime
         self._files_observed = -float("inf")  # the next scrape reports the new version's files
         self.metrics.model_info.labels(runtime.name, runtime.version, runtime.plan.method, rows_dtype(runtime)).set(1)
+        self.metrics.version_series(runtime.name, runtime.version)
         # Series that exist before their first event, so dashboards show 0 rather than "no data".
         self.metrics.reloads.labels(runtime.name, "ok")
         for spec in runtime.bundle.feature_specs.values():
@@ -133,6 +170,20 @@ class ScoringEngine:
         for feature in runtime.encoder.known:
             self.metrics.unseen.labels(runtime.name, feature)
         self._observe_memory(runtime)
+
+    def _detach(self, runtime: ModelRuntime) -> None:
+        """``runtime`` no longer loaded: its requests already admitted still finish on it."""
+        loaded = self.versions.get(runtime.name, {})
+        if loaded.get(runtime.version) is runtime:
+            del loaded[runtime.version]
+        remove_quietly(self.metrics.model_info, runtime.name, runtime.version, runtime.plan.method, rows_dtype(runtime))
+        self.metrics.forget_version(runtime.name, runtime.version)
+
+    def _publish_shares(self, name: str) -> None:
+        route = self.routes.get(name)
+        for version in self.versions.get(name, {}):
+            share = route.split.get(version, 0.0) if route else float(version == self.models[name].version)
+            self.metrics.routing_share.labels(name, version).set(share)
 
     def load(self, path: str | Path) -> ModelRuntime:
         """Load a bundle at start-up (row checks per ``settings.row_checks``; with rows in Redis, the wait for their
@@ -144,7 +195,32 @@ class ScoringEngine:
         return runtime
 
     async def reload(self, name: str, version: str) -> ModelRuntime:
-        """Load ``<bundle_store>/<name>/<version>`` off the batch thread, then switch to it atomically."""
+        """Load ``<bundle_store>/<name>/<version>`` off the batch thread, then make it the primary atomically (a
+        version already loaded beside the primary is promoted without loading it again)."""
+        path = self._bundle_path(name, version)
+        async with self._reload_lock:
+            loaded = self.versions.get(name, {}).get(version)
+            if loaded is not None and loaded is not self.models.get(name):
+                runtime = loaded  # loaded beside the primary and warm already: promoted as it is
+            else:
+                runtime = await self._open_version(name, path)
+            self.activate(runtime)
+            self.metrics.reloads.labels(name, "ok").inc()
+            log.info("reloaded %s: now version %s", name, runtime.version)
+            return runtime
+
+    async def _open_version(self, name: str, path: Path) -> ModelRuntime:
+        try:
+            runtime = await asyncio.to_thread(self.open, path)
+        except UembedError:
+            self.metrics.reloads.labels(name, "refused").inc()
+            raise
+        if runtime.name != name:
+            self.metrics.reloads.labels(name, "refused").inc()
+            raise NotFound(f"bundle {path} is model {runtime.name!r}, not {name!r}")
+        return runtime
+
+    def _bundle_path(self, name: str, version: str) -> Path:
         check_name("name", name)
         check_name("version", version)
         root = Path(self.settings.bundle_store)
@@ -154,29 +230,130 @@ class ScoringEngine:
             raise NotFound(f"no bundle {name}/{version} under the bundle store {root}")
         if not self.running:
             raise NotReady("the engine is not running")
+        return path
+
+    async def add_version(self, name: str, version: str) -> ModelRuntime:
+        """Load ``<bundle_store>/<name>/<version>`` beside the model's loaded versions, not primary (the first
+        version of a name is its primary). A version already loaded is returned as it is."""
+        path = self._bundle_path(name, version)
         async with self._reload_lock:
-            try:
-                runtime = await asyncio.to_thread(self.open, path)
-            except UembedError:
-                self.metrics.reloads.labels(name, "refused").inc()
-                raise
-            if runtime.name != name:
-                self.metrics.reloads.labels(name, "refused").inc()
-                raise NotFound(f"bundle {path} is model {runtime.name!r}, not {name!r}")
-            self.activate(runtime)
+            loaded = self.versions.get(name, {}).get(version)
+            if loaded is not None:
+                return loaded
+            runtime = await self._open_version(name, path)
+            if name in self.models:
+                self._attach(runtime)
+                self._publish_shares(name)
+            else:
+                self.activate(runtime)
             self.metrics.reloads.labels(name, "ok").inc()
-            log.info("reloaded %s: now version %s", name, runtime.version)
+            log.info("loaded %s version %s beside %s", name, version, self.models[name].version)
             return runtime
 
-    def runtime(self, name: str | None) -> ModelRuntime:
+    async def remove_version(self, name: str, version: str) -> tuple[ModelRuntime, int | None]:
+        """Unload a version that is neither the primary nor in the routing rule (409 otherwise), wait for its
+        admitted requests, then delete its rows from Redis: the number of keys deleted, or None where none were
+        (no Redis; ``row_source=redis``, whose publication other replicas read, is kept)."""
+        runtime = self.runtime(name, version, check=False)
+        if runtime is self.models[name]:
+            raise Conflict(f"version: {version} is the primary version of model {name}; make another primary first "
+                           f"(POST /v1/models/{name}/load)")  # fmt: skip
+        route = self.routes.get(name)
+        if route is not None and version in route.versions():
+            raise Conflict(f"version: the routing rule of model {name} sends requests to version {version}; "
+                           f"change it first (PUT or DELETE /v1/models/{name}/routing)")  # fmt: skip
+        async with self._reload_lock:
+            self._detach(runtime)
+            self._publish_shares(name)
+            deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+            while (self._batch_runtime is runtime or any(p.runtime is runtime for p in self.queue)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            log.info("unloaded %s version %s", name, version)
+            if self.redis is None or self.settings.row_source == "redis":
+                return runtime, None
+            return runtime, await asyncio.to_thread(self._delete_rows, runtime)
+
+    def _delete_rows(self, runtime: ModelRuntime) -> int:
+        self.redis.flush()  # its write-backs still queued would bring keys back
+        return sum(self.redis.delete_namespace(store.namespace) for store in runtime.stores)
+
+    async def set_routing(self, route: Route) -> None:
+        """Make ``route`` its model's rule: its versions must be loaded (404 naming the field). A shadow version
+        gets a copy of its runtime of its own, opened here, which only the shadow thread scores with."""
+        name = route.model
+        loaded = self.versions.get(name)
+        if not loaded:
+            raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models) or 'none'}")
+        for version in route.split:
+            if version not in loaded:
+                raise NotFound(f"split.{version}: model {name} has no loaded version {version!r}; loaded: {', '.join(loaded)}")
+        async with self._reload_lock:
+            copy = None
+            if route.shadow is not None:
+                if route.shadow not in loaded:
+                    raise NotFound(f"shadow: model {name} has no loaded version {route.shadow!r}; loaded: {', '.join(loaded)}")
+                current = self.shadow_runtimes.get(name)
+                serving = loaded[route.shadow]
+                if current is not None and current.bundle is serving.bundle:
+                    copy = current
+                else:
+                    copy = await asyncio.to_thread(open_runtime, serving.bundle, self.settings, self.redis)
+            self.routes[name] = route
+            if copy is None:
+                self.shadow_runtimes.pop(name, None)
+            else:
+                self.shadow_runtimes[name] = copy
+                self.shadow.start()
+            self._publish_shares(name)
+            log.info("routing of %s: %s", name, route.describe())
+
+    def clear_routing(self, name: str) -> None:
+        """Back to the primary for every request naming no version."""
+        if name not in self.models:
+            raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models) or 'none'}")
+        self.routes.pop(name, None)
+        self.shadow_runtimes.pop(name, None)
+        self._publish_shares(name)
+
+    def runtimes_for(self, name: str, version: str) -> list[ModelRuntime]:
+        """Every loaded copy of ``name``/``version``: the one requests get, and the shadow thread's own copy when
+        the version is its model's shadow (row updates go to each; the shadow copy is only scored on the shadow
+        thread)."""
+        out = [runtime for runtime in (self.versions.get(name, {}).get(version),) if runtime is not None]
+        shadow = self.shadow_runtimes.get(name)
+        if shadow is not None and shadow.version == version:
+            out.append(shadow)
+        return out
+
+    def describe_routing(self) -> dict[str, dict]:
+        return {name: route.describe() for name, route in self.routes.items()}
+
+    def runtime(self, name: str | None, version: str | None = None, check: bool = True) -> ModelRuntime:
+        """The primary version of ``name`` (None: the default model), or its loaded ``version``; ready to score
+        unless ``check`` is False."""
         if not self.models:
             raise NotReady("no model is loaded")
         chosen = name or self.default_model
         if chosen not in self.models:
             raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models)}")
-        runtime = self.models[chosen]
-        self._require_checked(runtime)
+        if version is None:
+            runtime = self.models[chosen]
+        else:
+            runtime = self.versions[chosen].get(version)
+            if runtime is None:
+                raise NotFound(f"version: model {chosen} has no loaded version {version!r}; loaded: "
+                               f"{', '.join(self.versions[chosen])}")  # fmt: skip
+        if check:
+            self._require_checked(runtime)
         return runtime
+
+    def route(self, name: str | None, version: str | None, routing_key: str | None, examples: list,
+              context: dict | None) -> tuple[ModelRuntime, Route | None]:  # fmt: skip
+        """The runtime that scores a request, and its model's routing rule (None: none, or a version was named)."""
+        route = self.routes.get(name or self.default_model) if version is None else None
+        if route is None:
+            return self.runtime(name, version), None
+        return self.runtime(route.model, route.choose(route.point(route.key(routing_key, examples, context)))), route
 
     @staticmethod
     def _require_checked(runtime: ModelRuntime) -> None:
@@ -189,16 +366,22 @@ class ScoringEngine:
         message = f"model {runtime.name} version {runtime.version}: {checks.what} {checks.describe()}"
         raise Internal(message) if checks.failed else NotReady(message)
 
+    def loaded(self) -> list[ModelRuntime]:
+        """Every loaded version of every model (the copies requests get)."""
+        return [runtime for versions in list(self.versions.values()) for runtime in list(versions.values())]
+
     def describe(self) -> list[dict]:
         out = []
-        for runtime in self.models.values():
+        for runtime in self.loaded():
             memory = runtime.memory_bytes()
+            primary = self.models.get(runtime.name) is runtime
             out.append(
                 {
                     "name": runtime.name,
                     "version": runtime.version,
+                    "primary": primary,
                     "method": runtime.plan.method,
-                    "default": runtime.name == self.default_model,
+                    "default": primary and runtime.name == self.default_model,
                     "device": runtime.device,
                     "features": [spec.to_dict() | {"width": runtime.widths[spec.name]} for spec in runtime.bundle.feature_specs.values()],
                     "tables": [
@@ -232,6 +415,8 @@ class ScoringEngine:
         self._idle.set()
         self._reload_lock = asyncio.Lock()
         self.running = True
+        if self.shadow_runtimes:
+            self.shadow.start()
         self._loop_task = asyncio.create_task(self._batch_loop(), name="uembed-batch-loop")
 
     async def astop(self, drain_timeout_s: float = 10.0) -> None:
@@ -240,6 +425,7 @@ class ScoringEngine:
         if self.closing:
             return
         self.closing = True
+        self.shadow.stop()  # never waits for a shadow that hangs: its thread is a daemon
         if not self.running:
             self.executor.shutdown(wait=True)
             if self.redis is not None:
@@ -262,14 +448,16 @@ class ScoringEngine:
 
     # --- scoring --------------------------------------------------------------------------
     async def score(
-        self, examples: list[dict], model: str | None = None, context: dict | None = None
+        self, examples: list[dict], model: str | None = None, context: dict | None = None, version: str | None = None,
+        routing_key: str | None = None,
     ) -> tuple[np.ndarray, ModelRuntime]:
         """Scores of ``examples`` in order; with ``context``, the examples are a ranking request's candidates and the
-        context's features (shared by all of them) are canonicalised and hashed once."""
+        context's features (shared by all of them) are canonicalised and hashed once. ``version`` pins a loaded
+        version; else the model's routing rule (keyed by ``routing_key`` or its sticky feature) or its primary."""
         if self.closing or not self.running:
             self.metrics.rejected.labels("shutting_down").inc()
             raise Overloaded("the service is shutting down")
-        runtime = self.runtime(model)
+        runtime, route = self.route(model, version, routing_key, examples, context)
         canonical = runtime.canonicalise(examples, context)
         for feature, count in canonical.truncated.items():
             self.metrics.truncated.labels(feature).inc(count)
@@ -292,7 +480,19 @@ class ScoringEngine:
             raise DeadlineExceeded(
                 f"not scored within request_timeout_ms={self.settings.request_timeout_ms:g}"
             ) from None
+        self.metrics.version_seconds.labels(runtime.name, runtime.version, "served").observe(time.perf_counter() - pending.admitted)
+        if route is not None and route.shadow is not None and route.shadow != runtime.version:
+            self._offer_shadow(route, routing_key, examples, context, scores)
         return scores, runtime
+
+    def _offer_shadow(self, route: Route, routing_key: str | None, examples: list, context: dict | None,
+                      scores: np.ndarray) -> None:  # fmt: skip
+        shadow = self.shadow_runtimes.get(route.model)
+        if shadow is None or shadow.version != route.shadow:
+            return
+        if route.shadow_fraction < 1 and route.point(route.key(routing_key, examples, context), lookup=1) >= route.shadow_fraction:
+            return
+        self.shadow.offer(ShadowCopy(shadow, examples, context, scores))
 
     def _take_batch(self) -> list[Pending]:
         """The oldest live request, and after it every queued request of the same model version up to max_batch_ids."""
@@ -331,6 +531,7 @@ class ScoringEngine:
             if not batch:
                 continue
             self._idle.clear()
+            self._batch_runtime = batch[0].runtime
             started = time.perf_counter()
             for pending in batch:
                 self.metrics.stage_seconds.labels("queue").observe(started - pending.admitted)
@@ -347,6 +548,7 @@ class ScoringEngine:
                     if not pending.future.done():
                         pending.future.set_result(scores)
             finally:
+                self._batch_runtime = None
                 self._idle.set()
 
     def _run_batch(self, batch: list[Pending]) -> list[np.ndarray]:
@@ -389,6 +591,7 @@ class ScoringEngine:
         if scores.shape[0] != expected:
             # A dense net that returns the wrong shape must not hand one request another's scores.
             raise Internal(f"the dense network returned {scores.shape[0]} scores for {expected} examples")
+        self.metrics.observe_all(self.metrics.example_score.labels(runtime.name, runtime.version, "served"), scores)
         return np.split(scores, np.cumsum([p.examples.count for p in batch])[:-1])
 
     def _observe_memory(self, runtime: ModelRuntime) -> None:
@@ -406,7 +609,7 @@ class ScoringEngine:
         if now - self._files_observed < self.FILE_BYTES_EVERY_S:
             return
         self._files_observed = now
-        for runtime in list(self.models.values()):
+        for runtime in self.loaded():
             checks = runtime.bundle.row_checks
             state = 1 if checks is None or checks.passed else (-1 if checks.failed else 0)
             self.metrics.row_checks.labels(runtime.name, runtime.version).set(state)

@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.rowstore import TierCounts
 
+
+def remove_quietly(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
+
 LATENCY_BUCKETS = tuple(round(0.0001 * 2**i, 6) for i in range(17))  # 0.1 ms .. 6.5 s
 STAGES = ("queue", "hash", "lookup", "assemble", "dense")
 SIZE_BUCKETS = tuple(float(2**i) for i in range(18))  # 1 .. 131072
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # a probability, in twentieths
+DIFFERENCE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+TRAFFIC = ("served", "shadow")
+SHADOW_OUTCOMES = ("scored", "dropped", "failed")
 
 
 def outcome(status: int) -> str:
@@ -142,6 +155,33 @@ class ServiceMetrics:
             "uembed_value_cache_bytes", "Bytes held by a model's caches of recent feature values (value_cache_bytes bounds it).",
             ["model"], registry=r, multiprocess_mode="livesum",
         )
+        self.version_seconds = Histogram(
+            "uembed_model_request_duration_seconds",
+            "Per model version, a request's time in the engine, admission to scores (every front): served requests, "
+            "and shadow copies (their wait in the shadow queue and their scoring on the shadow thread).",
+            ["model", "version", "traffic"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.example_score = Histogram(
+            "uembed_example_score", "Scores (probabilities) per model version, one observation per example: served, "
+            "and those of shadow copies, never returned.", ["model", "version", "traffic"], buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.shadow = Counter(
+            "uembed_shadow_requests_total",
+            "Copies of requests for a shadow version: scored, dropped (its queue was full: the shadow is slower than "
+            "the traffic), failed (the version refused the examples or its scoring raised).",
+            ["model", "version", "outcome"], registry=r,
+        )
+        self.shadow_difference = Histogram(
+            "uembed_shadow_score_difference",
+            "Per example, |shadow score - served score| of a shadow copy: how far the candidate is from what was served.",
+            ["model", "version"], buckets=DIFFERENCE_BUCKETS, registry=r,
+        )
+        self.routing_share = Gauge(
+            "uembed_routing_share",
+            "Share of a model's requests its routing sends to each loaded version (1 for the primary without a rule).",
+            ["model", "version"], registry=r, multiprocess_mode="mostrecent",
+        )
         self._redis_seen = {"fetch": 0, "fill": 0, "dropped": 0}
         # Label sets that exist from the start, so dashboards show 0 rather than "no data".
         for tier in ("hot", "redis", "file"):
@@ -156,6 +196,38 @@ class ServiceMetrics:
             self.abandoned.labels(reason)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
+
+    def version_series(self, name: str, version: str) -> None:
+        """Series of a loaded version at 0, so its panels show 0 rather than "no data"."""
+        for traffic in TRAFFIC:
+            self.version_seconds.labels(name, version, traffic)
+            self.example_score.labels(name, version, traffic)
+        for kind in SHADOW_OUTCOMES:
+            self.shadow.labels(name, version, kind)
+        self.shadow_difference.labels(name, version)
+
+    def forget_version(self, name: str, version: str) -> None:
+        """An unloaded version's series go (its labels are bounded by what is loaded)."""
+        for traffic in TRAFFIC:
+            for metric in (self.version_seconds, self.example_score):
+                remove_quietly(metric, name, version, traffic)
+        for kind in SHADOW_OUTCOMES:
+            remove_quietly(self.shadow, name, version, kind)
+        remove_quietly(self.shadow_difference, name, version)
+        remove_quietly(self.routing_share, name, version)
+
+    @staticmethod
+    def observe_all(histogram, values: np.ndarray) -> None:
+        """``histogram.observe(v)`` for every value, with one increment per bucket (a 500-example batch would
+        take 500 observe calls). prometheus_client keeps per-bucket (not cumulative) counts in ``_buckets``."""
+        if not len(values):
+            return
+        bounds = np.asarray(histogram._upper_bounds)
+        counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+        for bucket, count in zip(histogram._buckets, counts.tolist()):
+            if count:
+                bucket.inc(count)
+        histogram._sum.inc(float(np.sum(values, dtype=np.float64)))
 
     def observe_tiers(self, counts: TierCounts) -> None:
         for tier, value in counts.hits.items():

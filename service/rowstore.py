@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -291,6 +292,11 @@ class HotRows:
         self.index.insert(ids, slots)
 
 
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob (MATCH, KEYS)."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
 @dataclass
 class TierCounts:
     """Hits and misses per tier since the last ``take`` (the metrics layer drains them)."""
@@ -436,6 +442,24 @@ class RedisTier:
         for key, names, positions in zip(keys, fields, groups):
             pipe.hset(key, mapping={name: records[p].tobytes() for name, p in zip(names, positions)})
         pipe.execute()
+
+    DELETE_BATCH = 500
+
+    def delete_namespace(self, namespace: str) -> int:
+        """Delete every key under ``<namespace>:`` (a table's buckets of one model version): SCAN with a match,
+        UNLINK (freed off Redis' main thread) ``DELETE_BATCH`` keys at a time, so no call blocks Redis for long.
+        On a cluster the scan visits every node and each UNLINK is split by slot (redis-py). Keys written while
+        it runs (another replica still serving the version) may stay. Raises on a Redis error."""
+        pattern = glob_escape(namespace) + ":*"
+        deleted, keys = 0, []
+        for key in self.client.scan_iter(match=pattern, count=self.DELETE_BATCH):
+            keys.append(key)
+            if len(keys) == self.DELETE_BATCH:
+                deleted += self.client.unlink(*keys)
+                keys = []
+        if keys:
+            deleted += self.client.unlink(*keys)
+        return deleted
 
     def _fill_loop(self) -> None:
         while True:

@@ -33,7 +33,15 @@ class ServiceSettings(BaseSettings):
     )
     reload_token: SecretStr | None = Field(
         None,
-        description="Bearer token for POST /v1/models/{name}/load. Unset: the endpoint answers 404 (off).",
+        description="Bearer token for the admin calls: POST /v1/models/{name}/load, POST and DELETE "
+        "/v1/models/{name}/versions/{version}, PUT and DELETE /v1/models/{name}/routing. Unset: they answer 404 (off).",
+    )
+    shadow_queue: int = Field(
+        1024,
+        ge=1,
+        description="Copies of requests waiting for a shadow version (docs/ROUTING.md). When full, copies are "
+        "dropped (counted in uembed_shadow_requests_total): a slow shadow never delays or fails served requests; "
+        "a longer queue holds more of a burst at the cost of memory (each copy holds its request's examples).",
     )
     dense_backend: Literal["onnx", "torchscript"] = Field(
         "onnx",

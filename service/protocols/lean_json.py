@@ -15,7 +15,7 @@ inside the limits and metrics middleware and answers the requests the route woul
 
 msgspec may refuse what pydantic accepts (a JSON ``NaN``, a number past a float's range, a lone surrogate): those
 take the route. It accepts nothing the route would refuse: the fields are not optional (an explicit ``null`` is
-refused, as pydantic refuses it, except for ``model``), and the form rule is checked here as the route's model checks it.
+refused, as pydantic refuses it, except for ``model``, ``version`` and ``routing_key``), and the form rule is checked here as the route's model checks it.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ log = logging.getLogger("uembed.app")
 
 SCORE_PATH = "/v1/score"
 
-Score = Callable[[Request, list, dict | None, list | None, str | None], Awaitable[Response]]
+# (request, examples, context, candidates, model, version, routing_key) -> the response
+Score = Callable[[Request, list, dict | None, list | None, str | None, str | None, str | None], Awaitable[Response]]
 
 
-MAX_NAME_CHARS = 128  # a feature or model name, as the route's model limits it
+MAX_NAME_CHARS = 128  # a feature, model or version name, as the route's model limits it
+MAX_ROUTING_KEY_CHARS = 256
 
 
 def score_body_type(max_examples: int) -> type[msgspec.Struct]:
@@ -51,7 +53,10 @@ def score_body_type(max_examples: int) -> type[msgspec.Struct]:
     return msgspec.defstruct(
         "LeanScoreRequest",
         [("examples", examples, None), ("context", example, None), ("candidates", examples, None),
-         ("model", Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] | None, None)],  # the route takes a null model
+         # the route takes a null model, version and routing key
+         ("model", Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] | None, None),
+         ("version", Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] | None, None),
+         ("routing_key", Annotated[str, msgspec.Meta(max_length=MAX_ROUTING_KEY_CHARS)] | None, None)],
         forbid_unknown_fields=True,
     )  # fmt: skip
 
@@ -111,7 +116,8 @@ class LeanScoreRoute:
             return await self.app(scope, replayed(body, receive), send)
         scope["route"] = self.route
         try:
-            response = await self.score(Request(scope, receive), request.examples, request.context, request.candidates, request.model)
+            response = await self.score(Request(scope, receive), request.examples, request.context, request.candidates,
+                                        request.model, request.version, request.routing_key)  # fmt: skip
         except UembedError as exc:
             response = self.render_error(exc)
         except Exception as exc:  # noqa: BLE001 - as the app's handler of unexpected errors does

@@ -224,19 +224,21 @@ class InferencePlane:
         await self.engine.ready()
 
     def loaded(self, name: str, version: str | None) -> ModelRuntime:
-        """The live runtime of ``name``, which must be ``version`` when one is asked for (row checks aside)."""
-        runtime = self.engine.models.get(name)
-        if runtime is None:
+        """The loaded ``version`` of ``name``, or its primary when no version is asked for (row checks aside)."""
+        versions = self.engine.versions.get(name)
+        if not versions:
             loaded = ", ".join(self.engine.models) or "none"
             raise NotFound(f"model {name!r} is not loaded; loaded: {loaded}")
-        if version and version != runtime.version:
-            raise NotFound(f"model {name}: version {version!r} is not loaded; the live version is {runtime.version}")
-        return runtime
+        if version:
+            if version not in versions:
+                raise NotFound(f"model {name}: version {version!r} is not loaded; loaded: {', '.join(versions)}")
+            return versions[version]
+        return self.engine.models[name]
 
     def ready_model(self, name: str, version: str | None) -> ModelRuntime:
         """As :meth:`loaded`, and ready to score (NotReady while its row files are being checked)."""
         self.loaded(name, version)
-        return self.engine.runtime(name)
+        return self.engine.runtime(name, version or None)
 
     def model_metadata(self, name: str, version: str | None) -> dict:
         runtime = self.loaded(name, version)
@@ -244,14 +246,12 @@ class InferencePlane:
         for feature, spec in runtime.bundle.feature_specs.items():
             shape = [-1, -1] if spec.multivalent else [-1]
             inputs.append({"name": feature, "datatype": ACCEPTED[spec.kind][0], "shape": shape})
-        return {"name": runtime.name, "versions": [runtime.version], "platform": PLATFORM, "inputs": inputs,
+        return {"name": runtime.name, "versions": list(self.engine.versions[name]), "platform": PLATFORM, "inputs": inputs,
                 "outputs": [{"name": OUTPUT, "datatype": OUTPUT_DATATYPE, "shape": [-1]}]}  # fmt: skip
 
     async def infer(self, name: str, version: str | None, inputs: list[InputTensor]) -> tuple[np.ndarray, ModelRuntime]:
-        """Scores (float32 [N]) of the examples the inputs hold, through the engine's batcher."""
+        """Scores (float32 [N]) of the examples the inputs hold, through the engine's batcher: by the version asked
+        for, else as the model's routing rule (keyed by its sticky feature) or its primary decides."""
         runtime = self.ready_model(name, version)
         examples = examples_from_inputs(runtime, inputs, self.max_examples)
-        scores, scored_by = await self.engine.score(examples, runtime.name)
-        if version and scored_by.version != version:  # a reload switched versions while the request waited
-            raise NotFound(f"model {name}: version {version!r} was replaced by {scored_by.version} while the request waited")
-        return scores, scored_by
+        return await self.engine.score(examples, runtime.name, version=version or None)

@@ -189,7 +189,7 @@ def oip_router(plane: InferencePlane) -> APIRouter:
         scores, runtime = scored
         return infer_response(infer_request, scores, runtime.name, runtime.version, binary_scores)
 
-    # A path with and without /versions/{version}; the version, when given, must be the live one.
+    # A path with and without /versions/{version}; the version, when given, must be loaded (one of several).
     for model_path in ("/models/{name}", "/models/{name}/versions/{version}"):
         router.add_api_route(model_path, model_metadata, methods=["GET"])
         router.add_api_route(f"{model_path}/ready", model_ready, methods=["GET"])

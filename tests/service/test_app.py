@@ -267,7 +267,7 @@ def test_the_readme_routes_table_and_the_openapi_document_agree(app):
     documented = {}
     for row in table.splitlines()[2:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        for route in re.findall(r"`(GET|POST) (/[^`]*)`", cells[0]):
+        for route in re.findall(r"`(GET|POST|PUT|DELETE) (/[^`]*)`", cells[0]):
             if route[1] not in ("/docs",):
                 documented[route] = set(re.findall(r"\b\d{3}\b", cells[2]))
     paths = app.get("/openapi.json").json()["paths"]

@@ -275,3 +275,21 @@ def test_an_unpublished_or_differently_published_version_is_not_served(bundle_st
     assert engine.runtime(None) is runtime
     asyncio.run(engine.astop())
     client.close()
+
+
+def test_unloading_deletes_one_versions_keys_from_every_master(redis_cluster):
+    """RedisTier.delete_namespace, as unloading a version runs it: SCAN on every node, UNLINK split by slot."""
+    table = make_table("float32", rows=64 * 200)
+    redis = cluster_tier(redis_cluster, fill_queue=0)
+    ids = np.arange(table.rows)
+    records = RowCodec(table).read(ids)
+    for version in ("1", "2"):
+        redis.write(table_namespace("unload", "m", version, table.name), ids, records)
+    client = redis_cluster.client()
+    count = lambda version: len(set(client.scan_iter(match=f"unload:m:{version}:*", count=1000)))  # noqa: E731
+    assert count("1") == count("2") == 200
+    assert redis.delete_namespace(table_namespace("unload", "m", "2", table.name)) == 200
+    assert count("2") == 0 and count("1") == 200
+    assert redis.delete_namespace(table_namespace("unload", "m", "2", table.name)) == 0
+    redis.close()
+    client.close()

@@ -48,7 +48,9 @@ def post(service, body: bytes, content_type: str = "application/json"):
 
 
 @pytest.mark.parametrize("body", [{"examples": [GOOD, {"user_id": 7, "age": 30}]}, {"context": CONTEXT, "candidates": CANDIDATES},
-                                  {"candidates": CANDIDATES, "model": "movielens"}, {"examples": [GOOD], "model": None}])  # fmt: skip
+                                  {"candidates": CANDIDATES, "model": "movielens"}, {"examples": [GOOD], "model": None},
+                                  {"examples": [GOOD], "version": "1", "routing_key": "196"},
+                                  {"examples": [GOOD], "version": None, "routing_key": None}])  # fmt: skip
 def test_valid_bodies_are_scored_without_the_framework(service, body):
     response, handed_on = post(service, json.dumps(body).encode())
     assert response.status_code == 200, response.text
@@ -119,3 +121,15 @@ def test_metrics_count_lean_requests_under_the_route(service):
     samples = service.metrics()
     assert samples['uembed_http_requests_total{route="/v1/score",status="200"}'] >= 1
     assert 'uembed_http_requests_total{route="unmatched",status="200"}' not in samples
+
+
+@pytest.mark.parametrize("extra,status,handed_on,words", [
+    ({"version": "7"}, 404, 0, "version: model movielens has no loaded version '7'"),   # valid: the lean path, the engine's 404
+    ({"version": "v" * 129}, 422, 1, "version: String should have at most 128 characters"),
+    ({"routing_key": 196}, 422, 1, "routing_key: Input should be a valid string"),
+    ({"routing_key": "k" * 257}, 422, 1, "routing_key: String should have at most 256 characters"),
+])  # fmt: skip
+def test_version_and_routing_key_are_checked_as_the_route_checks_them(service, extra, status, handed_on, words):
+    response, handed = post(service, json.dumps({"examples": [GOOD], **extra}).encode())
+    assert (response.status_code, handed) == (status, handed_on), response.text
+    assert response.json()["detail"].startswith(words)

@@ -26,7 +26,8 @@ def test_metrics_follow_prometheus_conventions(app):
         "uembed_row_cache_hits_total", "uembed_row_cache_misses_total", "uembed_redis_errors_total",
         "uembed_redis_fallbacks_total", "uembed_model_info", "uembed_model_reloads_total",
         "uembed_rejected_requests_total", "uembed_unseen_values_total", "uembed_abandoned_requests_total",
-        "uembed_value_cache_bytes", "uembed_table_file_bytes",
+        "uembed_value_cache_bytes", "uembed_table_file_bytes", "uembed_model_request_duration_seconds",
+        "uembed_example_score", "uembed_shadow_requests_total", "uembed_shadow_score_difference", "uembed_routing_share",
     }  # fmt: skip
     assert expected <= names
     assert not any(name.endswith("_created") for name in names)
@@ -39,6 +40,34 @@ def test_metrics_follow_prometheus_conventions(app):
     table = app.get("/v1/models").json()["models"][0]["tables"][0]
     assert mapped == table["rows"] * table["dim"] * 4
     assert 0 < resident <= mapped + 4096  # whole pages; the bundle was just written and scored, so it is cached
+
+
+def test_observing_scores_at_once_equals_observing_them_one_by_one():
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import ServiceMetrics
+
+    values = np.concatenate([np.random.default_rng(0).random(997), [0.0, 0.05, 0.1, 1.0, 0.999999]]).astype(np.float32)
+    one_by_one, at_once = ServiceMetrics(CollectorRegistry()), ServiceMetrics(CollectorRegistry())
+    for value in values:
+        one_by_one.example_score.labels("m", "1", "served").observe(float(value))
+    at_once.observe_all(at_once.example_score.labels("m", "1", "served"), values)
+    samples = [{(s.name, tuple(sorted(s.labels.items()))): s.value for m in metrics.registry.collect() for s in m.samples
+                if m.name == "uembed_example_score"} for metrics in (one_by_one, at_once)]  # fmt: skip
+    assert samples[0].keys() == samples[1].keys() and len(samples[0]) == 23
+    for key, value in samples[0].items():
+        assert samples[1][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_a_scored_request_is_observed_under_its_model_version(app):
+    before = app.metrics()
+    app.score([GOOD, GOOD, GOOD])
+    after = app.metrics()
+    for name, grew in (("uembed_model_request_duration_seconds_count", 1), ("uembed_example_score_count", 3)):
+        key = f'{name}{{model="movielens",traffic="served",version="1"}}'
+        assert after[key] - before[key] == grew
+    assert after['uembed_routing_share{model="movielens",version="1"}'] == 1
 
 
 def test_values_unseen_in_training_are_counted_per_feature(app):

@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,9 +84,15 @@ class ScoringEngine:
         self._idle: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uembed-compute")
+        self.updates = None
+        if settings.row_updates_url:
+            from service.rows.updates import UpdateReader
+
+            self.updates = UpdateReader(self, settings.row_updates_url, settings.redis_prefix, self.UPDATES_TIMEOUT_S)
 
     # --- models ---------------------------------------------------------------------------
-    BACKGROUND_ROW_CHECKS_BYTES = 64 * 2**20  # row files under this, in all, are checked before serving anyway
+    BACKGROUND_ROW_CHECKS_BYTES = 64 * 2**20
+    UPDATES_TIMEOUT_S = 2.0  # socket timeout of the update stream's reads: entries can hold thousands of rows  # row files under this, in all, are checked before serving anyway
 
     def open(self, path: str | Path, defer_row_checks: bool = False) -> ModelRuntime:
         """Load and validate a bundle and score one example with it (not yet live). With ``defer_row_checks`` the
@@ -109,6 +115,8 @@ class ScoringEngine:
         if not (rows_in_redis and defer_row_checks):  # rows perhaps not yet published: /readyz scores the first
             runtime.score_encoded(*runtime.hash([runtime.canonicalise([{}])]))
         runtime.encoder.take_unseen()
+        if self.updates is not None:
+            self.updates.replay(runtime)  # not live yet: its batches will see every update published so far
         if self.redis is not None:
             for store in runtime.stores:
                 problem = self.redis.compact_encoding_problem(store.codec.record_bytes)
@@ -123,6 +131,8 @@ class ScoringEngine:
         self.default_model = self.default_model or runtime.name
         if previous is not None:
             self.metrics.model_info.remove(previous.name, previous.version, previous.plan.method, rows_dtype(previous))
+            if previous.version != runtime.version:
+                self.metrics.forget_update_series(previous.name, previous.version)
         self._files_observed = -float("inf")  # the next scrape reports the new version's files
         self.metrics.model_info.labels(runtime.name, runtime.version, runtime.plan.method, rows_dtype(runtime)).set(1)
         # Series that exist before their first event, so dashboards show 0 rather than "no data".
@@ -132,6 +142,8 @@ class ScoringEngine:
                 self.metrics.truncated.labels(spec.name)
         for feature in runtime.encoder.known:
             self.metrics.unseen.labels(runtime.name, feature)
+        self.metrics.start_update_series(runtime.name, runtime.version, [store.overlay.rows for store in runtime.stores],
+                                         [store.table.name for store in runtime.stores])  # fmt: skip
         self._observe_memory(runtime)
 
     def load(self, path: str | Path) -> ModelRuntime:
@@ -178,6 +190,27 @@ class ScoringEngine:
         self._require_checked(runtime)
         return runtime
 
+    def served_versions(self) -> list[tuple[str, str]]:
+        """(name, version) of every live model version: the row-update streams a replica follows."""
+        return [(runtime.name, runtime.version) for runtime in list(self.models.values())]
+
+    def runtimes_for(self, name: str, version: str) -> list[ModelRuntime]:
+        """The live runtimes of one model version (a row update goes to each): today the model's live runtime when
+        its version is ``version``."""
+        runtime = self.models.get(name)
+        return [runtime] if runtime is not None and runtime.version == version else []
+
+    def submit_updates(self, name: str, version: str, entries: list) -> Future:
+        """Row updates (``service/rows/updates.py`` entries, in stream order) to apply on the compute thread, between
+        two batches: a batch sees each delta whole or not at all. The future completes once they are applied."""
+        return self.executor.submit(self._apply_updates, name, version, entries)
+
+    def _apply_updates(self, name: str, version: str, entries: list) -> None:
+        from service.rows.updates import apply_entries
+
+        for runtime in self.runtimes_for(name, version):
+            apply_entries(runtime, entries, self.metrics)
+
     @staticmethod
     def _require_checked(runtime: ModelRuntime) -> None:
         """A model whose row files are still being checked, or whose rows in Redis are not published yet, is not
@@ -216,6 +249,7 @@ class ScoringEngine:
                     ],
                     "training": {k: runtime.bundle.manifest["training"].get(k) for k in ("dataset", "test_auc", "test_logloss")},
                     "row_checks": runtime.bundle.row_checks.describe() if runtime.bundle.row_checks else "passed",
+                    "row_updates": self.updates.describe(runtime) if self.updates is not None else None,
                 }
             )
         return out
@@ -233,6 +267,8 @@ class ScoringEngine:
         self._reload_lock = asyncio.Lock()
         self.running = True
         self._loop_task = asyncio.create_task(self._batch_loop(), name="uembed-batch-loop")
+        if self.updates is not None:
+            self.updates.start()
 
     async def astop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new work, finish what was admitted, then stop the loop and the Redis filler. Idempotent;
@@ -240,6 +276,8 @@ class ScoringEngine:
         if self.closing:
             return
         self.closing = True
+        if self.updates is not None:
+            await asyncio.to_thread(self.updates.stop)  # before the executor it submits to
         if not self.running:
             self.executor.shutdown(wait=True)
             if self.redis is not None:

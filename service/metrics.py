@@ -153,8 +153,8 @@ class ServiceMetrics:
         )
         self.update_lag_seconds = Gauge(
             "uembed_row_update_lag_seconds",
-            "How far a worker's applied row updates are behind its stream's newest entry, in seconds of publication "
-            "time (0: caught up). The highest over workers.",
+            "Age of the oldest row update a worker has not applied yet, from its publication time (0: caught up). "
+            "The highest over workers.",
             ["model", "version"], registry=r, multiprocess_mode="max",
         )
         self.update_delay_seconds = Histogram(

@@ -224,6 +224,7 @@ class UpdateReader:
                 if not entries:
                     break
                 applied += apply_entries(runtime, self._decode(runtime, key, entries), self.metrics)
+            self.connected = True
         except self.errors as exc:
             self._failed(exc)
             log.warning("replaying %s into %s/%s failed (%s: %s): serving its bundle's rows until the reader catches up",

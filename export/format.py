@@ -129,6 +129,18 @@ def quantise_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, np.stack([scale, low.astype(np.float32)], axis=1)
 
 
+def encode_records(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows ``[k, dim]`` as the records a ``dtype`` table stores (what a row file and every serving tier
+    hold, byte for byte as an export writes them): uint8 ``[k, record_bytes]``, for int8 the codes then the
+    float32 scale and offset."""
+    rows = np.asarray(rows, dtype=np.float32)
+    if dtype == "int8":
+        codes, scale_bias = quantise_rows(rows)
+        return np.concatenate([codes, scale_bias.view(np.uint8)], axis=1)
+    values = np.ascontiguousarray(rows.astype(NUMPY_ROW_DTYPE[dtype], copy=False))
+    return values.view(np.uint8).reshape(len(rows), -1)
+
+
 def test_vectors(plan: EmbeddingPlan, train_values: dict[str, list[bytes]], count: int = TEST_VECTORS) -> list[dict]:
     """(feature, value) -> rows per lookup, for a few real values of each feature and a missing one."""
     per_feature = max(1, -(-count // max(len(plan.features), 1)))  # ceiling: at least `count` vectors

@@ -379,3 +379,70 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, EmbeddingPlan, RankingModel, d
     model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True, mmap=True), assign=True)
     model.eval()
     return config, plan, model, doc
+
+
+def continue_training(
+    run_dir: Path,
+    train_set: Dataset,
+    epochs: int,
+    out_dir: Path,
+    after_epoch: Callable[[RankingModel, EmbeddingPlan, int], None] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a run's embedding tables further on new data, everything else frozen, into a new run directory.
+
+    Only the tables move: the network (and feature biases) stay as trained, so replicas serving the run's bundle
+    reach the new model by row updates alone, and a bundle exported from ``out_dir`` scores as they do.
+    ``after_epoch(model, plan, epoch)`` runs after each epoch (``--publish-updates`` publishes the changed rows
+    there). The base run's plan, learning rate and batch size are kept; ``out_dir`` gets its config (with
+    ``continued_from``), plan, vocabularies and known values, and the new checkpoint and metrics.
+    """
+    import shutil
+
+    config, plan, model, doc = load_run(run_dir)
+    if not isinstance(model.embedding, PlanEmbedding):
+        raise ValueError(f"{run_dir} is an SEO search run: continue training the Applier run instead")
+    for parameter in model.parameters():  # load_run maps the checkpoint read-only: train on a copy
+        parameter.data = parameter.data.clone()
+        parameter.requires_grad_(False)
+    table = model.embedding.weight
+    table.requires_grad_(True)
+    optimizer = torch.optim.Adam([table], lr=config.learning_rate)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rows, weights = (torch.from_numpy(a) for a in plan.encode(train_set.columns))
+    labels = torch.from_numpy(train_set.labels)
+    rng = np.random.default_rng(seed)
+    model.eval()  # the network is frozen: no training-mode behaviour anywhere
+    history = []
+    for epoch in range(epochs):
+        started = time.perf_counter()
+        order = torch.from_numpy(rng.permutation(len(train_set)))
+        loss_sum = 0.0
+        batches = range(0, len(order), config.batch_size)
+        for start in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, file=sys.stderr):
+            index = order[start : start + config.batch_size]
+            loss = loss_fn(model(rows[index], weights[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(index)
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(len(order), 1), "seconds": time.perf_counter() - started})
+        if progress:
+            print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f} ({history[-1]['seconds']:.1f}s)", file=sys.stderr)
+        if after_epoch is not None:
+            after_epoch(model, plan, epoch + 1)
+    table.requires_grad_(False)
+    base_metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics = {**{k: base_metrics.get(k) for k in ("dataset", "embedding", "budget_rows", "embedding_parameters", "embedding_bytes",
+                                                   "dense_parameters", "tables")},  # fmt: skip
+               "continued_from": str(run_dir), "train_examples": len(train_set), "epochs_run": epochs, "history": history,
+               "test_auc": None, "test_logloss": None}  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps({**doc, "continued_from": str(run_dir)}, indent=2))
+    for name in ("plan.json", "vocabularies.npz", "known_values.npz"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out_dir / name)
+    torch.save(model.state_dict(), out_dir / "checkpoint.pt")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(model=model, plan=plan, metrics=metrics, run_dir=out_dir)

@@ -228,6 +228,19 @@ class CudaModelRuntime(ModelRuntime):
         runtime = self.cupy.cuda.runtime
         runtime.memcpyAsync(device.data.ptr, host.ctypes.data, words * 4, runtime.memcpyHostToDevice, self.stream.ptr)
 
+    def apply_rows(self, table: str, ids: np.ndarray, records: np.ndarray) -> None:
+        """Row updates: the host tiers as on the CPU, then the rows tier 1 holds in GPU memory, decoded once."""
+        position = self.table_position[table]
+        store = self.stores[position]
+        slots = store.apply_rows(ids, records)
+        resident = slots >= 0
+        if not resident.any():
+            return
+        cp = self.cupy
+        with self.cuda, self.stream:
+            self.tables[position].rows[cp.asarray(slots[resident])] = cp.asarray(store.codec.decode(records[resident]))
+        self.stream.synchronize()
+
     # --- the stages ----------------------------------------------------------------------------
     def lookup(self, rows: np.ndarray):
         """Rows of every slot, float32 [B, S, D] on the device (a view of a reused buffer)."""

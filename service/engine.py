@@ -27,7 +27,8 @@ import logging
 import re
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,9 +107,15 @@ class ScoringEngine:
         self._idle: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uembed-compute")
+        self.updates = None
+        if settings.row_updates_url:
+            from service.rows.updates import UpdateReader
+
+            self.updates = UpdateReader(self, settings.row_updates_url, settings.redis_prefix, self.UPDATES_TIMEOUT_S)
 
     # --- models ---------------------------------------------------------------------------
-    BACKGROUND_ROW_CHECKS_BYTES = 64 * 2**20  # row files under this, in all, are checked before serving anyway
+    BACKGROUND_ROW_CHECKS_BYTES = 64 * 2**20
+    UPDATES_TIMEOUT_S = 2.0  # socket timeout of the update stream's reads: entries can hold thousands of rows  # row files under this, in all, are checked before serving anyway
 
     def open(self, path: str | Path, defer_row_checks: bool = False) -> ModelRuntime:
         """Load and validate a bundle and score one example with it (not yet live). With ``defer_row_checks`` the
@@ -131,6 +138,8 @@ class ScoringEngine:
         if not (rows_in_redis and defer_row_checks):  # rows perhaps not yet published: /readyz scores the first
             runtime.score_encoded(*runtime.hash([runtime.canonicalise([{}])]))
         runtime.encoder.take_unseen()
+        if self.updates is not None:
+            self.updates.replay(runtime)  # not live yet: its batches will see every update published so far
         if self.redis is not None:
             for store in runtime.stores:
                 problem = self.redis.compact_encoding_problem(store.codec.record_bytes)
@@ -169,6 +178,8 @@ class ScoringEngine:
                 self.metrics.truncated.labels(spec.name)
         for feature in runtime.encoder.known:
             self.metrics.unseen.labels(runtime.name, feature)
+        self.metrics.start_update_series(runtime.name, runtime.version, [store.overlay.rows for store in runtime.stores],
+                                         [store.table.name for store in runtime.stores])  # fmt: skip
         self._observe_memory(runtime)
 
     def _detach(self, runtime: ModelRuntime) -> None:
@@ -178,6 +189,7 @@ class ScoringEngine:
             del loaded[runtime.version]
         remove_quietly(self.metrics.model_info, runtime.name, runtime.version, runtime.plan.method, rows_dtype(runtime))
         self.metrics.forget_version(runtime.name, runtime.version)
+        self.metrics.forget_update_series(runtime.name, runtime.version)
 
     def _publish_shares(self, name: str) -> None:
         route = self.routes.get(name)
@@ -297,7 +309,7 @@ class ScoringEngine:
                 if current is not None and current.bundle is serving.bundle:
                     copy = current
                 else:
-                    copy = await asyncio.to_thread(open_runtime, serving.bundle, self.settings, self.redis)
+                    copy = await asyncio.to_thread(self._shadow_copy, serving)
             self.routes[name] = route
             if copy is None:
                 self.shadow_runtimes.pop(name, None)
@@ -306,6 +318,14 @@ class ScoringEngine:
                 self.shadow.start()
             self._publish_shares(name)
             log.info("routing of %s: %s", name, route.describe())
+
+    def _shadow_copy(self, serving: ModelRuntime) -> ModelRuntime:
+        """The shadow thread's own runtime of ``serving``'s bundle, with the row updates published so far (the
+        reader then defers later ones to the shadow thread)."""
+        copy = open_runtime(serving.bundle, self.settings, self.redis)
+        if self.updates is not None:
+            self.updates.replay(copy, counted=False)
+        return copy
 
     def clear_routing(self, name: str) -> None:
         """Back to the primary for every request naming no version."""
@@ -355,6 +375,25 @@ class ScoringEngine:
             return self.runtime(name, version), None
         return self.runtime(route.model, route.choose(route.point(route.key(routing_key, examples, context)))), route
 
+    def served_versions(self) -> list[tuple[str, str]]:
+        """(name, version) of every loaded model version: the row-update streams a replica follows."""
+        return [(name, version) for name, loaded in list(self.versions.items()) for version in list(loaded)]
+
+    def submit_updates(self, name: str, version: str, entries: list) -> Future:
+        """Row updates (``service/rows/updates.py`` entries, in stream order) to apply on the compute thread, between
+        two batches: a batch sees each delta whole or not at all. The future completes once they are applied."""
+        return self.executor.submit(self._apply_updates, name, version, entries)
+
+    def _apply_updates(self, name: str, version: str, entries: list) -> None:
+        from service.rows.updates import apply_entries
+
+        shadow = self.shadow_runtimes.get(name)
+        for runtime in self.runtimes_for(name, version):
+            if runtime is shadow:  # only the shadow thread touches its copy: applied there, before its next batch
+                self.shadow.defer(partial(apply_entries, runtime, entries, self.metrics, counted=False))
+            else:
+                apply_entries(runtime, entries, self.metrics)
+
     @staticmethod
     def _require_checked(runtime: ModelRuntime) -> None:
         """A model whose row files are still being checked, or whose rows in Redis are not published yet, is not
@@ -399,6 +438,7 @@ class ScoringEngine:
                     ],
                     "training": {k: runtime.bundle.manifest["training"].get(k) for k in ("dataset", "test_auc", "test_logloss")},
                     "row_checks": runtime.bundle.row_checks.describe() if runtime.bundle.row_checks else "passed",
+                    "row_updates": self.updates.describe(runtime) if self.updates is not None else None,
                 }
             )
         return out
@@ -418,6 +458,8 @@ class ScoringEngine:
         if self.shadow_runtimes:
             self.shadow.start()
         self._loop_task = asyncio.create_task(self._batch_loop(), name="uembed-batch-loop")
+        if self.updates is not None:
+            self.updates.start()
 
     async def astop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new work, finish what was admitted, then stop the loop and the Redis filler. Idempotent;
@@ -426,6 +468,8 @@ class ScoringEngine:
             return
         self.closing = True
         self.shadow.stop()  # never waits for a shadow that hangs: its thread is a daemon
+        if self.updates is not None:
+            await asyncio.to_thread(self.updates.stop)  # before the executor it submits to
         if not self.running:
             self.executor.shutdown(wait=True)
             if self.redis is not None:

@@ -92,7 +92,7 @@ class ServiceMetrics:
         self.table_memory = Gauge(
             "uembed_table_memory_bytes",
             "Bytes each process holds of its own, per table and tier: hot (tier 1 records in process memory), "
-            "device (tier 1 rows in GPU memory), index (tier 1's row -> slot index, in process memory; refreshed "
+            "device (tier 1 rows in GPU memory), overlay (rows changed by row updates), index (tier 1's row -> slot index, in process memory; refreshed "
             "when /metrics is read). Summed over workers. The row files are shared: uembed_table_file_bytes.",
             ["model", "table", "tier"], registry=r, multiprocess_mode="livesum",
         )
@@ -110,7 +110,7 @@ class ServiceMetrics:
             ["model", "version"], registry=r, multiprocess_mode="livemin",
         )
         self.row_hits = Counter(
-            "uembed_row_cache_hits_total", "Row lookups answered by a tier (hot, redis; file answers the rest).",
+            "uembed_row_cache_hits_total", "Row lookups answered by a tier (hot, overlay: rows changed by updates, redis; file answers the rest).",
             ["tier"], registry=r,
         )
         self.row_misses = Counter(
@@ -182,13 +182,39 @@ class ServiceMetrics:
             "Share of a model's requests its routing sends to each loaded version (1 for the primary without a rule).",
             ["model", "version"], registry=r, multiprocess_mode="mostrecent",
         )
+        self.updates = Counter(
+            "uembed_row_updates_total",
+            "Row-update deltas (stream entries) by outcome: applied, or rejected (not a valid delta for the version; "
+            "the log says why). Each worker applies every delta.",
+            ["model", "version", "outcome"], registry=r,
+        )
+        self.update_rows = Counter(
+            "uembed_row_update_rows_total", "Rows changed by applied row updates (per worker).", ["model", "table"], registry=r
+        )
+        self.update_lag_seconds = Gauge(
+            "uembed_row_update_lag_seconds",
+            "Age of the oldest row update a worker has not applied yet, from its publication time (0: caught up). "
+            "The highest over workers.",
+            ["model", "version"], registry=r, multiprocess_mode="max",
+        )
+        self.update_delay_seconds = Histogram(
+            "uembed_row_update_delay_seconds",
+            "Time from a row update's publication (its stream entry id) to its application between batches.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.overlay_rows = Gauge(
+            "uembed_row_overlay_rows",
+            "Rows of a table changed since its bundle, held in the update overlay (its bytes: uembed_table_memory_bytes"
+            "{tier=\"overlay\"}). The highest over workers.",
+            ["model", "table"], registry=r, multiprocess_mode="max",
+        )
         self._redis_seen = {"fetch": 0, "fill": 0, "dropped": 0}
         # Label sets that exist from the start, so dashboards show 0 rather than "no data".
-        for tier in ("hot", "redis", "file"):
+        for tier in ("hot", "overlay", "redis", "file"):
             self.row_hits.labels(tier)
         for tier in ("hot", "redis"):
             self.row_misses.labels(tier)
-        for operation in ("fetch", "fill"):
+        for operation in ("fetch", "fill", "updates"):
             self.redis_errors.labels(operation)
         for reason in ("overloaded", "deadline", "shutting_down"):
             self.rejected.labels(reason)
@@ -228,6 +254,22 @@ class ServiceMetrics:
             if count:
                 bucket.inc(count)
         histogram._sum.inc(float(np.sum(values, dtype=np.float64)))
+
+    def start_update_series(self, model: str, version: str, overlay_rows: list[int], tables: list[str]) -> None:
+        """A live version's row-update series, at 0 before its first update so dashboards show 0, not "no data"."""
+        for outcome_label in ("applied", "rejected"):
+            self.updates.labels(model, version, outcome_label)
+        self.update_lag_seconds.labels(model, version).set(0)
+        for table, rows in zip(tables, overlay_rows):
+            self.update_rows.labels(model, table)
+            self.overlay_rows.labels(model, table).set(rows)
+
+    def forget_update_series(self, model: str, version: str) -> None:
+        """A replaced version's lag is no longer anyone's."""
+        try:
+            self.update_lag_seconds.remove(model, version)
+        except KeyError:
+            pass
 
     def observe_tiers(self, counts: TierCounts) -> None:
         for tier, value in counts.hits.items():

@@ -23,6 +23,7 @@ and counts it. Nothing on the request's path waits on it or can fail because of 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import random
@@ -125,6 +126,12 @@ class ShadowScorer:
         self.metrics = metrics
         self.queue: queue.Queue = queue.Queue(maxsize=max(queue_limit, 1))
         self.thread: threading.Thread | None = None
+        self.deferred: collections.deque = collections.deque()  # work on the shadow copies (row updates), in order
+
+    def defer(self, work) -> None:
+        """Run ``work()`` on the shadow thread before its next batch: the shadow copies are that thread's alone, and
+        a slow shadow must not hold the caller (the compute thread applying row updates)."""
+        self.deferred.append(work)
 
     def start(self) -> None:
         if self.thread is None:
@@ -159,6 +166,11 @@ class ShadowScorer:
                     break
             stop = copies[-1] is None
             copies = [c for c in copies if c is not None]
+            while self.deferred:
+                try:
+                    self.deferred.popleft()()
+                except Exception:  # noqa: BLE001 - a shadow copy's failure never reaches the served traffic
+                    log.warning("shadow: deferred work failed", exc_info=True)
             for runtime in {id(c.runtime): c.runtime for c in copies}.values():
                 self._score([c for c in copies if c.runtime is runtime])
             if stop:

@@ -1,4 +1,5 @@
-"""The row store: tier 1 in-process hot rows, tier 2 Redis, tier 3 the bundle's mmap'd row files.
+"""The row store: tier 1 in-process hot rows, tier 2 Redis, tier 3 the bundle's mmap'd row files, with the
+update overlay (rows changed since the bundle, ``service/rows/overlay.py``) in front of tiers 2 and 3.
 
 Every tier holds a row as the same *record*: the bytes of the stored row (float32,
 float16 or int8 values) followed, for int8 tables, by its float32 scale and offset. One
@@ -301,7 +302,7 @@ def glob_escape(text: str) -> str:
 class TierCounts:
     """Hits and misses per tier since the last ``take`` (the metrics layer drains them)."""
 
-    hits: dict[str, int] = field(default_factory=lambda: {"hot": 0, "redis": 0, "file": 0})
+    hits: dict[str, int] = field(default_factory=lambda: {"hot": 0, "overlay": 0, "redis": 0, "file": 0})
     misses: dict[str, int] = field(default_factory=lambda: {"hot": 0, "redis": 0})
     redis_fallbacks: int = 0
 
@@ -461,13 +462,31 @@ class RedisTier:
             deleted += self.client.unlink(*keys)
         return deleted
 
+    def forget(self, namespace: str, ids: np.ndarray) -> None:
+        """Queue the deletion of cached rows (row updates): behind this process's earlier fills, so a fill of an
+        older record queued before cannot land after it. Dropped like a fill when the queue is full."""
+        if not len(ids) or not self._fill_enabled:
+            return
+        try:
+            self._fills.put_nowait((namespace, ids.copy(), None))
+        except queue.Full:
+            self.fills_dropped += 1
+
+    def delete(self, namespace: str, ids: np.ndarray) -> None:
+        keys, fields, _ = self._buckets(namespace, ids)
+        pipe = self.client.pipeline(transaction=False)
+        for key, names in zip(keys, fields):
+            pipe.hdel(key, *names)
+        pipe.execute()
+
     def _fill_loop(self) -> None:
         while True:
             item = self._fills.get()
             try:
                 if item is None:
                     return
-                self.write(*item)
+                namespace, ids, records = item
+                self.write(namespace, ids, records) if records is not None else self.delete(namespace, ids)
             except self.errors as exc:
                 self._failed("fill", exc)
             finally:
@@ -526,6 +545,9 @@ class TableStore:
         hot_record_bytes = table.dim * 4 if hot_on_device else self.codec.record_bytes
         self.hot = HotRows.for_budget(table.rows, hot_record_bytes, hot_bytes, host_records=not hot_on_device) if hot_bytes else None
         self.redis = redis
+        from service.rows.overlay import RowOverlay  # it builds on this module's slot index
+
+        self.overlay = RowOverlay(table.rows, self.codec.record_bytes)
         self.counts = TierCounts()  # only the batch thread gathers and drains them: no lock
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
@@ -557,8 +579,35 @@ class TableStore:
         self._count_hot(len(ids), len(misses))
         return slots, misses, rows, admit_slots, admit_from
 
+    def apply_rows(self, ids: np.ndarray, records: np.ndarray) -> np.ndarray:
+        """Row updates, on the compute thread between batches: ``records`` uint8 ``[k, record_bytes]`` become the
+        rows of ``ids`` (unique, within the table) in the overlay and, where resident, in tier 1 on the host.
+        Tier 2 forgets its cached copies (with row files; rows published to Redis stay the bundle's, verifiable
+        by ``uembed publish --verify``): a replica that has not applied this update yet then reads its own old
+        rows, never a mix of old and new within one batch, and one that has reads the overlay before Redis.
+        Returns the tier-1 slot of each id (-1 where not resident): the device path rewrites those."""
+        self.overlay.apply(ids, records)
+        slots = self.hot.index.get(ids) if self.hot is not None else np.full(len(ids), -1, dtype=np.int64)
+        if self.hot is not None and self.hot.records is not None:
+            resident = slots >= 0
+            self.hot.records[slots[resident]] = records[resident]
+        if self.redis is not None and self.table.files:
+            self.redis.forget(self.namespace, ids)
+        return slots
+
     def _fetch(self, ids: np.ndarray) -> np.ndarray:
-        """Records of tier-1 misses from tier 2, else tier 3 (then filled back into tier 2): uint8 ``[k, record_bytes]``."""
+        """Records of tier-1 misses from the overlay, else tier 2, else tier 3: uint8 ``[k, record_bytes]``."""
+        if not self.overlay.rows:
+            return self._fetch_below(ids)
+        records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
+        changed = self.overlay.lookup(ids, records)
+        rest = np.flatnonzero(~changed)
+        self.counts.hits["overlay"] += len(ids) - len(rest)
+        records[rest] = self._fetch_below(ids[rest])
+        return records
+
+    def _fetch_below(self, ids: np.ndarray) -> np.ndarray:
+        """Records of ``ids`` from tier 2, else tier 3 (then filled back into tier 2)."""
         if not self.table.files:
             return self._fetch_published(ids)
         records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
@@ -616,10 +665,11 @@ class TableStore:
         return counts
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes of tier 1 this process holds: resident records (``device`` when they sit in GPU memory). The row
+        """Bytes this process holds: tier 1's resident records (``device`` when they sit in GPU memory) and the
+        update overlay's. The row
         files (tier 3) are shared through the page cache: ``file_bytes``; Redis is shared too: see its INFO."""
         hot = self.hot.nbytes if self.hot is not None else 0
-        return {"device" if self.hot_on_device else "hot": hot}
+        return {"device" if self.hot_on_device else "hot": hot, "overlay": self.overlay.nbytes}
 
     def index_bytes(self) -> int:
         """Tier 1's row -> slot index, resident bytes."""

@@ -50,6 +50,10 @@ class ModelRuntime(ReferenceScorer):
             )
             for rows, _ in self.table_slots
         ]
+        self.table_position = {store.table.name: position for position, store in enumerate(self.stores)}
+        # The id (milliseconds, sequence) of the last row update applied from this version's stream
+        # (service/rows/updates.py): a reader resumes after it, a replay skips what it already has.
+        self.update_position: tuple[int, int] = (0, 0)
         self.torchscript = None
         if dense_backend == "torchscript":
             self.torchscript = load_torchscript(bundle, threads)
@@ -73,6 +77,10 @@ class ModelRuntime(ReferenceScorer):
             unique, inverse = dedupe(ids)
             out[:, slots] = store.gather(unique)[inverse]
         return out
+
+    def apply_rows(self, table: str, ids: np.ndarray, records: np.ndarray) -> None:
+        """Row updates of one table (compute thread, between batches): records in the table's stored form."""
+        self.stores[self.table_position[table]].apply_rows(ids, records)
 
     def score_encoded(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
         if self.torchscript is not None:

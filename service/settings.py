@@ -198,6 +198,16 @@ class ServiceSettings(BaseSettings):
         "dropped (counted): scoring never waits on a fill.",
     )
 
+    row_updates_url: str | None = Field(
+        None,
+        description="Redis (one server, redis:// rediss:// or unix://) holding the row-update streams, "
+        "<redis_prefix>:<model>:<version>:updates, that `uembed push-rows` and `uembed train --publish-updates` "
+        "write (docs/UPDATES.md). Every worker reads every update and applies it between batches to tier 1, an "
+        "overlay in front of the row files, and (forgetting the cached rows) tier 2; a version loaded or reloaded "
+        "replays its stream before it serves. It may be redis_url's server; give it maxmemory-policy noeviction, or "
+        "an evicted stream takes the updates a restarting replica replays. Unset (the default): no updates read.",
+    )
+
     @field_validator("bundles", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -221,6 +231,16 @@ class ServiceSettings(BaseSettings):
             raise ValueError("a Redis Cluster has only database 0: leave the database number out")
         return value
 
+    @field_validator("row_updates_url")
+    @classmethod
+    def _row_updates_url(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("use redis://, rediss:// or unix://: the streams live on one Redis server (a stream is one "
+                             "key, and a replica reads all of its versions' streams in one call)")  # fmt: skip
+        return value
+
     @model_validator(mode="after")
     def _timeouts_fit(self) -> ServiceSettings:
         if self.redis_url and self.redis_timeout_ms >= self.request_timeout_ms:
@@ -232,6 +252,8 @@ class ServiceSettings(BaseSettings):
             raise ValueError("row_source=redis serves rows that live only in Redis: set redis_url")
         if self.row_source == "redis" and self.dense_backend != "onnx":
             raise ValueError("row_source=redis looks rows up in Redis; dense_backend=torchscript carries its own tables: use onnx")
+        if self.row_updates_url and self.dense_backend != "onnx":
+            raise ValueError("row updates change the row store's rows; dense_backend=torchscript carries its own tables: use onnx")
         if self.device != "cpu" and self.dense_backend != "onnx":
             raise ValueError(f"device={self.device} runs the dense net on ONNX Runtime: use dense_backend=onnx")
         if self.reload_token is not None and len(self.reload_token.get_secret_value()) < 16:

@@ -16,6 +16,8 @@ from uembed.service_commands import (
     add_demo_bundle_parser,
     add_loadtest_parser,
     add_publish_parser,
+    add_push_rows_parser,
+    add_row_update_options,
     add_serve_parser,
     add_stack_parser,
 )
@@ -90,6 +92,17 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_stream_options(parser)
     add_run_output_options(parser)
+    updates = add_row_update_options(parser, required=False)
+    updates.add_argument(
+        "--continue-from", type=Path, metavar="RUN",
+        help="continued training: start from RUN's model and train only its embedding tables (network frozen, "
+        "RUN's plan, learning rate and batch size) on --dataset's training split, the new data, for --epochs epochs",
+    )  # fmt: skip
+    updates.add_argument(
+        "--publish-updates", action="store_true",
+        help="with --continue-from: after every epoch, publish the rows that changed (against --bundle, then against "
+        "what was published) on the served version's update stream; replicas apply them while serving",
+    )  # fmt: skip
     parser.set_defaults(handler=run_train, extras=("train",))
 
 
@@ -474,6 +487,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     from model.plan import APPLIER_ALIAS, applier_method
 
+    if getattr(args, "continue_from", None):
+        return run_continued_training(args)
+    if getattr(args, "publish_updates", False):
+        raise UembedError("--publish-updates publishes a continued run's rows: give --continue-from RUN")
     embedding = applier_method(args.applier) if args.embedding == APPLIER_ALIAS else args.embedding
     policy = load_policy(args.policy).to_dict() if args.policy else None
     if is_streaming(args):
@@ -495,6 +512,35 @@ def run_train(args: argparse.Namespace) -> int:
     name = args.name or f"{dataset.name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(config, train_set, val_set, test_set, run_dir=args.runs_dir / name, progress=not args.quiet)
     report_run(args, result)
+    return 0
+
+
+def run_continued_training(args: argparse.Namespace) -> int:
+    from model.train import continue_training
+    from uembed.service_commands import print_push_report, row_publisher
+
+    if is_streaming(args):
+        raise UembedError("--continue-from trains in memory: give a MovieLens, synthetic or data file dataset without --stream")
+    if not (args.continue_from / "checkpoint.pt").is_file():
+        raise UembedError(f"--continue-from {args.continue_from}: not a run directory (no checkpoint.pt)")
+    after_epoch = None
+    if args.publish_updates:
+        if not (args.served_bundle and args.updates_url):
+            raise UembedError("--publish-updates needs --bundle (the served bundle) and --redis-url (the update streams' Redis)")
+        from service.rows.push import model_rows
+
+        publisher = row_publisher(args)
+
+        def after_epoch(model, plan, epoch: int) -> None:
+            chunks = model_rows(model, plan, publisher.bundle, f"run {args.continue_from}")
+            print_push_report(publisher.publish(chunks, source=f"train {args.continue_from.name} epoch {epoch}"))
+
+    train_set, _, _ = load_dataset(args).split(args.split_seed, args.split_fractions)
+    name = args.name or f"{args.continue_from.name}-continued-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = continue_training(args.continue_from, train_set, args.epochs, args.runs_dir / name, after_epoch,
+                               seed=args.seed, progress=not args.quiet)  # fmt: skip
+    print(f"continued {args.continue_from} on {len(train_set):,} examples for {args.epochs} epochs "
+          f"(train loss {result.metrics['history'][-1]['train_loss']:.4f}); run directory: {result.run_dir}")
     return 0
 
 
@@ -608,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(commands)
     add_serve_parser(commands)
     add_publish_parser(commands)
+    add_push_rows_parser(commands)
     add_bench_parser(commands)
     add_demo_bundle_parser(commands)
     add_stack_parser(commands)

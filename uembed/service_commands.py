@@ -158,6 +158,72 @@ def run_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_push_rows_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "push-rows",
+        help="publish the rows that changed since a served bundle as row updates (Redis Stream)",
+        description="Compares RUN_OR_DELTA's rows with what replicas of --bundle serve and publishes the rows that differ "
+        "on the version's update stream <prefix>:<model>:<version>:updates, in the served tables' dtype, as deltas of "
+        "at most --chunk-rows rows. Replicas started with UEMBED_ROW_UPDATES_URL apply each delta between two "
+        "batches; a replica started later replays the stream (docs/UPDATES.md). RUN_OR_DELTA is a training run directory "
+        "(every row of its tables; needs the train extra), a bundle directory (say a newer export of the same "
+        "model), or a .npz delta file with <table>.ids (int64) and <table>.rows (float32 [ids, dim]) per table. "
+        "Only rows travel: it must share the served bundle's embedding plan (checked) and be trained with its "
+        "dense network (`uembed train --continue-from` keeps it frozen). Publishing again is harmless: a replica "
+        "that applies a row twice holds the same row.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("source", type=Path, metavar="RUN_OR_DELTA", help="run directory, bundle directory or .npz delta file")
+    add_row_update_options(parser, required=True)
+    parser.add_argument("--dry-run", action="store_true", help="compare and report, publish nothing")
+    parser.set_defaults(handler=run_push_rows)
+
+
+def add_row_update_options(parser: argparse.ArgumentParser, required: bool) -> argparse._ArgumentGroup:
+    """The options naming a served version's update stream (push-rows, train --publish-updates)."""
+    group = parser.add_argument_group("row updates")
+    group.add_argument("--bundle", type=Path, required=required, dest="served_bundle", metavar="BUNDLE",
+                       help="the bundle the replicas serve: its model, version, dtypes and rows are what is compared against")  # fmt: skip
+    group.add_argument("--redis-url", required=required, dest="updates_url", metavar="URL",
+                       help="the Redis of the update streams: the service's UEMBED_ROW_UPDATES_URL")  # fmt: skip
+    group.add_argument("--prefix", default="uembed", help="key prefix: the service's UEMBED_REDIS_PREFIX")
+    group.add_argument("--chunk-rows", type=int, default=4096, help="rows per delta (one stream entry, applied whole)")
+    group.add_argument("--max-entries", type=int, default=100_000,
+                       help="keep about this many entries on the stream (XADD MAXLEN ~): older ones are trimmed, and a "
+                       "replica started after that cannot replay them; load a bundle exported with them instead")  # fmt: skip
+    return group
+
+
+def row_publisher(args: argparse.Namespace):
+    """The publisher for --bundle and --redis-url (the bundle fully checked: its rows are the baseline)."""
+    from export.loader import load_bundle
+    from service.rows.cluster import redis_client
+    from service.rows.push import RowPublisher
+    from service.settings import load_settings
+
+    if args.chunk_rows < 1 or args.max_entries < 1:
+        raise UembedError("--chunk-rows and --max-entries must be positive")
+    load_settings(row_updates_url=args.updates_url)  # the service's own check of the URL
+    return RowPublisher(load_bundle(args.served_bundle), redis_client(args.updates_url, 10.0, retries=3), args.prefix,
+                        args.chunk_rows, args.max_entries)  # fmt: skip
+
+
+def print_push_report(report: dict, dry_run: bool = False) -> None:
+    tables = ", ".join(f"{table} {rows:,}" for table, rows in report["tables"].items()) or "none"
+    verb = "would publish" if dry_run else "published"
+    print(f"{verb} {report['rows_changed']:,} changed rows of {report['rows_compared']:,} compared ({tables}) as "
+          f"{report['entries']} deltas on {report['stream']}" + (f", ids {report['first_id']} .. {report['last_id']}" if report["last_id"] else ""))  # fmt: skip
+
+
+def run_push_rows(args: argparse.Namespace) -> int:
+    from service.rows.push import source_rows
+
+    publisher = row_publisher(args)
+    report = publisher.publish(source_rows(args.source, publisher.bundle), source=f"push-rows {args.source.name}", dry_run=args.dry_run)
+    print_push_report(report, args.dry_run)
+    return 0
+
+
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "bench",

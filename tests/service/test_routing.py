@@ -260,3 +260,27 @@ def test_a_slow_shadow_and_a_failing_shadow_never_change_the_served_responses(ro
         status = service.stop(timeout_s=20)  # killed (-9) past 20 s, under the 30 s stall
     assert status in (0, -15), "a stalled shadow held the shutdown"
     assert "Application shutdown complete" in service.log_path.read_text()
+
+
+def test_row_updates_reach_the_shadow_copy_on_the_shadow_thread(app, movielens_examples):
+    """A delta for the shadow's version goes to the served copy at once (compute thread) and to the shadow thread's
+    own copy before its next batch, never from the compute thread (that copy is the shadow thread's alone)."""
+    from export.format import encode_records
+    from service.rows.updates import RowDelta
+
+    engine = app.engine
+    app.run(engine.add_version(MODEL, "2"))
+    app.run(engine.set_routing(Route(MODEL, {"1": 1}, shadow="2")))
+    served, shadow = engine.runtimes_for(MODEL, "2")
+    (table_name, table), = served.bundle.tables.items()
+    ids = np.arange(20)
+    rows = np.random.default_rng(3).normal(scale=0.3, size=(len(ids), np.asarray(table.data).shape[1])).astype(np.float32)
+    delta = RowDelta({table_name: (ids, encode_records(rows, str(np.asarray(table.data).dtype)))})
+    probe = ids.reshape(-1, 1)
+    before = shadow.lookup(probe).copy()
+    engine.submit_updates(MODEL, "2", [((1, 0), delta)]).result()
+    assert served.update_position == (1, 0) and shadow.update_position != (1, 0)  # deferred to the shadow thread
+    app.score(movielens_examples[:8])  # a copy for the shadow: its thread applies the delta first
+    wait_until(lambda: shadow.update_position == (1, 0), 10, "the shadow copy's update")
+    np.testing.assert_array_equal(shadow.lookup(probe), served.lookup(probe))
+    assert not np.array_equal(shadow.lookup(probe), before)

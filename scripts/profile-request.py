@@ -7,6 +7,7 @@ compute thread's (hash, lookup, assemble, dense). Needs wrk and py-spy (the load
 
     python scripts/profile-request.py --examples 64 --out profile.txt
     python scripts/profile-request.py --tree ../an-older-checkout     # the same measurement of other code
+    python scripts/profile-request.py --front grpc      # ModelInfer with binary tensors, the peers' gRPC load client
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest.bench import movielens_requests  # noqa: E402
-from loadtest.peers import wrk  # noqa: E402
+from loadtest.peers import grpc_load, grpc_request, wrk  # noqa: E402
 from loadtest.servers import UvicornProcess  # noqa: E402
 
 # A sample's stage: the first of these found walking from the innermost frame outwards.
@@ -38,11 +41,15 @@ STAGES = [
     ("lookup", ("lookup", "rowstore.py", "dedupe")),
     ("metrics", ("prometheus_client", "service/metrics.py")),
     ("batcher", ("service/engine.py",)),
+    ("Open Inference Protocol: tensors to examples", ("service/protocols/oip.py", "oip_grpc.py")),
+    ("protobuf", ("google/protobuf", "service_pb2")),
+    ("gRPC (grpc.aio, cygrpc)", ("grpc/", "cygrpc", "grpc_aio", "_server.py")),
     ("our ASGI layers (limits, lean path, route)", ("service/app.py", "lean_json.py", "disconnect.py")),
     ("framework (FastAPI, Starlette)", ("starlette/", "fastapi/")),
     ("HTTP (uvicorn, httptools)", ("uvicorn/",)),
     ("event loop", ("asyncio/", "uvloop")),
 ]
+PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")  # the loadtest extra's, in the venv
 IDLE = ("concurrent/futures/thread.py:81",)  # the compute thread waiting for a batch
 
 
@@ -61,6 +68,8 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "movielens100k" / "1", help="bundle to serve")
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose service to profile")
+    parser.add_argument("--front", choices=("v1", "grpc"), default="v1",
+                        help="v1: POST /v1/score JSON under wrk; grpc: ModelInfer with binary tensors (2 client processes)")
     parser.add_argument("--out", type=Path, help="also write py-spy's raw samples (collapsed stacks) here")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="uembed-profile-"))
@@ -75,15 +84,27 @@ def main() -> int:
     service = service.start()
     raw = args.out or workdir / "samples.txt"
     try:
-        wrk(service.url, "/v1/score", bodies, 3, 16, workdir)  # warm-up
-        load = subprocess.Popen(["wrk", "-t1", "-c16", f"-d{args.seconds + 4:g}s", "-s", str(workdir / "post.lua"),
-                                 service.url, "--", str(workdir / "bodies.jsonl")], stdout=subprocess.PIPE, text=True)  # fmt: skip
-        time.sleep(1)
-        before = service.metrics().get('uembed_http_requests_total{route="/v1/score",status="200"}', 0)
-        subprocess.run(["py-spy", "record", "-p", str(service.process.pid), "-d", f"{args.seconds:g}", "-r", str(args.rate),
+        if args.front == "grpc":
+            from export.loader import load_bundle
+
+            bundle = load_bundle(args.bundle)
+            calls = [grpc_request(bundle.name, r, bundle.feature_specs) for r in movielens_requests(args.examples)]
+            grpc_load(service.grpc_target, calls, 3)  # warm-up
+            counter = 'uembed_grpc_requests_total{method="ModelInfer",code="OK"}'
+            load = threading.Thread(target=grpc_load, args=(service.grpc_target, calls, args.seconds + 4))
+            load.start()
+            time.sleep(4)  # grpc_load starts its clients 3 s after it is called
+        else:
+            wrk(service.url, "/v1/score", bodies, 3, 16, workdir)  # warm-up
+            counter = 'uembed_http_requests_total{route="/v1/score",status="200"}'
+            load = subprocess.Popen(["wrk", "-t1", "-c16", f"-d{args.seconds + 4:g}s", "-s", str(workdir / "post.lua"),
+                                     service.url, "--", str(workdir / "bodies.jsonl")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+            time.sleep(1)
+        before = service.metrics().get(counter, 0)
+        subprocess.run([PY_SPY, "record", "-p", str(service.process.pid), "-d", f"{args.seconds:g}", "-r", str(args.rate),
                         "-f", "raw", "-o", str(raw), "--threads", "--nonblocking"], check=True, capture_output=True)  # fmt: skip
-        scored = service.metrics().get('uembed_http_requests_total{route="/v1/score",status="200"}', 0) - before
-        load.wait()
+        scored = service.metrics().get(counter, 0) - before
+        load.join() if args.front == "grpc" else load.wait()
     finally:
         service.stop()
     per_thread: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -243,7 +243,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--peers", action="store_const", const=["peers"], dest="phases",
                         help="only the peers phase: this service's REST v1, REST v2 and gRPC fronts beside LitServe and "
                         "a naive FastAPI service, the same bundle and scoring code, wrk for HTTP load "
-                        "(loadtest/peers.py); needs wrk (make system-deps)")  # fmt: skip
+                        "(loadtest/peers.py); needs wrk (make system-deps) and the peers extra (pip install 'uembed[peers]', in dev)")  # fmt: skip
     parser.add_argument("--examples", type=int, default=64, help="examples per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per measured load phase")
     parser.add_argument("--concurrency", type=int, default=16, help="connections of the closed-loop load")

@@ -90,7 +90,7 @@ def main() -> int:
             bundle = load_bundle(args.bundle)
             calls = [grpc_request(bundle.name, r, bundle.feature_specs) for r in movielens_requests(args.examples)]
             grpc_load(service.grpc_target, calls, 3)  # warm-up
-            counter = 'uembed_grpc_requests_total{method="ModelInfer",code="OK"}'
+            counter = 'uembed_grpc_requests_total{code="OK",method="ModelInfer"}'  # labels sorted, as exposed
             load = threading.Thread(target=grpc_load, args=(service.grpc_target, calls, args.seconds + 4))
             load.start()
             time.sleep(4)  # grpc_load starts its clients 3 s after it is called

@@ -309,23 +309,19 @@ class ScoringEngine:
                 if current is not None and current.bundle is serving.bundle:
                     copy = current
                 else:
-                    copy = await asyncio.to_thread(self._shadow_copy, serving)
+                    copy = await asyncio.to_thread(open_runtime, serving.bundle, self.settings, self.redis)
             self.routes[name] = route
             if copy is None:
                 self.shadow_runtimes.pop(name, None)
             else:
                 self.shadow_runtimes[name] = copy
+                if self.updates is not None and copy is not current:
+                    # Caught up on the shadow thread, after it is registered: an update published while the copy
+                    # was opened is in the stream (replayed here) or deferred behind this (positions skip repeats).
+                    self.shadow.defer(partial(self.updates.replay, copy, counted=False))
                 self.shadow.start()
             self._publish_shares(name)
             log.info("routing of %s: %s", name, route.describe())
-
-    def _shadow_copy(self, serving: ModelRuntime) -> ModelRuntime:
-        """The shadow thread's own runtime of ``serving``'s bundle, with the row updates published so far (the
-        reader then defers later ones to the shadow thread)."""
-        copy = open_runtime(serving.bundle, self.settings, self.redis)
-        if self.updates is not None:
-            self.updates.replay(copy, counted=False)
-        return copy
 
     def clear_routing(self, name: str) -> None:
         """Back to the primary for every request naming no version."""

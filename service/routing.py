@@ -129,8 +129,9 @@ class ShadowScorer:
         self.deferred: collections.deque = collections.deque()  # work on the shadow copies (row updates), in order
 
     def defer(self, work) -> None:
-        """Run ``work()`` on the shadow thread before its next batch: the shadow copies are that thread's alone, and
-        a slow shadow must not hold the caller (the compute thread applying row updates)."""
+        """Run ``work()`` on the shadow thread before its next batch (or within ``IDLE_S`` when it has none): the
+        shadow copies are that thread's alone, and a slow shadow must not hold the caller (the compute thread
+        applying row updates)."""
         self.deferred.append(work)
 
     def start(self) -> None:
@@ -156,9 +157,22 @@ class ShadowScorer:
             pass
         self.thread.join(timeout=join_s)
 
+    IDLE_S = 1.0  # with no copies to score, deferred work still runs this often (it holds row updates)
+
+    def _run_deferred(self) -> None:
+        while self.deferred:
+            try:
+                self.deferred.popleft()()
+            except Exception:  # noqa: BLE001 - a shadow copy's failure never reaches the served traffic
+                log.warning("shadow: deferred work failed", exc_info=True)
+
     def _loop(self) -> None:
         while True:
-            copies = [self.queue.get()]
+            try:
+                copies = [self.queue.get(timeout=self.IDLE_S)]
+            except queue.Empty:
+                self._run_deferred()
+                continue
             while len(copies) < self.MAX_COPIES_PER_BATCH and copies[-1] is not None:
                 try:
                     copies.append(self.queue.get_nowait())
@@ -166,11 +180,7 @@ class ShadowScorer:
                     break
             stop = copies[-1] is None
             copies = [c for c in copies if c is not None]
-            while self.deferred:
-                try:
-                    self.deferred.popleft()()
-                except Exception:  # noqa: BLE001 - a shadow copy's failure never reaches the served traffic
-                    log.warning("shadow: deferred work failed", exc_info=True)
+            self._run_deferred()
             for runtime in {id(c.runtime): c.runtime for c in copies}.values():
                 self._score([c for c in copies if c.runtime is runtime])
             if stop:

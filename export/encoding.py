@@ -16,8 +16,11 @@ A score runs these stages, in this order (each one function)::
 A ranking request sends the features its candidates share once, as a context, and the
 candidates' own features per candidate. The context is checked and canonicalised once
 per request (errors name ``context.feature``; the candidates' name ``candidates[i].feature``)
-and its rows are hashed once and repeated to every candidate, so it scores exactly as the
-same examples sent flat, with the context's values copied into each.
+and its rows are hashed once. A batch of ranking requests keeps them at one row per request
+(``hash_split`` -> :class:`SplitBatch`): the service looks them up and weights them once and
+writes them into every candidate's embeddings (``lookup_split``, ``assemble_split``); ``hash``
+repeats them to every candidate instead. Either way it scores exactly as the same examples
+sent flat, with the context's values copied into each.
 
 What a value may be over HTTP (:class:`ValueLimits`): a string of at most ``max_chars``
 characters, a number, a boolean or null; a list of those (at most ``max_list`` items) for
@@ -41,7 +44,7 @@ import numpy as np
 from model.data import canonical_column
 from model.errors import ExampleError
 from model.features import FeatureSpec
-from model.hashing import MISSING
+from model.hashing import MISSING, hash_canonical_columns, rows_of
 from model.known import KnownValues
 from model.plan import EmbeddingPlan, FeaturePlan
 
@@ -163,6 +166,55 @@ class CanonicalExamples:
 
 
 @dataclass
+class SplitBatch:
+    """A batch whose parts all share some features (ranking requests' contexts), hashed without repeating them.
+
+    ``rows``/``weights`` [B, S_e] are the other features' slots for every example, at ``slots`` among the S slots
+    of :meth:`ExampleEncoder.hash`; ``context_rows``/``context_weights`` [P, S_c] are the shared features' slots,
+    one row per part, at ``context_slots``; part p stands for ``counts[p]`` consecutive examples. Repeating each
+    context row ``counts`` times and placing both at their slots gives exactly what ``hash`` returns.
+    """
+
+    rows: np.ndarray
+    weights: np.ndarray
+    slots: np.ndarray
+    context_rows: np.ndarray
+    context_weights: np.ndarray
+    context_slots: np.ndarray
+    counts: np.ndarray
+    # (first column here, first slot of the S, length): runs of consecutive slots, for copies by slices
+    runs: tuple[tuple[int, int, int], ...] = ()
+    context_runs: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @property
+    def ids(self) -> int:
+        """Row ids the batch looks up: every example's own slots, and the context's once per part."""
+        return self.rows.size + self.context_rows.size
+
+    def broadcast(self) -> tuple[np.ndarray, np.ndarray]:  # the tests' check of the split; serving never needs it
+        """Rows and weights [B, S] as :meth:`ExampleEncoder.hash` gives them."""
+        slots = len(self.slots) + len(self.context_slots)
+        rows = np.empty((self.count, slots), dtype=np.int64)
+        weights = np.empty((self.count, slots), dtype=np.float32)
+        for out, own, shared in ((rows, self.rows, self.context_rows), (weights, self.weights, self.context_weights)):
+            out[:, self.slots] = own
+            out[:, self.context_slots] = np.repeat(shared, self.counts, axis=0)
+        return rows, weights
+
+
+def slot_runs(slots: np.ndarray) -> tuple[tuple[int, int, int], ...]:
+    """``(position in slots, first slot, length)`` of each run of consecutive slot indices."""
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    starts = np.concatenate(([0], breaks)).astype(int)
+    stops = np.concatenate((breaks, [len(slots)])).astype(int)
+    return tuple((int(a), int(slots[a]), int(b - a)) for a, b in zip(starts, stops) if b > a)
+
+
+@dataclass
 class ExampleEncoder:
     """Canonicalise and hash examples for one bundle's features and plan.
 
@@ -179,6 +231,7 @@ class ExampleEncoder:
 
     def __post_init__(self) -> None:
         self.widths = {f.name: f.width for f in self.plan.features}
+        self.feature_slots = {f.name: f.width * len(f.lookups) for f in self.plan.features}
         self.slots = self.plan.slots
         one_value = [f.name for f in self.plan.features if f.width == 1 and not self.specs[f.name].multivalent]
         # One-value features with training values: one cached tuple of rows and unseen flag per value (the
@@ -186,6 +239,13 @@ class ExampleEncoder:
         # hashing 500 values (40 us) is cheaper than a warm cache (60 us), let alone a cold one (500 us).
         scalar = [name for name in one_value if name in self.known]
         self.direct = frozenset(name for name in one_value if name not in self.known)
+        # Of those, the ones with one hashed lookup: (seed, table rows), to hash their columns together.
+        self.one_slot_hashed = {
+            f.name: (f.lookups[0].seed, self.plan.table(f.lookups[0].table).rows)
+            for f in self.plan.features
+            if f.name in self.direct and len(f.lookups) == 1 and not f.vocabulary
+        }
+        self._hashing_of: dict[tuple[str, ...], tuple[list[int], np.ndarray]] = {}
         # Unseen flags of the other features' values (a filter lookup per batch costs more than the hash).
         flagged = [f.name for f in self.plan.features if f.name not in one_value and f.name in self.known]
         share = self.cache_bytes // max(len(self.specs) + len(scalar) + len(flagged), 1)
@@ -197,6 +257,7 @@ class ExampleEncoder:
         self.text_features = frozenset(
             name for name, spec in self.specs.items() if not spec.multivalent and spec.kind != "numeric"
         )
+        self._slot_split: dict[frozenset[str], tuple[np.ndarray, np.ndarray]] = {}  # context features -> slots
 
     # --- canonicalise -----------------------------------------------------------------------
     def canonicalise(
@@ -264,7 +325,10 @@ class ExampleEncoder:
                 column = [items[0] for items in column]
             values[name] = column
         shared = frozenset(context.keys() & specs.keys()) if context else frozenset()
-        return CanonicalExamples(len(examples), values, len(examples) * self.slots, truncated, shared)
+        # The row ids it looks up: a context's once (``hash_split``), each candidate's own slots per candidate.
+        shared_slots = sum(self.feature_slots[name] for name in shared)
+        ids = len(examples) * (self.slots - shared_slots) + shared_slots
+        return CanonicalExamples(len(examples), values, ids, truncated, shared)
 
     def _text_column(self, spec: FeatureSpec, raw: list) -> list[bytes] | None:
         """Canonical bytes of a one-value categorical feature's column when every value is a string within the
@@ -338,35 +402,110 @@ class ExampleEncoder:
         plain path.
         """
         broadcast = {name for part in parts for name in part.shared}
+        return self._encode_features(self.plan.features, parts, broadcast, sum(part.count for part in parts))
+
+    def hash_split(self, parts: Sequence[CanonicalExamples]) -> SplitBatch | None:
+        """The batch with the features every part shares kept at one row per part: what ``hash`` gives, before the
+        context's rows are repeated to every example. None when some part shares nothing (a flat request): then
+        ``hash`` is the whole of it."""
+        context = frozenset.intersection(*(part.shared for part in parts)) if parts else frozenset()
+        if not context:
+            return None
+        broadcast = {name for part in parts for name in part.shared} - context
+        count = sum(part.count for part in parts)
+        own = [f for f in self.plan.features if f.name not in context]
+        rows, weights = self._encode_features(own, parts, broadcast, count)
+        shared = [f for f in self.plan.features if f.name in context]
+        context_rows, context_weights = self._encode_features(shared, parts, frozenset(), len(parts), one_per_part=True)
+        slots, context_slots, runs, context_runs = self._slots_of(context)
+        counts = np.array([part.count for part in parts], dtype=np.int64)
+        return SplitBatch(rows, weights, slots, context_rows, context_weights, context_slots, counts, runs, context_runs)
+
+    def _slots_of(self, context: frozenset[str]) -> tuple:
+        """Slot indices (into the S slots of ``hash``) of the features not in ``context`` and of those in it, and
+        each as runs of consecutive slots."""
+        found = self._slot_split.get(context)
+        if found is None:
+            in_context = np.concatenate(
+                [np.full(self.feature_slots[f.name], f.name in context) for f in self.plan.features]
+            )
+            slots, context_slots = np.flatnonzero(~in_context), np.flatnonzero(in_context)
+            found = self._slot_split[context] = (slots, context_slots, slot_runs(slots), slot_runs(context_slots))
+        return found
+
+    def _encode_features(self, features: Sequence[FeaturePlan], parts: Sequence[CanonicalExamples],
+                         broadcast: set | frozenset, count: int, one_per_part: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Rows and weights of ``features`` (in plan order) over the batch, their slots side by side: ``count`` rows,
+        one per example, or (``one_per_part``: features every part shares) one per part. The one-slot hashed
+        features' columns are hashed together in one pass (a few numpy calls per feature cost more than hashing
+        a ranking request's few hundred values of it)."""
+        together = [f.name for f in features if f.name in self.one_slot_hashed and f.name not in broadcast]
+        rows_of_together: dict[str, np.ndarray] = {}
+        if len(together) > 1:
+            columns = [self._column(name, parts, one_per_part) for name in together]
+            rows_of_together = dict(zip(together, self._hash_columns(together, columns)))
+        if not features:
+            return np.zeros((count, 0), dtype=np.int64), np.zeros((count, 0), dtype=np.float32)
+        ones = np.ones((count, 1), dtype=np.float32)
         row_parts, weight_parts = [], []
-        for feature in self.plan.features:
-            name = feature.name
-            repeats = None
-            if name in broadcast:
-                values, repeats = self._broadcast_column(name, parts)
-            elif len(parts) == 1:
-                values = parts[0].values[name]
+        for feature in features:
+            rows = rows_of_together.get(feature.name)
+            if rows is None:
+                rows, weights = self._feature_rows(feature, parts, broadcast, one_per_part)
             else:
-                values = [v for p in parts for v in p.values[name]]
-            if name in self.direct:
-                rows = np.stack([self.plan.rows_of_values(feature, lookup, values) for lookup in feature.lookups], axis=1)
-                weights = np.ones(rows.shape, dtype=np.float32)
-            elif name in self.row_cache:
-                rows = self._scalar_rows(feature, values)
-                weights = np.ones(rows.shape, dtype=np.float32)
-            else:
-                column = canonical_column(values if self.specs[name].multivalent else [(v,) for v in values])
-                rows, weights = self.plan.encode_feature(feature, column)
-                if name in self.known:
-                    unseen = self._unseen(name, column.uniques)
-                    codes = column.codes[:, : feature.width]  # values past the trained width are cut, not scored
-                    codes = codes[codes >= 0]
-                    self.unseen[name] += int(unseen[codes].sum())
-            if repeats is not None:
-                rows, weights = np.repeat(rows, repeats, axis=0), np.repeat(weights, repeats, axis=0)
+                weights = ones
             row_parts.append(rows)
             weight_parts.append(weights)
         return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)
+
+    def _hash_columns(self, names: list[str], columns: list[list]) -> list[np.ndarray]:
+        """Rows [n, 1] of each of several one-slot hashed features, from their columns of n canonical values each."""
+        hashing = self._hashing_of.get(tuple(names))
+        if hashing is None:
+            seeds = [self.one_slot_hashed[name][0] for name in names]
+            table_rows = np.array([[self.one_slot_hashed[name][1]] for name in names], dtype=np.uint64)
+            hashing = self._hashing_of[tuple(names)] = (seeds, table_rows)
+        seeds, table_rows = hashing
+        rows = rows_of(hash_canonical_columns(columns, seeds), table_rows)
+        return [column[:, None] for column in rows]
+
+    @staticmethod
+    def _column(name: str, parts: Sequence[CanonicalExamples], one_per_part: bool = False) -> list:
+        """One feature's values over the batch: one per example (no part shares it), or one per part."""
+        if one_per_part:
+            return [p.values[name][0] for p in parts]
+        if len(parts) == 1:
+            return parts[0].values[name]
+        return [v for p in parts for v in p.values[name]]
+
+    def _feature_rows(self, feature: FeaturePlan, parts: Sequence[CanonicalExamples], broadcast: set | frozenset,
+                      one_per_part: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """One feature's rows and weights over the batch: one per example, or (``one_per_part``, a feature every part
+        shares) one per part. ``broadcast``: features some parts share, whose one value stands for each of those
+        parts' examples."""
+        name = feature.name
+        repeats = None
+        if name in broadcast and not one_per_part:
+            values, repeats = self._broadcast_column(name, parts)
+        else:
+            values = self._column(name, parts, one_per_part)
+        if name in self.direct:
+            rows = np.stack([self.plan.rows_of_values(feature, lookup, values) for lookup in feature.lookups], axis=1)
+            weights = np.ones(rows.shape, dtype=np.float32)
+        elif name in self.row_cache:
+            rows = self._scalar_rows(feature, values)
+            weights = np.ones(rows.shape, dtype=np.float32)
+        else:
+            column = canonical_column(values if self.specs[name].multivalent else [(v,) for v in values])
+            rows, weights = self.plan.encode_feature(feature, column)
+            if name in self.known:
+                unseen = self._unseen(name, column.uniques)
+                codes = column.codes[:, : feature.width]  # values past the trained width are cut, not scored
+                codes = codes[codes >= 0]
+                self.unseen[name] += int(unseen[codes].sum())
+        if repeats is not None:
+            rows, weights = np.repeat(rows, repeats, axis=0), np.repeat(weights, repeats, axis=0)
+        return rows, weights
 
     @staticmethod
     def _broadcast_column(name: str, parts: Sequence[CanonicalExamples]) -> tuple[list, np.ndarray]:

@@ -108,6 +108,8 @@ class DeviceTable:
 class CudaModelRuntime(ModelRuntime):
     """A model version scored on a CUDA device; same stages and results as :class:`ModelRuntime`."""
 
+    splits_context = False  # its lookup and assemble kernels take the broadcast [B, S] batch
+
     def __init__(
         self,
         bundle: Bundle,

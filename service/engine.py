@@ -4,7 +4,9 @@ Requests are admitted through a bound (``max_queue_examples``), each with one fu
 One batch loop takes what queued while the previous batch ran (plus ``max_wait_ms``),
 up to ``max_batch_ids`` looked-up ids, and runs it on the one compute thread: one hash,
 one dedupe and lookup per table, one dense call. A failed batch fails its requests,
-never the loop.
+never the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``:
+the batch runs between the loop's reads and writes, with no GIL to hand back and forth), else
+one executor thread (the CUDA path, which waits on the device).
 
     engine = ScoringEngine(settings)
     engine.load(path)                     # validate, warm, make it the model's live (primary) version
@@ -107,6 +109,9 @@ class ScoringEngine:
         self._idle: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uembed-compute")
+        # Batches (and row updates, between them) on the event loop's thread, or on the executor's one thread.
+        self.batches_on_loop = settings.compute_on_event_loop and settings.device == "cpu"
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.updates = None
         if settings.row_updates_url:
             from service.rows.updates import UpdateReader
@@ -376,9 +381,25 @@ class ScoringEngine:
         return [(name, version) for name, loaded in list(self.versions.items()) for version in list(loaded)]
 
     def submit_updates(self, name: str, version: str, entries: list) -> Future:
-        """Row updates (``service/rows/updates.py`` entries, in stream order) to apply on the compute thread, between
+        """Row updates (``service/rows/updates.py`` entries, in stream order) to apply where batches run, between
         two batches: a batch sees each delta whole or not at all. The future completes once they are applied."""
-        return self.executor.submit(self._apply_updates, name, version, entries)
+        loop = self._loop
+        if not self.batches_on_loop or loop is None or loop.is_closed():
+            return self.executor.submit(self._apply_updates, name, version, entries)
+        future: Future = Future()
+
+        def apply() -> None:  # a loop callback: never in the middle of a batch, which runs without awaiting
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                self._apply_updates(name, version, entries)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting reader, as the executor would
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+        loop.call_soon_threadsafe(apply)
+        return future
 
     def _apply_updates(self, name: str, version: str, entries: list) -> None:
         from service.rows.updates import apply_entries
@@ -450,6 +471,7 @@ class ScoringEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._reload_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
         self.running = True
         if self.shadow_runtimes:
             self.shadow.start()
@@ -576,7 +598,10 @@ class ScoringEngine:
             for pending in batch:
                 self.metrics.stage_seconds.labels("queue").observe(started - pending.admitted)
             try:
-                results = await loop.run_in_executor(self.executor, self._run_batch, batch)
+                if self.batches_on_loop:
+                    results = self._run_batch(batch)
+                else:
+                    results = await loop.run_in_executor(self.executor, self._run_batch, batch)
             except Exception as exc:  # noqa: BLE001 - one bad batch fails its requests, never the loop
                 log.exception("batch of %d requests failed", len(batch))
                 error = internal(exc)
@@ -596,9 +621,18 @@ class ScoringEngine:
         runtime = batch[0].runtime
         observe = self.metrics.stage_seconds
         t0 = time.perf_counter()
-        rows, weights = runtime.hash([p.examples for p in batch])
+        parts = [p.examples for p in batch]
+        split = runtime.hash_split(parts) if runtime.splits_context and runtime.torchscript is None else None
+        if split is None:
+            rows, weights = runtime.hash(parts)
         t1 = time.perf_counter()
-        if runtime.torchscript is not None:
+        if split is not None:  # ranking requests: their contexts' rows looked up and weighted once a request
+            own, shared = runtime.lookup_split(split)
+            t2 = time.perf_counter()
+            embeddings = runtime.assemble_split(split, own, shared)
+            t3 = time.perf_counter()
+            scores = runtime.dense(embeddings)
+        elif runtime.torchscript is not None:
             scores = runtime.score_encoded(rows, weights)
             t2 = t3 = time.perf_counter()
         else:
@@ -610,9 +644,10 @@ class ScoringEngine:
         t4 = time.perf_counter()
         for stage, seconds in (("hash", t1 - t0), ("lookup", t2 - t1), ("assemble", t3 - t2), ("dense", t4 - t3)):
             observe.labels(stage).observe(seconds)
-        self.metrics.batch_examples.observe(len(rows))
-        self.metrics.batch_ids.observe(rows.size)
-        self.metrics.examples.labels(runtime.name).inc(len(rows))
+        examples = sum(p.count for p in parts)
+        self.metrics.batch_examples.observe(examples)
+        self.metrics.batch_ids.observe(rows.size if split is None else split.ids)
+        self.metrics.examples.labels(runtime.name).inc(examples)
         unique = 0
         for store in runtime.stores:
             counts = store.take_counts()

@@ -69,29 +69,33 @@ class FrequencySketch:
     MULTIPLIERS = np.array(
         [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64
     )
-    DEPTHS = np.arange(len(MULTIPLIERS))[:, None]
 
     def __init__(self, width: int) -> None:
         self.bits = max(10, int(np.ceil(np.log2(max(width, 2)))))
         self.counts = np.zeros((len(self.MULTIPLIERS), 1 << self.bits), dtype=np.uint8)
+        # Indexed as one flat array (a row's offset added to each index): numpy's one-axis fancy indexing is about
+        # twice as fast as indexing [depths, index] with two arrays (measured at 2,000 ids: 211 -> 108 us an add).
+        self.flat = self.counts.reshape(-1)
+        self.offsets = (np.arange(len(self.MULTIPLIERS), dtype=np.int64) << self.bits)[:, None]
         self.added = 0
         self.halve_every = 10 << self.bits
 
     def _index(self, ids: np.ndarray) -> np.ndarray:
+        """Positions in ``flat`` of each id's counter in every row: int64 [depths * len(ids)], row by row."""
         mixed = ids.astype(np.uint64)[None, :] * self.MULTIPLIERS[:, None]
-        return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
+        return ((mixed >> np.uint64(64 - self.bits)).astype(np.int64) + self.offsets).ravel()
 
     def add(self, ids: np.ndarray) -> None:
         index = self._index(ids)
-        counts = self.counts[self.DEPTHS, index]
-        self.counts[self.DEPTHS, index] = counts + (counts < 255)  # saturating
+        counts = self.flat[index]
+        self.flat[index] = counts + (counts < 255)  # saturating
         self.added += len(ids)
         if self.added >= self.halve_every:
             self.counts >>= 1
             self.added = 0
 
     def estimate(self, ids: np.ndarray) -> np.ndarray:
-        return np.min(self.counts[self.DEPTHS, self._index(ids)], axis=0)
+        return np.min(self.flat[self._index(ids)].reshape(len(self.MULTIPLIERS), -1), axis=0)
 
 
 class SlotIndex:

@@ -21,6 +21,9 @@ class ModelRuntime(ReferenceScorer):
     """The CPU path. ``service/device.py`` has the CUDA path, which keeps every stage's name and contract."""
 
     device = "cpu"
+    # Batches of ranking requests go through hash_split / lookup_split / assemble_split (their contexts' rows
+    # looked up once a request); a runtime with its own lookup and assemble (CUDA) takes the broadcast path.
+    splits_context = True
 
     def __init__(
         self,
@@ -70,13 +73,13 @@ class ModelRuntime(ReferenceScorer):
         """Rows of every slot, float32 [B, S, D]: one dedupe per table, then the row store."""
         if len(self.stores) == 1:  # one table (unified): its gather is the whole output, no second copy
             unique, inverse = dedupe(rows)
-            return self.stores[0].gather(unique)[inverse]
-        out = np.empty(rows.shape + (self.plan.dim,), dtype=np.float32)
-        for (_, slots), store in zip(self.table_slots, self.stores):
-            ids = rows[:, slots]
-            unique, inverse = dedupe(ids)
-            out[:, slots] = store.gather(unique)[inverse]
-        return out
+            return np.take(self.stores[0].gather(unique), inverse, axis=0)  # a third of [inverse]'s time
+        return super().lookup(rows)
+
+    def gather(self, position: int, ids: np.ndarray) -> np.ndarray:
+        """Rows of ids through the table's row store, each distinct id once."""
+        unique, inverse = dedupe(ids) if ids.ndim == 2 else np.unique(ids, return_inverse=True)
+        return np.take(self.stores[position].gather(unique), inverse, axis=0)
 
     def apply_rows(self, table: str, ids: np.ndarray, records: np.ndarray) -> None:
         """Row updates of one table (compute thread, between batches): records in the table's stored form."""

@@ -90,8 +90,9 @@ class ServiceSettings(BaseSettings):
     max_batch_ids: int = Field(
         16384,
         ge=1,
-        description="A batch closes once its examples look up this many row ids (slots). Larger batches "
-        "amortise the dense call but hold early requests longer. One request bigger than this is its own batch.",
+        description="A batch closes once its examples look up this many row ids (slots; a ranking request's "
+        "context counts once, so several ranking requests share a batch). Larger batches amortise the dense call but "
+        "hold early requests longer. One request bigger than this is its own batch.",
     )
     max_wait_ms: float = Field(
         0.0,
@@ -109,6 +110,13 @@ class ServiceSettings(BaseSettings):
         2000.0, gt=0, description="Per-request deadline, queueing included. Past it: 504, never a hang."
     )
 
+    compute_on_event_loop: bool = Field(
+        True,
+        description="On the CPU, run each batch on the event loop's thread between its reads and writes. "
+        "False: on a compute thread beside it. Measured on 2 cores (docs/BENCHMARKS.md): on the loop, 40-50% "
+        "more requests/s; a compute thread spent that much handing the GIL back and forth with the loop and gained "
+        "no parallel work. The CUDA path always uses a compute thread (it waits on the device).",
+    )
     gc_gen0_threshold: int = Field(
         50_000,
         ge=0,

@@ -19,7 +19,7 @@ here: applying an entry twice leaves the same rows (the overlay maps a row to it
 replica needs only its own position, and a fresh one starts from 0.
 
 The reader thread parses and checks entries off the compute thread; the compute thread applies them between
-two batches (the engine submits them to its one-thread executor), so a batch sees each delta whole or not at
+two batches (the engine submits them to where its batches run: the event loop, or its one-thread executor), so a batch sees each delta whole or not at
 all. ``open`` replays a version's stream into its runtime before it goes live (start-up and reloads), so a
 restarted replica serves the same rows as one that never stopped. A dead or slow Redis costs nothing but
 freshness: the reader retries with backoff and requests go on with the rows the replica has.

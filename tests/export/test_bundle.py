@@ -7,6 +7,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from export.bundle import ExportError, export_run
+from export.encoding import ExampleEncoder
 from export.format import quantise_rows
 from export.loader import BundleError, load_bundle
 from export.scorer import ExampleError, ReferenceScorer, onnx_session
@@ -171,3 +172,57 @@ def test_export_refuses_an_existing_version_and_a_non_run(exported, tmp_path):
         export_run(tmp_path, tmp_path / "out", "ml")
     with pytest.raises(ExportError, match="row dtype"):
         export_run(run_dir, tmp_path / "out", "ml", dtype="int4")
+
+
+USER = ("user_id", "age", "gender", "occupation", "zip_code")
+
+
+def test_ranking_batches_score_the_same_split_or_broadcast(movielens, exported):
+    """The split path (a context's rows hashed, looked up and weighted once a request: hash_split, lookup_split,
+    assemble_split) gives the very floats of the broadcast path, in the reference scorer and the service's runtime,
+    on plans with several tables, several lookups a feature and pooled lists (in the context: padding weighs 0);
+    parts that share more than the batch's common context broadcast the rest."""
+    from service.runtime import ModelRuntime
+
+    _, examples = movielens
+    _, bundles = exported
+    for dtype in ("float32", "int8"):
+        bundle = load_bundle(bundles[dtype])
+        for scorer in (ReferenceScorer(bundle), ModelRuntime(bundle, hot_rows_bytes=2**14)):
+            parts = []
+            for start, shared in ((0, USER + ("genres",)), (40, USER + ("genres",)), (80, ("user_id", "genres"))):
+                chunk = examples[start : start + 40]
+                context = {name: chunk[0][name] for name in shared}
+                parts.append(scorer.canonicalise([{k: v for k, v in e.items() if k not in shared} for e in chunk], context))
+            rows, weights = scorer.hash(parts)
+            split = scorer.hash_split(parts)
+            assert split.context_rows.shape[0] == 3 and split.rows.shape[0] == 120
+            assert split.ids == split.rows.size + split.context_rows.size < rows.size
+            for got, want in zip(split.broadcast(), (rows, weights)):
+                np.testing.assert_array_equal(got, want)
+            for _ in range(2):  # the second pass: tier 1 answers
+                embeddings = scorer.assemble_split(split, *scorer.lookup_split(split))
+                np.testing.assert_array_equal(embeddings, scorer.assemble(scorer.lookup(rows), weights))
+                np.testing.assert_array_equal(scorer.dense(embeddings), scorer.score_encoded(rows, weights))
+            assert scorer.hash_split(parts + [scorer.canonicalise(examples[:3])]) is None  # a flat part: no split
+
+
+def test_one_value_features_hashed_together_give_their_rows_hashed_one_by_one(movielens, exported):
+    """Without training values, one-value features with one hashed lookup are hashed in one pass over all their
+    columns, each value under its feature's seed and modulo its table's rows; with them, each feature goes through
+    its own row cache: the same rows, flat and as a ranking request's split batch (semantic-group: two tables of
+    different sizes)."""
+    _, examples = movielens
+    _, bundles = exported
+    bundle = load_bundle(bundles["float32"])
+    together = ExampleEncoder(bundle.feature_specs, bundle.plan)
+    one_by_one = ExampleEncoder(bundle.feature_specs, bundle.plan, known=bundle.known_values)
+    assert not one_by_one.one_slot_hashed
+    assert len(together.one_slot_hashed) > 1 or all(f.vocabulary or len(f.lookups) > 1 for f in bundle.plan.features)
+    for got, want in zip(together.encode(examples), one_by_one.encode(examples)):
+        np.testing.assert_array_equal(got, want)
+    context = {name: examples[0][name] for name in USER}
+    parts = [encoder.canonicalise([{k: v for k, v in e.items() if k not in USER} for e in examples[:50]], context)
+             for encoder in (together, one_by_one)]  # fmt: skip
+    for got, want in zip(together.hash_split(parts[:1]).broadcast(), one_by_one.hash(parts[1:])):
+        np.testing.assert_array_equal(got, want)

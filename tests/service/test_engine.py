@@ -212,3 +212,36 @@ def test_a_dense_net_that_returns_the_wrong_number_of_scores_fails_its_batch(bun
         await engine.astop()
 
     run(main())
+
+
+@pytest.mark.parametrize("on_loop", [True, False], ids=["batches-on-the-loop", "batches-on-a-thread"])
+def test_ranking_requests_batch_together_and_look_up_their_context_once(bundle_store, movielens_examples, on_loop):
+    """Batches of ranking requests only take the split path: each context's rows are looked up once (the ids a
+    batch looks up count them once, so more requests fit a batch), and the scores are the flat examples' floats,
+    whether batches run on the event loop or on a compute thread."""
+    path = bundle_store / "movielens" / "1"
+    user = ("user_id", "age", "gender", "occupation", "zip_code")
+    requests = []
+    for start in range(0, 200, 20):
+        chunk = movielens_examples[start : start + 20]
+        requests.append(({name: chunk[0][name] for name in user}, [{k: v for k, v in e.items() if k not in user} for e in chunk]))
+    expected = ReferenceScorer(load_bundle(path)).score([{**context, **e} for context, examples in requests for e in examples])
+    settings = load_settings(max_wait_ms=5, compute_on_event_loop=on_loop)
+
+    async def main():
+        engine = ScoringEngine(settings)
+        runtime = engine.load(path)
+        await engine.astart()
+        results = await asyncio.gather(*(engine.score(examples, context=context) for context, examples in requests))
+        await engine.astop()
+        return engine, runtime, np.concatenate([scores for scores, _ in results])
+
+    engine, runtime, scores = run(main())
+    np.testing.assert_array_equal(scores, expected)
+    assert engine.batches_on_loop is on_loop
+    shared_slots = sum(runtime.encoder.feature_slots[name] for name in user)
+    assert shared_slots == len(user)
+    batches = sample_count(engine, "uembed_batch_examples_count")
+    assert batches < len(requests)  # merged
+    per_request_ids = 20 * (runtime.slots - shared_slots) + shared_slots
+    assert sample_count(engine, "uembed_batch_ids_sum") == len(requests) * per_request_ids

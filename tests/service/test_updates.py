@@ -90,9 +90,11 @@ def bundle_with_rows(path, rows: np.ndarray):
     return bundle
 
 
-def test_a_batch_never_sees_a_half_applied_delta(bundle_store, movielens_examples):
+@pytest.mark.parametrize("on_loop", [True, False], ids=["batches-on-the-loop", "batches-on-a-thread"])
+def test_a_batch_never_sees_a_half_applied_delta(bundle_store, movielens_examples, on_loop):
     """Deltas that rewrite every row of the table, alternating two sets of rows, applied while one request of 300
-    examples is scored again and again: each response is wholly the old rows' scores or wholly the new ones'."""
+    examples is scored again and again: each response is wholly the old rows' scores or wholly the new ones',
+    whether batches (and so the deltas, between them) run on the event loop or on a compute thread."""
     path = bundle_store / "movielens" / "1"
     examples = movielens_examples[:300]
     old_rows = np.asarray(load_bundle(path).tables["unified"].data)
@@ -103,7 +105,8 @@ def test_a_batch_never_sees_a_half_applied_delta(bundle_store, movielens_example
     deltas = {name: RowDelta({"unified": (ids, encode_records(rows, "float32"))}) for name, rows in (("old", old_rows), ("new", new_rows))}
 
     async def main():
-        engine = ScoringEngine(load_settings(hot_rows_bytes=8 * 1024))  # half the rows in tier 1, the rest in the overlay
+        # half the rows in tier 1, the rest in the overlay
+        engine = ScoringEngine(load_settings(hot_rows_bytes=8 * 1024, compute_on_event_loop=on_loop))
         engine.load(path)
         await engine.astart()
         stop = threading.Event()
@@ -123,7 +126,7 @@ def test_a_batch_never_sees_a_half_applied_delta(bundle_store, movielens_example
                 seen.append(next((name for name, value in expected.items() if np.allclose(scores, value, atol=2e-6, rtol=0)), None))
         finally:
             stop.set()
-            publisher.join()
+            await asyncio.to_thread(publisher.join)  # the loop runs the deltas the publisher waits on
             await engine.astop()
         return seen
 

@@ -125,6 +125,9 @@ def test_the_scale_benchmark_runs_end_to_end_on_a_small_bundle(tmp_path):
         assert service[f"{shape}_saturated"]["requests"] > 0 and service[f"{shape}_saturated"]["failures"] == 0
     assert service["start_up"]["live_s"] <= service["start_up"]["ready_s"]
     assert service["candidates_over_flat"] > 0 and set(service["tier_hit_rates"]) == {"hot", "redis", "file"}
+    rounds = service["candidates_over_flat_rounds"]
+    assert len(rounds) == 3 and all(r["ranking"] > 0 and r["flat"] > 0 for r in rounds)
+    assert service["candidates_over_flat"] == sorted(r["ratio"] for r in rounds)[1]
     (worker,) = service["memory_per_worker"]
     assert 0 < worker["pss_gib"] <= worker["rss_gib"]
     assert naive["flat_same_examples_saturated"]["failures"] == 0 and len(naive["memory_per_worker"]) == 1

@@ -229,6 +229,8 @@ class ExampleEncoder:
     cache_bytes: int = 0
     known: Mapping[str, KnownValues] = field(default_factory=dict)
 
+    LAYOUTS_KEPT = 64  # slot layouts of distinct context feature sets remembered (clients choose the sets)
+
     def __post_init__(self) -> None:
         self.widths = {f.name: f.width for f in self.plan.features}
         self.feature_slots = {f.name: f.width * len(f.lookups) for f in self.plan.features}
@@ -325,9 +327,7 @@ class ExampleEncoder:
                 column = [items[0] for items in column]
             values[name] = column
         shared = frozenset(context.keys() & specs.keys()) if context else frozenset()
-        # The row ids it looks up: a context's once (``hash_split``), each candidate's own slots per candidate.
-        shared_slots = sum(self.feature_slots[name] for name in shared)
-        ids = len(examples) * (self.slots - shared_slots) + shared_slots
+        ids = self.ids_looked_up(len(examples), 1, shared)  # alone in a batch, with its context split out
         return CanonicalExamples(len(examples), values, ids, truncated, shared)
 
     def _text_column(self, spec: FeatureSpec, raw: list) -> list[bytes] | None:
@@ -392,6 +392,12 @@ class ExampleEncoder:
             cache.put(key, items, entry_bytes(key, items))
         return items
 
+    def ids_looked_up(self, count: int, parts: int, context: frozenset[str]) -> int:
+        """Row ids a batch of ``count`` examples in ``parts`` requests looks up when ``context`` (the features every
+        part shares) is split out (:meth:`hash_split`): those once a part, the others once an example."""
+        shared_slots = sum(self.feature_slots[name] for name in context) if context else 0
+        return count * (self.slots - shared_slots) + parts * shared_slots
+
     # --- hash -------------------------------------------------------------------------------
     def hash(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, np.ndarray]:
         """Row ids int64 [B, S] and pooling weights float32 [B, S] of a whole batch, hashing each distinct value once.
@@ -426,6 +432,8 @@ class ExampleEncoder:
         each as runs of consecutive slots."""
         found = self._slot_split.get(context)
         if found is None:
+            if len(self._slot_split) >= self.LAYOUTS_KEPT:  # clients choose their contexts: keep a few layouts
+                self._slot_split.clear()
             in_context = np.concatenate(
                 [np.full(self.feature_slots[f.name], f.name in context) for f in self.plan.features]
             )
@@ -462,6 +470,8 @@ class ExampleEncoder:
         """Rows [n, 1] of each of several one-slot hashed features, from their columns of n canonical values each."""
         hashing = self._hashing_of.get(tuple(names))
         if hashing is None:
+            if len(self._hashing_of) >= self.LAYOUTS_KEPT:
+                self._hashing_of.clear()
             seeds = [self.one_slot_hashed[name][0] for name in names]
             table_rows = np.array([[self.one_slot_hashed[name][1]] for name in names], dtype=np.uint64)
             hashing = self._hashing_of[tuple(names)] = (seeds, table_rows)

@@ -87,10 +87,10 @@ class ReferenceScorer:
         """Rows of every slot: float32 [B, S, D]."""
         out = np.empty(rows.shape + (self.plan.dim,), dtype=np.float32)
         for position, (_, slots) in enumerate(self.table_slots):
-            out[:, slots] = self.gather(position, rows[:, slots])
+            out[:, slots] = self.gather_table(position, rows[:, slots])
         return out
 
-    def gather(self, position: int, ids: np.ndarray) -> np.ndarray:
+    def gather_table(self, position: int, ids: np.ndarray) -> np.ndarray:
         """Rows float32 [*ids.shape, D] of ids of the table at ``position``."""
         return self.table_slots[position][0].gather(ids)
 
@@ -100,7 +100,7 @@ class ReferenceScorer:
         dim = self.plan.dim
         own_ids, shared_ids = batch.rows, batch.context_rows
         if len(self.table_slots) == 1:  # one table (unified): one gather, split in two views
-            found = self.gather(0, np.concatenate([own_ids.ravel(), shared_ids.ravel()]))
+            found = self.gather_table(0, np.concatenate([own_ids.ravel(), shared_ids.ravel()]))
             return found[: own_ids.size].reshape(own_ids.shape + (dim,)), found[own_ids.size :].reshape(shared_ids.shape + (dim,))
         own = np.empty(own_ids.shape + (dim,), dtype=np.float32)
         shared = np.empty(shared_ids.shape + (dim,), dtype=np.float32)
@@ -108,16 +108,17 @@ class ReferenceScorer:
         for position in range(len(self.table_slots)):
             own_columns, shared_columns = np.flatnonzero(own_tables == position), np.flatnonzero(shared_tables == position)
             ids = np.concatenate([own_ids[:, own_columns].ravel(), shared_ids[:, shared_columns].ravel()])
-            found = self.gather(position, ids)
+            found = self.gather_table(position, ids)
             split = len(own_ids) * len(own_columns)
             own[:, own_columns] = found[:split].reshape(len(own_ids), len(own_columns), dim)
             shared[:, shared_columns] = found[split:].reshape(len(shared_ids), len(shared_columns), dim)
         return own, shared
 
     def assemble(self, looked_up: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Pool each (feature, lookup), concatenate, add feature biases: float32 [B, E]. ``looked_up`` is the
-        caller's to give: with every weight 1 (one-value features only) it becomes the output, unmultiplied."""
-        return self._pool(looked_up if (weights == 1).all() else looked_up * weights[..., None])
+        """Pool each (feature, lookup), concatenate, add feature biases: float32 [B, E]. With every weight 1 (one-value
+        features only) and no biases, the output is ``looked_up`` itself, reshaped (not copied, nor written to)."""
+        unweighted = not self.bias_columns.size and (weights == 1).all()
+        return self._pool(looked_up if unweighted else looked_up * weights[..., None])
 
     def assemble_split(self, batch: SplitBatch, own: np.ndarray, shared: np.ndarray) -> np.ndarray:
         """``assemble`` of a split batch: each part's weighted context rows written to all of its examples (copies by

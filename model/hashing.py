@@ -92,6 +92,8 @@ def hash_canonical_columns(columns: Sequence[Sequence[bytes]], seeds: Sequence[i
     ``hash_canonical`` of each column, in one pass (one numpy call per column cost more than the hashing itself
     for a ranking request's 20 one-value context features)."""
     n = len(columns[0]) if columns else 0
+    if any(len(column) != n for column in columns):
+        raise ValueError(f"columns of different lengths: {[len(column) for column in columns]}")
     seeded = chain.from_iterable(repeat(seed, n) for seed in seeds)
     keys = np.fromiter(map(xxhash.xxh3_64_intdigest, chain.from_iterable(columns), seeded), dtype=np.uint64, count=n * len(columns))
     return keys.reshape(len(columns), n)

@@ -110,7 +110,9 @@ class ScoringEngine:
         self._reload_lock: asyncio.Lock | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uembed-compute")
         # Batches (and row updates, between them) on the event loop's thread, or on the executor's one thread.
-        self.batches_on_loop = settings.compute_on_event_loop and settings.device == "cpu"
+        # Not with Redis in the batch's path (a tier-2 read may wait up to its timeout): the loop would wait with it.
+        self.batches_on_loop = (settings.compute_on_event_loop and settings.device == "cpu" and not settings.redis_url
+                                and settings.row_source == "files")  # fmt: skip
         self._loop: asyncio.AbstractEventLoop | None = None
         self.updates = None
         if settings.row_updates_url:
@@ -557,23 +559,29 @@ class ScoringEngine:
         self.shadow.offer(ShadowCopy(shadow, examples, context, scores))
 
     def _take_batch(self) -> list[Pending]:
-        """The oldest live request, and after it every queued request of the same model version up to max_batch_ids."""
+        """The oldest live request, and after it every queued request of the same model version up to max_batch_ids
+        row ids looked up, as the batch will look them up: the features every request of it shares (ranking
+        requests' contexts) once a request when the runtime splits them out, the rest once an example."""
         batch: list[Pending] = []
         skipped: deque[Pending] = deque()
-        ids = 0
+        count, context = 0, None
         while self.queue:
             pending = self.queue.popleft()
             if pending.future.done():  # timed out or the client went away: its work is skipped
                 self.queued_examples -= pending.examples.count
                 self.metrics.abandoned.labels("deadline" if pending.timed_out else "cancelled").inc()
                 continue
-            if batch and (pending.runtime is not batch[0].runtime or ids + pending.examples.ids > self.settings.max_batch_ids):
+            runtime = pending.runtime
+            shared = pending.examples.shared if runtime.splits_context and runtime.torchscript is None else frozenset()
+            joined = shared if context is None else context & shared
+            if batch and (runtime is not batch[0].runtime or runtime.encoder.ids_looked_up(
+                    count + pending.examples.count, len(batch) + 1, joined) > self.settings.max_batch_ids):  # fmt: skip
                 skipped.append(pending)
-                if pending.runtime is batch[0].runtime:
+                if runtime is batch[0].runtime:
                     break
                 continue
             batch.append(pending)
-            ids += pending.examples.ids
+            count, context = count + pending.examples.count, joined
             self.queued_examples -= pending.examples.count
         self.queue.extendleft(reversed(skipped))
         self.metrics.queue_examples.set(self.queued_examples)
@@ -615,6 +623,10 @@ class ScoringEngine:
             finally:
                 self._batch_runtime = None
                 self._idle.set()
+            if self.batches_on_loop:
+                # A batch ran without awaiting: hand the loop its replies, reads, timers and row updates before the
+                # next one (without this, a queue of batches ran back to back and held every reply till the end).
+                await asyncio.sleep(0)
 
     def _run_batch(self, batch: list[Pending]) -> list[np.ndarray]:
         """On the compute thread: hash, lookup, assemble, dense; timed per stage."""

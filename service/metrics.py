@@ -73,7 +73,7 @@ class ServiceMetrics:
             "uembed_batch_examples", "Examples per batch.", buckets=SIZE_BUCKETS, registry=r
         )
         self.batch_ids = Histogram(
-            "uembed_batch_ids", "Row ids looked up per batch (before dedupe; a ranking request's context counts once).", buckets=SIZE_BUCKETS, registry=r
+            "uembed_batch_ids", "Row ids looked up per batch (before dedupe; in a batch of ranking requests, each context's once).", buckets=SIZE_BUCKETS, registry=r
         )
         self.batch_unique_ids = Histogram(
             "uembed_batch_unique_ids", "Distinct row ids per batch (after dedupe, summed over tables).",

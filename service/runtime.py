@@ -76,7 +76,7 @@ class ModelRuntime(ReferenceScorer):
             return np.take(self.stores[0].gather(unique), inverse, axis=0)  # a third of [inverse]'s time
         return super().lookup(rows)
 
-    def gather(self, position: int, ids: np.ndarray) -> np.ndarray:
+    def gather_table(self, position: int, ids: np.ndarray) -> np.ndarray:
         """Rows of ids through the table's row store, each distinct id once."""
         unique, inverse = dedupe(ids) if ids.ndim == 2 else np.unique(ids, return_inverse=True)
         return np.take(self.stores[position].gather(unique), inverse, axis=0)

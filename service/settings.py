@@ -112,10 +112,11 @@ class ServiceSettings(BaseSettings):
 
     compute_on_event_loop: bool = Field(
         True,
-        description="On the CPU, run each batch on the event loop's thread between its reads and writes. "
-        "False: on a compute thread beside it. Measured on 2 cores (docs/BENCHMARKS.md): on the loop, 40-50% "
-        "more requests/s; a compute thread spent that much handing the GIL back and forth with the loop and gained "
-        "no parallel work. The CUDA path always uses a compute thread (it waits on the device).",
+        description="On the CPU with local rows, run each batch on the event loop's thread between its reads and "
+        "writes. False: on a compute thread beside it. Measured on 2 cores (docs/BENCHMARKS.md, issue #13): on the "
+        "loop, 40-50% more requests/s; a compute thread spent that much handing the GIL back and forth with the loop "
+        "and gained no parallel work. A compute thread is used anyway where a batch can wait: with Redis in the rows' "
+        "path (redis_url, row_source=redis) and on CUDA.",
     )
     gc_gen0_threshold: int = Field(
         50_000,

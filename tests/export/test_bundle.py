@@ -216,7 +216,7 @@ def test_one_value_features_hashed_together_give_their_rows_hashed_one_by_one(mo
     _, bundles = exported
     bundle = load_bundle(bundles["float32"])
     together = ExampleEncoder(bundle.feature_specs, bundle.plan)
-    one_by_one = ExampleEncoder(bundle.feature_specs, bundle.plan, known=bundle.known_values)
+    one_by_one = ExampleEncoder(bundle.feature_specs, bundle.plan, cache_bytes=2**20, known=bundle.known_values)
     assert not one_by_one.one_slot_hashed
     assert len(together.one_slot_hashed) > 1 or all(f.vocabulary or len(f.lookups) > 1 for f in bundle.plan.features)
     for got, want in zip(together.encode(examples), one_by_one.encode(examples)):

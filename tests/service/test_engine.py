@@ -216,9 +216,9 @@ def test_a_dense_net_that_returns_the_wrong_number_of_scores_fails_its_batch(bun
 
 @pytest.mark.parametrize("on_loop", [True, False], ids=["batches-on-the-loop", "batches-on-a-thread"])
 def test_ranking_requests_batch_together_and_look_up_their_context_once(bundle_store, movielens_examples, on_loop):
-    """Batches of ranking requests only take the split path: each context's rows are looked up once (the ids a
-    batch looks up count them once, so more requests fit a batch), and the scores are the flat examples' floats,
-    whether batches run on the event loop or on a compute thread."""
+    """Batches of ranking requests take the split path: each context's rows are looked up once, and counted once
+    against max_batch_ids (a budget that fits two such requests, not one with its context repeated), and the
+    scores are the flat examples' floats, whether batches run on the event loop or on a compute thread."""
     path = bundle_store / "movielens" / "1"
     user = ("user_id", "age", "gender", "occupation", "zip_code")
     requests = []
@@ -226,22 +226,66 @@ def test_ranking_requests_batch_together_and_look_up_their_context_once(bundle_s
         chunk = movielens_examples[start : start + 20]
         requests.append(({name: chunk[0][name] for name in user}, [{k: v for k, v in e.items() if k not in user} for e in chunk]))
     expected = ReferenceScorer(load_bundle(path)).score([{**context, **e} for context, examples in requests for e in examples])
-    settings = load_settings(max_wait_ms=5, compute_on_event_loop=on_loop)
+    bundle = load_bundle(path)
+    slots = bundle.plan.slots
+    shared_slots = sum(f.width * len(f.lookups) for f in bundle.plan.features if f.name in user)
+    per_request_ids = 20 * (slots - shared_slots) + shared_slots
+    assert per_request_ids < 20 * slots  # the budget below fits two requests split, not two broadcast
+    settings = load_settings(max_wait_ms=20, compute_on_event_loop=on_loop, max_batch_ids=2 * per_request_ids)
 
     async def main():
         engine = ScoringEngine(settings)
-        runtime = engine.load(path)
+        engine.load(path)
         await engine.astart()
         results = await asyncio.gather(*(engine.score(examples, context=context) for context, examples in requests))
         await engine.astop()
-        return engine, runtime, np.concatenate([scores for scores, _ in results])
+        return engine, np.concatenate([scores for scores, _ in results])
 
-    engine, runtime, scores = run(main())
+    engine, scores = run(main())
     np.testing.assert_array_equal(scores, expected)
     assert engine.batches_on_loop is on_loop
-    shared_slots = sum(runtime.encoder.feature_slots[name] for name in user)
-    assert shared_slots == len(user)
-    batches = sample_count(engine, "uembed_batch_examples_count")
-    assert batches < len(requests)  # merged
-    per_request_ids = 20 * (runtime.slots - shared_slots) + shared_slots
+    assert sample_count(engine, "uembed_batch_examples_count") == len(requests) / 2  # two requests a batch
     assert sample_count(engine, "uembed_batch_ids_sum") == len(requests) * per_request_ids
+
+
+def test_a_batch_counts_the_ids_it_will_look_up(bundle_store, movielens_examples):
+    """max_batch_ids is charged what the batch looks up: contexts once a request only where every request of the
+    batch shares them (a flat request in it, or a runtime that does not split, repeats them)."""
+    runtime = ScoringEngine(load_settings()).open(bundle_store / "movielens" / "1")
+    encoder = runtime.encoder
+    user = ("user_id", "age", "gender", "occupation", "zip_code")
+    ranked = [encoder.canonicalise([{k: v for k, v in e.items() if k not in shared} for e in movielens_examples[:12]],
+                                   {n: movielens_examples[i][n] for n in shared})
+              for i, shared in enumerate((user, user, ("user_id", "genres")))]  # fmt: skip
+    flat = encoder.canonicalise(movielens_examples[20:27])
+    for parts in ([ranked[0]], ranked[:2], ranked, ranked[:2] + [flat], [flat]):
+        context = frozenset.intersection(*(p.shared for p in parts))
+        charged = encoder.ids_looked_up(sum(p.count for p in parts), len(parts), context)
+        split = runtime.hash_split(parts)
+        looked_up = split.ids if split is not None else runtime.hash(parts)[0].size
+        assert charged == looked_up
+    assert ranked[0].ids == encoder.ids_looked_up(12, 1, ranked[0].shared) < 12 * encoder.slots
+
+
+def test_batches_on_the_loop_hand_it_back_between_batches(bundle_store, movielens_examples):
+    """Each request its own batch (max_batch_ids=1), six queued at once: the first reply reaches its caller before
+    the last batch has run (the loop runs replies, reads and row updates between two batches)."""
+    path = bundle_store / "movielens" / "1"
+
+    async def main():
+        engine = ScoringEngine(load_settings(max_batch_ids=1))
+        engine.load(path)
+        await engine.astart()
+        batches_seen = []
+
+        async def one(i):
+            await engine.score(movielens_examples[i : i + 1])
+            batches_seen.append(sample_count(engine, "uembed_batch_examples_count"))
+
+        await asyncio.gather(*(one(i) for i in range(6)))
+        await engine.astop()
+        return engine, batches_seen
+
+    engine, batches_seen = run(main())
+    assert engine.batches_on_loop and sorted(batches_seen) == batches_seen and batches_seen[-1] == 6
+    assert batches_seen[0] < 6, batches_seen

@@ -114,9 +114,11 @@ class ServiceSettings(BaseSettings):
         True,
         description="On the CPU with local rows, run each batch on the event loop's thread between its reads and "
         "writes. False: on a compute thread beside it. Measured on 2 cores (docs/BENCHMARKS.md, issue #13): on the "
-        "loop, 40-50% more requests/s; a compute thread spent that much handing the GIL back and forth with the loop "
-        "and gained no parallel work. A compute thread is used anyway where a batch can wait: with Redis in the rows' "
-        "path (redis_url, row_source=redis) and on CUDA.",
+        "loop, 1.2-1.6x the requests/s at 500 examples a request and 1.0-1.25x at 64; a compute thread spends it "
+        "handing the GIL back and forth with the loop and gains no parallel work. On the loop, a request that arrives "
+        "during a batch is read, admitted or refused (max_queue_examples) when the batch ends, and its deadline "
+        "(request_timeout_ms) is checked between batches, not during one. A compute thread is used anyway where a "
+        "batch can wait: with Redis in the rows' path (redis_url, row_source=redis) and on CUDA.",
     )
     gc_gen0_threshold: int = Field(
         50_000,

@@ -16,6 +16,20 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+def score_concurrently(path, settings, requests):
+    """An engine serving ``path`` scores ``(context, examples)`` requests all at once; the engine and the scores in order."""
+
+    async def main():
+        engine = ScoringEngine(settings)
+        engine.load(path)
+        await engine.astart()
+        results = await asyncio.gather(*(engine.score(examples, context=context) for context, examples in requests))
+        await engine.astop()
+        return engine, np.concatenate([scores for scores, _ in results])
+
+    return run(main())
+
+
 def sample_count(engine, name):
     return next(s.value for m in engine.metrics.registry.collect() for s in m.samples if s.name == name)
 
@@ -56,15 +70,7 @@ def test_ranking_requests_batch_with_flat_ones_and_score_as_their_flat_examples(
     flat = [[{**(context or {}), **example} for example in examples] for context, examples in requests]
     expected = ReferenceScorer(load_bundle(path)).score([example for examples in flat for example in examples])
 
-    async def main():
-        engine = ScoringEngine(load_settings(max_wait_ms=5))
-        engine.load(path)
-        await engine.astart()
-        results = await asyncio.gather(*(engine.score(examples, context=context) for context, examples in requests))
-        await engine.astop()
-        return engine, np.concatenate([scores for scores, _ in results])
-
-    engine, scores = run(main())
+    engine, scores = score_concurrently(path, load_settings(max_wait_ms=5), requests)
     np.testing.assert_allclose(scores, expected, atol=1e-6, rtol=0)
     assert sample_count(engine, "uembed_batch_examples_count") < len(requests)  # merged
     assert sample_count(engine, "uembed_batch_examples_sum") == 120
@@ -233,15 +239,7 @@ def test_ranking_requests_batch_together_and_look_up_their_context_once(bundle_s
     assert per_request_ids < 20 * slots  # the budget below fits two requests split, not two broadcast
     settings = load_settings(max_wait_ms=20, compute_on_event_loop=on_loop, max_batch_ids=2 * per_request_ids)
 
-    async def main():
-        engine = ScoringEngine(settings)
-        engine.load(path)
-        await engine.astart()
-        results = await asyncio.gather(*(engine.score(examples, context=context) for context, examples in requests))
-        await engine.astop()
-        return engine, np.concatenate([scores for scores, _ in results])
-
-    engine, scores = run(main())
+    engine, scores = score_concurrently(path, settings, requests)
     np.testing.assert_array_equal(scores, expected)
     assert engine.batches_on_loop is on_loop
     assert sample_count(engine, "uembed_batch_examples_count") == len(requests) / 2  # two requests a batch

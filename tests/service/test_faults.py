@@ -97,7 +97,10 @@ def test_redis_killed_restarted_and_paused_under_traffic(start_service, bundle_s
 
 
 def test_overload_is_refused_with_503_and_retry_after(start_service, bundle_store, movielens_examples):
-    service = start_service([bundle_store / "movielens" / "1"], max_queue_examples=64, request_timeout_ms=5000)
+    # A batching window of 20 ms: a second request within it finds the queue full, whether batches run on the
+    # event loop (requests that arrive during a batch are admitted, or refused, when it ends) or on a thread.
+    service = start_service([bundle_store / "movielens" / "1"], max_queue_examples=64, request_timeout_ms=5000,
+                            max_wait_ms=20)
 
     def post(index: int):
         chunk = movielens_examples[(index * 64) % 900 :][:64]

@@ -183,8 +183,8 @@ class SplitBatch:
     context_slots: np.ndarray
     counts: np.ndarray
     # (first column here, first slot of the S, length): runs of consecutive slots, for copies by slices
-    runs: tuple[tuple[int, int, int], ...] = ()
-    context_runs: tuple[tuple[int, int, int], ...] = ()
+    runs: tuple[tuple[int, int, int], ...]
+    context_runs: tuple[tuple[int, int, int], ...]
 
     @property
     def count(self) -> int:

@@ -572,7 +572,7 @@ class ScoringEngine:
                 self.metrics.abandoned.labels("deadline" if pending.timed_out else "cancelled").inc()
                 continue
             runtime = pending.runtime
-            shared = pending.examples.shared if runtime.splits_context and runtime.torchscript is None else frozenset()
+            shared = pending.examples.shared if runtime.splits_context else frozenset()
             joined = shared if context is None else context & shared
             if batch and (runtime is not batch[0].runtime or runtime.encoder.ids_looked_up(
                     count + pending.examples.count, len(batch) + 1, joined) > self.settings.max_batch_ids):  # fmt: skip
@@ -634,7 +634,7 @@ class ScoringEngine:
         observe = self.metrics.stage_seconds
         t0 = time.perf_counter()
         parts = [p.examples for p in batch]
-        split = runtime.hash_split(parts) if runtime.splits_context and runtime.torchscript is None else None
+        split = runtime.hash_split(parts) if runtime.splits_context else None
         if split is None:
             rows, weights = runtime.hash(parts)
         t1 = time.perf_counter()

@@ -21,9 +21,6 @@ class ModelRuntime(ReferenceScorer):
     """The CPU path. ``service/device.py`` has the CUDA path, which keeps every stage's name and contract."""
 
     device = "cpu"
-    # Batches of ranking requests go through hash_split / lookup_split / assemble_split (their contexts' rows
-    # looked up once a request); a runtime with its own lookup and assemble (CUDA) takes the broadcast path.
-    splits_context = True
 
     def __init__(
         self,
@@ -72,14 +69,20 @@ class ModelRuntime(ReferenceScorer):
     def lookup(self, rows: np.ndarray) -> np.ndarray:
         """Rows of every slot, float32 [B, S, D]: one dedupe per table, then the row store."""
         if len(self.stores) == 1:  # one table (unified): its gather is the whole output, no second copy
-            unique, inverse = dedupe(rows)
-            return np.take(self.stores[0].gather(unique), inverse, axis=0)  # a third of [inverse]'s time
+            return self.gather_table(0, rows)
         return super().lookup(rows)
 
     def gather_table(self, position: int, ids: np.ndarray) -> np.ndarray:
         """Rows of ids through the table's row store, each distinct id once."""
         unique, inverse = dedupe(ids) if ids.ndim == 2 else np.unique(ids, return_inverse=True)
-        return np.take(self.stores[position].gather(unique), inverse, axis=0)
+        return np.take(self.stores[position].gather(unique), inverse, axis=0)  # a third of [inverse]'s time
+
+    @property
+    def splits_context(self) -> bool:
+        """Whether batches of ranking requests go through hash_split / lookup_split / assemble_split (their contexts'
+        rows looked up once a request): not with the TorchScript full model, nor on a runtime with its own lookup and
+        assemble (CUDA), which take the broadcast path."""
+        return self.torchscript is None
 
     def apply_rows(self, table: str, ids: np.ndarray, records: np.ndarray) -> None:
         """Row updates of one table (compute thread, between batches): records in the table's stored form."""

@@ -5,6 +5,7 @@ Tests marked ``cuda`` need a CUDA device, CuPy and onnxruntime-gpu, and are skip
 where there is no usable CUDA device, which is CI and this project's development machines.
 """
 
+import asyncio
 import subprocess
 import sys
 
@@ -179,8 +180,147 @@ def test_service_on_cuda_over_http(synthetic_bundles, start_service):
             assert response.status_code == 200, response.text
             got = np.array(response.json()["scores"], dtype=np.float32)
             assert np.abs(got - score(cpu, traffic[start : start + 64])).max() <= 1e-5
+        for context, candidates in ranking_requests(2, 200, seed=40):
+            response = client.post("/v1/score", json={"context": context, "candidates": candidates})
+            assert response.status_code == 200, response.text
+            got = np.array(response.json()["scores"], dtype=np.float32)
+            assert np.abs(got - score(cpu, flat(context, candidates))).max() <= 1e-5
         model = client.get("/v1/models").json()["models"][0]
         assert model["device"] == "cuda:0" and model["tables"][0]["hot_rows_on_device"]
         metrics = client.get("/metrics").text
     assert 'uembed_table_memory_bytes{model="synth",table="unified",tier="device"}' in metrics
     assert 'uembed_row_cache_hits_total{tier="hot"}' in metrics
+
+
+# --- ranking requests, row updates and shadow copies on CUDA ---------------------------------------
+
+CONTEXT_FEATURES = ("user", "city", "genres")
+
+
+def ranking_requests(count: int, candidates: int, seed: int) -> list[tuple[dict, list[dict]]]:
+    """``count`` ranking requests: one user's context (user, city, genres) and its candidates (item, tags)."""
+    out = []
+    for number in range(count):
+        pool = examples(candidates, seed=seed + number)
+        context = {name: pool[0][name] for name in CONTEXT_FEATURES if name in pool[0]}
+        out.append((context, [{name: e[name] for name in ("item", "tags")} for e in pool]))
+    return out
+
+
+def flat(context: dict, candidates: list[dict]) -> list[dict]:
+    return [{**candidate, **context} for candidate in candidates]
+
+
+def sample(engine, name: str, **labels) -> float:
+    """The value of one sample of the engine's metrics: ``name`` with these labels."""
+    return next(s.value for m in engine.metrics.registry.collect() for s in m.samples
+                if s.name == name and labels.items() <= s.labels.items())  # fmt: skip
+
+
+@cuda
+def test_ranking_requests_batched_on_cuda_score_like_their_flat_examples_on_cpu(synthetic_bundles):
+    """Several ranking requests in one batch on the CUDA runtime (which broadcasts contexts rather than splitting
+    them) score as their flat examples do on the CPU path."""
+    path = synthetic_bundles["float16"]
+    requests = ranking_requests(6, 120, seed=20)
+    cpu = ModelRuntime(load_bundle(path))
+    expected = np.concatenate([score(cpu, flat(context, candidates)) for context, candidates in requests])
+
+    async def main():
+        engine = ScoringEngine(load_settings(device="cuda", device_hot_rows_bytes=2**20, max_wait_ms=20))
+        engine.load(path)
+        await engine.astart()
+        try:
+            results = await asyncio.gather(*(engine.score(candidates, context=context) for context, candidates in requests))
+        finally:
+            await engine.astop()
+        return engine, np.concatenate([scores for scores, _ in results])
+
+    engine, got = asyncio.run(main())
+    assert not engine.runtime(None, None).splits_context
+    assert np.abs(got - expected).max() <= 1e-5
+    assert sample(engine, "uembed_batch_examples_count") < len(requests)  # merged into batches, not scored one by one
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_row_updates_reach_the_rows_held_in_gpu_memory(synthetic_bundles, dtype):
+    """apply_rows on CUDA: updated rows resident in the device tier are rewritten there (decoded once), the rest are
+    read from the overlay when next missed; scores then equal the CPU path's with the same updates."""
+    from export.format import encode_records
+    from service.device import CudaModelRuntime
+
+    bundle = load_bundle(synthetic_bundles[dtype])
+    cpu = ModelRuntime(bundle, hot_rows_bytes=0)
+    device = CudaModelRuntime(bundle, "cuda", device_hot_rows_bytes=3_000 * 16 * 4)
+    traffic = examples(600, seed=5)
+    before = score(device, traffic)  # warms the device tier
+    store = device.stores[0]
+    resident = store.hot.owner[: store.hot.used].copy()
+    rng = np.random.default_rng(9)
+    outside = np.setdiff1d(rng.choice(bundle.tables[store.table.name].rows, 2_000, replace=False), resident)
+    ids = np.union1d(resident[::2], outside[:500])
+    records = encode_records(rng.normal(scale=0.5, size=(len(ids), 16)).astype(np.float32), dtype)
+    for runtime in (device, cpu):
+        runtime.apply_rows(store.table.name, ids, records)
+
+    used = store.hot.used
+    owners = store.hot.owner[:used]
+    expected_rows = store.codec.decode(store.codec.read(owners))
+    updated = np.isin(owners, ids)
+    expected_rows[updated] = store.codec.decode(records[np.searchsorted(ids, owners[updated])])
+    assert updated.sum() == len(resident[::2])
+    assert np.array_equal(device.tables[0].rows[:used].get().view(np.uint32), expected_rows.view(np.uint32))
+    after = score(device, traffic)
+    assert np.abs(after - score(cpu, traffic)).max() <= 1e-5
+    assert np.abs(after - before).max() > 1e-3  # the updates reached the scores
+
+
+@cuda
+def test_a_shadow_version_on_cuda_scores_copies_with_its_own_runtime(synthetic_bundles):
+    """A shadow version on CUDA: its own CudaModelRuntime, scored on the shadow thread beside the served one on the
+    compute thread (each with its own stream); served scores stay the primary's, and a row update reaches both
+    copies of the shadow version."""
+    from export.format import encode_records
+    from service.device import CudaModelRuntime
+    from service.routing import Route
+    from service.rows.updates import RowDelta
+
+    primary, shadow_path = synthetic_bundles["float32"], synthetic_bundles["int8"]
+    model = primary.parent.name
+    traffic = examples(256, seed=13)
+    expected = score(ModelRuntime(load_bundle(primary)), traffic)
+
+    async def main():
+        engine = ScoringEngine(load_settings(device="cuda", device_hot_rows_bytes=2**20, bundle_store=primary.parent.parent))
+        engine.load(primary)
+        await engine.astart()
+        try:
+            await engine.add_version(model, shadow_path.name)
+            await engine.set_routing(Route(model, {primary.name: 1}, shadow=shadow_path.name))
+            served = np.concatenate([(await engine.score(traffic[i : i + 32]))[0] for i in range(0, 256, 32)])
+            copies = engine.runtimes_for(model, shadow_path.name)
+            deadline = asyncio.get_running_loop().time() + 30
+            shadow_requests = {"name": "uembed_shadow_requests_total", "version": shadow_path.name}
+            scored = lambda: sample(engine, **shadow_requests, outcome="scored")  # noqa: E731
+            while scored() < 8:
+                assert asyncio.get_running_loop().time() < deadline, "shadow copies not scored within 30 s"
+                await asyncio.sleep(0.05)
+            # A row update of the shadow version: every row the shadow copy holds in GPU memory.
+            shadow_copy = copies[-1]
+            store = shadow_copy.stores[0]
+            ids = np.sort(store.hot.owner[: store.hot.used].copy())
+            records = encode_records(np.full((len(ids), 16), 0.25, dtype=np.float32), "int8")
+            await asyncio.wrap_future(engine.submit_updates(model, shadow_path.name, [((1, 0), RowDelta({store.table.name: (ids, records)}))]))
+            await engine.score(traffic[:32])  # a batch for the shadow thread, which applies its deferred update first
+            updated_row = store.codec.decode(records[:1])[0]
+            while not (shadow_copy.tables[0].rows[: len(ids)].get() == updated_row).all():
+                assert asyncio.get_running_loop().time() < deadline + 30, "the shadow copy's device rows were not updated"
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.astop()
+        return served, copies
+
+    served, copies = asyncio.run(main())
+    assert np.abs(served - expected).max() <= 1e-5
+    assert len(copies) == 2 and all(isinstance(copy, CudaModelRuntime) for copy in copies) and copies[0] is not copies[1]

@@ -152,7 +152,7 @@ def test_the_slot_index_is_the_smaller_of_a_hash_table_and_an_entry_per_row():
     small = HotRows.for_budget(table_rows=100_000, record_bytes=32, budget_bytes=2**20)
     assert isinstance(small.index, DenseSlotIndex)
     rows = 10_000_000  # a 40 MB index: mapped zero pages (an array this size does not come from the heap)
-    store = TableStore(make_table("float32", rows=rows, dim=1), "dense", hot_bytes=8 * 2**20)
+    store = TableStore(make_table("float32", rows=rows, dim=1), "dense", hot_bytes=16 * 2**20)
     assert isinstance(store.hot.index, DenseSlotIndex)
     assert store.index_bytes() <= 8192  # nothing cached yet: only touched pages count
     store.gather(np.arange(0, rows, 7))

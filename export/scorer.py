@@ -94,25 +94,34 @@ class ReferenceScorer:
         """Rows float32 [*ids.shape, D] of ids of the table at ``position``."""
         return self.table_slots[position][0].gather(ids)
 
-    def lookup_split(self, batch: SplitBatch) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of a split batch's own slots [B, S_e, D] and of its context slots [P, S_c, D]: the context's rows
-        once per part, each table's ids of both gathered in one call."""
-        dim = self.plan.dim
+    def gather_distinct(self, position: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows float32 [U, D] of the distinct ``ids`` of the table at ``position``, and where each id's row is."""
+        unique, inverse = np.unique(ids, return_inverse=True)
+        return self.table_slots[position][0].gather(unique), inverse
+
+    def lookup_split(self, batch: SplitBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A split batch's distinct rows float32 [U, D] and where each slot's row is among them: its own slots'
+        [B, S_e] and its context slots' [P, S_c] (the context's rows once per part). Each table's ids of both are
+        deduplicated and gathered in one call; the rows go to the batch's embeddings only in ``assemble_split``."""
         own_ids, shared_ids = batch.rows, batch.context_rows
-        if len(self.table_slots) == 1:  # one table (unified): one gather, split in two views
-            found = self.gather_table(0, np.concatenate([own_ids.ravel(), shared_ids.ravel()]))
-            return found[: own_ids.size].reshape(own_ids.shape + (dim,)), found[own_ids.size :].reshape(shared_ids.shape + (dim,))
-        own = np.empty(own_ids.shape + (dim,), dtype=np.float32)
-        shared = np.empty(shared_ids.shape + (dim,), dtype=np.float32)
+        if len(self.table_slots) == 1:  # one table (unified): one gather
+            rows, inverse = self.gather_distinct(0, np.concatenate([own_ids.ravel(), shared_ids.ravel()]))
+            return rows, inverse[: own_ids.size].reshape(own_ids.shape), inverse[own_ids.size :].reshape(shared_ids.shape)
+        own = np.empty(own_ids.shape, dtype=np.int64)
+        shared = np.empty(shared_ids.shape, dtype=np.int64)
         own_tables, shared_tables = self.slot_tables[batch.slots], self.slot_tables[batch.context_slots]
+        found, offset = [], 0
         for position in range(len(self.table_slots)):
             own_columns, shared_columns = np.flatnonzero(own_tables == position), np.flatnonzero(shared_tables == position)
             ids = np.concatenate([own_ids[:, own_columns].ravel(), shared_ids[:, shared_columns].ravel()])
-            found = self.gather_table(position, ids)
+            rows, inverse = self.gather_distinct(position, ids)
+            inverse += offset  # positions in the tables' rows side by side
             split = len(own_ids) * len(own_columns)
-            own[:, own_columns] = found[:split].reshape(len(own_ids), len(own_columns), dim)
-            shared[:, shared_columns] = found[split:].reshape(len(shared_ids), len(shared_columns), dim)
-        return own, shared
+            own[:, own_columns] = inverse[:split].reshape(len(own_ids), len(own_columns))
+            shared[:, shared_columns] = inverse[split:].reshape(len(shared_ids), len(shared_columns))
+            found.append(rows)
+            offset += len(rows)
+        return np.concatenate(found), own, shared
 
     def assemble(self, looked_up: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Pool each (feature, lookup), concatenate, add feature biases: float32 [B, E]. With every weight 1 (one-value
@@ -120,22 +129,14 @@ class ReferenceScorer:
         unweighted = not self.bias_columns.size and (weights == 1).all()
         return self._pool(looked_up if unweighted else looked_up * weights[..., None])
 
-    def assemble_split(self, batch: SplitBatch, own: np.ndarray, shared: np.ndarray) -> np.ndarray:
-        """``assemble`` of a split batch: each part's weighted context rows written to all of its examples (copies by
-        runs of consecutive slots: indexing the slot axis with an array cost 3x as much)."""
-        weighted = np.empty((batch.count, self.plan.slots, self.plan.dim), dtype=np.float32)
-        ones = (batch.weights == 1).all()  # one-value features only: a copy, at 40% of a multiply's time
-        for source, target, length in batch.runs:
-            into = weighted[:, target : target + length]
-            if ones:
-                into[...] = own[:, source : source + length]
-            else:
-                np.multiply(own[:, source : source + length], batch.weights[:, source : source + length, None], out=into)
-        start = 0
-        for part_rows, count in zip(shared * batch.context_weights[..., None], batch.counts.tolist()):
-            for source, target, length in batch.context_runs:
-                weighted[start : start + count, target : target + length] = part_rows[source : source + length]
-            start += count
+    def assemble_split(self, batch: SplitBatch, rows: np.ndarray, own: np.ndarray, shared: np.ndarray) -> np.ndarray:
+        """``assemble`` of a split batch from ``lookup_split``'s distinct rows: each slot's row taken straight into the
+        batch's [B, S, D] (a part's context positions repeated to its examples: ints, not rows, are broadcast), then
+        weighted where some weight is not 1. The same products as ``assemble`` of the broadcast batch."""
+        index = batch.place(own, np.repeat(shared, batch.counts, axis=0), np.int64)
+        weighted = np.take(rows, index, axis=0)
+        if not ((batch.weights == 1).all() and (batch.context_weights == 1).all()):
+            weighted *= batch.place(batch.weights, np.repeat(batch.context_weights, batch.counts, axis=0), np.float32)[..., None]
         return self._pool(weighted)
 
     def _pool(self, weighted: np.ndarray) -> np.ndarray:

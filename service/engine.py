@@ -530,24 +530,35 @@ class ScoringEngine:
             raise Overloaded(
                 f"{self.queued_examples} examples are already waiting (limit {self.settings.max_queue_examples}); retry shortly"
             )
-        future = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        future = loop.create_future()
         pending = Pending(runtime, canonical, future)
         self.queue.append(pending)
         self.queued_examples += canonical.count
         self.metrics.queue_examples.set(self.queued_examples)
         self._wakeup.set()
+        # A timer on the future itself, not asyncio.wait_for: that wraps every request in a second future and a
+        # callback, a loop step each, for a deadline that almost never fires.
+        deadline = loop.call_later(self.settings.request_timeout_ms / 1000, self._expire, pending)
         try:
-            scores = await asyncio.wait_for(future, timeout=self.settings.request_timeout_ms / 1000)
-        except TimeoutError:  # wait_for has cancelled the future: the batch loop skips it if it is still queued
-            pending.timed_out = True
-            self.metrics.rejected.labels("deadline").inc()
-            raise DeadlineExceeded(
-                f"not scored within request_timeout_ms={self.settings.request_timeout_ms:g}"
-            ) from None
+            scores = await future
+        finally:
+            deadline.cancel()
         self.metrics.version_seconds.labels(runtime.name, runtime.version, "served").observe(time.perf_counter() - pending.admitted)
         if route is not None and route.shadow is not None and route.shadow != runtime.version:
             self._offer_shadow(route, routing_key, examples, context, scores)
         return scores, runtime
+
+    def _expire(self, pending: Pending) -> None:
+        """A request's deadline passed before its batch answered it: it fails with a 504, and the batch loop skips it
+        if it is still queued."""
+        if pending.future.done():
+            return
+        pending.timed_out = True
+        self.metrics.rejected.labels("deadline").inc()
+        pending.future.set_exception(
+            DeadlineExceeded(f"not scored within request_timeout_ms={self.settings.request_timeout_ms:g}")
+        )
 
     def _offer_shadow(self, route: Route, routing_key: str | None, examples: list, context: dict | None,
                       scores: np.ndarray) -> None:  # fmt: skip
@@ -639,9 +650,9 @@ class ScoringEngine:
             rows, weights = runtime.hash(parts)
         t1 = time.perf_counter()
         if split is not None:  # ranking requests: their contexts' rows looked up and weighted once a request
-            own, shared = runtime.lookup_split(split)
+            looked_up = runtime.lookup_split(split)
             t2 = time.perf_counter()
-            embeddings = runtime.assemble_split(split, own, shared)
+            embeddings = runtime.assemble_split(split, *looked_up)
             t3 = time.perf_counter()
             scores = runtime.dense(embeddings)
         elif runtime.torchscript is not None:

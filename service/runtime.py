@@ -74,8 +74,13 @@ class ModelRuntime(ReferenceScorer):
 
     def gather_table(self, position: int, ids: np.ndarray) -> np.ndarray:
         """Rows of ids through the table's row store, each distinct id once."""
+        rows, inverse = self.gather_distinct(position, ids)
+        return np.take(rows, inverse, axis=0)  # a third of [inverse]'s time
+
+    def gather_distinct(self, position: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the distinct ``ids`` through the table's row store, and where each id's row is."""
         unique, inverse = dedupe(ids) if ids.ndim == 2 else np.unique(ids, return_inverse=True)
-        return np.take(self.stores[position].gather(unique), inverse, axis=0)  # a third of [inverse]'s time
+        return self.stores[position].gather(unique), inverse
 
     @property
     def splits_context(self) -> bool:

@@ -76,7 +76,10 @@ class FrequencySketch:
 
     def __init__(self, width: int) -> None:
         self.bits = max(10, int(np.ceil(np.log2(max(width, 2)))))  # 2**bits counters per hash, as a flat sketch has
-        self.flat = np.zeros(self.DEPTH << self.bits, dtype=np.uint8)
+        # Blocks start on 64-byte boundaries (a large allocation starts 16 bytes past a page): one cache line each.
+        raw = np.zeros((self.DEPTH << self.bits) + 64, dtype=np.uint8)
+        start = -raw.ctypes.data % 64
+        self.flat = raw[start : start + (self.DEPTH << self.bits)]
         self.block_shift = np.uint64(64 - (self.bits + 2 - 6))  # blocks of 64 counters
         self.quarters = (np.arange(self.DEPTH, dtype=np.int64) * 16)[:, None]
         self.counter_shifts = (np.uint64(40) + np.arange(self.DEPTH, dtype=np.uint64) * np.uint64(4))[:, None]
@@ -150,7 +153,7 @@ class SlotIndex:
         position = self._home(ids)
         while pending.size:
             probed = self.entries[position]
-            hit = (probed >> self.slot_bits) == ids[pending]  # the sentinels shift to -1: never an id
+            hit = ((probed >> self.slot_bits) == ids[pending]) & (probed >= 0)  # the sentinels shift to -1
             found[pending[hit]] = position[hit]
             entries[pending[hit]] = probed[hit]
             probing = ~hit & (probed != self.EMPTY)  # past tombstones and other ids, up to an empty entry
@@ -222,7 +225,12 @@ class DenseSlotIndex:
 def slot_index(table_rows: int, capacity: int) -> SlotIndex | DenseSlotIndex:
     """The smaller index at its largest: a hash table of 16-32 bytes per cached row, or 4 bytes per table row."""
     hashed_bytes = SlotIndex.ENTRY_BYTES << SlotIndex.bits_for(capacity)
-    return SlotIndex(capacity) if hashed_bytes < 4 * table_rows else DenseSlotIndex(table_rows)
+    if hashed_bytes >= 4 * table_rows:
+        return DenseSlotIndex(table_rows)
+    index = SlotIndex(capacity)
+    if table_rows - 1 > index.max_id:
+        raise ValueError(f"a table of {table_rows} rows is too large for tier 1's index beside {capacity} slots")
+    return index
 
 
 class HotRows:
@@ -267,7 +275,7 @@ class HotRows:
         slots = self.slots(ids)
         hit = slots >= 0
         if hit.all():  # the steady state: one take, no masks
-            np.take(self.records, slots, axis=0, out=out)
+            np.take(self.records, slots, axis=0, out=out, mode="clip")  # clip: no buffer (every slot is valid)
             return self.NONE_MISSED
         out[hit] = self.records[slots[hit]]
         return np.flatnonzero(~hit)

@@ -155,7 +155,7 @@ class ServiceSettings(BaseSettings):
         ge=0,
         description="Tier 1 (in-process hot rows) budget per model, in bytes of stored rows. Rows are admitted "
         "by access frequency. 0 turns tier 1 off. Tier 1 also keeps an index beside the budget, the smaller "
-        "of 24-48 bytes per row the budget holds (a hash table, allocated at start) and 4 bytes per table row "
+        "of 16-32 bytes per row the budget holds (a hash table, allocated at start) and 4 bytes per table row "
         "(resident only where rows were cached): uembed_table_memory_bytes{tier=\"index\"}.",
     )
     row_checks: Literal["background", "startup"] = Field(

@@ -13,7 +13,7 @@ Redis and the files, so a changed row wins over every copy below it.
 
 Applying the same rows again leaves the same overlay (a row holds its latest record),
 which is what makes replaying a stream idempotent. Memory: the records and an index of
-12 to 24 bytes per changed row (``service.rowstore.slot_index``), grown by doubling.
+16 to 32 bytes per changed row (``service.rowstore.slot_index``; up to 64 just after it doubles), grown by doubling.
 Only the compute thread applies and looks up, so there is no lock.
 """
 

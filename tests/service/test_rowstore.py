@@ -79,6 +79,36 @@ def test_frequency_sketch_orders_by_count():
     assert estimates[0] < estimates[1] < estimates[2] and estimates[3] <= estimates[0]
 
 
+def test_the_sketch_keeps_each_ids_counters_in_one_aligned_cache_line_and_halves_them():
+    sketch = FrequencySketch(1 << 16)
+    assert sketch.flat.ctypes.data % 64 == 0
+    ids = np.random.default_rng(5).integers(0, 10**9, 100_000)
+    index = sketch._index(ids).reshape(FrequencySketch.DEPTH, -1)
+    assert index.min() >= 0 and index.max() < len(sketch.flat)
+    assert (index >> 6 == index[0] >> 6).all()  # one 64-byte block per id
+    assert ((index & 63) >> 4 == np.arange(FrequencySketch.DEPTH)[:, None]).all()  # one counter in each quarter
+    hot = np.array([42])
+    for _ in range(40):
+        sketch.add(hot)
+    before = int(sketch.estimate(hot)[0])
+    sketch.add(np.arange(sketch.halve_every - sketch.added) + 10**6)  # the add that reaches halve_every
+    assert before >= 40 and int(sketch.estimate(hot)[0]) <= before // 2 + 1
+
+
+def test_an_all_hit_lookup_returns_the_rows_and_counts_only_hits():
+    table = make_table("float16", rows=1000)
+    store = TableStore(table, "all-hit", hot_bytes=1000 * RowCodec(table).record_bytes)
+    ids = np.arange(0, 1000, 3)
+    first = store.gather(ids)  # every id missed, then admitted (the tier has room for all)
+    counts = store.take_counts()
+    assert counts.misses["hot"] == len(ids) and counts.hits["hot"] == 0
+    again = store.gather(ids)
+    counts = store.take_counts()
+    assert counts.hits["hot"] == len(ids) and counts.misses["hot"] == 0
+    assert np.array_equal(again.view(np.uint32), first.view(np.uint32))
+    assert np.array_equal(again, table.gather(ids))
+
+
 def test_redis_rows_are_packed_into_small_hashes(redis_server):
     table = make_table("float32", rows=1000)
     codec = RowCodec(table)
@@ -140,7 +170,13 @@ def test_slot_index_agrees_with_a_dict_through_inserts_evictions_and_rebuilds():
         expected = np.array([reference.get(i, -1) for i in probe.tolist()])
         assert np.array_equal(index.get(probe), expected)
     assert rebuilt, "the tombstones never reached a rebuild"
-    assert index.nbytes <= 1024 * 12 * 2  # sized by the capacity (500), not by ids up to 10**12
+    assert index.nbytes == 8 << SlotIndex.bits_for(500)  # sized by the capacity (500), not by ids up to 10**12
+    assert index.get(np.array([-1]))[0] == -1
+    deleted = index.deleted
+    index.remove(np.array([-1]))  # not an id: no entry (an empty one least of all) becomes a tombstone
+    assert index.deleted == deleted
+    with pytest.raises(ValueError, match="row ids must be in"):
+        index.insert(np.array([index.max_id + 1]), np.array([0]))
 
 
 def test_the_slot_index_is_the_smaller_of_a_hash_table_and_an_entry_per_row():
@@ -148,7 +184,7 @@ def test_the_slot_index_is_the_smaller_of_a_hash_table_and_an_entry_per_row():
 
     big = HotRows.for_budget(table_rows=100_000_000, record_bytes=32, budget_bytes=2**20)
     assert big.capacity == 2**15 and isinstance(big.index, SlotIndex)
-    assert big.index.nbytes <= 4 * big.capacity * 12  # an entry per table row would be up to 400 MB
+    assert big.index.nbytes == SlotIndex.ENTRY_BYTES << SlotIndex.bits_for(big.capacity) == 8 * 2 * big.capacity  # not 400 MB
     small = HotRows.for_budget(table_rows=100_000, record_bytes=32, budget_bytes=2**20)
     assert isinstance(small.index, DenseSlotIndex)
     rows = 10_000_000  # a 40 MB index: mapped zero pages (an array this size does not come from the heap)

@@ -17,8 +17,8 @@ A ranking request sends the features its candidates share once, as a context, an
 candidates' own features per candidate. The context is checked and canonicalised once
 per request (errors name ``context.feature``; the candidates' name ``candidates[i].feature``)
 and its rows are hashed once. A batch of ranking requests keeps them at one row per request
-(``hash_split`` -> :class:`SplitBatch`): the service looks them up and weights them once and
-writes them into every candidate's embeddings (``lookup_split``, ``assemble_split``); ``hash``
+(``hash_split`` -> :class:`SplitBatch`): the service looks them up once and writes them into
+every candidate's embeddings (``lookup_split``, ``assemble_split``); ``hash``
 repeats them to every candidate instead. Either way it scores exactly as the same examples
 sent flat, with the context's values copied into each.
 

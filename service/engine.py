@@ -530,7 +530,7 @@ class ScoringEngine:
             raise Overloaded(
                 f"{self.queued_examples} examples are already waiting (limit {self.settings.max_queue_examples}); retry shortly"
             )
-        loop = self._loop
+        loop = asyncio.get_running_loop()
         future = loop.create_future()
         pending = Pending(runtime, canonical, future)
         self.queue.append(pending)
@@ -649,7 +649,7 @@ class ScoringEngine:
         if split is None:
             rows, weights = runtime.hash(parts)
         t1 = time.perf_counter()
-        if split is not None:  # ranking requests: their contexts' rows looked up and weighted once a request
+        if split is not None:  # ranking requests: their contexts' rows hashed and looked up once a request
             looked_up = runtime.lookup_split(split)
             t2 = time.perf_counter()
             embeddings = runtime.assemble_split(split, *looked_up)

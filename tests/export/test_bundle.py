@@ -178,7 +178,7 @@ USER = ("user_id", "age", "gender", "occupation", "zip_code")
 
 
 def test_ranking_batches_score_the_same_split_or_broadcast(movielens, exported):
-    """The split path (a context's rows hashed, looked up and weighted once a request: hash_split, lookup_split,
+    """The split path (a context's rows hashed and looked up once a request: hash_split, lookup_split,
     assemble_split) gives the very floats of the broadcast path, in the reference scorer and the service's runtime,
     on plans with several tables, several lookups a feature and pooled lists (in the context: padding weighs 0);
     parts that share more than the batch's common context broadcast the rest."""

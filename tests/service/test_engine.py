@@ -105,9 +105,20 @@ def test_admission_bound_and_deadline(bundle_store, movielens_examples):
             await engine.score(movielens_examples[:8])
         with pytest.raises(DeadlineExceeded):
             await first  # the 200 ms batching window outlasts the 50 ms deadline
+        gone = asyncio.create_task(engine.score(movielens_examples[:2]))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client went away: cancelled, not past its deadline
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await asyncio.sleep(0.3)  # past the deadline the cancelled request would have had, and its batch
         await engine.astop()
+        return engine
 
-    run(main())
+    engine = run(main())
+    by_reason = lambda name: {s.labels["reason"]: s.value for m in engine.metrics.registry.collect()  # noqa: E731
+                              for s in m.samples if s.name == name}  # fmt: skip
+    assert by_reason("uembed_rejected_requests_total") == {"overloaded": 1, "deadline": 1, "shutting_down": 0}
+    assert by_reason("uembed_abandoned_requests_total") == {"deadline": 1, "cancelled": 1}  # each skipped by the batcher
 
 
 def test_torchscript_backend_scores_like_onnx(bundle_store, movielens_examples):

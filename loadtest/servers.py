@@ -265,6 +265,7 @@ class UvicornProcess(HttpProcess):
     def __init__(self, app: str, env: dict[str, str], log_path: Path, workers: int = 1, port: int = 0,
                  ready_path: str = "/readyz", limit_concurrency: int | None = None) -> None:  # fmt: skip
         self.app = app
+        self.workers = workers
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {"UEMBED_GRPC_PORT": str(free_port()), **env}

@@ -37,7 +37,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from typing import NoReturn
 
 import numpy as np
@@ -292,8 +292,9 @@ class ExampleEncoder:
                 self._refuse_unknown("context", unknown)
         # One union of every example's features (a C-level pass) rather than a check per example; only a
         # request at fault is walked example by example, to name the first one.
+        plain = all(type(e) is dict for e in examples)  # then a column is read by a C loop (dict.get)
         try:
-            named = set().union(*examples) if all(type(e) is dict for e in examples) else None
+            named = set().union(*examples) if plain else None
         except TypeError:
             named = None
         if named is None or not named <= specs.keys() or (context and not named.isdisjoint(context.keys())):
@@ -312,7 +313,8 @@ class ExampleEncoder:
                 column = [items]
             else:
                 if name in self.text_features:
-                    encoded = self._text_column(spec, [example.get(name) for example in examples])
+                    raw = list(map(dict.get, examples, repeat(name))) if plain else [e.get(name) for e in examples]
+                    encoded = self._text_column(spec, raw)
                     if encoded is not None:
                         values[name] = encoded
                         continue
@@ -358,7 +360,9 @@ class ExampleEncoder:
         except (UnicodeEncodeError, ValueError):  # a lone surrogate, an int past str()'s digits: the checked path names it
             return None
         missing = spec.missing_bytes
-        return [MISSING if value in missing else value for value in encoded] if missing else encoded
+        if missing and not missing.isdisjoint(encoded):  # a C pass: most columns hold no missing marker
+            return [MISSING if value in missing else value for value in encoded]
+        return encoded
 
     def _refuse_examples(self, examples: Sequence, context: Mapping | None, where: str) -> None:
         """Raise for the first example that is not an object, names an unknown feature or one of the context's."""

@@ -139,3 +139,23 @@ def test_an_integer_past_str_s_digit_limit_is_refused_by_name(bundle_store):
     encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits())
     with pytest.raises(ExampleError, match=r"^examples\[1\]\.user_id: "):
         encoder.canonicalise([{"user_id": 1}, {"user_id": 10**5000}])
+
+
+def test_a_column_holding_missing_markers_reads_them_as_missing_from_dicts_and_other_mappings(tmp_path):
+    """The column path of a one-value categorical feature turns its declared missing markers into the missing value,
+    as the checked path does, whether the examples are dicts (read by a C loop) or other mappings."""
+    from types import MappingProxyType
+
+    from export.synthetic import write_synthetic_bundle
+    from model.features import FeatureSpec
+    from model.hashing import MISSING
+
+    features = (FeatureSpec("city", missing=("unknown", "")), FeatureSpec("item"))
+    bundle = load_bundle(write_synthetic_bundle(tmp_path, "m", features, 1000, progress=False))
+    encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits())
+    column = ["paris", "unknown", "", "lyon", "unknown"]
+    expected = [b"paris", MISSING, MISSING, b"lyon", MISSING]
+    assert encoder.canonicalise([{"city": c, "item": 1} for c in column]).values["city"] == expected
+    proxies = [MappingProxyType({"city": c, "item": 1}) for c in column]
+    assert encoder.canonicalise(proxies).values["city"] == expected
+    assert encoder.canonicalise([{"city": "paris"}, {"city": "lyon"}]).values["city"] == [b"paris", b"lyon"]

@@ -85,7 +85,7 @@ def create_app() -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> dict:
-        return {"status": "ready"}
+        return {"status": "ready", "worker": os.getpid()}  # as the service's: the bench waits for every worker
 
     @app.get("/healthz")
     def healthz() -> dict:

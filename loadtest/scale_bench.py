@@ -148,18 +148,19 @@ def file_resident(server: UvicornProcess) -> float:
 
 def start_timed(server: UvicornProcess, timeout_s: float = 600) -> dict[str, float]:
     """Start ``server`` and time /healthz and /readyz from the process start, /readyz of every worker: each new
-    connection reaches one worker, so the service counts as ready once 10 fresh connections per worker in a row
-    answer 200 (a worker still checking its row files answers 503, and the cold phase would reach it)."""
+    connection reaches one worker, and a worker still checking its row files answers 503 (the cold phase would
+    reach it), so the service counts as ready once each worker (``worker`` in the body: its pid) has answered 200."""
     started = time.perf_counter()
     server.ready_url = f"{server.url}/healthz"
     server.start(timeout_s)
     live = time.perf_counter() - started
-    streak = 0
+    ready_workers: set[int] = set()
 
     def every_worker_ready() -> bool:
-        nonlocal streak
-        streak = streak + 1 if http_get(f"{server.url}/readyz", timeout_s=5)[0] == 200 else 0
-        return streak >= 10 * server.workers
+        status, body = http_get(f"{server.url}/readyz", timeout_s=5)
+        if status == 200:
+            ready_workers.add(json.loads(body)["worker"])
+        return len(ready_workers) >= server.workers
 
     wait_until(every_worker_ready, timeout_s, "readiness of every worker")
     return {"live_s": round(live, 2), "ready_s": round(time.perf_counter() - started, 2)}

@@ -79,7 +79,9 @@ def main(bundle: str) -> None:
         figures["assemble, own slots"].append(best_ms(lambda: np.take(rows, own_positions, axis=0)))
         own_columns = (split.slots[:, None] * dim + np.arange(dim)).ravel()
         context_columns = (split.context_slots[:, None] * dim + np.arange(dim)).ravel()
-        session = session or factored_session(model, own_columns)
+        if session is None:
+            session, session_columns = factored_session(model, own_columns), own_columns
+        assert np.array_equal(own_columns, session_columns), "every request must split its features the same way"
         own = np.ascontiguousarray(embeddings[:, own_columns])  # what assemble would write instead: own slots only
         context = embeddings[:1, context_columns]
 

@@ -20,6 +20,7 @@ goes through the route, so its errors come from one place.
 import asyncio
 import gc
 import logging
+import os
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -565,7 +566,8 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
              responses=declared(errors.NotReady, errors.Overloaded, errors.RowsUnavailable, errors.DeadlineExceeded))  # fmt: skip
     async def readyz() -> dict:
         runtime = await engine.ready()
-        return {"status": "ready", "model": runtime.name, "version": runtime.version}
+        # The worker that answered: with several workers, each connection reaches one of them.
+        return {"status": "ready", "model": runtime.name, "version": runtime.version, "worker": os.getpid()}
 
     @app.get(
         "/metrics",

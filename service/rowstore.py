@@ -134,9 +134,14 @@ class SlotIndex:
         self.shift = np.uint64(64 - bits)
         self.slot_bits = max(1, int(capacity).bit_length())
         self.slot_mask = (1 << self.slot_bits) - 1
-        self.max_id = (1 << (63 - self.slot_bits)) - 1  # larger ids do not fit beside a slot
+        self.max_id = self.max_id_for(capacity)
         self.entries = np.full(1 << bits, self.EMPTY, dtype=np.int64)
         self.deleted = 0
+
+    @staticmethod
+    def max_id_for(capacity: int) -> int:
+        """The largest row id that fits in an entry beside a slot of a table of ``capacity``."""
+        return (1 << (63 - max(1, int(capacity).bit_length()))) - 1
 
     @property
     def nbytes(self) -> int:
@@ -227,10 +232,9 @@ def slot_index(table_rows: int, capacity: int) -> SlotIndex | DenseSlotIndex:
     hashed_bytes = SlotIndex.ENTRY_BYTES << SlotIndex.bits_for(capacity)
     if hashed_bytes >= 4 * table_rows:
         return DenseSlotIndex(table_rows)
-    index = SlotIndex(capacity)
-    if table_rows - 1 > index.max_id:
+    if table_rows - 1 > SlotIndex.max_id_for(capacity):
         raise ValueError(f"a table of {table_rows} rows is too large for tier 1's index beside {capacity} slots")
-    return index
+    return SlotIndex(capacity)
 
 
 class HotRows:
@@ -275,7 +279,7 @@ class HotRows:
         slots = self.slots(ids)
         hit = slots >= 0
         if hit.all():  # the steady state: one take, no masks
-            np.take(self.records, slots, axis=0, out=out, mode="clip")  # clip: no buffer (every slot is valid)
+            np.take(self.records, slots, axis=0, out=out)
             return self.NONE_MISSED
         out[hit] = self.records[slots[hit]]
         return np.flatnonzero(~hit)

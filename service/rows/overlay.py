@@ -36,8 +36,8 @@ class RowOverlay:
     def _grow(self, capacity: int) -> None:
         ids = self.ids[: self.rows] if self.rows else np.empty(0, dtype=np.int64)
         records = self.records[: self.rows] if self.rows else np.empty((0, self.record_bytes), dtype=np.uint8)
-        self.capacity = capacity
         self.index = slot_index(self.table_rows, capacity)
+        self.capacity = capacity
         self.ids = np.empty(capacity, dtype=np.int64)
         self.records = np.empty((capacity, self.record_bytes), dtype=np.uint8)
         self.ids[: self.rows] = ids

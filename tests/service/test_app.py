@@ -4,6 +4,7 @@ Every error is ``{"error": kind, "detail": message}`` with the status of its row
 """
 
 import json
+import os
 
 import pytest
 
@@ -173,7 +174,8 @@ def test_models_health_readiness(app):
     assert table["name"] == "unified" and table["dtype"] == "float32" and table["bytes"]["file"] == table["rows"] * table["dim"] * 4
     assert {f["name"] for f in models[0]["features"]} >= {"user_id", "genres"}
     assert app.get("/healthz").json() == {"status": "ok"}
-    assert app.get("/readyz").json()["version"] == "1"
+    ready = app.get("/readyz").json()
+    assert ready["version"] == "1" and ready["worker"] == os.getpid()  # the worker (process) that answered
 
 
 def test_openapi_states_the_features_limits_and_every_status(app):

@@ -177,6 +177,10 @@ def test_slot_index_agrees_with_a_dict_through_inserts_evictions_and_rebuilds():
     assert index.deleted == deleted
     with pytest.raises(ValueError, match="row ids must be in"):
         index.insert(np.array([index.max_id + 1]), np.array([0]))
+    from service.rowstore import slot_index
+
+    with pytest.raises(ValueError, match="too large for tier 1's index"):
+        slot_index(2**62, 2**20)  # refused before a hash table is allocated
 
 
 def test_the_slot_index_is_the_smaller_of_a_hash_table_and_an_entry_per_row():

@@ -264,7 +264,7 @@ class ExampleEncoder:
         self.text_features = frozenset(
             name for name, spec in self.specs.items() if not spec.multivalent and spec.kind != "numeric"
         )
-        self._slot_split: dict[frozenset[str], tuple[np.ndarray, np.ndarray]] = {}  # context features -> slots
+        self._slot_split: dict[frozenset[str], tuple] = {}  # context features -> their slots, the others', runs
 
     # --- canonicalise -----------------------------------------------------------------------
     def canonicalise(

@@ -685,12 +685,11 @@ class ScoringEngine:
         self.metrics.value_cache_bytes.labels(runtime.name).set(runtime.encoder.cached_bytes())
         self._observe_memory(runtime)
         scores = np.asarray(scores, dtype=np.float32).reshape(-1)
-        expected = sum(p.examples.count for p in batch)
-        if scores.shape[0] != expected:
+        if scores.shape[0] != examples:
             # A dense net that returns the wrong shape must not hand one request another's scores.
-            raise Internal(f"the dense network returned {scores.shape[0]} scores for {expected} examples")
+            raise Internal(f"the dense network returned {scores.shape[0]} scores for {examples} examples")
         self.metrics.observe_all(self.metrics.example_score.labels(runtime.name, runtime.version, "served"), scores)
-        return np.split(scores, np.cumsum([p.examples.count for p in batch])[:-1])
+        return np.split(scores, np.cumsum([p.count for p in parts])[:-1])
 
     def _observe_memory(self, runtime: ModelRuntime) -> None:
         for table, tiers in runtime.memory_bytes().items():

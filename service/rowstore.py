@@ -65,7 +65,8 @@ class FrequencySketch:
 
     Blocked, as Caffeine's is: an id's 4 counters lie in one 64-byte block, one in each 16-byte quarter, so an
     access touches one cache line rather than four (the sketch of a tier of 8 M rows is 32 MB, far past the CPU's
-    caches: 199 -> 173 us an add of 2,100 ids measured with cold caches; the same with warm ones). An increment
+    caches; a one-off /tmp micro-benchmark, a direction: 199 -> 173 us an add of 2,100 ids with cold caches, the
+    same with warm ones). An increment
     is a plain fancy-index add: two ids of one batch that meet in a counter count once there (rare, and a sketch
     undercounting by one is harmless), at a tenth of ``np.add.at``'s cost.
     """
@@ -114,7 +115,7 @@ class SlotIndex:
     holds 32 MB, where an array with an entry per table row would grow to 400 MB per worker as
     scattered rows get cached. An entry packs the id and its slot in one int64 (``id << slot_bits | slot``):
     8 bytes, where a key array and a slot array took 12 (64 MB less per worker for a tier of 8 M rows; look-ups
-    measured as fast). Evicted entries become tombstones, cleared by a rebuild once they fill a quarter of the
+    as fast in a one-off /tmp micro-benchmark). Evicted entries become tombstones, cleared by a rebuild once they fill a quarter of the
     table, so probes stay short (the table is at most half full of live ids).
     """
 

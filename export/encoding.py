@@ -292,7 +292,7 @@ class ExampleEncoder:
                 self._refuse_unknown("context", unknown)
         # One union of every example's features (a C-level pass) rather than a check per example; only a
         # request at fault is walked example by example, to name the first one.
-        plain = all(type(e) is dict for e in examples)  # then a column is read by a C loop (dict.get)
+        plain = set(map(type, examples)) == {dict}  # then a column is read by a C loop (dict.get)
         try:
             named = set().union(*examples) if plain else None
         except TypeError:

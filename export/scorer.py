@@ -14,14 +14,25 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
+import pyarrow as pa
 
 from export.encoding import NO_LIMITS, CanonicalExamples, ExampleEncoder, SplitBatch, ValueLimits
 from export.loader import Bundle
 from model.errors import ExampleError
 
-__all__ = ["CPU_PROVIDERS", "ExampleError", "ReferenceScorer", "onnx_session"]
+__all__ = ["CPU_PROVIDERS", "ExampleError", "ReferenceScorer", "distinct", "onnx_session"]
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def distinct(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``ids`` (in order of first appearance) and where each id is among them, in ``ids``' shape:
+    ``unique[inverse]`` is ``ids``. A hash table (Arrow's dictionary encoding), not ``np.unique``'s sort: in
+    process, 0.108 -> 0.042 ms for a ranking request's 3,020 ids and 0.141 -> 0.133 ms for the same 500
+    examples flat (13,000 ids; ``scripts/scale-stages.py`` times the lookup that calls it)."""
+    encoded = pa.array(np.ascontiguousarray(ids).ravel()).dictionary_encode()
+    # Arrow's buffers are read-only in numpy: int64 copies, as np.unique returns them (a few microseconds)
+    return encoded.dictionary.to_numpy(zero_copy_only=False, writable=True), encoded.indices.to_numpy().astype(np.int64).reshape(ids.shape)
 
 
 def onnx_session(path, threads: int = 1, providers: Sequence = CPU_PROVIDERS) -> ort.InferenceSession:
@@ -96,7 +107,7 @@ class ReferenceScorer:
 
     def gather_distinct(self, position: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows float32 [U, D] of the distinct ``ids`` of the table at ``position``, and where each id's row is."""
-        unique, inverse = np.unique(ids, return_inverse=True)
+        unique, inverse = distinct(ids)
         return self.table_slots[position][0].gather(unique), inverse
 
     def lookup_split(self, batch: SplitBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

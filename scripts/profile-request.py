@@ -8,6 +8,11 @@ compute thread's (hash, lookup, assemble, dense). Needs wrk and py-spy (the load
     python scripts/profile-request.py --examples 64 --out profile.txt
     python scripts/profile-request.py --tree ../an-older-checkout     # the same measurement of other code
     python scripts/profile-request.py --front grpc      # ModelInfer with binary tensors, the peers' gRPC load client
+    python scripts/profile-request.py --bundle scale-work/criteo-scale/1 --shape ranking   # the scale bench's requests
+
+``--shape ranking`` and ``--shape flat_same_examples`` send the scale bench's requests (``uembed bench --phases
+scale``: 1 context x 500 candidates, and the same 500 examples flat) to a Criteo-shaped bundle, served as that
+bench serves it (64 MiB of tier 1, 1,024 examples a request at most).
 """
 
 from __future__ import annotations
@@ -67,14 +72,24 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10, help="seconds of samples")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "movielens100k" / "1", help="bundle to serve")
+    parser.add_argument("--shape", choices=("movielens", "ranking", "flat_same_examples"), default="movielens",
+                        help="requests: --examples MovieLens examples each, or the scale bench's (a Criteo-shaped --bundle)")
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose service to profile")
     parser.add_argument("--front", choices=("v1", "grpc"), default="v1",
                         help="v1: POST /v1/score JSON under wrk; grpc: ModelInfer with binary tensors (2 client processes)")
     parser.add_argument("--out", type=Path, help="also write py-spy's raw samples (collapsed stacks) here")
     args = parser.parse_args()
+    if args.front == "grpc" and args.shape != "movielens":
+        parser.error("--front grpc sends MovieLens examples only")
     workdir = Path(tempfile.mkdtemp(prefix="uembed-profile-"))
-    bodies = [json.dumps({"examples": r}).encode() for r in movielens_requests(args.examples)]
     env = {"UEMBED_BUNDLES": str(args.bundle.resolve()), "PYTHONPATH": str(args.tree.resolve())}
+    if args.shape == "movielens":
+        bodies = [json.dumps({"examples": r}).encode() for r in movielens_requests(args.examples)]
+    else:
+        from loadtest.scale_bench import request_bodies
+
+        bodies = request_bodies(1.05, 500, 64, count=60)[args.shape]
+        env |= {"UEMBED_HOT_ROWS_BYTES": str(64 * 2**20), "UEMBED_MAX_EXAMPLES": "1024", "UEMBED_MAX_BODY_BYTES": str(16 * 2**20)}
     service = UvicornProcess("service.app:create_app", env, workdir / "service.log")
     service.argv += ["--app-dir", str(args.tree.resolve())]  # ahead of this checkout on the server's path
     lean = args.tree / "service" / "protocols" / "lean_json.py"
@@ -116,7 +131,8 @@ def main() -> int:
             continue
         per_thread[thread][stage(frames[1:])] += int(count)
     us_per_sample = 1e6 / args.rate
-    print(f"{scored:.0f} requests of {args.examples} examples scored while sampling ({scored / args.seconds:.0f}/s); "
+    shape = f"{args.examples} examples" if args.shape == "movielens" else f"shape {args.shape}"
+    print(f"{scored:.0f} requests of {shape} scored while sampling ({scored / args.seconds:.0f}/s); "
           f"microseconds of each thread per request:")  # fmt: skip
     for thread, stages in per_thread.items():
         total = sum(stages.values())

@@ -30,6 +30,12 @@ from export.loader import TableRows
 log = logging.getLogger("uembed.rowstore")
 
 
+# float16 -> float32 by table: the float32 of each of the 65,536 float16 bit patterns (256 KiB), as astype gives
+# it. numpy converts float16 one value at a time in software; a take from this table is twice as fast (in process,
+# 55 -> 27 us for 2,077 rows of 16, a ranking request's distinct rows) and gives the same bits.
+FLOAT16_TO_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
 class RowCodec:
     """Records of one table: ``read`` from the row files, ``decode`` to float32 ``[k, dim]``."""
 
@@ -49,6 +55,8 @@ class RowCodec:
     def decode(self, records: np.ndarray) -> np.ndarray:
         records = np.ascontiguousarray(records)
         values = records[:, : self.row_bytes].view(self.table.row_dtype)
+        if self.table.dtype == "float16":
+            return np.take(FLOAT16_TO_FLOAT32, values.view(np.uint16))
         if self.table.dtype != "int8":
             return values.astype(np.float32, copy=False)
         scale_bias = records[:, self.row_bytes :].view(np.float32)

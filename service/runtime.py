@@ -13,7 +13,7 @@ import numpy as np
 
 from export.encoding import ValueLimits
 from export.loader import Bundle
-from export.scorer import CPU_PROVIDERS, ReferenceScorer
+from export.scorer import CPU_PROVIDERS, ReferenceScorer, distinct
 from service.rowstore import RedisTier, TableStore
 
 
@@ -79,7 +79,7 @@ class ModelRuntime(ReferenceScorer):
 
     def gather_distinct(self, position: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the distinct ``ids`` through the table's row store, and where each id's row is."""
-        unique, inverse = dedupe(ids) if ids.ndim == 2 else np.unique(ids, return_inverse=True)
+        unique, inverse = distinct(ids)
         return self.stores[position].gather(unique), inverse
 
     @property
@@ -109,20 +109,6 @@ class ModelRuntime(ReferenceScorer):
     def file_bytes(self) -> dict[str, dict[str, int]]:
         """Per table, the row files' mapped and resident bytes (a mincore pass over each: not per batch)."""
         return {store.table.name: store.file_bytes() for store in self.stores}
-
-
-def dedupe(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(ids, return_inverse=True)`` with the inverse in ``ids``' shape, sorting runs rather than ids
-    when a slot's column repeats one id down many examples (a ranking request's context: 500 candidates,
-    one user id): the sort then sees one entry per run instead of one per example."""
-    column_major = ids.T.ravel()
-    starts = np.flatnonzero(np.concatenate(([True], column_major[1:] != column_major[:-1])))
-    if len(starts) > len(column_major) // 2:
-        unique, inverse = np.unique(ids, return_inverse=True)
-        return unique, inverse.reshape(ids.shape)
-    unique, run_inverse = np.unique(column_major[starts], return_inverse=True)
-    lengths = np.diff(np.append(starts, len(column_major)))
-    return unique, np.repeat(run_inverse, lengths).reshape(ids.shape[::-1]).T
 
 
 def load_torchscript(bundle: Bundle, threads: int):

@@ -8,6 +8,7 @@ import pytest
 
 from export.format import quantise_rows
 from export.loader import TableRows
+from export.scorer import distinct
 from service.rowstore import FrequencySketch, HotRows, RedisTier, RowCodec, TableStore
 
 
@@ -35,6 +36,25 @@ def test_every_tier_returns_bit_identical_rows(dtype, redis_server):
         assert got.dtype == np.float32
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     redis.close()
+
+
+def test_float16_rows_decode_to_the_bits_numpy_gives_for_every_pattern():
+    """The float16 table lookup covers every bit pattern (zeros, subnormals, infinities, NaN payloads) as astype does."""
+    patterns = np.arange(1 << 16, dtype=np.uint16).reshape(-1, 16)
+    table = TableRows("t", len(patterns), 16, "float16", patterns.view(np.float16))
+    codec = RowCodec(table)
+    decoded = codec.decode(codec.read(np.arange(len(patterns))))
+    assert decoded.dtype == np.float32 and decoded.shape == (len(patterns), 16)
+    assert np.array_equal(decoded.view(np.uint32), patterns.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("shape", [(0,), (7,), (3020,), (500, 26), (1, 1)])
+def test_distinct_ids_and_where_each_is(shape):
+    ids = np.random.default_rng(3).integers(0, 50, size=shape) * 1_000_003  # repeats, and ids past 32 bits
+    unique, inverse = distinct(ids)
+    assert inverse.shape == ids.shape
+    assert np.array_equal(unique[inverse], ids)
+    assert np.array_equal(np.sort(unique), np.unique(ids))  # each id once
 
 
 def test_hot_rows_keep_frequent_rows_through_a_scan():

@@ -16,7 +16,8 @@ Figures, for each worker count:
   warm       after the row file is read back into the page cache (the steady state the start-up check
              leaves): unloaded p50/p99 and saturated requests/s of each request shape; the candidates
              form against the flat form of the same 500 examples: the two saturated phases, and the median
-             ratio of three rounds that run the two in turn
+             ratio of three rounds that run the two in turn (requests/s; and the workers' CPU time a request,
+             which the load generator sharing the cores does not skew)
   tiers      hit rates over the warm phases (hot: tier 1, of all lookups; file: the rest)
   memory     per worker RSS and PSS (``/proc/PID/smaps_rollup``: PSS splits shared file pages between
              the processes mapping them) and the row file's resident bytes (mincore)
@@ -167,16 +168,33 @@ def start_timed(server: UvicornProcess, timeout_s: float = 600) -> dict[str, flo
 
 
 def paired_rounds(url: str, ranking: list[bytes], flat: list[bytes], seconds: float, rounds: int,
-                  concurrency: int) -> list[dict[str, float]]:  # fmt: skip
+                  concurrency: int, pids: list[int] = ()) -> list[dict[str, float]]:  # fmt: skip
     """The two forms of the same examples saturated in turn, ``rounds`` times: requests/s of each and their ratio per
     round. This machine's throughput drifts by 15-35% between minutes; a ratio taken within a round is steadier
-    than one of two phases a minute apart."""
+    than one of two phases a minute apart. With ``pids`` (the workers), also the workers' CPU milliseconds a
+    request of each form and their ratio: what a request costs the service, whatever share of the cores the load
+    generator (on the same machine) takes from it."""
     out = []
     for _ in range(rounds):
-        ranking_rps = run_load(url, ranking, seconds, concurrency).summary()["requests_per_s"]
-        flat_rps = run_load(url, flat, seconds, concurrency).summary()["requests_per_s"]
-        out.append({"ranking": ranking_rps, "flat": flat_rps, "ratio": round(ranking_rps / flat_rps, 2)})
+        round_figures = {}
+        for form, bodies in (("ranking", ranking), ("flat", flat)):
+            cpu_before = cpu_seconds(pids)
+            result = run_load(url, bodies, seconds, concurrency).summary()
+            round_figures[form] = result["requests_per_s"]
+            if pids:
+                round_figures[f"{form}_cpu_ms"] = round((cpu_seconds(pids) - cpu_before) / max(result["requests"], 1) * 1000, 3)
+        round_figures["ratio"] = round(round_figures["ranking"] / round_figures["flat"], 2)
+        if pids:
+            round_figures["cpu_ratio"] = round(round_figures["flat_cpu_ms"] / round_figures["ranking_cpu_ms"], 2)
+        out.append(round_figures)
     return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds the processes have used so far."""
+    import psutil
+
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
 
 
 def service_figures(bundle: Path, workers: int, bodies: dict[str, list[bytes]], seconds: float, workdir: Path,
@@ -204,7 +222,7 @@ def service_figures(bundle: Path, workers: int, bodies: dict[str, list[bytes]], 
             out[f"{shape}_unloaded"] = unloaded(server.url, shape_bodies, 100).summary()
             out[f"{shape}_saturated"] = run_load(server.url, shape_bodies, seconds, concurrency).summary()
         out["candidates_over_flat_rounds"] = paired_rounds(server.url, bodies["ranking"], bodies["flat_same_examples"],
-                                                           seconds / 2, rounds=3, concurrency=8)  # fmt: skip
+                                                           seconds / 2, rounds=3, concurrency=8, pids=worker_pids(server))  # fmt: skip
         out["tier_hit_rates"] = hit_rates(before, tier_counts(server))
         out["row_file_resident_gib"] = round(file_resident(server) / GiB, 3)
         out["memory_per_worker"] = [memory_of(pid) for pid in worker_pids(server)]
@@ -254,6 +272,7 @@ def run_scale_bench(args, workdir: Path, report) -> None:
         flat = figures["flat_same_examples_saturated"]["requests_per_s"]
         figures["candidates_over_flat_phases"] = round(ranking / flat, 2)
         figures["candidates_over_flat"] = float(np.median([r["ratio"] for r in figures["candidates_over_flat_rounds"]]))
+        figures["candidates_over_flat_worker_cpu"] = float(np.median([r["cpu_ratio"] for r in figures["candidates_over_flat_rounds"]]))
         report(f"scale_service_{workers}_workers", figures)
         naive = naive_figures(bundle, workers, bodies, args.seconds, workdir, table["rows"] * table["dim"] * 4)
         report(f"scale_naive_{workers}_workers", naive)

@@ -128,6 +128,8 @@ def test_the_scale_benchmark_runs_end_to_end_on_a_small_bundle(tmp_path):
     rounds = service["candidates_over_flat_rounds"]
     assert len(rounds) == 3 and all(r["ranking"] > 0 and r["flat"] > 0 for r in rounds)
     assert service["candidates_over_flat"] == sorted(r["ratio"] for r in rounds)[1]
+    assert all(r["ranking_cpu_ms"] > 0 and r["flat_cpu_ms"] > 0 for r in rounds)  # the worker's own CPU a request
+    assert service["candidates_over_flat_worker_cpu"] == sorted(r["cpu_ratio"] for r in rounds)[1]
     (worker,) = service["memory_per_worker"]
     assert 0 < worker["pss_gib"] <= worker["rss_gib"]
     assert naive["flat_same_examples_saturated"]["failures"] == 0 and len(naive["memory_per_worker"]) == 1

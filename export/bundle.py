@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -106,8 +107,10 @@ def export_run(
     dtype: str = "float32",
     full_model_limit_bytes: int = 64 * 2**20,
     progress: bool = False,
+    context_features: Sequence[str] = (),
 ) -> Path:
-    """Export a training run as ``out_root/name/version``; returns the bundle path."""
+    """Export a training run as ``out_root/name/version``; returns the bundle path. ``context_features``: also write
+    the dense network split by that group (``export/dense_split.py``), for ranking requests with that context."""
     if dtype not in ROW_DTYPES:
         raise ExportError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
     if not (run_dir / "checkpoint.pt").is_file():
@@ -128,6 +131,11 @@ def export_run(
     try:
         known = load_known_values(run_dir / "known_values.npz")
         manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress)
+        if context_features:
+            from export.dense_split import write_context_split
+
+            dense = manifest["dense"]
+            dense["context_split"] = write_context_split(staging, "dense.onnx", dense["layout"], context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service's user
         staging.rename(target)

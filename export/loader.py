@@ -326,6 +326,8 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files:
             raise BundleError(f"bundle {root}: table {table.name!r} of the embedding plan has no row file")
 
     _check_file(root, manifest["dense"])
+    for part in ("context", "rest") if manifest["dense"].get("context_split") else ():
+        _check_file(root, manifest["dense"]["context_split"][part])
     if manifest.get("full_model"):
         for kind in ("onnx", "torchscript"):
             _check_file(root, manifest["full_model"][kind])

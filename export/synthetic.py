@@ -104,8 +104,10 @@ def write_synthetic_bundle(
     hidden: Sequence[int] = (64, 32),
     seed: int = 0,
     progress: bool = True,
+    context_features: Sequence[str] = (),
 ) -> Path:
-    """Write ``out_root/name/version``, a servable bundle of random rows; returns its path."""
+    """Write ``out_root/name/version``, a servable bundle of random rows; returns its path. ``context_features``:
+    split the dense network's first layer by that group (``export/dense_split.py``)."""
     if dtype not in ROW_DTYPES:
         raise UembedError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
     target = Path(out_root) / name / version
@@ -148,6 +150,11 @@ def write_synthetic_bundle(
                          "test_logloss": None, "seed": seed},  # fmt: skip
             "command": " ".join(sys.argv),
         }
+        if context_features:
+            from export.dense_split import write_context_split
+
+            dense = manifest["dense"]
+            dense["context_split"] = write_context_split(staging, "dense.onnx", dense["layout"], context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)
         staging.rename(target)

@@ -89,7 +89,8 @@ def scale_bundle(path: Path | None, workdir: Path, rows: int, dtype: str) -> Pat
 
     if path is not None:
         return path
-    return write_synthetic_bundle(workdir, "criteo-scale", criteo_features(), table_rows=rows, dtype=dtype)
+    return write_synthetic_bundle(workdir, "criteo-scale", criteo_features(), table_rows=rows, dtype=dtype,
+                                  context_features=CONTEXT_FEATURES)  # fmt: skip
 
 
 def evict(path: Path) -> None:

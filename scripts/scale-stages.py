@@ -60,15 +60,26 @@ def main(bundle: str) -> None:
                 split = [runtime.hash_split([c]) for c in canonical]
                 timing["lookup"] = per_call_ms(lambda i: runtime.lookup_split(split[i]), n)
                 looked_up = [runtime.lookup_split(s) for s in split]
-                timing["assemble"] = per_call_ms(lambda i: runtime.assemble_split(split[i], *looked_up[i]), n)
-                embeddings = [runtime.assemble_split(s, *rows) for s, rows in zip(split, looked_up)]
+                # the engine's choice: the context split's inputs where the bundle's network has one (the context's
+                # part of the first layer once a request), else every candidate's whole input
+                def assemble(s, rows):
+                    inputs = runtime.factored_inputs(s, *rows)
+                    return runtime.assemble_split(s, *rows) if inputs is None else inputs
+
+                timing["assemble"] = per_call_ms(lambda i: assemble(split[i], looked_up[i]), n)
+                embeddings = [assemble(s, rows) for s, rows in zip(split, looked_up)]
             else:
                 timing["hash"] = per_call_ms(lambda i: runtime.hash([canonical[i]]), n)
                 hashed = [runtime.hash([c]) for c in canonical]
-                timing["lookup"] = per_call_ms(lambda i: runtime.lookup(hashed[i][0]), n)
-                looked_up = [runtime.lookup(rows) for rows, _ in hashed]
-                timing["assemble"] = per_call_ms(lambda i: runtime.assemble(looked_up[i], hashed[i][1]), n)
-                embeddings = [runtime.assemble(rows, h[1]) for rows, h in zip(looked_up, hashed)]
+                if runtime.lookup_factored(*hashed[0]) is not None:  # a context-split network: lookup and assemble in one
+                    timing["lookup"] = per_call_ms(lambda i: runtime.lookup_factored(*hashed[i]), n)
+                    timing["assemble"] = 0.0
+                    embeddings = [runtime.lookup_factored(*h) for h in hashed]
+                else:
+                    timing["lookup"] = per_call_ms(lambda i: runtime.lookup(hashed[i][0]), n)
+                    looked_up = [runtime.lookup(rows) for rows, _ in hashed]
+                    timing["assemble"] = per_call_ms(lambda i: runtime.assemble(looked_up[i], hashed[i][1]), n)
+                    embeddings = [runtime.assemble(rows, h[1]) for rows, h in zip(looked_up, hashed)]
             timing["dense"] = per_call_ms(lambda i: runtime.dense(embeddings[i]), n)
             scores = [runtime.dense(e) for e in embeddings]
             timing["response"] = per_call_ms(

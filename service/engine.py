@@ -652,16 +652,21 @@ class ScoringEngine:
         if split is not None:  # ranking requests: their contexts' rows hashed and looked up once a request
             looked_up = runtime.lookup_split(split)
             t2 = time.perf_counter()
-            embeddings = runtime.assemble_split(split, *looked_up)
+            # a dense network split by this context (export/dense_split.py): the context's part once a request
+            embeddings = runtime.factored_inputs(split, *looked_up)
+            if embeddings is None:
+                embeddings = runtime.assemble_split(split, *looked_up)
             t3 = time.perf_counter()
             scores = runtime.dense(embeddings)
         elif runtime.torchscript is not None:
             scores = runtime.score_encoded(rows, weights)
             t2 = t3 = time.perf_counter()
         else:
-            looked_up = runtime.lookup(rows)
+            factored = runtime.lookup_factored(rows, weights)  # a dense network split by a context: its parts' inputs
+            if factored is None:
+                looked_up = runtime.lookup(rows)
             t2 = time.perf_counter()
-            embeddings = runtime.assemble(looked_up, weights)
+            embeddings = runtime.assemble(looked_up, weights) if factored is None else factored
             t3 = time.perf_counter()
             scores = runtime.dense(embeddings)
         t4 = time.perf_counter()

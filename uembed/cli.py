@@ -348,6 +348,14 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
         "--evaluate", action="store_true",
         help="reload the run's dataset, score its test split with the bundle, and print test AUC and LogLoss",
     )  # fmt: skip
+    parser.add_argument(
+        "--context-features", type=lambda text: [name.strip() for name in text.split(",") if name.strip()], default=[],
+        metavar="A,B,...",
+        help="the features ranking requests send as their context (e.g. the user's): also write the dense network "
+        "split by them, so a request with exactly that context computes their part of the first layer once, not once "
+        "per candidate, with the flat form's scores (both forms then run the split network; scores differ from "
+        "dense.onnx's by float rounding). Needs a network that multiplies its input by one weight matrix",
+    )  # fmt: skip
     parser.set_defaults(handler=run_export, extras=("train",))
 
 
@@ -364,7 +372,8 @@ def run_export(args: argparse.Namespace) -> int:
     if args.evaluate and (config.get("source") or {}).get("streaming"):
         raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
     name = args.name or config.get("dataset", {}).get("name", "model")
-    path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True)
+    path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True,
+                      context_features=args.context_features)  # fmt: skip
     bundle = load_bundle(path)
     table_bytes = sum(t.nbytes for t in bundle.tables.values())
     float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)

@@ -207,6 +207,35 @@ def test_ranking_batches_score_the_same_split_or_broadcast(movielens, exported):
             assert scorer.hash_split(parts + [scorer.canonicalise(examples[:3])]) is None  # a flat part: no split
 
 
+def test_a_trained_network_split_by_the_user_features_scores_ranking_requests_as_flat(movielens, exported, tmp_path):
+    """`uembed export --context-features`: the trained cross network's first product split by the user's features.
+    A ranking request with the user as context computes the user's part of it once and gets the flat examples'
+    floats; both stay within the export check's tolerance of torch."""
+    from service.runtime import ModelRuntime
+
+    _, examples = movielens
+    run_dir, _ = exported
+    path = export_run(run_dir, tmp_path, "ml", dtype="float16", context_features=USER)
+    bundle = load_bundle(path)
+    split = bundle.manifest["dense"]["context_split"]
+    assert split["features"] == list(USER) and split["rest_takes_embeddings"]  # the cross layer reads the input again
+    whole = ReferenceScorer(load_bundle(path))
+    whole.context_split = None  # dense.onnx, unsplit
+    for scorer in (ReferenceScorer(bundle), ModelRuntime(bundle, hot_rows_bytes=2**14)):
+        parts, flat_examples = [], []
+        for start in (0, 30, 60):
+            chunk = examples[start : start + 30]
+            context = {name: chunk[0][name] for name in USER}
+            parts.append(scorer.canonicalise([{k: v for k, v in e.items() if k not in USER} for e in chunk], context))
+            flat_examples += [{**e, **context} for e in chunk]
+        flat = scorer.score(flat_examples)
+        np.testing.assert_allclose(flat, whole.score(flat_examples), atol=1e-5, rtol=0)
+        split_batch = scorer.hash_split(parts)
+        inputs = scorer.factored_inputs(split_batch, *scorer.lookup_split(split_batch))
+        assert inputs is not None and len(inputs.context) == 3
+        np.testing.assert_array_equal(scorer.dense(inputs), flat)
+
+
 def test_one_value_features_hashed_together_give_their_rows_hashed_one_by_one(movielens, exported):
     """Without training values, one-value features with one hashed lookup are hashed in one pass over all their
     columns, each value under its feature's seed and modulo its table's rows; with them, each feature goes through

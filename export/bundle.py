@@ -8,6 +8,8 @@ A bundle is what the service loads, with no pickle and no training code::
     tables/<table>.scale_bias.npy   float32 [rows, 2] per-row scale and offset (int8 only)
     vocab/<feature>.npy        sorted uint64 keys of a collisionless feature
     dense.onnx                 network after the embeddings: embeddings [B, E] -> probability [B]
+    dense_context.onnx, dense_rest.onnx   the same network split by a context feature group
+                               (``--context-features``, ``export/dense_split.py``), which the CPU service runs
     model.onnx, model.pt       full model (rows, weights -> probability), float32 bundles whose
                                tables fit under the size limit
 
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.dense_split import add_context_split, context_columns, layout_of
 from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, test_vectors, write_table_rows
 from model.errors import UembedError
 from model.hashing import spec_description
@@ -116,6 +119,8 @@ def export_run(
     if not (run_dir / "checkpoint.pt").is_file():
         raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
     config, plan, model, doc = load_run(run_dir)
+    if context_features:
+        context_columns(layout_of(plan), context_features)  # a bad name is refused before any row file is written
     if not method_spec(plan.method).servable:
         raise ExportError(
             f"{run_dir} is an SEO search run: it explores chunk policies and is not served. Train the Applier from "
@@ -132,10 +137,7 @@ def export_run(
         known = load_known_values(run_dir / "known_values.npz")
         manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress)
         if context_features:
-            from export.dense_split import write_context_split
-
-            dense = manifest["dense"]
-            dense["context_split"] = write_context_split(staging, "dense.onnx", dense["layout"], context_features)
+            add_context_split(staging, manifest, context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service's user
         staging.rename(target)
@@ -209,7 +211,6 @@ def write_bundle(
         # Real values for the test vectors: the collisionless vocabulary cannot be reversed,
         # so every bundle takes its vectors from the values recorded at training time.
         train_values[feature.name] = [v.encode("utf-8", "surrogateescape") for v in doc.get("sample_values", {}).get(feature.name, [])]
-    columns = plan.feature_columns()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -226,7 +227,7 @@ def write_bundle(
             **file_entry(folder, "dense.onnx"),
             "input": {"name": "embeddings", "shape": ["batch", plan.output_dim], "dtype": "float32"},
             "output": {"name": "probability", "shape": ["batch"], "dtype": "float32"},
-            "layout": [{"feature": f, "start": a, "stop": b} for f, (a, b) in columns.items()],
+            "layout": layout_of(plan),
         },
         "full_model": full_model,
         # SEO Applier bundles: the chunk policy the tables were built from (model/seo.py).

@@ -10,9 +10,10 @@ the dense network as two ONNX models that compute it that way for every request,
 
 A flat request runs both on every example. A ranking request whose context is the split's feature group runs the
 first once a request and the second on its candidates, with the partial repeated to each: the same floats as the
-flat form, because each output row of a matrix product depends on its input row alone (tested). The two parts sum
-the first layer in another order than ``dense.onnx``: their scores differ from its by float rounding (about 1e-7),
-and ``dense.onnx`` stays in the bundle for the other runtimes (CUDA, the export check's torch comparison).
+flat form, because each output row of a matrix product depends on its input row alone (ONNX Runtime's CPU product
+with constant weights; tested, and checked again when a bundle loads). The two parts sum the first layer in another
+order than ``dense.onnx``: their scores differ from its by float rounding (about 1e-7; the export checks 1e-5 on
+random inputs), and ``dense.onnx`` stays in the bundle for the runtimes that do not use the parts (CUDA, TorchScript).
 
 Needs ``onnx`` (the train extra): run at export time, never by the service.
 """
@@ -33,20 +34,35 @@ CONTEXT_INPUT, OWN_INPUT, PARTIAL = "context_embeddings", "own_embeddings", "con
 
 def context_columns(layout: Sequence[dict], features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Columns of the dense network's input that ``features`` fill, and the others', each in input order."""
-    unknown = set(features) - {entry["feature"] for entry in layout}
+    names = [entry["feature"] for entry in layout]
+    unknown = sorted(set(features) - set(names))
     if unknown:
-        raise UembedError(f"context split: {', '.join(sorted(unknown))} not among the model's features")
+        raise UembedError(f"context split: {', '.join(unknown)} not among the model's features ({', '.join(names)})")
     chosen = set(features)
     context = [np.arange(e["start"], e["stop"]) for e in layout if e["feature"] in chosen]
     own = [np.arange(e["start"], e["stop"]) for e in layout if e["feature"] not in chosen]
-    if not context or not own:
-        raise UembedError("context split: the context must leave some features to the candidates, and take some")
+    if not context:
+        raise UembedError("context split: no context features given")
+    if not own:
+        raise UembedError("context split: every feature is in the context; the candidates need some of their own")
     return np.sort(np.concatenate(context)), np.sort(np.concatenate(own))
+
+
+def layout_of(plan) -> list[dict]:
+    """The dense input's layout as a manifest records it: each feature's columns."""
+    return [{"feature": f, "start": a, "stop": b} for f, (a, b) in plan.feature_columns().items()]
+
+
+def add_context_split(folder: Path, manifest: dict, features: Sequence[str]) -> None:
+    """Write the parts of the bundle's ``dense.onnx`` split by ``features`` into ``folder`` and record them in
+    ``manifest["dense"]["context_split"]``."""
+    dense = manifest["dense"]
+    dense["context_split"] = write_context_split(folder, dense["file"], dense["layout"], features)
 
 
 def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], features: Sequence[str]) -> dict:
     """Write the two parts of ``folder/dense_file`` split by ``features`` next to it; returns the manifest entry
-    (``dense.context_split``).
+    (``dense.context_split``), once both parts have scored random inputs as the whole network does (1e-5).
 
     The split layer is the network's one matrix product of its input by a weight matrix: ``MatMul(embeddings, W)``
     (an MLP's first layer) or ``Gemm(embeddings, W, b)`` (torch's Linear; a DCN's first cross layer). Other nodes
@@ -55,64 +71,99 @@ def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], f
     import onnx
     from onnx import helper, numpy_helper
 
+    context, own = context_columns(layout, features)
     model = onnx.load(str(folder / dense_file))
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    (graph_input,) = [i for i in graph.input if i.name not in weights]
+    inputs = [i for i in graph.input if i.name not in weights]
+    if len(inputs) != 1:
+        raise UembedError(f"context split: {dense_file} takes {len(inputs)} inputs; a split needs one (the embeddings)")
+    (graph_input,) = inputs
     consumers = [node for node in graph.node if graph_input.name in node.input]
-    linear = [node for node in consumers if _linear_weight(node, graph_input.name, weights) is not None]
+    reasons = [_linear_refusal(node, graph_input.name, weights) for node in consumers]
+    linear = [node for node, reason in zip(consumers, reasons) if reason is None]
     if len(linear) != 1:
-        raise UembedError(
-            f"context split: {dense_file} must multiply its input by one weight matrix (MatMul, or Gemm with alpha 1, "
-            f"beta 1 and the input not transposed); its input feeds {', '.join(n.op_type for n in consumers) or 'nothing'}"
-        )
+        found = "; ".join(reason or f"a {node.op_type} it could split" for node, reason in zip(consumers, reasons)) or "nothing"
+        raise UembedError(f"context split: {dense_file} must multiply its input by one weight matrix (MatMul, or Gemm "
+                          f"with alpha 1, beta 1, the input not transposed); its input feeds {found}")  # fmt: skip
     (first,) = linear
-    matrix = _linear_weight(first, graph_input.name, weights)
-    context, own = context_columns(layout, features)
+    if any(first.input[1] in node.input for node in graph.node if node is not first):
+        raise UembedError(f"context split: {dense_file}'s weight {first.input[1]} is used by other nodes too")
+    matrix = numpy_helper.to_array(weights[first.input[1]])
+    if first.op_type == "Gemm" and _attributes(first).get("transB", 0):
+        matrix = matrix.T
     if matrix.shape[0] != len(context) + len(own):
         raise UembedError(f"context split: the weight matrix is {matrix.shape}, the input has {len(context) + len(own)} columns")
     width = matrix.shape[1]
+    biased = len(first.input) > 2 and bool(first.input[2])
+    product = "uembed_first_product" if biased else first.output[0]
+    added = {CONTEXT_INPUT, OWN_INPUT, PARTIAL, "uembed_w_context", "uembed_w_own", "uembed_own_partial", "uembed_first_product"}
+    taken = {name for node in graph.node for name in (*node.input, *node.output)} | set(weights) | {graph_input.name}
+    if added & taken:
+        raise UembedError(f"context split: {dense_file} already has tensors named {', '.join(sorted(added & taken))}")
     opsets = list(model.opset_import)
 
-    def save(nodes, inputs, outputs, initialisers, name, file):
-        part = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, initialisers), opset_imports=opsets,
-                                 producer_name="uembed-context-split")  # fmt: skip
+    def save(nodes, part_inputs, outputs, initialisers, name, file):
+        part = helper.make_model(helper.make_graph(nodes, name, part_inputs, outputs, initialisers), opset_imports=opsets,
+                                 producer_name="uembed-context-split", functions=list(model.functions))  # fmt: skip
         part.ir_version = model.ir_version
         onnx.checker.check_model(part)
         onnx.save(part, str(folder / file))
 
     float_input = lambda name, columns: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", columns])  # noqa: E731
-    save([helper.make_node("MatMul", [CONTEXT_INPUT, "w_context"], [PARTIAL])], [float_input(CONTEXT_INPUT, len(context))],
-         [float_input(PARTIAL, width)], [numpy_helper.from_array(np.ascontiguousarray(matrix[context]), "w_context")],
+    save([helper.make_node("MatMul", [CONTEXT_INPUT, "uembed_w_context"], [PARTIAL])], [float_input(CONTEXT_INPUT, len(context))],
+         [float_input(PARTIAL, width)], [numpy_helper.from_array(np.ascontiguousarray(matrix[context]), "uembed_w_context")],
          "dense_context", CONTEXT_FILE)  # fmt: skip
-    biased = len(first.input) > 2 and bool(first.input[2])
-    product = "first_layer_product" if biased else first.output[0]
-    rest_nodes = [helper.make_node("MatMul", [OWN_INPUT, "w_own"], ["own_partial"]),
-                  helper.make_node("Add", ["own_partial", PARTIAL], [product])]  # fmt: skip
+    rest_nodes = [helper.make_node("MatMul", [OWN_INPUT, "uembed_w_own"], ["uembed_own_partial"]),
+                  helper.make_node("Add", ["uembed_own_partial", PARTIAL], [product])]  # fmt: skip
     if biased:  # Gemm's bias, added after the product
         rest_nodes.append(helper.make_node("Add", [product, first.input[2]], [first.output[0]]))
     rest_nodes += [node for node in graph.node if node is not first]
     kept = [t for t in graph.initializer if t.name != first.input[1]]
     takes_input = any(graph_input.name in node.input for node in graph.node if node is not first)
-    inputs = [float_input(OWN_INPUT, len(own)), float_input(PARTIAL, width)] + ([graph_input] if takes_input else [])
-    save(rest_nodes, inputs, list(graph.output), [*kept, numpy_helper.from_array(np.ascontiguousarray(matrix[own]), "w_own")],
+    rest_inputs = [float_input(OWN_INPUT, len(own)), float_input(PARTIAL, width)] + ([graph_input] if takes_input else [])
+    save(rest_nodes, rest_inputs, list(graph.output), [*kept, numpy_helper.from_array(np.ascontiguousarray(matrix[own]), "uembed_w_own")],
          "dense_rest", REST_FILE)  # fmt: skip
-    return {"features": list(features), "width": int(width), "rest_takes_embeddings": takes_input,
+    _check_parts(folder, dense_file, graph_input.name, context, own, takes_input)
+    return {"features": list(dict.fromkeys(features)), "width": int(width), "of": file_entry(folder, dense_file)["sha256"],
             "context": file_entry(folder, CONTEXT_FILE), "rest": file_entry(folder, REST_FILE)}  # fmt: skip
 
 
-def _linear_weight(node, input_name: str, weights: dict) -> np.ndarray | None:
-    """The [inputs, outputs] matrix ``node`` multiplies ``input_name`` by, if it is such a product; else None."""
-    from onnx import helper, numpy_helper
+def _check_parts(folder: Path, dense_file: str, input_name: str, context: np.ndarray, own: np.ndarray, takes_input: bool) -> None:
+    """Score random inputs through the two parts and through the whole network: the same scores up to rounding."""
+    import onnxruntime as ort
 
-    if node.op_type not in ("MatMul", "Gemm") or list(node.input[:1]) != [input_name] or node.input[1] not in weights:
-        return None
-    matrix = numpy_helper.to_array(weights[node.input[1]])
+    session = lambda file: ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])  # noqa: E731
+    embeddings = np.random.default_rng(0).standard_normal((64, len(context) + len(own))).astype(np.float32)
+    whole = session(dense_file).run(None, {input_name: embeddings})[0]
+    partial = session(CONTEXT_FILE).run(None, {CONTEXT_INPUT: embeddings[:, context]})[0]
+    feeds = {OWN_INPUT: embeddings[:, own], PARTIAL: partial} | ({input_name: embeddings} if takes_input else {})
+    parts = session(REST_FILE).run(None, feeds)[0]
+    worst = float(np.abs(parts - whole).max())
+    if not worst <= 1e-5:
+        raise UembedError(f"context split: the two parts score random inputs up to {worst:.2g} away from {dense_file}")
+
+
+def _attributes(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _linear_refusal(node, input_name: str, weights: dict) -> str | None:
+    """Why ``node`` is not a product of ``input_name`` by a weight matrix the split can cut; None if it is one."""
+    from onnx import numpy_helper
+
+    if node.op_type not in ("MatMul", "Gemm"):
+        return f"a {node.op_type}"
+    if list(node.input[:1]) != [input_name]:
+        return "the input is its second operand"
+    if node.input[1] not in weights or numpy_helper.to_array(weights[node.input[1]]).ndim != 2:
+        return "its weight is not a constant matrix"
     if node.op_type == "Gemm":
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attributes = _attributes(node)
         if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0 or attributes.get("transA", 0):
-            return None
+            return "a Gemm with alpha or beta other than 1, or the input transposed"
         if len(node.input) > 2 and node.input[2] and node.input[2] not in weights:
-            return None
-        matrix = matrix.T if attributes.get("transB", 0) else matrix
-    return matrix if matrix.ndim == 2 else None
+            return "a Gemm whose bias is not a constant"
+    return None

@@ -20,7 +20,9 @@ and its rows are hashed once. A batch of ranking requests keeps them at one row 
 (``hash_split`` -> :class:`SplitBatch`): the service looks them up once and writes them into
 every candidate's embeddings (``lookup_split``, ``assemble_split``); ``hash``
 repeats them to every candidate instead. Either way it scores exactly as the same examples
-sent flat, with the context's values copied into each.
+sent flat, with the context's values copied into each. Where the bundle's dense network is split by the
+context's features (``export/dense_split.py``), the context's part of its first layer is computed once a
+request too (``ReferenceScorer.factored_inputs``), with the same floats.
 
 What a value may be over HTTP (:class:`ValueLimits`): a string of at most ``max_chars``
 characters, a number, a boolean or null; a list of those (at most ``max_list`` items) for

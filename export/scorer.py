@@ -10,6 +10,7 @@ array([0.87], dtype=float32)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,9 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 
+from export.dense_split import CONTEXT_INPUT, OWN_INPUT, PARTIAL, context_columns
 from export.encoding import NO_LIMITS, CanonicalExamples, ExampleEncoder, SplitBatch, ValueLimits
 from export.loader import Bundle
-from model.errors import ExampleError
+from model.errors import BundleError, ExampleError, UembedError
+
+log = logging.getLogger("uembed.scorer")
 
 __all__ = ["CPU_PROVIDERS", "ExampleError", "ReferenceScorer", "distinct", "onnx_session"]
 
@@ -65,9 +69,6 @@ class ReferenceScorer:
         self.plan = bundle.plan
         self.encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, limits, cache_bytes, bundle.known_values)
         self.session = onnx_session(bundle.dense_path, threads, providers)
-        split = bundle.manifest["dense"].get("context_split")
-        # On the CPU only: the CUDA runtime runs dense.onnx with its own device buffers.
-        self.context_split = ContextSplit(bundle, split, threads) if split and tuple(providers) == CPU_PROVIDERS else None
         slot_tables = self.plan.slot_tables()
         self.table_slots = [
             (bundle.tables[t.name], np.flatnonzero(slot_tables == i)) for i, t in enumerate(self.plan.tables)
@@ -76,6 +77,9 @@ class ReferenceScorer:
         self.one_slot_per_group = self.pooling.shape[0] == self.pooling.shape[1] and np.array_equal(self.pooling, np.eye(len(self.pooling)))
         self.bias_columns = self.plan.bias_columns()
         self.slot_tables = slot_tables
+        entry = bundle.manifest["dense"].get("context_split")
+        # On the CPU only: the CUDA runtime runs dense.onnx with its own device buffers.
+        self.dense_parts = DenseParts(self, entry, threads) if entry and tuple(providers) == CPU_PROVIDERS else None
 
     def canonicalise(
         self, examples: Sequence[Mapping[str, object]], context: Mapping[str, object] | None = None
@@ -164,40 +168,39 @@ class ReferenceScorer:
         return out
 
     def dense(self, embeddings: np.ndarray | FactoredInputs) -> np.ndarray:
-        """Scores [B] of embeddings [B, E], or of a split batch's :class:`FactoredInputs`."""
-        if self.context_split is not None:
-            return self.context_split.score(embeddings)
-        return self.session.run(None, {"embeddings": embeddings})[0]
+        """Scores [B] of embeddings [B, E], or of :class:`FactoredInputs` (a bundle with :class:`DenseParts`)."""
+        if self.dense_parts is not None:
+            return self.dense_parts.score(embeddings)
+        return self.session.run(None, {self.bundle.manifest["dense"]["input"]["name"]: embeddings})[0]
 
     def factored_inputs(self, batch: SplitBatch, rows: np.ndarray, own: np.ndarray, shared: np.ndarray) -> FactoredInputs | None:
         """Where the bundle's dense network is split by this batch's context (``export/dense_split.py``): the inputs of
-        its parts from ``lookup_split``'s rows, the context's once a part (request), for ``dense``. None otherwise:
-        then ``assemble_split``. ``dense`` gives the same floats either way."""
-        split = self.context_split
-        if split is None or not split.serves(batch):
+        its parts from ``lookup_split``'s rows, the context's once a part (request), for ``dense``. None otherwise
+        (then ``assemble_split``): no parts, another context, a part without examples, or parts that do not give
+        each request's row the floats of the request's examples (checked at load). The same floats either way."""
+        parts = self.dense_parts
+        if parts is None or not parts.once_a_request or not parts.matches(batch) or not batch.counts.all():
             return None
-        simple = self.one_slot_per_group and not self.bias_columns.size and split.contiguous and not split.takes_embeddings
-        if simple and (batch.weights == 1).all() and (batch.context_weights == 1).all():
-            return split.inputs(batch, rows, own, shared)  # each part's columns straight from the rows
+        if parts.columns_from_rows and (batch.weights == 1).all() and (batch.context_weights == 1).all():
+            return parts.inputs(batch, rows, own, shared)  # each part's columns straight from the rows
         # Pooled lists, feature biases, a network that reads its whole input again: assembled as usual, then the
         # context's columns of each part's first example (the same in every example of the part).
         embeddings = self.assemble_split(batch, rows, own, shared)
         first = np.cumsum(batch.counts) - batch.counts
-        return FactoredInputs(np.take(embeddings, split.own_columns, axis=1), embeddings[first][:, split.context_columns],
-                              batch.counts, embeddings if split.takes_embeddings else None)  # fmt: skip
+        return FactoredInputs(np.take(embeddings, parts.own_columns, axis=1), embeddings[first][:, parts.context_columns],
+                              batch.counts, embeddings if parts.takes_embeddings else None)  # fmt: skip
 
     def lookup_factored(self, ids: np.ndarray, weights: np.ndarray) -> FactoredInputs | None:
-        """``lookup`` and ``assemble`` of a flat batch [B, S] straight into the inputs of a context-split dense
-        network's parts (taking each part's columns out of the whole input cost a flat 500-example request 0.14 ms,
-        half its dense network's time); None where the bundle has no split or the plan is not one unweighted slot a
-        feature over one table: then ``lookup`` and ``assemble``."""
-        split = self.context_split
-        if (split is None or not split.contiguous or split.takes_embeddings or not self.one_slot_per_group
-                or self.bias_columns.size or len(self.table_slots) != 1 or not (weights == 1).all()):  # fmt: skip
+        """``lookup`` and ``assemble`` of a flat batch [B, S] straight into the inputs of the dense network's parts
+        (taking each part's columns out of the whole input cost a flat 500-example request 0.14 ms, half its dense
+        network's time); None where the bundle has no parts or they need the assembled input (pooled, weighted or
+        biased slots, several tables, a network that reads its whole input again): then ``lookup`` and ``assemble``."""
+        parts = self.dense_parts
+        if parts is None or not parts.columns_from_rows or len(self.table_slots) != 1 or not (weights == 1).all():
             return None
         rows, inverse = self.gather_distinct(0, ids)
-        context = np.take(rows, inverse[:, split.context_slots], axis=0).reshape(len(ids), -1)
-        own = np.take(rows, inverse[:, split.own_slots], axis=0).reshape(len(ids), -1)
+        context = np.take(rows, inverse[:, parts.context_slots], axis=0).reshape(len(ids), len(parts.context_columns))
+        own = np.take(rows, inverse[:, parts.own_slots], axis=0).reshape(len(ids), len(parts.own_columns))
         return FactoredInputs(own, context)
 
     def score(self, examples: Sequence[Mapping[str, object]]) -> np.ndarray:
@@ -209,55 +212,81 @@ class ReferenceScorer:
         return self.dense(self.assemble(self.lookup(rows), weights) if factored is None else factored)
 
 
-class ContextSplit:
-    """The dense network as its two parts split by a context feature group (``export/dense_split.py``)."""
+class DenseParts:
+    """The dense network as its two parts split by a context feature group (``export/dense_split.py``), checked
+    against the bundle's layout at load."""
 
-    def __init__(self, bundle: Bundle, entry: dict, threads: int) -> None:
-        from export.dense_split import CONTEXT_INPUT, OWN_INPUT, PARTIAL, context_columns
-
-        self.context_columns, self.own_columns = context_columns(bundle.manifest["dense"]["layout"], entry["features"])
+    def __init__(self, scorer: ReferenceScorer, entry: dict, threads: int) -> None:
+        bundle, plan = scorer.bundle, scorer.plan
+        dense = bundle.manifest["dense"]
+        try:
+            self.context_columns, self.own_columns = context_columns(dense["layout"], entry["features"])
+        except (KeyError, TypeError, UembedError) as exc:
+            raise BundleError(f"bundle {bundle.path}: dense.context_split: {exc}") from exc
+        if entry.get("of") != dense["sha256"]:
+            raise BundleError(f"bundle {bundle.path}: dense.context_split was written from another dense.onnx than "
+                              "the bundle's (its sha256 differs); export the bundle again")  # fmt: skip
         self.context_session = onnx_session(bundle.path / entry["context"]["file"], threads)
         self.rest_session = onnx_session(bundle.path / entry["rest"]["file"], threads)
-        self.names = CONTEXT_INPUT, OWN_INPUT, PARTIAL
-        self.takes_embeddings = bool(entry.get("rest_takes_embeddings"))
-        self.input_name = bundle.manifest["dense"]["input"]["name"]
+        self.input_name = dense["input"]["name"]
+        rest_inputs = {i.name: i.shape[-1] for i in self.rest_session.get_inputs()}
+        self.takes_embeddings = self.input_name in rest_inputs  # a cross network reads its whole input again
+        expected = {OWN_INPUT: len(self.own_columns), PARTIAL: entry["width"]} | ({self.input_name: plan.output_dim} if self.takes_embeddings else {})
+        context_shape = [(i.name, i.shape[-1]) for i in self.context_session.get_inputs()]
+        if rest_inputs != expected or context_shape != [(CONTEXT_INPUT, len(self.context_columns))]:
+            raise BundleError(f"bundle {bundle.path}: dense.context_split's parts take {context_shape} and {rest_inputs}, "
+                              f"the layout gives {CONTEXT_INPUT}: {len(self.context_columns)} and {expected}")  # fmt: skip
         # The slots of the group's features: a split batch with exactly these context slots takes the factored path.
-        plan, chosen = bundle.plan, set(entry["features"])
+        chosen = set(entry["features"])
         in_context = np.concatenate([np.full(f.width * len(f.lookups), f.name in chosen) for f in plan.features])
         self.context_slots, self.own_slots = np.flatnonzero(in_context), np.flatnonzero(~in_context)
-        # Whether slot s's row is columns [s * D, (s + 1) * D) of the input (one unpooled slot a feature, no bias):
-        # then a part's columns come straight from its rows.
+        # Whether slot s's row is columns [s * D, (s + 1) * D) of the input (one unpooled slot a feature, no feature
+        # bias), and the rest part needs nothing else: then each part's columns come straight from the rows.
         slot_columns = lambda slots: (slots[:, None] * plan.dim + np.arange(plan.dim)).ravel()  # noqa: E731
-        self.contiguous = (np.array_equal(self.context_columns, slot_columns(self.context_slots))
-                           and np.array_equal(self.own_columns, slot_columns(self.own_slots)))  # fmt: skip
+        self.columns_from_rows = (scorer.one_slot_per_group and not scorer.bias_columns.size and not self.takes_embeddings
+                                  and np.array_equal(self.context_columns, slot_columns(self.context_slots))
+                                  and np.array_equal(self.own_columns, slot_columns(self.own_slots)))  # fmt: skip
+        self.once_a_request = self._rows_independent()
 
-    def serves(self, batch: SplitBatch) -> bool:
+    def _rows_independent(self) -> bool:
+        """Whether the context part gives a row alone the floats it gives that row among others: what computing it
+        once a request relies on. True of ONNX Runtime's CPU matrix product with constant (prepacked) weights; checked
+        here rather than assumed, and where it fails ranking requests take every candidate's whole input instead."""
+        rows = np.random.default_rng(0).standard_normal((64, len(self.context_columns))).astype(np.float32)
+        together = self._context(rows)
+        alone = np.concatenate([self._context(rows[i : i + 1]) for i in range(len(rows))])
+        if np.array_equal(together, alone):
+            return True
+        log.warning("the dense network's context part scores a row alone unlike among others; ranking requests "
+                    "compute it once a candidate (scores stay the flat form's)")  # fmt: skip
+        return False
+
+    def matches(self, batch: SplitBatch) -> bool:
         """Whether the batch's context (the features every part shares) is the split's group."""
         return np.array_equal(batch.context_slots, self.context_slots)
 
     def inputs(self, batch: SplitBatch, rows: np.ndarray, own: np.ndarray, shared: np.ndarray) -> FactoredInputs:
-        context = np.take(rows, shared, axis=0).reshape(len(shared), -1)  # [P, S_c * D]: slots in input order
-        candidates = np.take(rows, own, axis=0).reshape(len(own), -1)  # [B, S_e * D]
-        return FactoredInputs(candidates, context, batch.counts)
+        context = np.take(rows, shared, axis=0).reshape(len(shared), len(self.context_columns))  # slots in input order
+        own_columns = np.take(rows, own, axis=0).reshape(len(own), len(self.own_columns))
+        return FactoredInputs(own_columns, context, batch.counts)
 
     def score(self, embeddings: np.ndarray | FactoredInputs) -> np.ndarray:
         """Scores of whole examples' embeddings [B, E] (both parts on every example), or of factored inputs (the
-        first part on one row a part, repeated to its examples). Each output row of a matrix product depends on its
-        input row alone, so a candidate gets the floats its flat example gets."""
+        context part on one row a part, repeated to its examples): the same floats for the same example."""
         if isinstance(embeddings, FactoredInputs):
             partial = self._context(embeddings.context)
             if embeddings.counts is not None:
                 partial = np.repeat(partial, embeddings.counts, axis=0)
-            return self._rest(embeddings.candidates, partial, embeddings.embeddings)
+            return self._rest(embeddings.own, partial, embeddings.embeddings)
         context = np.take(embeddings, self.context_columns, axis=1)
         own = np.take(embeddings, self.own_columns, axis=1)
         return self._rest(own, self._context(context), embeddings)
 
     def _context(self, context: np.ndarray) -> np.ndarray:
-        return self.context_session.run(None, {self.names[0]: context})[0]
+        return self.context_session.run(None, {CONTEXT_INPUT: context})[0]
 
     def _rest(self, own: np.ndarray, partial: np.ndarray, embeddings: np.ndarray | None) -> np.ndarray:
-        feeds = {self.names[1]: own, self.names[2]: partial}
+        feeds = {OWN_INPUT: own, PARTIAL: partial}
         if self.takes_embeddings:
             feeds[self.input_name] = embeddings
         return self.rest_session.run(None, feeds)[0]
@@ -265,14 +294,14 @@ class ContextSplit:
 
 @dataclass
 class FactoredInputs:
-    """A batch's inputs to a context-split dense network: every example's own columns [B, E_o], and the context's
-    columns: each part's [P, E_c], part p standing for ``counts[p]`` consecutive examples (a split batch), or
+    """A batch's inputs to the dense network's parts: every example's own columns [B, E_o], and the context's columns:
+    each part's [P, E_c], part p standing for ``counts[p]`` consecutive examples (a batch of ranking requests), or
     every example's [B, E_c] (``counts`` None: a flat batch)."""
 
-    candidates: np.ndarray
+    own: np.ndarray
     context: np.ndarray
     counts: np.ndarray | None = None
     embeddings: np.ndarray | None = None  # every example's whole input [B, E], where the rest part reads it too
 
     def __len__(self) -> int:
-        return len(self.candidates)
+        return len(self.own)

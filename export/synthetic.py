@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.dense_split import add_context_split, context_columns, layout_of
 from export.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, test_vectors, write_table_rows
 from model.errors import UembedError
 from model.features import FeatureSpec
@@ -116,6 +117,8 @@ def write_synthetic_bundle(
     target.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     plan = synthetic_plan(features, table_rows, dim, width, bias_features)
+    if context_features:
+        context_columns(layout_of(plan), context_features)  # a bad name is refused before the rows are written
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
         (staging / "tables").mkdir()
@@ -142,7 +145,7 @@ def write_synthetic_bundle(
                 **file_entry(staging, "dense.onnx"),
                 "input": {"name": "embeddings", "shape": ["batch", plan.output_dim], "dtype": "float32"},
                 "output": {"name": "probability", "shape": ["batch"], "dtype": "float32"},
-                "layout": [{"feature": f, "start": a, "stop": b} for f, (a, b) in plan.feature_columns().items()],
+                "layout": layout_of(plan),
             },
             "full_model": None,
             "policy": None,
@@ -151,10 +154,7 @@ def write_synthetic_bundle(
             "command": " ".join(sys.argv),
         }
         if context_features:
-            from export.dense_split import write_context_split
-
-            dense = manifest["dense"]
-            dense["context_split"] = write_context_split(staging, "dense.onnx", dense["layout"], context_features)
+            add_context_split(staging, manifest, context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)
         staging.rename(target)

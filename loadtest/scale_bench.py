@@ -5,7 +5,9 @@ unified table of ``--scale-rows`` rows x 16, float16 by default (3.2 GB at 100 M
 Zipf(``--scale-zipf``) per feature over Criteo-Kaggle's vocabulary sizes, as hex strings like the
 click logs'. A ranking request is one user's context (20 features) and 500 candidates (6 item
 features: the columns with the largest vocabularies, as item ids have); the same examples also go
-as a flat request of 500, and independent examples as flat requests of 64.
+as a flat request of 500, and independent examples as flat requests of 64. The bundle's dense network is
+split by the context's features (``export/dense_split.py``, as ``uembed export --context-features`` writes
+it): a ranking request computes the context's part of the first layer once, both forms the same floats.
 
 Figures, for each worker count:
 

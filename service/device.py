@@ -106,7 +106,8 @@ class DeviceTable:
 
 
 class CudaModelRuntime(ModelRuntime):
-    """A model version scored on a CUDA device; same stages and results as :class:`ModelRuntime`."""
+    """A model version scored on a CUDA device; same stages and results as :class:`ModelRuntime` (up to float rounding:
+    it runs ``dense.onnx`` whole, also where the CPU runs a split network's parts)."""
 
     splits_context = False  # its lookup and assemble kernels take the broadcast [B, S] batch
 

@@ -3,7 +3,8 @@
 Requests are admitted through a bound (``max_queue_examples``), each with one future.
 One batch loop takes what queued while the previous batch ran (plus ``max_wait_ms``),
 up to ``max_batch_ids`` looked-up ids, and runs it on the one compute thread: one hash,
-one dedupe and lookup per table, one dense call. A failed batch fails its requests,
+one dedupe and lookup per table, one dense call (two, for a network split by a context feature group:
+``export/dense_split.py``). A failed batch fails its requests,
 never the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``:
 the batch runs between the loop's reads and writes, with no GIL to hand back and forth), else
 one executor thread (the CUDA path, which waits on the device).

@@ -57,6 +57,7 @@ class ModelRuntime(ReferenceScorer):
         self.torchscript = None
         if dense_backend == "torchscript":
             self.torchscript = load_torchscript(bundle, threads)
+            self.dense_parts = None  # the full model scores every request: a split network's parts go unused
 
     @property
     def name(self) -> str:

@@ -210,7 +210,7 @@ def test_ranking_batches_score_the_same_split_or_broadcast(movielens, exported):
 def test_a_trained_network_split_by_the_user_features_scores_ranking_requests_as_flat(movielens, exported, tmp_path):
     """`uembed export --context-features`: the trained cross network's first product split by the user's features.
     A ranking request with the user as context computes the user's part of it once and gets the flat examples'
-    floats; both stay within the export check's tolerance of torch."""
+    floats; those stay within 1e-5 of dense.onnx's (the parity tolerance above)."""
     from service.runtime import ModelRuntime
 
     _, examples = movielens
@@ -218,9 +218,9 @@ def test_a_trained_network_split_by_the_user_features_scores_ranking_requests_as
     path = export_run(run_dir, tmp_path, "ml", dtype="float16", context_features=USER)
     bundle = load_bundle(path)
     split = bundle.manifest["dense"]["context_split"]
-    assert split["features"] == list(USER) and split["rest_takes_embeddings"]  # the cross layer reads the input again
+    assert split["features"] == list(USER) and ReferenceScorer(bundle).dense_parts.takes_embeddings  # a cross layer reads it again
     whole = ReferenceScorer(load_bundle(path))
-    whole.context_split = None  # dense.onnx, unsplit
+    whole.dense_parts = None  # dense.onnx, unsplit
     for scorer in (ReferenceScorer(bundle), ModelRuntime(bundle, hot_rows_bytes=2**14)):
         parts, flat_examples = [], []
         for start in (0, 30, 60):
@@ -234,6 +234,10 @@ def test_a_trained_network_split_by_the_user_features_scores_ranking_requests_as
         inputs = scorer.factored_inputs(split_batch, *scorer.lookup_split(split_batch))
         assert inputs is not None and len(inputs.context) == 3
         np.testing.assert_array_equal(scorer.dense(inputs), flat)
+        one = scorer.hash_split(parts[:1])  # one request a batch: its context part on one row
+        inputs = scorer.factored_inputs(one, *scorer.lookup_split(one))
+        assert len(inputs.context) == 1
+        np.testing.assert_array_equal(scorer.dense(inputs), flat[:30])
 
 
 def test_one_value_features_hashed_together_give_their_rows_hashed_one_by_one(movielens, exported):

@@ -52,6 +52,7 @@ def test_ranking_requests_with_the_split_context_score_their_flat_examples_float
         rows, weights = scorer.hash([scorer.canonicalise([{**context, **item} for context, items in batch for item in items])])
         flat = scorer.dense(scorer.lookup_factored(rows, weights))  # each part's columns looked up apart
         np.testing.assert_array_equal(flat, scorer.dense(scorer.assemble(scorer.lookup(rows), weights)))  # or taken
+        assert scorer.dense_parts.once_a_request and scorer.dense_parts.columns_from_rows
         for _ in range(2):
             parts = [scorer.canonicalise(items, context) for context, items in batch]
             split = scorer.hash_split(parts)
@@ -60,6 +61,12 @@ def test_ranking_requests_with_the_split_context_score_their_flat_examples_float
             assert inputs is not None and inputs.context.shape == (3, len(CONTEXT) * bundle.plan.dim)
             np.testing.assert_array_equal(scorer.dense(inputs), flat)
             np.testing.assert_array_equal(scorer.dense(scorer.assemble_split(split, *looked_up)), flat)
+        for count in (50, 1):  # one request a batch, as a lone 500-candidate request runs: its context part on one row
+            context, items = batch[1]
+            split = scorer.hash_split([scorer.canonicalise(items[:count], context)])
+            inputs = scorer.factored_inputs(split, *scorer.lookup_split(split))
+            assert len(inputs.context) == 1
+            np.testing.assert_array_equal(scorer.dense(inputs), flat[50 : 50 + count])
 
 
 def test_another_context_takes_the_whole_path_and_scores_alike(split_bundle):
@@ -115,15 +122,34 @@ def test_a_split_needs_a_first_matmul_and_known_features(split_bundle, tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(split_bundle, copy)
     layout = json.loads((copy / "manifest.json").read_text())["dense"]["layout"]
-    with pytest.raises(UembedError, match="C99 not among the model's features"):
+    with pytest.raises(UembedError, match=r"C99 not among the model's features \(C1, C2,"):
         write_context_split(copy, "dense.onnx", layout, ["C99"])
-    with pytest.raises(UembedError, match="must leave some features to the candidates"):
+    with pytest.raises(UembedError, match="every feature is in the context"):
         write_context_split(copy, "dense.onnx", layout, [entry["feature"] for entry in layout])
+    with pytest.raises(UembedError, match="C99 not among"):  # before a single row is written
+        write_synthetic_bundle(tmp_path, "bad", criteo_features(16), 10**9, progress=False, context_features=["C99"])
+    assert not any((tmp_path / "bad").iterdir())  # no staging folder, no rows
     model = onnx.load(str(copy / "dense.onnx"))
     relu = helper.make_node("Relu", ["embeddings"], ["relu_first"])
     first = model.graph.node[0]
     first.input[0] = "relu_first"
     model.graph.node.insert(0, relu)
     onnx.save(model, str(copy / "relu_first.onnx"))
-    with pytest.raises(UembedError, match="must multiply its input by one weight matrix .* its input feeds Relu"):
+    with pytest.raises(UembedError, match="must multiply its input by one weight matrix .* its input feeds a Relu"):
         write_context_split(copy, "relu_first.onnx", layout, list(CONTEXT))
+
+
+def test_parts_that_do_not_match_the_bundle_are_refused_at_load(split_bundle, tmp_path):
+    """A manifest whose split names an unknown feature, or parts written from another dense.onnx, is a BundleError
+    naming the bundle, not an error at the first request."""
+    import shutil
+
+    for change, message in ((lambda split: split.update(features=["C99"]), "C99 not among the model's features"),
+                            (lambda split: split.update(of="0" * 64), "written from another dense.onnx")):  # fmt: skip
+        copy = tmp_path / message[:4]
+        shutil.copytree(split_bundle, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        change(manifest["dense"]["context_split"])
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=f"{copy}.*{message}"):
+            ReferenceScorer(load_bundle(copy))

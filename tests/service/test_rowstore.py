@@ -55,6 +55,8 @@ def test_distinct_ids_and_where_each_is(shape):
     assert inverse.shape == ids.shape
     assert np.array_equal(unique[inverse], ids)
     assert np.array_equal(np.sort(unique), np.unique(ids))  # each id once
+    assert np.array_equal(unique, ids.ravel()[np.sort(np.unique(ids.ravel(), return_index=True)[1])])  # first seen first
+    assert inverse.dtype == np.int64 and inverse.flags.writeable and unique.flags.writeable  # as np.unique's
 
 
 def test_hot_rows_keep_frequent_rows_through_a_scan():

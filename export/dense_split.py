@@ -79,12 +79,20 @@ def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], f
     if len(inputs) != 1:
         raise UembedError(f"context split: {dense_file} takes {len(inputs)} inputs; a split needs one (the embeddings)")
     (graph_input,) = inputs
+    if graph_input.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise UembedError(f"context split: {dense_file}'s input is not float32")
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in graph.node for a in node.attribute):
+        raise UembedError(f"context split: {dense_file} has subgraphs (If, Loop, Scan), which the split does not follow")
     consumers = [node for node in graph.node if graph_input.name in node.input]
     reasons = [_linear_refusal(node, graph_input.name, weights) for node in consumers]
     linear = [node for node, reason in zip(consumers, reasons) if reason is None]
-    if len(linear) != 1:
-        found = "; ".join(reason or f"a {node.op_type} it could split" for node, reason in zip(consumers, reasons)) or "nothing"
-        raise UembedError(f"context split: {dense_file} must multiply its input by one weight matrix (MatMul, or Gemm "
+    if len(linear) > 1:
+        names = ", ".join(f"{node.op_type} {node.name!r}" for node in linear)
+        raise UembedError(f"context split: {dense_file} multiplies its input by {len(linear)} weight matrices ({names}); "
+                          "the split takes one")  # fmt: skip
+    if not linear:
+        found = "; ".join(f"{node.op_type} {node.name!r}: {reason}" for node, reason in zip(consumers, reasons)) or "nothing"
+        raise UembedError(f"context split: {dense_file} must multiply its input by a weight matrix (MatMul, or Gemm "
                           f"with alpha 1, beta 1, the input not transposed); its input feeds {found}")  # fmt: skip
     (first,) = linear
     if any(first.input[1] in node.input for node in graph.node if node is not first):
@@ -107,7 +115,10 @@ def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], f
         part = helper.make_model(helper.make_graph(nodes, name, part_inputs, outputs, initialisers), opset_imports=opsets,
                                  producer_name="uembed-context-split", functions=list(model.functions))  # fmt: skip
         part.ir_version = model.ir_version
-        onnx.checker.check_model(part)
+        try:
+            onnx.checker.check_model(part)
+        except onnx.checker.ValidationError as exc:
+            raise UembedError(f"context split: the {name} part of {dense_file} is not a valid model: {exc}") from exc
         onnx.save(part, str(folder / file))
 
     float_input = lambda name, columns: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", columns])  # noqa: E731
@@ -122,9 +133,14 @@ def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], f
     kept = [t for t in graph.initializer if t.name != first.input[1]]
     takes_input = any(graph_input.name in node.input for node in graph.node if node is not first)
     rest_inputs = [float_input(OWN_INPUT, len(own)), float_input(PARTIAL, width)] + ([graph_input] if takes_input else [])
-    save(rest_nodes, rest_inputs, list(graph.output), [*kept, numpy_helper.from_array(np.ascontiguousarray(matrix[own]), "uembed_w_own")],
-         "dense_rest", REST_FILE)  # fmt: skip
-    _check_parts(folder, dense_file, graph_input.name, context, own, takes_input)
+    try:
+        save(rest_nodes, rest_inputs, list(graph.output), [*kept, numpy_helper.from_array(np.ascontiguousarray(matrix[own]), "uembed_w_own")],
+             "dense_rest", REST_FILE)  # fmt: skip
+        _check_parts(folder, dense_file, graph_input.name, context, own, takes_input)
+    except BaseException:
+        for file in (CONTEXT_FILE, REST_FILE):  # no half-written split beside the network
+            (folder / file).unlink(missing_ok=True)
+        raise
     return {"features": list(dict.fromkeys(features)), "width": int(width), "of": file_entry(folder, dense_file)["sha256"],
             "context": file_entry(folder, CONTEXT_FILE), "rest": file_entry(folder, REST_FILE)}  # fmt: skip
 
@@ -135,10 +151,13 @@ def _check_parts(folder: Path, dense_file: str, input_name: str, context: np.nda
 
     session = lambda file: ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])  # noqa: E731
     embeddings = np.random.default_rng(0).standard_normal((64, len(context) + len(own))).astype(np.float32)
-    whole = session(dense_file).run(None, {input_name: embeddings})[0]
-    partial = session(CONTEXT_FILE).run(None, {CONTEXT_INPUT: embeddings[:, context]})[0]
-    feeds = {OWN_INPUT: embeddings[:, own], PARTIAL: partial} | ({input_name: embeddings} if takes_input else {})
-    parts = session(REST_FILE).run(None, feeds)[0]
+    try:
+        whole = session(dense_file).run(None, {input_name: embeddings})[0]
+        partial = session(CONTEXT_FILE).run(None, {CONTEXT_INPUT: embeddings[:, context]})[0]
+        feeds = {OWN_INPUT: embeddings[:, own], PARTIAL: partial} | ({input_name: embeddings} if takes_input else {})
+        parts = session(REST_FILE).run(None, feeds)[0]
+    except Exception as exc:  # ONNX Runtime's own errors (a fixed batch size, an op it cannot run)
+        raise UembedError(f"context split: ONNX Runtime could not score {dense_file}'s parts: {exc}") from exc
     worst = float(np.abs(parts - whole).max())
     if not worst <= 1e-5:
         raise UembedError(f"context split: the two parts score random inputs up to {worst:.2g} away from {dense_file}")
@@ -155,15 +174,15 @@ def _linear_refusal(node, input_name: str, weights: dict) -> str | None:
     from onnx import numpy_helper
 
     if node.op_type not in ("MatMul", "Gemm"):
-        return f"a {node.op_type}"
+        return "not a matrix product"
     if list(node.input[:1]) != [input_name]:
         return "the input is its second operand"
     if node.input[1] not in weights or numpy_helper.to_array(weights[node.input[1]]).ndim != 2:
-        return "its weight is not a constant matrix"
+        return "its weight is not a 2-D initializer"
     if node.op_type == "Gemm":
         attributes = _attributes(node)
         if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0 or attributes.get("transA", 0):
             return "a Gemm with alpha or beta other than 1, or the input transposed"
         if len(node.input) > 2 and node.input[2] and node.input[2] not in weights:
-            return "a Gemm whose bias is not a constant"
+            return "a Gemm whose bias is not an initializer"
     return None

@@ -64,6 +64,7 @@ class ReferenceScorer:
         providers: Sequence = CPU_PROVIDERS,
         limits: ValueLimits = NO_LIMITS,
         cache_bytes: int = 0,
+        use_dense_parts: bool = True,
     ) -> None:
         self.bundle = bundle
         self.plan = bundle.plan
@@ -77,9 +78,16 @@ class ReferenceScorer:
         self.one_slot_per_group = self.pooling.shape[0] == self.pooling.shape[1] and np.array_equal(self.pooling, np.eye(len(self.pooling)))
         self.bias_columns = self.plan.bias_columns()
         self.slot_tables = slot_tables
+        self.dense_parts = None
         entry = bundle.manifest["dense"].get("context_split")
-        # On the CPU only: the CUDA runtime runs dense.onnx with its own device buffers.
-        self.dense_parts = DenseParts(self, entry, threads) if entry and tuple(providers) == CPU_PROVIDERS else None
+        on_cpu = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in providers)
+        if entry is not None and use_dense_parts and on_cpu:  # the CUDA runtime runs dense.onnx on its device buffers
+            parts = DenseParts(self, entry, threads)
+            if parts.rows_independent():
+                self.dense_parts = parts
+            else:  # batch-dependent scores would break parity between the forms, and between batches
+                log.warning("bundle %s: the dense network's context part scores a row differently alone and among "
+                            "others; serving dense.onnx whole instead", bundle.path)  # fmt: skip
 
     def canonicalise(
         self, examples: Sequence[Mapping[str, object]], context: Mapping[str, object] | None = None
@@ -176,10 +184,10 @@ class ReferenceScorer:
     def factored_inputs(self, batch: SplitBatch, rows: np.ndarray, own: np.ndarray, shared: np.ndarray) -> FactoredInputs | None:
         """Where the bundle's dense network is split by this batch's context (``export/dense_split.py``): the inputs of
         its parts from ``lookup_split``'s rows, the context's once a part (request), for ``dense``. None otherwise
-        (then ``assemble_split``): no parts, another context, a part without examples, or parts that do not give
-        each request's row the floats of the request's examples (checked at load). The same floats either way."""
+        (then ``assemble_split``): no parts, another context, or a part without examples. The same floats either
+        way."""
         parts = self.dense_parts
-        if parts is None or not parts.once_a_request or not parts.matches(batch) or not batch.counts.all():
+        if parts is None or not parts.matches(batch) or not batch.counts.all():
             return None
         if parts.columns_from_rows and (batch.weights == 1).all() and (batch.context_weights == 1).all():
             return parts.inputs(batch, rows, own, shared)  # each part's columns straight from the rows
@@ -219,23 +227,29 @@ class DenseParts:
     def __init__(self, scorer: ReferenceScorer, entry: dict, threads: int) -> None:
         bundle, plan = scorer.bundle, scorer.plan
         dense = bundle.manifest["dense"]
+        where = f"bundle {bundle.path}: dense.context_split"
+        missing = [key for key in ("features", "width", "of", "context", "rest") if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise BundleError(f"{where}: no {', '.join(missing)} (written by an older export?); export the bundle again")
         try:
             self.context_columns, self.own_columns = context_columns(dense["layout"], entry["features"])
-        except (KeyError, TypeError, UembedError) as exc:
-            raise BundleError(f"bundle {bundle.path}: dense.context_split: {exc}") from exc
-        if entry.get("of") != dense["sha256"]:
-            raise BundleError(f"bundle {bundle.path}: dense.context_split was written from another dense.onnx than "
-                              "the bundle's (its sha256 differs); export the bundle again")  # fmt: skip
+        except (TypeError, UembedError) as exc:
+            raise BundleError(f"{where}: {exc}") from exc
+        if entry["of"] != dense["sha256"]:
+            raise BundleError(f"{where}: cut from another dense.onnx than the bundle's (its sha256 differs); export the "
+                              "bundle again")  # fmt: skip
         self.context_session = onnx_session(bundle.path / entry["context"]["file"], threads)
         self.rest_session = onnx_session(bundle.path / entry["rest"]["file"], threads)
         self.input_name = dense["input"]["name"]
-        rest_inputs = {i.name: i.shape[-1] for i in self.rest_session.get_inputs()}
+        width = lambda arg: arg.shape[-1] if arg.shape else None  # noqa: E731
+        rest_inputs = {i.name: width(i) for i in self.rest_session.get_inputs()}
         self.takes_embeddings = self.input_name in rest_inputs  # a cross network reads its whole input again
         expected = {OWN_INPUT: len(self.own_columns), PARTIAL: entry["width"]} | ({self.input_name: plan.output_dim} if self.takes_embeddings else {})
-        context_shape = [(i.name, i.shape[-1]) for i in self.context_session.get_inputs()]
-        if rest_inputs != expected or context_shape != [(CONTEXT_INPUT, len(self.context_columns))]:
-            raise BundleError(f"bundle {bundle.path}: dense.context_split's parts take {context_shape} and {rest_inputs}, "
-                              f"the layout gives {CONTEXT_INPUT}: {len(self.context_columns)} and {expected}")  # fmt: skip
+        context_part = [(i.name, width(i)) for i in self.context_session.get_inputs()]
+        context_out = [(o.name, width(o)) for o in self.context_session.get_outputs()]
+        if rest_inputs != expected or context_part != [(CONTEXT_INPUT, len(self.context_columns))] or context_out != [(PARTIAL, entry["width"])]:
+            raise BundleError(f"{where}: its parts take {context_part} -> {context_out} and {rest_inputs}; the layout "
+                              f"gives {CONTEXT_INPUT}: {len(self.context_columns)} -> {PARTIAL}: {entry['width']} and {expected}")  # fmt: skip
         # The slots of the group's features: a split batch with exactly these context slots takes the factored path.
         chosen = set(entry["features"])
         in_context = np.concatenate([np.full(f.width * len(f.lookups), f.name in chosen) for f in plan.features])
@@ -246,20 +260,16 @@ class DenseParts:
         self.columns_from_rows = (scorer.one_slot_per_group and not scorer.bias_columns.size and not self.takes_embeddings
                                   and np.array_equal(self.context_columns, slot_columns(self.context_slots))
                                   and np.array_equal(self.own_columns, slot_columns(self.own_slots)))  # fmt: skip
-        self.once_a_request = self._rows_independent()
 
-    def _rows_independent(self) -> bool:
-        """Whether the context part gives a row alone the floats it gives that row among others: what computing it
-        once a request relies on. True of ONNX Runtime's CPU matrix product with constant (prepacked) weights; checked
-        here rather than assumed, and where it fails ranking requests take every candidate's whole input instead."""
-        rows = np.random.default_rng(0).standard_normal((64, len(self.context_columns))).astype(np.float32)
+    def rows_independent(self) -> bool:
+        """Whether the context part gives rows the same floats in batches of 1, 3, 64 and 512: what computing it once
+        a request, and scoring an example alike in any batch, rely on. True of ONNX Runtime's CPU matrix product with
+        constant (prepacked) weights; checked at load rather than assumed."""
+        rows = np.random.default_rng(0).standard_normal((512, len(self.context_columns))).astype(np.float32)
         together = self._context(rows)
-        alone = np.concatenate([self._context(rows[i : i + 1]) for i in range(len(rows))])
-        if np.array_equal(together, alone):
-            return True
-        log.warning("the dense network's context part scores a row alone unlike among others; ranking requests "
-                    "compute it once a candidate (scores stay the flat form's)")  # fmt: skip
-        return False
+        alone = [self._context(rows[i : i + 1]) for i in range(64)]
+        return all(np.array_equal(self._context(rows[:n]), together[:n]) for n in (3, 64)) and np.array_equal(
+            np.concatenate(alone), together[:64])
 
     def matches(self, batch: SplitBatch) -> bool:
         """Whether the batch's context (the features every part shares) is the split's group."""

@@ -35,7 +35,8 @@ class ModelRuntime(ReferenceScorer):
         limits: ValueLimits | None = None,
         value_cache_bytes: int = 32 * 2**20,
     ) -> None:
-        super().__init__(bundle, threads, providers, limits or ValueLimits(), value_cache_bytes)
+        # The TorchScript full model scores every request: a split network's parts would go unused.
+        super().__init__(bundle, threads, providers, limits or ValueLimits(), value_cache_bytes, dense_backend != "torchscript")
         self.widths = self.encoder.widths
         self.slots = self.plan.slots
         # Hot-row budget is per model, shared by its tables in proportion to their bytes.
@@ -57,7 +58,6 @@ class ModelRuntime(ReferenceScorer):
         self.torchscript = None
         if dense_backend == "torchscript":
             self.torchscript = load_torchscript(bundle, threads)
-            self.dense_parts = None  # the full model scores every request: a split network's parts go unused
 
     @property
     def name(self) -> str:

@@ -32,9 +32,9 @@ CPU_PROVIDERS = ("CPUExecutionProvider",)
 
 def distinct(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``ids`` (in order of first appearance) and where each id is among them, in ``ids``' shape:
-    ``unique[inverse]`` is ``ids``. A hash table (Arrow's dictionary encoding), not ``np.unique``'s sort: in
-    process, 0.108 -> 0.042 ms for a ranking request's 3,020 ids and 0.141 -> 0.133 ms for the same 500
-    examples flat (13,000 ids; ``scripts/scale-stages.py`` times the lookup that calls it)."""
+    ``unique[inverse]`` is ``ids``. A hash table (Arrow's dictionary encoding), not ``np.unique``'s sort: on the
+    scale bench's requests, 0.11 -> 0.08 ms for a ranking request's 3,020 ids and 0.141 -> 0.133 ms for the same
+    500 examples flat (13,000 ids, against the sort of runs it replaced); one-off /tmp measurements, directions."""
     encoded = pa.array(np.ascontiguousarray(ids).ravel()).dictionary_encode()
     # Arrow's buffers are read-only in numpy: int64 copies, as np.unique returns them (a few microseconds)
     return encoded.dictionary.to_numpy(zero_copy_only=False, writable=True), encoded.indices.to_numpy().astype(np.int64).reshape(ids.shape)
@@ -68,6 +68,7 @@ class ReferenceScorer:
     ) -> None:
         self.bundle = bundle
         self.plan = bundle.plan
+        self.input_name = bundle.manifest["dense"].get("input", {}).get("name", "embeddings")  # every export records it
         self.encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, limits, cache_bytes, bundle.known_values)
         self.session = onnx_session(bundle.dense_path, threads, providers)
         slot_tables = self.plan.slot_tables()
@@ -179,7 +180,7 @@ class ReferenceScorer:
         """Scores [B] of embeddings [B, E], or of :class:`FactoredInputs` (a bundle with :class:`DenseParts`)."""
         if self.dense_parts is not None:
             return self.dense_parts.score(embeddings)
-        return self.session.run(None, {self.bundle.manifest["dense"]["input"]["name"]: embeddings})[0]
+        return self.session.run(None, {self.input_name: embeddings})[0]
 
     def factored_inputs(self, batch: SplitBatch, rows: np.ndarray, own: np.ndarray, shared: np.ndarray) -> FactoredInputs | None:
         """Where the bundle's dense network is split by this batch's context (``export/dense_split.py``): the inputs of
@@ -201,7 +202,7 @@ class ReferenceScorer:
     def lookup_factored(self, ids: np.ndarray, weights: np.ndarray) -> FactoredInputs | None:
         """``lookup`` and ``assemble`` of a flat batch [B, S] straight into the inputs of the dense network's parts
         (taking each part's columns out of the whole input cost a flat 500-example request 0.14 ms, half its dense
-        network's time); None where the bundle has no parts or they need the assembled input (pooled, weighted or
+        network's time, in a one-off /tmp measurement); None where the bundle has no parts or they need the assembled input (pooled, weighted or
         biased slots, several tables, a network that reads its whole input again): then ``lookup`` and ``assemble``."""
         parts = self.dense_parts
         if parts is None or not parts.columns_from_rows or len(self.table_slots) != 1 or not (weights == 1).all():
@@ -240,7 +241,7 @@ class DenseParts:
                               "bundle again")  # fmt: skip
         self.context_session = onnx_session(bundle.path / entry["context"]["file"], threads)
         self.rest_session = onnx_session(bundle.path / entry["rest"]["file"], threads)
-        self.input_name = dense["input"]["name"]
+        self.input_name = scorer.input_name
         width = lambda arg: arg.shape[-1] if arg.shape else None  # noqa: E731
         rest_inputs = {i.name: width(i) for i in self.rest_session.get_inputs()}
         self.takes_embeddings = self.input_name in rest_inputs  # a cross network reads its whole input again

@@ -14,7 +14,8 @@ Stand-ins carry the label ``uembed.stand-in`` saying what they really are.
 
 pip inside the builds is configured like this machine's pip (``pip config list``): its
 configuration file is regenerated for the build and every local path it names (wheel folders,
-file:// indexes, the CA bundle) is mounted read-only at the same path. The trainer's torch
+file:// indexes, constraint files, the CA bundle) is mounted read-only at the same path; a
+setting naming a path this machine lacks is left out, with a warning. The trainer's torch
 therefore comes from wherever this machine's pip finds torch (as for ``make install``) unless
 ``--torch-index-url`` names an index, as the Dockerfile's default (PyTorch's CPU index) does.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -33,13 +35,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+LOGGER = logging.getLogger(__name__)
 STAND_IN_LABEL = "uembed.stand-in"
 # What the base stand-in must hold for the Dockerfile's stages: python with venv and pip, and CA
 # certificates for pip. Debian bookworm's python3.11 is the closest to the official image's.
@@ -114,42 +117,77 @@ def host_pip_config() -> dict[str, str]:
     """This machine's effective pip settings (files and PIP_* variables), as ``pip config list`` says."""
     out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True)
     # Lines like "global.find-links='/opt/wheels'" or ":env:.cert='...'" (a PIP_CERT variable). For
-    # `pip install`, a variable wins over the [install] section, which wins over [global].
+    # `pip install`, a variable wins over the [install] section, which wins over [global]; within
+    # one section, files are listed in the order pip reads them, so a later line wins.
+    # config-file (PIP_CONFIG_FILE) says where settings came from: the build gets them, not it.
     precedence = {"global": 1, "install": 2, ":env:": 3}
     settings: dict[str, tuple[int, str]] = {}
     for line in out.stdout.splitlines():
         key, _, value = line.partition("=")
         section, _, option = key.partition(".")
         rank = precedence.get(section, 0)
-        if rank and rank > settings.get(option, (0, ""))[0]:
+        if rank and option != "config-file" and rank >= settings.get(option, (0, ""))[0]:
             settings[option] = (rank, value.strip().strip("'\""))
     return {option: value for option, (_, value) in settings.items()}
 
 
-def local_paths(option: str, value: str) -> list[Path]:
-    """Local files and folders a pip setting refers to (what a build must see at the same path)."""
-    paths = []
-    for item in value.split():
-        if option in ("index-url", "extra-index-url"):
-            url = urlparse(item)
-            if url.scheme == "file":
-                # A file:// simple index links to its files beside the simple/ folder: mount its parent.
-                paths.append(Path(url.path).parent)
-        elif option in ("find-links", "cert", "client-cert"):
-            if urlparse(item).scheme in ("", "file"):
-                paths.append(Path(urlparse(item).path))
-    return [p for p in paths if p.exists()]
+# Options whose values are URLs of package indexes: a file:// one is a local "simple" folder.
+INDEX_OPTIONS = ("index-url", "extra-index-url")
+
+
+def local_path(option: str, item: str) -> Path | None:
+    """The local file or folder one item of a pip setting names, or None when it names none (an
+    http URL, a number, a flag). The path may not exist: the caller decides what that means."""
+    url = urlparse(item)
+    if url.scheme == "file":
+        path = Path(unquote(url.path))
+        # A file:// simple index links to its files beside the simple/ folder: the build needs its parent.
+        return path.parent if option in INDEX_OPTIONS and path.exists() else path
+    if url.scheme or option in INDEX_OPTIONS:
+        return None
+    path = Path(item).expanduser()
+    # Any other option's value is a path when it exists (a relative one is taken from here, as pip
+    # here would) or when it is written as one; a bare word ("180", "true") is not.
+    if path.exists() or item.startswith(("/", "~", "./", "../")):
+        return path.absolute()
+    return None
+
+
+def build_pip_settings(settings: dict[str, str]) -> tuple[dict[str, str], list[Path]]:
+    """The settings a build's pip gets, and the local paths it must see at the same paths.
+
+    Every item of every setting that names a local file or folder (find-links, file:// indexes,
+    constraint and requirement files, certificates, ...) is mounted; a relative path is made
+    absolute. An item naming a path this machine lacks is left out with a warning: pip inside
+    the build would fail on it (a missing constraint file stops every install) where pip here
+    may never read it."""
+    kept: dict[str, str] = {}
+    paths: list[Path] = []
+    for option, value in settings.items():
+        items = []
+        for item in value.split():
+            path = local_path(option, item)
+            if path is None:
+                items.append(item)
+            elif path.exists():
+                items.append(str(path) if urlparse(item).scheme == "" else item)
+                paths.append(path)
+            else:
+                LOGGER.warning("pip setting %s names %s, which does not exist here: left out of the image builds' "
+                               "pip configuration", option, item)  # fmt: skip
+        if items:
+            kept[option] = " ".join(items)
+    return kept, list(dict.fromkeys(paths))
 
 
 def pip_mounts(workdir: Path) -> list[str]:
-    """``-v`` options giving a container this machine's pip configuration, at /etc/pip.conf."""
-    settings = host_pip_config()
+    """``-v`` options giving a container this machine's pip configuration, at /etc/pip.conf, and
+    every local path that configuration names, read-only at the same path."""
+    settings, paths = build_pip_settings(host_pip_config())
     conf = workdir / "pip.conf"
     conf.write_text("[global]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
-    mounts = [f"{conf}:/etc/pip.conf:ro"]
-    for option, value in settings.items():
-        mounts += [f"{path}:{path}:ro" for path in local_paths(option, value)]
-    return [arg for mount in dict.fromkeys(mounts) for arg in ("-v", mount)]
+    mounts = [f"{conf}:/etc/pip.conf:ro", *(f"{path}:{path}:ro" for path in paths)]
+    return [arg for mount in mounts for arg in ("-v", mount)]
 
 
 # --- the base image ---------------------------------------------------------------------------

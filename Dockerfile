@@ -14,10 +14,6 @@ WORKDIR /src
 RUN python -m venv /opt/uembed
 COPY pyproject.toml README.md ./
 COPY uembed ./uembed
-COPY model ./model
-COPY export ./export
-COPY service ./service
-COPY loadtest ./loadtest
 RUN pip install --no-cache-dir .
 
 FROM build AS build-cuda
@@ -65,7 +61,7 @@ CMD ["uembed", "demo-bundle", "--bundle-store", "/bundles"]
 
 FROM base AS loadtest
 COPY --from=build-loadtest /opt/uembed /opt/uembed
-COPY --chown=uembed:uembed loadtest/locustfile.py loadtest/shapes.py ./
+COPY --chown=uembed:uembed uembed/loadtest/locustfile.py uembed/loadtest/shapes.py ./
 EXPOSE 8089
 CMD ["locust", "-f", "locustfile.py", "--host", "http://uembed:8000"]
 

@@ -3,8 +3,8 @@
     .venv/bin/python scripts/batch-placement.py scale-work/criteo-scale/1 --seconds 5 --rounds 2
 
 Starts one worker with ``UEMBED_COMPUTE_ON_EVENT_LOOP`` true, then false, in turn for ``--rounds``
-rounds; each saturates it (8 connections, keep-alive, ``loadtest.bench.run_load``) with the scale
-benchmark's traffic (``loadtest/scale_bench.py``: 1 context x 500 candidates, the same 500 examples
+rounds; each saturates it (8 connections, keep-alive, ``uembed.loadtest.load.run_load``) with the scale
+benchmark's traffic (``uembed/loadtest/scale_bench.py``: 1 context x 500 candidates, the same 500 examples
 flat, 64 flat examples) and prints requests/s and the worker's CPU milliseconds a request. Run it alone:
 the load generator shares the machine.
 """
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import psutil
 
-from loadtest.bench import run_load
-from loadtest.scale_bench import request_bodies, worker_pids
-from loadtest.servers import UvicornProcess
+from uembed.loadtest.load import run_load
+from uembed.loadtest.scale_bench import request_bodies, worker_pids
+from uembed.loadtest.servers import UvicornProcess
 
 
 def measure(bundle: Path, on_loop: bool, bodies: dict[str, list[bytes]], seconds: float, log: Path) -> dict:
     env = {"UEMBED_BUNDLES": str(bundle), "UEMBED_HOT_ROWS_BYTES": str(64 * 2**20), "UEMBED_MAX_EXAMPLES": "1024",
            "UEMBED_MAX_BODY_BYTES": str(16 * 2**20), "UEMBED_COMPUTE_ON_EVENT_LOOP": str(on_loop).lower()}  # fmt: skip
-    server = UvicornProcess("service.app:create_app", env, log, workers=1).start(600)
+    server = UvicornProcess("uembed.serving.app:create_app", env, log, workers=1).start(600)
     try:
         worker = psutil.Process(worker_pids(server)[0])
         out = {}

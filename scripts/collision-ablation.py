@@ -17,9 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from model.data import load_movielens100k
-from model.train import TrainConfig
-from model.tuning import Cell, collision_ablation
+from uembed.model.data import load_movielens100k
+from uembed.model.train import TrainConfig
+from uembed.model.tuning import Cell, collision_ablation
 
 
 def main() -> int:

@@ -8,10 +8,10 @@ Prints microseconds per request with unseen-value counting on and off (the bundl
 import argparse
 import time
 
-from export.loader import load_bundle
-from loadtest.traffic import MOVIELENS_FEATURES
-from model.data import movielens100k_table
-from service.runtime import ModelRuntime
+from uembed.bundle.loader import load_bundle
+from uembed.loadtest.traffic import MOVIELENS_FEATURES
+from uembed.model.data import movielens100k_table
+from uembed.serving.pipeline.runtime import ModelRuntime
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 $PYTHON -V | tee -a "$OUT/device.txt"
 
-# The gpu extra and the service's web, Redis, JSON and gRPC pins (what `import service.app` needs), read from pyproject.toml so this script cannot drift
+# The gpu extra and the service's web, Redis, JSON and gRPC pins (what `import uembed.serving.app` needs), read from pyproject.toml so this script cannot drift
 # from the image. The other base pins (numpy, onnxruntime, ...) are the GPU machine's own or replaced.
 mapfile -t GPU_REQUIREMENTS < <($PYTHON -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]))')
 mapfile -t SERVICE_REQUIREMENTS < <($PYTHON -c 'import re, tomllib; print("\n".join(r if r.startswith("tritonclient") else re.sub(r"\[.*\]", "", r) for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if r.startswith(("fastapi", "pydantic-settings", "uvicorn", "redis", "msgspec", "orjson", "grpcio", "tritonclient", "protobuf"))))')
@@ -31,10 +31,10 @@ fi
 $PYTHON -m pip list 2>/dev/null | grep -i -E "^(onnxruntime|cupy|nvidia-cu|cuda-|numpy |fastapi)" | tee "$OUT/packages.txt"
 $PYTHON -c 'import onnxruntime as o, cupy; print("onnxruntime", o.__version__, o.get_available_providers(), "cupy", cupy.__version__)' | tee -a "$OUT/packages.txt"
 
-$PYTHON -m pytest -p no:cacheprovider -q -m cuda tests/service/test_device.py 2>&1 | tee "$OUT/pytest-cuda.log"
+$PYTHON -m pytest -p no:cacheprovider -q -m cuda tests/serving/test_device.py 2>&1 | tee "$OUT/pytest-cuda.log"
 tests=${PIPESTATUS[0]}
 if [ "$tests" != 0 ]; then  # tell a failure from a warning (the suite turns warnings into errors) of this machine's libraries
-  $PYTHON -m pytest -p no:cacheprovider -q -m cuda -W ignore tests/service/test_device.py 2>&1 | tail -15 | tee "$OUT/pytest-cuda-warnings-ignored.log"
+  $PYTHON -m pytest -p no:cacheprovider -q -m cuda -W ignore tests/serving/test_device.py 2>&1 | tail -15 | tee "$OUT/pytest-cuda-warnings-ignored.log"
 fi
 bench=0
 if [ "${BENCH:-1}" != 0 ]; then

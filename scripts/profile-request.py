@@ -32,24 +32,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtest.bench import movielens_requests  # noqa: E402
-from loadtest.peers import grpc_load, grpc_request, wrk  # noqa: E402
-from loadtest.servers import UvicornProcess  # noqa: E402
+from uembed.loadtest.load import movielens_requests  # noqa: E402
+from uembed.loadtest.peers import grpc_load, grpc_request, wrk  # noqa: E402
+from uembed.loadtest.servers import UvicornProcess  # noqa: E402
 
 # A sample's stage: the first of these found walking from the innermost frame outwards.
 STAGES = [
     ("JSON decode", ("json/decoder.py", "json/__init__.py")),
     ("request validation (pydantic)", ("pydantic", "TypeAdapter")),
-    ("canonicalise", ("export/encoding.py", "model/data/columns.py", "model/features.py", "model/hashing.py")),
+    ("canonicalise", ("uembed/serving/pipeline/encoding.py", "uembed/contract/columns.py", "uembed/contract/features.py", "uembed/contract/hashing.py")),
     ("dense (ONNX Runtime)", ("onnxruntime", "DenseParts")),
     ("assemble", ("assemble", "factored_inputs")),
     ("lookup", ("lookup", "rowstore.py", "distinct")),
-    ("metrics", ("prometheus_client", "service/metrics.py")),
-    ("batcher", ("service/engine.py",)),
-    ("Open Inference Protocol: tensors to examples", ("service/protocols/oip.py", "oip_grpc.py")),
+    ("metrics", ("prometheus_client", "uembed/serving/metrics.py")),
+    ("batcher", ("uembed/serving/engine.py",)),
+    ("Open Inference Protocol: tensors to examples", ("uembed/serving/protocols/oip.py", "oip_grpc.py")),
     ("protobuf", ("google/protobuf", "service_pb2")),
     ("gRPC (grpc.aio, cygrpc)", ("grpc/", "cygrpc", "grpc_aio", "_server.py")),
-    ("our ASGI layers (limits, lean path, route)", ("service/app.py", "lean_json.py", "disconnect.py")),
+    ("our ASGI layers (limits, lean path, route)", ("uembed/serving/app.py", "lean_json.py", "disconnect.py")),
     ("framework (FastAPI, Starlette)", ("starlette/", "fastapi/")),
     ("HTTP (uvicorn, httptools)", ("uvicorn/",)),
     ("event loop", ("asyncio/", "uvloop")),
@@ -86,11 +86,11 @@ def main() -> int:
     if args.shape == "movielens":
         bodies = [json.dumps({"examples": r}).encode() for r in movielens_requests(args.examples)]
     else:
-        from loadtest.scale_bench import request_bodies
+        from uembed.loadtest.scale_bench import request_bodies
 
         bodies = request_bodies(1.05, 500, 64, count=60)[args.shape]
         env |= {"UEMBED_HOT_ROWS_BYTES": str(64 * 2**20), "UEMBED_MAX_EXAMPLES": "1024", "UEMBED_MAX_BODY_BYTES": str(16 * 2**20)}
-    service = UvicornProcess("service.app:create_app", env, workdir / "service.log")
+    service = UvicornProcess("uembed.serving.app:create_app", env, workdir / "service.log")
     service.argv += ["--app-dir", str(args.tree.resolve())]  # ahead of this checkout on the server's path
     lean = args.tree / "service" / "protocols" / "lean_json.py"
     if lean.exists():  # msgspec decodes in C, on this line of the lean path
@@ -100,7 +100,7 @@ def main() -> int:
     raw = args.out or workdir / "samples.txt"
     try:
         if args.front == "grpc":
-            from export.loader import load_bundle
+            from uembed.bundle.loader import load_bundle
 
             bundle = load_bundle(args.bundle)
             calls = [grpc_request(bundle.name, r, bundle.feature_specs) for r in movielens_requests(args.examples)]

@@ -4,7 +4,7 @@
 
 Each stage of ``/v1/score`` timed alone over 20 requests of each shape (the traffic of
 ``uembed bench --phases scale``: 1 context x 500 candidates), after one warm pass: decoding
-and checking the body as the lean path does (msgspec, ``service/protocols/lean_json.py``),
+and checking the body as the lean path does (msgspec, ``uembed/serving/protocols/lean_json.py``),
 canonicalise, hash, lookup, assemble, dense, and writing the response. BENCHMARKS.md quotes
 its output.
 """
@@ -18,10 +18,10 @@ import msgspec
 import numpy as np
 import orjson
 
-from loadtest.scale_bench import request_bodies
-from service.protocols.lean_json import names_fit, one_form, score_body_type
-from service.engine import ScoringEngine
-from service.settings import load_settings
+from uembed.loadtest.scale_bench import request_bodies
+from uembed.serving.engine import ScoringEngine
+from uembed.serving.protocols.lean_json import names_fit, one_form, score_body_type
+from uembed.serving.settings import load_settings
 
 
 def per_call_ms(work, count: int) -> float:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from scipy.stats import ttest_ind
 
-from model.study import read_csv
-from model.tuning import write_tuned_outputs
+from uembed.model.study import read_csv
+from uembed.model.tuning import write_tuned_outputs
 
 # (label, first (method, settings), second (method, settings)); "*" in a budget means collisionless's one size.
 CLAIMS = (

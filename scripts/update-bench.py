@@ -24,13 +24,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from export.format import encode_records
-from export.loader import load_bundle
-from export.synthetic import criteo_features, write_synthetic_bundle
-from loadtest.servers import RedisServer, UvicornProcess
-from loadtest.traffic import ZipfExamples, served_features
-from service.rows.updates import encode_delta, publish_entries, stream_key
+from uembed.bundle.format import encode_records
+from uembed.bundle.loader import load_bundle
+from uembed.bundle.synthetic import criteo_features, write_synthetic_bundle
 from uembed.cli import count
+from uembed.loadtest.servers import RedisServer, UvicornProcess
+from uembed.loadtest.traffic import ZipfExamples, served_features
+from uembed.serving.rows.updates import encode_delta, publish_entries, stream_key
 
 
 def quantile_between(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float:
@@ -89,7 +89,7 @@ def main() -> None:
         table = bundle.tables["unified"]
         redis_server = RedisServer(work).start()
         env = {"UEMBED_BUNDLES": str(path), "UEMBED_REDIS_URL": redis_server.url, "UEMBED_ROW_UPDATES_URL": redis_server.url}
-        service = UvicornProcess("service.app:create_app", env, work / "service.log").start()
+        service = UvicornProcess("uembed.serving.app:create_app", env, work / "service.log").start()
         client = redis_server.client()
         key = stream_key("uembed", "synth", "1")
         rng = np.random.default_rng(0)

@@ -2,10 +2,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from loadtest.servers import RedisServer, UvicornProcess
-from loadtest.traffic import MOVIELENS_FEATURES
-from model.data import from_table, movielens100k_table, split_indices
-from model.features import DatasetSpec, FeatureSpec, LabelSpec
+from uembed.contract.features import DatasetSpec, FeatureSpec, LabelSpec
+from uembed.loadtest.servers import RedisServer, UvicornProcess
+from uembed.loadtest.traffic import MOVIELENS_FEATURES
+from uembed.model.data import from_table, movielens100k_table, split_indices
 
 
 def tiny_table(examples: int = 400, seed: int = 0) -> pa.Table:
@@ -49,7 +49,7 @@ def tiny_dataset():
 
 
 # --- real servers and MovieLens bundles, shared by tests/service and tests/deploy ---------
-# ``RedisServer`` and ``UvicornProcess`` (``loadtest/servers.py``) are processes a test can
+# ``RedisServer`` and ``UvicornProcess`` (``uembed/loadtest/servers.py``) are processes a test can
 # kill, pause (SIGSTOP) and restart. The MovieLens bundles are trained once per session
 # (2 epochs) and exported as version 1 (float32) and version 2 (float16, so the two
 # versions score differently).
@@ -73,7 +73,7 @@ def start_service(tmp_path):
         env = {"UEMBED_BUNDLES": ",".join(str(b) for b in bundles)}
         env.update({f"UEMBED_{k.upper()}": str(v) for k, v in settings.items()})
         log = tmp_path / f"service-{len(started)}.log"
-        service = UvicornProcess("service.app:create_app", env, log, ready_path=ready_path).start()
+        service = UvicornProcess("uembed.serving.app:create_app", env, log, ready_path=ready_path).start()
         started.append(service)
         return service
 
@@ -96,9 +96,9 @@ def bundle_store(tmp_path_factory):
     """A bundle store with movielens/1 (float32) and movielens/2 (float16) of one 2-epoch unified run."""
     import torch
 
-    from export.bundle import export_run
-    from model.data import load_movielens100k
-    from model.train import TrainConfig, train
+    from uembed.model.data import load_movielens100k
+    from uembed.model.export import export_run
+    from uembed.model.train import TrainConfig, train
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bundles")

@@ -13,7 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from loadtest.servers import free_port
+from uembed.loadtest.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -26,9 +26,7 @@ def source_copy(where: Path) -> Path:
     where.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, where / name)
-    # Top-level folders only: a subpackage (model.data) is copied with its parent.
-    for package in dict.fromkeys(name.split(".")[0] for name in PYPROJECT["tool"]["setuptools"]["packages"]):
-        shutil.copytree(ROOT / package, where / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "uembed", where / "uembed", ignore=shutil.ignore_patterns("__pycache__"))
     return where
 
 

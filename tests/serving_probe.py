@@ -21,7 +21,7 @@ build_parser()
 examples = json.loads(open(sys.argv[1]).read())
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
-server = uvicorn.Server(uvicorn.Config("service.app:create_app", factory=True, log_level="warning"))
+server = uvicorn.Server(uvicorn.Config("uembed.serving.app:create_app", factory=True, log_level="warning"))
 thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
 thread.start()
 deadline = time.monotonic() + 60
@@ -42,6 +42,6 @@ with open(sys.argv[2], "w") as out:
         "scores": scores,
         "onnxruntime": {"version": onnxruntime.__version__, "file": onnxruntime.__file__,
                         "providers": onnxruntime.get_available_providers()},
-        "service_file": sys.modules["service.app"].__file__,
+        "service_file": sys.modules["uembed.serving.app"].__file__,
         "torch_modules": sorted(name for name in sys.modules if name.split(".")[0] == "torch"),
     }, out)

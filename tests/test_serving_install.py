@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from export.loader import load_bundle
-from export.scorer import ReferenceScorer
 from tests.installs import run_serving_probe, serving_install
+from uembed.bundle.loader import load_bundle
+from uembed.serving.pipeline.scorer import ReferenceScorer
 
 
 @pytest.fixture(scope="module")

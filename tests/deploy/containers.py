@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 
 from deploy.podman.images import podman
-from export.loader import load_bundle
-from export.scorer import ReferenceScorer
-from loadtest.servers import free_port, wait_until
+from uembed.bundle.loader import load_bundle
+from uembed.loadtest.servers import free_port, wait_until
+from uembed.serving.pipeline.scorer import ReferenceScorer
 
 UEMBED_UID = 10001  # the Dockerfile's unprivileged user
 

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from service.settings import ServiceSettings, load_settings
+from uembed.serving.settings import ServiceSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -265,9 +265,9 @@ def test_grafana_is_provisioned_from_the_repo_with_anonymous_viewers():
 
 
 def test_locust_options_in_the_environment_exist_in_the_locustfile():
-    locustfile = (ROOT / "loadtest/locustfile.py").read_text()
+    locustfile = (ROOT / "uembed/loadtest/locustfile.py").read_text()
     for key in SERVICES["locust"]["environment"]:
-        assert f'env_var="{key}"' in locustfile, f"{key} is not an option of loadtest/locustfile.py"
+        assert f'env_var="{key}"' in locustfile, f"{key} is not an option of uembed/loadtest/locustfile.py"
     stages = dockerfile_stages()
     assert "locustfile.py" in stages["loadtest"]
     assert command_option(SERVICES["locust"]["command"], "-f") == "locustfile.py"

@@ -19,8 +19,8 @@ import pytest
 
 from deploy.podman import compose
 from deploy.podman.images import compose_services, podman, podman_env
-from loadtest.servers import free_port, wait_until
 from tests.deploy.containers import assert_scores_like_the_host, demo_bundle_path, healthcheck_passes, inspect
+from uembed.loadtest.servers import free_port, wait_until
 
 pytestmark = pytest.mark.containers
 PORTS = ("UEMBED_PORT", "HAPROXY_STATS_PORT", "PROMETHEUS_PORT", "LOCUST_PORT")

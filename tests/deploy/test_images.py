@@ -15,8 +15,6 @@ import httpx
 import pytest
 
 from deploy.podman.images import ROOT, image_size_bytes, podman
-from export.loader import load_bundle
-from loadtest.servers import wait_until
 from tests.deploy.containers import (
     UEMBED_UID,
     assert_scores_like_the_host,
@@ -26,6 +24,8 @@ from tests.deploy.containers import (
     serving_container,
 )
 from tests.installs import extra_requirements
+from uembed.bundle.loader import load_bundle
+from uembed.loadtest.servers import wait_until
 
 pytestmark = pytest.mark.containers
 

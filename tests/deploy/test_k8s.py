@@ -4,7 +4,7 @@ Every object the kustomization applies is validated against the API schemas of a
 (kubernetes-validate, strict: an unknown or misspelt field fails, offline), then cross-checked against what
 it deploys: probes against the app's routes and the port the image serves on, the ConfigMap against the
 service's settings, selectors against the pods' labels, the autoscaler's metrics against the
-prometheus-adapter rules and the metrics service/metrics.py exports, resources against the workers.
+prometheus-adapter rules and the metrics uembed/serving/metrics.py exports, resources against the workers.
 
 Each check is a function of the manifests; test_each_check_catches_a_broken_manifest breaks a copy of them,
 one mistake at a time, and expects the check meant to catch it to fail: none of them passes vacuously.
@@ -28,10 +28,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from model.errors import UembedError
-from service.app import create_app
-from service.metrics import ServiceMetrics
-from service.settings import ServiceSettings, load_settings
+from uembed.contract.errors import UembedError
+from uembed.serving.app import create_app
+from uembed.serving.metrics import ServiceMetrics
+from uembed.serving.settings import ServiceSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy/k8s"
@@ -229,7 +229,7 @@ def check_settings(m: Manifests) -> None:
         if key in OTHER_VARIABLES:
             continue
         assert key.startswith("UEMBED_"), f"{key} is not a UEMBED_ setting"
-        assert key[len("UEMBED_"):].lower() in ServiceSettings.model_fields, f"{key} is not a setting of service/settings.py"
+        assert key[len("UEMBED_"):].lower() in ServiceSettings.model_fields, f"{key} is not a setting of uembed/serving/settings.py"
     for entry in c.get("env", []):
         if "valueFrom" in entry:
             ref = entry["valueFrom"]["secretKeyRef"]
@@ -297,7 +297,7 @@ def check_autoscaling(m: Manifests) -> None:
     rules = {}
     for rule in m.adapter["rules"]["custom"]:
         name = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
-        assert name in series, f"adapter rule on {name}: service/metrics.py exports no such series"
+        assert name in series, f"adapter rule on {name}: uembed/serving/metrics.py exports no such series"
         assert re.search(rule["name"]["matches"], name), f"{rule['name']['matches']} does not match {name}"
         for label in ("namespace", "pod"):
             assert f'{label}!=""' in rule["seriesQuery"], f"{name}: the rule must require the {label} label"
@@ -337,7 +337,7 @@ def check_writable_tmp(m: Manifests) -> None:
 
 def check_shutdown(m: Manifests) -> None:
     """The grace period covers the preStop pause and uvicorn's own graceful shutdown."""
-    source = (ROOT / "uembed/service_commands.py").read_text()
+    source = (ROOT / "uembed/cli/service_commands.py").read_text()
     graceful = int(re.search(r"timeout_graceful_shutdown=(\d+)", source).group(1))
     pause = int(container(m)["lifecycle"]["preStop"]["exec"]["command"][-1])
     grace = pod_spec(m).get("terminationGracePeriodSeconds", 30)

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from loadtest.servers import wait_until
-from service.metrics import ServiceMetrics
+from uembed.loadtest.servers import wait_until
+from uembed.serving.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.loader import load_bundle
-from export.scorer import ReferenceScorer
-from loadtest.run import check_target
-from loadtest.traffic import ZipfExamples, served_features
-from model.errors import UembedError
+from uembed.bundle.loader import load_bundle
+from uembed.contract.errors import UembedError
+from uembed.loadtest.run import check_target
+from uembed.loadtest.traffic import ZipfExamples, served_features
+from uembed.serving.pipeline.scorer import ReferenceScorer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,12 +87,12 @@ def test_a_stepped_movielens_run_reports_each_step_and_plots_latency_against_loa
 
 
 def test_the_server_helpers_need_no_http_client_package():
-    """`uembed stack` and `uembed bench` start their servers through loadtest/servers.py; it imported httpx,
+    """`uembed stack` and `uembed bench` start their servers through uembed/loadtest/servers.py; it imported httpx,
     which their extras need not bring. The standard library serves now."""
     import subprocess
     import sys
 
-    code = "import sys; sys.modules['httpx'] = None; import loadtest.servers as s; assert callable(s.http_get)"
+    code = "import sys; sys.modules['httpx'] = None; import uembed.loadtest.servers as s; assert callable(s.http_get)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 
@@ -100,7 +100,7 @@ def test_the_server_helpers_need_no_http_client_package():
 def test_wait_until_retries_connection_errors_of_either_client():
     import httpx
 
-    from loadtest.servers import free_port, wait_until
+    from uembed.loadtest.servers import free_port, wait_until
 
     url = f"http://127.0.0.1:{free_port()}/readyz"  # nothing listens there
     for check in (lambda: httpx.get(url).status_code == 200, lambda: __import__("urllib.request").request.urlopen(url)):

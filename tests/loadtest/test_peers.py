@@ -1,4 +1,4 @@
-"""The peer benchmark (``uembed bench --peers``, loadtest/peers.py): its request bodies carry the same examples on
+"""The peer benchmark (``uembed bench --peers``, uembed/loadtest/peers.py): its request bodies carry the same examples on
 every front, and the whole phase runs end to end against real servers (this service, LitServe, the naive
 service) with wrk and the gRPC load client."""
 
@@ -14,13 +14,13 @@ import psutil
 import pytest
 from tritonclient.grpc import service_pb2
 
-from export.loader import load_bundle
-from export.scorer import ReferenceScorer
-from loadtest.bench import movielens_requests
-from loadtest.peers import grpc_request, peer_ratios, run_peers, v2_json_body
-from service.protocols.oip import InputTensor, examples_from_inputs
-from service.protocols.oip_grpc import read_inputs
-from service.runtime import ModelRuntime
+from uembed.bundle.loader import load_bundle
+from uembed.loadtest.load import movielens_requests
+from uembed.loadtest.peers import grpc_request, peer_ratios, run_peers, v2_json_body
+from uembed.serving.pipeline.runtime import ModelRuntime
+from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.protocols.oip import InputTensor, examples_from_inputs
+from uembed.serving.protocols.oip_grpc import read_inputs
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,6 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(bundle_store, t
     assert ratios == peer_ratios(results)["1w 8"] and all(value > 0 for value in ratios.values())
     json.dumps(reported)  # the bench writes every figure as JSON
     # LitServe's processes outlive a SIGTERM to its parent: none of this run's may be left polling.
-    left = [p.pid for p in psutil.process_iter(["cmdline"]) if "loadtest.litserve_app" in (p.info["cmdline"] or [])
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if "uembed.loadtest.litserve_app" in (p.info["cmdline"] or [])
             and str(args.bundle) in (p.info["cmdline"] or [])]  # fmt: skip
     assert not left, f"LitServe processes left running: {left}"

@@ -19,9 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.failover import ANSWERS, ReplicaKill, kill_cost, throughput_around
-from loadtest.servers import haproxy_stats, wait_until
-from loadtest.stack import HAPROXY_CONFIG, LocalStack, local_haproxy_config, local_scrape_config
+from uembed.loadtest.failover import ANSWERS, ReplicaKill, kill_cost, throughput_around
+from uembed.loadtest.servers import haproxy_stats, wait_until
+from uembed.loadtest.stack import HAPROXY_CONFIG, LocalStack, local_haproxy_config, local_scrape_config
+
 
 def haproxy_check(config: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True, text=True)

@@ -4,10 +4,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from model.data import encode_values, from_table, load_file, synthetic
-from model.errors import DataError, SpecError
-from model.features import DatasetSpec, FeatureSpec, LabelSpec, load_spec
 from tests.conftest import tiny_spec, tiny_table
+from uembed.contract.errors import DataError, SpecError
+from uembed.contract.features import DatasetSpec, FeatureSpec, LabelSpec, load_spec
+from uembed.model.data import encode_values, from_table, load_file, synthetic
 
 SPEC_TOML = """
 [label]

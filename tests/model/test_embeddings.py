@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.embeddings import PlanEmbedding
-from model.networks import RankingModel, build_network
-from model.plan import METHODS, build_plan
-from model.seo import ChunkPolicy
+from uembed.contract.plan import METHODS, build_plan
+from uembed.contract.seo import ChunkPolicy
+from uembed.model.embeddings import PlanEmbedding
+from uembed.model.networks import RankingModel, build_network
 
 
 def reference_assembly(plan, embedding, rows, weights):

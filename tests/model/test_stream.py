@@ -7,16 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model.data.columns import from_table, quantile_boundaries
-from model.data.criteo import CRITEO_COLUMNS, criteo_spec, read_criteo
-from model.data.stream import StreamSource, encode_batch, scan, shuffled_batches, split_of_rows
-from model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
-from model.errors import DataError
-from model.features import FeatureSpec, SplitSpec
-from model.optim import RowWiseAdagrad
-from model.plan import build_plan
-from model.streaming import StreamingMetrics, train_stream
-from model.train import TrainConfig
+from uembed.contract.columns import from_table, quantile_boundaries
+from uembed.contract.errors import DataError
+from uembed.contract.features import FeatureSpec, SplitSpec
+from uembed.contract.plan import build_plan
+from uembed.model.data.criteo import CRITEO_COLUMNS, criteo_spec, read_criteo
+from uembed.model.data.stream import StreamSource, encode_batch, scan, shuffled_batches, split_of_rows
+from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
+from uembed.model.optim import RowWiseAdagrad
+from uembed.model.streaming import StreamingMetrics, train_stream
+from uembed.model.train import TrainConfig
 
 TINY = CriteoShape(vocabulary=CRITEO_PRESETS["criteo-tiny"], seed=3)
 
@@ -221,7 +221,7 @@ def test_every_table_optimizer_trains_on_the_stream(tiny_stream, tmp_path, optim
 
 
 def test_statistics_round_trip_and_keep_their_keys_on_disk(tiny_stream, tmp_path):
-    from model.data.stream import StoredKeys, StreamStats
+    from uembed.model.data.stream import StoredKeys, StreamStats
 
     _, stats = tiny_stream
     loaded = StreamStats.load(stats.save(tmp_path / "a"))
@@ -236,9 +236,9 @@ def test_statistics_round_trip_and_keep_their_keys_on_disk(tiny_stream, tmp_path
 
 
 def test_a_streamed_run_exports_what_training_saw_so_the_service_counts_unseen_values(tiny_stream, tmp_path):
-    from export.bundle import export_run
-    from export.loader import load_bundle
-    from model.known import KnownValues
+    from uembed.bundle.loader import load_bundle
+    from uembed.contract.known import KnownValues
+    from uembed.model.export import export_run
 
     torch.set_num_threads(1)
     source, stats = tiny_stream

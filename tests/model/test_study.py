@@ -2,9 +2,9 @@ import csv
 
 import pytest
 
-from model.data import synthetic
-from model.study import read_csv, run_study, summarise, write_outputs
-from model.train import TrainConfig
+from uembed.model.data import synthetic
+from uembed.model.study import read_csv, run_study, summarise, write_outputs
+from uembed.model.train import TrainConfig
 
 
 def test_study_writes_every_run_a_summary_and_a_plot(tmp_path):
@@ -47,7 +47,7 @@ def test_study_runs_each_applier_after_its_own_search_in_parallel(tmp_path):
 
 
 def test_a_streamed_study_table_shows_examples_rss_and_wall_time():
-    from model.study import markdown_table
+    from uembed.model.study import markdown_table
 
     row = {"method": "unified", "budget_fraction": 0.1, "runs": 1, "auc": (0.81, 0.0), "logloss": (0.44, 0.0),
            "embedding_bytes": 1000, "seconds_per_epoch": 10.0, "examples_per_second": 30000.0,

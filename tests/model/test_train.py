@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import load_movielens100k, synthetic
-from model.plan import METHODS
-from model.seo import ChunkPolicy
-from model.train import TrainConfig, gradient_dominance, load_run, predict, train
+from uembed.contract.plan import METHODS
+from uembed.contract.seo import ChunkPolicy
+from uembed.model.data import load_movielens100k, synthetic
+from uembed.model.train import TrainConfig, gradient_dominance, load_run, predict, train
 
 
 @pytest.fixture(scope="module")

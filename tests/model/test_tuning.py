@@ -1,4 +1,4 @@
-"""Tuned studies (model/tuning.py): the same search for every cell, selection on validation only."""
+"""Tuned studies (uembed/model/tuning.py): the same search for every cell, selection on validation only."""
 
 import csv
 import json
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import model.train
-import model.tuning
-from model.data import synthetic
-from model.errors import SpecError
-from model.plan import build_plan, collisionless_rows, vocabulary_sizes
-from model.train import TrainConfig, build_model, build_optimizer
-from model.tuning import Cell, cell_config, fixed_params, run_tuned_study, study_cells, write_tuned_outputs
+import uembed.model.train
+import uembed.model.tuning
+from uembed.contract.errors import SpecError
+from uembed.contract.plan import build_plan, collisionless_rows, vocabulary_sizes
+from uembed.model.data import synthetic
+from uembed.model.train import TrainConfig, build_model, build_optimizer
+from uembed.model.tuning import Cell, cell_config, fixed_params, run_tuned_study, study_cells, write_tuned_outputs
 
 BASE = TrainConfig(dim=4, hidden=(8,), epochs=2, patience=1, chunk_dim=2)
 
@@ -26,7 +26,7 @@ def dataset():
 def test_a_two_trial_study_runs_end_to_end_and_never_selects_on_test(tmp_path, dataset, monkeypatch):
     train_set, val_set, test_set = dataset.split(BASE.split_seed)
     evaluated = []  # which split each evaluation scored, in call order
-    real_evaluate = model.train.evaluate
+    real_evaluate = uembed.model.train.evaluate
 
     def spy(labels, probabilities):
         split = "validation" if np.array_equal(labels, val_set.labels) else "test" if np.array_equal(labels, test_set.labels) else "?"
@@ -34,7 +34,7 @@ def test_a_two_trial_study_runs_end_to_end_and_never_selects_on_test(tmp_path, d
         return real_evaluate(labels, probabilities)
 
     tuning_phase = [False]
-    real_tune = model.tuning.tune_cell
+    real_tune = uembed.model.tuning.tune_cell
 
     def tune(*args, **kwargs):
         tuning_phase[0] = True
@@ -43,8 +43,8 @@ def test_a_two_trial_study_runs_end_to_end_and_never_selects_on_test(tmp_path, d
         finally:
             tuning_phase[0] = False
 
-    monkeypatch.setattr(model.train, "evaluate", spy)
-    monkeypatch.setattr(model.tuning, "tune_cell", tune)
+    monkeypatch.setattr(uembed.model.train, "evaluate", spy)
+    monkeypatch.setattr(uembed.model.tuning, "tune_cell", tune)
     assert not np.array_equal(val_set.labels, test_set.labels)  # the spy tells the splits apart by their labels
     chosen, records = run_tuned_study(
         dataset, ["collisionless", "unified", "seo-applier-exact"], [0.2], [0, 1], BASE, trials=2, out_dir=tmp_path
@@ -88,7 +88,7 @@ def test_the_selected_configuration_is_reused_not_tuned_again(tmp_path, dataset,
     def must_not_tune(*args, **kwargs):
         raise AssertionError("a selected cell was tuned again")
 
-    monkeypatch.setattr(model.tuning, "tune_cell", must_not_tune)
+    monkeypatch.setattr(uembed.model.tuning, "tune_cell", must_not_tune)
     _, records = run_tuned_study(dataset, ["unified"], [0.2], [0], BASE, trials=2, out_dir=tmp_path)
     tuned = [r for r in records if r["settings"] == "tuned"]
     assert [(r["dim"], r["batch_size"]) for r in tuned] == [(8, 512)]
@@ -159,7 +159,7 @@ def test_an_exact_feature_leaves_the_shared_table_for_a_collisionless_one(datase
 
 
 def test_the_collision_ablation_trains_each_feature_exact(dataset):
-    from model.tuning import collision_ablation
+    from uembed.model.tuning import collision_ablation
 
     records = collision_ablation(dataset, Cell("unified", 0.2), fixed_params(BASE, "unified"), BASE, [0])
     assert [r["exact_features"] for r in records] == ["(none)", "user", "item", "city", "user+item+city"]
@@ -174,7 +174,7 @@ def test_a_selection_is_retrained_by_the_train_command_it_names(tmp_path, datase
     params = dict(fixed_params(BASE, "multi-size-unified"), dim=8, learning_rate=0.004, batch_size=512, hidden_layers=2,
                   cross_layers=3, decay_tables=True, embedding_weight_decay=0.01, lookups_offset=1)  # fmt: skip
     config = cell_config(Cell("multi-size-unified", 0.2), params, BASE, reference)
-    arguments = model.tuning.train_arguments(config)
+    arguments = uembed.model.tuning.train_arguments(config)
     args = build_parser().parse_args(["train", "--embedding", "multi-size-unified", *arguments.split()])
     again = config_from_args(args, embedding="multi-size-unified", budget_rows=args.budget_rows, budget_fraction=None)
     assert again == config

@@ -1,0 +1,170 @@
+"""A dense network split by a context feature group: the context's part of the first layer once a ranking request,
+the very floats of the flat form (uembed/bundle/dense_split.py)."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from uembed.bundle.dense_split import write_context_split
+from uembed.bundle.loader import load_bundle
+from uembed.bundle.synthetic import criteo_features, write_synthetic_bundle
+from uembed.contract.errors import BundleError, UembedError
+from uembed.serving.engine import ScoringEngine
+from uembed.serving.pipeline.scorer import ReferenceScorer, onnx_session
+from uembed.serving.settings import load_settings
+
+CONTEXT = tuple(f"C{i}" for i in (1, 2, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15))  # split in runs, as a real group is
+ITEMS = tuple(f"C{i}" for i in (3, 4, 12, 16))
+
+
+@pytest.fixture(scope="module")
+def split_bundle(tmp_path_factory):
+    features = criteo_features(16)
+    return write_synthetic_bundle(tmp_path_factory.mktemp("split"), "split", features, 5000, dtype="float16",
+                                  progress=False, context_features=CONTEXT)  # fmt: skip
+
+
+def requests(count: int, candidates: int, seed: int = 0) -> list[tuple[dict, list[dict]]]:
+    rng = np.random.default_rng(seed)
+    value = lambda: f"{rng.integers(0, 400):x}"  # noqa: E731 - repeats across candidates and requests
+    return [({f: value() for f in CONTEXT}, [{f: value() for f in ITEMS} for _ in range(candidates)]) for _ in range(count)]
+
+
+def test_the_two_parts_score_as_the_whole_network_up_to_rounding(split_bundle):
+    bundle = load_bundle(split_bundle)
+    scorer = ReferenceScorer(bundle)
+    whole = onnx_session(bundle.dense_path)
+    embeddings = np.random.default_rng(1).standard_normal((300, bundle.plan.output_dim)).astype(np.float32)
+    np.testing.assert_allclose(scorer.dense(embeddings), whole.run(None, {"embeddings": embeddings})[0], rtol=0, atol=1e-6)
+
+
+def test_ranking_requests_with_the_split_context_score_their_flat_examples_floats(split_bundle):
+    """Several ranking requests in one split batch: the factored path (the context's part once a request) gives each
+    candidate exactly the floats of its flat example, in the reference scorer and the service's runtime, cold and
+    with tier 1 answering."""
+    from uembed.serving.pipeline.runtime import ModelRuntime
+
+    bundle = load_bundle(split_bundle)
+    batch = requests(3, 50)
+    for scorer in (ReferenceScorer(bundle), ModelRuntime(bundle, hot_rows_bytes=2**16)):
+        rows, weights = scorer.hash([scorer.canonicalise([{**context, **item} for context, items in batch for item in items])])
+        flat = scorer.dense(scorer.lookup_factored(rows, weights))  # each part's columns looked up apart
+        np.testing.assert_array_equal(flat, scorer.dense(scorer.assemble(scorer.lookup(rows), weights)))  # or taken
+        assert scorer.dense_parts is not None and scorer.dense_parts.columns_from_rows
+        for _ in range(2):
+            parts = [scorer.canonicalise(items, context) for context, items in batch]
+            split = scorer.hash_split(parts)
+            looked_up = scorer.lookup_split(split)
+            inputs = scorer.factored_inputs(split, *looked_up)
+            assert inputs is not None and inputs.context.shape == (3, len(CONTEXT) * bundle.plan.dim)
+            np.testing.assert_array_equal(scorer.dense(inputs), flat)
+            np.testing.assert_array_equal(scorer.dense(scorer.assemble_split(split, *looked_up)), flat)
+        for count in (50, 1):  # one request a batch, as a lone 500-candidate request runs: its context part on one row
+            context, items = batch[1]
+            split = scorer.hash_split([scorer.canonicalise(items[:count], context)])
+            inputs = scorer.factored_inputs(split, *scorer.lookup_split(split))
+            assert len(inputs.context) == 1
+            np.testing.assert_array_equal(scorer.dense(inputs), flat[50 : 50 + count])
+
+
+def test_another_context_takes_the_whole_path_and_scores_alike(split_bundle):
+    bundle = load_bundle(split_bundle)
+    scorer = ReferenceScorer(bundle)
+    context, items = requests(1, 20, seed=2)[0]
+    smaller = {f: context[f] for f in CONTEXT[:-1]}  # one context feature sent per candidate instead
+    candidates = [{**item, CONTEXT[-1]: context[CONTEXT[-1]]} for item in items]
+    split = scorer.hash_split([scorer.canonicalise(candidates, smaller)])
+    looked_up = scorer.lookup_split(split)
+    assert scorer.factored_inputs(split, *looked_up) is None
+    flat = scorer.score([{**context, **item} for item in items])
+    np.testing.assert_array_equal(scorer.dense(scorer.assemble_split(split, *looked_up)), flat)
+
+
+def test_the_engine_batches_ranking_requests_through_the_split_network(split_bundle):
+    batch = requests(6, 40, seed=3)
+    expected = ReferenceScorer(load_bundle(split_bundle)).score([{**c, **i} for c, items in batch for i in items])
+
+    async def main():
+        engine = ScoringEngine(load_settings(max_wait_ms=20))
+        engine.load(split_bundle)
+        await engine.astart()
+        results = await asyncio.gather(*(engine.score(items, context=context) for context, items in batch))
+        flat = await engine.score([{**c, **i} for c, items in batch for i in items])
+        await engine.astop()
+        return np.concatenate([scores for scores, _ in results]), flat[0]
+
+    ranking, flat = asyncio.run(main())
+    np.testing.assert_array_equal(ranking, expected)
+    np.testing.assert_array_equal(flat, expected)
+
+
+def test_a_split_part_altered_on_disk_is_refused_at_load(split_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(split_bundle, copy)
+    part = json.loads((copy / "manifest.json").read_text())["dense"]["context_split"]["rest"]["file"]
+    data = bytearray((copy / part).read_bytes())
+    data[-1] ^= 1
+    (copy / part).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="dense_rest.onnx fails its sha256"):
+        load_bundle(copy)
+
+
+def test_a_split_needs_a_first_matmul_and_known_features(split_bundle, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import helper
+
+    copy = tmp_path / "copy"
+    shutil.copytree(split_bundle, copy)
+    layout = json.loads((copy / "manifest.json").read_text())["dense"]["layout"]
+    with pytest.raises(UembedError, match=r"C99 not among the model's features \(C1, C2,"):
+        write_context_split(copy, "dense.onnx", layout, ["C99"])
+    with pytest.raises(UembedError, match="every feature is in the context"):
+        write_context_split(copy, "dense.onnx", layout, [entry["feature"] for entry in layout])
+    with pytest.raises(UembedError, match="C99 not among"):  # before a single row is written
+        write_synthetic_bundle(tmp_path, "bad", criteo_features(16), 10**9, progress=False, context_features=["C99"])
+    assert not any((tmp_path / "bad").iterdir())  # no staging folder, no rows
+    model = onnx.load(str(copy / "dense.onnx"))
+    relu = helper.make_node("Relu", ["embeddings"], ["relu_first"])
+    first = model.graph.node[0]
+    first.input[0] = "relu_first"
+    model.graph.node.insert(0, relu)
+    onnx.save(model, str(copy / "relu_first.onnx"))
+    with pytest.raises(UembedError, match="must multiply its input by a weight matrix .* its input feeds Relu .*: not a matrix product"):
+        write_context_split(copy, "relu_first.onnx", layout, list(CONTEXT))
+
+
+def test_parts_that_do_not_match_the_bundle_are_refused_at_load(split_bundle, tmp_path):
+    """A manifest whose split names an unknown feature, or parts written from another dense.onnx, is a BundleError
+    naming the bundle, not an error at the first request."""
+    import shutil
+
+    for change, message in ((lambda split: split.update(features=["C99"]), "C99 not among the model's features"),
+                            (lambda split: split.update(of="0" * 64), "cut from another dense.onnx"),
+                            (lambda split: split.pop("width"), "no width .written by an older export"),
+                            (lambda split: split.pop("of"), "no of .written by an older export")):  # fmt: skip
+        copy = tmp_path / message[:6].replace(" ", "-")
+        shutil.copytree(split_bundle, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        change(manifest["dense"]["context_split"])
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=f"{copy}.*{message}"):
+            ReferenceScorer(load_bundle(copy))
+
+
+def test_parts_that_score_a_row_unlike_alone_and_among_others_are_not_used(split_bundle, monkeypatch, caplog):
+    """If the context part's floats for a row depended on its batch, no form could keep its scores: the bundle is then
+    served through dense.onnx whole, and the log says so."""
+    from uembed.serving.pipeline.scorer import DenseParts
+
+    monkeypatch.setattr(DenseParts, "rows_independent", lambda self: False)
+    bundle = load_bundle(split_bundle)
+    scorer = ReferenceScorer(bundle)
+    assert scorer.dense_parts is None and "serving dense.onnx whole" in caplog.text
+    embeddings = np.random.default_rng(4).standard_normal((10, bundle.plan.output_dim)).astype(np.float32)
+    np.testing.assert_array_equal(scorer.dense(embeddings), onnx_session(bundle.dense_path).run(None, {"embeddings": embeddings})[0])

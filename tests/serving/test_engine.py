@@ -1,0 +1,299 @@
+"""The engine without HTTP: micro-batching, failure isolation, admission, deadlines."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from uembed.bundle.loader import load_bundle
+from uembed.contract.errors import Internal
+from uembed.serving.engine import DeadlineExceeded, NotReady, Overloaded, ScoringEngine
+from uembed.serving.pipeline.runtime import ModelRuntime
+from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.settings import load_settings
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def score_concurrently(path, settings, requests):
+    """An engine serving ``path`` scores ``(context, examples)`` requests all at once; the engine and the scores in order."""
+
+    async def main():
+        engine = ScoringEngine(settings)
+        engine.load(path)
+        await engine.astart()
+        results = await asyncio.gather(*(engine.score(examples, context=context) for context, examples in requests))
+        await engine.astop()
+        return engine, np.concatenate([scores for scores, _ in results])
+
+    return run(main())
+
+
+def sample_count(engine, name):
+    return next(s.value for m in engine.metrics.registry.collect() for s in m.samples if s.name == name)
+
+
+def test_concurrent_requests_are_merged_into_batches(bundle_store, movielens_examples):
+    path = bundle_store / "movielens" / "1"
+    expected = ReferenceScorer(load_bundle(path)).score(movielens_examples[:200])
+
+    async def main():
+        engine = ScoringEngine(load_settings(max_wait_ms=5))
+        engine.load(path)
+        await engine.astart()
+        chunks = [movielens_examples[i : i + 10] for i in range(0, 200, 10)]
+        results = await asyncio.gather(*(engine.score(chunk) for chunk in chunks))
+        await engine.astop()
+        return engine, np.concatenate([scores for scores, _ in results])
+
+    engine, scores = run(main())
+    np.testing.assert_allclose(scores, expected, atol=1e-6, rtol=0)
+    batches = sample_count(engine, "uembed_batch_examples_count")
+    assert batches < 20  # 20 requests, fewer dense calls
+    assert sample_count(engine, "uembed_batch_examples_sum") == 200
+
+
+def test_ranking_requests_batch_with_flat_ones_and_score_as_their_flat_examples(bundle_store, movielens_examples):
+    """Requests with a context (one per user, its candidates the user's examples) and flat requests, merged
+    into batches: each scores as its examples sent flat, and the batch's size is the candidates'."""
+    path = bundle_store / "movielens" / "1"
+    user = ("user_id", "age", "gender", "occupation", "zip_code")
+    requests = []
+    for start in range(0, 120, 12):
+        chunk = movielens_examples[start : start + 12]
+        if start % 24:
+            requests.append((None, chunk))
+        else:
+            context = {name: chunk[0][name] for name in user}
+            requests.append((context, [{k: v for k, v in e.items() if k not in user} for e in chunk]))
+    flat = [[{**(context or {}), **example} for example in examples] for context, examples in requests]
+    expected = ReferenceScorer(load_bundle(path)).score([example for examples in flat for example in examples])
+
+    engine, scores = score_concurrently(path, load_settings(max_wait_ms=5), requests)
+    np.testing.assert_allclose(scores, expected, atol=1e-6, rtol=0)
+    assert sample_count(engine, "uembed_batch_examples_count") < len(requests)  # merged
+    assert sample_count(engine, "uembed_batch_examples_sum") == 120
+
+
+def test_a_failing_batch_fails_its_requests_and_not_the_loop(bundle_store, movielens_examples):
+    async def main():
+        engine = ScoringEngine(load_settings())
+        runtime = engine.load(bundle_store / "movielens" / "1")
+        await engine.astart()
+        original = runtime.dense
+        runtime.dense = lambda embeddings: (_ for _ in ()).throw(RuntimeError("onnx blew up"))
+        with pytest.raises(Internal, match=r"internal error \(RuntimeError\)") as failed:
+            await engine.score(movielens_examples[:4])
+        runtime.dense = original
+        scores, _ = await engine.score(movielens_examples[:4])
+        await engine.astop()
+        return failed.value, scores
+
+    error, scores = run(main())
+    assert (error.status, error.kind, type(error).status) == (500, "internal", 500) and len(scores) == 4
+
+
+def test_admission_bound_and_deadline(bundle_store, movielens_examples):
+    async def main():
+        engine = ScoringEngine(load_settings(max_queue_examples=10, request_timeout_ms=50, max_wait_ms=200))
+        engine.load(bundle_store / "movielens" / "1")
+        await engine.astart()
+        first = asyncio.create_task(engine.score(movielens_examples[:8]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await engine.score(movielens_examples[:8])
+        with pytest.raises(DeadlineExceeded):
+            await first  # the 200 ms batching window outlasts the 50 ms deadline
+        gone = asyncio.create_task(engine.score(movielens_examples[:2]))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client went away: cancelled, not past its deadline
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await asyncio.sleep(0.3)  # past the deadline the cancelled request would have had, and its batch
+        await engine.astop()
+        return engine
+
+    engine = run(main())
+    by_reason = lambda name: {s.labels["reason"]: s.value for m in engine.metrics.registry.collect()  # noqa: E731
+                              for s in m.samples if s.name == name}  # fmt: skip
+    assert by_reason("uembed_rejected_requests_total") == {"overloaded": 1, "deadline": 1, "shutting_down": 0}
+    assert by_reason("uembed_abandoned_requests_total") == {"deadline": 1, "cancelled": 1}  # each skipped by the batcher
+
+
+def test_torchscript_backend_scores_like_onnx(bundle_store, movielens_examples):
+    path = bundle_store / "movielens" / "1"
+
+    async def scores(backend):
+        engine = ScoringEngine(load_settings(dense_backend=backend))
+        engine.load(path)
+        await engine.astart()
+        out, runtime = await engine.score(movielens_examples[:256])
+        await engine.astop()
+        return out, runtime
+
+    onnx, _ = run(scores("onnx"))
+    scripted, runtime = run(scores("torchscript"))
+    assert runtime.torchscript is not None
+    np.testing.assert_allclose(scripted, onnx, atol=1e-5, rtol=0)
+
+
+def test_torchscript_backend_refuses_a_bundle_without_the_full_model(bundle_store):
+    from uembed.bundle.loader import BundleError
+
+    engine = ScoringEngine(load_settings(dense_backend="torchscript"))
+    with pytest.raises(BundleError, match="dense_backend=onnx"):
+        engine.load(bundle_store / "movielens" / "2")  # float16: no full model
+
+
+def test_several_models_are_chosen_by_name(bundle_store, movielens_examples, tmp_path):
+    import json
+    import shutil
+
+    from uembed.contract.errors import NotFound as ModelNotFound
+
+    other = tmp_path / "other" / "1"
+    shutil.copytree(bundle_store / "movielens" / "1", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest | {"name": "other"}))
+
+    async def main():
+        engine = ScoringEngine(load_settings())
+        engine.load(bundle_store / "movielens" / "1")
+        engine.load(other)
+        await engine.astart()
+        _, default = await engine.score(movielens_examples[:2])
+        _, chosen = await engine.score(movielens_examples[:2], model="other")
+        with pytest.raises(ModelNotFound, match="loaded: movielens, other"):
+            await engine.score(movielens_examples[:2], model="nope")
+        await engine.astop()
+        return default.name, chosen.name, [m["name"] for m in engine.describe()]
+
+    assert run(main()) == ("movielens", "other", ["movielens", "other"])
+
+
+def test_value_caches_overflowing_mid_batch_still_hash_every_value(bundle_store):
+    """A batch whose new values overflow the per-feature row cache: values cached before the
+    overflow must be hashed again, not looked up in the emptied cache (found by the locust run)."""
+    bundle = load_bundle(bundle_store / "movielens" / "1")
+    runtime = ModelRuntime(bundle, value_cache_bytes=13 * 2000)  # about 8 values per feature's cache
+    assert 5 <= runtime.encoder.row_cache["user_id"].max_bytes // 250 <= 10
+    reference = ReferenceScorer(bundle)
+    first = [{"user_id": str(u), "movie_id": str(u)} for u in range(6)]
+    second = [{"user_id": str(u), "movie_id": str(u)} for u in range(3, 12)]  # 3 cached, 6 new: over the cap
+    for examples in (first, second):
+        rows, weights = runtime.hash([runtime.canonicalise(examples)])
+        expected_rows, expected_weights = reference.encode(examples)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_array_equal(weights, expected_weights)
+
+
+def test_lifecycle_calls_are_safe_in_any_order(bundle_store, movielens_examples):
+    async def main():
+        never_started = ScoringEngine(load_settings())
+        await never_started.astop()  # releases its thread; nothing to drain
+        await never_started.astop()
+        engine = ScoringEngine(load_settings(bundle_store=bundle_store))
+        engine.load(bundle_store / "movielens" / "1")
+        with pytest.raises(NotReady):
+            await engine.reload("movielens", "2")  # not started: refused, not a hang on a missing lock
+        await engine.astart()
+        await engine.astart()  # a second start keeps the one batch loop
+        first_loop = engine._loop_task
+        scores, _ = await engine.score(movielens_examples[:3])
+        runtime = await engine.reload("movielens", "2")
+        assert engine._loop_task is first_loop and runtime.version == "2"
+        await engine.astop()
+        await engine.astop()
+        with pytest.raises(Overloaded):
+            await engine.score(movielens_examples[:3])
+        with pytest.raises(NotReady):
+            await engine.astart()  # a stopped engine stays stopped
+        return len(scores)
+
+    assert run(main()) == 3
+
+
+def test_a_dense_net_that_returns_the_wrong_number_of_scores_fails_its_batch(bundle_store, movielens_examples):
+    async def main():
+        engine = ScoringEngine(load_settings())
+        runtime = engine.load(bundle_store / "movielens" / "1")
+        await engine.astart()
+        original = runtime.dense
+        runtime.dense = lambda embeddings: original(embeddings)[:-1]
+        with pytest.raises(Internal, match="returned 3 scores for 4 examples"):
+            await engine.score(movielens_examples[:4])
+        runtime.dense = original
+        await engine.astop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("on_loop", [True, False], ids=["batches-on-the-loop", "batches-on-a-thread"])
+def test_ranking_requests_batch_together_and_look_up_their_context_once(bundle_store, movielens_examples, on_loop):
+    """Batches of ranking requests take the split path: each context's rows are looked up once, and counted once
+    against max_batch_ids (a budget that fits two such requests, not one with its context repeated), and the
+    scores are the flat examples' floats, whether batches run on the event loop or on a compute thread."""
+    path = bundle_store / "movielens" / "1"
+    user = ("user_id", "age", "gender", "occupation", "zip_code")
+    requests = []
+    for start in range(0, 200, 20):
+        chunk = movielens_examples[start : start + 20]
+        requests.append(({name: chunk[0][name] for name in user}, [{k: v for k, v in e.items() if k not in user} for e in chunk]))
+    expected = ReferenceScorer(load_bundle(path)).score([{**context, **e} for context, examples in requests for e in examples])
+    bundle = load_bundle(path)
+    slots = bundle.plan.slots
+    shared_slots = sum(f.width * len(f.lookups) for f in bundle.plan.features if f.name in user)
+    per_request_ids = 20 * (slots - shared_slots) + shared_slots
+    assert per_request_ids < 20 * slots  # the budget below fits two requests split, not two broadcast
+    settings = load_settings(max_wait_ms=20, compute_on_event_loop=on_loop, max_batch_ids=2 * per_request_ids)
+
+    engine, scores = score_concurrently(path, settings, requests)
+    np.testing.assert_array_equal(scores, expected)
+    assert engine.batches_on_loop is on_loop
+    assert sample_count(engine, "uembed_batch_examples_count") == len(requests) / 2  # two requests a batch
+    assert sample_count(engine, "uembed_batch_ids_sum") == len(requests) * per_request_ids
+
+
+def test_a_batch_counts_the_ids_it_will_look_up(bundle_store, movielens_examples):
+    """max_batch_ids is charged what the batch looks up: contexts once a request only where every request of the
+    batch shares them (a flat request in it, or a runtime that does not split, repeats them)."""
+    runtime = ScoringEngine(load_settings()).open(bundle_store / "movielens" / "1")
+    encoder = runtime.encoder
+    user = ("user_id", "age", "gender", "occupation", "zip_code")
+    ranked = [encoder.canonicalise([{k: v for k, v in e.items() if k not in shared} for e in movielens_examples[:12]],
+                                   {n: movielens_examples[i][n] for n in shared})
+              for i, shared in enumerate((user, user, ("user_id", "genres")))]  # fmt: skip
+    flat = encoder.canonicalise(movielens_examples[20:27])
+    for parts in ([ranked[0]], ranked[:2], ranked, ranked[:2] + [flat], [flat]):
+        context = frozenset.intersection(*(p.shared for p in parts))
+        charged = encoder.ids_looked_up(sum(p.count for p in parts), len(parts), context)
+        split = runtime.hash_split(parts)
+        looked_up = split.ids if split is not None else runtime.hash(parts)[0].size
+        assert charged == looked_up
+    assert ranked[0].ids == encoder.ids_looked_up(12, 1, ranked[0].shared) < 12 * encoder.slots
+
+
+def test_batches_on_the_loop_hand_it_back_between_batches(bundle_store, movielens_examples):
+    """Each request its own batch (max_batch_ids=1), six queued at once: the first reply reaches its caller before
+    the last batch has run (the loop runs replies, reads and row updates between two batches)."""
+    path = bundle_store / "movielens" / "1"
+
+    async def main():
+        engine = ScoringEngine(load_settings(max_batch_ids=1))
+        engine.load(path)
+        await engine.astart()
+        batches_seen = []
+
+        async def one(i):
+            await engine.score(movielens_examples[i : i + 1])
+            batches_seen.append(sample_count(engine, "uembed_batch_examples_count"))
+
+        await asyncio.gather(*(one(i) for i in range(6)))
+        await engine.astop()
+        return engine, batches_seen
+
+    engine, batches_seen = run(main())
+    assert engine.batches_on_loop and sorted(batches_seen) == batches_seen and batches_seen[-1] == 6
+    assert batches_seen[0] < 6, batches_seen

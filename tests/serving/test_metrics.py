@@ -1,0 +1,139 @@
+"""/metrics: names and conventions, and the counters of what the service would otherwise do silently."""
+
+import asyncio
+
+import pytest
+
+from tests.serving.inprocess import InProcessService
+
+GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
+
+
+@pytest.fixture(scope="module")
+def app(bundle_store):
+    service = InProcessService(bundles=[bundle_store / "movielens" / "1"], value_cache_bytes=200_000)
+    yield service
+    service.close()
+
+
+def test_metrics_follow_prometheus_conventions(app):
+    app.score([GOOD])
+    text = app.get("/metrics").text
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    expected = {
+        "uembed_request_duration_seconds", "uembed_http_requests_total", "uembed_stage_duration_seconds",
+        "uembed_batch_examples", "uembed_batch_ids", "uembed_queue_examples", "uembed_table_memory_bytes",
+        "uembed_row_cache_hits_total", "uembed_row_cache_misses_total", "uembed_redis_errors_total",
+        "uembed_redis_fallbacks_total", "uembed_model_info", "uembed_model_reloads_total",
+        "uembed_rejected_requests_total", "uembed_unseen_values_total", "uembed_abandoned_requests_total",
+        "uembed_value_cache_bytes", "uembed_table_file_bytes", "uembed_model_request_duration_seconds",
+        "uembed_example_score", "uembed_shadow_requests_total", "uembed_shadow_score_difference", "uembed_routing_share",
+    }  # fmt: skip
+    assert expected <= names
+    assert not any(name.endswith("_created") for name in names)
+    samples = app.metrics()
+    for stage in ("queue", "hash", "lookup", "assemble", "dense"):
+        assert samples[f'uembed_stage_duration_seconds_count{{stage="{stage}"}}'] >= 1
+    assert samples['uembed_model_info{dtype="float32",method="unified",model="movielens",version="1"}'] == 1
+    mapped = samples['uembed_table_file_bytes{model="movielens",state="mapped",table="unified"}']
+    resident = samples['uembed_table_file_bytes{model="movielens",state="resident",table="unified"}']
+    table = app.get("/v1/models").json()["models"][0]["tables"][0]
+    assert mapped == table["rows"] * table["dim"] * 4
+    assert 0 < resident <= mapped + 4096  # whole pages; the bundle was just written and scored, so it is cached
+
+
+def test_observing_scores_at_once_equals_observing_them_one_by_one():
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from uembed.serving.metrics import ServiceMetrics
+
+    values = np.concatenate([np.random.default_rng(0).random(997), [0.0, 0.05, 0.1, 1.0, 0.999999]]).astype(np.float32)
+    one_by_one, at_once = ServiceMetrics(CollectorRegistry()), ServiceMetrics(CollectorRegistry())
+    for value in values:
+        one_by_one.example_score.labels("m", "1", "served").observe(float(value))
+    at_once.observe_all(at_once.example_score.labels("m", "1", "served"), values)
+    samples = [{(s.name, tuple(sorted(s.labels.items()))): s.value for m in metrics.registry.collect() for s in m.samples
+                if m.name == "uembed_example_score"} for metrics in (one_by_one, at_once)]  # fmt: skip
+    assert samples[0].keys() == samples[1].keys() and len(samples[0]) == 23
+    for key, value in samples[0].items():
+        assert samples[1][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_a_scored_request_is_observed_under_its_model_version(app):
+    before = app.metrics()
+    app.score([GOOD, GOOD, GOOD])
+    after = app.metrics()
+    for name, grew in (("uembed_model_request_duration_seconds_count", 1), ("uembed_example_score_count", 3)):
+        key = f'{name}{{model="movielens",traffic="served",version="1"}}'
+        assert after[key] - before[key] == grew
+    assert after['uembed_routing_share{model="movielens",version="1"}'] == 1
+
+
+def test_values_unseen_in_training_are_counted_per_feature(app):
+    key = 'uembed_unseen_values_total{feature="%s",model="movielens"}'
+    before = app.metrics()
+    assert before[key % "user_id"] >= 0 and before[key % "genres"] >= 0  # every feature's series exists
+    seen = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"], "occupation": "writer"}
+    app.score([seen, seen])
+    middle = app.metrics()
+    assert middle[key % "user_id"] == before[key % "user_id"]
+    new = {"user_id": "never-seen-user-7", "movie_id": "242", "genres": ["Comedy", "Space-Opera"], "occupation": None}
+    app.score([new, new, seen])
+    after = app.metrics()
+    assert after[key % "user_id"] - middle[key % "user_id"] == 2  # per occurrence, missing values are not unseen
+    assert after[key % "genres"] - middle[key % "genres"] == 2
+    assert after[key % "occupation"] == middle[key % "occupation"]
+    assert after[key % "movie_id"] == middle[key % "movie_id"]
+
+
+def test_value_caches_are_bounded_in_bytes_and_reported(app):
+    for start in range(0, 4000, 8):
+        assert app.score([{"zip_code": f"{i:0>60}", "user_id": f"u{i:0>60}"} for i in range(start, start + 8)]).status_code == 200
+    held = app.metrics()['uembed_value_cache_bytes{model="movielens"}']
+    assert 0 < held <= 200_000
+
+
+def test_requests_abandoned_before_their_batch_are_counted_and_skipped(bundle_store):
+    service = InProcessService(bundles=[bundle_store / "movielens" / "1"], max_wait_ms=300, request_timeout_ms=5000)
+    try:
+        engine = service.engine
+
+        async def abandon():
+            task = asyncio.ensure_future(engine.score([GOOD] * 3))
+            await asyncio.sleep(0.05)  # admitted, waiting for its batch (max_wait_ms)
+            assert engine.queued_examples == 3
+            task.cancel()
+            await asyncio.sleep(0.5)  # the batch loop has run and found it abandoned
+
+        before = service.metrics()
+        service.run(abandon())
+        after = service.metrics()
+        assert after['uembed_abandoned_requests_total{reason="cancelled"}'] - before['uembed_abandoned_requests_total{reason="cancelled"}'] == 1
+        assert after.get('uembed_scored_examples_total{model="movielens"}', 0) == before.get('uembed_scored_examples_total{model="movielens"}', 0)
+        assert service.engine.queued_examples == 0
+    finally:
+        service.close()
+
+
+def test_requests_past_their_deadline_in_the_queue_are_counted_as_deadline(bundle_store):
+    from uembed.contract.errors import DeadlineExceeded
+
+    service = InProcessService(bundles=[bundle_store / "movielens" / "1"], max_wait_ms=400, request_timeout_ms=100)
+    try:
+        async def late():
+            try:
+                await service.engine.score([GOOD])
+            except DeadlineExceeded:
+                await asyncio.sleep(0.5)  # the batch loop wakes after max_wait_ms and meets the expired request
+                return True
+            return False
+
+        before = service.metrics()
+        assert service.run(late())
+        after = service.metrics()
+        for reason, added in (("deadline", 1), ("cancelled", 0)):
+            key = f'uembed_abandoned_requests_total{{reason="{reason}"}}'
+            assert after[key] - before[key] == added, reason
+    finally:
+        service.close()

@@ -1,0 +1,349 @@
+"""Loading and validating bundles (numpy and ONNX Runtime only: the service needs no torch).
+
+``load_bundle`` refuses a bundle whose format version it does not know, whose files are
+missing, truncated or altered (size and sha256 of every file), whose row files do not
+have the declared shape, or whose hashing test vectors this build does not reproduce.
+Every refusal is a :class:`BundleError` naming the file and the reason.
+
+Row files are by far the largest (gigabytes at Criteo scale), and a sha256 reads every
+byte. ``load_bundle(path, defer_row_checks=True)`` maps them after checking their size and
+shape only, and returns their sha256 checks as :class:`RowChecks`, which run on a thread
+(hashlib releases the GIL): the caller decides what may happen before they pass (the
+service: nothing is scored, ``/readyz`` answers 503). Either way each byte is read once (by each worker) at
+start-up, and that read also brings the rows into the page cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from uembed.bundle.format import FORMAT, FORMAT_VERSION, NUMPY_ROW_DTYPE, sha256_file
+from uembed.contract.errors import BundleError
+from uembed.contract.features import FeatureSpec
+from uembed.contract.hashing import SPEC_VERSION
+from uembed.contract.known import KnownValues
+from uembed.contract.plan import EmbeddingPlan
+
+log = logging.getLogger("uembed.bundle")
+
+
+@dataclass
+class TableRows:
+    """One table's rows, memory-mapped; ``gather`` returns float32 rows. ``data`` is None for a bundle loaded
+    with ``row_files=False`` (its rows live only in Redis, ``UEMBED_ROW_SOURCE=redis``): the table then has its
+    shape and dtype but no rows here."""
+
+    name: str
+    rows: int
+    dim: int
+    dtype: str
+    data: np.ndarray | None
+    scale_bias: np.ndarray | None = None
+
+    @property
+    def files(self) -> bool:
+        """Whether the rows are here, in the bundle's row files."""
+        return self.data is not None
+
+    @property
+    def row_dtype(self) -> np.dtype:
+        """The stored values' numpy dtype (uint8 codes for int8 tables)."""
+        return np.dtype(NUMPY_ROW_DTYPE[self.dtype])
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one row as every tier stores it: its values, then for int8 its float32 scale and offset."""
+        return self.dim * self.row_dtype.itemsize + (8 if self.dtype == "int8" else 0)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        picked = self.data[ids]
+        if self.dtype == "int8":
+            scale_bias = self.scale_bias[ids]
+            return picked.astype(np.float32) * scale_bias[..., :1] + scale_bias[..., 1:]
+        return picked.astype(np.float32, copy=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the table's rows (the row files' arrays, whether or not they are here)."""
+        return int(self.rows * self.record_bytes)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the mapped row files now in memory (the page cache, shared by every process mapping them)."""
+        if not self.files:
+            return 0
+        arrays = [self.data] if self.scale_bias is None else [self.data, self.scale_bias]
+        return sum(resident_bytes(array) for array in arrays)
+
+
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _page_span(array: np.ndarray) -> tuple[int, int]:
+    start = array.ctypes.data // PAGE * PAGE
+    return start, array.ctypes.data + array.nbytes - start
+
+
+def advise(array: np.ndarray, advice: int = mmap.MADV_RANDOM) -> None:
+    """madvise(2) on a mapped array. MADV_RANDOM (the loader's, for row files): a page fault reads its page,
+    not the device's read-ahead window (8 MiB on some disks), which a lookup of scattered rows would waste
+    on rows nobody asked for. MADV_SEQUENTIAL: for a reader that goes through a whole file."""
+    if array.nbytes:
+        start, length = _page_span(array)
+        if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) != 0:
+            log.warning("madvise(%d) failed: %s", advice, os.strerror(ctypes.get_errno()))
+
+
+def resident_bytes(array: np.ndarray) -> int:
+    """Bytes of ``array``'s pages in memory, by mincore(2): for a memory-mapped file, how much of it is cached
+    (whoever read it); for an ordinary array, its resident pages. Whole pages, so up to a page over nbytes."""
+    if array.nbytes == 0:
+        return 0
+    start, length = _page_span(array)
+    pages = (length + PAGE - 1) // PAGE
+    flags = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), flags) != 0:
+        raise OSError(ctypes.get_errno(), f"mincore: {os.strerror(ctypes.get_errno())}")
+    return int(np.count_nonzero(np.frombuffer(flags, dtype=np.uint8) & 1)) * PAGE
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    plan: EmbeddingPlan
+    feature_specs: dict[str, FeatureSpec]
+    tables: dict[str, TableRows]
+    bias: np.ndarray  # float32 [n bias columns], added at plan.bias_columns()
+    known_values: dict[str, KnownValues] = field(default_factory=dict)  # feature -> values seen in training
+    # Deferred checks that gate scoring: the row files' sha256 (RowChecks; None: all checked at load), or for rows
+    # that live only in Redis their completion marker (uembed/serving/rows/published.py, set by the service).
+    row_checks: RowChecks | None = None
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def dense_path(self) -> Path:
+        return self.path / self.manifest["dense"]["file"]
+
+
+class RowChecks:
+    """The sha256 checks of a bundle's row files, run once on a thread: progress, outcome, a wait."""
+
+    CHUNK = 8 << 20
+    what = "row files"  # what the checks are of, in the service's not-ready messages
+
+    def __init__(self, root: Path, entries: list[dict]) -> None:
+        self.root = root
+        self.entries = entries
+        self.total_bytes = sum(e["bytes"] for e in entries)
+        self.checked_bytes = 0
+        self.error: BundleError | None = None
+        self.failed_file: str | None = None
+        self.seconds: float | None = None
+        self.done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> RowChecks:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.run, name="uembed-row-checks", daemon=True)
+            self._thread.start()
+        return self
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            for entry in self.entries:
+                if sha256_file(self.root / entry["file"], self.CHUNK, self._checked) != entry["sha256"]:
+                    self.failed_file = entry["file"]
+                    raise BundleError(f"bundle {self.root}: file {entry['file']} fails its sha256 checksum (corrupt or altered bytes)")
+        except BundleError as exc:
+            self.error = exc
+        except Exception as exc:  # noqa: BLE001 - whatever stops the check must fail it, never leave it running
+            self.error = BundleError(f"bundle {self.root}: checking its row files failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.seconds = time.perf_counter() - started
+            if self.error is None:
+                log.info("bundle %s: %d row files (%.2f GB) pass their sha256 checks in %.1fs",
+                         self.root, len(self.entries), self.total_bytes / 1e9, self.seconds)  # fmt: skip
+            else:
+                log.error("%s", self.error)
+            self.done.set()
+
+    def _checked(self, count: int) -> None:
+        self.checked_bytes += count
+
+    @property
+    def passed(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Run the checks here if nobody started them; raise the BundleError of a failed one, or TimeoutError."""
+        if self._thread is None and not self.done.is_set():
+            self._thread = threading.current_thread()
+            self.run()
+        if not self.done.wait(timeout_s):
+            raise TimeoutError(f"row checks of {self.root}: {self.describe()} after {timeout_s}s")
+        if self.error is not None:
+            raise self.error
+
+    def describe(self) -> str:
+        """For clients: the progress, or which file failed (no server paths; the log has the whole error)."""
+        if self.error is not None:
+            return f"failed: {self.failed_file or 'the row files'} did not pass its sha256 check (see the service log)"
+        if self.done.is_set():
+            return "passed"
+        return f"checking: {self.checked_bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB"
+
+
+def _check_file(root: Path, entry: dict, checksum: bool = True) -> Path:
+    relative = entry.get("file", "?")
+    path = root / relative
+    if not path.is_file():
+        raise BundleError(f"bundle {root}: file {relative} is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        state = "truncated" if size < entry["bytes"] else "larger than recorded"
+        raise BundleError(f"bundle {root}: file {relative} is {state} ({size} bytes, manifest says {entry['bytes']})")
+    expected = entry["sha256"]  # recorded even when the check is left for later
+    if checksum and sha256_file(path) != expected:
+        raise BundleError(f"bundle {root}: file {relative} fails its sha256 checksum (corrupt or altered bytes)")
+    return path
+
+
+def _load_array(root: Path, entry: dict, dtype: str, shape: tuple[int, ...], checksum: bool = True) -> np.ndarray:
+    path = _check_file(root, entry, checksum)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise BundleError(f"bundle {root}: file {entry['file']} is not a readable .npy array: {exc}") from exc
+    if array.dtype != np.dtype(dtype) or array.shape != shape:
+        raise BundleError(
+            f"bundle {root}: file {entry['file']} holds {array.dtype} {array.shape}, manifest says {dtype} {shape}"
+        )
+    return array
+
+
+def read_manifest(root: Path) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a bundle: no such directory")
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"{root} is not a bundle: it has no manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"bundle {root}: manifest.json is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{root} is not a bundle: manifest.json does not declare format {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle {root}: manifest.json has format version {manifest.get('format_version')!r}; "
+            f"this build reads version {FORMAT_VERSION}"
+        )
+    if manifest.get("hashing", {}).get("version") != SPEC_VERSION:
+        raise BundleError(f"bundle {root}: hashing spec {manifest.get('hashing', {}).get('version')!r} is not {SPEC_VERSION!r}")
+    return manifest
+
+
+def load_bundle(path: str | Path, defer_row_checks: bool = False, row_files: bool = True) -> Bundle:
+    """Validate every file of a bundle and return it ready to score; with ``defer_row_checks`` the row
+    files' sha256 checks are left to ``bundle.row_checks`` (not started: call ``start()`` or ``wait()``).
+    With ``row_files=False`` the row files are neither needed nor read (rows that live only in Redis,
+    published by ``uembed publish``): every other file is checked as always, and the tables have no rows."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    try:
+        return _load(root, manifest, defer_row_checks, row_files)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"bundle {root}: manifest.json is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files: bool = True) -> Bundle:
+    vocabularies = {}
+    known = {}
+    specs = {}
+    bias_parts = []
+    for feature in manifest["features"]:
+        specs[feature["name"]] = FeatureSpec.from_dict(feature)
+        if feature.get("vocabulary"):
+            entry = feature["vocabulary"]
+            vocabularies[feature["name"]] = np.asarray(_load_array(root, entry, "uint64", (entry["size"],)))
+        if feature.get("known"):
+            entry = feature["known"]
+            if entry.get("hashes") != KnownValues.HASHES:
+                raise BundleError(f"bundle {root}: known/{feature['name']}.npy uses {entry.get('hashes')} hashes, this build {KnownValues.HASHES}")
+            bits = np.asarray(_load_array(root, entry, "uint8", ((entry["bits"] + 7) // 8,)))
+            try:
+                known[feature["name"]] = KnownValues.from_arrays(np.ascontiguousarray(bits), entry["bits"])
+            except ValueError as exc:
+                raise BundleError(f"bundle {root}: known/{feature['name']}.npy: {exc}") from exc
+        if feature.get("bias") is not None:
+            bias_parts.append(np.asarray(feature["bias"], dtype=np.float32))
+    plan = EmbeddingPlan.from_dict(manifest["embedding"], vocabularies)
+
+    tables = {}
+    deferred = []
+    for entry in manifest["tables"]:
+        if not row_files:
+            tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], entry["dtype"], None)
+            continue
+        shape = (entry["rows"], entry["dim"])
+        data = _load_array(root, entry, NUMPY_ROW_DTYPE[entry["dtype"]], shape, checksum=not defer_row_checks)
+        deferred.append(entry)
+        scale_bias = None
+        if entry["dtype"] == "int8":
+            scale_bias = _load_array(root, entry["scale_bias"], "float32", (entry["rows"], 2), checksum=not defer_row_checks)
+            deferred.append(entry["scale_bias"])
+        for array in (data, scale_bias) if scale_bias is not None else (data,):
+            advise(array, mmap.MADV_RANDOM)
+        tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], entry["dtype"], data, scale_bias)
+    for table in plan.tables:
+        if table.name not in tables:
+            raise BundleError(f"bundle {root}: table {table.name!r} of the embedding plan has no row file")
+
+    _check_file(root, manifest["dense"])
+    for part in ("context", "rest") if manifest["dense"].get("context_split") else ():
+        _check_file(root, manifest["dense"]["context_split"][part])
+    if manifest.get("full_model"):
+        for kind in ("onnx", "torchscript"):
+            _check_file(root, manifest["full_model"][kind])
+
+    features = {f.name: f for f in plan.features}
+    for vector in manifest["hashing"]["test_vectors"]:
+        feature = features[vector["feature"]]
+        value = vector["value"].encode("utf-8", "surrogateescape")
+        rows = [int(plan.rows_of_values(feature, lookup, [value])[0]) for lookup in feature.lookups]
+        if rows != vector["rows"]:
+            raise BundleError(
+                f"bundle {root}: hashing test vector {vector['feature']}={vector['value']!r} gives rows {rows} "
+                f"here but {vector['rows']} in manifest.json: this build hashes differently, refusing to serve"
+            )
+    bias = np.concatenate(bias_parts) if bias_parts else np.zeros(0, dtype=np.float32)
+    if bias.size != plan.bias_columns().size:
+        raise BundleError(f"bundle {root}: manifest.json has {bias.size} bias values, the plan needs {plan.bias_columns().size}")
+    row_checks = RowChecks(root, deferred) if defer_row_checks and row_files else None
+    return Bundle(root, manifest, plan, specs, tables, bias, known, row_checks)

@@ -1,0 +1,135 @@
+"""The hashing contract: (feature, value) -> 64-bit key -> row of a table.
+
+Training, export, the service and the load generator all call this module and nothing
+else hashes, so a value maps to the same row everywhere (no train/serve skew).
+
+The spec, version ``uembed-hash-v1``:
+
+1. Canonical bytes of a value: ``None``, ``NaN``, ``""`` and an empty list are *missing*
+   and canonicalise to the empty byte string ``b""`` (so a missing value has its own
+   row, found like any other value). ``True``/``False`` -> ``b"true"``/``b"false"``;
+   an int -> its decimal digits; a float with an integral value -> the digits of that
+   integer (so ``3.0`` read from a CSV and ``3`` from Parquet agree); any other float
+   -> ``repr``; a string -> its UTF-8 bytes, unchanged.
+2. Seed of lookup ``j`` of hash namespace ``name`` (a feature name, or a semantic group
+   whose features share a vocabulary): ``xxh3_64(utf8(name) + b"#" + ascii(j), seed=0)``.
+3. Key: ``xxh3_64(canonical_bytes, seed=lookup_seed)``, an unsigned 64-bit integer.
+4. Row of a hashed table of ``rows`` rows: ``key % rows``. A collisionless table keeps
+   a sorted array of known keys; a key found at index ``i`` reads row ``i + 1``, an
+   unknown or missing key reads row 0.
+
+From another language (a Go or Java feature pipeline, a C++ ranker) the same keys need:
+XXH3 64-bit (the reference C library or a port that passes its test vectors; not XXH64,
+not XXH3-128), called with a 64-bit seed; the canonical bytes above, byte for byte (UTF-8
+without normalisation, integers without a sign for zero or leading zeros, Python's
+``repr`` for non-integral floats: the shortest string that round-trips, e.g. ``0.1`` and
+``1e-05``); the seed string ``<namespace>#<lookup>`` in UTF-8, hashed with seed 0; and
+``key % rows`` on unsigned 64-bit integers. ``tests/contract/test_golden_hashing.py`` lists
+literal (namespace, value, lookup) -> seed, key and rows to check a port against; every
+bundle's manifest also carries test vectors of its own values.
+
+Example::
+
+    >>> seed = lookup_seed("user_id", 0)
+    >>> key = hash_value(196, seed)
+    >>> int(rows_of(np.array([key], dtype=np.uint64), 1000)[0]) == key % 1000
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from itertools import chain, repeat
+
+import numpy as np
+import xxhash
+
+SPEC_VERSION = "uembed-hash-v1"
+MISSING = b""
+
+
+def canonical_bytes(value: object) -> bytes:
+    """Canonical UTF-8 form of one scalar value (see the module docstring)."""
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return b"true" if value else b"false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value)).encode()
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if math.isnan(number):
+            return MISSING
+        if number.is_integer():
+            return str(int(number)).encode()
+        return repr(number).encode()
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bytes):
+        return value
+    raise TypeError(f"cannot hash a value of type {type(value).__name__}: {value!r}")
+
+
+def lookup_seed(namespace: str, lookup: int = 0) -> int:
+    """Hash seed of lookup number ``lookup`` of a feature (or shared-vocabulary group)."""
+    return xxhash.xxh3_64_intdigest(f"{namespace}#{lookup}".encode("utf-8"), seed=0)
+
+
+def hash_value(value: object, seed: int) -> int:
+    """64-bit key of one value under one lookup seed."""
+    return xxhash.xxh3_64_intdigest(canonical_bytes(value), seed=seed)
+
+
+def hash_canonical(values: Sequence[bytes] | Iterable[bytes], seed: int, count: int = -1) -> np.ndarray:
+    """Keys (uint64) of already-canonical byte strings, one per value."""
+    # map over a repeated seed, not a generator expression: no Python frame per value (0.19 -> 0.11 ms for 3,000)
+    return np.fromiter(map(xxhash.xxh3_64_intdigest, values, repeat(seed)), dtype=np.uint64, count=count)
+
+
+def hash_canonical_columns(columns: Sequence[Sequence[bytes]], seeds: Sequence[int]) -> np.ndarray:
+    """Keys uint64 [len(columns), n] of columns of n canonical byte strings each, column i under ``seeds[i]``: as
+    ``hash_canonical`` of each column, in one pass (one numpy call per column cost more than the hashing itself
+    for a ranking request's 20 one-value context features)."""
+    n = len(columns[0]) if columns else 0
+    if any(len(column) != n for column in columns):
+        raise ValueError(f"columns of different lengths: {[len(column) for column in columns]}")
+    seeded = chain.from_iterable(repeat(seed, n) for seed in seeds)
+    keys = np.fromiter(map(xxhash.xxh3_64_intdigest, chain.from_iterable(columns), seeded), dtype=np.uint64, count=n * len(columns))
+    return keys.reshape(len(columns), n)
+
+
+def rows_of(keys: np.ndarray, rows: int | np.ndarray) -> np.ndarray:
+    """Row ids (int64) of keys in a hashed table of ``rows`` rows (or tables: an array broadcast against ``keys``)."""
+    if isinstance(rows, np.ndarray):
+        if (rows <= 0).any():
+            raise ValueError(f"a table needs at least one row, got {rows.min()}")
+        return (keys % rows.astype(np.uint64, copy=False)).astype(np.int64)
+    if rows <= 0:
+        raise ValueError(f"a table needs at least one row, got {rows}")
+    return (keys % np.uint64(rows)).astype(np.int64)
+
+
+def vocabulary_rows(keys: np.ndarray, sorted_vocabulary: np.ndarray) -> np.ndarray:
+    """Row ids (int64) of keys in a collisionless table: known key i -> i + 1, else 0."""
+    if sorted_vocabulary.size == 0:
+        return np.zeros(keys.shape, dtype=np.int64)
+    position = np.searchsorted(sorted_vocabulary, keys)
+    clipped = np.minimum(position, sorted_vocabulary.size - 1)
+    found = sorted_vocabulary[clipped] == keys
+    return np.where(found, clipped + 1, 0).astype(np.int64)
+
+
+def spec_description() -> dict:
+    """The spec as recorded in a bundle's manifest."""
+    return {
+        "version": SPEC_VERSION,
+        "hash": "xxh3_64",
+        "library": f"xxhash {xxhash.VERSION} (xxHash {xxhash.XXHASH_VERSION})",
+        "canonical": "utf-8; missing (None, NaN, '', []) -> b''; bool -> true/false; "
+        "integral floats -> integer digits; other floats -> repr",
+        "seed": "xxh3_64(utf8(namespace) + b'#' + ascii(lookup), seed=0)",
+        "key": "xxh3_64(canonical_bytes, seed)",
+        "hashed_row": "key % rows",
+        "vocabulary_row": "index of key in the sorted vocabulary + 1; unknown or missing -> 0",
+    }

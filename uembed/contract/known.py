@@ -1,0 +1,87 @@
+"""Which values a feature had in training, so the service can count the ones it had not (drift).
+
+Stored in a bundle as ``known/<feature>.npy`` (uint8 bits) with ``{"bits", "hashes"}`` in the
+feature's manifest entry; the service counts unseen values in ``uembed_unseen_values_total``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from uembed.contract.hashing import hash_canonical, lookup_seed
+
+
+class KnownValues:
+    """Which values a feature had in training: a Bloom filter over their keys (false "known" at about 1%).
+
+    Keys are ``xxh3_64(canonical bytes, seed=lookup_seed(feature, 0))``. Four bit positions per key
+    from the key's two 32-bit halves (``(low + i * high) % bits``); 10 bits per training value.
+    """
+
+    HASHES = 4  # bit positions per key
+    BITS_PER_VALUE = 10
+
+    def __init__(self, bits: np.ndarray, size: int) -> None:
+        self.bits = bits  # uint8, little-endian bit order within a byte
+        self.size = size  # bits
+
+    @classmethod
+    def build(cls, keys: np.ndarray) -> KnownValues:
+        size = max(64, int(keys.size) * cls.BITS_PER_VALUE)
+        bits = np.zeros((size + 7) // 8, dtype=np.uint8)
+        for position in cls._positions(keys, size):
+            np.bitwise_or.at(bits, position >> 3, (1 << (position & 7)).astype(np.uint8))
+        return cls(bits, size)
+
+    @classmethod
+    def _positions(cls, keys: np.ndarray, size: int):
+        low = keys & np.uint64(0xFFFFFFFF)
+        high = keys >> np.uint64(32)
+        for i in range(cls.HASHES):
+            yield ((low + np.uint64(i) * high) % np.uint64(size)).astype(np.int64)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        known = np.ones(keys.shape, dtype=bool)
+        for position in self._positions(keys, self.size):
+            known &= ((self.bits[position >> 3] >> (position & 7)) & 1).astype(bool)
+        return known
+
+    @staticmethod
+    def keys(feature: str, values: Sequence[bytes]) -> np.ndarray:
+        return hash_canonical(values, lookup_seed(feature, 0), count=len(values))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"bits": self.bits, "size": np.array([self.size], dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, bits: np.ndarray, size: int) -> KnownValues:
+        if bits.dtype != np.uint8 or bits.size * 8 < size or size <= 0:
+            raise ValueError(f"a known-values filter of {size} bits needs {(size + 7) // 8} bytes, got {bits.size}")
+        return cls(bits, int(size))
+
+
+def save_known_values(path: Path, keys: Mapping[str, np.ndarray]) -> None:
+    """``known_values.npz`` of a training run from each feature's training keys (feature -> uint64 keys under
+    ``lookup_seed(feature, 0)``: a streamed run's statistics hold exactly these), built one feature at a time."""
+    arrays = {}
+    for name in keys:
+        for part, array in KnownValues.build(np.asarray(keys[name], dtype=np.uint64)).to_arrays().items():
+            arrays[f"{name}.{part}"] = array
+    np.savez(path, **arrays)
+
+
+def training_keys(columns) -> dict[str, np.ndarray]:
+    """Per feature, the keys of its present training values (``columns``: feature -> FeatureColumn)."""
+    return {name: KnownValues.keys(name, column.present_values()) for name, column in columns.items()}
+
+
+def load_known_values(path: Path) -> dict[str, KnownValues]:
+    """A training run's ``known_values.npz`` (none for runs made before it existed)."""
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as stored:
+        names = {key.rsplit(".", 1)[0] for key in stored.files}
+        return {name: KnownValues.from_arrays(stored[f"{name}.bits"], int(stored[f"{name}.size"][0])) for name in names}

@@ -1,0 +1,356 @@
+"""``uembed bench --phases peers``: the request path beside its peers, side by side in one run.
+
+The same bundle and the same scoring code (``uembed/serving/pipeline/encoding.py``, the row files, the ONNX dense net) served by:
+
+    v1 REST     this service, ``POST /v1/score`` with JSON examples (its lean path)
+    v2 REST     this service, the Open Inference Protocol's JSON form (``/v2/models/{name}/infer``)
+    gRPC        this service, ``ModelInfer`` with binary tensors (``raw_input_contents``)
+    LitServe    ``uembed/loadtest/litserve_app.py``: LitServe's servers and dynamic batching around the reference scorer
+    naive       ``uembed/loadtest/naive_app.py``: a sync FastAPI route scoring each request alone
+
+with 1 and 2 workers each, requests of 8, 64 and 512 real MovieLens-100K examples. HTTP load comes from wrk
+(closed loop: each connection sends as soon as its answer arrives); gRPC load from client processes of our own
+(``grpc.aio``, requests serialised once before the run, so a call costs the client one send and one receive; the
+client's CPU time per call is reported, to show it is not the bottleneck). The open loop sends at half of each
+front's saturated rate, latency measured from each request's scheduled time (no coordinated omission): the
+Python load generator of ``uembed/loadtest/bench.py`` for HTTP, the gRPC client's own schedule for gRPC. Server and load
+generators share this machine over loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from uembed.bundle.loader import load_bundle
+from uembed.loadtest.load import ceiling, movielens_requests, run_load
+from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port
+from uembed.model.demo import demo_bundle
+
+SIZES = (8, 64, 512)
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+# --- request bodies --------------------------------------------------------------------------
+
+
+def feature_arrays(examples: list[dict], specs) -> dict[str, np.ndarray]:
+    """One array per feature as a client builds it: a multivalent feature [N, W] padded with "", integer columns
+    INT64, numeric columns FP64 (NaN for a missing value), any other column BYTES (strings)."""
+    arrays = {}
+    for name, spec in specs.items():
+        values = [example.get(name) for example in examples]
+        if spec.multivalent:
+            lists = [[str(v) for v in value] if isinstance(value, list) else ([] if value is None else [str(value)]) for value in values]
+            width = max(1, max(map(len, lists)))
+            arrays[name] = np.array([items + [""] * (width - len(items)) for items in lists], dtype=object)
+        elif all(type(value) is int for value in values):
+            arrays[name] = np.array(values, dtype=np.int64)
+        elif spec.kind == "numeric":
+            arrays[name] = np.array([np.nan if value is None else float(value) for value in values], dtype=np.float64)
+        else:
+            arrays[name] = np.array(["" if value is None else str(value) for value in values], dtype=object)
+    return arrays
+
+
+DATATYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float64): "FP64", np.dtype(object): "BYTES"}
+
+
+def raw_bytes(array: np.ndarray) -> bytes:
+    """A tensor's data as the binary extension and raw_input_contents carry it (BYTES: a 4-byte length per element)."""
+    if array.dtype != object:
+        return array.astype(array.dtype.newbyteorder("<")).tobytes()
+    encoded = [value.encode() for value in array.ravel()]
+    return b"".join(len(value).to_bytes(4, "little") + value for value in encoded)
+
+
+def v2_json_body(examples: list[dict], specs) -> bytes:
+    inputs = [{"name": name, "datatype": DATATYPES[array.dtype], "shape": list(array.shape), "data": array.ravel().tolist()}
+              for name, array in feature_arrays(examples, specs).items()]  # fmt: skip
+    return orjson.dumps({"inputs": inputs})
+
+
+def grpc_request(model: str, examples: list[dict], specs) -> bytes:
+    """A serialised ``ModelInferRequest`` with every input in ``raw_input_contents``."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, array in feature_arrays(examples, specs).items():
+        tensor = request.inputs.add(name=name, datatype=DATATYPES[array.dtype])
+        tensor.shape.extend(array.shape)
+        request.raw_input_contents.append(raw_bytes(array))
+    return request.SerializeToString()
+
+
+# --- wrk (HTTP, closed loop) -----------------------------------------------------------------
+
+WRK_SCRIPT = """
+local bodies, i = {}, 0
+function init(args)
+  for line in io.lines(args[1]) do bodies[#bodies + 1] = line end
+  i = math.random(#bodies)
+end
+request = function()
+  i = i % #bodies + 1
+  return wrk.format("POST", "{path}", {["Content-Type"] = "application/json"}, bodies[i])
+end
+"""
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(url: str, path: str, bodies: list[bytes], seconds: float, connections: int, workdir: Path) -> dict:
+    """Saturated requests/s and latency percentiles of ``POST path`` over ``connections`` keep-alive connections."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise RuntimeError("wrk is not installed; `make system-deps` installs it (apt-get install wrk)")
+    script, lines = workdir / "post.lua", workdir / "bodies.jsonl"
+    script.write_text(WRK_SCRIPT.replace("{path}", path))
+    lines.write_bytes(b"\n".join(bodies) + b"\n")
+    command = [binary, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url, "--", str(lines)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    figures = {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
+               "requests_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1)}  # fmt: skip
+    for q, value, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)$", out, re.M):
+        figures[f"p{q}_ms"] = round(float(value) * UNITS[unit], 3)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    figures["non_2xx"] = int(errors.group(1)) if errors else 0
+    # Reads cut at the end of the run (wrk closes its connections with answers on the way) count here too.
+    figures["socket_errors"] = sum(map(int, sockets.groups())) if sockets else 0
+    figures["failures"] = figures["non_2xx"] + figures["socket_errors"]
+    return figures
+
+
+# --- the gRPC load client --------------------------------------------------------------------
+
+
+def grpc_client_process(target: str, requests: list[bytes], seconds: float, concurrency: int, channels: int,
+                        rate: float | None, start_at: float, results) -> None:  # fmt: skip
+    """One load process: ``concurrency`` calls in flight over ``channels`` connections (closed loop), or calls sent
+    at ``rate`` per second (open loop); puts (calls, failures, latencies, client CPU seconds) on ``results``."""
+    import grpc
+
+    async def run() -> tuple[int, int, list[float]]:
+        options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 * 2**20),
+                   ("grpc.max_send_message_length", 64 * 2**20)]  # own connections: spread over SO_REUSEPORT workers
+        opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+        await asyncio.gather(*(channel.channel_ready() for channel in opened))
+        calls = [channel.unary_unary(INFER_METHOD) for channel in opened]  # bytes in, bytes out: no client-side protobuf
+        latencies: list[float] = []
+        failures = 0
+        counter = iter(range(10**9))
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        begin = time.perf_counter()
+        stop = begin + seconds
+
+        async def one(index: int, scheduled: float) -> None:
+            nonlocal failures
+            try:
+                await calls[index % channels](requests[index % len(requests)], timeout=30)
+            except grpc.aio.AioRpcError:
+                failures += 1
+            latencies.append(time.perf_counter() - scheduled)
+
+        async def closed_loop() -> None:
+            while time.perf_counter() < stop:
+                await one(next(counter), time.perf_counter())
+
+        if rate is None:
+            await asyncio.gather(*(closed_loop() for _ in range(concurrency)))
+        else:
+            pending = set()
+            for index in counter:
+                scheduled = begin + index / rate
+                if scheduled >= stop:
+                    break
+                await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+                task = asyncio.create_task(one(index, scheduled))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.wait(pending)
+        elapsed = time.perf_counter() - begin
+        for channel in opened:
+            await channel.close()
+        return len(latencies), failures, latencies, elapsed
+
+    cpu = time.process_time()
+    calls, failures, latencies, elapsed = asyncio.run(run())
+    results.put((calls, failures, latencies, elapsed, time.process_time() - cpu))
+
+
+def grpc_load(target: str, requests: list[bytes], seconds: float, processes: int = 2, concurrency: int = 16,
+              rate: float | None = None) -> dict:  # fmt: skip
+    """``concurrency`` calls in flight in all (closed loop) or ``rate`` calls/s in all (open loop), over
+    ``processes`` client processes with two connections each."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_at = time.time() + 3.0  # the processes' imports and connections first
+    workers = [context.Process(target=grpc_client_process, daemon=True, args=(
+        target, requests, seconds, max(1, concurrency // processes), 2, rate / processes if rate else None, start_at, results))
+        for _ in range(processes)]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    parts = [results.get(timeout=seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join()
+    calls = sum(p[0] for p in parts)
+    latencies = np.concatenate([np.asarray(p[2]) for p in parts]) * 1000
+    elapsed = max(p[3] for p in parts)
+    return {
+        "requests": calls, "failures": sum(p[1] for p in parts), "requests_per_s": round(calls / elapsed, 1),
+        **{f"p{q}_ms": round(float(np.percentile(latencies, q)), 3) for q in (50, 90, 99)},
+        "client_cpu_ms_per_call": round(sum(p[4] for p in parts) / max(calls, 1) * 1000, 3),
+    }  # fmt: skip
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+class LitServeProcess(HttpProcess):
+    def __init__(self, bundle: Path, log_path: Path, workers: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "uembed.loadtest.litserve_app", "--bundle", str(bundle), "--port", str(self.port),
+                "--workers", str(workers)]  # fmt: skip
+        super().__init__(argv, {}, log_path, f"{self.url}/health", "litserve")
+
+    def stop(self, timeout_s: float = 20) -> int:
+        """LitServe's server process outlives SIGTERM to the parent (and keeps polling its queues, a tenth of a
+        core each): the whole tree is stopped, children first seen before the parent goes."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        code = super().stop(timeout_s)
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        gone, alive = psutil.wait_procs(children, timeout=timeout_s)
+        for child in alive:
+            child.kill()
+        return code
+
+
+def process_cpu_seconds(server: HttpProcess) -> dict[int, float]:
+    """CPU seconds so far of a server's process and all its descendants (its workers), by pid."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    seconds = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def cpu_split(server: HttpProcess, load):
+    """``load()``'s figures with the CPU seconds each of the server's processes spent meanwhile, busiest first:
+    with several workers, how the kernel and the workers' accept loops happened to spread the connections."""
+    before = process_cpu_seconds(server)
+    figures = load()
+    after = process_cpu_seconds(server)
+    spent = sorted((after[pid] - before.get(pid, 0.0) for pid in after), reverse=True)
+    return figures | {"server_cpu_s": [round(s, 1) for s in spent if s >= 0.05]}
+
+
+def run_peers(args, workdir: Path, report) -> None:
+    bundle_path = args.bundle or demo_bundle(args.bundle_store)
+    bundle = load_bundle(bundle_path)
+    specs, model = bundle.feature_specs, bundle.name
+    requests = {size: movielens_requests(size, count=64 if size >= 512 else 200) for size in args.peer_sizes}
+    bodies = {
+        "v1": {size: [orjson.dumps({"examples": r}) for r in rs] for size, rs in requests.items()},
+        "v2": {size: [v2_json_body(r, specs) for r in rs] for size, rs in requests.items()},
+        "grpc": {size: [grpc_request(model, r, specs) for r in rs] for size, rs in requests.items()},
+    }
+    paths = {"v1": "/v1/score", "v2": f"/v2/models/{model}/infer"}
+    seconds, connections = args.seconds, args.concurrency
+    open_size = 64 if 64 in args.peer_sizes else args.peer_sizes[0]
+    results: dict = {}
+    for size in args.peer_sizes:  # the scoring work alone, one request at a time, no HTTP: what a front could reach
+        results.setdefault("ceiling", {})[str(size)] = ceiling(bundle_path, requests[size], seconds)
+        report(f"peers ceiling {size}", results["ceiling"][str(size)])
+
+    def measure(front: str, workers: int, size: int, figures: dict) -> None:
+        results.setdefault(front, {}).setdefault(f"{workers}w", {})[str(size)] = figures
+        report(f"peers {front} {workers}w {size}", figures)
+
+    def http_front(front: str, server: HttpProcess, workers: int, body_kind: str) -> None:
+        url = server.url
+        for size in args.peer_sizes:
+            wrk(url, paths[body_kind], bodies[body_kind][size], 2, connections, workdir)  # warm-up
+            saturated = cpu_split(server, lambda: wrk(url, paths[body_kind], bodies[body_kind][size], seconds, connections, workdir))
+            measure(front, workers, size, {"closed": saturated})
+            if size == open_size:
+                rate = saturated["requests_per_s"] / 2
+                half = run_load(url, bodies[body_kind][size], seconds, 8, rate=rate, path=paths[body_kind]).summary()
+                results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
+                report(f"peers {front} {workers}w {size} open loop", half)
+
+    for workers in args.peer_workers:
+        service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_path)},
+                                 workdir / f"service-{workers}w.log", workers=workers).start()  # fmt: skip
+        try:
+            http_front("v1", service, workers, "v1")
+            http_front("v2", service, workers, "v2")
+            for size in args.peer_sizes:
+                grpc_load(service.grpc_target, bodies["grpc"][size], 2, concurrency=connections)  # warm-up
+                saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, bodies["grpc"][size], seconds, concurrency=connections))
+                measure("grpc", workers, size, {"closed": saturated})
+                if size == open_size:
+                    rate = saturated["requests_per_s"] / 2
+                    half = grpc_load(service.grpc_target, bodies["grpc"][size], seconds, rate=rate)
+                    results["grpc"][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
+                    report(f"peers grpc {workers}w {size} open loop", half)
+        finally:
+            service.stop()
+        litserve = LitServeProcess(bundle_path, workdir / f"litserve-{workers}w.log", workers).start(timeout_s=120)
+        try:
+            http_front("litserve", litserve, workers, "v1")
+        finally:
+            litserve.stop()
+        naive = UvicornProcess("uembed.loadtest.naive_app:create_app", {"NAIVE_BUNDLE": str(bundle_path)},
+                               workdir / f"naive-{workers}w.log", workers=workers).start()  # fmt: skip
+        try:
+            http_front("naive", naive, workers, "v1")
+        finally:
+            naive.stop()
+
+    report("peers", results)
+    report("peers_ratios", peer_ratios(results))
+
+
+def peer_ratios(results: dict) -> dict:
+    """The issue's goals at 64 examples with 1 worker, and the same ratios for every size and worker count."""
+    out = {}
+    for workers in results.get("v1", {}):
+        for size in results["v1"][workers]:
+            rate = {front: results[front][workers][size]["closed"]["requests_per_s"] for front in results
+                    if size in results[front].get(workers, {})}  # fmt: skip
+            key = f"{workers} {size}"
+            out[key] = {
+                "v1_over_litserve": round(rate["v1"] / rate["litserve"], 2) if "litserve" in rate else None,
+                "v1_over_naive": round(rate["v1"] / rate["naive"], 2) if "naive" in rate else None,
+                "grpc_over_v1": round(rate["grpc"] / rate["v1"], 2) if "grpc" in rate else None,
+                "v2_over_v1": round(rate["v2"] / rate["v1"], 2) if "v2" in rate else None,
+                "v1_over_ceiling": round(rate["v1"] / results["ceiling"][size]["requests_per_s"], 2)
+                if size in results.get("ceiling", {}) else None,
+            }  # fmt: skip
+    return out

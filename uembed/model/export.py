@@ -1,0 +1,239 @@
+"""Writing bundles: a trained run directory -> ``<out>/<name>/<version>/``.
+
+A bundle is what the service loads, with no pickle and no training code::
+
+    manifest.json              format version, features, tables, hashing spec + test vectors,
+                               dense input layout, training metrics, software versions
+    tables/<table>.npy         rows, float32 / float16, or uint8 (int8 rowwise-quantised)
+    tables/<table>.scale_bias.npy   float32 [rows, 2] per-row scale and offset (int8 only)
+    vocab/<feature>.npy        sorted uint64 keys of a collisionless feature
+    dense.onnx                 network after the embeddings: embeddings [B, E] -> probability [B]
+    dense_context.onnx, dense_rest.onnx   the same network split by a context feature group
+                               (``--context-features``, ``uembed/bundle/dense_split.py``), which the CPU service runs
+    model.onnx, model.pt       full model (rows, weights -> probability), float32 bundles whose
+                               tables fit under the size limit
+
+The bundle is written to a temporary folder beside the target and renamed into place, so
+a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uembed.bundle.dense_split import add_context_split, context_columns, layout_of
+from uembed.bundle.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, test_vectors, write_table_rows
+from uembed.contract.errors import UembedError
+from uembed.contract.hashing import spec_description
+from uembed.contract.known import KnownValues, load_known_values
+from uembed.contract.plan import EmbeddingPlan, method_spec
+from uembed.model.networks import RankingModel
+from uembed.model.train import load_run
+
+
+class ExportError(UembedError):
+    kind = "export"
+
+
+class ProbabilityModel(torch.nn.Module):
+    """Full model with a sigmoid: rows ``[B, S]``, weights ``[B, S]`` -> probability ``[B]``."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(rows, weights))
+
+
+class DenseProbability(torch.nn.Module):
+    """The network after the embeddings: embeddings ``[B, E]`` -> probability ``[B]``."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.network = model.network
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.network(embeddings))
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("uembed", "torch", "numpy", "onnx", "onnxruntime", "xxhash"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def next_version(root: Path) -> str:
+    existing = [int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()] if root.is_dir() else []
+    return str(max(existing, default=0) + 1)
+
+
+def export_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path) -> None:
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(
+            module.eval(),
+            inputs,
+            str(path),
+            input_names=names,
+            output_names=["probability"],
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def export_run(
+    run_dir: Path,
+    out_root: Path,
+    name: str,
+    version: str | None = None,
+    dtype: str = "float32",
+    full_model_limit_bytes: int = 64 * 2**20,
+    progress: bool = False,
+    context_features: Sequence[str] = (),
+) -> Path:
+    """Export a training run as ``out_root/name/version``; returns the bundle path. ``context_features``: also write
+    the dense network split by that group (``uembed/bundle/dense_split.py``), for ranking requests with that context."""
+    if dtype not in ROW_DTYPES:
+        raise ExportError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
+    config, plan, model, doc = load_run(run_dir)
+    if context_features:
+        context_columns(layout_of(plan), context_features)  # a bad name is refused before any row file is written
+    if not method_spec(plan.method).servable:
+        raise ExportError(
+            f"{run_dir} is an SEO search run: it explores chunk policies and is not served. Train the Applier from "
+            f"its policy (uembed train --embedding seo-applier --policy {run_dir / 'policy.json'}) and export that"
+        )
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    version = version or next_version(out_root / name)
+    target = out_root / name / version
+    if target.exists():
+        raise ExportError(f"bundle {target} already exists; choose another --version")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+    try:
+        known = load_known_values(run_dir / "known_values.npz")
+        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress)
+        if context_features:
+            add_context_split(staging, manifest, context_features)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service's user
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def write_bundle(
+    folder: Path,
+    plan: EmbeddingPlan,
+    model: RankingModel,
+    doc: dict,
+    metrics: dict,
+    name: str,
+    version: str,
+    dtype: str,
+    full_model_limit_bytes: int,
+    known: dict[str, KnownValues] | None = None,
+    progress: bool = False,
+) -> dict:
+    known = known or {}
+    (folder / "tables").mkdir()
+    tables = []
+    weights = {n: w.detach().numpy() for n, w in model.embedding.table_weights().items()}
+    for table in plan.tables:
+        # Streamed: one chunk converted at a time, so a table as large as memory exports (the checkpoint
+        # is memory-mapped by load_run; no second full copy of the rows exists at any point).
+        rows = weights[table.name]
+        tables.append(write_table_rows(folder, table.name, table.rows, table.dim, dtype,
+                                       lambda start, stop, rows=rows: rows[start:stop], progress))  # fmt: skip
+
+    spec = doc["dataset"]["spec"]
+    spec_by_name = {f["name"]: f for f in spec["features"]}
+    group_of = {member: group for group, members in spec.get("groups", {}).items() for member in members}
+    bias = model.embedding.bias.detach().numpy().astype(np.float32)
+    bias_at, features = 0, []
+    for feature in plan.features:
+        entry = {**spec_by_name[feature.name], "group": group_of.get(feature.name), "bias": None, "vocabulary": None}
+        if feature.bias:
+            size = len(feature.lookups) * plan.dim
+            entry["bias"] = [float(v) for v in bias[bias_at : bias_at + size]]
+            bias_at += size
+        if feature.vocabulary:
+            (folder / "vocab").mkdir(exist_ok=True)
+            np.save(folder / "vocab" / f"{feature.name}.npy", plan.vocabularies[feature.name])
+            entry["vocabulary"] = {"size": int(plan.vocabularies[feature.name].size), **file_entry(folder, f"vocab/{feature.name}.npy")}
+        if feature.name in known:
+            (folder / "known").mkdir(exist_ok=True)
+            np.save(folder / "known" / f"{feature.name}.npy", known[feature.name].bits)
+            entry["known"] = {"bits": known[feature.name].size, "hashes": KnownValues.HASHES, **file_entry(folder, f"known/{feature.name}.npy")}
+        features.append(entry)
+
+    example_rows = torch.zeros(2, plan.slots, dtype=torch.long)
+    example_weights = torch.ones(2, plan.slots)
+    export_onnx(DenseProbability(model), (torch.zeros(2, plan.output_dim),), ["embeddings"], folder / "dense.onnx")
+    full_model = None
+    if dtype == "float32" and plan.table_parameters * 4 <= full_model_limit_bytes:
+        export_onnx(ProbabilityModel(model), (example_rows, example_weights), ["rows", "weights"], folder / "model.onnx")
+        torch.jit.script(ProbabilityModel(model).eval()).save(str(folder / "model.pt"))
+        full_model = {
+            "inputs": {"rows": ["batch", plan.slots, "int64"], "weights": ["batch", plan.slots, "float32"]},
+            "output": {"probability": ["batch", "float32"]},
+            "onnx": file_entry(folder, "model.onnx"),
+            "torchscript": file_entry(folder, "model.pt"),
+        }
+
+    train_values = {}
+    for feature in plan.features:
+        # Real values for the test vectors: the collisionless vocabulary cannot be reversed,
+        # so every bundle takes its vectors from the values recorded at training time.
+        train_values[feature.name] = [v.encode("utf-8", "surrogateescape") for v in doc.get("sample_values", {}).get(feature.name, [])]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": software_versions(),
+        "hashing": {**spec_description(), "test_vectors": test_vectors(plan, train_values)},
+        "embedding": plan.to_dict(),
+        "features": features,
+        "label": spec["label"],
+        "tables": tables,
+        "dense": {
+            **file_entry(folder, "dense.onnx"),
+            "input": {"name": "embeddings", "shape": ["batch", plan.output_dim], "dtype": "float32"},
+            "output": {"name": "probability", "shape": ["batch"], "dtype": "float32"},
+            "layout": layout_of(plan),
+        },
+        "full_model": full_model,
+        # SEO Applier bundles: the chunk policy the tables were built from (uembed/contract/seo.py).
+        "policy": (doc.get("train") or {}).get("policy"),
+        "training": {k: metrics.get(k) for k in ("dataset", "embedding", "test_auc", "test_logloss", "best_epoch", "embedding_bytes")}
+        | {"config": doc.get("train"), "source": doc.get("source")},
+        "command": " ".join(sys.argv),
+    }

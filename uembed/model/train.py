@@ -1,0 +1,448 @@
+"""Training and evaluation: Adam on binary cross-entropy, early stopping on validation AUC.
+
+A run writes a directory that export and the study read back::
+
+    runs/<name>/config.json        the TrainConfig, dataset spec and split sizes
+    runs/<name>/plan.json          the embedding plan (tables, lookups, seeds)
+    runs/<name>/vocabularies.npz   sorted vocabulary keys (collisionless features only)
+    runs/<name>/checkpoint.pt      model state dict (tensors only; load with weights_only=True)
+    runs/<name>/metrics.json       per-epoch history with embedding health, test AUC / LogLoss
+    runs/<name>/policy.json        SEO search runs only: the derived chunk policy (uembed/contract/seo.py)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm import tqdm
+
+from uembed.contract.known import save_known_values, training_keys
+from uembed.contract.plan import EmbeddingPlan, build_plan, method_spec
+from uembed.contract.seo import ChunkPolicy, derive_policy
+from uembed.model.data import Dataset
+from uembed.model.embeddings import PlanEmbedding, SearchEmbedding
+from uembed.model.networks import RankingModel, build_network
+
+DOMINANCE_THRESHOLD = 0.5  # a feature with more gradient than all its table-mates together
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run besides the data. Defaults suit MovieLens-100K."""
+
+    embedding: str = "unified"
+    budget_fraction: float | None = 0.1
+    budget_rows: int | None = None
+    dim: int = 16
+    network: str = "dcn"
+    hidden: tuple[int, ...] = (192,)
+    cross_layers: int = 1
+    learning_rate: float = 1e-3
+    # Decoupled (AdamW) weight decay on the embedding tables only; 0 keeps plain Adam.
+    embedding_weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 20
+    patience: int = 2
+    seed: int = 0
+    split_seed: int = 0
+    dominance_threshold: float = DOMINANCE_THRESHOLD
+    # Multi-size unified: lookups per feature = the default for its vocabulary (uembed/contract/plan.py) plus this.
+    lookups_offset: int = 0
+    # Ablation: these features get a collisionless table of their own, outside the budget.
+    exact_features: tuple[str, ...] = ()
+    # SEO (uembed/contract/seo.py): the Applier's policy, and the search model's shape.
+    policy: dict | None = None
+    chunk_dim: int = 8
+    search_multiplier: int = 2
+    adjust_hash_buckets: bool = True
+    down_projection: bool = False
+    temperature: float = 1.0
+    logits_learning_rate: float = 0.02
+    # Streaming (uembed/model/streaming.py): the tables' optimiser (uembed/model/optim.py), the shuffle buffer
+    # and record batch sizes in examples, a resumable checkpoint every so many examples (0: none).
+    embedding_optimizer: str = "adam"
+    embedding_learning_rate: float | None = None  # None: learning_rate
+    shuffle_buffer: int = 1 << 18
+    read_rows: int = 1 << 16
+    checkpoint_every: int = 0
+    max_examples: int = 0  # train on at most this many examples per epoch (0: all)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: RankingModel
+    plan: EmbeddingPlan
+    metrics: dict
+    run_dir: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
+    if method_spec(plan.method).search:
+        # Down projection keeps the network's input as wide as the baselines': F * dim columns.
+        projected = len(plan.features) * config.dim // config.chunk_dim if config.down_projection else 0
+        embedding = SearchEmbedding(plan, config.chunk_dim, config.temperature, projected)
+        input_dim = embedding.output_dim
+    else:
+        embedding, input_dim = PlanEmbedding(plan), plan.output_dim
+    network = build_network(config.network, input_dim, config.hidden, config.cross_layers)
+    return RankingModel(embedding, network)
+
+
+def plan_for(config: TrainConfig, spec, statistics) -> EmbeddingPlan:
+    """The run's embedding plan; ``statistics`` is the training split's columns, or a streamed split's StreamStats."""
+    policy = ChunkPolicy.from_dict(config.policy) if config.policy else None
+    return build_plan(
+        config.embedding, spec, statistics, config.dim, config.budget_fraction, config.budget_rows,
+        policy=policy, chunk_dim=config.chunk_dim, search_multiplier=config.search_multiplier,
+        adjust_hash_buckets=config.adjust_hash_buckets, lookups_offset=config.lookups_offset,
+        exact_features=tuple(config.exact_features),
+    )  # fmt: skip
+
+
+def build_optimizer(model: RankingModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the network and tables; the SEO search's logits at their own rate; AdamW-style
+    decay on the tables alone when ``embedding_weight_decay`` is set (the network is never decayed)."""
+    groups: dict[str, list] = {"logits": [], "tables": [], "network": []}
+    for name, parameter in model.named_parameters():
+        kind = "logits" if name == "embedding.logits" else "tables" if name.startswith("embedding.") else "network"
+        groups[kind].append(parameter)
+    decay = config.embedding_weight_decay
+    param_groups = [
+        {"params": groups["network"], "weight_decay": 0.0},
+        {"params": groups["tables"], "weight_decay": decay},
+        {"params": groups["logits"], "lr": config.logits_learning_rate, "weight_decay": 0.0},
+    ]
+    param_groups = [group for group in param_groups if group["params"]]
+    if decay > 0:
+        return torch.optim.AdamW(param_groups, lr=config.learning_rate)
+    return torch.optim.Adam(param_groups, lr=config.learning_rate)
+
+
+def dense_parameters(model: RankingModel) -> int:
+    """Parameters of the network on top of the embeddings: what a wider input (multi-size) costs."""
+    return sum(p.numel() for p in model.network.parameters())
+
+
+def feature_columns_of(model: RankingModel, plan: EmbeddingPlan) -> dict[str, tuple[int, int]]:
+    """Each feature's columns of the embedding output; none when a projection mixes them."""
+    if getattr(model.embedding, "projection", None) is not None:
+        return {}
+    return plan.feature_columns()
+
+
+def search_policy(model: RankingModel, plan: EmbeddingPlan, config: TrainConfig, search: dict) -> ChunkPolicy:
+    """The SEO policy a trained search model's logits give (uembed/contract/seo.py: derive_policy)."""
+    logits = model.embedding.logits.detach().numpy()
+    names = [f.name for f in plan.features]
+    return derive_policy(logits, names, config.temperature, config.chunk_dim, config.dim, search)
+
+
+def predict(model: RankingModel, rows: np.ndarray, weights: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Probabilities (float32) for encoded examples."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            logits = model(torch.from_numpy(rows[start : start + batch_size]), torch.from_numpy(weights[start : start + batch_size]))
+            out.append(torch.sigmoid(logits).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def evaluate(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    return {
+        "auc": float(roc_auc_score(labels, probabilities)),
+        "logloss": float(log_loss(labels, np.clip(probabilities, 1e-7, 1 - 1e-7), labels=[0, 1])),
+    }
+
+
+def embedding_health(model: RankingModel, plan: EmbeddingPlan, rows: np.ndarray, weights: np.ndarray) -> dict:
+    """Per-feature norm quantiles of the assembled embeddings of (a sample of) examples."""
+    model.eval()
+    with torch.no_grad():
+        vectors = model.embedding(torch.from_numpy(rows[:4096]), torch.from_numpy(weights[:4096]))
+    out = {}
+    for name, (start, stop) in feature_columns_of(model, plan).items():
+        norms = vectors[:, start:stop].norm(dim=1).numpy()
+        p5, p50, p95 = np.percentile(norms, [5, 50, 95])
+        out[name] = {"norm_p5": float(p5), "norm_p50": float(p50), "norm_p95": float(p95)}
+    return out
+
+
+def gradient_dominance(
+    plan: EmbeddingPlan, gradient: dict[str, float], threshold: float
+) -> tuple[dict, list[tuple[str, str, float]]]:
+    """Each feature's share of the gradient into every shared table, and the (table, feature,
+    share) of each feature whose share is above ``threshold``."""
+    shares, dominant = {}, []
+    for table, features in plan.table_features().items():
+        if len(features) < 2:
+            continue
+        total = sum(gradient[f] for f in features) or 1.0
+        shares[table] = {f: gradient[f] / total for f in features}
+        top = max(features, key=lambda f: shares[table][f])
+        if shares[table][top] > threshold:
+            dominant.append((table, top, shares[table][top]))
+    return shares, dominant
+
+
+def train(
+    config: TrainConfig,
+    train_set: Dataset,
+    val_set: Dataset,
+    test_set: Dataset | None,
+    run_dir: Path | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
+    echo_warnings: bool = True,
+) -> TrainResult:
+    """Train one model; the best validation-AUC epoch is the one kept and tested.
+
+    ``on_epoch(epoch, val_auc)`` is called after each epoch's validation (hyperparameter search
+    reports to its pruner there, and may raise to stop the run). Without a ``test_set`` nothing is
+    tested: the metrics hold validation figures only (model selection never sees the test split).
+    Warnings are printed to stderr unless ``echo_warnings`` is off; they are in the metrics either way.
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    plan = plan_for(config, train_set.spec, train_set.columns)
+    for message in plan.warnings if echo_warnings else ():
+        print(f"warning: {message}", file=sys.stderr)
+    model = build_model(plan, config)
+    optimizer = build_optimizer(model, config)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    train_rows, train_weights = plan.encode(train_set.columns)
+    val_rows, val_weights = plan.encode(val_set.columns)
+    labels = torch.from_numpy(train_set.labels)
+    feature_columns = feature_columns_of(model, plan)
+
+    history, warnings, warned = [], list(plan.warnings), set()
+    best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
+    train_seconds = 0.0
+    for epoch in range(config.epochs):
+        model.train()
+        started = time.perf_counter()
+        order = torch.from_numpy(rng.permutation(len(train_set)))
+        rows_t, weights_t = torch.from_numpy(train_rows), torch.from_numpy(train_weights)
+        gradient = {name: 0.0 for name in feature_columns}
+        loss_sum, batches = 0.0, range(0, len(order), config.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, file=sys.stderr)
+        for start in bar:
+            index = order[start : start + config.batch_size]
+            vectors = model.embedding(rows_t[index], weights_t[index])
+            vectors.retain_grad()
+            loss = loss_fn(model.network(vectors), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(index)
+            grad = vectors.grad
+            for name, (a, b) in feature_columns.items():
+                gradient[name] += float(grad[:, a:b].norm(dim=1).sum())
+        train_seconds += time.perf_counter() - started
+        gradient = {name: value / len(order) for name, value in gradient.items()}
+        val_metrics = evaluate(val_set.labels, predict(model, val_rows, val_weights))
+        shares, dominant = gradient_dominance(plan, gradient, config.dominance_threshold)
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / len(order),
+            "val_auc": val_metrics["auc"],
+            "val_logloss": val_metrics["logloss"],
+            "seconds": time.perf_counter() - started,
+            "health": {
+                "norms": embedding_health(model, plan, val_rows, val_weights),
+                "gradient_per_feature": gradient,
+                "gradient_share_per_table": shares,
+            },
+        }
+        history.append(entry)
+        for table, feature, share in dominant:
+            # Once per run for each (table, feature): the share itself drifts from epoch to epoch.
+            if (table, feature) not in warned:
+                warned.add((table, feature))
+                message = f"epoch {epoch + 1}: feature {feature!r} carries {share:.0%} of the gradient into shared table {table!r}"
+                warnings.append(message)
+                if echo_warnings:
+                    print(f"warning: {message}", file=sys.stderr)
+        if progress:
+            print(
+                f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}  val AUC {val_metrics['auc']:.4f}"
+                f"  val LogLoss {val_metrics['logloss']:.4f}  ({entry['seconds']:.1f}s)",
+                file=sys.stderr,
+            )
+        improved = val_metrics["auc"] > best_auc
+        if improved:
+            best_auc, best_epoch, stale = val_metrics["auc"], epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1, val_metrics["auc"])
+        if stale >= config.patience:
+            break
+    model.load_state_dict(best_state)
+    test_metrics = {"auc": None, "logloss": None}
+    if test_set is not None:
+        test_rows, test_weights = plan.encode(test_set.columns)
+        test_metrics = evaluate(test_set.labels, predict(model, test_rows, test_weights))
+    metrics = {
+        "dataset": train_set.name,
+        "embedding": config.embedding,
+        "test_auc": test_metrics["auc"],
+        "test_logloss": test_metrics["logloss"],
+        "best_epoch": best_epoch,
+        "best_val_auc": best_auc,
+        "epochs_run": len(history),
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / max(len(history), 1),
+        "budget_rows": plan.budget_rows,
+        "embedding_parameters": plan.embedding_parameters,
+        "embedding_bytes": plan.embedding_bytes(),
+        "dense_parameters": dense_parameters(model),
+        "tables": {t.name: {"rows": t.rows, "dim": t.dim} for t in plan.tables},
+        "warnings": warnings,
+        "history": history,
+    }
+    if method_spec(plan.method).search:
+        search = {"dataset": train_set.name, "budget_rows": plan.budget_rows, "seed": config.seed,
+                  "search_multiplier": config.search_multiplier, "adjust_hash_buckets": config.adjust_hash_buckets,
+                  "down_projection": config.down_projection, "temperature": config.temperature,
+                  "test_auc": test_metrics["auc"]}  # fmt: skip
+        metrics["policy"] = search_policy(model, plan, config, search).to_dict()
+    result = TrainResult(model=model, plan=plan, metrics=metrics, warnings=warnings)
+    if run_dir is not None:
+        result.run_dir = save_run(run_dir, config, plan, model, metrics, train_set, val_set, test_set)
+    return result
+
+
+def save_run(
+    run_dir: Path,
+    config: TrainConfig,
+    plan: EmbeddingPlan,
+    model: RankingModel,
+    metrics: dict,
+    train_set: Dataset,
+    val_set: Dataset,
+    test_set: Dataset,
+) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_doc = {
+        "train": config.to_dict(),
+        "dataset": {"name": train_set.name, "spec": train_set.spec.to_dict()},
+        "split": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
+        "source": train_set.source,
+        # A few real training values per feature: the export's hashing test vectors use them.
+        "sample_values": {
+            name: [v.decode("utf-8", "surrogateescape") for v in sorted(column.present_values())[:3]]
+            for name, column in train_set.columns.items()
+        },
+    }
+    (run_dir / "config.json").write_text(json.dumps(config_doc, indent=2))
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
+    # Which values training saw, per feature: the export puts them in the bundle so the service can count unseen ones.
+    save_known_values(run_dir / "known_values.npz", training_keys(train_set.columns))
+    torch.save(model.state_dict(), run_dir / "checkpoint.pt")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if metrics.get("policy"):
+        ChunkPolicy.from_dict(metrics["policy"]).save(run_dir / "policy.json")
+    return run_dir
+
+
+def load_run(run_dir: Path) -> tuple[TrainConfig, EmbeddingPlan, RankingModel, dict]:
+    """Rebuild a trained model from its run directory (no pickle: tensors only)."""
+    doc = json.loads((run_dir / "config.json").read_text())
+    raw = doc["train"]
+    raw["hidden"] = tuple(raw["hidden"])
+    raw["exact_features"] = tuple(raw.get("exact_features", ()))
+    config = TrainConfig(**raw)
+    with np.load(run_dir / "vocabularies.npz", allow_pickle=False) as stored:
+        vocabularies = {name: stored[name] for name in stored.files}
+    plan = EmbeddingPlan.from_dict(json.loads((run_dir / "plan.json").read_text()), vocabularies)
+    # Built on the meta device and given the checkpoint's tensors, memory-mapped: the tables are never
+    # initialised, copied or read whole (an export of a table as large as memory streams it from the file).
+    with torch.device("meta"):
+        model = build_model(plan, config)
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True, mmap=True), assign=True)
+    model.eval()
+    return config, plan, model, doc
+
+
+def continue_training(
+    run_dir: Path,
+    train_set: Dataset,
+    epochs: int,
+    out_dir: Path,
+    after_epoch: Callable[[RankingModel, EmbeddingPlan, int], None] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a run's embedding tables further on new data, everything else frozen, into a new run directory.
+
+    Only the tables move: the network (and feature biases) stay as trained, so replicas serving the run's bundle
+    reach the new model by row updates alone, and a bundle exported from ``out_dir`` scores as they do.
+    ``after_epoch(model, plan, epoch)`` runs after each epoch (``--publish-updates`` publishes the changed rows
+    there). The base run's plan, learning rate and batch size are kept; ``out_dir`` gets its config (with
+    ``continued_from``), plan, vocabularies and known values, and the new checkpoint and metrics.
+    """
+    import shutil
+
+    config, plan, model, doc = load_run(run_dir)
+    if not isinstance(model.embedding, PlanEmbedding):
+        raise ValueError(f"{run_dir} is an SEO search run: continue training the Applier run instead")
+    for parameter in model.parameters():  # load_run maps the checkpoint read-only: train on a copy
+        parameter.data = parameter.data.clone()
+        parameter.requires_grad_(False)
+    table = model.embedding.weight
+    table.requires_grad_(True)
+    optimizer = torch.optim.Adam([table], lr=config.learning_rate)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rows, weights = (torch.from_numpy(a) for a in plan.encode(train_set.columns))
+    labels = torch.from_numpy(train_set.labels)
+    rng = np.random.default_rng(seed)
+    model.eval()  # the network is frozen: no training-mode behaviour anywhere
+    history = []
+    for epoch in range(epochs):
+        started = time.perf_counter()
+        order = torch.from_numpy(rng.permutation(len(train_set)))
+        loss_sum = 0.0
+        batches = range(0, len(order), config.batch_size)
+        for start in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, file=sys.stderr):
+            index = order[start : start + config.batch_size]
+            loss = loss_fn(model(rows[index], weights[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(index)
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(len(order), 1), "seconds": time.perf_counter() - started})
+        if progress:
+            print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f} ({history[-1]['seconds']:.1f}s)", file=sys.stderr)
+        if after_epoch is not None:
+            after_epoch(model, plan, epoch + 1)
+    table.requires_grad_(False)
+    base_metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics = {**{k: base_metrics.get(k) for k in ("dataset", "embedding", "budget_rows", "embedding_parameters", "embedding_bytes",
+                                                   "dense_parameters", "tables")},  # fmt: skip
+               "continued_from": str(run_dir), "train_examples": len(train_set), "epochs_run": epochs, "history": history,
+               "test_auc": None, "test_logloss": None}  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps({**doc, "continued_from": str(run_dir)}, indent=2))
+    for name in ("plan.json", "vocabularies.npz", "known_values.npz"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out_dir / name)
+    torch.save(model.state_dict(), out_dir / "checkpoint.pt")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(model=model, plan=plan, metrics=metrics, run_dir=out_dir)

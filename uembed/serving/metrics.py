@@ -1,0 +1,300 @@
+"""Prometheus metrics: prefix ``uembed_``, base units in names, bounded labels.
+
+Labels are route, outcome, status, stage, tier, table, model, version, feature, reason:
+values the bundle or the code fixes, never a user's value. With several uvicorn
+workers, ``PROMETHEUS_MULTIPROC_DIR`` makes ``/metrics`` sum them (``uembed serve
+--workers N`` sets it up).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from uembed.serving.rows.store import TierCounts
+
+
+def remove_quietly(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
+
+LATENCY_BUCKETS = tuple(round(0.0001 * 2**i, 6) for i in range(17))  # 0.1 ms .. 6.5 s
+STAGES = ("queue", "hash", "lookup", "assemble", "dense")
+SIZE_BUCKETS = tuple(float(2**i) for i in range(18))  # 1 .. 131072
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # a probability, in twentieths
+DIFFERENCE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+TRAFFIC = ("served", "shadow")
+SHADOW_OUTCOMES = ("scored", "dropped", "failed")
+
+
+def outcome(status: int) -> str:
+    """A request's outcome label from its HTTP status (a gRPC call's: the status of its row in the error table)."""
+    if status < 400:
+        return "ok"
+    return {503: "overloaded", 504: "timeout"}.get(status, "client_error" if status < 500 else "error")
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # *_created series only double the scrape size here
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "uembed_request_duration_seconds", "HTTP request latency, end to end in the service.",
+            ["route", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "uembed_http_requests_total", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.grpc_seconds = Histogram(
+            "uembed_grpc_request_duration_seconds", "gRPC call latency (Open Inference Protocol), end to end in the service.",
+            ["method", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.grpc_requests = Counter(
+            "uembed_grpc_requests_total", "gRPC calls (Open Inference Protocol) by method and status code.",
+            ["method", "code"], registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "uembed_stage_duration_seconds",
+            "Time per stage: queue (per request, admission to batch start), hash, lookup, assemble, dense (per batch).",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_examples = Histogram(
+            "uembed_batch_examples", "Examples per batch.", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_ids = Histogram(
+            "uembed_batch_ids", "Row ids looked up per batch (before dedupe; in a batch of ranking requests, each context's once).", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_unique_ids = Histogram(
+            "uembed_batch_unique_ids", "Distinct row ids per batch (after dedupe, summed over tables).",
+            buckets=SIZE_BUCKETS, registry=r,
+        )
+        self.queue_examples = Gauge(
+            "uembed_queue_examples", "Examples admitted and waiting for a batch.", registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rejected = Counter(
+            "uembed_rejected_requests_total",
+            "Requests refused or dropped by the batcher: overloaded (admission bound), deadline, shutting_down.",
+            ["reason"], registry=r,
+        )
+        self.examples = Counter("uembed_scored_examples_total", "Examples scored.", ["model"], registry=r)
+        self.table_memory = Gauge(
+            "uembed_table_memory_bytes",
+            "Bytes each process holds of its own, per table and tier: hot (tier 1 records in process memory), "
+            "device (tier 1 rows in GPU memory), overlay (rows changed by row updates), index (tier 1's row -> slot index, in process memory; refreshed "
+            "when /metrics is read). Summed over workers. The row files are shared: uembed_table_file_bytes.",
+            ["model", "table", "tier"], registry=r, multiprocess_mode="livesum",
+        )
+        self.table_file = Gauge(
+            "uembed_table_file_bytes",
+            "Tier 3, a table's row files, shared by every worker through the page cache (not summed over workers): "
+            "mapped (their size) and resident (how much of them is in memory now, by mincore(2); refreshed at "
+            "most every few seconds, when /metrics is read).",
+            ["model", "table", "state"], registry=r, multiprocess_mode="mostrecent",
+        )
+        self.row_checks = Gauge(
+            "uembed_row_checks",
+            "sha256 checks of a model version's row files (row_checks=background): 1 passed, 0 running, -1 failed "
+            "(the model is not served; the log names the file). The lowest over workers.",
+            ["model", "version"], registry=r, multiprocess_mode="livemin",
+        )
+        self.row_hits = Counter(
+            "uembed_row_cache_hits_total", "Row lookups answered by a tier (hot, overlay: rows changed by updates, redis; file answers the rest).",
+            ["tier"], registry=r,
+        )
+        self.row_misses = Counter(
+            "uembed_row_cache_misses_total", "Row lookups a tier could not answer (hot, redis).", ["tier"], registry=r
+        )
+        self.redis_errors = Counter(
+            "uembed_redis_errors_total", "Redis calls that failed or timed out.", ["operation"], registry=r
+        )
+        self.redis_fallbacks = Counter(
+            "uembed_redis_fallbacks_total",
+            "Table lookups served from the row files because Redis was down, slow or skipped after an error.",
+            registry=r,
+        )
+        self.redis_fills_dropped = Counter(
+            "uembed_redis_fills_dropped_total", "Row write-backs to Redis dropped because the fill queue was full.",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "uembed_model_info", "Loaded model versions (value 1).", ["model", "version", "method", "dtype"],
+            registry=r, multiprocess_mode="max",
+        )
+        self.reloads = Counter(
+            "uembed_model_reloads_total", "Model loads through the reload endpoint.", ["model", "outcome"], registry=r
+        )
+        self.truncated = Counter(
+            "uembed_truncated_lists_total",
+            "Multivalent lists longer than the trained width, cut to it.", ["feature"], registry=r,
+        )
+        self.unseen = Counter(
+            "uembed_unseen_values_total",
+            "Feature values not seen in training (scored with whatever row they hash to): a rise is drift. "
+            "Counted where the bundle records its training values; false 'seen' at about 1%.",
+            ["model", "feature"], registry=r,
+        )
+        self.abandoned = Counter(
+            "uembed_abandoned_requests_total",
+            "Requests whose batch had not run when they ended, so their work was skipped: cancelled (the client "
+            "went away) or deadline (request_timeout_ms passed while queued).",
+            ["reason"], registry=r,
+        )
+        self.value_cache_bytes = Gauge(
+            "uembed_value_cache_bytes", "Bytes held by a model's caches of recent feature values (value_cache_bytes bounds it).",
+            ["model"], registry=r, multiprocess_mode="livesum",
+        )
+        self.version_seconds = Histogram(
+            "uembed_model_request_duration_seconds",
+            "Per model version, a request's time in the engine, admission to scores (every front): served requests, "
+            "and shadow copies (their wait in the shadow queue and their scoring on the shadow thread).",
+            ["model", "version", "traffic"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.example_score = Histogram(
+            "uembed_example_score", "Scores (probabilities) per model version, one observation per example: served, "
+            "and those of shadow copies, never returned.", ["model", "version", "traffic"], buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.shadow = Counter(
+            "uembed_shadow_requests_total",
+            "Copies of requests for a shadow version: scored, dropped (its queue was full: the shadow is slower than "
+            "the traffic), failed (the version refused the examples or its scoring raised).",
+            ["model", "version", "outcome"], registry=r,
+        )
+        self.shadow_difference = Histogram(
+            "uembed_shadow_score_difference",
+            "Per example, |shadow score - served score| of a shadow copy: how far the candidate is from what was served.",
+            ["model", "version"], buckets=DIFFERENCE_BUCKETS, registry=r,
+        )
+        self.routing_share = Gauge(
+            "uembed_routing_share",
+            "Share of a model's requests its routing sends to each loaded version (1 for the primary without a rule).",
+            ["model", "version"], registry=r, multiprocess_mode="mostrecent",
+        )
+        self.updates = Counter(
+            "uembed_row_updates_total",
+            "Row-update deltas (stream entries) by outcome: applied, or rejected (not a valid delta for the version; "
+            "the log says why). Each worker applies every delta.",
+            ["model", "version", "outcome"], registry=r,
+        )
+        self.update_rows = Counter(
+            "uembed_row_update_rows_total", "Rows changed by applied row updates (per worker).", ["model", "table"], registry=r
+        )
+        self.update_lag_seconds = Gauge(
+            "uembed_row_update_lag_seconds",
+            "Age of the oldest row update a worker has not applied yet, from its publication time (0: caught up). "
+            "The highest over workers.",
+            ["model", "version"], registry=r, multiprocess_mode="max",
+        )
+        self.update_delay_seconds = Histogram(
+            "uembed_row_update_delay_seconds",
+            "Time from a row update's publication (its stream entry id) to its application between batches.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.overlay_rows = Gauge(
+            "uembed_row_overlay_rows",
+            "Rows of a table changed since its bundle, held in the update overlay (its bytes: uembed_table_memory_bytes"
+            "{tier=\"overlay\"}). The highest over workers.",
+            ["model", "table"], registry=r, multiprocess_mode="max",
+        )
+        self._redis_seen = {"fetch": 0, "fill": 0, "dropped": 0}
+        # Label sets that exist from the start, so dashboards show 0 rather than "no data".
+        for tier in ("hot", "overlay", "redis", "file"):
+            self.row_hits.labels(tier)
+        for tier in ("hot", "redis"):
+            self.row_misses.labels(tier)
+        for operation in ("fetch", "fill", "updates"):
+            self.redis_errors.labels(operation)
+        for reason in ("overloaded", "deadline", "shutting_down"):
+            self.rejected.labels(reason)
+        for reason in ("cancelled", "deadline"):
+            self.abandoned.labels(reason)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+
+    def version_series(self, name: str, version: str) -> None:
+        """Series of a loaded version at 0, so its panels show 0 rather than "no data"."""
+        for traffic in TRAFFIC:
+            self.version_seconds.labels(name, version, traffic)
+            self.example_score.labels(name, version, traffic)
+        for kind in SHADOW_OUTCOMES:
+            self.shadow.labels(name, version, kind)
+        self.shadow_difference.labels(name, version)
+
+    def forget_version(self, name: str, version: str) -> None:
+        """An unloaded version's series go (its labels are bounded by what is loaded)."""
+        for traffic in TRAFFIC:
+            for metric in (self.version_seconds, self.example_score):
+                remove_quietly(metric, name, version, traffic)
+        for kind in SHADOW_OUTCOMES:
+            remove_quietly(self.shadow, name, version, kind)
+        remove_quietly(self.shadow_difference, name, version)
+        remove_quietly(self.routing_share, name, version)
+
+    @staticmethod
+    def observe_all(histogram, values: np.ndarray) -> None:
+        """``histogram.observe(v)`` for every value, with one increment per bucket (a 500-example batch would
+        take 500 observe calls). prometheus_client keeps per-bucket (not cumulative) counts in ``_buckets``."""
+        if not len(values):
+            return
+        bounds = np.asarray(histogram._upper_bounds)
+        counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+        for bucket, count in zip(histogram._buckets, counts.tolist()):
+            if count:
+                bucket.inc(count)
+        histogram._sum.inc(float(np.sum(values, dtype=np.float64)))
+
+    def start_update_series(self, model: str, version: str, overlay_rows: list[int], tables: list[str]) -> None:
+        """A live version's row-update series, at 0 before its first update so dashboards show 0, not "no data"."""
+        for outcome_label in ("applied", "rejected"):
+            self.updates.labels(model, version, outcome_label)
+        self.update_lag_seconds.labels(model, version).set(0)
+        for table, rows in zip(tables, overlay_rows):
+            self.update_rows.labels(model, table)
+            self.overlay_rows.labels(model, table).set(rows)
+
+    def forget_update_series(self, model: str, version: str) -> None:
+        """A replaced version's lag is no longer anyone's."""
+        try:
+            self.update_lag_seconds.remove(model, version)
+        except KeyError:
+            pass
+
+    def observe_tiers(self, counts: TierCounts) -> None:
+        for tier, value in counts.hits.items():
+            if value:
+                self.row_hits.labels(tier).inc(value)
+        for tier, value in counts.misses.items():
+            if value:
+                self.row_misses.labels(tier).inc(value)
+        if counts.redis_fallbacks:
+            self.redis_fallbacks.inc(counts.redis_fallbacks)
+
+    def observe_redis(self, error_counts: dict[str, int], fills_dropped: int) -> None:
+        """Counters from the Redis tier's running totals (its fill thread updates them)."""
+        for operation in ("fetch", "fill"):
+            delta = error_counts[operation] - self._redis_seen[operation]
+            if delta:
+                self.redis_errors.labels(operation).inc(delta)
+                self._redis_seen[operation] += delta
+        delta = fills_dropped - self._redis_seen["dropped"]
+        if delta:
+            self.redis_fills_dropped.inc(delta)
+            self._redis_seen["dropped"] += delta
+
+    def exposition(self) -> bytes:
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

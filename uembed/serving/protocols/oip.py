@@ -1,0 +1,258 @@
+"""The Open Inference Protocol (KServe "v2"), apart from its transports: tensors in, examples out.
+
+The REST routes (:mod:`service.protocols.oip_rest`) and the gRPC servicer
+(:mod:`service.protocols.oip_grpc`) only translate their messages into :class:`InputTensor`
+and call one :class:`InferencePlane`; the plane turns the tensors into the examples
+``/v1/score`` takes and scores them through the same engine and batcher. So a value is
+checked, canonicalised and hashed by the one encoding path (``uembed/serving/pipeline/encoding.py``) whatever
+the front, and limits and errors are decided once.
+
+A model's inputs are its features, one tensor each, all of them required; its output is
+``score`` (FP32, shape [N]: the click probability per example). N, the first dimension of
+every input, is the batch (1 to ``max_examples``)::
+
+    feature kind   datatypes accepted (first: the one metadata states)   shape
+    categorical    BYTES (UTF-8), INT64, INT32                            [N] or [N, 1]
+    numeric        FP32, FP64, INT64, INT32, BYTES (a decimal string)     [N] or [N, 1]
+    multivalent    BYTES                                                  [N, W]: one value per element, "" pads
+                                                                          [N]: the values joined by the feature's
+                                                                               separator ("Crime|Film-Noir")
+
+An integer id scores as its decimal string (INT64 196 is BYTES "196", as JSON 196 and "196"
+are in ``/v1``). A missing value is "" in a BYTES tensor and NaN in an FP tensor (``/v1``'s
+null); infinities are refused. A numeric feature compares the value it is sent with its
+bucket boundaries in float64, so an FP32 value is its float32 (3.7 arrives as 3.7000000477):
+send FP64 where a value may sit on a boundary.
+
+Data comes as JSON ``data`` (flat or nested row-major), as binary (the REST binary-data
+extension, gRPC ``raw_input_contents``: little-endian, BYTES elements each a 4-byte
+little-endian length and the bytes), or as gRPC typed ``contents``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+import numpy as np
+
+from uembed.contract.errors import NotFound, TensorError
+from uembed.contract.features import FeatureKind, FeatureSpec
+from uembed.serving.engine import ScoringEngine
+from uembed.serving.pipeline.runtime import ModelRuntime
+from uembed.serving.settings import ServiceSettings
+
+OUTPUT = "score"
+OUTPUT_DATATYPE = "FP32"
+PLATFORM = "uembed"
+EXTENSIONS = ("binary_tensor_data",)
+
+# Little-endian element types of the fixed-size datatypes; BYTES elements are length-prefixed.
+FIXED_SIZE = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+FLOATS = frozenset({"FP32", "FP64"})
+# What a JSON (or gRPC typed) element of each datatype may be; bool is not an int here.
+ELEMENT_TYPES = {"BYTES": (str,), "INT32": (int,), "INT64": (int,), "FP32": (int, float), "FP64": (int, float)}
+ACCEPTED = {
+    FeatureKind.CATEGORICAL: ("BYTES", "INT64", "INT32"),
+    FeatureKind.NUMERIC: ("FP32", "FP64", "INT64", "INT32", "BYTES"),
+    FeatureKind.MULTIVALENT: ("BYTES",),
+}
+BYTES_LENGTH = struct.Struct("<I")
+
+
+@dataclass
+class InputTensor:
+    """One input as a transport read it: ``data`` is a JSON-like list (flat or nested, row-major) or raw bytes."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list | bytes
+
+
+def bytes_elements(name: str, data: bytes) -> list[bytes]:
+    """A serialised BYTES tensor's elements: each a 4-byte little-endian length, then that many bytes."""
+    elements = []
+    offset, end = 0, len(data)
+    while offset < end:
+        if offset + BYTES_LENGTH.size > end:
+            raise TensorError(f"input {name!r}: BYTES element {len(elements)}: its 4-byte length is cut off at byte {offset}")
+        (length,) = BYTES_LENGTH.unpack_from(data, offset)
+        offset += BYTES_LENGTH.size
+        if offset + length > end:
+            raise TensorError(f"input {name!r}: BYTES element {len(elements)} has a length of {length} bytes, "
+                              f"past the end of its data ({end - offset} bytes left)")  # fmt: skip
+        elements.append(bytes(data[offset : offset + length]))
+        offset += length
+    return elements
+
+
+def text(name: str, index: int, element: bytes) -> str:
+    try:
+        return element.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TensorError(f"input {name!r}: BYTES element {index} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def flat(data: list) -> list:
+    """Row-major elements of a flat or nested list."""
+    if not any(type(item) is list for item in data):
+        return data
+    out: list = []
+    for item in data:
+        out.extend(flat(item) if type(item) is list else (item,))
+    return out
+
+
+def tensor_values(tensor: InputTensor) -> list:
+    """The elements of a tensor as Python values: str (BYTES), int or float."""
+    name, datatype = tensor.name, tensor.datatype
+    if isinstance(tensor.data, list):
+        values = flat(tensor.data)
+        allowed = ELEMENT_TYPES[datatype]
+        for index, value in enumerate(values):
+            if type(value) not in allowed:
+                raise TensorError(f"input {name!r}: element {index} is {json_type(value)}, not a {datatype} value")
+        return values
+    if datatype == "BYTES":
+        return [text(name, index, element) for index, element in enumerate(bytes_elements(name, tensor.data))]
+    dtype = FIXED_SIZE[datatype]
+    if len(tensor.data) % dtype.itemsize:
+        raise TensorError(f"input {name!r}: {len(tensor.data)} bytes of data are not a whole number of {datatype} "
+                          f"elements ({dtype.itemsize} bytes each)")  # fmt: skip
+    return np.frombuffer(tensor.data, dtype=dtype).tolist()
+
+
+def json_type(value: object) -> str:
+    return {str: "a string", bool: "a boolean", int: "an integer", float: "a number", type(None): "null",
+            dict: "an object", list: "a list"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def check_shape(tensor: InputTensor, spec: FeatureSpec) -> None:
+    shape = tensor.shape
+    if not shape or len(shape) > 2 or any(type(d) is not int or d < 0 for d in shape):
+        raise TensorError(f"input {tensor.name!r}: shape {shape} is not [N] or [N, {'W' if spec.multivalent else '1'}] "
+                          "(N, the batch, first)")  # fmt: skip
+    if len(shape) == 2 and shape[1] != 1 and not spec.multivalent:
+        raise TensorError(f"input {tensor.name!r}: shape {shape}: feature {spec.name} takes one value per example, "
+                          "shape [N] or [N, 1]")  # fmt: skip
+
+
+def column(tensor: InputTensor, spec: FeatureSpec, values: list) -> list:
+    """Per example, the value ``/v1/score`` would be sent for this feature."""
+    if spec.multivalent and len(tensor.shape) == 2:
+        width = tensor.shape[1]
+        return [[value for value in values[row * width : (row + 1) * width] if value] for row in range(tensor.shape[0])]
+    if tensor.datatype in FLOATS:
+        return [None if math.isnan(value) else value for value in values]
+    return values
+
+
+def examples_from_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_examples: int) -> list[dict]:
+    """The examples (feature -> value, as ``/v1/score`` takes them) that one tensor per feature holds.
+
+    >>> examples_from_inputs(runtime, [InputTensor("user_id", "BYTES", [2], ["196", "186"]),
+    ...                                InputTensor("genres", "BYTES", [2, 2], ["Comedy", "", "Crime", "Drama"]), ...], 1024)  # doctest: +SKIP
+    [{"user_id": "196", "genres": ["Comedy"], ...}, {"user_id": "186", "genres": ["Crime", "Drama"], ...}]
+    """
+    specs = runtime.bundle.feature_specs
+    given: dict[str, InputTensor] = {}
+    for tensor in inputs:
+        if tensor.name not in specs:
+            raise TensorError(f"input {tensor.name!r}: model {runtime.name} has no such input; its inputs are {', '.join(specs)}")
+        if tensor.name in given:
+            raise TensorError(f"input {tensor.name!r}: given twice")
+        given[tensor.name] = tensor
+    missing = [name for name in specs if name not in given]
+    if missing:
+        raise TensorError(f"input {missing[0]!r}: missing; model {runtime.name} takes one tensor per feature "
+                          f"({', '.join(specs)}); send \"\" (BYTES) or NaN (FP32) for a missing value")  # fmt: skip
+    batch, first = None, None
+    columns = {}
+    for name, spec in specs.items():
+        tensor = given[name]
+        if tensor.datatype not in ACCEPTED[spec.kind]:
+            raise TensorError(f"input {name!r}: datatype {tensor.datatype!r}; feature {name} ({spec.kind.value}) "
+                              f"takes {', '.join(ACCEPTED[spec.kind])}")  # fmt: skip
+        check_shape(tensor, spec)
+        if batch is None:
+            batch, first = tensor.shape[0], name
+            if not 1 <= batch <= max_examples:
+                raise TensorError(f"input {name!r}: a batch of {batch} examples; a request holds 1 to {max_examples}")
+        elif tensor.shape[0] != batch:
+            raise TensorError(f"input {name!r}: batch size {tensor.shape[0]}, but input {first!r} has {batch}")
+        values = tensor_values(tensor)
+        elements = math.prod(tensor.shape)
+        if len(values) != elements:
+            raise TensorError(f"input {name!r}: shape {tensor.shape} holds {elements} elements, its data {len(values)}")
+        columns[name] = column(tensor, spec, values)
+    names = list(columns)
+    return [dict(zip(names, row)) for row in zip(*columns.values())]
+
+
+def check_outputs(names: list[str]) -> None:
+    for name in names:
+        if name != OUTPUT:
+            raise TensorError(f"output {name!r}: no such output; the model's one output is {OUTPUT!r}")
+
+
+def server_version() -> str:
+    try:
+        return package_version("uembed")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+class InferencePlane:
+    """Liveness, readiness, metadata and inference of one engine, for every transport of the protocol.
+
+    Errors are rows of the error table (``uembed/contract/errors.py``); each transport renders them its way.
+    """
+
+    def __init__(self, engine: ScoringEngine, settings: ServiceSettings) -> None:
+        self.engine = engine
+        self.max_examples = settings.max_examples
+
+    @staticmethod
+    def server_metadata() -> dict:
+        return {"name": PLATFORM, "version": server_version(), "extensions": list(EXTENSIONS)}
+
+    async def ready(self) -> None:
+        """Returns when every model is ready: row files checked and one example through the batcher."""
+        await self.engine.ready()
+
+    def loaded(self, name: str, version: str | None) -> ModelRuntime:
+        """The loaded ``version`` of ``name``, or its primary when no version is asked for (row checks aside)."""
+        versions = self.engine.versions.get(name)
+        if not versions:
+            loaded = ", ".join(self.engine.models) or "none"
+            raise NotFound(f"model {name!r} is not loaded; loaded: {loaded}")
+        if version:
+            if version not in versions:
+                raise NotFound(f"model {name}: version {version!r} is not loaded; loaded: {', '.join(versions)}")
+            return versions[version]
+        return self.engine.models[name]
+
+    def ready_model(self, name: str, version: str | None) -> ModelRuntime:
+        """As :meth:`loaded`, and ready to score (NotReady while its row files are being checked)."""
+        self.loaded(name, version)
+        return self.engine.runtime(name, version or None)
+
+    def model_metadata(self, name: str, version: str | None) -> dict:
+        runtime = self.loaded(name, version)
+        inputs = []
+        for feature, spec in runtime.bundle.feature_specs.items():
+            shape = [-1, -1] if spec.multivalent else [-1]
+            inputs.append({"name": feature, "datatype": ACCEPTED[spec.kind][0], "shape": shape})
+        return {"name": runtime.name, "versions": list(self.engine.versions[name]), "platform": PLATFORM, "inputs": inputs,
+                "outputs": [{"name": OUTPUT, "datatype": OUTPUT_DATATYPE, "shape": [-1]}]}  # fmt: skip
+
+    async def infer(self, name: str, version: str | None, inputs: list[InputTensor]) -> tuple[np.ndarray, ModelRuntime]:
+        """Scores (float32 [N]) of the examples the inputs hold, through the engine's batcher: by the version asked
+        for, else as the model's routing rule (keyed by its sticky feature) or its primary decides."""
+        runtime = self.ready_model(name, version)
+        examples = examples_from_inputs(runtime, inputs, self.max_examples)
+        return await self.engine.score(examples, runtime.name, version=version or None)

@@ -1,0 +1,207 @@
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on grpcio's asyncio server.
+
+The server runs in the event loop of the worker that serves HTTP (started and stopped in the
+app's lifespan), over the same :class:`~service.protocols.oip.InferencePlane`, engine and
+batcher. The messages and the servicer base are the generated ones that Triton's client
+package ships (``tritonclient.grpc.service_pb2`` and ``service_pb2_grpc``, from the protocol's
+``grpc_service.proto``); no proto is kept here.
+
+Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and
+ModelInfer, with inputs as ``raw_input_contents`` (one entry per input, little-endian; BYTES
+elements each a 4-byte little-endian length and the bytes) or as typed ``contents``; the
+score comes back in ``raw_output_contents``, as Triton's server sends it. The other methods
+answer UNIMPLEMENTED.
+
+Errors are gRPC status codes, from the status of their row in the error table: a bad tensor
+INVALID_ARGUMENT (the message names it), an unknown model or version NOT_FOUND, not ready or
+overloaded UNAVAILABLE, past the request deadline DEADLINE_EXCEEDED.
+
+With several uvicorn workers each binds the port with SO_REUSEPORT (grpcio's default on
+Linux), and the kernel hands each new connection to one of them; a gRPC client keeps its
+connection, so one channel's calls all go to one worker. Spread a single client's load with
+several channels, or a load balancer that balances calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from uembed.contract.errors import NotReady, TensorError, UembedError, internal
+from uembed.serving.metrics import outcome
+from uembed.serving.protocols.oip import OUTPUT, OUTPUT_DATATYPE, InferencePlane, InputTensor, check_outputs, text
+from uembed.serving.settings import ServiceSettings
+
+log = logging.getLogger("uembed.oip.grpc")
+
+# The error table's HTTP statuses, as gRPC codes.
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# Which typed field of InferTensorContents holds each datatype.
+CONTENTS_FIELDS = {"BYTES": "bytes_contents", "INT32": "int_contents", "INT64": "int64_contents",
+                   "FP32": "fp32_contents", "FP64": "fp64_contents"}  # fmt: skip
+SHUTDOWN_GRACE_S = 5.0
+
+
+def status_code(error: UembedError) -> grpc.StatusCode:
+    return STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
+
+
+def rpc(method):
+    """An RPC whose errors end the call with the status code of their row in the error table; every call is
+    timed and counted (uembed_grpc_request_duration_seconds, uembed_grpc_requests_total)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def with_status_codes(self, request, context):
+        started = time.perf_counter()
+        try:
+            response = await method(self, request, context)
+        except UembedError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a bug is INTERNAL; the log has the traceback
+            log.exception("unexpected error in %s", name)
+            error = internal(exc)
+        else:
+            self.observe(name, started, None)
+            return response
+        self.observe(name, started, error)
+        await context.abort(status_code(error), str(error))
+
+    return with_status_codes
+
+
+def typed_contents(tensor) -> list:
+    """A tensor's typed ``contents`` as Python values (BYTES decoded as UTF-8)."""
+    field = CONTENTS_FIELDS.get(tensor.datatype)
+    if field is None:  # a datatype no feature takes: refused, naming the feature's, when the inputs are read
+        return []
+    values = list(getattr(tensor.contents, field))
+    if tensor.datatype == "BYTES":
+        return [text(tensor.name, index, element) for index, element in enumerate(values)]
+    return values
+
+
+def read_inputs(request: service_pb2.ModelInferRequest) -> list[InputTensor]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise TensorError(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs; "
+                          "send one per input, or typed contents for all")  # fmt: skip
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        if "shared_memory_region" in tensor.parameters:
+            raise TensorError(f"input {tensor.name!r}: shared memory is not supported; send the data in the request")
+        if raw and tensor.HasField("contents"):
+            raise TensorError(f"input {tensor.name!r}: both contents and raw_input_contents; send one")
+        data = raw[index] if raw else typed_contents(tensor)
+        inputs.append(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), data))
+    return inputs
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: InferencePlane) -> None:
+        self.plane = plane
+        self.metrics = plane.engine.metrics
+
+    def observe(self, method: str, started: float, error: UembedError | None) -> None:
+        code = grpc.StatusCode.OK if error is None else status_code(error)
+        status = 200 if error is None else error.status
+        self.metrics.grpc_seconds.labels(method, outcome(status)).observe(time.perf_counter() - started)
+        self.metrics.grpc_requests.labels(method, code.name).inc()
+
+    @rpc
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request, context):
+        try:
+            await self.plane.ready()
+        except UembedError:
+            return service_pb2.ServerReadyResponse(ready=False)
+        return service_pb2.ServerReadyResponse(ready=True)
+
+    @rpc
+    async def ModelReady(self, request, context):
+        try:
+            self.plane.ready_model(request.name, request.version)  # an unknown model or version: NOT_FOUND
+        except NotReady:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    @rpc
+    async def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(**self.plane.server_metadata())
+
+    @rpc
+    async def ModelMetadata(self, request, context):
+        metadata = self.plane.model_metadata(request.name, request.version)
+        tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+        return service_pb2.ModelMetadataResponse(
+            name=metadata["name"],
+            versions=metadata["versions"],
+            platform=metadata["platform"],
+            inputs=[tensor(**t) for t in metadata["inputs"]],
+            outputs=[tensor(**t) for t in metadata["outputs"]],
+        )
+
+    @rpc
+    async def ModelInfer(self, request, context):
+        inputs = read_inputs(request)
+        check_outputs([output.name for output in request.outputs])
+        scores, runtime = await self.plane.infer(request.model_name, request.model_version, inputs)
+        output = service_pb2.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=OUTPUT_DATATYPE, shape=[len(scores)])
+        return service_pb2.ModelInferResponse(
+            model_name=runtime.name,
+            model_version=runtime.version,
+            id=request.id,
+            outputs=[output],
+            raw_output_contents=[scores.astype("<f4").tobytes()],
+        )
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def start_grpc_server(plane: InferencePlane, settings: ServiceSettings) -> grpc.aio.Server | None:
+    """The gRPC server on ``grpc_host:grpc_port`` in the running event loop; None when grpc_port is 0."""
+    if not settings.grpc_port:
+        return None
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),  # the default on Linux, stated: every worker binds the same port
+            ("grpc.max_receive_message_length", settings.max_body_bytes),  # the HTTP body limit, for a request
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    address = bind_address(settings.grpc_host, settings.grpc_port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        bound, reason = 0, str(exc)
+    else:
+        reason = "the port is taken"
+    if not bound:
+        raise UembedError(f"gRPC: cannot listen on {address} ({reason}); set UEMBED_GRPC_PORT to a free port, or 0 for no gRPC")
+    await server.start()
+    log.info("gRPC (Open Inference Protocol) on %s", address)
+    return server
+
+
+async def stop_grpc_server(server: grpc.aio.Server | None) -> None:
+    """Stop taking calls and let the calls in flight finish (up to SHUTDOWN_GRACE_S)."""
+    if server is not None:
+        await server.stop(SHUTDOWN_GRACE_S)

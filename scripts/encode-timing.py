@@ -11,7 +11,7 @@ import time
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.traffic import MOVIELENS_FEATURES
 from uembed.model.data import movielens100k_table
-from uembed.serving.pipeline.runtime import ModelRuntime
+from uembed.serving.pipeline.cpu import ModelRuntime
 
 
 def main() -> None:

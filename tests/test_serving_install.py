@@ -12,7 +12,7 @@ import pytest
 
 from tests.installs import run_serving_probe, serving_install
 from uembed.bundle.loader import load_bundle
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
 
 
 @pytest.fixture(scope="module")

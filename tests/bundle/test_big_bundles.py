@@ -103,18 +103,18 @@ def corrupt_copy(bundle_path, target):
 
 def test_deferred_row_checks_hold_scoring_until_they_pass(bundle_store):
     from uembed.serving.engine import ScoringEngine
-    from uembed.serving.pipeline.runtime import ModelRuntime
+    from uembed.serving.pipeline.cpu import ModelRuntime
     from uembed.serving.settings import load_settings
 
     bundle = load_bundle(bundle_store / "movielens" / "1", defer_row_checks=True)
     engine = ScoringEngine(load_settings())
-    engine.activate(ModelRuntime(bundle))
+    engine.registry.activate(ModelRuntime(bundle))
     with pytest.raises(NotReady, match=r"row files checking: 0\.00 of"):
-        engine.runtime(None)
+        engine.registry.runtime(None)
     with pytest.raises(NotReady, match="row files checking"):
         asyncio.run(engine.ready())
     bundle.row_checks.start().wait(timeout_s=30)
-    assert engine.runtime(None).bundle is bundle
+    assert engine.registry.runtime(None).bundle is bundle
     assert bundle.row_checks.describe() == "passed"
 
 
@@ -128,7 +128,7 @@ def test_a_row_file_that_fails_its_check_keeps_the_model_unservable(bundle_store
     monkeypatch.setattr(ScoringEngine, "BACKGROUND_ROW_CHECKS_BYTES", 0)  # defer even this small bundle
     service = InProcessService(bundles=[bad], row_checks="background")
     try:
-        service.engine.models["movielens"].bundle.row_checks.done.wait(30)
+        service.engine.registry.models["movielens"].bundle.row_checks.done.wait(30)
         assert service.get("/healthz").status_code == 200
         # Not a 503 with Retry-After: waiting will not fix it. The detail names the file, not the server's paths.
         ready = service.get("/readyz")
@@ -150,7 +150,7 @@ def test_startup_row_checks_refuse_a_corrupt_bundle_before_serving(bundle_store,
     bad = corrupt_copy(bundle_store / "movielens" / "1", tmp_path / "movielens" / "1")
     engine = ScoringEngine(load_settings(row_checks="startup"))
     with pytest.raises(BundleError, match="fails its sha256"):
-        engine.load(bad)
+        engine.registry.load(bad)
 
 
 def evict(path) -> None:

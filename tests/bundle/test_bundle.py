@@ -12,7 +12,9 @@ from uembed.model.data import load_movielens100k, movielens100k_table, split_ind
 from uembed.model.export import ExportError, export_run
 from uembed.model.train import TrainConfig, load_run, train
 from uembed.serving.pipeline.encoding import ExampleEncoder
-from uembed.serving.pipeline.scorer import ExampleError, ReferenceScorer, onnx_session
+from uembed.contract.errors import ExampleError
+from uembed.serving.pipeline.dense import onnx_session
+from uembed.serving.pipeline.reference import ReferenceScorer
 
 FEATURES = ("user_id", "movie_id", "zip_code", "age", "occupation", "gender", "genres")
 
@@ -182,7 +184,7 @@ def test_ranking_batches_score_the_same_split_or_broadcast(movielens, exported):
     assemble_split) gives the very floats of the broadcast path, in the reference scorer and the service's runtime,
     on plans with several tables, several lookups a feature and pooled lists (in the context: padding weighs 0);
     parts that share more than the batch's common context broadcast the rest."""
-    from uembed.serving.pipeline.runtime import ModelRuntime
+    from uembed.serving.pipeline.cpu import ModelRuntime
 
     _, examples = movielens
     _, bundles = exported
@@ -211,7 +213,7 @@ def test_a_trained_network_split_by_the_user_features_scores_ranking_requests_as
     """`uembed export --context-features`: the trained cross network's first product split by the user's features.
     A ranking request with the user as context computes the user's part of it once and gets the flat examples'
     floats; those stay within 1e-5 of dense.onnx's (the parity tolerance above)."""
-    from uembed.serving.pipeline.runtime import ModelRuntime
+    from uembed.serving.pipeline.cpu import ModelRuntime
 
     _, examples = movielens
     run_dir, _ = exported

@@ -12,7 +12,8 @@ from uembed.bundle.loader import load_bundle
 from uembed.bundle.synthetic import criteo_features, write_synthetic_bundle
 from uembed.contract.errors import BundleError, UembedError
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.pipeline.scorer import ReferenceScorer, onnx_session
+from uembed.serving.pipeline.dense import onnx_session
+from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.settings import load_settings
 
 CONTEXT = tuple(f"C{i}" for i in (1, 2, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15))  # split in runs, as a real group is
@@ -44,7 +45,7 @@ def test_ranking_requests_with_the_split_context_score_their_flat_examples_float
     """Several ranking requests in one split batch: the factored path (the context's part once a request) gives each
     candidate exactly the floats of its flat example, in the reference scorer and the service's runtime, cold and
     with tier 1 answering."""
-    from uembed.serving.pipeline.runtime import ModelRuntime
+    from uembed.serving.pipeline.cpu import ModelRuntime
 
     bundle = load_bundle(split_bundle)
     batch = requests(3, 50)
@@ -88,7 +89,7 @@ def test_the_engine_batches_ranking_requests_through_the_split_network(split_bun
 
     async def main():
         engine = ScoringEngine(load_settings(max_wait_ms=20))
-        engine.load(split_bundle)
+        engine.registry.load(split_bundle)
         await engine.astart()
         results = await asyncio.gather(*(engine.score(items, context=context) for context, items in batch))
         flat = await engine.score([{**c, **i} for c, items in batch for i in items])
@@ -160,7 +161,7 @@ def test_parts_that_do_not_match_the_bundle_are_refused_at_load(split_bundle, tm
 def test_parts_that_score_a_row_unlike_alone_and_among_others_are_not_used(split_bundle, monkeypatch, caplog):
     """If the context part's floats for a row depended on its batch, no form could keep its scores: the bundle is then
     served through dense.onnx whole, and the log says so."""
-    from uembed.serving.pipeline.scorer import DenseParts
+    from uembed.serving.pipeline.dense import DenseParts
 
     monkeypatch.setattr(DenseParts, "rows_independent", lambda self: False)
     bundle = load_bundle(split_bundle)

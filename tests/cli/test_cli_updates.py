@@ -8,7 +8,7 @@ from tests.cli.test_cli import uembed
 from uembed.bundle.loader import load_bundle
 from uembed.model.export import export_run
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.rows.updates import stream_key
 from uembed.serving.settings import load_settings
 
@@ -18,7 +18,7 @@ KEY = stream_key("uembed", "movielens", "1")
 def replayed_scores(served, url: str, examples) -> np.ndarray:
     """Scores of a replica that starts now: it replays the stream before serving."""
     engine = ScoringEngine(load_settings(row_updates_url=url))
-    runtime = engine.load(served)
+    runtime = engine.registry.load(served)
     try:
         return runtime.score(examples)
     finally:

@@ -16,7 +16,7 @@ import numpy as np
 from deploy.podman.images import podman
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.servers import free_port, wait_until
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
 
 UEMBED_UID = 10001  # the Dockerfile's unprivileged user
 

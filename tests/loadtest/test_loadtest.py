@@ -15,7 +15,7 @@ from uembed.bundle.loader import load_bundle
 from uembed.contract.errors import UembedError
 from uembed.loadtest.run import check_target
 from uembed.loadtest.traffic import ZipfExamples, served_features
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,8 @@ from tritonclient.grpc import service_pb2
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.load import movielens_requests
 from uembed.loadtest.peers import grpc_request, peer_ratios, run_peers, v2_json_body
-from uembed.serving.pipeline.runtime import ModelRuntime
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.protocols.oip import InputTensor, examples_from_inputs
 from uembed.serving.protocols.oip_grpc import read_inputs
 

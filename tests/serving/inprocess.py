@@ -25,7 +25,7 @@ class InProcessService:
         self.thread.start()
         self.engine = ScoringEngine(self.settings)
         for path in self.settings.bundles:
-            self.engine.load(path)
+            self.engine.registry.load(path)
         self.app = create_app(self.settings, self.engine)
         self.run(self.engine.astart())
         transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)

@@ -15,7 +15,7 @@ from uembed.serving.settings import load_settings
 def slow_shadow_app():
     settings = load_settings()
     engine = ScoringEngine(settings)
-    score = engine.shadow._score
+    score = engine.registry.shadow._score
     slow_version, stall_s = os.environ["SLOW_SHADOW_VERSION"], float(os.environ["SLOW_SHADOW_S"])
 
     def stalled(copies):
@@ -23,5 +23,5 @@ def slow_shadow_app():
             time.sleep(stall_s)
         score(copies)
 
-    engine.shadow._score = stalled
+    engine.registry.shadow._score = stalled
     return create_app(settings, engine)

@@ -17,7 +17,7 @@ from tests.serving.test_faults import Traffic
 from tests.serving.test_rowstore import make_table
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.servers import RedisClusterServers, http_get, wait_until
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.rows.published import expected_marker, marker_key, table_namespace
 from uembed.serving.rows.store import RedisTier, RowCodec, TableStore
 
@@ -263,16 +263,16 @@ def test_an_unpublished_or_differently_published_version_is_not_served(bundle_st
     bundle = without_row_files(bundle_store / "movielens" / "1", tmp_path)
     engine = ScoringEngine(load_settings(redis_url=redis_server.url, row_source="redis", redis_prefix="engine"))
     with pytest.raises(BundleError, match="rows in Redis not published: no completion marker at engine:movielens:1:published"):
-        engine.open(bundle)  # as a reload opens it
+        engine.registry.open(bundle)  # as a reload opens it
     client = redis_server.client()
     marker = expected_marker(load_bundle(bundle, row_files=False).manifest, 64) | {"rows": 1}
     client.set(marker_key("engine", "movielens", "1"), json.dumps(marker))
-    runtime = engine.load(bundle)  # as at start: waits in the background
+    runtime = engine.registry.load(bundle)  # as at start: waits in the background
     with pytest.raises(NotReady, match="the completion marker at engine:movielens:1:published has rows=1"):
-        engine.runtime(None)
+        engine.registry.runtime(None)
     assert publish_cli(str(bundle_store / "movielens" / "1"), "--redis-url", redis_server.url, "--prefix", "engine", "--quiet").returncode == 0
     runtime.bundle.row_checks.wait(timeout_s=5)
-    assert engine.runtime(None) is runtime
+    assert engine.registry.runtime(None) is runtime
     asyncio.run(engine.astop())
     client.close()
 

@@ -17,7 +17,7 @@ from uembed.bundle.loader import load_bundle
 from uembed.bundle.synthetic import write_synthetic_bundle
 from uembed.contract.features import FeatureSpec
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.pipeline.runtime import ModelRuntime
+from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.settings import load_settings
 
 
@@ -87,7 +87,7 @@ def test_engine_refuses_cuda_without_a_usable_device(synthetic_bundles):
 
     engine = ScoringEngine(load_settings(device="cuda"))
     with pytest.raises(DeviceError, match="gpu extra|CUDA device|CuPy"):
-        engine.open(synthetic_bundles["float32"])
+        engine.registry.open(synthetic_bundles["float32"])
 
 
 @no_cuda
@@ -228,7 +228,7 @@ def test_ranking_requests_batched_on_cuda_score_like_their_flat_examples_on_cpu(
 
     async def main():
         engine = ScoringEngine(load_settings(device="cuda", device_hot_rows_bytes=2**20, max_wait_ms=20))
-        engine.load(path)
+        engine.registry.load(path)
         await engine.astart()
         try:
             results = await asyncio.gather(*(engine.score(candidates, context=context) for context, candidates in requests))
@@ -237,7 +237,7 @@ def test_ranking_requests_batched_on_cuda_score_like_their_flat_examples_on_cpu(
         return engine, np.concatenate([scores for scores, _ in results])
 
     engine, got = asyncio.run(main())
-    assert not engine.runtime(None, None).splits_context
+    assert not engine.registry.runtime(None, None).splits_context
     assert np.abs(got - expected).max() <= 1e-5
     assert sample(engine, "uembed_batch_examples_count") < len(requests)  # merged into batches, not scored one by one
 
@@ -293,13 +293,13 @@ def test_a_shadow_version_on_cuda_scores_copies_with_its_own_runtime(synthetic_b
 
     async def main():
         engine = ScoringEngine(load_settings(device="cuda", device_hot_rows_bytes=2**20, bundle_store=primary.parent.parent))
-        engine.load(primary)
+        engine.registry.load(primary)
         await engine.astart()
         try:
-            await engine.add_version(model, shadow_path.name)
-            await engine.set_routing(Route(model, {primary.name: 1}, shadow=shadow_path.name))
+            await engine.registry.add_version(model, shadow_path.name)
+            await engine.registry.set_routing(Route(model, {primary.name: 1}, shadow=shadow_path.name))
             served = np.concatenate([(await engine.score(traffic[i : i + 32]))[0] for i in range(0, 256, 32)])
-            copies = engine.runtimes_for(model, shadow_path.name)
+            copies = engine.registry.runtimes_for(model, shadow_path.name)
             deadline = asyncio.get_running_loop().time() + 30
             shadow_requests = {"name": "uembed_shadow_requests_total", "version": shadow_path.name}
             scored = lambda: sample(engine, **shadow_requests, outcome="scored")  # noqa: E731

@@ -8,8 +8,9 @@ import pytest
 from uembed.bundle.loader import load_bundle
 from uembed.contract.errors import Internal
 from uembed.serving.engine import DeadlineExceeded, NotReady, Overloaded, ScoringEngine
-from uembed.serving.pipeline.runtime import ModelRuntime
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.pipeline.reference import ReferenceScorer
+from uembed.serving.registry import describe_models
 from uembed.serving.settings import load_settings
 
 
@@ -22,7 +23,7 @@ def score_concurrently(path, settings, requests):
 
     async def main():
         engine = ScoringEngine(settings)
-        engine.load(path)
+        engine.registry.load(path)
         await engine.astart()
         results = await asyncio.gather(*(engine.score(examples, context=context) for context, examples in requests))
         await engine.astop()
@@ -41,7 +42,7 @@ def test_concurrent_requests_are_merged_into_batches(bundle_store, movielens_exa
 
     async def main():
         engine = ScoringEngine(load_settings(max_wait_ms=5))
-        engine.load(path)
+        engine.registry.load(path)
         await engine.astart()
         chunks = [movielens_examples[i : i + 10] for i in range(0, 200, 10)]
         results = await asyncio.gather(*(engine.score(chunk) for chunk in chunks))
@@ -80,7 +81,7 @@ def test_ranking_requests_batch_with_flat_ones_and_score_as_their_flat_examples(
 def test_a_failing_batch_fails_its_requests_and_not_the_loop(bundle_store, movielens_examples):
     async def main():
         engine = ScoringEngine(load_settings())
-        runtime = engine.load(bundle_store / "movielens" / "1")
+        runtime = engine.registry.load(bundle_store / "movielens" / "1")
         await engine.astart()
         original = runtime.dense
         runtime.dense = lambda embeddings: (_ for _ in ()).throw(RuntimeError("onnx blew up"))
@@ -98,7 +99,7 @@ def test_a_failing_batch_fails_its_requests_and_not_the_loop(bundle_store, movie
 def test_admission_bound_and_deadline(bundle_store, movielens_examples):
     async def main():
         engine = ScoringEngine(load_settings(max_queue_examples=10, request_timeout_ms=50, max_wait_ms=200))
-        engine.load(bundle_store / "movielens" / "1")
+        engine.registry.load(bundle_store / "movielens" / "1")
         await engine.astart()
         first = asyncio.create_task(engine.score(movielens_examples[:8]))
         await asyncio.sleep(0.01)
@@ -127,7 +128,7 @@ def test_torchscript_backend_scores_like_onnx(bundle_store, movielens_examples):
 
     async def scores(backend):
         engine = ScoringEngine(load_settings(dense_backend=backend))
-        engine.load(path)
+        engine.registry.load(path)
         await engine.astart()
         out, runtime = await engine.score(movielens_examples[:256])
         await engine.astop()
@@ -144,7 +145,7 @@ def test_torchscript_backend_refuses_a_bundle_without_the_full_model(bundle_stor
 
     engine = ScoringEngine(load_settings(dense_backend="torchscript"))
     with pytest.raises(BundleError, match="dense_backend=onnx"):
-        engine.load(bundle_store / "movielens" / "2")  # float16: no full model
+        engine.registry.load(bundle_store / "movielens" / "2")  # float16: no full model
 
 
 def test_several_models_are_chosen_by_name(bundle_store, movielens_examples, tmp_path):
@@ -160,15 +161,15 @@ def test_several_models_are_chosen_by_name(bundle_store, movielens_examples, tmp
 
     async def main():
         engine = ScoringEngine(load_settings())
-        engine.load(bundle_store / "movielens" / "1")
-        engine.load(other)
+        engine.registry.load(bundle_store / "movielens" / "1")
+        engine.registry.load(other)
         await engine.astart()
         _, default = await engine.score(movielens_examples[:2])
         _, chosen = await engine.score(movielens_examples[:2], model="other")
         with pytest.raises(ModelNotFound, match="loaded: movielens, other"):
             await engine.score(movielens_examples[:2], model="nope")
         await engine.astop()
-        return default.name, chosen.name, [m["name"] for m in engine.describe()]
+        return default.name, chosen.name, [m["name"] for m in describe_models(engine.registry)]
 
     assert run(main()) == ("movielens", "other", ["movielens", "other"])
 
@@ -195,15 +196,15 @@ def test_lifecycle_calls_are_safe_in_any_order(bundle_store, movielens_examples)
         await never_started.astop()  # releases its thread; nothing to drain
         await never_started.astop()
         engine = ScoringEngine(load_settings(bundle_store=bundle_store))
-        engine.load(bundle_store / "movielens" / "1")
+        engine.registry.load(bundle_store / "movielens" / "1")
         with pytest.raises(NotReady):
-            await engine.reload("movielens", "2")  # not started: refused, not a hang on a missing lock
+            await engine.registry.reload("movielens", "2")  # not started: refused, not a hang on a missing lock
         await engine.astart()
         await engine.astart()  # a second start keeps the one batch loop
-        first_loop = engine._loop_task
+        first_loop = engine.batcher._loop_task
         scores, _ = await engine.score(movielens_examples[:3])
-        runtime = await engine.reload("movielens", "2")
-        assert engine._loop_task is first_loop and runtime.version == "2"
+        runtime = await engine.registry.reload("movielens", "2")
+        assert engine.batcher._loop_task is first_loop and runtime.version == "2"
         await engine.astop()
         await engine.astop()
         with pytest.raises(Overloaded):
@@ -218,7 +219,7 @@ def test_lifecycle_calls_are_safe_in_any_order(bundle_store, movielens_examples)
 def test_a_dense_net_that_returns_the_wrong_number_of_scores_fails_its_batch(bundle_store, movielens_examples):
     async def main():
         engine = ScoringEngine(load_settings())
-        runtime = engine.load(bundle_store / "movielens" / "1")
+        runtime = engine.registry.load(bundle_store / "movielens" / "1")
         await engine.astart()
         original = runtime.dense
         runtime.dense = lambda embeddings: original(embeddings)[:-1]
@@ -251,7 +252,7 @@ def test_ranking_requests_batch_together_and_look_up_their_context_once(bundle_s
 
     engine, scores = score_concurrently(path, settings, requests)
     np.testing.assert_array_equal(scores, expected)
-    assert engine.batches_on_loop is on_loop
+    assert engine.batcher.batches_on_loop is on_loop
     assert sample_count(engine, "uembed_batch_examples_count") == len(requests) / 2  # two requests a batch
     assert sample_count(engine, "uembed_batch_ids_sum") == len(requests) * per_request_ids
 
@@ -282,7 +283,7 @@ def test_batches_on_the_loop_hand_it_back_between_batches(bundle_store, movielen
 
     async def main():
         engine = ScoringEngine(load_settings(max_batch_ids=1))
-        engine.load(path)
+        engine.registry.load(path)
         await engine.astart()
         batches_seen = []
 
@@ -295,5 +296,5 @@ def test_batches_on_the_loop_hand_it_back_between_batches(bundle_store, movielen
         return engine, batches_seen
 
     engine, batches_seen = run(main())
-    assert engine.batches_on_loop and sorted(batches_seen) == batches_seen and batches_seen[-1] == 6
+    assert engine.batcher.batches_on_loop and sorted(batches_seen) == batches_seen and batches_seen[-1] == 6
     assert batches_seen[0] < 6, batches_seen

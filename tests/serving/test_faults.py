@@ -9,7 +9,7 @@ import numpy as np
 
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.servers import RedisServer
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
 
 TOKEN = "a-test-token-of-some-length"
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from uembed.bundle.loader import load_bundle
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
 
 
 def score(service, examples, **extra):

@@ -102,7 +102,7 @@ def test_requests_abandoned_before_their_batch_are_counted_and_skipped(bundle_st
         async def abandon():
             task = asyncio.ensure_future(engine.score([GOOD] * 3))
             await asyncio.sleep(0.05)  # admitted, waiting for its batch (max_wait_ms)
-            assert engine.queued_examples == 3
+            assert engine.batcher.queued_examples == 3
             task.cancel()
             await asyncio.sleep(0.5)  # the batch loop has run and found it abandoned
 
@@ -111,7 +111,7 @@ def test_requests_abandoned_before_their_batch_are_counted_and_skipped(bundle_st
         after = service.metrics()
         assert after['uembed_abandoned_requests_total{reason="cancelled"}'] - before['uembed_abandoned_requests_total{reason="cancelled"}'] == 1
         assert after.get('uembed_scored_examples_total{model="movielens"}', 0) == before.get('uembed_scored_examples_total{model="movielens"}', 0)
-        assert service.engine.queued_examples == 0
+        assert service.engine.batcher.queued_examples == 0
     finally:
         service.close()
 

@@ -14,6 +14,7 @@ import pytest
 from tests.serving.inprocess import InProcessService
 from uembed.contract.errors import ExampleError
 from uembed.loadtest.servers import UvicornProcess, wait_until
+from uembed.serving.registry import Target
 from uembed.serving.routing import Route
 
 TOKEN = "routing-test-token-0123"
@@ -54,15 +55,15 @@ def versions_of(engine, users, **where) -> list[str]:
             request = {"examples": [{"user_id": "someone-else"}], "context": None, "routing_key": str(user)}
         else:
             request = {"examples": [{"user_id": user, "movie_id": "1"}], "context": None}
-        runtime, _ = engine.route(MODEL, None, request.get("routing_key"), request["examples"], request["context"])
+        runtime = engine.registry.resolve(MODEL, None, request.get("routing_key"), request["examples"], request["context"]).runtime
         out.append(runtime.version)
     return out
 
 
 def test_a_90_10_split_over_10000_users_lands_within_1_5_points_of_10_percent_and_keeps_each_user(app):
     engine = app.engine
-    app.run(engine.add_version(MODEL, "2"))
-    app.run(engine.set_routing(Route(MODEL, {"1": 90, "2": 10}, sticky_feature="user_id")))
+    app.run(engine.registry.add_version(MODEL, "2"))
+    app.run(engine.registry.set_routing(Route(MODEL, {"1": 90, "2": 10}, sticky_feature="user_id")))
     users = [str(u) for u in range(10_000)]
     chosen = versions_of(engine, users)
     share = chosen.count("2") / len(users)
@@ -73,7 +74,7 @@ def test_a_90_10_split_over_10000_users_lands_within_1_5_points_of_10_percent_an
     assert versions_of(engine, [int(u) for u in users[:2000]], form="context") == chosen[:2000]
     assert versions_of(engine, users[:2000], form="routing_key") == chosen[:2000]
     # Weight moved to the last-listed version moves users onto it only.
-    app.run(engine.set_routing(Route(MODEL, {"1": 0.8, "2": 0.2}, sticky_feature="user_id")))
+    app.run(engine.registry.set_routing(Route(MODEL, {"1": 0.8, "2": 0.2}, sticky_feature="user_id")))
     wider = versions_of(engine, users)
     assert all(after == "2" for before, after in zip(chosen, wider) if before == "2")
     assert abs(wider.count("2") / len(users) - 0.20) <= 0.015
@@ -81,14 +82,14 @@ def test_a_90_10_split_over_10000_users_lands_within_1_5_points_of_10_percent_an
 
 def test_a_request_without_a_key_is_split_by_the_weights_and_a_list_key_is_refused(app):
     engine = app.engine
-    app.run(engine.add_version(MODEL, "2"))
-    app.run(engine.set_routing(Route(MODEL, {"1": 50, "2": 50}, sticky_feature="user_id")))
-    chosen = [engine.route(MODEL, None, None, [{"movie_id": "1"}], None)[0].version for _ in range(2000)]
+    app.run(engine.registry.add_version(MODEL, "2"))
+    app.run(engine.registry.set_routing(Route(MODEL, {"1": 50, "2": 50}, sticky_feature="user_id")))
+    chosen = [engine.registry.resolve(MODEL, None, None, [{"movie_id": "1"}], None).runtime.version for _ in range(2000)]
     assert 0.4 < chosen.count("2") / len(chosen) < 0.6
     with pytest.raises(ExampleError, match=r"context.user_id: model movielens routes requests by user_id"):
-        engine.route(MODEL, None, None, [{}], {"user_id": ["1", "2"]})
-    pinned = engine.route(MODEL, "2", None, [{"user_id": "1"}], None)
-    assert pinned == (engine.versions[MODEL]["2"], None)
+        engine.registry.resolve(MODEL, None, None, [{}], {"user_id": ["1", "2"]})
+    pinned = engine.registry.resolve(MODEL, "2", None, [{"user_id": "1"}], None)
+    assert pinned == Target(engine.registry.versions[MODEL]["2"], None)
 
 
 def test_a_shadow_scores_copies_without_changing_what_is_served(app, movielens_examples):
@@ -109,7 +110,7 @@ def test_a_shadow_scores_copies_without_changing_what_is_served(app, movielens_e
     assert metrics[f'uembed_shadow_score_difference_sum{{model="{MODEL}",version="2"}}'] > 0  # v2's rows are float16
     assert metrics[f'uembed_model_request_duration_seconds_count{{model="{MODEL}",traffic="shadow",version="2"}}'] == 8
     assert metrics[f'uembed_routing_share{{model="{MODEL}",version="2"}}'] == 0
-    assert len(app.engine.runtimes_for(MODEL, "2")) == 2  # the served copy and the shadow thread's own
+    assert len(app.engine.registry.runtimes_for(MODEL, "2")) == 2  # the served copy and the shadow thread's own
 
 
 # --- over HTTP --------------------------------------------------------------------------------
@@ -269,9 +270,9 @@ def test_row_updates_reach_the_shadow_copy_on_the_shadow_thread(app, movielens_e
     from uembed.serving.rows.updates import RowDelta
 
     engine = app.engine
-    app.run(engine.add_version(MODEL, "2"))
-    app.run(engine.set_routing(Route(MODEL, {"1": 1}, shadow="2")))
-    served, shadow = engine.runtimes_for(MODEL, "2")
+    app.run(engine.registry.add_version(MODEL, "2"))
+    app.run(engine.registry.set_routing(Route(MODEL, {"1": 1}, shadow="2")))
+    served, shadow = engine.registry.runtimes_for(MODEL, "2")
     (table_name, table), = served.bundle.tables.items()
     ids = np.arange(20)
     rows = np.random.default_rng(3).normal(scale=0.3, size=(len(ids), np.asarray(table.data).shape[1])).astype(np.float32)

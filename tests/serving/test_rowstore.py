@@ -8,7 +8,7 @@ import pytest
 
 from uembed.bundle.format import quantise_rows
 from uembed.bundle.loader import TableRows
-from uembed.serving.pipeline.scorer import distinct
+from uembed.serving.pipeline.stages import distinct
 from uembed.serving.rows.store import FrequencySketch, HotRows, RedisTier, RowCodec, TableStore
 
 

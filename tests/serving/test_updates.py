@@ -12,7 +12,7 @@ from uembed.bundle.format import encode_records
 from uembed.bundle.loader import TableRows, load_bundle
 from uembed.loadtest.servers import RedisServer
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.rows.overlay import RowOverlay
 from uembed.serving.rows.push import RowPublisher, delta_file_rows
 from uembed.serving.rows.updates import DeltaError, RowDelta, decode_delta, encode_delta, parse_position, stream_key
@@ -107,7 +107,7 @@ def test_a_batch_never_sees_a_half_applied_delta(bundle_store, movielens_example
     async def main():
         # half the rows in tier 1, the rest in the overlay
         engine = ScoringEngine(load_settings(hot_rows_bytes=8 * 1024, compute_on_event_loop=on_loop))
-        engine.load(path)
+        engine.registry.load(path)
         await engine.astart()
         stop = threading.Event()
 
@@ -165,8 +165,8 @@ def test_the_reader_skips_bad_entries_and_outlives_redis_while_requests_go_on(bu
 
     async def main():
         engine = ScoringEngine(load_settings(row_updates_url=redis_server.url, hot_rows_bytes=8 * 1024))
-        engine.load(path)
-        runtime = engine.models["movielens"]
+        engine.registry.load(path)
+        runtime = engine.registry.models["movielens"]
         await engine.astart()
         publisher = RowPublisher(served, redis_server.client(), chunk_rows=64)
         try:

@@ -380,7 +380,7 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"bundle {path}: {args.dtype} rows, {table_bytes:,} table bytes ({table_bytes / float32_bytes:.1%} of float32)")
     if args.evaluate:
         from uembed.model.train import evaluate
-        from uembed.serving.pipeline.scorer import ReferenceScorer
+        from uembed.serving.pipeline.reference import ReferenceScorer
 
         source = config.get("source") or {}
         data_args = argparse.Namespace(**{**source, "spec": Path(source["spec"]) if source.get("spec") else None})

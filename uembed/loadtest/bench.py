@@ -21,12 +21,9 @@ machine over loopback (the generator is threads on keep-alive connections).
 
 from __future__ import annotations
 
-import http.client
 import json
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -33,8 +33,8 @@ from uembed.bundle.synthetic import criteo_features, write_synthetic_bundle
 from uembed.contract.hashing import rows_of
 from uembed.loadtest.traffic import zipf_cdf, zipf_ranks
 from uembed.serving.pipeline.cuda import CudaModelRuntime, cuda_modules
-from uembed.serving.pipeline.runtime import ModelRuntime
-from uembed.serving.pipeline.scorer import onnx_session
+from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.pipeline.dense import onnx_session
 
 # Distinct values of Criteo-Kaggle's 26 categorical columns (33.8 M in all), the sizes DLRM publishes.
 CRITEO_KAGGLE_VOCABULARY = (

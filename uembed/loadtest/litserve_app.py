@@ -21,8 +21,8 @@ import litserve as ls
 import numpy as np
 
 from uembed.bundle.loader import load_bundle
-from uembed.serving.pipeline.encoding import ValueLimits
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.reference import ReferenceScorer
+from uembed.serving.pipeline.values import ValueLimits
 from uembed.serving.settings import load_settings
 
 MAX_BATCH_SIZE = 32  # requests per batch

@@ -117,12 +117,10 @@ def unloaded(url: str, bodies: list[bytes], requests: int) -> LoadResult:
 
 def ceiling(bundle_path: Path, requests: list[list[dict]], seconds: float) -> dict:
     """Requests/s of the scoring work alone, one request per batch, in this process."""
-    runtime = ScoringEngine(load_settings()).open(bundle_path)
+    runtime = ScoringEngine(load_settings()).registry.open(bundle_path)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        examples = runtime.canonicalise(requests[done % len(requests)])
-        rows, weights = runtime.hash([examples])
-        runtime.dense(runtime.assemble(runtime.lookup(rows), weights))
+        runtime.score_batch([runtime.canonicalise(requests[done % len(requests)])])
         done += 1
     elapsed = time.perf_counter() - started
     return {"requests": done, "requests_per_s": round(done / elapsed, 1)}

@@ -27,8 +27,9 @@ from fastapi.responses import JSONResponse
 
 from uembed.bundle.loader import advise, load_bundle
 from uembed.contract.errors import UembedError
-from uembed.serving.pipeline.encoding import ExampleEncoder, ValueLimits
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.encoding import ExampleEncoder
+from uembed.serving.pipeline.reference import ReferenceScorer
+from uembed.serving.pipeline.values import ValueLimits
 
 CHUNK_ROWS = 1 << 22
 

@@ -50,9 +50,10 @@ from uembed.contract.errors import (
     ValidationFailed,
     internal,
 )
-from uembed.serving.engine import NAME_PATTERN, NAME_RULE, ScoringEngine
+from uembed.serving.engine import ScoringEngine
+from uembed.serving.registry import NAME_PATTERN, NAME_RULE, describe_models
 from uembed.serving.metrics import ServiceMetrics, outcome
-from uembed.serving.pipeline.encoding import NUMERIC_STRING
+from uembed.serving.pipeline.values import NUMERIC_STRING
 from uembed.serving.protocols.disconnect import unless_abandoned
 from uembed.serving.protocols.lean_json import SCORE_PATH, LeanScoreRoute
 from uembed.serving.protocols.oip import InferencePlane
@@ -262,7 +263,7 @@ def feature_schema(spec, settings: ServiceSettings) -> dict:
 def examples_schema(engine: ScoringEngine, settings: ServiceSettings) -> dict | None:
     """An example's schema from the loaded models' features (their union when several are loaded)."""
     properties: dict[str, dict] = {}
-    for runtime in engine.loaded():
+    for runtime in engine.registry.loaded():
         for name, spec in runtime.bundle.feature_specs.items():
             properties.setdefault(name, feature_schema(spec, settings))
     if not properties:
@@ -369,11 +370,11 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not engine.models:
+        if not engine.registry.models:
             if not settings.bundles:
                 raise UembedError("no bundle to serve: set UEMBED_BUNDLES, or start with `uembed serve` (demo bundle)")
             for path in settings.bundles:
-                engine.load(path)
+                engine.registry.load(path)
         # Bundles, sessions and caches live as long as the process: keep them out of GC passes (tail latency).
         gc.collect()
         gc.freeze()
@@ -478,7 +479,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     @app.get("/v1/models", summary="Loaded models and versions, features, tables with bytes per tier, routing rules",
              responses=declared())  # fmt: skip
     async def models() -> dict:
-        return {"models": engine.describe(), "routing": engine.describe_routing()}
+        return {"models": describe_models(engine.registry), "routing": engine.registry.describe_routing()}
 
     def require_token(authorization: str | None) -> None:
         """The admin calls' guard: off (404) without a configured token, 401 without the right bearer token."""
@@ -502,7 +503,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     )
     async def load_model(body: LoadRequest, name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        runtime = await engine.reload(name, body.version)
+        runtime = await engine.registry.reload(name, body.version)
         return {"model": runtime.name, "version": runtime.version}
 
     @app.post(
@@ -516,8 +517,8 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     )
     async def load_version(name: ModelName, version: VersionPath, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        runtime = await engine.add_version(name, version)
-        return {"model": runtime.name, "version": runtime.version, "primary": engine.models[name] is runtime}
+        runtime = await engine.registry.add_version(name, version)
+        return {"model": runtime.name, "version": runtime.version, "primary": engine.registry.models[name] is runtime}
 
     @app.delete(
         "/v1/models/{name}/versions/{version}",
@@ -544,7 +545,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     async def set_routing(body: RoutingRule, name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
         route = Route(name, body.split, body.sticky_feature, body.shadow, body.shadow_fraction)
-        await engine.set_routing(route)
+        await engine.registry.set_routing(route)
         return {"model": name, "routing": route.describe()}
 
     @app.delete(
@@ -555,7 +556,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     )
     async def clear_routing(name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        engine.clear_routing(name)
+        engine.registry.clear_routing(name)
         return {"model": name, "routing": None}
 
     @app.get("/healthz", summary="The process is alive", responses=declared())
@@ -577,7 +578,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
                    **declared()},  # fmt: skip
     )
     async def metrics() -> Response:
-        await asyncio.to_thread(engine.observe_files)
+        await asyncio.to_thread(engine.registry.observe_files)
         return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict:

@@ -23,6 +23,11 @@ def remove_quietly(metric, *labels: str) -> None:
     except KeyError:
         pass
 
+
+def rows_dtype(runtime) -> str:
+    """The stored dtype of a model version's rows (a label of its info series)."""
+    return next(iter(runtime.bundle.tables.values())).dtype if runtime.bundle.tables else "none"
+
 LATENCY_BUCKETS = tuple(round(0.0001 * 2**i, 6) for i in range(17))  # 0.1 ms .. 6.5 s
 STAGES = ("queue", "hash", "lookup", "assemble", "dense")
 SIZE_BUCKETS = tuple(float(2**i) for i in range(18))  # 1 .. 131072
@@ -222,17 +227,36 @@ class ServiceMetrics:
         for stage in STAGES:
             self.stage_seconds.labels(stage)
 
-    def version_series(self, name: str, version: str) -> None:
-        """Series of a loaded version at 0, so its panels show 0 rather than "no data"."""
+    def version_loaded(self, runtime, replaced=None) -> None:
+        """A loaded model version's series (a ``ModelRuntime``; ``replaced``: the copy of the same version it replaces):
+        its info, and every series of it at 0 before its first event, so panels show 0 rather than "no data"."""
+        name, version = runtime.name, runtime.version
+        if replaced is not None:
+            remove_quietly(self.model_info, replaced.name, replaced.version, replaced.plan.method, rows_dtype(replaced))
+        self.model_info.labels(name, version, runtime.plan.method, rows_dtype(runtime)).set(1)
         for traffic in TRAFFIC:
             self.version_seconds.labels(name, version, traffic)
             self.example_score.labels(name, version, traffic)
         for kind in SHADOW_OUTCOMES:
             self.shadow.labels(name, version, kind)
         self.shadow_difference.labels(name, version)
+        self.reloads.labels(name, "ok")
+        for spec in runtime.bundle.feature_specs.values():
+            if spec.kind == "multivalent":
+                self.truncated.labels(spec.name)
+        for feature in runtime.encoder.known:
+            self.unseen.labels(name, feature)
+        for outcome_label in ("applied", "rejected"):
+            self.updates.labels(name, version, outcome_label)
+        self.update_lag_seconds.labels(name, version).set(0)
+        for store in runtime.stores:
+            self.update_rows.labels(name, store.table.name)
+            self.overlay_rows.labels(name, store.table.name).set(store.overlay.rows)
 
-    def forget_version(self, name: str, version: str) -> None:
-        """An unloaded version's series go (its labels are bounded by what is loaded)."""
+    def version_unloaded(self, runtime) -> None:
+        """An unloaded version's series go (their labels are bounded by what is loaded), its lag with them."""
+        name, version = runtime.name, runtime.version
+        remove_quietly(self.model_info, name, version, runtime.plan.method, rows_dtype(runtime))
         for traffic in TRAFFIC:
             for metric in (self.version_seconds, self.example_score):
                 remove_quietly(metric, name, version, traffic)
@@ -240,6 +264,7 @@ class ServiceMetrics:
             remove_quietly(self.shadow, name, version, kind)
         remove_quietly(self.shadow_difference, name, version)
         remove_quietly(self.routing_share, name, version)
+        remove_quietly(self.update_lag_seconds, name, version)
 
     @staticmethod
     def observe_all(histogram, values: np.ndarray) -> None:
@@ -253,22 +278,6 @@ class ServiceMetrics:
             if count:
                 bucket.inc(count)
         histogram._sum.inc(float(np.sum(values, dtype=np.float64)))
-
-    def start_update_series(self, model: str, version: str, overlay_rows: list[int], tables: list[str]) -> None:
-        """A live version's row-update series, at 0 before its first update so dashboards show 0, not "no data"."""
-        for outcome_label in ("applied", "rejected"):
-            self.updates.labels(model, version, outcome_label)
-        self.update_lag_seconds.labels(model, version).set(0)
-        for table, rows in zip(tables, overlay_rows):
-            self.update_rows.labels(model, table)
-            self.overlay_rows.labels(model, table).set(rows)
-
-    def forget_update_series(self, model: str, version: str) -> None:
-        """A replaced version's lag is no longer anyone's."""
-        try:
-            self.update_lag_seconds.remove(model, version)
-        except KeyError:
-            pass
 
     def observe_tiers(self, counts: TierCounts) -> None:
         for tier, value in counts.hits.items():

@@ -201,7 +201,7 @@ class ShadowScorer:
         if not kept:
             return
         try:
-            scores = np.asarray(runtime.score_encoded(*runtime.hash(parts)), dtype=np.float32).reshape(-1)
+            scores = np.asarray(runtime.score_batch(parts)[0], dtype=np.float32).reshape(-1)
             runtime.encoder.take_unseen()
             for store in runtime.stores:
                 store.take_counts()  # a shadow's lookups are not the served traffic's tier figures

@@ -10,9 +10,10 @@ import uembed.loadtest.naive_app
 from uembed.bundle.loader import load_bundle
 from uembed.contract.errors import ExampleError
 from uembed.contract.known import KnownValues
-from uembed.serving.pipeline.encoding import ExampleEncoder, ValueLimits
-from uembed.serving.pipeline.runtime import ModelRuntime
-from uembed.serving.pipeline.scorer import ReferenceScorer
+from uembed.serving.pipeline.encoding import ExampleEncoder
+from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.pipeline.reference import ReferenceScorer
+from uembed.serving.pipeline.values import ValueLimits
 
 
 def test_known_values_hold_every_training_value_and_few_others():

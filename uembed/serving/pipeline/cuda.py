@@ -30,10 +30,10 @@ import numpy as np
 
 from uembed.bundle.loader import Bundle
 from uembed.contract.errors import DeviceError
-from uembed.serving.pipeline.encoding import ValueLimits
-from uembed.serving.pipeline.runtime import ModelRuntime
+from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.pipeline.stages import BatchPath
+from uembed.serving.pipeline.values import ValueLimits
 from uembed.serving.rows.store import RedisTier
-from uembed.serving.settings import ServiceSettings
 
 # Rows whose dim is a multiple of 4 move as float4 (16-byte loads and stores): a 64-byte row is 4 threads, not 16.
 GATHER_ROWS_VEC4 = r"""
@@ -109,7 +109,6 @@ class CudaModelRuntime(ModelRuntime):
     """A model version scored on a CUDA device; same stages and results as :class:`ModelRuntime` (up to float rounding:
     it runs ``dense.onnx`` whole, also where the CPU runs a split network's parts)."""
 
-    splits_context = False  # its lookup and assemble kernels take the broadcast [B, S] batch
 
     def __init__(
         self,
@@ -146,6 +145,7 @@ class CudaModelRuntime(ModelRuntime):
             limits=limits,
             value_cache_bytes=value_cache_bytes,
         )
+        self.batch_path = BatchPath.FLAT  # its lookup and assemble kernels take the broadcast [B, S] batch
         if self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise DeviceError(
                 f"device={device}: ONNX Runtime could not start its CUDA provider (providers: "
@@ -324,15 +324,3 @@ class CudaModelRuntime(ModelRuntime):
         )
         self.stream.synchronize()
         return self.scores_host[:batch].copy()
-
-
-def open_runtime(bundle: Bundle, settings: ServiceSettings, redis: RedisTier | None) -> ModelRuntime:
-    """The runtime for ``settings.device``: :class:`ModelRuntime` on the CPU, :class:`CudaModelRuntime` on ``cuda[:N]``."""
-    encoding = {"limits": ValueLimits(settings.max_value_chars, settings.max_list_values),
-                "value_cache_bytes": settings.value_cache_bytes}  # fmt: skip
-    if settings.device == "cpu":
-        return ModelRuntime(bundle, settings.hot_rows_bytes, redis, settings.redis_prefix, settings.compute_threads,
-                            settings.dense_backend, **encoding)  # fmt: skip
-    return CudaModelRuntime(bundle, settings.device, settings.device_hot_rows_bytes, redis, settings.redis_prefix,
-                            settings.compute_threads, settings.device_tf32, **encoding)  # fmt: skip
-

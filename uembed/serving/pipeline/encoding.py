@@ -1,8 +1,10 @@
 """Examples -> row ids: the one path from a client's feature values to rows.
 
-The export check (``ReferenceScorer``), the service (``ModelRuntime`` and the CUDA path)
+The export check (``ReferenceScorer``), the service (the CPU and CUDA runtimes)
 and the naive benchmark baseline all encode through :class:`ExampleEncoder`, so a value
 scores the same everywhere by construction. The service only adds caches around it.
+Canonicalise lives in ``canonical.py`` (:class:`Canonicaliser`, which the encoder extends), what a
+value may be in ``values.py``; hash is here.
 
 A score runs these stages, in this order (each one function)::
 
@@ -34,137 +36,19 @@ string holding a finite decimal number; a boolean is not a number.
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from itertools import chain, repeat
-from typing import NoReturn
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
 from uembed.contract.columns import canonical_column
-from uembed.contract.errors import ExampleError
-from uembed.contract.features import FeatureSpec
 from uembed.contract.hashing import MISSING, hash_canonical_columns, rows_of
 from uembed.contract.known import KnownValues
-from uembed.contract.plan import EmbeddingPlan, FeaturePlan
-
-# A numeric feature's value sent as a string: a finite decimal number, blanks around it allowed, or "" (missing).
-# Written as a regular expression so the OpenAPI schema can carry it; float() alone would also take "NaN",
-# "inf" and "1_0".
-NUMERIC_STRING = r"^(\s*[-+]?([0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20})([eE][-+]?[0-9]{1,2})?\s*)?$"
-
-
-@dataclass(frozen=True)
-class ValueLimits:
-    """What a feature value may be. ``None`` turns a limit off (the export check, on training values)."""
-
-    max_chars: int | None = 256
-    max_list: int | None = 256
-    finite_only: bool = True
-
-    def check(self, value: object, spec: FeatureSpec) -> None:
-        if isinstance(value, list):
-            if not spec.multivalent:
-                raise TypeError("takes one value, got a list")
-            if self.max_list is not None and len(value) > self.max_list:
-                raise ValueError(f"a list of {len(value)} values is longer than the limit of {self.max_list}")
-            for item in value:
-                self._scalar(item, spec)
-        else:
-            self._scalar(value, spec)
-
-    def _scalar(self, value: object, spec: FeatureSpec) -> None:
-        if value is None or isinstance(value, bool):
-            return
-        if isinstance(value, int):
-            if spec.kind == "numeric" and abs(value) > sys.float_info.max:
-                raise ValueError(f"takes a finite number, got an integer of {value.bit_length()} bits, past a float's range")
-            return
-        if isinstance(value, str):
-            if self.max_chars is not None and len(value) > self.max_chars:
-                raise ValueError(f"a value of {len(value)} characters is longer than the limit of {self.max_chars}")
-            if self.finite_only and spec.kind == "numeric" and not re.fullmatch(NUMERIC_STRING, value):
-                raise TypeError(f"takes a finite number (a number, or a string of decimal digits; null when missing), got {value[:40]!r}")
-            return
-        if isinstance(value, float):
-            if self.finite_only and not math.isfinite(value):
-                raise ValueError(f"{value} is not a finite number (send null for a missing value)")
-            return
-        raise TypeError(f"takes a string, number, boolean or null, got {type(value).__name__}")
-
-
-NO_LIMITS = ValueLimits(max_chars=None, max_list=None, finite_only=False)
-
-
-class ValueCache:
-    """A dict bounded by an estimate of the bytes its keys and values hold; emptied when full.
-
-    Emptying (rather than evicting one by one) keeps a hit to one dict lookup; the values
-    that recur come straight back.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.entries: dict = {}
-
-    def get(self, key):
-        return self.entries.get(key)
-
-    def put(self, key, value, size: int) -> None:
-        if size > self.max_bytes:
-            return
-        if self.bytes + size > self.max_bytes:
-            self.entries.clear()
-            self.bytes = 0
-        self.entries[key] = value
-        self.bytes += size
-
-
-ENTRY_OVERHEAD = 104  # a dict slot and the tuple around a value, as sys.getsizeof counts them on CPython 3.11
-
-
-def entry_bytes(key: object, items: tuple) -> int:
-    """Bytes of a key (a tuple key: with its items) and a tuple of values, as sys.getsizeof counts them."""
-    size = ENTRY_OVERHEAD + sys.getsizeof(key) + sum(map(sys.getsizeof, items))
-    if type(key) is tuple:
-        size += sum(map(sys.getsizeof, key))
-    return size
-
-
-def cache_key(value: object) -> object:
-    """A dict key for values whose canonical form depends on the value alone: str and int (not bool,
-    which equals 1), and lists of str. None for anything else (checked and canonicalised every time)."""
-    kind = type(value)
-    if kind is str or kind is int:
-        return value
-    if kind is list and all(type(item) is str for item in value):
-        return tuple(value)
-    return None
-
-
-def int_bytes(value: int) -> bytes:
-    """An int's canonical bytes, as ``canonical_bytes`` gives them (its decimal digits)."""
-    return str(value).encode()
-
-
-def scalar_bytes(value: str | int) -> bytes:
-    return value.encode() if type(value) is str else str(value).encode()
-
-
-@dataclass
-class CanonicalExamples:
-    """One request's examples as canonical bytes, ready to join a batch."""
-
-    count: int
-    values: dict[str, list]  # feature -> per example, a tuple of canonical values (multivalent) or one value
-    ids: int  # row ids this request looks up (its cost in a batch)
-    truncated: dict[str, int]  # feature -> lists cut to the trained width
-    # Features given once for the whole request (its context): their ``values`` hold one entry, not ``count``.
-    shared: frozenset[str] = frozenset()
+from uembed.contract.plan import FeaturePlan
+from uembed.serving.pipeline.canonical import CanonicalExamples, Canonicaliser
+from uembed.serving.pipeline.values import ENTRY_OVERHEAD, ValueCache, entry_bytes
 
 
 @dataclass
@@ -221,32 +105,17 @@ def slot_runs(slots: np.ndarray) -> tuple[tuple[int, int, int], ...]:
 
 
 @dataclass
-class ExampleEncoder:
-    """Canonicalise and hash examples for one bundle's features and plan.
-
-    ``cache_bytes`` > 0 keeps recent values' canonical forms and rows (most traffic repeats
-    values, and canonicalising in Python is the costliest per-request step), bounded in bytes
-    in all. ``known`` (feature -> :class:`KnownValues`) counts values unseen in training.
-    """
-
-    specs: Mapping[str, FeatureSpec]
-    plan: EmbeddingPlan
-    limits: ValueLimits = NO_LIMITS
-    cache_bytes: int = 0
-    known: Mapping[str, KnownValues] = field(default_factory=dict)
+class ExampleEncoder(Canonicaliser):
+    """Canonicalise (:class:`Canonicaliser`) and hash examples for one bundle's features and plan."""
 
     LAYOUTS_KEPT = 64  # slot layouts of distinct context feature sets remembered (clients choose the sets)
 
     def __post_init__(self) -> None:
-        self.widths = {f.name: f.width for f in self.plan.features}
-        self.feature_slots = {f.name: f.width * len(f.lookups) for f in self.plan.features}
-        self.slots = self.plan.slots
-        one_value = [f.name for f in self.plan.features if f.width == 1 and not self.specs[f.name].multivalent]
+        super().__post_init__()
         # One-value features with training values: one cached tuple of rows and unseen flag per value (the
-        # filter lookup costs more than a cache hit). The others are hashed directly, every time: measured,
-        # hashing 500 values (40 us) is cheaper than a warm cache (60 us), let alone a cold one (500 us).
-        scalar = [name for name in one_value if name in self.known]
-        self.direct = frozenset(name for name in one_value if name not in self.known)
+        # filter lookup costs more than a cache hit). The others are hashed directly, every time: hashing a
+        # column is cheaper than looking each of its values up in a cache, warm or cold.
+        self.direct = frozenset(name for name in self.one_value if name not in self.known)
         # Of those, the ones with one hashed lookup: (seed, table rows), to hash their columns together.
         self.one_slot_hashed = {
             f.name: (f.lookups[0].seed, self.plan.table(f.lookups[0].table).rows)
@@ -255,160 +124,11 @@ class ExampleEncoder:
         }
         self._hashing_of: dict[tuple[str, ...], tuple[list[int], np.ndarray]] = {}
         # Unseen flags of the other features' values (a filter lookup per batch costs more than the hash).
-        flagged = [f.name for f in self.plan.features if f.name not in one_value and f.name in self.known]
-        share = self.cache_bytes // max(len(self.specs) + len(scalar) + len(flagged), 1)
-        self.canonical_cache = {name: ValueCache(share) for name in self.specs} if self.cache_bytes else {}
-        self.row_cache = {name: ValueCache(share) for name in scalar} if self.cache_bytes else {}
-        self.flag_cache = {name: ValueCache(share) for name in flagged} if self.cache_bytes else {}
+        self.row_cache = {name: ValueCache(self.cache_share) for name in self.rows_cached} if self.cache_bytes else {}
+        self.flag_cache = {name: ValueCache(self.cache_share) for name in self.flagged} if self.cache_bytes else {}
         self.unseen = dict.fromkeys(self.known, 0)  # feature -> values unseen in training since take_unseen()
-        # One-value categorical features: a column of strings is canonicalised in one pass (_text_column).
-        self.text_features = frozenset(
-            name for name, spec in self.specs.items() if not spec.multivalent and spec.kind != "numeric"
-        )
         self._slot_split: dict[frozenset[str], tuple] = {}  # context features -> their slots, the others', runs
 
-    # --- canonicalise -----------------------------------------------------------------------
-    def canonicalise(
-        self,
-        examples: Sequence[Mapping[str, object]],
-        context: Mapping[str, object] | None = None,
-        where: str | None = None,
-    ) -> CanonicalExamples:
-        """Check one request's examples against the features; a feature left out is the missing value.
-
-        With ``context`` (feature -> value, for every example of the request: a ranking request's user and
-        query), each context value is checked and canonicalised once and kept once (``shared``); ``hash``
-        broadcasts its rows. A feature goes in the context or in the examples, not both. ``where`` names the
-        examples in error messages: ``examples``, or ``candidates`` when there is a context; the context's
-        errors name ``context.feature``. A context list cut to the trained width counts once in ``truncated``
-        (and ``hash`` counts an unseen context value once): per request, not per candidate.
-        """
-        specs = self.specs
-        where = where or ("examples" if context is None else "candidates")
-        if context is not None:
-            if not isinstance(context, Mapping):
-                raise ExampleError(f"context: an object of feature -> value, got {type(context).__name__}")
-            unknown = context.keys() - specs.keys()
-            if unknown:
-                self._refuse_unknown("context", unknown)
-        # One union of every example's features (a C-level pass) rather than a check per example; only a
-        # request at fault is walked example by example, to name the first one.
-        plain = set(map(type, examples)) == {dict}  # then a column is read by a C loop (dict.get)
-        try:
-            named = set().union(*examples) if plain else None
-        except TypeError:
-            named = None
-        if named is None or not named <= specs.keys() or (context and not named.isdisjoint(context.keys())):
-            self._refuse_examples(examples, context, where)
-        values: dict[str, list] = {}
-        truncated = {}
-        for name, spec in specs.items():
-            cache = self.canonical_cache.get(name)
-            entries = cache.entries if cache is not None else None  # dict.get on the hot path, not a method call
-            if context and name in context:
-                value = context[name]
-                key = cache_key(value) if entries is not None else None
-                items = entries.get(key) if key is not None else None
-                if items is None:
-                    items = self._canonical(name, spec, value, key, cache, "context")
-                column = [items]
-            else:
-                if name in self.text_features:
-                    raw = list(map(dict.get, examples, repeat(name))) if plain else [e.get(name) for e in examples]
-                    encoded = self._text_column(spec, raw)
-                    if encoded is not None:
-                        values[name] = encoded
-                        continue
-                column = []
-                for index, example in enumerate(examples):
-                    value = example.get(name)
-                    key = cache_key(value) if entries is not None else None
-                    items = entries.get(key) if key is not None else None
-                    if items is None:
-                        items = self._canonical(name, spec, value, key, cache, where, index)
-                    column.append(items)
-            if spec.multivalent:
-                cut = sum(len(items) > self.widths[name] for items in column)  # a context list counts once
-                if cut:
-                    truncated[name] = cut
-            else:
-                column = [items[0] for items in column]
-            values[name] = column
-        shared = frozenset(context.keys() & specs.keys()) if context else frozenset()
-        ids = self.ids_looked_up(len(examples), 1, shared)  # alone in a batch, with its context split out
-        return CanonicalExamples(len(examples), values, ids, truncated, shared)
-
-    def _text_column(self, spec: FeatureSpec, raw: list) -> list[bytes] | None:
-        """Canonical bytes of a one-value categorical feature's column when every value is a string within the
-        length limit or an integer (ids sent as JSON numbers): UTF-8 and decimal digits, with no per-value checks
-        or cache (a few times faster than a cache hit, and values never seen before, the long tail of an item id,
-        cost the same). None: take the checked path."""
-        kinds = set(map(type, raw))
-        if kinds == {str}:
-            if self.limits.max_chars is not None and max(map(len, raw)) > self.limits.max_chars:
-                return None
-            to_bytes = str.encode
-        elif kinds == {int}:
-            to_bytes = int_bytes
-        elif kinds == {str, int}:
-            if self.limits.max_chars is not None and max(len(v) for v in raw if type(v) is str) > self.limits.max_chars:
-                return None
-            to_bytes = scalar_bytes
-        else:
-            return None
-        try:
-            encoded = list(map(to_bytes, raw))
-        except (UnicodeEncodeError, ValueError):  # a lone surrogate, an int past str()'s digits: the checked path names it
-            return None
-        missing = spec.missing_bytes
-        if missing and not missing.isdisjoint(encoded):  # a C pass: most columns hold no missing marker
-            return [MISSING if value in missing else value for value in encoded]
-        return encoded
-
-    def _refuse_examples(self, examples: Sequence, context: Mapping | None, where: str) -> None:
-        """Raise for the first example that is not an object, names an unknown feature or one of the context's."""
-        for index, example in enumerate(examples):
-            if not isinstance(example, Mapping):
-                raise ExampleError(f"{where}[{index}]: an example is an object of feature -> value, got {type(example).__name__}")
-            unknown = example.keys() - self.specs.keys()
-            if unknown:
-                self._refuse_unknown(f"{where}[{index}]", unknown)
-            if context:
-                both = example.keys() & context.keys()
-                if both:
-                    raise ExampleError(
-                        f"{where}[{index}].{min(both)}: also given in context "
-                        "(a feature goes in the context or in the candidates, not both)"
-                    )
-
-    def _refuse_unknown(self, location: str, unknown: set) -> NoReturn:
-        raise ExampleError(
-            f"{location}: unknown feature {', '.join(sorted(map(str, unknown)))[:200]}; this model takes {', '.join(self.specs)}"
-        )
-
-    def _canonical(self, name: str, spec: FeatureSpec, value: object, key: object, cache: ValueCache | None,
-                   where: str, index: int | None = None) -> tuple:  # fmt: skip
-        """A value the cache did not have: checked, canonicalised, and cached when it has a key."""
-        try:
-            self.limits.check(value, spec)
-            # A tuple of bytes, not a list: the collector stops tracking it, so a full cache
-            # does not make every garbage collection walk it (measured: -25% throughput).
-            items = tuple(spec.canonical_values(value))
-        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int past float's range
-            message = str(exc).removeprefix(f"feature {name!r} ")
-            location = where if index is None else f"{where}[{index}]"
-            raise ExampleError(f"{location}.{name}: {message}") from exc
-        if key is not None:
-            cache.put(key, items, entry_bytes(key, items))
-        return items
-
-    def ids_looked_up(self, count: int, parts: int, context: frozenset[str]) -> int:
-        """Row ids a batch of ``count`` examples in ``parts`` requests looks up when ``context`` (the features every
-        part shares) is split out (:meth:`hash_split`): those once a part, the others once an example."""
-        shared_slots = sum(self.feature_slots[name] for name in context) if context else 0
-        return count * (self.slots - shared_slots) + parts * shared_slots
-
-    # --- hash -------------------------------------------------------------------------------
     def hash(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, np.ndarray]:
         """Row ids int64 [B, S] and pooling weights float32 [B, S] of a whole batch, hashing each distinct value once.
 
@@ -590,4 +310,3 @@ class ExampleEncoder:
 
     def cached_bytes(self) -> int:
         return sum(c.bytes for c in (*self.canonical_cache.values(), *self.row_cache.values(), *self.flag_cache.values()))
-

@@ -42,7 +42,7 @@ import numpy as np
 from uembed.contract.errors import NotFound, TensorError
 from uembed.contract.features import FeatureKind, FeatureSpec
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.pipeline.runtime import ModelRuntime
+from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.settings import ServiceSettings
 
 OUTPUT = "score"
@@ -226,20 +226,20 @@ class InferencePlane:
 
     def loaded(self, name: str, version: str | None) -> ModelRuntime:
         """The loaded ``version`` of ``name``, or its primary when no version is asked for (row checks aside)."""
-        versions = self.engine.versions.get(name)
+        versions = self.engine.registry.versions.get(name)
         if not versions:
-            loaded = ", ".join(self.engine.models) or "none"
+            loaded = ", ".join(self.engine.registry.models) or "none"
             raise NotFound(f"model {name!r} is not loaded; loaded: {loaded}")
         if version:
             if version not in versions:
                 raise NotFound(f"model {name}: version {version!r} is not loaded; loaded: {', '.join(versions)}")
             return versions[version]
-        return self.engine.models[name]
+        return self.engine.registry.models[name]
 
     def ready_model(self, name: str, version: str | None) -> ModelRuntime:
         """As :meth:`loaded`, and ready to score (NotReady while its row files are being checked)."""
         self.loaded(name, version)
-        return self.engine.runtime(name, version or None)
+        return self.engine.registry.runtime(name, version or None)
 
     def model_metadata(self, name: str, version: str | None) -> dict:
         runtime = self.loaded(name, version)
@@ -247,7 +247,7 @@ class InferencePlane:
         for feature, spec in runtime.bundle.feature_specs.items():
             shape = [-1, -1] if spec.multivalent else [-1]
             inputs.append({"name": feature, "datatype": ACCEPTED[spec.kind][0], "shape": shape})
-        return {"name": runtime.name, "versions": list(self.engine.versions[name]), "platform": PLATFORM, "inputs": inputs,
+        return {"name": runtime.name, "versions": list(self.engine.registry.versions[name]), "platform": PLATFORM, "inputs": inputs,
                 "outputs": [{"name": OUTPUT, "datatype": OUTPUT_DATATYPE, "shape": [-1]}]}  # fmt: skip
 
     async def infer(self, name: str, version: str | None, inputs: list[InputTensor]) -> tuple[np.ndarray, ModelRuntime]:

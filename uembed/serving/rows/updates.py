@@ -266,8 +266,8 @@ class UpdateReader:
 
     def _followed(self) -> dict[str, tuple[str, str, list]]:
         out = {}
-        for name, version in self.engine.served_versions():
-            runtimes = self.engine.runtimes_for(name, version)
+        for name, version in self.engine.registry.served_versions():
+            runtimes = self.engine.registry.runtimes_for(name, version)
             if runtimes:
                 out[stream_key(self.prefix, name, version)] = (name, version, runtimes)
         return out

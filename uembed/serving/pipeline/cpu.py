@@ -1,8 +1,8 @@
-"""One loaded model version: the reference scorer with its lookup put through the tiered row store.
+"""One loaded model version on the CPU: the pipeline's stages (``stages.py``) with lookup through the tiered row store.
 
-The stages and their order are written down once, in ``uembed/serving/pipeline/encoding.py``; canonicalise and
-hash are the shared :class:`ExampleEncoder` (with value caches bounded by ``value_cache_bytes``),
-lookup goes through the row store's tiers, assemble and dense are the reference scorer's.
+Canonicalise and hash are the shared :class:`ExampleEncoder` (with value caches bounded by ``value_cache_bytes``);
+lookup goes through one :class:`TableStore` per table (tier 1, fresh rows, Redis, the row files); assemble and dense
+are the stages'. With ``dense_backend="torchscript"`` a batch is scored by the bundle's whole TorchScript model.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from uembed.bundle.loader import Bundle
-from uembed.serving.pipeline.encoding import ValueLimits
-from uembed.serving.pipeline.scorer import CPU_PROVIDERS, ReferenceScorer, distinct
+from uembed.contract.errors import BundleError
+from uembed.serving.pipeline.dense import CPU_PROVIDERS
+from uembed.serving.pipeline.stages import BatchPath, Stages
+from uembed.serving.pipeline.values import ValueLimits
 from uembed.serving.rows.store import RedisTier, TableStore
 
 
-class ModelRuntime(ReferenceScorer):
+class ModelRuntime(Stages):
     """The CPU path. ``uembed/serving/pipeline/cuda.py`` has the CUDA path, which keeps every stage's name and contract."""
 
     device = "cpu"
@@ -35,29 +37,31 @@ class ModelRuntime(ReferenceScorer):
         limits: ValueLimits | None = None,
         value_cache_bytes: int = 32 * 2**20,
     ) -> None:
-        # The TorchScript full model scores every request: a split network's parts would go unused.
-        super().__init__(bundle, threads, providers, limits or ValueLimits(), value_cache_bytes, dense_backend != "torchscript")
-        self.widths = self.encoder.widths
-        self.slots = self.plan.slots
         # Hot-row budget is per model, shared by its tables in proportion to their bytes.
         total_bytes = sum(t.nbytes for t in bundle.tables.values()) or 1
         self.stores = [
             TableStore(
-                rows,
-                namespace=f"{redis_prefix}:{bundle.name}:{bundle.version}:{rows.name}",
-                hot_bytes=int(hot_rows_bytes * rows.nbytes / total_bytes),
+                bundle.tables[table.name],
+                namespace=f"{redis_prefix}:{bundle.name}:{bundle.version}:{table.name}",
+                hot_bytes=int(hot_rows_bytes * bundle.tables[table.name].nbytes / total_bytes),
                 redis=redis,
                 hot_on_device=hot_on_device,
             )
-            for rows, _ in self.table_slots
+            for table in bundle.plan.tables
         ]
+        # The TorchScript full model scores every request: a split network's parts would go unused.
+        super().__init__(bundle, threads, providers, limits or ValueLimits(), value_cache_bytes,
+                         use_dense_parts=dense_backend != "torchscript", sources=self.stores)  # fmt: skip
+        self.widths = self.encoder.widths
+        self.slots = self.plan.slots
         self.table_position = {store.table.name: position for position, store in enumerate(self.stores)}
         # The id (milliseconds, sequence) of the last row update applied from this version's stream
         # (uembed/serving/rows/updates.py): a reader resumes after it, a replay skips what it already has.
         self.update_position: tuple[int, int] = (0, 0)
         self.torchscript = None
-        if dense_backend == "torchscript":
-            self.torchscript = load_torchscript(bundle, threads)
+        if dense_backend == "torchscript":  # the bundle's whole model scores every batch, from the hashed rows
+            self.torchscript = self.whole_model = load_torchscript(bundle, threads)
+            self.batch_path = BatchPath.FLAT
 
     @property
     def name(self) -> str:
@@ -67,37 +71,9 @@ class ModelRuntime(ReferenceScorer):
     def version(self) -> str:
         return self.bundle.version
 
-    def lookup(self, rows: np.ndarray) -> np.ndarray:
-        """Rows of every slot, float32 [B, S, D]: one dedupe per table, then the row store."""
-        if len(self.stores) == 1:  # one table (unified): its gather is the whole output, no second copy
-            return self.gather_table(0, rows)
-        return super().lookup(rows)
-
-    def gather_table(self, position: int, ids: np.ndarray) -> np.ndarray:
-        """Rows of ids through the table's row store, each distinct id once."""
-        rows, inverse = self.gather_distinct(position, ids)
-        return np.take(rows, inverse, axis=0)  # a third of [inverse]'s time
-
-    def gather_distinct(self, position: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the distinct ``ids`` through the table's row store, and where each id's row is."""
-        unique, inverse = distinct(ids)
-        return self.stores[position].gather(unique), inverse
-
-    @property
-    def splits_context(self) -> bool:
-        """Whether batches of ranking requests go through hash_split / lookup_split / assemble_split (their contexts'
-        rows looked up once a request): not with the TorchScript full model, nor on a runtime with its own lookup and
-        assemble (CUDA), which take the broadcast path."""
-        return self.torchscript is None
-
     def apply_rows(self, table: str, ids: np.ndarray, records: np.ndarray) -> None:
         """Row updates of one table (compute thread, between batches): records in the table's stored form."""
         self.stores[self.table_position[table]].apply_rows(ids, records)
-
-    def score_encoded(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        if self.torchscript is not None:
-            return self.torchscript(rows, weights)
-        return super().score_encoded(rows, weights)
 
     def memory_bytes(self) -> dict[str, dict[str, int]]:
         """Per table, bytes of tier 1 this process holds."""
@@ -113,9 +89,8 @@ class ModelRuntime(ReferenceScorer):
 
 
 def load_torchscript(bundle: Bundle, threads: int):
-    """The bundle's TorchScript full model as a numpy -> numpy function (torch imported only here)."""
-    from uembed.contract.errors import BundleError
-
+    """The bundle's TorchScript full model as a numpy -> numpy function (torch, an optional dependency of serving,
+    imported only here)."""
     if not bundle.manifest.get("full_model"):
         raise BundleError(
             f"bundle {bundle.path}: dense_backend=torchscript needs the full model.pt, which this bundle does not "

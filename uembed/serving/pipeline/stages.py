@@ -1,62 +1,74 @@
-"""The reference scorer: examples -> row ids (``uembed/serving/pipeline/encoding.py``) -> rows from the row files -> assemble -> dense ONNX.
+"""The stages after canonicalise, for one bundle: hash (``encoding.py``), lookup, assemble, dense, and the one call
+that runs them on a batch, ``score_batch(parts) -> (scores, stage times)``.
 
-Plain and unbatched beyond the batch it is given; the service and the tests reuse its
-stages (``uembed/serving/pipeline/encoding.py`` lists them in order). Each stage is one function:
+A score runs these stages, in this order (each one method)::
 
->>> scorer = ReferenceScorer(load_bundle("bundles/movielens/1"))       # doctest: +SKIP
->>> scorer.score([{"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}])  # doctest: +SKIP
-array([0.87], dtype=float32)
+    hash      canonical bytes -> row ids [B, S], pooling weights [B, S]               ExampleEncoder.hash
+    lookup    each table's distinct ids -> rows, from the row sources -> [B, S, D]    Stages.lookup
+    assemble  pooling, multi-size concat, feature biases -> [B, E]                    Stages.assemble
+    dense     the dense network -> probabilities [B]                                  Stages.dense
+
+A runtime picks its batch path once, at load (``BatchPath``): SPLIT keeps ranking requests' contexts at one row per
+request (``hash_split``, ``lookup_split``, ``assemble_split``, and the dense network's context part where the
+export split it); FLAT broadcasts them (the CUDA runtime, whose kernels take [B, S], and a runtime scoring with the
+bundle's whole model, ``whole_model``, which takes hashed rows: TorchScript). The reference scorer (``reference.py``) is these stages over the
+bundle's row files; the CPU runtime (``cpu.py``) puts lookup through the tiered row store.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
-import onnxruntime as ort
 import pyarrow as pa
 
-from uembed.bundle.dense_split import CONTEXT_INPUT, OWN_INPUT, PARTIAL, context_columns
 from uembed.bundle.loader import Bundle
-from uembed.contract.errors import BundleError, ExampleError, UembedError
-from uembed.serving.pipeline.encoding import NO_LIMITS, CanonicalExamples, ExampleEncoder, SplitBatch, ValueLimits
+from uembed.serving.pipeline.canonical import CanonicalExamples
+from uembed.serving.pipeline.dense import CPU_PROVIDERS, DenseParts, FactoredInputs, onnx_session
+from uembed.serving.pipeline.encoding import ExampleEncoder, SplitBatch
+from uembed.serving.pipeline.values import NO_LIMITS, ValueLimits
 
-log = logging.getLogger("uembed.scorer")
+log = logging.getLogger("uembed.pipeline")
 
-__all__ = ["CPU_PROVIDERS", "ExampleError", "ReferenceScorer", "distinct", "onnx_session"]
 
-CPU_PROVIDERS = ("CPUExecutionProvider",)
+class BatchPath(Enum):
+    SPLIT = "split"  # ranking requests' contexts at one row per request
+    FLAT = "flat"  # every example's rows
+
+
+@dataclass(frozen=True)
+class BatchTimes:
+    """Seconds each stage of one batch took, and the row ids it looked up (before dedupe; in a batch of ranking
+    requests, each context's once)."""
+
+    hash: float
+    lookup: float
+    assemble: float
+    dense: float
+    ids: int
+
+    def stages(self) -> tuple[tuple[str, float], ...]:
+        return (("hash", self.hash), ("lookup", self.lookup), ("assemble", self.assemble), ("dense", self.dense))
 
 
 def distinct(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``ids`` (in order of first appearance) and where each id is among them, in ``ids``' shape:
-    ``unique[inverse]`` is ``ids``. A hash table (Arrow's dictionary encoding), not ``np.unique``'s sort: on the
-    scale bench's requests, 0.11 -> 0.08 ms for a ranking request's 3,020 ids and 0.141 -> 0.133 ms for the same
-    500 examples flat (13,000 ids, against the sort of runs it replaced); one-off /tmp measurements, directions."""
+    ``unique[inverse]`` is ``ids``. A hash table (Arrow's dictionary encoding), not ``np.unique``'s sort: faster on a
+    batch's ids (docs/BENCHMARKS.md)."""
     encoded = pa.array(np.ascontiguousarray(ids).ravel()).dictionary_encode()
-    # Arrow's buffers are read-only in numpy: int64 copies, as np.unique returns them (a few microseconds)
+    # Arrow's buffers are read-only in numpy: int64 copies, as np.unique returns them
     return encoded.dictionary.to_numpy(zero_copy_only=False, writable=True), encoded.indices.to_numpy().astype(np.int64).reshape(ids.shape)
 
 
-def onnx_session(path, threads: int = 1, providers: Sequence = CPU_PROVIDERS) -> ort.InferenceSession:
-    """An ONNX Runtime session with one compute thread (scale with processes, not threads).
+class Stages:
+    """hash, lookup, assemble and dense for one bundle, and ``score_batch``, which runs them on a batch by the path
+    chosen at load (``batch_path``). Rows come from ``sources`` (one per table, each with ``gather(ids) -> rows``):
+    the bundle's row files by default (the reference scorer), the tiered row store in the service."""
 
-    ``providers`` as ONNX Runtime takes them (names, or ``(name, options)`` pairs). The CPU provider unless a
-    caller asks for another, so a score never depends on whether the machine happens to have a GPU.
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    names = [p if isinstance(p, str) else p[0] for p in providers]
-    if "CUDAExecutionProvider" in names and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels the gpu extra installs
-    model = path if isinstance(path, bytes) else str(path)  # a file, or a serialised model
-    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
-
-
-class ReferenceScorer:
     def __init__(
         self,
         bundle: Bundle,
@@ -65,6 +77,7 @@ class ReferenceScorer:
         limits: ValueLimits = NO_LIMITS,
         cache_bytes: int = 0,
         use_dense_parts: bool = True,
+        sources: Sequence | None = None,
     ) -> None:
         self.bundle = bundle
         self.plan = bundle.plan
@@ -75,6 +88,8 @@ class ReferenceScorer:
         self.table_slots = [
             (bundle.tables[t.name], np.flatnonzero(slot_tables == i)) for i, t in enumerate(self.plan.tables)
         ]
+        # Where each table's rows come from: anything with gather(ids) -> float32 rows [len(ids), D].
+        self.sources = list(sources) if sources is not None else [table for table, _ in self.table_slots]
         self.pooling = self.plan.pooling_matrix()
         self.one_slot_per_group = self.pooling.shape[0] == self.pooling.shape[1] and np.array_equal(self.pooling, np.eye(len(self.pooling)))
         self.bias_columns = self.plan.bias_columns()
@@ -83,12 +98,15 @@ class ReferenceScorer:
         entry = bundle.manifest["dense"].get("context_split")
         on_cpu = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in providers)
         if entry is not None and use_dense_parts and on_cpu:  # the CUDA runtime runs dense.onnx on its device buffers
-            parts = DenseParts(self, entry, threads)
+            parts = DenseParts(bundle, entry, threads, self.input_name, self.one_slot_per_group, bool(self.bias_columns.size))
             if parts.rows_independent():
                 self.dense_parts = parts
             else:  # batch-dependent scores would break parity between the forms, and between batches
                 log.warning("bundle %s: the dense network's context part scores a row differently alone and among "
                             "others; serving dense.onnx whole instead", bundle.path)  # fmt: skip
+        # The path every batch takes, chosen once: ranking requests' contexts split out where the runtime can.
+        self.batch_path = BatchPath.SPLIT
+        self.whole_model = None  # a function of hashed rows and weights -> scores, where the runtime has one
 
     def canonicalise(
         self, examples: Sequence[Mapping[str, object]], context: Mapping[str, object] | None = None
@@ -112,20 +130,23 @@ class ReferenceScorer:
         return self.encoder.hash_split(parts)
 
     def lookup(self, rows: np.ndarray) -> np.ndarray:
-        """Rows of every slot: float32 [B, S, D]."""
+        """Rows of every slot: float32 [B, S, D], each table's distinct ids gathered once."""
+        if len(self.table_slots) == 1:  # one table (unified): its gather is the whole output, no second copy
+            return self.gather_table(0, rows)
         out = np.empty(rows.shape + (self.plan.dim,), dtype=np.float32)
         for position, (_, slots) in enumerate(self.table_slots):
             out[:, slots] = self.gather_table(position, rows[:, slots])
         return out
 
     def gather_table(self, position: int, ids: np.ndarray) -> np.ndarray:
-        """Rows float32 [*ids.shape, D] of ids of the table at ``position``."""
-        return self.table_slots[position][0].gather(ids)
+        """Rows float32 [*ids.shape, D] of ids of the table at ``position``, each distinct id gathered once."""
+        rows, inverse = self.gather_distinct(position, ids)
+        return np.take(rows, inverse, axis=0)
 
     def gather_distinct(self, position: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows float32 [U, D] of the distinct ``ids`` of the table at ``position``, and where each id's row is."""
         unique, inverse = distinct(ids)
-        return self.table_slots[position][0].gather(unique), inverse
+        return self.sources[position].gather(unique), inverse
 
     def lookup_split(self, batch: SplitBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A split batch's distinct rows float32 [U, D] and where each slot's row is among them: its own slots'
@@ -201,9 +222,9 @@ class ReferenceScorer:
 
     def lookup_factored(self, ids: np.ndarray, weights: np.ndarray) -> FactoredInputs | None:
         """``lookup`` and ``assemble`` of a flat batch [B, S] straight into the inputs of the dense network's parts
-        (taking each part's columns out of the whole input cost a flat 500-example request 0.14 ms, half its dense
-        network's time, in a one-off /tmp measurement); None where the bundle has no parts or they need the assembled input (pooled, weighted or
-        biased slots, several tables, a network that reads its whole input again): then ``lookup`` and ``assemble``."""
+        (cheaper than taking each part's columns out of the whole input); None where the bundle has no parts or they
+        need the assembled input (pooled, weighted or biased slots, several tables, a network that reads its whole
+        input again): then ``lookup`` and ``assemble``."""
         parts = self.dense_parts
         if parts is None or not parts.columns_from_rows or len(self.table_slots) != 1 or not (weights == 1).all():
             return None
@@ -212,107 +233,52 @@ class ReferenceScorer:
         own = np.take(rows, inverse[:, parts.own_slots], axis=0).reshape(len(ids), len(parts.own_columns))
         return FactoredInputs(own, context)
 
-    def score(self, examples: Sequence[Mapping[str, object]]) -> np.ndarray:
-        rows, weights = self.encode(examples)
-        return self.score_encoded(rows, weights)
+    @property
+    def splits_context(self) -> bool:
+        """Whether batches of ranking requests keep their contexts at one row per request (``hash_split``)."""
+        return self.batch_path is BatchPath.SPLIT
+
+    def score_batch(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, BatchTimes]:
+        """Scores [B] of a batch of canonical requests, and each stage's time: by the path chosen at load."""
+        if self.batch_path is BatchPath.SPLIT:
+            return self._split_batch(parts)
+        started = time.perf_counter()
+        return self._flat_batch(started, *self.hash(parts))
 
     def score_encoded(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Scores of hashed rows and pooling weights [B, S] (``hash``'s output), as ``score_batch`` gives them."""
+        scores, _ = self._flat_batch(time.perf_counter(), rows, weights)
+        return scores
+
+    def _split_batch(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, BatchTimes]:
+        """Ranking requests: their contexts' rows hashed and looked up once a request, and where the dense network
+        is split by this context, its context part computed once a request. A batch where some request shares
+        nothing is flat."""
+        t0 = time.perf_counter()
+        split = self.hash_split(parts)
+        if split is None:
+            return self._flat_batch(t0, *self.hash(parts))
+        t1 = time.perf_counter()
+        looked_up = self.lookup_split(split)
+        t2 = time.perf_counter()
+        embeddings = self.factored_inputs(split, *looked_up)
+        if embeddings is None:
+            embeddings = self.assemble_split(split, *looked_up)
+        t3 = time.perf_counter()
+        scores = self.dense(embeddings)
+        return scores, BatchTimes(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3, split.ids)
+
+    def _flat_batch(self, t0: float, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, BatchTimes]:
+        """Every example's rows [B, S] (hashed since ``t0``): looked up, assembled (straight into the dense network's
+        parts where it is split and the batch allows it), scored; or scored by the whole model from the rows."""
+        t1 = time.perf_counter()
+        if self.whole_model is not None:  # its time counts as lookup's
+            scores = self.whole_model(rows, weights)
+            return scores, BatchTimes(t1 - t0, time.perf_counter() - t1, 0.0, 0.0, rows.size)
         factored = self.lookup_factored(rows, weights)
-        return self.dense(self.assemble(self.lookup(rows), weights) if factored is None else factored)
-
-
-class DenseParts:
-    """The dense network as its two parts split by a context feature group (``uembed/bundle/dense_split.py``), checked
-    against the bundle's layout at load."""
-
-    def __init__(self, scorer: ReferenceScorer, entry: dict, threads: int) -> None:
-        bundle, plan = scorer.bundle, scorer.plan
-        dense = bundle.manifest["dense"]
-        where = f"bundle {bundle.path}: dense.context_split"
-        missing = [key for key in ("features", "width", "of", "context", "rest") if not isinstance(entry, dict) or key not in entry]
-        if missing:
-            raise BundleError(f"{where}: no {', '.join(missing)} (written by an older export?); export the bundle again")
-        try:
-            self.context_columns, self.own_columns = context_columns(dense["layout"], entry["features"])
-        except (TypeError, UembedError) as exc:
-            raise BundleError(f"{where}: {exc}") from exc
-        if entry["of"] != dense["sha256"]:
-            raise BundleError(f"{where}: cut from another dense.onnx than the bundle's (its sha256 differs); export the "
-                              "bundle again")  # fmt: skip
-        self.context_session = onnx_session(bundle.path / entry["context"]["file"], threads)
-        self.rest_session = onnx_session(bundle.path / entry["rest"]["file"], threads)
-        self.input_name = scorer.input_name
-        width = lambda arg: arg.shape[-1] if arg.shape else None  # noqa: E731
-        rest_inputs = {i.name: width(i) for i in self.rest_session.get_inputs()}
-        self.takes_embeddings = self.input_name in rest_inputs  # a cross network reads its whole input again
-        expected = {OWN_INPUT: len(self.own_columns), PARTIAL: entry["width"]} | ({self.input_name: plan.output_dim} if self.takes_embeddings else {})
-        context_part = [(i.name, width(i)) for i in self.context_session.get_inputs()]
-        context_out = [(o.name, width(o)) for o in self.context_session.get_outputs()]
-        if rest_inputs != expected or context_part != [(CONTEXT_INPUT, len(self.context_columns))] or context_out != [(PARTIAL, entry["width"])]:
-            raise BundleError(f"{where}: its parts take {context_part} -> {context_out} and {rest_inputs}; the layout "
-                              f"gives {CONTEXT_INPUT}: {len(self.context_columns)} -> {PARTIAL}: {entry['width']} and {expected}")  # fmt: skip
-        # The slots of the group's features: a split batch with exactly these context slots takes the factored path.
-        chosen = set(entry["features"])
-        in_context = np.concatenate([np.full(f.width * len(f.lookups), f.name in chosen) for f in plan.features])
-        self.context_slots, self.own_slots = np.flatnonzero(in_context), np.flatnonzero(~in_context)
-        # Whether slot s's row is columns [s * D, (s + 1) * D) of the input (one unpooled slot a feature, no feature
-        # bias), and the rest part needs nothing else: then each part's columns come straight from the rows.
-        slot_columns = lambda slots: (slots[:, None] * plan.dim + np.arange(plan.dim)).ravel()  # noqa: E731
-        self.columns_from_rows = (scorer.one_slot_per_group and not scorer.bias_columns.size and not self.takes_embeddings
-                                  and np.array_equal(self.context_columns, slot_columns(self.context_slots))
-                                  and np.array_equal(self.own_columns, slot_columns(self.own_slots)))  # fmt: skip
-
-    def rows_independent(self) -> bool:
-        """Whether the context part gives rows the same floats in batches of 1, 3, 64 and 512: what computing it once
-        a request, and scoring an example alike in any batch, rely on. True of ONNX Runtime's CPU matrix product with
-        constant (prepacked) weights; checked at load rather than assumed."""
-        rows = np.random.default_rng(0).standard_normal((512, len(self.context_columns))).astype(np.float32)
-        together = self._context(rows)
-        alone = [self._context(rows[i : i + 1]) for i in range(64)]
-        return all(np.array_equal(self._context(rows[:n]), together[:n]) for n in (3, 64)) and np.array_equal(
-            np.concatenate(alone), together[:64])
-
-    def matches(self, batch: SplitBatch) -> bool:
-        """Whether the batch's context (the features every part shares) is the split's group."""
-        return np.array_equal(batch.context_slots, self.context_slots)
-
-    def inputs(self, batch: SplitBatch, rows: np.ndarray, own: np.ndarray, shared: np.ndarray) -> FactoredInputs:
-        context = np.take(rows, shared, axis=0).reshape(len(shared), len(self.context_columns))  # slots in input order
-        own_columns = np.take(rows, own, axis=0).reshape(len(own), len(self.own_columns))
-        return FactoredInputs(own_columns, context, batch.counts)
-
-    def score(self, embeddings: np.ndarray | FactoredInputs) -> np.ndarray:
-        """Scores of whole examples' embeddings [B, E] (both parts on every example), or of factored inputs (the
-        context part on one row a part, repeated to its examples): the same floats for the same example."""
-        if isinstance(embeddings, FactoredInputs):
-            partial = self._context(embeddings.context)
-            if embeddings.counts is not None:
-                partial = np.repeat(partial, embeddings.counts, axis=0)
-            return self._rest(embeddings.own, partial, embeddings.embeddings)
-        context = np.take(embeddings, self.context_columns, axis=1)
-        own = np.take(embeddings, self.own_columns, axis=1)
-        return self._rest(own, self._context(context), embeddings)
-
-    def _context(self, context: np.ndarray) -> np.ndarray:
-        return self.context_session.run(None, {CONTEXT_INPUT: context})[0]
-
-    def _rest(self, own: np.ndarray, partial: np.ndarray, embeddings: np.ndarray | None) -> np.ndarray:
-        feeds = {OWN_INPUT: own, PARTIAL: partial}
-        if self.takes_embeddings:
-            feeds[self.input_name] = embeddings
-        return self.rest_session.run(None, feeds)[0]
-
-
-@dataclass
-class FactoredInputs:
-    """A batch's inputs to the dense network's parts: every example's own columns [B, E_o], and the context's columns:
-    each part's [P, E_c], part p standing for ``counts[p]`` consecutive examples (a batch of ranking requests), or
-    every example's [B, E_c] (``counts`` None: a flat batch)."""
-
-    own: np.ndarray
-    context: np.ndarray
-    counts: np.ndarray | None = None
-    embeddings: np.ndarray | None = None  # every example's whole input [B, E], where the rest part reads it too
-
-    def __len__(self) -> int:
-        return len(self.own)
+        looked_up = self.lookup(rows) if factored is None else None
+        t2 = time.perf_counter()
+        embeddings = self.assemble(looked_up, weights) if factored is None else factored
+        t3 = time.perf_counter()
+        scores = self.dense(embeddings)
+        return scores, BatchTimes(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3, rows.size)

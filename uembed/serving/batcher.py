@@ -1,0 +1,258 @@
+"""Admission, micro-batches and the compute loop: requests of one model version, resolved and canonicalised by the
+engine, wait here until a batch takes them; the runtime scores the batch in one call. No HTTP, no versions.
+
+Requests are admitted through a bound (``max_queue_examples``), each with one future. One batch loop takes what
+queued while the previous batch ran (plus ``max_wait_ms``), up to ``max_batch_ids`` looked-up ids, and runs it on the
+one compute thread: ``runtime.score_batch`` (``uembed/serving/pipeline/``). A failed batch fails its requests, never
+the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``: the batch runs between
+the loop's reads and writes, with no GIL to hand back and forth), else one executor thread (the CUDA path, which waits
+on the device, and a path through Redis, whose reads may wait up to their timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded, internal
+from uembed.serving.metrics import ServiceMetrics
+from uembed.serving.pipeline.canonical import CanonicalExamples
+from uembed.serving.pipeline.cpu import BatchTimes, ModelRuntime
+from uembed.serving.rows.store import RedisTier
+from uembed.serving.settings import ServiceSettings
+
+log = logging.getLogger("uembed.batcher")
+
+
+@dataclass
+class Pending:
+    runtime: ModelRuntime
+    examples: CanonicalExamples
+    future: asyncio.Future
+    admitted: float = field(default_factory=time.perf_counter)
+    timed_out: bool = False  # else a done future still queued was cancelled: its client went away
+
+
+class Batcher:
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics, redis: RedisTier | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.redis = redis
+        self.queue: deque[Pending] = deque()
+        self.queued_examples = 0
+        self.running = False
+        self.closing = False
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._idle: asyncio.Event | None = None
+        self._batch_runtime: ModelRuntime | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uembed-compute")
+        # Batches (and row updates, between them) on the event loop's thread, or on the executor's one thread.
+        # Not with Redis in the batch's path (a tier-2 read may wait up to its timeout): the loop would wait with it.
+        self.batches_on_loop = (settings.compute_on_event_loop and settings.device == "cpu" and not settings.redis_url
+                                and settings.row_source == "files")  # fmt: skip
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Start the batch loop; a second call while it runs does nothing. A stopped batcher does not start again."""
+        if self.running:
+            return
+        if self.closing:
+            raise NotReady("the engine was stopped; create a new one")
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop = asyncio.get_running_loop()
+        self.running = True
+        self._loop_task = asyncio.create_task(self._batch_loop(), name="uembed-batch-loop")
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Refuse new work, finish what was admitted (up to ``drain_timeout_s``), then stop the loop; what is still
+        queued fails with 503."""
+        self.closing = True
+        if not self.running:
+            self.executor.shutdown(wait=True)
+            return
+        deadline = time.monotonic() + drain_timeout_s
+        while (self.queue or not self._idle.is_set()) and time.monotonic() < deadline:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
+        self.running = False
+        self._wakeup.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        for pending in self.queue:
+            if not pending.future.done():
+                pending.future.set_exception(Overloaded("the service is shutting down"))
+        self.executor.shutdown(wait=True)
+
+    async def score(self, runtime: ModelRuntime, canonical: CanonicalExamples) -> tuple[np.ndarray, float]:
+        """Admit one request's canonical examples, wait for its batch: its scores, and when it was admitted."""
+        if self.queued_examples + canonical.count > self.settings.max_queue_examples and self.queue:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded(
+                f"{self.queued_examples} examples are already waiting (limit {self.settings.max_queue_examples}); retry shortly"
+            )
+        loop = asyncio.get_running_loop()
+        pending = Pending(runtime, canonical, loop.create_future())
+        self.queue.append(pending)
+        self.queued_examples += canonical.count
+        self.metrics.queue_examples.set(self.queued_examples)
+        self._wakeup.set()
+        # A timer on the future itself, not asyncio.wait_for: that wraps every request in a second future and a
+        # callback, a loop step each, for a deadline that almost never fires.
+        deadline = loop.call_later(self.settings.request_timeout_ms / 1000, self._expire, pending)
+        try:
+            return await pending.future, pending.admitted
+        finally:
+            deadline.cancel()
+
+    def holds(self, runtime: ModelRuntime) -> bool:
+        """Whether a request of ``runtime`` is queued or in the running batch."""
+        return self._batch_runtime is runtime or any(p.runtime is runtime for p in self.queue)
+
+    def between_batches(self, work: Callable[[], None]) -> Future:
+        """Run ``work`` where batches run, between two of them (a batch sees its effect whole or not at all); the
+        future completes when it has run."""
+        loop = self._loop
+        if not self.batches_on_loop or loop is None or loop.is_closed():
+            return self.executor.submit(work)
+        future: Future = Future()
+
+        def apply() -> None:  # a loop callback: never in the middle of a batch, which runs without awaiting
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, as the executor would
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+        loop.call_soon_threadsafe(apply)
+        return future
+
+    def _expire(self, pending: Pending) -> None:
+        """A request's deadline passed before its batch answered it: it fails with a 504, and the batch loop skips it
+        if it is still queued."""
+        if pending.future.done():
+            return
+        pending.timed_out = True
+        self.metrics.rejected.labels("deadline").inc()
+        pending.future.set_exception(
+            DeadlineExceeded(f"not scored within request_timeout_ms={self.settings.request_timeout_ms:g}")
+        )
+
+    def _take_batch(self) -> list[Pending]:
+        """The oldest live request, and after it every queued request of the same model version up to max_batch_ids
+        row ids looked up, as the batch will look them up: the features every request of it shares (ranking
+        requests' contexts) once a request when the runtime splits them out, the rest once an example."""
+        batch: list[Pending] = []
+        skipped: deque[Pending] = deque()
+        count, context = 0, None
+        while self.queue:
+            pending = self.queue.popleft()
+            if pending.future.done():  # timed out or the client went away: its work is skipped
+                self.queued_examples -= pending.examples.count
+                self.metrics.abandoned.labels("deadline" if pending.timed_out else "cancelled").inc()
+                continue
+            runtime = pending.runtime
+            shared = pending.examples.shared if runtime.splits_context else frozenset()
+            joined = shared if context is None else context & shared
+            if batch and (runtime is not batch[0].runtime or runtime.encoder.ids_looked_up(
+                    count + pending.examples.count, len(batch) + 1, joined) > self.settings.max_batch_ids):  # fmt: skip
+                skipped.append(pending)
+                if runtime is batch[0].runtime:
+                    break
+                continue
+            batch.append(pending)
+            count, context = count + pending.examples.count, joined
+            self.queued_examples -= pending.examples.count
+        self.queue.extendleft(reversed(skipped))
+        self.metrics.queue_examples.set(self.queued_examples)
+        return batch
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait_s = self.settings.max_wait_ms / 1000
+        while self.running or self.queue:
+            if not self.queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if wait_s:
+                await asyncio.sleep(wait_s)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self._idle.clear()
+            self._batch_runtime = batch[0].runtime
+            started = time.perf_counter()
+            for pending in batch:
+                self.metrics.stage_seconds.labels("queue").observe(started - pending.admitted)
+            try:
+                if self.batches_on_loop:
+                    results = self._run_batch(batch)
+                else:
+                    results = await loop.run_in_executor(self.executor, self._run_batch, batch)
+            except Exception as exc:  # noqa: BLE001 - one bad batch fails its requests, never the loop
+                log.exception("batch of %d requests failed", len(batch))
+                error = internal(exc)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+            else:
+                for pending, scores in zip(batch, results):
+                    if not pending.future.done():
+                        pending.future.set_result(scores)
+            finally:
+                self._batch_runtime = None
+                self._idle.set()
+            if self.batches_on_loop:
+                # A batch ran without awaiting: hand the loop its replies, reads, timers and row updates before the
+                # next one (without this, a queue of batches ran back to back and held every reply till the end).
+                await asyncio.sleep(0)
+
+    def _run_batch(self, batch: list[Pending]) -> list[np.ndarray]:
+        """On the compute thread: the runtime scores the batch in one call; its stages' times are observed here."""
+        runtime = batch[0].runtime
+        parts = [p.examples for p in batch]
+        scores, times = runtime.score_batch(parts)
+        examples = sum(p.count for p in parts)
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        if scores.shape[0] != examples:
+            # A dense net that returns the wrong shape must not hand one request another's scores.
+            raise Internal(f"the dense network returned {scores.shape[0]} scores for {examples} examples")
+        self._observe(runtime, times, examples, scores)
+        return np.split(scores, np.cumsum([p.count for p in parts])[:-1])
+
+    def _observe(self, runtime: ModelRuntime, times: BatchTimes, examples: int, scores: np.ndarray) -> None:
+        metrics = self.metrics
+        for stage, seconds in times.stages():
+            metrics.stage_seconds.labels(stage).observe(seconds)
+        metrics.batch_examples.observe(examples)
+        metrics.batch_ids.observe(times.ids)
+        metrics.examples.labels(runtime.name).inc(examples)
+        unique = 0
+        for store in runtime.stores:
+            counts = store.take_counts()
+            unique += sum(counts.hits.values())
+            metrics.observe_tiers(counts)
+        metrics.batch_unique_ids.observe(unique)
+        if self.redis is not None:
+            metrics.observe_redis(self.redis.error_counts, self.redis.fills_dropped)
+        for feature, count in runtime.encoder.take_unseen().items():
+            if count:
+                metrics.unseen.labels(runtime.name, feature).inc(count)
+        metrics.value_cache_bytes.labels(runtime.name).set(runtime.encoder.cached_bytes())
+        for table, tiers in runtime.memory_bytes().items():
+            for tier, value in tiers.items():
+                metrics.table_memory.labels(runtime.name, table, tier).set(value)
+        metrics.observe_all(metrics.example_score.labels(runtime.name, runtime.version, "served"), scores)

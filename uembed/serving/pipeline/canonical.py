@@ -1,0 +1,213 @@
+"""canonicalise, the first stage: one request's raw feature values -> checked canonical bytes per feature.
+
+A bad value is an :class:`ExampleError` naming ``examples[i].feature`` (``candidates[i].feature`` and
+``context.feature`` for a ranking request). What a value may be is :class:`ValueLimits`
+(``uembed/serving/pipeline/values.py``); the canonical bytes of a value are the contract's
+(``uembed/contract/features.py``), so a value scores the same wherever it is encoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import NoReturn
+
+from uembed.contract.errors import ExampleError
+from uembed.contract.features import FeatureSpec
+from uembed.contract.hashing import MISSING
+from uembed.contract.known import KnownValues
+from uembed.contract.plan import EmbeddingPlan
+from uembed.serving.pipeline.values import (
+    NO_LIMITS,
+    ValueCache,
+    ValueLimits,
+    cache_key,
+    entry_bytes,
+    int_bytes,
+    scalar_bytes,
+)
+
+
+@dataclass
+class CanonicalExamples:
+    """One request's examples as canonical bytes, ready to join a batch."""
+
+    count: int
+    values: dict[str, list]  # feature -> per example, a tuple of canonical values (multivalent) or one value
+    ids: int  # row ids this request looks up (its cost in a batch)
+    truncated: dict[str, int]  # feature -> lists cut to the trained width
+    # Features given once for the whole request (its context): their ``values`` hold one entry, not ``count``.
+    shared: frozenset[str] = frozenset()
+
+
+@dataclass
+class Canonicaliser:
+    """The canonicalise stage for one bundle's features and plan (:class:`ExampleEncoder` adds the hash stage).
+
+    ``cache_bytes`` > 0 keeps recent values' canonical forms (and, in the encoder, their rows), bounded in bytes in
+    all: most traffic repeats values, and canonicalising in Python is the costliest per-request step. ``known``
+    (feature -> :class:`KnownValues`) counts values unseen in training.
+    """
+
+    specs: Mapping[str, FeatureSpec]
+    plan: EmbeddingPlan
+    limits: ValueLimits = NO_LIMITS
+    cache_bytes: int = 0
+    known: Mapping[str, KnownValues] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.widths = {f.name: f.width for f in self.plan.features}
+        self.feature_slots = {f.name: f.width * len(f.lookups) for f in self.plan.features}
+        self.slots = self.plan.slots
+        self.one_value = [f.name for f in self.plan.features if f.width == 1 and not self.specs[f.name].multivalent]
+        # The cache budget is shared evenly by every cache the encoder keeps: one of canonical values per feature,
+        # one of rows per one-value feature with training values, one of unseen flags per other such feature.
+        self.rows_cached = [name for name in self.one_value if name in self.known]
+        self.flagged = [f.name for f in self.plan.features if f.name not in self.one_value and f.name in self.known]
+        self.cache_share = self.cache_bytes // max(len(self.specs) + len(self.rows_cached) + len(self.flagged), 1)
+        self.canonical_cache = {name: ValueCache(self.cache_share) for name in self.specs} if self.cache_bytes else {}
+        # One-value categorical features: a column of strings is canonicalised in one pass (_text_column).
+        self.text_features = frozenset(
+            name for name, spec in self.specs.items() if not spec.multivalent and spec.kind != "numeric"
+        )
+
+    def canonicalise(
+        self,
+        examples: Sequence[Mapping[str, object]],
+        context: Mapping[str, object] | None = None,
+        where: str | None = None,
+    ) -> CanonicalExamples:
+        """Check one request's examples against the features; a feature left out is the missing value.
+
+        With ``context`` (feature -> value, for every example of the request: a ranking request's user and
+        query), each context value is checked and canonicalised once and kept once (``shared``); ``hash``
+        broadcasts its rows. A feature goes in the context or in the examples, not both. ``where`` names the
+        examples in error messages: ``examples``, or ``candidates`` when there is a context; the context's
+        errors name ``context.feature``. A context list cut to the trained width counts once in ``truncated``
+        (and ``hash`` counts an unseen context value once): per request, not per candidate.
+        """
+        specs = self.specs
+        where = where or ("examples" if context is None else "candidates")
+        if context is not None:
+            if not isinstance(context, Mapping):
+                raise ExampleError(f"context: an object of feature -> value, got {type(context).__name__}")
+            unknown = context.keys() - specs.keys()
+            if unknown:
+                self._refuse_unknown("context", unknown)
+        # One union of every example's features (a C-level pass) rather than a check per example; only a
+        # request at fault is walked example by example, to name the first one.
+        plain = set(map(type, examples)) == {dict}  # then a column is read by a C loop (dict.get)
+        try:
+            named = set().union(*examples) if plain else None
+        except TypeError:
+            named = None
+        if named is None or not named <= specs.keys() or (context and not named.isdisjoint(context.keys())):
+            self._refuse_examples(examples, context, where)
+        values: dict[str, list] = {}
+        truncated = {}
+        for name, spec in specs.items():
+            cache = self.canonical_cache.get(name)
+            entries = cache.entries if cache is not None else None  # dict.get on the hot path, not a method call
+            if context and name in context:
+                value = context[name]
+                key = cache_key(value) if entries is not None else None
+                items = entries.get(key) if key is not None else None
+                if items is None:
+                    items = self._canonical(name, spec, value, key, cache, "context")
+                column = [items]
+            else:
+                if name in self.text_features:
+                    raw = list(map(dict.get, examples, repeat(name))) if plain else [e.get(name) for e in examples]
+                    encoded = self._text_column(spec, raw)
+                    if encoded is not None:
+                        values[name] = encoded
+                        continue
+                column = []
+                for index, example in enumerate(examples):
+                    value = example.get(name)
+                    key = cache_key(value) if entries is not None else None
+                    items = entries.get(key) if key is not None else None
+                    if items is None:
+                        items = self._canonical(name, spec, value, key, cache, where, index)
+                    column.append(items)
+            if spec.multivalent:
+                cut = sum(len(items) > self.widths[name] for items in column)  # a context list counts once
+                if cut:
+                    truncated[name] = cut
+            else:
+                column = [items[0] for items in column]
+            values[name] = column
+        shared = frozenset(context.keys() & specs.keys()) if context else frozenset()
+        ids = self.ids_looked_up(len(examples), 1, shared)  # alone in a batch, with its context split out
+        return CanonicalExamples(len(examples), values, ids, truncated, shared)
+
+    def _text_column(self, spec: FeatureSpec, raw: list) -> list[bytes] | None:
+        """Canonical bytes of a one-value categorical feature's column when every value is a string within the
+        length limit or an integer (ids sent as JSON numbers): UTF-8 and decimal digits, with no per-value checks
+        or cache (a few times faster than a cache hit, and values never seen before, the long tail of an item id,
+        cost the same). None: take the checked path."""
+        kinds = set(map(type, raw))
+        if kinds == {str}:
+            if self.limits.max_chars is not None and max(map(len, raw)) > self.limits.max_chars:
+                return None
+            to_bytes = str.encode
+        elif kinds == {int}:
+            to_bytes = int_bytes
+        elif kinds == {str, int}:
+            if self.limits.max_chars is not None and max(len(v) for v in raw if type(v) is str) > self.limits.max_chars:
+                return None
+            to_bytes = scalar_bytes
+        else:
+            return None
+        try:
+            encoded = list(map(to_bytes, raw))
+        except (UnicodeEncodeError, ValueError):  # a lone surrogate, an int past str()'s digits: the checked path names it
+            return None
+        missing = spec.missing_bytes
+        if missing and not missing.isdisjoint(encoded):  # a C pass: most columns hold no missing marker
+            return [MISSING if value in missing else value for value in encoded]
+        return encoded
+
+    def _refuse_examples(self, examples: Sequence, context: Mapping | None, where: str) -> None:
+        """Raise for the first example that is not an object, names an unknown feature or one of the context's."""
+        for index, example in enumerate(examples):
+            if not isinstance(example, Mapping):
+                raise ExampleError(f"{where}[{index}]: an example is an object of feature -> value, got {type(example).__name__}")
+            unknown = example.keys() - self.specs.keys()
+            if unknown:
+                self._refuse_unknown(f"{where}[{index}]", unknown)
+            if context:
+                both = example.keys() & context.keys()
+                if both:
+                    raise ExampleError(
+                        f"{where}[{index}].{min(both)}: also given in context "
+                        "(a feature goes in the context or in the candidates, not both)"
+                    )
+
+    def _refuse_unknown(self, location: str, unknown: set) -> NoReturn:
+        raise ExampleError(
+            f"{location}: unknown feature {', '.join(sorted(map(str, unknown)))[:200]}; this model takes {', '.join(self.specs)}"
+        )
+
+    def _canonical(self, name: str, spec: FeatureSpec, value: object, key: object, cache: ValueCache | None,
+                   where: str, index: int | None = None) -> tuple:  # fmt: skip
+        """A value the cache did not have: checked, canonicalised, and cached when it has a key."""
+        try:
+            self.limits.check(value, spec)
+            # A tuple of bytes, not a list: the collector stops tracking it, so a full cache
+            # does not make every garbage collection walk it (measured: -25% throughput).
+            items = tuple(spec.canonical_values(value))
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int past float's range
+            message = str(exc).removeprefix(f"feature {name!r} ")
+            location = where if index is None else f"{where}[{index}]"
+            raise ExampleError(f"{location}.{name}: {message}") from exc
+        if key is not None:
+            cache.put(key, items, entry_bytes(key, items))
+        return items
+
+    def ids_looked_up(self, count: int, parts: int, context: frozenset[str]) -> int:
+        """Row ids a batch of ``count`` examples in ``parts`` requests looks up when ``context`` (the features every
+        part shares) is split out (:meth:`hash_split`): those once a part, the others once an example."""
+        shared_slots = sum(self.feature_slots[name] for name in context) if context else 0
+        return count * (self.slots - shared_slots) + parts * shared_slots

@@ -1,7 +1,7 @@
 """Run by an installed interpreter (``python -I serving_probe.py EXAMPLES_JSON OUT_JSON``): the
 serving path end to end in one process, then which modules it loaded.
 
-Builds the CLI's parser, starts the service (``service.app:create_app`` on uvicorn, bundles from
+Builds the CLI's parser, starts the service (``uembed.serving.app:create_app`` on uvicorn, bundles from
 ``UEMBED_BUNDLES``) on a free loopback port, scores the examples over HTTP and writes JSON to
 OUT_JSON (stdout carries what the libraries print): the scores, the ONNX Runtime in use, and
 every loaded module of torch (there should be none)."""

@@ -163,7 +163,7 @@ def test_a_dead_redis_is_a_miss_and_is_skipped_for_a_while(redis_server):
 
 
 def test_the_service_does_not_import_torch():
-    code = "import sys, service.app, service.engine; print('torch' in sys.modules)"
+    code = "import sys, uembed.serving.app, uembed.serving.engine; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -120,12 +120,12 @@ def test_deferred_row_checks_hold_scoring_until_they_pass(bundle_store):
 
 def test_a_row_file_that_fails_its_check_keeps_the_model_unservable(bundle_store, tmp_path, monkeypatch):
     from tests.serving.inprocess import InProcessService
-    from uembed.serving.engine import ScoringEngine
+    from uembed.serving.registry import ModelRegistry
 
     bad = corrupt_copy(bundle_store / "movielens" / "1", tmp_path / "movielens" / "1")
     with pytest.raises(BundleError, match="tables/unified.npy fails its sha256"):
         load_bundle(bad)  # checked at load: refused outright
-    monkeypatch.setattr(ScoringEngine, "BACKGROUND_ROW_CHECKS_BYTES", 0)  # defer even this small bundle
+    monkeypatch.setattr(ModelRegistry, "BACKGROUND_ROW_CHECKS_BYTES", 0)  # defer even this small bundle
     service = InProcessService(bundles=[bad], row_checks="background")
     try:
         service.engine.registry.models["movielens"].bundle.row_checks.done.wait(30)

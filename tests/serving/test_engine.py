@@ -260,7 +260,7 @@ def test_ranking_requests_batch_together_and_look_up_their_context_once(bundle_s
 def test_a_batch_counts_the_ids_it_will_look_up(bundle_store, movielens_examples):
     """max_batch_ids is charged what the batch looks up: contexts once a request only where every request of the
     batch shares them (a flat request in it, or a runtime that does not split, repeats them)."""
-    runtime = ScoringEngine(load_settings()).open(bundle_store / "movielens" / "1")
+    runtime = ScoringEngine(load_settings()).registry.open(bundle_store / "movielens" / "1")
     encoder = runtime.encoder
     user = ("user_id", "age", "gender", "occupation", "zip_code")
     ranked = [encoder.canonicalise([{k: v for k, v in e.items() if k not in shared} for e in movielens_examples[:12]],

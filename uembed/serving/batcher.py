@@ -24,7 +24,8 @@ import numpy as np
 from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded, internal
 from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.pipeline.canonical import CanonicalExamples
-from uembed.serving.pipeline.cpu import BatchTimes, ModelRuntime
+from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.pipeline.stages import BatchTimes
 from uembed.serving.rows.store import RedisTier
 from uembed.serving.settings import ServiceSettings
 

@@ -9,18 +9,7 @@ array([0.87], dtype=float32)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import numpy as np
-
-from uembed.contract.errors import ExampleError
 from uembed.serving.pipeline.stages import Stages
 
-__all__ = ["ExampleError", "ReferenceScorer"]
-
-
 class ReferenceScorer(Stages):
-    def score(self, examples: Sequence[Mapping[str, object]], context: Mapping[str, object] | None = None) -> np.ndarray:
-        """Scores [B] of one request's examples (with ``context``: a ranking request's candidates)."""
-        scores, _ = self.score_batch([self.canonicalise(examples, context)])
-        return np.asarray(scores, dtype=np.float32).reshape(-1)
+    """:class:`Stages` as they are: rows from the bundle's row files, no caches of rows, one call per batch."""

@@ -245,6 +245,11 @@ class Stages:
         started = time.perf_counter()
         return self._flat_batch(started, *self.hash(parts))
 
+    def score(self, examples: Sequence[Mapping[str, object]], context: Mapping[str, object] | None = None) -> np.ndarray:
+        """Scores [B] of one request's examples (with ``context``: a ranking request's candidates), a batch alone."""
+        scores, _ = self.score_batch([self.canonicalise(examples, context)])
+        return np.asarray(scores, dtype=np.float32).reshape(-1)
+
     def score_encoded(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Scores of hashed rows and pooling weights [B, S] (``hash``'s output), as ``score_batch`` gives them."""
         scores, _ = self._flat_batch(time.perf_counter(), rows, weights)

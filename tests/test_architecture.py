@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "uembed"
 
 # Project imports allowed inside a function, by (file, imported module or a package above it). Nothing else may
-# sit in a function: an import there to dodge a circle hides the circle from lint-imports.
+# sit in a function: an import there to dodge a circle only postpones it to run time.
 FUNCTION_IMPORTS_ALLOWED = {
     # Each command imports what it runs: `uembed --help` stays fast, and the serving install (no torch, no
     # training or loadtest extras) can run the serving commands and name the extra a missing command needs.

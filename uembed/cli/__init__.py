@@ -490,7 +490,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from uembed.model.train import train
 
-    # One compute thread per process: measured faster than two on this 2-core machine.
+    # One compute thread per process: it trained faster than two (docs/BENCHMARKS.md, history).
     torch.set_num_threads(1)
     from uembed.contract.plan import APPLIER_ALIAS, applier_method
     from uembed.contract.seo import load_policy

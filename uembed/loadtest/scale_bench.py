@@ -172,7 +172,7 @@ def start_timed(server: UvicornProcess, timeout_s: float = 600) -> dict[str, flo
 def paired_rounds(url: str, ranking: list[bytes], flat: list[bytes], seconds: float, rounds: int,
                   concurrency: int, pids: list[int] = ()) -> list[dict[str, float]]:  # fmt: skip
     """The two forms of the same examples saturated in turn, ``rounds`` times: requests/s of each and their ratio per
-    round. This machine's throughput drifts by 15-35% between minutes; a ratio taken within a round is steadier
+    round. A machine's throughput drifts between minutes (docs/BENCHMARKS.md); a ratio taken within a round is steadier
     than one of two phases a minute apart. With ``pids`` (the workers), also the workers' CPU milliseconds a
     request of each form and their ratio: what a request costs the service, whatever share of the cores the load
     generator (on the same machine) takes from it."""

@@ -112,19 +112,19 @@ class ServiceSettings(BaseSettings):
     compute_on_event_loop: bool = Field(
         True,
         description="On the CPU with local rows, run each batch on the event loop's thread between its reads and "
-        "writes. False: on a compute thread beside it. Measured on 2 cores (docs/BENCHMARKS.md, issue #13): on the "
-        "loop, 1.2-1.6x the requests/s at 500 examples a request and 1.0-1.25x at 64; a compute thread spends it "
-        "handing the GIL back and forth with the loop and gains no parallel work. On the loop, a request that arrives "
-        "during a batch is read, admitted or refused (max_queue_examples) when the batch ends, and its deadline "
-        "(request_timeout_ms) is checked between batches, not during one. A compute thread is used anyway where a "
-        "batch can wait: with Redis in the rows' path (redis_url, row_source=redis) and on CUDA.",
+        "writes. False: on a compute thread beside it. The loop serves more requests/s (docs/BENCHMARKS.md, issue "
+        "#13): a compute thread spends its time handing the GIL back and forth with the loop and gains no parallel "
+        "work. On the loop, a request that arrives during a batch is read, admitted or refused (max_queue_examples) "
+        "when the batch ends, and its deadline (request_timeout_ms) is checked between batches, not during one. A "
+        "compute thread is used anyway where a batch can wait: with Redis in the rows' path (redis_url, "
+        "row_source=redis) and on CUDA.",
     )
     gc_gen0_threshold: int = Field(
         50_000,
         ge=0,
         description="Allocations between young-generation garbage collections (Python's default is 700). "
-        "A request allocates thousands of short-lived objects; collecting less often gave about 20% more "
-        "throughput and a lower p99 under load here. 0 keeps Python's default.",
+        "A request allocates thousands of short-lived objects; collecting less often gives more throughput and "
+        "a lower p99 under load (docs/LOADTEST.md). 0 keeps Python's default.",
     )
 
     # --- request limits (4xx beyond them) ----------------------------------------------

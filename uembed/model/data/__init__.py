@@ -1,4 +1,4 @@
-"""Data sources, one module per source (docs/ARCHITECTURE.md).
+"""Data sources, one module per source (docs/ARCHITECTURE.md: `uembed/model/` in the table of packages).
 
 * ``uembed.contract.columns``: in-memory datasets of canonical values (:class:`Dataset`, :class:`FeatureColumn`),
   splits, labels (torch-free: the serving encoder uses them too);

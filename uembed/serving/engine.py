@@ -54,7 +54,7 @@ from uembed.serving.pipeline.cuda import open_runtime
 from uembed.serving.pipeline.encoding import CanonicalExamples
 from uembed.serving.pipeline.runtime import ModelRuntime
 from uembed.serving.routing import Route, ShadowCopy, ShadowScorer
-from uembed.serving.rows.store import RedisTier
+from uembed.serving.rows.redis import RedisTier
 from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.engine")

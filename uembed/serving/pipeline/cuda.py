@@ -32,7 +32,7 @@ from uembed.bundle.loader import Bundle
 from uembed.contract.errors import DeviceError
 from uembed.serving.pipeline.encoding import ValueLimits
 from uembed.serving.pipeline.runtime import ModelRuntime
-from uembed.serving.rows.store import RedisTier
+from uembed.serving.rows.redis import RedisTier
 from uembed.serving.settings import ServiceSettings
 
 # Rows whose dim is a multiple of 4 move as float4 (16-byte loads and stores): a 64-byte row is 4 threads, not 16.

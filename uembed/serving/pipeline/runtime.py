@@ -14,7 +14,8 @@ import numpy as np
 from uembed.bundle.loader import Bundle
 from uembed.serving.pipeline.encoding import ValueLimits
 from uembed.serving.pipeline.scorer import CPU_PROVIDERS, ReferenceScorer, distinct
-from uembed.serving.rows.store import RedisTier, TableStore
+from uembed.serving.rows.redis import RedisTier
+from uembed.serving.rows.store import TableStore
 
 
 class ModelRuntime(ReferenceScorer):

@@ -43,7 +43,7 @@ STAGES = [
     ("canonicalise", ("uembed/serving/pipeline/encoding.py", "uembed/contract/columns.py", "uembed/contract/features.py", "uembed/contract/hashing.py")),
     ("dense (ONNX Runtime)", ("onnxruntime", "DenseParts")),
     ("assemble", ("assemble", "factored_inputs")),
-    ("lookup", ("lookup", "rowstore.py", "distinct")),
+    ("lookup", ("lookup", "uembed/serving/rows/", "distinct")),
     ("metrics", ("prometheus_client", "uembed/serving/metrics.py")),
     ("batcher", ("uembed/serving/engine.py",)),
     ("Open Inference Protocol: tensors to examples", ("uembed/serving/protocols/oip.py", "oip_grpc.py")),

@@ -13,13 +13,16 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.serving.rows.tables import make_table
 from tests.serving.test_faults import Traffic
-from tests.serving.test_rowstore import make_table
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.servers import RedisClusterServers, http_get, wait_until
 from uembed.serving.pipeline.reference import ReferenceScorer
+from uembed.serving.rows.codec import RowCodec
+from uembed.serving.rows.files import FileRows
 from uembed.serving.rows.published import expected_marker, marker_key, table_namespace
-from uembed.serving.rows.store import RedisTier, RowCodec, TableStore
+from uembed.serving.rows.redis import RedisTier
+from uembed.serving.rows.store import TableStore
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def test_a_batch_read_is_one_pipelined_round_per_node(redis_cluster, monkeypatch
     redis = cluster_tier(redis_cluster, fill_queue=0)
     namespace = "cluster-test:rounds"
     ids = np.arange(table.rows)
-    redis.write(namespace, ids, RowCodec(table).read(ids))
+    redis.write(namespace, ids, FileRows(table).read(ids))
     redis.client.get_nodes()  # the slot map is read before counting
     sends = []
     original = AbstractConnection.send_packed_command
@@ -100,7 +103,7 @@ def test_publish_writes_every_row_and_verify_reads_them_back(where, bundle_store
     ids = np.arange(table.rows)
     out = np.empty((table.rows, RowCodec(table).record_bytes), dtype=np.uint8)
     assert tier.read(table_namespace("uembed", "movielens", "2", table.name), ids, out).all()
-    assert np.array_equal(out, RowCodec(table).read(ids)), "rows are stored as the tier stores them"
+    assert np.array_equal(out, FileRows(table).read(ids)), "rows are stored as the tier stores them"
     marker = json.loads(tier.client.get(marker_key("uembed", "movielens", "2")))
     assert marker["tables"][0]["sha256"] == [loaded.manifest["tables"][0]["sha256"]]
     assert marker["rows"] == table.rows and marker["bucket_rows"] == 64
@@ -282,7 +285,7 @@ def test_unloading_deletes_one_versions_keys_from_every_master(redis_cluster):
     table = make_table("float32", rows=64 * 200)
     redis = cluster_tier(redis_cluster, fill_queue=0)
     ids = np.arange(table.rows)
-    records = RowCodec(table).read(ids)
+    records = FileRows(table).read(ids)
     for version in ("1", "2"):
         redis.write(table_namespace("unload", "m", version, table.name), ids, records)
     client = redis_cluster.client()

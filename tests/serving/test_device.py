@@ -151,7 +151,7 @@ def test_device_tier_holds_the_row_files_rows(synthetic_bundles):
     used = store.hot.used
     owners = store.hot.owner[:used]
     on_device = table.rows[:used].get()
-    assert np.array_equal(on_device.view(np.uint32), store.codec.decode(store.codec.read(owners)).view(np.uint32))
+    assert np.array_equal(on_device.view(np.uint32), store.codec.decode(store.files.read(owners)).view(np.uint32))
 
 
 @cuda
@@ -266,7 +266,7 @@ def test_row_updates_reach_the_rows_held_in_gpu_memory(synthetic_bundles, dtype)
 
     used = store.hot.used
     owners = store.hot.owner[:used]
-    expected_rows = store.codec.decode(store.codec.read(owners))
+    expected_rows = store.codec.decode(store.files.read(owners))
     updated = np.isin(owners, ids)
     expected_rows[updated] = store.codec.decode(records[np.searchsorted(ids, owners[updated])])
     assert updated.sum() == len(resident[::2])

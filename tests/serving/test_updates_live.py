@@ -14,8 +14,8 @@ from uembed.model.data import load_movielens100k
 from uembed.model.export import export_run
 from uembed.model.train import continue_training
 from uembed.serving.pipeline.reference import ReferenceScorer
-from uembed.serving.rows.cluster import redis_client
 from uembed.serving.rows.push import RowPublisher, model_rows
+from uembed.serving.rows.redis import redis_client
 
 pytestmark = pytest.mark.slow
 

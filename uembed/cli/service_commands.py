@@ -197,8 +197,8 @@ def add_row_update_options(parser: argparse.ArgumentParser, required: bool) -> a
 def row_publisher(args: argparse.Namespace):
     """The publisher for --bundle and --redis-url (the bundle fully checked: its rows are the baseline)."""
     from uembed.bundle.loader import load_bundle
-    from uembed.serving.rows.cluster import redis_client
     from uembed.serving.rows.push import RowPublisher
+    from uembed.serving.rows.redis import redis_client
     from uembed.serving.settings import load_settings
 
     if args.chunk_rows < 1 or args.max_entries < 1:

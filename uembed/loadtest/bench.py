@@ -38,7 +38,8 @@ from uembed.loadtest.scale_bench import run_scale_bench
 from uembed.loadtest.servers import RedisServer
 from uembed.loadtest.traffic import zipf_cdf, zipf_ranks
 from uembed.model.demo import demo_bundle
-from uembed.serving.rows.store import RedisTier, TableStore
+from uembed.serving.rows.redis import RedisTier
+from uembed.serving.rows.store import TableStore
 
 
 def redis_memory(rows: int, workdir: Path, dim: int = 16) -> dict:

@@ -26,7 +26,7 @@ from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.pipeline.canonical import CanonicalExamples
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.stages import BatchTimes
-from uembed.serving.rows.store import RedisTier
+from uembed.serving.rows.redis import RedisTier
 from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.batcher")

@@ -32,7 +32,7 @@ from uembed.serving.pipeline.canonical import CanonicalExamples
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.registry import ModelRegistry, Target, check_name
 from uembed.serving.routing import Route, ShadowCopy
-from uembed.serving.rows.store import RedisTier
+from uembed.serving.rows.redis import RedisTier
 from uembed.serving.rows.updates import UpdateReader, apply_entries
 from uembed.serving.settings import ServiceSettings
 

@@ -29,7 +29,7 @@ from uembed.serving.pipeline.cuda import CudaModelRuntime
 from uembed.serving.pipeline.values import ValueLimits
 from uembed.serving.routing import Route, ShadowScorer
 from uembed.serving.rows.published import PublicationCheck
-from uembed.serving.rows.store import RedisTier
+from uembed.serving.rows.redis import RedisTier
 from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.registry")

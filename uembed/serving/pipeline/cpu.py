@@ -16,7 +16,8 @@ from uembed.contract.errors import BundleError
 from uembed.serving.pipeline.dense import CPU_PROVIDERS
 from uembed.serving.pipeline.stages import BatchPath, Stages
 from uembed.serving.pipeline.values import ValueLimits
-from uembed.serving.rows.store import RedisTier, TableStore
+from uembed.serving.rows.redis import RedisTier
+from uembed.serving.rows.store import TableStore
 
 
 class ModelRuntime(Stages):

@@ -33,7 +33,7 @@ from uembed.contract.errors import DeviceError
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.stages import BatchPath
 from uembed.serving.pipeline.values import ValueLimits
-from uembed.serving.rows.store import RedisTier
+from uembed.serving.rows.redis import RedisTier
 
 # Rows whose dim is a multiple of 4 move as float4 (16-byte loads and stores): a 64-byte row is 4 threads, not 16.
 GATHER_ROWS_VEC4 = r"""

@@ -11,5 +11,6 @@ from __future__ import annotations
 
 from uembed.serving.pipeline.stages import Stages
 
+
 class ReferenceScorer(Stages):
     """:class:`Stages` as they are: rows from the bundle's row files, no caches of rows, one call per batch."""

@@ -2,7 +2,7 @@
 
 A bundle's row files never change (they are checksummed and memory-mapped). Row updates
 (``uembed/serving/rows/updates.py``) land here instead: row id -> record, the record as every
-tier stores it (:class:`~service.rowstore.RowCodec`). ``TableStore`` consults it before
+tier stores it (``uembed/serving/rows/codec.py``). ``TableStore`` consults it before
 Redis and the files, so a changed row wins over every copy below it.
 
     >>> overlay = RowOverlay(table_rows=1000, record_bytes=64)
@@ -13,7 +13,7 @@ Redis and the files, so a changed row wins over every copy below it.
 
 Applying the same rows again leaves the same overlay (a row holds its latest record),
 which is what makes replaying a stream idempotent. Memory: the records and an index of
-16 to 32 bytes per changed row (``service.rowstore.slot_index``; up to 64 just after it doubles), grown by doubling.
+16 to 32 bytes per changed row (``uembed/serving/rows/index.py``; up to 64 just after it doubles), grown by doubling.
 Only the compute thread applies and looks up, so there is no lock.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from uembed.serving.rows.store import DenseSlotIndex, slot_index
+from uembed.serving.rows.index import DenseSlotIndex, slot_index
 
 
 class RowOverlay:
@@ -78,3 +78,14 @@ class RowOverlay:
         hit = slots >= 0
         out[hit] = self.records[slots[hit]]
         return hit
+
+    def fetch(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """As a tier of the store's chain: :meth:`lookup`, returning the positions in ``ids`` that did not change."""
+        return np.flatnonzero(~self.lookup(ids, out))
+
+    def count(self, counts, asked: int, missed: int) -> None:
+        """Record one look-up of ``asked`` rows in the store's ``TierCounts``."""
+        counts.hits["overlay"] += asked - missed
+
+    def keep(self, ids: np.ndarray, records: np.ndarray) -> None:
+        """Rows the tiers below found are the bundle's, not changes: nothing to keep."""

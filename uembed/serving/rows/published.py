@@ -1,9 +1,9 @@
 """A bundle's rows published to Redis (one Redis or a Redis Cluster): ``uembed publish`` writes and verifies
 them, and a service with ``UEMBED_ROW_SOURCE=redis`` serves from them with no row files on its disk.
 
-The layout is tier 2's, record for record (``uembed/serving/rows/store.py``): hashes
+The layout is tier 2's, record for record (``uembed/serving/rows/redis.py``): hashes
 ``<prefix>:<model>:<version>:<table>:<row // bucket_rows>``, field ``row % bucket_rows``, value the row's
-record as :class:`~service.rowstore.RowCodec` reads it from the row files (the stored dtype's bytes, then for
+record as :class:`~uembed.serving.rows.files.FileRows` reads it from the row files (the stored dtype's bytes, then for
 int8 the float32 scale and offset). A service that caches in Redis and a publication therefore share keys:
 publishing fills the cache, and a cache holds nothing a publication would not.
 
@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from uembed.bundle.loader import Bundle, load_bundle
 from uembed.contract.errors import BundleError, UembedError
-from uembed.serving.rows.store import RedisTier, RowCodec
+from uembed.serving.rows.files import FileRows
+from uembed.serving.rows.redis import RedisTier
 
 log = logging.getLogger("uembed.published")
 
@@ -135,10 +136,10 @@ def _each_chunk(bundle: Bundle, prefix: str, chunk_rows: int, what: str, progres
     total = sum(t.rows for t in bundle.tables.values())
     with tqdm(total=total, unit="rows", unit_scale=True, desc=what, disable=not progress) as bar:
         for table in bundle.tables.values():
-            codec = RowCodec(table)
+            files = FileRows(table)
             namespace = table_namespace(prefix, bundle.name, bundle.version, table.name)
             for ids in _chunks(table.rows, chunk_rows):
-                yield table.name, namespace, ids, codec.read(ids)
+                yield table.name, namespace, ids, files.read(ids)
                 bar.update(len(ids))
 
 
@@ -165,7 +166,7 @@ def _verify(tier: RedisTier, bundle: Bundle, prefix: str, chunk_rows: int, progr
 class PublicationCheck:
     """Readiness of a bundle whose rows live only in Redis (``UEMBED_ROW_SOURCE=redis``): its completion
     marker, read on a thread every ``poll_s`` until it is there and matches the manifest. It has the face of
-    the row files' :class:`~export.loader.RowChecks` (``passed``, ``failed``, ``describe``, ``start``,
+    the row files' :class:`~uembed.bundle.loader.RowChecks` (``passed``, ``failed``, ``describe``, ``start``,
     ``wait``), and sits where they do (``bundle.row_checks``), so the engine gates scoring on it the same way:
     503 ``not_ready`` with :meth:`describe` until it passes. It never fails for good: a marker that is absent,
     of other files, or unreadable (Redis down) is waited out, and publishing the bundle makes it pass without a

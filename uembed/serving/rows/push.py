@@ -33,8 +33,8 @@ import numpy as np
 from uembed.bundle.format import chunk_bounds, encode_records
 from uembed.bundle.loader import Bundle, load_bundle
 from uembed.contract.errors import UembedError
+from uembed.serving.rows.files import FileRows
 from uembed.serving.rows.overlay import RowOverlay
-from uembed.serving.rows.store import RowCodec
 from uembed.serving.rows.updates import chunked, encode_delta, publish_entries, stream_key
 
 Chunk = tuple[str, np.ndarray, np.ndarray]  # table, ids, records in the served dtype
@@ -67,10 +67,10 @@ def bundle_rows(path: Path, served: Bundle) -> Iterator[Chunk]:
     same_plan(newer.manifest["embedding"], served, f"bundle {path}")
     for name, table in newer.tables.items():
         dtype = served.tables[name].dtype
-        codec = RowCodec(table)
+        files = FileRows(table)
         for start, stop in chunk_bounds(table.rows):
             ids = np.arange(start, stop, dtype=np.int64)
-            yield name, ids, codec.read(ids) if table.dtype == dtype else encode_records(table.gather(ids), dtype)
+            yield name, ids, files.read(ids) if table.dtype == dtype else encode_records(table.gather(ids), dtype)
 
 
 def delta_file_rows(path: Path, served: Bundle) -> Iterator[Chunk]:
@@ -120,7 +120,7 @@ class RowPublisher:
         self.key = stream_key(prefix, bundle.name, bundle.version)
         self.chunk_rows = chunk_rows
         self.max_entries = max_entries
-        self.codecs = {name: RowCodec(table) for name, table in bundle.tables.items()}
+        self.row_files = {name: FileRows(table) for name, table in bundle.tables.items()}
         self.sent = {name: RowOverlay(table.rows, table.record_bytes) for name, table in bundle.tables.items()}
 
     def changed(self, chunks: Iterable[Chunk]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
@@ -129,9 +129,9 @@ class RowPublisher:
         found: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         compared = 0
         for table, ids, records in chunks:
-            if table not in self.codecs:
-                raise UembedError(f"table {table!r} is not in the served bundle {self.bundle.path} ({', '.join(self.codecs)})")
-            served = self.codecs[table].read(ids)
+            if table not in self.row_files:
+                raise UembedError(f"table {table!r} is not in the served bundle {self.bundle.path} ({', '.join(self.row_files)})")
+            served = self.row_files[table].read(ids)
             self.sent[table].lookup(ids, served)
             differ = np.flatnonzero((served != records).any(axis=1))
             compared += len(ids)

@@ -39,6 +39,8 @@ import numpy as np
 
 from uembed.bundle.loader import TableRows
 from uembed.contract.errors import UembedError
+from uembed.serving.rows.codec import RowCodec
+from uembed.serving.rows.redis import redis_client
 
 log = logging.getLogger("uembed.updates")
 
@@ -94,7 +96,6 @@ def encode_delta(name: str, version: str, tables: dict[str, TableRows], rows: di
 def decode_delta(fields: dict[bytes, bytes], name: str, version: str, tables: dict[str, TableRows]) -> RowDelta:
     """Check a stream entry against the served version's tables and return its rows, or raise DeltaError naming
     the field. The rows' values must be finite: one NaN row would turn every score it touches into NaN."""
-    from uembed.serving.rows.store import RowCodec
 
     def text(field: str) -> str:
         value = fields.get(field.encode())
@@ -194,8 +195,6 @@ class UpdateReader:
 
     def client(self):
         if self._client is None:
-            from uembed.serving.rows.cluster import redis_client
-
             # A blocking read waits BLOCK_MS on the socket: the timeout covers it.
             self._client = redis_client(self.url, self.timeout_s + self.BLOCK_MS / 1000)
         return self._client

@@ -270,9 +270,8 @@ class ModelRegistry:
         self._publish_shares(name)
 
     def runtimes_for(self, name: str, version: str) -> list[ModelRuntime]:
-        """Every loaded copy of ``name``/``version``: the one requests get, and the shadow thread's own copy when
-        the version is its model's shadow (row updates go to each; the shadow copy is only scored on the shadow
-        thread)."""
+        """Every loaded copy of ``name``/``version``: the one requests get, and the shadow thread's own copy when the
+        version is its model's shadow (row updates go to each; only the shadow thread scores its copy)."""
         out = [runtime for runtime in (self.versions.get(name, {}).get(version),) if runtime is not None]
         shadow = self.shadow_runtimes.get(name)
         if shadow is not None and shadow.version == version:

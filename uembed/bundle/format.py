@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from uembed.contract.hashing import MISSING
+from uembed.contract.known import KnownValues
 from uembed.contract.plan import EmbeddingPlan
 
 FORMAT = "uembed-bundle"
@@ -74,6 +75,13 @@ class NpyWriter:
             raise ValueError(f"{self.relative}: {self.rows_written} rows written, {self.shape[0]} declared")
         path = self.folder / self.relative
         return {"file": self.relative, "bytes": path.stat().st_size, "sha256": self.digest.hexdigest()}
+
+
+def write_known_values(folder: Path, feature: str, known: KnownValues) -> dict:
+    """Write ``known/<feature>.npy``; the feature's manifest record of it (``"known"``)."""
+    (folder / "known").mkdir(exist_ok=True)
+    np.save(folder / "known" / f"{feature}.npy", known.bits)
+    return {"bits": known.size, "hashes": KnownValues.HASHES, **file_entry(folder, f"known/{feature}.npy")}
 
 
 def write_table_rows(

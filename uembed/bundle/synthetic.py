@@ -3,8 +3,9 @@
 A synthetic bundle is a real bundle: the loader checks it like any other, and its hashing
 test vectors are real. Only its numbers mean nothing. It serves where training a model of
 the size at hand is beside the point: a 100M-row Criteo-shaped table for the serving
-benchmarks, small tables of every row dtype for the CUDA path's parity tests. Rows are
-written in chunks (``export.format.write_table_rows``), so memory stays flat whatever the table size.
+benchmarks, small tables of every row dtype for the CUDA path's parity tests, MovieLens-shaped
+bundles for the service tests (tests/conftest.py). Rows are written in chunks
+(``uembed/bundle/format.py``'s ``write_table_rows``), so memory stays flat whatever the table size.
 Needs numpy and onnx (the ``train`` extra), not torch.
 
 >>> write_synthetic_bundle(Path("bundles"), "criteo-synth", criteo_features(), table_rows=100_000_000)  # doctest: +SKIP
@@ -18,16 +19,25 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from uembed.bundle.dense_split import add_context_split, context_columns, layout_of
-from uembed.bundle.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, test_vectors, write_table_rows
+from uembed.bundle.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    ROW_DTYPES,
+    file_entry,
+    test_vectors,
+    write_known_values,
+    write_table_rows,
+)
 from uembed.contract.errors import UembedError
 from uembed.contract.features import FeatureSpec
 from uembed.contract.hashing import spec_description
+from uembed.contract.known import KnownValues
 from uembed.contract.plan import EmbeddingPlan, FeaturePlan, LookupPlan, TablePlan
 
 TABLE = "unified"
@@ -106,9 +116,11 @@ def write_synthetic_bundle(
     seed: int = 0,
     progress: bool = True,
     context_features: Sequence[str] = (),
+    known: Mapping[str, KnownValues] | None = None,
 ) -> Path:
     """Write ``out_root/name/version``, a servable bundle of random rows; returns its path. ``context_features``:
-    split the dense network's first layer by that group (``uembed/bundle/dense_split.py``)."""
+    split the dense network's first layer by that group (``uembed/bundle/dense_split.py``). ``known``: feature ->
+    the values it is to count as seen in training (``uembed_unseen_values_total``), as an export records them."""
     if dtype not in ROW_DTYPES:
         raise UembedError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
     target = Path(out_root) / name / version
@@ -127,7 +139,10 @@ def write_synthetic_bundle(
         feature_entries = []
         for spec, feature in zip(features, plan.features):
             bias = (rng.standard_normal(dim) * 0.1).astype(np.float32).tolist() if feature.bias else None
-            feature_entries.append(spec.to_dict() | {"group": None, "bias": bias, "vocabulary": None})
+            entry = spec.to_dict() | {"group": None, "bias": bias, "vocabulary": None}
+            if known and spec.name in known:
+                entry["known"] = write_known_values(staging, spec.name, known[spec.name])
+            feature_entries.append(entry)
         samples = {f.name: [str(v).encode() for v in range(3)] for f in plan.features}
         manifest = {
             "format": FORMAT,

@@ -35,7 +35,15 @@ import numpy as np
 import torch
 
 from uembed.bundle.dense_split import add_context_split, context_columns, layout_of
-from uembed.bundle.format import FORMAT, FORMAT_VERSION, ROW_DTYPES, file_entry, test_vectors, write_table_rows
+from uembed.bundle.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    ROW_DTYPES,
+    file_entry,
+    test_vectors,
+    write_known_values,
+    write_table_rows,
+)
 from uembed.contract.errors import UembedError
 from uembed.contract.hashing import spec_description
 from uembed.contract.known import KnownValues, load_known_values
@@ -188,9 +196,7 @@ def write_bundle(
             np.save(folder / "vocab" / f"{feature.name}.npy", plan.vocabularies[feature.name])
             entry["vocabulary"] = {"size": int(plan.vocabularies[feature.name].size), **file_entry(folder, f"vocab/{feature.name}.npy")}
         if feature.name in known:
-            (folder / "known").mkdir(exist_ok=True)
-            np.save(folder / "known" / f"{feature.name}.npy", known[feature.name].bits)
-            entry["known"] = {"bits": known[feature.name].size, "hashes": KnownValues.HASHES, **file_entry(folder, f"known/{feature.name}.npy")}
+            entry["known"] = write_known_values(folder, feature.name, known[feature.name])
         features.append(entry)
 
     example_rows = torch.zeros(2, plan.slots, dtype=torch.long)

@@ -31,10 +31,10 @@ fi
 $PYTHON -m pip list 2>/dev/null | grep -i -E "^(onnxruntime|cupy|nvidia-cu|cuda-|numpy |fastapi)" | tee "$OUT/packages.txt"
 $PYTHON -c 'import onnxruntime as o, cupy; print("onnxruntime", o.__version__, o.get_available_providers(), "cupy", cupy.__version__)' | tee -a "$OUT/packages.txt"
 
-$PYTHON -m pytest -p no:cacheprovider -q -m cuda tests/serving/test_device.py 2>&1 | tee "$OUT/pytest-cuda.log"
+$PYTHON -m pytest -p no:cacheprovider -q -m cuda tests/serving/pipeline/test_cuda.py 2>&1 | tee "$OUT/pytest-cuda.log"
 tests=${PIPESTATUS[0]}
 if [ "$tests" != 0 ]; then  # tell a failure from a warning (the suite turns warnings into errors) of this machine's libraries
-  $PYTHON -m pytest -p no:cacheprovider -q -m cuda -W ignore tests/serving/test_device.py 2>&1 | tail -15 | tee "$OUT/pytest-cuda-warnings-ignored.log"
+  $PYTHON -m pytest -p no:cacheprovider -q -m cuda -W ignore tests/serving/pipeline/test_cuda.py 2>&1 | tail -15 | tee "$OUT/pytest-cuda-warnings-ignored.log"
 fi
 bench=0
 if [ "${BENCH:-1}" != 0 ]; then

@@ -1,11 +1,16 @@
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from uembed.contract.features import DatasetSpec, FeatureSpec, LabelSpec
+from uembed.contract.known import KnownValues, training_keys
 from uembed.loadtest.servers import RedisServer, UvicornProcess
 from uembed.loadtest.traffic import MOVIELENS_FEATURES
-from uembed.model.data import from_table, movielens100k_table, split_indices
+from uembed.model.data import from_table, load_movielens100k, movielens100k_table, split_indices
+
+MOVIELENS_TABLE_ROWS = 350  # the trained bundles' table: a tenth of MovieLens-100K's distinct values
 
 
 def tiny_table(examples: int = 400, seed: int = 0) -> pa.Table:
@@ -48,12 +53,12 @@ def tiny_dataset():
     return from_table(tiny_table(), tiny_spec(), name="tiny")
 
 
-# --- real servers and MovieLens bundles, shared by tests/service and tests/deploy ---------
+# --- real servers and MovieLens bundles, shared by tests/serving, tests/loadtest and tests/deploy -------------
 # ``RedisServer`` and ``UvicornProcess`` (``uembed/loadtest/servers.py``) are processes a test can
-# kill, pause (SIGSTOP) and restart. The MovieLens bundles are trained once per session
-# (2 epochs) and exported as version 1 (float32) and version 2 (float16, so the two
-# versions score differently).
-
+# kill, pause (SIGSTOP) and restart. Two stores hold movielens/1 (float32) and movielens/2 (float16, so
+# the two versions score differently): ``synthetic_store``, random rows and a random dense net in the
+# trained bundles' shape, for every test whose subject is serving (no torch); ``bundle_store``, a
+# 2-epoch run trained once per session, for the tests whose subject is the training or the export.
 
 
 @pytest.fixture
@@ -92,11 +97,29 @@ def movielens_examples():
 
 
 @pytest.fixture(scope="session")
-def bundle_store(tmp_path_factory):
-    """A bundle store with movielens/1 (float32) and movielens/2 (float16) of one 2-epoch unified run."""
-    import torch
+def synthetic_store(tmp_path_factory):
+    """A bundle store with movielens/1 (float32) and movielens/2 (float16, version 1's rows rounded) shaped as
+    ``bundle_store``'s: the MovieLens features in their order, a unified table of as many rows, genres as wide,
+    and the training split's values as the known values; the rows and the dense net are random. Needs no torch."""
+    from uembed.bundle.synthetic import write_synthetic_bundle
 
-    from uembed.model.data import load_movielens100k
+    root = tmp_path_factory.mktemp("synthetic-bundles")
+    dataset = load_movielens100k()
+    training, _, _ = dataset.split(0)
+    known = {name: KnownValues.build(keys) for name, keys in training_keys(training.columns).items()}
+    genres_width = max(len(genres) for genres in movielens100k_table()["genres"].to_pylist())
+    for version, dtype in (("1", "float32"), ("2", "float16")):
+        write_synthetic_bundle(root, "movielens", dataset.spec.features, MOVIELENS_TABLE_ROWS, version=version,
+                               dtype=dtype, width=genres_width, known=known, progress=False)  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundle_store(tmp_path_factory):
+    """A bundle store with movielens/1 (float32) and movielens/2 (float16) of one 2-epoch unified run; the tests
+    that need it are skipped where torch is not installed (the serving install)."""
+    torch = pytest.importorskip("torch", reason="the trained bundles need torch (the train extra)")
+
     from uembed.model.export import export_run
     from uembed.model.train import TrainConfig, train
 
@@ -108,4 +131,6 @@ def bundle_store(tmp_path_factory):
     train(config, train_set, val_set, test_set, run_dir=root / "run", progress=False)
     export_run(root / "run", root / "store", "movielens", version="1", dtype="float32")
     export_run(root / "run", root / "store", "movielens", version="2", dtype="float16")
+    manifest = json.loads((root / "store" / "movielens" / "1" / "manifest.json").read_text())
+    assert manifest["tables"][0]["rows"] == MOVIELENS_TABLE_ROWS, "synthetic_store's table is to be this one's size"
     return root / "store"

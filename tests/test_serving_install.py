@@ -62,8 +62,8 @@ def test_serve_without_a_bundle_says_the_demo_bundle_needs_the_train_extra(venv,
     assert "pip install 'uembed[train]'" in result.stderr
 
 
-def test_the_serving_path_loads_no_torch_and_scores_like_this_environment(venv, bundle_store, movielens_examples, tmp_path):
-    bundle = bundle_store / "movielens" / "1"
+def test_the_serving_path_loads_no_torch_and_scores_like_this_environment(venv, synthetic_store, movielens_examples, tmp_path):
+    bundle = synthetic_store / "movielens" / "1"
     examples = movielens_examples[:64]
     probe = run_serving_probe(venv, bundle, examples, tmp_path)
     assert probe["torch_modules"] == []

@@ -101,12 +101,12 @@ def corrupt_copy(bundle_path, target):
     return target
 
 
-def test_deferred_row_checks_hold_scoring_until_they_pass(bundle_store):
+def test_deferred_row_checks_hold_scoring_until_they_pass(synthetic_store):
     from uembed.serving.engine import ScoringEngine
     from uembed.serving.pipeline.cpu import ModelRuntime
     from uembed.serving.settings import load_settings
 
-    bundle = load_bundle(bundle_store / "movielens" / "1", defer_row_checks=True)
+    bundle = load_bundle(synthetic_store / "movielens" / "1", defer_row_checks=True)
     engine = ScoringEngine(load_settings())
     engine.registry.activate(ModelRuntime(bundle))
     with pytest.raises(NotReady, match=r"row files checking: 0\.00 of"):
@@ -118,11 +118,11 @@ def test_deferred_row_checks_hold_scoring_until_they_pass(bundle_store):
     assert bundle.row_checks.describe() == "passed"
 
 
-def test_a_row_file_that_fails_its_check_keeps_the_model_unservable(bundle_store, tmp_path, monkeypatch):
+def test_a_row_file_that_fails_its_check_keeps_the_model_unservable(synthetic_store, tmp_path, monkeypatch):
     from tests.serving.inprocess import InProcessService
     from uembed.serving.registry import ModelRegistry
 
-    bad = corrupt_copy(bundle_store / "movielens" / "1", tmp_path / "movielens" / "1")
+    bad = corrupt_copy(synthetic_store / "movielens" / "1", tmp_path / "movielens" / "1")
     with pytest.raises(BundleError, match="tables/unified.npy fails its sha256"):
         load_bundle(bad)  # checked at load: refused outright
     monkeypatch.setattr(ModelRegistry, "BACKGROUND_ROW_CHECKS_BYTES", 0)  # defer even this small bundle
@@ -143,11 +143,11 @@ def test_a_row_file_that_fails_its_check_keeps_the_model_unservable(bundle_store
         service.close()
 
 
-def test_startup_row_checks_refuse_a_corrupt_bundle_before_serving(bundle_store, tmp_path):
+def test_startup_row_checks_refuse_a_corrupt_bundle_before_serving(synthetic_store, tmp_path):
     from uembed.serving.engine import ScoringEngine
     from uembed.serving.settings import load_settings
 
-    bad = corrupt_copy(bundle_store / "movielens" / "1", tmp_path / "movielens" / "1")
+    bad = corrupt_copy(synthetic_store / "movielens" / "1", tmp_path / "movielens" / "1")
     engine = ScoringEngine(load_settings(row_checks="startup"))
     with pytest.raises(BundleError, match="fails its sha256"):
         engine.registry.load(bad)

@@ -6,7 +6,6 @@ import pytest
 
 from tests.cli.test_cli import uembed
 from uembed.bundle.loader import load_bundle
-from uembed.model.export import export_run
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.rows.updates import stream_key
@@ -25,8 +24,8 @@ def replayed_scores(served, url: str, examples) -> np.ndarray:
         engine.updates.stop()
 
 
-def test_push_rows_publishes_a_newer_bundles_changed_rows_and_a_dry_run_nothing(bundle_store, redis_server, movielens_examples):
-    served, newer = bundle_store / "movielens" / "1", bundle_store / "movielens" / "2"  # float32, and float16 of the same run
+def test_push_rows_publishes_a_newer_bundles_changed_rows_and_a_dry_run_nothing(synthetic_store, redis_server, movielens_examples):
+    served, newer = synthetic_store / "movielens" / "1", synthetic_store / "movielens" / "2"  # float32, and the same rows in float16
     common = ("--bundle", str(served), "--redis-url", redis_server.url, "--chunk-rows", "100")
     dry = uembed("push-rows", str(newer), *common, "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -50,15 +49,17 @@ def test_push_rows_publishes_a_newer_bundles_changed_rows_and_a_dry_run_nothing(
         ({"unified.ids": np.array([1, 1]), "unified.rows": np.zeros((2, 16), np.float32)}, "holds a row id twice"),
     ],
 )
-def test_push_rows_refuses_a_bad_delta_file_in_one_line(bundle_store, redis_server, tmp_path, arrays, message):
+def test_push_rows_refuses_a_bad_delta_file_in_one_line(synthetic_store, redis_server, tmp_path, arrays, message):
     np.savez(tmp_path / "delta.npz", **arrays)
-    result = uembed("push-rows", str(tmp_path / "delta.npz"), "--bundle", str(bundle_store / "movielens" / "1"), "--redis-url", redis_server.url)
+    result = uembed("push-rows", str(tmp_path / "delta.npz"), "--bundle", str(synthetic_store / "movielens" / "1"), "--redis-url", redis_server.url)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr and redis_server.client().exists(KEY) == 0
 
 
 @pytest.mark.slow
 def test_train_continue_from_publish_updates_reaches_the_continued_runs_bundle(bundle_store, redis_server, movielens_examples, tmp_path):
+    from uembed.model.export import export_run  # torch: the train extra
+
     served = bundle_store / "movielens" / "1"
     result = uembed(
         "train", "--continue-from", str(bundle_store.parent / "run"), "--epochs", "2", "--publish-updates",

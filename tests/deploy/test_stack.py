@@ -109,11 +109,11 @@ def test_the_replica_variable_filters_every_service_series_and_panels_split_by_r
 
 # --- the live stack -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def stack(bundle_store, tmp_path_factory):
+def stack(synthetic_store, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("stack")
     log = open(workdir / "stack-command.log", "wb")
-    command = [sys.executable, "-m", "uembed", "stack", "--dir", str(workdir), "--bundle", str(bundle_store / "movielens" / "1"),
-               "--bundle-store", str(bundle_store), "--port", "0", "--redis-port", "0", "--prometheus-port", "0",
+    command = [sys.executable, "-m", "uembed", "stack", "--dir", str(workdir), "--bundle", str(synthetic_store / "movielens" / "1"),
+               "--bundle-store", str(synthetic_store), "--port", "0", "--redis-port", "0", "--prometheus-port", "0",
                "--replicas", "2", "--haproxy-stats-port", "0"]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "UEMBED_RELOAD_TOKEN": TOKEN}, stdout=log,
                                stderr=subprocess.STDOUT)  # fmt: skip

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def features(bundle_store):
-    bundle = load_bundle(bundle_store / "movielens" / "1")
+def features(synthetic_store):
+    bundle = load_bundle(synthetic_store / "movielens" / "1")
     widths = {feature.name: feature.width for feature in bundle.plan.features}
     return [spec.to_dict() | {"width": widths[name]} for name, spec in bundle.feature_specs.items()], bundle
 
@@ -62,8 +62,8 @@ def test_other_targets_need_allow_remote():
     assert run.returncode == 2 and "not a loopback address" in run.stderr
 
 
-def test_a_stepped_movielens_run_reports_each_step_and_plots_latency_against_load(bundle_store, start_service, tmp_path):
-    service = start_service([bundle_store / "movielens" / "1"])
+def test_a_stepped_movielens_run_reports_each_step_and_plots_latency_against_load(synthetic_store, start_service, tmp_path):
+    service = start_service([synthetic_store / "movielens" / "1"])
     model, features = served_features(service.url)
     assert model == "movielens" and {f["name"] for f in features} >= {"user_id", "genres"}
     with pytest.raises(ValueError, match="not served"):

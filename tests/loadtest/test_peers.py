@@ -24,8 +24,8 @@ from uembed.serving.protocols.oip_grpc import read_inputs
 
 
 @pytest.fixture(scope="module")
-def runtime(bundle_store):
-    return ModelRuntime(load_bundle(bundle_store / "movielens" / "1"))
+def runtime(synthetic_store):
+    return ModelRuntime(load_bundle(synthetic_store / "movielens" / "1"))
 
 
 def test_every_front_s_body_holds_the_same_examples(runtime):
@@ -44,8 +44,8 @@ def test_every_front_s_body_holds_the_same_examples(runtime):
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make system-deps)")
-def test_the_peers_phase_runs_every_front_and_reports_its_ratios(bundle_store, tmp_path, capsys):
-    args = argparse.Namespace(bundle=bundle_store / "movielens" / "1", bundle_store=bundle_store, peer_sizes=[8],
+def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store, tmp_path, capsys):
+    args = argparse.Namespace(bundle=synthetic_store / "movielens" / "1", bundle_store=synthetic_store, peer_sizes=[8],
                               peer_workers=[1], seconds=1.0, concurrency=4)  # fmt: skip
     reported = {}
     run_peers(args, tmp_path, lambda name, figures: reported.__setitem__(name, figures))

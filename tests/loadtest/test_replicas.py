@@ -107,9 +107,9 @@ def test_loadtest_refuses_a_kill_it_cannot_do_before_loading(tmp_path):
 
 # --- the live stack -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def stack(bundle_store, tmp_path_factory):
+def stack(synthetic_store, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("replicas")
-    stack = LocalStack(workdir, [bundle_store / "movielens" / "1"], service_port=0, redis_port=0, prometheus_port=0,
+    stack = LocalStack(workdir, [synthetic_store / "movielens" / "1"], service_port=0, redis_port=0, prometheus_port=0,
                        replicas=3, haproxy_stats_port=0)  # fmt: skip
     stack.up(service_timeout_s=180)
     yield stack

@@ -16,9 +16,9 @@ CANDIDATES = [{"movie_id": "242", "genres": ["Comedy"]}, {"movie_id": "302", "ge
 
 
 @pytest.fixture(scope="module")
-def app(bundle_store):
+def app(synthetic_store):
     service = InProcessService(
-        bundles=[bundle_store / "movielens" / "1"], bundle_store=bundle_store, reload_token="in-process-token-0123",
+        bundles=[synthetic_store / "movielens" / "1"], bundle_store=synthetic_store, reload_token="in-process-token-0123",
         max_examples=8, max_body_bytes=65536, max_value_chars=64, max_list_values=16,
     )  # fmt: skip
     yield service
@@ -250,8 +250,8 @@ def test_reload_names_are_checked_before_any_path_is_built(app, name, version, f
     assert "should match pattern" in error["detail"]
 
 
-def test_reload_is_off_without_a_token(bundle_store):
-    service = InProcessService(bundles=[bundle_store / "movielens" / "1"])
+def test_reload_is_off_without_a_token(synthetic_store):
+    service = InProcessService(bundles=[synthetic_store / "movielens" / "1"])
     try:
         response = service.post("/v1/models/movielens/load", json={"version": "2"})
         assert response.status_code == 404 and "UEMBED_RELOAD_TOKEN" in response.json()["detail"]

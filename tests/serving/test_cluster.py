@@ -89,9 +89,9 @@ def publish_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("where", ["cluster", "plain"])
-def test_publish_writes_every_row_and_verify_reads_them_back(where, bundle_store, redis_cluster, redis_server):
+def test_publish_writes_every_row_and_verify_reads_them_back(where, synthetic_store, redis_cluster, redis_server):
     url = redis_cluster.url if where == "cluster" else redis_server.url
-    bundle = bundle_store / "movielens" / "2"  # float16 rows
+    bundle = synthetic_store / "movielens" / "2"  # float16 rows
     result = publish_cli(str(bundle), "--redis-url", url, "--verify", "--chunk-rows", "1000")
     assert result.returncode == 0, result.stderr
     assert "all match the row files" in result.stdout
@@ -114,8 +114,8 @@ def test_publish_writes_every_row_and_verify_reads_them_back(where, bundle_store
     tier.close()
 
 
-def test_verify_finds_a_corrupted_row_and_a_missing_bucket(bundle_store, redis_cluster):
-    bundle = bundle_store / "movielens" / "1"
+def test_verify_finds_a_corrupted_row_and_a_missing_bucket(synthetic_store, redis_cluster):
+    bundle = synthetic_store / "movielens" / "1"
     assert publish_cli(str(bundle), "--redis-url", redis_cluster.url, "--quiet").returncode == 0
     table = next(iter(load_bundle(bundle).tables.values()))
     client = redis_cluster.client()
@@ -131,8 +131,8 @@ def test_verify_finds_a_corrupted_row_and_a_missing_bucket(bundle_store, redis_c
     client.close()
 
 
-def test_verify_refuses_a_marker_of_other_row_files(bundle_store, redis_server, tmp_path):
-    bundle = bundle_store / "movielens" / "1"
+def test_verify_refuses_a_marker_of_other_row_files(synthetic_store, redis_server, tmp_path):
+    bundle = synthetic_store / "movielens" / "1"
     assert publish_cli(str(bundle), "--redis-url", redis_server.url, "--quiet").returncode == 0
     client = redis_server.client()
     key = marker_key("uembed", "movielens", "1")
@@ -163,8 +163,8 @@ def score_all(url: str, examples: list[dict], chunk: int = 250) -> list[float]:
     return scores
 
 
-def test_rows_only_in_the_cluster_score_as_the_row_files_do(bundle_store, redis_cluster, movielens_examples, start_service, tmp_path):
-    bundle = bundle_store / "movielens" / "2"
+def test_rows_only_in_the_cluster_score_as_the_row_files_do(synthetic_store, redis_cluster, movielens_examples, start_service, tmp_path):
+    bundle = synthetic_store / "movielens" / "2"
     replica_bundle = without_row_files(bundle, tmp_path)
     prefix = "rows-only"  # nothing published under it yet
     service = start_service([replica_bundle], ready_path="/healthz", redis_url=redis_cluster.url, row_source="redis",
@@ -187,9 +187,9 @@ def test_rows_only_in_the_cluster_score_as_the_row_files_do(bundle_store, redis_
     assert metrics.get('uembed_row_cache_hits_total{tier="file"}', 0) == 0
 
 
-def test_rows_only_refuses_what_redis_does_not_hold(bundle_store, redis_cluster, movielens_examples, start_service, tmp_path):
+def test_rows_only_refuses_what_redis_does_not_hold(synthetic_store, redis_cluster, movielens_examples, start_service, tmp_path):
     """A published version whose rows were deleted: the batch's requests get 503 rows_unavailable, never zeros."""
-    bundle = bundle_store / "movielens" / "1"
+    bundle = synthetic_store / "movielens" / "1"
     prefix = "rows-lost"
     assert publish_cli(str(bundle), "--redis-url", redis_cluster.url, "--prefix", prefix, "--quiet").returncode == 0
     service = start_service([without_row_files(bundle, tmp_path)], ready_path="/healthz", redis_url=redis_cluster.url,
@@ -205,8 +205,8 @@ def test_rows_only_refuses_what_redis_does_not_hold(bundle_store, redis_cluster,
     client.close()
 
 
-def test_the_cluster_as_a_cache_scores_as_the_row_files_do(bundle_store, redis_cluster, movielens_examples, start_service):
-    bundle = bundle_store / "movielens" / "1"
+def test_the_cluster_as_a_cache_scores_as_the_row_files_do(synthetic_store, redis_cluster, movielens_examples, start_service):
+    bundle = synthetic_store / "movielens" / "1"
     cached = start_service([bundle], redis_url=redis_cluster.url, redis_prefix="cache", hot_rows_bytes=0)
     first = score_all(cached.url, movielens_examples)  # rows from the files, filled into the cluster
     wait_until(lambda: cached.metrics()['uembed_row_cache_hits_total{tier="file"}'] > 0, 5, "fills")
@@ -218,13 +218,13 @@ def test_the_cluster_as_a_cache_scores_as_the_row_files_do(bundle_store, redis_c
     assert first == second == score_all(start_service([bundle]).url, movielens_examples)
 
 
-def test_a_killed_master_fails_over_under_traffic(bundle_store, movielens_examples, start_service, tmp_path):
+def test_a_killed_master_fails_over_under_traffic(synthetic_store, movielens_examples, start_service, tmp_path):
     """One master killed under traffic, on a cluster of our own (cluster-node-timeout 1 s). With row files the
     cluster is a cache: not one request fails. With rows only in the cluster, the killed master's rows are
     503 rows_unavailable until its replica takes over; then the service scores again, with no restart."""
     cluster = RedisClusterServers(tmp_path / "cluster").start()
     try:
-        bundle = bundle_store / "movielens" / "1"
+        bundle = synthetic_store / "movielens" / "1"
         assert publish_cli(str(bundle), "--redis-url", cluster.url, "--quiet").returncode == 0
         options = {"redis_url": cluster.url, "hot_rows_bytes": 0, "redis_retry_s": 0.3, "request_timeout_ms": 1000}
         cached = start_service([bundle], **options)
@@ -256,14 +256,14 @@ def test_a_killed_master_fails_over_under_traffic(bundle_store, movielens_exampl
         cluster.stop()
 
 
-def test_an_unpublished_or_differently_published_version_is_not_served(bundle_store, redis_server, tmp_path):
+def test_an_unpublished_or_differently_published_version_is_not_served(synthetic_store, redis_server, tmp_path):
     """In process: a reload of a version with no marker is refused; a marker of other row files keeps the
     model not ready, and says so, until the bundle is published."""
     from uembed.contract.errors import BundleError, NotReady
     from uembed.serving.engine import ScoringEngine
     from uembed.serving.settings import load_settings
 
-    bundle = without_row_files(bundle_store / "movielens" / "1", tmp_path)
+    bundle = without_row_files(synthetic_store / "movielens" / "1", tmp_path)
     engine = ScoringEngine(load_settings(redis_url=redis_server.url, row_source="redis", redis_prefix="engine"))
     with pytest.raises(BundleError, match="rows in Redis not published: no completion marker at engine:movielens:1:published"):
         engine.registry.open(bundle)  # as a reload opens it
@@ -273,7 +273,7 @@ def test_an_unpublished_or_differently_published_version_is_not_served(bundle_st
     runtime = engine.registry.load(bundle)  # as at start: waits in the background
     with pytest.raises(NotReady, match="the completion marker at engine:movielens:1:published has rows=1"):
         engine.registry.runtime(None)
-    assert publish_cli(str(bundle_store / "movielens" / "1"), "--redis-url", redis_server.url, "--prefix", "engine", "--quiet").returncode == 0
+    assert publish_cli(str(synthetic_store / "movielens" / "1"), "--redis-url", redis_server.url, "--prefix", "engine", "--quiet").returncode == 0
     runtime.bundle.row_checks.wait(timeout_s=5)
     assert engine.registry.runtime(None) is runtime
     asyncio.run(engine.astop())

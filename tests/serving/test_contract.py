@@ -11,8 +11,8 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 TOKEN = "contract-test-token-0123"
 
 
-def test_schemathesis_finds_nothing(start_service, redis_server, bundle_store, tmp_path):
-    service = start_service([bundle_store / "movielens" / "1"], bundle_store=bundle_store, redis_url=redis_server.url,
+def test_schemathesis_finds_nothing(start_service, redis_server, synthetic_store, tmp_path):
+    service = start_service([synthetic_store / "movielens" / "1"], bundle_store=synthetic_store, redis_url=redis_server.url,
                             reload_token=TOKEN)  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "--no-color", "run",

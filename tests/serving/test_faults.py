@@ -61,10 +61,10 @@ class Traffic:
         return [r for r in self.results if r["status"] != 200]
 
 
-def test_redis_killed_restarted_and_paused_under_traffic(start_service, bundle_store, movielens_examples, tmp_path):
+def test_redis_killed_restarted_and_paused_under_traffic(start_service, synthetic_store, movielens_examples, tmp_path):
     redis_server = RedisServer(tmp_path).start()
     service = start_service(
-        [bundle_store / "movielens" / "1"], redis_url=redis_server.url, hot_rows_bytes=0,
+        [synthetic_store / "movielens" / "1"], redis_url=redis_server.url, hot_rows_bytes=0,
         redis_timeout_ms=50, redis_retry_s=0.3, request_timeout_ms=1000,
     )  # fmt: skip
     try:
@@ -96,10 +96,10 @@ def test_redis_killed_restarted_and_paused_under_traffic(start_service, bundle_s
         redis_server.stop()
 
 
-def test_overload_is_refused_with_503_and_retry_after(start_service, bundle_store, movielens_examples):
+def test_overload_is_refused_with_503_and_retry_after(start_service, synthetic_store, movielens_examples):
     # A batching window of 20 ms: a second request within it finds the queue full, whether batches run on the
     # event loop (requests that arrive during a batch are admitted, or refused, when it ends) or on a thread.
-    service = start_service([bundle_store / "movielens" / "1"], max_queue_examples=64, request_timeout_ms=5000,
+    service = start_service([synthetic_store / "movielens" / "1"], max_queue_examples=64, request_timeout_ms=5000,
                             max_wait_ms=20)
 
     def post(index: int):
@@ -120,10 +120,10 @@ def test_overload_is_refused_with_503_and_retry_after(start_service, bundle_stor
     assert max(seconds for r, seconds in outcomes if r.status_code == 200) < 2.5
 
 
-def test_hot_reload_under_traffic(start_service, bundle_store, movielens_examples):
-    service = start_service([bundle_store / "movielens" / "1"], reload_token=TOKEN, bundle_store=bundle_store)
+def test_hot_reload_under_traffic(start_service, synthetic_store, movielens_examples):
+    service = start_service([synthetic_store / "movielens" / "1"], reload_token=TOKEN, bundle_store=synthetic_store)
     references = {
-        version: ReferenceScorer(load_bundle(bundle_store / "movielens" / version)).score(movielens_examples)
+        version: ReferenceScorer(load_bundle(synthetic_store / "movielens" / version)).score(movielens_examples)
         for version in ("1", "2")
     }
     assert np.abs(references["1"] - references["2"]).max() > 1e-6  # float16 rows: the versions are told apart
@@ -154,8 +154,8 @@ def test_hot_reload_under_traffic(start_service, bundle_store, movielens_example
     assert not any('version="1"' in name for name in metrics if name.startswith("uembed_model_info"))
 
 
-def test_shutdown_drains_requests_in_flight(start_service, bundle_store, movielens_examples):
-    service = start_service([bundle_store / "movielens" / "1"], max_wait_ms=1500)
+def test_shutdown_drains_requests_in_flight(start_service, synthetic_store, movielens_examples):
+    service = start_service([synthetic_store / "movielens" / "1"], max_wait_ms=1500)
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(httpx.post, f"{service.url}/v1/score", json={"examples": movielens_examples[:8]}, timeout=10)
                    for _ in range(6)]  # fmt: skip
@@ -170,11 +170,11 @@ def test_shutdown_drains_requests_in_flight(start_service, bundle_store, moviele
     assert "Application shutdown complete" in service.log_path.read_text()
 
 
-def test_a_dribbled_body_gets_408_and_its_connection_closed(start_service, bundle_store):
+def test_a_dribbled_body_gets_408_and_its_connection_closed(start_service, synthetic_store):
     """Headers, then a body that never finishes: before, 200 such connections were held open for ever."""
     import socket
 
-    service = start_service([bundle_store / "movielens" / "1"], body_timeout_ms=500)
+    service = start_service([synthetic_store / "movielens" / "1"], body_timeout_ms=500)
     connections = []
     for _ in range(20):
         sock = socket.create_connection(("127.0.0.1", service.port), timeout=10)
@@ -190,13 +190,13 @@ def test_a_dribbled_body_gets_408_and_its_connection_closed(start_service, bundl
     assert httpx.get(f"{service.url}/readyz").status_code == 200
 
 
-def test_connections_over_the_cap_get_503(bundle_store, tmp_path):
+def test_connections_over_the_cap_get_503(synthetic_store, tmp_path):
     """UEMBED_MAX_CONNECTIONS is uvicorn's limit_concurrency (uembed serve passes it): idle connections count."""
     import socket
 
     from uembed.loadtest.servers import UvicornProcess
 
-    service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_store / "movielens" / "1")},
+    service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(synthetic_store / "movielens" / "1")},
                              tmp_path / "capped.log", limit_concurrency=4).start()  # fmt: skip
     try:
         held = [socket.create_connection(("127.0.0.1", service.port), timeout=10) for _ in range(4)]
@@ -210,11 +210,11 @@ def test_connections_over_the_cap_get_503(bundle_store, tmp_path):
         service.stop()
 
 
-def test_a_client_that_leaves_before_its_batch_is_skipped_and_counted(start_service, bundle_store, movielens_examples):
+def test_a_client_that_leaves_before_its_batch_is_skipped_and_counted(start_service, synthetic_store, movielens_examples):
     import json
     import socket
 
-    service = start_service([bundle_store / "movielens" / "1"], max_wait_ms=1500)
+    service = start_service([synthetic_store / "movielens" / "1"], max_wait_ms=1500)
     before = service.metrics()
     body = json.dumps({"examples": movielens_examples[:5]}).encode()
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:

@@ -24,12 +24,12 @@ def score_in_chunks(service, examples, size=100):
 
 
 @pytest.fixture(scope="module")
-def reference(bundle_store, movielens_examples):
-    return ReferenceScorer(load_bundle(bundle_store / "movielens" / "1")).score(movielens_examples)
+def reference(synthetic_store, movielens_examples):
+    return ReferenceScorer(load_bundle(synthetic_store / "movielens" / "1")).score(movielens_examples)
 
 
-def test_http_scores_equal_the_reference_scorer_without_redis(start_service, bundle_store, movielens_examples, reference):
-    service = start_service([bundle_store / "movielens" / "1"], hot_rows_bytes=20_000)
+def test_http_scores_equal_the_reference_scorer_without_redis(start_service, synthetic_store, movielens_examples, reference):
+    service = start_service([synthetic_store / "movielens" / "1"], hot_rows_bytes=20_000)
     cold = score_in_chunks(service, movielens_examples)
     warm = score_in_chunks(service, movielens_examples)
     np.testing.assert_allclose(cold, reference, atol=1e-6, rtol=0)
@@ -39,8 +39,8 @@ def test_http_scores_equal_the_reference_scorer_without_redis(start_service, bun
     assert metrics['uembed_row_cache_hits_total{tier="file"}'] > 0  # the small tier 1 left some to the files
 
 
-def test_http_scores_equal_the_reference_scorer_with_redis(start_service, redis_server, bundle_store, movielens_examples, reference):
-    service = start_service([bundle_store / "movielens" / "1"], redis_url=redis_server.url, hot_rows_bytes=0)
+def test_http_scores_equal_the_reference_scorer_with_redis(start_service, redis_server, synthetic_store, movielens_examples, reference):
+    service = start_service([synthetic_store / "movielens" / "1"], redis_url=redis_server.url, hot_rows_bytes=0)
     cold = score_in_chunks(service, movielens_examples)
     assert redis_server.client().dbsize() > 0  # misses were filled back
     warm = score_in_chunks(service, movielens_examples)
@@ -52,8 +52,8 @@ def test_http_scores_equal_the_reference_scorer_with_redis(start_service, redis_
     assert all(k.startswith("uembed:movielens:1:unified:") for k in keys)
 
 
-def test_batch_invariance_over_http(start_service, bundle_store, movielens_examples):
-    service = start_service([bundle_store / "movielens" / "1"], max_examples=512)
+def test_batch_invariance_over_http(start_service, synthetic_store, movielens_examples):
+    service = start_service([synthetic_store / "movielens" / "1"], max_examples=512)
     batch = movielens_examples[:512]
     in_batch = np.array(score(service, batch).json()["scores"])
     for index in (0, 137, 511):
@@ -61,8 +61,8 @@ def test_batch_invariance_over_http(start_service, bundle_store, movielens_examp
         assert alone == in_batch[index]
 
 
-def test_a_ranking_request_over_http_scores_as_its_flat_examples(start_service, bundle_store, movielens_examples):
-    service = start_service([bundle_store / "movielens" / "1"], max_examples=512)
+def test_a_ranking_request_over_http_scores_as_its_flat_examples(start_service, synthetic_store, movielens_examples):
+    service = start_service([synthetic_store / "movielens" / "1"], max_examples=512)
     user = ("user_id", "age", "gender", "occupation", "zip_code")
     context = {name: movielens_examples[0][name] for name in user}
     candidates = [{k: v for k, v in example.items() if k not in user} for example in movielens_examples[:300]]

@@ -10,8 +10,8 @@ GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
 
 
 @pytest.fixture(scope="module")
-def app(bundle_store):
-    service = InProcessService(bundles=[bundle_store / "movielens" / "1"], value_cache_bytes=200_000)
+def app(synthetic_store):
+    service = InProcessService(bundles=[synthetic_store / "movielens" / "1"], value_cache_bytes=200_000)
     yield service
     service.close()
 
@@ -94,8 +94,8 @@ def test_value_caches_are_bounded_in_bytes_and_reported(app):
     assert 0 < held <= 200_000
 
 
-def test_requests_abandoned_before_their_batch_are_counted_and_skipped(bundle_store):
-    service = InProcessService(bundles=[bundle_store / "movielens" / "1"], max_wait_ms=300, request_timeout_ms=5000)
+def test_requests_abandoned_before_their_batch_are_counted_and_skipped(synthetic_store):
+    service = InProcessService(bundles=[synthetic_store / "movielens" / "1"], max_wait_ms=300, request_timeout_ms=5000)
     try:
         engine = service.engine
 
@@ -116,10 +116,10 @@ def test_requests_abandoned_before_their_batch_are_counted_and_skipped(bundle_st
         service.close()
 
 
-def test_requests_past_their_deadline_in_the_queue_are_counted_as_deadline(bundle_store):
+def test_requests_past_their_deadline_in_the_queue_are_counted_as_deadline(synthetic_store):
     from uembed.contract.errors import DeadlineExceeded
 
-    service = InProcessService(bundles=[bundle_store / "movielens" / "1"], max_wait_ms=400, request_timeout_ms=100)
+    service = InProcessService(bundles=[synthetic_store / "movielens" / "1"], max_wait_ms=400, request_timeout_ms=100)
     try:
         async def late():
             try:

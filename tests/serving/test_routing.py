@@ -23,8 +23,8 @@ MODEL = "movielens"
 
 
 @pytest.fixture(scope="module")
-def routing_store(bundle_store, tmp_path_factory):
-    """The session's movielens/1 and /2, and movielens/9: a bundle of that name with other features (I1, C1), so
+def routing_store(synthetic_store, tmp_path_factory):
+    """The synthetic store's movielens/1 and /2, and movielens/9: a bundle of that name with other features (I1, C1), so
     every MovieLens example is refused by it: a shadow that fails every copy."""
     from uembed.bundle.synthetic import write_synthetic_bundle
     from uembed.contract.features import FeatureSpec
@@ -32,7 +32,7 @@ def routing_store(bundle_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("routing-store")
     (root / MODEL).mkdir()
     for version in ("1", "2"):
-        (root / MODEL / version).symlink_to(bundle_store / MODEL / version)
+        (root / MODEL / version).symlink_to(synthetic_store / MODEL / version)
     features = (FeatureSpec("I1", kind="numeric", boundaries=(0.0, 1.0)), FeatureSpec("C1"))
     write_synthetic_bundle(root, MODEL, features, 1000, version="9", progress=False)
     return root

@@ -91,11 +91,11 @@ def bundle_with_rows(path, rows: np.ndarray):
 
 
 @pytest.mark.parametrize("on_loop", [True, False], ids=["batches-on-the-loop", "batches-on-a-thread"])
-def test_a_batch_never_sees_a_half_applied_delta(bundle_store, movielens_examples, on_loop):
+def test_a_batch_never_sees_a_half_applied_delta(synthetic_store, movielens_examples, on_loop):
     """Deltas that rewrite every row of the table, alternating two sets of rows, applied while one request of 300
     examples is scored again and again: each response is wholly the old rows' scores or wholly the new ones',
     whether batches (and so the deltas, between them) run on the event loop or on a compute thread."""
-    path = bundle_store / "movielens" / "1"
+    path = synthetic_store / "movielens" / "1"
     examples = movielens_examples[:300]
     old_rows = np.asarray(load_bundle(path).tables["unified"].data)
     new_rows = np.random.default_rng(1).normal(scale=0.3, size=old_rows.shape).astype(np.float32)
@@ -142,8 +142,8 @@ def wait_for(condition, timeout_s: float = 15, what: str = "condition") -> None:
         time.sleep(0.02)
 
 
-def test_the_reader_skips_bad_entries_and_outlives_redis_while_requests_go_on(bundle_store, movielens_examples, tmp_path):
-    path = bundle_store / "movielens" / "1"
+def test_the_reader_skips_bad_entries_and_outlives_redis_while_requests_go_on(synthetic_store, movielens_examples, tmp_path):
+    path = synthetic_store / "movielens" / "1"
     examples = movielens_examples[:100]
     served = load_bundle(path)
     rows = np.asarray(served.tables["unified"].data)

@@ -11,8 +11,6 @@ import pytest
 from tests.serving.test_faults import Traffic
 from uembed.bundle.loader import load_bundle
 from uembed.model.data import load_movielens100k
-from uembed.model.export import export_run
-from uembed.model.train import continue_training
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.rows.push import RowPublisher, model_rows
 from uembed.serving.rows.redis import redis_client
@@ -40,6 +38,9 @@ def wait_applied(service, last_id: str, timeout_s: float = 20) -> None:
 def test_continued_training_published_under_load_moves_scores_to_the_new_bundle(
     start_service, bundle_store, movielens_examples, redis_server, tmp_path
 ):
+    from uembed.model.export import export_run
+    from uembed.model.train import continue_training  # torch: the train extra
+
     served = bundle_store / "movielens" / "1"
     settings = {"redis_url": redis_server.url, "row_updates_url": redis_server.url, "request_timeout_ms": 5000}
     service = start_service([served], **settings)

@@ -30,8 +30,8 @@ class CountingApp:
 
 
 @pytest.fixture(scope="module")
-def service(bundle_store):
-    service = InProcessService(bundles=[bundle_store / "movielens" / "1"], max_examples=8, max_value_chars=64)
+def service(synthetic_store):
+    service = InProcessService(bundles=[synthetic_store / "movielens" / "1"], max_examples=8, max_value_chars=64)
     assert service.get("/healthz").status_code == 200  # builds the middleware stack
     layer = service.app.middleware_stack
     while not isinstance(layer, LeanScoreRoute):

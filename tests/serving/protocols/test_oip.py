@@ -25,8 +25,8 @@ EXAMPLES = 256
 
 
 @pytest.fixture(scope="module")
-def service(bundle_store, tmp_path_factory):
-    service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_store / MODEL / "1")},
+def service(synthetic_store, tmp_path_factory):
+    service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(synthetic_store / MODEL / "1")},
                              tmp_path_factory.mktemp("oip") / "service.log").start()  # fmt: skip
     yield service
     service.stop()
@@ -359,12 +359,12 @@ def test_numeric_features_take_floats_ints_and_strings_nan_is_missing(numeric_se
 
 
 # --- the gRPC server's lifecycle ---------------------------------------------------------------------
-def test_a_grpc_port_taken_by_another_program_stops_the_start_with_a_message(bundle_store, tmp_path):
+def test_a_grpc_port_taken_by_another_program_stops_the_start_with_a_message(synthetic_store, tmp_path):
     with socket.socket() as taken:  # no SO_REUSEPORT: the service cannot share it
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_store / MODEL / "1"),
+        service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(synthetic_store / MODEL / "1"),
                                  "UEMBED_GRPC_PORT": str(port)}, tmp_path / "taken.log")  # fmt: skip
         with pytest.raises(RuntimeError, match=f"gRPC: cannot listen on 127.0.0.1:{port}"):
             service.start()
@@ -380,9 +380,9 @@ def listening_sockets(port: int) -> int:
     return count
 
 
-def test_two_workers_share_the_grpc_port(bundle_store, examples, v1_scores, tmp_path):
+def test_two_workers_share_the_grpc_port(synthetic_store, examples, v1_scores, tmp_path):
     """Each worker binds the gRPC port with SO_REUSEPORT; the kernel gives each new connection to one of them."""
-    service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_store / MODEL / "1")},
+    service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(synthetic_store / MODEL / "1")},
                              tmp_path / "workers.log", workers=2).start()  # fmt: skip
     try:
         wait_until(lambda: listening_sockets(service.grpc_port) == 2, 30, "both workers' gRPC servers")

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 
 from deploy.podman.images import podman
+from tests.scoring import score
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.servers import free_port, wait_until
 from uembed.serving.pipeline.reference import ReferenceScorer
@@ -25,12 +26,6 @@ def demo_bundle_path(store: Path) -> Path:
     versions = sorted((store / "movielens100k").iterdir())
     assert versions, f"no demo bundle in {store}"
     return versions[-1]
-
-
-def score(url: str, examples: list[dict]) -> list[float]:
-    response = httpx.post(f"{url}/v1/score", json={"examples": examples}, timeout=30)
-    assert response.status_code == 200, response.text
-    return response.json()["scores"]
 
 
 def assert_scores_like_the_host(url: str, bundle: Path, examples: list[dict]) -> None:

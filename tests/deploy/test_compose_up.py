@@ -20,6 +20,7 @@ import pytest
 from deploy.podman import compose
 from deploy.podman.images import compose_services, podman, podman_env
 from tests.deploy.containers import assert_scores_like_the_host, demo_bundle_path, healthcheck_passes, inspect
+from tests.scoring import score
 from uembed.loadtest.servers import free_port, wait_until
 
 pytestmark = pytest.mark.containers
@@ -102,7 +103,7 @@ def prometheus_value(stack: Stack, expr: str) -> float | None:
 
 
 def test_prometheus_scrapes_every_replica_by_the_compose_name(stack, movielens_examples):
-    httpx.post(f"{stack.service_url}/v1/score", json={"examples": movielens_examples[:100]}, timeout=30).raise_for_status()
+    score(stack.service_url, movielens_examples[:100])
     replicas = len(stack.replicas())
     wait_until(lambda: prometheus_value(stack, 'count(up{job="uembed"} == 1)') == replicas, 60,
                "a scrape of each replica, found by DNS as uembed:8000")  # fmt: skip
@@ -118,12 +119,10 @@ def test_a_killed_replica_is_routed_around_then_restarted_and_serves_again(stack
     os.kill(inspect(container, ".State.Pid"), signal.SIGKILL)  # a crash, not a stop: the restart policy applies
     # Meanwhile haproxy sends every request to the other replica(s).
     for _ in range(20):
-        response = httpx.post(f"{stack.service_url}/v1/score", json={"examples": movielens_examples[:10]}, timeout=30)
-        assert response.status_code == 200
+        score(stack.service_url, movielens_examples[:10])
     wait_until(lambda: inspect(container, ".RestartCount") > restarts, 60, "the restart of the killed replica")
     wait_until(lambda: healthcheck_passes(container), 120, "the restarted replica's healthcheck")
-    response = httpx.post(f"{stack.service_url}/v1/score", json={"examples": movielens_examples[:10]}, timeout=30)
-    assert response.status_code == 200
+    score(stack.service_url, movielens_examples[:10])
 
 
 def test_down_leaves_nothing_running(stack):

@@ -16,9 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
+from tests.scoring import score
 from uembed.loadtest.failover import ANSWERS, ReplicaKill, kill_cost, throughput_around
 from uembed.loadtest.servers import haproxy_stats, wait_until
 from uembed.loadtest.stack import HAPROXY_CONFIG, LocalStack, local_haproxy_config, local_scrape_config
@@ -132,12 +134,11 @@ def test_three_replicas_behind_haproxy_score_like_each_replica_and_are_each_scra
     # "UP" or "UP 1/2" (in rotation, one failed check of the two that take it out: a slow /readyz at start-up)
     assert all(servers[f"replica-{n}"]["status"].startswith("UP") for n in (1, 2, 3)), servers
 
-    body = {"examples": movielens_examples[:32]}
-    direct = httpx.post(f"{state['replicas'][0]['url']}/v1/score", json=body, timeout=30).json()["scores"]
+    examples = movielens_examples[:32]
+    direct = score(state["replicas"][0]["url"], examples)
     with httpx.Client(base_url=state["service"], timeout=30) as client:
         for _ in range(30):
-            response = client.post("/v1/score", json=body)
-            assert response.status_code == 200 and response.json()["scores"] == direct
+            np.testing.assert_array_equal(score(client, examples), direct)
     served = {}
     for replica in state["replicas"]:
         metrics = httpx.get(f"{replica['url']}/metrics").text
@@ -207,7 +208,7 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(stack,
     assert new_pid != kill.pid and stack.replicas[1].process.poll() is None
     with httpx.Client(base_url=state["service"], timeout=30) as http:
         for _ in range(30):
-            assert http.post("/v1/score", json={"examples": movielens_examples[:8]}).status_code == 200
+            score(http, movielens_examples[:8])
     metrics = httpx.get(f"{state['replicas'][1]['url']}/metrics").text
     assert any(line.startswith("uembed_http_requests_total{") and '"/v1/score"' in line for line in metrics.splitlines()), \
         "haproxy sends requests to the restarted replica again"

@@ -11,6 +11,7 @@ import threading
 
 import httpx
 
+from tests.scoring import post_score
 from uembed.loadtest.servers import parse_exposition
 from uembed.serving.app import create_app
 from uembed.serving.engine import ScoringEngine
@@ -43,8 +44,9 @@ class InProcessService:
     def post(self, url: str, **kwargs) -> httpx.Response:
         return self.request("POST", url, **kwargs)
 
-    def score(self, examples: list[dict], **extra) -> httpx.Response:
-        return self.post("/v1/score", json={"examples": examples, **extra})
+    def score(self, examples: list[dict], **options) -> httpx.Response:
+        """POST /v1/score's response, whatever its status (``tests/scoring.py``'s ``score`` for checked scores)."""
+        return post_score(self, examples, **options)
 
     def metrics(self) -> dict[str, float]:
         return parse_exposition(self.get("/metrics").text)

@@ -137,11 +137,11 @@ def test_a_ranking_request_scores_exactly_as_its_flat_examples(app, movielens_ex
     context = {name: movielens_examples[0][name] for name in shared}
     candidates = [{k: v for k, v in example.items() if k not in shared} for example in movielens_examples[10:18]]
     flat = app.score([{**context, **candidate} for candidate in candidates])
-    ranked = app.post("/v1/score", json={"context": context, "candidates": candidates})
+    ranked = app.score(candidates, context=context)
     assert flat.status_code == ranked.status_code == 200, ranked.text
     assert ranked.json() == flat.json()
     assert len(set(ranked.json()["scores"])) > 1  # distinct candidates, so the order is checked too
-    reversed_ = app.post("/v1/score", json={"context": context, "candidates": candidates[::-1], "model": "movielens"})
+    reversed_ = app.score(candidates[::-1], context=context, model="movielens")
     assert reversed_.json()["scores"] == flat.json()["scores"][::-1]
 
 

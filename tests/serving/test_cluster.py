@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.scoring import score
 from tests.serving.rows.tables import make_table
 from tests.serving.test_faults import Traffic
 from uembed.bundle.loader import load_bundle
@@ -153,16 +154,6 @@ def without_row_files(bundle: Path, folder: Path) -> Path:
     return copy
 
 
-def score_all(url: str, examples: list[dict], chunk: int = 250) -> list[float]:
-    scores = []
-    with httpx.Client(timeout=30) as client:
-        for start in range(0, len(examples), chunk):
-            response = client.post(f"{url}/v1/score", json={"examples": examples[start : start + chunk]})
-            assert response.status_code == 200, response.text
-            scores += response.json()["scores"]
-    return scores
-
-
 def test_rows_only_in_the_cluster_score_as_the_row_files_do(synthetic_store, redis_cluster, movielens_examples, start_service, tmp_path):
     bundle = synthetic_store / "movielens" / "2"
     replica_bundle = without_row_files(bundle, tmp_path)
@@ -179,9 +170,9 @@ def test_rows_only_in_the_cluster_score_as_the_row_files_do(synthetic_store, red
     assert result.returncode == 0, result.stderr
     wait_until(lambda: http_get(f"{service.url}/readyz")[0] == 200, 10, "readiness after publish")
 
-    from_redis = score_all(service.url, movielens_examples)
-    from_files = score_all(start_service([bundle]).url, movielens_examples)
-    assert from_redis == from_files
+    from_redis = score(service.url, movielens_examples, chunk=250)
+    from_files = score(start_service([bundle]).url, movielens_examples, chunk=250)
+    np.testing.assert_array_equal(from_redis, from_files)
     metrics = service.metrics()
     assert metrics['uembed_row_cache_hits_total{tier="redis"}'] > 0
     assert metrics.get('uembed_row_cache_hits_total{tier="file"}', 0) == 0
@@ -208,14 +199,15 @@ def test_rows_only_refuses_what_redis_does_not_hold(synthetic_store, redis_clust
 def test_the_cluster_as_a_cache_scores_as_the_row_files_do(synthetic_store, redis_cluster, movielens_examples, start_service):
     bundle = synthetic_store / "movielens" / "1"
     cached = start_service([bundle], redis_url=redis_cluster.url, redis_prefix="cache", hot_rows_bytes=0)
-    first = score_all(cached.url, movielens_examples)  # rows from the files, filled into the cluster
+    first = score(cached.url, movielens_examples, chunk=250)  # rows from the files, filled into the cluster
     wait_until(lambda: cached.metrics()['uembed_row_cache_hits_total{tier="file"}'] > 0, 5, "fills")
     time.sleep(0.5)  # the fill thread writes behind the batches
-    second = score_all(cached.url, movielens_examples)
+    second = score(cached.url, movielens_examples, chunk=250)
     metrics = cached.metrics()
     assert metrics['uembed_row_cache_hits_total{tier="redis"}'] > 0
     assert metrics.get('uembed_redis_errors_total{operation="fetch"}', 0) == 0
-    assert first == second == score_all(start_service([bundle]).url, movielens_examples)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first, score(start_service([bundle]).url, movielens_examples, chunk=250))
 
 
 def test_a_killed_master_fails_over_under_traffic(synthetic_store, movielens_examples, start_service, tmp_path):

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
+from tests.scoring import score
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.servers import RedisServer
 from uembed.serving.pipeline.reference import ReferenceScorer
@@ -230,4 +231,4 @@ def test_a_client_that_leaves_before_its_batch_is_skipped_and_counted(start_serv
     assert after[key] - before[key] == 1
     scored = 'uembed_scored_examples_total{model="movielens"}'
     assert after.get(scored, 0) == before.get(scored, 0)  # its five examples were never scored
-    assert httpx.post(f"{service.url}/v1/score", json={"examples": movielens_examples[:2]}).status_code == 200
+    score(service.url, movielens_examples[:2])

@@ -2,25 +2,12 @@
 
 Request shapes, bad input and routes are tested in process (test_app.py); metrics in test_metrics.py."""
 
-import httpx
 import numpy as np
 import pytest
 
+from tests.scoring import score
 from uembed.bundle.loader import load_bundle
 from uembed.serving.pipeline.reference import ReferenceScorer
-
-
-def score(service, examples, **extra):
-    return httpx.post(f"{service.url}/v1/score", json={"examples": examples, **extra}, timeout=30)
-
-
-def score_in_chunks(service, examples, size=100):
-    scores = []
-    for start in range(0, len(examples), size):
-        response = score(service, examples[start : start + size])
-        assert response.status_code == 200, response.text
-        scores.extend(response.json()["scores"])
-    return np.array(scores)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +17,8 @@ def reference(synthetic_store, movielens_examples):
 
 def test_http_scores_equal_the_reference_scorer_without_redis(start_service, synthetic_store, movielens_examples, reference):
     service = start_service([synthetic_store / "movielens" / "1"], hot_rows_bytes=20_000)
-    cold = score_in_chunks(service, movielens_examples)
-    warm = score_in_chunks(service, movielens_examples)
+    cold = score(service.url, movielens_examples, chunk=100)
+    warm = score(service.url, movielens_examples, chunk=100)
     np.testing.assert_allclose(cold, reference, atol=1e-6, rtol=0)
     np.testing.assert_allclose(warm, reference, atol=1e-6, rtol=0)
     metrics = service.metrics()
@@ -41,9 +28,9 @@ def test_http_scores_equal_the_reference_scorer_without_redis(start_service, syn
 
 def test_http_scores_equal_the_reference_scorer_with_redis(start_service, redis_server, synthetic_store, movielens_examples, reference):
     service = start_service([synthetic_store / "movielens" / "1"], redis_url=redis_server.url, hot_rows_bytes=0)
-    cold = score_in_chunks(service, movielens_examples)
+    cold = score(service.url, movielens_examples, chunk=100)
     assert redis_server.client().dbsize() > 0  # misses were filled back
-    warm = score_in_chunks(service, movielens_examples)
+    warm = score(service.url, movielens_examples, chunk=100)
     np.testing.assert_allclose(cold, reference, atol=1e-6, rtol=0)
     np.testing.assert_allclose(warm, reference, atol=1e-6, rtol=0)
     metrics = service.metrics()
@@ -55,10 +42,9 @@ def test_http_scores_equal_the_reference_scorer_with_redis(start_service, redis_
 def test_batch_invariance_over_http(start_service, synthetic_store, movielens_examples):
     service = start_service([synthetic_store / "movielens" / "1"], max_examples=512)
     batch = movielens_examples[:512]
-    in_batch = np.array(score(service, batch).json()["scores"])
+    in_batch = score(service.url, batch)
     for index in (0, 137, 511):
-        alone = score(service, [batch[index]]).json()["scores"][0]
-        assert alone == in_batch[index]
+        assert score(service.url, [batch[index]])[0] == in_batch[index]
 
 
 def test_a_ranking_request_over_http_scores_as_its_flat_examples(start_service, synthetic_store, movielens_examples):
@@ -66,7 +52,6 @@ def test_a_ranking_request_over_http_scores_as_its_flat_examples(start_service, 
     user = ("user_id", "age", "gender", "occupation", "zip_code")
     context = {name: movielens_examples[0][name] for name in user}
     candidates = [{k: v for k, v in example.items() if k not in user} for example in movielens_examples[:300]]
-    flat = score(service, [{**context, **candidate} for candidate in candidates])
-    ranked = httpx.post(f"{service.url}/v1/score", json={"context": context, "candidates": candidates}, timeout=30)
-    assert ranked.status_code == 200, ranked.text
-    assert ranked.json()["scores"] == flat.json()["scores"]
+    flat = score(service.url, [{**context, **candidate} for candidate in candidates])
+    ranked = score(service.url, candidates, context=context)
+    np.testing.assert_array_equal(ranked, flat)

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.scoring import scored
 from tests.serving.inprocess import InProcessService
 from uembed.contract.errors import ExampleError
 from uembed.loadtest.servers import UvicornProcess, wait_until
@@ -114,12 +115,6 @@ def test_a_shadow_scores_copies_without_changing_what_is_served(app, movielens_e
 
 
 # --- over HTTP --------------------------------------------------------------------------------
-def score(url: str, examples: list[dict], **extra) -> dict:
-    response = httpx.post(f"{url}/v1/score", json={"examples": examples, **extra}, timeout=30)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def test_versions_and_routing_over_http(start_service, routing_store, redis_server, movielens_examples):
     service = start_service([routing_store / MODEL / "1"], bundle_store=routing_store, reload_token=TOKEN,
                             redis_url=redis_server.url, redis_prefix="rt", hot_rows_bytes=0)  # fmt: skip
@@ -140,7 +135,7 @@ def test_versions_and_routing_over_http(start_service, routing_store, redis_serv
     assert listed["routing"] == {}
 
     examples = movielens_examples[:8]
-    primary, pinned = score(url, examples), score(url, examples, version="2")
+    primary, pinned = scored(url, examples), scored(url, examples, version="2")
     assert (primary["version"], pinned["version"]) == ("1", "2") and primary["scores"] != pinned["scores"]
     missing = httpx.post(f"{url}/v1/score", json={"examples": examples, "version": "7"})
     assert missing.status_code == 404 and missing.json()["detail"].startswith("version: model movielens has no loaded version '7'")
@@ -185,7 +180,7 @@ def test_versions_and_routing_over_http(start_service, routing_store, redis_serv
     assert not list(client.scan_iter(match="rt:movielens:2:*")) and len(list(client.scan_iter(match="rt:movielens:1:*", count=1000))) == kept
     assert httpx.post(f"{url}/v1/score", json={"examples": examples, "version": "2"}).status_code == 404
     assert httpx.delete(f"{versions}/2", headers=AUTH).status_code == 404
-    assert score(url, examples) == primary
+    assert scored(url, examples) == primary
     metrics = service.metrics()
     assert f'uembed_model_info{{dtype="float16",method="unified",model="{MODEL}",version="2"}}' not in metrics
     assert f'uembed_routing_share{{model="{MODEL}",version="1"}}' in metrics

@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.scoring import score
 from tests.serving.test_faults import Traffic
 from uembed.bundle.loader import load_bundle
 from uembed.model.data import load_movielens100k
@@ -16,12 +17,6 @@ from uembed.serving.rows.push import RowPublisher, model_rows
 from uembed.serving.rows.redis import redis_client
 
 pytestmark = pytest.mark.slow
-
-
-def score(service, examples) -> np.ndarray:
-    response = httpx.post(f"{service.url}/v1/score", json={"examples": examples}, timeout=10)
-    assert response.status_code == 200, response.text
-    return np.asarray(response.json()["scores"], dtype=np.float32)
 
 
 def row_updates(service) -> dict:
@@ -45,7 +40,7 @@ def test_continued_training_published_under_load_moves_scores_to_the_new_bundle(
     settings = {"redis_url": redis_server.url, "row_updates_url": redis_server.url, "request_timeout_ms": 5000}
     service = start_service([served], **settings)
     examples = movielens_examples[:300]
-    before = score(service, examples)
+    before = score(service.url, examples)
     publisher = RowPublisher(load_bundle(served), redis_client(redis_server.url, 10.0), chunk_rows=100)  # the table has 350 rows: several deltas per publication
     reports = []
 
@@ -64,7 +59,7 @@ def test_continued_training_published_under_load_moves_scores_to_the_new_bundle(
 
     expected = ReferenceScorer(load_bundle(export_run(tmp_path / "continued", tmp_path / "store", "movielens", "1"))).score(examples)
     assert np.abs(expected - before).max() > 1e-3  # the training moved the scores
-    np.testing.assert_allclose(score(service, examples), expected, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(score(service.url, examples), expected, atol=2e-6, rtol=0)
     metrics = service.metrics()
     applied = metrics['uembed_row_updates_total{model="movielens",outcome="applied",version="1"}']
     assert applied == sum(r["entries"] for r in reports)
@@ -73,5 +68,5 @@ def test_continued_training_published_under_load_moves_scores_to_the_new_bundle(
     # Without tier 1 every row comes through the overlay (changed rows) or Redis and the files (the others).
     replica = start_service([served], hot_rows_bytes=0, **settings)  # replays the stream before it reports ready
     assert row_updates(replica)["applied_id"] == reports[-1]["last_id"]
-    np.testing.assert_allclose(score(replica, examples), expected, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(score(replica.url, examples), expected, atol=2e-6, rtol=0)
     assert replica.metrics()['uembed_row_cache_hits_total{tier="overlay"}'] > 0

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.scoring import score, score_in_process
 from uembed.bundle.loader import load_bundle
 from uembed.bundle.synthetic import write_synthetic_bundle
 from uembed.contract.features import FeatureSpec
@@ -74,10 +75,6 @@ def examples(count: int, seed: int) -> list[dict]:
     return out
 
 
-def score(runtime, batch: list[dict]) -> np.ndarray:
-    return runtime.score_encoded(*runtime.hash([runtime.canonicalise(batch)]))
-
-
 # --- refused where the CUDA path cannot run (CI) -------------------------------------------------
 
 
@@ -124,11 +121,11 @@ def test_cuda_path_scores_like_cpu_path_cold_warm_and_under_eviction(synthetic_b
     # A device tier of 300 rows for about 850 distinct rows: admissions evict all the time.
     device = CudaModelRuntime(bundle, "cuda", device_hot_rows_bytes=300 * 16 * 4)
     traffic = examples(1_000, seed=1)
-    expected = np.concatenate([score(cpu, traffic[i : i + 100]) for i in range(0, 1_000, 100)])
+    expected = np.concatenate([score_in_process(cpu, traffic[i : i + 100]) for i in range(0, 1_000, 100)])
     passes = []
     for sizes in ([100] * 10, [7, 250, 743], [1_000]):  # cold, then warm, in other batch shapes
         starts = np.cumsum([0, *sizes])
-        passes.append(np.concatenate([score(device, traffic[a:b]) for a, b in zip(starts[:-1], starts[1:])]))
+        passes.append(np.concatenate([score_in_process(device, traffic[a:b]) for a, b in zip(starts[:-1], starts[1:])]))
     for got in passes:
         assert np.abs(got - expected).max() <= 1e-5
     store = device.stores[0]
@@ -146,7 +143,7 @@ def test_device_tier_holds_the_row_files_rows(synthetic_bundles):
     bundle = load_bundle(synthetic_bundles["int8"])
     device = CudaModelRuntime(bundle, "cuda", device_hot_rows_bytes=3_000 * 16 * 4)
     for start in range(0, 2_000, 200):
-        score(device, examples(200, seed=start))
+        score_in_process(device, examples(200, seed=start))
     store, table = device.stores[0], device.tables[0]
     used = store.hot.used
     owners = store.hot.owner[:used]
@@ -161,9 +158,9 @@ def test_cuda_batches_are_invariant_and_grow_their_buffers(synthetic_bundles):
     bundle = load_bundle(synthetic_bundles["float16"])
     device = CudaModelRuntime(bundle, "cuda", device_hot_rows_bytes=2**20)
     traffic = examples(3_000, seed=7)
-    alone = score(device, traffic[:1])
+    alone = score_in_process(device, traffic[:1])
     small_capacity = device.capacity
-    together = score(device, traffic)  # 3,000 examples: past the first buffers
+    together = score_in_process(device, traffic)  # 3,000 examples: past the first buffers
     assert device.capacity >= 3_000 > small_capacity
     assert np.abs(together[0] - alone[0]) <= 1e-6
 
@@ -176,15 +173,11 @@ def test_service_on_cuda_over_http(synthetic_bundles, start_service):
     traffic = examples(300, seed=11)
     with httpx.Client(base_url=service.url, timeout=30) as client:
         for start in range(0, 300, 64):
-            response = client.post("/v1/score", json={"examples": traffic[start : start + 64]})
-            assert response.status_code == 200, response.text
-            got = np.array(response.json()["scores"], dtype=np.float32)
-            assert np.abs(got - score(cpu, traffic[start : start + 64])).max() <= 1e-5
+            got = score(client, traffic[start : start + 64])
+            assert np.abs(got - score_in_process(cpu, traffic[start : start + 64])).max() <= 1e-5
         for context, candidates in ranking_requests(2, 200, seed=40):
-            response = client.post("/v1/score", json={"context": context, "candidates": candidates})
-            assert response.status_code == 200, response.text
-            got = np.array(response.json()["scores"], dtype=np.float32)
-            assert np.abs(got - score(cpu, flat(context, candidates))).max() <= 1e-5
+            got = score(client, candidates, context=context)
+            assert np.abs(got - score_in_process(cpu, flat(context, candidates))).max() <= 1e-5
         model = client.get("/v1/models").json()["models"][0]
         assert model["device"] == "cuda:0" and model["tables"][0]["hot_rows_on_device"]
         metrics = client.get("/metrics").text
@@ -224,7 +217,7 @@ def test_ranking_requests_batched_on_cuda_score_like_their_flat_examples_on_cpu(
     path = synthetic_bundles["float16"]
     requests = ranking_requests(6, 120, seed=20)
     cpu = ModelRuntime(load_bundle(path))
-    expected = np.concatenate([score(cpu, flat(context, candidates)) for context, candidates in requests])
+    expected = np.concatenate([score_in_process(cpu, flat(context, candidates)) for context, candidates in requests])
 
     async def main():
         engine = ScoringEngine(load_settings(device="cuda", device_hot_rows_bytes=2**20, max_wait_ms=20))
@@ -254,7 +247,7 @@ def test_row_updates_reach_the_rows_held_in_gpu_memory(synthetic_bundles, dtype)
     cpu = ModelRuntime(bundle, hot_rows_bytes=0)
     device = CudaModelRuntime(bundle, "cuda", device_hot_rows_bytes=3_000 * 16 * 4)
     traffic = examples(600, seed=5)
-    before = score(device, traffic)  # warms the device tier
+    before = score_in_process(device, traffic)  # warms the device tier
     store = device.stores[0]
     resident = store.hot.owner[: store.hot.used].copy()
     rng = np.random.default_rng(9)
@@ -271,8 +264,8 @@ def test_row_updates_reach_the_rows_held_in_gpu_memory(synthetic_bundles, dtype)
     expected_rows[updated] = store.codec.decode(records[np.searchsorted(ids, owners[updated])])
     assert updated.sum() == len(resident[::2])
     assert np.array_equal(device.tables[0].rows[:used].get().view(np.uint32), expected_rows.view(np.uint32))
-    after = score(device, traffic)
-    assert np.abs(after - score(cpu, traffic)).max() <= 1e-5
+    after = score_in_process(device, traffic)
+    assert np.abs(after - score_in_process(cpu, traffic)).max() <= 1e-5
     assert np.abs(after - before).max() > 1e-3  # the updates reached the scores
 
 
@@ -289,7 +282,7 @@ def test_a_shadow_version_on_cuda_scores_copies_with_its_own_runtime(synthetic_b
     primary, shadow_path = synthetic_bundles["float32"], synthetic_bundles["int8"]
     model = primary.parent.name
     traffic = examples(256, seed=13)
-    expected = score(ModelRuntime(load_bundle(primary)), traffic)
+    expected = score_in_process(ModelRuntime(load_bundle(primary)), traffic)
 
     async def main():
         engine = ScoringEngine(load_settings(device="cuda", device_hot_rows_bytes=2**20, bundle_store=primary.parent.parent))

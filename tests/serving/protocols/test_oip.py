@@ -17,6 +17,7 @@ import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from tests.scoring import score
 from uembed.loadtest.servers import UvicornProcess, wait_until
 from uembed.loadtest.traffic import MOVIELENS_FEATURES
 
@@ -39,9 +40,7 @@ def examples(movielens_examples):
 
 @pytest.fixture(scope="module")
 def v1_scores(service, examples):
-    response = httpx.post(f"{service.url}/v1/score", json={"examples": examples}, timeout=30)
-    assert response.status_code == 200, response.text
-    return np.array(response.json()["scores"])
+    return score(service.url, examples)
 
 
 def feature_arrays(examples: list[dict]) -> dict[str, np.ndarray]:
@@ -345,8 +344,7 @@ def numeric_service(tmp_path_factory):
 
 def test_numeric_features_take_floats_ints_and_strings_nan_is_missing(numeric_service):
     values = [0.5, 5.0, 50.0, 500.0, None, 49.0]
-    v1 = httpx.post(f"{numeric_service.url}/v1/score", timeout=30,
-                    json={"examples": [{"I1": v, "C1": "a", "tags": ["x", "y"]} for v in values]}).json()["scores"]  # fmt: skip
+    v1 = score(numeric_service.url, [{"I1": v, "C1": "a", "tags": ["x", "y"]} for v in values])
     client = triton_http.InferenceServerClient(numeric_service.url.removeprefix("http://"))
     as_floats = np.array([np.nan if v is None else v for v in values])
     for i1 in (as_floats.astype(np.float32), as_floats, np.array([f"{v}" if v is not None else "" for v in values], dtype=object)):

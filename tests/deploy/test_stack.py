@@ -5,6 +5,7 @@ Prometheus' HTTP API, with the dashboard's replica variable at All."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -146,7 +147,7 @@ def call_grpc_until(replicas: list[dict], deadline: float) -> None:
         for client in clients:
             client.is_server_live()
             client.get_model_metadata("movielens")
-        time.sleep(0.5)
+        time.sleep(0.5)  # the pace of the calls (the load itself), not a wait for something
     for client in clients:
         client.close()
 
@@ -176,11 +177,15 @@ def test_a_60_second_locust_run_has_no_failures_and_every_panel_has_data(stack, 
     missing = {name for _, expr in queries() for name in METRIC.findall(expr)} - names
     assert not missing, f"Prometheus has no series of {sorted(missing)}"
     empty = dict(queries())
-    deadline = time.monotonic() + 30  # a scrape or two after the last request
-    while empty and time.monotonic() < deadline:
-        empty = {label: expr for label, expr in empty.items() if not query(stack["prometheus"], expr)}
-        if empty:
-            time.sleep(2)
+
+    def every_panel_has_data() -> bool:
+        for label, expr in list(empty.items()):
+            if query(stack["prometheus"], expr):
+                del empty[label]
+        return not empty
+
+    with contextlib.suppress(TimeoutError):
+        wait_until(every_panel_has_data, 30, "data in every panel")  # a scrape or two after the last request
     assert not empty, f"panels with no data: {empty}"
 
 

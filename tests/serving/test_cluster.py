@@ -16,6 +16,7 @@ import pytest
 from tests.scoring import score
 from tests.serving.rows.tables import make_table
 from tests.serving.test_faults import Traffic
+from tests.waiting import steady
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.servers import RedisClusterServers, http_get, wait_until
 from uembed.serving.pipeline.reference import ReferenceScorer
@@ -200,8 +201,11 @@ def test_the_cluster_as_a_cache_scores_as_the_row_files_do(synthetic_store, redi
     bundle = synthetic_store / "movielens" / "1"
     cached = start_service([bundle], redis_url=redis_cluster.url, redis_prefix="cache", hot_rows_bytes=0)
     first = score(cached.url, movielens_examples, chunk=250)  # rows from the files, filled into the cluster
-    wait_until(lambda: cached.metrics()['uembed_row_cache_hits_total{tier="file"}'] > 0, 5, "fills")
-    time.sleep(0.5)  # the fill thread writes behind the batches
+    client = redis_cluster.client()
+    cached_keys = lambda: len(set(client.scan_iter(match="cache:movielens:1:*", count=1000)))  # noqa: E731
+    settled = steady(cached_keys)  # the fill thread writes behind the batches
+    wait_until(lambda: settled() and cached_keys() > 0, 10, "rows filled into the cluster")
+    client.close()
     second = score(cached.url, movielens_examples, chunk=250)
     metrics = cached.metrics()
     assert metrics['uembed_row_cache_hits_total{tier="redis"}'] > 0
@@ -224,16 +228,18 @@ def test_a_killed_master_fails_over_under_traffic(synthetic_store, movielens_exa
         wait_until(lambda: http_get(f"{only.url}/readyz")[0] == 200, 10, "readiness")
         reference = ReferenceScorer(load_bundle(bundle)).score(movielens_examples)
         with Traffic(cached.url, movielens_examples, threads=2) as on_files, Traffic(only.url, movielens_examples, threads=2) as on_redis:
-            time.sleep(1.0)
+            wait_until(lambda: on_files.count() >= 20 and on_redis.count() >= 20, 30, "traffic before the kill")
             killed_at = time.perf_counter()
             cluster.kill(cluster.masters()[0])
             cluster.wait_healthy(timeout_s=20)  # the replica took over its slots
             failed_over_s = time.perf_counter() - killed_at
-            time.sleep(2.0)
+            recovered_from = killed_at + failed_over_s + 0.5
+            wait_until(lambda: min(on_files.count_since(recovered_from), on_redis.count_since(recovered_from)) >= 20, 30,
+                       "traffic after the failover")  # fmt: skip
         assert on_files.failures() == []
         failures = on_redis.failures()
         assert {(f["status"], f["body"]["error"]) for f in failures} <= {(503, "rows_unavailable")}
-        recovered = [r for r in on_redis.results if r["sent_at"] > killed_at + failed_over_s + 0.5]
+        recovered = [r for r in on_redis.results if r["sent_at"] > recovered_from]
         assert recovered and all(r["status"] == 200 for r in recovered), "the service did not recover without a restart"
         for traffic in (on_files, on_redis):
             for record in traffic.results:

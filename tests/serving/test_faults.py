@@ -9,7 +9,7 @@ import numpy as np
 
 from tests.scoring import score
 from uembed.bundle.loader import load_bundle
-from uembed.loadtest.servers import RedisServer
+from uembed.loadtest.servers import RedisServer, wait_until
 from uembed.serving.pipeline.reference import ReferenceScorer
 
 TOKEN = "a-test-token-of-some-length"
@@ -52,11 +52,17 @@ class Traffic:
             thread.join()
 
     def run_for(self, seconds: float) -> None:
+        """Traffic for a set time, for a fault of a set length (a paused Redis); to wait for an outcome, poll it."""
         time.sleep(seconds)
 
     def count(self) -> int:
         with self.lock:
             return len(self.results)
+
+    def count_since(self, sent_after: float) -> int:
+        """Requests sent after ``sent_after`` (``time.perf_counter()``) and answered."""
+        with self.lock:
+            return sum(r["sent_at"] > sent_after for r in self.results)
 
     def failures(self) -> list[dict]:
         return [r for r in self.results if r["status"] != 200]
@@ -69,26 +75,29 @@ def test_redis_killed_restarted_and_paused_under_traffic(start_service, syntheti
         redis_timeout_ms=50, redis_retry_s=0.3, request_timeout_ms=1000,
     )  # fmt: skip
     try:
+        redis_hits, fallbacks = 'uembed_row_cache_hits_total{tier="redis"}', "uembed_redis_fallbacks_total"
+        fetch_errors = 'uembed_redis_errors_total{operation="fetch"}'
         with Traffic(service.url, movielens_examples) as traffic:
-            traffic.run_for(1.5)
+            wait_until(lambda: traffic.count() >= 20 and service.metrics().get(redis_hits, 0) > 0, 20, "rows read from Redis")
             before_kill = service.metrics()
-            assert before_kill['uembed_row_cache_hits_total{tier="redis"}'] > 0
             redis_server.kill()
-            traffic.run_for(1.5)
+
+            def fell_back() -> bool:
+                now = service.metrics()
+                return now[fallbacks] > before_kill[fallbacks] and now.get(fetch_errors, 0) > 0
+
+            wait_until(fell_back, 20, "fallbacks to the row files")
             after_kill = service.metrics()
-            assert after_kill['uembed_redis_fallbacks_total'] > before_kill['uembed_redis_fallbacks_total']
-            assert after_kill['uembed_redis_errors_total{operation="fetch"}'] > 0
 
             redis_server.start()  # same port, empty: misses fill it, then it answers again
-            traffic.run_for(2.0)
-            after_restart = service.metrics()
-            assert after_restart['uembed_row_cache_hits_total{tier="redis"}'] > after_kill['uembed_row_cache_hits_total{tier="redis"}']
+            wait_until(lambda: service.metrics()[redis_hits] > after_kill[redis_hits], 20, "rows read from the restarted Redis")
 
             redis_server.pause()  # longer than redis_timeout_ms: every call times out
             paused_from = traffic.count()
-            traffic.run_for(1.5)
+            traffic.run_for(1.5)  # the fault: Redis paused this long
             redis_server.resume()
-            traffic.run_for(0.5)
+            resumed_at = time.perf_counter()
+            wait_until(lambda: traffic.count_since(resumed_at) >= 10, 20, "traffic after the pause")
         assert traffic.failures() == []
         paused = traffic.results[paused_from:]
         assert paused and max(r["seconds"] for r in paused) < 1.0  # within the request deadline
@@ -138,10 +147,11 @@ def test_hot_reload_under_traffic(start_service, synthetic_store, movielens_exam
     assert escape.status_code == 422 and escape.json()["errors"][0]["field"] == "version"
 
     with Traffic(service.url, movielens_examples) as traffic:
-        traffic.run_for(1.0)
+        wait_until(lambda: traffic.count() >= 20, 20, "traffic before the reload")
         response = httpx.post(url, json={"version": "2"}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
         assert response.json() == {"model": "movielens", "version": "2"}
-        traffic.run_for(1.0)
+        reloaded_at = time.perf_counter()
+        wait_until(lambda: traffic.count_since(reloaded_at) >= 20, 20, "traffic after the reload")
     assert traffic.failures() == []
     versions = [r["body"]["version"] for r in traffic.results]
     assert versions[0] == "1" and versions[-1] == "2"
@@ -160,10 +170,9 @@ def test_shutdown_drains_requests_in_flight(start_service, synthetic_store, movi
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(httpx.post, f"{service.url}/v1/score", json={"examples": movielens_examples[:8]}, timeout=10)
                    for _ in range(6)]  # fmt: skip
-        deadline = time.monotonic() + 5
-        while (queued := service.metrics()["uembed_queue_examples"]) < 48 and time.monotonic() < deadline:
-            time.sleep(0.02)  # until all six are admitted and waiting in the batcher's window
-        assert queued == 48, "the six requests were not all waiting when the stop began: nothing would be drained"
+        queued = lambda: service.metrics()["uembed_queue_examples"]  # noqa: E731
+        wait_until(lambda: queued() >= 48, 5, "all six requests admitted and waiting in the batcher's window")
+        assert queued() == 48, "the six requests were not all waiting when the stop began: nothing would be drained"
         # uvicorn re-raises SIGTERM once it has shut down cleanly, so -15 is a clean exit.
         assert service.stop() in (0, -15)
         responses = [f.result() for f in futures]
@@ -205,8 +214,7 @@ def test_connections_over_the_cap_get_503(synthetic_store, tmp_path):
         assert response.status_code == 503
         for sock in held:
             sock.close()
-        time.sleep(0.2)
-        assert httpx.get(f"{service.url}/healthz").status_code == 200
+        wait_until(lambda: httpx.get(f"{service.url}/healthz").status_code == 200, 5, "a connection under the cap")
     finally:
         service.stop()
 
@@ -221,13 +229,11 @@ def test_a_client_that_leaves_before_its_batch_is_skipped_and_counted(start_serv
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
         sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
-        deadline = time.monotonic() + 5
-        while service.metrics()["uembed_queue_examples"] < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert service.metrics()["uembed_queue_examples"] == 5, "the request never reached the batcher"
-    time.sleep(2.0)  # past the batch window: the batch loop has met the abandoned request
-    after = service.metrics()
+        wait_until(lambda: service.metrics()["uembed_queue_examples"] >= 5, 5, "the request reaching the batcher")
+        assert service.metrics()["uembed_queue_examples"] == 5
     key = 'uembed_abandoned_requests_total{reason="cancelled"}'
+    wait_until(lambda: service.metrics()[key] > before[key], 10, "the batch loop meeting the abandoned request")
+    after = service.metrics()
     assert after[key] - before[key] == 1
     scored = 'uembed_scored_examples_total{model="movielens"}'
     assert after.get(scored, 0) == before.get(scored, 0)  # its five examples were never scored

@@ -7,6 +7,7 @@ import pytest
 
 from tests.scoring import score
 from uembed.bundle.loader import load_bundle
+from uembed.loadtest.servers import wait_until
 from uembed.serving.pipeline.reference import ReferenceScorer
 
 
@@ -29,7 +30,7 @@ def test_http_scores_equal_the_reference_scorer_without_redis(start_service, syn
 def test_http_scores_equal_the_reference_scorer_with_redis(start_service, redis_server, synthetic_store, movielens_examples, reference):
     service = start_service([synthetic_store / "movielens" / "1"], redis_url=redis_server.url, hot_rows_bytes=0)
     cold = score(service.url, movielens_examples, chunk=100)
-    assert redis_server.client().dbsize() > 0  # misses were filled back
+    wait_until(lambda: redis_server.client().dbsize() > 0, 10, "misses filled back into Redis")
     warm = score(service.url, movielens_examples, chunk=100)
     np.testing.assert_allclose(cold, reference, atol=1e-6, rtol=0)
     np.testing.assert_allclose(warm, reference, atol=1e-6, rtol=0)

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from tests.serving.inprocess import InProcessService
+from tests.waiting import wait_until_async
 
 GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
 
@@ -98,13 +99,15 @@ def test_requests_abandoned_before_their_batch_are_counted_and_skipped(synthetic
     service = InProcessService(bundles=[synthetic_store / "movielens" / "1"], max_wait_ms=300, request_timeout_ms=5000)
     try:
         engine = service.engine
+        cancelled = engine.metrics.abandoned.labels("cancelled")
 
         async def abandon():
             task = asyncio.ensure_future(engine.score([GOOD] * 3))
-            await asyncio.sleep(0.05)  # admitted, waiting for its batch (max_wait_ms)
+            await wait_until_async(lambda: engine.batcher.queued_examples >= 3, 5, "admitted, waiting for its batch (max_wait_ms)")
             assert engine.batcher.queued_examples == 3
+            before = cancelled._value.get()
             task.cancel()
-            await asyncio.sleep(0.5)  # the batch loop has run and found it abandoned
+            await wait_until_async(lambda: cancelled._value.get() > before, 5, "the batch loop finding it abandoned")
 
         before = service.metrics()
         service.run(abandon())
@@ -121,11 +124,15 @@ def test_requests_past_their_deadline_in_the_queue_are_counted_as_deadline(synth
 
     service = InProcessService(bundles=[synthetic_store / "movielens" / "1"], max_wait_ms=400, request_timeout_ms=100)
     try:
+        deadline = service.engine.metrics.abandoned.labels("deadline")
+
         async def late():
+            before = deadline._value.get()
             try:
                 await service.engine.score([GOOD])
             except DeadlineExceeded:
-                await asyncio.sleep(0.5)  # the batch loop wakes after max_wait_ms and meets the expired request
+                # the batch loop wakes after max_wait_ms and meets the expired request
+                await wait_until_async(lambda: deadline._value.get() > before, 5, "the expired request counted")
                 return True
             return False
 

@@ -4,7 +4,6 @@ real uvicorn over real sockets and a real redis-server for the rest."""
 
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 
 from tests.scoring import scored
 from tests.serving.inprocess import InProcessService
+from tests.waiting import steady
 from uembed.contract.errors import ExampleError
 from uembed.loadtest.servers import UvicornProcess, wait_until
 from uembed.serving.registry import Target
@@ -170,14 +170,13 @@ def test_versions_and_routing_over_http(start_service, routing_store, redis_serv
     assert refused.status_code == 409 and "routing rule of model movielens sends requests to version 2" in refused.json()["detail"]
     assert httpx.delete(f"{url}/v1/models/{MODEL}/routing", headers=AUTH).json() == {"model": MODEL, "routing": None}
     client = redis_server.client()
-    wait_until(lambda: any(client.scan_iter(match="rt:movielens:2:*")) and any(client.scan_iter(match="rt:movielens:1:*")),
-               10, "rows of both versions filled into Redis")  # fmt: skip
-    time.sleep(0.5)  # the fill thread writes behind the batches
-    before = len(list(client.scan_iter(match="rt:movielens:2:*", count=1000)))
-    kept = len(list(client.scan_iter(match="rt:movielens:1:*", count=1000)))
+    keys = lambda version: len(list(client.scan_iter(match=f"rt:movielens:{version}:*", count=1000)))  # noqa: E731
+    settled = steady(lambda: (keys("1"), keys("2")))  # the fill thread writes behind the batches
+    wait_until(lambda: settled() and keys("1") > 0 and keys("2") > 0, 10, "rows of both versions filled into Redis")
+    before, kept = keys("2"), keys("1")
     unloaded = httpx.delete(f"{versions}/2", headers=AUTH)
     assert unloaded.status_code == 200 and unloaded.json() == {"model": MODEL, "version": "2", "redis_keys_deleted": before}
-    assert not list(client.scan_iter(match="rt:movielens:2:*")) and len(list(client.scan_iter(match="rt:movielens:1:*", count=1000))) == kept
+    assert keys("2") == 0 and keys("1") == kept
     assert httpx.post(f"{url}/v1/score", json={"examples": examples, "version": "2"}).status_code == 404
     assert httpx.delete(f"{versions}/2", headers=AUTH).status_code == 404
     assert scored(url, examples) == primary

@@ -3,14 +3,13 @@ reader against a real redis-server that sends it bad entries and goes away."""
 
 import asyncio
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from uembed.bundle.format import encode_records
 from uembed.bundle.loader import TableRows, load_bundle
-from uembed.loadtest.servers import RedisServer
+from uembed.loadtest.servers import RedisServer, wait_until
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.rows.overlay import RowOverlay
@@ -135,13 +134,6 @@ def test_a_batch_never_sees_a_half_applied_delta(synthetic_store, movielens_exam
     assert {"old", "new"} <= set(seen)
 
 
-def wait_for(condition, timeout_s: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout_s}s"
-        time.sleep(0.02)
-
-
 def test_the_reader_skips_bad_entries_and_outlives_redis_while_requests_go_on(synthetic_store, movielens_examples, tmp_path):
     path = synthetic_store / "movielens" / "1"
     examples = movielens_examples[:100]
@@ -173,7 +165,7 @@ def test_the_reader_skips_bad_entries_and_outlives_redis_while_requests_go_on(sy
             redis_server.client().xadd(key, {"format": "garbage"})
             ids = np.array(sorted(first))
             report = publisher.publish(delta_file_rows(delta_file("first.npz", ids, np.stack([first[i] for i in ids])), served), "first")
-            await asyncio.to_thread(wait_for, lambda: runtime.update_position == parse_position(report["last_id"]), 15, "first delta")
+            await asyncio.to_thread(wait_until, lambda: runtime.update_position == parse_position(report["last_id"]), 15, "first delta")
             after_first = (await engine.score(examples))[0]
 
             redis_server.kill()
@@ -190,7 +182,7 @@ def test_the_reader_skips_bad_entries_and_outlives_redis_while_requests_go_on(sy
             publisher.client = restarted.client()
             ids = np.array(sorted(second))
             report = publisher.publish(delta_file_rows(delta_file("second.npz", ids, np.stack([second[i] for i in ids])), served), "second")
-            await asyncio.to_thread(wait_for, lambda: runtime.update_position == parse_position(report["last_id"]), 30, "second delta")
+            await asyncio.to_thread(wait_until, lambda: runtime.update_position == parse_position(report["last_id"]), 30, "second delta")
             after_second = (await engine.score(examples))[0]
             rejected = engine.metrics.updates.labels("movielens", "1", "rejected")._value.get()
             restarted.stop()

@@ -11,6 +11,7 @@ import pytest
 from tests.scoring import score
 from tests.serving.test_faults import Traffic
 from uembed.bundle.loader import load_bundle
+from uembed.loadtest.servers import wait_until
 from uembed.model.data import load_movielens100k
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.rows.push import RowPublisher, model_rows
@@ -21,13 +22,6 @@ pytestmark = pytest.mark.slow
 
 def row_updates(service) -> dict:
     return httpx.get(f"{service.url}/v1/models", timeout=10).json()["models"][0]["row_updates"]
-
-
-def wait_applied(service, last_id: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while row_updates(service)["applied_id"] != last_id:
-        assert time.monotonic() < deadline, f"{row_updates(service)} never reached {last_id}"
-        time.sleep(0.05)
 
 
 def test_continued_training_published_under_load_moves_scores_to_the_new_bundle(
@@ -49,11 +43,12 @@ def test_continued_training_published_under_load_moves_scores_to_the_new_bundle(
 
     _, new_data, _ = load_movielens100k().split(0)  # the validation split: examples the served run never trained on
     with Traffic(service.url, movielens_examples) as traffic:
-        traffic.run_for(0.5)
+        wait_until(lambda: traffic.count() >= 10, 20, "traffic before the training")
         continue_training(bundle_store.parent / "run", new_data, epochs=2, out_dir=tmp_path / "continued",
                           after_epoch=publish, progress=False)  # fmt: skip
-        wait_applied(service, reports[-1]["last_id"])
-        traffic.run_for(0.5)
+        wait_until(lambda: row_updates(service)["applied_id"] == reports[-1]["last_id"], 20, "the last delta applied")
+        applied_at = time.perf_counter()
+        wait_until(lambda: traffic.count_since(applied_at) >= 10, 20, "traffic after the last delta")
     assert traffic.count() > 20 and traffic.failures() == []
     assert len(reports) == 2 and all(r["rows_changed"] > 0 for r in reports) and reports[0]["entries"] > 1
 

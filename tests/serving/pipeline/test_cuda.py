@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.scoring import score, score_in_process
+from tests.waiting import wait_until_async
 from uembed.bundle.loader import load_bundle
 from uembed.bundle.synthetic import write_synthetic_bundle
 from uembed.contract.features import FeatureSpec
@@ -293,12 +294,9 @@ def test_a_shadow_version_on_cuda_scores_copies_with_its_own_runtime(synthetic_b
             await engine.registry.set_routing(Route(model, {primary.name: 1}, shadow=shadow_path.name))
             served = np.concatenate([(await engine.score(traffic[i : i + 32]))[0] for i in range(0, 256, 32)])
             copies = engine.registry.runtimes_for(model, shadow_path.name)
-            deadline = asyncio.get_running_loop().time() + 30
             shadow_requests = {"name": "uembed_shadow_requests_total", "version": shadow_path.name}
             scored = lambda: sample(engine, **shadow_requests, outcome="scored")  # noqa: E731
-            while scored() < 8:
-                assert asyncio.get_running_loop().time() < deadline, "shadow copies not scored within 30 s"
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: scored() >= 8, 30, "the shadow copies scored")
             # A row update of the shadow version: every row the shadow copy holds in GPU memory.
             shadow_copy = copies[-1]
             store = shadow_copy.stores[0]
@@ -307,9 +305,8 @@ def test_a_shadow_version_on_cuda_scores_copies_with_its_own_runtime(synthetic_b
             await asyncio.wrap_future(engine.submit_updates(model, shadow_path.name, [((1, 0), RowDelta({store.table.name: (ids, records)}))]))
             await engine.score(traffic[:32])  # a batch for the shadow thread, which applies its deferred update first
             updated_row = store.codec.decode(records[:1])[0]
-            while not (shadow_copy.tables[0].rows[: len(ids)].get() == updated_row).all():
-                assert asyncio.get_running_loop().time() < deadline + 30, "the shadow copy's device rows were not updated"
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: (shadow_copy.tables[0].rows[: len(ids)].get() == updated_row).all(), 30,
+                                   "the shadow copy's device rows updated")  # fmt: skip
         finally:
             await engine.astop()
         return served, copies

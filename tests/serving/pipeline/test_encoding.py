@@ -10,8 +10,8 @@ import pytest
 from uembed.bundle.loader import load_bundle
 from uembed.contract.errors import ExampleError
 from uembed.contract.known import KnownValues
-from uembed.serving.pipeline.encoding import ExampleEncoder
 from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.pipeline.encoding import ExampleEncoder
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.pipeline.values import ValueLimits
 

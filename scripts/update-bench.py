@@ -27,7 +27,7 @@ import numpy as np
 from uembed.bundle.format import encode_records
 from uembed.bundle.loader import load_bundle
 from uembed.bundle.synthetic import criteo_features, write_synthetic_bundle
-from uembed.cli import count
+from uembed.cli.model_commands import count
 from uembed.loadtest.servers import RedisServer, UvicornProcess
 from uembed.loadtest.traffic import ZipfExamples, served_features
 from uembed.serving.rows.updates import encode_delta, publish_entries, stream_key

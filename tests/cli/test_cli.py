@@ -113,7 +113,7 @@ def test_search_then_applier_then_export_from_the_cli(tmp_path):
 
 @pytest.mark.parametrize(("text", "value"), [("50M", 50_000_000), ("2.5M", 2_500_000), ("10k", 10_000), ("1_000", 1000)])
 def test_counts_take_suffixes(text, value):
-    from uembed.cli import count
+    from uembed.cli.model_commands import count
 
     assert count(text) == value
 
@@ -122,7 +122,7 @@ def test_counts_take_suffixes(text, value):
 def test_bad_counts_are_refused(text):
     import argparse
 
-    from uembed.cli import count
+    from uembed.cli.model_commands import count
 
     with pytest.raises(argparse.ArgumentTypeError, match="count"):
         count(text)

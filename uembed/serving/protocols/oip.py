@@ -39,7 +39,7 @@ from importlib.metadata import version as package_version
 
 import numpy as np
 
-from uembed.contract.errors import NotFound, TensorError
+from uembed.contract.errors import TensorError
 from uembed.contract.features import FeatureKind, FeatureSpec
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.pipeline.cpu import ModelRuntime
@@ -226,15 +226,7 @@ class InferencePlane:
 
     def loaded(self, name: str, version: str | None) -> ModelRuntime:
         """The loaded ``version`` of ``name``, or its primary when no version is asked for (row checks aside)."""
-        versions = self.engine.registry.versions.get(name)
-        if not versions:
-            loaded = ", ".join(self.engine.registry.models) or "none"
-            raise NotFound(f"model {name!r} is not loaded; loaded: {loaded}")
-        if version:
-            if version not in versions:
-                raise NotFound(f"model {name}: version {version!r} is not loaded; loaded: {', '.join(versions)}")
-            return versions[version]
-        return self.engine.registry.models[name]
+        return self.engine.registry.find(name, version or None)
 
     def ready_model(self, name: str, version: str | None) -> ModelRuntime:
         """As :meth:`loaded`, and ready to score (NotReady while its row files are being checked)."""

@@ -46,7 +46,7 @@ STAGES = [
     ("lookup", ("lookup", "rowstore.py", "distinct")),
     ("metrics", ("prometheus_client", "uembed/serving/metrics.py")),
     ("batcher", ("uembed/serving/engine.py",)),
-    ("Open Inference Protocol: tensors to examples", ("uembed/serving/protocols/oip.py", "oip_grpc.py")),
+    ("Open Inference Protocol: tensors to columns", ("uembed/serving/protocols/oip.py", "oip_grpc.py")),
     ("protobuf", ("google/protobuf", "service_pb2")),
     ("gRPC (grpc.aio, cygrpc)", ("grpc/", "cygrpc", "grpc_aio", "_server.py")),
     ("our ASGI layers (limits, lean path, route)", ("uembed/serving/app.py", "lean_json.py", "disconnect.py")),

@@ -20,7 +20,8 @@ import orjson
 
 from uembed.loadtest.scale_bench import request_bodies
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.protocols.lean_json import names_fit, one_form, score_body_type
+from uembed.serving.protocols.lean_json import names_fit, score_body_type
+from uembed.serving.protocols.render import form_problem
 from uembed.serving.settings import load_settings
 
 
@@ -33,7 +34,7 @@ def per_call_ms(work, count: int) -> float:
 
 def main(bundle: str) -> None:
     settings = load_settings(max_examples=1024)
-    runtime = ScoringEngine(settings).open(bundle)
+    runtime = ScoringEngine(settings).registry.open(bundle)
     decoder = msgspec.json.Decoder(score_body_type(settings.max_examples))
     bodies = request_bodies(1.05, 500, 64, 20)
     gc.freeze()
@@ -46,7 +47,7 @@ def main(bundle: str) -> None:
 
             def decode(i):
                 request = decoder.decode(raw[i])
-                assert one_form(request) and names_fit(request)
+                assert form_problem(request.examples, request.context, request.candidates) is None and names_fit(request)
 
             timing = {"decode": per_call_ms(decode, n)}
 

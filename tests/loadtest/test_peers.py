@@ -19,7 +19,7 @@ from uembed.loadtest.load import movielens_requests
 from uembed.loadtest.peers import grpc_request, peer_ratios, run_peers, v2_json_body
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.reference import ReferenceScorer
-from uembed.serving.protocols.oip import InputTensor, examples_from_inputs
+from uembed.serving.protocols.oip import InputTensor, columns_from_inputs
 from uembed.serving.protocols.oip_grpc import read_inputs
 
 
@@ -29,16 +29,16 @@ def runtime(synthetic_store):
 
 
 def test_every_front_s_body_holds_the_same_examples(runtime):
-    """The v2 JSON body and the gRPC request decode, through the service's own readers, to examples that score
+    """The v2 JSON body and the gRPC request decode, through the service's own readers, to columns that score
     exactly as the v1 examples they were built from."""
     examples = movielens_requests(64, count=1)[0]
     specs = runtime.bundle.feature_specs
     want = ReferenceScorer(runtime.bundle).score(examples)
     body = orjson.loads(v2_json_body(examples, specs))
-    from_json = examples_from_inputs(runtime, [InputTensor(t["name"], t["datatype"], t["shape"], t["data"]) for t in body["inputs"]], 1024)
+    from_json = columns_from_inputs(runtime, [InputTensor(t["name"], t["datatype"], t["shape"], t["data"]) for t in body["inputs"]], 1024)
     request = service_pb2.ModelInferRequest.FromString(grpc_request(runtime.name, examples, specs))
     assert request.model_name == runtime.name and len(request.raw_input_contents) == len(specs)
-    from_grpc = examples_from_inputs(runtime, read_inputs(request), 1024)
+    from_grpc = columns_from_inputs(runtime, read_inputs(request), 1024)
     for decoded in (from_json, from_grpc):
         np.testing.assert_array_equal(ReferenceScorer(runtime.bundle).score(decoded), want)
 

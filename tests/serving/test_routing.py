@@ -1,5 +1,5 @@
 """Several versions of a model live at once, a weighted and sticky split between them, and shadow scoring
-(uembed/serving/routing.py, the admin routes of uembed/serving/app.py): the engine in process for the 10,000-request split,
+(uembed/serving/routing.py, the admin routes of uembed/serving/protocols/v1.py): the engine in process for the 10,000-request split,
 real uvicorn over real sockets and a real redis-server for the rest."""
 
 import json

@@ -34,9 +34,11 @@ from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.registry")
 
-# A model or version name becomes one path component under the bundle store: checked before any path is built.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-NAME_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+# A model or version name becomes one path component under the bundle store: checked before any path is built. The
+# fronts take feature names up to the same length.
+MAX_NAME_CHARS = 128
+NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}$"
+NAME_RULE = f"1 to {MAX_NAME_CHARS} characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
 
 def check_name(what: str, name: str) -> None:
@@ -233,15 +235,15 @@ class ModelRegistry:
         name = route.model
         loaded = self.versions.get(name)
         if not loaded:
-            raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models) or 'none'}")
+            raise self.not_loaded("model", name)
         for version in route.split:
             if version not in loaded:
-                raise NotFound(f"split.{version}: model {name} has no loaded version {version!r}; loaded: {', '.join(loaded)}")
+                raise self.not_loaded(f"split.{version}", name, version)
         async with self.lock:
             copy = None
             if route.shadow is not None:
                 if route.shadow not in loaded:
-                    raise NotFound(f"shadow: model {name} has no loaded version {route.shadow!r}; loaded: {', '.join(loaded)}")
+                    raise self.not_loaded("shadow", name, route.shadow)
                 current = self.shadow_runtimes.get(name)
                 serving = loaded[route.shadow]
                 if current is not None and current.bundle is serving.bundle:
@@ -264,7 +266,7 @@ class ModelRegistry:
     def clear_routing(self, name: str) -> None:
         """Back to the primary for every request naming no version."""
         if name not in self.models:
-            raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models) or 'none'}")
+            raise self.not_loaded("model", name)
         self.routes.pop(name, None)
         self.shadow_runtimes.pop(name, None)
         self._publish_shares(name)
@@ -286,19 +288,28 @@ class ModelRegistry:
         unless ``check`` is False."""
         if not self.models:
             raise NotReady("no model is loaded")
-        chosen = name or self.default_model
-        if chosen not in self.models:
-            raise NotFound(f"model: no model {name!r} is loaded; loaded: {', '.join(self.models)}")
-        if version is None:
-            runtime = self.models[chosen]
-        else:
-            runtime = self.versions[chosen].get(version)
-            if runtime is None:
-                raise NotFound(f"version: model {chosen} has no loaded version {version!r}; loaded: "
-                               f"{', '.join(self.versions[chosen])}")  # fmt: skip
+        runtime = self.find(name or self.default_model, version)
         if check:
             self.require_checked(runtime)
         return runtime
+
+    def find(self, name: str, version: str | None = None) -> ModelRuntime:
+        """The loaded ``version`` of ``name``, or its primary, ready or not (404 when it is not loaded)."""
+        if name not in self.models:
+            raise self.not_loaded("model", name)
+        if version is None:
+            return self.models[name]
+        runtime = self.versions[name].get(version)
+        if runtime is None:
+            raise self.not_loaded("version", name, version)
+        return runtime
+
+    def not_loaded(self, field: str, name: str, version: str | None = None) -> NotFound:
+        """The one error for a model, or a ``version`` of it, that is not loaded, naming what is; ``field`` names
+        where the request gave it."""
+        if version is None or name not in self.versions:
+            return NotFound(f"{field}: no model {name!r} is loaded; loaded: {', '.join(self.models) or 'none'}")
+        return NotFound(f"{field}: model {name} has no loaded version {version!r}; loaded: {', '.join(self.versions[name])}")
 
     def resolve(self, name: str | None, version: str | None, routing_key: str | None, examples: list,
                 context: dict | None) -> Target:  # fmt: skip

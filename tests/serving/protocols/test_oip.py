@@ -143,7 +143,7 @@ def test_health_readiness_and_metadata_over_http(service):
     assert list(inputs) == list(MOVIELENS_FEATURES)
     assert inputs["user_id"] == ("BYTES", [-1]) and inputs["genres"] == ("BYTES", [-1, -1])
     assert metadata["outputs"] == [{"name": "score", "datatype": "FP32", "shape": [-1]}]
-    with pytest.raises(InferenceServerException, match="model 'nope' is not loaded"):
+    with pytest.raises(InferenceServerException, match="model: no model 'nope' is loaded"):
         client.get_model_metadata("nope")
 
 
@@ -281,8 +281,8 @@ def test_a_binary_request_framed_by_hand_scores_like_v1(service, examples, v1_sc
 def test_unknown_model_version_or_output_over_http(service, examples):
     inputs = json_inputs(examples[:2])
     for path, status, words in [
-        (f"/v2/models/nope/infer", 404, "model 'nope' is not loaded"),
-        (f"/v2/models/{MODEL}/versions/7/infer", 404, "version '7' is not loaded"),
+        ("/v2/models/nope/infer", 404, "model: no model 'nope' is loaded"),
+        (f"/v2/models/{MODEL}/versions/7/infer", 404, f"version: model {MODEL} has no loaded version '7'"),
     ]:
         response = httpx.post(f"{service.url}{path}", json={"inputs": inputs}, timeout=30)
         assert response.status_code == status and words in response.json()["error"], response.text
@@ -298,7 +298,7 @@ def test_bad_tensors_over_grpc_are_invalid_argument_naming_them(service, example
         ({**arrays, "movie_id": arrays["movie_id"][:1]}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'movie_id': batch size 1, but input 'user_id' has 2"),
         ({k: v for k, v in arrays.items() if k != "gender"}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'gender': missing"),
         ({**arrays, "zip_code": arrays["zip_code"].reshape(1, 2)}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'zip_code': shape [1, 2]"),
-        (arrays, "nope", "StatusCode.NOT_FOUND", "model 'nope' is not loaded"),
+        (arrays, "nope", "StatusCode.NOT_FOUND", "model: no model 'nope' is loaded"),
     ]
     for tensors, model, code, words in cases:
         with pytest.raises(InferenceServerException) as error:
@@ -325,6 +325,76 @@ def test_malformed_raw_input_contents_over_grpc(service, examples):
             stub.ModelInfer(request, timeout=30)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "raw_input_contents: 6 entries for 7 inputs" in error.value.details()
+
+
+# --- two versions of other features under a routing rule ---------------------------------------------------
+TOKEN = "oip-routing-token-0123"
+PAIR_FEATURES = {"1": ("C1", "C2"), "2": ("C1", "N1")}  # C1 in both: the routing rule's sticky feature
+
+
+@pytest.fixture(scope="module")
+def routed_service(tmp_path_factory):
+    """Model ``pair``: primary version 1 (C1, C2) and version 2 (C1 and a numeric N1) loaded beside it, and a
+    50/50 split between them sticky by C1, so a request naming no version may be routed away from the primary."""
+    from uembed.bundle.synthetic import write_synthetic_bundle
+    from uembed.contract.features import FeatureSpec
+
+    root = tmp_path_factory.mktemp("routed")
+    write_synthetic_bundle(root, "pair", (FeatureSpec("C1"), FeatureSpec("C2")), 1000, progress=False)
+    write_synthetic_bundle(root, "pair", (FeatureSpec("C1"), FeatureSpec("N1", kind="numeric", boundaries=(0.0, 1.0, 10.0))),
+                           1000, version="2", seed=1, progress=False)  # fmt: skip
+    env = {"UEMBED_BUNDLES": str(root / "pair" / "1"), "UEMBED_BUNDLE_STORE": str(root), "UEMBED_RELOAD_TOKEN": TOKEN}
+    service = UvicornProcess("uembed.serving.app:create_app", env, root / "service.log").start()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(f"{service.url}/v1/models/pair/versions/2", headers=auth, timeout=30).status_code == 200
+    rule = {"split": {"1": 50, "2": 50}, "sticky_feature": "C1"}
+    assert httpx.put(f"{service.url}/v1/models/pair/routing", json=rule, headers=auth, timeout=30).status_code == 200
+    yield service
+    service.stop()
+
+
+def pair_examples(version: str, user: str) -> list[dict]:
+    """Three examples with the features of ``version``, the first of them ``user``'s (the routing key)."""
+    if version == "1":
+        return [{"C1": user, "C2": "a"}, {"C1": "x", "C2": ""}, {"C1": "y", "C2": "b"}]
+    return [{"C1": user, "N1": 0.5}, {"C1": "x", "N1": None}, {"C1": "y", "N1": 12.0}]
+
+
+def pair_arrays(examples: list[dict]) -> dict[str, np.ndarray]:
+    return {name: np.array([np.nan if e[name] is None else e[name] for e in examples], dtype=np.float64)
+            if name == "N1" else np.array([e[name] for e in examples], dtype=object) for name in examples[0]}  # fmt: skip
+
+
+def test_a_request_routed_away_from_the_primary_is_checked_and_scored_by_the_version_it_is_routed_to(routed_service):
+    """No version named: each front resolves the request once, so its tensors are checked against the features of
+    the version the routing rule gives it (not the primary's) and scored by that version, with /v1's scores."""
+    rest = triton_http.InferenceServerClient(routed_service.url.removeprefix("http://"))
+    grpc_client = triton_grpc.InferenceServerClient(routed_service.grpc_target)
+    seen = set()
+    for user in (f"user-{i}" for i in range(24)):
+        routed = httpx.post(f"{routed_service.url}/v1/score", json={"model": "pair", "examples": [{"C1": user}]}, timeout=30)
+        version = routed.json()["version"]
+        seen.add(version)
+        examples = pair_examples(version, user)
+        v1 = httpx.post(f"{routed_service.url}/v1/score", json={"model": "pair", "examples": examples}, timeout=30).json()
+        assert v1["version"] == version
+        arrays = pair_arrays(examples)
+        over_rest = rest.infer("pair", triton_inputs(triton_http, arrays))
+        over_grpc = grpc_client.infer("pair", triton_inputs(triton_grpc, arrays))
+        assert over_rest.get_response()["model_version"] == over_grpc.get_response().model_version == version
+        for result in (over_rest, over_grpc):
+            np.testing.assert_allclose(result.as_numpy("score"), v1["scores"], rtol=0, atol=1e-6)
+        # The other version's tensors: refused as inputs of the version the request is routed to.
+        other = "2" if version == "1" else "1"
+        unknown = PAIR_FEATURES[other][1]
+        wrong = pair_arrays(pair_examples(other, user))
+        refusal = f"input {unknown!r}: model pair has no such input"
+        with pytest.raises(InferenceServerException, match=rf"^\[422\] {refusal}"):
+            rest.infer("pair", triton_inputs(triton_http, wrong))
+        with pytest.raises(InferenceServerException) as refused:
+            grpc_client.infer("pair", triton_inputs(triton_grpc, wrong))
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and refused.value.message().startswith(refusal)
+    assert seen == {"1", "2"}
 
 
 # --- numeric features (MovieLens has none: its age is categorical) --------------------------------------

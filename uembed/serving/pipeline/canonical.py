@@ -41,6 +41,27 @@ class CanonicalExamples:
     shared: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class ExampleColumns:
+    """A request's examples as one list of values per feature, ``count`` values each (a front that decodes columns,
+    as the Open Inference Protocol's tensors are). Canonicalised column by column; read as examples (feature ->
+    value, as ``/v1/score`` takes them) one at a time, and only where one is asked for: a routing rule's sticky
+    feature, a shadow version's copy."""
+
+    columns: Mapping[str, list]
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(f"example {index} of {self.count}")
+        return {name: column[index] for name, column in self.columns.items()}
+
+
 @dataclass
 class Canonicaliser:
     """The canonicalise stage for one bundle's features and plan (:class:`ExampleEncoder` adds the hash stage).
@@ -74,7 +95,7 @@ class Canonicaliser:
 
     def canonicalise(
         self,
-        examples: Sequence[Mapping[str, object]],
+        examples: Sequence[Mapping[str, object]] | ExampleColumns,
         context: Mapping[str, object] | None = None,
         where: str | None = None,
     ) -> CanonicalExamples:
@@ -85,8 +106,11 @@ class Canonicaliser:
         broadcasts its rows. A feature goes in the context or in the examples, not both. ``where`` names the
         examples in error messages: ``examples``, or ``candidates`` when there is a context; the context's
         errors name ``context.feature``. A context list cut to the trained width counts once in ``truncated``
-        (and ``hash`` counts an unseen context value once): per request, not per candidate.
+        (and ``hash`` counts an unseen context value once): per request, not per candidate. Examples given as
+        :class:`ExampleColumns` (no context) take :meth:`canonicalise_columns`.
         """
+        if isinstance(examples, ExampleColumns) and context is None:
+            return self.canonicalise_columns(examples.columns, examples.count, where or "examples")
         specs = self.specs
         where = where or ("examples" if context is None else "candidates")
         if context is not None:
@@ -104,6 +128,27 @@ class Canonicaliser:
             named = None
         if named is None or not named <= specs.keys() or (context and not named.isdisjoint(context.keys())):
             self._refuse_examples(examples, context, where)
+        if plain:
+            columns = {name: list(map(dict.get, examples, repeat(name))) for name in specs if not context or name not in context}
+        else:
+            columns = {name: [e.get(name) for e in examples] for name in specs if not context or name not in context}
+        return self._canonical_columns(columns, len(examples), context, where)
+
+    def canonicalise_columns(self, columns: Mapping[str, Sequence], count: int, where: str = "examples") -> CanonicalExamples:
+        """:meth:`canonicalise` of ``count`` examples given as one list of values per feature (a front that decodes
+        columns, as the Open Inference Protocol's tensors are): the same checks, the same errors naming
+        ``examples[i].feature``, the same result. A feature left out is the missing value in every example."""
+        unknown = columns.keys() - self.specs.keys()
+        if unknown:
+            self._refuse_unknown(f"{where}[0]", unknown)
+        missing = [None] * count
+        return self._canonical_columns({name: columns.get(name, missing) for name in self.specs}, count, None, where)
+
+    def _canonical_columns(self, columns: Mapping[str, Sequence], count: int, context: Mapping | None,
+                           where: str) -> CanonicalExamples:  # fmt: skip
+        """The canonical values of the examples' ``columns`` (feature -> value per example) and of the ``context``'s
+        features (every feature is in one or the other)."""
+        specs = self.specs
         values: dict[str, list] = {}
         truncated = {}
         for name, spec in specs.items():
@@ -117,15 +162,14 @@ class Canonicaliser:
                     items = self._canonical(name, spec, value, key, cache, "context")
                 column = [items]
             else:
+                raw = columns[name]
                 if name in self.text_features:
-                    raw = list(map(dict.get, examples, repeat(name))) if plain else [e.get(name) for e in examples]
                     encoded = self._text_column(spec, raw)
                     if encoded is not None:
                         values[name] = encoded
                         continue
                 column = []
-                for index, example in enumerate(examples):
-                    value = example.get(name)
+                for index, value in enumerate(raw):
                     key = cache_key(value) if entries is not None else None
                     items = entries.get(key) if key is not None else None
                     if items is None:
@@ -139,8 +183,8 @@ class Canonicaliser:
                 column = [items[0] for items in column]
             values[name] = column
         shared = frozenset(context.keys() & specs.keys()) if context else frozenset()
-        ids = self.ids_looked_up(len(examples), 1, shared)  # alone in a batch, with its context split out
-        return CanonicalExamples(len(examples), values, ids, truncated, shared)
+        ids = self.ids_looked_up(count, 1, shared)  # alone in a batch, with its context split out
+        return CanonicalExamples(count, values, ids, truncated, shared)
 
     def _text_column(self, spec: FeatureSpec, raw: list) -> list[bytes] | None:
         """Canonical bytes of a one-value categorical feature's column when every value is a string within the

@@ -1,10 +1,10 @@
 """The lean path of ``POST /v1/score``: msgspec decodes the body straight into the engine's input.
 
-FastAPI's route for ``/v1/score`` stays the contract: its OpenAPI schema, its pydantic model and its error
-messages. On this machine a 64-example request spent more time in the framework around that route (stdlib
+FastAPI's route for ``/v1/score`` (``uembed/serving/protocols/v1.py``) stays the contract: its OpenAPI schema, its
+pydantic model and its error messages. But for a typical request the framework around that route (stdlib
 ``json.loads``, pydantic walking every value into ``Any``, dependency solving, the router, two exception
-middlewares) than in canonicalising its values; see the profile in docs/BENCHMARKS.md. This middleware sits
-inside the limits and metrics middleware and answers the requests the route would accept, the same way:
+middlewares) costs more than canonicalising its values (the profile is in docs/BENCHMARKS.md). This middleware
+sits inside the limits and metrics middleware and answers the requests the route would accept, the same way:
 
 - the body is read (the limits above still refuse one too large or too slow) and decoded by a msgspec type built
   from the same limits as the pydantic model (examples per request, feature-name length, no unknown fields);
@@ -15,12 +15,12 @@ inside the limits and metrics middleware and answers the requests the route woul
 
 msgspec may refuse what pydantic accepts (a JSON ``NaN``, a number past a float's range, a lone surrogate): those
 take the route. It accepts nothing the route would refuse: the fields are not optional (an explicit ``null`` is
-refused, as pydantic refuses it, except for ``model``, ``version`` and ``routing_key``), and the form rule is checked here as the route's model checks it.
+refused, as pydantic refuses it, except for ``model``, ``version`` and ``routing_key``), and the form rule is the
+route's (``uembed/serving/protocols/render.py``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -28,9 +28,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from uembed.contract.errors import UembedError, internal
-
-log = logging.getLogger("uembed.app")
+from uembed.serving.protocols.render import MAX_ROUTING_KEY_CHARS, form_problem, table_error, v1_error
+from uembed.serving.registry import MAX_NAME_CHARS
 
 SCORE_PATH = "/v1/score"
 
@@ -38,14 +37,10 @@ SCORE_PATH = "/v1/score"
 Score = Callable[[Request, list, dict | None, list | None, str | None, str | None, str | None], Awaitable[Response]]
 
 
-MAX_NAME_CHARS = 128  # a feature, model or version name, as the route's model limits it
-MAX_ROUTING_KEY_CHARS = 256
-
-
 def score_body_type(max_examples: int) -> type[msgspec.Struct]:
     """The score request as msgspec checks it: the pydantic model's fields, limits and ``extra="forbid"``; the
     length of feature names is checked after decoding (:func:`names_fit`), once per distinct name (a limit on
-    the dict keys' type doubled the decoding time of a 64-example body)."""
+    the dict keys' type would be checked on every key of every example, slowing the decoding down)."""
     example = dict[str, Any]
     examples = Annotated[list[example], msgspec.Meta(min_length=1, max_length=max_examples)]
     # Defaults of None on types without None: a field left out is None, an explicit null is refused (as the route
@@ -88,13 +83,11 @@ class LeanScoreRoute:
     """ASGI middleware: ``POST /v1/score`` bodies that the route would accept, decoded by msgspec and scored by
     ``score``; anything else goes on to ``app`` (the FastAPI route) unchanged."""
 
-    def __init__(self, app, route, max_examples: int, score: Score,
-                 render_error: Callable[[UembedError], Response]) -> None:  # fmt: skip
+    def __init__(self, app, route, max_examples: int, score: Score) -> None:
         self.app = app
         self.route = route  # the FastAPI route: set on the scope, so metrics label the request by its path
         self.decoder = msgspec.json.Decoder(score_body_type(max_examples))
         self.score = score
-        self.render_error = render_error
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != SCORE_PATH or scope["method"] != "POST" or not json_content_type(scope["headers"]):
@@ -112,25 +105,15 @@ class LeanScoreRoute:
             request = self.decoder.decode(body)
         except (msgspec.DecodeError, ValueError):  # ValidationError is a DecodeError; bad UTF-8 a ValueError
             request = None
-        if request is None or not one_form(request) or not names_fit(request):
+        if request is None or form_problem(request.examples, request.context, request.candidates) or not names_fit(request):
             return await self.app(scope, replayed(body, receive), send)
         scope["route"] = self.route
         try:
             response = await self.score(Request(scope, receive), request.examples, request.context, request.candidates,
                                         request.model, request.version, request.routing_key)  # fmt: skip
-        except UembedError as exc:
-            response = self.render_error(exc)
-        except Exception as exc:  # noqa: BLE001 - as the app's handler of unexpected errors does
-            log.exception("unexpected error on %s", SCORE_PATH)
-            response = self.render_error(internal(exc))
+        except Exception as exc:  # noqa: BLE001 - as the app's handlers of errors do
+            response = v1_error(table_error(exc, SCORE_PATH))
         await response(scope, receive, send)
-
-
-def one_form(request) -> bool:
-    """The route's form rule (``ScoreRequestForms.one_form``): examples alone, or candidates with an optional context."""
-    if request.examples is not None:
-        return request.candidates is None and request.context is None
-    return request.candidates is not None
 
 
 def names_fit(request) -> bool:

@@ -1,11 +1,13 @@
-"""The Open Inference Protocol (KServe "v2"), apart from its transports: tensors in, examples out.
+"""The Open Inference Protocol (KServe "v2"), apart from its transports: tensors in, columns out.
 
-The REST routes (:mod:`service.protocols.oip_rest`) and the gRPC servicer
-(:mod:`service.protocols.oip_grpc`) only translate their messages into :class:`InputTensor`
-and call one :class:`InferencePlane`; the plane turns the tensors into the examples
-``/v1/score`` takes and scores them through the same engine and batcher. So a value is
-checked, canonicalised and hashed by the one encoding path (``uembed/serving/pipeline/encoding.py``) whatever
-the front, and limits and errors are decided once.
+The REST routes (:mod:`~uembed.serving.protocols.oip_rest`) and the gRPC servicer
+(:mod:`~uembed.serving.protocols.oip_grpc`) only translate their messages into :class:`InputTensor`
+and call one :class:`InferencePlane`. The plane resolves the request to its model version once (a
+routing rule's sticky feature read from the first example's tensor), checks the tensors against that
+version's features, decodes them into columns of the values ``/v1/score`` would be sent, and scores
+them through the same engine and batcher. So a value is checked, canonicalised and hashed by the one
+encoding path (``uembed/serving/pipeline/canonical.py``, column by column) whatever the front, and
+limits and errors are decided once.
 
 A model's inputs are its features, one tensor each, all of them required; its output is
 ``score`` (FP32, shape [N]: the click probability per example). N, the first dimension of
@@ -33,15 +35,17 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
 import numpy as np
 
-from uembed.contract.errors import NotFound, TensorError
+from uembed.contract.errors import TensorError
 from uembed.contract.features import FeatureKind, FeatureSpec
 from uembed.serving.engine import ScoringEngine
+from uembed.serving.pipeline.canonical import ExampleColumns
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.settings import ServiceSettings
 
@@ -73,11 +77,12 @@ class InputTensor:
     data: list | bytes
 
 
-def bytes_elements(name: str, data: bytes) -> list[bytes]:
-    """A serialised BYTES tensor's elements: each a 4-byte little-endian length, then that many bytes."""
+def bytes_elements(name: str, data: bytes, limit: int | None = None) -> list[bytes]:
+    """A serialised BYTES tensor's elements (its first ``limit``): each a 4-byte little-endian length, then that many
+    bytes."""
     elements = []
     offset, end = 0, len(data)
-    while offset < end:
+    while offset < end and len(elements) != limit:
         if offset + BYTES_LENGTH.size > end:
             raise TensorError(f"input {name!r}: BYTES element {len(elements)}: its 4-byte length is cut off at byte {offset}")
         (length,) = BYTES_LENGTH.unpack_from(data, offset)
@@ -107,23 +112,24 @@ def flat(data: list) -> list:
     return out
 
 
-def tensor_values(tensor: InputTensor) -> list:
-    """The elements of a tensor as Python values: str (BYTES), int or float."""
+def tensor_values(tensor: InputTensor, limit: int | None = None) -> list:
+    """The elements of a tensor (its first ``limit``) as Python values: str (BYTES), int or float."""
     name, datatype = tensor.name, tensor.datatype
     if isinstance(tensor.data, list):
-        values = flat(tensor.data)
+        values = flat(tensor.data) if limit is None else flat(tensor.data)[:limit]
         allowed = ELEMENT_TYPES[datatype]
         for index, value in enumerate(values):
             if type(value) not in allowed:
                 raise TensorError(f"input {name!r}: element {index} is {json_type(value)}, not a {datatype} value")
         return values
     if datatype == "BYTES":
-        return [text(name, index, element) for index, element in enumerate(bytes_elements(name, tensor.data))]
+        return [text(name, index, element) for index, element in enumerate(bytes_elements(name, tensor.data, limit))]
     dtype = FIXED_SIZE[datatype]
     if len(tensor.data) % dtype.itemsize:
         raise TensorError(f"input {name!r}: {len(tensor.data)} bytes of data are not a whole number of {datatype} "
                           f"elements ({dtype.itemsize} bytes each)")  # fmt: skip
-    return np.frombuffer(tensor.data, dtype=dtype).tolist()
+    count = len(tensor.data) // dtype.itemsize
+    return np.frombuffer(tensor.data, dtype=dtype, count=count if limit is None else min(limit, count)).tolist()
 
 
 def json_type(value: object) -> str:
@@ -144,19 +150,24 @@ def check_shape(tensor: InputTensor, spec: FeatureSpec) -> None:
 def column(tensor: InputTensor, spec: FeatureSpec, values: list) -> list:
     """Per example, the value ``/v1/score`` would be sent for this feature."""
     if spec.multivalent and len(tensor.shape) == 2:
-        width = tensor.shape[1]
-        return [[value for value in values[row * width : (row + 1) * width] if value] for row in range(tensor.shape[0])]
+        return multivalent_rows(values, tensor.shape[0], tensor.shape[1])
     if tensor.datatype in FLOATS:
         return [None if math.isnan(value) else value for value in values]
     return values
 
 
-def examples_from_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_examples: int) -> list[dict]:
-    """The examples (feature -> value, as ``/v1/score`` takes them) that one tensor per feature holds.
+def multivalent_rows(values: list, count: int, width: int) -> list[list]:
+    """An [N, W] tensor's rows as lists of values, the padding ("") left out."""
+    return [[value for value in values[row * width : (row + 1) * width] if value] for row in range(count)]
 
-    >>> examples_from_inputs(runtime, [InputTensor("user_id", "BYTES", [2], ["196", "186"]),
-    ...                                InputTensor("genres", "BYTES", [2, 2], ["Comedy", "", "Crime", "Drama"]), ...], 1024)  # doctest: +SKIP
-    [{"user_id": "196", "genres": ["Comedy"], ...}, {"user_id": "186", "genres": ["Crime", "Drama"], ...}]
+
+def columns_from_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_examples: int) -> ExampleColumns:
+    """The examples that one tensor per feature holds, as columns: feature -> the value ``/v1/score`` would be sent,
+    per example (what :meth:`~uembed.serving.pipeline.canonical.Canonicaliser.canonicalise_columns` takes).
+
+    >>> columns_from_inputs(runtime, [InputTensor("user_id", "BYTES", [2], ["196", "186"]),
+    ...                               InputTensor("genres", "BYTES", [2, 2], ["Comedy", "", "Crime", "Drama"]), ...], 1024)  # doctest: +SKIP
+    ExampleColumns(columns={"user_id": ["196", "186"], "genres": [["Comedy"], ["Crime", "Drama"]], ...}, count=2)
     """
     specs = runtime.bundle.feature_specs
     given: dict[str, InputTensor] = {}
@@ -189,8 +200,39 @@ def examples_from_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_e
         if len(values) != elements:
             raise TensorError(f"input {name!r}: shape {tensor.shape} holds {elements} elements, its data {len(values)}")
         columns[name] = column(tensor, spec, values)
-    names = list(columns)
-    return [dict(zip(names, row)) for row in zip(*columns.values())]
+    return ExampleColumns(columns, batch)
+
+
+class FirstExample(Mapping):
+    """The first example's values, each decoded from its tensor only when asked for: what a routing rule's sticky
+    feature reads to choose the version, before the tensors can be checked against that version's features. A
+    value that cannot be read is left out (the request then has no routing key; the version's checks name the
+    tensor)."""
+
+    def __init__(self, inputs: list[InputTensor]) -> None:
+        self.tensors = {tensor.name: tensor for tensor in inputs}
+
+    def __getitem__(self, name: str) -> object:
+        tensor = self.tensors[name]
+        shape = tensor.shape
+        if not shape or len(shape) > 2 or any(type(d) is not int or d < 1 for d in shape) or tensor.datatype not in ELEMENT_TYPES:
+            raise KeyError(name)
+        width = shape[1] if len(shape) == 2 else 1
+        try:
+            values = tensor_values(tensor, limit=width)
+        except TensorError:
+            raise KeyError(name) from None
+        if len(values) != width:
+            raise KeyError(name)
+        if tensor.datatype in FLOATS:
+            values = [None if math.isnan(value) else value for value in values]
+        return values[0] if width == 1 else multivalent_rows(values, 1, width)[0]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 def check_outputs(names: list[str]) -> None:
@@ -226,15 +268,7 @@ class InferencePlane:
 
     def loaded(self, name: str, version: str | None) -> ModelRuntime:
         """The loaded ``version`` of ``name``, or its primary when no version is asked for (row checks aside)."""
-        versions = self.engine.registry.versions.get(name)
-        if not versions:
-            loaded = ", ".join(self.engine.registry.models) or "none"
-            raise NotFound(f"model {name!r} is not loaded; loaded: {loaded}")
-        if version:
-            if version not in versions:
-                raise NotFound(f"model {name}: version {version!r} is not loaded; loaded: {', '.join(versions)}")
-            return versions[version]
-        return self.engine.registry.models[name]
+        return self.engine.registry.find(name, version or None)
 
     def ready_model(self, name: str, version: str | None) -> ModelRuntime:
         """As :meth:`loaded`, and ready to score (NotReady while its row files are being checked)."""
@@ -252,7 +286,11 @@ class InferencePlane:
 
     async def infer(self, name: str, version: str | None, inputs: list[InputTensor]) -> tuple[np.ndarray, ModelRuntime]:
         """Scores (float32 [N]) of the examples the inputs hold, through the engine's batcher: by the version asked
-        for, else as the model's routing rule (keyed by its sticky feature) or its primary decides."""
-        runtime = self.ready_model(name, version)
-        examples = examples_from_inputs(runtime, inputs, self.max_examples)
-        return await self.engine.score(examples, runtime.name, version=version or None)
+        for, else as the model's routing rule (keyed by its sticky feature) or its primary decides. The request is
+        resolved to its version once; the tensors are checked against that version's features and decoded
+        straight into the columns its canonicaliser takes."""
+        self.loaded(name, version)  # an unknown model or version: 404, as the metadata routes answer it
+        target = self.engine.resolve(name, version or None, None, [FirstExample(inputs)], None)
+        examples = columns_from_inputs(target.runtime, inputs, self.max_examples)
+        canonical = target.runtime.encoder.canonicalise_columns(examples.columns, examples.count)
+        return await self.engine.score_resolved(target, examples, canonical=canonical), target.runtime

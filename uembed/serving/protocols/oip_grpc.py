@@ -31,32 +31,18 @@ import time
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from uembed.contract.errors import NotReady, TensorError, UembedError, internal
+from uembed.contract.errors import NotReady, TensorError, UembedError
 from uembed.serving.metrics import outcome
 from uembed.serving.protocols.oip import OUTPUT, OUTPUT_DATATYPE, InferencePlane, InputTensor, check_outputs, text
+from uembed.serving.protocols.render import grpc_code, table_error
 from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.oip.grpc")
 
-# The error table's HTTP statuses, as gRPC codes.
-STATUS_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 # Which typed field of InferTensorContents holds each datatype.
 CONTENTS_FIELDS = {"BYTES": "bytes_contents", "INT32": "int_contents", "INT64": "int64_contents",
                    "FP32": "fp32_contents", "FP64": "fp64_contents"}  # fmt: skip
 SHUTDOWN_GRACE_S = 5.0
-
-
-def status_code(error: UembedError) -> grpc.StatusCode:
-    return STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
 
 
 def rpc(method):
@@ -69,16 +55,13 @@ def rpc(method):
         started = time.perf_counter()
         try:
             response = await method(self, request, context)
-        except UembedError as exc:
-            error = exc
         except Exception as exc:  # noqa: BLE001 - a bug is INTERNAL; the log has the traceback
-            log.exception("unexpected error in %s", name)
-            error = internal(exc)
+            error = table_error(exc, name)
         else:
             self.observe(name, started, None)
             return response
         self.observe(name, started, error)
-        await context.abort(status_code(error), str(error))
+        await context.abort(grpc_code(error), str(error))
 
     return with_status_codes
 
@@ -116,7 +99,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.metrics = plane.engine.metrics
 
     def observe(self, method: str, started: float, error: UembedError | None) -> None:
-        code = grpc.StatusCode.OK if error is None else status_code(error)
+        code = grpc.StatusCode.OK if error is None else grpc_code(error)
         status = 200 if error is None else error.status
         self.metrics.grpc_seconds.labels(method, outcome(status)).observe(time.perf_counter() - started)
         self.metrics.grpc_requests.labels(method, code.name).inc()

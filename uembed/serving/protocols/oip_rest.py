@@ -22,25 +22,18 @@ can state.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from uembed.contract.errors import TensorError, UembedError, ValidationFailed, internal
+from uembed.contract.errors import TensorError, ValidationFailed
 from uembed.serving.protocols.disconnect import unless_abandoned
 from uembed.serving.protocols.oip import OUTPUT, OUTPUT_DATATYPE, InferencePlane, InputTensor, check_outputs
-
-log = logging.getLogger("uembed.oip")
+from uembed.serving.protocols.render import client_closed, json_response, json_scores, oip_error, table_error
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-def protocol_error(error: UembedError) -> JSONResponse:
-    return JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers or None)
 
 
 class ProtocolRoute(APIRoute):
@@ -52,11 +45,8 @@ class ProtocolRoute(APIRoute):
         async def with_protocol_errors(request: Request) -> Response:
             try:
                 return await handler(request)
-            except UembedError as exc:
-                return protocol_error(exc)
             except Exception as exc:  # noqa: BLE001 - a bug answers 500 in the protocol's shape; the log has it
-                log.exception("unexpected error on %s", request.url.path)
-                return protocol_error(internal(exc))
+                return oip_error(table_error(exc, request.url.path))
 
         return with_protocol_errors
 
@@ -142,9 +132,8 @@ def infer_response(request: dict, scores: np.ndarray, model: str, version: str, 
         output["parameters"] = {"binary_data_size": len(data)}
         header = orjson.dumps(body)
         return Response(header + data, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(header))})
-    # The float32 scores written as float64, digit for digit as /v1/score writes them.
-    output["data"] = scores.astype(np.float64)
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    output["data"] = json_scores(scores)  # the digits /v1/score writes
+    return json_response(body)
 
 
 def oip_router(plane: InferencePlane) -> APIRouter:
@@ -185,7 +174,7 @@ def oip_router(plane: InferencePlane) -> APIRouter:
         binary_scores = binary_output(infer_request)
         scored = await unless_abandoned(request, plane.infer(request.path_params["name"], request.path_params.get("version"), inputs))
         if scored is None:
-            return Response(status_code=499)  # the client went away; nobody reads it
+            return client_closed()
         scores, runtime = scored
         return infer_response(infer_request, scores, runtime.name, runtime.version, binary_scores)
 

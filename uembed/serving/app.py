@@ -105,7 +105,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
                    **declared()},  # fmt: skip
     )
     async def metrics() -> Response:
-        await asyncio.to_thread(engine.registry.observe_files)
+        await asyncio.to_thread(engine.observe_files)
         return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = partial(v1_openapi, app, engine, settings)

@@ -63,6 +63,7 @@ class ScoringEngine:
         if settings.row_updates_url:
             self.updates = UpdateReader(self, settings.row_updates_url, settings.redis_prefix, self.UPDATES_TIMEOUT_S)
         self.registry.updates = self.updates
+        self._files_observed: tuple[float, set] = (-float("inf"), set())  # when, and which runtimes then
 
     @property
     def running(self) -> bool:
@@ -151,6 +152,31 @@ class ScoringEngine:
             self.registry.require_checked(runtime)
         _, runtime = await self.score([{}])
         return runtime
+
+    FILE_BYTES_EVERY_S = 5.0
+
+    def observe_files(self) -> None:
+        """The gauges read when /metrics is: every live model's row-check state, its row files' mapped and resident
+        bytes and tier 1's index bytes, at most every FILE_BYTES_EVERY_S unless a version was loaded since (a mincore
+        pass over a large table is slow: the scrape runs it off the event loop)."""
+        loaded = self.registry.loaded()
+        now, seen = time.monotonic(), {id(runtime) for runtime in loaded}
+        last, last_seen = self._files_observed
+        if now - last < self.FILE_BYTES_EVERY_S and seen <= last_seen:
+            return
+        self._files_observed = (now, seen)
+        for runtime in loaded:
+            checks = runtime.bundle.row_checks
+            state = 1 if checks is None or checks.passed else (-1 if checks.failed else 0)
+            self.metrics.row_checks.labels(runtime.name, runtime.version).set(state)
+            try:
+                for table, states in runtime.file_bytes().items():
+                    for name, value in states.items():
+                        self.metrics.table_file.labels(runtime.name, table, name).set(value)
+                for table, value in runtime.index_bytes().items():
+                    self.metrics.table_memory.labels(runtime.name, table, "index").set(value)
+            except OSError as exc:  # a failed mincore must not cost the scrape every other metric
+                log.warning("measuring the row files of %s failed: %s", runtime.name, exc)
 
     # --- versions: what needs both the registry and the batcher -----------------------------
     async def remove_version(self, name: str, version: str) -> tuple[ModelRuntime, int | None]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -72,7 +71,6 @@ class ModelRegistry:
         self.updates = None  # the row-update reader (uembed/serving/rows/updates.py), where the engine has one
         self.accepting = False  # whether versions may be loaded by name (the engine is running)
         self.lock = asyncio.Lock()  # one load, unload or routing change at a time
-        self._files_observed = -float("inf")
 
     def open(self, path: str | Path, defer_row_checks: bool = False) -> ModelRuntime:
         """Load and validate a bundle and score one example with it (not yet live). With ``defer_row_checks`` the
@@ -121,7 +119,6 @@ class ModelRegistry:
         loaded = self.versions.setdefault(runtime.name, {})
         self.metrics.version_loaded(runtime, replaced=loaded.get(runtime.version))
         loaded[runtime.version] = runtime
-        self._files_observed = -float("inf")  # the next scrape reports the new version's files
         self.observe_memory(runtime)
 
     def _detach(self, runtime: ModelRuntime) -> None:
@@ -342,29 +339,6 @@ class ModelRegistry:
         for table, tiers in runtime.memory_bytes().items():
             for tier, value in tiers.items():
                 self.metrics.table_memory.labels(runtime.name, table, tier).set(value)
-
-    FILE_BYTES_EVERY_S = 5.0
-
-    def observe_files(self) -> None:
-        """The gauges read when /metrics is: every live model's row-check state, its row files' mapped and
-        resident bytes and tier 1's index bytes, at most every FILE_BYTES_EVERY_S (a mincore pass over a
-        100 M-row table takes tenths of a second: run it off the event loop)."""
-        now = time.monotonic()
-        if now - self._files_observed < self.FILE_BYTES_EVERY_S:
-            return
-        self._files_observed = now
-        for runtime in self.loaded():
-            checks = runtime.bundle.row_checks
-            state = 1 if checks is None or checks.passed else (-1 if checks.failed else 0)
-            self.metrics.row_checks.labels(runtime.name, runtime.version).set(state)
-            try:
-                for table, states in runtime.file_bytes().items():
-                    for name, value in states.items():
-                        self.metrics.table_file.labels(runtime.name, table, name).set(value)
-                for table, value in runtime.index_bytes().items():
-                    self.metrics.table_memory.labels(runtime.name, table, "index").set(value)
-            except OSError as exc:  # a failed mincore must not cost the scrape every other metric
-                log.warning("measuring the row files of %s failed: %s", runtime.name, exc)
 
 
 def open_runtime(bundle: Bundle, settings: ServiceSettings, redis: RedisTier | None) -> ModelRuntime:

@@ -3,6 +3,8 @@ the slots, or an int32 per table row, whichever is smaller (:func:`slot_index`).
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from uembed.bundle.loader import resident_bytes
@@ -104,12 +106,15 @@ class SlotIndex:
 
 
 class DenseSlotIndex:
-    """Row id -> tier-1 slot as an int32 per table row (slot + 1; 0: not cached). Allocated as zeros, so
+    """Row id -> tier-1 slot as an int32 per table row (slot + 1; 0: not cached). Fresh anonymous pages, so
     only its pages where rows were cached become resident: the smaller index when the tier holds a good
     share of a table (:func:`slot_index` picks)."""
 
     def __init__(self, table_rows: int) -> None:
-        self.slot_of_row = np.zeros(table_rows, dtype=np.int32)
+        # An anonymous mapping rather than np.zeros: calloc may hand back memory this process freed, which it
+        # must then zero, making every page resident.
+        self._pages = mmap.mmap(-1, max(4 * table_rows, 1))
+        self.slot_of_row = np.frombuffer(self._pages, dtype=np.int32, count=table_rows)
 
     @property
     def nbytes(self) -> int:

@@ -95,8 +95,10 @@ def main() -> int:
         env |= {"UEMBED_HOT_ROWS_BYTES": str(64 * 2**20), "UEMBED_MAX_EXAMPLES": "1024", "UEMBED_MAX_BODY_BYTES": str(16 * 2**20)}
     service = UvicornProcess("uembed.serving.app:create_app", env, workdir / "service.log")
     service.argv += ["--app-dir", str(args.tree.resolve())]  # ahead of this checkout on the server's path
-    lean = args.tree / "service" / "protocols" / "lean_json.py"
-    if lean.exists():  # msgspec decodes in C, on this line of the lean path
+    # the lean path's module in this layout, or in a tree from before the one package
+    lean = next((path for path in (args.tree / "uembed" / "serving" / "protocols" / "lean_json.py",
+                                   args.tree / "service" / "protocols" / "lean_json.py") if path.exists()), None)  # fmt: skip
+    if lean is not None:  # msgspec decodes in C, on this line of the lean path
         line = next(i for i, text in enumerate(lean.read_text().splitlines(), 1) if "self.decoder.decode(" in text)
         STAGES[0] = (STAGES[0][0], (*STAGES[0][1], f"lean_json.py:{line})"))
     service = service.start()

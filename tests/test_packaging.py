@@ -9,12 +9,16 @@ from pathlib import Path
 
 from setuptools import find_packages
 
+from tests.installs import source_copy
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_installs_one_top_level_package_holding_every_package_of_the_tree(tmp_path):
+    # Built from a copy of what the images install: a build/ folder left in the checkout would add stale modules.
+    source = source_copy(tmp_path / "src")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                    str(ROOT)], check=True, capture_output=True)  # fmt: skip
+                    str(source)], check=True, capture_output=True)  # fmt: skip
     (wheel,) = tmp_path.glob("uembed-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
@@ -24,3 +28,6 @@ def test_the_wheel_installs_one_top_level_package_holding_every_package_of_the_t
     assert tops == {"uembed"}, f"the wheel installs {sorted(tops)} at the top of site-packages"
     packaged = {name.rsplit("/", 1)[0].replace("/", ".") for name in names if name.endswith("/__init__.py")}
     assert packaged == set(find_packages(ROOT, include=["uembed", "uembed.*"]))
+    tracked = subprocess.run(["git", "ls-files", "uembed/*.py", "uembed/**/*.py"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode == 0 and tracked.stdout:  # a git checkout: the wheel's modules are exactly the tracked ones
+        assert {n for n in names if n.endswith(".py")} == set(tracked.stdout.split())

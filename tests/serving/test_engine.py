@@ -7,11 +7,11 @@ import pytest
 
 from tests.waiting import wait_until_async
 from uembed.bundle.loader import load_bundle
-from uembed.contract.errors import Internal
-from uembed.serving.engine import DeadlineExceeded, NotReady, Overloaded, ScoringEngine
+from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded
+from uembed.serving.engine import ScoringEngine
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.reference import ReferenceScorer
-from uembed.serving.registry import describe_models
+from uembed.serving.protocols.v1 import describe_models
 from uembed.serving.settings import load_settings
 
 
@@ -103,13 +103,13 @@ def test_admission_bound_and_deadline(synthetic_store, movielens_examples):
         engine.registry.load(synthetic_store / "movielens" / "1")
         await engine.astart()
         first = asyncio.create_task(engine.score(movielens_examples[:8]))
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: engine.batcher.queued_examples == 8, 5, "the first request admitted")
         with pytest.raises(Overloaded):
             await engine.score(movielens_examples[:8])
         with pytest.raises(DeadlineExceeded):
             await first  # the 200 ms batching window outlasts the 50 ms deadline
         gone = asyncio.create_task(engine.score(movielens_examples[:2]))
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: any(p.examples.count == 2 for p in engine.batcher.queue), 5, "the request admitted")
         gone.cancel()  # the client went away: cancelled, not past its deadline
         with pytest.raises(asyncio.CancelledError):
             await gone

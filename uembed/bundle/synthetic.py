@@ -65,7 +65,7 @@ def synthetic_plan(features: Sequence[FeatureSpec], table_rows: int, dim: int, w
 
 
 def random_rows(dim: int, rng: np.random.Generator):
-    """Chunks of random float32 rows for :func:`export.format.write_table_rows`."""
+    """Chunks of random float32 rows for :func:`uembed.bundle.format.write_table_rows`."""
     return lambda start, stop: rng.standard_normal((stop - start, dim), dtype=np.float32) * np.float32(0.2)
 
 

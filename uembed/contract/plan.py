@@ -555,7 +555,7 @@ def build_plan(
     """Plan ``method`` for the features of ``spec``, sized from the training columns.
 
     ``train_columns`` is a mapping of feature name to :class:`FeatureColumn` (in-memory
-    data), or statistics of a streamed training split (``model.data.stream.StreamStats``:
+    data), or statistics of a streamed training split (``uembed.model.data.stream.StreamStats``:
     ``vocabulary``, ``widths`` and ``keys`` per feature).
 
     ``policy`` is the SEO policy of the Applier methods; ``chunk_dim`` the chunk width of

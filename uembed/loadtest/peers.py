@@ -13,7 +13,7 @@ with 1 and 2 workers each, requests of 8, 64 and 512 real MovieLens-100K example
 (``grpc.aio``, requests serialised once before the run, so a call costs the client one send and one receive; the
 client's CPU time per call is reported, to show it is not the bottleneck). The open loop sends at half of each
 front's saturated rate, latency measured from each request's scheduled time (no coordinated omission): the
-Python load generator of ``uembed/loadtest/bench.py`` for HTTP, the gRPC client's own schedule for gRPC. Server and load
+Python load generator of ``uembed/loadtest/load.py`` for HTTP, the gRPC client's own schedule for gRPC. Server and load
 generators share this machine over loopback.
 """
 

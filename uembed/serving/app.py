@@ -8,22 +8,18 @@ admitted requests on shutdown. The fronts, each a module of ``uembed/serving/pro
     gRPC    the Open Inference Protocol, started here too    oip_grpc.py  }
 
 They share the engine, its batcher and the error table; each renders errors in its protocol's shape
-(``render.py``). Every HTTP request first passes the body limits and request metrics (``limits.py``).
+(``render.py``). Every HTTP request first passes the body limits and request metrics (``limits.py``); the
+probes (/healthz, /readyz, /metrics) are ``probes.py``.
 """
 
-import asyncio
 import gc
-import os
 from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from uembed.contract import errors
 from uembed.contract.errors import UembedError
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.protocols.lean_json import LeanScoreRoute
@@ -31,8 +27,9 @@ from uembed.serving.protocols.limits import LimitsAndMetrics
 from uembed.serving.protocols.oip import InferencePlane
 from uembed.serving.protocols.oip_grpc import start_grpc_server, stop_grpc_server
 from uembed.serving.protocols.oip_rest import oip_router
+from uembed.serving.protocols.probes import add_probe_routes
 from uembed.serving.protocols.render import v1_http_error, v1_table_error, v1_validation_error
-from uembed.serving.protocols.v1 import add_v1_routes, declared, score_examples, v1_openapi
+from uembed.serving.protocols.v1 import add_v1_routes, score_examples, v1_openapi
 from uembed.serving.settings import ServiceSettings, load_settings
 
 
@@ -86,27 +83,6 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_ms / 1000, metrics=engine.metrics)  # fmt: skip
 
-    @app.get("/healthz", summary="The process is alive", responses=declared())
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/readyz", summary="A model is loaded and a one-example score succeeds",
-             responses=declared(errors.NotReady, errors.Overloaded, errors.RowsUnavailable, errors.DeadlineExceeded))  # fmt: skip
-    async def readyz() -> dict:
-        runtime = await engine.ready()
-        # The worker that answered: with several workers, each connection reaches one of them.
-        return {"status": "ready", "model": runtime.name, "version": runtime.version, "worker": os.getpid()}
-
-    @app.get(
-        "/metrics",
-        summary="Prometheus metrics",
-        response_class=Response,
-        responses={200: {"description": "The Prometheus text format", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
-                   **declared()},  # fmt: skip
-    )
-    async def metrics() -> Response:
-        await asyncio.to_thread(engine.observe_files)
-        return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
+    add_probe_routes(app, engine)
     app.openapi = partial(v1_openapi, app, engine, settings)
     return app

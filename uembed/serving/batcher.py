@@ -228,10 +228,10 @@ class Batcher:
         scores, times = runtime.score_batch(parts)
         examples = sum(p.count for p in parts)
         scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        self._observe(runtime, times, examples, scores)
         if scores.shape[0] != examples:
             # A dense net that returns the wrong shape must not hand one request another's scores.
             raise Internal(f"the dense network returned {scores.shape[0]} scores for {examples} examples")
-        self._observe(runtime, times, examples, scores)
         return np.split(scores, np.cumsum([p.count for p in parts])[:-1])
 
     def _observe(self, runtime: ModelRuntime, times: BatchTimes, examples: int, scores: np.ndarray) -> None:
@@ -253,7 +253,5 @@ class Batcher:
             if count:
                 metrics.unseen.labels(runtime.name, feature).inc(count)
         metrics.value_cache_bytes.labels(runtime.name).set(runtime.encoder.cached_bytes())
-        for table, tiers in runtime.memory_bytes().items():
-            for tier, value in tiers.items():
-                metrics.table_memory.labels(runtime.name, table, tier).set(value)
+        metrics.observe_memory(runtime)
         metrics.observe_all(metrics.example_score.labels(runtime.name, runtime.version, "served"), scores)

@@ -25,21 +25,18 @@ from functools import partial
 
 import numpy as np
 
-from uembed.contract.errors import Conflict, DeadlineExceeded, NotFound, NotReady, Overloaded
+from uembed.contract.errors import Overloaded
 from uembed.serving.batcher import Batcher
 from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.pipeline.canonical import CanonicalExamples
 from uembed.serving.pipeline.cpu import ModelRuntime
-from uembed.serving.registry import ModelRegistry, Target, check_name
-from uembed.serving.routing import Route, ShadowCopy
+from uembed.serving.registry import ModelRegistry, Target
+from uembed.serving.routing import ShadowCopy
 from uembed.serving.rows.redis import RedisTier
 from uembed.serving.rows.updates import UpdateReader, apply_entries
 from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.engine")
-
-__all__ = ["Conflict", "DeadlineExceeded", "NotFound", "NotReady", "Overloaded", "Route", "ScoringEngine", "Target",
-           "check_name"]  # fmt: skip
 
 
 class ScoringEngine:
@@ -63,7 +60,7 @@ class ScoringEngine:
         if settings.row_updates_url:
             self.updates = UpdateReader(self, settings.row_updates_url, settings.redis_prefix, self.UPDATES_TIMEOUT_S)
         self.registry.updates = self.updates
-        self._files_observed: tuple[float, set] = (-float("inf"), set())  # when, and which runtimes then
+        self._files_observed = (-float("inf"), -1)  # when, and the registry's generation then
 
     @property
     def running(self) -> bool:
@@ -88,11 +85,11 @@ class ScoringEngine:
         if self.batcher.closing:
             return
         self.batcher.closing = True
-        self.registry.accepting = False
         self.registry.shadow.stop()  # never waits for a shadow that hangs: its thread is a daemon
         if self.updates is not None:
             await asyncio.to_thread(self.updates.stop)  # before the executor it submits to
         await self.batcher.stop(drain_timeout_s)
+        self.registry.accepting = False  # versions may be loaded by name until the drain is over, as before
         if self.redis is not None:
             self.redis.close()
 
@@ -115,12 +112,13 @@ class ScoringEngine:
         ranking request's candidates and the context's features (shared by all of them) are canonicalised and
         hashed once."""
         target = self.resolve(model, version, routing_key, examples, context)
-        return await self.score_resolved(target, examples, context, routing_key), target.runtime
+        return await self.score_resolved(target, examples, context), target.runtime
 
-    async def score_resolved(self, target: Target, examples: list[dict], context: dict | None = None,
-                             routing_key: str | None = None, canonical: CanonicalExamples | None = None) -> np.ndarray:  # fmt: skip
-        """Scores of a request already resolved to ``target``. ``canonical``: its examples already canonicalised by
-        ``target.runtime`` (a front that decodes straight into columns); else they are canonicalised here."""
+    async def score_resolved(self, target: Target, examples, context: dict | None = None,
+                             canonical: CanonicalExamples | None = None) -> np.ndarray:  # fmt: skip
+        """Scores of a request already resolved to ``target``: its examples (rows, or a front's columns) and context.
+        ``canonical``: its examples already canonicalised by ``target.runtime`` (a front that decodes straight into
+        columns); else they are canonicalised here."""
         if self.batcher.closing or not self.batcher.running:
             self.metrics.rejected.labels("shutting_down").inc()
             raise Overloaded("the service is shutting down")
@@ -133,15 +131,15 @@ class ScoringEngine:
         self.metrics.version_seconds.labels(runtime.name, runtime.version, "served").observe(time.perf_counter() - admitted)
         route = target.route
         if route is not None and route.shadow is not None and route.shadow != runtime.version:
-            self._offer_shadow(route, routing_key, examples, context, scores)
+            self._offer_shadow(target, examples, context, scores)
         return scores
 
-    def _offer_shadow(self, route: Route, routing_key: str | None, examples: list, context: dict | None,
-                      scores: np.ndarray) -> None:  # fmt: skip
+    def _offer_shadow(self, target: Target, examples: list, context: dict | None, scores: np.ndarray) -> None:
+        route = target.route
         shadow = self.registry.shadow_runtimes.get(route.model)
         if shadow is None or shadow.version != route.shadow:
             return
-        if route.shadow_fraction < 1 and route.point(route.key(routing_key, examples, context), lookup=1) >= route.shadow_fraction:
+        if route.shadow_fraction < 1 and route.point(target.key, lookup=1) >= route.shadow_fraction:
             return
         self.registry.shadow.offer(ShadowCopy(shadow, examples, context, scores))
 
@@ -159,13 +157,12 @@ class ScoringEngine:
         """The gauges read when /metrics is: every live model's row-check state, its row files' mapped and resident
         bytes and tier 1's index bytes, at most every FILE_BYTES_EVERY_S unless a version was loaded since (a mincore
         pass over a large table is slow: the scrape runs it off the event loop)."""
-        loaded = self.registry.loaded()
-        now, seen = time.monotonic(), {id(runtime) for runtime in loaded}
-        last, last_seen = self._files_observed
-        if now - last < self.FILE_BYTES_EVERY_S and seen <= last_seen:
+        now, generation = time.monotonic(), self.registry.generation
+        last, last_generation = self._files_observed
+        if now - last < self.FILE_BYTES_EVERY_S and generation == last_generation:
             return
-        self._files_observed = (now, seen)
-        for runtime in loaded:
+        self._files_observed = (now, generation)
+        for runtime in self.registry.loaded():
             checks = runtime.bundle.row_checks
             state = 1 if checks is None or checks.passed else (-1 if checks.failed else 0)
             self.metrics.row_checks.labels(runtime.name, runtime.version).set(state)

@@ -253,6 +253,12 @@ class ServiceMetrics:
             self.update_rows.labels(name, store.table.name)
             self.overlay_rows.labels(name, store.table.name).set(store.overlay.rows)
 
+    def observe_memory(self, runtime) -> None:
+        """Per table and tier, the bytes of tier 1 a model version holds in this process."""
+        for table, tiers in runtime.memory_bytes().items():
+            for tier, value in tiers.items():
+                self.table_memory.labels(runtime.name, table, tier).set(value)
+
     def version_unloaded(self, runtime) -> None:
         """An unloaded version's series go (their labels are bounded by what is loaded), its lag with them."""
         name, version = runtime.name, runtime.version

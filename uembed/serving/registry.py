@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from uembed.bundle.loader import Bundle, load_bundle
+from uembed.bundle.loader import load_bundle
 from uembed.contract.errors import Conflict, Internal, InvalidName, NotFound, NotReady, UembedError
 from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.pipeline.cpu import ModelRuntime
-from uembed.serving.pipeline.cuda import CudaModelRuntime
-from uembed.serving.pipeline.values import ValueLimits
+from uembed.serving.pipeline.runtimes import open_runtime
 from uembed.serving.routing import Route, ShadowScorer
 from uembed.serving.rows.published import PublicationCheck
 from uembed.serving.rows.redis import RedisTier
@@ -53,6 +52,7 @@ class Target:
 
     runtime: ModelRuntime
     route: Route | None = None
+    key: object = None  # the request's routing key (its sticky feature's value), where its model has a rule
 
 
 class ModelRegistry:
@@ -71,6 +71,7 @@ class ModelRegistry:
         self.updates = None  # the row-update reader (uembed/serving/rows/updates.py), where the engine has one
         self.accepting = False  # whether versions may be loaded by name (the engine is running)
         self.lock = asyncio.Lock()  # one load, unload or routing change at a time
+        self.generation = 0  # how many versions were attached so far
 
     def open(self, path: str | Path, defer_row_checks: bool = False) -> ModelRuntime:
         """Load and validate a bundle and score one example with it (not yet live). With ``defer_row_checks`` the
@@ -119,7 +120,8 @@ class ModelRegistry:
         loaded = self.versions.setdefault(runtime.name, {})
         self.metrics.version_loaded(runtime, replaced=loaded.get(runtime.version))
         loaded[runtime.version] = runtime
-        self.observe_memory(runtime)
+        self.generation += 1  # the next scrape reports its files
+        self.metrics.observe_memory(runtime)
 
     def _detach(self, runtime: ModelRuntime) -> None:
         """``runtime`` no longer loaded: its requests already admitted still finish on it."""
@@ -314,7 +316,8 @@ class ModelRegistry:
         route = self.routes.get(name or self.default_model) if version is None else None
         if route is None:
             return Target(self.runtime(name, version))
-        return Target(self.runtime(route.model, route.choose(route.point(route.key(routing_key, examples, context)))), route)
+        key = route.key(routing_key, examples, context)
+        return Target(self.runtime(route.model, route.choose(route.point(key))), route, key)
 
     def served_versions(self) -> list[tuple[str, str]]:
         """(name, version) of every loaded model version: the row-update streams a replica follows."""
@@ -334,55 +337,3 @@ class ModelRegistry:
     def loaded(self) -> list[ModelRuntime]:
         """Every loaded version of every model (the copies requests get)."""
         return [runtime for versions in list(self.versions.values()) for runtime in list(versions.values())]
-
-    def observe_memory(self, runtime: ModelRuntime) -> None:
-        for table, tiers in runtime.memory_bytes().items():
-            for tier, value in tiers.items():
-                self.metrics.table_memory.labels(runtime.name, table, tier).set(value)
-
-
-def open_runtime(bundle: Bundle, settings: ServiceSettings, redis: RedisTier | None) -> ModelRuntime:
-    """The runtime for ``settings.device``: :class:`ModelRuntime` on the CPU, :class:`CudaModelRuntime` on ``cuda[:N]``."""
-    encoding = {"limits": ValueLimits(settings.max_value_chars, settings.max_list_values),
-                "value_cache_bytes": settings.value_cache_bytes}  # fmt: skip
-    if settings.device == "cpu":
-        return ModelRuntime(bundle, settings.hot_rows_bytes, redis, settings.redis_prefix, settings.compute_threads,
-                            settings.dense_backend, **encoding)  # fmt: skip
-    return CudaModelRuntime(bundle, settings.device, settings.device_hot_rows_bytes, redis, settings.redis_prefix,
-                            settings.compute_threads, settings.device_tf32, **encoding)  # fmt: skip
-
-
-def describe_models(registry: ModelRegistry) -> list[dict]:
-    """Every loaded version as /v1/models shows it."""
-    out = []
-    for runtime in registry.loaded():
-        memory = runtime.memory_bytes()
-        primary = registry.models.get(runtime.name) is runtime
-        out.append(
-            {
-                "name": runtime.name,
-                "version": runtime.version,
-                "primary": primary,
-                "method": runtime.plan.method,
-                "default": primary and runtime.name == registry.default_model,
-                "device": runtime.device,
-                "features": [spec.to_dict() | {"width": runtime.widths[spec.name]} for spec in runtime.bundle.feature_specs.values()],
-                "tables": [
-                    {
-                        "name": store.table.name,
-                        "rows": store.table.rows,
-                        "dim": store.table.dim,
-                        "dtype": store.table.dtype,
-                        "bytes": {**memory[store.table.name], "file": store.table.nbytes if store.table.files else 0},  # mapped
-                        "hot_rows_capacity": store.hot.capacity if store.hot is not None else 0,
-                        "hot_rows_on_device": store.hot_on_device,
-                        "redis": registry.redis is not None,
-                    }
-                    for store in runtime.stores
-                ],
-                "training": {k: runtime.bundle.manifest["training"].get(k) for k in ("dataset", "test_auc", "test_logloss")},
-                "row_checks": runtime.bundle.row_checks.describe() if runtime.bundle.row_checks else "passed",
-                "row_updates": registry.updates.describe(runtime) if registry.updates is not None else None,
-            }
-        )
-    return out

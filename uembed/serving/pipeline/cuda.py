@@ -109,7 +109,6 @@ class CudaModelRuntime(ModelRuntime):
     """A model version scored on a CUDA device; same stages and results as :class:`ModelRuntime` (up to float rounding:
     it runs ``dense.onnx`` whole, also where the CPU runs a split network's parts)."""
 
-
     def __init__(
         self,
         bundle: Bundle,

@@ -4,16 +4,7 @@ The export check (``ReferenceScorer``), the service (the CPU and CUDA runtimes)
 and the naive benchmark baseline all encode through :class:`ExampleEncoder`, so a value
 scores the same everywhere by construction. The service only adds caches around it.
 Canonicalise lives in ``canonical.py`` (:class:`Canonicaliser`, which the encoder extends), what a
-value may be in ``values.py``; hash is here.
-
-A score runs these stages, in this order (each one function)::
-
-    canonicalise  per request: raw values -> checked canonical bytes per feature
-                  (a bad value is an ExampleError naming examples[i].feature)       ExampleEncoder.canonicalise
-    hash          per batch: canonical bytes -> row ids [B, S], pooling weights [B, S]  ExampleEncoder.hash
-    lookup        rows through the row store (hot rows, Redis, row files) -> [B, S, D]  ReferenceScorer / ModelRuntime
-    assemble      pooling, multi-size concat, feature biases -> [B, E]
-    dense         the dense network -> probabilities [B]
+value may be in ``values.py`` (:class:`ValueLimits`); hash is here; the stages after it are ``stages.py``'s.
 
 A ranking request sends the features its candidates share once, as a context, and the
 candidates' own features per candidate. The context is checked and canonicalised once
@@ -24,14 +15,7 @@ every candidate's embeddings (``lookup_split``, ``assemble_split``); ``hash``
 repeats them to every candidate instead. Either way it scores exactly as the same examples
 sent flat, with the context's values copied into each. Where the bundle's dense network is split by the
 context's features (``uembed/bundle/dense_split.py``), the context's part of its first layer is computed once a
-request too (``ReferenceScorer.factored_inputs``), with the same floats.
-
-What a value may be over HTTP (:class:`ValueLimits`): a string of at most ``max_chars``
-characters, a number, a boolean or null; a list of those (at most ``max_list`` items) for
-multivalent features. Numbers must be finite: JSON has no NaN or Infinity, and the strings
-``"NaN"``, ``"inf"`` and ``"-Infinity"`` are refused for numeric features for the same
-reason (send null for a missing value). A numeric feature takes a number, null, or a
-string holding a finite decimal number; a boolean is not a number.
+request too (``Stages.factored_inputs``), with the same floats.
 """
 
 from __future__ import annotations

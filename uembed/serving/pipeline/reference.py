@@ -9,8 +9,15 @@ array([0.87], dtype=float32)
 
 from __future__ import annotations
 
+import numpy as np
+
 from uembed.serving.pipeline.stages import Stages
 
 
 class ReferenceScorer(Stages):
     """:class:`Stages` as they are: rows from the bundle's row files, no caches of rows, one call per batch."""
+
+    def gather_table(self, position: int, ids: np.ndarray) -> np.ndarray:
+        """Every id's row straight from its table, duplicates included: the oracle does not share the service's
+        dedupe on a flat batch."""
+        return self.sources[position].gather(ids)

@@ -290,7 +290,7 @@ class InferencePlane:
         resolved to its version once; the tensors are checked against that version's features and decoded
         straight into the columns its canonicaliser takes."""
         self.loaded(name, version)  # an unknown model or version: 404, as the metadata routes answer it
-        target = self.engine.resolve(name, version or None, None, [FirstExample(inputs)], None)
+        target = self.engine.registry.resolve(name, version or None, None, [FirstExample(inputs)], None)  # shutting down: after the tensors' checks
         examples = columns_from_inputs(target.runtime, inputs, self.max_examples)
         canonical = target.runtime.encoder.canonicalise_columns(examples.columns, examples.count)
         return await self.engine.score_resolved(target, examples, canonical=canonical), target.runtime

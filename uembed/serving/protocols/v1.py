@@ -46,7 +46,7 @@ from uembed.serving.protocols.render import (
     json_response,
     json_scores,
 )
-from uembed.serving.registry import MAX_NAME_CHARS, NAME_PATTERN, NAME_RULE, describe_models
+from uembed.serving.registry import MAX_NAME_CHARS, NAME_PATTERN, NAME_RULE, ModelRegistry
 from uembed.serving.routing import Route
 from uembed.serving.settings import ServiceSettings
 
@@ -230,7 +230,7 @@ def score_request_model(settings: ServiceSettings) -> type[BaseModel]:
 
 
 def feature_schema(spec, settings: ServiceSettings) -> dict:
-    """What one feature's value may be, as the encoder checks it (``uembed/serving/pipeline/encoding.py``)."""
+    """What one feature's value may be, as the encoder checks it (``uembed/serving/pipeline/values.py``)."""
     text = {"type": "string", "maxLength": settings.max_value_chars}
     scalars = [text, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
     if spec.kind == "numeric":
@@ -273,7 +273,7 @@ async def score_examples(engine: ScoringEngine, request: Request, examples: list
     if candidates is not None:  # a ranking request: the candidates scored as examples, with their context
         examples, context = candidates, context or {}
     target = engine.resolve(model, version, routing_key, examples, context)
-    scores = await unless_abandoned(request, engine.score_resolved(target, examples, context, routing_key))
+    scores = await unless_abandoned(request, engine.score_resolved(target, examples, context))
     if scores is None:
         return client_closed()
     runtime = target.runtime
@@ -401,3 +401,39 @@ def v1_openapi(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings) -
         fields["context"] = {**example, "description": fields["context"]["description"]}
         request["not"] = given_twice_schema(list(example["properties"]))
     return schema
+
+
+def describe_models(registry: ModelRegistry) -> list[dict]:
+    """Every loaded version as /v1/models shows it."""
+    out = []
+    for runtime in registry.loaded():
+        memory = runtime.memory_bytes()
+        primary = registry.models.get(runtime.name) is runtime
+        out.append(
+            {
+                "name": runtime.name,
+                "version": runtime.version,
+                "primary": primary,
+                "method": runtime.plan.method,
+                "default": primary and runtime.name == registry.default_model,
+                "device": runtime.device,
+                "features": [spec.to_dict() | {"width": runtime.widths[spec.name]} for spec in runtime.bundle.feature_specs.values()],
+                "tables": [
+                    {
+                        "name": store.table.name,
+                        "rows": store.table.rows,
+                        "dim": store.table.dim,
+                        "dtype": store.table.dtype,
+                        "bytes": {**memory[store.table.name], "file": store.table.nbytes if store.table.files else 0},  # mapped
+                        "hot_rows_capacity": store.hot.capacity if store.hot is not None else 0,
+                        "hot_rows_on_device": store.hot_on_device,
+                        "redis": registry.redis is not None,
+                    }
+                    for store in runtime.stores
+                ],
+                "training": {k: runtime.bundle.manifest["training"].get(k) for k in ("dataset", "test_auc", "test_logloss")},
+                "row_checks": runtime.bundle.row_checks.describe() if runtime.bundle.row_checks else "passed",
+                "row_updates": registry.updates.describe(runtime) if registry.updates is not None else None,
+            }
+        )
+    return out

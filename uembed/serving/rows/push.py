@@ -101,7 +101,7 @@ def source_rows(path: Path, served: Bundle, load_run: Callable | None = None) ->
     layer, passes it where torch is installed)."""
     if (path / "checkpoint.pt").is_file():
         if load_run is None:
-            raise UembedError("reading a run directory needs torch: pip install 'uembed[train]', or push a bundle")
+            raise UembedError(f"{path} is a run directory: reading it needs the training code; push a bundle instead")
         _, plan, model, _ = load_run(path)
         return model_rows(model, plan, served, f"run {path}")
     if (path / "manifest.json").is_file():

@@ -32,7 +32,7 @@ import numpy as np
 
 from uembed.contract.errors import RowsUnavailable
 
-log = logging.getLogger("uembed.rowstore")
+log = logging.getLogger("uembed.rows.redis")
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The redesign (#34) against the main before it, side by side in one run on one machine: each round runs the same
 # benches on each tree in turn (before, after; then after, before), so drift between minutes falls on both.
-#   scripts/ab-redesign.sh [BEFORE_COMMIT]      # run alone: nothing else on the machine; ~25 min
+#   ROUNDS=3 scripts/ab-redesign.sh [BEFORE_COMMIT]   # run alone: nothing else on the machine; ~12 min a round
 # Writes docs/results/redesign/{peers,scale}-{before,after}-{round}.json and prints the side-by-side table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,8 @@ run() {  # tree-name tree-path round
   (cd "$tree" && PYTHONPATH="$tree" "$AFTER/.venv/bin/python" -m uembed bench --phases scale --scale-bundle "$SCALE" \
       --scale-workers 1 --seconds "$SECONDS_PER_PHASE" --out "$AFTER/$OUT/scale-$name-$round.json")
 }
-run before "$WORK/before" 1
-run after "$AFTER" 1
-run after "$AFTER" 2
-run before "$WORK/before" 2
+for round in $(seq 1 "${ROUNDS:-2}"); do  # before then after in odd rounds, after then before in even ones
+  if [ $((round % 2)) = 1 ]; then run before "$WORK/before" "$round"; run after "$AFTER" "$round"
+  else run after "$AFTER" "$round"; run before "$WORK/before" "$round"; fi
+done
 .venv/bin/python scripts/ab-redesign-table.py "$OUT"

@@ -10,6 +10,15 @@ def uembed(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "uembed", *args], capture_output=True, text=True, cwd=cwd)
 
 
+def test_bare_uembed_prints_the_commands_in_the_order_a_user_needs_them():
+    result = uembed()
+    assert result.returncode == 0 and not result.stderr
+    steps = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("  uembed ")]
+    assert steps[:4] == ["serve", "train", "export", "serve"]
+    parser_commands = {"serve", "train", "export", "bench", "loadtest", "stack"}
+    assert parser_commands <= set(result.stdout.replace("|", " ").split())
+
+
 def test_help_explains_the_commands():
     result = uembed("train", "--help")
     assert result.returncode == 0

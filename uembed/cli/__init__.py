@@ -79,7 +79,23 @@ def require_extras(command: str, extras: tuple[str, ...]) -> None:
             )
 
 
+FIRST_STEPS = """\
+uembed: train, export and serve ranking models whose categorical features share hashed embedding tables.
+
+The path, in the order a user takes it:
+  uembed serve                                 serve the demo bundle (trained the first time) on 127.0.0.1:8000
+  uembed train --dataset DATA [--spec S.toml]  train a model: movielens100k, synthetic:criteo, or your Parquet/CSV
+  uembed export RUN_DIR --out bundles          write the run as a bundle: bundles/<name>/<version>
+  uembed serve --bundle BUNDLE_DIR             serve it: REST /v1, the Open Inference Protocol on /v2 and gRPC
+  uembed bench | loadtest | stack              measure it, load it, run it beside Redis and Prometheus
+
+One command's options: uembed COMMAND --help. Every command: uembed --help."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    if not (sys.argv[1:] if argv is None else argv):  # bare `uembed`: where to start, not argparse's error
+        print(FIRST_STEPS)
+        return 0
     args = build_parser().parse_args(argv)
     try:
         require_extras(args.command, getattr(args, "extras", ()))

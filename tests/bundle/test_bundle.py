@@ -153,6 +153,20 @@ def test_mismatched_hashing_test_vector_is_refused(bundle_copy):
         load_bundle(bundle_copy)
 
 
+def test_a_model_folder_or_a_run_given_as_a_bundle_says_what_to_serve_instead(tmp_path):
+    model = tmp_path / "bundles" / "clicks"
+    for version in ("1", "2", "10"):
+        (model / version).mkdir(parents=True)
+        (model / version / "manifest.json").write_text("{}")
+    with pytest.raises(BundleError, match=r"holds the versions 1, 2, 10 of a model: serve one, e\.g\. .*clicks/10$"):
+        load_bundle(model)
+    run = tmp_path / "runs" / "clicks"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(BundleError, match=r"it is a training run: export it first \(uembed export .*runs/clicks\)"):
+        load_bundle(run)
+
+
 def test_a_directory_that_is_not_a_bundle_is_named_as_such(tmp_path):
     with pytest.raises(BundleError, match="is not a bundle: it has no manifest.json"):
         load_bundle(tmp_path)

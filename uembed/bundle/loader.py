@@ -246,13 +246,24 @@ def _load_array(root: Path, entry: dict, dtype: str, shape: tuple[int, ...], che
     return array
 
 
+def what_it_is(folder: Path) -> str:
+    """What a folder given as a bundle holds instead, and the command that gets a bundle from it."""
+    if (folder / "checkpoint.pt").is_file():
+        return f"; it is a training run: export it first (uembed export {folder})"
+    versions = sorted((child.name for child in folder.iterdir() if (child / "manifest.json").is_file()),
+                      key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))  # fmt: skip
+    if versions:
+        return f"; it holds the versions {', '.join(versions)} of a model: serve one, e.g. {folder / versions[-1]}"
+    return ""
+
+
 def read_manifest(root: Path) -> dict:
     root = Path(root)
     if not root.is_dir():
         raise BundleError(f"{root} is not a bundle: no such directory")
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
-        raise BundleError(f"{root} is not a bundle: it has no manifest.json")
+        raise BundleError(f"{root} is not a bundle: it has no manifest.json{what_it_is(root)}")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

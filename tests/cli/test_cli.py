@@ -45,6 +45,19 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, args, message):
     assert message in result.stderr
 
 
+def test_a_budget_given_to_collisionless_is_a_warning_and_the_run_says_what_was_trained(tmp_path):
+    pacsv.write_csv(pa.table({"a": [f"v{i % 20}" for i in range(200)], "y": [i % 2 for i in range(200)]}), tmp_path / "data.csv")
+    (tmp_path / "spec.toml").write_text("label = 'y'\n[[features]]\nname = 'a'\n")
+    common = ("--dataset", "data.csv", "--spec", "spec.toml", "--epochs", "1", "--quiet", "--runs-dir", "runs")
+    full = uembed("train", *common, "--embedding", "collisionless", "--budget", "0.1", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    assert "warning: --embedding collisionless keeps one row per training value" in full.stderr
+    hashed = uembed("train", *common, "--embedding", "hashing-trick", cwd=tmp_path)  # the default budget, no warning
+    assert hashed.returncode == 0 and "warning" not in hashed.stderr, hashed.stderr
+    names = sorted(path.name for path in (tmp_path / "runs").iterdir())
+    assert [name.split("-s0-")[0] for name in names] == ["data.csv-collisionless-full", "data.csv-hashing-trick-b0.1"], names
+
+
 def test_train_on_a_user_file_from_the_cli(tmp_path):
     rows = 400
     table = pa.table({"a": [f"v{i % 40}" for i in range(rows)], "b": [str(i % 7) for i in range(rows)], "y": [int(i % 40 < 20) for i in range(rows)]})

@@ -106,10 +106,27 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_train, extras=("train",))
 
 
+DEFAULT_BUDGET = 0.1
+
+
+def resolve_budget(args: argparse.Namespace) -> str:
+    """Fill in the default budget where none was given, warn where the method has no budget to apply (collisionless
+    keeps one row per training value), and return the run name's budget part: what was trained."""
+    given = args.budget is not None or args.budget_rows is not None
+    if not given:
+        args.budget = DEFAULT_BUDGET
+    if args.embedding == "collisionless":
+        if given:
+            print("warning: --embedding collisionless keeps one row per training value: --budget and --budget-rows "
+                  "do not apply (use a hashed method, e.g. --embedding unified, for a budget)", file=sys.stderr)  # fmt: skip
+        return "full"
+    return f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
+
+
 def add_budget_options(group: argparse._ArgumentGroup) -> None:
     budget = group.add_mutually_exclusive_group()
     budget.add_argument(
-        "--budget", type=float, default=0.1, help="embedding budget as a fraction of the collisionless table's rows"
+        "--budget", type=float, help=f"embedding budget as a fraction of the collisionless table's rows (default: {DEFAULT_BUDGET})"
     )
     budget.add_argument("--budget-rows", type=positive_int, help="embedding budget as an absolute number of rows (of width --dim)")
 
@@ -494,6 +511,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.split_column and dataset.split_codes is None:
         raise UembedError("--split-column needs a data file with that column and a --spec")
     train_set, val_set, test_set = dataset.split(args.split_seed, args.split_fractions)
+    budget = resolve_budget(args)
     config = config_from_args(
         args,
         embedding=embedding,
@@ -501,7 +519,6 @@ def run_train(args: argparse.Namespace) -> int:
         budget_rows=args.budget_rows,
         policy=policy,
     )
-    budget = f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
     name = args.name or f"{dataset.name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(config, train_set, val_set, test_set, run_dir=args.runs_dir / name, progress=not args.quiet)
     report_run(args, result)
@@ -539,7 +556,7 @@ def run_continued_training(args: argparse.Namespace) -> int:
 def run_train_stream(args: argparse.Namespace, embedding: str, policy: dict | None) -> int:
     from uembed.model.streaming import train_stream
 
-    budget = f"r{args.budget_rows}" if args.budget_rows else f"b{args.budget:g}"
+    budget = resolve_budget(args)
     name = args.name or f"{Path(args.dataset).name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = args.runs_dir / name
     source, stats = open_stream(args, run_dir / "stats")

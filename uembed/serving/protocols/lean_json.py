@@ -103,7 +103,9 @@ class LeanScoreRoute:
         body = b"".join(chunks)
         try:
             request = self.decoder.decode(body)
-        except (msgspec.DecodeError, ValueError):  # ValidationError is a DecodeError; bad UTF-8 a ValueError
+        # ValidationError is a DecodeError; bad UTF-8 a ValueError; a body nested too deep a RecursionError (the
+        # route refuses it before parsing)
+        except (msgspec.DecodeError, ValueError, RecursionError):
             request = None
         if request is None or form_problem(request.examples, request.context, request.candidates) or not names_fit(request):
             return await self.app(scope, replayed(body, receive), send)

@@ -29,6 +29,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from uembed.contract.errors import TensorError, ValidationFailed
+from uembed.serving.protocols.bodies import header_number
 from uembed.serving.protocols.disconnect import unless_abandoned
 from uembed.serving.protocols.oip import OUTPUT, OUTPUT_DATATYPE, InferencePlane, InputTensor, check_outputs
 from uembed.serving.protocols.render import client_closed, json_response, json_scores, oip_error, table_error
@@ -55,9 +56,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary data after it (none without ``Inference-Header-Content-Length``)."""
     if header_length is None:
         return body, b""
-    if not header_length.isdigit() or int(header_length) > len(body):
-        raise ValidationFailed(f"{HEADER_LENGTH}: {header_length[:40]!r} is not a length within the body's {len(body)} bytes")
-    length = int(header_length)
+    length = header_number(header_length)
+    if length is None or length > len(body):
+        raise ValidationFailed(f"{HEADER_LENGTH}: {header_length[:40]!r} is not a length within the body's {len(body)} "
+                               "bytes (ASCII digits)")  # fmt: skip
     return body[:length], body[length:]
 
 

@@ -36,6 +36,7 @@ from uembed.contract.errors import (
 )
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.pipeline.values import NUMERIC_STRING
+from uembed.serving.protocols.bodies import CheckedBodyRoute
 from uembed.serving.protocols.disconnect import unless_abandoned
 from uembed.serving.protocols.lean_json import SCORE_PATH
 from uembed.serving.protocols.render import (
@@ -285,6 +286,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     header reads them), with this deployment's limits in their schema; returns the ``/v1/score`` route, whose
     requests the lean path answers in its name."""
     ScoreRequest = score_request_model(settings)
+    app.router.route_class = CheckedBodyRoute  # the routes added below, and the app's after them
 
     @app.post(
         SCORE_PATH,

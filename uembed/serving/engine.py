@@ -127,6 +127,8 @@ class ScoringEngine:
             canonical = runtime.canonicalise(examples, context)
         for feature, count in canonical.truncated.items():
             self.metrics.truncated.labels(feature).inc(count)
+        for feature, count in canonical.missing.items():
+            self.metrics.missing.labels(runtime.name, feature).inc(count)
         scores, admitted = await self.batcher.score(runtime, canonical)
         self.metrics.version_seconds.labels(runtime.name, runtime.version, "served").observe(time.perf_counter() - admitted)
         route = target.route
@@ -148,8 +150,11 @@ class ScoringEngine:
         batcher and back."""
         for runtime in list(self.registry.models.values()):
             self.registry.require_checked(runtime)
-        _, runtime = await self.score([{}])
-        return runtime
+        target = self.resolve()
+        # every feature given (as null), so the probe counts as no client's missing feature and passes
+        # require_features
+        await self.score_resolved(target, [dict.fromkeys(target.runtime.bundle.feature_specs)])
+        return target.runtime
 
     FILE_BYTES_EVERY_S = 5.0
 

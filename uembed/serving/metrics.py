@@ -143,6 +143,12 @@ class ServiceMetrics:
             "uembed_truncated_lists_total",
             "Multivalent lists longer than the trained width, cut to it.", ["feature"], registry=r,
         )
+        self.missing = Counter(
+            "uembed_missing_features_total",
+            "Examples scored without a feature the model has (left out of the example and its context; scored "
+            "with the missing value's row): a rise is a client that stopped sending or renamed a field.",
+            ["model", "feature"], registry=r,
+        )
         self.unseen = Counter(
             "uembed_unseen_values_total",
             "Feature values not seen in training (scored with whatever row they hash to): a rise is drift. "
@@ -246,6 +252,8 @@ class ServiceMetrics:
                 self.truncated.labels(spec.name)
         for feature in runtime.encoder.known:
             self.unseen.labels(name, feature)
+        for feature in runtime.bundle.feature_specs:
+            self.missing.labels(name, feature)
         for outcome_label in ("applied", "rejected"):
             self.updates.labels(name, version, outcome_label)
         self.update_lag_seconds.labels(name, version).set(0)

@@ -90,7 +90,7 @@ class ModelRegistry:
                 bundle.row_checks.start()
         runtime = open_runtime(bundle, self.settings, self.redis)
         if not (rows_in_redis and defer_row_checks):  # rows perhaps not yet published: /readyz scores the first
-            runtime.score_batch([runtime.canonicalise([{}])])
+            runtime.score_batch([runtime.canonicalise([dict.fromkeys(runtime.bundle.feature_specs)])])
         runtime.encoder.take_unseen()
         if self.updates is not None:
             self.updates.replay(runtime)  # not live yet: its batches will see every update published so far

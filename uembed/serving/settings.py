@@ -132,6 +132,13 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body in bytes (413 beyond).")
     max_value_chars: int = Field(256, ge=1, description="Longest string value of a feature (422 beyond).")
     max_list_values: int = Field(256, ge=1, description="Longest list of a multivalent feature in a request (422 beyond).")
+    require_features: bool = Field(
+        False,
+        description="Whether an example must give every feature of the model (a ranking request's context counts): "
+        "true refuses one that leaves a feature out with a 422 naming them, so a client that renamed a field "
+        "finds out at once; false scores it with the missing value's row (counted in "
+        "uembed_missing_features_total), which lets clients send only what they have.",
+    )
     body_timeout_ms: float = Field(
         10_000, gt=0,
         description="Longest wait for a request's body once its headers arrived (408 and the connection closed "

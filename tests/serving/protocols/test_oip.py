@@ -186,16 +186,17 @@ def bad_requests(examples):
         ("batch sizes differ", with_input(two, "movie_id", shape=[1], data=[402]), 422, ["'movie_id'", "batch size 1, but input 'user_id' has 2"]),
         ("data and shape disagree", with_input(two, "zip_code", data=["63129"]), 422, ["'zip_code'", "holds 2 elements", "1"]),
         ("element of another type", with_input(two, "occupation", data=["student", 7]), 422, ["'occupation'", "element 1", "BYTES"]),
-        ("missing feature", [t for t in json_inputs(two) if t["name"] != "genres"], 422, ["'genres'", "missing"]),
+        ("missing feature", [t for t in json_inputs(two) if t["name"] != "genres"], 422, ["missing features: genres"]),
         ("unknown input", json_inputs(two) + [{"name": "colour", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}],
          422, ["'colour'", "no such input"]),
         ("no data", with_input(two, "gender", data=None), 422, ["'gender'", "data is required"]),
-        ("a value over the limit", with_input(two, "zip_code", data=["9" * 300, "1"]), 422, ["examples[0].zip_code", "300 characters"]),
+        ("a value over the limit", with_input(two, "zip_code", data=["9" * 300, "1"]), 422, ["input 'zip_code' element 0: ", "300 characters"]),
+        ("a list over the limit", with_input(two, "genres", shape=[2, 300], data=["x"] * 600), 422, ["input 'genres' row 0: ", "300 values"]),
         ("too many examples", with_input(two, "user_id", shape=[2000]), 422, ["'user_id'", "2000 examples", "1024"]),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_a_bad_tensor_over_http_is_a_4xx_naming_it(service, examples, case):
     what, inputs, status, words = bad_requests(examples)[case]
     response = httpx.post(f"{service.url}/v2/models/{MODEL}/infer", json={"inputs": inputs}, timeout=30)
@@ -250,8 +251,8 @@ def size_past_the_end(header, blobs):
 @pytest.mark.parametrize(
     ("tamper", "headers", "words"),
     [
-        (cut_zip_codes, None, ["'zip_code'", "BYTES element 1", "past the end"]),
-        (bad_utf8, None, ["'zip_code'", "BYTES element 0", "not UTF-8"]),
+        (cut_zip_codes, None, ["input 'zip_code' element 1: ", "past the end"]),
+        (bad_utf8, None, ["input 'zip_code' element 0: ", "not UTF-8"]),
         (odd_int64_bytes, None, ["'user_id'", "15 bytes", "INT64"]),
         (size_past_the_end, None, ["'genres'", "binary_data_size", "past the end"]),
         (None, {"Inference-Header-Content-Length": "999999"}, ["Inference-Header-Content-Length", "999999"]),
@@ -296,7 +297,7 @@ def test_bad_tensors_over_grpc_are_invalid_argument_naming_them(service, example
     cases = [
         ({**arrays, "age": arrays["age"].astype(np.float32)}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'age': datatype 'FP32'"),
         ({**arrays, "movie_id": arrays["movie_id"][:1]}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'movie_id': batch size 1, but input 'user_id' has 2"),
-        ({k: v for k, v in arrays.items() if k != "gender"}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'gender': missing"),
+        ({k: v for k, v in arrays.items() if k != "gender"}, MODEL, "StatusCode.INVALID_ARGUMENT", "missing features: gender"),
         ({**arrays, "zip_code": arrays["zip_code"].reshape(1, 2)}, MODEL, "StatusCode.INVALID_ARGUMENT", "input 'zip_code': shape [1, 2]"),
         (arrays, "nope", "StatusCode.NOT_FOUND", "model: no model 'nope' is loaded"),
     ]
@@ -422,8 +423,24 @@ def test_numeric_features_take_floats_ints_and_strings_nan_is_missing(numeric_se
         scores = client.infer("numeric", triton_inputs(triton_http, arrays)).as_numpy("score")
         np.testing.assert_allclose(scores, v1, rtol=0, atol=1e-6, err_msg=str(i1.dtype))
     arrays = {"I1": np.array([1, np.inf], dtype=np.float32), "C1": np.array(["a", "b"], dtype=object), "tags": np.array(["", ""], dtype=object)}
-    with pytest.raises(InferenceServerException, match=r"examples\[1\]\.I1: inf is not a finite number"):
+    with pytest.raises(InferenceServerException, match=r"input 'I1' element 1: inf is not a finite number"):
         client.infer("numeric", triton_inputs(triton_http, arrays))
+
+
+def test_a_bad_value_is_named_by_its_tensor_and_element_over_rest_and_grpc(numeric_service):
+    """Not as /v1 names it (examples[i].feature): the client sent tensors."""
+    arrays = {"I1": np.array(["1.5", "abc"], dtype=object), "C1": np.array(["a", "b"], dtype=object),
+              "tags": np.array(["x", "y"], dtype=object)}  # fmt: skip
+    words = "input 'I1' element 1: takes a finite number"
+    client = triton_http.InferenceServerClient(numeric_service.url.removeprefix("http://"))
+    with pytest.raises(InferenceServerException, match=words) as error:
+        client.infer("numeric", triton_inputs(triton_http, arrays))
+    assert "examples[" not in error.value.message()
+    with pytest.raises(InferenceServerException, match=words) as error:
+        triton_grpc.InferenceServerClient(numeric_service.grpc_target).infer("numeric", triton_inputs(triton_grpc, arrays))
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    response = httpx.post(f"{numeric_service.url}/v1/score", json={"examples": [{"I1": "abc"}]}, timeout=30)
+    assert response.status_code == 422 and response.json()["detail"].startswith("examples[0].I1: takes a finite number")
 
 
 # --- the gRPC server's lifecycle ---------------------------------------------------------------------

@@ -29,6 +29,20 @@ from uembed.serving.pipeline.values import (
 )
 
 
+class ValueRefused(ExampleError):
+    """A value a feature refuses, with where it is (the example's index, None for a context's) and why kept apart,
+    so a front that names its inputs otherwise (a tensor and its element) can say so."""
+
+    def __init__(self, where: str, index: int | None, feature: str, reason: str) -> None:
+        super().__init__(f"{where if index is None else f'{where}[{index}]'}.{feature}: {reason}")
+        self.index, self.feature, self.reason = index, feature, reason
+
+
+def refuse_missing(location: str, lacking: list[str]) -> NoReturn:
+    raise ExampleError(f"{location}: missing features: {', '.join(lacking)} "
+                       "(UEMBED_REQUIRE_FEATURES is on: send every feature, null for a missing value)")  # fmt: skip
+
+
 @dataclass
 class CanonicalExamples:
     """One request's examples as canonical bytes, ready to join a batch."""
@@ -39,6 +53,7 @@ class CanonicalExamples:
     truncated: dict[str, int]  # feature -> lists cut to the trained width
     # Features given once for the whole request (its context): their ``values`` hold one entry, not ``count``.
     shared: frozenset[str] = frozenset()
+    missing: dict[str, int] = field(default_factory=dict)  # feature -> examples that left it out
 
 
 @dataclass(frozen=True)
@@ -128,11 +143,34 @@ class Canonicaliser:
             named = None
         if named is None or not named <= specs.keys() or (context and not named.isdisjoint(context.keys())):
             self._refuse_examples(examples, context, where)
+        own = [name for name in specs if not context or name not in context]
+        missing = self._left_out(examples, own, plain, where)
         if plain:
-            columns = {name: list(map(dict.get, examples, repeat(name))) for name in specs if not context or name not in context}
+            columns = {name: list(map(dict.get, examples, repeat(name))) for name in own}
         else:
-            columns = {name: [e.get(name) for e in examples] for name in specs if not context or name not in context}
-        return self._canonical_columns(columns, len(examples), context, where)
+            columns = {name: [e.get(name) for e in examples] for name in own}
+        canonical = self._canonical_columns(columns, len(examples), context, where)
+        canonical.missing = missing
+        return canonical
+
+    def _left_out(self, examples: Sequence[Mapping], own: list[str], plain: bool, where: str) -> dict[str, int]:
+        """Feature -> examples that leave it out (a context's features count as given); with
+        ``limits.require_features``, the first such example refused, naming what it lacks."""
+        # Every example names only its own features (checked before): a count of keys says whether any is missing,
+        # in one C pass; only then is each feature counted.
+        if plain and sum(map(len, examples)) == len(own) * len(examples):
+            return {}
+        if plain:
+            missing = {name: len(examples) - sum(map(dict.__contains__, examples, repeat(name))) for name in own}
+        else:
+            missing = {name: len(examples) - sum(name in e for e in examples) for name in own}
+        missing = {name: count for name, count in missing.items() if count}
+        if missing and self.limits.require_features:
+            for index, example in enumerate(examples):
+                lacking = [name for name in own if name not in example]
+                if lacking:
+                    refuse_missing(f"{where}[{index}]", lacking)
+        return missing
 
     def canonicalise_columns(self, columns: Mapping[str, Sequence], count: int, where: str = "examples") -> CanonicalExamples:
         """:meth:`canonicalise` of ``count`` examples given as one list of values per feature (a front that decodes
@@ -141,8 +179,13 @@ class Canonicaliser:
         unknown = columns.keys() - self.specs.keys()
         if unknown:
             self._refuse_unknown(f"{where}[0]", unknown)
-        missing = [None] * count
-        return self._canonical_columns({name: columns.get(name, missing) for name in self.specs}, count, None, where)
+        lacking = [name for name in self.specs if name not in columns]
+        if lacking and self.limits.require_features:
+            refuse_missing(f"{where}[0]", lacking)
+        nothing = [None] * count
+        canonical = self._canonical_columns({name: columns.get(name, nothing) for name in self.specs}, count, None, where)
+        canonical.missing = dict.fromkeys(lacking, count)
+        return canonical
 
     def _canonical_columns(self, columns: Mapping[str, Sequence], count: int, context: Mapping | None,
                            where: str) -> CanonicalExamples:  # fmt: skip
@@ -243,9 +286,7 @@ class Canonicaliser:
             # does not make every garbage collection walk it (a full cache would slow every collection).
             items = tuple(spec.canonical_values(value))
         except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int past float's range
-            message = str(exc).removeprefix(f"feature {name!r} ")
-            location = where if index is None else f"{where}[{index}]"
-            raise ExampleError(f"{location}.{name}: {message}") from exc
+            raise ValueRefused(where, index, name, str(exc).removeprefix(f"feature {name!r} ")) from exc
         if key is not None:
             cache.put(key, items, entry_bytes(key, items))
         return items

@@ -12,7 +12,8 @@ from uembed.serving.settings import ServiceSettings
 
 def open_runtime(bundle: Bundle, settings: ServiceSettings, redis: RedisTier | None) -> ModelRuntime:
     """The runtime for ``settings.device``: :class:`ModelRuntime` on the CPU, :class:`CudaModelRuntime` on ``cuda[:N]``."""
-    encoding = {"limits": ValueLimits(settings.max_value_chars, settings.max_list_values),
+    encoding = {"limits": ValueLimits(settings.max_value_chars, settings.max_list_values,
+                                     require_features=settings.require_features),
                 "value_cache_bytes": settings.value_cache_bytes}  # fmt: skip
     if settings.device == "cpu":
         return ModelRuntime(bundle, settings.hot_rows_bytes, redis, settings.redis_prefix, settings.compute_threads,

@@ -18,11 +18,13 @@ NUMERIC_STRING = r"^(\s*[-+]?([0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20})([eE][-+
 
 @dataclass(frozen=True)
 class ValueLimits:
-    """What a feature value may be. ``None`` turns a limit off (the export check, on training values)."""
+    """What a feature value may be. ``None`` turns a limit off (the export check, on training values).
+    ``require_features``: whether an example must give every feature (else one left out is the missing value)."""
 
     max_chars: int | None = 256
     max_list: int | None = 256
     finite_only: bool = True
+    require_features: bool = False
 
     def check(self, value: object, spec: FeatureSpec) -> None:
         if isinstance(value, list):

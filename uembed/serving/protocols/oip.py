@@ -26,7 +26,10 @@ null); infinities are refused. A numeric feature compares the value it is sent w
 bucket boundaries in float64, so an FP32 value is its float32 (3.7 arrives as 3.7000000477):
 send FP64 where a value may sit on a boundary.
 
-Data comes as JSON ``data`` (flat or nested row-major), as binary (the REST binary-data
+An error about one value names the tensor and its element (``input 'price' element 0: ...``; in an
+[N, W] tensor its row, ``input 'genres' row 1: ...``), not ``/v1``'s ``examples[i].feature``.
+
+Data comes as JSON ``data`` (flat or nested row-major, at most MAX_DATA_DEPTH lists), as binary (the REST binary-data
 extension, gRPC ``raw_input_contents``: little-endian, BYTES elements each a 4-byte
 little-endian length and the bytes), or as gRPC typed ``contents``.
 """
@@ -45,7 +48,7 @@ import numpy as np
 from uembed.contract.errors import TensorError
 from uembed.contract.features import FeatureKind, FeatureSpec
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.pipeline.canonical import ExampleColumns
+from uembed.serving.pipeline.canonical import ExampleColumns, ValueRefused
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.settings import ServiceSettings
 
@@ -83,44 +86,57 @@ def bytes_elements(name: str, data: bytes, limit: int | None = None) -> list[byt
     elements = []
     offset, end = 0, len(data)
     while offset < end and len(elements) != limit:
+        where = element_name(name, len(elements))
         if offset + BYTES_LENGTH.size > end:
-            raise TensorError(f"input {name!r}: BYTES element {len(elements)}: its 4-byte length is cut off at byte {offset}")
+            raise TensorError(f"{where}: its 4-byte BYTES length is cut off at byte {offset}")
         (length,) = BYTES_LENGTH.unpack_from(data, offset)
         offset += BYTES_LENGTH.size
         if offset + length > end:
-            raise TensorError(f"input {name!r}: BYTES element {len(elements)} has a length of {length} bytes, "
-                              f"past the end of its data ({end - offset} bytes left)")  # fmt: skip
+            raise TensorError(f"{where}: a BYTES length of {length} bytes, past the end of its data "
+                              f"({end - offset} bytes left)")  # fmt: skip
         elements.append(bytes(data[offset : offset + length]))
         offset += length
     return elements
+
+
+def element_name(name: str, index: int) -> str:
+    """How an error names one element of a tensor (the form every error about a value takes)."""
+    return f"input {name!r} element {index}"
 
 
 def text(name: str, index: int, element: bytes) -> str:
     try:
         return element.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TensorError(f"input {name!r}: BYTES element {index} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise TensorError(f"{element_name(name, index)}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def flat(data: list) -> list:
-    """Row-major elements of a flat or nested list."""
-    if not any(type(item) is list for item in data):
-        return data
-    out: list = []
-    for item in data:
-        out.extend(flat(item) if type(item) is list else (item,))
-    return out
+# A tensor's data nests one list per dimension; rank 2 is the most any input takes, and a few more levels are
+# flattened as well (a client that nests [N] data as [[a], [b]]). Deeper is refused before any of it is walked.
+MAX_DATA_DEPTH = 4
+
+
+def flat(name: str, data: list) -> list:
+    """Row-major elements of a flat or nested list, in at most MAX_DATA_DEPTH lists, one level at a time (no
+    recursion: the depth of a JSON body is the client's)."""
+    for _ in range(MAX_DATA_DEPTH - 1):
+        if not any(type(item) is list for item in data):
+            return data
+        data = [element for item in data for element in (item if type(item) is list else (item,))]
+    if any(type(item) is list for item in data):
+        raise TensorError(f"input {name!r}: data nested in more than {MAX_DATA_DEPTH} lists (one a dimension)")
+    return data
 
 
 def tensor_values(tensor: InputTensor, limit: int | None = None) -> list:
     """The elements of a tensor (its first ``limit``) as Python values: str (BYTES), int or float."""
     name, datatype = tensor.name, tensor.datatype
     if isinstance(tensor.data, list):
-        values = flat(tensor.data) if limit is None else flat(tensor.data)[:limit]
+        values = flat(name, tensor.data) if limit is None else flat(name, tensor.data)[:limit]
         allowed = ELEMENT_TYPES[datatype]
         for index, value in enumerate(values):
             if type(value) not in allowed:
-                raise TensorError(f"input {name!r}: element {index} is {json_type(value)}, not a {datatype} value")
+                raise TensorError(f"{element_name(name, index)}: {json_type(value)}, not a {datatype} value")
         return values
     if datatype == "BYTES":
         return [text(name, index, element) for index, element in enumerate(bytes_elements(name, tensor.data, limit))]
@@ -145,6 +161,13 @@ def check_shape(tensor: InputTensor, spec: FeatureSpec) -> None:
     if len(shape) == 2 and shape[1] != 1 and not spec.multivalent:
         raise TensorError(f"input {tensor.name!r}: shape {shape}: feature {spec.name} takes one value per example, "
                           "shape [N] or [N, 1]")  # fmt: skip
+
+
+def value_name(tensor: InputTensor, example: int) -> str:
+    """How an error names one example's value in a tensor: its element, or its row in an [N, W] tensor."""
+    if len(tensor.shape) == 2 and tensor.shape[1] != 1:
+        return f"input {tensor.name!r} row {example}"
+    return element_name(tensor.name, example)
 
 
 def column(tensor: InputTensor, spec: FeatureSpec, values: list) -> list:
@@ -179,7 +202,7 @@ def columns_from_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_ex
         given[tensor.name] = tensor
     missing = [name for name in specs if name not in given]
     if missing:
-        raise TensorError(f"input {missing[0]!r}: missing; model {runtime.name} takes one tensor per feature "
+        raise TensorError(f"inputs: missing features: {', '.join(missing)}; model {runtime.name} takes one tensor per feature "
                           f"({', '.join(specs)}); send \"\" (BYTES) or NaN (FP32) for a missing value")  # fmt: skip
     batch, first = None, None
     columns = {}
@@ -292,5 +315,9 @@ class InferencePlane:
         self.loaded(name, version)  # an unknown model or version: 404, as the metadata routes answer it
         target = self.engine.registry.resolve(name, version or None, None, [FirstExample(inputs)], None)  # shutting down: after the tensors' checks
         examples = columns_from_inputs(target.runtime, inputs, self.max_examples)
-        canonical = target.runtime.encoder.canonicalise_columns(examples.columns, examples.count)
+        try:
+            canonical = target.runtime.encoder.canonicalise_columns(examples.columns, examples.count)
+        except ValueRefused as exc:  # named as /v1 names it (examples[i].feature): named here as the tensor's
+            tensor = next(tensor for tensor in inputs if tensor.name == exc.feature)
+            raise TensorError(f"{value_name(tensor, exc.index)}: {exc.reason}") from None
         return await self.engine.score_resolved(target, examples, canonical=canonical), target.runtime

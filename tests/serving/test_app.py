@@ -276,3 +276,18 @@ def test_the_readme_routes_table_and_the_openapi_document_agree(app):
     served = {(method.upper(), path): set(operation["responses"]) for path, ops in paths.items() for method, operation in ops.items()}
     documented.pop(("GET", "/openapi.json"), None)
     assert documented == served
+
+
+def test_docs_pages_load_their_scripts_and_styles_from_the_service_itself(app):
+    import re
+
+    for page, kinds in (("/docs", {"javascript", "css"}), ("/redoc", {"javascript"})):
+        html = app.get(page).text
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        assert urls and all(url.startswith("/") and not url.startswith("//") for url in urls), f"{page} loads {urls}"
+        served = set()
+        for url in urls:
+            response = app.get(url)
+            assert response.status_code == 200, url
+            served |= {kind for kind in kinds if kind in response.headers["content-type"]}
+        assert served == kinds, f"{page}: {served}"

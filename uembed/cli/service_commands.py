@@ -26,13 +26,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--bundle", action="append", type=Path, help="bundle directory (repeat for several models)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--host", help="address to bind (default $UEMBED_HOST, else 127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, help="port (default $UEMBED_PORT, else 8000)")
     parser.add_argument("--grpc-port", type=int, help="port of the Open Inference Protocol's gRPC service, on the same "
                         "host (default 8001, as Triton; 0: none; see UEMBED_GRPC_PORT below)")  # fmt: skip
     parser.add_argument(
-        "--workers", type=int, default=1,
-        help="uvicorn worker processes, one compute thread each (default 1; use one per core)",
+        "--workers", type=int,
+        help="uvicorn worker processes, one compute thread each (default $UEMBED_WORKERS, else 1; use one per core)",
     )  # fmt: skip
     parser.add_argument("--redis-url", help="tier 2 Redis, e.g. redis://127.0.0.1:6379/0 (default: none)")
     parser.add_argument("--hot-rows-mb", type=float, help="tier 1 budget per model in MiB (default 64)")
@@ -48,6 +48,9 @@ def set_serve_environment(args: argparse.Namespace) -> None:
     from uembed.model.demo import demo_bundle
     from uembed.serving.settings import load_settings
 
+    args.host = args.host or os.environ.get("UEMBED_HOST") or "127.0.0.1"
+    args.port = args.port if args.port is not None else number_from_environment("UEMBED_PORT", 8000)
+    args.workers = args.workers if args.workers is not None else number_from_environment("UEMBED_WORKERS", 1)
     env = {}
     if args.bundle:
         env["UEMBED_BUNDLES"] = ",".join(str(p.resolve()) for p in args.bundle)
@@ -68,6 +71,8 @@ def set_serve_environment(args: argparse.Namespace) -> None:
     os.environ.update(env)
     settings = load_settings()  # refuses bad settings here, before any worker starts
     args.max_connections = settings.max_connections
+    args.header_timeout_s = settings.header_timeout_s
+    args.grpc_host, args.grpc_port = settings.grpc_host, settings.grpc_port
     args.grpc_address = f"{settings.grpc_host}:{settings.grpc_port}" if settings.grpc_port else None
     if settings.device != "cpu":
         from uembed.serving.pipeline.cuda import cuda_modules
@@ -85,26 +90,48 @@ def set_serve_environment(args: argparse.Namespace) -> None:
             load_bundle(path, defer_row_checks=settings.row_checks == "background", row_files=settings.row_source == "files")
 
 
+def number_from_environment(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if not value.isascii() or not value.isdigit():
+        raise UembedError(f"{name}={value!r}: not a number")
+    return int(value)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    import functools
+
     import uvicorn
 
+    from uembed.serving.process import ClosingMultiprocess, HeadDeadlineProtocol, claim_port
+
     set_serve_environment(args)
+    # Held until this process exits: the gRPC port is this server's and its workers' only (uembed/serving/process.py).
+    grpc_claim = claim_port(args.grpc_host, args.grpc_port, "give this one another --grpc-port (UEMBED_GRPC_PORT; 0: no gRPC)") if args.grpc_port else []  # noqa: F841
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="uembed-metrics-")
     grpc = f", gRPC on {args.grpc_address}" if args.grpc_address else ""
     print(f"serving {os.environ['UEMBED_BUNDLES']} on http://{args.host}:{args.port}{grpc} "
           f"({args.workers} worker(s)); try:\n  curl -s http://{args.host}:{args.port}/v1/models", file=sys.stderr)
-    uvicorn.run(
+    config = uvicorn.Config(
         "uembed.serving.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
+        http=functools.partial(HeadDeadlineProtocol, head_timeout_s=args.header_timeout_s),
         access_log=args.access_log,
         timeout_graceful_shutdown=15,
         limit_concurrency=args.max_connections,  # per worker; beyond it uvicorn answers 503
         log_level="info",
     )
+    if args.workers == 1:
+        server = uvicorn.Server(config)
+        server.run()
+        return 0 if server.started else 3  # 3: uvicorn's own code for a server that failed to start
+    # As uvicorn.run, but the parent stops listening as soon as it is told to stop (process.py).
+    ClosingMultiprocess(config, sockets=[config.bind_socket()]).run()
     return 0
 
 

@@ -18,6 +18,7 @@ from functools import partial
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from uembed.contract.errors import UembedError
@@ -60,7 +61,9 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         await stop_grpc_server(grpc_server)  # its calls in flight finish before the engine drains
         await engine.astop()
 
-    app = FastAPI(
+    # /docs and /redoc load their scripts and styles from this server (fastapi-offline's copies), not a CDN:
+    # they work on a machine without internet.
+    app = FastAPIOffline(
         title="uembed scoring service",
         version="1",
         summary="Scores ranking examples with unified-embedding models from exported bundles.",

@@ -7,7 +7,9 @@ list them.
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -78,7 +80,8 @@ class ServiceSettings(BaseSettings):
         le=65535,
         description="Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService), served "
         "in each worker's event loop beside HTTP, over the same engine and batcher. 8001, as Triton. 0: no gRPC. "
-        "Each worker binds it with SO_REUSEPORT, so the kernel spreads connections (not calls) across workers.",
+        "Each worker binds it with SO_REUSEPORT, so the kernel spreads connections (not calls) across workers; "
+        "`uembed serve` claims it first, so no other server can share it (it stops with a message instead).",
     )
     grpc_host: str = Field(
         "127.0.0.1",
@@ -143,6 +146,13 @@ class ServiceSettings(BaseSettings):
         10_000, gt=0,
         description="Longest wait for a request's body once its headers arrived (408 and the connection closed "
         "beyond): a client that dribbles its body cannot hold a connection.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0,
+        description="Longest wait for a connection's request line and headers, from its opening or its previous "
+        "response; beyond it the connection is closed (`uembed serve`). A shorter wait frees the connections of "
+        "clients that stall or send half a request sooner (they count against max_connections), but cuts off "
+        "slow clients on poor links.",
     )
     max_connections: int = Field(
         1000, ge=1,
@@ -278,8 +288,31 @@ class ServiceSettings(BaseSettings):
         return self
 
 
+# UEMBED_* variables that are not service settings, and what reads each: any other is a misspelt setting.
+NOT_SETTINGS = {
+    "UEMBED_HOST": "`uembed serve`'s --host when not given",
+    "UEMBED_PORT": "`uembed serve`'s --port when not given; docker-compose.yml's published port",
+    "UEMBED_WORKERS": "`uembed serve`'s --workers when not given; docker-compose.yml's workers per replica",
+    "UEMBED_REPLICAS": "docker-compose.yml's replicas of the service",
+    "UEMBED_CACHE": "where training keeps downloaded data sets (uembed/model/data/movielens.py, the Dockerfile)",
+}
+
+
+def check_variable_names(environ=os.environ) -> None:
+    """Refuse an environment variable UEMBED_* that is neither a setting nor in NOT_SETTINGS, naming the closest
+    setting: a misspelt setting would otherwise leave its default in force without a word."""
+    known = [f"UEMBED_{name.upper()}" for name in ServiceSettings.model_fields] + list(NOT_SETTINGS)
+    for name in sorted(environ):
+        if name.upper().startswith("UEMBED_") and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "`uembed serve --help` lists the settings"
+            raise UembedError(f"unknown setting {name}: {hint}")
+
+
 def load_settings(**overrides) -> ServiceSettings:
-    """Settings from the environment, with explicit overrides (CLI flags, tests) winning."""
+    """Settings from the environment, with explicit overrides (CLI flags, tests) winning; an unknown UEMBED_*
+    variable is refused (check_variable_names)."""
+    check_variable_names()
     try:
         return ServiceSettings(**overrides)
     except ValidationError as exc:

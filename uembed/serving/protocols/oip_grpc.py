@@ -19,7 +19,8 @@ overloaded UNAVAILABLE, past the request deadline DEADLINE_EXCEEDED.
 With several uvicorn workers each binds the port with SO_REUSEPORT (grpcio's default on
 Linux), and the kernel hands each new connection to one of them; a gRPC client keeps its
 connection, so one channel's calls all go to one worker. Spread a single client's load with
-several channels, or a load balancer that balances calls.
+several channels, or a load balancer that balances calls. ``uembed serve`` claims the port before its
+workers start (``uembed/serving/process.py``), so no other server's workers join them on it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,105 @@
+"""The server process around the app (``uembed serve``): who owns the gRPC port, how long a connection may take
+to send its request head, and when the listening socket closes.
+
+- **One owner per gRPC port.** Every worker binds the gRPC port with SO_REUSEPORT, so the kernel spreads
+  connections across them; but any other process of the same user that binds it so would get a share too. The
+  server (the parent of the workers) therefore claims the port first: a lock named after the port (an abstract
+  socket name, one per network namespace) and a socket bound *without* SO_REUSEPORT, which fails if anything listens
+  on the port. Only then is SO_REUSEPORT set on the claim, which lets the server's own workers bind beside it, and
+  both are held for the server's life: another server's claim finds the port taken and stops with a one-line
+  message. The claim never listens, so it takes no connections.
+- **A request head within header_timeout_s.** uvicorn closes idle keep-alive connections, but not one that sent
+  part of a request line or headers: enough of those fill ``max_connections`` and every new request gets 503.
+  :class:`HeadDeadlineProtocol` closes a connection that has no request in flight when its deadline passes.
+- **SIGTERM closes the listening socket first.** With several workers the parent binds the HTTP socket and each
+  worker accepts on a copy; uvicorn's parent keeps its copy listening while the workers drain, so new connections
+  are accepted into the backlog, then reset when it exits. :class:`ClosingMultiprocess` closes the parent's copy
+  as the signal arrives: once the workers close theirs, new connections are refused while requests in flight
+  finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.supervisors import Multiprocess
+
+from uembed.contract.errors import UembedError
+
+
+def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
+    """Claim ``host:port`` for this process and its workers (module docstring); keep the sockets open as long as
+    the server runs. A port held by anything else is a one-line :class:`UembedError` naming it and ``move_hint``."""
+    # A lock on the port in the network namespace's abstract socket names: exclusive, released with the process,
+    # and shared by exactly the processes that share the port's namespace. It covers the time between this claim
+    # and the workers' listening, when the TCP claim below (bound with SO_REUSEADDR, so that connections in
+    # TIME_WAIT after a restart do not block it) would not stop a second claim.
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    claims = [lock]
+    try:
+        lock.bind(f"\0uembed-port-{port}")
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            claim = socket.socket(family, kind, proto)
+            claims.append(claim)
+            claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            claim.bind(address)  # without SO_REUSEPORT: fails while a socket listens on the port or holds it alone
+            claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # now this server's workers may bind beside it
+    except OSError as exc:
+        for held in claims:
+            held.close()
+        raise UembedError(f"port {port} on {host} is taken ({exc.strerror}): another server holds it; {move_hint}") from None
+    return claims
+
+
+class HeadDeadlineProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol, closing a connection that has not sent a whole request head within
+    ``head_timeout_s`` of opening or of its last response (give it to uvicorn as
+    ``functools.partial(HeadDeadlineProtocol, head_timeout_s=...)``)."""
+
+    def __init__(self, *args, head_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_s
+        self.head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()  # the next request's head, on a kept-alive connection
+
+    def connection_lost(self, exc) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+        self.head_deadline = self.loop.call_later(self.head_timeout_s, self._head_deadline_passed)
+
+    def _head_deadline_passed(self) -> None:
+        self.head_deadline = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is in flight: its body and its response have their own limits
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class ClosingMultiprocess(Multiprocess):
+    """uvicorn's worker supervisor, closing its copy of the listening sockets when told to stop."""
+
+    def handle_term(self) -> None:
+        self.stop_listening()
+        super().handle_term()
+
+    def handle_int(self) -> None:
+        self.stop_listening()
+        super().handle_int()
+
+    def stop_listening(self) -> None:
+        for sock in self.sockets:
+            sock.close()

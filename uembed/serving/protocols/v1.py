@@ -302,7 +302,8 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     @app.get("/v1/models", summary="Loaded models and versions, features, tables with bytes per tier, routing rules",
              responses=declared())  # fmt: skip
     async def models() -> dict:
-        return {"models": describe_models(engine.registry), "routing": engine.registry.describe_routing()}
+        return {"models": describe_models(engine.registry), "routing": engine.registry.describe_routing(),
+                "desired_state": engine.desired.describe()}  # fmt: skip
 
     def require_token(authorization: str | None) -> None:
         """The admin calls' guard: off (404) without a configured token, 401 without the right bearer token."""
@@ -326,7 +327,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     )
     async def load_model(body: LoadRequest, name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        runtime = await engine.registry.reload(name, body.version)
+        runtime = await engine.load(name, body.version)
         return {"model": runtime.name, "version": runtime.version}
 
     @app.post(
@@ -340,7 +341,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     )
     async def load_version(name: ModelName, version: VersionPath, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        runtime = await engine.registry.add_version(name, version)
+        runtime = await engine.add_version(name, version)
         return {"model": runtime.name, "version": runtime.version, "primary": engine.registry.models[name] is runtime}
 
     @app.delete(
@@ -354,7 +355,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     )
     async def unload_version(name: ModelName, version: VersionPath, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        runtime, deleted = await engine.remove_version(name, version)
+        runtime, deleted = await engine.unload_version(name, version)
         return {"model": runtime.name, "version": runtime.version, "redis_keys_deleted": deleted}
 
     @app.put(
@@ -369,7 +370,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     async def set_routing(body: RoutingRule, name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
         route = Route(name, body.split, body.sticky_feature, body.shadow, body.shadow_fraction)
-        await engine.registry.set_routing(route)
+        await engine.set_routing(route)
         return {"model": name, "routing": route.describe()}
 
     @app.delete(
@@ -380,7 +381,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     )
     async def clear_routing(name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        engine.registry.clear_routing(name)
+        await engine.clear_routing(name)
         return {"model": name, "routing": None}
 
     return next(route for route in app.routes if getattr(route, "path", None) == SCORE_PATH)

@@ -61,6 +61,15 @@ def tiny_dataset():
 # 2-epoch run trained once per session, for the tests whose subject is the training or the export.
 
 
+@pytest.fixture(autouse=True)
+def desired_state_file(tmp_path, monkeypatch):
+    """Each test's services (in process, and the processes it starts) share a desired state of their own: the
+    default, a file in the bundle store, would carry one test's admin calls into the next test on that store."""
+    path = tmp_path / "desired-state.json"
+    monkeypatch.setenv("UEMBED_DESIRED_STATE_FILE", str(path))
+    return path
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()

@@ -3,7 +3,6 @@
 real uvicorn over real sockets and a real redis-server for the rest."""
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,10 +12,13 @@ import pytest
 from tests.scoring import scored
 from tests.serving.inprocess import InProcessService
 from tests.waiting import steady
-from uembed.contract.errors import ExampleError
+from uembed.bundle.loader import load_bundle
+from uembed.contract.errors import BundleError, ExampleError
 from uembed.loadtest.servers import UvicornProcess, wait_until
+from uembed.serving.engine import ScoringEngine
 from uembed.serving.registry import Target
 from uembed.serving.routing import Route
+from uembed.serving.settings import load_settings
 
 TOKEN = "routing-test-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -187,9 +189,14 @@ def test_versions_and_routing_over_http(start_service, routing_store, redis_serv
 
 
 BAD_RULES = [
-    ({"split": {"1": 60, "2": 30}}, 422, "split", "the weights sum to 90; they must sum to 1 or to 100"),
-    ({"split": {"1": 0.5, "2": 0.4}}, 422, "split", "sum to 0.9"),
-    ({"split": {"1": 110, "2": -10}}, 422, "split.1", "less than or equal to 100"),
+    ({"split": {"1": "90"}}, 422, "split.1", "Input should be a valid number"),
+    ({"split": {"1": True}}, 422, "split.1", "Input should be a valid number"),
+    ({"split": {"1": 0}}, 422, "split.1", "greater than 0"),
+    ({"split": {"1": 90, "2": -10}}, 422, "split.2", "greater than 0"),
+    ({"split": {"1": 2e6}}, 422, "split.1", "less than or equal to 1000000"),
+    ({"split": {"1": 1}, "sticky_feature": "genres"}, 422, None,
+     "sticky_feature: version 1 of model movielens takes a list for 'genres'; a routing key takes one value"),
+    ({"split": {"1": 1}, "sticky_feature": "user"}, 422, None, "sticky_feature: version 1 of model movielens has no feature 'user'"),
     ({"split": {}}, 422, "split", "at least 1 item"),
     ({"split": {"../x": 1}}, 422, "split.../x.[key]", "pattern"),
     ({"split": {"1": 1}, "shadow_fraction": 0}, 422, "shadow_fraction", "greater than 0"),
@@ -207,9 +214,39 @@ def test_a_bad_routing_rule_is_a_4xx_naming_the_field(app, rule, status, field, 
     assert response.status_code == status, response.text
     body = response.json()
     assert words in body["detail"]
+    if status == 422:
+        assert body["error"] == "validation", body
     if field is not None:
-        assert body["error"] == "validation" and body["errors"][0]["field"] == field, body
+        assert body["errors"][0]["field"] == field, body
     assert app.get("/v1/models").json()["routing"] == {}
+
+
+def test_weights_are_relative_so_any_positive_numbers_split_by_their_ratio(app):
+    """3:1 is 75/25; weights summing to 2 (what schema fuzzing found refused) are a valid rule."""
+    assert app.post(f"/v1/models/{MODEL}/versions/2", headers=AUTH).status_code == 200
+    for split, shares in [({"1": 3, "2": 1}, {"1": 0.75, "2": 0.25}), ({"1": 1, "2": 1}, {"1": 0.5, "2": 0.5}),
+                          ({"1": 0.25, "2": 1e-3}, {"1": 0.25 / 0.251, "2": 1e-3 / 0.251})]:  # fmt: skip
+        response = app.request("PUT", f"/v1/models/{MODEL}/routing", json={"split": split}, headers=AUTH)
+        assert response.status_code == 200, response.text
+        assert response.json()["routing"]["split"] == pytest.approx(shares)
+        assert app.get("/v1/models").json()["routing"][MODEL]["split"] == pytest.approx(shares)
+
+
+def test_a_sticky_feature_must_be_a_one_value_feature_of_every_version_in_the_rule(app, movielens_examples):
+    """genres is a list feature (every request would be refused); version 9 has no user_id (stickiness gone there)."""
+    for version in ("2", "9"):
+        assert app.post(f"/v1/models/{MODEL}/versions/{version}", headers=AUTH).status_code == 200
+    for rule, words in [({"split": {"1": 1, "2": 1}, "sticky_feature": "genres"}, "version 1 of model movielens takes a list for 'genres'"),
+                        ({"split": {"1": 1, "9": 1}, "sticky_feature": "user_id"}, "version 9 of model movielens has no feature 'user_id'"),
+                        ({"split": {"1": 1}, "sticky_feature": "user_id", "shadow": "9"}, "version 9 of model movielens has no feature 'user_id'")]:  # fmt: skip
+        response = app.request("PUT", f"/v1/models/{MODEL}/routing", json=rule, headers=AUTH)
+        assert response.status_code == 422 and response.json()["detail"].startswith(f"sticky_feature: {words}"), response.text
+    listed = response.json()["detail"].split("one-value features: ")[1].split(", ")
+    assert "genres" not in listed and "user_id" not in listed  # version 9's: I1, C1
+    assert app.get("/v1/models").json()["routing"] == {}
+    assert app.score(movielens_examples[:4]).status_code == 200  # no rule was set: requests are scored as before
+    rule = {"split": {"1": 1, "2": 1}, "sticky_feature": "user_id"}
+    assert app.request("PUT", f"/v1/models/{MODEL}/routing", json=rule, headers=AUTH).status_code == 200
 
 
 def test_routing_a_model_that_is_not_loaded_is_a_404(app):
@@ -279,3 +316,45 @@ def test_row_updates_reach_the_shadow_copy_on_the_shadow_thread(app, movielens_e
     wait_until(lambda: shadow.update_position == (1, 0), 10, "the shadow copy's update")
     np.testing.assert_array_equal(shadow.lookup(probe), served.lookup(probe))
     assert not np.array_equal(shadow.lookup(probe), before)
+
+
+# --- a bundle's identity ---------------------------------------------------------------------------
+@pytest.fixture
+def misfiled_store(synthetic_store, tmp_path):
+    """movielens/1 as it should be; movielens/6 holding version 2 and movielens/3 a plain copy of version 1."""
+    root = tmp_path / "misfiled-store"
+    (root / MODEL).mkdir(parents=True)
+    for folder, version in (("1", "1"), ("6", "2"), ("3", "1")):
+        (root / MODEL / folder).symlink_to(synthetic_store / MODEL / version)
+    return root
+
+
+def test_a_bundle_filed_under_another_version_is_refused_naming_both(misfiled_store, movielens_examples):
+    service = InProcessService(bundles=[misfiled_store / MODEL / "1"], bundle_store=misfiled_store, reload_token=TOKEN)
+    try:
+        primary = service.score(movielens_examples[:8]).json()
+        for method, path, body, folder, says in [("POST", f"/v1/models/{MODEL}/versions/6", None, "6", "2"),
+                                                 ("POST", f"/v1/models/{MODEL}/load", {"version": "6"}, "6", "2"),
+                                                 ("POST", f"/v1/models/{MODEL}/versions/3", None, "3", "1"),
+                                                 ("POST", f"/v1/models/{MODEL}/load", {"version": "3"}, "3", "1")]:  # fmt: skip
+            response = service.request(method, path, json=body, headers=AUTH)
+            assert response.status_code == 422 and response.json()["error"] == "bundle", response.text
+            detail = response.json()["detail"]
+            assert f"says model 'movielens' version '{says}', but it is filed as movielens/{folder}" in detail, detail
+        listed = service.get("/v1/models").json()["models"]
+        assert [(m["version"], m["primary"]) for m in listed] == [("1", True)]
+        assert service.score(movielens_examples[:8], version="2").status_code == 404  # not served under another's name
+        refused = service.request("DELETE", f"/v1/models/{MODEL}/versions/1", headers=AUTH)
+        assert refused.status_code == 409 and "primary version of model movielens" in refused.json()["detail"]
+        assert service.score(movielens_examples[:8]).json() == primary
+    finally:
+        service.close()
+
+
+def test_a_misfiled_bundle_given_at_start_is_a_start_error(misfiled_store):
+    with pytest.raises(BundleError, match=r"says model 'movielens' version '2', but it is filed as movielens/6"):
+        load_bundle(misfiled_store / MODEL / "6")  # its parent is named for its model: the folder is its version
+    engine = ScoringEngine(load_settings(bundle_store=misfiled_store))
+    with pytest.raises(BundleError, match=r"version '1', but it is filed as movielens/3"):
+        engine.registry.load(misfiled_store / MODEL / "3")
+    assert engine.registry.load(misfiled_store / MODEL / "1").version == "1"

@@ -280,13 +280,43 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def load_bundle(path: str | Path, defer_row_checks: bool = False, row_files: bool = True) -> Bundle:
+def filing(path: str | Path, store: str | Path | None = None) -> tuple[str, str] | None:
+    """The (model, version) a folder is filed as in a bundle store, ``<store>/<name>/<version>``: given ``store``,
+    when the folder sits directly in it; None elsewhere (a folder of any name, given by path)."""
+    folder = Path(os.path.abspath(path))
+    if store is not None and folder.parent.parent == Path(os.path.abspath(store)):
+        return folder.parent.name, folder.name
+    return None
+
+
+def check_filing(root: Path, manifest: dict, filed_as: tuple[str, str] | None) -> None:
+    """A request naming a version must get that version's scores, so a bundle filed as ``<name>/<version>`` must
+    be that model's version by its manifest. ``filed_as`` None: a folder given by path, held to its place only
+    when it sits in a store's layout (its parent named for its model)."""
+    name, version = str(manifest.get("name")), str(manifest.get("version"))
+    if filed_as is None:
+        if Path(os.path.abspath(root)).parent.name != name:
+            return
+        filed_as = (name, Path(os.path.abspath(root)).name)
+    if (name, version) != tuple(filed_as):
+        raise BundleError(
+            f"bundle {root}: its manifest.json says model {name!r} version {version!r}, but it is filed as "
+            f"{filed_as[0]}/{filed_as[1]}; a bundle store's <name>/<version> folder must hold that model's version "
+            "(move the folder, or export the bundle as that version)"
+        )
+
+
+def load_bundle(path: str | Path, defer_row_checks: bool = False, row_files: bool = True,
+                filed_as: tuple[str, str] | None = None) -> Bundle:  # fmt: skip
     """Validate every file of a bundle and return it ready to score; with ``defer_row_checks`` the row
     files' sha256 checks are left to ``bundle.row_checks`` (not started: call ``start()`` or ``wait()``).
     With ``row_files=False`` the row files are neither needed nor read (rows that live only in Redis,
-    published by ``uembed publish``): every other file is checked as always, and the tables have no rows."""
+    published by ``uembed publish``): every other file is checked as always, and the tables have no rows.
+    ``filed_as``: the (model, version) the folder is filed as in a bundle store, which its manifest must name
+    (``check_filing``)."""
     root = Path(path)
     manifest = read_manifest(root)
+    check_filing(root, manifest, filed_as)
     try:
         return _load(root, manifest, defer_row_checks, row_files)
     except (KeyError, TypeError, ValueError) as exc:

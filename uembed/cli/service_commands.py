@@ -81,13 +81,14 @@ def set_serve_environment(args: argparse.Namespace) -> None:
     if not settings.bundles:
         os.environ["UEMBED_BUNDLES"] = str(demo_bundle(settings.bundle_store).resolve())
     else:
-        from uembed.bundle.loader import load_bundle
+        from uembed.bundle.loader import filing, load_bundle
 
         # A missing or corrupt bundle is a one-line error here, not a worker traceback. The row files' sha256
         # is left to the workers when they check in the background: reading gigabytes here would hold the
         # port closed for as long (each worker reads them again anyway).
         for path in settings.bundles:
-            load_bundle(path, defer_row_checks=settings.row_checks == "background", row_files=settings.row_source == "files")
+            load_bundle(path, defer_row_checks=settings.row_checks == "background", row_files=settings.row_source == "files",
+                        filed_as=filing(path, settings.bundle_store))  # fmt: skip
 
 
 def number_from_environment(name: str, default: int) -> int:

@@ -22,17 +22,28 @@ import logging
 import time
 from concurrent.futures import Future
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
 from uembed.contract.errors import Overloaded
 from uembed.serving.batcher import Batcher
+from uembed.serving.desired import (
+    STATE_FILE,
+    DesiredState,
+    FileStates,
+    RedisStates,
+    added,
+    made_primary,
+    removed,
+    routed,
+)
 from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.pipeline.canonical import CanonicalExamples
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.registry import ModelRegistry, Target
-from uembed.serving.routing import ShadowCopy
-from uembed.serving.rows.redis import RedisTier
+from uembed.serving.routing import Route, ShadowCopy
+from uembed.serving.rows.redis import RedisTier, redis_client
 from uembed.serving.rows.updates import UpdateReader, apply_entries
 from uembed.serving.settings import ServiceSettings
 
@@ -60,6 +71,12 @@ class ScoringEngine:
         if settings.row_updates_url:
             self.updates = UpdateReader(self, settings.row_updates_url, settings.redis_prefix, self.UPDATES_TIMEOUT_S)
         self.registry.updates = self.updates
+        if settings.redis_url:
+            states = RedisStates(redis_client(settings.redis_url, self.UPDATES_TIMEOUT_S, retries=1), settings.redis_prefix)
+        else:
+            states = FileStates(settings.desired_state_file or Path(settings.bundle_store) / STATE_FILE)
+        self.desired = DesiredState(self.registry, self.metrics, states, settings.desired_state_poll_s,
+                                    partial(self.remove_version, delete_rows=False))  # fmt: skip
         self._files_observed = (-float("inf"), -1)  # when, and the registry's generation then
 
     @property
@@ -74,6 +91,7 @@ class ScoringEngine:
             return
         await self.batcher.start()
         self.registry.accepting = True
+        await self.desired.start()  # before this worker serves: a respawned worker comes back as the others are
         if self.registry.shadow_runtimes:
             self.registry.shadow.start()
         if self.updates is not None:
@@ -85,6 +103,7 @@ class ScoringEngine:
         if self.batcher.closing:
             return
         self.batcher.closing = True
+        await self.desired.stop()
         self.registry.shadow.stop()  # never waits for a shadow that hangs: its thread is a daemon
         if self.updates is not None:
             await asyncio.to_thread(self.updates.stop)  # before the executor it submits to
@@ -181,16 +200,38 @@ class ScoringEngine:
                 log.warning("measuring the row files of %s failed: %s", runtime.name, exc)
 
     # --- versions: what needs both the registry and the batcher -----------------------------
-    async def remove_version(self, name: str, version: str) -> tuple[ModelRuntime, int | None]:
+    # The admin calls: applied here, then recorded in the desired state that every worker and replica follows.
+    async def load(self, name: str, version: str) -> ModelRuntime:
+        return await self.desired.admin(name, self.registry.reload(name, version), partial(made_primary, version=version))
+
+    async def add_version(self, name: str, version: str) -> ModelRuntime:
+        return await self.desired.admin(name, self.registry.add_version(name, version), partial(added, version=version))
+
+    async def unload_version(self, name: str, version: str) -> tuple[ModelRuntime, int | None]:
+        return await self.desired.admin(name, self.remove_version(name, version), partial(removed, version=version))
+
+    async def set_routing(self, route: Route) -> None:
+        await self.desired.admin(route.model, self.registry.set_routing(route), partial(routed, routing=route.describe()))
+
+    async def clear_routing(self, name: str) -> None:
+        async def clear() -> None:
+            self.registry.clear_routing(name)
+
+        await self.desired.admin(name, clear(), partial(routed, routing=None))
+
+    async def remove_version(self, name: str, version: str, delete_rows: bool = True) -> tuple[ModelRuntime, int | None]:
         """Unload a version that is neither the primary nor in the routing rule (409 otherwise), wait for its
         admitted requests, then delete its rows from Redis: the number of keys deleted, or None where none were
-        (no Redis; ``row_source=redis``, whose publication other replicas read, is kept)."""
+        (no Redis; ``row_source=redis``, whose publication other replicas read, is kept; ``delete_rows`` False: a
+        worker following another's call, which deleted them)."""
         runtime = self.registry.removable(name, version)
         async with self.registry.lock:
             self.registry.unload(runtime)
             deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
             while self.batcher.holds(runtime) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
+            if not delete_rows:
+                return runtime, None
             return runtime, await asyncio.to_thread(self.registry.delete_rows, runtime)
 
     def submit_updates(self, name: str, version: str, entries: list) -> Future:

@@ -192,6 +192,12 @@ class ServiceMetrics:
             "Share of a model's requests its routing sends to each loaded version (1 for the primary without a rule).",
             ["model", "version"], registry=r, multiprocess_mode="mostrecent",
         )
+        self.desired_revision = Gauge(
+            "uembed_desired_state_revision",
+            "Revision of a model's desired state (docs/ROUTING.md): the latest a worker read (kind=desired) and the "
+            "latest it applied (kind=applied); the lowest over workers, so applied < desired is a worker behind.",
+            ["model", "kind"], registry=r, multiprocess_mode="livemin",
+        )
         self.updates = Counter(
             "uembed_row_updates_total",
             "Row-update deltas (stream entries) by outcome: applied, or rejected (not a valid delta for the version; "

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from uembed.bundle.loader import load_bundle
-from uembed.contract.errors import Conflict, Internal, InvalidName, NotFound, NotReady, UembedError
+from uembed.bundle.loader import filing, load_bundle
+from uembed.contract.errors import Conflict, Internal, InvalidName, NotFound, NotReady, UembedError, ValidationFailed
 from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.runtimes import open_runtime
@@ -73,13 +73,14 @@ class ModelRegistry:
         self.lock = asyncio.Lock()  # one load, unload or routing change at a time
         self.generation = 0  # how many versions were attached so far
 
-    def open(self, path: str | Path, defer_row_checks: bool = False) -> ModelRuntime:
+    def open(self, path: str | Path, defer_row_checks: bool = False, filed_as: tuple[str, str] | None = None) -> ModelRuntime:
         """Load and validate a bundle and score one example with it (not yet live). With ``defer_row_checks`` the
         row files' sha256 checks start on a thread and the model refuses to score (503) until they pass. With
         ``row_source=redis`` the bundle needs no row files and its check is its publication's completion marker
-        (``uembed/serving/rows/published.py``): polled on a thread when deferred, else read once (unpublished: refused)."""
+        (``uembed/serving/rows/published.py``): polled on a thread when deferred, else read once (unpublished: refused). ``filed_as``: the
+        (name, version) a bundle store files it as, which its manifest must name (422 naming both otherwise)."""
         rows_in_redis = self.settings.row_source == "redis"
-        bundle = load_bundle(path, defer_row_checks=defer_row_checks, row_files=not rows_in_redis)
+        bundle = load_bundle(path, defer_row_checks=defer_row_checks, row_files=not rows_in_redis, filed_as=filed_as)
         if rows_in_redis:
             bundle.row_checks = PublicationCheck(self.redis, self.settings.redis_prefix, bundle)
             bundle.row_checks.start() if defer_row_checks else bundle.row_checks.wait()
@@ -140,7 +141,7 @@ class ModelRegistry:
         """Load a bundle at start-up (row checks per ``settings.row_checks``; with rows in Redis, the wait for their
         publication always in the background) and make it live."""
         defer = self.settings.row_checks == "background" or self.settings.row_source == "redis"
-        runtime = self.open(path, defer_row_checks=defer)
+        runtime = self.open(path, defer_row_checks=defer, filed_as=filing(path, self.settings.bundle_store))
         self.activate(runtime)
         log.info("serving %s version %s from %s", runtime.name, runtime.version, runtime.bundle.path)
         return runtime
@@ -154,22 +155,18 @@ class ModelRegistry:
             if loaded is not None and loaded is not self.models.get(name):
                 runtime = loaded  # loaded beside the primary and warm already: promoted as it is
             else:
-                runtime = await self._open_version(name, path)
+                runtime = await self._open_version(name, version, path)
             self.activate(runtime)
             self.metrics.reloads.labels(name, "ok").inc()
             log.info("reloaded %s: now version %s", name, runtime.version)
             return runtime
 
-    async def _open_version(self, name: str, path: Path) -> ModelRuntime:
+    async def _open_version(self, name: str, version: str, path: Path) -> ModelRuntime:
         try:
-            runtime = await asyncio.to_thread(self.open, path)
+            return await asyncio.to_thread(self.open, path, False, (name, version))
         except UembedError:
             self.metrics.reloads.labels(name, "refused").inc()
             raise
-        if runtime.name != name:
-            self.metrics.reloads.labels(name, "refused").inc()
-            raise NotFound(f"bundle {path} is model {runtime.name!r}, not {name!r}")
-        return runtime
 
     def _bundle_path(self, name: str, version: str) -> Path:
         check_name("name", name)
@@ -191,7 +188,7 @@ class ModelRegistry:
             loaded = self.versions.get(name, {}).get(version)
             if loaded is not None:
                 return loaded
-            runtime = await self._open_version(name, path)
+            runtime = await self._open_version(name, version, path)
             if name in self.models:
                 self._attach(runtime)
                 self._publish_shares(name)
@@ -205,7 +202,7 @@ class ModelRegistry:
         """The loaded ``version`` of ``name`` if it may be unloaded: neither the primary nor in the routing rule
         (409 otherwise)."""
         runtime = self.runtime(name, version, check=False)
-        if runtime is self.models[name]:
+        if version == self.models[name].version:
             raise Conflict(f"version: {version} is the primary version of model {name}; make another primary first "
                            f"(POST /v1/models/{name}/load)")  # fmt: skip
         route = self.routes.get(name)
@@ -238,11 +235,12 @@ class ModelRegistry:
         for version in route.split:
             if version not in loaded:
                 raise self.not_loaded(f"split.{version}", name, version)
+        if route.shadow is not None and route.shadow not in loaded:
+            raise self.not_loaded("shadow", name, route.shadow)
+        self.check_sticky(route, loaded)
         async with self.lock:
             copy = None
             if route.shadow is not None:
-                if route.shadow not in loaded:
-                    raise self.not_loaded("shadow", name, route.shadow)
                 current = self.shadow_runtimes.get(name)
                 serving = loaded[route.shadow]
                 if current is not None and current.bundle is serving.bundle:
@@ -261,6 +259,22 @@ class ModelRegistry:
                 self.shadow.start()
             self._publish_shares(name)
             log.info("routing of %s: %s", name, route.describe())
+
+    @staticmethod
+    def check_sticky(route: Route, loaded: dict[str, ModelRuntime]) -> None:
+        """A rule's sticky feature gives every request one routing key: it must be a one-value feature of every
+        version the rule names (a list feature would refuse every request, an unknown one would never be sent)."""
+        feature = route.sticky_feature
+        if feature is None:
+            return
+        for version in sorted(set(route.split) | ({route.shadow} if route.shadow else set())):
+            specs = loaded[version].bundle.feature_specs
+            spec = specs.get(feature)
+            if spec is None or spec.multivalent:
+                scalars = ", ".join(n for n, s in specs.items() if not s.multivalent)
+                what = "has no feature" if spec is None else "takes a list for"
+                raise ValidationFailed(f"sticky_feature: version {version} of model {route.model} {what} {feature!r}; "
+                                       f"a routing key takes one value, from one of its one-value features: {scalars}")  # fmt: skip
 
     def clear_routing(self, name: str) -> None:
         """Back to the primary for every request naming no version."""

@@ -37,6 +37,20 @@ class ServiceSettings(BaseSettings):
         description="Bearer token for the admin calls: POST /v1/models/{name}/load, POST and DELETE "
         "/v1/models/{name}/versions/{version}, PUT and DELETE /v1/models/{name}/routing. Unset: they answer 404 (off).",
     )
+    desired_state_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often each worker reads the desired state of versions and routing that the admin calls "
+        "record (docs/ROUTING.md) and converges to it: the delay before other workers and replicas follow an admin "
+        "call. Shorter follows sooner, at one small read (Redis or the state file) per worker per period.",
+    )
+    desired_state_file: Path | None = Field(
+        None,
+        description="Where the desired state lives without redis_url: a JSON file that every worker and replica "
+        "must reach (a shared volume). Unset: .uembed-desired-state.json in bundle_store. With redis_url it lives "
+        "in Redis instead (<redis_prefix>:desired-state).",
+    )
     shadow_queue: int = Field(
         1024,
         ge=1,

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Header, Path, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 from uembed.contract import errors
@@ -123,7 +123,9 @@ class UnloadResponse(BaseModel):
 
 
 VersionName = Annotated[str, Field(pattern=NAME_PATTERN)]
-Weight = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+MAX_WEIGHT = 1e6
+# Strict: a weight is a JSON number (not "90", not true), so the schema (type number) and the server agree.
+Weight = Annotated[float, Field(strict=True, gt=0, le=MAX_WEIGHT, allow_inf_nan=False)]
 
 
 class RoutingRule(BaseModel):
@@ -134,14 +136,16 @@ class RoutingRule(BaseModel):
 
     split: dict[VersionName, Weight] = Field(
         min_length=1, max_length=16,
-        description="Loaded version -> weight; the weights sum to 1 or to 100. A version keeps the range of users "
-        "its place in this order gives it: add weight to the last one to move users onto it only.",
+        description="Loaded version -> weight: positive numbers up to 1,000,000, relative to each other ({\"1\": 3, "
+        "\"2\": 1} sends 75% to version 1; shares of 1 or percentages work as they are). A version keeps the range of "
+        "users its place in this order gives it: add weight to the last one to move users onto it only.",
     )  # fmt: skip
     sticky_feature: str | None = Field(
         None, min_length=1, max_length=MAX_NAME_CHARS,
         description="The feature whose value keeps a user on one version (looked up in the context, else the first "
-        "example or candidate); a request's routing_key wins over it. None: only routing_key is sticky, and a "
-        "request without one gets a random version by the weights.",
+        "example or candidate): a one-value feature of every version in the rule (422 naming it otherwise). A "
+        "request's routing_key wins over it. None: only routing_key is sticky, and a request without one gets a "
+        "random version by the weights.",
     )  # fmt: skip
     shadow: VersionName | None = Field(
         None, description="A loaded version that also scores a copy of the requests, its scores only metered."
@@ -149,14 +153,6 @@ class RoutingRule(BaseModel):
     shadow_fraction: float = Field(
         1.0, gt=0, le=1, description="Share of requests (by routing key, else at random) copied to the shadow."
     )
-
-    @field_validator("split")
-    @classmethod
-    def weights_sum(cls, split: dict[str, float]) -> dict[str, float]:
-        total = sum(split.values())
-        if not (abs(total - 1) <= 1e-6 or abs(total - 100) <= 1e-4):
-            raise PydanticCustomError("weights_sum", f"the weights sum to {total:g}; they must sum to 1 or to 100")
-        return split
 
 
 class RoutingResponse(BaseModel):
@@ -308,7 +304,8 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     @app.get("/v1/models", summary="Loaded models and versions, features, tables with bytes per tier, routing rules",
              responses=declared())  # fmt: skip
     async def models() -> dict:
-        return {"models": describe_models(engine.registry), "routing": engine.registry.describe_routing()}
+        return {"models": describe_models(engine.registry), "routing": engine.registry.describe_routing(),
+                "desired_state": engine.desired.describe()}  # fmt: skip
 
     def require_token(authorization: str | None) -> None:
         """The admin calls' guard: off (404) without a configured token, 401 without the right bearer token."""
@@ -332,7 +329,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     )
     async def load_model(body: LoadRequest, name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        runtime = await engine.registry.reload(name, body.version)
+        runtime = await engine.load(name, body.version)
         return {"model": runtime.name, "version": runtime.version}
 
     @app.post(
@@ -346,7 +343,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     )
     async def load_version(name: ModelName, version: VersionPath, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        runtime = await engine.registry.add_version(name, version)
+        runtime = await engine.add_version(name, version)
         return {"model": runtime.name, "version": runtime.version, "primary": engine.registry.models[name] is runtime}
 
     @app.delete(
@@ -360,7 +357,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     )
     async def unload_version(name: ModelName, version: VersionPath, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        runtime, deleted = await engine.remove_version(name, version)
+        runtime, deleted = await engine.unload_version(name, version)
         return {"model": runtime.name, "version": runtime.version, "redis_keys_deleted": deleted}
 
     @app.put(
@@ -368,13 +365,14 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
         response_model=RoutingResponse,
         responses=declared(*BODY_ERRORS, Unauthorized, NotFound),
         summary="Set a model's routing rule: weighted split, sticky key, shadow (bearer token)",
-        description="The versions named must be loaded (404 naming `split.<version>` or `shadow`); weights that do "
-        "not sum to 1 or 100 are a 422 naming `split`. Visible in GET /v1/models.",
+        description="The versions named must be loaded (404 naming `split.<version>` or `shadow`); weights are "
+        "relative positive numbers (a 422 naming `split.<version>` otherwise), and `sticky_feature` a one-value feature "
+        "of every version named (a 422 naming it otherwise). Visible in GET /v1/models.",
     )
     async def set_routing(body: RoutingRule, name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
         route = Route(name, body.split, body.sticky_feature, body.shadow, body.shadow_fraction)
-        await engine.registry.set_routing(route)
+        await engine.set_routing(route)
         return {"model": name, "routing": route.describe()}
 
     @app.delete(
@@ -385,7 +383,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
     )
     async def clear_routing(name: ModelName, authorization: Authorization = None) -> dict:
         require_token(authorization)
-        engine.registry.clear_routing(name)
+        await engine.clear_routing(name)
         return {"model": name, "routing": None}
 
     return next(route for route in app.routes if getattr(route, "path", None) == SCORE_PATH)

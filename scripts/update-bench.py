@@ -137,8 +137,8 @@ def main() -> None:
                 "burst": burst,
                 "requests_with_updates": under_updates, "requests_without_updates": baseline,
                 "overlay_rows": metrics['uembed_row_overlay_rows{model="synth",table="unified"}'],
-                "deltas_applied": metrics['uembed_row_updates_total{model="synth",outcome="applied",version="1"}']
-                - scrapes["before"]['uembed_row_updates_total{model="synth",outcome="applied",version="1"}'],
+                "deltas_applied": metrics['uembed_row_updates_total{model="synth",outcome="applied",reason="",version="1"}']
+                - scrapes["before"]['uembed_row_updates_total{model="synth",outcome="applied",reason="",version="1"}'],
             }, indent=2))  # fmt: skip
         finally:
             service.stop()

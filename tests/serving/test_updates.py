@@ -184,7 +184,7 @@ def test_the_reader_skips_bad_entries_and_outlives_redis_while_requests_go_on(sy
             report = publisher.publish(delta_file_rows(delta_file("second.npz", ids, np.stack([second[i] for i in ids])), served), "second")
             await asyncio.to_thread(wait_until, lambda: runtime.update_position == parse_position(report["last_id"]), 30, "second delta")
             after_second = (await engine.score(examples))[0]
-            rejected = engine.metrics.updates.labels("movielens", "1", "rejected")._value.get()
+            rejected = engine.metrics.updates.labels("movielens", "1", "rejected", "format")._value.get()
             restarted.stop()
         finally:
             await engine.astop()

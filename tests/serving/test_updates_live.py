@@ -56,7 +56,7 @@ def test_continued_training_published_under_load_moves_scores_to_the_new_bundle(
     assert np.abs(expected - before).max() > 1e-3  # the training moved the scores
     np.testing.assert_allclose(score(service.url, examples), expected, atol=2e-6, rtol=0)
     metrics = service.metrics()
-    applied = metrics['uembed_row_updates_total{model="movielens",outcome="applied",version="1"}']
+    applied = metrics['uembed_row_updates_total{model="movielens",outcome="applied",reason="",version="1"}']
     assert applied == sum(r["entries"] for r in reports)
     assert metrics['uembed_row_overlay_rows{model="movielens",table="unified"}'] == publisher.sent["unified"].rows
 

@@ -14,11 +14,16 @@ A bundle is what the service loads, with no pickle and no training code::
                                tables fit under the size limit
 
 The bundle is written to a temporary folder beside the target and renamed into place, so
-a failed export leaves nothing half-written.
+a failed export leaves nothing half-written: the staging folder is removed whatever stopped it. Free space
+is checked first against the bundle's expected size, and a write that fails (a full disk, a file-size limit)
+is one ExportError naming the bundle and the system's error: ``model.pt`` is serialised in memory and written by Python, as every
+other file is, because torch's own file writer aborts the process on a failed write.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import platform
@@ -38,6 +43,7 @@ from uembed.bundle.dense_split import add_context_split, context_columns, layout
 from uembed.bundle.format import (
     FORMAT,
     FORMAT_VERSION,
+    NUMPY_ROW_DTYPE,
     ROW_DTYPES,
     file_entry,
     test_vectors,
@@ -93,6 +99,43 @@ def next_version(root: Path) -> str:
     return str(max(existing, default=0) + 1)
 
 
+SPACE_MARGIN_BYTES = 4 * 2**20  # the manifest, the ONNX graphs and the files' headers
+
+
+def expected_bytes(plan: EmbeddingPlan, model: RankingModel, known: dict[str, KnownValues], dtype: str, full_model: bool,
+                   context_split: bool) -> int:  # fmt: skip
+    """About how many bytes the bundle's files take: the row files, vocabularies and known values, the dense network
+    (twice more when split by a context), and for a full model its ONNX and TorchScript files, each holding the
+    float32 tables and the network."""
+    item = np.dtype(NUMPY_ROW_DTYPE[dtype]).itemsize
+    rows = sum(t.rows * (t.dim * item + (8 if dtype == "int8" else 0)) for t in plan.tables)
+    values = sum(v.nbytes for v in plan.vocabularies.values()) + sum(k.bits.nbytes for k in known.values())
+    network = 4 * sum(p.numel() for p in model.network.parameters())
+    full = 2 * (4 * plan.table_parameters + network) if full_model else 0
+    return rows + values + network * (3 if context_split else 1) + full + SPACE_MARGIN_BYTES
+
+
+def writes_full_model(plan: EmbeddingPlan, dtype: str, limit_bytes: int) -> bool:
+    return dtype == "float32" and plan.table_parameters * 4 <= limit_bytes
+
+
+def check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ExportError(f"not enough space in {folder}: the bundle needs about {needed:,} bytes, {free:,} are free")
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write, also when a library wrapped it (the ONNX exporter does)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def export_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path) -> None:
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
@@ -140,19 +183,30 @@ def export_run(
     target = out_root / name / version
     if target.exists():
         raise ExportError(f"bundle {target} already exists; choose another --version")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+    known = load_known_values(run_dir / "known_values.npz")
+    staging = None
     try:
-        known = load_known_values(run_dir / "known_values.npz")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        full_model = writes_full_model(plan, dtype, full_model_limit_bytes)
+        check_space(target.parent, expected_bytes(plan, model, known, dtype, full_model, bool(context_features)))
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
         manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress)
         if context_features:
             add_context_split(staging, manifest, context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service's user
         staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        staging = None
+    except Exception as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        code = errno.errorcode.get(failure.errno or 0, "")
+        what = f"{failure.strerror} ({code}{', ' + str(failure.filename) if failure.filename else ''})" if code else str(failure)
+        raise ExportError(f"writing bundle {target} failed: {what}; its staging folder was removed") from exc
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -203,9 +257,11 @@ def write_bundle(
     example_weights = torch.ones(2, plan.slots)
     export_onnx(DenseProbability(model), (torch.zeros(2, plan.output_dim),), ["embeddings"], folder / "dense.onnx")
     full_model = None
-    if dtype == "float32" and plan.table_parameters * 4 <= full_model_limit_bytes:
+    if writes_full_model(plan, dtype, full_model_limit_bytes):
         export_onnx(ProbabilityModel(model), (example_rows, example_weights), ["rows", "weights"], folder / "model.onnx")
-        torch.jit.script(ProbabilityModel(model).eval()).save(str(folder / "model.pt"))
+        buffer = io.BytesIO()  # torch's file writer aborts the process when a write fails; Python's raises
+        torch.jit.save(torch.jit.script(ProbabilityModel(model).eval()), buffer)
+        (folder / "model.pt").write_bytes(buffer.getbuffer())
         full_model = {
             "inputs": {"rows": ["batch", plan.slots, "int64"], "weights": ["batch", plan.slots, "float32"]},
             "output": {"probability": ["batch", "float32"]},

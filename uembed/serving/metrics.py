@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from uembed.serving.rows.store import TierCounts
+from uembed.serving.rows.updates import REJECT_REASONS
 
 
 def remove_quietly(metric, *labels: str) -> None:
@@ -200,9 +201,9 @@ class ServiceMetrics:
         )
         self.updates = Counter(
             "uembed_row_updates_total",
-            "Row-update deltas (stream entries) by outcome: applied, or rejected (not a valid delta for the version; "
-            "the log says why). Each worker applies every delta.",
-            ["model", "version", "outcome"], registry=r,
+            "Row-update deltas (stream entries) by outcome: applied, or rejected (not a valid delta for the version, "
+            "skipped: reason names the field at fault, or unexpected; the log says why). Each worker applies every delta.",
+            ["model", "version", "outcome", "reason"], registry=r,
         )
         self.update_rows = Counter(
             "uembed_row_update_rows_total", "Rows changed by applied row updates (per worker).", ["model", "table"], registry=r
@@ -212,6 +213,12 @@ class ServiceMetrics:
             "Age of the oldest row update a worker has not applied yet, from its publication time (0: caught up). "
             "The highest over workers.",
             ["model", "version"], registry=r, multiprocess_mode="max",
+        )
+        self.update_reader_stuck_seconds = Gauge(
+            "uembed_row_update_reader_stuck_seconds",
+            "How long the row-update reader's rounds have applied nothing because they failed (Redis unreachable, or "
+            "an error it did not expect: /v1/models row_updates.last_error); 0 while it progresses. The highest over workers.",
+            registry=r, multiprocess_mode="max",
         )
         self.update_delay_seconds = Histogram(
             "uembed_row_update_delay_seconds",
@@ -260,8 +267,9 @@ class ServiceMetrics:
             self.unseen.labels(name, feature)
         for feature in runtime.bundle.feature_specs:
             self.missing.labels(name, feature)
-        for outcome_label in ("applied", "rejected"):
-            self.updates.labels(name, version, outcome_label)
+        self.updates.labels(name, version, "applied", "")
+        for reason in REJECT_REASONS:
+            self.updates.labels(name, version, "rejected", reason)
         self.update_lag_seconds.labels(name, version).set(0)
         for store in runtime.stores:
             self.update_rows.labels(name, store.table.name)

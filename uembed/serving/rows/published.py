@@ -70,15 +70,17 @@ def marker_problem(found: bytes | None, manifest: dict, bucket_rows: int, key: s
         return f"no completion marker at {key}: waiting for `uembed publish` of this bundle to finish"
     try:
         marker = json.loads(found)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # whatever the key holds, the answer is a reason to wait, not an error
         return f"the completion marker at {key} is not JSON"
+    if not isinstance(marker, dict):
+        return f"the completion marker at {key} is not a JSON object"
     expected = expected_marker(manifest, bucket_rows)
     for field, value in expected.items():
         if marker.get(field) != value:
             if field == "tables":
                 return (f"the completion marker at {key} is of other row files than this bundle's manifest (tables, "
                         "shapes or sha256 differ): publish this bundle's rows again")  # fmt: skip
-            return f"the completion marker at {key} has {field}={marker.get(field)!r}, this service expects {value!r}"
+            return f"the completion marker at {key} has {field}={repr(marker.get(field))[:80]}, this service expects {value!r}"
     return None
 
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -64,9 +65,47 @@ def format_position(position: tuple[int, int]) -> str:
 
 
 class DeltaError(UembedError):
-    """A stream entry that is not a valid delta for the served version (logged, counted, skipped)."""
+    """A stream entry that is not a valid delta for the served version (logged, counted by ``field``, skipped)."""
 
     kind = "bad_delta"
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# Why an entry was rejected, the label of uembed_row_updates_total{outcome="rejected"}: the field at fault, or
+# "unexpected" (the check itself failed: still skipped, logged with its traceback).
+REJECT_REASONS = ("format", "model", "tables", "ids", "records", "unexpected")
+COUNT_LIMIT = 2**40  # a dim or row count past this is no table's: refused before any arithmetic on it
+
+
+def _constant(name: str):
+    raise ValueError(f"{name} is not a number a table has")
+
+
+def decode_header(raw: str) -> list[tuple[str, str, int, int]]:
+    """The ``tables`` field as (name, dtype, dim, rows), or DeltaError: whatever the text holds (nesting deeper
+    than the parser recurses, Infinity, huge or fractional numbers), the answer is a reason, never another error."""
+    try:
+        header = json.loads(raw, parse_constant=_constant)
+    except (ValueError, RecursionError) as exc:
+        raise DeltaError(f"field tables: not JSON this reader takes ({type(exc).__name__}: {str(exc)[:80]})", "tables") from None
+    if not isinstance(header, list) or not all(isinstance(t, dict) for t in header):
+        raise DeltaError("field tables: not a JSON list of {name, dtype, dim, rows}", "tables")
+    out = []
+    for t in header:
+        name, dtype, dim, rows = (t.get(key) for key in ("name", "dtype", "dim", "rows"))
+        if not isinstance(name, str) or not isinstance(dtype, str):
+            raise DeltaError("field tables: name and dtype must be strings", "tables")
+        for key, value in (("dim", dim), ("rows", rows)):
+            if type(value) is not int or not 0 <= value < COUNT_LIMIT:
+                shown = "a number out of range" if isinstance(value, int | float) else type(value).__name__
+                raise DeltaError(f"field tables: {name[:40]}.{key} must be a whole number in [0, 2**40), not {shown}", "tables")
+        out.append((name, dtype, dim, rows))
+    if len({entry[0] for entry in out}) != len(out):
+        raise DeltaError("field tables: a table is listed twice", "tables")
+    return out
 
 
 @dataclass
@@ -100,39 +139,35 @@ def decode_delta(fields: dict[bytes, bytes], name: str, version: str, tables: di
     def text(field: str) -> str:
         value = fields.get(field.encode())
         if value is None:
-            raise DeltaError(f"field {field} is missing")
+            raise DeltaError(f"field {field} is missing", "model" if field == "version" else field)
         return value.decode("utf-8", "replace")
 
     if text("format") != FORMAT:
-        raise DeltaError(f"field format: {text('format')[:40]!r}, this build reads {FORMAT!r}")
+        raise DeltaError(f"field format: {text('format')[:40]!r}, this build reads {FORMAT!r}", "format")
     if (text("model"), text("version")) != (name, version):
-        raise DeltaError(f"fields model, version: {text('model')[:40]}/{text('version')[:40]} on the stream of {name}/{version}")
-    try:
-        header = json.loads(text("tables"))
-        entries = [(str(t["name"]), str(t["dtype"]), int(t["dim"]), int(t["rows"])) for t in header]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise DeltaError(f"field tables: not a JSON list of {{name, dtype, dim, rows}} ({exc})") from None
+        raise DeltaError(f"fields model, version: {text('model')[:40]}/{text('version')[:40]} on the stream of {name}/{version}", "model")
     out = {}
-    for table, dtype, dim, count in entries:
+    for table, dtype, dim, count in decode_header(text("tables")):
         served = tables.get(table)
         if served is None:
-            raise DeltaError(f"field tables: no table {table[:40]!r} in {name}/{version} (tables: {', '.join(tables)})")
+            raise DeltaError(f"field tables: no table {table[:40]!r} in {name}/{version} (tables: {', '.join(tables)})", "tables")
         if (dtype, dim) != (served.dtype, served.dim):
-            raise DeltaError(f"field tables: {table} rows are {dtype} x {dim}, served as {served.dtype} x {served.dim}")
+            raise DeltaError(f"field tables: {table} rows are {dtype[:40]} x {dim}, served as {served.dtype} x {served.dim}", "tables")
         raw_ids, raw_records = fields.get(f"ids:{table}".encode()), fields.get(f"records:{table}".encode())
         if raw_ids is None or raw_records is None:
-            raise DeltaError(f"fields ids:{table} and records:{table} are required")
+            raise DeltaError(f"fields ids:{table} and records:{table} are required", "ids" if raw_ids is None else "records")
         if len(raw_ids) != 8 * count or len(raw_records) != count * served.record_bytes:
             raise DeltaError(f"fields ids:{table}, records:{table}: {len(raw_ids)} and {len(raw_records)} bytes, "
-                             f"{count} rows of {served.record_bytes} bytes need {8 * count} and {count * served.record_bytes}")  # fmt: skip
+                             f"{count} rows of {served.record_bytes} bytes need {8 * count} and {count * served.record_bytes}",
+                             "ids" if len(raw_ids) != 8 * count else "records")  # fmt: skip
         ids = np.frombuffer(raw_ids, dtype="<i8").astype(np.int64)
         records = np.frombuffer(raw_records, dtype=np.uint8).reshape(count, served.record_bytes)
         if count and (ids.min() < 0 or ids.max() >= served.rows):
-            raise DeltaError(f"field ids:{table}: row ids must be in [0, {served.rows})")
+            raise DeltaError(f"field ids:{table}: row ids must be in [0, {served.rows})", "ids")
         if len(np.unique(ids)) != count:
-            raise DeltaError(f"field ids:{table}: a row id appears twice")
+            raise DeltaError(f"field ids:{table}: a row id appears twice", "ids")
         if not np.isfinite(RowCodec(served).decode(records)).all():
-            raise DeltaError(f"field records:{table}: rows with NaN or infinite values")
+            raise DeltaError(f"field records:{table}: rows with NaN or infinite values", "records")
         out[table] = (ids, records)
     return RowDelta(out, text("source") if b"source" in fields else "")
 
@@ -155,7 +190,7 @@ def apply_entries(runtime, entries: Iterable[Entry], metrics, counted: bool = Tr
                 if counted:
                     metrics.update_rows.labels(runtime.name, table).inc(len(ids))
             if counted:
-                metrics.updates.labels(runtime.name, runtime.version, "applied").inc()
+                metrics.updates.labels(runtime.name, runtime.version, "applied", "").inc()
                 metrics.update_delay_seconds.observe(max(now_ms - position[0], 0) / 1000)
             applied += delta.rows
         runtime.update_position = position
@@ -190,6 +225,7 @@ class UpdateReader:
         self._thread: threading.Thread | None = None
         self.connected = False
         self.last_error: str | None = None
+        self.failing_since: float | None = None  # wall time of the first of the failed rounds in a row (None: it progresses)
         self.gaps: dict[str, str] = {}  # stream key -> why a replica cannot replay it whole (trimmed before its position)
         self._lag_observed = 0.0
 
@@ -229,10 +265,13 @@ class UpdateReader:
                     break
                 applied += apply_entries(runtime, self._decode(runtime, key, entries), self.metrics, counted)
             self.connected = True
-        except self.errors as exc:
-            self._failed(exc)
+        except Exception as exc:  # noqa: BLE001 - a stream this cannot replay never keeps a version from loading
+            if isinstance(exc, self.errors):
+                self._failed(exc)
+            else:
+                self._stuck(exc)
             log.warning("replaying %s into %s/%s failed (%s: %s): serving its bundle's rows until the reader catches up",
-                        key, runtime.name, runtime.version, type(exc).__name__, exc)  # fmt: skip
+                        key, runtime.name, runtime.version, type(exc).__name__, exc, exc_info=not isinstance(exc, self.errors))  # fmt: skip
         if applied:
             log.info("replayed %d rows from %s into %s/%s", applied, key, runtime.name, runtime.version)
         return applied
@@ -244,12 +283,14 @@ class UpdateReader:
             try:
                 self._round()
                 backoff = self.BACKOFF_S[0]
+                self._progressed()
             except self.errors as exc:
                 self._failed(exc)
                 self._stop.wait(backoff)
                 backoff = min(2 * backoff, self.BACKOFF_S[1])
-            except Exception:  # noqa: BLE001 - the reader must outlive anything one round does
+            except Exception as exc:  # noqa: BLE001 - the reader must outlive anything one round does
                 log.exception("row-update reader round failed; retrying in %.1fs", backoff)
+                self._stuck(exc)
                 self._stop.wait(backoff)
                 backoff = min(2 * backoff, self.BACKOFF_S[1])
 
@@ -257,11 +298,24 @@ class UpdateReader:
         if self.connected or self.last_error is None:
             log.warning("row-update stream unreachable at %s (%s: %s); retrying with backoff", self.url, type(exc).__name__, exc)
         self.connected = False
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._stuck(exc)
         self.metrics.redis_errors.labels("updates").inc()
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def _stuck(self, exc: Exception) -> None:
+        """A round (or a replay) that applied nothing: /v1/models and the stuck gauge say since when and why."""
+        self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        now = time.time()
+        self.failing_since = self.failing_since or now
+        self.metrics.update_reader_stuck_seconds.set(now - self.failing_since)
+
+    def _progressed(self) -> None:
+        if self.failing_since is not None:
+            log.info("row-update reader progresses again after %.1fs", time.time() - self.failing_since)
+            self.failing_since = None
+            self.metrics.update_reader_stuck_seconds.set(0)
 
     def _followed(self) -> dict[str, tuple[str, str, list]]:
         out = {}
@@ -292,13 +346,20 @@ class UpdateReader:
         self._observe_lag(followed)
 
     def _decode(self, runtime, key: str, entries: list) -> list[Entry]:
+        """Each entry's delta, or None for one rejected: whatever it holds, its position is consumed and the
+        entries after it are applied."""
         out = []
         for entry_id, fields in entries:
+            shown = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             try:
                 delta = decode_delta(fields, runtime.name, runtime.version, runtime.bundle.tables)
             except DeltaError as exc:
-                log.warning("rejected row update %s of %s: %s", entry_id.decode() if isinstance(entry_id, bytes) else entry_id, key, exc)
-                self.metrics.updates.labels(runtime.name, runtime.version, "rejected").inc()
+                log.warning("rejected row update %s of %s: %s", shown, key, exc)
+                self.metrics.updates.labels(runtime.name, runtime.version, "rejected", exc.field).inc()
+                delta = None
+            except Exception:  # noqa: BLE001 - a check that fails rejects the entry: it must not stop the stream
+                log.exception("rejected row update %s of %s: checking it failed", shown, key)
+                self.metrics.updates.labels(runtime.name, runtime.version, "rejected", "unexpected").inc()
                 delta = None
             out.append((parse_position(entry_id), delta))
         return out
@@ -341,6 +402,9 @@ class UpdateReader:
             "overlay_rows": sum(store.overlay.rows for store in runtime.stores),
             "reachable": self.connected,
             "gap": self.gaps.get(key),
+            # the reader's, for every version it follows: since when its rounds apply nothing, and why
+            "stuck_since": None if self.failing_since is None else datetime.fromtimestamp(self.failing_since, UTC).isoformat(),
+            "last_error": None if self.failing_since is None else self.last_error,
         }
 
 

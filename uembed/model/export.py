@@ -4,8 +4,10 @@ A bundle is what the service loads, with no pickle and no training code::
 
     manifest.json              format version, features, tables, hashing spec + test vectors,
                                dense input layout, training metrics, software versions
-    tables/<table>.npy         rows, float32 / float16, or uint8 (int8 rowwise-quantised)
-    tables/<table>.scale_bias.npy   float32 [rows, 2] per-row scale and offset (int8 only)
+    tables/<table>.npy         rows in the table's codec (uembed/bundle/codecs.py, docs/EXPORT.md): float32,
+                               float16, or uint8 codes (int8, int4, int2 rowwise-quantised; pq)
+    tables/<table>.scale_bias.npy   float32 [rows, 2] per-row scale and bias (int8, int4, int2)
+    tables/<table>.codebooks.npy    float32 [M, 256, dim / M] product-quantisation codebooks (pq)
     vocab/<feature>.npy        sorted uint64 keys of a collisionless feature
     dense.onnx                 network after the embeddings: embeddings [B, E] -> probability [B]
     dense_context.onnx, dense_rest.onnx   the same network split by a context feature group
@@ -19,6 +21,7 @@ a failed export leaves nothing half-written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import platform
@@ -120,14 +123,25 @@ def export_run(
     full_model_limit_bytes: int = 64 * 2**20,
     progress: bool = False,
     context_features: Sequence[str] = (),
+    pq_subvectors: int | None = None,
 ) -> Path:
     """Export a training run as ``out_root/name/version``; returns the bundle path. ``context_features``: also write
-    the dense network split by that group (``uembed/bundle/dense_split.py``), for ranking requests with that context."""
+    the dense network split by that group (``uembed/bundle/dense_split.py``), for ranking requests with that context.
+    ``pq_subvectors``: M of a pq export (default: half the dim, two values a sub-vector)."""
     if dtype not in ROW_DTYPES:
         raise ExportError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
+    if pq_subvectors is not None and dtype != "pq":
+        raise ExportError(f"--pq-subvectors is for --dtype pq, not {dtype}")
+    if dtype == "pq" and importlib.util.find_spec("faiss") is None:
+        raise ExportError("--dtype pq trains its codebooks with faiss, which is not installed: pip install 'uembed[train]'")
     if not (run_dir / "checkpoint.pt").is_file():
         raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
     config, plan, model, doc = load_run(run_dir)
+    if dtype == "pq":
+        pq_subvectors = pq_subvectors or max(plan.dim // 2, 1)
+        for table in plan.tables:
+            if pq_subvectors < 1 or table.dim % pq_subvectors:
+                raise ExportError(f"--pq-subvectors {pq_subvectors} does not divide table {table.name}'s dim {table.dim}")
     if context_features:
         context_columns(layout_of(plan), context_features)  # a bad name is refused before any row file is written
     if not method_spec(plan.method).servable:
@@ -144,7 +158,8 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
         known = load_known_values(run_dir / "known_values.npz")
-        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress)
+        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress,
+                                pq_subvectors)  # fmt: skip
         if context_features:
             add_context_split(staging, manifest, context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -168,6 +183,7 @@ def write_bundle(
     full_model_limit_bytes: int,
     known: dict[str, KnownValues] | None = None,
     progress: bool = False,
+    pq_subvectors: int | None = None,
 ) -> dict:
     known = known or {}
     (folder / "tables").mkdir()
@@ -178,7 +194,7 @@ def write_bundle(
         # is memory-mapped by load_run; no second full copy of the rows exists at any point).
         rows = weights[table.name]
         tables.append(write_table_rows(folder, table.name, table.rows, table.dim, dtype,
-                                       lambda start, stop, rows=rows: rows[start:stop], progress))  # fmt: skip
+                                       lambda start, stop, rows=rows: rows[start:stop], progress, pq_subvectors))  # fmt: skip
 
     spec = doc["dataset"]["spec"]
     spec_by_name = {f["name"]: f for f in spec["features"]}

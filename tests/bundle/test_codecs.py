@@ -12,6 +12,8 @@ from uembed.bundle.codecs import (
     dequantise_rows,
     encode_records,
     pack_codes,
+    pq_decode,
+    pq_encode,
     quantise_rows,
     row_width,
     unpack_codes,
@@ -128,3 +130,38 @@ def test_a_bundle_whose_rows_decode_to_other_floats_than_its_test_rows_is_refuse
     deferred = load_bundle(path, defer_row_checks=True)  # the decode is checked after the sha256 of the row files
     with pytest.raises(BundleError, match="row 1 decodes"):
         deferred.row_checks.wait(30)
+
+
+def hand_codebooks() -> np.ndarray:
+    """M=2 codebooks of 2-value sub-vectors: centroid c of sub-vector m is (c + 1000 m, -c)."""
+    centroids = np.arange(256, dtype=np.float32)
+    return np.stack([np.stack([centroids + 1000 * m, -centroids], axis=1) for m in range(2)])
+
+
+def test_pq_codes_are_each_sub_vectors_nearest_centroid_and_decode_to_it():
+    codebooks = hand_codebooks()
+    rows = np.array([[7.2, -7.0, 1003.0, -2.9], [0.5, -0.5, 1255.0, -300.0]], dtype=np.float32)
+    codes = pq_encode(rows, codebooks)
+    assert codes.dtype == np.uint8 and codes.tolist() == [[7, 3], [0, 255]]  # (0.5, -0.5): a tie, the lower index
+    assert pq_decode(codes, codebooks).tolist() == [[7, -7, 1003, -3], [0, 0, 1255, -255]]
+    records = encode_records(rows, "pq", codebooks)
+    assert records.tolist() == codes.tolist()
+    assert np.array_equal(decode_records(records, "pq", 4, codebooks), pq_decode(codes, codebooks))
+
+
+def test_pq_row_files_hold_codes_and_codebooks_and_their_test_rows(tmp_path):
+    (tmp_path / "tables").mkdir()
+    rows = np.random.default_rng(4).normal(size=(600, 12)).astype(np.float32)
+    with pytest.raises(ValueError, match="divides the table's dim 12; got 5"):
+        write_table_rows(tmp_path, "t", 600, 12, "pq", lambda a, b: rows[a:b], subvectors=5)
+    entry = write_table_rows(tmp_path, "t", 600, 12, "pq", lambda a, b: rows[a:b], subvectors=4)
+    codes = np.load(tmp_path / "tables" / "t.npy")
+    codebooks = np.load(tmp_path / "tables" / "t.codebooks.npy")
+    assert codes.dtype == np.uint8 and codes.shape == (600, 4) and codebooks.shape == (4, 256, 3)
+    assert entry["subvectors"] == 4 and entry["codebooks"]["file"] == "tables/t.codebooks.npy"
+    assert np.array_equal(codes, pq_encode(rows, codebooks))
+    table = TableRows("t", 600, 12, "pq", codes, codebooks=codebooks)
+    assert table.record_bytes == 4 and table.nbytes == 600 * 4 + codebooks.nbytes
+    _check_test_rows(tmp_path, table, json.loads(json.dumps(entry["test_rows"])))
+    error = np.abs(table.gather(np.arange(600)) - rows).mean()
+    assert error < 0.5 * np.abs(rows).mean()  # 256 centroids of 3 values learn something of 600 rows

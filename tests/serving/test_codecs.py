@@ -22,7 +22,7 @@ from uembed.serving.rows.redis import RedisTier
 from uembed.serving.rows.store import TableStore
 from uembed.serving.settings import load_settings
 
-CODECS = ["int4", "int2"]
+CODECS = ["int4", "int2", "pq"]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_tier_1_holds_decoded_rows_and_redis_the_encoded_records(codec, codec_st
     assert np.array_equal(rows, table.gather(ids))
     records = np.empty((table.rows, table.record_bytes), dtype=np.uint8)
     assert redis.read(f"test:{codec}", ids, records).all()
-    assert table.record_bytes < table.dim * 2  # a quarter or an eighth of float32, plus the scale and bias
-    assert np.array_equal(decode_records(records, codec, table.dim), rows)
+    assert table.record_bytes < table.dim * 2  # a quarter or an eighth of float32 and the scale and bias, or pq's codes
+    assert np.array_equal(decode_records(records, codec, table.dim, table.codebooks), rows)
     redis.close()
 
 
@@ -129,6 +129,6 @@ def test_row_updates_travel_and_apply_in_the_codecs_form(codec, codec_store, tmp
     store.gather(np.arange(table.rows))  # every row in tier 1, decoded
     store.apply_rows(sent_ids, records)
     got = store.gather(ids)
-    assert np.array_equal(got, decode_records(records, codec, table.dim))
-    assert np.abs(got - rows).max() < np.abs(rows).max()  # the codec's rounding, not the old rows
+    assert np.array_equal(got, decode_records(records, codec, table.dim, table.codebooks))
+    assert not np.allclose(got, table.gather(ids), atol=1e-3)  # the new rows, not the bundle's
     assert np.array_equal(store.hot.records[store.hot.index.get(ids)].view(np.float32), got)

@@ -116,6 +116,7 @@ def write_table_rows(
     entry: dict = {"name": name, "rows": rows, "dim": dim, "dtype": dtype}
     codebooks = None
     if dtype == "pq":
+        subvectors = subvectors or max(dim // 2, 1)  # two values a sub-vector: a byte for 8 of float32's
         check_subvectors(dim, subvectors)
         codebooks = train_codebooks(pq_sample(rows, chunks), subvectors)
         np.save(folder / f"tables/{name}.codebooks.npy", codebooks)

@@ -21,7 +21,6 @@ a failed export leaves nothing half-written.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import platform
@@ -132,8 +131,11 @@ def export_run(
         raise ExportError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
     if pq_subvectors is not None and dtype != "pq":
         raise ExportError(f"--pq-subvectors is for --dtype pq, not {dtype}")
-    if dtype == "pq" and importlib.util.find_spec("faiss") is None:
-        raise ExportError("--dtype pq trains its codebooks with faiss, which is not installed: pip install 'uembed[train]'")
+    if dtype == "pq":
+        try:
+            import faiss  # noqa: F401 - only whether it is there: the codebooks are trained in uembed.bundle.codecs
+        except ImportError:
+            raise ExportError("--dtype pq trains its codebooks with faiss, which is not installed: pip install 'uembed[train]'") from None
     if not (run_dir / "checkpoint.pt").is_file():
         raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
     config, plan, model, doc = load_run(run_dir)

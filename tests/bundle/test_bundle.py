@@ -1,5 +1,6 @@
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -8,12 +9,12 @@ from sklearn.metrics import roc_auc_score
 
 from uembed.bundle.format import quantise_rows
 from uembed.bundle.loader import BundleError, load_bundle
+from uembed.contract.errors import ExampleError
 from uembed.model.data import load_movielens100k, movielens100k_table, split_indices
 from uembed.model.export import ExportError, export_run
 from uembed.model.train import TrainConfig, load_run, train
-from uembed.serving.pipeline.encoding import ExampleEncoder
-from uembed.contract.errors import ExampleError
 from uembed.serving.pipeline.dense import onnx_session
+from uembed.serving.pipeline.encoding import ExampleEncoder
 from uembed.serving.pipeline.reference import ReferenceScorer
 
 FEATURES = ("user_id", "movie_id", "zip_code", "age", "occupation", "gender", "genres")
@@ -35,7 +36,7 @@ def exported(request, movielens, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     config = TrainConfig(embedding=request.param, budget_fraction=0.1, epochs=2, seed=0)
     train(config, train_set, val_set, test_set, run_dir=root / "run", progress=False)
-    bundles = {dtype: export_run(root / "run", root / "bundles", "ml", dtype=dtype) for dtype in ("float32", "float16", "int8")}
+    bundles = {dtype: export_run(root / "run", root / "bundles", "ml", dtype=dtype) for dtype in ("float32", "float16", "int8", "int4", "int2", "pq")}
     return root / "run", bundles
 
 
@@ -53,7 +54,7 @@ def test_parity_of_torch_torchscript_onnx_and_reference_scorer(movielens, export
         np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0, err_msg=name)
 
 
-def test_float16_and_int8_bundles_keep_the_auc(movielens, exported):
+def test_float16_and_int_bundles_keep_the_auc(movielens, exported):
     (_, _, test_set), _ = movielens
     _, bundles = exported
     aucs = {}
@@ -64,8 +65,10 @@ def test_float16_and_int8_bundles_keep_the_auc(movielens, exported):
         assert bundle.manifest["full_model"] is (None if dtype != "float32" else bundle.manifest["full_model"])
     assert abs(aucs["float16"] - aucs["float32"]) < 0.002
     assert abs(aucs["int8"] - aucs["float32"]) < 0.01
+    assert abs(aucs["int4"] - aucs["float32"]) < 0.005 and abs(aucs["int2"] - aucs["float32"]) < 0.02  # no QAT here
+    assert abs(aucs["pq"] - aucs["float32"]) < 0.005
     sizes = {d: sum(t.nbytes for t in load_bundle(p).tables.values()) for d, p in bundles.items()}
-    assert sizes["float16"] * 2 == sizes["float32"] and sizes["int8"] < sizes["float16"]
+    assert sizes["float16"] * 2 == sizes["float32"] and sizes["int2"] < sizes["int4"] < sizes["int8"] < sizes["float16"]
 
 
 def test_manifest_carries_the_contract(exported):
@@ -76,7 +79,7 @@ def test_manifest_carries_the_contract(exported):
     assert {f["name"] for f in manifest["features"]} == set(FEATURES)
     assert manifest["dense"]["input"]["shape"][1] == manifest["dense"]["layout"][-1]["stop"]
     assert manifest["training"]["test_auc"] > 0.5 and manifest["software"]["xxhash"]
-    assert sorted(p.name for p in bundles["float32"].parent.iterdir()) == ["1", "2", "3"]  # no staging left
+    assert sorted(p.name for p in bundles["float32"].parent.iterdir()) == ["1", "2", "3", "4", "5", "6"]  # no staging left
 
 
 def test_reference_scorer_rejects_unknown_features_and_scores_missing_ones(exported):
@@ -187,7 +190,19 @@ def test_export_refuses_an_existing_version_and_a_non_run(exported, tmp_path):
     with pytest.raises(ExportError, match="not a training run directory"):
         export_run(tmp_path, tmp_path / "out", "ml")
     with pytest.raises(ExportError, match="row dtype"):
-        export_run(run_dir, tmp_path / "out", "ml", dtype="int4")
+        export_run(run_dir, tmp_path / "out", "ml", dtype="int3")
+
+
+def test_export_refuses_bad_pq_options_in_one_line(exported, tmp_path, monkeypatch):
+    run_dir, _ = exported
+    with pytest.raises(ExportError, match=r"^--pq-subvectors 5 does not divide table \S+'s dim 16$"):
+        export_run(run_dir, tmp_path / "out", "ml", dtype="pq", pq_subvectors=5)
+    with pytest.raises(ExportError, match="^--pq-subvectors is for --dtype pq, not int4$"):
+        export_run(run_dir, tmp_path / "out", "ml", dtype="int4", pq_subvectors=4)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as where the train extra's faiss-cpu is not installed
+    with pytest.raises(ExportError, match="^--dtype pq trains its codebooks with faiss, which is not installed"):
+        export_run(run_dir, tmp_path / "out", "ml", dtype="pq")
+    assert not (tmp_path / "out").exists()
 
 
 USER = ("user_id", "age", "gender", "occupation", "zip_code")

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from uembed.bundle.codecs import encode_rows
 from uembed.bundle.format import encode_records
 from uembed.bundle.loader import TableRows, load_bundle
 from uembed.loadtest.servers import RedisServer, wait_until
@@ -40,11 +41,8 @@ def test_overlay_holds_each_rows_latest_record_as_it_grows():
 
 
 def small_table(dtype: str = "float32") -> TableRows:
-    rows = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
-    if dtype == "int8":
-        records = encode_records(rows, "int8")
-        return TableRows("t", 10, 4, "int8", records[:, :4].copy(), records[:, 4:].copy().view(np.float32))
-    return TableRows("t", 10, 4, dtype, rows.astype(dtype))
+    values, scale_bias = encode_rows(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), dtype)
+    return TableRows("t", 10, 4, dtype, values, scale_bias)
 
 
 def fields_of(table: TableRows, ids, rows, **changes) -> dict[bytes, bytes]:
@@ -53,7 +51,7 @@ def fields_of(table: TableRows, ids, rows, **changes) -> dict[bytes, bytes]:
     return {k.encode(): v.encode() if isinstance(v, str) else v for k, v in fields.items()}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "int4", "int2"])
 def test_a_delta_round_trips_in_the_tables_stored_form(dtype):
     table = small_table(dtype)
     rows = np.arange(8, dtype=np.float32).reshape(2, 4)

@@ -10,16 +10,27 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from uembed.bundle.codecs import (  # noqa: F401 - ROW_DTYPES, quantise_rows, encode_records: imported from here too
+    NUMPY_ROW_DTYPE,
+    ROW_DTYPES,
+    ROWWISE_BITS,
+    check_subvectors,
+    decode_rows,
+    encode_records,
+    encode_rows,
+    quantise_rows,
+    row_width,
+    train_codebooks,
+)
 from uembed.contract.hashing import MISSING
 from uembed.contract.known import KnownValues
 from uembed.contract.plan import EmbeddingPlan
 
 FORMAT = "uembed-bundle"
 FORMAT_VERSION = 1
-ROW_DTYPES = ("float32", "float16", "int8")
-NUMPY_ROW_DTYPE = {"float32": "float32", "float16": "float16", "int8": "uint8"}
 TEST_VECTORS = 12
 CHUNK_ROWS = 1 << 20  # rows converted and written at a time: 64 MiB of float32 rows of 16
+PQ_SAMPLE_SPANS, PQ_SAMPLE_SPAN_ROWS = 64, 1024  # rows a pq table's codebooks learn from: spans spread over the table
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20, progress: Callable[[int], None] | None = None) -> str:
@@ -92,61 +103,69 @@ def write_table_rows(
     dtype: str,
     chunks: Callable[[int, int], np.ndarray],
     progress: bool = False,
+    subvectors: int | None = None,
 ) -> dict:
-    """``tables/<name>.npy`` (and for int8 ``tables/<name>.scale_bias.npy``) from float32 row chunks.
+    """``tables/<name>.npy`` (and ``tables/<name>.scale_bias.npy`` for the rowwise codecs, ``.codebooks.npy`` for
+    pq) from float32 row chunks, in the codec of ``dtype`` (``uembed/bundle/codecs.py``).
 
-    ``chunks(start, stop)`` returns float32 rows ``[stop - start, dim]``; each chunk is converted
-    (float16, or int8 rowwise) and written before the next is asked for, so at most one chunk of
-    the table is ever held. Returns the table's manifest entry.
+    ``chunks(start, stop)`` returns float32 rows ``[stop - start, dim]``; each chunk is encoded and written
+    before the next is asked for, so at most one chunk of the table is ever held (pq first trains its codebooks
+    on spans of rows spread over the table). Returns the table's manifest entry, with the decoded floats of a
+    few rows (``test_rows``) that another decoder of the codec must reproduce.
     """
-    data = NpyWriter(folder, f"tables/{name}.npy", NUMPY_ROW_DTYPE[dtype], (rows, dim))
-    scale_bias = NpyWriter(folder, f"tables/{name}.scale_bias.npy", "float32", (rows, 2)) if dtype == "int8" else None
+    entry: dict = {"name": name, "rows": rows, "dim": dim, "dtype": dtype}
+    codebooks = None
+    if dtype == "pq":
+        subvectors = subvectors or max(dim // 2, 1)  # two values a sub-vector: a byte for 8 of float32's
+        check_subvectors(dim, subvectors)
+        codebooks = train_codebooks(pq_sample(rows, chunks), subvectors)
+        np.save(folder / f"tables/{name}.codebooks.npy", codebooks)
+        entry |= {"subvectors": subvectors, "codebooks": file_entry(folder, f"tables/{name}.codebooks.npy")}
+    data = NpyWriter(folder, f"tables/{name}.npy", NUMPY_ROW_DTYPE[dtype], (rows, row_width(dtype, dim, subvectors)))
+    scale_bias = NpyWriter(folder, f"tables/{name}.scale_bias.npy", "float32", (rows, 2)) if dtype in ROWWISE_BITS else None
+    wanted, test_rows = test_row_ids(rows), []
     try:
         with tqdm(total=rows, desc=f"rows of {name}", unit="row", unit_scale=True, disable=not progress) as bar:
             for start, stop in chunk_bounds(rows):
-                values = chunks(start, stop)
+                values, offsets = encode_rows(chunks(start, stop), dtype, codebooks)
+                data.write(values)
                 if scale_bias is not None:
-                    codes, offsets = quantise_rows(np.asarray(values, dtype=np.float32))
-                    data.write(codes)
                     scale_bias.write(offsets)
-                else:
-                    data.write(np.asarray(values).astype(data.dtype, copy=False))
+                here = wanted[(wanted >= start) & (wanted < stop)] - start
+                if len(here):
+                    decoded = decode_rows(values[here], dtype, dim, None if offsets is None else offsets[here], codebooks)
+                    test_rows += [{"row": int(start + i), "values": [float(v) for v in row]} for i, row in zip(here, decoded)]
                 bar.update(stop - start)
     finally:
         data.handle.close()
         if scale_bias is not None:
             scale_bias.handle.close()
-    entry = {"name": name, "rows": rows, "dim": dim, "dtype": dtype}
     if scale_bias is not None:
         entry["scale_bias"] = scale_bias.close()
-    return entry | data.close()
+    return entry | data.close() | {"test_rows": test_rows}
+
+
+def test_row_ids(rows: int) -> np.ndarray:
+    """The rows whose decoded floats a manifest records: the first two, one in the middle and the last."""
+    return np.unique(np.array([0, 1, rows // 2, rows - 1], dtype=np.int64).clip(0, max(rows - 1, 0)))[: rows]
+
+
+def pq_sample(rows: int, chunks: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """float32 rows for training a table's codebooks: spans spread evenly over the table (all of a small one)."""
+    if rows <= PQ_SAMPLE_SPANS * PQ_SAMPLE_SPAN_ROWS:
+        return np.concatenate([np.asarray(chunks(start, stop), dtype=np.float32) for start, stop in chunk_bounds(rows)])
+    starts = np.linspace(0, rows - PQ_SAMPLE_SPAN_ROWS, PQ_SAMPLE_SPANS).astype(np.int64)
+    return np.concatenate([np.asarray(chunks(int(s), int(s) + PQ_SAMPLE_SPAN_ROWS), dtype=np.float32) for s in starts])
+
+
+def table_files(entry: dict) -> list[dict]:
+    """The file records of one table of a manifest: its row file, then its scale and bias or its codebooks."""
+    return [entry] + [entry[part] for part in ("scale_bias", "codebooks") if entry.get(part)]
 
 
 def chunk_bounds(rows: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, int]]:
     for start in range(0, rows, chunk_rows):
         yield start, min(start + chunk_rows, rows)
-
-
-def quantise_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rowwise int8: uint8 codes and float32 ``[rows, 2]`` (scale, offset); x ~ q * scale + offset."""
-    low = rows.min(axis=1)
-    high = rows.max(axis=1)
-    scale = ((high - low) / 255.0).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    codes = np.clip(np.rint((rows - low[:, None]) / safe[:, None]), 0, 255).astype(np.uint8)
-    return codes, np.stack([scale, low.astype(np.float32)], axis=1)
-
-
-def encode_records(rows: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 rows ``[k, dim]`` as the records a ``dtype`` table stores (what a row file and every serving tier
-    hold, byte for byte as an export writes them): uint8 ``[k, record_bytes]``, for int8 the codes then the
-    float32 scale and offset."""
-    rows = np.asarray(rows, dtype=np.float32)
-    if dtype == "int8":
-        codes, scale_bias = quantise_rows(rows)
-        return np.concatenate([codes, scale_bias.view(np.uint8)], axis=1)
-    values = np.ascontiguousarray(rows.astype(NUMPY_ROW_DTYPE[dtype], copy=False))
-    return values.view(np.uint8).reshape(len(rows), -1)
 
 
 def test_vectors(plan: EmbeddingPlan, train_values: dict[str, list[bytes]], count: int = TEST_VECTORS) -> list[dict]:

@@ -22,12 +22,22 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from uembed.bundle.format import FORMAT, FORMAT_VERSION, NUMPY_ROW_DTYPE, sha256_file
+from uembed.bundle.codecs import (
+    NUMPY_ROW_DTYPE,
+    ROW_DTYPES,
+    ROWWISE_BITS,
+    SCALE_BIAS_BYTES,
+    decode_rows,
+    encode_records,
+    row_width,
+)
+from uembed.bundle.format import FORMAT, FORMAT_VERSION, sha256_file
 from uembed.contract.errors import BundleError
 from uembed.contract.features import FeatureSpec
 from uembed.contract.hashing import SPEC_VERSION
@@ -39,16 +49,17 @@ log = logging.getLogger("uembed.bundle")
 
 @dataclass
 class TableRows:
-    """One table's rows, memory-mapped; ``gather`` returns float32 rows. ``data`` is None for a bundle loaded
-    with ``row_files=False`` (its rows live only in Redis, ``UEMBED_ROW_SOURCE=redis``): the table then has its
-    shape and dtype but no rows here."""
+    """One table's rows, memory-mapped, in the codec its ``dtype`` names (``uembed/bundle/codecs.py``); ``gather``
+    returns float32 rows. ``data`` is None for a bundle loaded with ``row_files=False`` (its rows live only in
+    Redis, ``UEMBED_ROW_SOURCE=redis``): the table then has its shape, dtype and codebooks but no rows here."""
 
     name: str
     rows: int
     dim: int
     dtype: str
     data: np.ndarray | None
-    scale_bias: np.ndarray | None = None
+    scale_bias: np.ndarray | None = None  # float32 [rows, 2] of the rowwise codecs (int8, int4, int2)
+    codebooks: np.ndarray | None = None  # float32 [M, 256, dim / M] of a pq table
 
     @property
     def files(self) -> bool:
@@ -57,25 +68,35 @@ class TableRows:
 
     @property
     def row_dtype(self) -> np.dtype:
-        """The stored values' numpy dtype (uint8 codes for int8 tables)."""
+        """The stored values' numpy dtype (uint8 codes for the int and pq codecs)."""
         return np.dtype(NUMPY_ROW_DTYPE[self.dtype])
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's stored values (a row of the row file)."""
+        subvectors = None if self.codebooks is None else self.codebooks.shape[0]
+        return row_width(self.dtype, self.dim, subvectors) * self.row_dtype.itemsize
+
+    @property
     def record_bytes(self) -> int:
-        """Bytes of one row as every tier stores it: its values, then for int8 its float32 scale and offset."""
-        return self.dim * self.row_dtype.itemsize + (8 if self.dtype == "int8" else 0)
+        """Bytes of one row as every tier stores it: its values, then for the rowwise codecs its float32 scale and bias."""
+        return self.row_bytes + (SCALE_BIAS_BYTES if self.dtype in ROWWISE_BITS else 0)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
-        picked = self.data[ids]
-        if self.dtype == "int8":
-            scale_bias = self.scale_bias[ids]
-            return picked.astype(np.float32) * scale_bias[..., :1] + scale_bias[..., 1:]
-        return picked.astype(np.float32, copy=False)
+        """float32 rows ``[*ids.shape, dim]`` of row ids of any shape."""
+        flat = np.asarray(ids).reshape(-1)
+        scale_bias = self.scale_bias[flat] if self.scale_bias is not None else None
+        rows = decode_rows(self.data[flat], self.dtype, self.dim, scale_bias, self.codebooks)
+        return rows.reshape(*np.shape(ids), self.dim)
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        """float32 rows ``[k, dim]`` as this table's records (row updates in its codec, with its codebooks)."""
+        return encode_records(rows, self.dtype, self.codebooks)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the table's rows (the row files' arrays, whether or not they are here)."""
-        return int(self.rows * self.record_bytes)
+        """Bytes of the table's rows (the row files' arrays, whether or not they are here) and codebooks."""
+        return int(self.rows * self.record_bytes) + (0 if self.codebooks is None else int(self.codebooks.nbytes))
 
     def resident_bytes(self) -> int:
         """Bytes of the mapped row files now in memory (the page cache, shared by every process mapping them)."""
@@ -151,9 +172,10 @@ class RowChecks:
     CHUNK = 8 << 20
     what = "row files"  # what the checks are of, in the service's not-ready messages
 
-    def __init__(self, root: Path, entries: list[dict]) -> None:
+    def __init__(self, root: Path, entries: list[dict], then: Callable[[], None] | None = None) -> None:
         self.root = root
         self.entries = entries
+        self.then = then  # what checks the rows once their bytes are known good (the tables' test rows)
         self.total_bytes = sum(e["bytes"] for e in entries)
         self.checked_bytes = 0
         self.error: BundleError | None = None
@@ -175,6 +197,8 @@ class RowChecks:
                 if sha256_file(self.root / entry["file"], self.CHUNK, self._checked) != entry["sha256"]:
                     self.failed_file = entry["file"]
                     raise BundleError(f"bundle {self.root}: file {entry['file']} fails its sha256 checksum (corrupt or altered bytes)")
+            if self.then is not None:
+                self.then()
         except BundleError as exc:
             self.error = exc
         except Exception as exc:  # noqa: BLE001 - whatever stops the check must fail it, never leave it running
@@ -244,6 +268,25 @@ def _load_array(root: Path, entry: dict, dtype: str, shape: tuple[int, ...], che
             f"bundle {root}: file {entry['file']} holds {array.dtype} {array.shape}, manifest says {dtype} {shape}"
         )
     return array
+
+
+def _load_codebooks(root: Path, entry: dict) -> np.ndarray:
+    """A pq table's codebooks, float32 ``[M, 256, dim / M]``, checked against the manifest (always read whole)."""
+    subvectors, dim = entry.get("subvectors"), entry["dim"]
+    if not isinstance(subvectors, int) or subvectors < 1 or dim % subvectors or not entry.get("codebooks"):
+        raise BundleError(f"bundle {root}: pq table {entry['name']!r} needs subvectors dividing its dim {dim} and a codebooks file")
+    return np.asarray(_load_array(root, entry["codebooks"], "float32", (subvectors, 256, dim // subvectors)))
+
+
+def _check_test_rows(root: Path, table: TableRows, test_rows: list[dict]) -> None:
+    """Decode the rows whose floats the manifest records: a build that decodes the codec otherwise is refused."""
+    for test in test_rows:
+        got = table.gather(np.array([test["row"]], dtype=np.int64))[0]
+        if not np.array_equal(got, np.asarray(test["values"], dtype=np.float32)):
+            raise BundleError(
+                f"bundle {root}: table {table.name!r} row {test['row']} decodes ({table.dtype}) to other floats here than its "
+                f"test row in manifest.json: this build decodes the codec differently (or the row file changed), refusing to serve"
+            )
 
 
 def what_it_is(folder: Path) -> str:
@@ -349,19 +392,23 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files:
     tables = {}
     deferred = []
     for entry in manifest["tables"]:
+        dtype = entry["dtype"]
+        if dtype not in ROW_DTYPES:
+            raise BundleError(f"bundle {root}: table {entry['name']!r} has row dtype {dtype!r}; this build reads {', '.join(ROW_DTYPES)}")
+        codebooks = _load_codebooks(root, entry) if dtype == "pq" else None  # small, and needed with rows only in Redis
         if not row_files:
-            tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], entry["dtype"], None)
+            tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], dtype, None, codebooks=codebooks)
             continue
-        shape = (entry["rows"], entry["dim"])
-        data = _load_array(root, entry, NUMPY_ROW_DTYPE[entry["dtype"]], shape, checksum=not defer_row_checks)
+        shape = (entry["rows"], row_width(dtype, entry["dim"], entry.get("subvectors")))
+        data = _load_array(root, entry, NUMPY_ROW_DTYPE[dtype], shape, checksum=not defer_row_checks)
         deferred.append(entry)
         scale_bias = None
-        if entry["dtype"] == "int8":
+        if dtype in ROWWISE_BITS:
             scale_bias = _load_array(root, entry["scale_bias"], "float32", (entry["rows"], 2), checksum=not defer_row_checks)
             deferred.append(entry["scale_bias"])
         for array in (data, scale_bias) if scale_bias is not None else (data,):
             advise(array, mmap.MADV_RANDOM)
-        tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], entry["dtype"], data, scale_bias)
+        tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], dtype, data, scale_bias, codebooks)
     for table in plan.tables:
         if table.name not in tables:
             raise BundleError(f"bundle {root}: table {table.name!r} of the embedding plan has no row file")
@@ -386,5 +433,15 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files:
     bias = np.concatenate(bias_parts) if bias_parts else np.zeros(0, dtype=np.float32)
     if bias.size != plan.bias_columns().size:
         raise BundleError(f"bundle {root}: manifest.json has {bias.size} bias values, the plan needs {plan.bias_columns().size}")
-    row_checks = RowChecks(root, deferred) if defer_row_checks and row_files else None
+    test_rows = {entry["name"]: entry.get("test_rows", []) for entry in manifest["tables"]}
+
+    def check_test_rows() -> None:
+        for name, table in tables.items():
+            _check_test_rows(root, table, test_rows[name])
+
+    row_checks = None
+    if row_files and defer_row_checks:
+        row_checks = RowChecks(root, deferred, then=check_test_rows)  # a changed row file is named by its sha256 first
+    elif row_files:
+        check_test_rows()
     return Bundle(root, manifest, plan, specs, tables, bias, known, row_checks)

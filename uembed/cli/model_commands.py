@@ -351,8 +351,12 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--version", help="bundle version (default: one more than the highest numeric version)")
     parser.add_argument(
         "--dtype", choices=ROW_DTYPES, default="float32",
-        help="row dtype: float16 halves the rows, int8 (rowwise scale and offset) quarters them, at a small accuracy cost",
+        help="row codec (docs/EXPORT.md): float16 halves the rows; int8, int4 and int2 store 8, 4 or 2 bits a value "
+        "plus a float32 scale and bias a row; pq one byte a sub-vector (codebooks trained with faiss); each at some "
+        "accuracy cost",
     )  # fmt: skip
+    parser.add_argument("--pq-subvectors", type=int, metavar="M",
+                        help="--dtype pq: sub-vectors a row is split into, one byte each; must divide the dim (None: dim / 2)")  # fmt: skip
     parser.add_argument(
         "--full-model-limit-mb", type=float, default=64.0,
         help="also write model.onnx and model.pt (tables embedded) when the float32 tables are at most this size",
@@ -384,7 +388,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
     name = args.name or config.get("dataset", {}).get("name", "model")
     path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True,
-                      context_features=args.context_features)  # fmt: skip
+                      context_features=args.context_features, pq_subvectors=args.pq_subvectors)  # fmt: skip
     bundle = load_bundle(path)
     table_bytes = sum(t.nbytes for t in bundle.tables.values())
     float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)

@@ -4,8 +4,10 @@ A bundle is what the service loads, with no pickle and no training code::
 
     manifest.json              format version, features, tables, hashing spec + test vectors,
                                dense input layout, training metrics, software versions
-    tables/<table>.npy         rows, float32 / float16, or uint8 (int8 rowwise-quantised)
-    tables/<table>.scale_bias.npy   float32 [rows, 2] per-row scale and offset (int8 only)
+    tables/<table>.npy         rows in the table's codec (uembed/bundle/codecs.py, docs/EXPORT.md): float32,
+                               float16, or uint8 codes (int8, int4, int2 rowwise-quantised; pq)
+    tables/<table>.scale_bias.npy   float32 [rows, 2] per-row scale and bias (int8, int4, int2)
+    tables/<table>.codebooks.npy    float32 [M, 256, dim / M] product-quantisation codebooks (pq)
     vocab/<feature>.npy        sorted uint64 keys of a collisionless feature
     dense.onnx                 network after the embeddings: embeddings [B, E] -> probability [B]
     dense_context.onnx, dense_rest.onnx   the same network split by a context feature group
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uembed.bundle.codecs import PQ_CENTROIDS, ROWWISE_BITS, SCALE_BIAS_BYTES, row_width
 from uembed.bundle.dense_split import add_context_split, context_columns, layout_of
 from uembed.bundle.format import (
     FORMAT,
@@ -103,12 +106,15 @@ SPACE_MARGIN_BYTES = 4 * 2**20  # the manifest, the ONNX graphs and the files' h
 
 
 def expected_bytes(plan: EmbeddingPlan, model: RankingModel, known: dict[str, KnownValues], dtype: str, full_model: bool,
-                   context_split: bool) -> int:  # fmt: skip
-    """About how many bytes the bundle's files take: the row files, vocabularies and known values, the dense network
-    (twice more when split by a context), and for a full model its ONNX and TorchScript files, each holding the
-    float32 tables and the network."""
+                   context_split: bool, pq_subvectors: int | None = None) -> int:  # fmt: skip
+    """About how many bytes the bundle's files take: the row files (and a pq table's codebooks), vocabularies and
+    known values, the dense network (twice more when split by a context), and for a full model its ONNX and
+    TorchScript files, each holding the float32 tables and the network."""
     item = np.dtype(NUMPY_ROW_DTYPE[dtype]).itemsize
-    rows = sum(t.rows * (t.dim * item + (8 if dtype == "int8" else 0)) for t in plan.tables)
+    scale_bias = SCALE_BIAS_BYTES if dtype in ROWWISE_BITS else 0
+    rows = sum(t.rows * (row_width(dtype, t.dim, pq_subvectors) * item + scale_bias) for t in plan.tables)
+    if dtype == "pq":
+        rows += sum(PQ_CENTROIDS * t.dim * 4 for t in plan.tables)
     values = sum(v.nbytes for v in plan.vocabularies.values()) + sum(k.bits.nbytes for k in known.values())
     network = 4 * sum(p.numel() for p in model.network.parameters())
     full = 2 * (4 * plan.table_parameters + network) if full_model else 0
@@ -163,14 +169,28 @@ def export_run(
     full_model_limit_bytes: int = 64 * 2**20,
     progress: bool = False,
     context_features: Sequence[str] = (),
+    pq_subvectors: int | None = None,
 ) -> Path:
     """Export a training run as ``out_root/name/version``; returns the bundle path. ``context_features``: also write
-    the dense network split by that group (``uembed/bundle/dense_split.py``), for ranking requests with that context."""
+    the dense network split by that group (``uembed/bundle/dense_split.py``), for ranking requests with that context.
+    ``pq_subvectors``: M of a pq export (default: half the dim, two values a sub-vector)."""
     if dtype not in ROW_DTYPES:
         raise ExportError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
+    if pq_subvectors is not None and dtype != "pq":
+        raise ExportError(f"--pq-subvectors is for --dtype pq, not {dtype}")
+    if dtype == "pq":
+        try:
+            import faiss  # noqa: F401 - only whether it is there: the codebooks are trained in uembed.bundle.codecs
+        except ImportError:
+            raise ExportError("--dtype pq trains its codebooks with faiss, which is not installed: pip install 'uembed[train]'") from None
     if not (run_dir / "checkpoint.pt").is_file():
         raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
     config, plan, model, doc = load_run(run_dir)
+    if dtype == "pq":
+        pq_subvectors = pq_subvectors or max(plan.dim // 2, 1)
+        for table in plan.tables:
+            if pq_subvectors < 1 or table.dim % pq_subvectors:
+                raise ExportError(f"--pq-subvectors {pq_subvectors} does not divide table {table.name}'s dim {table.dim}")
     if context_features:
         context_columns(layout_of(plan), context_features)  # a bad name is refused before any row file is written
     if not method_spec(plan.method).servable:
@@ -188,9 +208,10 @@ def export_run(
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         full_model = writes_full_model(plan, dtype, full_model_limit_bytes)
-        check_space(target.parent, expected_bytes(plan, model, known, dtype, full_model, bool(context_features)))
+        check_space(target.parent, expected_bytes(plan, model, known, dtype, full_model, bool(context_features), pq_subvectors))
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
-        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress)
+        manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress,
+                                 pq_subvectors)  # fmt: skip
         if context_features:
             add_context_split(staging, manifest, context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -222,6 +243,7 @@ def write_bundle(
     full_model_limit_bytes: int,
     known: dict[str, KnownValues] | None = None,
     progress: bool = False,
+    pq_subvectors: int | None = None,
 ) -> dict:
     known = known or {}
     (folder / "tables").mkdir()
@@ -232,7 +254,7 @@ def write_bundle(
         # is memory-mapped by load_run; no second full copy of the rows exists at any point).
         rows = weights[table.name]
         tables.append(write_table_rows(folder, table.name, table.rows, table.dim, dtype,
-                                       lambda start, stop, rows=rows: rows[start:stop], progress))  # fmt: skip
+                                       lambda start, stop, rows=rows: rows[start:stop], progress, pq_subvectors))  # fmt: skip
 
     spec = doc["dataset"]["spec"]
     spec_by_name = {f["name"]: f for f in spec["features"]}

@@ -183,7 +183,9 @@ class ServiceSettings(BaseSettings):
     hot_rows_bytes: int = Field(
         64 * 2**20,
         ge=0,
-        description="Tier 1 (in-process hot rows) budget per model, in bytes of stored rows. Rows are admitted "
+        description="Tier 1 (in-process hot rows) budget per model, in bytes of decoded float32 rows (dim x 4 a "
+        "row, whatever the bundle's codec: a hot row is decoded once, not on each batch, so a compressed codec holds "
+        "fewer hot rows in these bytes than its row files hold in theirs). Rows are admitted "
         "by access frequency. 0 turns tier 1 off. Tier 1 also keeps an index beside the budget, the smaller "
         "of 16-32 bytes per row the budget holds (a hash table, allocated at start) and 4 bytes per table row "
         "(resident only where rows were cached): uembed_table_memory_bytes{tier=\"index\"}.",

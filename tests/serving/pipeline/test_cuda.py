@@ -59,7 +59,7 @@ def synthetic_bundles(tmp_path_factory):
     return {
         dtype: write_synthetic_bundle(root, "synth", FEATURES, 20_000, version=dtype, dtype=dtype,
                                       bias_features=("item", "tags"), seed=3, progress=False)  # fmt: skip
-        for dtype in ("float32", "float16", "int8")
+        for dtype in ("float32", "float16", "int8", "int4", "int2", "pq")
     }
 
 
@@ -113,7 +113,7 @@ def test_settings_refuse_unknown_devices_and_torchscript_on_cuda():
 
 
 @cuda
-@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "int4", "int2", "pq"])
 def test_cuda_path_scores_like_cpu_path_cold_warm_and_under_eviction(synthetic_bundles, dtype):
     from uembed.serving.pipeline.cuda import CudaModelRuntime
 
@@ -237,11 +237,10 @@ def test_ranking_requests_batched_on_cuda_score_like_their_flat_examples_on_cpu(
 
 
 @cuda
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
+@pytest.mark.parametrize("dtype", ["float16", "int8", "int4", "int2", "pq"])
 def test_row_updates_reach_the_rows_held_in_gpu_memory(synthetic_bundles, dtype):
     """apply_rows on CUDA: updated rows resident in the device tier are rewritten there (decoded once), the rest are
     read from the overlay when next missed; scores then equal the CPU path's with the same updates."""
-    from uembed.bundle.format import encode_records
     from uembed.serving.pipeline.cuda import CudaModelRuntime
 
     bundle = load_bundle(synthetic_bundles[dtype])
@@ -254,7 +253,7 @@ def test_row_updates_reach_the_rows_held_in_gpu_memory(synthetic_bundles, dtype)
     rng = np.random.default_rng(9)
     outside = np.setdiff1d(rng.choice(bundle.tables[store.table.name].rows, 2_000, replace=False), resident)
     ids = np.union1d(resident[::2], outside[:500])
-    records = encode_records(rng.normal(scale=0.5, size=(len(ids), 16)).astype(np.float32), dtype)
+    records = store.table.encode(rng.normal(scale=0.5, size=(len(ids), 16)).astype(np.float32))  # pq: its codebooks
     for runtime in (device, cpu):
         runtime.apply_rows(store.table.name, ids, records)
 

@@ -9,16 +9,15 @@ import pytest
 
 from tests.serving.rows.tables import make_table
 from uembed.serving.pipeline.stages import distinct
-from uembed.serving.rows.codec import RowCodec
 from uembed.serving.rows.redis import RedisTier
 from uembed.serving.rows.store import TableStore
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "int4", "int2"])
 def test_every_tier_returns_bit_identical_rows(dtype, redis_server):
     table = make_table(dtype)
     redis = RedisTier(redis_server.url, timeout_s=0.5, retry_s=0.1, bucket_rows=64, fill_queue=16)
-    store = TableStore(table, f"test:{dtype}", hot_bytes=200 * RowCodec(table).record_bytes, redis=redis)
+    store = TableStore(table, f"test:{dtype}", hot_bytes=200 * table.dim * 4, redis=redis)
     ids = np.unique(np.random.default_rng(1).integers(0, table.rows, 600))
     expected = table.gather(ids)
     from_files = store.gather(ids)  # tier 3 (tier 1 admits some, Redis is filled)

@@ -1,11 +1,13 @@
-"""Records and rows: every tier holds a row as the same *record*, the bytes of the stored row (float32, float16
-or int8 values) followed, for int8 tables, by its float32 scale and offset. One decode turns records into
-float32 rows, so every tier returns bit-identical rows."""
+"""Records and rows: every tier holds a row as the same *record*, the bytes of the stored row in its table's codec
+(``uembed/bundle/codecs.py``: float32 or float16 values; int8, int4 or int2 codes then the row's float32 scale and
+bias; one pq code a sub-vector). One decode turns the records of the rows a batch gathers into float32 rows, so
+every tier returns bit-identical rows."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from uembed.bundle.codecs import decode_records
 from uembed.bundle.loader import TableRows
 
 # float16 -> float32 by table: the float32 of each of the 65,536 float16 bit patterns, as astype gives it. numpy
@@ -19,15 +21,11 @@ class RowCodec:
 
     def __init__(self, table: TableRows) -> None:
         self.table = table
-        self.row_bytes = table.dim * table.row_dtype.itemsize
+        self.row_bytes = table.row_bytes
         self.record_bytes = table.record_bytes
 
     def decode(self, records: np.ndarray) -> np.ndarray:
-        records = np.ascontiguousarray(records)
-        values = records[:, : self.row_bytes].view(self.table.row_dtype)
         if self.table.dtype == "float16":
-            return np.take(FLOAT16_TO_FLOAT32, values.view(np.uint16))
-        if self.table.dtype != "int8":
-            return values.astype(np.float32, copy=False)
-        scale_bias = records[:, self.row_bytes :].view(np.float32)
-        return values.astype(np.float32) * scale_bias[:, :1] + scale_bias[:, 1:]
+            values = np.ascontiguousarray(records)[:, : self.row_bytes].view(np.uint16)
+            return np.take(FLOAT16_TO_FLOAT32, values)
+        return decode_records(records, self.table.dtype, self.table.dim, self.table.codebooks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from uembed.bundle.codecs import SCALE_BIAS_BYTES
 from uembed.bundle.loader import TableRows
 
 
@@ -20,14 +21,14 @@ class FileRows:
 
     def __init__(self, table: TableRows) -> None:
         self.table = table
-        self.row_bytes = table.dim * table.row_dtype.itemsize
+        self.row_bytes = table.row_bytes
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         """uint8 ``[k, record_bytes]`` straight from the memory-mapped files."""
         rows = np.ascontiguousarray(self.table.data[ids]).view(np.uint8).reshape(len(ids), self.row_bytes)
         if self.table.scale_bias is None:
             return rows
-        scale_bias = np.ascontiguousarray(self.table.scale_bias[ids]).view(np.uint8).reshape(len(ids), 8)
+        scale_bias = np.ascontiguousarray(self.table.scale_bias[ids]).view(np.uint8).reshape(len(ids), SCALE_BIAS_BYTES)
         return np.concatenate([rows, scale_bias], axis=1)
 
     def fetch(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:

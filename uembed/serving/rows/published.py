@@ -3,15 +3,15 @@ them, and a service with ``UEMBED_ROW_SOURCE=redis`` serves from them with no ro
 
 The layout is tier 2's, record for record (``uembed/serving/rows/redis.py``): hashes
 ``<prefix>:<model>:<version>:<table>:<row // bucket_rows>``, field ``row % bucket_rows``, value the row's
-record as :class:`~uembed.serving.rows.files.FileRows` reads it from the row files (the stored dtype's bytes, then for
-int8 the float32 scale and offset). A service that caches in Redis and a publication therefore share keys:
+record as :class:`~uembed.serving.rows.files.FileRows` reads it from the row files (the stored codec's bytes, then for
+int8, int4 and int2 the float32 scale and bias). A service that caches in Redis and a publication therefore share keys:
 publishing fills the cache, and a cache holds nothing a publication would not.
 
 Publishing writes whole buckets, pipelined a chunk at a time, and is idempotent (a second run rewrites the
 same bytes to the same keys). It deletes the model version's completion marker first and writes it last:
 
     <prefix>:<model>:<version>:published  ->  JSON {"model", "version", "bucket_rows", "tables": [{"name",
-        "rows", "dim", "dtype", "sha256": [row file, scale/offset file for int8]}], "rows", "published_at"}
+        "rows", "dim", "dtype", "sha256": [row file, scale/bias or pq codebooks file]}], "rows", "published_at"}
 
 A service reads it to decide readiness: present, and equal to what its own manifest says
 (:func:`expected_marker`), else not ready and the reason. The row files' sha256 in it ties the rows in
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from uembed.bundle.format import table_files
 from uembed.bundle.loader import Bundle, load_bundle
 from uembed.contract.errors import BundleError, UembedError
 from uembed.serving.rows.files import FileRows
@@ -57,7 +58,7 @@ def expected_marker(manifest: dict, bucket_rows: int) -> dict:
     """The marker a complete publication of this manifest's rows carries (less its ``published_at``)."""
     tables = []
     for entry in manifest["tables"]:
-        files = [entry] + ([entry["scale_bias"]] if entry["dtype"] == "int8" else [])
+        files = table_files(entry)
         tables.append({"name": entry["name"], "rows": entry["rows"], "dim": entry["dim"], "dtype": entry["dtype"],
                        "sha256": [f["sha256"] for f in files]})  # fmt: skip
     return {"model": manifest["name"], "version": manifest["version"], "bucket_rows": bucket_rows, "tables": tables,

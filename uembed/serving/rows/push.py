@@ -1,8 +1,8 @@
 """Producing row updates: the rows of a newer run, bundle or delta file that differ from a served bundle's,
 published on the served version's stream (``uembed/serving/rows/updates.py`` has the format and the reader).
 
-Rows are compared as records in the served table's stored dtype (float16 or int8 rows are encoded exactly as
-an export would write them), so a row is sent only when what a replica serves would change, and a replica that
+Rows are compared as records in the served table's codec (float16, int8, int4, int2 or pq rows, the last with
+the served bundle's codebooks, are encoded exactly as an export would write them), so a row is sent only when what a replica serves would change, and a replica that
 applies every delta serves what a bundle exported from the same tables would. A publisher remembers what it
 sent (an overlay over the served rows), so publishing again after more training sends only what changed since.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uembed.bundle.format import chunk_bounds, encode_records
+from uembed.bundle.format import chunk_bounds
 from uembed.bundle.loader import Bundle, load_bundle
 from uembed.contract.errors import UembedError
 from uembed.serving.rows.files import FileRows
@@ -52,7 +52,7 @@ def table_rows(tables: dict[str, np.ndarray], served: Bundle) -> Iterator[Chunk]
     for name, rows in tables.items():
         table = served.tables[name]
         for start, stop in chunk_bounds(table.rows):
-            yield name, np.arange(start, stop, dtype=np.int64), encode_records(rows[start:stop], table.dtype)
+            yield name, np.arange(start, stop, dtype=np.int64), table.encode(rows[start:stop])
 
 
 def model_rows(model, plan, served: Bundle, what: str) -> Iterator[Chunk]:
@@ -62,15 +62,17 @@ def model_rows(model, plan, served: Bundle, what: str) -> Iterator[Chunk]:
 
 
 def bundle_rows(path: Path, served: Bundle) -> Iterator[Chunk]:
-    """Chunks of every row of another bundle of the same plan (its records as they are when the dtypes agree)."""
+    """Chunks of every row of another bundle of the same plan (its records as they are when the codecs agree: the
+    dtype, and for pq the codebooks)."""
     newer = load_bundle(path)
     same_plan(newer.manifest["embedding"], served, f"bundle {path}")
     for name, table in newer.tables.items():
-        dtype = served.tables[name].dtype
+        target = served.tables[name]
+        same = table.dtype == target.dtype and (table.codebooks is None or np.array_equal(table.codebooks, target.codebooks))
         files = FileRows(table)
         for start, stop in chunk_bounds(table.rows):
             ids = np.arange(start, stop, dtype=np.int64)
-            yield name, ids, files.read(ids) if table.dtype == dtype else encode_records(table.gather(ids), dtype)
+            yield name, ids, files.read(ids) if same else target.encode(table.gather(ids))
 
 
 def delta_file_rows(path: Path, served: Bundle) -> Iterator[Chunk]:
@@ -92,7 +94,7 @@ def delta_file_rows(path: Path, served: Bundle) -> Iterator[Chunk]:
                                   f"got {rows.shape} for {len(ids)} ids")  # fmt: skip
             if len(np.unique(ids)) != len(ids):
                 raise UembedError(f"{path}: {name}.ids holds a row id twice")
-            yield name, ids, encode_records(rows, table.dtype)
+            yield name, ids, table.encode(rows)
 
 
 def source_rows(path: Path, served: Bundle, load_run: Callable | None = None) -> Iterator[Chunk]:

@@ -6,7 +6,9 @@
     tier 3     files.py     the bundle's memory-mapped row files; with ``row_source=redis`` Redis holds the only
                             copy and is the last tier
 
-Every tier holds a row as the same record (``codec.py``), so every tier returns bit-identical rows. The store
+Every tier below tier 1 holds a row as the same record (``codec.py``: the bytes of the table's codec), and tier 1
+holds the rows those records decode to (float32: a hot row is decoded once, when admitted, whatever the codec),
+so every tier returns bit-identical rows. The store
 asks the tiers in that order through one method, ``fetch(ids, out) -> missing``: a tier fills ``out`` with
 the rows it has and returns the positions of the rest, which the next tier is asked for. On the way back each
 tier that missed ``keep``s what the tiers below found (tier 1 admits it, Redis is filled from the files), and
@@ -61,9 +63,9 @@ class TableStore:
         self.table = table
         self.namespace = namespace
         self.hot_on_device = hot_on_device
-        # On the device tier 1 holds decoded float32 rows (what the gather kernel reads), whatever the file dtype.
-        hot_record_bytes = table.dim * 4 if hot_on_device else self.codec.record_bytes
-        self.hot = HotRows.for_budget(table.rows, hot_record_bytes, hot_bytes, host_records=not hot_on_device) if hot_bytes else None
+        # Tier 1 holds decoded float32 rows, whatever the codec (on the device: what the gather kernel reads): the
+        # hot head is decoded once, not on every batch, at the price of fewer hot rows in its bytes.
+        self.hot = HotRows.for_budget(table.rows, table.dim * 4, hot_bytes, host_records=not hot_on_device) if hot_bytes else None
         self.overlay = RowOverlay(table.rows, self.codec.record_bytes)
         self.redis = redis
         # Rows that live only in Redis (no row files here) are read from Redis with or without a redis_url.
@@ -84,18 +86,20 @@ class TableStore:
         """float32 rows ``[k, dim]`` of unique row ids: tier 1's, then its misses from the tiers below (which
         it then admits, as it can). Tier 1 counts once they are found, as on the device path (:meth:`resolve`):
         a batch that fails below it (rows only in Redis) does not count in tier 1."""
-        records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
         if self.hot is None:
+            records = np.empty((len(ids), self.codec.record_bytes), dtype=np.uint8)
             self._fetch(ids, records, self._tiers_below_hot())
             return self.codec.decode(records)
-        missed = self.hot.fetch(ids, records)
+        rows = np.empty((len(ids), self.table.dim), dtype=np.float32)
+        missed = self.hot.fetch(ids, rows.view(np.uint8))
         if len(missed):
-            missed_ids, found = ids[missed], np.empty((len(missed), records.shape[1]), dtype=np.uint8)
-            self._fetch(missed_ids, found, self._tiers_below_hot())
-            records[missed] = found
-            self.hot.keep(missed_ids, found)
+            missed_ids, records = ids[missed], np.empty((len(missed), self.codec.record_bytes), dtype=np.uint8)
+            self._fetch(missed_ids, records, self._tiers_below_hot())
+            found = self.codec.decode(records)  # only the rows tier 1 missed are decoded
+            rows[missed] = found
+            self.hot.keep(missed_ids, np.ascontiguousarray(found, dtype=np.float32).view(np.uint8))
         self.hot.count(self.counts, len(ids), len(missed))
-        return self.codec.decode(records)
+        return rows
 
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """For the device path, of unique ``ids``: ``slots`` (device tier-1 slot, -1 for a miss), ``misses``
@@ -143,7 +147,7 @@ class TableStore:
 
     def apply_rows(self, ids: np.ndarray, records: np.ndarray) -> np.ndarray:
         """Row updates, on the compute thread between batches: ``records`` uint8 ``[k, record_bytes]`` become the
-        rows of ``ids`` (unique, within the table) in the overlay and, where resident, in tier 1 on the host.
+        rows of ``ids`` (unique, within the table) in the overlay and, where resident, in tier 1 on the host (decoded).
         Tier 2 forgets its cached copies (with row files; rows published to Redis stay the bundle's, verifiable
         by ``uembed publish --verify``): a replica that has not applied this update yet then reads its own old
         rows, never a mix of old and new within one batch, and one that has reads the overlay before Redis.
@@ -152,7 +156,7 @@ class TableStore:
         slots = self.hot.index.get(ids) if self.hot is not None else np.full(len(ids), -1, dtype=np.int64)
         if self.hot is not None and self.hot.records is not None:
             resident = slots >= 0
-            self.hot.records[slots[resident]] = records[resident]
+            self.hot.records[slots[resident]] = np.ascontiguousarray(self.codec.decode(records[resident]), dtype=np.float32).view(np.uint8)
         if self.redis is not None and self.table.files:
             self.redis.forget(self.namespace, ids)
         return slots

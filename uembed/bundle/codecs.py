@@ -1,0 +1,193 @@
+"""Row codecs: how a table stores its float32 rows, byte for byte, and how every tier decodes them (numpy only).
+
+A table's ``dtype`` names its codec. Its row file ``tables/<name>.npy`` holds ``[rows, width]`` values; every
+serving tier (the row files, the update overlay, Redis, row updates) holds one row as the same *record*: the
+row's values, then for the rowwise codecs its float32 scale and bias. docs/EXPORT.md says it byte by byte.
+
+========== ================ ============================================ =====================================
+codec      row file          record (bytes of one row)                    decoded value ``j``
+========== ================ ============================================ =====================================
+float32    float32 [r, d]    ``4d``: the values, little-endian              the value
+float16    float16 [r, d]    ``2d``                                         float32 of the value
+int8       uint8 [r, d]      ``d`` codes, then float32 scale, bias          ``float32(code_j) * scale + bias``
+int4       uint8 [r, ⌈d/2⌉]  packed codes (2 a byte), then scale, bias      ``float32(code_j) * scale + bias``
+int2       uint8 [r, ⌈d/4⌉]  packed codes (4 a byte), then scale, bias      ``float32(code_j) * scale + bias``
+pq         uint8 [r, M]      ``M`` codes, one per sub-vector                ``codebooks[j // s, code_{j//s}, j % s]``
+========== ================ ============================================ =====================================
+
+Packing (int4, int2): value ``j`` of a row is in byte ``j // (8 // bits)`` at bit ``(j % (8 // bits)) * bits``,
+low bits first (int4: value 0 in the low nibble); a row whose dim is not a multiple of ``8 // bits`` ends with
+zero codes. The scale and bias (``tables/<name>.scale_bias.npy``, float32 ``[rows, 2]``) come from
+:func:`quantise_rows`, the one quantiser the export and quantization-aware training share. A decoded value is
+the float32 product ``code * scale`` rounded, plus ``bias`` rounded (no fused multiply-add).
+
+PQ (``s = dim / M`` values a sub-vector): ``tables/<name>.codebooks.npy`` float32 ``[M, 256, s]``, trained by
+:func:`train_codebooks` (faiss, the ``train`` extra); a sub-vector's code is its nearest centroid
+(:func:`pq_encode`, numpy: the export and row updates encode alike).
+
+>>> codes, scale_bias = quantise_rows(np.array([[0.0, 1.5, 0.3]], dtype=np.float32), bits=2)
+>>> codes.tolist(), scale_bias.tolist(), pack_codes(codes, 2).tolist()  # 0 | 3 << 2 | 1 << 4
+([[0, 3, 1]], [[0.5, 0.0]], [[28]])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ROW_DTYPES = ("float32", "float16", "int8", "int4", "int2", "pq")
+NUMPY_ROW_DTYPE = {"float32": "float32", "float16": "float16", "int8": "uint8", "int4": "uint8", "int2": "uint8", "pq": "uint8"}
+ROWWISE_BITS = {"int8": 8, "int4": 4, "int2": 2}  # codecs with a per-row scale and bias, by bits a value
+SCALE_BIAS_BYTES = 8  # float32 scale, then float32 bias, after a rowwise record's codes
+PQ_CENTROIDS = 256
+PQ_ENCODE_ROWS = 16384  # rows encoded at a time: their distances to one codebook are [rows, 256] float32
+
+
+def _unpack_table(bits: int) -> np.ndarray:
+    """float32 ``[256, 8 // bits]``: the codes a byte holds, in row order (low bits first)."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    table = (np.arange(256, dtype=np.uint8)[:, None] >> shifts) & np.uint8((1 << bits) - 1)
+    table = table.astype(np.float32)
+    table.setflags(write=False)
+    return table
+
+
+# A take from these turns packed bytes into float32 codes in one vectorised step (no shifts per value).
+UNPACK = {bits: _unpack_table(bits) for bits in (4, 2)}
+
+
+def row_width(dtype: str, dim: int, subvectors: int | None = None) -> int:
+    """Columns of the row file (values of its numpy dtype) a row takes."""
+    if dtype in ROWWISE_BITS:
+        return -(-dim * ROWWISE_BITS[dtype] // 8)
+    if dtype == "pq":
+        return int(subvectors)
+    return dim
+
+
+def quantise_rows(rows: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Rowwise quantisation: uint8 codes ``[k, dim]`` in ``[0, 2**bits - 1]`` and float32 ``[k, 2]`` (scale, bias)
+    with ``scale = (max - min) / (2**bits - 1)``, ``bias = min`` and ``code = rint((x - bias) / scale)`` (to nearest,
+    ties to even; a constant row has scale 0 and codes 0), so ``x ~ code * scale + bias`` within half a step."""
+    rows = np.asarray(rows, dtype=np.float32)
+    levels = (1 << bits) - 1
+    low = rows.min(axis=1)
+    high = rows.max(axis=1)
+    scale = ((high - low) / np.float32(levels)).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    codes = np.clip(np.rint((rows - low[:, None]) / safe[:, None]), 0, levels).astype(np.uint8)
+    return codes, np.stack([scale, low.astype(np.float32)], axis=1)
+
+
+def dequantise_rows(codes: np.ndarray, scale_bias: np.ndarray) -> np.ndarray:
+    """float32 rows of rowwise codes ``[k, dim]`` (unpacked): ``code * scale + bias``."""
+    return codes.astype(np.float32) * scale_bias[:, :1] + scale_bias[:, 1:]
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 ``[k, ⌈dim * bits / 8⌉]``: ``8 // bits`` codes a byte, value ``j`` at bit ``(j % per_byte) * bits``."""
+    if bits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    per_byte = 8 // bits
+    k, dim = codes.shape
+    padded = np.zeros((k, -(-dim // per_byte) * per_byte), dtype=np.uint8)
+    padded[:, :dim] = codes
+    groups = padded.reshape(k, -1, per_byte)
+    packed = np.zeros(groups.shape[:2], dtype=np.uint8)
+    for position in range(per_byte):
+        packed |= groups[:, :, position] << np.uint8(position * bits)
+    return packed
+
+
+def unpack_codes(packed: np.ndarray, bits: int, dim: int) -> np.ndarray:
+    """float32 codes ``[k, dim]`` of packed rows (the inverse of :func:`pack_codes`; padding dropped)."""
+    if bits == 8:
+        return packed.astype(np.float32)
+    return np.take(UNPACK[bits], packed, axis=0).reshape(len(packed), -1)[:, :dim]
+
+
+def pq_encode(rows: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """uint8 codes ``[k, M]``: each sub-vector's nearest centroid (squared L2, the lowest index of a tie)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    subvectors, _, width = codebooks.shape
+    codes = np.empty((len(rows), subvectors), dtype=np.uint8)
+    norms = np.einsum("mcs,mcs->mc", codebooks, codebooks)
+    for start in range(0, len(rows), PQ_ENCODE_ROWS):
+        block = rows[start : start + PQ_ENCODE_ROWS].reshape(-1, subvectors, width)
+        for m in range(subvectors):
+            distances = norms[m] - 2 * block[:, m] @ codebooks[m].T  # the row's own norm ranks nothing
+            codes[start : start + len(block), m] = np.argmin(distances, axis=1)
+    return codes
+
+
+def pq_decode(codes: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """float32 rows ``[k, M * s]``: each code's centroid, sub-vector after sub-vector."""
+    subvectors = codebooks.shape[0]
+    return codebooks[np.arange(subvectors), codes.astype(np.intp)].reshape(len(codes), -1)
+
+
+def check_subvectors(dim: int, subvectors: int | None) -> None:
+    """ValueError (one line) unless ``subvectors`` splits a row of ``dim`` values into equal sub-vectors."""
+    if subvectors is None or subvectors < 1 or dim % subvectors:
+        raise ValueError(f"pq needs a number of sub-vectors that divides the table's dim {dim}; got {subvectors}")
+
+
+def train_codebooks(sample: np.ndarray, subvectors: int, seed: int = 0) -> np.ndarray:
+    """float32 codebooks ``[M, 256, dim / M]`` trained by k-means on ``sample`` rows ``[n, dim]`` (faiss's
+    ProductQuantizer). Fewer distinct sample rows than 256 leave centroids repeated, never missing."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("the pq row codec trains its codebooks with faiss: pip install 'uembed[train]' (faiss-cpu)") from exc
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    dim = sample.shape[1]
+    check_subvectors(dim, subvectors)
+    if len(sample) < PQ_CENTROIDS:  # k-means needs a point per centroid: repeat the rows there are
+        sample = np.resize(sample, (PQ_CENTROIDS, dim))
+    quantiser = faiss.ProductQuantizer(dim, subvectors, 8)
+    quantiser.cp.seed = seed
+    quantiser.cp.min_points_per_centroid = 1  # a small table is not a reason to refuse or to warn
+    quantiser.verbose = False
+    quantiser.train(sample)
+    return faiss.vector_to_array(quantiser.centroids).reshape(subvectors, PQ_CENTROIDS, dim // subvectors).astype(np.float32)
+
+
+def encode_rows(rows: np.ndarray, dtype: str, codebooks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 rows ``[k, dim]`` as a ``dtype`` row file stores them: (values ``[k, width]``, float32 scale and
+    bias ``[k, 2]`` for the rowwise codecs, else None)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    if dtype in ROWWISE_BITS:
+        codes, scale_bias = quantise_rows(rows, ROWWISE_BITS[dtype])
+        return pack_codes(codes, ROWWISE_BITS[dtype]), scale_bias
+    if dtype == "pq":
+        return pq_encode(rows, codebooks), None
+    return rows.astype(NUMPY_ROW_DTYPE[dtype], copy=False), None
+
+
+def decode_rows(values: np.ndarray, dtype: str, dim: int, scale_bias: np.ndarray | None = None,
+                codebooks: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """float32 rows ``[k, dim]`` of stored values ``[k, width]`` (and the rows' scale and bias, or the codebooks)."""
+    if dtype in ROWWISE_BITS:
+        return unpack_codes(values, ROWWISE_BITS[dtype], dim) * scale_bias[:, :1] + scale_bias[:, 1:]
+    if dtype == "pq":
+        return pq_decode(values, codebooks)
+    return values.astype(np.float32, copy=False)
+
+
+def encode_records(rows: np.ndarray, dtype: str, codebooks: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows ``[k, dim]`` as the records a ``dtype`` table stores (what a row file and every serving tier
+    hold, byte for byte as an export writes them): uint8 ``[k, record_bytes]``. A pq table's ``codebooks`` are
+    needed to encode its rows."""
+    values, scale_bias = encode_rows(rows, dtype, codebooks)
+    records = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), -1)
+    return records if scale_bias is None else np.concatenate([records, scale_bias.view(np.uint8)], axis=1)
+
+
+def decode_records(records: np.ndarray, dtype: str, dim: int, codebooks: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows ``[k, dim]`` of records uint8 ``[k, record_bytes]`` (the inverse of :func:`encode_records`
+    up to the codec's rounding)."""
+    records = np.ascontiguousarray(records)
+    subvectors = None if codebooks is None else codebooks.shape[0]
+    row_bytes = row_width(dtype, dim, subvectors) * np.dtype(NUMPY_ROW_DTYPE[dtype]).itemsize
+    values = records[:, :row_bytes].view(NUMPY_ROW_DTYPE[dtype])
+    scale_bias = records[:, row_bytes:].view(np.float32) if dtype in ROWWISE_BITS else None
+    return decode_rows(values, dtype, dim, scale_bias, codebooks)

@@ -47,6 +47,9 @@ from uembed.serving.rows.redis import RedisTier, redis_client
 from uembed.serving.rows.updates import UpdateReader, apply_entries
 from uembed.serving.settings import ServiceSettings
 
+# values (examples x features, or a request's tensor elements) from which a request is decoded beside the loop
+OFF_LOOP_VALUES = 4096
+
 log = logging.getLogger("uembed.engine")
 
 
@@ -133,6 +136,15 @@ class ScoringEngine:
         target = self.resolve(model, version, routing_key, examples, context)
         return await self.score_resolved(target, examples, context), target.runtime
 
+    async def decoded(self, values: int, work, *args):
+        """``work(*args)``: a request's decoding (reading its tensors, canonicalising its values), for a request of
+        ``values`` values. A small one is decoded on the loop, where a thread's hand-off would cost more than the
+        work; a large one on a thread beside it, so that the loop answers health probes and other requests
+        meanwhile. The value caches it fills are also filled by the shadow thread: their entries are whole values."""
+        if values < OFF_LOOP_VALUES:
+            return work(*args)
+        return await asyncio.to_thread(work, *args)
+
     async def score_resolved(self, target: Target, examples, context: dict | None = None,
                              canonical: CanonicalExamples | None = None) -> np.ndarray:  # fmt: skip
         """Scores of a request already resolved to ``target``: its examples (rows, or a front's columns) and context.
@@ -143,7 +155,8 @@ class ScoringEngine:
             raise Overloaded("the service is shutting down")
         runtime = target.runtime
         if canonical is None:
-            canonical = runtime.canonicalise(examples, context)
+            values = len(examples) * len(runtime.bundle.feature_specs)
+            canonical = await self.decoded(values, runtime.canonicalise, examples, context)
         for feature, count in canonical.truncated.items():
             self.metrics.truncated.labels(feature).inc(count)
         for feature, count in canonical.missing.items():

@@ -48,7 +48,7 @@ import numpy as np
 from uembed.contract.errors import TensorError
 from uembed.contract.features import FeatureKind, FeatureSpec
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.pipeline.canonical import ExampleColumns, ValueRefused
+from uembed.serving.pipeline.canonical import CanonicalExamples, ExampleColumns, ValueRefused
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.settings import ServiceSettings
 
@@ -258,6 +258,11 @@ class FirstExample(Mapping):
         return len(self.tensors)
 
 
+def elements(inputs) -> int:
+    """How many values the tensors say they hold (their shapes'; a bad shape is refused when they are read)."""
+    return sum(math.prod(max(int(size), 0) for size in tensor.shape) for tensor in inputs)
+
+
 def check_outputs(names: list[str]) -> None:
     for name in names:
         if name != OUTPUT:
@@ -314,10 +319,14 @@ class InferencePlane:
         straight into the columns its canonicaliser takes."""
         self.loaded(name, version)  # an unknown model or version: 404, as the metadata routes answer it
         target = self.engine.registry.resolve(name, version or None, None, [FirstExample(inputs)], None)  # shutting down: after the tensors' checks
-        examples = columns_from_inputs(target.runtime, inputs, self.max_examples)
+        examples, canonical = await self.engine.decoded(elements(inputs), self.decode, target.runtime, inputs)
+        return await self.engine.score_resolved(target, examples, canonical=canonical), target.runtime
+
+    def decode(self, runtime: ModelRuntime, inputs: list[InputTensor]) -> tuple[ExampleColumns, CanonicalExamples]:
+        """The examples the tensors hold, as columns and canonicalised by ``runtime``."""
+        examples = columns_from_inputs(runtime, inputs, self.max_examples)
         try:
-            canonical = target.runtime.encoder.canonicalise_columns(examples.columns, examples.count)
+            return examples, runtime.encoder.canonicalise_columns(examples.columns, examples.count)
         except ValueRefused as exc:  # named as /v1 names it (examples[i].feature): named here as the tensor's
             tensor = next(tensor for tensor in inputs if tensor.name == exc.feature)
             raise TensorError(f"{value_name(tensor, exc.index)}: {exc.reason}") from None
-        return await self.engine.score_resolved(target, examples, canonical=canonical), target.runtime

@@ -34,7 +34,15 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from uembed.contract.errors import NotReady, TensorError, UembedError
 from uembed.serving.metrics import outcome
-from uembed.serving.protocols.oip import OUTPUT, OUTPUT_DATATYPE, InferencePlane, InputTensor, check_outputs, text
+from uembed.serving.protocols.oip import (
+    OUTPUT,
+    OUTPUT_DATATYPE,
+    InferencePlane,
+    InputTensor,
+    check_outputs,
+    elements,
+    text,
+)
 from uembed.serving.protocols.render import grpc_code, table_error
 from uembed.serving.settings import ServiceSettings
 
@@ -143,7 +151,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request, context):
-        inputs = read_inputs(request)
+        inputs = await self.plane.engine.decoded(elements(request.inputs), read_inputs, request)
         check_outputs([output.name for output in request.outputs])
         scores, runtime = await self.plane.infer(request.model_name, request.model_version, inputs)
         output = service_pb2.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=OUTPUT_DATATYPE, shape=[len(scores)])

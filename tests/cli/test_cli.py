@@ -5,6 +5,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
+from uembed.cli.model_commands import model_name
+
 
 def uembed(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "uembed", *args], capture_output=True, text=True, cwd=cwd)
@@ -74,6 +76,17 @@ def test_train_on_a_user_file_from_the_cli(tmp_path):
     assert "bundle bundles/clicks/1: int8 rows" in exported.stdout and "bundle test AUC" in exported.stdout
     again = uembed("export", "runs/r", "--out", "bundles", "--name", "clicks", "--version", "1", cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.startswith("error: bundle bundles/clicks/1 already exists")
+    unnamed = uembed("export", "runs/r", "--out", "bundles", cwd=tmp_path)  # the model is named for data.csv
+    assert unnamed.returncode == 0 and "bundle bundles/data/1:" in unnamed.stdout, unnamed.stdout + unnamed.stderr
+
+
+@pytest.mark.parametrize(
+    ("dataset", "model"),
+    [("clicks.csv", "clicks"), ("Clicks.TSV", "Clicks"), ("train.txt.gz", "train"), ("part.parquet.brotli", "part"),
+     ("criteo-synth", "criteo-synth"), ("movielens100k", "movielens100k"), (".csv", ".csv")],
+)  # fmt: skip
+def test_a_model_is_named_for_its_data_set_without_the_file_extension(dataset, model):
+    assert model_name(dataset) == model
 
 
 @pytest.mark.parametrize(

@@ -347,7 +347,7 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir", type=Path, help="a run directory written by `uembed train`")
     parser.add_argument("--out", type=Path, default=Path("bundles"), help="bundle store (parent of <name>/)")
-    parser.add_argument("--name", help="model name (default: the run's dataset)")
+    parser.add_argument("--name", help="model name (default: the run's data set without its file extension)")
     parser.add_argument("--version", help="bundle version (default: one more than the highest numeric version)")
     parser.add_argument(
         "--dtype", choices=ROW_DTYPES, default="float32",
@@ -382,7 +382,7 @@ def run_export(args: argparse.Namespace) -> int:
     config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() else {}
     if args.evaluate and (config.get("source") or {}).get("streaming"):
         raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
-    name = args.name or config.get("dataset", {}).get("name", "model")
+    name = args.name or model_name(config.get("dataset", {}).get("name", "model"))
     path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True,
                       context_features=args.context_features)  # fmt: skip
     bundle = load_bundle(path)
@@ -400,6 +400,18 @@ def run_export(args: argparse.Namespace) -> int:
         metrics = evaluate(test_set.labels, ReferenceScorer(bundle).score_encoded(rows, weights))
         print(f"bundle test AUC {metrics['auc']:.5f}  test LogLoss {metrics['logloss']:.5f}  ({len(test_set):,} examples)")
     return 0
+
+
+DATA_SUFFIXES = (".parquet.brotli", ".parquet", ".pq", ".csv", ".tsv", ".txt", ".gz")
+
+
+def model_name(dataset: str) -> str:
+    """The model a run of ``dataset`` exports as: the data set's name without its file extensions, so a run of
+    ``clicks.csv`` serves at /v2/models/clicks, not /v2/models/clicks.csv (``train.txt.gz`` -> ``train``)."""
+    name = dataset
+    while (suffix := next((s for s in DATA_SUFFIXES if name.lower().endswith(s) and len(name) > len(s)), None)):
+        name = name[: -len(suffix)]
+    return name
 
 
 def load_dataset(args: argparse.Namespace):

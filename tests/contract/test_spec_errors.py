@@ -9,7 +9,6 @@ import pytest
 
 from uembed.contract.errors import DataError, SpecError
 from uembed.contract.features import LabelSpec
-
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 
 

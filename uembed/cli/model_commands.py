@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from uembed.cli.help_format import DefaultsFormatter
 from uembed.cli.service_commands import add_row_update_options, print_push_report, row_publisher
 from uembed.contract.errors import DataError, UembedError
 from uembed.contract.features import SplitSpec, load_spec
@@ -74,7 +75,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="train a ranking model and write a run directory",
         description="Train a ranking model with one embedding method under a parameter budget. "
         "Prints test AUC and LogLoss and writes config, plan, checkpoint and metrics to a run directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_data_options(parser)
     emb = parser.add_argument_group("embeddings")
@@ -89,10 +90,12 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="exact: the chunks the search chose; rr: only their number, dealt round-robin over the tables",
     )  # fmt: skip
     add_budget_options(emb)
-    add_model_options(parser)
+    add_model_options(parser, emb)
     add_stream_options(parser)
     add_run_output_options(parser)
-    updates = add_row_update_options(parser, required=False)
+    updates = parser.add_argument_group(
+        "continued training and row updates", "train an exported model's tables on new data, and publish the rows that changed"
+    )
     updates.add_argument(
         "--continue-from", type=Path, metavar="RUN",
         help="continued training: start from RUN's model and train only its embedding tables (network frozen, "
@@ -103,6 +106,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="with --continue-from: after every epoch, publish the rows that changed (against --bundle, then against "
         "what was published) on the served version's update stream; replicas apply them while serving",
     )  # fmt: skip
+    add_row_update_options(updates, required=False)
     parser.set_defaults(handler=run_train, extras=("train",))
 
 
@@ -145,8 +149,11 @@ DATA_OPTIONS = ("dataset", "spec", "label_threshold", "synthetic_examples", "spl
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="movielens100k", help=DATASET_HELP)
-    data.add_argument("--spec", type=Path, help="feature spec (TOML or JSON) for a data file; see uembed/contract/features.py")
-    data.add_argument("--label-threshold", type=float, default=3.0, help="MovieLens: label = rating >= this")
+    data.add_argument("--spec", type=Path, help="feature spec (TOML or JSON) of a data file: its label rule and features (README: Your own data)")
+    data.add_argument(
+        "--label-threshold", type=float, default=3.0,
+        help="movielens100k only: label = rating >= this (a data file's label rule is its --spec's [label])",
+    )  # fmt: skip
     data.add_argument("--synthetic-examples", type=positive_int, default=200_000, help="examples of a synthetic dataset")
     data.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
     data.add_argument(
@@ -154,25 +161,25 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         help="train,validation fractions (the rest is test); default: the spec's [split], else 0.8,0.1",
     )  # fmt: skip
     data.add_argument("--split-column", help="a column whose values (train, validation, test) split the examples")
-    data.add_argument(
-        "--format", choices=("parquet", "csv", "tsv", "criteo"),
-        help="format of a streamed dataset (default: from the file names)",
-    )  # fmt: skip
-    data.add_argument(
-        "--stream", action="store_true",
-        help="stream a single Parquet/CSV file instead of loading it whole (a folder or a Criteo file always streams)",
-    )  # fmt: skip
 
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
     stream = parser.add_argument_group("streaming (a folder of shards, a Criteo file, or --stream)")
+    stream.add_argument(
+        "--format", choices=("parquet", "csv", "tsv", "criteo"),
+        help="format of a streamed dataset (default: from the file names)",
+    )  # fmt: skip
+    stream.add_argument(
+        "--stream", action="store_true",
+        help="stream a single Parquet/CSV file instead of loading it whole (a folder or a Criteo file always streams)",
+    )  # fmt: skip
     stream.add_argument(
         "--embedding-optimizer", choices=("adam", "sparse-adam", "rowwise-adagrad"),
         help="optimiser of the embedding tables: rowwise-adagrad and sparse-adam update only the rows a batch touched "
         "(default: rowwise-adagrad when streaming, adam in memory)",
     )  # fmt: skip
     stream.add_argument("--embedding-lr", type=float, help="learning rate of the tables (default: 0.05 for rowwise-adagrad, else --lr)")
-    stream.add_argument("--shuffle-buffer", type=count, default=1 << 18, help="examples in the shuffle buffer (memory: about 200 bytes each for 39 features)")
+    stream.add_argument("--shuffle-buffer", type=count, default=1 << 18, help="examples in the shuffle buffer (its memory grows with it and with the number of features)")
     stream.add_argument("--read-rows", type=count, default=1 << 16, help="rows per record batch read from the files")
     stream.add_argument("--checkpoint-every", type=count, default=5_000_000, help="write a resumable checkpoint (resume.pt) every so many examples")
     stream.add_argument("--max-examples", type=count, help="end each epoch at the first shuffle-window boundary past this many examples")
@@ -180,8 +187,8 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--stats", type=Path, help="reuse the statistics folder of an earlier scan of the same data (runs/<run>/stats)")
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    emb = parser.add_argument_group("embeddings")
+def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGroup | None = None) -> None:
+    emb = emb or parser.add_argument_group("embeddings")
     emb.add_argument("--dim", type=positive_int, default=16, help="embedding dimension (per lookup)")
     emb.add_argument(
         "--lookups-offset", type=int, default=0,
@@ -193,7 +200,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--cross-layers", type=positive_int, default=1, help="DCN-v2 cross layers")
     net.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     net.add_argument("--embedding-weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay on the embedding tables only; 0: plain Adam")
-    net.add_argument("--batch-size", type=positive_int, default=256)
+    net.add_argument("--batch-size", type=positive_int, default=256, help="examples per training step")
     net.add_argument("--epochs", type=positive_int, default=20, help="at most this many epochs")
     net.add_argument("--patience", type=positive_int, default=2, help="stop after this many epochs without a better validation AUC")
     net.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
@@ -202,7 +209,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     seo.add_argument("--search-multiplier", type=positive_int, default=2, help="search table width = dim x this")
     seo.add_argument(
         "--no-adjust-hash-buckets", dest="adjust_hash_buckets", action="store_false",
-        help="search: keep budget rows in the wider table (more parameters) instead of cutting them to match the budget",
+        help="search: keep budget rows in the wider table (more parameters) instead of cutting them to match the "
+        "budget (default: cut them)",
     )  # fmt: skip
     seo.add_argument(
         "--down-projection", action="store_true",
@@ -254,7 +262,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
         help="train methods x budgets x seeds; write a CSV, a markdown table and a Pareto plot",
         description="Parameter-accuracy study: every method at every budget with every seed, on one dataset "
         "and one split. Writes runs.csv, summary.md and pareto.png into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_data_options(parser)
     parser.add_argument("--methods", type=name_list(METHODS), default=METHODS, help="comma-separated methods")
@@ -343,7 +351,7 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
         description="Export a training run directory as <out>/<name>/<version>/: manifest.json, one row file "
         "per table, dense.onnx, and (float32, small tables) a full-model ONNX and TorchScript file. "
         "The bundle is validated by loading it back before the command succeeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="a run directory written by `uembed train`")
     parser.add_argument("--out", type=Path, default=Path("bundles"), help="bundle store (parent of <name>/)")
@@ -351,7 +359,8 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--version", help="bundle version (default: one more than the highest numeric version)")
     parser.add_argument(
         "--dtype", choices=ROW_DTYPES, default="float32",
-        help="row dtype: float16 halves the rows, int8 (rowwise scale and offset) quarters them, at a small accuracy cost",
+        help="row dtype: float16 stores two bytes a value, int8 one byte a value plus a float32 scale and offset per "
+        "row (the export prints the share of float32 it keeps), at a small accuracy cost",
     )  # fmt: skip
     parser.add_argument(
         "--full-model-limit-mb", type=float, default=64.0,
@@ -611,11 +620,12 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
         "into chunks of --chunk-dim, with learned attention over all features' chunks) under the budget, then "
         "derive the policy: per feature the chunks with at least the uniform share of attention. The policy is "
         "a readable JSON file; `uembed train --embedding seo-applier --policy FILE` trains the Applier from it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_data_options(parser)
-    add_budget_options(parser.add_argument_group("embeddings"))
-    add_model_options(parser)
+    emb = parser.add_argument_group("embeddings")
+    add_budget_options(emb)
+    add_model_options(parser, emb)
     add_stream_options(parser)
     out = add_run_output_options(parser)
     out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
@@ -633,7 +643,7 @@ def add_data_parser(commands: argparse._SubParsersAction) -> None:
         "largest 10.1 M), power-law value frequencies and a planted logistic signal. Memory does not depend on "
         "--examples; a smaller data set is a prefix of a larger one with the same seed. Writes spec.toml and "
         "dataset.json beside the data; `uembed train --dataset OUT` trains on it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     synth.add_argument("--preset", choices=("criteo-kaggle", "criteo-tiny"), default="criteo-kaggle",
                        help="vocabulary sizes (criteo-tiny: each a thousand times smaller, for tests)")  # fmt: skip

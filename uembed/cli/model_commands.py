@@ -491,12 +491,9 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
     else:
         stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False))
         stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them
-    print(
-        f"{source.name}: {stats.examples['train']:,} training, {stats.examples['validation']:,} validation and "
-        f"{stats.examples['test']:,} test examples; {sum(stats.vocabulary.values()):,} distinct training values "
-        f"over {len(stats.vocabulary)} features (scan {stats.seconds:.0f}s)",
-        file=sys.stderr,
-    )
+    from uembed.model.summary import stream_summary
+
+    print(stream_summary(source.name, stats))
     return source, stats
 
 
@@ -514,6 +511,7 @@ def stream_config(args: argparse.Namespace, **overrides):
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from uembed.model.summary import dataset_summary
     from uembed.model.train import train
 
     # One compute thread per process: it trained faster than two (docs/BENCHMARKS.md, history).
@@ -532,6 +530,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.split_column and dataset.split_codes is None:
         raise UembedError("--split-column needs a data file with that column and a --spec")
     train_set, val_set, test_set = dataset.split(args.split_seed, args.split_fractions)
+    print(dataset_summary(train_set, val_set, test_set))
     budget = resolve_budget(args)
     config = config_from_args(
         args,
@@ -602,6 +601,8 @@ def report_run(args: argparse.Namespace, result) -> None:
         f"embedding params {m['embedding_parameters']:,} ({m['embedding_bytes'] / 1024:.1f} KiB)  "
         f"best epoch {m['best_epoch']}/{m['epochs_run']}  {m['train_seconds']:.1f}s"
     )
+    if m.get("stopped"):
+        print(f"stopped: {m['stopped']}")
     print(f"run directory: {result.run_dir}")
     if m.get("policy"):
         policy_path = getattr(args, "policy_out", None) or result.run_dir / "policy.json"

@@ -132,9 +132,11 @@ def test_search_then_applier_then_export_from_the_cli(tmp_path):
     policy = json.loads((tmp_path / "policy.json").read_text())
     assert set(policy["features"]) == {"a", "b", "c"} and policy["pool_chunks"] == 4
     assert "policy file: policy.json" in searched.stdout
+    assert "next: uembed train --dataset data.csv --spec spec.toml --embedding seo-applier --policy policy.json" in searched.stdout
 
     applier = uembed("train", *common, "--embedding", "seo-applier", "--applier", "rr", "--policy", "policy.json", "--name", "a", cwd=tmp_path)
     assert applier.returncode == 0, applier.stderr
+    assert applier.stdout.splitlines()[-1] == "next: uembed export runs/a"
     exported = uembed("export", "runs/a", "--out", "bundles", "--name", "clicks", "--evaluate", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     manifest = json.loads((tmp_path / "bundles" / "clicks" / "1" / "manifest.json").read_text())
@@ -168,7 +170,7 @@ def test_data_synth_writes_shards_a_spec_and_its_settings(tmp_path):
 
     result = uembed("data", "synth", "--preset", "criteo-tiny", "--examples", "3k", "--out", "d", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "wrote 3,000 examples" in result.stdout
+    assert "wrote 3,000 examples" in result.stdout and result.stdout.splitlines()[-1] == "next: uembed train --dataset d"
     info = json.loads((tmp_path / "d" / "dataset.json").read_text())
     assert info["examples"] == 3000 and len(info["shape"]["vocabulary"]) == 26
     assert (tmp_path / "d" / "part-00000.parquet").is_file() and "quantiles:16" in (tmp_path / "d" / "spec.toml").read_text()

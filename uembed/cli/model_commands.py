@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from uembed.cli.help_format import DefaultsFormatter
-from uembed.cli.service_commands import add_row_update_options, print_push_report, row_publisher
+from uembed.cli.service_commands import add_row_update_options, print_next, print_push_report, row_publisher
 from uembed.contract.errors import DataError, UembedError
 from uembed.contract.features import SplitSpec, load_spec
 from uembed.contract.plan import (
@@ -321,6 +321,7 @@ def run_study_command(args: argparse.Namespace) -> int:
         print(f"{row['method']:>20} {row['budget_fraction']:<6g} AUC {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}  "
               f"LogLoss {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f}  {row['embedding_bytes']:>10,} bytes")
     print(f"wrote {args.out}/runs.csv, summary.md, pareto.png")
+    print_next(best_train_command(args, summary))
     return 0
 
 
@@ -339,6 +340,7 @@ def run_tuned_study_command(args: argparse.Namespace, command: str) -> int:
         print(f"{row['method']:>20} {row['budget_fraction']:<6g} test AUC tuned {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}, "
               f"fixed {base['auc'][0]:.4f} ± {base['auc'][1]:.4f}")
     print(f"wrote {args.out}/trials.csv, selected.json, runs.csv, summary.md, pareto.png")
+    print_next(best_train_command(args, tuned) + f"   # with the settings {args.out}/selected.json chose for it")
     return 0
 
 
@@ -398,6 +400,10 @@ def run_export(args: argparse.Namespace) -> int:
     table_bytes = sum(t.nbytes for t in bundle.tables.values())
     float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)
     print(f"bundle {path}: {args.dtype} rows, {table_bytes:,} table bytes ({table_bytes / float32_bytes:.1%} of float32)")
+    next_lines = [f"uembed serve --bundle {path}"]
+    if config.get("dataset", {}).get("spec"):
+        body = json.dumps({"model": path.parent.name, "examples": [request_example(config)]})
+        next_lines.append(f"curl -s -X POST http://127.0.0.1:8000/v1/score -H 'content-type: application/json' -d '{body}'")
     if args.evaluate:
         from uembed.model.train import evaluate
         from uembed.serving.pipeline.reference import ReferenceScorer
@@ -408,7 +414,31 @@ def run_export(args: argparse.Namespace) -> int:
         rows, weights = bundle.plan.encode(test_set.columns)
         metrics = evaluate(test_set.labels, ReferenceScorer(bundle).score_encoded(rows, weights))
         print(f"bundle test AUC {metrics['auc']:.5f}  test LogLoss {metrics['logloss']:.5f}  ({len(test_set):,} examples)")
+    print_next(*next_lines)
     return 0
+
+
+def request_example(config: dict) -> dict:
+    """One example to score, from the run's own training values: the curl that `export` suggests."""
+    samples = config.get("sample_values", {})
+    example = {}
+    for feature in config["dataset"]["spec"]["features"]:
+        values = samples.get(feature["name"]) or [""]
+        if feature["kind"] == "numeric":
+            example[feature["name"]] = feature["boundaries"][0] if feature["boundaries"] else 0
+        elif feature["kind"] == "multivalent":
+            example[feature["name"]] = values[:2]
+        else:
+            example[feature["name"]] = values[0]
+    return example
+
+
+def best_train_command(args: argparse.Namespace, summary: list[dict]) -> str:
+    """`uembed train` of a study's best (method, budget) by test AUC, on the study's data."""
+    best = max(summary, key=lambda row: row["auc"][0])
+    spec = f" --spec {args.spec}" if args.spec else ""
+    budget = "" if best["method"] == "collisionless" else f" --budget {best['budget_fraction']:g}"  # it takes none
+    return f"uembed train --dataset {args.dataset}{spec} --embedding {best['method']}{budget}"
 
 
 DATA_SUFFIXES = (".parquet.brotli", ".parquet", ".pq", ".csv", ".tsv", ".txt", ".gz")
@@ -570,6 +600,7 @@ def run_continued_training(args: argparse.Namespace) -> int:
                                seed=args.seed, progress=not args.quiet)  # fmt: skip
     print(f"continued {args.continue_from} on {len(train_set):,} examples for {args.epochs} epochs "
           f"(train loss {result.metrics['history'][-1]['train_loss']:.4f}); run directory: {result.run_dir}")
+    print_next(f"uembed export {result.run_dir}")
     return 0
 
 
@@ -610,7 +641,11 @@ def report_run(args: argparse.Namespace, result) -> None:
             ChunkPolicy.from_dict(m["policy"]).save(policy_path)
         chunks = ", ".join(f"{name} {list(c)}" for name, c in m["policy"]["features"].items())
         print(f"policy (feature -> chunks): {chunks}")
-        print(f"policy file: {policy_path}  (train the Applier: uembed train --embedding seo-applier --policy {policy_path})")
+        print(f"policy file: {policy_path}")
+        data = f"--dataset {args.dataset}" + (f" --spec {args.spec}" if args.spec else "")
+        print_next(f"uembed train {data} --embedding seo-applier --policy {policy_path}   # the Applier")
+    else:
+        print_next(f"uembed export {result.run_dir}")
 
 
 def add_search_parser(commands: argparse._SubParsersAction) -> None:
@@ -631,6 +666,29 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
     out = add_run_output_options(parser)
     out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
     parser.set_defaults(handler=run_train, extras=("train",), embedding=SEARCH_METHOD, policy=None, applier="exact")
+
+
+def add_example_data_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "example-data",
+        help="write clicks.csv and its spec clicks.toml: the README's walk-through of one's own data",
+        description="Write FOLDER/clicks.csv (ad impressions: user_id, item_id, hour, device with missing values, "
+        "price, a |-separated tags list, clicked yes/no; generated from a seed, the same on every machine) and "
+        "FOLDER/clicks.toml, its spec. README: Your own data in ten minutes.",
+        formatter_class=DefaultsFormatter,
+    )
+    parser.add_argument("folder", type=Path, help="where to write them (created)")
+    parser.set_defaults(handler=run_example_data, extras=())
+
+
+def run_example_data(args: argparse.Namespace) -> int:
+    from uembed.model.data.example import write_example
+
+    data, spec, clicked = write_example(args.folder)
+    rows = sum(1 for _ in data.open()) - 1
+    print(f"wrote {data} ({rows:,} impressions, {clicked:.1%} clicked) and its spec {spec}")
+    print_next(f"uembed train --dataset {data} --spec {spec} --name clicks")
+    return 0
 
 
 def add_data_parser(commands: argparse._SubParsersAction) -> None:
@@ -666,4 +724,5 @@ def run_data_synth(args: argparse.Namespace) -> int:
     info = write_criteo_shards(args.out, args.examples, shape, args.shard_rows, text_format=args.format == "criteo", progress=not args.quiet)
     print(f"wrote {info['examples']:,} examples ({info['positive_rate']:.1%} positive) to {args.out} "
           f"in {time.perf_counter() - started:.0f}s")  # fmt: skip
+    print_next(f"uembed train --dataset {args.out}")
     return 0

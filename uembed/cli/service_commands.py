@@ -134,6 +134,13 @@ def add_publish_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_publish)
 
 
+def print_next(command: str, *then: str) -> None:
+    """A long-running command's last words: the command a user runs next (and the one after it)."""
+    print(f"next: {command}")
+    for line in then:
+        print(f"then: {line}")
+
+
 def run_publish(args: argparse.Namespace) -> int:
     from uembed.serving.rows.published import publish
 
@@ -147,7 +154,10 @@ def run_publish(args: argparse.Namespace) -> int:
     if report["write_seconds"] is not None:
         print(f"published {report['rows']:,} rows of {name} to {args.redis_url} in {report['write_seconds']:.1f}s; "
               f"marker {report['marker']}")  # fmt: skip
+    prefix = f"UEMBED_REDIS_PREFIX={args.prefix} " if args.prefix != "uembed" else ""
+    serve = f"UEMBED_ROW_SOURCE=redis {prefix}uembed serve --bundle {args.bundle} --redis-url {args.redis_url}"
     if report["verify_seconds"] is None:
+        print_next(serve)
         return 0
     for table, bad in report["bad_rows"].items():
         print(f"verify: table {table}: {bad['count']:,} rows missing or different in Redis (first: {bad['first']})")
@@ -156,6 +166,7 @@ def run_publish(args: argparse.Namespace) -> int:
     if report["bad_rows"] or report["marker_problem"]:
         return 1
     print(f"verified {report['rows']:,} rows of {name} in {report['verify_seconds']:.1f}s: all match the row files")
+    print_next(serve)
     return 0
 
 

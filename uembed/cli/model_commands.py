@@ -524,6 +524,7 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
     from uembed.model.summary import stream_summary
 
     print(stream_summary(source.name, stats))
+    print(f"(statistics of one pass over the data: {stats.seconds:.0f}s)", file=sys.stderr)
     return source, stats
 
 

@@ -5,6 +5,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
+from uembed.cli.model_commands import model_name
+
 
 def uembed(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "uembed", *args], capture_output=True, text=True, cwd=cwd)
@@ -74,6 +76,17 @@ def test_train_on_a_user_file_from_the_cli(tmp_path):
     assert "bundle bundles/clicks/1: int8 rows" in exported.stdout and "bundle test AUC" in exported.stdout
     again = uembed("export", "runs/r", "--out", "bundles", "--name", "clicks", "--version", "1", cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.startswith("error: bundle bundles/clicks/1 already exists")
+    unnamed = uembed("export", "runs/r", "--out", "bundles", cwd=tmp_path)  # the model is named for data.csv
+    assert unnamed.returncode == 0 and "bundle bundles/data/1:" in unnamed.stdout, unnamed.stdout + unnamed.stderr
+
+
+@pytest.mark.parametrize(
+    ("dataset", "model"),
+    [("clicks.csv", "clicks"), ("Clicks.TSV", "Clicks"), ("train.txt.gz", "train"), ("part.parquet.brotli", "part"),
+     ("criteo-synth", "criteo-synth"), ("movielens100k", "movielens100k"), (".csv", ".csv")],
+)  # fmt: skip
+def test_a_model_is_named_for_its_data_set_without_the_file_extension(dataset, model):
+    assert model_name(dataset) == model
 
 
 @pytest.mark.parametrize(
@@ -119,9 +132,11 @@ def test_search_then_applier_then_export_from_the_cli(tmp_path):
     policy = json.loads((tmp_path / "policy.json").read_text())
     assert set(policy["features"]) == {"a", "b", "c"} and policy["pool_chunks"] == 4
     assert "policy file: policy.json" in searched.stdout
+    assert "next: uembed train --dataset data.csv --spec spec.toml --embedding seo-applier --policy policy.json" in searched.stdout
 
     applier = uembed("train", *common, "--embedding", "seo-applier", "--applier", "rr", "--policy", "policy.json", "--name", "a", cwd=tmp_path)
     assert applier.returncode == 0, applier.stderr
+    assert applier.stdout.splitlines()[-1] == "next: uembed export runs/a"
     exported = uembed("export", "runs/a", "--out", "bundles", "--name", "clicks", "--evaluate", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     manifest = json.loads((tmp_path / "bundles" / "clicks" / "1" / "manifest.json").read_text())
@@ -155,7 +170,7 @@ def test_data_synth_writes_shards_a_spec_and_its_settings(tmp_path):
 
     result = uembed("data", "synth", "--preset", "criteo-tiny", "--examples", "3k", "--out", "d", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "wrote 3,000 examples" in result.stdout
+    assert "wrote 3,000 examples" in result.stdout and result.stdout.splitlines()[-1] == "next: uembed train --dataset d"
     info = json.loads((tmp_path / "d" / "dataset.json").read_text())
     assert info["examples"] == 3000 and len(info["shape"]["vocabulary"]) == 26
     assert (tmp_path / "d" / "part-00000.parquet").is_file() and "quantiles:16" in (tmp_path / "d" / "spec.toml").read_text()

@@ -7,6 +7,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
+from uembed.contract.errors import DataError, SpecError
+from uembed.contract.features import LabelSpec
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 
 
@@ -116,3 +118,42 @@ def test_a_csv_file_streams_with_the_same_spec(tmp_path):
     stats = json.loads((tmp_path / "runs" / "s" / "stats" / "stats.json").read_text())
     assert stats["examples"] == {"train": 1200, "validation": 400, "test": 400}
     assert stats["vocabulary"]["workclass"] == 2  # '?' is missing, not a value
+
+
+def yes_no_labels(rows=60):
+    """A label column that mixes two spellings: yes/no and 1/0."""
+    return pa.array([["yes", "no", "1", "0"][i % 4] for i in range(rows)])
+
+
+def test_a_positive_list_that_leaves_values_unexplained_is_an_error_listing_them():
+    with pytest.raises(DataError, match=r"holds '0', '1', 'no', values that are not positive .*negative = \['0', '1', 'no'\]"):
+        LabelSpec(column="answer", positive=("yes",)).binarise(yes_no_labels(), "clicks.csv")
+    with pytest.raises(DataError, match=r"holds '1', in neither positive nor negative"):
+        LabelSpec(column="answer", positive=("yes",), negative=("no", "0")).binarise(yes_no_labels(), "clicks.csv")
+
+
+def test_a_positive_list_with_one_other_value_or_the_negatives_listed_binarises():
+    yes_no = pa.array(["yes", "no", "no", "yes"])
+    assert LabelSpec(column="answer", positive=("yes",)).binarise(yes_no, "s").tolist() == [1, 0, 0, 1]
+    listed = LabelSpec.from_dict({"column": "answer", "positive": ["yes", "1"], "negative": ["no", "0"]})
+    assert listed.binarise(yes_no_labels(8), "s").tolist() == [1, 0, 1, 0] * 2
+    assert LabelSpec.from_dict(listed.to_dict()) == listed  # the negatives travel with a run and a bundle
+    both = LabelSpec.parse("answer in ['yes', '1']")  # `in` is a positive list: the other values are 'no' and '0'
+    with pytest.raises(DataError, match="holds '0', 'no'"):
+        both.binarise(yes_no_labels(), "s")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [({"column": "a", "negative": ["no"]}, "goes with positive"), ({"column": "a", "positive": ["x"], "negative": ["x"]}, "in both")],
+)
+def test_a_negative_list_needs_a_positive_one_and_no_overlap(raw, message):
+    with pytest.raises(SpecError, match=message):
+        LabelSpec.from_dict(raw)
+
+
+def test_a_mixed_label_column_stops_training_from_the_cli(tmp_path):
+    table = pa.table({"user": [f"u{i % 9}" for i in range(120)], "answer": yes_no_labels(120)})
+    pacsv.write_csv(table, tmp_path / "clicks.csv")
+    (tmp_path / "spec.toml").write_text("[label]\ncolumn='answer'\npositive=['yes']\n[[features]]\nname='user'\n")
+    expect_error(uembed("train", "--dataset", "clicks.csv", "--spec", "spec.toml", "--quiet", cwd=tmp_path), "'0', '1', 'no'")

@@ -97,6 +97,7 @@ def test_publish_writes_every_row_and_verify_reads_them_back(where, synthetic_st
     result = publish_cli(str(bundle), "--redis-url", url, "--verify", "--chunk-rows", "1000")
     assert result.returncode == 0, result.stderr
     assert "all match the row files" in result.stdout
+    assert result.stdout.splitlines()[-1] == f"next: UEMBED_ROW_SOURCE=redis uembed serve --bundle {bundle} --redis-url {url}"
     assert "publish" in result.stderr  # the progress bar
 
     loaded = load_bundle(bundle)

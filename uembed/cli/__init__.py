@@ -1,5 +1,5 @@
 """``uembed``: one entry point, one subcommand per job. The training side's commands are in
-``model_commands.py`` (train, search, study, data, export), the serving side's in ``service_commands.py`` (serve,
+``model_commands.py`` (train, search, study, data, example-data, export), the serving side's in ``service_commands.py`` (serve,
 publish, push-rows, bench, demo-bundle, stack, loadtest)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from importlib import metadata
 
 from uembed.cli.model_commands import (
     add_data_parser,
+    add_example_data_parser,
     add_export_parser,
     add_search_parser,
     add_study_parser,
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(commands)
     add_study_parser(commands)
     add_data_parser(commands)
+    add_example_data_parser(commands)
     add_export_parser(commands)
     add_serve_parser(commands)
     add_publish_parser(commands)
@@ -85,6 +87,7 @@ uembed: train, export and serve ranking models whose categorical features share 
 The path, in the order a user takes it:
   uembed serve                                 serve the demo bundle (trained the first time) on 127.0.0.1:8000
   uembed train --dataset DATA [--spec S.toml]  train a model: movielens100k, synthetic:criteo, or your Parquet/CSV
+                                               (uembed example-data DIR writes one and its spec: README, Your own data)
   uembed export RUN_DIR --out bundles          write the run as a bundle: bundles/<name>/<version>
   uembed serve --bundle BUNDLE_DIR             serve it: REST /v1, the Open Inference Protocol on /v2 and gRPC
   uembed bench | loadtest | stack              measure it, load it, run it beside Redis and Prometheus

@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from uembed.cli.service_commands import add_row_update_options, print_push_report, row_publisher
+from uembed.cli.help_format import DefaultsFormatter
+from uembed.cli.service_commands import add_row_update_options, print_next, print_push_report, row_publisher
 from uembed.contract.errors import DataError, UembedError
 from uembed.contract.features import SplitSpec, load_spec
 from uembed.contract.plan import (
@@ -74,7 +75,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="train a ranking model and write a run directory",
         description="Train a ranking model with one embedding method under a parameter budget. "
         "Prints test AUC and LogLoss and writes config, plan, checkpoint and metrics to a run directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_data_options(parser)
     emb = parser.add_argument_group("embeddings")
@@ -89,10 +90,12 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="exact: the chunks the search chose; rr: only their number, dealt round-robin over the tables",
     )  # fmt: skip
     add_budget_options(emb)
-    add_model_options(parser)
+    add_model_options(parser, emb)
     add_stream_options(parser)
     add_run_output_options(parser)
-    updates = add_row_update_options(parser, required=False)
+    updates = parser.add_argument_group(
+        "continued training and row updates", "train an exported model's tables on new data, and publish the rows that changed"
+    )
     updates.add_argument(
         "--continue-from", type=Path, metavar="RUN",
         help="continued training: start from RUN's model and train only its embedding tables (network frozen, "
@@ -103,6 +106,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="with --continue-from: after every epoch, publish the rows that changed (against --bundle, then against "
         "what was published) on the served version's update stream; replicas apply them while serving",
     )  # fmt: skip
+    add_row_update_options(updates, required=False)
     parser.set_defaults(handler=run_train, extras=("train",))
 
 
@@ -145,8 +149,11 @@ DATA_OPTIONS = ("dataset", "spec", "label_threshold", "synthetic_examples", "spl
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="movielens100k", help=DATASET_HELP)
-    data.add_argument("--spec", type=Path, help="feature spec (TOML or JSON) for a data file; see uembed/contract/features.py")
-    data.add_argument("--label-threshold", type=float, default=3.0, help="MovieLens: label = rating >= this")
+    data.add_argument("--spec", type=Path, help="feature spec (TOML or JSON) of a data file: its label rule and features (README: Your own data)")
+    data.add_argument(
+        "--label-threshold", type=float, default=3.0,
+        help="movielens100k only: label = rating >= this (a data file's label rule is its --spec's [label])",
+    )  # fmt: skip
     data.add_argument("--synthetic-examples", type=positive_int, default=200_000, help="examples of a synthetic dataset")
     data.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
     data.add_argument(
@@ -154,25 +161,25 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         help="train,validation fractions (the rest is test); default: the spec's [split], else 0.8,0.1",
     )  # fmt: skip
     data.add_argument("--split-column", help="a column whose values (train, validation, test) split the examples")
-    data.add_argument(
-        "--format", choices=("parquet", "csv", "tsv", "criteo"),
-        help="format of a streamed dataset (default: from the file names)",
-    )  # fmt: skip
-    data.add_argument(
-        "--stream", action="store_true",
-        help="stream a single Parquet/CSV file instead of loading it whole (a folder or a Criteo file always streams)",
-    )  # fmt: skip
 
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
     stream = parser.add_argument_group("streaming (a folder of shards, a Criteo file, or --stream)")
+    stream.add_argument(
+        "--format", choices=("parquet", "csv", "tsv", "criteo"),
+        help="format of a streamed dataset (default: from the file names)",
+    )  # fmt: skip
+    stream.add_argument(
+        "--stream", action="store_true",
+        help="stream a single Parquet/CSV file instead of loading it whole (a folder or a Criteo file always streams)",
+    )  # fmt: skip
     stream.add_argument(
         "--embedding-optimizer", choices=("adam", "sparse-adam", "rowwise-adagrad"),
         help="optimiser of the embedding tables: rowwise-adagrad and sparse-adam update only the rows a batch touched "
         "(default: rowwise-adagrad when streaming, adam in memory)",
     )  # fmt: skip
     stream.add_argument("--embedding-lr", type=float, help="learning rate of the tables (default: 0.05 for rowwise-adagrad, else --lr)")
-    stream.add_argument("--shuffle-buffer", type=count, default=1 << 18, help="examples in the shuffle buffer (memory: about 200 bytes each for 39 features)")
+    stream.add_argument("--shuffle-buffer", type=count, default=1 << 18, help="examples in the shuffle buffer (its memory grows with it and with the number of features)")
     stream.add_argument("--read-rows", type=count, default=1 << 16, help="rows per record batch read from the files")
     stream.add_argument("--checkpoint-every", type=count, default=5_000_000, help="write a resumable checkpoint (resume.pt) every so many examples")
     stream.add_argument("--max-examples", type=count, help="end each epoch at the first shuffle-window boundary past this many examples")
@@ -180,8 +187,8 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--stats", type=Path, help="reuse the statistics folder of an earlier scan of the same data (runs/<run>/stats)")
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    emb = parser.add_argument_group("embeddings")
+def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGroup | None = None) -> None:
+    emb = emb or parser.add_argument_group("embeddings")
     emb.add_argument("--dim", type=positive_int, default=16, help="embedding dimension (per lookup)")
     emb.add_argument(
         "--lookups-offset", type=int, default=0,
@@ -193,7 +200,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--cross-layers", type=positive_int, default=1, help="DCN-v2 cross layers")
     net.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     net.add_argument("--embedding-weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay on the embedding tables only; 0: plain Adam")
-    net.add_argument("--batch-size", type=positive_int, default=256)
+    net.add_argument("--batch-size", type=positive_int, default=256, help="examples per training step")
     net.add_argument("--epochs", type=positive_int, default=20, help="at most this many epochs")
     net.add_argument("--patience", type=positive_int, default=2, help="stop after this many epochs without a better validation AUC")
     net.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
@@ -202,7 +209,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     seo.add_argument("--search-multiplier", type=positive_int, default=2, help="search table width = dim x this")
     seo.add_argument(
         "--no-adjust-hash-buckets", dest="adjust_hash_buckets", action="store_false",
-        help="search: keep budget rows in the wider table (more parameters) instead of cutting them to match the budget",
+        help="search: keep budget rows in the wider table (more parameters) instead of cutting them to match the "
+        "budget (default: cut them)",
     )  # fmt: skip
     seo.add_argument(
         "--down-projection", action="store_true",
@@ -254,7 +262,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
         help="train methods x budgets x seeds; write a CSV, a markdown table and a Pareto plot",
         description="Parameter-accuracy study: every method at every budget with every seed, on one dataset "
         "and one split. Writes runs.csv, summary.md and pareto.png into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_data_options(parser)
     parser.add_argument("--methods", type=name_list(METHODS), default=METHODS, help="comma-separated methods")
@@ -313,6 +321,7 @@ def run_study_command(args: argparse.Namespace) -> int:
         print(f"{row['method']:>20} {row['budget_fraction']:<6g} AUC {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}  "
               f"LogLoss {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f}  {row['embedding_bytes']:>10,} bytes")
     print(f"wrote {args.out}/runs.csv, summary.md, pareto.png")
+    print_next(best_train_command(args, summary))
     return 0
 
 
@@ -331,6 +340,7 @@ def run_tuned_study_command(args: argparse.Namespace, command: str) -> int:
         print(f"{row['method']:>20} {row['budget_fraction']:<6g} test AUC tuned {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}, "
               f"fixed {base['auc'][0]:.4f} ± {base['auc'][1]:.4f}")
     print(f"wrote {args.out}/trials.csv, selected.json, runs.csv, summary.md, pareto.png")
+    print_next(best_train_command(args, tuned) + f"   # with the settings {args.out}/selected.json chose for it")
     return 0
 
 
@@ -343,11 +353,11 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
         description="Export a training run directory as <out>/<name>/<version>/: manifest.json, one row file "
         "per table, dense.onnx, and (float32, small tables) a full-model ONNX and TorchScript file. "
         "The bundle is validated by loading it back before the command succeeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="a run directory written by `uembed train`")
     parser.add_argument("--out", type=Path, default=Path("bundles"), help="bundle store (parent of <name>/)")
-    parser.add_argument("--name", help="model name (default: the run's dataset)")
+    parser.add_argument("--name", help="model name (default: the run's data set without its file extension)")
     parser.add_argument("--version", help="bundle version (default: one more than the highest numeric version)")
     parser.add_argument(
         "--dtype", choices=ROW_DTYPES, default="float32",
@@ -386,13 +396,17 @@ def run_export(args: argparse.Namespace) -> int:
     config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() else {}
     if args.evaluate and (config.get("source") or {}).get("streaming"):
         raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
-    name = args.name or config.get("dataset", {}).get("name", "model")
+    name = args.name or model_name(config.get("dataset", {}).get("name", "model"))
     path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True,
                       context_features=args.context_features, pq_subvectors=args.pq_subvectors)  # fmt: skip
     bundle = load_bundle(path)
     table_bytes = sum(t.nbytes for t in bundle.tables.values())
     float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)
     print(f"bundle {path}: {args.dtype} rows, {table_bytes:,} table bytes ({table_bytes / float32_bytes:.1%} of float32)")
+    next_lines = [f"uembed serve --bundle {path}"]
+    if config.get("dataset", {}).get("spec"):
+        body = json.dumps({"model": path.parent.name, "examples": [request_example(config)]})
+        next_lines.append(f"curl -s -X POST http://127.0.0.1:8000/v1/score -H 'content-type: application/json' -d '{body}'")
     if args.evaluate:
         from uembed.model.train import evaluate
         from uembed.serving.pipeline.reference import ReferenceScorer
@@ -403,7 +417,43 @@ def run_export(args: argparse.Namespace) -> int:
         rows, weights = bundle.plan.encode(test_set.columns)
         metrics = evaluate(test_set.labels, ReferenceScorer(bundle).score_encoded(rows, weights))
         print(f"bundle test AUC {metrics['auc']:.5f}  test LogLoss {metrics['logloss']:.5f}  ({len(test_set):,} examples)")
+    print_next(*next_lines)
     return 0
+
+
+def request_example(config: dict) -> dict:
+    """One example to score, from the run's own training values: the curl that `export` suggests."""
+    samples = config.get("sample_values", {})
+    example = {}
+    for feature in config["dataset"]["spec"]["features"]:
+        values = samples.get(feature["name"]) or [""]
+        if feature["kind"] == "numeric":
+            example[feature["name"]] = feature["boundaries"][0] if feature["boundaries"] else 0
+        elif feature["kind"] == "multivalent":
+            example[feature["name"]] = values[:2]
+        else:
+            example[feature["name"]] = values[0]
+    return example
+
+
+def best_train_command(args: argparse.Namespace, summary: list[dict]) -> str:
+    """`uembed train` of a study's best (method, budget) by test AUC, on the study's data."""
+    best = max(summary, key=lambda row: row["auc"][0])
+    spec = f" --spec {args.spec}" if args.spec else ""
+    budget = "" if best["method"] == "collisionless" else f" --budget {best['budget_fraction']:g}"  # it takes none
+    return f"uembed train --dataset {args.dataset}{spec} --embedding {best['method']}{budget}"
+
+
+DATA_SUFFIXES = (".parquet.brotli", ".parquet", ".pq", ".csv", ".tsv", ".txt", ".gz")
+
+
+def model_name(dataset: str) -> str:
+    """The model a run of ``dataset`` exports as: the data set's name without its file extensions, so a run of
+    ``clicks.csv`` serves at /v2/models/clicks, not /v2/models/clicks.csv (``train.txt.gz`` -> ``train``)."""
+    name = dataset
+    while (suffix := next((s for s in DATA_SUFFIXES if name.lower().endswith(s) and len(name) > len(s)), None)):
+        name = name[: -len(suffix)]
+    return name
 
 
 def load_dataset(args: argparse.Namespace):
@@ -474,12 +524,10 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
     else:
         stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False))
         stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them
-    print(
-        f"{source.name}: {stats.examples['train']:,} training, {stats.examples['validation']:,} validation and "
-        f"{stats.examples['test']:,} test examples; {sum(stats.vocabulary.values()):,} distinct training values "
-        f"over {len(stats.vocabulary)} features (scan {stats.seconds:.0f}s)",
-        file=sys.stderr,
-    )
+    from uembed.model.summary import stream_summary
+
+    print(stream_summary(source.name, stats))
+    print(f"(statistics of one pass over the data: {stats.seconds:.0f}s)", file=sys.stderr)
     return source, stats
 
 
@@ -497,6 +545,7 @@ def stream_config(args: argparse.Namespace, **overrides):
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from uembed.model.summary import dataset_summary
     from uembed.model.train import train
 
     # One compute thread per process: it trained faster than two (docs/BENCHMARKS.md, history).
@@ -515,6 +564,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.split_column and dataset.split_codes is None:
         raise UembedError("--split-column needs a data file with that column and a --spec")
     train_set, val_set, test_set = dataset.split(args.split_seed, args.split_fractions)
+    print(dataset_summary(train_set, val_set, test_set))
     budget = resolve_budget(args)
     config = config_from_args(
         args,
@@ -554,6 +604,7 @@ def run_continued_training(args: argparse.Namespace) -> int:
                                seed=args.seed, progress=not args.quiet)  # fmt: skip
     print(f"continued {args.continue_from} on {len(train_set):,} examples for {args.epochs} epochs "
           f"(train loss {result.metrics['history'][-1]['train_loss']:.4f}); run directory: {result.run_dir}")
+    print_next(f"uembed export {result.run_dir}")
     return 0
 
 
@@ -585,6 +636,8 @@ def report_run(args: argparse.Namespace, result) -> None:
         f"embedding params {m['embedding_parameters']:,} ({m['embedding_bytes'] / 1024:.1f} KiB)  "
         f"best epoch {m['best_epoch']}/{m['epochs_run']}  {m['train_seconds']:.1f}s"
     )
+    if m.get("stopped"):
+        print(f"stopped: {m['stopped']}")
     print(f"run directory: {result.run_dir}")
     if m.get("policy"):
         policy_path = getattr(args, "policy_out", None) or result.run_dir / "policy.json"
@@ -592,7 +645,11 @@ def report_run(args: argparse.Namespace, result) -> None:
             ChunkPolicy.from_dict(m["policy"]).save(policy_path)
         chunks = ", ".join(f"{name} {list(c)}" for name, c in m["policy"]["features"].items())
         print(f"policy (feature -> chunks): {chunks}")
-        print(f"policy file: {policy_path}  (train the Applier: uembed train --embedding seo-applier --policy {policy_path})")
+        print(f"policy file: {policy_path}")
+        data = f"--dataset {args.dataset}" + (f" --spec {args.spec}" if args.spec else "")
+        print_next(f"uembed train {data} --embedding seo-applier --policy {policy_path}   # the Applier")
+    else:
+        print_next(f"uembed export {result.run_dir}")
 
 
 def add_search_parser(commands: argparse._SubParsersAction) -> None:
@@ -603,15 +660,39 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
         "into chunks of --chunk-dim, with learned attention over all features' chunks) under the budget, then "
         "derive the policy: per feature the chunks with at least the uniform share of attention. The policy is "
         "a readable JSON file; `uembed train --embedding seo-applier --policy FILE` trains the Applier from it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_data_options(parser)
-    add_budget_options(parser.add_argument_group("embeddings"))
-    add_model_options(parser)
+    emb = parser.add_argument_group("embeddings")
+    add_budget_options(emb)
+    add_model_options(parser, emb)
     add_stream_options(parser)
     out = add_run_output_options(parser)
     out.add_argument("--policy-out", type=Path, help="policy file (default: policy.json in the run directory)")
     parser.set_defaults(handler=run_train, extras=("train",), embedding=SEARCH_METHOD, policy=None, applier="exact")
+
+
+def add_example_data_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "example-data",
+        help="write clicks.csv and its spec clicks.toml: the README's walk-through of one's own data",
+        description="Write FOLDER/clicks.csv (ad impressions: user_id, item_id, hour, device with missing values, "
+        "price, a |-separated tags list, clicked yes/no; generated from a seed, the same on every machine) and "
+        "FOLDER/clicks.toml, its spec. README: Your own data in ten minutes.",
+        formatter_class=DefaultsFormatter,
+    )
+    parser.add_argument("folder", type=Path, help="where to write them (created)")
+    parser.set_defaults(handler=run_example_data, extras=())
+
+
+def run_example_data(args: argparse.Namespace) -> int:
+    from uembed.model.data.example import write_example
+
+    data, spec, clicked = write_example(args.folder)
+    rows = sum(1 for _ in data.open()) - 1
+    print(f"wrote {data} ({rows:,} impressions, {clicked:.1%} clicked) and its spec {spec}")
+    print_next(f"uembed train --dataset {data} --spec {spec} --name clicks")
+    return 0
 
 
 def add_data_parser(commands: argparse._SubParsersAction) -> None:
@@ -625,7 +706,7 @@ def add_data_parser(commands: argparse._SubParsersAction) -> None:
         "largest 10.1 M), power-law value frequencies and a planted logistic signal. Memory does not depend on "
         "--examples; a smaller data set is a prefix of a larger one with the same seed. Writes spec.toml and "
         "dataset.json beside the data; `uembed train --dataset OUT` trains on it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     synth.add_argument("--preset", choices=("criteo-kaggle", "criteo-tiny"), default="criteo-kaggle",
                        help="vocabulary sizes (criteo-tiny: each a thousand times smaller, for tests)")  # fmt: skip
@@ -647,4 +728,5 @@ def run_data_synth(args: argparse.Namespace) -> int:
     info = write_criteo_shards(args.out, args.examples, shape, args.shard_rows, text_format=args.format == "criteo", progress=not args.quiet)
     print(f"wrote {info['examples']:,} examples ({info['positive_rate']:.1%} positive) to {args.out} "
           f"in {time.perf_counter() - started:.0f}s")  # fmt: skip
+    print_next(f"uembed train --dataset {args.out}")
     return 0

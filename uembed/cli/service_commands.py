@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from uembed.cli.help_format import DefaultsFormatter, RawDescriptionDefaultsFormatter
 from uembed.contract.errors import UembedError
 
 
@@ -23,7 +24,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "demo bundle (MovieLens-100K, unified at 10%), training it the first time. Without --redis-url rows "
         "come from the in-process hot tier and the bundle's row files (no Redis needed).",
         epilog="Every setting can also come from the environment:\n\n" + describe_settings(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionDefaultsFormatter,
     )
     parser.add_argument("--bundle", action="append", type=Path, help="bundle directory (repeat for several models)")
     parser.add_argument("--host", help="address to bind (default $UEMBED_HOST, else 127.0.0.1; 0.0.0.0 in a container)")
@@ -146,7 +147,7 @@ def add_publish_parser(commands: argparse._SubParsersAction) -> None:
         "tables' shapes and their row files' sha256. A service with UEMBED_ROW_SOURCE=redis serves the bundle "
         "without its row files once the marker matches its manifest. Running it again rewrites the same keys. "
         "Exits 1 when --verify finds a row that is missing or differs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("bundle", type=Path, help="bundle directory, with its row files")
     parser.add_argument("--redis-url", required=True,
@@ -159,6 +160,13 @@ def add_publish_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify-only", action="store_true", help="only read back and compare (write nothing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_publish)
+
+
+def print_next(command: str, *then: str) -> None:
+    """A long-running command's last words: the command a user runs next (and the one after it)."""
+    print(f"next: {command}")
+    for line in then:
+        print(f"then: {line}")
 
 
 def run_publish(args: argparse.Namespace) -> int:
@@ -174,7 +182,10 @@ def run_publish(args: argparse.Namespace) -> int:
     if report["write_seconds"] is not None:
         print(f"published {report['rows']:,} rows of {name} to {args.redis_url} in {report['write_seconds']:.1f}s; "
               f"marker {report['marker']}")  # fmt: skip
+    prefix = f"UEMBED_REDIS_PREFIX={args.prefix} " if args.prefix != "uembed" else ""
+    serve = f"UEMBED_ROW_SOURCE=redis {prefix}uembed serve --bundle {args.bundle} --redis-url {args.redis_url}"
     if report["verify_seconds"] is None:
+        print_next(serve)
         return 0
     for table, bad in report["bad_rows"].items():
         print(f"verify: table {table}: {bad['count']:,} rows missing or different in Redis (first: {bad['first']})")
@@ -183,6 +194,7 @@ def run_publish(args: argparse.Namespace) -> int:
     if report["bad_rows"] or report["marker_problem"]:
         return 1
     print(f"verified {report['rows']:,} rows of {name} in {report['verify_seconds']:.1f}s: all match the row files")
+    print_next(serve)
     return 0
 
 
@@ -199,17 +211,16 @@ def add_push_rows_parser(commands: argparse._SubParsersAction) -> None:
         "Only rows travel: it must share the served bundle's embedding plan (checked) and be trained with its "
         "dense network (`uembed train --continue-from` keeps it frozen). Publishing again is harmless: a replica "
         "that applies a row twice holds the same row.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("source", type=Path, metavar="RUN_OR_DELTA", help="run directory, bundle directory or .npz delta file")
-    add_row_update_options(parser, required=True)
+    add_row_update_options(parser.add_argument_group("row updates"), required=True)
     parser.add_argument("--dry-run", action="store_true", help="compare and report, publish nothing")
     parser.set_defaults(handler=run_push_rows)
 
 
-def add_row_update_options(parser: argparse.ArgumentParser, required: bool) -> argparse._ArgumentGroup:
+def add_row_update_options(group: argparse._ArgumentGroup, required: bool) -> argparse._ArgumentGroup:
     """The options naming a served version's update stream (push-rows, train --publish-updates)."""
-    group = parser.add_argument_group("row updates")
     group.add_argument("--bundle", type=Path, required=required, dest="served_bundle", metavar="BUNDLE",
                        help="the bundle the replicas serve: its model, version, dtypes and rows are what is compared against")  # fmt: skip
     group.add_argument("--redis-url", required=required, dest="updates_url", metavar="URL",
@@ -270,7 +281,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         description="Benchmarks of the scoring service, side by side in one run on this machine (server and "
         "load generator on loopback). Prints each phase's figures and writes them all as JSON. "
         "docs/BENCHMARKS.md records a run and its command.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo bundle, built if missing)")
     parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="where the demo bundle lives")
@@ -332,8 +343,9 @@ def add_demo_bundle_parser(commands: argparse._SubParsersAction) -> None:
         description="The bundle `serve` uses when given none: MovieLens-100K, unified embedding at 10%, exported "
         "as <bundle-store>/movielens100k/<version>. Trains it (about 20 s, needs the train extra) only when no "
         "version exists yet. The compose stack runs this once to fill its bundle volume.",
+        formatter_class=DefaultsFormatter,
     )
-    parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="bundle store root (default ./bundles)")
+    parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="bundle store root")
     parser.set_defaults(handler=run_demo_bundle)
 
 
@@ -357,7 +369,7 @@ def add_stack_parser(commands: argparse._SubParsersAction) -> None:
         "everything in reverse order. The state (URLs, each replica's ports and pid) is written to "
         "DIR/stack.json and each component logs to DIR. Needs redis-server, prometheus and (for replicas) "
         "haproxy: `make system-deps` installs them on Debian. Port 0 picks a free port.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--dir", type=Path, default=Path(".stack"), help="state, logs and Prometheus data")
     parser.add_argument("--bundle", action="append", type=Path, help="bundle to serve (default: the demo bundle)")
@@ -392,7 +404,7 @@ def add_loadtest_parser(commands: argparse._SubParsersAction) -> None:
         "summary; exits 1 if any request failed. --steps N runs a stepped ramp instead (uembed/loadtest/shapes.py) "
         "and --plot draws latency percentiles against offered load. Only loopback targets unless "
         "--allow-remote. Needs the loadtest extra (pip install 'uembed[loadtest]').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
     parser.add_argument("--seconds", type=float, default=60, help="run time (without --steps)")

@@ -5,7 +5,8 @@ A spec file (TOML or JSON) declares the label and the features of a user's own d
     [label]
     column = "rating"
     threshold = 3            # label = rating >= 3; without it the column must be 0/1
-    # or: positive = [">50K"]              the values that mean 1 (text or numbers)
+    # or: positive = [">50K"]              the values that mean 1 (text or numbers); every other value must be
+    #     one value (<=50K) or be listed:  negative = ["no", "0"]   an unexplained value is an error naming it
     # or, instead of the table: label = "income == '>50K'"   (==, !=, >=, >, <=, <, in [...])
 
     [split]                  # optional; default: a seeded 80/10/10 shuffle
@@ -218,7 +219,10 @@ _LABEL_EXPRESSION = re.compile(r"^\s*(?P<column>[^\s=!<>]+)\s*(?P<op>==|!=|>=|<=
 class LabelSpec:
     """Binary label from one column, by the first rule given:
 
-    * ``positive``: the values that mean 1 (``positive = [">50K"]``);
+    * ``positive``: the values that mean 1 (``positive = [">50K"]``). The other values must be a single value
+      (``<=50K``) or be listed in ``negative``: a column holding ``yes``/``no`` and ``0``/``1`` with
+      ``positive = ["yes"]`` would otherwise make ``1`` a negative without a word, so values neither positive nor
+      negative are an error that lists them (``negative = ["no", "0"]`` settles it, ``positive = ["yes", "1"]`` too);
     * ``operator`` and ``value``: ``column <op> value`` (``label = "income == '>50K'"``);
     * ``threshold``: ``column >= threshold``;
     * none: the column must hold 0 and 1.
@@ -229,9 +233,16 @@ class LabelSpec:
     positive: tuple = ()
     operator: str | None = None
     value: object = None
+    negative: tuple = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positive", tuple(self.positive))
+        object.__setattr__(self, "negative", tuple(self.negative))
+        if self.negative and not self.positive:
+            raise SpecError("label: negative = [...] goes with positive = [...], the values that mean 1")
+        both = set(self.positive) & set(self.negative)
+        if both:
+            raise SpecError(f"label: {sorted(both, key=repr)!r} are in both positive and negative")
         if self.operator is not None and self.operator not in LABEL_OPERATORS:
             raise SpecError(f"label: operator must be one of {', '.join(LABEL_OPERATORS)}, got {self.operator!r}")
 
@@ -283,7 +294,7 @@ class LabelSpec:
         text = pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
         numeric = pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_boolean(values.type)
         if self.positive or self.operator:
-            wanted = list(self.positive) if self.positive else [self.value]
+            wanted = [*self.positive, *self.negative] if self.positive else [self.value]
             if text and not all(isinstance(v, str) for v in wanted) or numeric and not all(
                 isinstance(v, (int, float, bool)) for v in wanted
             ):
@@ -292,7 +303,8 @@ class LabelSpec:
                     f"but the rule {self.rule} compares it with {wanted!r}"
                 )
             if self.positive:
-                out = pc.is_in(values, value_set=pa.array(wanted).cast(values.type))
+                out = pc.is_in(values, value_set=pa.array(list(self.positive)).cast(values.type))
+                self.check_unexplained(values, out, source)
             else:
                 compare = {"==": pc.equal, "!=": pc.not_equal, ">=": pc.greater_equal, "<=": pc.less_equal,
                            ">": pc.greater, "<": pc.less}[self.operator]  # fmt: skip
@@ -323,10 +335,33 @@ class LabelSpec:
             raise DataError(f"{source}: label column {self.column!r} has one class only after thresholding ({self.rule})")
         return out
 
+    def check_unexplained(self, values, positive, source: str) -> None:
+        """Refuse label values that are neither positive nor a declared (or the only other) negative value."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        others = pc.unique(pc.filter(values, pc.invert(positive)))
+        if self.negative:
+            others = pc.filter(others, pc.invert(pc.is_in(others, value_set=pa.array(list(self.negative)).cast(values.type))))
+            if not len(others):
+                return
+        elif len(others) <= 1:
+            return
+        shown = sorted(others.to_pylist(), key=repr)
+        listed = ", ".join(repr(v) for v in shown[:10]) + (f" and {len(shown) - 10} more" if len(shown) > 10 else "")
+        raise DataError(
+            f"{source}: label column {self.column!r} holds {listed}, "
+            + ("in neither positive nor negative" if self.negative else "values that are not positive")
+            + f" ({self.rule}); say what they mean: add them to positive = [...] or list the negatives, "
+            f"negative = {shown[:10]!r}"
+        )
+
     def to_dict(self) -> dict:
         out: dict = {"column": self.column, "threshold": self.threshold}
         if self.positive:
             out["positive"] = list(self.positive)
+        if self.negative:
+            out["negative"] = list(self.negative)
         if self.operator:
             out["operator"], out["value"] = self.operator, self.value
         return out
@@ -337,19 +372,19 @@ class LabelSpec:
             return cls.parse(raw)
         if not isinstance(raw, dict) or ("column" not in raw and "expression" not in raw):
             raise SpecError(f"{source}: [label] needs a column")
-        unknown = set(raw) - {"column", "threshold", "positive", "operator", "value", "expression"}
+        unknown = set(raw) - {"column", "threshold", "positive", "negative", "operator", "value", "expression"}
         if unknown:
             raise SpecError(f"{source}: [label] has unknown key(s) {', '.join(sorted(unknown))}")
         if "expression" in raw:
             return cls.parse(str(raw["expression"]))
-        positive = raw.get("positive") or ()
-        if isinstance(positive, (str, int, float)):
-            positive = (positive,)
+        positive, negative = (raw.get(key) or () for key in ("positive", "negative"))
+        positive, negative = ((v,) if isinstance(v, (str, int, float)) else v for v in (positive, negative))
         threshold = raw.get("threshold")
         return cls(
             column=str(raw["column"]),
             threshold=None if threshold is None else float(threshold),
             positive=tuple(positive),
+            negative=tuple(negative),
             operator=raw.get("operator"),
             value=raw.get("value"),
         )

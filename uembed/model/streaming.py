@@ -44,6 +44,7 @@ from uembed.model.data.stream import (
     split_of_rows,
 )
 from uembed.model.optim import EMBEDDING_OPTIMIZERS, embedding_optimizer
+from uembed.model.summary import stop_reason
 from uembed.model.train import (
     TrainConfig,
     TrainResult,
@@ -298,6 +299,7 @@ def train_stream(
         "dataset": source.name, "embedding": config.embedding, "test_auc": test["auc"], "test_logloss": test["logloss"],
         "test_examples": test["examples"], "best_epoch": state["best_epoch"], "best_val_auc": state["best_auc"],
         "epochs_run": len(state["history"]), "train_seconds": seconds,
+        "stopped": stop_reason(len(state["history"]), config.epochs, state["best_epoch"], state["best_auc"], config.patience),
         "seconds_per_epoch": seconds / max(len(state["history"]), 1), "train_examples": state["examples"],
         "examples_per_second": state["examples"] / max(seconds, 1e-9), "peak_rss_bytes": peak_rss_bytes(),
         "embedding_optimizer": config.embedding_optimizer, "budget_rows": plan.budget_rows,

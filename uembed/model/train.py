@@ -32,6 +32,7 @@ from uembed.contract.seo import ChunkPolicy, derive_policy
 from uembed.model.data import Dataset
 from uembed.model.embeddings import PlanEmbedding, SearchEmbedding
 from uembed.model.networks import RankingModel, build_network
+from uembed.model.summary import stop_reason
 
 DOMINANCE_THRESHOLD = 0.5  # a feature with more gradient than all its table-mates together
 
@@ -306,6 +307,7 @@ def train(
         "best_epoch": best_epoch,
         "best_val_auc": best_auc,
         "epochs_run": len(history),
+        "stopped": stop_reason(len(history), config.epochs, best_epoch, best_auc, config.patience),
         "train_seconds": train_seconds,
         "seconds_per_epoch": train_seconds / max(len(history), 1),
         "budget_rows": plan.budget_rows,

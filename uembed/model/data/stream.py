@@ -146,6 +146,14 @@ def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Record
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
+def all_numbers(values: list[bytes]) -> bool:
+    """Whether every value reads as a number (a column a user may have meant as numeric); none: True."""
+    try:
+        return all(np.isfinite(float(v)) for v in values)
+    except ValueError:
+        return False
+
+
 def split_of_rows(first_row: int, batch: pa.RecordBatch, split: SplitSpec, seed: int, source: str) -> np.ndarray:
     """int8 split (0 train, 1 validation, 2 test) of each row: its split column, or a seeded hash of its position."""
     if split.column:
@@ -196,7 +204,8 @@ class StreamStats:
     ``spec``: the spec with quantile boundaries resolved; ``examples`` and ``positives`` per
     split; per feature ``vocabulary`` (distinct non-missing training values), ``widths``
     (longest list) and ``keys`` (sorted keys of those values under the feature's seed: the
-    collisionless vocabulary).
+    collisionless vocabulary); ``missing``: per feature the training examples without a value; ``numbers``: the
+    categorical features whose training values all read as numbers (the data summary says so).
     """
 
     spec: DatasetSpec
@@ -206,11 +215,14 @@ class StreamStats:
     widths: dict[str, int]
     keys: Mapping[str, np.ndarray] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
+    missing: dict[str, int] = field(default_factory=dict)  # statistics saved before these were counted have none
+    numbers: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         doc = {"spec": self.spec.to_dict(), "examples": self.examples, "positives": self.positives,
-               "vocabulary": self.vocabulary, "widths": self.widths, "seconds": self.seconds}  # fmt: skip
+               "vocabulary": self.vocabulary, "widths": self.widths, "seconds": self.seconds, "missing": self.missing,
+               "numbers": self.numbers}  # fmt: skip
         (path / "stats.json").write_text(json.dumps(doc, indent=2))
         target = path / "keys.npz"
         if not (isinstance(self.keys, StoredKeys) and self.keys.path.resolve() == target.resolve()):
@@ -223,7 +235,8 @@ class StreamStats:
         doc = json.loads((path / "stats.json").read_text())
         keys = StoredKeys(path / "keys.npz")
         return cls(DatasetSpec.from_dict(doc["spec"]), doc["examples"], doc["positives"], doc["vocabulary"],
-                   doc["widths"], keys, doc.get("seconds", 0.0))  # fmt: skip
+                   doc["widths"], keys, doc.get("seconds", 0.0), doc.get("missing", {}),
+                   doc.get("numbers", []))  # fmt: skip
 
 
 class StoredKeys(Mapping):
@@ -318,6 +331,8 @@ def scan(
     other = [f for f in spec.features if not f.needs_quantiles]
     keys = {f.name: _KeySet() for f in other}
     widths = {f.name: 1 for f in spec.features}
+    missing = {f.name: 0 for f in spec.features}
+    numbers = {f.name for f in spec.features if f.kind == FeatureKind.CATEGORICAL}
     reservoirs = {f.name: _Reservoir(sample, lookup_seed(f.name, 1_000_003 + seed)) for f in quantile_features}
     examples, positives = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     bar = tqdm(unit="ex", unit_scale=True, desc="scanning", disable=not progress, file=sys.stderr)
@@ -336,12 +351,16 @@ def scan(
         for feature in other:
             column = encode_column(feature, rows.column(feature.column))
             widths[feature.name] = max(widths[feature.name], column.codes.shape[1])
+            missing[feature.name] += int((column.codes[:, 0] <= 0).sum())
             present = [v for v in column.present_values() if v != MISSING]
             keys[feature.name].add(np.unique(hash_canonical(present, lookup_seed(feature.name), count=len(present))))
+            if feature.name in numbers and not all_numbers(present):
+                numbers.discard(feature.name)
         positions = np.flatnonzero(train) + first_row
         for feature in quantile_features:
             values = _numbers(feature, rows.column(feature.column))
             known = ~np.isnan(values)
+            missing[feature.name] += int(values.size - known.sum())
             reservoirs[feature.name].add(positions[known], values[known])
         bar.update(batch.num_rows)
     bar.close()
@@ -360,7 +379,8 @@ def scan(
         out_keys[feature.name] = np.unique(hash_canonical(present, lookup_seed(feature.name), count=len(present)))
     vocabulary = {f.name: int(out_keys[f.name].size) for f in spec.features}
     widths = {f.name: max(1, f.max_values or widths[f.name]) for f in spec.features}
-    return StreamStats(resolved, examples, positives, vocabulary, widths, out_keys, time.perf_counter() - started)
+    return StreamStats(resolved, examples, positives, vocabulary, widths, out_keys, time.perf_counter() - started, missing,
+                       sorted(n for n in numbers if vocabulary[n]))
 
 
 def encoded_chunks(

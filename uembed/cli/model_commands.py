@@ -366,7 +366,7 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
         "accuracy cost",
     )  # fmt: skip
     parser.add_argument("--pq-subvectors", type=int, metavar="M",
-                        help="--dtype pq: sub-vectors a row is split into, one byte each; must divide the dim (None: dim / 2)")  # fmt: skip
+                        help="--dtype pq: sub-vectors a row is split into, one byte each; must divide the dim (default: half the dim)")  # fmt: skip
     parser.add_argument(
         "--full-model-limit-mb", type=float, default=64.0,
         help="also write model.onnx and model.pt (tables embedded) when the float32 tables are at most this size",

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving.protocols.test_oip import MODEL
-from uembed.loadtest.servers import UvicornProcess
+from tests.serving.protocols.test_oip import MODEL, service  # noqa: F401 - its fixture: the demo-shaped service
 
 VERSION = "2.50.0"
 PACKAGES = (f"tritonclient=={VERSION}", "nvidia-cuda-runtime-cu12")
@@ -62,27 +61,21 @@ def perf_analyzer() -> tuple[str, dict]:
     return binary, env
 
 
-@pytest.fixture(scope="module")
-def service(synthetic_store, tmp_path_factory):
-    service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(synthetic_store / MODEL / "1")},
-                             tmp_path_factory.mktemp("perf") / "service.log").start()  # fmt: skip
-    yield service
-    service.stop()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_perf_analyzer_runs_unchanged(perf_analyzer, service, protocol, batch, tmp_path):
+def test_perf_analyzer_runs_unchanged(perf_analyzer, service, protocol, batch, tmp_path):  # noqa: F811 - the fixture
     binary, env = perf_analyzer
     url = service.url.removeprefix("http://") if protocol == "http" else service.grpc_target
     report = tmp_path / "report.csv"
+    # Short windows, and any spread between them taken as stable: this checks that it runs, not how fast (on a
+    # shared machine, windows that differ would otherwise end it with "failed to obtain stable measurement").
     command = [binary, "-m", MODEL, "-u", url, "-i", protocol, "-b", str(batch), "--concurrency-range", "1:4:3",
-               "--measurement-interval", "500", "--max-trials", "3", "--stability-percentage", "100", "-f", str(report)]  # fmt: skip
+               "--measurement-interval", "500", "--max-trials", "3", "--stability-percentage", "10000", "-f", str(report)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert "error" not in output.lower().replace("failed to obtain stable measurement", ""), output[-3000:]
+    assert "error" not in output.lower(), output[-3000:]
     rows = report.read_text().splitlines()
     assert rows[0].startswith("Concurrency,Inferences/Second") and sorted(row.split(",")[0] for row in rows[1:]) == ["1", "4"], rows
     assert all(float(row.split(",")[1]) > 0 for row in rows[1:]), rows

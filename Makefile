@@ -23,11 +23,12 @@ install: $(STAMP)
 # compose stack (`make images`, tests/deploy): podman with runc (crun fails on hosts with hybrid
 # cgroups), netavark and aardvark-dns (compose services find each other by name), iptables (netavark's
 # firewall driver: without it a compose network cannot start), debootstrap
-# (the base image, where no image registry is reachable).
-SYSTEM_PACKAGES := redis-server prometheus haproxy wrk podman runc netavark aardvark-dns iptables debootstrap
+# (the base image, where no image registry is reachable), libb64-0d (Triton's perf_analyzer links it:
+# tests/serving/protocols/test_perf_analyzer.py).
+SYSTEM_PACKAGES := redis-server prometheus haproxy wrk podman runc netavark aardvark-dns iptables debootstrap libb64-0d
 system-deps:
 	@for tool in redis-server prometheus /usr/sbin/haproxy wrk podman runc /usr/sbin/iptables debootstrap /usr/lib/podman/netavark /usr/lib/podman/aardvark-dns; do \
-	  command -v $$tool >/dev/null || missing=1; done; [ -z "$$missing" ] || { \
+	  command -v $$tool >/dev/null || missing=1; done; dpkg -s libb64-0d >/dev/null 2>&1 || missing=1; [ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 
 # The main job on the embedded default: serve the demo bundle (MovieLens-100K, unified

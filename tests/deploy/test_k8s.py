@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from uembed.contract.errors import UembedError
 from uembed.serving.app import create_app
 from uembed.serving.metrics import ServiceMetrics
+from uembed.serving.protocols.oip_grpc import HealthServicer
 from uembed.serving.settings import ServiceSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,11 +188,15 @@ def check_schemas(m: Manifests) -> None:
 
 
 def check_probes(m: Manifests) -> None:
-    """Readiness waits on /readyz (model loaded, row checks passed); liveness and start-up only on /healthz,
-    which answers while the row files are checked, or big bundles would be restarted mid-check."""
+    """Readiness asks gRPC's health service (SERVING when the service is ready, as /readyz: model loaded, row
+    checks passed) for a service it serves; liveness and start-up only /healthz, which answers while the row files
+    are checked, or big bundles would be restarted mid-check."""
     c = container(m)
     routes = get_routes()
-    expected = {"readinessProbe": "/readyz", "livenessProbe": "/healthz", "startupProbe": "/healthz"}
+    readiness = c["readinessProbe"].get("grpc")
+    assert readiness is not None, "readiness should ask the gRPC health service (grpc.health.v1)"
+    assert readiness.get("service", "") in HealthServicer.SERVICES, f"the health service answers NOT_FOUND for {readiness['service']!r}"
+    expected = {"livenessProbe": "/healthz", "startupProbe": "/healthz"}
     for probe, path in expected.items():
         assert probe in c, f"no {probe}"
         assert c[probe]["httpGet"]["path"] == path, f"{probe} should ask {path}"
@@ -208,10 +213,14 @@ def check_ports(m: Manifests) -> None:
     assert option(command, "--host") == "0.0.0.0", "uembed serve binds 127.0.0.1 by default: probes could not reach it"
     port = int(option(command, "--port") or 8000)
     assert port == image_port(), f"--port {port}, the image serves on {image_port()}"
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+    for probe in ("livenessProbe", "startupProbe"):
         assert container_port(m, c[probe]["httpGet"]["port"]) == port, f"{probe} asks another port than {port}"
-    for service_port in find(m, "Service")["spec"]["ports"]:
-        assert container_port(m, service_port["targetPort"]) == port, "the Service forwards to another port"
+    grpc_port = settings_from(manifest_environment(m, VALID_TOKEN)).grpc_port
+    assert grpc_port and option(command, "--grpc-port") in (None, str(grpc_port)), "gRPC is switched off or moved"
+    assert container_port(m, "grpc") == grpc_port, f"the container's grpc port is not UEMBED_GRPC_PORT ({grpc_port})"
+    assert c["readinessProbe"]["grpc"]["port"] == grpc_port, f"the gRPC readiness probe asks another port than {grpc_port}"
+    targets = sorted(container_port(m, service_port["targetPort"]) for service_port in find(m, "Service")["spec"]["ports"])
+    assert targets == sorted([port, grpc_port]), f"the Service forwards to {targets}, not HTTP {port} and gRPC {grpc_port}"
     annotations = find(m, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
     assert annotations.get("prometheus.io/scrape") == "true", "pods not marked for scraping"
     assert int(annotations["prometheus.io/port"]) == port, f"scraped on port {annotations['prometheus.io/port']}, served on {port}"
@@ -481,7 +490,11 @@ MISTAKES = {
     "replicas as a string": (check_schemas, edit("Deployment", "spec.replicas", "2")),
     "an HPA of a removed API": (check_schemas, edit("HorizontalPodAutoscaler", "apiVersion", "autoscaling/v2beta2")),
     "misspelt Service field": (check_schemas, lambda m: find(m, "Service")["spec"].update(selectors={})),
-    "readiness on a missing route": (check_probes, edit_container("readinessProbe.httpGet.path", "/ready")),
+    "readiness on HTTP, not gRPC health": (check_probes, lambda m: container(m).update(readinessProbe={"httpGet": {"path": "/readyz", "port": "http"}})),
+    "readiness asking an unknown gRPC service": (check_probes, edit_container("readinessProbe.grpc.service", "uembed")),
+    "gRPC readiness on the HTTP port": (check_ports, edit_container("readinessProbe.grpc.port", 8000)),
+    "gRPC port not in the Service": (check_ports, lambda m: find(m, "Service")["spec"].update(ports=find(m, "Service")["spec"]["ports"][:1])),
+    "gRPC switched off": (check_ports, edit_configmap("UEMBED_GRPC_PORT", "0")),
     "liveness waiting on the row checks": (check_probes, edit_container("livenessProbe.httpGet.path", "/readyz")),
     "startup probe too short for big bundles": (check_probes, edit_container("startupProbe.failureThreshold", 6)),
     "service on another port": (check_ports, edit_command("--port", "8080")),

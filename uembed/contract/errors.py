@@ -112,6 +112,15 @@ class NotFound(UembedError):
     description = "No such model, or no such bundle in the store, or the route is switched off"
 
 
+class Unsupported(UembedError):
+    """A route or method of a protocol this service does not implement (the Open Inference Protocol's optional
+    parts: the model repository, shared memory, tracing, ...)."""
+
+    kind = "unsupported"
+    status = 501
+    description = "A protocol route or method this service does not implement"
+
+
 class Conflict(UembedError):
     """A change the model's current state does not allow: unloading its primary version, or a version its routing
     rule uses."""

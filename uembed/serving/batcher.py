@@ -28,6 +28,7 @@ from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.stages import BatchTimes
 from uembed.serving.rows.redis import RedisTier
 from uembed.serving.settings import ServiceSettings
+from uembed.serving.statistics import InferenceStatistics
 
 log = logging.getLogger("uembed.batcher")
 
@@ -42,9 +43,11 @@ class Pending:
 
 
 class Batcher:
-    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics, redis: RedisTier | None = None) -> None:
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics, redis: RedisTier | None = None,
+                 stats: InferenceStatistics | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.metrics = metrics
+        self.stats = stats or InferenceStatistics()
         self.redis = redis
         self.queue: deque[Pending] = deque()
         self.queued_examples = 0
@@ -196,8 +199,10 @@ class Batcher:
             self._idle.clear()
             self._batch_runtime = batch[0].runtime
             started = time.perf_counter()
+            counters = self.stats.of(batch[0].runtime.name, batch[0].runtime.version)
             for pending in batch:
                 self.metrics.stage_seconds.labels("queue").observe(started - pending.admitted)
+                counters.queue.add(started - pending.admitted)
             try:
                 if self.batches_on_loop:
                     results = self._run_batch(batch)
@@ -232,7 +237,10 @@ class Batcher:
         if scores.shape[0] != examples:
             # A dense net that returns the wrong shape must not hand one request another's scores.
             raise Internal(f"the dense network returned {scores.shape[0]} scores for {examples} examples")
-        return np.split(scores, np.cumsum([p.count for p in parts])[:-1])
+        split = time.perf_counter()
+        results = np.split(scores, np.cumsum([p.count for p in parts])[:-1])
+        self.stats.of(runtime.name, runtime.version).batch(times, time.perf_counter() - split, examples, len(batch))
+        return results
 
     def _observe(self, runtime: ModelRuntime, times: BatchTimes, examples: int, scores: np.ndarray) -> None:
         metrics = self.metrics

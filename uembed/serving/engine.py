@@ -46,6 +46,7 @@ from uembed.serving.routing import Route, ShadowCopy
 from uembed.serving.rows.redis import RedisTier, redis_client
 from uembed.serving.rows.updates import UpdateReader, apply_entries
 from uembed.serving.settings import ServiceSettings
+from uembed.serving.statistics import InferenceStatistics
 
 # values (examples x features, or a request's tensor elements) from which a request is decoded beside the loop
 OFF_LOOP_VALUES = 4096
@@ -69,7 +70,8 @@ class ScoringEngine:
                 fill_queue=settings.redis_fill_queue,
             )
         self.registry = ModelRegistry(settings, self.metrics, self.redis)
-        self.batcher = Batcher(settings, self.metrics, self.redis)
+        self.stats = InferenceStatistics()  # the Open Inference Protocol's statistics, per version
+        self.batcher = Batcher(settings, self.metrics, self.redis, self.stats)
         self.updates = None
         if settings.row_updates_url:
             self.updates = UpdateReader(self, settings.row_updates_url, settings.redis_prefix, self.UPDATES_TIMEOUT_S)
@@ -161,7 +163,14 @@ class ScoringEngine:
             self.metrics.truncated.labels(feature).inc(count)
         for feature, count in canonical.missing.items():
             self.metrics.missing.labels(runtime.name, feature).inc(count)
-        scores, admitted = await self.batcher.score(runtime, canonical)
+        counters = self.stats.of(runtime.name, runtime.version)
+        entered = time.perf_counter()
+        try:
+            scores, admitted = await self.batcher.score(runtime, canonical)
+        except BaseException:
+            counters.request(time.perf_counter() - entered, failed=True)
+            raise
+        counters.request(time.perf_counter() - entered, failed=False)
         self.metrics.version_seconds.labels(runtime.name, runtime.version, "served").observe(time.perf_counter() - admitted)
         route = target.route
         if route is not None and route.shadow is not None and route.shadow != runtime.version:
@@ -240,6 +249,7 @@ class ScoringEngine:
         runtime = self.registry.removable(name, version)
         async with self.registry.lock:
             self.registry.unload(runtime)
+            self.stats.forget(name, version)
             deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
             while self.batcher.holds(runtime) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)

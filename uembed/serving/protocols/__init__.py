@@ -7,7 +7,8 @@ version and hands the resolved target to the engine (``engine.score_resolved``).
   OpenAPI schema; :mod:`~uembed.serving.protocols.lean_json` answers valid ``/v1/score`` bodies around the
   framework.
 - The Open Inference Protocol (KServe "v2"): its protocol-neutral part in :mod:`~uembed.serving.protocols.oip`
-  (tensors in, columns out; metadata; readiness), served by :mod:`~uembed.serving.protocols.oip_rest` (FastAPI
+  (tensors in, columns out; metadata; readiness) and :mod:`~uembed.serving.protocols.oip_config` (model
+  configuration and statistics, Triton's shapes), served by :mod:`~uembed.serving.protocols.oip_rest` (FastAPI
   routes under ``/v2``) and :mod:`~uembed.serving.protocols.oip_grpc` (``inference.GRPCInferenceService`` on
   grpcio's asyncio server).
 - What they share: :mod:`~uembed.serving.protocols.render` (each protocol's rendering of the one error table, the

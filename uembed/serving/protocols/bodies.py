@@ -1,5 +1,6 @@
-"""What a request's bytes must be before a parser reads them: JSON in UTF-8, nested at most MAX_JSON_DEPTH deep, and
-header numbers in ASCII digits.
+"""What a request's bytes must be before a parser reads them: JSON in UTF-8, nested at most MAX_JSON_DEPTH deep,
+header numbers in ASCII digits, and a compressed body (the Open Inference Protocol's) within the body limit once
+decompressed.
 
 The parsers would take more, or fail in ways that are not the client's error: the stdlib's ``json.loads`` (FastAPI's)
 reads UTF-16 and UTF-32 and skips a byte-order mark, though the service promises UTF-8; the parsers recurse once per
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import codecs
 import re
+import zlib
 
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
+
+from uembed.contract.errors import BodyTooLarge, ValidationFailed
 
 # A score request nests 4 deep, an admin call's body 3: the limit is far above any body the service takes.
 MAX_JSON_DEPTH = 32
@@ -70,3 +74,44 @@ class CheckedBodyRoute(APIRoute):
             return await handler(request)
 
         return checked
+
+
+# Content-Encoding -> zlib's wbits: gzip's header, or zlib's (RFC 1950, what "deflate" means; raw deflate is tried if
+# the header is not there, as some clients send that).
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+DECOMPRESS_CHUNK = 2**16
+
+
+def decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """A ``Content-Encoding: gzip|deflate`` body, decompressed a chunk at a time and refused (413) once it is over
+    ``limit`` bytes, so a small body that inflates to gigabytes costs no more than the limit; an encoding not
+    accepted, or a body that is not what it says, is a 422 naming it."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ENCODINGS:
+        raise ValidationFailed(f"Content-Encoding: {encoding[:40]!r} is not accepted; send gzip, deflate or identity")
+    for wbits in (ENCODINGS[encoding], -zlib.MAX_WBITS) if encoding == "deflate" else (ENCODINGS[encoding],):
+        try:
+            return inflate(body, wbits, limit)
+        except zlib.error as exc:
+            problem = str(exc)
+    raise ValidationFailed(f"body: not valid {encoding} data ({problem})")
+
+
+def inflate(body: bytes, wbits: int, limit: int) -> bytes:
+    inflater = zlib.decompressobj(wbits)
+    parts, size = [], 0
+    pending = body
+    while pending or not inflater.eof:
+        part = inflater.decompress(pending, DECOMPRESS_CHUNK)
+        pending = inflater.unconsumed_tail
+        size += len(part)
+        if size > limit:
+            raise BodyTooLarge(f"body: over the limit of {limit} bytes once decompressed")
+        parts.append(part)
+        if not part and not pending:
+            break  # the data ended before its stream did
+    if not inflater.eof:
+        raise zlib.error("the compressed data is cut short")
+    return b"".join(parts)

@@ -55,7 +55,8 @@ from uembed.serving.settings import ServiceSettings
 OUTPUT = "score"
 OUTPUT_DATATYPE = "FP32"
 PLATFORM = "uembed"
-EXTENSIONS = ("binary_tensor_data",)
+# Exactly what is implemented of the protocol's (Triton's) extensions: server metadata lists these.
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
 
 # Little-endian element types of the fixed-size datatypes; BYTES elements are length-prefixed.
 FIXED_SIZE = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
@@ -263,10 +264,24 @@ def elements(inputs) -> int:
     return sum(math.prod(max(int(size), 0) for size in tensor.shape) for tensor in inputs)
 
 
-def check_outputs(names: list[str]) -> None:
-    for name in names:
+def check_outputs(names: list[str], parameters: list[list[str]] | None = None, allowed: frozenset = frozenset()) -> None:
+    """The requested outputs exist, and each asks only for ``allowed`` parameters: one the service would not act on
+    (``classification``, Triton's class_count; shared memory) is refused rather than silently ignored."""
+    for index, name in enumerate(names):
         if name != OUTPUT:
             raise TensorError(f"output {name!r}: no such output; the model's one output is {OUTPUT!r}")
+        refused = [key for key in (parameters[index] if parameters else ()) if key not in allowed]
+        if refused:
+            also = f"; it takes only {', '.join(sorted(allowed))}" if allowed else ""
+            raise TensorError(f"output {name!r}: parameter {refused[0]!r} is not supported{also}")
+
+
+def input_shape(runtime: ModelRuntime, spec: FeatureSpec) -> list[int]:
+    """The shape metadata states for a feature's tensor, the batch first: [-1, 1] for one value per example, [-1, W]
+    for a list (W: its trained width; longer lists are cut to it, shorter ones padded with ""). Every input has a
+    non-batch dimension, so tools that size tensors from metadata (perf_analyzer) can batch them. The model
+    configuration states the same shape without the batch (``oip_config.py``)."""
+    return [-1, runtime.encoder.widths[spec.name] if spec.multivalent else 1]
 
 
 def server_version() -> str:
@@ -284,6 +299,7 @@ class InferencePlane:
 
     def __init__(self, engine: ScoringEngine, settings: ServiceSettings) -> None:
         self.engine = engine
+        self.settings = settings
         self.max_examples = settings.max_examples
 
     @staticmethod
@@ -307,8 +323,7 @@ class InferencePlane:
         runtime = self.loaded(name, version)
         inputs = []
         for feature, spec in runtime.bundle.feature_specs.items():
-            shape = [-1, -1] if spec.multivalent else [-1]
-            inputs.append({"name": feature, "datatype": ACCEPTED[spec.kind][0], "shape": shape})
+            inputs.append({"name": feature, "datatype": ACCEPTED[spec.kind][0], "shape": input_shape(runtime, spec)})
         return {"name": runtime.name, "versions": list(self.engine.registry.versions[name]), "platform": PLATFORM, "inputs": inputs,
                 "outputs": [{"name": OUTPUT, "datatype": OUTPUT_DATATYPE, "shape": [-1]}]}  # fmt: skip
 

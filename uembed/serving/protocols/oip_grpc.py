@@ -6,11 +6,17 @@ batcher. The messages and the servicer base are the generated ones that Triton's
 package ships (``tritonclient.grpc.service_pb2`` and ``service_pb2_grpc``, from the protocol's
 ``grpc_service.proto``); no proto is kept here.
 
-Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and
-ModelInfer, with inputs as ``raw_input_contents`` (one entry per input, little-endian; BYTES
-elements each a 4-byte little-endian length and the bytes) or as typed ``contents``; the
-score comes back in ``raw_output_contents``, as Triton's server sends it. The other methods
-answer UNIMPLEMENTED.
+Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
+ModelStatistics (``oip_config.py``) and ModelInfer, with inputs as ``raw_input_contents`` (one
+entry per input, little-endian; BYTES elements each a 4-byte little-endian length and the bytes)
+or as typed ``contents``; the score comes back in ``raw_output_contents``, as Triton's server
+sends it. The other methods of the service (streaming, the model repository, shared memory, trace
+and log settings) answer UNIMPLEMENTED with a message naming the method, logged at debug and
+counted as any call. A requested output takes no parameters (``classification``: INVALID_ARGUMENT).
+
+``grpc.health.v1.Health`` (Kubernetes' gRPC probes) answers SERVING when the service is ready, as
+``/v2/health/ready`` decides, else NOT_SERVING; for the server (service "") and for
+``inference.GRPCInferenceService``.
 
 Errors are gRPC status codes, from the status of their row in the error table: a bad tensor
 INVALID_ARGUMENT (the message names it), an unknown model or version NOT_FOUND, not ready or
@@ -25,14 +31,16 @@ workers start (``uembed/serving/process.py``), so no other server's workers join
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from uembed.contract.errors import NotReady, TensorError, UembedError
+from uembed.contract.errors import NotFound, NotReady, TensorError, UembedError, Unsupported
 from uembed.serving.metrics import outcome
 from uembed.serving.protocols.oip import (
     OUTPUT,
@@ -43,6 +51,7 @@ from uembed.serving.protocols.oip import (
     elements,
     text,
 )
+from uembed.serving.protocols.oip_config import config_message, model_config, model_statistics, statistics_message
 from uembed.serving.protocols.render import grpc_code, table_error
 from uembed.serving.settings import ServiceSettings
 
@@ -102,7 +111,9 @@ def read_inputs(request: service_pb2.ModelInferRequest) -> list[InputTensor]:
     return inputs
 
 
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+class Observed:
+    """A servicer whose calls :func:`rpc` times and counts."""
+
     def __init__(self, plane: InferencePlane) -> None:
         self.plane = plane
         self.metrics = plane.engine.metrics
@@ -112,6 +123,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         status = 200 if error is None else error.status
         self.metrics.grpc_seconds.labels(method, outcome(status)).observe(time.perf_counter() - started)
         self.metrics.grpc_requests.labels(method, code.name).inc()
+
+
+class InferenceServicer(Observed, service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerLive(self, request, context):
@@ -150,9 +164,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     @rpc
+    async def ModelConfig(self, request, context):
+        return config_message(model_config(self.plane, request.name, request.version))
+
+    @rpc
+    async def ModelStatistics(self, request, context):
+        return statistics_message(model_statistics(self.plane, request.name, request.version))
+
+    @rpc
     async def ModelInfer(self, request, context):
         inputs = await self.plane.engine.decoded(elements(request.inputs), read_inputs, request)
-        check_outputs([output.name for output in request.outputs])
+        check_outputs([output.name for output in request.outputs], [list(output.parameters) for output in request.outputs])
         scores, runtime = await self.plane.infer(request.model_name, request.model_version, inputs)
         output = service_pb2.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=OUTPUT_DATATYPE, shape=[len(scores)])
         return service_pb2.ModelInferResponse(
@@ -162,6 +184,61 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[output],
             raw_output_contents=[scores.astype("<f4").tobytes()],
         )
+
+
+IMPLEMENTED = tuple(name for name in vars(InferenceServicer) if name[:1].isupper())
+
+
+def unimplemented(method: str):
+    """An RPC of the protocol this server does not implement: UNIMPLEMENTED naming it (grpcio's stub would answer
+    "Unexpected <class 'NotImplementedError'>", which reads like a crash), logged at debug and counted."""
+
+    async def answer(self, request, context):
+        log.debug("gRPC call of %s, which is not implemented", method)
+        raise Unsupported(f"inference.GRPCInferenceService/{method} is not implemented by this server (uembed); it "
+                          f"implements {', '.join(IMPLEMENTED)}")  # fmt: skip
+
+    answer.__name__ = method
+    return rpc(answer)
+
+
+for _method in [name for name in vars(service_pb2_grpc.GRPCInferenceServiceServicer) if name[:1].isupper()]:
+    if _method not in IMPLEMENTED:
+        setattr(InferenceServicer, _method, unimplemented(_method))
+
+
+class HealthServicer(Observed, health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1.Health``: SERVING when the service is ready (every model's row checks passed and an example
+    went through the batcher, as ``/v2/health/ready``), else NOT_SERVING; an unknown service is NOT_FOUND (Check) or
+    SERVICE_UNKNOWN (Watch), as the health protocol has it."""
+
+    SERVICES = ("", "inference.GRPCInferenceService")
+    WATCH_EVERY_S = 1.0  # how often a Watch stream looks again; it writes only a change
+
+    async def status(self, service: str) -> int:
+        if service not in self.SERVICES:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        try:
+            await self.plane.ready()
+        except UembedError:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
+
+    @rpc
+    async def Check(self, request, context):
+        if request.service not in self.SERVICES:
+            raise NotFound(f"service {request.service[:100]!r}: not served here; ask for \"\" (the server) or "
+                           "inference.GRPCInferenceService")  # fmt: skip
+        return health_pb2.HealthCheckResponse(status=await self.status(request.service))
+
+    async def Watch(self, request, context):
+        last = None
+        while True:
+            status = await self.status(request.service)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            await asyncio.sleep(self.WATCH_EVERY_S)
 
 
 def bind_address(host: str, port: int) -> str:
@@ -179,6 +256,7 @@ async def start_grpc_server(plane: InferencePlane, settings: ServiceSettings) ->
         ]
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(plane), server)
     address = bind_address(settings.grpc_host, settings.grpc_port)
     try:
         bound = server.add_insecure_port(address)

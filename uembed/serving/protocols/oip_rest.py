@@ -5,13 +5,20 @@
     GET  /v2                                              server metadata: name, version, extensions
     GET  /v2/models/{name}[/versions/{version}]           model metadata: one input per feature, output score
     GET  /v2/models/{name}[/versions/{version}]/ready     200 ready; 404 unknown model or version; 503 not yet
-    POST /v2/models/{name}[/versions/{version}]/infer     tensors in (JSON, or JSON and binary data), score out
+    GET  /v2/models/{name}[/versions/{version}]/config    Triton's model configuration (oip_config.py)
+    GET  /v2/models[/{name}[/versions/{version}]]/stats   Triton's statistics: every model, a model's versions, one
+    POST /v2/models/{name}[/versions/{version}]/infer     tensors in (JSON, or JSON and binary data), score out;
+                                                          the body may be gzip or deflate (Content-Encoding)
+    *    /v2/...  anything else                           501 {"error": "... is not supported ..."}
 
 Tensors and their encoding: :mod:`service.protocols.oip`. The binary-data extension (Triton's
 clients use it): the body is a JSON header of ``Inference-Header-Content-Length`` bytes, then
 each input that has a ``binary_data_size`` parameter, in input order. The response is binary
 when the request asks (``binary_data`` on the requested output ``score``, or
 ``binary_data_output`` on the request): the JSON header, then the scores as little-endian float32.
+
+A compressed body is held to ``max_body_bytes`` once decompressed (413 past it). Requested outputs may carry
+``binary_data`` only: another parameter (``classification``, Triton's ``class_count``) is a 422 naming it.
 
 Errors take the protocol's shape, ``{"error": message}``, with the status and headers of
 their row in the error table (bad tensors: 422 naming the tensor; unknown model: 404; not
@@ -28,13 +35,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from uembed.contract.errors import TensorError, ValidationFailed
-from uembed.serving.protocols.bodies import header_number
+from uembed.contract.errors import TensorError, Unsupported, ValidationFailed
+from uembed.serving.protocols.bodies import decompressed, header_number
 from uembed.serving.protocols.disconnect import unless_abandoned
 from uembed.serving.protocols.oip import OUTPUT, OUTPUT_DATATYPE, InferencePlane, InputTensor, check_outputs
+from uembed.serving.protocols.oip_config import model_config, model_statistics
 from uembed.serving.protocols.render import client_closed, json_response, json_scores, oip_error, table_error
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+OUTPUT_PARAMETERS = frozenset({"binary_data"})  # what a requested output may ask for
 
 
 class ProtocolRoute(APIRoute):
@@ -119,7 +128,9 @@ def binary_output(request: dict) -> bool:
         return default
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
         raise TensorError("outputs: a list of objects with a name")
-    check_outputs([o["name"] for o in outputs])
+    for o in outputs:
+        parameter(o, "binary_data", f"output {o['name']!r}")  # parameters must be an object
+    check_outputs([o["name"] for o in outputs], [list(o.get("parameters") or ()) for o in outputs], OUTPUT_PARAMETERS)
     flags = [parameter(o, "binary_data", f"output {o['name']!r}") for o in outputs]
     return any(default if flag is None else flag is True for flag in flags)
 
@@ -161,11 +172,15 @@ def oip_router(plane: InferencePlane) -> APIRouter:
         runtime = plane.ready_model(request.path_params["name"], request.path_params.get("version"))
         return {"name": runtime.name, "version": runtime.version, "ready": True}
 
+    async def model_configuration(request: Request) -> dict:
+        return model_config(plane, request.path_params["name"], request.path_params.get("version"))
+
+    async def statistics(request: Request) -> Response:
+        return json_response(model_statistics(plane, request.path_params.get("name", ""), request.path_params.get("version")))
+
     async def infer(request: Request) -> Response:
-        encoding = request.headers.get("content-encoding", "identity")
-        if encoding != "identity":
-            raise ValidationFailed(f"Content-Encoding: {encoding[:40]!r} bodies are not accepted; send the request uncompressed")
-        header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        body = decompressed(await request.body(), request.headers.get("content-encoding", "identity"), plane.settings.max_body_bytes)
+        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         try:
             infer_request = orjson.loads(header)
         except orjson.JSONDecodeError as exc:
@@ -180,9 +195,19 @@ def oip_router(plane: InferencePlane) -> APIRouter:
         scores, runtime = scored
         return infer_response(infer_request, scores, runtime.name, runtime.version, binary_scores)
 
+    async def unsupported(request: Request) -> Response:
+        raise Unsupported(f"{request.method} {request.url.path[:200]} is not supported by this server (uembed); it "
+                          f"serves the Open Inference Protocol's health, metadata, inference and its extensions "
+                          f"{', '.join(plane.server_metadata()['extensions'])}")  # fmt: skip
+
+    router.add_api_route("/models/stats", statistics, methods=["GET"])  # before /models/{name}: not a model's name
     # A path with and without /versions/{version}; the version, when given, must be loaded (one of several).
     for model_path in ("/models/{name}", "/models/{name}/versions/{version}"):
         router.add_api_route(model_path, model_metadata, methods=["GET"])
         router.add_api_route(f"{model_path}/ready", model_ready, methods=["GET"])
+        router.add_api_route(f"{model_path}/config", model_configuration, methods=["GET"])
+        router.add_api_route(f"{model_path}/stats", statistics, methods=["GET"])
         router.add_api_route(f"{model_path}/infer", infer, methods=["POST"])
+    # Last: any other path or method under /v2 (Triton's repository, shared memory, trace and logging routes).
+    router.add_api_route("/{rest:path}", unsupported, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     return router

@@ -61,6 +61,17 @@ def tiny_dataset():
 # 2-epoch run trained once per session, for the tests whose subject is the training or the export.
 
 
+@pytest.fixture(scope="module", autouse=True)
+def module_desired_state_file(tmp_path_factory):
+    """The services a module's fixtures start (before any test's own file is set) share a desired state of the
+    module's: the default, a file in a session's shared bundle store, would carry one module's admin calls into
+    the next module's services."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("desired-state") / "desired-state.json"
+        patch.setenv("UEMBED_DESIRED_STATE_FILE", str(path))
+        yield path
+
+
 @pytest.fixture(autouse=True)
 def desired_state_file(tmp_path, monkeypatch):
     """Each test's services (in process, and the processes it starts) share a desired state of their own: the

@@ -9,8 +9,11 @@ Row files are by far the largest (gigabytes at Criteo scale), and a sha256 reads
 byte. ``load_bundle(path, defer_row_checks=True)`` maps them after checking their size and
 shape only, and returns their sha256 checks as :class:`RowChecks`, which run on a thread
 (hashlib releases the GIL): the caller decides what may happen before they pass (the
-service: nothing is scored, ``/readyz`` answers 503). Either way each byte is read once (by each worker) at
-start-up, and that read also brings the rows into the page cache.
+service: nothing is scored, ``/readyz`` answers 503). Either way a file's bytes are read once, by the first load
+that checks them: a file that passes gets a verification stamp (``uembed/bundle/stamps.py``) that a restart or
+another worker trusts while the file's device, inode, size, mtime and ctime are unchanged, so they map the files
+without reading them (``verify="always"`` reads every file at every load). Without that read the page cache
+fills as lookups fault their pages in.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from uembed.bundle.codecs import (
     encode_records,
     row_width,
 )
-from uembed.bundle.format import FORMAT, FORMAT_VERSION, sha256_file
+from uembed.bundle.format import FORMAT, FORMAT_VERSION
+from uembed.bundle.stamps import Stamps
 from uembed.contract.errors import BundleError
 from uembed.contract.features import FeatureSpec
 from uembed.contract.hashing import SPEC_VERSION
@@ -172,9 +176,10 @@ class RowChecks:
     CHUNK = 8 << 20
     what = "row files"  # what the checks are of, in the service's not-ready messages
 
-    def __init__(self, root: Path, entries: list[dict], then: Callable[[], None] | None = None) -> None:
+    def __init__(self, root: Path, entries: list[dict], stamps: Stamps, then: Callable[[], None] | None = None) -> None:
         self.root = root
         self.entries = entries
+        self.stamps = stamps  # a file verified before (by any worker or load) is not read again
         self.then = then  # what checks the rows once their bytes are known good (the tables' test rows)
         self.total_bytes = sum(e["bytes"] for e in entries)
         self.checked_bytes = 0
@@ -194,7 +199,7 @@ class RowChecks:
         started = time.perf_counter()
         try:
             for entry in self.entries:
-                if sha256_file(self.root / entry["file"], self.CHUNK, self._checked) != entry["sha256"]:
+                if not self.stamps.verify(entry["file"], entry["sha256"], self.CHUNK, self._checked):
                     self.failed_file = entry["file"]
                     raise BundleError(f"bundle {self.root}: file {entry['file']} fails its sha256 checksum (corrupt or altered bytes)")
             if self.then is not None:
@@ -242,7 +247,8 @@ class RowChecks:
         return f"checking: {self.checked_bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB"
 
 
-def _check_file(root: Path, entry: dict, checksum: bool = True) -> Path:
+def _check_file(root: Path, entry: dict, stamps: Stamps | None) -> Path:
+    """Check a file's presence and size, and with ``stamps`` its sha256 (None: left to the caller, e.g. RowChecks)."""
     relative = entry.get("file", "?")
     path = root / relative
     if not path.is_file():
@@ -252,13 +258,13 @@ def _check_file(root: Path, entry: dict, checksum: bool = True) -> Path:
         state = "truncated" if size < entry["bytes"] else "larger than recorded"
         raise BundleError(f"bundle {root}: file {relative} is {state} ({size} bytes, manifest says {entry['bytes']})")
     expected = entry["sha256"]  # recorded even when the check is left for later
-    if checksum and sha256_file(path) != expected:
+    if stamps is not None and not stamps.verify(relative, expected):
         raise BundleError(f"bundle {root}: file {relative} fails its sha256 checksum (corrupt or altered bytes)")
     return path
 
 
-def _load_array(root: Path, entry: dict, dtype: str, shape: tuple[int, ...], checksum: bool = True) -> np.ndarray:
-    path = _check_file(root, entry, checksum)
+def _load_array(root: Path, entry: dict, dtype: str, shape: tuple[int, ...], stamps: Stamps | None) -> np.ndarray:
+    path = _check_file(root, entry, stamps)
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
@@ -270,12 +276,12 @@ def _load_array(root: Path, entry: dict, dtype: str, shape: tuple[int, ...], che
     return array
 
 
-def _load_codebooks(root: Path, entry: dict) -> np.ndarray:
+def _load_codebooks(root: Path, entry: dict, stamps: Stamps) -> np.ndarray:
     """A pq table's codebooks, float32 ``[M, 256, dim / M]``, checked against the manifest (always read whole)."""
     subvectors, dim = entry.get("subvectors"), entry["dim"]
     if not isinstance(subvectors, int) or subvectors < 1 or dim % subvectors or not entry.get("codebooks"):
         raise BundleError(f"bundle {root}: pq table {entry['name']!r} needs subvectors dividing its dim {dim} and a codebooks file")
-    return np.asarray(_load_array(root, entry["codebooks"], "float32", (subvectors, 256, dim // subvectors)))
+    return np.asarray(_load_array(root, entry["codebooks"], "float32", (subvectors, 256, dim // subvectors), stamps))
 
 
 def _check_test_rows(root: Path, table: TableRows, test_rows: list[dict]) -> None:
@@ -350,23 +356,26 @@ def check_filing(root: Path, manifest: dict, filed_as: tuple[str, str] | None) -
 
 
 def load_bundle(path: str | Path, defer_row_checks: bool = False, row_files: bool = True,
-                filed_as: tuple[str, str] | None = None) -> Bundle:  # fmt: skip
+                filed_as: tuple[str, str] | None = None, verify: str = "once") -> Bundle:  # fmt: skip
     """Validate every file of a bundle and return it ready to score; with ``defer_row_checks`` the row
     files' sha256 checks are left to ``bundle.row_checks`` (not started: call ``start()`` or ``wait()``).
     With ``row_files=False`` the row files are neither needed nor read (rows that live only in Redis,
     published by ``uembed publish``): every other file is checked as always, and the tables have no rows.
     ``filed_as``: the (model, version) the folder is filed as in a bundle store, which its manifest must name
-    (``check_filing``)."""
+    (``check_filing``). ``verify``: ``once`` trusts a file's verification stamp where its key still matches (its
+    sha256 read once per file, ``uembed/bundle/stamps.py``), ``always`` reads every file's bytes."""
     root = Path(path)
     manifest = read_manifest(root)
     check_filing(root, manifest, filed_as)
     try:
-        return _load(root, manifest, defer_row_checks, row_files)
+        return _load(root, manifest, defer_row_checks, row_files, verify)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle {root}: manifest.json is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
 
 
-def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files: bool = True) -> Bundle:
+def _load(root: Path, manifest: dict, defer_row_checks: bool, row_files: bool, verify: str) -> Bundle:
+    stamps = Stamps(root, verify)
+    row_stamps = None if defer_row_checks else stamps
     vocabularies = {}
     known = {}
     specs = {}
@@ -375,12 +384,12 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files:
         specs[feature["name"]] = FeatureSpec.from_dict(feature)
         if feature.get("vocabulary"):
             entry = feature["vocabulary"]
-            vocabularies[feature["name"]] = np.asarray(_load_array(root, entry, "uint64", (entry["size"],)))
+            vocabularies[feature["name"]] = np.asarray(_load_array(root, entry, "uint64", (entry["size"],), stamps))
         if feature.get("known"):
             entry = feature["known"]
             if entry.get("hashes") != KnownValues.HASHES:
                 raise BundleError(f"bundle {root}: known/{feature['name']}.npy uses {entry.get('hashes')} hashes, this build {KnownValues.HASHES}")
-            bits = np.asarray(_load_array(root, entry, "uint8", ((entry["bits"] + 7) // 8,)))
+            bits = np.asarray(_load_array(root, entry, "uint8", ((entry["bits"] + 7) // 8,), stamps))
             try:
                 known[feature["name"]] = KnownValues.from_arrays(np.ascontiguousarray(bits), entry["bits"])
             except ValueError as exc:
@@ -395,16 +404,16 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files:
         dtype = entry["dtype"]
         if dtype not in ROW_DTYPES:
             raise BundleError(f"bundle {root}: table {entry['name']!r} has row dtype {dtype!r}; this build reads {', '.join(ROW_DTYPES)}")
-        codebooks = _load_codebooks(root, entry) if dtype == "pq" else None  # small, and needed with rows only in Redis
+        codebooks = _load_codebooks(root, entry, stamps) if dtype == "pq" else None  # small, and needed with rows only in Redis
         if not row_files:
             tables[entry["name"]] = TableRows(entry["name"], entry["rows"], entry["dim"], dtype, None, codebooks=codebooks)
             continue
         shape = (entry["rows"], row_width(dtype, entry["dim"], entry.get("subvectors")))
-        data = _load_array(root, entry, NUMPY_ROW_DTYPE[dtype], shape, checksum=not defer_row_checks)
+        data = _load_array(root, entry, NUMPY_ROW_DTYPE[dtype], shape, row_stamps)
         deferred.append(entry)
         scale_bias = None
         if dtype in ROWWISE_BITS:
-            scale_bias = _load_array(root, entry["scale_bias"], "float32", (entry["rows"], 2), checksum=not defer_row_checks)
+            scale_bias = _load_array(root, entry["scale_bias"], "float32", (entry["rows"], 2), row_stamps)
             deferred.append(entry["scale_bias"])
         for array in (data, scale_bias) if scale_bias is not None else (data,):
             advise(array, mmap.MADV_RANDOM)
@@ -413,12 +422,12 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files:
         if table.name not in tables:
             raise BundleError(f"bundle {root}: table {table.name!r} of the embedding plan has no row file")
 
-    _check_file(root, manifest["dense"])
+    _check_file(root, manifest["dense"], stamps)
     for part in ("context", "rest") if manifest["dense"].get("context_split") else ():
-        _check_file(root, manifest["dense"]["context_split"][part])
+        _check_file(root, manifest["dense"]["context_split"][part], stamps)
     if manifest.get("full_model"):
         for kind in ("onnx", "torchscript"):
-            _check_file(root, manifest["full_model"][kind])
+            _check_file(root, manifest["full_model"][kind], stamps)
 
     features = {f.name: f for f in plan.features}
     for vector in manifest["hashing"]["test_vectors"]:
@@ -441,7 +450,7 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool = False, row_files:
 
     row_checks = None
     if row_files and defer_row_checks:
-        row_checks = RowChecks(root, deferred, then=check_test_rows)  # a changed row file is named by its sha256 first
+        row_checks = RowChecks(root, deferred, stamps, then=check_test_rows)  # a changed row file is named by its sha256 first
     elif row_files:
         check_test_rows()
     return Bundle(root, manifest, plan, specs, tables, bias, known, row_checks)

@@ -89,7 +89,7 @@ def set_serve_environment(args: argparse.Namespace) -> None:
         # port closed for as long (each worker reads them again anyway).
         for path in settings.bundles:
             load_bundle(path, defer_row_checks=settings.row_checks == "background", row_files=settings.row_source == "files",
-                        filed_as=filing(path, settings.bundle_store))  # fmt: skip
+                        filed_as=filing(path, settings.bundle_store), verify=settings.verify_rows)  # fmt: skip
 
 
 def number_from_environment(name: str, default: int) -> int:

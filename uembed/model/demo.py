@@ -8,6 +8,9 @@ from pathlib import Path
 from uembed.contract.errors import UembedError
 
 DEMO_NAME = "movielens100k"
+# The user's features: a ranking request sends them once as its context, and the demo bundle's dense network is
+# split by them (docs/EXPORT.md), so such a request computes their part of the first cross layer once.
+DEMO_CONTEXT_FEATURES = ("user_id", "age", "gender", "occupation", "zip_code")
 
 
 def latest_version(model_root: Path) -> Path | None:
@@ -17,7 +20,8 @@ def latest_version(model_root: Path) -> Path | None:
 
 
 def demo_bundle(store: Path, epochs: int = 20) -> Path:
-    """``<store>/movielens100k/<latest>``, training and exporting it the first time (needs torch)."""
+    """``<store>/movielens100k/<latest>``, training and exporting it the first time (needs torch), its dense network
+    split by the user's features."""
     existing = latest_version(Path(store) / DEMO_NAME)
     if existing is not None:
         return existing
@@ -43,4 +47,5 @@ def demo_bundle(store: Path, epochs: int = 20) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         config = TrainConfig(embedding="unified", budget_fraction=0.1, epochs=epochs, seed=0)
         train(config, train_set, val_set, test_set, run_dir=Path(scratch) / "run", progress=True)
-        return export_run(Path(scratch) / "run", Path(store), DEMO_NAME, version=None, dtype="float32")
+        return export_run(Path(scratch) / "run", Path(store), DEMO_NAME, version=None, dtype="float32",
+                          context_features=DEMO_CONTEXT_FEATURES)

@@ -80,7 +80,8 @@ class ModelRegistry:
         (``uembed/serving/rows/published.py``): polled on a thread when deferred, else read once (unpublished: refused). ``filed_as``: the
         (name, version) a bundle store files it as, which its manifest must name (422 naming both otherwise)."""
         rows_in_redis = self.settings.row_source == "redis"
-        bundle = load_bundle(path, defer_row_checks=defer_row_checks, row_files=not rows_in_redis, filed_as=filed_as)
+        bundle = load_bundle(path, defer_row_checks=defer_row_checks, row_files=not rows_in_redis, filed_as=filed_as,
+                             verify=self.settings.verify_rows)
         if rows_in_redis:
             bundle.row_checks = PublicationCheck(self.redis, self.settings.redis_prefix, bundle)
             bundle.row_checks.start() if defer_row_checks else bundle.row_checks.wait()

@@ -198,6 +198,15 @@ class ServiceSettings(BaseSettings):
         "detail says which file). startup: checked before the worker starts serving. Either way each worker "
         "reads each byte once, which also brings the rows into the page cache. Reloads always check before switching.",
     )
+    verify_rows: Literal["once", "always"] = Field(
+        "once",
+        description="How often a bundle file's sha256 is read. once: the first check that passes stamps the file "
+        "(<bundle>/.verified.json, else the user's cache; `uembed export` and `uembed publish` stamp what they "
+        "check), and a restart or another worker trusts the stamp while the file's device, inode, size, mtime and "
+        "ctime are unchanged: it maps the files without reading them, and any write through the filesystem is still "
+        "caught. What a stamp cannot see is bytes changed under the filesystem (a failing disk). always: every load "
+        "reads every byte (each worker, each restart), as row_checks says.",
+    )
     row_source: Literal["files", "redis"] = Field(
         "files",
         description="Where rows come from past tiers 1 and 2. files: the bundle's memory-mapped row files (Redis, "

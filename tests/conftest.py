@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from uembed.contract.collisions import training_value_counts
 from uembed.contract.features import DatasetSpec, FeatureSpec, LabelSpec
 from uembed.contract.known import KnownValues, training_keys
 from uembed.loadtest.servers import RedisServer, UvicornProcess
@@ -127,10 +128,11 @@ def synthetic_store(tmp_path_factory):
     dataset = load_movielens100k()
     training, _, _ = dataset.split(0)
     known = {name: KnownValues.build(keys) for name, keys in training_keys(training.columns).items()}
+    counts = training_value_counts(training.columns)
     genres_width = max(len(genres) for genres in movielens100k_table()["genres"].to_pylist())
     for version, dtype in (("1", "float32"), ("2", "float16")):
         write_synthetic_bundle(root, "movielens", dataset.spec.features, MOVIELENS_TABLE_ROWS, version=version,
-                               dtype=dtype, width=genres_width, known=known, progress=False)  # fmt: skip
+                               dtype=dtype, width=genres_width, known=known, value_counts=counts, progress=False)  # fmt: skip
     return root
 
 

@@ -82,6 +82,38 @@ def test_manifest_carries_the_contract(exported):
     assert sorted(p.name for p in bundles["float32"].parent.iterdir()) == ["1", "2", "3", "4", "5", "6"]  # no staging left
 
 
+def test_the_manifest_carries_the_runs_collision_report_of_the_rows_training_read(movielens, exported):
+    (train_set, _, _), _ = movielens
+    run_dir, bundles = exported
+    report = json.loads((run_dir / "collisions.json").read_text())
+    assert load_bundle(bundles["int8"]).manifest["collisions"] == report
+    # Counted again from the rows training looked up (plan.encode of the training examples): which values read each row.
+    _, plan, _, _ = load_run(run_dir)
+    rows, _ = plan.encode(train_set.columns)
+    readers, places, slot = {}, {}, 0
+    for feature in plan.features:
+        codes = train_set.columns[feature.name].codes[:, : feature.width]
+        present = codes >= 1
+        places[feature.name] = []
+        for lookup in feature.lookups:
+            read = [(lookup.table, row) for row in rows[:, slot : slot + codes.shape[1]][present].tolist()]
+            places[feature.name].append(read)
+            for place, code in zip(read, codes[present].tolist()):
+                readers.setdefault(place, set()).add((feature.name, code))
+            slot += feature.width
+    for feature in plan.features:
+        shared = np.array([[len(readers[place]) > 1 for place in read] for read in places[feature.name]])
+        entry = report["features"][feature.name]
+        codes = train_set.columns[feature.name].codes
+        assert entry["occurrences"] == shared.shape[1] and entry["values"] == len(np.unique(codes[codes >= 1]))
+        assert entry["shared_share"] == pytest.approx(shared.all(axis=0).mean())
+        assert entry["shared_share_any"] == pytest.approx(shared.any(axis=0).mean())
+        assert entry["rows"] == len({place for read in places[feature.name] for place in read})
+        assert (entry["predicted_share"] is None) == feature.vocabulary
+        if feature.vocabulary:
+            assert entry["shared_share"] == 0 and entry["rows"] == entry["values"]
+
+
 def test_reference_scorer_rejects_unknown_features_and_scores_missing_ones(exported):
     _, bundles = exported
     scorer = ReferenceScorer(load_bundle(bundles["float32"]))

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -60,6 +61,13 @@ def test_a_budget_given_to_collisionless_is_a_warning_and_the_run_says_what_was_
     assert [name.split("-s0-")[0] for name in names] == ["data.csv-collisionless-full", "data.csv-hashing-trick-b0.1"], names
 
 
+def collision_lines(stdout: str) -> list[str]:
+    """The collision table a command printed: its header and one line per feature."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("collisions (")) + 1
+    return lines[start : start + 3]
+
+
 def test_train_on_a_user_file_from_the_cli(tmp_path):
     rows = 400
     table = pa.table({"a": [f"v{i % 40}" for i in range(rows)], "b": [str(i % 7) for i in range(rows)], "y": [int(i % 40 < 20) for i in range(rows)]})
@@ -71,9 +79,19 @@ def test_train_on_a_user_file_from_the_cli(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "test AUC" in result.stdout and (tmp_path / "runs" / "r" / "checkpoint.pt").is_file()
+    report = json.loads((tmp_path / "runs" / "r" / "collisions.json").read_text())
+    train_examples = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())["split"]["train"]
+    assert report["features"]["b"]["values"] == 7 and report["features"]["b"]["occurrences"] == train_examples
+    table = collision_lines(result.stdout)
+    assert table[0].split() == ["feature", "values", "rows", "shared", "uniform", "hash"]
+    for line in table[1:]:
+        entry = report["features"][line.split()[0]]
+        assert line.split()[1:] == [f"{entry['values']:,}", f"{entry['rows']:,}", f"{entry['shared_share']:.1%}", f"{entry['predicted_share']:.1%}"]
     exported = uembed("export", "runs/r", "--out", "bundles", "--name", "clicks", "--dtype", "int8", "--evaluate", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert "bundle bundles/clicks/1: int8 rows" in exported.stdout and "bundle test AUC" in exported.stdout
+    assert collision_lines(exported.stdout) == table  # the export summary repeats the trainer's table
+    assert json.loads((tmp_path / "bundles" / "clicks" / "1" / "manifest.json").read_text())["collisions"] == report
     again = uembed("export", "runs/r", "--out", "bundles", "--name", "clicks", "--version", "1", cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.startswith("error: bundle bundles/clicks/1 already exists")
     unnamed = uembed("export", "runs/r", "--out", "bundles", cwd=tmp_path)  # the model is named for data.csv

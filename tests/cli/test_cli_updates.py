@@ -70,6 +70,8 @@ def test_train_continue_from_publish_updates_reaches_the_continued_runs_bundle(b
     assert result.stdout.count("changed rows") == 2 and "continued" in result.stdout
     assert redis_server.client().xlen(KEY) >= 2
     continued = export_run(tmp_path / "runs" / "more", tmp_path / "store", "movielens", "1")
+    report = load_bundle(continued).manifest["collisions"]  # a continued run reports on the data it trained on
+    assert set(report["features"]) == {feature["name"] for feature in load_bundle(served).manifest["features"]}
     examples = movielens_examples[:200]
     expected = ReferenceScorer(load_bundle(continued)).score(examples)
     np.testing.assert_allclose(replayed_scores(served, redis_server.url, examples), expected, atol=2e-6, rtol=0)

@@ -249,3 +249,4 @@ def test_a_streamed_run_exports_what_training_saw_so_the_service_counts_unseen_v
     assert bundle.known_values[name].contains(stats.keys[name]).all()
     fresh = bundle.known_values[name].contains(KnownValues.keys(name, [f"never-{i}".encode() for i in range(10_000)]))
     assert fresh.mean() < 0.03
+    assert bundle.manifest["collisions"]["not_computed"].startswith("not computed for streamed runs")  # and says so

@@ -1,6 +1,7 @@
 """/metrics: names and conventions, and the counters of what the service would otherwise do silently."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -144,3 +145,13 @@ def test_requests_past_their_deadline_in_the_queue_are_counted_as_deadline(synth
             assert after[key] - before[key] == added, reason
     finally:
         service.close()
+
+
+def test_each_features_collision_share_is_a_gauge_set_from_the_bundles_report(app, synthetic_store):
+    manifest = json.loads((synthetic_store / "movielens" / "1" / "manifest.json").read_text())
+    report = manifest["collisions"]["features"]
+    assert set(report) == {spec["name"] for spec in manifest["features"]}
+    samples = app.metrics()
+    for feature, entry in report.items():
+        assert samples[f'uembed_feature_collision_share{{feature="{feature}",model="movielens"}}'] == pytest.approx(entry["shared_share"])
+    assert any(entry["shared_share"] > 0 for entry in report.values())  # the synthetic store's table is a tenth of the values

@@ -34,6 +34,7 @@ from uembed.bundle.format import (
     write_known_values,
     write_table_rows,
 )
+from uembed.contract.collisions import ValueCounts, collision_report
 from uembed.contract.errors import UembedError
 from uembed.contract.features import FeatureSpec
 from uembed.contract.hashing import spec_description
@@ -117,10 +118,13 @@ def write_synthetic_bundle(
     progress: bool = True,
     context_features: Sequence[str] = (),
     known: Mapping[str, KnownValues] | None = None,
+    value_counts: Mapping[str, ValueCounts] | None = None,
 ) -> Path:
     """Write ``out_root/name/version``, a servable bundle of random rows; returns its path. ``context_features``:
     split the dense network's first layer by that group (``uembed/bundle/dense_split.py``). ``known``: feature ->
-    the values it is to count as seen in training (``uembed_unseen_values_total``), as an export records them."""
+    the values it is to count as seen in training (``uembed_unseen_values_total``), as an export records them.
+    ``value_counts``: feature -> training values and their occurrences, for the manifest's collision report in this
+    bundle's table (``uembed/contract/collisions.py``), as an export carries its run's."""
     if dtype not in ROW_DTYPES:
         raise UembedError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
     target = Path(out_root) / name / version
@@ -168,6 +172,8 @@ def write_synthetic_bundle(
                          "test_logloss": None, "seed": seed},  # fmt: skip
             "command": " ".join(sys.argv),
         }
+        if value_counts is not None:
+            manifest["collisions"] = collision_report(plan, value_counts)
         if context_features:
             add_context_split(staging, manifest, context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from uembed.cli.help_format import DefaultsFormatter
 from uembed.cli.service_commands import add_row_update_options, print_next, print_push_report, row_publisher
+from uembed.contract.collisions import format_report, run_report
 from uembed.contract.errors import DataError, UembedError
 from uembed.contract.features import SplitSpec, load_spec
 from uembed.contract.plan import (
@@ -403,6 +404,7 @@ def run_export(args: argparse.Namespace) -> int:
     table_bytes = sum(t.nbytes for t in bundle.tables.values())
     float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)
     print(f"bundle {path}: {args.dtype} rows, {table_bytes:,} table bytes ({table_bytes / float32_bytes:.1%} of float32)")
+    print(format_report(bundle.manifest.get("collisions")))
     next_lines = [f"uembed serve --bundle {path}"]
     if config.get("dataset", {}).get("spec"):
         body = json.dumps({"model": path.parent.name, "examples": [request_example(config)]})
@@ -639,6 +641,7 @@ def report_run(args: argparse.Namespace, result) -> None:
     if m.get("stopped"):
         print(f"stopped: {m['stopped']}")
     print(f"run directory: {result.run_dir}")
+    print(format_report(run_report(result.run_dir, streamed=is_streaming(args))))
     if m.get("policy"):
         policy_path = getattr(args, "policy_out", None) or result.run_dir / "policy.json"
         if policy_path != result.run_dir / "policy.json":

@@ -53,6 +53,7 @@ from uembed.bundle.format import (
     write_known_values,
     write_table_rows,
 )
+from uembed.contract.collisions import run_report
 from uembed.contract.errors import UembedError
 from uembed.contract.hashing import spec_description
 from uembed.contract.known import KnownValues, load_known_values
@@ -212,6 +213,7 @@ def export_run(
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
         manifest = write_bundle(staging, plan, model, doc, metrics, name, version, dtype, full_model_limit_bytes, known, progress,
                                  pq_subvectors)  # fmt: skip
+        manifest["collisions"] = run_report(run_dir, streamed=bool((doc.get("source") or {}).get("streaming")))
         if context_features:
             add_context_split(staging, manifest, context_features)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -7,6 +7,7 @@ A run writes a directory that export and the study read back::
     runs/<name>/vocabularies.npz   sorted vocabulary keys (collisionless features only)
     runs/<name>/checkpoint.pt      model state dict (tensors only; load with weights_only=True)
     runs/<name>/metrics.json       per-epoch history with embedding health, test AUC / LogLoss
+    runs/<name>/collisions.json    per feature, the training occurrences whose row another value shares (streamed runs have none)
     runs/<name>/policy.json        SEO search runs only: the derived chunk policy (uembed/contract/seo.py)
 """
 
@@ -26,6 +27,7 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
+from uembed.contract.collisions import collision_report, save_report, training_value_counts
 from uembed.contract.known import save_known_values, training_keys
 from uembed.contract.plan import EmbeddingPlan, build_plan, method_spec
 from uembed.contract.seo import ChunkPolicy, derive_policy
@@ -357,6 +359,8 @@ def save_run(
     np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
     # Which values training saw, per feature: the export puts them in the bundle so the service can count unseen ones.
     save_known_values(run_dir / "known_values.npz", training_keys(train_set.columns))
+    # Which training values share a row, per feature (uembed/contract/collisions.py): printed, and carried into the bundle.
+    save_report(run_dir / "collisions.json", collision_report(plan, training_value_counts(train_set.columns)))
     torch.save(model.state_dict(), run_dir / "checkpoint.pt")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if metrics.get("policy"):
@@ -445,6 +449,7 @@ def continue_training(
     for name in ("plan.json", "vocabularies.npz", "known_values.npz"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out_dir / name)
+    save_report(out_dir / "collisions.json", collision_report(plan, training_value_counts(train_set.columns)))  # of the new data
     torch.save(model.state_dict(), out_dir / "checkpoint.pt")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(model=model, plan=plan, metrics=metrics, run_dir=out_dir)

@@ -14,6 +14,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from uembed.contract.collisions import feature_shares
 from uembed.serving.rows.store import TierCounts
 from uembed.serving.rows.updates import REJECT_REASONS
 
@@ -156,6 +157,12 @@ class ServiceMetrics:
             "Counted where the bundle records its training values; false 'seen' at about 1%.",
             ["model", "feature"], registry=r,
         )
+        self.collision_share = Gauge(
+            "uembed_feature_collision_share",
+            "Per model and feature, the share of its training occurrences whose value shares its row with another value "
+            "in every lookup, from the bundle's collision report (set at load; docs/MODELS.md). Absent for bundles without one.",
+            ["model", "feature"], registry=r, multiprocess_mode="mostrecent",
+        )
         self.abandoned = Counter(
             "uembed_abandoned_requests_total",
             "Requests whose batch had not run when they ended, so their work was skipped: cancelled (the client "
@@ -267,6 +274,13 @@ class ServiceMetrics:
             self.unseen.labels(name, feature)
         for feature in runtime.bundle.feature_specs:
             self.missing.labels(name, feature)
+        # The version loaded last reports for its model; one without a report leaves no stale figures behind.
+        shares = feature_shares(runtime.bundle.manifest)
+        for feature in runtime.bundle.feature_specs:
+            if feature in shares:
+                self.collision_share.labels(name, feature).set(shares[feature])
+            else:
+                remove_quietly(self.collision_share, name, feature)
         self.updates.labels(name, version, "applied", "")
         for reason in REJECT_REASONS:
             self.updates.labels(name, version, "rejected", reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -502,17 +503,18 @@ def stream_config(args: argparse.Namespace, **overrides):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and "WORLD_SIZE" not in os.environ:
+        return launch_training(args)
     import torch
 
     from uembed.model import distributed
     from uembed.model.train import train
 
-    if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and not distributed.launched():
-        return launch_training(args)
     # One compute thread per process: it trained faster than two (docs/BENCHMARKS.md, history).
     torch.set_num_threads(1)
-    if distributed.init_from_env() > 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         check_distributed_run(args)
+    distributed.init_from_env()
     if getattr(args, "continue_from", None):
         return run_continued_training(args)
     if getattr(args, "publish_updates", False):
@@ -544,7 +546,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 def launch_training(args: argparse.Namespace) -> int:
     """Start the processes of a data-parallel run; each runs this same command under torchrun."""
+    # The launcher's own C++ log lines (each failed connection to the rendezvous) would bury the one-line
+    # error it ends with; the level is read when torch loads, and the processes it starts keep the default.
+    quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
     from uembed.model.distributed import launch
+
+    if quiet:
+        os.environ.pop("TORCH_CPP_LOG_LEVEL")
 
     if args.nnodes > 1 and not (args.name and args.rdzv_endpoint):
         raise UembedError("--nnodes > 1: give --rdzv-endpoint HOST:PORT and --name (the same on every machine)")

@@ -104,7 +104,7 @@ def test_a_killed_rank_restarts_the_group_from_its_last_checkpoint(tmp_path):
     args = [*SMALL, "--synthetic-examples", "20000", "--epochs", "4", "--batch-size", "64", "--nproc", "2"]
     reference = trained(tmp_path, "reference", *args)
     runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "uembed", "train", *args, "--max-restarts", "1", "--runs-dir", str(runs), "--name", "killtest"]
+    command = [sys.executable, "-m", "uembed", "train", *args, "--max-restarts", "2", "--runs-dir", str(runs), "--name", "killtest"]
     launcher = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = runs / "killtest" / "resume.pt"
     deadline = time.monotonic() + 240

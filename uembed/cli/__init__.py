@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(FIRST_STEPS)
         return 0
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher runs again in each process
     try:
         require_extras(args.command, getattr(args, "extras", ()))
         return args.handler(args)

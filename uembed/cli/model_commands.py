@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser, emb)
     add_stream_options(parser)
     add_run_output_options(parser)
+    add_distributed_options(parser)
     updates = parser.add_argument_group(
         "continued training and row updates", "train an exported model's tables on new data, and publish the rows that changed"
     )
@@ -109,6 +111,16 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_row_update_options(updates, required=False)
     parser.set_defaults(handler=run_train, extras=("train",))
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    """Data-parallel training (uembed/model/distributed.py), launched through torchrun's own launcher."""
+    group = parser.add_argument_group("data-parallel training (README: Training on many processes)")
+    group.add_argument("--nproc", type=positive_int, default=1, help="training processes on this machine (torchrun's --nproc-per-node)")
+    group.add_argument("--nnodes", type=positive_int, default=1, help="machines in the job, each running this command (give --name and --rdzv-endpoint)")
+    group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="the rendezvous of a job on several machines: HOST serves it")
+    group.add_argument("--rdzv-timeout", type=positive_int, default=60, help="seconds to wait for every machine to join the rendezvous")
+    group.add_argument("--max-restarts", type=count, default=0, help="restart the group from its last checkpoint this many times after a lost process")
 
 
 DEFAULT_BUDGET = 0.1
@@ -526,10 +538,12 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
     else:
         stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False))
         stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them
+    from uembed.model import distributed
     from uembed.model.summary import stream_summary
 
-    print(stream_summary(source.name, stats))
-    print(f"(statistics of one pass over the data: {stats.seconds:.0f}s)", file=sys.stderr)
+    if distributed.is_writer():  # once, not once a process
+        print(stream_summary(source.name, stats))
+        print(f"(statistics of one pass over the data: {stats.seconds:.0f}s)", file=sys.stderr)
     return source, stats
 
 
@@ -545,13 +559,19 @@ def stream_config(args: argparse.Namespace, **overrides):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and "WORLD_SIZE" not in os.environ:
+        return launch_training(args)
     import torch
 
+    from uembed.model import distributed
     from uembed.model.summary import dataset_summary
     from uembed.model.train import train
 
     # One compute thread per process: it trained faster than two (docs/BENCHMARKS.md, history).
     torch.set_num_threads(1)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        check_distributed_run(args)
+    distributed.init_from_env()
     if getattr(args, "continue_from", None):
         return run_continued_training(args)
     if getattr(args, "publish_updates", False):
@@ -566,7 +586,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.split_column and dataset.split_codes is None:
         raise UembedError("--split-column needs a data file with that column and a --spec")
     train_set, val_set, test_set = dataset.split(args.split_seed, args.split_fractions)
-    print(dataset_summary(train_set, val_set, test_set))
+    if distributed.is_writer():
+        print(dataset_summary(train_set, val_set, test_set))
     budget = resolve_budget(args)
     config = config_from_args(
         args,
@@ -577,8 +598,37 @@ def run_train(args: argparse.Namespace) -> int:
     )
     name = args.name or f"{dataset.name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(config, train_set, val_set, test_set, run_dir=args.runs_dir / name, progress=not args.quiet)
-    report_run(args, result)
+    if distributed.is_writer():
+        report_run(args, result)
     return 0
+
+
+def launch_training(args: argparse.Namespace) -> int:
+    """Start the processes of a data-parallel run; each runs this same command under torchrun."""
+    # The launcher's own C++ log lines (each failed connection to the rendezvous) would bury the one-line
+    # error it ends with; the level is read when torch loads, and the processes it starts keep the default.
+    quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    from uembed.model.distributed import launch
+
+    if quiet:
+        os.environ.pop("TORCH_CPP_LOG_LEVEL")
+
+    if args.nnodes > 1 and not (args.name and args.rdzv_endpoint):
+        raise UembedError("--nnodes > 1: give --rdzv-endpoint HOST:PORT and --name (the same on every machine)")
+    argv = list(args.argv)
+    name = args.name or f"{Path(args.dataset).name.replace(':', '-')}-{args.embedding}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not args.name:  # every process, and every restart of the group, writes the same run directory
+        argv += ["--name", name]
+    return launch(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.max_restarts, args.rdzv_timeout, run_id=name)
+
+
+def check_distributed_run(args: argparse.Namespace) -> None:
+    if not args.name:
+        raise UembedError("a data-parallel run needs --name: every process and every restart writes that run directory")
+    if getattr(args, "continue_from", None) or getattr(args, "stop_after", None):
+        raise UembedError("--continue-from and --stop-after train in one process: leave out --nproc and torchrun")
 
 
 def run_continued_training(args: argparse.Namespace) -> int:
@@ -611,12 +661,14 @@ def run_continued_training(args: argparse.Namespace) -> int:
 
 
 def run_train_stream(args: argparse.Namespace, embedding: str, policy: dict | None) -> int:
+    from uembed.model import distributed
     from uembed.model.streaming import train_stream
 
     budget = resolve_budget(args)
     name = args.name or f"{Path(args.dataset).name}-{args.embedding}-{budget}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = args.runs_dir / name
-    source, stats = open_stream(args, run_dir / "stats")
+    with distributed.writer_first():  # one scan, saved in the run directory, read by the other processes
+        source, stats = open_stream(args, run_dir / "stats")
     config = stream_config(
         args, embedding=embedding, budget_fraction=None if args.budget_rows else args.budget, budget_rows=args.budget_rows, policy=policy
     )
@@ -624,6 +676,8 @@ def run_train_stream(args: argparse.Namespace, embedding: str, policy: dict | No
     result = train_stream(config, source, stats, run_dir, progress=not args.quiet, stop_after_examples=args.stop_after, source_options=options)
     if result is None:
         print(f"stopped; resume with the same command (run directory: {run_dir})")
+        return 0
+    if not distributed.is_writer():
         return 0
     report_run(args, result)
     m = result.metrics

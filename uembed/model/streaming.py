@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from uembed.contract.features import SplitSpec
 from uembed.contract.known import save_known_values
 from uembed.contract.plan import EmbeddingPlan, method_spec
 from uembed.contract.seo import ChunkPolicy
+from uembed.model import distributed
 from uembed.model.data.stream import (
     SPLITS,
     StreamSource,
@@ -53,6 +53,7 @@ from uembed.model.train import (
     gradient_dominance,
     plan_for,
     search_policy,
+    throughput,
 )  # fmt: skip
 
 AUC_BINS = 1 << 20
@@ -120,7 +121,7 @@ def evaluate_stream(
     import pyarrow as pa
 
     with torch.no_grad():
-        for first_row, batch in source.record_batches(spec, read_rows):
+        for first_row, batch in source.record_batches(spec, read_rows, shard=distributed.shard()):
             codes = split_of_rows(first_row, batch, split, seed, source.name)
             for code in wanted:
                 chosen = codes == code
@@ -134,6 +135,10 @@ def evaluate_stream(
                     metrics[code].add(labels[start : start + batch_size], torch.sigmoid(logits).numpy())
                 bar.update(len(labels))
     bar.close()
+    for m in metrics.values():  # every rank evaluated its share of the source: the metrics over all of them
+        m.positive, m.negative = distributed.sum_counts(m.positive), distributed.sum_counts(m.negative)
+        m.loss, m.count = distributed.sum_over_ranks([m.loss, m.count])
+        m.count = int(m.count)
     return {SPLITS[code]: m.result() for code, m in metrics.items()}
 
 
@@ -167,13 +172,14 @@ def train_stream(
         raise UembedError(f"unknown embedding optimizer {config.embedding_optimizer!r}; choose one of {', '.join(EMBEDDING_OPTIMIZERS)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(distributed.rank_seed(config.seed))
     plan = plan_for(config, stats.spec, stats)
     for message in plan.warnings:
         print(f"warning: {message}", file=sys.stderr)
     model = build_model(plan, config)
     tables = table_module(model)
     tables.sparse = config.embedding_optimizer != "adam"
+    distributed.use_sparse_tables(model)
     table_params = [tables.weight]
     logits = [p for name, p in model.named_parameters() if name == "embedding.logits"]
     dense = [p for name, p in model.named_parameters() if name != "embedding.logits" and p is not tables.weight]
@@ -195,19 +201,23 @@ def train_stream(
         model.load_state_dict(saved["model"])
         dense_optimizer.load_state_dict(saved["dense_optimizer"])
         table_optimizer.load_state_dict(saved["table_optimizer"])
-        rng.bit_generator.state = saved["rng"]
+        rng.bit_generator.state = saved["rngs"][distributed.rank()] if "rngs" in saved else saved["rng"]
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
         print(f"resuming from {resume_path}: epoch {state['epoch'] + 1}, row {state['next_row']:,}, "
               f"{state['examples']:,} examples trained", file=sys.stderr)  # fmt: skip
 
+    if distributed.launched():
+        distributed.check_same_epoch(state["epoch"], str(resume_path))
+    progress = progress and distributed.is_writer()
+
     def save_checkpoint() -> None:
         doc = {"key": key, "model": model.state_dict(), "dense_optimizer": dense_optimizer.state_dict(),
                "table_optimizer": table_optimizer.state_dict(), "rng": rng.bit_generator.state,
                "torch_rng": torch.get_rng_state(), "state": state}  # fmt: skip
-        partial = resume_path.with_suffix(".part")
-        torch.save(doc, partial)
-        os.replace(partial, resume_path)
+        if distributed.world_size() > 1:  # each rank's shuffle stream, so a restarted group draws as it would have
+            doc["rngs"] = distributed.gather_objects(rng.bit_generator.state)
+        distributed.save_checkpoint(resume_path, doc)
 
     warnings = list(plan.warnings)
     train_total = stats.examples["train"]
@@ -216,20 +226,26 @@ def train_stream(
         model.train()
         started = time.perf_counter()
         since_checkpoint = 0
-        chunks = encoded_chunks(source, stats.spec, plan, 0, config.split_seed, config.read_rows, state["next_row"])
+        chunks = encoded_chunks(source, stats.spec, plan, 0, config.split_seed, config.read_rows, state["next_row"], distributed.shard())
         bar = tqdm(total=train_total, initial=state["epoch_examples"], unit="ex", unit_scale=True,
                    desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, file=sys.stderr, mininterval=2.0)  # fmt: skip
         stopped = False
-        for rows, weights, labels, next_row in shuffled_batches(chunks, config.shuffle_buffer, config.batch_size, rng):
-            rows_t = torch.from_numpy(rows.astype(np.int64))
-            vectors = model.embedding(rows_t, torch.from_numpy(weights))
-            vectors.retain_grad()
-            loss = loss_fn(model.network(vectors), torch.from_numpy(labels))
+        steps = distributed.Lockstep(shuffled_batches(chunks, config.shuffle_buffer, config.batch_size, rng))
+        for batch, active in steps:
             dense_optimizer.zero_grad(set_to_none=True)
             table_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if batch is not None:
+                rows, weights, labels, next_row = batch
+                vectors = model.embedding(torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(weights))
+                vectors.retain_grad()
+                loss = loss_fn(model.network(vectors), torch.from_numpy(labels))
+                loss.backward()
+            # A rank whose share ran dry still steps, with the others' gradients: the replicas stay equal.
+            distributed.sync_gradients(model, active, dense_tables=config.embedding_optimizer == "adam")
             dense_optimizer.step()
             table_optimizer.step()
+            if batch is None:
+                continue
             n = len(labels)
             state["loss_sum"] += float(loss.detach()) * n
             grad = vectors.grad
@@ -246,9 +262,11 @@ def train_stream(
                 if stop_after_examples is not None and state["examples"] >= stop_after_examples:
                     stopped = True
                     break
-                if config.max_examples and state["epoch_examples"] >= config.max_examples:
-                    break
-                if config.checkpoint_every and since_checkpoint >= config.checkpoint_every:
+                if config.max_examples and state["epoch_examples"] >= config.max_examples // distributed.world_size():
+                    steps.finish()
+                    continue
+                # Mid-epoch resume points are one rank's stream position: a group checkpoints at epoch ends.
+                if config.checkpoint_every and since_checkpoint >= config.checkpoint_every and not distributed.launched():
                     state["train_seconds"] += time.perf_counter() - started
                     started = time.perf_counter()
                     save_checkpoint()
@@ -259,49 +277,53 @@ def train_stream(
             save_checkpoint()
             print(f"stopped after {state['examples']:,} examples; run again to resume from {resume_path}", file=sys.stderr)
             return None
-        seen = max(state["epoch_examples"], 1)
-        gradient = {name: value / seen for name, value in state["gradient"].items()}
+        seen, loss_sum, *sums = distributed.sum_over_ranks([state["epoch_examples"], state["loss_sum"], *state["gradient"].values()])
+        seen = max(seen, 1)
+        gradient = {name: value / seen for name, value in zip(state["gradient"], sums)}
         last = epoch + 1 == config.epochs
         evaluated = evaluate_stream(model, plan, source, stats, (1, 2) if last else (1,), config.split_seed, config.read_rows, progress)
         val = evaluated["validation"]
         shares, dominant = gradient_dominance(plan, gradient, config.dominance_threshold)
-        entry = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / seen, "val_auc": val["auc"], "val_logloss": val["logloss"],
-                 "seconds": state["train_seconds"], "examples": state["epoch_examples"],
+        entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_auc": val["auc"], "val_logloss": val["logloss"],
+                 "seconds": state["train_seconds"], "examples": int(seen),
                  "health": {"gradient_per_feature": gradient, "gradient_share_per_table": shares}}  # fmt: skip
         state["history"].append(entry)
         for table, feature, share in dominant:
             message = f"epoch {epoch + 1}: feature {feature!r} carries {share:.0%} of the gradient into shared table {table!r}"
             if message not in warnings:
                 warnings.append(message)
-                print(f"warning: {message}", file=sys.stderr)
+                if distributed.is_writer():
+                    print(f"warning: {message}", file=sys.stderr)
         if progress:
             print(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}  val AUC {val['auc']:.4f}  val LogLoss "
                   f"{val['logloss']:.4f}  ({state['examples'] / max(state['train_seconds'], 1e-9):,.0f} examples/s)", file=sys.stderr)  # fmt: skip
         improved = val["auc"] > state["best_auc"]
         if improved:
             state["best_auc"], state["best_epoch"], state["stale"] = val["auc"], epoch + 1, 0
-            if not last:
+            if not last and distributed.is_writer():
                 torch.save(model.state_dict(), run_dir / "best.pt")
         else:
             state["stale"] += 1
         state.update(epoch=epoch + 1, next_row=0, epoch_examples=0, loss_sum=0.0,
                      gradient={name: 0.0 for name in feature_columns})  # fmt: skip
-        if config.checkpoint_every and not last:
+        if (config.checkpoint_every or distributed.launched()) and not last:
             save_checkpoint()
         if not improved and state["stale"] >= config.patience:
             break
     if not (last and improved):
+        distributed.barrier()  # rank 0 has written best.pt
         model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True))
         evaluated = evaluate_stream(model, plan, source, stats, (2,), config.split_seed, config.read_rows, progress)
     test = evaluated["test"]
     seconds = state["train_seconds"]
+    examples = int(distributed.sum_over_ranks([state["examples"]])[0])
     metrics = {
         "dataset": source.name, "embedding": config.embedding, "test_auc": test["auc"], "test_logloss": test["logloss"],
         "test_examples": test["examples"], "best_epoch": state["best_epoch"], "best_val_auc": state["best_auc"],
         "epochs_run": len(state["history"]), "train_seconds": seconds,
         "stopped": stop_reason(len(state["history"]), config.epochs, state["best_epoch"], state["best_auc"], config.patience),
-        "seconds_per_epoch": seconds / max(len(state["history"]), 1), "train_examples": state["examples"],
-        "examples_per_second": state["examples"] / max(seconds, 1e-9), "peak_rss_bytes": peak_rss_bytes(),
+        "seconds_per_epoch": seconds / max(len(state["history"]), 1), **throughput(examples, state["examples"], seconds),
+        **distributed.replica_check(model), "peak_rss_bytes": peak_rss_bytes(),
         "embedding_optimizer": config.embedding_optimizer, "budget_rows": plan.budget_rows,
         "embedding_parameters": plan.embedding_parameters, "embedding_bytes": plan.embedding_bytes(),
         "tables": {t.name: {"rows": t.rows, "dim": t.dim} for t in plan.tables}, "warnings": warnings,
@@ -313,9 +335,11 @@ def train_stream(
                   "down_projection": config.down_projection, "temperature": config.temperature, "test_auc": test["auc"]}  # fmt: skip
         metrics["policy"] = search_policy(model, plan, config, search).to_dict()
     tables.sparse = False
-    save_stream_run(run_dir, config, plan, model, metrics, source, stats, source_options or {})
-    for leftover in (resume_path, run_dir / "best.pt"):
-        leftover.unlink(missing_ok=True)
+    distributed.barrier()  # every rank has read best.pt
+    if distributed.is_writer():
+        save_stream_run(run_dir, config, plan, model, metrics, source, stats, source_options or {})
+        for leftover in (resume_path, run_dir / "best.pt"):
+            leftover.unlink(missing_ok=True)
     return TrainResult(model=model, plan=plan, metrics=metrics, run_dir=run_dir, warnings=warnings)
 
 

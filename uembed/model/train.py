@@ -28,9 +28,11 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
 from uembed.contract.collisions import collision_report, save_report, training_value_counts
+from uembed.contract.errors import UembedError
 from uembed.contract.known import save_known_values, training_keys
 from uembed.contract.plan import EmbeddingPlan, build_plan, method_spec
 from uembed.contract.seo import ChunkPolicy, derive_policy
+from uembed.model import distributed
 from uembed.model.data import Dataset
 from uembed.model.embeddings import PlanEmbedding, SearchEmbedding
 from uembed.model.networks import RankingModel, build_network
@@ -225,6 +227,7 @@ def train(
     for message in plan.warnings if echo_warnings else ():
         print(f"warning: {message}", file=sys.stderr)
     model = build_model(plan, config)
+    distributed.use_sparse_tables(model)
     optimizer = build_optimizer(model, config)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     train_rows, train_weights = plan.encode(train_set.columns)
@@ -234,11 +237,34 @@ def train(
 
     history, warnings, warned = [], list(plan.warnings), set()
     best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
-    train_seconds = 0.0
-    for epoch in range(config.epochs):
+    train_seconds, first_epoch, examples_trained = 0.0, 0, 0
+    # Launched by torchrun: a checkpoint every epoch, resumed when the group restarts after a lost rank.
+    resume_path = run_dir / "resume.pt" if run_dir is not None and distributed.launched() else None
+    resume_key = json.dumps({"config": config.to_dict(), "dataset": train_set.name, "examples": len(train_set),
+                             "world_size": distributed.world_size()}, sort_keys=True, default=str)  # fmt: skip
+    if resume_path is not None and resume_path.is_file():
+        saved = torch.load(resume_path, weights_only=True)
+        if saved["key"] != resume_key:
+            raise UembedError(f"{run_dir} holds a checkpoint of another configuration or data; choose another run directory")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        rng.bit_generator.state = saved["rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        history, warnings, best_state = saved["history"], saved["warnings"], saved["best_state"]
+        warned = {tuple(pair) for pair in saved["warned"]}
+        best_auc, best_epoch, stale = saved["best_auc"], saved["best_epoch"], saved["stale"]
+        train_seconds, first_epoch, examples_trained = saved["train_seconds"], saved["epoch"], saved["examples"]
+        if distributed.is_writer():
+            print(f"resuming from {resume_path}: epoch {first_epoch + 1}", file=sys.stderr)
+    if resume_path is not None:
+        distributed.check_same_epoch(first_epoch, str(resume_path))
+    progress = progress and distributed.is_writer()
+    for epoch in range(first_epoch, config.epochs):
+        if stale >= config.patience:
+            break
         model.train()
         started = time.perf_counter()
-        order = torch.from_numpy(rng.permutation(len(train_set)))
+        order = distributed.shard_order(torch.from_numpy(rng.permutation(len(train_set))))
         rows_t, weights_t = torch.from_numpy(train_rows), torch.from_numpy(train_weights)
         gradient = {name: 0.0 for name in feature_columns}
         loss_sum, batches = 0.0, range(0, len(order), config.batch_size)
@@ -250,18 +276,22 @@ def train(
             loss = loss_fn(model.network(vectors), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.sync_gradients(model, dense_tables=True)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(index)
             grad = vectors.grad
             for name, (a, b) in feature_columns.items():
                 gradient[name] += float(grad[:, a:b].norm(dim=1).sum())
         train_seconds += time.perf_counter() - started
-        gradient = {name: value / len(order) for name, value in gradient.items()}
-        val_metrics = evaluate(val_set.labels, predict(model, val_rows, val_weights))
+        examples, loss_sum, *sums = distributed.sum_over_ranks([len(order), loss_sum, *gradient.values()])
+        examples_trained += int(examples)
+        gradient = {name: value / examples for name, value in zip(gradient, sums)}
+        val_metrics = evaluate_shared(model, val_set.labels, val_rows, val_weights)
         shares, dominant = gradient_dominance(plan, gradient, config.dominance_threshold)
         entry = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / len(order),
+            "train_loss": loss_sum / examples,
+            "examples": int(examples),
             "val_auc": val_metrics["auc"],
             "val_logloss": val_metrics["logloss"],
             "seconds": time.perf_counter() - started,
@@ -278,7 +308,7 @@ def train(
                 warned.add((table, feature))
                 message = f"epoch {epoch + 1}: feature {feature!r} carries {share:.0%} of the gradient into shared table {table!r}"
                 warnings.append(message)
-                if echo_warnings:
+                if echo_warnings and distributed.is_writer():
                     print(f"warning: {message}", file=sys.stderr)
         if progress:
             print(
@@ -294,13 +324,18 @@ def train(
             stale += 1
         if on_epoch is not None:
             on_epoch(epoch + 1, val_metrics["auc"])
-        if stale >= config.patience:
-            break
+        if resume_path is not None:
+            distributed.save_checkpoint(resume_path, {
+                "key": resume_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
+                "history": history, "warnings": warnings, "warned": sorted(warned), "best_state": best_state,
+                "best_auc": best_auc, "best_epoch": best_epoch, "stale": stale, "train_seconds": train_seconds,
+                "examples": examples_trained})  # fmt: skip
     model.load_state_dict(best_state)
     test_metrics = {"auc": None, "logloss": None}
     if test_set is not None:
         test_rows, test_weights = plan.encode(test_set.columns)
-        test_metrics = evaluate(test_set.labels, predict(model, test_rows, test_weights))
+        test_metrics = evaluate_shared(model, test_set.labels, test_rows, test_weights)
     metrics = {
         "dataset": train_set.name,
         "embedding": config.embedding,
@@ -312,6 +347,8 @@ def train(
         "stopped": stop_reason(len(history), config.epochs, best_epoch, best_auc, config.patience),
         "train_seconds": train_seconds,
         "seconds_per_epoch": train_seconds / max(len(history), 1),
+        **throughput(examples_trained, examples_trained // distributed.world_size(), train_seconds),
+        **distributed.replica_check(model),
         "budget_rows": plan.budget_rows,
         "embedding_parameters": plan.embedding_parameters,
         "embedding_bytes": plan.embedding_bytes(),
@@ -326,10 +363,28 @@ def train(
                   "down_projection": config.down_projection, "temperature": config.temperature,
                   "test_auc": test_metrics["auc"]}  # fmt: skip
         metrics["policy"] = search_policy(model, plan, config, search).to_dict()
+    getattr(model.embedding, "base", model.embedding).sparse = False
     result = TrainResult(model=model, plan=plan, metrics=metrics, warnings=warnings)
     if run_dir is not None:
-        result.run_dir = save_run(run_dir, config, plan, model, metrics, train_set, val_set, test_set)
+        if distributed.is_writer():
+            save_run(run_dir, config, plan, model, metrics, train_set, val_set, test_set)
+            if resume_path is not None:
+                resume_path.unlink(missing_ok=True)
+        result.run_dir = run_dir
     return result
+
+
+def evaluate_shared(model: RankingModel, labels: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    """AUC and LogLoss over every rank's share of the examples (all of them with one process)."""
+    share = distributed.eval_share(len(labels))
+    return evaluate(*distributed.gather_predictions(labels[share], predict(model, rows[share], weights[share])))
+
+
+def throughput(examples: int, own_examples: int, seconds: float) -> dict:
+    """The run's examples/s in all and each rank's (``own_examples``: this rank's), and the world size."""
+    per_rank = distributed.gather_objects(own_examples / max(seconds, 1e-9))
+    return {"world_size": distributed.world_size(), "train_examples": examples,
+            "examples_per_second": examples / max(seconds, 1e-9), "examples_per_second_per_rank": per_rank}  # fmt: skip
 
 
 def save_run(

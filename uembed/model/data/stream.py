@@ -101,10 +101,21 @@ class StreamSource:
             )
         return needed
 
-    def record_batches(self, spec: DatasetSpec, batch_rows: int = 1 << 18, start_row: int = 0) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """``(first_row, batch)`` pairs of the spec's columns, from row ``start_row`` (a batch boundary) on."""
+    def record_batches(
+        self, spec: DatasetSpec, batch_rows: int = 1 << 18, start_row: int = 0, shard: tuple[int, int] = (0, 1),
+    ) -> Iterator[tuple[int, pa.RecordBatch]]:  # fmt: skip
+        """``(first_row, batch)`` pairs of the spec's columns, from row ``start_row`` (a batch boundary) on.
+
+        ``shard = (rank, world)``: only this rank's share, disjoint from the other ranks' (data-parallel
+        training): every world-th Parquet row group, which the other ranks never read; of a text file (or of
+        Parquet files with fewer row groups than ranks), every world-th record batch (each rank reads it all,
+        keeping its batches). Rows keep their stream position.
+        """
+        if shard[1] > 1 and self.format == "parquet" and self._row_groups() >= shard[1]:
+            yield from self._row_group_share(spec, batch_rows, start_row, shard)
+            return
         columns = self.check_columns(spec)
-        row = 0
+        row, index = 0, 0
         for path in self.paths:
             if self.format == "parquet":
                 handle = pq.ParquetFile(path)
@@ -124,11 +135,31 @@ class StreamSource:
                 batches = _rebatch(iter(reader), batch_rows)
             try:
                 for batch in batches:
-                    if row >= start_row:
+                    if row >= start_row and index % shard[1] == shard[0]:
                         yield row, batch
                     row += batch.num_rows
+                    index += 1
             except pa.ArrowInvalid as exc:
                 raise DataError(f"{path} could not be read: {exc}") from exc
+
+    def _row_groups(self) -> int:
+        return sum(pq.ParquetFile(path).metadata.num_row_groups for path in self.paths)
+
+    def _row_group_share(self, spec: DatasetSpec, batch_rows: int, start_row: int, shard: tuple[int, int]) -> Iterator[tuple[int, pa.RecordBatch]]:
+        columns = self.check_columns(spec)
+        row, group = 0, 0
+        for path in self.paths:
+            handle = pq.ParquetFile(path)
+            for index in range(handle.metadata.num_row_groups):
+                rows = handle.metadata.row_group(index).num_rows
+                if group % shard[1] == shard[0] and row + rows > start_row:
+                    first = row
+                    for batch in handle.iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns):
+                        if first >= start_row:
+                            yield first, batch
+                        first += batch.num_rows
+                row += rows
+                group += 1
 
 
 def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -385,11 +416,12 @@ def scan(
 
 def encoded_chunks(
     source: StreamSource, spec: DatasetSpec, plan, wanted: int, seed: int = 0, batch_rows: int = 1 << 18, start_row: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:  # fmt: skip
     """``(rows int32 [n, S], weights float32 [n, S], labels float32 [n], next_row)`` of the rows of
-    split ``wanted`` (0 train, 1 validation, 2 test), record batch by record batch."""
+    split ``wanted`` (0 train, 1 validation, 2 test), record batch by record batch (of ``shard``'s share)."""
     split = spec.split or SplitSpec()
-    for first_row, batch in source.record_batches(spec, batch_rows, start_row):
+    for first_row, batch in source.record_batches(spec, batch_rows, start_row, shard):
         chosen = split_of_rows(first_row, batch, split, seed, source.name) == wanted
         next_row = first_row + batch.num_rows
         if not chosen.any():

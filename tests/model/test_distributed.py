@@ -1,0 +1,161 @@
+"""Data-parallel training (uembed/model/distributed.py): real processes under torchrun's launcher, gloo over
+loopback, a few thousand synthetic examples. Each run is a `uembed train` subprocess, as a user starts it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from uembed.contract.features import load_spec
+from uembed.loadtest.servers import free_port
+from uembed.model.data.stream import StreamSource
+from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--dataset", "synthetic:small", "--synthetic-examples", "4000", "--quiet", "--patience", "10"]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def uembed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uembed", *args], cwd=ROOT, env=environment(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def trained(runs: Path, name: str, *args: str) -> dict:
+    result = uembed("train", *args, "--runs-dir", str(runs), "--name", name)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((runs / name / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def parquet_data(tmp_path_factory) -> Path:
+    """Criteo-shaped Parquet with many row groups, so each of two ranks reads its own."""
+    folder = tmp_path_factory.mktemp("criteo")
+    write_criteo_shards(folder, 12_000, CriteoShape(vocabulary=CRITEO_PRESETS["criteo-tiny"], seed=3), progress=False)
+    for path in folder.glob("*.parquet"):
+        pq.write_table(pq.read_table(path), path, row_group_size=1000)
+    return folder
+
+
+def test_ranks_read_disjoint_shares_that_cover_the_source(parquet_data):
+    source, spec = StreamSource.open(parquet_data), load_spec(parquet_data / "spec.toml")
+    whole = [(first, batch.num_rows) for first, batch in source.record_batches(spec, 500)]
+    shares = [[(first, batch.num_rows) for first, batch in source.record_batches(spec, 500, shard=(r, 2))] for r in (0, 1)]
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == sorted(whole)
+    # a text-like fallback (fewer row groups than ranks): record batches dealt round-robin
+    assert [first for first, _ in source.record_batches(spec, 500, shard=(1, 30))] == [whole[i][0] for i in range(1, len(whole), 30)]
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_replicas_and_match_one_process(tmp_path):
+    # 2 ranks x 128 examples per step is the 1-process step of 256: the same examples, averaged the same way.
+    one = trained(tmp_path, "one", *SMALL, "--epochs", "3", "--batch-size", "256")
+    two = trained(tmp_path, "two", *SMALL, "--epochs", "3", "--batch-size", "128", "--nproc", "2")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["replicas_identical"] is True and len(set(two["replica_digests"])) == 1 and len(two["replica_digests"]) == 2
+    assert len(two["examples_per_second_per_rank"]) == 2 and min(two["examples_per_second_per_rank"]) > 0
+    assert [h["examples"] for h in two["history"]] == [h["examples"] for h in one["history"]]
+    assert abs(two["test_auc"] - one["test_auc"]) < 0.01, (two["test_auc"], one["test_auc"])
+    assert not (tmp_path / "two" / "resume.pt").exists()  # the finished run leaves no checkpoint behind
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_disjoint_row_groups(tmp_path, parquet_data):
+    stream = ["--dataset", str(parquet_data), "--epochs", "2", "--quiet", "--shuffle-buffer", "2048", "--read-rows", "500"]
+    one = trained(tmp_path, "one", *stream, "--batch-size", "256")
+    two = trained(tmp_path, "two", *stream, "--batch-size", "128", "--nproc", "2")
+    assert two["world_size"] == 2 and two["replicas_identical"] is True
+    # every training example once per epoch, over both ranks; evaluation over every rank's share
+    assert [h["examples"] for h in two["history"]] == [h["examples"] for h in one["history"]]
+    assert two["test_examples"] == one["test_examples"]
+    assert abs(two["test_auc"] - one["test_auc"]) < 0.02, (two["test_auc"], one["test_auc"])
+
+
+def rank_processes(rank: int) -> list[int]:
+    """Processes of this user whose environment says they are torchrun's worker of ``rank``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID=killtest" in b"\0".join(env) and b"uembed" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_group_from_its_last_checkpoint(tmp_path):
+    args = [*SMALL, "--synthetic-examples", "20000", "--epochs", "4", "--batch-size", "64", "--nproc", "2"]
+    reference = trained(tmp_path, "reference", *args)
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "uembed", "train", *args, "--max-restarts", "2", "--runs-dir", str(runs), "--name", "killtest"]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = runs / "killtest" / "resume.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victims = rank_processes(1)
+    assert checkpoint.exists() and victims, "the run should be in its second epoch"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "resuming from" in err
+    metrics = json.loads((runs / "killtest" / "metrics.json").read_text())
+    # each epoch once in the final accounting (the interrupted one trained again from its start, not twice)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert metrics["train_examples"] == reference["train_examples"]
+    assert metrics["replicas_identical"] is True
+    assert abs(metrics["test_auc"] - reference["test_auc"]) < 0.002, (metrics["test_auc"], reference["test_auc"])
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_train_together_over_a_loopback_rendezvous(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "agents",
+               "-m", "uembed", "train", *SMALL, "--epochs", "2", "--batch-size", "128",
+               "--runs-dir", str(tmp_path), "--name", "agents"]  # fmt: skip
+    agents = [subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]  # fmt: skip
+    outputs = [agent.communicate(timeout=300) for agent in agents]
+    for agent, (_, err) in zip(agents, outputs):
+        assert agent.returncode == 0, err[-3000:]
+    metrics = json.loads((tmp_path / "agents" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["replicas_identical"] is True
+    single = trained(tmp_path, "single", *SMALL, "--epochs", "2", "--batch-size", "256")
+    assert abs(metrics["test_auc"] - single["test_auc"]) < 0.01
+
+
+def test_a_rendezvous_that_cannot_complete_fails_with_one_line_naming_it(tmp_path):
+    endpoint = "192.0.2.1:29400"  # TEST-NET-1: nothing answers there
+    result = uembed("train", *SMALL, "--runs-dir", str(tmp_path), "--name", "lonely", "--nnodes", "2",
+                    "--rdzv-endpoint", endpoint, "--rdzv-timeout", "2", timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rendezvous at") and endpoint in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "lonely").exists()
+
+
+def test_a_data_parallel_run_under_torchrun_needs_a_name(tmp_path):
+    env = {**environment(), "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    # A group of one that never completes would hang: the check comes before the group is joined.
+    result = subprocess.run([sys.executable, "-m", "uembed", "train", *SMALL, "--runs-dir", str(tmp_path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "--name" in result.stderr

@@ -1,0 +1,306 @@
+"""Data-parallel training over ``torch.distributed`` (gloo on CPUs), launched by torchrun.
+
+A process started by torchrun (``uembed train --nproc N``, or ``torchrun ... -m uembed train``) finds
+``WORLD_SIZE`` and ``RANK`` in its environment; ``init_from_env`` joins the process group, and the hooks
+below are what ``uembed/model/train.py`` and ``uembed/model/streaming.py`` call. With one process every
+hook is the identity: a run without torchrun trains exactly as before.
+
+* **Data.** In memory, every rank holds the examples and takes every ``world``-th one of the epoch's
+  permutation (the same permutation on every rank: one seed), padded so every rank runs as many steps.
+  Streamed, every rank reads its own share of the source (``shard``: Parquet row groups, or record batches
+  of a text file), and ``Lockstep`` keeps the ranks stepping together until the last one runs dry.
+* **Gradients.** The dense parameters' gradients are summed over the ranks (``all_reduce``) and divided by
+  the ranks that had a batch. The shared tables are replicated: each rank's sparse gradient (touched rows
+  only) is coalesced, every rank gathers every rank's rows and values, and all apply the same coalesced
+  update, so the tables and the row-wise optimiser state stay identical on every rank.
+* **Writing.** Rank 0 writes checkpoints, metrics and the run directory (``is_writer``); the run
+  directory must be one every rank can read (a shared volume across machines): a restarted group resumes
+  from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from uembed.contract.errors import UembedError
+
+# How long a rank waits for the others in one collective: a peer that died is noticed by torchrun's
+# agent (which restarts the group) long before this, so it only bounds a hang that nothing else sees.
+COLLECTIVE_TIMEOUT_S = 1800
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets the torch.distributed environment)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_from_env(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> int:
+    """Join the process group torchrun describes (gloo); the world size (1 without a launcher)."""
+    if not launched():
+        return 1
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_world_size()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_writer() -> bool:
+    """The one process that writes the run directory, prints progress and checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def writer_first():
+    """Rank 0 runs the block first (a scan that writes what the others then read), the others after it."""
+    if not is_writer():
+        barrier()
+    yield
+    if is_writer():
+        barrier()
+
+
+def rank_seed(seed: int) -> int | list[int]:
+    """A seed for this rank's own randomness (its shuffle buffer): ``seed`` itself with one process."""
+    return seed if world_size() == 1 else [seed, rank()]
+
+
+def shard_order(order: torch.Tensor) -> torch.Tensor:
+    """This rank's examples of an epoch's permutation: every world-th one, the permutation padded with
+    its own first examples so every rank gets as many (and runs as many steps)."""
+    world = world_size()
+    if world == 1:
+        return order
+    padded = -(-len(order) // world) * world
+    if padded > len(order):
+        order = torch.cat([order, order[: padded - len(order)]])
+    return order[rank() :: world]
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size): which share of a streamed source this process reads."""
+    return rank(), world_size()
+
+
+def sum_over_ranks(values: Iterable[float]) -> list[float]:
+    """Each value summed over the ranks (float64)."""
+    values = list(values)
+    if world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def sum_counts(counts: np.ndarray) -> np.ndarray:
+    """An int64 array summed over the ranks (histograms of predictions)."""
+    if world_size() == 1:
+        return counts
+    tensor = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64))
+    dist.all_reduce(tensor)
+    return tensor.numpy()
+
+
+def gather_objects(value) -> list:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` (first dimension may differ between ranks), concatenated in rank order."""
+    sizes = torch.tensor([tensor.shape[0]], dtype=torch.int64)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size())]
+    dist.all_gather(all_sizes, sizes)
+    counts = [int(s) for s in all_sizes]
+    longest = max(counts)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def gather_predictions(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's labels and predictions, concatenated: metrics over all the ranks' examples."""
+    if world_size() == 1:
+        return labels, probabilities
+    stacked = torch.from_numpy(np.stack([labels.astype(np.float64), probabilities.astype(np.float64)], axis=1))
+    both = _gather_rows(stacked).numpy()
+    return both[:, 0].astype(labels.dtype), both[:, 1].astype(probabilities.dtype)
+
+
+def eval_share(n: int) -> slice:
+    """This rank's share of ``n`` evaluation examples (gathered again by ``gather_predictions``)."""
+    return slice(rank(), n, world_size())
+
+
+def table_parameter(model) -> torch.nn.Parameter:
+    """The one matrix of every shared table (a search model wraps the plan embedding)."""
+    return getattr(model.embedding, "base", model.embedding).weight
+
+
+def use_sparse_tables(model) -> None:
+    """Give the tables a sparse gradient under data parallelism: only touched rows cross the wire."""
+    if world_size() > 1:
+        getattr(model.embedding, "base", model.embedding).sparse = True
+
+
+class Lockstep:
+    """Iterate a rank's batches in step with the other ranks: yields ``(batch, active)`` where ``batch`` is
+    None once this rank has run dry (it still takes part in the step, with no gradient of its own) and
+    ``active`` is the number of ranks that had a batch; ends when every rank has run dry."""
+
+    def __init__(self, batches: Iterable) -> None:
+        self.batches = iter(batches)
+        self.finished = False
+
+    def finish(self) -> None:
+        """This rank takes no more batches this epoch (an example cap reached)."""
+        self.finished = True
+
+    def __iter__(self) -> Iterator:
+        while True:
+            batch = None if self.finished else next(self.batches, None)
+            if batch is None:
+                self.finished = True
+            active = int(sum_over_ranks([batch is not None])[0]) if world_size() > 1 else int(batch is not None)
+            if active == 0:
+                return
+            yield batch, active
+
+
+def sync_gradients(model, active: int | None = None, dense_tables: bool = False) -> None:
+    """Average the gradients over the ranks that had a batch (``active``; default every rank).
+
+    Dense parameters: one all_reduce of their gradients flattened together (a missing gradient counts as
+    zero). The tables: each rank's coalesced sparse gradient gathered from every rank, coalesced again in
+    rank order, so every rank holds the same update; ``dense_tables`` turns it into a dense gradient for a
+    dense optimiser (in-memory Adam).
+    """
+    world = world_size()
+    if world == 1:
+        return
+    divisor = float(active or world)
+    table = table_parameter(model)
+    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense])
+    dist.all_reduce(flat)
+    flat /= divisor
+    offset = 0
+    for parameter in dense:
+        size = parameter.numel()
+        parameter.grad = flat[offset : offset + size].view_as(parameter).clone()
+        offset += size
+    grad = table.grad
+    if grad is None:
+        indices, values = torch.zeros(0, dtype=torch.int64), torch.zeros((0, table.shape[1]), dtype=table.dtype)
+    elif grad.is_sparse:
+        grad = grad.coalesce()
+        indices, values = grad.indices()[0], grad.values()
+    else:  # a dense gradient: send only the rows it touches
+        indices = grad.abs().sum(dim=1).nonzero().flatten()
+        values = grad[indices]
+    all_indices = _gather_rows(indices)
+    all_values = _gather_rows(values) / divisor
+    merged = torch.sparse_coo_tensor(all_indices.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
+    table.grad = merged.to_dense() if dense_tables else merged
+
+
+def check_same_epoch(epoch: int, where: str) -> None:
+    """Refuse to go on when the ranks resumed from different checkpoints (a run directory that is not shared)."""
+    epochs = gather_objects(epoch)
+    if len(set(epochs)) > 1:
+        raise UembedError(
+            f"the ranks resumed at different epochs ({epochs}) from {where}: the run directory must be one "
+            "storage every rank reads (a shared volume across machines)"
+        )
+
+
+def replica_check(model) -> dict:
+    """Each rank's digest of its model's bytes, for the run's metrics: equal when the replicas agree bit for
+    bit, as the shared update promises (nothing with one process)."""
+    if world_size() == 1:
+        return {}
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    digests = gather_objects(digest.hexdigest())
+    return {"replica_digests": digests, "replicas_identical": len(set(digests)) == 1}
+
+
+def save_checkpoint(path, doc: dict) -> None:
+    """Rank 0 writes ``doc`` atomically (a restart reads the old file or the new one, never half of one)."""
+    if not is_writer():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part")
+    torch.save(doc, partial)
+    os.replace(partial, path)
+
+
+def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = None, max_restarts: int = 0,
+           rendezvous_timeout_s: int = 60, run_id: str = "uembed") -> int:  # fmt: skip
+    """Run ``uembed`` with ``argv`` in ``nproc`` processes here (and ``nnodes`` machines), as torchrun would.
+
+    One machine without ``endpoint``: a rendezvous on a free loopback port. Otherwise the c10d rendezvous at
+    ``endpoint`` (HOST:PORT; the agent on HOST serves it). A group that loses a process restarts, all of it,
+    up to ``max_restarts`` times (each process resumes from the run directory's checkpoint). A rendezvous
+    that does not complete within ``rendezvous_timeout_s`` is an error naming the endpoint.
+    """
+    import logging
+    import sys
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import elastic_launch
+
+    # One compute thread per process: the processes are the parallelism (torchrun would set it and say so).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    where = endpoint or "127.0.0.1:0"
+    options = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", where, "--rdzv-id", run_id,
+               "--rdzv-conf", f"join_timeout={rendezvous_timeout_s},read_timeout={rendezvous_timeout_s}",
+               "-m", "uembed"]  # fmt: skip
+    parsed = torchrun.parse_args(options)
+    parsed.training_script_args = list(argv)  # given after parsing: torchrun's parser would read uembed's options
+    config, command, command_args = torchrun.config_from_args(parsed)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        elastic_launch(config, command)(*command_args)
+    except ChildFailedError as exc:
+        failures = "; ".join(f"rank {r} exit code {f.exitcode}" for r, f in exc.failures.items())
+        raise UembedError(f"training failed after {max_restarts} restart(s): {failures} (its output is above)") from None
+    except (RendezvousError, RuntimeError, TimeoutError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UembedError(
+            f"rendezvous at {where} did not complete within {rendezvous_timeout_s} s ({nnodes} node(s) expected): {first}"
+        ) from None
+    finally:
+        sys.stdout.flush()
+    return 0

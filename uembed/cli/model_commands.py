@@ -56,6 +56,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def positive_list(kind: type, what: str):
     """Parser of a comma-separated list of positive numbers of one type."""
 
@@ -120,7 +127,7 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nnodes", type=positive_int, default=1, help="machines in the job, each running this command (give --name and --rdzv-endpoint)")
     group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="the rendezvous of a job on several machines: HOST serves it")
     group.add_argument("--rdzv-timeout", type=positive_int, default=60, help="seconds to wait for every machine to join the rendezvous")
-    group.add_argument("--max-restarts", type=count, default=0, help="restart the group from its last checkpoint this many times after a lost process")
+    group.add_argument("--max-restarts", type=non_negative_int, default=0, help="restart the group from its last checkpoint this many times after a lost process")
 
 
 DEFAULT_BUDGET = 0.1

@@ -14,7 +14,7 @@ import pytest
 
 from tests.scoring import post_score
 from uembed.loadtest.servers import UvicornProcess, wait_until
-from uembed.serving.desired import FileStates
+from uembed.serving.desired import FileStates, made_primary
 from uembed.serving.routing import Route
 
 TOKEN = "desired-state-token-0123"
@@ -167,3 +167,13 @@ def test_the_state_file_is_written_whole_under_a_lock(tmp_path):
     assert states.read()["m"] == {"count": 100, "revision": 100}
     assert not bad and seen == sorted(seen)  # counts only go up: every read was one whole state
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.lock"]  # no temporary file left
+
+
+def test_a_version_the_rule_gives_no_share_goes_when_another_is_made_primary():
+    """As the registry does: a previous primary at share 0 is not in use, so loading a new primary drops it from the
+    document too (else every worker would load it back)."""
+    document = {"base": "1", "primary": "1", "versions": ["1", "2"],
+                "routing": {"split": {"1": 0.0, "2": 1.0}, "sticky_feature": None, "shadow": None, "shadow_fraction": 0.0}}  # fmt: skip
+    assert made_primary(document, "3")["versions"] == ["2", "3"]
+    document["routing"]["split"] = {"1": 0.5, "2": 0.5}
+    assert made_primary(document, "3")["versions"] == ["1", "2", "3"]

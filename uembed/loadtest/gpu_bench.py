@@ -32,8 +32,8 @@ from uembed.bundle.loader import load_bundle
 from uembed.bundle.synthetic import criteo_features, write_synthetic_bundle
 from uembed.contract.hashing import rows_of
 from uembed.loadtest.traffic import zipf_cdf, zipf_ranks
-from uembed.serving.pipeline.cuda import CudaModelRuntime, cuda_modules
 from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.pipeline.cuda import CudaModelRuntime, cuda_modules
 from uembed.serving.pipeline.dense import onnx_session
 
 # Distinct values of Criteo-Kaggle's 26 categorical columns (33.8 M in all), the sizes DLRM publishes.

@@ -8,6 +8,10 @@ The same bundle and the same scoring code (``uembed/serving/pipeline/encoding.py
     LitServe    ``uembed/loadtest/litserve_app.py``: LitServe's servers and dynamic batching around the reference scorer
     naive       ``uembed/loadtest/naive_app.py``: a sync FastAPI route scoring each request alone
 
+and this service's v2 REST and gRPC fronts measured again by Triton's perf_analyzer (``perf_analyzer.py``), which
+sends its own random tensors shaped from the model's metadata and configuration (one set, reused), where it can be
+installed;
+
 with 1 and 2 workers each, requests of 8, 64 and 512 real MovieLens-100K examples. HTTP load comes from wrk
 (closed loop: each connection sends as soon as its answer arrives); gRPC load from client processes of our own
 (``grpc.aio``, requests serialised once before the run, so a call costs the client one send and one receive; the
@@ -33,6 +37,7 @@ import orjson
 
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.load import ceiling, movielens_requests, run_load
+from uembed.loadtest.perf_analyzer import find_perf_analyzer
 from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port
 from uembed.model.demo import demo_bundle
 
@@ -304,6 +309,11 @@ def run_peers(args, workdir: Path, report) -> None:
                 results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
                 report(f"peers {front} {workers}w {size} open loop", half)
 
+    analyzer = find_perf_analyzer()
+    if isinstance(analyzer, str):
+        report("peers perf_analyzer", {"skipped": analyzer})
+        analyzer = None
+
     for workers in args.peer_workers:
         service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_path)},
                                  workdir / f"service-{workers}w.log", workers=workers).start()  # fmt: skip
@@ -319,6 +329,11 @@ def run_peers(args, workdir: Path, report) -> None:
                     half = grpc_load(service.grpc_target, bodies["grpc"][size], seconds, rate=rate)
                     results["grpc"][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
                     report(f"peers grpc {workers}w {size} open loop", half)
+            if analyzer is not None:  # the same fronts measured by the tool Triton users trust, its own data
+                for protocol, url in (("http", service.url.removeprefix("http://")), ("grpc", service.grpc_target)):
+                    for size in args.peer_sizes:
+                        figures = analyzer.measure(model, url, protocol, size, connections, workdir, seconds)
+                        measure(f"perf_analyzer {protocol}", workers, size, {"closed": figures})
         finally:
             service.stop()
         litserve = LitServeProcess(bundle_path, workdir / f"litserve-{workers}w.log", workers).start(timeout_s=120)
@@ -350,6 +365,8 @@ def peer_ratios(results: dict) -> dict:
                 "v1_over_naive": round(rate["v1"] / rate["naive"], 2) if "naive" in rate else None,
                 "grpc_over_v1": round(rate["grpc"] / rate["v1"], 2) if "grpc" in rate else None,
                 "v2_over_v1": round(rate["v2"] / rate["v1"], 2) if "v2" in rate else None,
+                "perf_analyzer_grpc_over_http": round(rate["perf_analyzer grpc"] / rate["perf_analyzer http"], 2)
+                if "perf_analyzer http" in rate and "perf_analyzer grpc" in rate else None,
                 "v1_over_ceiling": round(rate["v1"] / results["ceiling"][size]["requests_per_s"], 2)
                 if size in results.get("ceiling", {}) else None,
             }  # fmt: skip

@@ -204,6 +204,8 @@ def train_stream(
         rng.bit_generator.state = saved["rngs"][distributed.rank()] if "rngs" in saved else saved["rng"]
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
+        if "rank_examples" in saved:
+            state["examples"] = saved["rank_examples"][distributed.rank()]
         print(f"resuming from {resume_path}: epoch {state['epoch'] + 1}, row {state['next_row']:,}, "
               f"{state['examples']:,} examples trained", file=sys.stderr)  # fmt: skip
 
@@ -217,6 +219,7 @@ def train_stream(
                "torch_rng": torch.get_rng_state(), "state": state}  # fmt: skip
         if distributed.world_size() > 1:  # each rank's shuffle stream, so a restarted group draws as it would have
             doc["rngs"] = distributed.gather_objects(rng.bit_generator.state)
+            doc["rank_examples"] = distributed.gather_objects(state["examples"])  # state holds rank 0's count
         distributed.save_checkpoint(resume_path, doc)
 
     warnings = list(plan.warnings)

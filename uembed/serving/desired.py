@@ -45,11 +45,15 @@ return 1
 def write_atomically(path: Path, text: str) -> None:
     """``text`` as the whole of ``path``: a reader sees the old file or the new one, never a part."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def next_document(current: dict | None, change: Callable[[dict | None], dict]) -> dict:
@@ -107,7 +111,7 @@ def made_primary(document: dict, version: str) -> dict:
     """As ``ModelRegistry.activate``: the previous primary goes unless the routing rule still sends it requests."""
     previous, versions = document["primary"], {*document["versions"], version}
     routing = document["routing"]
-    used = set(routing["split"]) | {routing["shadow"]} if routing else set()
+    used = {v for v, share in routing["split"].items() if share > 0} | {routing["shadow"]} if routing else set()
     if previous and previous != version and previous not in used:
         versions.discard(previous)
     return {**document, "primary": version, "versions": sorted(versions)}
@@ -185,9 +189,11 @@ class DesiredState:
                 "versions": sorted(self.registry.versions.get(name, {})), "routing": route.describe() if route else None}  # fmt: skip
 
     async def reconcile(self) -> None:
-        documents = await self._read()
-        if documents is not None:
-            async with self.lock:
+        # read under the lock: documents read before an admin call of this worker recorded its change would take
+        # the worker back to the revision before it
+        async with self.lock:
+            documents = await self._read()
+            if documents is not None:
                 await self._converge_all(documents)
 
     async def _read(self) -> dict[str, dict] | None:

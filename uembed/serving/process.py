@@ -39,7 +39,7 @@ def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     claims = [lock]
     try:
-        lock.bind(f"\0uembed-port-{port}")
+        lock.bind(f"\0uembed-port-{host}-{port}")
         for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
             claim = socket.socket(family, kind, proto)
             claims.append(claim)

@@ -102,8 +102,8 @@ class InferenceStatistics:
 
     def of(self, name: str, version: str) -> VersionStatistics:
         counters = self.versions.get((name, version))
-        if counters is None:
-            counters = self.versions[(name, version)] = VersionStatistics()
+        if counters is None:  # the loop and the compute thread may both ask first: one object is kept
+            counters = self.versions.setdefault((name, version), VersionStatistics())
         return counters
 
     def forget(self, name: str, version: str) -> None:

@@ -167,3 +167,13 @@ def test_with_require_features_a_missing_tensor_is_refused_naming_them_over_v2_a
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "missing features: gender, genres" in error.value.details()
+
+
+@pytest.mark.parametrize("shape", [[None], ["x"], [1e300] * 2000, [2**62, 2**62], [-1, 1]], ids=["null", "text", "huge-floats", "huge-ints", "negative"])
+def test_a_v2_shape_of_anything_is_a_422_naming_the_tensor(service, shape):
+    """A shape is read before the tensors are decoded (to choose where): one that is not one or two whole numbers
+    matching the data is refused, naming the tensor, and costs no big product."""
+    inputs = [{"name": name, "datatype": "BYTES", "shape": [1], "data": [str(EXAMPLE[name])]} for name in MOVIELENS_FEATURES]
+    inputs[0]["shape"] = shape
+    response = httpx.post(f"{service.url}/v2/models/{MODEL}/infer", content=orjson.dumps({"inputs": inputs}), timeout=30)
+    assert response.status_code == 422 and f"'{MOVIELENS_FEATURES[0]}'" in response.json()["error"], response.text

@@ -14,7 +14,7 @@ import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.serving.protocols.test_oip import MODEL, feature_arrays, triton_inputs
+from tests.serving.protocols.test_oip import MODEL, feature_arrays, json_inputs, triton_inputs
 from tests.serving.test_cluster import publish_cli, without_row_files
 from uembed.loadtest.servers import UvicornProcess, wait_until
 from uembed.loadtest.traffic import MOVIELENS_FEATURES
@@ -206,3 +206,18 @@ def test_grpc_health_follows_readiness(synthetic_store, redis_server, start_serv
     assert published.returncode == 0, published.stderr
     wait_until(lambda: health_check(service.grpc_target) == health_pb2.HealthCheckResponse.SERVING, 30, "SERVING")
     assert httpx.get(f"{service.url}/v2/health/ready", timeout=30).status_code == 200
+
+
+def test_a_gzip_body_of_several_members_is_read_whole(http_client, service, movielens_examples):
+    """gzip allows several members one after another (RFC 1952): each is inflated, none silently dropped."""
+    inputs = triton_inputs(triton_http, feature_arrays(movielens_examples[:8]), binary_data=False)
+    plain = http_client.infer(MODEL, inputs).as_numpy("score")
+    body = json.dumps({"inputs": json_inputs(movielens_examples[:8])}).encode()
+    half = len(body) // 2
+    members = gzip.compress(body[:half]) + gzip.compress(body[half:])
+    response = httpx.post(f"{service.url}/v2/models/{MODEL}/infer", content=members, headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(np.asarray(response.json()["outputs"][0]["data"], dtype=np.float32), plain)
+    trailing = gzip.compress(body) + b"not gzip"
+    response = httpx.post(f"{service.url}/v2/models/{MODEL}/infer", content=trailing, headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert response.status_code == 422 and "not valid gzip data" in response.json()["error"], response.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import threading
 from dataclasses import dataclass
 
 from uembed.contract.features import FeatureSpec
@@ -71,6 +72,7 @@ class ValueCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.entries: dict = {}
+        self.lock = threading.Lock()
 
     def get(self, key):
         return self.entries.get(key)
@@ -78,11 +80,14 @@ class ValueCache:
     def put(self, key, value, size: int) -> None:
         if size > self.max_bytes:
             return
-        if self.bytes + size > self.max_bytes:
-            self.entries.clear()
-            self.bytes = 0
-        self.entries[key] = value
-        self.bytes += size
+        # a large request's values are canonicalised beside the loop, the shadow's on their thread: the count and the
+        # emptying stay together (a hit stays one dict lookup, without the lock)
+        with self.lock:
+            if self.bytes + size > self.max_bytes:
+                self.entries.clear()
+                self.bytes = 0
+            self.entries[key] = value
+            self.bytes += size
 
 
 ENTRY_OVERHEAD = 104  # a dict slot and the tuple around a value, as sys.getsizeof counts them on CPython 3.11

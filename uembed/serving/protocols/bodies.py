@@ -100,18 +100,24 @@ def decompressed(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 def inflate(body: bytes, wbits: int, limit: int) -> bytes:
-    inflater = zlib.decompressobj(wbits)
+    """The data of every member of a compressed body (gzip allows several, RFC 1952), at most ``limit`` bytes."""
     parts, size = [], 0
     pending = body
-    while pending or not inflater.eof:
-        part = inflater.decompress(pending, DECOMPRESS_CHUNK)
-        pending = inflater.unconsumed_tail
-        size += len(part)
-        if size > limit:
-            raise BodyTooLarge(f"body: over the limit of {limit} bytes once decompressed")
-        parts.append(part)
-        if not part and not pending:
-            break  # the data ended before its stream did
-    if not inflater.eof:
-        raise zlib.error("the compressed data is cut short")
-    return b"".join(parts)
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        while pending or not inflater.eof:
+            part = inflater.decompress(pending, DECOMPRESS_CHUNK)
+            pending = inflater.unconsumed_tail
+            size += len(part)
+            if size > limit:
+                raise BodyTooLarge(f"body: over the limit of {limit} bytes once decompressed")
+            parts.append(part)
+            if not part and not pending:
+                break  # the data ended before its stream did
+        if not inflater.eof:
+            raise zlib.error("the compressed data is cut short")
+        pending = inflater.unused_data
+        if not pending:
+            return b"".join(parts)
+        if wbits != ENCODINGS["gzip"]:
+            raise zlib.error(f"{len(pending)} bytes after the end of the compressed data")

@@ -259,9 +259,19 @@ class FirstExample(Mapping):
         return len(self.tensors)
 
 
+MAX_COUNTED = 1 << 32
+
+
 def elements(inputs) -> int:
-    """How many values the tensors say they hold (their shapes'; a bad shape is refused when they are read)."""
-    return sum(math.prod(max(int(size), 0) for size in tensor.shape) for tensor in inputs)
+    """About how many values the tensors hold, to choose where they are decoded: a shape of one or two whole
+    numbers counts as their product (capped), any other shape as nothing (it is refused when the tensors are read,
+    and a client's shape must not cost the loop a big product)."""
+    total = 0
+    for tensor in inputs:
+        shape = list(tensor.shape[:3])
+        if 1 <= len(shape) <= 2 and all(type(size) is int and 0 <= size < MAX_COUNTED for size in shape):
+            total += math.prod(shape)
+    return min(total, MAX_COUNTED)
 
 
 def check_outputs(names: list[str], parameters: list[list[str]] | None = None, allowed: frozenset = frozenset()) -> None:

@@ -29,6 +29,8 @@ can state.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
@@ -179,7 +181,9 @@ def oip_router(plane: InferencePlane) -> APIRouter:
         return json_response(model_statistics(plane, request.path_params.get("name", ""), request.path_params.get("version")))
 
     async def infer(request: Request) -> Response:
-        body = decompressed(await request.body(), request.headers.get("content-encoding", "identity"), plane.settings.max_body_bytes)
+        body, encoding = await request.body(), request.headers.get("content-encoding", "identity")
+        if encoding.strip().lower() not in ("", "identity"):  # inflating is decoding: beside the loop, as a large body's
+            body = await asyncio.to_thread(decompressed, body, encoding, plane.settings.max_body_bytes)
         header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         try:
             infer_request = orjson.loads(header)

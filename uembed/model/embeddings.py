@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from uembed.contract.plan import EmbeddingPlan
+from uembed.model.qat import fake_quantise
 
 
 class PlanEmbedding(nn.Module):
@@ -24,6 +25,8 @@ class PlanEmbedding(nn.Module):
         self.dim = plan.dim
         # sparse: the table's gradient holds only the rows a batch touched (uembed/model/optim.py).
         self.sparse = sparse
+        # QAT (uembed/model/qat.py): bits a value of the codec the gathered rows are fake-quantised to; 0: none.
+        self.qat_bits = 0
         first_rows = np.cumsum([0] + [t.rows for t in plan.tables])
         total_rows = int(first_rows[-1])
         std = init_std if init_std is not None else plan.dim**-0.5
@@ -40,6 +43,8 @@ class PlanEmbedding(nn.Module):
 
     def forward(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         looked_up = nn.functional.embedding(rows + self.slot_offset, self.weight, sparse=self.sparse)  # [B, S, D]
+        if self.qat_bits > 0:
+            looked_up = fake_quantise(looked_up, self.qat_bits)
         pooled = torch.einsum("gs,bsd->bgd", self.pooling, looked_up * weights.unsqueeze(-1))
         return pooled.reshape(rows.shape[0], -1) + self.bias @ self.bias_scatter
 

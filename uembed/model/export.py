@@ -161,22 +161,37 @@ def export_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names
         )
 
 
+def row_dtype_of(run_dir: Path, qat: str | None, dtype: str | None) -> str:
+    """The codec a run's rows are exported in: a QAT run's own codec (another would serve rows it did not learn
+    with), else ``dtype`` or float32."""
+    if qat is None:
+        return dtype or "float32"
+    if dtype not in (None, qat):
+        raise ExportError(f"{run_dir} was trained with --qat {qat}: export it with --dtype {qat} (the rows it learned with), not {dtype}")
+    return qat
+
+
 def export_run(
     run_dir: Path,
     out_root: Path,
     name: str,
     version: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     full_model_limit_bytes: int = 64 * 2**20,
     progress: bool = False,
     context_features: Sequence[str] = (),
     pq_subvectors: int | None = None,
 ) -> Path:
-    """Export a training run as ``out_root/name/version``; returns the bundle path. ``context_features``: also write
-    the dense network split by that group (``uembed/bundle/dense_split.py``), for ranking requests with that context.
-    ``pq_subvectors``: M of a pq export (default: half the dim, two values a sub-vector)."""
-    if dtype not in ROW_DTYPES:
+    """Export a training run as ``out_root/name/version``; returns the bundle path. ``dtype``: the row codec (default:
+    the codec of a QAT run, else float32). ``context_features``: also write the dense network split by that group
+    (``uembed/bundle/dense_split.py``), for ranking requests with that context. ``pq_subvectors``: M of a pq export
+    (default: half the dim, two values a sub-vector)."""
+    if dtype is not None and dtype not in ROW_DTYPES:
         raise ExportError(f"row dtype must be one of {', '.join(ROW_DTYPES)}, got {dtype!r}")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
+    config, plan, model, doc = load_run(run_dir)
+    dtype = row_dtype_of(run_dir, config.qat, dtype)
     if pq_subvectors is not None and dtype != "pq":
         raise ExportError(f"--pq-subvectors is for --dtype pq, not {dtype}")
     if dtype == "pq":
@@ -184,10 +199,6 @@ def export_run(
             import faiss  # noqa: F401 - only whether it is there: the codebooks are trained in uembed.bundle.codecs
         except ImportError:
             raise ExportError("--dtype pq trains its codebooks with faiss, which is not installed: pip install 'uembed[train]'") from None
-    if not (run_dir / "checkpoint.pt").is_file():
-        raise ExportError(f"{run_dir} is not a training run directory (no checkpoint.pt)")
-    config, plan, model, doc = load_run(run_dir)
-    if dtype == "pq":
         pq_subvectors = pq_subvectors or max(plan.dim // 2, 1)
         for table in plan.tables:
             if pq_subvectors < 1 or table.dim % pq_subvectors:

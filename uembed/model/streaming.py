@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -112,28 +113,40 @@ def evaluate_stream(
     model, plan: EmbeddingPlan, source: StreamSource, stats: StreamStats, wanted: tuple[int, ...], seed: int,
     read_rows: int, progress: bool = False, batch_size: int = 8192,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Metrics per wanted split (1 validation, 2 test) in one pass over the source."""
+    """Metrics of the model per wanted split (1 validation, 2 test) in one pass over the source."""
+    model.eval()
+
+    def score(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.sigmoid(model(torch.from_numpy(rows), torch.from_numpy(weights))).numpy()
+
+    return stream_metrics(score, plan, source, stats, wanted, seed, read_rows, progress, batch_size)
+
+
+def stream_metrics(
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray], plan: EmbeddingPlan, source: StreamSource, stats: StreamStats,
+    wanted: tuple[int, ...], seed: int, read_rows: int, progress: bool = False, batch_size: int = 8192,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Metrics per wanted split of ``score(rows, weights) -> probabilities`` over the examples ``plan`` encodes:
+    a model in training, or an exported bundle's scorer (``uembed export --evaluate``)."""
     spec, split = stats.spec, stats.spec.split or SplitSpec()
     metrics = {code: StreamingMetrics() for code in wanted}
-    model.eval()
     total = sum(stats.examples[SPLITS[c]] for c in wanted)
     bar = tqdm(total=total, unit="ex", unit_scale=True, desc="evaluating", disable=not progress, leave=False, file=sys.stderr)
     import pyarrow as pa
 
-    with torch.no_grad():
-        for first_row, batch in source.record_batches(spec, read_rows, shard=distributed.shard()):
-            codes = split_of_rows(first_row, batch, split, seed, source.name)
-            for code in wanted:
-                chosen = codes == code
-                if not chosen.any():
-                    continue
-                rows_batch = batch.filter(pa.array(chosen))
-                labels = spec.label.binarise(rows_batch.column(spec.label.column), source.name, check_classes=False)
-                rows, weights = plan.encode(encode_batch(spec, rows_batch))
-                for start in range(0, len(labels), batch_size):
-                    logits = model(torch.from_numpy(rows[start : start + batch_size]), torch.from_numpy(weights[start : start + batch_size]))
-                    metrics[code].add(labels[start : start + batch_size], torch.sigmoid(logits).numpy())
-                bar.update(len(labels))
+    for first_row, batch in source.record_batches(spec, read_rows, shard=distributed.shard()):
+        codes = split_of_rows(first_row, batch, split, seed, source.name)
+        for code in wanted:
+            chosen = codes == code
+            if not chosen.any():
+                continue
+            rows_batch = batch.filter(pa.array(chosen))
+            labels = spec.label.binarise(rows_batch.column(spec.label.column), source.name, check_classes=False)
+            rows, weights = plan.encode(encode_batch(spec, rows_batch))
+            for start in range(0, len(labels), batch_size):
+                metrics[code].add(labels[start : start + batch_size], score(rows[start : start + batch_size], weights[start : start + batch_size]))
+            bar.update(len(labels))
     bar.close()
     for m in metrics.values():  # every rank evaluated its share of the source: the metrics over all of them
         m.positive, m.negative = distributed.sum_counts(m.positive), distributed.sum_counts(m.negative)

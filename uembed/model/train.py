@@ -36,6 +36,7 @@ from uembed.model import distributed
 from uembed.model.data import Dataset
 from uembed.model.embeddings import PlanEmbedding, SearchEmbedding
 from uembed.model.networks import RankingModel, build_network
+from uembed.model.qat import qat_bits
 from uembed.model.summary import stop_reason
 
 DOMINANCE_THRESHOLD = 0.5  # a feature with more gradient than all its table-mates together
@@ -81,6 +82,8 @@ class TrainConfig:
     read_rows: int = 1 << 16
     checkpoint_every: int = 0
     max_examples: int = 0  # train on at most this many examples per epoch (0: all)
+    # Quantization-aware training (uembed/model/qat.py): the rowwise codec the tables' rows are trained in; None: off.
+    qat: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +106,7 @@ def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
         input_dim = embedding.output_dim
     else:
         embedding, input_dim = PlanEmbedding(plan), plan.output_dim
+    getattr(embedding, "base", embedding).qat_bits = qat_bits(config.qat)
     network = build_network(config.network, input_dim, config.hidden, config.cross_layers)
     return RankingModel(embedding, network)
 

@@ -99,6 +99,11 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="exact: the chunks the search chose; rr: only their number, dealt round-robin over the tables",
     )  # fmt: skip
     add_budget_options(emb)
+    emb.add_argument(
+        "--qat", metavar="CODEC",
+        help="quantization-aware training: train the rows through the int8, int4 or int2 row codec's quantiser "
+        "(straight-through gradients), so `uembed export` (in that codec) serves the rows the model learned with",
+    )  # fmt: skip
     add_model_options(parser, emb)
     add_stream_options(parser)
     add_run_output_options(parser)
@@ -260,6 +265,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
         adjust_hash_buckets=args.adjust_hash_buckets,
         down_projection=args.down_projection,
         temperature=args.temperature,
+        qat=getattr(args, "qat", None),
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -380,10 +386,10 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", help="model name (default: the run's data set without its file extension)")
     parser.add_argument("--version", help="bundle version (default: one more than the highest numeric version)")
     parser.add_argument(
-        "--dtype", choices=ROW_DTYPES, default="float32",
+        "--dtype", choices=ROW_DTYPES,
         help="row codec (docs/EXPORT.md): float16 halves the rows; int8, int4 and int2 store 8, 4 or 2 bits a value "
         "plus a float32 scale and bias a row; pq one byte a sub-vector (codebooks trained with faiss); each at some "
-        "accuracy cost",
+        "accuracy cost (default: the codec of a `train --qat` run, which takes no other; else float32)",
     )  # fmt: skip
     parser.add_argument("--pq-subvectors", type=int, metavar="M",
                         help="--dtype pq: sub-vectors a row is split into, one byte each; must divide the dim (default: half the dim)")  # fmt: skip
@@ -393,7 +399,8 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--evaluate", action="store_true",
-        help="reload the run's dataset, score its test split with the bundle, and print test AUC and LogLoss",
+        help="read the run's dataset again (a streamed run's test split streamed), score its test split with the "
+        "bundle's own rows and network, and print test AUC and LogLoss",
     )  # fmt: skip
     parser.add_argument(
         "--context-features", type=lambda text: [name.strip() for name in text.split(",") if name.strip()], default=[],
@@ -414,32 +421,51 @@ def run_export(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() else {}
-    if args.evaluate and (config.get("source") or {}).get("streaming"):
-        raise UembedError("--evaluate reads the run's data whole; a streamed run's test metrics are in its metrics.json")
     name = args.name or model_name(config.get("dataset", {}).get("name", "model"))
     path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True,
                       context_features=args.context_features, pq_subvectors=args.pq_subvectors)  # fmt: skip
     bundle = load_bundle(path)
     table_bytes = sum(t.nbytes for t in bundle.tables.values())
     float32_bytes = sum(t.rows * t.dim * 4 for t in bundle.plan.tables)
-    print(f"bundle {path}: {args.dtype} rows, {table_bytes:,} table bytes ({table_bytes / float32_bytes:.1%} of float32)")
+    dtypes = ", ".join(sorted({t.dtype for t in bundle.tables.values()}))
+    print(f"bundle {path}: {dtypes} rows, {table_bytes:,} table bytes ({table_bytes / float32_bytes:.1%} of float32)")
     print(format_report(bundle.manifest.get("collisions")))
     next_lines = [f"uembed serve --bundle {path}"]
     if config.get("dataset", {}).get("spec"):
         body = json.dumps({"model": path.parent.name, "examples": [request_example(config)]})
         next_lines.append(f"curl -s -X POST http://127.0.0.1:8000/v1/score -H 'content-type: application/json' -d '{body}'")
     if args.evaluate:
-        from uembed.model.train import evaluate
-        from uembed.serving.pipeline.reference import ReferenceScorer
-
-        source = config.get("source") or {}
-        data_args = argparse.Namespace(**{**source, "spec": Path(source["spec"]) if source.get("spec") else None})
-        _, _, test_set = read_dataset(data_args).split(source.get("split_seed", 0))
-        rows, weights = bundle.plan.encode(test_set.columns)
-        metrics = evaluate(test_set.labels, ReferenceScorer(bundle).score_encoded(rows, weights))
-        print(f"bundle test AUC {metrics['auc']:.5f}  test LogLoss {metrics['logloss']:.5f}  ({len(test_set):,} examples)")
+        metrics = evaluate_bundle(bundle, args.run_dir, config)
+        print(f"bundle test AUC {metrics['auc']:.5f}  test LogLoss {metrics['logloss']:.5f}  ({metrics['examples']:,} examples)")
     print_next(*next_lines)
     return 0
+
+
+def evaluate_bundle(bundle, run_dir: Path, config: dict) -> dict:
+    """Test AUC and LogLoss of a bundle's reference scorer on its run's test split: read whole, or streamed
+    (the run's files, its statistics and split) in constant memory."""
+    from uembed.serving.pipeline.reference import ReferenceScorer
+
+    scorer = ReferenceScorer(bundle)
+    source = config.get("source") or {}
+    if source.get("streaming"):
+        from uembed.model.data.stream import StreamSource, StreamStats
+        from uembed.model.streaming import stream_metrics
+
+        paths = tuple(Path(p) for p in source["paths"])
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise UembedError(f"--evaluate streams the run's test split from its files; {', '.join(missing)} no longer exist")
+        train = config["train"]
+        stream = StreamSource(paths, source["format"], config["dataset"]["name"])
+        stats = StreamStats.load(run_dir / "stats")
+        return stream_metrics(scorer.score_encoded, bundle.plan, stream, stats, (2,), train["split_seed"], train["read_rows"], progress=True)["test"]
+    from uembed.model.train import evaluate
+
+    data_args = argparse.Namespace(**{**source, "spec": Path(source["spec"]) if source.get("spec") else None})
+    _, _, test_set = read_dataset(data_args).split(source.get("split_seed", 0))
+    rows, weights = bundle.plan.encode(test_set.columns)
+    return {**evaluate(test_set.labels, scorer.score_encoded(rows, weights)), "examples": len(test_set)}
 
 
 def request_example(config: dict) -> dict:
@@ -566,6 +592,9 @@ def stream_config(args: argparse.Namespace, **overrides):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from uembed.model.qat import qat_bits
+
+    qat_bits(getattr(args, "qat", None))  # an unknown codec is refused before any data is read or process started
     if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and "WORLD_SIZE" not in os.environ:
         return launch_training(args)
     import torch
@@ -643,6 +672,8 @@ def run_continued_training(args: argparse.Namespace) -> int:
 
     if is_streaming(args):
         raise UembedError("--continue-from trains in memory: give a MovieLens, synthetic or data file dataset without --stream")
+    if args.qat:
+        raise UembedError("--continue-from trains RUN's rows as RUN did (its --qat too): leave out --qat")
     if not (args.continue_from / "checkpoint.pt").is_file():
         raise UembedError(f"--continue-from {args.continue_from}: not a run directory (no checkpoint.pt)")
     after_epoch = None

@@ -1,5 +1,5 @@
 """``uembed``: one entry point, one subcommand per job. The training side's commands are in
-``model_commands.py`` (train, search, study, data, example-data, export), the serving side's in ``service_commands.py`` (serve,
+``model_commands.py`` (train, search, study, data, example-data, export, prune), the serving side's in ``service_commands.py`` (serve,
 publish, push-rows, bench, demo-bundle, stack, loadtest)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from uembed.cli.model_commands import (
     add_data_parser,
     add_example_data_parser,
     add_export_parser,
+    add_prune_parser,
     add_search_parser,
     add_study_parser,
     add_train_parser,
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(commands)
     add_example_data_parser(commands)
     add_export_parser(commands)
+    add_prune_parser(commands)
     add_serve_parser(commands)
     add_publish_parser(commands)
     add_push_rows_parser(commands)

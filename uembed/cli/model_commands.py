@@ -1,4 +1,4 @@
-"""The training side's commands: ``uembed train``, ``search``, ``study``, ``data`` and ``export``. Each command
+"""The training side's commands: ``uembed train``, ``search``, ``study``, ``data``, ``export`` and ``prune``. Each command
 imports the training code (torch) only when it runs, so ``--help`` stays fast and a serving install (no torch) can
 build the whole parser."""
 
@@ -463,9 +463,55 @@ def evaluate_bundle(bundle, run_dir: Path, config: dict) -> dict:
     from uembed.model.train import evaluate
 
     data_args = argparse.Namespace(**{**source, "spec": Path(source["spec"]) if source.get("spec") else None})
-    _, _, test_set = read_dataset(data_args).split(source.get("split_seed", 0))
+    _, _, test_set = read_dataset(data_args).split(source.get("split_seed", 0), source.get("split_fractions"))
     rows, weights = bundle.plan.encode(test_set.columns)
     return {**evaluate(test_set.labels, scorer.score_encoded(rows, weights)), "examples": len(test_set)}
+
+
+def add_prune_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "prune",
+        help="narrow a training run's tables to K of their columns, with fine-tuning, into a new run",
+        description="Structured dimension pruning: rank each table's columns by their norm over the rows times the "
+        "norm of the first layer's weights reading them, remove a share at the start of each epoch until --keep "
+        "remain, fine-tuning the whole model on the run's own data between, and write a run directory whose plan has "
+        "dim K (export it as any run: its row files are K values wide and its dense network reads only those "
+        "columns). Runs trained in memory, every method but the SEO search.",
+        formatter_class=DefaultsFormatter,
+    )
+    parser.add_argument("run_dir", type=Path, help="a run directory written by `uembed train` (in memory, not streamed)")
+    parser.add_argument("--keep", type=int, required=True, metavar="K", help="columns each table keeps (1 to dim - 1)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="fine-tuning epochs; the first max(epochs - 1, 1) each remove a share of the columns")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    parser.add_argument("--runs-dir", type=Path, help="parent of the pruned run (default: the run's parent)")
+    parser.add_argument("--name", help="the pruned run's directory name (default: <run>-pruned<K>)")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.set_defaults(handler=run_prune, extras=("train",))
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from uembed.model.pruning import check_prune_options, prune_run
+
+    torch.set_num_threads(1)
+    doc = check_prune_options(args.run_dir, args.keep, args.epochs)
+    source = doc.get("source") or {}
+    if "dataset" not in source:
+        raise UembedError(f"{args.run_dir} records no data source in config.json: it cannot be fine-tuned")
+    data_args = argparse.Namespace(**{**dict.fromkeys(DATA_OPTIONS), **source, "spec": Path(source["spec"]) if source.get("spec") else None})
+    train_set, val_set, test_set = load_dataset(data_args).split(data_args.split_seed or 0, data_args.split_fractions)
+    out_dir = (args.runs_dir or args.run_dir.parent) / (args.name or f"{args.run_dir.name}-pruned{args.keep}")
+    if out_dir.exists():
+        raise UembedError(f"{out_dir} already exists; choose another --name")
+    result = prune_run(args.run_dir, train_set, val_set, test_set, args.keep, args.epochs, out_dir, seed=args.seed, progress=not args.quiet)
+    pruning = result.metrics["pruning"]
+    print(f"pruned {args.run_dir}: dim {pruning['dim']} -> {pruning['kept']}, embedding bytes "
+          f"{pruning['embedding_bytes_before']:,} -> {result.metrics['embedding_bytes']:,}, test AUC "
+          f"{pruning['test_auc_before']:.4f} -> {pruning['test_auc_after']:.4f}; run directory: {out_dir}")  # fmt: skip
+    print_next(f"uembed export {out_dir}")
+    return 0
 
 
 def request_example(config: dict) -> dict:

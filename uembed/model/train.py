@@ -446,6 +446,22 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, EmbeddingPlan, RankingModel, d
     return config, plan, model, doc
 
 
+def fit_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
+              data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], order: torch.Tensor, batches, batch_size: int) -> float:  # fmt: skip
+    """One pass over encoded examples (rows, weights, labels) in ``order``, a batch at each start of ``batches``;
+    returns the mean training loss."""
+    rows, weights, labels = data
+    loss_sum = 0.0
+    for start in batches:
+        index = order[start : start + batch_size]
+        loss = loss_fn(model(rows[index], weights[index]), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(index)
+    return loss_sum / max(len(order), 1)
+
+
 def continue_training(
     run_dir: Path,
     train_set: Dataset,
@@ -483,16 +499,10 @@ def continue_training(
     for epoch in range(epochs):
         started = time.perf_counter()
         order = torch.from_numpy(rng.permutation(len(train_set)))
-        loss_sum = 0.0
-        batches = range(0, len(order), config.batch_size)
-        for start in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, file=sys.stderr):
-            index = order[start : start + config.batch_size]
-            loss = loss_fn(model(rows[index], weights[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(index)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(len(order), 1), "seconds": time.perf_counter() - started})
+        batches = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False,
+                       file=sys.stderr)  # fmt: skip
+        loss = fit_epoch(model, optimizer, loss_fn, (rows, weights, labels), order, batches, config.batch_size)
+        history.append({"epoch": epoch + 1, "train_loss": loss, "seconds": time.perf_counter() - started})
         if progress:
             print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f} ({history[-1]['seconds']:.1f}s)", file=sys.stderr)
         if after_epoch is not None:

@@ -3,6 +3,7 @@ loopback, a few thousand synthetic examples. Each run is a `uembed train` subpro
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -14,9 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from uembed.contract.features import load_spec
+from uembed.contract.features import SplitSpec, load_spec
 from uembed.loadtest.servers import free_port
-from uembed.model.data.stream import StreamSource
+from uembed.model.data.stream import StreamSource, split_of_rows
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +59,56 @@ def test_ranks_read_disjoint_shares_that_cover_the_source(parquet_data):
     assert [first for first, _ in source.record_batches(spec, 500, shard=(1, 30))] == [whole[i][0] for i in range(1, len(whole), 30)]
 
 
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    """A Criteo-format text file (train.txt), which ranks share by byte range."""
+    folder = tmp_path_factory.mktemp("criteo-text")
+    write_criteo_shards(folder, 6_000, CriteoShape(vocabulary=CRITEO_PRESETS["criteo-tiny"], seed=3), text_format=True,
+                        progress=False)  # fmt: skip
+    return folder
+
+
+def rows_by_position(spec, batches) -> dict[int, tuple]:
+    """Stream position -> (the row's values, its split label), as a rank reads them."""
+    rows = {}
+    for first, batch in batches:
+        codes = split_of_rows(first, batch, spec.split or SplitSpec(), 0, "criteo")
+        for index, row in enumerate(batch.to_pylist()):
+            rows[first + index] = (tuple(row.values()), int(codes[index]))
+    return rows
+
+
+def test_ranks_read_byte_ranges_of_a_text_file_with_the_rows_and_splits_of_one_reader(text_data, tmp_path):
+    """Each rank parses only its byte range (a contiguous block of rows, the blocks in rank order), and each row keeps
+    the position, so the split label, it has when one process reads the file."""
+    spec = load_spec(text_data / "spec.toml")
+    lines = (text_data / "train.txt").read_bytes().split(b"\n")[:9]
+    # blank lines (the reader skips them) and no newline at the end: positions still count rows only
+    odd = tmp_path / "odd.txt"
+    odd.write_bytes(b"\n" + b"\n".join(lines[:3]) + b"\n\n\n" + b"\n".join(lines[3:]))
+    folder = tmp_path / "files"  # a folder of files: each rank takes its byte range of each, rows numbered across them
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(odd.read_bytes())
+    (folder / "b.txt").write_bytes(b"\n".join(lines) + b"\n")
+    for path, ranks, batch_rows, rows in ((text_data / "train.txt", 2, 500, 6_000), (odd, 3, 2, 9), (odd, 12, 2, 9),
+                                          (folder, 2, 4, 18)):  # fmt: skip
+        source = StreamSource.open(path)
+        whole = rows_by_position(spec, source.record_batches(spec, batch_rows))
+        shares = [rows_by_position(spec, source.record_batches(spec, batch_rows, shard=(r, ranks))) for r in range(ranks)]
+        assert sum(map(len, shares)) == len(whole) == rows
+        assert {position: row for share in shares for position, row in share.items()} == whole
+        blocks = [sorted(share) for share in shares if share]
+        assert len(blocks) >= 2
+        if path != folder:  # one file: contiguous blocks, in rank order
+            assert [position for block in blocks for position in block] == list(range(rows))
+    # gzip cannot be split: its ranks take every world-th record batch, as before
+    gz = tmp_path / "train.gz"
+    gz.write_bytes(gzip.compress((text_data / "train.txt").read_bytes()))
+    source = StreamSource.open(gz)
+    shares = [rows_by_position(spec, source.record_batches(spec, 500, shard=(r, 2))) for r in (0, 1)]
+    assert sorted(shares[1])[:2] == [500, 501] and len(shares[0]) + len(shares[1]) == 6_000
+
+
 @pytest.mark.slow
 def test_two_processes_keep_identical_replicas_and_match_one_process(tmp_path):
     # 2 ranks x 128 examples per step is the 1-process step of 256: the same examples, averaged the same way.
@@ -72,8 +123,9 @@ def test_two_processes_keep_identical_replicas_and_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_stream_disjoint_row_groups(tmp_path, parquet_data):
-    stream = ["--dataset", str(parquet_data), "--epochs", "2", "--quiet", "--shuffle-buffer", "2048", "--read-rows", "500"]
+@pytest.mark.parametrize("data", ["parquet_data", "text_data"])
+def test_two_ranks_stream_disjoint_row_groups(tmp_path, data, request):
+    stream = ["--dataset", str(request.getfixturevalue(data)), "--epochs", "2", "--quiet", "--shuffle-buffer", "2048", "--read-rows", "500"]
     one = trained(tmp_path, "one", *stream, "--batch-size", "256")
     two = trained(tmp_path, "two", *stream, "--batch-size", "128", "--nproc", "2")
     assert two["world_size"] == 2 and two["replicas_identical"] is True

@@ -7,8 +7,9 @@ hook is the identity: a run without torchrun trains exactly as before.
 
 * **Data.** In memory, every rank holds the examples and takes every ``world``-th one of the epoch's
   permutation (the same permutation on every rank: one seed), padded so every rank runs as many steps.
-  Streamed, every rank reads its own share of the source (``shard``: Parquet row groups, or record batches
-  of a text file), and ``Lockstep`` keeps the ranks stepping together until the last one runs dry.
+  Streamed, every rank reads its own share of the source (``shard``: Parquet row groups, a byte range of
+  each plain Criteo text file, or record batches of a gzip or CSV file), and ``Lockstep``
+  keeps the ranks stepping together until the last one runs dry.
 * **Gradients.** The dense parameters' gradients are summed over the ranks (``all_reduce``) and divided by
   the ranks that had a batch. The shared tables are replicated: each rank's sparse gradient (touched rows
   only) is coalesced, every rank gathers every rank's rows and values, and all apply the same coalesced

@@ -123,8 +123,8 @@ def test_a_ranking_request_s_errors_name_the_context_or_the_candidate(synthetic_
     assert str(refused.value).startswith(message)
 
 
-@pytest.mark.parametrize("column", [[196, 7, 0, -3], [196, "7", "", 0], ["196", "7"], [196, True], [196, 1.0], [196, None]],
-                         ids=["ints", "ints-and-strings", "strings", "with-bool", "with-float", "with-null"])  # fmt: skip
+@pytest.mark.parametrize("column", [[196, 7, 0, -3], [2**63 - 1, -(2**63), 10**30], [196, "7", "", 0], ["196", "7"], [196, True], [196, 1.0], [196, None]],
+                         ids=["ints", "wide-ints", "ints-and-strings", "strings", "with-bool", "with-float", "with-null"])  # fmt: skip
 def test_a_column_of_ids_canonicalises_as_each_value_does(synthetic_store, column):
     """The column path (strings and JSON integers, no per-value checks) gives each value's own canonical bytes;
     any other mix takes the checked path, with the same result."""

@@ -29,7 +29,7 @@ from uembed.contract.columns import FeatureColumn, encode_values, quantile_bound
 from uembed.contract.errors import DataError
 from uembed.contract.features import DatasetSpec, FeatureKind, FeatureSpec, SplitSpec
 from uembed.contract.hashing import MISSING, canonical_bytes, hash_canonical, lookup_seed
-from uembed.model.data.criteo import CRITEO_COLUMNS, read_criteo
+from uembed.model.data.criteo import CRITEO_COLUMNS, line_range, read_criteo, text_rows
 from uembed.model.data.synthetic import _unit, splitmix64
 
 FORMATS = ("parquet", "csv", "tsv", "criteo")
@@ -107,12 +107,17 @@ class StreamSource:
         """``(first_row, batch)`` pairs of the spec's columns, from row ``start_row`` (a batch boundary) on.
 
         ``shard = (rank, world)``: only this rank's share, disjoint from the other ranks' (data-parallel
-        training): every world-th Parquet row group, which the other ranks never read; of a text file (or of
-        Parquet files with fewer row groups than ranks), every world-th record batch (each rank reads it all,
-        keeping its batches). Rows keep their stream position.
+        training): every world-th Parquet row group, which the other ranks never read; of each plain Criteo
+        text file, the rank's byte range on line boundaries (:func:`line_range`), which the other ranks never
+        parse; of gzip Criteo files (which cannot be split), CSV/TSV files, or Parquet files with fewer row groups
+        than ranks, every world-th record batch (each rank reads it all, keeping its batches). Rows keep their
+        stream position.
         """
         if shard[1] > 1 and self.format == "parquet" and self._row_groups() >= shard[1]:
             yield from self._row_group_share(spec, batch_rows, start_row, shard)
+            return
+        if shard[1] > 1 and self.format == "criteo" and all(path.suffix != ".gz" for path in self.paths):
+            yield from self._byte_range_share(spec, batch_rows, start_row, shard)
             return
         columns = self.check_columns(spec)
         row, index = 0, 0
@@ -160,6 +165,24 @@ class StreamSource:
                         first += batch.num_rows
                 row += rows
                 group += 1
+
+
+    def _byte_range_share(self, spec: DatasetSpec, batch_rows: int, start_row: int, shard: tuple[int, int]) -> Iterator[tuple[int, pa.RecordBatch]]:
+        columns = self.check_columns(spec)
+        files_rows = 0  # rows of the files before this one
+        for path in self.paths:
+            begin, end, first = line_range(path, *shard)
+            row = files_rows + first
+            try:
+                for batch in _rebatch(read_criteo(path, columns, byte_range=(begin, end)), batch_rows):
+                    if row + batch.num_rows > start_row:
+                        skip = max(start_row - row, 0)
+                        yield row + skip, batch.slice(skip) if skip else batch
+                    row += batch.num_rows
+            except pa.ArrowInvalid as exc:
+                raise DataError(f"{path} could not be read: {exc}") from exc
+            if path != self.paths[-1]:
+                files_rows += text_rows(path)
 
 
 def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:

@@ -83,7 +83,46 @@ class InputTensor:
 
 def bytes_elements(name: str, data: bytes, limit: int | None = None) -> list[bytes]:
     """A serialised BYTES tensor's elements (its first ``limit``): each a 4-byte little-endian length, then that many
-    bytes."""
+    bytes. A tensor whose framing is broken, or only its first elements (a routing key), is read by
+    :func:`checked_elements`, which names the element at fault."""
+    if limit is not None:
+        return checked_elements(name, data, limit)
+    if type(data) is not bytes:  # a memoryview or bytearray: its slices would not be bytes
+        data = bytes(data)
+    elements = frames(data, data)
+    return checked_elements(name, data) if elements is None else elements
+
+
+def text_elements(name: str, data: bytes) -> list[str]:
+    """A serialised BYTES tensor's elements as UTF-8 text. ASCII (most ids and words, length prefixes under 128
+    included) is decoded once, the elements sliced from it; otherwise each element is decoded."""
+    if type(data) is not bytes:
+        data = bytes(data)
+    if not data.isascii():
+        return texts(name, bytes_elements(name, data))
+    elements = frames(data, data.decode("ascii"))
+    return texts(name, checked_elements(name, data)) if elements is None else elements
+
+
+def frames(data: bytes, source: bytes | str) -> list | None:
+    """The elements of a BYTES tensor's framing, sliced from ``source`` (``data`` or, for ASCII, its text) in one
+    tight pass (each length says where the next one is, so the pass is sequential); None when it is broken."""
+    elements = []
+    append, unpack, size = elements.append, BYTES_LENGTH.unpack_from, BYTES_LENGTH.size
+    offset, end = 0, len(data)
+    try:
+        while offset < end:
+            start = offset + size
+            offset = start + unpack(data, offset)[0]
+            append(source[start:offset])
+    except struct.error:  # a length cut off at the end
+        return None
+    # the offsets only grow: the last element is the one that can run past the end
+    return None if offset > end else elements
+
+
+def checked_elements(name: str, data: bytes, limit: int | None = None) -> list[bytes]:
+    """:func:`bytes_elements` one element at a time, raising for the first whose framing is broken."""
     elements = []
     offset, end = 0, len(data)
     while offset < end and len(elements) != limit:
@@ -103,6 +142,15 @@ def bytes_elements(name: str, data: bytes, limit: int | None = None) -> list[byt
 def element_name(name: str, index: int) -> str:
     """How an error names one element of a tensor (the form every error about a value takes)."""
     return f"input {name!r} element {index}"
+
+
+def texts(name: str, elements: list[bytes]) -> list[str]:
+    """BYTES elements decoded as UTF-8, in one C-level pass; only a tensor with an element that is not UTF-8 is
+    decoded again one element at a time, to name it."""
+    try:
+        return list(map(bytes.decode, elements))
+    except UnicodeDecodeError:
+        return [text(name, index, element) for index, element in enumerate(elements)]
 
 
 def text(name: str, index: int, element: bytes) -> str:
@@ -140,7 +188,9 @@ def tensor_values(tensor: InputTensor, limit: int | None = None) -> list:
                 raise TensorError(f"{element_name(name, index)}: {json_type(value)}, not a {datatype} value")
         return values
     if datatype == "BYTES":
-        return [text(name, index, element) for index, element in enumerate(bytes_elements(name, tensor.data, limit))]
+        if limit is None:
+            return text_elements(name, tensor.data)
+        return texts(name, bytes_elements(name, tensor.data, limit))
     dtype = FIXED_SIZE[datatype]
     if len(tensor.data) % dtype.itemsize:
         raise TensorError(f"input {name!r}: {len(tensor.data)} bytes of data are not a whole number of {datatype} "
@@ -175,7 +225,7 @@ def column(tensor: InputTensor, spec: FeatureSpec, values: list) -> list:
     """Per example, the value ``/v1/score`` would be sent for this feature."""
     if spec.multivalent and len(tensor.shape) == 2:
         return multivalent_rows(values, tensor.shape[0], tensor.shape[1])
-    if tensor.datatype in FLOATS:
+    if tensor.datatype in FLOATS and any(map(math.isnan, values)):  # a C-level pass: most columns have no NaN
         return [None if math.isnan(value) else value for value in values]
     return values
 

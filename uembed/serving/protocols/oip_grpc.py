@@ -49,7 +49,7 @@ from uembed.serving.protocols.oip import (
     InputTensor,
     check_outputs,
     elements,
-    text,
+    texts,
 )
 from uembed.serving.protocols.oip_config import config_message, model_config, model_statistics, statistics_message
 from uembed.serving.protocols.render import grpc_code, table_error
@@ -90,9 +90,7 @@ def typed_contents(tensor) -> list:
     if field is None:  # a datatype no feature takes: refused, naming the feature's, when the inputs are read
         return []
     values = list(getattr(tensor.contents, field))
-    if tensor.datatype == "BYTES":
-        return [text(tensor.name, index, element) for index, element in enumerate(values)]
-    return values
+    return texts(tensor.name, values) if tensor.datatype == "BYTES" else values
 
 
 def read_inputs(request: service_pb2.ModelInferRequest) -> list[InputTensor]:

@@ -344,7 +344,9 @@ def weigh(target: Target, fits: dict[Family, Fit], reference: dict, sizer: Sizer
         low, high = sizer.rows(family, line.low), sizer.rows(family, line.high)
         for codec in codecs:
             if target.bytes is not None:
-                rows, note = min(sizer.rows_within(family, codec, target.bytes), high), "the most rows within the bytes"
+                fit_rows = sizer.rows_within(family, codec, target.bytes)
+                rows = min(fit_rows, high)
+                note = "the most rows within the bytes" if rows == fit_rows else "its most calibrated rows (more would fit)"
                 if rows < low:
                     rows, note = low, "its fewest calibrated rows do not fit"
             else:

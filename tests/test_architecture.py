@@ -21,6 +21,8 @@ FUNCTION_IMPORTS_ALLOWED = {
     # training or loadtest extras) can run the serving commands and name the extra a missing command needs. The
     # contract and the CLI's own modules are cheap and torch-free: they are imported at the top.
     ("uembed/cli/model_commands.py", "uembed.model"),
+    ("uembed/cli/plan_command.py", "uembed.model"),
+    ("uembed/cli/plan_command.py", "uembed.bundle"),
     ("uembed/cli/model_commands.py", "uembed.bundle"),
     ("uembed/cli/model_commands.py", "uembed.serving"),
     ("uembed/cli/service_commands.py", "uembed.model"),

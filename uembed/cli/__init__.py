@@ -1,5 +1,5 @@
 """``uembed``: one entry point, one subcommand per job. The training side's commands are in
-``model_commands.py`` (train, search, study, data, example-data, export, prune), the serving side's in ``service_commands.py`` (serve,
+``model_commands.py`` (train, search, study, data, example-data, export, prune) and ``plan_command.py`` (plan), the serving side's in ``service_commands.py`` (serve,
 publish, push-rows, bench, demo-bundle, stack, loadtest)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from uembed.cli.model_commands import (
     add_study_parser,
     add_train_parser,
 )
+from uembed.cli.plan_command import add_plan_parser
 from uembed.cli.service_commands import (
     add_bench_parser,
     add_demo_bundle_parser,
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(commands)
+    add_plan_parser(commands)
     add_search_parser(commands)
     add_study_parser(commands)
     add_data_parser(commands)

@@ -87,6 +87,11 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=DefaultsFormatter,
     )
     add_data_options(parser)
+    parser.add_argument(
+        "--plan", type=Path, metavar="PLAN.json",
+        help="train the plan `uembed plan` wrote: its data, method, budget rows, dim and network (an option it sets "
+        "may not be given too); the run's metrics put the measured AUC at the plan's codec beside the predicted one",
+    )  # fmt: skip
     emb = parser.add_argument_group("embeddings")
     emb.add_argument(
         "--embedding", choices=(*METHODS, APPLIER_ALIAS), default="unified",
@@ -387,7 +392,7 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--version", help="bundle version (default: one more than the highest numeric version)")
     parser.add_argument(
         "--dtype", choices=ROW_DTYPES,
-        help="row codec (docs/EXPORT.md): float16 halves the rows; int8, int4 and int2 store 8, 4 or 2 bits a value "
+        help="row codec (docs/EXPORT.md; default: the run's --qat codec, else the codec of the plan it was trained from, else float32): float16 halves the rows; int8, int4 and int2 store 8, 4 or 2 bits a value "
         "plus a float32 scale and bias a row; pq one byte a sub-vector (codebooks trained with faiss); each at some "
         "accuracy cost (default: the codec of a `train --qat` run, which takes no other; else float32)",
     )  # fmt: skip
@@ -418,8 +423,11 @@ def run_export(args: argparse.Namespace) -> int:
 
     from uembed.bundle.loader import load_bundle
     from uembed.model.export import export_run
+    from uembed.model.planner import run_codec
 
     torch.set_num_threads(1)
+    # not given: the plan's codec; else export_run takes the run's --qat codec, or float32
+    args.dtype = args.dtype or run_codec(args.run_dir)
     config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() else {}
     name = args.name or model_name(config.get("dataset", {}).get("name", "model"))
     path = export_run(args.run_dir, args.out, name, args.version, args.dtype, int(args.full_model_limit_mb * 2**20), progress=True,
@@ -658,9 +666,12 @@ def run_train(args: argparse.Namespace) -> int:
         return run_continued_training(args)
     if getattr(args, "publish_updates", False):
         raise UembedError("--publish-updates publishes a continued run's rows: give --continue-from RUN")
+    memory_plan = apply_plan(args) if getattr(args, "plan", None) else None
     embedding = applier_method(args.applier) if args.embedding == APPLIER_ALIAS else args.embedding
     policy = load_policy(args.policy).to_dict() if args.policy else None
     if is_streaming(args):
+        if memory_plan:
+            raise UembedError("--plan trains in memory, as `uembed plan` calibrated: give a data set that is not streamed")
         return run_train_stream(args, embedding, policy)
     if args.embedding_optimizer and args.embedding_optimizer != "adam":
         raise UembedError(f"--embedding-optimizer {args.embedding_optimizer} is for streamed data (a folder, a Criteo file, or --stream)")
@@ -682,7 +693,41 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(config, train_set, val_set, test_set, run_dir=args.runs_dir / name, progress=not args.quiet)
     if distributed.is_writer():
         report_run(args, result)
+        if memory_plan:
+            from uembed.model.planner import record_measured
+
+            m = record_measured(result, memory_plan, val_set, test_set, args.plan)
+            test = "none" if m["measured_test_auc"] is None else f"{m['measured_test_auc']:.4f}"
+            print(f"plan {args.plan} at {m['codec']}: predicted AUC {m['predicted_auc']:.4f}, measured validation AUC "
+                  f"{m['measured_val_auc']:.4f}, test AUC {test}; {m['served_bytes']:,} bytes served (predicted {m['predicted_bytes']:,})")  # fmt: skip
     return 0
+
+
+def explicit_options(argv: list[str]) -> set[str]:
+    """The options (argparse dests) a `uembed train` command line sets itself, not by default."""
+    root = argparse.ArgumentParser(add_help=False)
+    commands = root.add_subparsers(dest="command")
+    add_train_parser(commands)
+    for action in commands.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(root.parse_args(argv))) - {"command", "handler", "extras"}
+
+
+def apply_plan(args: argparse.Namespace) -> dict:
+    """Set the options of a plan file on ``args``; an option the command line gave too is an error naming both."""
+    from uembed.model.planner import load_plan, plan_conflicts
+
+    doc = load_plan(args.plan)
+    plan_conflicts(doc, explicit_options(args.argv), args.plan)
+    for option, value in doc["train"].items():
+        if option == "spec":
+            value = Path(value) if value else None
+        elif option in ("hidden", "split_fractions") and value is not None:
+            value = tuple(value)
+        setattr(args, option, value)
+    if doc["train"].get("budget_rows") is not None:
+        args.budget = None
+    return doc
 
 
 def launch_training(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from uembed.cli.help_format import DefaultsFormatter
 from uembed.cli.service_commands import add_row_update_options, print_next, print_push_report, row_publisher
 from uembed.contract.collisions import format_report, run_report
-from uembed.contract.errors import DataError, UembedError
+from uembed.contract.errors import DataError, SpecError, UembedError
 from uembed.contract.features import SplitSpec, load_spec
 from uembed.contract.plan import (
     APPLIER_ALIAS,
@@ -646,9 +646,13 @@ def stream_config(args: argparse.Namespace, **overrides):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from uembed.model.qat import qat_bits
+    from uembed.bundle.codecs import ROWWISE_BITS
 
-    qat_bits(getattr(args, "qat", None))  # an unknown codec is refused before any data is read or process started
+    # an unknown --qat codec is refused before any data is read or process started, and before torch loads (the
+    # launcher quiets torch's C++ logging only where it loads torch itself)
+    qat = getattr(args, "qat", None)
+    if qat is not None and qat not in ROWWISE_BITS:
+        raise SpecError(f"unknown --qat {qat!r}; choose one of {', '.join(ROWWISE_BITS)}")
     if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and "WORLD_SIZE" not in os.environ:
         return launch_training(args)
     import torch

@@ -34,6 +34,7 @@ import numpy as np
 
 from uembed.contract.columns import FeatureColumn
 from uembed.contract.plan import EmbeddingPlan
+from uembed.contract.plan import value_counts as column_value_counts
 
 REPORT_VERSION = 1
 STREAMED = "not computed for streamed runs: the streaming scan keeps each feature's distinct keys, not how often each occurs"
@@ -50,9 +51,7 @@ class ValueCounts:
 
 def value_counts(column: FeatureColumn) -> ValueCounts:
     """The values a column's examples hold (every item of a list counts), with their occurrences."""
-    counts = np.bincount(column.codes[column.codes > 0].ravel(), minlength=len(column.uniques)).astype(np.int64)
-    used = np.flatnonzero(counts)
-    return ValueCounts([column.uniques[i] for i in used], counts[used])
+    return ValueCounts(*column_value_counts(column))
 
 
 def training_value_counts(columns: Mapping[str, FeatureColumn]) -> dict[str, ValueCounts]:
@@ -115,7 +114,7 @@ def collision_report(plan: EmbeddingPlan, counts: Mapping[str, ValueCounts]) -> 
         for j, lookup in enumerate(feature.lookups):
             own = sum(1 for other in feature.lookups if other.table == lookup.table)
             others = tables[lookup.table]["lookups"] - own
-            chance = None if feature.vocabulary else uniform_share(plan.table(lookup.table).rows, others)
+            chance = None if feature.vocabulary else uniform_share(plan.table(lookup.table).hashed_rows, others)
             predicted.append(chance)
             per_lookup.append({"table": lookup.table, "shared_share": _share(occurrences, flags[j]), "predicted_share": chance})
         exact = any(chance is None for chance in predicted)

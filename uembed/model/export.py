@@ -50,6 +50,7 @@ from uembed.bundle.format import (
     ROW_DTYPES,
     file_entry,
     test_vectors,
+    write_head,
     write_known_values,
     write_table_rows,
 )
@@ -273,6 +274,8 @@ def write_bundle(
             (folder / "vocab").mkdir(exist_ok=True)
             np.save(folder / "vocab" / f"{feature.name}.npy", plan.vocabularies[feature.name])
             entry["vocabulary"] = {"size": int(plan.vocabularies[feature.name].size), **file_entry(folder, f"vocab/{feature.name}.npy")}
+        if feature.name in plan.heads:
+            entry["head"] = write_head(folder, feature.name, plan.heads[feature.name], feature.head_start)
         if feature.name in known:
             entry["known"] = write_known_values(folder, feature.name, known[feature.name])
         features.append(entry)
@@ -297,7 +300,8 @@ def write_bundle(
     for feature in plan.features:
         # Real values for the test vectors: the collisionless vocabulary cannot be reversed,
         # so every bundle takes its vectors from the values recorded at training time.
-        train_values[feature.name] = [v.encode("utf-8", "surrogateescape") for v in doc.get("sample_values", {}).get(feature.name, [])]
+        samples = doc.get("sample_values", {}).get(feature.name, []) + doc.get("head_samples", {}).get(feature.name, [])
+        train_values[feature.name] = [v.encode("utf-8", "surrogateescape") for v in samples]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from uembed.contract.collisions import collision_report, training_value_counts
 from uembed.contract.errors import BudgetError, SpecError
 from uembed.contract.plan import HEAD_METHODS, EmbeddingPlan, build_plan
 
@@ -94,3 +95,25 @@ def test_heads_are_refused_where_they_cannot_hold(tiny_dataset):
                                keys={n: np.arange(10, dtype=np.uint64) for n in names})  # fmt: skip
     with pytest.raises(SpecError, match="streaming scan"):
         build_plan("unified", tiny_dataset.spec, streamed, 8, budget_rows=60, head_share=0.2)
+
+
+def test_the_collision_report_of_a_hybrid_plan_counts_head_values_as_owning_their_rows(tiny_dataset):
+    """A head value never shares its row, measured or predicted: a feature wholly in the head is at 0 in both, and
+    the prediction of one partly in it is the tail's chance times the tail's share of its occurrences."""
+    columns = tiny_dataset.columns
+    plan = build_plan("unified", tiny_dataset.spec, columns, 8, budget_rows=60, head_share=0.3)
+    report = collision_report(plan, training_value_counts(columns))["features"]
+    whole = [f.name for f in plan.features if f.name in plan.heads and plan.heads[f.name].size == len(counts_of(columns[f.name]))]
+    partial = [f.name for f in plan.features if f.name in plan.heads and f.name not in whole]
+    assert whole and partial
+    for name in whole:
+        assert report[name]["shared_share"] == 0.0 and report[name]["predicted_share"] == 0.0
+    table = plan.table("unified")
+    hashed_lookups = sum(1 for f in plan.features for v in counts_of(columns[f.name])
+                         if plan.rows_of_values(f, f.lookups[0], [v])[0] < table.hashed_rows)  # fmt: skip
+    for name in partial:
+        feature = next(f for f in plan.features if f.name == name)
+        counts = counts_of(columns[name])
+        tail = sum(n for v, n in counts.items() if plan.rows_of_values(feature, feature.lookups[0], [v])[0] < table.hashed_rows)
+        chance = 1 - (1 - 1 / table.hashed_rows) ** (hashed_lookups - 1)
+        assert report[name]["predicted_share"] == pytest.approx(chance * tail / sum(counts.values()), rel=1e-9)

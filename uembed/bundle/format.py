@@ -22,7 +22,7 @@ from uembed.bundle.codecs import (  # noqa: F401 - ROW_DTYPES, quantise_rows, en
     row_width,
     train_codebooks,
 )
-from uembed.contract.hashing import MISSING
+from uembed.contract.hashing import MISSING, hash_canonical
 from uembed.contract.known import KnownValues
 from uembed.contract.plan import EmbeddingPlan
 
@@ -93,6 +93,14 @@ def write_known_values(folder: Path, feature: str, known: KnownValues) -> dict:
     (folder / "known").mkdir(exist_ok=True)
     np.save(folder / "known" / f"{feature}.npy", known.bits)
     return {"bits": known.size, "hashes": KnownValues.HASHES, **file_entry(folder, f"known/{feature}.npy")}
+
+
+def write_head(folder: Path, feature: str, keys: np.ndarray, start: int) -> dict:
+    """Write ``heads/<feature>.npy`` (the head's sorted uint64 keys); the feature's manifest record of it (``"head"``:
+    key ``i`` reads row ``start + i`` of the feature's table, uembed/contract/hashing.py 5.)."""
+    (folder / "heads").mkdir(exist_ok=True)
+    np.save(folder / "heads" / f"{feature}.npy", np.ascontiguousarray(keys, dtype=np.uint64))
+    return {"size": int(keys.size), "start": int(start), **file_entry(folder, f"heads/{feature}.npy")}
 
 
 def write_table_rows(
@@ -169,12 +177,17 @@ def chunk_bounds(rows: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int,
 
 
 def test_vectors(plan: EmbeddingPlan, train_values: dict[str, list[bytes]], count: int = TEST_VECTORS) -> list[dict]:
-    """(feature, value) -> rows per lookup, for a few real values of each feature and a missing one."""
+    """(feature, value) -> rows per lookup, for a few real values of each feature and a missing one; a feature with
+    a head says of each value whether it is a head value (``"head"``), its training values including some of each."""
     per_feature = max(1, -(-count // max(len(plan.features), 1)))  # ceiling: at least `count` vectors
     vectors = []
     for feature in plan.features:
-        values = sorted(train_values.get(feature.name, []))[:per_feature]
+        # A head's feature keeps all its values: its head and tail samples come after the first few.
+        values = sorted(set(train_values.get(feature.name, [])))[: None if feature.name in plan.heads else per_feature]
         for value in values + ([MISSING] if feature is plan.features[0] else []):
             rows = [int(plan.rows_of_values(feature, lookup, [value])[0]) for lookup in feature.lookups]
-            vectors.append({"feature": feature.name, "value": value.decode("utf-8", "surrogateescape"), "rows": rows})
+            vector = {"feature": feature.name, "value": value.decode("utf-8", "surrogateescape"), "rows": rows}
+            if feature.name in plan.heads:
+                vector["head"] = bool(np.isin(hash_canonical([value], feature.lookups[0].seed), plan.heads[feature.name])[0])
+            vectors.append(vector)
     return vectors

@@ -42,7 +42,7 @@ from uembed.bundle.codecs import (
 )
 from uembed.bundle.format import FORMAT, FORMAT_VERSION
 from uembed.bundle.stamps import Stamps
-from uembed.contract.errors import BundleError
+from uembed.contract.errors import BundleError, SpecError
 from uembed.contract.features import FeatureSpec
 from uembed.contract.hashing import SPEC_VERSION
 from uembed.contract.known import KnownValues
@@ -377,6 +377,7 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool, row_files: bool, v
     stamps = Stamps(root, verify)
     row_stamps = None if defer_row_checks else stamps
     vocabularies = {}
+    heads = {}
     known = {}
     specs = {}
     bias_parts = []
@@ -385,6 +386,9 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool, row_files: bool, v
         if feature.get("vocabulary"):
             entry = feature["vocabulary"]
             vocabularies[feature["name"]] = np.asarray(_load_array(root, entry, "uint64", (entry["size"],), stamps))
+        if feature.get("head"):
+            entry = feature["head"]
+            heads[feature["name"]] = np.asarray(_load_array(root, entry, "uint64", (entry["size"],), stamps))
         if feature.get("known"):
             entry = feature["known"]
             if entry.get("hashes") != KnownValues.HASHES:
@@ -396,7 +400,10 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool, row_files: bool, v
                 raise BundleError(f"bundle {root}: known/{feature['name']}.npy: {exc}") from exc
         if feature.get("bias") is not None:
             bias_parts.append(np.asarray(feature["bias"], dtype=np.float32))
-    plan = EmbeddingPlan.from_dict(manifest["embedding"], vocabularies)
+    try:
+        plan = EmbeddingPlan.from_dict(manifest["embedding"], vocabularies, heads)
+    except SpecError as exc:
+        raise BundleError(f"bundle {root}: manifest.json: {exc}") from exc
 
     tables = {}
     deferred = []

@@ -224,6 +224,12 @@ def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGr
         "--lookups-offset", type=int, default=0,
         help="multi-size-unified: add this to every feature's default lookup count (kept within 1-4)",
     )  # fmt: skip
+    emb.add_argument(
+        "--head-share", type=float, default=0.0,
+        help="hybrid tables: this share (0 to below 1) of each table's rows gives the most frequent training values a "
+        "row of their own, the rest hash into the others; more head rows collide less for frequent values and more "
+        "for the rest (0: every value hashed; in-memory training only)",
+    )  # fmt: skip
     net = parser.add_argument_group("network and optimiser")
     net.add_argument("--network", choices=NETWORKS, default="dcn", help="dcn: DCN-v2 cross layers then an MLP")
     net.add_argument("--hidden", type=positive_list(int, "layer sizes"), default=(192,), help="hidden layer sizes, comma-separated")
@@ -260,6 +266,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
         learning_rate=args.lr,
         embedding_weight_decay=args.embedding_weight_decay,
         lookups_offset=args.lookups_offset,
+        head_share=args.head_share,
         batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.patience,

@@ -18,7 +18,9 @@ Definitions (docs/MODELS.md, "The collision report"):
   into a table of ``m`` rows that ``K`` lookups of values read in all, ``l`` of them its own, shares its row
   with probability ``1 - (1 - 1/m) ** (K - l)``; lookups are taken as independent for all / any. Every value
   of a feature has the same prediction, so weighting by occurrences leaves it unchanged. ``None`` for a
-  collisionless (exact) feature: it is not hashed.
+  collisionless (exact) feature: it is not hashed. Hybrid tables: ``K`` counts only the lookups into the
+  hashed rows ``m``, and a head value's share is 0 (it owns its row), so the prediction is the tail's times
+  the tail's share of the occurrences.
 - ``rows``: the distinct (table, row) pairs the feature's values read, over all its lookups.
 """
 
@@ -34,6 +36,7 @@ import numpy as np
 
 from uembed.contract.columns import FeatureColumn
 from uembed.contract.plan import EmbeddingPlan
+from uembed.contract.plan import value_counts as column_value_counts
 
 REPORT_VERSION = 1
 STREAMED = "not computed for streamed runs: the streaming scan keeps each feature's distinct keys, not how often each occurs"
@@ -50,9 +53,7 @@ class ValueCounts:
 
 def value_counts(column: FeatureColumn) -> ValueCounts:
     """The values a column's examples hold (every item of a list counts), with their occurrences."""
-    counts = np.bincount(column.codes[column.codes > 0].ravel(), minlength=len(column.uniques)).astype(np.int64)
-    used = np.flatnonzero(counts)
-    return ValueCounts([column.uniques[i] for i in used], counts[used])
+    return ValueCounts(*column_value_counts(column))
 
 
 def training_value_counts(columns: Mapping[str, FeatureColumn]) -> dict[str, ValueCounts]:
@@ -95,7 +96,7 @@ def collision_report(plan: EmbeddingPlan, counts: Mapping[str, ValueCounts]) -> 
         for j, lookup in enumerate(feature.lookups):
             lookups[lookup.table].append((i, j, plan.rows_of_values(feature, lookup, values)))
     shared: dict[tuple[int, int], np.ndarray] = {}
-    tables = {}
+    tables, hashed_lookups = {}, {}
     for table in plan.tables:
         entries = lookups[table.name]
         if not entries:
@@ -105,6 +106,7 @@ def collision_report(plan: EmbeddingPlan, counts: Mapping[str, ValueCounts]) -> 
         occupied, readers = _occupants(rows, owners)
         for i, j, r in entries:
             shared[i, j] = readers[np.searchsorted(occupied, r)] > 1
+        hashed_lookups[table.name] = int((rows < table.hashed_rows).sum())  # a head row is no hash's to share
         tables[table.name] = {"rows": table.rows, "lookups": int(rows.size), "rows_read": int(occupied.size),
                               "rows_shared": int((readers > 1).sum())}  # fmt: skip
     report = {}
@@ -114,8 +116,12 @@ def collision_report(plan: EmbeddingPlan, counts: Mapping[str, ValueCounts]) -> 
         predicted, per_lookup = [], []
         for j, lookup in enumerate(feature.lookups):
             own = sum(1 for other in feature.lookups if other.table == lookup.table)
-            others = tables[lookup.table]["lookups"] - own
-            chance = None if feature.vocabulary else uniform_share(plan.table(lookup.table).rows, others)
+            chance = None
+            if not feature.vocabulary:
+                # Hybrid tables: a head value never shares its row; the others hash among the other hashed lookups.
+                hashed_rows = plan.table(lookup.table).hashed_rows
+                tail = next(r for k, m, r in lookups[lookup.table] if (k, m) == (i, j)) < hashed_rows
+                chance = uniform_share(hashed_rows, hashed_lookups[lookup.table] - own) * _share(occurrences, tail)
             predicted.append(chance)
             per_lookup.append({"table": lookup.table, "shared_share": _share(occurrences, flags[j]), "predicted_share": chance})
         exact = any(chance is None for chance in predicted)

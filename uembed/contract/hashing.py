@@ -17,6 +17,12 @@ The spec, version ``uembed-hash-v1``:
 4. Row of a hashed table of ``rows`` rows: ``key % rows``. A collisionless table keeps
    a sorted array of known keys; a key found at index ``i`` reads row ``i + 1``, an
    unknown or missing key reads row 0.
+5. A feature with a *head* (a hybrid table, ``head_rows``): its head is a sorted array of keys (under
+   the feature's lookup-0 seed) of its most frequent training values and the first row of its block,
+   ``head_start``. A key found at index ``i`` of the head reads row ``head_start + i``; any other key
+   (a tail value, an unseen or missing one) reads ``key % hashed_rows``, where ``hashed_rows`` is the
+   table's rows less all its head rows (the heads' blocks follow the hashed rows). Found means equal
+   to the key at the binary-search (lower bound) position.
 
 From another language (a Go or Java feature pipeline, a C++ ranker) the same keys need:
 XXH3 64-bit (the reference C library or a port that passes its test vectors; not XXH64,
@@ -120,6 +126,12 @@ def vocabulary_rows(keys: np.ndarray, sorted_vocabulary: np.ndarray) -> np.ndarr
     return np.where(found, clipped + 1, 0).astype(np.int64)
 
 
+def head_rows(keys: np.ndarray, head_keys: np.ndarray, head_start: int, hashed_rows: int) -> np.ndarray:
+    """Row ids (int64) of keys in a hybrid table: a head key i -> ``head_start + i``, else ``key % hashed_rows``."""
+    found = vocabulary_rows(keys, head_keys)
+    return np.where(found > 0, head_start + found - 1, rows_of(keys, hashed_rows))
+
+
 def spec_description() -> dict:
     """The spec as recorded in a bundle's manifest."""
     return {
@@ -132,4 +144,6 @@ def spec_description() -> dict:
         "key": "xxh3_64(canonical_bytes, seed)",
         "hashed_row": "key % rows",
         "vocabulary_row": "index of key in the sorted vocabulary + 1; unknown or missing -> 0",
+        "head_row": "a feature with a head: key at index i of its sorted head keys -> head_start + i; "
+        "else key % hashed_rows (the table's rows less its head rows)",
     }

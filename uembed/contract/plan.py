@@ -14,13 +14,18 @@ semantic-group tables give up one row per biased feature to pay for the biases.
 Encoding lays out *slots*: feature by feature, lookup by lookup, ``width`` values each.
 ``encode`` turns feature columns into ``rows [N, S]`` (row within the slot's table) and
 ``weights [N, S]`` (pooling weights, 0 on padding), which the torch module consumes.
+
+A hybrid plan (``head_share`` > 0, :func:`with_heads`) gives the most frequent training values of the
+one-lookup hashed features a row each (their *head*), at the end of the table they read, and hashes every
+other value into the rows before them: the slots, the tables and the dense input are those of the plan
+without heads, only which row of the slot's table a value reads changes (``uembed/contract/hashing.py``, 5.).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum, unique
 
 import numpy as np
@@ -28,7 +33,7 @@ import numpy as np
 from uembed.contract.columns import FeatureColumn
 from uembed.contract.errors import BudgetError, SpecError
 from uembed.contract.features import DatasetSpec, Pooling
-from uembed.contract.hashing import hash_canonical, lookup_seed, rows_of, vocabulary_rows
+from uembed.contract.hashing import hash_canonical, head_rows, lookup_seed, rows_of, vocabulary_rows
 from uembed.contract.seo import ChunkPolicy, applier_assignment, chunk_table_rows
 
 MAX_MULTI_SIZE_LOOKUPS = 4
@@ -42,6 +47,12 @@ class TablePlan:
     name: str
     rows: int
     dim: int
+    head_rows: int = 0  # the last rows: the heads of the features that read this table, one row a head value
+
+    @property
+    def hashed_rows(self) -> int:
+        """Rows that values outside every head hash into: ``key % hashed_rows``."""
+        return self.rows - self.head_rows
 
     @property
     def parameters(self) -> int:
@@ -69,6 +80,7 @@ class FeaturePlan:
     pooling: Pooling = Pooling.MEAN
     bias: bool = False
     vocabulary: bool = False  # collisionless: rows come from the sorted vocabulary keys
+    head_start: int = 0  # a feature with a head (EmbeddingPlan.heads): the row of its first head value
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pooling", Pooling(self.pooling))
@@ -82,6 +94,8 @@ class EmbeddingPlan:
     features: tuple[FeaturePlan, ...]
     budget_rows: int
     vocabularies: dict[str, np.ndarray] = field(default_factory=dict)
+    # Hybrid tables: per feature with a head, the sorted keys (uint64, under its lookup's seed) of its head values.
+    heads: dict[str, np.ndarray] = field(default_factory=dict)
     # What a user must hear about this plan (a feature with a constant embedding...); not serialised.
     warnings: list[str] = field(default_factory=list, compare=False)
 
@@ -192,7 +206,10 @@ class EmbeddingPlan:
         keys = hash_canonical(values, lookup.seed, count=len(values))
         if feature.vocabulary:
             return vocabulary_rows(keys, self.vocabularies[feature.name])
-        return rows_of(keys, self.table(lookup.table).rows)
+        table = self.table(lookup.table)
+        if feature.name in self.heads:  # only one-lookup features get a head
+            return head_rows(keys, self.heads[feature.name], feature.head_start, table.hashed_rows)
+        return rows_of(keys, table.hashed_rows)
 
     # --- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -200,19 +217,29 @@ class EmbeddingPlan:
             "method": str(self.method),
             "dim": self.dim,
             "budget_rows": self.budget_rows,
-            "tables": [asdict(t) for t in self.tables],
+            # A plan without heads is written as before heads existed: no zero head fields.
+            "tables": [_without_zero(asdict(t), "head_rows") for t in self.tables],
             "features": [
-                {**asdict(f), "pooling": f.pooling.value, "lookups": [asdict(lookup) for lookup in f.lookups]}
+                _without_zero({**asdict(f), "pooling": f.pooling.value, "lookups": [asdict(lookup) for lookup in f.lookups]},
+                              "head_start") if f.name not in self.heads else
+                {**asdict(f), "pooling": f.pooling.value, "lookups": [asdict(lookup) for lookup in f.lookups],
+                 "head_size": int(self.heads[f.name].size)}
                 for f in self.features
             ],
         }
 
     @classmethod
-    def from_dict(cls, raw: dict, vocabularies: Mapping[str, np.ndarray] | None = None) -> EmbeddingPlan:
+    def from_dict(cls, raw: dict, vocabularies: Mapping[str, np.ndarray] | None = None,
+                  heads: Mapping[str, np.ndarray] | None = None) -> EmbeddingPlan:  # fmt: skip
         features = tuple(
-            FeaturePlan(**{**f, "lookups": tuple(LookupPlan(**lookup) for lookup in f["lookups"])})
+            FeaturePlan(**{k: v for k, v in f.items() if k != "head_size"} | {"lookups": tuple(LookupPlan(**lookup) for lookup in f["lookups"])})
             for f in raw["features"]
         )
+        heads = dict(heads or {})
+        sizes = {f["name"]: f["head_size"] for f in raw["features"] if "head_size" in f}
+        if set(sizes) != set(heads) or any(heads[n].size != sizes[n] for n in sizes):
+            raise SpecError(f"the plan's heads ({sizes}) and the head keys given "
+                            f"({ {n: int(k.size) for n, k in heads.items()} }) differ")  # fmt: skip
         return cls(
             method=raw["method"],
             dim=int(raw["dim"]),
@@ -220,7 +247,26 @@ class EmbeddingPlan:
             features=features,
             budget_rows=int(raw["budget_rows"]),
             vocabularies=dict(vocabularies or {}),
-        )
+            heads=heads,
+        )._checked_heads()
+
+    def _checked_heads(self) -> EmbeddingPlan:
+        """This plan, once its heads are found to be what the contract says: strictly increasing keys, each block
+        within its table's head rows."""
+        for feature in self.features:
+            if feature.name not in self.heads:
+                continue
+            keys, table = self.heads[feature.name], self.table(feature.lookups[0].table)
+            if keys.dtype != np.uint64 or (keys.size > 1 and not (keys[1:] > keys[:-1]).all()):
+                raise SpecError(f"the head keys of feature {feature.name!r} are not strictly increasing uint64")
+            if not table.hashed_rows <= feature.head_start <= table.rows - keys.size:
+                raise SpecError(f"the head of feature {feature.name!r} (rows {feature.head_start} + {keys.size}) is not "
+                                f"within the head rows [{table.hashed_rows}, {table.rows}) of table {table.name!r}")  # fmt: skip
+        return self
+
+
+def _without_zero(entry: dict, key: str) -> dict:
+    return {k: v for k, v in entry.items() if k != key or v}
 
 
 # --- building plans ---------------------------------------------------------------------------
@@ -551,6 +597,7 @@ def build_plan(
     adjust_hash_buckets: bool = True,
     lookups_offset: int = 0,
     exact_features: tuple[str, ...] = (),
+    head_share: float = 0.0,
 ) -> EmbeddingPlan:
     """Plan ``method`` for the features of ``spec``, sized from the training columns.
 
@@ -564,6 +611,8 @@ def build_plan(
     ``lookups_offset`` moves every multi-size feature's default lookup count (a spec's own
     ``lookups`` wins). ``exact_features`` are taken out of the method's tables and looked up
     collisionless (an ablation: what a feature's collisions cost; see :func:`with_exact_features`).
+    ``head_share`` gives that share of each table's rows to heads (:func:`with_heads`); it needs the
+    values' counts, which only in-memory columns have.
     """
     entry = method_spec(method)
     if dim <= 0:
@@ -595,6 +644,11 @@ def build_plan(
     plan = entry.build(request)
     if exact_features:
         plan = with_exact_features(plan, exact_features, request)
+    if head_share:
+        if not isinstance(train_columns, Mapping):
+            raise SpecError("--head-share needs how often each training value occurs: in-memory training counts them, "
+                            "the streaming scan keeps only each feature's distinct keys")  # fmt: skip
+        plan = with_heads(plan, head_share, {f.name: value_counts(train_columns[f.name]) for f in spec.features})
     plan.warnings = plan_warnings(plan)
     return plan
 
@@ -616,3 +670,55 @@ def with_exact_features(plan: EmbeddingPlan, names: tuple[str, ...], request: Pl
     )
     vocabularies = {**plan.vocabularies, **{name: request.vocabulary_keys(name) for name in names}}
     return EmbeddingPlan(plan.method, plan.dim, plan.tables + tuple(exact.values()), features, plan.budget_rows, vocabularies)
+
+
+# Methods whose tables a head may share: a table read whole by one-lookup features (not the chunk tables, whose
+# column blocks are one table and must agree on every row, nor the SEO search model, nor collisionless).
+HEAD_METHODS = (Method.HASHING_TRICK, Method.UNIFIED, Method.MULTI_SIZE_UNIFIED, Method.SEMANTIC_GROUP, Method.SEPARATE)
+
+
+def value_counts(column: FeatureColumn) -> tuple[list[bytes], np.ndarray]:
+    """A column's distinct non-missing values (every item of a list counts) and their occurrences (int64, > 0)."""
+    counts = np.bincount(column.codes[column.codes > 0].ravel(), minlength=len(column.uniques)).astype(np.int64)
+    used = np.flatnonzero(counts)
+    return [column.uniques[i] for i in used], counts[used]
+
+
+def with_heads(plan: EmbeddingPlan, share: float, counts: Mapping[str, tuple[list[bytes], np.ndarray]]) -> EmbeddingPlan:
+    """``plan`` with hybrid tables: ``share`` of each table's rows become head rows.
+
+    A table's head rows go to the values with the largest training counts among the one-lookup hashed features
+    that read it (ties: the feature first in the plan, then the smaller key), until ``floor(share * rows)`` are
+    given or the values run out; one row at least stays hashed. The tables keep their rows, so the budget pays
+    for the heads. Each feature's head values get consecutive rows in the order of their keys, the features'
+    blocks following the hashed rows in plan order.
+    """
+    if not (0 <= share < 1 and math.isfinite(share)):
+        raise BudgetError(f"--head-share must be at least 0 and below 1, got {share}")
+    if not share:
+        return plan
+    if Method(plan.method) not in HEAD_METHODS:
+        raise SpecError(f"--head-share is for {', '.join(HEAD_METHODS)}, not {plan.method}")
+    tables, heads, starts = [], {}, {}
+    for table in plan.tables:
+        candidates = [f for f in plan.features
+                      if len(f.lookups) == 1 and f.lookups[0].table == table.name and not f.vocabulary]  # fmt: skip
+        total = min(int(share * table.rows), table.rows - 1)
+        if not candidates or total <= 0:
+            tables.append(table)
+            continue
+        keys = [hash_canonical(counts[f.name][0], f.lookups[0].seed, count=len(counts[f.name][0])) for f in candidates]
+        owner = np.concatenate([np.full(k.size, i, dtype=np.int64) for i, k in enumerate(keys)])
+        occurrences = np.concatenate([counts[f.name][1] for f in candidates])
+        all_keys = np.concatenate(keys)
+        chosen = np.lexsort((all_keys, owner, -occurrences))[:total]
+        own = {f.name: np.unique(all_keys[chosen[owner[chosen] == i]]) for i, f in enumerate(candidates)}
+        own = {name: head for name, head in own.items() if head.size}
+        used = int(sum(head.size for head in own.values()))
+        start = table.rows - used
+        for name, head in own.items():
+            heads[name], starts[name] = head, start
+            start += head.size
+        tables.append(replace(table, head_rows=used))
+    features = tuple(replace(f, head_start=starts[f.name]) if f.name in starts else f for f in plan.features)
+    return EmbeddingPlan(plan.method, plan.dim, tuple(tables), features, plan.budget_rows, plan.vocabularies, heads)

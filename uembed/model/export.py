@@ -9,6 +9,7 @@ A bundle is what the service loads, with no pickle and no training code::
     tables/<table>.scale_bias.npy   float32 [rows, 2] per-row scale and bias (int8, int4, int2)
     tables/<table>.codebooks.npy    float32 [M, 256, dim / M] product-quantisation codebooks (pq)
     vocab/<feature>.npy        sorted uint64 keys of a collisionless feature
+    heads/<feature>.npy        sorted uint64 keys of a feature's head (hybrid tables, --head-share)
     dense.onnx                 network after the embeddings: embeddings [B, E] -> probability [B]
     dense_context.onnx, dense_rest.onnx   the same network split by a context feature group
                                (``--context-features``, ``uembed/bundle/dense_split.py``), which the CPU service runs
@@ -50,6 +51,7 @@ from uembed.bundle.format import (
     ROW_DTYPES,
     file_entry,
     test_vectors,
+    write_head,
     write_known_values,
     write_table_rows,
 )
@@ -108,15 +110,15 @@ SPACE_MARGIN_BYTES = 4 * 2**20  # the manifest, the ONNX graphs and the files' h
 
 def expected_bytes(plan: EmbeddingPlan, model: RankingModel, known: dict[str, KnownValues], dtype: str, full_model: bool,
                    context_split: bool, pq_subvectors: int | None = None) -> int:  # fmt: skip
-    """About how many bytes the bundle's files take: the row files (and a pq table's codebooks), vocabularies and
-    known values, the dense network (twice more when split by a context), and for a full model its ONNX and
+    """About how many bytes the bundle's files take: the row files (and a pq table's codebooks), vocabularies, head
+    keys and known values, the dense network (twice more when split by a context), and for a full model its ONNX and
     TorchScript files, each holding the float32 tables and the network."""
     item = np.dtype(NUMPY_ROW_DTYPE[dtype]).itemsize
     scale_bias = SCALE_BIAS_BYTES if dtype in ROWWISE_BITS else 0
     rows = sum(t.rows * (row_width(dtype, t.dim, pq_subvectors) * item + scale_bias) for t in plan.tables)
     if dtype == "pq":
         rows += sum(PQ_CENTROIDS * t.dim * 4 for t in plan.tables)
-    values = sum(v.nbytes for v in plan.vocabularies.values()) + sum(k.bits.nbytes for k in known.values())
+    values = sum(v.nbytes for v in (*plan.vocabularies.values(), *plan.heads.values())) + sum(k.bits.nbytes for k in known.values())
     network = 4 * sum(p.numel() for p in model.network.parameters())
     full = 2 * (4 * plan.table_parameters + network) if full_model else 0
     return rows + values + network * (3 if context_split else 1) + full + SPACE_MARGIN_BYTES
@@ -284,6 +286,8 @@ def write_bundle(
             (folder / "vocab").mkdir(exist_ok=True)
             np.save(folder / "vocab" / f"{feature.name}.npy", plan.vocabularies[feature.name])
             entry["vocabulary"] = {"size": int(plan.vocabularies[feature.name].size), **file_entry(folder, f"vocab/{feature.name}.npy")}
+        if feature.name in plan.heads:
+            entry["head"] = write_head(folder, feature.name, plan.heads[feature.name], feature.head_start)
         if feature.name in known:
             entry["known"] = write_known_values(folder, feature.name, known[feature.name])
         features.append(entry)
@@ -308,7 +312,8 @@ def write_bundle(
     for feature in plan.features:
         # Real values for the test vectors: the collisionless vocabulary cannot be reversed,
         # so every bundle takes its vectors from the values recorded at training time.
-        train_values[feature.name] = [v.encode("utf-8", "surrogateescape") for v in doc.get("sample_values", {}).get(feature.name, [])]
+        samples = doc.get("sample_values", {}).get(feature.name, []) + doc.get("head_samples", {}).get(feature.name, [])
+        train_values[feature.name] = [v.encode("utf-8", "surrogateescape") for v in samples]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -5,6 +5,7 @@ A run writes a directory that export and the study read back::
     runs/<name>/config.json        the TrainConfig, dataset spec and split sizes
     runs/<name>/plan.json          the embedding plan (tables, lookups, seeds)
     runs/<name>/vocabularies.npz   sorted vocabulary keys (collisionless features only)
+    runs/<name>/heads.npz          sorted head keys per feature with a head (hybrid tables, --head-share)
     runs/<name>/checkpoint.pt      model state dict (tensors only; load with weights_only=True)
     runs/<name>/metrics.json       per-epoch history with embedding health, test AUC / LogLoss
     runs/<name>/collisions.json    per feature, the training occurrences whose row another value shares (streamed runs have none)
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from uembed.contract.collisions import collision_report, save_report, training_value_counts
 from uembed.contract.errors import UembedError
+from uembed.contract.hashing import hash_canonical
 from uembed.contract.known import save_known_values, training_keys
 from uembed.contract.plan import EmbeddingPlan, build_plan, method_spec
 from uembed.contract.seo import ChunkPolicy, derive_policy
@@ -66,6 +68,8 @@ class TrainConfig:
     lookups_offset: int = 0
     # Ablation: these features get a collisionless table of their own, outside the budget.
     exact_features: tuple[str, ...] = ()
+    # Hybrid tables: this share of each table's rows is given to the most frequent values (uembed/contract/plan.py).
+    head_share: float = 0.0
     # SEO (uembed/contract/seo.py): the Applier's policy, and the search model's shape.
     policy: dict | None = None
     chunk_dim: int = 8
@@ -118,7 +122,7 @@ def plan_for(config: TrainConfig, spec, statistics) -> EmbeddingPlan:
         config.embedding, spec, statistics, config.dim, config.budget_fraction, config.budget_rows,
         policy=policy, chunk_dim=config.chunk_dim, search_multiplier=config.search_multiplier,
         adjust_hash_buckets=config.adjust_hash_buckets, lookups_offset=config.lookups_offset,
-        exact_features=tuple(config.exact_features),
+        exact_features=tuple(config.exact_features), head_share=config.head_share,
     )  # fmt: skip
 
 
@@ -412,10 +416,14 @@ def save_run(
             name: [v.decode("utf-8", "surrogateescape") for v in sorted(column.present_values())[:3]]
             for name, column in train_set.columns.items()
         },
+        # Hybrid tables: a few head and tail values per feature with a head, for the export's test vectors of both.
+        "head_samples": head_samples(plan, train_set.columns),
     }
     (run_dir / "config.json").write_text(json.dumps(config_doc, indent=2))
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
+    if plan.heads:
+        np.savez(run_dir / "heads.npz", **plan.heads)
     # Which values training saw, per feature: the export puts them in the bundle so the service can count unseen ones.
     save_known_values(run_dir / "known_values.npz", training_keys(train_set.columns))
     # Which training values share a row, per feature (uembed/contract/collisions.py): printed, and carried into the bundle.
@@ -427,6 +435,18 @@ def save_run(
     return run_dir
 
 
+def head_samples(plan: EmbeddingPlan, columns, count: int = 2) -> dict[str, list[str]]:
+    """``count`` head values and ``count`` tail values of each feature with a head (the smallest, as bytes)."""
+    out = {}
+    for feature in plan.features:
+        if feature.name in plan.heads:
+            values = sorted(columns[feature.name].present_values())
+            inside = np.isin(hash_canonical(values, feature.lookups[0].seed, count=len(values)), plan.heads[feature.name])
+            chosen = [v for v, h in zip(values, inside) if h][:count] + [v for v, h in zip(values, inside) if not h][:count]
+            out[feature.name] = [v.decode("utf-8", "surrogateescape") for v in chosen]
+    return out
+
+
 def load_run(run_dir: Path) -> tuple[TrainConfig, EmbeddingPlan, RankingModel, dict]:
     """Rebuild a trained model from its run directory (no pickle: tensors only)."""
     doc = json.loads((run_dir / "config.json").read_text())
@@ -436,7 +456,11 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, EmbeddingPlan, RankingModel, d
     config = TrainConfig(**raw)
     with np.load(run_dir / "vocabularies.npz", allow_pickle=False) as stored:
         vocabularies = {name: stored[name] for name in stored.files}
-    plan = EmbeddingPlan.from_dict(json.loads((run_dir / "plan.json").read_text()), vocabularies)
+    heads = {}
+    if (run_dir / "heads.npz").exists():
+        with np.load(run_dir / "heads.npz", allow_pickle=False) as stored:
+            heads = {name: stored[name] for name in stored.files}
+    plan = EmbeddingPlan.from_dict(json.loads((run_dir / "plan.json").read_text()), vocabularies, heads)
     # Built on the meta device and given the checkpoint's tensors, memory-mapped: the tables are never
     # initialised, copied or read whole (an export of a table as large as memory streams it from the file).
     with torch.device("meta"):
@@ -515,7 +539,7 @@ def continue_training(
                "test_auc": None, "test_logloss": None}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({**doc, "continued_from": str(run_dir)}, indent=2))
-    for name in ("plan.json", "vocabularies.npz", "known_values.npz"):
+    for name in ("plan.json", "vocabularies.npz", "heads.npz", "known_values.npz"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out_dir / name)
     save_report(out_dir / "collisions.json", collision_report(plan, training_value_counts(train_set.columns)))  # of the new data

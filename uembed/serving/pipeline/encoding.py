@@ -28,7 +28,7 @@ from itertools import chain
 import numpy as np
 
 from uembed.contract.columns import canonical_column
-from uembed.contract.hashing import MISSING, hash_canonical_columns, rows_of
+from uembed.contract.hashing import MISSING, hash_canonical_columns, head_rows, rows_of
 from uembed.contract.known import KnownValues
 from uembed.contract.plan import FeaturePlan
 from uembed.serving.pipeline.canonical import CanonicalExamples, Canonicaliser
@@ -100,13 +100,14 @@ class ExampleEncoder(Canonicaliser):
         # filter lookup costs more than a cache hit). The others are hashed directly, every time: hashing a
         # column is cheaper than looking each of its values up in a cache, warm or cold.
         self.direct = frozenset(name for name in self.one_value if name not in self.known)
-        # Of those, the ones with one hashed lookup: (seed, table rows), to hash their columns together.
+        # Of those, the ones with one hashed lookup: (seed, table rows hashed into), to hash their columns together.
         self.one_slot_hashed = {
-            f.name: (f.lookups[0].seed, self.plan.table(f.lookups[0].table).rows)
+            f.name: (f.lookups[0].seed, self.plan.table(f.lookups[0].table).hashed_rows)
             for f in self.plan.features
             if f.name in self.direct and len(f.lookups) == 1 and not f.vocabulary
         }
         self._hashing_of: dict[tuple[str, ...], tuple[list[int], np.ndarray]] = {}
+        self.head_start = {f.name: f.head_start for f in self.plan.features if f.name in self.plan.heads}
         # Unseen flags of the other features' values (a filter lookup per batch costs more than the hash).
         self.row_cache = {name: ValueCache(self.cache_share) for name in self.rows_cached} if self.cache_bytes else {}
         self.flag_cache = {name: ValueCache(self.cache_share) for name in self.flagged} if self.cache_bytes else {}
@@ -190,7 +191,11 @@ class ExampleEncoder(Canonicaliser):
             table_rows = np.array([[self.one_slot_hashed[name][1]] for name in names], dtype=np.uint64)
             hashing = self._hashing_of[tuple(names)] = (seeds, table_rows)
         seeds, table_rows = hashing
-        rows = rows_of(hash_canonical_columns(columns, seeds), table_rows)
+        keys = hash_canonical_columns(columns, seeds)
+        rows = rows_of(keys, table_rows)
+        for i, name in enumerate(names):
+            if name in self.plan.heads:  # hybrid table: a head value's key reads its head row (one binary search)
+                rows[i] = head_rows(keys[i], self.plan.heads[name], self.head_start[name], int(table_rows[i, 0]))
         return [column[:, None] for column in rows]
 
     @staticmethod

@@ -1,0 +1,119 @@
+"""Hybrid tables (#38, item 1): a feature's most frequent training values own a head row each, at the end of the
+table it reads; every other value hashes into the rows before them. Checked against a port of the contract
+written here from its text (xxhash, ``bisect``), not through uembed's hashing code."""
+
+from bisect import bisect_left
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import xxhash
+
+from uembed.contract.collisions import collision_report, training_value_counts
+from uembed.contract.errors import BudgetError, SpecError
+from uembed.contract.plan import HEAD_METHODS, EmbeddingPlan, build_plan
+
+
+def port_row(name: str, value: bytes, head: list[int], head_start: int, table_rows: int, head_rows: int) -> int:
+    """The contract's row of a value of a feature with a head (uembed/contract/hashing.py, 5.), written anew."""
+    seed = xxhash.xxh3_64_intdigest(f"{name}#0".encode(), seed=0)
+    key = xxhash.xxh3_64_intdigest(value, seed=seed)
+    at = bisect_left(head, key)
+    if at < len(head) and head[at] == key:
+        return head_start + at
+    return key % (table_rows - head_rows)
+
+
+def counts_of(column) -> Counter:
+    codes = column.codes[column.codes > 0].ravel()
+    return Counter(column.uniques[code] for code in codes.tolist())
+
+
+@pytest.mark.parametrize("method", [str(m) for m in HEAD_METHODS])
+def test_head_share_zero_is_todays_plan(tiny_dataset, method):
+    today = build_plan(method, tiny_dataset.spec, tiny_dataset.columns, 8, budget_rows=60)
+    zero = build_plan(method, tiny_dataset.spec, tiny_dataset.columns, 8, budget_rows=60, head_share=0.0)
+    assert zero.to_dict() == today.to_dict() and not zero.heads
+    assert all("head_rows" not in t for t in zero.to_dict()["tables"])
+    for got, want in zip(zero.encode(tiny_dataset.columns), today.encode(tiny_dataset.columns)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_head_and_tail_values_map_as_the_contract_says(tiny_dataset):
+    columns = tiny_dataset.columns
+    plan = build_plan("unified", tiny_dataset.spec, columns, 8, budget_rows=60, head_share=0.3)
+    table = plan.table("unified")
+    assert table.rows == 60 and table.head_rows == 18  # the budget pays for the heads: floor(0.3 * 60)
+    assert plan.embedding_parameters == 60 * 8
+    heads_seen = tails_seen = 0
+    head_counts, tail_counts = [], []
+    for feature in plan.features:
+        counts = counts_of(columns[feature.name])
+        values = sorted(counts)
+        head = [int(k) for k in plan.heads.get(feature.name, [])]
+        assert head == sorted(head)
+        got = plan.rows_of_values(feature, feature.lookups[0], values)
+        for value, row in zip(values, got.tolist()):
+            assert row == port_row(feature.name, value, head, feature.head_start, table.rows, table.head_rows), (feature.name, value)
+            in_head = row >= table.rows - table.head_rows
+            heads_seen += in_head
+            tails_seen += not in_head
+            (head_counts if in_head else tail_counts).append(counts[value])
+    assert heads_seen == table.head_rows and tails_seen > 0
+    assert min(head_counts) >= max(tail_counts)  # the head rows went to the most frequent values, across features
+    # Each head row is read by one value; a missing value is never in a head.
+    feature = plan.features[0]
+    assert plan.rows_of_values(feature, feature.lookups[0], [b""])[0] < table.hashed_rows
+
+
+def test_a_hybrid_plan_round_trips_and_refuses_heads_that_break_the_contract(tiny_dataset):
+    plan = build_plan("hashing-trick", tiny_dataset.spec, tiny_dataset.columns, 8, budget_rows=60, head_share=0.25)
+    assert plan.heads and all(t.rows > t.head_rows for t in plan.tables)
+    again = EmbeddingPlan.from_dict(plan.to_dict(), plan.vocabularies, plan.heads)
+    for got, want in zip(again.encode(tiny_dataset.columns), plan.encode(tiny_dataset.columns)):
+        np.testing.assert_array_equal(got, want)
+    name = next(iter(plan.heads))
+    with pytest.raises(SpecError, match="differ"):
+        EmbeddingPlan.from_dict(plan.to_dict(), plan.vocabularies, {})
+    if plan.heads[name].size > 1:
+        with pytest.raises(SpecError, match="strictly increasing"):
+            EmbeddingPlan.from_dict(plan.to_dict(), plan.vocabularies, {**plan.heads, name: plan.heads[name][::-1].copy()})
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, float("nan")])
+def test_a_head_share_outside_0_to_1_is_a_budget_error(tiny_dataset, share):
+    with pytest.raises(BudgetError, match="head-share"):
+        build_plan("unified", tiny_dataset.spec, tiny_dataset.columns, 8, budget_rows=60, head_share=share)
+
+
+def test_heads_are_refused_where_they_cannot_hold(tiny_dataset):
+    with pytest.raises(SpecError, match="not collisionless"):
+        build_plan("collisionless", tiny_dataset.spec, tiny_dataset.columns, 8, head_share=0.2)
+    names = [f.name for f in tiny_dataset.spec.features]
+    streamed = SimpleNamespace(vocabulary=dict.fromkeys(names, 10), widths=dict.fromkeys(names, 1),
+                               keys={n: np.arange(10, dtype=np.uint64) for n in names})  # fmt: skip
+    with pytest.raises(SpecError, match="streaming scan"):
+        build_plan("unified", tiny_dataset.spec, streamed, 8, budget_rows=60, head_share=0.2)
+
+
+def test_the_collision_report_of_a_hybrid_plan_counts_head_values_as_owning_their_rows(tiny_dataset):
+    """A head value never shares its row, measured or predicted: a feature wholly in the head is at 0 in both, and
+    the prediction of one partly in it is the tail's chance times the tail's share of its occurrences."""
+    columns = tiny_dataset.columns
+    plan = build_plan("unified", tiny_dataset.spec, columns, 8, budget_rows=60, head_share=0.3)
+    report = collision_report(plan, training_value_counts(columns))["features"]
+    whole = [f.name for f in plan.features if f.name in plan.heads and plan.heads[f.name].size == len(counts_of(columns[f.name]))]
+    partial = [f.name for f in plan.features if f.name in plan.heads and f.name not in whole]
+    assert whole and partial
+    for name in whole:
+        assert report[name]["shared_share"] == 0.0 and report[name]["predicted_share"] == 0.0
+    table = plan.table("unified")
+    hashed_lookups = sum(1 for f in plan.features for v in counts_of(columns[f.name])
+                         if plan.rows_of_values(f, f.lookups[0], [v])[0] < table.hashed_rows)  # fmt: skip
+    for name in partial:
+        feature = next(f for f in plan.features if f.name == name)
+        counts = counts_of(columns[name])
+        tail = sum(n for v, n in counts.items() if plan.rows_of_values(feature, feature.lookups[0], [v])[0] < table.hashed_rows)
+        chance = 1 - (1 - 1 / table.hashed_rows) ** (hashed_lookups - 1)
+        assert report[name]["predicted_share"] == pytest.approx(chance * tail / sum(counts.values()), rel=1e-9)

@@ -32,9 +32,10 @@ pytestmark = pytest.mark.containers
 
 def test_the_trainer_image_builds_the_demo_bundle_into_a_mounted_folder(trainer_store):
     bundle = demo_bundle_path(trainer_store)
-    load_bundle(bundle)  # checksums, hashing test vectors, files: the bundle is whole
+    # what the image wrote, before this process loads it (a load here adds its verification stamp, as root)
     owners = {path.stat().st_uid for path in bundle.rglob("*")}
     assert owners == {UEMBED_UID}, f"written as {owners}, not the image's unprivileged user"
+    load_bundle(bundle)  # checksums, hashing test vectors, files: the bundle is whole
 
 
 @pytest.fixture(scope="module")

@@ -179,3 +179,25 @@ def test_uembed_prune_fine_tunes_on_the_runs_own_data_and_the_export_is_narrower
     assert f"bundle test AUC {metrics['test_auc']:.5f}" in exported.stdout
     again = uembed("prune", "runs/base", "--keep", "2", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize("setting", [{"head_share": 0.3}, {"qat": "int4"}], ids=["hybrid", "qat-int4"])
+def test_a_hybrid_or_qat_run_prunes_and_its_export_scores_like_it(tmp_path, setting):
+    """Pruning keeps a hybrid plan's heads (their rows and keys) and a QAT run's codec: a QAT row is quantised over
+    its kept columns while pruning, so the narrowed rows quantise exactly as the masked ones did."""
+    torch.set_num_threads(1)
+    train_set, val_set, test_set = splits = tiny_split()
+    config = TrainConfig(embedding="unified", budget_rows=80, budget_fraction=None, dim=DIM, network="dcn", hidden=(16,), epochs=2,
+                         **setting)  # fmt: skip
+    trained = train(config, *splits, run_dir=tmp_path / "run", progress=False)
+    result = prune_run(tmp_path / "run", train_set, val_set, test_set, KEEP, epochs=3, out_dir=tmp_path / "pruned", progress=False)
+
+    assert result.plan.dim == KEEP
+    assert {n: k.tolist() for n, k in result.plan.heads.items()} == {n: k.tolist() for n, k in trained.plan.heads.items()}
+    assert [t.head_rows for t in result.plan.tables] == [t.head_rows for t in trained.plan.tables]
+    assert bool(result.plan.heads) == ("head_share" in setting)
+    bundle = load_bundle(export_run(tmp_path / "pruned", tmp_path / "bundles", "tiny", full_model_limit_bytes=0))
+    assert {t["dtype"] for t in bundle.manifest["tables"]} == {setting.get("qat", "float32")}
+    _, plan, model, _ = load_run(tmp_path / "pruned")
+    rows, weights = plan.encode(test_set.columns)
+    np.testing.assert_allclose(ReferenceScorer(bundle).score_encoded(rows, weights), predict(model, rows, weights), atol=1e-5, rtol=0)

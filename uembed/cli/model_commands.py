@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from uembed.cli.help_format import DefaultsFormatter
@@ -283,12 +284,12 @@ def config_from_args(args: argparse.Namespace, **overrides):
     return TrainConfig(**values)
 
 
-def name_list(choices: tuple[str, ...]):
+def name_list(choices: tuple[str, ...], what: str = "method"):
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(part.strip() for part in text.split(",") if part.strip())
         unknown = [n for n in names if n not in choices]
         if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}")
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}")
         return names
 
     return parse
@@ -322,9 +323,71 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     tune.add_argument("--trials", type=int, default=0, help="trials per (method, budget); 0: no tuning, the fixed settings only")
     tune.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (the same in every cell)")
+    add_lever_options(parser)
     add_model_options(parser)
     add_stream_options(parser)
     parser.set_defaults(handler=run_study_command, extras=("train",))
+
+
+def add_lever_options(parser: argparse.ArgumentParser) -> None:
+    from uembed.bundle.codecs import ROW_DTYPES
+
+    levers = parser.add_argument_group(
+        "memory levers",
+        "Any of these makes a study of AUC against embedding bytes as served: every trained run is evaluated in each "
+        "--codecs codec (post-training, exactly as a bundle of that codec decodes its rows), QAT and head shares are "
+        "trained, pruning fine-tunes; summary.md adds the best configuration per byte budget and its compression "
+        "against collisionless float32.",
+    )  # fmt: skip
+    levers.add_argument("--codecs", type=name_list(ROW_DTYPES, "codec"), help=f"row codecs each run is evaluated in ({', '.join(ROW_DTYPES)})")
+    levers.add_argument("--qat", dest="qat_axis", type=name_list(("none", "int8", "int4", "int2"), "--qat codec"),
+                        help="train each run once per codec listed, quantization-aware ('none': without); a QAT run is "
+                        "evaluated in its own codec only")  # fmt: skip
+    levers.add_argument("--head-shares", type=fraction_list, help="train each run once per hybrid head share listed (0: no head)")
+    levers.add_argument("--prune-keep", type=positive_list(int, "column counts"),
+                        help="in-memory: prune each run to each of these numbers of columns (`uembed prune`), then evaluate it too")  # fmt: skip
+    levers.add_argument("--prune-epochs", type=positive_int, default=3, help="fine-tuning epochs of each pruning")
+    levers.add_argument("--pq-subvectors", type=positive_int, help="pq: sub-vectors a row is split into (default: half the dim)")
+    levers.add_argument("--settings", type=Path, metavar="SELECTED_JSON",
+                        help="in-memory: train each (method, budget) with a tuned study's selection (its selected.json) "
+                        "instead of the settings above; cells it lacks use them")  # fmt: skip
+
+
+def fraction_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares such as 0,0.25,0.5, got {text!r}") from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"head shares must be at least 0 and below 1, got {text!r}")
+    return values
+
+
+def study_levers(args: argparse.Namespace, dataset=None):
+    """The study's memory levers (uembed/model/study.py, Levers) from its options; refused combinations are one line."""
+    from uembed.model.levers import check_codecs
+    from uembed.model.study import Levers
+
+    qat = tuple(None if c == "none" else c for c in (args.qat_axis or ("none",)))
+    levers = Levers(
+        codecs=args.codecs or ("float32",), qat=qat, head_shares=args.head_shares or (0.0,), prune_keep=args.prune_keep or (),
+        prune_epochs=args.prune_epochs, subvectors=args.pq_subvectors,
+    )  # fmt: skip
+    if args.settings:
+        from uembed.model.tuning import selected_configs
+
+        if dataset is None:
+            raise UembedError("--settings takes a tuned study's selections for in-memory datasets, not --stream")
+        try:
+            selected = json.loads(args.settings.read_text())
+        except (OSError, ValueError) as exc:
+            raise UembedError(f"--settings {args.settings}: not a readable selected.json ({exc})") from None
+        levers = replace(levers, cell_configs=selected_configs(selected, dataset, config_from_args(args)))
+    dims = {config.dim for config in levers.cell_configs.values()} | {args.dim}
+    check_codecs(levers.codecs, levers.qat, tuple(sorted(dims)), levers.subvectors)
+    if levers.prune_keep and max(levers.prune_keep) >= max(dims):
+        raise UembedError(f"--prune-keep {max(levers.prune_keep)} keeps every column of dim {max(dims)}; pick fewer")
+    return levers
 
 
 def run_study_command(args: argparse.Namespace) -> int:
@@ -339,25 +402,29 @@ def run_study_command(args: argparse.Namespace) -> int:
     if args.trials < 0:
         raise UembedError(f"--trials must be 0 (no tuning) or more, got {args.trials}")
     if args.trials:
+        if any(getattr(args, name) for name in ("codecs", "qat_axis", "head_shares", "prune_keep", "settings")):
+            raise UembedError("--trials tunes a study's cells; study memory levers afterwards with --settings OUT/selected.json")
         return run_tuned_study_command(args, command)
     if is_streaming(args):
         from uembed.model.study import run_stream_study
 
         stats_dir = args.stats or args.out / "stats"  # the workers read the statistics from here
         source, stats = open_stream(args, stats_dir)
+        levers = study_levers(args)
         records = run_stream_study(
             source, stats, stats_dir, args.methods, args.budgets, range(args.seeds), stream_config(args),
-            jobs=args.jobs, runs_dir=args.out / "runs", search_examples=args.search_examples,
+            jobs=args.jobs, runs_dir=args.out / "runs", search_examples=args.search_examples, levers=levers,
         )  # fmt: skip
         name = source.name
     else:
         dataset = load_dataset(args)
-        records = run_study(dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args), jobs=args.jobs)
+        levers = study_levers(args, dataset)
+        records = run_study(dataset, args.methods, args.budgets, range(args.seeds), config_from_args(args), jobs=args.jobs, levers=levers)
         name = dataset.name
     summary = write_outputs(records, args.out, command, name)
     for row in summary:
-        print(f"{row['method']:>20} {row['budget_fraction']:<6g} AUC {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}  "
-              f"LogLoss {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f}  {row['embedding_bytes']:>10,} bytes")
+        print(f"{row.get('variant', row['method']):>30} {row['budget_fraction']:<6g} AUC {row['auc'][0]:.4f} ± {row['auc'][1]:.4f}  "
+              f"LogLoss {row['logloss'][0]:.4f} ± {row['logloss'][1]:.4f}  {row.get('served_bytes', row['embedding_bytes']):>10,} bytes")
     print(f"wrote {args.out}/runs.csv, summary.md, pareto.png")
     print_next(best_train_command(args, summary))
     return 0
@@ -587,8 +654,6 @@ def read_dataset(args: argparse.Namespace):
 
 def with_split_options(spec, args: argparse.Namespace):
     """The spec with the command line's split options (they win over the spec's [split])."""
-    from dataclasses import replace
-
     fractions, column = getattr(args, "split_fractions", None), getattr(args, "split_column", None)
     if not fractions and not column:
         return spec

@@ -27,6 +27,8 @@ class PlanEmbedding(nn.Module):
         self.sparse = sparse
         # QAT (uembed/model/qat.py): bits a value of the codec the gathered rows are fake-quantised to; 0: none.
         self.qat_bits = 0
+        # Pruning a QAT run (uembed/model/pruning.py): bool [S, dim], the columns each slot's quantiser looks at.
+        self.qat_columns: torch.Tensor | None = None
         first_rows = np.cumsum([0] + [t.rows for t in plan.tables])
         total_rows = int(first_rows[-1])
         std = init_std if init_std is not None else plan.dim**-0.5
@@ -44,7 +46,7 @@ class PlanEmbedding(nn.Module):
     def forward(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         looked_up = nn.functional.embedding(rows + self.slot_offset, self.weight, sparse=self.sparse)  # [B, S, D]
         if self.qat_bits > 0:
-            looked_up = fake_quantise(looked_up, self.qat_bits)
+            looked_up = fake_quantise(looked_up, self.qat_bits, self.qat_columns)
         pooled = torch.einsum("gs,bsd->bgd", self.pooling, looked_up * weights.unsqueeze(-1))
         return pooled.reshape(rows.shape[0], -1) + self.bias @ self.bias_scatter
 

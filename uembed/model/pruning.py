@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from uembed.contract.errors import UembedError
-from uembed.contract.plan import EmbeddingPlan, TablePlan, method_spec
+from uembed.contract.plan import EmbeddingPlan, method_spec
 from uembed.model.data import Dataset
 from uembed.model.embeddings import PlanEmbedding
 from uembed.model.networks import MLP, DCNv2, RankingModel, build_network
 from uembed.model.train import TrainConfig, TrainResult, evaluate, fit_epoch, load_run, predict
 
-RUN_FILES = ("vocabularies.npz", "known_values.npz", "collisions.json")  # unchanged by pruning: rows are not
+RUN_FILES = ("vocabularies.npz", "heads.npz", "known_values.npz", "collisions.json")  # unchanged by pruning: rows are not
 TABLE_NORM_CHUNK_ROWS = 1 << 16
 
 
@@ -132,8 +132,14 @@ def output_mask(plan: EmbeddingPlan, kept: list[np.ndarray]) -> np.ndarray:
 
 
 def narrow_plan(plan: EmbeddingPlan, keep: int) -> EmbeddingPlan:
-    tables = tuple(TablePlan(t.name, t.rows, keep) for t in plan.tables)
-    return EmbeddingPlan(plan.method, keep, tables, plan.features, plan.budget_rows, dict(plan.vocabularies))
+    """The plan with every table ``keep`` columns wide; rows, heads and vocabularies as they were."""
+    return replace(plan, dim=keep, tables=tuple(replace(t, dim=keep) for t in plan.tables), vocabularies=dict(plan.vocabularies),
+                   heads=dict(plan.heads))  # fmt: skip
+
+
+def slot_columns(plan: EmbeddingPlan, kept: list[np.ndarray]) -> torch.Tensor:
+    """bool ``[S, dim]``: the columns each slot's table keeps (what a QAT run's quantiser may look at)."""
+    return torch.from_numpy(np.stack([kept[table] for table in plan.slot_tables()]))
 
 
 def narrow_network(network: nn.Module, config: TrainConfig, columns: torch.Tensor) -> nn.Module:
@@ -154,6 +160,7 @@ def narrow_model(model: RankingModel, plan: EmbeddingPlan, config: TrainConfig, 
     base = model.embedding.base
     narrow = narrow_plan(plan, keep)
     embedding = PlanEmbedding(narrow)
+    embedding.qat_bits = base.qat_bits  # a QAT run stays one: its narrower rows are quantised as the kept columns were
     stays = output_mask(plan, kept)
     with torch.no_grad():
         tables = base.table_weights()
@@ -200,6 +207,8 @@ def prune_run(
         if epoch < len(steps):
             kept = prune_step(kept, column_scores(masked.embedding.base, masked.network, plan), steps[epoch])
             masked.embedding.mask.copy_(torch.from_numpy(output_mask(plan, kept).astype(np.float32)))
+            # QAT: a row's scale and bias come from its kept columns alone, as the narrowed table's rows will.
+            masked.embedding.base.qat_columns = slot_columns(plan, kept)
         masked.train()
         order = torch.from_numpy(rng.permutation(len(labels)))
         loss = fit_epoch(masked, optimizer, loss_fn, (rows, weights, labels), order, range(0, len(order), config.batch_size), config.batch_size)

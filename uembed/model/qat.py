@@ -31,17 +31,25 @@ def qat_bits(codec: str | None) -> int:
     return ROWWISE_BITS[codec]
 
 
-def quantise_dequantise(rows: torch.Tensor, bits: int) -> torch.Tensor:
-    """float32 rows ``[..., dim]`` as the ``bits`` rowwise codec stores and decodes them (no gradient)."""
+def quantise_dequantise(rows: torch.Tensor, bits: int, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 rows ``[..., dim]`` as the ``bits`` rowwise codec stores and decodes them (no gradient).
+
+    ``columns`` (bool, broadcastable to ``rows``: a pruning's kept columns) limits each row to those columns: its
+    scale and bias come from them alone and the others are zero, so the row quantises as the narrowed row will."""
     rows = rows.detach()
     levels = torch.tensor((1 << bits) - 1, dtype=torch.float32)
-    low = rows.amin(dim=-1, keepdim=True)
-    scale = (rows.amax(dim=-1, keepdim=True) - low) / levels
+    if columns is None:
+        low, high = rows.amin(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
+    else:
+        low = torch.where(columns, rows, torch.inf).amin(dim=-1, keepdim=True)
+        high = torch.where(columns, rows, -torch.inf).amax(dim=-1, keepdim=True)
+    scale = (high - low) / levels
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant row: scale 0, codes 0
     codes = torch.clamp(torch.round((rows - low) / safe), 0.0, float((1 << bits) - 1))
-    return codes * scale + low  # two roundings, as the numpy decoder: no fused multiply-add
+    decoded = codes * scale + low  # two roundings, as the numpy decoder: no fused multiply-add
+    return decoded if columns is None else torch.where(columns, decoded, torch.zeros_like(decoded))
 
 
-def fake_quantise(rows: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantise(rows: torch.Tensor, bits: int, columns: torch.Tensor | None = None) -> torch.Tensor:
     """The rows quantised in the forward pass, with a straight-through gradient to ``rows``."""
-    return quantise_dequantise(rows, bits) + (rows - rows.detach())
+    return quantise_dequantise(rows, bits, columns) + (rows - rows.detach())

@@ -123,14 +123,42 @@ def evaluate_stream(
     return stream_metrics(score, plan, source, stats, wanted, seed, read_rows, progress, batch_size)
 
 
+def evaluate_stream_models(
+    models: dict, plan: EmbeddingPlan, source: StreamSource, stats: StreamStats, seed: int, read_rows: int,
+    batch_size: int = 8192,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Test metrics of several models of one plan (a run's copies in each row codec), in one pass over the source."""
+
+    def scorer(model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        model.eval()
+
+        def score(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return torch.sigmoid(model(torch.from_numpy(rows), torch.from_numpy(weights))).numpy()
+
+        return score
+
+    found = stream_metrics_of({name: scorer(m) for name, m in models.items()}, plan, source, stats, (2,), seed, read_rows,
+                              batch_size=batch_size)  # fmt: skip
+    return {name: splits["test"] for name, splits in found.items()}
+
+
 def stream_metrics(
     score: Callable[[np.ndarray, np.ndarray], np.ndarray], plan: EmbeddingPlan, source: StreamSource, stats: StreamStats,
     wanted: tuple[int, ...], seed: int, read_rows: int, progress: bool = False, batch_size: int = 8192,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Metrics per wanted split of ``score(rows, weights) -> probabilities`` over the examples ``plan`` encodes:
     a model in training, or an exported bundle's scorer (``uembed export --evaluate``)."""
+    return stream_metrics_of({"": score}, plan, source, stats, wanted, seed, read_rows, progress, batch_size)[""]
+
+
+def stream_metrics_of(
+    scores: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]], plan: EmbeddingPlan, source: StreamSource,
+    stats: StreamStats, wanted: tuple[int, ...], seed: int, read_rows: int, progress: bool = False, batch_size: int = 8192,
+) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """:func:`stream_metrics` of each named scorer, the source read and encoded once for all of them."""
     spec, split = stats.spec, stats.spec.split or SplitSpec()
-    metrics = {code: StreamingMetrics() for code in wanted}
+    metrics = {name: {code: StreamingMetrics() for code in wanted} for name in scores}
     total = sum(stats.examples[SPLITS[c]] for c in wanted)
     bar = tqdm(total=total, unit="ex", unit_scale=True, desc="evaluating", disable=not progress, leave=False, file=sys.stderr)
     import pyarrow as pa
@@ -145,14 +173,19 @@ def stream_metrics(
             labels = spec.label.binarise(rows_batch.column(spec.label.column), source.name, check_classes=False)
             rows, weights = plan.encode(encode_batch(spec, rows_batch))
             for start in range(0, len(labels), batch_size):
-                metrics[code].add(labels[start : start + batch_size], score(rows[start : start + batch_size], weights[start : start + batch_size]))
+                stop = start + batch_size
+                for name, score in scores.items():
+                    metrics[name][code].add(labels[start:stop], score(rows[start:stop], weights[start:stop]))
             bar.update(len(labels))
     bar.close()
-    for m in metrics.values():  # every rank evaluated its share of the source: the metrics over all of them
-        m.positive, m.negative = distributed.sum_counts(m.positive), distributed.sum_counts(m.negative)
-        m.loss, m.count = distributed.sum_over_ranks([m.loss, m.count])
-        m.count = int(m.count)
-    return {SPLITS[code]: m.result() for code, m in metrics.items()}
+    out = {}
+    for name, per_split in metrics.items():
+        for m in per_split.values():  # every rank evaluated its share of the source: the metrics over all of them
+            m.positive, m.negative = distributed.sum_counts(m.positive), distributed.sum_counts(m.negative)
+            m.loss, m.count = distributed.sum_over_ranks([m.loss, m.count])
+            m.count = int(m.count)
+        out[name] = {SPLITS[code]: m.result() for code, m in per_split.items()}
+    return out
 
 
 def table_module(model):

@@ -143,6 +143,19 @@ def cell_config(cell: Cell, params: dict, base: TrainConfig, reference_rows: int
     )  # fmt: skip
 
 
+def selected_configs(selected: dict, dataset: Dataset, base: TrainConfig) -> dict[tuple[str, float], TrainConfig]:
+    """The TrainConfig of every (method, budget) a tuned study selected (its ``selected.json``), on ``dataset``."""
+    train_set = dataset.split(base.split_seed)[0]
+    reference_rows = collisionless_rows(vocabulary_sizes(train_set.columns))
+    out = {}
+    for key, chosen in selected.items():
+        if key.startswith("_"):
+            continue
+        cell = Cell(chosen["method"], float(chosen["budget_fraction"]))
+        out[(cell.method, cell.budget)] = cell_config(cell, chosen["params"], base, reference_rows)
+    return out
+
+
 def train_arguments(config: TrainConfig) -> str:
     """The options of ``uembed train`` (or ``uembed search``) that give ``config``: how a user re-trains a selection."""
     parts = [f"--budget-rows {config.budget_rows}"] if config.budget_rows else []

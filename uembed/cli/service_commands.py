@@ -275,6 +275,7 @@ def run_push_rows(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    from uembed.bundle.codecs import ROW_DTYPES
     parser = commands.add_parser(
         "bench",
         help="measure the service: throughput vs in-process ceiling and a naive service, latency, memory",
@@ -285,11 +286,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo bundle, built if missing)")
     parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="where the demo bundle lives")
-    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "scale", "gpu", "peers"),
+    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "scale", "gpu", "peers", "codecs", "hybrid"),
                         default=["service", "redis", "hot"],
                         help="scale, gpu and peers are not in the default: scale writes a 3.2 GB bundle and needs ~15 GB "
                         "of memory for its naive baseline; gpu needs a CUDA device and the gpu extra; peers takes about "
-                        "10 minutes (see --peers)")  # fmt: skip
+                        "10 minutes (see --peers); codecs and hybrid serve one model's bundles side by side (see their options)")  # fmt: skip
     parser.add_argument("--peers", action="store_const", const=["peers"], dest="phases",
                         help="only the peers phase: this service's REST v1, REST v2 and gRPC fronts beside LitServe and "
                         "a naive FastAPI service, the same bundle and scoring code, wrk for HTTP load "
@@ -307,7 +308,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     scale.add_argument("--scale-bundle", type=Path, help="a synthetic Criteo-shaped bundle already written (skips writing one)")
     scale.add_argument("--scale-dir", type=Path, help="where to write the bundle (default: the run's temporary folder)")
     scale.add_argument("--scale-rows", type=int, default=100_000_000, help="rows of the unified table")
-    scale.add_argument("--scale-dtype", choices=("float32", "float16", "int8"), default="float16", help="row dtype")
+    scale.add_argument("--scale-dtype", choices=ROW_DTYPES, default="float16", help="row dtype")
     scale.add_argument("--scale-zipf", type=float, default=1.05, help="Zipf exponent of each feature's values")
     scale.add_argument("--scale-candidates", type=int, default=500, help="candidates per ranking request")
     scale.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
@@ -324,6 +325,22 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     gpu.add_argument("--gpu-warm-batches", type=int, default=150, help="batches of the largest size that warm both tiers first")
     gpu.add_argument("--gpu-zipf", type=float, default=1.05, help="Zipf exponent of each feature's values")
     gpu.add_argument("--gpu-bundle", type=Path, help="a synthetic bundle already written (skips writing the table)")
+    codecs = parser.add_argument_group(
+        "codecs and hybrid phases", "bundles of one model served at once and saturated in turn, round after round "
+        "(uembed/loadtest/codec_bench.py); --seconds per bundle and round, --workers per server")  # fmt: skip
+    codecs.add_argument("--codecs", nargs="+", choices=ROW_DTYPES, default=["float16", "int4"],
+                        help="row codecs to compare; the first is the reference of the ratios")  # fmt: skip
+    codecs.add_argument("--codec-models", nargs="+", choices=("demo", "scale"), default=["demo"],
+                        help="demo: a MovieLens run exported in each codec; scale: the Criteo-shaped synthetic bundle "
+                        "(--scale-rows rows) written in each codec into --scale-dir, reused when already there")  # fmt: skip
+    codecs.add_argument("--codec-hot-rows-mb", type=float, help="tier-1 budget of the codecs phase's servers (0: off, "
+                        "every lookup decodes; default: the service's for demo, --hot-rows-mb for scale)")  # fmt: skip
+    codecs.add_argument("--train-run", type=Path, help="the training run the demo codec bundles are exported from "
+                        "(default: a MovieLens unified run of --bench-epochs epochs, trained in the run's folder)")  # fmt: skip
+    codecs.add_argument("--bench-epochs", type=int, default=3, help="epochs of the MovieLens runs these phases train")
+    codecs.add_argument("--rounds", type=int, default=3, help="rounds of saturating every bundle in turn")
+    codecs.add_argument("--head-share", type=float, default=0.2, help="the hybrid run's share of head rows")
+    codecs.add_argument("--hybrid-dtype", choices=ROW_DTYPES, default="float32", help="row codec of the hybrid phase's bundles")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON file of every figure")
     # The naive baseline runs TorchScript (train extra); the load side is the loadtest extra.
     parser.set_defaults(handler=run_bench_command, extras=("train", "loadtest"))

@@ -14,6 +14,11 @@ Phases (each prints its figures; all go to a JSON file):
               Criteo-shaped table: ``uembed/loadtest/gpu_bench.py``
 8. peers      (asked for by name, or ``--peers``) the request path beside its peers: REST v1, REST v2 and gRPC
               against LitServe and the naive service, 1 and 2 workers, 8/64/512 examples: ``uembed/loadtest/peers.py``
+9. codecs     (asked for by name) one model's bundles in several row codecs (``--codecs``), the demo model's and/or
+              the 100M-row scale bundle's, served at once and saturated in turn: requests/s and CPU a request
+              against the first codec's, row-file bytes, each worker's RSS/PSS/private bytes
+10. hybrid    (asked for by name) a hybrid run (``--head-share``) against a plain unified run of the same rows, the
+              same way: ``uembed/loadtest/codec_bench.py``
 
 Requests carry 64 real MovieLens-100K examples. Server and load generator share this
 machine over loopback (the generator is threads on keep-alive connections).
@@ -31,6 +36,7 @@ from tqdm import tqdm
 
 from uembed.bundle.loader import TableRows
 from uembed.contract.hashing import lookup_seed, rows_of
+from uembed.loadtest.codec_bench import check_args, run_codec_bench, run_hybrid_bench
 from uembed.loadtest.gpu_bench import run_gpu_bench
 from uembed.loadtest.load import ceiling, http_phase, movielens_requests
 from uembed.loadtest.peers import run_peers
@@ -114,6 +120,7 @@ def hot_tier_hit_rate(table_rows: int, hot_bytes: int, batches: int, workdir: Pa
 
 
 def run_bench(args) -> dict:
+    check_args(args)
     results: dict = {"examples_per_request": args.examples, "seconds_per_phase": args.seconds}
     workdir = Path(tempfile.mkdtemp(prefix="uembed-bench-"))
     phases = set(args.phases)
@@ -149,6 +156,10 @@ def run_bench(args) -> dict:
         run_scale_bench(args, workdir, report)
     if "peers" in phases:
         run_peers(args, workdir, report)
+    if "codecs" in phases:
+        run_codec_bench(args, workdir, report)
+    if "hybrid" in phases:
+        run_hybrid_bench(args, workdir, report)
     if "gpu" in phases:
         run_gpu_bench(workdir, args.gpu_table_rows, args.gpu_hot_gib, args.gpu_batch_sizes, args.gpu_batches,
                       args.gpu_warm_batches, args.gpu_zipf, args.gpu_bundle, report)  # fmt: skip

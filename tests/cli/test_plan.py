@@ -92,6 +92,18 @@ def test_a_time_budget_stops_calibration_and_plans_with_what_it_has(data, capsys
     assert doc["predicted"]["auc"] == doc["calibration"]["reference"]["auc"]["float32"]
 
 
+def test_a_target_missed_because_the_time_budget_cut_calibration_says_so(data, capsys):
+    # 1 KiB holds no collisionless plan, and the time budget ends calibration before any hashed run that could fit.
+    assert plan(data, "--bytes", "1KiB", "--time-budget", "0.001", out="cut.json") == 1
+    err = capsys.readouterr().err
+    assert "no plan meets the target (within 1,024 bytes)" in err and "the time budget left 8 of the planned runs out" in err
+    assert "a larger --time-budget may find one" in err and not (data / "cut.json").exists()
+    # A target missed with every run calibrated does not blame the time budget.
+    levers = ("--methods", "unified", "--dims", "4", "--fractions", "0.02,0.05", "--codecs", "float32", "--epochs", "3", "--lr", "0.01", "--quiet")
+    assert plan(data, "--max-auc-loss", "0", out="none.json", levers=levers) == 1
+    assert "--time-budget" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [

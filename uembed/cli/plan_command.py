@@ -122,7 +122,10 @@ def run_plan(args: argparse.Namespace) -> int:
         closest = ", ".join(f"{c.family.label} {c.codec} (AUC {c.predicted_auc:.4f}, loss {reference_auc - c.predicted_auc:.4f}, "
                             f"{c.bytes:,} bytes)" for c in ranked[:3])  # fmt: skip
         print(f"no plan meets the target ({target.describe()}); the closest: {closest}. Collisionless float32, the reference, "
-              f"takes {sizer.bytes(planner.Family(planner.REFERENCE, args.dim), None, 'float32'):,} bytes", file=sys.stderr)  # fmt: skip
+              f"takes {sizer.bytes(planner.Family(planner.REFERENCE, args.dim), None, 'float32'):,} bytes"
+              + (f"; the time budget left {calibration.skipped} of the planned runs out (calibration: "
+                 f"{calibration.seconds:.0f}s): a larger --time-budget may find one" if calibration.skipped else ""),
+              file=sys.stderr)  # fmt: skip
         return 1
     data_options = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items() if name in DATA_OPTIONS}
     data_options.update({name: getattr(args, name) for name in NETWORK_OPTIONS})

@@ -233,6 +233,7 @@ class Calibration:
     points: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str = "every planned run finished"
+    skipped: int = 0  # planned runs the time budget left out
 
 
 def calibrate(
@@ -252,6 +253,7 @@ def calibrate(
         elapsed = clock() - started
         if calibration is not None and elapsed + (sum(durations) / len(durations)) > time_budget:
             calibration.stopped = f"time budget of {time_budget:g}s ({len(calibration.points)} of {len(runs)} runs)"
+            calibration.skipped = len(runs) - len(calibration.points)
             break
         bar.set_postfix_str(f"{family.label}" + (f" at {fraction:g}" if fraction else " (reference)"))
         run_started = clock()

@@ -34,10 +34,13 @@ STUDIES = ("docs/results/movielens100k-tuned", "docs/results/movielens100k-lever
 # has 26 large vocabularies: its collisionless reference trains slowly in memory, so it weighs fewer dims and has
 # a longer time budget.
 DATASETS = {
-    "movielens100k": {"budgets": (0.1, 0.03), "plan": ["--time-budget", "300", "--methods", "unified,hashing-trick,multi-size-unified"]},
+    "movielens100k": {"budgets": (0.1, 0.03), "plan": ["--time-budget", "600", "--methods", "unified,hashing-trick,multi-size-unified"]},
     "criteo": {"budgets": (0.1, 0.01), "plan": ["--time-budget", "900", "--dims", "8,16"]},
     "adult": {"budgets": (0.3, 0.1), "plan": ["--time-budget", "180"]},
 }
+# How the calibration runs train. `default`: the planner's own (a few epochs on a share of the training split), whose
+# AUC sits below a fully trained run's; `as-trained`: the epochs, patience and data `uembed train --plan` uses.
+CALIBRATIONS = {"default": [], "as-trained": ["--sample", "1", "--epochs", "20", "--patience", "2"]}
 SMOKE_PLAN = ["--time-budget", "30", "--dims", "8", "--fractions", "0.1,0.5", "--epochs", "1"]
 
 
@@ -113,10 +116,10 @@ def study_best(study: Path, budget: int) -> dict | None:
     return best
 
 
-def bench(name: str, budget_share: float, data: list[str], reference_bytes: int, out: Path, work: Path, seeds: int,
-          plan_extra: list[str], train_extra: list[str], log: Path) -> dict:  # fmt: skip
+def bench(name: str, calibration: str, budget_share: float, data: list[str], reference_bytes: int, out: Path, work: Path,
+          seeds: int, plan_extra: list[str], train_extra: list[str], log: Path) -> dict:  # fmt: skip
     budget = int(budget_share * reference_bytes)
-    tag = f"{name}-{budget_share:g}"
+    tag = f"{name}-{calibration}-{budget_share:g}"
     plan_path = out / "plans" / f"{tag}.json"
     plan_seconds = run(uembed("plan", *data, "--bytes", str(budget), "--out", str(plan_path), "--quiet", *plan_extra), log)
     doc = json.loads(plan_path.read_text())
@@ -131,7 +134,7 @@ def bench(name: str, budget_share: float, data: list[str], reference_bytes: int,
     train = doc["train"]
     rows = "all" if train["budget_rows"] is None else f"{train['budget_rows']:,} rows"
     return {
-        "dataset": name, "budget_share": budget_share, "target_bytes": budget, "reference_float32_bytes": reference_bytes,
+        "dataset": name, "calibration": calibration, "budget_share": budget_share, "target_bytes": budget, "reference_float32_bytes": reference_bytes,
         "plan": f"{train['embedding']} dim {train['dim']}, {rows}, {doc['codec']}", "plan_bytes": doc["predicted"]["bytes"],
         "predicted_auc": doc["predicted"]["auc"], "calibrated_reference_auc": doc["predicted"]["reference_auc"],
         "measured_val_auc": val_mean, "measured_val_auc_std": val_std, "measured_test_auc": test_mean,
@@ -147,11 +150,11 @@ def markdown(results: list[dict], comparisons: list[dict], command: str, wall: f
              f"Wall time: {wall / 60:.1f} min. Predicted: the plan's AUC (validation AUC of its calibration fit). Measured: "
              "`uembed train --plan` at the plan's codec, mean ± standard deviation over the seeds. Difference: measured "
              "validation AUC − predicted (the goal: within 0.003).", "",
-             "| data set | target bytes (share of collisionless float32) | plan | plan bytes | predicted AUC | measured val AUC "
+             "| data set | calibration | target bytes (share of collisionless float32) | plan | plan bytes | predicted AUC | measured val AUC "
              "| measured test AUC | val − predicted | plan s | train s (per seed) | calibration runs |",
-             "| --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| --- | --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in results:
-        lines.append(f"| {r['dataset']} | {r['target_bytes']:,} ({r['budget_share']:g}) | {r['plan']} | {r['plan_bytes']:,} "
+        lines.append(f"| {r['dataset']} | {r['calibration']} | {r['target_bytes']:,} ({r['budget_share']:g}) | {r['plan']} | {r['plan_bytes']:,} "
                      f"| {r['predicted_auc']:.4f} | {r['measured_val_auc']:.4f} ± {r['measured_val_auc_std']:.4f} "
                      f"| {r['measured_test_auc']:.4f} ± {r['measured_test_auc_std']:.4f} | {r['difference_val']:+.4f} "
                      f"| {r['plan_seconds']:.0f} | {r['train_seconds']:.0f} | {r['calibration_runs']} |")  # fmt: skip
@@ -159,10 +162,10 @@ def markdown(results: list[dict], comparisons: list[dict], command: str, wall: f
         lines += ["", "## The plan against the committed studies at the same bytes", "",
                   "The study's best configuration within the budget (served bytes; float32 study rows counted with their "
                   "feature biases), test AUC over its seeds, beside the plan's measured test AUC.", "",
-                  "| data set | target bytes | study | best configuration | its bytes | its test AUC | plan's test AUC | plan − study |",
-                  "| --- | ---: | --- | --- | ---: | --- | --- | ---: |"]  # fmt: skip
+                  "| data set | calibration | target bytes | study | best configuration | its bytes | its test AUC | plan's test AUC | plan − study |",
+                  "| --- | --- | ---: | --- | --- | ---: | --- | --- | ---: |"]  # fmt: skip
         for c in comparisons:
-            lines.append(f"| {c['dataset']} | {c['target_bytes']:,} | {c['study']} | {c['config']} | {c['bytes']:,} "
+            lines.append(f"| {c['dataset']} | {c['calibration']} | {c['target_bytes']:,} | {c['study']} | {c['config']} | {c['bytes']:,} "
                          f"| {c['test_auc']:.4f} ± {c['test_auc_std']:.4f} ({c['seeds']} seeds) "
                          f"| {c['plan_test_auc']:.4f} ± {c['plan_test_auc_std']:.4f} | {c['plan_test_auc'] - c['test_auc']:+.4f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -173,6 +176,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder of results.json, results.md, plans, runs and logs")
     parser.add_argument("--work", type=Path, default=Path("runs/planner-bench"), help="folder of the data and the trained runs")
     parser.add_argument("--datasets", default="movielens100k,criteo,adult", help=f"some of {', '.join(DATASETS)}")
+    parser.add_argument("--calibrations", default=",".join(CALIBRATIONS), help=f"some of {', '.join(CALIBRATIONS)}")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per plan")
     parser.add_argument("--criteo-examples", type=int, default=200_000, help="examples of the Criteo-shaped sample")
     parser.add_argument("--studies", default=",".join(STUDIES), help="MovieLens study folders to compare plans with (absent ones are skipped)")
@@ -193,17 +197,19 @@ def main() -> int:
             sys.exit(f"--datasets: unknown {name!r}; choose from {', '.join(DATASETS)}")
         data = data_args(name, args.work, criteo_examples, log)
         reference = collisionless_bytes(data)
-        plan_extra = (SMOKE_PLAN if args.smoke else DATASETS[name]["plan"]) + args.plan_args.split()
-        for share in DATASETS[name]["budgets"]:
-            result = bench(name, share, data, reference, args.out, args.work, seeds, plan_extra, train_extra, log)
+        for calibration, share in [(c.strip(), s) for c in args.calibrations.split(",") if c.strip() for s in DATASETS[name]["budgets"]]:
+            if calibration not in CALIBRATIONS:
+                sys.exit(f"--calibrations: unknown {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
+            plan_extra = DATASETS[name]["plan"] + CALIBRATIONS[calibration] + (SMOKE_PLAN if args.smoke else []) + args.plan_args.split()
+            result = bench(name, calibration, share, data, reference, args.out, args.work, seeds, plan_extra, train_extra, log)
             results.append(result)
-            print(f"{name} at {result['target_bytes']:,} bytes: {result['plan']}, predicted {result['predicted_auc']:.4f}, "
+            print(f"{name} ({calibration} calibration) at {result['target_bytes']:,} bytes: {result['plan']}, predicted {result['predicted_auc']:.4f}, "
                   f"measured val {result['measured_val_auc']:.4f} test {result['measured_test_auc']:.4f}", flush=True)  # fmt: skip
             if name == "movielens100k":
                 for study in [s.strip() for s in args.studies.split(",") if s.strip()]:
                     best = study_best(Path(study), result["target_bytes"])
                     if best:
-                        comparisons.append({**best, "dataset": name, "target_bytes": result["target_bytes"],
+                        comparisons.append({**best, "dataset": name, "calibration": calibration, "target_bytes": result["target_bytes"],
                                             "plan_test_auc": result["measured_test_auc"], "plan_test_auc_std": result["measured_test_auc_std"]})  # fmt: skip
             (args.out / "results.json").write_text(json.dumps({"results": results, "studies": comparisons}, indent=2))
     command = "python scripts/planner-bench.py " + " ".join(sys.argv[1:])

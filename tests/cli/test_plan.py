@@ -104,6 +104,26 @@ def test_a_target_missed_because_the_time_budget_cut_calibration_says_so(data, c
     assert "--time-budget" not in capsys.readouterr().err
 
 
+def test_another_target_reuses_a_plan_files_calibration_and_refuses_one_of_other_levers(data, capsys):
+    levers = ("--methods", "unified", "--dims", "4", "--fractions", "0.05,0.3", "--codecs", "float32,int8", "--epochs", "2",
+              "--lr", "0.01", "--quiet")  # fmt: skip
+    assert plan(data, "--bytes", "2KiB", out="first.json", levers=levers) == 0
+    first = json.loads((data / "first.json").read_text())
+    # A time budget that would leave out every run: the runs come from the file, none is trained.
+    again = (*levers, "--calibration", str(data / "first.json"), "--time-budget", "0.001")
+    assert plan(data, "--max-auc-loss", "0.2", out="second.json", levers=again) == 0
+    second = json.loads((data / "second.json").read_text())
+    assert second["calibration"]["points"] == first["calibration"]["points"] and len(first["calibration"]["points"]) == 2
+    assert second["calibration"]["reference"] == first["calibration"]["reference"]
+    assert second["calibration"]["stopped"].startswith(f"reused from {data / 'first.json'}") and second["target"] == {"max_auc_loss": 0.2}
+    capsys.readouterr()
+    other = tuple("8" if value == "4" else value for value in again)
+    assert plan(data, "--bytes", "2KiB", out="third.json", levers=other) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --calibration {data / 'first.json'}: its runs had dims = [4], this command [8]")
+    assert not (data / "third.json").exists()
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [

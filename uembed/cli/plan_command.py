@@ -64,6 +64,9 @@ def add_plan_parser(commands: argparse._SubParsersAction) -> None:
     levers.add_argument("--codecs", type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
                         default=ROW_DTYPES, help="row codecs to weigh")  # fmt: skip
     levers.add_argument("--sample", type=float, default=0.5, help="share of the training split the calibration runs train on")
+    levers.add_argument("--calibration", type=Path, metavar="PLAN.json",
+                        help="reuse the calibration runs of an earlier plan file (the same data, network, levers and "
+                        "calibration options) instead of training them: another target in seconds")  # fmt: skip
     levers.add_argument("--time-budget", type=float, default=180.0, metavar="SECONDS",
                         help="stop calibrating when a next run would end past this and fit with the runs done")  # fmt: skip
     add_model_options(parser)  # --epochs and --patience: each calibration run's; --dim: the collisionless reference's
@@ -107,15 +110,23 @@ def run_plan(args: argparse.Namespace) -> int:
     families = [planner.Family(method, dim) for method in args.methods for dim in args.dims]
     sizer = planner.Sizer(train_set.spec, train_set.columns)
     planner.check_target(target, sizer, families, args.fractions, args.codecs)
-    base = config_from_args(args)
-    calibration = planner.calibrate(base, train_set, val_set, families, args.fractions, args.codecs, args.time_budget,
-                                    args.sample, progress=not args.quiet)  # fmt: skip
+    data_options = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items() if name in DATA_OPTIONS}
+    data_options.update({name: getattr(args, name) for name in NETWORK_OPTIONS})
+    settings = {"sample": args.sample, "epochs": args.epochs, "patience": args.patience, "time_budget": args.time_budget,
+                "methods": list(args.methods), "dims": list(args.dims), "fractions": list(args.fractions),
+                "codecs": list(args.codecs), "seed": args.seed, "reference_dim": args.dim,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    if args.calibration:
+        calibration = reused_calibration(args.calibration, data_options, settings)
+    else:
+        calibration = planner.calibrate(config_from_args(args), train_set, val_set, families, args.fractions, args.codecs,
+                                        args.time_budget, args.sample, progress=not args.quiet)  # fmt: skip
     fits = planner.fit(calibration, args.codecs)
     reference_auc = calibration.reference["auc"]["float32"]
     candidates = planner.weigh(target, fits, calibration.reference, sizer, args.codecs)
     winner, why, ranked = planner.choose(target, candidates, reference_auc)
-    print(f"calibrated {len(calibration.points)} runs and the collisionless reference (validation AUC {reference_auc:.4f}) "
-          f"in {calibration.seconds:.0f}s: {calibration.stopped}")  # fmt: skip
+    print(f"{'reused' if args.calibration else 'calibrated'} {len(calibration.points)} runs and the collisionless reference "
+          f"(validation AUC {reference_auc:.4f}), trained in {calibration.seconds:.0f}s: {calibration.stopped}")  # fmt: skip
     print(f"candidates {target.describe()}:")
     print(planner.format_candidates(ranked, reference_auc))
     if winner is None:
@@ -127,11 +138,6 @@ def run_plan(args: argparse.Namespace) -> int:
                  f"{calibration.seconds:.0f}s): a larger --time-budget may find one" if calibration.skipped else ""),
               file=sys.stderr)  # fmt: skip
         return 1
-    data_options = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items() if name in DATA_OPTIONS}
-    data_options.update({name: getattr(args, name) for name in NETWORK_OPTIONS})
-    settings = {"sample": args.sample, "epochs": args.epochs, "time_budget": args.time_budget, "methods": list(args.methods),
-                "dims": list(args.dims), "fractions": list(args.fractions), "codecs": list(args.codecs), "seed": args.seed,
-                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     doc = planner.plan_document(target, winner, why, ranked, calibration, fits, data_options, settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
@@ -141,3 +147,25 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}")
     print_next(f"uembed train --plan {args.out}")
     return 0
+
+
+# What a calibration's runs depend on besides the data and the network: reusing them needs the same.
+CALIBRATION_SETTINGS = ("sample", "epochs", "patience", "methods", "dims", "fractions", "codecs", "seed", "reference_dim")
+
+
+def reused_calibration(path: Path, data_options: dict, settings: dict):
+    """The calibration runs of an earlier plan file, when they were trained on this data, network and settings."""
+    from uembed.model.planner import Calibration, load_plan
+
+    doc = load_plan(path)
+    calibration = doc.get("calibration") or {}
+    written = {**{name: doc["train"].get(name) for name in data_options}, **{name: calibration.get(name) for name in CALIBRATION_SETTINGS}}
+    wanted = json.loads(json.dumps({**data_options, **{name: settings[name] for name in CALIBRATION_SETTINGS}}))
+    for name, value in wanted.items():
+        if written[name] != value:
+            raise UembedError(f"--calibration {path}: its runs had {name} = {written[name]!r}, this command {value!r}; "
+                              "give the same options or calibrate afresh")  # fmt: skip
+    if not isinstance(calibration.get("reference"), dict) or not isinstance(calibration.get("points"), list):
+        raise UembedError(f"--calibration {path}: no calibration runs in it (calibration.reference and calibration.points)")
+    return Calibration(reference=calibration["reference"], points=calibration["points"], seconds=float(calibration.get("seconds", 0)),
+                       stopped=f"reused from {path} ({calibration.get('stopped', 'finished')})")  # fmt: skip

@@ -117,11 +117,14 @@ def study_best(study: Path, budget: int) -> dict | None:
 
 
 def bench(name: str, calibration: str, budget_share: float, data: list[str], reference_bytes: int, out: Path, work: Path,
-          seeds: int, plan_extra: list[str], train_extra: list[str], log: Path) -> dict:  # fmt: skip
+          seeds: int, plan_extra: list[str], train_extra: list[str], log: Path, reuse: Path | None) -> dict:  # fmt: skip
+    """Plan at one budget (reusing the calibration of ``reuse``, a plan of the same data and options, when given)
+    and train the plan once per seed."""
     budget = int(budget_share * reference_bytes)
     tag = f"{name}-{calibration}-{budget_share:g}"
     plan_path = out / "plans" / f"{tag}.json"
-    plan_seconds = run(uembed("plan", *data, "--bytes", str(budget), "--out", str(plan_path), "--quiet", *plan_extra), log)
+    reused = ["--calibration", str(reuse)] if reuse else []
+    plan_seconds = run(uembed("plan", *data, "--bytes", str(budget), "--out", str(plan_path), "--quiet", *plan_extra, *reused), log)
     doc = json.loads(plan_path.read_text())
     runs, train_seconds = [], []
     for seed in range(seeds):
@@ -140,6 +143,7 @@ def bench(name: str, calibration: str, budget_share: float, data: list[str], ref
         "measured_val_auc": val_mean, "measured_val_auc_std": val_std, "measured_test_auc": test_mean,
         "measured_test_auc_std": test_std, "difference_val": val_mean - doc["predicted"]["auc"],
         "difference_test": test_mean - doc["predicted"]["auc"], "seeds": seeds, "plan_seconds": plan_seconds,
+        "calibration_seconds": doc["calibration"]["seconds"], "calibration_reused": bool(reuse),
         "train_seconds": statistics.mean(train_seconds), "calibration_runs": len(doc["calibration"]["points"]),
         "calibration_stopped": doc["calibration"]["stopped"], "plan_file": str(plan_path),
     }  # fmt: skip
@@ -151,13 +155,13 @@ def markdown(results: list[dict], comparisons: list[dict], command: str, wall: f
              "`uembed train --plan` at the plan's codec, mean ± standard deviation over the seeds. Difference: measured "
              "validation AUC − predicted (the goal: within 0.003).", "",
              "| data set | calibration | target bytes (share of collisionless float32) | plan | plan bytes | predicted AUC | measured val AUC "
-             "| measured test AUC | val − predicted | plan s | train s (per seed) | calibration runs |",
+             "| measured test AUC | val − predicted | plan s (calibration s) | train s (per seed) | calibration runs |",
              "| --- | --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in results:
         lines.append(f"| {r['dataset']} | {r['calibration']} | {r['target_bytes']:,} ({r['budget_share']:g}) | {r['plan']} | {r['plan_bytes']:,} "
                      f"| {r['predicted_auc']:.4f} | {r['measured_val_auc']:.4f} ± {r['measured_val_auc_std']:.4f} "
                      f"| {r['measured_test_auc']:.4f} ± {r['measured_test_auc_std']:.4f} | {r['difference_val']:+.4f} "
-                     f"| {r['plan_seconds']:.0f} | {r['train_seconds']:.0f} | {r['calibration_runs']} |")  # fmt: skip
+                     f"| {r['plan_seconds']:.0f} ({'reused' if r['calibration_reused'] else round(r['calibration_seconds'])}) | {r['train_seconds']:.0f} | {r['calibration_runs']} |")  # fmt: skip
     if comparisons:
         lines += ["", "## The plan against the committed studies at the same bytes", "",
                   "The study's best configuration within the budget (served bytes; float32 study rows counted with their "
@@ -178,7 +182,7 @@ def main() -> int:
     parser.add_argument("--datasets", default="movielens100k,criteo,adult", help=f"some of {', '.join(DATASETS)}")
     parser.add_argument("--calibrations", default=",".join(CALIBRATIONS), help=f"some of {', '.join(CALIBRATIONS)}")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per plan")
-    parser.add_argument("--criteo-examples", type=int, default=200_000, help="examples of the Criteo-shaped sample")
+    parser.add_argument("--criteo-examples", type=int, default=100_000, help="examples of the Criteo-shaped sample")
     parser.add_argument("--studies", default=",".join(STUDIES), help="MovieLens study folders to compare plans with (absent ones are skipped)")
     parser.add_argument("--plan-args", default="", help="more `uembed plan` options for every data set (after the defaults)")
     parser.add_argument("--smoke", action="store_true", help="tiny calibration, one seed, one epoch: the code path only")
@@ -197,11 +201,14 @@ def main() -> int:
             sys.exit(f"--datasets: unknown {name!r}; choose from {', '.join(DATASETS)}")
         data = data_args(name, args.work, criteo_examples, log)
         reference = collisionless_bytes(data)
+        first_plans: dict[str, Path] = {}  # a calibration's first plan: the data set's other budgets reuse its runs
         for calibration, share in [(c.strip(), s) for c in args.calibrations.split(",") if c.strip() for s in DATASETS[name]["budgets"]]:
             if calibration not in CALIBRATIONS:
                 sys.exit(f"--calibrations: unknown {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
             plan_extra = DATASETS[name]["plan"] + CALIBRATIONS[calibration] + (SMOKE_PLAN if args.smoke else []) + args.plan_args.split()
-            result = bench(name, calibration, share, data, reference, args.out, args.work, seeds, plan_extra, train_extra, log)
+            result = bench(name, calibration, share, data, reference, args.out, args.work, seeds, plan_extra, train_extra, log,
+                           first_plans.get(calibration))  # fmt: skip
+            first_plans.setdefault(calibration, Path(result["plan_file"]))
             results.append(result)
             print(f"{name} ({calibration} calibration) at {result['target_bytes']:,} bytes: {result['plan']}, predicted {result['predicted_auc']:.4f}, "
                   f"measured val {result['measured_val_auc']:.4f} test {result['measured_test_auc']:.4f}", flush=True)  # fmt: skip

@@ -104,6 +104,19 @@ def test_a_target_missed_because_the_time_budget_cut_calibration_says_so(data, c
     assert "--time-budget" not in capsys.readouterr().err
 
 
+def test_a_fraction_below_a_familys_fewest_rows_calibrates_at_them_once(data):
+    # Of 300 values, 0.001 and 0.002 are under one row: both calibrate unified at its minimum (a row per feature),
+    # once; a fraction's point sits at the full training split's rows, as the candidates are weighed.
+    levers = ("--methods", "unified", "--dims", "4", "--fractions", "0.001,0.002,0.3", "--codecs", "float32", "--epochs", "2",
+              "--lr", "0.01", "--quiet")  # fmt: skip
+    assert plan(data, "--bytes", "4KiB", out="few.json", levers=levers) == 0
+    doc = json.loads((data / "few.json").read_text())
+    points = sorted(doc["calibration"]["points"], key=lambda p: p["rows"])
+    assert [p["rows"] for p in points][0] == 2 and len(points) == 2
+    collisionless = points[1]["rows"] / points[1]["fraction"]
+    assert points[1]["rows"] == round(0.3 * collisionless) and points[0]["fraction"] == pytest.approx(2 / collisionless)
+
+
 def test_another_target_reuses_a_plan_files_calibration_and_refuses_one_of_other_levers(data, capsys):
     levers = ("--methods", "unified", "--dims", "4", "--fractions", "0.05,0.3", "--codecs", "float32,int8", "--epochs", "2",
               "--lr", "0.01", "--quiet")  # fmt: skip

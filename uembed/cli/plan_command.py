@@ -120,7 +120,7 @@ def run_plan(args: argparse.Namespace) -> int:
         calibration = reused_calibration(args.calibration, data_options, settings)
     else:
         calibration = planner.calibrate(config_from_args(args), train_set, val_set, families, args.fractions, args.codecs,
-                                        args.time_budget, args.sample, progress=not args.quiet)  # fmt: skip
+                                        args.time_budget, args.sample, sizer, progress=not args.quiet)  # fmt: skip
     fits = planner.fit(calibration, args.codecs)
     reference_auc = calibration.reference["auc"]["float32"]
     candidates = planner.weigh(target, fits, calibration.reference, sizer, args.codecs)

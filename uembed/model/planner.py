@@ -80,8 +80,8 @@ class Family:
     def label(self) -> str:
         return f"{self.method} dim {self.dim}"
 
-    def config(self, base: TrainConfig, fraction: float | None) -> TrainConfig:
-        return replace(base, embedding=self.method, dim=self.dim, budget_fraction=fraction, budget_rows=None)
+    def config(self, base: TrainConfig, rows: int | None) -> TrainConfig:
+        return replace(base, embedding=self.method, dim=self.dim, budget_fraction=None, budget_rows=rows)
 
 
 @dataclass
@@ -236,28 +236,43 @@ class Calibration:
     skipped: int = 0  # planned runs the time budget left out
 
 
+def calibration_runs(families: Sequence[Family], fractions: Sequence[float], sizer: Sizer) -> list[tuple[Family, int]]:
+    """The runs in :func:`calibration_order`, each at its fraction's rows of the full training split (as the
+    candidates are weighed, and at least the family's minimum budget), a family's repeated rows run once."""
+    runs, seen = [], set()
+    for family, fraction in calibration_order(families, fractions):
+        rows = sizer.rows(family, fraction)
+        if (family, rows) not in seen:
+            seen.add((family, rows))
+            runs.append((family, rows))
+    return runs
+
+
 def calibrate(
     base: TrainConfig, train_set: Dataset, val_set: Dataset, families: Sequence[Family], fractions: Sequence[float],
-    codecs: Sequence[str], time_budget: float, share: float, progress: bool = True,
+    codecs: Sequence[str], time_budget: float, share: float, sizer: Sizer, progress: bool = True,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Calibration:  # fmt: skip
     """Train the reference, then the families across the fractions, until the runs are done or ``time_budget``
-    seconds are spent: a run is not started when the runs so far say it would end past the budget."""
+    seconds are spent: a run is not started when the runs so far say it would end past the budget. A run trains
+    its fraction of the full training split's collisionless rows (on the sample), so its point sits where the
+    candidates are weighed."""
     started = clock()
     sample = sample_share(train_set, share, base.split_seed)
-    runs = calibration_order(families, fractions)
+    runs = calibration_runs(families, fractions, sizer)
     bar = tqdm(total=len(runs) + 1, desc="calibrating", unit="run", disable=not progress, file=sys.stderr)
     calibration = None
     durations = []
-    for family, fraction in [(Family(REFERENCE, base.dim), None), *runs]:
+    for family, rows in [(Family(REFERENCE, base.dim), None), *runs]:
         elapsed = clock() - started
         if calibration is not None and elapsed + (sum(durations) / len(durations)) > time_budget:
             calibration.stopped = f"time budget of {time_budget:g}s ({len(calibration.points)} of {len(runs)} runs)"
             calibration.skipped = len(runs) - len(calibration.points)
             break
-        bar.set_postfix_str(f"{family.label}" + (f" at {fraction:g}" if fraction else " (reference)"))
+        bar.set_postfix_str(f"{family.label}" + (f" at {rows:,} rows" if rows else " (reference)"))
         run_started = clock()
-        result = train(family.config(base, fraction), sample, val_set, None, progress=False, echo_warnings=False)
+        result = train(family.config(base, rows), sample, val_set, None, progress=False, echo_warnings=False)
+        fraction = None if rows is None else rows / sizer.collisionless
         point = {"method": family.method, "dim": family.dim, "fraction": fraction, "rows": result.plan.budget_rows,
                  "epochs": result.metrics["epochs_run"], "auc": codec_auc(result, val_set, codecs)}  # fmt: skip
         durations.append(clock() - run_started)

@@ -31,17 +31,36 @@ def test_every_family_gets_its_largest_and_smallest_fraction_before_any_between(
     assert order[4][1] == 0.1  # then the middle fraction
 
 
-def test_the_fit_recovers_a_log_line_and_never_predicts_that_rows_cost_auc():
+def test_the_fit_passes_through_rising_points_and_joins_them_in_log_fraction():
     fractions = [0.02, 0.05, 0.1, 0.5]
     points = [{"fraction": f, "auc": {"float32": 0.7 + 0.02 * math.log(f), "int8": 0.7 + 0.02 * math.log(f) - 0.001}} for f in fractions]
     line = fit_family(points, ["float32", "int8"])
-    assert line.b == pytest.approx(0.02) and line.a == pytest.approx(0.7)
-    assert line.codec_shift["int8"] == pytest.approx(-0.001) and (line.low, line.high) == pytest.approx((0.02, 0.5))
-    gaining = fit_family([{**p, "auc": {**p["auc"], "int4": p["auc"]["float32"] + 0.01}} for p in points], ["int4"])
-    assert gaining.codec_shift["int4"] == 0  # a codec measured above float32 is noise, not a gain
-    falling = [{"fraction": f, "auc": {"float32": 0.7 - 0.01 * math.log(f)}} for f in fractions]
+    assert (line.low, line.high) == (0.02, 0.5)
+    for f in (0.02, 0.03, 0.07, 0.5):  # through the points and, between them, on the log line they lie on
+        assert line.auc(f, "float32") == pytest.approx(0.7 + 0.02 * math.log(f))
+        assert line.auc(f, "int8") == pytest.approx(0.7 + 0.02 * math.log(f) - 0.001)
+    assert line.auc(0.9, "float32") == pytest.approx(line.auc(0.5, "float32"))  # no extrapolation
+    assert line.fewest("float32", 0.7 + 0.02 * math.log(0.07)) == pytest.approx(0.07)
+    assert line.fewest("float32", 0.69) is None and line.fewest("int8", 0.0) == 0.02
+
+
+def test_a_saturating_family_is_not_predicted_above_its_best_measured_point():
+    # A line through these would pass above the last point: the curve is concave in log fraction.
+    aucs = {0.08: 0.50, 0.1: 0.494, 0.25: 0.795, 0.5: 0.885}
+    line = fit_family([{"fraction": f, "auc": {"float32": a}} for f, a in aucs.items()], ["float32"])
+    assert line.auc(0.5, "float32") == pytest.approx(0.885) and line.auc(0.25, "float32") == pytest.approx(0.795)
+    assert line.auc(0.08, "float32") == pytest.approx(0.497) == line.auc(0.1, "float32")  # a fall is pooled: noise
+
+
+def test_a_codec_never_gains_and_may_cost_more_at_fewer_rows():
+    points = [{"fraction": 0.05, "auc": {"float32": 0.70, "int2": 0.66, "int4": 0.71}},
+              {"fraction": 0.5, "auc": {"float32": 0.80, "int2": 0.799, "int4": 0.81}}]  # fmt: skip
+    line = fit_family(points, ["float32", "int2", "int4"])
+    assert line.curves["int4"] == line.curves["float32"]  # measured above float32: noise, not a gain
+    assert line.auc(0.05, "int2") == pytest.approx(0.66) and line.auc(0.5, "int2") == pytest.approx(0.799)
+    falling = [{"fraction": f, "auc": {"float32": 0.7 - 0.01 * math.log(f)}} for f in (0.02, 0.1, 0.5)]
     flat = fit_family(falling, ["float32"])
-    assert flat.b == 0 and flat.a == pytest.approx(np.mean([p["auc"]["float32"] for p in falling]))
+    assert flat.curves["float32"] == pytest.approx([np.mean([p["auc"]["float32"] for p in falling])] * 3)
 
 
 @pytest.mark.parametrize("codec", [c for c in ROW_DTYPES if c != "pq"])
@@ -61,8 +80,10 @@ def test_served_bytes_count_records_codebooks_and_biases(tiny_dataset):
 
 
 def fits_for(families):
-    """Lines with known slopes: the larger the dim, the higher and steeper."""
-    return {f: Fit(0.6 + f.dim / 200, 0.01 * f.dim / 8, 0.02, 0.5, {"float32": 0.0, "int8": -0.002, "int4": -0.01}, 3) for f in families}
+    """Log lines with known slopes: the larger the dim, the higher and steeper."""
+    fractions, shifts = [0.02, 0.1, 0.5], {"float32": 0.0, "int8": -0.002, "int4": -0.01}
+    return {f: Fit(fractions, {c: [0.6 + f.dim / 200 + 0.01 * f.dim / 8 * math.log(x) + shift for x in fractions]
+                               for c, shift in shifts.items()}, 3) for f in families}  # fmt: skip
 
 
 REFERENCE = {"method": "collisionless", "dim": 16, "auc": {"float32": 0.75, "int8": 0.7495, "int4": 0.74}}

@@ -11,9 +11,10 @@ on the whole validation split. Collisionless float32 is the reference, trained f
   codecs (:data:`POST_LEVERS`, :func:`apply_codec`: the export's own quantiser and PQ codebooks). Pruned dims would be
   one more entry, with its bytes in :func:`record_bytes`.
 
-**Fit.** Per family, validation AUC ~ a + b * log(fraction) with b >= 0 (for a fixed family and codec the served bytes
-are affine in the rows, so this is AUC against log bytes); a codec moves a family's AUC by the mean change it made
-on that family's calibration models. Predictions stay within the fractions calibrated: no extrapolation.
+**Fit.** Per family and codec, validation AUC against log(fraction) through the calibrated points, made
+non-decreasing in the rows and joined by straight lines (for a fixed family and codec the served bytes are affine in
+the rows, so this is AUC against log bytes); a codec is measured on each calibration model, so its cost may differ
+with the rows. Predictions stay within the fractions calibrated: no extrapolation.
 
 **Bytes** are the embedding bytes as served: rows x the codec's record (``uembed/bundle/codecs.py``), a pq table's
 codebooks, and the float32 feature biases, computed on the full training split's plan.
@@ -106,21 +107,48 @@ class Candidate:
 
 @dataclass
 class Fit:
-    """AUC ~ a + b * log(fraction) over a family's calibration points, and each codec's mean AUC change."""
+    """A family's validation AUC against log(fraction), per codec: the calibrated points made non-decreasing (pooled
+    where more rows measured lower: the noise of one split) and joined by straight lines; no codec above float32."""
 
-    a: float
-    b: float
-    low: float  # the fractions calibrated
-    high: float
-    codec_shift: dict[str, float]
+    fractions: list[float]  # the distinct fractions calibrated, ascending
+    curves: dict[str, list[float]]  # per codec, the AUC at each fraction
     points: int
 
+    @property
+    def low(self) -> float:
+        return self.fractions[0]
+
+    @property
+    def high(self) -> float:
+        return self.fractions[-1]
+
     def auc(self, fraction: float, codec: str) -> float:
-        return self.a + self.b * math.log(fraction) + self.codec_shift[codec]
+        """The AUC between the calibrated fractions (the nearest end's outside them: no extrapolation)."""
+        return float(np.interp(math.log(fraction), np.log(self.fractions), self.curves[codec]))
+
+    def fewest(self, codec: str, auc: float) -> float | None:
+        """The smallest fraction predicted to reach ``auc``, None when even the largest does not."""
+        xs, ys = np.log(self.fractions), self.curves[codec]
+        if ys[0] >= auc:
+            return self.low
+        for i in range(1, len(ys)):
+            if ys[i] >= auc:
+                return float(math.exp(xs[i - 1] + (xs[i] - xs[i - 1]) * (auc - ys[i - 1]) / (ys[i] - ys[i - 1])))
+        return None
 
     def to_dict(self) -> dict:
-        return {"a": self.a, "b_per_log_fraction": self.b, "fractions": [self.low, self.high], "points": self.points,
-                "codec_auc_shift": self.codec_shift}  # fmt: skip
+        return {"fractions": self.fractions, "auc": self.curves, "points": self.points}
+
+
+def non_decreasing(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """The least-squares non-decreasing sequence (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for value, weight in zip(values, weights):
+        blocks.append([float(value), float(weight), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1, n1), (m2, w2, n2) = blocks[-2], blocks[-1]
+            blocks[-2:] = [[(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2]]
+    return [m for m, _, n in blocks for _ in range(n)]
 
 
 # --- bytes as served ------------------------------------------------------------------------------------------------
@@ -288,15 +316,18 @@ def calibrate(
 
 
 def fit_family(points: list[dict], codecs: Sequence[str]) -> Fit:
-    """Least squares of AUC on log(fraction), the slope kept >= 0 (more rows never predicted to cost AUC)."""
-    x = np.log([p["fraction"] for p in points])
-    y = np.array([p["auc"]["float32"] for p in points])
-    b = float(np.polyfit(x, y, 1)[0]) if len(set(x.tolist())) > 1 else 0.0
-    b = max(b, 0.0)
-    a = float(np.mean(y - b * x))
-    # A lossy codec measured above float32 is the noise of one validation split: it is counted as no change.
-    shift = {c: min(float(np.mean([p["auc"][c] - p["auc"]["float32"] for p in points])), 0.0) for c in codecs}
-    return Fit(a, b, float(np.exp(x.min())), float(np.exp(x.max())), shift, len(points))
+    """Each codec's AUC at each calibrated fraction (the mean of repeated ones), made non-decreasing in the rows;
+    a lossy codec measured above float32 is the noise of one validation split and counts as no change."""
+    fractions = sorted({p["fraction"] for p in points})
+    counts = [sum(p["fraction"] == f for p in points) for f in fractions]
+
+    def curve(codec: str) -> list[float]:
+        means = [float(np.mean([p["auc"][codec] for p in points if p["fraction"] == f])) for f in fractions]
+        return non_decreasing(means, counts)
+
+    reference = curve("float32")
+    curves = {c: reference if c == "float32" else [min(a, r) for a, r in zip(curve(c), reference)] for c in codecs}
+    return Fit(fractions, curves, len(points))
 
 
 def fit(calibration: Calibration, codecs: Sequence[str]) -> dict[Family, Fit]:
@@ -367,9 +398,8 @@ def weigh(target: Target, fits: dict[Family, Fit], reference: dict, sizer: Sizer
                 if rows < low:
                     rows, note = low, "its fewest calibrated rows do not fit"
             else:
-                needed = ref_auc - target.max_auc_loss - line.codec_shift[codec] - line.a
-                fraction = line.low if line.b == 0 else math.exp(min(needed / line.b, 50.0))
-                rows = min(max(math.ceil(fraction * sizer.collisionless), low), high)
+                fraction = line.fewest(codec, ref_auc - target.max_auc_loss)
+                rows = high if fraction is None else min(max(math.ceil(fraction * sizer.collisionless), low), high)
                 note = "the fewest rows predicted to meet the loss"
             predicted = line.auc(min(max(rows / sizer.collisionless, line.low), line.high), codec)
             size = sizer.bytes(family, rows, codec)

@@ -183,7 +183,7 @@ def markdown(results: list[dict], comparisons: list[dict], command: str, wall: f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder of results.json, results.md, plans, runs and logs")
+    parser.add_argument("--out", type=Path, required=True, help="folder of results.json, results.md, the plan files and bench.log")
     parser.add_argument("--work", type=Path, default=Path("runs/planner-bench"), help="folder of the data and the trained runs")
     parser.add_argument("--datasets", default="movielens100k,criteo,adult", help=f"some of {', '.join(DATASETS)}")
     parser.add_argument("--calibrations", default=",".join(CALIBRATIONS), help=f"some of {', '.join(CALIBRATIONS)}")

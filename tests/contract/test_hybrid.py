@@ -4,6 +4,7 @@ written here from its text (xxhash, ``bisect``), not through uembed's hashing co
 
 from bisect import bisect_left
 from collections import Counter
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,7 @@ import xxhash
 
 from uembed.contract.collisions import collision_report, training_value_counts
 from uembed.contract.errors import BudgetError, SpecError
+from uembed.contract.features import DatasetSpec, FeatureSpec, load_spec
 from uembed.contract.plan import HEAD_METHODS, EmbeddingPlan, build_plan
 
 
@@ -93,7 +95,7 @@ def test_heads_are_refused_where_they_cannot_hold(tiny_dataset):
     names = [f.name for f in tiny_dataset.spec.features]
     streamed = SimpleNamespace(vocabulary=dict.fromkeys(names, 10), widths=dict.fromkeys(names, 1),
                                keys={n: np.arange(10, dtype=np.uint64) for n in names})  # fmt: skip
-    with pytest.raises(SpecError, match="streaming scan"):
+    with pytest.raises(SpecError, match="scanned without counting"):
         build_plan("unified", tiny_dataset.spec, streamed, 8, budget_rows=60, head_share=0.2)
 
 
@@ -117,3 +119,56 @@ def test_the_collision_report_of_a_hybrid_plan_counts_head_values_as_owning_thei
         tail = sum(n for v, n in counts.items() if plan.rows_of_values(feature, feature.lookups[0], [v])[0] < table.hashed_rows)
         chance = 1 - (1 - 1 / table.hashed_rows) ** (hashed_lookups - 1)
         assert report[name]["predicted_share"] == pytest.approx(chance * tail / sum(counts.values()), rel=1e-9)
+
+
+def with_shares(spec, **shares):
+    return replace(spec, features=tuple(replace(f, head_share=shares[f.name]) if f.name in shares else f for f in spec.features))
+
+
+def test_a_features_own_head_share_gives_it_its_own_rows_and_the_rest_compete_for_the_global_share(tiny_dataset):
+    columns = tiny_dataset.columns
+    spec = with_shares(tiny_dataset.spec, user=0.25, item=0.0)
+    plan = build_plan("unified", spec, columns, 8, budget_rows=60, head_share=0.1)
+    table = plan.table("unified")
+    user = counts_of(columns["user"])
+    assert len(user) > 15  # more users than its 15 rows: the head holds the most frequent ones, not all
+    assert "item" not in plan.heads  # its own share of 0: no head, whatever the global share
+    assert plan.heads["user"].size == int(0.25 * 60)
+    assert table.head_rows == int(0.25 * 60) + int(0.1 * 60)
+    feature = next(f for f in plan.features if f.name == "user")
+    rows = dict(zip(sorted(user), plan.rows_of_values(feature, feature.lookups[0], sorted(user)).tolist()))
+    in_head = [user[v] for v, r in rows.items() if r >= table.hashed_rows]
+    assert min(in_head) >= max(user[v] for v, r in rows.items() if r < table.hashed_rows)
+    # the others (not user, not item) share the global 0.1 among themselves, most frequent first
+    others = {n: counts_of(columns[n]) for n in plan.heads if n != "user"}
+    taken = [others[n][v] for n in others for v in others[n]
+             if plan.rows_of_values(next(f for f in plan.features if f.name == n), next(f for f in plan.features if f.name == n).lookups[0], [v])[0] >= table.hashed_rows]  # fmt: skip
+    assert len(taken) == int(0.1 * 60)
+    # and no global share: only the features that ask for a head get one
+    alone = build_plan("unified", spec, columns, 8, budget_rows=60)
+    assert set(alone.heads) == {"user"} and alone.table("unified").head_rows == 15
+    for got, want in zip(EmbeddingPlan.from_dict(alone.to_dict(), alone.vocabularies, alone.heads).encode(columns), alone.encode(columns)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_per_feature_shares_that_take_a_whole_table_are_refused_naming_it(tiny_dataset):
+    spec = with_shares(tiny_dataset.spec, user=0.6, item=0.5)
+    with pytest.raises(BudgetError, match=r"table 'unified': the heads of user, item would take 66 of its 60 rows"):
+        build_plan("unified", spec, tiny_dataset.columns, 8, budget_rows=60)
+    separate = build_plan("separate", spec, tiny_dataset.columns, 8, budget_rows=60)  # a table each: both fit
+    assert {"user", "item"} == set(separate.heads)
+
+
+@pytest.mark.parametrize(("share", "shown"), [(-0.1, "-0.1"), (1, "1"), (1.5, "1.5"), ("0.2", "'0.2'"), (True, "True"), (float("nan"), "nan")])
+def test_a_features_head_share_outside_0_to_1_or_not_a_number_is_a_one_line_spec_error(share, shown):
+    with pytest.raises(SpecError) as error:
+        FeatureSpec.from_dict({"name": "user", "head_share": share})
+    assert str(error.value) == f"feature 'user': head_share must be a number at least 0 and below 1, got {shown}"
+
+
+def test_a_features_head_share_is_read_from_a_spec_file_and_recorded_only_when_set(tmp_path):
+    (tmp_path / "spec.toml").write_text("label='clicked'\n[[features]]\nname='user'\nhead_share=0.2\n[[features]]\nname='item'\n")
+    spec = load_spec(tmp_path / "spec.toml")
+    assert spec.feature("user").head_share == 0.2 and spec.feature("item").head_share is None
+    assert spec.feature("user").to_dict()["head_share"] == 0.2 and "head_share" not in spec.feature("item").to_dict()
+    assert DatasetSpec.from_dict(spec.to_dict()) == spec

@@ -228,7 +228,8 @@ def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGr
         "--head-share", type=float, default=0.0,
         help="hybrid tables: this share (0 to below 1) of each table's rows gives the most frequent training values a "
         "row of their own, the rest hash into the others; more head rows collide less for frequent values and more "
-        "for the rest (0: every value hashed; in-memory training only)",
+        "for the rest (0: every value hashed; a feature's head_share in the spec overrides it; a streamed run counts "
+        "the values in its scan)",
     )  # fmt: skip
     net = parser.add_argument_group("network and optimiser")
     net.add_argument("--network", choices=NETWORKS, default="dcn", help="dcn: DCN-v2 cross layers then an MLP")
@@ -621,7 +622,7 @@ def stream_spec(args: argparse.Namespace, source):
 
 def open_stream(args: argparse.Namespace, stats_dir: Path):
     """The source and its training statistics: read from --stats, or scanned once and saved in ``stats_dir``."""
-    from uembed.model.data.stream import StreamSource, StreamStats, scan
+    from uembed.model.data.stream import StreamSource, StreamStats, head_sketch_size, scan
 
     source = StreamSource.open(args.dataset, args.format)
     spec = stream_spec(args, source)
@@ -630,7 +631,9 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
     elif (stats_dir / "stats.json").is_file():
         stats = StreamStats.load(stats_dir)
     else:
-        stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False))
+        sketch = head_sketch_size(args.head_share, spec, getattr(args, "budget_rows", None))
+        stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False),
+                     head_sketch=sketch)  # fmt: skip
         stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them
     from uembed.model import distributed
     from uembed.model.summary import stream_summary

@@ -611,8 +611,9 @@ def build_plan(
     ``lookups_offset`` moves every multi-size feature's default lookup count (a spec's own
     ``lookups`` wins). ``exact_features`` are taken out of the method's tables and looked up
     collisionless (an ablation: what a feature's collisions cost; see :func:`with_exact_features`).
-    ``head_share`` gives that share of each table's rows to heads (:func:`with_heads`); it needs the
-    values' counts, which only in-memory columns have.
+    ``head_share`` gives that share of each table's rows to heads (:func:`with_heads`); a feature's own
+    ``head_share`` in the spec overrides it. Heads need the values' counts: in-memory columns have them, a
+    streamed split's statistics have them when the scan counted them (``StreamStats.head_counts``).
     """
     entry = method_spec(method)
     if dim <= 0:
@@ -644,12 +645,17 @@ def build_plan(
     plan = entry.build(request)
     if exact_features:
         plan = with_exact_features(plan, exact_features, request)
-    if head_share:
-        if not isinstance(train_columns, Mapping):
-            raise SpecError("--head-share needs how often each training value occurs: in-memory training counts them, "
-                            "the streaming scan keeps only each feature's distinct keys")  # fmt: skip
-        plan = with_heads(plan, head_share, {f.name: value_counts(train_columns[f.name]) for f in spec.features})
-    plan.warnings = plan_warnings(plan)
+    overrides = {f.name: f.head_share for f in spec.features if f.head_share is not None}
+    if head_share or any(overrides.values()):
+        if isinstance(train_columns, Mapping):
+            counts = {f.name: column_head_counts(train_columns[f.name], f.name) for f in spec.features}
+        else:
+            counts = getattr(train_columns, "head_counts", None) or {}
+            if not counts:
+                raise SpecError("--head-share needs how often each training value occurs: these streamed statistics "
+                                "were scanned without counting them; scan again (without --stats)")  # fmt: skip
+        plan = with_heads(plan, head_share, counts, overrides)
+    plan.warnings = [*plan.warnings, *plan_warnings(plan)]
     return plan
 
 
@@ -677,6 +683,22 @@ def with_exact_features(plan: EmbeddingPlan, names: tuple[str, ...], request: Pl
 HEAD_METHODS = (Method.HASHING_TRICK, Method.UNIFIED, Method.MULTI_SIZE_UNIFIED, Method.SEMANTIC_GROUP, Method.SEPARATE)
 
 
+@dataclass(frozen=True)
+class HeadCounts:
+    """A feature's training values as a head is chosen from them.
+
+    ``keys``: uint64, each value's key under the feature's own seed (``lookup_seed(name)``, its lookup 0, the seed
+    every head method gives a one-lookup feature); ``counts``: int64 > 0, their occurrences (every item of a list
+    counts), in the same order. ``exact``: every distinct value is there with its true count (in-memory columns; a
+    streamed feature with few values); otherwise the counts are those of the scan's heavy-hitters summary
+    (``uembed/model/data/stream.py``: the most frequent values, each count a lower bound).
+    """
+
+    keys: np.ndarray
+    counts: np.ndarray
+    exact: bool = True
+
+
 def value_counts(column: FeatureColumn) -> tuple[list[bytes], np.ndarray]:
     """A column's distinct non-missing values (every item of a list counts) and their occurrences (int64, > 0)."""
     counts = np.bincount(column.codes[column.codes > 0].ravel(), minlength=len(column.uniques)).astype(np.int64)
@@ -684,7 +706,13 @@ def value_counts(column: FeatureColumn) -> tuple[list[bytes], np.ndarray]:
     return [column.uniques[i] for i in used], counts[used]
 
 
-def with_heads(plan: EmbeddingPlan, share: float, counts: Mapping[str, tuple[list[bytes], np.ndarray]]) -> EmbeddingPlan:
+def column_head_counts(column: FeatureColumn, name: str) -> HeadCounts:
+    values, counts = value_counts(column)
+    return HeadCounts(hash_canonical(values, lookup_seed(name), count=len(values)), counts)
+
+
+def with_heads(plan: EmbeddingPlan, share: float, counts: Mapping[str, HeadCounts],
+               overrides: Mapping[str, float] | None = None) -> EmbeddingPlan:  # fmt: skip
     """``plan`` with hybrid tables: ``share`` of each table's rows become head rows.
 
     A table's head rows go to the values with the largest training counts among the one-lookup hashed features
@@ -692,33 +720,68 @@ def with_heads(plan: EmbeddingPlan, share: float, counts: Mapping[str, tuple[lis
     given or the values run out; one row at least stays hashed. The tables keep their rows, so the budget pays
     for the heads. Each feature's head values get consecutive rows in the order of their keys, the features'
     blocks following the hashed rows in plan order.
+
+    ``overrides`` (a spec's per-feature ``head_share``): such a feature does not compete for the table's
+    ``share``; its own ``floor(head_share * rows)`` rows of the table go to its most frequent values alone (0: no
+    head). A table whose heads would together take every row is an error naming it.
+
+    A worked example: a ``unified`` table of 100 rows read by ``a`` (``head_share = 0.2`` in the spec) and ``b``,
+    ``c`` with ``share`` 0.1: ``a``'s 20 most frequent values get rows of their own, and the 10 most frequent
+    values of ``b`` and ``c`` together the next ones; every other value hashes into the first 70 rows.
     """
     if not (0 <= share < 1 and math.isfinite(share)):
         raise BudgetError(f"--head-share must be at least 0 and below 1, got {share}")
-    if not share:
+    overrides = dict(overrides or {})
+    if not share and not any(overrides.values()):
         return plan
     if Method(plan.method) not in HEAD_METHODS:
         raise SpecError(f"--head-share is for {', '.join(HEAD_METHODS)}, not {plan.method}")
-    tables, heads, starts = [], {}, {}
+    tables, heads, starts, short = [], {}, {}, []
     for table in plan.tables:
         candidates = [f for f in plan.features
                       if len(f.lookups) == 1 and f.lookups[0].table == table.name and not f.vocabulary]  # fmt: skip
-        total = min(int(share * table.rows), table.rows - 1)
-        if not candidates or total <= 0:
+        # Who takes which rows: the features without a share of their own compete for the table's share.
+        quotas = [([f for f in candidates if f.name not in overrides], int(share * table.rows))]
+        quotas += [([f], int(overrides[f.name] * table.rows)) for f in candidates if f.name in overrides]
+        asked = sum(total for group, total in quotas if group)
+        if asked > table.rows - 1:
+            names = ", ".join(f.name for group, total in quotas if total for f in group)
+            raise BudgetError(f"table {table.name!r}: the heads of {names} would take {asked} of its {table.rows} rows; "
+                              "lower head_share (a feature's share is of the whole table)")  # fmt: skip
+        own = {}
+        for group, total in quotas:
+            if not group or total <= 0:
+                continue
+            chosen = _most_frequent(group, counts, total)
+            own.update(chosen)
+            if sum(h.size for h in chosen.values()) < total and not all(counts[f.name].exact for f in group):
+                short.append(table.name)
+        own = {f.name: own[f.name] for f in candidates if f.name in own and own[f.name].size}
+        used = int(sum(head.size for head in own.values()))
+        if not used:
             tables.append(table)
             continue
-        keys = [hash_canonical(counts[f.name][0], f.lookups[0].seed, count=len(counts[f.name][0])) for f in candidates]
-        owner = np.concatenate([np.full(k.size, i, dtype=np.int64) for i, k in enumerate(keys)])
-        occurrences = np.concatenate([counts[f.name][1] for f in candidates])
-        all_keys = np.concatenate(keys)
-        chosen = np.lexsort((all_keys, owner, -occurrences))[:total]
-        own = {f.name: np.unique(all_keys[chosen[owner[chosen] == i]]) for i, f in enumerate(candidates)}
-        own = {name: head for name, head in own.items() if head.size}
-        used = int(sum(head.size for head in own.values()))
         start = table.rows - used
         for name, head in own.items():
             heads[name], starts[name] = head, start
             start += head.size
         tables.append(replace(table, head_rows=used))
     features = tuple(replace(f, head_start=starts[f.name]) if f.name in starts else f for f in plan.features)
-    return EmbeddingPlan(plan.method, plan.dim, tuple(tables), features, plan.budget_rows, plan.vocabularies, heads)
+    out = EmbeddingPlan(plan.method, plan.dim, tuple(tables), features, plan.budget_rows, plan.vocabularies, heads)
+    out.warnings = [f"table {name!r}: its head got fewer rows than its share, as the streaming scan counted only "
+                    "the most frequent values of its features; the rest hash" for name in dict.fromkeys(short)]  # fmt: skip
+    return out
+
+
+def _most_frequent(features: list[FeaturePlan], counts: Mapping[str, HeadCounts], total: int) -> dict[str, np.ndarray]:
+    """The ``total`` values with the largest counts among ``features``' values (ties: the feature first, then the
+    smaller key), as each feature's sorted keys."""
+    for f in features:
+        if f.lookups[0].seed != lookup_seed(f.name):
+            raise SpecError(f"feature {f.name!r}: a head needs its lookup under its own seed, not {f.lookups[0]}")
+    keys = [np.asarray(counts[f.name].keys, dtype=np.uint64) for f in features]
+    owner = np.concatenate([np.full(k.size, i, dtype=np.int64) for i, k in enumerate(keys)])
+    occurrences = np.concatenate([np.asarray(counts[f.name].counts, dtype=np.int64) for f in features])
+    all_keys = np.concatenate(keys)
+    chosen = np.lexsort((all_keys, owner, -occurrences))[:total]
+    return {f.name: np.unique(all_keys[chosen[owner[chosen] == i]]) for i, f in enumerate(features)}

@@ -14,7 +14,15 @@ import xxhash
 from uembed.contract.collisions import collision_report, training_value_counts
 from uembed.contract.errors import BudgetError, SpecError
 from uembed.contract.features import DatasetSpec, FeatureSpec, load_spec
-from uembed.contract.plan import HEAD_METHODS, EmbeddingPlan, build_plan
+from uembed.contract.plan import (
+    HEAD_METHODS,
+    EmbeddingPlan,
+    HeadCounts,
+    auto_head_size,
+    build_plan,
+    column_head_counts,
+    head_share_for,
+)
 
 
 def port_row(name: str, value: bytes, head: list[int], head_start: int, table_rows: int, head_rows: int) -> int:
@@ -172,3 +180,46 @@ def test_a_features_head_share_is_read_from_a_spec_file_and_recorded_only_when_s
     assert spec.feature("user").head_share == 0.2 and spec.feature("item").head_share is None
     assert spec.feature("user").to_dict()["head_share"] == 0.2 and "head_share" not in spec.feature("item").to_dict()
     assert DatasetSpec.from_dict(spec.to_dict()) == spec
+
+
+def counted(counts) -> HeadCounts:
+    return HeadCounts(np.arange(len(counts), dtype=np.uint64), np.asarray(counts, dtype=np.int64))
+
+
+def test_auto_head_size_gives_rows_to_frequent_values_only_where_they_pay_for_the_row():
+    # equally frequent values, many more than rows: a head row spares one value and crowds all the others
+    assert auto_head_size(100, [counted([5] * 1000)]) == 0
+    # a power law: the frequent values get rows of their own, never the whole table
+    power = (10**6 / np.arange(1, 5001) ** 1.1).astype(np.int64) + 1
+    size = auto_head_size(1000, [counted(power)])
+    assert 0 < size < 999
+    # a table that holds every value: no tail value is left to share a row
+    assert auto_head_size(100, [counted([7, 3, 2, 1, 1])]) >= 4
+    # others' keys in the hashed rows make each row dearer: never a larger head
+    assert auto_head_size(1000, [counted(power)], others=20_000) <= size
+
+
+@pytest.mark.parametrize("method", ["unified", "hashing-trick", "semantic-group", "multi-size-unified"])
+def test_head_share_auto_picks_each_tables_head_by_the_rule_and_keeps_the_contract(tiny_dataset, method):
+    columns = tiny_dataset.columns
+    plan = build_plan(method, tiny_dataset.spec, columns, 8, budget_rows=60, head_share="auto")
+    assert plan.heads and plan.embedding_parameters == build_plan(method, tiny_dataset.spec, columns, 8, budget_rows=60).embedding_parameters
+    for table in plan.tables:
+        readers = [f for f in plan.features if len(f.lookups) == 1 and f.lookups[0].table == table.name]
+        others = sum(len(counts_of(columns[f.name])) * sum(1 for lookup in f.lookups if lookup.table == table.name)
+                     for f in plan.features if f not in readers)  # fmt: skip
+        want = auto_head_size(table.rows, [column_head_counts(columns[f.name], f.name) for f in readers], others)
+        assert table.head_rows == want, table.name
+    again = EmbeddingPlan.from_dict(plan.to_dict(), plan.vocabularies, plan.heads)
+    for got, want in zip(again.encode(columns), plan.encode(columns)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(BudgetError, match="or auto, got often"):
+        build_plan(method, tiny_dataset.spec, columns, 8, budget_rows=60, head_share="often")
+
+
+def test_a_specs_head_share_is_left_unused_with_a_warning_by_a_method_without_heads(tiny_dataset):
+    spec = with_shares(tiny_dataset.spec, user=0.2)
+    plan = build_plan("collisionless", spec, tiny_dataset.columns, 8)
+    assert not plan.heads and plan.to_dict() == build_plan("collisionless", tiny_dataset.spec, tiny_dataset.columns, 8).to_dict()
+    assert "collisionless has no heads: the spec's head_share of user is not used" in plan.warnings
+    assert head_share_for("collisionless", 0.2) == 0.0 and head_share_for("unified", "auto") == "auto"

@@ -12,7 +12,15 @@ from uembed.contract.errors import DataError
 from uembed.contract.features import FeatureSpec, SplitSpec
 from uembed.contract.plan import EmbeddingPlan, build_plan
 from uembed.model.data.criteo import CRITEO_COLUMNS, criteo_spec, read_criteo
-from uembed.model.data.stream import StreamSource, StreamStats, encode_batch, scan, shuffled_batches, split_of_rows
+from uembed.model.data.stream import (
+    HeavyHitters,
+    StreamSource,
+    StreamStats,
+    encode_batch,
+    scan,
+    shuffled_batches,
+    split_of_rows,
+)
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 from uembed.model.optim import RowWiseAdagrad
 from uembed.model.streaming import StreamingMetrics, train_stream
@@ -254,8 +262,6 @@ def test_a_streamed_run_exports_what_training_saw_so_the_service_counts_unseen_v
 
 @pytest.mark.parametrize("capacity", [64, 4096])
 def test_heavy_hitters_keep_the_frequent_keys_within_the_misra_gries_bound(capacity):
-    from uembed.model.data.stream import HeavyHitters
-
     rng = np.random.default_rng(0)
     stream = rng.zipf(1.3, 200_000).astype(np.uint64) % np.uint64(3000)  # a power law over 3000 keys
     sketch = HeavyHitters(capacity)
@@ -277,8 +283,8 @@ def test_heavy_hitters_keep_the_frequent_keys_within_the_misra_gries_bound(capac
     assert {k for k, n in truth.items() if n > bound} <= kept
 
 
-@pytest.mark.parametrize("method", ["unified", "separate"])
-def test_a_scan_that_counts_every_value_gives_the_in_memory_paths_heads(tmp_path, method):
+@pytest.mark.parametrize(("method", "share"), [("unified", 0.3), ("separate", 0.3), ("unified", "auto")])
+def test_a_scan_that_counts_every_value_gives_the_in_memory_paths_heads(tmp_path, method, share):
     write_criteo_shards(tmp_path / "d", 20_000, TINY, progress=False)
     source = StreamSource.open(tmp_path / "d")
     spec = criteo_spec(quantiles=4)
@@ -287,8 +293,8 @@ def test_a_scan_that_counts_every_value_gives_the_in_memory_paths_heads(tmp_path
     table = __import__("pyarrow").concat_tables(pq.read_table(p) for p in sorted((tmp_path / "d").glob("*.parquet")))
     codes = np.concatenate([split_of_rows(first, batch, SplitSpec(), 0, "d") for first, batch in source.record_batches(spec, 4096)])
     memory = from_table(table.filter(__import__("pyarrow").array(codes == 0)), stats.spec, "d")
-    want = build_plan(method, stats.spec, memory.columns, 4, budget_rows=3000, head_share=0.3)
-    got = build_plan(method, stats.spec, stats, 4, budget_rows=3000, head_share=0.3)
+    want = build_plan(method, stats.spec, memory.columns, 4, budget_rows=3000, head_share=share)
+    got = build_plan(method, stats.spec, stats, 4, budget_rows=3000, head_share=share)
     assert got.heads and got.to_dict() == want.to_dict() and not got.warnings
     for name, keys in want.heads.items():
         np.testing.assert_array_equal(got.heads[name], keys)
@@ -296,7 +302,7 @@ def test_a_scan_that_counts_every_value_gives_the_in_memory_paths_heads(tmp_path
     small = scan(source, spec, seed=0, batch_rows=4096, progress=False, head_sketch=64)
     assert not small.head_counts["C3"].exact and small.head_counts["C1"].exact
     assert small.head_counts["C3"].keys.size <= 64
-    approximate = build_plan(method, small.spec, small, 4, budget_rows=3000, head_share=0.3)
+    approximate = build_plan(method, small.spec, small, 4, budget_rows=3000, head_share=share)
     assert EmbeddingPlan.from_dict(approximate.to_dict(), approximate.vocabularies, approximate.heads).heads
     again = StreamStats.load(small.save(tmp_path / "stats"))
-    assert again.head_sketch == 64 and build_plan(method, again.spec, again, 4, budget_rows=3000, head_share=0.3).to_dict() == approximate.to_dict()
+    assert again.head_sketch == 64 and build_plan(method, again.spec, again, 4, budget_rows=3000, head_share=share).to_dict() == approximate.to_dict()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from uembed.contract.plan import SEARCH_METHOD, method_spec
+from uembed.contract.plan import SEARCH_METHOD, head_share_for, method_spec
 from uembed.model.data import Dataset
 from uembed.model.data.stream import StreamStats
 from uembed.model.streaming import reset_peak_rss, train_stream
@@ -61,7 +61,8 @@ def run_unit(unit: list[tuple[str, float, int]], dataset: Dataset, base: TrainCo
     train_set, val_set, test_set = dataset.split(base.split_seed)
     records, policy = [], None
     for method, budget, seed in unit:
-        config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed, policy=policy)
+        config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed, policy=policy,
+                         head_share=head_share_for(method, base.head_share))  # fmt: skip
         metrics = train(config, train_set, val_set, test_set, progress=False).metrics
         if method_spec(method).search:
             policy = metrics["policy"]
@@ -125,7 +126,8 @@ def run_stream_unit(
     for method, budget, seed in unit:
         search = method_spec(method).search
         config = replace(base, embedding=method, budget_fraction=budget, budget_rows=None, seed=seed, policy=policy,
-                         max_examples=(search_examples or base.max_examples) if search else base.max_examples)  # fmt: skip
+                         max_examples=(search_examples or base.max_examples) if search else base.max_examples,
+                         head_share=head_share_for(method, base.head_share))  # fmt: skip
         reset_peak_rss()
         started = time.perf_counter()
         name = f"{method}-b{budget:g}-s{seed}"

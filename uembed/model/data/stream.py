@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from uembed.contract.columns import FeatureColumn, encode_values, quantile_bound
 from uembed.contract.errors import DataError
 from uembed.contract.features import DatasetSpec, FeatureKind, FeatureSpec, SplitSpec
 from uembed.contract.hashing import MISSING, canonical_bytes, hash_canonical, lookup_seed
-from uembed.contract.plan import HeadCounts
+from uembed.contract.plan import AUTO, HeadCounts
 from uembed.model.data.criteo import CRITEO_COLUMNS, line_range, read_criteo, text_rows
 from uembed.model.data.synthetic import _unit, splitmix64
 
@@ -285,7 +285,8 @@ class StreamStats:
         doc = {"spec": self.spec.to_dict(), "examples": self.examples, "positives": self.positives,
                "vocabulary": self.vocabulary, "widths": self.widths, "seconds": self.seconds, "missing": self.missing,
                "numbers": self.numbers, "head_sketch": self.head_sketch,
-               "head_counts_exact": {name: c.exact for name, c in self.head_counts.items()}}  # fmt: skip
+               "head_counts": {name: {"exact": c.exact, "distinct": c.distinct, "total": c.total}
+                               for name, c in self.head_counts.items()}}  # fmt: skip
         (path / "stats.json").write_text(json.dumps(doc, indent=2))
         target = path / "keys.npz"
         if not (isinstance(self.keys, StoredKeys) and self.keys.path.resolve() == target.resolve()):
@@ -301,9 +302,9 @@ class StreamStats:
         doc = json.loads((path / "stats.json").read_text())
         keys = StoredKeys(path / "keys.npz")
         head_counts = {}
-        if doc.get("head_counts_exact"):
+        if doc.get("head_counts"):
             with np.load(path / "head_keys.npz", allow_pickle=False) as k, np.load(path / "head_counts.npz", allow_pickle=False) as c:
-                head_counts = {name: HeadCounts(k[name], c[name], exact) for name, exact in doc["head_counts_exact"].items()}
+                head_counts = {name: HeadCounts(k[name], c[name], **sizes) for name, sizes in doc["head_counts"].items()}
         return cls(DatasetSpec.from_dict(doc["spec"]), doc["examples"], doc["positives"], doc["vocabulary"],
                    doc["widths"], keys, doc.get("seconds", 0.0), doc.get("missing", {}),
                    doc.get("numbers", []), head_counts, doc.get("head_sketch", 0))  # fmt: skip
@@ -368,12 +369,14 @@ class HeavyHitters:
         self.keys = np.zeros(0, dtype=np.uint64)
         self.counts = np.zeros(0, dtype=np.int64)
         self.exact = True
+        self.total = 0  # every occurrence added, kept or not
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_size = 0
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
         self.pending.append((keys, counts))
         self.pending_size += keys.size
+        self.total += int(counts.sum())
         if self.pending_size > max(self.capacity, 1 << 16):
             self.merge()
 
@@ -390,7 +393,7 @@ class HeavyHitters:
                 kept = counts > 0
                 keys, counts, self.exact = keys[kept], counts[kept], False
             self.keys, self.counts = keys, counts
-        return HeadCounts(self.keys, self.counts, self.exact)
+        return HeadCounts(self.keys, self.counts, self.exact, total=self.total)
 
 
 class _Reservoir:
@@ -496,7 +499,7 @@ def scan(
         buckets = np.unique(np.searchsorted(np.asarray(bucketed.boundaries), values, side="right"))
         present = [str(int(b)).encode() for b in buckets]
         out_keys[feature.name] = np.unique(hash_canonical(present, lookup_seed(feature.name), count=len(present)))
-    head_counts = {name: sketch.merge() for name, sketch in sketches.items()}
+    head_counts = {name: replace(sketch.merge(), distinct=int(out_keys[name].size)) for name, sketch in sketches.items()}
     for feature in quantile_features if head_sketch else ():
         head_counts[feature.name] = _bucket_counts(resolved.feature(feature.name), reservoirs[feature.name].values,
                                                    examples["train"] - missing[feature.name])  # fmt: skip
@@ -506,11 +509,13 @@ def scan(
                        sorted(n for n in numbers if vocabulary[n]), head_counts, head_sketch)
 
 
-def head_sketch_size(head_share: float, spec: DatasetSpec, budget_rows: int | None = None) -> int:
+def head_sketch_size(head_share: float | str, spec: DatasetSpec, budget_rows: int | None = None) -> int:
     """Values per feature a scan counts for hybrid tables: 0 when no head is asked for (``--head-share`` and every
     feature's ``head_share`` 0); with ``--budget-rows``, which bounds every budgeted table's rows, twice the most
     head rows one table can have (at least 1024), so a feature that takes a whole head is counted well past it;
-    else (a budget fraction, known only after the scan) :data:`HEAD_SKETCH`."""
+    else (a budget fraction, known only after the scan, or ``auto``) :data:`HEAD_SKETCH`."""
+    if head_share == AUTO:
+        return HEAD_SKETCH
     share = max([head_share, *(f.head_share or 0.0 for f in spec.features)])
     if not share:
         return 0
@@ -525,7 +530,8 @@ def _bucket_counts(feature: FeatureSpec, sample: np.ndarray, values: int) -> Hea
     buckets, counts = np.unique(np.searchsorted(np.asarray(feature.boundaries), sample, side="right"), return_counts=True)
     present = [str(int(b)).encode() for b in buckets]
     scaled = np.maximum(np.round(counts * (values / max(sample.size, 1))), 1).astype(np.int64)
-    return HeadCounts(hash_canonical(present, lookup_seed(feature.name), count=len(present)), scaled, sample.size >= values)
+    keys = hash_canonical(present, lookup_seed(feature.name), count=len(present))
+    return HeadCounts(keys, scaled, sample.size >= values)
 
 
 def encoded_chunks(

@@ -52,6 +52,7 @@ from uembed.contract.plan import (
     EmbeddingPlan,
     build_plan,
     collisionless_rows,
+    head_share_for,
     minimum_budget,
     vocabulary_sizes,
 )
@@ -81,7 +82,8 @@ class Family:
         return f"{self.method} dim {self.dim}"
 
     def config(self, base: TrainConfig, fraction: float | None) -> TrainConfig:
-        return replace(base, embedding=self.method, dim=self.dim, budget_fraction=fraction, budget_rows=None)
+        return replace(base, embedding=self.method, dim=self.dim, budget_fraction=fraction, budget_rows=None,
+                       head_share=head_share_for(self.method, base.head_share))  # fmt: skip
 
 
 @dataclass

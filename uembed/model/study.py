@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uembed.contract.plan import SEARCH_METHOD, method_spec
+from uembed.contract.plan import SEARCH_METHOD, head_share_for, method_spec
 from uembed.model.data import Dataset
 from uembed.model.data.stream import StreamStats
 from uembed.model.levers import LeverError, codecs_for, served_bytes, with_codec
@@ -80,7 +80,9 @@ class Levers:
         cell = self.cell_configs.get((method, budget))
         config = cell if cell is not None else replace(base, budget_fraction=budget, budget_rows=None)
         qat, head_share = variant
-        return replace(config, embedding=method, seed=seed, policy=None, qat=qat, head_share=head_share or config.head_share)
+        # A method without heads (collisionless, the chunk methods) trains without one whatever the share.
+        return replace(config, embedding=method, seed=seed, policy=None, qat=qat,
+                       head_share=head_share_for(method, head_share or config.head_share))  # fmt: skip
 
 
 def study_units(
@@ -92,9 +94,9 @@ def study_units(
     followed by the lever variant (qat, head share) when there is more than the plain one.
     """
     if list(variants) != [(None, 0.0)]:
-        # A collisionless table has a row per value already: a head would not change it.
+        # A method that holds no heads (collisionless: a row per value already) is trained once, not once per share.
         return [[(*item, variant) for item in unit] for variant in variants for unit in study_units(methods, budgets, seeds)
-                if not (variant[1] and method_spec(unit[0][0]).fixed_size)]  # fmt: skip
+                if not (variant[1] and not head_share_for(unit[-1][0], variant[1]))]  # fmt: skip
     specs = {m: method_spec(m) for m in methods}
     units = []
     for seed in seeds:

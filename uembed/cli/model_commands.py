@@ -354,7 +354,7 @@ def add_lever_options(parser: argparse.ArgumentParser) -> None:
     levers.add_argument("--qat", dest="qat_axis", type=name_list(("none", "int8", "int4", "int2"), "--qat codec"),
                         help="train each run once per codec listed, quantization-aware ('none': without); a QAT run is "
                         "evaluated in its own codec only")  # fmt: skip
-    levers.add_argument("--head-shares", type=fraction_list, help="train each run once per hybrid head share listed (0: no head)")
+    levers.add_argument("--head-shares", type=head_share_list, help="train each run once per hybrid head share listed (0: no head; auto: per table, by frequency mass)")
     levers.add_argument("--prune-keep", type=positive_list(int, "column counts"),
                         help="in-memory: prune each run to each of these numbers of columns (`uembed prune`), then evaluate it too")  # fmt: skip
     levers.add_argument("--prune-epochs", type=positive_int, default=3, help="fine-tuning epochs of each pruning")
@@ -364,14 +364,20 @@ def add_lever_options(parser: argparse.ArgumentParser) -> None:
                         "instead of the settings above; cells it lacks use them")  # fmt: skip
 
 
-def fraction_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated shares such as 0,0.25,0.5, got {text!r}") from None
-    if not values or any(not 0 <= v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"head shares must be at least 0 and below 1, got {text!r}")
-    return values
+def head_share_list(text: str) -> tuple[float | str, ...]:
+    """Comma-separated head shares, each at least 0 and below 1, or ``auto``."""
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = part if part == "auto" else float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated shares such as 0,0.25,auto, got {text!r}") from None
+        if value != "auto" and not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"head shares must be at least 0 and below 1 (or auto), got {text!r}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("--head-shares needs at least one share")
+    return tuple(values)
 
 
 def study_levers(args: argparse.Namespace, dataset=None):

@@ -62,7 +62,7 @@ class Levers:
 
     codecs: tuple[str, ...] = ("float32",)
     qat: tuple[str | None, ...] = (None,)
-    head_shares: tuple[float, ...] = (0.0,)
+    head_shares: tuple[float | str, ...] = (0.0,)
     prune_keep: tuple[int, ...] = ()
     prune_epochs: int = 3
     subvectors: int | None = None
@@ -227,7 +227,7 @@ def run_stream_unit(
                          max_examples=(search_examples or base.max_examples) if search else base.max_examples)  # fmt: skip
         reset_peak_rss()
         started = time.perf_counter()
-        name = f"{method}-b{budget:g}-s{seed}" + (f"-qat{variant[0]}" if variant[0] else "") + (f"-head{variant[1]:g}" if variant[1] else "")
+        name = f"{method}-b{budget:g}-s{seed}" + (f"-qat{variant[0]}" if variant[0] else "") + (f"-head{variant[1]}" if variant[1] else "")
         result = train_stream(config, source, stats, runs_dir / name, progress=False)
         metrics = result.metrics
         wall = time.perf_counter() - started
@@ -293,8 +293,8 @@ def lever_key(record: dict) -> tuple:
     """(qat, head share, prune keep, codec) of a record; all empty for a study without levers."""
     if record.get("codec") in (None, ""):
         return ()
-    keep = record.get("prune_keep")
-    return (record.get("qat") or "", float(record.get("head_share") or 0.0), int(float(keep)) if keep not in (None, "") else 0,
+    keep, head = record.get("prune_keep"), record.get("head_share") or 0.0
+    return (record.get("qat") or "", head if head == "auto" else float(head), int(float(keep)) if keep not in (None, "") else 0,
             record["codec"])  # fmt: skip
 
 
@@ -304,7 +304,7 @@ def variant_label(record: dict) -> str:
     if not key:
         return record["method"]
     qat, head, keep, codec = key
-    parts = [record["method"], f"head{head:g}" if head else "", f"prune{keep}" if keep else "", f"qat-{qat}" if qat else "", codec]
+    parts = [record["method"], f"head{head:g}" if isinstance(head, float) and head else "head-auto" if head else "", f"prune{keep}" if keep else "", f"qat-{qat}" if qat else "", codec]
     return " ".join(p for p in parts if p)
 
 
@@ -314,7 +314,7 @@ def sort_records(records: Sequence[dict], methods: Sequence[str]) -> list[dict]:
     def key(r: dict) -> tuple:
         lever = lever_key(r)
         if lever:
-            lever = (*lever[:3], CODEC_ORDER.get(lever[3], 99))
+            lever = (lever[0], str(lever[1]), lever[2], CODEC_ORDER.get(lever[3], 99))
         return (order.get(r["method"], 99), r["budget_fraction"], lever, r["seed"])
 
     return sorted(records, key=key)

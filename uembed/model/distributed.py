@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
@@ -33,8 +34,15 @@ import torch.distributed as dist
 from uembed.contract.errors import UembedError
 
 # How long a rank waits for the others in one collective: a peer that died is noticed by torchrun's
-# agent (which restarts the group) long before this, so it only bounds a hang that nothing else sees.
+# agent (which restarts the group) long before this, so it only bounds a hang that nothing else sees. It
+# is long because one wait is legitimately long: the other ranks wait for rank 0's statistics pass.
 COLLECTIVE_TIMEOUT_S = 1800
+# How long a rank waits for the others to join the group (their addresses, then the connections): the
+# ranks start together, so a group that has not formed by then never will, and the rank fails with one
+# line instead of waiting out the collective timeout. UEMBED_JOIN_TIMEOUT_S sets another.
+JOIN_TIMEOUT_S = 180
+# Set by ``launch`` for the processes it starts: the launcher's pid, which they must not outlive.
+LAUNCHER_PID = "UEMBED_LAUNCHER_PID"
 
 
 def launched() -> bool:
@@ -42,13 +50,61 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init_from_env(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> int:
-    """Join the process group torchrun describes (gloo); the world size (1 without a launcher)."""
+def init_from_env(timeout_s: float = COLLECTIVE_TIMEOUT_S, join_timeout_s: float | None = None) -> int:
+    """Join the process group torchrun describes (gloo); the world size (1 without a launcher).
+
+    Joining is bounded by ``join_timeout_s`` (default UEMBED_JOIN_TIMEOUT_S, else ``JOIN_TIMEOUT_S``; past it,
+    an error naming the rank and the store), each collective after it by ``timeout_s``."""
     if not launched():
         return 1
+    if join_timeout_s is None:
+        join_timeout_s = _seconds("UEMBED_JOIN_TIMEOUT_S", JOIN_TIMEOUT_S)
+    _die_with_launcher()
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+            and os.environ["RANK"] == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):  # fmt: skip
+        print("warning: torchrun lends the ranks its store, which a restarted group can find stale "
+              "(pytorch/pytorch#135712): set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for --max-restarts, as "
+              "`uembed train --nproc` does", file=sys.stderr)  # fmt: skip
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=min(join_timeout_s, timeout_s)))
+        except (RuntimeError, TimeoutError) as exc:  # DistError is a RuntimeError
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UembedError(
+                f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} could not join the group at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {join_timeout_s:.0f} s: {first}"
+            ) from None
+        if timeout_s > join_timeout_s:
+            # torch's (private) way to give a formed group another timeout; without it, the joining one stays
+            set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+            if set_timeout is not None:
+                set_timeout(timedelta(seconds=timeout_s))
     return dist.get_world_size()
+
+
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable, "")
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise UembedError(f"{variable}={text!r}: give a number of seconds") from None
+
+
+def _die_with_launcher() -> None:
+    """A process ``launch`` started ends when the launcher does, however it ends (SIGKILL included):
+    torchrun starts each rank in a session of its own, where nothing else would stop it, and a rank left
+    behind holds its share of the CPUs and its run directory (Linux; elsewhere the agent's own cleanup)."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != int(launcher):  # it died before the request above: nothing will send the signal now
+        os._exit(1)
 
 
 def world_size() -> int:
@@ -274,7 +330,6 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
     that does not complete within ``rendezvous_timeout_s`` is an error naming the endpoint.
     """
     import logging
-    import sys
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -283,6 +338,12 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
 
     # One compute thread per process: the processes are the parallelism (torchrun would set it and say so).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A store of its own for every start of the group. torchrun's agent otherwise lends the ranks its
+    # rendezvous store, which outlives a restart with no prefix that changes (pytorch/pytorch#135712):
+    # a restarted rank could read a dead rank's gloo address left there by the group before and wait for
+    # it until the join timeout, the group never forming.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     where = endpoint or "127.0.0.1:0"
     options = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", where, "--rdzv-id", run_id,

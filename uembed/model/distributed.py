@@ -225,9 +225,10 @@ def use_sparse_tables(model) -> None:
 
 
 class Lockstep:
-    """Iterate a rank's batches in step with the other ranks: yields ``(batch, active)`` where ``batch`` is
-    None once this rank has run dry (it still takes part in the step, with no gradient of its own) and
-    ``active`` is the number of ranks that had a batch; ends when every rank has run dry."""
+    """Iterate a rank's batches in step with the other ranks: yields a batch, or None once this rank has run
+    dry (it still takes part in the step, with no gradient of its own). With more than one process it never
+    ends by itself: the caller ends the loop when ``sync_gradients`` reports that no rank had a batch (the
+    count travels with the step's gradients, not in a collective of its own)."""
 
     def __init__(self, batches: Iterable) -> None:
         self.batches = iter(batches)
@@ -242,34 +243,26 @@ class Lockstep:
             batch = None if self.finished else next(self.batches, None)
             if batch is None:
                 self.finished = True
-            active = int(sum_over_ranks([batch is not None])[0]) if world_size() > 1 else int(batch is not None)
-            if active == 0:
-                return
-            yield batch, active
+                if world_size() == 1:
+                    return
+            yield batch
 
 
-def sync_gradients(model, active: int | None = None, dense_tables: bool = False) -> None:
-    """Average the gradients over the ranks that had a batch (``active``; default every rank).
+def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False) -> int:
+    """Average the gradients over the ranks that had a batch; how many had one (0: the step is to be skipped,
+    every rank has run dry). This rank had one unless ``has_batch`` is False (its gradients count as zero).
 
-    Dense parameters: one all_reduce of their gradients flattened together (a missing gradient counts as
-    zero). The tables: each rank's coalesced sparse gradient gathered from every rank, coalesced again in
-    rank order, so every rank holds the same update; ``dense_tables`` turns it into a dense gradient for a
-    dense optimiser (in-memory Adam).
+    Two collectives a step, whatever the model: one all_reduce of a header (the ranks that had a batch, each
+    rank's count of touched table rows) and the dense parameters' gradients flattened together; one all_gather
+    of each rank's coalesced sparse table gradient, its row indices carried bit for bit in the values' dtype,
+    padded to the longest (the header says how long). Every rank then coalesces the same rows in rank order,
+    so every rank holds the same update; ``dense_tables`` turns it into a dense gradient for a dense optimiser
+    (in-memory Adam).
     """
     world = world_size()
     if world == 1:
-        return
-    divisor = float(active or world)
+        return int(has_batch)
     table = table_parameter(model)
-    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense])
-    dist.all_reduce(flat)
-    flat /= divisor
-    offset = 0
-    for parameter in dense:
-        size = parameter.numel()
-        parameter.grad = flat[offset : offset + size].view_as(parameter).clone()
-        offset += size
     grad = table.grad
     if grad is None:
         indices, values = torch.zeros(0, dtype=torch.int64), torch.zeros((0, table.shape[1]), dtype=table.dtype)
@@ -279,10 +272,37 @@ def sync_gradients(model, active: int | None = None, dense_tables: bool = False)
     else:  # a dense gradient: send only the rows it touches
         indices = grad.abs().sum(dim=1).nonzero().flatten()
         values = grad[indices]
-    all_indices = _gather_rows(indices)
-    all_values = _gather_rows(values) / divisor
+    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
+    # the counts ride in the gradients' dtype: exact while a step touches fewer than 2**24 rows (float32)
+    header = torch.zeros(world + 1, dtype=table.dtype)
+    header[0] = float(has_batch)
+    header[1 + rank()] = float(indices.shape[0])
+    flat = torch.cat([header, *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense)])
+    dist.all_reduce(flat)
+    active = round(float(flat[0]))
+    if active == 0:
+        return 0
+    counts = [round(float(c)) for c in flat[1 : world + 1]]
+    grads = flat[world + 1 :]
+    if active > 1:
+        grads.div_(active)  # in place: the dense gradients can be megabytes, every step
+    offset = 0
+    for parameter in dense:
+        size = parameter.numel()
+        parameter.grad = grads[offset : offset + size].view_as(parameter)
+        offset += size
+    columns = max(1, 8 // table.element_size())  # of the table's dtype, to hold an int64 row index bit for bit
+    packed = torch.zeros((max(counts), columns + table.shape[1]), dtype=table.dtype)
+    packed[: indices.shape[0], :columns] = indices.to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
+    packed[: indices.shape[0], columns:] = values
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed)
+    rows = torch.cat([part[:count] for part, count in zip(parts, counts)])
+    all_indices = rows[:, :columns].contiguous().view(torch.int64).reshape(-1)
+    all_values = rows[:, columns:] / active if active > 1 else rows[:, columns:]
     merged = torch.sparse_coo_tensor(all_indices.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
     table.grad = merged.to_dense() if dense_tables else merged
+    return active
 
 
 def check_same_epoch(epoch: int, where: str) -> None:

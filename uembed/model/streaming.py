@@ -281,7 +281,7 @@ def train_stream(
                    desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, file=sys.stderr, mininterval=2.0)  # fmt: skip
         stopped = False
         steps = distributed.Lockstep(shuffled_batches(chunks, config.shuffle_buffer, config.batch_size, rng))
-        for batch, active in steps:
+        for batch in steps:
             dense_optimizer.zero_grad(set_to_none=True)
             table_optimizer.zero_grad(set_to_none=True)
             if batch is not None:
@@ -291,7 +291,8 @@ def train_stream(
                 loss = loss_fn(model.network(vectors), torch.from_numpy(labels))
                 loss.backward()
             # A rank whose share ran dry still steps, with the others' gradients: the replicas stay equal.
-            distributed.sync_gradients(model, active, dense_tables=config.embedding_optimizer == "adam")
+            if not distributed.sync_gradients(model, batch is not None, dense_tables=config.embedding_optimizer == "adam"):
+                break  # every rank has run dry
             dense_optimizer.step()
             table_optimizer.step()
             if batch is None:

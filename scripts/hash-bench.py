@@ -7,7 +7,8 @@ Prints microseconds per request side by side for two measures:
 * contract: ``hash_values`` of each feature's column of the request's raw values (genres' lists flattened) under
   the feature's lookup-0 seed: the per-value work alone;
 * encoder: the service's canonicalise + hash of each request (``ModelRuntime``, its value caches warm, as
-  ``scripts/encode-timing.py``), on BUNDLE or, without one, a synthetic MovieLens bundle (no torch needed).
+  ``scripts/encode-timing.py``), and again with no value caches (``value_cache_bytes=0``: every value canonicalised
+  and hashed each time), on BUNDLE or, without one, a synthetic MovieLens bundle (no torch needed).
 """
 
 import argparse
@@ -69,9 +70,13 @@ def main() -> None:
             runtime = ModelRuntime(bundle)
             contract = per_request(lambda c: [hash_values(c[n], seeds[n]) for n in seeds], columns, args.seconds)
             encoder = per_request(lambda r: runtime.hash([runtime.canonicalise(r)]), requests, args.seconds)
-            results[backend] = (contract, encoder)
+            uncached = ModelRuntime(bundle, value_cache_bytes=0)
+            cold = per_request(lambda r: uncached.hash([uncached.canonicalise(r)]), requests, args.seconds)
+            results[backend] = (contract, encoder, cold)
     print(f"{'us per 64-example request':<44}{'compiled':>10}{'python':>10}{'ratio':>8}")
-    for index, label in enumerate(("contract: hash_values of every column", "encoder: canonicalise + hash (warm caches)")):
+    labels = ("contract: hash_values of every column", "encoder: canonicalise + hash (warm caches)",
+              "encoder: canonicalise + hash (no value caches)")
+    for index, label in enumerate(labels):
         compiled, python = results["compiled"][index], results["python"][index]
         print(f"{label:<44}{compiled:>10.1f}{python:>10.1f}{python / compiled:>7.1f}x")
 

@@ -19,6 +19,7 @@ from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
 import numpy as np
+import xxhash
 
 
 cdef extern from "xxhash.h":
@@ -137,8 +138,8 @@ def hash_values(values, uint64_t seed, fallback):
 
 
 cdef inline uint64_t bytes_key(object value, uint64_t seed) except? 0:
-    if not PyBytes_Check(value):
-        raise TypeError(f"canonical values are bytes, got {type(value).__name__}")
+    if not PyBytes_Check(value):  # another buffer (bytearray, memoryview), or an error: as the pure path does it
+        return xxhash.xxh3_64_intdigest(value, seed=seed)
     return XXH3_64bits_withSeed(PyBytes_AS_STRING(value), <size_t>PyBytes_GET_SIZE(value), seed)
 
 

@@ -139,7 +139,9 @@ def hash_canonical(values: Sequence[bytes] | Iterable[bytes], seed: int, count: 
     """Keys (uint64) of already-canonical byte strings, one per value."""
     if _compiled is not None:
         keys = _compiled.hash_bytes(values, seed)
-        if count >= 0 and keys.size != count:
+        if 0 <= count < keys.size:  # as np.fromiter's count: the first values
+            return keys[:count]
+        if keys.size < count:
             raise ValueError(f"{keys.size} values where {count} were expected")
         return keys
     # map over a repeated seed, not a generator expression: no Python frame per value (docs/BENCHMARKS.md)

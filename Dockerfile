@@ -12,9 +12,12 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/uembed/bin:$PATH
 WORKDIR /src
 # The install compiles the hashing extension (uembed/contract/_fasthash.pyx) against the system's libxxhash.
-# hadolint ignore=DL3008
+# Python's own headers come with the official python images; a Debian-packaged Python (the stand-in base of
+# deploy/podman/images.py) takes them from python3.11-dev.
+# hadolint ignore=DL3008,SC2046
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev libxxhash-dev \
+       $(python -c "import pathlib, sysconfig; print('' if pathlib.Path(sysconfig.get_path('include'), 'Python.h').exists() else 'python3.11-dev')") \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/uembed
 COPY pyproject.toml README.md ./

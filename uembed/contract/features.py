@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from uembed.contract.errors import DataError, SpecError
-from uembed.contract.hashing import MISSING, canonical_bytes
+from uembed.contract.hashing import MISSING, canonical_bytes, canonical_column
 
 
 @unique
@@ -154,7 +154,7 @@ class FeatureSpec:
                 items = list(value)
             else:
                 items = [value]
-            out = [canonical_bytes(item) for item in items]
+            out = canonical_column(items)  # one call per list: compiled where the extension is built
             out = [item for item in out if item != MISSING and item not in self.missing_bytes]
             if self.max_values:
                 out = out[: self.max_values]

@@ -5,7 +5,7 @@
 set -e
 DATA=${DATA:-/work/criteo/kaggle-12.5M}
 WORK=${WORK:-/work/criteo/levers-10M}  # the runs (checkpoints of up to 1 GB) stay here
-cd "$(dirname "$0")/../../.."
+cd "$(dirname "$0")/../../../.."
 .venv/bin/python -m uembed study --dataset "$DATA" --methods collisionless,unified --budgets 0.0002,0.001,0.01,0.1 \
   --seeds 1 --jobs 2 --network mlp --hidden 256,128 --batch-size 2048 --lr 0.001 --epochs 1 --checkpoint-every 100M \
   --codecs float32,float16,int8,int4,int2,pq --qat none,int2 --out "$WORK"

@@ -11,6 +11,14 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/uembed/bin:$PATH
 WORKDIR /src
+# The install compiles the hashing extension (uembed/contract/_fasthash.pyx) against the system's libxxhash.
+# Python's own headers come with the official python images; a Debian-packaged Python (the stand-in base of
+# deploy/podman/images.py) takes them from python3.11-dev.
+# hadolint ignore=DL3008,SC2046
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libxxhash-dev \
+       $(python -c "import pathlib, sysconfig; print('' if pathlib.Path(sysconfig.get_path('include'), 'Python.h').exists() else 'python3.11-dev')") \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/uembed
 COPY pyproject.toml README.md ./
 COPY uembed ./uembed
@@ -41,6 +49,11 @@ RUN pip install --no-cache-dir ".[loadtest]"
 
 # --- runtime images ------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS base
+# libxxhash0: the library the hashing extension links (the build stage compiled it).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libxxhash0 \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 uembed \
     && useradd --system --uid 10001 --gid uembed --create-home --home-dir /home/uembed uembed \
     && mkdir -p /bundles /home/uembed/.cache/uembed \

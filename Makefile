@@ -5,10 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test stack loadtest images compose-up compose-down clean
+.PHONY: install system-deps build-deps demo test stack loadtest images compose-up compose-down clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-$(STAMP): pyproject.toml
+# The install compiles uembed/contract/_fasthash.pyx (the hashing contract's per-value work in C), which
+# links the system's libxxhash: its header comes first (Debian's libxxhash-dev), and a C compiler.
+BUILD_PACKAGES := libxxhash-dev gcc libc6-dev
+build-deps:
+	@[ -f /usr/include/xxhash.h ] && command -v gcc >/dev/null || { \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BUILD_PACKAGES); }
+
+$(STAMP): pyproject.toml uembed/contract/_fasthash.pyx | build-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[train,dev]'
@@ -24,11 +31,12 @@ install: $(STAMP)
 # cgroups), netavark and aardvark-dns (compose services find each other by name), iptables (netavark's
 # firewall driver: without it a compose network cannot start), debootstrap
 # (the base image, where no image registry is reachable), libb64-0d (Triton's perf_analyzer links it:
-# tests/serving/protocols/test_perf_analyzer.py).
-SYSTEM_PACKAGES := redis-server prometheus haproxy wrk podman runc netavark aardvark-dns iptables debootstrap libb64-0d
+# tests/serving/protocols/test_perf_analyzer.py), libxxhash-dev (the hashing extension: build-deps above).
+SYSTEM_PACKAGES := redis-server prometheus haproxy wrk podman runc netavark aardvark-dns iptables debootstrap libb64-0d \
+	libxxhash-dev
 system-deps:
 	@for tool in redis-server prometheus /usr/sbin/haproxy wrk podman runc /usr/sbin/iptables debootstrap /usr/lib/podman/netavark /usr/lib/podman/aardvark-dns; do \
-	  command -v $$tool >/dev/null || missing=1; done; dpkg -s libb64-0d >/dev/null 2>&1 || missing=1; [ -z "$$missing" ] || { \
+	  command -v $$tool >/dev/null || missing=1; done; dpkg -s libb64-0d >/dev/null 2>&1 || missing=1; [ -f /usr/include/xxhash.h ] || missing=1; [ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 
 # The main job on the embedded default: serve the demo bundle (MovieLens-100K, unified

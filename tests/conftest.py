@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from uembed.contract import hashing
 from uembed.contract.collisions import training_value_counts
 from uembed.contract.features import DatasetSpec, FeatureSpec, LabelSpec
 from uembed.contract.known import KnownValues, training_keys
@@ -156,3 +157,15 @@ def bundle_store(tmp_path_factory):
     manifest = json.loads((root / "store" / "movielens" / "1" / "manifest.json").read_text())
     assert manifest["tables"][0]["rows"] == MOVIELENS_TABLE_ROWS, "synthetic_store's table is to be this one's size"
     return root / "store"
+
+
+@pytest.fixture(params=hashing.BACKENDS)
+def each_hashing_backend(request):
+    """Each hashing path in turn, compiled and pure Python (the compiled one skipped, saying why, where the
+    extension is not built; tests/contract/test_fasthash.py fails then if UEMBED_REQUIRE_EXTENSION=1)."""
+    if request.param == "compiled" and not hashing.compiled_available():
+        pytest.skip("the compiled hashing extension uembed.contract._fasthash is not built (make install builds it)")
+    before = hashing.hashing_backend()
+    hashing.use_backend(request.param)
+    yield request.param
+    hashing.use_backend(before)

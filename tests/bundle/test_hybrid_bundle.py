@@ -13,7 +13,11 @@ import xxhash
 from tests.conftest import tiny_spec, tiny_table
 from tests.scoring import score
 from uembed.bundle.loader import BundleError, load_bundle
+from uembed.cli import main
 from uembed.model.data import from_table
+from uembed.model.data.criteo import criteo_spec
+from uembed.model.data.stream import StreamSource, StreamStats, encode_batch, scan
+from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 from uembed.model.export import export_run
 from uembed.model.train import TrainConfig, load_run, train
 from uembed.serving.pipeline.encoding import ExampleEncoder
@@ -41,10 +45,19 @@ def test_the_manifest_states_the_heads_and_a_port_reproduces_its_head_and_tail_v
     manifest = json.loads((bundle / "manifest.json").read_text())
     table = next(t for t in manifest["embedding"]["tables"] if t["name"] == "unified")
     assert table["rows"] == BUDGET_ROWS and table["head_rows"] == int(0.3 * BUDGET_ROWS)
-    hashed_rows = table["rows"] - table["head_rows"]
     heads = {f["name"]: f["head"] for f in manifest["features"] if f.get("head")}
     assert sum(h["size"] for h in heads.values()) == table["head_rows"]
-    kinds = set()
+    assert set(port_vector_kinds(bundle, "unified").values()) == {True, False}  # a head value and a tail value both have vectors
+
+
+def port_vector_kinds(bundle, table_name: str) -> dict[tuple[str, str], bool]:
+    """Each test vector of a feature with a head, row recomputed by a port of the contract (xxhash, bisect): whether
+    its value is a head value."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    table = next(t for t in manifest["embedding"]["tables"] if t["name"] == table_name)
+    hashed_rows = table["rows"] - table["head_rows"]
+    heads = {f["name"]: f["head"] for f in manifest["features"] if f.get("head")}
+    kinds = {}
     for vector in manifest["hashing"]["test_vectors"]:
         head = heads.get(vector["feature"])
         if head is None:
@@ -56,8 +69,8 @@ def test_the_manifest_states_the_heads_and_a_port_reproduces_its_head_and_tail_v
         found = at < len(keys) and keys[at] == key
         assert vector["head"] == found
         assert vector["rows"] == [head["start"] + at if found else key % hashed_rows]
-        kinds.add(found)
-    assert kinds == {True, False}  # a head value and a tail value both have vectors
+        kinds[(vector["feature"], vector["value"])] = found
+    return kinds
 
 
 def test_a_bundle_whose_head_left_its_rows_is_refused(hybrid, tmp_path):
@@ -106,3 +119,54 @@ def test_head_values_hashed_together_read_their_head_rows(hybrid):
     want, _ = served.plan.encode(dataset.columns)
     for encoder in (together, one_by_one):
         np.testing.assert_array_equal(encoder.encode(examples)[0], want)
+
+
+@pytest.fixture(scope="module")
+def streamed_hybrid(tmp_path_factory):
+    """A streamed run (#38 item 1: the scan counts the values) with --head-share, through the command line."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("streamed-hybrid")
+    write_criteo_shards(root / "data", 12_000, CriteoShape(vocabulary=CRITEO_PRESETS["criteo-tiny"], seed=5), progress=False)
+    options = ["--dataset", str(root / "data"), "--embedding", "unified", "--budget-rows", "2000", "--epochs", "1",
+               "--dim", "4", "--network", "mlp", "--hidden", "16", "--batch-size", "512", "--shuffle-buffer", "4096",
+               "--read-rows", "2048", "--quiet", "--runs-dir", str(root / "runs")]  # fmt: skip
+    assert main(["train", *options, "--name", "r", "--head-share", "0.3"]) == 0
+    bundle = export_run(root / "runs" / "r", root / "store", "criteo", dtype="float32")
+    return root, options, bundle
+
+
+def test_a_streamed_hybrid_run_exports_heads_whose_values_score_through_their_rows(streamed_hybrid):
+    root, _, bundle = streamed_hybrid
+    run_dir = root / "runs" / "r"
+    _, plan, model, doc = load_run(run_dir)
+    stats = StreamStats.load(run_dir / "stats")
+    assert stats.head_sketch == 2 * int(0.3 * 2000) and stats.head_counts
+    table = plan.table("unified")
+    assert table.rows == 2000 and table.head_rows == int(0.3 * 2000)
+    kinds = port_vector_kinds(bundle, "unified")
+    partial = [name for name, head in plan.heads.items() if stats.vocabulary[name] > head.size]
+    assert partial and len(partial) < len(plan.heads)  # large features keep a tail, a few buckets fit in the head
+    for name in plan.heads:  # a head value's vector, and a tail value's where training had one (missing: always hashed)
+        want = {True, False} if name in partial else {True}
+        assert {found for (feature, value), found in kinds.items() if feature == name and value} == want, name
+        assert kinds.get((name, ""), False) is False
+    served = load_bundle(bundle)
+    assert served.plan.to_dict() == plan.to_dict()
+    batch = next(StreamSource.open(root / "data").record_batches(stats.spec, 1000))[1]
+    rows, weights = plan.encode(encode_batch(stats.spec, batch))
+    assert (rows >= table.hashed_rows).any() and (rows < table.hashed_rows).any()
+    with torch.no_grad():
+        expected = torch.sigmoid(model(torch.from_numpy(rows), torch.from_numpy(weights))).numpy()
+    examples = [{k: v for k, v in row.items() if k != "label"} for row in batch.to_pylist()]
+    np.testing.assert_allclose(ReferenceScorer(served).score(examples), expected, atol=1e-5, rtol=0)
+
+
+def test_streamed_statistics_without_counts_refuse_heads_in_one_line(streamed_hybrid, tmp_path, capsys):
+    root, options, _ = streamed_hybrid
+    source = StreamSource.open(root / "data")
+    scan(source, criteo_spec(), batch_rows=4096, progress=False).save(tmp_path / "stats")
+    capsys.readouterr()
+    assert main(["train", *options, "--name", "again", "--head-share", "0.3", "--stats", str(tmp_path / "stats")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --head-share needs how often each training value occurs: these streamed statistics were scanned "
+        "without counting them; scan again (without --stats)")

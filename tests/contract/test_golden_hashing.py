@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import xxhash
 
-from uembed.contract.hashing import SPEC_VERSION, canonical_bytes, hash_value, lookup_seed, rows_of
+from uembed.contract.hashing import (
+    SPEC_VERSION,
+    canonical_bytes,
+    canonical_column,
+    hash_canonical,
+    hash_canonical_columns,
+    hash_value,
+    hash_values,
+    lookup_seed,
+    rows_of,
+)
 
 # (feature namespace, value, lookup, canonical bytes, seed, 64-bit key, row of a 1,000-row table, row of a 1,048,583-row table)
 GOLDEN = [
@@ -52,3 +62,20 @@ def test_the_cross_language_recipe_in_the_module_docstring():
         seed = xxhash.xxh3_64_intdigest(f"{namespace}#{lookup}".encode(), seed=0)
         assert xxhash.xxh3_64_intdigest(canonical, seed=seed) == key
         assert key % 1000 == row_1000
+
+
+def test_golden_vectors_hashed_as_columns(each_hashing_backend):
+    """The column functions the service hashes with, on each path (compiled and pure Python): the same bytes and
+    keys as the table, every value in one column under its own lookup's seed."""
+    values = [value for _, value, *_ in GOLDEN]
+    canonicals = [canonical for *_, canonical, _, _, _, _ in GOLDEN]
+    seeds = [seed for *_, seed, _, _, _ in GOLDEN]
+    keys = [key for *_, key, _, _ in GOLDEN]
+    assert canonical_column(values) == canonicals
+    assert canonical_column(np.array(values, dtype=object)) == canonicals
+    for value, canonical, seed, key in zip(values, canonicals, seeds, keys):
+        assert hash_values([value], seed).tolist() == [key]
+        assert hash_canonical([canonical], seed, count=1).tolist() == [key]
+    assert hash_canonical_columns([[c] for c in canonicals], seeds)[:, 0].tolist() == keys
+    seed = seeds[0]
+    assert hash_values(values, seed).tolist() == [hash_value(value, seed) for value in values]

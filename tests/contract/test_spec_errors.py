@@ -47,6 +47,9 @@ FEATURES = "[[features]]\nname='workclass'\nmissing=['?']\n[[features]]\nname='e
         ("label=\"income == 'nope'\"\n" + FEATURES, "one class only"),
         ("label=\"income == '>50K'\"\n[split]\nfractions=[0.9, 0.3]\n" + FEATURES, "split fractions must be"),
         ("label=\"income == '>50K'\"\n" + FEATURES + "[[features]]\nname='age'\nkind='numeric'\nboundaries='deciles'\n", "quantiles:N"),
+        *(("label=\"income == '>50K'\"\n" + FEATURES + f"head_share={share}\n",
+           f"feature 'education': head_share must be a number at least 0 and below 1, got {shown}")
+          for share, shown in (("-0.1", "-0.1"), ("1", "1"), ("'lots'", "'lots'"))),
     ],
 )
 def test_spec_errors_are_one_line(tmp_path, spec, message):

@@ -3,6 +3,7 @@ loopback, a few thousand synthetic examples. Each run is a `uembed train` subpro
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,13 +27,52 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--dataset", "synthetic:small", "--synthetic-examples", "4000", "--quiet", "--patience", "10"]
 
 
+# Every process a test starts, and every process those start, inherits this variable with the test's own value: torchrun
+# starts each rank in a session of its own, and a rank outlives a launcher killed with SIGKILL, so the value is how
+# ``group_killed`` finds them all to end them.
+MARK = "UEMBED_TEST_PROCESS_GROUP"
+
+
 def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def uembed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uembed", *args], cwd=ROOT, env=environment(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+def marked_processes(mark: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if f"{MARK}={mark}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours
+                continue
+    return found
+
+
+@contextlib.contextmanager
+def group_killed(command: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Start ``command`` in a session of its own; whatever happens in the block, SIGKILL it and every process it
+    started (torchrun's ranks included) before leaving, so nothing a test starts outlives it."""
+    mark = uuid.uuid4().hex
+    process = subprocess.Popen(command, cwd=ROOT, env={**(env or environment()), MARK: mark}, start_new_session=True,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process.mark = mark
+    try:
+        yield process
+    finally:
+        for pid in [process.pid, *marked_processes(mark)]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def uembed(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "uembed", *args]
+    with group_killed(command, env) as process:
+        out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def trained(runs: Path, name: str, *args: str) -> dict:
@@ -135,8 +177,8 @@ def test_two_ranks_stream_disjoint_row_groups(tmp_path, data, request):
     assert abs(two["test_auc"] - one["test_auc"]) < 0.02, (two["test_auc"], one["test_auc"])
 
 
-def rank_processes(rank: int) -> list[int]:
-    """Processes of this user whose environment says they are torchrun's worker of ``rank``."""
+def rank_processes(rank: int, mark: str) -> list[int]:
+    """The processes a test started (``mark``) whose environment says they are torchrun's worker of ``rank``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -146,30 +188,27 @@ def rank_processes(rank: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID=killtest" in b"\0".join(env) and b"uembed" in cmdline:
+        if f"RANK={rank}".encode() in env and f"{MARK}={mark}".encode() in env and b"uembed" in cmdline:
             found.append(int(entry.name))
     return found
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="hangs intermittently: after torchrun restarts the group, rank 0's gloo connection to the "
-                  "restarted rank can be refused and the group waits until the test's 300 s timeout, leaving its ranks "
-                  "behind (seen in CI on 2026-12-04); it passed when run alone. Issue #41 item 4 stays open for it")
 def test_a_killed_rank_restarts_the_group_from_its_last_checkpoint(tmp_path):
     args = [*SMALL, "--synthetic-examples", "20000", "--epochs", "4", "--batch-size", "64", "--nproc", "2"]
     reference = trained(tmp_path, "reference", *args)
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "uembed", "train", *args, "--max-restarts", "2", "--runs-dir", str(runs), "--name", "killtest"]
-    launcher = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = runs / "killtest" / "resume.pt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    victims = rank_processes(1)
-    assert checkpoint.exists() and victims, "the run should be in its second epoch"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    out, err = launcher.communicate(timeout=300)
+    with group_killed(command) as launcher:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victims = rank_processes(1, launcher.mark)
+        assert checkpoint.exists() and victims, "the run should be in its second epoch"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-3000:]
     assert "resuming from" in err
     metrics = json.loads((runs / "killtest" / "metrics.json").read_text())
@@ -180,6 +219,33 @@ def test_a_killed_rank_restarts_the_group_from_its_last_checkpoint(tmp_path):
     assert abs(metrics["test_auc"] - reference["test_auc"]) < 0.002, (metrics["test_auc"], reference["test_auc"])
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (one nobody has reaped yet has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_the_ranks_end_with_a_launcher_killed_outright(tmp_path):
+    # SIGKILL leaves torchrun's agent no chance to stop its ranks, which it started in sessions of their own
+    # (a run far longer than the test waits: the ranks must end because the launcher did, not because they finished)
+    command = [sys.executable, "-m", "uembed", "train", *SMALL, "--synthetic-examples", "20000", "--epochs", "1000",
+               "--patience", "1000", "--batch-size", "32", "--nproc", "2", "--runs-dir", str(tmp_path), "--name", "orphans"]  # fmt: skip
+    with group_killed(command) as launcher:
+        deadline = time.monotonic() + 120
+        while not (ranks := rank_processes(0, launcher.mark) + rank_processes(1, launcher.mark)) or len(ranks) < 2:
+            assert launcher.poll() is None and time.monotonic() < deadline, "the launcher should have started two ranks"
+            time.sleep(0.05)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while any(map(running, ranks)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in ranks if running(pid)], "a rank outlived its launcher"
+
+
 @pytest.mark.slow
 def test_two_torchrun_agents_train_together_over_a_loopback_rendezvous(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
@@ -187,9 +253,9 @@ def test_two_torchrun_agents_train_together_over_a_loopback_rendezvous(tmp_path)
                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "agents",
                "-m", "uembed", "train", *SMALL, "--epochs", "2", "--batch-size", "128",
                "--runs-dir", str(tmp_path), "--name", "agents"]  # fmt: skip
-    agents = [subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]  # fmt: skip
-    outputs = [agent.communicate(timeout=300) for agent in agents]
+    with group_killed(command) as first, group_killed(command) as second:
+        agents = [first, second]
+        outputs = [agent.communicate(timeout=300) for agent in agents]
     for agent, (_, err) in zip(agents, outputs):
         assert agent.returncode == 0, err[-3000:]
     metrics = json.loads((tmp_path / "agents" / "metrics.json").read_text())
@@ -208,9 +274,18 @@ def test_a_rendezvous_that_cannot_complete_fails_with_one_line_naming_it(tmp_pat
     assert not (tmp_path / "lonely").exists()
 
 
+def test_a_rank_whose_group_never_forms_fails_with_one_line_naming_it(tmp_path):
+    port = free_port()
+    env = {**environment(), "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "UEMBED_JOIN_TIMEOUT_S": "2"}  # fmt: skip
+    result = uembed("train", *SMALL, "--runs-dir", str(tmp_path), "--name", "alone", timeout=120, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0 of 2 could not join") and f":{port} " in lines[0], result.stderr[-2000:]
+
+
 def test_a_data_parallel_run_under_torchrun_needs_a_name(tmp_path):
     env = {**environment(), "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     # A group of one that never completes would hang: the check comes before the group is joined.
-    result = subprocess.run([sys.executable, "-m", "uembed", "train", *SMALL, "--runs-dir", str(tmp_path)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = uembed("train", *SMALL, "--runs-dir", str(tmp_path), timeout=60, env=env)
     assert result.returncode == 2 and "--name" in result.stderr

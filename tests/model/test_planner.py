@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from uembed.bundle.codecs import ROW_DTYPES, encode_records
+from uembed.model.planner import REFERENCE as REFERENCE_METHOD
 from uembed.model.planner import (
     Family,
     Fit,
@@ -18,6 +19,7 @@ from uembed.model.planner import (
     served_bytes,
     weigh,
 )
+from uembed.model.train import TrainConfig
 
 
 def test_every_family_gets_its_largest_and_smallest_fraction_before_any_between():
@@ -124,3 +126,10 @@ def test_no_plan_meets_an_impossible_loss_and_the_closest_come_first(tiny_datase
     winner, _, ranked = choose(target, candidates, 0.75)
     assert winner is None and not any(c.feasible for c in candidates)
     assert [c.predicted_auc for c in ranked] == sorted((c.predicted_auc for c in ranked), reverse=True)
+
+
+@pytest.mark.parametrize("share", [0.2, "auto"])
+def test_a_familys_runs_carry_the_head_share_and_the_collisionless_reference_none(share):
+    base = TrainConfig(head_share=share)
+    assert Family("unified", 8).config(base, 0.1).head_share == share
+    assert Family(REFERENCE_METHOD, 8).config(base, None).head_share == 0.0

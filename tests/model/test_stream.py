@@ -10,9 +10,17 @@ import torch
 from uembed.contract.columns import from_table, quantile_boundaries
 from uembed.contract.errors import DataError
 from uembed.contract.features import FeatureSpec, SplitSpec
-from uembed.contract.plan import build_plan
+from uembed.contract.plan import EmbeddingPlan, build_plan
 from uembed.model.data.criteo import CRITEO_COLUMNS, criteo_spec, read_criteo
-from uembed.model.data.stream import StreamSource, encode_batch, scan, shuffled_batches, split_of_rows
+from uembed.model.data.stream import (
+    HeavyHitters,
+    StreamSource,
+    StreamStats,
+    encode_batch,
+    scan,
+    shuffled_batches,
+    split_of_rows,
+)
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 from uembed.model.optim import RowWiseAdagrad
 from uembed.model.streaming import StreamingMetrics, train_stream
@@ -250,3 +258,51 @@ def test_a_streamed_run_exports_what_training_saw_so_the_service_counts_unseen_v
     fresh = bundle.known_values[name].contains(KnownValues.keys(name, [f"never-{i}".encode() for i in range(10_000)]))
     assert fresh.mean() < 0.03
     assert bundle.manifest["collisions"]["not_computed"].startswith("not computed for streamed runs")  # and says so
+
+
+@pytest.mark.parametrize("capacity", [64, 4096])
+def test_heavy_hitters_keep_the_frequent_keys_within_the_misra_gries_bound(capacity):
+    rng = np.random.default_rng(0)
+    stream = rng.zipf(1.3, 200_000).astype(np.uint64) % np.uint64(3000)  # a power law over 3000 keys
+    sketch = HeavyHitters(capacity)
+    for batch in np.array_split(stream, 37):
+        keys, counts = np.unique(batch, return_counts=True)
+        sketch.add(keys, counts.astype(np.int64))
+    got = sketch.merge()
+    true_keys, true_counts = np.unique(stream, return_counts=True)
+    truth = dict(zip(true_keys.tolist(), true_counts.tolist()))
+    assert got.keys.size <= capacity and (got.counts > 0).all()
+    if true_keys.size <= capacity:
+        assert got.exact and dict(zip(got.keys.tolist(), got.counts.tolist())) == truth
+        return
+    assert not got.exact
+    bound = stream.size / (capacity + 1)
+    for key, count in zip(got.keys.tolist(), got.counts.tolist()):
+        assert truth[key] - bound <= count <= truth[key]
+    kept = set(got.keys.tolist())
+    assert {k for k, n in truth.items() if n > bound} <= kept
+
+
+@pytest.mark.parametrize(("method", "share"), [("unified", 0.3), ("separate", 0.3), ("unified", "auto")])
+def test_a_scan_that_counts_every_value_gives_the_in_memory_paths_heads(tmp_path, method, share):
+    write_criteo_shards(tmp_path / "d", 20_000, TINY, progress=False)
+    source = StreamSource.open(tmp_path / "d")
+    spec = criteo_spec(quantiles=4)
+    stats = scan(source, spec, seed=0, batch_rows=4096, progress=False, head_sketch=1 << 14, sample=1 << 16)
+    assert all(c.exact for c in stats.head_counts.values())
+    table = __import__("pyarrow").concat_tables(pq.read_table(p) for p in sorted((tmp_path / "d").glob("*.parquet")))
+    codes = np.concatenate([split_of_rows(first, batch, SplitSpec(), 0, "d") for first, batch in source.record_batches(spec, 4096)])
+    memory = from_table(table.filter(__import__("pyarrow").array(codes == 0)), stats.spec, "d")
+    want = build_plan(method, stats.spec, memory.columns, 4, budget_rows=3000, head_share=share)
+    got = build_plan(method, stats.spec, stats, 4, budget_rows=3000, head_share=share)
+    assert got.heads and got.to_dict() == want.to_dict() and not got.warnings
+    for name, keys in want.heads.items():
+        np.testing.assert_array_equal(got.heads[name], keys)
+    # a sketch smaller than the large features' vocabularies: approximate counts, the same contract
+    small = scan(source, spec, seed=0, batch_rows=4096, progress=False, head_sketch=64)
+    assert not small.head_counts["C3"].exact and small.head_counts["C1"].exact
+    assert small.head_counts["C3"].keys.size <= 64
+    approximate = build_plan(method, small.spec, small, 4, budget_rows=3000, head_share=share)
+    assert EmbeddingPlan.from_dict(approximate.to_dict(), approximate.vocabularies, approximate.heads).heads
+    again = StreamStats.load(small.save(tmp_path / "stats"))
+    assert again.head_sketch == 64 and build_plan(method, again.spec, again, 4, budget_rows=3000, head_share=share).to_dict() == approximate.to_dict()

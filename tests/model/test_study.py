@@ -55,3 +55,10 @@ def test_a_streamed_study_table_shows_examples_rss_and_wall_time():
     table = markdown_table([row], "uembed study ...", "d")
     assert "| unified | 0.1 | 1 | 5,000 | 0.8100 ± 0.0000 | 0.4400 ± 0.0000 | 1,000 | 30,000 | 1.00 GiB | 12 |" in table
     assert "seconds per training epoch" not in table and table.count("| method |") == 1
+
+
+def test_a_study_with_head_share_trains_the_methods_without_heads_as_they_are():
+    dataset = synthetic({"user": 200, "item": 100}, 3000, seed=0)
+    base = TrainConfig(dim=4, hidden=(8,), epochs=1, head_share=0.2)
+    records = run_study(dataset, ["collisionless", "unified"], [0.5], [0], base)
+    assert [r["method"] for r in records] == ["collisionless", "unified"]

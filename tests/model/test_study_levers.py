@@ -106,7 +106,7 @@ def test_a_lever_study_records_each_codec_of_each_run_and_the_frontier(tmp_path)
         (["--prune-keep", "16"], "--prune-keep 16 keeps every column of dim 16"),
         (["--qat", "fp8"], "unknown --qat codec(s) fp8"),
         (["--codecs", "int3"], "unknown codec(s) int3"),
-        (["--head-shares", "0,1.5"], "head shares must be at least 0 and below 1"),
+        (["--head-shares", "0,1.5"], "head shares must be at least 0 and below 1 (or auto)"),
         (["--codecs", "int4", "--settings", "missing.json"], "--settings missing.json: not a readable selected.json"),
     ],
 )

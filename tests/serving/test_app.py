@@ -9,6 +9,7 @@ import os
 import pytest
 
 from tests.serving.inprocess import InProcessService
+from uembed.contract.hashing import hashing_backend
 
 GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
 CONTEXT = {"user_id": "196", "age": 49, "gender": "M", "occupation": "writer", "zip_code": "55105"}
@@ -165,6 +166,10 @@ def test_lists_longer_than_the_trained_width_are_cut_and_counted(app):
     scores = app.score([long, cut]).json()["scores"]
     assert scores[0] == scores[1]
     assert app.metrics()['uembed_truncated_lists_total{feature="genres"}'] >= 1
+
+
+def test_models_say_which_hashing_path_is_in_use(app):
+    assert app.get("/v1/models").json()["hashing"] == hashing_backend() in ("compiled", "python")
 
 
 def test_models_health_readiness(app):

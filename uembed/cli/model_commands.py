@@ -218,6 +218,16 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--stats", type=Path, help="reuse the statistics folder of an earlier scan of the same data (runs/<run>/stats)")
 
 
+def head_share(text: str) -> float | str:
+    """``--head-share``: a share, or ``auto``; the range is checked where the plan is built (one line, exit 2)."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a share from 0 to below 1, or auto, not {text!r}") from None
+
+
 def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGroup | None = None) -> None:
     emb = emb or parser.add_argument_group("embeddings")
     emb.add_argument("--dim", type=positive_int, default=16, help="embedding dimension (per lookup)")
@@ -226,10 +236,11 @@ def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGr
         help="multi-size-unified: add this to every feature's default lookup count (kept within 1-4)",
     )  # fmt: skip
     emb.add_argument(
-        "--head-share", type=float, default=0.0,
+        "--head-share", type=head_share, default=0.0,
         help="hybrid tables: this share (0 to below 1) of each table's rows gives the most frequent training values a "
         "row of their own, the rest hash into the others; more head rows collide less for frequent values and more "
-        "for the rest (0: every value hashed; in-memory training only)",
+        "for the rest (0: every value hashed; auto: a size per table from the values' counts; a feature's "
+        "head_share in the spec overrides it; a streamed run counts the values in its scan)",
     )  # fmt: skip
     net = parser.add_argument_group("network and optimiser")
     net.add_argument("--network", choices=NETWORKS, default="dcn", help="dcn: DCN-v2 cross layers then an MLP")
@@ -343,7 +354,7 @@ def add_lever_options(parser: argparse.ArgumentParser) -> None:
     levers.add_argument("--qat", dest="qat_axis", type=name_list(("none", "int8", "int4", "int2"), "--qat codec"),
                         help="train each run once per codec listed, quantization-aware ('none': without); a QAT run is "
                         "evaluated in its own codec only")  # fmt: skip
-    levers.add_argument("--head-shares", type=fraction_list, help="train each run once per hybrid head share listed (0: no head)")
+    levers.add_argument("--head-shares", type=head_share_list, help="train each run once per hybrid head share listed (0: no head; auto: per table, by frequency mass)")
     levers.add_argument("--prune-keep", type=positive_list(int, "column counts"),
                         help="in-memory: prune each run to each of these numbers of columns (`uembed prune`), then evaluate it too")  # fmt: skip
     levers.add_argument("--prune-epochs", type=positive_int, default=3, help="fine-tuning epochs of each pruning")
@@ -353,14 +364,20 @@ def add_lever_options(parser: argparse.ArgumentParser) -> None:
                         "instead of the settings above; cells it lacks use them")  # fmt: skip
 
 
-def fraction_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated shares such as 0,0.25,0.5, got {text!r}") from None
-    if not values or any(not 0 <= v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"head shares must be at least 0 and below 1, got {text!r}")
-    return values
+def head_share_list(text: str) -> tuple[float | str, ...]:
+    """Comma-separated head shares, each at least 0 and below 1, or ``auto``."""
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = part if part == "auto" else float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated shares such as 0,0.25,auto, got {text!r}") from None
+        if value != "auto" and not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"head shares must be at least 0 and below 1 (or auto), got {text!r}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("--head-shares needs at least one share")
+    return tuple(values)
 
 
 def study_levers(args: argparse.Namespace, dataset=None):
@@ -686,7 +703,7 @@ def stream_spec(args: argparse.Namespace, source):
 
 def open_stream(args: argparse.Namespace, stats_dir: Path):
     """The source and its training statistics: read from --stats, or scanned once and saved in ``stats_dir``."""
-    from uembed.model.data.stream import StreamSource, StreamStats, scan
+    from uembed.model.data.stream import StreamSource, StreamStats, head_sketch_size, scan
 
     source = StreamSource.open(args.dataset, args.format)
     spec = stream_spec(args, source)
@@ -695,7 +712,9 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
     elif (stats_dir / "stats.json").is_file():
         stats = StreamStats.load(stats_dir)
     else:
-        stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False))
+        sketch = head_sketch_size(args.head_share, spec, getattr(args, "budget_rows", None))
+        stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False),
+                     head_sketch=sketch)  # fmt: skip
         stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them
     from uembed.model import distributed
     from uembed.model.summary import stream_summary

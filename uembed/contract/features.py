@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from uembed.contract.errors import DataError, SpecError
-from uembed.contract.hashing import MISSING, canonical_bytes
+from uembed.contract.hashing import MISSING, canonical_bytes, canonical_column
 
 
 @unique
@@ -79,6 +79,8 @@ class FeatureSpec:
     many buckets at quantiles of the data, computed before training (streamed data: from a
     seeded sample of the training split, ``uembed/model/data/stream.py: scan``; a file read whole:
     from its whole column); the resolved boundaries are what a run and a bundle record.
+    ``head_share`` (0 to below 1; None: ``--head-share``) is this feature's own share of its table's rows for its
+    most frequent values (hybrid tables, ``uembed/contract/plan.py: with_heads``).
     """
 
     name: str
@@ -91,10 +93,16 @@ class FeatureSpec:
     lookups: int = 0
     missing: tuple[str, ...] = ()
     quantiles: int = 0
+    head_share: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise SpecError("a feature needs a name")
+        if self.head_share is not None:
+            share = self.head_share
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+                raise SpecError(f"feature {self.name!r}: head_share must be a number at least 0 and below 1, got {share!r}")
+            object.__setattr__(self, "head_share", float(share))
         if self.kind not in FEATURE_KINDS:
             raise SpecError(f"feature {self.name!r}: kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
         if self.pooling not in POOLINGS:
@@ -146,7 +154,7 @@ class FeatureSpec:
                 items = list(value)
             else:
                 items = [value]
-            out = [canonical_bytes(item) for item in items]
+            out = canonical_column(items)  # one call per list: compiled where the extension is built
             out = [item for item in out if item != MISSING and item not in self.missing_bytes]
             if self.max_values:
                 out = out[: self.max_values]
@@ -208,6 +216,8 @@ class FeatureSpec:
             "lookups": self.lookups,
             "missing": list(self.missing),
             "quantiles": self.quantiles,
+            # Written only when set: a spec without it reads and records as before.
+            **({"head_share": self.head_share} if self.head_share is not None else {}),
         }
 
 

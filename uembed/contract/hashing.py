@@ -34,6 +34,12 @@ without normalisation, integers without a sign for zero or leading zeros, Python
 literal (namespace, value, lookup) -> seed, key and rows to check a port against; every
 bundle's manifest also carries test vectors of its own values.
 
+Two implementations of steps 1 and 3 over whole columns: this module's pure Python, and the compiled extension
+``uembed/contract/_fasthash.pyx`` (built by the install; it calls libxxhash's ``XXH3_64bits_withSeed`` with no
+Python call per value). The compiled one is used when it is importable, unless the environment variable
+``UEMBED_PURE_PYTHON=1`` is set when this module is imported; :func:`hashing_backend` says which is in use and
+:func:`use_backend` switches (the tests hold both to the golden vectors).
+
 Example::
 
     >>> seed = lookup_seed("user_id", 0)
@@ -45,14 +51,42 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from itertools import chain, repeat
 
 import numpy as np
 import xxhash
 
+try:
+    from uembed.contract import _fasthash
+except ImportError:  # not built (a source tree without `make install`): the pure-Python path does the same work
+    _fasthash = None
+
 SPEC_VERSION = "uembed-hash-v1"
 MISSING = b""
+BACKENDS = ("compiled", "python")
+_compiled = _fasthash if os.environ.get("UEMBED_PURE_PYTHON", "") in ("", "0") else None
+
+
+def hashing_backend() -> str:
+    """``compiled`` (the extension hashes columns) or ``python`` (not built, or ``UEMBED_PURE_PYTHON=1``)."""
+    return "python" if _compiled is None else "compiled"
+
+
+def compiled_available() -> bool:
+    """Whether the compiled extension is built and importable (whichever backend is in use)."""
+    return _fasthash is not None
+
+
+def use_backend(backend: str) -> None:
+    """Hash with ``compiled`` or ``python`` from now on, in this process."""
+    global _compiled
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "compiled" and _fasthash is None:
+        raise ImportError("the compiled hashing extension uembed.contract._fasthash is not built (make install)")
+    _compiled = _fasthash if backend == "compiled" else None
 
 
 def canonical_bytes(value: object) -> bytes:
@@ -87,8 +121,29 @@ def hash_value(value: object, seed: int) -> int:
     return xxhash.xxh3_64_intdigest(canonical_bytes(value), seed=seed)
 
 
+def canonical_column(values: Sequence[object] | np.ndarray) -> list[bytes]:
+    """``canonical_bytes`` of each value of a column, in one call."""
+    if _compiled is not None:
+        return _compiled.canonical_column(values, canonical_bytes)
+    return list(map(canonical_bytes, values.tolist() if isinstance(values, np.ndarray) else values))
+
+
+def hash_values(values: Sequence[object] | np.ndarray, seed: int) -> np.ndarray:
+    """Keys (uint64) of a column of raw values under one seed: ``hash_value`` of each, in one call."""
+    if _compiled is not None:
+        return _compiled.hash_values(values, seed, canonical_bytes)
+    return hash_canonical(canonical_column(values), seed, count=len(values))
+
+
 def hash_canonical(values: Sequence[bytes] | Iterable[bytes], seed: int, count: int = -1) -> np.ndarray:
     """Keys (uint64) of already-canonical byte strings, one per value."""
+    if _compiled is not None:
+        keys = _compiled.hash_bytes(values, seed)
+        if 0 <= count < keys.size:  # as np.fromiter's count: the first values
+            return keys[:count]
+        if keys.size < count:
+            raise ValueError(f"{keys.size} values where {count} were expected")
+        return keys
     # map over a repeated seed, not a generator expression: no Python frame per value (docs/BENCHMARKS.md)
     return np.fromiter(map(xxhash.xxh3_64_intdigest, values, repeat(seed)), dtype=np.uint64, count=count)
 
@@ -97,6 +152,8 @@ def hash_canonical_columns(columns: Sequence[Sequence[bytes]], seeds: Sequence[i
     """Keys uint64 [len(columns), n] of columns of n canonical byte strings each, column i under ``seeds[i]``: as
     ``hash_canonical`` of each column, in one pass (one numpy call per column cost more than the hashing itself
     for a ranking request's 20 one-value context features)."""
+    if _compiled is not None:
+        return _compiled.hash_bytes_columns(columns, seeds)
     n = len(columns[0]) if columns else 0
     if any(len(column) != n for column in columns):
         raise ValueError(f"columns of different lengths: {[len(column) for column in columns]}")

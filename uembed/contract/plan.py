@@ -597,7 +597,7 @@ def build_plan(
     adjust_hash_buckets: bool = True,
     lookups_offset: int = 0,
     exact_features: tuple[str, ...] = (),
-    head_share: float = 0.0,
+    head_share: float | str = 0.0,
 ) -> EmbeddingPlan:
     """Plan ``method`` for the features of ``spec``, sized from the training columns.
 
@@ -611,8 +611,9 @@ def build_plan(
     ``lookups_offset`` moves every multi-size feature's default lookup count (a spec's own
     ``lookups`` wins). ``exact_features`` are taken out of the method's tables and looked up
     collisionless (an ablation: what a feature's collisions cost; see :func:`with_exact_features`).
-    ``head_share`` gives that share of each table's rows to heads (:func:`with_heads`); it needs the
-    values' counts, which only in-memory columns have.
+    ``head_share`` gives that share of each table's rows to heads (:func:`with_heads`); a feature's own
+    ``head_share`` in the spec overrides it; ``"auto"`` picks each table's head size (:func:`auto_head_size`). Heads need the values' counts: in-memory columns have them, a
+    streamed split's statistics have them when the scan counted them (``StreamStats.head_counts``).
     """
     entry = method_spec(method)
     if dim <= 0:
@@ -644,12 +645,20 @@ def build_plan(
     plan = entry.build(request)
     if exact_features:
         plan = with_exact_features(plan, exact_features, request)
-    if head_share:
-        if not isinstance(train_columns, Mapping):
-            raise SpecError("--head-share needs how often each training value occurs: in-memory training counts them, "
-                            "the streaming scan keeps only each feature's distinct keys")  # fmt: skip
-        plan = with_heads(plan, head_share, {f.name: value_counts(train_columns[f.name]) for f in spec.features})
-    plan.warnings = plan_warnings(plan)
+    overrides = {f.name: f.head_share for f in spec.features if f.head_share is not None}
+    if head_share or any(overrides.values()):
+        # auto or a number, checked before the counts are looked for
+        if head_share != AUTO and (isinstance(head_share, str) or not (0 <= head_share < 1 and math.isfinite(head_share))):
+            raise BudgetError(f"--head-share must be at least 0 and below 1, or {AUTO}, got {head_share}")
+        if isinstance(train_columns, Mapping):
+            counts = {f.name: column_head_counts(train_columns[f.name], f.name) for f in spec.features}
+        else:
+            counts = getattr(train_columns, "head_counts", None) or {}
+            if not counts:
+                raise SpecError("--head-share needs how often each training value occurs: these streamed statistics "
+                                "were scanned without counting them; scan again (without --stats)")  # fmt: skip
+        plan = with_heads(plan, head_share, counts, overrides)
+    plan.warnings = [*plan.warnings, *plan_warnings(plan)]
     return plan
 
 
@@ -672,9 +681,39 @@ def with_exact_features(plan: EmbeddingPlan, names: tuple[str, ...], request: Pl
     return EmbeddingPlan(plan.method, plan.dim, plan.tables + tuple(exact.values()), features, plan.budget_rows, vocabularies)
 
 
+def head_share_for(method: str, share: float | str) -> float | str:
+    """``share`` where ``method`` can hold heads, else 0: what a study or the planner trains each method with, so
+    that a --head-share given to all of them leaves the collisionless reference and the chunk methods as they are."""
+    return share if Method(method) in HEAD_METHODS else 0.0
+
+
 # Methods whose tables a head may share: a table read whole by one-lookup features (not the chunk tables, whose
 # column blocks are one table and must agree on every row, nor the SEO search model, nor collisionless).
 HEAD_METHODS = (Method.HASHING_TRICK, Method.UNIFIED, Method.MULTI_SIZE_UNIFIED, Method.SEMANTIC_GROUP, Method.SEPARATE)
+
+
+@dataclass(frozen=True)
+class HeadCounts:
+    """A feature's training values as a head is chosen from them.
+
+    ``keys``: uint64, each value's key under the feature's own seed (``lookup_seed(name)``, its lookup 0, the seed
+    every head method gives a one-lookup feature); ``counts``: int64 > 0, their occurrences (every item of a list
+    counts), in the same order. ``exact``: every distinct value is there with its true count (in-memory columns; a
+    streamed feature with few values); otherwise the counts are those of the scan's heavy-hitters summary
+    (``uembed/model/data/stream.py``: the most frequent values, each count a lower bound).
+    """
+
+    keys: np.ndarray
+    counts: np.ndarray
+    exact: bool = True
+    distinct: int = -1  # the feature's distinct values, kept or not (-1: the keys kept)
+    total: int = -1  # all its occurrences, kept or not (-1: the counts' sum)
+
+    def __post_init__(self) -> None:
+        if self.distinct < 0:
+            object.__setattr__(self, "distinct", int(self.keys.size))
+        if self.total < 0:
+            object.__setattr__(self, "total", int(np.sum(self.counts)))
 
 
 def value_counts(column: FeatureColumn) -> tuple[list[bytes], np.ndarray]:
@@ -684,7 +723,13 @@ def value_counts(column: FeatureColumn) -> tuple[list[bytes], np.ndarray]:
     return [column.uniques[i] for i in used], counts[used]
 
 
-def with_heads(plan: EmbeddingPlan, share: float, counts: Mapping[str, tuple[list[bytes], np.ndarray]]) -> EmbeddingPlan:
+def column_head_counts(column: FeatureColumn, name: str) -> HeadCounts:
+    values, counts = value_counts(column)
+    return HeadCounts(hash_canonical(values, lookup_seed(name), count=len(values)), counts)
+
+
+def with_heads(plan: EmbeddingPlan, share: float | str, counts: Mapping[str, HeadCounts],
+               overrides: Mapping[str, float] | None = None) -> EmbeddingPlan:  # fmt: skip
     """``plan`` with hybrid tables: ``share`` of each table's rows become head rows.
 
     A table's head rows go to the values with the largest training counts among the one-lookup hashed features
@@ -692,33 +737,109 @@ def with_heads(plan: EmbeddingPlan, share: float, counts: Mapping[str, tuple[lis
     given or the values run out; one row at least stays hashed. The tables keep their rows, so the budget pays
     for the heads. Each feature's head values get consecutive rows in the order of their keys, the features'
     blocks following the hashed rows in plan order.
+
+    ``overrides`` (a spec's per-feature ``head_share``): such a feature does not compete for the table's
+    ``share``; its own ``floor(head_share * rows)`` rows of the table go to its most frequent values alone (0: no
+    head). A table whose heads would together take every row is an error naming it.
+
+    A worked example: a ``unified`` table of 100 rows read by ``a`` (``head_share = 0.2`` in the spec) and ``b``,
+    ``c`` with ``share`` 0.1: ``a``'s 20 most frequent values get rows of their own, and the 10 most frequent
+    values of ``b`` and ``c`` together the next ones; every other value hashes into the first 70 rows.
+
+    ``share = "auto"``: the features without a share of their own get, per table, the head size that
+    :func:`auto_head_size` picks for them (the features with one keep their quota, and their tails count as
+    load on the hashed rows).
     """
-    if not (0 <= share < 1 and math.isfinite(share)):
-        raise BudgetError(f"--head-share must be at least 0 and below 1, got {share}")
-    if not share:
+    if share != AUTO and (isinstance(share, str) or not (0 <= share < 1 and math.isfinite(share))):
+        raise BudgetError(f"--head-share must be at least 0 and below 1, or {AUTO}, got {share}")
+    overrides = dict(overrides or {})
+    if not share and not any(overrides.values()):
         return plan
     if Method(plan.method) not in HEAD_METHODS:
-        raise SpecError(f"--head-share is for {', '.join(HEAD_METHODS)}, not {plan.method}")
-    tables, heads, starts = [], {}, {}
+        if share:
+            raise SpecError(f"--head-share is for {', '.join(HEAD_METHODS)}, not {plan.method}")
+        # A spec's head_share describes its data, not one method: a method without heads trains without them.
+        plan.warnings = [*plan.warnings, f"{plan.method} has no heads: the spec's head_share of {', '.join(n for n, v in overrides.items() if v)} "
+                         "is not used"]  # fmt: skip
+        return plan
+    tables, heads, starts, short = [], {}, {}, []
     for table in plan.tables:
         candidates = [f for f in plan.features
                       if len(f.lookups) == 1 and f.lookups[0].table == table.name and not f.vocabulary]  # fmt: skip
-        total = min(int(share * table.rows), table.rows - 1)
-        if not candidates or total <= 0:
+        # Who takes which rows: the features without a share of their own compete for the table's share.
+        pooled = [f for f in candidates if f.name not in overrides]
+        quotas = [([f], int(overrides[f.name] * table.rows)) for f in candidates if f.name in overrides]
+        if share == AUTO:
+            load = sum(counts[f.name].distinct * sum(1 for lookup in f.lookups if lookup.table == table.name)
+                       for f in plan.features if f not in pooled) - sum(total for _, total in quotas)  # fmt: skip
+            pooled_total = auto_head_size(table.rows - sum(total for _, total in quotas), [counts[f.name] for f in pooled], load)
+        else:
+            pooled_total = int(share * table.rows)
+        quotas.insert(0, (pooled, pooled_total))
+        asked = sum(total for group, total in quotas if group)
+        if asked > table.rows - 1:
+            names = ", ".join(f.name for group, total in quotas if total for f in group)
+            raise BudgetError(f"table {table.name!r}: the heads of {names} would take {asked} of its {table.rows} rows; "
+                              "lower head_share (a feature's share is of the whole table)")  # fmt: skip
+        own = {}
+        for group, total in quotas:
+            if not group or total <= 0:
+                continue
+            chosen = _most_frequent(group, counts, total)
+            own.update(chosen)
+            if sum(h.size for h in chosen.values()) < total and not all(counts[f.name].exact for f in group):
+                short.append(table.name)
+        own = {f.name: own[f.name] for f in candidates if f.name in own and own[f.name].size}
+        used = int(sum(head.size for head in own.values()))
+        if not used:
             tables.append(table)
             continue
-        keys = [hash_canonical(counts[f.name][0], f.lookups[0].seed, count=len(counts[f.name][0])) for f in candidates]
-        owner = np.concatenate([np.full(k.size, i, dtype=np.int64) for i, k in enumerate(keys)])
-        occurrences = np.concatenate([counts[f.name][1] for f in candidates])
-        all_keys = np.concatenate(keys)
-        chosen = np.lexsort((all_keys, owner, -occurrences))[:total]
-        own = {f.name: np.unique(all_keys[chosen[owner[chosen] == i]]) for i, f in enumerate(candidates)}
-        own = {name: head for name, head in own.items() if head.size}
-        used = int(sum(head.size for head in own.values()))
         start = table.rows - used
         for name, head in own.items():
             heads[name], starts[name] = head, start
             start += head.size
         tables.append(replace(table, head_rows=used))
     features = tuple(replace(f, head_start=starts[f.name]) if f.name in starts else f for f in plan.features)
-    return EmbeddingPlan(plan.method, plan.dim, tuple(tables), features, plan.budget_rows, plan.vocabularies, heads)
+    out = EmbeddingPlan(plan.method, plan.dim, tuple(tables), features, plan.budget_rows, plan.vocabularies, heads)
+    out.warnings = [f"table {name!r}: its head got fewer rows than its share, as the streaming scan counted only "
+                    "the most frequent values of its features; the rest hash" for name in dict.fromkeys(short)]  # fmt: skip
+    return out
+
+
+AUTO = "auto"
+
+
+def auto_head_size(rows: int, counts: list[HeadCounts], others: int = 0) -> int:
+    """The head size ``--head-share auto`` gives a table of ``rows`` rows read by features of ``counts``
+    (``others``: keys of other features that hash into it).
+
+    A head of ``h`` values leaves ``rows - h`` hashed rows for the ``distinct - h + others`` other keys; a tail
+    occurrence then shares its row with ``(keys - 1) / (rows - h)`` other values on average. The head size is the
+    ``h`` (0 up to ``rows - 1`` and the values counted) with the fewest such co-occupants summed over the tail's
+    occurrences, ``(total - top_h) * (keys - 1) / (rows - h)``, the smallest on a tie: a value earns a row of its
+    own while its share of the tail's occurrences exceeds what one row less costs the rest, about ``1 / (rows -
+    h)`` of them. Every value in a head (a table that holds them all) costs nothing. Streamed counts: ``h`` goes
+    no further than the values the scan's summary kept.
+    """
+    if rows <= 1 or not counts:
+        return 0
+    top = np.sort(np.concatenate([np.asarray(c.counts, dtype=np.float64) for c in counts]))[::-1][: rows - 1]
+    sizes = np.arange(top.size + 1, dtype=np.float64)
+    tail = sum(c.total for c in counts) - np.concatenate([[0.0], np.cumsum(top)])
+    keys = sum(c.distinct for c in counts) + others - sizes
+    cost = np.maximum(tail, 0.0) * np.maximum(keys - 1, 0.0) / (rows - sizes)
+    return int(np.argmin(cost))
+
+
+def _most_frequent(features: list[FeaturePlan], counts: Mapping[str, HeadCounts], total: int) -> dict[str, np.ndarray]:
+    """The ``total`` values with the largest counts among ``features``' values (ties: the feature first, then the
+    smaller key), as each feature's sorted keys."""
+    for f in features:
+        if f.lookups[0].seed != lookup_seed(f.name):
+            raise SpecError(f"feature {f.name!r}: a head needs its lookup under its own seed, not {f.lookups[0]}")
+    keys = [np.asarray(counts[f.name].keys, dtype=np.uint64) for f in features]
+    owner = np.concatenate([np.full(k.size, i, dtype=np.int64) for i, k in enumerate(keys)])
+    occurrences = np.concatenate([np.asarray(counts[f.name].counts, dtype=np.int64) for f in features])
+    all_keys = np.concatenate(keys)
+    chosen = np.lexsort((all_keys, owner, -occurrences))[:total]
+    return {f.name: np.unique(all_keys[chosen[owner[chosen] == i]]) for i, f in enumerate(features)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
@@ -33,8 +34,15 @@ import torch.distributed as dist
 from uembed.contract.errors import UembedError
 
 # How long a rank waits for the others in one collective: a peer that died is noticed by torchrun's
-# agent (which restarts the group) long before this, so it only bounds a hang that nothing else sees.
+# agent (which restarts the group) long before this, so it only bounds a hang that nothing else sees. It
+# is long because one wait is legitimately long: the other ranks wait for rank 0's statistics pass.
 COLLECTIVE_TIMEOUT_S = 1800
+# How long a rank waits for the others to join the group (their addresses, then the connections): the
+# ranks start together, so a group that has not formed by then never will, and the rank fails with one
+# line instead of waiting out the collective timeout. UEMBED_JOIN_TIMEOUT_S sets another.
+JOIN_TIMEOUT_S = 180
+# Set by ``launch`` for the processes it starts: the launcher's pid, which they must not outlive.
+LAUNCHER_PID = "UEMBED_LAUNCHER_PID"
 
 
 def launched() -> bool:
@@ -42,13 +50,61 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init_from_env(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> int:
-    """Join the process group torchrun describes (gloo); the world size (1 without a launcher)."""
+def init_from_env(timeout_s: float = COLLECTIVE_TIMEOUT_S, join_timeout_s: float | None = None) -> int:
+    """Join the process group torchrun describes (gloo); the world size (1 without a launcher).
+
+    Joining is bounded by ``join_timeout_s`` (default UEMBED_JOIN_TIMEOUT_S, else ``JOIN_TIMEOUT_S``; past it,
+    an error naming the rank and the store), each collective after it by ``timeout_s``."""
     if not launched():
         return 1
+    if join_timeout_s is None:
+        join_timeout_s = _seconds("UEMBED_JOIN_TIMEOUT_S", JOIN_TIMEOUT_S)
+    _die_with_launcher()
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+            and os.environ["RANK"] == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):  # fmt: skip
+        print("warning: torchrun lends the ranks its store, which a restarted group can find stale "
+              "(pytorch/pytorch#135712): set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for --max-restarts, as "
+              "`uembed train --nproc` does", file=sys.stderr)  # fmt: skip
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=min(join_timeout_s, timeout_s)))
+        except (RuntimeError, TimeoutError) as exc:  # DistError is a RuntimeError
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UembedError(
+                f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} could not join the group at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {join_timeout_s:.0f} s: {first}"
+            ) from None
+        if timeout_s > join_timeout_s:
+            # torch's (private) way to give a formed group another timeout; without it, the joining one stays
+            set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+            if set_timeout is not None:
+                set_timeout(timedelta(seconds=timeout_s))
     return dist.get_world_size()
+
+
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable, "")
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise UembedError(f"{variable}={text!r}: give a number of seconds") from None
+
+
+def _die_with_launcher() -> None:
+    """A process ``launch`` started ends when the launcher does, however it ends (SIGKILL included):
+    torchrun starts each rank in a session of its own, where nothing else would stop it, and a rank left
+    behind holds its share of the CPUs and its run directory (Linux; elsewhere the agent's own cleanup)."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != int(launcher):  # it died before the request above: nothing will send the signal now
+        os._exit(1)
 
 
 def world_size() -> int:
@@ -169,9 +225,10 @@ def use_sparse_tables(model) -> None:
 
 
 class Lockstep:
-    """Iterate a rank's batches in step with the other ranks: yields ``(batch, active)`` where ``batch`` is
-    None once this rank has run dry (it still takes part in the step, with no gradient of its own) and
-    ``active`` is the number of ranks that had a batch; ends when every rank has run dry."""
+    """Iterate a rank's batches in step with the other ranks: yields a batch, or None once this rank has run
+    dry (it still takes part in the step, with no gradient of its own). With more than one process it never
+    ends by itself: the caller ends the loop when ``sync_gradients`` reports that no rank had a batch (the
+    count travels with the step's gradients, not in a collective of its own)."""
 
     def __init__(self, batches: Iterable) -> None:
         self.batches = iter(batches)
@@ -186,34 +243,26 @@ class Lockstep:
             batch = None if self.finished else next(self.batches, None)
             if batch is None:
                 self.finished = True
-            active = int(sum_over_ranks([batch is not None])[0]) if world_size() > 1 else int(batch is not None)
-            if active == 0:
-                return
-            yield batch, active
+                if world_size() == 1:
+                    return
+            yield batch
 
 
-def sync_gradients(model, active: int | None = None, dense_tables: bool = False) -> None:
-    """Average the gradients over the ranks that had a batch (``active``; default every rank).
+def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False) -> int:
+    """Average the gradients over the ranks that had a batch; how many had one (0: the step is to be skipped,
+    every rank has run dry). This rank had one unless ``has_batch`` is False (its gradients count as zero).
 
-    Dense parameters: one all_reduce of their gradients flattened together (a missing gradient counts as
-    zero). The tables: each rank's coalesced sparse gradient gathered from every rank, coalesced again in
-    rank order, so every rank holds the same update; ``dense_tables`` turns it into a dense gradient for a
-    dense optimiser (in-memory Adam).
+    Two collectives a step, whatever the model: one all_reduce of a header (the ranks that had a batch, each
+    rank's count of touched table rows) and the dense parameters' gradients flattened together; one all_gather
+    of each rank's coalesced sparse table gradient, its row indices carried bit for bit in the values' dtype,
+    padded to the longest (the header says how long). Every rank then coalesces the same rows in rank order,
+    so every rank holds the same update; ``dense_tables`` turns it into a dense gradient for a dense optimiser
+    (in-memory Adam).
     """
     world = world_size()
     if world == 1:
-        return
-    divisor = float(active or world)
+        return int(has_batch)
     table = table_parameter(model)
-    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense])
-    dist.all_reduce(flat)
-    flat /= divisor
-    offset = 0
-    for parameter in dense:
-        size = parameter.numel()
-        parameter.grad = flat[offset : offset + size].view_as(parameter).clone()
-        offset += size
     grad = table.grad
     if grad is None:
         indices, values = torch.zeros(0, dtype=torch.int64), torch.zeros((0, table.shape[1]), dtype=table.dtype)
@@ -223,10 +272,37 @@ def sync_gradients(model, active: int | None = None, dense_tables: bool = False)
     else:  # a dense gradient: send only the rows it touches
         indices = grad.abs().sum(dim=1).nonzero().flatten()
         values = grad[indices]
-    all_indices = _gather_rows(indices)
-    all_values = _gather_rows(values) / divisor
+    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
+    # the counts ride in the gradients' dtype: exact while a step touches fewer than 2**24 rows (float32)
+    header = torch.zeros(world + 1, dtype=table.dtype)
+    header[0] = float(has_batch)
+    header[1 + rank()] = float(indices.shape[0])
+    flat = torch.cat([header, *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense)])
+    dist.all_reduce(flat)
+    active = round(float(flat[0]))
+    if active == 0:
+        return 0
+    counts = [round(float(c)) for c in flat[1 : world + 1]]
+    grads = flat[world + 1 :]
+    if active > 1:
+        grads.div_(active)  # in place: the dense gradients can be megabytes, every step
+    offset = 0
+    for parameter in dense:
+        size = parameter.numel()
+        parameter.grad = grads[offset : offset + size].view_as(parameter)
+        offset += size
+    columns = max(1, 8 // table.element_size())  # of the table's dtype, to hold an int64 row index bit for bit
+    packed = torch.zeros((max(counts), columns + table.shape[1]), dtype=table.dtype)
+    packed[: indices.shape[0], :columns] = indices.to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
+    packed[: indices.shape[0], columns:] = values
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed)
+    rows = torch.cat([part[:count] for part, count in zip(parts, counts)])
+    all_indices = rows[:, :columns].contiguous().view(torch.int64).reshape(-1)
+    all_values = rows[:, columns:] / active if active > 1 else rows[:, columns:]
     merged = torch.sparse_coo_tensor(all_indices.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
     table.grad = merged.to_dense() if dense_tables else merged
+    return active
 
 
 def check_same_epoch(epoch: int, where: str) -> None:
@@ -274,7 +350,6 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
     that does not complete within ``rendezvous_timeout_s`` is an error naming the endpoint.
     """
     import logging
-    import sys
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -283,6 +358,12 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
 
     # One compute thread per process: the processes are the parallelism (torchrun would set it and say so).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A store of its own for every start of the group. torchrun's agent otherwise lends the ranks its
+    # rendezvous store, which outlives a restart with no prefix that changes (pytorch/pytorch#135712):
+    # a restarted rank could read a dead rank's gloo address left there by the group before and wait for
+    # it until the join timeout, the group never forming.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     where = endpoint or "127.0.0.1:0"
     options = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", where, "--rdzv-id", run_id,

@@ -53,6 +53,7 @@ from uembed.contract.plan import (
     EmbeddingPlan,
     build_plan,
     collisionless_rows,
+    head_share_for,
     minimum_budget,
     vocabulary_sizes,
 )
@@ -82,7 +83,8 @@ class Family:
         return f"{self.method} dim {self.dim}"
 
     def config(self, base: TrainConfig, rows: int | None) -> TrainConfig:
-        return replace(base, embedding=self.method, dim=self.dim, budget_fraction=None, budget_rows=rows)
+        return replace(base, embedding=self.method, dim=self.dim, budget_fraction=None, budget_rows=rows,
+                       head_share=head_share_for(self.method, base.head_share))  # fmt: skip
 
 
 @dataclass

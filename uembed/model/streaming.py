@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from uembed.contract.errors import UembedError
 from uembed.contract.features import SplitSpec
+from uembed.contract.hashing import hash_canonical
 from uembed.contract.known import save_known_values
 from uembed.contract.plan import EmbeddingPlan, method_spec
 from uembed.contract.seo import ChunkPolicy
@@ -280,7 +281,7 @@ def train_stream(
                    desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, file=sys.stderr, mininterval=2.0)  # fmt: skip
         stopped = False
         steps = distributed.Lockstep(shuffled_batches(chunks, config.shuffle_buffer, config.batch_size, rng))
-        for batch, active in steps:
+        for batch in steps:
             dense_optimizer.zero_grad(set_to_none=True)
             table_optimizer.zero_grad(set_to_none=True)
             if batch is not None:
@@ -290,7 +291,8 @@ def train_stream(
                 loss = loss_fn(model.network(vectors), torch.from_numpy(labels))
                 loss.backward()
             # A rank whose share ran dry still steps, with the others' gradients: the replicas stay equal.
-            distributed.sync_gradients(model, active, dense_tables=config.embedding_optimizer == "adam")
+            if not distributed.sync_gradients(model, batch is not None, dense_tables=config.embedding_optimizer == "adam"):
+                break  # every rank has run dry
             dense_optimizer.step()
             table_optimizer.step()
             if batch is None:
@@ -409,9 +411,13 @@ def save_stream_run(
             for name, column in columns.items()
         },
     }
+    if plan.heads:  # hybrid tables: head and tail values per feature with a head, for the export's test vectors of both
+        doc["head_samples"] = stream_head_samples(plan, source, stats.spec)
     (run_dir / "config.json").write_text(json.dumps(doc, indent=2, default=str))
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     np.savez(run_dir / "vocabularies.npz", **plan.vocabularies)
+    if plan.heads:
+        np.savez(run_dir / "heads.npz", **plan.heads)
     # Which values training saw (the scan's keys), so the service can count unseen ones.
     save_known_values(run_dir / "known_values.npz", stats.keys)
     torch.save(model.state_dict(), run_dir / "checkpoint.pt")
@@ -420,3 +426,21 @@ def save_stream_run(
         ChunkPolicy.from_dict(metrics["policy"]).save(run_dir / "policy.json")
     stats.save(run_dir / "stats")
     return run_dir
+
+
+def stream_head_samples(plan: EmbeddingPlan, source: StreamSource, spec, count: int = 2, batches: int = 64) -> dict[str, list[str]]:
+    """``count`` head values and ``count`` tail values of each feature with a head (the smallest of those found), read
+    from the first ``batches`` record batches: a head holds the most frequent values, so the first rows show some."""
+    found = {name: ({}, {}) for name in plan.heads}  # per feature: head values, tail values (as dict keys: ordered sets)
+    features = [f for f in plan.features if f.name in plan.heads]
+    for number, (_, batch) in enumerate(source.record_batches(spec, 4096)):
+        columns = encode_batch(spec, batch)
+        for feature in features:
+            values = [v for v in columns[feature.name].present_values() if v]
+            inside = np.isin(hash_canonical(values, feature.lookups[0].seed, count=len(values)), plan.heads[feature.name])
+            for value, head in zip(values, inside.tolist()):
+                found[feature.name][0 if head else 1].setdefault(value)
+        if number + 1 >= batches or all(len(h) >= count and len(t) >= count for h, t in found.values()):
+            break
+    return {name: [v.decode("utf-8", "surrogateescape") for part in parts for v in sorted(part)[:count]]
+            for name, parts in found.items()}  # fmt: skip

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uembed.contract.plan import SEARCH_METHOD, method_spec
+from uembed.contract.plan import SEARCH_METHOD, head_share_for, method_spec
 from uembed.model.data import Dataset
 from uembed.model.data.stream import StreamStats
 from uembed.model.levers import LeverError, codecs_for, served_bytes, with_codec
@@ -62,7 +62,7 @@ class Levers:
 
     codecs: tuple[str, ...] = ("float32",)
     qat: tuple[str | None, ...] = (None,)
-    head_shares: tuple[float, ...] = (0.0,)
+    head_shares: tuple[float | str, ...] = (0.0,)
     prune_keep: tuple[int, ...] = ()
     prune_epochs: int = 3
     subvectors: int | None = None
@@ -80,7 +80,9 @@ class Levers:
         cell = self.cell_configs.get((method, budget))
         config = cell if cell is not None else replace(base, budget_fraction=budget, budget_rows=None)
         qat, head_share = variant
-        return replace(config, embedding=method, seed=seed, policy=None, qat=qat, head_share=head_share or config.head_share)
+        # A method without heads (collisionless, the chunk methods) trains without one whatever the share.
+        return replace(config, embedding=method, seed=seed, policy=None, qat=qat,
+                       head_share=head_share_for(method, head_share or config.head_share))  # fmt: skip
 
 
 def study_units(
@@ -92,9 +94,9 @@ def study_units(
     followed by the lever variant (qat, head share) when there is more than the plain one.
     """
     if list(variants) != [(None, 0.0)]:
-        # A collisionless table has a row per value already: a head would not change it.
+        # A method that holds no heads (collisionless: a row per value already) is trained once, not once per share.
         return [[(*item, variant) for item in unit] for variant in variants for unit in study_units(methods, budgets, seeds)
-                if not (variant[1] and method_spec(unit[0][0]).fixed_size)]  # fmt: skip
+                if not (variant[1] and not head_share_for(unit[-1][0], variant[1]))]  # fmt: skip
     specs = {m: method_spec(m) for m in methods}
     units = []
     for seed in seeds:
@@ -225,7 +227,7 @@ def run_stream_unit(
                          max_examples=(search_examples or base.max_examples) if search else base.max_examples)  # fmt: skip
         reset_peak_rss()
         started = time.perf_counter()
-        name = f"{method}-b{budget:g}-s{seed}" + (f"-qat{variant[0]}" if variant[0] else "") + (f"-head{variant[1]:g}" if variant[1] else "")
+        name = f"{method}-b{budget:g}-s{seed}" + (f"-qat{variant[0]}" if variant[0] else "") + (f"-head{variant[1]}" if variant[1] else "")
         result = train_stream(config, source, stats, runs_dir / name, progress=False)
         metrics = result.metrics
         wall = time.perf_counter() - started
@@ -291,8 +293,8 @@ def lever_key(record: dict) -> tuple:
     """(qat, head share, prune keep, codec) of a record; all empty for a study without levers."""
     if record.get("codec") in (None, ""):
         return ()
-    keep = record.get("prune_keep")
-    return (record.get("qat") or "", float(record.get("head_share") or 0.0), int(float(keep)) if keep not in (None, "") else 0,
+    keep, head = record.get("prune_keep"), record.get("head_share") or 0.0
+    return (record.get("qat") or "", head if head == "auto" else float(head), int(float(keep)) if keep not in (None, "") else 0,
             record["codec"])  # fmt: skip
 
 
@@ -302,7 +304,7 @@ def variant_label(record: dict) -> str:
     if not key:
         return record["method"]
     qat, head, keep, codec = key
-    parts = [record["method"], f"head{head:g}" if head else "", f"prune{keep}" if keep else "", f"qat-{qat}" if qat else "", codec]
+    parts = [record["method"], f"head{head:g}" if isinstance(head, float) and head else "head-auto" if head else "", f"prune{keep}" if keep else "", f"qat-{qat}" if qat else "", codec]
     return " ".join(p for p in parts if p)
 
 
@@ -312,7 +314,7 @@ def sort_records(records: Sequence[dict], methods: Sequence[str]) -> list[dict]:
     def key(r: dict) -> tuple:
         lever = lever_key(r)
         if lever:
-            lever = (*lever[:3], CODEC_ORDER.get(lever[3], 99))
+            lever = (lever[0], str(lever[1]), lever[2], CODEC_ORDER.get(lever[3], 99))
         return (order.get(r["method"], 99), r["budget_fraction"], lever, r["seed"])
 
     return sorted(records, key=key)

@@ -68,8 +68,9 @@ class TrainConfig:
     lookups_offset: int = 0
     # Ablation: these features get a collisionless table of their own, outside the budget.
     exact_features: tuple[str, ...] = ()
-    # Hybrid tables: this share of each table's rows is given to the most frequent values (uembed/contract/plan.py).
-    head_share: float = 0.0
+    # Hybrid tables: this share of each table's rows is given to the most frequent values, or "auto": a size per
+    # table from the values' counts (uembed/contract/plan.py: with_heads, auto_head_size).
+    head_share: float | str = 0.0
     # SEO (uembed/contract/seo.py): the Applier's policy, and the search model's shape.
     policy: dict | None = None
     chunk_dim: int = 8

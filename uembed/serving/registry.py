@@ -22,6 +22,7 @@ from pathlib import Path
 
 from uembed.bundle.loader import filing, load_bundle
 from uembed.contract.errors import Conflict, Internal, InvalidName, NotFound, NotReady, UembedError, ValidationFailed
+from uembed.contract.hashing import hashing_backend
 from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.runtimes import open_runtime
@@ -144,7 +145,8 @@ class ModelRegistry:
         defer = self.settings.row_checks == "background" or self.settings.row_source == "redis"
         runtime = self.open(path, defer_row_checks=defer, filed_as=filing(path, self.settings.bundle_store))
         self.activate(runtime)
-        log.info("serving %s version %s from %s", runtime.name, runtime.version, runtime.bundle.path)
+        log.info("serving %s version %s from %s (hashing: %s)", runtime.name, runtime.version, runtime.bundle.path,
+                 hashing_backend())
         return runtime
 
     async def reload(self, name: str, version: str) -> ModelRuntime:

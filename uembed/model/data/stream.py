@@ -6,7 +6,7 @@ For data that must not be held as Python objects (tens of millions of rows): a
 The split is a seeded hash of that position (or the spec's split column), so the same row
 is in the same split whatever the batch size. ``scan`` makes one pass over the training
 rows for what a plan needs (distinct values per feature, and their keys for collisionless
-tables) and for the quantile boundaries of ``quantiles:N`` features (a seeded uniform
+tables; with ``head_sketch``, each feature's most frequent values for hybrid tables) and for the quantile boundaries of ``quantiles:N`` features (a seeded uniform
 sample of at most ``QUANTILE_SAMPLE`` values per feature). ``shuffled_batches`` keeps a
 shuffle buffer of ``capacity`` examples: memory is bounded by that buffer and one record
 batch, never by the number of examples.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +29,15 @@ from uembed.contract.columns import FeatureColumn, encode_values, quantile_bound
 from uembed.contract.errors import DataError
 from uembed.contract.features import DatasetSpec, FeatureKind, FeatureSpec, SplitSpec
 from uembed.contract.hashing import MISSING, canonical_bytes, hash_canonical, lookup_seed
+from uembed.contract.plan import AUTO, HeadCounts
 from uembed.model.data.criteo import CRITEO_COLUMNS, line_range, read_criteo, text_rows
 from uembed.model.data.synthetic import _unit, splitmix64
 
 FORMATS = ("parquet", "csv", "tsv", "criteo")
 QUANTILE_SAMPLE = 1 << 20
+# Values per feature the scan counts for hybrid tables when the head size is not known before it (a --budget
+# fraction): 16 bytes a value, twice that while a batch is merged.
+HEAD_SKETCH = 1 << 16
 SPLITS = ("train", "validation", "test")
 
 
@@ -259,7 +263,9 @@ class StreamStats:
     split; per feature ``vocabulary`` (distinct non-missing training values), ``widths``
     (longest list) and ``keys`` (sorted keys of those values under the feature's seed: the
     collisionless vocabulary); ``missing``: per feature the training examples without a value; ``numbers``: the
-    categorical features whose training values all read as numbers (the data summary says so).
+    categorical features whose training values all read as numbers (the data summary says so). ``head_counts``:
+    per feature its most frequent values' keys and counts (:class:`HeavyHitters`, ``head_sketch`` values at most;
+    empty when the scan did not count them), what a hybrid plan's heads are chosen from.
     """
 
     spec: DatasetSpec
@@ -271,16 +277,23 @@ class StreamStats:
     seconds: float = 0.0
     missing: dict[str, int] = field(default_factory=dict)  # statistics saved before these were counted have none
     numbers: list[str] = field(default_factory=list)
+    head_counts: dict[str, HeadCounts] = field(repr=False, default_factory=dict)
+    head_sketch: int = 0
 
     def save(self, path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         doc = {"spec": self.spec.to_dict(), "examples": self.examples, "positives": self.positives,
                "vocabulary": self.vocabulary, "widths": self.widths, "seconds": self.seconds, "missing": self.missing,
-               "numbers": self.numbers}  # fmt: skip
+               "numbers": self.numbers, "head_sketch": self.head_sketch,
+               "head_counts": {name: {"exact": c.exact, "distinct": c.distinct, "total": c.total}
+                               for name, c in self.head_counts.items()}}  # fmt: skip
         (path / "stats.json").write_text(json.dumps(doc, indent=2))
         target = path / "keys.npz"
         if not (isinstance(self.keys, StoredKeys) and self.keys.path.resolve() == target.resolve()):
             np.savez(target, **{name: self.keys[name] for name in self.keys})
+        if self.head_counts:
+            np.savez(path / "head_keys.npz", **{name: c.keys for name, c in self.head_counts.items()})
+            np.savez(path / "head_counts.npz", **{name: c.counts for name, c in self.head_counts.items()})
         return path
 
     @classmethod
@@ -288,9 +301,13 @@ class StreamStats:
         """Statistics saved by ``save``; the keys stay on disk until a plan asks for them (collisionless)."""
         doc = json.loads((path / "stats.json").read_text())
         keys = StoredKeys(path / "keys.npz")
+        head_counts = {}
+        if doc.get("head_counts"):
+            with np.load(path / "head_keys.npz", allow_pickle=False) as k, np.load(path / "head_counts.npz", allow_pickle=False) as c:
+                head_counts = {name: HeadCounts(k[name], c[name], **sizes) for name, sizes in doc["head_counts"].items()}
         return cls(DatasetSpec.from_dict(doc["spec"]), doc["examples"], doc["positives"], doc["vocabulary"],
                    doc["widths"], keys, doc.get("seconds", 0.0), doc.get("missing", {}),
-                   doc.get("numbers", []))  # fmt: skip
+                   doc.get("numbers", []), head_counts, doc.get("head_sketch", 0))  # fmt: skip
 
 
 class StoredKeys(Mapping):
@@ -336,6 +353,49 @@ class _KeySet:
         return self.keys
 
 
+class HeavyHitters:
+    """The most frequent uint64 keys of a stream with their counts, in bounded memory: a Misra-Gries summary
+    (the mergeable form, Agarwal et al. 2012), fed batch by batch.
+
+    At most ``capacity`` keys are kept. Whenever more are held, the ``(capacity + 1)``-th largest count is taken
+    from every count and the keys left at 0 or below are dropped. So each kept count is a lower bound of the true
+    one, at most ``occurrences / (capacity + 1)`` below it, and every key more frequent than that bound is kept.
+    While a feature has at most ``capacity`` distinct values nothing is ever taken: the counts are exact
+    (``exact``). Memory: ``capacity`` keys and counts, and the batches' distinct keys until the next merge.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.exact = True
+        self.total = 0  # every occurrence added, kept or not
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_size = 0
+
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self.pending.append((keys, counts))
+        self.pending_size += keys.size
+        self.total += int(counts.sum())
+        if self.pending_size > max(self.capacity, 1 << 16):
+            self.merge()
+
+    def merge(self) -> HeadCounts:
+        if self.pending:
+            keys = np.concatenate([self.keys, *(k for k, _ in self.pending)])
+            counts = np.concatenate([self.counts, *(c for _, c in self.pending)])
+            self.pending, self.pending_size = [], 0
+            keys, inverse = np.unique(keys, return_inverse=True)
+            counts = np.bincount(inverse.ravel(), weights=counts, minlength=keys.size).astype(np.int64)
+            if keys.size > self.capacity:
+                taken = np.partition(counts, keys.size - self.capacity - 1)[keys.size - self.capacity - 1]
+                counts -= taken
+                kept = counts > 0
+                keys, counts, self.exact = keys[kept], counts[kept], False
+            self.keys, self.counts = keys, counts
+        return HeadCounts(self.keys, self.counts, self.exact, total=self.total)
+
+
 class _Reservoir:
     """A seeded uniform sample of at most ``size`` numbers (the smallest hash priorities win)."""
 
@@ -371,9 +431,11 @@ def _numbers(feature: FeatureSpec, array: pa.Array) -> np.ndarray:
 
 def scan(
     source: StreamSource, spec: DatasetSpec, seed: int = 0, batch_rows: int = 1 << 18, progress: bool = True,
-    sample: int = QUANTILE_SAMPLE,
+    sample: int = QUANTILE_SAMPLE, head_sketch: int = 0,
 ) -> StreamStats:  # fmt: skip
-    """One pass: split sizes, label balance, training vocabularies and keys, quantile boundaries."""
+    """One pass: split sizes, label balance, training vocabularies and keys, quantile boundaries; with
+    ``head_sketch``, each feature's most frequent values counted in a :class:`HeavyHitters` of that many (a
+    ``quantiles:N`` feature's buckets: its sample's counts, scaled to its values)."""
     import sys
     import time
 
@@ -388,6 +450,7 @@ def scan(
     missing = {f.name: 0 for f in spec.features}
     numbers = {f.name for f in spec.features if f.kind == FeatureKind.CATEGORICAL}
     reservoirs = {f.name: _Reservoir(sample, lookup_seed(f.name, 1_000_003 + seed)) for f in quantile_features}
+    sketches = {f.name: HeavyHitters(head_sketch) for f in other} if head_sketch else {}
     examples, positives = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     bar = tqdm(unit="ex", unit_scale=True, desc="scanning", disable=not progress, file=sys.stderr)
     for first_row, batch in source.record_batches(spec, batch_rows):
@@ -408,6 +471,11 @@ def scan(
             missing[feature.name] += int((column.codes[:, 0] <= 0).sum())
             present = [v for v in column.present_values() if v != MISSING]
             keys[feature.name].add(np.unique(hash_canonical(present, lookup_seed(feature.name), count=len(present))))
+            if sketches:
+                occurrences = np.bincount(column.codes[column.codes > 0].ravel(), minlength=len(column.uniques))
+                used = np.flatnonzero(occurrences)
+                values = [column.uniques[i] for i in used]
+                sketches[feature.name].add(hash_canonical(values, lookup_seed(feature.name), count=len(values)), occurrences[used].astype(np.int64))
             if feature.name in numbers and not all_numbers(present):
                 numbers.discard(feature.name)
         positions = np.flatnonzero(train) + first_row
@@ -431,10 +499,39 @@ def scan(
         buckets = np.unique(np.searchsorted(np.asarray(bucketed.boundaries), values, side="right"))
         present = [str(int(b)).encode() for b in buckets]
         out_keys[feature.name] = np.unique(hash_canonical(present, lookup_seed(feature.name), count=len(present)))
+    head_counts = {name: replace(sketch.merge(), distinct=int(out_keys[name].size)) for name, sketch in sketches.items()}
+    for feature in quantile_features if head_sketch else ():
+        head_counts[feature.name] = _bucket_counts(resolved.feature(feature.name), reservoirs[feature.name].values,
+                                                   examples["train"] - missing[feature.name])  # fmt: skip
     vocabulary = {f.name: int(out_keys[f.name].size) for f in spec.features}
     widths = {f.name: max(1, f.max_values or widths[f.name]) for f in spec.features}
     return StreamStats(resolved, examples, positives, vocabulary, widths, out_keys, time.perf_counter() - started, missing,
-                       sorted(n for n in numbers if vocabulary[n]))
+                       sorted(n for n in numbers if vocabulary[n]), head_counts, head_sketch)
+
+
+def head_sketch_size(head_share: float | str, spec: DatasetSpec, budget_rows: int | None = None) -> int:
+    """Values per feature a scan counts for hybrid tables: 0 when no head is asked for (``--head-share`` and every
+    feature's ``head_share`` 0); with ``--budget-rows``, which bounds every budgeted table's rows, twice the most
+    head rows one table can have (at least 1024), so a feature that takes a whole head is counted well past it;
+    else (a budget fraction, known only after the scan, or ``auto``) :data:`HEAD_SKETCH`."""
+    if head_share == AUTO:
+        return HEAD_SKETCH
+    share = max([head_share, *(f.head_share or 0.0 for f in spec.features)])
+    if not share:
+        return 0
+    if budget_rows:
+        return max(1024, 2 * int(share * budget_rows))
+    return HEAD_SKETCH
+
+
+def _bucket_counts(feature: FeatureSpec, sample: np.ndarray, values: int) -> HeadCounts:
+    """A ``quantiles:N`` feature's bucket counts: its uniform sample's, scaled to its ``values`` training values
+    (exact when the sample holds them all)."""
+    buckets, counts = np.unique(np.searchsorted(np.asarray(feature.boundaries), sample, side="right"), return_counts=True)
+    present = [str(int(b)).encode() for b in buckets]
+    scaled = np.maximum(np.round(counts * (values / max(sample.size, 1))), 1).astype(np.int64)
+    keys = hash_canonical(present, lookup_seed(feature.name), count=len(present))
+    return HeadCounts(keys, scaled, sample.size >= values)
 
 
 def encoded_chunks(

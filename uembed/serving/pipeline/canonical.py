@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from uembed.contract.errors import ExampleError
 from uembed.contract.features import FeatureSpec
-from uembed.contract.hashing import MISSING
+from uembed.contract.hashing import MISSING, canonical_column, hashing_backend
 from uembed.contract.known import KnownValues
 from uembed.contract.plan import EmbeddingPlan
 from uembed.serving.pipeline.values import (
@@ -248,8 +248,13 @@ class Canonicaliser:
         else:
             return None
         try:
+            if hashing_backend() == "compiled":  # the extension's one pass over the column, whatever its mix
+                encoded = canonical_column(raw)
             # ints: every decimal in one string, split in C (no Python call per value); their digits hold no space
-            encoded = " ".join(map(str, raw)).encode().split() if to_bytes is int_bytes else list(map(to_bytes, raw))
+            elif to_bytes is int_bytes:
+                encoded = " ".join(map(str, raw)).encode().split()
+            else:
+                encoded = list(map(to_bytes, raw))
         except (UnicodeEncodeError, ValueError):  # a lone surrogate, an int past str()'s digits: the checked path names it
             return None
         missing = spec.missing_bytes

@@ -34,6 +34,7 @@ from uembed.contract.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from uembed.contract.hashing import hashing_backend
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.pipeline.values import NUMERIC_STRING
 from uembed.serving.protocols.bodies import CheckedBodyRoute
@@ -305,7 +306,7 @@ def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings
              responses=declared())  # fmt: skip
     async def models() -> dict:
         return {"models": describe_models(engine.registry), "routing": engine.registry.describe_routing(),
-                "desired_state": engine.desired.describe()}  # fmt: skip
+                "desired_state": engine.desired.describe(), "hashing": hashing_backend()}  # fmt: skip
 
     def require_token(authorization: str | None) -> None:
         """The admin calls' guard: off (404) without a configured token, 401 without the right bearer token."""

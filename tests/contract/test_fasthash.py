@@ -1,0 +1,189 @@
+"""The compiled hashing path (uembed/contract/_fasthash.pyx) against the pure-Python one: the same canonical bytes,
+keys and errors on random values of every type a feature takes, the same rows through the service's encoder, and
+the pure path still whole on its own (UEMBED_PURE_PYTHON=1)."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uembed.bundle.loader import load_bundle
+from uembed.contract import hashing
+from uembed.contract.hashing import (
+    canonical_bytes,
+    canonical_column,
+    hash_canonical,
+    hash_canonical_columns,
+    hash_values,
+    lookup_seed,
+)
+from uembed.serving.pipeline.cpu import ModelRuntime
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_extension = pytest.mark.skipif(
+    not hashing.compiled_available(), reason="the compiled hashing extension is not built (make install builds it)"
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    """Tests here switch paths; the next test finds the one the process started with, even after a failure."""
+    before = hashing.hashing_backend()
+    yield
+    hashing.use_backend(before)
+
+
+def test_the_extension_is_built_where_required():
+    """CI and `make install` build the extension; UEMBED_REQUIRE_EXTENSION=1 turns its absence into a failure
+    rather than the other tests' skips."""
+    if os.environ.get("UEMBED_REQUIRE_EXTENSION") == "1":
+        assert hashing.compiled_available(), "uembed.contract._fasthash is not importable: make install builds it"
+    elif not hashing.compiled_available():
+        pytest.skip("the compiled hashing extension is not built (UEMBED_REQUIRE_EXTENSION=1 makes this a failure)")
+    if os.environ.get("UEMBED_PURE_PYTHON", "") in ("", "0"):
+        assert hashing.hashing_backend() == "compiled"
+
+
+def random_text(rng: random.Random) -> str:
+    alphabets = ("abcXYZ019 |-_", "äöüßéñçø", "東京日本語中文", "😀🚀👍🏽", "\x00\t\n\x7f", "\u200b\u0301\ufeff")
+    return "".join(rng.choice(rng.choice(alphabets)) for _ in range(rng.randrange(0, 12)))
+
+
+def random_value(rng: random.Random) -> object:
+    kind = rng.randrange(13)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.randrange(-1000, 1000)
+    if kind == 3:  # the edges of 64 bits and far past them
+        return rng.choice([2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 2**64, 10**40, -(10**30)]) + rng.randrange(-2, 3)
+    if kind == 4:
+        return rng.uniform(-1e6, 1e6)
+    if kind == 5:  # integral floats, some past 2**63, and the values every float path must get right
+        return rng.choice([0.0, -0.0, 3.0, -7.0, 2.0**63, -(2.0**63), 2.0**62, 1e300, -1e300, 9.007199254740993e15,
+                           float("nan"), float("inf"), float("-inf"), 5e-324, 1e-5, 0.1, 1e16, 1e22, 1.5e-7])  # fmt: skip
+    if kind == 6:
+        return float(rng.randrange(-(10**6), 10**6))
+    if kind == 7:
+        return ""
+    if kind == 8:
+        return random_text(rng).encode()
+    if kind == 9:  # numpy scalars: the compiled path hands them to the Python canonicaliser
+        return rng.choice([np.int64(rng.randrange(-99, 99)), np.uint64(2**64 - 1), np.float32(0.1), np.float64(2.5),
+                           np.int8(-3), np.str_("np")])  # fmt: skip
+    return random_text(rng)
+
+
+@needs_extension
+@pytest.mark.parametrize("seed", range(5))
+def test_compiled_and_pure_python_agree_on_random_values(seed):
+    rng = random.Random(seed)
+    values = [random_value(rng) for _ in range(2000)]
+    seeds = [lookup_seed(f"feature{i}", i % 3) for i in range(4)]
+    out = {}
+    for backend in hashing.BACKENDS:
+        hashing.use_backend(backend)
+        canonical = canonical_column(values)
+        out[backend] = (canonical, [hash_values(values, s) for s in seeds], hash_canonical(canonical, seeds[0]),
+                        hash_canonical_columns([canonical[:500], canonical[500:1000]], seeds[:2]))  # fmt: skip
+    compiled, python = out["compiled"], out["python"]
+    assert compiled[0] == python[0] == [canonical_bytes(v) for v in values]
+    for a, b in zip(compiled[1:3], python[1:3]):
+        assert [k.tolist() for k in np.atleast_2d(a)] == [k.tolist() for k in np.atleast_2d(b)]
+    assert compiled[3].tolist() == python[3].tolist()
+    assert compiled[2].dtype == compiled[3].dtype == np.uint64
+
+
+@needs_extension
+def test_numpy_columns_hash_as_their_python_values():
+    ints = np.array([-5, 0, 7, 2**62], dtype=np.int64)
+    floats = np.array([0.5, -0.0, 3.0, float("nan")], dtype=np.float64)
+    seed = lookup_seed("n")
+    for column in (ints, floats, np.array(["a", "日本"]), np.array([True, False])):
+        expected = hash_canonical([canonical_bytes(v) for v in column.tolist()], seed)
+        for backend in hashing.BACKENDS:
+            hashing.use_backend(backend)
+            assert hash_values(column, seed).tolist() == expected.tolist()
+
+
+@needs_extension
+@pytest.mark.parametrize("bad, error", [([{"a": 1}], TypeError), ([[1]], TypeError), ([object()], TypeError),
+                                        (["\ud800"], UnicodeEncodeError), ([10**5000], ValueError)])  # fmt: skip
+def test_both_paths_refuse_the_same_values_with_the_same_error(bad, error):
+    messages = []
+    for backend in hashing.BACKENDS:
+        hashing.use_backend(backend)
+        with pytest.raises(error) as raised:
+            hash_values(bad, 1)
+        messages.append(str(raised.value))
+        with pytest.raises(error):
+            canonical_column(bad)
+    assert messages[0] == messages[1]
+
+
+@needs_extension
+def test_canonical_values_of_another_type_hash_or_fail_alike_on_both_paths():
+    for backend in hashing.BACKENDS:
+        hashing.use_backend(backend)
+        with pytest.raises(TypeError):
+            hash_canonical(["text"], 1)
+        assert hash_canonical([bytearray(b"ab"), memoryview(b"ab")], 1).tolist() == hash_canonical([b"ab"] * 2, 1).tolist()
+        with pytest.raises(ValueError, match="different lengths"):
+            hash_canonical_columns([[b"a"], [b"a", b"b"]], [1, 2])
+
+
+def test_an_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend must be one of compiled, python"):
+        hashing.use_backend("rust")
+
+
+@needs_extension
+def test_the_encoder_gives_the_same_rows_on_both_paths(synthetic_store, movielens_examples):
+    """The service's canonicalise + hash of raw examples (ids as numbers and as strings, floats, missing values),
+    examples and columns, gives the same rows and weights on the compiled path as on the pure-Python one."""
+    examples = [dict(e) for e in movielens_examples[:300]]
+    for i, example in enumerate(examples):  # mixed columns: ids as JSON strings in some examples, values missing
+        if i % 3 == 0:
+            example["user_id"], example["age"] = str(example["user_id"]), float(example["age"])
+        if i % 7 == 0:
+            example["zip_code"] = None
+    columns = {name: [e.get(name) for e in examples] for name in examples[0]}
+    bundle = load_bundle(synthetic_store / "movielens" / "1")
+    out = {}
+    for backend in hashing.BACKENDS:
+        hashing.use_backend(backend)
+        encoder = ModelRuntime(bundle).encoder
+        out[backend] = (encoder.hash([encoder.canonicalise(examples)]),
+                        encoder.hash([encoder.canonicalise_columns(columns, len(examples))]))  # fmt: skip
+    for (rows, weights), (expected_rows, expected_weights) in zip(out["compiled"], out["python"]):
+        assert np.array_equal(rows, expected_rows) and np.array_equal(weights, expected_weights)
+    assert np.array_equal(out["compiled"][0][0], out["compiled"][1][0])
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_uembed_pure_python_forces_the_fallback():
+    code = "from uembed.contract.hashing import hashing_backend; print(hashing_backend())"
+    assert run_python(code, UEMBED_PURE_PYTHON="1").stdout.split() == ["python"]
+    expected = "compiled" if hashing.compiled_available() else "python"
+    assert run_python(code, UEMBED_PURE_PYTHON="0").stdout.split() == [expected]
+
+
+def test_the_golden_vectors_pass_under_uembed_pure_python():
+    """The whole golden-vector and hashing files in a process that never uses the extension."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+         "tests/contract/test_golden_hashing.py", "tests/contract/test_hashing.py"],
+        cwd=ROOT, env={**os.environ, "UEMBED_PURE_PYTHON": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout

@@ -1,0 +1,175 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The hashing contract's per-value work in compiled code: canonical bytes and xxh3 keys of whole columns.
+
+``uembed/contract/hashing.py`` is the contract and its pure-Python implementation; it calls these functions
+instead when this extension is built (and ``UEMBED_PURE_PYTHON`` is not set), and the tests hold both to the same
+golden vectors. The common types (None, bool, int, float, str, bytes) are canonicalised here; any other value
+goes to ``fallback`` (the contract's ``canonical_bytes``), which also raises its errors. Keys come from
+``XXH3_64bits_withSeed`` of the system's libxxhash, on the canonical bytes in place: a string's UTF-8 buffer or
+an int's digits in a stack buffer, no bytes object per value.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
+from cpython.long cimport PyLong_Check
+from cpython.mem cimport PyMem_Free
+from libc.math cimport floor, isfinite, isnan
+from libc.stdint cimport uint64_t
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+
+import numpy as np
+import xxhash
+
+
+cdef extern from "xxhash.h":
+    ctypedef unsigned long long XXH64_hash_t
+    XXH64_hash_t XXH3_64bits_withSeed(const void* data, size_t length, XXH64_hash_t seed) nogil
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    bint PyUnicode_Check(object value)
+    bint PyBool_Check(object value)
+    long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
+    char* PyOS_double_to_string(double value, char format_code, int precision, int flags, int* kind) except NULL
+    int Py_DTSF_ADD_DOT_0
+
+
+# Room for any long long's digits and any float's repr (at most 24 characters), with the terminating NUL.
+cdef enum:
+    SCRATCH = 48
+# Integral floats whose magnitude is below 2**63 convert to long long exactly; larger ones take Python's int.
+cdef double LONG_LIMIT = 9223372036854775808.0
+
+
+cdef object canonical_view(object value, char* scratch, const char** data, Py_ssize_t* size, object fallback):
+    """The canonical bytes of ``value``, in the contract's order of checks (hashing.canonical_bytes): either written
+    to ``data``/``size`` (pointing into ``scratch``, a constant or the value's own buffer) and None returned, or
+    returned as a bytes object (the rare cases: ints past 64 bits, integral floats past 2**63, other types)."""
+    cdef int overflow = 0
+    cdef long long number
+    cdef double real
+    cdef char* text
+    if value is None:
+        data[0], size[0] = scratch, 0
+        return None
+    if PyBool_Check(value):  # before int: bool is an int subclass
+        if value:
+            data[0] = b"true"
+            size[0] = 4
+        else:
+            data[0] = b"false"
+            size[0] = 5
+        return None
+    if PyLong_Check(value):
+        number = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow:
+            return str(int(value)).encode()
+        data[0], size[0] = scratch, snprintf(scratch, SCRATCH, b"%lld", number)
+        return None
+    if PyFloat_Check(value):
+        real = PyFloat_AS_DOUBLE(value)
+        if isnan(real):
+            data[0], size[0] = scratch, 0
+            return None
+        if isfinite(real) and floor(real) == real:
+            if -LONG_LIMIT < real < LONG_LIMIT:
+                data[0], size[0] = scratch, snprintf(scratch, SCRATCH, b"%lld", <long long>real)
+                return None
+            return str(int(real)).encode()
+        # repr(float) itself: the shortest string that round-trips (float_repr's call)
+        text = PyOS_double_to_string(real, c'r', 0, Py_DTSF_ADD_DOT_0, NULL)
+        size[0] = snprintf(scratch, SCRATCH, b"%s", text)
+        PyMem_Free(text)
+        data[0] = scratch
+        return None
+    if PyUnicode_Check(value):
+        data[0] = PyUnicode_AsUTF8AndSize(value, size)  # a lone surrogate raises UnicodeEncodeError, as str.encode
+        return None
+    if PyBytes_Check(value):
+        data[0], size[0] = PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value)
+        return None
+    return fallback(value)
+
+
+cdef list as_list(object values):
+    if type(values) is list:
+        return <list>values
+    if isinstance(values, np.ndarray):
+        return values.tolist()  # numpy scalars to Python's: their canonical bytes are the same (int(), float())
+    return list(values)
+
+
+def canonical_column(values, fallback):
+    """Canonical bytes of each value (a list, tuple, numpy array or other iterable of scalars): a list of bytes."""
+    cdef list items = as_list(values)
+    cdef Py_ssize_t i, n = len(items), size = 0
+    cdef const char* data = NULL
+    cdef char scratch[SCRATCH]
+    cdef list out = [None] * n
+    cdef object value, owned
+    for i in range(n):
+        value = items[i]
+        if PyBytes_Check(value):
+            out[i] = value
+            continue
+        owned = canonical_view(value, scratch, &data, &size, fallback)
+        out[i] = owned if owned is not None else PyBytes_FromStringAndSize(data, size)
+    return out
+
+
+def hash_values(values, uint64_t seed, fallback):
+    """Keys (uint64) of values (as :func:`canonical_column` takes them) under one seed: canonicalise and hash in one
+    pass, with no bytes object per value of the common types."""
+    cdef list items = as_list(values)
+    cdef Py_ssize_t i, n = len(items), size = 0
+    cdef const char* data = NULL
+    cdef char scratch[SCRATCH]
+    keys = np.empty(n, dtype=np.uint64)
+    cdef uint64_t[::1] out = keys
+    cdef object owned
+    for i in range(n):
+        owned = canonical_view(items[i], scratch, &data, &size, fallback)
+        if owned is not None:
+            data, size = PyBytes_AS_STRING(owned), PyBytes_GET_SIZE(owned)
+        out[i] = XXH3_64bits_withSeed(data, <size_t>size, seed)
+    return keys
+
+
+cdef inline uint64_t bytes_key(object value, uint64_t seed) except? 0:
+    if not PyBytes_Check(value):  # another buffer (bytearray, memoryview), or an error: as the pure path does it
+        return xxhash.xxh3_64_intdigest(value, seed=seed)
+    return XXH3_64bits_withSeed(PyBytes_AS_STRING(value), <size_t>PyBytes_GET_SIZE(value), seed)
+
+
+def hash_bytes(values, uint64_t seed):
+    """Keys (uint64) of already-canonical byte strings under one seed (a sequence or other iterable of bytes)."""
+    cdef list items = as_list(values)
+    cdef Py_ssize_t i, n = len(items)
+    keys = np.empty(n, dtype=np.uint64)
+    cdef uint64_t[::1] out = keys
+    for i in range(n):
+        out[i] = bytes_key(items[i], seed)
+    return keys
+
+
+def hash_bytes_columns(columns, seeds):
+    """Keys uint64 [len(columns), n] of columns of n canonical byte strings each, column i under ``seeds[i]``."""
+    cdef list column_list = as_list(columns)
+    cdef Py_ssize_t c, i, count = len(column_list), n = len(column_list[0]) if count else 0
+    cdef list items
+    cdef uint64_t seed
+    for items_object in column_list:
+        if len(items_object) != n:
+            raise ValueError(f"columns of different lengths: {[len(column) for column in column_list]}")
+    if len(seeds) != count:
+        raise ValueError(f"{count} columns but {len(seeds)} seeds")
+    keys = np.empty((count, n), dtype=np.uint64)
+    cdef uint64_t[:, ::1] out = keys
+    for c in range(count):
+        items = as_list(column_list[c])
+        seed = seeds[c]
+        for i in range(n):
+            out[c, i] = bytes_key(items[i], seed)
+    return keys

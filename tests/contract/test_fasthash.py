@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 from uembed.bundle.loader import load_bundle
 from uembed.contract import hashing
@@ -187,3 +188,16 @@ def test_the_golden_vectors_pass_under_uembed_pure_python():
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
+
+
+def test_an_extension_hashing_otherwise_than_python_xxhash_is_not_used():
+    """A libxxhash whose XXH3 differs (one from before XXH3 was stable) must not serve: the import check refuses it."""
+
+    class Differs:
+        @staticmethod
+        def hash_bytes(values, seed):
+            return np.array([xxhash.xxh64_intdigest(v, seed) for v in values], dtype=np.uint64)  # another hash
+
+    assert not hashing._agrees_with_xxhash(Differs)
+    if hashing.compiled_available():
+        assert hashing._agrees_with_xxhash(hashing._fasthash)

@@ -1,6 +1,8 @@
 """A study of AUC against bytes (issue #37, item 6): row codecs, QAT, head shares and pruning as grid axes, the
 bytes each configuration serves, and the frontier per byte budget."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,28 @@ def test_bad_lever_options_are_one_line_errors(capsys, tmp_path, options, messag
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1], err
+
+
+def test_a_streamed_study_counts_values_for_its_head_shares_and_labels_each_run_by_the_share_it_trained(tmp_path):
+    """The scan counts values when only --head-shares asks for heads; each record's share is the one its run
+    trained with (a --head-share given beside it does not leak into the 0 variant)."""
+    assert main(["data", "synth", "--preset", "criteo-tiny", "--examples", "6k", "--out", str(tmp_path / "data"), "--quiet"]) == 0
+    arguments = ["study", "--dataset", str(tmp_path / "data"), "--methods", "collisionless,unified", "--budgets", "0.2",
+                 "--seeds", "1", "--epochs", "1", "--network", "mlp", "--hidden", "8", "--batch-size", "512",
+                 "--head-share", "0.3", "--head-shares", "0,0.25", "--codecs", "float32,int4", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(arguments) == 0
+    records = read_csv(tmp_path / "out" / "runs.csv")
+    shares = {(r["method"], float(r["head_share"]), r["codec"]) for r in records}
+    assert shares == {("collisionless", 0.0, "float32"), ("collisionless", 0.0, "int4"),
+                      ("unified", 0.0, "float32"), ("unified", 0.0, "int4"), ("unified", 0.25, "float32"), ("unified", 0.25, "int4")}  # fmt: skip
+    runs = {p.name: json.loads((p / "plan.json").read_text()) for p in (tmp_path / "out" / "runs").iterdir()}
+    heads = {name: sum(t.get("head_rows", 0) for t in plan["tables"]) for name, plan in runs.items()}
+    assert heads["unified-b0.2-s0-head0.25"] > 0 and heads["unified-b0.2-s0"] == 0 and heads["collisionless-b1-s0"] == 0
+
+
+def test_pq_of_a_width_its_sub_vectors_cannot_split_is_refused_before_training(capsys, tmp_path):
+    arguments = ["study", "--dataset", "synthetic:small", "--synthetic-examples", "2000", "--methods", "unified", "--budgets",
+                 "0.1", "--seeds", "1", "--epochs", "1", "--codecs", "pq", "--prune-keep", "5", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(arguments) == 2
+    assert "does not divide the dim 5" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "runs.csv").exists()

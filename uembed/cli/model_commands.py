@@ -223,9 +223,12 @@ def head_share(text: str) -> float | str:
     if text.strip() == "auto":
         return "auto"
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a share from 0 to below 1, or auto, not {text!r}") from None
+    if not 0 <= value < 1:  # NaN included: refused before any scan
+        raise argparse.ArgumentTypeError(f"a share from 0 to below 1, or auto, not {text!r}")
+    return value
 
 
 def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGroup | None = None) -> None:
@@ -387,7 +390,7 @@ def study_levers(args: argparse.Namespace, dataset=None):
 
     qat = tuple(None if c == "none" else c for c in (args.qat_axis or ("none",)))
     levers = Levers(
-        codecs=args.codecs or ("float32",), qat=qat, head_shares=args.head_shares or (0.0,), prune_keep=args.prune_keep or (),
+        codecs=args.codecs or ("float32",), qat=qat, head_shares=args.head_shares or (args.head_share,), prune_keep=args.prune_keep or (),
         prune_epochs=args.prune_epochs, subvectors=args.pq_subvectors,
     )  # fmt: skip
     if args.settings:
@@ -401,7 +404,7 @@ def study_levers(args: argparse.Namespace, dataset=None):
             raise UembedError(f"--settings {args.settings}: not a readable selected.json ({exc})") from None
         levers = replace(levers, cell_configs=selected_configs(selected, dataset, config_from_args(args)))
     dims = {config.dim for config in levers.cell_configs.values()} | {args.dim}
-    check_codecs(levers.codecs, levers.qat, tuple(sorted(dims)), levers.subvectors)
+    check_codecs(levers.codecs, levers.qat, tuple(sorted(dims | set(levers.prune_keep))), levers.subvectors)
     if levers.prune_keep and max(levers.prune_keep) >= max(dims):
         raise UembedError(f"--prune-keep {max(levers.prune_keep)} keeps every column of dim {max(dims)}; pick fewer")
     return levers
@@ -426,8 +429,13 @@ def run_study_command(args: argparse.Namespace) -> int:
         from uembed.model.study import run_stream_study
 
         stats_dir = args.stats or args.out / "stats"  # the workers read the statistics from here
-        source, stats = open_stream(args, stats_dir)
         levers = study_levers(args)
+        shares = levers.head_shares
+        scan_share = "auto" if "auto" in shares else max(shares)
+        source, stats = open_stream(args, stats_dir, scan_share)
+        if scan_share and not stats.head_counts:
+            raise UembedError(f"the statistics in {stats_dir} hold no value counts, which --head-shares needs: "
+                              "give a new --out (or --stats folder) so the data is scanned again")  # fmt: skip
         records = run_stream_study(
             source, stats, stats_dir, args.methods, args.budgets, range(args.seeds), stream_config(args),
             jobs=args.jobs, runs_dir=args.out / "runs", search_examples=args.search_examples, levers=levers,
@@ -701,8 +709,9 @@ def stream_spec(args: argparse.Namespace, source):
     return with_split_options(spec, args)
 
 
-def open_stream(args: argparse.Namespace, stats_dir: Path):
-    """The source and its training statistics: read from --stats, or scanned once and saved in ``stats_dir``."""
+def open_stream(args: argparse.Namespace, stats_dir: Path, head_share: float | str | None = None):
+    """The source and its training statistics: read from --stats, or scanned once and saved in ``stats_dir``; the scan
+    counts values for heads of ``head_share`` (default: --head-share)."""
     from uembed.model.data.stream import StreamSource, StreamStats, head_sketch_size, scan
 
     source = StreamSource.open(args.dataset, args.format)
@@ -712,7 +721,7 @@ def open_stream(args: argparse.Namespace, stats_dir: Path):
     elif (stats_dir / "stats.json").is_file():
         stats = StreamStats.load(stats_dir)
     else:
-        sketch = head_sketch_size(args.head_share, spec, getattr(args, "budget_rows", None))
+        sketch = head_sketch_size(args.head_share if head_share is None else head_share, spec, getattr(args, "budget_rows", None))
         stats = scan(source, spec, seed=args.split_seed, batch_rows=args.read_rows, progress=not getattr(args, "quiet", False),
                      head_sketch=sketch)  # fmt: skip
         stats = StreamStats.load(stats.save(stats_dir))  # the keys back on disk until a collisionless plan reads them

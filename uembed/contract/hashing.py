@@ -66,6 +66,22 @@ except ImportError:  # not built (a source tree without `make install`): the pur
 SPEC_VERSION = "uembed-hash-v1"
 MISSING = b""
 BACKENDS = ("compiled", "python")
+
+
+def _agrees_with_xxhash(module) -> bool:
+    """Whether the extension's xxh3 (the system's libxxhash) gives python-xxhash's keys, which the contract and its
+    golden vectors are written in: a libxxhash from before XXH3 was stable would import and hash differently."""
+    samples = [b"", b"a", b"uembed", bytes(range(256)) * 9]
+    return all(
+        module.hash_bytes(samples, seed).tolist() == [xxhash.xxh3_64_intdigest(v, seed) for v in samples]
+        for seed in (0, 1, 2**63 + 11)
+    )
+
+
+if _fasthash is not None and not _agrees_with_xxhash(_fasthash):
+    if os.environ.get("UEMBED_REQUIRE_EXTENSION", "") not in ("", "0"):
+        raise ImportError("uembed.contract._fasthash hashes differently from python-xxhash (libxxhash older than 0.8?)")
+    _fasthash = None  # the pure path: slower, never wrong
 _compiled = _fasthash if os.environ.get("UEMBED_PURE_PYTHON", "") in ("", "0") else None
 
 

@@ -142,8 +142,8 @@ def side_by_side(bundles: dict[str, Path], bodies: list[bytes], env: dict[str, s
                  "bundles": {label: {"path": str(path), **bundle_bytes(path)} for label, path in bundles.items()}}
     try:
         for label, server in servers.items():
+            started.append(server)  # before it starts: a start that fails part-way is stopped too
             out["bundles"][label]["start_up"] = start_timed(server)
-            started.append(server)
             for table in (bundles[label] / "tables").iterdir():
                 read_through(table)  # the steady state: the row files in the page cache
         pids = {label: worker_pids(server) for label, server in servers.items()}

@@ -79,6 +79,9 @@ def init_from_env(timeout_s: float = COLLECTIVE_TIMEOUT_S, join_timeout_s: float
             set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
             if set_timeout is not None:
                 set_timeout(timedelta(seconds=timeout_s))
+            else:
+                print(f"warning: this torch cannot give a formed group a longer timeout: every collective waits at most "
+                      f"{join_timeout_s:.0f} s (UEMBED_JOIN_TIMEOUT_S), rank 0's statistics pass included", file=sys.stderr)  # fmt: skip
     return dist.get_world_size()
 
 
@@ -94,7 +97,7 @@ def _die_with_launcher() -> None:
     """A process ``launch`` started ends when the launcher does, however it ends (SIGKILL included):
     torchrun starts each rank in a session of its own, where nothing else would stop it, and a rank left
     behind holds its share of the CPUs and its run directory (Linux; elsewhere the agent's own cleanup)."""
-    launcher = os.environ.get(LAUNCHER_PID)
+    launcher = os.environ.pop(LAUNCHER_PID, None)  # a process this rank starts is not a rank of the launcher's
     if not launcher or not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -104,6 +107,7 @@ def _die_with_launcher() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
     if os.getppid() != int(launcher):  # it died before the request above: nothing will send the signal now
+        print(f"error: rank {os.environ.get('RANK', '?')}: its launcher (pid {launcher}) has gone; stopping", file=sys.stderr, flush=True)
         os._exit(1)
 
 

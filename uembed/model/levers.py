@@ -68,10 +68,11 @@ def served_bytes(plan: EmbeddingPlan, codec: str, subvectors: int | None = None)
 
 def check_codecs(codecs: tuple[str, ...], qat: tuple[str | None, ...], dims: tuple[int, ...], subvectors: int | None) -> None:
     """One-line errors for lever settings that cannot be studied, before any training."""
-    if subvectors is not None and "pq" in codecs:
+    if "pq" in codecs:
         for dim in dims:
-            if dim % subvectors:
-                raise LeverError(f"--pq-subvectors {subvectors} does not divide the dim {dim}; pick a divisor of every dim studied")
+            if dim % default_subvectors(dim, subvectors):
+                given = f"--pq-subvectors {subvectors}" if subvectors else f"pq's default of {default_subvectors(dim, None)} sub-vectors"
+                raise LeverError(f"{given} does not divide the dim {dim} (a studied or pruned width); pick a divisor of every one")
     for codec in qat:
         if codec is not None and codec not in ROWWISE_BITS:
             raise LeverError(f"--qat {codec!r}: QAT trains rowwise codecs only ({', '.join(ROWWISE_BITS)}) or none")

@@ -70,7 +70,8 @@ class Levers:
 
     @property
     def active(self) -> bool:
-        return self != Levers(cell_configs=self.cell_configs)
+        """Whether any lever is studied (one head share for every run, as `--head-share` gives, is not a lever)."""
+        return self != Levers(cell_configs=self.cell_configs, head_shares=self.head_shares[:1] if len(self.head_shares) == 1 else (0.0,))
 
     def variants(self) -> list[tuple[str | None, float]]:
         """The training settings each (method, budget, seed) is trained with: (qat, head share)."""
@@ -81,8 +82,7 @@ class Levers:
         config = cell if cell is not None else replace(base, budget_fraction=budget, budget_rows=None)
         qat, head_share = variant
         # A method without heads (collisionless, the chunk methods) trains without one whatever the share.
-        return replace(config, embedding=method, seed=seed, policy=None, qat=qat,
-                       head_share=head_share_for(method, head_share or config.head_share))  # fmt: skip
+        return replace(config, embedding=method, seed=seed, policy=None, qat=qat, head_share=head_share_for(method, head_share))
 
 
 def study_units(
@@ -95,8 +95,9 @@ def study_units(
     """
     if list(variants) != [(None, 0.0)]:
         # A method that holds no heads (collisionless: a row per value already) is trained once, not once per share.
+        first_share = variants[0][1]
         return [[(*item, variant) for item in unit] for variant in variants for unit in study_units(methods, budgets, seeds)
-                if not (variant[1] and not head_share_for(unit[-1][0], variant[1]))]  # fmt: skip
+                if variant[1] == first_share or head_share_for(unit[-1][0], 0.5)]  # fmt: skip
     specs = {m: method_spec(m) for m in methods}
     units = []
     for seed in seeds:
@@ -129,10 +130,8 @@ def run_unit(
     torch.set_num_threads(1)
     levers = levers or Levers()
     train_set, val_set, test_set = dataset.split(base.split_seed)
-    encoded_test: dict = {}
-
     def score(models: dict, plan) -> dict:
-        rows = encoded_test.setdefault(id(plan), plan.encode(test_set.columns))
+        rows = plan.encode(test_set.columns)
         return {codec: evaluate(test_set.labels, predict(m, *rows)) for codec, m in models.items()}
 
     records, policy = [], None
@@ -156,7 +155,7 @@ def run_unit(
         if not levers.active:
             records.append(record)
             continue
-        record |= {"qat": variant[0] or "", "head_share": variant[1], "prune_keep": ""}
+        record |= {"qat": variant[0] or "", "head_share": config.head_share, "prune_keep": ""}
         codecs = codecs_for(variant[0], levers.codecs)
         records += lever_records(record, result.model, result.plan, codecs, lambda ms, p=result.plan: score(ms, p), levers.subvectors)
         if levers.prune_keep:
@@ -227,7 +226,7 @@ def run_stream_unit(
                          max_examples=(search_examples or base.max_examples) if search else base.max_examples)  # fmt: skip
         reset_peak_rss()
         started = time.perf_counter()
-        name = f"{method}-b{budget:g}-s{seed}" + (f"-qat{variant[0]}" if variant[0] else "") + (f"-head{variant[1]}" if variant[1] else "")
+        name = f"{method}-b{budget:g}-s{seed}" + (f"-qat{variant[0]}" if variant[0] else "") + (f"-head{config.head_share}" if config.head_share else "")
         result = train_stream(config, source, stats, runs_dir / name, progress=False)
         metrics = result.metrics
         wall = time.perf_counter() - started
@@ -248,7 +247,7 @@ def run_stream_unit(
         if not levers.active:
             records.append(record)
             continue
-        record |= {"qat": variant[0] or "", "head_share": variant[1], "prune_keep": ""}
+        record |= {"qat": variant[0] or "", "head_share": config.head_share, "prune_keep": ""}
 
         def score(models: dict, plan=result.plan, split_seed=config.split_seed, read_rows=config.read_rows) -> dict:
             return evaluate_stream_models(models, plan, source, stats, split_seed, read_rows)
@@ -394,7 +393,8 @@ def frontier(summary: Sequence[dict]) -> list[dict]:
 
 def frontier_lines(summary: Sequence[dict]) -> list[str]:
     reference = reference_bytes(summary)
-    best_reference = max((r["auc"][0] for r in summary if r["embedding_bytes"] == reference and r.get("codec") == "float32"), default=None)
+    best_reference = next((r["auc"][0] for r in summary if method_spec(r["method"]).fixed_size and r.get("codec") == "float32"
+                           and not r.get("prune_keep") and not r.get("qat") and not r.get("head_share")), None)  # fmt: skip
     lines = [
         "", "## Frontier: the best configuration within each byte budget", "",
         "Served bytes: every table's records in the codec (values, rowwise scale and bias), pq codebooks, feature "

@@ -52,18 +52,20 @@ def default_subvectors(dim: int, subvectors: int | None) -> int:
     return subvectors or max(dim // 2, 1)
 
 
-def served_bytes(plan: EmbeddingPlan, codec: str, subvectors: int | None = None) -> int:
-    """Bytes the embeddings of ``plan`` take when a bundle serves them in ``codec`` (module docstring)."""
-    total = 0
-    for table in plan.tables:
-        width = default_subvectors(table.dim, subvectors) if codec == "pq" else None
-        record = row_width(codec, table.dim, width) * np.dtype(NUMPY_ROW_DTYPE[codec]).itemsize
-        record += SCALE_BIAS_BYTES if codec in ROWWISE_BITS else 0
-        total += table.rows * record
-        if codec == "pq":
-            total += PQ_CENTROIDS * table.dim * 4
-    maps = sum(v.nbytes for v in (*plan.vocabularies.values(), *plan.heads.values()))
-    return total + maps + 4 * plan.bias_parameters
+def record_bytes(codec: str, dim: int, subvectors: int | None = None) -> int:
+    """Bytes one row of ``dim`` values takes in ``codec``'s record (values, then a rowwise codec's scale and bias)."""
+    width = row_width(codec, dim, default_subvectors(dim, subvectors) if codec == "pq" else None)
+    return width * np.dtype(NUMPY_ROW_DTYPE[codec]).itemsize + (SCALE_BIAS_BYTES if codec in ROWWISE_BITS else 0)
+
+
+def served_bytes(plan: EmbeddingPlan, codec: str, subvectors: int | None = None, maps: bool = True) -> int:
+    """Bytes the embeddings of ``plan`` take when a bundle serves them in ``codec`` (module docstring); without
+    ``maps``, the tables' files alone (records, codebooks) and the biases."""
+    total = sum(t.rows * record_bytes(codec, t.dim, subvectors) for t in plan.tables)
+    if codec == "pq":
+        total += sum(PQ_CENTROIDS * t.dim * 4 for t in plan.tables)
+    values = sum(v.nbytes for v in (*plan.vocabularies.values(), *plan.heads.values())) if maps else 0
+    return total + values + 4 * plan.bias_parameters
 
 
 def check_codecs(codecs: tuple[str, ...], qat: tuple[str | None, ...], dims: tuple[int, ...], subvectors: int | None) -> None:

@@ -8,8 +8,8 @@ on the whole validation split. Collisionless float32 is the reference, trained f
   budget fractions, the axis its fit runs along. A lever that must be trained in (the head share of a hybrid table,
   QAT) is one more field of :class:`Family` and of its ``config``.
 - *post-training* levers change a trained model's tables and are measured on them, with no training: today the row
-  codecs (:data:`POST_LEVERS`, :func:`apply_codec`: the export's own quantiser and PQ codebooks). Pruned dims would be
-  one more entry, with its bytes in :func:`record_bytes`.
+  codecs (:data:`POST_LEVERS`, :func:`uembed.model.levers.codec_rows`: the export's own quantiser and PQ codebooks). Pruned
+  dims would be one more entry, with its bytes in :func:`uembed.model.levers.record_bytes`.
 
 **Fit.** Per family and codec, validation AUC against log(fraction) through the calibrated points, made
 non-decreasing in the rows and joined by straight lines (for a fixed family and codec the served bytes are affine in
@@ -38,15 +38,7 @@ import torch
 from tqdm import tqdm
 
 from uembed.bundle.codecs import (
-    NUMPY_ROW_DTYPE,
-    PQ_CENTROIDS,
     ROW_DTYPES,
-    ROWWISE_BITS,
-    SCALE_BIAS_BYTES,
-    decode_rows,
-    encode_rows,
-    row_width,
-    train_codebooks,
 )
 from uembed.contract.errors import BudgetError, SpecError, UembedError
 from uembed.contract.plan import (
@@ -58,6 +50,8 @@ from uembed.contract.plan import (
     vocabulary_sizes,
 )
 from uembed.model.data import Dataset
+from uembed.model.levers import codec_rows, record_bytes  # noqa: F401 - record_bytes: the planner's sizes
+from uembed.model.levers import served_bytes as lever_served_bytes
 from uembed.model.train import TrainConfig, TrainResult, evaluate, predict, train
 
 PLAN_FORMAT = "uembed-memory-plan"
@@ -68,7 +62,6 @@ DEFAULT_METHODS = ("unified", "hashing-trick")
 DEFAULT_DIMS = (8, 16, 32)
 DEFAULT_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)
 POST_LEVERS = ROW_DTYPES  # the row codecs, measured on each calibration model's tables
-PQ_SAMPLE_ROWS = 65536  # rows a calibration table's codebooks are trained on
 
 
 @dataclass(frozen=True)
@@ -156,21 +149,9 @@ def non_decreasing(values: Sequence[float], weights: Sequence[float]) -> list[fl
 # --- bytes as served ------------------------------------------------------------------------------------------------
 
 
-def pq_subvectors(dim: int) -> int:
-    """The export's default M: half the dim, two values a sub-vector."""
-    return max(dim // 2, 1)
-
-
-def record_bytes(codec: str, dim: int) -> int:
-    """Bytes one row of ``dim`` values takes in ``codec``'s record."""
-    item = np.dtype(NUMPY_ROW_DTYPE[codec]).itemsize
-    return row_width(codec, dim, pq_subvectors(dim)) * item + (SCALE_BIAS_BYTES if codec in ROWWISE_BITS else 0)
-
-
 def served_bytes(plan: EmbeddingPlan, codec: str) -> int:
-    """The plan's embedding bytes as a bundle of ``codec`` serves them: records, pq codebooks, float32 biases."""
-    codebooks = sum(PQ_CENTROIDS * t.dim * 4 for t in plan.tables) if codec == "pq" else 0
-    return sum(t.rows * record_bytes(codec, t.dim) for t in plan.tables) + codebooks + 4 * plan.bias_parameters
+    """The plan's embedding bytes as a bundle of ``codec`` serves its tables: records, pq codebooks, float32 biases."""
+    return lever_served_bytes(plan, codec, maps=False)
 
 
 class Sizer:
@@ -209,18 +190,6 @@ class Sizer:
 # --- calibration ----------------------------------------------------------------------------------------------------
 
 
-def apply_codec(weights: np.ndarray, codec: str, seed: int = 0) -> np.ndarray:
-    """float32 rows as a ``codec`` bundle would serve them: encoded and decoded with the export's codecs."""
-    if codec == "float32":
-        return weights
-    codebooks = None
-    if codec == "pq":
-        sample = weights if len(weights) <= PQ_SAMPLE_ROWS else weights[np.linspace(0, len(weights) - 1, PQ_SAMPLE_ROWS).astype(int)]
-        codebooks = train_codebooks(sample, pq_subvectors(weights.shape[1]), seed)
-    values, scale_bias = encode_rows(weights, codec, codebooks)
-    return decode_rows(values, codec, weights.shape[1], scale_bias, codebooks)
-
-
 def codec_auc(result: TrainResult, data: Dataset, codecs: Sequence[str]) -> dict[str, float]:
     """AUC on ``data`` of the trained model with its tables served in each codec (table by table, as exported)."""
     model, plan = result.model, result.plan
@@ -229,7 +198,7 @@ def codec_auc(result: TrainResult, data: Dataset, codecs: Sequence[str]) -> dict
     out = {}
     try:
         for codec in codecs:
-            decoded = [apply_codec(t.detach().numpy(), codec) for t in model.embedding.table_weights().values()]
+            decoded = [codec_rows(t.detach().numpy(), codec) for t in model.embedding.table_weights().values()]
             model.embedding.weight.data = torch.from_numpy(np.concatenate(decoded).astype(np.float32))
             out[codec] = evaluate(data.labels, predict(model, rows, weights))["auc"]
     finally:

@@ -1,19 +1,35 @@
 #!/bin/bash
-# Issue #41: 1 training process against 2 on the Criteo-shaped stream (2 M examples, Parquet shards of
-# 250 k rows), the same examples, one after the other; run it alone. Usage: scripts/dist-bench.sh [OUT]
+# Issue #41: 1 training process against 2 on the Criteo-shaped stream (2 M examples), the same examples, one after
+# the other, and the machine's own ceiling for two processes: two independent single-process trainings at once
+# (no exchange between them), each on the first half of the shards. Run it alone.
+# Usage: scripts/dist-bench.sh [OUT]   (BATCH=512 for another batch per process)
 set -e
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 OUT=${1:-/tmp/uembed-dist-bench}
+BATCH=${BATCH:-256}
 rm -rf $OUT && mkdir -p $OUT
 .venv/bin/uembed data synth --preset criteo-kaggle --examples 2M --shard-rows 250000 --out $OUT/data --quiet
-for n in 1 2; do
-  /usr/bin/time -v .venv/bin/uembed train --dataset $OUT/data --embedding unified --budget 0.1 --epochs 1 \
-    --runs-dir $OUT/runs --name dp$n --nproc $n --quiet > $OUT/train-$n.log 2> $OUT/train-$n.err || { echo "nproc $n failed"; tail -20 $OUT/train-$n.err; }
+mkdir -p $OUT/half
+for path in $OUT/data/*; do
+  case $path in *.parquet) ;; *) cp $path $OUT/half/ ;; esac
 done
+ls $OUT/data/*.parquet | head -n $(( $(ls $OUT/data/*.parquet | wc -l) / 2 )) | xargs -I{} ln -s {} $OUT/half/
+train() {  # NAME DATA NPROC
+  /usr/bin/time -v .venv/bin/uembed train --dataset $2 --embedding unified --budget 0.1 --epochs 1 --batch-size $BATCH \
+    --runs-dir $OUT/runs --name $1 --nproc $3 --quiet > $OUT/train-$1.log 2> $OUT/train-$1.err || { echo "$1 failed"; tail -20 $OUT/train-$1.err; }
+}
+train dp1 $OUT/data 1
+train dp2 $OUT/data 2
+train pair-a $OUT/half 1 & train pair-b $OUT/half 1 & wait
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
-for n in (1, 2):
-    m = json.load(open(f"{sys.argv[1]}/runs/dp{n}/metrics.json"))
-    print(n, {k: m.get(k) for k in ("world_size", "train_examples", "examples_per_second", "examples_per_second_per_rank", "test_auc", "test_logloss", "train_seconds", "replicas_identical")})
+runs = {name: json.load(open(f"{sys.argv[1]}/runs/{name}/metrics.json")) for name in ("dp1", "dp2", "pair-a", "pair-b")}
+for name, m in runs.items():
+    print(name, {k: m.get(k) for k in ("world_size", "train_examples", "examples_per_second", "examples_per_second_per_rank",
+                                       "test_auc", "test_logloss", "train_seconds", "replicas_identical")})
+one, two = runs["dp1"]["examples_per_second"], runs["dp2"]["examples_per_second"]
+pair = runs["pair-a"]["examples_per_second"] + runs["pair-b"]["examples_per_second"]
+print(f"2 processes over 1: {two / one:.2f}x; two independent processes at once over 1: {pair / one:.2f}x; "
+      f"data-parallel over the independent pair: {two / pair:.2f}; test AUC {runs['dp2']['test_auc']:.4f} against {runs['dp1']['test_auc']:.4f}")
 PY

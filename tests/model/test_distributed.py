@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,14 +92,36 @@ def parquet_data(tmp_path_factory) -> Path:
     return folder
 
 
+def covered_rows(batches) -> list[int]:
+    return [row for first, batch in batches for row in range(first, first + batch.num_rows)]
+
+
 def test_ranks_read_disjoint_shares_that_cover_the_source(parquet_data):
     source, spec = StreamSource.open(parquet_data), load_spec(parquet_data / "spec.toml")
-    whole = [(first, batch.num_rows) for first, batch in source.record_batches(spec, 500)]
-    shares = [[(first, batch.num_rows) for first, batch in source.record_batches(spec, 500, shard=(r, 2))] for r in (0, 1)]
+    whole = covered_rows(source.record_batches(spec, 500))
+    shares = [covered_rows(source.record_batches(spec, 500, shard=(r, 2))) for r in (0, 1)]
     assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
-    assert sorted(shares[0] + shares[1]) == sorted(whole)
-    # a text-like fallback (fewer row groups than ranks): record batches dealt round-robin
-    assert [first for first, _ in source.record_batches(spec, 500, shard=(1, 30))] == [whole[i][0] for i in range(1, len(whole), 30)]
+    assert shares[0] + shares[1] == whole  # contiguous blocks, in rank order
+    # more ranks than row groups: still disjoint blocks that cover the rows
+    many = [covered_rows(source.record_batches(spec, 500, shard=(r, 30))) for r in range(30)]
+    assert sum(many, []) == whole and {len(share) for share in many} == {len(whole) // 30}
+
+
+def test_ranks_get_equal_shares_of_uneven_row_groups(parquet_data, tmp_path):
+    """Row groups of 700 rows (the last one short): dealing whole groups would give one rank 600 rows more, which
+    every step of its share the other rank would wait for; blocks of rows are equal."""
+    for path in parquet_data.glob("*.parquet"):
+        pq.write_table(pq.read_table(path), tmp_path / path.name, row_group_size=700)
+    for path in parquet_data.iterdir():
+        if path.suffix != ".parquet":
+            shutil.copy(path, tmp_path / path.name)
+    source, spec = StreamSource.open(tmp_path), load_spec(tmp_path / "spec.toml")
+    whole = covered_rows(source.record_batches(spec, 500))
+    shares = [covered_rows(source.record_batches(spec, 500, shard=(r, 2))) for r in (0, 1)]
+    assert shares[0] + shares[1] == whole and abs(len(shares[0]) - len(shares[1])) <= 1
+    # a rank's block from a resume point inside it
+    resumed = covered_rows(source.record_batches(spec, 500, start_row=shares[1][100], shard=(1, 2)))
+    assert resumed == shares[1][100:]
 
 
 @pytest.fixture(scope="module")

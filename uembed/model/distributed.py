@@ -11,9 +11,9 @@ hook is the identity: a run without torchrun trains exactly as before.
   each plain Criteo text file, or record batches of a gzip or CSV file), and ``Lockstep``
   keeps the ranks stepping together until the last one runs dry.
 * **Gradients.** The dense parameters' gradients are summed over the ranks (``all_reduce``) and divided by
-  the ranks that had a batch. The shared tables are replicated: each rank's sparse gradient (touched rows
-  only) is coalesced, every rank gathers every rank's rows and values, and all apply the same coalesced
-  update, so the tables and the row-wise optimiser state stay identical on every rank.
+  the ranks that had a batch. The shared tables are replicated: every rank gathers every rank's sparse
+  gradient (touched rows only), coalesces them all and applies the same update, so the tables and the
+  row-wise optimiser state stay identical on every rank; the dense sum travels meanwhile.
 * **Writing.** Rank 0 writes checkpoints, metrics and the run directory (``is_writer``); the run
   directory must be one every rank can read (a shared volume across machines): a restarted group resumes
   from it.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 
 import numpy as np
@@ -252,60 +252,78 @@ class Lockstep:
             yield batch
 
 
-def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False) -> int:
+def lookup_slots(model) -> int:
+    """Row lookups per example (the table's ``[B, S]`` rows input): a batch's sparse gradient has ``B * S`` rows."""
+    return int(getattr(model.embedding, "base", model.embedding).slot_offset.numel())
+
+
+def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, batch_size: int | None = None,
+                   table_step: Callable[[], object] | None = None) -> int:  # fmt: skip
     """Average the gradients over the ranks that had a batch; how many had one (0: the step is to be skipped,
     every rank has run dry). This rank had one unless ``has_batch`` is False (its gradients count as zero).
+    ``table_step`` (the tables' optimiser step), when given, runs once the tables' gradient is in place, with one
+    process too; ``batch_size`` bounds a batch's rows (default: this batch's).
 
-    Two collectives a step, whatever the model: one all_reduce of a header (the ranks that had a batch, each
-    rank's count of touched table rows) and the dense parameters' gradients flattened together; one all_gather
-    of each rank's coalesced sparse table gradient, its row indices carried bit for bit in the values' dtype,
-    padded to the longest (the header says how long). Every rank then coalesces the same rows in rank order,
-    so every rank holds the same update; ``dense_tables`` turns it into a dense gradient for a dense optimiser
-    (in-memory Adam).
+    Two collectives a step, whatever the model. First an all_gather of each rank's sparse table gradient as
+    the embedding gave it (one row per lookup, uncoalesced: coalescing is a sort, done once after the gather
+    rather than on every rank before it too), padded to the largest batch's lookups, its row indices carried bit
+    for bit in the values' dtype, after a header row (whether the rank had a batch, how many rows it sends).
+    Then the dense parameters' gradients, flattened together, are all-reduced asynchronously: while they
+    travel, every rank coalesces the same rows in rank order (so every rank holds the same update) and runs
+    ``table_step``. ``dense_tables`` turns the table's update into a dense gradient for a dense optimiser
+    (in-memory Adam), whose step then needs the dense gradients too: no ``table_step`` there.
     """
     world = world_size()
     if world == 1:
+        if has_batch and table_step is not None:
+            table_step()
         return int(has_batch)
     table = table_parameter(model)
     grad = table.grad
-    if grad is None:
+    if grad is None or not has_batch:
         indices, values = torch.zeros(0, dtype=torch.int64), torch.zeros((0, table.shape[1]), dtype=table.dtype)
     elif grad.is_sparse:
-        grad = grad.coalesce()
-        indices, values = grad.indices()[0], grad.values()
+        indices, values = grad._indices()[0], grad._values()
     else:  # a dense gradient: send only the rows it touches
         indices = grad.abs().sum(dim=1).nonzero().flatten()
         values = grad[indices]
-    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
-    # the counts ride in the gradients' dtype: exact while a step touches fewer than 2**24 rows (float32)
-    header = torch.zeros(world + 1, dtype=table.dtype)
-    header[0] = float(has_batch)
-    header[1 + rank()] = float(indices.shape[0])
-    flat = torch.cat([header, *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense)])
-    dist.all_reduce(flat)
-    active = round(float(flat[0]))
-    if active == 0:
-        return 0
-    counts = [round(float(c)) for c in flat[1 : world + 1]]
-    grads = flat[world + 1 :]
-    if active > 1:
-        grads.div_(active)  # in place: the dense gradients can be megabytes, every step
-    offset = 0
-    for parameter in dense:
-        size = parameter.numel()
-        parameter.grad = grads[offset : offset + size].view_as(parameter)
-        offset += size
+    # every rank pads to the same length, a full batch's lookups (the counts ride in the values' dtype, exact
+    # below 2**24 rows in float32); without ``batch_size`` the ranks agree on it in a collective of its own
+    if batch_size is None:
+        capacity = int(max(gather_objects(indices.shape[0])))
+    else:
+        capacity = batch_size * lookup_slots(model)
+        if indices.shape[0] > capacity:
+            raise UembedError(f"a batch touched {indices.shape[0]} table rows, more than {batch_size} examples can")
     columns = max(1, 8 // table.element_size())  # of the table's dtype, to hold an int64 row index bit for bit
-    packed = torch.zeros((max(counts), columns + table.shape[1]), dtype=table.dtype)
-    packed[: indices.shape[0], :columns] = indices.to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
-    packed[: indices.shape[0], columns:] = values
+    packed = torch.zeros((1 + capacity, columns + table.shape[1]), dtype=table.dtype)
+    packed[0, 0] = float(has_batch)
+    packed[0, 1] = float(indices.shape[0])
+    packed[1 : 1 + indices.shape[0], :columns] = indices.to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
+    packed[1 : 1 + indices.shape[0], columns:] = values
     parts = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(parts, packed)
-    rows = torch.cat([part[:count] for part, count in zip(parts, counts)])
+    active = sum(round(float(part[0, 0])) for part in parts)
+    if active == 0:
+        return 0
+    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None and has_batch else torch.zeros_like(p)).reshape(-1) for p in dense])
+    travelling = dist.all_reduce(flat, async_op=True)
+    rows = torch.cat([part[1 : 1 + round(float(part[0, 1]))] for part in parts])
     all_indices = rows[:, :columns].contiguous().view(torch.int64).reshape(-1)
     all_values = rows[:, columns:] / active if active > 1 else rows[:, columns:]
     merged = torch.sparse_coo_tensor(all_indices.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
     table.grad = merged.to_dense() if dense_tables else merged
+    if table_step is not None:
+        table_step()
+    travelling.wait()
+    if active > 1:
+        flat.div_(active)  # in place: the dense gradients can be megabytes, every step
+    offset = 0
+    for parameter in dense:
+        size = parameter.numel()
+        parameter.grad = flat[offset : offset + size].view_as(parameter)
+        offset += size
     return active
 
 

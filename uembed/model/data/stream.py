@@ -111,14 +111,14 @@ class StreamSource:
         """``(first_row, batch)`` pairs of the spec's columns, from row ``start_row`` (a batch boundary) on.
 
         ``shard = (rank, world)``: only this rank's share, disjoint from the other ranks' (data-parallel
-        training): every world-th Parquet row group, which the other ranks never read; of each plain Criteo
+        training): of Parquet data, a contiguous block of the rows (the row groups it needs; a group on a
+        boundary is read by both of its ranks); of each plain Criteo
         text file, the rank's byte range on line boundaries (:func:`line_range`), which the other ranks never
-        parse; of gzip Criteo files (which cannot be split), CSV/TSV files, or Parquet files with fewer row groups
-        than ranks, every world-th record batch (each rank reads it all, keeping its batches). Rows keep their
-        stream position.
+        parse; of gzip Criteo files (which cannot be split) and CSV/TSV files, every world-th record batch (each
+        rank reads it all, keeping its batches). Rows keep their stream position.
         """
-        if shard[1] > 1 and self.format == "parquet" and self._row_groups() >= shard[1]:
-            yield from self._row_group_share(spec, batch_rows, start_row, shard)
+        if shard[1] > 1 and self.format == "parquet":
+            yield from self._row_range_share(spec, batch_rows, start_row, shard)
             return
         if shard[1] > 1 and self.format == "criteo" and all(path.suffix != ".gz" for path in self.paths):
             yield from self._byte_range_share(spec, batch_rows, start_row, shard)
@@ -151,24 +151,26 @@ class StreamSource:
             except pa.ArrowInvalid as exc:
                 raise DataError(f"{path} could not be read: {exc}") from exc
 
-    def _row_groups(self) -> int:
-        return sum(pq.ParquetFile(path).metadata.num_row_groups for path in self.paths)
-
-    def _row_group_share(self, spec: DatasetSpec, batch_rows: int, start_row: int, shard: tuple[int, int]) -> Iterator[tuple[int, pa.RecordBatch]]:
+    def _row_range_share(self, spec: DatasetSpec, batch_rows: int, start_row: int, shard: tuple[int, int]) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """The rank's contiguous block of rows, the blocks in rank order and as equal as rows allow: whole row
+        groups would leave one rank with a group more than another, and every step it waits for the others."""
         columns = self.check_columns(spec)
-        row, group = 0, 0
-        for path in self.paths:
-            handle = pq.ParquetFile(path)
-            for index in range(handle.metadata.num_row_groups):
-                rows = handle.metadata.row_group(index).num_rows
-                if group % shard[1] == shard[0] and row + rows > start_row:
-                    first = row
-                    for batch in handle.iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns):
-                        if first >= start_row:
-                            yield first, batch
-                        first += batch.num_rows
-                row += rows
-                group += 1
+        groups = [(path, index, metadata.row_group(index).num_rows)
+                  for path, metadata in ((path, pq.ParquetFile(path).metadata) for path in self.paths)
+                  for index in range(metadata.num_row_groups)]  # fmt: skip
+        total = sum(rows for _, _, rows in groups)
+        low, high = total * shard[0] // shard[1], total * (shard[0] + 1) // shard[1]
+        low = max(low, start_row)
+        row = 0
+        for path, index, rows in groups:
+            if row + rows > low and row < high:  # a group on a boundary is read by both ranks, each keeping its rows
+                first = row
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns):
+                    begin, end = max(first, low), min(first + batch.num_rows, high)
+                    if begin < end:
+                        yield begin, batch.slice(begin - first, end - begin)
+                    first += batch.num_rows
+            row += rows
 
 
     def _byte_range_share(self, spec: DatasetSpec, batch_rows: int, start_row: int, shard: tuple[int, int]) -> Iterator[tuple[int, pa.RecordBatch]]:

@@ -6,7 +6,7 @@
 set -e
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
-OUT=${1:-/tmp/uembed-dist-bench}
+OUT=$(realpath -m "${1:-/tmp/uembed-dist-bench}")
 BATCH=${BATCH:-256}
 rm -rf $OUT && mkdir -p $OUT
 .venv/bin/uembed data synth --preset criteo-kaggle --examples 2M --shard-rows 250000 --out $OUT/data --quiet
@@ -14,7 +14,8 @@ mkdir -p $OUT/half
 for path in $OUT/data/*; do
   case $path in *.parquet) ;; *) cp $path $OUT/half/ ;; esac
 done
-ls $OUT/data/*.parquet | head -n $(( $(ls $OUT/data/*.parquet | wc -l) / 2 )) | xargs -I{} ln -s {} $OUT/half/
+SHARDS=$(ls $OUT/data/*.parquet | wc -l)
+ls $OUT/data/*.parquet | head -n $(( SHARDS > 1 ? SHARDS / 2 : 1 )) | xargs -I{} ln -s {} $OUT/half/
 train() {  # NAME DATA NPROC
   /usr/bin/time -v .venv/bin/uembed train --dataset $2 --embedding unified --budget 0.1 --epochs 1 --batch-size $BATCH \
     --runs-dir $OUT/runs --name $1 --nproc $3 --quiet > $OUT/train-$1.log 2> $OUT/train-$1.err || { echo "$1 failed"; tail -20 $OUT/train-$1.err; }

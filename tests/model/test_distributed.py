@@ -84,7 +84,7 @@ def trained(runs: Path, name: str, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def parquet_data(tmp_path_factory) -> Path:
-    """Criteo-shaped Parquet with many row groups, so each of two ranks reads its own."""
+    """Criteo-shaped Parquet in row groups of 1,000 rows."""
     folder = tmp_path_factory.mktemp("criteo")
     write_criteo_shards(folder, 12_000, CriteoShape(vocabulary=CRITEO_PRESETS["criteo-tiny"], seed=3), progress=False)
     for path in folder.glob("*.parquet"):
@@ -122,6 +122,25 @@ def test_ranks_get_equal_shares_of_uneven_row_groups(parquet_data, tmp_path):
     # a rank's block from a resume point inside it
     resumed = covered_rows(source.record_batches(spec, 500, start_row=shares[1][100], shard=(1, 2)))
     assert resumed == shares[1][100:]
+
+
+def test_many_row_groups_are_dealt_in_equal_blocks_spread_over_the_source(parquet_data, tmp_path):
+    """With many row groups a rank's share is several blocks across the source, not one end of it: a split column
+    that puts validation and test last must still leave every rank training rows."""
+    for path in parquet_data.glob("*.parquet"):
+        pq.write_table(pq.read_table(path), tmp_path / path.name, row_group_size=70)
+    for path in parquet_data.iterdir():
+        if path.suffix != ".parquet":
+            shutil.copy(path, tmp_path / path.name)
+    source, spec = StreamSource.open(tmp_path), load_spec(tmp_path / "spec.toml")
+    whole = covered_rows(source.record_batches(spec, 500))
+    shares = [covered_rows(source.record_batches(spec, 500, shard=(r, 3))) for r in range(3)]
+    assert sorted(sum(shares, [])) == whole and len(set(sum(shares, []))) == len(whole)
+    assert max(map(len, shares)) - min(map(len, shares)) <= len(whole) // 100
+    for share in shares:  # each rank holds rows of the first and the last tenth of the source
+        assert min(share) < len(whole) // 10 and max(share) > len(whole) * 9 // 10
+    resumed = covered_rows(source.record_batches(spec, 500, start_row=shares[2][len(shares[2]) // 2], shard=(2, 3)))
+    assert resumed == shares[2][len(shares[2]) // 2 :]
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +331,13 @@ def test_a_data_parallel_run_under_torchrun_needs_a_name(tmp_path):
     # A group of one that never completes would hang: the check comes before the group is joined.
     result = uembed("train", *SMALL, "--runs-dir", str(tmp_path), timeout=60, env=env)
     assert result.returncode == 2 and "--name" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_step_too_large_to_exchange_stops_every_rank_with_one_line(tmp_path):
+    """The row counts of a step travel in float32: every rank refuses a batch past 2**24 lookups alike, none left
+    waiting for a rank that stopped."""
+    result = uembed("train", *SMALL, "--batch-size", "20000000", "--epochs", "1", "--nproc", "2", "--runs-dir", str(tmp_path),
+                    "--name", "huge", timeout=240)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("too large to exchange") == 2 and "lower --batch-size" in result.stderr, result.stderr[-3000:]

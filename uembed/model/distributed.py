@@ -7,7 +7,7 @@ hook is the identity: a run without torchrun trains exactly as before.
 
 * **Data.** In memory, every rank holds the examples and takes every ``world``-th one of the epoch's
   permutation (the same permutation on every rank: one seed), padded so every rank runs as many steps.
-  Streamed, every rank reads its own share of the source (``shard``: Parquet row groups, a byte range of
+  Streamed, every rank reads its own share of the source (``shard``: blocks of Parquet rows, a byte range of
   each plain Criteo text file, or record batches of a gzip or CSV file), and ``Lockstep``
   keeps the ranks stepping together until the last one runs dry.
 * **Gradients.** The dense parameters' gradients are summed over the ranks (``all_reduce``) and divided by
@@ -264,14 +264,14 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ba
     ``table_step`` (the tables' optimiser step), when given, runs once the tables' gradient is in place, with one
     process too; ``batch_size`` bounds a batch's rows (default: this batch's).
 
-    Two collectives a step, whatever the model. First an all_gather of each rank's sparse table gradient as
-    the embedding gave it (one row per lookup, uncoalesced: coalescing is a sort, done once after the gather
-    rather than on every rank before it too), padded to the largest batch's lookups, its row indices carried bit
-    for bit in the values' dtype, after a header row (whether the rank had a batch, how many rows it sends).
-    Then the dense parameters' gradients, flattened together, are all-reduced asynchronously: while they
-    travel, every rank coalesces the same rows in rank order (so every rank holds the same update) and runs
-    ``table_step``. ``dense_tables`` turns the table's update into a dense gradient for a dense optimiser
-    (in-memory Adam), whose step then needs the dense gradients too: no ``table_step`` there.
+    Two collectives a step, whatever the model (three without ``batch_size``). First an all_gather of each
+    rank's sparse table gradient as the embedding gave it (one row per lookup, uncoalesced: coalescing is a sort,
+    done once after the gather rather than on every rank before it too), padded to a full batch's lookups, its
+    row indices carried bit for bit in the values' dtype, after a header row (whether the rank had a batch, how
+    many rows it sends). Then the dense parameters' gradients, flattened together, are all-reduced
+    asynchronously: while they travel, every rank coalesces the same rows in rank order (so every rank holds the
+    same update) and runs ``table_step``. ``dense_tables`` turns the table's update into a dense gradient, for a
+    dense optimiser of the tables (Adam).
     """
     world = world_size()
     if world == 1:
@@ -287,22 +287,28 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ba
     else:  # a dense gradient: send only the rows it touches
         indices = grad.abs().sum(dim=1).nonzero().flatten()
         values = grad[indices]
-    # every rank pads to the same length, a full batch's lookups (the counts ride in the values' dtype, exact
-    # below 2**24 rows in float32); without ``batch_size`` the ranks agree on it in a collective of its own
+    # Every rank pads to the same length, a full batch's lookups: one collective fewer than agreeing on a length
+    # every step, for bytes (a batch touches fewer distinct rows). Without ``batch_size`` the ranks agree on it
+    # in a collective of its own.
     if batch_size is None:
         capacity = int(max(gather_objects(indices.shape[0])))
     else:
         capacity = batch_size * lookup_slots(model)
-        if indices.shape[0] > capacity:
-            raise UembedError(f"a batch touched {indices.shape[0]} table rows, more than {batch_size} examples can")
+    if capacity >= 1 << 24:  # the same on every rank: all of them refuse, none waits for the others
+        raise UembedError(f"a step of {capacity:,} table lookups a process is too large to exchange (2**24 at most): "
+                          "lower --batch-size")  # fmt: skip
     columns = max(1, 8 // table.element_size())  # of the table's dtype, to hold an int64 row index bit for bit
-    packed = torch.zeros((1 + capacity, columns + table.shape[1]), dtype=table.dtype)
-    packed[0, 0] = float(has_batch)
-    packed[0, 1] = float(indices.shape[0])
-    packed[1 : 1 + indices.shape[0], :columns] = indices.to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
-    packed[1 : 1 + indices.shape[0], columns:] = values
+    width = columns + table.shape[1]
+    packed = torch.zeros((1 + capacity, max(3, width)), dtype=table.dtype)
+    # the header row (counts in the values' dtype: exact below 2**24): had a batch, rows sent, rows it could not send
+    sent = min(indices.shape[0], capacity)
+    packed[0, :3] = torch.tensor([float(has_batch), float(sent), float(indices.shape[0] - sent)])
+    packed[1 : 1 + sent, :columns] = indices[:sent].to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
+    packed[1 : 1 + sent, columns:width] = values[:sent]
     parts = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(parts, packed)
+    if any(float(part[0, 2]) > 0 for part in parts):  # every rank sees it and stops alike
+        raise UembedError(f"a batch touched more table rows than {batch_size} examples of {lookup_slots(model)} lookups can")
     active = sum(round(float(part[0, 0])) for part in parts)
     if active == 0:
         return 0
@@ -311,7 +317,7 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ba
     travelling = dist.all_reduce(flat, async_op=True)
     rows = torch.cat([part[1 : 1 + round(float(part[0, 1]))] for part in parts])
     all_indices = rows[:, :columns].contiguous().view(torch.int64).reshape(-1)
-    all_values = rows[:, columns:] / active if active > 1 else rows[:, columns:]
+    all_values = rows[:, columns:width] / active if active > 1 else rows[:, columns:width]
     merged = torch.sparse_coo_tensor(all_indices.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
     table.grad = merged.to_dense() if dense_tables else merged
     if table_step is not None:

@@ -39,6 +39,8 @@ QUANTILE_SAMPLE = 1 << 20
 # fraction): 16 bytes a value, twice that while a batch is merged.
 HEAD_SKETCH = 1 << 16
 SPLITS = ("train", "validation", "test")
+# Row groups a rank's block of Parquet rows spans under data parallelism (StreamSource._row_range_share).
+BLOCK_GROUPS = 8
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,9 @@ class StreamSource:
         """``(first_row, batch)`` pairs of the spec's columns, from row ``start_row`` (a batch boundary) on.
 
         ``shard = (rank, world)``: only this rank's share, disjoint from the other ranks' (data-parallel
-        training): of Parquet data, a contiguous block of the rows (the row groups it needs; a group on a
-        boundary is read by both of its ranks); of each plain Criteo
-        text file, the rank's byte range on line boundaries (:func:`line_range`), which the other ranks never
-        parse; of gzip Criteo files (which cannot be split) and CSV/TSV files, every world-th record batch (each
+        training): of Parquet data, equal blocks of rows dealt round-robin (:meth:`_row_range_share`); of each
+        plain Criteo text file, the rank's byte range on line boundaries (:func:`line_range`), which the other
+        ranks never parse; of gzip Criteo files (which cannot be split) and CSV/TSV files, every world-th record batch (each
         rank reads it all, keeping its batches). Rows keep their stream position.
         """
         if shard[1] > 1 and self.format == "parquet":
@@ -152,26 +153,34 @@ class StreamSource:
                 raise DataError(f"{path} could not be read: {exc}") from exc
 
     def _row_range_share(self, spec: DatasetSpec, batch_rows: int, start_row: int, shard: tuple[int, int]) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """The rank's contiguous block of rows, the blocks in rank order and as equal as rows allow: whole row
-        groups would leave one rank with a group more than another, and every step it waits for the others."""
+        """The rank's blocks of rows: the rows cut into ``world * K`` blocks as equal as rows allow, rank ``r``
+        taking blocks ``r, r + world, ...``. Whole row groups would leave one rank a group longer than another,
+        and every step of that group the others wait for it; ``K`` (one block per ``BLOCK_GROUPS`` row groups a
+        rank) keeps a rank's share spread over the source, as dealing groups did (a split column that puts
+        validation and test at the end must not leave the last rank without training rows), while a group on
+        a block's edge, which both of its ranks decode, stays a small part of a block."""
         columns = self.check_columns(spec)
-        groups = [(path, index, metadata.row_group(index).num_rows)
-                  for path, metadata in ((path, pq.ParquetFile(path).metadata) for path in self.paths)
-                  for index in range(metadata.num_row_groups)]  # fmt: skip
-        total = sum(rows for _, _, rows in groups)
-        low, high = total * shard[0] // shard[1], total * (shard[0] + 1) // shard[1]
-        low = max(low, start_row)
+        handles = {path: pq.ParquetFile(path) for path in self.paths}
+        groups = [(path, index, handle.metadata.row_group(index).num_rows)
+                  for path, handle in handles.items() for index in range(handle.metadata.num_row_groups)]  # fmt: skip
+        total, world = sum(rows for _, _, rows in groups), shard[1]
+        blocks = world * max(1, len(groups) // (world * BLOCK_GROUPS))
+        edges = [total * b // blocks for b in range(blocks + 1)]
+        mine = [(max(edges[b], start_row), edges[b + 1]) for b in range(shard[0], blocks, world) if edges[b + 1] > start_row]
         row = 0
         for path, index, rows in groups:
-            if row + rows > low and row < high:  # a group on a boundary is read by both ranks, each keeping its rows
+            wanted = [(low, high) for low, high in mine if low < row + rows and row < high]
+            if wanted:
                 first = row
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns):
-                    begin, end = max(first, low), min(first + batch.num_rows, high)
-                    if begin < end:
-                        yield begin, batch.slice(begin - first, end - begin)
+                for batch in handles[path].iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns):
+                    for low, high in wanted:
+                        begin, end = max(first, low), min(first + batch.num_rows, high)
+                        if begin < end:
+                            yield begin, batch.slice(begin - first, end - begin)
                     first += batch.num_rows
+                    if first >= wanted[-1][1]:
+                        break  # the rest of the group is another rank's
             row += rows
-
 
     def _byte_range_share(self, spec: DatasetSpec, batch_rows: int, start_row: int, shard: tuple[int, int]) -> Iterator[tuple[int, pa.RecordBatch]]:
         columns = self.check_columns(spec)

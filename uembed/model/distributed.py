@@ -232,7 +232,7 @@ class Lockstep:
     """Iterate a rank's batches in step with the other ranks: yields a batch, or None once this rank has run
     dry (it still takes part in the step, with no gradient of its own). With more than one process it never
     ends by itself: the caller ends the loop when ``sync_gradients`` reports that no rank had a batch (the
-    count travels with the step's gradients, not in a collective of its own)."""
+    count travels in the step's header)."""
 
     def __init__(self, batches: Iterable) -> None:
         self.batches = iter(batches)
@@ -252,26 +252,19 @@ class Lockstep:
             yield batch
 
 
-def lookup_slots(model) -> int:
-    """Row lookups per example (the table's ``[B, S]`` rows input): a batch's sparse gradient has ``B * S`` rows."""
-    return int(getattr(model.embedding, "base", model.embedding).slot_offset.numel())
-
-
-def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, batch_size: int | None = None,
-                   table_step: Callable[[], object] | None = None) -> int:  # fmt: skip
+def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, table_step: Callable[[], object] | None = None) -> int:
     """Average the gradients over the ranks that had a batch; how many had one (0: the step is to be skipped,
     every rank has run dry). This rank had one unless ``has_batch`` is False (its gradients count as zero).
     ``table_step`` (the tables' optimiser step), when given, runs once the tables' gradient is in place, with one
-    process too; ``batch_size`` bounds a batch's rows (default: this batch's).
+    process too.
 
-    Two collectives a step, whatever the model (three without ``batch_size``). First an all_gather of each
-    rank's sparse table gradient as the embedding gave it (one row per lookup, uncoalesced: coalescing is a sort,
-    done once after the gather rather than on every rank before it too), padded to a full batch's lookups, its
-    row indices carried bit for bit in the values' dtype, after a header row (whether the rank had a batch, how
-    many rows it sends). Then the dense parameters' gradients, flattened together, are all-reduced
-    asynchronously: while they travel, every rank coalesces the same rows in rank order (so every rank holds the
-    same update) and runs ``table_step``. ``dense_tables`` turns the table's update into a dense gradient, for a
-    dense optimiser of the tables (Adam).
+    Three collectives a step, whatever the model: an all_gather of each rank's header (whether it had a batch,
+    how many distinct table rows its batch touched); an all_gather of those rows (coalesced: a row looked up
+    many times crosses the wire once), padded to the most any rank sends, row indices carried bit for bit in
+    the values' dtype; then the dense parameters' gradients, flattened together, all-reduced asynchronously:
+    while they travel, every rank coalesces the same rows in rank order (so every rank holds the same update)
+    and runs ``table_step``. ``dense_tables`` turns the table's update into a dense gradient, for a dense
+    optimiser of the tables (Adam).
     """
     world = world_size()
     if world == 1:
@@ -283,41 +276,30 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ba
     if grad is None or not has_batch:
         indices, values = torch.zeros(0, dtype=torch.int64), torch.zeros((0, table.shape[1]), dtype=table.dtype)
     elif grad.is_sparse:
-        indices, values = grad._indices()[0], grad._values()
+        grad = grad.coalesce()  # a row a batch touches many times crosses the wire once
+        indices, values = grad.indices()[0], grad.values()
     else:  # a dense gradient: send only the rows it touches
         indices = grad.abs().sum(dim=1).nonzero().flatten()
         values = grad[indices]
-    # Every rank pads to the same length, a full batch's lookups: one collective fewer than agreeing on a length
-    # every step, for bytes (a batch touches fewer distinct rows). Without ``batch_size`` the ranks agree on it
-    # in a collective of its own.
-    if batch_size is None:
-        capacity = int(max(gather_objects(indices.shape[0])))
-    else:
-        capacity = batch_size * lookup_slots(model)
-    if capacity >= 1 << 24:  # the same on every rank: all of them refuse, none waits for the others
-        raise UembedError(f"a step of {capacity:,} table lookups a process is too large to exchange (2**24 at most): "
-                          "lower --batch-size")  # fmt: skip
-    columns = max(1, 8 // table.element_size())  # of the table's dtype, to hold an int64 row index bit for bit
-    width = columns + table.shape[1]
-    packed = torch.zeros((1 + capacity, max(3, width)), dtype=table.dtype)
-    # the header row (counts in the values' dtype: exact below 2**24): had a batch, rows sent, rows it could not send
-    sent = min(indices.shape[0], capacity)
-    packed[0, :3] = torch.tensor([float(has_batch), float(sent), float(indices.shape[0] - sent)])
-    packed[1 : 1 + sent, :columns] = indices[:sent].to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
-    packed[1 : 1 + sent, columns:width] = values[:sent]
-    parts = [torch.empty_like(packed) for _ in range(world)]
-    dist.all_gather(parts, packed)
-    if any(float(part[0, 2]) > 0 for part in parts):  # every rank sees it and stops alike
-        raise UembedError(f"a batch touched more table rows than {batch_size} examples of {lookup_slots(model)} lookups can")
-    active = sum(round(float(part[0, 0])) for part in parts)
+    counts = torch.tensor([[float(has_batch), indices.shape[0]]], dtype=torch.int64)
+    every_count = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(every_count, counts)
+    active = sum(int(c[0, 0]) for c in every_count)
     if active == 0:
         return 0
+    sizes = [int(c[0, 1]) for c in every_count]
+    columns = max(1, 8 // table.element_size())  # of the table's dtype, to hold an int64 row index bit for bit
+    packed = torch.zeros((max(sizes), columns + table.shape[1]), dtype=table.dtype)
+    packed[: indices.shape[0], :columns] = indices.to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
+    packed[: indices.shape[0], columns:] = values
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed)
     dense = [p for p in model.parameters() if p is not table and p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None and has_batch else torch.zeros_like(p)).reshape(-1) for p in dense])
     travelling = dist.all_reduce(flat, async_op=True)
-    rows = torch.cat([part[1 : 1 + round(float(part[0, 1]))] for part in parts])
+    rows = torch.cat([part[:size] for part, size in zip(parts, sizes)])
     all_indices = rows[:, :columns].contiguous().view(torch.int64).reshape(-1)
-    all_values = rows[:, columns:width] / active if active > 1 else rows[:, columns:width]
+    all_values = rows[:, columns:] / active if active > 1 else rows[:, columns:]
     merged = torch.sparse_coo_tensor(all_indices.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
     table.grad = merged.to_dense() if dense_tables else merged
     if table_step is not None:

@@ -292,7 +292,7 @@ def train_stream(
                 loss.backward()
             # A rank whose share ran dry still steps, with the others' gradients: the replicas stay equal.
             if not distributed.sync_gradients(model, batch is not None, dense_tables=config.embedding_optimizer == "adam",
-                                              batch_size=config.batch_size, table_step=table_optimizer.step):  # fmt: skip
+                                              table_step=table_optimizer.step):  # fmt: skip
                 break  # every rank has run dry
             dense_optimizer.step()
             if batch is None:

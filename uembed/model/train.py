@@ -285,7 +285,7 @@ def train(
             loss = loss_fn(model.network(vectors), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.sync_gradients(model, dense_tables=True, batch_size=config.batch_size)
+            distributed.sync_gradients(model, dense_tables=True)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(index)
             grad = vectors.grad

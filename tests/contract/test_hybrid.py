@@ -222,3 +222,11 @@ def test_a_specs_head_share_is_left_unused_with_a_warning_by_a_method_without_he
     assert not plan.heads and plan.to_dict() == build_plan("collisionless", tiny_dataset.spec, tiny_dataset.columns, 8).to_dict()
     assert "collisionless has no heads: the spec's head_share of user is not used" in plan.warnings
     assert head_share_for("collisionless", 0.2) == 0.0 and head_share_for("unified", "auto") == "auto"
+
+
+def test_a_specs_head_share_on_a_feature_without_a_head_is_left_unused_with_a_warning(tiny_dataset):
+    """A feature with a vocabulary of its own (exact) has no hashed rows to relieve: its share is named, not dropped."""
+    spec = with_shares(tiny_dataset.spec, user=0.2, item=0.1)
+    plan = build_plan("unified", spec, tiny_dataset.columns, 8, budget_rows=60, exact_features=("user",))
+    assert "user" not in plan.heads and plan.heads["item"].size == int(0.1 * 60)
+    assert any("head_share of user is not used" in w for w in plan.warnings), plan.warnings

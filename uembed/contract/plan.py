@@ -803,6 +803,10 @@ def with_heads(plan: EmbeddingPlan, share: float | str, counts: Mapping[str, Hea
     out = EmbeddingPlan(plan.method, plan.dim, tuple(tables), features, plan.budget_rows, plan.vocabularies, heads)
     out.warnings = [f"table {name!r}: its head got fewer rows than its share, as the streaming scan counted only "
                     "the most frequent values of its features; the rest hash" for name in dict.fromkeys(short)]  # fmt: skip
+    headless = [f.name for f in plan.features if overrides.get(f.name) and (len(f.lookups) != 1 or f.vocabulary)]
+    if headless:
+        out.warnings.append(f"the spec's head_share of {', '.join(headless)} is not used: a head serves a feature of "
+                            "one hashed lookup, not one of several lookups or with a vocabulary of its own")  # fmt: skip
     return out
 
 

@@ -42,6 +42,8 @@ from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port
 from uembed.model.demo import demo_bundle
 
 SIZES = (8, 64, 512)
+# What the phase can measure; --peer-fronts picks some (v1 and grpc alone: the gRPC-over-REST ratio in a minute).
+FRONTS = ("ceiling", "v1", "v2", "grpc", "perf_analyzer", "litserve", "naive")
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -288,8 +290,9 @@ def run_peers(args, workdir: Path, report) -> None:
     paths = {"v1": "/v1/score", "v2": f"/v2/models/{model}/infer"}
     seconds, connections = args.seconds, args.concurrency
     open_size = 64 if 64 in args.peer_sizes else args.peer_sizes[0]
+    fronts = set(getattr(args, "peer_fronts", None) or FRONTS)
     results: dict = {}
-    for size in args.peer_sizes:  # the scoring work alone, one request at a time, no HTTP: what a front could reach
+    for size in args.peer_sizes if "ceiling" in fronts else ():  # the scoring work alone, one request at a time, no HTTP: what a front could reach
         results.setdefault("ceiling", {})[str(size)] = ceiling(bundle_path, requests[size], seconds)
         report(f"peers ceiling {size}", results["ceiling"][str(size)])
 
@@ -309,7 +312,7 @@ def run_peers(args, workdir: Path, report) -> None:
                 results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
                 report(f"peers {front} {workers}w {size} open loop", half)
 
-    analyzer = find_perf_analyzer()
+    analyzer = find_perf_analyzer() if "perf_analyzer" in fronts else None
     if isinstance(analyzer, str):
         report("peers perf_analyzer", {"skipped": analyzer})
         analyzer = None
@@ -318,9 +321,10 @@ def run_peers(args, workdir: Path, report) -> None:
         service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_path)},
                                  workdir / f"service-{workers}w.log", workers=workers).start()  # fmt: skip
         try:
-            http_front("v1", service, workers, "v1")
-            http_front("v2", service, workers, "v2")
-            for size in args.peer_sizes:
+            for front in ("v1", "v2"):
+                if front in fronts:
+                    http_front(front, service, workers, front)
+            for size in args.peer_sizes if "grpc" in fronts else ():
                 grpc_load(service.grpc_target, bodies["grpc"][size], 2, concurrency=connections)  # warm-up
                 saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, bodies["grpc"][size], seconds, concurrency=connections))
                 measure("grpc", workers, size, {"closed": saturated})
@@ -336,20 +340,30 @@ def run_peers(args, workdir: Path, report) -> None:
                         measure(f"perf_analyzer {protocol}", workers, size, {"closed": figures})
         finally:
             service.stop()
-        litserve = LitServeProcess(bundle_path, workdir / f"litserve-{workers}w.log", workers).start(timeout_s=120)
-        try:
-            http_front("litserve", litserve, workers, "v1")
-        finally:
-            litserve.stop()
-        naive = UvicornProcess("uembed.loadtest.naive_app:create_app", {"NAIVE_BUNDLE": str(bundle_path)},
-                               workdir / f"naive-{workers}w.log", workers=workers).start()  # fmt: skip
-        try:
-            http_front("naive", naive, workers, "v1")
-        finally:
-            naive.stop()
+        if "litserve" in fronts:
+            run_litserve(bundle_path, workdir, workers, http_front)
+        if "naive" in fronts:
+            run_naive(bundle_path, workdir, workers, http_front)
 
     report("peers", results)
     report("peers_ratios", peer_ratios(results))
+
+
+def run_litserve(bundle_path: Path, workdir: Path, workers: int, http_front) -> None:
+    litserve = LitServeProcess(bundle_path, workdir / f"litserve-{workers}w.log", workers).start(timeout_s=120)
+    try:
+        http_front("litserve", litserve, workers, "v1")
+    finally:
+        litserve.stop()
+
+
+def run_naive(bundle_path: Path, workdir: Path, workers: int, http_front) -> None:
+    naive = UvicornProcess("uembed.loadtest.naive_app:create_app", {"NAIVE_BUNDLE": str(bundle_path)},
+                           workdir / f"naive-{workers}w.log", workers=workers).start()  # fmt: skip
+    try:
+        http_front("naive", naive, workers, "v1")
+    finally:
+        naive.stop()
 
 
 def peer_ratios(results: dict) -> dict:

@@ -95,6 +95,12 @@ def compiled_available() -> bool:
     return _fasthash is not None
 
 
+def compiled_extension():
+    """The compiled extension while the compiled backend is in use, else None: for the contract's other per-value
+    loops (``known.py``'s filter probes), which follow the same switch."""
+    return _compiled
+
+
 def use_backend(backend: str) -> None:
     """Hash with ``compiled`` or ``python`` from now on, in this process."""
     global _compiled

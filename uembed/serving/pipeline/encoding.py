@@ -38,7 +38,7 @@ from uembed.contract.hashing import (
     rows_of,
 )
 from uembed.contract.known import KnownSets, KnownValues
-from uembed.contract.plan import FeaturePlan
+from uembed.contract.plan import FeaturePlan, Pooling
 from uembed.serving.pipeline.canonical import CanonicalExamples, Canonicaliser
 from uembed.serving.pipeline.values import ENTRY_OVERHEAD, ValueCache, entry_bytes
 
@@ -142,6 +142,7 @@ class ExampleEncoder(Canonicaliser):
             if f.name in self.one_value and len(f.lookups) == 1 and not f.vocabulary
         }
         self._hashing_of: dict[tuple[str, ...], HashLayout] = {}
+        self._filters: dict[str, KnownSets] = {}  # a multivalent feature's training values, asked per batch
         self.head_start = {f.name: f.head_start for f in self.plan.features if f.name in self.plan.heads}
         # Unseen flags of the other features' values (a filter lookup per batch costs more than the hash).
         self.row_cache = {name: ValueCache(self.cache_share) for name in self.rows_cached} if self.cache_bytes else {}
@@ -267,6 +268,8 @@ class ExampleEncoder(Canonicaliser):
         elif name in self.row_cache:
             rows = self._scalar_rows(feature, values)
             weights = np.ones(rows.shape, dtype=np.float32)
+        elif self.specs[name].multivalent and hashing_backend() == "compiled":
+            rows, weights = self._list_rows(feature, values)
         else:
             column = canonical_column(values if self.specs[name].multivalent else [(v,) for v in values])
             rows, weights = self.plan.encode_feature(feature, column)
@@ -278,6 +281,27 @@ class ExampleEncoder(Canonicaliser):
         if repeats is not None:
             rows, weights = np.repeat(rows, repeats, axis=0), np.repeat(weights, repeats, axis=0)
         return rows, weights
+
+    def _list_rows(self, feature: FeaturePlan, values: list) -> tuple[np.ndarray, np.ndarray]:
+        """A multivalent feature's rows and weights, as ``plan.encode_feature`` gives them, from every value of the
+        column hashed in one call (no table of its distinct values first: with the compiled hash, building one cost
+        more than hashing each value); its unseen values counted, the missing one and those past the width not."""
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        flat = [MISSING, *chain.from_iterable(values)]  # the missing value first: the padding slots' rows
+        present = np.arange(feature.width) < lengths[:, None]  # values past the width are cut
+        slots = np.where(present, (np.cumsum(lengths) - lengths + 1)[:, None] + np.arange(feature.width), 0)
+        if feature.pooling == Pooling.MEAN:
+            weights = (present / np.maximum(present.sum(axis=1, keepdims=True), 1)).astype(np.float32)
+        else:
+            weights = present.astype(np.float32)
+        rows = [self.plan.rows_of_values(feature, lookup, flat)[slots] for lookup in feature.lookups]
+        if feature.name in self.known:
+            if feature.name not in self._filters:
+                self._filters[feature.name] = KnownSets([self.known[feature.name]])
+            keys = KnownValues.keys(feature.name, flat)
+            unseen = ~self._filters[feature.name].contains(keys[None])[0] & (keys != keys[0])  # keys[0]: missing's
+            self.unseen[feature.name] += int(unseen[slots].sum())  # a padding slot reads the missing value
+        return np.concatenate(rows, axis=1), np.tile(weights, (1, len(feature.lookups)))
 
     @staticmethod
     def _broadcast_column(name: str, parts: Sequence[CanonicalExamples]) -> tuple[list, np.ndarray]:

@@ -213,7 +213,8 @@ class Canonicaliser:
                     if encoded is not None:
                         values[name] = encoded
                         continue
-                column = self._list_column(spec, raw) if spec.multivalent else None
+                # lists of strings: one pass with the compiled hash; the pure one's cache hits cost less
+                column = self._list_column(spec, raw) if spec.multivalent and hashing_backend() == "compiled" else None
                 if column is None:
                     column = []
                     for index, value in enumerate(raw):
@@ -281,7 +282,7 @@ class Canonicaliser:
         if flat and (set(map(type, flat)) != {str} or (self.limits.max_chars is not None and max(map(len, flat)) > self.limits.max_chars)):
             return None
         try:
-            encoded = canonical_column(flat) if hashing_backend() == "compiled" else list(map(str.encode, flat))
+            encoded = canonical_column(flat)
         except UnicodeEncodeError:  # a lone surrogate: the checked path names it
             return None
         if MISSING in encoded or not spec.missing_bytes.isdisjoint(encoded):  # dropped from their lists there

@@ -14,6 +14,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringA
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport floor, isfinite, isnan
 from libc.stdint cimport uint64_t
 from libc.stdio cimport snprintf
@@ -206,3 +207,31 @@ def filters_contain(const unsigned char[::1] bits, const uint64_t[::1] offsets, 
                 if position >= size:
                     position -= size
     return known.view(bool)
+
+
+def length_prefixed(data, bint text):
+    """The elements of a buffer of length-prefixed values (each a 4-byte little-endian length, then that many bytes:
+    the Open Inference Protocol's serialised BYTES tensors): bytes, or (``text``) str decoded as UTF-8, which raises
+    UnicodeDecodeError for an element that is not. None when the framing is broken (a length cut off at the end, or
+    one past it): the caller's checked path names the element."""
+    cdef const unsigned char[::1] view = data
+    cdef Py_ssize_t offset = 0, end = view.shape[0], length
+    cdef const char* base
+    cdef list out = []
+    if end == 0:
+        return out
+    base = <const char*>&view[0]
+    while offset < end:
+        if end - offset < 4:
+            return None
+        length = (<Py_ssize_t>view[offset] | (<Py_ssize_t>view[offset + 1] << 8) | (<Py_ssize_t>view[offset + 2] << 16)
+                  | (<Py_ssize_t>view[offset + 3] << 24))
+        offset += 4
+        if length > end - offset:
+            return None
+        if text:
+            out.append(PyUnicode_DecodeUTF8(base + offset, length, NULL))
+        else:
+            out.append(PyBytes_FromStringAndSize(base + offset, length))
+        offset += length
+    return out

@@ -224,3 +224,17 @@ def test_several_known_value_filters_asked_at_once_answer_as_each_alone():
     with pytest.raises(ValueError, match="4 rows of keys for 2 filters"):
         hashing.compiled_extension().filters_contain(KnownSets(filters[:2]).bits, np.zeros(2, np.uint64),
                                                      np.ones(2, np.uint64), asked, 4)  # fmt: skip
+
+
+@needs_extension
+def test_the_built_extension_has_every_function_its_callers_use():
+    """A checkout does not rebuild the .so: one built from an older source would be missing what newer callers
+    use, and is then not used at all (UEMBED_REQUIRE_EXTENSION=1: refused at import)."""
+    assert all(callable(getattr(hashing._fasthash, name, None)) for name in hashing.EXTENSION_FUNCTIONS)
+    code = ("import sys, types; import uembed.contract._fasthash as built; stale = types.ModuleType('stale'); "
+            "stale.__dict__.update({k: v for k, v in vars(built).items() if k != 'length_prefixed'}); "
+            "sys.modules['uembed.contract._fasthash'] = stale; import uembed.contract; uembed.contract._fasthash = stale; "
+            "from uembed.contract import hashing; print(hashing.hashing_backend())")  # fmt: skip
+    assert run_python(code).stdout.split() == ["python"]
+    refused = run_python(code, UEMBED_REQUIRE_EXTENSION="1")
+    assert refused.returncode != 0 and "built from an older source (no length_prefixed)" in refused.stderr

@@ -14,6 +14,7 @@ from tests.conftest import tiny_spec, tiny_table
 from tests.scoring import score
 from uembed.bundle.loader import BundleError, load_bundle
 from uembed.cli import main
+from uembed.contract import hashing
 from uembed.model.data import from_table
 from uembed.model.data.criteo import criteo_spec
 from uembed.model.data.stream import StreamSource, StreamStats, encode_batch, scan
@@ -114,11 +115,17 @@ def test_head_values_hashed_together_read_their_head_rows(hybrid):
     served = load_bundle(bundle)
     together = ExampleEncoder(served.feature_specs, served.plan)
     one_by_one = ExampleEncoder(served.feature_specs, served.plan, cache_bytes=2**20, known=served.known_values)
-    assert {"user", "item", "home_city", "work_city"} <= set(together.one_slot_hashed) and not one_by_one.one_slot_hashed
+    assert {"user", "item", "home_city", "work_city"} <= set(together.one_slot_hashed) and one_by_one.row_cache
     assert set(together.one_slot_hashed) & set(served.plan.heads)
     want, _ = served.plan.encode(dataset.columns)
-    for encoder in (together, one_by_one):
-        np.testing.assert_array_equal(encoder.encode(examples)[0], want)
+    np.testing.assert_array_equal(together.encode(examples)[0], want)
+    before = hashing.hashing_backend()
+    for backend in hashing.BACKENDS if hashing.compiled_available() else ["python"]:
+        hashing.use_backend(backend)  # python: each feature's row cache; compiled: hashed together, with their filters
+        try:
+            np.testing.assert_array_equal(one_by_one.encode(examples)[0], want)
+        finally:
+            hashing.use_backend(before)
 
 
 @pytest.fixture(scope="module")

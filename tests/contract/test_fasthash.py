@@ -22,6 +22,7 @@ from uembed.contract.hashing import (
     hash_values,
     lookup_seed,
 )
+from uembed.contract.known import KnownSets, KnownValues
 from uembed.serving.pipeline.cpu import ModelRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,3 +202,39 @@ def test_an_extension_hashing_otherwise_than_python_xxhash_is_not_used():
     assert not hashing._agrees_with_xxhash(Differs)
     if hashing.compiled_available():
         assert hashing._agrees_with_xxhash(hashing._fasthash)
+
+
+@needs_extension
+def test_several_known_value_filters_asked_at_once_answer_as_each_alone():
+    """KnownSets (the service's unseen-value count of its one-value features): the compiled probes and numpy's give
+    each filter's own answer, for keys it holds and keys it does not."""
+    rng = np.random.default_rng(3)
+    trained = [rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True) for n in (1, 7, 64, 3000)]
+    filters = [KnownValues.build(keys) for keys in trained]
+    asked = rng.integers(0, 2**64 - 1, (len(trained), 500), dtype=np.uint64, endpoint=True)
+    asked[:, ::3] = [keys[rng.integers(0, keys.size, 167)] for keys in trained]  # a third of them trained
+    want = np.stack([f.contains(keys) for f, keys in zip(filters, asked)])
+    assert want[:, ::3].all() and not want.all()
+    for backend in hashing.BACKENDS:
+        hashing.use_backend(backend)
+        got = KnownSets(filters).contains(asked)
+        assert got.dtype == bool and got.tolist() == want.tolist(), backend
+        assert KnownSets(filters[1:2]).contains(asked[1:2, :0]).shape == (1, 0)
+    hashing.use_backend("compiled")
+    with pytest.raises(ValueError, match="4 rows of keys for 2 filters"):
+        hashing.compiled_extension().filters_contain(KnownSets(filters[:2]).bits, np.zeros(2, np.uint64),
+                                                     np.ones(2, np.uint64), asked, 4)  # fmt: skip
+
+
+@needs_extension
+def test_the_built_extension_has_every_function_its_callers_use():
+    """A checkout does not rebuild the .so: one built from an older source would be missing what newer callers
+    use, and is then not used at all (UEMBED_REQUIRE_EXTENSION=1: refused at import)."""
+    assert all(callable(getattr(hashing._fasthash, name, None)) for name in hashing.EXTENSION_FUNCTIONS)
+    code = ("import sys, types; import uembed.contract._fasthash as built; stale = types.ModuleType('stale'); "
+            "stale.__dict__.update({k: v for k, v in vars(built).items() if k != 'length_prefixed'}); "
+            "sys.modules['uembed.contract._fasthash'] = stale; import uembed.contract; uembed.contract._fasthash = stale; "
+            "from uembed.contract import hashing; print(hashing.hashing_backend())")  # fmt: skip
+    assert run_python(code).stdout.split() == ["python"]
+    refused = run_python(code, UEMBED_REQUIRE_EXTENSION="1")
+    assert refused.returncode != 0 and "built from an older source (no length_prefixed)" in refused.stderr

@@ -15,8 +15,9 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from uembed.bundle.loader import load_bundle
+from uembed.cli.service_commands import PEER_FRONTS
 from uembed.loadtest.load import movielens_requests
-from uembed.loadtest.peers import grpc_request, peer_ratios, run_peers, v2_json_body
+from uembed.loadtest.peers import FRONTS, grpc_request, peer_ratios, run_peers, v2_json_body
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.protocols.oip import InputTensor, columns_from_inputs
@@ -68,3 +69,7 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if "uembed.loadtest.litserve_app" in (p.info["cmdline"] or [])
             and str(args.bundle) in (p.info["cmdline"] or [])]  # fmt: skip
     assert not left, f"LitServe processes left running: {left}"
+
+
+def test_the_cli_offers_every_front_the_peers_phase_measures():
+    assert PEER_FRONTS == FRONTS

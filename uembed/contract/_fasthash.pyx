@@ -9,10 +9,12 @@ goes to ``fallback`` (the contract's ``canonical_bytes``), which also raises its
 an int's digits in a stack buffer, no bytes object per value.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport floor, isfinite, isnan
 from libc.stdint cimport uint64_t
 from libc.stdio cimport snprintf
@@ -41,6 +43,7 @@ cdef enum:
     SCRATCH = 48
 # Integral floats whose magnitude is below 2**63 convert to long long exactly; larger ones take Python's int.
 cdef double LONG_LIMIT = 9223372036854775808.0
+cdef uint64_t LOW_HALF = 0xFFFFFFFF
 
 
 cdef object canonical_view(object value, char* scratch, const char** data, Py_ssize_t* size, object fallback):
@@ -173,3 +176,62 @@ def hash_bytes_columns(columns, seeds):
         for i in range(n):
             out[c, i] = bytes_key(items[i], seed)
     return keys
+
+
+@cython.cdivision(True)
+def filters_contain(const unsigned char[::1] bits, const uint64_t[::1] offsets, const uint64_t[::1] sizes,
+                    const uint64_t[:, ::1] keys, int probes):
+    """Bloom filters asked at once (``uembed/contract/known.py``'s KnownSets): bool [F, n], key [f, i] against the
+    filter whose ``sizes[f]`` bits start at bit ``offsets[f]`` of ``bits``; probe p of a key is bit
+    ``(low + p * high) % size`` (its 32-bit halves), as the numpy path computes it."""
+    cdef Py_ssize_t f, i, count = keys.shape[0], n = keys.shape[1]
+    cdef uint64_t key, position, step, size, offset
+    cdef int probe
+    if offsets.shape[0] != count or sizes.shape[0] != count:
+        raise ValueError(f"{count} rows of keys for {offsets.shape[0]} filters")
+    known = np.ones((count, n), dtype=np.uint8)
+    cdef unsigned char[:, ::1] out = known
+    for f in range(count):
+        size, offset = sizes[f], offsets[f]
+        if (offset + size + 7) // 8 > <uint64_t>bits.shape[0]:
+            raise ValueError(f"filter {f} runs past the end of the bits")
+        for i in range(n):
+            key = keys[f, i]
+            # (low + p * high) % size, probe after probe, from two remainders: a division costs more than the rest
+            position, step = (key & LOW_HALF) % size, (key >> 32) % size
+            for probe in range(probes):
+                if not (bits[(position + offset) >> 3] >> ((position + offset) & 7)) & 1:
+                    out[f, i] = 0
+                    break
+                position += step
+                if position >= size:
+                    position -= size
+    return known.view(bool)
+
+
+def length_prefixed(data, bint text):
+    """The elements of a buffer of length-prefixed values (each a 4-byte little-endian length, then that many bytes:
+    the Open Inference Protocol's serialised BYTES tensors): bytes, or (``text``) str decoded as UTF-8, which raises
+    UnicodeDecodeError for an element that is not. None when the framing is broken (a length cut off at the end, or
+    one past it): the caller's checked path names the element."""
+    cdef const unsigned char[::1] view = data
+    cdef Py_ssize_t offset = 0, end = view.shape[0], length
+    cdef const char* base
+    cdef list out = []
+    if end == 0:
+        return out
+    base = <const char*>&view[0]
+    while offset < end:
+        if end - offset < 4:
+            return None
+        length = (<Py_ssize_t>view[offset] | (<Py_ssize_t>view[offset + 1] << 8) | (<Py_ssize_t>view[offset + 2] << 16)
+                  | (<Py_ssize_t>view[offset + 3] << 24))
+        offset += 4
+        if length > end - offset:
+            return None
+        if text:
+            out.append(PyUnicode_DecodeUTF8(base + offset, length, NULL))
+        else:
+            out.append(PyBytes_FromStringAndSize(base + offset, length))
+        offset += length
+    return out

@@ -60,21 +60,32 @@ def encode_values(spec: FeatureSpec, values: Sequence[object]) -> FeatureColumn:
     return FeatureColumn(uniques=list(index), codes=code_matrix(rows))
 
 
-def canonical_column(lists: Sequence[list[bytes]]) -> FeatureColumn:
-    """A column from already-canonical values (one list per example, as ``canonical_values`` gives)."""
-    index: dict[bytes, int] = {MISSING: 0}
-    codes = [[index.setdefault(value, len(index)) for value in items] for items in lists]
-    return FeatureColumn(uniques=list(index), codes=code_matrix(codes))
+def canonical_column(lists: Sequence[Sequence[bytes]]) -> FeatureColumn:
+    """A column from already-canonical values (one list per example, as ``canonical_values`` gives): the distinct
+    values in order of first appearance after the missing one, each value's code found by C-level maps (no Python
+    step per value: the service builds one per request of each multivalent feature)."""
+    flat = list(itertools.chain.from_iterable(lists))
+    uniques = list(dict.fromkeys(itertools.chain((MISSING,), flat)))
+    position = dict(zip(uniques, range(len(uniques))))
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    codes = np.fromiter(map(position.__getitem__, flat), dtype=np.int32, count=len(flat))
+    return FeatureColumn(uniques=uniques, codes=padded_codes(codes, lengths))
 
 
 def code_matrix(rows: Sequence[list[int]]) -> np.ndarray:
     """int32 ``[N, longest]`` codes, ``-1`` padding shorter lists."""
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-    width = int(lengths.max()) if len(rows) else 1
-    if width == 1 and flat.size == len(rows):
+    return padded_codes(flat, lengths)
+
+
+def padded_codes(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """int32 ``[N, longest]`` from the codes of N lists one after another and each list's length, ``-1`` padding."""
+    rows = len(lengths)
+    width = int(lengths.max()) if rows else 1
+    if width == 1 and flat.size == rows:
         return flat.reshape(-1, 1)
-    matrix = np.full((len(rows), max(width, 1)), -1, dtype=np.int32)
+    matrix = np.full((rows, max(width, 1)), -1, dtype=np.int32)
     matrix[np.arange(matrix.shape[1]) < lengths[:, None]] = flat
     return matrix
 

@@ -78,6 +78,15 @@ def _agrees_with_xxhash(module) -> bool:
     )
 
 
+# What the callers use; an extension built from an older source lacks some (the .so is not rebuilt by a checkout).
+EXTENSION_FUNCTIONS = ("canonical_column", "hash_values", "hash_bytes", "hash_bytes_columns", "filters_contain",
+                       "length_prefixed")  # fmt: skip
+_lacking = [name for name in EXTENSION_FUNCTIONS if not hasattr(_fasthash, name)] if _fasthash is not None else []
+if _lacking:
+    if os.environ.get("UEMBED_REQUIRE_EXTENSION", "") not in ("", "0"):
+        raise ImportError(f"uembed.contract._fasthash was built from an older source (no {', '.join(_lacking)}): "
+                          "rebuild it (make install)")  # fmt: skip
+    _fasthash = None  # the pure path, until it is rebuilt
 if _fasthash is not None and not _agrees_with_xxhash(_fasthash):
     if os.environ.get("UEMBED_REQUIRE_EXTENSION", "") not in ("", "0"):
         raise ImportError("uembed.contract._fasthash hashes differently from python-xxhash (libxxhash older than 0.8?)")
@@ -93,6 +102,12 @@ def hashing_backend() -> str:
 def compiled_available() -> bool:
     """Whether the compiled extension is built and importable (whichever backend is in use)."""
     return _fasthash is not None
+
+
+def compiled_extension():
+    """The compiled extension while the compiled backend is in use, else None: for the contract's other per-value
+    loops (``known.py``'s filter probes), which follow the same switch."""
+    return _compiled
 
 
 def use_backend(backend: str) -> None:

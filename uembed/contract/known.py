@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uembed.contract.hashing import hash_canonical, lookup_seed
+from uembed.contract.hashing import compiled_extension, hash_canonical, lookup_seed
 
 
 class KnownValues:
@@ -61,6 +61,31 @@ class KnownValues:
         if bits.dtype != np.uint8 or bits.size * 8 < size or size <= 0:
             raise ValueError(f"a known-values filter of {size} bits needs {(size + 7) // 8} bytes, got {bits.size}")
         return cls(bits, int(size))
+
+
+class KnownSets:
+    """Several features' filters asked at once: ``contains`` of keys [F, n], row f against filter f, in a few numpy
+    passes over all of them (the service's one-value features: one pass each cost more than hashing their values).
+    The filters' bits side by side, each from a whole byte; the same bits and positions as each
+    :meth:`KnownValues.contains`."""
+
+    PROBES = np.arange(KnownValues.HASHES, dtype=np.uint64)[:, None, None]
+
+    def __init__(self, filters: Sequence[KnownValues]) -> None:
+        starts = np.cumsum([0] + [f.bits.size for f in filters])
+        self.bits = np.concatenate([f.bits for f in filters]) if filters else np.zeros(0, dtype=np.uint8)
+        self.offsets = (starts[:-1].astype(np.uint64) * np.uint64(8))[:, None]  # bits before each filter's
+        self.sizes = np.array([[f.size] for f in filters], dtype=np.uint64)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        extension = compiled_extension()
+        if extension is not None:  # one C loop over the keys' probes
+            return extension.filters_contain(self.bits, self.offsets.ravel(), self.sizes.ravel(),
+                                             np.ascontiguousarray(keys, dtype=np.uint64), KnownValues.HASHES)  # fmt: skip
+        low = keys & np.uint64(0xFFFFFFFF)
+        high = keys >> np.uint64(32)
+        position = (low + self.PROBES * high) % self.sizes + self.offsets  # [probes, F, n]
+        return ((self.bits[position >> np.uint64(3)] >> (position & np.uint64(7)).astype(np.uint8)) & 1).all(axis=0)
 
 
 def save_known_values(path: Path, keys: Mapping[str, np.ndarray]) -> None:

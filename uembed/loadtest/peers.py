@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,8 @@ from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port
 from uembed.model.demo import demo_bundle
 
 SIZES = (8, 64, 512)
+# What the phase can measure; --peer-fronts picks some (v1 and grpc alone: the gRPC-over-REST ratio in a minute).
+FRONTS = ("ceiling", "v1", "v2", "grpc", "perf_analyzer", "litserve", "naive")
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -121,7 +124,10 @@ def wrk(url: str, path: str, bodies: list[bytes], seconds: float, connections: i
     script.write_text(WRK_SCRIPT.replace("{path}", path))
     lines.write_bytes(b"\n".join(bodies) + b"\n")
     command = [binary, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url, "--", str(lines)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     figures = {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
                "requests_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1)}  # fmt: skip
     for q, value, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)$", out, re.M):
@@ -132,6 +138,8 @@ def wrk(url: str, path: str, bodies: list[bytes], seconds: float, connections: i
     # Reads cut at the end of the run (wrk closes its connections with answers on the way) count here too.
     figures["socket_errors"] = sum(map(int, sockets.groups())) if sockets else 0
     figures["failures"] = figures["non_2xx"] + figures["socket_errors"]
+    # as the gRPC client reports it: on a machine the server shares, a load generator's CPU is the server's loss
+    figures["client_cpu_ms_per_call"] = round(client_cpu_s / max(figures["requests"], 1) * 1000, 3)
     return figures
 
 
@@ -272,7 +280,9 @@ def cpu_split(server: HttpProcess, load):
     figures = load()
     after = process_cpu_seconds(server)
     spent = sorted((after[pid] - before.get(pid, 0.0) for pid in after), reverse=True)
-    return figures | {"server_cpu_s": [round(s, 1) for s in spent if s >= 0.05]}
+    # the server's cost of a call, apart from how much of the machine the load generator left it
+    per_call = round(sum(spent) / max(figures["requests"], 1) * 1000, 3)
+    return figures | {"server_cpu_s": [round(s, 1) for s in spent if s >= 0.05], "server_cpu_ms_per_call": per_call}
 
 
 def run_peers(args, workdir: Path, report) -> None:
@@ -288,8 +298,9 @@ def run_peers(args, workdir: Path, report) -> None:
     paths = {"v1": "/v1/score", "v2": f"/v2/models/{model}/infer"}
     seconds, connections = args.seconds, args.concurrency
     open_size = 64 if 64 in args.peer_sizes else args.peer_sizes[0]
+    fronts = set(getattr(args, "peer_fronts", None) or FRONTS)
     results: dict = {}
-    for size in args.peer_sizes:  # the scoring work alone, one request at a time, no HTTP: what a front could reach
+    for size in args.peer_sizes if "ceiling" in fronts else ():  # the scoring work alone, one request at a time, no HTTP: what a front could reach
         results.setdefault("ceiling", {})[str(size)] = ceiling(bundle_path, requests[size], seconds)
         report(f"peers ceiling {size}", results["ceiling"][str(size)])
 
@@ -309,7 +320,7 @@ def run_peers(args, workdir: Path, report) -> None:
                 results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
                 report(f"peers {front} {workers}w {size} open loop", half)
 
-    analyzer = find_perf_analyzer()
+    analyzer = find_perf_analyzer() if "perf_analyzer" in fronts else None
     if isinstance(analyzer, str):
         report("peers perf_analyzer", {"skipped": analyzer})
         analyzer = None
@@ -318,9 +329,10 @@ def run_peers(args, workdir: Path, report) -> None:
         service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_path)},
                                  workdir / f"service-{workers}w.log", workers=workers).start()  # fmt: skip
         try:
-            http_front("v1", service, workers, "v1")
-            http_front("v2", service, workers, "v2")
-            for size in args.peer_sizes:
+            for front in ("v1", "v2"):
+                if front in fronts:
+                    http_front(front, service, workers, front)
+            for size in args.peer_sizes if "grpc" in fronts else ():
                 grpc_load(service.grpc_target, bodies["grpc"][size], 2, concurrency=connections)  # warm-up
                 saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, bodies["grpc"][size], seconds, concurrency=connections))
                 measure("grpc", workers, size, {"closed": saturated})
@@ -336,20 +348,30 @@ def run_peers(args, workdir: Path, report) -> None:
                         measure(f"perf_analyzer {protocol}", workers, size, {"closed": figures})
         finally:
             service.stop()
-        litserve = LitServeProcess(bundle_path, workdir / f"litserve-{workers}w.log", workers).start(timeout_s=120)
-        try:
-            http_front("litserve", litserve, workers, "v1")
-        finally:
-            litserve.stop()
-        naive = UvicornProcess("uembed.loadtest.naive_app:create_app", {"NAIVE_BUNDLE": str(bundle_path)},
-                               workdir / f"naive-{workers}w.log", workers=workers).start()  # fmt: skip
-        try:
-            http_front("naive", naive, workers, "v1")
-        finally:
-            naive.stop()
+        if "litserve" in fronts:
+            run_litserve(bundle_path, workdir, workers, http_front)
+        if "naive" in fronts:
+            run_naive(bundle_path, workdir, workers, http_front)
 
     report("peers", results)
     report("peers_ratios", peer_ratios(results))
+
+
+def run_litserve(bundle_path: Path, workdir: Path, workers: int, http_front) -> None:
+    litserve = LitServeProcess(bundle_path, workdir / f"litserve-{workers}w.log", workers).start(timeout_s=120)
+    try:
+        http_front("litserve", litserve, workers, "v1")
+    finally:
+        litserve.stop()
+
+
+def run_naive(bundle_path: Path, workdir: Path, workers: int, http_front) -> None:
+    naive = UvicornProcess("uembed.loadtest.naive_app:create_app", {"NAIVE_BUNDLE": str(bundle_path)},
+                           workdir / f"naive-{workers}w.log", workers=workers).start()  # fmt: skip
+    try:
+        http_front("naive", naive, workers, "v1")
+    finally:
+        naive.stop()
 
 
 def peer_ratios(results: dict) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from uembed.bundle.loader import load_bundle
+from uembed.contract import hashing
 from uembed.contract.errors import ExampleError
 from uembed.contract.known import KnownValues
 from uembed.serving.pipeline.cpu import ModelRuntime
@@ -43,8 +44,11 @@ def test_value_caches_stay_within_their_bytes(synthetic_store):
     and ten minutes of such traffic took a worker from 370 MB to 760 MB."""
     bundle = load_bundle(synthetic_store / "movielens" / "1")
     budget = 2 * 2**20
-    # With the training values, as the service runs: one-value features keep rows and unseen flags per value.
+    # With the training values, as the service runs: with the pure-Python hash, one-value features keep rows and
+    # unseen flags per value (the compiled one hashes them every time, and keeps none).
     encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits(), budget, bundle.known_values)
+    before = hashing.hashing_backend()
+    hashing.use_backend("python")
     tracemalloc.start()
     try:
         for start in range(0, 40_000, 500):
@@ -54,6 +58,7 @@ def test_value_caches_stay_within_their_bytes(synthetic_store):
         held, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+        hashing.use_backend(before)
     assert 0 < encoder.cached_bytes() <= budget
     assert held < 2 * budget, f"{held / 2**20:.1f} MiB held for a {budget / 2**20:.0f} MiB budget"
 
@@ -205,3 +210,39 @@ def test_columns_are_refused_as_the_same_examples_as_rows(three_kinds, columns, 
         with pytest.raises(ExampleError) as refused:
             canonicalise()
         assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize("backend", hashing.BACKENDS)
+def test_one_value_features_encode_and_count_unseen_values_alike_on_every_path(synthetic_store, movielens_examples, backend):
+    """With the compiled hash the one-value features with training values are hashed a column at a time and their
+    unseen values counted by one pass over their filters, and a list feature's values hashed all at once; with the
+    pure one, through caches of each value's rows and flag. Either way, with caches or without, warm or cold: the
+    reference's rows, weights and unseen counts (empty lists, "" in a list, lists past the width included)."""
+    if backend == "compiled" and not hashing.compiled_available():
+        pytest.skip("the compiled hashing extension is not built")
+    bundle = load_bundle(synthetic_store / "movielens" / "1")
+    lists = [[], [f"new-genre-{i}" for i in range(3)] + ["Drama"] * 9 + ["past-the-width"], ["Comedy", "", "Drama"]]
+    fresh = [{**example, "user_id": f"new-user-{i}", "zip_code": None if i % 2 else example["zip_code"],
+              "genres": lists[i % 4] if i % 4 < 3 else example["genres"]}
+             for i, example in enumerate(movielens_examples[:40])]  # fmt: skip
+    requests = [movielens_examples[:64], fresh, movielens_examples[:64] + fresh]
+    before = hashing.hashing_backend()
+    try:
+        hashing.use_backend("python")
+        reference = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits(), 0, bundle.known_values)
+        want = []
+        for examples in requests:
+            want.append((reference.encode(examples), reference.take_unseen()))
+        assert want[1][1]["user_id"] >= 38 and want[1][1]["zip_code"] == 0 and want[0][1]["user_id"] == 0
+        assert want[1][1]["genres"] >= 30 and want[0][1]["genres"] == 0  # three new genres in 10 lists, cut at the width
+        hashing.use_backend(backend)
+        for cache_bytes in (0, 2**20):
+            encoder = ExampleEncoder(bundle.feature_specs, bundle.plan, ValueLimits(), cache_bytes, bundle.known_values)
+            for _ in ("cold", "warm"):
+                for examples, ((rows, weights), unseen) in zip(requests, want):
+                    got_rows, got_weights = encoder.hash([encoder.canonicalise(examples)])
+                    np.testing.assert_array_equal(got_rows, rows)
+                    np.testing.assert_array_equal(got_weights, weights)
+                    assert encoder.take_unseen() == unseen
+    finally:
+        hashing.use_backend(before)

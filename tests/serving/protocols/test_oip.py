@@ -5,6 +5,8 @@ Scores must equal /v1/score's for the same examples (one encoding path, one batc
 
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -18,8 +20,12 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tests.scoring import score
-from uembed.loadtest.servers import UvicornProcess, wait_until
+from tests.serving.inprocess import InProcessService
+from uembed.loadtest.peers import grpc_request
+from uembed.loadtest.servers import UvicornProcess, free_port, wait_until
 from uembed.loadtest.traffic import MOVIELENS_FEATURES
+from uembed.serving.protocols.oip import InferencePlane
+from uembed.serving.protocols.oip_grpc import start_grpc_server, stop_grpc_server
 
 MODEL = "movielens"
 EXAMPLES = 256
@@ -481,3 +487,31 @@ def test_two_workers_share_the_grpc_port(synthetic_store, examples, v1_scores, t
     finally:
         service.stop()
     assert "cannot listen" not in service.log_path.read_text()
+
+
+def test_grpc_calls_that_arrive_while_a_batch_holds_the_loop_are_read_and_join_one_batch(synthetic_store, examples):
+    """The gRPC server has its own thread and loop: calls that arrive while the service's loop is busy (a batch runs
+    on it) are read meanwhile and all reach the batcher when it is free, to be scored together. Served on the
+    service's loop, each call advanced one step per batch and the calls were scored one batch each."""
+    service = InProcessService(bundles=[synthetic_store / MODEL / "1"], grpc_port=free_port(), grpc_host="127.0.0.1")
+    server = service.run(start_grpc_server(InferencePlane(service.engine, service.settings), service.settings))
+    try:
+        assert server.thread.is_alive() and server.thread is not service.thread
+        channel = grpc.insecure_channel(f"127.0.0.1:{service.settings.grpc_port}")
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        bodies = [grpc_request(MODEL, examples[i * 8 : (i + 1) * 8], service.engine.registry.find(MODEL, None).bundle.feature_specs)
+                  for i in range(8)]  # fmt: skip
+        call(bodies[0], timeout=30)  # connected, and the first batch's lazy work done
+        before = service.metrics()["uembed_batch_examples_count"]
+        held = threading.Event()
+        service.loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(1.0)))  # as a long batch holds the loop
+        held.wait(10)
+        pending = [call.future(body, timeout=30) for body in bodies]
+        replies = [service_pb2.ModelInferResponse.FromString(future.result()) for future in pending]
+        assert [len(np.frombuffer(reply.raw_output_contents[0], "<f4")) for reply in replies] == [8] * 8
+        assert service.metrics()["uembed_batch_examples_count"] - before == 1
+        channel.close()
+    finally:
+        service.run(stop_grpc_server(server))
+        service.close()
+    assert not server.thread.is_alive()

@@ -1,12 +1,30 @@
 """BYTES tensors' framing read in one pass (``bytes_elements``) against the element-by-element reader that names the
-element at fault (``checked_elements``): the same elements from any framing, the same error from a broken one."""
+element at fault (``checked_elements``): the same elements from any framing, the same error from a broken one; read by
+the compiled extension and by Python alike."""
 
 import random
 
 import pytest
 
+from uembed.contract import hashing
 from uembed.contract.errors import TensorError
-from uembed.serving.protocols.oip import InputTensor, bytes_elements, checked_elements, tensor_values, text_elements
+from uembed.serving.protocols.oip import (
+    InputTensor,
+    bytes_elements,
+    checked_elements,
+    multivalent_rows,
+    tensor_values,
+    text_elements,
+)
+
+
+@pytest.fixture(autouse=True, params=[b for b in hashing.BACKENDS if b == "python" or hashing.compiled_available()])
+def backend(request):
+    """Every test on both readers: the extension's one C pass (compiled) and Python's."""
+    before = hashing.hashing_backend()
+    hashing.use_backend(request.param)
+    yield request.param
+    hashing.use_backend(before)
 
 
 def framed(elements: list[bytes]) -> bytes:
@@ -65,3 +83,9 @@ def test_a_text_tensor_reads_as_each_element_decoded(seed):
     assert text_elements("t", memoryview(data)) == [element.decode() for element in elements]
     with pytest.raises(TensorError, match=r"^input 't' element \d+: "):
         text_elements("t", data + b"\x05\x00\x00\x00ab")
+
+
+def test_an_n_by_w_tensor_reads_as_its_rows_without_padding():
+    values = ["Comedy", "", "", "Crime", "Drama", "", "", "", "", "Film-Noir", "War", "Western"]
+    assert multivalent_rows(values, 4, 3) == [["Comedy"], ["Crime", "Drama"], [], ["Film-Noir", "War", "Western"]]
+    assert multivalent_rows([], 0, 3) == []

@@ -28,9 +28,17 @@ from itertools import chain
 import numpy as np
 
 from uembed.contract.columns import canonical_column
-from uembed.contract.hashing import MISSING, hash_canonical_columns, head_rows, rows_of
-from uembed.contract.known import KnownValues
-from uembed.contract.plan import FeaturePlan
+from uembed.contract.hashing import (
+    MISSING,
+    hash_canonical,
+    hash_canonical_columns,
+    hashing_backend,
+    head_rows,
+    lookup_seed,
+    rows_of,
+)
+from uembed.contract.known import KnownSets, KnownValues
+from uembed.contract.plan import FeaturePlan, Pooling
 from uembed.serving.pipeline.canonical import CanonicalExamples, Canonicaliser
 from uembed.serving.pipeline.values import ENTRY_OVERHEAD, ValueCache, entry_bytes
 
@@ -89,6 +97,32 @@ def slot_runs(slots: np.ndarray) -> tuple[tuple[int, int, int], ...]:
 
 
 @dataclass
+class HashLayout:
+    """How :meth:`ExampleEncoder._hash_columns` hashes one set of one-slot features: their seeds and table rows, and
+    for those with training values (``known``: their positions) the filters, the seeds of the filters' keys (the
+    feature's own lookup-0 seed; ``known_keys_hashed``: the same as the rows' keys, not hashed again) and the key
+    of the missing value under each, which never counts as unseen."""
+
+    seeds: list[int]
+    table_rows: np.ndarray  # uint64 [F, 1]
+    known: list[int]
+    filters: KnownSets
+    known_seeds: list[int]
+    known_keys_hashed: bool
+    missing_keys: np.ndarray  # uint64 [len(known), 1]
+
+    @classmethod
+    def of(cls, encoder: ExampleEncoder, names: list[str]) -> HashLayout:
+        seeds = [encoder.one_slot_hashed[name][0] for name in names]
+        table_rows = np.array([[encoder.one_slot_hashed[name][1]] for name in names], dtype=np.uint64)
+        known = [i for i, name in enumerate(names) if name in encoder.known]
+        known_seeds = [lookup_seed(names[i], 0) for i in known]
+        missing = np.array([[hash_canonical([MISSING], seed)[0]] for seed in known_seeds], dtype=np.uint64)
+        return cls(seeds, table_rows, known, KnownSets([encoder.known[names[i]] for i in known]), known_seeds,
+                   known_seeds == [seeds[i] for i in known], missing.reshape(len(known), 1))  # fmt: skip
+
+
+@dataclass
 class ExampleEncoder(Canonicaliser):
     """Canonicalise (:class:`Canonicaliser`) and hash examples for one bundle's features and plan."""
 
@@ -96,17 +130,19 @@ class ExampleEncoder(Canonicaliser):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # One-value features with training values: one cached tuple of rows and unseen flag per value (the
-        # filter lookup costs more than a cache hit). The others are hashed directly, every time: hashing a
-        # column is cheaper than looking each of its values up in a cache, warm or cold.
+        # One-value features with one hashed lookup: (seed, table rows hashed into). Their columns are hashed together
+        # in one pass; with the compiled hash, those with training values too, their unseen values counted by one
+        # pass over all their filters (KnownSets): cheaper than a cache of each value's rows, warm or cold. With the
+        # pure-Python hash, a feature with training values keeps a cached tuple of rows and unseen flag per value
+        # (row_cache: its filter lookup costs more than a cache hit), as do the others with training values.
         self.direct = frozenset(name for name in self.one_value if name not in self.known)
-        # Of those, the ones with one hashed lookup: (seed, table rows hashed into), to hash their columns together.
         self.one_slot_hashed = {
             f.name: (f.lookups[0].seed, self.plan.table(f.lookups[0].table).hashed_rows)
             for f in self.plan.features
-            if f.name in self.direct and len(f.lookups) == 1 and not f.vocabulary
+            if f.name in self.one_value and len(f.lookups) == 1 and not f.vocabulary
         }
-        self._hashing_of: dict[tuple[str, ...], tuple[list[int], np.ndarray]] = {}
+        self._hashing_of: dict[tuple[str, ...], HashLayout] = {}
+        self._filters: dict[str, KnownSets] = {}  # a multivalent feature's training values, asked per batch
         self.head_start = {f.name: f.head_start for f in self.plan.features if f.name in self.plan.heads}
         # Unseen flags of the other features' values (a filter lookup per batch costs more than the hash).
         self.row_cache = {name: ValueCache(self.cache_share) for name in self.rows_cached} if self.cache_bytes else {}
@@ -162,9 +198,11 @@ class ExampleEncoder(Canonicaliser):
         one per example, or (``one_per_part``: features every part shares) one per part. The one-slot hashed
         features' columns are hashed together in one pass (a few numpy calls per feature cost more than hashing
         a ranking request's few hundred values of it)."""
-        together = [f.name for f in features if f.name in self.one_slot_hashed and f.name not in broadcast]
+        compiled = hashing_backend() == "compiled"
+        together = [f.name for f in features if f.name in self.one_slot_hashed and f.name not in broadcast
+                    and (compiled or f.name in self.direct)]  # fmt: skip
         rows_of_together: dict[str, np.ndarray] = {}
-        if len(together) > 1:
+        if together:
             columns = [self._column(name, parts, one_per_part) for name in together]
             rows_of_together = dict(zip(together, self._hash_columns(together, columns)))
         if not features:
@@ -182,20 +220,26 @@ class ExampleEncoder(Canonicaliser):
         return np.concatenate(row_parts, axis=1), np.concatenate(weight_parts, axis=1)
 
     def _hash_columns(self, names: list[str], columns: list[list]) -> list[np.ndarray]:
-        """Rows [n, 1] of each of several one-slot hashed features, from their columns of n canonical values each."""
-        hashing = self._hashing_of.get(tuple(names))
-        if hashing is None:
+        """Rows [n, 1] of each of several one-slot hashed features, from their columns of n canonical values each;
+        the values unseen in training counted, for those with training values."""
+        layout = self._hashing_of.get(tuple(names))
+        if layout is None:
             if len(self._hashing_of) >= self.LAYOUTS_KEPT:
                 self._hashing_of.clear()
-            seeds = [self.one_slot_hashed[name][0] for name in names]
-            table_rows = np.array([[self.one_slot_hashed[name][1]] for name in names], dtype=np.uint64)
-            hashing = self._hashing_of[tuple(names)] = (seeds, table_rows)
-        seeds, table_rows = hashing
-        keys = hash_canonical_columns(columns, seeds)
-        rows = rows_of(keys, table_rows)
+            layout = self._hashing_of[tuple(names)] = HashLayout.of(self, names)
+        keys = hash_canonical_columns(columns, layout.seeds)
+        rows = rows_of(keys, layout.table_rows)
         for i, name in enumerate(names):
             if name in self.plan.heads:  # hybrid table: a head value's key reads its head row (one binary search)
-                rows[i] = head_rows(keys[i], self.plan.heads[name], self.head_start[name], int(table_rows[i, 0]))
+                rows[i] = head_rows(keys[i], self.plan.heads[name], self.head_start[name], int(layout.table_rows[i, 0]))
+        if layout.known:
+            if layout.known_keys_hashed:
+                known_keys = keys[layout.known]
+            else:
+                known_keys = hash_canonical_columns([columns[i] for i in layout.known], layout.known_seeds)
+            unseen = ~layout.filters.contains(known_keys) & (known_keys != layout.missing_keys)  # missing never counts
+            for i, count in zip(layout.known, unseen.sum(axis=1).tolist()):
+                self.unseen[names[i]] += count
         return [column[:, None] for column in rows]
 
     @staticmethod
@@ -224,6 +268,8 @@ class ExampleEncoder(Canonicaliser):
         elif name in self.row_cache:
             rows = self._scalar_rows(feature, values)
             weights = np.ones(rows.shape, dtype=np.float32)
+        elif self.specs[name].multivalent and hashing_backend() == "compiled":
+            rows, weights = self._list_rows(feature, values)
         else:
             column = canonical_column(values if self.specs[name].multivalent else [(v,) for v in values])
             rows, weights = self.plan.encode_feature(feature, column)
@@ -235,6 +281,27 @@ class ExampleEncoder(Canonicaliser):
         if repeats is not None:
             rows, weights = np.repeat(rows, repeats, axis=0), np.repeat(weights, repeats, axis=0)
         return rows, weights
+
+    def _list_rows(self, feature: FeaturePlan, values: list) -> tuple[np.ndarray, np.ndarray]:
+        """A multivalent feature's rows and weights, as ``plan.encode_feature`` gives them, from every value of the
+        column hashed in one call (no table of its distinct values first: with the compiled hash, building one cost
+        more than hashing each value); its unseen values counted, the missing one and those past the width not."""
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        flat = [MISSING, *chain.from_iterable(values)]  # the missing value first: the padding slots' rows
+        present = np.arange(feature.width) < lengths[:, None]  # values past the width are cut
+        slots = np.where(present, (np.cumsum(lengths) - lengths + 1)[:, None] + np.arange(feature.width), 0)
+        if feature.pooling == Pooling.MEAN:
+            weights = (present / np.maximum(present.sum(axis=1, keepdims=True), 1)).astype(np.float32)
+        else:
+            weights = present.astype(np.float32)
+        rows = [self.plan.rows_of_values(feature, lookup, flat)[slots] for lookup in feature.lookups]
+        if feature.name in self.known:
+            if feature.name not in self._filters:
+                self._filters[feature.name] = KnownSets([self.known[feature.name]])
+            keys = KnownValues.keys(feature.name, flat)
+            unseen = ~self._filters[feature.name].contains(keys[None])[0] & (keys != keys[0])  # keys[0]: missing's
+            self.unseen[feature.name] += int(unseen[slots].sum())  # a padding slot reads the missing value
+        return np.concatenate(rows, axis=1), np.tile(weights, (1, len(feature.lookups)))
 
     @staticmethod
     def _broadcast_column(name: str, parts: Sequence[CanonicalExamples]) -> tuple[list, np.ndarray]:

@@ -40,6 +40,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
@@ -47,6 +48,7 @@ import numpy as np
 
 from uembed.contract.errors import TensorError
 from uembed.contract.features import FeatureKind, FeatureSpec
+from uembed.contract.hashing import compiled_extension
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.pipeline.canonical import CanonicalExamples, ExampleColumns, ValueRefused
 from uembed.serving.pipeline.cpu import ModelRuntime
@@ -87,15 +89,26 @@ def bytes_elements(name: str, data: bytes, limit: int | None = None) -> list[byt
     :func:`checked_elements`, which names the element at fault."""
     if limit is not None:
         return checked_elements(name, data, limit)
-    if type(data) is not bytes:  # a memoryview or bytearray: its slices would not be bytes
-        data = bytes(data)
-    elements = frames(data, data)
+    extension = compiled_extension()
+    if extension is not None:  # one C pass, no Python step per element
+        elements = extension.length_prefixed(data, False)
+    else:
+        if type(data) is not bytes:  # a memoryview or bytearray: its slices would not be bytes
+            data = bytes(data)
+        elements = frames(data, data)
     return checked_elements(name, data) if elements is None else elements
 
 
 def text_elements(name: str, data: bytes) -> list[str]:
     """A serialised BYTES tensor's elements as UTF-8 text. ASCII (most ids and words, length prefixes under 128
     included) is decoded once, the elements sliced from it; otherwise each element is decoded."""
+    extension = compiled_extension()
+    if extension is not None:  # one C pass, each element decoded as it is read
+        try:
+            elements = extension.length_prefixed(data, True)
+        except UnicodeDecodeError:  # an element that is not UTF-8: named below
+            elements = None
+        return texts(name, bytes_elements(name, data)) if elements is None else elements
     if type(data) is not bytes:
         data = bytes(data)
     if not data.isascii():
@@ -231,8 +244,10 @@ def column(tensor: InputTensor, spec: FeatureSpec, values: list) -> list:
 
 
 def multivalent_rows(values: list, count: int, width: int) -> list[list]:
-    """An [N, W] tensor's rows as lists of values, the padding ("") left out."""
-    return [[value for value in values[row * width : (row + 1) * width] if value] for row in range(count)]
+    """An [N, W] tensor's rows as lists of values, the padding ("") left out (by C-level maps: slices, then each
+    row's values filtered by truth, which only "" fails: the elements are strings)."""
+    rows = map(values.__getitem__, map(slice, range(0, count * width, width), range(width, (count + 1) * width, width)))
+    return list(map(list, map(partial(filter, None), rows)))
 
 
 def columns_from_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_examples: int) -> ExampleColumns:

@@ -1,8 +1,9 @@
 """The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on grpcio's asyncio server.
 
-The server runs in the event loop of the worker that serves HTTP (started and stopped in the
-app's lifespan), over the same :class:`~service.protocols.oip.InferencePlane`, engine and
-batcher. The messages and the servicer base are the generated ones that Triton's client
+The server runs in each worker that serves HTTP (started and stopped in the app's lifespan) on a
+thread and event loop of its own (:class:`GrpcServerThread`), and every call's work runs on the
+worker's event loop, over the same :class:`~service.protocols.oip.InferencePlane`, engine and
+batcher as HTTP's. The messages and the servicer base are the generated ones that Triton's client
 package ships (``tritonclient.grpc.service_pb2`` and ``service_pb2_grpc``, from the protocol's
 ``grpc_service.proto``); no proto is kept here.
 
@@ -32,8 +33,10 @@ workers start (``uembed/serving/process.py``), so no other server's workers join
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
+import threading
 import time
 
 import grpc
@@ -72,7 +75,7 @@ def rpc(method):
     async def with_status_codes(self, request, context):
         started = time.perf_counter()
         try:
-            response = await method(self, request, context)
+            response = await self.on_service_loop(method(self, request, context))
         except Exception as exc:  # noqa: BLE001 - a bug is INTERNAL; the log has the traceback
             error = table_error(exc, name)
         else:
@@ -112,9 +115,15 @@ def read_inputs(request: service_pb2.ModelInferRequest) -> list[InputTensor]:
 class Observed:
     """A servicer whose calls :func:`rpc` times and counts."""
 
-    def __init__(self, plane: InferencePlane) -> None:
+    def __init__(self, plane: InferencePlane, service_loop: asyncio.AbstractEventLoop) -> None:
         self.plane = plane
         self.metrics = plane.engine.metrics
+        self.service_loop = service_loop
+
+    async def on_service_loop(self, work):
+        """``work`` (a coroutine) run on the service's event loop, where the engine and its batcher live; a call
+        cancelled here (the client went away, its deadline passed) cancels it there."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.service_loop))
 
     def observe(self, method: str, started: float, error: UembedError | None) -> None:
         code = grpc.StatusCode.OK if error is None else grpc_code(error)
@@ -232,7 +241,7 @@ class HealthServicer(Observed, health_pb2_grpc.HealthServicer):
     async def Watch(self, request, context):
         last = None
         while True:
-            status = await self.status(request.service)
+            status = await self.on_service_loop(self.status(request.service))
             if status != last:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 last = status
@@ -243,33 +252,91 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start_grpc_server(plane: InferencePlane, settings: ServiceSettings) -> grpc.aio.Server | None:
-    """The gRPC server on ``grpc_host:grpc_port`` in the running event loop; None when grpc_port is 0."""
+class GrpcServerThread:
+    """grpcio's asyncio server on a thread and event loop of its own; every call's work (decoding, scoring) runs on
+    the service's loop, as an HTTP request's does. grpcio hands each step of a call (a new call, its message, its
+    reply sent) to the loop it serves: on the service's loop, a call advanced one step per batch, as a batch holds
+    that loop while it runs, so calls reached the batcher one at a time; here they are read, and their replies
+    sent, while a batch runs."""
+
+    def __init__(self, plane: InferencePlane, settings: ServiceSettings, address: str) -> None:
+        self.plane, self.settings, self.address = plane, settings, address
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: grpc.aio.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        service_loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._run, args=(service_loop, started), name="uembed-grpc", daemon=True)
+        self.thread.start()
+        await asyncio.wrap_future(started)
+
+    def _run(self, service_loop: asyncio.AbstractEventLoop, started: concurrent.futures.Future) -> None:
+        self.loop = loop = new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            self.server = loop.run_until_complete(self._serve(service_loop))
+        except BaseException as exc:  # noqa: BLE001 - the port is taken, or grpcio failed: the start raises it
+            loop.close()
+            started.set_exception(exc)
+            return
+        started.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _serve(self, service_loop: asyncio.AbstractEventLoop) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),  # the default on Linux, stated: every worker binds the same port
+                ("grpc.max_receive_message_length", self.settings.max_body_bytes),  # the HTTP body limit, for a request
+            ]
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane, service_loop), server)
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self.plane, service_loop), server)
+        try:
+            bound = server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            bound, reason = 0, str(exc)
+        else:
+            reason = "the port is taken"
+        if not bound:
+            raise UembedError(f"gRPC: cannot listen on {self.address} ({reason}); set UEMBED_GRPC_PORT to a free port, "
+                              "or 0 for no gRPC")  # fmt: skip
+        await server.start()
+        return server
+
+    async def stop(self) -> None:
+        """Stop taking calls and let the calls in flight finish (up to SHUTDOWN_GRACE_S), then end the thread."""
+        if self.loop is None or self.thread is None or not self.thread.is_alive():
+            return
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.server.stop(SHUTDOWN_GRACE_S), self.loop))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's where it is installed (as uvicorn's), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+async def start_grpc_server(plane: InferencePlane, settings: ServiceSettings) -> GrpcServerThread | None:
+    """The gRPC server on ``grpc_host:grpc_port``, on its own thread; None when grpc_port is 0."""
     if not settings.grpc_port:
         return None
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1),  # the default on Linux, stated: every worker binds the same port
-            ("grpc.max_receive_message_length", settings.max_body_bytes),  # the HTTP body limit, for a request
-        ]
-    )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(plane), server)
-    address = bind_address(settings.grpc_host, settings.grpc_port)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        bound, reason = 0, str(exc)
-    else:
-        reason = "the port is taken"
-    if not bound:
-        raise UembedError(f"gRPC: cannot listen on {address} ({reason}); set UEMBED_GRPC_PORT to a free port, or 0 for no gRPC")
+    server = GrpcServerThread(plane, settings, bind_address(settings.grpc_host, settings.grpc_port))
     await server.start()
-    log.info("gRPC (Open Inference Protocol) on %s", address)
+    log.info("gRPC (Open Inference Protocol) on %s", server.address)
     return server
 
 
-async def stop_grpc_server(server: grpc.aio.Server | None) -> None:
+async def stop_grpc_server(server: GrpcServerThread | None) -> None:
     """Stop taking calls and let the calls in flight finish (up to SHUTDOWN_GRACE_S)."""
     if server is not None:
-        await server.stop(SHUTDOWN_GRACE_S)
+        await server.stop()

@@ -107,15 +107,20 @@ def test_ranks_read_disjoint_shares_that_cover_the_source(parquet_data):
     assert sum(many, []) == whole and {len(share) for share in many} == {len(whole) // 30}
 
 
+def regrouped(dataset: Path, folder: Path, row_group_size: int) -> tuple[StreamSource, object]:
+    """``dataset`` written again into ``folder`` in row groups of ``row_group_size`` rows: its source and spec."""
+    for path in dataset.iterdir():
+        if path.suffix == ".parquet":
+            pq.write_table(pq.read_table(path), folder / path.name, row_group_size=row_group_size)
+        else:
+            shutil.copy(path, folder / path.name)
+    return StreamSource.open(folder), load_spec(folder / "spec.toml")
+
+
 def test_ranks_get_equal_shares_of_uneven_row_groups(parquet_data, tmp_path):
     """Row groups of 700 rows (the last one short): dealing whole groups would give one rank 600 rows more, which
     every step of its share the other rank would wait for; blocks of rows are equal."""
-    for path in parquet_data.glob("*.parquet"):
-        pq.write_table(pq.read_table(path), tmp_path / path.name, row_group_size=700)
-    for path in parquet_data.iterdir():
-        if path.suffix != ".parquet":
-            shutil.copy(path, tmp_path / path.name)
-    source, spec = StreamSource.open(tmp_path), load_spec(tmp_path / "spec.toml")
+    source, spec = regrouped(parquet_data, tmp_path, row_group_size=700)
     whole = covered_rows(source.record_batches(spec, 500))
     shares = [covered_rows(source.record_batches(spec, 500, shard=(r, 2))) for r in (0, 1)]
     assert shares[0] + shares[1] == whole and abs(len(shares[0]) - len(shares[1])) <= 1
@@ -127,12 +132,7 @@ def test_ranks_get_equal_shares_of_uneven_row_groups(parquet_data, tmp_path):
 def test_many_row_groups_are_dealt_in_equal_blocks_spread_over_the_source(parquet_data, tmp_path):
     """With many row groups a rank's share is several blocks across the source, not one end of it: a split column
     that puts validation and test last must still leave every rank training rows."""
-    for path in parquet_data.glob("*.parquet"):
-        pq.write_table(pq.read_table(path), tmp_path / path.name, row_group_size=70)
-    for path in parquet_data.iterdir():
-        if path.suffix != ".parquet":
-            shutil.copy(path, tmp_path / path.name)
-    source, spec = StreamSource.open(tmp_path), load_spec(tmp_path / "spec.toml")
+    source, spec = regrouped(parquet_data, tmp_path, row_group_size=70)
     whole = covered_rows(source.record_batches(spec, 500))
     shares = [covered_rows(source.record_batches(spec, 500, shard=(r, 3))) for r in range(3)]
     assert sorted(sum(shares, [])) == whole and len(set(sum(shares, []))) == len(whole)

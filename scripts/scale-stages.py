@@ -1,9 +1,11 @@
-"""Per-stage time of one ranking request and of the same examples flat, in process, on a scale bundle.
+"""Per-stage time of one ranking request and of the same examples flat, in process, on a scale bundle or a
+MovieLens bundle split by its user's features (the demo bundle).
 
     .venv/bin/python scripts/scale-stages.py scale-work/criteo-scale/1
+    .venv/bin/python scripts/scale-stages.py bundles/movielens100k/1
 
 Each stage of ``/v1/score`` timed alone over 20 requests of each shape (the traffic of
-``uembed bench --phases scale``: 1 context x 500 candidates), after one warm pass: decoding
+``uembed bench --phases scale``, or of ``--phases ranking`` on a MovieLens bundle: 1 context x 500 candidates), after one warm pass: decoding
 and checking the body as the lean path does (msgspec, ``uembed/serving/protocols/lean_json.py``),
 canonicalise, hash, lookup, assemble, dense, and writing the response. BENCHMARKS.md quotes
 its output.
@@ -13,11 +15,14 @@ import gc
 import json
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import numpy as np
 import orjson
 
+from uembed.contract.errors import UembedError
+from uembed.loadtest.ranking_bench import context_features_of, ranking_bodies
 from uembed.loadtest.scale_bench import request_bodies
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.protocols.lean_json import names_fit, score_body_type
@@ -36,7 +41,11 @@ def main(bundle: str) -> None:
     settings = load_settings(max_examples=1024)
     runtime = ScoringEngine(settings).registry.open(bundle)
     decoder = msgspec.json.Decoder(score_body_type(settings.max_examples))
-    bodies = request_bodies(1.05, 500, 64, 20)
+    try:  # a MovieLens bundle split by its user's features: the ranking phase's traffic
+        ranking = ranking_bodies(context_features_of(Path(bundle)), 500, 20)
+        bodies = {"ranking": ranking["ranking"], "flat_same_examples": ranking["flat"]}
+    except UembedError:  # a scale bundle: the scale phase's
+        bodies = request_bodies(1.05, 500, 64, 20)
     gc.freeze()
     for _ in range(2):  # the first pass fills caches and pages; the second is reported
         figures = {}

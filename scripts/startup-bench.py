@@ -2,11 +2,16 @@
 bundle loaded and its row files checked (``load_bundle(defer_row_checks=True)`` then ``row_checks.wait()``, what a
 worker does before /readyz answers 200, less the ONNX session and the one warm-up score).
 
-    PYTHONPATH=. .venv/bin/python scripts/startup-bench.py --rows 100000000 --workers 1 2 [--drop-caches]
+    PYTHONPATH=. .venv/bin/python scripts/startup-bench.py --rows 100000000 --workers 1 2 [--drop-caches] [--serve]
 
 Rounds, each in fresh processes started together (the time of the slowest):
     cold      no stamps (deleted first): every worker reads every row file, as before stamps
     stamped   the stamps the cold round wrote: the workers map the files and read none of them
+
+With ``--serve``, each worker count also starts the service itself (uvicorn, ``uembed.serving.app``) on the bundle,
+once without stamps and once with them, and times the process start to ``/healthz`` and to every worker's
+``/readyz`` (``uembed/loadtest/scale_bench.py``'s ``start_timed``): the whole restart, ONNX sessions and warm-up
+score included.
 
 "Cold" means without stamps; the page cache is another matter. Dropping it (``--drop-caches``: sync, then 3 into
 /proc/sys/vm/drop_caches) needs root, and the script says when it could not: the cold round then reads the files
@@ -63,6 +68,20 @@ def round_of(bundle: Path, workers: int, drop: bool) -> dict:
             "ready_s": max(r["ready_s"] for r in results), "each_ready_s": [round(r["ready_s"], 3) for r in results]}  # fmt: skip
 
 
+def serve_round(bundle: Path, workers: int, drop: bool, log: Path) -> dict:
+    from uembed.loadtest.scale_bench import start_timed
+    from uembed.loadtest.servers import UvicornProcess
+
+    cache = drop_caches() if drop else "kept"
+    before = resident(bundle)
+    server = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle)}, log, workers=workers)
+    try:
+        timed = start_timed(server)
+    finally:
+        server.stop()
+    return {"workers": workers, "page_cache": cache, "resident_before_bytes": before} | timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000_000)
@@ -70,6 +89,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=Path("startup-bench-bundles"))
     parser.add_argument("--drop-caches", action="store_true", help="drop the page cache before each round (root)")
+    parser.add_argument("--serve", action="store_true", help="also time the service's start to every worker's /readyz")
     args = parser.parse_args()
     bundle = args.out / f"rows{args.rows}" / "1"
     if not (bundle / "manifest.json").is_file():
@@ -82,7 +102,14 @@ def main() -> None:
             place.unlink(missing_ok=True)
         cold = round_of(bundle, workers, args.drop_caches)
         stamped = round_of(bundle, workers, args.drop_caches)
-        print(json.dumps({"bundle": str(bundle), "row_file_bytes": row_bytes, "cold": cold, "stamped": stamped}))
+        figures = {"bundle": str(bundle), "row_file_bytes": row_bytes, "cold": cold, "stamped": stamped}
+        if args.serve:
+            for place in (bundle / STAMP_FILE, cache_file(bundle)):
+                place.unlink(missing_ok=True)
+            log = args.out / f"serve-{workers}w.log"
+            figures["serve_cold"] = serve_round(bundle, workers, args.drop_caches, log)
+            figures["serve_stamped"] = serve_round(bundle, workers, args.drop_caches, log)
+        print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -133,3 +133,39 @@ def test_the_scale_benchmark_runs_end_to_end_on_a_small_bundle(tmp_path):
     (worker,) = service["memory_per_worker"]
     assert 0 < worker["pss_gib"] <= worker["rss_gib"]
     assert naive["flat_same_examples_saturated"]["failures"] == 0 and len(naive["memory_per_worker"]) == 1
+
+
+def test_the_ranking_benchmark_runs_end_to_end_on_a_split_movielens_bundle(tmp_path):
+    """`uembed bench --phases ranking` at a test size: one user x N movies against the same examples flat, from a
+    real server, on a MovieLens-shaped bundle split by the user's features as the demo bundle is."""
+    from uembed.bundle.synthetic import write_synthetic_bundle
+    from uembed.model.data import load_movielens100k
+    from uembed.model.demo import DEMO_CONTEXT_FEATURES
+
+    write_synthetic_bundle(tmp_path, "ml", load_movielens100k().spec.features, 50_000, width=6, progress=False,
+                           context_features=DEMO_CONTEXT_FEATURES)  # fmt: skip
+    out = tmp_path / "ranking.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "uembed", "bench", "--phases", "ranking", "--bundle", str(tmp_path / "ml" / "1"),
+         "--seconds", "0.5", "--ranking-candidates", "40", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["ranking_requests"]["context_features"] == list(DEMO_CONTEXT_FEATURES)
+    assert figures["ranking_requests"]["body_kib"]["ranking"] < figures["ranking_requests"]["body_kib"]["flat"]
+    one = figures["ranking_1_workers"]
+    for form in ("ranking", "flat"):
+        assert one[f"{form}_unloaded"]["failures"] == 0 and one[f"{form}_saturated"]["failures"] == 0
+        assert one[f"{form}_saturated"]["requests"] > 0
+    rounds = one["rounds"]
+    assert len(rounds) == 3 and one["ranking_over_flat"] == sorted(r["ratio"] for r in rounds)[1]
+    assert one["ranking_over_flat_worker_cpu"] == sorted(r["cpu_ratio"] for r in rounds)[1]
+
+
+def test_the_ranking_benchmark_refuses_a_bundle_without_the_split(synthetic_store):
+    from uembed.contract.errors import UembedError
+    from uembed.loadtest.ranking_bench import context_features_of
+
+    with pytest.raises(UembedError, match="no context split.*--context-features"):
+        context_features_of(synthetic_store / "movielens" / "1")

@@ -61,7 +61,11 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
         assert closed["requests"] > 0 and closed["failures"] == 0, (front, closed)
         open_loop = results[front]["1w"]["8"]["open_at_half"]
         assert open_loop["failures"] == 0 and open_loop["requests"] > 0, (front, open_loop)
+        if front != "grpc":  # the HTTP fronts' latency one request at a time, the base of the tail's ratio
+            alone = results[front]["1w"]["8"]["unloaded"]
+            assert alone["failures"] == 0 and alone["requests"] == 200 and alone["p50_ms"] > 0, (front, alone)
     ratios = reported["peers_ratios"]["1w 8"]
+    assert ratios["v1_p99_at_half_over_unloaded_p50"] > 0 and ratios["v1_over_1_worker"] is None
     assert ratios == peer_ratios(results)["1w 8"] and all(value > 0 for value in ratios.values() if value is not None)
     assert (ratios["perf_analyzer_grpc_over_http"] is None) == (not by_the_tool)
     json.dumps(reported)  # the bench writes every figure as JSON
@@ -69,6 +73,18 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if "uembed.loadtest.litserve_app" in (p.info["cmdline"] or [])
             and str(args.bundle) in (p.info["cmdline"] or [])]  # fmt: skip
     assert not left, f"LitServe processes left running: {left}"
+
+
+def test_the_ratios_compare_two_workers_with_one_and_the_workers_cpu():
+    def v1(rate: float, cpu: list[float]) -> dict:
+        return {"closed": {"requests_per_s": rate, "server_cpu_s": cpu}, "unloaded": {"p50_ms": 1.0},
+                "open_at_half": {"p99_ms": 2.5}}  # fmt: skip
+
+    ratios = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0])}, "2w": {"64": v1(1800.0, [9.0, 7.5, 0.1])}}})
+    assert ratios["1w 64"]["v1_over_1_worker"] is None and ratios["1w 64"]["v1_worker_cpu_spread"] is None
+    # the third process (the supervisor) is not a worker: the spread is the two workers'
+    assert (ratios["2w 64"]["v1_over_1_worker"], ratios["2w 64"]["v1_worker_cpu_spread"]) == (1.8, 1.2)
+    assert ratios["2w 64"]["v1_p99_at_half_over_unloaded_p50"] == 2.5
 
 
 def test_the_cli_offers_every_front_the_peers_phase_measures():

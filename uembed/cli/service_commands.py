@@ -290,11 +290,12 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo bundle, built if missing)")
     parser.add_argument("--bundle-store", type=Path, default=Path("bundles"), help="where the demo bundle lives")
-    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "scale", "gpu", "peers", "codecs", "hybrid"),
+    parser.add_argument("--phases", nargs="+", choices=("service", "redis", "hot", "scale", "ranking", "gpu", "peers", "codecs", "hybrid"),
                         default=["service", "redis", "hot"],
                         help="scale, gpu and peers are not in the default: scale writes a 3.2 GB bundle and needs ~15 GB "
                         "of memory for its naive baseline; gpu needs a CUDA device and the gpu extra; peers takes about "
-                        "10 minutes (see --peers); codecs and hybrid serve one model's bundles side by side (see their options)")  # fmt: skip
+                        "10 minutes (see --peers); codecs and hybrid serve one model's bundles side by side (see their options); "
+                        "ranking sends one user x N movies against the same examples flat to --bundle or the demo bundle")  # fmt: skip
     parser.add_argument("--peers", action="store_const", const=["peers"], dest="phases",
                         help="only the peers phase: this service's REST v1, REST v2 and gRPC fronts beside LitServe and "
                         "a naive FastAPI service, the same bundle and scoring code, wrk for HTTP load "
@@ -316,6 +317,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     scale.add_argument("--scale-zipf", type=float, default=1.05, help="Zipf exponent of each feature's values")
     scale.add_argument("--scale-candidates", type=int, default=500, help="candidates per ranking request")
     scale.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    ranking = parser.add_argument_group("ranking phase", "one MovieLens user x N candidate movies as a ranking request "
+                                        "against the same examples flat, on --bundle or the demo bundle (split by the "
+                                        "user's features): unloaded, saturated, paired rounds (uembed/loadtest/ranking_bench.py)")  # fmt: skip
+    ranking.add_argument("--ranking-candidates", type=int, default=500, help="candidates per ranking request")
+    ranking.add_argument("--ranking-workers", type=int, nargs="+", default=[1], help="worker counts to measure")
     peers = parser.add_argument_group("peers phase", "each front closed loop at --concurrency connections for --seconds, "
                                       "then open loop at half its saturated rate (at 64 examples)")  # fmt: skip
     peers.add_argument("--peer-sizes", type=int, nargs="+", default=[8, 64, 512], help="examples per request")

@@ -12,12 +12,14 @@ Phases (each prints its figures; all go to a JSON file):
               worker, beside the naive design's full tables per worker: ``uembed/loadtest/scale_bench.py``
 7. gpu        (asked for by name; needs a CUDA device) the CUDA path beside the CPU path over a 100M-row
               Criteo-shaped table: ``uembed/loadtest/gpu_bench.py``
-8. peers      (asked for by name, or ``--peers``) the request path beside its peers: REST v1, REST v2 and gRPC
+8. ranking    (asked for by name) one MovieLens user x 500 movies as a ranking request against the same examples
+              flat, on the demo bundle (split by the user's features): ``uembed/loadtest/ranking_bench.py``
+9. peers      (asked for by name, or ``--peers``) the request path beside its peers: REST v1, REST v2 and gRPC
               against LitServe and the naive service, 1 and 2 workers, 8/64/512 examples: ``uembed/loadtest/peers.py``
-9. codecs     (asked for by name) one model's bundles in several row codecs (``--codecs``), the demo model's and/or
+10. codecs    (asked for by name) one model's bundles in several row codecs (``--codecs``), the demo model's and/or
               the 100M-row scale bundle's, served at once and saturated in turn: requests/s and CPU a request
               against the first codec's, row-file bytes, each worker's RSS/PSS/private bytes
-10. hybrid    (asked for by name) a hybrid run (``--head-share``) against a plain unified run of the same rows, the
+11. hybrid    (asked for by name) a hybrid run (``--head-share``) against a plain unified run of the same rows, the
               same way: ``uembed/loadtest/codec_bench.py``
 
 Requests carry 64 real MovieLens-100K examples. Server and load generator share this
@@ -40,6 +42,7 @@ from uembed.loadtest.codec_bench import check_args, run_codec_bench, run_hybrid_
 from uembed.loadtest.gpu_bench import run_gpu_bench
 from uembed.loadtest.load import ceiling, http_phase, movielens_requests
 from uembed.loadtest.peers import run_peers
+from uembed.loadtest.ranking_bench import run_ranking_bench
 from uembed.loadtest.scale_bench import run_scale_bench
 from uembed.loadtest.servers import RedisServer
 from uembed.loadtest.traffic import zipf_cdf, zipf_ranks
@@ -154,6 +157,8 @@ def run_bench(args) -> dict:
         report("hot_tier", hot_tier_hit_rate(args.table_rows, int(args.hot_rows_mb * 2**20), args.hot_batches, workdir))
     if "scale" in phases:
         run_scale_bench(args, workdir, report)
+    if "ranking" in phases:
+        run_ranking_bench(args, args.bundle or demo_bundle(args.bundle_store), workdir, report)
     if "peers" in phases:
         run_peers(args, workdir, report)
     if "codecs" in phases:

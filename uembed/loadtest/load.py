@@ -100,15 +100,18 @@ def run_load(url: str, bodies: list[bytes], seconds: float, concurrency: int, ra
     return LoadResult(len(latencies), failures, time.perf_counter() - start, latencies)
 
 
-def unloaded(url: str, bodies: list[bytes], requests: int) -> LoadResult:
+def unloaded(url: str, bodies: list[bytes], requests: int, path: str = "/v1/score") -> LoadResult:
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     latencies, failures = [], 0
     started = time.perf_counter()
-    for i in range(requests):
-        sent = time.perf_counter()
-        failures += not post(connection, bodies[i % len(bodies)])
-        latencies.append(time.perf_counter() - sent)
+    try:
+        for i in range(requests):
+            sent = time.perf_counter()
+            failures += not post(connection, bodies[i % len(bodies)], path)
+            latencies.append(time.perf_counter() - sent)
+    finally:
+        connection.close()
     return LoadResult(requests, failures, time.perf_counter() - started, latencies)
 
 

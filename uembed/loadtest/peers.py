@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 
 from uembed.bundle.loader import load_bundle
-from uembed.loadtest.load import ceiling, movielens_requests, run_load
+from uembed.loadtest.load import ceiling, movielens_requests, run_load, unloaded
 from uembed.loadtest.perf_analyzer import find_perf_analyzer
 from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port
 from uembed.model.demo import demo_bundle
@@ -315,10 +315,12 @@ def run_peers(args, workdir: Path, report) -> None:
             saturated = cpu_split(server, lambda: wrk(url, paths[body_kind], bodies[body_kind][size], seconds, connections, workdir))
             measure(front, workers, size, {"closed": saturated})
             if size == open_size:
+                alone = unloaded(url, bodies[body_kind][size], 200, path=paths[body_kind]).summary()
+                results[front][f"{workers}w"][str(size)]["unloaded"] = alone
                 rate = saturated["requests_per_s"] / 2
                 half = run_load(url, bodies[body_kind][size], seconds, 8, rate=rate, path=paths[body_kind]).summary()
                 results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
-                report(f"peers {front} {workers}w {size} open loop", half)
+                report(f"peers {front} {workers}w {size} unloaded, open loop", {"unloaded": alone, "open_at_half": half})
 
     analyzer = find_perf_analyzer() if "perf_analyzer" in fronts else None
     if isinstance(analyzer, str):
@@ -382,7 +384,16 @@ def peer_ratios(results: dict) -> dict:
             rate = {front: results[front][workers][size]["closed"]["requests_per_s"] for front in results
                     if size in results[front].get(workers, {})}  # fmt: skip
             key = f"{workers} {size}"
+            v1 = results["v1"][workers][size]
+            half, alone = v1.get("open_at_half"), v1.get("unloaded")
+            one_worker = results["v1"].get("1w", {}).get(size)
+            cpu = (v1["closed"].get("server_cpu_s") or [])[: int(workers.removesuffix("w"))]  # the workers: the busiest
             out[key] = {
+                "v1_p99_at_half_over_unloaded_p50": round(half["p99_ms"] / alone["p50_ms"], 2) if half and alone else None,
+                "v1_over_1_worker": round(rate["v1"] / one_worker["closed"]["requests_per_s"], 2)
+                if workers != "1w" and one_worker else None,
+                # the busiest worker's CPU seconds over the least busy one's: how evenly the connections spread
+                "v1_worker_cpu_spread": round(cpu[0] / cpu[-1], 2) if len(cpu) > 1 and cpu[-1] else None,
                 "v1_over_litserve": round(rate["v1"] / rate["litserve"], 2) if "litserve" in rate else None,
                 "v1_over_naive": round(rate["v1"] / rate["naive"], 2) if "naive" in rate else None,
                 "grpc_over_v1": round(rate["grpc"] / rate["v1"], 2) if "grpc" in rate else None,

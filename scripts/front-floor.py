@@ -1,0 +1,141 @@
+"""What a call costs the server's front alone (#39, gRPC against REST v1): a handler that does nothing, behind uvicorn
+and behind grpcio's asyncio server, saturated the way ``uembed bench --peers`` loads the service (wrk at 16
+connections; the peers phase's gRPC client: 2 processes, 16 calls in flight) with the same 64-example bodies.
+
+    .venv/bin/python scripts/front-floor.py [--seconds 8]
+
+Prints, for each front, requests/s and the server process's CPU milliseconds a call. The no-op HTTP handler reads the
+body and answers fixed JSON; the no-op gRPC one returns a fixed ModelInferResponse (grpcio still parses the request
+and serialises the reply), once on grpcio's asyncio server (the service's) and once on its thread-pool server (1 and 4
+threads). Beside the service's own CPU a call in the peers phase, the difference between the two
+floors is what gRPC costs more than REST v1 before any scoring work. Run it alone on the machine.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+
+from uembed.bundle.loader import load_bundle
+from uembed.loadtest.load import movielens_requests
+from uembed.loadtest.peers import grpc_load, grpc_request, wrk
+from uembed.loadtest.servers import free_port, http_get, wait_until
+from uembed.model.demo import demo_bundle
+
+NOOP_HTTP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"scores":[0.5]}'})
+"""
+
+NOOP_GRPC = """
+import asyncio, sys
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+REPLY = service_pb2.ModelInferResponse(model_name="m", model_version="1", raw_output_contents=[bytes(256)])
+
+class Noop(service_pb2_grpc.GRPCInferenceServiceServicer):
+    async def ModelInfer(self, request, context):
+        return REPLY
+
+async def main():
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Noop(), server)
+    server.add_insecure_port(sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+NOOP_GRPC_SYNC = """
+import concurrent.futures, sys
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+REPLY = service_pb2.ModelInferResponse(model_name="m", model_version="1", raw_output_contents=[bytes(256)])
+
+class Noop(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def ModelInfer(self, request, context):
+        return REPLY
+
+server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=int(sys.argv[2])))
+service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Noop(), server)
+server.add_insecure_port(sys.argv[1])
+server.start()
+print("ready", flush=True)
+server.wait_for_termination()
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    process = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+
+
+def measured(pid: int, load) -> dict:
+    before = cpu_seconds(pid)
+    figures = load()
+    spent = cpu_seconds(pid) - before
+    return {"requests_per_s": figures["requests_per_s"], "server_cpu_ms_per_call": round(spent / max(figures["requests"], 1) * 1000, 3),
+            "failures": figures["failures"]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--bundle", type=Path, help="whose features the bodies carry (default: the demo bundle)")
+    args = parser.parse_args()
+    bundle = load_bundle(args.bundle or demo_bundle(Path("bundles")))
+    requests = movielens_requests(64)
+    v1_bodies = [orjson.dumps({"examples": r}) for r in requests]
+    grpc_bodies = [grpc_request(bundle.name, r, bundle.feature_specs) for r in requests]
+    workdir = Path(tempfile.mkdtemp(prefix="front-floor-"))
+    (workdir / "noop_http.py").write_text(NOOP_HTTP)
+    results = {}
+
+    port = free_port()
+    http = subprocess.Popen([sys.executable, "-m", "uvicorn", "noop_http:app", "--app-dir", str(workdir), "--host", "127.0.0.1",
+                             "--port", str(port), "--no-access-log", "--log-level", "warning"])  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_get(f"{url}/", timeout_s=1)[0] == 200, 30, "the no-op HTTP server")
+        wrk(url, "/v1/score", v1_bodies, 2, 16, workdir)
+        results["http_noop"] = measured(http.pid, lambda: wrk(url, "/v1/score", v1_bodies, args.seconds, 16, workdir))
+    finally:
+        http.terminate()
+        http.wait()
+
+    for name, code, extra in (("grpc_noop", NOOP_GRPC, []), ("grpc_sync_noop_1_thread", NOOP_GRPC_SYNC, ["1"]),
+                              ("grpc_sync_noop_4_threads", NOOP_GRPC_SYNC, ["4"])):  # fmt: skip
+        target = f"127.0.0.1:{free_port()}"
+        server = subprocess.Popen([sys.executable, "-c", code, target, *extra], stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "ready"
+            grpc_load(target, grpc_bodies, 2, concurrency=16)
+            time.sleep(0.5)
+            results[name] = measured(server.pid, lambda: grpc_load(target, grpc_bodies, args.seconds, concurrency=16))
+        finally:
+            server.terminate()
+            server.wait()
+    results["grpc_over_http_cpu_per_call"] = round(results["grpc_noop"]["server_cpu_ms_per_call"] / results["http_noop"]["server_cpu_ms_per_call"], 2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -252,6 +252,20 @@ class Lockstep:
             yield batch
 
 
+def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The coalesced sparse tensor of the rows ``values`` ``[N, D]`` at the row ids ``indices`` ``[N]`` (a repeated
+    id's rows summed in their order here): what ``torch.sparse_coo_tensor(...).coalesce()`` gives, from a stable
+    sort of the ids (quick on the sorted runs that the merge of several ranks' coalesced rows is made of) and one
+    vectorised ``index_add_``, where torch's CPU coalesce adds the rows one by one. The same inputs give the same
+    bits on every rank."""
+    ordered, order = torch.sort(indices, stable=True)
+    rows, place = torch.unique_consecutive(ordered, return_inverse=True)
+    positions = torch.empty_like(place)
+    positions[order] = place
+    summed = torch.zeros((rows.shape[0], *values.shape[1:]), dtype=values.dtype).index_add_(0, positions, values)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), summed, shape, check_invariants=False, is_coalesced=True)
+
+
 def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, table_step: Callable[[], object] | None = None) -> int:
     """Average the gradients over the ranks that had a batch; how many had one (0: the step is to be skipped,
     every rank has run dry). This rank had one unless ``has_batch`` is False (its gradients count as zero).
@@ -262,7 +276,8 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
     how many distinct table rows its batch touched); an all_gather of those rows (coalesced: a row looked up
     many times crosses the wire once), padded to the most any rank sends, row indices carried bit for bit in
     the values' dtype; then the dense parameters' gradients, flattened together, all-reduced asynchronously:
-    while they travel, every rank coalesces the same rows in rank order (so every rank holds the same update)
+    while they travel, every rank coalesces the same rows in rank order (``coalesce_rows``: every rank holds
+    the same update)
     and runs ``table_step``. ``dense_tables`` turns the table's update into a dense gradient, for a dense
     optimiser of the tables (Adam).
     """
@@ -276,8 +291,8 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
     if grad is None or not has_batch:
         indices, values = torch.zeros(0, dtype=torch.int64), torch.zeros((0, table.shape[1]), dtype=table.dtype)
     elif grad.is_sparse:
-        grad = grad.coalesce()  # a row a batch touches many times crosses the wire once
-        indices, values = grad.indices()[0], grad.values()
+        grad = grad if grad.is_coalesced() else coalesce_rows(grad._indices()[0], grad._values(), table.shape)
+        indices, values = grad.indices()[0], grad.values()  # a row a batch touches many times crosses the wire once
     else:  # a dense gradient: send only the rows it touches
         indices = grad.abs().sum(dim=1).nonzero().flatten()
         values = grad[indices]
@@ -300,7 +315,7 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
     rows = torch.cat([part[:size] for part, size in zip(parts, sizes)])
     all_indices = rows[:, :columns].contiguous().view(torch.int64).reshape(-1)
     all_values = rows[:, columns:] / active if active > 1 else rows[:, columns:]
-    merged = torch.sparse_coo_tensor(all_indices.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
+    merged = coalesce_rows(all_indices, all_values, table.shape)
     table.grad = merged.to_dense() if dense_tables else merged
     if table_step is not None:
         table_step()

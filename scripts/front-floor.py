@@ -8,7 +8,8 @@ Prints, for each front, requests/s and the server process's CPU milliseconds a c
 body and answers fixed JSON; the no-op gRPC one returns a fixed ModelInferResponse (grpcio still parses the request
 and serialises the reply), once on grpcio's asyncio server (the service's) and once on its thread-pool server (1 and 4
 threads). Beside the service's own CPU a call in the peers phase, the difference between the two
-floors is what gRPC costs more than REST v1 before any scoring work. Run it alone on the machine.
+floors is what gRPC costs more than REST v1 before any scoring work. Also the peers phase's open-loop load generator
+at ``--rate`` against the no-op HTTP handler: the tail the generator itself adds at half load. Run it alone.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import orjson
 import psutil
 
 from uembed.bundle.loader import load_bundle
-from uembed.loadtest.load import movielens_requests
+from uembed.loadtest.load import movielens_requests, run_load, unloaded
 from uembed.loadtest.peers import grpc_load, grpc_request, wrk
 from uembed.loadtest.servers import free_port, http_get, wait_until
 from uembed.model.demo import demo_bundle
@@ -99,6 +100,8 @@ def measured(pid: int, load) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rate", type=float, default=800.0, help="requests/s of the open loop against the no-op HTTP "
+                        "handler (about half the service's saturated rate at 64 examples)")  # fmt: skip
     parser.add_argument("--bundle", type=Path, help="whose features the bodies carry (default: the demo bundle)")
     args = parser.parse_args()
     bundle = load_bundle(args.bundle or demo_bundle(Path("bundles")))
@@ -117,6 +120,12 @@ def main() -> None:
         wait_until(lambda: http_get(f"{url}/", timeout_s=1)[0] == 200, 30, "the no-op HTTP server")
         wrk(url, "/v1/score", v1_bodies, 2, 16, workdir)
         results["http_noop"] = measured(http.pid, lambda: wrk(url, "/v1/score", v1_bodies, args.seconds, 16, workdir))
+        # The load generator's own tail: the peers phase's open loop (8 threads) at --rate against a handler that
+        # does nothing, beside the same load at the service's half saturation
+        alone = unloaded(url, v1_bodies, 200).summary()
+        half = run_load(url, v1_bodies, args.seconds, 8, rate=args.rate).summary()
+        results["http_noop_open_loop"] = {"rate": args.rate, "unloaded_p50_ms": alone["p50_ms"], "p50_ms": half["p50_ms"],
+                                          "p99_ms": half["p99_ms"], "failures": half["failures"]}  # fmt: skip
     finally:
         http.terminate()
         http.wait()

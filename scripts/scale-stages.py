@@ -21,8 +21,7 @@ import msgspec
 import numpy as np
 import orjson
 
-from uembed.contract.errors import UembedError
-from uembed.loadtest.ranking_bench import context_features_of, ranking_bodies
+from uembed.loadtest.ranking_bench import context_features_of, item_features_of, ranking_bodies
 from uembed.loadtest.scale_bench import request_bodies
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.protocols.lean_json import names_fit, score_body_type
@@ -41,10 +40,11 @@ def main(bundle: str) -> None:
     settings = load_settings(max_examples=1024)
     runtime = ScoringEngine(settings).registry.open(bundle)
     decoder = msgspec.json.Decoder(score_body_type(settings.max_examples))
-    try:  # a MovieLens bundle split by its user's features: the ranking phase's traffic
-        ranking = ranking_bodies(context_features_of(Path(bundle)), 500, 20)
+    served = {f["name"] for f in json.loads((Path(bundle) / "manifest.json").read_text())["features"]}
+    if "movie_id" in served:  # a MovieLens bundle split by its user's features: the ranking phase's traffic
+        ranking = ranking_bodies(context_features_of(Path(bundle)), item_features_of(Path(bundle)), 500, 20)
         bodies = {"ranking": ranking["ranking"], "flat_same_examples": ranking["flat"]}
-    except UembedError:  # a scale bundle: the scale phase's
+    else:  # a scale bundle: the scale phase's
         bodies = request_bodies(1.05, 500, 64, 20)
     gc.freeze()
     for _ in range(2):  # the first pass fills caches and pages; the second is reported

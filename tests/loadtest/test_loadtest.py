@@ -3,6 +3,7 @@ stepped locust run (MovieLens scenario) against the service, with its plot."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from uembed.bundle.loader import load_bundle
+from uembed.bundle.synthetic import criteo_features
 from uembed.contract.errors import UembedError
 from uembed.loadtest.run import check_target
 from uembed.loadtest.traffic import ZipfExamples, served_features
@@ -159,13 +161,40 @@ def test_the_ranking_benchmark_runs_end_to_end_on_a_split_movielens_bundle(tmp_p
         assert one[f"{form}_unloaded"]["failures"] == 0 and one[f"{form}_saturated"]["failures"] == 0
         assert one[f"{form}_saturated"]["requests"] > 0
     rounds = one["rounds"]
-    assert len(rounds) == 3 and one["ranking_over_flat"] == sorted(r["ratio"] for r in rounds)[1]
-    assert one["ranking_over_flat_worker_cpu"] == sorted(r["cpu_ratio"] for r in rounds)[1]
+    assert len(rounds) == 3 and one["ranking_over_flat_requests_per_s"] == sorted(r["ratio"] for r in rounds)[1]
+    assert one["flat_over_ranking_worker_cpu_ms"] == sorted(r["cpu_ratio"] for r in rounds)[1]
+    assert all(r["failures"] == 0 and r["requests"] > 0 for r in rounds)
 
 
-def test_the_ranking_benchmark_refuses_a_bundle_without_the_split(synthetic_store):
-    from uembed.contract.errors import UembedError
-    from uembed.loadtest.ranking_bench import context_features_of
+def test_a_ranking_request_and_its_flat_twin_carry_the_same_examples():
+    from uembed.loadtest.ranking_bench import MOVIE_FEATURES, ranking_bodies
+    from uembed.model.demo import DEMO_CONTEXT_FEATURES
+
+    bodies = ranking_bodies(list(DEMO_CONTEXT_FEATURES), list(MOVIE_FEATURES), 300, count=3)
+    for ranking, flat in zip(bodies["ranking"], bodies["flat"]):
+        ranking, flat = json.loads(ranking), json.loads(flat)
+        assert set(ranking["context"]) == set(DEMO_CONTEXT_FEATURES)
+        assert flat["examples"] == [{**ranking["context"], **candidate} for candidate in ranking["candidates"]]
+        assert len({c["movie_id"] for c in ranking["candidates"]}) == 300  # distinct movies
+        assert all(set(c) == set(MOVIE_FEATURES) for c in ranking["candidates"])
+
+
+def test_the_ranking_benchmark_refuses_what_it_cannot_measure(synthetic_store, tmp_path):
+    from uembed.bundle.synthetic import write_synthetic_bundle
+    from uembed.loadtest.ranking_bench import check_ranking_args, context_features_of
+    from uembed.model.data import load_movielens100k
 
     with pytest.raises(UembedError, match="no context split.*--context-features"):
         context_features_of(synthetic_store / "movielens" / "1")
+    features = load_movielens100k().spec.features
+    write_synthetic_bundle(tmp_path, "part", features, 1000, width=6, progress=False, context_features=["user_id"])
+    with pytest.raises(UembedError, match="the context is to be the user's features"):
+        context_features_of(tmp_path / "part" / "1")
+    write_synthetic_bundle(tmp_path, "criteo", criteo_features(4), 1000, progress=False, context_features=["C1"])
+    with pytest.raises(UembedError, match="not a MovieLens bundle"):
+        context_features_of(tmp_path / "criteo" / "1")
+    args = argparse.Namespace(phases=["ranking"], bundle=None, ranking_candidates=5000, ranking_workers=[1])
+    with pytest.raises(UembedError, match="--ranking-candidates: between 1 and the 1682"):
+        check_ranking_args(args)
+    with pytest.raises(UembedError, match="--ranking-workers"):
+        check_ranking_args(argparse.Namespace(**{**vars(args), "ranking_candidates": 10, "ranking_workers": [0]}))

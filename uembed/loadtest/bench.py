@@ -42,7 +42,7 @@ from uembed.loadtest.codec_bench import check_args, run_codec_bench, run_hybrid_
 from uembed.loadtest.gpu_bench import run_gpu_bench
 from uembed.loadtest.load import ceiling, http_phase, movielens_requests
 from uembed.loadtest.peers import run_peers
-from uembed.loadtest.ranking_bench import run_ranking_bench
+from uembed.loadtest.ranking_bench import check_ranking_args, run_ranking_bench
 from uembed.loadtest.scale_bench import run_scale_bench
 from uembed.loadtest.servers import RedisServer
 from uembed.loadtest.traffic import zipf_cdf, zipf_ranks
@@ -124,6 +124,7 @@ def hot_tier_hit_rate(table_rows: int, hot_bytes: int, batches: int, workdir: Pa
 
 def run_bench(args) -> dict:
     check_args(args)
+    check_ranking_args(args)
     results: dict = {"examples_per_request": args.examples, "seconds_per_phase": args.seconds}
     workdir = Path(tempfile.mkdtemp(prefix="uembed-bench-"))
     phases = set(args.phases)

@@ -39,7 +39,7 @@ import orjson
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.load import ceiling, movielens_requests, run_load, unloaded
 from uembed.loadtest.perf_analyzer import find_perf_analyzer
-from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port
+from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port, worker_pids
 from uembed.model.demo import demo_bundle
 
 SIZES = (8, 64, 512)
@@ -276,10 +276,13 @@ def process_cpu_seconds(server: HttpProcess) -> dict[int, float]:
 def cpu_split(server: HttpProcess, load):
     """``load()``'s figures with the CPU seconds each of the server's processes spent meanwhile, busiest first:
     with several workers, how the kernel and the workers' accept loops happened to spread the connections."""
+    workers = worker_pids(server)
     before = process_cpu_seconds(server)
     figures = load()
     after = process_cpu_seconds(server)
     spent = sorted((after[pid] - before.get(pid, 0.0) for pid in after), reverse=True)
+    # each serving process's, busiest first, an idle one included: how the connections spread over the workers
+    figures = figures | {"worker_cpu_s": sorted((round(after.get(pid, 0.0) - before.get(pid, 0.0), 2) for pid in workers), reverse=True)}
     # the server's cost of a call, apart from how much of the machine the load generator left it
     per_call = round(sum(spent) / max(figures["requests"], 1) * 1000, 3)
     return figures | {"server_cpu_s": [round(s, 1) for s in spent if s >= 0.05], "server_cpu_ms_per_call": per_call}
@@ -319,7 +322,8 @@ def run_peers(args, workdir: Path, report) -> None:
                 results[front][f"{workers}w"][str(size)]["unloaded"] = alone
                 rate = saturated["requests_per_s"] / 2
                 half = run_load(url, bodies[body_kind][size], seconds, 8, rate=rate, path=paths[body_kind]).summary()
-                results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
+                half = half | {"offered_per_s": round(rate, 1)}
+                results[front][f"{workers}w"][str(size)]["open_at_half"] = half
                 report(f"peers {front} {workers}w {size} unloaded, open loop", {"unloaded": alone, "open_at_half": half})
 
     analyzer = find_perf_analyzer() if "perf_analyzer" in fronts else None
@@ -387,13 +391,19 @@ def peer_ratios(results: dict) -> dict:
             v1 = results["v1"][workers][size]
             half, alone = v1.get("open_at_half"), v1.get("unloaded")
             one_worker = results["v1"].get("1w", {}).get(size)
-            cpu = (v1["closed"].get("server_cpu_s") or [])[: int(workers.removesuffix("w"))]  # the workers: the busiest
+            cpu = v1["closed"].get("worker_cpu_s") or []
+            # the open loop's tail is the service's only where the load generator kept up with the rate it offered
+            achieved = round(half["requests_per_s"] / half["offered_per_s"], 3) if half and half.get("offered_per_s") else None
             out[key] = {
-                "v1_p99_at_half_over_unloaded_p50": round(half["p99_ms"] / alone["p50_ms"], 2) if half and alone else None,
+                "v1_half_load_achieved_over_offered": achieved,
+                "v1_p99_at_half_over_unloaded_p50": round(half["p99_ms"] / alone["p50_ms"], 2)
+                if half and alone and achieved is not None and achieved >= 0.95 else None,
                 "v1_over_1_worker": round(rate["v1"] / one_worker["closed"]["requests_per_s"], 2)
                 if workers != "1w" and one_worker else None,
-                # the busiest worker's CPU seconds over the least busy one's: how evenly the connections spread
+                # the busiest worker's CPU seconds over the least busy one's: how evenly the connections spread (an idle
+                # worker: None, its 0 in v1_worker_cpu_s)
                 "v1_worker_cpu_spread": round(cpu[0] / cpu[-1], 2) if len(cpu) > 1 and cpu[-1] else None,
+                "v1_worker_cpu_s": cpu if len(cpu) > 1 else None,
                 "v1_over_litserve": round(rate["v1"] / rate["litserve"], 2) if "litserve" in rate else None,
                 "v1_over_naive": round(rate["v1"] / rate["naive"], 2) if "naive" in rate else None,
                 "grpc_over_v1": round(rate["grpc"] / rate["v1"], 2) if "grpc" in rate else None,

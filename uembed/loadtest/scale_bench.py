@@ -40,7 +40,7 @@ import numpy as np
 from uembed.bundle.synthetic import criteo_features, write_synthetic_bundle
 from uembed.loadtest.gpu_bench import CRITEO_KAGGLE_VOCABULARY
 from uembed.loadtest.load import run_load, unloaded
-from uembed.loadtest.servers import UvicornProcess, http_get, wait_until
+from uembed.loadtest.servers import UvicornProcess, http_get, wait_until, worker_pids
 from uembed.loadtest.traffic import zipf_cdf, zipf_ranks
 
 FEATURES = tuple(f"C{i}" for i in range(1, 27))
@@ -116,15 +116,6 @@ def hit_rates(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return {t: round((after[t] - before.get(t, 0.0)) / looked_up, 4) for t in after}
 
 
-def worker_pids(server: UvicornProcess) -> list[int]:
-    """The processes that serve: uvicorn's own with one worker, its spawned children with several."""
-    import psutil
-
-    parent = psutil.Process(server.process.pid)
-    workers = [child.pid for child in parent.children() if "spawn_main" in " ".join(child.cmdline())]
-    return workers or [parent.pid]
-
-
 def memory_of(pid: int) -> dict[str, float]:
     """RSS, PSS and their anonymous and file parts, GiB, from /proc/PID/smaps_rollup."""
     fields = {}
@@ -183,6 +174,8 @@ def paired_rounds(url: str, ranking: list[bytes], flat: list[bytes], seconds: fl
             cpu_before = cpu_seconds(pids)
             result = run_load(url, bodies, seconds, concurrency).summary()
             round_figures[form] = result["requests_per_s"]
+            round_figures["requests"] = round_figures.get("requests", 0) + result["requests"]
+            round_figures["failures"] = round_figures.get("failures", 0) + result["failures"]
             if pids:
                 round_figures[f"{form}_cpu_ms"] = round((cpu_seconds(pids) - cpu_before) / max(result["requests"], 1) * 1000, 3)
         round_figures["ratio"] = round(round_figures["ranking"] / round_figures["flat"], 2)

@@ -282,6 +282,15 @@ class UvicornProcess(HttpProcess):
         return parse_exposition(http_get(f"{self.url}/metrics")[1].decode())
 
 
+def worker_pids(server: HttpProcess) -> list[int]:
+    """The processes that serve: the server's own with one worker, its spawned children with several."""
+    import psutil
+
+    parent = psutil.Process(server.process.pid)
+    workers = [child.pid for child in parent.children() if "spawn_main" in " ".join(child.cmdline())]
+    return workers or [parent.pid]
+
+
 def parse_exposition(text: str) -> dict[str, float]:
     out = {}
     for line in text.splitlines():

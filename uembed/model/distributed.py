@@ -267,18 +267,17 @@ def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size
     return torch.sparse_coo_tensor(rows.unsqueeze(0), summed, shape, check_invariants=False, is_coalesced=True)
 
 
-_DENSE_GROUPS: dict[int, object] = {}
+_DENSE_GROUP: list = [None, None]  # (the default group it was made beside, the dense gradients' group)
 _GROUP_TIMEOUT_S = [COLLECTIVE_TIMEOUT_S]  # init_from_env's timeout of a collective, for the groups made later
 
 
 def _dense_group():
     """The process group the dense gradients' all-reduce runs on: every rank of the default group, its own
     connections. Made at the first step (every rank takes part in each step, so every rank makes it there)."""
-    key = id(dist.group.WORLD)  # a new default group (a restarted rendezvous in this process) gets a new one
-    if key not in _DENSE_GROUPS:
-        _DENSE_GROUPS.clear()
-        _DENSE_GROUPS[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=_GROUP_TIMEOUT_S[0]))
-    return _DENSE_GROUPS[key]
+    world = dist.group.WORLD
+    if _DENSE_GROUP[0] is not world:  # the first step, or a default group formed again in this process
+        _DENSE_GROUP[:] = [world, dist.new_group(backend="gloo", timeout=timedelta(seconds=_GROUP_TIMEOUT_S[0]))]
+    return _DENSE_GROUP[1]
 
 
 def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, table_step: Callable[[], object] | None = None) -> int:

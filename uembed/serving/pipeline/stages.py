@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from uembed.bundle.loader import Bundle
+from uembed.contract.errors import UembedError
 from uembed.serving.pipeline.canonical import CanonicalExamples
 from uembed.serving.pipeline.dense import CPU_PROVIDERS, DenseParts, FactoredInputs, onnx_session
 from uembed.serving.pipeline.encoding import ExampleEncoder, SplitBatch
@@ -74,6 +75,12 @@ def pooling_runs(pooling: np.ndarray) -> list[tuple[int, int, int, int]]:
             runs[-1][1] = group + 1
         else:
             runs.append([group, group + 1, first, width])
+    rebuilt = np.zeros_like(pooling)
+    for group, stop, first, width in runs:
+        for offset, row in enumerate(range(group, stop)):
+            rebuilt[row, first + offset * width : first + (offset + 1) * width] = 1
+    if (widths < 1).any() or not np.array_equal(rebuilt, pooling):  # a hand-written plan whose groups are not runs of one or more slots
+        raise UembedError("the plan's pooling is not runs of side-by-side slots, one run a (feature, lookup) group")
     return [tuple(run) for run in runs]
 
 

@@ -108,7 +108,11 @@ def main() -> None:
     requests = movielens_requests(64)
     v1_bodies = [orjson.dumps({"examples": r}) for r in requests]
     grpc_bodies = [grpc_request(bundle.name, r, bundle.feature_specs) for r in requests]
-    workdir = Path(tempfile.mkdtemp(prefix="front-floor-"))
+    with tempfile.TemporaryDirectory(prefix="front-floor-") as scratch:
+        print(json.dumps(measure(Path(scratch), args, v1_bodies, grpc_bodies), indent=2))
+
+
+def measure(workdir: Path, args, v1_bodies: list[bytes], grpc_bodies: list[bytes]) -> dict:
     (workdir / "noop_http.py").write_text(NOOP_HTTP)
     results = {}
 
@@ -143,7 +147,7 @@ def main() -> None:
             server.terminate()
             server.wait()
     results["grpc_over_http_cpu_per_call"] = round(results["grpc_noop"]["server_cpu_ms_per_call"] / results["http_noop"]["server_cpu_ms_per_call"], 2)
-    print(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def edge_case_rows(dim: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("dim", [1, 3, 16, 17])
 def test_training_and_export_choose_the_same_range_codes_scale_and_bias_bit_for_bit(codec, dim):
-    """The range search (int4, int2) runs in numpy at export and in torch in training: same floats, same choices."""
+    """The range (int2: a search) is found in numpy at export and in torch in training: same floats, same choices."""
     bits = ROWWISE_BITS[codec]
     rows = edge_case_rows(dim, bits * 100 + dim)
     low, high = codecs.quantisation_range(rows, bits)

@@ -2,8 +2,8 @@
 rowwise quantiser in the forward pass, so the rows a bundle of that codec serves are the rows the model learned with.
 
 The quantiser is :func:`uembed.bundle.codecs.quantise_rows` followed by ``code * scale + bias``, written again in
-torch with the same elementwise float32 operations in the same order: the range (int8 min and max; int4 and int2
-the greedy search of least squared error, whose errors are summed in the fixed order of ``tree_sum``, never by a
+torch with the same elementwise float32 operations in the same order: the range (int8 and int4 min and max;
+int2 the greedy search of least squared error, whose errors are summed in the fixed order of ``tree_sum``, never by a
 library's own sum), ``scale = (high - low) / (2**bits - 1)``, ``bias = low``, codes rounded to nearest with ties to
 even. So a fake-quantised row equals, bit for bit, what a reader of the exported row decodes. It runs on the
 distinct rows a batch gathers, never on the whole table, and in evaluation as in training: the run's own metrics

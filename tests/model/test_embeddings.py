@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from uembed.contract.plan import METHODS, build_plan
 from uembed.contract.seo import ChunkPolicy
 from uembed.model.embeddings import PlanEmbedding
 from uembed.model.networks import RankingModel, build_network
+from uembed.model.qat import fake_quantise
 
 
 def reference_assembly(plan, embedding, rows, weights):
@@ -57,3 +59,24 @@ def test_an_example_alone_equals_it_inside_a_batch(tiny_dataset):
         batch = model(rows, weights)
         alone = torch.cat([model(rows[i : i + 1], weights[i : i + 1]) for i in range(0, len(rows), 37)])
     torch.testing.assert_close(alone, batch[::37], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_qat_lookup_quantises_each_distinct_row_once_as_every_slot_would(tiny_dataset, pruned):
+    """QAT quantises the distinct rows a batch gathers, then places them: the same floats as quantising each slot's
+    row, with the straight-through gradient reaching each looked-up row once a slot."""
+    plan = build_plan("multi-size-unified", tiny_dataset.spec, tiny_dataset.columns, 8, budget_rows=70)
+    embedding = PlanEmbedding(plan)
+    embedding.qat_bits = 2
+    if pruned:  # each slot's table keeps its own columns (what a pruned QAT run's quantiser sees)
+        kept = np.random.default_rng(0).random((len(plan.tables), 8)) < 0.6
+        embedding.qat_columns = torch.from_numpy(kept[plan.slot_tables()])
+    rows, weights = (torch.from_numpy(a) for a in plan.encode(tiny_dataset.columns))
+    ids = rows + embedding.slot_offset
+    assert len(torch.unique(ids)) < ids.numel()  # rows repeat across the batch
+    looked_up = embedding.quantised_lookup(ids)
+    gathered = nn.functional.embedding(ids, embedding.weight)
+    torch.testing.assert_close(looked_up, fake_quantise(gathered, 2, embedding.qat_columns), rtol=0, atol=0)
+    looked_up.sum().backward()
+    counts = torch.bincount(ids.reshape(-1), minlength=len(embedding.weight)).float()
+    torch.testing.assert_close(embedding.weight.grad, counts[:, None].expand_as(embedding.weight), rtol=0, atol=0)

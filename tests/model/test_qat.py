@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_spec, tiny_table
+from uembed.bundle import codecs
 from uembed.bundle.codecs import ROWWISE_BITS, decode_rows, encode_rows
 from uembed.bundle.loader import load_bundle
 from uembed.contract.errors import SpecError
+from uembed.model import qat
 from uembed.model.data import from_table
 from uembed.model.data.criteo import criteo_spec
 from uembed.model.data.stream import StreamSource, encode_batch, scan
@@ -44,6 +46,55 @@ def test_fake_quantisation_is_the_export_codec_bit_for_bit_with_a_straight_throu
     upstream = torch.from_numpy(rng.normal(size=(30, 50, 12)).astype(np.float32))
     quantised.backward(upstream)
     torch.testing.assert_close(x.grad, upstream, rtol=0, atol=0)
+
+
+def edge_case_rows(dim: int, seed: int) -> np.ndarray:
+    """float32 rows ``[1500 + 6, dim]`` at three scales, then a constant row, a zero row, a row with one outlier, a
+    row of halfway values, a row of two values and a row whose min and max are one float apart."""
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.normal(0, scale, (500, dim)) for scale in (1e-3, 0.1, 3.0)]).astype(np.float32)
+    outlier = rng.normal(size=dim).astype(np.float32)
+    outlier[dim // 2] = 50.0
+    halfway = np.arange(dim, dtype=np.float32) / np.float32(max(dim - 1, 1)) * np.float32(1.5)
+    two_values = np.where(np.arange(dim) % 2 == 0, np.float32(-0.5), np.float32(0.25)).astype(np.float32)
+    near = np.full(dim, 1.0, dtype=np.float32)
+    near[-1] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    edges = np.stack([np.full(dim, 0.25, np.float32), np.zeros(dim, np.float32), outlier, halfway, two_values, near])
+    return np.concatenate([rows, edges])
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("dim", [1, 3, 16, 17])
+def test_training_and_export_choose_the_same_range_codes_scale_and_bias_bit_for_bit(codec, dim):
+    """The range (int2: a search) is found in numpy at export and in torch in training: same floats, same choices."""
+    bits = ROWWISE_BITS[codec]
+    rows = edge_case_rows(dim, bits * 100 + dim)
+    low, high = codecs.quantisation_range(rows, bits)
+    torch_low, torch_high = qat.quantisation_range(torch.from_numpy(rows).view(3, -1, dim), bits)
+    np.testing.assert_array_equal(torch_low.numpy().reshape(-1, 1), low)
+    np.testing.assert_array_equal(torch_high.numpy().reshape(-1, 1), high)
+    codes, scale_bias = codecs.quantise_rows(rows, bits)
+    torch_codes, torch_scale_bias = qat.quantise_rows(torch.from_numpy(rows).view(3, -1, dim), bits)
+    np.testing.assert_array_equal(torch_codes.numpy().reshape(-1, dim), codes.astype(np.float32))
+    np.testing.assert_array_equal(torch_scale_bias.numpy().reshape(-1, 2), scale_bias)
+    decoded = qat.quantise_dequantise(torch.from_numpy(rows).view(3, -1, dim), bits).numpy().reshape(-1, dim)
+    np.testing.assert_array_equal(decoded, codecs.dequantise_rows(codes, scale_bias))
+    assert scale_bias[-6].tolist() == [0.0, 0.25] and scale_bias[-5].tolist() == [0.0, 0.0]  # constant, zeros
+    assert not codes[-6:-4].any()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_pruned_rows_kept_columns_quantise_in_training_as_the_narrowed_row_exports(codec):
+    bits, dim = ROWWISE_BITS[codec], 16
+    rows = edge_case_rows(dim, bits).reshape(-1, 2, dim)  # [B, S, D]: two slots
+    columns = np.zeros((2, dim), dtype=bool)
+    columns[0, [0, 3, 4, 9, 10, 15]] = True  # a slot's table keeps 6 columns here and there
+    columns[1, 2:13] = True
+    decoded = qat.quantise_dequantise(torch.from_numpy(rows), bits, torch.from_numpy(columns)).numpy()
+    for slot in range(2):
+        narrowed = rows[:, slot][:, columns[slot]]
+        np.testing.assert_array_equal(decoded[:, slot][:, columns[slot]], codecs.dequantise_rows(*codecs.quantise_rows(narrowed, bits)))
+        assert not decoded[:, slot][:, ~columns[slot]].any()
 
 
 @pytest.fixture(scope="module")

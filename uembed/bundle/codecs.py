@@ -18,7 +18,8 @@ pq         uint8 [r, M]      ``M`` codes, one per sub-vector                ``co
 Packing (int4, int2): value ``j`` of a row is in byte ``j // (8 // bits)`` at bit ``(j % (8 // bits)) * bits``,
 low bits first (int4: value 0 in the low nibble); a row whose dim is not a multiple of ``8 // bits`` ends with
 zero codes. The scale and bias (``tables/<name>.scale_bias.npy``, float32 ``[rows, 2]``) come from
-:func:`quantise_rows`, the one quantiser the export and quantization-aware training share. A decoded value is
+:func:`quantise_rows`, the one quantiser the export and quantization-aware training share: int8 spans each row's
+min and max as int8 and int4 do, int2 the range of least squared error (:func:`quantisation_range`). A decoded value is
 the float32 product ``code * scale`` rounded, plus ``bias`` rounded (no fused multiply-add).
 
 PQ (``s = dim / M`` values a sub-vector): ``tables/<name>.codebooks.npy`` float32 ``[M, 256, s]``, trained by
@@ -27,7 +28,7 @@ PQ (``s = dim / M`` values a sub-vector): ``tables/<name>.codebooks.npy`` float3
 
 >>> codes, scale_bias = quantise_rows(np.array([[0.0, 1.5, 0.3]], dtype=np.float32), bits=2)
 >>> codes.tolist(), scale_bias.tolist(), pack_codes(codes, 2).tolist()  # 0 | 3 << 2 | 1 << 4
-([[0, 3, 1]], [[0.5, 0.0]], [[28]])
+([[0, 3, 1]], [[0.4765625, 0.0]], [[28]])
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ NUMPY_ROW_DTYPE = {"float32": "float32", "float16": "float16", "int8": "uint8", 
 ROWWISE_BITS = {"int8": 8, "int4": 4, "int2": 2}  # codecs with a per-row scale and bias, by bits a value
 SCALE_BIAS_BYTES = 8  # float32 scale, then float32 bias, after a rowwise record's codes
 PQ_CENTROIDS = 256
+# Bits a value -> (bins, shrink_steps) of :func:`quantisation_range`'s search: int2 may shrink its range by up to
+# half. int8 and int4 keep min and max: the search changed no AUC measurably there and costs an export's time.
+RANGE_SEARCH = {2: (64, 32)}
+RANGE_SEARCH_ROWS = 4096  # rows searched at a time: their candidates' errors stay in cache
 PQ_ENCODE_ROWS = 16384  # rows encoded at a time: their distances to one codebook are [rows, 256] float32
 
 
@@ -64,18 +69,83 @@ def row_width(dtype: str, dim: int, subvectors: int | None = None) -> int:
     return dim
 
 
+def tree_sum(values: np.ndarray) -> np.ndarray:
+    """float32 sums over the last axis in one fixed order: the halves of the axis (zero-padded to a power of two)
+    added elementwise until one value is left. Elementwise float32 adds round alike in numpy and torch, so
+    :mod:`uembed.model.qat` gets the same sums bit for bit (a library's sum picks its own order); trailing zeros
+    change no sum, so a row with its pruned columns zeroed at the end sums as the narrowed row."""
+    width = values.shape[-1]
+    padded = 1 << max(width - 1, 0).bit_length()
+    if padded != width:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (padded - width,), dtype=values.dtype)], axis=-1)
+    while values.shape[-1] > 1:
+        half = values.shape[-1] // 2
+        values = values[..., :half] + values[..., half:]
+    return values[..., 0]
+
+
+def squared_errors(rows: np.ndarray, low: np.ndarray, high: np.ndarray, bits: int) -> np.ndarray:
+    """float32 ``(decoded - x)**2`` of each value of ``rows [..., dim]`` quantised over the range ``[low, high]``
+    (``[..., 1]`` each): the quantiser of :func:`quantise_rows` and the decoder, in the same float32 operations."""
+    levels = np.float32((1 << bits) - 1)
+    scale = (high - low) / levels
+    safe = np.where(scale > 0, scale, np.float32(1))
+    codes = np.clip(np.rint((rows - low) / safe), np.float32(0), levels)
+    errors = codes * scale + low - rows
+    return errors * errors
+
+
+def quantisation_range(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``[k, 1]`` each: the range ``[low, high]`` a row's codes span. int8, int4: the row's min and max. int2
+    (:data:`RANGE_SEARCH`): the range whose quantised row is nearest the row in squared error, found as FBGEMM's
+    n-bit rowwise quantiser finds it: cut ``[min, max]`` into ``bins`` steps, then ``shrink_steps`` times move by
+    one step whichever end leaves the smaller error (the high end on a tie), and keep the best range seen, min and
+    max included. With few levels, clipping a row's outer values often costs less than the coarser step that
+    covers them. The errors are float32 and summed by :func:`tree_sum`, so torch's mirror makes the same choices."""
+    if bits not in RANGE_SEARCH:
+        return rows.min(axis=1, keepdims=True), rows.max(axis=1, keepdims=True)
+    if len(rows) <= RANGE_SEARCH_ROWS:
+        return _search_range(rows, bits)
+    ranges = [_search_range(rows[start : start + RANGE_SEARCH_ROWS], bits) for start in range(0, len(rows), RANGE_SEARCH_ROWS)]
+    return np.concatenate([low for low, _ in ranges]), np.concatenate([high for _, high in ranges])
+
+
+def _search_range(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    low = rows.min(axis=1, keepdims=True)
+    high = rows.max(axis=1, keepdims=True)
+    bins, shrink_steps = RANGE_SEARCH[bits]
+    step = (high - low) / np.float32(bins)
+    best_error = tree_sum(squared_errors(rows, low, high, bits))[:, None]
+    raised, lowered = np.zeros_like(low), np.zeros_like(low)  # steps the low end moved up, the high end down
+    best_raised, best_lowered = raised, lowered
+    moves = np.array([1, 0], dtype=np.float32)[:, None, None]  # candidate 0 raises the low end, 1 lowers the high
+    for _ in range(shrink_steps):
+        candidate_raised, candidate_lowered = raised + moves, lowered + (1 - moves)
+        errors = tree_sum(squared_errors(rows, low + candidate_raised * step, high - candidate_lowered * step, bits))
+        errors = errors[..., None]
+        raise_low = errors[0] < errors[1]
+        raised = np.where(raise_low, candidate_raised[0], raised)
+        lowered = np.where(raise_low, lowered, candidate_lowered[1])
+        error = np.where(raise_low, errors[0], errors[1])
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_raised, best_lowered = np.where(better, raised, best_raised), np.where(better, lowered, best_lowered)
+    return low + best_raised * step, high - best_lowered * step
+
+
 def quantise_rows(rows: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Rowwise quantisation: uint8 codes ``[k, dim]`` in ``[0, 2**bits - 1]`` and float32 ``[k, 2]`` (scale, bias)
-    with ``scale = (max - min) / (2**bits - 1)``, ``bias = min`` and ``code = rint((x - bias) / scale)`` (to nearest,
-    ties to even; a constant row has scale 0 and codes 0), so ``x ~ code * scale + bias`` within half a step."""
+    with ``scale = (high - low) / (2**bits - 1)``, ``bias = low`` and ``code = clip(rint((x - bias) / scale))``
+    (to nearest, ties to even; a constant row has scale 0 and codes 0), for the range ``[low, high]`` of
+    :func:`quantisation_range`: int8 the row's min and max, so ``x ~ code * scale + bias`` within half a step;
+    int2 the range of least squared error, so values outside it decode to its ends."""
     rows = np.asarray(rows, dtype=np.float32)
-    levels = (1 << bits) - 1
-    low = rows.min(axis=1)
-    high = rows.max(axis=1)
-    scale = ((high - low) / np.float32(levels)).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    codes = np.clip(np.rint((rows - low[:, None]) / safe[:, None]), 0, levels).astype(np.uint8)
-    return codes, np.stack([scale, low.astype(np.float32)], axis=1)
+    levels = np.float32((1 << bits) - 1)
+    low, high = quantisation_range(rows, bits)
+    scale = (high - low) / levels
+    safe = np.where(scale > 0, scale, np.float32(1))
+    codes = np.clip(np.rint((rows - low) / safe), np.float32(0), levels).astype(np.uint8)
+    return codes, np.concatenate([scale, low], axis=1)
 
 
 def dequantise_rows(codes: np.ndarray, scale_bias: np.ndarray) -> np.ndarray:

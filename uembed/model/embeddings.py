@@ -44,11 +44,25 @@ class PlanEmbedding(nn.Module):
         self.table_slices = [(t.name, int(a), int(b)) for t, a, b in zip(plan.tables, first_rows[:-1], first_rows[1:])]
 
     def forward(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        looked_up = nn.functional.embedding(rows + self.slot_offset, self.weight, sparse=self.sparse)  # [B, S, D]
-        if self.qat_bits > 0:
-            looked_up = fake_quantise(looked_up, self.qat_bits, self.qat_columns)
+        # A QAT run exports in its codec, never as a float32 model whose forward is scripted.
+        if not torch.jit.is_scripting() and self.qat_bits > 0:
+            looked_up = self.quantised_lookup(rows + self.slot_offset)
+        else:
+            looked_up = nn.functional.embedding(rows + self.slot_offset, self.weight, sparse=self.sparse)  # [B, S, D]
         pooled = torch.einsum("gs,bsd->bgd", self.pooling, looked_up * weights.unsqueeze(-1))
         return pooled.reshape(rows.shape[0], -1) + self.bias @ self.bias_scatter
+
+    def quantised_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The fake-quantised rows of ``ids`` ``[B, S]`` (rows of the one matrix) ``[B, S, D]``: each distinct row is
+        quantised once (its range search costs per row), then gathered into every slot that looks it up."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        columns = None
+        if self.qat_columns is not None:  # a row's slots all read its table, so any of them gives its columns
+            slots = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            slot_of = torch.zeros_like(unique).scatter_(0, inverse.reshape(-1), slots.reshape(-1))
+            columns = self.qat_columns[slot_of]
+        quantised = fake_quantise(nn.functional.embedding(unique, self.weight, sparse=self.sparse), self.qat_bits, columns)
+        return nn.functional.embedding(inverse, quantised)
 
     def table_weights(self) -> dict[str, torch.Tensor]:
         """Each table's rows, as views of the one parameter matrix."""

@@ -2,10 +2,12 @@
 rowwise quantiser in the forward pass, so the rows a bundle of that codec serves are the rows the model learned with.
 
 The quantiser is :func:`uembed.bundle.codecs.quantise_rows` followed by ``code * scale + bias``, written again in
-torch with the same float32 operations in the same order (``scale = (max - min) / (2**bits - 1)``, ``bias = min``,
-codes rounded to nearest with ties to even): a fake-quantised row equals, bit for bit, what a reader of the exported
-row decodes. It runs on the rows a batch gathers, never on the whole table, and in evaluation as in training: the
-run's own metrics are those of its quantised rows.
+torch with the same elementwise float32 operations in the same order: the range (int8 and int4 min and max;
+int2 the greedy search of least squared error, whose errors are summed in the fixed order of ``tree_sum``, never by a
+library's own sum), ``scale = (high - low) / (2**bits - 1)``, ``bias = low``, codes rounded to nearest with ties to
+even. So a fake-quantised row equals, bit for bit, what a reader of the exported row decodes. It runs on the
+distinct rows a batch gathers, never on the whole table, and in evaluation as in training: the run's own metrics
+are those of its quantised rows.
 
 The gradient is straight-through: the table receives the gradient of the quantised row as if quantisation were the
 identity. The forward value is ``q(x) + (x - x.detach())`` rather than ``x + (q(x) - x).detach()``: the gradient
@@ -15,8 +17,9 @@ is the same, and ``x - x`` is exactly zero where ``x + (q - x)`` may round away 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from uembed.bundle.codecs import ROWWISE_BITS
+from uembed.bundle.codecs import RANGE_SEARCH, ROWWISE_BITS
 from uembed.contract.errors import SpecError
 
 QAT_CODECS = tuple(ROWWISE_BITS)
@@ -31,22 +34,86 @@ def qat_bits(codec: str | None) -> int:
     return ROWWISE_BITS[codec]
 
 
+def tree_sum(values: torch.Tensor) -> torch.Tensor:
+    """:func:`uembed.bundle.codecs.tree_sum` in torch: sums over the last dim, the halves added elementwise."""
+    width = values.shape[-1]
+    padded = 1 << max(width - 1, 0).bit_length()
+    if padded != width:
+        values = nn.functional.pad(values, (0, padded - width))
+    while values.shape[-1] > 1:
+        half = values.shape[-1] // 2
+        values = values[..., :half] + values[..., half:]
+    return values[..., 0]
+
+
+def squared_errors(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`uembed.bundle.codecs.squared_errors`: ``(decoded - x)**2`` of ``rows`` quantised over ``[low, high]``."""
+    scale = (high - low) / torch.full_like(low, (1 << bits) - 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round((rows - low) / safe), 0.0, float((1 << bits) - 1))
+    errors = codes * scale + low - rows
+    return errors * errors
+
+
+def quantisation_range(rows: torch.Tensor, bits: int, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`uembed.bundle.codecs.quantisation_range` of rows ``[..., dim]``: ``low`` and ``high`` ``[..., 1]``.
+
+    With ``columns``, the kept values of each row are moved, in order, ahead of the others, whose errors count as
+    zero: the tree sums then add what they add for the narrowed row."""
+    if columns is not None:
+        columns = columns.expand_as(rows)
+        order = torch.argsort((~columns).to(torch.uint8), dim=-1, stable=True)
+        rows, columns = rows.gather(-1, order), columns.gather(-1, order)
+        low = torch.where(columns, rows, torch.inf).amin(dim=-1, keepdim=True)
+        high = torch.where(columns, rows, -torch.inf).amax(dim=-1, keepdim=True)
+    else:
+        low, high = rows.amin(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
+    if bits not in RANGE_SEARCH:
+        return low, high
+    bins, shrink_steps = RANGE_SEARCH[bits]
+
+    def range_error(candidate_low: torch.Tensor, candidate_high: torch.Tensor) -> torch.Tensor:
+        errors = squared_errors(rows, candidate_low, candidate_high, bits)
+        return tree_sum(errors if columns is None else torch.where(columns, errors, torch.zeros_like(errors)))
+
+    step = (high - low) / torch.full_like(low, bins)
+    best_error = range_error(low, high).unsqueeze(-1)
+    raised, lowered = torch.zeros_like(low), torch.zeros_like(low)  # steps the low end moved up, the high end down
+    best_raised, best_lowered = raised, lowered
+    # candidate 0 raises the low end, 1 lowers the high
+    moves = torch.tensor([1.0, 0.0], dtype=rows.dtype, device=rows.device).view(2, *([1] * low.dim()))
+    for _ in range(shrink_steps):
+        candidate_raised, candidate_lowered = raised + moves, lowered + (1 - moves)
+        errors = range_error(low + candidate_raised * step, high - candidate_lowered * step).unsqueeze(-1)
+        raise_low = errors[0] < errors[1]
+        raised = torch.where(raise_low, candidate_raised[0], raised)
+        lowered = torch.where(raise_low, lowered, candidate_lowered[1])
+        error = torch.where(raise_low, errors[0], errors[1])
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_raised = torch.where(better, raised, best_raised)
+        best_lowered = torch.where(better, lowered, best_lowered)
+    return low + best_raised * step, high - best_lowered * step
+
+
+def quantise_rows(rows: torch.Tensor, bits: int, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`uembed.bundle.codecs.quantise_rows` of rows ``[..., dim]``: float32 codes ``[..., dim]`` and
+    (scale, bias) ``[..., 2]``; with ``columns``, from the kept columns (the others' codes are not the export's)."""
+    low, high = quantisation_range(rows, bits, columns)
+    # Divisors as tensors on the rows' device: CUDA divides by a CPU scalar as a product by its reciprocal.
+    scale = (high - low) / torch.full_like(low, (1 << bits) - 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant row: scale 0, codes 0
+    codes = torch.clamp(torch.round((rows - low) / safe), 0.0, float((1 << bits) - 1))
+    return codes, torch.cat([scale, low], dim=-1)
+
+
 def quantise_dequantise(rows: torch.Tensor, bits: int, columns: torch.Tensor | None = None) -> torch.Tensor:
     """float32 rows ``[..., dim]`` as the ``bits`` rowwise codec stores and decodes them (no gradient).
 
     ``columns`` (bool, broadcastable to ``rows``: a pruning's kept columns) limits each row to those columns: its
     scale and bias come from them alone and the others are zero, so the row quantises as the narrowed row will."""
-    rows = rows.detach()
-    levels = torch.tensor((1 << bits) - 1, dtype=torch.float32)
-    if columns is None:
-        low, high = rows.amin(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
-    else:
-        low = torch.where(columns, rows, torch.inf).amin(dim=-1, keepdim=True)
-        high = torch.where(columns, rows, -torch.inf).amax(dim=-1, keepdim=True)
-    scale = (high - low) / levels
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant row: scale 0, codes 0
-    codes = torch.clamp(torch.round((rows - low) / safe), 0.0, float((1 << bits) - 1))
-    decoded = codes * scale + low  # two roundings, as the numpy decoder: no fused multiply-add
+    codes, scale_bias = quantise_rows(rows.detach(), bits, columns)
+    decoded = codes * scale_bias[..., :1] + scale_bias[..., 1:]  # two roundings, as the numpy decoder: no fused multiply-add
     return decoded if columns is None else torch.where(columns, decoded, torch.zeros_like(decoded))
 
 

@@ -758,14 +758,23 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from uembed.model import distributed
-    from uembed.model.summary import dataset_summary
-    from uembed.model.train import train
 
     # One compute thread per process: it trained faster than two (docs/BENCHMARKS.md, history).
     torch.set_num_threads(1)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         check_distributed_run(args)
     distributed.init_from_env()
+    code = train_in_group(args)
+    distributed.leave()  # only after a run that ended well: a rank that failed must not wait for the others
+    return code
+
+
+def train_in_group(args: argparse.Namespace) -> int:
+    """``uembed train`` in this process, one rank of a group or the only process."""
+    from uembed.model import distributed
+    from uembed.model.summary import dataset_summary
+    from uembed.model.train import train
+
     if getattr(args, "continue_from", None):
         return run_continued_training(args)
     if getattr(args, "publish_updates", False):

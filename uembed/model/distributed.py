@@ -111,6 +111,18 @@ def _die_with_launcher() -> None:
         os._exit(1)
 
 
+def leave() -> None:
+    """End this process's part in the group once its run has ended well: every rank waits for the others,
+    then the group's threads stop while the interpreter is whole. A process that exits with the group
+    still up can abort (``terminate called without an active exception``): gloo's threads outlive Python's
+    finalisation holding work that refers to its tensors."""
+    if not dist.is_initialized():
+        return
+    if world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

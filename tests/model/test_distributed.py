@@ -16,13 +16,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from uembed.contract.features import SplitSpec, load_spec
 from uembed.loadtest.servers import free_port
 from uembed.model.data.stream import StreamSource, split_of_rows
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
+from uembed.model.distributed import coalesce_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--dataset", "synthetic:small", "--synthetic-examples", "4000", "--quiet", "--patience", "10"]
@@ -191,6 +194,24 @@ def test_ranks_read_byte_ranges_of_a_text_file_with_the_rows_and_splits_of_one_r
     source = StreamSource.open(gz)
     shares = [rows_by_position(spec, source.record_batches(spec, 500, shard=(r, 2))) for r in (0, 1)]
     assert sorted(shares[1])[:2] == [500, 501] and len(shares[0]) + len(shares[1]) == 6_000
+
+
+def test_coalescing_rows_sums_each_rows_repeats_in_their_order_as_torch_coalesce_does():
+    generator = torch.Generator().manual_seed(0)
+    shape = torch.Size([500, 8])
+    scattered = torch.randint(0, 500, (3_000,), generator=generator)  # one rank's lookups: repeats in any order
+    runs = torch.cat([torch.unique(scattered[:1_000]), torch.unique(scattered[1_000:])])  # two ranks' coalesced rows
+    for indices in (scattered, runs):
+        values = torch.randn(len(indices), 8, generator=generator)
+        got = coalesce_rows(indices, values, shape)
+        expected = torch.sparse_coo_tensor(indices.unsqueeze(0), values, shape, check_invariants=True).coalesce()
+        assert got.is_coalesced() and torch.equal(got.indices(), expected.indices())
+        torch.testing.assert_close(got.values(), expected.values())
+        in_order = np.zeros((500, 8), dtype=np.float32)
+        np.add.at(in_order, indices.numpy(), values.numpy())  # repeats added in their order: the same bits
+        np.testing.assert_array_equal(got.to_dense().numpy(), in_order)
+    empty = coalesce_rows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 8), shape)
+    assert empty.is_coalesced() and empty._nnz() == 0
 
 
 @pytest.mark.slow

@@ -57,6 +57,7 @@ def init_from_env(timeout_s: float = COLLECTIVE_TIMEOUT_S, join_timeout_s: float
     an error naming the rank and the store), each collective after it by ``timeout_s``."""
     if not launched():
         return 1
+    _GROUP_TIMEOUT_S[0] = timeout_s
     if join_timeout_s is None:
         join_timeout_s = _seconds("UEMBED_JOIN_TIMEOUT_S", JOIN_TIMEOUT_S)
     _die_with_launcher()
@@ -264,18 +265,46 @@ class Lockstep:
             yield batch
 
 
+def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The coalesced sparse tensor of the rows ``values`` ``[N, D]`` at the row ids ``indices`` ``[N]`` (a repeated
+    id's rows summed in their order here): what ``torch.sparse_coo_tensor(...).coalesce()`` gives, from a stable
+    sort of the ids (quick on the sorted runs that the merge of several ranks' coalesced rows is made of) and one
+    vectorised ``index_add_``, where torch's CPU coalesce adds the rows one by one. The same inputs give the same
+    bits on every rank."""
+    ordered, order = torch.sort(indices, stable=True)
+    rows, place = torch.unique_consecutive(ordered, return_inverse=True)
+    positions = torch.empty_like(place)
+    positions[order] = place
+    summed = torch.zeros((rows.shape[0], *values.shape[1:]), dtype=values.dtype).index_add_(0, positions, values)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), summed, shape, check_invariants=False, is_coalesced=True)
+
+
+_DENSE_GROUP: list = [None, None]  # (the default group it was made beside, the dense gradients' group)
+_GROUP_TIMEOUT_S = [COLLECTIVE_TIMEOUT_S]  # init_from_env's timeout of a collective, for the groups made later
+
+
+def _dense_group():
+    """The process group the dense gradients' all-reduce runs on: every rank of the default group, its own
+    connections. Made at the first step (every rank takes part in each step, so every rank makes it there)."""
+    world = dist.group.WORLD
+    if _DENSE_GROUP[0] is not world:  # the first step, or a default group formed again in this process
+        _DENSE_GROUP[:] = [world, dist.new_group(backend="gloo", timeout=timedelta(seconds=_GROUP_TIMEOUT_S[0]))]
+    return _DENSE_GROUP[1]
+
+
 def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, table_step: Callable[[], object] | None = None) -> int:
     """Average the gradients over the ranks that had a batch; how many had one (0: the step is to be skipped,
     every rank has run dry). This rank had one unless ``has_batch`` is False (its gradients count as zero).
     ``table_step`` (the tables' optimiser step), when given, runs once the tables' gradient is in place, with one
     process too.
 
-    Three collectives a step, whatever the model: an all_gather of each rank's header (whether it had a batch,
-    how many distinct table rows its batch touched); an all_gather of those rows (coalesced: a row looked up
-    many times crosses the wire once), padded to the most any rank sends, row indices carried bit for bit in
-    the values' dtype; then the dense parameters' gradients, flattened together, all-reduced asynchronously:
-    while they travel, every rank coalesces the same rows in rank order (so every rank holds the same update)
-    and runs ``table_step``. ``dense_tables`` turns the table's update into a dense gradient, for a dense
+    Three collectives a step, whatever the model: the dense parameters' gradients, flattened together,
+    all-reduced asynchronously on a group of their own, set off first; meanwhile, on the default group, an
+    all_gather of each rank's header (whether it had a batch, how many distinct table rows its batch touched)
+    and an all_gather of those rows (coalesced: a row looked up many times crosses the wire once), padded to
+    the most any rank sends, row indices carried bit for bit in the values' dtype; every rank then coalesces
+    the same rows in rank order (``coalesce_rows``: every rank holds the same update) and runs ``table_step``
+    before it waits for the dense sum. ``dense_tables`` turns the table's update into a dense gradient, for a dense
     optimiser of the tables (Adam).
     """
     world = world_size()
@@ -284,12 +313,18 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
             table_step()
         return int(has_batch)
     table = table_parameter(model)
+    # The dense gradients set off first, on a group of their own (gloo runs each group's collectives on its own
+    # connections, in order within a group): they travel while this rank coalesces its rows and the two gathers
+    # of the table's rows run on the default group.
+    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None and has_batch else torch.zeros_like(p)).reshape(-1) for p in dense])
+    travelling = dist.all_reduce(flat, group=_dense_group(), async_op=True)
     grad = table.grad
     if grad is None or not has_batch:
         indices, values = torch.zeros(0, dtype=torch.int64), torch.zeros((0, table.shape[1]), dtype=table.dtype)
     elif grad.is_sparse:
-        grad = grad.coalesce()  # a row a batch touches many times crosses the wire once
-        indices, values = grad.indices()[0], grad.values()
+        grad = grad if grad.is_coalesced() else coalesce_rows(grad._indices()[0], grad._values(), table.shape)
+        indices, values = grad.indices()[0], grad.values()  # a row a batch touches many times crosses the wire once
     else:  # a dense gradient: send only the rows it touches
         indices = grad.abs().sum(dim=1).nonzero().flatten()
         values = grad[indices]
@@ -298,6 +333,7 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
     dist.all_gather(every_count, counts)
     active = sum(int(c[0, 0]) for c in every_count)
     if active == 0:
+        travelling.wait()  # every rank's zeros: nothing to apply, but the group's collectives stay paired
         return 0
     sizes = [int(c[0, 1]) for c in every_count]
     columns = max(1, 8 // table.element_size())  # of the table's dtype, to hold an int64 row index bit for bit
@@ -306,13 +342,10 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
     packed[: indices.shape[0], columns:] = values
     parts = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(parts, packed)
-    dense = [p for p in model.parameters() if p is not table and p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None and has_batch else torch.zeros_like(p)).reshape(-1) for p in dense])
-    travelling = dist.all_reduce(flat, async_op=True)
     rows = torch.cat([part[:size] for part, size in zip(parts, sizes)])
     all_indices = rows[:, :columns].contiguous().view(torch.int64).reshape(-1)
     all_values = rows[:, columns:] / active if active > 1 else rows[:, columns:]
-    merged = torch.sparse_coo_tensor(all_indices.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
+    merged = coalesce_rows(all_indices, all_values, table.shape)
     table.grad = merged.to_dense() if dense_tables else merged
     if table_step is not None:
         table_step()

@@ -25,7 +25,7 @@ from uembed.contract.features import SplitSpec, load_spec
 from uembed.loadtest.servers import free_port
 from uembed.model.data.stream import StreamSource, split_of_rows
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
-from uembed.model.distributed import coalesce_rows
+from uembed.model.optim import coalesce_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--dataset", "synthetic:small", "--synthetic-examples", "4000", "--quiet", "--patience", "10"]

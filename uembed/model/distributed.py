@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from uembed.contract.errors import UembedError
+from uembed.model.optim import coalesce_rows
 
 # How long a rank waits for the others in one collective: a peer that died is noticed by torchrun's
 # agent (which restarts the group) long before this, so it only bounds a hang that nothing else sees. It
@@ -263,20 +264,6 @@ class Lockstep:
                 if world_size() == 1:
                     return
             yield batch
-
-
-def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The coalesced sparse tensor of the rows ``values`` ``[N, D]`` at the row ids ``indices`` ``[N]`` (a repeated
-    id's rows summed in their order here): what ``torch.sparse_coo_tensor(...).coalesce()`` gives, from a stable
-    sort of the ids (quick on the sorted runs that the merge of several ranks' coalesced rows is made of) and one
-    vectorised ``index_add_``, where torch's CPU coalesce adds the rows one by one. The same inputs give the same
-    bits on every rank."""
-    ordered, order = torch.sort(indices, stable=True)
-    rows, place = torch.unique_consecutive(ordered, return_inverse=True)
-    positions = torch.empty_like(place)
-    positions[order] = place
-    summed = torch.zeros((rows.shape[0], *values.shape[1:]), dtype=values.dtype).index_add_(0, positions, values)
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), summed, shape, check_invariants=False, is_coalesced=True)
 
 
 _DENSE_GROUP: list = [None, None]  # (the default group it was made beside, the dense gradients' group)

@@ -21,6 +21,20 @@ import torch
 EMBEDDING_OPTIMIZERS = ("adam", "sparse-adam", "rowwise-adagrad")
 
 
+def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The coalesced sparse tensor of the rows ``values`` ``[N, D]`` at the row ids ``indices`` ``[N]`` (a repeated
+    id's rows summed in their order here): what ``torch.sparse_coo_tensor(...).coalesce()`` gives, from a stable
+    sort of the ids (quick on the sorted runs that the merge of several ranks' coalesced rows is made of) and one
+    vectorised ``index_add_``, where torch's CPU coalesce adds the rows one by one. The same inputs give the same
+    bits on every rank."""
+    ordered, order = torch.sort(indices, stable=True)
+    rows, place = torch.unique_consecutive(ordered, return_inverse=True)
+    positions = torch.empty_like(place)
+    positions[order] = place
+    summed = torch.zeros((rows.shape[0], *values.shape[1:]), dtype=values.dtype).index_add_(0, positions, values)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), summed, shape, check_invariants=False, is_coalesced=True)
+
+
 class RowWiseAdagrad(torch.optim.Optimizer):
     """Row-wise Adagrad for ``[rows, dim]`` parameters with sparse (or dense) gradients."""
 
@@ -40,7 +54,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 if "sum" not in state:
                     state["sum"] = torch.zeros(param.shape[0], dtype=param.dtype)
                 if grad.is_sparse:
-                    grad = grad.coalesce()
+                    grad = grad if grad.is_coalesced() else coalesce_rows(grad._indices()[0], grad._values(), param.shape)
                     rows, values = grad.indices()[0], grad.values()
                 else:
                     rows, values = torch.arange(param.shape[0]), grad

@@ -9,9 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,44 +22,63 @@ from tests.deploy.containers import UEMBED_UID
 BUILDS = {"images": (), "cuda_image": ("runtime-cuda", "--no-upstream")}
 
 
+def images_command(name: str) -> list[str]:
+    return [sys.executable, str(ROOT / "deploy/podman/images.py"), *BUILDS[name]]
+
+
+def lowest_priority_prefix() -> list[str]:
+    """Commands (util-linux, coreutils) a build runs under: the lowest CPU and I/O priority, and SIGTERM when the
+    thread that started it goes (pytest killed outright), each where this machine has it and allows it."""
+    prefix = []
+    for command in (["setpriv", "--pdeathsig", "TERM"], ["nice", "-n", "19"], ["ionice", "-c", "3"]):
+        if shutil.which(command[0]) and subprocess.run([*command, "true"], capture_output=True).returncode == 0:
+            prefix += command
+    return prefix
+
+
 class BackgroundBuilds:
     """The builds the session's container tests need, set off as soon as the tests are collected, one after
     another at the lowest CPU and I/O priority, while the other tests run first (``pytest_collection_finish``
     puts the container tests last). The builds are mostly waiting on pip and on podman's layer store, and the
     other tests leave most of the second core idle, so the builds cost the session little of its wall time."""
 
-    def __init__(self, needed: list[str], folder: str) -> None:
-        self.folder = folder
-        script = "; ".join(
-            f"{sys.executable} {ROOT / 'deploy/podman/images.py'} {' '.join(BUILDS[name])} > {folder}/{name}.log 2>&1; "
-            f"echo $? > {folder}/{name}.rc"
-            for name in needed
-        )
-        lowest = ["nice", "-n", "19", *(["ionice", "-c", "3"] if shutil.which("ionice") else [])]
-        self.started = time.monotonic()
-        self.process = subprocess.Popen([*lowest, "sh", "-c", script], start_new_session=True)
+    def __init__(self, needed: list[str]) -> None:
         self.needed = needed
+        self.results: dict[str, tuple[int, str] | str] = {}  # (exit code, output), or why it did not run
+        self.done = {name: threading.Event() for name in needed}
+        self.current: subprocess.Popen | None = None
+        self.stopping = False
+        self.started = time.monotonic()
+        threading.Thread(target=self.run, name="image-builds", daemon=True).start()
 
-    def wait(self, name: str) -> bool:
-        """Whether the build ``name`` ran in the background (and passed); False when the background process
-        ended without running it (``nice`` or ``ionice`` refused here, say): the caller builds it itself."""
-        rc_file = Path(self.folder, f"{name}.rc")
-        while not rc_file.exists() or not rc_file.read_text().strip():
-            if self.process.poll() is not None and not rc_file.exists():
-                print(f"\nthe background image builds ended ({self.process.returncode}) before {name}'s: building it now")
-                return False
-            time.sleep(1)
-        output = Path(self.folder, f"{name}.log").read_text()
-        assert rc_file.read_text().strip() == "0", f"deploy/podman/images.py {' '.join(BUILDS[name])} failed:\n{output[-6000:]}"
+    def run(self) -> None:
+        prefix, failed = lowest_priority_prefix(), None
+        for name in self.needed:
+            if failed or self.stopping:
+                self.results[name] = f"not built: the build for {failed} failed" if failed else "not built: the session ended"
+            else:
+                self.current = subprocess.Popen([*prefix, *images_command(name)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+                output, _ = self.current.communicate()
+                self.results[name] = (self.current.returncode, output)
+                failed = name if self.current.returncode != 0 else None
+            self.done[name].set()
+
+    def wait(self, name: str) -> None:
+        self.done[name].wait()
+        result = self.results[name]
+        assert not isinstance(result, str), f"deploy/podman/images.py {' '.join(BUILDS[name])}: {result}"
+        code, output = result
+        assert code == 0, f"deploy/podman/images.py {' '.join(BUILDS[name])} failed ({code}):\n{output[-6000:]}"
         print(f"\nimages ready {time.monotonic() - self.started:.0f} s after the session set them off (in the "
               f"background, lowest priority):\n{output}")
-        return True
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        self.stopping = True
+        if self.current is not None and self.current.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait()
+                os.killpg(self.current.pid, signal.SIGTERM)
+            self.current.wait()
 
 
 BACKGROUND: list[BackgroundBuilds] = []
@@ -73,7 +91,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     session.items[:] = [item for item in session.items if not item.get_closest_marker("containers")] + containers
     needed = [name for name in BUILDS if any(name in getattr(item, "fixturenames", ()) for item in containers)]
     if needed:
-        BACKGROUND.append(BackgroundBuilds(needed, tempfile.mkdtemp(prefix="uembed-image-builds-")))
+        BACKGROUND.append(BackgroundBuilds(needed))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -83,11 +101,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def build_images(name: str) -> None:
     """The build ``name`` (a key of BUILDS) done: waited for when the session set it off, else run now."""
-    if BACKGROUND and name in BACKGROUND[0].needed and BACKGROUND[0].wait(name):
+    if BACKGROUND and name in BACKGROUND[0].needed:
+        BACKGROUND[0].wait(name)
         return
     started = time.monotonic()
-    args = BUILDS[name]
-    result = subprocess.run([sys.executable, str(ROOT / "deploy/podman/images.py"), *args], capture_output=True, text=True)
+    result = subprocess.run(images_command(name), capture_output=True, text=True)
     assert result.returncode == 0, f"deploy/podman/images.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     print(f"\nimages built in {time.monotonic() - started:.0f} s:\n{result.stdout}")
 

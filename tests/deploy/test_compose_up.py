@@ -126,6 +126,7 @@ def test_a_killed_replica_is_routed_around_then_restarted_and_serves_again(stack
     container = stack.replicas()[0]
     restarts = inspect(container, ".RestartCount")
     pid = inspect(container, ".State.Pid")
+    assert pid > 0, f"{container} is not running"  # os.kill(0, ...) would signal pytest's own process group
     os.kill(pid, signal.SIGKILL)  # a crash, not a stop: the restart policy applies
     # A SIGKILLed process closes its sockets last: until then they take connections it never answers, and one
     # reset with the request unread cannot be resent (docs/LOADTEST.md, "What can be lost"). Once it has gone,

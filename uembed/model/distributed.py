@@ -42,6 +42,9 @@ COLLECTIVE_TIMEOUT_S = 1800
 # ranks start together, so a group that has not formed by then never will, and the rank fails with one
 # line instead of waiting out the collective timeout. UEMBED_JOIN_TIMEOUT_S sets another.
 JOIN_TIMEOUT_S = 180
+# How long a rank that has finished waits for the others at the end (rank 0 writes the run directory and its
+# reports meanwhile, which at scale can take longer than any one collective).
+LEAVE_TIMEOUT_S = 24 * 3600
 # Set by ``launch`` for the processes it starts: the launcher's pid, which they must not outlive.
 LAUNCHER_PID = "UEMBED_LAUNCHER_PID"
 
@@ -121,8 +124,11 @@ def leave() -> None:
     if not dist.is_initialized():
         return
     if world_size() > 1:
-        dist.barrier()
+        # The others wait here while rank 0 writes the run (its reports can read the data again): a barrier of
+        # its own timeout, not the collectives'. A rank that died meanwhile is torchrun's agent's to notice.
+        dist.monitored_barrier(timeout=timedelta(seconds=LEAVE_TIMEOUT_S))
     dist.destroy_process_group()
+    _DENSE_GROUP[:] = [None, None]  # nothing here keeps a destroyed group (or its threads) alive
 
 
 def world_size() -> int:

@@ -27,11 +27,14 @@ def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size
     sort of the ids (quick on the sorted runs that the merge of several ranks' coalesced rows is made of) and one
     vectorised ``index_add_``, where torch's CPU coalesce adds the rows one by one. The same inputs give the same
     bits on every rank."""
+    if indices.dim() != 1:
+        raise ValueError(f"coalesce_rows takes one row id per row of values, got indices of shape {tuple(indices.shape)}")
     ordered, order = torch.sort(indices, stable=True)
     rows, place = torch.unique_consecutive(ordered, return_inverse=True)
     positions = torch.empty_like(place)
     positions[order] = place
-    summed = torch.zeros((rows.shape[0], *values.shape[1:]), dtype=values.dtype).index_add_(0, positions, values)
+    summed = torch.zeros((rows.shape[0], *values.shape[1:]), dtype=values.dtype, device=values.device)
+    summed.index_add_(0, positions, values)
     return torch.sparse_coo_tensor(rows.unsqueeze(0), summed, shape, check_invariants=False, is_coalesced=True)
 
 
@@ -54,7 +57,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 if "sum" not in state:
                     state["sum"] = torch.zeros(param.shape[0], dtype=param.dtype)
                 if grad.is_sparse:
-                    grad = grad if grad.is_coalesced() else coalesce_rows(grad._indices()[0], grad._values(), param.shape)
+                    if not grad.is_coalesced():  # the tables' gradients: one sparse dimension, the rows
+                        grad = coalesce_rows(grad._indices()[0], grad._values(), param.shape) if grad.sparse_dim() == 1 else grad.coalesce()
                     rows, values = grad.indices()[0], grad.values()
                 else:
                     rows, values = torch.arange(param.shape[0]), grad

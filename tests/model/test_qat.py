@@ -160,3 +160,21 @@ def test_a_streamed_qat_run_exports_a_bundle_that_scores_and_streams_its_test_au
     assert test["examples"] == result.metrics["test_examples"] == stats.examples["test"]
     assert test["auc"] == pytest.approx(result.metrics["test_auc"], abs=1e-4)
     assert test["logloss"] == pytest.approx(result.metrics["test_logloss"], abs=1e-5)
+
+
+def test_a_warm_started_qat_run_trains_float32_first_then_keeps_a_quantised_epoch_that_exports_as_the_run(tmp_path):
+    torch.set_num_threads(1)
+    train_set, val_set, test_set = from_table(tiny_table(2000), tiny_spec(), name="tiny").split(0)
+    config = TrainConfig(budget_fraction=0.5, dim=8, hidden=(16,), epochs=3, patience=1, qat="int2", qat_warm_start=True)
+    result = train(config, train_set, val_set, test_set, run_dir=tmp_path / "run", progress=False, echo_warnings=False)
+    metrics = result.metrics
+    float_epochs = metrics["qat_warm_start_epochs"]
+    phases = [entry["quantised"] for entry in metrics["history"]]
+    assert 1 <= float_epochs <= 3 and phases == [False] * float_epochs + [True] * (len(phases) - float_epochs)
+    assert len(phases) > float_epochs and metrics["best_epoch"] > float_epochs  # the kept epoch is a quantised one
+    assert metrics["stopped"].startswith(f"float32 for {float_epochs} epochs, then fake-quantised (int2): ")
+    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "bundles", "warm"))
+    assert {t.dtype for t in bundle.tables.values()} == {"int2"}
+    _, plan, model, _ = load_run(tmp_path / "run")
+    rows, weights = plan.encode(test_set.columns)
+    np.testing.assert_allclose(ReferenceScorer(bundle).score_encoded(rows, weights), model_scores(model, rows, weights), rtol=0, atol=1e-5)

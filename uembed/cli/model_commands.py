@@ -254,6 +254,11 @@ def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGr
     net.add_argument("--batch-size", type=positive_int, default=256, help="examples per training step")
     net.add_argument("--epochs", type=positive_int, default=20, help="at most this many epochs")
     net.add_argument("--patience", type=positive_int, default=2, help="stop after this many epochs without a better validation AUC")
+    net.add_argument(
+        "--qat-warm-start", action="store_true",
+        help="with --qat: train in float32 until validation AUC stops improving (--patience), then go on from the best "
+        "epoch fake-quantised until it stops again (--epochs bounds each phase); default: quantised from the start",
+    )  # fmt: skip
     net.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     seo = parser.add_argument_group("SEO (shared embedding optimization)")
     seo.add_argument("--chunk-dim", type=positive_int, default=8, help="width of one chunk (search, Applier, monolithic-shared)")
@@ -293,6 +298,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
         down_projection=args.down_projection,
         temperature=args.temperature,
         qat=getattr(args, "qat", None),
+        qat_warm_start=getattr(args, "qat_warm_start", False),
     )
     values.update(overrides)
     return TrainConfig(**values)

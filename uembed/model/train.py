@@ -89,6 +89,9 @@ class TrainConfig:
     max_examples: int = 0  # train on at most this many examples per epoch (0: all)
     # Quantization-aware training (uembed/model/qat.py): the rowwise codec the tables' rows are trained in; None: off.
     qat: str | None = None
+    # With ``qat``: train in float32 until validation AUC stops improving (``patience``), then go on from the best
+    # epoch's weights fake-quantised until it stops again; ``epochs`` bounds each phase. False: quantised throughout.
+    qat_warm_start: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -246,6 +249,10 @@ def train(
 
     history, warnings, warned = [], list(plan.warnings), set()
     best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
+    table_module = getattr(model.embedding, "base", model.embedding)
+    # The epoch (0-based) the quantised phase of a warm-started QAT run began at; None: not begun (float32 phase)
+    quantised_from = None if config.qat and config.qat_warm_start else 0
+    table_module.qat_bits = 0 if quantised_from is None else qat_bits(config.qat)
     train_seconds, first_epoch, examples_trained = 0.0, 0, 0
     # Launched by torchrun: a checkpoint every epoch, resumed when the group restarts after a lost rank.
     resume_path = run_dir / "resume.pt" if run_dir is not None and distributed.launched() else None
@@ -262,14 +269,23 @@ def train(
         history, warnings, best_state = saved["history"], saved["warnings"], saved["best_state"]
         warned = {tuple(pair) for pair in saved["warned"]}
         best_auc, best_epoch, stale = saved["best_auc"], saved["best_epoch"], saved["stale"]
+        quantised_from = saved.get("quantised_from", quantised_from)
+        table_module.qat_bits = 0 if quantised_from is None else qat_bits(config.qat)
         train_seconds, first_epoch, examples_trained = saved["train_seconds"], saved["epoch"], saved["examples"]
         if distributed.is_writer():
             print(f"resuming from {resume_path}: epoch {first_epoch + 1}", file=sys.stderr)
     if resume_path is not None:
         distributed.check_same_epoch(first_epoch, str(resume_path))
     progress = progress and distributed.is_writer()
-    for epoch in range(first_epoch, config.epochs):
-        if stale >= config.patience:
+    last_epoch = config.epochs if quantised_from is None else config.epochs + (quantised_from or 0)
+    for epoch in range(first_epoch, 2 * config.epochs):
+        if quantised_from is None and (stale >= config.patience or epoch == config.epochs):
+            # the float32 phase is over: its best weights go on fake-quantised, judged afresh
+            model.load_state_dict(best_state)
+            table_module.qat_bits = qat_bits(config.qat)
+            quantised_from, last_epoch = epoch, epoch + config.epochs
+            best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
+        if stale >= config.patience or epoch >= last_epoch:
             break
         model.train()
         started = time.perf_counter()
@@ -299,6 +315,7 @@ def train(
         shares, dominant = gradient_dominance(plan, gradient, config.dominance_threshold)
         entry = {
             "epoch": epoch + 1,
+            **({"quantised": quantised_from is not None} if config.qat and config.qat_warm_start else {}),
             "train_loss": loss_sum / examples,
             "examples": int(examples),
             "val_auc": val_metrics["auc"],
@@ -339,7 +356,7 @@ def train(
                 "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
                 "history": history, "warnings": warnings, "warned": sorted(warned), "best_state": best_state,
                 "best_auc": best_auc, "best_epoch": best_epoch, "stale": stale, "train_seconds": train_seconds,
-                "examples": examples_trained})  # fmt: skip
+                "examples": examples_trained, "quantised_from": quantised_from})  # fmt: skip
     model.load_state_dict(best_state)
     test_metrics = {"auc": None, "logloss": None}
     if test_set is not None:
@@ -353,7 +370,9 @@ def train(
         "best_epoch": best_epoch,
         "best_val_auc": best_auc,
         "epochs_run": len(history),
-        "stopped": stop_reason(len(history), config.epochs, best_epoch, best_auc, config.patience),
+        "stopped": (f"float32 for {quantised_from} epochs, then fake-quantised ({config.qat}): " if config.qat and config.qat_warm_start else "")
+                   + stop_reason(len(history), last_epoch, best_epoch, best_auc, config.patience),
+        **({"qat_warm_start_epochs": quantised_from} if config.qat and config.qat_warm_start else {}),
         "train_seconds": train_seconds,
         "seconds_per_epoch": train_seconds / max(len(history), 1),
         **throughput(examples_trained, examples_trained // distributed.world_size(), train_seconds),

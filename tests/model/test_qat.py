@@ -172,7 +172,7 @@ def test_a_warm_started_qat_run_trains_float32_first_then_keeps_a_quantised_epoc
     phases = [entry["quantised"] for entry in metrics["history"]]
     assert 1 <= float_epochs <= 3 and phases == [False] * float_epochs + [True] * (len(phases) - float_epochs)
     assert len(phases) > float_epochs and metrics["best_epoch"] > float_epochs  # the kept epoch is a quantised one
-    assert metrics["stopped"].startswith(f"float32 for {float_epochs} epochs, then fake-quantised (int2): ")
+    assert metrics["stopped"].startswith(f"float32 for {float_epochs} epochs, then fake-quantised (int2) at 0.1x the learning rate: ")
     bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "bundles", "warm"))
     assert {t.dtype for t in bundle.tables.values()} == {"int2"}
     _, plan, model, _ = load_run(tmp_path / "run")

@@ -57,6 +57,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -256,9 +266,12 @@ def add_model_options(parser: argparse.ArgumentParser, emb: argparse._ArgumentGr
     net.add_argument("--patience", type=positive_int, default=2, help="stop after this many epochs without a better validation AUC")
     net.add_argument(
         "--qat-warm-start", action="store_true",
-        help="with --qat: train in float32 until validation AUC stops improving (--patience), then go on from the best "
-        "epoch fake-quantised until it stops again (--epochs bounds each phase); default: quantised from the start",
+        help="with --qat: train in float32 until validation AUC stops improving (--patience), then fine-tune from the "
+        "best epoch fake-quantised at --qat-fine-tune-lr-scale times the learning rate until it stops again (--epochs "
+        "bounds each phase); default: quantised from the start",
     )  # fmt: skip
+    net.add_argument("--qat-fine-tune-lr-scale", type=positive_float, default=0.1,
+                     help="with --qat-warm-start: the quantised phase's learning rates as a multiple of the float32 phase's")  # fmt: skip
     net.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     seo = parser.add_argument_group("SEO (shared embedding optimization)")
     seo.add_argument("--chunk-dim", type=positive_int, default=8, help="width of one chunk (search, Applier, monolithic-shared)")
@@ -299,6 +312,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
         temperature=args.temperature,
         qat=getattr(args, "qat", None),
         qat_warm_start=getattr(args, "qat_warm_start", False),
+        qat_fine_tune_lr_scale=getattr(args, "qat_fine_tune_lr_scale", 0.1),
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -759,6 +773,8 @@ def run_train(args: argparse.Namespace) -> int:
     qat = getattr(args, "qat", None)
     if qat is not None and qat not in ROWWISE_BITS:
         raise SpecError(f"unknown --qat {qat!r}; choose one of {', '.join(ROWWISE_BITS)}")
+    if getattr(args, "qat_warm_start", False) and qat is None:
+        raise SpecError("--qat-warm-start fine-tunes a float32 run quantization-aware: give --qat CODEC too")
     if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and "WORLD_SIZE" not in os.environ:
         return launch_training(args)
     import torch

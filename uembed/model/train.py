@@ -89,9 +89,11 @@ class TrainConfig:
     max_examples: int = 0  # train on at most this many examples per epoch (0: all)
     # Quantization-aware training (uembed/model/qat.py): the rowwise codec the tables' rows are trained in; None: off.
     qat: str | None = None
-    # With ``qat``: train in float32 until validation AUC stops improving (``patience``), then go on from the best
-    # epoch's weights fake-quantised until it stops again; ``epochs`` bounds each phase. False: quantised throughout.
+    # With ``qat``: train in float32 until validation AUC stops improving (``patience``), then fine-tune from the best
+    # epoch's weights fake-quantised, at ``qat_fine_tune_lr_scale`` times the learning rates, until it stops again;
+    # ``epochs`` bounds each phase. False: quantised throughout.
     qat_warm_start: bool = False
+    qat_fine_tune_lr_scale: float = 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +106,12 @@ class TrainResult:
     metrics: dict
     run_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every parameter group's learning rate times ``factor`` (a QAT fine-tune after the float32 phase)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
 
 
 def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
@@ -269,7 +277,7 @@ def train(
         history, warnings, best_state = saved["history"], saved["warnings"], saved["best_state"]
         warned = {tuple(pair) for pair in saved["warned"]}
         best_auc, best_epoch, stale = saved["best_auc"], saved["best_epoch"], saved["stale"]
-        quantised_from = saved.get("quantised_from", quantised_from)
+        quantised_from = saved.get("quantised_from", quantised_from)  # the optimiser's state holds its scaled rates
         table_module.qat_bits = 0 if quantised_from is None else qat_bits(config.qat)
         train_seconds, first_epoch, examples_trained = saved["train_seconds"], saved["epoch"], saved["examples"]
         if distributed.is_writer():
@@ -285,6 +293,7 @@ def train(
             table_module.qat_bits = qat_bits(config.qat)
             quantised_from, last_epoch = epoch, epoch + config.epochs
             best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
+            scale_learning_rates(optimizer, config.qat_fine_tune_lr_scale)
         if stale >= config.patience or epoch >= last_epoch:
             break
         model.train()
@@ -370,7 +379,8 @@ def train(
         "best_epoch": best_epoch,
         "best_val_auc": best_auc,
         "epochs_run": len(history),
-        "stopped": (f"float32 for {quantised_from} epochs, then fake-quantised ({config.qat}): " if config.qat and config.qat_warm_start else "")
+        "stopped": (f"float32 for {quantised_from} epochs, then fake-quantised ({config.qat}) at {config.qat_fine_tune_lr_scale:g}x "
+                    "the learning rate: " if config.qat and config.qat_warm_start else "")
                    + stop_reason(len(history), last_epoch, best_epoch, best_auc, config.patience),
         **({"qat_warm_start_epochs": quantised_from} if config.qat and config.qat_warm_start else {}),
         "train_seconds": train_seconds,

@@ -11,7 +11,7 @@ from tests.conftest import tiny_spec, tiny_table
 from uembed.bundle import codecs
 from uembed.bundle.codecs import ROWWISE_BITS, decode_rows, encode_rows
 from uembed.bundle.loader import load_bundle
-from uembed.contract.errors import SpecError
+from uembed.contract.errors import SpecError, UembedError
 from uembed.model import qat
 from uembed.model.data import from_table
 from uembed.model.data.criteo import criteo_spec
@@ -178,3 +178,10 @@ def test_a_warm_started_qat_run_trains_float32_first_then_keeps_a_quantised_epoc
     _, plan, model, _ = load_run(tmp_path / "run")
     rows, weights = plan.encode(test_set.columns)
     np.testing.assert_allclose(ReferenceScorer(bundle).score_encoded(rows, weights), model_scores(model, rows, weights), rtol=0, atol=1e-5)
+
+
+def test_a_streamed_run_refuses_the_warm_start_it_cannot_do(tiny_stream, tmp_path):
+    source, stats = tiny_stream
+    config = TrainConfig(dim=8, hidden=(16,), epochs=1, qat="int2", qat_warm_start=True)
+    with pytest.raises(UembedError, match="--qat-warm-start trains in memory"):
+        train_stream(config, source, stats, tmp_path / "run", progress=False)

@@ -217,6 +217,8 @@ def train_stream(
     """
     if config.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
         raise UembedError(f"unknown embedding optimizer {config.embedding_optimizer!r}; choose one of {', '.join(EMBEDDING_OPTIMIZERS)}")
+    if config.qat and config.qat_warm_start:
+        raise UembedError("--qat-warm-start trains in memory (a float32 phase, then a quantised one): leave it out for streamed data")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(distributed.rank_seed(config.seed))

@@ -123,6 +123,36 @@ def test_shuffle_buffer_keeps_every_example_once_in_bounded_windows():
     assert [b[3] for b in batches if b[3] is not None] == [30, 60, 90, 100]
 
 
+def test_exact_windows_hold_capacity_examples_so_ranks_refill_at_the_same_step():
+    def chunks(sizes, start=0):
+        row = start
+        for size in sizes:
+            yield np.arange(row, row + size, dtype=np.int32)[:, None], np.ones((size, 1), np.float32), np.zeros(size, np.float32), row + size
+            row += size
+
+    # two ranks whose chunks differ in size: the loose windows end at different steps, the exact ones at the same
+    ranks = [[13, 9, 17, 11, 40, 3, 12], [7, 21, 16, 30, 8, 19, 4]]
+    for exact in (False, True):
+        ends = []
+        for sizes in ranks:
+            batches = list(shuffled_batches(chunks(sizes, 5), capacity=24, batch_size=8, rng=np.random.default_rng(0), exact=exact, start_row=5))
+            seen = np.concatenate([b[0][:, 0] for b in batches])
+            assert sorted(seen.tolist()) == list(range(5, 5 + sum(sizes)))  # every example once
+            ends.append([step for step, b in enumerate(batches) if b[3] is not None])
+            if exact:
+                lengths = [len(b[2]) for b in batches]
+                assert lengths[: 3 * 3] == [8] * 9  # every full window: exactly 24 examples, 3 batches
+        if exact:
+            assert ends[0][:3] == ends[1][:3] == [2, 5, 8]
+        else:
+            assert ends[0][:3] != ends[1][:3]
+    # a window's end carries the first row of the chunk that was cut (re-reading from there loses nothing)
+    batches = list(shuffled_batches(chunks([10, 20], 0), capacity=15, batch_size=5, rng=np.random.default_rng(1), exact=True))
+    marks = [b[3] for b in batches if b[3] is not None]
+    assert marks == [10, 30]  # the window of rows 0-14 ends inside the chunk that starts at row 10; the next at the end
+    assert sorted(np.concatenate([b[0][:, 0] for b in batches[:3]]).tolist()) == list(range(15))
+
+
 def test_streaming_auc_matches_sklearn():
     from sklearn.metrics import log_loss, roc_auc_score
 

@@ -282,7 +282,10 @@ def train_stream(
         bar = tqdm(total=train_total, initial=state["epoch_examples"], unit="ex", unit_scale=True,
                    desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, file=sys.stderr, mininterval=2.0)  # fmt: skip
         stopped = False
-        steps = distributed.Lockstep(shuffled_batches(chunks, config.shuffle_buffer, config.batch_size, rng))
+        # Equal windows on every rank: the ranks fill them at the same step (uembed/model/data/stream.py).
+        batches = shuffled_batches(chunks, config.shuffle_buffer, config.batch_size, rng, exact=distributed.world_size() > 1,
+                                   start_row=state["next_row"])  # fmt: skip
+        steps = distributed.Lockstep(batches)
         for batch in steps:
             dense_optimizer.zero_grad(set_to_none=True)
             table_optimizer.zero_grad(set_to_none=True)

@@ -566,14 +566,23 @@ def encoded_chunks(
 
 def shuffled_batches(
     chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]], capacity: int, batch_size: int, rng: np.random.Generator,
+    exact: bool = False, start_row: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int | None]]:  # fmt: skip
     """Batches drawn from a shuffle buffer of ``capacity`` examples: chunks fill it, it is
     shuffled and emptied batch by batch (the last batch of a window may be shorter). The
     last batch of each window carries the source row where the next window starts (a resume
-    point); the others carry None."""
-    pending, size, next_row = [], 0, None
+    point); the others carry None.
 
-    def drain():
+    With ``exact``, every window but the last holds exactly ``capacity`` examples: the chunk that
+    crosses the edge is cut, its rest opening the next window. Data-parallel ranks step together,
+    and a window's filling (reading and encoding several chunks) is a burst that the other ranks
+    wait out unless they fill theirs at the same step, which equal windows make them do. A window's
+    end then carries the first row of the chunk that was cut: a resume from there would train that
+    chunk's first part again (the ranks resume from epoch ends, not from these rows); ``start_row`` is
+    where the first chunk starts."""
+    pending, size, next_row = [], 0, start_row
+
+    def drain(pending, window_end):
         rows = np.concatenate([p[0] for p in pending])
         weights = np.concatenate([p[1] for p in pending])
         labels = np.concatenate([p[2] for p in pending])
@@ -582,14 +591,25 @@ def shuffled_batches(
         for start in starts:
             index = order[start : start + batch_size]
             last = start + batch_size >= labels.shape[0]
-            yield rows[index], weights[index], labels[index], next_row if last else None
+            yield rows[index], weights[index], labels[index], window_end if last else None
 
-    for rows, weights, labels, next_row in chunks:
+    for rows, weights, labels, chunk_end in chunks:
+        chunk_start = next_row
+        next_row = chunk_end
         if labels.size:
             pending.append((rows, weights, labels))
             size += labels.size
-        if size >= capacity:
-            yield from drain()
-            pending, size = [], 0
+        while size >= capacity:
+            if not exact:
+                yield from drain(pending, next_row)
+                pending, size = [], 0
+                break
+            rest = size - capacity  # of the last chunk, for the next window
+            if rest:
+                *full, (rows, weights, labels) = pending
+                cut = labels.shape[0] - rest
+                pending = [*full, (rows[:cut], weights[:cut], labels[:cut])]
+            yield from drain(pending, chunk_start if rest else next_row)
+            pending, size = ([(rows[cut:], weights[cut:], labels[cut:])], rest) if rest else ([], 0)
     if size:
-        yield from drain()
+        yield from drain(pending, next_row)

@@ -23,6 +23,7 @@ import torch
 
 from uembed.contract.features import SplitSpec, load_spec
 from uembed.loadtest.servers import free_port
+from uembed.model import optim
 from uembed.model.data.stream import StreamSource, split_of_rows
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 from uembed.model.optim import coalesce_rows
@@ -196,7 +197,12 @@ def test_ranks_read_byte_ranges_of_a_text_file_with_the_rows_and_splits_of_one_r
     assert sorted(shares[1])[:2] == [500, 501] and len(shares[0]) + len(shares[1]) == 6_000
 
 
-def test_coalescing_rows_sums_each_rows_repeats_in_their_order_as_torch_coalesce_does():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_coalescing_rows_sums_each_rows_repeats_in_their_order_as_torch_coalesce_does(compiled, monkeypatch):
+    if compiled:
+        assert optim._rows is not None, "uembed.model._rows is not built (make install)"
+    else:
+        monkeypatch.setattr(optim, "_rows", None)
     generator = torch.Generator().manual_seed(0)
     shape = torch.Size([500, 8])
     scattered = torch.randint(0, 500, (3_000,), generator=generator)  # one rank's lookups: repeats in any order
@@ -212,6 +218,11 @@ def test_coalescing_rows_sums_each_rows_repeats_in_their_order_as_torch_coalesce
         np.testing.assert_array_equal(got.to_dense().numpy(), in_order)
     empty = coalesce_rows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 8), shape)
     assert empty.is_coalesced() and empty._nnz() == 0
+    with pytest.raises(IndexError, match="500"):
+        coalesce_rows(torch.tensor([3, 500]), torch.zeros(2, 8), shape)
+    # the scratch is left clean: the next call, of another table, sums from zero
+    again = coalesce_rows(torch.tensor([7, 3, 7]), torch.ones(3, 8), torch.Size([10, 8]))
+    assert again.indices().tolist() == [[3, 7]] and again.values()[:, 0].tolist() == [1.0, 2.0]
 
 
 @pytest.mark.slow

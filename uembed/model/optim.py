@@ -16,26 +16,53 @@ of rows costs more than the batch itself. These optimisers work on the touched r
 
 from __future__ import annotations
 
+import os
+import threading
+
+import numpy as np
 import torch
+
+try:  # the one-pass coalesce in C (uembed/model/_rows.pyx), built by the install
+    from uembed.model import _rows
+except ImportError:
+    _rows = None
+if os.environ.get("UEMBED_PURE_PYTHON", "") not in ("", "0"):
+    _rows = None
+_SLOTS = threading.local()  # each thread's id -> place scratch of _rows.sum_rows, all -1 between calls
 
 EMBEDDING_OPTIMIZERS = ("adam", "sparse-adam", "rowwise-adagrad")
 
 
 def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The coalesced sparse tensor of the rows ``values`` ``[N, D]`` at the row ids ``indices`` ``[N]`` (a repeated
-    id's rows summed in their order here): what ``torch.sparse_coo_tensor(...).coalesce()`` gives, from a stable
-    sort of the ids (quick on the sorted runs that the merge of several ranks' coalesced rows is made of) and one
-    vectorised ``index_add_``, where torch's CPU coalesce adds the rows one by one. The same inputs give the same
-    bits on every rank."""
+    id's rows summed in their order here, from zero): what ``torch.sparse_coo_tensor(...).coalesce()`` gives, where
+    torch's CPU coalesce adds the rows one by one. Float32 rows on the CPU are summed in one pass in C
+    (``uembed/model/_rows.pyx``) and only the distinct ids sorted; otherwise from a stable sort of the ids and one
+    vectorised ``index_add_``. Both give the same bits, and the same inputs the same bits on every rank."""
     if indices.dim() != 1:
         raise ValueError(f"coalesce_rows takes one row id per row of values, got indices of shape {tuple(indices.shape)}")
-    ordered, order = torch.sort(indices, stable=True)
-    rows, place = torch.unique_consecutive(ordered, return_inverse=True)
-    positions = torch.empty_like(place)
-    positions[order] = place
-    summed = torch.zeros((rows.shape[0], *values.shape[1:]), dtype=values.dtype, device=values.device)
-    summed.index_add_(0, positions, values)
+    if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < shape[0]:
+        raise IndexError(f"row ids from {int(indices.min())} to {int(indices.max())} do not fit a table of {shape[0]} rows")
+    if _rows is not None and values.dtype == torch.float32 and values.dim() == 2 and values.device.type == "cpu":
+        ids, sums = _rows.sum_rows(indices.to(torch.int64).contiguous().numpy(), values.detach().contiguous().numpy(), _slots(shape[0]))
+        rows, order = torch.sort(torch.from_numpy(ids))
+        summed = torch.from_numpy(sums).index_select(0, order)
+    else:
+        ordered, order = torch.sort(indices, stable=True)
+        rows, place = torch.unique_consecutive(ordered, return_inverse=True)
+        positions = torch.empty_like(place)
+        positions[order] = place
+        summed = torch.zeros((rows.shape[0], *values.shape[1:]), dtype=values.dtype, device=values.device)
+        summed.index_add_(0, positions, values)
     return torch.sparse_coo_tensor(rows.unsqueeze(0), summed, shape, check_invariants=False, is_coalesced=True)
+
+
+def _slots(table_rows: int) -> np.ndarray:
+    """This thread's scratch of one entry per table row, -1 throughout (``_rows.sum_rows`` leaves it so)."""
+    slots = getattr(_SLOTS, "array", None)
+    if slots is None or slots.shape[0] < table_rows:
+        slots = _SLOTS.array = np.full(table_rows, -1, dtype=np.int32)
+    return slots[:table_rows]
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):

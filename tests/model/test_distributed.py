@@ -20,10 +20,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed as dist
 
 from uembed.contract.features import SplitSpec, load_spec
 from uembed.loadtest.servers import free_port
-from uembed.model import optim
+from uembed.model import distributed, optim
 from uembed.model.data.stream import StreamSource, split_of_rows
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 from uembed.model.optim import coalesce_rows
@@ -223,6 +224,62 @@ def test_coalescing_rows_sums_each_rows_repeats_in_their_order_as_torch_coalesce
     # the scratch is left clean: the next call, of another table, sums from zero
     again = coalesce_rows(torch.tensor([7, 3, 7]), torch.ones(3, 8), torch.Size([10, 8]))
     assert again.indices().tolist() == [[3, 7]] and again.values()[:, 0].tolist() == [1.0, 2.0]
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo group of this process alone: the exchange's collectives run for real, with one rank."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    distributed.leave()
+
+
+def test_the_overlapped_exchange_applies_each_step_one_step_late_and_sends_rows_past_its_capacity(group_of_one):
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(50, 4, sparse=True)
+    model = torch.nn.Module()
+    model.embedding, model.head = table, torch.nn.Linear(4, 1)
+    applied = []
+    exchange = distributed.OverlappedExchange(model, table_step=lambda: applied.append(table.weight.grad.to_dense().clone()))
+    # the batches touch 3, 5, then 12 distinct rows: the capacity learnt from one step is short of the next's
+    batches = [torch.tensor([1, 2, 2, 3]), torch.tensor([4, 5, 6, 7, 8, 4]), torch.arange(20, 32)]
+    local, results = [], []
+    for rows in batches:
+        model.zero_grad(set_to_none=True)
+        model.head(table(rows)).sum().backward()
+        local.append((table.weight.grad.to_dense().clone(), model.head.weight.grad.clone()))
+        results.append(exchange.step(True))
+        if results[-1]:
+            assert torch.equal(model.head.weight.grad, local[-2][1])  # the dense gradient of the step before
+    results.append(exchange.flush())
+    assert results == [None, 1, 1, 1] and exchange.flush() is None
+    assert len(applied) == 3 and all(torch.equal(a, b[0]) for a, b in zip(applied, local))
+    assert exchange.overflows == 2  # 5 rows, then 12, sent at the capacity the first step set: 3
+
+
+def test_bfloat16_on_the_wire_rounds_each_ranks_gradients_and_updates_in_float32(group_of_one):
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.embedding, model.head = torch.nn.Embedding(20, 4, sparse=True), torch.nn.Linear(4, 1)
+    model.head(model.embedding(torch.tensor([3, 7, 7]))).sum().backward()
+    table_grad, head_grad = model.embedding.weight.grad.coalesce(), model.head.weight.grad.clone()
+    exchange = distributed.OverlappedExchange(model, wire=torch.bfloat16)  # sync_gradients leaves one rank's alone
+    assert exchange.step(True) is None and exchange.flush() == 1
+    got = model.embedding.weight.grad
+    assert got.dtype == model.head.weight.grad.dtype == torch.float32
+    assert torch.equal(got.indices(), table_grad.indices())
+    assert torch.equal(got.values(), table_grad.values().to(torch.bfloat16).float())
+    assert torch.equal(model.head.weight.grad, head_grad.to(torch.bfloat16).float())
+
+
+@pytest.mark.slow
+def test_two_processes_overlapping_their_exchange_keep_identical_replicas(tmp_path, parquet_data):
+    stream = ["--dataset", str(parquet_data), "--epochs", "2", "--quiet", "--shuffle-buffer", "2048", "--read-rows", "500"]
+    one = trained(tmp_path, "one", *stream, "--batch-size", "256")
+    two = trained(tmp_path, "two", *stream, "--batch-size", "128", "--nproc", "2", "--overlap-exchange", "--exchange-dtype", "bfloat16")
+    assert two["world_size"] == 2 and two["replicas_identical"] is True
+    assert [h["examples"] for h in two["history"]] == [h["examples"] for h in one["history"]]
+    assert abs(two["test_auc"] - one["test_auc"]) < 0.02, (two["test_auc"], one["test_auc"])
 
 
 @pytest.mark.slow

@@ -285,7 +285,8 @@ def _dense_group():
     return _DENSE_GROUP[1]
 
 
-def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, table_step: Callable[[], object] | None = None) -> int:
+def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, table_step: Callable[[], object] | None = None,
+                   wire: torch.dtype | None = None) -> int:  # fmt: skip
     """Average the gradients over the ranks that had a batch; how many had one (0: the step is to be skipped,
     every rank has run dry). This rank had one unless ``has_batch`` is False (its gradients count as zero).
     ``table_step`` (the tables' optimiser step), when given, runs once the tables' gradient is in place, with one
@@ -298,20 +299,49 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
     the most any rank sends, row indices carried bit for bit in the values' dtype; every rank then coalesces
     the same rows in rank order (``coalesce_rows``: every rank holds the same update) and runs ``table_step``
     before it waits for the dense sum. ``dense_tables`` turns the table's update into a dense gradient, for a dense
-    optimiser of the tables (Adam).
+    optimiser of the tables (Adam). ``wire`` (default: the parameters' dtype) is the dtype the gradients travel in:
+    bfloat16 halves the bytes and rounds each rank's gradients to 8 bits of mantissa (what DDP's
+    ``bf16_compress_hook`` does), the sum and the update staying float32.
     """
     world = world_size()
     if world == 1:
         if has_batch and table_step is not None:
             table_step()
         return int(has_batch)
+    own = _own_gradients(model, has_batch, wire)
+    every_count = [torch.empty((1, 2), dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(every_count, torch.tensor([[int(has_batch), own.indices.shape[0]]], dtype=torch.int64))
+    active = sum(int(c[0, 0]) for c in every_count)
+    if active == 0:
+        own.dense_work.wait()  # every rank's zeros: nothing to apply, but the group's collectives stay paired
+        return 0
+    sizes = [int(c[0, 1]) for c in every_count]
+    packed = _pack_rows(own.indices, own.values, max(sizes), own.wire)
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed)
+    indices, values = _unpack_rows([part[:size] for part, size in zip(parts, sizes)], own.wire)
+    _apply(own, indices, values, active, dense_tables, table_step)
+    return active
+
+
+class _OwnGradients:
+    """A rank's share of a step: its dense gradients flattened (their all-reduce already travelling) and its
+    table gradient's distinct rows."""
+
+    def __init__(self, table, dense, flat, dense_work, indices, values, wire) -> None:
+        self.table, self.dense, self.flat, self.dense_work = table, dense, flat, dense_work
+        self.indices, self.values, self.wire = indices, values, wire
+
+
+def _own_gradients(model, has_batch: bool, wire: torch.dtype | None = None) -> _OwnGradients:
     table = table_parameter(model)
+    wire = wire or table.dtype
     # The dense gradients set off first, on a group of their own (gloo runs each group's collectives on its own
-    # connections, in order within a group): they travel while this rank coalesces its rows and the two gathers
-    # of the table's rows run on the default group.
+    # connections, in order within a group): they travel while this rank coalesces its rows and the table's
+    # rows are gathered on the default group.
     dense = [p for p in model.parameters() if p is not table and p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None and has_batch else torch.zeros_like(p)).reshape(-1) for p in dense])
-    travelling = dist.all_reduce(flat, group=_dense_group(), async_op=True)
+    flat = torch.cat([(p.grad if p.grad is not None and has_batch else torch.zeros_like(p)).reshape(-1) for p in dense]).to(wire)
+    dense_work = dist.all_reduce(flat, group=_dense_group(), async_op=True)
     grad = table.grad
     if grad is None or not has_batch:
         indices, values = torch.zeros(0, dtype=torch.int64), torch.zeros((0, table.shape[1]), dtype=table.dtype)
@@ -321,36 +351,129 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
     else:  # a dense gradient: send only the rows it touches
         indices = grad.abs().sum(dim=1).nonzero().flatten()
         values = grad[indices]
-    counts = torch.tensor([[float(has_batch), indices.shape[0]]], dtype=torch.int64)
-    every_count = [torch.empty_like(counts) for _ in range(world)]
-    dist.all_gather(every_count, counts)
-    active = sum(int(c[0, 0]) for c in every_count)
-    if active == 0:
-        travelling.wait()  # every rank's zeros: nothing to apply, but the group's collectives stay paired
-        return 0
-    sizes = [int(c[0, 1]) for c in every_count]
-    columns = max(1, 8 // table.element_size())  # of the table's dtype, to hold an int64 row index bit for bit
-    packed = torch.zeros((max(sizes), columns + table.shape[1]), dtype=table.dtype)
-    packed[: indices.shape[0], :columns] = indices.to(torch.int64).contiguous().view(table.dtype).reshape(-1, columns)
-    packed[: indices.shape[0], columns:] = values
-    parts = [torch.empty_like(packed) for _ in range(world)]
-    dist.all_gather(parts, packed)
-    rows = torch.cat([part[:size] for part, size in zip(parts, sizes)])
-    all_indices = rows[:, :columns].contiguous().view(torch.int64).reshape(-1)
-    all_values = rows[:, columns:] / active if active > 1 else rows[:, columns:]
-    merged = coalesce_rows(all_indices, all_values, table.shape)
+    return _OwnGradients(table, dense, flat, dense_work, indices, values, wire)
+
+
+def _index_columns(dtype: torch.dtype) -> int:
+    """Columns of ``dtype`` that hold an int64 bit for bit."""
+    return max(1, 8 // torch.empty(0, dtype=dtype).element_size())
+
+
+def _pack_rows(indices: torch.Tensor, values: torch.Tensor, rows: int, dtype: torch.dtype, header_rows: int = 0) -> torch.Tensor:
+    """``[header_rows + rows, columns + D]`` of ``dtype``: each row's id carried bit for bit in the first columns,
+    then its values; zeros past the given rows (and in the header rows, for the caller to fill)."""
+    columns = _index_columns(dtype)
+    packed = torch.zeros((header_rows + rows, columns + values.shape[1]), dtype=dtype)
+    n = indices.shape[0]
+    packed[header_rows : header_rows + n, :columns] = indices.to(torch.int64).contiguous().view(dtype).reshape(-1, columns)
+    packed[header_rows : header_rows + n, columns:] = values
+    return packed
+
+
+def _unpack_rows(parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids and values of packed rows, in the order given."""
+    columns = _index_columns(dtype)
+    rows = torch.cat(parts)
+    return rows[:, :columns].contiguous().view(torch.int64).reshape(-1), rows[:, columns:]
+
+
+def _apply(own: _OwnGradients, indices: torch.Tensor, values: torch.Tensor, active: int, dense_tables: bool,
+           table_step: Callable[[], object] | None) -> None:  # fmt: skip
+    """Put every rank's averaged gradients in place: the table's (coalesced in the order given, the same on every
+    rank) and the dense ones once their sum has come; ``table_step`` runs before the wait for the dense sum."""
+    table = own.table
+    values = values.to(table.dtype)
+    merged = coalesce_rows(indices, values / active if active > 1 else values, table.shape)
     table.grad = merged.to_dense() if dense_tables else merged
     if table_step is not None:
         table_step()
-    travelling.wait()
+    own.dense_work.wait()
+    flat = own.flat.to(table.dtype)
     if active > 1:
         flat.div_(active)  # in place: the dense gradients can be megabytes, every step
     offset = 0
-    for parameter in dense:
+    for parameter in own.dense:
         size = parameter.numel()
         parameter.grad = flat[offset : offset + size].view_as(parameter)
         offset += size
-    return active
+
+
+class OverlappedExchange:
+    """``--overlap-exchange``: each step's gradients travel while the next batch's forward and backward run, and
+    are applied one step late, so the next batch's gradients are taken at weights that lack them (one step of
+    staleness, as pipelined data-parallel training has). A rank that finishes a step before another goes on to
+    the next instead of waiting for it. Every rank applies the same updates in the same order: the replicas stay
+    identical.
+
+    One collective of the table's rows a step instead of two: each rank's header (whether it had a batch, how
+    many rows it sends) rides in the first rows, the rows padded to a capacity every rank derives alike from the
+    counts it has seen; a rank with more rows than that sends the rest in a second gather, which every rank
+    knows to make from the headers. ``step`` returns how many ranks had a batch in the step it applied (None at
+    an epoch's first step: nothing applied yet; 0: every rank has run dry, the loop ends); ``flush`` applies
+    the step still travelling, before anything reads the weights."""
+
+    SLACK = 1.05  # the capacity over the most rows a rank sent in the last step applied
+
+    def __init__(self, model, dense_tables: bool = False, table_step: Callable[[], object] | None = None,
+                 wire: torch.dtype | None = None) -> None:  # fmt: skip
+        self.model, self.dense_tables, self.table_step, self.wire = model, dense_tables, table_step, wire
+        self.capacity = 0  # 0: none agreed yet (the first step gathers the counts first)
+        self.travelling = None
+        self.overflows = 0  # steps that needed the second gather
+
+    def step(self, has_batch: bool) -> int | None:
+        sent = self._send(has_batch)
+        applied = self._apply(self.travelling) if self.travelling is not None else None
+        self.travelling = sent
+        return applied
+
+    def flush(self) -> int | None:
+        applied = self._apply(self.travelling) if self.travelling is not None else None
+        self.travelling = None
+        return applied
+
+    def _header_rows(self, dtype: torch.dtype, width: int) -> int:
+        return -(-2 * _index_columns(dtype) // width)  # two int64: had a batch, rows
+
+    def _send(self, has_batch: bool):
+        own = _own_gradients(self.model, has_batch, self.wire)
+        dtype, world = own.wire, world_size()
+        if self.capacity == 0:
+            counts = [torch.empty(1, dtype=torch.int64) for _ in range(world)]
+            dist.all_gather(counts, torch.tensor([own.indices.shape[0]], dtype=torch.int64))
+            self.capacity = max(1, max(int(c) for c in counts))
+        capacity = self.capacity
+        header_rows = self._header_rows(dtype, _index_columns(dtype) + own.table.shape[1])
+        first = min(own.indices.shape[0], capacity)
+        packed = _pack_rows(own.indices[:first], own.values[:first], capacity, dtype, header_rows)
+        header = torch.tensor([int(has_batch), own.indices.shape[0]], dtype=torch.int64).view(dtype)
+        packed[:header_rows].view(-1)[: header.numel()] = header
+        parts = [torch.empty_like(packed) for _ in range(world)]
+        work = dist.all_gather(parts, packed, async_op=True)
+        return own, work, parts, capacity, header_rows
+
+    def _apply(self, travelling) -> int:
+        own, work, parts, capacity, header_rows = travelling
+        dtype = own.wire
+        work.wait()
+        headers = [part[:header_rows].reshape(-1)[: 2 * _index_columns(dtype)].contiguous().view(torch.int64) for part in parts]
+        active = sum(int(h[0]) for h in headers)
+        counts = [int(h[1]) for h in headers]
+        if active == 0:
+            own.dense_work.wait()
+            return 0
+        self.capacity = max(1, int(max(counts) * self.SLACK))
+        rows = [part[header_rows : header_rows + min(count, capacity)] for part, count in zip(parts, counts)]
+        rest = [max(0, count - capacity) for count in counts]
+        if max(rest):  # every rank sees it in the headers and makes the same second gather
+            self.overflows += 1
+            packed = _pack_rows(own.indices[capacity:], own.values[capacity:], max(rest), dtype)
+            more = [torch.empty_like(packed) for _ in parts]
+            dist.all_gather(more, packed)
+            rows += [part[:size] for part, size in zip(more, rest)]
+        indices, values = _unpack_rows(rows, dtype)
+        _apply(own, indices, values, active, self.dense_tables, self.table_step)
+        return active
 
 
 def check_same_epoch(epoch: int, where: str) -> None:

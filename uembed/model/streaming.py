@@ -286,6 +286,9 @@ def train_stream(
         batches = shuffled_batches(chunks, config.shuffle_buffer, config.batch_size, rng, exact=distributed.world_size() > 1,
                                    start_row=state["next_row"])  # fmt: skip
         steps = distributed.Lockstep(batches)
+        dense_tables = config.embedding_optimizer == "adam"
+        exchange = (distributed.OverlappedExchange(model, dense_tables, table_optimizer.step, config.wire())
+                    if config.overlap_exchange and distributed.world_size() > 1 else None)  # fmt: skip
         for batch in steps:
             dense_optimizer.zero_grad(set_to_none=True)
             table_optimizer.zero_grad(set_to_none=True)
@@ -296,10 +299,14 @@ def train_stream(
                 loss = loss_fn(model.network(vectors), torch.from_numpy(labels))
                 loss.backward()
             # A rank whose share ran dry still steps, with the others' gradients: the replicas stay equal.
-            if not distributed.sync_gradients(model, batch is not None, dense_tables=config.embedding_optimizer == "adam",
-                                              table_step=table_optimizer.step):  # fmt: skip
+            if exchange is None:
+                applied = distributed.sync_gradients(model, batch is not None, dense_tables, table_optimizer.step, config.wire())
+            else:
+                applied = exchange.step(batch is not None)  # the previous step's gradients (None: none yet)
+            if applied == 0:
                 break  # every rank has run dry
-            dense_optimizer.step()
+            if applied:
+                dense_optimizer.step()
             if batch is None:
                 continue
             n = len(labels)
@@ -327,6 +334,8 @@ def train_stream(
                     started = time.perf_counter()
                     save_checkpoint()
                     since_checkpoint = 0
+        if exchange is not None and exchange.flush():
+            dense_optimizer.step()
         bar.close()
         state["train_seconds"] += time.perf_counter() - started
         if stopped:

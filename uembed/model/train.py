@@ -94,6 +94,15 @@ class TrainConfig:
     # ``epochs`` bounds each phase. False: quantised throughout.
     qat_warm_start: bool = False
     qat_fine_tune_lr_scale: float = 0.1
+    # Data-parallel: apply each step's averaged gradients one step late, while the next step's forward and backward
+    # run (uembed/model/distributed.py: OverlappedExchange); False: every step waits for its own exchange.
+    overlap_exchange: bool = False
+    # Data-parallel: the dtype the gradients travel in ("bfloat16": half the bytes, each rank's gradients rounded).
+    exchange_dtype: str = "float32"
+
+    def wire(self):
+        """The dtype for ``uembed/model/distributed.py`` (None: the parameters' own)."""
+        return torch.bfloat16 if self.exchange_dtype == "bfloat16" else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,6 +312,8 @@ def train(
         gradient = {name: 0.0 for name in feature_columns}
         loss_sum, batches = 0.0, range(0, len(order), config.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, file=sys.stderr)
+        exchange = (distributed.OverlappedExchange(model, dense_tables=True, wire=config.wire())
+                    if config.overlap_exchange and distributed.world_size() > 1 else None)  # fmt: skip
         for start in bar:
             index = order[start : start + config.batch_size]
             vectors = model.embedding(rows_t[index], weights_t[index])
@@ -310,12 +321,17 @@ def train(
             loss = loss_fn(model.network(vectors), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.sync_gradients(model, dense_tables=True)
-            optimizer.step()
+            if exchange is None:
+                distributed.sync_gradients(model, dense_tables=True, wire=config.wire())
+                optimizer.step()
+            elif exchange.step(True):
+                optimizer.step()
             loss_sum += float(loss.detach()) * len(index)
             grad = vectors.grad
             for name, (a, b) in feature_columns.items():
                 gradient[name] += float(grad[:, a:b].norm(dim=1).sum())
+        if exchange is not None and exchange.flush():
+            optimizer.step()
         train_seconds += time.perf_counter() - started
         examples, loss_sum, *sums = distributed.sum_over_ranks([len(order), loss_sum, *gradient.values()])
         examples_trained += int(examples)

@@ -29,16 +29,20 @@ train dp2-overlap $OUT/data 2 --overlap-exchange
 train dp2-overlap-bf16 $OUT/data 2 --overlap-exchange --exchange-dtype bfloat16
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
-runs = {name: json.load(open(f"{sys.argv[1]}/runs/{name}/metrics.json"))
-        for name in ("dp1", "dp2", "pair-a", "pair-b", "dp2-overlap", "dp2-overlap-bf16")}
+import os
+names = ("dp1", "dp2", "pair-a", "pair-b", "dp2-overlap", "dp2-overlap-bf16")
+runs = {name: json.load(open(path)) for name in names if os.path.exists(path := f"{sys.argv[1]}/runs/{name}/metrics.json")}
 for name, m in runs.items():
     print(name, {k: m.get(k) for k in ("world_size", "train_examples", "examples_per_second", "examples_per_second_per_rank",
-                                       "test_auc", "test_logloss", "train_seconds", "replicas_identical")})
+                                       "test_auc", "test_logloss", "train_seconds", "replicas_identical", "exchange_overflows")})
 one, two = runs["dp1"]["examples_per_second"], runs["dp2"]["examples_per_second"]
 pair = runs["pair-a"]["examples_per_second"] + runs["pair-b"]["examples_per_second"]
 print(f"2 processes over 1: {two / one:.2f}x; two independent processes at once over 1: {pair / one:.2f}x; "
       f"data-parallel over the independent pair: {two / pair:.2f}; test AUC {runs['dp2']['test_auc']:.4f} against {runs['dp1']['test_auc']:.4f}")
 for name in ("dp2-overlap", "dp2-overlap-bf16"):
+    if name not in runs:
+        print(f"{name}: no metrics (see its train-{name}.err)")
+        continue
     m = runs[name]
     print(f"{name} over 1: {m['examples_per_second'] / one:.2f}x; test AUC {m['test_auc']:.4f} (1 process: "
           f"{runs['dp1']['test_auc']:.4f}, difference {m['test_auc'] - runs['dp1']['test_auc']:+.4f}); replicas identical: {m.get('replicas_identical')}")

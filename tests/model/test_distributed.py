@@ -200,9 +200,11 @@ def test_ranks_read_byte_ranges_of_a_text_file_with_the_rows_and_splits_of_one_r
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 def test_coalescing_rows_sums_each_rows_repeats_in_their_order_as_torch_coalesce_does(compiled, monkeypatch):
-    if compiled:
-        assert optim._rows is not None, "uembed.model._rows is not built (make install)"
-    else:
+    if compiled and optim._rows is None:
+        if os.environ.get("UEMBED_REQUIRE_EXTENSION") == "1":
+            raise AssertionError("uembed.model._rows is not importable: make install builds it")
+        pytest.skip("the compiled coalesce is not built (UEMBED_REQUIRE_EXTENSION=1 makes this a failure)")
+    if not compiled:
         monkeypatch.setattr(optim, "_rows", None)
     generator = torch.Generator().manual_seed(0)
     shape = torch.Size([500, 8])
@@ -241,6 +243,7 @@ def test_the_overlapped_exchange_applies_each_step_one_step_late_and_sends_rows_
     model.embedding, model.head = table, torch.nn.Linear(4, 1)
     applied = []
     exchange = distributed.OverlappedExchange(model, table_step=lambda: applied.append(table.weight.grad.to_dense().clone()))
+    exchange.MARGIN, exchange.MIN_MARGIN = 0.0, 0  # a capacity of exactly the most rows seen
     # the batches touch 3, 5, then 12 distinct rows: the capacity learnt from one step is short of the next's
     batches = [torch.tensor([1, 2, 2, 3]), torch.tensor([4, 5, 6, 7, 8, 4]), torch.arange(20, 32)]
     local, results = [], []
@@ -255,6 +258,7 @@ def test_the_overlapped_exchange_applies_each_step_one_step_late_and_sends_rows_
     assert results == [None, 1, 1, 1] and exchange.flush() is None
     assert len(applied) == 3 and all(torch.equal(a, b[0]) for a, b in zip(applied, local))
     assert exchange.overflows == 2  # 5 rows, then 12, sent at the capacity the first step set: 3
+    assert exchange.capacity == 12  # the most of the steps it remembers
 
 
 def test_bfloat16_on_the_wire_rounds_each_ranks_gradients_and_updates_in_float32(group_of_one):
@@ -273,11 +277,20 @@ def test_bfloat16_on_the_wire_rounds_each_ranks_gradients_and_updates_in_float32
 
 
 @pytest.mark.slow
+def test_two_processes_overlapping_their_exchange_in_memory_keep_identical_replicas(tmp_path):
+    one = trained(tmp_path, "one", *SMALL, "--epochs", "3", "--batch-size", "256")
+    two = trained(tmp_path, "two", *SMALL, "--epochs", "3", "--batch-size", "128", "--nproc", "2", "--overlap-exchange")
+    assert two["replicas_identical"] is True and len(two["replica_digests"]) == 2
+    assert [h["examples"] for h in two["history"]] == [h["examples"] for h in one["history"]]
+    assert abs(two["test_auc"] - one["test_auc"]) < 0.01, (two["test_auc"], one["test_auc"])
+
+
+@pytest.mark.slow
 def test_two_processes_overlapping_their_exchange_keep_identical_replicas(tmp_path, parquet_data):
     stream = ["--dataset", str(parquet_data), "--epochs", "2", "--quiet", "--shuffle-buffer", "2048", "--read-rows", "500"]
     one = trained(tmp_path, "one", *stream, "--batch-size", "256")
     two = trained(tmp_path, "two", *stream, "--batch-size", "128", "--nproc", "2", "--overlap-exchange", "--exchange-dtype", "bfloat16")
-    assert two["world_size"] == 2 and two["replicas_identical"] is True
+    assert two["world_size"] == 2 and two["replicas_identical"] is True and two["exchange_overflows"] >= 0
     assert [h["examples"] for h in two["history"]] == [h["examples"] for h in one["history"]]
     assert abs(two["test_auc"] - one["test_auc"]) < 0.02, (two["test_auc"], one["test_auc"])
 

@@ -300,8 +300,9 @@ def sync_gradients(model, has_batch: bool = True, dense_tables: bool = False, ta
     the same rows in rank order (``coalesce_rows``: every rank holds the same update) and runs ``table_step``
     before it waits for the dense sum. ``dense_tables`` turns the table's update into a dense gradient, for a dense
     optimiser of the tables (Adam). ``wire`` (default: the parameters' dtype) is the dtype the gradients travel in:
-    bfloat16 halves the bytes and rounds each rank's gradients to 8 bits of mantissa (what DDP's
-    ``bf16_compress_hook`` does), the sum and the update staying float32.
+    bfloat16 halves the bytes and rounds each rank's gradients to 8 bits of mantissa; the dense gradients are
+    summed in it too (as DDP's ``bf16_compress_hook`` does), the table's rows in the parameters' dtype, and the
+    update is made in the parameters' dtype.
     """
     world = world_size()
     if world == 1:
@@ -407,17 +408,21 @@ class OverlappedExchange:
 
     One collective of the table's rows a step instead of two: each rank's header (whether it had a batch, how
     many rows it sends) rides in the first rows, the rows padded to a capacity every rank derives alike from the
-    counts it has seen; a rank with more rows than that sends the rest in a second gather, which every rank
-    knows to make from the headers. ``step`` returns how many ranks had a batch in the step it applied (None at
+    counts it has seen (the most a rank sent in the last few steps applied, and a margin); a rank with more rows
+    than that sends the rest in a second gather, which every rank knows to make from the headers (``overflows``
+    counts them: each is a wait for the slowest rank). ``step`` returns how many ranks had a batch in the step it applied (None at
     an epoch's first step: nothing applied yet; 0: every rank has run dry, the loop ends); ``flush`` applies
     the step still travelling, before anything reads the weights."""
 
-    SLACK = 1.05  # the capacity over the most rows a rank sent in the last step applied
+    MARGIN = 0.1  # the capacity over the most rows a rank sent in the last ``REMEMBERED`` steps applied
+    MIN_MARGIN = 64
+    REMEMBERED = 8
 
     def __init__(self, model, dense_tables: bool = False, table_step: Callable[[], object] | None = None,
                  wire: torch.dtype | None = None) -> None:  # fmt: skip
         self.model, self.dense_tables, self.table_step, self.wire = model, dense_tables, table_step, wire
         self.capacity = 0  # 0: none agreed yet (the first step gathers the counts first)
+        self.recent: list[int] = []  # the most rows a rank sent, of the last steps applied
         self.travelling = None
         self.overflows = 0  # steps that needed the second gather
 
@@ -432,6 +437,9 @@ class OverlappedExchange:
         self.travelling = None
         return applied
 
+    def _with_margin(self, rows: int) -> int:
+        return rows + max(self.MIN_MARGIN, int(rows * self.MARGIN))
+
     def _header_rows(self, dtype: torch.dtype, width: int) -> int:
         return -(-2 * _index_columns(dtype) // width)  # two int64: had a batch, rows
 
@@ -441,7 +449,7 @@ class OverlappedExchange:
         if self.capacity == 0:
             counts = [torch.empty(1, dtype=torch.int64) for _ in range(world)]
             dist.all_gather(counts, torch.tensor([own.indices.shape[0]], dtype=torch.int64))
-            self.capacity = max(1, max(int(c) for c in counts))
+            self.capacity = self._with_margin(max(int(c) for c in counts))
         capacity = self.capacity
         header_rows = self._header_rows(dtype, _index_columns(dtype) + own.table.shape[1])
         first = min(own.indices.shape[0], capacity)
@@ -462,7 +470,8 @@ class OverlappedExchange:
         if active == 0:
             own.dense_work.wait()
             return 0
-        self.capacity = max(1, int(max(counts) * self.SLACK))
+        self.recent = [*self.recent[1 - self.REMEMBERED :], max(counts)]
+        self.capacity = self._with_margin(max(self.recent))
         rows = [part[header_rows : header_rows + min(count, capacity)] for part, count in zip(parts, counts)]
         rest = [max(0, count - capacity) for count in counts]
         if max(rest):  # every rank sees it in the headers and makes the same second gather

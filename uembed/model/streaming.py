@@ -334,8 +334,10 @@ def train_stream(
                     started = time.perf_counter()
                     save_checkpoint()
                     since_checkpoint = 0
-        if exchange is not None and exchange.flush():
-            dense_optimizer.step()
+        if exchange is not None:
+            if exchange.flush():
+                dense_optimizer.step()
+            state["exchange_overflows"] = state.get("exchange_overflows", 0) + exchange.overflows
         bar.close()
         state["train_seconds"] += time.perf_counter() - started
         if stopped:
@@ -389,6 +391,7 @@ def train_stream(
         "stopped": stop_reason(len(state["history"]), config.epochs, state["best_epoch"], state["best_auc"], config.patience),
         "seconds_per_epoch": seconds / max(len(state["history"]), 1), **throughput(examples, state["examples"], seconds),
         **distributed.replica_check(model), "peak_rss_bytes": peak_rss_bytes(),
+        **({"exchange_overflows": state.get("exchange_overflows", 0)} if config.overlap_exchange and distributed.world_size() > 1 else {}),
         "embedding_optimizer": config.embedding_optimizer, "budget_rows": plan.budget_rows,
         "embedding_parameters": plan.embedding_parameters, "embedding_bytes": plan.embedding_bytes(),
         "tables": {t.name: {"rows": t.rows, "dim": t.dim} for t in plan.tables}, "warnings": warnings,

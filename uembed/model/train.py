@@ -44,6 +44,9 @@ from uembed.model.summary import stop_reason
 DOMINANCE_THRESHOLD = 0.5  # a feature with more gradient than all its table-mates together
 
 
+EXCHANGE_DTYPES = ("float32", "bfloat16")  # of the gradients between data-parallel processes
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a run besides the data. Defaults suit MovieLens-100K."""
@@ -99,6 +102,10 @@ class TrainConfig:
     overlap_exchange: bool = False
     # Data-parallel: the dtype the gradients travel in ("bfloat16": half the bytes, each rank's gradients rounded).
     exchange_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.exchange_dtype not in EXCHANGE_DTYPES:
+            raise ValueError(f"exchange_dtype {self.exchange_dtype!r}: choose one of {', '.join(EXCHANGE_DTYPES)}")
 
     def wire(self):
         """The dtype for ``uembed/model/distributed.py`` (None: the parameters' own)."""

@@ -577,9 +577,9 @@ def shuffled_batches(
     crosses the edge is cut, its rest opening the next window. Data-parallel ranks step together,
     and a window's filling (reading and encoding several chunks) is a burst that the other ranks
     wait out unless they fill theirs at the same step, which equal windows make them do. A window's
-    end then carries the first row of the chunk that was cut: a resume from there would train that
-    chunk's first part again (the ranks resume from epoch ends, not from these rows); ``start_row`` is
-    where the first chunk starts."""
+    end then carries the end of the last chunk it took whole (``start_row`` before the first): a resume
+    from there would train the cut chunk's first part again, so these are no resume points (the ranks
+    resume from epoch ends)."""
     pending, size, next_row = [], 0, start_row
 
     def drain(pending, window_end):

@@ -158,7 +158,7 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--exchange-dtype", choices=("float32", "bfloat16"), default="float32",
         help="the dtype the gradients travel between processes in: bfloat16 halves the bytes (each process's gradients "
-        "rounded to 8 bits of mantissa before they are summed; the update stays float32)",
+        "rounded to 8 bits of mantissa; the dense ones summed in bfloat16, the tables' rows and the update in float32)",
     )  # fmt: skip
 
 

@@ -276,6 +276,13 @@ def test_bfloat16_on_the_wire_rounds_each_ranks_gradients_and_updates_in_float32
     assert torch.equal(model.head.weight.grad, head_grad.to(torch.bfloat16).float())
 
 
+def test_the_exchange_options_warn_that_one_process_has_no_exchange(tmp_path):
+    result = uembed("train", "--dataset", "synthetic:small", "--synthetic-examples", "600", "--epochs", "1", "--quiet",
+                    "--overlap-exchange", "--runs-dir", str(tmp_path), "--name", "one")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "with one process there is none (give --nproc N)" in result.stderr
+
+
 @pytest.mark.slow
 def test_two_processes_overlapping_their_exchange_in_memory_keep_identical_replicas(tmp_path):
     one = trained(tmp_path, "one", *SMALL, "--epochs", "3", "--batch-size", "256")

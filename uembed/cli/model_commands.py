@@ -798,6 +798,9 @@ def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         check_distributed_run(args)
+    elif getattr(args, "overlap_exchange", False) or getattr(args, "exchange_dtype", "float32") != "float32":
+        print("warning: --overlap-exchange and --exchange-dtype shape the exchange between processes: with one process "
+              "there is none (give --nproc N)", file=sys.stderr)  # fmt: skip
     distributed.init_from_env()
     code = train_in_group(args)
     distributed.leave()  # only after a run that ended well: a rank that failed must not wait for the others

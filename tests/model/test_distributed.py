@@ -261,6 +261,63 @@ def test_the_overlapped_exchange_applies_each_step_one_step_late_and_sends_rows_
     assert exchange.capacity == 12  # the most of the steps it remembers
 
 
+OVERLAP_RANK = """
+import sys, torch, torch.distributed as dist
+from uembed.model import distributed
+rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+torch.manual_seed(0)  # the same replica on both ranks
+model = torch.nn.Module()
+model.embedding, model.head = torch.nn.Embedding(60, 4, sparse=True), torch.nn.Linear(4, 1)
+applied = []
+exchange = distributed.OverlappedExchange(model, table_step=lambda: applied.append(model.embedding.weight.grad.to_dense().clone()))
+exchange.MARGIN, exchange.MIN_MARGIN = 0.0, 0  # a capacity of exactly the most rows seen: rows overflow it
+batches = {0: [[1, 2, 2, 3], [4, 5, 6, 7, 8], list(range(20, 32))], 1: [[1, 9], list(range(40, 50))]}[rank]
+local, results, heads, step = [], [], [], 0
+while True:
+    model.zero_grad(set_to_none=True)
+    rows = batches[step] if step < len(batches) else None  # then dry, as a rank whose share has ended
+    if rows is not None:
+        torch.manual_seed(100 + 10 * step + rank)
+        (model.head(model.embedding(torch.tensor(rows))) * torch.randn(len(rows), 1)).sum().backward()
+        local.append((model.embedding.weight.grad.to_dense().clone(), model.head.weight.grad.clone()))
+    else:
+        local.append((torch.zeros(60, 4), torch.zeros(1, 4)))
+    results.append(exchange.step(rows is not None))
+    if results[-1]:
+        heads.append(model.head.weight.grad.clone())
+    step += 1
+    if results[-1] == 0:
+        break
+results.append(exchange.flush())
+torch.save({"applied": applied, "local": local, "results": results, "heads": heads, "overflows": exchange.overflows}, out)
+distributed.leave()
+"""
+
+
+def test_two_ranks_overlapping_their_exchange_apply_the_same_average_one_step_late_through_overflows(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(OVERLAP_RANK)
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "store"), str(tmp_path / f"{rank}.pt")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
+    for process in ranks:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err[-3000:]
+    done = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    # steps 0-2 had 2, 2 and 1 ranks with a batch, step 3 none: applied one step late, the loop ends at step 4
+    assert done[0]["results"] == done[1]["results"] == [None, 2, 2, 1, 0, 0]
+    assert done[0]["overflows"] == done[1]["overflows"] > 0
+    for step, active in enumerate([2, 2, 1]):
+        table = (done[0]["local"][step][0] + done[1]["local"][step][0]) / active
+        head = (done[0]["local"][step][1] + done[1]["local"][step][1]) / active
+        for rank in (0, 1):
+            torch.testing.assert_close(done[rank]["applied"][step], table, rtol=0, atol=1e-6)
+            torch.testing.assert_close(done[rank]["heads"][step], head, rtol=0, atol=1e-6)
+        assert torch.equal(done[0]["applied"][step], done[1]["applied"][step])  # the replicas get the same bits
+        assert torch.equal(done[0]["heads"][step], done[1]["heads"][step])
+
+
 def test_bfloat16_on_the_wire_rounds_each_ranks_gradients_and_updates_in_float32(group_of_one):
     torch.manual_seed(0)
     model = torch.nn.Module()

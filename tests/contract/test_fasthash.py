@@ -14,6 +14,7 @@ import xxhash
 
 from uembed.bundle.loader import load_bundle
 from uembed.contract import hashing
+from uembed.contract.errors import ExampleError
 from uembed.contract.hashing import (
     canonical_bytes,
     canonical_column,
@@ -238,3 +239,79 @@ def test_the_built_extension_has_every_function_its_callers_use():
     assert run_python(code).stdout.split() == ["python"]
     refused = run_python(code, UEMBED_REQUIRE_EXTENSION="1")
     assert refused.returncode != 0 and "built from an older source (no length_prefixed)" in refused.stderr
+
+
+def plain_request(rng: random.Random, size: int) -> list[dict]:
+    """``size`` examples as ``/v1/score``'s JSON gives them, mostly what the compiled column readers take (ids as
+    numbers or strings, genre lists) and now and then what they leave to the checked path: a value left out or
+    null, a bool, a float, an int past 64 bits, a lone surrogate, a missing marker, an empty string in a list, a
+    list past the feature's limit, a value past the character limit, a list where one value goes."""
+    odd = [None, True, 2.5, 10**30, "\ud800", "unknown", "x" * 300, ["a"]]
+    odd_lists = [None, [], ["Drama", ""], ["Drama", "unknown"], ["x"] * 9, ["Drama", 7], "Drama|Comedy", [str(i) for i in range(300)]]
+    examples = []
+    for _ in range(size):
+        example = {"user_id": rng.choice([rng.randrange(-5, 10**6), str(rng.randrange(10**6)), -(2**63), 2**63 - 1]),
+                   "movie_id": rng.randrange(2000), "zip_code": random_text(rng), "age": rng.choice([18, 25, "35"]),
+                   "occupation": rng.choice(["writer", "unknown", "東京"]), "gender": rng.choice("MF"),
+                   "genres": [rng.choice(["Drama", "Comedy", "Film-Noir", "😀"]) for _ in range(rng.randrange(0, 4))]}  # fmt: skip
+        if rng.random() < 0.02:
+            name = rng.choice(list(example))
+            if rng.random() < 0.3:
+                del example[name]
+            else:
+                example[name] = rng.choice(odd_lists if name == "genres" else odd)
+        examples.append(example)
+    return examples
+
+
+@needs_extension
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_requests_canonicalise_alike_through_the_compiled_column_readers(synthetic_store, seed):
+    """The compiled readers of a plain request's columns (text_column_of, list_column_of) against the checked path
+    they stand in for: the same canonical values, truncations and missing counts, or the same error, on requests
+    where now and then one value is what only the checked path takes or refuses (then the reader steps aside)."""
+    from dataclasses import replace
+
+    from uembed.serving.pipeline.encoding import ExampleEncoder
+    from uembed.serving.pipeline.values import ValueLimits
+
+    bundle = load_bundle(synthetic_store / "movielens" / "1")
+    specs = dict(bundle.feature_specs)
+    specs["occupation"] = replace(specs["occupation"], missing=("unknown",))
+    specs["genres"] = replace(specs["genres"], missing=("unknown",), max_values=5)
+    rng = random.Random(seed)
+    requests = [plain_request(rng, rng.choice([1, 7, 64])) for _ in range(60)]
+    outcomes: dict[str, list] = {}
+    for backend, readers in (("compiled", True), ("compiled", False), ("python", False)):
+        hashing.use_backend(backend)
+        encoder = ExampleEncoder(specs, bundle.plan, ValueLimits(), 0, bundle.known_values)
+        got = []
+        for request in requests:
+            # a tuple of the same dicts is not a list: the readers are not used, the rest of the compiled path is
+            examples = request if readers else tuple(request)
+            try:
+                canonical = encoder.canonicalise(examples)
+            except ExampleError as exc:
+                got.append(("error", str(exc)))
+                continue
+            rows, weights = encoder.hash([canonical])
+            values = {name: [tuple(v) if isinstance(v, list) else v for v in column]  # a list's values: list or tuple
+                      for name, column in canonical.values.items()}  # fmt: skip
+            got.append((values, canonical.truncated, canonical.missing, rows.tolist(), weights.tolist()))
+        outcomes[f"{backend}-{readers}"] = got
+    assert outcomes["compiled-True"] == outcomes["compiled-False"] == outcomes["python-False"]
+    errors = sum(1 for outcome in outcomes["python-False"] if outcome[0] == "error")
+    assert 0 < errors < len(requests)  # both kinds of request were asked
+
+
+@needs_extension
+def test_the_column_readers_step_aside_for_what_they_do_not_check():
+    extension = hashing.compiled_extension() or hashing._fasthash
+    markers = frozenset({b"unknown"})
+    assert extension.text_column_of([{"a": "x"}, {"a": -12}, {"a": "unknown"}], "a", 8, markers) == [b"x", b"-12", b""]
+    for value in (None, True, 1.5, 2**64, "\ud800", "much too long", b"raw"):
+        assert extension.text_column_of([{"a": "x"}, {"a": value}], "a", 8, markers) is None, value
+    assert extension.text_column_of([{"a": "x"}, {}], "a", 8, markers) is None
+    assert extension.list_column_of([{"g": ["a", "b"]}, {"g": []}], "g", 8, 2, markers, (b"",)) == [(b"a", b"b"), (b"",)]
+    for value in (["a", ""], ["unknown"], ["a", "b", "c"], ["a", 1], ("a",), "a", None, ["much too long"]):
+        assert extension.list_column_of([{"g": value}], "g", 8, 2, markers, (b"",)) is None, value

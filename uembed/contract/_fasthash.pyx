@@ -11,6 +11,13 @@ an int's digits in a stack buffer, no bytes object per value.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_CheckExact, PyDict_GetItem
+from cpython.exc cimport PyErr_Clear
+from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
+from cpython.set cimport PySet_Contains
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free
@@ -31,6 +38,11 @@ cdef extern from "xxhash.h":
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    # The same call with its error left to the caller (cleared: the checked path raises it again, naming the value).
+    const char* utf8_or_null "PyUnicode_AsUTF8AndSize"(object text, Py_ssize_t* size) noexcept
+    bint PyUnicode_CheckExact(object value)
+    bint PyLong_CheckExact(object value)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
     bint PyUnicode_Check(object value)
     bint PyBool_Check(object value)
     long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
@@ -44,6 +56,29 @@ cdef enum:
 # Integral floats whose magnitude is below 2**63 convert to long long exactly; larger ones take Python's int.
 cdef double LONG_LIMIT = 9223372036854775808.0
 cdef uint64_t LOW_HALF = 0xFFFFFFFF
+
+
+@cython.cdivision(True)
+cdef inline Py_ssize_t write_decimal(long long number, char* out) noexcept:
+    """``number``'s decimal digits (a leading minus when negative, as printf's %lld) at ``out``; their count.
+    A few times faster than snprintf, which parses its format each call."""
+    cdef char digits[24]
+    cdef unsigned long long magnitude = (0ULL - <unsigned long long>number) if number < 0 else <unsigned long long>number
+    cdef Py_ssize_t count = 0, length = 0
+    while True:
+        digits[count] = <char>(48 + magnitude % 10)  # 48: '0'
+        count += 1
+        magnitude //= 10
+        if magnitude == 0:
+            break
+    if number < 0:
+        out[0] = 45  # '-'
+        length = 1
+    while count > 0:
+        count -= 1
+        out[length] = digits[count]
+        length += 1
+    return length
 
 
 cdef object canonical_view(object value, char* scratch, const char** data, Py_ssize_t* size, object fallback):
@@ -69,7 +104,7 @@ cdef object canonical_view(object value, char* scratch, const char** data, Py_ss
         number = PyLong_AsLongLongAndOverflow(value, &overflow)
         if overflow:
             return str(int(value)).encode()
-        data[0], size[0] = scratch, snprintf(scratch, SCRATCH, b"%lld", number)
+        data[0], size[0] = scratch, write_decimal(number, scratch)
         return None
     if PyFloat_Check(value):
         real = PyFloat_AS_DOUBLE(value)
@@ -78,7 +113,7 @@ cdef object canonical_view(object value, char* scratch, const char** data, Py_ss
             return None
         if isfinite(real) and floor(real) == real:
             if -LONG_LIMIT < real < LONG_LIMIT:
-                data[0], size[0] = scratch, snprintf(scratch, SCRATCH, b"%lld", <long long>real)
+                data[0], size[0] = scratch, write_decimal(<long long>real, scratch)
                 return None
             return str(int(real)).encode()
         # repr(float) itself: the shortest string that round-trips (float_repr's call)
@@ -234,4 +269,99 @@ def length_prefixed(data, bint text):
         else:
             out.append(PyBytes_FromStringAndSize(base + offset, length))
         offset += length
+    return out
+
+
+# The canonicalise stage's plain requests (a list of dicts, ``uembed/serving/pipeline/canonical.py``): one feature's
+# column read straight from the examples, checked and canonicalised in one pass, for the values that need no more
+# than that. Anything else (a value of another type, past a limit, left out, or one the contract drops) answers
+# None, and the caller takes its checked path, which gives the same bytes or names the value at fault.
+
+cdef object plain_text_bytes(object value, Py_ssize_t max_chars, char* scratch):
+    """Canonical bytes of a str of at most ``max_chars`` characters (negative: no limit) or an int within 64 bits;
+    None for anything else, or for a str that is not valid UTF-8 (a lone surrogate)."""
+    cdef Py_ssize_t size = 0
+    cdef const char* data
+    cdef int overflow = 0
+    cdef long long number
+    if PyUnicode_CheckExact(value):
+        if 0 <= max_chars < PyUnicode_GET_LENGTH(value):
+            return None
+        data = utf8_or_null(value, &size)
+        if data == NULL:
+            PyErr_Clear()
+            return None
+        return PyBytes_FromStringAndSize(data, size)
+    if PyLong_CheckExact(value):  # exact: not a bool
+        number = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow:
+            return None
+        return PyBytes_FromStringAndSize(scratch, write_decimal(number, scratch))
+    return None
+
+
+def text_column_of(list examples, str name, Py_ssize_t max_chars, frozenset missing):
+    """Canonical bytes of a one-value feature ``name`` in each example (each a dict that gives it) when every value
+    is a str of at most ``max_chars`` characters (negative: no limit) or an int within 64 bits; a value among
+    ``missing`` (the feature's missing markers, canonical) becomes the missing value b"". None otherwise."""
+    cdef Py_ssize_t i, n = len(examples)
+    cdef char scratch[SCRATCH]
+    cdef PyObject* found
+    cdef object example, encoded
+    cdef list out = [None] * n
+    cdef bint markers = len(missing) > 0
+    for i in range(n):
+        example = examples[i]
+        if not PyDict_CheckExact(example):
+            return None
+        found = PyDict_GetItem(example, name)
+        if found == NULL:
+            return None
+        encoded = plain_text_bytes(<object>found, max_chars, scratch)
+        if encoded is None:
+            return None
+        if markers and PySet_Contains(missing, encoded):
+            encoded = b""
+        out[i] = encoded
+    return out
+
+
+def list_column_of(list examples, str name, Py_ssize_t max_chars, Py_ssize_t max_list, frozenset missing,
+                   tuple empty):
+    """Tuples of canonical bytes of a multivalent feature ``name`` in each example (each a dict that gives it) when
+    every value is a list of at most ``max_list`` items (negative: no limit), each a non-empty str of at most
+    ``max_chars`` characters that is none of ``missing``; an empty list is ``empty``. None otherwise."""
+    cdef Py_ssize_t i, j, length, n = len(examples)
+    cdef char scratch[SCRATCH]
+    cdef PyObject* found
+    cdef object example, value, item, encoded, items
+    cdef list out = [None] * n
+    cdef bint markers = len(missing) > 0
+    for i in range(n):
+        example = examples[i]
+        if not PyDict_CheckExact(example):
+            return None
+        found = PyDict_GetItem(example, name)
+        if found == NULL:
+            return None
+        value = <object>found
+        if not PyList_CheckExact(value):
+            return None
+        length = PyList_GET_SIZE(value)
+        if 0 <= max_list < length:
+            return None
+        if length == 0:
+            out[i] = empty
+            continue
+        items = PyTuple_New(length)
+        for j in range(length):
+            item = <object>PyList_GET_ITEM(value, j)
+            if not PyUnicode_CheckExact(item):
+                return None
+            encoded = plain_text_bytes(item, max_chars, scratch)
+            if encoded is None or PyBytes_GET_SIZE(encoded) == 0 or (markers and PySet_Contains(missing, encoded)):
+                return None  # the contract drops an empty string or a missing marker from its list: the checked path
+            Py_INCREF(encoded)  # PyTuple_SET_ITEM takes the reference
+            PyTuple_SET_ITEM(items, j, encoded)
+        out[i] = items
     return out

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from uembed.contract.errors import ExampleError
 from uembed.contract.features import FeatureSpec
-from uembed.contract.hashing import MISSING, canonical_column, hashing_backend
+from uembed.contract.hashing import MISSING, canonical_column, compiled_extension, hashing_backend
 from uembed.contract.known import KnownValues
 from uembed.contract.plan import EmbeddingPlan
 from uembed.serving.pipeline.values import (
@@ -79,6 +79,17 @@ class ExampleColumns:
         return {name: column[index] for name, column in self.columns.items()}
 
 
+class PlainColumns:
+    """A request's examples, each a dict (``/v1/score``'s JSON), read as feature -> its value in each example (None
+    where an example leaves it out) on demand: the compiled readers take the examples themselves, one pass a column."""
+
+    def __init__(self, examples: list[dict]) -> None:
+        self.examples = examples
+
+    def __getitem__(self, name: str) -> list:
+        return list(map(dict.get, self.examples, repeat(name)))
+
+
 @dataclass
 class Canonicaliser:
     """The canonicalise stage for one bundle's features and plan (:class:`ExampleEncoder` adds the hash stage).
@@ -105,6 +116,14 @@ class Canonicaliser:
         self.flagged = [f.name for f in self.plan.features if f.name not in self.one_value and f.name in self.known]
         self.cache_share = self.cache_bytes // max(len(self.specs) + len(self.rows_cached) + len(self.flagged), 1)
         self.canonical_cache = {name: ValueCache(self.cache_share) for name in self.specs} if self.cache_bytes else {}
+        # What the compiled column readers check (negative: no limit), and each feature's missing markers, canonical.
+        self.char_limit = -1 if self.limits.max_chars is None else self.limits.max_chars
+        self.list_limits = {
+            name: min([*([self.limits.max_list] if self.limits.max_list is not None else []),
+                       *([spec.max_values] if spec.max_values else [])], default=-1)
+            for name, spec in self.specs.items()
+        }
+        self.missing_markers = {name: spec.missing_bytes for name, spec in self.specs.items()}
         # One-value categorical features: a column of strings is canonicalised in one pass (_text_column).
         self.text_features = frozenset(
             name for name, spec in self.specs.items() if not spec.multivalent and spec.kind != "numeric"
@@ -147,7 +166,9 @@ class Canonicaliser:
             self._refuse_examples(examples, context, where)
         own = [name for name in specs if not context or name not in context]
         missing = self._left_out(examples, own, plain, where)
-        if plain:
+        if plain and type(examples) is list:
+            columns = PlainColumns(examples)
+        elif plain:
             columns = {name: list(map(dict.get, examples, repeat(name))) for name in own}
         else:
             columns = {name: [e.get(name) for e in examples] for name in own}
@@ -196,6 +217,9 @@ class Canonicaliser:
         specs = self.specs
         values: dict[str, list] = {}
         truncated = {}
+        compiled = compiled_extension()
+        # the examples themselves, read feature by feature in one compiled pass where that is all a column needs
+        plain = columns.examples if compiled is not None and isinstance(columns, PlainColumns) else None
         for name, spec in specs.items():
             cache = self.canonical_cache.get(name)
             entries = cache.entries if cache is not None else None  # dict.get on the hot path, not a method call
@@ -207,15 +231,25 @@ class Canonicaliser:
                     items = self._canonical(name, spec, value, key, cache, "context")
                 column = [items]
             else:
-                raw = columns[name]
                 if name in self.text_features:
-                    encoded = self._text_column(spec, raw)
+                    encoded = None
+                    if plain is not None:
+                        encoded = compiled.text_column_of(plain, name, self.char_limit, self.missing_markers[name])
+                    if encoded is None:
+                        encoded = self._text_column(spec, columns[name])
                     if encoded is not None:
                         values[name] = encoded
                         continue
                 # lists of strings: one pass with the compiled hash; the pure one's cache hits cost less
-                column = self._list_column(spec, raw) if spec.multivalent and hashing_backend() == "compiled" else None
+                column = None
+                if spec.multivalent and compiled is not None:
+                    if plain is not None:
+                        column = compiled.list_column_of(plain, name, self.char_limit, self.list_limits[name],
+                                                         self.missing_markers[name], EMPTY_LIST)  # fmt: skip
+                    if column is None:
+                        column = self._list_column(spec, columns[name])
                 if column is None:
+                    raw = columns[name]
                     column = []
                     for index, value in enumerate(raw):
                         key = cache_key(value) if entries is not None else None

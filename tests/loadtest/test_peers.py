@@ -78,13 +78,16 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
 
 def test_the_ratios_compare_two_workers_with_one_and_the_workers_cpu():
     def v1(rate: float, workers_cpu: list[float], achieved: float = 400.0) -> dict:
-        return {"closed": {"requests_per_s": rate, "worker_cpu_s": workers_cpu}, "unloaded": {"p50_ms": 1.0},
-                "open_at_half": {"p99_ms": 2.5, "requests_per_s": achieved, "offered_per_s": 400.0}}  # fmt: skip
+        return {"closed": {"requests_per_s": rate, "worker_cpu_s": workers_cpu, "server_cpu_ms_per_call": 0.5},
+                "unloaded": {"p50_ms": 1.0},
+                "open_at_half": {"p99_ms": 2.5, "requests_per_s": achieved, "offered_per_s": 400.0,
+                                 "server_cpu_ms_per_call": 0.9}}  # fmt: skip
 
     ratios = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0])}, "2w": {"64": v1(1800.0, [9.0, 7.5])}}})
     assert ratios["1w 64"]["v1_over_1_worker"] is None and ratios["1w 64"]["v1_worker_cpu_spread"] is None
     two = ratios["2w 64"]
     assert (two["v1_over_1_worker"], two["v1_worker_cpu_spread"], two["v1_p99_at_half_over_unloaded_p50"]) == (1.8, 1.2, 2.5)
+    assert two["v1_server_cpu_at_half_over_saturated"] == 1.8  # a call's CPU in the open loop over a saturated one's
     # a worker no connection reached: no spread, its zero shown
     idle = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0])}, "2w": {"64": v1(1000.0, [9.0, 0.0])}}})["2w 64"]
     assert idle["v1_worker_cpu_spread"] is None and idle["v1_worker_cpu_s"] == [9.0, 0.0]

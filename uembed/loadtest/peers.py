@@ -321,7 +321,8 @@ def run_peers(args, workdir: Path, report) -> None:
                 alone = unloaded(url, bodies[body_kind][size], 200, path=paths[body_kind]).summary()
                 results[front][f"{workers}w"][str(size)]["unloaded"] = alone
                 rate = saturated["requests_per_s"] / 2
-                half = run_load(url, bodies[body_kind][size], seconds, 8, rate=rate, path=paths[body_kind]).summary()
+                # the server's CPU a call here too: spaced requests make small batches, each dearer than a saturated one's
+                half = cpu_split(server, lambda: run_load(url, bodies[body_kind][size], seconds, 8, rate=rate, path=paths[body_kind]).summary())
                 half = half | {"offered_per_s": round(rate, 1)}
                 results[front][f"{workers}w"][str(size)]["open_at_half"] = half
                 report(f"peers {front} {workers}w {size} unloaded, open loop", {"unloaded": alone, "open_at_half": half})
@@ -398,6 +399,9 @@ def peer_ratios(results: dict) -> dict:
                 "v1_half_load_achieved_over_offered": achieved,
                 "v1_p99_at_half_over_unloaded_p50": round(half["p99_ms"] / alone["p50_ms"], 2)
                 if half and alone and achieved is not None and achieved >= 0.95 else None,
+                # a call's server CPU in the open loop over a saturated one's: the dearer small batches at half load
+                "v1_server_cpu_at_half_over_saturated": round(half["server_cpu_ms_per_call"] / v1["closed"]["server_cpu_ms_per_call"], 2)
+                if half and half.get("server_cpu_ms_per_call") and v1["closed"].get("server_cpu_ms_per_call") else None,
                 "v1_over_1_worker": round(rate["v1"] / one_worker["closed"]["requests_per_s"], 2)
                 if workers != "1w" and one_worker else None,
                 # the busiest worker's CPU seconds over the least busy one's: how evenly the connections spread (an idle

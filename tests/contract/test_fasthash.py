@@ -23,7 +23,7 @@ from uembed.contract.hashing import (
     hash_values,
     lookup_seed,
 )
-from uembed.contract.known import KnownSets, KnownValues
+from uembed.contract.known import KnownSets, KnownValues, training_keys
 from uembed.serving.pipeline.cpu import ModelRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,7 +297,7 @@ def test_plain_requests_canonicalise_alike_through_the_compiled_column_readers(s
             rows, weights = encoder.hash([canonical])
             values = {name: [tuple(v) if isinstance(v, list) else v for v in column]  # a list's values: list or tuple
                       for name, column in canonical.values.items()}  # fmt: skip
-            got.append((values, canonical.truncated, canonical.missing, rows.tolist(), weights.tolist()))
+            got.append((values, canonical.truncated, canonical.missing, rows.tolist(), weights.tolist(), encoder.take_unseen()))
         outcomes[f"{backend}-{readers}"] = got
     assert outcomes["compiled-True"] == outcomes["compiled-False"] == outcomes["python-False"]
     errors = sum(1 for outcome in outcomes["python-False"] if outcome[0] == "error")
@@ -315,3 +315,43 @@ def test_the_column_readers_step_aside_for_what_they_do_not_check():
     assert extension.list_column_of([{"g": ["a", "b"]}, {"g": []}], "g", 8, 2, markers, (b"",)) == [(b"a", b"b"), (b"",)]
     for value in (["a", ""], ["unknown"], ["a", "b", "c"], ["a", 1], ("a",), "a", None, ["much too long"]):
         assert extension.list_column_of([{"g": value}], "g", 8, 2, markers, (b"",)) is None, value
+
+
+@needs_extension
+@pytest.mark.parametrize("method", ["unified", "multi-size-unified", "hashing-trick"])
+def test_a_list_features_rows_in_one_compiled_pass_equal_the_numpy_path(method):
+    """list_rows (a multivalent feature's rows, weights and unseen count in one C pass) against the numpy path it
+    replaces, with one and several lookups, mean and sum pooling, lists longer than the width, empty and missing."""
+    from dataclasses import replace
+
+    from uembed.contract.plan import Pooling, build_plan
+    from uembed.model.data import load_movielens100k
+    from uembed.serving.pipeline.encoding import ExampleEncoder
+
+    dataset = load_movielens100k()
+    training, _, _ = dataset.split(0)
+    # a few genres take one lookup by default: two more, for a feature of several
+    plan = build_plan(method, dataset.spec, training.columns, 8, budget_fraction=0.1,
+                      lookups_offset=2 if method == "multi-size-unified" else 0)  # fmt: skip
+    known = {name: KnownValues.build(keys) for name, keys in training_keys(training.columns).items()}
+    specs = {feature.name: feature for feature in dataset.spec.features}
+    hashing.use_backend("compiled")
+    encoder = ExampleEncoder(specs, plan, known=known)
+    genres = next(f for f in plan.features if f.name == "genres")
+    assert "genres" in encoder.hashed_lists and (method != "multi-size-unified" or len(genres.lookups) > 1)
+    rng = random.Random(1)
+    names = [b"Drama", b"Comedy", b"Film-Noir", b"never-trained", b"\xf0\x9f\x98\x80"]
+    values = [tuple(rng.choice(names) for _ in range(rng.randrange(1, 9))) for _ in range(300)]
+    values += [(b"",), [b"Drama", b"Comedy"], (b"never-trained",) * 12]  # an empty list, a list, past the width
+    for pooling in (Pooling.MEAN, Pooling.SUM):
+        feature = replace(genres, pooling=pooling)
+        compiled = encoder._list_rows(feature, values), encoder.take_unseen()["genres"]
+        lists, encoder.hashed_lists = encoder.hashed_lists, {}  # the numpy path
+        try:
+            numpy = encoder._list_rows(feature, values), encoder.take_unseen()["genres"]
+        finally:
+            encoder.hashed_lists = lists
+        (rows, weights), (want_rows, want_weights) = compiled[0], numpy[0]
+        assert rows.dtype == want_rows.dtype and weights.dtype == want_weights.dtype
+        assert np.array_equal(rows, want_rows) and np.array_equal(weights, want_weights)
+        assert compiled[1] == numpy[1] > 0  # the values never trained on, counted alike

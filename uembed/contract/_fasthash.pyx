@@ -365,3 +365,64 @@ def list_column_of(list examples, str name, Py_ssize_t max_chars, Py_ssize_t max
             PyTuple_SET_ITEM(items, j, encoded)
         out[i] = items
     return out
+
+
+def list_rows(values, Py_ssize_t width, bint mean, seeds, hashed_rows, known_seed):
+    """A multivalent feature's hashed rows and pooling weights over a batch (``ExampleEncoder._list_rows``), in one
+    pass: ``values`` holds each example's canonical values (a tuple or list of bytes). Returns int64 rows and float32
+    weights [n, width * lookups], lookup after lookup: slot j of an example is its j-th value (a value past ``width``
+    is cut), weighted 1 (``mean``: 1 / the values kept), or the missing value's row weighted 0 where its list is
+    shorter; row = xxh3(value, seeds[l]) % hashed_rows[l]. And the keys under ``known_seed`` of the values kept
+    (uint64, example after example), for the unseen count; none when ``known_seed`` is None."""
+    cdef Py_ssize_t n = len(values), lookups = len(seeds), i, j, l, length, kept, count = 0
+    cdef Py_ssize_t columns = width * lookups
+    cdef bint known = known_seed is not None
+    cdef uint64_t known_key_seed = known_seed if known else 0
+    cdef object items, item
+    cdef float weight
+    cdef const char* data
+    cdef Py_ssize_t size
+    if len(hashed_rows) != lookups:
+        raise ValueError(f"{lookups} seeds but {len(hashed_rows)} table sizes")
+    seed_array = np.array(seeds, dtype=np.uint64)
+    table_array = np.array(hashed_rows, dtype=np.uint64)
+    if (table_array == 0).any():
+        raise ValueError("a table needs at least one row, got 0")
+    cdef const uint64_t[::1] seed_of = seed_array
+    cdef const uint64_t[::1] rows_in = table_array
+    missing_array = np.empty(lookups, dtype=np.int64)
+    cdef long long[::1] missing_row = missing_array
+    for l in range(lookups):
+        missing_row[l] = <long long>(XXH3_64bits_withSeed(b"", 0, seed_of[l]) % rows_in[l])
+    rows = np.empty((n, columns), dtype=np.int64)
+    weights = np.zeros((n, columns), dtype=np.float32)
+    cdef long long[:, ::1] row_out = rows
+    cdef float[:, ::1] weight_out = weights
+    cdef Py_ssize_t total = 0
+    if known:
+        for i in range(n):
+            length = len(values[i])
+            total += length if length < width else width
+    known_array = np.empty(total, dtype=np.uint64)
+    cdef uint64_t[::1] known_out = known_array
+    for i in range(n):
+        items = values[i]
+        length = len(items)
+        kept = length if length < width else width
+        weight = <float>(1.0 / kept) if mean and kept > 0 else 1.0
+        for j in range(width):
+            if j < kept:
+                item = items[j]
+                if not PyBytes_Check(item):
+                    raise TypeError(f"canonical values are bytes, got {type(item).__name__}")
+                data, size = PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item)
+                for l in range(lookups):
+                    row_out[i, l * width + j] = <long long>(XXH3_64bits_withSeed(data, <size_t>size, seed_of[l]) % rows_in[l])
+                    weight_out[i, l * width + j] = weight
+                if known:
+                    known_out[count] = XXH3_64bits_withSeed(data, <size_t>size, known_key_seed)
+                    count += 1
+            else:
+                for l in range(lookups):
+                    row_out[i, l * width + j] = missing_row[l]
+    return rows, weights, known_array

@@ -30,6 +30,7 @@ import numpy as np
 from uembed.contract.columns import canonical_column
 from uembed.contract.hashing import (
     MISSING,
+    compiled_extension,
     hash_canonical,
     hash_canonical_columns,
     hashing_backend,
@@ -149,6 +150,14 @@ class ExampleEncoder(Canonicaliser):
         self.flag_cache = {name: ValueCache(self.cache_share) for name in self.flagged} if self.cache_bytes else {}
         self.unseen = dict.fromkeys(self.known, 0)  # feature -> values unseen in training since take_unseen()
         self._slot_split: dict[frozenset[str], tuple] = {}  # context features -> their slots, the others', runs
+        # Multivalent features whose every lookup hashes into a table (no vocabulary, no head): their seeds and table
+        # rows, for the compiled pass over a column's lists (_hashed_list_rows).
+        self.hashed_lists = {
+            f.name: (tuple(lookup.seed for lookup in f.lookups), tuple(self.plan.table(lookup.table).hashed_rows for lookup in f.lookups))
+            for f in self.plan.features
+            if self.specs[f.name].multivalent and not f.vocabulary and f.name not in self.plan.heads
+        }
+        self.missing_keys: dict[str, int] = {}  # feature -> the missing value's key under its lookup-0 seed
 
     def hash(self, parts: Sequence[CanonicalExamples]) -> tuple[np.ndarray, np.ndarray]:
         """Row ids int64 [B, S] and pooling weights float32 [B, S] of a whole batch, hashing each distinct value once.
@@ -286,6 +295,8 @@ class ExampleEncoder(Canonicaliser):
         """A multivalent feature's rows and weights, as ``plan.encode_feature`` gives them, from every value of the
         column hashed in one call (no table of its distinct values first: with the compiled hash, building one cost
         more than hashing each value); its unseen values counted, the missing one and those past the width not."""
+        if feature.name in self.hashed_lists:  # the common case in one compiled pass
+            return self._hashed_list_rows(feature, values)
         lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
         flat = [MISSING, *chain.from_iterable(values)]  # the missing value first: the padding slots' rows
         present = np.arange(feature.width) < lengths[:, None]  # values past the width are cut
@@ -302,6 +313,22 @@ class ExampleEncoder(Canonicaliser):
             unseen = ~self._filters[feature.name].contains(keys[None])[0] & (keys != keys[0])  # keys[0]: missing's
             self.unseen[feature.name] += int(unseen[slots].sum())  # a padding slot reads the missing value
         return np.concatenate(rows, axis=1), np.tile(weights, (1, len(feature.lookups)))
+
+    def _hashed_list_rows(self, feature: FeaturePlan, values: list) -> tuple[np.ndarray, np.ndarray]:
+        """``_list_rows`` of a feature whose lookups all hash into tables (no vocabulary, no head), by the extension."""
+        known = feature.name in self.known
+        seeds, rows = self.hashed_lists[feature.name]
+        found, weights, keys = compiled_extension().list_rows(values, feature.width, feature.pooling == Pooling.MEAN,
+                                                              seeds, rows, lookup_seed(feature.name, 0) if known else None)  # fmt: skip
+        if known:
+            if feature.name not in self._filters:
+                self._filters[feature.name] = KnownSets([self.known[feature.name]])
+            missing = self.missing_keys.get(feature.name)
+            if missing is None:
+                missing = self.missing_keys[feature.name] = KnownValues.keys(feature.name, [MISSING])[0]
+            unseen = ~self._filters[feature.name].contains(keys[None])[0] & (keys != missing)
+            self.unseen[feature.name] += int(unseen.sum())
+        return found, weights
 
     @staticmethod
     def _broadcast_column(name: str, parts: Sequence[CanonicalExamples]) -> tuple[list, np.ndarray]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from uembed.bundle.loader import Bundle
 from uembed.contract.errors import BundleError
+from uembed.serving.pipeline import stages as stages_module
 from uembed.serving.pipeline.dense import CPU_PROVIDERS
 from uembed.serving.pipeline.stages import BatchPath, Stages
 from uembed.serving.pipeline.values import ValueLimits
@@ -55,6 +56,7 @@ class ModelRuntime(Stages):
                          use_dense_parts=dense_backend != "torchscript", sources=self.stores)  # fmt: skip
         self.widths = self.encoder.widths
         self.slots = self.plan.slots
+        self.pools_in_one_pass = stages_module._pool is not None and len(self.table_slots) == 1
         self.table_position = {store.table.name: position for position, store in enumerate(self.stores)}
         # The id (milliseconds, sequence) of the last row update applied from this version's stream
         # (uembed/serving/rows/updates.py): a reader resumes after it, a replay skips what it already has.

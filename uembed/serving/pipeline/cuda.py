@@ -145,6 +145,7 @@ class CudaModelRuntime(ModelRuntime):
             value_cache_bytes=value_cache_bytes,
         )
         self.batch_path = BatchPath.FLAT  # its lookup and assemble kernels take the broadcast [B, S] batch
+        self.pools_in_one_pass = False  # its own lookup and assemble run on the device
         if self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise DeviceError(
                 f"device={device}: ONNX Runtime could not start its CUDA provider (providers: "

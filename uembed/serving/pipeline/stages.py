@@ -18,6 +18,8 @@ bundle's row files; the CPU runtime (``cpu.py``) puts lookup through the tiered 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +35,17 @@ from uembed.serving.pipeline.dense import CPU_PROVIDERS, DenseParts, FactoredInp
 from uembed.serving.pipeline.encoding import ExampleEncoder, SplitBatch
 from uembed.serving.pipeline.values import NO_LIMITS, ValueLimits
 
+try:  # the assemble stage's one pass in C (_pool.pyx), built by the install; numpy's passes without it
+    from uembed.serving.pipeline import _pool
+except ImportError:
+    _pool = None
+if os.environ.get("UEMBED_PURE_PYTHON", "") not in ("", "0"):
+    _pool = None
+
 log = logging.getLogger("uembed.pipeline")
+# Tables of up to this many rows find a batch's distinct ids by a slot a row (_pool.distinct_ids: 16 MiB of int32 at
+# most, a thread); larger ones by Arrow's hash table.
+DISTINCT_SCRATCH_ROWS = 2**22
 
 
 class BatchPath(Enum):
@@ -144,6 +156,10 @@ class Stages:
         # The path every batch takes, chosen once: ranking requests' contexts split out where the runtime can.
         self.batch_path = BatchPath.SPLIT
         self.whole_model = None  # a function of hashed rows and weights -> scores, where the runtime has one
+        # A flat batch's gather, weighting and pooling in one compiled pass (assemble_gathered): where the runtime
+        # turns it on (the CPU service's, on a one-table plan), else lookup's [B, S, D] rows, then assemble.
+        self.pools_in_one_pass = False
+        self._distinct_scratch = threading.local()  # gather_distinct's slot a row, per table, per thread
 
     def canonicalise(
         self, examples: Sequence[Mapping[str, object]], context: Mapping[str, object] | None = None
@@ -182,7 +198,17 @@ class Stages:
 
     def gather_distinct(self, position: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows float32 [U, D] of the distinct ``ids`` of the table at ``position``, and where each id's row is."""
-        unique, inverse = distinct(ids)
+        table_rows = self.table_slots[position][0].rows
+        if _pool is None or table_rows > DISTINCT_SCRATCH_ROWS:
+            unique, inverse = distinct(ids)
+        else:  # one int32 a row of the table, this thread's own, every slot -1 between calls
+            scratch = getattr(self._distinct_scratch, "tables", None)
+            if scratch is None:
+                scratch = self._distinct_scratch.tables = {}
+            if position not in scratch:
+                scratch[position] = np.full(table_rows, -1, dtype=np.int32)
+            unique, inverse = _pool.distinct_ids(np.ascontiguousarray(ids, dtype=np.int64).ravel(), scratch[position])
+            inverse = inverse.reshape(ids.shape)
         return self.sources[position].gather(unique), inverse
 
     def lookup_split(self, batch: SplitBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,6 +240,17 @@ class Stages:
         features only) and no biases, the output is ``looked_up`` itself, reshaped (not copied, nor written to)."""
         unweighted = not self.bias_columns.size and (weights == 1).all()
         return self._pool(looked_up if unweighted else looked_up * weights[..., None])
+
+    def assemble_gathered(self, rows: np.ndarray, inverse: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """``assemble`` of ``lookup``'s rows given as the one table's distinct rows [U, D] and where each slot's row is
+        among them [B, S]: gathered, weighted and pooled in one pass (``_pool.pool_rows``), the same float32 products
+        and sums in the same order, so the same bits."""
+        weighted = bool(self.bias_columns.size) or not (weights == 1).all()
+        out = _pool.pool_rows(np.ascontiguousarray(rows, dtype=np.float32), inverse,
+                              np.ascontiguousarray(weights, dtype=np.float32), self.pooling_runs, len(self.pooling), weighted)  # fmt: skip
+        if self.bias_columns.size:
+            out[:, self.bias_columns] += self.bundle.bias
+        return out
 
     def assemble_split(self, batch: SplitBatch, rows: np.ndarray, own: np.ndarray, shared: np.ndarray) -> np.ndarray:
         """``assemble`` of a split batch from ``lookup_split``'s distinct rows: each slot's row taken straight into the
@@ -318,9 +355,14 @@ class Stages:
             scores = self.whole_model(rows, weights)
             return scores, BatchTimes(t1 - t0, time.perf_counter() - t1, 0.0, 0.0, rows.size)
         factored = self.lookup_factored(rows, weights)
-        looked_up = self.lookup(rows) if factored is None else None
-        t2 = time.perf_counter()
-        embeddings = self.assemble(looked_up, weights) if factored is None else factored
+        if factored is None and self.pools_in_one_pass:
+            gathered = self.gather_distinct(0, rows)
+            t2 = time.perf_counter()
+            embeddings = self.assemble_gathered(*gathered, weights)
+        else:
+            looked_up = self.lookup(rows) if factored is None else None
+            t2 = time.perf_counter()
+            embeddings = self.assemble(looked_up, weights) if factored is None else factored
         t3 = time.perf_counter()
         scores = self.dense(embeddings)
         return scores, BatchTimes(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3, rows.size)

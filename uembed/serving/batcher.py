@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded, internal
-from uembed.serving.metrics import ServiceMetrics
+from uembed.serving.metrics import STAGES, ServiceMetrics
 from uembed.serving.pipeline.canonical import CanonicalExamples
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.stages import BatchTimes
@@ -63,6 +63,8 @@ class Batcher:
         self.batches_on_loop = (settings.compute_on_event_loop and settings.device == "cpu" and not settings.redis_url
                                 and settings.row_source == "files")  # fmt: skip
         self._loop: asyncio.AbstractEventLoop | None = None
+        # each stage's latency child, resolved once (labels() costs more than an observation; never removed)
+        self._stage_seconds = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
 
     async def start(self) -> None:
         """Start the batch loop; a second call while it runs does nothing. A stopped batcher does not start again."""
@@ -201,7 +203,7 @@ class Batcher:
             started = time.perf_counter()
             counters = self.stats.of(batch[0].runtime.name, batch[0].runtime.version)
             for pending in batch:
-                self.metrics.stage_seconds.labels("queue").observe(started - pending.admitted)
+                self._stage_seconds["queue"].observe(started - pending.admitted)
                 counters.queue.add(started - pending.admitted)
             try:
                 if self.batches_on_loop:
@@ -245,7 +247,7 @@ class Batcher:
     def _observe(self, runtime: ModelRuntime, times: BatchTimes, examples: int, scores: np.ndarray) -> None:
         metrics = self.metrics
         for stage, seconds in times.stages():
-            metrics.stage_seconds.labels(stage).observe(seconds)
+            self._stage_seconds[stage].observe(seconds)
         metrics.batch_examples.observe(examples)
         metrics.batch_ids.observe(times.ids)
         metrics.examples.labels(runtime.name).inc(examples)

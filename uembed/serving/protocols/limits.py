@@ -24,6 +24,9 @@ class LimitsAndMetrics:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.metrics = metrics
+        # (route, status) -> its latency histogram's and counter's children: labels() costs more than the observation,
+        # and these series are never removed (routes and status codes are few)
+        self._children: dict[tuple[str, int], tuple] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -80,5 +83,9 @@ class LimitsAndMetrics:
 
     def _observe(self, scope, status: int, started: float) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
-        self.metrics.request_seconds.labels(route, outcome(status)).observe(time.perf_counter() - started)
-        self.metrics.requests.labels(route, str(status)).inc()
+        children = self._children.get((route, status))
+        if children is None:
+            children = self._children[(route, status)] = (self.metrics.request_seconds.labels(route, outcome(status)),
+                                                          self.metrics.requests.labels(route, str(status)))  # fmt: skip
+        children[0].observe(time.perf_counter() - started)
+        children[1].inc()

@@ -218,6 +218,7 @@ class HttpProcess:
         self.name = name
         self.process: subprocess.Popen | None = None
         self.log = None
+        self.cwd = ROOT  # where it starts (`python -m` puts it first on the path: another tree serves its own code)
 
     def start(self, timeout_s: float = 60):
         self.launch()
@@ -228,7 +229,7 @@ class HttpProcess:
         env = {**os.environ, **self.env}
         if self.log is None or self.log.closed:
             self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         return self
 
     def wait_ready(self, timeout_s: float = 60):

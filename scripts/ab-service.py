@@ -1,0 +1,78 @@
+"""Two trees' services side by side on one machine: REST v1 at saturation, rounds taking turns.
+
+    .venv/bin/python scripts/ab-service.py BEFORE_TREE [AFTER_TREE] [--rounds 4] [--seconds 8] [--out ab.json]
+
+Each round starts one worker of each tree in turn (``PYTHONPATH=TREE python -m uvicorn``, this venv's packages, the
+tree's own code and compiled extensions: build them in a worktree first), on the demo bundle, loads it with wrk
+(16 connections, 64 real MovieLens examples a request, as ``uembed bench --peers``) and records its requests/s
+and its CPU a call; the order flips every round, so a drift of the machine's speed falls on both trees. Prints
+each round and the medians of the after-over-before ratios as JSON. Run it alone.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import orjson
+
+from uembed.loadtest.load import movielens_requests
+from uembed.loadtest.peers import cpu_split, wrk
+from uembed.loadtest.servers import UvicornProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work: Path) -> dict:
+    # the worker starts in the tree and imports uembed from it
+    server = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle.resolve()), "PYTHONPATH": str(tree)},
+                            work / f"{tree.name}.log")  # fmt: skip
+    server.cwd = tree
+    server.start()
+    try:
+        # which tree's compiled hashing the worker mapped: its code's, or the run is refused
+        maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+        mapped = sorted({line.split()[-1] for line in maps.splitlines() if "_fasthash" in line})
+        if not mapped or not all(path.startswith(str(tree.resolve())) for path in mapped):
+            raise SystemExit(f"the worker of {tree} runs other code: {mapped or 'no compiled hashing'}")
+        wrk(server.url, "/v1/score", bodies, 2, 16, work)  # warm-up
+        return cpu_split(server, lambda: wrk(server.url, "/v1/score", bodies, seconds, 16, work))
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path, nargs="?", default=ROOT)
+    parser.add_argument("--bundle", type=Path, default=ROOT / "bundles/movielens100k/1")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    bodies = [orjson.dumps({"examples": r}) for r in movielens_requests(64, 200)]
+    rounds = []
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        for round_ in range(args.rounds):
+            order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
+            figures = {name: measure(getattr(args, name), args.bundle, bodies, args.seconds, work) for name in order}
+            row = {name: {"requests_per_s": figures[name]["requests_per_s"],
+                          "server_cpu_ms_per_call": figures[name]["server_cpu_ms_per_call"]} for name in ("before", "after")}  # fmt: skip
+            row["after_over_before"] = round(row["after"]["requests_per_s"] / row["before"]["requests_per_s"], 3)
+            row["before_cpu_over_after"] = round(row["before"]["server_cpu_ms_per_call"] / row["after"]["server_cpu_ms_per_call"], 3)
+            print(json.dumps({"round": round_ + 1, "order": order, **row}), flush=True)
+            rounds.append(row)
+    summary = {
+        "before": str(args.before), "after": str(args.after), "rounds": rounds,
+        "median_after_over_before": statistics.median(r["after_over_before"] for r in rounds),
+        "median_before_cpu_over_after": statistics.median(r["before_cpu_over_after"] for r in rounds),
+    }  # fmt: skip
+    print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -265,8 +265,10 @@ def plain_request(rng: random.Random, size: int) -> list[dict]:
 
 
 @needs_extension
-@pytest.mark.parametrize("seed", range(4))
-def test_plain_requests_canonicalise_alike_through_the_compiled_column_readers(synthetic_store, seed):
+@pytest.mark.parametrize("seed, limits", [(0, {}), (1, {}), (2, {"max_chars": None, "max_list": None}),
+                                          (3, {"max_chars": 3, "max_list": 2}), (4, {"max_chars": 0, "max_list": 0}),
+                                          (5, {"max_chars": -1})])  # fmt: skip
+def test_plain_requests_canonicalise_alike_through_the_compiled_column_readers(synthetic_store, seed, limits, monkeypatch):
     """The compiled readers of a plain request's columns (text_column_of, list_column_of) against the checked path
     they stand in for: the same canonical values, truncations and missing counts, or the same error, on requests
     where now and then one value is what only the checked path takes or refuses (then the reader steps aside)."""
@@ -282,9 +284,14 @@ def test_plain_requests_canonicalise_alike_through_the_compiled_column_readers(s
     rng = random.Random(seed)
     requests = [plain_request(rng, rng.choice([1, 7, 64])) for _ in range(60)]
     outcomes: dict[str, list] = {}
+    answered = []  # the readers' columns (not None): they did read, where the limits let them
+    for reader in ("text_column_of", "list_column_of"):
+        function = getattr(hashing._fasthash, reader)
+        monkeypatch.setattr(hashing._fasthash, reader,
+                            lambda *a, function=function: answered.append(function(*a)) or answered[-1])  # fmt: skip
     for backend, readers in (("compiled", True), ("compiled", False), ("python", False)):
         hashing.use_backend(backend)
-        encoder = ExampleEncoder(specs, bundle.plan, ValueLimits(), 0, bundle.known_values)
+        encoder = ExampleEncoder(specs, bundle.plan, ValueLimits(**limits), 0, bundle.known_values)
         got = []
         for request in requests:
             # a tuple of the same dicts is not a list: the readers are not used, the rest of the compiled path is
@@ -301,7 +308,14 @@ def test_plain_requests_canonicalise_alike_through_the_compiled_column_readers(s
         outcomes[f"{backend}-{readers}"] = got
     assert outcomes["compiled-True"] == outcomes["compiled-False"] == outcomes["python-False"]
     errors = sum(1 for outcome in outcomes["python-False"] if outcome[0] == "error")
-    assert 0 < errors < len(requests)  # both kinds of request were asked
+    assert 0 < errors <= len(requests)  # requests the checked path refuses were asked
+    read = sum(column is not None for column in answered)
+    if limits.get("max_chars", 0) is not None and limits.get("max_chars", 0) < 0:
+        assert not answered  # a negative limit: every value to the checked path
+    elif limits.get("max_chars") != 0:
+        assert read > 0
+    if not limits:
+        assert errors < len(requests)  # and requests it scores
 
 
 @needs_extension
@@ -355,3 +369,18 @@ def test_a_list_features_rows_in_one_compiled_pass_equal_the_numpy_path(method):
         assert rows.dtype == want_rows.dtype and weights.dtype == want_weights.dtype
         assert np.array_equal(rows, want_rows) and np.array_equal(weights, want_weights)
         assert compiled[1] == numpy[1] > 0  # the values never trained on, counted alike
+
+
+@needs_extension
+def test_list_rows_without_training_values_gives_no_keys():
+    rows, weights, keys = hashing._fasthash.list_rows([(b"a", b"b"), (b"",)], 3, True, (7, 9), (10, 20), None)
+    assert rows.shape == weights.shape == (2, 6) and keys.size == 0
+    assert weights.tolist()[0] == [0.5, 0.5, 0.0] * 2 and weights.tolist()[1] == [1.0, 0.0, 0.0] * 2
+
+
+def test_a_negative_max_values_is_refused():
+    from uembed.contract.errors import SpecError
+    from uembed.contract.features import FeatureSpec
+
+    with pytest.raises(SpecError, match="max_values must be at least 0"):
+        FeatureSpec(name="genres", kind="multivalent", max_values=-1)

@@ -311,6 +311,8 @@ def text_column_of(list examples, str name, Py_ssize_t max_chars, frozenset miss
     cdef list out = [None] * n
     cdef bint markers = len(missing) > 0
     for i in range(n):
+        if i >= PyList_GET_SIZE(examples):  # a key's __eq__ may run Python code: never read past the list's end
+            return None
         example = examples[i]
         if not PyDict_CheckExact(example):
             return None
@@ -338,6 +340,8 @@ def list_column_of(list examples, str name, Py_ssize_t max_chars, Py_ssize_t max
     cdef list out = [None] * n
     cdef bint markers = len(missing) > 0
     for i in range(n):
+        if i >= PyList_GET_SIZE(examples):
+            return None
         example = examples[i]
         if not PyDict_CheckExact(example):
             return None
@@ -355,6 +359,8 @@ def list_column_of(list examples, str name, Py_ssize_t max_chars, Py_ssize_t max
             continue
         items = PyTuple_New(length)
         for j in range(length):
+            if j >= PyList_GET_SIZE(value):
+                return None
             item = <object>PyList_GET_ITEM(value, j)
             if not PyUnicode_CheckExact(item):
                 return None
@@ -420,6 +426,8 @@ def list_rows(values, Py_ssize_t width, bint mean, seeds, hashed_rows, known_see
                     row_out[i, l * width + j] = <long long>(XXH3_64bits_withSeed(data, <size_t>size, seed_of[l]) % rows_in[l])
                     weight_out[i, l * width + j] = weight
                 if known:
+                    if count >= total:  # a sequence whose length changed between the two passes
+                        raise ValueError("a list changed while its rows were computed")
                     known_out[count] = XXH3_64bits_withSeed(data, <size_t>size, known_key_seed)
                     count += 1
             else:

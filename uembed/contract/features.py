@@ -113,6 +113,8 @@ class FeatureSpec:
             raise SpecError(
                 f"feature {self.name!r}: a numeric feature needs bucket boundaries (a list, or \"quantiles:16\")"
             )
+        if self.max_values < 0:
+            raise SpecError(f"feature {self.name!r}: max_values must be at least 0 (0: the longest list seen), got {self.max_values}")
         if self.quantiles < 0 or self.quantiles == 1:
             raise SpecError(f"feature {self.name!r}: quantiles must be at least 2 buckets, got {self.quantiles}")
         object.__setattr__(self, "missing", tuple(self.missing))

@@ -96,13 +96,13 @@ def test_distinct_ids_by_a_slot_a_row_are_arrows():
     """distinct_ids (a batch's distinct row ids by one int32 a table row) gives Arrow's hash table's answer: the ids
     in order of first appearance and each id's place among them; it leaves its scratch as it found it."""
     rng = np.random.default_rng(5)
-    scratch = np.full(1000, -1, dtype=np.int32)
+    scratch = np.zeros(1000, dtype=np.int32)
     for shape in ((64, 12), (1, 1), (0, 3), (300, 7)):
         ids = (rng.zipf(1.3, size=shape) % 1000).astype(np.int64)
         want_unique, want_inverse = stages.distinct(ids)
         unique, inverse = stages._pool.distinct_ids(ids.ravel(), scratch)
         assert unique.tolist() == want_unique.tolist() and inverse.reshape(shape).tolist() == want_inverse.tolist()
-        assert (scratch == -1).all()
+        assert not scratch.any()
     with pytest.raises(IndexError, match="row id 1000 outside a table of 1000 rows"):
         stages._pool.distinct_ids(np.array([3, 1000], dtype=np.int64), scratch)
-    assert (scratch == -1).all()
+    assert not scratch.any()

@@ -68,8 +68,9 @@ def pool_rows(const float[:, ::1] rows, const int64_t[:, ::1] inverse, const flo
 
 def distinct_ids(const int64_t[::1] ids, int[::1] scratch):
     """The distinct ``ids`` in order of first appearance (int64) and where each id is among them (int64, as ``ids``):
-    what ``stages.distinct`` gives, by a table of one slot an id (``scratch``: int32, one per row of the table, every
-    slot -1; left so again) instead of a hash table. Raises IndexError for an id outside the table."""
+    what ``stages.distinct`` gives, by a table of one slot an id (``scratch``: int32, at least one slot a row of the
+    table, every slot 0; an id's slot holds its place + 1 during the call, and is 0 again after it). Raises
+    IndexError for an id outside the scratch."""
     cdef Py_ssize_t n = ids.shape[0], rows = scratch.shape[0], i, found = 0
     cdef int64_t id
     for i in range(n):
@@ -81,11 +82,11 @@ def distinct_ids(const int64_t[::1] ids, int[::1] scratch):
     cdef int64_t[::1] first = first_array
     for i in range(n):
         id = ids[i]
-        if scratch[id] < 0:
-            scratch[id] = <int>found
+        if scratch[id] == 0:
             first[found] = id
             found += 1
-        inverse[i] = scratch[id]
+            scratch[id] = <int>found
+        inverse[i] = scratch[id] - 1
     for i in range(found):
-        scratch[first[i]] = -1
+        scratch[first[i]] = 0
     return first_array[:found].copy(), inverse_array

@@ -117,6 +117,8 @@ class Canonicaliser:
         self.cache_share = self.cache_bytes // max(len(self.specs) + len(self.rows_cached) + len(self.flagged), 1)
         self.canonical_cache = {name: ValueCache(self.cache_share) for name in self.specs} if self.cache_bytes else {}
         # What the compiled column readers check (negative: no limit), and each feature's missing markers, canonical.
+        # A negative limit (the Python API does not refuse one) leaves every value to the checked path.
+        self.column_readers = all(limit is None or limit >= 0 for limit in (self.limits.max_chars, self.limits.max_list))
         self.char_limit = -1 if self.limits.max_chars is None else self.limits.max_chars
         self.list_limits = {
             name: min([*([self.limits.max_list] if self.limits.max_list is not None else []),
@@ -219,7 +221,7 @@ class Canonicaliser:
         truncated = {}
         compiled = compiled_extension()
         # the examples themselves, read feature by feature in one compiled pass where that is all a column needs
-        plain = columns.examples if compiled is not None and isinstance(columns, PlainColumns) else None
+        plain = columns.examples if compiled is not None and self.column_readers and isinstance(columns, PlainColumns) else None
         for name, spec in specs.items():
             cache = self.canonical_cache.get(name)
             entries = cache.entries if cache is not None else None  # dict.get on the hot path, not a method call

@@ -57,6 +57,7 @@ class ModelRuntime(Stages):
         self.widths = self.encoder.widths
         self.slots = self.plan.slots
         self.pools_in_one_pass = stages_module._pool is not None and len(self.table_slots) == 1
+        self.dedupes_by_slot = stages_module._pool is not None
         self.table_position = {store.table.name: position for position, store in enumerate(self.stores)}
         # The id (milliseconds, sequence) of the last row update applied from this version's stream
         # (uembed/serving/rows/updates.py): a reader resumes after it, a replay skips what it already has.

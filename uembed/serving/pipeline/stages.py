@@ -43,9 +43,19 @@ if os.environ.get("UEMBED_PURE_PYTHON", "") not in ("", "0"):
     _pool = None
 
 log = logging.getLogger("uembed.pipeline")
-# Tables of up to this many rows find a batch's distinct ids by a slot a row (_pool.distinct_ids: 16 MiB of int32 at
-# most, a thread); larger ones by Arrow's hash table.
+# Tables of up to this many rows find a batch's distinct ids by a slot a row (_pool.distinct_ids); larger ones by
+# Arrow's hash table. One scratch a thread, shared by every table and model version (each call leaves it all zero),
+# as large as the largest such table seen: 16 MiB of int32 at most, of which only the pages of ids seen are resident.
 DISTINCT_SCRATCH_ROWS = 2**22
+_SCRATCH = threading.local()
+
+
+def distinct_scratch(rows: int) -> np.ndarray:
+    """This thread's zeroed int32 scratch of at least ``rows`` slots for ``_pool.distinct_ids``."""
+    scratch = getattr(_SCRATCH, "slots", None)
+    if scratch is None or scratch.size < rows:
+        scratch = _SCRATCH.slots = np.zeros(rows, dtype=np.int32)  # calloc: pages not yet touched are not resident
+    return scratch
 
 
 class BatchPath(Enum):
@@ -159,7 +169,9 @@ class Stages:
         # A flat batch's gather, weighting and pooling in one compiled pass (assemble_gathered): where the runtime
         # turns it on (the CPU service's, on a one-table plan), else lookup's [B, S, D] rows, then assemble.
         self.pools_in_one_pass = False
-        self._distinct_scratch = threading.local()  # gather_distinct's slot a row, per table, per thread
+        # A table's distinct ids by a slot a row (_pool.distinct_ids) rather than Arrow's hash table: where the runtime
+        # turns it on (the CPU service's; the reference scorer keeps its own dedupe)
+        self.dedupes_by_slot = False
 
     def canonicalise(
         self, examples: Sequence[Mapping[str, object]], context: Mapping[str, object] | None = None
@@ -199,15 +211,10 @@ class Stages:
     def gather_distinct(self, position: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows float32 [U, D] of the distinct ``ids`` of the table at ``position``, and where each id's row is."""
         table_rows = self.table_slots[position][0].rows
-        if _pool is None or table_rows > DISTINCT_SCRATCH_ROWS:
+        if not self.dedupes_by_slot or table_rows > DISTINCT_SCRATCH_ROWS:
             unique, inverse = distinct(ids)
-        else:  # one int32 a row of the table, this thread's own, every slot -1 between calls
-            scratch = getattr(self._distinct_scratch, "tables", None)
-            if scratch is None:
-                scratch = self._distinct_scratch.tables = {}
-            if position not in scratch:
-                scratch[position] = np.full(table_rows, -1, dtype=np.int32)
-            unique, inverse = _pool.distinct_ids(np.ascontiguousarray(ids, dtype=np.int64).ravel(), scratch[position])
+        else:
+            unique, inverse = _pool.distinct_ids(np.ascontiguousarray(ids, dtype=np.int64).ravel(), distinct_scratch(table_rows))
             inverse = inverse.reshape(ids.shape)
         return self.sources[position].gather(unique), inverse
 

@@ -300,6 +300,17 @@ cdef object plain_text_bytes(object value, Py_ssize_t max_chars, char* scratch):
     return None
 
 
+cdef inline PyObject* example_value(list examples, Py_ssize_t i, str name):
+    """Example ``i``'s value of ``name`` (borrowed), or NULL where example ``i`` is not a dict that gives it (or is
+    past the list's end: a key's __eq__ may run Python code that shortens it)."""
+    if i >= PyList_GET_SIZE(examples):
+        return NULL
+    example = <object>PyList_GET_ITEM(examples, i)
+    if not PyDict_CheckExact(example):
+        return NULL
+    return PyDict_GetItem(example, name)
+
+
 def text_column_of(list examples, str name, Py_ssize_t max_chars, frozenset missing):
     """Canonical bytes of a one-value feature ``name`` in each example (each a dict that gives it) when every value
     is a str of at most ``max_chars`` characters (negative: no limit) or an int within 64 bits; a value among
@@ -307,16 +318,11 @@ def text_column_of(list examples, str name, Py_ssize_t max_chars, frozenset miss
     cdef Py_ssize_t i, n = len(examples)
     cdef char scratch[SCRATCH]
     cdef PyObject* found
-    cdef object example, encoded
+    cdef object encoded
     cdef list out = [None] * n
     cdef bint markers = len(missing) > 0
     for i in range(n):
-        if i >= PyList_GET_SIZE(examples):  # a key's __eq__ may run Python code: never read past the list's end
-            return None
-        example = examples[i]
-        if not PyDict_CheckExact(example):
-            return None
-        found = PyDict_GetItem(example, name)
+        found = example_value(examples, i, name)
         if found == NULL:
             return None
         encoded = plain_text_bytes(<object>found, max_chars, scratch)
@@ -336,16 +342,11 @@ def list_column_of(list examples, str name, Py_ssize_t max_chars, Py_ssize_t max
     cdef Py_ssize_t i, j, length, n = len(examples)
     cdef char scratch[SCRATCH]
     cdef PyObject* found
-    cdef object example, value, item, encoded, items
+    cdef object value, item, encoded, items
     cdef list out = [None] * n
     cdef bint markers = len(missing) > 0
     for i in range(n):
-        if i >= PyList_GET_SIZE(examples):
-            return None
-        example = examples[i]
-        if not PyDict_CheckExact(example):
-            return None
-        found = PyDict_GetItem(example, name)
+        found = example_value(examples, i, name)
         if found == NULL:
             return None
         value = <object>found

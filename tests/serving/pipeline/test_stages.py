@@ -82,13 +82,23 @@ def test_the_service_scores_the_same_bits_with_the_compiled_assemble(tmp_path, b
     runtime = ModelRuntime(bundle, hot_rows_bytes=2**20)  # tier 1 on, as served
     assert runtime.pools_in_one_pass
     batches = [movielens_examples[i : i + 97] for i in range(0, 970, 97)]
-    compiled = [runtime.score(batch) for batch in batches]
+    user = ("user_id", "age", "gender", "occupation", "zip_code")  # a ranking request: one user, 97 movies
+    rankings = [({k: batch[0][k] for k in user}, [{k: v for k, v in e.items() if k not in user} for e in batch])
+                for batch in batches]  # fmt: skip
+
+    def scores():
+        return [runtime.score(batch) for batch in batches], [runtime.score(c, context) for context, c in rankings]
+
+    compiled = scores()
     runtime.pools_in_one_pass = False
-    numpy = [runtime.score(batch) for batch in batches]
+    numpy = scores()
     reference = ReferenceScorer(bundle)
-    for got, want, batch in zip(compiled, numpy, batches):
+    for got, want, batch in zip(compiled[0], numpy[0], batches):
         assert got.tobytes() == want.tobytes()
         np.testing.assert_allclose(got, reference.score(batch), rtol=1e-6, atol=1e-6)
+    for got, want, (context, candidates) in zip(compiled[1], numpy[1], rankings):  # the split batch's assemble
+        assert got.tobytes() == want.tobytes()
+        np.testing.assert_allclose(got, reference.score(candidates, context), rtol=1e-6, atol=1e-6)
 
 
 @needs_pool

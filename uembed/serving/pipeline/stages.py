@@ -264,6 +264,9 @@ class Stages:
         batch's [B, S, D] (a part's context positions repeated to its examples: ints, not rows, are broadcast), then
         weighted where some weight is not 1. The same products as ``assemble`` of the broadcast batch."""
         index = batch.place(own, np.repeat(shared, batch.counts, axis=0), np.int64)
+        if self.pools_in_one_pass:
+            weights = batch.place(batch.weights, np.repeat(batch.context_weights, batch.counts, axis=0), np.float32)
+            return self.assemble_gathered(rows, index, weights)
         weighted = np.take(rows, index, axis=0)
         if not ((batch.weights == 1).all() and (batch.context_weights == 1).all()):
             weighted *= batch.place(batch.weights, np.repeat(batch.context_weights, batch.counts, axis=0), np.float32)[..., None]

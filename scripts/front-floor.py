@@ -1,15 +1,17 @@
-"""What a call costs the server's front alone (#39, gRPC against REST v1): a handler that does nothing, behind uvicorn
-and behind grpcio's asyncio server, saturated the way ``uembed bench --peers`` loads the service (wrk at 16
-connections; the peers phase's gRPC client: 2 processes, 16 calls in flight) with the same 64-example bodies.
+"""What a call costs the server's front alone (#39, gRPC against REST v1): a handler that does nothing, behind uvicorn,
+behind grpcio's asyncio server and behind uvicorn's HTTP/2 as the service serves gRPC (``grpc_h2.py``), saturated the
+way ``uembed bench --peers`` loads the service (wrk at 16 connections; the peers phase's gRPC client: 2 processes, 16
+calls in flight) with the same 64-example bodies.
 
     .venv/bin/python scripts/front-floor.py [--seconds 8]
 
 Prints, for each front, requests/s and the server process's CPU milliseconds a call. The no-op HTTP handler reads the
 body and answers fixed JSON; the no-op gRPC one returns a fixed ModelInferResponse (grpcio still parses the request
-and serialises the reply), once on grpcio's asyncio server (the service's) and once on its thread-pool server (1 and 4
-threads). Beside the service's own CPU a call in the peers phase, the difference between the two
-floors is what gRPC costs more than REST v1 before any scoring work. Also the peers phase's open-loop load generator
-at ``--rate`` against the no-op HTTP handler: the tail the generator itself adds at half load. Run it alone.
+and serialises the reply), once on grpcio's asyncio server (``UEMBED_GRPC_SERVER=grpcio``) and once on its thread-pool
+server (1 and 4 threads), and once on uvicorn's HTTP/2 with the service's protocol (the gRPC framing by hand, as the
+service's). Beside the service's own CPU a call in the peers phase, the difference between the two floors is what gRPC
+costs more than REST v1 before any scoring work. Also the peers phase's open-loop load generator at ``--rate`` against
+the no-op HTTP handler: the tail the generator itself adds at half load. Run it alone.
 """
 
 import argparse
@@ -84,6 +86,41 @@ server.wait_for_termination()
 """
 
 
+NOOP_GRPC_H2 = """
+import asyncio, sys
+import uvicorn
+from tritonclient.grpc import service_pb2
+from uembed.serving.protocols.grpc_h2 import RotatingHttp2
+
+REPLY = service_pb2.ModelInferResponse(model_name="m", model_version="1", raw_output_contents=[bytes(256)])
+START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/grpc")], "trailers": True}
+TRAILERS = {"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")]}
+
+async def app(scope, receive, send):
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    service_pb2.ModelInferRequest.FromString(body[5:])  # the message after gRPC's 5-byte frame header
+    reply = REPLY.SerializeToString()
+    await send(START)
+    await send({"type": "http.response.body", "body": b"\\0" + len(reply).to_bytes(4, "big") + reply})
+    await send(TRAILERS)
+
+async def main():
+    config = uvicorn.Config(app, http="zttp", http2=True, lifespan="off", log_config=None, access_log=False)
+    config.load()
+    loop, state = asyncio.get_running_loop(), uvicorn.server.ServerState()
+    host, port = sys.argv[1].rsplit(":", 1)
+    await loop.create_server(lambda: RotatingHttp2(config=config, server_state=state, app_state={}, _loop=loop), host, int(port))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
 def cpu_seconds(pid: int) -> float:
     process = psutil.Process(pid)
     return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
@@ -135,7 +172,7 @@ def measure(workdir: Path, args, v1_bodies: list[bytes], grpc_bodies: list[bytes
         http.wait()
 
     for name, code, extra in (("grpc_noop", NOOP_GRPC, []), ("grpc_sync_noop_1_thread", NOOP_GRPC_SYNC, ["1"]),
-                              ("grpc_sync_noop_4_threads", NOOP_GRPC_SYNC, ["4"])):  # fmt: skip
+                              ("grpc_sync_noop_4_threads", NOOP_GRPC_SYNC, ["4"]), ("grpc_h2_noop", NOOP_GRPC_H2, [])):  # fmt: skip
         target = f"127.0.0.1:{free_port()}"
         server = subprocess.Popen([sys.executable, "-c", code, target, *extra], stdout=subprocess.PIPE, text=True)
         try:
@@ -147,6 +184,7 @@ def measure(workdir: Path, args, v1_bodies: list[bytes], grpc_bodies: list[bytes
             server.terminate()
             server.wait()
     results["grpc_over_http_cpu_per_call"] = round(results["grpc_noop"]["server_cpu_ms_per_call"] / results["http_noop"]["server_cpu_ms_per_call"], 2)
+    results["grpc_h2_over_http_cpu_per_call"] = round(results["grpc_h2_noop"]["server_cpu_ms_per_call"] / results["http_noop"]["server_cpu_ms_per_call"], 2)
     return results
 
 

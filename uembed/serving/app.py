@@ -23,10 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from uembed.contract.errors import UembedError
 from uembed.serving.engine import ScoringEngine
+from uembed.serving.protocols.grpc_h2 import start_grpc_server, stop_grpc_server
 from uembed.serving.protocols.lean_json import LeanScoreRoute
 from uembed.serving.protocols.limits import LimitsAndMetrics
 from uembed.serving.protocols.oip import InferencePlane
-from uembed.serving.protocols.oip_grpc import start_grpc_server, stop_grpc_server
 from uembed.serving.protocols.oip_rest import oip_router
 from uembed.serving.protocols.probes import add_probe_routes
 from uembed.serving.protocols.render import v1_http_error, v1_table_error, v1_validation_error

@@ -101,6 +101,9 @@ class ServiceSettings(BaseSettings):
         "127.0.0.1",
         description="Address the gRPC service binds (`uembed serve --host` sets it too; 0.0.0.0 in a container).",
     )
+    grpc_server: Literal["http2", "grpcio"] = Field("http2", description="http2: gRPC on uvicorn's HTTP/2 in each "
+        "worker's event loop (a call reaches the batcher as an HTTP request does); grpcio: grpcio's asyncio server on a "
+        "thread of its own. The same methods, messages, status codes and metrics either way.")
 
     # --- batching and admission ---------------------------------------------------------
     max_batch_ids: int = Field(

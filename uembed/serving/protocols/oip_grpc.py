@@ -1,6 +1,7 @@
-"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on grpcio's asyncio server.
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService``'s methods, and grpcio's asyncio server
+for them (``UEMBED_GRPC_SERVER=grpcio``; by default ``grpc_h2.py`` serves the same methods over uvicorn's HTTP/2).
 
-The server runs in each worker that serves HTTP (started and stopped in the app's lifespan) on a
+The grpcio server runs in each worker that serves HTTP (started and stopped in the app's lifespan) on a
 thread and event loop of its own (:class:`GrpcServerThread`), and every call's work runs on the
 worker's event loop, over the same :class:`~service.protocols.oip.InferencePlane`, engine and
 batcher as HTTP's. The messages and the servicer base are the generated ones that Triton's client

@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tests.installs import built_wheel
 from uembed.contract import hashing
 from uembed.contract.collisions import training_value_counts
 from uembed.contract.features import DatasetSpec, FeatureSpec, LabelSpec
@@ -107,6 +108,12 @@ def start_service(tmp_path):
     yield start
     for service in started:
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def uembed_wheel(tmp_path_factory):
+    """This project's wheel, built once for the session (the packaging and serving-install tests)."""
+    return built_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="session")

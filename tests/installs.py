@@ -30,11 +30,20 @@ def source_copy(where: Path) -> Path:
     return where
 
 
-def serving_install(where: Path) -> Path:
-    """A venv at ``where/venv`` with ``pip install <this project>`` and nothing else; its bin folder."""
+def built_wheel(where: Path) -> Path:
+    """This project's wheel, built once from a copy of what the images install (its extensions compiled with this
+    environment's Cython: the images' own build, in isolation, is the container tests')."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(where),
+                    str(source_copy(where / "src"))], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = where.glob("uembed-*.whl")
+    return wheel
+
+
+def serving_install(where: Path, wheel: Path) -> Path:
+    """A venv at ``where/venv`` with ``pip install <this project's wheel>`` and nothing else; its bin folder."""
     subprocess.run([sys.executable, "-m", "venv", str(where / "venv")], check=True)
     bin_dir = where / "venv" / "bin"
-    pip(bin_dir, "install", str(source_copy(where / "src")))
+    pip(bin_dir, "install", str(wheel))
     return bin_dir
 
 

@@ -3,23 +3,17 @@ install hides a missing one, an image does not; and a second top-level name (``m
 collide with any other package of that common name."""
 
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 from setuptools import find_packages
 
-from tests.installs import source_copy
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_wheel_installs_one_top_level_package_holding_every_package_of_the_tree(tmp_path):
+def test_the_wheel_installs_one_top_level_package_holding_every_package_of_the_tree(uembed_wheel):
     # Built from a copy of what the images install: a build/ folder left in the checkout would add stale modules.
-    source = source_copy(tmp_path / "src")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                    str(source)], check=True, capture_output=True)  # fmt: skip
-    (wheel,) = tmp_path.glob("uembed-*.whl")
+    wheel = uembed_wheel
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))

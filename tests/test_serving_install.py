@@ -16,8 +16,8 @@ from uembed.serving.pipeline.reference import ReferenceScorer
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory):
-    bin_dir = serving_install(tmp_path_factory.mktemp("serving-install"))
+def venv(tmp_path_factory, uembed_wheel):
+    bin_dir = serving_install(tmp_path_factory.mktemp("serving-install"), uembed_wheel)
     assert subprocess.run([str(bin_dir / "python"), "-c", "import torch"], capture_output=True).returncode != 0, (
         "torch is importable in the serving install"
     )

@@ -90,7 +90,7 @@ NOOP_GRPC_H2 = """
 import asyncio, sys
 import uvicorn
 from tritonclient.grpc import service_pb2
-from uembed.serving.protocols.grpc_h2 import RotatingHttp2
+from uembed.serving.protocols.http2 import RotatingHttp2
 
 REPLY = service_pb2.ModelInferResponse(model_name="m", model_version="1", raw_output_contents=[bytes(256)])
 START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/grpc")], "trailers": True}

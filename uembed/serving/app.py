@@ -5,7 +5,7 @@ admitted requests on shutdown. The fronts, each a module of ``uembed/serving/pro
 
     /v1     REST: score, models, the admin calls             v1.py (valid score bodies: lean_json.py)
     /v2     the Open Inference Protocol over REST            oip_rest.py  } over one InferencePlane (oip.py)
-    gRPC    the Open Inference Protocol, started here too    oip_grpc.py  }
+    gRPC    the Open Inference Protocol, started here too    oip_grpc.py  } (served by grpc_h2.py)
 
 They share the engine, its batcher and the error table; each renders errors in its protocol's shape
 (``render.py``). Every HTTP request first passes the body limits and request metrics (``limits.py``); the

@@ -103,7 +103,7 @@ class ServiceSettings(BaseSettings):
     )
     grpc_server: Literal["http2", "grpcio"] = Field("http2", description="http2: gRPC on uvicorn's HTTP/2 in each "
         "worker's event loop (a call reaches the batcher as an HTTP request does); grpcio: grpcio's asyncio server on a "
-        "thread of its own. The same methods, messages, status codes and metrics either way.")
+        "thread of its own. The same methods and error table; http2 refuses compressed messages, grpcio takes them.")
 
     # --- batching and admission ---------------------------------------------------------
     max_batch_ids: int = Field(

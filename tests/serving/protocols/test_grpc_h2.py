@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.scoring import score
@@ -17,8 +18,15 @@ from tests.serving.inprocess import InProcessService
 from tests.serving.protocols.test_oip import MODEL, feature_arrays, triton_inputs
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.peers import grpc_request
-from uembed.loadtest.servers import UvicornProcess, free_port
-from uembed.serving.protocols.grpc_h2 import GrpcApp, Http2Listener, grpc_timeout, start_grpc_server, stop_grpc_server
+from uembed.loadtest.servers import UvicornProcess, free_port, wait_until
+from uembed.serving.protocols.grpc_h2 import (
+    GrpcApp,
+    grpc_timeout,
+    start_grpc_server,
+    status_trailers,
+    stop_grpc_server,
+)
+from uembed.serving.protocols.http2 import Http2Listener
 from uembed.serving.protocols.oip import InferencePlane
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -47,13 +55,20 @@ def test_grpcio_client_scores_over_http2_like_v1(service, movielens_examples, in
     assert (reply.model_name, reply.model_version) == (MODEL, "1")
 
 
-def test_an_unknown_method_is_unimplemented_naming_the_services(service):
+def test_an_unknown_method_is_unimplemented_naming_the_services_and_counted_under_one_label(service):
     with grpc.insecure_channel(service.grpc_target) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            channel.unary_unary("/some.Other/Method")(b"", timeout=10)
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "/some.Other/Method: no such method here" in error.value.details()
-    assert "inference.GRPCInferenceService" in error.value.details()
+        for path in ("/some.Other/Method", "/some.Other/Another"):
+            with pytest.raises(grpc.RpcError) as error:
+                channel.unary_unary(path)(b"", timeout=10)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert f"{path}: no such method here" in error.value.details()
+            assert "inference.GRPCInferenceService" in error.value.details()
+        with pytest.raises(grpc.RpcError) as error:  # the protocol's streaming method: the servicer's own answer
+            next(channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([b""]), timeout=10))
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED and "ModelStreamInfer is not implemented" in error.value.details()
+    counted = service.metrics()
+    assert counted['uembed_grpc_requests_total{code="UNIMPLEMENTED",method="unknown"}'] == 2
+    assert not any("Method" in name and "unknown" not in name for name in counted if name.startswith("uembed_grpc_requests_total"))
 
 
 def test_a_compressed_call_is_unimplemented_and_says_to_send_it_uncompressed(service, movielens_examples, infer_request):
@@ -88,7 +103,7 @@ def test_a_request_that_is_not_grpc_is_415_naming_what_the_port_serves(synthetic
     try:
         app = service.run(grpc_app(service))
         sent = service.run(call_app(app, "/v1/score", b"{}", [], content_type=b"application/json"))
-        assert sent[0]["status"] == 415 and b"this port serves gRPC (content-type application/grpc)" in sent[1]["body"]
+        assert sent[0]["status"] == 415 and b"this port serves gRPC (POST, content-type application/grpc); POST /v1/score" in sent[1]["body"]
     finally:
         service.close()
 
@@ -119,8 +134,7 @@ def test_connections_rotate_after_their_streams_with_no_call_lost(synthetic_stor
     """With a connection's streams set low, many rotations under 16 calls in flight: every call scores."""
     service = InProcessService(bundles=[synthetic_store / MODEL / "1"], grpc_port=0)
     port = free_port()
-    plane = InferencePlane(service.engine, service.settings)
-    listener = Http2Listener(plane, service.settings, "127.0.0.1", port, streams_per_connection=20)
+    listener = Http2Listener(service.run(grpc_app(service)), service.settings, "127.0.0.1", port, streams_per_connection=20)
     service.run(listener.start())
     try:
         specs = service.engine.registry.find(MODEL, None).bundle.feature_specs
@@ -130,6 +144,7 @@ def test_connections_rotate_after_their_streams_with_no_call_lost(synthetic_stor
             for _ in range(15):
                 replies = [call.future(body, timeout=30) for _ in range(16)]
                 assert all(len(service_pb2.ModelInferResponse.FromString(r.result()).raw_output_contents[0]) == 16 for r in replies)
+        assert listener.connections_made >= 240 // (20 + 16)  # each said GOAWAY after about 20 calls
     finally:
         service.run(listener.stop())
         service.close()
@@ -141,6 +156,12 @@ def test_a_status_message_outside_printable_ascii_is_percent_encoded(service, mo
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
                 service_pb2.ModelInferRequest(model_name="modèle 100%"), timeout=10)  # fmt: skip
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'modèle 100%'" in error.value.details()
+
+
+def test_status_trailers_percent_encode_all_but_printable_ascii_other_than_percent():
+    assert status_trailers(grpc.StatusCode.NOT_FOUND, "model 'modèle 100%': no\nsuch") == [
+        (b"grpc-status", b"5"), (b"grpc-message", b"model 'mod%C3%A8le 100%25': no%0Asuch")]
+    assert status_trailers(grpc.StatusCode.OK) == [(b"grpc-status", b"0")]
 
 
 @pytest.mark.parametrize(("header", "seconds"), [(b"5S", 5.0), (b"250m", 0.25), (b"3M", 180.0), (b"100n", 1e-7),
@@ -223,3 +244,37 @@ def test_grpcio_server_serves_the_same_calls(synthetic_store, movielens_examples
         assert client.is_server_ready()
     finally:
         service.stop()
+
+
+def test_a_call_the_client_cancels_is_skipped_by_the_batcher_and_a_watch_ends_when_the_server_stops(
+        synthetic_store, movielens_examples, infer_request):  # fmt: skip
+    # batches on the compute thread, so that a batch held there keeps the next call queued while the loop reads on
+    service = InProcessService(bundles=[synthetic_store / MODEL / "1"], grpc_port=0, compute_on_event_loop=False)
+    port = free_port()
+    listener = Http2Listener(service.run(grpc_app(service)), service.settings, "127.0.0.1", port)
+    service.run(listener.start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(INFER)
+            body = infer_request(movielens_examples[:4]).SerializeToString()
+            call(body, timeout=30)
+            before = service.metrics().get('uembed_abandoned_requests_total{reason="cancelled"}', 0)
+            service.engine.batcher.executor.submit(time.sleep, 1.0)  # as a long batch holds the compute thread
+            running = call.future(body, timeout=30)  # its batch waits for the compute thread
+            time.sleep(0.2)
+            queued = call.future(body, timeout=30)  # queued behind that batch
+            time.sleep(0.2)
+            queued.cancel()  # RST_STREAM while the call waits for its batch
+            assert len(service_pb2.ModelInferResponse.FromString(running.result()).raw_output_contents[0]) == 16
+            wait_until(lambda: service.metrics().get('uembed_abandoned_requests_total{reason="cancelled"}', 0) > before, 10,
+                       "the cancelled call skipped")  # fmt: skip
+            watch = channel.unary_stream("/grpc.health.v1.Health/Watch")(health_pb2.HealthCheckRequest().SerializeToString(), timeout=30)
+            assert health_pb2.HealthCheckResponse.FromString(next(watch)).status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            service.run(listener.stop())
+            with pytest.raises(grpc.RpcError) as error:
+                next(watch)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 3
+    finally:
+        service.run(listener.stop())
+        service.close()

@@ -14,7 +14,7 @@ entry per input, little-endian; BYTES elements each a 4-byte little-endian lengt
 or as typed ``contents``; the score comes back in ``raw_output_contents``, as Triton's server
 sends it. The other methods of the service (streaming, the model repository, shared memory, trace
 and log settings) answer UNIMPLEMENTED with a message naming the method, logged at debug and
-counted as any call. A requested output takes no parameters (``classification``: INVALID_ARGUMENT).
+counted as any call (on either server). A requested output takes no parameters (``classification``: INVALID_ARGUMENT).
 
 ``grpc.health.v1.Health`` (Kubernetes' gRPC probes) answers SERVING when the service is ready, as
 ``/v2/health/ready`` decides, else NOT_SERVING; for the server (service "") and for

@@ -1,0 +1,178 @@
+"""The gRPC port's HTTP/2: uvicorn's HTTP/2 protocol (zttp's parser) serving an ASGI app in this worker's event loop,
+with what a gRPC port needs beyond it: connections that end gracefully before zttp's lifetime cap on streams, writes
+coalesced a turn of the loop, a connection that opens no stream closed, and a listener that every worker binds."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import uvicorn
+from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
+
+from uembed.contract.errors import UembedError
+
+# zttp ends a connection that ever opens more than 4096 streams (its rapid-reset guard) with GOAWAY ENHANCE_YOUR_CALM,
+# failing the calls in flight; a gRPC channel makes every call a stream. So a connection says GOAWAY (NO_ERROR) itself
+# first, with room to spare for the streams a client may open before it reads that: its calls in flight finish, and
+# the client opens a new connection for the next ones (as load balancers do after a number of requests).
+STREAMS_PER_CONNECTION = 3584
+CLOSE_WAIT_S = 5.0
+SHUTDOWN_GRACE_S = 5.0
+
+
+class CoalescedWrites:
+    """A connection's transport whose writes within one turn of the event loop leave as one send: a reply's headers,
+    body and trailers (three writes in uvicorn's HTTP/2), and the replies of the calls a batch ends together."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport, self.loop = transport, loop
+        self.pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(data)
+
+    def flush(self) -> None:
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self.transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.transport, name)
+
+
+class RotatingHttp2(ZttpH2Protocol):
+    """uvicorn's HTTP/2 protocol that ends each connection gracefully after ``streams_per_connection`` streams: GOAWAY
+    with NO_ERROR and the last stream it serves, that stream and those before it finish, and a stream the client
+    opened after it is left unserved (the client retries it on a new connection, as the protocol allows)."""
+
+    streams_per_connection = STREAMS_PER_CONNECTION
+    first_stream_s = 10.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams_opened = 0
+        self.newest_stream = 0
+        self.last_stream_served: int | None = None
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(CoalescedWrites(transport, self.loop))
+        # a connection that opens no stream in time is closed, as the HTTP port closes one that sends no request
+        self.first_stream_timer = self.loop.call_later(self.first_stream_s, self._close_connection)
+
+    def handle_request(self, event) -> None:
+        if self.last_stream_served is not None and event.stream_id > self.last_stream_served:
+            return
+        self.first_stream_timer.cancel()
+        super().handle_request(event)
+        self.streams_opened += 1
+        self.newest_stream = event.stream_id
+        if self.streams_opened >= self.streams_per_connection:
+            self.goaway()
+
+    def goaway(self) -> None:
+        """Serve no stream newer than the newest one now, and say so (GOAWAY, NO_ERROR); close once they end."""
+        if self.last_stream_served is not None or self.transport.is_closing():
+            return
+        self.last_stream_served = self.newest_stream
+        self.conn.close(0, self.newest_stream)
+        self.flush()
+        self.shutdown_requested = True  # uvicorn closes the connection once its last stream ends
+        if not self.cycles:
+            self._close_connection()
+
+    def _close_connection(self) -> None:
+        """uvicorn's close, made gentle: GOAWAY (once: a second may not name a newer stream), then our half of the
+        connection only. A close with the client's frames unread in the socket would send a TCP reset, which can
+        overtake the replies and the GOAWAY written just before it; the client closes its half when it has read them
+        (or the connection is closed after CLOSE_WAIT_S)."""
+        if self.transport.is_closing() or self.closing:
+            return
+        self.closing = True
+        if self.last_stream_served is None:
+            self.last_stream_served = self.newest_stream
+            self.conn.close(0, self.newest_stream)
+            self.flush()
+        try:
+            self.transport.write_eof()
+        except (OSError, NotImplementedError):  # the client has gone already, or the transport cannot half-close
+            self.transport.close()
+        else:
+            self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.closing:  # frames after our half-close are of streams it will not serve
+            super().data_received(data)
+
+
+class Http2Listener:
+    """An ASGI app (the gRPC calls' :class:`~uembed.serving.protocols.grpc_h2.GrpcApp`) on ``host:port`` with uvicorn's
+    HTTP/2 protocol in this worker's event loop. The socket is bound with SO_REUSEPORT, so every worker listens on the
+    port and the kernel hands each connection to one of them."""
+
+    def __init__(self, app, settings, host: str, port: int, streams_per_connection: int = STREAMS_PER_CONNECTION) -> None:
+        self.app, self.settings, self.host, self.port = app, settings, host, port
+        self.protocol = type("RotatingHttp2", (RotatingHttp2,), {"streams_per_connection": streams_per_connection,
+                                                                 "first_stream_s": settings.header_timeout_s})  # fmt: skip
+        self.connections_made = 0
+        self.server: asyncio.Server | None = None
+        self.state = uvicorn.server.ServerState()
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        config = uvicorn.Config(self.app, http="zttp", http2=True, lifespan="off", log_config=None, access_log=False,
+                                proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=3600,
+                                limit_concurrency=self.settings.max_connections)  # fmt: skip
+        config.load()
+        try:
+            sock = socket.create_server((self.host, self.port), family=socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+                                        backlog=config.backlog, reuse_port=True, dualstack_ipv6=self.host == "::")  # fmt: skip
+        except OSError as exc:
+            raise UembedError(f"gRPC: cannot listen on {self.address} ({exc.strerror or exc}); set UEMBED_GRPC_PORT to a "
+                              "free port, or 0 for no gRPC")  # fmt: skip
+        loop = asyncio.get_running_loop()
+        def connection():
+            self.connections_made += 1
+            return self.protocol(config=config, server_state=self.state, app_state={}, _loop=loop)
+
+        self.server = await loop.create_server(connection, sock=sock)
+
+    async def stop(self) -> None:
+        """Stop taking connections and calls (GOAWAY; a Watch ends UNAVAILABLE), let the calls in flight finish (up to
+        SHUTDOWN_GRACE_S), then cancel the rest (UNAVAILABLE) and close what is still open."""
+        if self.server is None:
+            return
+        self.server.close()
+        if hasattr(self.app, "stopping"):  # long calls (a gRPC Watch) end when it is set
+            self.app.stopping.set()
+        for connection in list(self.state.connections):
+            connection.goaway()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        while self.state.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.state.tasks)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        for connection in list(self.state.connections):
+            connection.transport.close()
+        self.server = None

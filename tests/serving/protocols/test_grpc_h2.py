@@ -2,7 +2,6 @@
 beyond the methods that test_oip.py and test_triton_tools.py call through Triton's client, with grpcio's own client
 over real sockets. The last test serves the same calls with grpcio's server (``UEMBED_GRPC_SERVER=grpcio``)."""
 
-import threading
 import time
 
 import grpc
@@ -22,9 +21,7 @@ from uembed.loadtest.servers import UvicornProcess, free_port, wait_until
 from uembed.serving.protocols.grpc_h2 import (
     GrpcApp,
     grpc_timeout,
-    start_grpc_server,
     status_trailers,
-    stop_grpc_server,
 )
 from uembed.serving.protocols.http2 import Http2Listener
 from uembed.serving.protocols.oip import InferencePlane
@@ -206,31 +203,6 @@ async def call_app(app: GrpcApp, path: str, message: bytes, headers: list, conte
 
     await app(scope, receive, send)
     return sent
-
-
-def test_calls_that_arrive_while_a_batch_holds_the_loop_join_one_batch(synthetic_store, movielens_examples):
-    """On the service's own loop, calls that arrive while a batch holds it are all read when it is free and reach
-    the batcher before the next batch starts: scored together, as HTTP requests are."""
-    service = InProcessService(bundles=[synthetic_store / MODEL / "1"], grpc_port=free_port(), grpc_host="127.0.0.1")
-    server = service.run(start_grpc_server(InferencePlane(service.engine, service.settings), service.settings))
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{service.settings.grpc_port}")
-        call = channel.unary_unary(INFER)
-        specs = service.engine.registry.find(MODEL, None).bundle.feature_specs
-        bodies = [grpc_request(MODEL, movielens_examples[i * 8 : (i + 1) * 8], specs) for i in range(8)]
-        call(bodies[0], timeout=30)  # connected, and the first batch's lazy work done
-        before = service.metrics()["uembed_batch_examples_count"]
-        held = threading.Event()
-        service.loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(1.0)))  # as a long batch holds the loop
-        held.wait(10)
-        pending = [call.future(body, timeout=30) for body in bodies]
-        replies = [service_pb2.ModelInferResponse.FromString(future.result()) for future in pending]
-        assert [len(np.frombuffer(reply.raw_output_contents[0], "<f4")) for reply in replies] == [8] * 8
-        assert service.metrics()["uembed_batch_examples_count"] - before == 1
-        channel.close()
-    finally:
-        service.run(stop_grpc_server(server))
-        service.close()
 
 
 def test_grpcio_server_serves_the_same_calls(synthetic_store, movielens_examples, tmp_path):

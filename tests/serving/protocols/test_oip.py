@@ -24,8 +24,8 @@ from tests.serving.inprocess import InProcessService
 from uembed.loadtest.peers import grpc_request
 from uembed.loadtest.servers import UvicornProcess, free_port, wait_until
 from uembed.loadtest.traffic import MOVIELENS_FEATURES
+from uembed.serving.protocols.grpc_h2 import start_grpc_server, stop_grpc_server
 from uembed.serving.protocols.oip import InferencePlane
-from uembed.serving.protocols.oip_grpc import start_grpc_server, stop_grpc_server
 
 MODEL = "movielens"
 EXAMPLES = 256
@@ -489,14 +489,18 @@ def test_two_workers_share_the_grpc_port(synthetic_store, examples, v1_scores, t
     assert "cannot listen" not in service.log_path.read_text()
 
 
-def test_grpc_calls_that_arrive_while_a_batch_holds_the_loop_are_read_and_join_one_batch(synthetic_store, examples):
-    """The gRPC server has its own thread and loop: calls that arrive while the service's loop is busy (a batch runs
-    on it) are read meanwhile and all reach the batcher when it is free, to be scored together. Served on the
-    service's loop, each call advanced one step per batch and the calls were scored one batch each."""
-    service = InProcessService(bundles=[synthetic_store / MODEL / "1"], grpc_port=free_port(), grpc_host="127.0.0.1")
+@pytest.mark.parametrize("grpc_server", ["http2", "grpcio"])
+def test_grpc_calls_that_arrive_while_a_batch_holds_the_loop_are_read_and_join_one_batch(synthetic_store, examples, grpc_server):
+    """Calls that arrive while the service's loop is busy (a batch runs on it) all reach the batcher when it is free,
+    to be scored together. grpcio's server has its own thread and loop and reads them meanwhile (served on the
+    service's loop, grpcio advanced each call one step per batch, and the calls were scored one batch each); uvicorn's
+    HTTP/2, on the service's loop, reads them all in the loop's next turn, as it reads HTTP requests."""
+    service = InProcessService(bundles=[synthetic_store / MODEL / "1"], grpc_port=free_port(), grpc_host="127.0.0.1",
+                               grpc_server=grpc_server)  # fmt: skip
     server = service.run(start_grpc_server(InferencePlane(service.engine, service.settings), service.settings))
     try:
-        assert server.thread.is_alive() and server.thread is not service.thread
+        if grpc_server == "grpcio":
+            assert server.thread.is_alive() and server.thread is not service.thread
         channel = grpc.insecure_channel(f"127.0.0.1:{service.settings.grpc_port}")
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         bodies = [grpc_request(MODEL, examples[i * 8 : (i + 1) * 8], service.engine.registry.find(MODEL, None).bundle.feature_specs)
@@ -514,4 +518,5 @@ def test_grpc_calls_that_arrive_while_a_batch_holds_the_loop_are_read_and_join_o
     finally:
         service.run(stop_grpc_server(server))
         service.close()
-    assert not server.thread.is_alive()
+    if grpc_server == "grpcio":
+        assert not server.thread.is_alive()

@@ -9,8 +9,9 @@ version and hands the resolved target to the engine (``engine.score_resolved``).
 - The Open Inference Protocol (KServe "v2"): its protocol-neutral part in :mod:`~uembed.serving.protocols.oip`
   (tensors in, columns out; metadata; readiness) and :mod:`~uembed.serving.protocols.oip_config` (model
   configuration and statistics, Triton's shapes), served by :mod:`~uembed.serving.protocols.oip_rest` (FastAPI
-  routes under ``/v2``) and :mod:`~uembed.serving.protocols.oip_grpc` (``inference.GRPCInferenceService`` on
-  grpcio's asyncio server).
+  routes under ``/v2``) and :mod:`~uembed.serving.protocols.oip_grpc` (``inference.GRPCInferenceService``'s
+  methods, and grpcio's asyncio server for them), served by default by :mod:`~uembed.serving.protocols.grpc_h2`
+  (gRPC as an ASGI app) on :mod:`~uembed.serving.protocols.http2` (uvicorn's HTTP/2 in the worker's loop).
 - What they share: :mod:`~uembed.serving.protocols.render` (each protocol's rendering of the one error table, the
   499 of a client that went away, scores as JSON, the score request's form rule),
   :mod:`~uembed.serving.protocols.disconnect` (skipping the work of a client that went away) and

@@ -329,6 +329,57 @@ def test_the_column_readers_step_aside_for_what_they_do_not_check():
     assert extension.list_column_of([{"g": ["a", "b"]}, {"g": []}], "g", 8, 2, markers, (b"",)) == [(b"a", b"b"), (b"",)]
     for value in (["a", ""], ["unknown"], ["a", "b", "c"], ["a", 1], ("a",), "a", None, ["much too long"]):
         assert extension.list_column_of([{"g": value}], "g", 8, 2, markers, (b"",)) is None, value
+        assert extension.list_column([["a"], value], 8, 2, markers, (b"",)) is None, value
+    assert extension.list_column([["a", "b"], []], 8, 2, markers, (b"",)) == [(b"a", b"b"), (b"",)]
+
+
+@needs_extension
+@pytest.mark.parametrize("seed", range(4))
+def test_a_fronts_columns_canonicalise_alike_through_the_compiled_list_column(synthetic_store, seed):
+    """A front's columns (feature -> a value per example, as /v2 and gRPC decode them) through the compiled list
+    column against the pure path: the same canonical values, truncations and missing counts, or the same error."""
+    from dataclasses import replace
+
+    from uembed.serving.pipeline.encoding import ExampleEncoder
+    from uembed.serving.pipeline.values import ValueLimits
+
+    bundle = load_bundle(synthetic_store / "movielens" / "1")
+    specs = dict(bundle.feature_specs)
+    specs["genres"] = replace(specs["genres"], missing=("unknown",), max_values=5)
+    rng = random.Random(seed)
+    requests = [plain_request(rng, rng.choice([1, 7, 64])) for _ in range(60)]
+    outcomes = {}
+    for backend in ("compiled", "python"):
+        hashing.use_backend(backend)
+        encoder = ExampleEncoder(specs, bundle.plan, ValueLimits(), 0, bundle.known_values)
+        got = []
+        for request in requests:
+            columns = {name: [example.get(name) for example in request] for name in specs}
+            try:
+                canonical = encoder.canonicalise_columns(columns, len(request))
+            except ExampleError as exc:
+                got.append(("error", str(exc)))
+                continue
+            values = {name: [tuple(v) if isinstance(v, list) else v for v in column] for name, column in canonical.values.items()}
+            got.append((values, canonical.truncated, canonical.missing))
+        outcomes[backend] = got
+    assert outcomes["compiled"] == outcomes["python"]
+    assert any(outcome[0] != "error" for outcome in outcomes["python"])
+
+
+@needs_extension
+def test_an_n_by_w_tensors_rows_drop_their_padding_as_the_pure_path_does():
+    from uembed.serving.protocols import oip
+
+    rng = random.Random(0)
+    for count, width in ((1, 1), (3, 4), (64, 6), (5, 1)):
+        values = [rng.choice(["", "", "Drama", "Comedy", "😀", "x" * 40]) for _ in range(count * width)]
+        compiled = oip.multivalent_rows(values, count, width)
+        hashing.use_backend("python")
+        assert compiled == oip.multivalent_rows(values, count, width)
+        hashing.use_backend("compiled")
+    with pytest.raises(ValueError):
+        hashing._fasthash.rows_without_padding(["a", "b", "c"], 2, 2)
 
 
 @needs_extension

@@ -334,43 +334,86 @@ def text_column_of(list examples, str name, Py_ssize_t max_chars, frozenset miss
     return out
 
 
+cdef object plain_items(object value, Py_ssize_t max_chars, Py_ssize_t max_list, frozenset missing, bint markers,
+                        tuple empty, char* scratch):
+    """Canonical bytes of a list of at most ``max_list`` items (negative: no limit), each a non-empty str of at most
+    ``max_chars`` characters that is none of ``missing``, as a tuple; an empty list is ``empty``. None otherwise."""
+    cdef Py_ssize_t j, length
+    cdef object item, encoded, items
+    if not PyList_CheckExact(value):
+        return None
+    length = PyList_GET_SIZE(value)
+    if 0 <= max_list < length:
+        return None
+    if length == 0:
+        return empty
+    items = PyTuple_New(length)
+    for j in range(length):
+        if j >= PyList_GET_SIZE(value):
+            return None
+        item = <object>PyList_GET_ITEM(value, j)
+        if not PyUnicode_CheckExact(item):
+            return None
+        encoded = plain_text_bytes(item, max_chars, scratch)
+        if encoded is None or PyBytes_GET_SIZE(encoded) == 0 or (markers and PySet_Contains(missing, encoded)):
+            return None  # the contract drops an empty string or a missing marker from its list: the checked path
+        Py_INCREF(encoded)  # PyTuple_SET_ITEM takes the reference
+        PyTuple_SET_ITEM(items, j, encoded)
+    return items
+
+
 def list_column_of(list examples, str name, Py_ssize_t max_chars, Py_ssize_t max_list, frozenset missing,
                    tuple empty):
     """Tuples of canonical bytes of a multivalent feature ``name`` in each example (each a dict that gives it) when
     every value is a list of at most ``max_list`` items (negative: no limit), each a non-empty str of at most
     ``max_chars`` characters that is none of ``missing``; an empty list is ``empty``. None otherwise."""
-    cdef Py_ssize_t i, j, length, n = len(examples)
+    cdef Py_ssize_t i, n = len(examples)
     cdef char scratch[SCRATCH]
     cdef PyObject* found
-    cdef object value, item, encoded, items
+    cdef object items
     cdef list out = [None] * n
     cdef bint markers = len(missing) > 0
     for i in range(n):
         found = example_value(examples, i, name)
         if found == NULL:
             return None
-        value = <object>found
-        if not PyList_CheckExact(value):
+        items = plain_items(<object>found, max_chars, max_list, missing, markers, empty, scratch)
+        if items is None:
             return None
-        length = PyList_GET_SIZE(value)
-        if 0 <= max_list < length:
-            return None
-        if length == 0:
-            out[i] = empty
-            continue
-        items = PyTuple_New(length)
-        for j in range(length):
-            if j >= PyList_GET_SIZE(value):
-                return None
-            item = <object>PyList_GET_ITEM(value, j)
-            if not PyUnicode_CheckExact(item):
-                return None
-            encoded = plain_text_bytes(item, max_chars, scratch)
-            if encoded is None or PyBytes_GET_SIZE(encoded) == 0 or (markers and PySet_Contains(missing, encoded)):
-                return None  # the contract drops an empty string or a missing marker from its list: the checked path
-            Py_INCREF(encoded)  # PyTuple_SET_ITEM takes the reference
-            PyTuple_SET_ITEM(items, j, encoded)
         out[i] = items
+    return out
+
+
+def list_column(list column, Py_ssize_t max_chars, Py_ssize_t max_list, frozenset missing, tuple empty):
+    """``list_column_of`` for a column already cut out of the examples (a list per example: a front's columns)."""
+    cdef Py_ssize_t i, n = len(column)
+    cdef char scratch[SCRATCH]
+    cdef object items
+    cdef list out = [None] * n
+    cdef bint markers = len(missing) > 0
+    for i in range(n):
+        items = plain_items(<object>PyList_GET_ITEM(column, i), max_chars, max_list, missing, markers, empty, scratch)
+        if items is None:
+            return None
+        out[i] = items
+    return out
+
+
+def rows_without_padding(list values, Py_ssize_t count, Py_ssize_t width):
+    """An [N, W] tensor's elements (``count`` * ``width`` of them, row after row) as a list per row, the padding left
+    out (what is false: the empty str)."""
+    cdef Py_ssize_t i, j
+    cdef object item
+    cdef list row, out = [None] * count
+    if len(values) != count * width:
+        raise ValueError(f"{len(values)} elements for {count} rows of {width}")
+    for i in range(count):
+        row = []
+        for j in range(i * width, (i + 1) * width):
+            item = <object>PyList_GET_ITEM(values, j)
+            if item:
+                row.append(item)
+        out[i] = row
     return out
 
 

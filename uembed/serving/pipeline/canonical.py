@@ -248,6 +248,9 @@ class Canonicaliser:
                     if plain is not None:
                         column = compiled.list_column_of(plain, name, self.char_limit, self.list_limits[name],
                                                          self.missing_markers[name], EMPTY_LIST)  # fmt: skip
+                    if column is None and self.column_readers and type(columns[name]) is list:  # a front's columns
+                        column = compiled.list_column(columns[name], self.char_limit, self.list_limits[name],
+                                                      self.missing_markers[name], EMPTY_LIST)  # fmt: skip
                     if column is None:
                         column = self._list_column(spec, columns[name])
                 if column is None:

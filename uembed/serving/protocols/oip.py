@@ -244,8 +244,11 @@ def column(tensor: InputTensor, spec: FeatureSpec, values: list) -> list:
 
 
 def multivalent_rows(values: list, count: int, width: int) -> list[list]:
-    """An [N, W] tensor's rows as lists of values, the padding ("") left out (by C-level maps: slices, then each
-    row's values filtered by truth, which only "" fails: the elements are strings)."""
+    """An [N, W] tensor's rows as lists of values, the padding ("") left out (in one compiled pass, else by C-level
+    maps: slices, then each row's values filtered by truth, which only "" fails: the elements are strings)."""
+    extension = compiled_extension()
+    if extension is not None and type(values) is list:
+        return extension.rows_without_padding(values, count, width)
     rows = map(values.__getitem__, map(slice, range(0, count * width, width), range(width, (count + 1) * width, width)))
     return list(map(list, map(partial(filter, None), rows)))
 

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -128,3 +129,34 @@ def test_a_misspelt_setting_stops_the_server_naming_the_closest(tmp_path, monkey
     result = subprocess.run([sys.executable, "-m", "uembed", "serve", "--port", "1"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: unknown setting {name}: did you mean {closest}?"
+
+
+def test_each_response_leaves_in_one_write(tmp_path, synthetic_store):
+    """uvicorn writes a response's head and its body apart; the service's protocol sends them as one (two system
+    calls and two wake-ups of the client become one), and a response that closes its connection is sent first."""
+    port = free_port()
+    args = ["--bundle", str(synthetic_store / "movielens" / "1"), "--port", str(port), "--grpc-port", "0"]
+    service = serve(tmp_path, "writes", port, args).start()
+    body = json.dumps({"examples": [EXAMPLE] * 8}).encode()
+
+    def writes() -> int:  # the worker's write system calls so far (one worker: the server's own process)
+        io = dict(line.split(": ") for line in Path(f"/proc/{service.process.pid}/io").read_text().splitlines())
+        return int(io["syscw"])
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(score_request(body) + body)
+            assert read_response(sock)[0] == 200
+            before, responses = writes(), 100
+            for _ in range(responses):
+                sock.sendall(score_request(body) + body)
+                status, answer = read_response(sock)
+                assert status == 200 and len(json.loads(answer)["scores"]) == 8
+            per_response = (writes() - before) / responses
+        assert per_response < 1.5, f"{per_response:.2f} writes a response (uvicorn's own protocol makes 2)"
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            assert read_response(sock)[0] == 200
+            assert sock.recv(1024) == b"", "the connection closes once its response is sent"
+    finally:
+        service.stop()

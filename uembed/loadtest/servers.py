@@ -257,11 +257,17 @@ class HttpProcess:
         return self.process.returncode
 
 
+SERVICE_APP = "uembed.serving.app:create_app"
+SERVICE_HTTP = "uembed.serving.process:ServiceHttpProtocol"
+
+
 class UvicornProcess(HttpProcess):
     """``uvicorn APP --factory`` in its own process, configured by environment variables.
 
     The service's gRPC port is a free one unless ``env`` sets ``UEMBED_GRPC_PORT`` (never the default 8001, which
-    a service started by hand may hold: with SO_REUSEPORT both would bind it and share its connections)."""
+    a service started by hand may hold: with SO_REUSEPORT both would bind it and share its connections). The
+    service runs with the HTTP protocol `uembed serve` gives it (``SERVICE_HTTP``), where the tree it starts in has
+    one (an older tree compared side by side runs uvicorn's own)."""
 
     def __init__(self, app: str, env: dict[str, str], log_path: Path, workers: int = 1, port: int = 0,
                  ready_path: str = "/readyz", limit_concurrency: int | None = None) -> None:  # fmt: skip
@@ -277,6 +283,14 @@ class UvicornProcess(HttpProcess):
         if limit_concurrency:
             argv += ["--limit-concurrency", str(limit_concurrency)]  # as `uembed serve` passes UEMBED_MAX_CONNECTIONS
         super().__init__(argv, env, log_path, f"{self.url}{ready_path}", app)
+
+    def launch(self):
+        if self.app == SERVICE_APP and "--http" not in self.argv:
+            tree = Path(self.argv[self.argv.index("--app-dir") + 1]) if "--app-dir" in self.argv else Path(self.cwd)
+            module = tree / "uembed" / "serving" / "process.py"
+            if module.exists() and "class ServiceHttpProtocol" in module.read_text(errors="replace"):
+                self.argv += ["--http", SERVICE_HTTP]
+        return super().launch()
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value} (labels sorted as exposed)."""

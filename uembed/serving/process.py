@@ -11,6 +11,10 @@ to send its request head, and when the listening socket closes.
 - **A request head within header_timeout_s.** uvicorn closes idle keep-alive connections, but not one that sent
   part of a request line or headers: enough of those fill ``max_connections`` and every new request gets 503.
   :class:`HeadDeadlineProtocol` closes a connection that has no request in flight when its deadline passes.
+- **One send a response.** uvicorn writes a response's status line and headers, then its body: two sends, each a
+  system call and a wake-up of the client. :class:`HeadDeadlineProtocol` coalesces a connection's writes a turn of
+  the event loop (:class:`~uembed.serving.protocols.writes.CoalescedWrites`), as the gRPC port does.
+  ``uvicorn --http uembed.serving.process:ServiceHttpProtocol`` runs the same protocol (the benchmarks do).
 - **SIGTERM closes the listening socket first.** With several workers the parent binds the HTTP socket and each
   worker accepts on a copy; uvicorn's parent keeps its copy listening while the workers drain, so new connections
   are accepted into the backlog, then reset when it exits. :class:`ClosingMultiprocess` closes the parent's copy
@@ -21,12 +25,15 @@ to send its request head, and when the listening socket closes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.supervisors import Multiprocess
 
 from uembed.contract.errors import UembedError
+from uembed.serving.protocols.writes import CoalescedWrites
+from uembed.serving.settings import load_settings
 
 
 def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
@@ -55,8 +62,8 @@ def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
 
 class HeadDeadlineProtocol(AutoHTTPProtocol):
     """uvicorn's HTTP protocol, closing a connection that has not sent a whole request head within
-    ``head_timeout_s`` of opening or of its last response (give it to uvicorn as
-    ``functools.partial(HeadDeadlineProtocol, head_timeout_s=...)``)."""
+    ``head_timeout_s`` of opening or of its last response, and sending each response in one write (give it to
+    uvicorn as ``functools.partial(HeadDeadlineProtocol, head_timeout_s=...)``)."""
 
     def __init__(self, *args, head_timeout_s: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -64,7 +71,7 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
         self.head_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(CoalescedWrites(transport, self.loop))
         self._arm_head_deadline()
 
     def on_response_complete(self) -> None:
@@ -87,6 +94,19 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
             return  # a request is in flight: its body and its response have their own limits
         if not self.transport.is_closing():
             self.transport.close()
+
+
+@functools.cache
+def configured_header_timeout_s() -> float:
+    return load_settings().header_timeout_s
+
+
+class ServiceHttpProtocol(HeadDeadlineProtocol):
+    """:class:`HeadDeadlineProtocol` with the head deadline of the settings (UEMBED_HEADER_TIMEOUT_S), for a server
+    that names its protocol by import string: ``uvicorn --http uembed.serving.process:ServiceHttpProtocol``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, head_timeout_s=configured_header_timeout_s(), **kwargs)
 
 
 class ClosingMultiprocess(Multiprocess):

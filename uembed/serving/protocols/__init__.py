@@ -15,5 +15,6 @@ version and hands the resolved target to the engine (``engine.score_resolved``).
 - What they share: :mod:`~uembed.serving.protocols.render` (each protocol's rendering of the one error table, the
   499 of a client that went away, scores as JSON, the score request's form rule),
   :mod:`~uembed.serving.protocols.disconnect` (skipping the work of a client that went away) and
-  :mod:`~uembed.serving.protocols.limits` (the body limits and request metrics of every HTTP request).
+  :mod:`~uembed.serving.protocols.limits` (the body limits and request metrics of every HTTP request) and
+  :mod:`~uembed.serving.protocols.writes` (a response's writes sent as one, on both HTTP ports).
 """

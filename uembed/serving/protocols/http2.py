@@ -12,6 +12,7 @@ import uvicorn
 from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
 
 from uembed.contract.errors import UembedError
+from uembed.serving.protocols.writes import CoalescedWrites
 
 # zttp ends a connection that ever opens more than 4096 streams (its rapid-reset guard) with GOAWAY ENHANCE_YOUR_CALM,
 # failing the calls in flight; a gRPC channel makes every call a stream. So a connection says GOAWAY (NO_ERROR) itself
@@ -20,40 +21,6 @@ from uembed.contract.errors import UembedError
 STREAMS_PER_CONNECTION = 3584
 CLOSE_WAIT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0
-
-
-class CoalescedWrites:
-    """A connection's transport whose writes within one turn of the event loop leave as one send: a reply's headers,
-    body and trailers (three writes in uvicorn's HTTP/2), and the replies of the calls a batch ends together."""
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self.transport, self.loop = transport, loop
-        self.pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if not self.pending:
-            self.loop.call_soon(self.flush)
-        self.pending.append(data)
-
-    def flush(self) -> None:
-        if self.pending:
-            data = b"".join(self.pending)
-            self.pending.clear()
-            if not self.transport.is_closing():
-                self.transport.write(data)
-
-    def write_eof(self) -> None:
-        self.flush()
-        self.transport.write_eof()
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def __getattr__(self, name: str):
-        return getattr(self.transport, name)
 
 
 class RotatingHttp2(ZttpH2Protocol):

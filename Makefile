@@ -74,5 +74,8 @@ compose-up: $(STAMP)
 compose-down: $(STAMP)
 	$(BIN)/python deploy/podman/compose.py down
 
+# Also Cython's output beside the .pyx sources (the editable install's build), so the next install compiles afresh.
 clean:
-	rm -rf $(VENV) runs .pytest_cache .stack loadtest-results
+	rm -rf $(VENV) runs .pytest_cache .stack loadtest-results build
+	rm -f uembed/contract/_fasthash.c uembed/model/_rows.c uembed/serving/pipeline/_pool.c
+	find uembed -name '*.so' -delete

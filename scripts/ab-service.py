@@ -1,12 +1,15 @@
 """Two trees' services side by side on one machine: REST v1 at saturation, rounds taking turns.
 
     .venv/bin/python scripts/ab-service.py BEFORE_TREE [AFTER_TREE] [--rounds 4] [--seconds 8] [--out ab.json]
+    .venv/bin/python scripts/ab-service.py BEFORE_TREE --open-loop 1400   # requests at evenly spaced times instead
 
 Each round starts one worker of each tree in turn (``PYTHONPATH=TREE python -m uvicorn``, this venv's packages, the
 tree's own code and compiled extensions: build them in a worktree first), on the demo bundle, loads it with wrk
 (16 connections, 64 real MovieLens examples a request, as ``uembed bench --peers``) and records its requests/s
-and its CPU a call; the order flips every round, so a drift of the machine's speed falls on both trees. Prints
-each round and the medians of the after-over-before ratios as JSON. Run it alone.
+and its CPU a call; the order flips every round, so a drift of the machine's speed falls on both trees. With
+``--open-loop RPS`` each tree gets the same RPS at evenly spaced times (the peers bench's half-load client: requests
+that mostly find the worker idle, so each is its own batch) and its CPU a call and p99 are compared instead.
+Prints each round and the medians of the after-over-before ratios as JSON. Run it alone.
 """
 
 import argparse
@@ -17,14 +20,14 @@ from pathlib import Path
 
 import orjson
 
-from uembed.loadtest.load import movielens_requests
+from uembed.loadtest.load import movielens_requests, run_load
 from uembed.loadtest.peers import cpu_split, wrk
 from uembed.loadtest.servers import UvicornProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work: Path) -> dict:
+def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work: Path, rate: float | None = None) -> dict:
     # the worker starts in the tree and imports uembed from it
     server = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle.resolve()), "PYTHONPATH": str(tree)},
                             work / f"{tree.name}.log")  # fmt: skip
@@ -37,6 +40,8 @@ def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work:
         if not mapped or not all(path.startswith(str(tree.resolve())) for path in mapped):
             raise SystemExit(f"the worker of {tree} runs other code: {mapped or 'no compiled hashing'}")
         wrk(server.url, "/v1/score", bodies, 2, 16, work)  # warm-up
+        if rate:
+            return cpu_split(server, lambda: run_load(server.url, bodies, seconds, 8, rate=rate).summary())
         return cpu_split(server, lambda: wrk(server.url, "/v1/score", bodies, seconds, 16, work))
     finally:
         server.stop()
@@ -49,6 +54,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=ROOT / "bundles/movielens100k/1")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--open-loop", type=float, metavar="RPS", help="this many requests/s at evenly spaced times, not saturation")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     bodies = [orjson.dumps({"examples": r}) for r in movielens_requests(64, 200)]
@@ -57,9 +63,9 @@ def main() -> None:
         work = Path(folder)
         for round_ in range(args.rounds):
             order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
-            figures = {name: measure(getattr(args, name), args.bundle, bodies, args.seconds, work) for name in order}
-            row = {name: {"requests_per_s": figures[name]["requests_per_s"],
-                          "server_cpu_ms_per_call": figures[name]["server_cpu_ms_per_call"]} for name in ("before", "after")}  # fmt: skip
+            figures = {name: measure(getattr(args, name), args.bundle, bodies, args.seconds, work, args.open_loop) for name in order}
+            kept = ("requests_per_s", "server_cpu_ms_per_call") + (("p50_ms", "p99_ms") if args.open_loop else ())
+            row = {name: {key: figures[name][key] for key in kept} for name in ("before", "after")}
             row["after_over_before"] = round(row["after"]["requests_per_s"] / row["before"]["requests_per_s"], 3)
             row["before_cpu_over_after"] = round(row["before"]["server_cpu_ms_per_call"] / row["after"]["server_cpu_ms_per_call"], 3)
             print(json.dumps({"round": round_ + 1, "order": order, **row}), flush=True)

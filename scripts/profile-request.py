@@ -8,6 +8,7 @@ compute thread's (hash, lookup, assemble, dense). Needs wrk and py-spy (the load
     python scripts/profile-request.py --examples 64 --out profile.txt
     python scripts/profile-request.py --tree ../an-older-checkout     # the same measurement of other code
     python scripts/profile-request.py --front grpc      # ModelInfer with binary tensors, the peers' gRPC load client
+    python scripts/profile-request.py --open-loop 1200  # requests at evenly spaced times (the half-load tail's case)
     python scripts/profile-request.py --bundle scale-work/criteo-scale/1 --shape ranking   # the scale bench's requests
 
 ``--shape ranking`` and ``--shape flat_same_examples`` send the scale bench's requests (``uembed bench --phases
@@ -80,6 +81,8 @@ def main() -> int:
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose service to profile")
     parser.add_argument("--front", choices=("v1", "grpc"), default="v1",
                         help="v1: POST /v1/score JSON under wrk; grpc: ModelInfer with binary tensors (2 client processes)")
+    parser.add_argument("--open-loop", type=float, metavar="RPS",
+                        help="v1: requests/s sent at evenly spaced times (the peers bench's half-load client) instead of wrk's saturation")
     parser.add_argument("--out", type=Path, help="also write py-spy's raw samples (collapsed stacks) here")
     args = parser.parse_args()
     if args.front == "grpc" and args.shape != "movielens":
@@ -114,6 +117,14 @@ def main() -> int:
             load = threading.Thread(target=grpc_load, args=(service.grpc_target, calls, args.seconds + 4))
             load.start()
             time.sleep(4)  # grpc_load starts its clients 3 s after it is called
+        elif args.open_loop:
+            from uembed.loadtest.load import run_load
+
+            run_load(service.url, bodies, 3, 8, rate=args.open_loop)  # warm-up
+            counter = 'uembed_http_requests_total{route="/v1/score",status="200"}'
+            load = threading.Thread(target=run_load, args=(service.url, bodies, args.seconds + 3, 8), kwargs={"rate": args.open_loop})
+            load.start()
+            time.sleep(1)
         else:
             wrk(service.url, "/v1/score", bodies, 3, 16, workdir)  # warm-up
             counter = 'uembed_http_requests_total{route="/v1/score",status="200"}'
@@ -124,7 +135,7 @@ def main() -> int:
         subprocess.run([PY_SPY, "record", "-p", str(service.process.pid), "-d", f"{args.seconds:g}", "-r", str(args.rate),
                         "-f", "raw", "-o", str(raw), "--threads", "--nonblocking"], check=True, capture_output=True)  # fmt: skip
         scored = service.metrics().get(counter, 0) - before
-        load.join() if args.front == "grpc" else load.wait()
+        load.join() if isinstance(load, threading.Thread) else load.wait()
     finally:
         service.stop()
     per_thread: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -405,14 +405,17 @@ class InferencePlane:
         return {"name": runtime.name, "versions": list(self.engine.registry.versions[name]), "platform": PLATFORM, "inputs": inputs,
                 "outputs": [{"name": OUTPUT, "datatype": OUTPUT_DATATYPE, "shape": [-1]}]}  # fmt: skip
 
-    async def infer(self, name: str, version: str | None, inputs: list[InputTensor]) -> tuple[np.ndarray, ModelRuntime]:
+    async def infer(self, name: str, version: str | None, inputs: list[InputTensor],
+                    values: int | None = None) -> tuple[np.ndarray, ModelRuntime]:  # fmt: skip
         """Scores (float32 [N]) of the examples the inputs hold, through the engine's batcher: by the version asked
         for, else as the model's routing rule (keyed by its sticky feature) or its primary decides. The request is
         resolved to its version once; the tensors are checked against that version's features and decoded
-        straight into the columns its canonicaliser takes."""
+        straight into the columns its canonicaliser takes. ``values``: :func:`elements` of the inputs, where the
+        front has counted them already."""
         self.loaded(name, version)  # an unknown model or version: 404, as the metadata routes answer it
         target = self.engine.registry.resolve(name, version or None, None, [FirstExample(inputs)], None)  # shutting down: after the tensors' checks
-        examples, canonical = await self.engine.decoded(elements(inputs), self.decode, target.runtime, inputs)
+        values = elements(inputs) if values is None else values
+        examples, canonical = await self.engine.decoded(values, self.decode, target.runtime, inputs)
         return await self.engine.score_resolved(target, examples, canonical=canonical), target.runtime
 
     def decode(self, runtime: ModelRuntime, inputs: list[InputTensor]) -> tuple[ExampleColumns, CanonicalExamples]:

@@ -181,9 +181,10 @@ class InferenceServicer(Observed, service_pb2_grpc.GRPCInferenceServiceServicer)
 
     @rpc
     async def ModelInfer(self, request, context):
-        inputs = await self.plane.engine.decoded(elements(request.inputs), read_inputs, request)
+        values = elements(request.inputs)  # the same shapes as the tensors read from them: counted once
+        inputs = await self.plane.engine.decoded(values, read_inputs, request)
         check_outputs([output.name for output in request.outputs], [list(output.parameters) for output in request.outputs])
-        scores, runtime = await self.plane.infer(request.model_name, request.model_version, inputs)
+        scores, runtime = await self.plane.infer(request.model_name, request.model_version, inputs, values)
         output = service_pb2.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=OUTPUT_DATATYPE, shape=[len(scores)])
         return service_pb2.ModelInferResponse(
             model_name=runtime.name,

@@ -133,7 +133,8 @@ def test_a_misspelt_setting_stops_the_server_naming_the_closest(tmp_path, monkey
 
 def test_each_response_leaves_in_one_write(tmp_path, synthetic_store):
     """uvicorn writes a response's head and its body apart; the service's protocol sends them as one (two system
-    calls and two wake-ups of the client become one), and a response that closes its connection is sent first."""
+    calls and two wake-ups of the client become one); a response that closes its connection is sent first, and so is
+    one to a client that half-closed its side after the request."""
     port = free_port()
     args = ["--bundle", str(synthetic_store / "movielens" / "1"), "--port", str(port), "--grpc-port", "0"]
     service = serve(tmp_path, "writes", port, args).start()
@@ -158,5 +159,10 @@ def test_each_response_leaves_in_one_write(tmp_path, synthetic_store):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             assert read_response(sock)[0] == 200
             assert sock.recv(1024) == b"", "the connection closes once its response is sent"
+        for _ in range(10):  # a client that half-closes after its request still gets the response written that turn
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+                sock.shutdown(socket.SHUT_WR)
+                assert read_response(sock)[0] == 200
     finally:
         service.stop()

@@ -78,6 +78,19 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
         super().on_response_complete()
         self._arm_head_deadline()  # the next request's head, on a kept-alive connection
 
+    def eof_received(self):
+        # A client that half-closes after its request (shutdown(SHUT_WR)): the transport closes once this returns,
+        # so a response written this turn goes now, not at the turn's end.
+        self.transport.flush()
+        return super().eof_received()
+
+    def handle_websocket_upgrade(self, *args, **kwargs) -> None:
+        # The connection becomes the WebSocket protocol's: its head deadline must not close it later.
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+        super().handle_websocket_upgrade(*args, **kwargs)
+
     def connection_lost(self, exc) -> None:
         if self.head_deadline is not None:
             self.head_deadline.cancel()

@@ -178,8 +178,10 @@ class ServiceSettings(BaseSettings):
     )
     value_cache_bytes: int = Field(
         32 * 2**20, ge=0,
-        description="Bytes per model for recent feature values' canonical forms and rows (most traffic repeats "
-        "values; canonicalising is the costliest per-request step). Emptied when full. 0 turns the caches off.",
+        description="Bytes per model for recent feature values' canonical forms and rows, where a value takes the "
+        "checked path: a ranking request's context, values other than plain strings, integers and lists of them, and "
+        "every value without the compiled extension (a column of plain values is read and hashed in one compiled "
+        "pass, faster than a cache hit, and not cached). Emptied when full. 0 turns the caches off.",
     )
 
     # --- row store ----------------------------------------------------------------------

@@ -40,5 +40,27 @@ def test_qat_options_are_refused_in_one_line(streamed_qat_run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {root / 'runs' / 'r'} was trained with --qat int4: export it with --dtype int4 (the rows it learned with), not int8"]
     assert main(["train", *options, "--name", "bad", "--qat", "int3"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: unknown --qat 'int3'; choose one of int8, int4, int2"]
+    assert capsys.readouterr().err.strip().splitlines() == ["error: unknown --qat 'int3'; choose one of int8, int4, int2, pq"]
+    assert main(["train", *options, "--name", "bad", "--qat", "int4", "--pq-subvectors", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --pq-subvectors 2 is for --qat pq (an export takes its own --pq-subvectors)"]  # fmt: skip
+    assert main(["train", *options, "--name", "bad", "--qat", "pq", "--pq-subvectors", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --pq-subvectors 3 does not divide --dim 4"]
     assert not (root / "runs" / "bad").exists()
+
+
+def test_a_pq_qat_run_exports_its_own_codebooks_and_scores_as_the_run(streamed_qat_run, capsys):
+    root, options = streamed_qat_run
+    assert main(["train", *options, "--name", "pq", "--qat", "pq", "--pq-subvectors", "1"]) == 0
+    capsys.readouterr()
+    run = root / "runs" / "pq"
+    assert main(["export", str(run), "--out", str(root / "bundles"), "--name", "pq", "--pq-subvectors", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {run} was trained with --qat pq in 1 sub-vectors: leave out --pq-subvectors 2"]  # fmt: skip
+    assert main(["export", str(run), "--out", str(root / "bundles"), "--name", "pq", "--evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert f"bundle {root / 'bundles' / 'pq' / '1'}: pq rows" in out
+    auc = float(re.search(r"bundle test AUC (\S+)", out).group(1))
+    assert auc == pytest.approx(json.loads((run / "metrics.json").read_text())["test_auc"], abs=2e-5)
+    manifest = json.loads((root / "bundles" / "pq" / "1" / "manifest.json").read_text())
+    assert {t["subvectors"] for t in manifest["tables"]} == {1}

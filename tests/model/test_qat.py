@@ -18,12 +18,14 @@ from uembed.model.data.criteo import criteo_spec
 from uembed.model.data.stream import StreamSource, encode_batch, scan
 from uembed.model.data.synthetic import CRITEO_PRESETS, CriteoShape, write_criteo_shards
 from uembed.model.export import ExportError, export_run
+from uembed.model.pruning import PruneError, check_prune_options
 from uembed.model.qat import fake_quantise
 from uembed.model.streaming import stream_metrics, train_stream
-from uembed.model.train import TrainConfig, load_run, train
+from uembed.model.train import TrainConfig, build_model, load_run, plan_for, set_quantised, train
 from uembed.serving.pipeline.reference import ReferenceScorer
 
 CODECS = tuple(ROWWISE_BITS)
+QAT_CODECS = (*CODECS, "pq")
 
 
 def model_scores(model, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -103,13 +105,13 @@ def qat_runs(tmp_path_factory):
     torch.set_num_threads(1)
     train_set, val_set, test_set = from_table(tiny_table(2000), tiny_spec(), name="tiny").split(0)
     root = tmp_path_factory.mktemp("qat")
-    for codec in CODECS:
+    for codec in QAT_CODECS:
         config = TrainConfig(budget_fraction=0.5, dim=8, hidden=(16,), epochs=2, qat=codec)
         train(config, train_set, val_set, test_set, run_dir=root / codec, progress=False, echo_warnings=False)
     return root, test_set
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", QAT_CODECS)
 def test_a_qat_run_exports_in_its_codec_and_the_bundle_scores_as_the_run(qat_runs, codec):
     root, test_set = qat_runs
     assert json.loads((root / codec / "config.json").read_text())["train"]["qat"] == codec
@@ -121,7 +123,7 @@ def test_a_qat_run_exports_in_its_codec_and_the_bundle_scores_as_the_run(qat_run
     rows, weights = plan.encode(test_set.columns)
     served = ReferenceScorer(bundle).score_encoded(rows, weights)
     np.testing.assert_allclose(served, model_scores(model, rows, weights), rtol=0, atol=1e-5)
-    model.embedding.qat_bits = 0  # the float rows the quantiser saw: their scores are not the bundle's
+    set_quantised(model.embedding, TrainConfig(qat=codec), False)  # the float rows the quantiser saw: not the bundle's
     assert np.abs(served - model_scores(model, rows, weights)).max() > 1e-5
 
 
@@ -132,8 +134,81 @@ def test_a_qat_run_takes_no_other_codec_and_an_unknown_codec_is_refused(qat_runs
     with pytest.raises(ExportError, match="not float32$"):
         export_run(root / "int4", tmp_path, "m", dtype="float32")
     assert not (tmp_path / "m").exists()
-    with pytest.raises(SpecError, match=r"^unknown --qat 'int3'; choose one of int8, int4, int2$"):
+    with pytest.raises(SpecError, match=r"^unknown --qat 'int3'; choose one of int8, int4, int2, pq$"):
         train(TrainConfig(qat="int3", epochs=1), test_set, test_set, None, progress=False)
+
+
+def test_a_pq_qat_run_is_not_pruned(qat_runs):
+    root, _ = qat_runs
+    with pytest.raises(PruneError, match="was trained with --qat pq: its codebooks are as wide as its rows, so it is not pruned$"):
+        check_prune_options(root / "pq", 4, 1)
+
+
+def test_pq_codes_are_the_exports_nearest_centroids_with_a_straight_through_gradient():
+    rng = np.random.default_rng(11)
+    rows = rng.normal(size=(1000, 8)).astype(np.float32)
+    codebooks = rng.normal(size=(2, 256, 4)).astype(np.float32)
+    codebooks[1, 9] = codebooks[1, 4]  # a repeated centroid: the lower index wins, as in the export
+    rows[0, :4], rows[1, 4:] = codebooks[0, 7], codebooks[1, 4]
+    codes = qat.pq_codes(torch.from_numpy(rows), torch.from_numpy(codebooks)).numpy()
+    np.testing.assert_array_equal(codes, codecs.pq_encode(rows, codebooks))
+    assert codes[0, 0] == 7 and codes[1, 1] == 4 and 9 not in codes[:, 1]
+    x = torch.from_numpy(rows).requires_grad_()
+    quantised = qat.pq_fake_quantise(x, torch.from_numpy(codebooks))
+    np.testing.assert_array_equal(quantised.detach().numpy(), codecs.pq_decode(codes.astype(np.uint8), codebooks))
+    upstream = torch.from_numpy(rng.normal(size=(1000, 8)).astype(np.float32))
+    quantised.backward(upstream)
+    torch.testing.assert_close(x.grad, upstream, rtol=0, atol=0)
+
+
+def pq_error(rows: torch.Tensor, codebooks: torch.Tensor) -> float:
+    return float(((qat.pq_decode(qat.pq_codes(rows, codebooks), codebooks) - rows) ** 2).sum())
+
+
+def test_a_refresh_fits_the_codebooks_to_the_rows():
+    generator = torch.Generator().manual_seed(0)
+    few = torch.randn(40, 6, generator=generator)  # fewer rows than centroids: every row becomes one
+    codebooks = torch.zeros(3, 256, 2)
+    qat.refresh_codebooks(few, codebooks, generator, first=True)
+    assert pq_error(few, codebooks) == 0.0
+    rows = torch.randn(5000, 6, generator=generator) * torch.linspace(0.1, 3.0, 6)
+    qat.refresh_codebooks(rows, codebooks, generator, first=True)
+    fitted = pq_error(rows, codebooks)
+    assert fitted < 0.05 * pq_error(rows, torch.zeros_like(codebooks))
+    for _ in range(3):  # the sample is the whole table: Lloyd steps never raise its error
+        qat.refresh_codebooks(rows, codebooks, generator, first=False)
+        assert pq_error(rows, codebooks) <= fitted * (1 + 1e-6)
+        fitted = pq_error(rows, codebooks)
+
+
+def test_a_pq_module_refreshes_its_codebooks_in_training_only():
+    train_set = from_table(tiny_table(300), tiny_spec(), name="tiny")
+    config = TrainConfig(budget_fraction=0.5, dim=8, hidden=(16,), qat="pq", pq_subvectors=2)
+    model = build_model(plan_for(config, train_set.spec, train_set.columns), config)
+    tables = model.embedding
+    rows, weights = (torch.from_numpy(a) for a in tables_input(config, train_set))
+    assert tables.pq_codebooks.shape == (1, 2, 256, 4) and not tables.pq_codebooks.any()
+    model.train()
+    model(rows, weights)
+    first = tables.pq_codebooks.clone()
+    assert first.any() and int(tables.pq_steps) == 1
+    with torch.no_grad():
+        tables.weight.mul_(2.0)
+    for _ in range(qat.PQ_REFRESH_EVERY - 1):
+        model(rows, weights)
+    torch.testing.assert_close(tables.pq_codebooks, first, rtol=0, atol=0)  # not its turn yet
+    model.eval()
+    model(rows, weights)
+    assert int(tables.pq_steps) == qat.PQ_REFRESH_EVERY  # scoring neither counts nor refits
+    model.train()
+    model(rows, weights)
+    assert int(tables.pq_steps) == qat.PQ_REFRESH_EVERY + 1
+    doubled = tables.weight.detach()
+    assert pq_error(doubled, tables.pq_codebooks[0]) < 0.5 * pq_error(doubled, first[0])  # refitted to the doubled rows
+
+
+def tables_input(config, dataset):
+    return plan_for(config, dataset.spec, dataset.columns).encode(dataset.columns)
 
 
 @pytest.fixture(scope="module")

@@ -195,6 +195,12 @@ def pq_decode(codes: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
     return codebooks[np.arange(subvectors), codes.astype(np.intp)].reshape(len(codes), -1)
 
 
+def default_subvectors(dim: int, subvectors: int | None = None) -> int:
+    """The pq sub-vectors of a row of ``dim`` values: as given, else two values a sub-vector (a byte for 8 of
+    float32's)."""
+    return subvectors or max(dim // 2, 1)
+
+
 def check_subvectors(dim: int, subvectors: int | None) -> None:
     """ValueError (one line) unless ``subvectors`` splits a row of ``dim`` values into equal sub-vectors."""
     if subvectors is None or subvectors < 1 or dim % subvectors:

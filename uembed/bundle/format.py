@@ -16,6 +16,7 @@ from uembed.bundle.codecs import (  # noqa: F401 - ROW_DTYPES, quantise_rows, en
     ROWWISE_BITS,
     check_subvectors,
     decode_rows,
+    default_subvectors,
     encode_records,
     encode_rows,
     quantise_rows,
@@ -112,9 +113,11 @@ def write_table_rows(
     chunks: Callable[[int, int], np.ndarray],
     progress: bool = False,
     subvectors: int | None = None,
+    codebooks: np.ndarray | None = None,
 ) -> dict:
     """``tables/<name>.npy`` (and ``tables/<name>.scale_bias.npy`` for the rowwise codecs, ``.codebooks.npy`` for
-    pq) from float32 row chunks, in the codec of ``dtype`` (``uembed/bundle/codecs.py``).
+    pq) from float32 row chunks, in the codec of ``dtype`` (``uembed/bundle/codecs.py``). pq's ``codebooks``
+    ``[M, 256, dim / M]``: the ones a pq QAT run trained with; None: trained here on a sample of the rows.
 
     ``chunks(start, stop)`` returns float32 rows ``[stop - start, dim]``; each chunk is encoded and written
     before the next is asked for, so at most one chunk of the table is ever held (pq first trains its codebooks
@@ -122,11 +125,12 @@ def write_table_rows(
     few rows (``test_rows``) that another decoder of the codec must reproduce.
     """
     entry: dict = {"name": name, "rows": rows, "dim": dim, "dtype": dtype}
-    codebooks = None
     if dtype == "pq":
-        subvectors = subvectors or max(dim // 2, 1)  # two values a sub-vector: a byte for 8 of float32's
+        subvectors = default_subvectors(dim, subvectors) if codebooks is None else codebooks.shape[0]
         check_subvectors(dim, subvectors)
-        codebooks = train_codebooks(pq_sample(rows, chunks), subvectors)
+        if codebooks is None:
+            codebooks = train_codebooks(pq_sample(rows, chunks), subvectors)
+        codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)
         np.save(folder / f"tables/{name}.codebooks.npy", codebooks)
         entry |= {"subvectors": subvectors, "codebooks": file_entry(folder, f"tables/{name}.codebooks.npy")}
     data = NpyWriter(folder, f"tables/{name}.npy", NUMPY_ROW_DTYPE[dtype], (rows, row_width(dtype, dim, subvectors)))

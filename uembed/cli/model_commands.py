@@ -117,9 +117,12 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add_budget_options(emb)
     emb.add_argument(
         "--qat", metavar="CODEC",
-        help="quantization-aware training: train the rows through the int8, int4 or int2 row codec's quantiser "
-        "(straight-through gradients), so `uembed export` (in that codec) serves the rows the model learned with",
+        help="quantization-aware training: train the rows through the int8, int4 or int2 row codec's quantiser, or "
+        "pq's nearest centroids (codebooks refitted to the rows as they train), with straight-through gradients, so "
+        "`uembed export` (in that codec) serves the rows the model learned with",
     )  # fmt: skip
+    emb.add_argument("--pq-subvectors", type=positive_int, metavar="M",
+                     help="with --qat pq: sub-vectors a row is split into, each one code byte (default: half the dim)")  # fmt: skip
     add_model_options(parser, emb)
     add_stream_options(parser)
     add_run_output_options(parser)
@@ -322,6 +325,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
         down_projection=args.down_projection,
         temperature=args.temperature,
         qat=getattr(args, "qat", None),
+        pq_subvectors=getattr(args, "pq_subvectors", None) if getattr(args, "qat", None) == "pq" else None,
         qat_warm_start=getattr(args, "qat_warm_start", False),
         qat_fine_tune_lr_scale=getattr(args, "qat_fine_tune_lr_scale", 0.1),
         overlap_exchange=getattr(args, "overlap_exchange", False),
@@ -387,7 +391,7 @@ def add_lever_options(parser: argparse.ArgumentParser) -> None:
         "against collisionless float32.",
     )  # fmt: skip
     levers.add_argument("--codecs", type=name_list(ROW_DTYPES, "codec"), help=f"row codecs each run is evaluated in ({', '.join(ROW_DTYPES)})")
-    levers.add_argument("--qat", dest="qat_axis", type=name_list(("none", "int8", "int4", "int2"), "--qat codec"),
+    levers.add_argument("--qat", dest="qat_axis", type=name_list(("none", "int8", "int4", "int2", "pq"), "--qat codec"),
                         help="train each run once per codec listed, quantization-aware ('none': without); a QAT run is "
                         "evaluated in its own codec only")  # fmt: skip
     levers.add_argument("--head-shares", type=head_share_list, help="train each run once per hybrid head share listed (0: no head; auto: per table, by frequency mass)")
@@ -437,7 +441,7 @@ def study_levers(args: argparse.Namespace, dataset=None):
             raise UembedError(f"--settings {args.settings}: not a readable selected.json ({exc})") from None
         levers = replace(levers, cell_configs=selected_configs(selected, dataset, config_from_args(args)))
     dims = {config.dim for config in levers.cell_configs.values()} | {args.dim}
-    check_codecs(levers.codecs, levers.qat, tuple(sorted(dims | set(levers.prune_keep))), levers.subvectors)
+    check_codecs(levers.codecs, levers.qat, tuple(sorted(dims | set(levers.prune_keep))), levers.subvectors, levers.prune_keep)
     if levers.prune_keep and max(levers.prune_keep) >= max(dims):
         raise UembedError(f"--prune-keep {max(levers.prune_keep)} keeps every column of dim {max(dims)}; pick fewer")
     return levers
@@ -784,8 +788,14 @@ def run_train(args: argparse.Namespace) -> int:
     # an unknown --qat codec is refused before any data is read or process started, and before torch loads (the
     # launcher quiets torch's C++ logging only where it loads torch itself)
     qat = getattr(args, "qat", None)
-    if qat is not None and qat not in ROWWISE_BITS:
-        raise SpecError(f"unknown --qat {qat!r}; choose one of {', '.join(ROWWISE_BITS)}")
+    qat_codecs = (*ROWWISE_BITS, "pq")
+    if qat is not None and qat not in qat_codecs:
+        raise SpecError(f"unknown --qat {qat!r}; choose one of {', '.join(qat_codecs)}")
+    subvectors = getattr(args, "pq_subvectors", None)
+    if subvectors is not None and qat != "pq":
+        raise SpecError(f"--pq-subvectors {subvectors} is for --qat pq (an export takes its own --pq-subvectors)")
+    if qat == "pq" and subvectors is not None and args.dim % subvectors:
+        raise SpecError(f"--pq-subvectors {subvectors} does not divide --dim {args.dim}")
     if getattr(args, "qat_warm_start", False) and qat is None:
         raise SpecError("--qat-warm-start fine-tunes a float32 run quantization-aware: give --qat CODEC too")
     if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and "WORLD_SIZE" not in os.environ:

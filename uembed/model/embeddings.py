@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from uembed.bundle.codecs import PQ_CENTROIDS, check_subvectors
 from uembed.contract.plan import EmbeddingPlan
-from uembed.model.qat import fake_quantise
+from uembed.model.qat import PQ_REFRESH_EVERY, fake_quantise, pq_fake_quantise, refresh_codebooks
 
 
 class PlanEmbedding(nn.Module):
@@ -29,6 +30,12 @@ class PlanEmbedding(nn.Module):
         self.qat_bits = 0
         # Pruning a QAT run (uembed/model/pruning.py): bool [S, dim], the columns each slot's quantiser looks at.
         self.qat_columns: torch.Tensor | None = None
+        # pq QAT (uembed/model/qat.py): each table's codebooks, float32 [tables, M, 256, dim / M], and the training
+        # batches seen (when to refresh them); None: not a pq run. ``qat_pq`` switches the quantiser (a warm start's
+        # float32 phase, the study's decoded copies turn it off).
+        self.register_buffer("pq_codebooks", None)
+        self.register_buffer("pq_steps", None)
+        self.qat_pq = False
         first_rows = np.cumsum([0] + [t.rows for t in plan.tables])
         total_rows = int(first_rows[-1])
         std = init_std if init_std is not None else plan.dim**-0.5
@@ -45,7 +52,7 @@ class PlanEmbedding(nn.Module):
 
     def forward(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # A QAT run exports in its codec, never as a float32 model whose forward is scripted.
-        if not torch.jit.is_scripting() and self.qat_bits > 0:
+        if not torch.jit.is_scripting() and (self.qat_bits > 0 or self.qat_pq):
             looked_up = self.quantised_lookup(rows + self.slot_offset)
         else:
             looked_up = nn.functional.embedding(rows + self.slot_offset, self.weight, sparse=self.sparse)  # [B, S, D]
@@ -56,6 +63,8 @@ class PlanEmbedding(nn.Module):
         """The fake-quantised rows of ``ids`` ``[B, S]`` (rows of the one matrix) ``[B, S, D]``: each distinct row is
         quantised once (its range search costs per row), then gathered into every slot that looks it up."""
         unique, inverse = torch.unique(ids, return_inverse=True)
+        if self.qat_pq:
+            return nn.functional.embedding(inverse, self.pq_lookup(unique))
         columns = None
         if self.qat_columns is not None:  # a row's slots all read its table, so any of them gives its columns
             slots = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
@@ -63,6 +72,31 @@ class PlanEmbedding(nn.Module):
             columns = self.qat_columns[slot_of]
         quantised = fake_quantise(nn.functional.embedding(unique, self.weight, sparse=self.sparse), self.qat_bits, columns)
         return nn.functional.embedding(inverse, quantised)
+
+    def train_pq(self, subvectors: int) -> None:
+        """Make this a pq QAT module of ``subvectors`` sub-vectors a row (codebooks fitted at the first batch)."""
+        check_subvectors(self.dim, subvectors)
+        tables = len(self.table_slices)
+        self.pq_codebooks = torch.zeros(tables, subvectors, PQ_CENTROIDS, self.dim // subvectors)
+        self.pq_steps = torch.zeros((), dtype=torch.long)
+        self.qat_pq = True
+
+    def pq_lookup(self, unique: torch.Tensor) -> torch.Tensor:
+        """The rows ``unique`` (sorted rows of the one matrix) as their tables' nearest centroids ``[k, D]``; in
+        training, the codebooks are refreshed first when it is their turn."""
+        if self.training:
+            step = int(self.pq_steps)
+            if step % PQ_REFRESH_EVERY == 0:
+                # Its own generator: a pq run draws from the global one as a float32 run does.
+                generator = torch.Generator().manual_seed(step)
+                for table, (_name, start, stop) in enumerate(self.table_slices):
+                    refresh_codebooks(self.weight.detach()[start:stop], self.pq_codebooks[table], generator, first=step == 0)
+            self.pq_steps += 1
+        gathered = nn.functional.embedding(unique, self.weight, sparse=self.sparse)
+        starts = torch.tensor([start for _name, start, _stop in self.table_slices] + [len(self.weight)], device=unique.device)
+        bounds = torch.searchsorted(unique, starts).tolist()
+        parts = [pq_fake_quantise(gathered[bounds[t] : bounds[t + 1]], self.pq_codebooks[t]) for t in range(len(self.table_slices))]
+        return torch.cat(parts)
 
     def table_weights(self) -> dict[str, torch.Tensor]:
         """Each table's rows, as views of the one parameter matrix."""

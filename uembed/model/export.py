@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from uembed.bundle.codecs import PQ_CENTROIDS, ROWWISE_BITS, SCALE_BIAS_BYTES, row_width
+from uembed.bundle.codecs import PQ_CENTROIDS, ROWWISE_BITS, SCALE_BIAS_BYTES, default_subvectors, row_width
 from uembed.bundle.dense_split import add_context_split, context_columns, layout_of
 from uembed.bundle.format import (
     FORMAT,
@@ -163,6 +163,13 @@ def export_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names
         )
 
 
+def trained_codebooks(model: RankingModel) -> np.ndarray | None:
+    """float32 ``[tables, M, 256, dim / M]``: the codebooks a ``--qat pq`` run trained its rows with; None for
+    another run."""
+    codebooks = getattr(model.embedding, "base", model.embedding).pq_codebooks
+    return None if codebooks is None else codebooks.detach().numpy()
+
+
 def row_dtype_of(run_dir: Path, qat: str | None, dtype: str | None) -> str:
     """The codec a run's rows are exported in: a QAT run's own codec (another would serve rows it did not learn
     with), else ``dtype`` or float32."""
@@ -196,12 +203,17 @@ def export_run(
     dtype = row_dtype_of(run_dir, config.qat, dtype)
     if pq_subvectors is not None and dtype != "pq":
         raise ExportError(f"--pq-subvectors is for --dtype pq, not {dtype}")
-    if dtype == "pq":
+    trained = trained_codebooks(model)
+    if trained is not None:
+        if pq_subvectors not in (None, trained.shape[1]):
+            raise ExportError(f"{run_dir} was trained with --qat pq in {trained.shape[1]} sub-vectors: leave out --pq-subvectors {pq_subvectors}")
+        pq_subvectors = trained.shape[1]
+    elif dtype == "pq":
         try:
             import faiss  # noqa: F401 - only whether it is there: the codebooks are trained in uembed.bundle.codecs
         except ImportError:
             raise ExportError("--dtype pq trains its codebooks with faiss, which is not installed: pip install 'uembed[train]'") from None
-        pq_subvectors = pq_subvectors or max(plan.dim // 2, 1)
+        pq_subvectors = default_subvectors(plan.dim, pq_subvectors)
         for table in plan.tables:
             if pq_subvectors < 1 or table.dim % pq_subvectors:
                 raise ExportError(f"--pq-subvectors {pq_subvectors} does not divide table {table.name}'s dim {table.dim}")
@@ -264,12 +276,14 @@ def write_bundle(
     (folder / "tables").mkdir()
     tables = []
     weights = {n: w.detach().numpy() for n, w in model.embedding.table_weights().items()}
-    for table in plan.tables:
+    trained = trained_codebooks(model)
+    for index, table in enumerate(plan.tables):
         # Streamed: one chunk converted at a time, so a table as large as memory exports (the checkpoint
         # is memory-mapped by load_run; no second full copy of the rows exists at any point).
         rows = weights[table.name]
         tables.append(write_table_rows(folder, table.name, table.rows, table.dim, dtype,
-                                       lambda start, stop, rows=rows: rows[start:stop], progress, pq_subvectors))  # fmt: skip
+                                       lambda start, stop, rows=rows: rows[start:stop], progress, pq_subvectors,
+                                       None if trained is None else trained[index]))  # fmt: skip
 
     spec = doc["dataset"]["spec"]
     spec_by_name = {f["name"]: f for f in spec["features"]}

@@ -7,7 +7,7 @@ Three levers besides the rows a method gets:
   them (``uembed/bundle/codecs.py``; pq codebooks trained on the same sample of rows), so its AUC is the AUC of
   that bundle;
 * **quantization-aware training** (``TrainConfig.qat``, ``uembed/model/qat.py``): a training setting; a QAT run is
-  only evaluated in its own codec, since the export writes no other;
+  only evaluated in its own codec, since the export writes no other (a pq QAT run with the codebooks it trained);
 * **structured dimension pruning** (``uembed/model/pruning.py``): a trained run narrowed to ``keep`` columns with
   fine-tuning, then evaluated in each codec like any run.
 
@@ -31,6 +31,7 @@ from uembed.bundle.codecs import (
     ROWWISE_BITS,
     SCALE_BIAS_BYTES,
     decode_rows,
+    default_subvectors,
     encode_rows,
     row_width,
     train_codebooks,
@@ -39,17 +40,13 @@ from uembed.bundle.format import chunk_bounds, pq_sample
 from uembed.contract.errors import UembedError
 from uembed.contract.plan import EmbeddingPlan
 from uembed.model.networks import RankingModel
+from uembed.model.qat import QAT_CODECS
 
 FLOAT_CODECS = ("float32", "float16")
 
 
 class LeverError(UembedError):
     kind = "study"
-
-
-def default_subvectors(dim: int, subvectors: int | None) -> int:
-    """The pq sub-vectors of a table of ``dim`` values: as given, else the export's default (half the dim)."""
-    return subvectors or max(dim // 2, 1)
 
 
 def record_bytes(codec: str, dim: int, subvectors: int | None = None) -> int:
@@ -68,7 +65,8 @@ def served_bytes(plan: EmbeddingPlan, codec: str, subvectors: int | None = None,
     return total + values + 4 * plan.bias_parameters
 
 
-def check_codecs(codecs: tuple[str, ...], qat: tuple[str | None, ...], dims: tuple[int, ...], subvectors: int | None) -> None:
+def check_codecs(codecs: tuple[str, ...], qat: tuple[str | None, ...], dims: tuple[int, ...], subvectors: int | None,
+                 prune_keep: tuple[int, ...] = ()) -> None:  # fmt: skip
     """One-line errors for lever settings that cannot be studied, before any training."""
     if "pq" in codecs:
         for dim in dims:
@@ -76,17 +74,23 @@ def check_codecs(codecs: tuple[str, ...], qat: tuple[str | None, ...], dims: tup
                 given = f"--pq-subvectors {subvectors}" if subvectors else f"pq's default of {default_subvectors(dim, None)} sub-vectors"
                 raise LeverError(f"{given} does not divide the dim {dim} (a studied or pruned width); pick a divisor of every one")
     for codec in qat:
-        if codec is not None and codec not in ROWWISE_BITS:
-            raise LeverError(f"--qat {codec!r}: QAT trains rowwise codecs only ({', '.join(ROWWISE_BITS)}) or none")
+        if codec is not None and codec not in QAT_CODECS:
+            raise LeverError(f"--qat {codec!r}: QAT trains {', '.join(QAT_CODECS)} or none")
+    if "pq" in qat:
+        if prune_keep:
+            raise LeverError("--qat pq with --prune-keep: a pq run's codebooks are as wide as its rows, so it is not pruned")
+        for dim in dims:
+            if dim % default_subvectors(dim, subvectors):
+                raise LeverError(f"--qat pq: {subvectors or 'the default'} sub-vectors do not divide the dim {dim}; give --pq-subvectors")
 
 
-def codec_rows(rows: np.ndarray, codec: str, subvectors: int | None = None) -> np.ndarray:
-    """float32 rows ``[k, dim]`` as a bundle of ``codec`` serves them (encoded as the export encodes, then decoded)."""
+def codec_rows(rows: np.ndarray, codec: str, subvectors: int | None = None, codebooks: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows ``[k, dim]`` as a bundle of ``codec`` serves them (encoded as the export encodes, then decoded);
+    pq's ``codebooks``: a pq QAT run's own (None: trained here, as the export trains them)."""
     if codec == "float32":
         return rows
-    codebooks = None
     dim = rows.shape[1]
-    if codec == "pq":
+    if codec == "pq" and codebooks is None:
         codebooks = train_codebooks(pq_sample(len(rows), lambda start, stop: rows[start:stop]), default_subvectors(dim, subvectors))
     out = np.empty_like(rows)
     for start, stop in chunk_bounds(len(rows)):
@@ -105,13 +109,14 @@ def with_codec(model: RankingModel, codec: str, subvectors: int | None = None) -
     copied = copy.deepcopy(model)
     tables = table_holder(copied)
     # The decoded rows are already what the codec serves: quantising them again in the forward pass could move them.
-    tables.qat_bits = 0
+    tables.qat_bits, tables.qat_pq = 0, False
     if codec == "float32":
         return copied
+    trained = tables.pq_codebooks.numpy() if codec == "pq" and tables.pq_codebooks is not None else None
     with torch.no_grad():
         weight = tables.weight.detach().numpy()
-        for _name, start, stop in tables.table_slices:
-            decoded = codec_rows(np.ascontiguousarray(weight[start:stop]), codec, subvectors)
+        for index, (_name, start, stop) in enumerate(tables.table_slices):
+            decoded = codec_rows(np.ascontiguousarray(weight[start:stop]), codec, subvectors, None if trained is None else trained[index])
             tables.weight[start:stop] = torch.from_numpy(decoded)
     return copied
 

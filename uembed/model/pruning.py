@@ -64,6 +64,8 @@ def check_prune_options(run_dir: Path, keep: int, epochs: int) -> dict:
         raise PruneError(f"{run_dir} is a streamed run: pruning fine-tunes in memory, on a run trained in memory")
     if method_spec(plan["method"]).search:
         raise PruneError(f"{run_dir} is an SEO search run: prune the Applier run trained from its policy instead")
+    if doc.get("train", {}).get("qat") == "pq":
+        raise PruneError(f"{run_dir} was trained with --qat pq: its codebooks are as wide as its rows, so it is not pruned")
     dim = int(plan["dim"])
     if dim < 2:
         raise PruneError(f"{run_dir}'s tables have dim {dim}: there is no column to remove")

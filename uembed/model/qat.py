@@ -12,6 +12,14 @@ are those of its quantised rows.
 The gradient is straight-through: the table receives the gradient of the quantised row as if quantisation were the
 identity. The forward value is ``q(x) + (x - x.detach())`` rather than ``x + (q(x) - x).detach()``: the gradient
 is the same, and ``x - x`` is exactly zero where ``x + (q - x)`` may round away from ``q``.
+
+``--qat pq`` trains product-quantised rows: each sub-vector of a gathered row is replaced by its nearest centroid
+(squared L2, the lowest index of a tie: :func:`uembed.bundle.codecs.pq_encode`'s rule) in the table's codebooks,
+which the module holds beside the rows, with the same straight-through gradient to the rows, so a row learns which
+centroid it takes. The codebooks are not learned by gradient: every ``PQ_REFRESH_EVERY`` training batches they take
+a few k-means (Lloyd) steps on a sample of the table's rows, started from where they are (the first time, from
+sampled rows), so the centroids follow the rows. The export writes these codebooks, not new ones, and encodes each
+row to its nearest centroid: the bundle serves the rows the run was scored with.
 """
 
 from __future__ import annotations
@@ -19,19 +27,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uembed.bundle.codecs import RANGE_SEARCH, ROWWISE_BITS
+from uembed.bundle.codecs import PQ_CENTROIDS, RANGE_SEARCH, ROWWISE_BITS
 from uembed.contract.errors import SpecError
 
-QAT_CODECS = tuple(ROWWISE_BITS)
+QAT_CODECS = (*ROWWISE_BITS, "pq")
+PQ_REFRESH_EVERY = 100  # training batches between two refreshes of a pq run's codebooks
+PQ_REFRESH_STEPS = 2  # Lloyd steps a refresh takes from the current centroids
+PQ_FIRST_STEPS = 20  # Lloyd steps of the first fit, from sampled rows
+PQ_REFRESH_SAMPLE = 256 * PQ_CENTROIDS  # rows a refresh fits to (faiss's default cap of points a centroid)
+
+
+def check_qat(codec: str | None) -> None:
+    """SpecError, one line, for an unknown QAT codec."""
+    if codec is not None and codec not in QAT_CODECS:
+        raise SpecError(f"unknown --qat {codec!r}; choose one of {', '.join(QAT_CODECS)}")
 
 
 def qat_bits(codec: str | None) -> int:
-    """Bits a value of the QAT codec ``codec`` (0 without QAT); SpecError, one line, for an unknown codec."""
-    if codec is None:
-        return 0
-    if codec not in ROWWISE_BITS:
-        raise SpecError(f"unknown --qat {codec!r}; choose one of {', '.join(QAT_CODECS)}")
-    return ROWWISE_BITS[codec]
+    """Bits a value of the rowwise QAT codec ``codec`` (0 without QAT or for pq); SpecError for an unknown codec."""
+    check_qat(codec)
+    return ROWWISE_BITS.get(codec, 0) if codec else 0
 
 
 def tree_sum(values: torch.Tensor) -> torch.Tensor:
@@ -120,3 +135,45 @@ def quantise_dequantise(rows: torch.Tensor, bits: int, columns: torch.Tensor | N
 def fake_quantise(rows: torch.Tensor, bits: int, columns: torch.Tensor | None = None) -> torch.Tensor:
     """The rows quantised in the forward pass, with a straight-through gradient to ``rows``."""
     return quantise_dequantise(rows, bits, columns) + (rows - rows.detach())
+
+
+def pq_codes(rows: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """int64 codes ``[k, M]`` of rows ``[k, M * s]``: each sub-vector's nearest centroid in ``codebooks``
+    ``[M, 256, s]``, ranked by ``|c|^2 - 2 x.c`` as :func:`uembed.bundle.codecs.pq_encode` ranks them."""
+    subvectors, _, width = codebooks.shape
+    parts = rows.reshape(len(rows), subvectors, width)
+    norms = (codebooks * codebooks).sum(-1)  # [M, 256]
+    distances = norms - 2 * torch.einsum("kms,mcs->kmc", parts, codebooks)
+    return distances.argmin(-1)  # the first of equal minima, as numpy's argmin
+
+
+def pq_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """float32 rows ``[k, M * s]`` of codes ``[k, M]``: each code's centroid, sub-vector after sub-vector."""
+    subvectors = codebooks.shape[0]
+    return codebooks[torch.arange(subvectors, device=codes.device), codes].reshape(len(codes), -1)
+
+
+def pq_fake_quantise(rows: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Rows ``[k, dim]`` as their nearest centroids, with a straight-through gradient to ``rows``."""
+    decoded = pq_decode(pq_codes(rows.detach(), codebooks), codebooks)
+    return decoded + (rows - rows.detach())
+
+
+@torch.no_grad()
+def refresh_codebooks(table: torch.Tensor, codebooks: torch.Tensor, generator: torch.Generator, first: bool) -> None:
+    """Lloyd steps of ``codebooks`` ``[M, 256, s]`` (in place) on a random sample of the ``table`` rows
+    ``[n, M * s]``: ``first``, from sampled rows, else from the current centroids. A centroid no sampled row
+    takes stays where it was."""
+    subvectors, centroids, width = codebooks.shape
+    count = min(len(table), PQ_REFRESH_SAMPLE)
+    sample = table[torch.randperm(len(table), generator=generator)[:count].to(table.device)].float()
+    parts = sample.reshape(count, subvectors, width)
+    if first:
+        picks = torch.randperm(count, generator=generator)[:centroids] if count >= centroids else torch.arange(centroids) % count
+        codebooks.copy_(parts[picks.to(table.device)].transpose(0, 1))
+    for _ in range(PQ_FIRST_STEPS if first else PQ_REFRESH_STEPS):
+        codes = pq_codes(sample, codebooks)
+        for m in range(subvectors):
+            sums = torch.zeros_like(codebooks[m]).index_add_(0, codes[:, m], parts[:, m])
+            taken = torch.bincount(codes[:, m], minlength=centroids).unsqueeze(-1)
+            codebooks[m] = torch.where(taken > 0, sums / taken.clamp(min=1), codebooks[m])

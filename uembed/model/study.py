@@ -82,7 +82,8 @@ class Levers:
         config = cell if cell is not None else replace(base, budget_fraction=budget, budget_rows=None)
         qat, head_share = variant
         # A method without heads (collisionless, the chunk methods) trains without one whatever the share.
-        return replace(config, embedding=method, seed=seed, policy=None, qat=qat, head_share=head_share_for(method, head_share))
+        return replace(config, embedding=method, seed=seed, policy=None, qat=qat, head_share=head_share_for(method, head_share),
+                       pq_subvectors=self.subvectors if qat == "pq" else None)  # fmt: skip
 
 
 def study_units(

@@ -28,6 +28,7 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
+from uembed.bundle.codecs import default_subvectors
 from uembed.contract.collisions import collision_report, save_report, training_value_counts
 from uembed.contract.errors import UembedError
 from uembed.contract.hashing import hash_canonical
@@ -92,6 +93,8 @@ class TrainConfig:
     max_examples: int = 0  # train on at most this many examples per epoch (0: all)
     # Quantization-aware training (uembed/model/qat.py): the rowwise codec the tables' rows are trained in; None: off.
     qat: str | None = None
+    # ``qat="pq"``: the sub-vectors a row is split into (None: two values a sub-vector, pq's export default).
+    pq_subvectors: int | None = None
     # With ``qat``: train in float32 until validation AUC stops improving (``patience``), then fine-tune from the best
     # epoch's weights fake-quantised, at ``qat_fine_tune_lr_scale`` times the learning rates, until it stops again;
     # ``epochs`` bounds each phase. False: quantised throughout.
@@ -130,6 +133,12 @@ def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> Non
         group["lr"] *= factor
 
 
+def set_quantised(tables: PlanEmbedding, config: TrainConfig, on: bool) -> None:
+    """Switch a QAT run's quantiser on or off (a warm start's float32 phase runs with it off)."""
+    tables.qat_bits = qat_bits(config.qat) if on else 0
+    tables.qat_pq = on and config.qat == "pq"
+
+
 def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
     if method_spec(plan.method).search:
         # Down projection keeps the network's input as wide as the baselines': F * dim columns.
@@ -138,7 +147,10 @@ def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
         input_dim = embedding.output_dim
     else:
         embedding, input_dim = PlanEmbedding(plan), plan.output_dim
-    getattr(embedding, "base", embedding).qat_bits = qat_bits(config.qat)
+    tables = getattr(embedding, "base", embedding)
+    if config.qat == "pq":
+        tables.train_pq(default_subvectors(plan.dim, config.pq_subvectors))
+    set_quantised(tables, config, True)
     network = build_network(config.network, input_dim, config.hidden, config.cross_layers)
     return RankingModel(embedding, network)
 
@@ -276,7 +288,7 @@ def train(
     table_module = getattr(model.embedding, "base", model.embedding)
     # The epoch (0-based) the quantised phase of a warm-started QAT run began at; None: not begun (float32 phase)
     quantised_from = None if config.qat and config.qat_warm_start else 0
-    table_module.qat_bits = 0 if quantised_from is None else qat_bits(config.qat)
+    set_quantised(table_module, config, quantised_from is not None)
     train_seconds, first_epoch, examples_trained = 0.0, 0, 0
     # Launched by torchrun: a checkpoint every epoch, resumed when the group restarts after a lost rank.
     resume_path = run_dir / "resume.pt" if run_dir is not None and distributed.launched() else None
@@ -294,7 +306,7 @@ def train(
         warned = {tuple(pair) for pair in saved["warned"]}
         best_auc, best_epoch, stale = saved["best_auc"], saved["best_epoch"], saved["stale"]
         quantised_from = saved.get("quantised_from", quantised_from)  # the optimiser's state holds its scaled rates
-        table_module.qat_bits = 0 if quantised_from is None else qat_bits(config.qat)
+        set_quantised(table_module, config, quantised_from is not None)
         train_seconds, first_epoch, examples_trained = saved["train_seconds"], saved["epoch"], saved["examples"]
         if distributed.is_writer():
             print(f"resuming from {resume_path}: epoch {first_epoch + 1}", file=sys.stderr)
@@ -306,7 +318,7 @@ def train(
         if quantised_from is None and (stale >= config.patience or epoch == config.epochs):
             # the float32 phase is over: its best weights go on fake-quantised, judged afresh
             model.load_state_dict(best_state)
-            table_module.qat_bits = qat_bits(config.qat)
+            set_quantised(table_module, config, True)
             quantised_from, last_epoch = epoch, epoch + config.epochs
             best_auc, best_state, best_epoch, stale = -math.inf, None, -1, 0
             scale_learning_rates(optimizer, config.qat_fine_tune_lr_scale)

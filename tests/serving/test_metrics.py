@@ -7,6 +7,7 @@ import pytest
 
 from tests.serving.inprocess import InProcessService
 from tests.waiting import wait_until_async
+from uembed.loadtest.servers import wait_until
 
 GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
 GOOD_CANDIDATE = {"movie_id": "242", "genres": ["Comedy"]}
@@ -49,13 +50,13 @@ def test_observing_scores_at_once_equals_observing_them_one_by_one():
     import numpy as np
     from prometheus_client import CollectorRegistry
 
-    from uembed.serving.metrics import ServiceMetrics
+    from uembed.serving.metrics import ServiceMetrics, observe_all
 
     values = np.concatenate([np.random.default_rng(0).random(997), [0.0, 0.05, 0.1, 1.0, 0.999999]]).astype(np.float32)
     one_by_one, at_once = ServiceMetrics(CollectorRegistry()), ServiceMetrics(CollectorRegistry())
     for value in values:
         one_by_one.example_score.labels("m", "1", "served").observe(float(value))
-    at_once.observe_all(at_once.example_score.labels("m", "1", "served"), values)
+    observe_all(at_once.example_score.labels("m", "1", "served"), values)
     samples = [{(s.name, tuple(sorted(s.labels.items()))): s.value for m in metrics.registry.collect() for s in m.samples
                 if m.name == "uembed_example_score"} for metrics in (one_by_one, at_once)]  # fmt: skip
     assert samples[0].keys() == samples[1].keys() and len(samples[0]) == 23
@@ -71,6 +72,25 @@ def test_a_scored_request_is_observed_under_its_model_version(app):
         key = f'{name}{{model="movielens",traffic="served",version="1"}}'
         assert after[key] - before[key] == grew
     assert after['uembed_routing_share{model="movielens",version="1"}'] == 1
+
+
+def test_a_batchs_metrics_reach_its_series_without_a_read_of_the_registry(synthetic_store):
+    """Batches are tallied and put into the series in bulk: at every read of the registry, and by a loop timer at
+    most FLUSH_SECONDS after a batch, so another worker's scrape (which reads this worker's series from their files,
+    never this process's tally) sees them too."""
+    service = InProcessService(bundles=[synthetic_store / "movielens" / "1"])
+    try:
+        batch_examples, scored = service.engine.metrics.batch_examples, service.engine.metrics.examples.labels("movielens")
+        assert service.score([GOOD] * 5).status_code == 200
+        # read from the series' own values: no collect of the registry, so no flush but the timer's
+        wait_until(lambda: batch_examples._sum.get() == 5 and scored._value.get() == 5, 5, "the tally's timed flush")
+        assert service.score([GOOD] * 2).status_code == 200
+        after = service.metrics()  # a read flushes first, whatever the timer's turn
+        assert after["uembed_batch_examples_sum"] == 7 and after['uembed_scored_examples_total{model="movielens"}'] == 7
+        assert after['uembed_example_score_count{model="movielens",traffic="served",version="1"}'] == 7
+        assert after['uembed_stage_duration_seconds_count{stage="dense"}'] == after["uembed_batch_examples_count"] == 2
+    finally:
+        service.close()
 
 
 def test_values_unseen_in_training_are_counted_per_feature(app):

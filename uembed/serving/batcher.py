@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded, internal
-from uembed.serving.metrics import STAGES, ServiceMetrics
+from uembed.serving.metrics import ServiceMetrics
+from uembed.serving.metrics_tally import FLUSH_SECONDS, BatchTally
 from uembed.serving.pipeline.canonical import CanonicalExamples
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.stages import BatchTimes
@@ -63,8 +64,9 @@ class Batcher:
         self.batches_on_loop = (settings.compute_on_event_loop and settings.device == "cpu" and not settings.redis_url
                                 and settings.row_source == "files")  # fmt: skip
         self._loop: asyncio.AbstractEventLoop | None = None
-        # each stage's latency child, resolved once (labels() costs more than an observation; never removed)
-        self._stage_seconds = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
+        # A batch's metrics, tallied and flushed in bulk (uembed/serving/metrics_tally.py).
+        self.tally = BatchTally(metrics)
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Start the batch loop; a second call while it runs does nothing. A stopped batcher does not start again."""
@@ -94,6 +96,9 @@ class Batcher:
         self._wakeup.set()
         if self._loop_task is not None:
             await self._loop_task
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        self._flush()
         for pending in self.queue:
             if not pending.future.done():
                 pending.future.set_exception(Overloaded("the service is shutting down"))
@@ -202,9 +207,10 @@ class Batcher:
             self._batch_runtime = batch[0].runtime
             started = time.perf_counter()
             counters = self.stats.of(batch[0].runtime.name, batch[0].runtime.version)
-            for pending in batch:
-                self._stage_seconds["queue"].observe(started - pending.admitted)
-                counters.queue.add(started - pending.admitted)
+            waits = [started - pending.admitted for pending in batch]
+            self.tally.queued(waits)
+            for wait in waits:
+                counters.queue.add(wait)
             try:
                 if self.batches_on_loop:
                     results = self._run_batch(batch)
@@ -223,6 +229,8 @@ class Batcher:
             finally:
                 self._batch_runtime = None
                 self._idle.set()
+                if self._flush_timer is None:
+                    self._flush_timer = loop.call_later(FLUSH_SECONDS, self._flush)
             if self.batches_on_loop:
                 # A batch ran without awaiting: hand the loop its replies, reads, timers and row updates before the
                 # next one (without this, a queue of batches ran back to back and held every reply till the end).
@@ -245,23 +253,11 @@ class Batcher:
         return results
 
     def _observe(self, runtime: ModelRuntime, times: BatchTimes, examples: int, scores: np.ndarray) -> None:
-        metrics = self.metrics
-        for stage, seconds in times.stages():
-            self._stage_seconds[stage].observe(seconds)
-        metrics.batch_examples.observe(examples)
-        metrics.batch_ids.observe(times.ids)
-        metrics.examples.labels(runtime.name).inc(examples)
-        unique = 0
-        for store in runtime.stores:
-            counts = store.take_counts()
-            unique += sum(counts.hits.values())
-            metrics.observe_tiers(counts)
-        metrics.batch_unique_ids.observe(unique)
+        self.tally.add(runtime, times, examples, scores)
         if self.redis is not None:
-            metrics.observe_redis(self.redis.error_counts, self.redis.fills_dropped)
-        for feature, count in runtime.encoder.take_unseen().items():
-            if count:
-                metrics.unseen.labels(runtime.name, feature).inc(count)
-        metrics.value_cache_bytes.labels(runtime.name).set(runtime.encoder.cached_bytes())
-        metrics.observe_memory(runtime)
-        metrics.observe_all(metrics.example_score.labels(runtime.name, runtime.version, "served"), scores)
+            self.metrics.observe_redis(self.redis.error_counts, self.redis.fills_dropped)
+
+    def _flush(self) -> None:
+        """The batches tallied since the last flush, into the metrics (a loop timer, armed by the batch after one)."""
+        self._flush_timer = None
+        self.tally.flush()

@@ -9,6 +9,7 @@ workers, ``PROMETHEUS_MULTIPROC_DIR`` makes ``/metrics`` sum them (``uembed serv
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -50,11 +51,49 @@ def multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
+def observe_all(histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, with one increment per bucket (a 500-example batch would take 500
+    observe calls). prometheus_client keeps per-bucket (not cumulative) counts in ``_buckets``."""
+    if not len(values):
+        return
+    bounds = np.asarray(histogram._upper_bounds)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    add_buckets(histogram, counts, float(np.sum(values, dtype=np.float64)))
+
+
+def add_buckets(histogram, counts: np.ndarray, total: float) -> None:
+    """Observations already counted per bucket (``counts``, one per upper bound) whose values sum to ``total``."""
+    for bucket, count in zip(histogram._buckets, counts.tolist()):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(total)
+
+
+class FlushFirst:
+    """A collector that yields no series and runs ``hooks``: registered before the service's series."""
+
+    def __init__(self, hooks: list[Callable[[], None]]) -> None:
+        self.hooks = hooks
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        for hook in self.hooks:
+            hook()
+        return []
+
+
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # *_created series only double the scrape size here
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # Batch tallies' flushes (uembed/serving/metrics_tally.py), run by the first collector of the registry, so
+        # every read of it sees every batch run so far.
+        self.before_collect: list[Callable[[], None]] = []
+        self.flush_first = FlushFirst(self.before_collect)
+        r.register(self.flush_first)
         self.request_seconds = Histogram(
             "uembed_request_duration_seconds", "HTTP request latency, end to end in the service.",
             ["route", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
@@ -308,19 +347,6 @@ class ServiceMetrics:
         remove_quietly(self.routing_share, name, version)
         remove_quietly(self.update_lag_seconds, name, version)
 
-    @staticmethod
-    def observe_all(histogram, values: np.ndarray) -> None:
-        """``histogram.observe(v)`` for every value, with one increment per bucket (a 500-example batch would
-        take 500 observe calls). prometheus_client keeps per-bucket (not cumulative) counts in ``_buckets``."""
-        if not len(values):
-            return
-        bounds = np.asarray(histogram._upper_bounds)
-        counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-        for bucket, count in zip(histogram._buckets, counts.tolist()):
-            if count:
-                bucket.inc(count)
-        histogram._sum.inc(float(np.sum(values, dtype=np.float64)))
-
     def observe_tiers(self, counts: TierCounts) -> None:
         for tier, value in counts.hits.items():
             if value:
@@ -344,6 +370,8 @@ class ServiceMetrics:
             self._redis_seen["dropped"] += delta
 
     def exposition(self) -> bytes:
+        if multiprocess():  # this worker's tallied batches, into its series, before the files are read
+            self.flush_first.collect()
         if multiprocess():
             registry = CollectorRegistry()
             MultiProcessCollector(registry)

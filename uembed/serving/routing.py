@@ -36,6 +36,7 @@ import numpy as np
 
 from uembed.contract.errors import ExampleError
 from uembed.contract.hashing import hash_value, lookup_seed
+from uembed.serving.metrics import observe_all
 
 log = logging.getLogger("uembed.routing")
 
@@ -218,6 +219,6 @@ class ShadowScorer:
         for copy, shadow_scores in zip(kept, split):
             latency.observe(done - copy.admitted)
             if copy.served.shape == shadow_scores.shape:
-                self.metrics.observe_all(difference, np.abs(shadow_scores - copy.served))
-        self.metrics.observe_all(self.metrics.example_score.labels(runtime.name, runtime.version, "shadow"), scores)
+                observe_all(difference, np.abs(shadow_scores - copy.served))
+        observe_all(self.metrics.example_score.labels(runtime.name, runtime.version, "shadow"), scores)
         self.metrics.shadow.labels(runtime.name, runtime.version, "scored").inc(len(kept))

@@ -46,6 +46,8 @@ def test_qat_options_are_refused_in_one_line(streamed_qat_run, capsys):
         "error: --pq-subvectors 2 is for --qat pq (an export takes its own --pq-subvectors)"]  # fmt: skip
     assert main(["train", *options, "--name", "bad", "--qat", "pq", "--pq-subvectors", "3"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --pq-subvectors 3 does not divide --dim 4"]
+    assert main(["train", *options, "--name", "bad", "--qat", "pq", "--dim", "5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: pq's default of 2 sub-vectors does not divide --dim 5"]
     assert not (root / "runs" / "bad").exists()
 
 

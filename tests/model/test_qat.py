@@ -161,6 +161,20 @@ def test_pq_codes_are_the_exports_nearest_centroids_with_a_straight_through_grad
     torch.testing.assert_close(x.grad, upstream, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("width", [2, 4, 8, 16])
+def test_training_and_export_break_near_ties_alike(width):
+    """Rows at the midpoint of two centroids: float32 distances from two matrix products (torch's, numpy's, or one
+    library's in blocks of other sizes) ranked them differently; float64 ones do not."""
+    rng = np.random.default_rng(width)
+    codebooks = rng.normal(size=(1, 256, width)).astype(np.float32)
+    first, second = rng.integers(0, 256, 3000), rng.integers(0, 256, 3000)
+    rows = ((codebooks[0, first] + codebooks[0, second]) / 2).astype(np.float32)
+    expected = codecs.pq_encode(rows, codebooks)
+    np.testing.assert_array_equal(qat.pq_codes(torch.from_numpy(rows), torch.from_numpy(codebooks)).numpy(), expected)
+    one_at_a_time = np.concatenate([codecs.pq_encode(rows[i : i + 1], codebooks) for i in range(0, 3000, 7)])
+    np.testing.assert_array_equal(one_at_a_time, expected[::7])
+
+
 def pq_error(rows: torch.Tensor, codebooks: torch.Tensor) -> float:
     return float(((qat.pq_decode(qat.pq_codes(rows, codebooks), codebooks) - rows) ** 2).sum())
 

@@ -176,15 +176,21 @@ def unpack_codes(packed: np.ndarray, bits: int, dim: int) -> np.ndarray:
 
 
 def pq_encode(rows: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    """uint8 codes ``[k, M]``: each sub-vector's nearest centroid (squared L2, the lowest index of a tie)."""
+    """uint8 codes ``[k, M]``: each sub-vector's nearest centroid (squared L2, the lowest index of a tie).
+
+    Distances in float64: a matrix product's rounding depends on how a library blocks it, so float32 distances
+    could rank two near-equal centroids one way in an export's chunk and the other way in a training batch
+    (``uembed.model.qat.pq_codes`` ranks them as here); float64 leaves only exact ties, which the lowest index
+    breaks."""
     rows = np.asarray(rows, dtype=np.float32)
     subvectors, _, width = codebooks.shape
+    wide = np.asarray(codebooks, dtype=np.float64)
     codes = np.empty((len(rows), subvectors), dtype=np.uint8)
-    norms = np.einsum("mcs,mcs->mc", codebooks, codebooks)
+    norms = np.einsum("mcs,mcs->mc", wide, wide)
     for start in range(0, len(rows), PQ_ENCODE_ROWS):
-        block = rows[start : start + PQ_ENCODE_ROWS].reshape(-1, subvectors, width)
+        block = rows[start : start + PQ_ENCODE_ROWS].reshape(-1, subvectors, width).astype(np.float64)
         for m in range(subvectors):
-            distances = norms[m] - 2 * block[:, m] @ codebooks[m].T  # the row's own norm ranks nothing
+            distances = norms[m] - 2 * block[:, m] @ wide[m].T  # the row's own norm ranks nothing
             codes[start : start + len(block), m] = np.argmin(distances, axis=1)
     return codes
 

@@ -783,7 +783,7 @@ def stream_config(args: argparse.Namespace, **overrides):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from uembed.bundle.codecs import ROWWISE_BITS
+    from uembed.bundle.codecs import ROWWISE_BITS, default_subvectors
 
     # an unknown --qat codec is refused before any data is read or process started, and before torch loads (the
     # launcher quiets torch's C++ logging only where it loads torch itself)
@@ -794,8 +794,12 @@ def run_train(args: argparse.Namespace) -> int:
     subvectors = getattr(args, "pq_subvectors", None)
     if subvectors is not None and qat != "pq":
         raise SpecError(f"--pq-subvectors {subvectors} is for --qat pq (an export takes its own --pq-subvectors)")
-    if qat == "pq" and subvectors is not None and args.dim % subvectors:
-        raise SpecError(f"--pq-subvectors {subvectors} does not divide --dim {args.dim}")
+    if qat == "pq":
+        if args.dim % default_subvectors(args.dim, subvectors):
+            given = f"--pq-subvectors {subvectors}" if subvectors else f"pq's default of {default_subvectors(args.dim)} sub-vectors"
+            raise SpecError(f"{given} does not divide --dim {args.dim}")
+        if getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SpecError("--qat pq trains in one process: its codebooks are refitted from that process's rows")
     if getattr(args, "qat_warm_start", False) and qat is None:
         raise SpecError("--qat-warm-start fine-tunes a float32 run quantization-aware: give --qat CODEC too")
     if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and "WORLD_SIZE" not in os.environ:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from uembed.bundle.codecs import PQ_CENTROIDS, check_subvectors
+from uembed.contract.errors import SpecError
 from uembed.contract.plan import EmbeddingPlan
 from uembed.model.qat import PQ_REFRESH_EVERY, fake_quantise, pq_fake_quantise, refresh_codebooks
 
@@ -75,7 +76,10 @@ class PlanEmbedding(nn.Module):
 
     def train_pq(self, subvectors: int) -> None:
         """Make this a pq QAT module of ``subvectors`` sub-vectors a row (codebooks fitted at the first batch)."""
-        check_subvectors(self.dim, subvectors)
+        try:
+            check_subvectors(self.dim, subvectors)
+        except ValueError as exc:
+            raise SpecError(f"--qat pq: {exc}") from None
         tables = len(self.table_slices)
         self.pq_codebooks = torch.zeros(tables, subvectors, PQ_CENTROIDS, self.dim // subvectors)
         self.pq_steps = torch.zeros((), dtype=torch.long)
@@ -87,8 +91,8 @@ class PlanEmbedding(nn.Module):
         if self.training:
             step = int(self.pq_steps)
             if step % PQ_REFRESH_EVERY == 0:
-                # Its own generator: a pq run draws from the global one as a float32 run does.
-                generator = torch.Generator().manual_seed(step)
+                # Its own generator, from the run's seed: a pq run draws from the global one as a float32 run does.
+                generator = torch.Generator().manual_seed(torch.initial_seed() + step)
                 for table, (_name, start, stop) in enumerate(self.table_slices):
                     refresh_codebooks(self.weight.detach()[start:stop], self.pq_codebooks[table], generator, first=step == 0)
             self.pq_steps += 1

@@ -34,7 +34,8 @@ QAT_CODECS = (*ROWWISE_BITS, "pq")
 PQ_REFRESH_EVERY = 100  # training batches between two refreshes of a pq run's codebooks
 PQ_REFRESH_STEPS = 2  # Lloyd steps a refresh takes from the current centroids
 PQ_FIRST_STEPS = 20  # Lloyd steps of the first fit, from sampled rows
-PQ_REFRESH_SAMPLE = 256 * PQ_CENTROIDS  # rows a refresh fits to (faiss's default cap of points a centroid)
+PQ_REFRESH_SAMPLE = 64 * PQ_CENTROIDS  # rows a refresh fits to, drawn with replacement
+PQ_CODE_ROWS = 16384  # rows whose distances to one codebook are computed at a time
 
 
 def check_qat(codec: str | None) -> None:
@@ -139,12 +140,19 @@ def fake_quantise(rows: torch.Tensor, bits: int, columns: torch.Tensor | None = 
 
 def pq_codes(rows: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """int64 codes ``[k, M]`` of rows ``[k, M * s]``: each sub-vector's nearest centroid in ``codebooks``
-    ``[M, 256, s]``, ranked by ``|c|^2 - 2 x.c`` as :func:`uembed.bundle.codecs.pq_encode` ranks them."""
+    ``[M, 256, s]``, ranked by ``|c|^2 - 2 x.c`` in float64 as :func:`uembed.bundle.codecs.pq_encode` ranks them
+    (the first of equal minima, as numpy's argmin). A sub-vector at a time, in blocks: the distances of a block are
+    ``[rows, 256]``, never ``[rows, M, 256]``."""
     subvectors, _, width = codebooks.shape
     parts = rows.reshape(len(rows), subvectors, width)
-    norms = (codebooks * codebooks).sum(-1)  # [M, 256]
-    distances = norms - 2 * torch.einsum("kms,mcs->kmc", parts, codebooks)
-    return distances.argmin(-1)  # the first of equal minima, as numpy's argmin
+    wide = codebooks.double()
+    norms = (wide * wide).sum(-1)  # [M, 256]
+    codes = torch.empty(len(rows), subvectors, dtype=torch.long, device=rows.device)
+    for start in range(0, len(rows), PQ_CODE_ROWS):
+        block = parts[start : start + PQ_CODE_ROWS].double()
+        for m in range(subvectors):
+            codes[start : start + len(block), m] = (norms[m] - 2 * block[:, m] @ wide[m].T).argmin(-1)
+    return codes
 
 
 def pq_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -165,8 +173,11 @@ def refresh_codebooks(table: torch.Tensor, codebooks: torch.Tensor, generator: t
     ``[n, M * s]``: ``first``, from sampled rows, else from the current centroids. A centroid no sampled row
     takes stays where it was."""
     subvectors, centroids, width = codebooks.shape
-    count = min(len(table), PQ_REFRESH_SAMPLE)
-    sample = table[torch.randperm(len(table), generator=generator)[:count].to(table.device)].float()
+    if len(table) <= PQ_REFRESH_SAMPLE:  # a small table: all of it
+        sample = table.float()
+    else:  # with replacement: a permutation of a table of millions of rows costs more than the steps
+        sample = table[torch.randint(len(table), (PQ_REFRESH_SAMPLE,), generator=generator).to(table.device)].float()
+    count = len(sample)
     parts = sample.reshape(count, subvectors, width)
     if first:
         picks = torch.randperm(count, generator=generator)[:centroids] if count >= centroids else torch.arange(centroids) % count

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from uembed.bundle.codecs import default_subvectors
 from uembed.contract.collisions import collision_report, save_report, training_value_counts
-from uembed.contract.errors import UembedError
+from uembed.contract.errors import SpecError, UembedError
 from uembed.contract.hashing import hash_canonical
 from uembed.contract.known import save_known_values, training_keys
 from uembed.contract.plan import EmbeddingPlan, build_plan, method_spec
@@ -149,6 +149,8 @@ def build_model(plan: EmbeddingPlan, config: TrainConfig) -> RankingModel:
         embedding, input_dim = PlanEmbedding(plan), plan.output_dim
     tables = getattr(embedding, "base", embedding)
     if config.qat == "pq":
+        if distributed.world_size() > 1:
+            raise SpecError("--qat pq trains in one process: its codebooks are refitted from that process's rows")
         tables.train_pq(default_subvectors(plan.dim, config.pq_subvectors))
     set_quantised(tables, config, True)
     network = build_network(config.network, input_dim, config.hidden, config.cross_layers)

@@ -249,6 +249,17 @@ def test_a_sticky_feature_must_be_a_one_value_feature_of_every_version_in_the_ru
     assert app.request("PUT", f"/v1/models/{MODEL}/routing", json=rule, headers=AUTH).status_code == 200
 
 
+def test_an_unloaded_versions_series_stay_gone_after_its_tallied_batches_flush(app, movielens_examples):
+    """A version's batches are tallied and flushed later (uembed/serving/metrics_tally.py): unloading it flushes
+    them first, so no later flush brings back the series the unload removed."""
+    assert app.request("POST", f"/v1/models/{MODEL}/versions/2", headers=AUTH).status_code == 200
+    assert app.score(movielens_examples[:8], version="2").status_code == 200
+    assert app.request("DELETE", f"/v1/models/{MODEL}/versions/2", headers=AUTH).status_code == 200
+    app.engine.batcher.tally.flush()  # what the batch loop's timer does next
+    removed = ("uembed_example_score", "uembed_model_request_duration_seconds", "uembed_model_info")
+    assert not [key for key in app.metrics() if 'version="2"' in key and key.startswith(removed)]
+
+
 def test_routing_a_model_that_is_not_loaded_is_a_404(app):
     response = app.request("PUT", "/v1/models/nope/routing", json={"split": {"1": 1}}, headers=AUTH)
     assert response.status_code == 404 and response.json()["detail"].startswith("model: no model 'nope' is loaded")

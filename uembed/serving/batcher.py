@@ -99,6 +99,7 @@ class Batcher:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         self._flush()
+        self.metrics.before_collect.remove(self.tally.flush)  # a stopped batcher tallies nothing more
         for pending in self.queue:
             if not pending.future.done():
                 pending.future.set_exception(Overloaded("the service is shutting down"))

@@ -8,6 +8,7 @@ workers, ``PROMETHEUS_MULTIPROC_DIR`` makes ``/metrics`` sum them (``uembed serv
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from uembed.contract.collisions import feature_shares
 from uembed.serving.rows.store import TierCounts
 from uembed.serving.rows.updates import REJECT_REASONS
+
+log = logging.getLogger("uembed.metrics")
 
 
 def remove_quietly(metric, *labels: str) -> None:
@@ -79,8 +82,11 @@ class FlushFirst:
         return []
 
     def collect(self) -> list:
-        for hook in self.hooks:
-            hook()
+        for hook in list(self.hooks):
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a failed flush must not fail the scrape of every other series
+                log.exception("flushing tallied metrics failed")
         return []
 
 
@@ -336,6 +342,7 @@ class ServiceMetrics:
 
     def version_unloaded(self, runtime) -> None:
         """An unloaded version's series go (their labels are bounded by what is loaded), its lag with them."""
+        self.flush_first.collect()  # its tallied batches first: a later flush would bring its series back
         name, version = runtime.name, runtime.version
         remove_quietly(self.model_info, name, version, runtime.plan.method, rows_dtype(runtime))
         for traffic in TRAFFIC:

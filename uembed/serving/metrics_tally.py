@@ -10,7 +10,8 @@ workers a scrape reads the other workers' series as their last flush left them: 
 
 The gauges a batch used to set (each model's value-cache bytes and tier-1 memory) are set at a flush, from the last
 runtime of that model the tally saw. ``add`` runs on the compute thread, ``flush`` wherever the registry is read: a
-lock hands the tally over whole.
+lock hands the tally over whole, and a second one makes a read wait for a flush under way. A version's series are
+removed when it is unloaded: the tally is flushed first, so no late flush brings them back.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ SCORE_BOUNDS = np.array([*SCORE_BUCKETS, np.inf])  # the score histogram's upper
 class BatchTally:
     def __init__(self, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # add and take
+        self._flushing = threading.Lock()  # a read on another thread waits for a flush under way to finish
         self._take()
         # each stage's latency child, resolved once (labels() costs more than an observation; never removed)
         self._stage_seconds = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
@@ -90,8 +92,12 @@ class BatchTally:
 
     def flush(self) -> None:
         """Put everything tallied since the last flush into the Prometheus series."""
-        with self._lock:
-            stages, sizes, examples, hits, misses, fallbacks, unseen, scores, runtimes = self._take()
+        with self._flushing:
+            with self._lock:
+                taken = self._take()
+            self._apply(*taken)
+
+    def _apply(self, stages, sizes, examples, hits, misses, fallbacks, unseen, scores, runtimes) -> None:
         metrics = self.metrics
         for stage, values in stages.items():
             if values:

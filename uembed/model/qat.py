@@ -34,7 +34,7 @@ QAT_CODECS = (*ROWWISE_BITS, "pq")
 PQ_REFRESH_EVERY = 100  # training batches between two refreshes of a pq run's codebooks
 PQ_REFRESH_STEPS = 2  # Lloyd steps a refresh takes from the current centroids
 PQ_FIRST_STEPS = 20  # Lloyd steps of the first fit, from sampled rows
-PQ_REFRESH_SAMPLE = 64 * PQ_CENTROIDS  # rows a refresh fits to, drawn with replacement
+PQ_REFRESH_SAMPLE = 256 * PQ_CENTROIDS  # rows a refresh fits to, drawn with replacement (faiss caps k-means at 256 a centroid)
 PQ_CODE_ROWS = 16384  # rows whose distances to one codebook are computed at a time
 
 

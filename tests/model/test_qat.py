@@ -195,6 +195,17 @@ def test_a_refresh_fits_the_codebooks_to_the_rows():
         fitted = pq_error(rows, codebooks)
 
 
+def test_a_refresh_fits_the_rows_recent_batches_read_not_the_unread_tail():
+    generator = torch.Generator().manual_seed(1)
+    table = torch.randn(20_000, 4, generator=generator)
+    read = torch.tensor([3, 17, 400, 9_999, 12_345] * 40 + [7])  # a few rows, read by many batches, and one once
+    codebooks = torch.zeros(1, 256, 4)
+    qat.refresh_codebooks(table, codebooks, generator, True, read)
+    assert pq_error(table[read.unique()], codebooks) < 1e-9  # each read row is a centroid of its own (a mean of copies)
+    qat.refresh_codebooks(table, codebooks, generator, True)  # without them: the whole table's rows
+    assert pq_error(table[read.unique()], codebooks) > 1e-3
+
+
 def test_a_pq_module_refreshes_its_codebooks_in_training_only():
     train_set = from_table(tiny_table(300), tiny_spec(), name="tiny")
     config = TrainConfig(budget_fraction=0.5, dim=8, hidden=(16,), qat="pq", pq_subvectors=2)

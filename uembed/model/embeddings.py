@@ -11,6 +11,8 @@ Shapes: ``rows`` int64 ``[B, S]`` (row within the slot's table), ``weights`` flo
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from torch import nn
 from uembed.bundle.codecs import PQ_CENTROIDS, check_subvectors
 from uembed.contract.errors import SpecError
 from uembed.contract.plan import EmbeddingPlan
-from uembed.model.qat import PQ_REFRESH_EVERY, fake_quantise, pq_fake_quantise, refresh_codebooks
+from uembed.model.qat import PQ_RECENT_BATCHES, PQ_REFRESH_EVERY, fake_quantise, pq_fake_quantise, refresh_codebooks
 
 
 class PlanEmbedding(nn.Module):
@@ -83,6 +85,7 @@ class PlanEmbedding(nn.Module):
         tables = len(self.table_slices)
         self.pq_codebooks = torch.zeros(tables, subvectors, PQ_CENTROIDS, self.dim // subvectors)
         self.pq_steps = torch.zeros((), dtype=torch.long)
+        self.pq_read: collections.deque[torch.Tensor] = collections.deque(maxlen=PQ_RECENT_BATCHES)  # distinct rows a batch
         self.qat_pq = True
 
     def pq_lookup(self, unique: torch.Tensor) -> torch.Tensor:
@@ -90,11 +93,14 @@ class PlanEmbedding(nn.Module):
         training, the codebooks are refreshed first when it is their turn."""
         if self.training:
             step = int(self.pq_steps)
+            self.pq_read.append(unique)
             if step % PQ_REFRESH_EVERY == 0:
                 # Its own generator, from the run's seed: a pq run draws from the global one as a float32 run does.
                 generator = torch.Generator().manual_seed(torch.initial_seed() + step)
+                read = torch.cat(list(self.pq_read))
                 for table, (_name, start, stop) in enumerate(self.table_slices):
-                    refresh_codebooks(self.weight.detach()[start:stop], self.pq_codebooks[table], generator, first=step == 0)
+                    rows = self.weight.detach()[start:stop]
+                    refresh_codebooks(rows, self.pq_codebooks[table], generator, step == 0, read[(read >= start) & (read < stop)] - start)
             self.pq_steps += 1
         gathered = nn.functional.embedding(unique, self.weight, sparse=self.sparse)
         starts = torch.tensor([start for _name, start, _stop in self.table_slices] + [len(self.weight)], device=unique.device)

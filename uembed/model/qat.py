@@ -17,8 +17,9 @@ is the same, and ``x - x`` is exactly zero where ``x + (q - x)`` may round away 
 (squared L2, the lowest index of a tie: :func:`uembed.bundle.codecs.pq_encode`'s rule) in the table's codebooks,
 which the module holds beside the rows, with the same straight-through gradient to the rows, so a row learns which
 centroid it takes. The codebooks are not learned by gradient: every ``PQ_REFRESH_EVERY`` training batches they take
-a few k-means (Lloyd) steps on a sample of the table's rows, started from where they are (the first time, from
-sampled rows), so the centroids follow the rows. The export writes these codebooks, not new ones, and encodes each
+a few k-means (Lloyd) steps on a sample of the rows the last ``PQ_RECENT_BATCHES`` batches read (a row as often as
+batches read it), started from where they are (the first time, from sampled rows), so the centroids follow the rows
+the traffic reads. The export writes these codebooks, not new ones, and encodes each
 row to its nearest centroid: the bundle serves the rows the run was scored with.
 """
 
@@ -36,6 +37,7 @@ PQ_REFRESH_STEPS = 2  # Lloyd steps a refresh takes from the current centroids
 PQ_FIRST_STEPS = 20  # Lloyd steps of the first fit, from sampled rows
 PQ_REFRESH_SAMPLE = 256 * PQ_CENTROIDS  # rows a refresh fits to, drawn with replacement (faiss caps k-means at 256 a centroid)
 PQ_CODE_ROWS = 16384  # rows whose distances to one codebook are computed at a time
+PQ_RECENT_BATCHES = 25  # training batches whose distinct rows a refresh samples from
 
 
 def check_qat(codec: str | None) -> None:
@@ -168,12 +170,17 @@ def pq_fake_quantise(rows: torch.Tensor, codebooks: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def refresh_codebooks(table: torch.Tensor, codebooks: torch.Tensor, generator: torch.Generator, first: bool) -> None:
+def refresh_codebooks(table: torch.Tensor, codebooks: torch.Tensor, generator: torch.Generator, first: bool,
+                      read: torch.Tensor | None = None) -> None:  # fmt: skip
     """Lloyd steps of ``codebooks`` ``[M, 256, s]`` (in place) on a random sample of the ``table`` rows
     ``[n, M * s]``: ``first``, from sampled rows, else from the current centroids. A centroid no sampled row
-    takes stays where it was."""
+    takes stays where it was. ``read``: the rows (of ``table``) recent batches read, once a batch: the sample is
+    drawn from them, so a row counts as often as the traffic reads it (the long tail of rarely read rows, still
+    near their random start, would otherwise take most centroids); None or empty: drawn from the whole table."""
     subvectors, centroids, width = codebooks.shape
-    if len(table) <= PQ_REFRESH_SAMPLE:  # a small table: all of it
+    if read is not None and len(read):
+        sample = table[read[torch.randint(len(read), (PQ_REFRESH_SAMPLE,), generator=generator).to(read.device)]].float()
+    elif len(table) <= PQ_REFRESH_SAMPLE:  # a small table: all of it
         sample = table.float()
     else:  # with replacement: a permutation of a table of millions of rows costs more than the steps
         sample = table[torch.randint(len(table), (PQ_REFRESH_SAMPLE,), generator=generator).to(table.device)].float()

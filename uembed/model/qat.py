@@ -178,7 +178,9 @@ def refresh_codebooks(table: torch.Tensor, codebooks: torch.Tensor, generator: t
     drawn from them, so a row counts as often as the traffic reads it (the long tail of rarely read rows, still
     near their random start, would otherwise take most centroids); None or empty: drawn from the whole table."""
     subvectors, centroids, width = codebooks.shape
-    if read is not None and len(read):
+    if read is not None and len(read) <= PQ_REFRESH_SAMPLE and len(read):  # every read: a small table's refit stays small
+        sample = table[read].float()
+    elif read is not None and len(read):
         sample = table[read[torch.randint(len(read), (PQ_REFRESH_SAMPLE,), generator=generator).to(read.device)]].float()
     elif len(table) <= PQ_REFRESH_SAMPLE:  # a small table: all of it
         sample = table.float()

@@ -36,7 +36,7 @@ PQ_REFRESH_EVERY = 100  # training batches between two refreshes of a pq run's c
 PQ_REFRESH_STEPS = 2  # Lloyd steps a refresh takes from the current centroids
 PQ_FIRST_STEPS = 20  # Lloyd steps of the first fit, from sampled rows
 PQ_REFRESH_SAMPLE = 256 * PQ_CENTROIDS  # rows a refresh fits to, drawn with replacement (faiss caps k-means at 256 a centroid)
-PQ_CODE_ROWS = 16384  # rows whose distances to one codebook are computed at a time
+PQ_CODE_ROWS = 4096  # rows whose distances to one codebook are computed at a time: a block that stays in cache
 PQ_RECENT_BATCHES = 25  # training batches whose distinct rows a refresh samples from
 
 
@@ -149,11 +149,15 @@ def pq_codes(rows: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     parts = rows.reshape(len(rows), subvectors, width)
     wide = codebooks.double()
     norms = (wide * wide).sum(-1)  # [M, 256]
+    scaled = -2 * wide
     codes = torch.empty(len(rows), subvectors, dtype=torch.long, device=rows.device)
     for start in range(0, len(rows), PQ_CODE_ROWS):
         block = parts[start : start + PQ_CODE_ROWS].double()
         for m in range(subvectors):
-            codes[start : start + len(block), m] = (norms[m] - 2 * block[:, m] @ wide[m].T).argmin(-1)
+            # x.(-2c) is -2 x.c to the bit; the norms added in place, as the export adds them (a fused addmm rounds
+            # once where numpy rounds twice, and an exact tie then broke the other way)
+            distances = block[:, m] @ scaled[m].T
+            codes[start : start + len(block), m] = distances.add_(norms[m]).argmin(-1)
     return codes
 
 

@@ -249,14 +249,19 @@ def test_a_sticky_feature_must_be_a_one_value_feature_of_every_version_in_the_ru
     assert app.request("PUT", f"/v1/models/{MODEL}/routing", json=rule, headers=AUTH).status_code == 200
 
 
-def test_an_unloaded_versions_series_stay_gone_after_its_tallied_batches_flush(app, movielens_examples):
+def test_an_unloaded_versions_series_go_and_stay_gone_after_its_tallied_batches_flush(app, movielens_examples):
     """A version's batches are tallied and flushed later (uembed/serving/metrics_tally.py): unloading it flushes
-    them first, so no later flush brings back the series the unload removed."""
+    them first, so no later flush brings back the series the unload removed; its row-update counts and lag go too."""
     assert app.request("POST", f"/v1/models/{MODEL}/versions/2", headers=AUTH).status_code == 200
     assert app.score(movielens_examples[:8], version="2").status_code == 200
+    # a rejection of a field no load names: its series too must go with the version
+    app.engine.metrics.updates.labels(MODEL, "2", "rejected", "rows.user_id").inc()
+    loaded = [key for key in app.metrics() if 'version="2"' in key and key.startswith("uembed_row_update")]
+    assert any('reason="rows.user_id"' in key for key in loaded) and any("lag" in key for key in loaded), loaded
     assert app.request("DELETE", f"/v1/models/{MODEL}/versions/2", headers=AUTH).status_code == 200
     app.engine.batcher.tally.flush()  # what the batch loop's timer does next
-    removed = ("uembed_example_score", "uembed_model_request_duration_seconds", "uembed_model_info")
+    removed = ("uembed_example_score", "uembed_model_request_duration_seconds", "uembed_model_info",
+               "uembed_row_updates_total", "uembed_row_update_lag_seconds")  # fmt: skip
     assert not [key for key in app.metrics() if 'version="2"' in key and key.startswith(removed)]
 
 

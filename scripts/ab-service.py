@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/ab-service.py BEFORE_TREE [AFTER_TREE] [--rounds 4] [--seconds 8] [--out ab.json]
     .venv/bin/python scripts/ab-service.py BEFORE_TREE --open-loop 1400   # requests at evenly spaced times instead
+    .venv/bin/python scripts/ab-service.py . . --after-env UEMBED_BUSY_POLL_MS=2   # one tree, two settings
 
 Each round starts one worker of each tree in turn (``PYTHONPATH=TREE python -m uvicorn``, this venv's packages, the
 tree's own code and compiled extensions: build them in a worktree first), on the demo bundle, loads it with wrk
@@ -27,10 +28,12 @@ from uembed.loadtest.servers import UvicornProcess
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work: Path, rate: float | None = None) -> dict:
+def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work: Path, rate: float | None = None,
+            env: dict[str, str] | None = None, label: str = "") -> dict:  # fmt: skip
     # the worker starts in the tree and imports uembed from it
-    server = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle.resolve()), "PYTHONPATH": str(tree)},
-                            work / f"{tree.name}.log")  # fmt: skip
+    server = UvicornProcess("uembed.serving.app:create_app",
+                            {"UEMBED_BUNDLES": str(bundle.resolve()), "PYTHONPATH": str(tree)} | (env or {}),
+                            work / f"{label or tree.name}.log")  # fmt: skip
     server.cwd = tree
     server.start()
     try:
@@ -55,15 +58,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--open-loop", type=float, metavar="RPS", help="this many requests/s at evenly spaced times, not saturation")
+    parser.add_argument("--before-env", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings for the before worker only, e.g. UEMBED_BUSY_POLL_MS=0 (the trees may be the same)")
+    parser.add_argument("--after-env", nargs="+", default=[], metavar="KEY=VALUE", help="settings for the after worker only")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    envs = {name: dict(pair.split("=", 1) for pair in getattr(args, f"{name}_env")) for name in ("before", "after")}
     bodies = [orjson.dumps({"examples": r}) for r in movielens_requests(64, 200)]
     rounds = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         for round_ in range(args.rounds):
             order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
-            figures = {name: measure(getattr(args, name), args.bundle, bodies, args.seconds, work, args.open_loop) for name in order}
+            figures = {name: measure(getattr(args, name), args.bundle, bodies, args.seconds, work, args.open_loop,
+                                   envs[name], name) for name in order}  # fmt: skip
             kept = ("requests_per_s", "server_cpu_ms_per_call") + (("p50_ms", "p99_ms") if args.open_loop else ())
             row = {name: {key: figures[name][key] for key in kept} for name in ("before", "after")}
             row["after_over_before"] = round(row["after"]["requests_per_s"] / row["before"]["requests_per_s"], 3)
@@ -71,7 +79,8 @@ def main() -> None:
             print(json.dumps({"round": round_ + 1, "order": order, **row}), flush=True)
             rounds.append(row)
     summary = {
-        "before": str(args.before), "after": str(args.after), "rounds": rounds,
+        "before": str(args.before), "after": str(args.after), "before_env": envs["before"], "after_env": envs["after"],
+        "rounds": rounds,
         "median_after_over_before": statistics.median(r["after_over_before"] for r in rounds),
         "median_before_cpu_over_after": statistics.median(r["before_cpu_over_after"] for r in rounds),
     }  # fmt: skip

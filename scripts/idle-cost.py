@@ -1,6 +1,6 @@
 """What a request's work costs on this machine when it runs back to back against when it follows an idle gap.
 
-    .venv/bin/python scripts/idle-cost.py [BUNDLE] [--calls 300] [--gaps 0 0.001 0.005]
+    .venv/bin/python scripts/idle-cost.py [BUNDLE] [--calls 300] [--gaps 0 0.001 0.005] [--wait sleep|spin|both]
 
 At half load the service's requests arrive a millisecond or more apart, so each one runs after the worker slept;
 at saturation they run back to back. This times, in one process, the same work both ways: the encoder's
@@ -22,7 +22,14 @@ from uembed.serving.engine import ScoringEngine
 from uembed.serving.settings import load_settings
 
 
-def timed(work, calls: int, gaps: list[float], rounds: int = 10) -> dict[str, dict[str, float]]:
+def spin(seconds: float) -> None:
+    """Wait without giving the core up, as a busy-polling server would between requests."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+def timed(work, calls: int, gaps: list[float], rounds: int = 10, wait=time.sleep) -> dict[str, dict[str, float]]:
     """Microseconds a call after each gap: the gaps take turns, ``calls / rounds`` calls at a time, so a drift of the
     machine's speed during the run reaches every gap alike."""
     spent: dict[float, list[float]] = {gap: [] for gap in gaps}
@@ -30,7 +37,7 @@ def timed(work, calls: int, gaps: list[float], rounds: int = 10) -> dict[str, di
         for gap in gaps:
             for i in range(max(calls // rounds, 1)):
                 if gap:
-                    time.sleep(gap)
+                    wait(gap)
                 started = time.perf_counter()
                 work(i)
                 spent[gap].append(time.perf_counter() - started)
@@ -48,6 +55,9 @@ def main() -> None:
                         help="a MovieLens bundle (default: the demo bundle; `uembed demo-bundle` makes it)")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--gaps", type=float, nargs="+", default=[0.0, 0.001, 0.005])
+    parser.add_argument("--wait", choices=["sleep", "spin", "both"], default="sleep",
+                        help="how a gap passes: asleep (the core may idle), spinning on the clock (it stays busy), or "
+                             "both, taking turns (default: sleep)")
     args = parser.parse_args()
     runtime = ScoringEngine(load_settings()).registry.open(args.bundle)
     requests = movielens_requests(64, 200)
@@ -60,11 +70,15 @@ def main() -> None:
     for name, call in work.items():
         for _ in range(50):  # warm: every cache filled, every page touched
             call(0)
-        figures = timed(call, args.calls, args.gaps)
-        base = figures[f"gap {args.gaps[0] * 1000:g} ms"]["p50_us"]
-        for figure in figures.values():
-            figure["p50_over_first"] = round(figure["p50_us"] / base, 2)
-        out[name] = figures
+        waits = {"sleep": time.sleep, "spin": spin}
+        chosen = list(waits) if args.wait == "both" else [args.wait]
+        out[name] = {}
+        for wait_name in chosen:
+            figures = timed(call, args.calls, args.gaps, wait=waits[wait_name])
+            base = figures[f"gap {args.gaps[0] * 1000:g} ms"]["p50_us"]
+            for figure in figures.values():
+                figure["p50_over_first"] = round(figure["p50_us"] / base, 2)
+            out[name][wait_name] = figures
     print(json.dumps(out, indent=2))
 
 

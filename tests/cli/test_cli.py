@@ -112,6 +112,7 @@ def test_a_model_is_named_for_its_data_set_without_the_file_extension(dataset, m
     [
         (["--bundle", "no-such-bundle"], {}, "no-such-bundle is not a bundle: no such directory"),
         ([], {"UEMBED_MAX_WAIT_MS": "-1"}, "UEMBED_MAX_WAIT_MS"),
+        ([], {"UEMBED_BUSY_POLL_MS": "-1"}, "UEMBED_BUSY_POLL_MS"),
         ([], {"UEMBED_RELOAD_TOKEN": "short"}, "reload_token must be at least 16 characters"),
     ],
 )

@@ -119,6 +119,9 @@ class ServiceSettings(BaseSettings):
         description="Extra time a batch waits for more requests after the first arrives. 0: batch only what "
         "queued while the previous batch ran (lowest latency when idle).",
     )
+    busy_poll_ms: float = Field(0.0, ge=0, le=1000, description="After a batch, poll for the next request this long "
+        "before sleeping: a core that sleeps comes back slower (docs/LOADTEST.md). Costs a core while requests are sparse "
+        "(CPU a container's limit counts) and saturated requests/s where the load shares its cores. 0: sleep at once.")
     max_queue_examples: int = Field(
         8192,
         ge=1,

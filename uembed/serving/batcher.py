@@ -6,7 +6,8 @@ queued while the previous batch ran (plus ``max_wait_ms``), up to ``max_batch_id
 one compute thread: ``runtime.score_batch`` (``uembed/serving/pipeline/``). A failed batch fails its requests, never
 the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``: the batch runs between
 the loop's reads and writes, with no GIL to hand back and forth), else one executor thread (the CUDA path, which waits
-on the device, and a path through Redis, whose reads may wait up to their timeout).
+on the device, and a path through Redis, whose reads may wait up to their timeout). With ``busy_poll_ms`` the loop
+polls for the next request a while after a batch before it sleeps (a sleeping core wakes slowly).
 """
 
 from __future__ import annotations

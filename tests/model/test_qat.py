@@ -175,6 +175,39 @@ def test_training_and_export_break_near_ties_alike(width):
     np.testing.assert_array_equal(one_at_a_time, expected[::7])
 
 
+@pytest.mark.parametrize(("subvectors", "width"), [(1, 3), (1, 4), (2, 8), (1, 16), (4, 4)])
+def test_training_export_and_any_block_pick_the_same_codes_on_exact_ties_and_far_from_the_origin(subvectors, width,
+                                                                                                monkeypatch):  # fmt: skip
+    """Exact ties (each odd centroid is the even one before it with two values swapped, and the rows hold those two
+    values equal) and sub-vectors far from the origin (one value a thousand times the rest: ``|c|^2 - 2 x.c``
+    cancels): two libraries' matrix products, or one library's for one row and for a block, ranked these either way.
+    Training and export agree on every row, alone or in any block, and across the block edge."""
+    rng = np.random.default_rng(width * 10 + subvectors)
+    codebooks = rng.normal(size=(subvectors, 256, width)).astype(np.float32)
+    codebooks[..., 0] *= 1000
+    codebooks[:, 1::2] = codebooks[:, 0::2]
+    codebooks[:, 1::2, 1], codebooks[:, 1::2, 2] = codebooks[:, 0::2, 2], codebooks[:, 0::2, 1]
+    count = qat.PQ_CODE_ROWS + 5
+    chosen = rng.integers(0, 128, (count, subvectors)) * 2
+    parts = codebooks[np.arange(subvectors), chosen] + rng.normal(scale=1e-2, size=(count, subvectors, width)).astype(np.float32)
+    parts[..., 2] = parts[..., 1]  # equally far from the even centroid and its swapped twin
+    rows = parts.reshape(count, -1).astype(np.float32)
+    expected = codecs.pq_encode(rows, codebooks)
+    trained = qat.pq_codes(torch.from_numpy(rows), torch.from_numpy(codebooks)).numpy()
+    np.testing.assert_array_equal(trained, expected)
+    np.testing.assert_array_equal(np.concatenate([codecs.pq_encode(rows[i : i + 1], codebooks) for i in range(0, count, 13)]),
+                                  expected[::13])  # fmt: skip
+    monkeypatch.setattr(codecs, "PQ_ENCODE_ROWS", 1000)
+    np.testing.assert_array_equal(codecs.pq_encode(rows, codebooks), expected)
+    monkeypatch.setattr(qat, "PQ_CODE_ROWS", 999)
+    np.testing.assert_array_equal(qat.pq_codes(torch.from_numpy(rows), torch.from_numpy(codebooks)).numpy(), expected)
+    # and each code is a nearest centroid, by distances in extended precision (the product form alone, cancelling
+    # far from the origin, had picked others)
+    exact = ((parts.astype(np.longdouble)[:, :, None, :] - codebooks.astype(np.longdouble)[None]) ** 2).sum(-1)
+    picked = np.take_along_axis(exact, expected[:, :, None].astype(np.intp), axis=2)[..., 0]
+    assert (picked <= exact.min(axis=2) * (1 + 1e-12)).all()
+
+
 def pq_error(rows: torch.Tensor, codebooks: torch.Tensor) -> float:
     return float(((qat.pq_decode(qat.pq_codes(rows, codebooks), codebooks) - rows) ** 2).sum())
 

@@ -44,7 +44,7 @@ PQ_CENTROIDS = 256
 # half. int8 and int4 keep min and max: the search changed no AUC measurably there and costs an export's time.
 RANGE_SEARCH = {2: (64, 32)}
 RANGE_SEARCH_ROWS = 4096  # rows searched at a time: their candidates' errors stay in cache
-PQ_ENCODE_ROWS = 4096  # rows encoded at a time: their distances to one codebook, [rows, 256] float64, stay in cache
+PQ_ENCODE_ROWS = 4096  # rows encoded at a time: their distances to one codebook are [rows, 256] float64
 
 
 def _unpack_table(bits: int) -> np.ndarray:
@@ -175,25 +175,54 @@ def unpack_codes(packed: np.ndarray, bits: int, dim: int) -> np.ndarray:
     return np.take(UNPACK[bits], packed, axis=0).reshape(len(packed), -1)[:, :dim]
 
 
-def pq_encode(rows: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    """uint8 codes ``[k, M]``: each sub-vector's nearest centroid (squared L2, the lowest index of a tie).
+def pq_tie_margin(width: int) -> float:
+    """How close, relative to ``(|x| + max |c|)^2``, two centroids' distances from a sub-vector of ``width`` values
+    may be before the matrix-product ranking is not trusted: twice the float64 rounding bound of the product form
+    ``|c|^2 - 2 x.c`` plus that of the summed squares, with room to spare (Higham's gamma_n, n = width + 2)."""
+    return (4 * width + 16) * 2.0**-53
 
-    Distances in float64: a matrix product's rounding depends on how a library blocks it, so float32 distances
-    could rank two near-equal centroids one way in an export's chunk and the other way in a training batch
-    (``uembed.model.qat.pq_codes`` ranks them as here); float64 leaves only exact ties, which the lowest index
-    breaks."""
+
+def pq_nearest_in_order(parts: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Nearest centroid of each float64 sub-vector in ``parts [k, s]`` among ``centroids [256, s]`` by
+    ``sum_j (x_j - c_j)^2`` added up in column order, element by element: operations that round alike in numpy and
+    torch (:func:`uembed.model.qat.pq_nearest_in_order` does the same ones), the first of equal sums winning."""
+    distances = np.zeros((len(parts), len(centroids)))
+    for column in range(parts.shape[1]):
+        difference = parts[:, column, None] - centroids[None, :, column]
+        distances += difference * difference
+    return distances.argmin(axis=1)
+
+
+def pq_encode(rows: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """uint8 codes ``[k, M]``: each sub-vector's nearest centroid (squared L2).
+
+    Training (``uembed.model.qat.pq_codes``) must pick the codes the export picks, but two libraries' float64
+    matrix products round differently (and one library's differently for one row and for a block), so near-equal
+    distances, exact ties and rows far from the origin (where ``|c|^2 - 2 x.c`` cancels) could rank either way.
+    So: the product ranks each sub-vector, and a sub-vector whose two nearest are within :func:`pq_tie_margin` is
+    ranked again by :func:`pq_nearest_in_order`, whose operations round alike everywhere. Outside the margin the
+    product's nearest is the exact one, and the one the ordered sums find; inside it, both libraries use the ordered
+    sums. So the codes do not depend on the library, the block or the batch a row comes in."""
     rows = np.asarray(rows, dtype=np.float32)
     subvectors, _, width = codebooks.shape
     wide = np.asarray(codebooks, dtype=np.float64)
     codes = np.empty((len(rows), subvectors), dtype=np.uint8)
     norms = np.einsum("mcs,mcs->mc", wide, wide)
+    reach = np.sqrt(norms.max(axis=1))  # the farthest centroid's norm, a codebook
     scaled = -2 * wide  # exact: x.(-2c) is -2 x.c to the bit, and the norms are added in place (one pass fewer)
+    margin = pq_tie_margin(width)
     for start in range(0, len(rows), PQ_ENCODE_ROWS):
         block = rows[start : start + PQ_ENCODE_ROWS].reshape(-1, subvectors, width).astype(np.float64)
         for m in range(subvectors):
-            distances = block[:, m] @ scaled[m].T  # the row's own norm ranks nothing
+            parts = np.ascontiguousarray(block[:, m])
+            distances = parts @ scaled[m].T  # the row's own norm ranks nothing
             distances += norms[m]
-            codes[start : start + len(block), m] = np.argmin(distances, axis=1)
+            nearest = np.argmin(distances, axis=1)
+            two = np.partition(distances, 1, axis=1)
+            close = two[:, 1] - two[:, 0] <= margin * (np.sqrt((parts * parts).sum(axis=1)) + reach[m]) ** 2
+            if close.any():
+                nearest[close] = pq_nearest_in_order(parts[close], wide[m])
+            codes[start : start + len(block), m] = nearest
     return codes
 
 

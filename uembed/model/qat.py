@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uembed.bundle.codecs import PQ_CENTROIDS, RANGE_SEARCH, ROWWISE_BITS
+from uembed.bundle.codecs import PQ_CENTROIDS, RANGE_SEARCH, ROWWISE_BITS, pq_tie_margin
 from uembed.contract.errors import SpecError
 
 QAT_CODECS = (*ROWWISE_BITS, "pq")
@@ -36,7 +36,7 @@ PQ_REFRESH_EVERY = 100  # training batches between two refreshes of a pq run's c
 PQ_REFRESH_STEPS = 2  # Lloyd steps a refresh takes from the current centroids
 PQ_FIRST_STEPS = 20  # Lloyd steps of the first fit, from sampled rows
 PQ_REFRESH_SAMPLE = 256 * PQ_CENTROIDS  # rows a refresh fits to, drawn with replacement (faiss caps k-means at 256 a centroid)
-PQ_CODE_ROWS = 4096  # rows whose distances to one codebook are computed at a time: a block that stays in cache
+PQ_CODE_ROWS = 4096  # rows whose distances to one codebook are computed at a time
 PQ_RECENT_BATCHES = 25  # training batches whose distinct rows a refresh samples from
 
 
@@ -140,24 +140,41 @@ def fake_quantise(rows: torch.Tensor, bits: int, columns: torch.Tensor | None = 
     return quantise_dequantise(rows, bits, columns) + (rows - rows.detach())
 
 
+def pq_nearest_in_order(parts: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """:func:`uembed.bundle.codecs.pq_nearest_in_order` in torch: the same float64 operations in the same order."""
+    distances = torch.zeros(len(parts), len(centroids), dtype=torch.float64, device=parts.device)
+    for column in range(parts.shape[1]):
+        difference = parts[:, column, None] - centroids[None, :, column]
+        distances += difference * difference
+    return distances.argmin(-1)
+
+
 def pq_codes(rows: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """int64 codes ``[k, M]`` of rows ``[k, M * s]``: each sub-vector's nearest centroid in ``codebooks``
-    ``[M, 256, s]``, ranked by ``|c|^2 - 2 x.c`` in float64 as :func:`uembed.bundle.codecs.pq_encode` ranks them
-    (the first of equal minima, as numpy's argmin). A sub-vector at a time, in blocks: the distances of a block are
-    ``[rows, 256]``, never ``[rows, M, 256]``."""
+    ``[M, 256, s]``, chosen as :func:`uembed.bundle.codecs.pq_encode` chooses it (a float64 matrix product ranks,
+    ordered sums decide where its two nearest are within the rounding margin), so training and export agree on
+    every row, ties included. A sub-vector at a time, in blocks: the distances of a block are ``[rows, 256]``, never
+    ``[rows, M, 256]``."""
     subvectors, _, width = codebooks.shape
-    parts = rows.reshape(len(rows), subvectors, width)
+    parts_all = rows.reshape(len(rows), subvectors, width)
     wide = codebooks.double()
     norms = (wide * wide).sum(-1)  # [M, 256]
+    reach = norms.max(-1).values.sqrt()
     scaled = -2 * wide
+    margin = pq_tie_margin(width)
     codes = torch.empty(len(rows), subvectors, dtype=torch.long, device=rows.device)
     for start in range(0, len(rows), PQ_CODE_ROWS):
-        block = parts[start : start + PQ_CODE_ROWS].double()
+        block = parts_all[start : start + PQ_CODE_ROWS].double()
         for m in range(subvectors):
-            # x.(-2c) is -2 x.c to the bit; the norms added in place, as the export adds them (a fused addmm rounds
-            # once where numpy rounds twice, and an exact tie then broke the other way)
-            distances = block[:, m] @ scaled[m].T
-            codes[start : start + len(block), m] = distances.add_(norms[m]).argmin(-1)
+            parts = block[:, m].contiguous()
+            # x.(-2c) is -2 x.c to the bit; the norms added in place
+            distances = (parts @ scaled[m].T).add_(norms[m])
+            nearest = distances.argmin(-1)
+            two = distances.topk(2, dim=-1, largest=False).values
+            close = two[:, 1] - two[:, 0] <= margin * ((parts * parts).sum(-1).sqrt() + reach[m]) ** 2
+            if bool(close.any()):
+                nearest[close] = pq_nearest_in_order(parts[close], wide[m])
+            codes[start : start + len(block), m] = nearest
     return codes
 
 

@@ -30,15 +30,6 @@ def remove_quietly(metric, *labels: str) -> None:
         pass
 
 
-def remove_version_series(metric, name: str, version: str) -> None:
-    """Every series of ``metric`` of this model version, whatever its other labels (read back from the metric: a
-    sample's labels come in the metric's label order)."""
-    for family in metric.collect():
-        for sample in family.samples:
-            if sample.labels.get("model") == name and sample.labels.get("version") == version:
-                remove_quietly(metric, *sample.labels.values())
-
-
 def rows_dtype(runtime) -> str:
     """The stored dtype of a model version's rows (a label of its info series)."""
     return next(iter(runtime.bundle.tables.values())).dtype if runtime.bundle.tables else "none"
@@ -351,7 +342,8 @@ class ServiceMetrics:
 
     def version_unloaded(self, runtime) -> None:
         """An unloaded version's series go (their labels are bounded by what is loaded), its row updates' counts and lag
-        with them."""
+        with them. Not with several workers: prometheus_client cannot remove a series from its multiprocess files, so
+        there they stay (stale) until the workers restart."""
         self.flush_first.collect()  # its tallied batches first: a later flush would bring its series back
         name, version = runtime.name, runtime.version
         remove_quietly(self.model_info, name, version, runtime.plan.method, rows_dtype(runtime))
@@ -363,7 +355,7 @@ class ServiceMetrics:
         remove_quietly(self.shadow_difference, name, version)
         remove_quietly(self.routing_share, name, version)
         remove_quietly(self.update_lag_seconds, name, version)
-        remove_version_series(self.updates, name, version)  # a rejection's reason is the field at fault: any field
+        self.updates.remove_by_labels({"model": name, "version": version})  # a rejection's reason: any field
 
     def observe_tiers(self, counts: TierCounts) -> None:
         for tier, value in counts.hits.items():

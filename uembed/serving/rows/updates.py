@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import numpy as np
 
@@ -337,17 +338,22 @@ class UpdateReader:
             if self.last_error is not None:
                 log.info("row-update stream at %s answers again", self.url)
         futures: list[Future] = []
+        rejected: list[tuple[str, str, str]] = []
         for key, entries in replies or []:
             key = key.decode() if isinstance(key, bytes) else key
             name, version, runtimes = followed[key]
-            futures.append(self.engine.submit_updates(name, version, self._decode(runtimes[0], key, entries)))
+            reasons: list[str] = []
+            futures.append(self.engine.submit_updates(name, version, self._decode(runtimes[0], key, entries, reasons)))
+            rejected += [(name, version, reason) for reason in reasons]
         for future in futures:  # applied before the next read starts from the new positions
             future.result()
-        self._observe_lag(followed)
+        ages = self._lag_ages(followed)
+        if rejected or ages:
+            self.engine.batcher.between_batches(partial(self._record, rejected, ages))
 
-    def _decode(self, runtime, key: str, entries: list) -> list[Entry]:
-        """Each entry's delta, or None for one rejected: whatever it holds, its position is consumed and the
-        entries after it are applied."""
+    def _decode(self, runtime, key: str, entries: list, rejected: list[str] | None = None) -> list[Entry]:
+        """Each entry's delta, or None for one rejected: its position is consumed, the entries after it applied.
+        The reasons are counted now, or go to ``rejected`` for :meth:`_record` (the reader's rounds)."""
         out = []
         for entry_id, fields in entries:
             shown = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -355,14 +361,25 @@ class UpdateReader:
                 delta = decode_delta(fields, runtime.name, runtime.version, runtime.bundle.tables)
             except DeltaError as exc:
                 log.warning("rejected row update %s of %s: %s", shown, key, exc)
-                self.metrics.updates.labels(runtime.name, runtime.version, "rejected", exc.field).inc()
-                delta = None
+                delta, reason = None, exc.field
             except Exception:  # noqa: BLE001 - a check that fails rejects the entry: it must not stop the stream
                 log.exception("rejected row update %s of %s: checking it failed", shown, key)
-                self.metrics.updates.labels(runtime.name, runtime.version, "rejected", "unexpected").inc()
-                delta = None
+                delta, reason = None, "unexpected"
+            if delta is None:
+                rejected.append(reason) if rejected is not None else self.metrics.updates.labels(
+                    runtime.name, runtime.version, "rejected", reason).inc()  # fmt: skip
             out.append((parse_position(entry_id), delta))
         return out
+
+    def _record(self, rejected: list[tuple[str, str, str]], ages: list[tuple[str, str, float]]) -> None:
+        """Between batches, where versions are unloaded: a version unloaded since the reader read its stream gets no
+        count or lag (its series went with it and must not come back)."""
+        for name, version, reason in rejected:
+            if self.engine.registry.runtimes_for(name, version):
+                self.metrics.updates.labels(name, version, "rejected", reason).inc()
+        for name, version, age in ages:
+            if self.engine.registry.runtimes_for(name, version):
+                self.metrics.update_lag_seconds.labels(name, version).set(age)
 
     def _check_trimmed(self, key: str, position: tuple[int, int]) -> None:
         """Note (and log) when entries after ``position`` were trimmed away: this replica cannot replay them."""
@@ -378,20 +395,19 @@ class UpdateReader:
             log.error("row-update stream %s: %s; rows they changed are served from the bundle here until a bundle "
                       "exported with them is loaded", key, self.gaps[key])  # fmt: skip
 
-    def _observe_lag(self, followed: dict[str, tuple[str, str, list]]) -> None:
-        """Per version, the age of the oldest entry this replica has not applied (0: caught up). Ages come from entry
-        ids, which Redis stamps with its clock: a skew between the hosts' clocks shows in the figure."""
+    def _lag_ages(self, followed: dict[str, tuple[str, str, list]]) -> list[tuple[str, str, float]]:
+        """Per version, the age of the oldest entry this replica has not applied (0: caught up), every LAG_EVERY_S.
+        Ages come from entry ids, which Redis stamps with its clock: a skew between the hosts' clocks shows."""
         now = time.monotonic()
         if now - self._lag_observed < self.LAG_EVERY_S:
-            return
+            return []
         self._lag_observed = now
         pipe = self.client().pipeline(transaction=False)
         for key, (_, _, runtimes) in followed.items():
             pipe.xrange(key, min=f"({format_position(min(r.update_position for r in runtimes))}", max="+", count=1)
         now_ms = time.time() * 1000
-        for (name, version, _), oldest in zip(followed.values(), pipe.execute()):
-            age = max(now_ms - parse_position(oldest[0][0])[0], 0) / 1000 if oldest else 0.0
-            self.metrics.update_lag_seconds.labels(name, version).set(age)
+        return [(name, version, max(now_ms - parse_position(oldest[0][0])[0], 0) / 1000 if oldest else 0.0)
+                for (name, version, _), oldest in zip(followed.values(), pipe.execute())]  # fmt: skip
 
     def describe(self, runtime) -> dict:
         """For ``GET /v1/models``: where this version's updates come from and how far they are applied."""

@@ -218,8 +218,8 @@ def pq_encode(rows: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
             distances = parts @ scaled[m].T  # the row's own norm ranks nothing
             distances += norms[m]
             nearest = np.argmin(distances, axis=1)
-            two = np.partition(distances, 1, axis=1)
-            close = two[:, 1] - two[:, 0] <= margin * (np.sqrt((parts * parts).sum(axis=1)) + reach[m]) ** 2
+            bound = distances[np.arange(len(parts)), nearest] + margin * (np.sqrt((parts * parts).sum(axis=1)) + reach[m]) ** 2
+            close = np.count_nonzero(distances <= bound[:, None], axis=1) > 1  # a second centroid within the margin
             if close.any():
                 nearest[close] = pq_nearest_in_order(parts[close], wide[m])
             codes[start : start + len(block), m] = nearest

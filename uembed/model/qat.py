@@ -170,8 +170,8 @@ def pq_codes(rows: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
             # x.(-2c) is -2 x.c to the bit; the norms added in place
             distances = (parts @ scaled[m].T).add_(norms[m])
             nearest = distances.argmin(-1)
-            two = distances.topk(2, dim=-1, largest=False).values
-            close = two[:, 1] - two[:, 0] <= margin * ((parts * parts).sum(-1).sqrt() + reach[m]) ** 2
+            bound = distances.gather(1, nearest[:, None])[:, 0] + margin * ((parts * parts).sum(-1).sqrt() + reach[m]) ** 2
+            close = (distances <= bound[:, None]).sum(-1) > 1  # a second centroid within the margin
             if bool(close.any()):
                 nearest[close] = pq_nearest_in_order(parts[close], wide[m])
             codes[start : start + len(block), m] = nearest

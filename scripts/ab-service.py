@@ -15,6 +15,7 @@ Prints each round and the medians of the after-over-before ratios as JSON. Run i
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -63,7 +64,14 @@ def main() -> None:
     parser.add_argument("--after-env", nargs="+", default=[], metavar="KEY=VALUE", help="settings for the after worker only")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    envs = {name: dict(pair.split("=", 1) for pair in getattr(args, f"{name}_env")) for name in ("before", "after")}
+    envs = {}
+    for name in ("before", "after"):
+        pairs = getattr(args, f"{name}_env")
+        if any("=" not in pair for pair in pairs):
+            parser.error(f"--{name}-env takes KEY=VALUE pairs; got {pairs} (put the trees before the option)")
+        envs[name] = dict(pair.split("=", 1) for pair in pairs)
+    # both workers inherit this shell's settings: recorded, so a stray UEMBED_* is seen in the results
+    inherited = {key: value for key, value in os.environ.items() if key.startswith("UEMBED_")}
     bodies = [orjson.dumps({"examples": r}) for r in movielens_requests(64, 200)]
     rounds = []
     with tempfile.TemporaryDirectory() as folder:
@@ -80,6 +88,7 @@ def main() -> None:
             rounds.append(row)
     summary = {
         "before": str(args.before), "after": str(args.after), "before_env": envs["before"], "after_env": envs["after"],
+        "inherited_env": inherited,
         "rounds": rounds,
         "median_after_over_before": statistics.median(r["after_over_before"] for r in rounds),
         "median_before_cpu_over_after": statistics.median(r["before_cpu_over_after"] for r in rounds),

@@ -29,23 +29,24 @@ def spin(seconds: float) -> None:
         pass
 
 
-def timed(work, calls: int, gaps: list[float], rounds: int = 10, wait=time.sleep) -> dict[str, dict[str, float]]:
-    """Microseconds a call after each gap: the gaps take turns, ``calls / rounds`` calls at a time, so a drift of the
-    machine's speed during the run reaches every gap alike."""
-    spent: dict[float, list[float]] = {gap: [] for gap in gaps}
+def timed(work, calls: int, gaps: list[float], waits: dict, rounds: int = 10) -> dict[str, dict[str, dict[str, float]]]:
+    """Microseconds a call after each gap, per way of waiting: the gaps and the waits take turns, ``calls / rounds``
+    calls at a time, so a drift of the machine's speed during the run reaches every gap and wait alike."""
+    spent: dict[tuple[str, float], list[float]] = {(name, gap): [] for name in waits for gap in gaps}
     for _ in range(rounds):
-        for gap in gaps:
-            for i in range(max(calls // rounds, 1)):
-                if gap:
-                    wait(gap)
-                started = time.perf_counter()
-                work(i)
-                spent[gap].append(time.perf_counter() - started)
-    figures = {}
-    for gap, seconds in spent.items():
+        for name, wait in waits.items():
+            for gap in gaps:
+                for i in range(max(calls // rounds, 1)):
+                    if gap:
+                        wait(gap)
+                    started = time.perf_counter()
+                    work(i)
+                    spent[name, gap].append(time.perf_counter() - started)
+    figures: dict = {name: {} for name in waits}
+    for (name, gap), seconds in spent.items():
         micros = np.asarray(seconds) * 1e6
-        figures[f"gap {gap * 1000:g} ms"] = {"p50_us": round(float(np.percentile(micros, 50)), 1),
-                                             "p90_us": round(float(np.percentile(micros, 90)), 1)}  # fmt: skip
+        figures[name][f"gap {gap * 1000:g} ms"] = {"p50_us": round(float(np.percentile(micros, 50)), 1),
+                                                   "p90_us": round(float(np.percentile(micros, 90)), 1)}  # fmt: skip
     return figures
 
 
@@ -71,14 +72,12 @@ def main() -> None:
         for _ in range(50):  # warm: every cache filled, every page touched
             call(0)
         waits = {"sleep": time.sleep, "spin": spin}
-        chosen = list(waits) if args.wait == "both" else [args.wait]
-        out[name] = {}
-        for wait_name in chosen:
-            figures = timed(call, args.calls, args.gaps, wait=waits[wait_name])
-            base = figures[f"gap {args.gaps[0] * 1000:g} ms"]["p50_us"]
-            for figure in figures.values():
+        figures = timed(call, args.calls, args.gaps, {w: waits[w] for w in (waits if args.wait == "both" else [args.wait])})
+        for by_gap in figures.values():
+            base = by_gap[f"gap {args.gaps[0] * 1000:g} ms"]["p50_us"]
+            for figure in by_gap.values():
                 figure["p50_over_first"] = round(figure["p50_us"] / base, 2)
-            out[name][wait_name] = figures
+        out[name] = figures  # by way of waiting ("sleep", "spin"), then by gap
     print(json.dumps(out, indent=2))
 
 

@@ -8,7 +8,8 @@ admitted requests on shutdown. The fronts, each a module of ``uembed/serving/pro
     gRPC    the Open Inference Protocol, started here too    oip_grpc.py  } (served by grpc_h2.py)
 
 They share the engine, its batcher and the error table; each renders errors in its protocol's shape
-(``render.py``). Every HTTP request first passes the body limits and request metrics (``limits.py``); the
+(``render.py``). Every HTTP request first passes the body limits and request metrics (``limits.py``), except a
+valid score request the service's protocol answers itself (``fast_lane.py``, under the same limits and metrics); the
 probes (/healthz, /readyz, /metrics) are ``probes.py``.
 """
 
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from uembed.contract.errors import UembedError
 from uembed.serving.engine import ScoringEngine
+from uembed.serving.protocols.fast_lane import FastScoreLane
 from uembed.serving.protocols.grpc_h2 import start_grpc_server, stop_grpc_server
 from uembed.serving.protocols.lean_json import LeanScoreRoute
 from uembed.serving.protocols.limits import LimitsAndMetrics
@@ -85,6 +87,9 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
                        score=partial(score_examples, engine))  # fmt: skip
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_ms / 1000, metrics=engine.metrics)  # fmt: skip
+    # ...and the service's HTTP protocol answers them without the ASGI stack where their heads allow (fast_lane.py)
+    app.state.fast_lane = FastScoreLane(partial(score_examples, engine), settings.max_examples, settings.max_body_bytes,
+                                        settings.body_timeout_ms / 1000, engine.metrics)  # fmt: skip
 
     add_probe_routes(app, engine)
     app.openapi = partial(v1_openapi, app, engine, settings)

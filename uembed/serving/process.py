@@ -15,6 +15,9 @@ to send its request head, and when the listening socket closes.
   system call and a wake-up of the client. :class:`HeadDeadlineProtocol` coalesces a connection's writes a turn of
   the event loop (:class:`~uembed.serving.protocols.writes.CoalescedWrites`), as the gRPC port does.
   ``uvicorn --http uembed.serving.process:ServiceHttpProtocol`` runs the same protocol (the benchmarks do).
+- **The fast lane.** A ``POST /v1/score`` whose head allows it is answered by the protocol itself once its body is
+  whole, without the ASGI stack (:class:`~uembed.serving.protocols.fast_lane.FastScoreLane`, found on the app's
+  state); anything else, and a body the lane would not take, is uvicorn's request task as before.
 - **SIGTERM closes the listening socket first.** With several workers the parent binds the HTTP socket and each
   worker accepts on a copy; uvicorn's parent keeps its copy listening while the workers drain, so new connections
   are accepted into the backlog, then reset when it exits. :class:`ClosingMultiprocess` closes the parent's copy
@@ -27,11 +30,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import time
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from uembed.contract.errors import UembedError
+from uembed.serving.protocols.disconnect import ABANDONED
+from uembed.serving.protocols.fast_lane import FastScoreLane
 from uembed.serving.protocols.writes import CoalescedWrites
 from uembed.serving.settings import load_settings
 
@@ -60,15 +67,30 @@ def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
     return claims
 
 
+def fast_lane_of(app) -> FastScoreLane | None:
+    """The fast lane on the state of the app uvicorn serves, through the middlewares uvicorn wraps it in."""
+    for _ in range(8):
+        lane = getattr(getattr(app, "state", None), "fast_lane", None)
+        if lane is not None or not hasattr(app, "app"):
+            return lane
+        app = app.app
+    return None
+
+
 class HeadDeadlineProtocol(AutoHTTPProtocol):
     """uvicorn's HTTP protocol, closing a connection that has not sent a whole request head within
-    ``head_timeout_s`` of opening or of its last response, and sending each response in one write (give it to
-    uvicorn as ``functools.partial(HeadDeadlineProtocol, head_timeout_s=...)``)."""
+    ``head_timeout_s`` of opening or of its last response, sending each response in one write, and answering the
+    fast lane's requests (give it to uvicorn as ``functools.partial(HeadDeadlineProtocol, head_timeout_s=...)``)."""
 
     def __init__(self, *args, head_timeout_s: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.head_timeout_s = head_timeout_s
         self.head_deadline: asyncio.TimerHandle | None = None
+        # The lane's hooks are httptools' protocol's; without httptools uvicorn runs h11, and every request its task.
+        self.lane = fast_lane_of(self.app) if isinstance(self, HttpToolsProtocol) else None
+        self.lane_waiting: tuple | None = None  # (cycle, app, started) of a lane request whose body is not whole yet
+        self.lane_deadline: asyncio.TimerHandle | None = None
+        self.lane_task: asyncio.Task | None = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(CoalescedWrites(transport, self.loop))
@@ -94,7 +116,77 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
     def connection_lost(self, exc) -> None:
         if self.head_deadline is not None:
             self.head_deadline.cancel()
+        self._lane_stop_waiting()
+        if self.lane_task is not None:
+            self.lane_task.cancel(ABANDONED)  # the batcher skips it
         super().connection_lost(exc)
+
+    # --- the fast lane: uvicorn starts a request's task here; a lane request is answered without one ------------
+    def _start_asgi_task(self, cycle, app) -> None:
+        lane = self.lane
+        if lane is None or app is not self.app or self.access_log or cycle.waiting_for_100_continue or not lane.takes(cycle.scope):
+            return super()._start_asgi_task(cycle, app)
+        self.lane_waiting = (cycle, app, time.perf_counter())
+        if not cycle.more_body:
+            self._lane_body_whole()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.lane_waiting is not None and self.lane_deadline is None:
+            self.lane_deadline = self.loop.call_later(self.lane.body_timeout_s, self._lane_body_late)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self.lane_waiting is not None and self.lane_waiting[0] is self.cycle:
+            self.flow.resume_reading()  # nothing reads it before it is whole; its stated length bounds it
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self.lane_waiting is not None and self.lane_waiting[0] is self.cycle:
+            self._lane_body_whole()
+
+    def _lane_stop_waiting(self) -> tuple | None:
+        waiting, self.lane_waiting = self.lane_waiting, None
+        if self.lane_deadline is not None:
+            self.lane_deadline.cancel()
+            self.lane_deadline = None
+        return waiting
+
+    def _lane_body_late(self) -> None:
+        self.lane_deadline = None
+        cycle, app, _ = self._lane_stop_waiting()
+        super()._start_asgi_task(cycle, app)  # the limits time the rest of the body and refuse it
+
+    def _lane_body_whole(self) -> None:
+        cycle, app, started = self._lane_stop_waiting()
+        request = self.lane.decode(bytes(cycle.body))
+        if request is None:
+            return super()._start_asgi_task(cycle, app)  # the route's answer, from the body already read
+        self.lane_task = task = self.loop.create_task(self._lane_answer(cycle, request, started))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)  # uvicorn's shutdown waits for it
+
+    async def _lane_answer(self, cycle, request, started: float) -> None:
+        try:
+            response = await self.lane.answer(request, started)
+            if self.flow.write_paused and not cycle.disconnected:
+                await self.flow.drain()
+            if response is not None and not cycle.disconnected:
+                head = [STATUS_LINE[response.status_code]]
+                for name, value in (*self.server_state.default_headers, *response.raw_headers):
+                    head += (name, b": ", value, b"\r\n")
+                if not cycle.keep_alive:
+                    head.append(b"connection: close\r\n")
+                head += (b"\r\n", response.body)
+                self.transport.write(b"".join(head))
+        finally:
+            self.lane_task = None
+            # as uvicorn's send completes a response: the connection closes or waits for its next request
+            cycle.response_started = cycle.response_complete = True
+            cycle.message_event.set()
+            if not cycle.keep_alive:
+                self.transport.close()
+            cycle.on_response()
 
     def _arm_head_deadline(self) -> None:
         if self.head_deadline is not None:

@@ -33,8 +33,9 @@ from uembed.serving.registry import MAX_NAME_CHARS
 
 SCORE_PATH = "/v1/score"
 
-# (request, examples, context, candidates, model, version, routing_key) -> the response
-Score = Callable[[Request, list, dict | None, list | None, str | None, str | None, str | None], Awaitable[Response]]
+# (request, examples, context, candidates, model, version, routing_key) -> the response; without a request (the fast
+# lane's) the caller watches its connection
+Score = Callable[[Request | None, list, dict | None, list | None, str | None, str | None, str | None], Awaitable[Response]]
 
 
 def score_body_type(max_examples: int) -> type[msgspec.Struct]:
@@ -79,6 +80,24 @@ def replayed(body: bytes, receive):
     return receive_again
 
 
+class LeanBody:
+    """A score body decoded by msgspec, as the lean path takes it: the request, or None where the route must answer."""
+
+    def __init__(self, max_examples: int) -> None:
+        self.decoder = msgspec.json.Decoder(score_body_type(max_examples))
+
+    def decode(self, body: bytes):
+        try:
+            request = self.decoder.decode(body)
+        # ValidationError is a DecodeError; bad UTF-8 a ValueError; a body nested too deep a RecursionError (the
+        # route refuses it before parsing)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            return None
+        if form_problem(request.examples, request.context, request.candidates) or not names_fit(request):
+            return None
+        return request
+
+
 class LeanScoreRoute:
     """ASGI middleware: ``POST /v1/score`` bodies that the route would accept, decoded by msgspec and scored by
     ``score``; anything else goes on to ``app`` (the FastAPI route) unchanged."""
@@ -86,7 +105,7 @@ class LeanScoreRoute:
     def __init__(self, app, route, max_examples: int, score: Score) -> None:
         self.app = app
         self.route = route  # the FastAPI route: set on the scope, so metrics label the request by its path
-        self.decoder = msgspec.json.Decoder(score_body_type(max_examples))
+        self.body = LeanBody(max_examples)
         self.score = score
 
     async def __call__(self, scope, receive, send):
@@ -101,13 +120,8 @@ class LeanScoreRoute:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        try:
-            request = self.decoder.decode(body)
-        # ValidationError is a DecodeError; bad UTF-8 a ValueError; a body nested too deep a RecursionError (the
-        # route refuses it before parsing)
-        except (msgspec.DecodeError, ValueError, RecursionError):
-            request = None
-        if request is None or form_problem(request.examples, request.context, request.candidates) or not names_fit(request):
+        request = self.body.decode(body)
+        if request is None:
             return await self.app(scope, replayed(body, receive), send)
         scope["route"] = self.route
         try:

@@ -23,10 +23,7 @@ class LimitsAndMetrics:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
-        self.metrics = metrics
-        # (route, status) -> its latency histogram's and counter's children: labels() costs more than the observation,
-        # and these series are never removed (routes and status codes are few)
-        self._children: dict[tuple[str, int], tuple] = {}
+        self.observed = RequestMetrics(metrics)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -82,7 +79,20 @@ class LimitsAndMetrics:
             self._observe(scope, status, started)
 
     def _observe(self, scope, status: int, started: float) -> None:
-        route = getattr(scope.get("route"), "path", "unmatched")
+        self.observed.observe(getattr(scope.get("route"), "path", "unmatched"), status, started)
+
+
+class RequestMetrics:
+    """A request's time and count by its route and status (``uembed_http_request_duration_seconds``,
+    ``uembed_http_requests_total``)."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+        # (route, status) -> its latency histogram's and counter's children: labels() costs more than the observation,
+        # and these series are never removed (routes and status codes are few)
+        self._children: dict[tuple[str, int], tuple] = {}
+
+    def observe(self, route: str, status: int, started: float) -> None:
         children = self._children.get((route, status))
         if children is None:
             children = self._children[(route, status)] = (self.metrics.request_seconds.labels(route, outcome(status)),

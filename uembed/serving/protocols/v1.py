@@ -263,15 +263,17 @@ def given_twice_schema(features: list[str]) -> dict:
     }
 
 
-async def score_examples(engine: ScoringEngine, request: Request, examples: list | None, context: dict | None,
+async def score_examples(engine: ScoringEngine, request: Request | None, examples: list | None, context: dict | None,
                          candidates: list | None, model: str | None, version: str | None,
                          routing_key: str | None) -> Response:  # fmt: skip
-    """``/v1/score``'s work once its body is valid, for the route and its lean path (``LeanScoreRoute``) alike: the
-    request resolved to its version once, then scored by it."""
+    """``/v1/score``'s work once its body is valid, for the route, its lean path (``LeanScoreRoute``) and its fast
+    lane (``FastScoreLane``) alike: the request resolved to its version once, then scored by it. Without a
+    ``request`` the caller watches its connection (the fast lane's protocol cancels the work when it is lost)."""
     if candidates is not None:  # a ranking request: the candidates scored as examples, with their context
         examples, context = candidates, context or {}
     target = engine.resolve(model, version, routing_key, examples, context)
-    scores = await unless_abandoned(request, engine.score_resolved(target, examples, context))
+    work = engine.score_resolved(target, examples, context)
+    scores = await (work if request is None else unless_abandoned(request, work))
     if scores is None:
         return client_closed()
     runtime = target.runtime

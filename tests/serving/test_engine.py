@@ -10,6 +10,7 @@ import pytest
 from tests.waiting import wait_until_async
 from uembed.bundle.loader import load_bundle
 from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded
+from uembed.serving import batcher
 from uembed.serving.engine import ScoringEngine
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.reference import ReferenceScorer
@@ -342,3 +343,31 @@ def test_busy_poll_keeps_the_loop_polling_after_a_batch_then_sleeps(synthetic_st
     assert after_window == 0 and stop_s < 0.3, (after_window, stop_s)
     _, sleeping, _, _, _ = run(main(0))
     assert sleeping == 0
+
+
+def test_busy_wait_gathers_the_batch_after_one_of_several_requests(synthetic_store, movielens_examples, monkeypatch):
+    """busy_wait_ms: after a batch of two requests the next batch waits, and a request sent during the wait joins
+    it; a lone request is its own batch at once (one sent a little later is another batch); 0 turns it off. Counted
+    in batches, not timed: a loaded machine can slow the test, not fail it."""
+    monkeypatch.setattr(batcher, "BUSY_GAP_S", 60.0)  # a slow turn of a loaded machine's loop still counts as busy
+    path = synthetic_store / "movielens" / "1"
+    examples = movielens_examples
+
+    async def main(busy_wait_ms: float) -> tuple[float, float]:
+        engine = ScoringEngine(load_settings(busy_wait_ms=busy_wait_ms, max_batch_ids=2 * load_bundle(path).plan.slots))
+        engine.registry.load(path)
+        await engine.astart()
+        lone = asyncio.ensure_future(engine.score(examples[:1]))
+        await asyncio.sleep(0.02)
+        await asyncio.gather(lone, engine.score(examples[1:2]))
+        lone_batches = sample_count(engine, "uembed_batch_examples_count")
+        three = [asyncio.ensure_future(engine.score(examples[i : i + 1])) for i in range(3)]  # two a batch: one left
+        await asyncio.gather(*three[:2])
+        await asyncio.sleep(0.02)
+        await asyncio.gather(three[2], engine.score(examples[3:4]))
+        batches = sample_count(engine, "uembed_batch_examples_count") - lone_batches
+        await engine.astop()
+        return lone_batches, batches
+
+    assert run(main(100)) == (2, 2)  # the lone two apart; then two requests, the third waiting for the fourth
+    assert run(main(0)) == (2, 3)

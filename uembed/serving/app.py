@@ -32,7 +32,7 @@ from uembed.serving.protocols.oip import InferencePlane
 from uembed.serving.protocols.oip_rest import oip_router
 from uembed.serving.protocols.probes import add_probe_routes
 from uembed.serving.protocols.render import v1_http_error, v1_table_error, v1_validation_error
-from uembed.serving.protocols.v1 import add_v1_routes, score_examples, v1_openapi
+from uembed.serving.protocols.v1 import add_v1_routes, score_examples, scored_body, v1_openapi
 from uembed.serving.settings import ServiceSettings, load_settings
 
 
@@ -88,7 +88,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_ms / 1000, metrics=engine.metrics)  # fmt: skip
     # ...and the service's HTTP protocol answers them without the ASGI stack where their heads allow (fast_lane.py)
-    app.state.fast_lane = FastScoreLane(partial(score_examples, engine), settings.max_examples, settings.max_body_bytes,
+    app.state.fast_lane = FastScoreLane(partial(scored_body, engine), settings.max_examples, settings.max_body_bytes,
                                         settings.body_timeout_ms / 1000, engine.metrics)  # fmt: skip
 
     add_probe_routes(app, engine)

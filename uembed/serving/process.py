@@ -168,16 +168,17 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
 
     async def _lane_answer(self, cycle, request, started: float) -> None:
         try:
-            response = await self.lane.answer(request, started)
+            answer = await self.lane.answer(request, started)
             if self.flow.write_paused and not cycle.disconnected:
                 await self.flow.drain()
-            if response is not None and not cycle.disconnected:
-                head = [STATUS_LINE[response.status_code]]
-                for name, value in (*self.server_state.default_headers, *response.raw_headers):
+            if answer is not None and not cycle.disconnected:
+                status, headers, body = answer
+                head = [STATUS_LINE[status]]
+                for name, value in (*self.server_state.default_headers, *headers):
                     head += (name, b": ", value, b"\r\n")
                 if not cycle.keep_alive:
                     head.append(b"connection: close\r\n")
-                head += (b"\r\n", response.body)
+                head += (b"\r\n", body)
                 self.transport.write(b"".join(head))
         finally:
             self.lane_task = None
@@ -189,14 +190,20 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
             cycle.on_response()
 
     def _arm_head_deadline(self) -> None:
-        if self.head_deadline is not None:
-            self.head_deadline.cancel()
-        self.head_deadline = self.loop.call_later(self.head_timeout_s, self._head_deadline_passed)
+        # One timer a connection, moved lazily: a response only notes when the wait for the next head began, rather
+        # than cancelling a timer and arming another on every request
+        self.head_wait_began = self.loop.time()
+        if self.head_deadline is None:
+            self.head_deadline = self.loop.call_later(self.head_timeout_s, self._head_deadline_passed)
 
     def _head_deadline_passed(self) -> None:
         self.head_deadline = None
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is in flight: its body and its response have their own limits
+        left = self.head_wait_began + self.head_timeout_s - self.loop.time()
+        if left > 0:  # a response since the timer was armed: the wait for the next head began later
+            self.head_deadline = self.loop.call_later(left, self._head_deadline_passed)
+            return
         if not self.transport.is_closing():
             self.transport.close()
 

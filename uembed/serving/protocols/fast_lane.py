@@ -23,23 +23,25 @@ path reads it).
 from __future__ import annotations
 
 import asyncio
-
-from starlette.responses import Response
+from collections.abc import Awaitable, Callable
 
 from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.protocols.disconnect import ABANDONED
-from uembed.serving.protocols.lean_json import SCORE_PATH, LeanBody, Score, json_content_type
+from uembed.serving.protocols.lean_json import SCORE_PATH, LeanBody, json_content_type
 from uembed.serving.protocols.limits import RequestMetrics
-from uembed.serving.protocols.render import CLIENT_CLOSED, table_error, v1_error
+from uembed.serving.protocols.render import CLIENT_CLOSED, json_bytes, table_error, v1_error
+
+# (request, examples, context, candidates, model, version, routing_key) -> the answer's body; None: the client left
+Scored = Callable[[None, list, dict | None, list | None, str | None, str | None, str | None], Awaitable[dict | None]]
 
 
 class FastScoreLane:
-    """``/v1/score``'s requests answered without the ASGI stack (module docstring); ``score`` is the route's
-    scoring function, called with no request (the protocol watches the connection)."""
+    """``/v1/score``'s requests answered without the ASGI stack (module docstring); ``scored`` is the route's
+    scoring function (``scored_body`` of ``v1.py``), called with no request (the protocol watches the connection)."""
 
-    def __init__(self, score: Score, max_examples: int, max_body_bytes: int, body_timeout_s: float,
+    def __init__(self, scored: Scored, max_examples: int, max_body_bytes: int, body_timeout_s: float,
                  metrics: ServiceMetrics) -> None:  # fmt: skip
-        self.score = score
+        self.scored = scored
         self.body = LeanBody(max_examples)
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -63,18 +65,23 @@ class FastScoreLane:
         """The request of a whole body, or None where the ASGI way must answer it (the lean path would not take it)."""
         return self.body.decode(body)
 
-    async def answer(self, request, started: float) -> Response | None:
-        """The response to a decoded request (None: the client went away while it was scored); counted in the
-        request metrics from ``started`` (``time.perf_counter()`` when its head was read)."""
+    async def answer(self, request, started: float) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The status, headers and body of a decoded request's answer (None: the client went away while it was
+        scored); counted in the request metrics from ``started`` (``time.perf_counter()`` when its head was read)."""
         try:
-            response = await self.score(None, request.examples, request.context, request.candidates, request.model,
-                                        request.version, request.routing_key)  # fmt: skip
+            body = await self.scored(None, request.examples, request.context, request.candidates, request.model,
+                                     request.version, request.routing_key)  # fmt: skip
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if exc.args != (ABANDONED,) or task.uncancel():  # another cancel too (a shutdown): let it through
                 raise
-            response = None
+            body = None
         except Exception as exc:  # noqa: BLE001 - as the app's handlers of errors do
-            response = v1_error(table_error(exc, SCORE_PATH))
-        self.observed.observe(SCORE_PATH, CLIENT_CLOSED if response is None else response.status_code, started)
-        return response
+            error = v1_error(table_error(exc, SCORE_PATH))
+            answer = error.status_code, error.raw_headers, error.body
+        else:
+            # the headers a Starlette response of json_response's writes, without building one
+            answer = None if body is None else (200, [(b"content-length", b"%d" % len(data := json_bytes(body))),
+                                                      (b"content-type", b"application/json")], data)  # fmt: skip
+        self.observed.observe(SCORE_PATH, CLIENT_CLOSED if answer is None else answer[0], started)
+        return answer

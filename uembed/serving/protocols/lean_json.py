@@ -33,9 +33,8 @@ from uembed.serving.registry import MAX_NAME_CHARS
 
 SCORE_PATH = "/v1/score"
 
-# (request, examples, context, candidates, model, version, routing_key) -> the response; without a request (the fast
-# lane's) the caller watches its connection
-Score = Callable[[Request | None, list, dict | None, list | None, str | None, str | None, str | None], Awaitable[Response]]
+# (request, examples, context, candidates, model, version, routing_key) -> the response
+Score = Callable[[Request, list, dict | None, list | None, str | None, str | None, str | None], Awaitable[Response]]
 
 
 def score_body_type(max_examples: int) -> type[msgspec.Struct]:

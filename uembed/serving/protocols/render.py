@@ -55,7 +55,12 @@ def json_scores(scores: np.ndarray) -> np.ndarray:
 
 def json_response(body: dict) -> Response:
     """``body`` as JSON, its numpy arrays (:func:`json_scores`) as lists of numbers."""
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    return Response(json_bytes(body), media_type="application/json")
+
+
+def json_bytes(body: dict) -> bytes:
+    """``body`` as :func:`json_response` writes it."""
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 REQUEST_FORM_RULE = "give either examples, or context and candidates"

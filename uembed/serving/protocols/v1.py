@@ -263,11 +263,20 @@ def given_twice_schema(features: list[str]) -> dict:
     }
 
 
-async def score_examples(engine: ScoringEngine, request: Request | None, examples: list | None, context: dict | None,
+async def score_examples(engine: ScoringEngine, request: Request, examples: list | None, context: dict | None,
                          candidates: list | None, model: str | None, version: str | None,
                          routing_key: str | None) -> Response:  # fmt: skip
-    """``/v1/score``'s work once its body is valid, for the route, its lean path (``LeanScoreRoute``) and its fast
-    lane (``FastScoreLane``) alike: the request resolved to its version once, then scored by it. Without a
+    """``/v1/score``'s work once its body is valid, for the route and its lean path (``LeanScoreRoute``) alike: the
+    response to :func:`scored_body`."""
+    body = await scored_body(engine, request, examples, context, candidates, model, version, routing_key)
+    return client_closed() if body is None else json_response(body)
+
+
+async def scored_body(engine: ScoringEngine, request: Request | None, examples: list | None, context: dict | None,
+                      candidates: list | None, model: str | None, version: str | None,
+                      routing_key: str | None) -> dict | None:  # fmt: skip
+    """The body of a valid score request's answer (None: its client went away), for the route, its lean path and its
+    fast lane (``FastScoreLane``) alike: the request resolved to its version once, then scored by it. Without a
     ``request`` the caller watches its connection (the fast lane's protocol cancels the work when it is lost)."""
     if candidates is not None:  # a ranking request: the candidates scored as examples, with their context
         examples, context = candidates, context or {}
@@ -275,9 +284,9 @@ async def score_examples(engine: ScoringEngine, request: Request | None, example
     work = engine.score_resolved(target, examples, context)
     scores = await (work if request is None else unless_abandoned(request, work))
     if scores is None:
-        return client_closed()
+        return None
     runtime = target.runtime
-    return json_response({"model": runtime.name, "version": runtime.version, "scores": json_scores(scores)})
+    return {"model": runtime.name, "version": runtime.version, "scores": json_scores(scores)}
 
 
 def add_v1_routes(app: FastAPI, engine: ScoringEngine, settings: ServiceSettings) -> APIRoute:

@@ -345,29 +345,39 @@ def test_busy_poll_keeps_the_loop_polling_after_a_batch_then_sleeps(synthetic_st
     assert sleeping == 0
 
 
-def test_busy_wait_gathers_the_batch_after_one_of_several_requests(synthetic_store, movielens_examples, monkeypatch):
-    """busy_wait_ms: after a batch of two requests the next batch waits, and a request sent during the wait joins
-    it; a lone request is its own batch at once (one sent a little later is another batch); 0 turns it off. Counted
-    in batches, not timed: a loaded machine can slow the test, not fail it."""
-    monkeypatch.setattr(batcher, "BUSY_GAP_S", 60.0)  # a slow turn of a loaded machine's loop still counts as busy
+def test_after_a_batch_of_several_requests_the_loop_turns_once_more_before_the_next(synthetic_store, movielens_examples,
+                                                                                    monkeypatch):  # fmt: skip
+    """A batch of several requests means a busy loop, whose newest requests are queued a turn later: the next batch
+    is taken one turn of the loop later (a bare yield, counted here). Not after a lone request's batch, nor after the
+    loop slept for want of requests."""
     path = synthetic_store / "movielens" / "1"
-    examples = movielens_examples
+    events = []
 
-    async def main(busy_wait_ms: float) -> tuple[float, float]:
-        engine = ScoringEngine(load_settings(busy_wait_ms=busy_wait_ms, max_batch_ids=2 * load_bundle(path).plan.slots))
+    class Yields:  # the batcher's asyncio, its bare yields recorded
+        def __getattr__(self, name):
+            return getattr(asyncio, name)
+
+        async def sleep(self, delay, *args):
+            if delay == 0:
+                events.append("turn")
+            return await asyncio.sleep(delay, *args)
+
+    monkeypatch.setattr(batcher, "asyncio", Yields())
+    take = batcher.Batcher._take_batch
+    monkeypatch.setattr(batcher.Batcher, "_take_batch", lambda self: events.append(len(taken := take(self))) or taken)
+
+    async def main(*rounds: int) -> list:
+        engine = ScoringEngine(load_settings(max_batch_ids=2 * load_bundle(path).plan.slots))  # two requests a batch
         engine.registry.load(path)
         await engine.astart()
-        lone = asyncio.ensure_future(engine.score(examples[:1]))
-        await asyncio.sleep(0.02)
-        await asyncio.gather(lone, engine.score(examples[1:2]))
-        lone_batches = sample_count(engine, "uembed_batch_examples_count")
-        three = [asyncio.ensure_future(engine.score(examples[i : i + 1])) for i in range(3)]  # two a batch: one left
-        await asyncio.gather(*three[:2])
-        await asyncio.sleep(0.02)
-        await asyncio.gather(three[2], engine.score(examples[3:4]))
-        batches = sample_count(engine, "uembed_batch_examples_count") - lone_batches
+        for count in rounds:  # requests sent at once; the loop sleeps between rounds
+            await asyncio.gather(*(engine.score(movielens_examples[i : i + 1]) for i in range(count)))
+            await asyncio.sleep(0.01)
         await engine.astop()
-        return lone_batches, batches
+        return [event for event in events if event != 0]
 
-    assert run(main(100)) == (2, 2)  # the lone two apart; then two requests, the third waiting for the fourth
-    assert run(main(0)) == (2, 3)
+    assert run(main(1)) == [1, "turn"]  # each batch hands the loop back once
+    events.clear()
+    assert run(main(3)) == [2, "turn", "turn", 1, "turn"]
+    events.clear()
+    assert run(main(2, 1)) == [2, "turn", 1, "turn"]  # the loop slept between the two rounds

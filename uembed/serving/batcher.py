@@ -2,8 +2,8 @@
 engine, wait here until a batch takes them; the runtime scores the batch in one call. No HTTP, no versions.
 
 Requests are admitted through a bound (``max_queue_examples``), each with one future. One batch loop takes what
-queued while the previous batch ran (plus ``max_wait_ms``; plus ``busy_wait_ms`` after a batch of several requests,
-in which the loop reads the requests that arrive meanwhile), up to ``max_batch_ids`` looked-up ids, and runs it on the
+queued while the previous batch ran (plus ``max_wait_ms``; after a batch of several requests, plus one turn of the
+event loop, in which the requests it has just read are queued), up to ``max_batch_ids`` looked-up ids, and runs it on the
 one compute thread: ``runtime.score_batch`` (``uembed/serving/pipeline/``). A failed batch fails its requests, never
 the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``: the batch runs between
 the loop's reads and writes, with no GIL to hand back and forth), else one executor thread (the CUDA path, which waits
@@ -35,8 +35,6 @@ from uembed.serving.settings import ServiceSettings
 from uembed.serving.statistics import InferenceStatistics
 
 log = logging.getLogger("uembed.batcher")
-# busy_wait_ms applies while batches follow each other: not to a request that finds the loop idle longer than this
-BUSY_GAP_S = 0.001
 
 
 @dataclass
@@ -200,8 +198,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         wait_s = self.settings.max_wait_ms / 1000
         poll_s = self.settings.busy_poll_ms / 1000
-        busy_s = self.settings.busy_wait_ms / 1000
-        busy, ended = False, 0.0  # the last batch held more than one request; when it ended
+        busy = False  # the last batch held more than one request, and the loop has not slept since
         poll = False  # after a batch, an empty queue is polled for busy_poll_ms before the loop sleeps
         while self.running or self.queue:
             if not self.queue:
@@ -209,13 +206,16 @@ class Batcher:
                     poll = False
                     await self._poll_for_work(poll_s)
                     continue
+                busy = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             if wait_s:
                 await asyncio.sleep(wait_s)
-            elif busy_s and busy and time.perf_counter() - ended < BUSY_GAP_S:
-                await asyncio.sleep(busy_s)
+            elif busy:
+                # A busy loop's newest requests are read in the turn just run, and queued by their handlers' first
+                # steps, which the loop runs after this one (in order): one more turn and they join this batch.
+                await asyncio.sleep(0)
             batch = self._take_batch()
             busy = len(batch) > 1
             if not batch:
@@ -247,7 +247,6 @@ class Batcher:
                 self._batch_runtime = None
                 self._idle.set()
                 poll = poll_s > 0
-                ended = time.perf_counter()
                 if self._flush_timer is None:
                     self._flush_timer = loop.call_later(FLUSH_SECONDS, self._flush)
             if self.batches_on_loop:

@@ -39,6 +39,7 @@ from uvicorn.supervisors import Multiprocess
 from uembed.contract.errors import UembedError
 from uembed.serving.protocols.disconnect import ABANDONED
 from uembed.serving.protocols.fast_lane import FastScoreLane
+from uembed.serving.protocols.lean_json import SCORE_PATH
 from uembed.serving.protocols.writes import CoalescedWrites
 from uembed.serving.settings import load_settings
 
@@ -65,6 +66,10 @@ def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
             held.close()
         raise UembedError(f"port {port} on {host} is taken ({exc.strerror}): another server holds it; {move_hint}") from None
     return claims
+
+
+# uvicorn's answer to an app that fails before its response (its connection: close is added as the cycle ends)
+INTERNAL_ERROR_HEADERS = ((b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"))
 
 
 def fast_lane_of(app) -> FastScoreLane | None:
@@ -129,11 +134,8 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
         self.lane_waiting = (cycle, app, time.perf_counter())
         if not cycle.more_body:
             self._lane_body_whole()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.lane_waiting is not None and self.lane_deadline is None:
-            self.lane_deadline = self.loop.call_later(self.lane.body_timeout_s, self._lane_body_late)
+        else:  # here from a read, or from the pipeline after the previous response: either way the body's clock starts
+            self.lane_deadline = self.loop.call_later(lane.body_timeout_s, self._lane_body_late)
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
@@ -167,19 +169,21 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
         self.tasks.add(task)  # uvicorn's shutdown waits for it
 
     async def _lane_answer(self, cycle, request, started: float) -> None:
+        written = False
         try:
             answer = await self.lane.answer(request, started)
             if self.flow.write_paused and not cycle.disconnected:
                 await self.flow.drain()
             if answer is not None and not cycle.disconnected:
-                status, headers, body = answer
-                head = [STATUS_LINE[status]]
-                for name, value in (*self.server_state.default_headers, *headers):
-                    head += (name, b": ", value, b"\r\n")
-                if not cycle.keep_alive:
-                    head.append(b"connection: close\r\n")
-                head += (b"\r\n", body)
-                self.transport.write(b"".join(head))
+                self._write_answer(cycle, *answer)
+                written = True
+        except BaseException as exc:
+            if not written and not cycle.disconnected:  # as uvicorn answers an app that failed before its response
+                cycle.keep_alive = False
+                self._write_answer(cycle, 500, INTERNAL_ERROR_HEADERS, b"Internal Server Error")
+            if not isinstance(exc, Exception):
+                raise  # a cancellation (the server stopping): the task ends cancelled, its connection closed
+            self.logger.error("Exception in the fast lane of %s", SCORE_PATH, exc_info=exc)
         finally:
             self.lane_task = None
             # as uvicorn's send completes a response: the connection closes or waits for its next request
@@ -188,6 +192,21 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
             if not cycle.keep_alive:
                 self.transport.close()
             cycle.on_response()
+
+    def _write_answer(self, cycle, status: int, headers, body: bytes) -> None:
+        """A response in one write, with the headers uvicorn writes: its default ones, then the response's."""
+        head = [STATUS_LINE[status]]
+        says_close = False
+        for name, value in (*self.server_state.default_headers, *headers):
+            head += (name, b": ", value, b"\r\n")
+            if name.lower() == b"connection" and b"close" in [token.strip().lower() for token in value.split(b",")]:
+                says_close = True
+        if says_close:
+            cycle.keep_alive = False  # a response that ends its connection (as uvicorn reads the header)
+        elif not cycle.keep_alive:
+            head.append(b"connection: close\r\n")
+        head += (b"\r\n", body)
+        self.transport.write(b"".join(head))
 
     def _arm_head_deadline(self) -> None:
         # One timer a connection, moved lazily: a response only notes when the wait for the next head began, rather

@@ -114,10 +114,7 @@ class ServiceSettings(BaseSettings):
         "hold early requests longer. One request bigger than this is its own batch.",
     )
     max_wait_ms: float = Field(0.0, ge=0, description="Extra time every batch waits for more requests after the first "
-        "arrives. 0: batch what queued while the previous batch ran (lowest latency when idle; see busy_wait_ms).")
-    busy_wait_ms: float = Field(0.1, ge=0, le=100, description="While the service is busy (its last batch held more "
-        "than one request), the next batch first waits this long, the loop reading and decoding the requests that "
-        "arrive meanwhile: fewer, larger batches, less CPU a request. A lone request never waits. 0: off.")
+        "arrives. 0: batch what queued while the previous batch ran (lowest latency when idle).")
     busy_poll_ms: float = Field(0.0, ge=0, le=1000, description="After a batch, poll for the next request this long "
         "before sleeping: a core that sleeps comes back slower (docs/LOADTEST.md). Costs a core while requests are sparse "
         "(CPU a container's limit counts) and saturated requests/s where the load shares its cores. 0: sleep at once.")

@@ -20,6 +20,7 @@ class CountingProtocol(HeadDeadlineProtocol):
     """The service's protocol, counting the requests its lane answers."""
 
     answered = 0
+    lane_of_the_app = None  # the served app's FastScoreLane
 
     async def _lane_answer(self, *args) -> None:
         type(self).answered += 1
@@ -33,8 +34,10 @@ def serve(synthetic_store):
     def run(check, **settings):
         async def main():
             app = create_app(load_settings(bundles=[synthetic_store / "movielens" / "1"], grpc_port=free_port(), **settings))
+            CountingProtocol.lane_of_the_app = app.state.fast_lane
             port = free_port()
             config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=5,  # a connection a failing test leaves open
                                     http=functools.partial(CountingProtocol, head_timeout_s=10))  # fmt: skip
             server = uvicorn.Server(config)
             serving = asyncio.create_task(server.serve())
@@ -180,5 +183,85 @@ def test_the_lane_counts_its_requests_under_the_route(serve, movielens_examples,
         assert 'uembed_http_requests_total{route="/v1/score",status="200"} 1.0' in samples
         assert 'uembed_http_requests_total{route="/v1/score",status="422"} 1.0' in samples
         assert CountingProtocol.answered == 2
+
+    serve(check)
+
+
+def metric(text: bytes, sample: str) -> float:
+    lines = [line for line in text.decode().splitlines() if line.startswith(sample + " ")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+async def metrics(port: int) -> bytes:
+    return (await exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))[0][2]
+
+
+def test_a_client_that_leaves_is_counted_and_its_work_skipped(serve, movielens_examples):
+    """The connection lost while the request waits for its batch: the batcher skips it, the request is counted as
+    499, and the service goes on answering."""
+    left = 'uembed_http_requests_total{route="/v1/score",status="499"}'
+    skipped = 'uembed_abandoned_requests_total{reason="cancelled"}'
+
+    async def check(port):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request(json.dumps({"examples": movielens_examples[:3]}).encode()))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # read and queued: the batch waits max_wait_ms
+        writer.close()
+        for _ in range(100):
+            text = await metrics(port)
+            if metric(text, skipped):
+                break
+            await asyncio.sleep(0.1)
+        assert metric(text, left) == 1 and metric(text, skipped) == 1
+        [(status, _, _)] = await exchange(port, request(json.dumps({"examples": movielens_examples[:1]}).encode()))
+        assert status == 200 and CountingProtocol.answered == 2
+
+    serve(check, max_wait_ms=1500)
+
+
+def test_a_pipelined_body_that_stalls_is_refused_in_time(serve, movielens_examples):
+    """A second request in the same write as the first, its body cut short: after the first answer its body's
+    clock runs (it waits in the lane, not read by a task) and it gets the limits' 408, its connection closed."""
+
+    async def check(port):
+        first = request(json.dumps({"examples": movielens_examples[:1]}).encode())
+        second = request(json.dumps({"examples": movielens_examples[:2]}).encode())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(first + second[:-5])
+        assert (await response(reader))[0] == 200
+        status, _, body = await asyncio.wait_for(response(reader), 10)
+        assert status == 408 and json.loads(body)["error"] == "request_timeout", body
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+    serve(check, body_timeout_ms=300)
+
+
+def test_a_failure_in_the_lane_is_a_500_never_a_hang(serve, movielens_examples, monkeypatch):
+    """Scoring that raises is the error table's 500 in /v1's shape, as the route answers it; a failure of the lane
+    itself is uvicorn's 500 with the connection closed. Both counted."""
+
+    async def check(port):
+        body = request(json.dumps({"examples": movielens_examples[:1]}).encode())
+
+        async def broken_scoring(*args):
+            raise RuntimeError("a bug")
+
+        lane = CountingProtocol.lane_of_the_app
+        monkeypatch.setattr(lane, "scored", broken_scoring)
+        [(status, _, answer)] = await exchange(port, body)
+        assert status == 500 and json.loads(answer)["error"] == "internal"
+
+        async def broken_lane(*args):
+            raise RuntimeError("a bug in the lane")
+
+        monkeypatch.setattr(lane, "answer", broken_lane)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(body)
+        status, headers, answer = await asyncio.wait_for(response(reader), 5)
+        assert (status, headers[b"connection"], answer) == (500, b"close", b"Internal Server Error")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
 
     serve(check)

@@ -71,17 +71,17 @@ class FastScoreLane:
         try:
             body = await self.scored(None, request.examples, request.context, request.candidates, request.model,
                                      request.version, request.routing_key)  # fmt: skip
+            # the headers a Starlette response of json_response's writes, without building one
+            data = json_bytes(body)
+            answer = 200, [(b"content-length", b"%d" % len(data)), (b"content-type", b"application/json")], data
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
-            if exc.args != (ABANDONED,) or task.uncancel():  # another cancel too (a shutdown): let it through
+            if exc.args != (ABANDONED,) or task.uncancel():  # another cancel too (the server stopping): let it through
+                self.observed.observe(SCORE_PATH, 500, started)  # the protocol answers 500, as uvicorn does
                 raise
-            body = None
+            answer = None
         except Exception as exc:  # noqa: BLE001 - as the app's handlers of errors do
             error = v1_error(table_error(exc, SCORE_PATH))
             answer = error.status_code, error.raw_headers, error.body
-        else:
-            # the headers a Starlette response of json_response's writes, without building one
-            answer = None if body is None else (200, [(b"content-length", b"%d" % len(data := json_bytes(body))),
-                                                      (b"content-type", b"application/json")], data)  # fmt: skip
         self.observed.observe(SCORE_PATH, CLIENT_CLOSED if answer is None else answer[0], started)
         return answer

@@ -263,12 +263,9 @@ def given_twice_schema(features: list[str]) -> dict:
     }
 
 
-async def score_examples(engine: ScoringEngine, request: Request, examples: list | None, context: dict | None,
-                         candidates: list | None, model: str | None, version: str | None,
-                         routing_key: str | None) -> Response:  # fmt: skip
-    """``/v1/score``'s work once its body is valid, for the route and its lean path (``LeanScoreRoute``) alike: the
-    response to :func:`scored_body`."""
-    body = await scored_body(engine, request, examples, context, candidates, model, version, routing_key)
+async def score_examples(engine: ScoringEngine, request: Request, *body_fields) -> Response:
+    """The response to :func:`scored_body` (the route's and its lean path's, ``LeanScoreRoute``)."""
+    body = await scored_body(engine, request, *body_fields)
     return client_closed() if body is None else json_response(body)
 
 

@@ -40,6 +40,7 @@ from uembed.contract.errors import UembedError
 from uembed.serving.protocols.disconnect import ABANDONED
 from uembed.serving.protocols.fast_lane import FastScoreLane
 from uembed.serving.protocols.lean_json import SCORE_PATH
+from uembed.serving.protocols.render import CLIENT_CLOSED
 from uembed.serving.protocols.writes import CoalescedWrites
 from uembed.serving.settings import load_settings
 
@@ -96,6 +97,7 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
         self.lane_waiting: tuple | None = None  # (cycle, app, started) of a lane request whose body is not whole yet
         self.lane_deadline: asyncio.TimerHandle | None = None
         self.lane_task: asyncio.Task | None = None
+        self.lane_started = False  # whether lane_task has taken its first step (a task cancelled before it never runs)
 
     def connection_made(self, transport) -> None:
         super().connection_made(CoalescedWrites(transport, self.loop))
@@ -122,8 +124,8 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
         if self.head_deadline is not None:
             self.head_deadline.cancel()
         self._lane_stop_waiting()
-        if self.lane_task is not None:
-            self.lane_task.cancel(ABANDONED)  # the batcher skips it
+        if self.lane_task is not None and self.lane_started:
+            self.lane_task.cancel(ABANDONED)  # the batcher skips it (one not started yet sees the loss itself)
         super().connection_lost(exc)
 
     # --- the fast lane: uvicorn starts a request's task here; a lane request is answered without one ------------
@@ -164,13 +166,17 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
         request = self.lane.decode(bytes(cycle.body))
         if request is None:
             return super()._start_asgi_task(cycle, app)  # the route's answer, from the body already read
+        self.lane_started = False
         self.lane_task = task = self.loop.create_task(self._lane_answer(cycle, request, started))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)  # uvicorn's shutdown waits for it
 
     async def _lane_answer(self, cycle, request, started: float) -> None:
-        written = False
+        self.lane_started, written = True, False
         try:
+            if cycle.disconnected:  # lost before this task's first step: counted as one that left, never scored
+                self.lane.observed.observe(SCORE_PATH, CLIENT_CLOSED, started)
+                return
             answer = await self.lane.answer(request, started)
             if self.flow.write_paused and not cycle.disconnected:
                 await self.flow.drain()

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/ab-service.py BEFORE_TREE [AFTER_TREE] [--rounds 4] [--seconds 8] [--out ab.json]
     .venv/bin/python scripts/ab-service.py BEFORE_TREE --open-loop 1400   # requests at evenly spaced times instead
     .venv/bin/python scripts/ab-service.py . . --after-env UEMBED_BUSY_POLL_MS=2   # one tree, two settings
+    .venv/bin/python scripts/ab-service.py BEFORE_TREE --front grpc   # gRPC ModelInfer, the peers phase's client
 
 Each round starts one worker of each tree in turn (``PYTHONPATH=TREE python -m uvicorn``, this venv's packages, the
 tree's own code and compiled extensions: build them in a worktree first), on the demo bundle, loads it with wrk
@@ -22,18 +23,21 @@ from pathlib import Path
 
 import orjson
 
+from uembed.bundle.loader import load_bundle
 from uembed.loadtest.load import movielens_requests, run_load
-from uembed.loadtest.peers import cpu_split, wrk
-from uembed.loadtest.servers import UvicornProcess
+from uembed.loadtest.peers import cpu_split, grpc_load, grpc_request, wrk
+from uembed.loadtest.servers import UvicornProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work: Path, rate: float | None = None,
-            env: dict[str, str] | None = None, label: str = "") -> dict:  # fmt: skip
+            env: dict[str, str] | None = None, label: str = "", calls: list[bytes] | None = None) -> dict:  # fmt: skip
     # the worker starts in the tree and imports uembed from it
+    grpc_port = free_port() if calls else 0
     server = UvicornProcess("uembed.serving.app:create_app",
-                            {"UEMBED_BUNDLES": str(bundle.resolve()), "PYTHONPATH": str(tree)} | (env or {}),
+                            {"UEMBED_BUNDLES": str(bundle.resolve()), "PYTHONPATH": str(tree),
+                             "UEMBED_GRPC_PORT": str(grpc_port)} | (env or {}),
                             work / f"{label or tree.name}.log")  # fmt: skip
     server.cwd = tree
     server.start()
@@ -43,6 +47,10 @@ def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work:
         mapped = sorted({line.split()[-1] for line in maps.splitlines() if "_fasthash" in line})
         if not mapped or not all(path.startswith(str(tree.resolve())) for path in mapped):
             raise SystemExit(f"the worker of {tree} runs other code: {mapped or 'no compiled hashing'}")
+        if calls:  # ModelInfer with binary tensors, the peers phase's gRPC client (2 processes, 16 calls in flight)
+            target = f"127.0.0.1:{grpc_port}"
+            grpc_load(target, calls, 2, rate=rate)  # warm-up
+            return cpu_split(server, lambda: grpc_load(target, calls, seconds, rate=rate))
         wrk(server.url, "/v1/score", bodies, 2, 16, work)  # warm-up
         if rate:
             return cpu_split(server, lambda: run_load(server.url, bodies, seconds, 8, rate=rate).summary())
@@ -62,6 +70,7 @@ def main() -> None:
     parser.add_argument("--before-env", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings for the before worker only, e.g. UEMBED_BUSY_POLL_MS=0 (the trees may be the same)")
     parser.add_argument("--after-env", nargs="+", default=[], metavar="KEY=VALUE", help="settings for the after worker only")
+    parser.add_argument("--front", choices=("v1", "grpc"), default="v1", help="REST v1 with wrk, or gRPC ModelInfer")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     envs = {}
@@ -72,22 +81,27 @@ def main() -> None:
         envs[name] = dict(pair.split("=", 1) for pair in pairs)
     # both workers inherit this shell's settings: recorded, so a stray UEMBED_* is seen in the results
     inherited = {key: value for key, value in os.environ.items() if key.startswith("UEMBED_")}
-    bodies = [orjson.dumps({"examples": r}) for r in movielens_requests(64, 200)]
+    requests = movielens_requests(64, 200)
+    bodies = [orjson.dumps({"examples": r}) for r in requests]
+    calls = None
+    if args.front == "grpc":
+        served = load_bundle(args.bundle)
+        calls = [grpc_request(served.name, r, served.feature_specs) for r in requests]
     rounds = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         for round_ in range(args.rounds):
             order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
             figures = {name: measure(getattr(args, name), args.bundle, bodies, args.seconds, work, args.open_loop,
-                                   envs[name], name) for name in order}  # fmt: skip
-            kept = ("requests_per_s", "server_cpu_ms_per_call") + (("p50_ms", "p99_ms") if args.open_loop else ())
+                                   envs[name], name, calls) for name in order}  # fmt: skip
+            kept = ("requests_per_s", "server_cpu_ms_per_call") + (("p50_ms", "p99_ms") if args.open_loop or calls else ())
             row = {name: {key: figures[name][key] for key in kept} for name in ("before", "after")}
             row["after_over_before"] = round(row["after"]["requests_per_s"] / row["before"]["requests_per_s"], 3)
             row["before_cpu_over_after"] = round(row["before"]["server_cpu_ms_per_call"] / row["after"]["server_cpu_ms_per_call"], 3)
             print(json.dumps({"round": round_ + 1, "order": order, **row}), flush=True)
             rounds.append(row)
     summary = {
-        "before": str(args.before), "after": str(args.after), "before_env": envs["before"], "after_env": envs["after"],
+        "before": str(args.before), "after": str(args.after), "front": args.front, "before_env": envs["before"], "after_env": envs["after"],
         "inherited_env": inherited,
         "rounds": rounds,
         "median_after_over_before": statistics.median(r["after_over_before"] for r in rounds),

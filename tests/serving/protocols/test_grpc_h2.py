@@ -18,11 +18,8 @@ from tests.serving.protocols.test_oip import MODEL, feature_arrays, triton_input
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.peers import grpc_request
 from uembed.loadtest.servers import UvicornProcess, free_port, wait_until
-from uembed.serving.protocols.grpc_h2 import (
-    GrpcApp,
-    grpc_timeout,
-    status_trailers,
-)
+from uembed.serving.protocols.grpc_h2 import GrpcApp
+from uembed.serving.protocols.grpc_wire import grpc_timeout, status_trailers
 from uembed.serving.protocols.http2 import Http2Listener
 from uembed.serving.protocols.oip import InferencePlane
 

@@ -21,45 +21,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
-from urllib.parse import quote
 
 import grpc
-from google.protobuf import message as protobuf_message
 from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2
 
-from uembed.contract.errors import BodyTooLarge, DeadlineExceeded, Overloaded, TensorError, UembedError, Unsupported
+from uembed.contract.errors import DeadlineExceeded, UembedError, Unsupported
 from uembed.serving.metrics import outcome
 from uembed.serving.protocols import oip_grpc
 from uembed.serving.protocols.disconnect import unless_abandoned
+from uembed.serving.protocols.grpc_lane import GrpcLane
+from uembed.serving.protocols.grpc_wire import (
+    SHUTTING_DOWN,
+    Method,
+    call_error,
+    framed,
+    grpc_content_type,
+    grpc_timeout,
+    outcome_trailers,
+    too_large,
+    unframed,
+)
 from uembed.serving.protocols.http2 import Http2Listener
 from uembed.serving.protocols.oip import InferencePlane
 from uembed.serving.protocols.oip_grpc import (
     HealthServicer,
     InferenceServicer,
 )
-from uembed.serving.protocols.render import grpc_code, table_error
+from uembed.serving.protocols.render import grpc_code
 from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.oip.grpc")
 
-FRAME_HEADER_BYTES = 5
 WATCH = "/grpc.health.v1.Health/Watch"
 START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/grpc")], "trailers": True}
-# grpc-timeout's units (gRPC over HTTP/2: "TimeoutValue TimeoutUnit", at most 8 digits)
-TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-# grpc-message is percent-encoded except printable ASCII other than '%'
-MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 UNKNOWN_METHOD = "unknown"
-SHUTTING_DOWN = Overloaded("the server is shutting down; retry on another")
-
-
-class Uncompressed(Unsupported):
-    """A compressed message: this server takes identity only (said in grpc-accept-encoding)."""
 
 
 class Disconnects:
@@ -69,20 +67,8 @@ class Disconnects:
         self.receive = receive
 
 
-def grpc_content_type(value: bytes) -> bool:
-    """application/grpc or application/grpc+proto (parameters allowed), not gRPC-Web's nor another codec's."""
-    return value.split(b";", 1)[0].strip().lower() in (b"application/grpc", b"application/grpc+proto")
-
-
 class Cancelled(Exception):
     """The client reset the stream or went away before its reply."""
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    request_type: Any  # the protobuf message class of its request; None: a streaming method not served (no message read)
-    call: Callable[[Any], Awaitable[Any]]  # request message -> reply message, raising the error table's rows
 
 
 def unary_methods(plane: InferencePlane) -> dict[str, Method]:
@@ -109,41 +95,10 @@ def unary_methods(plane: InferencePlane) -> dict[str, Method]:
     return methods
 
 
-def grpc_timeout(value: bytes) -> float | None:
-    """Seconds of a ``grpc-timeout`` header; None for a malformed one (ignored, as grpcio does)."""
-    digits, unit = value[:-1], value[-1:]
-    if not digits.isdigit() or len(digits) > 8 or unit not in TIMEOUT_UNITS:
-        return None
-    return int(digits) * TIMEOUT_UNITS[unit]
-
-
-def call_error(exc: Exception, name: str, method: Method | None, deadline_passed: bool = False) -> UembedError:
-    """The error-table row that ends a call."""
-    if isinstance(exc, TimeoutError) and deadline_passed:
-        return DeadlineExceeded("the call's deadline (grpc-timeout) passed before its reply")
-    if isinstance(exc, protobuf_message.DecodeError) and method is not None:
-        return TensorError(f"{name}: the request is not a valid {method.request_type.DESCRIPTOR.name}: {exc}")
-    return table_error(exc, name)
-
-
 async def finish(send, error: UembedError | None, body: bytes = b"") -> None:
     """The end of a call whose reply has started: the rest of its body, and its status in the trailers."""
     await send({"type": "http.response.body", "body": body, "more_body": False})
-    trailers = status_trailers(grpc.StatusCode.OK) if error is None else status_trailers(grpc_code(error), str(error))
-    if isinstance(error, Uncompressed):
-        trailers.append((b"grpc-accept-encoding", b"identity"))
-    await send({"type": "http.response.trailers", "headers": trailers})
-
-
-def framed(message: bytes) -> bytes:
-    return b"\0" + len(message).to_bytes(4, "big") + message
-
-
-def status_trailers(code: grpc.StatusCode, message: str = "") -> list[tuple[bytes, bytes]]:
-    trailers = [(b"grpc-status", str(code.value[0]).encode())]
-    if message:
-        trailers.append((b"grpc-message", quote(message, safe=MESSAGE_SAFE).encode()))
-    return trailers
+    await send({"type": "http.response.trailers", "headers": outcome_trailers(error)})
 
 
 class GrpcApp:
@@ -154,6 +109,7 @@ class GrpcApp:
         self.metrics = plane.engine.metrics
         self.max_message_bytes = settings.max_body_bytes
         self.methods = unary_methods(plane)
+        self.lane = GrpcLane(self.methods, self.max_message_bytes, self.observe)
         self.health = HealthServicer(plane, asyncio.get_running_loop())
         self.stopping = asyncio.Event()
 
@@ -208,19 +164,11 @@ class GrpcApp:
             if event["type"] == "http.disconnect":
                 raise Cancelled
             body += event.get("body", b"")
-            if len(body) > self.max_message_bytes + FRAME_HEADER_BYTES:
-                raise BodyTooLarge(f"the request message is over {self.max_message_bytes} bytes (max_body_bytes)")
+            if too_large(body, self.max_message_bytes):
+                break  # refused by unframed
             if not event.get("more_body", False):
                 break
-        if len(body) < FRAME_HEADER_BYTES:
-            raise TensorError("the call carries no gRPC message")
-        if body[0]:
-            raise Uncompressed(f"compressed messages (grpc-encoding {encoding.decode(errors='replace')[:40]}) are not "
-                               "taken; send them uncompressed")  # fmt: skip
-        length = int.from_bytes(body[1:5], "big")
-        if len(body) != FRAME_HEADER_BYTES + length:
-            raise TensorError("a unary call carries exactly one message; this one's frames do not add up to one")
-        return bytes(body[FRAME_HEADER_BYTES:])
+        return unframed(body, encoding, self.max_message_bytes)
 
     async def watch(self, headers: dict[bytes, bytes], receive, send) -> None:
         """``grpc.health.v1.Health/Watch``: the status now, then each change, until the client goes away or its
@@ -278,7 +226,8 @@ async def start_grpc_server(plane: InferencePlane, settings: ServiceSettings) ->
         return await oip_grpc.start_grpc_server(plane, settings)
     if not settings.grpc_port:
         return None
-    server = Http2Listener(GrpcApp(plane, settings), settings, settings.grpc_host, settings.grpc_port)
+    app = GrpcApp(plane, settings)
+    server = Http2Listener(app, settings, settings.grpc_host, settings.grpc_port, lane=app.lane)
     await server.start()
     log.info("gRPC (Open Inference Protocol) on %s, HTTP/2 in this worker's event loop", server.address)
     return server

@@ -30,6 +30,7 @@ class RotatingHttp2(ZttpH2Protocol):
 
     streams_per_connection = STREAMS_PER_CONNECTION
     first_stream_s = 10.0
+    lane = None  # what may answer a stream itself (``grpc_lane.GrpcLane``: its take); else the ASGI app does
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -47,7 +48,8 @@ class RotatingHttp2(ZttpH2Protocol):
         if self.last_stream_served is not None and event.stream_id > self.last_stream_served:
             return
         self.first_stream_timer.cancel()
-        super().handle_request(event)
+        if self.lane is None or not self.lane.take(self, event):
+            super().handle_request(event)
         self.streams_opened += 1
         self.newest_stream = event.stream_id
         if self.streams_opened >= self.streams_per_connection:
@@ -93,10 +95,11 @@ class Http2Listener:
     HTTP/2 protocol in this worker's event loop. The socket is bound with SO_REUSEPORT, so every worker listens on the
     port and the kernel hands each connection to one of them."""
 
-    def __init__(self, app, settings, host: str, port: int, streams_per_connection: int = STREAMS_PER_CONNECTION) -> None:
+    def __init__(self, app, settings, host: str, port: int, streams_per_connection: int = STREAMS_PER_CONNECTION,
+                 lane=None) -> None:  # fmt: skip
         self.app, self.settings, self.host, self.port = app, settings, host, port
         self.protocol = type("RotatingHttp2", (RotatingHttp2,), {"streams_per_connection": streams_per_connection,
-                                                                 "first_stream_s": settings.header_timeout_s})  # fmt: skip
+                                                                 "first_stream_s": settings.header_timeout_s, "lane": lane})  # fmt: skip
         self.connections_made = 0
         self.server: asyncio.Server | None = None
         self.state = uvicorn.server.ServerState()

@@ -1,0 +1,194 @@
+"""The gRPC port's fast lane (``grpc_lane.py``): a unary call answered by the HTTP/2 protocol itself. One in-process
+service serves two gRPC listeners, one with the lane and one without (every call the ASGI way); grpcio's client over
+real sockets sends each the same calls, and their outcomes must be the same. The ASGI app behind the lane's listener
+counts the calls it is given, so a test knows which way a call went."""
+
+import socket
+import time
+
+import grpc
+import pytest
+import zttp
+from grpc_health.v1 import health_pb2
+from tritonclient.grpc import service_pb2
+
+from tests.serving.inprocess import InProcessService
+from tests.serving.protocols.test_grpc_h2 import INFER, grpc_app
+from tests.serving.protocols.test_oip import MODEL
+from uembed.bundle.loader import load_bundle
+from uembed.loadtest.peers import grpc_request
+from uembed.loadtest.servers import free_port, wait_until
+from uembed.serving.protocols import http2
+from uembed.serving.protocols.http2 import Http2Listener
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+CANCELLED = 'uembed_abandoned_requests_total{reason="cancelled"}'
+
+
+def raw_call(port: int, path: str, message: bytes, headers: list = ()) -> tuple[list, bytes, list]:
+    """One call over a connection of its own, with zttp as the client (a client that sends what it is told, a
+    grpc-timeout included): the reply's headers, body and trailers."""
+    conn = zttp.Connection(zttp.CLIENT, protocol=zttp.HTTP2)
+    conn.initiate_connection()
+    stream = conn.send_request(b"POST", path.encode(), b"HTTP/2", [(b"host", b"127.0.0.1"), (b"content-type", b"application/grpc"),
+                                                                (b"te", b"trailers"), *headers])  # fmt: skip
+    stream.send_data(b"\0" + len(message).to_bytes(4, "big") + message)
+    stream.end_message()
+    reply, body = [], b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        while True:
+            data = sock.recv(65536)
+            assert data, "the connection closed before the reply's end"
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not zttp.NEED_DATA:
+                if isinstance(event, zttp.Response):
+                    reply = event.headers
+                elif isinstance(event, zttp.Data):
+                    body += event.data
+                elif isinstance(event, zttp.EndOfMessage):
+                    return reply, body, event.trailers
+            sock.sendall(conn.data_to_send())
+
+
+class CountingApp:
+    """The ASGI app, counting the calls it is given."""
+
+    def __init__(self, app) -> None:
+        self.app, self.calls = app, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.calls += 1
+        await self.app(scope, receive, send)
+
+
+class TwoWays:
+    """An in-process service with a gRPC listener with the lane and one without."""
+
+    def __init__(self, bundle, **settings) -> None:
+        self.service = InProcessService(bundles=[bundle], grpc_port=0, **settings)
+        app = self.service.run(grpc_app(self.service))
+        self.counting = CountingApp(app)
+        self.lane = Http2Listener(self.counting, self.service.settings, "127.0.0.1", free_port(), lane=app.lane)
+        self.asgi = Http2Listener(app, self.service.settings, "127.0.0.1", free_port())
+        for listener in (self.lane, self.asgi):
+            self.service.run(listener.start())
+
+    def call(self, listener: Http2Listener, path: str, body: bytes, **options):
+        """(code, details, trailing metadata, reply bytes) of one call."""
+        with grpc.insecure_channel(f"127.0.0.1:{listener.port}", **options) as channel:
+            try:
+                reply, call = channel.unary_unary(path).with_call(body, timeout=30)
+            except grpc.RpcError as error:
+                return error.code(), error.details(), tuple(error.trailing_metadata() or ()), None
+        return call.code(), call.details(), tuple(call.trailing_metadata() or ()), reply
+
+    def close(self) -> None:
+        for listener in (self.lane, self.asgi):
+            self.service.run(listener.stop())
+        self.service.close()
+
+
+@pytest.fixture
+def two_ways(synthetic_store):
+    ways = TwoWays(synthetic_store / MODEL / "1", max_body_bytes=256 * 1024)
+    yield ways
+    ways.close()
+
+
+@pytest.fixture(scope="module")
+def body_of(synthetic_store):
+    specs = load_bundle(synthetic_store / MODEL / "1").feature_specs
+    return lambda examples, **fields: grpc_request(MODEL, examples, specs) + service_pb2.ModelInferRequest(**fields).SerializeToString()
+
+
+def test_each_call_has_the_same_outcome_in_the_lane_as_the_asgi_way_and_never_reaches_the_app(two_ways, movielens_examples,
+                                                                                              body_of):  # fmt: skip
+    calls = {
+        "scored": (INFER, body_of(movielens_examples[:32], id="call-1")),
+        "a message over 64 KiB, read whole": (INFER, body_of(movielens_examples[:1000])),
+        "unknown model": (INFER, body_of(movielens_examples[:4], model_name="nope")),
+        "a bad tensor": (INFER, service_pb2.ModelInferRequest(model_name=MODEL, inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(name="user_id", datatype="FP32", shape=[1])]).SerializeToString()),
+        "not the method's message": (INFER, b"\xff\xff\xff"),
+        "health": (HEALTH_CHECK, health_pb2.HealthCheckRequest().SerializeToString()),
+    }  # fmt: skip
+    for name, (path, body) in calls.items():
+        in_lane = two_ways.call(two_ways.lane, path, body)
+        assert in_lane == two_ways.call(two_ways.asgi, path, body), name
+        assert raw_call(two_ways.lane.port, path, body) == raw_call(two_ways.asgi.port, path, body), name
+    gzip = {"compression": grpc.Compression.Gzip}
+    compressed = two_ways.call(two_ways.lane, INFER, calls["scored"][1], **gzip)
+    assert compressed[0] == grpc.StatusCode.UNIMPLEMENTED and "send them uncompressed" in compressed[1]
+    assert compressed == two_ways.call(two_ways.asgi, INFER, calls["scored"][1], **gzip)
+    scored = service_pb2.ModelInferResponse.FromString(two_ways.call(two_ways.lane, *calls["scored"])[3])
+    assert (scored.model_name, scored.id, len(scored.raw_output_contents[0])) == (MODEL, "call-1", 32 * 4)
+    assert len(service_pb2.ModelInferResponse.FromString(two_ways.call(two_ways.lane, *calls["a message over 64 KiB, read whole"])[3])
+               .raw_output_contents[0]) == 1000 * 4  # fmt: skip
+    assert two_ways.counting.calls == 0
+    counted = two_ways.service.metrics()
+    assert counted['uembed_grpc_requests_total{code="OK",method="ModelInfer"}'] == 2 * 4 + 2
+    assert counted['uembed_grpc_requests_total{code="NOT_FOUND",method="ModelInfer"}'] == 4
+    assert counted['uembed_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}'] == 2 * 4
+
+
+def test_what_the_lane_does_not_take_goes_the_asgi_way(two_ways):
+    assert two_ways.call(two_ways.lane, "/some.Other/Method", b"")[0] == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(f"127.0.0.1:{two_ways.lane.port}") as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")(health_pb2.HealthCheckRequest().SerializeToString(), timeout=30)
+        assert health_pb2.HealthCheckResponse.FromString(next(watch)).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+    assert two_ways.counting.calls == 2
+
+
+def test_a_deadline_that_passes_in_the_lane_is_deadline_exceeded(two_ways, movielens_examples, body_of):
+    """The call's grpc-timeout runs on the server: one whose deadline passes before its batch is scored ends
+    DEADLINE_EXCEEDED, and is counted so."""
+    body = body_of(movielens_examples[:4])
+    _, reply, trailers = raw_call(two_ways.lane.port, INFER, body, [(b"grpc-timeout", b"1n")])
+    assert reply == b"" and dict(trailers)[b"grpc-status"] == b"4" and b"deadline" in dict(trailers)[b"grpc-message"]
+    assert two_ways.service.metrics()['uembed_grpc_requests_total{code="DEADLINE_EXCEEDED",method="ModelInfer"}'] == 1
+    _, reply, trailers = raw_call(two_ways.lane.port, INFER, body, [(b"grpc-timeout", b"30S")])
+    assert dict(trailers)[b"grpc-status"] == b"0"
+    assert len(service_pb2.ModelInferResponse.FromString(reply[5:]).raw_output_contents[0]) == 4 * 4
+    assert two_ways.counting.calls == 0
+
+
+@pytest.mark.parametrize("way", ["lane", "asgi"])
+def test_a_call_the_client_cancels_is_skipped_by_the_batcher(synthetic_store, movielens_examples, body_of, way):
+    ways = TwoWays(synthetic_store / MODEL / "1", compute_on_event_loop=False)
+    try:
+        listener = getattr(ways, way)
+        with grpc.insecure_channel(f"127.0.0.1:{listener.port}") as channel:
+            call = channel.unary_unary(INFER)
+            body = body_of(movielens_examples[:4])
+            call(body, timeout=30)
+            before = ways.service.metrics().get(CANCELLED, 0)
+            ways.service.engine.batcher.executor.submit(time.sleep, 1.0)  # as a long batch holds the compute thread
+            running = call.future(body, timeout=30)  # its batch waits for the compute thread
+            time.sleep(0.2)
+            queued = call.future(body, timeout=30)  # queued behind that batch
+            time.sleep(0.2)
+            queued.cancel()  # RST_STREAM while the call waits for its batch
+            assert len(service_pb2.ModelInferResponse.FromString(running.result()).raw_output_contents[0]) == 16
+            wait_until(lambda: ways.service.metrics().get(CANCELLED, 0) > before, 10, "the cancelled call skipped")
+            assert call(body, timeout=30)  # the connection serves the next call
+        assert ways.counting.calls == 0
+    finally:
+        ways.close()
+
+
+def test_a_call_in_the_lane_when_the_server_stops_is_unavailable(synthetic_store, movielens_examples, body_of, monkeypatch):
+    monkeypatch.setattr(http2, "SHUTDOWN_GRACE_S", 0.3)
+    ways = TwoWays(synthetic_store / MODEL / "1", compute_on_event_loop=False)
+    try:
+        ways.service.engine.batcher.executor.submit(time.sleep, 2.0)
+        with grpc.insecure_channel(f"127.0.0.1:{ways.lane.port}") as channel:
+            waiting = channel.unary_unary(INFER).future(body_of(movielens_examples[:4]), timeout=30)
+            time.sleep(0.3)
+            ways.service.run(ways.lane.stop())
+            with pytest.raises(grpc.RpcError) as error:
+                waiting.result()
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.value.details()
+    finally:
+        ways.close()

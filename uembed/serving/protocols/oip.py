@@ -219,6 +219,8 @@ def json_type(value: object) -> str:
 
 def check_shape(tensor: InputTensor, spec: FeatureSpec) -> None:
     shape = tensor.shape
+    if len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0:  # [N]: most tensors
+        return
     if not shape or len(shape) > 2 or any(type(d) is not int or d < 0 for d in shape):
         raise TensorError(f"input {tensor.name!r}: shape {shape} is not [N] or [N, {'W' if spec.multivalent else '1'}] "
                           "(N, the batch, first)")  # fmt: skip

@@ -181,8 +181,12 @@ class InferenceServicer(Observed, service_pb2_grpc.GRPCInferenceServiceServicer)
 
     @rpc
     async def ModelInfer(self, request, context):
-        values = elements(request.inputs)  # the same shapes as the tensors read from them: counted once
-        inputs = await self.plane.engine.decoded(values, read_inputs, request)
+        if request.raw_input_contents:  # read a tensor at a time (the data stays bytes), its shape once
+            inputs = read_inputs(request)
+            values = elements(inputs)
+        else:  # typed contents are converted a value at a time: where a large request's are, the count decides
+            values = elements(request.inputs)
+            inputs = await self.plane.engine.decoded(values, read_inputs, request)
         check_outputs([output.name for output in request.outputs], [list(output.parameters) for output in request.outputs])
         scores, runtime = await self.plane.infer(request.model_name, request.model_version, inputs, values)
         output = service_pb2.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=OUTPUT_DATATYPE, shape=[len(scores)])

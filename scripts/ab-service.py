@@ -94,7 +94,8 @@ def main() -> None:
             order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
             figures = {name: measure(getattr(args, name), args.bundle, bodies, args.seconds, work, args.open_loop,
                                    envs[name], name, calls) for name in order}  # fmt: skip
-            kept = ("requests_per_s", "server_cpu_ms_per_call") + (("p50_ms", "p99_ms") if args.open_loop or calls else ())
+            kept = ("requests_per_s", "server_cpu_ms_per_call", "failures")
+            kept += ("p50_ms", "p99_ms") if args.open_loop or calls else ()
             row = {name: {key: figures[name][key] for key in kept} for name in ("before", "after")}
             row["after_over_before"] = round(row["after"]["requests_per_s"] / row["before"]["requests_per_s"], 3)
             row["before_cpu_over_after"] = round(row["before"]["server_cpu_ms_per_call"] / row["after"]["server_cpu_ms_per_call"], 3)

@@ -109,7 +109,7 @@ class GrpcApp:
         self.metrics = plane.engine.metrics
         self.max_message_bytes = settings.max_body_bytes
         self.methods = unary_methods(plane)
-        self.lane = GrpcLane(self.methods, self.max_message_bytes, self.observe)
+        self.lane = GrpcLane(self.methods, self.max_message_bytes, settings.body_timeout_ms / 1000, self.observe)
         self.health = HealthServicer(plane, asyncio.get_running_loop())
         self.stopping = asyncio.Event()
 

@@ -124,11 +124,14 @@ def test_a_channel_keeps_working_past_the_streams_one_connection_may_open(servic
     assert "enhance your calm" not in service.log_path.read_text()
 
 
-def test_connections_rotate_after_their_streams_with_no_call_lost(synthetic_store, movielens_examples):
-    """With a connection's streams set low, many rotations under 16 calls in flight: every call scores."""
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "asgi"])
+def test_connections_rotate_after_their_streams_with_no_call_lost(synthetic_store, movielens_examples, lane):
+    """With a connection's streams set low, many rotations under 16 calls in flight: every call scores, answered by
+    the gRPC lane or the ASGI way."""
     service = InProcessService(bundles=[synthetic_store / MODEL / "1"], grpc_port=0)
     port = free_port()
-    listener = Http2Listener(service.run(grpc_app(service)), service.settings, "127.0.0.1", port, streams_per_connection=20)
+    app = service.run(grpc_app(service))
+    listener = Http2Listener(app, service.settings, "127.0.0.1", port, streams_per_connection=20, lane=app.lane if lane else None)
     service.run(listener.start())
     try:
         specs = service.engine.registry.find(MODEL, None).bundle.feature_specs

@@ -50,6 +50,8 @@ STAGES = [
     ("metrics", ("prometheus_client", "uembed/serving/metrics.py")),
     ("batcher", ("uembed/serving/batcher.py", "uembed/serving/engine.py")),
     ("Open Inference Protocol: tensors to columns", ("uembed/serving/protocols/oip.py", "oip_grpc.py")),
+    ("gRPC front (lane, framing, ASGI app)", ("protocols/grpc_lane.py", "protocols/grpc_wire.py", "protocols/grpc_h2.py",
+                                              "protocols/http2.py")),
     ("protobuf", ("google/protobuf", "service_pb2")),
     ("gRPC (grpc.aio, cygrpc)", ("grpc/", "cygrpc", "grpc_aio", "_server.py")),
     ("our ASGI layers (limits, lean path, route)", ("uembed/serving/protocols/limits.py", "lean_json.py", "protocols/v1.py",

@@ -65,6 +65,8 @@ class RawConnection:
                     reply["body"] += event.data
                 elif isinstance(event, zttp.EndOfMessage):
                     reply["trailers"] = event.trailers
+                elif isinstance(event, zttp.RstStream):
+                    reply["reset"] = event.error_code
             self.flush()
         reply = self.replies[stream.stream_id]
         return reply["headers"], reply["body"], reply["trailers"]
@@ -248,6 +250,10 @@ def test_a_large_body_still_arriving_does_not_stop_the_connection_reading_for_th
         _, reply, trailers = connection.reply(uploading)
         assert dict(trailers)[b"grpc-status"] == b"0"
         assert len(service_pb2.ModelInferResponse.FromString(reply[5:]).raw_output_contents[0]) == 1000 * 4
+        # answered before the client had sent it all: the stream is reset with NO_ERROR after the reply, so the
+        # client may stop sending; the one answered after its whole body is not
+        assert connection.replies[too_large.stream_id].get("reset") == zttp.H2ErrorCode.NO_ERROR
+        assert "reset" not in connection.replies[uploading.stream_id]
     finally:
         connection.close()
 

@@ -37,7 +37,8 @@ class RotatingHttp2(ZttpH2Protocol):
         self.streams_opened = 0
         self.newest_stream = 0
         self.last_stream_served: int | None = None
-        self.closing = False
+        self.closing = False  # our half of the connection is closed
+        self.close_timer: asyncio.TimerHandle | None = None  # closes the connection after CLOSE_WAIT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(CoalescedWrites(transport, self.loop))
@@ -68,26 +69,37 @@ class RotatingHttp2(ZttpH2Protocol):
 
     def _close_connection(self) -> None:
         """uvicorn's close, made gentle: GOAWAY (once: a second may not name a newer stream), then our half of the
-        connection only. A close with the client's frames unread in the socket would send a TCP reset, which can
-        overtake the replies and the GOAWAY written just before it; the client closes its half when it has read them
-        (or the connection is closed after CLOSE_WAIT_S)."""
+        connection only, once every reply has left. A close with the client's frames unread in the socket would send
+        a TCP reset, which can overtake the replies and the GOAWAY written just before it; the client closes its half
+        when it has read them (or the connection is closed after CLOSE_WAIT_S)."""
         if self.transport.is_closing() or self.closing:
             return
-        self.closing = True
         if self.last_stream_served is None:
             self.last_stream_served = self.newest_stream
             self.conn.close(0, self.newest_stream)
             self.flush()
+        if self.conn.has_pending_send():
+            # A reply the client's flow-control window holds back: the frames that open it (WINDOW_UPDATE) are still
+            # read, and the half-close waits for its last bytes (data_received), or CLOSE_WAIT_S for a client that
+            # stopped reading.
+            if self.close_timer is None:
+                self.close_timer = self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
+            return
+        self.closing = True
         try:
             self.transport.write_eof()
         except (OSError, NotImplementedError):  # the client has gone already, or the transport cannot half-close
             self.transport.close()
         else:
-            self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
+            if self.close_timer is None:
+                self.close_timer = self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
-        if not self.closing:  # frames after our half-close are of streams it will not serve
-            super().data_received(data)
+        if self.closing:  # frames after our half-close are of streams it will not serve
+            return
+        super().data_received(data)
+        if self.close_timer is not None and not self.closing and not self.conn.has_pending_send():
+            self._close_connection()  # the last reply held back by flow control has left
 
 
 class Http2Listener:
@@ -127,8 +139,8 @@ class Http2Listener:
         self.server = await loop.create_server(connection, sock=sock)
 
     async def stop(self) -> None:
-        """Stop taking connections and calls (GOAWAY; a Watch ends UNAVAILABLE), let the calls in flight finish (up to
-        SHUTDOWN_GRACE_S), then cancel the rest (UNAVAILABLE) and close what is still open."""
+        """Stop taking connections and calls (GOAWAY; a Watch ends UNAVAILABLE), let the calls in flight finish and their
+        replies leave (up to SHUTDOWN_GRACE_S), then cancel the rest (UNAVAILABLE) and close what is still open."""
         if self.server is None:
             return
         self.server.close()
@@ -137,7 +149,7 @@ class Http2Listener:
         for connection in list(self.state.connections):
             connection.goaway()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        while self.state.tasks and time.monotonic() < deadline:
+        while (self.state.tasks or self._replies_held_back()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = list(self.state.tasks)
         for task in left:
@@ -146,3 +158,8 @@ class Http2Listener:
         for connection in list(self.state.connections):
             connection.transport.close()
         self.server = None
+
+    def _replies_held_back(self) -> bool:
+        """Whether a connection still open holds reply bytes back for its client's flow-control window."""
+        return any(connection.conn.has_pending_send() for connection in self.state.connections
+                   if not connection.transport.is_closing())  # fmt: skip

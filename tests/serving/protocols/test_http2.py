@@ -1,0 +1,101 @@
+"""The gRPC port's HTTP/2 connections (``http2.py``) with an app of the test's own: what a connection that is ending
+still owes its client. zttp is the client over a real socket, so the test decides when the client's flow-control
+window opens."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from tests.serving.protocols.test_grpc_lane import RawConnection
+from uembed.loadtest.servers import free_port
+from uembed.serving.protocols.http2 import Http2Listener
+from uembed.serving.settings import load_settings
+
+REPLY_BYTES = 300_000  # past the client's 64 KiB window: most of it leaves only after the client's WINDOW_UPDATEs
+
+
+async def large_reply(scope, receive, send) -> None:
+    """An app whose every reply is REPLY_BYTES long, a stream's number repeated (so a body cut short, or mixed with
+    another stream's, shows)."""
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/grpc")]})
+    await send({"type": "http.response.body", "body": reply_for(scope["path"]), "more_body": False})
+
+
+def reply_for(path: str) -> bytes:
+    return (path.encode() * REPLY_BYTES)[:REPLY_BYTES]
+
+
+class Listening:
+    """An Http2Listener serving ``app`` on an event loop of its own thread."""
+
+    def __init__(self, app, **options) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.listener = Http2Listener(app, load_settings(), "127.0.0.1", free_port(), **options)
+        self.run(self.listener.start())
+
+    def run(self, coroutine, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=timeout)
+
+    def close(self) -> None:
+        self.run(self.listener.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def rotating_every_stream():
+    listening = Listening(large_reply, streams_per_connection=1)
+    yield listening
+    listening.close()
+
+
+def test_the_last_streams_large_reply_is_sent_whole_before_the_connection_ends(rotating_every_stream):
+    """A connection that serves one stream says GOAWAY when that stream opens and ends once it is answered: a reply
+    held back by the client's window is still sent, as the client's WINDOW_UPDATEs arrive, before the half-close."""
+    for call in range(3):
+        connection = RawConnection(rotating_every_stream.listener.port)
+        try:
+            stream = connection.open(f"/call/{call}")
+            connection.send(stream, b"\0\0\0\0\0", end=True)
+            _, body, _ = connection.reply(stream)
+        finally:
+            connection.close()
+        assert body == reply_for(f"/call/{call}")
+
+
+def test_a_large_reply_in_flight_when_the_listener_stops_is_sent_whole():
+    """A graceful stop lets a call in flight finish and its reply leave: held back by the window of a client slow to
+    read, it is still sent whole."""
+    started, release = threading.Event(), None
+
+    async def slow_large_reply(scope, receive, send):
+        nonlocal release
+        release = asyncio.Event()
+        started.set()
+        await release.wait()
+        await large_reply(scope, receive, send)
+
+    listening = Listening(slow_large_reply)
+    connection = RawConnection(listening.listener.port)
+    try:
+        stream = connection.open("/slow")
+        connection.send(stream, b"\0\0\0\0\0", end=True)
+        assert started.wait(10)
+        stopping = asyncio.run_coroutine_threadsafe(listening.listener.stop(), listening.loop)
+        listening.loop.call_soon_threadsafe(release.set)
+        time.sleep(0.5)  # a client slow to read: the stop waits for the reply to leave, not only for the call to end
+        _, body, _ = connection.reply(stream)
+        stopping.result(timeout=30)
+    finally:
+        connection.close()
+        listening.loop.call_soon_threadsafe(listening.loop.stop)
+        listening.thread.join(timeout=10)
+        listening.loop.close()
+    assert body == reply_for("/slow")

@@ -326,6 +326,10 @@ def test_the_column_readers_step_aside_for_what_they_do_not_check():
     for value in (None, True, 1.5, 2**64, "\ud800", "much too long", b"raw"):
         assert extension.text_column_of([{"a": "x"}, {"a": value}], "a", 8, markers) is None, value
     assert extension.text_column_of([{"a": "x"}, {}], "a", 8, markers) is None
+    assert extension.text_column(["x", -12, "unknown", ""], 8, markers) == [b"x", b"-12", b"", b""]
+    for value in (None, True, 1.5, 2**64, "\ud800", "much too long", b"raw", ["x"]):
+        assert extension.text_column(["x", value], 8, markers) is None, value
+    assert extension.text_column(["é" * 8], 8, frozenset()) == ["é".encode() * 8]  # the limit counts characters
     assert extension.list_column_of([{"g": ["a", "b"]}, {"g": []}], "g", 8, 2, markers, (b"",)) == [(b"a", b"b"), (b"",)]
     for value in (["a", ""], ["unknown"], ["a", "b", "c"], ["a", 1], ("a",), "a", None, ["much too long"]):
         assert extension.list_column_of([{"g": value}], "g", 8, 2, markers, (b"",)) is None, value
@@ -335,9 +339,10 @@ def test_the_column_readers_step_aside_for_what_they_do_not_check():
 
 @needs_extension
 @pytest.mark.parametrize("seed", range(4))
-def test_a_fronts_columns_canonicalise_alike_through_the_compiled_list_column(synthetic_store, seed):
-    """A front's columns (feature -> a value per example, as /v2 and gRPC decode them) through the compiled list
-    column against the pure path: the same canonical values, truncations and missing counts, or the same error."""
+def test_a_fronts_columns_canonicalise_alike_through_the_compiled_column_readers(synthetic_store, seed, monkeypatch):
+    """A front's columns (feature -> a value per example, as /v2 and gRPC decode them) through the compiled text and
+    list columns against the pure path: the same canonical values, truncations and missing counts, or the same
+    error."""
     from dataclasses import replace
 
     from uembed.serving.pipeline.encoding import ExampleEncoder
@@ -348,6 +353,14 @@ def test_a_fronts_columns_canonicalise_alike_through_the_compiled_list_column(sy
     specs["genres"] = replace(specs["genres"], missing=("unknown",), max_values=5)
     rng = random.Random(seed)
     requests = [plain_request(rng, rng.choice([1, 7, 64])) for _ in range(60)]
+    answered = {"text_column": 0, "list_column": 0}  # columns the readers did read (not None)
+    for reader in answered:
+        function = getattr(hashing._fasthash, reader)
+        def counted(*args, function=function, reader=reader):
+            column = function(*args)
+            answered[reader] += column is not None
+            return column
+        monkeypatch.setattr(hashing._fasthash, reader, counted)
     outcomes = {}
     for backend in ("compiled", "python"):
         hashing.use_backend(backend)
@@ -365,6 +378,7 @@ def test_a_fronts_columns_canonicalise_alike_through_the_compiled_list_column(sy
         outcomes[backend] = got
     assert outcomes["compiled"] == outcomes["python"]
     assert any(outcome[0] != "error" for outcome in outcomes["python"])
+    assert answered["text_column"] > 0 and answered["list_column"] > 0
 
 
 @needs_extension

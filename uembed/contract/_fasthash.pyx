@@ -334,6 +334,23 @@ def text_column_of(list examples, str name, Py_ssize_t max_chars, frozenset miss
     return out
 
 
+def text_column(list column, Py_ssize_t max_chars, frozenset missing):
+    """``text_column_of`` for a column already cut out of the examples (a value per example: a front's columns)."""
+    cdef Py_ssize_t i, n = len(column)
+    cdef char scratch[SCRATCH]
+    cdef object encoded
+    cdef list out = [None] * n
+    cdef bint markers = len(missing) > 0
+    for i in range(n):
+        encoded = plain_text_bytes(<object>PyList_GET_ITEM(column, i), max_chars, scratch)
+        if encoded is None:
+            return None
+        if markers and PySet_Contains(missing, encoded):
+            encoded = b""
+        out[i] = encoded
+    return out
+
+
 cdef object plain_items(object value, Py_ssize_t max_chars, Py_ssize_t max_list, frozenset missing, bint markers,
                         tuple empty, char* scratch):
     """Canonical bytes of a list of at most ``max_list`` items (negative: no limit), each a non-empty str of at most

@@ -237,6 +237,8 @@ class Canonicaliser:
                     encoded = None
                     if plain is not None:
                         encoded = compiled.text_column_of(plain, name, self.char_limit, self.missing_markers[name])
+                    elif compiled is not None and self.column_readers and type(columns[name]) is list:  # a front's columns
+                        encoded = compiled.text_column(columns[name], self.char_limit, self.missing_markers[name])
                     if encoded is None:
                         encoded = self._text_column(spec, columns[name])
                     if encoded is not None:

@@ -17,11 +17,11 @@ new = Path(tree, "uembed/serving").exists()
 os.environ["UEMBED_BUNDLES"] = bundle_path
 os.environ["UEMBED_GRPC_PORT"] = "0"
 if new:  # noqa: SIM108 - the two layouts' imports
-    from uembed.serving.app import create_app
     from uembed.loadtest.scale_bench import request_bodies
+    from uembed.serving.app import create_app
 else:
-    from service.app import create_app
     from loadtest.scale_bench import request_bodies
+    from service.app import create_app
 bodies = request_bodies(1.05, 500, 500, count=20)
 app = create_app()
 

@@ -78,7 +78,8 @@ def count(tree: Path, front: str, calls: int, bundle: Path, workdir: Path) -> in
     script = workdir / "workload.py"
     script.write_text(WORKLOAD)
     out = workdir / f"callgrind.{front}.{calls}"
-    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    # UEMBED_REQUIRE_EXTENSION: a tree whose extensions are missing or stale fails, rather than counting the pure path
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "UEMBED_REQUIRE_EXTENSION": "1"}
     done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, str(script),
                            str(tree), front, str(calls), str(bundle)], cwd=workdir, env=env, capture_output=True, text=True)  # fmt: skip
     found = re.search(r"Collected : (\d+)", done.stderr)

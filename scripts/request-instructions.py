@@ -1,7 +1,8 @@
 """Instructions the service spends on one request, counted by valgrind (callgrind) in the worker, per front and per
 tree: what a call costs the server, measured so that the speed of a shared, noisy machine does not move it.
 
-    .venv/bin/python scripts/request-instructions.py TREE [TREE ...] [--fronts v1 grpc] [--calls 200] [--out F]
+    .venv/bin/python scripts/request-instructions.py TREE [TREE ...] [--fronts v1 grpc] [--calls 200] [--in-flight 1]
+        [--out F]
 
 For each tree (a checkout with its compiled extensions built), one worker (``PYTHONPATH=TREE python -m uvicorn``, as
 ``scripts/ab-service.py`` starts it, on the demo bundle) runs under callgrind with its instrumentation off while it
@@ -53,7 +54,7 @@ def counted(dumps: Path, pid: int, before: set[Path]) -> int:
     """The instructions of the dump callgrind wrote last (its ``totals:`` line)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        new = [path for path in dumps.glob(f"callgrind.{pid}*") if path not in before and path.stat().st_size]
+        new = [path for path in dumps.glob(f"callgrind.{pid}.*") if path not in before and path.stat().st_size]
         for path in new:
             found = re.search(r"^totals:\s+(\d+)", path.read_text(errors="replace"), re.MULTILINE)
             if found:
@@ -73,8 +74,13 @@ class KeptAlive:
         connection = getattr(self.local, "connection", None)
         if connection is None:
             connection = self.local.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
-        connection.request("POST", "/v1/score", body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
+        try:
+            connection.request("POST", "/v1/score", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            connection.close()  # kept alive past the server's keep-alive timeout (a slow step between fronts): again
+            connection.request("POST", "/v1/score", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
         response.read()
         if response.status != 200:
             raise RuntimeError(f"/v1/score answered {response.status}")
@@ -95,8 +101,11 @@ def measure(tree: Path, fronts: list[str], calls: int, in_flight: int, bundle: P
     v1_bodies = [json.dumps({"examples": request}).encode() for request in requests]
     grpc_bodies = [grpc_request(load_bundle(bundle).name, request, specs) for request in requests]
     grpc_port = free_port()
+    # UEMBED_REQUIRE_EXTENSION: a tree whose compiled extensions are missing or stale fails to start, rather than
+    # being counted on the pure path
     server = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle), "PYTHONPATH": str(tree),
-                                                               "UEMBED_GRPC_PORT": str(grpc_port)}, work / f"{tree.name}.log")  # fmt: skip
+                                                               "UEMBED_GRPC_PORT": str(grpc_port), "UEMBED_REQUIRE_EXTENSION": "1"},
+                            work / f"{tree.name}.log")  # fmt: skip
     server.cwd = tree
     dumps = work / tree.name
     dumps.mkdir()
@@ -115,6 +124,13 @@ def measure(tree: Path, fronts: list[str], calls: int, in_flight: int, bundle: P
             callgrind_control("--instr=on", str(pid))
             with ThreadPoolExecutor(in_flight) as clients:
                 for front in fronts:
+                    everyone = threading.Barrier(in_flight)  # a warm-up call on every client thread: its connection open
+
+                    def warm_up(i, front=front, everyone=everyone):
+                        send[front](i)
+                        everyone.wait(timeout=600)
+
+                    list(clients.map(warm_up, range(in_flight)))
                     list(clients.map(send[front], range(WARM_UP_CALLS)))
                     batched = batches(server)
                     callgrind_control("--zero", str(pid))

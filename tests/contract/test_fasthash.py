@@ -338,8 +338,9 @@ def test_the_column_readers_step_aside_for_what_they_do_not_check():
 
 
 @needs_extension
-@pytest.mark.parametrize("seed", range(4))
-def test_a_fronts_columns_canonicalise_alike_through_the_compiled_column_readers(synthetic_store, seed, monkeypatch):
+@pytest.mark.parametrize("seed, limits", [(0, {}), (1, {}), (2, {"max_chars": 3, "max_list": 2}),
+                                          (3, {"max_chars": 0, "max_list": 0}), (4, {"max_chars": -1})])
+def test_a_fronts_columns_canonicalise_alike_through_the_compiled_column_readers(synthetic_store, seed, limits, monkeypatch):
     """A front's columns (feature -> a value per example, as /v2 and gRPC decode them) through the compiled text and
     list columns against the pure path: the same canonical values, truncations and missing counts, or the same
     error."""
@@ -350,6 +351,7 @@ def test_a_fronts_columns_canonicalise_alike_through_the_compiled_column_readers
 
     bundle = load_bundle(synthetic_store / "movielens" / "1")
     specs = dict(bundle.feature_specs)
+    specs["occupation"] = replace(specs["occupation"], missing=("unknown",))
     specs["genres"] = replace(specs["genres"], missing=("unknown",), max_values=5)
     rng = random.Random(seed)
     requests = [plain_request(rng, rng.choice([1, 7, 64])) for _ in range(60)]
@@ -364,7 +366,7 @@ def test_a_fronts_columns_canonicalise_alike_through_the_compiled_column_readers
     outcomes = {}
     for backend in ("compiled", "python"):
         hashing.use_backend(backend)
-        encoder = ExampleEncoder(specs, bundle.plan, ValueLimits(), 0, bundle.known_values)
+        encoder = ExampleEncoder(specs, bundle.plan, ValueLimits(**limits), 0, bundle.known_values)
         got = []
         for request in requests:
             columns = {name: [example.get(name) for example in request] for name in specs}
@@ -377,8 +379,12 @@ def test_a_fronts_columns_canonicalise_alike_through_the_compiled_column_readers
             got.append((values, canonical.truncated, canonical.missing))
         outcomes[backend] = got
     assert outcomes["compiled"] == outcomes["python"]
-    assert any(outcome[0] != "error" for outcome in outcomes["python"])
-    assert answered["text_column"] > 0 and answered["list_column"] > 0
+    assert any(outcome[0] == "error" for outcome in outcomes["python"])  # requests the checked path refuses were asked
+    if not limits:
+        assert any(outcome[0] != "error" for outcome in outcomes["python"])  # and requests it scores
+        assert answered["text_column"] > 0 and answered["list_column"] > 0
+    elif limits.get("max_chars") == -1:
+        assert answered == {"text_column": 0, "list_column": 0}  # a negative limit: every value to the checked path
 
 
 @needs_extension

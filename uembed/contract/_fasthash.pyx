@@ -342,6 +342,8 @@ def text_column(list column, Py_ssize_t max_chars, frozenset missing):
     cdef list out = [None] * n
     cdef bint markers = len(missing) > 0
     for i in range(n):
+        if i >= PyList_GET_SIZE(column):  # shortened meanwhile (a marker's __eq__ may run Python code)
+            return None
         encoded = plain_text_bytes(<object>PyList_GET_ITEM(column, i), max_chars, scratch)
         if encoded is None:
             return None

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from tests.serving.protocols.test_grpc_lane import RawConnection
-from uembed.loadtest.servers import free_port
+from uembed.loadtest.servers import free_port, wait_until
+from uembed.serving.protocols import http2
 from uembed.serving.protocols.http2 import Http2Listener
 from uembed.serving.settings import load_settings
 
@@ -56,18 +57,45 @@ def rotating_every_stream():
     listening.close()
 
 
-def test_the_last_streams_large_reply_is_sent_whole_before_the_connection_ends(rotating_every_stream):
+def read_to_the_end(connection: RawConnection, within_s: float) -> bytes:
+    """What the server sends until it closes its half of the connection (the test fails past ``within_s``)."""
+    connection.sock.settimeout(within_s)
+    rest = b""
+    while data := connection.sock.recv(65536):
+        rest += data
+    return rest
+
+
+def test_the_last_streams_large_reply_is_sent_whole_before_the_connection_ends(rotating_every_stream, monkeypatch):
     """A connection that serves one stream says GOAWAY when that stream opens and ends once it is answered: a reply
-    held back by the client's window is still sent, as the client's WINDOW_UPDATEs arrive, before the half-close."""
+    held back by the client's window is still sent, as the client's WINDOW_UPDATEs arrive, and the server's half of
+    the connection closes as soon as it has left (not when the close timer runs out)."""
+    monkeypatch.setattr(http2, "CLOSE_WAIT_S", 60.0)
     for call in range(3):
         connection = RawConnection(rotating_every_stream.listener.port)
         try:
             stream = connection.open(f"/call/{call}")
             connection.send(stream, b"\0\0\0\0\0", end=True)
             _, body, _ = connection.reply(stream)
+            read_to_the_end(connection, within_s=20)
         finally:
             connection.close()
         assert body == reply_for(f"/call/{call}")
+
+
+def test_a_client_that_stops_reading_loses_its_connection_after_the_close_wait(rotating_every_stream, monkeypatch):
+    """A client that never opens its window holds a reply back for good: the connection is closed after CLOSE_WAIT_S
+    rather than kept open."""
+    monkeypatch.setattr(http2, "CLOSE_WAIT_S", 0.5)
+    connection = RawConnection(rotating_every_stream.listener.port)
+    try:
+        stream = connection.open("/never-read")
+        connection.send(stream, b"\0\0\0\0\0", end=True)
+        wait_until(lambda: not rotating_every_stream.listener.state.connections, 20, "the connection closed")
+        received = read_to_the_end(connection, within_s=20)
+    finally:
+        connection.close()
+    assert 0 < len(received) < REPLY_BYTES  # the first window's worth, then the end
 
 
 def test_a_large_reply_in_flight_when_the_listener_stops_is_sent_whole():
@@ -92,6 +120,8 @@ def test_a_large_reply_in_flight_when_the_listener_stops_is_sent_whole():
         listening.loop.call_soon_threadsafe(release.set)
         time.sleep(0.5)  # a client slow to read: the stop waits for the reply to leave, not only for the call to end
         _, body, _ = connection.reply(stream)
+        read_to_the_end(connection, within_s=20)
+        connection.close()
         stopping.result(timeout=30)
     finally:
         connection.close()

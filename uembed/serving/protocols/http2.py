@@ -38,7 +38,9 @@ class RotatingHttp2(ZttpH2Protocol):
         self.newest_stream = 0
         self.last_stream_served: int | None = None
         self.closing = False  # our half of the connection is closed
-        self.close_timer: asyncio.TimerHandle | None = None  # closes the connection after CLOSE_WAIT_S
+        self.first_stream_timer: asyncio.TimerHandle | None = None
+        self.drain_timer: asyncio.TimerHandle | None = None  # a close that waits for held-back replies: its deadline
+        self.close_timer: asyncio.TimerHandle | None = None  # after the half-close: the client's time to close its half
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(CoalescedWrites(transport, self.loop))
@@ -82,24 +84,31 @@ class RotatingHttp2(ZttpH2Protocol):
             # A reply the client's flow-control window holds back: the frames that open it (WINDOW_UPDATE) are still
             # read, and the half-close waits for its last bytes (data_received), or CLOSE_WAIT_S for a client that
             # stopped reading.
-            if self.close_timer is None:
-                self.close_timer = self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
+            if self.drain_timer is None:
+                self.drain_timer = self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
             return
         self.closing = True
+        if self.drain_timer is not None:  # drained: the client gets its own CLOSE_WAIT_S to read the rest and close
+            self.drain_timer.cancel()
         try:
             self.transport.write_eof()
         except (OSError, NotImplementedError):  # the client has gone already, or the transport cannot half-close
             self.transport.close()
         else:
-            if self.close_timer is None:
-                self.close_timer = self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
+            self.close_timer = self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:  # frames after our half-close are of streams it will not serve
             return
         super().data_received(data)
-        if self.close_timer is not None and not self.closing and not self.conn.has_pending_send():
+        if self.drain_timer is not None and not self.closing and not self.conn.has_pending_send():
             self._close_connection()  # the last reply held back by flow control has left
+
+    def connection_lost(self, exc) -> None:
+        for timer in (self.first_stream_timer, self.drain_timer, self.close_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
 
 
 class Http2Listener:
@@ -150,6 +159,10 @@ class Http2Listener:
             connection.goaway()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while (self.state.tasks or self._replies_held_back()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # a connection that held a reply back has just half-closed: its client reads the last of it and closes its half
+        # (a close of ours now, its frames unread, could reset the connection before those bytes arrive)
+        while any(connection.drain_timer for connection in self.state.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = list(self.state.tasks)
         for task in left:

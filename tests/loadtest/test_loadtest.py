@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from uembed.bundle.loader import load_bundle
 from uembed.bundle.synthetic import criteo_features
 from uembed.contract.errors import UembedError
 from uembed.loadtest.run import check_target
+from uembed.loadtest.servers import ephemeral_ports, free_port
 from uembed.loadtest.traffic import ZipfExamples, served_features
 from uembed.serving.pipeline.reference import ReferenceScorer
 
@@ -102,7 +104,7 @@ def test_the_server_helpers_need_no_http_client_package():
 def test_wait_until_retries_connection_errors_of_either_client():
     import httpx
 
-    from uembed.loadtest.servers import free_port, wait_until
+    from uembed.loadtest.servers import wait_until
 
     url = f"http://127.0.0.1:{free_port()}/readyz"  # nothing listens there
     for check in (lambda: httpx.get(url).status_code == 200, lambda: __import__("urllib.request").request.urlopen(url)):
@@ -198,3 +200,16 @@ def test_the_ranking_benchmark_refuses_what_it_cannot_measure(synthetic_store, t
         check_ranking_args(args)
     with pytest.raises(UembedError, match="--ranking-workers"):
         check_ranking_args(argparse.Namespace(**{**vars(args), "ranking_candidates": 10, "ranking_workers": [0]}))
+
+
+def test_free_ports_are_below_the_ephemeral_range_listenable_and_not_handed_out_twice():
+    """A free port for a server is drawn where no outgoing connection's local end can take it before the server
+    binds it, and two servers started one after the other never get the same one."""
+    ephemeral = ephemeral_ports()
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    if ephemeral.start - 10000 >= 4096:
+        assert all(port < ephemeral.start for port in ports)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", ports[-1]))
+        listening.listen()

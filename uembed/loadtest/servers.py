@@ -6,7 +6,9 @@ Each is a process that can be killed, paused (SIGSTOP) and started again on the 
 
 from __future__ import annotations
 
+import collections
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,10 +22,43 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: deploy/ holds the configs the local servers read
 
 
+# Ports handed out lately in this process: a server may not have bound one yet, so it is not handed out again.
+_recent_ports: collections.deque[int] = collections.deque(maxlen=256)
+
+
+def ephemeral_ports() -> range:
+    """The kernel's range of ports for the local end of outgoing connections (Linux's ip_local_port_range)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on now, for a server about to start. It is drawn below the kernel's ephemeral
+    range where there is room: a port from that range (what binding port 0 gives) can be taken, as the local end of
+    any outgoing connection on the machine, between this check and the server's bind, which then fails with "address
+    already in use" (a test once did)."""
+    ephemeral = ephemeral_ports()
+    low = 10000
+    if ephemeral.start - low >= 4096:
+        for _ in range(100):
+            port = random.randrange(low, ephemeral.start)
+            if port in _recent_ports:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:  # listened on, or still in use
+                    continue
+            _recent_ports.append(port)
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port = sock.getsockname()[1]
+    _recent_ports.append(port)
+    return port
 
 
 def http_get(url: str, timeout_s: float = 5) -> tuple[int, bytes]:

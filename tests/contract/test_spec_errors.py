@@ -58,6 +58,21 @@ def test_spec_errors_are_one_line(tmp_path, spec, message):
     expect_error(uembed("train", "--dataset", "adult.csv", "--spec", "spec.toml", "--epochs", "1", "--quiet", cwd=tmp_path), message)
 
 
+def test_a_spec_error_comes_before_torch_is_imported(tmp_path):
+    """The data file is read and checked against its spec before the training code loads: torch made unimportable,
+    the spec's error is still the one printed."""
+    adult_like(tmp_path)
+    (tmp_path / "spec.toml").write_text("label='income'\n" + FEATURES)
+    without_torch = "import sys; sys.modules['torch'] = None; from uembed.cli import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", without_torch, "train", "--dataset", "adult.csv", "--spec", "spec.toml",
+                             "--quiet"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    expect_error(result, "declare which values are positive")
+    (tmp_path / "spec.toml").write_text("label=\"income == '>50K'\"\n" + FEATURES)
+    fine = subprocess.run([sys.executable, "-c", without_torch, "train", "--dataset", "adult.csv", "--spec", "spec.toml",
+                           "--quiet"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert fine.returncode != 0 and "torch" in fine.stderr  # a good spec goes on to the training code, which needs torch
+
+
 def test_label_rules_missing_markers_quantiles_and_split_column_train(tmp_path):
     adult_like(tmp_path)
     (tmp_path / "spec.toml").write_text(

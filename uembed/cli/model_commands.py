@@ -804,6 +804,13 @@ def run_train(args: argparse.Namespace) -> int:
         raise SpecError("--qat-warm-start fine-tunes a float32 run quantization-aware: give --qat CODEC too")
     if (getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1) and "WORLD_SIZE" not in os.environ:
         return launch_training(args)
+    dataset = None
+    if (int(os.environ.get("WORLD_SIZE", 1)) <= 1 and not getattr(args, "continue_from", None)
+            and not getattr(args, "plan", None) and not is_streaming(args)):  # fmt: skip
+        # A spec's or a data file's error before torch loads: it is the first run's commonest error, and torch takes
+        # seconds to import.
+        refuse_in_memory_conflicts(args)
+        dataset = load_dataset(args)
     import torch
 
     from uembed.model import distributed
@@ -816,13 +823,21 @@ def run_train(args: argparse.Namespace) -> int:
         print("warning: --overlap-exchange and --exchange-dtype shape the exchange between processes: with one process "
               "there is none (give --nproc N)", file=sys.stderr)  # fmt: skip
     distributed.init_from_env()
-    code = train_in_group(args)
+    code = train_in_group(args, dataset)
     distributed.leave()  # only after a run that ended well: a rank that failed must not wait for the others
     return code
 
 
-def train_in_group(args: argparse.Namespace) -> int:
-    """``uembed train`` in this process, one rank of a group or the only process."""
+def refuse_in_memory_conflicts(args: argparse.Namespace) -> None:
+    """Options that only a continued or a streamed run takes, given to a run that is neither."""
+    if getattr(args, "publish_updates", False):
+        raise UembedError("--publish-updates publishes a continued run's rows: give --continue-from RUN")
+    if not is_streaming(args) and args.embedding_optimizer and args.embedding_optimizer != "adam":
+        raise UembedError(f"--embedding-optimizer {args.embedding_optimizer} is for streamed data (a folder, a Criteo file, or --stream)")
+
+
+def train_in_group(args: argparse.Namespace, dataset=None) -> int:
+    """``uembed train`` in this process, one rank of a group or the only process; ``dataset`` if it was read already."""
     from uembed.model import distributed
     from uembed.model.summary import dataset_summary
     from uembed.model.train import train
@@ -838,9 +853,9 @@ def train_in_group(args: argparse.Namespace) -> int:
         if memory_plan:
             raise UembedError("--plan trains in memory, as `uembed plan` calibrated: give a data set that is not streamed")
         return run_train_stream(args, embedding, policy)
-    if args.embedding_optimizer and args.embedding_optimizer != "adam":
-        raise UembedError(f"--embedding-optimizer {args.embedding_optimizer} is for streamed data (a folder, a Criteo file, or --stream)")
-    dataset = load_dataset(args)
+    refuse_in_memory_conflicts(args)
+    if dataset is None:
+        dataset = load_dataset(args)
     if args.split_column and dataset.split_codes is None:
         raise UembedError("--split-column needs a data file with that column and a --spec")
     train_set, val_set, test_set = dataset.split(args.split_seed, args.split_fractions)

@@ -13,7 +13,8 @@ the calls. With ``--in-flight 1`` (the default) each call is its own batch in ev
 request's, the half-load case; with more in flight the calls share batches as at saturation (the calls a batch are
 printed: compare fronts at similar batching). Prints instructions a call per front and tree, each tree over the first,
 and gRPC over v1 (lower is cheaper: ``grpc_over_v1`` 0.9 means a gRPC call costs the server 10% fewer instructions
-than a v1 request). Counts are not time: a change that trades instructions for cache misses or system calls (the
+than a v1 request); each also without the event loop's timer callbacks, work the clock drives (the metrics flush, a
+slow request's watch for its client), which fires far more often a call under valgrind's slowdown than in a real run. Counts are not time: a change that trades instructions for cache misses or system calls (the
 kernel's work is not counted) shows here only in part; the side-by-side timings (``scripts/ab-service.py``) say the
 rest. Needs valgrind (Debian's ``valgrind``); a tree takes a few minutes. Run it alone.
 """
@@ -50,17 +51,29 @@ def callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=120)
 
 
-def counted(dumps: Path, pid: int, before: set[Path]) -> int:
-    """The instructions of the dump callgrind wrote last (its ``totals:`` line)."""
+def counted(dumps: Path, pid: int, before: set[Path]) -> tuple[int, int]:
+    """The instructions of the dump callgrind wrote last (its ``totals:`` line), and of them those in the event
+    loop's timer callbacks (:func:`timer_instructions`)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         new = [path for path in dumps.glob(f"callgrind.{pid}.*") if path not in before and path.stat().st_size]
         for path in new:
             found = re.search(r"^totals:\s+(\d+)", path.read_text(errors="replace"), re.MULTILINE)
             if found:
-                return int(found.group(1))
+                return int(found.group(1)), timer_instructions(path)
         time.sleep(0.5)
     raise RuntimeError(f"no callgrind dump of worker {pid} in {dumps}")
+
+
+def timer_instructions(dump: Path) -> int:
+    """Instructions in uvloop's timer callbacks, callees included. That work is driven by the clock, not by calls:
+    the metrics flush every half second, a request's watch for its client going away after 20 ms. A call under
+    valgrind takes tens of times as long as without it, so these fire far more often a call than in a real run."""
+    annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
+                               capture_output=True, text=True, check=True, timeout=300).stdout  # fmt: skip
+    # one line per file the function's code came from (inlined headers too); a recursive entry ('2) is in them
+    return sum(int(line.split()[0].replace(",", "")) for line in annotated.splitlines()
+               if re.search(r":__pyx_f_6uvloop_4loop_11TimerHandle__run( |$)", line))  # fmt: skip
 
 
 class KeptAlive:
@@ -137,8 +150,10 @@ def measure(tree: Path, fronts: list[str], calls: int, in_flight: int, bundle: P
                     list(clients.map(send[front], range(calls)))  # at most in_flight calls at once
                     before = set(dumps.glob("callgrind.*"))
                     callgrind_control("--dump", str(pid))
-                    instructions = counted(dumps, pid, before)
+                    instructions, in_timers = counted(dumps, pid, before)
                     results[front] = {"instructions_per_call": round(instructions / calls),
+                                      "of_them_in_timer_callbacks": round(in_timers / calls),
+                                      "without_timer_callbacks": round((instructions - in_timers) / calls),
                                       "calls_per_batch": round(calls / max(batches(server) - batched, 1), 2)}  # fmt: skip
                     print(json.dumps({"tree": str(tree), "front": front, **results[front]}), flush=True)
     finally:
@@ -156,6 +171,9 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "movielens100k" / "1",
                         help="the demo bundle (`uembed demo-bundle` makes it)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the results here (JSON)")
+    parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
+                        help="keep callgrind's dumps here, one folder per tree (callgrind_annotate --inclusive=yes FILE "
+                             "says which functions the instructions went to)")  # fmt: skip
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -167,11 +185,18 @@ def main() -> int:
         for tree in args.trees:
             measured = measure(tree.resolve(), args.fronts, args.calls, args.in_flight, args.bundle.resolve(), Path(work))
             per_tree[str(tree)] = measured
-    counts = {tree: {front: figures["instructions_per_call"] for front, figures in fronts.items()} for tree, fronts in per_tree.items()}
-    first = counts[str(args.trees[0])]
-    summary = {"calls": args.calls, "in_flight": args.in_flight, "per_tree": per_tree,
-               "over_first_tree": {tree: {front: round(n[front] / first[front], 3) for front in n} for tree, n in counts.items()},
-               "grpc_over_v1": {tree: round(n["grpc"] / n["v1"], 3) for tree, n in counts.items() if {"grpc", "v1"} <= n.keys()}}  # fmt: skip
+            if args.keep_dumps:
+                shutil.copytree(Path(work) / tree.resolve().name, args.keep_dumps / tree.resolve().name, dirs_exist_ok=True)
+    summary = {"calls": args.calls, "in_flight": args.in_flight, "per_tree": per_tree}
+    # the ratios of all a call's instructions, and of those outside the timer callbacks (the clock's work, which
+    # valgrind's slowdown inflates: timer_instructions)
+    for key, suffix in (("instructions_per_call", ""), ("without_timer_callbacks", "_without_timer_callbacks")):
+        counts = {tree: {front: figures[key] for front, figures in fronts.items()} for tree, fronts in per_tree.items()}
+        first = counts[str(args.trees[0])]
+        summary[f"over_first_tree{suffix}"] = {tree: {front: round(n[front] / first[front], 3) for front in n}
+                                               for tree, n in counts.items()}  # fmt: skip
+        summary[f"grpc_over_v1{suffix}"] = {tree: round(n["grpc"] / n["v1"], 3) for tree, n in counts.items()
+                                            if {"grpc", "v1"} <= n.keys()}  # fmt: skip
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1) + "\n")

@@ -2,6 +2,7 @@
 records that round-trip, row files written in the codec and the manifest's test rows."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -84,6 +85,40 @@ def test_int2_rows_take_the_range_of_least_squared_error_within_min_and_max():
     assert error[0] < min_max_error[0] and scale_bias[1].tolist() == [0.0, 0.0] and not codes[1].any()
     # searched in blocks of rows: a row's range is its own, wherever the block starts
     assert np.array_equal(np.concatenate(quantisation_range(rows[4001:4200], bits), axis=1), np.concatenate([low, high], axis=1)[4001:4200])
+
+
+@pytest.mark.parametrize("dim", [1, 3, 16, 32, 33])
+def test_the_compiled_int2_range_search_gives_numpys_ranges_bit_for_bit(dim):
+    """_ranges.search_ranges (the export's path where it is built) against the numpy passes it replaces: rows of
+    every scale, constant rows, zeros of both signs, values on the search's own steps; a row that is not finite
+    takes the numpy passes."""
+    from uembed.bundle import codecs
+
+    if codecs._ranges is None:
+        if os.environ.get("UEMBED_REQUIRE_EXTENSION") == "1":
+            pytest.fail("the int2 range search extension uembed.bundle._ranges is not built or is switched off")
+        pytest.skip("the int2 range search extension uembed.bundle._ranges is not built (UEMBED_REQUIRE_EXTENSION=1 "
+                    "makes this a failure)")  # fmt: skip
+    rng = np.random.default_rng(dim)
+    scales = rng.choice([1e-6, 1e-3, 1.0, 1e3, 1e6], size=(3000, 1))
+    rows = np.concatenate([rng.normal(size=(1500, dim)), rng.laplace(size=(1500, dim))]) * scales
+    rows = rows.astype(np.float32)
+    rows[:10] = 0.0
+    rows[10:20] = -0.0
+    rows[20:30] = 1.5
+    rows[30:40] = np.linspace(0, 1, dim, dtype=np.float32) if dim > 1 else 0.25  # on the grid of the 64 steps
+    rows[40:50, 0] = -0.0
+    want = codecs._search_range(rows, 2)
+    got = codecs._ranges.search_ranges(rows, 2, *codecs.RANGE_SEARCH[2])
+    for ours, numpys in zip(got, want):
+        assert ours.dtype == np.float32 and ours.shape == (len(rows), 1)
+        assert np.array_equal(ours.view(np.uint32), numpys.view(np.uint32))
+    assert all(np.array_equal(a, b) for a, b in zip(quantisation_range(rows, 2), want))
+    odd = rows[:8].copy()
+    odd[0, 0], odd[1, 0] = np.nan, np.inf
+    with np.errstate(invalid="ignore"):  # the numpy passes, as before: the finite rows' ranges alike
+        low, high = quantisation_range(odd, 2)
+    assert np.array_equal(low[2:], want[0][:8][2:]) and np.array_equal(high[2:], want[1][:8][2:])
 
 
 def test_the_int2_range_search_has_a_worked_example():

@@ -33,7 +33,16 @@ PQ (``s = dim / M`` values a sub-vector): ``tables/<name>.codebooks.npy`` float3
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+try:  # the int2 range search a row at a time in C (_ranges.pyx), built by the install; numpy's passes without it
+    from uembed.bundle import _ranges
+except ImportError:
+    _ranges = None
+if os.environ.get("UEMBED_PURE_PYTHON", "") not in ("", "0"):
+    _ranges = None
 
 ROW_DTYPES = ("float32", "float16", "int8", "int4", "int2", "pq")
 NUMPY_ROW_DTYPE = {"float32": "float32", "float16": "float16", "int8": "uint8", "int4": "uint8", "int2": "uint8", "pq": "uint8"}
@@ -104,6 +113,10 @@ def quantisation_range(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndar
     covers them. The errors are float32 and summed by :func:`tree_sum`, so torch's mirror makes the same choices."""
     if bits not in RANGE_SEARCH:
         return rows.min(axis=1, keepdims=True), rows.max(axis=1, keepdims=True)
+    # the compiled search where every row's range is finite (a NaN or an infinity takes numpy's passes, whose
+    # comparisons it follows)
+    if _ranges is not None and rows.size and np.isfinite(rows.max(axis=1) - rows.min(axis=1)).all():
+        return _ranges.search_ranges(np.ascontiguousarray(rows, dtype=np.float32), bits, *RANGE_SEARCH[bits])
     if len(rows) <= RANGE_SEARCH_ROWS:
         return _search_range(rows, bits)
     ranges = [_search_range(rows[start : start + RANGE_SEARCH_ROWS], bits) for start in range(0, len(rows), RANGE_SEARCH_ROWS)]

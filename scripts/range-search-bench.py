@@ -1,0 +1,67 @@
+"""int2's range search (``uembed/bundle/codecs.py``: ``quantisation_range``), compiled and in numpy's passes, side by
+side in one run: seconds for ``--rows`` random rows of ``--dim`` values, each way in turn for ``--rounds`` rounds, the
+median of each, their ratio, and the whole rowwise quantiser (``quantise_rows``) each way, int8's beside it. The two
+searches must give the same bits (checked on every round). Run it alone.
+
+    .venv/bin/python scripts/range-search-bench.py --rows 1000000 --dim 32 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from uembed.bundle import codecs  # noqa: E402
+
+
+def timed(work) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = work()
+    return time.perf_counter() - started, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    compiled = codecs._ranges
+    if compiled is None:
+        parser.error("the extension uembed.bundle._ranges is not built or UEMBED_PURE_PYTHON is set (make install)")
+    rows = np.random.default_rng(0).standard_normal((args.rows, args.dim)).astype(np.float32)
+    seconds: dict[str, list[float]] = {"search_compiled": [], "search_numpy": [], "int2_compiled": [], "int2_numpy": [],
+                                       "int8": []}  # fmt: skip
+    for _ in range(args.rounds):
+        spent, ours = timed(lambda: codecs.quantisation_range(rows, 2))
+        seconds["search_compiled"].append(spent)
+        codecs._ranges = None
+        try:
+            spent, numpys = timed(lambda: codecs.quantisation_range(rows, 2))
+            seconds["search_numpy"].append(spent)
+            seconds["int2_numpy"].append(timed(lambda: codecs.quantise_rows(rows, 2))[0])
+        finally:
+            codecs._ranges = compiled
+        if not all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(ours, numpys)):
+            raise SystemExit("the compiled search and numpy's passes disagree")
+        seconds["int2_compiled"].append(timed(lambda: codecs.quantise_rows(rows, 2))[0])
+        seconds["int8"].append(timed(lambda: codecs.quantise_rows(rows, 8))[0])
+    medians = {name: round(statistics.median(values), 3) for name, values in seconds.items()}
+    print(json.dumps({"rows": args.rows, "dim": args.dim, "rounds": args.rounds, "median_s": medians,
+                      "search_numpy_over_compiled": round(medians["search_numpy"] / medians["search_compiled"], 2),
+                      "int2_quantise_numpy_over_compiled": round(medians["int2_numpy"] / medians["int2_compiled"], 2),
+                      "int2_over_int8_compiled": round(medians["int2_compiled"] / medians["int8"], 2),
+                      "int2_over_int8_numpy": round(medians["int2_numpy"] / medians["int8"], 2)}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -108,6 +108,8 @@ def test_the_compiled_int2_range_search_gives_numpys_ranges_bit_for_bit(dim):
     rows[20:30] = 1.5
     rows[30:40] = np.linspace(0, 1, dim, dtype=np.float32) if dim > 1 else 0.25  # on the grid of the 64 steps
     rows[40:50, 0] = -0.0
+    rows[50:60] = np.where(rng.random((10, dim)) < 0.5, np.float32(0.0), np.float32(-0.0))  # zeros of both signs
+    rows[60:70] = np.where(rng.random((10, dim)) < 0.5, np.float32(1.0), np.float32(-0.0))  # a min of -0 or +0
     want = codecs._search_range(rows, 2)
     got = codecs._ranges.search_ranges(rows, 2, *codecs.RANGE_SEARCH[2])
     for ours, numpys in zip(got, want):
@@ -119,6 +121,8 @@ def test_the_compiled_int2_range_search_gives_numpys_ranges_bit_for_bit(dim):
     with np.errstate(invalid="ignore"):  # the numpy passes, as before: the finite rows' ranges alike
         low, high = quantisation_range(odd, 2)
     assert np.array_equal(low[2:], want[0][:8][2:]) and np.array_equal(high[2:], want[1][:8][2:])
+    wide = rows.astype(np.float64)  # rows of another dtype keep numpy's passes in that dtype, as before
+    assert all(a.dtype == np.float64 for a in quantisation_range(wide, 2))
 
 
 def test_the_int2_range_search_has_a_worked_example():

@@ -63,14 +63,38 @@ def test_a_spec_error_comes_before_torch_is_imported(tmp_path):
     the spec's error is still the one printed."""
     adult_like(tmp_path)
     (tmp_path / "spec.toml").write_text("label='income'\n" + FEATURES)
-    without_torch = "import sys; sys.modules['torch'] = None; from uembed.cli import main; sys.exit(main())"
+    # torch stays installed (the CLI looks for it) but any import of it fails
+    without_torch = (
+        "import importlib.abc, importlib.machinery, sys\n"
+        "class Refuse(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        return importlib.machinery.ModuleSpec(name, self) if name.split('.')[0] == 'torch' else None\n"
+        "    def create_module(self, spec):\n"
+        "        raise ImportError('torch imported before the data was checked')\n"
+        "    def exec_module(self, module):\n"
+        "        pass\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "from uembed.cli import main\n"
+        "sys.exit(main())\n"
+    )
     result = subprocess.run([sys.executable, "-c", without_torch, "train", "--dataset", "adult.csv", "--spec", "spec.toml",
                              "--quiet"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     expect_error(result, "declare which values are positive")
     (tmp_path / "spec.toml").write_text("label=\"income == '>50K'\"\n" + FEATURES)
     fine = subprocess.run([sys.executable, "-c", without_torch, "train", "--dataset", "adult.csv", "--spec", "spec.toml",
                            "--quiet"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
-    assert fine.returncode != 0 and "torch" in fine.stderr  # a good spec goes on to the training code, which needs torch
+    assert fine.returncode != 0 and "torch imported before the data was checked" in fine.stderr  # then training, torch
+
+
+def test_an_options_error_still_comes_before_the_data_files(tmp_path):
+    """The data file is read early, but after the options are checked: a missing policy file is named, not the
+    spec's error."""
+    adult_like(tmp_path)
+    (tmp_path / "spec.toml").write_text("label='income'\n" + FEATURES)
+    result = uembed("train", "--dataset", "adult.csv", "--spec", "spec.toml", "--embedding", "seo-applier", "--policy",
+                    "nope.json", "--quiet", cwd=tmp_path)  # fmt: skip
+    expect_error(result, "nope.json")
+    assert "positive" not in result.stderr
 
 
 def test_label_rules_missing_markers_quantiles_and_split_column_train(tmp_path):

@@ -86,6 +86,33 @@ def test_training_and_export_choose_the_same_range_codes_scale_and_bias_bit_for_
 
 
 @pytest.mark.parametrize("codec", CODECS)
+def test_a_zero_end_is_positive_zero_in_training_and_at_export_bit_for_bit(codec):
+    """Rows whose min or max is a zero of either sign, or zeros of both signs: which zero a reduction returns is each
+    library's own pick, so both make a zero end +0; the scale and bias bits are the same (and are the pure numpy
+    path's and the compiled search's)."""
+    bits, dim = ROWWISE_BITS[codec], 5
+    rng = np.random.default_rng(bits)
+    rows = np.where(rng.random((300, dim)) < 0.5, np.float32(0.0), np.float32(-0.0)).astype(np.float32)
+    rows[100:200, 0] = -1.0  # the max is a zero of either sign
+    rows[200:, 0] = 1.0  # the min is
+    low, high = codecs.quantisation_range(rows, bits)
+    torch_low, torch_high = qat.quantisation_range(torch.from_numpy(rows).view(3, -1, dim), bits)
+    for ours, theirs in ((low, torch_low), (high, torch_high)):
+        assert np.array_equal(ours.view(np.uint32), theirs.numpy().reshape(-1, 1).view(np.uint32))
+    assert not np.signbit(high[:200]).any() and not np.signbit(low[200:]).any() and not np.signbit(low[:100]).any()
+    _, scale_bias = codecs.quantise_rows(rows, bits)
+    _, torch_scale_bias = qat.quantise_rows(torch.from_numpy(rows).view(3, -1, dim), bits)
+    assert np.array_equal(scale_bias.view(np.uint32), torch_scale_bias.numpy().reshape(-1, 2).view(np.uint32))
+    if codecs._ranges is not None and bits in codecs.RANGE_SEARCH:
+        codecs._ranges, compiled = None, codecs._ranges
+        try:
+            pure = codecs.quantisation_range(rows, bits)
+        finally:
+            codecs._ranges = compiled
+        assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(pure, (low, high)))
+
+
+@pytest.mark.parametrize("codec", CODECS)
 def test_a_pruned_rows_kept_columns_quantise_in_training_as_the_narrowed_row_exports(codec):
     bits, dim = ROWWISE_BITS[codec], 16
     rows = edge_case_rows(dim, bits).reshape(-1, 2, dim)  # [B, S, D]: two slots

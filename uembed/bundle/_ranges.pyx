@@ -47,7 +47,7 @@ cdef inline float range_error(const float* row, Py_ssize_t dim, float low, float
 def search_ranges(const float[:, ::1] rows, int bits, int bins, int shrink_steps):
     """float32 ``[k, 1]`` low and high ends of each row's range of least squared error: ``codecs._search_range``'s
     search (cut ``[min, max]`` into ``bins`` steps, ``shrink_steps`` times move whichever end leaves the smaller
-    error, keep the best range seen). The rows and their ranges must be finite (``codecs.py`` checks)."""
+    error, keep the best range seen). The rows and their ranges must be finite (``codecs.py`` checks); a zero end is +0."""
     cdef Py_ssize_t count = rows.shape[0], dim = rows.shape[1], r, j, step_index
     cdef Py_ssize_t padded = 1
     while padded < dim:
@@ -72,6 +72,8 @@ def search_ranges(const float[:, ::1] rows, int bits, int bins, int shrink_steps
             for j in range(1, dim):
                 low = row[j] if row[j] < low else low
                 high = row[j] if row[j] > high else high
+            low = low + ZERO  # a zero end is +0, as codecs.row_ends makes it (-0 + 0 is +0)
+            high = high + ZERO
             step = (high - low) / <float>bins
             best_error = range_error(row, dim, low, high, levels, &scratch[0], padded)
             raised = ZERO

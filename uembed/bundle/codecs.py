@@ -112,20 +112,28 @@ def quantisation_range(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndar
     max included. With few levels, clipping a row's outer values often costs less than the coarser step that
     covers them. The errors are float32 and summed by :func:`tree_sum`, so torch's mirror makes the same choices."""
     if bits not in RANGE_SEARCH:
-        return rows.min(axis=1, keepdims=True), rows.max(axis=1, keepdims=True)
-    # the compiled search where every row's range is finite (a NaN or an infinity takes numpy's passes, whose
-    # comparisons it follows)
-    if _ranges is not None and rows.size and np.isfinite(rows.max(axis=1) - rows.min(axis=1)).all():
-        return _ranges.search_ranges(np.ascontiguousarray(rows, dtype=np.float32), bits, *RANGE_SEARCH[bits])
+        return row_ends(rows)
+    # the compiled search for float32 rows whose every range is finite (a NaN or an infinity anywhere sends the call
+    # to numpy's passes, whose comparisons it does not follow there)
+    if _ranges is not None and rows.dtype == np.float32 and rows.size and np.isfinite(rows.max(axis=1) - rows.min(axis=1)).all():
+        return _ranges.search_ranges(np.ascontiguousarray(rows), bits, *RANGE_SEARCH[bits])
     if len(rows) <= RANGE_SEARCH_ROWS:
         return _search_range(rows, bits)
     ranges = [_search_range(rows[start : start + RANGE_SEARCH_ROWS], bits) for start in range(0, len(rows), RANGE_SEARCH_ROWS)]
     return np.concatenate([low for low, _ in ranges]), np.concatenate([high for _, high in ranges])
 
 
+def row_ends(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's min and max ``[k, 1]``, a zero among them +0: which of two equal zeros a reduction returns depends
+    on numpy's vector path (and torch's on its own), and the sign reaches an exported scale or bias."""
+    low, high = rows.min(axis=1, keepdims=True), rows.max(axis=1, keepdims=True)
+    low += 0  # -0 + 0 is +0; any other value is unchanged
+    high += 0
+    return low, high
+
+
 def _search_range(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    low = rows.min(axis=1, keepdims=True)
-    high = rows.max(axis=1, keepdims=True)
+    low, high = row_ends(rows)
     bins, shrink_steps = RANGE_SEARCH[bits]
     step = (high - low) / np.float32(bins)
     best_error = tree_sum(squared_errors(rows, low, high, bits))[:, None]

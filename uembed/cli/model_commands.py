@@ -5,6 +5,7 @@ build the whole parser."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -806,10 +807,13 @@ def run_train(args: argparse.Namespace) -> int:
         return launch_training(args)
     dataset = None
     if (int(os.environ.get("WORLD_SIZE", 1)) <= 1 and not getattr(args, "continue_from", None)
-            and not getattr(args, "plan", None) and not is_streaming(args)):  # fmt: skip
+            and not getattr(args, "plan", None) and not is_streaming(args)
+            and importlib.util.find_spec("torch") is not None):  # fmt: skip
         # A spec's or a data file's error before torch loads: it is the first run's commonest error, and torch takes
-        # seconds to import.
+        # seconds to import. The options' own errors still come first; without torch, its error comes at once.
         refuse_in_memory_conflicts(args)
+        if getattr(args, "policy", None):
+            load_policy(args.policy)
         dataset = load_dataset(args)
     import torch
 

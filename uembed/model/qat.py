@@ -86,6 +86,7 @@ def quantisation_range(rows: torch.Tensor, bits: int, columns: torch.Tensor | No
         high = torch.where(columns, rows, -torch.inf).amax(dim=-1, keepdim=True)
     else:
         low, high = rows.amin(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
+    low, high = low + 0.0, high + 0.0  # a zero end is +0, as codecs.row_ends makes it
     if bits not in RANGE_SEARCH:
         return low, high
     bins, shrink_steps = RANGE_SEARCH[bits]

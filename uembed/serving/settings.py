@@ -324,7 +324,7 @@ NOT_SETTINGS = {
     "UEMBED_WORKERS": "`uembed serve`'s --workers when not given; docker-compose.yml's workers per replica",
     "UEMBED_REPLICAS": "docker-compose.yml's replicas of the service",
     "UEMBED_CACHE": "where training keeps downloaded data sets (uembed/model/data/movielens.py, the Dockerfile)",
-    "UEMBED_PURE_PYTHON": "1: hash in pure Python even where the compiled extension is built (uembed/contract/hashing.py); training coalesces with torch (uembed/model/optim.py)",
+    "UEMBED_PURE_PYTHON": "1: hash in pure Python even where the compiled extension is built (uembed/contract/hashing.py); training coalesces with torch (uembed/model/optim.py); the service assembles with numpy (uembed/serving/pipeline/stages.py); the int2 export searches its ranges in numpy (uembed/bundle/codecs.py)",
     "UEMBED_REQUIRE_EXTENSION": "1: the tests fail where the compiled hashing extension is not built",
 }
 

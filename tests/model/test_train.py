@@ -55,3 +55,13 @@ def test_collisionless_on_movielens_reaches_the_papers_quality():
     assert (len(train_set), len(val_set), len(test_set)) == (80_000, 10_000, 10_000)
     metrics = train(TrainConfig(embedding="collisionless", seed=0), train_set, val_set, test_set, progress=False).metrics
     assert metrics["test_auc"] >= 0.78, metrics["test_auc"]
+
+
+def test_reading_a_run_does_not_import_scikit_learn():
+    """An export or a row push reads a run without evaluating it: scikit-learn (about a second to import) is loaded
+    only where metrics are computed."""
+    import subprocess
+    import sys
+
+    code = "import sys, uembed.model.export, uembed.model.train; sys.exit('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
 from uembed.bundle.codecs import default_subvectors
@@ -218,6 +217,10 @@ def predict(model: RankingModel, rows: np.ndarray, weights: np.ndarray, batch_si
 
 
 def evaluate(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    # imported here: scikit-learn takes about a second to import, which a command that only reads a run (an export,
+    # a row push) does not need
+    from sklearn.metrics import log_loss, roc_auc_score
+
     return {
         "auc": float(roc_auc_score(labels, probabilities)),
         "logloss": float(log_loss(labels, np.clip(probabilities, 1e-7, 1 - 1e-7), labels=[0, 1])),

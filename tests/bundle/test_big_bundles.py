@@ -72,7 +72,7 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.slow
 def test_export_streams_a_table_larger_than_the_memory_it_uses(bundle_store, tmp_path):
-    rows, dim = 6_000_000, 16  # 384 MB of float32 rows
+    rows = 6_000_000  # 384 MB of float32 rows at the trained run's dim, 16
     weights_name = big_run(bundle_store.parent / "run", tmp_path / "run", rows)
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path / "run"), str(tmp_path / "bundles")],

@@ -15,7 +15,7 @@ build-deps:
 	@[ -f /usr/include/xxhash.h ] && command -v gcc >/dev/null || { \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BUILD_PACKAGES); }
 
-$(STAMP): pyproject.toml uembed/contract/_fasthash.pyx uembed/model/_rows.pyx uembed/serving/pipeline/_pool.pyx uembed/bundle/_ranges.pyx | build-deps
+$(STAMP): pyproject.toml uembed/contract/_fasthash.pyx uembed/model/_rows.pyx uembed/serving/pipeline/_pool.pyx uembed/bundle/_ranges.pyx uembed/bundle/_ranges_kernel.h | build-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[train,dev]'

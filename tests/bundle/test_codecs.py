@@ -111,10 +111,14 @@ def test_the_compiled_int2_range_search_gives_numpys_ranges_bit_for_bit(dim):
     rows[50:60] = np.where(rng.random((10, dim)) < 0.5, np.float32(0.0), np.float32(-0.0))  # zeros of both signs
     rows[60:70] = np.where(rng.random((10, dim)) < 0.5, np.float32(1.0), np.float32(-0.0))  # a min of -0 or +0
     want = codecs._search_range(rows, 2)
-    got = codecs._ranges.search_ranges(rows, 2, *codecs.RANGE_SEARCH[2])
-    for ours, numpys in zip(got, want):
-        assert ours.dtype == np.float32 and ours.shape == (len(rows), 1)
-        assert np.array_equal(ours.view(np.uint32), numpys.view(np.uint32))
+    # every build of the search this machine runs (baseline x86-64, AVX2, AVX-512), and the one picked by default
+    builds = codecs._ranges.instruction_sets()
+    assert builds[0] == "baseline"
+    for build in [*builds, "auto"]:
+        got = codecs._ranges.search_ranges(rows, 2, *codecs.RANGE_SEARCH[2], build)
+        for ours, numpys in zip(got, want):
+            assert ours.dtype == np.float32 and ours.shape == (len(rows), 1)
+            assert np.array_equal(ours.view(np.uint32), numpys.view(np.uint32)), build
     assert all(np.array_equal(a, b) for a, b in zip(quantisation_range(rows, 2), want))
     odd = rows[:8].copy()
     odd[0, 0], odd[1, 0] = np.nan, np.inf
@@ -123,6 +127,22 @@ def test_the_compiled_int2_range_search_gives_numpys_ranges_bit_for_bit(dim):
     assert np.array_equal(low[2:], want[0][:8][2:]) and np.array_equal(high[2:], want[1][:8][2:])
     wide = rows.astype(np.float64)  # rows of another dtype keep numpy's passes in that dtype, as before
     assert all(a.dtype == np.float64 for a in quantisation_range(wide, 2))
+
+
+def test_the_int2_range_search_names_a_build_it_cannot_run():
+    from uembed.bundle import codecs
+
+    if codecs._ranges is None:
+        pytest.skip("the int2 range search extension uembed.bundle._ranges is not built")
+    rows = np.ones((2, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="instruction_set must be one of auto, baseline, avx2, avx512f, got 'sse9'"):
+        codecs._ranges.search_ranges(rows, 2, 64, 32, "sse9")
+    lacking = [name for name in ("avx2", "avx512f") if name not in codecs._ranges.instruction_sets()]
+    for name in lacking:  # a machine without AVX-512 (or AVX2) says so rather than crash on an illegal instruction
+        with pytest.raises(ValueError, match=f"does not run the {name} build"):
+            codecs._ranges.search_ranges(rows, 2, 64, 32, name)
+    empty = codecs._ranges.search_ranges(np.ones((0, 4), dtype=np.float32), 2, 64, 32)
+    assert [a.shape for a in empty] == [(0, 1), (0, 1)]
 
 
 def test_the_int2_range_search_has_a_worked_example():

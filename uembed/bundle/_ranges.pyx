@@ -5,51 +5,41 @@ the same order as its numpy passes (so the same bits, and the same choices as th
 temporaries written and read again some ten times a step. ``codecs.py`` uses numpy's passes without this extension,
 with ``UEMBED_PURE_PYTHON=1``, and for rows whose values or range are not finite.
 
-No contraction into fused multiply-adds (``-ffp-contract=off``): numpy rounds each product and each sum.
+No contraction into fused multiply-adds (``-ffp-contract=off``): numpy rounds each product and each sum. The loop is in
+``_ranges_kernel.h``, built once per instruction set on x86-64 (the same bits from each).
 """
 
 import numpy as np
 
-# 1.5 * 2**23: a float32 in [0, 2**22] plus this, minus this, is itself rounded to the nearest integer, ties to even,
-# as numpy's rint rounds it (the default rounding mode); the values rounded here are clipped to [0, levels] first.
-cdef float ROUNDER = 12582912.0
-# float32 constants: a C literal such as 1.0 is a double, and an expression with one is computed in double precision
-cdef float ZERO = 0.0
-cdef float ONE = 1.0
+
+cdef extern from "_ranges_kernel.h":
+    int UEMBED_AUTO, UEMBED_BASELINE, UEMBED_AVX2, UEMBED_AVX512
+    int uembed_has(int isa) nogil
+    int uembed_search_ranges(int isa, const float* rows, Py_ssize_t count, Py_ssize_t dim, float levels, int bins,
+                             int shrink_steps, float* lows, float* highs, float* scratch, Py_ssize_t padded) nogil
+
+INSTRUCTION_SETS = {"auto": UEMBED_AUTO, "baseline": UEMBED_BASELINE, "avx2": UEMBED_AVX2, "avx512f": UEMBED_AVX512}
 
 
-cdef inline float range_error(const float* row, Py_ssize_t dim, float low, float high, float levels,
-                              float* scratch, Py_ssize_t padded) noexcept nogil:
-    """The tree-summed squared error of ``row`` quantised over ``[low, high]`` (``codecs.squared_errors`` then
-    ``codecs.tree_sum``)."""
-    cdef float scale = (high - low) / levels
-    cdef float safe = scale if scale > ZERO else ONE
-    cdef float value, code, error
-    cdef Py_ssize_t j, half
-    for j in range(dim):
-        value = (row[j] - low) / safe
-        # clip then round equals numpy's round then clip for finite values: both give 0 below 0 and levels above it
-        value = value if value > ZERO else ZERO
-        value = value if value < levels else levels
-        code = (value + ROUNDER) - ROUNDER
-        error = code * scale + low - row[j]
-        scratch[j] = error * error
-    for j in range(dim, padded):
-        scratch[j] = ZERO
-    half = padded // 2
-    while half >= 1:
-        for j in range(half):
-            scratch[j] = scratch[j] + scratch[j + half]
-        half //= 2
-    return scratch[0]
+def instruction_sets():
+    """The builds of the search this machine runs, narrowest first (``auto`` picks the last)."""
+    return [name for name, isa in INSTRUCTION_SETS.items() if name != "auto" and uembed_has(isa)]
 
 
-def search_ranges(const float[:, ::1] rows, int bits, int bins, int shrink_steps):
+def search_ranges(const float[:, ::1] rows, int bits, int bins, int shrink_steps, str instruction_set="auto"):
     """float32 ``[k, 1]`` low and high ends of each row's range of least squared error: ``codecs._search_range``'s
     search (cut ``[min, max]`` into ``bins`` steps, ``shrink_steps`` times move whichever end leaves the smaller
-    error, keep the best range seen). The rows and their ranges must be finite (``codecs.py`` checks); a zero end is +0."""
-    cdef Py_ssize_t count = rows.shape[0], dim = rows.shape[1], r, j, step_index
+    error, keep the best range seen). The rows and their ranges must be finite (``codecs.py`` checks); a zero end is +0.
+    The loop is ``_ranges_kernel.h``'s, in the build for ``instruction_set`` (one of :func:`instruction_sets`, or
+    ``auto``: the widest); every build gives the same bits."""
+    cdef Py_ssize_t count = rows.shape[0], dim = rows.shape[1]
     cdef Py_ssize_t padded = 1
+    cdef int isa, used
+    if instruction_set not in INSTRUCTION_SETS:
+        raise ValueError(f"instruction_set must be one of {', '.join(INSTRUCTION_SETS)}, got {instruction_set!r}")
+    isa = INSTRUCTION_SETS[instruction_set]
+    if not uembed_has(isa):
+        raise ValueError(f"this machine does not run the {instruction_set} build (it runs {', '.join(instruction_sets())})")
     while padded < dim:
         padded *= 2
     lows = np.empty((count, 1), dtype=np.float32)
@@ -59,42 +49,13 @@ def search_ranges(const float[:, ::1] rows, int bits, int bins, int shrink_steps
     cdef float[:, ::1] high_out = highs
     cdef float[::1] scratch = scratch_array
     cdef float levels = <float>((1 << bits) - 1)
-    cdef float low, high, step, best_error, error, raise_error, lower_error
-    cdef float raised, lowered, best_raised, best_lowered
-    cdef const float* row
     if dim == 0:
         raise ValueError("rows of no values have no range")
+    if count == 0:
+        return lows, highs
     with nogil:
-        for r in range(count):
-            row = &rows[r, 0]
-            low = row[0]
-            high = row[0]
-            for j in range(1, dim):
-                low = row[j] if row[j] < low else low
-                high = row[j] if row[j] > high else high
-            low = low + ZERO  # a zero end is +0, as codecs.row_ends makes it (-0 + 0 is +0)
-            high = high + ZERO
-            step = (high - low) / <float>bins
-            best_error = range_error(row, dim, low, high, levels, &scratch[0], padded)
-            raised = ZERO
-            lowered = ZERO
-            best_raised = ZERO
-            best_lowered = ZERO
-            for step_index in range(shrink_steps):
-                raise_error = range_error(row, dim, low + (raised + ONE) * step, high - lowered * step, levels,
-                                          &scratch[0], padded)
-                lower_error = range_error(row, dim, low + raised * step, high - (lowered + ONE) * step, levels,
-                                          &scratch[0], padded)
-                if raise_error < lower_error:
-                    raised = raised + ONE
-                    error = raise_error
-                else:
-                    lowered = lowered + ONE
-                    error = lower_error
-                if error < best_error:
-                    best_error = error
-                    best_raised = raised
-                    best_lowered = lowered
-            low_out[r, 0] = low + best_raised * step
-            high_out[r, 0] = high - best_lowered * step
+        used = uembed_search_ranges(isa, &rows[0, 0], count, dim, levels, bins, shrink_steps, &low_out[0, 0],
+                                    &high_out[0, 0], &scratch[0], padded)
+    if used < 0:
+        raise ValueError(f"this machine does not run the {instruction_set} build")
     return lows, highs

@@ -78,3 +78,25 @@ def test_an_all_hit_lookup_returns_the_rows_and_counts_only_hits():
     assert counts.hits["hot"] == len(ids) and counts.misses["hot"] == 0
     assert np.array_equal(again.view(np.uint32), first.view(np.uint32))
     assert np.array_equal(again, table.gather(ids))
+
+
+def test_a_tier_as_large_as_its_table_counts_no_accesses_and_still_serves_every_row():
+    """With room for every row nothing is ever evicted, so there is no admission to decide: no sketch (its counting
+    cost each batch more than the rest of tier 1's look-up). Every row missed takes a free slot and is served from
+    tier 1 after; a tier one row smaller keeps its sketch."""
+    table = make_table("float32", rows=500)
+    codec = RowCodec(table)
+    store = TableStore(table, "whole", hot_bytes=table.rows * codec.record_bytes)
+    assert store.hot.capacity == table.rows and store.hot.sketch is None
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # batches of distinct ids, in any order, until every row is in tier 1
+        ids = np.unique(rng.integers(0, table.rows, size=200))
+        assert np.array_equal(store.gather(ids), table.gather(ids))
+    store.gather(np.arange(table.rows))
+    store.take_counts()
+    assert np.array_equal(store.gather(np.arange(table.rows)), table.gather(np.arange(table.rows)))
+    counts = store.take_counts()
+    assert counts.hits["hot"] == table.rows and counts.misses["hot"] == 0
+    assert sorted(store.hot.owner.tolist()) == list(range(table.rows)) and store.hot.used == table.rows
+    smaller = HotRows(table.rows, capacity=table.rows - 1, record_bytes=codec.record_bytes)
+    assert isinstance(smaller.sketch, FrequencySketch)

@@ -80,7 +80,9 @@ class HotRows:
         self.records = np.empty((self.capacity, record_bytes), dtype=np.uint8) if host_records else None
         self.owner = np.full(self.capacity, -1, dtype=np.int64)
         self.used = 0
-        self.sketch = FrequencySketch(self.capacity)
+        # A tier as large as its table never evicts (each row id has a free slot waiting): no admission to decide,
+        # so no accesses to count, which would cost each batch more than the rest of its look-up in tier 1.
+        self.sketch = FrequencySketch(self.capacity) if self.capacity < table_rows else None
         self.rng = np.random.default_rng(seed)
 
     @classmethod
@@ -95,7 +97,8 @@ class HotRows:
 
     def slots(self, ids: np.ndarray) -> np.ndarray:
         """Slot of each of ``ids`` (unique), -1 where not cached; counts the accesses for admission."""
-        self.sketch.add(ids)
+        if self.sketch is not None:
+            self.sketch.add(ids)
         return self.index.get(ids)
 
     NONE_MISSED = np.empty(0, dtype=np.int64)
@@ -127,8 +130,11 @@ class HotRows:
         none = np.empty(0, dtype=np.int64)
         if not len(ids) or not self.capacity:
             return none, none
-        heat = self.sketch.estimate(ids)
-        order = np.argsort(-heat.astype(np.int64), kind="stable")
+        if self.sketch is None:  # the whole table fits: every missed row takes a free slot, in the order asked
+            heat, order = None, np.arange(len(ids))
+        else:
+            heat = self.sketch.estimate(ids)
+            order = np.argsort(-heat.astype(np.int64), kind="stable")
         free = min(self.capacity - self.used, len(ids))
         placed_slots, placed = [none], [none]
         if free:
@@ -138,6 +144,9 @@ class HotRows:
             placed_slots.append(slots)
             placed.append(order[:free])
         rest = order[free:]
+        if len(rest) and heat is None:
+            raise ValueError(f"{len(ids)} rows missed with {self.capacity - self.used} free slots in a tier as large as "
+                             "its table: ids outside the table, or asked twice")  # fmt: skip
         if len(rest):
             sample = self.rng.integers(0, self.capacity, size=(len(rest), self.SAMPLE))
             sample_heat = self.sketch.estimate(self.owner[sample].ravel()).reshape(sample.shape)

@@ -228,6 +228,50 @@ def test_several_known_value_filters_asked_at_once_answer_as_each_alone():
 
 
 @needs_extension
+def test_unseen_keys_counted_in_the_probes_pass_equal_numpys_count():
+    """KnownSets.unseen (the service's unseen-value counts): the compiled count, in the probes' own pass, against
+    numpy's, rows asked in any order, the missing value's key never counted even where no filter holds it."""
+    rng = np.random.default_rng(5)
+    trained = [rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True) for n in (1, 50, 3000)]
+    filters = [KnownValues.build(keys) for keys in trained]
+    keys = rng.integers(0, 2**64 - 1, (4, 700), dtype=np.uint64, endpoint=True)
+    which = [3, 0, 1]  # row 3 against filter 0, row 0 against filter 1, row 1 against filter 2
+    for row, held in zip(which, trained):
+        keys[row, ::4] = held[rng.integers(0, held.size, keys[row, ::4].size)]
+    missing = np.array([keys[3, 1], 7, keys[1, 2]], dtype=np.uint64)  # two of them asked, unheld
+    keys[3, 5] = keys[3, 1]
+    counted = {}
+    for backend in hashing.BACKENDS:
+        hashing.use_backend(backend)
+        counted[backend] = KnownSets(filters).unseen(keys, which, missing)
+        assert counted[backend].dtype == np.int64 and counted[backend].shape == (3,)
+    want = [int((~f.contains(keys[row]) & (keys[row] != m)).sum()) for f, row, m in zip(filters, which, missing)]
+    assert counted["compiled"].tolist() == counted["python"].tolist() == want
+    assert 0 < want[0] < 700 - 175 - 1  # the held quarter and the missing key's two places not counted
+    assert KnownSets(filters[:1]).unseen(keys[:, :0], [0], missing[:1]).tolist() == [0]
+    hashing.use_backend("compiled")
+    with pytest.raises(IndexError, match="row 9 of 4 rows"):
+        KnownSets(filters[:1]).unseen(keys, [9], missing[:1])
+
+
+@needs_extension
+def test_keys_and_their_rows_in_one_pass_equal_rows_of_the_keys():
+    rng = random.Random(4)
+    columns = [[f"{rng.random()}".encode() for _ in range(300)] for _ in range(3)]
+    seeds, table_rows = [11, 12, 13], np.array([[1], [350], [2**40 + 7]], dtype=np.uint64)
+    for backend in hashing.BACKENDS:
+        hashing.use_backend(backend)
+        keys, rows = hashing.hash_canonical_rows(columns, seeds, table_rows)
+        assert np.array_equal(keys, hashing.hash_canonical_columns(columns, seeds))
+        assert rows.dtype == np.int64 and np.array_equal(rows, hashing.rows_of(keys, table_rows)), backend
+    hashing.use_backend("compiled")
+    with pytest.raises(ValueError, match="at least one row"):
+        hashing.hash_canonical_rows(columns, seeds, np.array([[1], [0], [3]], dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"3 columns but table rows of shape \(2, 1\)"):
+        hashing.hash_canonical_rows(columns, seeds, table_rows[:2])
+
+
+@needs_extension
 def test_the_built_extension_has_every_function_its_callers_use():
     """A checkout does not rebuild the .so: one built from an older source would be missing what newer callers
     use, and is then not used at all (UEMBED_REQUIRE_EXTENSION=1: refused at import)."""

@@ -214,6 +214,28 @@ def hash_bytes_columns(columns, seeds):
 
 
 @cython.cdivision(True)
+def hash_bytes_rows(columns, seeds, const uint64_t[:, ::1] table_rows):
+    """``hash_bytes_columns``' keys uint64 [F, n] and, from the same pass, each key's row in its hashed table, int64
+    [F, n]: key % ``table_rows[f, 0]`` (``hashing.rows_of``)."""
+    cdef Py_ssize_t c, i, count, n
+    cdef uint64_t size
+    keys = hash_bytes_columns(columns, seeds)
+    count, n = keys.shape[0], keys.shape[1]
+    if table_rows.shape[0] != count or table_rows.shape[1] != 1:
+        raise ValueError(f"{count} columns but table rows of shape ({table_rows.shape[0]}, {table_rows.shape[1]})")
+    rows = np.empty((count, n), dtype=np.int64)
+    cdef const uint64_t[:, ::1] key_of = keys
+    cdef long long[:, ::1] row_of = rows
+    for c in range(count):
+        size = table_rows[c, 0]
+        if size == 0:
+            raise ValueError("a table needs at least one row, got 0")
+        for i in range(n):
+            row_of[c, i] = <long long>(key_of[c, i] % size)
+    return keys, rows
+
+
+@cython.cdivision(True)
 def filters_contain(const unsigned char[::1] bits, const uint64_t[::1] offsets, const uint64_t[::1] sizes,
                     const uint64_t[:, ::1] keys, int probes):
     """Bloom filters asked at once (``uembed/contract/known.py``'s KnownSets): bool [F, n], key [f, i] against the
@@ -242,6 +264,44 @@ def filters_contain(const unsigned char[::1] bits, const uint64_t[::1] offsets, 
                 if position >= size:
                     position -= size
     return known.view(bool)
+
+
+@cython.cdivision(True)
+def filters_unseen(const unsigned char[::1] bits, const uint64_t[::1] offsets, const uint64_t[::1] sizes,
+                   const uint64_t[:, ::1] keys, const Py_ssize_t[::1] which, const uint64_t[::1] missing, int probes):
+    """How many of each asked row's keys no filter holds, the missing value's key never counted: int64 [K], for row
+    ``which[k]`` of ``keys`` against filter k and ``missing[k]`` (``filters_contain``'s probes, counted in the same
+    pass rather than as a bool array and three more over it)."""
+    cdef Py_ssize_t k, f, i, count = which.shape[0], n = keys.shape[1]
+    cdef uint64_t key, position, step, size, offset
+    cdef int probe
+    cdef long long unseen
+    if offsets.shape[0] != count or sizes.shape[0] != count or missing.shape[0] != count:
+        raise ValueError(f"{count} rows asked for {offsets.shape[0]} filters and {missing.shape[0]} missing keys")
+    counts = np.zeros(count, dtype=np.int64)
+    cdef long long[::1] out = counts
+    for k in range(count):
+        f = which[k]
+        if f < 0 or f >= keys.shape[0]:
+            raise IndexError(f"row {f} of {keys.shape[0]} rows of keys")
+        size, offset = sizes[k], offsets[k]
+        if size == 0 or (offset + size + 7) // 8 > <uint64_t>bits.shape[0]:
+            raise ValueError(f"filter {k} runs past the end of the bits")
+        unseen = 0
+        for i in range(n):
+            key = keys[f, i]
+            if key == missing[k]:
+                continue
+            position, step = (key & LOW_HALF) % size, (key >> 32) % size
+            for probe in range(probes):
+                if not (bits[(position + offset) >> 3] >> ((position + offset) & 7)) & 1:
+                    unseen += 1
+                    break
+                position += step
+                if position >= size:
+                    position -= size
+        out[k] = unseen
+    return counts
 
 
 def length_prefixed(data, bint text):

@@ -81,7 +81,7 @@ def _agrees_with_xxhash(module) -> bool:
 # What the callers use; an extension built from an older source lacks some (the .so is not rebuilt by a checkout).
 EXTENSION_FUNCTIONS = ("canonical_column", "hash_values", "hash_bytes", "hash_bytes_columns", "filters_contain",
                        "length_prefixed", "text_column_of", "text_column", "list_column_of", "list_column", "rows_without_padding",
-                       "list_rows")  # fmt: skip
+                       "list_rows", "hash_bytes_rows", "filters_unseen")  # fmt: skip
 _lacking = [name for name in EXTENSION_FUNCTIONS if not hasattr(_fasthash, name)] if _fasthash is not None else []
 if _lacking:
     if os.environ.get("UEMBED_REQUIRE_EXTENSION", "") not in ("", "0"):
@@ -192,6 +192,15 @@ def hash_canonical_columns(columns: Sequence[Sequence[bytes]], seeds: Sequence[i
     seeded = chain.from_iterable(repeat(seed, n) for seed in seeds)
     keys = np.fromiter(map(xxhash.xxh3_64_intdigest, chain.from_iterable(columns), seeded), dtype=np.uint64, count=n * len(columns))
     return keys.reshape(len(columns), n)
+
+
+def hash_canonical_rows(columns: Sequence[Sequence[bytes]], seeds: Sequence[int], table_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``hash_canonical_columns``' keys [F, n] and their rows (int64 [F, n]) in hashed tables of ``table_rows``
+    (uint64 [F, 1]) rows, as ``rows_of`` gives them: in the hashing pass itself where the extension is built."""
+    if _compiled is not None:
+        return _compiled.hash_bytes_rows(columns, seeds, np.ascontiguousarray(table_rows, dtype=np.uint64))
+    keys = hash_canonical_columns(columns, seeds)
+    return keys, rows_of(keys, table_rows)
 
 
 def rows_of(keys: np.ndarray, rows: int | np.ndarray) -> np.ndarray:

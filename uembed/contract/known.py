@@ -88,6 +88,18 @@ class KnownSets:
         return ((self.bits[position >> np.uint64(3)] >> (position & np.uint64(7)).astype(np.uint8)) & 1).all(axis=0)
 
 
+    def unseen(self, keys: np.ndarray, which: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """How many keys of each asked row no filter holds, int64 [K]: row ``which[k]`` of ``keys`` [F, n] against
+        filter k, the missing value's key (``missing[k]``) never counted."""
+        extension = compiled_extension()
+        if extension is not None:  # counted in the probes' pass
+            return extension.filters_unseen(self.bits, self.offsets.ravel(), self.sizes.ravel(),
+                                            np.ascontiguousarray(keys, dtype=np.uint64), np.asarray(which, dtype=np.intp),
+                                            np.ascontiguousarray(missing, dtype=np.uint64).ravel(), KnownValues.HASHES)  # fmt: skip
+        asked = keys[np.asarray(which, dtype=np.intp)]
+        return (~self.contains(asked) & (asked != np.asarray(missing, dtype=np.uint64).reshape(-1, 1))).sum(axis=1)
+
+
 def save_known_values(path: Path, keys: Mapping[str, np.ndarray]) -> None:
     """``known_values.npz`` of a training run from each feature's training keys (feature -> uint64 keys under
     ``lookup_seed(feature, 0)``: a streamed run's statistics hold exactly these), built one feature at a time."""

@@ -33,10 +33,10 @@ from uembed.contract.hashing import (
     compiled_extension,
     hash_canonical,
     hash_canonical_columns,
+    hash_canonical_rows,
     hashing_backend,
     head_rows,
     lookup_seed,
-    rows_of,
 )
 from uembed.contract.known import KnownSets, KnownValues
 from uembed.contract.plan import FeaturePlan, Pooling
@@ -236,18 +236,17 @@ class ExampleEncoder(Canonicaliser):
             if len(self._hashing_of) >= self.LAYOUTS_KEPT:
                 self._hashing_of.clear()
             layout = self._hashing_of[tuple(names)] = HashLayout.of(self, names)
-        keys = hash_canonical_columns(columns, layout.seeds)
-        rows = rows_of(keys, layout.table_rows)
+        keys, rows = hash_canonical_rows(columns, layout.seeds, layout.table_rows)
         for i, name in enumerate(names):
             if name in self.plan.heads:  # hybrid table: a head value's key reads its head row (one binary search)
                 rows[i] = head_rows(keys[i], self.plan.heads[name], self.head_start[name], int(layout.table_rows[i, 0]))
         if layout.known:
             if layout.known_keys_hashed:
-                known_keys = keys[layout.known]
+                unseen = layout.filters.unseen(keys, layout.known, layout.missing_keys)  # missing never counts
             else:
                 known_keys = hash_canonical_columns([columns[i] for i in layout.known], layout.known_seeds)
-            unseen = ~layout.filters.contains(known_keys) & (known_keys != layout.missing_keys)  # missing never counts
-            for i, count in zip(layout.known, unseen.sum(axis=1).tolist()):
+                unseen = layout.filters.unseen(known_keys, range(len(layout.known)), layout.missing_keys)
+            for i, count in zip(layout.known, unseen.tolist()):
                 self.unseen[names[i]] += count
         return [column[:, None] for column in rows]
 
@@ -326,8 +325,7 @@ class ExampleEncoder(Canonicaliser):
             missing = self.missing_keys.get(feature.name)
             if missing is None:
                 missing = self.missing_keys[feature.name] = KnownValues.keys(feature.name, [MISSING])[0]
-            unseen = ~self._filters[feature.name].contains(keys[None])[0] & (keys != missing)
-            self.unseen[feature.name] += int(unseen.sum())
+            self.unseen[feature.name] += int(self._filters[feature.name].unseen(keys[None], [0], [missing])[0])
         return found, weights
 
     @staticmethod

@@ -20,7 +20,7 @@ from cpython.set cimport PySet_Contains
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
-from cpython.mem cimport PyMem_Free
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport floor, isfinite, isnan
 from libc.stdint cimport uint64_t
@@ -513,16 +513,35 @@ def list_rows(values, Py_ssize_t width, bint mean, seeds, hashed_rows, known_see
     cdef Py_ssize_t size
     if len(hashed_rows) != lookups:
         raise ValueError(f"{lookups} seeds but {len(hashed_rows)} table sizes")
-    seed_array = np.array(seeds, dtype=np.uint64)
-    table_array = np.array(hashed_rows, dtype=np.uint64)
-    if (table_array == 0).any():
-        raise ValueError("a table needs at least one row, got 0")
+    # uint64 arrays (the encoder keeps them so) are read as they are: no copies a call
+    seed_array = np.ascontiguousarray(seeds, dtype=np.uint64)
+    table_array = np.ascontiguousarray(hashed_rows, dtype=np.uint64)
     cdef const uint64_t[::1] seed_of = seed_array
     cdef const uint64_t[::1] rows_in = table_array
-    missing_array = np.empty(lookups, dtype=np.int64)
-    cdef long long[::1] missing_row = missing_array
     for l in range(lookups):
-        missing_row[l] = <long long>(XXH3_64bits_withSeed(b"", 0, seed_of[l]) % rows_in[l])
+        if rows_in[l] == 0:
+            raise ValueError("a table needs at least one row, got 0")
+    cdef long long* missing_row = <long long*>PyMem_Malloc(max(lookups, 1) * sizeof(long long))
+    if missing_row == NULL:
+        raise MemoryError()
+    try:
+        for l in range(lookups):
+            missing_row[l] = <long long>(XXH3_64bits_withSeed(b"", 0, seed_of[l]) % rows_in[l])
+        return _list_rows_into(values, n, width, mean, lookups, seed_of, rows_in, missing_row, known, known_key_seed)
+    finally:
+        PyMem_Free(missing_row)
+
+
+cdef object _list_rows_into(object values, Py_ssize_t n, Py_ssize_t width, bint mean, Py_ssize_t lookups,
+                            const uint64_t[::1] seed_of, const uint64_t[::1] rows_in, const long long* missing_row,
+                            bint known, uint64_t known_key_seed):
+    """``list_rows``' pass, its tables' rows for the missing value given."""
+    cdef Py_ssize_t i, j, l, length, kept, count = 0
+    cdef Py_ssize_t columns = width * lookups
+    cdef object items, item
+    cdef float weight
+    cdef const char* data
+    cdef Py_ssize_t size
     rows = np.empty((n, columns), dtype=np.int64)
     weights = np.zeros((n, columns), dtype=np.float32)
     cdef long long[:, ::1] row_out = rows

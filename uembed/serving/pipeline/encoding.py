@@ -153,7 +153,8 @@ class ExampleEncoder(Canonicaliser):
         # Multivalent features whose every lookup hashes into a table (no vocabulary, no head): their seeds and table
         # rows, for the compiled pass over a column's lists (_hashed_list_rows).
         self.hashed_lists = {
-            f.name: (tuple(lookup.seed for lookup in f.lookups), tuple(self.plan.table(lookup.table).hashed_rows for lookup in f.lookups))
+            f.name: (np.array([lookup.seed for lookup in f.lookups], dtype=np.uint64),
+                     np.array([self.plan.table(lookup.table).hashed_rows for lookup in f.lookups], dtype=np.uint64))
             for f in self.plan.features
             if self.specs[f.name].multivalent and not f.vocabulary and f.name not in self.plan.heads
         }

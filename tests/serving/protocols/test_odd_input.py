@@ -1,11 +1,16 @@
 """Odd input over real sockets: bodies nested deep, bodies not in UTF-8, header numbers that are not ASCII digits,
 and examples that leave features out. Every one is a 4xx naming the field or header, never a 500 (issue #35, items 5
-and 9; issue #36, item 5)."""
+and 9; issue #36, item 5). And random bodies and gRPC requests (hypothesis, the same examples on every run): each
+answered or refused, never a 5xx or an internal error."""
+
+import json
 
 import grpc
 import httpx
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from uembed.loadtest.servers import UvicornProcess
@@ -177,3 +182,73 @@ def test_a_v2_shape_of_anything_is_a_422_naming_the_tensor(service, shape):
     inputs[0]["shape"] = shape
     response = httpx.post(f"{service.url}/v2/models/{MODEL}/infer", content=orjson.dumps({"inputs": inputs}), timeout=30)
     assert response.status_code == 422 and f"'{MOVIELENS_FEATURES[0]}'" in response.json()["error"], response.text
+
+
+# --- random bodies: whatever a client sends, a 4xx or an answer, never a 5xx --------------------------------------
+RANDOM = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
+# JSON numbers past 64 bits too (the stdlib's encoder writes them; orjson would not)
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12),
+                    st.sampled_from(["", "\u0000", "a" * 300, "\u00e9", "NaN"]))  # fmt: skip
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                      max_leaves=8)  # fmt: skip
+NAMES = st.one_of(st.sampled_from(MOVIELENS_FEATURES), st.text(max_size=8))
+ONE_CHANGED = st.builds(lambda name, value: {**EXAMPLE, name: value}, st.sampled_from(MOVIELENS_FEATURES), VALUES)
+EXAMPLES = st.lists(st.one_of(ONE_CHANGED, st.dictionaries(NAMES, VALUES, max_size=8), VALUES), max_size=4)
+SCORE_BODIES = st.one_of(
+    st.builds(lambda examples: {"examples": examples}, EXAMPLES),
+    st.builds(lambda context, candidates: {"context": context, "candidates": candidates}, st.one_of(ONE_CHANGED, VALUES), EXAMPLES),
+    st.builds(lambda model, version, key: {"examples": [EXAMPLE], "model": model, "version": version, "routing_key": key},
+              VALUES, VALUES, VALUES),
+    st.dictionaries(st.sampled_from(["examples", "context", "candidates", "model", "version", "routing_key", "other"]), VALUES, max_size=4),
+)  # fmt: skip
+DATATYPES = ["BYTES", "INT64", "INT32", "FP64", "FP32", "FP16", "BOOL", "UINT8", "?"]
+TENSORS = st.fixed_dictionaries({"name": NAMES, "datatype": st.one_of(st.sampled_from(DATATYPES), VALUES),
+                                 "shape": st.one_of(st.lists(st.integers(-2, 5), max_size=3), VALUES), "data": VALUES},
+                                optional={"parameters": VALUES})  # fmt: skip
+V2_BODIES = st.one_of(
+    st.fixed_dictionaries({"inputs": st.lists(TENSORS, max_size=8)}, optional={"outputs": VALUES, "parameters": VALUES}),
+    st.builds(lambda tensor: {"inputs": [{"name": name, "datatype": "BYTES", "shape": [1], "data": [str(EXAMPLE[name])]}
+                                         for name in MOVIELENS_FEATURES if name != tensor.get("name")] + [tensor]}, TENSORS),
+)  # fmt: skip
+
+
+@RANDOM
+@given(body=SCORE_BODIES)
+def test_a_random_score_body_is_answered_or_refused_never_a_5xx(service, body):
+    response = httpx.post(f"{service.url}/v1/score", content=json.dumps(body).encode(), headers=JSON, timeout=10)
+    assert response.status_code < 500, (body, response.text)
+
+
+@RANDOM
+@given(body=V2_BODIES)
+def test_a_random_v2_body_is_answered_or_refused_never_a_5xx(service, body):
+    response = httpx.post(f"{service.url}/v2/models/{MODEL}/infer", content=json.dumps(body).encode(), headers=JSON, timeout=10)
+    assert response.status_code < 500, (body, response.text)
+
+
+GRPC_TENSORS = st.lists(st.fixed_dictionaries({
+    "name": NAMES, "datatype": st.sampled_from(DATATYPES), "shape": st.lists(st.integers(-1, 4), max_size=3),
+    "raw": st.one_of(st.none(), st.binary(max_size=40)), "texts": st.lists(st.binary(max_size=6), max_size=4),
+    "ints": st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4)}), max_size=8)  # fmt: skip
+
+
+@RANDOM
+@given(tensors=GRPC_TENSORS)
+def test_a_random_grpc_request_is_answered_or_refused_never_an_internal_error(service, tensors):
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    for tensor in tensors:
+        given_tensor = request.inputs.add(name=tensor["name"], datatype=tensor["datatype"])
+        given_tensor.shape.extend(tensor["shape"])
+        if tensor["raw"] is None:
+            given_tensor.contents.bytes_contents.extend(tensor["texts"])
+            given_tensor.contents.int64_contents.extend(tensor["ints"])
+        else:
+            request.raw_input_contents.append(tensor["raw"])
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        try:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        grpc.StatusCode.UNAVAILABLE), (str(request)[:2000], error.details())  # fmt: skip

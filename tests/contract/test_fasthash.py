@@ -249,9 +249,14 @@ def test_unseen_keys_counted_in_the_probes_pass_equal_numpys_count():
     assert counted["compiled"].tolist() == counted["python"].tolist() == want
     assert 0 < want[0] < 700 - 175 - 1  # the held quarter and the missing key's two places not counted
     assert KnownSets(filters[:1]).unseen(keys[:, :0], [0], missing[:1]).tolist() == [0]
-    hashing.use_backend("compiled")
-    with pytest.raises(IndexError, match="row 9 of 4 rows"):
-        KnownSets(filters[:1]).unseen(keys, [9], missing[:1])
+    for backend in hashing.BACKENDS:  # both refuse what is out of their contract, alike
+        hashing.use_backend(backend)
+        with pytest.raises(IndexError, match="row 9 of 4 rows"):
+            KnownSets(filters[:1]).unseen(keys, [9], missing[:1])
+        with pytest.raises(IndexError, match="row -1 of 4 rows"):
+            KnownSets(filters[:1]).unseen(keys, [-1], missing[:1])
+        with pytest.raises(ValueError, match="1 rows asked for 2 filters"):
+            KnownSets(filters[:2]).unseen(keys, [0], missing[:2])
 
 
 @needs_extension
@@ -264,11 +269,14 @@ def test_keys_and_their_rows_in_one_pass_equal_rows_of_the_keys():
         keys, rows = hashing.hash_canonical_rows(columns, seeds, table_rows)
         assert np.array_equal(keys, hashing.hash_canonical_columns(columns, seeds))
         assert rows.dtype == np.int64 and np.array_equal(rows, hashing.rows_of(keys, table_rows)), backend
-    hashing.use_backend("compiled")
-    with pytest.raises(ValueError, match="at least one row"):
-        hashing.hash_canonical_rows(columns, seeds, np.array([[1], [0], [3]], dtype=np.uint64))
-    with pytest.raises(ValueError, match=r"3 columns but table rows of shape \(2, 1\)"):
-        hashing.hash_canonical_rows(columns, seeds, table_rows[:2])
+    for backend in hashing.BACKENDS:  # both refuse what is out of their contract, alike
+        hashing.use_backend(backend)
+        for bad in (np.array([[1], [0], [3]], dtype=np.uint64), np.array([[1], [-5], [3]])):
+            with pytest.raises(ValueError, match="at least one row"):
+                hashing.hash_canonical_rows(columns, seeds, bad)
+        for bad in (table_rows[:2], table_rows.ravel(), table_rows.astype(np.float64)):
+            with pytest.raises(ValueError, match=r"3 columns but table rows of shape"):
+                hashing.hash_canonical_rows(columns, seeds, bad)
 
 
 @needs_extension

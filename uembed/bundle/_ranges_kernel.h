@@ -20,7 +20,11 @@ each one the machine has against numpy's passes. */
 /* The instruction sets: ``uembed_search_ranges`` takes one (AUTO: the widest this machine has). */
 enum { UEMBED_AUTO = 0, UEMBED_BASELINE = 1, UEMBED_AVX2 = 2, UEMBED_AVX512 = 3 };
 
+#if defined(__GNUC__)
 #define UEMBED_INLINE static inline __attribute__((always_inline))
+#else
+#define UEMBED_INLINE static inline
+#endif
 
 /* 1.5 * 2**23: a float32 in [0, 2**22] plus this, minus this, is itself rounded to the nearest integer, ties to even,
    as numpy's rint rounds it (the default rounding mode); the values rounded here are clipped to [0, levels] first. */

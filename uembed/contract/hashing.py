@@ -197,6 +197,12 @@ def hash_canonical_columns(columns: Sequence[Sequence[bytes]], seeds: Sequence[i
 def hash_canonical_rows(columns: Sequence[Sequence[bytes]], seeds: Sequence[int], table_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``hash_canonical_columns``' keys [F, n] and their rows (int64 [F, n]) in hashed tables of ``table_rows``
     (uint64 [F, 1]) rows, as ``rows_of`` gives them: in the hashing pass itself where the extension is built."""
+    table_rows = np.asarray(table_rows)
+    if table_rows.shape != (len(columns), 1) or table_rows.dtype.kind not in "iu":
+        raise ValueError(f"{len(columns)} columns but table rows of shape {table_rows.shape} and dtype {table_rows.dtype}: "
+                         f"integers [{len(columns)}, 1] are needed")  # fmt: skip
+    if table_rows.dtype.kind == "i" and (table_rows <= 0).any():  # unsigned (the encoder's): 0 is refused below
+        raise ValueError(f"a table needs at least one row, got {table_rows.min()}")
     if _compiled is not None:
         return _compiled.hash_bytes_rows(columns, seeds, np.ascontiguousarray(table_rows, dtype=np.uint64))
     keys = hash_canonical_columns(columns, seeds)

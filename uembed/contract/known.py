@@ -91,13 +91,18 @@ class KnownSets:
     def unseen(self, keys: np.ndarray, which: np.ndarray, missing: np.ndarray) -> np.ndarray:
         """How many keys of each asked row no filter holds, int64 [K]: row ``which[k]`` of ``keys`` [F, n] against
         filter k, the missing value's key (``missing[k]``) never counted."""
+        which = np.asarray(which, dtype=np.intp)
+        missing = np.ascontiguousarray(missing, dtype=np.uint64).ravel()
         extension = compiled_extension()
-        if extension is not None:  # counted in the probes' pass
+        if extension is not None:  # counted in the probes' pass (which checks what follows there)
             return extension.filters_unseen(self.bits, self.offsets.ravel(), self.sizes.ravel(),
-                                            np.ascontiguousarray(keys, dtype=np.uint64), np.asarray(which, dtype=np.intp),
-                                            np.ascontiguousarray(missing, dtype=np.uint64).ravel(), KnownValues.HASHES)  # fmt: skip
-        asked = keys[np.asarray(which, dtype=np.intp)]
-        return (~self.contains(asked) & (asked != np.asarray(missing, dtype=np.uint64).reshape(-1, 1))).sum(axis=1)
+                                            np.ascontiguousarray(keys, dtype=np.uint64), which, missing, KnownValues.HASHES)  # fmt: skip
+        if len(which) != len(self.sizes) or len(missing) != len(self.sizes):
+            raise ValueError(f"{len(which)} rows asked for {len(self.sizes)} filters and {len(missing)} missing keys")
+        if ((which < 0) | (which >= len(keys))).any():
+            raise IndexError(f"row {which[(which < 0) | (which >= len(keys))][0]} of {len(keys)} rows of keys")
+        asked = keys[which]
+        return (~self.contains(asked) & (asked != missing[:, None])).sum(axis=1)
 
 
 def save_known_values(path: Path, keys: Mapping[str, np.ndarray]) -> None:

@@ -1,6 +1,7 @@
 """Tier 1: frequency admission keeps the hot set through a scan, and an all-hit look-up."""
 
 import numpy as np
+import pytest
 
 from tests.serving.rows.tables import make_table
 from uembed.serving.rows.codec import RowCodec
@@ -100,3 +101,17 @@ def test_a_tier_as_large_as_its_table_counts_no_accesses_and_still_serves_every_
     assert sorted(store.hot.owner.tolist()) == list(range(table.rows)) and store.hot.used == table.rows
     smaller = HotRows(table.rows, capacity=table.rows - 1, record_bytes=codec.record_bytes)
     assert isinstance(smaller.sketch, FrequencySketch)
+
+
+def test_a_tier_as_large_as_its_table_refuses_rows_asked_twice_before_it_changes_anything():
+    """``admit`` takes distinct rows not yet cached. Asked for more than its free slots (an id twice), a tier without a
+    sketch refuses before it hands out a slot, so it goes on serving the right rows."""
+    table = make_table("float32", rows=8)
+    store = TableStore(table, "whole", hot_bytes=table.rows * RowCodec(table).record_bytes)
+    with pytest.raises(ValueError, match="9 rows missed with 8 free slots"):
+        store.gather(np.array([0, 1, 2, 3, 4, 5, 6, 7, 7]))
+    assert store.hot.used == 0
+    assert np.array_equal(store.gather(np.arange(8)), table.gather(np.arange(8)))
+    assert np.array_equal(store.gather(np.array([0, 5])), table.gather(np.array([0, 5])))
+    slots, misses, rows, admit_slots, admit_from = store.resolve(np.array([3]))  # the device path's look-up
+    assert slots.tolist() == [3] and not len(misses) and not len(admit_slots)

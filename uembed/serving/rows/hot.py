@@ -131,6 +131,9 @@ class HotRows:
         if not len(ids) or not self.capacity:
             return none, none
         if self.sketch is None:  # the whole table fits: every missed row takes a free slot, in the order asked
+            if len(ids) > self.capacity - self.used:  # checked before anything changes: the index stays as it was
+                raise ValueError(f"{len(ids)} rows missed with {self.capacity - self.used} free slots in a tier as large "
+                                 "as its table: ids asked twice, or already cached")  # fmt: skip
             heat, order = None, np.arange(len(ids))
         else:
             heat = self.sketch.estimate(ids)
@@ -144,9 +147,6 @@ class HotRows:
             placed_slots.append(slots)
             placed.append(order[:free])
         rest = order[free:]
-        if len(rest) and heat is None:
-            raise ValueError(f"{len(ids)} rows missed with {self.capacity - self.used} free slots in a tier as large as "
-                             "its table: ids outside the table, or asked twice")  # fmt: skip
         if len(rest):
             sample = self.rng.integers(0, self.capacity, size=(len(rest), self.SAMPLE))
             sample_heat = self.sketch.estimate(self.owner[sample].ravel()).reshape(sample.shape)

@@ -22,8 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: deploy/ holds the configs the local servers read
 
 
-# Ports handed out lately in this process: a server may not have bound one yet, so it is not handed out again.
-_recent_ports: collections.deque[int] = collections.deque(maxlen=256)
+# Ports handed out lately in this process: a server may not have bound one yet, so it is not handed out again. A
+# thousand: more than a test session starts at once (the draws are random, so a shorter memory let a port drawn a
+# few hundred draws back come again, as one run of the tests' 300 draws found).
+_recent_ports: collections.deque[int] = collections.deque(maxlen=1024)
 
 
 def ephemeral_ports() -> range:

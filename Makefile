@@ -26,17 +26,18 @@ install: $(STAMP)
 # Debian packages the tests use. Servers the tests and `make stack` start on their own loopback
 # ports (never the machine's own instances): redis-server, prometheus and haproxy (in front of
 # the service's replicas: `uembed stack --replicas N`). wrk loads the HTTP fronts in
-# `uembed bench --peers`; valgrind counts a request's instructions (scripts/request-instructions.py,
-# scripts/decode-instructions.py: figures a noisy machine does not move). The images and the
+# `uembed bench --peers`, h2load (nghttp2-client) its gRPC front; valgrind counts a request's
+# instructions (scripts/request-instructions.py, scripts/decode-instructions.py: figures a noisy
+# machine does not move). The images and the
 # compose stack (`make images`, tests/deploy): podman with runc (crun fails on hosts with hybrid
 # cgroups), netavark and aardvark-dns (compose services find each other by name), iptables (netavark's
 # firewall driver: without it a compose network cannot start), debootstrap
 # (the base image, where no image registry is reachable), libb64-0d (Triton's perf_analyzer links it:
 # tests/serving/protocols/test_perf_analyzer.py), libxxhash-dev (the hashing extension: build-deps above).
-SYSTEM_PACKAGES := redis-server prometheus haproxy wrk podman runc netavark aardvark-dns iptables debootstrap libb64-0d \
+SYSTEM_PACKAGES := redis-server prometheus haproxy wrk nghttp2-client podman runc netavark aardvark-dns iptables debootstrap libb64-0d \
 	libxxhash-dev valgrind
 system-deps:
-	@for tool in redis-server prometheus /usr/sbin/haproxy wrk valgrind callgrind_control podman runc /usr/sbin/iptables debootstrap /usr/lib/podman/netavark /usr/lib/podman/aardvark-dns; do \
+	@for tool in redis-server prometheus /usr/sbin/haproxy wrk h2load valgrind callgrind_control podman runc /usr/sbin/iptables debootstrap /usr/lib/podman/netavark /usr/lib/podman/aardvark-dns; do \
 	  command -v $$tool >/dev/null || missing=1; done; dpkg -s libb64-0d >/dev/null 2>&1 || missing=1; [ -f /usr/include/xxhash.h ] || missing=1; [ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 

@@ -1,6 +1,6 @@
 """The peer benchmark (``uembed bench --peers``, uembed/loadtest/peers.py): its request bodies carry the same examples on
 every front, and the whole phase runs end to end against real servers (this service, LitServe, the naive
-service) with wrk and the gRPC load client."""
+service) with wrk, h2load and the gRPC load client."""
 
 from __future__ import annotations
 
@@ -17,7 +17,17 @@ from tritonclient.grpc import service_pb2
 from uembed.bundle.loader import load_bundle
 from uembed.cli.service_commands import PEER_FRONTS
 from uembed.loadtest.load import movielens_requests
-from uembed.loadtest.peers import FRONTS, grpc_request, peer_ratios, run_peers, v2_json_body
+from uembed.loadtest.peers import (
+    FRONTS,
+    grpc_calls_by_code,
+    grpc_request,
+    h2load_grpc,
+    h2load_grpc_checked,
+    peer_ratios,
+    run_peers,
+    v2_json_body,
+)
+from uembed.loadtest.servers import SERVICE_APP, UvicornProcess
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.protocols.oip import InputTensor, columns_from_inputs
@@ -53,12 +63,17 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     results = reported["peers"]
     # where perf_analyzer can be had it measures the service's v2 and gRPC fronts too; else the run says why not
     by_the_tool = set() if "peers perf_analyzer" in reported else {"perf_analyzer http", "perf_analyzer grpc"}
-    assert set(results) == {"ceiling", "v1", "v2", "grpc", "litserve", "naive"} | by_the_tool
+    assert set(results) == {"ceiling", "v1", "v2", "grpc", "grpc_aio", "litserve", "naive"} | by_the_tool
     for front in by_the_tool:
         assert results[front]["1w"]["8"]["closed"]["requests_per_s"] > 0, results[front]
-    for front in ("v1", "v2", "grpc", "litserve", "naive"):
+    # the gRPC front's saturated load from h2load where it is installed (as CI's system-deps install it)
+    assert results["grpc"]["1w"]["8"]["closed"]["client"] == ("h2load" if shutil.which("h2load") else "grpc.aio")
+    assert results["grpc_aio"]["1w"]["8"]["closed"]["client"] == "grpc.aio"
+    for front in ("v1", "v2", "grpc", "grpc_aio", "litserve", "naive"):
         closed = results[front]["1w"]["8"]["closed"]
         assert closed["requests"] > 0 and closed["failures"] == 0, (front, closed)
+        if front == "grpc_aio":  # its open loop is the grpc front's
+            continue
         open_loop = results[front]["1w"]["8"]["open_at_half"]
         assert open_loop["failures"] == 0 and open_loop["requests"] > 0, (front, open_loop)
         if front != "grpc":  # the HTTP fronts' latency one request at a time, the base of the tail's ratio
@@ -74,6 +89,32 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if "uembed.loadtest.litserve_app" in (p.info["cmdline"] or [])
             and str(args.bundle) in (p.info["cmdline"] or [])]  # fmt: skip
     assert not left, f"LitServe processes left running: {left}"
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed (make system-deps)")
+def test_h2load_loads_the_grpc_port_past_its_calls_a_connection_and_every_call_is_checked(synthetic_store, tmp_path):
+    """The port ends a connection after a number of calls and h2load does not reconnect: the load is several h2load
+    runs, each under the cap (here a small one), and what h2load counts is checked against the server's gRPC codes."""
+    path = synthetic_store / "movielens" / "1"
+    bundle = load_bundle(path)
+    calls = [grpc_request(bundle.name, r, bundle.feature_specs) for r in movielens_requests(8, count=3)]
+    service = UvicornProcess(SERVICE_APP, {"UEMBED_BUNDLES": str(path)}, tmp_path / "service.log").start()
+    try:
+        before = grpc_calls_by_code(service).get("OK", 0.0)
+        figures = h2load_grpc(service.grpc_target, calls, 1.0, tmp_path, connections=2, streams=2, calls_per_connection=40)
+        assert figures["h2load_runs"] >= 2 and figures["failures"] == 0, figures
+        assert grpc_calls_by_code(service)["OK"] - before == figures["requests"] > 80
+        assert 0 < figures["mean_ms"] <= figures["max_ms"] and figures["client"] == "h2load"
+        assert figures["requests_per_s"] > 0 and figures["client_cpu_ms_per_call"] > 0
+
+        checked = h2load_grpc_checked(service, calls, 0.5, tmp_path, 8)
+        assert checked["failures"] == checked["not_ok"] == 0 and checked["requests"] > 0, checked
+        # HTTP 200 with a gRPC error in the trailers: h2load counts it a success, the check does not
+        unknown = [grpc_request("no-such-model", r, bundle.feature_specs) for r in movielens_requests(8, count=1)]
+        refused = h2load_grpc_checked(service, unknown, 0.3, tmp_path, 8)
+        assert refused["requests"] > 0 and refused["not_ok"] == refused["requests"] == refused["failures"], refused
+    finally:
+        service.stop()
 
 
 def test_the_ratios_compare_two_workers_with_one_and_the_workers_cpu():

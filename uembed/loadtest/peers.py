@@ -13,12 +13,15 @@ sends its own random tensors shaped from the model's metadata and configuration 
 installed;
 
 with 1 and 2 workers each, requests of 8, 64 and 512 real MovieLens-100K examples. HTTP load comes from wrk
-(closed loop: each connection sends as soon as its answer arrives); gRPC load from client processes of our own
-(``grpc.aio``, requests serialised once before the run, so a call costs the client one send and one receive; the
-client's CPU time per call is reported, to show it is not the bottleneck). The open loop sends at half of each
-front's saturated rate, latency measured from each request's scheduled time (no coordinated omission): the
-Python load generator of ``uembed/loadtest/load.py`` for HTTP, the gRPC client's own schedule for gRPC. Server and load
-generators share this machine over loopback.
+(closed loop: each connection sends as soon as its answer arrives); gRPC load from h2load, nghttp2's HTTP/2 load
+generator (:func:`h2load_grpc`: compiled, as wrk is, so both fronts' clients take about as little of the machine the
+server shares), or where it is missing from client processes of our own (``grpc.aio``, requests serialised once
+before the run, so a call costs the client one send and one receive). ``grpc_aio`` measures the gRPC front with those
+client processes too, beside h2load: they take several times wrk's CPU a call, on the cores the server needs. The
+client's CPU time per call is reported for every front. The open loop sends at half of each front's saturated rate,
+latency measured from each request's scheduled time (no coordinated omission): the Python load generator of
+``uembed/loadtest/load.py`` for HTTP, the ``grpc.aio`` client's own schedule for gRPC. Server and load generators
+share this machine over loopback.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ from uembed.loadtest.load import ceiling, movielens_requests, run_load, unloaded
 from uembed.loadtest.perf_analyzer import find_perf_analyzer
 from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port, worker_pids
 from uembed.model.demo import demo_bundle
+from uembed.serving.protocols.http2 import STREAMS_PER_CONNECTION
 
 SIZES = (8, 64, 512)
 # What the phase can measure; --peer-fronts picks some (v1 and grpc alone: the gRPC-over-REST ratio in a minute).
-FRONTS = ("ceiling", "v1", "v2", "grpc", "perf_analyzer", "litserve", "naive")
+FRONTS = ("ceiling", "v1", "v2", "grpc", "grpc_aio", "perf_analyzer", "litserve", "naive")
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -220,10 +224,90 @@ def grpc_load(target: str, requests: list[bytes], seconds: float, processes: int
     latencies = np.concatenate([np.asarray(p[2]) for p in parts]) * 1000
     elapsed = max(p[3] for p in parts)
     return {
-        "requests": calls, "failures": sum(p[1] for p in parts), "requests_per_s": round(calls / elapsed, 1),
+        "client": "grpc.aio", "requests": calls, "failures": sum(p[1] for p in parts), "requests_per_s": round(calls / elapsed, 1),
         **{f"p{q}_ms": round(float(np.percentile(latencies, q)), 3) for q in (50, 90, 99)},
         "client_cpu_ms_per_call": round(sum(p[4] for p in parts) / max(calls, 1) * 1000, 3),
     }  # fmt: skip
+
+
+# --- h2load (gRPC, closed loop) -------------------------------------------------------------
+
+# h2load ends a connection's part of the run at the port's GOAWAY (it does not reconnect): each of its runs stays
+# under the calls a connection may carry, with room for the streams in flight when the cap's GOAWAY would come.
+H2LOAD_CALLS_PER_CONNECTION = STREAMS_PER_CONNECTION - 512
+
+
+def grpc_frame(request: bytes) -> bytes:
+    """A serialised message as a gRPC call's body carries it: uncompressed, its length in four bytes, big-endian."""
+    return b"\x00" + len(request).to_bytes(4, "big") + request
+
+
+def h2load_grpc(target: str, requests: list[bytes], seconds: float, workdir: Path, connections: int = 4,
+                streams: int = 4, calls_per_connection: int = H2LOAD_CALLS_PER_CONNECTION) -> dict:  # fmt: skip
+    """Saturated ModelInfer calls from h2load (nghttp2's HTTP/2 load generator, compiled as wrk is, so the client
+    takes little of a machine it shares with the server): ``connections`` x ``streams`` calls in flight, closed loop.
+    The port ends every connection after a number of calls (``STREAMS_PER_CONNECTION``), and h2load does not
+    reconnect, so the run is back-to-back h2load runs of at most ``calls_per_connection`` calls a connection, each
+    sending the next of ``requests`` (h2load sends one body a run), sized to end when ``seconds`` have passed.
+    h2load checks HTTP statuses only: the caller compares ``requests`` with the server's count of calls answered OK
+    (:func:`grpc_calls_by_code`). Requests/s count the whole time, the runs' starts and connections included."""
+    binary = shutil.which("h2load")
+    if binary is None:
+        raise RuntimeError("h2load is not installed; `make system-deps` installs it (apt-get install nghttp2-client)")
+    url = f"http://{target}{INFER_METHOD}"
+    calls = failures = segments = 0
+    weighted_ms, longest_ms = 0.0, 0.0
+    per_connection = min(calls_per_connection, 100)  # a short first run, to learn the rate the rest are sized by
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    begin = time.perf_counter()
+    while True:
+        body = workdir / "grpc-call.bin"
+        body.write_bytes(grpc_frame(requests[segments % len(requests)]))
+        command = [binary, "-t1", f"-c{connections}", f"-m{streams}", f"-n{connections * per_connection}", "-d", str(body),
+                   "-H", "content-type: application/grpc", "-H", "te: trailers", url]  # fmt: skip
+        started = time.perf_counter()
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+        took = time.perf_counter() - started
+        counts = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out)
+        done = int(counts.group(1))
+        calls, failures, segments = calls + done, failures + int(counts.group(2)), segments + 1
+        timing = re.search(r"time for request:\s+[\d.]+(?:us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+        if timing and done:
+            longest_ms = max(longest_ms, float(timing.group(1)) * UNITS[timing.group(2)])
+            weighted_ms += float(timing.group(3)) * UNITS[timing.group(4)] * done
+        left = begin + seconds - time.perf_counter()
+        if left <= 0.05 or not done:
+            break
+        per_connection = max(10, min(calls_per_connection, round(done / took * left / connections)))
+    elapsed = time.perf_counter() - begin
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {
+        "client": "h2load", "requests": calls, "requests_per_s": round(calls / elapsed, 1), "failures": failures,
+        "mean_ms": round(weighted_ms / max(calls, 1), 3), "max_ms": round(longest_ms, 3), "h2load_runs": segments,
+        "client_cpu_ms_per_call": round(client_cpu_s / max(calls, 1) * 1000, 3),
+    }  # fmt: skip
+
+
+def grpc_calls_by_code(server: UvicornProcess) -> dict[str, float]:
+    """The service's ModelInfer calls so far by gRPC status code, from its /metrics (every worker's, summed)."""
+    found = {}
+    for sample, value in server.metrics().items():
+        if sample.startswith("uembed_grpc_requests_total{") and 'method="ModelInfer"' in sample:
+            code = re.search(r'code="([^"]+)"', sample).group(1)
+            found[code] = found.get(code, 0.0) + value
+    return found
+
+
+def h2load_grpc_checked(server: UvicornProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
+    """:func:`h2load_grpc` over 4 connections with ``connections`` calls in flight in all (as the gRPC client's), its
+    calls checked against the server's count by gRPC status: a call h2load counted but not answered OK fails."""
+    codes = grpc_calls_by_code(server)
+    figures = h2load_grpc(server.grpc_target, requests, seconds, workdir, connections=4, streams=max(1, connections // 4))
+    answered = {code: count - codes.get(code, 0.0) for code, count in grpc_calls_by_code(server).items()}
+    not_ok = round(sum(count for code, count in answered.items() if code != "OK"))
+    missing = max(0, figures["requests"] - round(answered.get("OK", 0.0)) - not_ok)
+    return figures | {"failures": figures["failures"] + not_ok + missing, "not_ok": not_ok}
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -332,6 +416,10 @@ def run_peers(args, workdir: Path, report) -> None:
         report("peers perf_analyzer", {"skipped": analyzer})
         analyzer = None
 
+    h2load_missing = None if shutil.which("h2load") else "h2load is not installed (make system-deps): the gRPC client is grpc.aio's"
+    if "grpc" in fronts and h2load_missing:
+        report("peers grpc", {"client": h2load_missing})
+
     for workers in args.peer_workers:
         service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_path)},
                                  workdir / f"service-{workers}w.log", workers=workers).start()  # fmt: skip
@@ -339,15 +427,25 @@ def run_peers(args, workdir: Path, report) -> None:
             for front in ("v1", "v2"):
                 if front in fronts:
                     http_front(front, service, workers, front)
-            for size in args.peer_sizes if "grpc" in fronts else ():
-                grpc_load(service.grpc_target, bodies["grpc"][size], 2, concurrency=connections)  # warm-up
-                saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, bodies["grpc"][size], seconds, concurrency=connections))
-                measure("grpc", workers, size, {"closed": saturated})
+            for size in args.peer_sizes if fronts & {"grpc", "grpc_aio"} else ():
+                calls = bodies["grpc"][size]
+                for front in ("grpc", "grpc_aio"):
+                    if front not in fronts:
+                        continue
+                    if front == "grpc" and h2load_missing is None:  # a compiled client, as wrk is for the HTTP fronts
+                        h2load_grpc_checked(service, calls, 2, workdir, connections)  # warm-up
+                        saturated = cpu_split(service, lambda: h2load_grpc_checked(service, calls, seconds, workdir, connections))
+                    else:
+                        grpc_load(service.grpc_target, calls, 2, concurrency=connections)  # warm-up
+                        saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, calls, seconds, concurrency=connections))
+                    measure(front, workers, size, {"closed": saturated})
+                # the open loop from the grpc.aio client (h2load sends at a rate of connections, not of calls)
+                front = "grpc" if "grpc" in fronts else "grpc_aio"
                 if size == open_size:
-                    rate = saturated["requests_per_s"] / 2
-                    half = grpc_load(service.grpc_target, bodies["grpc"][size], seconds, rate=rate)
-                    results["grpc"][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
-                    report(f"peers grpc {workers}w {size} open loop", half)
+                    rate = results[front][f"{workers}w"][str(size)]["closed"]["requests_per_s"] / 2
+                    half = grpc_load(service.grpc_target, calls, seconds, rate=rate)
+                    results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
+                    report(f"peers {front} {workers}w {size} open loop", half)
             if analyzer is not None:  # the same fronts measured by the tool Triton users trust, its own data
                 for protocol, url in (("http", service.url.removeprefix("http://")), ("grpc", service.grpc_target)):
                     for size in args.peer_sizes:
@@ -411,6 +509,8 @@ def peer_ratios(results: dict) -> dict:
                 "v1_over_litserve": round(rate["v1"] / rate["litserve"], 2) if "litserve" in rate else None,
                 "v1_over_naive": round(rate["v1"] / rate["naive"], 2) if "naive" in rate else None,
                 "grpc_over_v1": round(rate["grpc"] / rate["v1"], 2) if "grpc" in rate else None,
+                # the same front loaded by the Python client (grpc.aio), which takes a share of a shared machine
+                "grpc_aio_over_v1": round(rate["grpc_aio"] / rate["v1"], 2) if "grpc_aio" in rate else None,
                 "v2_over_v1": round(rate["v2"] / rate["v1"], 2) if "v2" in rate else None,
                 "perf_analyzer_grpc_over_http": round(rate["perf_analyzer grpc"] / rate["perf_analyzer http"], 2)
                 if "perf_analyzer http" in rate and "perf_analyzer grpc" in rate else None,

@@ -69,6 +69,12 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     # the gRPC front's saturated load from h2load where it is installed (as CI's system-deps install it)
     assert results["grpc"]["1w"]["8"]["closed"]["client"] == ("h2load" if shutil.which("h2load") else "grpc.aio")
     assert results["grpc_aio"]["1w"]["8"]["closed"]["client"] == "grpc.aio"
+    if shutil.which("h2load"):  # gRPC and v1 again in rounds taking turns on one service, the ratio their median
+        paired = results["grpc"]["1w"]["8"]["paired_with_v1"]
+        assert len(paired["rounds"]) == 4 and [r["first"] for r in paired["rounds"]] == ["v1", "grpc", "v1", "grpc"]
+        assert all(r[front]["failures"] == 0 and r[front]["requests_per_s"] > 0 for r in paired["rounds"] for front in ("v1", "grpc"))
+        ratios_of_rounds = sorted(r["grpc_over_v1"] for r in paired["rounds"])
+        assert paired["grpc_over_v1_median"] == round((ratios_of_rounds[1] + ratios_of_rounds[2]) / 2, 3)
     for front in ("v1", "v2", "grpc", "grpc_aio", "litserve", "naive"):
         closed = results[front]["1w"]["8"]["closed"]
         assert closed["requests"] > 0 and closed["failures"] == 0, (front, closed)

@@ -421,8 +421,13 @@ def run_peers(args, workdir: Path, report) -> None:
         report("peers grpc", {"client": h2load_missing})
 
     for workers in args.peer_workers:
-        service = UvicornProcess("uembed.serving.app:create_app", {"UEMBED_BUNDLES": str(bundle_path)},
-                                 workdir / f"service-{workers}w.log", workers=workers).start()  # fmt: skip
+        env = {"UEMBED_BUNDLES": str(bundle_path)}
+        if workers > 1:  # as `uembed serve --workers N` runs them: /metrics sums every worker's series (the gRPC check's)
+            metrics_dir = workdir / f"metrics-{workers}w"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir()
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        service = UvicornProcess("uembed.serving.app:create_app", env, workdir / f"service-{workers}w.log", workers=workers).start()
         try:
             for front in ("v1", "v2"):
                 if front in fronts:
@@ -446,6 +451,11 @@ def run_peers(args, workdir: Path, report) -> None:
                     half = grpc_load(service.grpc_target, calls, seconds, rate=rate)
                     results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
                     report(f"peers {front} {workers}w {size} open loop", half)
+            if {"v1", "grpc"} <= fronts and h2load_missing is None:
+                for size in args.peer_sizes:
+                    paired = paired_grpc_and_v1(service, bodies["v1"][size], bodies["grpc"][size], seconds, connections, workdir)
+                    results["grpc"][f"{workers}w"][str(size)]["paired_with_v1"] = paired
+                    report(f"peers grpc {workers}w {size} paired with v1", paired)
             if analyzer is not None:  # the same fronts measured by the tool Triton users trust, its own data
                 for protocol, url in (("http", service.url.removeprefix("http://")), ("grpc", service.grpc_target)):
                     for size in args.peer_sizes:
@@ -460,6 +470,34 @@ def run_peers(args, workdir: Path, report) -> None:
 
     report("peers", results)
     report("peers_ratios", peer_ratios(results))
+
+
+PAIRED_ROUNDS = 4
+
+
+def paired_grpc_and_v1(service: UvicornProcess, v1_bodies: list[bytes], calls: list[bytes], seconds: float, connections: int,
+                       workdir: Path) -> dict:  # fmt: skip
+    """gRPC (h2load) over REST v1 (wrk) in ``PAIRED_ROUNDS`` rounds of half ``seconds`` each, the order flipped every
+    round, on the same service: this machine's speed drifts between the phases a front's own measure takes seconds
+    apart, and a drift within a round falls on both fronts. The median of the rounds' ratios is the run's figure."""
+    round_s = max(1.0, seconds / 2)
+    rounds = []
+    for round_ in range(PAIRED_ROUNDS):
+        order = ("v1", "grpc") if round_ % 2 == 0 else ("grpc", "v1")
+        figures = {}
+        for front in order:
+            if front == "v1":
+                figures[front] = cpu_split(service, lambda: wrk(service.url, "/v1/score", v1_bodies, round_s, connections, workdir))
+            else:
+                figures[front] = cpu_split(service, lambda: h2load_grpc_checked(service, calls, round_s, workdir, connections))
+        row = {front: {key: figures[front][key] for key in ("requests_per_s", "server_cpu_ms_per_call", "failures")}
+               for front in ("v1", "grpc")}  # fmt: skip
+        rounds.append(row | {"grpc_over_v1": round(row["grpc"]["requests_per_s"] / row["v1"]["requests_per_s"], 3),
+                             "first": order[0]})  # fmt: skip
+    return {"rounds": rounds, "round_s": round_s, "grpc_over_v1_median": round(float(np.median([r["grpc_over_v1"] for r in rounds])), 3),
+            # a call's server CPU, gRPC's over v1's: the same comparison apart from how much of the machine each had
+            "grpc_over_v1_server_cpu_median": round(float(np.median([r["grpc"]["server_cpu_ms_per_call"] / r["v1"]["server_cpu_ms_per_call"]
+                                                                     for r in rounds])), 3)}  # fmt: skip
 
 
 def run_litserve(bundle_path: Path, workdir: Path, workers: int, http_front) -> None:
@@ -509,6 +547,9 @@ def peer_ratios(results: dict) -> dict:
                 "v1_over_litserve": round(rate["v1"] / rate["litserve"], 2) if "litserve" in rate else None,
                 "v1_over_naive": round(rate["v1"] / rate["naive"], 2) if "naive" in rate else None,
                 "grpc_over_v1": round(rate["grpc"] / rate["v1"], 2) if "grpc" in rate else None,
+                # the same from rounds taking turns on one service (the median of their ratios), where they ran
+                "grpc_over_v1_paired": results["grpc"][workers][size].get("paired_with_v1", {}).get("grpc_over_v1_median")
+                if "grpc" in rate else None,
                 # the same front loaded by the Python client (grpc.aio), which takes a share of a shared machine
                 "grpc_aio_over_v1": round(rate["grpc_aio"] / rate["v1"], 2) if "grpc_aio" in rate else None,
                 "v2_over_v1": round(rate["v2"] / rate["v1"], 2) if "v2" in rate else None,

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/ab-service.py BEFORE_TREE [AFTER_TREE] [--rounds 4] [--seconds 8] [--out ab.json]
     .venv/bin/python scripts/ab-service.py BEFORE_TREE --open-loop 1400   # requests at evenly spaced times instead
     .venv/bin/python scripts/ab-service.py . . --after-env UEMBED_BUSY_POLL_MS=2   # one tree, two settings
-    .venv/bin/python scripts/ab-service.py BEFORE_TREE --front grpc   # gRPC ModelInfer, the peers phase's client
+    .venv/bin/python scripts/ab-service.py BEFORE_TREE --front grpc   # gRPC ModelInfer, the peers phase's clients
 
 Each round starts one worker of each tree in turn (``PYTHONPATH=TREE python -m uvicorn``, this venv's packages, the
 tree's own code and compiled extensions: build them in a worktree first), on the demo bundle, loads it with wrk
@@ -17,6 +17,7 @@ Prints each round and the medians of the after-over-before ratios as JSON. Run i
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -25,14 +26,15 @@ import orjson
 
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.load import movielens_requests, run_load
-from uembed.loadtest.peers import cpu_split, grpc_load, grpc_request, wrk
+from uembed.loadtest.peers import cpu_split, grpc_load, grpc_request, h2load_grpc_checked, wrk
 from uembed.loadtest.servers import UvicornProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work: Path, rate: float | None = None,
-            env: dict[str, str] | None = None, label: str = "", calls: list[bytes] | None = None) -> dict:  # fmt: skip
+            env: dict[str, str] | None = None, label: str = "", calls: list[bytes] | None = None,
+            grpc_client: str = "h2load") -> dict:  # fmt: skip
     # the worker starts in the tree and imports uembed from it
     grpc_port = free_port() if calls else 0
     server = UvicornProcess("uembed.serving.app:create_app",
@@ -47,7 +49,10 @@ def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work:
         mapped = sorted({line.split()[-1] for line in maps.splitlines() if "_fasthash" in line})
         if not mapped or not all(path.startswith(str(tree.resolve())) for path in mapped):
             raise SystemExit(f"the worker of {tree} runs other code: {mapped or 'no compiled hashing'}")
-        if calls:  # ModelInfer with binary tensors, the peers phase's gRPC client (2 processes, 16 calls in flight)
+        if calls and not rate and grpc_client == "h2load":  # saturated ModelInfer from h2load, as the peers phase
+            h2load_grpc_checked(server, calls, 2, work, 16)  # warm-up
+            return cpu_split(server, lambda: h2load_grpc_checked(server, calls, seconds, work, 16))
+        if calls:  # ModelInfer from the peers phase's grpc.aio client (2 processes, 16 calls in flight), or at a rate
             target = f"127.0.0.1:{grpc_port}"
             grpc_load(target, calls, 2, rate=rate)  # warm-up
             return cpu_split(server, lambda: grpc_load(target, calls, seconds, rate=rate))
@@ -71,6 +76,9 @@ def main() -> None:
                         help="settings for the before worker only, e.g. UEMBED_BUSY_POLL_MS=0 (the trees may be the same)")
     parser.add_argument("--after-env", nargs="+", default=[], metavar="KEY=VALUE", help="settings for the after worker only")
     parser.add_argument("--front", choices=("v1", "grpc"), default="v1", help="REST v1 with wrk, or gRPC ModelInfer")
+    parser.add_argument("--grpc-client", choices=("h2load", "aio"), default="h2load" if shutil.which("h2load") else "aio",
+                        help="saturated gRPC load from h2load (compiled, as wrk; the default where installed) or the "
+                        "peers phase's grpc.aio processes (which take a share of the server's cores); an open loop is grpc.aio's")  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     envs = {}
@@ -93,16 +101,18 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
             figures = {name: measure(getattr(args, name), args.bundle, bodies, args.seconds, work, args.open_loop,
-                                   envs[name], name, calls) for name in order}  # fmt: skip
+                                   envs[name], name, calls, args.grpc_client) for name in order}  # fmt: skip
             kept = ("requests_per_s", "server_cpu_ms_per_call", "failures")
             kept += ("p50_ms", "p99_ms") if args.open_loop or calls else ()
-            row = {name: {key: figures[name][key] for key in kept} for name in ("before", "after")}
+            # h2load gives no percentiles (its mean and longest call are kept instead)
+            kept += ("mean_ms", "max_ms") if "mean_ms" in figures["before"] else ()
+            row = {name: {key: figures[name][key] for key in kept if key in figures[name]} for name in ("before", "after")}
             row["after_over_before"] = round(row["after"]["requests_per_s"] / row["before"]["requests_per_s"], 3)
             row["before_cpu_over_after"] = round(row["before"]["server_cpu_ms_per_call"] / row["after"]["server_cpu_ms_per_call"], 3)
             print(json.dumps({"round": round_ + 1, "order": order, **row}), flush=True)
             rounds.append(row)
     summary = {
-        "before": str(args.before), "after": str(args.after), "front": args.front, "before_env": envs["before"], "after_env": envs["after"],
+        "before": str(args.before), "after": str(args.after), "front": args.front, "grpc_client": args.grpc_client if calls else None, "before_env": envs["before"], "after_env": envs["after"],
         "inherited_env": inherited,
         "rounds": rounds,
         "median_after_over_before": statistics.median(r["after_over_before"] for r in rounds),

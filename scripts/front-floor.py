@@ -1,7 +1,7 @@
 """What a call costs the server's front alone (#39, gRPC against REST v1): a handler that does nothing, behind uvicorn,
 behind grpcio's asyncio server and behind uvicorn's HTTP/2 as the service serves gRPC (``grpc_h2.py``), saturated the
-way ``uembed bench --peers`` loads the service (wrk at 16 connections; the peers phase's gRPC client: 2 processes, 16
-calls in flight) with the same 64-example bodies.
+way ``uembed bench --peers`` loaded the service until it took h2load for gRPC (wrk at 16 connections; the grpc.aio
+client, now its ``grpc_aio`` front: 2 processes, 16 calls in flight) with the same 64-example bodies.
 
     .venv/bin/python scripts/front-floor.py [--seconds 8]
 

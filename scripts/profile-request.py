@@ -116,9 +116,9 @@ def main() -> int:
             counter = 'uembed_grpc_requests_total{code="OK",method="ModelInfer"}'  # labels sorted, as exposed
             if shutil.which("h2load"):  # compiled, as wrk is: the client leaves the server its core
                 h2load_grpc(service.grpc_target, calls, 3, workdir)  # warm-up
-                load = threading.Thread(target=h2load_grpc, args=(service.grpc_target, calls, args.seconds + 2, workdir))
+                load = threading.Thread(target=h2load_grpc, args=(service.grpc_target, calls, args.seconds + 4, workdir))
                 load.start()
-                time.sleep(1)
+                time.sleep(1)  # py-spy's start and its samples within the load's time
             else:
                 grpc_load(service.grpc_target, calls, 3)  # warm-up
                 load = threading.Thread(target=grpc_load, args=(service.grpc_target, calls, args.seconds + 4))

@@ -294,7 +294,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
                         default=["service", "redis", "hot"],
                         help="scale, gpu and peers are not in the default: scale writes a 3.2 GB bundle and needs ~15 GB "
                         "of memory for its naive baseline; gpu needs a CUDA device and the gpu extra; peers takes about "
-                        "10 minutes (see --peers); codecs and hybrid serve one model's bundles side by side (see their options); "
+                        "15 minutes (see --peers); codecs and hybrid serve one model's bundles side by side (see their options); "
                         "ranking sends one user x N movies against the same examples flat to --bundle or the demo bundle")  # fmt: skip
     parser.add_argument("--peers", action="store_const", const=["peers"], dest="phases",
                         help="only the peers phase: this service's REST v1, REST v2 and gRPC fronts beside LitServe and "

@@ -17,8 +17,9 @@ with 1 and 2 workers each, requests of 8, 64 and 512 real MovieLens-100K example
 generator (:func:`h2load_grpc`: compiled, as wrk is, so both fronts' clients take about as little of the machine the
 server shares), or where it is missing from client processes of our own (``grpc.aio``, requests serialised once
 before the run, so a call costs the client one send and one receive). ``grpc_aio`` measures the gRPC front with those
-client processes too, beside h2load: they take several times wrk's CPU a call, on the cores the server needs. The
-client's CPU time per call is reported for every front. The open loop sends at half of each front's saturated rate,
+client processes too, beside h2load: a Python client takes more of the cores the server needs. The client's CPU time
+per call is reported for every closed loop. ``paired_with_v1`` measures gRPC and v1 again in rounds taking turns on
+one service. The open loop sends at half of each front's saturated rate,
 latency measured from each request's scheduled time (no coordinated omission): the Python load generator of
 ``uembed/loadtest/load.py`` for HTTP, the ``grpc.aio`` client's own schedule for gRPC. Server and load generators
 share this machine over loopback.
@@ -28,11 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import re
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -232,8 +236,8 @@ def grpc_load(target: str, requests: list[bytes], seconds: float, processes: int
 
 # --- h2load (gRPC, closed loop) -------------------------------------------------------------
 
-# h2load ends a connection's part of the run at the port's GOAWAY (it does not reconnect): each of its runs stays
-# under the calls a connection may carry, with room for the streams in flight when the cap's GOAWAY would come.
+# The calls one h2load run opens on its connection: the port ends a connection with GOAWAY after
+# STREAMS_PER_CONNECTION streams, and h2load would not reconnect, so a run never reaches that many.
 H2LOAD_CALLS_PER_CONNECTION = STREAMS_PER_CONNECTION - 512
 
 
@@ -242,49 +246,84 @@ def grpc_frame(request: bytes) -> bytes:
     return b"\x00" + len(request).to_bytes(4, "big") + request
 
 
-def h2load_grpc(target: str, requests: list[bytes], seconds: float, workdir: Path, connections: int = 4,
-                streams: int = 4, calls_per_connection: int = H2LOAD_CALLS_PER_CONNECTION) -> dict:  # fmt: skip
+def h2load_run(binary: str, url: str, body: Path, calls: int, streams: int, timeout_s: float) -> tuple[int, int, float, float]:
+    """One h2load run of ``calls`` calls over one connection: (calls answered 2xx, calls failed, mean and longest
+    call in ms). h2load exits 0 whatever became of the calls; its counts say."""
+    command = [binary, "-t1", "-c1", f"-m{streams}", f"-n{calls}", "-d", str(body), "-H", "content-type: application/grpc",
+               "-H", "te: trailers", url]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
+    counts = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out)
+    done, failed = int(counts.group(1)), int(counts.group(2))
+    # min, max and mean of the calls' times
+    timing = re.search(r"time for request:\s+[\d.]+(?:us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    if not (timing and done):
+        return done, failed, 0.0, 0.0
+    return done, failed, float(timing.group(3)) * UNITS[timing.group(4)], float(timing.group(1)) * UNITS[timing.group(2)]
+
+
+def h2load_grpc(target: str, requests: list[bytes], seconds: float, workdir: Path, connections: int = 16,
+                streams: int = 1, calls_per_connection: int = H2LOAD_CALLS_PER_CONNECTION) -> dict:  # fmt: skip
     """Saturated ModelInfer calls from h2load (nghttp2's HTTP/2 load generator, compiled as wrk is, so the client
-    takes little of a machine it shares with the server): ``connections`` x ``streams`` calls in flight, closed loop.
-    The port ends every connection after a number of calls (``STREAMS_PER_CONNECTION``), and h2load does not
-    reconnect, so the run is back-to-back h2load runs of at most ``calls_per_connection`` calls a connection, each
-    sending the next of ``requests`` (h2load sends one body a run), sized to end when ``seconds`` have passed.
-    h2load checks HTTP statuses only: the caller compares ``requests`` with the server's count of calls answered OK
-    (:func:`grpc_calls_by_code`). Requests/s count the whole time, the runs' starts and connections included."""
+    takes little of a machine it shares with the server): ``connections`` connections with ``streams`` calls in
+    flight each, closed loop (the default, 16 x 1, is wrk's shape for the HTTP fronts).
+
+    Each connection is its own sequence of h2load runs until ``seconds`` have passed: the port ends a connection
+    after a number of calls and h2load does not reconnect, so a run carries at most ``calls_per_connection`` calls
+    and the next run opens a new connection at once (a fresh draw of the worker that accepts it, as a reconnecting
+    client gets). h2load sends one body a run: each run sends the next of ``requests``, the connections starting
+    at different ones, so the calls in flight together are different requests, as wrk's are. Runs after the
+    first are sized by the rate seen so far to end near the deadline. h2load checks HTTP statuses only: the caller
+    compares ``requests`` with the server's count of calls answered OK (:func:`h2load_grpc_checked`). Requests/s
+    count the whole time, the runs' starts and connections included."""
     binary = shutil.which("h2load")
     if binary is None:
         raise RuntimeError("h2load is not installed; `make system-deps` installs it (apt-get install nghttp2-client)")
     url = f"http://{target}{INFER_METHOD}"
-    calls = failures = segments = 0
-    weighted_ms, longest_ms = 0.0, 0.0
-    per_connection = min(calls_per_connection, 100)  # a short first run, to learn the rate the rest are sized by
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    folder = Path(tempfile.mkdtemp(prefix="h2load-", dir=workdir))
+    bodies = []
+    for index, request in enumerate(requests):
+        bodies.append(folder / f"call-{index}.bin")
+        bodies[-1].write_bytes(grpc_frame(request))
+    totals = {"calls": 0, "failures": 0, "runs": 0, "weighted_ms": 0.0, "longest_ms": 0.0, "largest_run": 0}
+    lock = threading.Lock()
     begin = time.perf_counter()
-    while True:
-        body = workdir / "grpc-call.bin"
-        body.write_bytes(grpc_frame(requests[segments % len(requests)]))
-        command = [binary, "-t1", f"-c{connections}", f"-m{streams}", f"-n{connections * per_connection}", "-d", str(body),
-                   "-H", "content-type: application/grpc", "-H", "te: trailers", url]  # fmt: skip
-        started = time.perf_counter()
-        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
-        took = time.perf_counter() - started
-        counts = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out)
-        done = int(counts.group(1))
-        calls, failures, segments = calls + done, failures + int(counts.group(2)), segments + 1
-        timing = re.search(r"time for request:\s+[\d.]+(?:us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
-        if timing and done:
-            longest_ms = max(longest_ms, float(timing.group(1)) * UNITS[timing.group(2)])
-            weighted_ms += float(timing.group(3)) * UNITS[timing.group(4)] * done
-        left = begin + seconds - time.perf_counter()
-        if left <= 0.05 or not done:
-            break
-        per_connection = max(10, min(calls_per_connection, round(done / took * left / connections)))
+    deadline = begin + seconds
+
+    def connection(index: int) -> None:
+        calls, run = min(calls_per_connection, 50), 0  # a short first run, to learn the rate the rest are sized by
+        while True:
+            started = time.perf_counter()
+            body = bodies[(index + run * connections) % len(bodies)]
+            done, failed, mean_ms, longest_ms = h2load_run(binary, url, body, calls, streams, seconds + 120)
+            took = time.perf_counter() - started
+            with lock:
+                totals["calls"] += done
+                totals["failures"] += failed
+                totals["runs"] += 1
+                totals["weighted_ms"] += mean_ms * done
+                totals["longest_ms"] = max(totals["longest_ms"], longest_ms)
+                totals["largest_run"] = max(totals["largest_run"], calls)
+            run += 1
+            left = deadline - time.perf_counter()
+            if left <= 0.02 or not done:
+                return
+            calls = min(calls_per_connection, max(10, round(done / took * left)))
+
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    threads = [threading.Thread(target=connection, args=(index,), daemon=True) for index in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     elapsed = time.perf_counter() - begin
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    client_cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    shutil.rmtree(folder, ignore_errors=True)
+    client_cpu_s = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    calls = totals["calls"]
     return {
-        "client": "h2load", "requests": calls, "requests_per_s": round(calls / elapsed, 1), "failures": failures,
-        "mean_ms": round(weighted_ms / max(calls, 1), 3), "max_ms": round(longest_ms, 3), "h2load_runs": segments,
+        "client": "h2load", "requests": calls, "requests_per_s": round(calls / elapsed, 1), "failures": totals["failures"],
+        "mean_ms": round(totals["weighted_ms"] / max(calls, 1), 3), "max_ms": round(totals["longest_ms"], 3),
+        "h2load_runs": totals["runs"], "largest_run_calls": totals["largest_run"], "connections": connections, "streams": streams,
         "client_cpu_ms_per_call": round(client_cpu_s / max(calls, 1) * 1000, 3),
     }  # fmt: skip
 
@@ -300,14 +339,20 @@ def grpc_calls_by_code(server: UvicornProcess) -> dict[str, float]:
 
 
 def h2load_grpc_checked(server: UvicornProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
-    """:func:`h2load_grpc` over 4 connections with ``connections`` calls in flight in all (as the gRPC client's), its
-    calls checked against the server's count by gRPC status: a call h2load counted but not answered OK fails."""
+    """:func:`h2load_grpc` over ``connections`` connections, a call in flight on each (wrk's shape), its calls checked
+    against the server's count by gRPC status: a call h2load counted that the server did not answer OK is a failure.
+    Only valid while nothing else calls ModelInfer on the server; with several workers the server's /metrics must
+    sum them (PROMETHEUS_MULTIPROC_DIR), or the other workers' calls would count as missing."""
+    if server.workers > 1 and not (server.env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")):
+        raise ValueError(f"{server.workers} workers without PROMETHEUS_MULTIPROC_DIR: /metrics would be one worker's, "
+                         "and the gRPC calls could not be checked")  # fmt: skip
     codes = grpc_calls_by_code(server)
-    figures = h2load_grpc(server.grpc_target, requests, seconds, workdir, connections=4, streams=max(1, connections // 4))
+    figures = h2load_grpc(server.grpc_target, requests, seconds, workdir, connections=connections, streams=1)
     answered = {code: count - codes.get(code, 0.0) for code, count in grpc_calls_by_code(server).items()}
     not_ok = round(sum(count for code, count in answered.items() if code != "OK"))
-    missing = max(0, figures["requests"] - round(answered.get("OK", 0.0)) - not_ok)
-    return figures | {"failures": figures["failures"] + not_ok + missing, "not_ok": not_ok}
+    # calls h2load counted as answered (HTTP 2xx) that the server did not answer OK: an error in the trailers, or none
+    missing = max(0, figures["requests"] - round(answered.get("OK", 0.0)))
+    return figures | {"failures": figures["failures"] + missing, "not_ok": not_ok}
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -435,8 +480,8 @@ def run_peers(args, workdir: Path, report) -> None:
             for size in args.peer_sizes if fronts & {"grpc", "grpc_aio"} else ():
                 calls = bodies["grpc"][size]
                 for front in ("grpc", "grpc_aio"):
-                    if front not in fronts:
-                        continue
+                    if front not in fronts or (front == "grpc_aio" and h2load_missing and "grpc" in fronts):
+                        continue  # (without h2load the grpc front's figure is grpc.aio's already)
                     if front == "grpc" and h2load_missing is None:  # a compiled client, as wrk is for the HTTP fronts
                         h2load_grpc_checked(service, calls, 2, workdir, connections)  # warm-up
                         saturated = cpu_split(service, lambda: h2load_grpc_checked(service, calls, seconds, workdir, connections))

@@ -3,8 +3,8 @@ serving path end to end in one process, then which modules it loaded.
 
 Builds the CLI's parser, starts the service (``uembed.serving.app:create_app`` on uvicorn, bundles from
 ``UEMBED_BUNDLES``) on a free loopback port, scores the examples over HTTP and writes JSON to
-OUT_JSON (stdout carries what the libraries print): the scores, the ONNX Runtime in use, the hashing path, and
-every loaded module of torch (there should be none)."""
+OUT_JSON (stdout carries what the libraries print): the scores, the ONNX Runtime in use, the hashing path, which
+of the service's other extensions it runs, and every loaded module of torch (there should be none)."""
 
 import json
 import socket
@@ -38,6 +38,8 @@ thread.join(30)
 import onnxruntime  # noqa: E402  (already loaded by the service; imported here only to report it)
 
 from uembed.contract.hashing import hashing_backend  # noqa: E402
+from uembed.serving.pipeline import stages  # noqa: E402
+from uembed.serving.protocols import infer_wire  # noqa: E402
 
 with open(sys.argv[2], "w") as out:
     json.dump({
@@ -46,5 +48,6 @@ with open(sys.argv[2], "w") as out:
                         "providers": onnxruntime.get_available_providers()},
         "service_file": sys.modules["uembed.serving.app"].__file__,
         "hashing": hashing_backend(),
+        "compiled": {"assemble": stages._pool is not None, "infer_wire": infer_wire._infer_wire is not None},
         "torch_modules": sorted(name for name in sys.modules if name.split(".")[0] == "torch"),
     }, out)

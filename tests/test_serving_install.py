@@ -69,5 +69,7 @@ def test_the_serving_path_loads_no_torch_and_scores_like_this_environment(venv, 
     assert probe["torch_modules"] == []
     # pip compiled the hashing extension into the install (its header from make system-deps)
     assert probe["hashing"] == ("python" if os.environ.get("UEMBED_PURE_PYTHON") == "1" else "compiled")
+    # and the service's other extensions (the assemble stage, ModelInfer's wire reader)
+    assert set(probe["compiled"].values()) == {os.environ.get("UEMBED_PURE_PYTHON") != "1"}, probe["compiled"]
     expected = ReferenceScorer(load_bundle(bundle)).score(examples)
     np.testing.assert_allclose(probe["scores"], expected, rtol=0, atol=1e-6)

@@ -43,6 +43,7 @@ from uembed.serving.protocols.grpc_wire import (
     unframed,
 )
 from uembed.serving.protocols.http2 import Http2Listener
+from uembed.serving.protocols.infer_wire import InferRequestReader
 from uembed.serving.protocols.oip import InferencePlane
 from uembed.serving.protocols.oip_grpc import (
     HealthServicer,
@@ -89,8 +90,10 @@ def unary_methods(plane: InferencePlane) -> dict[str, Method]:
             body = body.__wrapped__
 
             async def call(request, body=body, servicer=servicer):
-                return await body(servicer, request, None)
+                return (await body(servicer, request, None)).SerializeToString()
 
+            if descriptor.name == "ModelInfer":  # read and answered without protobuf's objects where it can be
+                request_type, call = InferRequestReader, servicer.infer
             methods[f"/{service.full_name}/{descriptor.name}"] = Method(descriptor.name, request_type, call)
     return methods
 
@@ -153,7 +156,7 @@ class GrpcApp:
             return
         self.observe(name, started, None)
         await send(START)
-        await finish(send, None, framed(reply.SerializeToString()))
+        await finish(send, None, framed(reply))
 
     async def message(self, headers: dict[bytes, bytes], receive) -> bytes:
         """The one message of a unary call, unframed."""

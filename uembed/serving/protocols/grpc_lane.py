@@ -163,7 +163,7 @@ class GrpcLane:
                         raise RequestTimeout(f"the call's message did not arrive within body_timeout_ms="
                                              f"{self.body_timeout_s * 1000:g}") from None  # fmt: skip
                 request = method.request_type.FromString(unframed(call.message, call.encoding, self.max_message_bytes))
-                message = framed((await method.call(request)).SerializeToString())
+                message = framed(await method.call(request))
         except asyncio.CancelledError:
             if call.disconnected:
                 return  # nobody reads a reply; counted by the batcher as abandoned

@@ -30,8 +30,8 @@ class Uncompressed(Unsupported):
 @dataclass(frozen=True)
 class Method:
     name: str
-    request_type: Any  # the protobuf message class of its request; None: a streaming method not served (no message read)
-    call: Callable[[Any], Awaitable[Any]]  # request message -> reply message, raising the error table's rows
+    request_type: Any  # its request's reader (FromString): a protobuf message class, or InferRequestReader; None: a streaming method not served
+    call: Callable[[Any], Awaitable[bytes]]  # request message -> the reply, serialised; raises the error table's rows
 
 
 def grpc_content_type(value: bytes) -> bool:

@@ -12,8 +12,9 @@ Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 ModelStatistics (``oip_config.py``) and ModelInfer, with inputs as ``raw_input_contents`` (one
 entry per input, little-endian; BYTES elements each a 4-byte little-endian length and the bytes)
 or as typed ``contents``; the score comes back in ``raw_output_contents``, as Triton's server
-sends it. The other methods of the service (streaming, the model repository, shared memory, trace
-and log settings) answer UNIMPLEMENTED with a message naming the method, logged at debug and
+sends it. On the gRPC port's own server (``grpc_h2.py``) a request in the usual form is read, and its reply
+written, without protobuf's objects (``infer_wire.py``). The other methods of the service (streaming, the model
+repository, shared memory, trace and log settings) answer UNIMPLEMENTED with a message naming the method, logged at debug and
 counted as any call (on either server). A requested output takes no parameters (``classification``: INVALID_ARGUMENT).
 
 ``grpc.health.v1.Health`` (Kubernetes' gRPC probes) answers SERVING when the service is ready, as
@@ -46,9 +47,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from uembed.contract.errors import NotFound, NotReady, TensorError, UembedError, Unsupported
 from uembed.serving.metrics import outcome
+from uembed.serving.protocols.infer_wire import InferCall, infer_reply
 from uembed.serving.protocols.oip import (
-    OUTPUT,
-    OUTPUT_DATATYPE,
     InferencePlane,
     InputTensor,
     check_outputs,
@@ -181,22 +181,26 @@ class InferenceServicer(Observed, service_pb2_grpc.GRPCInferenceServiceServicer)
 
     @rpc
     async def ModelInfer(self, request, context):
+        return service_pb2.ModelInferResponse.FromString(await self.infer(request))
+
+    async def infer(self, request: service_pb2.ModelInferRequest | InferCall) -> bytes:
+        """ModelInfer's reply, serialised: of a request message, or of the :class:`InferCall` the compiled reader made
+        of one (the gRPC port's own server)."""
+        call = request if type(request) is InferCall else await self.infer_call(request)
+        check_outputs(call.outputs, call.output_parameters)
+        scores, runtime = await self.plane.infer(call.model_name, call.model_version, call.inputs, call.values)
+        return infer_reply(runtime.name, runtime.version, call.id, scores)
+
+    async def infer_call(self, request: service_pb2.ModelInferRequest) -> InferCall:
         if request.raw_input_contents:  # read a tensor at a time (the data stays bytes), its shape once
             inputs = read_inputs(request)
             values = elements(inputs)
         else:  # typed contents are converted a value at a time: where a large request's are, the count decides
             values = elements(request.inputs)
             inputs = await self.plane.engine.decoded(values, read_inputs, request)
-        check_outputs([output.name for output in request.outputs], [list(output.parameters) for output in request.outputs])
-        scores, runtime = await self.plane.infer(request.model_name, request.model_version, inputs, values)
-        output = service_pb2.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=OUTPUT_DATATYPE, shape=[len(scores)])
-        return service_pb2.ModelInferResponse(
-            model_name=runtime.name,
-            model_version=runtime.version,
-            id=request.id,
-            outputs=[output],
-            raw_output_contents=[scores.astype("<f4").tobytes()],
-        )
+        outputs = request.outputs
+        return InferCall(request.model_name, request.model_version, request.id, inputs, values,
+                         [output.name for output in outputs], [list(output.parameters) for output in outputs])  # fmt: skip
 
 
 IMPLEMENTED = tuple(name for name in vars(InferenceServicer) if name[:1].isupper())

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
+import types
 
 import numpy as np
 import orjson
@@ -25,9 +29,11 @@ from uembed.loadtest.peers import (
     h2load_grpc_checked,
     peer_ratios,
     run_peers,
+    server_on_its_own_core,
+    threads_of,
     v2_json_body,
 )
-from uembed.loadtest.servers import SERVICE_APP, UvicornProcess
+from uembed.loadtest.servers import SERVICE_APP, UvicornProcess, wait_until
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.protocols.oip import InputTensor, columns_from_inputs
@@ -76,6 +82,11 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
         ratios_of_rounds = sorted(r["grpc_over_v1"] for r in paired["rounds"])
         assert paired["grpc_over_v1_median"] == round((ratios_of_rounds[1] + ratios_of_rounds[2]) / 2, 3)
         assert reported["peers_ratios"]["1w 8"]["grpc_over_v1_paired"] == paired["grpc_over_v1_median"]
+        # and again with the worker on a core of its own, the load generators on the others
+        if len(os.sched_getaffinity(0)) > 1:
+            pinned = results["grpc"]["1w"]["8"]["paired_with_v1_pinned"]
+            assert len(pinned["rounds"]) == 4 and pinned["server_cores"] == sorted(os.sched_getaffinity(0))[:1]
+            assert reported["peers_ratios"]["1w 8"]["grpc_over_v1_paired_pinned"] == pinned["grpc_over_v1_median"]
         # wrk's shape: one call in flight on each of the run's connections
         closed = results["grpc"]["1w"]["8"]["closed"]
         assert (closed["connections"], closed["streams"]) == (args.concurrency, 1)
@@ -128,6 +139,27 @@ def test_h2load_loads_the_grpc_port_past_its_calls_a_connection_and_every_call_i
         assert refused["requests"] > 0 and refused["not_ok"] == refused["requests"] == refused["failures"], refused
     finally:
         service.stop()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to move")
+def test_the_server_runs_on_a_core_of_its_own_within_the_block_and_every_thread_gets_its_cores_back():
+    code = "import threading, time; [threading.Thread(target=time.sleep, args=(60,), daemon=True).start() for _ in range(3)]; time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        server = types.SimpleNamespace(process=process)
+        cores = sorted(os.sched_getaffinity(0))
+        wait_until(lambda: len(threads_of(process.pid)) == 4, 10, "its main thread and three others")
+        with server_on_its_own_core(server) as pinned:
+            assert pinned == (cores[:1], cores[1:])
+            assert {frozenset(os.sched_getaffinity(tid)) for tid in threads_of(process.pid)} == {frozenset(cores[:1])}
+            # a load generator started here runs on the other cores
+            started = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"], capture_output=True, text=True)
+            assert started.stdout.strip() == str(cores[1:])
+        assert {frozenset(os.sched_getaffinity(tid)) for tid in threads_of(process.pid)} == {frozenset(cores)}
+        assert sorted(os.sched_getaffinity(0)) == cores
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_the_grpc_check_refuses_several_workers_whose_metrics_are_not_summed(tmp_path):

@@ -19,7 +19,9 @@ server shares), or where it is missing from client processes of our own (``grpc.
 before the run, so a call costs the client one send and one receive). ``grpc_aio`` measures the gRPC front with those
 client processes too, beside h2load: a Python client takes more of the cores the server needs. The client's CPU time
 per call is reported for every closed loop. ``paired_with_v1`` measures gRPC and v1 again in rounds taking turns on
-one service. The open loop sends at half of each front's saturated rate,
+one service; with one worker ``paired_with_v1_pinned`` does it again with the worker's threads on one core and the
+load generators on the others (:func:`server_on_its_own_core`), so neither client's CPU is taken from the server's
+core, as where clients run on other machines. The open loop sends at half of each front's saturated rate,
 latency measured from each request's scheduled time (no coordinated omission): the Python load generator of
 ``uembed/loadtest/load.py`` for HTTP, the ``grpc.aio`` client's own schedule for gRPC. Server and load generators
 share this machine over loopback.
@@ -28,6 +30,7 @@ share this machine over loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import re
@@ -501,6 +504,14 @@ def run_peers(args, workdir: Path, report) -> None:
                     paired = paired_grpc_and_v1(service, bodies["v1"][size], bodies["grpc"][size], seconds, connections, workdir)
                     results["grpc"][f"{workers}w"][str(size)]["paired_with_v1"] = paired
                     report(f"peers grpc {workers}w {size} paired with v1", paired)
+                    if workers > 1:
+                        continue
+                    with server_on_its_own_core(service) as pinned:
+                        if pinned:
+                            paired = paired_grpc_and_v1(service, bodies["v1"][size], bodies["grpc"][size], seconds, connections, workdir)
+                            paired["server_cores"], paired["client_cores"] = pinned
+                            results["grpc"][f"{workers}w"][str(size)]["paired_with_v1_pinned"] = paired
+                            report(f"peers grpc {workers}w {size} paired with v1, the worker on a core of its own", paired)
             if analyzer is not None:  # the same fronts measured by the tool Triton users trust, its own data
                 for protocol, url in (("http", service.url.removeprefix("http://")), ("grpc", service.grpc_target)):
                     for size in args.peer_sizes:
@@ -518,6 +529,45 @@ def run_peers(args, workdir: Path, report) -> None:
 
 
 PAIRED_ROUNDS = 4
+
+
+def threads_of(pid: int) -> list[int]:
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
+def server_on_its_own_core(server: HttpProcess):
+    """Within the block, every thread of ``server``'s processes runs on this process's first core, and this process's
+    threads (so the load generators they start) on its other cores; yields (server cores, client cores), or None
+    where this process has a single core (nothing is moved). Each thread's own cores come back after."""
+    import psutil
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        yield None
+        return
+    root = psutil.Process(server.process.pid)
+    server_threads = [tid for process in [root, *root.children(recursive=True)] for tid in threads_of(process.pid)]
+    own_threads = threads_of(os.getpid())
+    before = {}
+    for tid in server_threads + own_threads:
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            before[tid] = os.sched_getaffinity(tid)
+    try:
+        for tid in server_threads:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cores[:1])
+        for tid in own_threads:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cores[1:])
+        yield cores[:1], cores[1:]
+    finally:
+        for tid, affinity in before.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, affinity)
 
 
 def paired_grpc_and_v1(service: UvicornProcess, v1_bodies: list[bytes], calls: list[bytes], seconds: float, connections: int,
@@ -594,6 +644,9 @@ def peer_ratios(results: dict) -> dict:
                 "grpc_over_v1": round(rate["grpc"] / rate["v1"], 2) if "grpc" in rate else None,
                 # the same from rounds taking turns on one service (the median of their ratios), where they ran
                 "grpc_over_v1_paired": results["grpc"][workers][size].get("paired_with_v1", {}).get("grpc_over_v1_median")
+                if "grpc" in rate else None,
+                # and with the worker on a core of its own, the load generators on the others (1 worker)
+                "grpc_over_v1_paired_pinned": results["grpc"][workers][size].get("paired_with_v1_pinned", {}).get("grpc_over_v1_median")
                 if "grpc" in rate else None,
                 # the same front loaded by the Python client (grpc.aio), which takes a share of a shared machine
                 "grpc_aio_over_v1": round(rate["grpc_aio"] / rate["v1"], 2) if "grpc_aio" in rate else None,

@@ -469,12 +469,8 @@ def run_peers(args, workdir: Path, report) -> None:
         report("peers grpc", {"client": h2load_missing})
 
     for workers in args.peer_workers:
+        # with several workers /metrics sums every worker's series (UvicornProcess gives them a directory), as the gRPC check needs
         env = {"UEMBED_BUNDLES": str(bundle_path)}
-        if workers > 1:  # as `uembed serve --workers N` runs them: /metrics sums every worker's series (the gRPC check's)
-            metrics_dir = workdir / f"metrics-{workers}w"
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir()
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         service = UvicornProcess("uembed.serving.app:create_app", env, workdir / f"service-{workers}w.log", workers=workers).start()
         try:
             for front in ("v1", "v2"):
@@ -540,9 +536,11 @@ def threads_of(pid: int) -> list[int]:
 
 @contextlib.contextmanager
 def server_on_its_own_core(server: HttpProcess):
-    """Within the block, every thread of ``server``'s processes runs on this process's first core, and this process's
-    threads (so the load generators they start) on its other cores; yields (server cores, client cores), or None
-    where this process has a single core (nothing is moved). Each thread's own cores come back after."""
+    """Within the block, every thread of ``server``'s processes runs on this process's last core (the first tends to
+    take the machine's interrupts), and this process's threads (so the load generators they start) on its other
+    cores; yields (server cores, client cores), or None where this process has a single core or the server's threads
+    could not be moved (nothing is then left moved). After the block every thread of both gets back the cores it had,
+    and a thread started meanwhile (it inherited its creator's) those of its process."""
     import psutil
 
     cores = sorted(os.sched_getaffinity(0))
@@ -550,24 +548,44 @@ def server_on_its_own_core(server: HttpProcess):
         yield None
         return
     root = psutil.Process(server.process.pid)
-    server_threads = [tid for process in [root, *root.children(recursive=True)] for tid in threads_of(process.pid)]
-    own_threads = threads_of(os.getpid())
+
+    def server_threads() -> list[int]:
+        return [tid for process in [root, *root.children(recursive=True)] for tid in threads_of(process.pid)]
+
+    server_cores, client_cores = set(cores[-1:]), set(cores[:-1])
+    own_cores, serving_cores = set(cores), os.sched_getaffinity(server.process.pid)
     before = {}
-    for tid in server_threads + own_threads:
+    for tid in server_threads() + threads_of(os.getpid()):
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             before[tid] = os.sched_getaffinity(tid)
-    try:
-        for tid in server_threads:
+
+    def move(threads: list[int], to: set[int]) -> None:
+        for tid in threads:
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, cores[:1])
-        for tid in own_threads:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, cores[1:])
-        yield cores[:1], cores[1:]
-    finally:
+                os.sched_setaffinity(tid, to)
+
+    def restore() -> None:
+        move([tid for tid in server_threads() if tid not in before], serving_cores)
+        move([tid for tid in threads_of(os.getpid()) if tid not in before], own_cores)
         for tid, affinity in before.items():
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, affinity)
+            move([tid], affinity)
+
+    try:
+        move(server_threads(), server_cores)
+        moved = all(affinity(tid) in (server_cores, None) for tid in server_threads())
+        if moved:
+            move(threads_of(os.getpid()), client_cores)
+        yield (sorted(server_cores), sorted(client_cores)) if moved else None
+    finally:
+        restore()
+
+
+def affinity(tid: int) -> set[int] | None:
+    """A thread's cores; None where it has ended."""
+    try:
+        return os.sched_getaffinity(tid)
+    except OSError:
+        return None
 
 
 def paired_grpc_and_v1(service: UvicornProcess, v1_bodies: list[bytes], calls: list[bytes], seconds: float, connections: int,

@@ -313,6 +313,12 @@ class UvicornProcess(HttpProcess):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {"UEMBED_GRPC_PORT": str(free_port()), **env}
+        if workers > 1 and app == SERVICE_APP and not (env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")):
+            # as `uembed serve --workers N` runs them: /metrics sums every worker's series, not the one that answers
+            metrics_dir = log_path.parent / f"{log_path.stem}-metrics"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         self.grpc_port = int(env["UEMBED_GRPC_PORT"])
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(self.port),

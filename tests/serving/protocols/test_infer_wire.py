@@ -76,6 +76,28 @@ def outcome(data: bytes):
     return ("call" if isinstance(read, InferCall) else "message", view(read) if isinstance(read, InferCall) else read)
 
 
+def same_reading(data: bytes, compiled) -> str:
+    """Asserts the reader gives what protobuf reads of ``data``: the same call where it takes the message (nothing
+    protobuf keeps, an unknown field or a parameter, dropped), protobuf's message where it does not, protobuf's
+    refusal where protobuf refuses it. Returns which of "call", "message" or "DecodeError" it was."""
+    compiled(True)
+    read = outcome(data)
+    compiled(False)
+    expected = outcome(data)
+    if read == "DecodeError" or expected == "DecodeError":
+        assert read == expected
+        return read
+    if read[0] == "call":
+        message = expected[1]
+        assert read[1] == view(message)
+        compiled(True)
+        call = InferRequestReader.FromString(data)
+        assert message_of(call).SerializeToString(deterministic=True) == message.SerializeToString(deterministic=True)
+        return "call"
+    assert read == expected
+    return "message"
+
+
 def key(tag: int, wire: int) -> bytes:
     return bytes([tag << 3 | wire])
 
@@ -189,24 +211,53 @@ def test_damaged_messages_read_as_protobuf_reads_them_or_go_to_protobuf(seed, co
                 del data[where : where + rng.randrange(1, 4)]
             else:
                 data[where:where] = rng.randbytes(rng.randrange(1, 4))
-        data = bytes(data)
-        compiled(True)
-        read = outcome(data)
-        compiled(False)
-        expected = outcome(data)
-        if read == "DecodeError" or expected == "DecodeError":
-            assert read == expected
-        elif read[0] == "call":
-            taken += 1
-            message = expected[1]
-            assert read[1] == view(message)
-            compiled(True)
-            call = InferRequestReader.FromString(data)
-            # nothing protobuf keeps (an unknown field, a parameter) is dropped by the reader
-            assert message_of(call).SerializeToString(deterministic=True) == message.SerializeToString(deterministic=True)
-        else:
-            assert read == expected
+        taken += same_reading(bytes(data), compiled) == "call"
     assert taken  # some damage leaves a message the reader takes (a changed name, size or data byte)
+
+
+def overlong(value: int, size: int) -> bytes:
+    """``value``'s varint spread over ``size`` bytes (zero bits in continued bytes), as some encoders may write it."""
+    short = varint(value)
+    if size <= len(short):
+        return short
+    return bytes(byte | 0x80 for byte in short) + b"\x80" * (size - len(short) - 1) + b"\x00"
+
+
+@needs_compiled
+@pytest.mark.parametrize("size", range(1, 12))
+def test_tags_lengths_and_sizes_written_in_more_bytes_read_as_protobuf_reads_them(size, compiled):
+    """Protobuf refuses a tag of more than five bytes and takes an overlong length or size: the reader never takes
+    what protobuf refuses, nor reads a field protobuf would not."""
+    tensor = delimited(1, b"user_id") + delimited(2, b"INT64")
+    forms = [
+        overlong(1 << 3 | 2, size) + b"\x01m" + delimited(5, tensor) + delimited(7, b""),  # the model's tag
+        delimited(5, overlong(1 << 3 | 2, size) + b"\x01a") + delimited(7, b""),  # a tensor's name's tag
+        delimited(6, overlong(1 << 3 | 2, size) + b"\x01s") + delimited(5, tensor) + delimited(7, b""),  # an output's
+        key(1, 2) + overlong(1, size) + b"m" + delimited(5, tensor) + delimited(7, b""),  # a length
+        delimited(5, tensor + key(3, 0) + overlong(64, size)) + delimited(7, b""),  # a size
+        delimited(5, tensor + delimited(3, overlong(64, size) + varint(2))) + delimited(7, b""),  # a packed size
+    ]
+    readings = [same_reading(form, compiled) for form in forms]
+    assert readings[3:] == (["call"] * 3 if size <= 10 else ["DecodeError"] * 3), readings
+    assert readings[0] == ("call" if size == 1 else "message" if size <= 5 else "DecodeError"), readings
+
+
+@needs_compiled
+def test_odd_counts_and_buffers_read_as_protobuf_reads_them(compiled):
+    big = Request(model_name=MODEL)
+    for _ in range(3):  # each 2**31 x 2 values: the sum passes the count's cap
+        big.inputs.add(name="x", datatype="BYTES", shape=[2**31, 2])
+        big.raw_input_contents.append(b"")
+    data = big.SerializeToString()
+    assert same_reading(data, compiled) == "call"
+    compiled(True)
+    assert InferRequestReader.FromString(data).values == elements(big.inputs) == 2**32
+    assert same_reading(Request(model_name=MODEL, raw_input_contents=[b"x"]).SerializeToString(), compiled) == "message"
+    assert same_reading(Request(model_name=MODEL).SerializeToString(), compiled) == "message"  # no inputs at all
+    usual = random_request(random.Random(3)).SerializeToString()
+    compiled(True)
+    from_bytes = view(InferRequestReader.FromString(usual))
+    assert view(InferRequestReader.FromString(bytearray(usual))) == from_bytes == view(InferRequestReader.FromString(memoryview(usual)))
 
 
 @needs_compiled
@@ -233,7 +284,8 @@ def test_calls_over_the_port_have_the_same_outcome_with_the_reader_or_without(sy
     ways = TwoWays(synthetic_store / MODEL / "1", max_body_bytes=256 * 1024)
     calls = {
         "scored": body_of(movielens_examples[:32], id="call-1"),
-        "an unknown model": body_of(movielens_examples[:4], model_name="nope"),
+        "an unknown model": grpc_request("nope", movielens_examples[:4], specs),
+        "an unknown model, named twice": body_of(movielens_examples[:4], model_name="nope"),
         "an unknown version": body_of(movielens_examples[:4], model_version="9"),
         "an unknown output": body_of(movielens_examples[:4], outputs=[Request.InferRequestedOutputTensor(name="x")]),
         "a bad tensor": Request(model_name=MODEL, inputs=[Tensor(name="user_id", datatype="FP32", shape=[1])],
@@ -243,7 +295,7 @@ def test_calls_over_the_port_have_the_same_outcome_with_the_reader_or_without(sy
         for name, body in calls.items():
             compiled(True)
             read = InferRequestReader.FromString(body)
-            assert isinstance(read, InferCall) or name == "an unknown model", name  # the model named twice: protobuf's
+            assert isinstance(read, InferCall) == (name != "an unknown model, named twice"), name
             for listener in (ways.lane, ways.asgi):
                 compiled(True)
                 with_reader = ways.call(listener, INFER, body)

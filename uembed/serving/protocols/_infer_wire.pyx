@@ -42,6 +42,16 @@ cdef inline bint read_varint(Cursor* cursor, uint64_t* out) noexcept nogil:
     return False
 
 
+cdef inline bint read_tag(Cursor* cursor, uint64_t* out) noexcept nogil:
+    """A field's tag, taken only in one byte: every tag read here fits one (field numbers up to 15), and protobuf
+    refuses a tag spread over more than five bytes, which a varint read would take."""
+    if cursor.pos >= cursor.end or cursor.data[cursor.pos] >= 0x80:
+        return False
+    out[0] = cursor.data[cursor.pos]
+    cursor.pos += 1
+    return True
+
+
 cdef inline bint read_length(Cursor* cursor, Py_ssize_t* start, Py_ssize_t* stop) noexcept nogil:
     """A length-delimited field's bounds; False where the length runs past the enclosing message."""
     cdef uint64_t length
@@ -70,7 +80,7 @@ cdef object read_input(const unsigned char* data, Py_ssize_t start, Py_ssize_t s
     name = datatype = None
     shape = []
     while cursor.pos < cursor.end:
-        if not read_varint(&cursor, &key):
+        if not read_tag(&cursor, &key):
             return None
         if key == (1 << 3 | DELIMITED) or key == (2 << 3 | DELIMITED):
             if not read_length(&cursor, &begin, &end):
@@ -110,7 +120,7 @@ cdef object read_output(const unsigned char* data, Py_ssize_t start, Py_ssize_t 
     cdef uint64_t key
     name = None
     while cursor.pos < cursor.end:
-        if not read_varint(&cursor, &key) or key != (1 << 3 | DELIMITED) or name is not None:
+        if not read_tag(&cursor, &key) or key != (1 << 3 | DELIMITED) or name is not None:
             return None
         if not read_length(&cursor, &begin, &end):
             return None
@@ -143,7 +153,7 @@ def infer_request(bytes message):
     strings = [None, None, None]
     inputs, outputs, raw = [], [], []
     while cursor.pos < cursor.end:
-        if not read_varint(&cursor, &key) or key & 7 != DELIMITED or not read_length(&cursor, &begin, &end):
+        if not read_tag(&cursor, &key) or key & 7 != DELIMITED or not read_length(&cursor, &begin, &end):
             return None
         field = key >> 3
         if 1 <= field <= 3:

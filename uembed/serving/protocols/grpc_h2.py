@@ -6,7 +6,8 @@ status``, ``grpc-message`` percent-encoded). :class:`GrpcApp` is that shape as a
 ``oip_grpc.py`` (the same methods, messages, error codes and metrics as the grpcio server there), and
 :class:`~uembed.serving.protocols.http2.Http2Listener` serves it on the gRPC port with uvicorn's HTTP/2 protocol,
 beside the HTTP port, on the same loop as the engine. So a call costs no thread hand-off and no grpcio core: its bytes
-are parsed by zttp and protobuf's C library, and it reaches the batcher as an HTTP request does.
+are parsed by zttp, and ModelInfer's messages by a compiled reader (``infer_wire.py``; protobuf's C library reads
+the others), and it reaches the batcher as an HTTP request does.
 
 What is not taken: compressed messages (``grpc-encoding`` other than identity: UNIMPLEMENTED), more than one message
 on a unary call (INVALID_ARGUMENT); a message past ``max_body_bytes`` is RESOURCE_EXHAUSTED, as grpcio's

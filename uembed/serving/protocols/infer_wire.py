@@ -7,7 +7,8 @@ and a call reads dozens (each input's name, datatype, shape, parameters, content
 written in one pass too. A message it does not take (a parameter, typed contents, a field given twice or unknown,
 anything malformed) is read by protobuf, as before, so every refusal is protobuf's own or the servicer's. Without the
 extension, or with ``UEMBED_PURE_PYTHON=1``, protobuf reads and writes every call; both ways give the same columns and
-the same reply bytes (``tests/serving/protocols/test_infer_wire.py``).
+the same reply bytes (``tests/serving/protocols/test_infer_wire.py``). A request with typed contents is looked at by
+the reader, then read by protobuf.
 """
 
 from __future__ import annotations
@@ -59,11 +60,15 @@ class InferRequestReader:
 
 
 def infer_reply(model_name: str, model_version: str, request_id: str, scores: np.ndarray) -> bytes:
-    """The serialised ModelInferResponse: the scores in ``raw_output_contents`` (FP32, little-endian), as Triton's
-    server sends them."""
-    data = scores.astype("<f4").tobytes()
-    if _infer_wire is not None:
-        return _infer_wire.infer_response(model_name, model_version, request_id, OUTPUT, OUTPUT_DATATYPE, data, len(scores))
+    """The serialised ModelInferResponse (:func:`reply_message`'s bytes)."""
+    if _infer_wire is None:
+        return reply_message(model_name, model_version, request_id, scores).SerializeToString()
+    return _infer_wire.infer_response(model_name, model_version, request_id, OUTPUT, OUTPUT_DATATYPE,
+                                      scores.astype("<f4").tobytes(), len(scores))  # fmt: skip
+
+
+def reply_message(model_name: str, model_version: str, request_id: str, scores: np.ndarray) -> service_pb2.ModelInferResponse:
+    """ModelInfer's reply: the scores in ``raw_output_contents`` (FP32, little-endian), as Triton's server sends them."""
     output = service_pb2.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=OUTPUT_DATATYPE, shape=[len(scores)])
     return service_pb2.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id,
-                                          outputs=[output], raw_output_contents=[data]).SerializeToString()  # fmt: skip
+                                          outputs=[output], raw_output_contents=[scores.astype("<f4").tobytes()])  # fmt: skip

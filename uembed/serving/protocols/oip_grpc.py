@@ -42,12 +42,14 @@ import threading
 import time
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from uembed.contract.errors import NotFound, NotReady, TensorError, UembedError, Unsupported
 from uembed.serving.metrics import outcome
-from uembed.serving.protocols.infer_wire import InferCall, infer_reply
+from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.protocols.infer_wire import InferCall, infer_reply, reply_message
 from uembed.serving.protocols.oip import (
     InferencePlane,
     InputTensor,
@@ -180,16 +182,21 @@ class InferenceServicer(Observed, service_pb2_grpc.GRPCInferenceServiceServicer)
         return statistics_message(model_statistics(self.plane, request.name, request.version))
 
     @rpc
-    async def ModelInfer(self, request, context):
-        return service_pb2.ModelInferResponse.FromString(await self.infer(request))
+    async def ModelInfer(self, request, context):  # grpcio's server: a message, which grpcio serialises
+        call, runtime, scores = await self.scored(request)
+        return reply_message(runtime.name, runtime.version, call.id, scores)
 
     async def infer(self, request: service_pb2.ModelInferRequest | InferCall) -> bytes:
-        """ModelInfer's reply, serialised: of a request message, or of the :class:`InferCall` the compiled reader made
-        of one (the gRPC port's own server)."""
+        """ModelInfer on the gRPC port's own server: its reply, serialised."""
+        call, runtime, scores = await self.scored(request)
+        return infer_reply(runtime.name, runtime.version, call.id, scores)
+
+    async def scored(self, request: service_pb2.ModelInferRequest | InferCall) -> tuple[InferCall, ModelRuntime, np.ndarray]:
+        """A request message, or the :class:`InferCall` the compiled reader made of one, scored."""
         call = request if type(request) is InferCall else await self.infer_call(request)
         check_outputs(call.outputs, call.output_parameters)
         scores, runtime = await self.plane.infer(call.model_name, call.model_version, call.inputs, call.values)
-        return infer_reply(runtime.name, runtime.version, call.id, scores)
+        return call, runtime, scores
 
     async def infer_call(self, request: service_pb2.ModelInferRequest) -> InferCall:
         if request.raw_input_contents:  # read a tensor at a time (the data stays bytes), its shape once

@@ -23,17 +23,16 @@ import asyncio
 import logging
 import time
 
-import grpc
 from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2
 
 from uembed.contract.errors import DeadlineExceeded, UembedError, Unsupported
-from uembed.serving.metrics import outcome
 from uembed.serving.protocols import oip_grpc
 from uembed.serving.protocols.disconnect import unless_abandoned
 from uembed.serving.protocols.grpc_lane import GrpcLane
 from uembed.serving.protocols.grpc_wire import (
     SHUTTING_DOWN,
+    CallMetrics,
     Method,
     call_error,
     framed,
@@ -50,7 +49,6 @@ from uembed.serving.protocols.oip_grpc import (
     HealthServicer,
     InferenceServicer,
 )
-from uembed.serving.protocols.render import grpc_code
 from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.oip.grpc")
@@ -110,7 +108,7 @@ class GrpcApp:
 
     def __init__(self, plane: InferencePlane, settings: ServiceSettings) -> None:
         self.plane = plane
-        self.metrics = plane.engine.metrics
+        self.observe = CallMetrics(plane.engine.metrics).observe
         self.max_message_bytes = settings.max_body_bytes
         self.methods = unary_methods(plane)
         self.lane = GrpcLane(self.methods, self.max_message_bytes, settings.body_timeout_ms / 1000, self.observe)
@@ -212,11 +210,6 @@ class GrpcApp:
         finally:
             disconnected.cancel()
 
-    def observe(self, method: str, started: float, error: UembedError | None) -> None:
-        code = grpc.StatusCode.OK if error is None else grpc_code(error)
-        status = 200 if error is None else error.status
-        self.metrics.grpc_seconds.labels(method, outcome(status)).observe(time.perf_counter() - started)
-        self.metrics.grpc_requests.labels(method, code.name).inc()
 
 
 async def plain_refusal(send, text: str) -> None:

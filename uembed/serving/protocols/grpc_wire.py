@@ -4,6 +4,7 @@ a deadline in ``grpc-timeout``, and the outcome in the trailers (``grpc-status``
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ import grpc
 from google.protobuf import message as protobuf_message
 
 from uembed.contract.errors import BodyTooLarge, DeadlineExceeded, Overloaded, TensorError, UembedError, Unsupported
+from uembed.serving.metrics import outcome
 from uembed.serving.protocols.render import grpc_code, table_error
 
 FRAME_HEADER_BYTES = 5
@@ -94,3 +96,23 @@ def outcome_trailers(error: UembedError | None) -> list[tuple[bytes, bytes]]:
     if isinstance(error, Uncompressed):
         trailers.append((b"grpc-accept-encoding", b"identity"))
     return trailers
+
+
+class CallMetrics:
+    """A call's time and count by its method and outcome (``uembed_grpc_request_duration_seconds``,
+    ``uembed_grpc_requests_total``), for both gRPC servers. The series' children are kept: labels() costs more than the
+    observation, and these series are never removed (methods, with "unknown" for any other path, and codes are few)."""
+
+    def __init__(self, metrics) -> None:
+        self.metrics = metrics
+        self._children: dict[tuple[str, int], tuple] = {}  # (method, HTTP status of the error's row, 200 for OK)
+
+    def observe(self, method: str, started: float, error: UembedError | None) -> None:
+        status = 200 if error is None else error.status
+        children = self._children.get((method, status))
+        if children is None:
+            code = grpc.StatusCode.OK if error is None else grpc_code(error)
+            children = self._children[(method, status)] = (self.metrics.grpc_seconds.labels(method, outcome(status)),
+                                                           self.metrics.grpc_requests.labels(method, code.name))  # fmt: skip
+        children[0].observe(time.perf_counter() - started)
+        children[1].inc()

@@ -47,8 +47,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from uembed.contract.errors import NotFound, NotReady, TensorError, UembedError, Unsupported
-from uembed.serving.metrics import outcome
 from uembed.serving.pipeline.cpu import ModelRuntime
+from uembed.serving.protocols.grpc_wire import CallMetrics
 from uembed.serving.protocols.infer_wire import InferCall, infer_reply, reply_message
 from uembed.serving.protocols.oip import (
     InferencePlane,
@@ -120,7 +120,7 @@ class Observed:
 
     def __init__(self, plane: InferencePlane, service_loop: asyncio.AbstractEventLoop) -> None:
         self.plane = plane
-        self.metrics = plane.engine.metrics
+        self.observe = CallMetrics(plane.engine.metrics).observe
         self.service_loop = service_loop
 
     async def on_service_loop(self, work):
@@ -128,11 +128,6 @@ class Observed:
         cancelled here (the client went away, its deadline passed) cancels it there."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.service_loop))
 
-    def observe(self, method: str, started: float, error: UembedError | None) -> None:
-        code = grpc.StatusCode.OK if error is None else grpc_code(error)
-        status = 200 if error is None else error.status
-        self.metrics.grpc_seconds.labels(method, outcome(status)).observe(time.perf_counter() - started)
-        self.metrics.grpc_requests.labels(method, code.name).inc()
 
 
 class InferenceServicer(Observed, service_pb2_grpc.GRPCInferenceServiceServicer):

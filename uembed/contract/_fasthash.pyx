@@ -23,7 +23,7 @@ from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport floor, isfinite, isnan
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
@@ -475,6 +475,134 @@ def list_column(list column, Py_ssize_t max_chars, Py_ssize_t max_list, frozense
         if items is None:
             return None
         out[i] = items
+    return out
+
+
+# A front's tensors in their binary form (the Open Inference Protocol's raw contents: BYTES elements each a 4-byte
+# little-endian length and the bytes; INT32 and INT64 little-endian) read straight into canonical columns, with no
+# str or int made per value: what ``text_column`` and ``list_column`` give for the values such a tensor decodes to,
+# where every element is ASCII (its characters are its bytes) within the limits. Anything else answers None, and the
+# caller decodes the tensor's values and takes the readers above, or the checked path that names the value at fault.
+
+cdef inline Py_ssize_t frame_length(const unsigned char* at) noexcept:
+    return <Py_ssize_t>(<uint32_t>at[0] | (<uint32_t>at[1] << 8) | (<uint32_t>at[2] << 16) | (<uint32_t>at[3] << 24))
+
+
+cdef inline bint ascii(const unsigned char* at, Py_ssize_t length) noexcept:
+    cdef Py_ssize_t i
+    cdef unsigned char seen = 0
+    for i in range(length):
+        seen |= at[i]
+    return seen < 128
+
+
+def framed_count(data):
+    """How many elements a serialised BYTES tensor's framing holds; -1 when it is broken (a length cut off at the
+    end, or one past it)."""
+    cdef const unsigned char[::1] view = data
+    cdef Py_ssize_t offset = 0, end = view.shape[0], count = 0, length
+    while offset < end:
+        if end - offset < 4:
+            return -1
+        length = frame_length(&view[offset])
+        offset += 4
+        if length > end - offset:
+            return -1
+        offset += length
+        count += 1
+    return count
+
+
+cdef object ascii_bytes(const unsigned char* at, Py_ssize_t length, Py_ssize_t max_chars):
+    """The element's bytes when it is ASCII of at most ``max_chars`` characters (negative: no limit); else None."""
+    if 0 <= max_chars < length or not ascii(at, length):
+        return None
+    return PyBytes_FromStringAndSize(<const char*>at, length)
+
+
+def framed_text_column(data, Py_ssize_t count, Py_ssize_t max_chars, frozenset missing):
+    """``text_column`` of a serialised BYTES tensor of ``count`` elements (one value per example), read from its
+    bytes: each element's own bytes where every element is ASCII of at most ``max_chars`` characters; an element
+    among ``missing`` becomes b"". None otherwise, or when the framing does not hold ``count`` elements."""
+    cdef const unsigned char[::1] view = data
+    cdef Py_ssize_t i, offset = 0, end = view.shape[0], length
+    cdef object encoded
+    cdef list out = [None] * count
+    cdef bint markers = len(missing) > 0
+    for i in range(count):
+        if end - offset < 4:
+            return None
+        length = frame_length(&view[offset])
+        offset += 4
+        if length > end - offset:
+            return None
+        encoded = ascii_bytes(&view[offset], length, max_chars) if length else b""
+        if encoded is None:
+            return None
+        if markers and PySet_Contains(missing, encoded):
+            encoded = b""
+        out[i] = encoded
+        offset += length
+    return out if offset == end else None
+
+
+def framed_list_column(data, Py_ssize_t count, Py_ssize_t width, Py_ssize_t max_chars, Py_ssize_t max_list,
+                       frozenset missing, tuple empty):
+    """``list_column`` of a serialised [``count``, ``width``] BYTES tensor (a list per example, "" its padding), read
+    from its bytes: a row's non-empty elements as a tuple (an empty row is ``empty``) where every such element is
+    ASCII of at most ``max_chars`` characters and none of ``missing``, and a row holds at most ``max_list`` of them
+    (negative: no limit). None otherwise, or when the framing does not hold ``count`` * ``width`` elements."""
+    cdef const unsigned char[::1] view = data
+    cdef Py_ssize_t i, j, kept, offset = 0, end = view.shape[0], length
+    cdef object encoded
+    cdef list row, out = [None] * count
+    cdef bint markers = len(missing) > 0
+    for i in range(count):
+        row = []
+        for j in range(width):
+            if end - offset < 4:
+                return None
+            length = frame_length(&view[offset])
+            offset += 4
+            if length > end - offset:
+                return None
+            if length:
+                encoded = ascii_bytes(&view[offset], length, max_chars)
+                if encoded is None or (markers and PySet_Contains(missing, encoded)):
+                    return None  # the contract drops a missing marker from its list: the checked path
+                row.append(encoded)
+                offset += length
+        kept = len(row)
+        if 0 <= max_list < kept:
+            return None
+        out[i] = tuple(row) if kept else empty
+    return out if offset == end else None
+
+
+def integer_text_column(data, Py_ssize_t itemsize, Py_ssize_t count, frozenset missing):
+    """``text_column`` of an INT32 (``itemsize`` 4) or INT64 (8) tensor of ``count`` little-endian elements, read
+    from its bytes: each value's decimal digits; a value among ``missing`` becomes b"". None when the data is not
+    ``count`` such elements."""
+    cdef const unsigned char[::1] view = data
+    cdef Py_ssize_t i, k
+    cdef uint64_t raw
+    cdef long long number
+    cdef char scratch[SCRATCH]
+    cdef object encoded
+    cdef list out
+    cdef bint markers = len(missing) > 0
+    if itemsize not in (4, 8) or view.shape[0] != count * itemsize:
+        return None
+    out = [None] * count
+    for i in range(count):
+        raw = 0
+        for k in range(itemsize):
+            raw |= (<uint64_t>view[i * itemsize + k]) << (8 * k)
+        number = <long long><int64_t>raw if itemsize == 8 else <long long><int32_t><uint32_t>raw
+        encoded = PyBytes_FromStringAndSize(scratch, write_decimal(number, scratch))
+        if markers and PySet_Contains(missing, encoded):
+            encoded = b""
+        out[i] = encoded
     return out
 
 

@@ -29,6 +29,7 @@ from uembed.serving.pipeline.values import (
 )
 
 EMPTY_LIST = (MISSING,)  # an empty list's canonical values (FeatureSpec.canonical_values)
+INTEGER_SIZES = {"INT32": 4, "INT64": 8}  # a tensor's little-endian integer datatypes (RawColumn): bytes a value
 
 
 class ValueRefused(ExampleError):
@@ -77,6 +78,33 @@ class ExampleColumns:
         if not -self.count <= index < self.count:
             raise IndexError(f"example {index} of {self.count}")
         return {name: column[index] for name, column in self.columns.items()}
+
+
+class RawColumn(Sequence):
+    """One feature's column still in its tensor's binary form (the Open Inference Protocol's raw contents,
+    ``uembed/serving/protocols/oip.py``): ``data`` holds ``count`` examples' values as ``datatype`` BYTES
+    (length-prefixed elements), INT32 or INT64 (little-endian), ``width`` to a row in an [N, W] tensor (None for
+    [N]). The canonicaliser reads it straight into canonical bytes where its compiled readers can; anything else reads
+    the values the front decodes from it (``decode()``: the list a column of :class:`ExampleColumns` holds), made
+    once, when first asked for."""
+
+    __slots__ = ("data", "datatype", "count", "width", "decode", "decoded")
+
+    def __init__(self, data, datatype: str, count: int, width: int | None, decode) -> None:
+        self.data, self.datatype, self.count, self.width, self.decode = data, datatype, count, width, decode
+        self.decoded: list | None = None
+
+    @property
+    def values(self) -> list:
+        if self.decoded is None:
+            self.decoded = self.decode()
+        return self.decoded
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        return self.values[index]
 
 
 class PlainColumns:
@@ -233,30 +261,39 @@ class Canonicaliser:
                     items = self._canonical(name, spec, value, key, cache, "context")
                 column = [items]
             else:
-                if name in self.text_features:
+                raw = columns[name] if plain is None else None
+                column = None
+                if type(raw) is RawColumn:  # a tensor's bytes: read as they are where they need no more
+                    if compiled is not None and self.column_readers:
+                        column = self._raw_column(compiled, name, spec, raw)
+                    if column is not None and name in self.text_features:
+                        values[name] = column
+                        continue
+                    if column is None:
+                        raw = raw.values
+                if column is None and name in self.text_features:
                     encoded = None
                     if plain is not None:
                         encoded = compiled.text_column_of(plain, name, self.char_limit, self.missing_markers[name])
-                    elif compiled is not None and self.column_readers and type(columns[name]) is list:  # a front's columns
-                        encoded = compiled.text_column(columns[name], self.char_limit, self.missing_markers[name])
+                    elif compiled is not None and self.column_readers and type(raw) is list:  # a front's columns
+                        encoded = compiled.text_column(raw, self.char_limit, self.missing_markers[name])
                     if encoded is None:
-                        encoded = self._text_column(spec, columns[name])
+                        encoded = self._text_column(spec, columns[name] if raw is None else raw)
                     if encoded is not None:
                         values[name] = encoded
                         continue
                 # lists of strings: one pass with the compiled hash; the pure one's cache hits cost less
-                column = None
-                if spec.multivalent and compiled is not None:
+                if column is None and spec.multivalent and compiled is not None:
                     if plain is not None:
                         column = compiled.list_column_of(plain, name, self.char_limit, self.list_limits[name],
                                                          self.missing_markers[name], EMPTY_LIST)  # fmt: skip
-                    if column is None and self.column_readers and type(columns[name]) is list:  # a front's columns
-                        column = compiled.list_column(columns[name], self.char_limit, self.list_limits[name],
+                    if column is None and self.column_readers and type(raw) is list:  # a front's columns
+                        column = compiled.list_column(raw, self.char_limit, self.list_limits[name],
                                                       self.missing_markers[name], EMPTY_LIST)  # fmt: skip
                     if column is None:
-                        column = self._list_column(spec, columns[name])
+                        column = self._list_column(spec, columns[name] if raw is None else raw)
                 if column is None:
-                    raw = columns[name]
+                    raw = columns[name] if raw is None else raw
                     column = []
                     for index, value in enumerate(raw):
                         key = cache_key(value) if entries is not None else None
@@ -274,6 +311,19 @@ class Canonicaliser:
         shared = frozenset(context.keys() & specs.keys()) if context else frozenset()
         ids = self.ids_looked_up(count, 1, shared)  # alone in a batch, with its context split out
         return CanonicalExamples(count, values, ids, truncated, shared)
+
+    def _raw_column(self, compiled, name: str, spec: FeatureSpec, raw: RawColumn) -> list | None:
+        """The canonical column of a tensor's bytes, read by the compiled readers where every value needs no more than
+        they check (one-value features' BYTES or integers, lists' [N, W] BYTES); None: decode its values."""
+        if name in self.text_features and (raw.width is None or raw.width == 1):
+            if raw.datatype == "BYTES":
+                return compiled.framed_text_column(raw.data, raw.count, self.char_limit, self.missing_markers[name])
+            if raw.datatype in INTEGER_SIZES:
+                return compiled.integer_text_column(raw.data, INTEGER_SIZES[raw.datatype], raw.count, self.missing_markers[name])
+        elif spec.multivalent and raw.datatype == "BYTES" and raw.width is not None:
+            return compiled.framed_list_column(raw.data, raw.count, raw.width, self.char_limit, self.list_limits[name],
+                                               self.missing_markers[name], EMPTY_LIST)  # fmt: skip
+        return None
 
     def _text_column(self, spec: FeatureSpec, raw: list) -> list[bytes] | None:
         """Canonical bytes of a one-value categorical feature's column when every value is a string within the

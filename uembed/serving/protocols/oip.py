@@ -46,11 +46,11 @@ from importlib.metadata import version as package_version
 
 import numpy as np
 
-from uembed.contract.errors import TensorError
+from uembed.contract.errors import ExampleError, TensorError
 from uembed.contract.features import FeatureKind, FeatureSpec
 from uembed.contract.hashing import compiled_extension
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.pipeline.canonical import CanonicalExamples, ExampleColumns, ValueRefused
+from uembed.serving.pipeline.canonical import CanonicalExamples, ExampleColumns, RawColumn, ValueRefused
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.settings import ServiceSettings
 
@@ -277,24 +277,55 @@ def columns_from_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_ex
                           f"({', '.join(specs)}); send \"\" (BYTES) or NaN (FP32) for a missing value")  # fmt: skip
     batch, first = None, None
     columns = {}
+    compiled = compiled_extension()
     for name, spec in specs.items():
-        tensor = given[name]
-        if tensor.datatype not in ACCEPTED[spec.kind]:
-            raise TensorError(f"input {name!r}: datatype {tensor.datatype!r}; feature {name} ({spec.kind.value}) "
-                              f"takes {', '.join(ACCEPTED[spec.kind])}")  # fmt: skip
-        check_shape(tensor, spec)
-        if batch is None:
-            batch, first = tensor.shape[0], name
-            if not 1 <= batch <= max_examples:
-                raise TensorError(f"input {name!r}: a batch of {batch} examples; a request holds 1 to {max_examples}")
-        elif tensor.shape[0] != batch:
-            raise TensorError(f"input {name!r}: batch size {tensor.shape[0]}, but input {first!r} has {batch}")
-        values = tensor_values(tensor)
-        elements = math.prod(tensor.shape)
-        if len(values) != elements:
-            raise TensorError(f"input {name!r}: shape {tensor.shape} holds {elements} elements, its data {len(values)}")
-        columns[name] = column(tensor, spec, values)
+        try:
+            columns[name], batch, first = tensor_column(compiled, spec, given[name], batch, first, max_examples)
+        except TensorError:
+            decode_raw_columns(columns)  # an earlier tensor that cannot be decoded is named first, as it was read first
+            raise
     return ExampleColumns(columns, batch)
+
+
+def tensor_column(compiled, spec: FeatureSpec, tensor: InputTensor, batch: int | None, first: str | None,
+                  max_examples: int) -> tuple[list | RawColumn, int, str]:  # fmt: skip
+    """One feature's tensor checked and read as its column, with the request's batch size (set by its first
+    tensor, named ``first``)."""
+    name = spec.name
+    if tensor.datatype not in ACCEPTED[spec.kind]:
+        raise TensorError(f"input {name!r}: datatype {tensor.datatype!r}; feature {name} ({spec.kind.value}) "
+                          f"takes {', '.join(ACCEPTED[spec.kind])}")  # fmt: skip
+    check_shape(tensor, spec)
+    if batch is None:
+        batch, first = tensor.shape[0], name
+        if not 1 <= batch <= max_examples:
+            raise TensorError(f"input {name!r}: a batch of {batch} examples; a request holds 1 to {max_examples}")
+    elif tensor.shape[0] != batch:
+        raise TensorError(f"input {name!r}: batch size {tensor.shape[0]}, but input {first!r} has {batch}")
+    elements = math.prod(tensor.shape)
+    if compiled is not None and type(tensor.data) is not list and raw_count(compiled, tensor) == elements:
+        # its bytes go to the canonicaliser as they are: its compiled readers take most columns without the
+        # values (str, int) decoded here, which are decoded only where asked for
+        width = tensor.shape[1] if len(tensor.shape) == 2 else None
+        return RawColumn(tensor.data, tensor.datatype, batch, width, partial(decoded_column, tensor, spec)), batch, first
+    values = tensor_values(tensor)
+    if len(values) != elements:
+        raise TensorError(f"input {name!r}: shape {tensor.shape} holds {elements} elements, its data {len(values)}")
+    return column(tensor, spec, values), batch, first
+
+
+def raw_count(compiled, tensor: InputTensor) -> int:
+    """How many elements a tensor's binary data holds; -1 where its framing or size is broken (its values' decoding
+    then names what is wrong)."""
+    if tensor.datatype == "BYTES":
+        return compiled.framed_count(tensor.data)
+    itemsize = FIXED_SIZE[tensor.datatype].itemsize
+    return -1 if len(tensor.data) % itemsize else len(tensor.data) // itemsize
+
+
+def decoded_column(tensor: InputTensor, spec: FeatureSpec) -> list:
+    """A tensor's column of values as ``/v1/score`` would be sent them (for a :class:`RawColumn`, when asked for)."""
+    return column(tensor, spec, tensor_values(tensor))
 
 
 class FirstExample(Mapping):
@@ -422,9 +453,27 @@ class InferencePlane:
 
     def decode(self, runtime: ModelRuntime, inputs: list[InputTensor]) -> tuple[ExampleColumns, CanonicalExamples]:
         """The examples the tensors hold, as columns and canonicalised by ``runtime``."""
-        examples = columns_from_inputs(runtime, inputs, self.max_examples)
-        try:
-            return examples, runtime.encoder.canonicalise_columns(examples.columns, examples.count)
-        except ValueRefused as exc:  # named as /v1 names it (examples[i].feature): named here as the tensor's
-            tensor = next(tensor for tensor in inputs if tensor.name == exc.feature)
-            raise TensorError(f"{value_name(tensor, exc.index)}: {exc.reason}") from None
+        return decode_inputs(runtime, inputs, self.max_examples)
+
+
+def decode_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_examples: int) -> tuple[ExampleColumns, CanonicalExamples]:
+    """The examples the tensors hold, as columns (:func:`columns_from_inputs`) and canonicalised by ``runtime``. A
+    request at fault is refused for what it would be if every tensor were decoded before any value is checked: a
+    tensor that cannot be decoded first (in the features' order), then the first value refused."""
+    examples = columns_from_inputs(runtime, inputs, max_examples)
+    try:
+        return examples, runtime.encoder.canonicalise_columns(examples.columns, examples.count)
+    except ExampleError as exc:
+        decode_raw_columns(examples.columns)
+        if not isinstance(exc, ValueRefused):
+            raise
+        # named as /v1 names it (examples[i].feature): named here as the tensor's
+        tensor = next(tensor for tensor in inputs if tensor.name == exc.feature)
+        raise TensorError(f"{value_name(tensor, exc.index)}: {exc.reason}") from None
+
+
+def decode_raw_columns(columns: Mapping[str, list]) -> None:
+    """Decode each column still in its tensor's bytes, in order, so that the first that cannot be decoded raises."""
+    for column in columns.values():
+        if type(column) is RawColumn:
+            column.values

@@ -18,7 +18,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.set cimport PySet_Contains
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check, PyFloat_CheckExact
 from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
@@ -603,6 +603,63 @@ def integer_text_column(data, Py_ssize_t itemsize, Py_ssize_t count, frozenset m
         if markers and PySet_Contains(missing, encoded):
             encoded = b""
         out[i] = encoded
+    return out
+
+
+def numeric_column(list column, const double[::1] boundaries, tuple buckets, frozenset missing, bint nan_missing):
+    """Canonical bytes of a numeric feature's column (``FeatureSpec.bucket``: how many of the ascending ``boundaries``
+    are at most the value, in decimal, taken from ``buckets``, the decimals of 0 to len(boundaries)) when every value
+    is None, an int within 64 bits or a finite float; None (and NaN, with ``nan_missing``) is the missing value b"",
+    and so is a value among ``missing`` (the feature's markers, canonical). None otherwise (a bool, a str, an
+    infinity, a NaN the limits refuse, a bigger int, another type): the checked path."""
+    cdef Py_ssize_t i, low, high, middle, n = len(column), count = boundaries.shape[0]
+    cdef char scratch[SCRATCH]
+    cdef const char* data
+    cdef Py_ssize_t size
+    cdef int overflow = 0
+    cdef long long number
+    cdef double real
+    cdef object value, own
+    cdef list out = [None] * n
+    cdef bint markers = len(missing) > 0
+    if len(buckets) != count + 1:
+        raise ValueError(f"{len(buckets)} bucket labels for {count} boundaries")
+    for i in range(n):
+        if i >= PyList_GET_SIZE(column):  # shortened meanwhile (a marker's __eq__ may run Python code)
+            return None
+        value = <object>PyList_GET_ITEM(column, i)
+        if value is None:
+            out[i] = b""
+            continue
+        if PyFloat_CheckExact(value):
+            real = PyFloat_AS_DOUBLE(value)
+            if isnan(real) and nan_missing:
+                out[i] = b""
+                continue
+            if not isfinite(real):
+                return None
+        elif PyLong_CheckExact(value):  # exact: not a bool
+            number = PyLong_AsLongLongAndOverflow(value, &overflow)
+            if overflow:
+                return None
+            real = <double>number  # rounded to nearest, ties to even, as float(int)
+        else:
+            return None
+        if markers:
+            own = canonical_view(value, scratch, &data, &size, None)
+            if own is None:
+                own = PyBytes_FromStringAndSize(data, size)
+            if PySet_Contains(missing, own):
+                out[i] = b""
+                continue
+        low, high = 0, count  # the first boundary greater than the value (numpy's searchsorted, side="right")
+        while low < high:
+            middle = (low + high) >> 1
+            if boundaries[middle] <= real:
+                low = middle + 1
+            else:
+                high = middle
+        out[i] = buckets[low]
     return out
 
 

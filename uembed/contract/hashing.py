@@ -82,7 +82,7 @@ def _agrees_with_xxhash(module) -> bool:
 EXTENSION_FUNCTIONS = ("canonical_column", "hash_values", "hash_bytes", "hash_bytes_columns", "filters_contain",
                        "length_prefixed", "text_column_of", "text_column", "list_column_of", "list_column", "rows_without_padding",
                        "list_rows", "hash_bytes_rows", "filters_unseen", "framed_count", "framed_text_column", "framed_list_column",
-                       "integer_text_column")  # fmt: skip
+                       "integer_text_column", "numeric_column")  # fmt: skip
 _lacking = [name for name in EXTENSION_FUNCTIONS if not hasattr(_fasthash, name)] if _fasthash is not None else []
 if _lacking:
     if os.environ.get("UEMBED_REQUIRE_EXTENSION", "") not in ("", "0"):

@@ -178,7 +178,8 @@ class ServiceSettings(BaseSettings):
     value_cache_bytes: int = Field(
         32 * 2**20, ge=0,
         description="Bytes per model for recent feature values' canonical forms and rows, where a value takes the "
-        "checked path: a ranking request's context, values other than plain strings, integers and lists of them, and "
+        "checked path: a ranking request's context, values other than plain strings, integers, lists of them and a "
+        "numeric feature's finite numbers, and "
         "every value without the compiled extension (a column of plain values is read and hashed in one compiled "
         "pass, faster than a cache hit, and not cached). Emptied when full. 0 turns the caches off.",
     )

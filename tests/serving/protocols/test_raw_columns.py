@@ -161,7 +161,66 @@ def test_the_framed_readers_step_aside_for_what_they_do_not_check():
 
 def test_a_raw_column_reads_as_the_values_it_decodes_once():
     calls = []
-    column = RawColumn(b"", "BYTES", 3, None, lambda: calls.append(1) or ["a", "b", "c"])
+    column = RawColumn(b"", "BYTES", 3, None, False, lambda: calls.append(1) or ["a", "b", "c"])
     assert len(column) == 3 and not calls  # nothing decoded until a value is asked for
     assert column[1] == "b" and column[-1] == "c" and list(column) == ["a", "b", "c"]
     assert calls == [1]
+
+
+@needs_extension
+def test_another_version_reads_the_columns_as_the_values_the_request_held(synthetic_store):
+    """A shadow version canonicalises the columns decoded for the primary: where its feature reads a tensor otherwise
+    (a list where the primary's takes one value, or the reverse), it gets the primary's values, not the bytes read its
+    own way."""
+    bundle = load_bundle(synthetic_store / "movielens" / "1")
+    runtime = ModelRuntime(bundle)
+    specs = dict(bundle.feature_specs)
+    specs["genres"] = replace(specs["genres"], kind="categorical")
+    specs["zip_code"] = replace(specs["zip_code"], kind="multivalent")
+    shadow = ExampleEncoder(specs, replace(bundle.plan, features=tuple(
+        replace(f, width=4) if f.name == "zip_code" else replace(f, width=1) if f.name == "genres" else f
+        for f in bundle.plan.features)), ValueLimits(), 0, {})  # fmt: skip
+    inputs = random_request(random.Random(7), 3)
+    for index, tensor in enumerate(inputs):
+        if tensor.name == "genres":
+            inputs[index] = InputTensor("genres", "BYTES", [3, 1], framed([b"Drama", b"", b"Crime"]))
+        elif tensor.name == "zip_code":
+            inputs[index] = InputTensor("zip_code", "BYTES", [3, 1], framed([b"Crime|Drama", b"x", b""]))
+    hashing.use_backend("compiled")
+    examples = oip.columns_from_inputs(runtime, inputs, 1024)
+    assert isinstance(examples.columns["genres"], RawColumn) and isinstance(examples.columns["zip_code"], RawColumn)
+    decoded = {name: list(column) for name, column in examples.columns.items()}
+
+    def canonical(columns):
+        try:
+            result = shadow.canonicalise_columns(columns, 3)
+        except ExampleError as exc:
+            return str(exc)
+        return result.values
+
+    from_raw = canonical(examples.columns)
+    assert from_raw == canonical(decoded) == "examples[0].genres: takes one value, got a list"
+    del decoded["genres"], examples.columns["genres"]  # the shadow's zip_code alone: split by the separator
+    from_raw = shadow.canonicalise_columns(examples.columns, 3)
+    assert from_raw.values["zip_code"] == shadow.canonicalise_columns(decoded, 3).values["zip_code"]
+    assert from_raw.values["zip_code"][0] == (b"Crime", b"Drama")
+
+
+def clean_request(count: int) -> list[InputTensor]:
+    """One tensor per MovieLens feature, every value what the framed readers take."""
+    ids = np.arange(1, count + 1, dtype="<i8").tobytes()
+    texts = framed([b"a%d" % i for i in range(count)])
+    return [InputTensor(name, "INT64", [count], ids) for name in ID_FEATURES] + [
+        InputTensor(name, "BYTES", [count], texts) for name in ("zip_code", "occupation", "gender")]
+
+
+@pytest.mark.parametrize("way", ["compiled", "python"])
+def test_an_n_by_0_list_tensor_reads_as_empty_lists(synthetic_store, way):
+    if way == "compiled" and not hashing.compiled_available():
+        pytest.skip("the compiled hashing extension is not built")
+    hashing.use_backend(way)
+    runtime = ModelRuntime(load_bundle(synthetic_store / "movielens" / "1"))
+    examples, canonical = oip.decode_inputs(runtime, [*clean_request(2), InputTensor("genres", "BYTES", [2, 0], b"")], 1024)
+    assert [example["genres"] for example in examples] == [[], []]
+    assert canonical.values["genres"] == [(b"",), (b"",)]
+    assert canonical.values["user_id"] == [b"1", b"2"] and canonical.values["gender"] == [b"a0", b"a1"]

@@ -251,6 +251,8 @@ def multivalent_rows(values: list, count: int, width: int) -> list[list]:
     extension = compiled_extension()
     if extension is not None and type(values) is list:
         return extension.rows_without_padding(values, count, width)
+    if width == 0:  # an [N, 0] tensor: every list empty (a range cannot step by 0)
+        return [[] for _ in range(count)]
     rows = map(values.__getitem__, map(slice, range(0, count * width, width), range(width, (count + 1) * width, width)))
     return list(map(list, map(partial(filter, None), rows)))
 
@@ -307,7 +309,8 @@ def tensor_column(compiled, spec: FeatureSpec, tensor: InputTensor, batch: int |
         # its bytes go to the canonicaliser as they are: its compiled readers take most columns without the
         # values (str, int) decoded here, which are decoded only where asked for
         width = tensor.shape[1] if len(tensor.shape) == 2 else None
-        return RawColumn(tensor.data, tensor.datatype, batch, width, partial(decoded_column, tensor, spec)), batch, first
+        raw = RawColumn(tensor.data, tensor.datatype, batch, width, spec.multivalent, partial(decoded_column, tensor, spec))
+        return raw, batch, first
     values = tensor_values(tensor)
     if len(values) != elements:
         raise TensorError(f"input {name!r}: shape {tensor.shape} holds {elements} elements, its data {len(values)}")
@@ -472,7 +475,7 @@ def decode_inputs(runtime: ModelRuntime, inputs: list[InputTensor], max_examples
         raise TensorError(f"{value_name(tensor, exc.index)}: {exc.reason}") from None
 
 
-def decode_raw_columns(columns: Mapping[str, list]) -> None:
+def decode_raw_columns(columns: Mapping[str, list | RawColumn]) -> None:
     """Decode each column still in its tensor's bytes, in order, so that the first that cannot be decoded raises."""
     for column in columns.values():
         if type(column) is RawColumn:

@@ -488,6 +488,17 @@ cdef inline Py_ssize_t frame_length(const unsigned char* at) noexcept:
     return <Py_ssize_t>(<uint32_t>at[0] | (<uint32_t>at[1] << 8) | (<uint32_t>at[2] << 16) | (<uint32_t>at[3] << 24))
 
 
+cdef inline Py_ssize_t next_frame(const unsigned char* base, Py_ssize_t end, Py_ssize_t* offset) noexcept:
+    """The length of the element whose 4-byte length is at ``offset`` (moved past it, to the element); -1 when the
+    length, or the element it announces, runs past ``end``."""
+    cdef Py_ssize_t length
+    if end - offset[0] < 4:
+        return -1
+    length = frame_length(base + offset[0])
+    offset[0] += 4
+    return -1 if length > end - offset[0] else length
+
+
 cdef inline bint ascii(const unsigned char* at, Py_ssize_t length) noexcept:
     cdef Py_ssize_t i
     cdef unsigned char seen = 0
@@ -501,12 +512,10 @@ def framed_count(data):
     end, or one past it)."""
     cdef const unsigned char[::1] view = data
     cdef Py_ssize_t offset = 0, end = view.shape[0], count = 0, length
+    cdef const unsigned char* base = &view[0] if end else NULL
     while offset < end:
-        if end - offset < 4:
-            return -1
-        length = frame_length(&view[offset])
-        offset += 4
-        if length > end - offset:
+        length = next_frame(base, end, &offset)
+        if length < 0:
             return -1
         offset += length
         count += 1
@@ -526,17 +535,15 @@ def framed_text_column(data, Py_ssize_t count, Py_ssize_t max_chars, frozenset m
     among ``missing`` becomes b"". None otherwise, or when the framing does not hold ``count`` elements."""
     cdef const unsigned char[::1] view = data
     cdef Py_ssize_t i, offset = 0, end = view.shape[0], length
+    cdef const unsigned char* base = &view[0] if end else NULL
     cdef object encoded
     cdef list out = [None] * count
     cdef bint markers = len(missing) > 0
     for i in range(count):
-        if end - offset < 4:
+        length = next_frame(base, end, &offset)
+        if length < 0:
             return None
-        length = frame_length(&view[offset])
-        offset += 4
-        if length > end - offset:
-            return None
-        encoded = ascii_bytes(&view[offset], length, max_chars) if length else b""
+        encoded = ascii_bytes(base + offset, length, max_chars) if length else b""
         if encoded is None:
             return None
         if markers and PySet_Contains(missing, encoded):
@@ -554,20 +561,18 @@ def framed_list_column(data, Py_ssize_t count, Py_ssize_t width, Py_ssize_t max_
     (negative: no limit). None otherwise, or when the framing does not hold ``count`` * ``width`` elements."""
     cdef const unsigned char[::1] view = data
     cdef Py_ssize_t i, j, kept, offset = 0, end = view.shape[0], length
+    cdef const unsigned char* base = &view[0] if end else NULL
     cdef object encoded
     cdef list row, out = [None] * count
     cdef bint markers = len(missing) > 0
     for i in range(count):
         row = []
         for j in range(width):
-            if end - offset < 4:
-                return None
-            length = frame_length(&view[offset])
-            offset += 4
-            if length > end - offset:
+            length = next_frame(base, end, &offset)
+            if length < 0:
                 return None
             if length:
-                encoded = ascii_bytes(&view[offset], length, max_chars)
+                encoded = ascii_bytes(base + offset, length, max_chars)
                 if encoded is None or (markers and PySet_Contains(missing, encoded)):
                     return None  # the contract drops a missing marker from its list: the checked path
                 row.append(encoded)

@@ -375,15 +375,19 @@ def test_the_column_readers_step_aside_for_what_they_do_not_check():
     extension = hashing.compiled_extension() or hashing._fasthash
     markers = frozenset({b"unknown"})
     assert extension.text_column_of([{"a": "x"}, {"a": -12}, {"a": "unknown"}], "a", 8, markers) == [b"x", b"-12", b""]
-    for value in (None, True, 1.5, 2**64, "\ud800", "much too long", b"raw"):
+    for value in (True, 1.5, 2**64, "\ud800", "much too long", b"raw"):
         assert extension.text_column_of([{"a": "x"}, {"a": value}], "a", 8, markers) is None, value
-    assert extension.text_column_of([{"a": "x"}, {}], "a", 8, markers) is None
-    assert extension.text_column(["x", -12, "unknown", ""], 8, markers) == [b"x", b"-12", b"", b""]
-    for value in (None, True, 1.5, 2**64, "\ud800", "much too long", b"raw", ["x"]):
+    # null, or the feature left out: the missing value, as the checked path makes it
+    assert extension.text_column_of([{"a": "x"}, {}, {"a": None}], "a", 8, markers) == [b"x", b"", b""]
+    assert extension.text_column_of([{"a": "x"}, ("a", "y")], "a", 8, markers) is None  # not a dict
+    assert extension.text_column(["x", -12, "unknown", "", None], 8, markers) == [b"x", b"-12", b"", b"", b""]
+    for value in (True, 1.5, 2**64, "\ud800", "much too long", b"raw", ["x"]):
         assert extension.text_column(["x", value], 8, markers) is None, value
     assert extension.text_column(["é" * 8], 8, frozenset()) == ["é".encode() * 8]  # the limit counts characters
-    assert extension.list_column_of([{"g": ["a", "b"]}, {"g": []}], "g", 8, 2, markers, (b"",)) == [(b"a", b"b"), (b"",)]
-    for value in (["a", ""], ["unknown"], ["a", "b", "c"], ["a", 1], ("a",), "a", None, ["much too long"]):
+    assert extension.list_column_of([{"g": ["a", "b"]}, {"g": []}, {"g": None}, {}], "g", 8, 2, markers,
+                                    (b"",)) == [(b"a", b"b"), (b"",), (b"",), (b"",)]  # fmt: skip
+    assert extension.list_column([["a"], None], 8, 2, markers, (b"",)) == [(b"a",), (b"",)]
+    for value in (["a", ""], ["unknown"], ["a", "b", "c"], ["a", 1], ["a", None], ("a",), "a", ["much too long"]):
         assert extension.list_column_of([{"g": value}], "g", 8, 2, markers, (b"",)) is None, value
         assert extension.list_column([["a"], value], 8, 2, markers, (b"",)) is None, value
     assert extension.list_column([["a", "b"], []], 8, 2, markers, (b"",)) == [(b"a", b"b"), (b"",)]

@@ -334,16 +334,19 @@ def length_prefixed(data, bint text):
 
 # The canonicalise stage's plain requests (a list of dicts, ``uembed/serving/pipeline/canonical.py``): one feature's
 # column read straight from the examples, checked and canonicalised in one pass, for the values that need no more
-# than that. Anything else (a value of another type, past a limit, left out, or one the contract drops) answers
-# None, and the caller takes its checked path, which gives the same bytes or names the value at fault.
+# than that. A value left out or null is the missing value (an empty list's, for a list feature), as the checked
+# path makes it. Anything else (a value of another type, past a limit, or one the contract drops) answers None, and
+# the caller takes its checked path, which gives the same bytes or names the value at fault.
 
 cdef object plain_text_bytes(object value, Py_ssize_t max_chars, char* scratch):
-    """Canonical bytes of a str of at most ``max_chars`` characters (negative: no limit) or an int within 64 bits;
-    None for anything else, or for a str that is not valid UTF-8 (a lone surrogate)."""
+    """Canonical bytes of a str of at most ``max_chars`` characters (negative: no limit), an int within 64 bits or
+    None (the missing value b""); None for anything else, or for a str that is not valid UTF-8 (a lone surrogate)."""
     cdef Py_ssize_t size = 0
     cdef const char* data
     cdef int overflow = 0
     cdef long long number
+    if value is None:
+        return b""
     if PyUnicode_CheckExact(value):
         if 0 <= max_chars < PyUnicode_GET_LENGTH(value):
             return None
@@ -361,20 +364,23 @@ cdef object plain_text_bytes(object value, Py_ssize_t max_chars, char* scratch):
 
 
 cdef inline PyObject* example_value(list examples, Py_ssize_t i, str name):
-    """Example ``i``'s value of ``name`` (borrowed), or NULL where example ``i`` is not a dict that gives it (or is
-    past the list's end: a key's __eq__ may run Python code that shortens it)."""
+    """Example ``i``'s value of ``name`` (borrowed; None where the example leaves it out, as dict.get reads it), or
+    NULL where example ``i`` is not a dict (or is past the list's end: a key's __eq__ may run Python code that
+    shortens it)."""
+    cdef PyObject* found
     if i >= PyList_GET_SIZE(examples):
         return NULL
     example = <object>PyList_GET_ITEM(examples, i)
     if not PyDict_CheckExact(example):
         return NULL
-    return PyDict_GetItem(example, name)
+    found = PyDict_GetItem(example, name)
+    return found if found != NULL else <PyObject*>None
 
 
 def text_column_of(list examples, str name, Py_ssize_t max_chars, frozenset missing):
-    """Canonical bytes of a one-value feature ``name`` in each example (each a dict that gives it) when every value
-    is a str of at most ``max_chars`` characters (negative: no limit) or an int within 64 bits; a value among
-    ``missing`` (the feature's missing markers, canonical) becomes the missing value b"". None otherwise."""
+    """Canonical bytes of a one-value feature ``name`` in each example (each a dict) when every value is a str of at
+    most ``max_chars`` characters (negative: no limit), an int within 64 bits, or null or left out (the missing value
+    b""); a value among ``missing`` (the feature's missing markers, canonical) becomes b"" too. None otherwise."""
     cdef Py_ssize_t i, n = len(examples)
     cdef char scratch[SCRATCH]
     cdef PyObject* found
@@ -416,9 +422,12 @@ def text_column(list column, Py_ssize_t max_chars, frozenset missing):
 cdef object plain_items(object value, Py_ssize_t max_chars, Py_ssize_t max_list, frozenset missing, bint markers,
                         tuple empty, char* scratch):
     """Canonical bytes of a list of at most ``max_list`` items (negative: no limit), each a non-empty str of at most
-    ``max_chars`` characters that is none of ``missing``, as a tuple; an empty list is ``empty``. None otherwise."""
+    ``max_chars`` characters that is none of ``missing``, as a tuple; an empty list (or None) is ``empty``. None
+    otherwise."""
     cdef Py_ssize_t j, length
     cdef object item, encoded, items
+    if value is None:
+        return empty
     if not PyList_CheckExact(value):
         return None
     length = PyList_GET_SIZE(value)
@@ -443,9 +452,9 @@ cdef object plain_items(object value, Py_ssize_t max_chars, Py_ssize_t max_list,
 
 def list_column_of(list examples, str name, Py_ssize_t max_chars, Py_ssize_t max_list, frozenset missing,
                    tuple empty):
-    """Tuples of canonical bytes of a multivalent feature ``name`` in each example (each a dict that gives it) when
-    every value is a list of at most ``max_list`` items (negative: no limit), each a non-empty str of at most
-    ``max_chars`` characters that is none of ``missing``; an empty list is ``empty``. None otherwise."""
+    """Tuples of canonical bytes of a multivalent feature ``name`` in each example (each a dict) when every value is
+    a list of at most ``max_list`` items (negative: no limit), each a non-empty str of at most ``max_chars``
+    characters that is none of ``missing``; an empty list, null or a value left out is ``empty``. None otherwise."""
     cdef Py_ssize_t i, n = len(examples)
     cdef char scratch[SCRATCH]
     cdef PyObject* found

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/ab-service.py BEFORE_TREE --open-loop 1400   # requests at evenly spaced times instead
     .venv/bin/python scripts/ab-service.py . . --after-env UEMBED_BUSY_POLL_MS=2   # one tree, two settings
     .venv/bin/python scripts/ab-service.py BEFORE_TREE --front grpc   # gRPC ModelInfer, the peers phase's clients
+    .venv/bin/python scripts/ab-service.py BEFORE_TREE --bundle B --requests R.jsonl   # another bundle and its requests
 
 Each round starts one worker of each tree in turn (``PYTHONPATH=TREE python -m uvicorn``, this venv's packages, the
 tree's own code and compiled extensions: build them in a worktree first), on the demo bundle, loads it with wrk
@@ -69,6 +70,9 @@ def main() -> None:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path, nargs="?", default=ROOT)
     parser.add_argument("--bundle", type=Path, default=ROOT / "bundles/movielens100k/1")
+    parser.add_argument("--requests", type=Path, metavar="JSONL",
+                        help="the requests to send, a /v1/score body a line (default: 200 of 64 MovieLens examples, "
+                        "for the demo bundle); scripts/requests-from-data.py writes them from a data set")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--open-loop", type=float, metavar="RPS", help="this many requests/s at evenly spaced times, not saturation")
@@ -89,7 +93,10 @@ def main() -> None:
         envs[name] = dict(pair.split("=", 1) for pair in pairs)
     # both workers inherit this shell's settings: recorded, so a stray UEMBED_* is seen in the results
     inherited = {key: value for key, value in os.environ.items() if key.startswith("UEMBED_")}
-    requests = movielens_requests(64, 200)
+    if args.requests:
+        requests = [orjson.loads(line)["examples"] for line in args.requests.read_bytes().splitlines() if line.strip()]
+    else:
+        requests = movielens_requests(64, 200)
     bodies = [orjson.dumps({"examples": r}) for r in requests]
     calls = None
     if args.front == "grpc":
@@ -112,7 +119,7 @@ def main() -> None:
             print(json.dumps({"round": round_ + 1, "order": order, **row}), flush=True)
             rounds.append(row)
     summary = {
-        "before": str(args.before), "after": str(args.after), "front": args.front, "grpc_client": args.grpc_client if calls else None, "before_env": envs["before"], "after_env": envs["after"],
+        "before": str(args.before), "after": str(args.after), "bundle": str(args.bundle), "requests": str(args.requests or "movielens"), "front": args.front, "grpc_client": args.grpc_client if calls else None, "before_env": envs["before"], "after_env": envs["after"],
         "inherited_env": inherited,
         "rounds": rounds,
         "median_after_over_before": statistics.median(r["after_over_before"] for r in rounds),

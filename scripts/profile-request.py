@@ -79,6 +79,8 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "movielens100k" / "1", help="bundle to serve")
     parser.add_argument("--shape", choices=("movielens", "ranking", "flat_same_examples"), default="movielens",
                         help="requests: --examples MovieLens examples each, or the scale bench's (a Criteo-shaped --bundle)")
+    parser.add_argument("--requests", type=Path, metavar="JSONL",
+                        help="v1: these requests instead (a /v1/score body a line, for --bundle; scripts/requests-from-data.py)")
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose service to profile")
     parser.add_argument("--front", choices=("v1", "grpc"), default="v1",
                         help="v1: POST /v1/score JSON under wrk; grpc: ModelInfer with binary tensors (2 client processes)")
@@ -90,7 +92,11 @@ def main() -> int:
         parser.error("--front grpc sends MovieLens examples only")
     workdir = Path(tempfile.mkdtemp(prefix="uembed-profile-"))
     env = {"UEMBED_BUNDLES": str(args.bundle.resolve()), "PYTHONPATH": str(args.tree.resolve())}
-    if args.shape == "movielens":
+    if args.requests:
+        if args.front == "grpc":
+            parser.error("--requests are sent to /v1/score (--front v1)")
+        bodies = [line for line in args.requests.read_bytes().splitlines() if line.strip()]
+    elif args.shape == "movielens":
         bodies = [json.dumps({"examples": r}).encode() for r in movielens_requests(args.examples)]
     else:
         from uembed.loadtest.scale_bench import request_bodies
@@ -154,7 +160,8 @@ def main() -> int:
             continue
         per_thread[thread][stage(frames[1:])] += int(count)
     us_per_sample = 1e6 / args.rate
-    shape = f"{args.examples} examples" if args.shape == "movielens" else f"shape {args.shape}"
+    shape = (f"{args.requests.name}'s requests" if args.requests else f"{args.examples} examples" if args.shape == "movielens"
+             else f"shape {args.shape}")  # fmt: skip
     print(f"{scored:.0f} requests of {shape} scored while sampling ({scored / args.seconds:.0f}/s); "
           f"microseconds of each thread per request:")  # fmt: skip
     for thread, stages in per_thread.items():

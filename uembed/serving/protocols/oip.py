@@ -7,7 +7,9 @@ routing rule's sticky feature read from the first example's tensor), checks the 
 version's features, decodes them into columns of the values ``/v1/score`` would be sent, and scores
 them through the same engine and batcher. So a value is checked, canonicalised and hashed by the one
 encoding path (``uembed/serving/pipeline/canonical.py``, column by column) whatever the front, and
-limits and errors are decided once.
+limits and errors are decided once. A tensor sent in binary goes to that path as its bytes (a ``RawColumn``), where
+compiled readers make most columns' canonical bytes straight from them; its values are decoded only where a column
+needs more than they check, or a routing rule or a shadow version reads them.
 
 A model's inputs are its features, one tensor each, all of them required; its output is
 ``score`` (FP32, shape [N]: the click probability per example). N, the first dimension of

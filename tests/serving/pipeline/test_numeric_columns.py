@@ -97,3 +97,13 @@ def test_the_numeric_pass_steps_aside_for_what_it_does_not_check():
     assert numeric_column([3.0], np.asarray([], dtype=np.float64), (b"0",), frozenset(), True) == [b"0"]
     with pytest.raises(ValueError):
         numeric_column([1], boundaries, buckets[:-1], frozenset(), True)
+
+
+@needs_extension
+def test_boundaries_that_are_not_floats_are_compared_by_the_checked_path():
+    """A spec built in Python may hold int boundaries past float64's precision: compared exactly, value by value."""
+    spec = FeatureSpec("x", kind="numeric", boundaries=(2**64 + 1,))
+    specs = {"x": spec, "item": FeatureSpec("item")}
+    encoder = ExampleEncoder(specs, synthetic_plan(list(specs.values()), 100, 4, 1, ()), ValueLimits(), 0, {})
+    assert "x" not in encoder.numeric_buckets
+    assert encoder.canonicalise([{"x": 18446744073709551616.0, "item": "a"}]).values["x"] == [b"0"]

@@ -160,11 +160,13 @@ class Canonicaliser:
         }
         self.missing_markers = {name: spec.missing_bytes for name, spec in self.specs.items()}
         # One-value numeric features whose boundaries are known: a column of numbers is bucketised in one compiled pass,
-        # each bucket's canonical bytes made once here.
+        # each bucket's canonical bytes made once here. Boundaries as floats only (as bundles and quantiles give them):
+        # the checked path compares others (a spec built in Python with big ints) exactly.
         self.numeric_buckets = {
             name: (np.asarray(spec.boundaries, dtype=np.float64), tuple(str(i).encode() for i in range(len(spec.boundaries) + 1)))
             for name, spec in self.specs.items()
             if spec.kind == "numeric" and not spec.multivalent and not spec.needs_quantiles
+            and all(type(boundary) is float for boundary in spec.boundaries)
         }
         # One-value categorical features: a column of strings is canonicalised in one pass (_text_column).
         self.text_features = frozenset(

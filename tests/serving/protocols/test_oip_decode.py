@@ -8,7 +8,7 @@ import pytest
 
 from uembed.contract import hashing
 from uembed.contract.errors import TensorError
-from uembed.serving.protocols.oip import (
+from uembed.serving.protocols.tensors import (
     InputTensor,
     bytes_elements,
     checked_elements,

@@ -11,7 +11,7 @@ import pytest
 from uembed.bundle.loader import load_bundle
 from uembed.contract import hashing
 from uembed.contract.errors import ExampleError, TensorError
-from uembed.serving.pipeline.canonical import RawColumn
+from uembed.serving.pipeline.column_readers import RawColumn
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.encoding import ExampleEncoder
 from uembed.serving.pipeline.values import ValueLimits

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
 from typing import NoReturn
 
-import numpy as np
-
 from uembed.contract.errors import ExampleError
 from uembed.contract.features import FeatureSpec
 from uembed.contract.hashing import MISSING, canonical_column, compiled_extension, hashing_backend
 from uembed.contract.known import KnownValues
 from uembed.contract.plan import EmbeddingPlan
+from uembed.serving.pipeline.column_readers import EMPTY_LIST, RawColumn, bucketised, numeric_buckets, raw_canonical
 from uembed.serving.pipeline.values import (
     NO_LIMITS,
     ValueCache,
@@ -29,9 +28,6 @@ from uembed.serving.pipeline.values import (
     int_bytes,
     scalar_bytes,
 )
-
-EMPTY_LIST = (MISSING,)  # an empty list's canonical values (FeatureSpec.canonical_values)
-INTEGER_SIZES = {"INT32": 4, "INT64": 8}  # a tensor's little-endian integer datatypes (RawColumn): bytes a value
 
 
 class ValueRefused(ExampleError):
@@ -82,36 +78,6 @@ class ExampleColumns:
         return {name: column[index] for name, column in self.columns.items()}
 
 
-class RawColumn(Sequence):
-    """One feature's column still in its tensor's binary form (the Open Inference Protocol's raw contents,
-    ``uembed/serving/protocols/oip.py``): ``data`` holds ``count`` examples' values as ``datatype`` BYTES
-    (length-prefixed elements), INT32 or INT64 (little-endian), ``width`` to a row in an [N, W] tensor (None for
-    [N]), read by the front as a list per example where ``multivalent`` (the feature as the version it was decoded for
-    has it). The canonicaliser reads it straight into canonical bytes where its compiled readers can and its own
-    feature reads the tensor the same way (another version's, a shadow's, may not); anything else reads the values
-    the front decodes from it (``decode()``: the list a column of :class:`ExampleColumns` holds), made once, when
-    first asked for."""
-
-    __slots__ = ("data", "datatype", "count", "width", "multivalent", "decode", "decoded")
-
-    def __init__(self, data, datatype: str, count: int, width: int | None, multivalent: bool, decode) -> None:
-        self.data, self.datatype, self.count, self.width, self.decode = data, datatype, count, width, decode
-        self.multivalent = multivalent
-        self.decoded: list | None = None
-
-    @property
-    def values(self) -> list:
-        if self.decoded is None:
-            self.decoded = self.decode()
-        return self.decoded
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index):
-        return self.values[index]
-
-
 class PlainColumns:
     """A request's examples, each a dict (``/v1/score``'s JSON), read as feature -> its value in each example (None
     where an example leaves it out) on demand: the compiled readers take the examples themselves, one pass a column."""
@@ -159,15 +125,7 @@ class Canonicaliser:
             for name, spec in self.specs.items()
         }
         self.missing_markers = {name: spec.missing_bytes for name, spec in self.specs.items()}
-        # One-value numeric features whose boundaries are known: a column of numbers is bucketised in one compiled pass,
-        # each bucket's canonical bytes made once here. Boundaries as floats only (as bundles and quantiles give them):
-        # the checked path compares others (a spec built in Python with big ints) exactly.
-        self.numeric_buckets = {
-            name: (np.asarray(spec.boundaries, dtype=np.float64), tuple(str(i).encode() for i in range(len(spec.boundaries) + 1)))
-            for name, spec in self.specs.items()
-            if spec.kind == "numeric" and not spec.multivalent and not spec.needs_quantiles
-            and all(type(boundary) is float for boundary in spec.boundaries)
-        }
+        self.numeric_buckets = numeric_buckets(self.specs)
         # One-value categorical features: a column of strings is canonicalised in one pass (_text_column).
         self.text_features = frozenset(
             name for name, spec in self.specs.items() if not spec.multivalent and spec.kind != "numeric"
@@ -279,7 +237,7 @@ class Canonicaliser:
                 column = None
                 if type(raw) is RawColumn:  # a tensor's bytes: read as they are where they need no more
                     if compiled is not None and self.column_readers:
-                        column = self._raw_column(compiled, name, spec, raw)
+                        column = raw_canonical(self, compiled, name, spec, raw)
                     if column is not None and name in self.text_features:
                         values[name] = column
                         continue
@@ -297,14 +255,11 @@ class Canonicaliser:
                         values[name] = encoded
                         continue
                 if column is None and name in self.numeric_buckets and compiled is not None and self.column_readers:
-                    numbers = columns[name] if raw is None else raw
-                    if type(numbers) is list:
-                        encoded = compiled.numeric_column(numbers, *self.numeric_buckets[name], self.missing_markers[name],
-                                                          not self.limits.finite_only)  # fmt: skip
-                        if encoded is not None:
-                            values[name] = encoded
-                            continue
-                        raw = numbers
+                    raw = columns[name] if raw is None else raw
+                    encoded = bucketised(self, compiled, name, raw)
+                    if encoded is not None:
+                        values[name] = encoded
+                        continue
                 # lists of strings: one pass with the compiled hash; the pure one's cache hits cost less
                 if column is None and spec.multivalent and compiled is not None:
                     if plain is not None:
@@ -334,19 +289,6 @@ class Canonicaliser:
         shared = frozenset(context.keys() & specs.keys()) if context else frozenset()
         ids = self.ids_looked_up(count, 1, shared)  # alone in a batch, with its context split out
         return CanonicalExamples(count, values, ids, truncated, shared)
-
-    def _raw_column(self, compiled, name: str, spec: FeatureSpec, raw: RawColumn) -> list | None:
-        """The canonical column of a tensor's bytes, read by the compiled readers where every value needs no more than
-        they check (one-value features' BYTES or integers, lists' [N, W] BYTES); None: decode its values."""
-        if name in self.text_features and not raw.multivalent and (raw.width is None or raw.width == 1):
-            if raw.datatype == "BYTES":
-                return compiled.framed_text_column(raw.data, raw.count, self.char_limit, self.missing_markers[name])
-            if raw.datatype in INTEGER_SIZES:
-                return compiled.integer_text_column(raw.data, INTEGER_SIZES[raw.datatype], raw.count, self.missing_markers[name])
-        elif spec.multivalent and raw.multivalent and raw.datatype == "BYTES" and raw.width is not None:
-            return compiled.framed_list_column(raw.data, raw.count, raw.width, self.char_limit, self.list_limits[name],
-                                               self.missing_markers[name], EMPTY_LIST)  # fmt: skip
-        return None
 
     def _text_column(self, spec: FeatureSpec, raw: list) -> list[bytes] | None:
         """Canonical bytes of a one-value categorical feature's column when every value is a string within the

@@ -50,15 +50,10 @@ from uembed.contract.errors import NotFound, NotReady, TensorError, UembedError,
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.protocols.grpc_wire import CallMetrics
 from uembed.serving.protocols.infer_wire import InferCall, infer_reply, reply_message
-from uembed.serving.protocols.oip import (
-    InferencePlane,
-    InputTensor,
-    check_outputs,
-    elements,
-    texts,
-)
+from uembed.serving.protocols.oip import InferencePlane, InputTensor, check_outputs, elements
 from uembed.serving.protocols.oip_config import config_message, model_config, model_statistics, statistics_message
 from uembed.serving.protocols.render import grpc_code, table_error
+from uembed.serving.protocols.tensors import texts
 from uembed.serving.settings import ServiceSettings
 
 log = logging.getLogger("uembed.oip.grpc")

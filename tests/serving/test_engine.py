@@ -345,11 +345,35 @@ def test_busy_poll_keeps_the_loop_polling_after_a_batch_then_sleeps(synthetic_st
     assert sleeping == 0
 
 
-def test_after_a_batch_of_several_requests_the_loop_turns_once_more_before_the_next(synthetic_store, movielens_examples,
-                                                                                    monkeypatch):  # fmt: skip
-    """A batch of several requests means a busy loop, whose newest requests are queued a turn later: the next batch
-    is taken one turn of the loop later (a bare yield, counted here). Not after a lone request's batch, nor after the
-    loop slept for want of requests."""
+def test_a_batchs_replies_leave_before_the_next_batch_runs(synthetic_store, movielens_examples, monkeypatch):
+    """A front writes a reply a turn after its request's batch ends, and sends it a turn after that (the service's
+    protocols coalesce a turn's writes): the next batch, already queued, must not run in between and hold the reply
+    back for its whole length, also when the batch before held one request."""
+    path = synthetic_store / "movielens" / "1"
+    events = []
+    take = batcher.Batcher._take_batch
+    monkeypatch.setattr(batcher.Batcher, "_take_batch", lambda self: events.append(f"batch of {len(taken := take(self))}") or taken)
+
+    async def reply(engine, index: int) -> None:
+        await engine.score(movielens_examples[index : index + 1])
+        asyncio.get_running_loop().call_soon(events.append, f"reply {index} sent")  # as CoalescedWrites sends it
+
+    async def main() -> list:
+        engine = ScoringEngine(load_settings(max_batch_ids=load_bundle(path).plan.slots))  # one request a batch
+        engine.registry.load(path)
+        await engine.astart()
+        await asyncio.gather(*(reply(engine, i) for i in range(3)))
+        await engine.astop()
+        return events
+
+    assert run(main()) == ["batch of 1", "reply 0 sent", "batch of 1", "reply 1 sent", "batch of 1", "reply 2 sent"]
+
+
+def test_the_loop_turns_once_before_every_batch(synthetic_store, movielens_examples, monkeypatch):
+    """Every batch is taken a turn of the loop after the batch loop finds work (a bare yield, counted here): the last
+    batch's replies are written a turn after their handlers write them, and the newest requests are queued a turn
+    after they are read, so a batch taken at once would hold the replies before it and miss those requests. After a
+    batch the loop turns once more (its replies' handlers run)."""
     path = synthetic_store / "movielens" / "1"
     events = []
 
@@ -376,8 +400,8 @@ def test_after_a_batch_of_several_requests_the_loop_turns_once_more_before_the_n
         await engine.astop()
         return [event for event in events if event != 0]
 
-    assert run(main(1)) == [1, "turn"]  # each batch hands the loop back once
+    assert run(main(1)) == ["turn", 1, "turn"]
     events.clear()
-    assert run(main(3)) == [2, "turn", "turn", 1, "turn"]
+    assert run(main(3)) == ["turn", 2, "turn", "turn", 1, "turn"]
     events.clear()
-    assert run(main(2, 1)) == [2, "turn", 1, "turn"]  # the loop slept between the two rounds
+    assert run(main(2, 1)) == ["turn", 2, "turn", "turn", 1, "turn"]  # the loop slept between the two rounds

@@ -2,9 +2,9 @@
 engine, wait here until a batch takes them; the runtime scores the batch in one call. No HTTP, no versions.
 
 Requests are admitted through a bound (``max_queue_examples``), each with one future. One batch loop takes what
-queued while the previous batch ran (plus ``max_wait_ms``; after a batch of several requests, plus one turn of the
-event loop, in which the requests it has just read are queued), up to ``max_batch_ids`` looked-up ids, and runs it on the
-one compute thread: ``runtime.score_batch`` (``uembed/serving/pipeline/``). A failed batch fails its requests, never
+queued while the previous batch ran (plus ``max_wait_ms``, else one turn of the event loop: the last batch's replies
+leave, and the requests just read are queued), up to ``max_batch_ids`` looked-up ids, and runs it on the one compute
+thread: ``runtime.score_batch`` (``uembed/serving/pipeline/``). A failed batch fails its requests, never
 the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``: the batch runs between
 the loop's reads and writes, with no GIL to hand back and forth), else one executor thread (the CUDA path, which waits
 on the device, and a path through Redis, whose reads may wait up to their timeout). With ``busy_poll_ms`` the loop
@@ -199,7 +199,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         wait_s = self.settings.max_wait_ms / 1000
         poll_s = self.settings.busy_poll_ms / 1000
-        busy = False  # the last batch held more than one request, and the loop has not slept since
         poll = False  # after a batch, an empty queue is polled for busy_poll_ms before the loop sleeps
         while self.running or self.queue:
             if not self.queue:
@@ -207,18 +206,18 @@ class Batcher:
                     poll = False
                     await self._poll_for_work(poll_s)
                     continue
-                busy = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             if wait_s:
                 await asyncio.sleep(wait_s)
-            elif busy:
-                # A busy loop's newest requests are read in the turn just run, and queued by their handlers' first
-                # steps, which the loop runs after this one (in order): one more turn and they join this batch.
+            else:
+                # One turn of the loop before every batch. The last batch's replies leave in it: a handler's write is
+                # sent a turn after it is made (CoalescedWrites), so a batch taken at once held the replies of the one
+                # before until it ended, a lone request's too. And the newest requests, read in the turn just run, are
+                # queued by their handlers' first steps, which the loop runs after this one: they join this batch.
                 await asyncio.sleep(0)
             batch = self._take_batch()
-            busy = len(batch) > 1
             if not batch:
                 continue
             self._idle.clear()

@@ -114,7 +114,8 @@ class ServiceSettings(BaseSettings):
         "hold early requests longer. One request bigger than this is its own batch.",
     )
     max_wait_ms: float = Field(0.0, ge=0, description="Extra time every batch waits for more requests after the first "
-        "arrives. 0: batch what queued while the previous batch ran (lowest latency when idle).")
+        "arrives. 0: batch what queued while the previous batch ran (lowest latency when idle). uvloop's timers count "
+        "whole milliseconds: a wait under about half a millisecond is one turn of the loop, as 0 is.")
     busy_poll_ms: float = Field(0.0, ge=0, le=1000, description="After a batch, poll for the next request this long "
         "before sleeping: a core that sleeps comes back slower (docs/LOADTEST.md). Costs a core while requests are sparse "
         "(CPU a container's limit counts) and saturated requests/s where the load shares its cores. 0: sleep at once.")

@@ -369,58 +369,6 @@ def test_a_batchs_replies_leave_before_the_next_batch_runs(synthetic_store, movi
     assert run(main()) == ["batch of 1", "reply 0 sent", "batch of 1", "reply 1 sent", "batch of 1", "reply 2 sent"]
 
 
-def test_requests_still_arriving_turn_by_turn_join_the_batch(synthetic_store, movielens_examples, monkeypatch):
-    """On a busy loop clients send their next requests as their replies reach them, over several turns: the batch
-    waits a turn more while each turn queues another request, up to SETTLE_TURNS turns, and no longer once a turn
-    queues none."""
-    path = synthetic_store / "movielens" / "1"
-    sizes = []
-    take = batcher.Batcher._take_batch
-    monkeypatch.setattr(batcher.Batcher, "_take_batch", lambda self: sizes.append(len(taken := take(self))) or taken)
-
-    async def after_turns(engine, turns: int, index: int) -> None:
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        await engine.score(movielens_examples[index : index + 1])
-
-    async def main(turns: list[int]) -> list[int]:
-        engine = ScoringEngine(load_settings())
-        engine.registry.load(path)
-        await engine.astart()
-        await asyncio.gather(*(after_turns(engine, t, i) for i, t in enumerate(turns)))
-        await engine.astop()
-        return sizes
-
-    assert run(main([0, 1, 2, 3])) == [4]  # one more each turn: one batch
-    sizes.clear()
-    assert run(main([0, 1, 4, 5])) == [2, 2]  # a turn that queued none: the batch goes
-    sizes.clear()
-    settle = batcher.SETTLE_TURNS
-    assert run(main(list(range(settle + 3)))) == [settle + 1, 2]  # the first, and one queued in each of SETTLE_TURNS turns
-
-
-def test_a_queue_that_holds_a_full_batch_is_taken_without_more_turns(synthetic_store, movielens_examples, monkeypatch):
-    path = synthetic_store / "movielens" / "1"
-    queued = []
-    take = batcher.Batcher._take_batch
-    monkeypatch.setattr(batcher.Batcher, "_take_batch", lambda self: queued.append(len(self.queue)) or take(self))
-
-    async def after_turns(engine, turns: int, index: int) -> None:
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        await engine.score(movielens_examples[index : index + 1])
-
-    async def main() -> list[int]:
-        engine = ScoringEngine(load_settings(max_batch_ids=2 * load_bundle(path).plan.slots))  # two requests a batch
-        engine.registry.load(path)
-        await engine.astart()
-        await asyncio.gather(*(after_turns(engine, t, i) for i, t in enumerate([0, 1, 2, 3])))
-        await engine.astop()
-        return queued
-
-    assert run(main())[0] == 2  # not the four that arrived turn by turn
-
-
 def test_the_loop_turns_once_before_every_batch(synthetic_store, movielens_examples, monkeypatch):
     """Every batch is taken a turn of the loop after the batch loop finds work (a bare yield, counted here): the last
     batch's replies are written a turn after their handlers write them, and the newest requests are queued a turn

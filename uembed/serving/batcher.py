@@ -2,14 +2,13 @@
 engine, wait here until a batch takes them; the runtime scores the batch in one call. No HTTP, no versions.
 
 Requests are admitted through a bound (``max_queue_examples``), each with one future. One batch loop takes what
-queued while the previous batch ran (plus ``max_wait_ms``, else turns of the event loop while requests still arrive:
-the last batch's replies leave, and the requests just read are queued), up to ``max_batch_ids`` looked-up ids, and runs
-it on the one compute thread: ``runtime.score_batch`` (``uembed/serving/pipeline/``). A failed batch fails its
-requests, never the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``: the batch
-runs between the loop's reads and writes, with no GIL to hand back and forth), else one executor thread (the CUDA
-path, which waits on the device, and a path through Redis, whose reads may wait up to their timeout). With
-``busy_poll_ms`` the loop polls for the next request a while after a batch before it sleeps (a sleeping core wakes
-slowly).
+queued while the previous batch ran (plus ``max_wait_ms``, else one turn of the event loop: the last batch's replies
+leave, and the requests just read are queued), up to ``max_batch_ids`` looked-up ids, and runs it on the one compute
+thread: ``runtime.score_batch`` (``uembed/serving/pipeline/``). A failed batch fails its requests, never
+the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``: the batch runs between
+the loop's reads and writes, with no GIL to hand back and forth), else one executor thread (the CUDA path, which waits
+on the device, and a path through Redis, whose reads may wait up to their timeout). With ``busy_poll_ms`` the loop
+polls for the next request a while after a batch before it sleeps (a sleeping core wakes slowly).
 """
 
 from __future__ import annotations
@@ -37,10 +36,6 @@ from uembed.serving.settings import ServiceSettings
 from uembed.serving.statistics import InferenceStatistics
 
 log = logging.getLogger("uembed.batcher")
-
-# The most turns of the loop a batch waits for requests still arriving (Batcher._settle): a bound on how long the
-# first request of a batch waits for the decoding of those that join it.
-SETTLE_TURNS = 8
 
 
 @dataclass
@@ -217,7 +212,11 @@ class Batcher:
             if wait_s:
                 await asyncio.sleep(wait_s)
             else:
-                await self._settle()
+                # One turn of the loop before every batch. The last batch's replies leave in it: a handler's write is
+                # sent a turn after it is made (CoalescedWrites), so a batch taken at once held the replies of the one
+                # before until it ended, a lone request's too. And the newest requests, read in the turn just run, are
+                # queued by their handlers' first steps, which the loop runs after this one: they join this batch.
+                await asyncio.sleep(0)
             batch = self._take_batch()
             if not batch:
                 continue
@@ -254,33 +253,6 @@ class Batcher:
                 # A batch ran without awaiting: hand the loop its replies, reads, timers and row updates before the
                 # next one (without this, a queue of batches ran back to back and held every reply till the end).
                 await asyncio.sleep(0)
-
-    async def _settle(self) -> None:
-        """Turns of the loop before a batch is taken: one, then more while each queues another request (at most
-        ``SETTLE_TURNS``, and none once the queue holds a full batch).
-
-        The first turn sends the last batch's replies: a handler's write leaves a turn after it is made
-        (CoalescedWrites), so a batch taken at once held the replies of the one before until it ended, a lone
-        request's too. Each turn also reads the requests that arrived meanwhile, whose handlers queue them in the
-        turn after (in order, after the batch loop's own step): on a busy loop clients send their next requests as
-        their replies reach them, over several turns, and those join this batch rather than wait for the next one.
-        A lone request costs one turn."""
-        queued = len(self.queue)
-        await asyncio.sleep(0)
-        for _ in range(SETTLE_TURNS - 1):
-            if len(self.queue) == queued or self._holds_a_full_batch():
-                return
-            queued = len(self.queue)
-            await asyncio.sleep(0)
-
-    def _holds_a_full_batch(self) -> bool:
-        """Whether the queued requests look up at least ``max_batch_ids`` ids (each counted alone, its context once)."""
-        ids = 0
-        for pending in self.queue:
-            ids += pending.examples.ids
-            if ids >= self.settings.max_batch_ids:
-                return True
-        return False
 
     async def _poll_for_work(self, seconds: float) -> None:
         """Step the loop, its sockets polled without a timeout, until a request is queued or ``seconds`` pass, so the

@@ -18,7 +18,6 @@ Prints each round and the medians of the after-over-before ratios as JSON. Run i
 import argparse
 import json
 import os
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ import orjson
 
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.load import movielens_requests, run_load
-from uembed.loadtest.peers import cpu_split, grpc_load, grpc_request, h2load_grpc_checked, wrk
+from uembed.loadtest.peers import cpu_split, frames_grpc_checked, grpc_load, grpc_request, h2load_grpc_checked, wrk
 from uembed.loadtest.servers import UvicornProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work: Path, rate: float | None = None,
             env: dict[str, str] | None = None, label: str = "", calls: list[bytes] | None = None,
-            grpc_client: str = "h2load") -> dict:  # fmt: skip
+            grpc_client: str = "frames") -> dict:  # fmt: skip
     # the worker starts in the tree and imports uembed from it
     grpc_port = free_port() if calls else 0
     server = UvicornProcess("uembed.serving.app:create_app",
@@ -50,9 +49,10 @@ def measure(tree: Path, bundle: Path, bodies: list[bytes], seconds: float, work:
         mapped = sorted({line.split()[-1] for line in maps.splitlines() if "_fasthash" in line})
         if not mapped or not all(path.startswith(str(tree.resolve())) for path in mapped):
             raise SystemExit(f"the worker of {tree} runs other code: {mapped or 'no compiled hashing'}")
-        if calls and not rate and grpc_client == "h2load":  # saturated ModelInfer from h2load, as the peers phase
-            h2load_grpc_checked(server, calls, 2, work, 16)  # warm-up
-            return cpu_split(server, lambda: h2load_grpc_checked(server, calls, seconds, work, 16))
+        if calls and not rate and grpc_client != "aio":  # saturated ModelInfer, as the peers phase (frames) or by h2load
+            checked = frames_grpc_checked if grpc_client == "frames" else h2load_grpc_checked
+            checked(server, calls, 2, work, 16)  # warm-up
+            return cpu_split(server, lambda: checked(server, calls, seconds, work, 16))
         if calls:  # ModelInfer from the peers phase's grpc.aio client (2 processes, 16 calls in flight), or at a rate
             target = f"127.0.0.1:{grpc_port}"
             grpc_load(target, calls, 2, rate=rate)  # warm-up
@@ -80,9 +80,10 @@ def main() -> None:
                         help="settings for the before worker only, e.g. UEMBED_BUSY_POLL_MS=0 (the trees may be the same)")
     parser.add_argument("--after-env", nargs="+", default=[], metavar="KEY=VALUE", help="settings for the after worker only")
     parser.add_argument("--front", choices=("v1", "grpc"), default="v1", help="REST v1 with wrk, or gRPC ModelInfer")
-    parser.add_argument("--grpc-client", choices=("h2load", "aio"), default="h2load" if shutil.which("h2load") else "aio",
-                        help="saturated gRPC load from h2load (compiled, as wrk; the default where installed) or the "
-                        "peers phase's grpc.aio processes (which take a share of the server's cores); an open loop is grpc.aio's")  # fmt: skip
+    parser.add_argument("--grpc-client", choices=("frames", "h2load", "aio"), default="frames",
+                        help="saturated gRPC load from the peers phase's client in wrk's shape (grpc_frames, the default), "
+                        "h2load (a process a connection), or grpc.aio processes (which take a share of the server's cores); "
+                        "an open loop is grpc.aio's")  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     envs = {}

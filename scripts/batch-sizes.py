@@ -3,7 +3,7 @@
     .venv/bin/python scripts/batch-sizes.py TREE [TREE ...] [--rounds 2] [--seconds 5] [--out sizes.json]
 
 Each round starts one worker of each tree in turn on the demo bundle (``PYTHONPATH=TREE``, the tree's own code and
-compiled extensions: build them in a worktree first), loads it for ``--seconds`` with h2load's gRPC ModelInfer calls
+compiled extensions: build them in a worktree first), loads it for ``--seconds`` with gRPC ModelInfer calls (the peers phase's client, ``grpc_frames``)
 and then with wrk's REST v1 requests (16 connections, one request in flight on each, 64 real MovieLens examples a
 request, as ``uembed bench --peers``), and reads the worker's ``uembed_batch_examples`` histogram before and after
 each: its examples over its batches, over 64, is the requests a batch. Prints a line per tree and round, and the
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from uembed.bundle.loader import load_bundle  # noqa: E402
 from uembed.loadtest.load import movielens_requests  # noqa: E402
-from uembed.loadtest.peers import grpc_request, h2load_grpc_checked, wrk  # noqa: E402
+from uembed.loadtest.peers import frames_grpc_checked, grpc_request, wrk  # noqa: E402
 from uembed.loadtest.servers import UvicornProcess, free_port  # noqa: E402
 
 EXAMPLES = 64
@@ -56,8 +56,8 @@ def measure(tree: Path, bundle: Path, calls: list[bytes], bodies: list[bytes], s
     server.cwd = tree
     server.start()
     try:
-        h2load_grpc_checked(server, calls, 2, work, 16)  # warm-up
-        grpc, grpc_size = requests_a_batch(server, lambda: h2load_grpc_checked(server, calls, seconds, work, 16))
+        frames_grpc_checked(server, calls, 2, work, 16)  # warm-up
+        grpc, grpc_size = requests_a_batch(server, lambda: frames_grpc_checked(server, calls, seconds, work, 16))
         wrk(server.url, "/v1/score", bodies, 2, 16, work)
         v1, v1_size = requests_a_batch(server, lambda: wrk(server.url, "/v1/score", bodies, seconds, 16, work))
         return {"grpc": {"requests_per_s": grpc["requests_per_s"], "requests_a_batch": grpc_size},

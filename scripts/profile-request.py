@@ -7,7 +7,7 @@ compute thread's (hash, lookup, assemble, dense). Needs wrk and py-spy (the load
 
     python scripts/profile-request.py --examples 64 --out profile.txt
     python scripts/profile-request.py --tree ../an-older-checkout     # the same measurement of other code
-    python scripts/profile-request.py --front grpc      # ModelInfer with binary tensors, the peers' gRPC load client (h2load)
+    python scripts/profile-request.py --front grpc      # ModelInfer with binary tensors, the peers' gRPC load client (grpc_frames)
     python scripts/profile-request.py --open-loop 1200  # requests at evenly spaced times (the half-load tail's case)
     python scripts/profile-request.py --bundle scale-work/criteo-scale/1 --shape ranking   # the scale bench's requests
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from uembed.loadtest.load import movielens_requests  # noqa: E402
-from uembed.loadtest.peers import grpc_load, grpc_request, h2load_grpc, wrk  # noqa: E402
+from uembed.loadtest.peers import frames_grpc, grpc_request, wrk  # noqa: E402
 from uembed.loadtest.servers import UvicornProcess  # noqa: E402
 
 # A sample's stage: the first of these found walking from the innermost frame outwards.
@@ -120,16 +120,10 @@ def main() -> int:
             bundle = load_bundle(args.bundle)
             calls = [grpc_request(bundle.name, r, bundle.feature_specs) for r in movielens_requests(args.examples)]
             counter = 'uembed_grpc_requests_total{code="OK",method="ModelInfer"}'  # labels sorted, as exposed
-            if shutil.which("h2load"):  # compiled, as wrk is: the client leaves the server its core
-                h2load_grpc(service.grpc_target, calls, 3, workdir)  # warm-up
-                load = threading.Thread(target=h2load_grpc, args=(service.grpc_target, calls, args.seconds + 4, workdir))
-                load.start()
-                time.sleep(1)  # py-spy's start and its samples within the load's time
-            else:
-                grpc_load(service.grpc_target, calls, 3)  # warm-up
-                load = threading.Thread(target=grpc_load, args=(service.grpc_target, calls, args.seconds + 4))
-                load.start()
-                time.sleep(4)  # grpc_load starts its clients 3 s after it is called
+            frames_grpc(service.grpc_target, calls, 3, workdir)  # warm-up
+            load = threading.Thread(target=frames_grpc, args=(service.grpc_target, calls, args.seconds + 4, workdir))
+            load.start()
+            time.sleep(1)  # py-spy's start and its samples within the load's time
         elif args.open_loop:
             from uembed.loadtest.load import run_load
 

@@ -327,8 +327,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     peers.add_argument("--peer-sizes", type=int, nargs="+", default=[8, 64, 512], help="examples per request")
     peers.add_argument("--peer-workers", type=int, nargs="+", default=[1, 2], help="worker counts of every server")
     peers.add_argument("--peer-fronts", nargs="+", choices=PEER_FRONTS, default=list(PEER_FRONTS),
-                       help="what to measure (ceiling: the scoring work in-process; grpc: loaded by h2load where "
-                       "installed; grpc_aio: by Python grpc.aio clients); e.g. v1 grpc perf_analyzer for the "
+                       help="what to measure (ceiling: the scoring work in-process; grpc: loaded in wrk's shape by "
+                       "uembed/loadtest/grpc_frames.py, and by h2load too where installed; grpc_aio: by Python grpc.aio "
+                       "clients); e.g. v1 grpc perf_analyzer for the "
                        "gRPC-over-REST ratio alone")  # fmt: skip
     gpu = parser.add_argument_group("gpu phase", "the CUDA path beside the CPU path (uembed/loadtest/gpu_bench.py)")
     gpu.add_argument("--gpu-table-rows", type=int, default=100_000_000, help="rows of the synthetic Criteo-shaped table")

@@ -13,11 +13,14 @@ sends its own random tensors shaped from the model's metadata and configuration 
 installed;
 
 with 1 and 2 workers each, requests of 8, 64 and 512 real MovieLens-100K examples. HTTP load comes from wrk
-(closed loop: each connection sends as soon as its answer arrives); gRPC load from h2load, nghttp2's HTTP/2 load
-generator (:func:`h2load_grpc`: compiled, as wrk is, so both fronts' clients take about as little of the machine the
-server shares), or where it is missing from client processes of our own (``grpc.aio``, requests serialised once
-before the run, so a call costs the client one send and one receive). ``grpc_aio`` measures the gRPC front with those
-client processes too, beside h2load: a Python client takes more of the cores the server needs. The client's CPU time
+(closed loop: each connection sends as soon as its answer arrives, one thread, every request the next of the
+bodies); gRPC load in the same shape from ``grpc_frames.py`` (:func:`frames_grpc`: one thread, a call in flight on each
+connection, every call the next request, its HTTP/2 frames prepared before the run, so a call costs the client about
+what a request costs wrk). Beside it, where it is installed, h2load (nghttp2's compiled HTTP/2 load generator,
+:func:`h2load_grpc`), which sends one body a run: a process a connection, so that the calls in flight differ; the
+calls a batch's replies release then arrive spread over sixteen processes' wake-ups, and the batches are smaller than
+wrk's (``closed_h2load``). ``grpc_aio`` measures the gRPC front with client processes of grpcio's own (``grpc.aio``,
+requests serialised once before the run): a Python client takes more of the cores the server needs. The client's CPU time
 per call is reported for every closed loop. ``paired_with_v1`` measures gRPC and v1 again in rounds taking turns on
 one service; with one worker ``paired_with_v1_pinned`` does it again with the worker's threads on one core and the
 load generators on the others (:func:`server_on_its_own_core`), so neither client's CPU is taken from the server's
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import os
 import re
@@ -47,6 +51,7 @@ import numpy as np
 import orjson
 
 from uembed.bundle.loader import load_bundle
+from uembed.loadtest.grpc_frames import GIVE_UP_S, write_bodies
 from uembed.loadtest.load import ceiling, movielens_requests, run_load, unloaded
 from uembed.loadtest.perf_analyzer import find_perf_analyzer
 from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port, worker_pids
@@ -341,21 +346,50 @@ def grpc_calls_by_code(server: UvicornProcess) -> dict[str, float]:
     return found
 
 
-def h2load_grpc_checked(server: UvicornProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
-    """:func:`h2load_grpc` over ``connections`` connections, a call in flight on each (wrk's shape), its calls checked
-    against the server's count by gRPC status: a call h2load counted that the server did not answer OK is a failure.
-    Only valid while nothing else calls ModelInfer on the server; with several workers the server's /metrics must
-    sum them (PROMETHEUS_MULTIPROC_DIR), or the other workers' calls would count as missing."""
+def checked_by_server(server: UvicornProcess, load) -> dict:
+    """``load()``'s figures (a closed loop of ModelInfer calls), its calls checked against the server's count by gRPC
+    status: a call the client counted answered that the server did not answer OK is a failure (h2load and
+    ``grpc_frames`` read HTTP statuses and trailers' ends, not the status in them). Only valid while nothing else
+    calls ModelInfer on the server; with several workers the server's /metrics must sum them
+    (PROMETHEUS_MULTIPROC_DIR), or the other workers' calls would count as missing."""
     if server.workers > 1 and not (server.env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")):
         raise ValueError(f"{server.workers} workers without PROMETHEUS_MULTIPROC_DIR: /metrics would be one worker's, "
                          "and the gRPC calls could not be checked")  # fmt: skip
     codes = grpc_calls_by_code(server)
-    figures = h2load_grpc(server.grpc_target, requests, seconds, workdir, connections=connections, streams=1)
+    figures = load()
     answered = {code: count - codes.get(code, 0.0) for code, count in grpc_calls_by_code(server).items()}
     not_ok = round(sum(count for code, count in answered.items() if code != "OK"))
-    # calls h2load counted as answered (HTTP 2xx) that the server did not answer OK: an error in the trailers, or none
+    # calls the client counted as answered that the server did not answer OK: an error in the trailers, or none
     missing = max(0, figures["requests"] - round(answered.get("OK", 0.0)))
     return figures | {"failures": figures["failures"] + missing, "not_ok": not_ok}
+
+
+def h2load_grpc_checked(server: UvicornProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
+    """:func:`h2load_grpc` over ``connections`` connections, a call in flight on each, checked by the server."""
+    return checked_by_server(server, lambda: h2load_grpc(server.grpc_target, requests, seconds, workdir, connections=connections))
+
+
+def frames_grpc(target: str, requests: list[bytes], seconds: float, workdir: Path, connections: int = 16) -> dict:
+    """Saturated ModelInfer calls in wrk's shape (``grpc_frames``: one thread, ``connections`` connections, a call
+    in flight on each, every call the next request), from a process of its own; with its CPU a call."""
+    bodies = Path(tempfile.mkdtemp(prefix="grpc-frames-", dir=workdir)) / "requests.bin"
+    write_bodies(bodies, requests)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    command = [sys.executable, "-m", "uembed.loadtest.grpc_frames", "--target", target, "--path", INFER_METHOD,
+               "--bodies", str(bodies), "--seconds", str(seconds), "--connections", str(connections)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + GIVE_UP_S + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    shutil.rmtree(bodies.parent, ignore_errors=True)
+    if done.returncode:
+        raise RuntimeError(f"the gRPC load client failed: {done.stderr.strip()[-2000:]}")
+    figures = json.loads(done.stdout)
+    client_cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return figures | {"client_cpu_ms_per_call": round(client_cpu_s / max(figures["requests"], 1) * 1000, 3)}
+
+
+def frames_grpc_checked(server: UvicornProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
+    """:func:`frames_grpc`, checked by the server."""
+    return checked_by_server(server, lambda: frames_grpc(server.grpc_target, requests, seconds, workdir, connections))
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -464,10 +498,6 @@ def run_peers(args, workdir: Path, report) -> None:
         report("peers perf_analyzer", {"skipped": analyzer})
         analyzer = None
 
-    h2load_missing = None if shutil.which("h2load") else "h2load is not installed (make system-deps): the gRPC client is grpc.aio's"
-    if "grpc" in fronts and h2load_missing:
-        report("peers grpc", {"client": h2load_missing})
-
     for workers in args.peer_workers:
         # with several workers /metrics sums every worker's series (UvicornProcess gives them a directory), as the gRPC check needs
         env = {"UEMBED_BUNDLES": str(bundle_path)}
@@ -478,24 +508,26 @@ def run_peers(args, workdir: Path, report) -> None:
                     http_front(front, service, workers, front)
             for size in args.peer_sizes if fronts & {"grpc", "grpc_aio"} else ():
                 calls = bodies["grpc"][size]
-                for front in ("grpc", "grpc_aio"):
-                    if front not in fronts or (front == "grpc_aio" and h2load_missing and "grpc" in fronts):
-                        continue  # (without h2load the grpc front's figure is grpc.aio's already)
-                    if front == "grpc" and h2load_missing is None:  # a compiled client, as wrk is for the HTTP fronts
-                        h2load_grpc_checked(service, calls, 2, workdir, connections)  # warm-up
-                        saturated = cpu_split(service, lambda: h2load_grpc_checked(service, calls, seconds, workdir, connections))
-                    else:
-                        grpc_load(service.grpc_target, calls, 2, concurrency=connections)  # warm-up
-                        saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, calls, seconds, concurrency=connections))
-                    measure(front, workers, size, {"closed": saturated})
-                # the open loop from the grpc.aio client (h2load sends at a rate of connections, not of calls)
+                if "grpc" in fronts:  # wrk's shape: one thread, a call in flight on each connection, every call the next request
+                    frames_grpc_checked(service, calls, 2, workdir, connections)  # warm-up
+                    saturated = cpu_split(service, lambda: frames_grpc_checked(service, calls, seconds, workdir, connections))
+                    measure("grpc", workers, size, {"closed": saturated})
+                    if shutil.which("h2load"):  # the compiled client, one process a connection (it sends one body a run)
+                        by_h2load = cpu_split(service, lambda: h2load_grpc_checked(service, calls, seconds, workdir, connections))
+                        results["grpc"][f"{workers}w"][str(size)]["closed_h2load"] = by_h2load
+                        report(f"peers grpc {workers}w {size} by h2load", by_h2load)
+                if "grpc_aio" in fronts:  # grpcio's own client, in Python processes
+                    grpc_load(service.grpc_target, calls, 2, concurrency=connections)  # warm-up
+                    saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, calls, seconds, concurrency=connections))
+                    measure("grpc_aio", workers, size, {"closed": saturated})
+                # the open loop from the grpc.aio client (the closed-loop clients send at a rate of connections, not of calls)
                 front = "grpc" if "grpc" in fronts else "grpc_aio"
                 if size == open_size:
                     rate = results[front][f"{workers}w"][str(size)]["closed"]["requests_per_s"] / 2
                     half = grpc_load(service.grpc_target, calls, seconds, rate=rate)
                     results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
                     report(f"peers {front} {workers}w {size} open loop", half)
-            if {"v1", "grpc"} <= fronts and h2load_missing is None:
+            if {"v1", "grpc"} <= fronts:
                 for size in args.peer_sizes:
                     paired = paired_grpc_and_v1(service, bodies["v1"][size], bodies["grpc"][size], seconds, connections, workdir)
                     results["grpc"][f"{workers}w"][str(size)]["paired_with_v1"] = paired
@@ -590,7 +622,7 @@ def affinity(tid: int) -> set[int] | None:
 
 def paired_grpc_and_v1(service: UvicornProcess, v1_bodies: list[bytes], calls: list[bytes], seconds: float, connections: int,
                        workdir: Path) -> dict:  # fmt: skip
-    """gRPC (h2load) over REST v1 (wrk) in ``PAIRED_ROUNDS`` rounds of half ``seconds`` each, the order flipped every
+    """gRPC (``grpc_frames``) over REST v1 (wrk) in ``PAIRED_ROUNDS`` rounds of half ``seconds`` each, the order flipped every
     round, on the same service: this machine's speed drifts between the phases a front's own measure takes seconds
     apart, and a drift within a round falls on both fronts. The median of the rounds' ratios is the run's figure."""
     round_s = max(1.0, seconds / 2)
@@ -602,7 +634,7 @@ def paired_grpc_and_v1(service: UvicornProcess, v1_bodies: list[bytes], calls: l
             if front == "v1":
                 figures[front] = cpu_split(service, lambda: wrk(service.url, "/v1/score", v1_bodies, round_s, connections, workdir))
             else:
-                figures[front] = cpu_split(service, lambda: h2load_grpc_checked(service, calls, round_s, workdir, connections))
+                figures[front] = cpu_split(service, lambda: frames_grpc_checked(service, calls, round_s, workdir, connections))
         row = {front: {key: figures[front][key] for key in ("requests_per_s", "server_cpu_ms_per_call", "failures")}
                for front in ("v1", "grpc")}  # fmt: skip
         rounds.append(row | {"grpc_over_v1": round(row["grpc"]["requests_per_s"] / row["v1"]["requests_per_s"], 3),
@@ -666,6 +698,9 @@ def peer_ratios(results: dict) -> dict:
                 # and with the worker on a core of its own, the load generators on the others (1 worker)
                 "grpc_over_v1_paired_pinned": results["grpc"][workers][size].get("paired_with_v1_pinned", {}).get("grpc_over_v1_median")
                 if "grpc" in rate else None,
+                # the same front loaded by h2load, a process a connection (its calls spread over their wake-ups)
+                "grpc_h2load_over_v1": round(results["grpc"][workers][size]["closed_h2load"]["requests_per_s"] / rate["v1"], 2)
+                if "closed_h2load" in results.get("grpc", {}).get(workers, {}).get(size, {}) else None,
                 # the same front loaded by the Python client (grpc.aio), which takes a share of a shared machine
                 "grpc_aio_over_v1": round(rate["grpc_aio"] / rate["v1"], 2) if "grpc_aio" in rate else None,
                 "v2_over_v1": round(rate["v2"] / rate["v1"], 2) if "v2" in rate else None,

@@ -1,0 +1,77 @@
+"""The peers' gRPC load client (``uembed/loadtest/grpc_frames.py``) against the service's real HTTP/2 port: every call
+the next request, connections the server ends (GOAWAY) opened again with no call lost, and its figures checked
+against the server's own count."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serving.inprocess import InProcessService
+from uembed.bundle.loader import load_bundle
+from uembed.loadtest.grpc_frames import hpack_literal, read_bodies, run, write_bodies
+from uembed.loadtest.load import movielens_requests
+from uembed.loadtest.peers import INFER_METHOD, frames_grpc, frames_grpc_checked, grpc_request
+from uembed.loadtest.servers import SERVICE_APP, UvicornProcess, free_port
+from uembed.serving.protocols.grpc_h2 import GrpcApp
+from uembed.serving.protocols.http2 import Http2Listener
+from uembed.serving.protocols.oip import InferencePlane
+
+MODEL = "movielens"
+
+
+async def listening(service: InProcessService, port: int, streams_per_connection: int) -> Http2Listener:
+    app = GrpcApp(InferencePlane(service.engine, service.settings), service.settings)
+    listener = Http2Listener(app, service.settings, "127.0.0.1", port, streams_per_connection=streams_per_connection, lane=app.lane)
+    await listener.start()
+    return listener
+
+
+def test_every_call_is_the_next_request_through_connections_the_server_ends(synthetic_store):
+    """Two requests taking turns, one the server answers NOT_FOUND: its count by status shows each call sent the next
+    one; the port ends each connection after 20 calls and the client opens another, no call lost."""
+    path = synthetic_store / MODEL / "1"
+    service = InProcessService(bundles=[path], grpc_port=0)
+    port = free_port()
+    listener = service.run(listening(service, port, 20))
+    try:
+        specs = load_bundle(path).feature_specs
+        examples = movielens_requests(8, count=1)[0]
+        bodies = [grpc_request(MODEL, examples, specs), grpc_request("no-such-model", examples, specs)]
+        figures = run("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 4)
+        assert figures["failures"] == 0 and figures["requests"] > 100, figures
+        assert listener.connections_made >= figures["requests"] // 20
+        counted = service.metrics()
+        by_code = {code: counted.get(f'uembed_grpc_requests_total{{code="{code}",method="ModelInfer"}}', 0) for code in ("OK", "NOT_FOUND")}
+        assert by_code == {"OK": (figures["requests"] + 1) // 2, "NOT_FOUND": figures["requests"] // 2}
+        assert 0 < figures["mean_ms"] <= figures["max_ms"]
+    finally:
+        service.run(listener.stop())
+        service.close()
+
+
+def test_the_checked_figures_count_a_call_not_answered_ok_as_failed(synthetic_store, tmp_path):
+    path = synthetic_store / MODEL / "1"
+    specs = load_bundle(path).feature_specs
+    calls = [grpc_request(MODEL, r, specs) for r in movielens_requests(8, count=3)]
+    service = UvicornProcess(SERVICE_APP, {"UEMBED_BUNDLES": str(path)}, tmp_path / "service.log").start()
+    try:
+        checked = frames_grpc_checked(service, calls, 0.5, tmp_path, 4)
+        assert checked["failures"] == checked["not_ok"] == 0 and checked["requests"] > 0, checked
+        assert checked["client"] == "grpc_frames" and checked["client_cpu_ms_per_call"] > 0
+        unknown = [grpc_request("no-such-model", r, specs) for r in movielens_requests(8, count=1)]
+        refused = frames_grpc_checked(service, unknown, 0.3, tmp_path, 4)
+        assert refused["requests"] > 0 and refused["not_ok"] == refused["requests"] == refused["failures"], refused
+    finally:
+        service.stop()
+    with pytest.raises(RuntimeError, match="the gRPC load client failed"):  # nothing listens there now
+        frames_grpc(service.grpc_target, calls, 0.3, tmp_path, 2)
+
+
+def test_bodies_round_trip_and_header_lengths_past_a_prefix_byte(tmp_path):
+    bodies = [b"", b"x" * 300, bytes(range(256))]
+    write_bodies(tmp_path / "bodies.bin", bodies)
+    assert read_bodies(tmp_path / "bodies.bin") == bodies
+    # RFC 7541 5.1: a length of 200 is the 7-bit prefix filled (127), then 73
+    assert hpack_literal(None, b"te", b"a" * 200) == b"\x00\x02te" + bytes((127, 73)) + b"a" * 200
+    assert hpack_literal(4, b":path", b"/m") == b"\x04\x02/m"
+    assert hpack_literal(31, b"content-type", b"x") == b"\x0f\x10\x01x"

@@ -369,10 +369,10 @@ def test_a_batchs_replies_leave_before_the_next_batch_runs(synthetic_store, movi
     assert run(main()) == ["batch of 1", "reply 0 sent", "batch of 1", "reply 1 sent", "batch of 1", "reply 2 sent"]
 
 
-def test_the_loop_turns_once_before_every_batch(synthetic_store, movielens_examples, monkeypatch):
-    """Every batch is taken a turn of the loop after the batch loop finds work (a bare yield, counted here): the last
-    batch's replies are written a turn after their handlers write them, and the newest requests are queued a turn
-    after they are read, so a batch taken at once would hold the replies before it and miss those requests. After a
+def test_the_loop_turns_twice_before_every_batch(synthetic_store, movielens_examples, monkeypatch):
+    """Every batch is taken two turns of the loop after the batch loop finds work (bare yields, counted here): the
+    last batch's replies are sent a turn after their handlers write them, and requests are queued a turn after they
+    are read, so a batch taken sooner would hold the replies before it and miss the requests read meanwhile. After a
     batch the loop turns once more (its replies' handlers run)."""
     path = synthetic_store / "movielens" / "1"
     events = []
@@ -400,8 +400,8 @@ def test_the_loop_turns_once_before_every_batch(synthetic_store, movielens_examp
         await engine.astop()
         return [event for event in events if event != 0]
 
-    assert run(main(1)) == ["turn", 1, "turn"]
+    assert run(main(1)) == ["turn", "turn", 1, "turn"]
     events.clear()
-    assert run(main(3)) == ["turn", 2, "turn", "turn", 1, "turn"]
+    assert run(main(3)) == ["turn", "turn", 2, "turn", "turn", "turn", 1, "turn"]
     events.clear()
-    assert run(main(2, 1)) == ["turn", 2, "turn", "turn", 1, "turn"]  # the loop slept between the two rounds
+    assert run(main(2, 1)) == ["turn", "turn", 2, "turn", "turn", "turn", 1, "turn"]  # the loop slept between the two rounds

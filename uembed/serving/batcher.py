@@ -2,7 +2,7 @@
 engine, wait here until a batch takes them; the runtime scores the batch in one call. No HTTP, no versions.
 
 Requests are admitted through a bound (``max_queue_examples``), each with one future. One batch loop takes what
-queued while the previous batch ran (plus ``max_wait_ms``, else one turn of the event loop: the last batch's replies
+queued while the previous batch ran (plus ``max_wait_ms``, else two turns of the event loop: the last batch's replies
 leave, and the requests just read are queued), up to ``max_batch_ids`` looked-up ids, and runs it on the one compute
 thread: ``runtime.score_batch`` (``uembed/serving/pipeline/``). A failed batch fails its requests, never
 the loop. The compute thread is the event loop's own on the CPU (``compute_on_event_loop``: the batch runs between
@@ -212,10 +212,11 @@ class Batcher:
             if wait_s:
                 await asyncio.sleep(wait_s)
             else:
-                # One turn of the loop before every batch. The last batch's replies leave in it: a handler's write is
-                # sent a turn after it is made (CoalescedWrites), so a batch taken at once held the replies of the one
-                # before until it ended, a lone request's too. And the newest requests, read in the turn just run, are
-                # queued by their handlers' first steps, which the loop runs after this one: they join this batch.
+                # Two turns of the loop before every batch. In them the last batch's replies are written and sent
+                # (CoalescedWrites sends a write a turn after it is made), so none waits behind this batch, a lone
+                # request's neither; and requests read meanwhile are queued by their handlers' first steps, a turn
+                # after they are read, so they join it. With one turn the batch left behind those read in it.
+                await asyncio.sleep(0)
                 await asyncio.sleep(0)
             batch = self._take_batch()
             if not batch:

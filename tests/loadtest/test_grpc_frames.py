@@ -1,4 +1,4 @@
-"""The peers' gRPC load client (``uembed/loadtest/grpc_frames.py``) against the service's real HTTP/2 port: every call
+"""The peers' gRPC load clients (``uembed/loadtest/grpc_frames.py``, and grpcio's) against the service's real HTTP/2 port: every call
 the next request, connections the server ends (GOAWAY) opened again with no call lost, and its figures checked
 against the server's own count."""
 
@@ -10,7 +10,7 @@ from tests.serving.inprocess import InProcessService
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.grpc_frames import hpack_literal, read_bodies, run, write_bodies
 from uembed.loadtest.load import movielens_requests
-from uembed.loadtest.peers import INFER_METHOD, frames_grpc, frames_grpc_checked, grpc_request
+from uembed.loadtest.peers import INFER_METHOD, frames_grpc, frames_grpc_checked, grpc_load, grpc_request
 from uembed.loadtest.servers import SERVICE_APP, UvicornProcess, free_port
 from uembed.serving.protocols.grpc_h2 import GrpcApp
 from uembed.serving.protocols.http2 import Http2Listener
@@ -61,6 +61,9 @@ def test_the_checked_figures_count_a_call_not_answered_ok_as_failed(synthetic_st
         unknown = [grpc_request("no-such-model", r, specs) for r in movielens_requests(8, count=1)]
         refused = frames_grpc_checked(service, unknown, 0.3, tmp_path, 4)
         assert refused["requests"] > 0 and refused["not_ok"] == refused["requests"] == refused["failures"], refused
+        # grpcio's client (the peers' grpc_aio and open loop) names each failure's status
+        by_grpcio = grpc_load(service.grpc_target, unknown, 0.3, processes=1, concurrency=2)
+        assert by_grpcio["failures_by_code"] == {"NOT_FOUND": by_grpcio["requests"]} and by_grpcio["requests"] > 0, by_grpcio
     finally:
         service.stop()
     with pytest.raises(RuntimeError, match="the gRPC load client failed"):  # nothing listens there now

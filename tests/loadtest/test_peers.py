@@ -77,6 +77,7 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     # the gRPC front's saturated load in wrk's shape; h2load's beside it where it is installed (CI's system-deps)
     assert results["grpc"]["1w"]["8"]["closed"]["client"] == "grpc_frames"
     assert results["grpc_aio"]["1w"]["8"]["closed"]["client"] == "grpc.aio"
+    assert results["grpc_aio"]["1w"]["8"]["closed"]["failures_by_code"] == {}
     if shutil.which("h2load"):
         by_h2load = results["grpc"]["1w"]["8"]["closed_h2load"]
         assert by_h2load["client"] == "h2load" and by_h2load["failures"] == 0 and by_h2load["requests"] > 0, by_h2load

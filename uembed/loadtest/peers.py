@@ -168,25 +168,24 @@ def grpc_client_process(target: str, requests: list[bytes], seconds: float, conc
     at ``rate`` per second (open loop); puts (calls, failures, latencies, client CPU seconds) on ``results``."""
     import grpc
 
-    async def run() -> tuple[int, int, list[float]]:
+    async def run() -> tuple[int, dict[str, int], list[float], float]:
         options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 * 2**20),
                    ("grpc.max_send_message_length", 64 * 2**20)]  # own connections: spread over SO_REUSEPORT workers
         opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
         await asyncio.gather(*(channel.channel_ready() for channel in opened))
         calls = [channel.unary_unary(INFER_METHOD) for channel in opened]  # bytes in, bytes out: no client-side protobuf
         latencies: list[float] = []
-        failures = 0
+        failures: dict[str, int] = {}  # by status code
         counter = iter(range(10**9))
         await asyncio.sleep(max(0.0, start_at - time.time()))
         begin = time.perf_counter()
         stop = begin + seconds
 
         async def one(index: int, scheduled: float) -> None:
-            nonlocal failures
             try:
                 await calls[index % channels](requests[index % len(requests)], timeout=30)
-            except grpc.aio.AioRpcError:
-                failures += 1
+            except grpc.aio.AioRpcError as error:
+                failures[error.code().name] = failures.get(error.code().name, 0) + 1
             latencies.append(time.perf_counter() - scheduled)
 
         async def closed_loop() -> None:
@@ -235,8 +234,13 @@ def grpc_load(target: str, requests: list[bytes], seconds: float, processes: int
     calls = sum(p[0] for p in parts)
     latencies = np.concatenate([np.asarray(p[2]) for p in parts]) * 1000
     elapsed = max(p[3] for p in parts)
+    by_code: dict[str, int] = {}
+    for part in parts:
+        for code, count in part[1].items():
+            by_code[code] = by_code.get(code, 0) + count
     return {
-        "client": "grpc.aio", "requests": calls, "failures": sum(p[1] for p in parts), "requests_per_s": round(calls / elapsed, 1),
+        "client": "grpc.aio", "requests": calls, "failures": sum(by_code.values()), "failures_by_code": by_code,
+        "requests_per_s": round(calls / elapsed, 1),
         **{f"p{q}_ms": round(float(np.percentile(latencies, q)), 3) for q in (50, 90, 99)},
         "client_cpu_ms_per_call": round(sum(p[4] for p in parts) / max(calls, 1) * 1000, 3),
     }  # fmt: skip

@@ -49,6 +49,26 @@ def test_every_call_is_the_next_request_through_connections_the_server_ends(synt
         service.close()
 
 
+def test_a_message_past_a_frame_and_the_flow_control_windows_is_sent_as_they_allow(synthetic_store):
+    """A request larger than HTTP/2's smallest frame (16 KiB) and than the server's stream and connection windows
+    (64 KiB): sent in DATA frames as the server's WINDOW_UPDATEs open the windows, every call answered."""
+    path = synthetic_store / MODEL / "1"
+    service = InProcessService(bundles=[path], grpc_port=0)
+    port = free_port()
+    listener = service.run(listening(service, port, 20))
+    try:
+        specs = load_bundle(path).feature_specs
+        bodies = [grpc_request(MODEL, examples, specs) for examples in movielens_requests(1024, count=2)]
+        assert min(map(len, bodies)) > 65535
+        figures = run("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 2)
+        assert figures["failures"] == 0 and figures["requests"] > 4, figures
+        ok = service.metrics()['uembed_grpc_requests_total{code="OK",method="ModelInfer"}']
+        assert ok == figures["requests"]
+    finally:
+        service.run(listener.stop())
+        service.close()
+
+
 def test_the_checked_figures_count_a_call_not_answered_ok_as_failed(synthetic_store, tmp_path):
     path = synthetic_store / MODEL / "1"
     specs = load_bundle(path).feature_specs
@@ -57,7 +77,7 @@ def test_the_checked_figures_count_a_call_not_answered_ok_as_failed(synthetic_st
     try:
         checked = frames_grpc_checked(service, calls, 0.5, tmp_path, 4)
         assert checked["failures"] == checked["not_ok"] == 0 and checked["requests"] > 0, checked
-        assert checked["client"] == "grpc_frames" and checked["client_cpu_ms_per_call"] > 0
+        assert checked["client"] == "grpc_frames" and checked["client_cpu_ms_per_call"] > 0 and "client_cpu_s" not in checked
         unknown = [grpc_request("no-such-model", r, specs) for r in movielens_requests(8, count=1)]
         refused = frames_grpc_checked(service, unknown, 0.3, tmp_path, 4)
         assert refused["requests"] > 0 and refused["not_ok"] == refused["requests"] == refused["failures"], refused
@@ -71,6 +91,8 @@ def test_the_checked_figures_count_a_call_not_answered_ok_as_failed(synthetic_st
 
 
 def test_bodies_round_trip_and_header_lengths_past_a_prefix_byte(tmp_path):
+    with pytest.raises(ValueError, match="no request bodies"):
+        run("127.0.0.1", 1, INFER_METHOD, [], 1.0, 1)
     bodies = [b"", b"x" * 300, bytes(range(256))]
     write_bodies(tmp_path / "bodies.bin", bodies)
     assert read_bodies(tmp_path / "bodies.bin") == bodies

@@ -5,11 +5,11 @@ h2load, the compiled HTTP/2 load generator, sends one body a run: so either ever
 request, or (the peers bench until now) each connection is its own h2load process, and the calls a reply wakes
 arrive spread over sixteen processes' wake-ups. Neither is what wrk gives REST v1. This client is: each call's frames
 are prepared before the run (the header block HPACK-encoded once, without indexing, so the same bytes serve every
-stream; each body's DATA frame), and a call costs one ``send`` of them with the stream's id patched in, and the
-reply's frames are read until its trailers (HEADERS with END_STREAM). It advertises the largest flow-control windows
-at the start, so it never has to open them again, answers SETTINGS and PING, and opens a new connection when the
-server ends one (GOAWAY, after its calls in flight). It does not decode the server's headers: which calls the server
-answered OK is checked against the server's own count by status (``peers.h2load_grpc_checked``'s check).
+stream; each body framed), and a call costs one ``send`` of its frames (DATA split at 16 KiB and held to the server's
+flow-control windows), and the reply's frames are read until its trailers (HEADERS with END_STREAM). It advertises
+the largest flow-control windows for the replies at the start (the connection's opened again after each GiB read),
+answers SETTINGS and PING, and opens a new connection when the server ends one (GOAWAY, after its call in flight). It does not decode the server's headers: which calls the server
+answered OK is checked against the server's own count by status (``peers.checked_by_server``).
 
 Run as its own process (``python -m uembed.loadtest.grpc_frames``): its CPU is the client's, as wrk's is.
 """
@@ -31,6 +31,8 @@ END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_ENABLE_PUSH = 0x4, 0x2
 LARGEST_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535
+MAX_FRAME_BYTES = 16384  # the least SETTINGS_MAX_FRAME_SIZE a server may set, and its default
+REOPEN_AFTER_BYTES = 2**30
 READ_BYTES = 262144
 
 
@@ -65,7 +67,9 @@ def header_block(authority: str, path: str) -> bytes:
 
 
 class Connection:
-    """One HTTP/2 connection carrying one call at a time."""
+    """One HTTP/2 connection carrying one call at a time. A message is sent in DATA frames of at most the protocol's
+    smallest maximum frame size, as the server's flow-control windows (the connection's and the stream's) allow: what
+    they do not, waits for the server's WINDOW_UPDATE."""
 
     def __init__(self, host: str, port: int) -> None:
         self.sock = socket.create_connection((host, port))
@@ -75,15 +79,40 @@ class Connection:
         self.in_flight: int | None = None  # the stream of the call in flight
         self.started = 0.0
         self.goaway = False
+        self.send_window = DEFAULT_WINDOW  # the connection's, as the server opens it
+        self.stream_window = self.initial_window = DEFAULT_WINDOW  # the stream in flight's; until the server's SETTINGS say
+        self.unsent = memoryview(b"")  # the message's bytes the windows have held back
+        self.received = 0  # DATA bytes since the connection's window was last opened again
         settings = struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, LARGEST_WINDOW) + struct.pack(">HI", SETTINGS_ENABLE_PUSH, 0)
         self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings)
                           + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", LARGEST_WINDOW - DEFAULT_WINDOW)))  # fmt: skip
 
-    def send_call(self, headers: bytes, data: bytes) -> None:
+    def send_call(self, headers: bytes, message: bytes) -> None:
         stream = self.next_stream
         self.next_stream += 2
         self.in_flight, self.started = stream, time.perf_counter()
-        self.sock.sendall(frame(HEADERS, END_HEADERS, stream, headers) + frame(DATA, END_STREAM, stream, data))
+        self.stream_window = self.initial_window
+        size = len(message)
+        if size <= MAX_FRAME_BYTES and size <= self.send_window and size <= self.stream_window:  # one frame, sent whole
+            self.send_window -= size
+            self.stream_window -= size
+            self.sock.sendall(frame(HEADERS, END_HEADERS, stream, headers) + frame(DATA, END_STREAM, stream, message))
+            return
+        self.unsent = memoryview(message)
+        self.sock.sendall(frame(HEADERS, END_HEADERS, stream, headers) + self._data_frames())
+
+    def _data_frames(self) -> bytes:
+        """The DATA frames of the message's unsent bytes that the windows allow, the last with END_STREAM."""
+        frames = []
+        while self.unsent:
+            size = min(len(self.unsent), MAX_FRAME_BYTES, self.send_window, self.stream_window)
+            if size <= 0:
+                break
+            chunk, self.unsent = self.unsent[:size], self.unsent[size:]
+            self.send_window -= size
+            self.stream_window -= size
+            frames.append(frame(DATA, 0 if self.unsent else END_STREAM, self.in_flight, chunk))
+        return b"".join(frames)
 
     def read(self) -> tuple[bool, bool]:
         """Read what has arrived: (the call in flight ended, it failed). The connection's own frames are answered."""
@@ -100,21 +129,39 @@ class Connection:
             kind, flags = view[at + 3], view[at + 4]
             stream = int.from_bytes(view[at + 5:at + 9], "big") & 0x7FFFFFFF
             start, at = at + 9, at + 9 + size
-            if stream and stream == self.in_flight:
+            if kind == DATA:
+                self.received += size
+            if kind == WINDOW_UPDATE:
+                increment = int.from_bytes(view[start:start + 4], "big") & 0x7FFFFFFF
+                if stream == 0:
+                    self.send_window += increment
+                elif stream == self.in_flight:
+                    self.stream_window += increment
+            elif stream and stream == self.in_flight:
                 if (kind == HEADERS and flags & END_STREAM) or kind == RST_STREAM or (kind == DATA and flags & END_STREAM):
                     ended, failed = True, kind == RST_STREAM
-                    self.in_flight = None
+                    self.in_flight, self.unsent = None, memoryview(b"")
             elif kind == SETTINGS and not flags & ACK:
+                for offset in range(start, at - 5, 6):
+                    if int.from_bytes(view[offset:offset + 2], "big") == SETTINGS_INITIAL_WINDOW_SIZE:
+                        value = int.from_bytes(view[offset + 2:offset + 6], "big")
+                        self.stream_window += value - self.initial_window  # RFC 9113 6.9.2: open streams move by the change
+                        self.initial_window = value
                 replies.append(frame(SETTINGS, ACK, 0))
             elif kind == PING and not flags & ACK:
                 replies.append(frame(PING, ACK, 0, bytes(view[start:at])))
             elif kind == GOAWAY:
                 self.goaway = True
                 last = int.from_bytes(view[start:start + 4], "big") & 0x7FFFFFFF
-                if self.in_flight is not None and self.in_flight > last:  # not served: sent again on the next connection
+                if self.in_flight is not None and self.in_flight > last:  # not served: counted failed
                     ended, failed = True, True
-                    self.in_flight = None
+                    self.in_flight, self.unsent = None, memoryview(b"")
         del view[:at]
+        if self.received >= REOPEN_AFTER_BYTES:  # the window opened at the start, opened again long before it closes
+            replies.append(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.received)))
+            self.received = 0
+        if self.unsent and self.in_flight is not None:
+            replies.append(self._data_frames())
         if replies:
             self.sock.sendall(b"".join(replies))
         return ended, failed
@@ -129,18 +176,29 @@ GIVE_UP_S = 30.0  # after the deadline, how long the calls still in flight are w
 def run(host: str, port: int, path: str, bodies: list[bytes], seconds: float, connections: int) -> dict:
     """Closed-loop calls until ``seconds`` pass: each connection sends its next call when its last one ends. A call
     the server resets, or that a lost connection or GOAWAY leaves unanswered, is a failure; its connection is opened
-    again while the run lasts."""
-    headers = header_block(f"{host}:{port}", path)
-    data = [b"\x00" + len(body).to_bytes(4, "big") + body for body in bodies]
+    again while the run lasts. The client's own CPU time is in the result (``client_cpu_s``), its start left out."""
+    if not bodies:
+        raise ValueError("no request bodies to send")
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    headers = header_block(authority, path)
+    messages = [b"\x00" + len(body).to_bytes(4, "big") + body for body in bodies]
     poller = select.epoll()
     open_: dict[int, Connection] = {}
     calls = failed = sent = 0
     total_s = longest_s = 0.0
 
-    def send(connection: Connection) -> None:
-        nonlocal sent
-        connection.send_call(headers, data[sent % len(data)])
-        sent += 1
+    def send(connection: Connection) -> bool:
+        """The connection's next call; False (the call counted failed, the connection closed) where it is lost."""
+        nonlocal sent, failed
+        try:
+            connection.send_call(headers, messages[sent % len(messages)])
+        except OSError:
+            failed += 1
+            close(connection.sock.fileno())
+            return False
+        finally:
+            sent += 1
+        return True
 
     def open_one() -> None:
         connection = Connection(host, port)
@@ -152,14 +210,14 @@ def run(host: str, port: int, path: str, bodies: list[bytes], seconds: float, co
         poller.unregister(fd)
         open_.pop(fd).close()
 
+    cpu = time.process_time()
     begin = time.perf_counter()
     deadline = begin + seconds
     for _ in range(connections):
         open_one()
     while open_:
         events = poller.poll(1.0)
-        now = time.perf_counter()
-        if not events and now > deadline + GIVE_UP_S:
+        if time.perf_counter() > deadline + GIVE_UP_S:
             failed += len(open_)  # each holds a call the server did not answer
             for fd in list(open_):
                 close(fd)
@@ -176,18 +234,20 @@ def run(host: str, port: int, path: str, bodies: list[bytes], seconds: float, co
                 continue
             took = time.perf_counter() - connection.started
             calls, failed = calls + (not call_failed), failed + call_failed
-            total_s, longest_s = total_s + took, max(longest_s, took)
+            if not call_failed:
+                total_s, longest_s = total_s + took, max(longest_s, took)
             if connection.goaway or took + connection.started >= deadline:
                 close(fd)
                 if connection.goaway and time.perf_counter() < deadline:
                     open_one()
                 continue
-            send(connection)
+            if not send(connection) and time.perf_counter() < deadline:
+                open_one()
     poller.close()
     elapsed = time.perf_counter() - begin
     return {"client": "grpc_frames", "requests": calls, "requests_per_s": round(calls / elapsed, 1), "failures": failed,
-            "mean_ms": round(total_s / max(calls + failed, 1) * 1000, 3), "max_ms": round(longest_s * 1000, 3),
-            "connections": connections, "streams": 1}  # fmt: skip
+            "mean_ms": round(total_s / max(calls, 1) * 1000, 3), "max_ms": round(longest_s * 1000, 3),
+            "connections": connections, "streams": 1, "client_cpu_s": round(time.process_time() - cpu, 4)}  # fmt: skip
 
 
 def read_bodies(path: Path) -> list[bytes]:

@@ -34,6 +34,7 @@ from uembed.loadtest.peers import (
     server_on_its_own_core,
     threads_of,
     v2_json_body,
+    wrk,
 )
 from uembed.loadtest.servers import SERVICE_APP, UvicornProcess, wait_until
 from uembed.serving.pipeline.cpu import ModelRuntime
@@ -183,6 +184,19 @@ def test_the_server_runs_on_a_core_of_its_own_within_the_block_and_every_thread_
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make system-deps)")
+def test_wrk_runs_for_whole_seconds_whatever_it_is_asked(synthetic_store, tmp_path):
+    """wrk's -d takes no fraction (it prints its usage and fails): half of an odd --seconds is rounded, as the paired
+    rounds ask."""
+    service = UvicornProcess(SERVICE_APP, {"UEMBED_BUNDLES": str(synthetic_store / "movielens" / "1")}, tmp_path / "service.log").start()
+    try:
+        bodies = [orjson.dumps({"examples": r}) for r in movielens_requests(8, count=2)]
+        figures = wrk(service.url, "/v1/score", bodies, 0.6, 2, tmp_path)
+        assert figures["requests"] > 0 and figures["failures"] == 0, figures
+    finally:
+        service.stop()
 
 
 def test_the_grpc_check_refuses_several_workers_whose_metrics_are_not_summed(tmp_path):

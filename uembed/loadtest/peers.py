@@ -132,14 +132,16 @@ UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def wrk(url: str, path: str, bodies: list[bytes], seconds: float, connections: int, workdir: Path) -> dict:
-    """Saturated requests/s and latency percentiles of ``POST path`` over ``connections`` keep-alive connections."""
+    """Saturated requests/s and latency percentiles of ``POST path`` over ``connections`` keep-alive connections, for
+    ``seconds`` rounded to whole seconds, at least one (wrk's -d takes no fraction)."""
+    seconds = max(1, round(seconds))
     binary = shutil.which("wrk")
     if binary is None:
         raise RuntimeError("wrk is not installed; `make system-deps` installs it (apt-get install wrk)")
     script, lines = workdir / "post.lua", workdir / "bodies.jsonl"
     script.write_text(WRK_SCRIPT.replace("{path}", path))
     lines.write_bytes(b"\n".join(bodies) + b"\n")
-    command = [binary, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url, "--", str(lines)]
+    command = [binary, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url, "--", str(lines)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -631,7 +633,7 @@ def paired_grpc_and_v1(service: UvicornProcess, v1_bodies: list[bytes], calls: l
     """gRPC (``grpc_frames``) over REST v1 (wrk) in ``PAIRED_ROUNDS`` rounds of half ``seconds`` each, the order flipped every
     round, on the same service: this machine's speed drifts between the phases a front's own measure takes seconds
     apart, and a drift within a round falls on both fronts. The median of the rounds' ratios is the run's figure."""
-    round_s = max(1.0, seconds / 2)
+    round_s = max(1, round(seconds / 2))  # whole seconds, as wrk takes them, for both fronts
     rounds = []
     for round_ in range(PAIRED_ROUNDS):
         order = ("v1", "grpc") if round_ % 2 == 0 else ("grpc", "v1")

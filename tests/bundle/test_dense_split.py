@@ -51,9 +51,13 @@ def test_ranking_requests_with_the_split_context_score_their_flat_examples_float
     batch = requests(3, 50)
     for scorer in (ReferenceScorer(bundle), ModelRuntime(bundle, hot_rows_bytes=2**16)):
         rows, weights = scorer.hash([scorer.canonicalise([{**context, **item} for context, items in batch for item in items])])
-        flat = scorer.dense(scorer.lookup_factored(rows, weights))  # each part's columns looked up apart
-        np.testing.assert_array_equal(flat, scorer.dense(scorer.assemble(scorer.lookup(rows), weights)))  # or taken
         assert scorer.dense_parts is not None and scorer.dense_parts.columns_from_rows
+        assert scorer.lookup_factored(rows, weights) is None  # the parts in one model take the assembled input
+        flat = scorer.dense(scorer.assemble(scorer.lookup(rows), weights))
+        one_model, scorer.dense_parts.flat_session = scorer.dense_parts.flat_session, None  # as a bundle without it
+        np.testing.assert_array_equal(scorer.dense(scorer.lookup_factored(rows, weights)), flat)  # each part's columns looked up apart
+        np.testing.assert_array_equal(scorer.dense(scorer.assemble(scorer.lookup(rows), weights)), flat)  # or taken
+        scorer.dense_parts.flat_session = one_model
         for _ in range(2):
             parts = [scorer.canonicalise(items, context) for context, items in batch]
             split = scorer.hash_split(parts)
@@ -68,6 +72,42 @@ def test_ranking_requests_with_the_split_context_score_their_flat_examples_float
             inputs = scorer.factored_inputs(split, *scorer.lookup_split(split))
             assert len(inputs.context) == 1
             np.testing.assert_array_equal(scorer.dense(inputs), flat[50 : 50 + count])
+
+
+def test_the_parts_in_one_model_score_flat_batches_with_the_two_parts_floats(split_bundle, tmp_path):
+    """dense_flat.onnx, the two parts in one model (the input's columns cut by slices): recorded in the manifest, used
+    for flat batches, the two parts' floats at every batch size; a bundle exported before it (no ``flat`` entry)
+    runs the two parts and scores the same."""
+    import shutil
+
+    bundle = load_bundle(split_bundle)
+    split = bundle.manifest["dense"]["context_split"]
+    assert split["flat"]["file"] == "dense_flat.onnx" and (split_bundle / "dense_flat.onnx").is_file()
+    parts = ReferenceScorer(bundle).dense_parts
+    assert parts.flat_session is not None and len(parts.context_runs) > 1  # CONTEXT is cut in several runs
+    rng = np.random.default_rng(5)
+    for size in (1, 2, 7, 64, 300, 1000):
+        embeddings = rng.standard_normal((size, bundle.plan.output_dim)).astype(np.float32)
+        np.testing.assert_array_equal(parts.score(embeddings), parts._parts(embeddings))
+    older = tmp_path / "older"
+    shutil.copytree(split_bundle, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["dense"]["context_split"]["flat"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    (older / "dense_flat.onnx").unlink()
+    examples = [{**context, **item} for context, items in requests(2, 30, seed=6) for item in items]
+    without = ReferenceScorer(load_bundle(older))
+    assert without.dense_parts.flat_session is None
+    np.testing.assert_array_equal(without.score(examples), ReferenceScorer(bundle).score(examples))
+
+
+def test_a_flat_model_that_scores_unlike_the_parts_is_not_used(split_bundle, monkeypatch, caplog):
+    from uembed.serving.pipeline.dense import DenseParts
+
+    monkeypatch.setattr(DenseParts, "flat_matches_parts", lambda self: False)
+    scorer = ReferenceScorer(load_bundle(split_bundle))
+    assert scorer.dense_parts is not None and scorer.dense_parts.flat_session is None
+    assert "flat batches run the two parts instead" in caplog.text
 
 
 def test_another_context_takes_the_whole_path_and_scores_alike(split_bundle):
@@ -106,12 +146,15 @@ def test_a_split_part_altered_on_disk_is_refused_at_load(split_bundle, tmp_path)
 
     copy = tmp_path / "copy"
     shutil.copytree(split_bundle, copy)
-    part = json.loads((copy / "manifest.json").read_text())["dense"]["context_split"]["rest"]["file"]
-    data = bytearray((copy / part).read_bytes())
-    data[-1] ^= 1
-    (copy / part).write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="dense_rest.onnx fails its sha256"):
-        load_bundle(copy)
+    for part in ("rest", "flat"):
+        file = json.loads((copy / "manifest.json").read_text())["dense"]["context_split"][part]["file"]
+        data = bytearray((copy / file).read_bytes())
+        data[-1] ^= 1
+        (copy / file).write_bytes(bytes(data))
+        with pytest.raises(BundleError, match=f"{file} fails its sha256"):
+            load_bundle(copy)
+        data[-1] ^= 1
+        (copy / file).write_bytes(bytes(data))
 
 
 def test_a_split_needs_a_first_matmul_and_known_features(split_bundle, tmp_path):

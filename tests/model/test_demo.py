@@ -26,6 +26,14 @@ def test_a_ranking_request_on_the_demo_bundle_computes_the_users_part_once(tmp_p
         return compute_context(context)
 
     parts._context = recording
+    flat_rows = []
+    compute_flat = parts._flat
+
+    def recording_flat(embeddings):  # the parts in one model (dense_flat.onnx), its input rows counted
+        flat_rows.append(len(embeddings))
+        return compute_flat(embeddings)
+
+    parts._flat = recording_flat
     user = {name: movielens_examples[0][name] for name in DEMO_CONTEXT_FEATURES}
     candidates = [{k: v for k, v in e.items() if k not in DEMO_CONTEXT_FEATURES} for e in movielens_examples[:500]]
     ranked = runtime.score(candidates, user)
@@ -33,7 +41,7 @@ def test_a_ranking_request_on_the_demo_bundle_computes_the_users_part_once(tmp_p
     context_rows.clear()
     flat_examples = [{**candidate, **user} for candidate in candidates]
     flat = runtime.score(flat_examples)
-    assert context_rows == [500]
+    assert context_rows == [] and flat_rows == [500]  # the flat form: both parts on every example, in one call
     np.testing.assert_allclose(ranked, flat, atol=1e-5, rtol=0)
     whole = ReferenceScorer(bundle)
     whole.dense_parts = None  # dense.onnx, unsplit

@@ -8,7 +8,9 @@ the dense network as two ONNX models that compute it that way for every request,
     dense_rest.onnx      own_embeddings [batch, E_o], context_partial [batch, H] -> probability [batch]
                          (MatMul by W's other rows, plus context_partial, then the rest of dense.onnx unchanged)
 
-A flat request runs both on every example. A ranking request whose context is the split's feature group runs the
+A flat request runs both on every example; where the export also wrote ``dense_flat.onnx`` (the two parts in one
+model: the input's columns cut by slices, then the same nodes), the service runs that one model instead, with
+the same floats and one call of ONNX Runtime rather than two. A ranking request whose context is the split's feature group runs the
 first once a request and the second on its candidates, with the partial repeated to each: the same floats as the
 flat form, because each output row of a matrix product depends on its input row alone (ONNX Runtime's CPU product
 with constant weights; tested, and checked again when a bundle loads). The two parts sum the first layer in another
@@ -20,6 +22,7 @@ Needs ``onnx`` (the train extra): run at export time, never by the service.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +31,8 @@ import numpy as np
 from uembed.bundle.format import file_entry
 from uembed.contract.errors import UembedError
 
-CONTEXT_FILE, REST_FILE = "dense_context.onnx", "dense_rest.onnx"
+log = logging.getLogger("uembed.bundle")
+CONTEXT_FILE, REST_FILE, FLAT_FILE = "dense_context.onnx", "dense_rest.onnx", "dense_flat.onnx"
 CONTEXT_INPUT, OWN_INPUT, PARTIAL = "context_embeddings", "own_embeddings", "context_partial"
 
 
@@ -105,7 +109,10 @@ def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], f
     width = matrix.shape[1]
     biased = len(first.input) > 2 and bool(first.input[2])
     product = "uembed_first_product" if biased else first.output[0]
-    added = {CONTEXT_INPUT, OWN_INPUT, PARTIAL, "uembed_w_context", "uembed_w_own", "uembed_own_partial", "uembed_first_product"}
+    cuts = {name: _column_cuts(graph_input.name, name, columns) for name, columns in ((CONTEXT_INPUT, context), (OWN_INPUT, own))}
+    added = {CONTEXT_INPUT, OWN_INPUT, PARTIAL, "uembed_w_context", "uembed_w_own", "uembed_own_partial", "uembed_first_product",
+             *(t.name for nodes, constants in cuts.values() for t in constants),
+             *(name for nodes, _ in cuts.values() for node in nodes for name in node.output)}  # fmt: skip
     taken = {name for node in graph.node for name in (*node.input, *node.output)} | set(weights) | {graph_input.name}
     if added & taken:
         raise UembedError(f"context split: {dense_file} already has tensors named {', '.join(sorted(added & taken))}")
@@ -122,8 +129,9 @@ def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], f
         onnx.save(part, str(folder / file))
 
     float_input = lambda name, columns: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", columns])  # noqa: E731
-    save([helper.make_node("MatMul", [CONTEXT_INPUT, "uembed_w_context"], [PARTIAL])], [float_input(CONTEXT_INPUT, len(context))],
-         [float_input(PARTIAL, width)], [numpy_helper.from_array(np.ascontiguousarray(matrix[context]), "uembed_w_context")],
+    context_nodes = [helper.make_node("MatMul", [CONTEXT_INPUT, "uembed_w_context"], [PARTIAL])]
+    context_weight = numpy_helper.from_array(np.ascontiguousarray(matrix[context]), "uembed_w_context")
+    save(context_nodes, [float_input(CONTEXT_INPUT, len(context))], [float_input(PARTIAL, width)], [context_weight],
          "dense_context", CONTEXT_FILE)  # fmt: skip
     rest_nodes = [helper.make_node("MatMul", [OWN_INPUT, "uembed_w_own"], ["uembed_own_partial"]),
                   helper.make_node("Add", ["uembed_own_partial", PARTIAL], [product])]  # fmt: skip
@@ -133,20 +141,51 @@ def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], f
     kept = [t for t in graph.initializer if t.name != first.input[1]]
     takes_input = any(graph_input.name in node.input for node in graph.node if node is not first)
     rest_inputs = [float_input(OWN_INPUT, len(own)), float_input(PARTIAL, width)] + ([graph_input] if takes_input else [])
+    rest_initialisers = [*kept, numpy_helper.from_array(np.ascontiguousarray(matrix[own]), "uembed_w_own")]
+    # Both parts in one model for flat batches: the input's columns cut into the parts' inputs, then the parts' nodes.
+    cut_nodes = [node for nodes, _ in cuts.values() for node in nodes]
+    cut_constants = [t for _, constants in cuts.values() for t in constants]
     try:
-        save(rest_nodes, rest_inputs, list(graph.output), [*kept, numpy_helper.from_array(np.ascontiguousarray(matrix[own]), "uembed_w_own")],
-             "dense_rest", REST_FILE)  # fmt: skip
-        _check_parts(folder, dense_file, graph_input.name, context, own, takes_input)
+        save(rest_nodes, rest_inputs, list(graph.output), rest_initialisers, "dense_rest", REST_FILE)
+        save([*cut_nodes, *context_nodes, *rest_nodes], [graph_input], list(graph.output),
+             [*cut_constants, context_weight, *rest_initialisers], "dense_flat", FLAT_FILE)  # fmt: skip
+        flat_equal = _check_parts(folder, dense_file, graph_input.name, context, own, takes_input)
     except BaseException:
-        for file in (CONTEXT_FILE, REST_FILE):  # no half-written split beside the network
+        for file in (CONTEXT_FILE, REST_FILE, FLAT_FILE):  # no half-written split beside the network
             (folder / file).unlink(missing_ok=True)
         raise
-    return {"features": list(dict.fromkeys(features)), "width": int(width), "of": file_entry(folder, dense_file)["sha256"],
-            "context": file_entry(folder, CONTEXT_FILE), "rest": file_entry(folder, REST_FILE)}  # fmt: skip
+    entry = {"features": list(dict.fromkeys(features)), "width": int(width), "of": file_entry(folder, dense_file)["sha256"],
+             "context": file_entry(folder, CONTEXT_FILE), "rest": file_entry(folder, REST_FILE)}  # fmt: skip
+    if flat_equal:
+        entry["flat"] = file_entry(folder, FLAT_FILE)
+    else:  # an optional file: flat batches then run the two parts
+        log.warning("context split: %s's parts in one model score random inputs other than the two parts do; "
+                    "not writing %s", dense_file, FLAT_FILE)  # fmt: skip
+        (folder / FLAT_FILE).unlink()
+    return entry
 
 
-def _check_parts(folder: Path, dense_file: str, input_name: str, context: np.ndarray, own: np.ndarray, takes_input: bool) -> None:
-    """Score random inputs through the two parts and through the whole network: the same scores up to rounding."""
+def _column_cuts(source: str, name: str, columns: np.ndarray) -> tuple[list, list]:
+    """Nodes that cut ``columns`` (sorted) of the flat model's input ``source`` into the tensor ``name``: a Slice a run of
+    consecutive columns, then one Concat (the columns' copies by runs, cheaper than a Gather along the column axis),
+    and their constants."""
+    from onnx import helper, numpy_helper
+
+    breaks = np.flatnonzero(np.diff(columns) != 1) + 1
+    nodes, constants, pieces = [], [], []
+    for run, (first, stop) in enumerate(zip(np.concatenate(([0], breaks)), np.concatenate((breaks, [len(columns)])))):
+        bounds = [f"uembed_{name}_{edge}_{run}" for edge in ("start", "stop", "axis")]
+        values = (int(columns[first]), int(columns[stop - 1]) + 1, 1)
+        constants += [numpy_helper.from_array(np.array([value], dtype=np.int64), bound) for bound, value in zip(bounds, values)]
+        pieces.append(f"uembed_{name}_run_{run}")
+        nodes.append(helper.make_node("Slice", [source, *bounds], [pieces[-1]]))
+    nodes.append(helper.make_node("Concat", pieces, [name], axis=1))
+    return nodes, constants
+
+
+def _check_parts(folder: Path, dense_file: str, input_name: str, context: np.ndarray, own: np.ndarray, takes_input: bool) -> bool:
+    """Score random inputs through the two parts and through the whole network: the same scores up to rounding.
+    Returns whether the parts in one model (``FLAT_FILE``) give the two parts' floats exactly."""
     import onnxruntime as ort
 
     session = lambda file: ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])  # noqa: E731
@@ -156,11 +195,13 @@ def _check_parts(folder: Path, dense_file: str, input_name: str, context: np.nda
         partial = session(CONTEXT_FILE).run(None, {CONTEXT_INPUT: embeddings[:, context]})[0]
         feeds = {OWN_INPUT: embeddings[:, own], PARTIAL: partial} | ({input_name: embeddings} if takes_input else {})
         parts = session(REST_FILE).run(None, feeds)[0]
+        flat = session(FLAT_FILE).run(None, {input_name: embeddings})[0]
     except Exception as exc:  # ONNX Runtime's own errors (a fixed batch size, an op it cannot run)
         raise UembedError(f"context split: ONNX Runtime could not score {dense_file}'s parts: {exc}") from exc
     worst = float(np.abs(parts - whole).max())
     if not worst <= 1e-5:
         raise UembedError(f"context split: the two parts score random inputs up to {worst:.2g} away from {dense_file}")
+    return bool(np.array_equal(flat, parts))
 
 
 def _attributes(node) -> dict:

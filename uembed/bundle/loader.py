@@ -430,8 +430,10 @@ def _load(root: Path, manifest: dict, defer_row_checks: bool, row_files: bool, v
             raise BundleError(f"bundle {root}: table {table.name!r} of the embedding plan has no row file")
 
     _check_file(root, manifest["dense"], stamps)
-    for part in ("context", "rest") if manifest["dense"].get("context_split") else ():
-        _check_file(root, manifest["dense"]["context_split"][part], stamps)
+    split = manifest["dense"].get("context_split")
+    for part in ("context", "rest", "flat") if split else ():
+        if part in split or part != "flat":  # flat: optional (written since the parts in one model were)
+            _check_file(root, split[part], stamps)
     if manifest.get("full_model"):
         for kind in ("onnx", "torchscript"):
             _check_file(root, manifest["full_model"][kind], stamps)

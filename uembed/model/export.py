@@ -12,7 +12,8 @@ A bundle is what the service loads, with no pickle and no training code::
     heads/<feature>.npy        sorted uint64 keys of a feature's head (hybrid tables, --head-share)
     dense.onnx                 network after the embeddings: embeddings [B, E] -> probability [B]
     dense_context.onnx, dense_rest.onnx   the same network split by a context feature group
-                               (``--context-features``, ``uembed/bundle/dense_split.py``), which the CPU service runs
+                               (``--context-features``, ``uembed/bundle/dense_split.py``), which the CPU service runs;
+    dense_flat.onnx            the two parts in one model, for flat batches
     model.onnx, model.pt       full model (rows, weights -> probability), float32 bundles whose
                                tables fit under the size limit
 
@@ -121,7 +122,7 @@ def expected_bytes(plan: EmbeddingPlan, model: RankingModel, known: dict[str, Kn
     values = sum(v.nbytes for v in (*plan.vocabularies.values(), *plan.heads.values())) + sum(k.bits.nbytes for k in known.values())
     network = 4 * sum(p.numel() for p in model.network.parameters())
     full = 2 * (4 * plan.table_parameters + network) if full_model else 0
-    return rows + values + network * (3 if context_split else 1) + full + SPACE_MARGIN_BYTES
+    return rows + values + network * (4 if context_split else 1) + full + SPACE_MARGIN_BYTES
 
 
 def writes_full_model(plan: EmbeddingPlan, dtype: str, limit_bytes: int) -> bool:

@@ -4,6 +4,7 @@ example, with the same floats."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,8 +14,9 @@ import onnxruntime as ort
 from uembed.bundle.dense_split import CONTEXT_INPUT, OWN_INPUT, PARTIAL, context_columns
 from uembed.bundle.loader import Bundle
 from uembed.contract.errors import BundleError, UembedError
-from uembed.serving.pipeline.encoding import SplitBatch
+from uembed.serving.pipeline.encoding import SplitBatch, slot_runs
 
+log = logging.getLogger("uembed.pipeline")
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 
 
@@ -55,6 +57,9 @@ class DenseParts:
                               "bundle again")  # fmt: skip
         self.context_session = onnx_session(bundle.path / entry["context"]["file"], threads)
         self.rest_session = onnx_session(bundle.path / entry["rest"]["file"], threads)
+        # Both parts in one model (uembed/bundle/dense_split.py), for flat batches: one call rather than two, where the
+        # export wrote it and it gives the parts' floats (checked below, by rows_independent).
+        self.flat_session = onnx_session(bundle.path / entry["flat"]["file"], threads) if "flat" in entry else None
         self.input_name = input_name
         width = lambda arg: arg.shape[-1] if arg.shape else None  # noqa: E731
         rest_inputs = {i.name: width(i) for i in self.rest_session.get_inputs()}
@@ -62,9 +67,14 @@ class DenseParts:
         expected = {OWN_INPUT: len(self.own_columns), PARTIAL: entry["width"]} | ({self.input_name: plan.output_dim} if self.takes_embeddings else {})
         context_part = [(i.name, width(i)) for i in self.context_session.get_inputs()]
         context_out = [(o.name, width(o)) for o in self.context_session.get_outputs()]
+        self.context_runs, self.own_runs = slot_runs(self.context_columns), slot_runs(self.own_columns)
         if rest_inputs != expected or context_part != [(CONTEXT_INPUT, len(self.context_columns))] or context_out != [(PARTIAL, entry["width"])]:
             raise BundleError(f"{where}: its parts take {context_part} -> {context_out} and {rest_inputs}; the layout "
                               f"gives {CONTEXT_INPUT}: {len(self.context_columns)} -> {PARTIAL}: {entry['width']} and {expected}")  # fmt: skip
+        if self.flat_session is not None:
+            flat_inputs = [(i.name, width(i)) for i in self.flat_session.get_inputs()]
+            if flat_inputs != [(self.input_name, plan.output_dim)]:
+                raise BundleError(f"{where}: its flat model takes {flat_inputs}; the layout gives {self.input_name}: {plan.output_dim}")
         # The slots of the group's features: a split batch with exactly these context slots takes the factored path.
         chosen = set(entry["features"])
         in_context = np.concatenate([np.full(f.width * len(f.lookups), f.name in chosen) for f in plan.features])
@@ -83,8 +93,19 @@ class DenseParts:
         rows = np.random.default_rng(0).standard_normal((512, len(self.context_columns))).astype(np.float32)
         together = self._context(rows)
         alone = [self._context(rows[i : i + 1]) for i in range(64)]
-        return all(np.array_equal(self._context(rows[:n]), together[:n]) for n in (3, 64)) and np.array_equal(
+        independent = all(np.array_equal(self._context(rows[:n]), together[:n]) for n in (3, 64)) and np.array_equal(
             np.concatenate(alone), together[:64])
+        if independent and self.flat_session is not None and not self.flat_matches_parts():
+            log.warning("the dense network's parts in one model (dense.context_split.flat) score otherwise than the two "
+                        "parts; flat batches run the two parts instead")  # fmt: skip
+            self.flat_session = None
+        return independent
+
+    def flat_matches_parts(self) -> bool:
+        """Whether the flat model scores whole inputs with the two parts' floats, in batches of 1, 3, 64 and 512."""
+        width = len(self.context_columns) + len(self.own_columns)
+        embeddings = np.random.default_rng(1).standard_normal((512, width)).astype(np.float32)
+        return all(np.array_equal(self._flat(embeddings[:n]), self._parts(embeddings[:n])) for n in (1, 3, 64, 512))
 
     def matches(self, batch: SplitBatch) -> bool:
         """Whether the batch's context (the features every part shares) is the split's group."""
@@ -103,9 +124,17 @@ class DenseParts:
             if embeddings.counts is not None:
                 partial = np.repeat(partial, embeddings.counts, axis=0)
             return self._rest(embeddings.own, partial, embeddings.embeddings)
-        context = np.take(embeddings, self.context_columns, axis=1)
-        own = np.take(embeddings, self.own_columns, axis=1)
+        if self.flat_session is not None:
+            return self._flat(embeddings)
+        return self._parts(embeddings)
+
+    def _parts(self, embeddings: np.ndarray) -> np.ndarray:
+        context = take_columns(embeddings, self.context_runs, len(self.context_columns))
+        own = take_columns(embeddings, self.own_runs, len(self.own_columns))
         return self._rest(own, self._context(context), embeddings)
+
+    def _flat(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.flat_session.run(None, {self.input_name: embeddings})[0]
 
     def _context(self, context: np.ndarray) -> np.ndarray:
         return self.context_session.run(None, {CONTEXT_INPUT: context})[0]
@@ -115,6 +144,15 @@ class DenseParts:
         if self.takes_embeddings:
             feeds[self.input_name] = embeddings
         return self.rest_session.run(None, feeds)[0]
+
+
+def take_columns(matrix: np.ndarray, runs: tuple[tuple[int, int, int], ...], width: int) -> np.ndarray:
+    """``matrix[:, columns]`` (a contiguous copy) of columns given as ``slot_runs``' runs of consecutive indices: a
+    slice copied a run, several times faster than ``np.take`` along the column axis for a batch's rows."""
+    out = np.empty((len(matrix), width), dtype=matrix.dtype)
+    for position, first, length in runs:
+        out[:, position : position + length] = matrix[:, first : first + length]
+    return out
 
 
 @dataclass

@@ -31,7 +31,7 @@ import pyarrow as pa
 from uembed.bundle.loader import Bundle
 from uembed.contract.errors import UembedError
 from uembed.serving.pipeline.canonical import CanonicalExamples
-from uembed.serving.pipeline.dense import CPU_PROVIDERS, DenseParts, FactoredInputs, onnx_session
+from uembed.serving.pipeline.dense import CPU_PROVIDERS, DenseParts, FactoredInputs, onnx_session, take_columns
 from uembed.serving.pipeline.encoding import ExampleEncoder, SplitBatch
 from uembed.serving.pipeline.values import NO_LIMITS, ValueLimits
 
@@ -301,8 +301,9 @@ class Stages:
         # context's columns of each part's first example (the same in every example of the part).
         embeddings = self.assemble_split(batch, rows, own, shared)
         first = np.cumsum(batch.counts) - batch.counts
-        return FactoredInputs(np.take(embeddings, parts.own_columns, axis=1), embeddings[first][:, parts.context_columns],
-                              batch.counts, embeddings if parts.takes_embeddings else None)  # fmt: skip
+        own = take_columns(embeddings, parts.own_runs, len(parts.own_columns))
+        context = take_columns(embeddings[first], parts.context_runs, len(parts.context_columns))
+        return FactoredInputs(own, context, batch.counts, embeddings if parts.takes_embeddings else None)
 
     def lookup_factored(self, ids: np.ndarray, weights: np.ndarray) -> FactoredInputs | None:
         """``lookup`` and ``assemble`` of a flat batch [B, S] straight into the inputs of the dense network's parts
@@ -310,7 +311,9 @@ class Stages:
         need the assembled input (pooled, weighted or biased slots, several tables, a network that reads its whole
         input again): then ``lookup`` and ``assemble``."""
         parts = self.dense_parts
-        if parts is None or not parts.columns_from_rows or len(self.table_slots) != 1 or not (weights == 1).all():
+        if parts is None or parts.flat_session is not None:  # the parts in one model take the assembled input
+            return None
+        if not parts.columns_from_rows or len(self.table_slots) != 1 or not (weights == 1).all():
             return None
         rows, inverse = self.gather_distinct(0, ids)
         context = np.take(rows, inverse[:, parts.context_slots], axis=0).reshape(len(ids), len(parts.context_columns))

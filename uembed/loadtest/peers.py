@@ -62,6 +62,7 @@ SIZES = (8, 64, 512)
 # What the phase can measure; --peer-fronts picks some (v1 and grpc alone: the gRPC-over-REST ratio in a minute).
 FRONTS = ("ceiling", "v1", "v2", "grpc", "grpc_aio", "perf_analyzer", "litserve", "naive")
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+WARM_UP_S = 2.0  # seconds of load on each front before it is measured (caches, the allocator, first calls)
 
 
 # --- request bodies --------------------------------------------------------------------------
@@ -474,6 +475,7 @@ def run_peers(args, workdir: Path, report) -> None:
     }
     paths = {"v1": "/v1/score", "v2": f"/v2/models/{model}/infer"}
     seconds, connections = args.seconds, args.concurrency
+    warm_up_s = min(WARM_UP_S, seconds)  # a short run (the suite's) warms up no longer than it measures
     open_size = 64 if 64 in args.peer_sizes else args.peer_sizes[0]
     fronts = set(getattr(args, "peer_fronts", None) or FRONTS)
     results: dict = {}
@@ -488,7 +490,7 @@ def run_peers(args, workdir: Path, report) -> None:
     def http_front(front: str, server: HttpProcess, workers: int, body_kind: str) -> None:
         url = server.url
         for size in args.peer_sizes:
-            wrk(url, paths[body_kind], bodies[body_kind][size], 2, connections, workdir)  # warm-up
+            wrk(url, paths[body_kind], bodies[body_kind][size], warm_up_s, connections, workdir)  # warm-up
             saturated = cpu_split(server, lambda: wrk(url, paths[body_kind], bodies[body_kind][size], seconds, connections, workdir))
             measure(front, workers, size, {"closed": saturated})
             if size == open_size:
@@ -517,7 +519,7 @@ def run_peers(args, workdir: Path, report) -> None:
             for size in args.peer_sizes if fronts & {"grpc", "grpc_aio"} else ():
                 calls = bodies["grpc"][size]
                 if "grpc" in fronts:  # wrk's shape: one thread, a call in flight on each connection, every call the next request
-                    frames_grpc_checked(service, calls, 2, workdir, connections)  # warm-up
+                    frames_grpc_checked(service, calls, warm_up_s, workdir, connections)  # warm-up
                     saturated = cpu_split(service, lambda: frames_grpc_checked(service, calls, seconds, workdir, connections))
                     measure("grpc", workers, size, {"closed": saturated})
                     if shutil.which("h2load"):  # the compiled client, one process a connection (it sends one body a run)
@@ -525,7 +527,7 @@ def run_peers(args, workdir: Path, report) -> None:
                         results["grpc"][f"{workers}w"][str(size)]["closed_h2load"] = by_h2load
                         report(f"peers grpc {workers}w {size} by h2load", by_h2load)
                 if "grpc_aio" in fronts:  # grpcio's own client, in Python processes
-                    grpc_load(service.grpc_target, calls, 2, concurrency=connections)  # warm-up
+                    grpc_load(service.grpc_target, calls, warm_up_s, concurrency=connections)  # warm-up
                     saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, calls, seconds, concurrency=connections))
                     measure("grpc_aio", workers, size, {"closed": saturated})
                 # the open loop from the grpc.aio client (the closed-loop clients send at a rate of connections, not of calls)

@@ -101,13 +101,55 @@ def test_the_parts_in_one_model_score_flat_batches_with_the_two_parts_floats(spl
     np.testing.assert_array_equal(without.score(examples), ReferenceScorer(bundle).score(examples))
 
 
-def test_a_flat_model_that_scores_unlike_the_parts_is_not_used(split_bundle, monkeypatch, caplog):
+def test_a_flat_model_that_scores_unlike_the_parts_or_takes_another_input_is_not_used(split_bundle, tmp_path, monkeypatch, caplog):
+    """An optional file: a flat model the service cannot trust is dropped with a log line, never the reason a bundle
+    does not load; flat batches then run the two parts, with the same floats."""
+    import shutil
+
+    from uembed.bundle.format import file_entry
     from uembed.serving.pipeline.dense import DenseParts
 
-    monkeypatch.setattr(DenseParts, "flat_matches_parts", lambda self: False)
+    examples = [{**context, **item} for context, items in requests(1, 20, seed=7) for item in items]
+    want = ReferenceScorer(load_bundle(split_bundle)).score(examples)
+    copy = tmp_path / "copy"
+    shutil.copytree(split_bundle, copy)
+    shutil.copyfile(copy / "dense_rest.onnx", copy / "dense_flat.onnx")  # a model of other inputs under its name
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["dense"]["context_split"]["flat"] = file_entry(copy, "dense_flat.onnx")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    scorer = ReferenceScorer(load_bundle(copy))
+    assert scorer.dense_parts is not None and scorer.dense_parts.flat_session is None
+    assert "dense_flat.onnx (dense.context_split.flat): it takes" in caplog.text
+    np.testing.assert_array_equal(scorer.score(examples), want)
+    caplog.clear()
+    monkeypatch.setattr(DenseParts, "flat_matches_parts", lambda self, session: False)
     scorer = ReferenceScorer(load_bundle(split_bundle))
     assert scorer.dense_parts is not None and scorer.dense_parts.flat_session is None
-    assert "flat batches run the two parts instead" in caplog.text
+    assert "it scores otherwise than the two parts; flat batches run the two parts instead" in caplog.text
+    np.testing.assert_array_equal(scorer.score(examples), want)
+
+
+@pytest.mark.parametrize("failure", ["other floats", "an error"])
+def test_an_export_whose_flat_model_fails_writes_the_two_parts_without_it(split_bundle, tmp_path, monkeypatch, caplog, failure):
+    import shutil
+
+    from uembed.bundle import dense_split
+
+    def refuse(*args):
+        if failure == "an error":
+            raise RuntimeError("ONNX Runtime refused it")
+        return False
+
+    copy = tmp_path / "copy"
+    shutil.copytree(split_bundle, copy)
+    (copy / "dense_flat.onnx").unlink()
+    layout = json.loads((copy / "manifest.json").read_text())["dense"]["layout"]
+    monkeypatch.setattr(dense_split, "_flat_gives_parts_floats", refuse)
+    entry = write_context_split(copy, "dense.onnx", layout, list(CONTEXT))
+    assert "flat" not in entry and {"context", "rest"} <= set(entry)
+    assert not (copy / "dense_flat.onnx").exists() and (copy / "dense_rest.onnx").is_file()
+    reason = "ONNX Runtime refused it" if failure == "an error" else "other than the two parts do"
+    assert "not writing dense_flat.onnx, dense.onnx's parts in one model: " in caplog.text and reason in caplog.text
 
 
 def test_another_context_takes_the_whole_path_and_scores_alike(split_bundle):
@@ -155,6 +197,9 @@ def test_a_split_part_altered_on_disk_is_refused_at_load(split_bundle, tmp_path)
             load_bundle(copy)
         data[-1] ^= 1
         (copy / file).write_bytes(bytes(data))
+    (copy / "dense_flat.onnx").unlink()  # recorded, yet gone
+    with pytest.raises(BundleError, match="file dense_flat.onnx is missing"):
+        load_bundle(copy)
 
 
 def test_a_split_needs_a_first_matmul_and_known_features(split_bundle, tmp_path):

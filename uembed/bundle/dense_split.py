@@ -66,7 +66,8 @@ def add_context_split(folder: Path, manifest: dict, features: Sequence[str]) -> 
 
 def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], features: Sequence[str]) -> dict:
     """Write the two parts of ``folder/dense_file`` split by ``features`` next to it; returns the manifest entry
-    (``dense.context_split``), once both parts have scored random inputs as the whole network does (1e-5).
+    (``dense.context_split``), once both parts have scored random inputs as the whole network does (1e-5). Also
+    ``dense_flat.onnx``, the two parts in one model, where it gives their floats (``flat`` in the entry; optional).
 
     The split layer is the network's one matrix product of its input by a weight matrix: ``MatMul(embeddings, W)``
     (an MLP's first layer) or ``Gemm(embeddings, W, b)`` (torch's Linear; a DCN's first cross layer). Other nodes
@@ -147,21 +148,32 @@ def write_context_split(folder: Path, dense_file: str, layout: Sequence[dict], f
     cut_constants = [t for _, constants in cuts.values() for t in constants]
     try:
         save(rest_nodes, rest_inputs, list(graph.output), rest_initialisers, "dense_rest", REST_FILE)
-        save([*cut_nodes, *context_nodes, *rest_nodes], [graph_input], list(graph.output),
-             [*cut_constants, context_weight, *rest_initialisers], "dense_flat", FLAT_FILE)  # fmt: skip
-        flat_equal = _check_parts(folder, dense_file, graph_input.name, context, own, takes_input)
+        _check_parts(folder, dense_file, graph_input.name, context, own, takes_input)
     except BaseException:
-        for file in (CONTEXT_FILE, REST_FILE, FLAT_FILE):  # no half-written split beside the network
+        for file in (CONTEXT_FILE, REST_FILE):  # no half-written split beside the network
             (folder / file).unlink(missing_ok=True)
         raise
     entry = {"features": list(dict.fromkeys(features)), "width": int(width), "of": file_entry(folder, dense_file)["sha256"],
              "context": file_entry(folder, CONTEXT_FILE), "rest": file_entry(folder, REST_FILE)}  # fmt: skip
-    if flat_equal:
+    # Both parts in one model for flat batches: the input's columns cut into the parts' inputs, then the parts' nodes.
+    # An optional file: where it cannot be written or scores otherwise than the parts, the export goes on without it.
+    cut_nodes = [node for nodes, _ in cuts.values() for node in nodes]
+    cut_constants = [t for _, constants in cuts.values() for t in constants]
+    try:
+        save([*cut_nodes, *context_nodes, *rest_nodes], [graph_input], list(graph.output),
+             [*cut_constants, context_weight, *rest_initialisers], "dense_flat", FLAT_FILE)  # fmt: skip
+        refused = None if _flat_gives_parts_floats(folder, graph_input.name, context, own, takes_input) else (
+            "it scores random inputs other than the two parts do")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - ONNX's checker, ONNX Runtime: the parts stand without it
+        refused = str(exc)
+    except BaseException:
+        (folder / FLAT_FILE).unlink(missing_ok=True)
+        raise
+    if refused is None:
         entry["flat"] = file_entry(folder, FLAT_FILE)
-    else:  # an optional file: flat batches then run the two parts
-        log.warning("context split: %s's parts in one model score random inputs other than the two parts do; "
-                    "not writing %s", dense_file, FLAT_FILE)  # fmt: skip
-        (folder / FLAT_FILE).unlink()
+    else:  # flat batches then run the two parts
+        log.warning("context split: not writing %s, %s's parts in one model: %s", FLAT_FILE, dense_file, refused)
+        (folder / FLAT_FILE).unlink(missing_ok=True)
     return entry
 
 
@@ -183,25 +195,39 @@ def _column_cuts(source: str, name: str, columns: np.ndarray) -> tuple[list, lis
     return nodes, constants
 
 
-def _check_parts(folder: Path, dense_file: str, input_name: str, context: np.ndarray, own: np.ndarray, takes_input: bool) -> bool:
-    """Score random inputs through the two parts and through the whole network: the same scores up to rounding.
-    Returns whether the parts in one model (``FLAT_FILE``) give the two parts' floats exactly."""
+def _check_parts(folder: Path, dense_file: str, input_name: str, context: np.ndarray, own: np.ndarray, takes_input: bool) -> None:
+    """Score random inputs through the two parts and through the whole network: the same scores up to rounding."""
     import onnxruntime as ort
 
     session = lambda file: ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])  # noqa: E731
     embeddings = np.random.default_rng(0).standard_normal((64, len(context) + len(own))).astype(np.float32)
     try:
         whole = session(dense_file).run(None, {input_name: embeddings})[0]
-        partial = session(CONTEXT_FILE).run(None, {CONTEXT_INPUT: embeddings[:, context]})[0]
-        feeds = {OWN_INPUT: embeddings[:, own], PARTIAL: partial} | ({input_name: embeddings} if takes_input else {})
-        parts = session(REST_FILE).run(None, feeds)[0]
-        flat = session(FLAT_FILE).run(None, {input_name: embeddings})[0]
+        parts = _parts_scores(folder, input_name, context, own, takes_input, embeddings)
     except Exception as exc:  # ONNX Runtime's own errors (a fixed batch size, an op it cannot run)
         raise UembedError(f"context split: ONNX Runtime could not score {dense_file}'s parts: {exc}") from exc
     worst = float(np.abs(parts - whole).max())
     if not worst <= 1e-5:
         raise UembedError(f"context split: the two parts score random inputs up to {worst:.2g} away from {dense_file}")
-    return bool(np.array_equal(flat, parts))
+
+
+def _parts_scores(folder: Path, input_name: str, context: np.ndarray, own: np.ndarray, takes_input: bool,
+                  embeddings: np.ndarray) -> np.ndarray:  # fmt: skip
+    import onnxruntime as ort
+
+    session = lambda file: ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])  # noqa: E731
+    partial = session(CONTEXT_FILE).run(None, {CONTEXT_INPUT: embeddings[:, context]})[0]
+    feeds = {OWN_INPUT: embeddings[:, own], PARTIAL: partial} | ({input_name: embeddings} if takes_input else {})
+    return session(REST_FILE).run(None, feeds)[0]
+
+
+def _flat_gives_parts_floats(folder: Path, input_name: str, context: np.ndarray, own: np.ndarray, takes_input: bool) -> bool:
+    """Whether the parts in one model (``FLAT_FILE``) score random inputs with the two parts' very floats."""
+    import onnxruntime as ort
+
+    embeddings = np.random.default_rng(1).standard_normal((64, len(context) + len(own))).astype(np.float32)
+    flat = ort.InferenceSession(str(folder / FLAT_FILE), providers=["CPUExecutionProvider"]).run(None, {input_name: embeddings})[0]
+    return bool(np.array_equal(flat, _parts_scores(folder, input_name, context, own, takes_input, embeddings)))
 
 
 def _attributes(node) -> dict:

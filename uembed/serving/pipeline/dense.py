@@ -57,9 +57,7 @@ class DenseParts:
                               "bundle again")  # fmt: skip
         self.context_session = onnx_session(bundle.path / entry["context"]["file"], threads)
         self.rest_session = onnx_session(bundle.path / entry["rest"]["file"], threads)
-        # Both parts in one model (uembed/bundle/dense_split.py), for flat batches: one call rather than two, where the
-        # export wrote it and it gives the parts' floats (checked below, by rows_independent).
-        self.flat_session = onnx_session(bundle.path / entry["flat"]["file"], threads) if "flat" in entry else None
+        self.flat_session = None
         self.input_name = input_name
         width = lambda arg: arg.shape[-1] if arg.shape else None  # noqa: E731
         rest_inputs = {i.name: width(i) for i in self.rest_session.get_inputs()}
@@ -71,10 +69,6 @@ class DenseParts:
         if rest_inputs != expected or context_part != [(CONTEXT_INPUT, len(self.context_columns))] or context_out != [(PARTIAL, entry["width"])]:
             raise BundleError(f"{where}: its parts take {context_part} -> {context_out} and {rest_inputs}; the layout "
                               f"gives {CONTEXT_INPUT}: {len(self.context_columns)} -> {PARTIAL}: {entry['width']} and {expected}")  # fmt: skip
-        if self.flat_session is not None:
-            flat_inputs = [(i.name, width(i)) for i in self.flat_session.get_inputs()]
-            if flat_inputs != [(self.input_name, plan.output_dim)]:
-                raise BundleError(f"{where}: its flat model takes {flat_inputs}; the layout gives {self.input_name}: {plan.output_dim}")
         # The slots of the group's features: a split batch with exactly these context slots takes the factored path.
         chosen = set(entry["features"])
         in_context = np.concatenate([np.full(f.width * len(f.lookups), f.name in chosen) for f in plan.features])
@@ -85,6 +79,27 @@ class DenseParts:
         self.columns_from_rows = (one_slot_per_group and not has_biases and not self.takes_embeddings
                                   and np.array_equal(self.context_columns, slot_columns(self.context_slots))
                                   and np.array_equal(self.own_columns, slot_columns(self.own_slots)))  # fmt: skip
+        if "flat" in entry:
+            self.flat_session = self._flat_model(bundle.path / entry["flat"]["file"], threads, plan.output_dim)
+
+    def _flat_model(self, path, threads: int, input_width: int) -> ort.InferenceSession | None:
+        """Both parts in one model (``uembed/bundle/dense_split.py``), for flat batches: one call rather than two,
+        where it takes the whole input and gives the two parts' floats; else None (the two parts), and the log says
+        why. An optional file: never the reason a bundle does not load."""
+        try:
+            session = onnx_session(path, threads)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: the parts stand without it
+            reason = f"ONNX Runtime cannot load it: {exc}"
+        else:
+            inputs = [(i.name, i.shape[-1] if i.shape else None) for i in session.get_inputs()]
+            if inputs != [(self.input_name, input_width)]:
+                reason = f"it takes {inputs}, not {self.input_name}: {input_width}"
+            elif not self.flat_matches_parts(session):
+                reason = "it scores otherwise than the two parts"
+            else:
+                return session
+        log.warning("%s (dense.context_split.flat): %s; flat batches run the two parts instead", path, reason)
+        return None
 
     def rows_independent(self) -> bool:
         """Whether the context part gives rows the same floats in batches of 1, 3, 64 and 512: what computing it once
@@ -93,19 +108,15 @@ class DenseParts:
         rows = np.random.default_rng(0).standard_normal((512, len(self.context_columns))).astype(np.float32)
         together = self._context(rows)
         alone = [self._context(rows[i : i + 1]) for i in range(64)]
-        independent = all(np.array_equal(self._context(rows[:n]), together[:n]) for n in (3, 64)) and np.array_equal(
+        return all(np.array_equal(self._context(rows[:n]), together[:n]) for n in (3, 64)) and np.array_equal(
             np.concatenate(alone), together[:64])
-        if independent and self.flat_session is not None and not self.flat_matches_parts():
-            log.warning("the dense network's parts in one model (dense.context_split.flat) score otherwise than the two "
-                        "parts; flat batches run the two parts instead")  # fmt: skip
-            self.flat_session = None
-        return independent
 
-    def flat_matches_parts(self) -> bool:
-        """Whether the flat model scores whole inputs with the two parts' floats, in batches of 1, 3, 64 and 512."""
+    def flat_matches_parts(self, session: ort.InferenceSession) -> bool:
+        """Whether a flat model scores whole inputs with the two parts' floats, in batches of 1, 3, 64 and 512."""
         width = len(self.context_columns) + len(self.own_columns)
         embeddings = np.random.default_rng(1).standard_normal((512, width)).astype(np.float32)
-        return all(np.array_equal(self._flat(embeddings[:n]), self._parts(embeddings[:n])) for n in (1, 3, 64, 512))
+        return all(np.array_equal(session.run(None, {self.input_name: embeddings[:n]})[0], self._parts(embeddings[:n]))
+                   for n in (1, 3, 64, 512))  # fmt: skip
 
     def matches(self, batch: SplitBatch) -> bool:
         """Whether the batch's context (the features every part shares) is the split's group."""

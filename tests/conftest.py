@@ -51,6 +51,17 @@ def tiny_spec() -> DatasetSpec:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` spreads the suite over the cores with pytest-xdist (``-n 2 --dist loadgroup``). Each file is one
+    group, so a worker runs a whole file and a module's fixtures (a trained model, a started service) are built once;
+    the container tests are one group, so one worker builds the images and runs one compose stack at a time."""
+    for item in items:
+        containers = item.get_closest_marker("containers")
+        group = "containers" if containers else item.path.relative_to(config.rootpath).as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def tiny_dataset():
     return from_table(tiny_table(), tiny_spec(), name="tiny")

@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +41,39 @@ def lowest_priority_prefix() -> list[str]:
     return prefix
 
 
+# Under pytest-xdist every worker collects the container tests and sets their builds off; a lock and a result file in
+# a folder of the run's own make the first worker to get there build and the others take its result.
+XDIST_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+
+
+class SharedBuild:
+    def __init__(self, result_file: Path | None) -> None:
+        self.result_file = result_file
+        self.result: tuple[int, str] | None = None
+        self.finished = True  # False: the build was stopped, so its result is no other worker's to take
+        if result_file is not None and result_file.exists():
+            code, output = json.loads(result_file.read_text())
+            self.result = (code, output)
+
+
+@contextlib.contextmanager
+def shared_build(name: str) -> Iterator[SharedBuild]:
+    """The build ``name`` as this run's workers share it: ``result`` is set where another worker has built it; set it
+    inside the block, and the others take it (unless ``finished`` is False)."""
+    if not XDIST_RUN:
+        yield SharedBuild(None)
+        return
+    folder = Path(tempfile.gettempdir()) / f"uembed-image-builds-{XDIST_RUN}"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shared = SharedBuild(folder / f"{name}.json")
+        taken = shared.result is not None
+        yield shared
+        if not taken and shared.result is not None and shared.finished:
+            shared.result_file.write_text(json.dumps(shared.result))
+
+
 class BackgroundBuilds:
     """The builds the session's container tests need, set off as soon as the tests are collected, one after
     another at the lowest CPU and I/O priority, while the other tests run first (``pytest_collection_finish``
@@ -57,11 +95,16 @@ class BackgroundBuilds:
             if failed or self.stopping:
                 self.results[name] = f"not built: the build for {failed} failed" if failed else "not built: the session ended"
             else:
-                self.current = subprocess.Popen([*prefix, *images_command(name)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-                output, _ = self.current.communicate()
-                self.results[name] = (self.current.returncode, output)
-                failed = name if self.current.returncode != 0 else None
+                with shared_build(name) as shared:
+                    if shared.result is None:
+                        self.current = subprocess.Popen([*prefix, *images_command(name)], stdin=subprocess.DEVNULL,
+                                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                        start_new_session=True)  # fmt: skip
+                        output, _ = self.current.communicate()
+                        shared.result = (self.current.returncode, output)
+                        shared.finished = not self.stopping
+                self.results[name] = shared.result
+                failed = name if shared.result[0] != 0 else None
             self.done[name].set()
 
     def wait(self, name: str) -> None:
@@ -72,6 +115,13 @@ class BackgroundBuilds:
         assert code == 0, f"deploy/podman/images.py {' '.join(BUILDS[name])} failed ({code}):\n{output[-6000:]}"
         print(f"\nimages ready {time.monotonic() - self.started:.0f} s after the session set them off (in the "
               f"background, lowest priority):\n{output}")
+
+    def finish(self) -> None:
+        """At the end of a worker's tests under pytest-xdist: the builds this worker holds are the ones the container
+        tests' worker waits for, so they run to the end."""
+        if not self.stopping:
+            for event in self.done.values():
+                event.wait()
 
     def stop(self) -> None:
         self.stopping = True
@@ -84,18 +134,27 @@ class BackgroundBuilds:
 BACKGROUND: list[BackgroundBuilds] = []
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The container tests last, so that the builds run while the other tests do. Here rather than once collection
+    has finished: pytest-xdist's workers report their tests' order then, and run by it."""
+    items[:] = [item for item in items if not item.get_closest_marker("containers")] + [
+        item for item in items if item.get_closest_marker("containers")
+    ]
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     containers = [item for item in session.items if item.get_closest_marker("containers")]
     if not containers or session.config.option.collectonly:
         return
-    session.items[:] = [item for item in session.items if not item.get_closest_marker("containers")] + containers
     needed = [name for name in BUILDS if any(name in getattr(item, "fixturenames", ()) for item in containers)]
     if needed:
         BACKGROUND.append(BackgroundBuilds(needed))
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for builds in BACKGROUND:
+        if XDIST_RUN and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and not session.shouldstop:
+            builds.finish()
         builds.stop()
 
 
@@ -105,9 +164,13 @@ def build_images(name: str) -> None:
         BACKGROUND[0].wait(name)
         return
     started = time.monotonic()
-    result = subprocess.run(images_command(name), capture_output=True, text=True)
-    assert result.returncode == 0, f"deploy/podman/images.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    print(f"\nimages built in {time.monotonic() - started:.0f} s:\n{result.stdout}")
+    with shared_build(name) as shared:
+        if shared.result is None:
+            result = subprocess.run(images_command(name), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            shared.result = (result.returncode, result.stdout)
+    code, output = shared.result
+    assert code == 0, f"deploy/podman/images.py failed:\n{output[-6000:]}"
+    print(f"\nimages built in {time.monotonic() - started:.0f} s:\n{output}")
 
 
 @pytest.fixture(scope="session")

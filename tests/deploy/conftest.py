@@ -108,13 +108,15 @@ class BackgroundBuilds:
             self.done[name].set()
 
     def wait(self, name: str) -> None:
+        waiting = time.monotonic()
         self.done[name].wait()
+        waited = time.monotonic() - waiting
         result = self.results[name]
         assert not isinstance(result, str), f"deploy/podman/images.py {' '.join(BUILDS[name])}: {result}"
         code, output = result
         assert code == 0, f"deploy/podman/images.py {' '.join(BUILDS[name])} failed ({code}):\n{output[-6000:]}"
         print(f"\nimages ready {time.monotonic() - self.started:.0f} s after the session set them off (in the "
-              f"background, lowest priority):\n{output}")
+              f"background, lowest priority; the tests waited {waited:.0f} s for them):\n{output}")
 
     def finish(self) -> None:
         """At the end of a worker's tests under pytest-xdist: the builds this worker holds are the ones the container

@@ -8,6 +8,8 @@ exits 0, as on every `up` after the first."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import signal
 import socket
@@ -47,6 +49,31 @@ class Stack:
 
     def replicas(self, service: str = "uembed") -> list[str]:
         return sorted(compose.containers(self.project, service))
+
+    def haproxy_view(self) -> str:
+        """What a failed request through haproxy came from: haproxy's account of each replica (its state, its last
+        check and why), then each container's state and last log lines."""
+        lines = []
+        try:
+            stats = httpx.get(f"http://127.0.0.1:{self.ports['HAPROXY_STATS_PORT']}/stats;csv", timeout=5).text
+            for row in csv.DictReader(io.StringIO(stats.lstrip("# "))):
+                if row["pxname"] == "uembed" and row["svname"] != "FRONTEND" and row["status"] != "MAINT (resolution)":
+                    lines.append(f"haproxy {row['svname']}: {row['status']}, last check {row['check_status']} "
+                                 f"({row['check_desc']}), changed {row['lastchg']} s ago")  # fmt: skip
+        except (httpx.HTTPError, KeyError) as error:
+            lines.append(f"haproxy's stats did not answer: {error!r}")
+        for container in [*self.replicas("haproxy"), *self.replicas()]:
+            logs = podman("logs", "--tail", "15", container, check=False)
+            lines.append(f"--- {container} ({inspect(container, '.State.Status')}, restarts "
+                         f"{inspect(container, '.RestartCount')}):\n{logs.stdout}{logs.stderr}")  # fmt: skip
+        return "\n".join(lines)
+
+    def score(self, examples: list[dict]):
+        """Scores through haproxy's published port; a failure says what haproxy saw of the replicas."""
+        try:
+            return score(self.service_url, examples)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.haproxy_view()}") from None
 
 
 def seed_volume(name: str, project: str, folder) -> None:
@@ -103,7 +130,7 @@ def prometheus_value(stack: Stack, expr: str) -> float | None:
 
 
 def test_prometheus_scrapes_every_replica_by_the_compose_name(stack, movielens_examples):
-    score(stack.service_url, movielens_examples[:100])
+    stack.score(movielens_examples[:100])
     replicas = len(stack.replicas())
     wait_until(lambda: prometheus_value(stack, 'count(up{job="uembed"} == 1)') == replicas, 60,
                "a scrape of each replica, found by DNS as uembed:8000")  # fmt: skip
@@ -133,10 +160,10 @@ def test_a_killed_replica_is_routed_around_then_restarted_and_serves_again(stack
     # haproxy sends every request to the other replica(s).
     wait_until(lambda: exited(pid), 10, "the killed replica's exit")
     for _ in range(20):
-        score(stack.service_url, movielens_examples[:10])
+        stack.score(movielens_examples[:10])
     wait_until(lambda: inspect(container, ".RestartCount") > restarts, 60, "the restart of the killed replica")
     wait_until(lambda: healthcheck_passes(container), 120, "the restarted replica's healthcheck")
-    score(stack.service_url, movielens_examples[:10])
+    stack.score(movielens_examples[:10])
 
 
 def test_down_leaves_nothing_running(stack):

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from xdist.scheduler import LoadFileScheduling
 
 from tests.installs import built_wheel
 from uembed.contract import hashing
@@ -51,15 +52,36 @@ def tiny_spec() -> DatasetSpec:
     )
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
+# `make test` spreads the suite over the cores with pytest-xdist (``-n 2 --dist loadfile``), by the scheduler below: a
+# worker runs a whole file, so a module's fixtures (a trained model, a started service) are built once, and the
+# container tests' files are one unit, so one worker builds the images and runs one compose stack at a time.
+CONTAINER_TEST_FILES = ("tests/deploy/test_compose_up.py", "tests/deploy/test_images.py")
+
+
+class FilesThenContainers(LoadFileScheduling):
+    """pytest-xdist's file scheduling with the container tests' files as one unit. The units go out in the order the
+    tests were collected, which puts the container tests last (tests/deploy/conftest.py), after the images are built."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = super()._split_scope(nodeid)
+        return "containers" if path in CONTAINER_TEST_FILES else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileScheduling | None:
+    if config.getvalue("dist") != "loadfile":
+        return None
+    config.option.loadscopereorder = False  # its default hands out the files with the most tests first
+    return FilesThenContainers(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` spreads the suite over the cores with pytest-xdist (``-n 2 --dist loadgroup``). Each file is one
-    group, so a worker runs a whole file and a module's fixtures (a trained model, a started service) are built once;
-    the container tests are one group, so one worker builds the images and runs one compose stack at a time."""
+    """The scheduler sees test ids, not marks: a container test outside CONTAINER_TEST_FILES would share a worker's
+    time with the other tests, so it is refused here."""
     for item in items:
-        containers = item.get_closest_marker("containers")
-        group = "containers" if containers else item.path.relative_to(config.rootpath).as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
+        path = item.path.relative_to(config.rootpath).as_posix()
+        if item.get_closest_marker("containers") and path not in CONTAINER_TEST_FILES:
+            raise pytest.UsageError(f"{item.nodeid} is marked containers: add {path} to tests/conftest.py's CONTAINER_TEST_FILES")
 
 
 @pytest.fixture

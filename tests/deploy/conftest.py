@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,8 +41,9 @@ def lowest_priority_prefix() -> list[str]:
 
 
 # Under pytest-xdist every worker collects the container tests and sets their builds off; a lock and a result file in
-# a folder of the run's own make the first worker to get there build and the others take its result.
-XDIST_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+# the run's own temporary folder (its workers' folders are in it) make the first worker to get there build and the
+# others take its result. Set once the tests are collected; empty outside pytest-xdist.
+SHARED_BUILDS_FOLDER: list[Path] = []
 
 
 class SharedBuild:
@@ -60,10 +60,10 @@ class SharedBuild:
 def shared_build(name: str) -> Iterator[SharedBuild]:
     """The build ``name`` as this run's workers share it: ``result`` is set where another worker has built it; set it
     inside the block, and the others take it (unless ``finished`` is False)."""
-    if not XDIST_RUN:
+    if not SHARED_BUILDS_FOLDER:
         yield SharedBuild(None)
         return
-    folder = Path(tempfile.gettempdir()) / f"uembed-image-builds-{XDIST_RUN}"
+    folder = SHARED_BUILDS_FOLDER[0]
     folder.mkdir(exist_ok=True)
     with open(folder / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -145,6 +145,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput") and session.config.option.basetemp:  # a pytest-xdist worker
+        SHARED_BUILDS_FOLDER[:] = [Path(session.config.option.basetemp).parent / "image-builds"]
     containers = [item for item in session.items if item.get_closest_marker("containers")]
     if not containers or session.config.option.collectonly:
         return
@@ -154,8 +156,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    ran_through = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and not session.shouldstop
     for builds in BACKGROUND:
-        if XDIST_RUN and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and not session.shouldstop:
+        if SHARED_BUILDS_FOLDER and ran_through:
             builds.finish()
         builds.stop()
 

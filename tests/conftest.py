@@ -54,7 +54,8 @@ def tiny_spec() -> DatasetSpec:
 
 # `make test` spreads the suite over the cores with pytest-xdist (``-n 2 --dist loadfile``), by the scheduler below: a
 # worker runs a whole file, so a module's fixtures (a trained model, a started service) are built once, and the
-# container tests' files are one unit, so one worker builds the images and runs one compose stack at a time.
+# container tests' files are one unit, so one worker builds the images and runs one compose stack at a time. (Not
+# xdist's loadgroup: under pytest 9 its xdist_group marks group nothing, pytest-dev/pytest-xdist#1386.)
 CONTAINER_TEST_FILES = ("tests/deploy/test_compose_up.py", "tests/deploy/test_images.py")
 
 

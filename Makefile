@@ -50,7 +50,7 @@ demo: $(STAMP)
 # The suite on TEST_WORKERS processes (pytest-xdist): a file, or the container tests, stays on one worker.
 TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # The local stack without Docker: redis-server, the service (demo bundle) and prometheus on
 # 127.0.0.1 ports 6380, 8000 and 9090, in the foreground until Ctrl-C (uembed stack --help).

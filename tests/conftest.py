@@ -52,16 +52,17 @@ def tiny_spec() -> DatasetSpec:
     )
 
 
-# `make test` spreads the suite over the cores with pytest-xdist (``-n 2 --dist loadfile``), by the scheduler below: a
-# worker runs a whole file, so a module's fixtures (a trained model, a started service) are built once, and the
-# container tests' files are one unit, so one worker builds the images and runs one compose stack at a time. (Not
-# xdist's loadgroup: under pytest 9 its xdist_group marks group nothing, pytest-dev/pytest-xdist#1386.)
+# `make test` spreads the suite over two processes with pytest-xdist (``-n 2``; ``--dist loadfile`` is in pyproject's
+# addopts), by the scheduler below: a worker runs a whole file, so a module's fixtures (a trained model, a started
+# service) are built once, and the container tests' files are one unit, so one worker runs them, one compose stack at
+# a time. (Not xdist's loadgroup: under pytest 9 its xdist_group marks group nothing, pytest-dev/pytest-xdist#1386.)
 CONTAINER_TEST_FILES = ("tests/deploy/test_compose_up.py", "tests/deploy/test_images.py")
 
 
 class FilesThenContainers(LoadFileScheduling):
     """pytest-xdist's file scheduling with the container tests' files as one unit. The units go out in the order the
-    tests were collected, which puts the container tests last (tests/deploy/conftest.py), after the images are built."""
+    tests were collected, which puts the container tests last (tests/deploy/conftest.py), so the image builds run
+    during the other tests."""
 
     def _split_scope(self, nodeid: str) -> str:
         path = super()._split_scope(nodeid)
@@ -77,12 +78,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileSchedulin
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The scheduler sees test ids, not marks: a container test outside CONTAINER_TEST_FILES would share a worker's
-    time with the other tests, so it is refused here."""
+    """The scheduler sees test ids, not marks: a container test outside CONTAINER_TEST_FILES would run beside the
+    other container tests on another worker, so it is refused here."""
     for item in items:
-        path = item.path.relative_to(config.rootpath).as_posix()
-        if item.get_closest_marker("containers") and path not in CONTAINER_TEST_FILES:
-            raise pytest.UsageError(f"{item.nodeid} is marked containers: add {path} to tests/conftest.py's CONTAINER_TEST_FILES")
+        if item.get_closest_marker("containers"):
+            path = item.path.relative_to(config.rootpath).as_posix()
+            if path not in CONTAINER_TEST_FILES:
+                raise pytest.UsageError(f"{item.nodeid} is marked containers: add {path} to tests/conftest.py's "
+                                        "CONTAINER_TEST_FILES")  # fmt: skip
 
 
 @pytest.fixture

@@ -40,9 +40,9 @@ def lowest_priority_prefix() -> list[str]:
     return prefix
 
 
-# Under pytest-xdist every worker collects the container tests and sets their builds off; a lock and a result file in
-# the run's own temporary folder (its workers' folders are in it) make the first worker to get there build and the
-# others take its result. Set once the tests are collected; empty outside pytest-xdist.
+# Under pytest-xdist every worker collects the container tests and sets their builds off; a lock and a result file for
+# each build, in the run's own temporary folder (its workers' folders are in it), make the first worker to get there
+# build and the others take its result. Set once the tests are collected; empty outside pytest-xdist.
 SHARED_BUILDS_FOLDER: list[Path] = []
 
 
@@ -65,20 +65,22 @@ def shared_build(name: str) -> Iterator[SharedBuild]:
         return
     folder = SHARED_BUILDS_FOLDER[0]
     folder.mkdir(exist_ok=True)
-    with open(folder / "lock", "w") as lock:
+    with open(folder / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         shared = SharedBuild(folder / f"{name}.json")
         taken = shared.result is not None
         yield shared
         if not taken and shared.result is not None and shared.finished:
-            shared.result_file.write_text(json.dumps(shared.result))
+            partial = shared.result_file.with_suffix(f".{os.getpid()}.part")
+            partial.write_text(json.dumps(shared.result))
+            partial.replace(shared.result_file)  # whole or absent for a worker reading it
 
 
 class BackgroundBuilds:
     """The builds the session's container tests need, set off as soon as the tests are collected, one after
-    another at the lowest CPU and I/O priority, while the other tests run first (``pytest_collection_finish``
-    puts the container tests last). The builds are mostly waiting on pip and on podman's layer store, and the
-    other tests leave most of the second core idle, so the builds cost the session little of its wall time."""
+    another at the lowest CPU and I/O priority, while the other tests run first (``pytest_collection_modifyitems``
+    puts the container tests last). The builds are mostly waiting on pip and on podman's layer store, so they
+    cost the session little of its wall time."""
 
     def __init__(self, needed: list[str]) -> None:
         self.needed = needed
@@ -86,26 +88,31 @@ class BackgroundBuilds:
         self.done = {name: threading.Event() for name in needed}
         self.current: subprocess.Popen | None = None
         self.stopping = False
+        self.no_new_builds = False
         self.started = time.monotonic()
         threading.Thread(target=self.run, name="image-builds", daemon=True).start()
 
     def run(self) -> None:
         prefix, failed = lowest_priority_prefix(), None
         for name in self.needed:
-            if failed or self.stopping:
-                self.results[name] = f"not built: the build for {failed} failed" if failed else "not built: the session ended"
-            else:
+            try:
+                if failed:
+                    self.results[name] = f"not built: the build for {failed} failed"
+                    continue
                 with shared_build(name) as shared:
-                    if shared.result is None:
+                    if shared.result is None and not (self.stopping or self.no_new_builds):
                         self.current = subprocess.Popen([*prefix, *images_command(name)], stdin=subprocess.DEVNULL,
                                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                                         start_new_session=True)  # fmt: skip
                         output, _ = self.current.communicate()
                         shared.result = (self.current.returncode, output)
                         shared.finished = not self.stopping
-                self.results[name] = shared.result
-                failed = name if shared.result[0] != 0 else None
-            self.done[name].set()
+                self.results[name] = shared.result or "not built: the session ended"
+                failed = name if shared.result and shared.result[0] != 0 else None
+            except Exception as error:  # a test waiting on this build is told why, never left waiting
+                self.results[name] = f"not built: {error!r}"
+            finally:
+                self.done[name].set()
 
     def wait(self, name: str) -> None:
         waiting = time.monotonic()
@@ -119,11 +126,11 @@ class BackgroundBuilds:
               f"background, lowest priority; the tests waited {waited:.0f} s for them):\n{output}")
 
     def finish(self) -> None:
-        """At the end of a worker's tests under pytest-xdist: the builds this worker holds are the ones the container
-        tests' worker waits for, so they run to the end."""
-        if not self.stopping:
-            for event in self.done.values():
-                event.wait()
+        """At the end of a worker's tests under pytest-xdist: a build this worker is running may be the one the
+        container tests' worker waits for, so it runs to the end; none is started (that worker builds what is left)."""
+        self.no_new_builds = True
+        for event in self.done.values():
+            event.wait()
 
     def stop(self) -> None:
         self.stopping = True
@@ -136,9 +143,10 @@ class BackgroundBuilds:
 BACKGROUND: list[BackgroundBuilds] = []
 
 
+@pytest.hookimpl(trylast=True)  # after the other reorderings and the deselection (``--ff`` and ``--nf`` still win)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The container tests last, so that the builds run while the other tests do. Here rather than once collection
-    has finished: pytest-xdist's workers report their tests' order then, and run by it."""
+    """The container tests last, so that the builds run while the other tests do (under pytest-xdist the container
+    tests' unit goes out last: tests/conftest.py)."""
     items[:] = [item for item in items if not item.get_closest_marker("containers")] + [
         item for item in items if item.get_closest_marker("containers")
     ]
@@ -158,9 +166,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ran_through = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and not session.shouldstop
     for builds in BACKGROUND:
-        if SHARED_BUILDS_FOLDER and ran_through:
-            builds.finish()
-        builds.stop()
+        try:
+            if SHARED_BUILDS_FOLDER and ran_through:
+                builds.finish()
+        finally:
+            builds.stop()
 
 
 def build_images(name: str) -> None:
@@ -175,7 +185,7 @@ def build_images(name: str) -> None:
             shared.result = (result.returncode, result.stdout)
     code, output = shared.result
     assert code == 0, f"deploy/podman/images.py failed:\n{output[-6000:]}"
-    print(f"\nimages built in {time.monotonic() - started:.0f} s:\n{output}")
+    print(f"\nimages built (or another worker's build waited for) in {time.monotonic() - started:.0f} s:\n{output}")
 
 
 @pytest.fixture(scope="session")

@@ -57,23 +57,26 @@ class Stack:
         try:
             stats = httpx.get(f"http://127.0.0.1:{self.ports['HAPROXY_STATS_PORT']}/stats;csv", timeout=5).text
             for row in csv.DictReader(io.StringIO(stats.lstrip("# "))):
-                if row["pxname"] == "uembed" and row["svname"] != "FRONTEND" and row["status"] != "MAINT (resolution)":
+                resolved = row["status"] != "MAINT (resolution)"  # the template's slots no replica fills
+                if row["pxname"] == "uembed" and row["svname"].startswith("replica-") and resolved:
                     lines.append(f"haproxy {row['svname']}: {row['status']}, last check {row['check_status']} "
                                  f"({row['check_desc']}), changed {row['lastchg']} s ago")  # fmt: skip
         except (httpx.HTTPError, KeyError) as error:
             lines.append(f"haproxy's stats did not answer: {error!r}")
         for container in [*self.replicas("haproxy"), *self.replicas()]:
+            state = podman("inspect", "--format", "{{.State.Status}}, restarts {{.RestartCount}}", container,
+                           check=False)  # fmt: skip
             logs = podman("logs", "--tail", "15", container, check=False)
-            lines.append(f"--- {container} ({inspect(container, '.State.Status')}, restarts "
-                         f"{inspect(container, '.RestartCount')}):\n{logs.stdout}{logs.stderr}")  # fmt: skip
+            said = state.stdout.strip() or state.stderr.strip()
+            lines.append(f"--- {container} ({said}):\n{logs.stdout}{logs.stderr}")
         return "\n".join(lines)
 
     def score(self, examples: list[dict]):
         """Scores through haproxy's published port; a failure says what haproxy saw of the replicas."""
         try:
             return score(self.service_url, examples)
-        except AssertionError as error:
-            raise AssertionError(f"{error}\n{self.haproxy_view()}") from None
+        except (AssertionError, httpx.HTTPError) as error:
+            raise AssertionError(f"{error!r}\n{self.haproxy_view()}") from error
 
 
 def seed_volume(name: str, project: str, folder) -> None:

@@ -10,6 +10,7 @@ wheels into a venv of their own under ``$UEMBED_CACHE/perf_analyzer`` (``~/.cach
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import subprocess
 import sys
@@ -77,7 +78,10 @@ def find_perf_analyzer() -> PerfAnalyzer | str:
     if not binary:
         venv = cache_dir() / f"tritonclient-{VERSION}"
         if not (venv / "bin" / "perf_analyzer").exists():
-            problem = install(venv)
+            venv.parent.mkdir(parents=True, exist_ok=True)
+            with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another process installing waits, then finds the install
+                problem = None if (venv / "bin" / "perf_analyzer").exists() else install(venv)
             if problem:
                 return f"perf_analyzer could not be installed ({' '.join(PACKAGES)} from PyPI): {problem}"
         binary = str(venv / "bin" / "perf_analyzer")

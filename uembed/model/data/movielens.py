@@ -61,7 +61,7 @@ def fetch_movielens100k() -> Path:
                 actual = hashlib.sha256(data).hexdigest()
                 if actual != digest:
                     raise DataError(f"MovieLens file {name} has checksum {actual}, expected {digest}")
-                partial = target / (name + ".part")
+                partial = target / f"{name}.{os.getpid()}.part"  # another process may be fetching too
                 partial.write_bytes(data)
                 partial.replace(target / name)
     return target

@@ -576,6 +576,9 @@ def threads_of(pid: int) -> list[int]:
         return []
 
 
+RESTORE_SWEEPS = 20
+
+
 @contextlib.contextmanager
 def server_on_its_own_core(server: HttpProcess):
     """Within the block, every thread of ``server``'s processes runs on this process's last core (the first tends to
@@ -607,10 +610,17 @@ def server_on_its_own_core(server: HttpProcess):
                 os.sched_setaffinity(tid, to)
 
     def restore() -> None:
-        move([tid for tid in server_threads() if tid not in before], serving_cores)
-        move([tid for tid in threads_of(os.getpid()) if tid not in before], own_cores)
-        for tid, affinity in before.items():
-            move([tid], affinity)
+        # The threads there before first: a thread they start from then on inherits their own cores again. Then those
+        # started meanwhile, with the pinned cores they inherited, sweep after sweep (one may have started another).
+        for tid, cores_before in before.items():
+            move([tid], cores_before)
+        for _ in range(RESTORE_SWEEPS):
+            pinned = [tid for tid in server_threads() if tid not in before and affinity(tid) == server_cores]
+            own = [tid for tid in threads_of(os.getpid()) if tid not in before and affinity(tid) == client_cores]
+            if not pinned and not own:
+                break
+            move(pinned, serving_cores)
+            move(own, own_cores)
 
     try:
         move(server_threads(), server_cores)

@@ -106,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from uembed.serving.process import ClosingMultiprocess, HeadDeadlineProtocol, claim_port
+    from uembed.serving.process import BALANCED_LOOP, ClosingMultiprocess, HeadDeadlineProtocol, claim_port
 
     set_serve_environment(args)
     # Held until this process exits: the gRPC port is this server's and its workers' only (uembed/serving/process.py).
@@ -123,6 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         http=functools.partial(HeadDeadlineProtocol, head_timeout_s=args.header_timeout_s),
+        loop=BALANCED_LOOP,  # uvicorn's own loop, spreading connections evenly over the workers (accepts.py)
         access_log=args.access_log,
         timeout_graceful_shutdown=15,
         limit_concurrency=args.max_connections,  # per worker; beyond it uvicorn answers 503

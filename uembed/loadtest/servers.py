@@ -296,6 +296,7 @@ class HttpProcess:
 
 SERVICE_APP = "uembed.serving.app:create_app"
 SERVICE_HTTP = "uembed.serving.process:ServiceHttpProtocol"
+SERVICE_LOOP = "uembed.serving.accepts:BalancedLoop"  # as `uembed serve` runs its workers
 
 
 class UvicornProcess(HttpProcess):
@@ -304,7 +305,7 @@ class UvicornProcess(HttpProcess):
     The service's gRPC port is a free one unless ``env`` sets ``UEMBED_GRPC_PORT`` (never the default 8001, which
     a service started by hand may hold: with SO_REUSEPORT both would bind it and share its connections). The
     service runs with the HTTP protocol `uembed serve` gives it (``SERVICE_HTTP``), where the tree it starts in has
-    one (an older tree compared side by side runs uvicorn's own)."""
+    one (an older tree compared side by side runs uvicorn's own), and on the event loop `uembed serve` gives its workers."""
 
     def __init__(self, app: str, env: dict[str, str], log_path: Path, workers: int = 1, port: int = 0,
                  ready_path: str = "/readyz", limit_concurrency: int | None = None) -> None:  # fmt: skip
@@ -333,6 +334,8 @@ class UvicornProcess(HttpProcess):
             module = tree / "uembed" / "serving" / "process.py"
             if module.exists() and "class ServiceHttpProtocol" in module.read_text(errors="replace"):
                 self.argv += ["--http", SERVICE_HTTP]
+            if (tree / "uembed" / "serving" / "accepts.py").exists():
+                self.argv += ["--loop", SERVICE_LOOP]
         return super().launch()
 
     def metrics(self) -> dict[str, float]:

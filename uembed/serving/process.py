@@ -69,6 +69,10 @@ def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
     return claims
 
 
+# The event loop `uembed serve` runs its workers on: uvicorn's, accepting on the shared HTTP socket so that
+# connections spread evenly over the workers (uembed/serving/accepts.py).
+BALANCED_LOOP = "uembed.serving.accepts:BalancedLoop"
+
 # uvicorn's answer to an app that fails before its response (its connection: close is added as the cycle ends)
 INTERNAL_ERROR_HEADERS = ((b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"))
 

@@ -15,10 +15,13 @@ import psutil
 
 from uembed.loadtest.servers import HttpProcess, free_port, wait_until, worker_pids
 from uembed.serving import accepts
-from uembed.serving.accepts import AcceptTable, shared_listening_socket
+from uembed.serving.accepts import NOT_ACCEPTING, AcceptTable, shared_listening_socket
 from uembed.serving.process import BALANCED_LOOP
 
 CONNECTIONS = 8
+# A sibling on a loaded machine may take a while to run: the tests of an even spread wait for it longer than the
+# default, which only bounds a connection's set-up.
+PATIENT = {"UEMBED_ACCEPT_DEFER_MS": "3000"}
 
 
 async def hello_app(scope, receive, send) -> None:
@@ -29,25 +32,32 @@ async def hello_app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def start_workers(tmp_path, workers: int = 2, loop: str = BALANCED_LOOP) -> HttpProcess:
-    port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", "tests.serving.test_accepts:hello_app", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", str(workers), "--loop", loop, "--no-access-log"]  # fmt: skip
-    server = HttpProcess(argv, {}, tmp_path / "workers.log", f"http://127.0.0.1:{port}/", "hello")
-    server.port = port
+def start(server: HttpProcess, workers: int, balanced: bool = True) -> HttpProcess:
     server.start()
-    wait_until(lambda: len(worker_pids(server)) == workers, 30, f"{workers} workers")
-    if workers > 1 and loop == BALANCED_LOOP:  # each worker listening on the balanced server: its slot in the socket's table
-        wait_until(lambda: set(worker_pids(server)) <= tables_pids(), 30, "every worker in the accept table")
+    wait_until(lambda: len(worker_pids(server)) == workers, 60, f"{workers} workers")
+    if workers > 1 and balanced:  # each worker listening on the balanced server: its slot in the socket's table
+        wait_until(lambda: set(worker_pids(server)) <= set(table_of(server)), 60, "every worker in the accept table")
     return server
 
 
-def tables_pids() -> set[int]:
-    return {
-        int(pid)
-        for path in accepts.table_folder().glob(f"uembed-accepts-{os.getuid()}-*")
-        for pid in np.fromfile(path, dtype=accepts.SLOT)["pid"]
-    }
+def start_workers(tmp_path, workers: int = 2, loop: str = BALANCED_LOOP, env: dict | None = None) -> HttpProcess:
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "tests.serving.test_accepts:hello_app", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", str(workers), "--loop", loop, "--no-access-log"]  # fmt: skip
+    server = HttpProcess(argv, env or {}, tmp_path / "workers.log", f"http://127.0.0.1:{port}/", "hello")
+    server.port = port
+    return start(server, workers, balanced=loop == BALANCED_LOOP)
+
+
+def table_of(server: HttpProcess) -> dict[int, int]:
+    """pid -> published open connections, of every worker of ``server`` found in an accept table."""
+    workers = set(worker_pids(server))
+    found = {}
+    for path in accepts.table_folder().glob(f"uembed-accepts-v{accepts.TABLE_VERSION}-{os.getuid()}-*"):
+        for pid, connections, _ in np.fromfile(path, dtype=accepts.SLOT).tolist():
+            if pid in workers:
+                found[pid] = connections
+    return found
 
 
 def open_connections(port: int, count: int, path: str = "/") -> list[socket.socket]:
@@ -69,30 +79,32 @@ def connections_by_worker(server: HttpProcess) -> dict[int, int]:
 
 
 def test_a_pool_opened_at_once_spreads_evenly_over_two_workers_every_time(tmp_path):
-    server = start_workers(tmp_path)
+    server = start_workers(tmp_path, env=PATIENT)
     try:
-        for _ in range(4):  # each round a new pool, after the last one closed
+        for _ in range(4):  # each round a new pool, after the workers counted the last one closed
             clients = open_connections(server.port, CONNECTIONS)
             held = connections_by_worker(server)
-            assert sum(held.values()) == CONNECTIONS, held
-            assert max(held.values()) - min(held.values()) <= 1, held
+            assert sorted(held.values()) == [CONNECTIONS // 2] * 2, held
             for client in clients:
                 client.close()
-            wait_until(lambda: sum(connections_by_worker(server).values()) == 0, 10, "the pool closed")
+            wait_until(lambda: sum(table_of(server).values()) == 0, 10, "the workers counted the pool closed")
     finally:
         server.stop()
 
 
-def test_a_stopped_worker_strands_no_connection(tmp_path):
+def test_a_stopped_worker_delays_a_burst_by_the_deferral_limit_not_by_its_heartbeat(tmp_path):
     server = start_workers(tmp_path)
     stopped = sorted(worker_pids(server))[0]
-    os.kill(stopped, signal.SIGSTOP)  # alive, its heartbeat still fresh for a while, and accepting nothing
+    os.kill(stopped, signal.SIGSTOP)  # alive, its heartbeat fresh for STALE_S, and accepting nothing
     try:
         started = time.monotonic()
-        clients = open_connections(server.port, CONNECTIONS)  # the other worker takes them all, deferring briefly
-        assert time.monotonic() - started < 10
+        clients = open_connections(server.port, CONNECTIONS)  # the other worker takes them all, once the limit passes
+        took = time.monotonic() - started
         held = connections_by_worker(server)
-        assert held[stopped] == 0 and sum(held.values()) == CONNECTIONS, held
+        assert held.get(stopped, 0) == 0 and sum(held.values()) == CONNECTIONS, held
+        # The waiting connections were deferred once for the limit (20 ms), not each in turn, nor until the
+        # stopped worker's heartbeat went stale: well under STALE_S even on a loaded machine.
+        assert took < 0.8 * accepts.STALE_S, took
         for client in clients:
             client.close()
     finally:
@@ -114,8 +126,8 @@ def test_one_worker_and_a_socket_of_its_own_accept_as_the_loop_always_does(tmp_p
     shared.bind(("127.0.0.1", 0))
     unix = socket.socket(socket.AF_UNIX)
     try:
-        assert not shared_listening_socket(reuse) and shared_listening_socket(shared) and not shared_listening_socket(unix)
-        assert not shared_listening_socket(None)
+        assert not shared_listening_socket(reuse) and not shared_listening_socket(unix)
+        assert shared_listening_socket(shared) and not shared_listening_socket(None)
     finally:
         for sock in (reuse, shared, unix):
             sock.close()
@@ -123,45 +135,45 @@ def test_one_worker_and_a_socket_of_its_own_accept_as_the_loop_always_does(tmp_p
 
 def claim_in_child(sock: socket.socket, folder, results) -> None:
     table = AcceptTable(sock, folder)
-    table.publish(5, time.monotonic())
     results.put((os.getpid(), table.slot))
 
 
-def claim_slot(listening: socket.socket, folder) -> tuple[int, int | None]:
-    """(pid, slot) of a new process claiming a slot in ``listening``'s table."""
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    child = context.Process(target=claim_in_child, args=(listening, folder, results))
-    child.start()
-    claimed = results.get(timeout=60)
-    child.join(30)
-    return claimed
-
-
-def test_the_table_gives_each_worker_a_slot_counts_live_siblings_only_and_is_removed_by_the_last(tmp_path):
+def test_the_table_gives_each_process_a_slot_counts_live_accepting_siblings_and_is_removed_by_the_last(tmp_path):
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     listening.listen()
     try:
         table = AcceptTable(listening, tmp_path)
-        assert table.slot == 0 and table.fewest_elsewhere(time.monotonic()) is None  # alone: never defers
-        child, slot = claim_slot(listening, tmp_path)
-        assert slot == 1, "a second process sharing the socket gets a slot of its own"
         now = time.monotonic()
-        assert table.fewest_elsewhere(now) == 5, "the child published 5 connections"
+        assert table.slot == 0 and table.fewest_elsewhere(now) is None  # alone: never defers
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        child = context.Process(target=claim_in_child, args=(listening, tmp_path, results))
+        child.start()
+        child_pid, slot = results.get(timeout=60)
+        child.join(60)
+        assert slot == 1 and table.slots[1]["pid"] == child_pid, "another process sharing the socket: a slot of its own"
+        alive = os.getppid()  # a live process that is not this one, as a sibling's pid
+        table.slots[1] = (alive, 5, now)
+        assert table.fewest_elsewhere(now) == 5
         assert table.fewest_elsewhere(now + accepts.STALE_S + 1) is None, "a silent sibling is not waited for"
-        # The child has exited, its heartbeat still fresh: its slot stays its own until the heartbeat is stale.
-        assert claim_slot(listening, tmp_path)[1] == 2
-        table.slots[1]["beat"] = time.monotonic() - accepts.STALE_S - 1
-        assert claim_slot(listening, tmp_path)[1] == 1, "a dead worker's stale slot is taken again"
-        table.slots[1:] = (0, 0, 0.0)
+        assert table.fewest_elsewhere(now - accepts.STALE_S - 1) is None, "nor one from the future (before a reboot)"
+        table.slots[1]["connections"] = NOT_ACCEPTING
+        assert table.fewest_elsewhere(now) is None, "nor one that cannot accept"
+        # Slots are claimed again only where their holder is gone: dead and silent.
+        table.slots[1] = (child_pid, 5, now - accepts.STALE_S - 1)
+        table.slots[2] = (alive, 3, now - accepts.STALE_S - 1)
+        table.slots[0]["pid"] = alive  # this process claims as a newcomer would
+        assert table._claim(time.monotonic()) == 1
+        table.slots[0:3] = (0, 0, 0.0)
+        table.slot = 0
         table.release()
         assert not list(tmp_path.glob("uembed-accepts-*")), "the last worker removes the table"
     finally:
         listening.close()
 
 
-def test_a_full_table_leaves_a_worker_accepting_as_the_loop_always_does(tmp_path, monkeypatch):
+def test_a_full_table_or_a_file_not_this_users_own_leaves_the_loop_accepting_as_always(tmp_path):
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     try:
@@ -172,6 +184,13 @@ def test_a_full_table_leaves_a_worker_accepting_as_the_loop_always_does(tmp_path
         assert crowded.slot is None and crowded.fewest_elsewhere(time.monotonic()) is None
         crowded.publish(3, time.monotonic())  # publishes nothing
         assert (first.slots["connections"] == 0).all()
+        os.chmod(first.path, 0o666)  # another user could have written it
+        try:
+            AcceptTable(listening, tmp_path)
+        except OSError as exc:
+            assert "not a file of this user's alone" in str(exc)
+        else:
+            raise AssertionError("a table others may write is refused")
     finally:
         listening.close()
 
@@ -180,12 +199,10 @@ def test_uembed_serve_spreads_a_pool_over_its_workers(tmp_path, synthetic_store)
     port = free_port()
     argv = [sys.executable, "-m", "uembed", "serve", "--bundle", str(synthetic_store / "movielens" / "1"), "--port",
             str(port), "--grpc-port", "0", "--workers", "2"]  # fmt: skip
-    server = HttpProcess(argv, {}, tmp_path / "serve.log", f"http://127.0.0.1:{port}/readyz", "serve")
+    server = HttpProcess(argv, PATIENT, tmp_path / "serve.log", f"http://127.0.0.1:{port}/readyz", "serve")
     server.port = port
-    server.start()
+    start(server, 2)
     try:
-        wait_until(lambda: len(worker_pids(server)) == 2 and set(worker_pids(server)) <= tables_pids(), 60,
-                   "both workers in the accept table")  # fmt: skip
         clients = open_connections(port, CONNECTIONS, "/healthz")
         held = connections_by_worker(server)
         assert sorted(held.values()) == [CONNECTIONS // 2] * 2, held

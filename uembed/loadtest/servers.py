@@ -308,8 +308,9 @@ class UvicornProcess(HttpProcess):
     one (an older tree compared side by side runs uvicorn's own), and on the event loop `uembed serve` gives its workers."""
 
     def __init__(self, app: str, env: dict[str, str], log_path: Path, workers: int = 1, port: int = 0,
-                 ready_path: str = "/readyz", limit_concurrency: int | None = None) -> None:  # fmt: skip
+                 ready_path: str = "/readyz", limit_concurrency: int | None = None, loop: str | None = None) -> None:  # fmt: skip
         self.app = app
+        self.loop = loop  # None: the service's own (SERVICE_LOOP) where the tree has it; else uvicorn's --loop
         self.workers = workers
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -334,8 +335,10 @@ class UvicornProcess(HttpProcess):
             module = tree / "uembed" / "serving" / "process.py"
             if module.exists() and "class ServiceHttpProtocol" in module.read_text(errors="replace"):
                 self.argv += ["--http", SERVICE_HTTP]
-            if (tree / "uembed" / "serving" / "accepts.py").exists():
+            if self.loop is None and (tree / "uembed" / "serving" / "accepts.py").exists():
                 self.argv += ["--loop", SERVICE_LOOP]
+        if self.loop is not None and "--loop" not in self.argv:
+            self.argv += ["--loop", self.loop]
         return super().launch()
 
     def metrics(self) -> dict[str, float]:

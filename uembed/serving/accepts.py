@@ -106,6 +106,7 @@ class AcceptTable:
                     continue
                 if found.st_size < size:
                     os.posix_fallocate(fd, 0, size)  # a full tmpfs is ENOSPC here, not SIGBUS at the first write
+                self.inode = found.st_ino
                 self.map = mmap.mmap(fd, size)
                 self.slots = np.frombuffer(self.map, dtype=SLOT)
                 self.slot = self._claim(time.monotonic())
@@ -145,7 +146,7 @@ class AcceptTable:
                 self.slots[self.slot] = (0, 0, 0.0)
                 self.slot = None
             holders = [pid for pid in self.slots["pid"].tolist() if pid]
-            if fd is not None and os.fstat(fd).st_ino == os.fstat(self.map.fileno()).st_ino and not any(map(pid_alive, holders)):
+            if fd is not None and os.fstat(fd).st_ino == self.inode and not any(map(pid_alive, holders)):
                 self.path.unlink(missing_ok=True)
         finally:
             if fd is not None:

@@ -176,20 +176,15 @@ class ServiceSettings(BaseSettings):
         description="Most open connections per worker process; beyond it new connections get 503 (uvicorn's "
         "limit_concurrency). Set the proxy's own limits below it (README, Production settings).",
     )
-    accept_defer_ms: float = Field(
-        20, ge=0,
-        description="With several workers (`uembed serve --workers N`), the longest a new connection waits for a "
-        "worker holding fewer open connections to accept it before a busier one takes it: a client's pool opened at "
-        "once spreads evenly over the workers rather than landing on one. Longer spreads pools more evenly on a "
-        "loaded machine; each connection's set-up may wait as long, once. 0: the first worker to wake takes it.",
-    )
+    accept_defer_ms: float = Field(20, ge=0, description="With several workers, the longest a new connection is left "
+                                   "to a worker holding fewer open connections: a pool opened at once spreads evenly, "
+                                   "its set-up delayed as long at most. 0: the first worker to wake takes it.")
     value_cache_bytes: int = Field(
         32 * 2**20, ge=0,
-        description="Bytes per model for recent feature values' canonical forms and rows, where a value takes the "
-        "checked path: a ranking request's context, values other than plain strings, integers, lists of them and a "
-        "numeric feature's finite numbers, and "
-        "every value without the compiled extension (a column of plain values is read and hashed in one compiled "
-        "pass, faster than a cache hit, and not cached). Emptied when full. 0 turns the caches off.",
+        description="Bytes per model for recent values' canonical forms and rows, where a value takes the checked "
+        "path: a ranking request's context, values other than plain strings, integers, lists of them and a numeric "
+        "feature's finite numbers, and every value without the compiled extension (columns of plain values take one "
+        "compiled pass instead, cheaper than a cache hit). Emptied when full. 0 turns the caches off.",
     )
 
     # --- row store ----------------------------------------------------------------------

@@ -210,3 +210,28 @@ def test_uembed_serve_spreads_a_pool_over_its_workers(tmp_path, synthetic_store)
             client.close()
     finally:
         server.stop()
+
+
+def test_a_table_whose_workers_are_all_gone_is_removed_by_the_next_server(tmp_path):
+    sockets = [socket.socket() for _ in range(3)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        killed = AcceptTable(sockets[0], tmp_path)
+        killed.slots[0]["pid"] = dead_pid()  # as a server killed outright leaves it: never released
+        running = AcceptTable(sockets[1], tmp_path)  # a server still running: this process holds its slot
+        newcomer = AcceptTable(sockets[2], tmp_path)
+        assert not killed.path.exists(), "a table whose workers are all gone is removed"
+        assert running.path.exists() and newcomer.path.exists(), "a table with a live worker stays"
+        running.release()
+        newcomer.release()
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def dead_pid() -> int:
+    child = multiprocessing.get_context("spawn").Process(target=int)
+    child.start()
+    child.join(60)
+    return child.pid

@@ -82,14 +82,37 @@ def live(beats: np.ndarray, now: float) -> np.ndarray:
     return (age >= -STALE_S) & (age <= STALE_S)
 
 
+def remove_abandoned(folder: Path, prefix: str, keep: Path) -> None:
+    """Remove this user's tables whose workers are all gone: a server killed outright (SIGKILL) never removes its
+    own. A table's holders are read under its lock, so one being claimed is not taken for abandoned."""
+    for path in folder.glob(f"{prefix}*"):
+        if path == keep:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: someone is claiming or releasing it now
+            holders = np.frombuffer(os.pread(fd, SLOTS * SLOT.itemsize, 0), dtype=SLOT)["pid"].tolist()
+            if os.fstat(fd).st_uid == os.getuid() and not any(pid_alive(pid) for pid in holders if pid):
+                path.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass  # locked, changed or short: not ours to judge now
+        finally:
+            os.close(fd)
+
+
 class AcceptTable:
     """Each worker's open connections on one listening socket: a slot per worker (pid, connections, heartbeat) in a
     file every process holding the socket maps, named after the socket's inode (unique while the socket exists).
     Raises OSError where the file cannot be made this user's own (then the worker accepts as the loop does)."""
 
     def __init__(self, sock: socket.socket, folder: Path | None = None) -> None:
-        name = f"uembed-accepts-v{TABLE_VERSION}-{os.getuid()}-{os.fstat(sock.fileno()).st_ino}"
-        self.path = (folder or table_folder()) / name
+        folder = folder or table_folder()
+        prefix = f"uembed-accepts-v{TABLE_VERSION}-{os.getuid()}-"
+        self.path = folder / f"{prefix}{os.fstat(sock.fileno()).st_ino}"
+        remove_abandoned(folder, prefix, keep=self.path)
         size = SLOTS * SLOT.itemsize
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)

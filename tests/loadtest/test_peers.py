@@ -215,11 +215,11 @@ def test_the_grpc_check_refuses_several_workers_whose_metrics_are_not_summed(tmp
 
 
 def test_the_ratios_compare_two_workers_with_one_and_the_workers_cpu():
-    def v1(rate: float, workers_cpu: list[float], achieved: float = 400.0) -> dict:
+    def v1(rate: float, workers_cpu: list[float], achieved: float = 400.0, half_cpu: list[float] | None = None) -> dict:
         return {"closed": {"requests_per_s": rate, "worker_cpu_s": workers_cpu, "server_cpu_ms_per_call": 0.5},
                 "unloaded": {"p50_ms": 1.0},
                 "open_at_half": {"p99_ms": 2.5, "requests_per_s": achieved, "offered_per_s": 400.0,
-                                 "server_cpu_ms_per_call": 0.9}}  # fmt: skip
+                                 "server_cpu_ms_per_call": 0.9, "worker_cpu_s": half_cpu or workers_cpu}}  # fmt: skip
 
     ratios = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0])}, "2w": {"64": v1(1800.0, [9.0, 7.5])}}})
     assert ratios["1w 64"]["v1_over_1_worker"] is None and ratios["1w 64"]["v1_worker_cpu_spread"] is None
@@ -229,6 +229,10 @@ def test_the_ratios_compare_two_workers_with_one_and_the_workers_cpu():
     # a worker no connection reached: no spread, its zero shown
     idle = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0])}, "2w": {"64": v1(1000.0, [9.0, 0.0])}}})["2w 64"]
     assert idle["v1_worker_cpu_spread"] is None and idle["v1_worker_cpu_s"] == [9.0, 0.0]
+    # at half load, as saturated: how evenly the open loop's connections spread
+    lopsided = peer_ratios({"v1": {"2w": {"64": v1(1800.0, [9.0, 7.5], half_cpu=[8.26, 0.01])}}})["2w 64"]
+    assert (lopsided["v1_half_load_worker_cpu_spread"], lopsided["v1_half_load_worker_cpu_s"]) == (826.0, [8.26, 0.01])
+    assert two["v1_half_load_worker_cpu_spread"] == 1.2 and ratios["1w 64"]["v1_half_load_worker_cpu_s"] is None
     # a load generator that fell behind the rate it offered: its tail is not the service's
     behind = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0], achieved=300.0)}}})["1w 64"]
     assert behind["v1_half_load_achieved_over_offered"] == 0.75 and behind["v1_p99_at_half_over_unloaded_p50"] is None

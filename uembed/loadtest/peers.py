@@ -694,6 +694,7 @@ def peer_ratios(results: dict) -> dict:
             half, alone = v1.get("open_at_half"), v1.get("unloaded")
             one_worker = results["v1"].get("1w", {}).get(size)
             cpu = v1["closed"].get("worker_cpu_s") or []
+            half_cpu = (half or {}).get("worker_cpu_s") or []
             # the open loop's tail is the service's only where the load generator kept up with the rate it offered
             achieved = round(half["requests_per_s"] / half["offered_per_s"], 3) if half and half.get("offered_per_s") else None
             out[key] = {
@@ -709,6 +710,9 @@ def peer_ratios(results: dict) -> dict:
                 # worker: None, its 0 in v1_worker_cpu_s)
                 "v1_worker_cpu_spread": round(cpu[0] / cpu[-1], 2) if len(cpu) > 1 and cpu[-1] else None,
                 "v1_worker_cpu_s": cpu if len(cpu) > 1 else None,
+                # the same at half load, where a client's connections opened at once once landed on one worker
+                "v1_half_load_worker_cpu_spread": round(half_cpu[0] / half_cpu[-1], 2) if len(half_cpu) > 1 and half_cpu[-1] else None,
+                "v1_half_load_worker_cpu_s": half_cpu if len(half_cpu) > 1 else None,
                 "v1_over_litserve": round(rate["v1"] / rate["litserve"], 2) if "litserve" in rate else None,
                 "v1_over_naive": round(rate["v1"] / rate["naive"], 2) if "naive" in rate else None,
                 "grpc_over_v1": round(rate["grpc"] / rate["v1"], 2) if "grpc" in rate else None,

@@ -223,7 +223,10 @@ def test_a_killed_master_fails_over_under_traffic(synthetic_store, movielens_exa
     try:
         bundle = synthetic_store / "movielens" / "1"
         assert publish_cli(str(bundle), "--redis-url", cluster.url, "--quiet").returncode == 0
-        options = {"redis_url": cluster.url, "hot_rows_bytes": 0, "redis_retry_s": 0.3, "request_timeout_ms": 1000}
+        # A Redis call may wait for a core on a loaded machine: the default 50 ms timeout would turn such a wait into a
+        # 503 for the rows only in Redis, after the failover too, which this test would read as no recovery.
+        options = {"redis_url": cluster.url, "hot_rows_bytes": 0, "redis_retry_s": 0.3, "request_timeout_ms": 1000,
+                   "redis_timeout_ms": 500}  # fmt: skip
         cached = start_service([bundle], **options)
         only = start_service([without_row_files(bundle, tmp_path)], ready_path="/healthz", row_source="redis", **options)
         wait_until(lambda: http_get(f"{only.url}/readyz")[0] == 200, 10, "readiness")

@@ -236,6 +236,8 @@ def test_the_ratios_compare_two_workers_with_one_and_the_workers_cpu():
     # a load generator that fell behind the rate it offered: its tail is not the service's
     behind = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0], achieved=300.0)}}})["1w 64"]
     assert behind["v1_half_load_achieved_over_offered"] == 0.75 and behind["v1_p99_at_half_over_unloaded_p50"] is None
+    slightly = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0], achieved=387.0)}}})["1w 64"]  # 0.9675: still behind
+    assert slightly["v1_p99_at_half_over_unloaded_p50"] is None
 
 
 def test_the_cli_offers_every_front_the_peers_phase_measures():

@@ -9,9 +9,13 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
+import grpc
 import numpy as np
 import psutil
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from uembed.loadtest.servers import HttpProcess, free_port, wait_until, worker_pids
 from uembed.serving import accepts
@@ -70,9 +74,9 @@ def open_connections(port: int, count: int, path: str = "/") -> list[socket.sock
     return clients
 
 
-def connections_by_worker(server: HttpProcess) -> dict[int, int]:
+def connections_by_worker(server: HttpProcess, port: int | None = None) -> dict[int, int]:
     return {
-        pid: sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port
+        pid: sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == (port or server.port)
                  for c in psutil.Process(pid).net_connections("tcp"))  # fmt: skip
         for pid in worker_pids(server)
     }
@@ -208,6 +212,61 @@ def test_uembed_serve_spreads_a_pool_over_its_workers(tmp_path, synthetic_store)
         assert sorted(held.values()) == [CONNECTIONS // 2] * 2, held
         for client in clients:
             client.close()
+    finally:
+        server.stop()
+
+
+# a client's HTTP/2 connection preface, and its (empty) SETTINGS frame
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def listening_inodes(port: int) -> list[int]:
+    """The inodes of the sockets listening on a TCP port of this network namespace (state 0A is LISTEN)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.append(int(fields[9]))
+    return found
+
+
+def test_uembed_serve_spreads_grpc_connections_over_its_workers_on_one_socket(tmp_path, synthetic_store):
+    """The gRPC port as the HTTP one: `uembed serve` listens on it and hands the socket to its workers, which spread
+    a burst of connections evenly (with a socket a worker, by SO_REUSEPORT, the kernel picked a worker by each
+    connection's addresses); and no other program may bind the port beside it."""
+    port, grpc_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "uembed", "serve", "--bundle", str(synthetic_store / "movielens" / "1"), "--port",
+            str(port), "--grpc-port", str(grpc_port), "--workers", "2"]  # fmt: skip
+    server = HttpProcess(argv, PATIENT, tmp_path / "serve.log", f"http://127.0.0.1:{port}/readyz", "serve")
+    server.port = port
+    start(server, 2)
+    try:
+        inodes = listening_inodes(grpc_port)
+        assert len(inodes) == 1, f"one socket listens on the gRPC port, every worker's copy of it: {inodes}"
+        table = accepts.table_folder() / f"uembed-accepts-v{accepts.TABLE_VERSION}-{os.getuid()}-{inodes[0]}"
+
+        def published() -> dict[int, int]:  # pid -> open gRPC connections, as the workers publish them
+            return {pid: count for pid, count, _ in np.fromfile(table, dtype=accepts.SLOT).tolist() if pid} if table.exists() else {}
+
+        wait_until(lambda: set(worker_pids(server)) <= set(published()), 60, "both workers accepting on the gRPC socket")
+        for _ in range(3):
+            clients = [socket.create_connection(("127.0.0.1", grpc_port), timeout=10) for _ in range(CONNECTIONS)]
+            for client in clients:
+                client.sendall(HTTP2_PREFACE)
+            for client in clients:
+                assert client.recv(9)[3:4] == b"\x04", "each connection is answered with the server's SETTINGS"
+            held = connections_by_worker(server, grpc_port)
+            assert sorted(held.values()) == [CONNECTIONS // 2] * 2, held
+            for client in clients:
+                client.close()
+            wait_until(lambda: sum(published().values()) == 0, 10, "the workers counted the burst closed")
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            assert service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady(service_pb2.ServerReadyRequest(), timeout=30).ready
+        with socket.socket() as beside:
+            beside.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with pytest.raises(OSError):
+                beside.bind(("127.0.0.1", grpc_port))
     finally:
         server.stop()
 

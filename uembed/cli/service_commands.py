@@ -73,7 +73,7 @@ def set_serve_environment(args: argparse.Namespace) -> None:
     settings = load_settings()  # refuses bad settings here, before any worker starts
     args.max_connections = settings.max_connections
     args.header_timeout_s = settings.header_timeout_s
-    args.grpc_host, args.grpc_port = settings.grpc_host, settings.grpc_port
+    args.grpc_host, args.grpc_port, args.grpc_server = settings.grpc_host, settings.grpc_port, settings.grpc_server
     args.grpc_address = f"{settings.grpc_host}:{settings.grpc_port}" if settings.grpc_port else None
     if settings.device != "cpu":
         from uembed.serving.pipeline.cuda import cuda_modules
@@ -106,17 +106,26 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from uembed.serving.process import BALANCED_LOOP, ClosingMultiprocess, HeadDeadlineProtocol, claim_port
+    from uembed.serving.process import (
+        BALANCED_LOOP,
+        ClosingMultiprocess,
+        HeadDeadlineProtocol,
+        ServiceConfig,
+        claim_port,
+    )
 
     set_serve_environment(args)
-    # Held until this process exits: the gRPC port is this server's and its workers' only (uembed/serving/process.py).
-    grpc_claim = claim_port(args.grpc_host, args.grpc_port, "give this one another --grpc-port (UEMBED_GRPC_PORT; 0: no gRPC)") if args.grpc_port else []  # noqa: F841
+    # Held until this process exits: the gRPC port is this server's and its workers' only, and with the in-loop
+    # HTTP/2 server the last claim is the socket every worker accepts on (uembed/serving/process.py).
+    shared_grpc = args.grpc_server == "http2"
+    grpc_claim = claim_port(args.grpc_host, args.grpc_port, "give this one another --grpc-port (UEMBED_GRPC_PORT; 0: no gRPC)",
+                            listen=shared_grpc) if args.grpc_port else []  # fmt: skip
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="uembed-metrics-")
     grpc = f", gRPC on {args.grpc_address}" if args.grpc_address else ""
     print(f"serving {os.environ['UEMBED_BUNDLES']} on http://{args.host}:{args.port}{grpc} "
           f"({args.workers} worker(s)); try:\n  curl -s http://{args.host}:{args.port}/v1/models", file=sys.stderr)
-    config = uvicorn.Config(
+    config = ServiceConfig(
         "uembed.serving.app:create_app",
         factory=True,
         host=args.host,
@@ -128,6 +137,8 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=15,
         limit_concurrency=args.max_connections,  # per worker; beyond it uvicorn answers 503
         log_level="info",
+        grpc_socket=grpc_claim[-1] if grpc_claim and shared_grpc else None,
+        grpc_address=(args.grpc_host, args.grpc_port),
     )
     if args.workers == 1:
         server = uvicorn.Server(config)

@@ -13,8 +13,9 @@ of the socket maps (:class:`AcceptTable`: a file of this user's, named after the
 It never strands a connection: a sibling whose heartbeat is older than ``STALE_S`` (stopped, or its loop stuck)
 does not count, nor one that stopped accepting (out of file descriptors); and the connections waiting are left to
 siblings for at most ``UEMBED_ACCEPT_DEFER_MS`` (``accept_defer_ms``) in all before this worker takes them anyway (a sibling busy with a
-long batch is slow to accept). A socket bound with SO_REUSEPORT (the gRPC port: the kernel spreads its connections
-over each worker's own socket), and a worker with no sibling, accept as the loop always does.
+long batch is slow to accept). The gRPC socket ``uembed serve`` hands its workers is balanced the same way, in a table of
+its own. A socket bound with SO_REUSEPORT (each worker's own: the gRPC port under plain ``uvicorn --workers``, where
+the kernel spreads the connections), and a worker with no sibling, accept as the loop always does.
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """The server process around the app (``uembed serve``): who owns the gRPC port, how long a connection may take
 to send its request head, and when the listening socket closes.
 
-- **One owner per gRPC port.** Every worker binds the gRPC port with SO_REUSEPORT, so the kernel spreads
-  connections across them; but any other process of the same user that binds it so would get a share too. The
-  server (the parent of the workers) therefore claims the port first: a lock named after the port (an abstract
-  socket name, one per network namespace) and a socket bound *without* SO_REUSEPORT, which fails if anything listens
-  on the port. Only then is SO_REUSEPORT set on the claim, which lets the server's own workers bind beside it, and
-  both are held for the server's life: another server's claim finds the port taken and stops with a one-line
-  message. The claim never listens, so it takes no connections.
+- **One gRPC socket, every worker accepting on it.** The server (the parent of the workers) listens on the gRPC
+  port itself, bound *without* SO_REUSEPORT (so nothing else may bind the port while it serves), and hands that
+  socket to its workers with uvicorn's configuration (:class:`ServiceConfig`), as uvicorn hands them the HTTP socket.
+  The workers' event loop then spreads a client's gRPC connections evenly over them, as it spreads HTTP ones
+  (``accepts.py``); with a socket per worker (SO_REUSEPORT), the kernel picked a worker by each connection's
+  addresses, blind to load. A lock named after the port (an abstract socket name, one per network namespace) comes
+  first, and another server's start finds the port taken and stops with a one-line message. With
+  ``UEMBED_GRPC_SERVER=grpcio``, whose server binds the port in each worker with SO_REUSEPORT, the server claims the
+  port instead: the lock, and a socket bound without SO_REUSEPORT that only then sets it (the server's own workers
+  may bind beside it; no other server may) and never listens. A plain ``uvicorn --workers N`` hands no socket: each
+  worker binds the port with SO_REUSEPORT (``protocols/http2.py``).
 - **A request head within header_timeout_s.** uvicorn closes idle keep-alive connections, but not one that sent
   part of a request line or headers: enough of those fill ``max_connections`` and every new request gets 503.
   :class:`HeadDeadlineProtocol` closes a connection that has no request in flight when its deadline passes.
@@ -32,6 +36,7 @@ import functools
 import socket
 import time
 
+import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
@@ -39,23 +44,30 @@ from uvicorn.supervisors import Multiprocess
 from uembed.contract.errors import UembedError
 from uembed.serving.protocols.disconnect import ABANDONED
 from uembed.serving.protocols.fast_lane import FastScoreLane
+from uembed.serving.protocols.http2 import LISTEN_BACKLOG, hand_down_listener
 from uembed.serving.protocols.lean_json import SCORE_PATH
 from uembed.serving.protocols.render import CLIENT_CLOSED
 from uembed.serving.protocols.writes import CoalescedWrites
 from uembed.serving.settings import load_settings
 
 
-def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
+def claim_port(host: str, port: int, move_hint: str, listen: bool = True) -> list[socket.socket]:
     """Claim ``host:port`` for this process and its workers (module docstring); keep the sockets open as long as
-    the server runs. A port held by anything else is a one-line :class:`UembedError` naming it and ``move_hint``."""
+    the server runs. ``listen``: the last socket listens, for the workers to accept on (:class:`ServiceConfig`);
+    else it only holds the port, for workers that bind it with SO_REUSEPORT. A port held by anything else is a
+    one-line :class:`UembedError` naming it and ``move_hint``."""
     # A lock on the port in the network namespace's abstract socket names: exclusive, released with the process,
-    # and shared by exactly the processes that share the port's namespace. It covers the time between this claim
-    # and the workers' listening, when the TCP claim below (bound with SO_REUSEADDR, so that connections in
-    # TIME_WAIT after a restart do not block it) would not stop a second claim.
+    # and shared by exactly the processes that share the port's namespace. Without it, two servers' claims (bound
+    # with SO_REUSEADDR, so that connections in TIME_WAIT after a restart do not block them) could both succeed
+    # before either listens.
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     claims = [lock]
     try:
         lock.bind(f"\0uembed-port-{host}-{port}")
+        if listen:  # one socket, as each worker's gRPC listener would bind it, without SO_REUSEPORT
+            claims.append(socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                               backlog=LISTEN_BACKLOG, dualstack_ipv6=host == "::"))  # fmt: skip
+            return claims
         for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
             claim = socket.socket(family, kind, proto)
             claims.append(claim)
@@ -67,6 +79,22 @@ def claim_port(host: str, port: int, move_hint: str) -> list[socket.socket]:
             held.close()
         raise UembedError(f"port {port} on {host} is taken ({exc.strerror}): another server holds it; {move_hint}") from None
     return claims
+
+
+class ServiceConfig(uvicorn.Config):
+    """uvicorn's configuration, carrying the gRPC socket the server listens on (``grpc_socket``, with the address the
+    settings name) to the workers. Each spawned worker unpickles its copy of the configuration, the socket duplicated
+    into it as uvicorn's HTTP sockets are; loading the configuration hands the socket to the worker's gRPC listener."""
+
+    def __init__(self, *args, grpc_socket: socket.socket | None = None, grpc_address: tuple[str, int] | None = None,
+                 **kwargs) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.grpc_socket, self.grpc_address = grpc_socket, grpc_address
+
+    def load(self) -> None:
+        if self.grpc_socket is not None and not self.loaded:
+            hand_down_listener(*self.grpc_address, self.grpc_socket)
+        super().load()
 
 
 # The event loop `uembed serve` runs its workers on: uvicorn's, accepting on the shared HTTP socket so that
@@ -264,3 +292,5 @@ class ClosingMultiprocess(Multiprocess):
     def stop_listening(self) -> None:
         for sock in self.sockets:
             sock.close()
+        if getattr(self.config, "grpc_socket", None) is not None:  # the gRPC socket its workers accept on, too
+            self.config.grpc_socket.close()

@@ -94,8 +94,8 @@ class ServiceSettings(BaseSettings):
         le=65535,
         description="Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService), served "
         "in each worker's event loop beside HTTP, over the same engine and batcher. 8001, as Triton. 0: no gRPC. "
-        "Each worker binds it with SO_REUSEPORT, so the kernel spreads connections (not calls) across workers; "
-        "`uembed serve` claims it first, so no other server can share it (it stops with a message instead).",
+        "`uembed serve` listens on it and hands the socket to its workers, which spread connections (not calls) evenly; "
+        "no other server can bind it (it stops with a message instead). Under plain `uvicorn --workers` each worker binds it with SO_REUSEPORT.",
     )
     grpc_host: str = Field(
         "127.0.0.1",

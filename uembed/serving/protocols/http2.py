@@ -1,6 +1,7 @@
 """The gRPC port's HTTP/2: uvicorn's HTTP/2 protocol (zttp's parser) serving an ASGI app in this worker's event loop,
 with what a gRPC port needs beyond it: connections that end gracefully before zttp's lifetime cap on streams, writes
-coalesced a turn of the loop, a connection that opens no stream closed, and a listener that every worker binds."""
+coalesced a turn of the loop, a connection that opens no stream closed, and a listener on the socket the server
+hands its workers (``uembed serve``) or on one a worker binds itself."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ from uembed.serving.protocols.writes import CoalescedWrites
 STREAMS_PER_CONNECTION = 3584
 CLOSE_WAIT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0
+LISTEN_BACKLOG = 2048  # uvicorn's default for the HTTP socket
+
+# Listening sockets a server handed this worker, by the address they listen on (``process.ServiceConfig``): taken by
+# the listener started on that address.
+handed_down: dict[tuple[str, int], socket.socket] = {}
+
+
+def hand_down_listener(host: str, port: int, sock: socket.socket) -> None:
+    """Give this process's gRPC listener on ``host:port`` the listening socket ``sock`` instead of one of its own."""
+    handed_down[(host, port)] = sock
 
 
 class RotatingHttp2(ZttpH2Protocol):
@@ -113,8 +124,9 @@ class RotatingHttp2(ZttpH2Protocol):
 
 class Http2Listener:
     """An ASGI app (the gRPC calls' :class:`~uembed.serving.protocols.grpc_h2.GrpcApp`) on ``host:port`` with uvicorn's
-    HTTP/2 protocol in this worker's event loop. The socket is bound with SO_REUSEPORT, so every worker listens on the
-    port and the kernel hands each connection to one of them."""
+    HTTP/2 protocol in this worker's event loop. It listens on the socket the server handed down for that address, which
+    every worker shares (their event loop spreads the connections, ``accepts.py``); without one it binds its own with
+    SO_REUSEPORT, so every worker listens on the port and the kernel hands each connection to one of them."""
 
     def __init__(self, app, settings, host: str, port: int, streams_per_connection: int = STREAMS_PER_CONNECTION,
                  lane=None) -> None:  # fmt: skip
@@ -134,9 +146,10 @@ class Http2Listener:
                                 proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=3600,
                                 limit_concurrency=self.settings.max_connections)  # fmt: skip
         config.load()
+        sock = handed_down.pop((self.host, self.port), None)
         try:
-            sock = socket.create_server((self.host, self.port), family=socket.AF_INET6 if ":" in self.host else socket.AF_INET,
-                                        backlog=config.backlog, reuse_port=True, dualstack_ipv6=self.host == "::")  # fmt: skip
+            sock = sock or socket.create_server((self.host, self.port), family=socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+                                                backlog=LISTEN_BACKLOG, reuse_port=True, dualstack_ipv6=self.host == "::")  # fmt: skip
         except OSError as exc:
             raise UembedError(f"gRPC: cannot listen on {self.address} ({exc.strerror or exc}); set UEMBED_GRPC_PORT to a "
                               "free port, or 0 for no gRPC")  # fmt: skip
@@ -145,7 +158,7 @@ class Http2Listener:
             self.connections_made += 1
             return self.protocol(config=config, server_state=self.state, app_state={}, _loop=loop)
 
-        self.server = await loop.create_server(connection, sock=sock)
+        self.server = await loop.create_server(connection, sock=sock, backlog=LISTEN_BACKLOG)
 
     async def stop(self) -> None:
         """Stop taking connections and calls (GOAWAY; a Watch ends UNAVAILABLE), let the calls in flight finish and their

@@ -12,7 +12,9 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from uembed.contract.errors import UembedError
 from uembed.loadtest.servers import HttpProcess, free_port, http_get, wait_until
+from uembed.serving.process import claim_port
 
 EXAMPLE = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
 
@@ -73,6 +75,28 @@ def test_a_second_server_on_a_held_grpc_port_stops_naming_it(tmp_path, synthetic
                 assert metadata.name == "movielens"
     finally:
         assert first.stop() == 0
+
+
+def test_a_shared_grpc_claim_refuses_connections_until_a_worker_listens_and_no_one_else_binds_the_port():
+    """The socket `uembed serve --workers N` hands its workers is bound, not listening: a client is refused until a
+    worker's gRPC server listens on it (not queued unanswered while the bundles load); the port stays the server's."""
+    port = free_port()
+    claims = claim_port("127.0.0.1", port, "try another", shared=True)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        taken = f"port {port} on 127.0.0.1 is taken \\(Address already in use\\): another server holds it; try another"
+        with pytest.raises(UembedError, match=taken):
+            claim_port("127.0.0.1", port, "try another", shared=True)
+        with socket.socket() as beside:
+            beside.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with pytest.raises(OSError):
+                beside.bind(("127.0.0.1", port))
+        claims[-1].listen()  # as a worker's gRPC server does
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        for claim in claims:
+            claim.close()
 
 
 def test_connections_that_never_finish_their_request_head_are_closed(tmp_path, synthetic_store):

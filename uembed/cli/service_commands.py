@@ -115,11 +115,11 @@ def run_serve(args: argparse.Namespace) -> int:
     )
 
     set_serve_environment(args)
-    # Held until this process exits: the gRPC port is this server's and its workers' only, and with the in-loop
-    # HTTP/2 server the last claim is the socket every worker accepts on (uembed/serving/process.py).
-    shared_grpc = args.grpc_server == "http2"
+    # Held until this process exits: the gRPC port is this server's and its workers' only, and with several workers
+    # on the in-loop HTTP/2 server the last claim is the socket every worker accepts on (uembed/serving/process.py).
+    shared_grpc = args.grpc_server == "http2" and args.workers > 1
     grpc_claim = claim_port(args.grpc_host, args.grpc_port, "give this one another --grpc-port (UEMBED_GRPC_PORT; 0: no gRPC)",
-                            listen=shared_grpc) if args.grpc_port else []  # fmt: skip
+                            shared=shared_grpc) if args.grpc_port else []  # fmt: skip
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="uembed-metrics-")
     grpc = f", gRPC on {args.grpc_address}" if args.grpc_address else ""

@@ -1,17 +1,17 @@
 """The server process around the app (``uembed serve``): who owns the gRPC port, how long a connection may take
 to send its request head, and when the listening socket closes.
 
-- **One gRPC socket, every worker accepting on it.** The server (the parent of the workers) listens on the gRPC
-  port itself, bound *without* SO_REUSEPORT (so nothing else may bind the port while it serves), and hands that
-  socket to its workers with uvicorn's configuration (:class:`ServiceConfig`), as uvicorn hands them the HTTP socket.
-  The workers' event loop then spreads a client's gRPC connections evenly over them, as it spreads HTTP ones
-  (``accepts.py``); with a socket per worker (SO_REUSEPORT), the kernel picked a worker by each connection's
-  addresses, blind to load. A lock named after the port (an abstract socket name, one per network namespace) comes
-  first, and another server's start finds the port taken and stops with a one-line message. With
-  ``UEMBED_GRPC_SERVER=grpcio``, whose server binds the port in each worker with SO_REUSEPORT, the server claims the
-  port instead: the lock, and a socket bound without SO_REUSEPORT that only then sets it (the server's own workers
-  may bind beside it; no other server may) and never listens. A plain ``uvicorn --workers N`` hands no socket: each
-  worker binds the port with SO_REUSEPORT (``protocols/http2.py``).
+- **One gRPC socket, every worker accepting on it.** With several workers the server (their parent) binds the
+  gRPC port itself, *without* SO_REUSEPORT, and hands that socket to its workers with uvicorn's configuration
+  (:class:`ServiceConfig`), as uvicorn hands them the HTTP socket; the workers listen on it once their gRPC server
+  starts (a connection before then is refused, not queued unanswered). The workers' event loop spreads a client's
+  gRPC connections evenly over them, as it spreads HTTP ones (``accepts.py``); with a socket a worker
+  (SO_REUSEPORT) the kernel picked a worker by each connection's addresses, blind to load. A lock named after the
+  port (an abstract socket name, one per network namespace) comes first: another server's start finds the port
+  taken and stops with a one-line message. With one worker, or ``UEMBED_GRPC_SERVER=grpcio`` (grpcio's server binds
+  the port in each worker with SO_REUSEPORT), the server only claims the port: the lock, and a socket bound without
+  SO_REUSEPORT that only then sets it (its own workers may bind beside it; no other server may) and never listens.
+  Under a plain ``uvicorn --workers N`` nothing is handed down: each worker binds the port with SO_REUSEPORT.
 - **A request head within header_timeout_s.** uvicorn closes idle keep-alive connections, but not one that sent
   part of a request line or headers: enough of those fill ``max_connections`` and every new request gets 503.
   :class:`HeadDeadlineProtocol` closes a connection that has no request in flight when its deadline passes.
@@ -32,7 +32,9 @@ to send its request head, and when the listening socket closes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
+import os
 import socket
 import time
 
@@ -44,18 +46,18 @@ from uvicorn.supervisors import Multiprocess
 from uembed.contract.errors import UembedError
 from uembed.serving.protocols.disconnect import ABANDONED
 from uembed.serving.protocols.fast_lane import FastScoreLane
-from uembed.serving.protocols.http2 import LISTEN_BACKLOG, hand_down_listener
+from uembed.serving.protocols.http2 import hand_down_listener
 from uembed.serving.protocols.lean_json import SCORE_PATH
 from uembed.serving.protocols.render import CLIENT_CLOSED
 from uembed.serving.protocols.writes import CoalescedWrites
 from uembed.serving.settings import load_settings
 
 
-def claim_port(host: str, port: int, move_hint: str, listen: bool = True) -> list[socket.socket]:
+def claim_port(host: str, port: int, move_hint: str, *, shared: bool) -> list[socket.socket]:
     """Claim ``host:port`` for this process and its workers (module docstring); keep the sockets open as long as
-    the server runs. ``listen``: the last socket listens, for the workers to accept on (:class:`ServiceConfig`);
-    else it only holds the port, for workers that bind it with SO_REUSEPORT. A port held by anything else is a
-    one-line :class:`UembedError` naming it and ``move_hint``."""
+    the server runs. ``shared``: the last socket is bound, not listening, for the workers to listen and accept on
+    (:class:`ServiceConfig`); else the claim only holds the port, for workers that bind it with SO_REUSEPORT. A port
+    held by anything else is a one-line :class:`UembedError` naming it and ``move_hint``."""
     # A lock on the port in the network namespace's abstract socket names: exclusive, released with the process,
     # and shared by exactly the processes that share the port's namespace. Without it, two servers' claims (bound
     # with SO_REUSEADDR, so that connections in TIME_WAIT after a restart do not block them) could both succeed
@@ -64,9 +66,13 @@ def claim_port(host: str, port: int, move_hint: str, listen: bool = True) -> lis
     claims = [lock]
     try:
         lock.bind(f"\0uembed-port-{host}-{port}")
-        if listen:  # one socket, as each worker's gRPC listener would bind it, without SO_REUSEPORT
-            claims.append(socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                               backlog=LISTEN_BACKLOG, dualstack_ipv6=host == "::"))  # fmt: skip
+        if shared:  # one socket, bound as each worker's gRPC listener would bind its own, without SO_REUSEPORT
+            claim = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            claims.append(claim)
+            claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if host == "::":  # every address, IPv4 ones too
+                claim.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            claim.bind((host, port))
             return claims
         for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
             claim = socket.socket(family, kind, proto)
@@ -77,12 +83,14 @@ def claim_port(host: str, port: int, move_hint: str, listen: bool = True) -> lis
     except OSError as exc:
         for held in claims:
             held.close()
-        raise UembedError(f"port {port} on {host} is taken ({exc.strerror}): another server holds it; {move_hint}") from None
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        held_by = ": another server holds it" if exc.errno == errno.EADDRINUSE else ""
+        raise UembedError(f"port {port} on {host} is taken ({why}){held_by}; {move_hint}") from None
     return claims
 
 
 class ServiceConfig(uvicorn.Config):
-    """uvicorn's configuration, carrying the gRPC socket the server listens on (``grpc_socket``, with the address the
+    """uvicorn's configuration, carrying the gRPC socket the server bound (``grpc_socket``, with the address the
     settings name) to the workers. Each spawned worker unpickles its copy of the configuration, the socket duplicated
     into it as uvicorn's HTTP sockets are; loading the configuration hands the socket to the worker's gRPC listener."""
 
@@ -92,7 +100,7 @@ class ServiceConfig(uvicorn.Config):
         self.grpc_socket, self.grpc_address = grpc_socket, grpc_address
 
     def load(self) -> None:
-        if self.grpc_socket is not None and not self.loaded:
+        if self.grpc_socket is not None:
             hand_down_listener(*self.grpc_address, self.grpc_socket)
         super().load()
 

@@ -94,8 +94,8 @@ class ServiceSettings(BaseSettings):
         le=65535,
         description="Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService), served "
         "in each worker's event loop beside HTTP, over the same engine and batcher. 8001, as Triton. 0: no gRPC. "
-        "`uembed serve` listens on it and hands the socket to its workers, which spread connections (not calls) evenly; "
-        "no other server can bind it (it stops with a message instead). Under plain `uvicorn --workers` each worker binds it with SO_REUSEPORT.",
+        "`uembed serve --workers N` binds it once and its workers share that socket, spreading connections (not calls) evenly; "
+        "no other server can bind it (it stops with a message instead). With grpcio, or plain `uvicorn --workers`, each worker binds it (SO_REUSEPORT).",
     )
     grpc_host: str = Field(
         "127.0.0.1",

@@ -22,7 +22,7 @@ from uembed.serving.protocols.writes import CoalescedWrites
 STREAMS_PER_CONNECTION = 3584
 CLOSE_WAIT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0
-LISTEN_BACKLOG = 2048  # uvicorn's default for the HTTP socket
+LISTEN_BACKLOG = 2048  # uvicorn's for the HTTP socket (asyncio's create_server would listen with 100)
 
 # Listening sockets a server handed this worker, by the address they listen on (``process.ServiceConfig``): taken by
 # the listener started on that address.

@@ -111,9 +111,14 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
         if front != "grpc":  # the HTTP fronts' latency one request at a time, the base of the tail's ratio
             alone = results[front]["1w"]["8"]["unloaded"]
             assert alone["failures"] == 0 and 0 < alone["p50_ms"] <= alone["p99_ms"], (front, alone)
+            # and both again by the client of prepared requests, with its CPU a call
+            prepared, alone = results[front]["1w"]["8"]["open_at_half_prepared"], results[front]["1w"]["8"]["unloaded_prepared"]
+            assert prepared["failures"] == 0 and prepared["requests"] > 0 and prepared["client_cpu_ms_per_call"] > 0, (front, prepared)
+            assert alone["failures"] == 0 and alone["requests"] == 200 and 0 < alone["p50_ms"] <= alone["p99_ms"], (front, alone)
     assert results["v1"]["1w"]["8"]["closed"]["worker_cpu_s"][0] > 0  # the one worker served the load
     ratios = reported["peers_ratios"]["1w 8"]
     assert ratios["v1_half_load_achieved_over_offered"] > 0 and ratios["v1_over_1_worker"] is None
+    assert ratios["v1_half_load_achieved_over_offered_prepared"] > 0
     assert ratios == peer_ratios(results)["1w 8"] and all(value > 0 for value in ratios.values() if value is not None)
     assert (ratios["perf_analyzer_grpc_over_http"] is None) == (not by_the_tool)
     json.dumps(reported)  # the bench writes every figure as JSON

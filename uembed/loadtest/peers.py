@@ -26,8 +26,10 @@ one service; with one worker ``paired_with_v1_pinned`` does it again with the wo
 load generators on the others (:func:`server_on_its_own_core`), so neither client's CPU is taken from the server's
 core, as where clients run on other machines. The open loop sends at half of each front's saturated rate,
 latency measured from each request's scheduled time (no coordinated omission): the Python load generator of
-``uembed/loadtest/load.py`` for HTTP, the ``grpc.aio`` client's own schedule for gRPC. Server and load generators
-share this machine over loopback.
+``uembed/loadtest/load.py`` for HTTP (a thread a connection on ``http.client``), then again the client of
+``open_loop.py`` (requests prepared as bytes, one thread sending, one reading: under half the first one's CPU a call,
+so on several workers it keeps to the rate where the first falls behind; ``*_prepared``), the ``grpc.aio`` client's
+own schedule for gRPC. Server and load generators share this machine over loopback.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import orjson
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.grpc_frames import GIVE_UP_S, write_bodies
 from uembed.loadtest.load import ceiling, movielens_requests, run_load, unloaded
+from uembed.loadtest.open_loop import open_loop, sequential
 from uembed.loadtest.perf_analyzer import find_perf_analyzer
 from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port, worker_pids
 from uembed.model.demo import demo_bundle
@@ -450,6 +453,13 @@ def process_cpu_seconds(server: HttpProcess) -> dict[int, float]:
     return seconds
 
 
+def client_cpu(load) -> dict:
+    """``load()``'s figures with this process's CPU time a request meanwhile: the client's, where it runs here."""
+    before = time.process_time()
+    figures = load()
+    return figures | {"client_cpu_ms_per_call": round((time.process_time() - before) / max(figures["requests"], 1) * 1000, 3)}
+
+
 def cpu_split(server: HttpProcess, load):
     """``load()``'s figures with the CPU seconds each of the server's processes spent meanwhile, busiest first:
     with several workers, how the kernel and the workers' accept loops happened to spread the connections."""
@@ -504,6 +514,12 @@ def run_peers(args, workdir: Path, report) -> None:
                 half = half | {"offered_per_s": round(rate, 1)}
                 results[front][f"{workers}w"][str(size)]["open_at_half"] = half
                 report(f"peers {front} {workers}w {size} unloaded, open loop", {"unloaded": alone, "open_at_half": half})
+                # the same by the client of prepared requests (open_loop.py), which takes less of the shared cores
+                alone = sequential(url, bodies[body_kind][size], 200, path=paths[body_kind]).summary()
+                half = cpu_split(server, lambda: client_cpu(lambda: open_loop(url, bodies[body_kind][size], seconds, rate, 8, path=paths[body_kind]).summary()))
+                half = half | {"offered_per_s": round(rate, 1)}
+                results[front][f"{workers}w"][str(size)] |= {"unloaded_prepared": alone, "open_at_half_prepared": half}
+                report(f"peers {front} {workers}w {size} unloaded, open loop, prepared requests", {"unloaded": alone, "open_at_half": half})
 
     analyzer = find_perf_analyzer() if "perf_analyzer" in fronts else None
     if isinstance(analyzer, str):
@@ -700,10 +716,16 @@ def peer_ratios(results: dict) -> dict:
             # the open loop's tail is the service's only where the load generator kept up with the rate it offered: a
             # client even slightly behind has queued its own sends long enough to swamp the service's tail (KEPT_UP)
             achieved = round(half["requests_per_s"] / half["offered_per_s"], 3) if half and half.get("offered_per_s") else None
+            prepared, prepared_alone = v1.get("open_at_half_prepared"), v1.get("unloaded_prepared")
+            prepared_achieved = round(prepared["requests_per_s"] / prepared["offered_per_s"], 3) if prepared else None
             out[key] = {
                 "v1_half_load_achieved_over_offered": achieved,
                 "v1_p99_at_half_over_unloaded_p50": round(half["p99_ms"] / alone["p50_ms"], 2)
                 if half and alone and achieved is not None and achieved >= KEPT_UP else None,
+                # the same by the client of prepared requests (open_loop.py), its unloaded p50 its own too
+                "v1_half_load_achieved_over_offered_prepared": prepared_achieved,
+                "v1_p99_at_half_over_unloaded_p50_prepared": round(prepared["p99_ms"] / prepared_alone["p50_ms"], 2)
+                if prepared and prepared_alone and prepared_achieved >= KEPT_UP else None,
                 # a call's server CPU in the open loop over a saturated one's: the dearer small batches at half load
                 "v1_server_cpu_at_half_over_saturated": round(half["server_cpu_ms_per_call"] / v1["closed"]["server_cpu_ms_per_call"], 2)
                 if half and half.get("server_cpu_ms_per_call") and v1["closed"].get("server_cpu_ms_per_call") else None,

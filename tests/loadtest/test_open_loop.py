@@ -3,16 +3,20 @@ their scheduled times, every answer read whole, failures counted, and connection
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 
 import pytest
 
+from uembed.loadtest import open_loop as open_loop_module
 from uembed.loadtest.open_loop import open_loop, response_length, sequential
 from uembed.loadtest.servers import HttpProcess, free_port
 
 
 async def echo_app(scope, receive, send) -> None:
-    """Answers each request with its own body: 500 for ``fail``, and ``close`` closes the connection after it."""
+    """Answers each request with its own body: 500 for ``fail``, ``close`` closes the connection after it, and
+    ``hang`` is answered only after five seconds."""
     if scope["type"] != "http":
         return
     body = b""
@@ -21,6 +25,8 @@ async def echo_app(scope, receive, send) -> None:
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
+    if body == b"hang":
+        await asyncio.sleep(5)
     headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
     if body == b"close":
         headers.append((b"connection", b"close"))
@@ -32,7 +38,7 @@ async def echo_app(scope, receive, send) -> None:
 def echo(tmp_path_factory):
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", "tests.loadtest.test_open_loop:echo_app", "--host", "127.0.0.1", "--port",
-            str(port), "--no-access-log"]  # fmt: skip
+            str(port), "--no-access-log", "--timeout-graceful-shutdown", "1"]  # fmt: skip
     server = HttpProcess(argv, {}, tmp_path_factory.mktemp("echo") / "echo.log", f"http://127.0.0.1:{port}/", "echo").start()
     server.url = f"http://127.0.0.1:{port}"
     yield server
@@ -49,6 +55,15 @@ def test_requests_go_at_their_rate_and_each_failure_is_counted(echo):
 def test_connections_the_server_closes_are_opened_again_with_no_request_lost(echo):
     result = open_loop(echo.url, [b"close", b"kept"], seconds=0.5, rate=100, connections=2, path="/score")
     assert (result.requests, result.failures) == (50, 0)
+
+
+def test_a_server_that_stops_answering_fails_each_request_after_the_timeout_and_the_run_ends(echo, monkeypatch):
+    monkeypatch.setattr(open_loop_module, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(open_loop_module, "DRAIN_S", 0.5)
+    started = time.monotonic()
+    result = open_loop(echo.url, [b"hang"], seconds=0.5, rate=20, connections=2, path="/score")
+    assert (result.requests, result.failures) == (10, 10)
+    assert time.monotonic() - started < 20, "each request fails after the timeout; nothing waits for the server"
 
 
 def test_one_request_at_a_time_for_the_unloaded_latency(echo):

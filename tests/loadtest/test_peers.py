@@ -108,6 +108,7 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
             continue
         open_loop = results[front]["1w"]["8"]["open_at_half"]
         assert open_loop["failures"] == 0 and open_loop["requests"] > 0, (front, open_loop)
+        assert front == "grpc" or open_loop["client_cpu_ms_per_call"] > 0, (front, open_loop)
         if front != "grpc":  # the HTTP fronts' latency one request at a time, the base of the tail's ratio
             alone = results[front]["1w"]["8"]["unloaded"]
             assert alone["failures"] == 0 and 0 < alone["p50_ms"] <= alone["p99_ms"], (front, alone)

@@ -27,8 +27,8 @@ load generators on the others (:func:`server_on_its_own_core`), so neither clien
 core, as where clients run on other machines. The open loop sends at half of each front's saturated rate,
 latency measured from each request's scheduled time (no coordinated omission): the Python load generator of
 ``uembed/loadtest/load.py`` for HTTP (a thread a connection on ``http.client``), then again the client of
-``open_loop.py`` (requests prepared as bytes, one thread sending, one reading: under half the first one's CPU a call,
-so on several workers it keeps to the rate where the first falls behind; ``*_prepared``), the ``grpc.aio`` client's
+``open_loop.py`` (requests prepared as bytes, one thread sending, one reading; ``*_prepared``), each with its CPU a
+call (``client_cpu_ms_per_call``: a client that takes less of the shared cores keeps to its rate longer), the ``grpc.aio`` client's
 own schedule for gRPC. Server and load generators share this machine over loopback.
 """
 
@@ -505,12 +505,12 @@ def run_peers(args, workdir: Path, report) -> None:
             wrk(url, paths[body_kind], bodies[body_kind][size], warm_up_s, connections, workdir)  # warm-up
             saturated = cpu_split(server, lambda: wrk(url, paths[body_kind], bodies[body_kind][size], seconds, connections, workdir))
             measure(front, workers, size, {"closed": saturated})
-            if size == open_size:
+            if size == open_size and saturated["requests_per_s"] > 0:
                 alone = unloaded(url, bodies[body_kind][size], 200, path=paths[body_kind]).summary()
                 results[front][f"{workers}w"][str(size)]["unloaded"] = alone
                 rate = saturated["requests_per_s"] / 2
                 # the server's CPU a call here too: spaced requests make small batches, each dearer than a saturated one's
-                half = cpu_split(server, lambda: run_load(url, bodies[body_kind][size], seconds, 8, rate=rate, path=paths[body_kind]).summary())
+                half = cpu_split(server, lambda: client_cpu(lambda: run_load(url, bodies[body_kind][size], seconds, 8, rate=rate, path=paths[body_kind]).summary()))
                 half = half | {"offered_per_s": round(rate, 1)}
                 results[front][f"{workers}w"][str(size)]["open_at_half"] = half
                 report(f"peers {front} {workers}w {size} unloaded, open loop", {"unloaded": alone, "open_at_half": half})
@@ -717,7 +717,7 @@ def peer_ratios(results: dict) -> dict:
             # client even slightly behind has queued its own sends long enough to swamp the service's tail (KEPT_UP)
             achieved = round(half["requests_per_s"] / half["offered_per_s"], 3) if half and half.get("offered_per_s") else None
             prepared, prepared_alone = v1.get("open_at_half_prepared"), v1.get("unloaded_prepared")
-            prepared_achieved = round(prepared["requests_per_s"] / prepared["offered_per_s"], 3) if prepared else None
+            prepared_achieved = round(prepared["requests_per_s"] / prepared["offered_per_s"], 3) if prepared and prepared.get("offered_per_s") else None
             out[key] = {
                 "v1_half_load_achieved_over_offered": achieved,
                 "v1_p99_at_half_over_unloaded_p50": round(half["p99_ms"] / alone["p50_ms"], 2)
@@ -725,7 +725,7 @@ def peer_ratios(results: dict) -> dict:
                 # the same by the client of prepared requests (open_loop.py), its unloaded p50 its own too
                 "v1_half_load_achieved_over_offered_prepared": prepared_achieved,
                 "v1_p99_at_half_over_unloaded_p50_prepared": round(prepared["p99_ms"] / prepared_alone["p50_ms"], 2)
-                if prepared and prepared_alone and prepared_achieved >= KEPT_UP else None,
+                if prepared and prepared_alone and prepared_achieved is not None and prepared_achieved >= KEPT_UP else None,
                 # a call's server CPU in the open loop over a saturated one's: the dearer small batches at half load
                 "v1_server_cpu_at_half_over_saturated": round(half["server_cpu_ms_per_call"] / v1["closed"]["server_cpu_ms_per_call"], 2)
                 if half and half.get("server_cpu_ms_per_call") and v1["closed"].get("server_cpu_ms_per_call") else None,

@@ -107,19 +107,28 @@ def grpc_rounds(args, bundle: Path, workdir: Path, results: dict) -> None:
     for round_ in range(args.rounds):
         for kind in GRPC_SERVERS:
             service, grpc_port = grpc_service(kind, bundle, args.workers, workdir / f"{kind}.log")
-            try:
-                wait_until(lambda: len(worker_pids(service)) == args.workers, 60, "the workers")
-                time.sleep(1.0)  # every worker listening
-                target = f"127.0.0.1:{grpc_port}"
-                grpc_load(target, calls, 1.0, rate=args.rate)  # warm-up
-                splits = grpc_bursts(service, grpc_port, args.bursts, args.connections)
-                loaded_run = cpu_split(service, lambda: grpc_load(target, calls, args.seconds, rate=args.rate))
-                figures = {"grpc_server": kind, "round": round_, "bursts": splits,
-                           "open_loop": {k: loaded_run[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "worker_cpu_s", "failures")}}  # fmt: skip
-            finally:
-                service.stop()
-            print(json.dumps(figures), flush=True)
-            results["rounds"].append(figures)
+            target = f"127.0.0.1:{grpc_port}"
+            results["rounds"].append(measured(
+                service, args.workers, {"grpc_server": kind, "round": round_},
+                warm_up=lambda: grpc_load(target, calls, 1.0, rate=args.rate),
+                take_bursts=lambda: grpc_bursts(service, grpc_port, args.bursts, args.connections),
+                load=lambda: grpc_load(target, calls, args.seconds, rate=args.rate)))  # fmt: skip
+
+
+def measured(service: HttpProcess, workers: int, labels: dict, warm_up, take_bursts, load) -> dict:
+    """A started service's bursts and open loop (``load()``, with each worker's CPU), printed; the service stopped."""
+    try:
+        wait_until(lambda: len(worker_pids(service)) == workers, 60, "the workers")
+        time.sleep(1.0)  # every worker listening (its start is complete before it accepts)
+        warm_up()
+        splits = take_bursts()
+        loaded = cpu_split(service, load)
+        figures = labels | {"bursts": splits,
+                            "open_loop": {k: loaded[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "worker_cpu_s", "failures")}}  # fmt: skip
+    finally:
+        service.stop()
+    print(json.dumps(figures), flush=True)
+    return figures
 
 
 def main() -> None:
@@ -141,18 +150,11 @@ def main() -> None:
         for name, loop in LOOPS.items():
             service = UvicornProcess(SERVICE_APP, {"UEMBED_BUNDLES": str(bundle)}, workdir / f"{name}.log",
                                      workers=args.workers, loop=loop).start()  # fmt: skip
-            try:
-                wait_until(lambda: len(worker_pids(service)) == args.workers, 60, "the workers")
-                time.sleep(1.0)  # every worker listening (its start is complete before it accepts)
-                run_load(service.url, bodies, 1.0, args.connections)  # warm-up
-                splits = bursts(service, args.bursts, args.connections)
-                half = cpu_split(service, lambda: run_load(service.url, bodies, args.seconds, args.connections, rate=args.rate).summary())
-                figures = {"loop": name, "round": round_, "bursts": splits,
-                           "open_loop": {k: half[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "worker_cpu_s", "failures")}}  # fmt: skip
-            finally:
-                service.stop()
-            print(json.dumps(figures), flush=True)
-            results["rounds"].append(figures)
+            results["rounds"].append(measured(
+                service, args.workers, {"loop": name, "round": round_},
+                warm_up=lambda: run_load(service.url, bodies, 1.0, args.connections),
+                take_bursts=lambda: bursts(service, args.bursts, args.connections),
+                load=lambda: run_load(service.url, bodies, args.seconds, args.connections, rate=args.rate).summary()))  # fmt: skip
     if args.grpc:
         grpc_rounds(args, bundle, workdir, results)
     if args.out:

@@ -120,6 +120,7 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     ratios = reported["peers_ratios"]["1w 8"]
     assert ratios["v1_half_load_achieved_over_offered"] > 0 and ratios["v1_over_1_worker"] is None
     assert ratios["v1_half_load_achieved_over_offered_prepared"] > 0
+    assert ratios["grpc_half_load_answered_ok"] == 1.0, "every call of gRPC's open loop answered OK"
     assert ratios == peer_ratios(results)["1w 8"] and all(value > 0 for value in ratios.values() if value is not None)
     assert (ratios["perf_analyzer_grpc_over_http"] is None) == (not by_the_tool)
     json.dumps(reported)  # the bench writes every figure as JSON
@@ -244,6 +245,10 @@ def test_the_ratios_compare_two_workers_with_one_and_the_workers_cpu():
     assert behind["v1_half_load_achieved_over_offered"] == 0.75 and behind["v1_p99_at_half_over_unloaded_p50"] is None
     slightly = peer_ratios({"v1": {"1w": {"64": v1(1000.0, [9.0], achieved=387.0)}}})["1w 64"]  # 0.9675: still behind
     assert slightly["v1_p99_at_half_over_unloaded_p50"] is None
+    # gRPC's open loop: the share of its calls answered OK (a service whose queue is full sheds calls)
+    grpc = {"closed": {"requests_per_s": 1900.0}, "open_at_half": {"requests": 26182, "failures": 3243}}
+    shed = peer_ratios({"v1": {"2w": {"64": v1(1800.0, [9.0, 7.5])}}, "grpc": {"2w": {"64": grpc}}})["2w 64"]
+    assert shed["grpc_half_load_answered_ok"] == 0.8761 and two["grpc_half_load_answered_ok"] is None
 
 
 def test_the_cli_offers_every_front_the_peers_phase_measures():

@@ -453,6 +453,14 @@ def process_cpu_seconds(server: HttpProcess) -> dict[int, float]:
     return seconds
 
 
+def grpc_open_loop(results: dict, workers: str, size: str) -> dict | None:
+    """The gRPC open loop's figures (on the grpc front, or grpc_aio's where only it ran)."""
+    for front in ("grpc", "grpc_aio"):
+        if half := results.get(front, {}).get(workers, {}).get(size, {}).get("open_at_half"):
+            return half
+    return None
+
+
 def client_cpu(load) -> dict:
     """``load()``'s figures with this process's CPU time a request meanwhile: the client's, where it runs here."""
     before = time.process_time()
@@ -752,6 +760,10 @@ def peer_ratios(results: dict) -> dict:
                 if "closed_h2load" in results.get("grpc", {}).get(workers, {}).get(size, {}) else None,
                 # the same front loaded by the Python client (grpc.aio), which takes a share of a shared machine
                 "grpc_aio_over_v1": round(rate["grpc_aio"] / rate["v1"], 2) if "grpc_aio" in rate else None,
+                # gRPC's open loop (grpc.aio): the share of its calls answered OK, where a service whose queue is full
+                # sheds calls (UNAVAILABLE), as when the client and the workers share the cores
+                "grpc_half_load_answered_ok": round(1 - grpc_half["failures"] / grpc_half["requests"], 4)
+                if (grpc_half := grpc_open_loop(results, workers, size)) and grpc_half.get("requests") else None,
                 "v2_over_v1": round(rate["v2"] / rate["v1"], 2) if "v2" in rate else None,
                 "perf_analyzer_grpc_over_http": round(rate["perf_analyzer grpc"] / rate["perf_analyzer http"], 2)
                 if "perf_analyzer http" in rate and "perf_analyzer grpc" in rate else None,

@@ -8,7 +8,7 @@ import pytest
 
 from tests.serving.inprocess import InProcessService
 from uembed.bundle.loader import load_bundle
-from uembed.loadtest.grpc_frames import hpack_literal, read_bodies, run, write_bodies
+from uembed.loadtest.grpc_frames import hpack_literal, read_bodies, run, run_open, write_bodies
 from uembed.loadtest.load import movielens_requests
 from uembed.loadtest.peers import INFER_METHOD, frames_grpc, frames_grpc_checked, grpc_load, grpc_request
 from uembed.loadtest.servers import SERVICE_APP, UvicornProcess, free_port
@@ -47,6 +47,32 @@ def test_every_call_is_the_next_request_through_connections_the_server_ends(synt
     finally:
         service.run(listener.stop())
         service.close()
+
+
+def test_the_open_loop_sends_every_call_of_its_schedule_through_connections_the_server_ends(synthetic_store):
+    """``--rate``: the calls scheduled within the run, each the next request, all sent and answered while the port
+    ends each connection after 20 calls (a new connection takes the place of each), latencies from the schedule."""
+    path = synthetic_store / MODEL / "1"
+    service = InProcessService(bundles=[path], grpc_port=0)
+    port = free_port()
+    listener = service.run(listening(service, port, 20))
+    try:
+        specs = load_bundle(path).feature_specs
+        examples = movielens_requests(8, count=1)[0]
+        bodies = [grpc_request(MODEL, examples, specs), grpc_request("no-such-model", examples, specs)]
+        figures = run_open("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 3, rate=150)
+        assert (figures["requests"], figures["failures"]) == (150, 0), figures
+        assert listener.connections_made >= 150 // 20 + 3 - 1
+        counted = service.metrics()
+        by_code = {code: counted.get(f'uembed_grpc_requests_total{{code="{code}",method="ModelInfer"}}', 0) for code in ("OK", "NOT_FOUND")}
+        assert by_code == {"OK": 75, "NOT_FOUND": 75}
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] and figures["send_lag_p99_ms"] >= 0 and figures["offered_per_s"] == 150
+        assert 0.9 < figures["requests_per_s"] / 150 < 1.1, "sent at the rate, not as fast as answers come"
+    finally:
+        service.run(listener.stop())
+        service.close()
+    with pytest.raises(ValueError, match="rate above 0"):
+        run_open("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 1, rate=0)
 
 
 def test_a_message_past_a_frame_and_the_flow_control_windows_is_sent_as_they_allow(synthetic_store):

@@ -17,13 +17,18 @@ Run as its own process (``python -m uembed.loadtest.grpc_frames``): its CPU is t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import select
 import socket
 import struct
 import sys
 import time
+from collections import deque
 from pathlib import Path
+
+from uembed.loadtest.load import LoadResult
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
@@ -173,15 +178,19 @@ class Connection:
 GIVE_UP_S = 30.0  # after the deadline, how long the calls still in flight are waited for before they count as failed
 
 
+def prepared_calls(host: str, port: int, path: str, bodies: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """The header block every call sends, and each body as a gRPC message (uncompressed, its length before it)."""
+    if not bodies:
+        raise ValueError("no request bodies to send")
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return header_block(authority, path), [b"\x00" + len(body).to_bytes(4, "big") + body for body in bodies]
+
+
 def run(host: str, port: int, path: str, bodies: list[bytes], seconds: float, connections: int) -> dict:
     """Closed-loop calls until ``seconds`` pass: each connection sends its next call when its last one ends. A call
     the server resets, or that a lost connection or GOAWAY leaves unanswered, is a failure; its connection is opened
     again while the run lasts. The client's own CPU time is in the result (``client_cpu_s``), its start left out."""
-    if not bodies:
-        raise ValueError("no request bodies to send")
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    headers = header_block(authority, path)
-    messages = [b"\x00" + len(body).to_bytes(4, "big") + body for body in bodies]
+    headers, messages = prepared_calls(host, port, path, bodies)
     poller = select.epoll()
     open_: dict[int, Connection] = {}
     calls = failed = sent = 0
@@ -250,6 +259,85 @@ def run(host: str, port: int, path: str, bodies: list[bytes], seconds: float, co
             "connections": connections, "streams": 1, "client_cpu_s": round(time.process_time() - cpu, 4)}  # fmt: skip
 
 
+def run_open(host: str, port: int, path: str, bodies: list[bytes], seconds: float, connections: int, rate: float) -> dict:
+    """Open-loop calls: ``rate`` a second at evenly spaced times for ``seconds``, each the next request, sent on a
+    free connection (one call in flight on each). A call's latency counts from its scheduled time, so a call that
+    waited for a free connection (the server behind) counts the wait; ``send_lag_p99_ms`` says how late the sends
+    went. Every call scheduled within the run is sent; a call the server resets or a lost connection leaves
+    unanswered fails (its connection opened again), as do those still unanswered ``GIVE_UP_S`` after the run. The
+    wait for the next send is ``select``'s, in microseconds (epoll's is whole milliseconds, as long as a gap here)."""
+    if rate <= 0 or connections < 1:
+        raise ValueError(f"an open loop needs a rate above 0 and a connection (rate={rate}, connections={connections})")
+    headers, messages = prepared_calls(host, port, path, bodies)
+    pool = [Connection(host, port) for _ in range(connections)]
+    free = deque(pool)
+    scheduled_at: dict[Connection, float] = {}
+    latencies: list[float] = []
+    lags: list[float] = []
+    failed = index = 0
+
+    def replace(connection: Connection) -> None:
+        """A lost or ended connection's place taken by a new one (none while the server refuses)."""
+        pool.remove(connection)
+        if connection in free:
+            free.remove(connection)
+        connection.close()
+        with contextlib.suppress(OSError):
+            fresh = Connection(host, port)
+            pool.append(fresh)
+            free.append(fresh)
+
+    cpu = time.process_time()
+    begin = time.perf_counter()
+    count = math.ceil(seconds * rate)  # the calls scheduled within the run: begin + i / rate < begin + seconds
+    while index < count or scheduled_at:
+        now = time.perf_counter()
+        if not pool:  # every connection lost and none opened again: nothing more can be sent
+            failed += count - index
+            break
+        if now > begin + seconds + GIVE_UP_S:
+            failed += len(scheduled_at) + count - index  # unanswered, and never sent
+            break
+        while index < count and free and begin + index / rate <= now:
+            connection, scheduled = free.popleft(), begin + index / rate
+            try:
+                connection.send_call(headers, messages[index % len(messages)])
+            except OSError:
+                failed += 1
+                replace(connection)
+            else:
+                scheduled_at[connection] = scheduled
+                lags.append(time.perf_counter() - scheduled)
+            index += 1
+        wait = begin + index / rate - time.perf_counter() if index < count and free else 1.0
+        readable, _, _ = select.select([c.sock for c in pool], [], [], min(max(wait, 0.0), 1.0))
+        by_socket = {c.sock: c for c in pool}
+        for sock in readable:
+            connection = by_socket[sock]
+            try:
+                ended, call_failed = connection.read()
+            except OSError:  # ConnectionError included: a call in flight is lost with its connection
+                ended, call_failed, connection.goaway = connection in scheduled_at, True, True
+            if ended:
+                scheduled = scheduled_at.pop(connection)
+                failed += call_failed
+                if not call_failed:
+                    latencies.append(time.perf_counter() - scheduled)
+            if connection.goaway:
+                if connection not in scheduled_at:  # its call in flight (if any) answered: the new one takes its place
+                    replace(connection)
+            elif ended:
+                free.append(connection)
+    elapsed = time.perf_counter() - begin
+    for connection in pool:
+        connection.close()
+    lags.sort()
+    figures = LoadResult(len(latencies), failed, elapsed, latencies).summary()
+    return {"client": "grpc_frames", **figures, "offered_per_s": rate, "connections": connections,
+            "send_lag_p99_ms": round(lags[int(0.99 * (len(lags) - 1))] * 1000, 3) if lags else None,
+            "client_cpu_s": round(time.process_time() - cpu, 4)}  # fmt: skip
+
+
 def read_bodies(path: Path) -> list[bytes]:
     """Request bodies written one after another, each after its length in four bytes, big-endian."""
     raw, bodies, at = path.read_bytes(), [], 0
@@ -271,9 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bodies", type=Path, required=True, help="serialised requests (write_bodies' format)")
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rate", type=float, help="calls a second at evenly spaced times (an open loop); "
+                        "default: a closed loop, a call in flight on each connection")  # fmt: skip
     args = parser.parse_args(argv)
     host, _, port = args.target.rpartition(":")
-    result = run(host.strip("[]"), int(port), args.path, read_bodies(args.bodies), args.seconds, args.connections)
+    if args.rate is not None:
+        result = run_open(host.strip("[]"), int(port), args.path, read_bodies(args.bodies), args.seconds, args.connections, args.rate)
+    else:
+        result = run(host.strip("[]"), int(port), args.path, read_bodies(args.bodies), args.seconds, args.connections)
     print(json.dumps(result))
     return 0
 

@@ -25,6 +25,8 @@ from uembed.cli.service_commands import PEER_FRONTS
 from uembed.loadtest.load import movielens_requests
 from uembed.loadtest.peers import (
     FRONTS,
+    cpu_split,
+    frames_grpc_checked,
     grpc_calls_by_code,
     grpc_request,
     h2load_grpc,
@@ -36,7 +38,7 @@ from uembed.loadtest.peers import (
     v2_json_body,
     wrk,
 )
-from uembed.loadtest.servers import SERVICE_APP, UvicornProcess, wait_until
+from uembed.loadtest.servers import SERVICE_APP, ServeProcess, UvicornProcess, wait_until, worker_pids
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.protocols.oip import InputTensor, columns_from_inputs
@@ -108,7 +110,9 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
             continue
         open_loop = results[front]["1w"]["8"]["open_at_half"]
         assert open_loop["failures"] == 0 and open_loop["requests"] > 0, (front, open_loop)
-        assert front == "grpc" or open_loop["client_cpu_ms_per_call"] > 0, (front, open_loop)
+        assert open_loop["client_cpu_ms_per_call"] > 0, (front, open_loop)
+        if front == "grpc":  # grpc_frames' open loop, its calls checked against the server's count
+            assert open_loop["client"] == "grpc_frames" and open_loop["not_ok"] == 0 and open_loop["worker_cpu_s"][0] > 0, open_loop
         if front != "grpc":  # the HTTP fronts' latency one request at a time, the base of the tail's ratio
             alone = results[front]["1w"]["8"]["unloaded"]
             assert alone["failures"] == 0 and 0 < alone["p50_ms"] <= alone["p99_ms"], (front, alone)
@@ -128,6 +132,29 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if "uembed.loadtest.litserve_app" in (p.info["cmdline"] or [])
             and str(args.bundle) in (p.info["cmdline"] or [])]  # fmt: skip
     assert not left, f"LitServe processes left running: {left}"
+
+
+def test_the_peers_service_is_uembed_serve_whose_workers_share_the_grpc_port_and_sum_their_metrics(synthetic_store, tmp_path):
+    """The service the peers bench measures is started as users start it: two workers of `uembed serve`, on free
+    ports, its /metrics every worker's (so that the gRPC checks count every call), its gRPC calls and its HTTP
+    requests spread over both workers."""
+    path = synthetic_store / "movielens" / "1"
+    bundle = load_bundle(path)
+    calls = [grpc_request(bundle.name, r, bundle.feature_specs) for r in movielens_requests(8, count=3)]
+    service = ServeProcess(path, tmp_path / "service.log", workers=2).start(timeout_s=120)
+    try:
+        assert service.process.args[1:4] == ["-m", "uembed", "serve"] and len(worker_pids(service)) == 2
+        checked = cpu_split(service, lambda: frames_grpc_checked(service, calls, 1.0, tmp_path, 8, rate=100))
+        assert (checked["requests"], checked["failures"], checked["not_ok"]) == (100, 0, 0), checked
+        assert min(checked["worker_cpu_s"]) > 0, "both workers answered calls"
+        body = orjson.dumps({"examples": movielens_requests(8, count=1)[0]})
+        served = cpu_split(service, lambda: wrk(service.url, "/v1/score", [body], 1, 8, tmp_path))
+        assert served["requests"] > 0 and served["failures"] == 0 and min(served["worker_cpu_s"]) > 0, served
+        scored = service.metrics()
+        assert sum(v for k, v in scored.items() if k.startswith("uembed_http_requests_total{") and 'route="/v1/score"' in k) >= served["requests"]
+    finally:
+        assert service.stop() == 0
+    assert not psutil.pid_exists(service.process.pid)
 
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed (make system-deps)")

@@ -2,7 +2,7 @@
 
 The same bundle and the same scoring code (``uembed/serving/pipeline/encoding.py``, the row files, the ONNX dense net) served by:
 
-    v1 REST     this service, ``POST /v1/score`` with JSON examples (its lean path)
+    v1 REST     this service (``uembed serve``), ``POST /v1/score`` with JSON examples (its lean path)
     v2 REST     this service, the Open Inference Protocol's JSON form (``/v2/models/{name}/infer``)
     gRPC        this service, ``ModelInfer`` with binary tensors (``raw_input_contents``)
     LitServe    ``uembed/loadtest/litserve_app.py``: LitServe's servers and dynamic batching around the reference scorer
@@ -28,8 +28,10 @@ core, as where clients run on other machines. The open loop sends at half of eac
 latency measured from each request's scheduled time (no coordinated omission): the Python load generator of
 ``uembed/loadtest/load.py`` for HTTP (a thread a connection on ``http.client``), then again the client of
 ``open_loop.py`` (requests prepared as bytes, one thread sending, one reading; ``*_prepared``), each with its CPU a
-call (``client_cpu_ms_per_call``: a client that takes less of the shared cores keeps to its rate longer), the ``grpc.aio`` client's
-own schedule for gRPC. Server and load generators share this machine over loopback.
+call (``client_cpu_ms_per_call``: a client that takes less of the shared cores keeps to its rate longer); for gRPC,
+``grpc_frames``' open loop (8 connections, a call in flight on each, ``send_lag_p99_ms`` how late its sends went),
+checked by the server, or the ``grpc.aio`` client's own schedule where only its front runs. Server and load
+generators share this machine over loopback.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from uembed.loadtest.grpc_frames import GIVE_UP_S, write_bodies
 from uembed.loadtest.load import ceiling, movielens_requests, run_load, unloaded
 from uembed.loadtest.open_loop import open_loop, sequential
 from uembed.loadtest.perf_analyzer import find_perf_analyzer
-from uembed.loadtest.servers import HttpProcess, UvicornProcess, free_port, worker_pids
+from uembed.loadtest.servers import HttpProcess, ServeProcess, UvicornProcess, free_port, worker_pids
 from uembed.model.demo import demo_bundle
 from uembed.serving.protocols.http2 import STREAMS_PER_CONNECTION
 
@@ -348,7 +350,7 @@ def h2load_grpc(target: str, requests: list[bytes], seconds: float, workdir: Pat
     }  # fmt: skip
 
 
-def grpc_calls_by_code(server: UvicornProcess) -> dict[str, float]:
+def grpc_calls_by_code(server: HttpProcess) -> dict[str, float]:
     """The service's ModelInfer calls so far by gRPC status code, from its /metrics (every worker's, summed)."""
     found = {}
     for sample, value in server.metrics().items():
@@ -358,7 +360,7 @@ def grpc_calls_by_code(server: UvicornProcess) -> dict[str, float]:
     return found
 
 
-def checked_by_server(server: UvicornProcess, load) -> dict:
+def checked_by_server(server: HttpProcess, load) -> dict:
     """``load()``'s figures (a closed loop of ModelInfer calls), its calls checked against the server's count by gRPC
     status: a call the client counted answered that the server did not answer OK is a failure (h2load and
     ``grpc_frames`` read HTTP statuses and trailers' ends, not the status in them). Only valid while nothing else
@@ -376,19 +378,23 @@ def checked_by_server(server: UvicornProcess, load) -> dict:
     return figures | {"failures": figures["failures"] + missing, "not_ok": not_ok}
 
 
-def h2load_grpc_checked(server: UvicornProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
+def h2load_grpc_checked(server: HttpProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
     """:func:`h2load_grpc` over ``connections`` connections, a call in flight on each, checked by the server."""
     return checked_by_server(server, lambda: h2load_grpc(server.grpc_target, requests, seconds, workdir, connections=connections))
 
 
-def frames_grpc(target: str, requests: list[bytes], seconds: float, workdir: Path, connections: int = 16) -> dict:
+def frames_grpc(target: str, requests: list[bytes], seconds: float, workdir: Path, connections: int = 16,
+                rate: float | None = None) -> dict:  # fmt: skip
     """Saturated ModelInfer calls in wrk's shape (``grpc_frames``: one thread, ``connections`` connections, a call
-    in flight on each, every call the next request), from a process of its own; with its CPU a call."""
+    in flight on each, every call the next request), or with ``rate`` calls a second at evenly spaced times (its open
+    loop, latencies from the scheduled times), from a process of its own; with its CPU a call."""
     bodies = Path(tempfile.mkdtemp(prefix="grpc-frames-", dir=workdir)) / "requests.bin"
     try:
         write_bodies(bodies, requests)
         command = [sys.executable, "-m", "uembed.loadtest.grpc_frames", "--target", target, "--path", INFER_METHOD,
                    "--bodies", str(bodies), "--seconds", str(seconds), "--connections", str(connections)]  # fmt: skip
+        if rate is not None:
+            command += ["--rate", str(rate)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + GIVE_UP_S + 60)
     finally:
         shutil.rmtree(bodies.parent, ignore_errors=True)
@@ -401,9 +407,10 @@ def frames_grpc(target: str, requests: list[bytes], seconds: float, workdir: Pat
     return figures | {"client_cpu_ms_per_call": round(client_cpu_s / figures["requests"] * 1000, 3)}
 
 
-def frames_grpc_checked(server: UvicornProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
+def frames_grpc_checked(server: HttpProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int,
+                        rate: float | None = None) -> dict:  # fmt: skip
     """:func:`frames_grpc`, checked by the server."""
-    return checked_by_server(server, lambda: frames_grpc(server.grpc_target, requests, seconds, workdir, connections))
+    return checked_by_server(server, lambda: frames_grpc(server.grpc_target, requests, seconds, workdir, connections, rate))
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -535,9 +542,9 @@ def run_peers(args, workdir: Path, report) -> None:
         analyzer = None
 
     for workers in args.peer_workers:
-        # with several workers /metrics sums every worker's series (UvicornProcess gives them a directory), as the gRPC check needs
-        env = {"UEMBED_BUNDLES": str(bundle_path)}
-        service = UvicornProcess("uembed.serving.app:create_app", env, workdir / f"service-{workers}w.log", workers=workers).start()
+        # `uembed serve`, as users start it; with several workers /metrics sums every worker's series (ServeProcess
+        # gives them a directory), as the gRPC check needs
+        service = ServeProcess(bundle_path, workdir / f"service-{workers}w.log", workers=workers).start()
         try:
             for front in ("v1", "v2"):
                 if front in fronts:
@@ -556,11 +563,15 @@ def run_peers(args, workdir: Path, report) -> None:
                     grpc_load(service.grpc_target, calls, warm_up_s, concurrency=connections)  # warm-up
                     saturated = cpu_split(service, lambda: grpc_load(service.grpc_target, calls, seconds, concurrency=connections))
                     measure("grpc_aio", workers, size, {"closed": saturated})
-                # the open loop from the grpc.aio client (the closed-loop clients send at a rate of connections, not of calls)
+                # the open loop at half the saturated calls/s: grpc_frames' (the HTTP open loop's 8 connections), or
+                # grpc.aio's where only its front ran (it takes more of the shared cores a call)
                 front = "grpc" if "grpc" in fronts else "grpc_aio"
                 if size == open_size:
                     rate = results[front][f"{workers}w"][str(size)]["closed"]["requests_per_s"] / 2
-                    half = grpc_load(service.grpc_target, calls, seconds, rate=rate)
+                    if front == "grpc":
+                        half = cpu_split(service, lambda: frames_grpc_checked(service, calls, seconds, workdir, 8, rate))
+                    else:
+                        half = grpc_load(service.grpc_target, calls, seconds, rate=rate)
                     results[front][f"{workers}w"][str(size)]["open_at_half"] = half | {"offered_per_s": round(rate, 1)}
                     report(f"peers {front} {workers}w {size} open loop", half)
             if {"v1", "grpc"} <= fronts:
@@ -666,7 +677,7 @@ def affinity(tid: int) -> set[int] | None:
         return None
 
 
-def paired_grpc_and_v1(service: UvicornProcess, v1_bodies: list[bytes], calls: list[bytes], seconds: float, connections: int,
+def paired_grpc_and_v1(service: HttpProcess, v1_bodies: list[bytes], calls: list[bytes], seconds: float, connections: int,
                        workdir: Path) -> dict:  # fmt: skip
     """gRPC (``grpc_frames``) over REST v1 (wrk) in ``PAIRED_ROUNDS`` rounds of half ``seconds`` each, the order flipped every
     round, on the same service: this machine's speed drifts between the phases a front's own measure takes seconds
@@ -760,8 +771,8 @@ def peer_ratios(results: dict) -> dict:
                 if "closed_h2load" in results.get("grpc", {}).get(workers, {}).get(size, {}) else None,
                 # the same front loaded by the Python client (grpc.aio), which takes a share of a shared machine
                 "grpc_aio_over_v1": round(rate["grpc_aio"] / rate["v1"], 2) if "grpc_aio" in rate else None,
-                # gRPC's open loop (grpc.aio): the share of its calls answered OK, where a service whose queue is full
-                # sheds calls (UNAVAILABLE), as when the client and the workers share the cores
+                # gRPC's open loop: the share of its calls answered OK, where a service whose queue is full sheds
+                # calls (UNAVAILABLE), as when a client that falls behind sends its late calls at once
                 "grpc_half_load_answered_ok": round(1 - grpc_half["failures"] / grpc_half["requests"], 4)
                 if (grpc_half := grpc_open_loop(results, workers, size)) and grpc_half.get("requests") else None,
                 "v2_over_v1": round(rate["v2"] / rate["v1"], 2) if "v2" in rate else None,

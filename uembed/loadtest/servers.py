@@ -282,6 +282,10 @@ class HttpProcess:
             raise
         return self
 
+    def metrics(self) -> dict[str, float]:
+        """Samples of the server's /metrics as {'name{labels}': value} (labels sorted as exposed)."""
+        return parse_exposition(http_get(f"{self.url}/metrics")[1].decode())
+
     def stop(self, timeout_s: float = 20) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -315,12 +319,8 @@ class UvicornProcess(HttpProcess):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {"UEMBED_GRPC_PORT": str(free_port()), **env}
-        if workers > 1 and app == SERVICE_APP and not (env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")):
-            # as `uembed serve --workers N` runs them: /metrics sums every worker's series, not the one that answers
-            metrics_dir = log_path.parent / f"{log_path.stem}-metrics"
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir(parents=True)
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        if app == SERVICE_APP:
+            env = summed_metrics(env, workers, log_path)
         self.grpc_port = int(env["UEMBED_GRPC_PORT"])
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(self.port),
@@ -341,9 +341,33 @@ class UvicornProcess(HttpProcess):
             self.argv += ["--loop", self.loop]
         return super().launch()
 
-    def metrics(self) -> dict[str, float]:
-        """Samples of /metrics as {'name{labels}': value} (labels sorted as exposed)."""
-        return parse_exposition(http_get(f"{self.url}/metrics")[1].decode())
+
+
+def summed_metrics(env: dict[str, str], workers: int, log_path: Path) -> dict[str, str]:
+    """``env`` with a fresh PROMETHEUS_MULTIPROC_DIR beside the log where several workers serve and none is set, so
+    that /metrics sums every worker's series, not the one's that answers (`uembed serve --workers N` makes its own
+    where none is set; one named here is cleaned by the next run and read by the gRPC checks)."""
+    if workers < 2 or env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return env
+    metrics_dir = log_path.parent / f"{log_path.stem}-metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    return {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+
+
+class ServeProcess(HttpProcess):
+    """``uembed serve --bundle BUNDLE --workers N`` in its own process on free ports (HTTP and gRPC): the service as
+    its users start it, with its process model, the gRPC socket its workers share, and its HTTP protocol and loop.
+    ``env`` adds settings (``UEMBED_*``)."""
+
+    def __init__(self, bundle: Path, log_path: Path, workers: int = 1, env: dict[str, str] | None = None) -> None:
+        self.workers = workers
+        self.port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
+        argv = [sys.executable, "-m", "uembed", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+                "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--workers", str(workers)]  # fmt: skip
+        super().__init__(argv, summed_metrics(env or {}, workers, log_path), log_path, f"{self.url}/readyz", "uembed serve")
 
 
 def worker_pids(server: HttpProcess) -> list[int]:

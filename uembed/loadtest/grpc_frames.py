@@ -28,7 +28,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from uembed.loadtest.load import LoadResult
+from uembed.loadtest.results import LoadResult
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
@@ -38,6 +38,7 @@ LARGEST_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535
 MAX_FRAME_BYTES = 16384  # the least SETTINGS_MAX_FRAME_SIZE a server may set, and its default
 REOPEN_AFTER_BYTES = 2**30
+CONNECT_TIMEOUT_S = 5.0
 READ_BYTES = 262144
 
 
@@ -77,7 +78,8 @@ class Connection:
     they do not, waits for the server's WINDOW_UPDATE."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port))
+        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)  # a stalled server: no hang
+        self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = bytearray()
         self.next_stream = 1
@@ -277,11 +279,14 @@ def run_open(host: str, port: int, path: str, bodies: list[bytes], seconds: floa
     failed = index = 0
 
     def replace(connection: Connection) -> None:
-        """A lost or ended connection's place taken by a new one (none while the server refuses)."""
+        """A lost or ended connection's place taken by a new one while calls are still to be sent (none while the
+        server refuses)."""
         pool.remove(connection)
         if connection in free:
             free.remove(connection)
         connection.close()
+        if index >= count:
+            return
         with contextlib.suppress(OSError):
             fresh = Connection(host, port)
             pool.append(fresh)
@@ -292,7 +297,7 @@ def run_open(host: str, port: int, path: str, bodies: list[bytes], seconds: floa
     count = math.ceil(seconds * rate)  # the calls scheduled within the run: begin + i / rate < begin + seconds
     while index < count or scheduled_at:
         now = time.perf_counter()
-        if not pool:  # every connection lost and none opened again: nothing more can be sent
+        if not pool:  # every connection lost and none opened again (or none needed): nothing more can be sent
             failed += count - index
             break
         if now > begin + seconds + GIVE_UP_S:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import http.client
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from uembed.loadtest.results import LoadResult
 from uembed.loadtest.servers import UvicornProcess
 from uembed.loadtest.traffic import MovieLensExamples
 from uembed.serving.engine import ScoringEngine
@@ -22,28 +20,7 @@ def movielens_requests(examples_per_request: int, count: int = 200, seed: int = 
     return [examples.batch(examples_per_request) for _ in range(count)]
 
 
-def percentiles(seconds: list[float]) -> dict[str, float]:
-    values = np.asarray(seconds) * 1000
-    return {f"p{q}_ms": float(np.percentile(values, q)) for q in (50, 95, 99)} if len(values) else {}
-
-
 # --- load generation -------------------------------------------------------------------------
-
-
-@dataclass
-class LoadResult:
-    requests: int
-    failures: int
-    seconds: float
-    latencies: list[float]
-
-    @property
-    def throughput(self) -> float:
-        return self.requests / self.seconds
-
-    def summary(self) -> dict:
-        return {"requests": self.requests, "failures": self.failures, "requests_per_s": round(self.throughput, 1),
-                **{k: round(v, 3) for k, v in percentiles(self.latencies).items()}}  # fmt: skip
 
 
 def post(connection: http.client.HTTPConnection, body: bytes, path: str = "/v1/score") -> bool:

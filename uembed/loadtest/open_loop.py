@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from uembed.loadtest.load import LoadResult
+from uembed.loadtest.results import LoadResult
 
 READ_BYTES = 262144
 REQUEST_TIMEOUT_S = 30.0

@@ -372,10 +372,13 @@ def checked_by_server(server: HttpProcess, load) -> dict:
     codes = grpc_calls_by_code(server)
     figures = load()
     answered = {code: count - codes.get(code, 0.0) for code, count in grpc_calls_by_code(server).items()}
-    not_ok = round(sum(count for code, count in answered.items() if code != "OK"))
+    not_ok, ok = round(sum(count for code, count in answered.items() if code != "OK")), round(answered.get("OK", 0.0))
     # calls the client counted as answered that the server did not answer OK: an error in the trailers, or none
-    missing = max(0, figures["requests"] - round(answered.get("OK", 0.0)))
-    return figures | {"failures": figures["failures"] + missing, "not_ok": not_ok}
+    missing = max(0, figures["requests"] - ok)
+    # every call the client made is counted once, answered or failed: those the server did not answer OK failed
+    calls = figures["requests"] + figures["failures"]
+    return figures | {"failures": max(figures["failures"] + missing, calls - ok), "not_ok": not_ok, "calls": calls,
+                      "answered_ok": ok}  # fmt: skip
 
 
 def h2load_grpc_checked(server: HttpProcess, requests: list[bytes], seconds: float, workdir: Path, connections: int) -> dict:
@@ -466,6 +469,17 @@ def grpc_open_loop(results: dict, workers: str, size: str) -> dict | None:
         if half := results.get(front, {}).get(workers, {}).get(size, {}).get("open_at_half"):
             return half
     return None
+
+
+def answered_ok_share(figures: dict | None) -> float | None:
+    """The share of an open loop's calls answered OK: by the server's count over every call made where the figures
+    were checked by it (:func:`checked_by_server`), else (grpc.aio's, whose calls each carry their status) one less
+    the failures' share."""
+    if not figures:
+        return None
+    if "answered_ok" in figures:
+        return round(figures["answered_ok"] / figures["calls"], 4) if figures["calls"] else None
+    return round(1 - figures["failures"] / figures["requests"], 4) if figures.get("requests") else None
 
 
 def client_cpu(load) -> dict:
@@ -771,10 +785,14 @@ def peer_ratios(results: dict) -> dict:
                 if "closed_h2load" in results.get("grpc", {}).get(workers, {}).get(size, {}) else None,
                 # the same front loaded by the Python client (grpc.aio), which takes a share of a shared machine
                 "grpc_aio_over_v1": round(rate["grpc_aio"] / rate["v1"], 2) if "grpc_aio" in rate else None,
-                # gRPC's open loop: the share of its calls answered OK, where a service whose queue is full sheds
-                # calls (UNAVAILABLE), as when a client that falls behind sends its late calls at once
-                "grpc_half_load_answered_ok": round(1 - grpc_half["failures"] / grpc_half["requests"], 4)
-                if (grpc_half := grpc_open_loop(results, workers, size)) and grpc_half.get("requests") else None,
+                # gRPC's open loop: the share of its calls answered OK (by the server's count where it was checked:
+                # grpc_frames', which holds a call a connection, so that the service's queue cannot fill and shed
+                # calls, UNAVAILABLE, as it did under grpc.aio's late calls sent at once)
+                "grpc_half_load_answered_ok": answered_ok_share(grpc_open_loop(results, workers, size)),
+                # and the calls/s it kept to, over those it offered: a client behind its schedule (its connections
+                # all busy) measures its own wait, as the v1 open loop's (KEPT_UP)
+                "grpc_half_load_achieved_over_offered": round(grpc_half["requests_per_s"] / grpc_half["offered_per_s"], 3)
+                if (grpc_half := grpc_open_loop(results, workers, size)) and grpc_half.get("offered_per_s") else None,
                 "v2_over_v1": round(rate["v2"] / rate["v1"], 2) if "v2" in rate else None,
                 "perf_analyzer_grpc_over_http": round(rate["perf_analyzer grpc"] / rate["perf_analyzer http"], 2)
                 if "perf_analyzer http" in rate and "perf_analyzer grpc" in rate else None,

@@ -94,6 +94,13 @@ def test_the_peers_phase_runs_every_front_and_reports_its_ratios(synthetic_store
     ratios_of_rounds = sorted(r["grpc_over_v1"] for r in paired["rounds"])
     assert paired["grpc_over_v1_median"] == round((ratios_of_rounds[1] + ratios_of_rounds[2]) / 2, 3)
     assert reported["peers_ratios"]["1w 8"]["grpc_over_v1_paired"] == paired["grpc_over_v1_median"]
+    # v1 and the in-process ceiling in rounds taking turns too (1 worker)
+    with_ceiling = results["v1"]["1w"]["8"]["paired_with_ceiling"]
+    assert [r["first"] for r in with_ceiling["rounds"]] == ["v1", "ceiling", "v1", "ceiling"]
+    assert all(r["v1"]["failures"] == 0 and r["ceiling"]["requests_per_s"] > 0 for r in with_ceiling["rounds"])
+    ratios_of_rounds = sorted(r["v1_over_ceiling"] for r in with_ceiling["rounds"])
+    assert with_ceiling["v1_over_ceiling_median"] == round((ratios_of_rounds[1] + ratios_of_rounds[2]) / 2, 3)
+    assert reported["peers_ratios"]["1w 8"]["v1_over_ceiling_paired"] == with_ceiling["v1_over_ceiling_median"]
     # and again with the worker on a core of its own, the load generators on the others
     if len(os.sched_getaffinity(0)) > 1:
         pinned = results["grpc"]["1w"]["8"]["paired_with_v1_pinned"]

@@ -95,9 +95,15 @@ def unloaded(url: str, bodies: list[bytes], requests: int, path: str = "/v1/scor
 # --- phases ----------------------------------------------------------------------------------
 
 
-def ceiling(bundle_path: Path, requests: list[list[dict]], seconds: float) -> dict:
-    """Requests/s of the scoring work alone, one request per batch, in this process."""
-    runtime = ScoringEngine(load_settings()).registry.open(bundle_path)
+def scoring_runtime(bundle_path: Path):
+    """The bundle opened as the service opens it, in this process: the ceiling's scorer."""
+    return ScoringEngine(load_settings()).registry.open(bundle_path)
+
+
+def ceiling(bundle_path: Path | None, requests: list[list[dict]], seconds: float, runtime=None) -> dict:
+    """Requests/s of the scoring work alone, one request per batch, in this process (on ``runtime``, an opened
+    bundle that measures again without opening it anew, else the bundle at ``bundle_path``)."""
+    runtime = runtime or scoring_runtime(bundle_path)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         runtime.score_batch([runtime.canonicalise(requests[done % len(requests)])])

@@ -24,7 +24,9 @@ requests serialised once before the run): a Python client takes more of the core
 per call is reported for every closed loop. ``paired_with_v1`` measures gRPC and v1 again in rounds taking turns on
 one service; with one worker ``paired_with_v1_pinned`` does it again with the worker's threads on one core and the
 load generators on the others (:func:`server_on_its_own_core`), so neither client's CPU is taken from the server's
-core, as where clients run on other machines. The open loop sends at half of each front's saturated rate,
+core, as where clients run on other machines. With one worker ``paired_with_ceiling`` measures v1 and the in-process
+ceiling again in rounds taking turns (``v1_over_ceiling_paired``): the ceiling's own phase runs minutes before the
+service's, and this machine's speed moves in between. The open loop sends at half of each front's saturated rate,
 latency measured from each request's scheduled time (no coordinated omission): the Python load generator of
 ``uembed/loadtest/load.py`` for HTTP (a thread a connection on ``http.client``), then again the client of
 ``open_loop.py`` (requests prepared as bytes, one thread sending, one reading; ``*_prepared``), each with its CPU a
@@ -49,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +59,7 @@ import orjson
 
 from uembed.bundle.loader import load_bundle
 from uembed.loadtest.grpc_frames import GIVE_UP_S, write_bodies
-from uembed.loadtest.load import ceiling, movielens_requests, run_load, unloaded
+from uembed.loadtest.load import ceiling, movielens_requests, run_load, scoring_runtime, unloaded
 from uembed.loadtest.open_loop import open_loop, sequential
 from uembed.loadtest.perf_analyzer import find_perf_analyzer
 from uembed.loadtest.servers import HttpProcess, ServeProcess, UvicornProcess, free_port, worker_pids
@@ -520,8 +523,9 @@ def run_peers(args, workdir: Path, report) -> None:
     open_size = 64 if 64 in args.peer_sizes else args.peer_sizes[0]
     fronts = set(getattr(args, "peer_fronts", None) or FRONTS)
     results: dict = {}
+    runtime = scoring_runtime(bundle_path) if "ceiling" in fronts else None  # opened once: measured again beside v1
     for size in args.peer_sizes if "ceiling" in fronts else ():  # the scoring work alone, one request at a time, no HTTP: what a front could reach
-        results.setdefault("ceiling", {})[str(size)] = ceiling(bundle_path, requests[size], seconds)
+        results.setdefault("ceiling", {})[str(size)] = ceiling(bundle_path, requests[size], seconds, runtime)
         report(f"peers ceiling {size}", results["ceiling"][str(size)])
 
     def measure(front: str, workers: int, size: int, figures: dict) -> None:
@@ -563,6 +567,10 @@ def run_peers(args, workdir: Path, report) -> None:
             for front in ("v1", "v2"):
                 if front in fronts:
                     http_front(front, service, workers, front)
+            for size in args.peer_sizes if workers == 1 and {"v1", "ceiling"} <= fronts else ():
+                paired = paired_v1_and_ceiling(service, bodies["v1"][size], runtime, requests[size], seconds, connections, workdir)
+                results["v1"]["1w"][str(size)]["paired_with_ceiling"] = paired
+                report(f"peers v1 1w {size} paired with the ceiling", paired)
             for size in args.peer_sizes if fronts & {"grpc", "grpc_aio"} else ():
                 calls = bodies["grpc"][size]
                 if "grpc" in fronts:  # wrk's shape: one thread, a call in flight on each connection, every call the next request
@@ -691,29 +699,50 @@ def affinity(tid: int) -> set[int] | None:
         return None
 
 
-def paired_grpc_and_v1(service: HttpProcess, v1_bodies: list[bytes], calls: list[bytes], seconds: float, connections: int,
-                       workdir: Path) -> dict:  # fmt: skip
-    """gRPC (``grpc_frames``) over REST v1 (wrk) in ``PAIRED_ROUNDS`` rounds of half ``seconds`` each, the order flipped every
-    round, on the same service: this machine's speed drifts between the phases a front's own measure takes seconds
-    apart, and a drift within a round falls on both fronts. The median of the rounds' ratios is the run's figure."""
-    round_s = max(1, round(seconds / 2))  # whole seconds, as wrk takes them, for both fronts
+def paired_rounds(measures: dict[str, Callable[[int], dict]], keys: tuple[str, ...], seconds: float) -> tuple[list[dict], int]:
+    """Two measures (name -> a measure of so many whole seconds) in ``PAIRED_ROUNDS`` rounds of half ``seconds`` each,
+    the order flipped every round: this machine's speed drifts between phases seconds apart, and a drift within a
+    round falls on both. Each round's row holds each measure's ``keys`` and which went first."""
+    round_s = max(1, round(seconds / 2))  # whole seconds, as wrk takes them, for both
+    names = list(measures)
     rounds = []
     for round_ in range(PAIRED_ROUNDS):
-        order = ("v1", "grpc") if round_ % 2 == 0 else ("grpc", "v1")
-        figures = {}
-        for front in order:
-            if front == "v1":
-                figures[front] = cpu_split(service, lambda: wrk(service.url, "/v1/score", v1_bodies, round_s, connections, workdir))
-            else:
-                figures[front] = cpu_split(service, lambda: frames_grpc_checked(service, calls, round_s, workdir, connections))
-        row = {front: {key: figures[front][key] for key in ("requests_per_s", "server_cpu_ms_per_call", "failures")}
-               for front in ("v1", "grpc")}  # fmt: skip
-        rounds.append(row | {"grpc_over_v1": round(row["grpc"]["requests_per_s"] / row["v1"]["requests_per_s"], 3),
-                             "first": order[0]})  # fmt: skip
+        order = names if round_ % 2 == 0 else names[::-1]
+        figures = {name: measures[name](round_s) for name in order}
+        rounds.append({name: {key: figures[name][key] for key in keys if key in figures[name]} for name in names}
+                      | {"first": order[0]})  # fmt: skip
+    return rounds, round_s
+
+
+def paired_grpc_and_v1(service: HttpProcess, v1_bodies: list[bytes], calls: list[bytes], seconds: float, connections: int,
+                       workdir: Path) -> dict:  # fmt: skip
+    """gRPC (``grpc_frames``) over REST v1 (wrk) in rounds taking turns on the same service (:func:`paired_rounds`).
+    The median of the rounds' ratios is the run's figure."""
+    rounds, round_s = paired_rounds({
+        "v1": lambda s: cpu_split(service, lambda: wrk(service.url, "/v1/score", v1_bodies, s, connections, workdir)),
+        "grpc": lambda s: cpu_split(service, lambda: frames_grpc_checked(service, calls, s, workdir, connections)),
+    }, ("requests_per_s", "server_cpu_ms_per_call", "failures"), seconds)  # fmt: skip
+    for row in rounds:
+        row["grpc_over_v1"] = round(row["grpc"]["requests_per_s"] / row["v1"]["requests_per_s"], 3)
     return {"rounds": rounds, "round_s": round_s, "grpc_over_v1_median": round(float(np.median([r["grpc_over_v1"] for r in rounds])), 3),
             # a call's server CPU, gRPC's over v1's: the same comparison apart from how much of the machine each had
             "grpc_over_v1_server_cpu_median": round(float(np.median([r["grpc"]["server_cpu_ms_per_call"] / r["v1"]["server_cpu_ms_per_call"]
                                                                      for r in rounds])), 3)}  # fmt: skip
+
+
+def paired_v1_and_ceiling(service: HttpProcess, v1_bodies: list[bytes], runtime, requests: list[list[dict]], seconds: float,
+                          connections: int, workdir: Path) -> dict:  # fmt: skip
+    """REST v1 (wrk, one worker) over the in-process ceiling (the same requests scored one at a time in this
+    process, no HTTP, the bundle opened once) in rounds taking turns (:func:`paired_rounds`): the ceiling measured
+    once, minutes before the service, moves with the machine's speed in between. The median of the rounds' ratios."""
+    rounds, round_s = paired_rounds({
+        "v1": lambda s: cpu_split(service, lambda: wrk(service.url, "/v1/score", v1_bodies, s, connections, workdir)),
+        "ceiling": lambda s: ceiling(None, requests, s, runtime),
+    }, ("requests_per_s", "server_cpu_ms_per_call", "failures"), seconds)  # fmt: skip
+    for row in rounds:
+        row["v1_over_ceiling"] = round(row["v1"]["requests_per_s"] / row["ceiling"]["requests_per_s"], 3)
+    return {"rounds": rounds, "round_s": round_s,
+            "v1_over_ceiling_median": round(float(np.median([r["v1_over_ceiling"] for r in rounds])), 3)}  # fmt: skip
 
 
 def run_litserve(bundle_path: Path, workdir: Path, workers: int, http_front) -> None:
@@ -798,5 +827,7 @@ def peer_ratios(results: dict) -> dict:
                 if "perf_analyzer http" in rate and "perf_analyzer grpc" in rate else None,
                 "v1_over_ceiling": round(rate["v1"] / results["ceiling"][size]["requests_per_s"], 2)
                 if size in results.get("ceiling", {}) else None,
+                # the same from rounds taking turns with the ceiling (1 worker), the median of their ratios
+                "v1_over_ceiling_paired": v1.get("paired_with_ceiling", {}).get("v1_over_ceiling_median"),
             }  # fmt: skip
     return out

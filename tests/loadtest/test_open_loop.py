@@ -53,8 +53,12 @@ def test_requests_go_at_their_rate_and_each_failure_is_counted(echo):
 
 
 def test_connections_the_server_closes_are_opened_again_with_no_request_lost(echo):
-    result = open_loop(echo.url, [b"close", b"kept"], seconds=0.5, rate=100, connections=2, path="/score")
-    assert (result.requests, result.failures) == (50, 0)
+    """A response with ``connection: close`` ends its connection: the next request goes on a new one, never on the
+    closing one (where it would be lost if the server's close came after it was sent)."""
+    result = open_loop(echo.url, [b"close", b"kept"], seconds=0.5, rate=400, connections=2, path="/score")
+    assert (result.requests, result.failures) == (200, 0)
+    result = sequential(echo.url, [b"close", b"kept"], 10, path="/score")
+    assert (result.requests, result.failures, len(result.latencies)) == (10, 0, 10)
 
 
 def test_a_server_that_stops_answering_fails_each_request_after_the_timeout_and_the_run_ends(echo, monkeypatch):
@@ -74,6 +78,9 @@ def test_one_request_at_a_time_for_the_unloaded_latency(echo):
 def test_a_response_is_whole_once_its_stated_length_has_arrived():
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n"
     assert response_length(bytearray(head[:-2])) is None
-    assert response_length(bytearray(head + b"ab")) == (200, len(head) + 5)
+    assert response_length(bytearray(head + b"ab")) == (200, len(head) + 5, False)
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    assert response_length(bytearray(chunked)) == (0, len(chunked)), "a reply without a length is not read"
+    assert response_length(bytearray(chunked)) == (0, len(chunked), True), "a reply without a length is not read"
+    # one that ends its connection, the header's tokens in any case
+    closing = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: Keep-Alive, Close\r\n\r\n"
+    assert response_length(bytearray(closing)) == (503, len(closing), True)

@@ -45,21 +45,28 @@ def prepared_requests(host: str, bodies: list[bytes], path: str) -> list[bytes]:
     return [head.encode() + b"%d\r\n\r\n" % len(body) + body for body in bodies]
 
 
-def response_length(buffer: bytearray) -> tuple[int, int] | None:
-    """(status, the whole response's length in bytes) once its head is in ``buffer``; None before. A response this
-    client does not read (no ``content-length``, or not HTTP/1.1) has status 0."""
+def header_value(head: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` (lower case) in a lower-cased response head, or None."""
+    start = head.find(b"\r\n" + name + b":")
+    if start < 0:
+        return None
+    end = head.find(b"\r\n", start + 2)
+    return head[start + len(name) + 3 : end if end >= 0 else len(head)].strip()
+
+
+def response_length(buffer: bytearray) -> tuple[int, int, bool] | None:
+    """(status, the whole response's length in bytes, whether it ends its connection: ``connection: close``) once
+    its head is in ``buffer``; None before. A response this client does not read (no ``content-length``, or not
+    HTTP/1.1) has status 0."""
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
         return None
     head = bytes(buffer[:head_end]).lower()
-    start = head.find(b"\r\ncontent-length:")
-    if not head.startswith(b"http/1.1 ") or start < 0:
-        return 0, head_end + 4
-    end = head.find(b"\r\n", start + 2)
-    length = head[start + 17 : end if end >= 0 else len(head)].strip()
-    if not length.isdigit():
-        return 0, head_end + 4
-    return int(head[9:12]), head_end + 4 + int(length)
+    length = header_value(head, b"content-length")
+    if not head.startswith(b"http/1.1 ") or length is None or not length.isdigit():
+        return 0, head_end + 4, True
+    closes = b"close" in [token.strip() for token in (header_value(head, b"connection") or b"").split(b",")]
+    return int(head[9:12]), head_end + 4 + int(length), closes
 
 
 def target_address(url: str) -> tuple[str, int]:
@@ -188,9 +195,11 @@ class OpenLoop:
                 parsed = response_length(connection.buffer)
                 if parsed is None or len(connection.buffer) < parsed[1]:
                     continue
-                status, length = parsed
+                status, length, closes = parsed
                 del connection.buffer[:length]
-                self.finish(connection, status == 200, fresh=status == 0 or bool(connection.buffer))
+                # a connection the server ends after this response is opened afresh now: sent on before the server's
+                # close arrived, the next request would be lost with it
+                self.finish(connection, status == 200, fresh=status == 0 or closes or bool(connection.buffer))
 
     def expire(self, older_than: float) -> None:
         """(Under the lock.) Requests scheduled before ``older_than`` and still unanswered fail."""
@@ -263,9 +272,15 @@ def sequential(url: str, bodies: list[bytes], requests: int, path: str = "/v1/sc
     address = target_address(url)
     prepared = prepared_requests(address[0], bodies, path)
     latencies, failures = [], 0
-    started = time.perf_counter()
-    with socket.create_connection(address, timeout=REQUEST_TIMEOUT_S) as sock:
+
+    def connected() -> socket.socket:
+        sock = socket.create_connection(address, timeout=REQUEST_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    started = time.perf_counter()
+    sock = connected()
+    try:
         buffer = bytearray()
         for i in range(requests):
             sent = time.perf_counter()
@@ -280,4 +295,9 @@ def sequential(url: str, bodies: list[bytes], requests: int, path: str = "/v1/sc
             latencies.append(time.perf_counter() - sent)
             failures += parsed[0] != 200
             del buffer[: parsed[1]]
+            if parsed[2]:  # the server ends the connection after this response: the next request goes on a new one
+                sock.close()
+                sock, buffer = connected(), bytearray()
+    finally:
+        sock.close()
     return LoadResult(requests, failures, time.perf_counter() - started, latencies)

@@ -3,14 +3,15 @@
     .venv/bin/python scripts/tail-curve.py [--fractions 0.05 0.1 0.2 0.3 0.4 0.5] [--rounds 2] [--seconds 8] [--plot F.png] [--out F.json]
 
 The peers bench's tail goal (p99 at half load no more than 3x the unloaded p50) reads one point: half the saturated
-requests/s. This starts one worker on the demo bundle as the peers bench does, saturates it with wrk (16 connections,
+requests/s. This starts one worker on the demo bundle (uvicorn with the service's HTTP protocol and loop), saturates it with wrk (16 connections,
 64-example MovieLens requests) for the rate, times 200 requests one at a time for the unloaded p50, then sends each
 fraction of the saturated rate at evenly spaced times with the peers' open-loop client of prepared requests
 (``open_loop.py``), the fractions in a new order each round. For each it prints the p50 and p99, the p99 over the
 unloaded p50, the share of a core the worker used (its CPU seconds over the run's): where that share nears 1,
-requests queue; and the worker's CPU a request over a saturated request's: spaced requests make batches of one, and
-on a machine whose caches and clocks go cold while it waits each costs more the sparser they come, so that half the
-saturated rate can keep the worker nearly busy. Run it alone.
+requests queue; and the worker's CPU a request over a saturated request's: spaced requests make batches of one, each
+dearer than a batched request, and on this project's machines dearer still the sparser they come (cold caches and
+clocks after the worker slept are the likely cause, not measured here), so that half the saturated rate can keep the
+worker nearly busy. Run it alone.
 """
 
 import argparse

@@ -164,10 +164,10 @@ def test_the_peers_service_is_uembed_serve_whose_workers_share_the_grpc_port_and
         assert service.process.args[1:4] == ["-m", "uembed", "serve"] and len(worker_pids(service)) == 2
         checked = cpu_split(service, lambda: frames_grpc_checked(service, calls, 1.0, tmp_path, 8, rate=200))
         assert (checked["requests"], checked["failures"], checked["not_ok"], checked["answered_ok"]) == (200, 0, 0, 200), checked
-        assert min(checked["worker_cpu_s"]) >= 0.02, "both workers answered calls (an idle one spends a few ms)"
+        assert min(checked["worker_cpu_s"]) / max(checked["worker_cpu_s"]) >= 0.3, "both workers answered calls"
         body = orjson.dumps({"examples": movielens_requests(8, count=1)[0]})
         served = cpu_split(service, lambda: wrk(service.url, "/v1/score", [body], 1, 8, tmp_path))
-        assert served["requests"] > 0 and served["failures"] == 0 and min(served["worker_cpu_s"]) >= 0.02, served
+        assert served["requests"] > 0 and served["failures"] == 0 and min(served["worker_cpu_s"]) / max(served["worker_cpu_s"]) >= 0.3, served
         scored = service.metrics()
         assert sum(v for k, v in scored.items() if k.startswith("uembed_http_requests_total{") and 'route="/v1/score"' in k) >= served["requests"]
     finally:
@@ -294,6 +294,13 @@ def test_the_ratios_compare_two_workers_with_one_and_the_workers_cpu():
     grpc = {"closed": {"requests_per_s": 1900.0}, "open_at_half": {"requests": 26182, "failures": 3243}}
     shed = peer_ratios({"v1": {"2w": {"64": v1(1800.0, [9.0, 7.5])}}, "grpc": {"2w": {"64": grpc}}})["2w 64"]
     assert shed["grpc_half_load_answered_ok"] == 0.8761 and two["grpc_half_load_answered_ok"] is None
+    # grpc_frames' open loop, checked by the server: its OK count over every call, and the calls/s it kept to
+    checked = {"requests": 1490, "failures": 10, "calls": 1500, "answered_ok": 1488, "requests_per_s": 149.0, "offered_per_s": 200.0}
+    late = peer_ratios({"v1": {"2w": {"64": v1(1800.0, [9.0, 7.5])}}, "grpc": {"2w": {"64": grpc | {"open_at_half": checked}}}})["2w 64"]
+    assert (late["grpc_half_load_answered_ok"], late["grpc_half_load_achieved_over_offered"]) == (0.992, 0.745)
+    # v1 over the ceiling, paired with it in rounds (1 worker)
+    paired = v1(1000.0, [9.0]) | {"paired_with_ceiling": {"v1_over_ceiling_median": 0.61}}
+    assert peer_ratios({"v1": {"1w": {"64": paired}}})["1w 64"]["v1_over_ceiling_paired"] == 0.61
 
 
 def test_the_cli_offers_every_front_the_peers_phase_measures():

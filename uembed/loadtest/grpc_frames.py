@@ -1,5 +1,6 @@
 """A closed-loop gRPC load generator in wrk's shape: one thread, ``connections`` HTTP/2 connections, one unary call
-in flight on each, every call the next of a list of request bodies (as ``peers.WRK_SCRIPT`` sends REST v1's).
+in flight on each, every call the next of a list of request bodies (as ``peers.WRK_SCRIPT`` sends REST v1's); with
+``--rate``, an open loop of the same calls at evenly spaced times (:func:`run_open`).
 
 h2load, the compiled HTTP/2 load generator, sends one body a run: so either every call in flight carries the same
 request, or (the peers bench until now) each connection is its own h2load process, and the calls a reply wakes
@@ -265,7 +266,8 @@ def run_open(host: str, port: int, path: str, bodies: list[bytes], seconds: floa
     """Open-loop calls: ``rate`` a second at evenly spaced times for ``seconds``, each the next request, sent on a
     free connection (one call in flight on each). A call's latency counts from its scheduled time, so a call that
     waited for a free connection (the server behind) counts the wait; ``send_lag_p99_ms`` says how late the sends
-    went. Every call scheduled within the run is sent; a call the server resets or a lost connection leaves
+    went. Every call scheduled within the run is sent, late where it must wait, unless every connection is lost or
+    ``GIVE_UP_S`` pass after the run: those never sent fail. A call the server resets or a lost connection leaves
     unanswered fails (its connection opened again), as do those still unanswered ``GIVE_UP_S`` after the run. The
     wait for the next send is ``select``'s, in microseconds (epoll's is whole milliseconds, as long as a gap here)."""
     if rate <= 0 or connections < 1:

@@ -103,7 +103,7 @@ def scoring_runtime(bundle_path: Path):
 def ceiling(bundle_path: Path | None, requests: list[list[dict]], seconds: float, runtime=None) -> dict:
     """Requests/s of the scoring work alone, one request per batch, in this process (on ``runtime``, an opened
     bundle that measures again without opening it anew, else the bundle at ``bundle_path``)."""
-    runtime = runtime or scoring_runtime(bundle_path)
+    runtime = scoring_runtime(bundle_path) if runtime is None else runtime
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         runtime.score_batch([runtime.canonicalise(requests[done % len(requests)])])

@@ -364,8 +364,8 @@ def grpc_calls_by_code(server: HttpProcess) -> dict[str, float]:
 
 
 def checked_by_server(server: HttpProcess, load) -> dict:
-    """``load()``'s figures (a closed loop of ModelInfer calls), its calls checked against the server's count by gRPC
-    status: a call the client counted answered that the server did not answer OK is a failure (h2load and
+    """``load()``'s figures (a closed or an open loop of ModelInfer calls), its calls checked against the server's
+    count by gRPC status: a call the client counted answered that the server did not answer OK is a failure (h2load and
     ``grpc_frames`` read HTTP statuses and trailers' ends, not the status in them). Only valid while nothing else
     calls ModelInfer on the server; with several workers the server's /metrics must sum them
     (PROMETHEUS_MULTIPROC_DIR), or the other workers' calls would count as missing."""
@@ -626,6 +626,7 @@ def run_peers(args, workdir: Path, report) -> None:
 
 
 PAIRED_ROUNDS = 4
+FRONT_ROUND_KEYS = ("requests_per_s", "server_cpu_ms_per_call", "failures")  # a front's figures in a paired round
 
 
 def threads_of(pid: int) -> list[int]:
@@ -699,17 +700,17 @@ def affinity(tid: int) -> set[int] | None:
         return None
 
 
-def paired_rounds(measures: dict[str, Callable[[int], dict]], keys: tuple[str, ...], seconds: float) -> tuple[list[dict], int]:
+def paired_rounds(measures: dict[str, Callable[[int], dict]], keys: dict[str, tuple[str, ...]], seconds: float) -> tuple[list[dict], int]:
     """Two measures (name -> a measure of so many whole seconds) in ``PAIRED_ROUNDS`` rounds of half ``seconds`` each,
     the order flipped every round: this machine's speed drifts between phases seconds apart, and a drift within a
-    round falls on both. Each round's row holds each measure's ``keys`` and which went first."""
+    round falls on both. Each round's row holds each measure's ``keys[name]`` and which went first."""
     round_s = max(1, round(seconds / 2))  # whole seconds, as wrk takes them, for both
     names = list(measures)
     rounds = []
     for round_ in range(PAIRED_ROUNDS):
         order = names if round_ % 2 == 0 else names[::-1]
         figures = {name: measures[name](round_s) for name in order}
-        rounds.append({name: {key: figures[name][key] for key in keys if key in figures[name]} for name in names}
+        rounds.append({name: {key: figures[name][key] for key in keys[name]} for name in names}
                       | {"first": order[0]})  # fmt: skip
     return rounds, round_s
 
@@ -721,7 +722,7 @@ def paired_grpc_and_v1(service: HttpProcess, v1_bodies: list[bytes], calls: list
     rounds, round_s = paired_rounds({
         "v1": lambda s: cpu_split(service, lambda: wrk(service.url, "/v1/score", v1_bodies, s, connections, workdir)),
         "grpc": lambda s: cpu_split(service, lambda: frames_grpc_checked(service, calls, s, workdir, connections)),
-    }, ("requests_per_s", "server_cpu_ms_per_call", "failures"), seconds)  # fmt: skip
+    }, dict.fromkeys(("v1", "grpc"), FRONT_ROUND_KEYS), seconds)  # fmt: skip
     for row in rounds:
         row["grpc_over_v1"] = round(row["grpc"]["requests_per_s"] / row["v1"]["requests_per_s"], 3)
     return {"rounds": rounds, "round_s": round_s, "grpc_over_v1_median": round(float(np.median([r["grpc_over_v1"] for r in rounds])), 3),
@@ -738,7 +739,7 @@ def paired_v1_and_ceiling(service: HttpProcess, v1_bodies: list[bytes], runtime,
     rounds, round_s = paired_rounds({
         "v1": lambda s: cpu_split(service, lambda: wrk(service.url, "/v1/score", v1_bodies, s, connections, workdir)),
         "ceiling": lambda s: ceiling(None, requests, s, runtime),
-    }, ("requests_per_s", "server_cpu_ms_per_call", "failures"), seconds)  # fmt: skip
+    }, {"v1": FRONT_ROUND_KEYS, "ceiling": ("requests_per_s",)}, seconds)  # fmt: skip
     for row in rounds:
         row["v1_over_ceiling"] = round(row["v1"]["requests_per_s"] / row["ceiling"]["requests_per_s"], 3)
     return {"rounds": rounds, "round_s": round_s,

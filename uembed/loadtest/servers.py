@@ -342,7 +342,6 @@ class UvicornProcess(HttpProcess):
         return super().launch()
 
 
-
 def summed_metrics(env: dict[str, str], workers: int, log_path: Path) -> dict[str, str]:
     """``env`` with a fresh PROMETHEUS_MULTIPROC_DIR beside the log where several workers serve and none is set, so
     that /metrics sums every worker's series, not the one's that answers (`uembed serve --workers N` makes its own

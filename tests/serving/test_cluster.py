@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -198,6 +199,35 @@ def test_rows_only_refuses_what_redis_does_not_hold(synthetic_store, redis_clust
     client.close()
 
 
+def test_rows_only_in_redis_wait_out_a_short_pause_of_redis_by_default(synthetic_store, redis_server, movielens_examples,
+                                                                        start_service, tmp_path):  # fmt: skip
+    """With the rows only in Redis a timeout fails the batch (503 rows_unavailable) and Redis is skipped for a
+    while: there the default timeout outlasts a short pause of Redis's own, which a cache's 50 ms does not."""
+    bundle = synthetic_store / "movielens" / "1"
+    assert publish_cli(str(bundle), "--redis-url", redis_server.url, "--quiet").returncode == 0
+    replica = without_row_files(bundle, tmp_path)
+    options = {"redis_url": redis_server.url, "hot_rows_bytes": 0, "row_source": "redis"}
+    by_default, at_50_ms = start_service([replica], **options), start_service([replica], redis_timeout_ms=50, **options)
+    body = {"examples": movielens_examples[:8]}
+
+    def scored_while_redis_pauses(service, seconds: float) -> httpx.Response:
+        assert httpx.post(f"{service.url}/v1/score", json=body, timeout=10).status_code == 200
+        redis_server.pause()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(httpx.post, f"{service.url}/v1/score", json=body, timeout=10)
+                time.sleep(seconds)
+                redis_server.resume()
+                return answer.result()
+        finally:
+            redis_server.resume()
+
+    waited = scored_while_redis_pauses(by_default, 0.2)
+    assert waited.status_code == 200 and waited.elapsed.total_seconds() >= 0.15, "it waited the pause out"
+    refused = scored_while_redis_pauses(at_50_ms, 0.2)
+    assert (refused.status_code, refused.json()["error"]) == (503, "rows_unavailable")
+
+
 def test_the_cluster_as_a_cache_scores_as_the_row_files_do(synthetic_store, redis_cluster, movielens_examples, start_service):
     bundle = synthetic_store / "movielens" / "1"
     cached = start_service([bundle], redis_url=redis_cluster.url, redis_prefix="cache", hot_rows_bytes=0)
@@ -223,8 +253,9 @@ def test_a_killed_master_fails_over_under_traffic(synthetic_store, movielens_exa
     try:
         bundle = synthetic_store / "movielens" / "1"
         assert publish_cli(str(bundle), "--redis-url", cluster.url, "--quiet").returncode == 0
-        # A Redis call may wait for a core on a loaded machine: the default 50 ms timeout would turn such a wait into a
-        # 503 for the rows only in Redis, after the failover too, which this test would read as no recovery.
+        # A Redis call may wait for a core on a loaded machine: a short timeout would turn such a wait into a 503 for the
+        # rows only in Redis, after the failover too, which this test would read as no recovery (the default there is
+        # a quarter of request_timeout_ms, 250 ms with these options).
         options = {"redis_url": cluster.url, "hot_rows_bytes": 0, "redis_retry_s": 0.3, "request_timeout_ms": 1000,
                    "redis_timeout_ms": 500}  # fmt: skip
         cached = start_service([bundle], **options)

@@ -43,3 +43,11 @@ def test_every_setting_is_described():
     text = describe_settings()
     for name in ServiceSettings.model_fields:
         assert f"UEMBED_{name.upper()}" in text
+
+
+def test_the_redis_timeout_defaults_by_where_the_rows_live():
+    # a cache: a timeout is a miss served from the row files; the only copy: a timeout fails the batch
+    assert load_settings(redis_url="redis://127.0.0.1:1").redis_timeout_ms == 50.0
+    assert load_settings(redis_url="redis://127.0.0.1:1", row_source="redis").redis_timeout_ms == 500.0
+    assert load_settings(redis_url="redis://127.0.0.1:1", row_source="redis", request_timeout_ms=800).redis_timeout_ms == 200.0
+    assert load_settings(redis_url="redis://127.0.0.1:1", row_source="redis", redis_timeout_ms=30).redis_timeout_ms == 30.0

@@ -230,18 +230,13 @@ class ServiceSettings(BaseSettings):
         "(a Redis Cluster: any one node, the client discovers the rest; rediss:// and rediss+cluster:// for TLS). "
         "Unset (the default): tiers 1 and 3 only.",
     )
-    redis_timeout_ms: float = Field(
-        50.0,
-        gt=0,
-        description="Socket timeout of Redis calls. A timeout counts as a miss and the rows come from the "
-        "bundle's row files; keep it well under request_timeout_ms.",
-    )
-    redis_retry_s: float = Field(
-        1.0,
-        ge=0,
-        description="After a Redis error, skip Redis for this long before trying again (no timeout paid per "
-        "request while it is down; picked up again without a restart once it is back).",
-    )
+    redis_timeout_ms: float | None = Field(None, gt=0, description="Socket timeout of Redis calls. Unset: 50 ms "
+        "with row_source=files, where a timeout is a miss and the rows come from the row files; with row_source=redis, "
+        "where it fails the batch (503) and Redis is skipped for redis_retry_s, 500 ms (at most a quarter of "
+        "request_timeout_ms), so that a pause of Redis's own (a fork, a slow command) is waited out. Keep it well "
+        "under request_timeout_ms.")
+    redis_retry_s: float = Field(1.0, ge=0, description="After a Redis error, skip Redis for this long before "
+        "trying again (no timeout paid per request while it is down; picked up again without a restart once it is back).")
     redis_bucket_rows: int = Field(
         64,
         ge=1,
@@ -303,6 +298,8 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _timeouts_fit(self) -> ServiceSettings:
+        if self.redis_timeout_ms is None:
+            self.redis_timeout_ms = min(500.0, self.request_timeout_ms / 4) if self.row_source == "redis" else 50.0
         if self.redis_url and self.redis_timeout_ms >= self.request_timeout_ms:
             raise ValueError(
                 f"redis_timeout_ms ({self.redis_timeout_ms}) must be below request_timeout_ms "

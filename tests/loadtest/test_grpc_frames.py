@@ -26,55 +26,51 @@ async def listening(service: InProcessService, port: int, streams_per_connection
     return listener
 
 
-def test_every_call_is_the_next_request_through_connections_the_server_ends(synthetic_store):
+@pytest.fixture
+def port_ending_connections(synthetic_store):
+    """The gRPC port of an in-process service, ending each connection after 20 calls, and two requests to take
+    turns: one it answers OK, one NOT_FOUND (an unknown model)."""
+    path = synthetic_store / MODEL / "1"
+    service = InProcessService(bundles=[path], grpc_port=0)
+    port = free_port()
+    listener = service.run(listening(service, port, 20))
+    specs = load_bundle(path).feature_specs
+    examples = movielens_requests(8, count=1)[0]
+    yield service, port, listener, [grpc_request(MODEL, examples, specs), grpc_request("no-such-model", examples, specs)]
+    service.run(listener.stop())
+    service.close()
+
+
+def calls_by_code(service: InProcessService) -> dict[str, float]:
+    counted = service.metrics()
+    return {code: counted.get(f'uembed_grpc_requests_total{{code="{code}",method="ModelInfer"}}', 0) for code in ("OK", "NOT_FOUND")}
+
+
+def test_every_call_is_the_next_request_through_connections_the_server_ends(port_ending_connections):
     """Two requests taking turns, one the server answers NOT_FOUND: its count by status shows each call sent the next
     one; the port ends each connection after 20 calls and the client opens another, no call lost."""
-    path = synthetic_store / MODEL / "1"
-    service = InProcessService(bundles=[path], grpc_port=0)
-    port = free_port()
-    listener = service.run(listening(service, port, 20))
-    try:
-        specs = load_bundle(path).feature_specs
-        examples = movielens_requests(8, count=1)[0]
-        bodies = [grpc_request(MODEL, examples, specs), grpc_request("no-such-model", examples, specs)]
-        figures = run("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 4)
-        assert figures["failures"] == 0 and figures["requests"] > 100, figures
-        assert listener.connections_made >= figures["requests"] // 20
-        counted = service.metrics()
-        by_code = {code: counted.get(f'uembed_grpc_requests_total{{code="{code}",method="ModelInfer"}}', 0) for code in ("OK", "NOT_FOUND")}
-        assert by_code == {"OK": (figures["requests"] + 1) // 2, "NOT_FOUND": figures["requests"] // 2}
-        assert 0 < figures["mean_ms"] <= figures["max_ms"]
-    finally:
-        service.run(listener.stop())
-        service.close()
+    service, port, listener, bodies = port_ending_connections
+    figures = run("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 4)
+    assert figures["failures"] == 0 and figures["requests"] > 100, figures
+    assert listener.connections_made >= figures["requests"] // 20
+    assert calls_by_code(service) == {"OK": (figures["requests"] + 1) // 2, "NOT_FOUND": figures["requests"] // 2}
+    assert 0 < figures["mean_ms"] <= figures["max_ms"]
 
 
-def test_the_open_loop_sends_every_call_of_its_schedule_through_connections_the_server_ends(synthetic_store):
+def test_the_open_loop_sends_every_call_of_its_schedule_through_connections_the_server_ends(port_ending_connections):
     """``--rate``: the calls scheduled within the run, each the next request, all sent and answered while the port
     ends each connection after 20 calls (a new connection takes the place of each), latencies from the schedule."""
-    path = synthetic_store / MODEL / "1"
-    service = InProcessService(bundles=[path], grpc_port=0)
-    port = free_port()
-    listener = service.run(listening(service, port, 20))
-    try:
-        specs = load_bundle(path).feature_specs
-        examples = movielens_requests(8, count=1)[0]
-        bodies = [grpc_request(MODEL, examples, specs), grpc_request("no-such-model", examples, specs)]
-        figures = run_open("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 3, rate=150)
-        assert (figures["requests"], figures["failures"]) == (150, 0), figures
-        assert listener.connections_made >= 150 // 20 + 3 - 1
-        counted = service.metrics()
-        by_code = {code: counted.get(f'uembed_grpc_requests_total{{code="{code}",method="ModelInfer"}}', 0) for code in ("OK", "NOT_FOUND")}
-        assert by_code == {"OK": 75, "NOT_FOUND": 75}
-        assert 0 < figures["p50_ms"] <= figures["p99_ms"] and figures["send_lag_p99_ms"] >= 0 and figures["offered_per_s"] == 150
-        assert 0.8 < figures["requests_per_s"] / 150 < 1.1, "sent at the rate, not as fast as answers come"
-        # a rate one connection cannot keep to: the calls wait for it, and their latencies count from their schedule
-        behind = run_open("127.0.0.1", port, INFER_METHOD, bodies[:1], 0.25, 1, rate=4000)
-        assert (behind["requests"], behind["failures"]) == (1000, 0), behind
-        assert behind["p99_ms"] >= behind["send_lag_p99_ms"] > 50, behind
-    finally:
-        service.run(listener.stop())
-        service.close()
+    service, port, listener, bodies = port_ending_connections
+    figures = run_open("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 3, rate=150)
+    assert (figures["requests"], figures["failures"]) == (150, 0), figures
+    assert listener.connections_made >= 150 // 20 + 3 - 1
+    assert calls_by_code(service) == {"OK": 75, "NOT_FOUND": 75}
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"] and figures["send_lag_p99_ms"] >= 0 and figures["offered_per_s"] == 150
+    assert 0.8 < figures["requests_per_s"] / 150 < 1.1, "sent at the rate, not as fast as answers come"
+    # a rate one connection cannot keep to: the calls wait for it, and their latencies count from their schedule
+    behind = run_open("127.0.0.1", port, INFER_METHOD, bodies[:1], 0.25, 1, rate=4000)
+    assert (behind["requests"], behind["failures"]) == (1000, 0), behind
+    assert behind["p99_ms"] >= behind["send_lag_p99_ms"] > 50, behind
     with pytest.raises(ValueError, match="rate above 0"):
         run_open("127.0.0.1", port, INFER_METHOD, bodies, 1.0, 1, rate=0)
 

@@ -43,6 +43,9 @@ def test_every_setting_is_described():
     text = describe_settings()
     for name in ServiceSettings.model_fields:
         assert f"UEMBED_{name.upper()}" in text
+    # a setting with no fixed default reads as unset, and its description says what that means
+    assert "UEMBED_REDIS_TIMEOUT_MS (default unset): Socket timeout of Redis calls. Unset: 50 ms" in text
+    assert "(default None)" not in text
 
 
 def test_the_redis_timeout_defaults_by_where_the_rows_live():

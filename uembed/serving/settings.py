@@ -357,5 +357,6 @@ def describe_settings() -> str:
     lines = []
     for name, field in ServiceSettings.model_fields.items():
         default = field.get_default(call_default_factory=True)
-        lines.append(f"UEMBED_{name.upper()} (default {default!r}): {field.description}")
+        shown = "unset" if default is None else repr(default)  # the description says what unset means
+        lines.append(f"UEMBED_{name.upper()} (default {shown}): {field.description}")
     return "\n".join(lines)

@@ -93,6 +93,18 @@ async def v1_table_error(request: Request, exc: Exception) -> JSONResponse:
     return v1_error(table_error(exc, request.url.path))
 
 
+def drop_tracebacks(exc: BaseException) -> None:
+    """Clear the tracebacks of ``exc`` and of the exceptions it chains, once its 4xx answer is built. FastAPI raises
+    a body it cannot parse from a frame that holds the error (and its cause): the tracebacks close reference cycles
+    over the request, which the service's rare GC passes (``gc_gen0_threshold``) would keep long after the answer.
+    Nothing reads them later (a 500's handler leaves its own, for the server's log)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 async def v1_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """A body, path or header that does not fit the route's model: every field at fault (at most 20)."""
     found = []
@@ -102,10 +114,12 @@ async def v1_validation_error(request: Request, exc: RequestValidationError) -> 
         else:
             found.append({"field": field_path(tuple(e["loc"])), "message": e["msg"], "type": e["type"]})
     first = found[0] if found else {"field": "body", "message": "invalid request"}
+    drop_tracebacks(exc)
     return v1_error(ValidationFailed(f"{first['field']}: {first['message']}"), errors=found)
 
 
 async def v1_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    drop_tracebacks(exc)  # FastAPI's 400 for a body it could not read is raised from a frame that holds it
     if exc.status_code == 400:  # FastAPI could not read the body (not UTF-8, or not JSON): as any bad body
         found = [{"field": "body", "message": str(exc.detail), "type": "body_invalid"}]
         return v1_error(ValidationFailed(f"body: {exc.detail}"), errors=found)

@@ -87,28 +87,31 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
-        plot(rounds, args.plot)
+        plot(rounds, started["rss_mib"], args.plot)
 
 
-def plot(rounds: list[dict], path: Path) -> None:
+def plot(rounds: list[dict], started_rss_mib: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     numbers = [r["round"] for r in rounds]
-    fig, cpu_axis = plt.subplots(figsize=(7, 4))
+    fig, cpu_axis = plt.subplots(figsize=(7, 4.6))
     cpu_axis.plot(numbers, [r["cpu_ms_a_request"] for r in rounds], "o-", label="the worker's CPU a request (ms)")
     cpu_axis.plot(numbers, [1000 / r["ceiling_per_s"] for r in rounds], "^:", label="the ceiling's time a request (ms)")
     cpu_axis.set_xlabel("round")
     cpu_axis.set_ylabel("ms a request")
     cpu_axis.set_ylim(bottom=0)
     memory_axis = cpu_axis.twinx()
-    memory_axis.plot(numbers, [r["rss_mib"] for r in rounds], "s--", color="tab:red", label="RSS (MiB)")
-    memory_axis.set_ylabel("the worker's RSS (MiB)", color="tab:red")
-    memory_axis.set_ylim(bottom=0)
+    # growth, not the whole RSS: a leak of a few MiB is invisible on an axis that starts at zero
+    growth = [r["rss_mib"] - started_rss_mib for r in rounds]
+    memory_axis.plot(numbers, growth, "s--", color="tab:red", label="RSS growth since the warm-up (MiB)")
+    memory_axis.set_ylabel("the worker's RSS growth (MiB)", color="tab:red")
+    memory_axis.set_ylim(min(0.0, *growth), max(2.0, *growth) * 1.1)
     lines = cpu_axis.get_legend_handles_labels()[0] + memory_axis.get_legend_handles_labels()[0]
-    cpu_axis.legend(lines, [line.get_label() for line in lines], loc="lower left")
+    cpu_axis.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.15),
+                    ncol=2, fontsize="small")
     cpu_axis.set_title("uembed serve, 1 worker, 64 examples a request, saturated rounds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -3,8 +3,10 @@ service serves two gRPC listeners, one with the lane and one without (every call
 real sockets sends each the same calls, and their outcomes must be the same. The ASGI app behind the lane's listener
 counts the calls it is given, so a test knows which way a call went."""
 
+import gc
 import socket
 import time
+import types
 
 import grpc
 import pytest
@@ -302,3 +304,42 @@ def test_a_call_still_uploading_counts_as_the_servers_task_and_a_stop_ends_it_un
     finally:
         connection.close()
         ways.close()
+
+
+def test_calls_leave_no_reference_cycles_in_the_lane_or_the_asgi_way(two_ways, movielens_examples, body_of):
+    """With the cycle collector off, twenty calls of each kind on one connection leave nothing for it to find. An
+    error kept as the call's outcome holds its traceback, whose frames hold the error: a cycle over the call that the
+    service's rare GC passes would keep, unless the error-table row drops its tracebacks (``render.table_error``)."""
+    calls = {
+        "scored": (INFER, body_of(movielens_examples[:32])),
+        "unknown model": (INFER, body_of(movielens_examples[:4], model_name="nope")),
+        "a bad tensor": (INFER, service_pb2.ModelInferRequest(model_name=MODEL, inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(name="user_id", datatype="FP32", shape=[1])]).SerializeToString()),
+        "not the method's message": (INFER, b"\xff\xff\xff"),
+        "another method": ("/some.Other/Method", b""),
+    }  # fmt: skip
+    for way in ("lane", "asgi"):
+        for name, (path, body) in calls.items():
+            connection = RawConnection(getattr(two_ways, way).port)
+
+            def call() -> None:
+                stream = connection.open(path)
+                connection.send(stream, framed(body), end=True)
+                connection.reply(stream)
+
+            call()  # the first one's one-time work (imports, caches) out of the count
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(20):
+                    call()
+                gc.set_debug(gc.DEBUG_SAVEALL)
+                gc.collect()
+                garbage = list(gc.garbage)
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+                gc.enable()
+                connection.close()
+            tracebacks = [o for o in garbage if isinstance(o, types.TracebackType)]
+            assert not tracebacks and len(garbage) < 20, (way, name, len(garbage))

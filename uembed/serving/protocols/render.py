@@ -34,10 +34,25 @@ MAX_ROUTING_KEY_CHARS = 256  # a score request's routing_key, as the /v1 route a
 
 
 # --- what every front shares -----------------------------------------------------------------------------------
+def drop_tracebacks(exc: BaseException) -> None:
+    """Clear the tracebacks of ``exc`` and of the exceptions it chains, once the client's answer is known. An error
+    kept past its ``except`` (a call's outcome, the row a handler renders) holds its traceback, whose frames hold the
+    error again, and the request: a reference cycle that the service's rare GC passes (``gc_gen0_threshold``) would
+    keep long after the answer. A client's error (a row of the table) is never logged with its traceback."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 def table_error(exc: Exception, where: str) -> UembedError:
-    """``exc`` as a row of the error table: itself when it is one; else (a bug, a failed dependency) an
-    ``Internal`` naming only its type, its traceback logged with ``where`` (a path, an RPC)."""
-    if not isinstance(exc, UembedError):
+    """``exc`` as a row of the error table: itself when it is one, its tracebacks dropped (:func:`drop_tracebacks`);
+    else (a bug, a failed dependency) an ``Internal`` naming only its type, its traceback logged with ``where`` (a
+    path, an RPC) and kept."""
+    if isinstance(exc, UembedError):
+        drop_tracebacks(exc)
+    else:
         log.error("unexpected error on %s", where, exc_info=exc)
     return internal(exc)
 
@@ -93,18 +108,6 @@ async def v1_table_error(request: Request, exc: Exception) -> JSONResponse:
     return v1_error(table_error(exc, request.url.path))
 
 
-def drop_tracebacks(exc: BaseException) -> None:
-    """Clear the tracebacks of ``exc`` and of the exceptions it chains, once its 4xx answer is built. FastAPI raises
-    a body it cannot parse from a frame that holds the error (and its cause): the tracebacks close reference cycles
-    over the request, which the service's rare GC passes (``gc_gen0_threshold``) would keep long after the answer.
-    Nothing reads them later (a 500's handler leaves its own, for the server's log)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
-
-
 async def v1_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """A body, path or header that does not fit the route's model: every field at fault (at most 20)."""
     found = []
@@ -114,7 +117,7 @@ async def v1_validation_error(request: Request, exc: RequestValidationError) -> 
         else:
             found.append({"field": field_path(tuple(e["loc"])), "message": e["msg"], "type": e["type"]})
     first = found[0] if found else {"field": "body", "message": "invalid request"}
-    drop_tracebacks(exc)
+    drop_tracebacks(exc)  # FastAPI raises a body it cannot parse from a frame that holds the error
     return v1_error(ValidationFailed(f"{first['field']}: {first['message']}"), errors=found)
 
 

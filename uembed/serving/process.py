@@ -167,10 +167,17 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
     def connection_lost(self, exc) -> None:
         if self.head_deadline is not None:
             self.head_deadline.cancel()
-        self._lane_stop_waiting()
+        waiting = self._lane_stop_waiting()
         if self.lane_task is not None and self.lane_started:
             self.lane_task.cancel(ABANDONED)  # the batcher skips it (one not started yet sees the loss itself)
         super().connection_lost(exc)
+        # Requests that will never start hold this protocol's callback, and it holds them: a cycle a rare GC pass
+        # would free, their bodies with it. uvicorn leaves its keep-alive timer armed after a reset, too.
+        if waiting is not None:
+            waiting[0].on_response = no_response
+        for cycle, _ in getattr(self, "pipeline", ()):  # httptools' queue of pipelined requests (h11 has none)
+            cycle.on_response = no_response
+        self._unset_keepalive_if_required()
 
     # --- the fast lane: uvicorn starts a request's task here; a lane request is answered without one ------------
     def _start_asgi_task(self, cycle, app) -> None:
@@ -241,10 +248,10 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
             cycle.message_event.set()
             if not cycle.keep_alive:
                 self.transport.close()
-            cycle.on_response()
             # The cycle's callback is this protocol's method, and the protocol holds the cycle: break the loop, as
             # uvicorn does after an ASGI task, so a closed connection is freed at once, not at a rare GC pass.
-            cycle.on_response = no_response
+            on_response, cycle.on_response = cycle.on_response, no_response
+            on_response()
 
     def _write_answer(self, cycle, status: int, headers, body: bytes) -> None:
         """A response in one write, with the headers uvicorn writes: its default ones, then the response's."""

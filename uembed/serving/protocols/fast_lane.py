@@ -75,8 +75,8 @@ class FastScoreLane:
             data = json_bytes(body)
             answer = 200, [(b"content-length", b"%d" % len(data)), (b"content-type", b"application/json")], data
         except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if exc.args != (ABANDONED,) or task.uncancel():  # another cancel too (the server stopping): let it through
+            # (no local for the task: the error it raises would hold this frame, and the task the error)
+            if exc.args != (ABANDONED,) or asyncio.current_task().uncancel():  # another cancel too (the server stopping)
                 self.observed.observe(SCORE_PATH, 500, started)  # the protocol answers 500, as uvicorn does
                 raise
             answer = None

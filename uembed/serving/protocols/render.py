@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
-from uembed.contract.errors import UembedError, ValidationFailed, internal
+from uembed.contract.errors import UembedError, ValidationFailed, drop_tracebacks, internal
 
 log = logging.getLogger("uembed.protocols")
 
@@ -34,18 +34,6 @@ MAX_ROUTING_KEY_CHARS = 256  # a score request's routing_key, as the /v1 route a
 
 
 # --- what every front shares -----------------------------------------------------------------------------------
-def drop_tracebacks(exc: BaseException) -> None:
-    """Clear the tracebacks of ``exc`` and of the exceptions it chains, once the client's answer is known. An error
-    kept past its ``except`` (a call's outcome, the row a handler renders) holds its traceback, whose frames hold the
-    error again, and the request: a reference cycle that the service's rare GC passes (``gc_gen0_threshold``) would
-    keep long after the answer. A client's error (a row of the table) is never logged with its traceback."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
-
-
 def table_error(exc: Exception, where: str) -> UembedError:
     """``exc`` as a row of the error table: itself when it is one, its tracebacks dropped (:func:`drop_tracebacks`);
     else (a bug, a failed dependency) an ``Internal`` naming only its type, its traceback logged with ``where`` (a

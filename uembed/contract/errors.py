@@ -189,10 +189,9 @@ class Internal(UembedError):
 
 def drop_tracebacks(exc: BaseException) -> None:
     """Clear the tracebacks of ``exc`` and of every exception it chains (causes and contexts), once what a client is
-    told is known. An error kept past its ``except`` (a call's outcome, the row a handler renders, a batch's failure
-    set on its futures) holds its traceback, whose frames hold the error again, and the request: a reference cycle
-    that the service's rare GC passes (``gc_gen0_threshold``) would keep long after the answer. Log the traceback
-    first where it is wanted."""
+    told is known. An error kept past its ``except`` (a call's outcome, the row a handler renders) holds its
+    traceback, whose frames hold the error again, and the request: a reference cycle that the service's rare GC
+    passes (``gc_gen0_threshold``) would keep long after the answer. Log the traceback first where it is wanted."""
     seen, chained = set(), [exc]
     while chained:
         exc = chained.pop()

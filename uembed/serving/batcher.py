@@ -25,7 +25,7 @@ from itertools import accumulate
 
 import numpy as np
 
-from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded, drop_tracebacks, internal
+from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded, internal
 from uembed.serving.metrics import ServiceMetrics
 from uembed.serving.metrics_tally import FLUSH_SECONDS, BatchTally
 from uembed.serving.pipeline.canonical import CanonicalExamples
@@ -237,7 +237,6 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - one bad batch fails its requests, never the loop
                 log.exception("batch of %d requests failed", len(batch))
                 error = internal(exc)
-                drop_tracebacks(error)  # each future would keep it, its frames holding the batch: a cycle
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(error)

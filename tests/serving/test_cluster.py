@@ -210,22 +210,25 @@ def test_rows_only_in_redis_wait_out_a_short_pause_of_redis_by_default(synthetic
     by_default, at_50_ms = start_service([replica], **options), start_service([replica], redis_timeout_ms=50, **options)
     body = {"examples": movielens_examples[:8]}
 
-    def scored_while_redis_pauses(service, seconds: float) -> httpx.Response:
+    def scored_while_redis_pauses(service, seconds: float | None) -> httpx.Response:
+        """A request sent while Redis is stopped, resumed ``seconds`` later (None: once the answer is in)."""
         assert httpx.post(f"{service.url}/v1/score", json=body, timeout=10).status_code == 200
         redis_server.pause()
         try:
             with ThreadPoolExecutor(1) as pool:
                 answer = pool.submit(httpx.post, f"{service.url}/v1/score", json=body, timeout=10)
-                time.sleep(seconds)
-                redis_server.resume()
+                if seconds is not None:
+                    time.sleep(seconds)
+                    redis_server.resume()
                 return answer.result()
         finally:
             redis_server.resume()
 
     waited = scored_while_redis_pauses(by_default, 0.2)
-    assert waited.status_code == 200 and waited.elapsed.total_seconds() >= 0.15, "it waited the pause out"
-    refused = scored_while_redis_pauses(at_50_ms, 0.2)
-    assert (refused.status_code, refused.json()["error"]) == (503, "rows_unavailable")
+    assert waited.status_code == 200 and waited.elapsed.total_seconds() >= 0.1, "it waited the pause out"
+    # Redis stays stopped until the answer: on a loaded machine the request could reach Redis after a timed pause
+    refused = scored_while_redis_pauses(at_50_ms, None)
+    assert (refused.status_code, refused.json().get("error")) == (503, "rows_unavailable"), refused.text
 
 
 def test_the_cluster_as_a_cache_scores_as_the_row_files_do(synthetic_store, redis_cluster, movielens_examples, start_service):

@@ -2,12 +2,15 @@
 
 import asyncio
 import json
+import os
+import signal
+from pathlib import Path
 
 import pytest
 
 from tests.serving.inprocess import InProcessService
 from tests.waiting import wait_until_async
-from uembed.loadtest.servers import wait_until
+from uembed.loadtest.servers import ServeProcess, wait_until, worker_pids
 
 GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
 GOOD_CANDIDATE = {"movie_id": "242", "genres": ["Comedy"]}
@@ -181,3 +184,29 @@ def test_each_features_collision_share_is_a_gauge_set_from_the_bundles_report(ap
     for feature, entry in report.items():
         assert samples[f'uembed_feature_collision_share{{feature="{feature}",model="movielens"}}'] == pytest.approx(entry["shared_share"])
     assert any(entry["shared_share"] > 0 for entry in report.values())  # the synthetic store's table is a tenth of the values
+
+
+def test_a_respawned_worker_replaces_its_predecessors_gauges_not_adds_to_them(synthetic_store, tmp_path):
+    """`uembed serve --workers 2`, one worker killed with SIGKILL and respawned by the supervisor: the files of the
+    killed worker's live gauges are removed as its successor starts, so /metrics no longer sums its last values (a
+    table's memory in each worker) with the workers that serve; its counters stay. The successor says so in the log."""
+    service = ServeProcess(synthetic_store / "movielens" / "1", tmp_path / "serve.log", workers=2).start()
+    metrics_dir = Path(service.env["PROMETHEUS_MULTIPROC_DIR"])
+    try:
+        def started(count: int) -> bool:
+            return service.log_path.read_text().count("Application startup complete") == count
+
+        wait_until(lambda: len(worker_pids(service)) == 2 and started(2), 60, "both workers serving")
+        killed = worker_pids(service)[0]
+        wait_until(lambda: (metrics_dir / f"gauge_livesum_{killed}.db").exists(), 30, "its gauges written")
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: killed not in worker_pids(service) and len(worker_pids(service)) == 2, 60, "the respawn")
+        wait_until(lambda: started(3), 60, "its start")
+        left = sorted(f.name for f in metrics_dir.iterdir() if f.name.endswith(f"_{killed}.db"))
+        assert left and all(not name.startswith("gauge_live") for name in left), left
+        assert service.metrics()["uembed_model_info{dtype=\"float32\",method=\"unified\",model=\"movielens\",version=\"1\"}"] == 1
+        # the service's own log lines show under `uembed serve` (its logging configuration)
+        log = service.log_path.read_text()
+        assert f"forgot the live gauges of gone workers [{killed}]" in log and "serving movielens version 1 from" in log
+    finally:
+        service.stop()

@@ -112,6 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
         HeadDeadlineProtocol,
         ServiceConfig,
         claim_port,
+        service_log_config,
     )
 
     set_serve_environment(args)
@@ -137,6 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=15,
         limit_concurrency=args.max_connections,  # per worker; beyond it uvicorn answers 503
         log_level="info",
+        log_config=service_log_config(),
         grpc_socket=grpc_claim[-1] if grpc_claim and shared_grpc else None,
         grpc_address=(args.grpc_host, args.grpc_port),
     )

@@ -374,7 +374,13 @@ def worker_pids(server: HttpProcess) -> list[int]:
     import psutil
 
     parent = psutil.Process(server.process.pid)
-    workers = [child.pid for child in parent.children() if "spawn_main" in " ".join(child.cmdline())]
+    workers = []
+    for child in parent.children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child.pid)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a worker that died, not yet reaped or respawned
+            continue
     return workers or [parent.pid]
 
 

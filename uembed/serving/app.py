@@ -14,6 +14,7 @@ probes (/healthz, /readyz, /metrics) are ``probes.py``.
 """
 
 import gc
+import logging
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from uembed.contract.errors import UembedError
 from uembed.serving.engine import ScoringEngine
+from uembed.serving.metrics import forget_dead_workers
 from uembed.serving.protocols.fast_lane import FastScoreLane
 from uembed.serving.protocols.grpc_h2 import start_grpc_server, stop_grpc_server
 from uembed.serving.protocols.lean_json import LeanScoreRoute
@@ -34,6 +36,8 @@ from uembed.serving.protocols.probes import add_probe_routes
 from uembed.serving.protocols.render import v1_http_error, v1_table_error, v1_validation_error
 from uembed.serving.protocols.v1 import add_v1_routes, score_examples, scored_body, v1_openapi
 from uembed.serving.settings import ServiceSettings, load_settings
+
+log = logging.getLogger("uembed.app")
 
 
 def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | None = None) -> FastAPI:
@@ -47,12 +51,15 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
                 raise UembedError("no bundle to serve: set UEMBED_BUNDLES, or start with `uembed serve` (demo bundle)")
             for path in settings.bundles:
                 engine.registry.load(path)
+        gone = forget_dead_workers()  # a respawned worker's gauges replace its predecessor's, not add to them
+        if gone:
+            log.info("forgot the live gauges of gone workers %s", gone)
         # Bundles, sessions and caches live as long as the process: keep them out of GC passes (tail latency).
         gc.collect()
         gc.freeze()
+        threshold = gc.get_threshold()
         if settings.gc_gen0_threshold:
-            _, older, oldest = gc.get_threshold()
-            gc.set_threshold(settings.gc_gen0_threshold, older, oldest)
+            gc.set_threshold(settings.gc_gen0_threshold, *threshold[1:])
         await engine.astart()
         try:
             grpc_server = await start_grpc_server(plane, settings)
@@ -62,6 +69,8 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         yield
         await stop_grpc_server(grpc_server)  # its calls in flight finish before the engine drains
         await engine.astop()
+        gc.set_threshold(*threshold)  # as it was: a process that hosts the app (a test, another app) goes on
+        gc.unfreeze()
 
     # /docs and /redoc load their scripts and styles from this server (fastapi-offline's copies), not a CDN:
     # they work on a machine without internet.

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from uembed.contract.collisions import feature_shares
 from uembed.serving.rows.store import TierCounts
@@ -52,6 +54,34 @@ def outcome(status: int) -> str:
 
 def multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def forget_dead_workers() -> list[int]:
+    """Remove the live gauges' files of the workers that are gone (prometheus_client's ``mark_process_dead``): the
+    supervisor that respawns a killed worker (uvicorn's) does not, so its last values would be summed with its
+    successor's, and a table's memory counted twice. Counters and histograms keep a dead worker's counts, as they
+    should. Each worker calls this as it starts; the pids forgotten."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return []
+    pids = {int(m.group(1)) for f in Path(directory).glob("gauge_live*_*.db") if (m := LIVE_GAUGE_FILE.fullmatch(f.name))}
+    gone = sorted(pid for pid in pids if pid != os.getpid() and not process_alive(pid))
+    for pid in gone:
+        mark_process_dead(pid, directory)
+    return gone
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def observe_all(histogram, values: np.ndarray) -> None:

@@ -32,6 +32,7 @@ to send its request head, and when the listening socket closes.
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 import functools
 import os
@@ -288,6 +289,15 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
 
 
 @functools.cache
+def service_log_config() -> dict:
+    """uvicorn's logging configuration, with the service's own loggers (``uembed.*``: the versions a worker loads,
+    its gRPC port, row checks, updates, failures) at INFO through uvicorn's handler and format. Without it they reach
+    no handler, and only warnings and errors show, unformatted."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["uembed"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
 def configured_header_timeout_s() -> float:
     return load_settings().header_timeout_s
 

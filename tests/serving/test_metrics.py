@@ -1,16 +1,19 @@
 """/metrics: names and conventions, and the counters of what the service would otherwise do silently."""
 
 import asyncio
+import gc
 import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.serving.inprocess import InProcessService
 from tests.waiting import wait_until_async
-from uembed.loadtest.servers import ServeProcess, wait_until, worker_pids
+from uembed.loadtest.servers import ServeProcess, parse_exposition, wait_until, worker_pids
+from uembed.serving.metrics import ServiceMetrics
 
 GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
 GOOD_CANDIDATE = {"movie_id": "242", "genres": ["Comedy"]}
@@ -210,3 +213,24 @@ def test_a_respawned_worker_replaces_its_predecessors_gauges_not_adds_to_them(sy
         assert f"forgot the live gauges of gone workers [{killed}]" in log and "serving movielens version 1 from" in log
     finally:
         service.stop()
+
+
+def test_the_vitals_read_the_workers_memory_and_count_what_the_cycle_collector_frees():
+    """Each read of the registry sets the worker's RSS and adds the objects the cycle collector freed since the last."""
+    metrics = ServiceMetrics(CollectorRegistry())
+
+    def read() -> dict[str, float]:
+        return parse_exposition(metrics.exposition().decode())
+
+    first = read()
+    assert first["uembed_worker_resident_memory_bytes"] > 2**20
+    for _ in range(500):  # lists that hold themselves: garbage only the cycle collector frees
+        cycle = []
+        cycle.append(cycle)
+    del cycle
+    gc.collect()  # whatever a young pass left of them
+
+    def collected(sample: dict[str, float]) -> float:  # over the generations: young passes may have freed some
+        return sum(sample[f'uembed_gc_collected_objects_total{{generation="{g}"}}'] for g in range(len(gc.get_stats())))
+
+    assert collected(read()) - collected(first) >= 500

@@ -21,6 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from uembed.contract.collisions import feature_shares
 from uembed.serving.rows.store import TierCounts
 from uembed.serving.rows.updates import REJECT_REASONS
+from uembed.serving.vitals import WorkerVitals
 
 log = logging.getLogger("uembed.metrics")
 
@@ -130,6 +131,8 @@ class ServiceMetrics:
         self.before_collect: list[Callable[[], None]] = []
         self.flush_first = FlushFirst(self.before_collect)
         r.register(self.flush_first)
+        self.vitals = WorkerVitals(r)  # set at each read (first of before_collect) and batch flush
+        self.before_collect.append(self.vitals.update)
         self.request_seconds = Histogram(
             "uembed_request_duration_seconds", "HTTP request latency, end to end in the service.",
             ["route", "outcome"], buckets=LATENCY_BUCKETS, registry=r,

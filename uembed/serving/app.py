@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from uembed.contract.errors import UembedError
 from uembed.serving.engine import ScoringEngine
-from uembed.serving.metrics import forget_dead_workers
+from uembed.serving.metrics import forget_dead_workers, forget_this_worker
 from uembed.serving.protocols.fast_lane import FastScoreLane
 from uembed.serving.protocols.grpc_h2 import start_grpc_server, stop_grpc_server
 from uembed.serving.protocols.lean_json import LeanScoreRoute
@@ -46,31 +46,35 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        gone = forget_dead_workers()  # a respawned worker's gauges replace its predecessor's, not add to them
+        if gone:
+            log.info("forgot the live gauges of gone workers %s", gone)
         if not engine.registry.models:
             if not settings.bundles:
                 raise UembedError("no bundle to serve: set UEMBED_BUNDLES, or start with `uembed serve` (demo bundle)")
             for path in settings.bundles:
                 engine.registry.load(path)
-        gone = forget_dead_workers()  # a respawned worker's gauges replace its predecessor's, not add to them
-        if gone:
-            log.info("forgot the live gauges of gone workers %s", gone)
         # Bundles, sessions and caches live as long as the process: keep them out of GC passes (tail latency).
         gc.collect()
         gc.freeze()
         threshold = gc.get_threshold()
         if settings.gc_gen0_threshold:
             gc.set_threshold(settings.gc_gen0_threshold, *threshold[1:])
-        await engine.astart()
+        engine.metrics.vitals.rebase()  # the start's own collections are not the traffic's
         try:
-            grpc_server = await start_grpc_server(plane, settings)
-        except BaseException:
+            await engine.astart()
+            try:
+                grpc_server = await start_grpc_server(plane, settings)
+            except BaseException:
+                await engine.astop()
+                raise
+            yield
+            await stop_grpc_server(grpc_server)  # its calls in flight finish before the engine drains
             await engine.astop()
-            raise
-        yield
-        await stop_grpc_server(grpc_server)  # its calls in flight finish before the engine drains
-        await engine.astop()
-        gc.set_threshold(*threshold)  # as it was: a process that hosts the app (a test, another app) goes on
-        gc.unfreeze()
+            forget_this_worker()
+        finally:
+            gc.set_threshold(*threshold)  # as it was: a process that hosts the app (a test, another app) goes on
+            gc.unfreeze()
 
     # /docs and /redoc load their scripts and styles from this server (fastapi-offline's copies), not a CDN:
     # they work on a machine without internet.

@@ -1,9 +1,9 @@
 """Prometheus metrics: prefix ``uembed_``, base units in names, bounded labels.
 
-Labels are route, outcome, status, stage, tier, table, model, version, feature, reason:
-values the bundle or the code fixes, never a user's value. With several uvicorn
-workers, ``PROMETHEUS_MULTIPROC_DIR`` makes ``/metrics`` sum them (``uembed serve
---workers N`` sets it up).
+Labels are route, outcome, status, stage, tier, table, model, version, feature, reason and generation (and pid,
+prometheus_client's, on a worker's own series): values the bundle or the code fixes, never a user's value. With
+several uvicorn workers, ``PROMETHEUS_MULTIPROC_DIR`` makes ``/metrics`` sum them (``uembed serve --workers N``
+sets it up).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from uembed.contract.collisions import feature_shares
 from uembed.serving.rows.store import TierCounts
@@ -61,18 +61,35 @@ LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 
 
 def forget_dead_workers() -> list[int]:
-    """Remove the live gauges' files of the workers that are gone (prometheus_client's ``mark_process_dead``): the
-    supervisor that respawns a killed worker (uvicorn's) does not, so its last values would be summed with its
-    successor's, and a table's memory counted twice. Counters and histograms keep a dead worker's counts, as they
-    should. Each worker calls this as it starts; the pids forgotten."""
+    """Remove the live gauges' files of the workers that are gone, as prometheus_client's ``mark_process_dead``
+    does: the supervisor that respawns a killed worker (uvicorn's) does not, so its last values would be summed with
+    its successor's, and a table's memory counted twice. Counters and histograms keep a dead worker's counts, as they
+    should. Each worker calls this as it starts; the pids forgotten. Never raises: two workers respawned together
+    race to remove the same files, and a metrics folder must not stop a worker from starting."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return []
-    pids = {int(m.group(1)) for f in Path(directory).glob("gauge_live*_*.db") if (m := LIVE_GAUGE_FILE.fullmatch(f.name))}
-    gone = sorted(pid for pid in pids if pid != os.getpid() and not process_alive(pid))
-    for pid in gone:
-        mark_process_dead(pid, directory)
-    return gone
+    try:
+        files = [(f, int(m.group(1))) for f in Path(directory).glob("gauge_live*_*.db") if (m := LIVE_GAUGE_FILE.fullmatch(f.name))]
+    except OSError as exc:
+        log.warning("could not list %s to forget gone workers' gauges: %s", directory, exc)
+        return []
+    gone = {pid for _, pid in files if pid != os.getpid() and not process_alive(pid)}
+    for path, pid in files:
+        if pid in gone:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", path, exc)
+    return sorted(gone)
+
+
+def forget_this_worker() -> None:
+    """As a worker stops (multiprocess): its live gauges go with it, as they would with its successor's start."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        for path in Path(directory).glob(f"gauge_live*_{os.getpid()}.db"):
+            path.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:

@@ -288,7 +288,6 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
             self.transport.close()
 
 
-@functools.cache
 def service_log_config() -> dict:
     """uvicorn's logging configuration, with the service's own loggers (``uembed.*``: the versions a worker loads,
     its gRPC port, row checks, updates, failures) at INFO through uvicorn's handler and format. Without it they reach
@@ -298,6 +297,7 @@ def service_log_config() -> dict:
     return config
 
 
+@functools.cache
 def configured_header_timeout_s() -> float:
     return load_settings().header_timeout_s
 

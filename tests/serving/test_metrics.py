@@ -14,6 +14,7 @@ from tests.serving.inprocess import InProcessService
 from tests.waiting import wait_until_async
 from uembed.loadtest.servers import ServeProcess, parse_exposition, wait_until, worker_pids
 from uembed.serving.metrics import ServiceMetrics
+from uembed.serving.vitals import WorkerVitals
 
 GOOD = {"user_id": "196", "movie_id": "242", "genres": ["Comedy"]}
 GOOD_CANDIDATE = {"movie_id": "242", "genres": ["Comedy"]}
@@ -234,3 +235,27 @@ def test_the_vitals_read_the_workers_memory_and_count_what_the_cycle_collector_f
         return sum(sample[f'uembed_gc_collected_objects_total{{generation="{g}"}}'] for g in range(len(gc.get_stats())))
 
     assert collected(read()) - collected(first) >= 500
+
+
+def test_an_idle_workers_vitals_refresh_on_their_own_timer():
+    """Without a read of its registry or a batch, a worker's memory gauge follows its memory every refresh, so a scrape
+    another worker answers sees an idle worker's values current; stop ends the refreshes."""
+    registry = CollectorRegistry()
+    vitals = WorkerVitals(registry)
+
+    def gauge() -> float | None:  # the gauge as it was last set: reading the registry itself updates nothing
+        return registry.get_sample_value("uembed_worker_anonymous_memory_bytes")
+
+    async def scenario() -> None:
+        vitals.keep_fresh(asyncio.get_running_loop(), every_s=0.01)
+        await wait_until_async(lambda: gauge() is not None, 5, "a first refresh")
+        before = gauge()
+        held = b"x" * (64 * 2**20)  # written, so resident
+        await wait_until_async(lambda: gauge() > before + 48 * 2**20, 5, "a refresh that sees the memory")
+        vitals.stop()
+        del held
+        stopped = gauge()
+        await asyncio.sleep(0.1)
+        assert gauge() == stopped
+
+    asyncio.run(scenario())

@@ -13,6 +13,7 @@ valid score request the service's protocol answers itself (``fast_lane.py``, und
 probes (/healthz, /readyz, /metrics) are ``probes.py``.
 """
 
+import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
@@ -61,6 +62,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         if settings.gc_gen0_threshold:
             gc.set_threshold(settings.gc_gen0_threshold, *threshold[1:])
         engine.metrics.vitals.rebase()  # the start's own collections are not the traffic's
+        engine.metrics.vitals.keep_fresh(asyncio.get_running_loop())  # for the scrapes another worker answers
         try:
             await engine.astart()
             try:
@@ -73,6 +75,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
             await engine.astop()
             forget_this_worker()
         finally:
+            engine.metrics.vitals.stop()
             gc.set_threshold(*threshold)  # as it was: a process that hosts the app (a test, another app) goes on
             gc.unfreeze()
 

@@ -295,4 +295,3 @@ class Batcher:
         """The batches tallied since the last flush, into the metrics (a loop timer, armed by the batch after one)."""
         self._flush_timer = None
         self.tally.flush()
-        self.metrics.vitals.update()  # a worker's own, for the scrapes another worker answers

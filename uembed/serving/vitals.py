@@ -8,18 +8,21 @@ libraries, which are shared and the page cache's: a worker that keeps what it sh
 
 prometheus_client's process and GC collectors cannot serve several workers (its multiprocess mode reads only the
 series the workers write to their files), so each worker sets these itself (its memory one series a live worker,
-a ``pid`` label with several workers): whenever its registry is read, and after its batches' metrics are flushed
-(``Batcher._flush``). An idle worker's values are those of its last read or batch.
+a ``pid`` label with several workers): whenever its registry is read, and every ``REFRESH_S`` on its event loop
+(:meth:`WorkerVitals.keep_fresh`, from the app's lifespan), so a scrape another worker answers sees an idle
+worker's values as current as a busy one's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+REFRESH_S = 5.0
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -49,7 +52,22 @@ class WorkerVitals:
         )  # fmt: skip
         self._generations = [self.collected.labels(str(generation)) for generation in range(len(gc.get_stats()))]
         self._lock = threading.Lock()  # updated from the event loop and from any thread that reads the registry
+        self._timer: asyncio.TimerHandle | None = None
         self.rebase()
+
+    def keep_fresh(self, loop: asyncio.AbstractEventLoop, every_s: float = REFRESH_S) -> None:
+        """Update every ``every_s`` on ``loop`` until :meth:`stop`."""
+        self.stop()
+        self._timer = loop.call_later(every_s, self._refresh, loop, every_s)
+
+    def _refresh(self, loop: asyncio.AbstractEventLoop, every_s: float) -> None:
+        self.update()
+        self._timer = loop.call_later(every_s, self._refresh, loop, every_s)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def rebase(self) -> None:
         """Count the collections from now on (the service's start, loading its bundles, is not its traffic)."""

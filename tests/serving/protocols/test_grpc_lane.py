@@ -3,6 +3,7 @@ service serves two gRPC listeners, one with the lane and one without (every call
 real sockets sends each the same calls, and their outcomes must be the same. The ASGI app behind the lane's listener
 counts the calls it is given, so a test knows which way a call went."""
 
+import gzip
 import socket
 import time
 
@@ -74,6 +75,9 @@ class RawConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+COMPRESSED = b"\1"  # a message's flag byte when it is compressed
 
 
 def framed(message: bytes) -> bytes:
@@ -311,29 +315,74 @@ def test_calls_and_their_connections_leave_no_reference_cycles_in_the_lane_or_th
     service's for it to find once closed, in the lane and the ASGI way. An error kept as the call's outcome holds its
     traceback, whose frames hold the error: a cycle over the call that the service's rare GC passes would keep,
     unless the error-table row drops its tracebacks (``render.table_error``)."""
-    calls = {
-        "scored": (INFER, body_of(movielens_examples[:32])),
-        "unknown model": (INFER, body_of(movielens_examples[:4], model_name="nope")),
-        "a bad tensor": (INFER, service_pb2.ModelInferRequest(model_name=MODEL, inputs=[
+    calls = {  # name: the status it ends with, its path, its message, its headers
+        "scored": (0, INFER, body_of(movielens_examples[:32])),
+        "unknown model": (5, INFER, body_of(movielens_examples[:4], model_name="nope")),
+        "a bad tensor": (3, INFER, service_pb2.ModelInferRequest(model_name=MODEL, inputs=[
             service_pb2.ModelInferRequest.InferInputTensor(name="user_id", datatype="FP32", shape=[1])]).SerializeToString()),
-        "not the method's message": (INFER, b"\xff\xff\xff"),
-        "another method": ("/some.Other/Method", b""),
+        "not the method's message": (3, INFER, b"\xff\xff\xff"),
+        "another method": (12, "/some.Other/Method", b""),
+        # a deadline that passes while the call waits for its batch: the timeout's error and the call's task
+        "the deadline passed": (4, INFER, body_of(movielens_examples[:32]), [(b"grpc-timeout", b"1n")]),
+        "a compressed message": (12, INFER, COMPRESSED + framed(gzip.compress(body_of(movielens_examples[:4])))[1:],
+                                 [(b"grpc-encoding", b"gzip")]),
+        "a message over the limit": (8, INFER, body_of(movielens_examples[:1000]) * 8),
     }  # fmt: skip
 
-    def calls_on_connections(port: int, path: str, body: bytes, connections: int = 4, each: int = 5) -> None:
+    def calls_on_connections(port: int, path: str, body: bytes, headers: list, connections: int = 4, each: int = 5) -> set:
+        statuses = set()
         for _ in range(connections):
             connection = RawConnection(port)
             for _ in range(each):
-                stream = connection.open(path)
-                connection.send(stream, framed(body), end=True)
-                connection.reply(stream)
+                stream = connection.open(path, headers)
+                connection.send(stream, body if body[:1] == COMPRESSED else framed(body), end=True)
+                statuses.add(int(dict(connection.reply(stream)[2])[b"grpc-status"]))
             connection.close()
         time.sleep(0.2)  # the service's thread sees the closes
+        return statuses
 
     for way in ("lane", "asgi"):
         port = getattr(two_ways, way).port
-        for name, (path, body) in calls.items():
-            calls_on_connections(port, path, body, 1, 1)  # one-time work (imports, caches) out of the count
+        for name, (status, path, body, *headers) in calls.items():
+            headers = headers[0] if headers else []
+            # once first: one-time work (imports, caches) out of the count
+            assert calls_on_connections(port, path, body, headers, 1, 1) == {status}, (way, name)
             with collector_off() as found:
-                calls_on_connections(port, path, body)
+                assert calls_on_connections(port, path, body, headers) == {status}, (way, name)
             assert len(found) < 10, (way, name, len(found), described(found))
+
+
+def test_calls_the_client_cancels_leave_no_reference_cycles_in_the_lane_or_the_asgi_way(synthetic_store,
+                                                                                     movielens_examples, body_of):  # fmt: skip
+    """A call reset while it waits for its batch (the batcher skips it) leaves nothing for the cycle collector to find:
+    neither the cancelled task nor its connection."""
+    ways = TwoWays(synthetic_store / MODEL / "1", compute_on_event_loop=False)
+    body = framed(body_of(movielens_examples[:4]))
+
+    def cancel_calls(port: int, calls: int) -> None:
+        for _ in range(calls):
+            connection = RawConnection(port)
+            ways.service.engine.batcher.executor.submit(time.sleep, 0.3)  # as a long batch holds the compute thread
+            running = connection.open(INFER)
+            connection.send(running, body, end=True)
+            time.sleep(0.1)  # its batch waits for the compute thread
+            queued = connection.open(INFER)
+            connection.send(queued, body, end=True)  # queued behind that batch
+            time.sleep(0.1)
+            queued.reset(zttp.H2ErrorCode.CANCEL)  # RST_STREAM while the call waits for its batch
+            connection.flush()
+            assert dict(connection.reply(running)[2])[b"grpc-status"] == b"0"
+            connection.close()
+        time.sleep(0.2)  # the service's thread sees the closes
+
+    try:
+        for way in ("lane", "asgi"):
+            port = getattr(ways, way).port
+            cancel_calls(port, 1)  # one-time work out of the count
+            before = ways.service.metrics().get(CANCELLED, 0)
+            with collector_off() as found:
+                cancel_calls(port, 4)
+            wait_until(lambda: ways.service.metrics().get(CANCELLED, 0) >= before + 4, 10, f"{way}: the cancelled calls skipped")
+            assert len(found) < 10, (way, len(found), described(found))
+    finally:
+        ways.close()

@@ -263,6 +263,25 @@ def test_a_large_body_still_arriving_does_not_stop_the_connection_reading_for_th
         connection.close()
 
 
+@pytest.mark.parametrize("way", ["lane", "asgi"])
+def test_a_call_answered_before_its_message_is_whole_is_reset_with_no_error(two_ways, movielens_examples, body_of, way):
+    """A message past the limit is refused before the client has sent it all: the stream is then reset with NO_ERROR
+    after the reply (RFC 9113, 8.1), so the client may stop sending, in the lane and the ASGI way alike; a call
+    answered after its whole message is not reset, and the connection serves it."""
+    connection = RawConnection(getattr(two_ways, way).port)
+    try:
+        too_large = connection.open(INFER)
+        connection.send(too_large, framed(b"x" * (300 * 1024)))  # past max_body_bytes (256 KiB), the stream left open
+        assert dict(connection.reply(too_large)[2])[b"grpc-status"] == b"8"  # RESOURCE_EXHAUSTED
+        whole = connection.open(INFER)
+        connection.send(whole, framed(body_of(movielens_examples[:4])), end=True)
+        assert dict(connection.reply(whole)[2])[b"grpc-status"] == b"0"
+        assert connection.replies[too_large.stream_id].get("reset") == zttp.H2ErrorCode.NO_ERROR
+        assert "reset" not in connection.replies[whole.stream_id]
+    finally:
+        connection.close()
+
+
 def test_a_call_of_headers_alone_is_refused_at_once(two_ways):
     connection = RawConnection(two_ways.lane.port)
     try:

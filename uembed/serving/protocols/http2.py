@@ -11,6 +11,7 @@ import time
 
 import uvicorn
 from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
+from zttp import H2ErrorCode
 
 from uembed.contract.errors import UembedError
 from uembed.serving.protocols.writes import CoalescedWrites
@@ -107,6 +108,15 @@ class RotatingHttp2(ZttpH2Protocol):
             self.transport.close()
         else:
             self.close_timer = self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
+
+    def on_response_complete(self, stream_id: int) -> None:
+        call = self.cycles.get(stream_id)
+        if call is not None and call.more_body and not self.transport.is_closing():
+            # answered before the client sent its whole message (one past the limit): RST_STREAM with NO_ERROR tells
+            # it to stop sending, nothing failed (RFC 9113, 8.1); uvicorn leaves the stream half open
+            call.stream.reset(H2ErrorCode.NO_ERROR)
+            self.flush()
+        super().on_response_complete(stream_id)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:  # frames after our half-close are of streams it will not serve

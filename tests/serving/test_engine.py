@@ -405,3 +405,30 @@ def test_the_loop_turns_twice_before_every_batch(synthetic_store, movielens_exam
     assert run(main(3)) == ["turn", "turn", 2, "turn", "turn", "turn", 1, "turn"]
     events.clear()
     assert run(main(2, 1)) == ["turn", "turn", 2, "turn", "turn", "turn", 1, "turn"]  # the loop slept between the two rounds
+
+
+def test_a_requests_own_examples_are_freed_once_canonicalised_not_when_its_batch_answers(synthetic_store,
+                                                                                       movielens_examples):  # fmt: skip
+    """A front that decoded the examples from the request's body (``owned``) gets its list emptied as soon as its
+    values are canonical, while the request still waits for its batch; the scores are those of the same examples not
+    owned, which stay as they were."""
+    path = synthetic_store / "movielens" / "1"
+    expected = ReferenceScorer(load_bundle(path)).score(movielens_examples[:8])
+
+    async def main():
+        engine = ScoringEngine(load_settings(compute_on_event_loop=False))
+        engine.registry.load(path)
+        await engine.astart()
+        target = engine.resolve()
+        engine.batcher.executor.submit(time.sleep, 0.5)  # as a long batch holds the compute thread
+        owned, kept = [dict(e) for e in movielens_examples[:8]], [dict(e) for e in movielens_examples[:8]]
+        waiting = [asyncio.ensure_future(engine.score_resolved(target, owned, owned=True)),
+                   asyncio.ensure_future(engine.score_resolved(target, kept))]  # fmt: skip
+        await wait_until_async(lambda: not owned, 5, "the owned examples freed")
+        assert kept == movielens_examples[:8] and not any(task.done() for task in waiting)  # both wait for the batch
+        scores = await asyncio.gather(*waiting)
+        await engine.astop()
+        return scores
+
+    for scores in run(main()):
+        np.testing.assert_allclose(scores, expected, atol=1e-6, rtol=0)

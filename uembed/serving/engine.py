@@ -148,10 +148,11 @@ class ScoringEngine:
         return await asyncio.to_thread(work, *args)
 
     async def score_resolved(self, target: Target, examples, context: dict | None = None,
-                             canonical: CanonicalExamples | None = None) -> np.ndarray:  # fmt: skip
+                             canonical: CanonicalExamples | None = None, owned: bool = False) -> np.ndarray:  # fmt: skip
         """Scores of a request already resolved to ``target``: its examples (rows, or a front's columns) and context.
         ``canonical``: its examples already canonicalised by ``target.runtime`` (a front that decodes straight into
-        columns); else they are canonicalised here."""
+        columns); else they are canonicalised here. ``owned``: the examples list is this request's alone (decoded
+        from its body), emptied once canonicalised unless a shadow version will score a copy of it."""
         if self.batcher.closing or not self.batcher.running:
             self.metrics.rejected.labels("shutting_down").inc()
             raise Overloaded("the service is shutting down")
@@ -159,6 +160,10 @@ class ScoringEngine:
         if canonical is None:
             values = len(examples) * len(runtime.bundle.feature_specs)
             canonical = await self.decoded(values, runtime.canonicalise, examples, context)
+            if owned and type(examples) is list and not target.shadowed:
+                # Freed now, not when the batch answers: the requests waiting for a batch then hold only their
+                # canonical values, and the next request's decoding reuses memory still in the cache.
+                examples.clear()
         for feature, count in canonical.truncated.items():
             self.metrics.truncated.labels(feature).inc(count)
         for feature, count in canonical.missing.items():
@@ -172,8 +177,7 @@ class ScoringEngine:
             raise
         counters.request(time.perf_counter() - entered, failed=False)
         self.metrics.version_seconds.labels(runtime.name, runtime.version, "served").observe(time.perf_counter() - admitted)
-        route = target.route
-        if route is not None and route.shadow is not None and route.shadow != runtime.version:
+        if target.shadowed:
             self._offer_shadow(target, examples, context, scores)
         return scores
 

@@ -215,9 +215,10 @@ class HeadDeadlineProtocol(AutoHTTPProtocol):
 
     def _lane_body_whole(self) -> None:
         cycle, app, started = self._lane_stop_waiting()
-        request = self.lane.decode(bytes(cycle.body))
+        request = self.lane.decode(cycle.body)
         if request is None:
             return super()._start_asgi_task(cycle, app)  # the route's answer, from the body already read
+        cycle.body = bytearray()  # decoded: not kept while the request waits for its batch
         self.lane_started = False
         self.lane_task = task = self.loop.create_task(self._lane_answer(cycle, request, started))
         task.add_done_callback(self.tasks.discard)

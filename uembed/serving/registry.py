@@ -55,6 +55,12 @@ class Target:
     route: Route | None = None
     key: object = None  # the request's routing key (its sticky feature's value), where its model has a rule
 
+    @property
+    def shadowed(self) -> bool:
+        """Whether a shadow version may score a copy of the request (its model's rule names another version)."""
+        route = self.route
+        return route is not None and route.shadow is not None and route.shadow != self.runtime.version
+
 
 class ModelRegistry:
     BACKGROUND_ROW_CHECKS_BYTES = 64 * 2**20  # row files under this, in all, are checked before serving anyway

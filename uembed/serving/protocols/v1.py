@@ -278,7 +278,7 @@ async def scored_body(engine: ScoringEngine, request: Request | None, examples: 
     if candidates is not None:  # a ranking request: the candidates scored as examples, with their context
         examples, context = candidates, context or {}
     target = engine.resolve(model, version, routing_key, examples, context)
-    work = engine.score_resolved(target, examples, context)
+    work = engine.score_resolved(target, examples, context, owned=True)  # decoded from this request's body
     scores = await (work if request is None else unless_abandoned(request, work))
     if scores is None:
         return None

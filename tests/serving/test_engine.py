@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import threading
 import time
 
 import numpy as np
@@ -420,12 +421,14 @@ def test_a_requests_own_examples_are_freed_once_canonicalised_not_when_its_batch
         engine.registry.load(path)
         await engine.astart()
         target = engine.resolve()
-        engine.batcher.executor.submit(time.sleep, 0.5)  # as a long batch holds the compute thread
+        held = threading.Event()
+        engine.batcher.executor.submit(held.wait, 30)  # as a long batch holds the compute thread
         owned, kept = [dict(e) for e in movielens_examples[:8]], [dict(e) for e in movielens_examples[:8]]
         waiting = [asyncio.ensure_future(engine.score_resolved(target, owned, owned=True)),
                    asyncio.ensure_future(engine.score_resolved(target, kept))]  # fmt: skip
         await wait_until_async(lambda: not owned, 5, "the owned examples freed")
         assert kept == movielens_examples[:8] and not any(task.done() for task in waiting)  # both wait for the batch
+        held.set()
         scores = await asyncio.gather(*waiting)
         await engine.astop()
         return scores

@@ -248,7 +248,7 @@ def test_an_idle_workers_vitals_refresh_on_their_own_timer():
 
     async def scenario() -> None:
         vitals.keep_fresh(asyncio.get_running_loop(), every_s=0.01)
-        await wait_until_async(lambda: gauge() is not None, 5, "a first refresh")
+        await wait_until_async(lambda: gauge() > 0, 5, "a first refresh")  # unset, a gauge reads 0
         before = gauge()
         held = b"x" * (64 * 2**20)  # written, so resident
         await wait_until_async(lambda: gauge() > before + 48 * 2**20, 5, "a refresh that sees the memory")

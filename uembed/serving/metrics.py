@@ -148,7 +148,7 @@ class ServiceMetrics:
         self.before_collect: list[Callable[[], None]] = []
         self.flush_first = FlushFirst(self.before_collect)
         r.register(self.flush_first)
-        self.vitals = WorkerVitals(r)  # set at each read (first of before_collect) and batch flush
+        self.vitals = WorkerVitals(r)  # set at each read (first of before_collect) and on its own timer
         self.before_collect.append(self.vitals.update)
         self.request_seconds = Histogram(
             "uembed_request_duration_seconds", "HTTP request latency, end to end in the service.",

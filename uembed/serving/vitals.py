@@ -61,8 +61,8 @@ class WorkerVitals:
         self._timer = loop.call_later(every_s, self._refresh, loop, every_s)
 
     def _refresh(self, loop: asyncio.AbstractEventLoop, every_s: float) -> None:
+        self._timer = loop.call_later(every_s, self._refresh, loop, every_s)  # first: a failed update stops nothing
         self.update()
-        self._timer = loop.call_later(every_s, self._refresh, loop, every_s)
 
     def stop(self) -> None:
         if self._timer is not None:

@@ -69,6 +69,7 @@ class RawConnection:
                     reply["trailers"] = event.trailers
                 elif isinstance(event, zttp.RstStream):
                     reply["reset"] = event.error_code
+                    reply["resets"] = reply.get("resets", 0) + 1  # a stream is reset once at most (RFC 9113, 5.1)
             self.flush()
         reply = self.replies[stream.stream_id]
         return reply["headers"], reply["body"], reply["trailers"]
@@ -277,6 +278,7 @@ def test_a_call_answered_before_its_message_is_whole_is_reset_with_no_error(two_
         connection.send(whole, framed(body_of(movielens_examples[:4])), end=True)
         assert dict(connection.reply(whole)[2])[b"grpc-status"] == b"0"
         assert connection.replies[too_large.stream_id].get("reset") == zttp.H2ErrorCode.NO_ERROR
+        assert connection.replies[too_large.stream_id]["resets"] == 1
         assert "reset" not in connection.replies[whole.stream_id]
     finally:
         connection.close()
@@ -387,7 +389,7 @@ def test_calls_the_client_cancels_leave_no_reference_cycles_in_the_lane_or_the_a
             time.sleep(0.1)  # its batch waits for the compute thread
             queued = connection.open(INFER)
             connection.send(queued, body, end=True)  # queued behind that batch
-            time.sleep(0.1)
+            wait_until(lambda: ways.service.engine.batcher.queue, 5, "the call queued")
             queued.reset(zttp.H2ErrorCode.CANCEL)  # RST_STREAM while the call waits for its batch
             connection.flush()
             assert dict(connection.reply(running)[2])[b"grpc-status"] == b"0"

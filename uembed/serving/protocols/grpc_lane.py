@@ -23,8 +23,6 @@ import asyncio
 import logging
 import time
 
-from zttp import H2ErrorCode
-
 from uembed.contract.errors import RequestTimeout
 from uembed.serving.protocols.grpc_wire import (
     SHUTTING_DOWN,
@@ -41,7 +39,6 @@ from uembed.serving.protocols.grpc_wire import (
 log = logging.getLogger("uembed.oip.grpc")
 
 REPLY_HEADERS = [(b"content-type", b"application/grpc")]
-NO_ERROR = H2ErrorCode.NO_ERROR  # RST_STREAM after a complete reply: stop sending, nothing failed (RFC 9113, 8.1)
 
 
 class LaneCall:
@@ -92,8 +89,8 @@ class LaneCall:
         if message:
             self.stream.send_data(message)
         self.stream.end_message(outcome_trailers(error))
-        if self.more_body:  # answered before the client finished sending (a message past the limit): it may stop
-            self.stream.reset(NO_ERROR)
+        # answered before the client finished sending (a message past the limit): the protocol resets the stream
+        # with NO_ERROR once the call completes (``http2.RotatingHttp2.on_response_complete``), as for the ASGI way
         protocol.transport.write(protocol.conn.data_to_send())
         self.response_complete = True
 

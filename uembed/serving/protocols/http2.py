@@ -110,10 +110,12 @@ class RotatingHttp2(ZttpH2Protocol):
             self.close_timer = self.loop.call_later(CLOSE_WAIT_S, self.transport.close)
 
     def on_response_complete(self, stream_id: int) -> None:
-        call = self.cycles.get(stream_id)
-        if call is not None and call.more_body and not self.transport.is_closing():
-            # answered before the client sent its whole message (one past the limit): RST_STREAM with NO_ERROR tells
-            # it to stop sending, nothing failed (RFC 9113, 8.1); uvicorn leaves the stream half open
+        call = self.cycles.get(stream_id)  # uvicorn's cycle, or the lane's call
+        if (call is not None and call.response_complete and call.more_body and not call.disconnected
+                and not call.stream.pending_bytes and not self.transport.is_closing()):  # fmt: skip
+            # Answered before the client sent its whole message (one past the limit): RST_STREAM with NO_ERROR tells
+            # it to stop sending, nothing failed (RFC 9113, 8.1); uvicorn leaves the stream half open. Not while
+            # flow control holds part of the reply back (a reset would drop it), nor on a stream already reset.
             call.stream.reset(H2ErrorCode.NO_ERROR)
             self.flush()
         super().on_response_complete(stream_id)

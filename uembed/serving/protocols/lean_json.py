@@ -122,7 +122,7 @@ class LeanScoreRoute:
         request = self.body.decode(body)
         if request is None:
             return await self.app(scope, replayed(body, receive), send)
-        del body, chunks  # decoded: not kept while the request waits for its batch
+        del body, chunks, message  # decoded: not kept while the request waits for its batch
         scope["route"] = self.route
         try:
             response = await self.score(Request(scope, receive), request.examples, request.context, request.candidates,

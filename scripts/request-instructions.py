@@ -16,7 +16,10 @@ and gRPC over v1 (lower is cheaper: ``grpc_over_v1`` 0.9 means a gRPC call costs
 than a v1 request); each also without the event loop's timer callbacks, work the clock drives (the metrics flush),
 which runs far more often a call under valgrind's slowdown than in a real run. Counts are not time: a change that trades instructions for cache misses or system calls (the
 kernel's work is not counted) shows here only in part; the side-by-side timings (``scripts/ab-service.py``) say the
-rest. Needs valgrind (Debian's ``valgrind``); a tree takes a few minutes. Run it alone.
+rest. With ``--cache-sim`` callgrind also simulates the caches (its own model, not this machine's) and each front
+reports the data reads that miss the first level and the last level a call: where a change moves cache misses
+rather than instructions, this shows it without the machine's noise (and runs slower). Needs valgrind (Debian's
+``valgrind``); a tree takes a few minutes. Run it alone.
 """
 
 from __future__ import annotations
@@ -51,16 +54,19 @@ def callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=120)
 
 
-def counted(dumps: Path, pid: int, before: set[Path]) -> tuple[int, int]:
-    """The instructions of the dump callgrind wrote last (its ``totals:`` line), and of them those in the event
+def counted(dumps: Path, pid: int, before: set[Path]) -> tuple[dict[str, int], int]:
+    """The events of the dump callgrind wrote last (its ``totals:`` line by its ``events:`` names: ``Ir`` the
+    instructions, with ``--cache-sim`` also ``D1mr``, ``DLmr``...), and of the instructions those in the event
     loop's timer callbacks (:func:`timer_instructions`)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         new = [path for path in dumps.glob(f"callgrind.{pid}.*") if path not in before and path.stat().st_size]
         for path in new:
-            found = re.search(r"^totals:\s+(\d+)", path.read_text(errors="replace"), re.MULTILINE)
-            if found:
-                return int(found.group(1)), timer_instructions(path)
+            text = path.read_text(errors="replace")
+            names = re.search(r"^events:\s+(.+)$", text, re.MULTILINE)
+            totals = re.search(r"^totals:\s+(.+)$", text, re.MULTILINE)
+            if names and totals:
+                return dict(zip(names.group(1).split(), map(int, totals.group(1).split()))), timer_instructions(path)
         time.sleep(0.5)
     raise RuntimeError(f"no callgrind dump of worker {pid} in {dumps}")
 
@@ -109,7 +115,8 @@ def batches(server: UvicornProcess) -> float:
     return sum(value for name, value in server.metrics().items() if name.startswith("uembed_batch_examples_count"))
 
 
-def measure(tree: Path, fronts: list[str], calls: int, in_flight: int, bundle: Path, work: Path) -> dict[str, dict]:
+def measure(tree: Path, fronts: list[str], calls: int, in_flight: int, bundle: Path, work: Path,
+            cache_sim: list[str] | None = None) -> dict[str, dict]:  # fmt: skip
     """Instructions a call of each front, and calls a batch, in one worker of ``tree`` under callgrind."""
     import grpc
 
@@ -129,7 +136,7 @@ def measure(tree: Path, fronts: list[str], calls: int, in_flight: int, bundle: P
     dumps.mkdir()
     # uvicorn execs no worker process for --workers 1: the valgrind'd process is the worker
     server.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dumps}/callgrind.%p",
-                   *server.argv]  # fmt: skip
+                   *(cache_sim or []), *server.argv]  # fmt: skip
     server.start(timeout_s=900)
     pid = server.process.pid
     results = {}
@@ -155,11 +162,15 @@ def measure(tree: Path, fronts: list[str], calls: int, in_flight: int, bundle: P
                     list(clients.map(send[front], range(calls)))  # at most in_flight calls at once
                     before = set(dumps.glob("callgrind.*"))
                     callgrind_control("--dump", str(pid))
-                    instructions, in_timers = counted(dumps, pid, before)
+                    events, in_timers = counted(dumps, pid, before)
+                    instructions = events["Ir"]
                     results[front] = {"instructions_per_call": round(instructions / calls),
                                       "of_them_in_timer_callbacks": round(in_timers / calls),
                                       "without_timer_callbacks": round((instructions - in_timers) / calls),
                                       "calls_per_batch": round(calls / max(batches(server) - batched, 1), 2)}  # fmt: skip
+                    if cache_sim:  # data reads that miss the first level, and the last level, a call
+                        results[front] |= {"d1_read_misses_per_call": round(events["D1mr"] / calls),
+                                           "ll_read_misses_per_call": round(events["DLmr"] / calls)}  # fmt: skip
                     print(json.dumps({"tree": str(tree), "front": front, **results[front]}), flush=True)
     finally:
         server.stop(timeout_s=300)
@@ -176,6 +187,11 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "movielens100k" / "1",
                         help="the demo bundle (`uembed demo-bundle` makes it)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the results here (JSON)")
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="also count the data reads that miss callgrind's simulated caches, a call")
+    parser.add_argument("--last-level-bytes", type=int, metavar="BYTES",
+                        help="with --cache-sim: the simulated last level's size (8-way, 64-byte lines), e.g. 1048576 for "
+                             "a core's own L2 (callgrind models two levels; by default its last is this machine's)")  # fmt: skip
     parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
                         help="keep callgrind's dumps here, one folder per tree (callgrind_annotate --inclusive=yes FILE "
                              "says which functions the instructions went to)")  # fmt: skip
@@ -185,14 +201,18 @@ def main() -> int:
             parser.error(f"{tool} is not installed (apt-get install valgrind)")
     if not (args.bundle / "manifest.json").exists():
         parser.error(f"no bundle at {args.bundle}: run `uembed demo-bundle` first")
+    cache_sim = None
+    if args.cache_sim:
+        cache_sim = ["--cache-sim=yes", *([f"--LL={args.last_level_bytes},8,64"] if args.last_level_bytes else [])]
     per_tree = {}
     with tempfile.TemporaryDirectory() as work:
         for tree in args.trees:
-            measured = measure(tree.resolve(), args.fronts, args.calls, args.in_flight, args.bundle.resolve(), Path(work))
+            measured = measure(tree.resolve(), args.fronts, args.calls, args.in_flight, args.bundle.resolve(), Path(work),
+                               cache_sim)  # fmt: skip
             per_tree[str(tree)] = measured
             if args.keep_dumps:
                 shutil.copytree(Path(work) / tree.resolve().name, args.keep_dumps / tree.resolve().name, dirs_exist_ok=True)
-    summary = {"calls": args.calls, "in_flight": args.in_flight, "per_tree": per_tree}
+    summary = {"calls": args.calls, "in_flight": args.in_flight, "cache_sim": cache_sim, "per_tree": per_tree}
     # the ratios of all a call's instructions, and of those outside the timer callbacks (the clock's work, which
     # valgrind's slowdown inflates: timer_instructions)
     for key, suffix in (("instructions_per_call", ""), ("without_timer_callbacks", "_without_timer_callbacks")):
@@ -202,6 +222,11 @@ def main() -> int:
                                                for tree, n in counts.items()}  # fmt: skip
         summary[f"grpc_over_v1{suffix}"] = {tree: round(n["grpc"] / n["v1"], 3) for tree, n in counts.items()
                                             if {"grpc", "v1"} <= n.keys()}  # fmt: skip
+    if args.cache_sim:
+        for key in ("d1_read_misses_per_call", "ll_read_misses_per_call"):
+            first = per_tree[str(args.trees[0])]
+            summary[f"over_first_tree_{key}"] = {tree: {front: round(f[key] / max(first[front][key], 1), 3) for front, f in fronts.items()}
+                                                 for tree, fronts in per_tree.items()}  # fmt: skip
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1) + "\n")

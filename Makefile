@@ -15,7 +15,7 @@ build-deps:
 	@[ -f /usr/include/xxhash.h ] && command -v gcc >/dev/null || { \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BUILD_PACKAGES); }
 
-$(STAMP): pyproject.toml uembed/contract/_fasthash.pyx uembed/model/_rows.pyx uembed/serving/pipeline/_pool.pyx uembed/bundle/_ranges.pyx uembed/bundle/_ranges_kernel.h uembed/serving/protocols/_infer_wire.pyx | build-deps
+$(STAMP): pyproject.toml uembed/contract/_fasthash.pyx uembed/model/_rows.pyx uembed/serving/pipeline/_pool.pyx uembed/bundle/_ranges.pyx uembed/bundle/_ranges_kernel.h uembed/serving/protocols/_infer_wire.pyx uembed/serving/protocols/_score_json.pyx | build-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[train,dev]'
@@ -81,5 +81,5 @@ compose-down: $(STAMP)
 # Also Cython's output beside the .pyx sources (the editable install's build), so the next install compiles afresh.
 clean:
 	rm -rf $(VENV) runs .pytest_cache .stack loadtest-results build
-	rm -f uembed/contract/_fasthash.c uembed/model/_rows.c uembed/serving/pipeline/_pool.c uembed/bundle/_ranges.c uembed/serving/protocols/_infer_wire.c
+	rm -f uembed/contract/_fasthash.c uembed/model/_rows.c uembed/serving/pipeline/_pool.c uembed/bundle/_ranges.c uembed/serving/protocols/_infer_wire.c uembed/serving/protocols/_score_json.c
 	find uembed -name '*.so' -delete

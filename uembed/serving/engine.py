@@ -39,7 +39,7 @@ from uembed.serving.desired import (
     routed,
 )
 from uembed.serving.metrics import ServiceMetrics
-from uembed.serving.pipeline.canonical import CanonicalExamples
+from uembed.serving.pipeline.canonical import CanonicalExamples, ExampleColumns
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.registry import ModelRegistry, Target
 from uembed.serving.routing import Route, ShadowCopy
@@ -160,10 +160,13 @@ class ScoringEngine:
         if canonical is None:
             values = len(examples) * len(runtime.bundle.feature_specs)
             canonical = await self.decoded(values, runtime.canonicalise, examples, context)
-            if owned and type(examples) is list and not target.shadowed:
+            if owned and not target.shadowed:
                 # Freed now, not when the batch answers: the requests waiting for a batch then hold only their
                 # canonical values, and the next request's decoding reuses memory still in the cache.
-                examples.clear()
+                if type(examples) is list:
+                    examples.clear()
+                elif type(examples) is ExampleColumns and type(examples.columns) is dict:
+                    examples.columns.clear()
         for feature, count in canonical.truncated.items():
             self.metrics.truncated.labels(feature).inc(count)
         for feature, count in canonical.missing.items():

@@ -7,7 +7,9 @@ middlewares) costs more than canonicalising its values (the profile is in docs/B
 sits inside the limits and metrics middleware and answers the requests the route would accept, the same way:
 
 - the body is read (the limits above still refuse one too large or too slow) and decoded by a msgspec type built
-  from the same limits as the pydantic model (examples per request, feature-name length, no unknown fields);
+  from the same limits as the pydantic model (examples per request, feature-name length, no unknown fields); the
+  usual form (examples of the same features, plain values) is read by a compiled reader straight into one list of
+  values per feature instead (``_score_json.pyx``: the same values msgspec's dicts would hold, without the dicts);
 - a body that msgspec refuses, or that breaks the one-form rule, is replayed to the FastAPI route unchanged, so
   every error a client sees comes from the one validating path, message for message;
 - a body it accepts is scored by the route's own scoring function (``score``), so both paths render the same
@@ -21,15 +23,25 @@ route's (``uembed/serving/protocols/render.py``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from uembed.serving.pipeline.canonical import ExampleColumns
 from uembed.serving.protocols.render import MAX_ROUTING_KEY_CHARS, form_problem, table_error, v1_error
 from uembed.serving.registry import MAX_NAME_CHARS
+
+try:  # built by the install (make install); msgspec's decoding alone without it
+    from uembed.serving.protocols import _score_json
+except ImportError:
+    _score_json = None
+if os.environ.get("UEMBED_PURE_PYTHON", "") not in ("", "0"):
+    _score_json = None
 
 SCORE_PATH = "/v1/score"
 
@@ -79,13 +91,33 @@ def replayed(body: bytes, receive):
     return receive_again
 
 
+@dataclass(slots=True)
+class ColumnsBody:
+    """A score body read by the compiled reader: its examples as one list of values per feature."""
+
+    examples: ExampleColumns
+    model: str | None
+    version: str | None
+    routing_key: str | None
+    context: None = None
+    candidates: None = None
+
+
 class LeanBody:
-    """A score body decoded by msgspec, as the lean path takes it: the request, or None where the route must answer."""
+    """A score body decoded as the lean path takes it: the request, or None where the route must answer. The compiled
+    reader (``_score_json.pyx``) reads the usual form straight into columns; msgspec decodes the rest, a dict an
+    example."""
 
     def __init__(self, max_examples: int) -> None:
+        self.max_examples = max_examples
         self.decoder = msgspec.json.Decoder(score_body_type(max_examples))
 
     def decode(self, body: bytes):
+        if _score_json is not None:
+            read = _score_json.score_columns(body, self.max_examples, MAX_NAME_CHARS, MAX_ROUTING_KEY_CHARS)
+            if read is not None:
+                columns, count, model, version, routing_key = read
+                return ColumnsBody(ExampleColumns(columns, count), model, version, routing_key)
         try:
             request = self.decoder.decode(body)
         # ValidationError is a DecodeError; bad UTF-8 a ValueError; a body nested too deep a RecursionError (the

@@ -1,0 +1,182 @@
+"""A /v1/score body read by the compiled reader (``_score_json.pyx``) straight into columns, against msgspec's decoding
+of the same bytes (``lean_json.LeanBody`` without the reader): from any body the reader takes, the same values,
+types included, in the same examples, and the same model, version and routing key; any other body left to msgspec.
+Random bodies, random layouts of their JSON and random damage to them cover what a client may send; the service
+answers the same with the reader and without it, scores and errors alike."""
+
+import json
+import random
+
+import pytest
+
+from tests.serving.inprocess import InProcessService
+from uembed.loadtest.load import movielens_requests
+from uembed.serving.pipeline.canonical import ExampleColumns
+from uembed.serving.protocols import lean_json
+from uembed.serving.protocols.lean_json import ColumnsBody, LeanBody
+from uembed.serving.protocols.render import MAX_ROUTING_KEY_CHARS
+from uembed.serving.registry import MAX_NAME_CHARS
+
+COMPILED = lean_json._score_json
+pytestmark = pytest.mark.skipif(COMPILED is None, reason="the compiled reader (_score_json.pyx) is not built (make install)")
+MAX_EXAMPLES = 8
+NAMES = ["user_id", "movie_id", "genres", "age", "ü", "x" * 128, "x" * 129, "", "a\\u0062", "examples"]
+TEXTS = ["", "196", "Comedy", "ünïcödé", "名前", "🙂", "tab\there", "quote\"d", "back\\slash", "x" * 300, "\ud800", "null"]
+NUMBERS = [0, -0.0, 1, -1, 7, 10**17, 10**18 - 1, 10**18, -(10**18) + 1, 2**63, 2**64, 1.5, 1e300, float("inf")]
+
+
+def read(body: bytes):
+    """The compiled reader's request, or None where it leaves the body to msgspec."""
+    found = COMPILED.score_columns(body, MAX_EXAMPLES, MAX_NAME_CHARS, MAX_ROUTING_KEY_CHARS)
+    if found is None:
+        return None
+    columns, count, model, version, routing_key = found
+    return ColumnsBody(ExampleColumns(columns, count), model, version, routing_key)
+
+
+def decoded(body: bytes, monkeypatch):
+    """msgspec's request (the lean path's without the reader), or None where the route answers."""
+    monkeypatch.setattr(lean_json, "_score_json", None)
+    try:
+        return LeanBody(MAX_EXAMPLES).decode(body)
+    finally:
+        monkeypatch.setattr(lean_json, "_score_json", COMPILED)
+
+
+def typed(value):
+    """A value with its type spelled out: 1 and 1.0 and True differ, as they canonicalise differently."""
+    if isinstance(value, list):
+        return ("list", [typed(item) for item in value])
+    return (type(value).__name__, value)
+
+
+def agree(body: bytes, monkeypatch) -> bool:
+    """Checks the reader against msgspec on ``body``; whether the reader took it."""
+    columns = read(body)
+    if columns is None:
+        return False
+    rows = decoded(body, monkeypatch)
+    assert rows is not None, f"the reader took a body the route refuses: {body[:200]!r}"
+    assert rows.context is None and rows.candidates is None
+    assert (columns.model, columns.version, columns.routing_key) == (rows.model, rows.version, rows.routing_key)
+    examples = columns.examples
+    assert len(examples) == len(rows.examples)
+    for index, example in enumerate(rows.examples):  # every example names the same features, each its own value
+        assert {name: typed(value) for name, value in examples[index].items()} == {name: typed(value) for name, value in example.items()}
+    return True
+
+
+def random_value(rng: random.Random):
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.choice(TEXTS)
+    if kind == 1:
+        return rng.choice(NUMBERS)
+    if kind == 2:
+        return rng.choice([None, True, False])
+    if kind == 3:
+        return [rng.choice(TEXTS + [1, None]) if rng.random() < 0.2 else rng.choice(TEXTS[:6]) for _ in range(rng.randrange(4))]
+    if kind == 4:
+        return {"nested": rng.choice(TEXTS)}
+    return rng.randrange(-1000, 1000)
+
+
+def random_body(rng: random.Random) -> bytes:
+    """A score body, usually of the form the reader takes, with a random layout of its JSON."""
+    names = rng.sample(NAMES[:4] if rng.random() < 0.7 else NAMES, rng.randrange(0, 5))
+    examples = []
+    for _ in range(rng.choice([0, 1, 2, 5, MAX_EXAMPLES, MAX_EXAMPLES + 1])):
+        own = names if rng.random() < 0.9 else rng.sample(NAMES, rng.randrange(0, 4))
+        example = {name: random_value(rng) if rng.random() < 0.15 else rng.choice(TEXTS[:3] + [7, None, ["Comedy"]]) for name in own}
+        examples.append(dict(rng.sample(list(example.items()), len(example))))  # the features in any order
+    members = {"examples": examples}
+    for member in ("model", "version", "routing_key", "context", "candidates", "other"):
+        if rng.random() < 0.15:
+            members[member] = rng.choice([None, "movielens", "1", "", "ü", "x" * 129, "x" * 257, 3, {"user_id": 1}, [GOOD]])
+    members = dict(rng.sample(list(members.items()), len(members)))
+    layout = rng.choice([{}, {"separators": (",", ":")}, {"indent": 2}, {"indent": "\t", "separators": (" ,", " : ")}])
+    text = json.dumps(members, ensure_ascii=rng.random() < 0.5, allow_nan=True, **layout)
+    if rng.random() < 0.2:
+        text = rng.choice([" ", "\n", "\r\n\t"]) + text + rng.choice(["", " ", "\n", " x", ",", "}"])
+    return text.encode("utf-8", "surrogatepass")
+
+
+GOOD = {"user_id": "196", "movie_id": 242, "genres": ["Comedy", "Drama"]}
+
+
+def test_the_usual_bodies_are_read_into_columns(monkeypatch):
+    for examples in movielens_requests(MAX_EXAMPLES, 50):
+        assert agree(json.dumps({"examples": examples}).encode(), monkeypatch)
+    body = {"examples": [GOOD, {**GOOD, "user_id": None, "genres": []}], "model": "movielens", "version": None,
+            "routing_key": "k" * MAX_ROUTING_KEY_CHARS}  # fmt: skip
+    assert agree(json.dumps(body, indent=1).encode(), monkeypatch)
+    assert agree(json.dumps({"examples": [{"city": "São Paulo 🙂", "n": -0}]}, ensure_ascii=False).encode(), monkeypatch)
+    assert agree(b'{"examples": [{}, {}]}', monkeypatch)  # examples that name nothing: every feature missing
+
+
+@pytest.mark.parametrize("body", [
+    b'{"examples": [{"a": 1.5}]}', b'{"examples": [{"a": 1e3}]}', b'{"examples": [{"a": true}]}',
+    b'{"examples": [{"a": "x\\u0062"}]}', b'{"examples": [{"a\\u0062": 1}]}', b'{"examples": [{"a": "tab\tinside"}]}',
+    b'{"examples": [{"a": 1}, {"b": 1}]}', b'{"examples": [{"a": 1, "b": 2}, {"a": 1}]}', b'{"examples": [{"a": 1, "a": 2}]}',
+    b'{"examples": [{"a": 1234567890123456789}]}', b'{"examples": [{"a": 01}]}', b'{"examples": [{"a": -}]}',
+    b'{"examples": [{"a": [1]}]}', b'{"examples": [{"a": [null]}]}', b'{"examples": [{"a": {"b": 1}}]}',
+    b'{"examples": []}', b'{"examples": [{"a": 1}], "examples": [{"a": 1}]}', b'{"examples": [{"a": 1}]} x',
+    b'{"context": {"a": 1}, "candidates": [{"b": 1}]}', b'{"examples": [{"a": 1}], "other": 1}', b'{}',
+    b'{"examples": [{"a": 1}], "model": "\xc3\xbc"}', b'{"examples": [{"a": 1}], "model": 3}',
+    b'{"examples": [{"a": "\xff"}]}', b'{"examples": [{"a": "\xed\xa0\x80"}]}', b'[{"a": 1}]', b'',
+    ('{"examples": [{"%s": 1}]}' % ("f" * (MAX_NAME_CHARS + 1))).encode(),
+    ('{"examples": [%s]}' % ", ".join(['{"a": 1}'] * (MAX_EXAMPLES + 1))).encode(),
+])  # fmt: skip
+def test_what_the_reader_leaves_to_msgspec(body, monkeypatch):
+    assert read(body) is None
+
+
+def test_random_bodies_are_read_as_msgspec_decodes_them(monkeypatch):
+    rng = random.Random(39)
+    taken = sum(agree(random_body(rng), monkeypatch) for _ in range(4000))
+    assert 300 < taken < 3700  # both ways were exercised
+
+
+def test_damaged_bodies_are_read_as_msgspec_decodes_them(monkeypatch):
+    rng = random.Random(40)
+    bodies = [json.dumps({"examples": examples, "model": "movielens"}).encode() for examples in movielens_requests(2, 20)]
+    taken = 0
+    for _ in range(6000):
+        body = bytearray(rng.choice(bodies))
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            at = rng.randrange(len(body))
+            damage = rng.randrange(3)
+            if damage == 0:
+                body[at] = rng.choice(b'"{}[],:\\ -.0123456789eEnultrfa\x00\x1f\x7f\x80\xc3\xff')
+            elif damage == 1:
+                body.insert(at, rng.choice(b' "{}[],:\\-0e'))
+            else:
+                del body[at]
+        taken += agree(bytes(body), monkeypatch)
+    assert taken > 100  # some damage leaves valid JSON of the usual form (a digit changed, a space added)
+
+
+@pytest.fixture(scope="module")
+def service(synthetic_store):
+    service = InProcessService(bundles=[synthetic_store / "movielens" / "1"], max_examples=MAX_EXAMPLES, max_value_chars=64)
+    yield service
+    service.close()
+
+
+@pytest.mark.parametrize("examples", [
+    [GOOD, {**GOOD, "movie_id": "302", "genres": []}],
+    [{**GOOD, "age": 30, "gender": None}] * 3,
+    [{**GOOD, "user_id": "u" * 65}],  # a value past max_value_chars: a 422 naming examples[0].user_id
+    [GOOD, {**GOOD, "genres": "Comedy"}],  # not a list
+    [{**GOOD, "movie_id": ["1"]}],  # a list for a one-value feature
+    [{**GOOD, "nope": 1}],  # an unknown feature
+])  # fmt: skip
+def test_the_service_answers_the_same_with_the_reader_and_without_it(service, examples, monkeypatch):
+    body = json.dumps({"examples": examples}).encode()
+    assert read(body) is not None
+    answers = []
+    for reader in (COMPILED, None):
+        monkeypatch.setattr(lean_json, "_score_json", reader)
+        response = service.post("/v1/score", content=body, headers={"content-type": "application/json"})
+        answers.append((response.status_code, response.json()))
+    assert answers[0] == answers[1]

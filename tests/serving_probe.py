@@ -39,7 +39,7 @@ import onnxruntime  # noqa: E402  (already loaded by the service; imported here 
 
 from uembed.contract.hashing import hashing_backend  # noqa: E402
 from uembed.serving.pipeline import stages  # noqa: E402
-from uembed.serving.protocols import infer_wire  # noqa: E402
+from uembed.serving.protocols import infer_wire, lean_json  # noqa: E402
 
 with open(sys.argv[2], "w") as out:
     json.dump({
@@ -48,6 +48,7 @@ with open(sys.argv[2], "w") as out:
                         "providers": onnxruntime.get_available_providers()},
         "service_file": sys.modules["uembed.serving.app"].__file__,
         "hashing": hashing_backend(),
-        "compiled": {"assemble": stages._pool is not None, "infer_wire": infer_wire._infer_wire is not None},
+        "compiled": {"assemble": stages._pool is not None, "infer_wire": infer_wire._infer_wire is not None,
+                     "score_json": lean_json._score_json is not None},
         "torch_modules": sorted(name for name in sys.modules if name.split(".")[0] == "torch"),
     }, out)

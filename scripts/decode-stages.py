@@ -75,7 +75,7 @@ def main() -> None:
         "grpc: tensors to canonical columns": per_request_us(columns, read),
         "grpc: the whole way (compiled reader)": per_request_us(lambda m: columns(infer_wire.InferRequestReader.FromString(m).inputs), calls),
         "grpc: the whole way (protobuf)": per_request_us(lambda m: columns(protobuf_read(m)), calls),
-        "v1: msgspec's decode": per_request_us(lean.decode, bodies),
+        "v1: the lean path's decode (the compiled reader where built, else msgspec)": per_request_us(lean.decode, bodies),
         "v1: the whole way": per_request_us(v1_canonical, bodies),
     }
     for name, value in stages.items():

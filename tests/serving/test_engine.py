@@ -13,6 +13,7 @@ from uembed.bundle.loader import load_bundle
 from uembed.contract.errors import DeadlineExceeded, Internal, NotReady, Overloaded
 from uembed.serving import batcher
 from uembed.serving.engine import ScoringEngine
+from uembed.serving.pipeline.canonical import ExampleColumns
 from uembed.serving.pipeline.cpu import ModelRuntime
 from uembed.serving.pipeline.reference import ReferenceScorer
 from uembed.serving.protocols.v1 import describe_models
@@ -408,11 +409,21 @@ def test_the_loop_turns_twice_before_every_batch(synthetic_store, movielens_exam
     assert run(main(2, 1)) == ["turn", "turn", 2, "turn", "turn", "turn", 1, "turn"]  # the loop slept between the two rounds
 
 
+def as_columns(examples: list[dict]) -> ExampleColumns:
+    """Examples naming the same features as a front's columns (the /v1 reader's form)."""
+    return ExampleColumns({name: [e[name] for e in examples] for name in examples[0]}, len(examples))
+
+
+def emptied(examples) -> bool:
+    return not examples if type(examples) is list else not any(examples.columns.values())
+
+
+@pytest.mark.parametrize("form", [list, as_columns], ids=["rows", "columns"])
 def test_a_requests_own_examples_are_freed_once_canonicalised_not_when_its_batch_answers(synthetic_store,
-                                                                                       movielens_examples):  # fmt: skip
-    """A front that decoded the examples from the request's body (``owned``) gets its list emptied as soon as its
-    values are canonical, while the request still waits for its batch; the scores are those of the same examples not
-    owned, which stay as they were."""
+                                                                                       movielens_examples, form):  # fmt: skip
+    """A front that decoded the examples from the request's body (``owned``) gets its list (or each column's list)
+    emptied as soon as its values are canonical, while the request still waits for its batch; the scores are those
+    of the same examples not owned, which stay as they were."""
     path = synthetic_store / "movielens" / "1"
     expected = ReferenceScorer(load_bundle(path)).score(movielens_examples[:8])
 
@@ -423,11 +434,11 @@ def test_a_requests_own_examples_are_freed_once_canonicalised_not_when_its_batch
         target = engine.resolve()
         held = threading.Event()
         engine.batcher.executor.submit(held.wait, 30)  # as a long batch holds the compute thread
-        owned, kept = [dict(e) for e in movielens_examples[:8]], [dict(e) for e in movielens_examples[:8]]
+        owned, kept = form([dict(e) for e in movielens_examples[:8]]), form([dict(e) for e in movielens_examples[:8]])
         waiting = [asyncio.ensure_future(engine.score_resolved(target, owned, owned=True)),
                    asyncio.ensure_future(engine.score_resolved(target, kept))]  # fmt: skip
-        await wait_until_async(lambda: not owned, 5, "the owned examples freed")
-        assert kept == movielens_examples[:8] and not any(task.done() for task in waiting)  # both wait for the batch
+        await wait_until_async(lambda: emptied(owned), 5, "the owned examples freed")
+        assert kept == form(movielens_examples[:8]) and not any(task.done() for task in waiting)  # both wait for the batch
         held.set()
         scores = await asyncio.gather(*waiting)
         await engine.astop()

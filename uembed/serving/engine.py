@@ -165,8 +165,10 @@ class ScoringEngine:
                 # canonical values, and the next request's decoding reuses memory still in the cache.
                 if type(examples) is list:
                     examples.clear()
-                elif type(examples) is ExampleColumns and type(examples.columns) is dict:
-                    examples.columns.clear()
+                elif type(examples) is ExampleColumns:  # each list emptied, not dropped: read again, it fails loudly
+                    for column in examples.columns.values():
+                        if type(column) is list:
+                            column.clear()
         for feature, count in canonical.truncated.items():
             self.metrics.truncated.labels(feature).inc(count)
         for feature, count in canonical.missing.items():

@@ -112,6 +112,12 @@ def test_the_usual_bodies_are_read_into_columns(monkeypatch):
     assert agree(json.dumps(body, indent=1).encode(), monkeypatch)
     assert agree(json.dumps({"examples": [{"city": "São Paulo 🙂", "n": -0}]}, ensure_ascii=False).encode(), monkeypatch)
     assert agree(b'{"examples": [{}, {}]}', monkeypatch)  # examples that name nothing: every feature missing
+    assert agree(b'{"examples":[{"n":-0,"m":-7,"o":"del\x7f"}]}', monkeypatch)
+    assert agree(b'{"examples":[{"ab":1,"ba":"x"},{"ba":"y","ab":2}]}', monkeypatch)  # same lengths, another order
+    assert agree(bytearray(b'{"examples":[{"a":"1"}], "model": "%s"}' % (b"m" * MAX_NAME_CHARS)), monkeypatch)
+    assert agree(json.dumps({"examples": [{f"f{i}": i for i in range(64)}] * 2}).encode(), monkeypatch)
+    assert read(json.dumps({"examples": [{f"f{i}": i for i in range(65)}]}).encode()) is None  # past 64 features
+    assert read(json.dumps({"examples": [GOOD]}).encode()).examples[0] == GOOD  # not left to msgspec unseen
 
 
 @pytest.mark.parametrize("body", [
@@ -128,7 +134,9 @@ def test_the_usual_bodies_are_read_into_columns(monkeypatch):
     ('{"examples": [%s]}' % ", ".join(['{"a": 1}'] * (MAX_EXAMPLES + 1))).encode(),
 ])  # fmt: skip
 def test_what_the_reader_leaves_to_msgspec(body, monkeypatch):
+    """Each is left to msgspec, which decodes it as the lean path always did (or refuses it: the route answers)."""
     assert read(body) is None
+    assert repr(LeanBody(MAX_EXAMPLES).decode(body)) == repr(decoded(body, monkeypatch))
 
 
 def test_random_bodies_are_read_as_msgspec_decodes_them(monkeypatch):

@@ -120,11 +120,11 @@ cdef object read_integer(Cursor* at):
         negative = True
         i += 1
     while i < at.end and 48 <= at.data[i] <= 57:
+        if digits == MAX_DIGITS:  # before the product: one more digit may not fit
+            return None
         number = number * 10 + (at.data[i] - 48)
         digits += 1
         i += 1
-        if digits > MAX_DIGITS:
-            return None
     if digits == 0 or (digits > 1 and at.data[i - digits] == 48):  # no digit, or a leading zero
         return None
     if i < at.end:

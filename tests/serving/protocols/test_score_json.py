@@ -30,7 +30,9 @@ def read(body: bytes):
     found = COMPILED.score_columns(body, MAX_EXAMPLES, MAX_NAME_CHARS, MAX_ROUTING_KEY_CHARS)
     if found is None:
         return None
-    columns, count, model, version, routing_key = found
+    columns, count, model, version, routing_key, context, ranking = found
+    if ranking:
+        return ColumnsBody(None, model, version, routing_key, context, ExampleColumns(columns, count))
     return ColumnsBody(ExampleColumns(columns, count), model, version, routing_key)
 
 
@@ -57,11 +59,16 @@ def agree(body: bytes, monkeypatch) -> bool:
         return False
     rows = decoded(body, monkeypatch)
     assert rows is not None, f"the reader took a body the route refuses: {body[:200]!r}"
-    assert rows.context is None and rows.candidates is None
     assert (columns.model, columns.version, columns.routing_key) == (rows.model, rows.version, rows.routing_key)
-    examples = columns.examples
-    assert len(examples) == len(rows.examples)
-    for index, example in enumerate(rows.examples):  # every example names the same features, each its own value
+    assert (columns.examples is None, columns.candidates is None) == (rows.examples is None, rows.candidates is None)
+    if rows.context is None:
+        assert columns.context is None
+    else:
+        assert {name: typed(value) for name, value in columns.context.items()} == {name: typed(value) for name, value in rows.context.items()}
+    examples = columns.examples if columns.examples is not None else columns.candidates
+    expected = rows.examples if rows.examples is not None else rows.candidates
+    assert len(examples) == len(expected)
+    for index, example in enumerate(expected):  # every example names the same features, each its own value
         assert {name: typed(value) for name, value in examples[index].items()} == {name: typed(value) for name, value in example.items()}
     return True
 
@@ -90,6 +97,13 @@ def random_body(rng: random.Random) -> bytes:
         example = {name: random_value(rng) if rng.random() < 0.15 else rng.choice(TEXTS[:3] + [7, None, ["Comedy"]]) for name in own}
         examples.append(dict(rng.sample(list(example.items()), len(example))))  # the features in any order
     members = {"examples": examples}
+    if rng.random() < 0.3:  # a ranking request: the context's features, and candidates with the others
+        shared = rng.sample(NAMES[:4], rng.randrange(0, 3))
+        members = {"context": {name: rng.choice(TEXTS[:3] + [7, None, ["Comedy"]]) if rng.random() < 0.9 else random_value(rng)
+                               for name in shared},
+                   "candidates": [{name: value for name, value in example.items() if name not in shared} for example in examples]}
+        if rng.random() < 0.1:
+            members["examples"] = examples
     for member in ("model", "version", "routing_key", "context", "candidates", "other"):
         if rng.random() < 0.15:
             members[member] = rng.choice([None, "movielens", "1", "", "ü", "x" * 129, "x" * 257, 3, {"user_id": 1}, [GOOD]])
@@ -118,6 +132,9 @@ def test_the_usual_bodies_are_read_into_columns(monkeypatch):
     assert agree(json.dumps({"examples": [{f"f{i}": i for i in range(64)}] * 2}).encode(), monkeypatch)
     assert read(json.dumps({"examples": [{f"f{i}": i for i in range(65)}]}).encode()) is None  # past 64 features
     assert read(json.dumps({"examples": [GOOD]}).encode()).examples[0] == GOOD  # not left to msgspec unseen
+    ranking = {"context": {"user_id": "196", "age": 49}, "candidates": [{"movie_id": 242, "genres": []}] * 3, "model": "m"}
+    assert agree(json.dumps(ranking).encode(), monkeypatch) and read(json.dumps(ranking).encode()).context == ranking["context"]
+    assert agree(json.dumps({"context": {}, "candidates": [GOOD]}).encode(), monkeypatch)
 
 
 @pytest.mark.parametrize("body", [
@@ -127,7 +144,10 @@ def test_the_usual_bodies_are_read_into_columns(monkeypatch):
     b'{"examples": [{"a": 1234567890123456789}]}', b'{"examples": [{"a": 01}]}', b'{"examples": [{"a": -}]}',
     b'{"examples": [{"a": [1]}]}', b'{"examples": [{"a": [null]}]}', b'{"examples": [{"a": {"b": 1}}]}',
     b'{"examples": []}', b'{"examples": [{"a": 1}], "examples": [{"a": 1}]}', b'{"examples": [{"a": 1}]} x',
-    b'{"context": {"a": 1}, "candidates": [{"b": 1}]}', b'{"examples": [{"a": 1}], "other": 1}', b'{}',
+    b'{"context": {"a": 1}, "examples": [{"b": 1}]}', b'{"context": {"a": 1}}', b'{"context": null, "candidates": [{"b": 1}]}',
+    b'{"context": {"a": 1, "a": 2}, "candidates": [{"b": 1}]}', b'{"examples": [{"a": 1}], "candidates": [{"a": 1}]}',
+    b'{"context": {"a": 1}, "context": {"a": 1}, "candidates": [{"b": 1}]}', b'{"context": {"a": 1.5}, "candidates": [{"b": 1}]}',
+    b'{"examples": [{"a": 1}], "other": 1}', b'{}',
     b'{"examples": [{"a": 1}], "model": "\xc3\xbc"}', b'{"examples": [{"a": 1}], "model": 3}',
     b'{"examples": [{"a": "\xff"}]}', b'{"examples": [{"a": "\xed\xa0\x80"}]}', b'[{"a": 1}]', b'',
     ('{"examples": [{"%s": 1}]}' % ("f" * (MAX_NAME_CHARS + 1))).encode(),
@@ -180,7 +200,28 @@ def service(synthetic_store):
     [{**GOOD, "nope": 1}],  # an unknown feature
 ])  # fmt: skip
 def test_the_service_answers_the_same_with_the_reader_and_without_it(service, examples, monkeypatch):
-    body = json.dumps({"examples": examples}).encode()
+    answer_both_ways(service, {"examples": examples}, monkeypatch)
+
+
+CONTEXT = {"user_id": "196", "age": 49, "gender": "M"}
+
+
+@pytest.mark.parametrize("context, candidates", [
+    (CONTEXT, [{"movie_id": 242, "genres": ["Comedy"]}, {"movie_id": "302", "genres": []}]),
+    ({}, [GOOD] * 2),
+    ({**CONTEXT, "user_id": "u" * 65}, [{"movie_id": 242}]),  # a context value past max_value_chars
+    ({**CONTEXT, "nope": 1}, [{"movie_id": 242}]),  # an unknown feature in the context
+    (CONTEXT, [{"movie_id": 242, "nope": 1}]),  # and in the candidates
+    (CONTEXT, [{"movie_id": 242, "user_id": "7"}]),  # a feature in both
+    (CONTEXT, [{"movie_id": 242, "genres": "Comedy"}, {"movie_id": 1, "genres": "Drama"}]),  # not a list
+    ({**CONTEXT, "genres": ["Crime", "Drama"]}, [{"movie_id": 242}] * 4),  # a list in the context
+])  # fmt: skip
+def test_a_ranking_request_is_answered_the_same_with_the_reader_and_without_it(service, context, candidates, monkeypatch):
+    answer_both_ways(service, {"context": context, "candidates": candidates}, monkeypatch)
+
+
+def answer_both_ways(service, request: dict, monkeypatch) -> None:
+    body = json.dumps(request).encode()
     assert read(body) is not None
     answers = []
     for reader in (COMPILED, None):

@@ -145,10 +145,11 @@ class Canonicaliser:
         examples in error messages: ``examples``, or ``candidates`` when there is a context; the context's
         errors name ``context.feature``. A context list cut to the trained width counts once in ``truncated``
         (and ``hash`` counts an unseen context value once): per request, not per candidate. Examples given as
-        :class:`ExampleColumns` (no context) take :meth:`canonicalise_columns`.
+        :class:`ExampleColumns` take :meth:`canonicalise_columns`.
         """
-        if isinstance(examples, ExampleColumns) and context is None:
-            return self.canonicalise_columns(examples.columns, examples.count, where or "examples")
+        if isinstance(examples, ExampleColumns):
+            where = where or ("examples" if context is None else "candidates")
+            return self.canonicalise_columns(examples.columns, examples.count, where, context)
         specs = self.specs
         where = where or ("examples" if context is None else "candidates")
         if context is not None:
@@ -197,18 +198,35 @@ class Canonicaliser:
                     refuse_missing(f"{where}[{index}]", lacking)
         return missing
 
-    def canonicalise_columns(self, columns: Mapping[str, Sequence], count: int, where: str = "examples") -> CanonicalExamples:
+    def canonicalise_columns(self, columns: Mapping[str, Sequence], count: int, where: str = "examples",
+                             context: Mapping[str, object] | None = None) -> CanonicalExamples:  # fmt: skip
         """:meth:`canonicalise` of ``count`` examples given as one list of values per feature (a front that decodes
-        columns, as the Open Inference Protocol's tensors are): the same checks, the same errors naming
-        ``examples[i].feature``, the same result. A feature left out is the missing value in every example."""
-        unknown = columns.keys() - self.specs.keys()
+        columns, as the Open Inference Protocol's tensors are; /v1's reader of the usual body), with a ranking
+        request's ``context``: the same checks, the same errors naming ``examples[i].feature`` (or
+        ``candidates[i].feature`` and ``context.feature``), the same result. Every example names the features its
+        column has (an error about them names the first); a feature left out is the missing value in every
+        example."""
+        specs = self.specs
+        if context is not None:
+            if not isinstance(context, Mapping):
+                raise ExampleError(f"context: an object of feature -> value, got {type(context).__name__}")
+            unknown = context.keys() - specs.keys()
+            if unknown:
+                self._refuse_unknown("context", unknown)
+        unknown = columns.keys() - specs.keys()
         if unknown:
             self._refuse_unknown(f"{where}[0]", unknown)
-        lacking = [name for name in self.specs if name not in columns]
+        if context:
+            both = columns.keys() & context.keys()
+            if both:
+                raise ExampleError(f"{where}[0].{min(both)}: also given in context "
+                                   "(a feature goes in the context or in the candidates, not both)")  # fmt: skip
+        lacking = [name for name in specs if name not in columns and not (context and name in context)]
         if lacking and self.limits.require_features:
             refuse_missing(f"{where}[0]", lacking)
         nothing = [None] * count
-        canonical = self._canonical_columns({name: columns.get(name, nothing) for name in self.specs}, count, None, where)
+        own = {name: columns.get(name, nothing) for name in specs if not context or name not in context}
+        canonical = self._canonical_columns(own, count, context, where)
         canonical.missing = dict.fromkeys(lacking, count)
         return canonical
 

@@ -4,11 +4,12 @@
 
 An example's dict is built only to be read back feature by feature by the canonicaliser; reading the body into
 columns skips both, and the canonicaliser's column readers take the lists as a front's columns. The reader takes
-the form nearly every client sends: ``{"examples": [...]}`` with an optional ``model``, ``version`` and
-``routing_key`` (ASCII strings or null), every example an object naming the same features (in any order, each
-once), each value a string, an integer of at most 18 digits, null, or a list of strings. Strings hold no escape
-and no control character; feature names and the three strings are ASCII. Anything else (a float, true or false,
-an escape, a feature an example leaves out or names twice, a ranking request, a member this reader does not know,
+the form nearly every client sends: ``{"examples": [...]}``, or a ranking request's ``{"context": {...},
+"candidates": [...]}``, with an optional ``model``, ``version`` and ``routing_key`` (ASCII strings or null); every
+example (candidate) an object naming the same features (in any order, each once), each value (the context's too) a
+string, an integer of at most 18 digits, null, or a list of strings. Strings hold no escape and no control
+character; feature names and the three strings are ASCII. Anything else (a float, true or false, an escape, a
+feature an example leaves out or names twice, a member this reader does not know, a body that breaks the form rule,
 a name past the route's limits, JSON that does not parse) returns None, and the caller decodes the body with
 msgspec, as before: so every refusal is the route's own, and where this reader answers, its columns hold exactly
 the values msgspec's dicts would (``tests/serving/protocols/test_score_json.py``).
@@ -253,16 +254,43 @@ cdef bint read_examples(Cursor* at, Columns columns, Py_ssize_t max_examples, Py
             return False
 
 
+cdef object read_context(Cursor* at, Py_ssize_t max_name):
+    """A ranking request's context at the cursor (an object of feature -> value) as a dict; NOT_READ where this reader
+    leaves it (a feature named twice among them)."""
+    cdef Py_ssize_t start = 0, stop = 0
+    cdef dict context = {}
+    cdef object name, value
+    if not take(at, 123):  # '{' (null, the route refuses it, among the rest)
+        return NOT_READ
+    if take(at, 125):
+        return context
+    while True:
+        if not ascii_name(at, max_name, &start, &stop) or not take(at, 58):
+            return NOT_READ
+        name = ascii_text(at.data + start, stop - start)
+        if name in context:
+            return NOT_READ
+        value = read_value(at)
+        if value is NOT_READ:
+            return NOT_READ
+        context[name] = value
+        if take(at, 125):
+            return context
+        if not take(at, 44):
+            return NOT_READ
+
+
 def score_columns(body, Py_ssize_t max_examples, Py_ssize_t max_name, Py_ssize_t max_routing_key):
-    """``(columns, count, model, version, routing_key)`` of a score body (``columns``: feature -> its value in each of
-    the ``count`` examples), or None where the caller decodes it with msgspec (module docstring). ``max_name``: the
-    longest feature name, model or version (characters); ``max_routing_key``: the longest routing key."""
+    """``(columns, count, model, version, routing_key, context, ranking)`` of a score body (``columns``: feature -> its
+    value in each of the ``count`` examples, or candidates where ``ranking``; ``context``: a ranking request's dict,
+    else None), or None where the caller decodes it with msgspec (module docstring). ``max_name``: the longest
+    feature name, model or version (characters); ``max_routing_key``: the longest routing key."""
     cdef const unsigned char[::1] view = body
     cdef Cursor at
     cdef Columns columns = Columns()
     cdef Py_ssize_t start = 0, stop = 0, length, count = 0
-    cdef bint have_examples = False
-    cdef object member
+    cdef bint have_examples = False, ranking = False
+    cdef object context = None
     cdef list strings = [None, None, None]  # model, version, routing_key
     cdef int given = 0, which
     at.data = &view[0] if view.shape[0] else NULL
@@ -275,10 +303,17 @@ def score_columns(body, Py_ssize_t max_examples, Py_ssize_t max_name, Py_ssize_t
         if not ascii_name(&at, 16, &start, &stop) or not take(&at, 58):
             return None
         length = stop - start
-        if length == 8 and memcmp(at.data + start, b"examples", 8) == 0:
+        if (length == 8 and memcmp(at.data + start, b"examples", 8) == 0) \
+                or (length == 10 and memcmp(at.data + start, b"candidates", 10) == 0):
             if have_examples or not read_examples(&at, columns, max_examples, max_name, &count):
+                return None  # both forms, or one given twice: the route names the rule broken
+            have_examples, ranking = True, length == 10
+        elif length == 7 and memcmp(at.data + start, b"context", 7) == 0:
+            if context is not None:
                 return None
-            have_examples = True
+            context = read_context(&at, max_name)
+            if context is NOT_READ:
+                return None
         else:
             if length == 5 and memcmp(at.data + start, b"model", 5) == 0:
                 which = 0
@@ -286,7 +321,7 @@ def score_columns(body, Py_ssize_t max_examples, Py_ssize_t max_name, Py_ssize_t
                 which = 1
             elif length == 11 and memcmp(at.data + start, b"routing_key", 11) == 0:
                 which = 2
-            else:  # context, candidates or an unknown member: msgspec's decoding
+            else:  # an unknown member: msgspec's decoding, and the route's refusal
                 return None
             if given & (1 << which):
                 return None
@@ -305,6 +340,6 @@ def score_columns(body, Py_ssize_t max_examples, Py_ssize_t max_name, Py_ssize_t
         if not take(&at, 44):
             return None
     skip_space(&at)
-    if at.pos != at.end or not have_examples:
-        return None
-    return dict(zip(columns.names, columns.lists)), count, strings[0], strings[1], strings[2]
+    if at.pos != at.end or not have_examples or (context is not None and not ranking):
+        return None  # the form rule: examples alone, or candidates with an optional context
+    return dict(zip(columns.names, columns.lists)), count, strings[0], strings[1], strings[2], context, ranking

@@ -8,8 +8,9 @@ sits inside the limits and metrics middleware and answers the requests the route
 
 - the body is read (the limits above still refuse one too large or too slow) and decoded by a msgspec type built
   from the same limits as the pydantic model (examples per request, feature-name length, no unknown fields); the
-  usual form (examples of the same features, plain values) is read by a compiled reader straight into one list of
-  values per feature instead (``_score_json.pyx``: the same values msgspec's dicts would hold, without the dicts);
+  usual form (examples or candidates of the same features, plain values) is read by a compiled reader straight into
+  one list of values per feature instead (``_score_json.pyx``: the same values msgspec's dicts would hold, without
+  the dicts);
 - a body that msgspec refuses, or that breaks the one-form rule, is replayed to the FastAPI route unchanged, so
   every error a client sees comes from the one validating path, message for message;
 - a body it accepts is scored by the route's own scoring function (``score``), so both paths render the same
@@ -93,14 +94,15 @@ def replayed(body: bytes, receive):
 
 @dataclass(slots=True)
 class ColumnsBody:
-    """A score body read by the compiled reader: its examples as one list of values per feature."""
+    """A score body read by the compiled reader: its examples (or a ranking request's candidates) as one list of
+    values per feature."""
 
-    examples: ExampleColumns
+    examples: ExampleColumns | None
     model: str | None
     version: str | None
     routing_key: str | None
-    context: None = None
-    candidates: None = None
+    context: dict | None = None
+    candidates: ExampleColumns | None = None
 
 
 class LeanBody:
@@ -116,8 +118,11 @@ class LeanBody:
         if _score_json is not None:
             read = _score_json.score_columns(body, self.max_examples, MAX_NAME_CHARS, MAX_ROUTING_KEY_CHARS)
             if read is not None:
-                columns, count, model, version, routing_key = read
-                return ColumnsBody(ExampleColumns(columns, count), model, version, routing_key)
+                columns, count, model, version, routing_key, context, ranking = read
+                examples = ExampleColumns(columns, count)
+                if ranking:
+                    return ColumnsBody(None, model, version, routing_key, context, examples)
+                return ColumnsBody(examples, model, version, routing_key)
         try:
             request = self.decoder.decode(body)
         # ValidationError is a DecodeError; bad UTF-8 a ValueError; a body nested too deep a RecursionError (the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, chain, repeat
+from itertools import repeat
 from typing import NoReturn
 
 from uembed.contract.errors import ExampleError
@@ -18,7 +18,14 @@ from uembed.contract.features import FeatureSpec
 from uembed.contract.hashing import MISSING, canonical_column, compiled_extension, hashing_backend
 from uembed.contract.known import KnownValues
 from uembed.contract.plan import EmbeddingPlan
-from uembed.serving.pipeline.column_readers import EMPTY_LIST, RawColumn, bucketised, numeric_buckets, raw_canonical
+from uembed.serving.pipeline.column_readers import (
+    EMPTY_LIST,
+    RawColumn,
+    bucketised,
+    numeric_buckets,
+    plain_list_column,
+    raw_canonical,
+)
 from uembed.serving.pipeline.values import (
     NO_LIMITS,
     ValueCache,
@@ -42,6 +49,12 @@ class ValueRefused(ExampleError):
 def refuse_missing(location: str, lacking: list[str]) -> NoReturn:
     raise ExampleError(f"{location}: missing features: {', '.join(lacking)} "
                        "(UEMBED_REQUIRE_FEATURES is on: send every feature, null for a missing value)")  # fmt: skip
+
+
+def refuse_both(location: str, both: set) -> NoReturn:
+    """An example (at ``location``) that also names some of the context's features ``both``: the first named."""
+    raise ExampleError(f"{location}.{min(both)}: also given in context "
+                       "(a feature goes in the context or in the candidates, not both)")  # fmt: skip
 
 
 @dataclass
@@ -152,12 +165,7 @@ class Canonicaliser:
             return self.canonicalise_columns(examples.columns, examples.count, where, context)
         specs = self.specs
         where = where or ("examples" if context is None else "candidates")
-        if context is not None:
-            if not isinstance(context, Mapping):
-                raise ExampleError(f"context: an object of feature -> value, got {type(context).__name__}")
-            unknown = context.keys() - specs.keys()
-            if unknown:
-                self._refuse_unknown("context", unknown)
+        self._check_context(context)
         # One union of every example's features (a C-level pass) rather than a check per example; only a
         # request at fault is walked example by example, to name the first one.
         plain = set(map(type, examples)) == {dict}  # then a column is read by a C loop (dict.get)
@@ -207,20 +215,14 @@ class Canonicaliser:
         column has (an error about them names the first); a feature left out is the missing value in every
         example."""
         specs = self.specs
-        if context is not None:
-            if not isinstance(context, Mapping):
-                raise ExampleError(f"context: an object of feature -> value, got {type(context).__name__}")
-            unknown = context.keys() - specs.keys()
-            if unknown:
-                self._refuse_unknown("context", unknown)
+        self._check_context(context)
         unknown = columns.keys() - specs.keys()
         if unknown:
             self._refuse_unknown(f"{where}[0]", unknown)
         if context:
             both = columns.keys() & context.keys()
             if both:
-                raise ExampleError(f"{where}[0].{min(both)}: also given in context "
-                                   "(a feature goes in the context or in the candidates, not both)")  # fmt: skip
+                refuse_both(f"{where}[0]", both)
         lacking = [name for name in specs if name not in columns and not (context and name in context)]
         if lacking and self.limits.require_features:
             refuse_missing(f"{where}[0]", lacking)
@@ -287,7 +289,7 @@ class Canonicaliser:
                         column = compiled.list_column(raw, self.char_limit, self.list_limits[name],
                                                       self.missing_markers[name], EMPTY_LIST)  # fmt: skip
                     if column is None:
-                        column = self._list_column(spec, columns[name] if raw is None else raw)
+                        column = plain_list_column(self.limits, spec, columns[name] if raw is None else raw)
                 if column is None:
                     raw = columns[name] if raw is None else raw
                     column = []
@@ -341,32 +343,6 @@ class Canonicaliser:
             return [MISSING if value in missing else value for value in encoded]
         return encoded
 
-    def _list_column(self, spec: FeatureSpec, raw: list) -> list[tuple] | None:
-        """Canonical tuples of a multivalent feature's column when every value is a list of strings within the limits
-        that holds no missing marker and is no longer than the feature keeps (lists of genres, tags): every string's
-        UTF-8 in one pass over the column, then cut back into lists, with no per-value checks or cache. None: take the
-        checked path (which names a value at fault)."""
-        if set(map(type, raw)) != {list}:
-            return None
-        lengths = list(map(len, raw))
-        longest = max(lengths, default=0)
-        if (self.limits.max_list is not None and longest > self.limits.max_list) or (spec.max_values and longest > spec.max_values):
-            return None
-        flat = list(chain.from_iterable(raw))
-        if flat and (set(map(type, flat)) != {str} or (self.limits.max_chars is not None and max(map(len, flat)) > self.limits.max_chars)):
-            return None
-        try:
-            encoded = canonical_column(flat)
-        except UnicodeEncodeError:  # a lone surrogate: the checked path names it
-            return None
-        if MISSING in encoded or not spec.missing_bytes.isdisjoint(encoded):  # dropped from their lists there
-            return None
-        ends = list(accumulate(lengths))
-        column = list(map(encoded.__getitem__, map(slice, chain((0,), ends), ends)))  # each list's values, by C maps
-        if 0 in lengths:  # an empty list is the missing value
-            column = [items if items else EMPTY_LIST for items in column]
-        return column
-
     def _refuse_examples(self, examples: Sequence, context: Mapping | None, where: str) -> None:
         """Raise for the first example that is not an object, names an unknown feature or one of the context's."""
         for index, example in enumerate(examples):
@@ -378,10 +354,15 @@ class Canonicaliser:
             if context:
                 both = example.keys() & context.keys()
                 if both:
-                    raise ExampleError(
-                        f"{where}[{index}].{min(both)}: also given in context "
-                        "(a feature goes in the context or in the candidates, not both)"
-                    )
+                    refuse_both(f"{where}[{index}]", both)
+
+    def _check_context(self, context: Mapping | None) -> None:
+        if context is not None:
+            if not isinstance(context, Mapping):
+                raise ExampleError(f"context: an object of feature -> value, got {type(context).__name__}")
+            unknown = context.keys() - self.specs.keys()
+            if unknown:
+                self._refuse_unknown("context", unknown)
 
     def _refuse_unknown(self, location: str, unknown: set) -> NoReturn:
         raise ExampleError(

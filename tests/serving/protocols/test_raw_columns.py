@@ -224,3 +224,103 @@ def test_an_n_by_0_list_tensor_reads_as_empty_lists(synthetic_store, way):
     assert [example["genres"] for example in examples] == [[], []]
     assert canonical.values["genres"] == [(b"",), (b"",)]
     assert canonical.values["user_id"] == [b"1", b"2"] and canonical.values["gender"] == [b"a0", b"a1"]
+
+
+def damaged(rng: random.Random, inputs: list[InputTensor]) -> list[InputTensor]:
+    """``inputs`` with a fault the tensors' checks refuse, or a form they take but the one-pass reader leaves to them:
+    a tensor gone, given twice, unknown or renamed; another datatype; JSON data; a shape of another rank, batch or width, or
+    with a bool, a negative or a float for a size; a batch of 0 or past the limit; a one-value feature sent two a row;
+    a tensor of another batch than the rest."""
+    inputs = list(inputs)
+    index = rng.randrange(len(inputs))
+    tensor = inputs[index]
+    count = tensor.shape[0]
+    fault = rng.randrange(15)
+    if fault == 0:
+        del inputs[index]
+    elif fault == 1:
+        inputs.append(tensor)
+    elif fault == 2:
+        inputs.append(replace(tensor, name="no_such_feature"))
+    elif fault == 3:
+        inputs[index] = replace(tensor, datatype=rng.choice(["FP32", "FP64", "INT8", "BOOL", "BYTES", "INT64"]))
+    elif fault == 4:
+        inputs[index] = replace(tensor, data=["1"] * count)
+    elif fault == 5:
+        inputs[index] = replace(tensor, shape=rng.choice([[count, 1, 1], [], [count * 2], [count, 2], [1, count]]))
+    elif fault == 6:
+        inputs[index] = replace(tensor, shape=[True] if count == 1 else [count, True])
+    elif fault == 7:
+        inputs[index] = replace(tensor, shape=rng.choice([[-count], [count, -1], [float(count)], [count, 1.0]]))
+    elif fault == 8:
+        inputs = [replace(t, shape=[0, *t.shape[1:]], data=b"") for t in inputs]
+    elif fault == 9:
+        inputs[index] = replace(tensor, shape=(count,))
+    elif fault == 11:  # a one-value feature's tensor as [N, 2], its data the size of that shape
+        index = next(i for i, t in enumerate(inputs) if t.name != "genres")
+        tensor = inputs[index]
+        inputs[index] = replace(tensor, shape=[count, 2], data=(bytes(tensor.data) * 2 if tensor.datatype != "BYTES"
+                                                              else framed([b"x"] * (2 * count))))  # fmt: skip
+    elif fault == 12:  # one tensor of another batch
+        other = next(t for t in random_request(rng, count + rng.choice([1, 2])) if t.name == tensor.name)
+        inputs[index] = other
+    elif fault == 13:  # renamed: unknown, or another feature's (which is then given twice, this one never)
+        inputs[index] = replace(tensor, name=rng.choice(["no_such_feature", *(t.name for t in inputs if t is not tensor)]))
+    elif fault == 10:
+        inputs[index] = replace(tensor, data=bytearray(tensor.data) if rng.random() < 0.5 else memoryview(tensor.data))
+    rng.shuffle(inputs)
+    return inputs
+
+
+def outcome_of(read):
+    """What ``read()`` returns, or the error it raises (as text)."""
+    try:
+        return read()
+    except TensorError as exc:
+        return str(exc)
+
+
+def read_back(column) -> list | str:
+    """A column's values as a shadow version or a routing rule reads them, or the error that decoding them raises."""
+    try:
+        return list(column)
+    except TensorError as exc:
+        return str(exc)
+
+
+@needs_extension
+@pytest.mark.parametrize("max_examples", [1024, 7])
+def test_the_one_pass_reader_gives_the_checked_columns_or_steps_aside(synthetic_store, max_examples, monkeypatch):
+    """``raw_columns`` (the usual binary request read in one pass) answers only where the tensors' checks pass, with
+    the columns they give (the same data, datatype, count, width and reading), and leaves every other request to them,
+    so every refusal is still theirs."""
+    hashing.use_backend("compiled")
+    runtime = ModelRuntime(load_bundle(synthetic_store / "movielens" / "1"))
+    plan = oip.feature_plan(runtime)
+    rng = random.Random(11)
+    answered = stepped_aside = 0
+    for trial in range(600):
+        inputs = random_request(rng, rng.choice([1, 7, 64]))
+        if trial % 2:
+            inputs = damaged(rng, inputs)
+        fast = oip.raw_columns(hashing._fasthash, plan, inputs, max_examples)
+        with monkeypatch.context() as patch:  # the tensors' checks alone
+            patch.setattr(oip, "raw_columns", lambda *args: None)
+            checked = outcome_of(lambda: oip.columns_from_inputs(runtime, inputs, max_examples))
+        served = outcome_of(lambda: oip.columns_from_inputs(runtime, inputs, max_examples))
+        if isinstance(checked, str):
+            assert fast is None and served == checked, inputs
+            stepped_aside += 1
+            continue
+        if fast is None:
+            stepped_aside += 1
+            continue
+        answered += 1
+        assert fast.count == checked.count and list(fast.columns) == list(checked.columns)
+        for name, column in fast.columns.items():
+            other = checked.columns[name]
+            assert type(column) is type(other) is RawColumn
+            assert (column.data, column.datatype, column.count, column.width, column.multivalent) == (
+                other.data, other.datatype, other.count, other.width, other.multivalent)
+            assert read_back(column) == read_back(other)
+    assert answered > 100 and stepped_aside > 100

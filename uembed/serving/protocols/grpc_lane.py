@@ -148,19 +148,14 @@ class GrpcLane:
 
     async def _answer(self, call: LaneCall) -> None:
         method, error, message = call.method, None, b""
+        # a Timeout only for a call with a deadline: most calls have none, and one costs a few microseconds a call
+        deadline = None if call.timeout_s is None else asyncio.timeout(call.timeout_s)
         try:
-            async with asyncio.timeout(call.timeout_s) as deadline:
-                if not call.whole.done():  # most calls' bodies came with their headers
-                    try:
-                        async with asyncio.timeout(self.body_timeout_s):
-                            await call.whole
-                    except TimeoutError:
-                        if deadline.expired():
-                            raise
-                        raise RequestTimeout(f"the call's message did not arrive within body_timeout_ms="
-                                             f"{self.body_timeout_s * 1000:g}") from None  # fmt: skip
-                request = method.request_type.FromString(unframed(call.message, call.encoding, self.max_message_bytes))
-                message = framed(await method.call(request))
+            if deadline is None:
+                message = await self._reply(call, None)
+            else:
+                async with deadline:
+                    message = await self._reply(call, deadline)
         except asyncio.CancelledError:
             if call.disconnected:
                 return  # nobody reads a reply; counted by the batcher as abandoned
@@ -169,8 +164,23 @@ class GrpcLane:
             call.reply(b"", error)
             raise
         except Exception as exc:  # noqa: BLE001 - each ends the call with its status code
-            error = call_error(exc, method.name, method, deadline.expired())
+            error = call_error(exc, method.name, method, deadline is not None and deadline.expired())
         self.observe(method.name, call.started, error)
         if call.protocol.flow.write_paused and not call.disconnected:
             await call.protocol.flow.drain()
         call.reply(message, error)
+
+    async def _reply(self, call: LaneCall, deadline: asyncio.Timeout | None) -> bytes:
+        """The call's framed reply message, once its body has arrived (within ``body_timeout_s``)."""
+        if not call.whole.done():  # most calls' bodies came with their headers
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    await call.whole
+            except TimeoutError:
+                if deadline is not None and deadline.expired():
+                    raise
+                raise RequestTimeout(f"the call's message did not arrive within body_timeout_ms="
+                                     f"{self.body_timeout_s * 1000:g}") from None  # fmt: skip
+        method = call.method
+        request = method.request_type.FromString(unframed(call.message, call.encoding, self.max_message_bytes))
+        return framed(await method.call(request))

@@ -129,3 +129,39 @@ def test_a_large_reply_in_flight_when_the_listener_stops_is_sent_whole():
         listening.thread.join(timeout=10)
         listening.loop.close()
     assert body == reply_for("/slow")
+
+
+async def small_reply(scope, receive, send) -> None:
+    """An app that answers after ``?wait=S`` seconds (none by default), with a short body."""
+    while (await receive()).get("more_body"):
+        pass
+    if scope["path"].startswith("/wait/"):
+        await asyncio.sleep(float(scope["path"].rsplit("/", 1)[1]))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/grpc")]})
+    await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+
+def test_a_connection_is_closed_once_idle_for_the_keep_alive_and_never_while_it_is_used():
+    """The keep-alive counts from a connection's last frame or ended stream: calls coming more often keep it open past
+    several keep-alives, and so does one call that outlasts it; idle for the keep-alive, it is closed (GOAWAY, then
+    the server's half of the connection)."""
+    keep_alive_s = 0.4
+    listening = Listening(small_reply, keep_alive_s=keep_alive_s)
+    connection = RawConnection(listening.listener.port)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * keep_alive_s:
+            stream = connection.open("/call")
+            connection.send(stream, b"\0\0\0\0\0", end=True)
+            assert connection.reply(stream)[1] == b"ok"
+            time.sleep(keep_alive_s / 4)
+        stream = connection.open(f"/wait/{2 * keep_alive_s}")
+        connection.send(stream, b"\0\0\0\0\0", end=True)
+        assert connection.reply(stream)[1] == b"ok"  # a call longer than the keep-alive is answered
+        last = time.monotonic()
+        read_to_the_end(connection, within_s=10)
+        idle = time.monotonic() - last
+    finally:
+        connection.close()
+        listening.close()
+    assert keep_alive_s * 0.9 <= idle < keep_alive_s * 4, idle

@@ -22,6 +22,7 @@ from uembed.serving.protocols.writes import CoalescedWrites
 # the client opens a new connection for the next ones (as load balancers do after a number of requests).
 STREAMS_PER_CONNECTION = 3584
 CLOSE_WAIT_S = 5.0
+KEEP_ALIVE_S = 3600.0  # a connection with no stream for this long is closed (gRPC channels reconnect)
 SHUTDOWN_GRACE_S = 5.0
 LISTEN_BACKLOG = 2048  # uvicorn's for the HTTP socket (asyncio's create_server would listen with 100)
 
@@ -53,6 +54,7 @@ class RotatingHttp2(ZttpH2Protocol):
         self.first_stream_timer: asyncio.TimerHandle | None = None
         self.drain_timer: asyncio.TimerHandle | None = None  # a close that waits for held-back replies: its deadline
         self.close_timer: asyncio.TimerHandle | None = None  # after the half-close: the client's time to close its half
+        self.last_active = 0.0  # when a frame last arrived or a stream last ended (the lazy keep-alive's clock)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(CoalescedWrites(transport, self.loop))
@@ -62,13 +64,43 @@ class RotatingHttp2(ZttpH2Protocol):
     def handle_request(self, event) -> None:
         if self.last_stream_served is not None and event.stream_id > self.last_stream_served:
             return
-        self.first_stream_timer.cancel()
+        if not self.streams_opened:
+            self.first_stream_timer.cancel()
         if self.lane is None or not self.lane.take(self, event):
             super().handle_request(event)
         self.streams_opened += 1
         self.newest_stream = event.stream_id
         if self.streams_opened >= self.streams_per_connection:
             self.goaway()
+
+    # uvicorn cancels its keep-alive timer at every read and arms another whenever a connection's last stream ends:
+    # with one call at a time on a connection (a channel's usual case), a timer armed and cancelled every call. Here
+    # one timer is moved lazily instead: reads and ended streams note the time, and the timer, when it fires, closes
+    # a connection idle for the whole keep-alive or waits out the rest of it.
+    def _unset_keepalive_if_required(self) -> None:
+        self.last_active = self.loop.time()
+
+    def on_stream_closed(self) -> None:
+        if self.transport.is_closing():
+            return
+        self.resume_reading_if_idle()  # the stream's body buffer can no longer hold the reads back
+        self.last_active = self.loop.time()
+        if not self.cycles:
+            if self.shutdown_requested:
+                self._close_connection()
+                return
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self.transport.is_closing() or self.cycles:  # busy: the timer is armed again when its last stream ends
+            return
+        idle = self.loop.time() - self.last_active
+        if idle < self.timeout_keep_alive:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive - idle, self.timeout_keep_alive_handler)
+            return
+        super().timeout_keep_alive_handler()
 
     def goaway(self) -> None:
         """Serve no stream newer than the newest one now, and say so (GOAWAY, NO_ERROR); close once they end."""
@@ -128,7 +160,7 @@ class RotatingHttp2(ZttpH2Protocol):
             self._close_connection()  # the last reply held back by flow control has left
 
     def connection_lost(self, exc) -> None:
-        for timer in (self.first_stream_timer, self.drain_timer, self.close_timer):
+        for timer in (self.first_stream_timer, self.drain_timer, self.close_timer, self.timeout_keep_alive_task):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
@@ -141,8 +173,9 @@ class Http2Listener:
     SO_REUSEPORT, so every worker listens on the port and the kernel hands each connection to one of them."""
 
     def __init__(self, app, settings, host: str, port: int, streams_per_connection: int = STREAMS_PER_CONNECTION,
-                 lane=None) -> None:  # fmt: skip
+                 lane=None, keep_alive_s: float = KEEP_ALIVE_S) -> None:  # fmt: skip
         self.app, self.settings, self.host, self.port = app, settings, host, port
+        self.keep_alive_s = keep_alive_s
         self.protocol = type("RotatingHttp2", (RotatingHttp2,), {"streams_per_connection": streams_per_connection,
                                                                  "first_stream_s": settings.header_timeout_s, "lane": lane})  # fmt: skip
         self.connections_made = 0
@@ -155,7 +188,7 @@ class Http2Listener:
 
     async def start(self) -> None:
         config = uvicorn.Config(self.app, http="zttp", http2=True, lifespan="off", log_config=None, access_log=False,
-                                proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=3600,
+                                proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=self.keep_alive_s,
                                 limit_concurrency=self.settings.max_connections)  # fmt: skip
         config.load()
         sock = handed_down.pop((self.host, self.port), None)

@@ -130,6 +130,42 @@ def test_admission_bound_and_deadline(synthetic_store, movielens_examples):
     assert by_reason("uembed_abandoned_requests_total") == {"deadline": 1, "cancelled": 1}  # each skipped by the batcher
 
 
+def test_each_request_fails_at_its_own_deadline_and_answered_ones_are_not_kept(synthetic_store, movielens_examples):
+    """One timer serves every request's deadline: requests admitted at different times, all waiting past their
+    request_timeout_ms, each fail when their own deadline passes (not all at the first's, nor all at the last's);
+    once a batch answers the requests, none of them is kept for their deadlines."""
+    timeout_s, apart_s = 0.3, 0.1
+
+    async def main():
+        engine = ScoringEngine(load_settings(request_timeout_ms=timeout_s * 1000, max_wait_ms=2000))
+        engine.registry.load(synthetic_store / "movielens" / "1")
+        await engine.astart()
+
+        async def timed():
+            admitted = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await engine.score(movielens_examples[:2])
+            return time.monotonic() - admitted
+
+        waits = []
+        for _ in range(3):
+            waits.append(asyncio.create_task(timed()))
+            await asyncio.sleep(apart_s)
+        waited = await asyncio.gather(*waits)
+        await engine.astop()
+        engine = ScoringEngine(load_settings(request_timeout_ms=timeout_s * 1000))  # batches at once
+        engine.registry.load(synthetic_store / "movielens" / "1")
+        await engine.astart()
+        await asyncio.gather(*[engine.score(movielens_examples[:2]) for _ in range(4)])
+        kept = len(engine.batcher.unanswered)
+        await engine.astop()
+        return waited, kept
+
+    waited, kept = run(main())
+    assert all(timeout_s * 0.95 <= wait < timeout_s + 0.2 for wait in waited), waited
+    assert kept == 0
+
+
 def test_torchscript_backend_scores_like_onnx(bundle_store, movielens_examples):
     path = bundle_store / "movielens" / "1"
 

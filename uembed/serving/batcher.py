@@ -45,6 +45,7 @@ class Pending:
     future: asyncio.Future
     admitted: float = field(default_factory=time.perf_counter)
     timed_out: bool = False  # else a done future still queued was cancelled: its client went away
+    deadline: float = 0.0  # the event loop's time at which it fails unanswered (request_timeout_ms after admission)
 
 
 class Batcher:
@@ -55,6 +56,10 @@ class Batcher:
         self.stats = stats or InferenceStatistics()
         self.redis = redis
         self.queue: deque[Pending] = deque()
+        # Every admitted request not yet answered (and some answered since), in admission order: the order of their
+        # deadlines, as every request has the same timeout. One timer waits for the oldest one's (_expire_due).
+        self.unanswered: deque[Pending] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self.queued_examples = 0
         self.running = False
         self.closing = False
@@ -100,8 +105,9 @@ class Batcher:
         self._wakeup.set()
         if self._loop_task is not None:
             await self._loop_task
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
+        for timer in (self._flush_timer, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
         self._flush()
         self.metrics.before_collect.remove(self.tally.flush)  # a stopped batcher tallies nothing more
         for pending in self.queue:
@@ -118,17 +124,17 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         pending = Pending(runtime, canonical, loop.create_future())
+        pending.deadline = loop.time() + self.settings.request_timeout_ms / 1000
         self.queue.append(pending)
+        self.unanswered.append(pending)
         self.queued_examples += canonical.count
         self.metrics.queue_examples.set(self.queued_examples)
         self._wakeup.set()
-        # A timer on the future itself, not asyncio.wait_for: that wraps every request in a second future and a
-        # callback, a loop step each, for a deadline that almost never fires.
-        deadline = loop.call_later(self.settings.request_timeout_ms / 1000, self._expire, pending)
-        try:
-            return await pending.future, pending.admitted
-        finally:
-            deadline.cancel()
+        # Not asyncio.wait_for (a second future and a callback a request, a loop step each) nor a timer a request
+        # (armed and cancelled every request): one timer for the oldest request's deadline, which almost never fires.
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(pending.deadline, self._expire_due)
+        return await pending.future, pending.admitted
 
     def holds(self, runtime: ModelRuntime) -> bool:
         """Whether a request of ``runtime`` is queued or in the running batch."""
@@ -154,6 +160,28 @@ class Batcher:
 
         loop.call_soon_threadsafe(apply)
         return future
+
+    def _expire_due(self) -> None:
+        """The deadline timer: each request whose deadline has passed unanswered fails (``_expire``), then the timer
+        waits for the oldest one still waiting; answered requests are dropped from ``unanswered`` on the way."""
+        self._deadline_timer = None
+        loop, unanswered = asyncio.get_running_loop(), self.unanswered
+        now = loop.time()
+        while unanswered:
+            pending = unanswered[0]
+            if not pending.future.done():
+                if pending.deadline > now:
+                    self._deadline_timer = loop.call_at(pending.deadline, self._expire_due)
+                    return
+                self._expire(pending)
+            unanswered.popleft()
+
+    def _drop_answered(self) -> None:
+        """Drop the answered requests at the front of ``unanswered`` (after a batch: mostly those it answered), so
+        it holds few besides those still waiting."""
+        unanswered = self.unanswered
+        while unanswered and unanswered[0].future.done():
+            unanswered.popleft()
 
     def _expire(self, pending: Pending) -> None:
         """A request's deadline passed before its batch answered it: it fails with a 504, and the batch loop skips it
@@ -246,6 +274,7 @@ class Batcher:
                         pending.future.set_result(scores)
             finally:
                 self._batch_runtime = None
+                self._drop_answered()
                 self._idle.set()
                 poll = poll_s > 0
                 if self._flush_timer is None:

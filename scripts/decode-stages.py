@@ -69,7 +69,19 @@ def main() -> None:
         return runtime.canonicalise(request.examples, request.context)
 
     read = [infer_wire.InferRequestReader.FromString(message).inputs for message in calls]
+    one_pass = oip.raw_columns
+
+    def checked_columns(inputs):  # the per-tensor checks alone, as without the one-pass reader
+        oip.raw_columns = lambda *args: None
+        try:
+            return oip.columns_from_inputs(runtime, inputs, 1024)
+        finally:
+            oip.raw_columns = one_pass
+
     stages = {
+        "grpc: the tensors' checks, into columns (the one-pass reader)": per_request_us(
+            lambda inputs: oip.columns_from_inputs(runtime, inputs, 1024), read),
+        "grpc: the tensors' checks, into columns (one tensor at a time)": per_request_us(checked_columns, read),
         "grpc: protobuf's message and its fields read (without the extension)": per_request_us(protobuf_read, calls),
         "grpc: the compiled wire reader": per_request_us(infer_wire.InferRequestReader.FromString, calls),
         "grpc: tensors to canonical columns": per_request_us(columns, read),

@@ -134,10 +134,10 @@ def test_each_request_fails_at_its_own_deadline_and_answered_ones_are_not_kept(s
     """One timer serves every request's deadline: requests admitted at different times, all waiting past their
     request_timeout_ms, each fail when their own deadline passes (not all at the first's, nor all at the last's);
     once a batch answers the requests, none of them is kept for their deadlines."""
-    timeout_s, apart_s = 0.3, 0.1
+    timeout_s, apart_s = 0.6, 0.3
 
     async def main():
-        engine = ScoringEngine(load_settings(request_timeout_ms=timeout_s * 1000, max_wait_ms=2000))
+        engine = ScoringEngine(load_settings(request_timeout_ms=timeout_s * 1000, max_wait_ms=3000))
         engine.registry.load(synthetic_store / "movielens" / "1")
         await engine.astart()
 
@@ -162,8 +162,26 @@ def test_each_request_fails_at_its_own_deadline_and_answered_ones_are_not_kept(s
         return waited, kept
 
     waited, kept = run(main())
-    assert all(timeout_s * 0.95 <= wait < timeout_s + 0.2 for wait in waited), waited
+    # all failing at the first one's deadline would give the last a wait of timeout_s - 2 * apart_s; all at the
+    # last one's, the first a wait of timeout_s + 2 * apart_s
+    assert all(timeout_s * 0.95 <= wait < timeout_s + 1.5 * apart_s for wait in waited), waited
     assert kept == 0
+
+
+def test_a_request_admitted_after_the_batcher_stopped_fails_at_its_deadline(synthetic_store, movielens_examples):
+    """A request that passed the engine's closing check before a stop (one decoding on a thread meanwhile) is admitted
+    to a queue no batch loop serves: it fails at its deadline (504) rather than waiting for good."""
+
+    async def main():
+        engine = ScoringEngine(load_settings(request_timeout_ms=300))
+        runtime = engine.registry.load(synthetic_store / "movielens" / "1")
+        await engine.astart()
+        await engine.score(movielens_examples[:2])  # the deadline timer armed, still waiting when the engine stops
+        await engine.astop()
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(engine.batcher.score(runtime, runtime.canonicalise(movielens_examples[:2])), 5)
+
+    run(main())
 
 
 def test_torchscript_backend_scores_like_onnx(bundle_store, movielens_examples):

@@ -108,6 +108,9 @@ class Batcher:
         for timer in (self._flush_timer, self._deadline_timer):
             if timer is not None:
                 timer.cancel()
+        # a request admitted after this (one that passed the engine's closing check before the stop) arms a deadline
+        # timer of its own and fails at its deadline, never waiting on a queue no batch loop serves
+        self._flush_timer = self._deadline_timer = None
         self._flush()
         self.metrics.before_collect.remove(self.tally.flush)  # a stopped batcher tallies nothing more
         for pending in self.queue:

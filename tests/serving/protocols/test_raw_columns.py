@@ -251,7 +251,8 @@ def damaged(rng: random.Random, inputs: list[InputTensor]) -> list[InputTensor]:
     elif fault == 6:
         inputs[index] = replace(tensor, shape=[True] if count == 1 else [count, True])
     elif fault == 7:
-        inputs[index] = replace(tensor, shape=rng.choice([[-count], [count, -1], [float(count)], [count, 1.0]]))
+        inputs[index] = replace(tensor, shape=rng.choice([[-count], [count, -1], [float(count)], [count, 1.0], [None, 2],
+                                                          ["x", 2], [[0], 3], [None], [{}, 2]]))
     elif fault == 8:
         inputs = [replace(t, shape=[0, *t.shape[1:]], data=b"") for t in inputs]
     elif fault == 9:
@@ -324,3 +325,17 @@ def test_the_one_pass_reader_gives_the_checked_columns_or_steps_aside(synthetic_
                 other.data, other.datatype, other.count, other.width, other.multivalent)
             assert read_back(column) == read_back(other)
     assert answered > 100 and stepped_aside > 100
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [[None, 2], ["x", 2], [[0], 3], [{}, 2], ["x", 20_000_000_000]])
+def test_a_list_tensors_batch_that_is_not_a_whole_number_is_refused_before_anything_is_sized_by_it(synthetic_store, shape):
+    """A shape's sizes are checked before they are multiplied: [N, W] with N not a whole number (JSON's null, a string,
+    a list) steps aside to the tensors' checks, which refuse it (a client's "x" times a large W would otherwise make
+    a string of gigabytes on the event loop)."""
+    hashing.use_backend("compiled")
+    runtime = ModelRuntime(load_bundle(synthetic_store / "movielens" / "1"))
+    inputs = [*clean_request(2), InputTensor("genres", "BYTES", shape, framed([b"Drama"] * 4))]
+    assert oip.raw_columns(hashing._fasthash, oip.feature_plan(runtime), inputs, 1024) is None
+    with pytest.raises(TensorError, match="input 'genres': shape"):
+        oip.columns_from_inputs(runtime, inputs, 1024)

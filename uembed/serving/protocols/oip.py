@@ -143,17 +143,17 @@ def raw_columns(compiled, plan: dict[str, tuple[FeatureSpec, frozenset, bool]], 
             return None
         if len(shape) == 1:
             count, width = shape[0], None
-            elements = count
         elif len(shape) == 2:
             count, width = shape
             if type(width) is not int or width < 0 or (width != 1 and not multivalent):
                 return None
-            elements = count * width
         else:
             return None
+        # the sizes are checked before they are multiplied: a client's shape could make the product a huge object
         if type(count) is not int or count != (batch if batch is not None else count) or not 1 <= count <= max_examples:
             return None
         batch = count
+        elements = count if width is None else count * width
         if datatype == "BYTES":
             if compiled.framed_count(data) != elements:
                 return None
